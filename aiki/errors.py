@@ -1,0 +1,83 @@
+"""The one error hierarchy of Aiki: everything raised on purpose derives from AikiError."""
+
+from __future__ import annotations
+
+
+class AikiError(Exception):
+    """Base class of every error Aiki raises on purpose."""
+
+
+class UnknownWorkflow(AikiError):
+    """A workflow name (or name and version) that nobody registered."""
+
+
+class PayloadError(AikiError, TypeError):
+    """A payload or result that cannot be encoded to JSON, or decoded into its annotated type.
+
+    It is a TypeError too, so ``except TypeError`` at a call site catches it.
+    """
+
+
+class ProtocolError(AikiError):
+    """A message that is malformed, of an unknown type, or arrives where it makes no sense."""
+
+
+class StaleLease(AikiError):
+    """A write carried a lease epoch that is no longer the run's current one (fencing).
+
+    The run was given to another worker (the lease expired, or the run was released). The
+    write was rejected and nothing was stored.
+    """
+
+
+class StepConflict(AikiError):
+    """A step result was written for a position that already holds a different final result."""
+
+
+class StoreUnavailable(AikiError):
+    """The store could not be reached or failed; the operation may be retried."""
+
+
+class NonRetryableError(AikiError):
+    """Raise this from a task to fail it at once, without further attempts."""
+
+
+class NonDeterminismError(AikiError):
+    """Workflow code diverged from the history recorded by an earlier attempt of the run.
+
+    The message names both sides: what the history recorded, and what the code did now.
+    """
+
+
+class TaskFailed(AikiError):
+    """A task failed for good (retries exhausted or non-retryable), seen from workflow code.
+
+    Workflow code may catch it; if it does not, the run fails with the task's error.
+    """
+
+    def __init__(self, task_name: str, error_type: str, message: str, attempts: int) -> None:
+        super().__init__(
+            f"task {task_name!r} failed after {attempts} attempt(s): {error_type}: {message}"
+        )
+        self.task_name = task_name
+        self.error_type = error_type
+        self.message = message
+        self.attempts = attempts
+
+
+class WorkflowFailed(AikiError):
+    """The run ended in ``failed`` (or ``cancelled``); carries the remote error type and message."""
+
+    def __init__(self, run_id: str, error_type: str, message: str) -> None:
+        super().__init__(f"run {run_id} failed: {error_type}: {message}")
+        self.run_id = run_id
+        self.error_type = error_type
+        self.message = message
+
+
+class RunNotFound(AikiError):
+    """No run with this id exists in the store."""
+
+
+class ConnectionLost(AikiError):
+    """The connection to the server (or peer) closed."""

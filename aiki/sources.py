@@ -1,0 +1,63 @@
+"""The sources of time, ids and randomness that engine code uses, injectable for simulation.
+
+This is the one module of ``aiki`` allowed to read the real wall clock, the operating system's
+randomness and ``uuid.uuid4``. Everything else takes a :class:`Sources` and asks it, so a
+simulation can run a whole cluster from one seed and get the same trace every time.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from typing import Protocol
+
+import attrs
+import trio
+
+
+class WallClock(Protocol):
+    """Seconds since the Unix epoch, as a float."""
+
+    def now(self) -> float: ...
+
+
+@attrs.define
+class TrioWallClock:
+    """Wall time anchored once to the real clock, then advanced by Trio's clock.
+
+    Under ``trio.testing.MockClock`` it moves in virtual time, so leases, retries and
+    timestamps all follow the test's clock. Must be created inside ``trio.run``.
+    """
+
+    _anchor_wall: float = attrs.field(factory=time.time)
+    _anchor_trio: float = attrs.field(factory=trio.current_time)
+    offset: float = 0.0
+
+    def now(self) -> float:
+        return self._anchor_wall + self.offset + (trio.current_time() - self._anchor_trio)
+
+
+@attrs.define
+class Sources:
+    """Clock, id generator and random source handed to every component that needs one."""
+
+    clock: WallClock
+    rng: random.Random
+
+    def new_id(self) -> str:
+        """A random UUID4 string drawn from ``rng`` (seeded in simulation)."""
+        return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+
+    @classmethod
+    def real(cls) -> Sources:
+        """Real sources: wall clock via Trio, ids and randomness from the OS."""
+        return cls(clock=TrioWallClock(), rng=random.Random(uuid.uuid4().int))
+
+    @classmethod
+    def seeded(cls, seed: int, clock: WallClock | None = None) -> Sources:
+        """Deterministic sources for tests and simulation."""
+        return cls(
+            clock=clock if clock is not None else TrioWallClock(anchor_wall=1_700_000_000.0),
+            rng=random.Random(seed),
+        )

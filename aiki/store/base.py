@@ -1,0 +1,50 @@
+"""The Store interface that every store (memory, SQLite, PostgreSQL) implements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, TypeVar
+
+from aiki.errors import AikiError
+from aiki.store.ops import Op
+from aiki.store.records import HistoryEvent, RunRecord, StepRecord
+
+T = TypeVar("T")
+
+
+class Store(Protocol):
+    """Durable state of runs. Writes are :mod:`aiki.store.ops` operations applied in batches.
+
+    ``apply`` runs all ``ops`` in one transaction and returns one outcome per op, in order:
+    the op's result, or the :class:`~aiki.errors.AikiError` that refused it (that op wrote
+    nothing; the others are unaffected). An unexpected failure (the database is gone) raises
+    :class:`~aiki.errors.StoreUnavailable` for the whole batch, and nothing of it is kept.
+    """
+
+    async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]: ...
+
+    async def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    async def get_steps(self, run_id: str) -> tuple[StepRecord, ...]: ...
+
+    async def get_history(self, run_id: str) -> tuple[HistoryEvent, ...]: ...
+
+    async def list_runs(
+        self, *, workflow: str | None = None, state: str | None = None, limit: int = 100
+    ) -> tuple[RunRecord, ...]:
+        """Newest first."""
+        ...
+
+    async def next_wake_at(self) -> float | None:
+        """The earliest ``wake_at`` of a sleeping run, if any."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+async def execute(store: Store, op: Op[T]) -> T:
+    """Apply one op on its own and return its outcome, raising it if it was refused."""
+    [outcome] = await store.apply([op])
+    if isinstance(outcome, AikiError):
+        raise outcome
+    return outcome  # type: ignore[no-any-return]
