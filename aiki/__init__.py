@@ -1,0 +1,31 @@
+"""Aiki: durable workflows for Python, on Trio.
+
+A workflow is async Python calling tasks; every task result is checkpointed, so a run
+survives crashes and restarts and resumes where it stopped.
+"""
+
+from aiki.actors.run import WorkflowRun
+from aiki.errors import (
+    AikiError,
+    NonDeterminismError,
+    NonRetryableError,
+    PayloadError,
+    RunNotFound,
+    StaleLease,
+    TaskFailed,
+    UnknownWorkflow,
+    WorkflowFailed,
+)
+from aiki.retry import Retry
+from aiki.sdk.client import Client, RunHandle, RunStatus, TaskStatus
+from aiki.sdk.definitions import Task, Workflow, task, workflow
+from aiki.sdk.embedded import embedded, worker
+from aiki.sources import Sources
+from aiki.store.records import HistoryEvent
+
+__all__ = [
+    "AikiError", "Client", "HistoryEvent", "NonDeterminismError", "NonRetryableError",
+    "PayloadError", "Retry", "RunHandle", "RunNotFound", "RunStatus", "Sources", "StaleLease",
+    "Task", "TaskFailed", "TaskStatus", "UnknownWorkflow", "Workflow", "WorkflowFailed",
+    "WorkflowRun", "embedded", "task", "worker", "workflow",
+]

@@ -27,15 +27,21 @@ class TrioWallClock:
     """Wall time anchored once to the real clock, then advanced by Trio's clock.
 
     Under ``trio.testing.MockClock`` it moves in virtual time, so leases, retries and
-    timestamps all follow the test's clock. Must be created inside ``trio.run``.
+    timestamps all follow the test's clock. It anchors on its first reading, which must be
+    inside ``trio.run``.
     """
 
-    _anchor_wall: float = attrs.field(factory=time.time)
-    _anchor_trio: float = attrs.field(factory=trio.current_time)
+    anchor_wall: float | None = None
     offset: float = 0.0
+    _anchor_trio: float | None = None
 
     def now(self) -> float:
-        return self._anchor_wall + self.offset + (trio.current_time() - self._anchor_trio)
+        if self._anchor_trio is None:
+            self._anchor_trio = trio.current_time()
+            if self.anchor_wall is None:
+                self.anchor_wall = time.time()
+        assert self.anchor_wall is not None
+        return self.anchor_wall + self.offset + (trio.current_time() - self._anchor_trio)
 
 
 @attrs.define

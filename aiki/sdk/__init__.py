@@ -1,0 +1,1 @@
+"""What users import; re-exported by ``aiki``."""

@@ -1,0 +1,140 @@
+"""Dispatcher: hands queued runs to workers with free slots, and expires lost leases.
+
+Messages: :class:`Joined`, :class:`Left`, :class:`Ended` (a worker's run stopped holding a
+slot), :class:`Poke` (there may be new work). It owns the seats of connected workers, which
+are hints rebuilt from the sessions; the store is the truth (who holds which lease), so a
+crash of the Dispatcher loses no run: after a restart sessions re-join on their next message
+and leases that nobody renews expire.
+
+Nobody waits on the Dispatcher: senders use ``tell_nowait`` and a dropped Poke is harmless
+(the poll interval catches up). It pushes ``Assign`` messages with the seat's non-blocking
+``push``; an assignment that cannot be delivered simply expires with its lease.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from aiki.actors.mailbox import Mailbox
+from aiki.actors.store_writer import StoreWriter
+from aiki.protocol import Assign
+from aiki.sources import Sources
+from aiki.store.ops import Claim, ExpireLeases
+
+
+@attrs.define(eq=False)
+class Seat:
+    """A connected worker as the Dispatcher sees it."""
+
+    session: int
+    worker_id: str
+    workflows: tuple[tuple[str, str], ...]
+    slots: int
+    push: Callable[[Assign], bool]
+    active: set[str] = attrs.field(factory=set)
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.active)
+
+
+@attrs.frozen
+class Joined:
+    seat: Seat
+
+
+@attrs.frozen
+class Left:
+    session: int
+
+
+@attrs.frozen
+class Ended:
+    session: int
+    run_ids: tuple[str, ...]
+
+
+@attrs.frozen
+class Poke:
+    pass
+
+
+@attrs.define(eq=False)
+class Dispatcher:
+    writer: StoreWriter
+    sources: Sources
+    lease_ttl: float
+    poll_interval: float = 1.0
+    mailbox: Mailbox[Any] = attrs.field(factory=lambda: Mailbox[Any](1024, "dispatcher"))
+    seats: dict[int, Seat] = attrs.field(factory=dict)
+    versions: dict[str, set[str]] = attrs.field(factory=dict)
+    assigned: int = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        next_expiry = trio.current_time()
+        while True:
+            with trio.move_on_after(self.poll_interval):
+                self._handle(await self.mailbox.receive())
+            while True:
+                try:
+                    self._handle(self.mailbox.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            if trio.current_time() >= next_expiry:
+                next_expiry = trio.current_time() + max(self.lease_ttl / 4, 0.01)
+                expired = await self.writer.write(ExpireLeases(self.sources.clock.now()))
+                for seat in self.seats.values():
+                    seat.active.difference_update(expired)
+            await self._assign()
+
+    def _handle(self, msg: Any) -> None:
+        if isinstance(msg, Joined):
+            self.seats[msg.seat.session] = msg.seat
+            for name, version in msg.seat.workflows:
+                self.versions.setdefault(name, set()).add(version)
+        elif isinstance(msg, Left):
+            self.seats.pop(msg.session, None)
+        elif isinstance(msg, Ended):
+            seat = self.seats.get(msg.session)
+            if seat is not None:
+                seat.active.difference_update(msg.run_ids)
+
+    async def _assign(self) -> None:
+        for seat in list(self.seats.values()):
+            if seat.free <= 0 or not seat.workflows:
+                continue
+            claimed = await self.writer.write(
+                Claim(seat.worker_id, seat.workflows, seat.free, self.sources.clock.now(),
+                      self.lease_ttl)
+            )
+            for c in claimed:
+                seat.active.add(c.run.id)
+                self.assigned += 1
+                seat.push(Assign(c.run, c.steps))
+
+    # -- for sessions --------------------------------------------------------------------
+    def tell(self, msg: Joined | Left | Ended | Poke) -> None:
+        self.mailbox.address.tell_nowait(msg)
+
+    def poke(self) -> None:
+        self.mailbox.address.tell_nowait(Poke())
+
+    def latest_version(self, workflow: str) -> str | None:
+        """The newest version of ``workflow`` any worker registered since the server started."""
+        known = self.versions.get(workflow)
+        return max(known, key=_version_key) if known else None
+
+    def known_workflows(self) -> list[str]:
+        return sorted(self.versions)
+
+
+def _version_key(version: str) -> tuple[tuple[int, Any], ...]:
+    parts = []
+    for piece in version.replace("-", ".").split("."):
+        parts.append((0, int(piece)) if piece.isdigit() else (1, piece))
+    return tuple(parts)

@@ -1,0 +1,373 @@
+"""The Run actor (one per assigned run, on a worker) and ``WorkflowRun``, what workflow code sees.
+
+The Run actor replays the run's checkpoints and drives the workflow coroutine; every new step
+is persisted (and acknowledged by the server) before workflow code sees its result.
+
+Replay identity: each step has a *position*, its place in the workflow's call sequence
+("0", "1", ...; the i-th branch of a ``run.gather`` at position "2" numbers its own steps
+"2.i.0", "2.i.1", ...), so concurrent branches get the same positions whatever order Trio
+schedules them in. A step is also addressed by its content (name and a hash of its
+canonical input, or its idempotency key): replay returns the recorded result only when both
+agree, and otherwise stops with a :class:`NonDeterminismError` naming both sides.
+
+Owns: the decoded checkpoints and the workflow coroutine. On a crash or a lost lease all of
+it is dropped; the next lease rebuilds it from the store.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import attrs
+import trio
+
+from aiki import protocol as p
+from aiki.errors import (
+    ConnectionLost,
+    NonDeterminismError,
+    NonRetryableError,
+    PayloadError,
+    StaleLease,
+    TaskFailed,
+)
+from aiki.retry import Retry
+from aiki.sources import Sources
+from aiki.store.records import FINAL_STEP_STATES, Lease, StepKind, StepRecord
+
+log = logging.getLogger("aiki.run")
+T = TypeVar("T")
+
+
+class TaskDefinition(Protocol):
+    """What the engine needs of a task (``aiki.task`` makes one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def retry(self) -> Retry: ...
+    @property
+    def payload_type(self) -> Any: ...
+    @property
+    def result_type(self) -> Any: ...
+
+    async def call(self, payload: Any) -> Any: ...
+
+
+class WorkflowDefinition(Protocol):
+    """What the engine needs of a workflow (``aiki.workflow`` makes one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def payload_type(self) -> Any: ...
+    @property
+    def result_type(self) -> Any: ...
+
+    async def call(self, run: WorkflowRun, payload: Any) -> Any: ...
+
+
+class Abandon(BaseException):
+    """The run cannot go on here (lease lost, server gone): stop without writing anything.
+
+    A BaseException so that ``except Exception`` in workflow code does not swallow it.
+    """
+
+
+class Suspend(BaseException):
+    """The run waits longer than it is worth holding a slot: give it back until ``wake_at``."""
+
+    def __init__(self, wake_at: float, reason: str) -> None:
+        super().__init__(reason)
+        self.wake_at = wake_at
+        self.reason = reason
+
+
+Persist = Callable[[Callable[[int], Any]], Awaitable[Any]]
+
+
+@attrs.define(eq=False)
+class _Branch:
+    prefix: str
+    counter: int = 0
+
+    def next(self) -> str:
+        position = f"{self.prefix}{self.counter}"
+        self.counter += 1
+        return position
+
+
+_BRANCH: contextvars.ContextVar[tuple[RunState, _Branch]] = contextvars.ContextVar("aiki_branch")
+
+
+@attrs.define(eq=False)
+class RunState:
+    """The engine's view of one leased run while it executes."""
+
+    lease: Lease
+    recorded: dict[str, StepRecord]
+    persist: Persist
+    sources: Sources
+    inline_retry_max: float
+    steps: dict[str, StepRecord] = attrs.field(init=False)
+    consumed: set[str] = attrs.field(factory=set)
+    root: _Branch = attrs.field(factory=lambda: _Branch(""))
+    _keyed: dict[tuple[str, str], trio.Event] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        self.steps = dict(self.recorded)
+
+    def next_position(self) -> str:
+        branch = _BRANCH.get(None)
+        if branch is None or branch[0] is not self:
+            return self.root.next()
+        return branch[1].next()
+
+    async def write(self, make: Callable[[int], Any]) -> None:
+        try:
+            await self.persist(make)
+        except (StaleLease, ConnectionLost, TimeoutError) as exc:
+            log.info("run %s: abandoning: %s", self.lease.run_id, exc)
+            raise Abandon(str(exc)) from exc
+
+    async def save(self, step: StepRecord, *, start: bool = False) -> None:
+        msg = p.StartStep if start else p.SaveStep
+        await self.write(lambda req: msg(req, self.lease, step))
+        self.steps[step.position] = step
+
+    def replayed(self, position: str, kind: StepKind, name: str, input_json: str,
+                 input_hash: str, key: str | None) -> StepRecord | None:
+        """The recorded step at ``position`` if it matches this call; None if there is none."""
+        recorded = self.recorded.get(position)
+        if recorded is None:
+            return None
+        self.consumed.add(position)
+        same = recorded.kind == kind and recorded.name == name and (
+            recorded.idempotency_key == key
+            and (key is not None or recorded.input_hash == input_hash)
+        )
+        if not same:
+            raise NonDeterminismError(
+                f"run {self.lease.run_id} diverged from its history at step {position}: "
+                f"the history has {_describe(recorded.kind, recorded.name, recorded.input, recorded.idempotency_key)}"
+                f", but the code now calls {_describe(kind, name, input_json, key)}"
+            )
+        return recorded
+
+    def check_all_consumed(self) -> None:
+        left = sorted(set(self.recorded) - self.consumed, key=_position_key)
+        if left:
+            shown = "; ".join(
+                f"step {pos}: {_describe(s.kind, s.name, s.input, s.idempotency_key)}"
+                for pos in left[:5] for s in [self.recorded[pos]]
+            )
+            raise NonDeterminismError(
+                f"run {self.lease.run_id} diverged from its history: the code finished without "
+                f"reaching {len(left)} recorded step(s) ({shown})"
+            )
+
+    async def task(self, task: TaskDefinition, payload: Any, key: str | None) -> Any:
+        position = self.next_position()
+        what = f"input of task {task.name!r}"
+        input_json = p.encode_value(payload, task.payload_type, what=what)
+        input_hash = p.content_hash(task.name, input_json)
+        recorded = self.replayed(position, "task", task.name, input_json, input_hash, key)
+        attempt, not_before = 1, None
+        if recorded is not None:
+            if recorded.state in FINAL_STEP_STATES:
+                return _outcome(recorded, task.result_type)
+            # A crash during an attempt re-runs that attempt; a retrying step runs the next.
+            attempt = recorded.attempts + (recorded.state == "retrying")
+            not_before = recorded.next_attempt_at
+        elif key is not None:
+            found = await self._keyed_outcome(task.name, key)
+            if found is not None:
+                return _outcome(found, task.result_type)
+            self._keyed[(task.name, key)] = trio.Event()
+        try:
+            return await self._attempts(task, position, input_json, input_hash, key,
+                                        attempt, not_before)
+        finally:
+            if key is not None and (event := self._keyed.pop((task.name, key), None)):
+                event.set()
+
+    async def _keyed_outcome(self, name: str, key: str) -> StepRecord | None:
+        while True:
+            for step in self.steps.values():
+                if step.name == name and step.idempotency_key == key and (
+                        step.state in FINAL_STEP_STATES):
+                    return step
+            event = self._keyed.get((name, key))
+            if event is None:
+                return None
+            await event.wait()  # the same key is running in a concurrent branch
+
+    async def _attempts(self, task: TaskDefinition, position: str, input_json: str,
+                        input_hash: str, key: str | None, attempt: int,
+                        not_before: float | None) -> Any:
+        clock = self.sources.clock
+        while True:
+            if not_before is not None:
+                wait = not_before - clock.now()
+                if wait > self.inline_retry_max:
+                    raise Suspend(not_before, f"task {task.name!r} retries at attempt {attempt}")
+                if wait > 0:
+                    await trio.sleep(wait)
+            step = StepRecord(position, "task", task.name, input_hash, input_json, key,
+                              "running", attempt)
+            await self.save(step, start=True)
+            try:
+                value = await task.call(p.decode_value(input_json, task.payload_type))
+                output = p.encode_value(value, task.result_type,
+                                        what=f"result of task {task.name!r}")
+            except Exception as exc:
+                retryable = not isinstance(exc, (NonRetryableError, PayloadError))
+                delay = task.retry.delay_after(attempt, self.sources.rng) if retryable else None
+                error = dict(error_type=type(exc).__name__, error_message=str(exc))
+                if delay is None:
+                    await self.save(attrs.evolve(step, state="failed", **error))
+                    raise TaskFailed(task.name, type(exc).__name__, str(exc), attempt) from exc
+                not_before = clock.now() + delay
+                await self.save(attrs.evolve(step, state="retrying", next_attempt_at=not_before,
+                                             **error))
+                attempt += 1
+                continue
+            final = attrs.evolve(step, state="completed", output=output)
+            await self.save(final)
+            return p.decode_value(output, task.result_type, what=f"result of task {task.name!r}")
+
+    async def helper(self, kind: StepKind, produce: Callable[[], Any]) -> Any:
+        """``run.now()`` and friends: a value recorded once, then replayed."""
+        position = self.next_position()
+        recorded = self.replayed(position, kind, kind, "null", "", None)
+        if recorded is not None and recorded.output is not None:
+            return p.decode_value(recorded.output)
+        output = p.encode_value(produce())
+        await self.save(StepRecord(position, kind, kind, "", "null", None, "completed", 1,
+                                   output=output))
+        return p.decode_value(output)
+
+
+def _outcome(step: StepRecord, result_type: Any) -> Any:
+    if step.state == "failed":
+        raise TaskFailed(step.name, step.error_type or "Error", step.error_message or "",
+                         step.attempts)
+    assert step.output is not None
+    return p.decode_value(step.output, result_type, what=f"result of task {step.name!r}")
+
+
+def _describe(kind: str, name: str, input_json: str, key: str | None) -> str:
+    if kind != "task":
+        return f"run.{kind}()"
+    shown = input_json if len(input_json) <= 200 else input_json[:200] + "..."
+    return f"task {name!r} with " + (f"idempotency key {key!r}" if key else f"input {shown}")
+
+
+def _position_key(position: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in position.split("."))
+
+
+class WorkflowRun:
+    """Handed to workflow code: the run's identity and its deterministic helpers.
+
+    ``await run.now()``, ``await run.random()`` and ``await run.uuid4()`` are recorded the
+    first time and return the same value on every replay. Use ``run.gather`` for concurrency
+    inside a workflow, so that replay finds each branch's steps where it left them.
+    """
+
+    def __init__(self, state: RunState, run_id: str, workflow: str, version: str,
+                 attempt: int) -> None:
+        self._state = state
+        self.id = run_id
+        self.workflow = workflow
+        self.version = version
+        self.attempt = attempt
+
+    async def now(self) -> float:
+        """Wall-clock seconds since the epoch, recorded once."""
+        return float(await self._state.helper("now", self._state.sources.clock.now))
+
+    async def random(self) -> float:
+        """A float in [0, 1), recorded once."""
+        return float(await self._state.helper("random", self._state.sources.rng.random))
+
+    async def uuid4(self) -> str:
+        """A random UUID (as a string), recorded once."""
+        return str(await self._state.helper("uuid", self._state.sources.new_id))
+
+    async def gather(self, *awaitables: Awaitable[Any]) -> list[Any]:
+        """Run awaitables (usually ``task.run(...)`` calls) concurrently; results in order.
+
+        If one fails, the others are cancelled and its exception is raised as is.
+        """
+        state = self._state
+        base = state.next_position()
+        results: list[Any] = [None] * len(awaitables)
+        failure: list[BaseException] = []
+
+        async def branch(i: int, aw: Awaitable[Any], cancel: trio.CancelScope) -> None:
+            _BRANCH.set((state, _Branch(f"{base}.{i}.")))
+            try:
+                results[i] = await aw
+            except (Exception, Abandon, Suspend) as exc:
+                if not failure:
+                    failure.append(exc)
+                cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for i, aw in enumerate(awaitables):
+                nursery.start_soon(branch, i, aw, nursery.cancel_scope)
+        if failure:
+            raise failure[0]
+        return results
+
+    async def _execute_task(self, task: TaskDefinition, payload: Any, key: str | None) -> Any:
+        return await self._state.task(task, payload, key)
+
+
+async def run_workflow(
+    workflow: WorkflowDefinition, assign: p.Assign, persist: Persist, sources: Sources,
+    *, inline_retry_max: float = 10.0,
+) -> None:
+    """Drive one leased run to its end: completed, failed, suspended, or abandoned."""
+    run = assign.run
+    assert run.lease_owner is not None
+    lease = Lease(run.id, run.lease_epoch, run.lease_owner)
+    state = RunState(lease, {s.position: s for s in assign.steps}, persist, sources,
+                     inline_retry_max)
+    _BRANCH.set((state, state.root))
+    handle = WorkflowRun(state, run.id, run.workflow, run.version, run.attempts)
+    try:
+        payload = p.decode_value(run.payload, workflow.payload_type,
+                                 what=f"payload of workflow {workflow.name!r}")
+        value = await workflow.call(handle, payload)
+        state.check_all_consumed()
+        result = p.encode_value(value, workflow.result_type,
+                                what=f"result of workflow {workflow.name!r}")
+    except Suspend as suspend:
+        await state.write(lambda req: p.SuspendRun(req, lease, suspend.wake_at, suspend.reason))
+        return
+    except Abandon:
+        return
+    except TaskFailed as exc:
+        await _fail(state, exc.error_type, str(exc))
+        return
+    except Exception as exc:
+        await _fail(state, type(exc).__name__, str(exc))
+        return
+    await state.write(lambda req: p.CompleteRun(req, lease, result))
+
+
+async def _fail(state: RunState, error_type: str, message: str) -> None:
+    try:
+        await state.write(lambda req: p.FailRun(req, state.lease, error_type, message))
+    except Abandon:
+        pass
+
+
+__all__ = ["WorkflowRun", "run_workflow"]

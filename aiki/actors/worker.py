@@ -1,0 +1,145 @@
+"""The worker: one Link to the server, a heartbeat, and one Run actor per assigned run.
+
+Owns: the leases it holds (run id → lease and the cancel scope of that run's actor). A lease
+the server reports lost cancels its run at once. When the worker is cancelled it stops like a
+crashed process: it says nothing more, and its runs go to other workers once their leases
+expire. When it is closed normally, it releases the runs it holds so others take them now.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from aiki import protocol as p
+from aiki.actors.link import Link
+from aiki.actors.run import Abandon, WorkflowDefinition, run_workflow
+from aiki.errors import AikiError
+from aiki.sources import Sources
+from aiki.store.records import Lease
+from aiki.transport.base import Transport
+
+log = logging.getLogger("aiki.worker")
+
+
+@attrs.define(eq=False)
+class Held:
+    lease: Lease
+    scope: trio.CancelScope
+
+
+@attrs.define(eq=False)
+class Worker:
+    transport: Transport
+    address: str
+    workflows: Sequence[WorkflowDefinition]
+    id: str
+    sources: Sources
+    max_concurrent_runs: int = 10
+    inline_retry_max: float = 10.0
+    token: str | None = None
+    held: dict[str, Held] = attrs.field(factory=dict)
+    link: Link | None = None
+    runs_started: int = 0
+    _registry: dict[tuple[str, str], WorkflowDefinition] = attrs.field(factory=dict)
+    _assignments: tuple[trio.MemorySendChannel[p.Assign], trio.MemoryReceiveChannel[p.Assign]] = (
+        attrs.field(factory=lambda: trio.open_memory_channel[p.Assign](1024))
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_concurrent_runs < 1:
+            raise ValueError(f"max_concurrent_runs must be >= 1, got {self.max_concurrent_runs}")
+        for wf in self.workflows:
+            key = (wf.name, wf.version)
+            if key in self._registry:
+                raise ValueError(f"workflow {wf.name!r} version {wf.version!r} is given twice")
+            self._registry[key] = wf
+
+    def _hello(self, req: int) -> p.Hello:
+        return p.Hello(
+            req, "worker", self.id,
+            tuple(p.WorkflowRef(name, version) for name, version in self._registry),
+            self.max_concurrent_runs, tuple(h.lease for h in self.held.values()), self.token,
+        )
+
+    def _on_push(self, msg: Any) -> None:
+        if isinstance(msg, p.Assign):
+            try:
+                self._assignments[0].send_nowait(msg)
+            except trio.WouldBlock:
+                log.warning("worker %s: dropped assignment of run %s", self.id, msg.run.id)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with Link.open(self.transport, self.address, self._hello, self._on_push) as link:
+            self.link = link
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeat, link)
+                task_status.started()
+                async for assign in self._assignments[1]:
+                    scope = trio.CancelScope()
+                    lease = Lease(assign.run.id, assign.run.lease_epoch, self.id)
+                    self.held[lease.run_id] = Held(lease, scope)
+                    nursery.start_soon(self._run_one, link, assign, scope)
+
+    async def _run_one(self, link: Link, assign: p.Assign, scope: trio.CancelScope) -> None:
+        run = assign.run
+        self.runs_started += 1
+        try:
+            with scope:
+                workflow = self._registry.get((run.workflow, run.version))
+                if workflow is None:  # the server only assigns registered versions
+                    log.error("worker %s: assigned unknown workflow %s %s",
+                              self.id, run.workflow, run.version)
+                    return
+                await run_workflow(workflow, assign, link.request, self.sources,
+                                   inline_retry_max=self.inline_retry_max)
+        except Abandon:
+            pass
+        finally:
+            held = self.held.get(run.id)
+            if held is not None and held.scope is scope:
+                del self.held[run.id]
+
+    async def _heartbeat(self, link: Link) -> None:
+        assert link.welcome is not None
+        interval = link.welcome.heartbeat_interval
+        while True:
+            await trio.sleep(interval)
+            leases = tuple(h.lease for h in self.held.values())
+            if not leases:
+                continue
+            try:
+                ack = await link.request(lambda req: p.Heartbeat(req, leases),
+                                         timeout=interval * 2)
+            except (AikiError, TimeoutError) as exc:
+                log.warning("worker %s: heartbeat failed: %s", self.id, exc)
+                continue
+            for run_id in ack.lost:
+                held = self.held.pop(run_id, None)
+                if held is not None:
+                    log.info("worker %s: lost the lease of run %s", self.id, run_id)
+                    held.scope.cancel()
+
+    async def release_all(self) -> None:
+        """Stop every run and give its lease back (a graceful stop)."""
+        link = self.link
+        held = list(self.held.values())
+        self.held.clear()
+        for h in held:
+            h.scope.cancel()
+        if link is None:
+            return
+        with trio.move_on_after(5) as scope:
+            scope.shield = True
+            for h in held:
+                try:
+                    await link.request(lambda req, lease=h.lease: p.ReleaseRun(req, lease))
+                except (AikiError, TimeoutError):
+                    pass
+
+
+__all__ = ["Worker"]

@@ -1,0 +1,339 @@
+"""The messages that cross a transport, and the one cattrs converter that encodes them.
+
+Every message is a frozen attrs class registered under a type tag; on the wire it is a JSON
+object ``{"type": tag, ...fields}``. Requests carry ``req``, a number chosen by the sender,
+and every reply echoes it. User payloads travel as JSON text produced by
+:func:`encode_value` with the same converter, so a payload is encoded exactly once, at the
+call site, and a value that cannot be encoded is refused there.
+
+Version 1 of the protocol. Adding an optional field is compatible; anything else bumps
+``PROTOCOL_VERSION``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+from typing import Any, Literal, TypeVar
+
+import attrs
+import cattrs
+
+from aiki.errors import PayloadError, ProtocolError
+from aiki.store.records import HistoryEvent, Lease, RunRecord, StepRecord
+
+PROTOCOL_VERSION = 1
+
+converter = cattrs.Converter(forbid_extra_keys=True)
+converter.register_unstructure_hook(datetime.datetime, lambda d: d.isoformat())
+converter.register_structure_hook(
+    datetime.datetime, lambda v, _: datetime.datetime.fromisoformat(v)
+)
+
+_MESSAGES: dict[str, type[Any]] = {}
+M = TypeVar("M")
+
+
+def message(tag: str) -> Any:
+    """Class decorator: a frozen attrs message registered under ``tag``."""
+
+    def register(cls: type[M]) -> type[M]:
+        frozen = attrs.frozen(cls)
+        if tag in _MESSAGES:
+            raise RuntimeError(f"message tag {tag!r} registered twice")
+        _MESSAGES[tag] = frozen
+        frozen.TAG = tag  # type: ignore[attr-defined]
+        return frozen
+
+    return register
+
+
+@attrs.frozen
+class WorkflowRef:
+    name: str
+    version: str
+
+
+# -- session opening -----------------------------------------------------------------------
+@message("hello")
+class Hello:
+    """First message of every connection. A worker lists the workflow versions it runs,
+    how many runs it takes at once, and the leases it still holds (after a reconnect)."""
+
+    req: int
+    role: Literal["client", "worker"]
+    node_id: str
+    workflows: tuple[WorkflowRef, ...] = ()
+    slots: int = 0
+    held: tuple[Lease, ...] = ()
+    token: str | None = None
+    protocol: int = PROTOCOL_VERSION
+
+
+@message("welcome")
+class Welcome:
+    req: int
+    server_id: str
+    lease_ttl: float
+    heartbeat_interval: float
+
+
+# -- generic replies -----------------------------------------------------------------------
+@message("ok")
+class Ok:
+    req: int
+
+
+@message("refused")
+class Refused:
+    """A request was refused; ``error_type`` names the aiki error class (e.g. StaleLease)."""
+
+    req: int
+    error_type: str
+    message: str
+
+
+# -- clients -------------------------------------------------------------------------------
+@message("enqueue")
+class Enqueue:
+    """Start a run. Without ``version`` the server picks the newest version a worker
+    registered, and refuses a name no worker registered."""
+
+    req: int
+    workflow: str
+    payload: str
+    version: str | None = None
+    idempotency_key: str | None = None
+
+
+@message("enqueued")
+class Enqueued:
+    req: int
+    run_id: str
+    version: str
+    created: bool
+
+
+@message("get_run")
+class GetRun:
+    req: int
+    run_id: str
+
+
+@message("run_info")
+class RunInfo:
+    req: int
+    run: RunRecord
+    steps: tuple[StepRecord, ...]
+
+
+@message("get_history")
+class GetHistory:
+    req: int
+    run_id: str
+
+
+@message("history")
+class History:
+    req: int
+    events: tuple[HistoryEvent, ...]
+
+
+@message("watch_run")
+class WatchRun:
+    """Ask to be told when a run ends; answered by ``RunEnded`` with the same ``req``."""
+
+    req: int
+    run_id: str
+
+
+@message("run_ended")
+class RunEnded:
+    req: int
+    run: RunRecord
+
+
+# -- workers -------------------------------------------------------------------------------
+@message("assign")
+class Assign:
+    """Server → worker: run this run under ``run.lease_epoch``; ``steps`` are its checkpoints."""
+
+    run: RunRecord
+    steps: tuple[StepRecord, ...]
+
+
+@message("heartbeat")
+class Heartbeat:
+    """Renew these leases; the reply lists the ones that are lost."""
+
+    req: int
+    leases: tuple[Lease, ...]
+
+
+@message("heartbeat_ack")
+class HeartbeatAck:
+    req: int
+    lost: tuple[str, ...]
+
+
+@message("start_step")
+class StartStep:
+    req: int
+    lease: Lease
+    step: StepRecord
+
+
+@message("save_step")
+class SaveStep:
+    req: int
+    lease: Lease
+    step: StepRecord
+
+
+@message("complete_run")
+class CompleteRun:
+    req: int
+    lease: Lease
+    result: str
+
+
+@message("fail_run")
+class FailRun:
+    req: int
+    lease: Lease
+    error_type: str
+    error_message: str
+
+
+@message("suspend_run")
+class SuspendRun:
+    req: int
+    lease: Lease
+    wake_at: float
+    reason: str
+
+
+@message("release_run")
+class ReleaseRun:
+    req: int
+    lease: Lease
+
+
+@message("goodbye")
+class Goodbye:
+    """Either side is closing the connection, and why."""
+
+    reason: str
+
+
+def message_types() -> dict[str, type[Any]]:
+    """Every registered message class by tag (a copy)."""
+    return dict(_MESSAGES)
+
+
+# -- the wire codec ------------------------------------------------------------------------
+def to_wire(msg: Any) -> dict[str, Any]:
+    tag = getattr(type(msg), "TAG", None)
+    if tag is None or _MESSAGES.get(tag) is not type(msg):
+        raise ProtocolError(f"{type(msg).__name__} is not a protocol message")
+    body: dict[str, Any] = converter.unstructure(msg)
+    body["type"] = tag
+    return body
+
+
+def from_wire(obj: Any) -> Any:
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"a message must be a JSON object, got {type(obj).__name__}")
+    fields = dict(obj)
+    tag = fields.pop("type", None)
+    if not isinstance(tag, str):
+        raise ProtocolError("message has no 'type' string")
+    cls = _MESSAGES.get(tag)
+    if cls is None:
+        raise ProtocolError(f"unknown message type {tag!r}")
+    try:
+        return converter.structure(fields, cls)
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
+        raise ProtocolError(f"malformed {tag!r} message: {_describe(exc)}") from exc
+
+
+def encode(msg: Any) -> str:
+    """One message as compact JSON text."""
+    return json.dumps(to_wire(msg), separators=(",", ":"), allow_nan=False)
+
+
+def decode(text: str | bytes) -> Any:
+    """A message from JSON text; :class:`ProtocolError` names what is wrong with it."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"message is not valid JSON: {exc}") from exc
+    return from_wire(obj)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, cattrs.BaseValidationError):
+        notes = cattrs.transform_error(exc)
+        return "; ".join(notes) if notes else str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+# -- user payloads -------------------------------------------------------------------------
+def encode_value(value: Any, annotation: Any = Any, *, what: str = "payload") -> str:
+    """``value`` as canonical JSON text (sorted keys), typed by ``annotation``.
+
+    Raises :class:`PayloadError` (a TypeError) naming ``what`` and the offending type.
+    """
+    try:
+        if annotation is Any or annotation is None or annotation is type(None):
+            plain = _unstructure_plain(value)
+        else:
+            plain = converter.unstructure(value, unstructure_as=annotation)
+        return json.dumps(plain, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise PayloadError(
+            f"cannot encode {what} of type {type(value).__name__} to JSON: {exc}. "
+            "Use attrs classes, dataclasses, str, int, float, bool, None, lists and dicts "
+            "with string keys."
+        ) from exc
+
+
+def _unstructure_plain(value: Any) -> Any:
+    if attrs.has(type(value)) or dataclasses.is_dataclass(value):
+        return converter.unstructure(value)
+    if isinstance(value, (list, tuple)):
+        return [_unstructure_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {_key(k): _unstructure_plain(v) for k, v in value.items()}
+    return converter.unstructure(value)
+
+
+def _key(k: Any) -> str:
+    if not isinstance(k, str):
+        raise TypeError(f"dict keys must be str, got {type(k).__name__}")
+    return k
+
+
+def decode_value(text: str, annotation: Any = Any, *, what: str = "payload") -> Any:
+    """JSON text back into ``annotation`` (an attrs class, dataclass, primitive, list, dict)."""
+    try:
+        plain = json.loads(text)
+    except ValueError as exc:
+        raise PayloadError(f"{what} is not valid JSON: {exc}") from exc
+    if annotation is Any or annotation is None or annotation is type(None):
+        return plain
+    try:
+        return converter.structure(plain, annotation)
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
+        raise PayloadError(
+            f"cannot decode {what} into {getattr(annotation, '__name__', annotation)}: "
+            f"{_describe(exc)}"
+        ) from exc
+
+
+def content_hash(name: str, encoded_input: str) -> str:
+    """The content address of a step: a hash of its name and canonical input."""
+    digest = hashlib.sha256(name.encode() + b"\x00" + encoded_input.encode())
+    return digest.hexdigest()[:32]

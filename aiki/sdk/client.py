@@ -1,0 +1,131 @@
+"""The client: start runs and watch them. The same API in embedded mode and over a network."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Generic, TypeVar
+
+import attrs
+
+from aiki import protocol as p
+from aiki.actors.link import Link
+from aiki.errors import WorkflowFailed
+from aiki.sources import Sources
+from aiki.store.records import HistoryEvent, RunRecord, StepRecord
+from aiki.transport.base import Transport
+
+R = TypeVar("R")
+
+
+@attrs.frozen
+class TaskStatus:
+    position: str
+    name: str
+    state: str
+    attempts: int
+    error_type: str | None
+    error_message: str | None
+
+
+@attrs.frozen
+class RunStatus:
+    """A run as stored now: its state, attempts, timestamps (epoch seconds) and tasks."""
+
+    id: str
+    workflow: str
+    version: str
+    state: str
+    attempts: int
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    error_type: str | None
+    error_message: str | None
+    tasks: tuple[TaskStatus, ...]
+
+    @classmethod
+    def of(cls, run: RunRecord, steps: tuple[StepRecord, ...]) -> RunStatus:
+        tasks = tuple(
+            TaskStatus(s.position, s.name, s.state, s.attempts, s.error_type, s.error_message)
+            for s in steps if s.kind == "task"
+        )
+        return cls(run.id, run.workflow, run.version, run.state, run.attempts, run.created_at,
+                   run.updated_at, run.finished_at, run.error_type, run.error_message, tasks)
+
+
+@attrs.frozen
+class RunHandle(Generic[R]):
+    """A handle on one run: its id, status, history and (eventual) result."""
+
+    client: Client
+    id: str
+    result_type: Any = Any
+    created: bool = True
+
+    async def status(self) -> RunStatus:
+        info = await self.client.link.request(lambda req: p.GetRun(req, self.id))
+        return RunStatus.of(info.run, info.steps)
+
+    async def history(self) -> tuple[HistoryEvent, ...]:
+        reply = await self.client.link.request(lambda req: p.GetHistory(req, self.id))
+        return reply.events  # type: ignore[no-any-return]
+
+    async def wait_for_completion(self, timeout: float | None = None) -> R:
+        """The run's result, decoded into the workflow's return type, once it completed.
+
+        Raises ``aiki.WorkflowFailed`` (with the remote error type and message) if it failed,
+        ``TimeoutError`` after ``timeout`` seconds. The server pushes the end; nobody polls.
+        """
+        limit = math.inf if timeout is None else timeout
+        try:
+            ended = await self.client.link.request(lambda req: p.WatchRun(req, self.id),
+                                                   timeout=limit)
+        except TimeoutError:
+            raise TimeoutError(f"run {self.id} did not finish within {timeout} s") from None
+        run: RunRecord = ended.run
+        if run.state != "completed":
+            raise WorkflowFailed(run.id, run.error_type or run.state, run.error_message or "")
+        assert run.result is not None
+        return p.decode_value(run.result, self.result_type,  # type: ignore[no-any-return]
+                              what=f"result of run {run.id}")
+
+
+@attrs.define(eq=False)
+class Client:
+    """Talks to one Aiki server. Get one from ``aiki.embedded()`` (or ``aiki.connect()``)."""
+
+    transport: Transport
+    address: str
+    sources: Sources
+    link: Link
+    token: str | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, transport: Transport, address: str, sources: Sources,
+                   token: str | None = None) -> AsyncIterator[Client]:
+        node = f"client-{sources.new_id()[:8]}"
+        async with Link.open(transport, address,
+                             lambda req: p.Hello(req, "client", node, token=token)) as link:
+            yield cls(transport, address, sources, link, token)
+
+    async def enqueue(self, workflow: str, payload: Any = None, *, version: str | None = None,
+                      idempotency_key: str | None = None) -> RunHandle[Any]:
+        """Start a run by workflow name (untyped: the result comes back as plain JSON).
+        Without ``version``, the newest version a worker registered."""
+        encoded = p.encode_value(payload, what=f"payload of workflow {workflow!r}")
+        return await self._enqueue(workflow, encoded, version=version,
+                                   idempotency_key=idempotency_key, result_type=Any)
+
+    async def _enqueue(self, workflow: str, payload: str, *, version: str | None,
+                       idempotency_key: str | None, result_type: Any) -> RunHandle[Any]:
+        reply = await self.link.request(
+            lambda req: p.Enqueue(req, workflow, payload, version, idempotency_key)
+        )
+        return RunHandle(self, reply.run_id, result_type, reply.created)
+
+    def handle(self, run_id: str, result_type: Any = Any) -> RunHandle[Any]:
+        """The handle of an existing run (also one started before a restart)."""
+        return RunHandle(self, run_id, result_type, created=False)

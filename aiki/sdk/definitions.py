@@ -1,0 +1,122 @@
+"""``@aiki.task`` and ``@aiki.workflow``: typed, named, versioned definitions."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import attrs
+
+from aiki.actors.run import WorkflowRun
+from aiki.protocol import encode_value
+from aiki.retry import Retry
+
+if TYPE_CHECKING:
+    from aiki.sdk.client import Client, RunHandle
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+
+def _types(fn: Callable[..., Any], payload_index: int, kind: str) -> tuple[Any, Any]:
+    if not inspect.iscoroutinefunction(fn):
+        raise TypeError(f"@aiki.{kind} needs an 'async def' function, got {fn!r}")
+    params = list(inspect.signature(fn).parameters.values())
+    if len(params) != payload_index + 1:
+        expected = "(payload)" if kind == "task" else "(run, payload)"
+        raise TypeError(
+            f"@aiki.{kind} function {fn.__qualname__} must take {expected}, "
+            f"it takes {len(params)} parameter(s)"
+        )
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable forward references: fall back to untyped JSON
+        hints = {}
+    return hints.get(params[payload_index].name, Any), hints.get("return", Any)
+
+
+@attrs.frozen
+class Task(Generic[P, R]):
+    """A unit of work whose result is checkpointed. Call it from workflow code with
+    ``await my_task.run(run, payload)``."""
+
+    name: str
+    fn: Callable[[P], Awaitable[R]]
+    retry: Retry
+    timeout: float | None
+    payload_type: Any
+    result_type: Any
+
+    async def run(self, run: WorkflowRun, payload: P, *, idempotency_key: str | None = None) -> R:
+        """Execute durably: the recorded result on replay, else run it (with retries),
+        checkpoint the result, and return it. Failure for good raises ``aiki.TaskFailed``."""
+        if not isinstance(run, WorkflowRun):
+            raise TypeError(
+                f"task {self.name!r}: the first argument of .run() must be the workflow's "
+                f"aiki.WorkflowRun, got {type(run).__name__}"
+            )
+        return await run._execute_task(self, payload, idempotency_key)  # type: ignore[no-any-return]
+
+    async def call(self, payload: Any) -> Any:
+        if self.timeout is None:
+            return await self.fn(payload)
+        import trio
+
+        with trio.fail_after(self.timeout):
+            return await self.fn(payload)
+
+
+@attrs.frozen
+class Workflow(Generic[P, R]):
+    """A named, versioned workflow. Start a run with ``await wf.enqueue(client, payload)``."""
+
+    name: str
+    version: str
+    fn: Callable[[WorkflowRun, P], Awaitable[R]]
+    payload_type: Any
+    result_type: Any
+
+    async def enqueue(
+        self, client: Client, payload: P, *, idempotency_key: str | None = None
+    ) -> RunHandle[R]:
+        """Start a run (or find the one with this idempotency key) and return its handle.
+
+        An unencodable payload raises TypeError here and stores nothing.
+        """
+        encoded = encode_value(payload, self.payload_type,
+                               what=f"payload of workflow {self.name!r}")
+        return await client._enqueue(self.name, encoded, version=self.version,
+                                     idempotency_key=idempotency_key,
+                                     result_type=self.result_type)
+
+    async def call(self, run: WorkflowRun, payload: Any) -> Any:
+        return await self.fn(run, payload)
+
+
+def task(
+    *, name: str | None = None, retry: Retry | Mapping[str, Any] | None = None,
+    timeout: float | None = None,
+) -> Callable[[Callable[[P], Awaitable[R]]], Task[P, R]]:
+    """Make a task of ``async def f(payload) -> result``. ``retry``: an ``aiki.Retry`` or the
+    dict form ``{"type": "exponential", "maxAttempts": 3, "baseDelayMs": 1000}``."""
+    policy = Retry.coerce(retry)
+
+    def make(fn: Callable[[P], Awaitable[R]]) -> Task[P, R]:
+        payload_type, result_type = _types(fn, 0, "task")
+        return Task(name or fn.__name__, fn, policy, timeout, payload_type, result_type)
+
+    return make
+
+
+def workflow(
+    *, name: str | None = None, version: str = "1"
+) -> Callable[[Callable[[WorkflowRun, P], Awaitable[R]]], Workflow[P, R]]:
+    """Make a workflow of ``async def f(run: aiki.WorkflowRun, payload) -> result``."""
+
+    def make(fn: Callable[[WorkflowRun, P], Awaitable[R]]) -> Workflow[P, R]:
+        payload_type, result_type = _types(fn, 1, "workflow")
+        return Workflow(name or fn.__name__, str(version), fn, payload_type, result_type)
+
+    return make

@@ -1,0 +1,81 @@
+"""``aiki.embedded()`` and ``aiki.worker()``: the engine inside your own ``trio.run``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from aiki.actors.worker import Worker
+from aiki.sdk.client import Client
+from aiki.sdk.definitions import Workflow
+from aiki.server import Server
+from aiki.sources import Sources
+from aiki.store import open_store
+from aiki.store.base import Store
+from aiki.transport.memory import MemoryTransport
+
+DEFAULT_STORE = "sqlite:///aiki.db"
+
+
+@asynccontextmanager
+async def embedded(
+    store: str | Store = DEFAULT_STORE, *, lease_ttl: float = 30.0, poll_interval: float = 1.0,
+    sources: Sources | None = None,
+) -> AsyncIterator[Client]:
+    """Run an Aiki server inside this nursery and yield a client of it.
+
+    ``store``: ``"sqlite:///path.db"`` (the default, ``./aiki.db``), ``"memory"``, or a
+    Store object. The server's actors talk to workers and clients over the memory transport,
+    through the same codec as the network.
+    """
+    sources = sources or Sources.real()
+    owned = isinstance(store, str)
+    opened: Store = await open_store(store) if isinstance(store, str) else store
+    try:
+        transport = MemoryTransport()
+        server = Server(opened, sources, lease_ttl=lease_ttl, poll_interval=poll_interval)
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(server.serve, transport, "embedded")
+            async with Client.open(transport, address, sources) as client:
+                yield client
+            nursery.cancel_scope.cancel()
+    finally:
+        if owned:
+            with trio.CancelScope(shield=True):
+                await opened.aclose()
+
+
+@asynccontextmanager
+async def worker(
+    client: Client, *, workflows: Sequence[Workflow[Any, Any]], id: str | None = None,
+    max_concurrent_runs: int = 10, inline_retry_max: float = 10.0,
+) -> AsyncIterator[Worker]:
+    """Run a worker for ``workflows`` while the block runs.
+
+    Leaving the block normally releases the runs it still holds. Cancelling it behaves like
+    a crash: its runs move to another worker once their leases expire.
+    """
+    for wf in workflows:
+        if not isinstance(wf, Workflow):
+            raise TypeError(f"workflows must be @aiki.workflow definitions, got {wf!r}")
+    w = Worker(
+        client.transport, client.address, list(workflows),
+        id or f"worker-{client.sources.new_id()[:8]}", client.sources,
+        max_concurrent_runs=max_concurrent_runs, inline_retry_max=inline_retry_max,
+        token=client.token,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(w.run)
+        try:
+            yield w
+            # A block whose scope was cancelled ends "normally" without a checkpoint; that
+            # is still a crash, not a graceful stop.
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            nursery.cancel_scope.cancel()  # a crash: say nothing more
+            raise
+        await w.release_all()
+        nursery.cancel_scope.cancel()
