@@ -1,0 +1,168 @@
+"""Mailboxes: the bounded queue an actor reads, the address others send to, one-shot replies.
+
+An actor owns one :class:`Mailbox` and reads it; everybody else holds only its
+:class:`Address`. Messages are hints (the store is the truth), so a full mailbox drops rather
+than blocks, except on the parent → child path where :meth:`Address.tell` may wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar, cast
+
+import trio
+
+from aiki.errors import AikiError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class MailboxFull(AikiError):
+    """An ``ask`` found the mailbox full: the actor is behind. Retry later or drop the request."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"mailbox {name!r} is full: its actor is behind; retry later or drop")
+        self.name = name
+
+
+class MailboxClosed(AikiError):
+    """The mailbox was closed: its actor has stopped taking messages."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"mailbox {name!r} is closed: its actor no longer takes messages")
+        self.name = name
+
+
+class AskTimeout(AikiError):
+    """No reply came within the ``ask`` timeout; the request may or may not have been handled."""
+
+
+class Reply(Generic[R]):
+    """A one-shot answer slot carried inside a message.
+
+    The first :meth:`send` or :meth:`fail` wins; later calls are ignored. Neither blocks nor
+    raises, even if the asker has timed out or been cancelled and nobody will ever read it.
+    """
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._value: R | None = None
+        self._error: BaseException | None = None
+
+    def send(self, value: R) -> None:
+        if not self._done.is_set():
+            self._value = value
+            self._done.set()
+
+    def fail(self, exc: BaseException) -> None:
+        if not self._done.is_set():
+            self._error = exc
+            self._done.set()
+
+    async def _wait(self) -> R:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return cast(R, self._value)  # set together with _done
+
+
+class Address(Generic[T]):
+    """Where to send messages to one mailbox. Cheap to share; every holder sees the same
+    ``dropped`` count (messages refused because the mailbox was full or closed)."""
+
+    def __init__(self, send: trio.MemorySendChannel[T], name: str) -> None:
+        self._send = send
+        self.name = name
+        self.dropped = 0
+
+    async def tell(self, msg: T) -> None:
+        """Send ``msg``, waiting while the mailbox is full; raise :class:`MailboxClosed`.
+
+        Use it only from a parent to its child: a cycle of blocking sends (A waits on B's full
+        mailbox while B waits on A's) deadlocks. Peers and replies use :meth:`tell_nowait`.
+        Cancelled while waiting, the message is not delivered.
+        """
+        try:
+            await self._send.send(msg)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise MailboxClosed(self.name) from None
+
+    def tell_nowait(self, msg: T) -> bool:
+        """Send ``msg`` if there is room; return False (and count a drop) if full or closed."""
+        try:
+            self._send.send_nowait(msg)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self.dropped += 1
+            return False
+        return True
+
+    async def ask(self, make: Callable[[Reply[R]], T], timeout: float) -> R:
+        """Send ``make(reply)`` without blocking and wait up to ``timeout`` seconds for the answer.
+
+        Raises :class:`MailboxFull` or :class:`MailboxClosed` if the message could not be
+        queued, :class:`AskTimeout` if no answer came in time, and the replier's exception if
+        it called ``reply.fail(exc)``. On timeout or cancellation the message may still be
+        handled later; its answer is then silently discarded.
+        """
+        reply: Reply[R] = Reply()
+        try:
+            self._send.send_nowait(make(reply))
+        except trio.WouldBlock:
+            self.dropped += 1
+            raise MailboxFull(self.name) from None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self.dropped += 1
+            raise MailboxClosed(self.name) from None
+        try:
+            with trio.fail_after(timeout):
+                return await reply._wait()
+        except trio.TooSlowError:
+            raise AskTimeout(f"no reply from {self.name!r} within {timeout} s") from None
+
+
+class Mailbox(Generic[T]):
+    """A bounded queue of ``capacity`` messages, read by the one actor that owns it.
+
+    It outlives its actor's crashes: a restarted actor keeps reading the same mailbox, so
+    messages queued during the restart are not lost. :meth:`close` stops new messages;
+    those already queued are still delivered, then iteration ends.
+    """
+
+    def __init__(self, capacity: int, name: str) -> None:
+        if capacity < 1:
+            raise ValueError(f"mailbox {name!r}: capacity must be at least 1, got {capacity}")
+        self.name = name
+        send, self._receive = trio.open_memory_channel[T](capacity)
+        self._address = Address(send, name)
+
+    @property
+    def address(self) -> Address[T]:
+        return self._address
+
+    async def receive(self) -> T:
+        """The next message, waiting for one; :class:`MailboxClosed` once closed and drained."""
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            raise MailboxClosed(self.name) from None
+
+    def receive_nowait(self) -> T:
+        """The next message if one is queued, else raise ``trio.WouldBlock``."""
+        try:
+            return self._receive.receive_nowait()
+        except trio.EndOfChannel:
+            raise MailboxClosed(self.name) from None
+
+    def close(self) -> None:
+        """Refuse further messages; a sender blocked in :meth:`Address.tell` gets MailboxClosed."""
+        self._address._send.close()
+
+    def __aiter__(self) -> Mailbox[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None

@@ -1,0 +1,174 @@
+"""Mailbox, Address and Reply: delivery, back-pressure, drops, ask with reply/failure/timeout."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from aiki.actors.mailbox import (
+    Address,
+    AskTimeout,
+    Mailbox,
+    MailboxClosed,
+    MailboxFull,
+    Reply,
+)
+from aiki.errors import AikiError
+
+
+async def test_tell_delivers_in_order_and_iteration_ends_after_close() -> None:
+    box = Mailbox[int](4, "box")
+    for n in range(3):
+        await box.address.tell(n)
+    box.close()
+    assert [msg async for msg in box] == [0, 1, 2]  # queued messages survive close
+    with pytest.raises(MailboxClosed, match="'box'"):
+        await box.receive()
+
+
+async def test_address_is_shared() -> None:
+    box = Mailbox[int](1, "box")
+    assert box.address is box.address
+    assert isinstance(box.address, Address)
+
+
+def test_capacity_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        Mailbox[int](0, "box")
+
+
+async def test_tell_nowait_returns_false_when_full_and_counts_drops() -> None:
+    box = Mailbox[str](2, "box")
+    a, b = box.address, box.address
+    assert a.tell_nowait("x") and b.tell_nowait("y")
+    assert not a.tell_nowait("z")
+    assert not b.tell_nowait("w")
+    assert a.dropped == b.dropped == 2
+    assert box.receive_nowait() == "x"
+    assert a.tell_nowait("v")
+    assert [box.receive_nowait(), box.receive_nowait()] == ["y", "v"]
+    with pytest.raises(trio.WouldBlock):
+        box.receive_nowait()
+
+
+async def test_closed_mailbox_refuses_messages() -> None:
+    box = Mailbox[int](2, "box")
+    box.close()
+    assert not box.address.tell_nowait(1)
+    assert box.address.dropped == 1
+    with pytest.raises(MailboxClosed):
+        await box.address.tell(1)
+    with pytest.raises(MailboxClosed):
+        await box.address.ask(lambda r: 1, timeout=1)
+    assert box.address.dropped == 2
+    with pytest.raises(MailboxClosed):
+        box.receive_nowait()
+
+
+async def test_tell_waits_for_room(autojump_clock: trio.testing.MockClock) -> None:
+    box = Mailbox[int](1, "box")
+    sent_at: list[float] = []
+
+    async def sender() -> None:
+        await box.address.tell(1)
+        await box.address.tell(2)  # blocks until the reader makes room
+        sent_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        await trio.sleep(3)
+        assert sent_at == []
+        assert await box.receive() == 1
+        assert await box.receive() == 2
+    assert sent_at == [3]
+
+
+async def test_close_wakes_blocked_teller() -> None:
+    box = Mailbox[int](1, "box")
+    box.address.tell_nowait(0)
+
+    async def blocked(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        with pytest.raises(MailboxClosed):
+            await box.address.tell(1)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(blocked)
+        await trio.testing.wait_all_tasks_blocked()
+        box.close()
+
+
+async def _replier(box: Mailbox[tuple[int, Reply[int]]]) -> None:
+    async for n, reply in box:
+        if n < 0:
+            reply.fail(ValueError(f"negative: {n}"))
+        elif n > 0:
+            reply.send(n * 2)
+        # n == 0: never answer
+
+
+async def test_ask_returns_the_reply() -> None:
+    box = Mailbox[tuple[int, Reply[int]]](4, "doubler")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_replier, box)
+        assert await box.address.ask(lambda r: (21, r), timeout=1) == 42
+        box.close()
+
+
+async def test_ask_raises_the_repliers_failure() -> None:
+    box = Mailbox[tuple[int, Reply[int]]](4, "doubler")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_replier, box)
+        with pytest.raises(ValueError, match="negative: -1"):
+            await box.address.ask(lambda r: (-1, r), timeout=1)
+        box.close()
+
+
+async def test_ask_times_out_in_virtual_time(autojump_clock: trio.testing.MockClock) -> None:
+    box = Mailbox[tuple[int, Reply[int]]](4, "doubler")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_replier, box)
+        with pytest.raises(AskTimeout, match="'doubler' within 2.5 s"):
+            await box.address.ask(lambda r: (0, r), timeout=2.5)
+        assert trio.current_time() == pytest.approx(2.5)
+        box.close()
+
+
+async def test_ask_a_full_mailbox_raises_at_once() -> None:
+    box = Mailbox[tuple[int, Reply[int]]](1, "doubler")
+    assert box.address.tell_nowait((1, Reply()))
+    with pytest.raises(MailboxFull, match="'doubler' is full") as info:
+        await box.address.ask(lambda r: (2, r), timeout=1)
+    assert info.value.name == "doubler"
+    assert box.address.dropped == 1
+
+
+async def test_late_reply_to_a_gone_asker_is_harmless(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    box = Mailbox[tuple[int, Reply[int]]](4, "slow")
+    with pytest.raises(AskTimeout):
+        await box.address.ask(lambda r: (1, r), timeout=1)
+    _, reply = box.receive_nowait()
+    reply.send(2)  # nobody waits any more: neither blocks nor raises
+    reply.fail(RuntimeError("ignored"))
+
+
+async def test_reply_is_one_shot() -> None:
+    first: Reply[int] = Reply()
+    first.send(1)
+    first.send(2)
+    first.fail(ValueError("ignored"))
+    assert await first._wait() == 1
+
+    second: Reply[int] = Reply()
+    second.fail(KeyError("k"))
+    second.send(3)
+    with pytest.raises(KeyError):
+        await second._wait()
+
+
+def test_errors_belong_to_the_hierarchy() -> None:
+    for error in (MailboxFull, MailboxClosed, AskTimeout):
+        assert issubclass(error, AikiError)
