@@ -16,7 +16,8 @@ import dataclasses
 import datetime
 import hashlib
 import json
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar, cast
 
 import attrs
 import cattrs
@@ -36,16 +37,17 @@ _MESSAGES: dict[str, type[Any]] = {}
 M = TypeVar("M")
 
 
-def message(tag: str) -> Any:
-    """Class decorator: a frozen attrs message registered under ``tag``."""
+def message(tag: str) -> Callable[[type[M]], type[M]]:
+    """Class decorator (above ``@attrs.frozen``): register a message under ``tag``."""
 
     def register(cls: type[M]) -> type[M]:
-        frozen = attrs.frozen(cls)
+        if not attrs.has(cast(type, cls)):
+            raise TypeError(f"message {cls.__name__} must be an attrs class")
         if tag in _MESSAGES:
             raise RuntimeError(f"message tag {tag!r} registered twice")
-        _MESSAGES[tag] = frozen
-        frozen.TAG = tag  # type: ignore[attr-defined]
-        return frozen
+        _MESSAGES[tag] = cls
+        cls.TAG = tag  # type: ignore[attr-defined]
+        return cls
 
     return register
 
@@ -58,6 +60,7 @@ class WorkflowRef:
 
 # -- session opening -----------------------------------------------------------------------
 @message("hello")
+@attrs.frozen
 class Hello:
     """First message of every connection. A worker lists the workflow versions it runs,
     how many runs it takes at once, and the leases it still holds (after a reconnect)."""
@@ -73,6 +76,7 @@ class Hello:
 
 
 @message("welcome")
+@attrs.frozen
 class Welcome:
     req: int
     server_id: str
@@ -82,11 +86,13 @@ class Welcome:
 
 # -- generic replies -----------------------------------------------------------------------
 @message("ok")
+@attrs.frozen
 class Ok:
     req: int
 
 
 @message("refused")
+@attrs.frozen
 class Refused:
     """A request was refused; ``error_type`` names the aiki error class (e.g. StaleLease)."""
 
@@ -97,6 +103,7 @@ class Refused:
 
 # -- clients -------------------------------------------------------------------------------
 @message("enqueue")
+@attrs.frozen
 class Enqueue:
     """Start a run. Without ``version`` the server picks the newest version a worker
     registered, and refuses a name no worker registered."""
@@ -109,6 +116,7 @@ class Enqueue:
 
 
 @message("enqueued")
+@attrs.frozen
 class Enqueued:
     req: int
     run_id: str
@@ -117,12 +125,14 @@ class Enqueued:
 
 
 @message("get_run")
+@attrs.frozen
 class GetRun:
     req: int
     run_id: str
 
 
 @message("run_info")
+@attrs.frozen
 class RunInfo:
     req: int
     run: RunRecord
@@ -130,18 +140,21 @@ class RunInfo:
 
 
 @message("get_history")
+@attrs.frozen
 class GetHistory:
     req: int
     run_id: str
 
 
 @message("history")
+@attrs.frozen
 class History:
     req: int
     events: tuple[HistoryEvent, ...]
 
 
 @message("watch_run")
+@attrs.frozen
 class WatchRun:
     """Ask to be told when a run ends; answered by ``RunEnded`` with the same ``req``."""
 
@@ -150,6 +163,7 @@ class WatchRun:
 
 
 @message("run_ended")
+@attrs.frozen
 class RunEnded:
     req: int
     run: RunRecord
@@ -157,6 +171,7 @@ class RunEnded:
 
 # -- workers -------------------------------------------------------------------------------
 @message("assign")
+@attrs.frozen
 class Assign:
     """Server → worker: run this run under ``run.lease_epoch``; ``steps`` are its checkpoints."""
 
@@ -165,6 +180,7 @@ class Assign:
 
 
 @message("heartbeat")
+@attrs.frozen
 class Heartbeat:
     """Renew these leases; the reply lists the ones that are lost."""
 
@@ -173,12 +189,14 @@ class Heartbeat:
 
 
 @message("heartbeat_ack")
+@attrs.frozen
 class HeartbeatAck:
     req: int
     lost: tuple[str, ...]
 
 
 @message("start_step")
+@attrs.frozen
 class StartStep:
     req: int
     lease: Lease
@@ -186,6 +204,7 @@ class StartStep:
 
 
 @message("save_step")
+@attrs.frozen
 class SaveStep:
     req: int
     lease: Lease
@@ -193,6 +212,7 @@ class SaveStep:
 
 
 @message("complete_run")
+@attrs.frozen
 class CompleteRun:
     req: int
     lease: Lease
@@ -200,6 +220,7 @@ class CompleteRun:
 
 
 @message("fail_run")
+@attrs.frozen
 class FailRun:
     req: int
     lease: Lease
@@ -208,6 +229,7 @@ class FailRun:
 
 
 @message("suspend_run")
+@attrs.frozen
 class SuspendRun:
     req: int
     lease: Lease
@@ -216,12 +238,14 @@ class SuspendRun:
 
 
 @message("release_run")
+@attrs.frozen
 class ReleaseRun:
     req: int
     lease: Lease
 
 
 @message("goodbye")
+@attrs.frozen
 class Goodbye:
     """Either side is closing the connection, and why."""
 
@@ -286,13 +310,18 @@ def encode_value(value: Any, annotation: Any = Any, *, what: str = "payload") ->
 
     Raises :class:`PayloadError` (a TypeError) naming ``what`` and the offending type.
     """
+    if (isinstance(annotation, type) and (attrs.has(annotation)
+            or dataclasses.is_dataclass(annotation)) and not isinstance(value, annotation)):
+        raise PayloadError(
+            f"cannot encode {what}: expected {annotation.__name__}, got {type(value).__name__}"
+        )
     try:
         if annotation is Any or annotation is None or annotation is type(None):
             plain = _unstructure_plain(value)
         else:
             plain = converter.unstructure(value, unstructure_as=annotation)
         return json.dumps(plain, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
+    except (TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise PayloadError(
             f"cannot encode {what} of type {type(value).__name__} to JSON: {exc}. "
             "Use attrs classes, dataclasses, str, int, float, bool, None, lists and dicts "

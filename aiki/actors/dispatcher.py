@@ -1,7 +1,9 @@
 """Dispatcher: hands queued runs to workers with free slots, and expires lost leases.
 
 Messages: :class:`Joined`, :class:`Left`, :class:`Ended` (a worker's run stopped holding a
-slot), :class:`Poke` (there may be new work). It owns the seats of connected workers, which
+slot), :class:`Alive` (a worker heartbeated), :class:`Poke` (there may be new work). A worker
+that let a lease expire gets no new run until it heartbeats again, so a worker cut off from
+the server does not swallow the runs it cannot renew. It owns the seats of connected workers, which
 are hints rebuilt from the sessions; the store is the truth (who holds which lease), so a
 crash of the Dispatcher loses no run: after a restart sessions re-join on their next message
 and leases that nobody renews expire.
@@ -36,6 +38,8 @@ class Seat:
     slots: int
     push: Callable[[Assign], bool]
     active: set[str] = attrs.field(factory=set)
+    # Let a lease expire: it gets no new runs until it proves alive with a heartbeat.
+    suspect: bool = False
 
     @property
     def free(self) -> int:
@@ -56,6 +60,13 @@ class Left:
 class Ended:
     session: int
     run_ids: tuple[str, ...]
+
+
+@attrs.frozen
+class Alive:
+    """The worker of this session heartbeated."""
+
+    session: int
 
 
 @attrs.frozen
@@ -89,7 +100,9 @@ class Dispatcher:
                 next_expiry = trio.current_time() + max(self.lease_ttl / 4, 0.01)
                 expired = await self.writer.write(ExpireLeases(self.sources.clock.now()))
                 for seat in self.seats.values():
-                    seat.active.difference_update(expired)
+                    if seat.active.intersection(expired):
+                        seat.suspect = True
+                        seat.active.difference_update(expired)
             await self._assign()
 
     def _handle(self, msg: Any) -> None:
@@ -99,6 +112,11 @@ class Dispatcher:
                 self.versions.setdefault(name, set()).add(version)
         elif isinstance(msg, Left):
             self.seats.pop(msg.session, None)
+        elif isinstance(msg, Alive):
+            seat = self.seats.get(msg.session)
+            if seat is not None and seat.suspect:
+                seat.suspect = False
+                self.poke()
         elif isinstance(msg, Ended):
             seat = self.seats.get(msg.session)
             if seat is not None:
@@ -106,7 +124,7 @@ class Dispatcher:
 
     async def _assign(self) -> None:
         for seat in list(self.seats.values()):
-            if seat.free <= 0 or not seat.workflows:
+            if seat.free <= 0 or not seat.workflows or seat.suspect:
                 continue
             claimed = await self.writer.write(
                 Claim(seat.worker_id, seat.workflows, seat.free, self.sources.clock.now(),
@@ -118,7 +136,7 @@ class Dispatcher:
                 seat.push(Assign(c.run, c.steps))
 
     # -- for sessions --------------------------------------------------------------------
-    def tell(self, msg: Joined | Left | Ended | Poke) -> None:
+    def tell(self, msg: Joined | Left | Ended | Alive | Poke) -> None:
         self.mailbox.address.tell_nowait(msg)
 
     def poke(self) -> None:

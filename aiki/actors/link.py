@@ -64,15 +64,21 @@ class Link:
         """Connect, say hello, and keep the reader running until the block ends."""
         conn = await transport.connect(address)
         link = cls(conn, on_push, request_timeout)
+        failure: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(link._read)
-                welcome = await link.request(hello)
-                if not isinstance(welcome, p.Welcome):
-                    raise errors.ProtocolError(f"expected 'welcome', got {welcome!r}")
-                link.welcome = welcome
-                yield link
+                try:
+                    welcome = await link.request(hello)
+                    if not isinstance(welcome, p.Welcome):
+                        raise errors.ProtocolError(f"expected 'welcome', got {welcome!r}")
+                    link.welcome = welcome
+                    yield link
+                except BaseException as exc:
+                    failure = exc  # re-raised as itself, not wrapped in the nursery's group
                 nursery.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await conn.aclose()

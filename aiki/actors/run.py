@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -154,8 +153,8 @@ class RunState:
         if not same:
             raise NonDeterminismError(
                 f"run {self.lease.run_id} diverged from its history at step {position}: "
-                f"the history has {_describe(recorded.kind, recorded.name, recorded.input, recorded.idempotency_key)}"
-                f", but the code now calls {_describe(kind, name, input_json, key)}"
+                f"the history has {_describe_step(recorded)}, "
+                f"but the code now calls {_describe(kind, name, input_json, key)}"
             )
         return recorded
 
@@ -163,8 +162,7 @@ class RunState:
         left = sorted(set(self.recorded) - self.consumed, key=_position_key)
         if left:
             shown = "; ".join(
-                f"step {pos}: {_describe(s.kind, s.name, s.input, s.idempotency_key)}"
-                for pos in left[:5] for s in [self.recorded[pos]]
+                f"step {pos}: {_describe_step(self.recorded[pos])}" for pos in left[:5]
             )
             raise NonDeterminismError(
                 f"run {self.lease.run_id} diverged from its history: the code finished without "
@@ -193,8 +191,10 @@ class RunState:
             return await self._attempts(task, position, input_json, input_hash, key,
                                         attempt, not_before)
         finally:
-            if key is not None and (event := self._keyed.pop((task.name, key), None)):
-                event.set()
+            if key is not None:
+                event = self._keyed.pop((task.name, key), None)
+                if event is not None:
+                    event.set()
 
     async def _keyed_outcome(self, name: str, key: str) -> StepRecord | None:
         while True:
@@ -228,13 +228,14 @@ class RunState:
             except Exception as exc:
                 retryable = not isinstance(exc, (NonRetryableError, PayloadError))
                 delay = task.retry.delay_after(attempt, self.sources.rng) if retryable else None
-                error = dict(error_type=type(exc).__name__, error_message=str(exc))
+                failed = attrs.evolve(step, error_type=type(exc).__name__,
+                                      error_message=str(exc))
                 if delay is None:
-                    await self.save(attrs.evolve(step, state="failed", **error))
+                    await self.save(attrs.evolve(failed, state="failed"))
                     raise TaskFailed(task.name, type(exc).__name__, str(exc), attempt) from exc
                 not_before = clock.now() + delay
-                await self.save(attrs.evolve(step, state="retrying", next_attempt_at=not_before,
-                                             **error))
+                await self.save(attrs.evolve(failed, state="retrying",
+                                             next_attempt_at=not_before))
                 attempt += 1
                 continue
             final = attrs.evolve(step, state="completed", output=output)
@@ -266,6 +267,10 @@ def _describe(kind: str, name: str, input_json: str, key: str | None) -> str:
         return f"run.{kind}()"
     shown = input_json if len(input_json) <= 200 else input_json[:200] + "..."
     return f"task {name!r} with " + (f"idempotency key {key!r}" if key else f"input {shown}")
+
+
+def _describe_step(step: StepRecord) -> str:
+    return _describe(step.kind, step.name, step.input, step.idempotency_key)
 
 
 def _position_key(position: str) -> tuple[int, ...]:
@@ -350,7 +355,8 @@ async def run_workflow(
         result = p.encode_value(value, workflow.result_type,
                                 what=f"result of workflow {workflow.name!r}")
     except Suspend as suspend:
-        await state.write(lambda req: p.SuspendRun(req, lease, suspend.wake_at, suspend.reason))
+        wake_at, reason = suspend.wake_at, suspend.reason
+        await state.write(lambda req: p.SuspendRun(req, lease, wake_at, reason))
         return
     except Abandon:
         return

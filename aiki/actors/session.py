@@ -19,7 +19,7 @@ import attrs
 import trio
 
 from aiki import protocol as p
-from aiki.actors.dispatcher import Dispatcher, Ended, Joined, Left, Seat
+from aiki.actors.dispatcher import Alive, Dispatcher, Ended, Joined, Left, Seat
 from aiki.actors.mailbox import Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.actors.timer import Timer
@@ -28,7 +28,7 @@ from aiki.errors import AikiError, ConnectionLost, ProtocolError, RunNotFound, U
 from aiki.sources import Sources
 from aiki.store import ops
 from aiki.store.base import Store
-from aiki.store.records import TERMINAL_RUN_STATES, RunRecord
+from aiki.store.records import TERMINAL_RUN_STATES, Lease, RunRecord
 from aiki.transport.base import Connection
 
 log = logging.getLogger("aiki.session")
@@ -198,9 +198,12 @@ class Session:
             raise ProtocolError(f"{_tag(msg)!r} is only accepted from a worker")
         if isinstance(msg, p.Heartbeat):
             self._check_owner(*msg.leases)
-            lost = await ctx.writer.write(ops.Renew(msg.leases, now, ctx.lease_ttl))
+            lost: tuple[str, ...] = ()
+            if msg.leases:
+                lost = await ctx.writer.write(ops.Renew(msg.leases, now, ctx.lease_ttl))
             if lost:
                 ctx.dispatcher.tell(Ended(self.id, lost))
+            ctx.dispatcher.tell(Alive(self.id))
             return p.HeartbeatAck(msg.req, lost)
         if isinstance(msg, (p.StartStep, p.SaveStep)):
             self._check_owner(msg.lease)
@@ -233,7 +236,7 @@ class Session:
             ctx.dispatcher.poke()
         return p.Ok(msg.req)
 
-    def _check_owner(self, *leases: p.Lease) -> None:
+    def _check_owner(self, *leases: Lease) -> None:
         assert self.hello is not None
         for lease in leases:
             if lease.worker_id != self.hello.node_id:

@@ -65,7 +65,7 @@ class StoreWriter:
 
     async def write(self, op: Op[T]) -> T:
         """Apply ``op`` (batched with others) and return its outcome; raise it if refused."""
-        outcome = await self.mailbox.address.ask(lambda r: Write(op, r), self.timeout)
+        outcome: Any = await self.mailbox.address.ask(lambda r: Write(op, r), self.timeout)
         if isinstance(outcome, AikiError):
             raise outcome
         return outcome  # type: ignore[no-any-return]

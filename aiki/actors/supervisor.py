@@ -109,7 +109,7 @@ class Supervisor:
                 for spec in children:
                     try:
                         await self.start_child(spec)
-                    except Exception as exc:  # noqa: BLE001  # any child failure is ours
+                    except Exception as exc:  # any child failure is ours
                         self._failed(spec.name, exc, trio.current_time())
                         self._give_up(spec.name, f"child {spec.name!r} failed to start: {exc!r}")
                         break

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import attrs
@@ -109,11 +110,10 @@ class Worker:
         interval = link.welcome.heartbeat_interval
         while True:
             await trio.sleep(interval)
+            # Sent when idle too: it tells the server this worker is alive and reachable.
             leases = tuple(h.lease for h in self.held.values())
-            if not leases:
-                continue
             try:
-                ack = await link.request(lambda req: p.Heartbeat(req, leases),
+                ack = await link.request(partial(p.Heartbeat, leases=leases),
                                          timeout=interval * 2)
             except (AikiError, TimeoutError) as exc:
                 log.warning("worker %s: heartbeat failed: %s", self.id, exc)
@@ -137,9 +137,13 @@ class Worker:
             scope.shield = True
             for h in held:
                 try:
-                    await link.request(lambda req, lease=h.lease: p.ReleaseRun(req, lease))
+                    await link.request(partial(_release, lease=h.lease))
                 except (AikiError, TimeoutError):
                     pass
+
+
+def _release(req: int, *, lease: Lease) -> p.ReleaseRun:
+    return p.ReleaseRun(req, lease)
 
 
 __all__ = ["Worker"]

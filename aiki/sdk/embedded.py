@@ -37,11 +37,17 @@ async def embedded(
     try:
         transport = MemoryTransport()
         server = Server(opened, sources, lease_ttl=lease_ttl, poll_interval=poll_interval)
+        failure: BaseException | None = None
         async with trio.open_nursery() as nursery:
             address = await nursery.start(server.serve, transport, "embedded")
-            async with Client.open(transport, address, sources) as client:
-                yield client
+            try:
+                async with Client.open(transport, address, sources) as client:
+                    yield client
+            except BaseException as exc:
+                failure = exc  # re-raised as itself, not wrapped in the nursery's group
             nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
     finally:
         if owned:
             with trio.CancelScope(shield=True):
@@ -67,6 +73,7 @@ async def worker(
         max_concurrent_runs=max_concurrent_runs, inline_retry_max=inline_retry_max,
         token=client.token,
     )
+    failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(w.run)
         try:
@@ -74,8 +81,10 @@ async def worker(
             # A block whose scope was cancelled ends "normally" without a checkpoint; that
             # is still a crash, not a graceful stop.
             await trio.lowlevel.checkpoint_if_cancelled()
-        except BaseException:
-            nursery.cancel_scope.cancel()  # a crash: say nothing more
-            raise
-        await w.release_all()
+        except BaseException as exc:
+            failure = exc  # a crash: say nothing more, and re-raise it unwrapped below
+        else:
+            await w.release_all()
         nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure

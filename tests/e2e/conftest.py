@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
 from aiki.sources import Sources
 from aiki.store import MemoryStore, SqliteStore, Store
 
