@@ -36,6 +36,13 @@ class MemoryConnection:
             raise ConnectionLost(f"connection to {self.peer} is closed") from exc
         self.sent += 1
 
+    async def send_raw(self, text: str) -> None:
+        """Send text as it is, bypassing the encoder (for tests and fault injection)."""
+        try:
+            await self._send.send(text)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionLost(f"connection to {self.peer} is closed") from exc
+
     async def receive(self) -> Any:
         try:
             text = await self._receive.receive()

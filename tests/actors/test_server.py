@@ -1,0 +1,137 @@
+"""The server under bad input and failure: every refusal is clear, nothing stored is lost."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+import aiki
+from aiki import protocol as p
+from aiki.errors import StoreUnavailable
+from aiki.server import Server
+from aiki.sources import Sources
+from aiki.store import MemoryStore
+from aiki.store.ops import Op
+from aiki.transport.memory import MemoryConnection, MemoryTransport
+
+
+class FlakyStore(MemoryStore):
+    """A memory store whose database can be made to go away, or to crash the writer."""
+
+    down: bool = False
+    crash_next: bool = False
+
+    async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        if self.crash_next:
+            self.crash_next = False
+            raise RuntimeError("bug in the store driver")
+        if self.down:
+            raise StoreUnavailable("database is unreachable: connection refused")
+        return await super().apply(ops)
+
+
+@asynccontextmanager
+async def running_server(store: MemoryStore, **kw: Any) -> AsyncIterator[
+    tuple[Server, MemoryTransport]
+]:
+    transport = MemoryTransport()
+    server = Server(store, Sources.seeded(5), **kw)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, transport, "srv")
+        yield server, transport
+        nursery.cancel_scope.cancel()
+
+
+async def hello(conn: MemoryConnection, role: str = "client", token: str | None = None) -> None:
+    await conn.send(p.Hello(1, role, "tester", token=token))  # type: ignore[arg-type]
+    assert isinstance(await conn.receive(), p.Welcome)
+
+
+async def test_malformed_and_unknown_messages_are_refused_and_the_connection_keeps_serving(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with running_server(MemoryStore()) as (_, transport):
+        conn = await transport.connect("srv")
+        assert isinstance(conn, MemoryConnection)
+        await hello(conn)
+        for raw, expected in [
+            ("{not json", "not valid JSON"),
+            ('{"type": "launch_missiles", "req": 2}', "unknown message type 'launch_missiles'"),
+            ('{"type": "get_run", "req": 3}', "run_id"),
+            ('[1, 2]', "must be a JSON object"),
+        ]:
+            await conn.send_raw(raw)
+            refused = await conn.receive()
+            assert isinstance(refused, p.Refused) and refused.error_type == "ProtocolError"
+            assert expected in refused.message
+        await conn.send(p.GetRun(9, "nope"))
+        refused = await conn.receive()
+        assert (refused.req, refused.error_type) == (9, "RunNotFound")
+
+
+async def test_a_client_may_not_speak_for_a_worker(autojump_clock: trio.abc.Clock) -> None:
+    async with running_server(MemoryStore()) as (_, transport):
+        conn = await transport.connect("srv")
+        await hello(conn)
+        await conn.send(p.Heartbeat(2, ()))
+        refused = await conn.receive()
+        assert refused.error_type == "ProtocolError"
+        assert "only accepted from a worker" in refused.message
+
+
+async def test_silence_and_wrong_tokens_are_closed_with_a_reason(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with running_server(MemoryStore(), token="s3cret") as (_, transport):
+        silent = await transport.connect("srv")
+        goodbye = await silent.receive()  # nothing said: closed after the hello timeout
+        assert isinstance(goodbye, p.Goodbye) and "no hello within" in goodbye.reason
+        wrong = await transport.connect("srv")
+        await wrong.send(p.Hello(1, "client", "intruder", token="guess"))
+        goodbye = await wrong.receive()
+        assert isinstance(goodbye, p.Goodbye) and "authentication failed" in goodbye.reason
+        right = await transport.connect("srv")
+        await hello(right, token="s3cret")
+
+
+@aiki.workflow(name="noop", version="1")
+async def noop(run: aiki.WorkflowRun, x: int) -> int:
+    return x
+
+
+async def test_a_dead_database_gives_a_clear_error_and_loses_nothing_stored(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = FlakyStore()
+    async with aiki.embedded(store, sources=Sources.seeded(1)) as client:
+        first = await noop.enqueue(client, 1)
+        store.down = True
+        with pytest.raises(StoreUnavailable, match="database is unreachable"):
+            await noop.enqueue(client, 2)
+        store.down = False
+        assert [r.id for r in await store.list_runs()] == [first.id]
+        async with aiki.worker(client, workflows=[noop]):
+            assert await first.wait_for_completion(timeout=10) == 1
+
+
+async def test_a_crashing_store_writer_is_restarted_by_the_supervisor(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = FlakyStore()
+    async with running_server(store) as (server, transport):
+        conn = await transport.connect("srv")
+        await hello(conn)
+        store.crash_next = True
+        await conn.send(p.Enqueue(2, "noop", "1", "1"))
+        refused = await conn.receive()
+        assert refused.error_type == "StoreUnavailable" and "bug in the store driver" in (
+            refused.message)
+        await conn.send(p.Enqueue(3, "noop", "2", "1"))
+        enqueued = await conn.receive()
+        assert isinstance(enqueued, p.Enqueued) and enqueued.created
+        assert server.supervisor.restarts == 1
+        assert isinstance(server.supervisor.first_failure, RuntimeError)
