@@ -12,15 +12,19 @@ Version 1 of the protocol. Adding an optional field is compatible; anything else
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import datetime
 import hashlib
 import json
+import math
+import typing
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar, cast
 
 import attrs
 import cattrs
+from cattrs.errors import IterableValidationNote
 
 from aiki.errors import PayloadError, ProtocolError
 from aiki.store.records import HistoryEvent, Lease, RunRecord, StepRecord
@@ -32,6 +36,71 @@ converter.register_unstructure_hook(datetime.datetime, lambda d: d.isoformat())
 converter.register_structure_hook(
     datetime.datetime, lambda v, _: datetime.datetime.fromisoformat(v)
 )
+
+
+# Strict primitives: JSON of the wrong type is refused, never coerced ("7" is not 7, null
+# is not "None", 1.5 is not 1, "abc" is not a tuple of characters).
+def _strict(kind: type, accept: Callable[[Any], bool]) -> Callable[[Any, Any], Any]:
+    def structure(value: Any, _: Any) -> Any:
+        if not accept(value):
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        return kind(value)
+
+    return structure
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+converter.register_structure_hook(
+    int, _strict(int, lambda v: isinstance(v, int) and not isinstance(v, bool)))
+converter.register_structure_hook(float, _strict(float, _is_number))
+converter.register_structure_hook(str, _strict(str, lambda v: isinstance(v, str)))
+converter.register_structure_hook(bool, _strict(bool, lambda v: isinstance(v, bool)))
+
+
+def _is_collection(t: Any) -> bool:
+    origin = typing.get_origin(t) or t
+    return origin in (list, tuple, set, frozenset, collections.abc.Sequence,
+                      collections.abc.MutableSequence, collections.abc.Set)
+
+
+def _collection_hook(t: Any) -> Callable[[Any, Any], Any]:
+    """Lists, tuples and sets come only from JSON arrays (a string is not a sequence)."""
+    origin = typing.get_origin(t) or t
+    args = typing.get_args(t)
+    make: Callable[[Any], Any] = {
+        tuple: tuple, set: set, frozenset: frozenset, collections.abc.Set: frozenset,
+    }.get(origin, list)
+
+    def structure(value: Any, _: Any) -> Any:
+        if not isinstance(value, list):
+            raise TypeError(f"expected a JSON array, got {type(value).__name__}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"expected {len(args)} items, got {len(value)}")
+            return tuple(converter.structure(v, a) for v, a in zip(value, args, strict=True))
+        item = args[0] if args else Any
+        if item is Any:
+            return make(value)
+        out, errors = [], []
+        for i, v in enumerate(value):
+            try:
+                out.append(converter.structure(v, item))
+            except Exception as exc:
+                exc.__notes__ = [*getattr(exc, "__notes__", []), IterableValidationNote(
+                    f"Structuring {t} @ index {i}", i, item)]
+                errors.append(exc)
+        if errors:
+            raise cattrs.IterableValidationError(f"While structuring {t!r}", errors, t)
+        return make(out)
+
+    return structure
+
+
+converter.register_structure_hook_factory(_is_collection, _collection_hook)
+
 
 _MESSAGES: dict[str, type[Any]] = {}
 M = TypeVar("M")
@@ -279,19 +348,26 @@ def from_wire(obj: Any) -> Any:
         raise ProtocolError(f"unknown message type {tag!r}")
     try:
         return converter.structure(fields, cls)
-    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ProtocolError(f"malformed {tag!r} message: {_describe(exc)}") from exc
 
 
 def encode(msg: Any) -> str:
     """One message as compact JSON text."""
-    return json.dumps(to_wire(msg), separators=(",", ":"), allow_nan=False)
+    try:
+        return json.dumps(to_wire(msg), separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:  # NaN or infinity in a float field
+        raise ProtocolError(f"cannot encode {type(msg).__name__}: {exc}") from exc
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def decode(text: str | bytes) -> Any:
     """A message from JSON text; :class:`ProtocolError` names what is wrong with it."""
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"message is not valid JSON: {exc}") from exc
     return from_wire(obj)
@@ -348,14 +424,14 @@ def _key(k: Any) -> str:
 def decode_value(text: str, annotation: Any = Any, *, what: str = "payload") -> Any:
     """JSON text back into ``annotation`` (an attrs class, dataclass, primitive, list, dict)."""
     try:
-        plain = json.loads(text)
+        plain = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as exc:
         raise PayloadError(f"{what} is not valid JSON: {exc}") from exc
     if annotation is Any or annotation is None or annotation is type(None):
         return plain
     try:
         return converter.structure(plain, annotation)
-    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise PayloadError(
             f"cannot decode {what} into {getattr(annotation, '__name__', annotation)}: "
             f"{_describe(exc)}"

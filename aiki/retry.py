@@ -6,6 +6,7 @@ times, waiting one second between attempts. Delays are in seconds.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -20,16 +21,26 @@ def _positive_int(_: object, attribute: attrs.Attribute[int], value: int) -> Non
         raise ValueError(f"Retry.{attribute.name} must be an int >= 1, got {value!r}")
 
 
+def _valid_delay(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0)
+
+
 def _non_negative(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
-    if value is not None and (not isinstance(value, (int, float)) or value < 0):
+    if value is not None and not _valid_delay(value):
         raise ValueError(f"Retry.{attribute.name} must be a number >= 0, got {value!r}")
+
+
+def _kind(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value not in ("none", "fixed", "exponential", "jittered"):
+        raise ValueError(f"unknown retry kind {value!r}")
 
 
 @attrs.frozen
 class Retry:
     """How often and how far apart a failing task is attempted again."""
 
-    kind: Kind
+    kind: Kind = attrs.field(validator=_kind)
     max_attempts: int = attrs.field(validator=_positive_int)
     base_delay: float = attrs.field(default=0.0, validator=_non_negative)
     max_delay: float | None = attrs.field(default=None, validator=_non_negative)
@@ -42,21 +53,23 @@ class Retry:
     @classmethod
     def fixed(cls, max_attempts: int, delay: float) -> Retry:
         """The same ``delay`` between attempts."""
-        return cls("fixed", max_attempts, float(delay))
+        return cls("fixed", max_attempts, _seconds("delay (base_delay)", delay))
 
     @classmethod
     def exponential(
         cls, max_attempts: int, base_delay: float, max_delay: float | None = None
     ) -> Retry:
         """``base_delay * 2**(n-1)`` after the n-th failed attempt, capped at ``max_delay``."""
-        return cls("exponential", max_attempts, float(base_delay), _opt_float(max_delay))
+        return cls("exponential", max_attempts, _seconds("base_delay", base_delay),
+                   _opt_seconds(max_delay))
 
     @classmethod
     def jittered(
         cls, max_attempts: int, base_delay: float, max_delay: float | None = None
     ) -> Retry:
         """Full jitter: uniform in ``[0, exponential delay]``, drawn from a seeded source."""
-        return cls("jittered", max_attempts, float(base_delay), _opt_float(max_delay))
+        return cls("jittered", max_attempts, _seconds("base_delay", base_delay),
+                   _opt_seconds(max_delay))
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> Retry:
@@ -99,7 +112,8 @@ class Retry:
             return None
         if self.kind in ("none", "fixed"):
             return self.base_delay
-        ceiling = self.base_delay * (2.0 ** (attempt - 1))
+        # The exponent is capped so a policy with thousands of attempts cannot overflow.
+        ceiling = self.base_delay * (2.0 ** min(attempt - 1, 1000))
         if self.max_delay is not None:
             ceiling = min(ceiling, self.max_delay)
         if self.kind == "exponential":
@@ -107,12 +121,18 @@ class Retry:
         return rng.uniform(0.0, ceiling)
 
 
-def _opt_float(value: float | None) -> float | None:
-    return None if value is None else float(value)
+def _seconds(name: str, value: Any) -> float:
+    if not _valid_delay(value):
+        raise ValueError(f"Retry {name} must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _opt_seconds(value: Any) -> float | None:
+    return None if value is None else _seconds("max_delay", value)
 
 
 def _ms(spec: Mapping[str, Any], key: str, default: Any) -> float:
     value = spec.get(key, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+    if not _valid_delay(value):
         raise ValueError(f"retry option {key!r} must be a number of milliseconds >= 0")
     return float(value) / 1000.0

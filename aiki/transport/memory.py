@@ -107,6 +107,15 @@ class MemoryTransport:
         finally:
             del self._listeners[address]
             accept_send.close()
+            # Connections accepted but never handled are closed, so their clients see
+            # ConnectionLost instead of waiting forever.
+            while True:
+                try:
+                    queued = accept_receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                with trio.CancelScope(shield=True):
+                    await queued.aclose()
 
 
 async def _handle(handler: Handler, conn: Connection) -> None:

@@ -259,49 +259,35 @@ _COERCION_BUG = (
     [
         pytest.param(
             '{"type": "ok", "req": 1.5}',
-            marks=pytest.mark.xfail(strict=True, reason=_COERCION_BUG + " (1.5 -> 1)"),
             id="float-for-int",
         ),
         pytest.param(
             '{"type": "ok", "req": "7"}',
-            marks=pytest.mark.xfail(strict=True, reason=_COERCION_BUG + " ('7' -> 7)"),
             id="string-for-int",
         ),
         pytest.param(
             '{"type": "ok", "req": true}',
-            marks=pytest.mark.xfail(strict=True, reason=_COERCION_BUG + " (true -> 1)"),
             id="bool-for-int",
         ),
         pytest.param(
             '{"type": "goodbye", "reason": null}',
-            marks=pytest.mark.xfail(strict=True, reason=_COERCION_BUG + " (null -> 'None')"),
             id="null-for-str",
         ),
         pytest.param(
             '{"type": "refused", "req": 1, "error_type": 404, "message": "m"}',
-            marks=pytest.mark.xfail(strict=True, reason=_COERCION_BUG + " (404 -> '404')"),
             id="int-for-str",
         ),
         pytest.param(
             '{"type": "heartbeat_ack", "req": 1, "lost": "abc"}',
-            marks=pytest.mark.xfail(
-                strict=True, reason=_COERCION_BUG + " ('abc' -> ('a', 'b', 'c'))"
-            ),
             id="string-for-tuple",
         ),
         pytest.param(
             '{"type": "enqueued", "req": 1, "run_id": "r", "version": "v", "created": "no"}',
-            marks=pytest.mark.xfail(strict=True, reason=_COERCION_BUG + " ('no' -> True)"),
             id="string-for-bool",
         ),
         pytest.param(
             f'{{"type": "suspend_run", "req": 1, "lease": {_LEASE}, "wake_at": NaN,'
             ' "reason": "r"}',
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="decode() uses json.loads, which accepts NaN/Infinity although "
-                "encode() refuses them (allow_nan=False): a message that cannot be re-encoded",
-            ),
             id="nan-float",
         ),
     ],
@@ -340,11 +326,6 @@ def test_encode_non_message_raises_protocol_error(value: Any, name: str) -> None
     assert name in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="encode() lets json.dumps' ValueError (allow_nan=False) escape instead of raising "
-    "ProtocolError (or PayloadError), so MemoryConnection.send raises a bare ValueError",
-)
 def test_encode_message_with_nan_raises_protocol_error() -> None:
     msg = protocol.SuspendRun(1, Lease("r", 1, "w"), float("nan"), "r")
     with pytest.raises(ProtocolError):
@@ -596,46 +577,30 @@ def test_unencodable_payload_with_annotation_and_what() -> None:
             "[1]",
             Item,
             ["Item"],
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AttributeError,
-                reason="decode_value does not catch the AttributeError cattrs raises when the "
-                "top-level value is not a dict (list has no .keys()), so it escapes as "
-                "AttributeError instead of PayloadError",
-            ),
             id="list-into-attrs",
         ),
         pytest.param(
             "[1]",
             dict[str, int],
             ["dict"],
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AttributeError,
-                reason="decode_value lets cattrs' AttributeError ('list' object has no "
-                "attribute 'items') escape instead of raising PayloadError",
-            ),
             id="list-into-dict",
         ),
         pytest.param(
             "null",
             str,
             ["str"],
-            marks=pytest.mark.xfail(strict=True, reason=_COERCION_BUG + " (null -> 'None')"),
             id="null-into-str",
         ),
         pytest.param(
             "1.5",
             int,
             ["int"],
-            marks=pytest.mark.xfail(strict=True, reason=_COERCION_BUG + " (1.5 -> 1)"),
             id="float-into-int",
         ),
         pytest.param(
             '"abc"',
             tuple[str, ...],
             ["tuple"],
-            marks=pytest.mark.xfail(strict=True, reason=_COERCION_BUG + " ('abc' -> chars)"),
             id="str-into-tuple",
         ),
     ],
