@@ -182,6 +182,9 @@ class Enqueue:
     payload: str
     version: str | None = None
     idempotency_key: str | None = None
+    # Chosen by the client, so that a retried or duplicated enqueue cannot create a second
+    # run: the store keeps the first run with this id.
+    run_id: str | None = None
 
 
 @message("enqueued")

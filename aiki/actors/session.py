@@ -174,8 +174,8 @@ class Session:
                     "give a version to enqueue it anyway"
                 )
             out = await ctx.writer.write(ops.Enqueue(
-                ctx.sources.new_id(), msg.workflow, version, msg.payload, msg.idempotency_key,
-                now,
+                msg.run_id or ctx.sources.new_id(), msg.workflow, version, msg.payload,
+                msg.idempotency_key, now,
             ))
             if out.created:
                 ctx.dispatcher.poke()

@@ -121,8 +121,9 @@ class Client:
 
     async def _enqueue(self, workflow: str, payload: str, *, version: str | None,
                        idempotency_key: str | None, result_type: Any) -> RunHandle[Any]:
+        run_id = self.sources.new_id()
         reply = await self.link.request(
-            lambda req: p.Enqueue(req, workflow, payload, version, idempotency_key)
+            lambda req: p.Enqueue(req, workflow, payload, version, idempotency_key, run_id)
         )
         return RunHandle(self, reply.run_id, result_type, reply.created)
 
