@@ -15,17 +15,21 @@ Nobody waits on the Dispatcher: senders use ``tell_nowait`` and a dropped Poke i
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import attrs
 import trio
 
-from aiki.actors.mailbox import Mailbox
+from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
+from aiki.errors import StoreUnavailable
 from aiki.protocol import Assign
 from aiki.sources import Sources
 from aiki.store.ops import Claim, ExpireLeases
+
+log = logging.getLogger("aiki.dispatcher")
 
 
 @attrs.define(eq=False)
@@ -96,14 +100,19 @@ class Dispatcher:
                     self._handle(self.mailbox.receive_nowait())
                 except trio.WouldBlock:
                     break
-            if trio.current_time() >= next_expiry:
-                next_expiry = trio.current_time() + max(self.lease_ttl / 4, 0.01)
-                expired = await self.writer.write(ExpireLeases(self.sources.clock.now()))
-                for seat in self.seats.values():
-                    if seat.active.intersection(expired):
-                        seat.suspect = True
-                        seat.active.difference_update(expired)
-            await self._assign()
+            try:
+                if trio.current_time() >= next_expiry:
+                    next_expiry = trio.current_time() + max(self.lease_ttl / 4, 0.01)
+                    expired = await self.writer.write(ExpireLeases(self.sources.clock.now()))
+                    for seat in self.seats.values():
+                        if seat.active.intersection(expired):
+                            seat.suspect = True
+                            seat.active.difference_update(expired)
+                await self._assign()
+            except (StoreUnavailable, AskTimeout) as exc:
+                # The store is the truth and it is away: try again on the next tick, rather
+                # than crash (and, past the restart intensity, take the server down).
+                log.warning("dispatcher: store unavailable, retrying: %s", exc)
 
     def _handle(self, msg: Any) -> None:
         if isinstance(msg, Joined):

@@ -31,6 +31,7 @@ from aiki.errors import (
     NonRetryableError,
     PayloadError,
     StaleLease,
+    StoreUnavailable,
     TaskFailed,
 )
 from aiki.retry import Retry
@@ -39,6 +40,7 @@ from aiki.store.records import FINAL_STEP_STATES, Lease, StepKind, StepRecord
 
 log = logging.getLogger("aiki.run")
 T = TypeVar("T")
+WRITE_ATTEMPTS = 8  # about 20 s of backoff before giving the run back to its lease
 
 
 class TaskDefinition(Protocol):
@@ -128,11 +130,28 @@ class RunState:
         return branch[1].next()
 
     async def write(self, make: Callable[[int], Any]) -> None:
-        try:
-            await self.persist(make)
-        except (StaleLease, ConnectionLost, TimeoutError) as exc:
-            log.info("run %s: abandoning: %s", self.lease.run_id, exc)
-            raise Abandon(str(exc)) from exc
+        """Persist one write, retrying while the store is away or the reply is lost.
+
+        Every write of a run is safe to repeat: starting a step again, saving the same final
+        step again (accepted), completing or failing again (refused as stale once done).
+        An infrastructure error never reaches workflow code: if it lasts, the run is
+        abandoned to its lease, and resumes from its checkpoints.
+        """
+        delay = 0.1
+        for _ in range(WRITE_ATTEMPTS):
+            try:
+                await self.persist(make)
+                return
+            except (StaleLease, ConnectionLost) as exc:
+                log.info("run %s: abandoning: %s", self.lease.run_id, exc)
+                raise Abandon(str(exc)) from exc
+            except (StoreUnavailable, TimeoutError) as exc:
+                log.info("run %s: write failed, retrying in %.1f s: %s",
+                         self.lease.run_id, delay, exc)
+                last: Exception = exc
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise Abandon(f"the store stayed unavailable: {last}")
 
     async def save(self, step: StepRecord, *, start: bool = False) -> None:
         msg = p.StartStep if start else p.SaveStep

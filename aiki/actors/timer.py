@@ -6,16 +6,20 @@ It owns no state: the next wake-up always comes from the store, so a restart los
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import attrs
 import trio
 
-from aiki.actors.mailbox import Mailbox
+from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
+from aiki.errors import StoreUnavailable
 from aiki.sources import Sources
 from aiki.store.base import Store
 from aiki.store.ops import WakeDue
+
+log = logging.getLogger("aiki.timer")
 
 
 @attrs.define(eq=False)
@@ -30,11 +34,16 @@ class Timer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            next_at = await self.store.next_wake_at()
-            now = self.sources.clock.now()
-            if next_at is not None and next_at <= now:
-                if await self.writer.write(WakeDue(now)):
-                    self.on_wake()
+            try:
+                next_at = await self.store.next_wake_at()
+                now = self.sources.clock.now()
+                if next_at is not None and next_at <= now:
+                    if await self.writer.write(WakeDue(now)):
+                        self.on_wake()
+                    continue
+            except (StoreUnavailable, AskTimeout) as exc:
+                log.warning("timer: store unavailable, retrying: %s", exc)
+                await trio.sleep(min(self.poll_interval, 1.0))
                 continue
             wait = self.poll_interval if next_at is None else min(next_at - now, self.poll_interval)
             with trio.move_on_after(wait):

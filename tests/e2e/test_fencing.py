@@ -71,3 +71,46 @@ async def test_late_writes_from_an_expired_lease_are_rejected(
     assert {e.worker_id for e in completions} == {"replacement"}
     assert not [e for e in history if e.worker_id == "cut-off" and e.event != "run.running"
                 and e.event != "task.running" and "expired" not in (e.detail or "")]
+
+
+class BlinkingStore:
+    """Refuses the first ``failures`` step writes with StoreUnavailable (the database blinked)."""
+
+    def __init__(self, inner: Store, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    async def apply(self, ops: list[object]) -> list[object]:
+        from aiki.errors import StoreUnavailable
+        from aiki.store import ops as o
+
+        if self.failures and any(isinstance(op, (o.StartStep, o.SaveStep)) for op in ops):
+            self.failures -= 1
+            raise StoreUnavailable("database is restarting")
+        return await self.inner.apply(ops)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+@aiki.task(name="plain")
+async def plain(x: int) -> int:
+    return x * 2
+
+
+@aiki.workflow(name="blinks", version="1")
+async def blinks(run: aiki.WorkflowRun, x: int) -> int:
+    return await plain.run(run, await plain.run(run, x))
+
+
+async def test_a_store_that_blinks_during_step_writes_does_not_fail_the_run(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    # Found by the simulation (seed 1): StoreUnavailable on a step write reached workflow
+    # code and failed the run, where the fault-free run completed.
+    store = BlinkingStore(engine_store, failures=4)
+    async with aiki.embedded(store, sources=sources) as client:  # type: ignore[arg-type]
+        async with aiki.worker(client, workflows=[blinks]):
+            handle = await blinks.enqueue(client, 5)
+            assert await handle.wait_for_completion(timeout=60) == 20
+    assert store.failures == 0
