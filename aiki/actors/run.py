@@ -31,6 +31,7 @@ from aiki.errors import (
     NonRetryableError,
     PayloadError,
     StaleLease,
+    StepConflict,
     StoreUnavailable,
     TaskFailed,
 )
@@ -142,7 +143,8 @@ class RunState:
             try:
                 await self.persist(make)
                 return
-            except (StaleLease, ConnectionLost) as exc:
+            except (StaleLease, ConnectionLost, StepConflict) as exc:
+                # StepConflict: another actor wrote this step, so this one's view is stale.
                 log.info("run %s: abandoning: %s", self.lease.run_id, exc)
                 raise Abandon(str(exc)) from exc
             except (StoreUnavailable, TimeoutError) as exc:

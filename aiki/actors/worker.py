@@ -81,8 +81,13 @@ class Worker:
                 nursery.start_soon(self._heartbeat, link)
                 task_status.started()
                 async for assign in self._assignments[1]:
-                    scope = trio.CancelScope()
                     lease = Lease(assign.run.id, assign.run.lease_epoch, self.id)
+                    held = self.held.get(lease.run_id)
+                    if held is not None:
+                        if held.lease.epoch >= lease.epoch:
+                            continue  # a duplicated (or late) assignment: already running
+                        held.scope.cancel()  # a newer lease replaces the old actor
+                    scope = trio.CancelScope()
                     self.held[lease.run_id] = Held(lease, scope)
                     nursery.start_soon(self._run_one, link, assign, scope)
 

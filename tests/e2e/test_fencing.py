@@ -114,3 +114,43 @@ async def test_a_store_that_blinks_during_step_writes_does_not_fail_the_run(
             handle = await blinks.enqueue(client, 5)
             assert await handle.wait_for_completion(timeout=60) == 20
     assert store.failures == 0
+
+
+counted: Counter[str] = Counter()
+
+
+@aiki.task(name="counted")
+async def counted_task(x: int) -> int:
+    counted[str(x)] += 1
+    await trio.sleep(1)
+    return x + 1
+
+
+@aiki.workflow(name="twice-assigned", version="1")
+async def twice_assigned(run: aiki.WorkflowRun, x: int) -> int:
+    return await counted_task.run(run, await counted_task.run(run, x))
+
+
+async def test_a_duplicated_assignment_runs_one_actor(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found by the simulation (seed 3): the network delivered an Assign twice, a second Run
+    # actor replayed from the stale snapshot and its StepConflict failed the run.
+    from aiki import protocol
+    from aiki.actors.session import Session
+
+    real_push = Session._push
+
+    def push_twice(self: Session, msg: object) -> bool:
+        if isinstance(msg, protocol.Assign):
+            real_push(self, msg)
+        return real_push(self, msg)
+
+    monkeypatch.setattr(Session, "_push", push_twice)
+    counted.clear()
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[twice_assigned]):
+            handle = await twice_assigned.enqueue(client, 1)
+            assert await handle.wait_for_completion(timeout=60) == 3
+    assert counted == {"1": 1, "2": 1}
