@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint typecheck clean
+.PHONY: demo test sim typecheck clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 	$(PY) -m mypy --strict aiki
 	$(PY) -m ruff check aiki tests
+
+# The deterministic simulation: 200 seeds x 10 virtual minutes, every fault class, plus
+# every seed in simulations/regressions.txt. Replay one seed: python -m simulations run --seed N
+SEEDS ?= 0-199
+sim: $(VENV)/.installed
+	$(PY) -m simulations sweep --seeds $(SEEDS) --regressions --jobs 2
 
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy --strict aiki

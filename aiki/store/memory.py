@@ -47,6 +47,15 @@ def key_conflict_error(run_id: str, step: StepRecord, other: str) -> StepConflic
     )
 
 
+def step_progress(step: StepRecord) -> tuple[int, int]:
+    """How far a step has got: its attempt, then running (0) before that attempt's outcome (1).
+
+    Within one lease a step only moves forward; a write behind the stored one is a late
+    duplicate (the network delivered it twice, or out of order) and changes nothing.
+    """
+    return (step.attempts, 0 if step.state == "running" else 1)
+
+
 def history_event_for_step(step: StepRecord) -> tuple[str, str | None]:
     """The history event name and detail that saving ``step`` appends."""
     if step.kind != "task":
@@ -94,11 +103,15 @@ class MemoryStore:
             if (workflow is None or r.workflow == workflow) and (state is None or r.state == state)
         ]
         runs.sort(key=lambda r: self._order[r.id], reverse=True)
-        return tuple(runs[:limit])
+        return tuple(runs[: max(limit, 0)])
 
     async def next_wake_at(self) -> float | None:
         await trio.lowlevel.checkpoint()
-        times = [r.wake_at for r in self._runs.values() if r.state == "sleeping" and r.wake_at]
+        times = [
+            r.wake_at
+            for r in self._runs.values()
+            if r.state == "sleeping" and r.wake_at is not None
+        ]
         return min(times) if times else None
 
     async def aclose(self) -> None:
@@ -160,6 +173,9 @@ class MemoryStore:
             existing = self._keys.get((op.workflow, op.idempotency_key))
             if existing is not None:
                 return o.EnqueueOutcome(existing, created=False)
+        if op.run_id in self._runs:  # a retried enqueue: never overwrite the run
+            return o.EnqueueOutcome(op.run_id, created=False)
+        if op.idempotency_key is not None:
             self._keys[(op.workflow, op.idempotency_key)] = op.run_id
         run = RunRecord(
             id=op.run_id, workflow=op.workflow, version=op.version, payload=op.payload,
@@ -222,10 +238,12 @@ class MemoryStore:
         steps = self._steps[run.id]
         new = op.step
         old = steps.get(new.position)
+        if isinstance(op, o.SaveStep) and old == new:
+            return None  # a retried write whose first reply was lost: nothing changes
         if old is not None and old.state in FINAL_STEP_STATES:
-            if isinstance(op, o.SaveStep) and old == new:
-                return None  # a retried write of the same final outcome
             raise step_conflict_error(run.id, old, new)
+        if old is not None and step_progress(new) < step_progress(old):
+            return None  # a late duplicate of an earlier write: the step has moved on
         if new.idempotency_key is not None:
             for other in steps.values():
                 if (other.position != new.position and other.name == new.name

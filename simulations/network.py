@@ -1,0 +1,207 @@
+"""The simulated network: a Transport whose links delay, drop, duplicate, reorder and reset
+messages, and that can be partitioned (both ways or one way) and clogged.
+
+Every message goes through the real wire codec. Delivery happens in tasks of the network's
+own nursery after a latency drawn from the network's random stream, so the whole schedule
+follows the seed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from typing import Any
+
+import attrs
+import trio
+
+from aiki import protocol
+from aiki.errors import ConnectionLost
+from aiki.transport.base import Handler
+
+
+@attrs.define
+class NetworkFaults:
+    drop: float = 0.0
+    duplicate: float = 0.0
+    reorder: float = 0.0  # chance a message gets extra delay (and so overtakes/is overtaken)
+    reset: float = 0.0  # chance a message resets its connection instead of arriving
+    latency: float = 0.005
+
+
+@attrs.define(eq=False)
+class SimConnection:
+    net: SimNetwork
+    node: str
+    peer: str
+    inbox: trio.MemoryReceiveChannel[str]
+    _inbox_send: trio.MemorySendChannel[str]
+    other: SimConnection | None = None
+    closed: bool = False
+
+    async def send(self, msg: Any) -> None:
+        text = protocol.encode(msg)
+        if self.closed or self.other is None:
+            raise ConnectionLost(f"connection {self.node}->{self.peer} is closed")
+        await trio.lowlevel.checkpoint()
+        self.net.transmit(self, self.other, text)
+
+    async def receive(self) -> Any:
+        if self.closed:
+            raise ConnectionLost(f"connection {self.node}->{self.peer} is closed")
+        try:
+            text = await self.inbox.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError) as exc:
+            raise ConnectionLost(f"connection {self.node}->{self.peer} was reset") from exc
+        return protocol.decode(text)
+
+    def close_now(self) -> None:
+        """Both directions end at once (a reset, or the node died)."""
+        for end in (self, self.other):
+            if end is not None and not end.closed:
+                end.closed = True
+                end._inbox_send.close()
+
+    async def aclose(self) -> None:
+        other = self.other
+        self.closed = True
+        self._inbox_send.close()
+        if other is not None and not other.closed:
+            # The peer learns of the close after a network latency, like a FIN.
+            self.net.later(self.net.faults.latency, other.close_now)
+        await trio.lowlevel.checkpoint()
+
+    @property
+    def peer_name(self) -> str:
+        return self.peer
+
+
+@attrs.define(eq=False)
+class SimNetwork:
+    rng: random.Random
+    trace: list[str]
+    faults: NetworkFaults = attrs.field(factory=NetworkFaults)
+    nursery: trio.Nursery | None = None
+    blocked: set[tuple[str, str]] = attrs.field(factory=set)  # (from, to) directions cut
+    listeners: dict[str, tuple[str, trio.MemorySendChannel[SimConnection]]] = attrs.field(
+        factory=dict)
+    connections: list[SimConnection] = attrs.field(factory=list)
+    stats: Counter[str] = attrs.field(factory=Counter)
+
+    def transport(self, node: str) -> SimTransport:
+        return SimTransport(self, node)
+
+    # -- faults --------------------------------------------------------------------------
+    def partition(self, a: str, b: str, *, one_way: bool = False) -> None:
+        self.blocked.add((a, b))
+        if not one_way:
+            self.blocked.add((b, a))
+        self.stats["partition"] += 1
+        self.trace.append(f"{trio.current_time():.6f} partition {a} {b} {one_way}")
+
+    def heal(self) -> None:
+        self.blocked.clear()
+
+    def isolate(self, node: str, nodes: list[str]) -> None:
+        for other in nodes:
+            if other != node:
+                self.partition(node, other)
+
+    def poison(self, node: str) -> None:
+        """A node died: every connection it had is reset at once."""
+        for conn in self.connections:
+            if conn.node == node and not conn.closed:
+                conn.close_now()
+        self.connections = [c for c in self.connections if not c.closed]
+
+    def later(self, delay: float, fn: Any) -> None:
+        assert self.nursery is not None
+
+        async def run() -> None:
+            await trio.sleep(delay)
+            fn()
+
+        self.nursery.start_soon(run)
+
+    def transmit(self, src: SimConnection, dst: SimConnection, text: str) -> None:
+        f = self.faults
+        r = self.rng
+        self.stats["messages"] += 1
+        if (src.node, dst.node) in self.blocked:
+            self.stats["partitioned"] += 1
+            return
+        if r.random() < f.drop:
+            self.stats["drop"] += 1
+            return
+        if r.random() < f.reset:
+            self.stats["reset"] += 1
+            self.trace.append(f"{trio.current_time():.6f} reset {src.node}->{dst.node}")
+            self.later(f.latency, src.close_now)
+            return
+        copies = 2 if r.random() < f.duplicate else 1
+        if copies == 2:
+            self.stats["duplicate"] += 1
+        for _ in range(copies):
+            delay = f.latency
+            if r.random() < f.reorder:
+                delay += r.uniform(0, 20 * f.latency)
+                self.stats["reorder"] += 1
+            self.later(delay, lambda: self._arrive(src, dst, text))
+
+    def _arrive(self, src: SimConnection, dst: SimConnection, text: str) -> None:
+        if dst.closed or (src.node, dst.node) in self.blocked:
+            return
+        try:
+            dst._inbox_send.send_nowait(text)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self.stats["overflow"] += 1
+
+
+@attrs.define(eq=False)
+class SimTransport:
+    net: SimNetwork
+    node: str
+
+    async def connect(self, address: str) -> SimConnection:
+        net = self.net
+        await trio.sleep(net.faults.latency)
+        listener = net.listeners.get(address)
+        if listener is None:
+            raise ConnectionLost(f"{self.node}: nothing listens on {address!r}")
+        server_node, accept = listener
+        if (self.node, server_node) in net.blocked or (server_node, self.node) in net.blocked:
+            await trio.sleep(5.0)  # a connect timeout
+            raise ConnectionLost(f"{self.node}: connecting to {address!r} timed out")
+        a_send, a_recv = trio.open_memory_channel[str](math.inf)
+        b_send, b_recv = trio.open_memory_channel[str](math.inf)
+        client = SimConnection(net, self.node, server_node, a_recv, a_send)
+        server = SimConnection(net, server_node, self.node, b_recv, b_send)
+        client.other, server.other = server, client
+        net.connections += [client, server]
+        try:
+            accept.send_nowait(server)
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            raise ConnectionLost(f"{address!r} stopped listening") from exc
+        return client
+
+    async def serve(self, address: str, handler: Handler, *,
+                    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        accept_send, accept_recv = trio.open_memory_channel[SimConnection](math.inf)
+        self.net.listeners[address] = (self.node, accept_send)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started(address)
+                async for conn in accept_recv:
+                    nursery.start_soon(_handle, handler, conn)
+        finally:
+            if self.net.listeners.get(address, (None,))[0] == self.node:
+                del self.net.listeners[address]
+            accept_send.close()
+
+
+async def _handle(handler: Handler, conn: SimConnection) -> None:
+    try:
+        await handler(conn)
+    finally:
+        conn.close_now()
