@@ -1,0 +1,60 @@
+"""The PostgreSQL store: asyncpg driven from Trio through trio-asyncio.
+
+It behaves exactly like :class:`~aiki.store.memory.MemoryStore` (the conformance suite holds
+it to that): same outcomes, same records, same history events. What it adds is sharing: any
+number of servers may use one database at once.
+
+Install it with ``pip install 'aiki[postgres]'``; it needs PostgreSQL 14 or newer.
+
+How it is built
+    ``_bridge``: the asyncio event loop (trio-asyncio), opened once per store for its whole
+    life; the only module that touches trio-asyncio. ``_sql``: the asyncio side, one
+    coroutine per store call with the whole transaction inside, so a call crosses from Trio
+    to asyncio once. ``_schema``: numbered migrations, applied at open under a
+    transaction-scoped advisory lock so concurrent starts apply each exactly once.
+    ``_store``: :class:`PostgresStore`, the Trio side.
+
+Concurrency between servers
+    Every write to a run locks its row first, so fencing (the lease epoch check) and the
+    write are atomic; claims, lease expiry and wake-ups use ``FOR UPDATE SKIP LOCKED``, so two
+    servers never lease one run at once and never wait on each other's rows. Idempotent
+    enqueue is ``INSERT ... ON CONFLICT DO NOTHING`` on a unique index, then a select.
+    Transactions run at READ COMMITTED.
+
+When the database goes away
+    A call that fails because the database cannot be reached (refused, reset, shutting down,
+    restarting) is retried with backoff (50 ms growing to 1 s) for ``retry_for`` seconds (15
+    by default) whenever retrying is safe, and then raises
+    :class:`~aiki.errors.StoreUnavailable` naming the cause. Reads are always safe to retry;
+    a batch is safe to retry when nothing of it was kept:
+
+    - the connection failed before COMMIT was sent: PostgreSQL rolls the transaction back;
+    - PostgreSQL rolled it back itself (deadlock, serialization failure, cancelled query);
+    - the connection failed *after* COMMIT was sent, so the outcome is unknown: the store
+      does not guess. Every batch that writes reads its transaction id before committing;
+      on a new connection it asks ``pg_xact_status`` what became of it. ``committed``: the
+      batch's outcomes (computed inside the transaction) are returned as if nothing had
+      happened. ``aborted``: the batch is run again. ``in progress`` (the old server process
+      has not noticed its client is gone): that process is terminated and waited for
+      (``pg_terminate_backend(pid, 5000)``), and the status read again. If the database
+      does not come back within ``retry_for`` to answer, or the status is still not final,
+      ``StoreUnavailable`` says the batch may or may not have been applied.
+
+    This relies on the commit being durable where it is read back: with synchronous
+    replication and a failover to a standby that had not received the commit, ``aborted``
+    is the standby's truth. A batch whose Trio caller is cancelled while its COMMIT is in
+    flight may or may not be kept, like any crash at that instant; the engine is built for
+    that (leases, fencing, idempotent writes).
+
+Cancellation
+    A Trio cancel in the middle of a call cancels the asyncio task; the connection it was
+    using is terminated (the server rolls back) rather than given back to the pool, and the
+    pool opens a new one when needed. The call returns ``trio.Cancelled`` only after that
+    cleanup, so the pool is always left healthy.
+"""
+
+from __future__ import annotations
+
+from aiki.store.postgres._store import Opening, PostgresStore
+
+__all__ = ["Opening", "PostgresStore"]

@@ -1,0 +1,124 @@
+"""The PostgreSQL schema: numbered migrations, applied at start under an advisory lock.
+
+Asyncio code (it runs on the bridge's loop). Each migration is a list of statements applied in
+one transaction (PostgreSQL's DDL is transactional); never edit one that has shipped, append a
+new one. Every table lives in the store's own schema (``search_path`` is set per connection).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiki.errors import StoreUnavailable
+
+# ``runs.seq`` is the enqueue order (FIFO claims, newest-first listing); ``steps.seq`` keeps a
+# run's steps in the order they were first recorded (an upsert keeps it); ``history.seq`` is
+# the global order of events. Times are epoch seconds as float8, like the records.
+#
+# Indexes: claims, lease expiry, wake-ups and next_wake_at read only rows in one live state,
+# so their indexes are partial: they stay as small as the live work however many finished
+# runs pile up. Listing by state or workflow, newest first, has its own two.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE runs (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+            id TEXT PRIMARY KEY,
+            workflow TEXT NOT NULL,
+            version TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            state TEXT NOT NULL,
+            idempotency_key TEXT,
+            attempts INTEGER NOT NULL,
+            lease_epoch BIGINT NOT NULL,
+            lease_owner TEXT,
+            lease_expires_at DOUBLE PRECISION,
+            wake_at DOUBLE PRECISION,
+            result TEXT,
+            error_type TEXT,
+            error_message TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            finished_at DOUBLE PRECISION
+        )""",
+        """CREATE UNIQUE INDEX runs_idempotency ON runs (workflow, idempotency_key)
+            WHERE idempotency_key IS NOT NULL""",
+        "CREATE INDEX runs_claim ON runs (workflow, version, seq) WHERE state = 'queued'",
+        "CREATE INDEX runs_lease ON runs (lease_expires_at) WHERE state = 'running'",
+        "CREATE INDEX runs_wake ON runs (wake_at) WHERE state = 'sleeping'",
+        "CREATE INDEX runs_by_state ON runs (state, seq)",
+        "CREATE INDEX runs_by_workflow ON runs (workflow, seq)",
+        """CREATE TABLE steps (
+            run_id TEXT NOT NULL REFERENCES runs (id),
+            position TEXT NOT NULL,
+            seq BIGINT GENERATED ALWAYS AS IDENTITY,
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            input_hash TEXT NOT NULL,
+            input TEXT NOT NULL,
+            idempotency_key TEXT,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            output TEXT,
+            error_type TEXT,
+            error_message TEXT,
+            next_attempt_at DOUBLE PRECISION,
+            PRIMARY KEY (run_id, position)
+        )""",
+        """CREATE UNIQUE INDEX steps_idempotency ON steps (run_id, name, idempotency_key)
+            WHERE idempotency_key IS NOT NULL""",
+        """CREATE TABLE history (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            run_id TEXT NOT NULL REFERENCES runs (id),
+            at DOUBLE PRECISION NOT NULL,
+            event TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            worker_id TEXT,
+            position TEXT,
+            name TEXT,
+            detail TEXT
+        )""",
+        "CREATE INDEX history_run ON history (run_id, seq)",
+    ),
+)
+
+# The oldest server this store is written for: pg_current_xact_id_if_assigned and
+# pg_xact_status (13) resolve unknown commits; pg_terminate_backend's timeout (14) makes sure
+# an orphaned transaction is over before its outcome is read.
+MIN_SERVER_VERSION = 14
+
+
+async def migrate(conn: Any, schema: str) -> int:
+    """Bring ``schema`` up to date; the version it is at. Safe to run from several servers.
+
+    Each migration runs in its own transaction holding a transaction-scoped advisory lock
+    keyed by the schema name, so concurrent starts apply each migration exactly once and a
+    crashed start leaves no lock behind.
+    """
+    version = conn.get_server_version()
+    if version.major < MIN_SERVER_VERSION:
+        raise StoreUnavailable(
+            f"PostgreSQL {version.major}.{version.minor} is too old for the Aiki store; it "
+            f"needs PostgreSQL {MIN_SERVER_VERSION} or newer"
+        )
+    for number, statements in enumerate(MIGRATIONS, start=1):
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('aiki.migrate.' || $1))",
+                               schema)
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            current: int = await conn.fetchval(
+                "SELECT coalesce(max(version), 0) FROM schema_migrations"
+            )
+            if current > len(MIGRATIONS):
+                raise StoreUnavailable(
+                    f"the PostgreSQL schema {schema!r} is at version {current}, newer than "
+                    f"this version of aiki knows ({len(MIGRATIONS)}); upgrade aiki"
+                )
+            if current < number:
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", number)
+    return len(MIGRATIONS)

@@ -1,0 +1,230 @@
+"""The PostgreSQL store as Trio sees it: each call crosses the bridge once, and outages are
+ridden out here (see the package docstring for the whole story)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import trio
+
+from aiki.errors import StoreUnavailable
+from aiki.store import ops as o
+from aiki.store.postgres import _sql
+from aiki.store.postgres._bridge import AsyncioBridge
+from aiki.store.records import HistoryEvent, RunRecord, StepRecord
+
+T = TypeVar("T")
+log = logging.getLogger("aiki.store.postgres")
+
+SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)  # then 1.0 s between attempts
+CLOSE_TIMEOUT = 5.0
+
+
+def redact(dsn: str) -> str:
+    """``dsn`` with its password replaced, for error messages and logs."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PostgresStore:
+    """A store in a PostgreSQL database, shared safely by any number of servers.
+
+    Open it with ``async with PostgresStore.open(dsn) as store:`` or ``store = await
+    PostgresStore.open(dsn)`` then ``await store.aclose()``; see :meth:`open`.
+    """
+
+    def __init__(self, *, bridge: AsyncioBridge, pool: _sql.Pool, dsn: str, schema: str,
+                 retry_for: float, resources: AsyncExitStack) -> None:
+        self.dsn = redact(dsn)
+        self.schema = schema
+        self.retry_for = retry_for
+        self._bridge = bridge
+        self._pool = pool
+        self._resources = resources
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls, dsn: str, *, schema: str = "aiki", max_size: int = 10,
+        retry_for: float = 15.0, connect_timeout: float = 10.0,
+        command_timeout: float | None = 30.0,
+    ) -> Opening:
+        """Connect to the database ``dsn`` names and bring schema ``schema`` up to date.
+
+        ``dsn``: ``postgresql://user:password@host:port/database`` (or any form asyncpg
+        accepts, such as ``postgresql://user@/db?host=/socket/dir``). ``schema``: where the
+        tables live (created if missing; lowercase letters, digits and ``_``). The pool opens
+        up to ``max_size`` connections, as calls need them. ``retry_for``: how long (seconds) a call
+        keeps retrying while the database is unreachable before raising
+        :class:`StoreUnavailable`. ``connect_timeout`` bounds one connection attempt and
+        ``command_timeout`` one statement (``None``: unbounded).
+
+        Use the result as ``async with PostgresStore.open(dsn) as store:``, or ``await`` it
+        and later call :meth:`aclose`. The store runs an asyncio event loop (for asyncpg) in
+        the calling Trio task's context for its whole life, so either way it must be closed
+        by the task that opened it, after any nursery or cancel scope opened since then has
+        closed: exactly the nesting an ``async with`` block gives. Other tasks may use the
+        store freely meanwhile.
+        """
+        if not SCHEMA_NAME.fullmatch(schema):
+            raise ValueError(
+                f"schema {schema!r} is not a plain lowercase PostgreSQL name "
+                "(letters, digits and _, not starting with a digit, at most 63)"
+            )
+        if max_size < 1:
+            raise ValueError(f"max_size must be at least 1, got {max_size}")
+
+        async def opening() -> PostgresStore:
+            async with AsyncExitStack() as stack:
+                bridge = await stack.enter_async_context(AsyncioBridge.open())
+                pool = await _retrying(
+                    f"opening the PostgreSQL store at {redact(dsn)}", retry_for,
+                    lambda: bridge.run(_sql.open_pool, dsn, schema, max_size,
+                                       connect_timeout, command_timeout),
+                )
+                stack.push_async_callback(_close_pool, bridge, pool)
+                return cls(bridge=bridge, pool=pool, dsn=dsn, schema=schema,
+                           retry_for=retry_for, resources=stack.pop_all())
+            raise AssertionError("unreachable")  # for mypy: AsyncExitStack may swallow
+
+        return Opening(opening)
+
+    async def aclose(self) -> None:
+        """Close the pool (waiting up to 5 s for calls in flight) and the event loop."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        await self._resources.aclose()
+
+    # -- reads ------------------------------------------------------------------------------
+    async def _read(self, what: str, read: Callable[[_sql.Conn], Awaitable[T]]) -> T:
+        return await self._call(what, lambda: self._bridge.run(_sql.run_read, self._pool, read))
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        return await self._read("get_run", lambda conn: _sql.get_run(conn, run_id))
+
+    async def get_steps(self, run_id: str) -> tuple[StepRecord, ...]:
+        return await self._read("get_steps", lambda conn: _sql.get_steps(conn, run_id))
+
+    async def get_history(self, run_id: str) -> tuple[HistoryEvent, ...]:
+        return await self._read("get_history", lambda conn: _sql.get_history(conn, run_id))
+
+    async def list_runs(
+        self, *, workflow: str | None = None, state: str | None = None, limit: int = 100
+    ) -> tuple[RunRecord, ...]:
+        return await self._read(
+            "list_runs", lambda conn: _sql.list_runs(conn, workflow, state, limit)
+        )
+
+    async def next_wake_at(self) -> float | None:
+        return await self._read("next_wake_at", _sql.next_wake_at)
+
+    # -- writes -----------------------------------------------------------------------------
+    async def apply(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
+        """Apply ``ops`` in one transaction (one crossing); one outcome per op.
+
+        Retried while the database is unreachable, for up to ``retry_for`` seconds, when
+        that is safe: the batch was not committed, or the connection died after COMMIT and
+        re-reading the transaction's status showed that it was not. If that re-read shows it
+        was committed, its outcomes are returned as if nothing had happened.
+        """
+        ops = list(ops)
+        if not ops:
+            await trio.lowlevel.checkpoint()
+            return []
+
+        async def attempt() -> list[Any]:
+            try:
+                return await self._bridge.run(_sql.run_batch, self._pool, ops)
+            except _sql.CommitUnknown as unknown:
+                xid, pid = unknown.xid, unknown.pid
+                status = await self._call(
+                    f"reading the fate of transaction {xid}",
+                    lambda: self._bridge.run(_sql.transaction_status, self._pool, xid, pid),
+                )
+                if status == "committed":
+                    log.warning("the connection to %s died after COMMIT; transaction %s was "
+                                "committed (re-read)", self.dsn, unknown.xid)
+                    return unknown.outcomes
+                if status == "aborted":
+                    raise _sql.NotCommitted(unknown.cause) from unknown
+                raise StoreUnavailable(
+                    f"the PostgreSQL store at {self.dsn}: the connection failed after COMMIT "
+                    f"was sent ({unknown}), and whether transaction {unknown.xid} was committed "
+                    f"cannot be told (its status is {status!r}); the batch may or may not "
+                    "have been applied"
+                ) from unknown
+
+        return await self._call("apply", attempt)
+
+    async def _call(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        if self._closed:
+            raise StoreUnavailable(f"the PostgreSQL store at {self.dsn} is closed")
+        return await _retrying(f"{what} on the PostgreSQL store at {self.dsn}", self.retry_for,
+                               attempt)
+
+
+class Opening:
+    """What :meth:`PostgresStore.open` returns: await it, or use it with ``async with``."""
+
+    def __init__(self, open: Callable[[], Coroutine[Any, Any, PostgresStore]]) -> None:
+        self._open = open
+        self._store: PostgresStore | None = None
+
+    def __await__(self) -> Generator[Any, None, PostgresStore]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> PostgresStore:
+        self._store = await self._open()
+        return self._store
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._store is not None
+        await self._store.aclose()
+
+
+async def _retrying(what: str, retry_for: float, attempt: Callable[[], Awaitable[T]]) -> T:
+    """``await attempt()``, again after a backoff while it fails with NotCommitted, for up to
+    ``retry_for`` seconds; then StoreUnavailable. Other database errors are StoreUnavailable
+    at once."""
+    deadline = trio.current_time() + retry_for
+    for tries in range(1_000_000):
+        try:
+            return await attempt()
+        except _sql.NotCommitted as exc:
+            delay = BACKOFF[min(tries, len(BACKOFF) - 1)]
+            if trio.current_time() + delay > deadline:
+                raise StoreUnavailable(
+                    f"{what} failed: the database is unavailable ({exc}); gave up after "
+                    f"{tries + 1} attempt(s) in {retry_for:g} s, and nothing of this call was "
+                    "kept"
+                ) from exc.cause
+            log.warning("%s failed (%s); retrying in %g s", what, exc, delay)
+            await trio.sleep(delay)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(f"{what} failed: {_sql.describe(exc)}") from exc
+    raise AssertionError("unreachable")
+
+
+async def _close_pool(bridge: AsyncioBridge, pool: _sql.Pool) -> None:
+    # Shielded so a cancelled owner still closes its connections; bounded so it cannot hang.
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT + 1.0):
+        try:
+            await bridge.run(_sql.close_pool, pool, CLOSE_TIMEOUT)
+        except Exception as exc:  # closing is best effort: the server drops them anyway
+            log.warning("closing the PostgreSQL pool failed: %s", _sql.describe(exc))
