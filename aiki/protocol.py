@@ -351,6 +351,8 @@ def from_wire(obj: Any) -> Any:
         raise ProtocolError(f"unknown message type {tag!r}")
     try:
         return converter.structure(fields, cls)
+    except RecursionError:
+        raise ProtocolError(f"malformed {tag!r} message: nested too deeply") from None
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ProtocolError(f"malformed {tag!r} message: {_describe(exc)}") from exc
 
@@ -371,6 +373,8 @@ def decode(text: str | bytes) -> Any:
     """A message from JSON text; :class:`ProtocolError` names what is wrong with it."""
     try:
         obj = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ProtocolError("message is nested too deeply to decode") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"message is not valid JSON: {exc}") from exc
     return from_wire(obj)
@@ -428,6 +432,8 @@ def decode_value(text: str, annotation: Any = Any, *, what: str = "payload") -> 
     """JSON text back into ``annotation`` (an attrs class, dataclass, primitive, list, dict)."""
     try:
         plain = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise PayloadError(f"{what} is nested too deeply to decode") from None
     except ValueError as exc:
         raise PayloadError(f"{what} is not valid JSON: {exc}") from exc
     if annotation is Any or annotation is None or annotation is type(None):

@@ -247,6 +247,19 @@ def test_malformed_message_raises_protocol_error(text: str | bytes, expected: li
         assert part in str(info.value), f"{part!r} not in {str(info.value)!r}"
 
 
+def test_deeply_nested_json_is_a_protocol_error_not_a_recursion_error() -> None:
+    """A frame of 100k nested brackets once escaped ``decode`` as RecursionError, which
+    took down the receiving session's whole listener."""
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        protocol.decode(deep)
+    with pytest.raises(PayloadError, match="nested too deeply"):
+        protocol.decode_value(deep)
+    nested_field = '{"type": "get_run", "req": 1, "run_id": ' + deep + "}"
+    with pytest.raises(ProtocolError):
+        protocol.decode(nested_field)
+
+
 _COERCION_BUG = (
     "protocol.converter is a default cattrs.Converter whose primitive structure hooks call "
     "int()/str()/float()/bool()/tuple(), so a field of the wrong JSON type is silently "
