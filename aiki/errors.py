@@ -81,3 +81,12 @@ class RunNotFound(AikiError):
 
 class ConnectionLost(AikiError):
     """The connection to the server (or peer) closed."""
+
+
+class AuthenticationFailed(ConnectionLost):
+    """The server refused the connection's token (missing or wrong). Retrying will not help:
+    give the server's token (``--token-file``, ``AIKI_TOKEN`` or ``token=``)."""
+
+
+class ConfigError(AikiError, ValueError):
+    """A server, worker or client setting that cannot work, with what to change."""

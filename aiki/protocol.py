@@ -380,6 +380,39 @@ def decode(text: str | bytes) -> Any:
     return from_wire(obj)
 
 
+def decode_frame(text: str | bytes) -> list[Any]:
+    """The messages of one frame: a JSON object is one message, a JSON array a batch.
+
+    Each item of the result is a message, or the :class:`ProtocolError` that says why that
+    item does not decode; one bad item does not spoil the others of its batch.
+    """
+    try:
+        obj = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        return [ProtocolError("frame is nested too deeply to decode")]
+    except (ValueError, UnicodeDecodeError) as exc:
+        return [ProtocolError(f"frame is not valid JSON: {exc}")]
+    if not isinstance(obj, list):
+        obj = [obj]
+    elif not obj:
+        return [ProtocolError("frame is an empty batch: a batch is a JSON array of messages")]
+    out: list[Any] = []
+    for item in obj:
+        try:
+            out.append(from_wire(item))
+        except ProtocolError as exc:
+            out.append(exc)
+    return out
+
+
+def encode_frame(encoded: list[str]) -> str:
+    """One frame of messages already encoded by :func:`encode`: the message itself when it
+    is alone, else a JSON array of them."""
+    if len(encoded) == 1:
+        return encoded[0]
+    return "[" + ",".join(encoded) + "]"
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, cattrs.BaseValidationError):
         notes = cattrs.transform_error(exc)

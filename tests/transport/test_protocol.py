@@ -255,9 +255,26 @@ def test_deeply_nested_json_is_a_protocol_error_not_a_recursion_error() -> None:
         protocol.decode(deep)
     with pytest.raises(PayloadError, match="nested too deeply"):
         protocol.decode_value(deep)
+    [error] = protocol.decode_frame(deep)
+    assert isinstance(error, ProtocolError) and "nested too deeply" in str(error)
     nested_field = '{"type": "get_run", "req": 1, "run_id": ' + deep + "}"
     with pytest.raises(ProtocolError):
         protocol.decode(nested_field)
+
+
+def test_a_frame_is_one_message_or_a_batch_and_bad_items_do_not_spoil_the_rest() -> None:
+    one = protocol.encode(protocol.Ok(1))
+    assert protocol.encode_frame([one]) == one
+    frame = protocol.encode_frame([one, protocol.encode(protocol.Ok(2))])
+    assert protocol.decode_frame(frame) == [protocol.Ok(1), protocol.Ok(2)]
+    mixed = protocol.decode_frame('[{"type": "ok", "req": 1}, {"type": "nope"}, 3]')
+    assert mixed[0] == protocol.Ok(1)
+    assert isinstance(mixed[1], ProtocolError) and "unknown message type 'nope'" in str(mixed[1])
+    assert isinstance(mixed[2], ProtocolError) and "must be a JSON object" in str(mixed[2])
+    for bad, why in [("[]", "empty batch"), ("{", "not valid JSON"), ("NaN", "not valid JSON"),
+                     (b"\xff", "not valid JSON")]:
+        [error] = protocol.decode_frame(bad)
+        assert isinstance(error, ProtocolError) and why in str(error)
 
 
 _COERCION_BUG = (
