@@ -84,6 +84,9 @@ class SimNetwork:
     faults: NetworkFaults = attrs.field(factory=NetworkFaults)
     nursery: trio.Nursery | None = None
     blocked: set[tuple[str, str]] = attrs.field(factory=set)  # (from, to) directions cut
+    # Clogged directions hold their messages (in order) until unclogged: swizzle-clog.
+    clogged: dict[tuple[str, str], list[tuple[SimConnection, SimConnection, str]]] = (
+        attrs.field(factory=dict))
     listeners: dict[str, tuple[str, trio.MemorySendChannel[SimConnection]]] = attrs.field(
         factory=dict)
     connections: list[SimConnection] = attrs.field(factory=list)
@@ -102,6 +105,19 @@ class SimNetwork:
 
     def heal(self) -> None:
         self.blocked.clear()
+        for link in list(self.clogged):
+            self.unclog(link)
+
+    def clog(self, link: tuple[str, str]) -> None:
+        self.clogged.setdefault(link, [])
+        self.stats["clog"] += 1
+        self.trace.append(f"{trio.current_time():.6f} clog {link[0]}->{link[1]}")
+
+    def unclog(self, link: tuple[str, str]) -> None:
+        held = self.clogged.pop(link, [])
+        self.trace.append(f"{trio.current_time():.6f} unclog {link[0]}->{link[1]} {len(held)}")
+        for src, dst, text in held:
+            self.later(self.faults.latency, lambda s=src, d=dst, t=text: self._arrive(s, d, t))
 
     def isolate(self, node: str, nodes: list[str]) -> None:
         for other in nodes:
@@ -130,6 +146,10 @@ class SimNetwork:
         self.stats["messages"] += 1
         if (src.node, dst.node) in self.blocked:
             self.stats["partitioned"] += 1
+            return
+        held = self.clogged.get((src.node, dst.node))
+        if held is not None:
+            held.append((src, dst, text))
             return
         if r.random() < f.drop:
             self.stats["drop"] += 1

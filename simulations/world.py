@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import signal
 from collections import Counter
 from typing import Any
 
@@ -235,6 +236,18 @@ class World:
                 self.note(f"pause {node}")
                 await trio.sleep(LEASE_TTL * r.uniform(1.2, 3.0))
                 self.net.heal()
+            elif kind == "partition" and r.random() < 0.3:
+                # Swizzle-clog: clog links one by one, then unclog them in another order.
+                links = [(a, b) for a in nodes for b in nodes if a != b]
+                chosen = r.sample(links, r.randint(2, len(links) // 2))
+                self.stats["swizzle clog"] += 1
+                for link in chosen:
+                    self.net.clog(link)
+                    await trio.sleep(r.uniform(0.1, 3.0))
+                r.shuffle(chosen)
+                for link in chosen:
+                    await trio.sleep(r.uniform(0.1, 3.0))
+                    self.net.unclog(link)
             elif kind == "partition":
                 a, b = r.sample(nodes, 2)
                 self.net.partition(a, b, one_way=r.random() < 0.5)
@@ -301,6 +314,17 @@ class World:
                 return
 
 
+REAL_TIME_LIMIT = 120.0
+
+
+class RealTimeExceeded(BaseException):
+    pass
+
+
+def _watchdog_fired(signum: int, frame: Any) -> None:
+    raise RealTimeExceeded
+
+
 def run_seed(cfg: Config) -> Outcome:
     """Run one seed, deterministically, and return what happened (checked by checkers)."""
     logging.getLogger("aiki").setLevel(logging.CRITICAL)
@@ -308,7 +332,23 @@ def run_seed(cfg: Config) -> Outcome:
     trio._core._run._r.seed(cfg.seed)
     world = World(cfg)
     clock = trio.testing.MockClock(autojump_threshold=0)
-    trio.run(world.run, clock=clock)
+    # The real-time watchdog: virtual time bounds every phase, but a loop that never lets
+    # virtual time advance (or never reaches a checkpoint) would spin forever.
+    previous = signal.signal(signal.SIGALRM, _watchdog_fired)
+    signal.setitimer(signal.ITIMER_REAL, REAL_TIME_LIMIT)
+    try:
+        trio.run(world.run, clock=clock)
+    except (RealTimeExceeded, trio.TrioInternalError) as exc:
+        if not isinstance(exc, RealTimeExceeded) and not isinstance(
+                exc.__cause__, RealTimeExceeded):
+            raise
+        world.ledger.violation(
+            f"seed {cfg.seed} did not finish within {REAL_TIME_LIMIT:.0f} real seconds: "
+            f"stuck at virtual t={clock.current_time():.3f} (a loop that never lets virtual "
+            "time advance?)")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
     runs = {r.id: (r.state, r.payload, r.result) for r in world.store.inner._runs.values()}
     for run_id in sorted(runs):
         world.trace.append(f"end {run_id} {runs[run_id][0]} {runs[run_id][2]}")
