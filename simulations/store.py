@@ -46,7 +46,11 @@ class Ledger:
     live_workers: set[str] = attrs.field(factory=set)
 
     def violation(self, text: str) -> None:
-        self.violations.append(f"t={trio.current_time():.3f}: {text}")
+        try:
+            when = f"t={trio.current_time():.3f}"
+        except RuntimeError:  # reported after the run (the watchdog)
+            when = "after the run"
+        self.violations.append(f"{when}: {text}")
 
 
 @attrs.define(eq=False)
