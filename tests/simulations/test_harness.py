@@ -153,3 +153,20 @@ def test_the_harness_catches_a_known_bad_change(
     assert caught is not None, "200 seeds ran and none caught the bad change"
     seed, violations = caught
     assert any(e in v for v in violations for e in expected), (seed, violations[:5])
+
+
+def test_a_seed_that_spins_without_advancing_virtual_time_is_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import trio
+
+    from simulations import world
+
+    async def spin(self: world.World) -> None:
+        while True:
+            await trio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(world.World, "run", spin)
+    monkeypatch.setattr(world, "REAL_TIME_LIMIT", 1.0)
+    outcome = run_seed(Config(1))
+    assert any("did not finish within 1 real seconds" in v for v in outcome.violations)
