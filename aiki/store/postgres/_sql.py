@@ -27,6 +27,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 import attrs
+from asyncpg.transaction import Transaction
 
 from aiki.errors import AikiError, StoreUnavailable
 from aiki.store import ops as o
@@ -106,8 +107,13 @@ def describe(exc: BaseException) -> str:
 
 
 def _lost(exc: BaseException, conn: Conn | None) -> bool:
-    """Whether ``exc`` means the connection is gone (rather than a statement refused)."""
-    return isinstance(exc, CONNECT_FAILURES) or (
+    """Whether ``exc`` means the connection is gone or unusable (not a statement refused).
+
+    ``InternalClientError`` is asyncpg's protocol state machine confused, seen when the
+    server's shutdown notice reaches an idle pooled connection just as it is reused: the
+    connection is useless, and (COMMIT not yet sent on it) nothing of its transaction is kept.
+    """
+    return isinstance(exc, (*CONNECT_FAILURES, asyncpg.InternalClientError)) or (
         isinstance(exc, asyncpg.InterfaceError) and conn is not None and conn.is_closed()
     )
 
@@ -419,10 +425,16 @@ async def _apply_one(conn: Conn, op: o.Op[Any]) -> Any:
 
 
 # -- one crossing per call ---------------------------------------------------------------------
+async def commit(conn: Conn, transaction: Transaction) -> None:
+    """COMMIT. A seam: the tests replace it to lose the connection around the commit."""
+    await transaction.commit()
+
+
 async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]]) -> list[Any]:
     """Apply ``ops`` in one transaction; one outcome per op (refusals are outcomes)."""
 
     async def body(conn: Conn) -> list[Any]:
+        pid = conn.get_server_pid()  # (unknown once the connection is gone)
         transaction = conn.transaction()
         await transaction.start()
         try:
@@ -439,10 +451,10 @@ async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]]) -> list[Any]:
                 await transaction.rollback()  # keeps the connection for the next call
             raise  # (a lost or cancelled one is terminated: the server rolls back)
         try:
-            await transaction.commit()
+            await commit(conn, transaction)
         except Exception as exc:
             if xid is not None and _lost(exc, conn):
-                raise CommitUnknown(exc, outcomes, xid, conn.get_server_pid()) from exc
+                raise CommitUnknown(exc, outcomes, xid, pid) from exc
             raise
         return outcomes
 
@@ -461,10 +473,10 @@ async def transaction_status(pool: Pool, xid: str, pid: int) -> str | None:
     """
 
     async def read(conn: Conn) -> str | None:
-        status: str | None = await conn.fetchval("SELECT pg_xact_status($1::xid8)", xid)
+        status: str | None = await conn.fetchval("SELECT pg_xact_status($1::text::xid8)", xid)
         if status == "in progress":
             await conn.execute("SELECT pg_terminate_backend($1, 5000)", pid)
-            status = await conn.fetchval("SELECT pg_xact_status($1::xid8)", xid)
+            status = await conn.fetchval("SELECT pg_xact_status($1::text::xid8)", xid)
         return status
 
     return await with_connection(pool, read)

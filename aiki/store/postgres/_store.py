@@ -31,7 +31,7 @@ CLOSE_TIMEOUT = 5.0
 def redact(dsn: str) -> str:
     """``dsn`` with its password replaced, for error messages and logs."""
     parts = urlsplit(dsn)
-    if parts.password is None:
+    if not parts.password:
         return dsn
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
@@ -86,17 +86,23 @@ class PostgresStore:
             raise ValueError(f"max_size must be at least 1, got {max_size}")
 
         async def opening() -> PostgresStore:
+            failure: Exception | None = None
             async with AsyncExitStack() as stack:
                 bridge = await stack.enter_async_context(AsyncioBridge.open())
-                pool = await _retrying(
-                    f"opening the PostgreSQL store at {redact(dsn)}", retry_for,
-                    lambda: bridge.run(_sql.open_pool, dsn, schema, max_size,
-                                       connect_timeout, command_timeout),
-                )
-                stack.push_async_callback(_close_pool, bridge, pool)
-                return cls(bridge=bridge, pool=pool, dsn=dsn, schema=schema,
-                           retry_for=retry_for, resources=stack.pop_all())
-            raise AssertionError("unreachable")  # for mypy: AsyncExitStack may swallow
+                try:
+                    pool = await _retrying(
+                        f"opening the PostgreSQL store at {redact(dsn)}", retry_for,
+                        lambda: bridge.run(_sql.open_pool, dsn, schema, max_size,
+                                           connect_timeout, command_timeout),
+                    )
+                except Exception as exc:
+                    failure = exc  # re-raised as itself, not wrapped in the loop's nursery group
+                else:
+                    stack.push_async_callback(_close_pool, bridge, pool)
+                    return cls(bridge=bridge, pool=pool, dsn=dsn, schema=schema,
+                               retry_for=retry_for, resources=stack.pop_all())
+            assert failure is not None
+            raise failure
 
         return Opening(opening)
 
