@@ -1,0 +1,451 @@
+"""What only the PostgreSQL store has to prove: URLs, migrations, outages, unknown commits,
+cancellation across the trio-asyncio bridge, and several stores sharing one database.
+
+The conformance suite (``test_conformance.py``) already holds it to the memory model; these
+run against the session's real server (``postgres`` in ``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import asyncpg
+import attrs
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import aiki
+from aiki.errors import StaleLease, StoreUnavailable
+from aiki.store import Lease, Store, execute, open_store
+from aiki.store import ops as o
+from aiki.store.postgres import PostgresStore, _sql
+from aiki.store.postgres._bridge import AsyncioBridge
+from aiki.store.postgres._schema import MIGRATIONS
+from tests.conftest import TestPostgres
+
+WF = (("wf", "1"),)
+
+
+def enqueue(run_id: str, key: str | None = None, now: float = 1.0) -> o.Enqueue:
+    return o.Enqueue(run_id, "wf", "1", "{}", key, now)
+
+
+@attrs.define
+class Raw:
+    """A plain asyncpg connection beside the store, for holding locks and peeking."""
+
+    bridge: AsyncioBridge
+    conn: Any
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        result: str = await self.bridge.run(self.conn.execute, sql, *args)
+        return result
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self.bridge.run(self.conn.fetchval, sql, *args)
+
+
+@asynccontextmanager
+async def raw_connection(postgres: TestPostgres, schema: str) -> AsyncIterator[Raw]:
+    async with AsyncioBridge.open() as bridge:
+        conn = await bridge.run(asyncpg.connect, postgres.dsn,
+                                server_settings={"search_path": schema})
+        try:
+            yield Raw(bridge, conn)
+        finally:
+            conn.terminate()
+
+
+# -- opening ----------------------------------------------------------------------------------
+async def test_open_store_accepts_postgresql_and_postgres_urls(postgres: TestPostgres) -> None:
+    schema = postgres.fresh_schema()
+    assert postgres.dsn.startswith("postgresql://")
+    for url in (postgres.dsn, "postgres://" + postgres.dsn[len("postgresql://"):]):
+        sep = "&" if "?" in url else "?"
+        store = await open_store(f"{url}{sep}schema={schema}")
+        try:
+            assert isinstance(store, PostgresStore)
+            assert store.schema == schema
+            await execute(store, enqueue(f"r-{len(url)}"))
+        finally:
+            await store.aclose()
+    async with raw_connection(postgres, schema) as raw:
+        assert await raw.fetchval("SELECT count(*) FROM runs") == 2
+    with pytest.raises(ValueError, match="postgresql://user:password@host:port/database"):
+        await open_store("mysql://nope")
+
+
+async def test_migrations_run_once_under_concurrent_starts(postgres: TestPostgres) -> None:
+    schema = postgres.fresh_schema()
+
+    async def start(i: int) -> None:
+        # Each store owns its loop in its own task, so each opens and closes there.
+        async with PostgresStore.open(postgres.dsn, schema=schema) as store:
+            await execute(store, enqueue(f"r{i}"))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(start, i)
+    async with raw_connection(postgres, schema) as raw:
+        versions = await raw.fetchval("SELECT array_agg(version ORDER BY version)"
+                                      " FROM schema_migrations")
+        assert versions == list(range(1, len(MIGRATIONS) + 1))
+        assert await raw.fetchval("SELECT count(*) FROM runs") == 4
+        # A database written by a newer aiki is refused, not half-used.
+        await raw.execute("INSERT INTO schema_migrations (version) VALUES ($1)",
+                          len(MIGRATIONS) + 1)
+    with pytest.raises(StoreUnavailable, match="newer than this version of aiki knows"):
+        await PostgresStore.open(postgres.dsn, schema=schema)
+
+
+async def test_the_indexes_that_keep_claims_and_status_fast_exist(postgres: TestPostgres) -> None:
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema):
+        pass
+    async with raw_connection(postgres, schema) as raw:
+        indexes = await raw.fetchval(
+            "SELECT array_agg(indexname::text ORDER BY indexname) FROM pg_indexes"
+            " WHERE schemaname = $1", schema,
+        )
+    assert {"runs_idempotency", "runs_claim", "runs_lease", "runs_wake", "runs_by_state",
+            "runs_by_workflow", "steps_idempotency", "history_run"} <= set(indexes)
+
+
+async def test_bad_schema_names_are_refused() -> None:
+    with pytest.raises(ValueError, match="plain lowercase PostgreSQL name"):
+        PostgresStore.open("postgresql://x/y", schema='a"; DROP TABLE runs; --')
+
+
+# -- the database going away ---------------------------------------------------------------------
+async def test_an_unreachable_database_is_store_unavailable_naming_the_cause(
+    tmp_path: Any,
+) -> None:
+    dsn = f"postgresql://aiki:secret@/aiki?host={tmp_path}"  # no server listens there
+    with trio.fail_after(10):
+        with pytest.raises(StoreUnavailable) as caught:
+            await PostgresStore.open(dsn, retry_for=0.3)
+    message = str(caught.value)
+    assert "opening the PostgreSQL store at postgresql://aiki:***@/aiki" in message
+    assert "the database is unavailable" in message and "secret" not in message
+    assert "nothing of this call was kept" in message
+
+
+async def test_a_stopped_server_fails_calls_clearly_and_the_store_recovers(
+    postgres: TestPostgres,
+) -> None:
+    async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema(),
+                                  retry_for=0.5) as store:
+        await execute(store, enqueue("r1"))
+        await trio.to_thread.run_sync(postgres.stop)
+        try:
+            with pytest.raises(StoreUnavailable, match="the database is unavailable"):
+                await store.get_run("r1")
+            with pytest.raises(StoreUnavailable, match="nothing of this call was kept"):
+                await execute(store, enqueue("r2"))
+        finally:
+            await trio.to_thread.run_sync(postgres.start)
+        # The pool drops the dead connections and opens new ones: no restart of the store.
+        assert (await execute(store, enqueue("r3"))).created
+        assert {r.id for r in await store.list_runs()} == {"r1", "r3"}
+
+
+# -- a commit whose outcome is unknown ------------------------------------------------------------
+async def lose_reply_after_commit(conn: Any, transaction: Any) -> None:
+    await transaction.commit()
+    conn.terminate()
+    raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+
+
+async def lose_connection_before_commit(conn: Any, transaction: Any) -> None:
+    conn.terminate()
+    await transaction.commit()  # fails: the connection is closed
+
+
+@pytest.mark.parametrize("fault", [lose_reply_after_commit, lose_connection_before_commit])
+async def test_an_unknown_commit_is_resolved_by_rereading_never_applied_twice(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    fault: Callable[[Any, Any], Any],
+) -> None:
+    async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
+        await execute(store, enqueue("r1"))
+        real_commit = _sql.commit
+        faults = [fault]
+
+        async def once(conn: Any, transaction: Any) -> None:
+            await (faults.pop() if faults else real_commit)(conn, transaction)
+
+        monkeypatch.setattr(_sql, "commit", once)
+        [claimed] = await execute(store, o.Claim("w1", WF, 5, 10.0, 30.0))
+        assert not faults, "the fault was injected"
+        # Committed once (re-read) or not at all and run again: either way, one claim.
+        assert claimed.lease == Lease("r1", 1, "w1")
+        run = await store.get_run("r1")
+        assert run is not None and (run.lease_epoch, run.attempts) == (1, 1)
+        assert [e.event for e in await store.get_history("r1")] == ["run.queued",
+                                                                      "run.running"]
+    reread = "died after COMMIT; transaction" in caplog.text
+    assert reread == (fault is lose_reply_after_commit), caplog.text
+
+
+async def test_an_orphaned_transaction_still_in_progress_is_ended_before_it_is_judged(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The old server process has not noticed its client left: the store terminates it."""
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store, \
+            raw_connection(postgres, schema) as orphan:
+        await execute(store, enqueue("r1"))
+        await orphan.execute("BEGIN")
+        await orphan.execute("UPDATE runs SET payload = 'orphan' WHERE id = 'r1'")
+        xid = await orphan.fetchval("SELECT pg_current_xact_id()::text")
+        pid = await orphan.fetchval("SELECT pg_backend_pid()")
+
+        async def reply_lost_while_in_progress(conn: Any, transaction: Any) -> None:
+            monkeypatch.setattr(_sql, "commit", real_commit)
+            conn.terminate()  # this batch is gone; the orphan's transaction stands in for it
+            raise _sql.CommitUnknown(ConnectionResetError("reset by peer"), [], xid, pid)
+
+        real_commit = _sql.commit
+        monkeypatch.setattr(_sql, "commit", reply_lost_while_in_progress)
+        await execute(store, enqueue("r2"))  # judged aborted after terminating pid: run again
+        assert (await store.get_run("r2")) is not None
+        run = await store.get_run("r1")
+        assert run is not None and run.payload == "{}"  # the orphan was rolled back
+
+
+# -- cancellation across the bridge ------------------------------------------------------------
+async def test_a_trio_cancel_in_the_middle_of_a_query_leaves_the_pool_healthy(
+    postgres: TestPostgres,
+) -> None:
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema, max_size=2) as store, \
+            raw_connection(postgres, schema) as holder:
+        await execute(store, enqueue("r1"))
+        [claimed] = await execute(store, o.Claim("w1", WF, 1, 10.0, 30.0))
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM runs WHERE id = 'r1' FOR UPDATE")  # r1 is held
+        # Each CompleteRun waits on the row lock inside PostgreSQL until it is cancelled.
+        # More cancellations than the pool has connections: none may leak.
+        for _ in range(5):
+            with trio.move_on_after(0.2) as waited:
+                await execute(store, o.CompleteRun(claimed.lease, '"done"', 11.0))
+            assert waited.cancelled_caught
+        assert store._pool.size <= 2
+        # The pool serves at once, on other rows and on reads.
+        with trio.fail_after(5):
+            assert (await execute(store, enqueue("r2"))).created
+            assert (await store.get_run("r2")) is not None
+        await holder.execute("COMMIT")
+        # None of the cancelled writes was kept, even once the lock was free.
+        with trio.fail_after(5):
+            while await holder.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'aiki'"
+                " AND wait_event_type = 'Lock'"
+            ):
+                await trio.sleep(0.05)
+        run = await store.get_run("r1")
+        assert run is not None and run.state == "running"
+        await execute(store, o.CompleteRun(claimed.lease, '"done"', 12.0))
+        run = await store.get_run("r1")
+        assert run is not None and (run.state, run.result) == ("completed", '"done"')
+
+
+async def test_claims_skip_rows_another_transaction_holds(postgres: TestPostgres) -> None:
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store, \
+            raw_connection(postgres, schema) as holder:
+        await store.apply([enqueue("r1"), enqueue("r2")])
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM runs WHERE id = 'r1' FOR UPDATE")
+        with trio.fail_after(5):  # not waiting on r1's lock
+            claimed = await execute(store, o.Claim("w1", WF, 5, 10.0, 30.0))
+        assert [c.run.id for c in claimed] == ["r2"]
+        await holder.execute("ROLLBACK")
+        assert [c.run.id for c in await execute(store, o.Claim("w1", WF, 5, 10.0, 30.0))] == \
+            ["r1"]
+
+
+# -- several stores on one database ---------------------------------------------------------------
+STORES = 3
+op_command = st.one_of(
+    st.tuples(st.just("enqueue"), st.sampled_from([None, None, "k1", "k2"])),
+    st.tuples(st.just("claim"), st.integers(1, 3), st.sampled_from([1.0, 3.0])),
+    st.tuples(st.just("claim"), st.integers(1, 3), st.sampled_from([1.0, 3.0])),
+    st.tuples(st.just("expire")),
+    st.tuples(st.just("renew")),
+    st.tuples(st.just("complete"), st.integers(0, 5)),
+)
+# One round: for each store, a batch of ops (or nothing), all applied at the same time.
+rounds = st.lists(
+    st.tuples(st.sampled_from([0.0, 0.5, 1.0, 2.0]),
+              st.lists(st.lists(op_command, max_size=3), min_size=STORES, max_size=STORES)),
+    min_size=3, max_size=12,
+)
+
+
+@attrs.define
+class Ledger:
+    """What every store was told, to check against the database's own history."""
+
+    granted: dict[tuple[str, int], list[str]] = attrs.field(factory=dict)  # -> grantees
+    held: dict[str, dict[str, Lease]] = attrs.field(factory=dict)  # worker -> run -> lease
+    expires: dict[tuple[str, int], float] = attrs.field(factory=dict)
+    keys: dict[str, set[str]] = attrs.field(factory=dict)
+    completed: dict[str, Lease] = attrs.field(factory=dict)
+    next_id: int = 0
+
+    def ops(self, worker: str, commands: list[tuple[Any, ...]], now: float) -> list[o.Op[Any]]:
+        result: list[o.Op[Any]] = []
+        for cmd in commands:
+            if cmd[0] == "enqueue":
+                self.next_id += 1
+                result.append(o.Enqueue(f"r{self.next_id}", "wf", "1", "{}", cmd[1], now))
+            elif cmd[0] == "claim":
+                result.append(o.Claim(worker, WF, cmd[1], now, cmd[2]))
+            elif cmd[0] == "expire":
+                result.append(o.ExpireLeases(now))
+            elif cmd[0] == "renew":
+                result.append(o.Renew(tuple(self.held.get(worker, {}).values()), now, 3.0))
+            else:
+                leases = sorted(self.held.get(worker, {}).values(), key=lambda lease: lease.run_id)
+                if leases:
+                    result.append(o.CompleteRun(leases[cmd[1] % len(leases)], "1", now))
+        return result
+
+    def record(self, worker: str, ops: list[o.Op[Any]], outcomes: list[Any]) -> None:
+        for op, outcome in zip(ops, outcomes, strict=True):
+            if isinstance(op, o.Enqueue) and op.idempotency_key is not None:
+                self.keys.setdefault(op.idempotency_key, set()).add(outcome.run_id)
+            elif isinstance(op, o.Claim):
+                for claimed in outcome:
+                    lease = claimed.lease
+                    self.granted.setdefault((lease.run_id, lease.epoch), []).append(worker)
+                    self.held.setdefault(worker, {})[lease.run_id] = lease
+                    self.expires[(lease.run_id, lease.epoch)] = op.now + op.lease_ttl
+            elif isinstance(op, o.Renew):
+                for lease in op.leases:
+                    if lease.run_id not in outcome:
+                        self.expires[(lease.run_id, lease.epoch)] = op.now + op.lease_ttl
+            elif isinstance(op, o.CompleteRun) and not isinstance(outcome, StaleLease):
+                assert outcome is None, outcome
+                self.completed[op.lease.run_id] = op.lease
+                self.held[worker].pop(op.lease.run_id)
+
+
+async def check_history(store: Store, run_id: str, ledger: Ledger) -> None:
+    """The run's history is one lease after another, each ended before the next began."""
+    live: int | None = None
+    epoch = 0
+    for event in await store.get_history(run_id):
+        if event.event == "run.running":
+            assert live is None, f"{run_id}: leased again while epoch {live} was live"
+            epoch += 1
+            assert event.detail == f"lease epoch {epoch}"
+            assert ledger.granted[(run_id, epoch)] == [event.worker_id]  # granted once
+            live = epoch
+        elif event.event == "run.queued" and live is not None:
+            assert event.detail is not None and event.detail.startswith(f"lease epoch {live} ")
+            # Expired only once its (possibly renewed) lease had run out.
+            assert ledger.expires[(run_id, live)] <= event.at, (run_id, live, event)
+            live = None
+        elif event.event == "run.completed":
+            assert live is not None and ledger.completed[run_id].epoch == live
+            live = None
+    assert (run_id, epoch + 1) not in ledger.granted
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(rounds=rounds)
+async def test_several_stores_never_lease_one_run_twice(
+    postgres: TestPostgres, rounds: list[tuple[float, list[list[tuple[Any, ...]]]]],
+) -> None:
+    schema = postgres.fresh_schema()
+    ledger = Ledger()
+    now = 0.0
+    async with AsyncExitStack() as stack:
+        stores = [await stack.enter_async_context(PostgresStore.open(postgres.dsn,
+                                                                     schema=schema))
+                  for _ in range(STORES)]
+        for dt, batches in rounds:
+            now += dt
+            async with trio.open_nursery() as nursery:
+                for i, (store, commands) in enumerate(zip(stores, batches, strict=True)):
+                    ops = ledger.ops(f"w{i}", commands, now)
+                    if ops:
+                        async def apply(store: Store = store, ops: list[o.Op[Any]] = ops,
+                                        worker: str = f"w{i}") -> None:
+                            ledger.record(worker, ops, await store.apply(ops))
+
+                        nursery.start_soon(apply)
+        for key, run_ids in ledger.keys.items():
+            assert len(run_ids) == 1, f"idempotency key {key} made runs {run_ids}"
+        for run in await stores[0].list_runs(limit=1000):
+            await check_history(stores[0], run.id, ledger)
+
+
+# -- PostgreSQL stopped and started under a workload ---------------------------------------------
+@aiki.task(name="outage-step")
+async def outage_step(x: int) -> int:
+    await trio.sleep(0.01)
+    return x + 1
+
+
+@aiki.workflow(name="outage", version="1")
+async def outage_workflow(run: aiki.WorkflowRun, x: int) -> int:
+    for _ in range(3):
+        x = await outage_step.run(run, x)
+    return x
+
+
+@pytest.mark.parametrize("retry_for", [15.0, 0.2], ids=["store-rides-it-out", "engine-sees-it"])
+async def test_postgres_stopped_and_started_under_a_workload_loses_no_run(
+    postgres: TestPostgres, caplog: pytest.LogCaptureFixture, retry_for: float,
+) -> None:
+    """A real clock and a real restart: every run completes, each step committed once.
+
+    With the default ``retry_for`` the store rides the outage out and the engine never sees
+    it; with a short one, calls fail with StoreUnavailable and the engine must recover.
+    """
+    schema = postgres.fresh_schema()
+    handles: list[aiki.RunHandle[int]] = []
+    async with PostgresStore.open(postgres.dsn, schema=schema, retry_for=retry_for) as store, \
+            aiki.embedded(store, lease_ttl=5.0, poll_interval=0.2) as client:
+
+        async def enqueue_some(first: int, count: int) -> None:
+            for i in range(first, first + count):
+                while True:
+                    try:
+                        handles.append(await outage_workflow.enqueue(client, i * 100))
+                        break
+                    except StoreUnavailable:  # (the short retry_for) the caller retries
+                        await trio.sleep(0.1)
+
+        async with aiki.worker(client, workflows=[outage_workflow], max_concurrent_runs=6):
+            await enqueue_some(0, 20)
+            with trio.fail_after(30):
+                while len(await store.list_runs(state="completed")) < 3:
+                    await trio.sleep(0.02)
+            await trio.to_thread.run_sync(postgres.stop)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(enqueue_some, 20, 5)  # enqueued while it is down
+                    await trio.sleep(1.0)
+                    await trio.to_thread.run_sync(postgres.start)
+            finally:
+                await trio.to_thread.run_sync(postgres.start)
+            with trio.fail_after(60):
+                results = [await handle.wait_for_completion() for handle in handles]
+        assert sorted(results) == [i * 100 + 3 for i in range(25)]
+        runs = await store.list_runs(limit=1000)
+        assert len(runs) == 25 and {run.state for run in runs} == {"completed"}
+        for run in runs:  # each step's result was committed once and never redone
+            steps = await store.get_steps(run.id)
+            assert [s.state for s in steps] == ["completed"] * 3
+    if retry_for > 1.0:  # the engine never noticed: no actor failed
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
