@@ -270,6 +270,41 @@ async def test_claims_skip_rows_another_transaction_holds(postgres: TestPostgres
             ["r1"]
 
 
+# -- LISTEN/NOTIFY wake-ups ------------------------------------------------------------------------
+async def test_watch_hears_runs_queued_by_another_store_and_comes_back_after_a_restart(
+    postgres: TestPostgres,
+) -> None:
+    schema = postgres.fresh_schema()
+    heard = trio.Event()
+
+    def on_work() -> None:
+        heard.set()
+
+    async def hear() -> None:
+        nonlocal heard
+        with trio.fail_after(15):
+            await heard.wait()
+        heard = trio.Event()
+
+    async with PostgresStore.open(postgres.dsn, schema=schema) as watcher, \
+            PostgresStore.open(postgres.dsn, schema=schema) as other, \
+            trio.open_nursery() as nursery:
+        await nursery.start(watcher.watch, on_work)
+        await execute(other, enqueue("r1"))
+        await hear()
+        await execute(other, o.Claim("w1", WF, 1, 10.0, 1.0))  # running: nothing to hear
+        await trio.sleep(0.2)
+        assert not heard.is_set()
+        assert await execute(other, o.ExpireLeases(20.0)) == ("r1",)  # queued again
+        await hear()
+        await trio.to_thread.run_sync(postgres.stop)
+        await trio.to_thread.run_sync(postgres.start)
+        await hear()  # back: told once, for whatever it may have missed
+        await execute(other, enqueue("r2"))
+        await hear()
+        nursery.cancel_scope.cancel()
+
+
 # -- several stores on one database ---------------------------------------------------------------
 STORES = 3
 op_command = st.one_of(

@@ -21,6 +21,13 @@ Concurrency between servers
     enqueue is ``INSERT ... ON CONFLICT DO NOTHING`` on a unique index, then a select.
     Transactions run at READ COMMITTED.
 
+Wake-ups between servers
+    A trigger (migration 2) notifies channel ``aiki_work:<schema>`` whenever a run becomes
+    queued (enqueued, released, lease expired, woken), delivered when the transaction
+    commits. :meth:`PostgresStore.watch` LISTENs on a connection of its own and calls a
+    callback (a Dispatcher's ``poke``), so another server's enqueue is claimed at once,
+    with polling left as the slow fallback.
+
 When the database goes away
     A call that fails because the database cannot be reached (refused, reset, shutting down,
     restarting) is retried with backoff (50 ms growing to 1 s) for ``retry_for`` seconds (15

@@ -79,6 +79,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX history_run ON history (run_id, seq)",
     ),
+    # Wake-ups for other servers: a run becoming queued (enqueued, released, its lease
+    # expired, woken) notifies channel 'aiki_work:<schema>' when its transaction commits.
+    # PostgreSQL folds identical notifications of one transaction into one, and a trigger
+    # costs no extra round trip.
+    (
+        """CREATE FUNCTION notify_work() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_notify('aiki_work:' || TG_TABLE_SCHEMA, '');
+                RETURN NULL;
+            END
+        $$""",
+        """CREATE TRIGGER runs_queued AFTER INSERT OR UPDATE OF state ON runs
+            FOR EACH ROW WHEN (NEW.state = 'queued') EXECUTE FUNCTION notify_work()""",
+    ),
 )
 
 # The oldest server this store is written for: pg_current_xact_id_if_assigned and

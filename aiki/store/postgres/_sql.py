@@ -505,3 +505,54 @@ async def close_pool(pool: Pool, timeout: float) -> None:
     except BaseException:
         pool.terminate()
         raise
+
+
+# -- wake-ups: LISTEN on a connection of its own ------------------------------------------------
+def work_channel(schema: str) -> str:
+    """The channel ``notify_work`` (migration 2) notifies when a run in ``schema`` is queued."""
+    return f"aiki_work:{schema}"
+
+
+class Listener:
+    """A dedicated connection LISTENing on the work channel (not from the pool: a pooled
+    connection is handed around, a listening one must stay put)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._heard = asyncio.Event()
+        self._lost: BaseException | None = None
+
+    @classmethod
+    async def open(cls, dsn: str, schema: str, connect_timeout: float) -> Listener:
+        try:
+            conn = await connector(dsn, timeout=connect_timeout,
+                                   server_settings={"application_name": "aiki-listen"})()
+        except CONNECT_FAILURES as exc:
+            raise NotCommitted(exc) from exc
+        listener = cls(conn)
+        conn.add_termination_listener(listener._on_termination)
+        try:
+            await conn.add_listener(work_channel(schema), listener._on_notification)
+        except BaseException as exc:
+            conn.terminate()
+            if isinstance(exc, Exception) and _lost(exc, conn):
+                raise NotCommitted(exc) from exc
+            raise
+        return listener
+
+    def _on_notification(self, *args: Any) -> None:
+        self._heard.set()
+
+    def _on_termination(self, *args: Any) -> None:
+        self._lost = ConnectionResetError("the listening connection was closed")
+        self._heard.set()
+
+    async def wait(self) -> None:
+        """Return once a notification arrived (all that arrived meanwhile count as one)."""
+        await self._heard.wait()
+        self._heard.clear()
+        if self._lost is not None:
+            raise NotCommitted(self._lost)
+
+    def close(self) -> None:
+        self._conn.terminate()

@@ -45,10 +45,12 @@ class PostgresStore:
     """
 
     def __init__(self, *, bridge: AsyncioBridge, pool: _sql.Pool, dsn: str, schema: str,
-                 retry_for: float, resources: AsyncExitStack) -> None:
+                 retry_for: float, connect_timeout: float, resources: AsyncExitStack) -> None:
         self.dsn = redact(dsn)
         self.schema = schema
         self.retry_for = retry_for
+        self._dsn = dsn
+        self._connect_timeout = connect_timeout
         self._bridge = bridge
         self._pool = pool
         self._resources = resources
@@ -100,7 +102,8 @@ class PostgresStore:
                 else:
                     stack.push_async_callback(_close_pool, bridge, pool)
                     return cls(bridge=bridge, pool=pool, dsn=dsn, schema=schema,
-                               retry_for=retry_for, resources=stack.pop_all())
+                               retry_for=retry_for, connect_timeout=connect_timeout,
+                               resources=stack.pop_all())
             assert failure is not None
             raise failure
 
@@ -174,6 +177,49 @@ class PostgresStore:
                 ) from unknown
 
         return await self._call("apply", attempt)
+
+    # -- wake-ups ---------------------------------------------------------------------------
+    async def watch(
+        self, on_work: Callable[[], None], *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call ``on_work()`` whenever a run in this schema becomes queued, from any server.
+
+        PostgreSQL's LISTEN/NOTIFY (a trigger notifies when the transaction commits), on a
+        connection of its own. Runs until cancelled: start it in a nursery (``await
+        nursery.start(store.watch, dispatcher.poke)``); it is ready once it listens. While
+        the database is away it reconnects with backoff, and calls ``on_work()`` once each
+        time it is back, for what it may have missed. Notifications are hints: keep a slow
+        poll as the fallback.
+        """
+        tries = 0
+        while True:
+            try:
+                listener = await self._bridge.run(
+                    _sql.Listener.open, self._dsn, self.schema, self._connect_timeout
+                )
+            except _sql.NotCommitted as exc:
+                delay = BACKOFF[min(tries, len(BACKOFF) - 1)]
+                tries += 1
+                log.warning("listening for work on %s failed (%s); again in %g s",
+                            self.dsn, exc, delay)
+                await trio.sleep(delay)
+                continue
+            try:
+                if task_status is not trio.TASK_STATUS_IGNORED:
+                    task_status.started()
+                    task_status = trio.TASK_STATUS_IGNORED
+                if tries:
+                    on_work()  # back after an outage: whatever was notified meanwhile is lost
+                tries = 0
+                while True:
+                    await self._bridge.run(listener.wait)
+                    on_work()
+            except _sql.NotCommitted as exc:
+                log.warning("listening for work on %s: connection lost (%s)", self.dsn, exc)
+                tries = 1
+            finally:
+                listener.close()
 
     async def _call(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         if self._closed:
