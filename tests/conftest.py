@@ -56,10 +56,14 @@ class TestPostgres:
         """Start the stopped server again, on the same socket."""
         self._require_embedded().ensure_postgres_running()
 
-    def _require_embedded(self) -> Any:
+    def require_restartable(self) -> None:
+        """Skip (saying why) a test that stops and starts the server, if it is not ours."""
         if self._server is None:
             pytest.skip(f"stopping and starting PostgreSQL needs the embedded server, and "
                         f"{DSN_VARIABLE} names an external one")
+
+    def _require_embedded(self) -> Any:
+        self.require_restartable()
         return self._server
 
     def drop_schemas(self) -> None:
@@ -120,3 +124,11 @@ def postgres() -> Iterator[TestPostgres]:
             yield db
         finally:
             db._server.cleanup()
+
+
+@pytest.fixture
+def restartable_postgres(postgres: TestPostgres) -> TestPostgres:
+    """The session's server, for tests that stop and start it (skipped, saying why, when
+    it is an external one)."""
+    postgres.require_restartable()
+    return postgres

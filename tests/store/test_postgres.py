@@ -136,8 +136,9 @@ async def test_an_unreachable_database_is_store_unavailable_naming_the_cause(
 
 
 async def test_a_stopped_server_fails_calls_clearly_and_the_store_recovers(
-    postgres: TestPostgres,
+    restartable_postgres: TestPostgres,
 ) -> None:
+    postgres = restartable_postgres
     async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema(),
                                   retry_for=0.5) as store:
         await execute(store, enqueue("r1"))
@@ -272,8 +273,9 @@ async def test_claims_skip_rows_another_transaction_holds(postgres: TestPostgres
 
 # -- LISTEN/NOTIFY wake-ups ------------------------------------------------------------------------
 async def test_watch_hears_runs_queued_by_another_store_and_comes_back_after_a_restart(
-    postgres: TestPostgres,
+    restartable_postgres: TestPostgres,
 ) -> None:
+    postgres = restartable_postgres
     schema = postgres.fresh_schema()
     heard = trio.Event()
 
@@ -440,13 +442,14 @@ async def outage_workflow(run: aiki.WorkflowRun, x: int) -> int:
 
 @pytest.mark.parametrize("retry_for", [15.0, 0.2], ids=["store-rides-it-out", "engine-sees-it"])
 async def test_postgres_stopped_and_started_under_a_workload_loses_no_run(
-    postgres: TestPostgres, caplog: pytest.LogCaptureFixture, retry_for: float,
+    restartable_postgres: TestPostgres, caplog: pytest.LogCaptureFixture, retry_for: float,
 ) -> None:
     """A real clock and a real restart: every run completes, each step committed once.
 
     With the default ``retry_for`` the store rides the outage out and the engine never sees
     it; with a short one, calls fail with StoreUnavailable and the engine must recover.
     """
+    postgres = restartable_postgres
     schema = postgres.fresh_schema()
     handles: list[aiki.RunHandle[int]] = []
     async with PostgresStore.open(postgres.dsn, schema=schema, retry_for=retry_for) as store, \
