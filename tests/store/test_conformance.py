@@ -1,0 +1,836 @@
+"""The store conformance suite: every store behaves like the memory store, the reference model.
+
+Each test runs once per store kind (see ``conftest.py``). Times are fixed floats passed in;
+nothing sleeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aiki.errors import AikiError, StaleLease, StepConflict
+from aiki.store import (
+    ClaimedRun,
+    HistoryEvent,
+    Lease,
+    MemoryStore,
+    RunRecord,
+    StepRecord,
+    Store,
+    execute,
+)
+from aiki.store import ops as o
+from tests.store.conftest import StoreFactory
+
+WF1 = ("wf", "1")
+
+
+# -- helpers ------------------------------------------------------------------------------
+def enqueue(
+    run_id: str, workflow: str = "wf", version: str = "1", key: str | None = None,
+    now: float = 1.0, payload: str = '{"n": 1}',
+) -> o.Enqueue:
+    return o.Enqueue(run_id, workflow, version, payload, key, now)
+
+
+async def claim(
+    store: Store, worker: str = "w1", workflows: tuple[tuple[str, str], ...] = (WF1,),
+    limit: int = 10, now: float = 10.0, ttl: float = 30.0,
+) -> tuple[ClaimedRun, ...]:
+    return await execute(store, o.Claim(worker, workflows, limit, now, ttl))
+
+
+async def claim_one(store: Store, run_id: str, **kwargs: Any) -> Lease:
+    """Enqueue ``run_id`` and claim it; its lease."""
+    await execute(store, enqueue(run_id))
+    [claimed] = await claim(store, **kwargs)
+    assert claimed.run.id == run_id
+    return claimed.lease
+
+
+def step(
+    position: str = "0", name: str = "charge", state: str = "completed", *,
+    output: str | None = '"ok"', key: str | None = None, attempts: int = 1, kind: str = "task",
+    error: tuple[str, str] | None = None, next_attempt_at: float | None = None,
+) -> StepRecord:
+    error_type, error_message = error if error else (None, None)
+    return StepRecord(
+        position=position, kind=kind, name=name, input_hash="h-" + name,  # type: ignore[arg-type]
+        input='{"amount": 3}', idempotency_key=key, state=state,  # type: ignore[arg-type]
+        attempts=attempts, output=output if state == "completed" else None,
+        error_type=error_type, error_message=error_message, next_attempt_at=next_attempt_at,
+    )
+
+
+Snapshot = tuple[RunRecord | None, tuple[StepRecord, ...], tuple[HistoryEvent, ...]]
+
+
+async def snapshot(store: Store, *run_ids: str) -> list[Snapshot]:
+    return [
+        (await store.get_run(r), await store.get_steps(r), await store.get_history(r))
+        for r in run_ids
+    ]
+
+
+async def events(store: Store, run_id: str) -> list[tuple[Any, ...]]:
+    """History without ``seq`` (checked on its own) and ``run_id``."""
+    return [
+        (e.at, e.event, e.attempt, e.worker_id, e.position, e.name, e.detail)
+        for e in await store.get_history(run_id)
+    ]
+
+
+# -- enqueue ------------------------------------------------------------------------------
+async def test_enqueue_creates_a_queued_run(store: Store) -> None:
+    assert await execute(store, enqueue("r1", key=None, now=1.5)) == o.EnqueueOutcome("r1", True)
+    run = await store.get_run("r1")
+    assert run == RunRecord(
+        id="r1", workflow="wf", version="1", payload='{"n": 1}', state="queued",
+        idempotency_key=None, attempts=0, lease_epoch=0, lease_owner=None,
+        lease_expires_at=None, wake_at=None, result=None, error_type=None, error_message=None,
+        created_at=1.5, updated_at=1.5, finished_at=None,
+    )
+    assert await store.get_steps("r1") == ()
+    assert await events(store, "r1") == [(1.5, "run.queued", 0, None, None, None, "version 1")]
+    assert await store.list_runs() == (run,)
+
+
+async def test_unknown_run_reads_are_empty(store: Store) -> None:
+    assert await store.get_run("nope") is None
+    assert await store.get_steps("nope") == ()
+    assert await store.get_history("nope") == ()
+    assert await store.list_runs() == ()
+    assert await store.next_wake_at() is None
+
+
+async def test_idempotent_enqueue_returns_the_same_run(store: Store) -> None:
+    assert await execute(store, enqueue("r1", key="order-7")) == o.EnqueueOutcome("r1", True)
+    before = await snapshot(store, "r1")
+    again = await execute(store, enqueue("r2", key="order-7", now=2.0, payload="{}"))
+    assert again == o.EnqueueOutcome("r1", created=False)
+    assert await store.get_run("r2") is None
+    assert await store.get_history("r2") == ()
+    assert await snapshot(store, "r1") == before
+    assert [r.id for r in await store.list_runs()] == ["r1"]
+    # The key is per workflow; no key means no deduplication.
+    assert await execute(store, enqueue("r3", workflow="other", key="order-7")) == \
+        o.EnqueueOutcome("r3", True)
+    assert (await execute(store, enqueue("r4"))).created
+    assert (await execute(store, enqueue("r5"))).created
+    assert {r.id for r in await store.list_runs()} == {"r1", "r3", "r4", "r5"}
+
+
+async def test_idempotent_enqueue_in_one_batch(store: Store) -> None:
+    outcomes = await store.apply([enqueue("r1", key="k"), enqueue("r2", key="k")])
+    assert outcomes == [o.EnqueueOutcome("r1", True), o.EnqueueOutcome("r1", False)]
+    assert [r.id for r in await store.list_runs()] == ["r1"]
+
+
+async def test_concurrent_enqueues_of_one_key_make_one_run(store: Store) -> None:
+    outcomes: list[o.EnqueueOutcome] = []
+
+    async def one(i: int) -> None:
+        outcomes.append(await execute(store, enqueue(f"r{i}", key="same", now=float(i))))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(50):
+            nursery.start_soon(one, i)
+    assert len(outcomes) == 50
+    winners = [out for out in outcomes if out.created]
+    assert len(winners) == 1
+    assert {out.run_id for out in outcomes} == {winners[0].run_id}
+    runs = await store.list_runs()
+    assert [r.id for r in runs] == [winners[0].run_id]
+    assert len(await store.get_history(winners[0].run_id)) == 1
+
+
+async def test_retried_enqueue_of_an_existing_run_id_changes_nothing(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.SaveStep(lease, step(), 11.0))
+    before = await snapshot(store, "r1")
+    assert await execute(store, enqueue("r1", now=12.0)) == o.EnqueueOutcome("r1", False)
+    assert await snapshot(store, "r1") == before
+
+
+# -- claim --------------------------------------------------------------------------------
+async def test_claim_sets_the_lease_and_logs_it(store: Store) -> None:
+    await execute(store, enqueue("r1"))
+    [claimed] = await claim(store, worker="w1", now=10.0, ttl=30.0)
+    run = claimed.run
+    assert (run.state, run.attempts, run.lease_epoch, run.lease_owner) == ("running", 1, 1, "w1")
+    assert (run.lease_expires_at, run.updated_at, run.created_at) == (40.0, 10.0, 1.0)
+    assert claimed.steps == ()
+    assert claimed.lease == Lease("r1", 1, "w1")
+    assert await store.get_run("r1") == run
+    assert (await events(store, "r1"))[-1] == (10.0, "run.running", 1, "w1", None, None,
+                                                "lease epoch 1")
+
+
+async def test_claim_filters_by_workflow_and_version(store: Store) -> None:
+    await store.apply([
+        enqueue("a1", "wf", "1"), enqueue("b2", "wf", "2"), enqueue("c1", "other", "1"),
+        enqueue("d1", "wf", "1"),
+    ])
+    assert [c.run.id for c in await claim(store, workflows=(WF1,))] == ["a1", "d1"]
+    got = await claim(store, workflows=(("other", "1"), ("wf", "2")))
+    assert [c.run.id for c in got] == ["b2", "c1"]
+    assert await claim(store, workflows=()) == ()
+
+
+async def test_a_version_nobody_claims_stays_queued(store: Store) -> None:
+    await execute(store, enqueue("old", version="0.9"))
+    assert await claim(store, workflows=(WF1, ("wf", "2"), ("other", "0.9"))) == ()
+    run = await store.get_run("old")
+    assert run is not None
+    assert (run.state, run.attempts, run.lease_epoch) == ("queued", 0, 0)
+
+
+async def test_claim_is_fifo_and_respects_the_limit(store: Store) -> None:
+    # Ids sort differently from the enqueue order; created_at does not decide either.
+    for run_id, now in [("r-c", 5.0), ("r-a", 5.0), ("r-d", 5.0), ("r-b", 5.0)]:
+        await execute(store, enqueue(run_id, now=now))
+    assert await claim(store, limit=0) == ()
+    assert [c.run.id for c in await claim(store, limit=2)] == ["r-c", "r-a"]
+    assert [c.run.id for c in await claim(store, worker="w2", limit=5)] == ["r-d", "r-b"]
+    assert await claim(store) == ()
+    assert {r.lease_owner for r in await store.list_runs(state="running")} == {"w1", "w2"}
+
+
+async def test_requeued_run_keeps_its_place_in_the_queue(store: Store) -> None:
+    await store.apply([enqueue("r1"), enqueue("r2")])
+    await claim(store, limit=1, now=10.0, ttl=5.0)
+    assert await execute(store, o.ExpireLeases(15.0)) == ("r1",)
+    assert [c.run.id for c in await claim(store, now=16.0)] == ["r1", "r2"]
+
+
+async def test_claim_increments_attempts_and_returns_existing_steps(store: Store) -> None:
+    lease = await claim_one(store, "r1", now=10.0, ttl=5.0)
+    await store.apply([
+        o.SaveStep(lease, step("0", "charge"), 11.0),
+        o.SaveStep(lease, step("1", "ship", "retrying", error=("IOError", "down"),
+                                next_attempt_at=20.0), 12.0),
+    ])
+    assert await execute(store, o.ExpireLeases(15.0)) == ("r1",)
+    [again] = await claim(store, worker="w2", now=16.0, ttl=5.0)
+    assert (again.run.attempts, again.run.lease_epoch, again.run.lease_owner) == (2, 2, "w2")
+    assert again.steps == await store.get_steps("r1")
+    assert [s.position for s in again.steps] == ["0", "1"]
+    assert again.steps[1].state == "retrying"
+
+
+# -- leases -------------------------------------------------------------------------------
+async def test_renew_extends_leases_and_reports_lost_ones(store: Store) -> None:
+    await store.apply([enqueue("r1"), enqueue("r2"), enqueue("r3")])
+    a, b, c = (x.lease for x in await claim(store, now=10.0, ttl=10.0))
+    history_before = await snapshot(store, "r1", "r2", "r3")
+    assert await execute(store, o.Renew((a, b), 15.0, 10.0)) == ()
+    assert [(await store.get_run(r)).lease_expires_at for r in ("r1", "r2")] == [25.0, 25.0]  # type: ignore[union-attr]
+    assert (await store.get_run("r1")).updated_at == 15.0  # type: ignore[union-attr]
+    assert (await store.get_run("r3")).lease_expires_at == 20.0  # type: ignore[union-attr]
+    # Renewing adds no history.
+    assert [s[2] for s in await snapshot(store, "r1", "r2", "r3")] == [s[2] for s in history_before]
+    assert await execute(store, o.ExpireLeases(20.0)) == ("r3",)
+    lost = await execute(store, o.Renew((
+        Lease("r1", a.epoch - 1, "w1"), b, Lease("r2", b.epoch, "w9"), c,
+        Lease("ghost", 1, "w1"),
+    ), 21.0, 10.0))
+    assert lost == ("r1", "r2", "r3", "ghost")
+    assert (await store.get_run("r2")).lease_expires_at == 31.0  # type: ignore[union-attr]
+
+
+async def test_expire_requeues_expired_runs_only(store: Store) -> None:
+    await execute(store, enqueue("r1"))
+    [first] = await claim(store, now=0.0, ttl=10.0)
+    await execute(store, enqueue("r2"))
+    [second] = await claim(store, now=5.0, ttl=10.0)
+    sleeper = await claim_one(store, "r3", now=5.0, ttl=1.0)
+    await execute(store, o.SuspendRun(sleeper, 6.0, "sleep", 5.5))
+    assert await execute(store, o.ExpireLeases(9.5)) == ()
+    assert await execute(store, o.ExpireLeases(10.0)) == ("r1",)  # expires_at <= now
+    run = await store.get_run("r1")
+    assert run is not None
+    assert (run.state, run.lease_owner, run.lease_expires_at) == ("queued", None, None)
+    assert (run.attempts, run.lease_epoch, run.updated_at) == (1, 1, 10.0)
+    assert (await events(store, "r1"))[-1] == (
+        10.0, "run.queued", 1, "w1", None, None, "lease epoch 1 of worker 'w1' expired")
+    assert (await store.get_run("r2")).state == "running"  # type: ignore[union-attr]
+    assert (await store.get_run("r3")).state == "sleeping"  # type: ignore[union-attr]
+    assert await execute(store, o.ExpireLeases(100.0)) == ("r2",)
+    assert await execute(store, o.ExpireLeases(100.0)) == ()
+    again = await claim(store, now=101.0)
+    assert [(c.run.id, c.run.lease_epoch, c.run.attempts) for c in again] == [
+        ("r1", 2, 2), ("r2", 2, 2)]
+    assert first.lease.epoch == 1 and second.lease.epoch == 1
+
+
+async def test_expire_handles_several_runs_in_enqueue_order(store: Store) -> None:
+    await store.apply([enqueue(f"r{i}") for i in range(4)])
+    await claim(store, now=0.0, ttl=10.0)
+    assert await execute(store, o.ExpireLeases(10.0)) == ("r0", "r1", "r2", "r3")
+
+
+# -- fencing ------------------------------------------------------------------------------
+FENCED_OPS: dict[str, Callable[[Lease], o.Op[None]]] = {
+    "start_step": lambda lease: o.StartStep(lease, step("1", "ship", "running"), 50.0),
+    "save_step": lambda lease: o.SaveStep(lease, step("1", "ship"), 50.0),
+    "complete": lambda lease: o.CompleteRun(lease, '"done"', 50.0),
+    "fail": lambda lease: o.FailRun(lease, "ValueError", "boom", 50.0),
+    "suspend": lambda lease: o.SuspendRun(lease, 60.0, "sleep", 50.0),
+    "release": lambda lease: o.ReleaseRun(lease, 50.0),
+}
+STALE_LEASES = {
+    "old_epoch": Lease("r1", 1, "w1"),
+    "old_epoch_same_worker": Lease("r1", 1, "w2"),
+    "wrong_worker": Lease("r1", 2, "w1"),
+    "future_epoch": Lease("r1", 3, "w2"),
+    "missing_run": Lease("ghost", 2, "w2"),
+}
+
+
+async def fenced_setup(store: Store) -> Lease:
+    """r1 claimed by w1 (epoch 1), expired, claimed by w2 (epoch 2), with one step saved."""
+    await execute(store, enqueue("r1"))
+    [first] = await claim(store, worker="w1", now=10.0, ttl=5.0)
+    await execute(store, o.SaveStep(first.lease, step("0"), 11.0))
+    await execute(store, o.ExpireLeases(15.0))
+    [second] = await claim(store, worker="w2", now=16.0, ttl=30.0)
+    assert second.lease == Lease("r1", 2, "w2")
+    return second.lease
+
+
+@pytest.mark.parametrize("lease_name", sorted(STALE_LEASES))
+@pytest.mark.parametrize("op_name", sorted(FENCED_OPS))
+async def test_fenced_ops_with_a_stale_lease_change_nothing(
+    store: Store, op_name: str, lease_name: str
+) -> None:
+    await fenced_setup(store)
+    before = await snapshot(store, "r1", "ghost")
+    [outcome] = await store.apply([FENCED_OPS[op_name](STALE_LEASES[lease_name])])
+    assert isinstance(outcome, StaleLease)
+    assert STALE_LEASES[lease_name].run_id in str(outcome)
+    assert await snapshot(store, "r1", "ghost") == before
+    with pytest.raises(StaleLease):
+        await execute(store, FENCED_OPS[op_name](STALE_LEASES[lease_name]))
+
+
+@pytest.mark.parametrize("op_name", sorted(FENCED_OPS))
+async def test_fenced_ops_on_a_run_that_is_not_running_are_stale(
+    store: Store, op_name: str
+) -> None:
+    lease = await fenced_setup(store)
+    await execute(store, o.ReleaseRun(lease, 20.0))  # queued again; the lease is gone
+    before = await snapshot(store, "r1")
+    [outcome] = await store.apply([FENCED_OPS[op_name](lease)])
+    assert isinstance(outcome, StaleLease)
+    assert await snapshot(store, "r1") == before
+
+
+async def test_stale_lease_message_names_the_current_lease(store: Store) -> None:
+    await fenced_setup(store)
+    [outcome] = await store.apply([FENCED_OPS["complete"](Lease("r1", 1, "w1"))])
+    assert str(outcome) == (
+        "run r1: lease epoch 1 of worker 'w1' is stale (the run is running, epoch 2, "
+        "owner 'w2')")
+    [outcome] = await store.apply([FENCED_OPS["complete"](Lease("ghost", 1, "w1"))])
+    assert str(outcome) == "run ghost does not exist"
+
+
+async def test_a_batch_applies_its_good_ops_and_refuses_the_stale_one(store: Store) -> None:
+    lease = await fenced_setup(store)
+    stale = Lease("r1", 1, "w1")
+    outcomes = await store.apply([
+        o.SaveStep(stale, step("1", "stale-write"), 20.0),
+        o.SaveStep(lease, step("1", "ship"), 21.0),
+        o.CompleteRun(stale, '"nope"', 22.0),
+    ])
+    assert isinstance(outcomes[0], StaleLease) and isinstance(outcomes[2], StaleLease)
+    assert outcomes[1] is None
+    steps = await store.get_steps("r1")
+    assert [(s.position, s.name) for s in steps] == [("0", "charge"), ("1", "ship")]
+    run = await store.get_run("r1")
+    assert run is not None and run.state == "running" and run.updated_at == 21.0
+    assert [e[1] for e in await events(store, "r1")][-1:] == ["task.completed"]
+
+
+async def test_ops_in_a_batch_see_the_earlier_ones(store: Store) -> None:
+    outcomes = await store.apply([
+        enqueue("r1"), enqueue("r2", key="k"), o.Claim("w1", (WF1,), 5, 10.0, 30.0),
+        o.SaveStep(Lease("r1", 1, "w1"), step(), 11.0),
+        o.CompleteRun(Lease("r2", 1, "w1"), "1", 12.0),
+    ])
+    assert outcomes[:2] == [o.EnqueueOutcome("r1", True), o.EnqueueOutcome("r2", True)]
+    assert [c.run.id for c in outcomes[2]] == ["r1", "r2"]
+    assert outcomes[3:] == [None, None]
+    assert (await store.get_run("r2")).state == "completed"  # type: ignore[union-attr]
+
+
+# -- steps --------------------------------------------------------------------------------
+async def test_start_step_then_save_it_completed(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    started = step("0", "charge", "running", output=None, key="pay-1")
+    assert await execute(store, o.StartStep(lease, started, 11.0)) is None
+    assert await store.get_steps("r1") == (started,)
+    done = step("0", "charge", "completed", output='{"receipt": 9}', key="pay-1")
+    assert await execute(store, o.SaveStep(lease, done, 12.0)) is None
+    assert await store.get_steps("r1") == (done,)
+    assert (await store.get_run("r1")).updated_at == 12.0  # type: ignore[union-attr]
+    assert (await events(store, "r1"))[-2:] == [
+        (11.0, "task.running", 1, "w1", "0", "charge", None),
+        (12.0, "task.completed", 1, "w1", "0", "charge", None),
+    ]
+
+
+async def test_start_step_records_it_as_running(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.StartStep(lease, step("0", attempts=2, state="retrying"), 11.0))
+    [saved] = await store.get_steps("r1")
+    assert (saved.state, saved.attempts) == ("running", 2)
+    assert (await events(store, "r1"))[-1][1:3] == ("task.running", 2)
+
+
+async def test_resaving_an_identical_final_step_is_accepted_silently(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    for final in (step("0"), step("1", state="failed", error=("ValueError", "bad"))):
+        await execute(store, o.SaveStep(lease, final, 11.0))
+        before = await snapshot(store, "r1")
+        assert await execute(store, o.SaveStep(lease, final, 12.0)) is None
+        assert await snapshot(store, "r1") == before
+
+
+async def test_a_different_final_outcome_is_a_conflict(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.SaveStep(lease, step("0", output='"first"'), 11.0))
+    await execute(store, o.SaveStep(lease, step("1", state="failed", error=("E", "x")), 11.0))
+    before = await snapshot(store, "r1")
+    for refused in [
+        o.SaveStep(lease, step("0", output='"second"'), 12.0),
+        o.SaveStep(lease, step("0", state="failed", error=("E", "x")), 12.0),
+        o.SaveStep(lease, step("0", "other-task"), 12.0),
+        o.SaveStep(lease, step("0", state="retrying", error=("E", "x")), 12.0),
+        o.StartStep(lease, step("0", state="running"), 12.0),
+        o.StartStep(lease, step("1", state="failed", error=("E", "x")), 12.0),
+        o.SaveStep(lease, step("1"), 12.0),
+    ]:
+        [outcome] = await store.apply([refused])
+        assert isinstance(outcome, StepConflict), refused
+        assert f"step {refused.step.position} is already final" in str(outcome)
+        assert await snapshot(store, "r1") == before
+    with pytest.raises(StepConflict):
+        await execute(store, o.SaveStep(lease, step("0", output='"third"'), 13.0))
+
+
+async def test_task_idempotency_key_is_unique_per_run_and_name(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.SaveStep(lease, step("0", "pay", key="k1"), 11.0))
+    before = await snapshot(store, "r1")
+    for refused in [
+        o.SaveStep(lease, step("1", "pay", key="k1"), 12.0),
+        o.StartStep(lease, step("1", "pay", "running", key="k1"), 12.0),
+    ]:
+        [outcome] = await store.apply([refused])
+        assert isinstance(outcome, StepConflict)
+        assert "'k1'" in str(outcome) and "at step 0" in str(outcome)
+        assert await snapshot(store, "r1") == before
+    # Another name, another key, or another run: no conflict.
+    assert await store.apply([
+        o.SaveStep(lease, step("1", "refund", key="k1"), 12.0),
+        o.SaveStep(lease, step("2", "pay", key="k2"), 12.0),
+        o.SaveStep(lease, step("3", "pay"), 12.0),
+        o.SaveStep(lease, step("4", "pay"), 12.0),
+    ]) == [None] * 4
+    other = await claim_one(store, "r2", now=13.0)
+    assert await execute(store, o.SaveStep(other, step("0", "pay", key="k1"), 14.0)) is None
+
+
+async def test_a_non_final_step_can_move_to_another_key(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.StartStep(lease, step("0", "pay", "running", key="k1"), 11.0))
+    await execute(store, o.SaveStep(lease, step("0", "pay", key="k2"), 12.0))
+    await execute(store, o.SaveStep(lease, step("1", "pay", key="k1"), 13.0))
+    assert [(s.position, s.idempotency_key) for s in await store.get_steps("r1")] == [
+        ("0", "k2"), ("1", "k1")]
+
+
+async def test_retrying_steps_can_be_retried_then_completed(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    retrying = step("0", state="retrying", error=("IOError", "timeout"), next_attempt_at=12.5)
+    await execute(store, o.StartStep(lease, step("0", state="running"), 11.0))
+    await execute(store, o.SaveStep(lease, retrying, 11.5))
+    assert await store.get_steps("r1") == (retrying,)
+    await execute(store, o.StartStep(lease, step("0", state="running", attempts=2), 12.5))
+    await execute(store, o.SaveStep(lease, step("0", attempts=2, output='"late"'), 13.0))
+    [final] = await store.get_steps("r1")
+    assert (final.state, final.attempts, final.output) == ("completed", 2, '"late"')
+    assert (final.error_type, final.next_attempt_at) == (None, None)
+    assert (await events(store, "r1"))[-4:] == [
+        (11.0, "task.running", 1, "w1", "0", "charge", None),
+        (11.5, "task.retrying", 1, "w1", "0", "charge",
+         "IOError: timeout; next attempt at 12.5"),
+        (12.5, "task.running", 2, "w1", "0", "charge", None),
+        (13.0, "task.completed", 2, "w1", "0", "charge", None),
+    ]
+
+
+async def test_failed_and_recorded_steps_history(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await store.apply([
+        o.SaveStep(lease, step("0", state="failed", error=("ValueError", "bad card"),
+                                attempts=3), 11.0),
+        o.SaveStep(lease, step("1", "now", kind="now", output="1700000000.5"), 12.0),
+    ])
+    assert (await events(store, "r1"))[-2:] == [
+        (11.0, "task.failed", 3, "w1", "0", "charge", "ValueError: bad card"),
+        (12.0, "step.recorded", 1, "w1", "1", "now", "now"),
+    ]
+
+
+async def test_steps_keep_the_order_they_were_first_recorded(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    for position in ["10", "2", "1", "b", "a"]:
+        await execute(store, o.StartStep(lease, step(position, state="running"), 11.0))
+    await execute(store, o.SaveStep(lease, step("2"), 12.0))
+    assert [s.position for s in await store.get_steps("r1")] == ["10", "2", "1", "b", "a"]
+
+
+# -- suspend, wake, release, finish -------------------------------------------------------
+async def test_suspend_then_wake_due_runs_only(store: Store) -> None:
+    await store.apply([enqueue("r1"), enqueue("r2"), enqueue("r3")])
+    a, b, _ = (c.lease for c in await claim(store, now=10.0))
+    assert await store.next_wake_at() is None
+    await execute(store, o.SuspendRun(a, 200.0, "sleep cooling-off", 11.0))
+    await execute(store, o.SuspendRun(b, 100.0, "retry charge", 12.0))
+    run = await store.get_run("r1")
+    assert run is not None
+    assert (run.state, run.wake_at, run.lease_owner, run.lease_expires_at) == (
+        "sleeping", 200.0, None, None)
+    assert (run.lease_epoch, run.attempts, run.updated_at) == (1, 1, 11.0)
+    assert (await events(store, "r1"))[-1] == (
+        11.0, "run.sleeping", 1, "w1", None, None, "sleep cooling-off; wakes at 200.0")
+    assert await store.next_wake_at() == 100.0
+    assert await execute(store, o.WakeDue(99.5)) == ()
+    assert await execute(store, o.ExpireLeases(150.0)) == ("r3",)  # sleepers hold no lease
+    assert await execute(store, o.WakeDue(100.0)) == ("r2",)
+    woken = await store.get_run("r2")
+    assert woken is not None
+    assert (woken.state, woken.wake_at, woken.updated_at) == ("queued", None, 100.0)
+    assert (await events(store, "r2"))[-1] == (100.0, "run.queued", 1, None, None, None,
+                                                "woke up")
+    assert await store.next_wake_at() == 200.0
+    assert await execute(store, o.WakeDue(500.0)) == ("r1",)
+    assert await store.next_wake_at() is None
+    assert await execute(store, o.WakeDue(500.0)) == ()
+    assert [c.run.id for c in await claim(store, now=501.0)] == ["r1", "r2", "r3"]
+
+
+async def test_wake_several_runs_in_enqueue_order(store: Store) -> None:
+    await store.apply([enqueue(f"r{i}") for i in range(3)])
+    leases = [c.lease for c in await claim(store, now=10.0)]
+    await store.apply([o.SuspendRun(lease, 20.0 - i, "sleep", 11.0)
+                       for i, lease in enumerate(reversed(leases))])
+    assert await execute(store, o.WakeDue(20.0)) == ("r0", "r1", "r2")
+
+
+async def test_next_wake_at_counts_a_wake_at_of_zero(store: Store) -> None:
+    lease = await claim_one(store, "r1", now=0.0)
+    await execute(store, o.SuspendRun(lease, 0.0, "retry", 0.0))
+    assert await store.next_wake_at() == 0.0
+
+
+async def test_release_puts_the_run_back_in_the_queue(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.ReleaseRun(lease, 12.0))
+    run = await store.get_run("r1")
+    assert run is not None
+    assert (run.state, run.lease_owner, run.lease_expires_at, run.updated_at) == (
+        "queued", None, None, 12.0)
+    assert (await events(store, "r1"))[-1] == (12.0, "run.queued", 1, "w1", None, None,
+                                                "released by its worker")
+    [again] = await claim(store, worker="w2", now=13.0)
+    assert (again.run.attempts, again.run.lease_epoch) == (2, 2)
+
+
+async def test_complete_sets_the_result_and_clears_the_lease(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.CompleteRun(lease, '{"total": 3}', 20.0))
+    run = await store.get_run("r1")
+    assert run is not None
+    assert (run.state, run.result, run.finished_at, run.updated_at) == (
+        "completed", '{"total": 3}', 20.0, 20.0)
+    assert (run.lease_owner, run.lease_expires_at, run.error_type, run.error_message) == (
+        None, None, None, None)
+    assert (await events(store, "r1"))[-1] == (20.0, "run.completed", 1, "w1", None, None, None)
+    assert await claim(store, now=21.0) == ()
+    assert await execute(store, o.ExpireLeases(1000.0)) == ()
+    assert await execute(store, o.Renew((lease,), 22.0, 5.0)) == ("r1",)
+
+
+async def test_fail_sets_the_error_and_clears_the_lease(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.FailRun(lease, "TaskFailed", "charge failed", 20.0))
+    run = await store.get_run("r1")
+    assert run is not None
+    assert (run.state, run.error_type, run.error_message, run.finished_at) == (
+        "failed", "TaskFailed", "charge failed", 20.0)
+    assert (run.result, run.lease_owner, run.lease_expires_at) == (None, None, None)
+    assert (await events(store, "r1"))[-1] == (
+        20.0, "run.failed", 1, "w1", None, None, "TaskFailed: charge failed")
+
+
+# -- reads --------------------------------------------------------------------------------
+async def test_list_runs_filters_and_orders_newest_first(store: Store) -> None:
+    await store.apply([
+        enqueue("a1", "alpha", now=1.0), enqueue("b1", "beta", now=2.0),
+        enqueue("a2", "alpha", now=3.0), enqueue("a3", "alpha", now=4.0),
+    ])
+    await claim(store, workflows=(("alpha", "1"),), limit=1)
+
+    def ids(runs: tuple[RunRecord, ...]) -> list[str]:
+        return [r.id for r in runs]
+
+    assert ids(await store.list_runs()) == ["a3", "a2", "b1", "a1"]
+    assert ids(await store.list_runs(workflow="alpha")) == ["a3", "a2", "a1"]
+    assert ids(await store.list_runs(state="queued")) == ["a3", "a2", "b1"]
+    assert ids(await store.list_runs(workflow="alpha", state="queued")) == ["a3", "a2"]
+    assert ids(await store.list_runs(workflow="alpha", state="running")) == ["a1"]
+    assert ids(await store.list_runs(limit=2)) == ["a3", "a2"]
+    assert ids(await store.list_runs(workflow="alpha", limit=1)) == ["a3"]
+    assert await store.list_runs(limit=0) == ()
+    assert await store.list_runs(workflow="gamma") == ()
+    assert await store.list_runs(state="sleeping") == ()
+    assert (await store.list_runs(workflow="alpha", state="running"))[0] == \
+        await store.get_run("a1")
+
+
+async def test_history_is_in_order_with_increasing_seq(store: Store) -> None:
+    await store.apply([enqueue("r1"), enqueue("r2")])
+    l1, l2 = (c.lease for c in await claim(store, now=10.0))
+    await store.apply([
+        o.StartStep(l1, step("0", state="running"), 11.0),
+        o.SaveStep(l2, step("0"), 11.0),
+        o.SaveStep(l1, step("0"), 12.0),
+        o.SuspendRun(l1, 30.0, "sleep", 13.0),
+    ])
+    await execute(store, o.WakeDue(30.0))
+    [again] = await claim(store, now=31.0)
+    await execute(store, o.CompleteRun(again.lease, "null", 32.0))
+    history = await store.get_history("r1")
+    assert [e.event for e in history] == [
+        "run.queued", "run.running", "task.running", "task.completed", "run.sleeping",
+        "run.queued", "run.running", "run.completed",
+    ]
+    assert [e.attempt for e in history] == [0, 1, 1, 1, 1, 1, 2, 2]
+    assert all(e.run_id == "r1" for e in history)
+    seqs = [e.seq for e in history]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    # seq orders events across runs too.
+    both = sorted([*history, *await store.get_history("r2")], key=lambda e: e.seq)
+    assert [(e.run_id, e.event) for e in both][:6] == [
+        ("r1", "run.queued"), ("r2", "run.queued"), ("r1", "run.running"),
+        ("r2", "run.running"), ("r1", "task.running"), ("r2", "task.completed"),
+    ]
+
+
+async def test_execute_raises_refused_outcomes(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    assert await execute(store, o.SaveStep(lease, step("0"), 11.0)) is None
+    with pytest.raises(StepConflict, match="already final"):
+        await execute(store, o.SaveStep(lease, step("0", output='"other"'), 12.0))
+    with pytest.raises(StaleLease, match="is stale"):
+        await execute(store, o.CompleteRun(Lease("r1", 7, "w1"), "1", 12.0))
+    assert await execute(store, o.ExpireLeases(12.0)) == ()
+
+
+async def test_an_unknown_op_is_a_type_error(store: Store) -> None:
+    with pytest.raises(TypeError, match="unknown store operation"):
+        await store.apply([o.Op()])
+
+
+# -- differential: random op sequences against the reference model ------------------------
+WORKFLOWS = [("wf", "1"), ("wf", "2"), ("other", "1")]
+# A target run: (prefer a running one, index); most writes use the current lease.
+target = st.tuples(st.sampled_from([True, True, True, False]), st.integers(0, 7))
+lease_mode = st.sampled_from(["current"] * 6 + ["stale", "intruder"])
+enqueue_command = st.tuples(
+    st.just("enqueue"), st.integers(0, 2), st.sampled_from([None, None, "k1", "k2"]),
+    st.sampled_from([None] * 5 + [0]),  # or retry the enqueue of an existing run id
+)
+step_command = st.tuples(
+    st.sampled_from(["save_step", "start_step", "save_step"]), target, lease_mode,
+    st.sampled_from(["2", "0", "1"]), st.sampled_from(["pay", "pay", "ship"]),
+    st.sampled_from([None, "k1", "k1", "k2"]), st.sampled_from(["completed", "failed", "retrying"]),
+    st.sampled_from(['"a"', '"b"']), st.sampled_from(["task", "task", "now"]),
+    st.integers(1, 2),
+)
+claim_command = st.tuples(
+    st.just("claim"), st.sampled_from(["w1", "w2"]),
+    st.sampled_from([(0, 1, 2), (0, 1, 2), (0,), (1, 2), ()]), st.sampled_from([5, 1, 2, 0]),
+    st.sampled_from([5.0, 50.0, 50.0]),
+)
+resave_command = st.tuples(  # save a recorded step again: as it is, changed, or started again
+    st.just("resave"), target, lease_mode, st.integers(0, 2),
+    st.sampled_from([None, None, "changed", "start"]),
+)
+command = st.one_of(  # repeated alternatives are weights: keep runs running and busy
+    enqueue_command, enqueue_command, claim_command, claim_command, claim_command,
+    step_command, step_command, step_command, step_command, resave_command, resave_command,
+    st.tuples(st.just("renew"), st.lists(st.tuples(target, lease_mode), max_size=3),
+              st.sampled_from([5.0, 50.0])),
+    st.tuples(st.just("expire")),
+    st.tuples(st.just("wake")),
+    st.tuples(st.just("suspend"), target, lease_mode, st.sampled_from([0.0, 1.0, 3.5])),
+    st.tuples(st.sampled_from(["complete", "fail", "release"]), target, lease_mode),
+)
+PRELUDE: list[tuple[float, list[tuple[Any, ...]]]] = [
+    (0.0, [("enqueue", 0, None, None), ("enqueue", 1, "k1", None), ("enqueue", 2, None, None)]),
+    (1.0, [("claim", "w1", (0, 1, 2), 2, 50.0)]),
+]
+batches = st.lists(
+    st.tuples(st.sampled_from([0.0, 0.0, 0.5, 0.5, 1.0, 2.0, 5.0, 20.0]),
+              st.lists(command, min_size=1, max_size=3)),
+    min_size=8, max_size=30,
+)
+
+
+class World:
+    """Turns abstract commands into concrete ops, reading leases from the reference store."""
+
+    def __init__(self, reference: MemoryStore) -> None:
+        self.reference = reference
+        self.run_ids: list[str] = []
+        self.now = 0.0
+
+    def run_id(self, index: int) -> str:
+        return self.run_ids[index % len(self.run_ids)] if self.run_ids else "ghost"
+
+    async def lease(self, target: tuple[bool, int], mode: str) -> Lease:
+        prefer_running, index = target
+        running = [r.id for r in await self.reference.list_runs(state="running", limit=1000)]
+        run_id = running[index % len(running)] if prefer_running and running else self.run_id(index)
+        run = await self.reference.get_run(run_id)
+        epoch, owner = (run.lease_epoch, run.lease_owner or "w1") if run else (1, "w1")
+        if mode == "stale":
+            return Lease(run_id, epoch - 1, owner)
+        return Lease(run_id, epoch, "intruder" if mode == "intruder" else owner)
+
+    async def op(self, cmd: tuple[Any, ...]) -> o.Op[Any]:
+        kind, now = cmd[0], self.now
+        if kind == "enqueue":
+            _, wf, key, reuse = cmd
+            if reuse is not None and self.run_ids:
+                run_id = self.run_id(reuse)
+            else:
+                run_id = f"r{len(self.run_ids)}"
+                self.run_ids.append(run_id)
+            workflow, version = WORKFLOWS[wf]
+            return o.Enqueue(run_id, workflow, version, f'{{"at": {now}}}', key, now)
+        if kind == "claim":
+            _, worker, wanted, limit, ttl = cmd
+            return o.Claim(worker, tuple(WORKFLOWS[i] for i in wanted), limit, now, ttl)
+        if kind == "renew":
+            _, leases, ttl = cmd
+            return o.Renew(tuple([await self.lease(i, m) for i, m in leases]), now, ttl)
+        if kind == "expire":
+            return o.ExpireLeases(now)
+        if kind == "wake":
+            return o.WakeDue(now)
+        lease = await self.lease(cmd[1], cmd[2])
+        if kind in ("start_step", "save_step"):
+            _, _, _, position, name, key, state, output, step_kind, attempts = cmd
+            record = step(
+                position, name, state, output=output, key=key, kind=step_kind,
+                attempts=attempts, error=None if state == "completed" else ("E", name),
+                next_attempt_at=now + 1.0 if state == "retrying" else None,
+            )
+            return (o.StartStep if kind == "start_step" else o.SaveStep)(lease, record, now)
+        if kind == "resave":
+            _, _, _, index, tweak = cmd
+            steps = await self.reference.get_steps(lease.run_id) or (step(),)
+            record = steps[index % len(steps)]
+            if tweak == "start":
+                return o.StartStep(lease, record, now)
+            if tweak == "changed":
+                record = attrs.evolve(record, output=f'"changed at {now}"', state="completed")
+            return o.SaveStep(lease, record, now)
+        if kind == "complete":
+            return o.CompleteRun(lease, f'"done at {now}"', now)
+        if kind == "fail":
+            return o.FailRun(lease, "E", f"failed at {now}", now)
+        if kind == "release":
+            return o.ReleaseRun(lease, now)
+        assert kind == "suspend"
+        return o.SuspendRun(lease, now + cmd[3], "sleep", now)
+
+
+def comparable(outcome: Any) -> Any:
+    if isinstance(outcome, AikiError):
+        return (type(outcome).__name__, str(outcome))
+    return outcome
+
+
+async def observe(store: Store, run_ids: list[str]) -> Any:
+    """Everything the store's reads show; history ``seq`` replaced by its global rank."""
+    per_run = [await snapshot(store, r) for r in [*run_ids, "ghost"]]
+    seqs = sorted(e.seq for [(_, _, history)] in per_run for e in history)
+    rank = {seq: i for i, seq in enumerate(seqs)}
+    return (
+        [(run, steps, [attrs.evolve(e, seq=rank[e.seq]) for e in history])
+         for [(run, steps, history)] in per_run],
+        await store.list_runs(), await store.list_runs(limit=2),
+        await store.list_runs(workflow="wf"), await store.list_runs(state="running"),
+        await store.list_runs(workflow="other", state="queued"),
+        await store.next_wake_at(),
+    )
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(batches=batches, empty_start=st.booleans())
+async def test_random_op_sequences_match_the_reference(
+    store_factory: StoreFactory, batches: list[tuple[float, list[tuple[Any, ...]]]],
+    empty_start: bool,
+) -> None:
+    reference = MemoryStore()
+    world = World(reference)
+    async with store_factory() as store:
+        for dt, commands in (batches if empty_start else [*PRELUDE, *batches]):
+            world.now += dt
+            ops = [await world.op(cmd) for cmd in commands]
+            expected = [comparable(x) for x in await reference.apply(ops)]
+            assert [comparable(x) for x in await store.apply(ops)] == expected, ops
+            assert await observe(store, world.run_ids) == await observe(reference, world.run_ids)
+
+
+# -- retried and late writes (found by the simulation) -----------------------------------
+async def test_a_retried_identical_retrying_step_changes_nothing(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    retrying = step(state="retrying", error=("Flaky", "try later"), next_attempt_at=50.0)
+    await execute(store, o.StartStep(lease, step(state="running"), 11.0))
+    await execute(store, o.SaveStep(lease, retrying, 12.0))
+    before = await snapshot(store, "r1")
+    await execute(store, o.SaveStep(lease, retrying, 13.0))  # its first reply was lost
+    assert await snapshot(store, "r1") == before
+
+
+async def test_a_late_duplicate_of_an_earlier_attempt_changes_nothing(store: Store) -> None:
+    # Seed 52: a duplicated "attempt 1 retrying" arrived after attempt 2's write and
+    # regressed the step. A step only moves forward within a lease.
+    lease = await claim_one(store, "r1")
+    first = step(state="retrying", attempts=1, error=("Flaky", "1"), next_attempt_at=20.0)
+    second = step(state="retrying", attempts=2, error=("Flaky", "2"), next_attempt_at=30.0)
+    await execute(store, o.StartStep(lease, step(state="running", attempts=1), 11.0))
+    await execute(store, o.SaveStep(lease, first, 12.0))
+    await execute(store, o.StartStep(lease, step(state="running", attempts=2), 13.0))
+    await execute(store, o.SaveStep(lease, second, 14.0))
+    before = await snapshot(store, "r1")
+    await execute(store, o.SaveStep(lease, first, 15.0))
+    await execute(store, o.StartStep(lease, step(state="running", attempts=2), 16.0))
+    assert await snapshot(store, "r1") == before
+    assert (await store.get_steps("r1"))[0].attempts == 2
