@@ -17,12 +17,11 @@ it to that): same outcomes, same records, same history events.
   connection). ``offload=False`` runs them inline, for tests under ``MockClock`` and the
   simulation, where real threads are not welcome.
 
-``synchronous``: in WAL mode, ``NORMAL`` (the default) syncs the WAL to disk only at
-checkpoints, not at every commit. A commit is then safe against a crash of the process (the
-fault the engine is built around) and the database is never corrupted, but an OS crash or
-power loss may roll back the last commits. ``FULL`` syncs at every commit, so a commit also
-survives power loss, for one fsync per transaction (which ``StoreWriter``'s group commit
-amortizes). Pick ``FULL`` when an acknowledged enqueue must survive losing the machine.
+``synchronous``: ``FULL`` (the default) syncs the WAL at every commit, so an acknowledged
+enqueue or checkpoint survives an OS crash or power loss too (durability rule 1), for one
+fsync per transaction, which ``StoreWriter``'s group commit amortizes over many writes.
+``NORMAL`` syncs only at WAL checkpoints: still safe against a crash of the process and never
+corrupt, but power loss may roll back the last commits. Choose it knowingly.
 """
 
 from __future__ import annotations
@@ -396,7 +395,7 @@ class SqliteStore:
     @classmethod
     async def open(
         cls, path: str, *, offload: bool = True,
-        synchronous: Literal["NORMAL", "FULL"] = "NORMAL", busy_timeout: float = 5.0,
+        synchronous: Literal["NORMAL", "FULL"] = "FULL", busy_timeout: float = 5.0,
     ) -> SqliteStore:
         """Open (creating if needed) the database at ``path`` and bring its schema up to date.
 

@@ -289,3 +289,13 @@ async def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
             await open_store(bad)
         assert repr(bad) in str(info.value)
         assert "sqlite:///" in str(info.value) and "postgresql://" in str(info.value)
+
+
+async def test_the_default_syncs_every_commit(tmp_path: Path) -> None:
+    # Durability rule 1: an acknowledged enqueue survives power loss, not only a crash.
+    store = await SqliteStore.open(str(tmp_path / "d.db"))
+    try:
+        assert store._db is not None
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        await store.aclose()
