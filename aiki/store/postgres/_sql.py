@@ -192,12 +192,17 @@ async def next_wake_at(conn: Conn) -> float | None:
     return wake_at
 
 
-async def _update_run(conn: Conn, run: RunRecord, now: float, **changes: Any) -> RunRecord:
-    """Write ``changes`` (column names chosen by this module, never by callers' data)."""
+async def _update_run(
+    conn: Conn, run: RunRecord, now: float, event: History, **changes: Any
+) -> None:
+    """Write ``changes`` to the run and append ``event`` to its history, in one statement
+    (one round trip). Column names come from this module, never from callers' data."""
     changes["updated_at"] = now
-    assignments = ", ".join(f"{column} = ${i}" for i, column in enumerate(changes, start=2))
-    await conn.execute(f"UPDATE runs SET {assignments} WHERE id = $1", run.id, *changes.values())
-    return attrs.evolve(run, **changes)
+    assignments = ", ".join(f"{column} = ${i}" for i, column in enumerate(changes, start=10))
+    await conn.execute(
+        f"WITH changed AS (UPDATE runs SET {assignments} WHERE id = $9) "
+        + HISTORY_INSERT, *event, run.id, *changes.values(),
+    )
 
 
 def _event(
@@ -224,15 +229,16 @@ async def _fenced(conn: Conn, lease: Lease) -> RunRecord:
 
 # -- operations: each checks everything before its first write --------------------------------
 async def _enqueue(conn: Conn, op: o.Enqueue) -> o.EnqueueOutcome:
-    inserted = await conn.fetchval(
-        "INSERT INTO runs (id, workflow, version, payload, state, idempotency_key, attempts,"
-        " lease_epoch, created_at, updated_at) VALUES ($1, $2, $3, $4, 'queued', $5, 0, 0, $6, $6)"
-        " ON CONFLICT DO NOTHING RETURNING true",
+    inserted = await conn.fetchval(  # the run and its first event in one round trip
+        "WITH new AS (INSERT INTO runs (id, workflow, version, payload, state, idempotency_key,"
+        " attempts, lease_epoch, created_at, updated_at)"
+        " VALUES ($1, $2, $3, $4, 'queued', $5, 0, 0, $6, $6) ON CONFLICT DO NOTHING"
+        " RETURNING id) INSERT INTO history (run_id, at, event, attempt, detail)"
+        " SELECT id, $6, 'run.queued', 0, $7 FROM new RETURNING true",
         op.run_id, op.workflow, op.version, op.payload, op.idempotency_key, op.now,
+        f"version {op.version}",
     )
     if inserted:
-        await _log(conn, _event(op.run_id, op.now, "run.queued", 0, None,
-                                detail=f"version {op.version}"))
         return o.EnqueueOutcome(op.run_id, created=True)
     if op.idempotency_key is not None:
         existing = await conn.fetchval(
@@ -247,20 +253,17 @@ async def _enqueue(conn: Conn, op: o.Enqueue) -> o.EnqueueOutcome:
 async def _claim(conn: Conn, op: o.Claim) -> tuple[ClaimedRun, ...]:
     if not op.workflows or op.limit <= 0:
         return ()
-    picked = await conn.fetch(
-        "SELECT id FROM runs WHERE state = 'queued' AND (workflow, version) IN"
-        " (SELECT * FROM unnest($1::text[], $2::text[])) ORDER BY seq LIMIT $3"
-        " FOR UPDATE SKIP LOCKED",
-        [w for w, _ in op.workflows], [v for _, v in op.workflows], op.limit,
-    )
-    if not picked:
-        return ()
     rows = await conn.fetch(
         "UPDATE runs SET state = 'running', attempts = attempts + 1,"
-        " lease_epoch = lease_epoch + 1, lease_owner = $2, lease_expires_at = $3,"
-        f" updated_at = $4 WHERE id = ANY($1::text[]) RETURNING seq, {RUN_COLUMNS}",
-        [row["id"] for row in picked], op.worker_id, op.now + op.lease_ttl, op.now,
+        " lease_epoch = lease_epoch + 1, lease_owner = $4, lease_expires_at = $5,"
+        " updated_at = $6 WHERE id IN (SELECT id FROM runs WHERE state = 'queued'"
+        " AND (workflow, version) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
+        f" ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING seq, {RUN_COLUMNS}",
+        [w for w, _ in op.workflows], [v for _, v in op.workflows], op.limit,
+        op.worker_id, op.now + op.lease_ttl, op.now,
     )
+    if not rows:
+        return ()
     runs = [RunRecord(*tuple(row)[1:]) for row in sorted(rows, key=lambda row: row["seq"])]
     await _log(conn, *(
         _event(run.id, op.now, "run.running", run.attempts, op.worker_id,
@@ -301,18 +304,15 @@ async def _requeue_due(
     conn: Conn, due_where: str, now: float, changes: str, event: Callable[[Any], History]
 ) -> tuple[str, ...]:
     """Queue again the runs ``due_where`` picks (skipping rows others hold), in enqueue order."""
-    due = await conn.fetch(
-        f"SELECT id, attempts, lease_epoch, lease_owner FROM runs WHERE {due_where}"
-        " ORDER BY seq FOR UPDATE SKIP LOCKED",
+    due = sorted(await conn.fetch(
+        f"UPDATE runs SET state = 'queued', {changes}, updated_at = $1 FROM (SELECT id,"
+        f" lease_owner FROM runs WHERE {due_where} FOR UPDATE SKIP LOCKED) AS due"
+        " WHERE runs.id = due.id RETURNING runs.seq, runs.id, runs.attempts,"
+        " runs.lease_epoch, due.lease_owner",
         now,
-    )
-    if not due:
-        return ()
-    ids = [row["id"] for row in due]
-    await conn.execute(f"UPDATE runs SET state = 'queued', {changes}, updated_at = $2"
-                       " WHERE id = ANY($1::text[])", ids, now)
+    ), key=lambda row: row["seq"])
     await _log(conn, *(event(row) for row in due))
-    return tuple(ids)
+    return tuple(row["id"] for row in due)
 
 
 async def _expire(conn: Conn, op: o.ExpireLeases) -> tuple[str, ...]:
@@ -369,9 +369,9 @@ async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> None:
         + ", ".join(f"{f.name} = excluded.{f.name}" for f in fields),
         run.id, *attrs.astuple(new),
     )
-    await _update_run(conn, run, op.now)
-    await _log(conn, _event(run.id, op.now, event, new.attempts, op.lease.worker_id,
-                            position=new.position, name=new.name, detail=detail))
+    await _update_run(conn, run, op.now, _event(run.id, op.now, event, new.attempts,
+                                                op.lease.worker_id, position=new.position,
+                                                name=new.name, detail=detail))
     return None
 
 
@@ -379,24 +379,29 @@ async def _finish(conn: Conn, lease: Lease, now: float, state: str, result: str 
                   error: tuple[str, str] | None = None) -> None:
     run = await _fenced(conn, lease)
     error_type, error_message = error if error else (None, None)
-    run = await _update_run(conn, run, now, state=state, result=result, error_type=error_type,
-                            error_message=error_message, finished_at=now, **NO_LEASE)
-    await _log(conn, _event(run.id, now, f"run.{state}", run.attempts, lease.worker_id,
-                            detail=None if error is None else f"{error_type}: {error_message}"))
+    await _update_run(
+        conn, run, now,
+        _event(run.id, now, f"run.{state}", run.attempts, lease.worker_id,
+               detail=None if error is None else f"{error_type}: {error_message}"),
+        state=state, result=result, error_type=error_type, error_message=error_message,
+        finished_at=now, **NO_LEASE,
+    )
 
 
 async def _suspend(conn: Conn, op: o.SuspendRun) -> None:
     run = await _fenced(conn, op.lease)
-    await _update_run(conn, run, op.now, state="sleeping", wake_at=op.wake_at, **NO_LEASE)
-    await _log(conn, _event(run.id, op.now, "run.sleeping", run.attempts, op.lease.worker_id,
-                            detail=f"{op.reason}; wakes at {op.wake_at}"))
+    await _update_run(conn, run, op.now,
+                      _event(run.id, op.now, "run.sleeping", run.attempts, op.lease.worker_id,
+                             detail=f"{op.reason}; wakes at {op.wake_at}"),
+                      state="sleeping", wake_at=op.wake_at, **NO_LEASE)
 
 
 async def _release(conn: Conn, op: o.ReleaseRun) -> None:
     run = await _fenced(conn, op.lease)
-    await _update_run(conn, run, op.now, state="queued", **NO_LEASE)
-    await _log(conn, _event(run.id, op.now, "run.queued", run.attempts, op.lease.worker_id,
-                            detail="released by its worker"))
+    await _update_run(conn, run, op.now,
+                      _event(run.id, op.now, "run.queued", run.attempts, op.lease.worker_id,
+                             detail="released by its worker"),
+                      state="queued", **NO_LEASE)
 
 
 async def _apply_one(conn: Conn, op: o.Op[Any]) -> Any:
