@@ -316,12 +316,68 @@ class ReleaseRun:
     lease: Lease
 
 
+@message("drain")
+@attrs.frozen
+class Drain:
+    """Worker → server: this worker is shutting down; assign it no more runs."""
+
+    req: int
+
+
+# -- listings ------------------------------------------------------------------------------
+@message("list_runs")
+@attrs.frozen
+class ListRuns:
+    """The newest runs, optionally only of one workflow and/or in one state."""
+
+    req: int
+    workflow: str | None = None
+    state: str | None = None
+    limit: int = 100
+
+
+@message("run_list")
+@attrs.frozen
+class RunList:
+    req: int
+    runs: tuple[RunRecord, ...]
+
+
+@attrs.frozen
+class WorkerInfo:
+    """A connected worker as the server sees it. Times are epoch seconds."""
+
+    id: str
+    workflows: tuple[WorkflowRef, ...]
+    slots: int
+    in_use: int
+    connected_at: float
+    last_heartbeat: float | None
+    draining: bool = False
+
+
+@message("list_workers")
+@attrs.frozen
+class ListWorkers:
+    req: int
+
+
+@message("worker_list")
+@attrs.frozen
+class WorkerList:
+    req: int
+    workers: tuple[WorkerInfo, ...]
+
+
 @message("goodbye")
 @attrs.frozen
 class Goodbye:
-    """Either side is closing the connection, and why."""
+    """Either side is closing the connection, and why. ``error_type`` names the aiki error
+    when the close is a refusal that retrying will not fix (``AuthenticationFailed``,
+    ``ProtocolError``); None when the peer may simply connect again (a shutdown)."""
 
     reason: str
+    error_type: str | None = None
 
 
 def message_types() -> dict[str, type[Any]]:

@@ -1,7 +1,18 @@
 """The server: its supervision tree (StoreWriter, Dispatcher, Timer, listener with one Session
-per connection) assembled from a configuration. The server never imports user code."""
+per connection) assembled from a configuration. The server never imports user code.
+
+:class:`Server` is the tree over any Transport (memory in embedded mode, the simulation's
+network); :func:`run_server` is the ``aiki server`` process: a :class:`ServerConfig`, the
+store it names, the WebSocket transport, and SIGINT / SIGTERM handling.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator
 
 import attrs
 import trio
@@ -12,15 +23,32 @@ from aiki.actors.store_writer import StoreWriter
 from aiki.actors.supervisor import ChildSpec, Supervisor
 from aiki.actors.timer import Timer
 from aiki.actors.watchers import RunWatchers
+from aiki.errors import ConfigError
 from aiki.sources import Sources
+from aiki.store import open_store
 from aiki.store.base import Store
 from aiki.transport.base import Connection, Transport
+from aiki.transport.websocket import (
+    Endpoint,
+    WebSocketSettings,
+    WebSocketTransport,
+    parse_address,
+    server_ssl_context,
+)
+
+log = logging.getLogger("aiki.server")
 
 
 @attrs.define(eq=False)
 class Server:
     """One Aiki server over ``store``. ``await nursery.start(server.serve, transport, address)``
-    returns once it accepts connections, with the address it listens on."""
+    returns once it accepts connections, with the address it listens on.
+
+    ``serve`` runs until cancelled, or until :meth:`stop` asks for a graceful shutdown: no
+    new runs are handed out, every session finishes the requests it has (their writes are
+    committed and answered) and says goodbye (workers reconnect elsewhere or later), then
+    ``serve`` returns. Sessions still busy after ``shutdown_grace`` seconds are cut off.
+    """
 
     store: Store
     sources: Sources
@@ -31,6 +59,8 @@ class Server:
     supervisor: Supervisor = attrs.field(
         factory=lambda: Supervisor("server", max_restarts=5, within=10.0)
     )
+    hello_timeout: float = 10.0
+    shutdown_grace: float = 10.0
     ctx: ServerContext = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -43,8 +73,14 @@ class Server:
             watchers=RunWatchers(), sources=self.sources, server_id=self.sources.new_id(),
             lease_ttl=self.lease_ttl,
             heartbeat_interval=self.heartbeat_interval or self.lease_ttl / 3,
-            token=self.token,
+            token=self.token, hello_timeout=self.hello_timeout,
         )
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (see the class docstring); ``serve`` returns when done."""
+        if not self.ctx.shutting_down.is_set():
+            log.info("shutting down: %d sessions open", self.ctx.open_sessions)
+        self.ctx.shutting_down.set()
 
     async def serve(
         self, transport: Transport, address: str, *,
@@ -69,3 +105,127 @@ class Server:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.supervisor.run, children)
             task_status.started(bound[-1])
+            await self.ctx.shutting_down.wait()
+            self.ctx.dispatcher.stop_assigning()
+            with trio.move_on_after(self.shutdown_grace) as waited:
+                while self.ctx.open_sessions > 0:
+                    self.ctx.no_sessions = trio.Event()
+                    await self.ctx.no_sessions.wait()
+            if waited.cancelled_caught:
+                log.warning("shutdown: %d sessions still busy after %.1f s; cutting them off",
+                            self.ctx.open_sessions, self.shutdown_grace)
+            nursery.cancel_scope.cancel()
+        log.info("server stopped")
+
+
+# -- the `aiki server` process ----------------------------------------------------------------
+_WS = WebSocketSettings()  # the transport's defaults
+
+
+@attrs.frozen
+class ServerConfig:
+    """Everything ``aiki server`` takes. :meth:`endpoint` checks it."""
+
+    listen: str = "127.0.0.1:9090"
+    store: str = "sqlite:///aiki.db"
+    token: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    lease_ttl: float = 30.0
+    heartbeat_interval: float | None = None
+    poll_interval: float = 1.0
+    hello_timeout: float = 10.0
+    shutdown_grace: float = 10.0
+    max_frame_bytes: int = _WS.max_frame_bytes
+    ping_interval: float = _WS.ping_interval
+    ping_timeout: float = _WS.ping_timeout
+
+    def endpoint(self) -> Endpoint:
+        """Where to listen; raises :class:`ConfigError` for a setting that cannot work,
+        including a non-loopback address without a token."""
+        endpoint = parse_address(self.listen, secure=self.certfile is not None)
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ConfigError("wss:// needs both a certificate (--cert) and its key (--key)")
+        if endpoint.secure and self.certfile is None:
+            raise ConfigError(f"{self.listen!r} is wss://: give a certificate (--cert) and "
+                              "key (--key)")
+        if not endpoint.is_loopback and self.token is None:
+            raise ConfigError(
+                f"refusing to listen on {endpoint.host} without a token: anyone who can reach "
+                "it could run and read workflows. Give a token (--token-file or AIKI_TOKEN), "
+                "or listen on 127.0.0.1"
+            )
+        if endpoint.path != "/":
+            raise ConfigError(f"a listen address has no path, got {self.listen!r}")
+        for name in ("lease_ttl", "poll_interval", "hello_timeout", "shutdown_grace"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, "
+                                  f"got {getattr(self, name)!r}")
+        return endpoint
+
+    def transport_settings(self) -> WebSocketSettings:
+        context = None
+        if self.certfile is not None and self.keyfile is not None:
+            context = server_ssl_context(self.certfile, self.keyfile)
+        return WebSocketSettings(
+            token=self.token, ssl_context=context, max_frame_bytes=self.max_frame_bytes,
+            ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
+            handshake_timeout=self.hello_timeout,
+        )
+
+
+async def run_server(
+    config: ServerConfig, *, sources: Sources | None = None, handle_signals: bool = True,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``aiki server`` until SIGINT / SIGTERM (graceful; a second signal stops at once)
+    or cancellation. ``task_status.started`` gets the URL clients connect to."""
+    endpoint = config.endpoint()
+    settings = config.transport_settings()
+    with contextlib.ExitStack() as stack:
+        signals = None
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            # Before anything starts, so a signal during startup is not the default kill.
+            signals = stack.enter_context(
+                trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM))
+        try:
+            store = await open_store(config.store)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        try:
+            server = Server(
+                store, sources or Sources.real(), lease_ttl=config.lease_ttl,
+                heartbeat_interval=config.heartbeat_interval, token=config.token,
+                poll_interval=config.poll_interval, hello_timeout=config.hello_timeout,
+                shutdown_grace=config.shutdown_grace,
+            )
+            host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+            async with trio.open_nursery() as nursery:
+                if signals is not None:
+                    nursery.start_soon(_stop_on_signals, signals, server, nursery.cancel_scope)
+
+                async def serve(*, task_status: trio.TaskStatus[str]) -> None:
+                    await server.serve(WebSocketTransport(settings), f"{host}:{endpoint.port}",
+                                       task_status=task_status)
+                    nursery.cancel_scope.cancel()  # stopped: end the signal watcher too
+
+                url = await nursery.start(serve)
+                log.info("listening on %s (store %s, lease ttl %.1f s%s)", url, config.store,
+                         config.lease_ttl, ", token required" if config.token else "")
+                task_status.started(url)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await store.aclose()
+
+
+async def _stop_on_signals(signals: AsyncIterator[int], server: Server,
+                           everything: trio.CancelScope) -> None:
+    async for signum in signals:
+        if not server.ctx.shutting_down.is_set():
+            log.info("%s: shutting down gracefully (again to stop at once)",
+                     signal.Signals(signum).name)
+            server.stop()
+        else:
+            log.warning("%s again: stopping now", signal.Signals(signum).name)
+            everything.cancel()
+            return

@@ -1,9 +1,10 @@
 """Dispatcher: hands queued runs to workers with free slots, and expires lost leases.
 
 Messages: :class:`Joined`, :class:`Left`, :class:`Ended` (a worker's run stopped holding a
-slot), :class:`Alive` (a worker heartbeated), :class:`Poke` (there may be new work). A worker
-that let a lease expire gets no new run until it heartbeats again, so a worker cut off from
-the server does not swallow the runs it cannot renew. It owns the seats of connected workers, which
+slot), :class:`Alive` (a worker heartbeated), :class:`Draining` (a worker shuts down: no new
+runs for it), :class:`Poke` (there may be new work). A worker that let a lease expire gets no
+new run until it heartbeats again, so a worker cut off from the server does not swallow the
+runs it cannot renew. It owns the seats of connected workers, which
 are hints rebuilt from the sessions; the store is the truth (who holds which lease), so a
 crash of the Dispatcher loses no run: after a restart sessions re-join on their next message
 and leases that nobody renews expire.
@@ -25,7 +26,7 @@ import trio
 from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.errors import StoreUnavailable
-from aiki.protocol import Assign
+from aiki.protocol import Assign, WorkerInfo, WorkflowRef
 from aiki.sources import Sources
 from aiki.store.ops import Claim, ExpireLeases
 
@@ -44,10 +45,20 @@ class Seat:
     active: set[str] = attrs.field(factory=set)
     # Let a lease expire: it gets no new runs until it proves alive with a heartbeat.
     suspect: bool = False
+    connected_at: float = 0.0
+    last_heartbeat: float | None = None
+    # Shutting down (SIGTERM): it gets no new runs, and gives back the ones it has.
+    draining: bool = False
 
     @property
     def free(self) -> int:
-        return self.slots - len(self.active)
+        return 0 if self.draining else self.slots - len(self.active)
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            self.worker_id, tuple(WorkflowRef(n, v) for n, v in self.workflows), self.slots,
+            len(self.active), self.connected_at, self.last_heartbeat, self.draining,
+        )
 
 
 @attrs.frozen
@@ -68,7 +79,15 @@ class Ended:
 
 @attrs.frozen
 class Alive:
-    """The worker of this session heartbeated."""
+    """The worker of this session heartbeated (at wall time ``at``)."""
+
+    session: int
+    at: float | None = None
+
+
+@attrs.frozen
+class Draining:
+    """The worker of this session is shutting down: no more runs for it."""
 
     session: int
 
@@ -88,6 +107,7 @@ class Dispatcher:
     seats: dict[int, Seat] = attrs.field(factory=dict)
     versions: dict[str, set[str]] = attrs.field(factory=dict)
     assigned: int = 0
+    stopped: bool = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -116,6 +136,12 @@ class Dispatcher:
 
     def _handle(self, msg: Any) -> None:
         if isinstance(msg, Joined):
+            for old in [s for s in self.seats.values() if s.worker_id == msg.seat.worker_id]:
+                # The same worker again: a reconnection whose old connection the server has
+                # not seen die yet (or two processes given one --id). The newest one wins.
+                log.info("dispatcher: worker %r reconnected; dropping its older session %d",
+                         old.worker_id, old.session)
+                del self.seats[old.session]
             self.seats[msg.seat.session] = msg.seat
             for name, version in msg.seat.workflows:
                 self.versions.setdefault(name, set()).add(version)
@@ -123,15 +149,23 @@ class Dispatcher:
             self.seats.pop(msg.session, None)
         elif isinstance(msg, Alive):
             seat = self.seats.get(msg.session)
+            if seat is not None and msg.at is not None:
+                seat.last_heartbeat = msg.at
             if seat is not None and seat.suspect:
                 seat.suspect = False
                 self.poke()
+        elif isinstance(msg, Draining):
+            seat = self.seats.get(msg.session)
+            if seat is not None:
+                seat.draining = True
         elif isinstance(msg, Ended):
             seat = self.seats.get(msg.session)
             if seat is not None:
                 seat.active.difference_update(msg.run_ids)
 
     async def _assign(self) -> None:
+        if self.stopped:
+            return
         for seat in list(self.seats.values()):
             if seat.free <= 0 or not seat.workflows or seat.suspect:
                 continue
@@ -145,8 +179,17 @@ class Dispatcher:
                 seat.push(Assign(c.run, c.steps))
 
     # -- for sessions --------------------------------------------------------------------
-    def tell(self, msg: Joined | Left | Ended | Alive | Poke) -> None:
+    def tell(self, msg: Joined | Left | Ended | Alive | Draining | Poke) -> None:
         self.mailbox.address.tell_nowait(msg)
+
+    def stop_assigning(self) -> None:
+        """The server shuts down: claim no more runs (those claimed would go nowhere)."""
+        self.stopped = True
+
+    def workers(self) -> tuple[WorkerInfo, ...]:
+        """The connected workers as the Dispatcher sees them now (a snapshot)."""
+        return tuple(seat.info() for seat in sorted(self.seats.values(),
+                                                     key=lambda s: s.worker_id))
 
     def poke(self) -> None:
         self.mailbox.address.tell_nowait(Poke())

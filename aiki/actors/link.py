@@ -1,13 +1,28 @@
-"""Link: a client's or worker's connection to the server, with request/reply correlation.
+"""Link: a client's or worker's connection to the server, with request/reply correlation and
+reconnection.
 
 It owns the connection and a reader task that routes each reply to the request waiting for
-it (by ``req``) and every push (``Assign``) to ``on_push``. When the connection ends, every
-waiting request fails with :class:`ConnectionLost`; nothing durable lives here.
+it (by ``req``) and every push (``Assign``) to ``on_push``. The first connection must
+succeed (``Link.open`` raises what went wrong). After that, a lost connection is replaced:
+the Link reconnects with jittered exponential backoff and says hello again (a worker's hello
+re-announces the leases it still holds), and ``on_welcome`` runs for every new connection.
+
+A request whose connection is lost before its reply is sent again on the next connection
+(``retry=True``, the default: every request is safe to repeat, see :mod:`aiki.store.ops`),
+all within its one timeout. With ``retry=False`` it fails with :class:`ConnectionLost`.
+
+A refusal that another attempt cannot fix ends the Link and is raised from ``Link.open``'s
+block: the server refusing the token (:class:`AuthenticationFailed`) or the hello
+(:class:`ProtocolError`, e.g. a protocol version it does not speak).
+
+Nothing durable lives here: a crash of the Link loses only requests in flight, whose
+callers see the error.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,20 +41,35 @@ _REFUSALS: dict[str, type[errors.AikiError]] = {
     for cls in (
         errors.StaleLease, errors.StepConflict, errors.RunNotFound, errors.UnknownWorkflow,
         errors.ProtocolError, errors.StoreUnavailable, errors.PayloadError,
+        errors.AuthenticationFailed, errors.ConnectionLost,
     )
 }
+# Refusals of a hello that no reconnection can fix.
+_FATAL = (errors.AuthenticationFailed, errors.ProtocolError)
 
 
-def refusal_error(msg: p.Refused) -> errors.AikiError:
-    """The local exception for a server's ``Refused`` reply."""
-    cls = _REFUSALS.get(msg.error_type, errors.AikiError)
-    return cls(msg.message) if cls is not errors.AikiError else cls(
-        f"{msg.error_type}: {msg.message}"
-    )
+def refusal_error(error_type: str, message: str) -> errors.AikiError:
+    """The local exception for a server's refusal (``Refused`` or ``Goodbye``)."""
+    cls = _REFUSALS.get(error_type, errors.AikiError)
+    return cls(message) if cls is not errors.AikiError else cls(f"{error_type}: {message}")
+
+
+@attrs.frozen
+class Backoff:
+    """Delays between reconnection attempts: doubling from ``initial`` up to ``maximum``,
+    each drawn uniformly from its upper half (jitter, so workers do not reconnect in step)."""
+
+    initial: float = 0.1
+    maximum: float = 5.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        ceiling = min(self.maximum, self.initial * 2.0 ** min(attempt, 30))
+        return ceiling / 2 + rng.random() * ceiling / 2
 
 
 @attrs.define(eq=False)
 class _Waiter:
+    conn: Connection
     done: trio.Event = attrs.field(factory=trio.Event)
     value: Any = None
     error: BaseException | None = None
@@ -47,76 +77,239 @@ class _Waiter:
 
 @attrs.define(eq=False)
 class Link:
-    conn: Connection
-    on_push: Callable[[Any], None]
+    transport: Transport
+    address: str
+    hello: Callable[[int], p.Hello]
+    on_push: Callable[[Any], None] = lambda msg: None
     request_timeout: float = 30.0
+    reconnect: Backoff | None = attrs.field(factory=Backoff)
+    rng: random.Random = attrs.field(factory=lambda: random.Random(0))
+    on_welcome: Callable[[p.Welcome], None] = lambda welcome: None
     welcome: p.Welcome | None = None
+    connections: int = 0
+    _conn: Connection | None = None
+    _up: trio.Event = attrs.field(factory=trio.Event)
+    _final: BaseException | None = None
     _req: int = 0
     _waiting: dict[int, _Waiter] = attrs.field(factory=dict)
-    _lost: errors.ConnectionLost | None = None
 
     @classmethod
     @asynccontextmanager
     async def open(
         cls, transport: Transport, address: str, hello: Callable[[int], p.Hello],
         on_push: Callable[[Any], None] = lambda msg: None, request_timeout: float = 30.0,
+        *, reconnect: Backoff | None = Backoff(), rng: random.Random | None = None,
+        on_welcome: Callable[[p.Welcome], None] = lambda welcome: None,
     ) -> AsyncIterator[Link]:
-        """Connect, say hello, and keep the reader running until the block ends."""
-        conn = await transport.connect(address)
-        link = cls(conn, on_push, request_timeout)
+        """Connect and say hello (raising what went wrong), then keep the connection up
+        until the block ends."""
+        link = cls(transport, address, hello, on_push, request_timeout, reconnect,
+                   rng or random.Random(0), on_welcome)
         failure: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(link._read)
                 try:
-                    welcome = await link.request(hello)
-                    if not isinstance(welcome, p.Welcome):
-                        raise errors.ProtocolError(f"expected 'welcome', got {welcome!r}")
-                    link.welcome = welcome
+                    await nursery.start(link._maintain)
                     yield link
                 except BaseException as exc:
                     failure = exc  # re-raised as itself, not wrapped in the nursery's group
                 nursery.cancel_scope.cancel()
-            if failure is not None:
-                raise failure
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await conn.aclose()
+        except BaseExceptionGroup as group:
+            # The connection was refused for good while the block ran: that is the error.
+            fatal = [e for e in group.exceptions if isinstance(e, errors.AikiError)]
+            if len(fatal) == 1:
+                raise fatal[0] from None
+            raise
+        if failure is not None:
+            raise failure
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    @property
+    def ended(self) -> BaseException | None:
+        """Why this Link gave up for good (a refusal, or a loss with ``reconnect=None``);
+        None while it is connected or reconnecting."""
+        return self._final
+
+    @property
+    def _lost(self) -> BaseException | None:
+        # Read by simulations/world.py from before the Link reconnected by itself; remove
+        # once it reads ``ended`` (or drops its restart-on-lost-link workaround).
+        return self._final
 
     def next_req(self) -> int:
         self._req += 1
         return self._req
 
-    async def request(self, make: Callable[[int], Any], timeout: float | None = None) -> Any:
-        """Send ``make(req)`` and return the reply; a ``Refused`` reply is raised as its error."""
-        if self._lost is not None:
-            raise self._lost
-        req = self.next_req()
-        waiter = self._waiting[req] = _Waiter()
+    async def request(self, make: Callable[[int], Any], timeout: float | None = None, *,
+                      retry: bool = True) -> Any:
+        """Send ``make(req)`` and return the reply; a ``Refused`` reply is raised as its error.
+
+        Waits for a connection if there is none (while reconnecting). Raises TimeoutError
+        after ``timeout`` seconds (``request_timeout`` by default) in all.
+        """
+        limit = self.request_timeout if timeout is None else timeout
         try:
-            await self.conn.send(make(req))
-            limit = self.request_timeout if timeout is None else timeout
             with trio.fail_after(limit):
-                await waiter.done.wait()
+                while True:
+                    conn = await self._connection()
+                    req = self.next_req()
+                    waiter = self._waiting[req] = _Waiter(conn)
+                    try:
+                        try:
+                            await conn.send(make(req))
+                        except errors.ConnectionLost as exc:
+                            waiter.error = exc
+                            self._drop(conn)
+                        else:
+                            await waiter.done.wait()
+                    finally:
+                        self._waiting.pop(req, None)
+                    if (isinstance(waiter.error, errors.ConnectionLost) and retry
+                            and self._final is None and self.reconnect is not None):
+                        log.info("request %d: connection lost before the reply; sending it "
+                                 "again once reconnected", req)
+                        continue
+                    break
         except trio.TooSlowError:
             raise TimeoutError(f"no reply from the server within {limit} s") from None
+        if waiter.error is not None:
+            raise waiter.error
+        if isinstance(waiter.value, p.Refused):
+            raise refusal_error(waiter.value.error_type, waiter.value.message)
+        return waiter.value
+
+    def _drop(self, conn: Connection) -> None:
+        """``conn`` is dead: requests wait for the next connection instead of using it."""
+        if self._conn is conn:
+            self._conn = None
+            self._up = trio.Event()
+
+    async def _connection(self) -> Connection:
+        while True:
+            if self._final is not None:
+                raise self._final
+            if self._conn is not None:
+                return self._conn
+            await self._up.wait()
+
+    # -- the connection's life ------------------------------------------------------------
+    async def _maintain(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                        ) -> None:
+        """Connect, serve, reconnect: until cancelled or refused for good."""
+        first = True
+        attempt = 0
+        while True:
+            try:
+                await self._serve_one_connection(task_status if first else None)
+                attempt = 0
+            except _FATAL as exc:
+                self._end(exc)
+                raise
+            except (errors.ConnectionLost, OSError, TimeoutError) as exc:
+                if first:
+                    self._end(exc)
+                    raise
+                log.warning("cannot reconnect to %s: %s", self.address, exc)
+            if self.welcome is not None:
+                first = False
+            if self.reconnect is None:
+                self._end(errors.ConnectionLost(f"the connection to {self.address} is closed"))
+                return
+            delay = self.reconnect.delay(attempt, self.rng)
+            attempt += 1
+            log.info("reconnecting to %s in %.2f s", self.address, delay)
+            await trio.sleep(delay)
+
+    async def _serve_one_connection(self, task_status: trio.TaskStatus[None] | None) -> None:
+        """One connection from connect to loss; returns when it is lost after its welcome."""
+        conn = await self.transport.connect(self.address)
+        try:
+            lost: list[BaseException] = []
+            try:
+                async with trio.open_nursery() as nursery:
+                    reader_done = trio.Event()
+                    nursery.start_soon(self._read, conn, reader_done, lost)
+                    welcome = await self._say_hello(conn, lost)
+                    self.welcome = welcome
+                    self.connections += 1
+                    self._conn = conn
+                    self._up.set()
+                    self.on_welcome(welcome)
+                    if task_status is not None:
+                        task_status.started()
+                    await reader_done.wait()
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                    raise group.exceptions[0] from None  # the hello's failure, as itself
+                raise
+            if lost and isinstance(lost[0], _FATAL):
+                raise lost[0]
+            log.warning("lost the connection to %s: %s", self.address,
+                        lost[0] if lost else "closed")
+        finally:
+            self._drop(conn)
+            for waiter in list(self._waiting.values()):
+                if waiter.conn is conn and not waiter.done.is_set():
+                    waiter.error = errors.ConnectionLost(f"lost the connection to {self.address}")
+                    waiter.done.set()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await conn.aclose()
+
+    async def _say_hello(self, conn: Connection, lost: list[BaseException]) -> p.Welcome:
+        req = self.next_req()
+        waiter = self._waiting[req] = _Waiter(conn)
+        try:
+            await conn.send(self.hello(req))
+            with trio.fail_after(self.request_timeout):
+                await waiter.done.wait()
+        except trio.TooSlowError:
+            raise TimeoutError(f"no welcome from {self.address} within "
+                               f"{self.request_timeout} s") from None
         finally:
             self._waiting.pop(req, None)
         if waiter.error is not None:
             raise waiter.error
+        if isinstance(waiter.value, p.Welcome):
+            return waiter.value
         if isinstance(waiter.value, p.Refused):
-            raise refusal_error(waiter.value)
-        return waiter.value
+            raise refusal_error(waiter.value.error_type, waiter.value.message)
+        if lost:
+            raise lost[0]
+        raise errors.ProtocolError(f"expected 'welcome' from {self.address}, "
+                                   f"got {waiter.value!r}")
 
-    async def _read(self) -> None:
+    def _end(self, exc: BaseException) -> None:
+        """No more connections: fail everything waiting now and later with ``exc``."""
+        self._final = exc
+        self._up.set()
+        for waiter in self._waiting.values():
+            if not waiter.done.is_set():
+                waiter.error = exc
+                waiter.done.set()
+
+    async def _read(self, conn: Connection, done: trio.Event,
+                    lost: list[BaseException]) -> None:
         try:
             while True:
-                msg = await self.conn.receive()
-                req = getattr(msg, "req", None)
+                try:
+                    msg = await conn.receive()
+                except errors.ProtocolError as exc:
+                    log.warning("undecodable message from %s: %s", self.address, exc)
+                    continue
                 if isinstance(msg, p.Goodbye):
-                    raise errors.ConnectionLost(f"the server closed the connection: {msg.reason}")
-                if req is not None and req in self._waiting:
-                    waiter = self._waiting[req]
+                    if msg.error_type is not None:
+                        lost.append(refusal_error(msg.error_type, msg.reason))
+                    else:
+                        lost.append(errors.ConnectionLost(
+                            f"the server closed the connection: {msg.reason}"))
+                    break
+                req = getattr(msg, "req", None)
+                waiter = self._waiting.get(req) if req is not None else None
+                if waiter is not None:
                     waiter.value = msg
                     waiter.done.set()
                 elif isinstance(msg, p.Refused):
@@ -124,9 +317,14 @@ class Link:
                 else:
                     self.on_push(msg)
         except errors.ConnectionLost as exc:
-            self._lost = exc
-        except errors.ProtocolError as exc:
-            self._lost = errors.ConnectionLost(f"undecodable message from the server: {exc}")
-        for waiter in self._waiting.values():
-            waiter.error = self._lost
-            waiter.done.set()
+            lost.append(exc)
+        finally:
+            self._drop(conn)
+            done.set()
+            # Replies will not come on this connection any more.
+            for waiter in list(self._waiting.values()):
+                if waiter.conn is conn and not waiter.done.is_set():
+                    waiter.error = lost[0] if lost else errors.ConnectionLost(
+                        f"lost the connection to {self.address}")
+                    waiter.done.set()
+

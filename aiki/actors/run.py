@@ -90,6 +90,11 @@ class Suspend(BaseException):
         self.reason = reason
 
 
+class Release(BaseException):
+    """The worker is draining: give the run back (queued at once) at this step boundary,
+    before starting another task attempt, so that no finished task runs again."""
+
+
 Persist = Callable[[Callable[[int], Any]], Awaitable[Any]]
 
 
@@ -116,6 +121,8 @@ class RunState:
     persist: Persist
     sources: Sources
     inline_retry_max: float
+    # Set when the worker drains: no new task attempt starts; the run is given back.
+    draining: trio.Event = attrs.field(factory=trio.Event)
     steps: dict[str, StepRecord] = attrs.field(init=False)
     consumed: set[str] = attrs.field(factory=set)
     root: _Branch = attrs.field(factory=lambda: _Branch(""))
@@ -238,7 +245,13 @@ class RunState:
                 if wait > self.inline_retry_max:
                     raise Suspend(not_before, f"task {task.name!r} retries at attempt {attempt}")
                 if wait > 0:
-                    await trio.sleep(wait)
+                    with trio.move_on_after(wait):
+                        await self.draining.wait()
+                    if self.draining.is_set():
+                        raise Suspend(not_before, f"task {task.name!r} retries at attempt "
+                                      f"{attempt}; the worker is draining")
+            if self.draining.is_set():
+                raise Release()
             step = StepRecord(position, "task", task.name, input_hash, input_json, key,
                               "running", attempt)
             await self.save(step, start=True)
@@ -335,11 +348,14 @@ class WorkflowRun:
         base = state.next_position()
         results: list[Any] = [None] * len(awaitables)
         failure: list[BaseException] = []
+        released: list[Release] = []
 
         async def branch(i: int, aw: Awaitable[Any], cancel: trio.CancelScope) -> None:
             _BRANCH.set((state, _Branch(f"{base}.{i}.")))
             try:
                 results[i] = await aw
+            except Release as exc:
+                released.append(exc)  # the other branches finish their tasks in flight
             except (Exception, Abandon, Suspend) as exc:
                 if not failure:
                     failure.append(exc)
@@ -350,6 +366,8 @@ class WorkflowRun:
                 nursery.start_soon(branch, i, aw, nursery.cancel_scope)
         if failure:
             raise failure[0]
+        if released:
+            raise released[0]
         return results
 
     async def _execute_task(self, task: TaskDefinition, payload: Any, key: str | None) -> Any:
@@ -358,14 +376,15 @@ class WorkflowRun:
 
 async def run_workflow(
     workflow: WorkflowDefinition, assign: p.Assign, persist: Persist, sources: Sources,
-    *, inline_retry_max: float = 10.0,
+    *, inline_retry_max: float = 10.0, draining: trio.Event | None = None,
 ) -> None:
-    """Drive one leased run to its end: completed, failed, suspended, or abandoned."""
+    """Drive one leased run to its end: completed, failed, suspended, released (the worker
+    drains: ``draining`` is set) or abandoned."""
     run = assign.run
     assert run.lease_owner is not None
     lease = Lease(run.id, run.lease_epoch, run.lease_owner)
     state = RunState(lease, {s.position: s for s in assign.steps}, persist, sources,
-                     inline_retry_max)
+                     inline_retry_max, trio.Event() if draining is None else draining)
     _BRANCH.set((state, state.root))
     handle = WorkflowRun(state, run.id, run.workflow, run.version, run.attempts)
     try:
@@ -378,6 +397,10 @@ async def run_workflow(
     except Suspend as suspend:
         wake_at, reason = suspend.wake_at, suspend.reason
         await state.write(lambda req: p.SuspendRun(req, lease, wake_at, reason))
+        return
+    except Release:
+        log.info("run %s: given back at a step boundary (the worker drains)", run.id)
+        await state.write(lambda req: p.ReleaseRun(req, lease))
         return
     except Abandon:
         return

@@ -13,13 +13,15 @@ up until ``max_protocol_errors`` of them, then it is closed with a reason.
 from __future__ import annotations
 
 import logging
+import typing
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
 import trio
 
 from aiki import protocol as p
-from aiki.actors.dispatcher import Alive, Dispatcher, Ended, Joined, Left, Seat
+from aiki.actors.dispatcher import Alive, Dispatcher, Draining, Ended, Joined, Left, Seat
 from aiki.actors.mailbox import Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.actors.timer import Timer
@@ -28,10 +30,11 @@ from aiki.errors import AikiError, ConnectionLost, ProtocolError, RunNotFound, U
 from aiki.sources import Sources
 from aiki.store import ops
 from aiki.store.base import Store
-from aiki.store.records import TERMINAL_RUN_STATES, Lease, RunRecord
+from aiki.store.records import TERMINAL_RUN_STATES, Lease, RunRecord, RunState
 from aiki.transport.base import Connection
 
 log = logging.getLogger("aiki.session")
+RUN_STATES: tuple[str, ...] = typing.get_args(RunState)
 
 
 @attrs.define(eq=False)
@@ -52,10 +55,25 @@ class ServerContext:
     max_in_flight: int = 64
     max_protocol_errors: int = 16
     sessions: int = 0
+    # Graceful shutdown: set, every session stops reading, finishes the requests it has,
+    # says goodbye and ends; ``open_sessions`` counts down to zero (``no_sessions``).
+    shutting_down: trio.Event = attrs.field(factory=trio.Event)
+    open_sessions: int = 0
+    no_sessions: trio.Event = attrs.field(factory=trio.Event)
 
 
 class Closing(Exception):
-    """Internal: end this session with a reason."""
+    """Internal: end this session with a reason. ``error_type`` names the refusal that a
+    reconnection cannot fix (the peer should not retry), or is None."""
+
+    def __init__(self, reason: str, error_type: str | None = None) -> None:
+        super().__init__(reason)
+        self.error_type = error_type
+
+
+SHUTTING_DOWN = "the server is shutting down"
+MAX_RUN_ID = 128
+MAX_LIST_LIMIT = 1000
 
 
 @attrs.define(eq=False)
@@ -66,73 +84,99 @@ class Session:
     hello: p.Hello | None = None
     outbox: Mailbox[Any] = attrs.field(factory=lambda: Mailbox[Any](1024, "session-outbox"))
     protocol_errors: int = 0
-    unwatch: list[Any] = attrs.field(factory=list)
+    unwatch: dict[int, Callable[[], None]] = attrs.field(factory=dict)
 
     @classmethod
     async def serve(cls, ctx: ServerContext, conn: Connection) -> None:
         ctx.sessions += 1
+        ctx.open_sessions += 1
         session = cls(ctx, conn, ctx.sessions)
         try:
             await session._serve()
         except ConnectionLost:
             pass
         except Closing as reason:
-            log.warning("closing session %d (%s): %s", session.id, conn.peer, reason)
+            if reason.error_type is None:
+                log.info("closing session %d (%s): %s", session.id, conn.peer, reason)
+            else:
+                log.warning("closing session %d (%s): %s", session.id, conn.peer, reason)
             with trio.move_on_after(1) as scope:
                 scope.shield = True
-                await conn.send(p.Goodbye(str(reason)))
+                try:
+                    await conn.send(p.Goodbye(str(reason), reason.error_type))
+                except ConnectionLost:
+                    pass
         finally:
-            for unwatch in session.unwatch:
+            for unwatch in session.unwatch.values():
                 unwatch()
             if session.hello is not None and session.hello.role == "worker":
                 ctx.dispatcher.tell(Left(session.id))
+            ctx.open_sessions -= 1
+            if ctx.open_sessions == 0:
+                ctx.no_sessions.set()
 
     async def _serve(self) -> None:
-        with trio.move_on_after(self.ctx.hello_timeout) as scope:
+        ctx = self.ctx
+        with trio.move_on_after(ctx.hello_timeout) as scope:
             first = await self._receive()
         if scope.cancelled_caught:
-            raise Closing(f"no hello within {self.ctx.hello_timeout} s")
+            raise Closing(f"no hello within {ctx.hello_timeout} s")
         if not isinstance(first, p.Hello):
-            raise Closing(f"the first message must be 'hello', got {_tag(first)!r}")
-        if self.ctx.token is not None and first.token != self.ctx.token:
-            raise Closing("authentication failed: wrong or missing token")
+            raise Closing(f"the first message must be 'hello', got {_tag(first)!r}",
+                          "ProtocolError")
+        if ctx.token is not None and first.token != ctx.token:
+            raise Closing("authentication failed: wrong or missing token", "AuthenticationFailed")
         if first.protocol != p.PROTOCOL_VERSION:
             raise Closing(f"protocol version {first.protocol} is not supported "
-                          f"(this server speaks {p.PROTOCOL_VERSION})")
+                          f"(this server speaks {p.PROTOCOL_VERSION})", "ProtocolError")
+        if ctx.shutting_down.is_set():
+            raise Closing(SHUTTING_DOWN)
         self.hello = first
-        await self.conn.send(p.Welcome(first.req, self.ctx.server_id, self.ctx.lease_ttl,
-                                       self.ctx.heartbeat_interval))
+        await self.conn.send(p.Welcome(first.req, ctx.server_id, ctx.lease_ttl,
+                                       ctx.heartbeat_interval))
         ended: list[BaseException] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._until_closed, self._send_outbox, nursery, ended)
+        async with trio.open_nursery() as session:
+            session.start_soon(self._until_closed, session, ended, self._send_outbox)
             if first.role == "worker":
-                self.ctx.dispatcher.tell(Joined(Seat(
+                ctx.dispatcher.tell(Joined(Seat(
                     self.id, first.node_id,
                     tuple((w.name, w.version) for w in first.workflows),
                     first.slots, self._push, {lease.run_id for lease in first.held},
+                    connected_at=ctx.sources.clock.now(),
                 )))
-                self.ctx.dispatcher.poke()
-            await self._until_closed(self._read_requests, nursery, ended)
+                ctx.dispatcher.poke()
+            async with trio.open_nursery() as requests:
+                with trio.CancelScope() as reading:
+                    session.start_soon(self._stop_reading_at_shutdown, reading)
+                    await self._until_closed(session, ended, self._read_requests, requests)
+            # Only a shutdown gets here with the connection up: the requests in flight are
+            # answered; send what is queued, then say goodbye.
+            self.outbox.close()
         if ended:
             raise ended[0]
+        raise Closing(SHUTTING_DOWN)
 
-    async def _until_closed(self, loop: Any, nursery: trio.Nursery,
-                            ended: list[BaseException]) -> None:
+    async def _stop_reading_at_shutdown(self, reading: trio.CancelScope) -> None:
+        await self.ctx.shutting_down.wait()
+        reading.cancel()
+
+    async def _until_closed(self, session: trio.Nursery, ended: list[BaseException],
+                            loop: Callable[..., Awaitable[None]], *args: Any) -> None:
         """Run ``loop``; when the connection ends (or must be closed), end the session."""
         try:
-            await loop(nursery)
+            await loop(*args)
         except (ConnectionLost, Closing) as exc:
             ended.append(exc)
-            nursery.cancel_scope.cancel()
+            session.cancel_scope.cancel()
 
-    async def _read_requests(self, nursery: trio.Nursery) -> None:
+    async def _read_requests(self, requests: trio.Nursery) -> None:
         limiter = trio.CapacityLimiter(self.ctx.max_in_flight)
         while True:
             msg = await self._receive()
             if msg is None:
                 continue
             await limiter.acquire_on_behalf_of(msg)
-            nursery.start_soon(self._serve_one, msg, limiter)
+            requests.start_soon(self._serve_one, msg, limiter)
 
     async def _receive(self) -> Any:
         try:
@@ -141,13 +185,22 @@ class Session:
             self.protocol_errors += 1
             log.warning("session %d (%s): %s", self.id, self.conn.peer, exc)
             if self.protocol_errors >= self.ctx.max_protocol_errors:
-                raise Closing(f"too many malformed messages; last: {exc}") from exc
+                raise Closing(f"too many malformed messages; last: {exc}",
+                              "ProtocolError") from exc
             await self.conn.send(p.Refused(-1, "ProtocolError", str(exc)))
             return None
 
-    async def _send_outbox(self, nursery: trio.Nursery) -> None:
+    async def _send_outbox(self) -> None:
         async for msg in self.outbox:
-            await self.conn.send(msg)
+            try:
+                await self.conn.send(msg)
+            except ProtocolError as exc:  # e.g. a reply over the transport's frame limit
+                log.error("session %d (%s): cannot send %s: %s", self.id, self.conn.peer,
+                          _tag(msg), exc)
+                req = getattr(msg, "req", None)
+                if req is not None and not isinstance(msg, p.Refused):
+                    await self.conn.send(p.Refused(req, "ProtocolError",
+                                                   f"the reply could not be sent: {exc}"))
 
     def _push(self, msg: Any) -> bool:
         return self.outbox.address.tell_nowait(msg)
@@ -157,6 +210,10 @@ class Session:
             reply = await self._answer(msg)
         except AikiError as exc:
             reply = p.Refused(getattr(msg, "req", -1), type(exc).__name__, str(exc))
+        except Exception as exc:  # a bug or a store driver error: this request only
+            log.exception("session %d (%s): %s failed", self.id, self.conn.peer, _tag(msg))
+            reply = p.Refused(getattr(msg, "req", -1), "InternalError",
+                              f"the server failed to answer {_tag(msg)!r}: {exc!r}")
         finally:
             limiter.release_on_behalf_of(msg)
         if reply is not None:
@@ -166,6 +223,9 @@ class Session:
         ctx = self.ctx
         now = ctx.sources.clock.now()
         if isinstance(msg, p.Enqueue):
+            if msg.run_id is not None and not 0 < len(msg.run_id) <= MAX_RUN_ID:
+                raise ProtocolError(f"a run id must have 1 to {MAX_RUN_ID} characters, "
+                                    f"got {len(msg.run_id)}")
             version = msg.version or ctx.dispatcher.latest_version(msg.workflow)
             if version is None:
                 known = ", ".join(ctx.dispatcher.known_workflows()) or "none"
@@ -188,6 +248,17 @@ class Session:
             return p.History(msg.req, await ctx.store.get_history(run.id))
         if isinstance(msg, p.WatchRun):
             return await self._watch(msg)
+        if isinstance(msg, p.ListRuns):
+            if msg.state is not None and msg.state not in RUN_STATES:
+                raise ProtocolError(f"unknown run state {msg.state!r}; the states are "
+                                    f"{', '.join(RUN_STATES)}")
+            if not 1 <= msg.limit <= MAX_LIST_LIMIT:
+                raise ProtocolError(f"limit must be 1 to {MAX_LIST_LIMIT}, got {msg.limit}")
+            runs = await ctx.store.list_runs(workflow=msg.workflow, state=msg.state,
+                                             limit=msg.limit)
+            return p.RunList(msg.req, runs)
+        if isinstance(msg, p.ListWorkers):
+            return p.WorkerList(msg.req, ctx.dispatcher.workers())
         if isinstance(msg, p.Hello):
             raise ProtocolError("'hello' was already received on this connection")
         return await self._answer_worker(msg, now)
@@ -203,8 +274,13 @@ class Session:
                 lost = await ctx.writer.write(ops.Renew(msg.leases, now, ctx.lease_ttl))
             if lost:
                 ctx.dispatcher.tell(Ended(self.id, lost))
-            ctx.dispatcher.tell(Alive(self.id))
+            ctx.dispatcher.tell(Alive(self.id, now))
             return p.HeartbeatAck(msg.req, lost)
+        if isinstance(msg, p.Drain):
+            log.info("session %d (%s): worker %r drains", self.id, self.conn.peer,
+                     self.hello.node_id)
+            ctx.dispatcher.tell(Draining(self.id))
+            return p.Ok(msg.req)
         if isinstance(msg, (p.StartStep, p.SaveStep)):
             self._check_owner(msg.lease)
             op_cls = ops.StartStep if isinstance(msg, p.StartStep) else ops.SaveStep
@@ -258,17 +334,18 @@ class Session:
             nonlocal sent
             if not sent:
                 sent = True
+                self.unwatch.pop(msg.req, lambda: None)()
                 self._push(p.RunEnded(msg.req, run))
 
         unwatch = self.ctx.watchers.watch(msg.run_id, notify)
-        self.unwatch.append(unwatch)
+        self.unwatch.pop(msg.req, lambda: None)()  # the same req again replaces the watch
+        self.unwatch[msg.req] = unwatch
         try:
             run = await self._run(msg.run_id)
         except RunNotFound:
-            unwatch()
+            self.unwatch.pop(msg.req, lambda: None)()
             raise
         if run.state in TERMINAL_RUN_STATES:
-            unwatch()
             notify(run)
         return None
 

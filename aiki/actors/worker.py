@@ -1,14 +1,22 @@
 """The worker: one Link to the server, a heartbeat, and one Run actor per assigned run.
 
 Owns: the leases it holds (run id → lease and the cancel scope of that run's actor). A lease
-the server reports lost cancels its run at once. When the worker is cancelled it stops like a
-crashed process: it says nothing more, and its runs go to other workers once their leases
-expire. When it is closed normally, it releases the runs it holds so others take them now.
+the server reports lost cancels its run at once. The Link reconnects by itself after a lost
+connection; the worker's hello then re-announces the leases it still holds and it heartbeats
+at once, so runs keep going across a reconnect (or are cancelled if their lease is gone).
+
+Stopping, three ways. Cancelled, it stops like a crashed process: it says nothing more, and
+its runs go to other workers once their leases expire. ``release_all`` (leaving
+``aiki.worker`` normally) stops every run and gives its lease back now. ``drain(grace)``
+(SIGTERM) tells the server to send no more runs, lets each task in flight finish and
+checkpoint, gives each run back at its next step boundary, and after ``grace`` seconds
+releases whatever is left.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -17,7 +25,7 @@ import attrs
 import trio
 
 from aiki import protocol as p
-from aiki.actors.link import Link
+from aiki.actors.link import Backoff, Link
 from aiki.actors.run import Abandon, WorkflowDefinition, run_workflow
 from aiki.errors import AikiError
 from aiki.sources import Sources
@@ -43,6 +51,8 @@ class Worker:
     max_concurrent_runs: int = 10
     inline_retry_max: float = 10.0
     token: str | None = None
+    reconnect: Backoff | None = attrs.field(factory=Backoff)
+    request_timeout: float = 30.0
     held: dict[str, Held] = attrs.field(factory=dict)
     link: Link | None = None
     runs_started: int = 0
@@ -50,6 +60,10 @@ class Worker:
     _assignments: tuple[trio.MemorySendChannel[p.Assign], trio.MemoryReceiveChannel[p.Assign]] = (
         attrs.field(factory=lambda: trio.open_memory_channel[p.Assign](1024))
     )
+    # Set when the worker starts draining: Run actors give their runs back at step boundaries.
+    draining: trio.Event = attrs.field(factory=trio.Event)
+    _held_changed: trio.Event = attrs.field(factory=trio.Event)
+    _beat_now: trio.Event = attrs.field(factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
         if self.max_concurrent_runs < 1:
@@ -74,14 +88,26 @@ class Worker:
             except trio.WouldBlock:
                 log.warning("worker %s: dropped assignment of run %s", self.id, msg.run.id)
 
+    def _on_welcome(self, welcome: p.Welcome) -> None:
+        if self.link is not None:  # a reconnection: renew the re-announced leases now
+            self._beat_now.set()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with Link.open(self.transport, self.address, self._hello, self._on_push) as link:
+        async with Link.open(
+            self.transport, self.address, self._hello, self._on_push, self.request_timeout,
+            reconnect=self.reconnect, rng=random.Random(f"aiki-link:{self.id}"),
+            on_welcome=self._on_welcome,
+        ) as link:
             self.link = link
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat, link)
                 task_status.started()
                 async for assign in self._assignments[1]:
                     lease = Lease(assign.run.id, assign.run.lease_epoch, self.id)
+                    if self.draining.is_set():
+                        # Assigned before the server heard of the drain: hand it straight back.
+                        nursery.start_soon(self._give_back, link, lease)
+                        continue
                     held = self.held.get(lease.run_id)
                     if held is not None:
                         if held.lease.epoch >= lease.epoch:
@@ -90,6 +116,12 @@ class Worker:
                     scope = trio.CancelScope()
                     self.held[lease.run_id] = Held(lease, scope)
                     nursery.start_soon(self._run_one, link, assign, scope)
+
+    async def _give_back(self, link: Link, lease: Lease) -> None:
+        try:
+            await link.request(partial(_release, lease=lease))
+        except (AikiError, TimeoutError) as exc:
+            log.info("worker %s: could not give back run %s: %s", self.id, lease.run_id, exc)
 
     async def _run_one(self, link: Link, assign: p.Assign, scope: trio.CancelScope) -> None:
         run = assign.run
@@ -102,19 +134,23 @@ class Worker:
                               self.id, run.workflow, run.version)
                     return
                 await run_workflow(workflow, assign, link.request, self.sources,
-                                   inline_retry_max=self.inline_retry_max)
+                                   inline_retry_max=self.inline_retry_max,
+                                   draining=self.draining)
         except Abandon:
             pass
         finally:
             held = self.held.get(run.id)
             if held is not None and held.scope is scope:
                 del self.held[run.id]
+            self._held_changed.set()
 
     async def _heartbeat(self, link: Link) -> None:
-        assert link.welcome is not None
-        interval = link.welcome.heartbeat_interval
         while True:
-            await trio.sleep(interval)
+            assert link.welcome is not None
+            interval = link.welcome.heartbeat_interval
+            with trio.move_on_after(interval):
+                await self._beat_now.wait()
+            self._beat_now = trio.Event()
             # Sent when idle too: it tells the server this worker is alive and reachable.
             leases = tuple(h.lease for h in self.held.values())
             try:
@@ -128,6 +164,34 @@ class Worker:
                 if held is not None:
                     log.info("worker %s: lost the lease of run %s", self.id, run_id)
                     held.scope.cancel()
+                    self._held_changed.set()
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking runs; let tasks in flight finish; give every run back within ``grace``.
+
+        Each Run actor gives its run back (``ReleaseRun``) when it reaches its next step
+        boundary, so no finished task runs again; a run waiting for a retry is suspended
+        until its retry time. Whatever still runs after ``grace`` seconds is stopped and
+        released (its task in flight will run again elsewhere).
+        """
+        self.draining.set()
+        log.info("worker %s: draining (%d runs held, grace %.1f s)", self.id, len(self.held),
+                 grace)
+        with trio.move_on_after(grace):
+            link = self.link
+            if link is not None:
+                try:
+                    await link.request(p.Drain, timeout=grace)
+                except (AikiError, TimeoutError) as exc:
+                    log.warning("worker %s: could not tell the server it drains: %s",
+                                self.id, exc)
+            while self.held:
+                self._held_changed = trio.Event()
+                await self._held_changed.wait()
+        if self.held:
+            log.warning("worker %s: %d runs still busy after %.1f s; releasing them",
+                        self.id, len(self.held), grace)
+        await self.release_all()
 
     async def release_all(self) -> None:
         """Stop every run and give its lease back (a graceful stop)."""

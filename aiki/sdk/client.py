@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import random
+import typing
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
@@ -10,13 +12,14 @@ from typing import Any, Generic, TypeVar
 import attrs
 
 from aiki import protocol as p
-from aiki.actors.link import Link
+from aiki.actors.link import Backoff, Link
 from aiki.errors import WorkflowFailed
 from aiki.sources import Sources
-from aiki.store.records import HistoryEvent, RunRecord, StepRecord
+from aiki.store.records import HistoryEvent, RunRecord, RunState, StepRecord
 from aiki.transport.base import Transport
 
 R = TypeVar("R")
+RUN_STATES: tuple[str, ...] = typing.get_args(RunState)
 
 
 @attrs.frozen
@@ -53,6 +56,30 @@ class RunStatus:
         )
         return cls(run.id, run.workflow, run.version, run.state, run.attempts, run.created_at,
                    run.updated_at, run.finished_at, run.error_type, run.error_message, tasks)
+
+
+@attrs.frozen
+class RunSummary:
+    """One line of ``list_runs``: a run's state and timestamps (epoch seconds), no steps."""
+
+    id: str
+    workflow: str
+    version: str
+    state: str
+    attempts: int
+    worker: str | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    error_type: str | None
+    error_message: str | None
+
+    @classmethod
+    def of(cls, run: RunRecord) -> RunSummary:
+        worker = run.lease_owner if run.state == "running" else None
+        return cls(run.id, run.workflow, run.version, run.state, run.attempts, worker,
+                   run.created_at, run.updated_at, run.finished_at, run.error_type,
+                   run.error_message)
 
 
 @attrs.frozen
@@ -105,11 +132,34 @@ class Client:
     @classmethod
     @asynccontextmanager
     async def open(cls, transport: Transport, address: str, sources: Sources,
-                   token: str | None = None) -> AsyncIterator[Client]:
+                   token: str | None = None, *, request_timeout: float = 30.0,
+                   reconnect: Backoff | None = Backoff()) -> AsyncIterator[Client]:
+        """Connect (raising what went wrong) and stay connected, reconnecting after a loss,
+        until the block ends."""
         node = f"client-{sources.new_id()[:8]}"
         async with Link.open(transport, address,
-                             lambda req: p.Hello(req, "client", node, token=token)) as link:
+                             lambda req: p.Hello(req, "client", node, token=token),
+                             request_timeout=request_timeout, reconnect=reconnect,
+                             rng=random.Random(f"aiki-link:{node}")) as link:
             yield cls(transport, address, sources, link, token)
+
+    async def list_runs(self, *, workflow: str | None = None, state: str | None = None,
+                        limit: int = 100) -> list[RunSummary]:
+        """The newest ``limit`` runs (at most 1000), optionally of one ``workflow`` and/or
+        in one ``state`` (queued, running, sleeping, completed, failed, cancelled)."""
+        if state is not None and state not in RUN_STATES:
+            raise ValueError(f"unknown run state {state!r}; the states are "
+                             f"{', '.join(RUN_STATES)}")
+        if not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise ValueError(f"limit must be an int from 1 to 1000, got {limit!r}")
+        reply = await self.link.request(lambda req: p.ListRuns(req, workflow, state, limit))
+        return [RunSummary.of(run) for run in reply.runs]
+
+    async def list_workers(self) -> list[p.WorkerInfo]:
+        """The workers connected now: id, workflow versions, slots, slots in use, when they
+        connected and last heartbeated (epoch seconds), and whether they are draining."""
+        reply = await self.link.request(p.ListWorkers)
+        return list(reply.workers)
 
     async def enqueue(self, workflow: str, payload: Any = None, *, version: str | None = None,
                       idempotency_key: str | None = None) -> RunHandle[Any]:

@@ -29,6 +29,7 @@ RECORD_TYPES: tuple[type[Any], ...] = (
     HistoryEvent,
     Lease,
     protocol.WorkflowRef,
+    protocol.WorkerInfo,
 )
 _LEAF_TYPES: frozenset[Any] = frozenset({int, str, bool, float, type(None)})
 
