@@ -7,6 +7,9 @@ survives crashes and restarts and resumes where it stopped.
 from aiki.actors.run import WorkflowRun
 from aiki.errors import (
     AikiError,
+    AuthenticationFailed,
+    ConfigError,
+    ConnectionLost,
     NonDeterminismError,
     NonRetryableError,
     PayloadError,
@@ -16,16 +19,19 @@ from aiki.errors import (
     UnknownWorkflow,
     WorkflowFailed,
 )
+from aiki.protocol import WorkerInfo
 from aiki.retry import Retry
-from aiki.sdk.client import Client, RunHandle, RunStatus, TaskStatus
+from aiki.sdk.client import Client, RunHandle, RunStatus, RunSummary, TaskStatus
 from aiki.sdk.definitions import Task, Workflow, task, workflow
 from aiki.sdk.embedded import embedded, worker
+from aiki.sdk.remote import connect
 from aiki.sources import Sources
 from aiki.store.records import HistoryEvent
 
 __all__ = [
-    "AikiError", "Client", "HistoryEvent", "NonDeterminismError", "NonRetryableError",
-    "PayloadError", "Retry", "RunHandle", "RunNotFound", "RunStatus", "Sources", "StaleLease",
-    "Task", "TaskFailed", "TaskStatus", "UnknownWorkflow", "Workflow", "WorkflowFailed",
-    "WorkflowRun", "embedded", "task", "worker", "workflow",
+    "AikiError", "AuthenticationFailed", "Client", "ConfigError", "ConnectionLost",
+    "HistoryEvent", "NonDeterminismError", "NonRetryableError", "PayloadError", "Retry",
+    "RunHandle", "RunNotFound", "RunStatus", "RunSummary", "Sources", "StaleLease", "Task",
+    "TaskFailed", "TaskStatus", "UnknownWorkflow", "WorkerInfo", "Workflow", "WorkflowFailed",
+    "WorkflowRun", "connect", "embedded", "task", "worker", "workflow",
 ]

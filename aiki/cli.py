@@ -1,26 +1,488 @@
-"""The ``aiki`` command: ``aiki demo`` (more subcommands come with the server)."""
+"""The ``aiki`` command.
+
+- ``aiki server``: the server process (store, WebSocket listener, SIGINT/SIGTERM shutdown);
+- ``aiki worker --app module:attr``: a worker process for the workflows ``attr`` names;
+- ``aiki runs list | show ID``, ``aiki workers``, ``aiki enqueue NAME``: a client;
+- ``aiki demo``: the embedded crash-and-resume demo.
+
+Client and worker commands find the server with ``--server`` (default ``$AIKI_SERVER`` or
+``ws://127.0.0.1:9090``) and the token with ``--token-file`` (default ``$AIKI_TOKEN``).
+Errors are one line on stderr and exit status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib
+import json
+import logging
+import os
+import signal
 import sys
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import trio
 
+DEFAULT_SERVER = "ws://127.0.0.1:9090"
+SERVER_VARIABLE = "AIKI_SERVER"
+TOKEN_VARIABLE = "AIKI_TOKEN"
+
+log = logging.getLogger("aiki.cli")
+
+
+class UsageError(Exception):
+    """A command-line mistake: printed as one line, exit status 2."""
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aiki", description="Durable workflows on Trio.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the order-processing demo: crash and resume")
-    demo.add_argument("--store-path", help="SQLite file to use (default: a new temp file)")
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from aiki import demo as demo_module
+    _setup_logging(args.log_level)
+    name = " ".join(filter(None, [args.command, getattr(args, "runs_command", None)]))
+    from aiki.errors import AikiError
 
-        trio.run(demo_module.main, args.store_path)
+    try:
+        return int(args.run(args) or 0)
+    except BaseException as exc:
+        cause = root_cause(exc)
+        if isinstance(cause, UsageError):
+            print(f"aiki {name}: {cause}", file=sys.stderr)
+            return 2
+        if isinstance(cause, (AikiError, OSError, TimeoutError, ValueError)):
+            print(f"aiki {name}: error: {cause}", file=sys.stderr)
+            return 1
+        if isinstance(cause, KeyboardInterrupt):
+            return 130
+        raise
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """What went wrong, through Trio's one-exception groups and supervisor escalations."""
+    from aiki.actors.supervisor import SupervisorEscalation
+
+    while True:
+        if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        elif isinstance(exc, SupervisorEscalation):
+            exc = exc.first_failure
+        else:
+            return exc
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aiki", description="Durable workflows on Trio.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, run: Any, log_level: str = "warning",
+                parent: Any = commands) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        sub.set_defaults(run=run)
+        sub.add_argument("--log-level", default=log_level,
+                         choices=["debug", "info", "warning", "error"],
+                         help=f"what to log on stderr (default: {log_level})")
+        return sub
+
+    demo = command("demo", "run the order-processing demo: a worker crashes, another resumes",
+                   _demo)
+    demo.add_argument("--store-path", help="SQLite file to use (default: a new temp file)")
+
+    server = command("server", "run the Aiki server", _server, "info")
+    server.add_argument("--listen", default="127.0.0.1:9090", metavar="HOST:PORT",
+                        help="address to listen on; port 0 picks a free one; any address "
+                             "but loopback needs a token (default: 127.0.0.1:9090)")
+    server.add_argument("--store", default="sqlite:///aiki.db", metavar="URL",
+                        help="sqlite:///path.db, sqlite:////abs/path.db or memory "
+                             "(default: sqlite:///aiki.db)")
+    _token_option(server)
+    server.add_argument("--cert", metavar="PEM", help="TLS certificate (chain): serve wss://")
+    server.add_argument("--key", metavar="PEM", help="the certificate's private key")
+    server.add_argument("--lease-ttl", type=_seconds, default=30.0, metavar="S",
+                        help="seconds a worker holds a run without heartbeating (default 30)")
+    server.add_argument("--heartbeat-interval", type=_seconds, metavar="S",
+                        help="how often workers heartbeat (default: a third of --lease-ttl)")
+    server.add_argument("--poll-interval", type=_seconds, default=1.0, metavar="S",
+                        help="how often the dispatcher looks for work it was not told of")
+    server.add_argument("--shutdown-grace", type=_seconds, default=10.0, metavar="S",
+                        help="seconds to finish requests in flight on SIGTERM (default 10)")
+    _transport_options(server)
+
+    worker = command("worker", "run a worker for the workflows of an app", _worker, "info")
+    worker.add_argument("--app", required=True, metavar="MODULE:ATTR",
+                        help="the workflows to run: an @aiki.workflow or a list of them, "
+                             "e.g. myapp.workflows:workflows (imported from the current "
+                             "directory too)")
+    _client_options(worker)
+    worker.add_argument("--concurrency", type=_positive_int, default=8, metavar="N",
+                        help="runs at once (default 8)")
+    worker.add_argument("--id", help="worker id (default: worker-<random>); unique per worker")
+    worker.add_argument("--grace", type=_seconds, default=30.0, metavar="S",
+                        help="on SIGTERM, seconds for tasks in flight to finish (default 30)")
+    worker.add_argument("--inline-retry-max", type=_seconds, default=10.0, metavar="S",
+                        help="retry delays up to this are waited in the worker (default 10)")
+    _transport_options(worker)
+
+    runs = commands.add_parser("runs", help="list runs or show one", description="runs")
+    runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
+    runs_list = command("list", "the newest runs", _runs_list, parent=runs_commands)
+    _client_options(runs_list)
+    runs_list.add_argument("--workflow", help="only runs of this workflow")
+    runs_list.add_argument("--state", help="only runs in this state (queued, running, "
+                                           "sleeping, completed, failed, cancelled)")
+    runs_list.add_argument("--limit", type=_positive_int, default=50, metavar="N",
+                           help="at most N runs, newest first (default 50, at most 1000)")
+    runs_show = command("show", "a run: state, result, tasks and history", _runs_show,
+                        parent=runs_commands)
+    _client_options(runs_show)
+    runs_show.add_argument("run_id", metavar="ID")
+
+    workers = command("workers", "the connected workers", _workers)
+    _client_options(workers)
+
+    enqueue = command("enqueue", "start a run of a workflow", _enqueue)
+    _client_options(enqueue)
+    enqueue.add_argument("workflow", metavar="NAME")
+    enqueue.add_argument("--version", help="workflow version (default: the newest a "
+                                           "connected worker registered)")
+    enqueue.add_argument("--payload", default="null", metavar="JSON",
+                         help="the run's input as JSON (default: null)")
+    enqueue.add_argument("--idempotency-key", metavar="KEY",
+                         help="enqueue at most once per (workflow, KEY)")
+    enqueue.add_argument("--wait", action="store_true",
+                         help="wait for the run to finish and print its result")
+    return parser
+
+
+def _token_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token-file", metavar="PATH",
+                        help=f"file holding the token (default: ${TOKEN_VARIABLE})")
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=os.environ.get(SERVER_VARIABLE, DEFAULT_SERVER),
+                        metavar="URL", help=f"the server (default: ${SERVER_VARIABLE} or "
+                                            f"{DEFAULT_SERVER})")
+    _token_option(parser)
+    parser.add_argument("--cafile", metavar="PEM",
+                        help="CA certificates to trust for wss:// (default: the system's)")
+    parser.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
+                        help="seconds to wait for the server (default 30)")
+
+
+def _transport_options(parser: argparse.ArgumentParser) -> None:
+    from aiki.transport.websocket import WebSocketSettings
+
+    defaults = WebSocketSettings()
+    parser.add_argument("--max-frame-bytes", type=_positive_int,
+                        default=defaults.max_frame_bytes, metavar="N",
+                        help=f"largest WebSocket frame (default {defaults.max_frame_bytes})")
+    parser.add_argument("--ping-interval", type=_seconds, default=defaults.ping_interval,
+                        metavar="S", help="seconds between keepalive pings "
+                                          f"(default {defaults.ping_interval:g})")
+    parser.add_argument("--ping-timeout", type=_seconds, default=defaults.ping_timeout,
+                        metavar="S", help="drop a peer that does not answer a ping within S "
+                                          f"(default {defaults.ping_timeout:g})")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of at least 1")
+    return value
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()), stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    if level != "debug":
+        logging.getLogger("trio-websocket").setLevel(logging.WARNING)
+
+
+def read_token(path: str | None) -> str | None:
+    """The token in ``path`` (surrounding whitespace removed), else ``$AIKI_TOKEN``."""
+    if path is None:
+        return os.environ.get(TOKEN_VARIABLE) or None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the token file: {exc}") from exc
+    if not token:
+        raise UsageError(f"the token file {path!r} is empty")
+    return token
+
+
+# -- aiki demo ----------------------------------------------------------------------------
+def _demo(args: argparse.Namespace) -> int:
+    from aiki import demo as demo_module
+
+    trio.run(demo_module.main, args.store_path)
+    return 0
+
+
+# -- aiki server --------------------------------------------------------------------------
+def _server(args: argparse.Namespace) -> int:
+    from aiki.server import ServerConfig, run_server
+
+    config = ServerConfig(
+        listen=args.listen, store=args.store, token=read_token(args.token_file),
+        certfile=args.cert, keyfile=args.key, lease_ttl=args.lease_ttl,
+        heartbeat_interval=args.heartbeat_interval, poll_interval=args.poll_interval,
+        shutdown_grace=args.shutdown_grace, max_frame_bytes=args.max_frame_bytes,
+        ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
+    )
+    config.endpoint()  # refuse a bad configuration before opening anything
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(partial(run_server, config))
+            print(f"aiki server listening on {url}", flush=True)
+
+    trio.run(serve)
+    return 0
+
+
+# -- aiki worker --------------------------------------------------------------------------
+def load_app(spec: str) -> list[Any]:
+    """The workflows ``module:attr`` names (an ``@aiki.workflow`` or a list/tuple of them)."""
+    from aiki.sdk.definitions import Workflow
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"--app must be MODULE:ATTR (e.g. myapp.workflows:workflows), "
+                         f"got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise UsageError(f"cannot import {module_name!r} (from --app {spec}): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    value: Any = module
+    for part in attr.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            raise UsageError(f"module {module_name!r} has no attribute {attr!r} "
+                             f"(from --app {spec})") from None
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    bad = [item for item in items if not isinstance(item, Workflow)]
+    if bad or not items:
+        raise UsageError(f"--app {spec} must name an @aiki.workflow or a list of them, "
+                         f"got {type(bad[0] if bad else value).__name__}")
+    return items
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from aiki.actors.worker import Worker
+    from aiki.sources import Sources
+    from aiki.transport.websocket import (
+        WebSocketSettings,
+        WebSocketTransport,
+        client_ssl_context,
+        parse_address,
+    )
+
+    workflows = load_app(args.app)
+    parse_address(args.server)  # a bad URL is a usage error now, not a reconnect loop later
+    settings = WebSocketSettings(
+        token=read_token(args.token_file),
+        ssl_context=client_ssl_context(args.cafile) if args.cafile else None,
+        max_frame_bytes=args.max_frame_bytes, ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+    )
+
+    async def work() -> None:
+        sources = Sources.real()
+        async with WebSocketTransport(settings) as transport:
+            worker = Worker(
+                transport, args.server, workflows, args.id or f"worker-{sources.new_id()[:8]}",
+                sources, max_concurrent_runs=args.concurrency,
+                inline_retry_max=args.inline_retry_max, token=settings.token,
+                request_timeout=args.timeout,
+            )
+            async with trio.open_nursery() as nursery:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    await nursery.start(worker.run)
+                    log.info("worker %s connected to %s: %s (%d at once)", worker.id,
+                             args.server, ", ".join(f"{w.name}@{w.version}" for w in workflows),
+                             args.concurrency)
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        if not worker.draining.is_set():
+                            log.info("%s: draining for up to %.1f s (again to stop at once)",
+                                     name, args.grace)
+                            nursery.start_soon(_drain_then_stop, worker, args.grace,
+                                               nursery.cancel_scope)
+                        else:
+                            log.warning("%s again: stopping now", name)
+                            nursery.cancel_scope.cancel()
+
+    trio.run(work)
+    return 0
+
+
+async def _drain_then_stop(worker: Any, grace: float, everything: trio.CancelScope) -> None:
+    await worker.drain(grace)
+    log.info("worker %s: drained; stopping", worker.id)
+    everything.cancel()
+
+
+# -- client commands ----------------------------------------------------------------------
+def _client_call(args: argparse.Namespace, body: Any) -> Any:
+    import aiki
+
+    async def call() -> Any:
+        async with aiki.connect(args.server, token=read_token(args.token_file),
+                                cafile=args.cafile, request_timeout=args.timeout) as client:
+            return await body(client)
+
+    return trio.run(call)
+
+
+def _runs_list(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> Any:
+        return await client.list_runs(workflow=args.workflow, state=args.state,
+                                      limit=min(args.limit, 1000))
+
+    runs = _client_call(args, body)
+    if not runs:
+        print("no runs" + _filters(args))
         return 0
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    print(table(["ID", "WORKFLOW", "VERSION", "STATE", "ATTEMPTS", "WORKER", "CREATED",
+                 "UPDATED"],
+                [[r.id, r.workflow, r.version, r.state, r.attempts, r.worker or "-",
+                  _time(r.created_at), _time(r.updated_at)] for r in runs]))
+    return 0
+
+
+def _filters(args: argparse.Namespace) -> str:
+    parts = [f"{name} {value}" for name, value in (("workflow", args.workflow),
+                                                  ("state", args.state)) if value]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _runs_show(args: argparse.Namespace) -> int:
+    from aiki import protocol as p
+
+    async def body(client: Any) -> Any:
+        info = await client.link.request(lambda req: p.GetRun(req, args.run_id))
+        history = await client.link.request(lambda req: p.GetHistory(req, args.run_id))
+        return info, history.events
+
+    info, events = _client_call(args, body)
+    run = info.run
+    fields: list[tuple[str, Any]] = [
+        ("run", run.id), ("workflow", f"{run.workflow} (version {run.version})"),
+        ("state", run.state), ("attempts", run.attempts),
+        ("idempotency key", run.idempotency_key), ("created", _time(run.created_at)),
+        ("updated", _time(run.updated_at)), ("finished", _time(run.finished_at)),
+    ]
+    if run.state == "running":
+        fields.append(("worker", f"{run.lease_owner} (lease epoch {run.lease_epoch}, "
+                                 f"expires {_time(run.lease_expires_at)})"))
+    if run.state == "sleeping":
+        fields.append(("wakes", _time(run.wake_at)))
+    fields += [("payload", run.payload), ("result", run.result),
+               ("error", f"{run.error_type}: {run.error_message}" if run.error_type else None)]
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        if value is not None:
+            print(f"{name:<{width}}  {value}")
+    steps = [s for s in info.steps]
+    print()
+    if steps:
+        print(table(["STEP", "KIND", "NAME", "STATE", "ATTEMPTS", "OUTPUT / ERROR"],
+                    [[s.position, s.kind, s.name, s.state, s.attempts,
+                      _short(s.output if s.error_type is None
+                             else f"{s.error_type}: {s.error_message}")] for s in steps]))
+    else:
+        print("no steps yet")
+    print()
+    start = events[0].at if events else 0.0
+    print(table(["AT", "+S", "EVENT", "NAME", "ATTEMPT", "WORKER", "DETAIL"],
+                [[_time(e.at), f"{e.at - start:.3f}", e.event, e.name or "", e.attempt,
+                  e.worker_id or "server", _short(e.detail)] for e in events]))
+    return 0
+
+
+def _workers(args: argparse.Namespace) -> int:
+    from aiki.sources import Sources
+
+    async def body(client: Any) -> Any:
+        return await client.list_workers(), Sources.real().clock.now()
+
+    workers, now = _client_call(args, body)
+    if not workers:
+        print("no workers connected")
+        return 0
+    def ago(at: float | None) -> str:
+        return "never" if at is None else f"{max(now - at, 0.0):.1f} s ago"
+
+    print(table(["ID", "WORKFLOWS", "SLOTS", "IN USE", "CONNECTED", "LAST HEARTBEAT", "STATE"],
+                [[w.id, ", ".join(f"{r.name}@{r.version}" for r in w.workflows), w.slots,
+                  w.in_use, _time(w.connected_at), ago(w.last_heartbeat),
+                  "draining" if w.draining else "ready"] for w in workers]))
+    return 0
+
+
+def _enqueue(args: argparse.Namespace) -> int:
+    try:
+        payload = json.loads(args.payload)
+    except ValueError as exc:
+        raise UsageError(f"--payload is not valid JSON: {exc}") from None
+
+    async def body(client: Any) -> Any:
+        handle = await client.enqueue(args.workflow, payload, version=args.version,
+                                      idempotency_key=args.idempotency_key)
+        result = None
+        if args.wait:
+            result = await handle.wait_for_completion(timeout=None)
+        return handle, result
+
+    handle, result = _client_call(args, body)
+    print(f"{'enqueued' if handle.created else 'already enqueued'} run {handle.id}")
+    if args.wait:
+        print(json.dumps(result))
+    return 0
+
+
+# -- output --------------------------------------------------------------------------------
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table: a header line, then one line per row, columns two spaces apart."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in cells)
+
+
+def _time(at: float | None) -> str:
+    if at is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _short(text: str | None, limit: int = 60) -> str:
+    if text is None:
+        return ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 if __name__ == "__main__":

@@ -42,6 +42,10 @@ async def checkout(run: aiki.WorkflowRun, order: Order) -> str:
     return await send_email.run(run, receipt)
 
 
+# What `aiki worker --app examples.quickstart:workflows` runs (see the README's quick start).
+workflows = [checkout]
+
+
 async def main() -> None:
     async with aiki.embedded(store="sqlite:///quickstart.db") as client:
         async with aiki.worker(client, workflows=[checkout], max_concurrent_runs=5):

@@ -117,7 +117,8 @@ class Endpoint:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'wss' if self.secure else 'ws'}://{host}:{self.port}{self.path}"
+        path = "" if self.path == "/" else self.path
+        return f"{'wss' if self.secure else 'ws'}://{host}:{self.port}{path}"
 
     @property
     def is_loopback(self) -> bool:
@@ -335,11 +336,13 @@ class WebSocketTransport:
         self._nursery = await self._nursery_cm.__aenter__()
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
+    async def __aexit__(self, *exc_info: Any) -> None:
         assert self._nursery is not None and self._nursery_cm is not None
         self._nursery.cancel_scope.cancel()
         try:
-            return await self._nursery_cm.__aexit__(*exc_info)  # type: ignore[no-any-return]
+            # The body's own exception (if any) propagates as itself, not inside a group:
+            # the connections' tasks never raise once connected.
+            await self._nursery_cm.__aexit__(None, None, None)
         finally:
             self._nursery = self._nursery_cm = None
 
@@ -375,8 +378,7 @@ class WebSocketTransport:
                 if isinstance(stream, trio.SSLStream):
                     await stream.do_handshake()
         except (OSError, trio.BrokenResourceError) as exc:
-            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-            raise ConnectionLost(f"cannot connect to {url}: {cause or exc}") from exc
+            raise ConnectionLost(f"cannot connect to {url}: {_reason(exc)}") from exc
         except trio.TooSlowError:
             raise ConnectionLost(f"cannot connect to {url}: no answer within "
                                  f"{settings.handshake_timeout} s") from None
@@ -529,6 +531,15 @@ class WebSocketTransport:
                                                                   expected.encode()):
             return "authentication failed: wrong token"
         return None
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a connect failed: trio says "all attempts to connect failed" and keeps each
+    attempt's error in a group as the cause."""
+    cause = exc.__cause__
+    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]
+    return f"{exc}: {cause}" if cause is not None else str(exc)
 
 
 def _sole(group: BaseExceptionGroup[Any]) -> BaseException | None:
