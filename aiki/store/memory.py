@@ -56,6 +56,21 @@ def step_progress(step: StepRecord) -> tuple[int, int]:
     return (step.attempts, 0 if step.state == "running" else 1)
 
 
+def step_write_changes(run_id: str, old: StepRecord | None, new: StepRecord, *,
+                       save: bool) -> bool:
+    """The rules every store applies before writing step ``new`` over ``old``.
+
+    False: the write changes nothing (an identical re-save whose first reply was lost, or a
+    late duplicate behind the stored step). Raises StepConflict when ``old`` is final and
+    ``new`` differs. True: write it. ``save`` is False for StartStep.
+    """
+    if save and old == new:
+        return False
+    if old is not None and old.state in FINAL_STEP_STATES:
+        raise step_conflict_error(run_id, old, new)
+    return old is None or step_progress(new) >= step_progress(old)
+
+
 def history_event_for_step(step: StepRecord) -> tuple[str, str | None]:
     """The history event name and detail that saving ``step`` appends."""
     if step.kind != "task":
@@ -238,12 +253,8 @@ class MemoryStore:
         steps = self._steps[run.id]
         new = op.step
         old = steps.get(new.position)
-        if isinstance(op, o.SaveStep) and old == new:
-            return None  # a retried write whose first reply was lost: nothing changes
-        if old is not None and old.state in FINAL_STEP_STATES:
-            raise step_conflict_error(run.id, old, new)
-        if old is not None and step_progress(new) < step_progress(old):
-            return None  # a late duplicate of an earlier write: the step has moved on
+        if not step_write_changes(run.id, old, new, save=isinstance(op, o.SaveStep)):
+            return None
         if new.idempotency_key is not None:
             for other in steps.values():
                 if (other.position != new.position and other.name == new.name

@@ -40,11 +40,9 @@ from aiki.store.memory import (
     history_event_for_step,
     key_conflict_error,
     stale_lease_error,
-    step_conflict_error,
-    step_progress,
+    step_write_changes,
 )
 from aiki.store.records import (
-    FINAL_STEP_STATES,
     ClaimedRun,
     HistoryEvent,
     Lease,
@@ -275,12 +273,8 @@ def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> None:
     run = _fenced(db, op.lease)
     new = op.step
     old = _get_step(db, run.id, new.position)
-    if isinstance(op, o.SaveStep) and old == new:
-        return None  # a retried write whose first reply was lost: nothing changes
-    if old is not None and old.state in FINAL_STEP_STATES:
-        raise step_conflict_error(run.id, old, new)
-    if old is not None and step_progress(new) < step_progress(old):
-        return None  # a late duplicate of an earlier write: the step has moved on
+    if not step_write_changes(run.id, old, new, save=isinstance(op, o.SaveStep)):
+        return None
     if new.idempotency_key is not None:
         other = db.execute(
             "SELECT position FROM steps WHERE run_id = ? AND name = ? AND idempotency_key = ?"

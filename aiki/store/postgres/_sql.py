@@ -35,13 +35,11 @@ from aiki.store.memory import (
     history_event_for_step,
     key_conflict_error,
     stale_lease_error,
-    step_conflict_error,
-    step_progress,
+    step_write_changes,
 )
 from aiki.store.postgres._pool import Connection, ConnectionPool, PoolClosed, connector
 from aiki.store.postgres._schema import migrate
 from aiki.store.records import (
-    FINAL_STEP_STATES,
     ClaimedRun,
     HistoryEvent,
     Lease,
@@ -342,12 +340,8 @@ async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> None:
         run.id, new.position,
     )
     old = None if row is None else _step(row)
-    if isinstance(op, o.SaveStep) and old == new:
-        return None  # a retried write whose first reply was lost: nothing changes
-    if old is not None and old.state in FINAL_STEP_STATES:
-        raise step_conflict_error(run.id, old, new)
-    if old is not None and step_progress(new) < step_progress(old):
-        return None  # a late duplicate of an earlier write: the step has moved on
+    if not step_write_changes(run.id, old, new, save=isinstance(op, o.SaveStep)):
+        return None
     if new.idempotency_key is not None:
         other = await conn.fetchval(
             "SELECT position FROM steps WHERE run_id = $1 AND name = $2"
