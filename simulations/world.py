@@ -327,7 +327,9 @@ def _watchdog_fired(signum: int, frame: Any) -> None:
 
 def run_seed(cfg: Config) -> Outcome:
     """Run one seed, deterministically, and return what happened (checked by checkers)."""
-    logging.getLogger("aiki").setLevel(logging.CRITICAL)
+    engine_log = logging.getLogger("aiki")
+    level = engine_log.level
+    engine_log.setLevel(logging.CRITICAL)  # faults make the engine log a lot; restored below
     trio._core._run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]
     trio._core._run._r.seed(cfg.seed)
     world = World(cfg)
@@ -349,6 +351,7 @@ def run_seed(cfg: Config) -> Outcome:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        engine_log.setLevel(level)
     runs = {r.id: (r.state, r.payload, r.result) for r in world.store.inner._runs.values()}
     for run_id in sorted(runs):
         world.trace.append(f"end {run_id} {runs[run_id][0]} {runs[run_id][2]}")

@@ -172,3 +172,13 @@ def test_a_seed_that_spins_without_advancing_virtual_time_is_reported(
     monkeypatch.setattr(world, "REAL_TIME_LIMIT", 1.0)
     outcome = run_seed(Config(1))
     assert any("did not finish within 1 real seconds" in v for v in outcome.violations)
+
+
+def test_running_a_seed_leaves_the_engine_log_level_alone() -> None:
+    # It silenced "aiki" for the rest of the process, which broke caplog-based tests after it.
+    import logging
+
+    logging.getLogger("aiki").setLevel(logging.INFO)
+    run_seed(Config(3, safety=60.0, runs=4))
+    assert logging.getLogger("aiki").level == logging.INFO
+    logging.getLogger("aiki").setLevel(logging.NOTSET)
