@@ -26,7 +26,15 @@ from aiki.actors.mailbox import Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.actors.timer import Timer
 from aiki.actors.watchers import RunWatchers
-from aiki.errors import AikiError, ConnectionLost, ProtocolError, RunNotFound, UnknownWorkflow
+from aiki.errors import (
+    AikiError,
+    ConnectionLost,
+    ProtocolError,
+    RunNotFound,
+    StaleLease,
+    StepConflict,
+    UnknownWorkflow,
+)
 from aiki.sources import Sources
 from aiki.store import ops
 from aiki.store.base import Store
@@ -111,6 +119,10 @@ class Session:
                 unwatch()
             if session.hello is not None and session.hello.role == "worker":
                 ctx.dispatcher.tell(Left(session.id))
+            # Close (flushing the goodbye) before counting this session as ended: a server
+            # shutting down stops everything once no session is left.
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await conn.aclose()
             ctx.open_sessions -= 1
             if ctx.open_sessions == 0:
                 ctx.no_sessions.set()
@@ -209,6 +221,9 @@ class Session:
         try:
             reply = await self._answer(msg)
         except AikiError as exc:
+            if isinstance(exc, (StaleLease, StepConflict)):  # fencing at work: worth a line
+                log.info("session %d (%s): refused %s: %s", self.id, self.conn.peer,
+                         _tag(msg), exc)
             reply = p.Refused(getattr(msg, "req", -1), type(exc).__name__, str(exc))
         except Exception as exc:  # a bug or a store driver error: this request only
             log.exception("session %d (%s): %s failed", self.id, self.conn.peer, _tag(msg))

@@ -351,3 +351,41 @@ def test_settings_are_validated() -> None:
         WebSocketSettings(ping_timeout=0)
     with pytest.raises(ConfigError, match="token is empty"):
         WebSocketSettings(token="")
+
+
+@pytest.mark.parametrize("attempt", range(12))  # Trio's scheduling order varies run to run
+async def test_a_shutdown_goodbye_reaches_the_peer_before_the_server_stops(
+    autojump_clock: trio.testing.MockClock, attempt: int,
+) -> None:
+    """Server.serve stops everything as soon as no session is left. The session's goodbye
+    used to sit in the connection's send queue, whose writer task that stop could cancel
+    first: the worker saw a bare close instead of "the server is shutting down"."""
+    from aiki.actors.session import Session
+    from aiki.server import Server
+    from aiki.sources import Sources
+    from aiki.store import MemoryStore
+
+    server = Server(MemoryStore(), Sources.seeded(1))
+    transport = WebSocketTransport()
+    client_end, server_end = trio.testing.memory_stream_pair()
+
+    async def handler(conn: Connection) -> None:
+        await Session.serve(server.ctx, conn)
+
+    async def open_stream(host: str, port: int, context: Any) -> Any:
+        return client_end
+
+    async with trio.open_nursery() as serving:
+        serving.start_soon(transport.serve_stream, server_end, handler, "peer")
+        async with WebSocketTransport(open_stream=open_stream) as client:
+            conn = await client.connect(URL)
+            await conn.send(p.Hello(1, "worker", "w"))
+            assert isinstance(await conn.receive(), p.Welcome)
+
+            class StopWhenNoSession:
+                def set(self) -> None:  # what Server.serve does at that moment, at once
+                    serving.cancel_scope.cancel()
+
+            server.ctx.no_sessions = StopWhenNoSession()  # type: ignore[assignment]
+            server.stop()
+            assert await conn.receive() == p.Goodbye("the server is shutting down")
