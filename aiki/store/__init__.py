@@ -11,7 +11,7 @@ from aiki.store.sqlite import SqliteStore
 
 __all__ = [
     "ClaimedRun", "HistoryEvent", "Lease", "MemoryStore", "RunRecord", "SqliteStore",
-    "StepRecord", "Store", "execute", "open_store",
+    "StepRecord", "Store", "execute", "open_store", "redact_url",
 ]
 
 ACCEPTED_URLS = (
@@ -19,6 +19,15 @@ ACCEPTED_URLS = (
     '"sqlite://:memory:", "postgresql://user:password@host:port/database[?schema=name]" '
     '(or "postgres://...")'
 )
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``: for logs and error messages."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 async def open_store(url: str) -> Store:

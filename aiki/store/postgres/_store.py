@@ -9,13 +9,13 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import trio
 
 from aiki.errors import StoreUnavailable
 from aiki.store import ops as o
+from aiki.store import redact_url as redact
 from aiki.store.postgres import _sql
 from aiki.store.postgres._bridge import AsyncioBridge
 from aiki.store.records import HistoryEvent, RunRecord, StepRecord
@@ -26,15 +26,6 @@ log = logging.getLogger("aiki.store.postgres")
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)  # then 1.0 s between attempts
 CLOSE_TIMEOUT = 5.0
-
-
-def redact(dsn: str) -> str:
-    """``dsn`` with its password replaced, for error messages and logs."""
-    parts = urlsplit(dsn)
-    if not parts.password:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class PostgresStore:
