@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="how often the dispatcher looks for work it was not told of")
     server.add_argument("--shutdown-grace", type=_seconds, default=10.0, metavar="S",
                         help="seconds to finish requests in flight on SIGTERM (default 10)")
+    server.add_argument("--hello-timeout", type=_seconds, default=10.0, metavar="S",
+                        help="drop a connection that has not handshaken and said hello "
+                             "within S seconds (default 10)")
     _transport_options(server)
 
     worker = command("worker", "run a worker for the workflows of an app", _worker, "info")
@@ -245,7 +248,8 @@ def _server(args: argparse.Namespace) -> int:
         listen=args.listen, store=args.store, token=read_token(args.token_file),
         certfile=args.cert, keyfile=args.key, lease_ttl=args.lease_ttl,
         heartbeat_interval=args.heartbeat_interval, poll_interval=args.poll_interval,
-        shutdown_grace=args.shutdown_grace, max_frame_bytes=args.max_frame_bytes,
+        shutdown_grace=args.shutdown_grace, hello_timeout=args.hello_timeout,
+        max_frame_bytes=args.max_frame_bytes,
         ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
     )
     config.endpoint()  # refuse a bad configuration before opening anything

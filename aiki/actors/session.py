@@ -101,8 +101,8 @@ class Session:
         session = cls(ctx, conn, ctx.sessions)
         try:
             await session._serve()
-        except ConnectionLost:
-            pass
+        except ConnectionLost as exc:
+            log.info("session %d (%s) ended: %s", session.id, conn.peer, exc)
         except Closing as reason:
             if reason.error_type is None:
                 log.info("closing session %d (%s): %s", session.id, conn.peer, reason)

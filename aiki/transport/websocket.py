@@ -215,9 +215,10 @@ class WebSocketConnection:
             try:
                 frame = await self._ws.get_message()
             except tw.ConnectionClosed as exc:
-                raise ConnectionLost(
-                    self._lost or f"connection to {self.peer} {_describe_close(exc.reason)}"
-                ) from None
+                why = self._lost or f"connection to {self.peer} {_describe_close(exc.reason)}"
+                if exc.reason is not None and exc.reason.code == 1009:
+                    log.warning("%s", why)  # a frame over the limit: we closed it
+                raise ConnectionLost(why) from None
             self.frames_received += 1
             self._incoming.extend(protocol.decode_frame(frame))
         item = self._incoming.popleft()
