@@ -1,0 +1,99 @@
+"""The ``aiki`` command's pieces, without processes: apps, tokens, tables, configuration
+checks, and its one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import aiki
+from aiki.cli import UsageError, load_app, main, read_token, table
+from aiki.server import ServerConfig
+from tests.remote import app
+
+
+def test_load_app_accepts_a_workflow_or_a_list_of_them() -> None:
+    assert load_app("tests.remote.app:workflows") == app.workflows
+    assert load_app("tests.remote.app:remote_sum") == [app.remote_sum]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("tests.remote.app", "must be MODULE:ATTR"),
+    (":workflows", "must be MODULE:ATTR"),
+    ("no_such_module_here:x", "cannot import 'no_such_module_here'"),
+    ("tests.remote.app:nothing", "has no attribute 'nothing'"),
+    ("tests.remote.app:WORKER", "must name an @aiki.workflow or a list of them, got str"),
+    ("tests.remote.app:work", "got Task"),
+])
+def test_load_app_names_what_is_wrong(spec: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        load_app(spec)
+
+
+def test_tokens_come_from_a_file_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("AIKI_TOKEN", raising=False)
+    assert read_token(None) is None
+    monkeypatch.setenv("AIKI_TOKEN", "from-env")
+    assert read_token(None) == "from-env"
+    (tmp_path / "token").write_text("  from-file\n")
+    assert read_token(str(tmp_path / "token")) == "from-file"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(UsageError, match="is empty"):
+        read_token(str(tmp_path / "empty"))
+    with pytest.raises(UsageError, match="cannot read the token file"):
+        read_token(str(tmp_path / "missing"))
+
+
+def test_tables_line_up() -> None:
+    assert table(["ID", "STATE"], [["a", "completed"], ["bbbb", None]]).splitlines() == [
+        "ID    STATE",
+        "a     completed",
+        "bbbb",
+    ]
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9090", "localhost:1", "[::1]:9090",
+                                    "127.0.0.2:0"])
+def test_loopback_needs_no_token(listen: str) -> None:
+    assert ServerConfig(listen=listen).endpoint().is_loopback
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9090", "[::]:9090", "10.1.2.3:9090",
+                                    "example.com:9090"])
+def test_anything_but_loopback_needs_a_token(listen: str) -> None:
+    with pytest.raises(aiki.ConfigError, match="refusing to listen on .* without a token"):
+        ServerConfig(listen=listen).endpoint()
+    assert ServerConfig(listen=listen, token="t").endpoint().port == 9090
+
+
+def test_server_settings_are_checked() -> None:
+    with pytest.raises(aiki.ConfigError, match="lease_ttl must be a positive"):
+        ServerConfig(lease_ttl=0).endpoint()
+    with pytest.raises(aiki.ConfigError, match="has no path"):
+        ServerConfig(listen="ws://127.0.0.1:1/x").endpoint()
+
+
+def test_errors_are_one_line_with_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["server", "--listen", "0.0.0.0:9090"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("aiki server: error: refusing to listen on 0.0.0.0 without a token")
+    assert err.count("\n") == 1
+    assert main(["server", "--store", "oracle://x", "--listen", "127.0.0.1:0"]) == 1
+    assert "unsupported store URL 'oracle://x'" in capsys.readouterr().err
+    assert main(["worker", "--app", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("aiki worker: --app must be MODULE:ATTR")
+    assert main(["enqueue", "x", "--payload", "{bad"]) == 2
+    assert "--payload is not valid JSON" in capsys.readouterr().err
+    assert main(["workers", "--server", "ws://127.0.0.1:1", "--timeout", "5"]) == 1
+    assert "cannot connect to ws://127.0.0.1:1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["server", "--lease-ttl", "-1"])
+    assert "give a positive number of seconds" in capsys.readouterr().err
+
+
+async def test_awaiting_connect_says_how_to_use_it() -> None:
+    with pytest.raises(TypeError, match="async with aiki.connect"):
+        await aiki.connect("ws://127.0.0.1:1")  # type: ignore[misc]
