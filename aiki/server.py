@@ -25,7 +25,7 @@ from aiki.actors.timer import Timer
 from aiki.actors.watchers import RunWatchers
 from aiki.errors import ConfigError
 from aiki.sources import Sources
-from aiki.store import open_store
+from aiki.store import open_store, redact_url
 from aiki.store.base import Store
 from aiki.transport.base import Connection, Transport
 from aiki.transport.websocket import (
@@ -210,7 +210,8 @@ async def run_server(
                     nursery.cancel_scope.cancel()  # stopped: end the signal watcher too
 
                 url = await nursery.start(serve)
-                log.info("listening on %s (store %s, lease ttl %.1f s%s)", url, config.store,
+                log.info("listening on %s (store %s, lease ttl %.1f s%s)", url,
+                         redact_url(config.store),
                          config.lease_ttl, ", token required" if config.token else "")
                 task_status.started(url)
         finally:

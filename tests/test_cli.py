@@ -97,3 +97,25 @@ def test_errors_are_one_line_with_the_command(capsys: pytest.CaptureFixture[str]
 async def test_awaiting_connect_says_how_to_use_it() -> None:
     with pytest.raises(TypeError, match="async with aiki.connect"):
         await aiki.connect("ws://127.0.0.1:1")  # type: ignore[misc]
+
+
+async def test_the_server_log_hides_the_store_password(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    import trio
+
+    import aiki.server
+    from aiki.store import MemoryStore
+
+    async def fake_open_store(url: str) -> MemoryStore:
+        return MemoryStore()
+
+    monkeypatch.setattr(aiki.server, "open_store", fake_open_store)
+    caplog.set_level("INFO", "aiki.server")
+    config = ServerConfig(listen="127.0.0.1:0", store="postgresql://aiki:hunter2@db/aiki")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: aiki.server.run_server(
+            config, handle_signals=False, task_status=task_status))
+        nursery.cancel_scope.cancel()
+    assert "postgresql://aiki:***@db/aiki" in caplog.text
+    assert "hunter2" not in caplog.text
