@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except BaseException as exc:
         cause = root_cause(exc)
+        if isinstance(cause, BrokenPipeError):  # e.g. `aiki runs show ID | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         if isinstance(cause, UsageError):
             print(f"aiki {name}: {cause}", file=sys.stderr)
             return 2
