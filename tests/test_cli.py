@@ -119,3 +119,26 @@ async def test_the_server_log_hides_the_store_password(
         nursery.cancel_scope.cancel()
     assert "postgresql://aiki:***@db/aiki" in caplog.text
     assert "hunter2" not in caplog.text
+
+
+def test_output_piped_into_a_reader_that_stops_exits_quietly() -> None:
+    """`aiki runs show ID | head` used to end with 'error: [Errno 32] Broken pipe'."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, aiki.cli as cli\n"
+        "def big(args):\n"
+        "    for i in range(200000):\n"
+        "        print('x' * 100)\n"
+        "cli._runs_list = big\n"
+        "sys.exit(cli.main(['runs', 'list']))\n"
+    )
+    reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    assert reader.stdout is not None and reader.stderr is not None
+    reader.stdout.read(10)
+    reader.stdout.close()
+    assert reader.wait(timeout=30) == 141
+    assert reader.stderr.read() == b""
+    reader.stderr.close()
