@@ -39,10 +39,7 @@ async def open_store(url: str) -> Store:
     - ``postgresql://user:password@host:port/database`` (or ``postgres://``): PostgreSQL,
       with the tables in schema ``aiki`` unless ``?schema=name`` says otherwise (other query
       parameters go to asyncpg, e.g. ``?host=/run/postgresql`` for a Unix socket). Needs
-      ``pip install 'aiki[postgres]'``. The store runs an asyncio loop in the calling Trio
-      task, so close it (``aclose``) from the task that opened it, after any nursery opened
-      since has closed (as ``aiki.embedded`` does); see
-      :meth:`aiki.store.postgres.PostgresStore.open`.
+      ``pip install 'aiki[postgres]'``; see :meth:`aiki.store.postgres.PostgresStore.open`.
     """
     if url == "memory":
         return MemoryStore()

@@ -35,6 +35,10 @@ def enqueue(run_id: str, key: str | None = None, now: float = 1.0) -> o.Enqueue:
     return o.Enqueue(run_id, "wf", "1", "{}", key, now)
 
 
+def with_schema(url: str, schema: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}schema={schema}"
+
+
 @attrs.define
 class Raw:
     """A plain asyncpg connection beside the store, for holding locks and peeking."""
@@ -66,8 +70,7 @@ async def test_open_store_accepts_postgresql_and_postgres_urls(postgres: TestPos
     schema = postgres.fresh_schema()
     assert postgres.dsn.startswith("postgresql://")
     for url in (postgres.dsn, "postgres://" + postgres.dsn[len("postgresql://"):]):
-        sep = "&" if "?" in url else "?"
-        store = await open_store(f"{url}{sep}schema={schema}")
+        store = await open_store(with_schema(url, schema))
         try:
             assert isinstance(store, PostgresStore)
             assert store.schema == schema
@@ -78,6 +81,43 @@ async def test_open_store_accepts_postgresql_and_postgres_urls(postgres: TestPos
         assert await raw.fetchval("SELECT count(*) FROM runs") == 2
     with pytest.raises(ValueError, match="postgresql://user:password@host:port/database"):
         await open_store("mysql://nope")
+
+
+async def test_an_awaited_store_closes_from_another_task_in_a_shielded_scope(
+    postgres: TestPostgres,
+) -> None:
+    """The await form hosts its loop in a system task: aclose works wherever it is called."""
+    store = await open_store(with_schema(postgres.dsn, postgres.fresh_schema()))
+    await execute(store, enqueue("r1"))
+
+    async def close_elsewhere() -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await store.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close_elsewhere)
+    with pytest.raises(StoreUnavailable, match="is closed"):
+        await store.get_run("r1")
+
+
+@aiki.task(name="double")
+async def double(x: int) -> int:
+    return 2 * x
+
+
+@aiki.workflow(name="doubling", version="1")
+async def doubling(run: aiki.WorkflowRun, x: int) -> int:
+    return await double.run(run, x) + 1
+
+
+async def test_embedded_takes_a_postgresql_url(postgres: TestPostgres) -> None:
+    url = with_schema(postgres.dsn, postgres.fresh_schema())
+    async with aiki.embedded(store=url) as client:
+        async with aiki.worker(client, workflows=[doubling]):
+            handle = await doubling.enqueue(client, 20)
+            assert await handle.wait_for_completion(timeout=30) == 41
+    async with aiki.embedded(store=url) as client:  # a restart on the same database
+        assert (await client.handle(handle.id).status()).state == "completed"
 
 
 async def test_migrations_run_once_under_concurrent_starts(postgres: TestPostgres) -> None:

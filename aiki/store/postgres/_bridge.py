@@ -19,10 +19,11 @@ Cancellation: cancelling the Trio caller of :meth:`run` cancels the asyncio task
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 
+import trio
 import trio_asyncio  # type: ignore[import-untyped]
 
 T = TypeVar("T")
@@ -49,6 +50,48 @@ class AsyncioBridge:
         """
         async with trio_asyncio.open_loop() as loop:
             yield cls(loop)
+
+    @classmethod
+    async def start_detached(cls) -> tuple[AsyncioBridge, Callable[[], Awaitable[None]]]:
+        """Open the loop in a Trio system task of its own; the bridge and its ``close``.
+
+        For owners that are opened with ``await`` and closed with ``aclose()``: a loop opened
+        in the caller's task would hold cancel scopes there, and closing it from inside any
+        scope opened since (a shielded cleanup block, say) would break Trio's nesting. The
+        system task lives until ``close()`` is awaited, or until ``trio.run`` ends.
+        """
+        ready, stop, stopped = trio.Event(), trio.Event(), trio.Event()
+        opened: list[AsyncioBridge] = []
+        failed: list[Exception] = []
+
+        async def host() -> None:
+            try:
+                async with cls.open() as bridge:
+                    opened.append(bridge)
+                    ready.set()
+                    await stop.wait()
+            except Exception as exc:  # a system task must not raise: hand it to the opener
+                failed.append(exc)
+            finally:
+                ready.set()
+                stopped.set()
+
+        trio.lowlevel.spawn_system_task(host, name="aiki.store.postgres asyncio loop")
+        try:
+            await ready.wait()
+        except BaseException:
+            stop.set()
+            raise
+        if not opened:
+            raise failed[0] if failed else RuntimeError("the asyncio loop did not start")
+
+        async def close() -> None:
+            stop.set()
+            await stopped.wait()
+            if failed:
+                raise failed[0]
+
+        return opened[0], close
 
     async def run(
         self, fn: Callable[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs

@@ -63,12 +63,13 @@ class PostgresStore:
         :class:`StoreUnavailable`. ``connect_timeout`` bounds one connection attempt and
         ``command_timeout`` one statement (``None``: unbounded).
 
-        Use the result as ``async with PostgresStore.open(dsn) as store:``, or ``await`` it
-        and later call :meth:`aclose`. The store runs an asyncio event loop (for asyncpg) in
-        the calling Trio task's context for its whole life, so either way it must be closed
-        by the task that opened it, after any nursery or cancel scope opened since then has
-        closed: exactly the nesting an ``async with`` block gives. Other tasks may use the
-        store freely meanwhile.
+        The store runs one asyncio event loop (for asyncpg) for its whole life. Use the result
+        as ``async with PostgresStore.open(dsn) as store:`` and the loop runs in the calling
+        task's nursery context for the block. Or ``await`` it and call :meth:`aclose` later,
+        from any task and inside any cancel scope (``aiki.embedded`` closes its store in a
+        shielded block): then the loop runs in a Trio system task of its own, since a loop
+        held in the opener's scopes could only be closed in exactly their nesting. Either
+        way, any task may use the store meanwhile.
         """
         if not SCHEMA_NAME.fullmatch(schema):
             raise ValueError(
@@ -78,10 +79,14 @@ class PostgresStore:
         if max_size < 1:
             raise ValueError(f"max_size must be at least 1, got {max_size}")
 
-        async def opening() -> PostgresStore:
+        async def opening(in_this_task: bool) -> PostgresStore:
             failure: Exception | None = None
             async with AsyncExitStack() as stack:
-                bridge = await stack.enter_async_context(AsyncioBridge.open())
+                if in_this_task:
+                    bridge = await stack.enter_async_context(AsyncioBridge.open())
+                else:
+                    bridge, close = await AsyncioBridge.start_detached()
+                    stack.push_async_callback(close)
                 try:
                     pool = await _retrying(
                         f"opening the PostgreSQL store at {redact(dsn)}", retry_for,
@@ -222,15 +227,15 @@ class PostgresStore:
 class Opening:
     """What :meth:`PostgresStore.open` returns: await it, or use it with ``async with``."""
 
-    def __init__(self, open: Callable[[], Coroutine[Any, Any, PostgresStore]]) -> None:
+    def __init__(self, open: Callable[[bool], Coroutine[Any, Any, PostgresStore]]) -> None:
         self._open = open
         self._store: PostgresStore | None = None
 
     def __await__(self) -> Generator[Any, None, PostgresStore]:
-        return self._open().__await__()
+        return self._open(False).__await__()  # the loop in a system task: close it anywhere
 
     async def __aenter__(self) -> PostgresStore:
-        self._store = await self._open()
+        self._store = await self._open(True)  # the loop in this task, for the block
         return self._store
 
     async def __aexit__(
