@@ -276,7 +276,7 @@ async def test_a_trio_cancel_in_the_middle_of_a_query_leaves_the_pool_healthy(
             with trio.move_on_after(0.2) as waited:
                 await execute(store, o.CompleteRun(claimed.lease, '"done"', 11.0))
             assert waited.cancelled_caught
-        assert store._pool.size <= 2
+        assert store.connections <= 2
         # The pool serves at once, on other rows and on reads.
         with trio.fail_after(5):
             assert (await execute(store, enqueue("r2"))).created

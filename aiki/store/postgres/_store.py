@@ -105,6 +105,11 @@ class PostgresStore:
 
         return Opening(opening)
 
+    @property
+    def connections(self) -> int:
+        """Connections the pool holds open now, idle or in use (at most ``max_size``)."""
+        return self._pool.size
+
     async def aclose(self) -> None:
         """Close the pool (waiting up to 5 s for calls in flight) and the event loop."""
         if self._closed:
