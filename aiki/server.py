@@ -102,6 +102,18 @@ class Server:
             ChildSpec("timer", self.ctx.timer.run),
             ChildSpec("listener", listen),
         ]
+        watch = getattr(self.store, "watch", None)
+        if watch is not None:
+            # A store shared by several servers (PostgreSQL) tells every Dispatcher when a
+            # run becomes queued anywhere; the poll interval stays as the slow fallback.
+            dispatcher = self.ctx.dispatcher
+
+            async def watch_store(
+                *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+            ) -> None:
+                await watch(dispatcher.poke, task_status=task_status)
+
+            children.append(ChildSpec("store-watch", watch_store))
         async with trio.open_nursery() as nursery:
             await nursery.start(self.supervisor.run, children)
             task_status.started(bound[-1])
