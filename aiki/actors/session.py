@@ -7,7 +7,13 @@ the connection ends; everything durable goes through the StoreWriter, so a crash
 loses no state (the worker reconnects and re-announces its leases).
 
 A malformed or unknown message is answered with ``Refused`` and logged; the connection stays
-up until ``max_protocol_errors`` of them, then it is closed with a reason.
+up until ``max_protocol_errors`` of them, then it is closed with a reason. A refusal that a
+reconnection cannot fix (wrong token, no hello first, an unknown protocol version) closes
+with a ``Goodbye`` naming the error type, so the peer does not retry it.
+
+When the server shuts down (``ServerContext.shutting_down``), the session stops reading,
+answers the requests it has, sends what is queued, says goodbye, and closes its connection
+before it counts itself ended (``open_sessions``); a cancellation instead stops it at once.
 """
 
 from __future__ import annotations

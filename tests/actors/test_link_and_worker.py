@@ -74,7 +74,7 @@ async def running(worker: Worker) -> AsyncIterator[Worker]:
 
 
 def worker(transport: Severable, workflows: Sequence[Any], id: str, slots: int = 4) -> Worker:
-    return Worker(transport, "srv", list(workflows), id, Sources.seeded(hash(id) % 1000),
+    return Worker(transport, "srv", list(workflows), id, Sources.seeded(sum(map(ord, id))),
                   max_concurrent_runs=slots)
 
 
