@@ -1,0 +1,81 @@
+"""The interface every benchmark suite implements (issue 6).
+
+A suite module exposes ``SUITE = Suite(name=..., run=...)``. ``run(options)`` is a plain
+(synchronous) function: it runs its own ``trio.run`` (or subprocesses) as it needs, and
+returns one ``Row`` per measured configuration, each with one sample per repetition.
+``benchmarks/__main__.py`` lists the suites, runs them, prints one table per suite and writes
+every row to JSON.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from benchmarks.postgres import PostgresServer
+
+
+@attrs.frozen
+class Options:
+    """What the command line asked for, and the shared PostgreSQL server.
+
+    ``quick``: a smoke run (1 repetition, small counts). ``reps``: repetitions per row
+    (``--reps``; already 1 when ``quick``). ``postgres``: one server for the whole bench run,
+    or None when PostgreSQL rows are not wanted or it could not start (skip those rows, and
+    say so in a row's ``extra`` or on stderr).
+    """
+
+    quick: bool = False
+    reps: int = 3
+    postgres: PostgresServer | None = None
+
+
+@attrs.frozen
+class Row:
+    """One measured configuration: one sample per repetition.
+
+    ``metric`` names what the samples are ("runs/s", "p50", "commits/s", ...), ``unit`` their
+    unit. ``extra`` holds anything else worth printing or keeping in the JSON (counts, the
+    per-task cost, ratios, notes); its values must be JSON-encodable.
+    """
+
+    suite: str
+    label: str
+    metric: str
+    unit: str
+    samples: list[float]
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples) if self.samples else math.nan
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else math.nan
+
+    @property
+    def max(self) -> float:
+        return max(self.samples) if self.samples else math.nan
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "suite": self.suite, "label": self.label, "metric": self.metric,
+            "unit": self.unit, "samples": list(self.samples), "min": _finite(self.min),
+            "median": _finite(self.median), "max": _finite(self.max), "extra": self.extra,
+        }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+@attrs.frozen
+class Suite:
+    name: str
+    run: Callable[[Options], list[Row]]
