@@ -1,0 +1,196 @@
+"""``python -m benchmarks [suite ...] [--quick] [--reps N] [--json PATH] [--no-postgres]``.
+
+Runs the named suites (all of them by default, in the order of ``SUITES``) with one embedded
+PostgreSQL server for the whole run, prints one table per suite at the end and writes every
+row to JSON (``benchmarks/results/latest.json`` by default; rewritten after each suite, so a
+run stopped half-way keeps what it measured). A suite whose module or optional dependency is
+missing, or that fails, is reported and skipped; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report
+from benchmarks.suite import Options, Row, Suite
+
+# Name -> module; each module exposes SUITE. Imported only when the suite runs.
+SUITES: dict[str, str] = {
+    "baseline": "benchmarks.baseline",
+    "throughput": "benchmarks.throughput",
+    "dbos": "benchmarks.dbos_side",
+    "latency": "benchmarks.latency",
+    "scale": "benchmarks.scale",
+    "idle": "benchmarks.idle",
+}
+
+NOTES: dict[str, str] = {
+    "baseline": "Single-row INSERT + COMMIT, 1 client, one transaction per row: the floor one "
+                "durable checkpoint costs.",
+    "throughput": "Workflows of 3 trivial tasks (x + 1 each). Mode = runs in flight at any time "
+                  "(closed loop: each client task enqueues, waits for the result, repeats) "
+                  "until `runs` runs completed. Each repetition: a fresh store and fresh "
+                  "processes, 10 warm-up runs, then timed from the first enqueue to the last "
+                  "completion. `ws` = an `aiki server` process on loopback WebSocket with "
+                  "`aiki worker` processes (max(C, 10) slots each), this process as client. "
+                  "ms/task = elapsed / (runs × 3); × one commit = that over the baseline's "
+                  "median commit time, same store; Aiki/DBOS = median runs/s over the DBOS row "
+                  "with the same store and mode (> 1: Aiki faster).",
+    "dbos": "DBOS Transact, the same 3-step workflow, in a subprocess per repetition, same "
+            "PostgreSQL server (own database) or its SQLite system database (DBOS's default "
+            "rollback journal). One at a time: the workflow function called directly; "
+            "concurrent: C client threads each DBOS.start_workflow(...) and wait on the "
+            "handle's get_result(). DBOS defaults otherwise (pool of 20 connections).",
+}
+
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
+
+
+def load(name: str) -> Suite:
+    module = importlib.import_module(SUITES[name])
+    suite = getattr(module, "SUITE", None)
+    if not isinstance(suite, Suite):
+        raise TypeError(f"{SUITES[name]} has no SUITE = Suite(...)")
+    return suite
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).resolve().parents[1],
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "?"
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+            "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
+            "aiki_commit": commit}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suites", nargs="*", metavar="SUITE",
+                        help=f"suites to run (default: all): {', '.join(SUITES)}")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 1 repetition and small counts")
+    parser.add_argument("--reps", type=int, default=3, metavar="N",
+                        help="repetitions per row (default 3; 1 with --quick)")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
+                        help=f"where to write the results (default {DEFAULT_JSON})")
+    parser.add_argument("--no-postgres", action="store_true",
+                        help="skip every PostgreSQL row (no server is started)")
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.suites if s not in SUITES]
+    if unknown:
+        parser.error(f"unknown suite(s) {', '.join(unknown)}; known: {', '.join(SUITES)}")
+    if args.reps < 1:
+        parser.error("--reps must be at least 1")
+    names = args.suites or list(SUITES)
+    reps = 1 if args.quick else args.reps
+
+    info = machine()
+    results: dict[str, Any] = {
+        "command": " ".join(["python -m benchmarks", *(argv or sys.argv[1:])]),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": info, "quick": args.quick, "reps": reps, "suites": {}, "rows": [],
+    }
+    rows: list[Row] = []
+    began = time.perf_counter()
+    with ExitStack() as stack:
+        pg = None
+        if not args.no_postgres:
+            try:
+                from benchmarks.postgres import started
+
+                pg = stack.enter_context(started())
+                info["postgresql"] = pg.version()
+                info["postgresql_settings"] = {
+                    k: pg.setting(k) for k in ("fsync", "synchronous_commit",
+                                               "full_page_writes", "max_connections")}
+            except Exception as exc:
+                print(f"PostgreSQL rows skipped: {exc}", file=sys.stderr)
+        options = Options(quick=args.quick, reps=reps, postgres=pg)
+        for name in names:
+            start = time.perf_counter()
+            print(f"== {name} ==", file=sys.stderr, flush=True)
+            try:
+                suite = load(name)
+            except ImportError as exc:
+                message = f"skipped: cannot import {SUITES[name]} ({exc})"
+                print(f"{name}: {message}", file=sys.stderr)
+                results["suites"][name] = {"status": message}
+                continue
+            try:
+                produced = suite.run(options)
+            except Exception as exc:
+                traceback.print_exc(file=sys.stderr)
+                message = f"failed: {type(exc).__name__}: {exc}"
+                print(f"{name}: {message}", file=sys.stderr)
+                results["suites"][name] = {"status": message}
+                continue
+            rows.extend(produced)
+            seconds = time.perf_counter() - start
+            results["suites"][name] = {"status": "ok", "seconds": round(seconds, 1)}
+            print(f"== {name}: {len(produced)} rows in {seconds:.0f} s ==", file=sys.stderr,
+                  flush=True)
+            report.annotate(rows)
+            results["rows"] = [r.to_json() for r in rows]
+            _write(args.json, results)
+
+    report.annotate(rows)
+    results["rows"] = [r.to_json() for r in rows]
+    results["seconds"] = round(time.perf_counter() - began, 1)
+    _write(args.json, results)
+
+    print(f"\nAiki benchmarks: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
+          f"SQLite {info['sqlite']}, PostgreSQL {info.get('postgresql', '(none)')}, "
+          f"aiki {info['aiki_commit']}; {'--quick, ' if args.quick else ''}{reps} rep(s); "
+          f"{results['seconds']:.0f} s")
+    for name in names:
+        suite_rows = [r for r in rows if r.suite == name]
+        status = results["suites"].get(name, {}).get("status", "not run")
+        print(f"\n### {name}" + ("" if status == "ok" else f" ({status})"))
+        if name in NOTES:
+            print(f"\n{NOTES[name]}")
+        if suite_rows:
+            print()
+            print(report.table(suite_rows))
+    failures = report.errors(rows)
+    if failures:
+        print("\nErrors:")
+        for line in failures:
+            print(f"- {line[:500]}")
+    print(f"\nResults written to {args.json}")
+    return 0
+
+
+def _write(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Tables: one per suite, min / median / max over repetitions, plus ratio columns.
+
+A table has one line per row: its label, the display columns the suite put in
+``extra["columns"]`` (a dict of column name to text), the metric's min / median / max, and
+the columns in ``extra["ratios"]`` (filled in by :func:`annotate`). Tables are Markdown, so
+the output can be pasted into the README as it is.
+
+:func:`annotate` links suites measured in the same run: each Aiki throughput row gets its
+per-task cost (median) as a multiple of one single-row commit of the same store (the
+``baseline`` suite), and its throughput as a ratio to the DBOS row with the same store and
+concurrency (the ``dbos`` suite); > 1 means Aiki is faster.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from benchmarks.suite import Row
+
+
+def fmt(value: float) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:,.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _median(values: Iterable[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def annotate(rows: Sequence[Row]) -> None:
+    """Add the commit multiple and the Aiki/DBOS ratio to every throughput row."""
+    commit_ms = {r.extra.get("store"): 1000.0 / r.median
+                 for r in rows if r.suite == "baseline" and r.samples}
+    dbos = {(r.extra.get("store"), r.extra.get("concurrency")): r
+            for r in rows if r.suite == "dbos"}
+    for row in rows:
+        if row.suite == "dbos" and row.samples:
+            ratios = row.extra.setdefault("ratios", {})
+            per_task = _median(row.extra.get("per_task_ms", []))
+            ratios["ms/task (median)"] = fmt(per_task)
+            base = commit_ms.get(row.extra.get("store"))
+            if base:
+                row.extra["commit_multiple"] = per_task / base
+                ratios["× one commit"] = fmt(per_task / base)
+        if row.suite != "throughput" or row.extra.get("system") != "aiki":
+            continue
+        ratios = row.extra.setdefault("ratios", {})
+        per_task = _median(row.extra.get("per_task_ms", []))
+        ratios["ms/task (median)"] = fmt(per_task)
+        base = commit_ms.get(row.extra.get("store"))
+        if base and row.samples:
+            row.extra["commit_multiple"] = per_task / base
+            ratios["× one commit"] = fmt(per_task / base)
+        else:
+            ratios["× one commit"] = "–"
+        peer = dbos.get((row.extra.get("store"), row.extra.get("concurrency")))
+        if peer is not None and peer.samples and row.samples:
+            row.extra["aiki_over_dbos"] = row.median / peer.median
+            ratios["Aiki/DBOS"] = f"{row.median / peer.median:.2f}×"
+        else:
+            ratios["Aiki/DBOS"] = "–"
+
+
+def table(rows: Sequence[Row]) -> str:
+    if not rows:
+        return "(no rows)"
+    pre = _keys(r.extra.get("columns", {}) for r in rows)
+    post = _keys(r.extra.get("ratios", {}) for r in rows)
+    metric = rows[0].metric if len({r.metric for r in rows}) == 1 else "value"
+    header = ["", *pre, f"{metric} min", "median", "max", "reps", *post]
+    lines = []
+    for r in rows:
+        cols: dict[str, Any] = r.extra.get("columns", {})
+        ratios: dict[str, Any] = r.extra.get("ratios", {})
+        stats = [fmt(r.min), fmt(r.median), fmt(r.max)] if r.samples else ["FAILED", "", ""]
+        label = r.label if metric != "value" else f"{r.label} ({r.metric})"
+        lines.append([label, *(str(cols.get(k, "")) for k in pre), *stats,
+                      str(len(r.samples)), *(str(ratios.get(k, "")) for k in post)])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def render(cells: list[str]) -> str:
+        out = []
+        for i, cell in enumerate(cells):
+            out.append(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]))
+        return "| " + " | ".join(out) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":"
+                          for i, w in enumerate(widths)) + "|"
+    return "\n".join([render(header), rule, *(render(line) for line in lines)])
+
+
+def _keys(dicts: Iterable[dict[str, Any]]) -> list[str]:
+    keys: list[str] = []
+    for d in dicts:
+        for k in d:
+            if k not in keys:
+                keys.append(k)
+    return keys
+
+
+def errors(rows: Sequence[Row]) -> list[str]:
+    return [f"{r.label}: {e}" for r in rows for e in r.extra.get("errors", [])]
