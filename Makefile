@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test sim typecheck clean
+.PHONY: demo test sim typecheck bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,20 @@ test: $(VENV)/.installed
 SEEDS ?= 0-199
 sim: $(VENV)/.installed
 	$(PY) -m simulations sweep --seeds $(SEEDS) --regressions --jobs 2
+
+# Benchmarks (issue 6): Aiki's throughput beside DBOS Transact on SQLite and PostgreSQL, the
+# single-commit baseline, latency, scale and idle; prints the tables, writes
+# benchmarks/results/latest.json. BENCH_ARGS picks suites or options, e.g. BENCH_ARGS=throughput.
+BENCH_ARGS ?=
+$(VENV)/.installed-bench: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.installed-bench
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+bench-quick: $(VENV)/.installed-bench
+	$(PY) -m benchmarks --quick $(BENCH_ARGS)
 
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy --strict aiki

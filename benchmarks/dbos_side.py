@@ -1,0 +1,223 @@
+"""DBOS Transact on the same workload, for the side-by-side rows (issue 6).
+
+DBOS is asyncio- and thread-based and keeps process-wide globals, so it never runs in the
+benchmark's own process: each repetition is one subprocess,
+
+    python -m benchmarks.dbos_side --url URL --concurrency C --runs N [--warmup W]
+
+which launches DBOS on ``URL`` (a fresh PostgreSQL database, or ``sqlite:///file``), runs a
+warm-up, then ``N`` workflows of 3 trivial steps with ``C`` in flight at any time, and prints
+one JSON object: elapsed seconds from the first start to the last completion, how many runs
+completed with the right result, and the DBOS version.
+
+How the runs are started: one at a time by calling the workflow function directly (DBOS's
+ordinary synchronous call); concurrently with ``DBOS.start_workflow`` and its handle's
+``get_result()`` (the workflow runs at once in DBOS's executor thread pool; no queue polling
+delay). ``C`` client threads each start a workflow and wait for it, so exactly ``C`` are in
+flight, like the Aiki rows. DBOS's defaults are kept (system database pool of 20 connections;
+on SQLite its default rollback journal with ``synchronous=FULL``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from typing import Any
+
+TASKS_PER_RUN = 3
+
+
+def _measure(url: str, concurrency: int, runs: int, warmup: int) -> dict[str, Any]:
+    import dbos
+    from dbos import DBOS
+
+    DBOS(config={"name": "aiki-bench", "system_database_url": url, "log_level": "WARNING"})
+
+    @DBOS.step()
+    def inc(x: int) -> int:
+        return x + 1
+
+    @DBOS.workflow()
+    def three(x: int) -> int:
+        for _ in range(TASKS_PER_RUN):
+            x = inc(x)
+        return x
+
+    DBOS.launch()
+    try:
+        for i in range(warmup):
+            assert three(-i - 1) == -i + 2
+        completed = 0
+        failures: list[str] = []
+        lock = threading.Lock()
+        if concurrency == 1:
+            start = time.perf_counter()
+            for i in range(runs):
+                if three(i) == i + TASKS_PER_RUN:
+                    completed += 1
+            elapsed = time.perf_counter() - start
+        else:
+            indexes = iter(range(runs))
+
+            def loop() -> None:
+                nonlocal completed
+                while True:
+                    with lock:
+                        i = next(indexes, None)
+                    if i is None:
+                        return
+                    try:
+                        ok = DBOS.start_workflow(three, i).get_result() == i + TASKS_PER_RUN
+                    except Exception as exc:  # reported, not hidden
+                        with lock:
+                            failures.append(f"{type(exc).__name__}: {exc}")
+                        continue
+                    if ok:
+                        with lock:
+                            completed += 1
+
+            threads = [threading.Thread(target=loop, daemon=True) for _ in range(concurrency)]
+            start = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            elapsed = time.perf_counter() - start
+        return {"elapsed": elapsed, "runs": runs, "completed": completed,
+                "failures": failures[:5], "dbos_version": _version(dbos)}
+    finally:
+        DBOS.destroy(destroy_registry=True)
+
+
+def _version(module: Any) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dbos")
+    except Exception:
+        return str(getattr(module, "__version__", "?"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.dbos_side")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--runs", type=int, required=True)
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    result = _measure(args.url, args.concurrency, args.runs, args.warmup)
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+# -- the suite: the parent side, one subprocess per repetition ----------------------------
+MODES = {1: "one at a time", 100: "100 concurrent", 1000: "1,000 concurrent"}
+STORES = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
+WARMUP = 10
+
+
+def run_counts(quick: bool) -> dict[int, int]:
+    """Measured runs per repetition, per concurrency (the same as the Aiki rows')."""
+    from benchmarks.throughput import run_counts as aiki_counts
+
+    return aiki_counts(quick)
+
+
+def measure_once(url: str, concurrency: int, runs: int, warmup: int = WARMUP,
+                 timeout: float = 900.0) -> dict[str, Any]:
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.dbos_side", "--url", url, "--concurrency",
+         str(concurrency), "--runs", str(runs), "--warmup", str(warmup)],
+        capture_output=True, text=True, timeout=timeout, cwd=str(_repo()),
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"DBOS subprocess failed (exit {proc.returncode}): "
+                           f"{proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    if result["completed"] != runs:
+        raise RuntimeError(f"DBOS completed {result['completed']} of {runs} runs: "
+                           f"{result['failures']}")
+    return result
+
+
+def _repo() -> Any:
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]
+
+
+def run(options: Any) -> list[Any]:
+    import importlib.util
+    import os
+    import tempfile
+
+    from benchmarks.suite import Row
+
+    if importlib.util.find_spec("dbos") is None:
+        raise ImportError("the DBOS rows need the dbos package: pip install -e '.[bench]'")
+    counts = run_counts(options.quick)
+    stores = ["sqlite"] + (["postgres"] if options.postgres is not None else [])
+    if options.postgres is None:
+        print("dbos: no PostgreSQL server, PostgreSQL rows skipped", file=sys.stderr)
+    rows = []
+    for store in stores:
+        for concurrency, mode in MODES.items():
+            runs = counts[concurrency]
+            samples: list[float] = []
+            per_task: list[float] = []
+            errors: list[str] = []
+            version = "?"
+            started = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="aiki-bench-dbos-") as directory:
+                for rep in range(options.reps):
+                    if store == "sqlite":
+                        url = f"sqlite:///{os.path.join(directory, f'rep{rep}.sqlite')}"
+                    else:
+                        url = options.postgres.fresh_database("dbos")
+                    try:
+                        result = measure_once(url, concurrency, runs)
+                        version = result["dbos_version"]
+                        samples.append(runs / result["elapsed"])
+                        per_task.append(result["elapsed"] / (runs * TASKS_PER_RUN) * 1000.0)
+                    except Exception as exc:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                        print(f"  dbos: {exc}", file=sys.stderr)
+                    finally:
+                        if store == "postgres":
+                            options.postgres.drop_database(url)
+            how = "direct call" if concurrency == 1 else "start_workflow + handles"
+            extra: dict[str, Any] = {
+                "system": "dbos", "store": store, "concurrency": concurrency, "runs": runs,
+                "warmup_runs": WARMUP, "per_task_ms": per_task, "dbos_version": version,
+                "started_with": how, "columns": {"runs": str(runs), "started with": how},
+            }
+            if errors:
+                extra["errors"] = errors
+            label = f"DBOS {version} · {STORES[store]} · {mode}"
+            rows.append(Row("dbos", label, "runs/s", "1/s", samples, extra=extra))
+            print(f"  dbos: {label}: "
+                  f"{f'median {rows[-1].median:.1f} runs/s' if samples else 'FAILED'} "
+                  f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    return rows
+
+
+def _suite() -> Any:
+    from benchmarks.suite import Suite
+
+    return Suite(name="dbos", run=run)
+
+
+SUITE = _suite()
