@@ -8,8 +8,8 @@ computes it) and nine history events (``run.queued``, ``run.running``, then
 :data:`WORKFLOWS` round-robin; every third has an idempotency key; ids are UUID4s (from a
 seeded generator, so a fill is reproducible), created a few ms apart in the past.
 
-The schema comes from the store itself: the database is created by the store's own migrations (its
-migrations), and the column lists are the record classes' fields, so the rows stay in step
+The schema comes from the store itself: the database is created by the store's own
+migrations, and the column lists are the record classes' fields, so the rows stay in step
 with ``aiki/store``. SQLite: ``executemany`` in large transactions with ``synchronous=OFF``
 (the fill is a fixture, not under test), no ``ANALYZE`` (the store never runs it).
 PostgreSQL: ``COPY`` (asyncpg ``copy_records_to_table``), then ``ANALYZE`` and ``CHECKPOINT``.
