@@ -5,8 +5,9 @@ workflow that completed on its first lease): a ``completed`` run with its payloa
 three ``completed`` task steps (position ``0``..``2``, content hash as ``aiki.protocol``
 computes it) and nine history events (``run.queued``, ``run.running``, then
 ``task.running``/``task.completed`` per step, ``run.completed``). Runs are spread over
-:data:`WORKFLOWS` round-robin; every third has an idempotency key; ids are UUID4s (from a
-seeded generator, so a fill is reproducible), created a few ms apart in the past.
+:data:`WORKFLOWS` round-robin; every third has an idempotency key; ids come from the engine's
+own ``Sources.new_id`` (seeded, so a fill is reproducible; if ids become time-ordered, the
+fill follows, at each run's creation time), created a few ms apart in the past.
 
 The schema comes from the store itself: the database is created by the store's own
 migrations, and the column lists are the record classes' fields, so the rows stay in step
@@ -18,12 +19,12 @@ PostgreSQL: ``COPY`` (asyncpg ``copy_records_to_table``), then ``ANALYZE`` and `
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import random
 import sqlite3
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import attrs
 
 from aiki.protocol import content_hash
+from aiki.sources import Sources
 from aiki.store.records import HistoryEvent, RunRecord, StepRecord
 
 WORKFLOWS: tuple[str, ...] = ("orders", "emails", "billing", "reports", "sync")
@@ -44,6 +46,21 @@ RUN_FIELDS = tuple(f.name for f in attrs.fields(RunRecord))
 STEP_FIELDS = tuple(f.name for f in attrs.fields(StepRecord))
 HISTORY_FIELDS = tuple(f.name for f in attrs.fields(HistoryEvent) if f.name != "seq")
 
+class SetClock:
+    """A wall clock that says what it is told: ids made "at" a filled run's creation time."""
+
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def now(self) -> float:
+        return self.t
+
+
+class RealClock:
+    def now(self) -> float:
+        return time.time()
+
+
 Rows = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]
 
 
@@ -56,16 +73,18 @@ def generate(start: int, count: int, seed: int = 6, *, base_time: float | None =
              with_step_seq: bool = True) -> Rows:
     """Rows for runs ``start .. start+count``: (runs, steps, history), in table column order
     (``RUN_FIELDS``; ``run_id, [seq,] STEP_FIELDS``; ``HISTORY_FIELDS``)."""
-    rng = random.Random(f"{seed}:{start}")
+    clock = SetClock()
+    sources = Sources(clock, random.Random(f"{seed}:{start}"))  # the engine's own run ids
     t0 = (time.time() - 30 * 86400) if base_time is None else base_time
     runs: list[tuple[Any, ...]] = []
     steps: list[tuple[Any, ...]] = []
     history: list[tuple[Any, ...]] = []
     for i in range(start, start + count):
-        run_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
         workflow = WORKFLOWS[i % len(WORKFLOWS)]
         worker = f"worker-{i % 7}"
         created = t0 + i * 0.002
+        clock.t = created
+        run_id = sources.new_id()
         at = created + 0.001
         finished = at + 0.004 * (STEPS_PER_RUN + 1)
         key = f"fill-{i}" if i % 3 == 0 else None
@@ -105,7 +124,7 @@ def schema_fingerprint() -> str:
     from aiki.store import sqlite as s
 
     parts = [repr(s.MIGRATIONS), repr(RUN_FIELDS), repr(STEP_FIELDS), repr(HISTORY_FIELDS),
-             str(FILL_FORMAT)]
+             str(FILL_FORMAT), inspect.getsource(Sources)]
     try:
         from aiki.store.postgres import _schema
 

@@ -34,18 +34,19 @@ Linear growth: time(1000)/time(100) about 10 (fixed costs make it less), per tas
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import statistics
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import trio
 
 import aiki
+from aiki.sources import Sources
 from aiki.store.base import Store
 from aiki.store.ops import Claim, Enqueue
 from aiki.store.sqlite import SqliteStore
@@ -65,7 +66,7 @@ PAIRS = tuple((name, fill.VERSION) for name in fill.WORKFLOWS)
 async def measure_rates(store: Store, n: int, seed: int = 0) -> dict[str, float]:
     """Enqueue ``2n`` runs (n one per commit, n by 100), claim them (n one per claim, n by
     100); ops per second of each phase."""
-    rng = random.Random(seed)
+    sources = Sources(fill.RealClock(), random.Random(seed))  # ids as the client makes them
     counter = 0
 
     def enqueue() -> Enqueue:
@@ -74,8 +75,7 @@ async def measure_rates(store: Store, n: int, seed: int = 0) -> dict[str, float]
         workflow = fill.WORKFLOWS[counter % len(fill.WORKFLOWS)]
         key = f"bench-{seed}-{counter}" if counter % 3 == 0 else None
         payload = json.dumps({"order": counter, "amount_cents": 100 + counter % 9000})
-        return Enqueue(str(uuid.UUID(int=rng.getrandbits(128), version=4)), workflow,
-                       fill.VERSION, payload, key, time.time())
+        return Enqueue(sources.new_id(), workflow, fill.VERSION, payload, key, time.time())
 
     out: dict[str, float] = {}
     t = time.perf_counter()
@@ -125,6 +125,17 @@ def _postgres_rates(url: str, n: int, seed: int) -> dict[str, float]:
     return trio.run(go)
 
 
+def _copy(source: Path, target: Path) -> None:
+    """Copy a store file and flush it to disk: otherwise the store's first WAL checkpoint
+    (which fsyncs the database file) pays for writing back the whole copy."""
+    shutil.copyfile(source, target)
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _rm_sqlite(path: Path) -> None:
     for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         p.unlink(missing_ok=True)
@@ -141,7 +152,7 @@ def sqlite_rates(options: Options, tmp: Path, filled: int, n: int) -> Results:
         results["empty"].append(_sqlite_rates(empty, n, rep))
         _rm_sqlite(empty)
         copy = tmp / f"filled-{rep}.db"
-        shutil.copyfile(source, copy)
+        _copy(source, copy)
         results["filled"].append(_sqlite_rates(copy, n, rep))
         _rm_sqlite(copy)
     return results
@@ -234,7 +245,7 @@ def replay_times(options: Options, tmp: Path) -> dict[int, list[dict[str, float]
         out[n] = []
         for rep in range(options.reps + 1):  # the first is a warm-up (imports, page cache)
             copy = tmp / f"replay-{n}-{rep}.db"
-            shutil.copyfile(source, copy)
+            _copy(source, copy)
             result = trio.run(_replay, copy, run_id, n)
             _rm_sqlite(copy)
             if rep > 0:
