@@ -64,7 +64,7 @@ def _count_sql(_statement: Any = None) -> None:
 def install() -> None:
     import aiki.server
 
-    open_store = aiki.server.open_store
+    open_store = getattr(aiki.server, "open_store")  # noqa: B009 (not re-exported)
 
     async def counting_open_store(url: str) -> Any:
         store = await open_store(url)
@@ -73,7 +73,7 @@ def install() -> None:
             db.set_trace_callback(_count_sql)
         return CountingStore(store)
 
-    aiki.server.open_store = counting_open_store  # type: ignore[assignment]
+    setattr(aiki.server, "open_store", counting_open_store)  # noqa: B010
     try:
         import asyncpg
     except ImportError:
