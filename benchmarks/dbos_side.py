@@ -174,8 +174,8 @@ def run(options: Any) -> list[Any]:
         print("dbos: no PostgreSQL server, PostgreSQL rows skipped", file=sys.stderr)
     rows = []
     for store in stores:
-        for concurrency, mode in MODES.items():
-            runs = counts[concurrency]
+        for concurrency, runs in counts.items():
+            mode = MODES.get(concurrency, f"{concurrency} concurrent")
             samples: list[float] = []
             per_task: list[float] = []
             errors: list[str] = []
