@@ -307,12 +307,19 @@ class Session:
             op_cls = ops.StartStep if isinstance(msg, p.StartStep) else ops.SaveStep
             await ctx.writer.write(op_cls(msg.lease, msg.step, now))
             return p.Ok(msg.req)
+        if isinstance(msg, (p.CompleteRun, p.FailRun)):
+            finish: ops.Op[RunRecord] = (
+                ops.CompleteRun(msg.lease, msg.result, now) if isinstance(msg, p.CompleteRun)
+                else ops.FailRun(msg.lease, msg.error_type, msg.error_message, now))
+            self._check_owner(msg.lease)
+            try:
+                run = await ctx.writer.write(finish)
+            finally:
+                ctx.dispatcher.tell(Ended(self.id, (msg.lease.run_id,)))
+            ctx.watchers.ended(run)  # the run as committed: no read on the way back
+            return p.Ok(msg.req)
         op: ops.Op[None]
-        if isinstance(msg, p.CompleteRun):
-            op = ops.CompleteRun(msg.lease, msg.result, now)
-        elif isinstance(msg, p.FailRun):
-            op = ops.FailRun(msg.lease, msg.error_type, msg.error_message, now)
-        elif isinstance(msg, p.SuspendRun):
+        if isinstance(msg, p.SuspendRun):
             op = ops.SuspendRun(msg.lease, msg.wake_at, msg.reason, now)
         elif isinstance(msg, p.ReleaseRun):
             op = ops.ReleaseRun(msg.lease, now)
@@ -323,11 +330,7 @@ class Session:
             await ctx.writer.write(op)
         finally:
             ctx.dispatcher.tell(Ended(self.id, (msg.lease.run_id,)))
-        if isinstance(msg, (p.CompleteRun, p.FailRun)):
-            run = await ctx.store.get_run(msg.lease.run_id)
-            if run is not None:
-                ctx.watchers.ended(run)
-        elif isinstance(msg, p.SuspendRun):
+        if isinstance(msg, p.SuspendRun):
             ctx.timer.hint(msg.wake_at)
         else:
             ctx.dispatcher.poke()

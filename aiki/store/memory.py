@@ -171,7 +171,7 @@ class MemoryStore:
             run = self._fenced(op.lease)
             self._set(run, op.now, state="queued", **_no_lease())
             self._log(run, op.now, "run.queued", run.attempts, op.lease.worker_id,
-                      detail="released by its worker")
+                      detail=op.reason)
             return None
         if isinstance(op, o.WakeDue):
             woke = []
@@ -274,7 +274,7 @@ class MemoryStore:
     def _finish(
         self, lease: Lease, now: float, *, state: str, result: str | None = None,
         error: tuple[str, str] | None = None,
-    ) -> None:
+    ) -> RunRecord:
         run = self._fenced(lease)
         error_type, error_message = error if error else (None, None)
         run = self._set(
@@ -283,7 +283,7 @@ class MemoryStore:
         )
         self._log(run, now, f"run.{state}", run.attempts, lease.worker_id,
                   detail=None if error is None else f"{error_type}: {error_message}")
-        return None
+        return run
 
     # -- helpers ------------------------------------------------------------------------
     def _fenced(self, lease: Lease) -> RunRecord:

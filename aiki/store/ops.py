@@ -12,7 +12,7 @@ from typing import Generic, TypeVar
 
 import attrs
 
-from aiki.store.records import ClaimedRun, Lease, StepRecord
+from aiki.store.records import ClaimedRun, Lease, RunRecord, StepRecord
 
 T = TypeVar("T")
 
@@ -94,14 +94,14 @@ class SaveStep(Op[None]):
 
 
 @attrs.frozen
-class CompleteRun(Op[None]):
+class CompleteRun(Op[RunRecord]):
     lease: Lease
     result: str
     now: float
 
 
 @attrs.frozen
-class FailRun(Op[None]):
+class FailRun(Op[RunRecord]):
     lease: Lease
     error_type: str
     error_message: str
@@ -120,10 +120,12 @@ class SuspendRun(Op[None]):
 
 @attrs.frozen
 class ReleaseRun(Op[None]):
-    """Give up the lease and put the run back in the queue at once (a draining worker)."""
+    """Give up the lease and put the run back in the queue at once (a draining worker, or
+    an assignment the server could not deliver); ``reason`` goes into the history."""
 
     lease: Lease
     now: float
+    reason: str = "released by its worker"
 
 
 @attrs.frozen

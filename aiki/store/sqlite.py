@@ -304,13 +304,14 @@ def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> None:
 
 
 def _finish(db: Db, lease: Lease, now: float, state: str, result: str | None = None,
-            error: tuple[str, str] | None = None) -> None:
+            error: tuple[str, str] | None = None) -> RunRecord:
     run = _fenced(db, lease)
     error_type, error_message = error if error else (None, None)
     run = _update_run(db, run, now, state=state, result=result, error_type=error_type,
                       error_message=error_message, finished_at=now, **NO_LEASE)
     _log(db, run.id, now, f"run.{state}", run.attempts, lease.worker_id,
          detail=None if error is None else f"{error_type}: {error_message}")
+    return run
 
 
 def _suspend(db: Db, op: o.SuspendRun) -> None:
@@ -324,7 +325,7 @@ def _release(db: Db, op: o.ReleaseRun) -> None:
     run = _fenced(db, op.lease)
     _update_run(db, run, op.now, state="queued", **NO_LEASE)
     _log(db, run.id, op.now, "run.queued", run.attempts, op.lease.worker_id,
-         detail="released by its worker")
+         detail=op.reason)
 
 
 def _wake_due(db: Db, op: o.WakeDue) -> tuple[str, ...]:

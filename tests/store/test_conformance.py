@@ -367,8 +367,9 @@ async def test_ops_in_a_batch_see_the_earlier_ones(store: Store) -> None:
     ])
     assert outcomes[:2] == [o.EnqueueOutcome("r1", True), o.EnqueueOutcome("r2", True)]
     assert [c.run.id for c in outcomes[2]] == ["r1", "r2"]
-    assert outcomes[3:] == [None, None]
-    assert (await store.get_run("r2")).state == "completed"  # type: ignore[union-attr]
+    assert outcomes[3] is None
+    assert outcomes[4] == await store.get_run("r2")
+    assert outcomes[4].state == "completed"
 
 
 # -- steps --------------------------------------------------------------------------------
@@ -558,9 +559,10 @@ async def test_release_puts_the_run_back_in_the_queue(store: Store) -> None:
 
 async def test_complete_sets_the_result_and_clears_the_lease(store: Store) -> None:
     lease = await claim_one(store, "r1")
-    await execute(store, o.CompleteRun(lease, '{"total": 3}', 20.0))
+    returned = await execute(store, o.CompleteRun(lease, '{"total": 3}', 20.0))
     run = await store.get_run("r1")
     assert run is not None
+    assert returned == run  # the run as committed, for watchers, without a read
     assert (run.state, run.result, run.finished_at, run.updated_at) == (
         "completed", '{"total": 3}', 20.0, 20.0)
     assert (run.lease_owner, run.lease_expires_at, run.error_type, run.error_message) == (
@@ -573,9 +575,10 @@ async def test_complete_sets_the_result_and_clears_the_lease(store: Store) -> No
 
 async def test_fail_sets_the_error_and_clears_the_lease(store: Store) -> None:
     lease = await claim_one(store, "r1")
-    await execute(store, o.FailRun(lease, "TaskFailed", "charge failed", 20.0))
+    returned = await execute(store, o.FailRun(lease, "TaskFailed", "charge failed", 20.0))
     run = await store.get_run("r1")
     assert run is not None
+    assert returned == run
     assert (run.state, run.error_type, run.error_message, run.finished_at) == (
         "failed", "TaskFailed", "charge failed", 20.0)
     assert (run.result, run.lease_owner, run.lease_expires_at) == (None, None, None)

@@ -26,6 +26,7 @@ from aiki.store import ops as o
 from aiki.store.postgres import PostgresStore, _sql
 from aiki.store.postgres._bridge import AsyncioBridge
 from aiki.store.postgres._schema import MIGRATIONS
+from aiki.store.records import RunRecord
 from tests.conftest import TestPostgres
 
 WF = (("wf", "1"),)
@@ -409,7 +410,7 @@ class Ledger:
                     if lease.run_id not in outcome:
                         self.expires[(lease.run_id, lease.epoch)] = op.now + op.lease_ttl
             elif isinstance(op, o.CompleteRun) and not isinstance(outcome, StaleLease):
-                assert outcome is None, outcome
+                assert isinstance(outcome, RunRecord) and outcome.state == "completed", outcome
                 self.completed[op.lease.run_id] = op.lease
                 self.held[worker].pop(op.lease.run_id)
 

@@ -212,7 +212,7 @@ async def test_an_error_in_the_middle_of_a_batch_rolls_it_all_back(tmp_path: Pat
     with sqlite3.connect(path) as db:
         db.execute("DROP TRIGGER fault")
     assert await store.apply([enqueue("r2"), o.CompleteRun(claimed.lease, "1", 12.0)]) == [
-        o.EnqueueOutcome("r2", True), None]
+        o.EnqueueOutcome("r2", True), await store.get_run("r1")]
     await store.aclose()
 
 

@@ -192,15 +192,17 @@ async def next_wake_at(conn: Conn) -> float | None:
 
 async def _update_run(
     conn: Conn, run: RunRecord, now: float, event: History, **changes: Any
-) -> None:
+) -> RunRecord:
     """Write ``changes`` to the run and append ``event`` to its history, in one statement
-    (one round trip). Column names come from this module, never from callers' data."""
+    (one round trip), and return the run as written. Column names come from this module,
+    never from callers' data."""
     changes["updated_at"] = now
     assignments = ", ".join(f"{column} = ${i}" for i, column in enumerate(changes, start=10))
     await conn.execute(
         f"WITH changed AS (UPDATE runs SET {assignments} WHERE id = $9) "
         + HISTORY_INSERT, *event, run.id, *changes.values(),
     )
+    return attrs.evolve(run, **changes)
 
 
 def _event(
@@ -370,10 +372,10 @@ async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> None:
 
 
 async def _finish(conn: Conn, lease: Lease, now: float, state: str, result: str | None = None,
-                  error: tuple[str, str] | None = None) -> None:
+                  error: tuple[str, str] | None = None) -> RunRecord:
     run = await _fenced(conn, lease)
     error_type, error_message = error if error else (None, None)
-    await _update_run(
+    return await _update_run(
         conn, run, now,
         _event(run.id, now, f"run.{state}", run.attempts, lease.worker_id,
                detail=None if error is None else f"{error_type}: {error_message}"),
@@ -394,7 +396,7 @@ async def _release(conn: Conn, op: o.ReleaseRun) -> None:
     run = await _fenced(conn, op.lease)
     await _update_run(conn, run, op.now,
                       _event(run.id, op.now, "run.queued", run.attempts, op.lease.worker_id,
-                             detail="released by its worker"),
+                             detail=op.reason),
                       state="queued", **NO_LEASE)
 
 
