@@ -129,6 +129,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="on SIGTERM, seconds for tasks in flight to finish (default 30)")
     worker.add_argument("--inline-retry-max", type=_seconds, default=10.0, metavar="S",
                         help="retry delays up to this are waited in the worker (default 10)")
+    worker.add_argument("--record-start-after", type=_seconds_or_zero, default=0.05,
+                        metavar="S",
+                        help="a task attempt still running after S seconds has its start "
+                             "recorded; shorter ones cost one write, their outcome "
+                             "(default 0.05; 0: record every start first)")
     _transport_options(worker)
 
     runs = commands.add_parser("runs", help="list runs or show one", description="runs")
@@ -195,11 +200,21 @@ def _transport_options(parser: argparse.ArgumentParser) -> None:
 
 def _seconds(text: str) -> float:
     try:
+        value = _seconds_or_zero(text)
+    except argparse.ArgumentTypeError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds, 0 or more")
     return value
 
 
@@ -320,9 +335,10 @@ def _worker(args: argparse.Namespace) -> int:
         sources = Sources.real()
         async with WebSocketTransport(settings) as transport:
             worker = Worker(
-                transport, args.server, workflows, args.id or f"worker-{sources.new_id()[:8]}",
+                transport, args.server, workflows, args.id or f"worker-{sources.short_id()}",
                 sources, max_concurrent_runs=args.concurrency,
-                inline_retry_max=args.inline_retry_max, token=settings.token,
+                inline_retry_max=args.inline_retry_max,
+                record_start_after=args.record_start_after, token=settings.token,
                 request_timeout=args.timeout,
             )
             async with trio.open_nursery() as nursery:

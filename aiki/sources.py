@@ -52,8 +52,26 @@ class Sources:
     rng: random.Random
 
     def new_id(self) -> str:
+        """A time-ordered id for a stored record: a UUIDv7 string (RFC 9562), 48 bits of
+        milliseconds from ``clock`` and 74 random bits from ``rng``.
+
+        Ids made close in time sort close together, so inserting runs touches the right-hand
+        pages of the primary key and history indexes instead of random ones: with a million
+        finished runs stored, a random id made batched enqueues several times slower. The
+        random bits alone keep ids unique, also when the clock steps back.
+        """
+        millis = int(self.clock.now() * 1000) & ((1 << 48) - 1)
+        rand_a, rand_b = self.rng.getrandbits(12), self.rng.getrandbits(62)
+        value = (millis << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
+        return str(uuid.UUID(int=value))
+
+    def uuid4(self) -> str:
         """A random UUID4 string drawn from ``rng`` (seeded in simulation)."""
         return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+
+    def short_id(self) -> str:
+        """Eight random hex digits, for naming a client or worker."""
+        return f"{self.rng.getrandbits(32):08x}"
 
     @classmethod
     def real(cls) -> Sources:

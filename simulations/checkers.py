@@ -16,6 +16,9 @@ TASK_TRANSITIONS = {
     (None, "running"), ("running", "completed"), ("running", "failed"),
     ("running", "retrying"), ("retrying", "running"),
     ("running", "running"),  # a crash during an attempt: the attempt runs again
+    # An attempt that ends before record_start_after has only its outcome recorded.
+    (None, "completed"), (None, "failed"), (None, "retrying"),
+    ("retrying", "completed"), ("retrying", "failed"), ("retrying", "retrying"),
 }
 
 
@@ -101,6 +104,7 @@ def _transitions(run_id: str, history: list[Any]) -> list[str]:
     out = []
     state: str | None = None
     tasks: dict[str, str | None] = {}
+    attempts: dict[str, int] = {}
     for e in history:
         kind, _, new = e.event.partition(".")
         if kind == "run":
@@ -111,5 +115,11 @@ def _transitions(run_id: str, history: list[Any]) -> list[str]:
             old = tasks.get(e.position or "")
             if (old, new) not in TASK_TRANSITIONS:
                 out.append(f"run {run_id}: task at step {e.position} went {old} -> {new}")
+            # After `retrying` comes the next attempt; otherwise the same one goes on.
+            expected = attempts.get(e.position or "", 0) + (old in (None, "retrying"))
+            if e.attempt != expected:
+                out.append(f"run {run_id}: task at step {e.position} went {old} -> {new} "
+                           f"at attempt {e.attempt}, expected attempt {expected}")
             tasks[e.position or ""] = new
+            attempts[e.position or ""] = e.attempt
     return out

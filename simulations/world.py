@@ -154,6 +154,9 @@ class World:
         # w1 serves every version (so each servable run has a worker); the others a subset.
         versions = ["1", "2"] if name == "w1" or r.random() < 0.5 else [r.choice(["1", "2"])]
         slots = r.randint(1, 4)
+        # Task starts recorded before each attempt, after a while, or (for most) only when
+        # the attempt outlives a task's usual duration.
+        record_start_after = r.choice([0.0, 0.05, 1.0])
         incarnation = 0
         while True:
             await self.wait_up(name)
@@ -162,7 +165,7 @@ class World:
             worker = Worker(
                 self.net.transport(name), "server", [workload.WORKFLOWS[v] for v in versions],
                 worker_id, self.sources(name, incarnation), max_concurrent_runs=slots,
-                inline_retry_max=10.0,
+                inline_retry_max=10.0, record_start_after=record_start_after,
             )
             self.workers[name] = worker
             self.ledger.live_workers.add(worker_id)

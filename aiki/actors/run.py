@@ -3,6 +3,13 @@
 The Run actor replays the run's checkpoints and drives the workflow coroutine; every new step
 is persisted (and acknowledged by the server) before workflow code sees its result.
 
+A task attempt's *start* is recorded only if the attempt is still running
+``record_start_after`` seconds in (0: before it begins). A short task then costs one write,
+its outcome, instead of two; a long one shows up as running in status and history while it
+runs. Nothing durable depends on the start record: a crash re-runs the interrupted attempt
+under the same attempt number whether or not its start was recorded, and every write stays
+fenced by the lease epoch.
+
 Replay identity: each step has a *position*, its place in the workflow's call sequence
 ("0", "1", ...; the i-th branch of a ``run.gather`` at position "2" numbers its own steps
 "2.i.0", "2.i.1", ...), so concurrent branches get the same positions whatever order Trio
@@ -42,6 +49,8 @@ from aiki.store.records import FINAL_STEP_STATES, Lease, StepKind, StepRecord
 log = logging.getLogger("aiki.run")
 T = TypeVar("T")
 WRITE_ATTEMPTS = 8  # about 20 s of backoff before giving the run back to its lease
+# A task attempt still running after this long has its start recorded (see the module doc).
+DEFAULT_RECORD_START_AFTER = 0.05
 
 
 class TaskDefinition(Protocol):
@@ -121,6 +130,7 @@ class RunState:
     persist: Persist
     sources: Sources
     inline_retry_max: float
+    record_start_after: float = 0.0
     # Set when the worker drains: no new task attempt starts; the run is given back.
     draining: trio.Event = attrs.field(factory=trio.Event)
     steps: dict[str, StepRecord] = attrs.field(init=False)
@@ -254,9 +264,8 @@ class RunState:
                 raise Release()
             step = StepRecord(position, "task", task.name, input_hash, input_json, key,
                               "running", attempt)
-            await self.save(step, start=True)
             try:
-                value = await task.call(p.decode_value(input_json, task.payload_type))
+                value = await self._call(task, step)
                 output = p.encode_value(value, task.result_type,
                                         what=f"result of task {task.name!r}")
             except Exception as exc:
@@ -275,6 +284,44 @@ class RunState:
             final = attrs.evolve(step, state="completed", output=output)
             await self.save(final)
             return p.decode_value(output, task.result_type, what=f"result of task {task.name!r}")
+
+    async def _call(self, task: TaskDefinition, step: StepRecord) -> Any:
+        """One attempt of ``task``, its start recorded first or, if it runs long, meanwhile."""
+        payload = p.decode_value(step.input, task.payload_type)
+        if self.record_start_after <= 0:
+            await self.save(step, start=True)
+            return await task.call(payload)
+        writing = False
+        lost: list[Abandon] = []
+
+        async def record_start(cancel: trio.CancelScope) -> None:
+            nonlocal writing
+            await trio.sleep(self.record_start_after)
+            writing = True
+            try:
+                await self.save(step, start=True)
+            except Abandon as exc:  # the lease is gone: stop the attempt, write nothing more
+                lost.append(exc)
+                cancel.cancel()
+
+        value: Any = None
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(record_start, nursery.cancel_scope)
+            try:
+                value = await task.call(payload)
+            except Exception as exc:  # raised below as itself, not in the nursery's group
+                failure = exc
+            finally:
+                # A start record in flight is let through, so that it lands before the
+                # outcome; one not yet begun is never sent.
+                if not writing:
+                    nursery.cancel_scope.cancel()
+        if lost:
+            raise lost[0]
+        if failure is not None:
+            raise failure
+        return value
 
     async def helper(self, kind: StepKind, produce: Callable[[], Any]) -> Any:
         """``run.now()`` and friends: a value recorded once, then replayed."""
@@ -337,7 +384,7 @@ class WorkflowRun:
 
     async def uuid4(self) -> str:
         """A random UUID (as a string), recorded once."""
-        return str(await self._state.helper("uuid", self._state.sources.new_id))
+        return str(await self._state.helper("uuid", self._state.sources.uuid4))
 
     async def gather(self, *awaitables: Awaitable[Any]) -> list[Any]:
         """Run awaitables (usually ``task.run(...)`` calls) concurrently; results in order.
@@ -377,6 +424,7 @@ class WorkflowRun:
 async def run_workflow(
     workflow: WorkflowDefinition, assign: p.Assign, persist: Persist, sources: Sources,
     *, inline_retry_max: float = 10.0, draining: trio.Event | None = None,
+    record_start_after: float = 0.0,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
     drains: ``draining`` is set) or abandoned."""
@@ -384,7 +432,8 @@ async def run_workflow(
     assert run.lease_owner is not None
     lease = Lease(run.id, run.lease_epoch, run.lease_owner)
     state = RunState(lease, {s.position: s for s in assign.steps}, persist, sources,
-                     inline_retry_max, trio.Event() if draining is None else draining)
+                     inline_retry_max, record_start_after,
+                     trio.Event() if draining is None else draining)
     _BRANCH.set((state, state.root))
     handle = WorkflowRun(state, run.id, run.workflow, run.version, run.attempts)
     try:
@@ -420,4 +469,4 @@ async def _fail(state: RunState, error_type: str, message: str) -> None:
         pass
 
 
-__all__ = ["WorkflowRun", "run_workflow"]
+__all__ = ["DEFAULT_RECORD_START_AFTER", "WorkflowRun", "run_workflow"]

@@ -26,7 +26,12 @@ import trio
 
 from aiki import protocol as p
 from aiki.actors.link import Backoff, Link
-from aiki.actors.run import Abandon, WorkflowDefinition, run_workflow
+from aiki.actors.run import (
+    DEFAULT_RECORD_START_AFTER,
+    Abandon,
+    WorkflowDefinition,
+    run_workflow,
+)
 from aiki.errors import AikiError
 from aiki.sources import Sources
 from aiki.store.records import Lease
@@ -50,6 +55,7 @@ class Worker:
     sources: Sources
     max_concurrent_runs: int = 10
     inline_retry_max: float = 10.0
+    record_start_after: float = DEFAULT_RECORD_START_AFTER
     token: str | None = None
     reconnect: Backoff | None = attrs.field(factory=Backoff)
     request_timeout: float = 30.0
@@ -135,6 +141,7 @@ class Worker:
                     return
                 await run_workflow(workflow, assign, link.request, self.sources,
                                    inline_retry_max=self.inline_retry_max,
+                                   record_start_after=self.record_start_after,
                                    draining=self.draining)
         except Abandon:
             pass

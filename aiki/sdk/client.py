@@ -136,7 +136,7 @@ class Client:
                    reconnect: Backoff | None = Backoff()) -> AsyncIterator[Client]:
         """Connect (raising what went wrong) and stay connected, reconnecting after a loss,
         until the block ends."""
-        node = f"client-{sources.new_id()[:8]}"
+        node = f"client-{sources.short_id()}"
         async with Link.open(transport, address,
                              lambda req: p.Hello(req, "client", node, token=token),
                              request_timeout=request_timeout, reconnect=reconnect,

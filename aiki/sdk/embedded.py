@@ -8,6 +8,7 @@ from typing import Any
 
 import trio
 
+from aiki.actors.run import DEFAULT_RECORD_START_AFTER
 from aiki.actors.worker import Worker
 from aiki.sdk.client import Client
 from aiki.sdk.definitions import Workflow
@@ -58,6 +59,7 @@ async def embedded(
 async def worker(
     client: Client, *, workflows: Sequence[Workflow[Any, Any]], id: str | None = None,
     max_concurrent_runs: int = 10, inline_retry_max: float = 10.0,
+    record_start_after: float = DEFAULT_RECORD_START_AFTER,
 ) -> AsyncIterator[Worker]:
     """Run a worker for ``workflows`` while the block runs.
 
@@ -69,8 +71,9 @@ async def worker(
             raise TypeError(f"workflows must be @aiki.workflow definitions, got {wf!r}")
     w = Worker(
         client.transport, client.address, list(workflows),
-        id or f"worker-{client.sources.new_id()[:8]}", client.sources,
+        id or f"worker-{client.sources.short_id()}", client.sources,
         max_concurrent_runs=max_concurrent_runs, inline_retry_max=inline_retry_max,
+        record_start_after=record_start_after,
         token=client.token,
     )
     failure: BaseException | None = None

@@ -93,7 +93,8 @@ async def test_exhausted_retries_fail_the_run_with_the_error_in_status_and_excep
     fail_first["n"] = 100
     wf = flaky_workflow(aiki.Retry.fixed(3, 1.0), "exhausted")
     async with aiki.embedded(engine_store, sources=sources) as client:
-        async with aiki.worker(client, workflows=[wf]):
+        # Every attempt's start recorded before it runs, so the history shows each one.
+        async with aiki.worker(client, workflows=[wf], record_start_after=0):
             handle = await wf.enqueue(client, 1)
             with pytest.raises(aiki.WorkflowFailed) as failed:
                 await handle.wait_for_completion(timeout=100)

@@ -93,7 +93,10 @@ async def test_a_partitioned_worker_cannot_overwrite_the_run_that_replaced_it(
             proxy.thaw()
 
             async def refused() -> bool:
-                return any("refused save_step" in line and "'cut-off' is stale" in line
+                # Its first late write: the task's start record (held in the proxy when the
+                # task outlived record_start_after) or its result.
+                return any(("refused save_step" in line or "refused start_step" in line)
+                           and "'cut-off' is stale" in line
                            for line in server.log().splitlines())
 
             await eventually(refused, 30, "the late write to be refused", cut_off, server)

@@ -1,0 +1,114 @@
+"""A task attempt's start is recorded only once it outlives ``record_start_after``.
+
+A short task costs one write, its outcome; a long one shows as running while it runs; a
+start record that finds the lease gone stops the attempt and writes nothing more.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+import aiki
+from aiki.actors.run import Abandon, RunState
+from aiki.errors import StaleLease
+from aiki.retry import Retry
+from aiki.store import Store
+from aiki.store.records import Lease, StepRecord
+
+long_started = trio.Event()
+
+
+@aiki.task(name="quick")
+async def quick(x: int) -> int:
+    return x + 1
+
+
+@aiki.task(name="long")
+async def long(x: int) -> int:
+    long_started.set()
+    await trio.sleep(10)
+    return x * 2
+
+
+@aiki.workflow(name="short-and-long", version="1")
+async def short_and_long(run: aiki.WorkflowRun, x: int) -> int:
+    return await long.run(run, await quick.run(run, x))
+
+
+async def test_a_quick_task_is_written_once_and_a_long_one_shows_as_running(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    global long_started
+    long_started = trio.Event()
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[short_and_long]):
+            handle = await short_and_long.enqueue(client, 1)
+            await long_started.wait()
+            await trio.sleep(1)
+            during = await handle.status()
+            assert await handle.wait_for_completion(timeout=60) == 4
+            history = await handle.history()
+    assert [(t.name, t.state, t.attempts) for t in during.tasks] == [
+        ("quick", "completed", 1), ("long", "running", 1),
+    ]
+    events = [(e.event, e.name) for e in history if e.event.startswith("task.")]
+    assert events == [
+        ("task.completed", "quick"), ("task.running", "long"), ("task.completed", "long"),
+    ]
+
+
+async def test_with_zero_every_start_is_recorded_before_the_task_runs(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[short_and_long], record_start_after=0):
+            handle = await short_and_long.enqueue(client, 1)
+            assert await handle.wait_for_completion(timeout=60) == 4
+            history = await handle.history()
+    events = [(e.event, e.name) for e in history if e.event.startswith("task.")]
+    assert events == [
+        ("task.running", "quick"), ("task.completed", "quick"),
+        ("task.running", "long"), ("task.completed", "long"),
+    ]
+
+
+class _Long:
+    name = "long"
+    retry = Retry.fixed(1, 0.0)
+    payload_type = int
+    result_type = int
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    async def call(self, payload: Any) -> Any:
+        try:
+            await trio.sleep(10)
+        except trio.Cancelled:
+            self.cancelled = True
+            raise
+        return payload
+
+
+async def test_a_start_record_refused_as_stale_stops_the_attempt_and_writes_nothing_more(
+    autojump_clock: trio.abc.Clock, sources: aiki.Sources,
+) -> None:
+    sent: list[str] = []
+
+    async def persist(make: Any) -> None:
+        sent.append(type(make(1)).__name__)
+        raise StaleLease("run r1: lease epoch 1 is stale; the run is at epoch 2")
+
+    state = RunState(Lease("r1", 1, "w1"), {}, persist, sources, 10.0, 0.05)
+    task = _Long()
+    step = StepRecord("0", "task", "long", "h", "7", None, "running", 1)
+    try:
+        await state._call(task, step)
+    except Abandon as exc:
+        assert "stale" in str(exc)
+    else:
+        raise AssertionError("the attempt went on after its lease was refused")
+    assert task.cancelled
+    assert sent == ["StartStep"]
