@@ -11,7 +11,15 @@ and leases that nobody renews expire.
 
 Nobody waits on the Dispatcher: senders use ``tell_nowait`` and a dropped Poke is harmless
 (the poll interval catches up). It pushes ``Assign`` messages with the seat's non-blocking
-``push``; an assignment that cannot be delivered simply expires with its lease.
+``push``, and claims no more runs for a seat than half the room in its connection's outbox
+(the rest is for replies). An ``Assign`` that still finds the outbox full, or a seat that
+started draining while the claim committed, gets the run released to the queue at once
+rather than left to its lease.
+
+A seat is claimed for only while there may be work for it: after a Poke, an expiry or a
+poll, or while its last claim came back full. A claim that came back short found its queue
+empty, so a slot freed after it claims nothing until something new arrives; between polls
+an idle server writes only to expire leases.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from aiki.actors.store_writer import StoreWriter
 from aiki.errors import StoreUnavailable
 from aiki.protocol import Assign, WorkerInfo, WorkflowRef
 from aiki.sources import Sources
-from aiki.store.ops import Claim, ExpireLeases
+from aiki.store.ops import Claim, ExpireLeases, ReleaseRun
+from aiki.store.records import Lease
 
 log = logging.getLogger("aiki.dispatcher")
 
@@ -43,12 +52,17 @@ class Seat:
     slots: int
     push: Callable[[Assign], bool]
     active: set[str] = attrs.field(factory=set)
+    # How many more messages its connection's outbox takes now.
+    room: Callable[[], int] = attrs.field(default=lambda: 1 << 30)
     # Let a lease expire: it gets no new runs until it proves alive with a heartbeat.
     suspect: bool = False
     connected_at: float = 0.0
     last_heartbeat: float | None = None
     # Shutting down (SIGTERM): it gets no new runs, and gives back the ones it has.
     draining: bool = False
+    # Queued runs for it may exist: set by pokes, expiries and polls; cleared by a claim that
+    # came back short (its queue was empty then).
+    may_have_work: bool = True
 
     @property
     def free(self) -> int:
@@ -111,7 +125,7 @@ class Dispatcher:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        next_expiry = trio.current_time()
+        next_expiry = next_poll = trio.current_time()
         while True:
             with trio.move_on_after(self.poll_interval):
                 self._handle(await self.mailbox.receive())
@@ -120,10 +134,15 @@ class Dispatcher:
                     self._handle(self.mailbox.receive_nowait())
                 except trio.WouldBlock:
                     break
+            if trio.current_time() >= next_poll:  # the fallback for a poke that never came
+                next_poll = trio.current_time() + self.poll_interval
+                self._work_may_have_arrived()
             try:
                 if trio.current_time() >= next_expiry:
                     next_expiry = trio.current_time() + max(self.lease_ttl / 4, 0.01)
                     expired = await self.writer.write(ExpireLeases(self.sources.clock.now()))
+                    if expired:
+                        self._work_may_have_arrived()
                     for seat in self.seats.values():
                         if seat.active.intersection(expired):
                             seat.suspect = True
@@ -134,8 +153,14 @@ class Dispatcher:
                 # than crash (and, past the restart intensity, take the server down).
                 log.warning("dispatcher: store unavailable, retrying: %s", exc)
 
+    def _work_may_have_arrived(self) -> None:
+        for seat in self.seats.values():
+            seat.may_have_work = True
+
     def _handle(self, msg: Any) -> None:
-        if isinstance(msg, Joined):
+        if isinstance(msg, Poke):
+            self._work_may_have_arrived()
+        elif isinstance(msg, Joined):
             for old in [s for s in self.seats.values() if s.worker_id == msg.seat.worker_id]:
                 # The same worker again: a reconnection whose old connection the server has
                 # not seen die yet (or two processes given one --id). The newest one wins.
@@ -167,16 +192,34 @@ class Dispatcher:
         if self.stopped:
             return
         for seat in list(self.seats.values()):
-            if seat.free <= 0 or not seat.workflows or seat.suspect:
+            if seat.free <= 0 or not seat.workflows or seat.suspect or not seat.may_have_work:
                 continue
+            # Half the room: the rest is for replies that may queue while the claim commits.
+            wanted = min(seat.free, seat.room() // 2)
+            if wanted <= 0:
+                continue  # its connection is backed up: again on the next message or poll
             claimed = await self.writer.write(
-                Claim(seat.worker_id, seat.workflows, seat.free, self.sources.clock.now(),
+                Claim(seat.worker_id, seat.workflows, wanted, self.sources.clock.now(),
                       self.lease_ttl)
             )
+            seat.may_have_work = len(claimed) >= wanted
+            undelivered = []
             for c in claimed:
-                seat.active.add(c.run.id)
-                self.assigned += 1
-                seat.push(Assign(c.run, c.steps))
+                if not seat.draining and seat.push(Assign(c.run, c.steps)):
+                    seat.active.add(c.run.id)
+                    self.assigned += 1
+                else:
+                    undelivered.append(c.run)
+            for run in undelivered:
+                assert run.lease_owner is not None
+                log.info("dispatcher: cannot deliver run %s to worker %r (%s); back to the "
+                         "queue", run.id, seat.worker_id,
+                         "it drains" if seat.draining else "its connection is backed up")
+                seat.may_have_work = True
+                await self.writer.write(ReleaseRun(
+                    Lease(run.id, run.lease_epoch, run.lease_owner), self.sources.clock.now(),
+                    reason=f"the server could not deliver it to worker {seat.worker_id!r}",
+                ))
 
     # -- for sessions --------------------------------------------------------------------
     def tell(self, msg: Joined | Left | Ended | Alive | Draining | Poke) -> None:

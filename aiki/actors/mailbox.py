@@ -88,6 +88,13 @@ class Address(Generic[T]):
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise MailboxClosed(self.name) from None
 
+    def room(self) -> int:
+        """How many more messages fit now (0 when full or closed)."""
+        stats = self._send.statistics()
+        if stats.open_receive_channels == 0:
+            return 0
+        return max(int(stats.max_buffer_size) - stats.current_buffer_used, 0)
+
     def tell_nowait(self, msg: T) -> bool:
         """Send ``msg`` if there is room; return False (and count a drop) if full or closed."""
         try:

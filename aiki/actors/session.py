@@ -99,6 +99,7 @@ class Session:
     outbox: Mailbox[Any] = attrs.field(factory=lambda: Mailbox[Any](1024, "session-outbox"))
     protocol_errors: int = 0
     unwatch: dict[int, Callable[[], None]] = attrs.field(factory=dict)
+    seat: Seat | None = None  # a worker's, shared with the Dispatcher
 
     @classmethod
     async def serve(cls, ctx: ServerContext, conn: Connection) -> None:
@@ -156,12 +157,13 @@ class Session:
         async with trio.open_nursery() as session:
             session.start_soon(self._until_closed, session, ended, self._send_outbox)
             if first.role == "worker":
-                ctx.dispatcher.tell(Joined(Seat(
+                self.seat = Seat(
                     self.id, first.node_id,
                     tuple((w.name, w.version) for w in first.workflows),
                     first.slots, self._push, {lease.run_id for lease in first.held},
-                    connected_at=ctx.sources.clock.now(),
-                )))
+                    room=self.outbox.address.room, connected_at=ctx.sources.clock.now(),
+                )
+                ctx.dispatcher.tell(Joined(self.seat))
                 ctx.dispatcher.poke()
             async with trio.open_nursery() as requests:
                 with trio.CancelScope() as reading:
@@ -300,6 +302,10 @@ class Session:
         if isinstance(msg, p.Drain):
             log.info("session %d (%s): worker %r drains", self.id, self.conn.peer,
                      self.hello.node_id)
+            if self.seat is not None:
+                # At once, not when the Dispatcher reads its mailbox: once the worker has its
+                # answer, no run is pushed to it (a claim in flight goes back to the queue).
+                self.seat.draining = True
             ctx.dispatcher.tell(Draining(self.id))
             return p.Ok(msg.req)
         if isinstance(msg, (p.StartStep, p.SaveStep)):

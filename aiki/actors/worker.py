@@ -201,7 +201,12 @@ class Worker:
         await self.release_all()
 
     async def release_all(self) -> None:
-        """Stop every run and give its lease back (a graceful stop)."""
+        """Stop every run and give its lease back (a graceful stop).
+
+        The server hears first that this worker drains, so that it does not hand a released
+        run straight back to it; a run assigned meanwhile is given back as it arrives.
+        """
+        self.draining.set()
         link = self.link
         held = list(self.held.values())
         self.held.clear()
@@ -211,6 +216,10 @@ class Worker:
             return
         with trio.move_on_after(5) as scope:
             scope.shield = True
+            try:
+                await link.request(p.Drain, timeout=5)
+            except (AikiError, TimeoutError):
+                pass
             for h in held:
                 try:
                     await link.request(partial(_release, lease=h.lease))

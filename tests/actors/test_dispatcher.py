@@ -1,0 +1,58 @@
+"""The Dispatcher under a backed-up worker connection: it claims no more than the connection
+takes, and a run it cannot deliver goes back to the queue at once, not after its lease."""
+
+from __future__ import annotations
+
+import trio
+
+from aiki.actors.dispatcher import Dispatcher, Joined, Seat
+from aiki.actors.store_writer import StoreWriter
+from aiki.protocol import Assign
+from aiki.sources import Sources
+from aiki.store import MemoryStore, execute
+from aiki.store import ops as o
+
+WF = ("wf", "1")
+
+
+async def test_claims_follow_the_outbox_room_and_an_undeliverable_run_is_requeued(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = MemoryStore()
+    for i in range(10):
+        await execute(store, o.Enqueue(f"r{i}", "wf", "1", "null", None, 1.0))
+    writer = StoreWriter(store)
+    dispatcher = Dispatcher(writer, Sources.seeded(1), lease_ttl=30.0, poll_interval=3600)
+    delivered: list[str] = []
+    room = {"n": 6}
+    accept = {"n": 2}
+
+    def push(assign: Assign) -> bool:
+        if accept["n"] == 0:
+            return False  # filled up with replies since the claim
+        accept["n"] -= 1
+        delivered.append(assign.run.id)
+        return True
+
+    seat = Seat(1, "w1", (WF,), slots=8, push=push, room=lambda: room["n"])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await nursery.start(dispatcher.run)
+        dispatcher.tell(Joined(seat))
+        await trio.sleep(1)
+        # Room for 6: it claimed 3 (half, leaving the rest for replies), delivered 2.
+        assert delivered == ["r0", "r1"]
+        assert seat.active == {"r0", "r1"}
+        requeued = await store.get_run("r2")
+        assert requeued is not None and requeued.state == "queued"
+        history = await store.get_history("r2")
+        assert history[-1].event == "run.queued"
+        assert history[-1].detail == "the server could not deliver it to worker 'w1'"
+        assert [r.state for r in await store.list_runs(state="running")] == ["running"] * 2
+        # The connection drains: the requeued run is the first one delivered next.
+        accept["n"], room["n"] = 100, 1000
+        dispatcher.poke()
+        await trio.sleep(1)
+        assert delivered[:3] == ["r0", "r1", "r2"]
+        assert len(delivered) == 8  # every slot filled, without waiting for any lease
+        nursery.cancel_scope.cancel()
