@@ -6,8 +6,8 @@ three ``completed`` task steps (position ``0``..``2``, content hash as ``aiki.pr
 computes it) and nine history events (``run.queued``, ``run.running``, then
 ``task.running``/``task.completed`` per step, ``run.completed``). Runs are spread over
 :data:`WORKFLOWS` round-robin; every third has an idempotency key; ids come from the engine's
-own ``Sources.new_id`` (seeded, so a fill is reproducible; if ids become time-ordered, the
-fill follows, at each run's creation time), created a few ms apart in the past.
+own ``Sources.new_id`` (seeded, so a fill is reproducible; time-ordered, each made at its
+run's creation time), created a few ms apart in the past.
 
 The schema comes from the store itself: the database is created by the store's own
 migrations, and the column lists are the record classes' fields, so the rows stay in step
@@ -145,8 +145,10 @@ def create_sqlite(path: Path) -> sqlite3.Connection:
     return db
 
 
-def fill_sqlite(path: Path, runs: int, *, chunk: int = 50_000) -> None:
-    """Create the store at ``path`` and add ``runs`` finished runs to it."""
+def fill_sqlite(path: Path, runs: int, *, chunk: int = 50_000,
+                base_time: float | None = None) -> None:
+    """Create the store at ``path`` and add ``runs`` finished runs to it, the first created at
+    ``base_time`` (default: 30 days ago)."""
     db = create_sqlite(path)
     try:
         db.execute("PRAGMA synchronous = OFF")
@@ -158,7 +160,7 @@ def fill_sqlite(path: Path, runs: int, *, chunk: int = 50_000) -> None:
                     f"VALUES ({', '.join('?' for _ in step_cols)})")
         hist_sql = (f"INSERT INTO history ({', '.join(HISTORY_FIELDS)}) "
                     f"VALUES ({', '.join('?' for _ in HISTORY_FIELDS)})")
-        base = time.time() - 30 * 86400
+        base = time.time() - 30 * 86400 if base_time is None else base_time
         for start, count in chunks(runs, chunk):
             r, s, h = generate(start, count, base_time=base)
             db.execute("BEGIN")

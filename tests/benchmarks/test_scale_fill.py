@@ -19,7 +19,7 @@ RUNS = 1000
 
 async def test_a_filled_sqlite_store_reads_back_and_still_works(tmp_path: Path) -> None:
     path = tmp_path / "filled.db"
-    fill.fill_sqlite(path, RUNS, chunk=300)  # several chunks
+    fill.fill_sqlite(path, RUNS, chunk=300, base_time=0.0)  # several chunks
     runs, steps, history = fill.generate(0, RUNS, base_time=0.0)
     store = await SqliteStore.open(str(path), offload=False)
     try:
