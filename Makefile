@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest
 	$(PY) -m mypy --strict aiki
-	$(PY) -m ruff check aiki tests
+	$(PY) -m ruff check aiki tests simulations benchmarks
 
 # The deterministic simulation: 200 seeds x 10 virtual minutes, every fault class, plus
 # every seed in simulations/regressions.txt. Replay one seed: python -m simulations run --seed N

@@ -46,6 +46,7 @@ def annotate(rows: Sequence[Row]) -> None:
     dbos = {(r.extra.get("store"), r.extra.get("concurrency")): r
             for r in rows if r.suite == "dbos"}
     for row in rows:
+        _targets(row)
         if row.suite == "dbos" and row.samples:
             ratios = row.extra.setdefault("ratios", {})
             per_task = _median(row.extra.get("per_task_ms", []))
@@ -73,6 +74,25 @@ def annotate(rows: Sequence[Row]) -> None:
             ratios["Aiki/DBOS"] = "–"
 
 
+def _targets(row: Row) -> None:
+    """Show what the latency, scale and idle suites keep in ``extra``: the target and whether
+    this run met it, the ratio to an empty store, the replay cost per task."""
+    extra = row.extra
+    ratios = extra.setdefault("ratios", {}) if row.suite in ("latency", "scale", "idle") else None
+    if ratios is None:
+        return
+    if "ratio_vs_empty" in extra:
+        ratios["× empty store"] = f"{extra['ratio_vs_empty']:.2f}"
+    if "replay_per_task_ms" in extra:
+        ratios["replay µs/task"] = fmt(extra["replay_per_task_ms"] * 1000.0)
+    if "linear" in extra:
+        ratios["× 10× fewer tasks"] = f"{extra.get('replay_ratio_vs_10x_fewer', math.nan):.1f}"
+    if "met" in extra:
+        target = extra.get("target") or (f"< {fmt(extra['target_ms'])} ms"
+                                         if "target_ms" in extra else "")
+        ratios["target"] = f"{'met' if extra['met'] else 'missed'} ({target})"
+
+
 def table(rows: Sequence[Row]) -> str:
     if not rows:
         return "(no rows)"
@@ -85,7 +105,7 @@ def table(rows: Sequence[Row]) -> str:
         cols: dict[str, Any] = r.extra.get("columns", {})
         ratios: dict[str, Any] = r.extra.get("ratios", {})
         stats = [fmt(r.min), fmt(r.median), fmt(r.max)] if r.samples else ["FAILED", "", ""]
-        label = r.label if metric != "value" else f"{r.label} ({r.metric})"
+        label = r.label if metric != "value" else f"{r.label} ({r.metric}, {r.unit})"
         lines.append([label, *(str(cols.get(k, "")) for k in pre), *stats,
                       str(len(r.samples)), *(str(ratios.get(k, "")) for k in post)])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
