@@ -129,11 +129,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="on SIGTERM, seconds for tasks in flight to finish (default 30)")
     worker.add_argument("--inline-retry-max", type=_seconds, default=10.0, metavar="S",
                         help="retry delays up to this are waited in the worker (default 10)")
-    worker.add_argument("--record-start-after", type=_seconds_or_zero, default=0.05,
+    worker.add_argument("--record-start-after", type=_seconds_or_zero, default=0.0,
                         metavar="S",
-                        help="a task attempt still running after S seconds has its start "
-                             "recorded; shorter ones cost one write, their outcome "
-                             "(default 0.05; 0: record every start first)")
+                        help="record a task attempt's start only once it has run S seconds: "
+                             "one write less per short task, but a short task may run again "
+                             "from a stale lease (default 0: every start recorded first)")
     _transport_options(worker)
 
     runs = commands.add_parser("runs", help="list runs or show one", description="runs")

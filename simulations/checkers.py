@@ -76,15 +76,16 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
         if run.lease_owner is not None:
             v.append(f"run {run.id} still holds a lease of {run.lease_owner} at the end")
 
-    # A committed task result is never executed again (replay returns it).
+    # A committed task result is never executed again (replay returns it), by a worker that
+    # records each start before the task runs (the default).
     committed_at: dict[tuple[str, str], float] = {}
     for step, at in ledger.final_steps.values():
         if step.kind == "task":
             spec = json.loads(step.input)
             committed_at[(spec["rk"], spec["label"])] = at
-    for at, rk, label, task in ledger.executions:
+    for at, rk, label, task, worker in ledger.executions:
         done = committed_at.get((rk, label))
-        if done is not None and at > done:
+        if done is not None and at > done and worker not in ledger.deferred_starts:
             v.append(f"task {task} of {rk} step {label} executed at t={at:.3f}, after its "
                      f"result was committed at t={done:.3f}")
 
@@ -103,6 +104,7 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
 def _transitions(run_id: str, history: list[Any]) -> list[str]:
     out = []
     state: str | None = None
+    released_by: set[str] = set()
     tasks: dict[str, str | None] = {}
     attempts: dict[str, int] = {}
     for e in history:
@@ -111,6 +113,13 @@ def _transitions(run_id: str, history: list[Any]) -> list[str]:
             if (state, new) not in RUN_TRANSITIONS:
                 out.append(f"run {run_id}: illegal transition {state} -> {new} at seq {e.seq}")
             state = new
+            # A worker gives a run back when it stops: handing the run to it again strands
+            # the run until its lease expires.
+            if new == "queued" and e.detail == "released by its worker" and e.worker_id:
+                released_by.add(e.worker_id)
+            elif new == "running" and e.worker_id in released_by:
+                out.append(f"run {run_id}: leased again at seq {e.seq} to worker "
+                           f"{e.worker_id}, which had given it back")
         elif kind == "task":
             old = tasks.get(e.position or "")
             if (old, new) not in TASK_TRANSITIONS:

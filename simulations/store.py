@@ -41,7 +41,11 @@ class Ledger:
     final_steps: dict[tuple[str, str], tuple[StepRecord, float]] = attrs.field(factory=dict)
     acked: dict[str, str] = attrs.field(factory=dict)  # logical run key -> run id
     issued: set[str] = attrs.field(factory=set)  # logical run keys clients tried to enqueue
-    executions: list[tuple[float, str, str, str]] = attrs.field(factory=list)
+    # (time, run key, step label, task name, worker id)
+    executions: list[tuple[float, str, str, str, str]] = attrs.field(factory=list)
+    # Workers that record a task's start only once it runs a while: a short attempt from a
+    # lease gone stale unseen may run again after its result was committed (at-least-once).
+    deferred_starts: set[str] = attrs.field(factory=set)
     sometimes: Counter[str] = attrs.field(factory=Counter)
     live_workers: set[str] = attrs.field(factory=set)
 

@@ -9,6 +9,7 @@ service in the ledger, so the checkers can see every external effect.
 
 from __future__ import annotations
 
+import contextvars
 import random
 import zlib
 from typing import Any
@@ -20,6 +21,8 @@ import aiki
 from simulations.store import Ledger
 
 _LEDGER: list[Ledger] = []  # the world currently running (one per process at a time)
+# The worker whose task is running: set by each worker node, inherited by its Trio tasks.
+NODE: contextvars.ContextVar[str] = contextvars.ContextVar("sim_node", default="?")
 _CALLS: dict[tuple[str, str], int] = {}
 
 RETRIES: dict[str, aiki.Retry] = {
@@ -41,7 +44,8 @@ def _make_task(name: str, retry: aiki.Retry) -> aiki.Task[dict[str, Any], int]:
         key = (spec["rk"], spec["label"])
         _CALLS[key] = _CALLS.get(key, 0) + 1
         if _LEDGER:
-            _LEDGER[0].executions.append((trio.current_time(), spec["rk"], spec["label"], name))
+            _LEDGER[0].executions.append(
+                (trio.current_time(), spec["rk"], spec["label"], name, NODE.get()))
         await trio.sleep(spec["work"])
         fail = spec["fail"]
         if fail == -1:

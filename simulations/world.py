@@ -84,6 +84,8 @@ class World:
     down_until: dict[str, float] = attrs.field(factory=dict)
     clocks: dict[str, NodeClock] = attrs.field(factory=dict)
     workers: dict[str, Worker] = attrs.field(factory=dict)
+    # Set to stop a worker gracefully: it drains within the grace period, then exits.
+    stopping: dict[str, tuple[trio.Event, float]] = attrs.field(factory=dict)
     servers: list[Server] = attrs.field(factory=list)
     net: SimNetwork = attrs.field(init=False)
     store: SimStore = attrs.field(init=False)
@@ -154,9 +156,9 @@ class World:
         # w1 serves every version (so each servable run has a worker); the others a subset.
         versions = ["1", "2"] if name == "w1" or r.random() < 0.5 else [r.choice(["1", "2"])]
         slots = r.randint(1, 4)
-        # Task starts recorded before each attempt, after a while, or (for most) only when
-        # the attempt outlives a task's usual duration.
-        record_start_after = r.choice([0.0, 0.05, 1.0])
+        # Task starts recorded before each attempt (the default), or only once an attempt runs
+        # a while (the at-least-once trade, checked for everything but running again).
+        record_start_after = r.choice([0.0, 0.0, 0.05, 1.0])
         incarnation = 0
         while True:
             await self.wait_up(name)
@@ -169,17 +171,37 @@ class World:
             )
             self.workers[name] = worker
             self.ledger.live_workers.add(worker_id)
+            if record_start_after > 0:
+                self.ledger.deferred_starts.add(worker_id)
+            workload.NODE.set(worker_id)
+            stop = trio.Event()
+            self.stopping[name] = (stop, 0.0)
             with trio.CancelScope() as scope:
                 self.scopes[name] = scope
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._exit_when_link_dies, worker, nursery)
+                        nursery.start_soon(self._stop_when_told, name, worker, stop, nursery)
                         await worker.run()
                 except Exception as exc:
                     self.note(f"{worker_id} exited: {type(exc).__name__}")
             self.ledger.live_workers.discard(worker_id)
             self.net.poison(name)
             await trio.sleep(r.uniform(0.5, 2.0))  # the process manager restarts it
+
+    async def _stop_when_told(self, name: str, worker: Worker, stop: trio.Event,
+                              nursery: trio.Nursery) -> None:
+        # SIGTERM: drain (tasks in flight finish, runs go back at step boundaries), then exit;
+        # with no grace, what leaving `aiki.worker` does: stop every run, give it back.
+        await stop.wait()
+        if worker.held:
+            self.ledger.sometimes["graceful stop with runs held"] += 1
+        grace = self.stopping[name][1]
+        if grace > 0:
+            await worker.drain(grace)
+        else:
+            await worker.release_all()
+        nursery.cancel_scope.cancel()
 
     async def _exit_when_link_dies(self, worker: Worker, nursery: trio.Nursery) -> None:
         # Until the Link reconnects by itself, a worker whose connection died exits and its
@@ -229,7 +251,11 @@ class World:
             kind = r.choice(kinds)
             nodes = ["server", *self.worker_names]
             now = trio.current_time()
-            if kind == "crash":
+            if kind == "crash" and r.random() < 0.25:
+                node = r.choice(self.worker_names)
+                self.stop(node, grace=r.choice([0.0, 2.0, 10.0]),
+                          downtime=r.choice([0.0, 1.0, 5.0, 30.0]))
+            elif kind == "crash":
                 node = r.choice(nodes)
                 self.crash(node, downtime=r.choice([0.0, 1.0, 5.0, 30.0]))
             elif kind == "pause":
@@ -279,6 +305,16 @@ class World:
         self.down_until[node] = trio.current_time() + downtime
         self.net.poison(node)  # poisoned first: no cleanup can still talk
         scope.cancel()
+
+    def stop(self, node: str, grace: float, downtime: float) -> None:
+        entry = self.stopping.get(node)
+        if entry is None or entry[0].is_set():
+            return
+        self.stats["graceful stop"] += 1
+        self.note(f"stop {node} grace {grace} down {downtime}")
+        self.down_until[node] = trio.current_time() + downtime
+        self.stopping[node] = (entry[0], grace)
+        entry[0].set()
 
     def all_faults_off(self) -> None:
         self.faults_on = False

@@ -3,12 +3,14 @@
 The Run actor replays the run's checkpoints and drives the workflow coroutine; every new step
 is persisted (and acknowledged by the server) before workflow code sees its result.
 
-A task attempt's *start* is recorded only if the attempt is still running
-``record_start_after`` seconds in (0: before it begins). A short task then costs one write,
-its outcome, instead of two; a long one shows up as running in status and history while it
-runs. Nothing durable depends on the start record: a crash re-runs the interrupted attempt
-under the same attempt number whether or not its start was recorded, and every write stays
-fenced by the lease epoch.
+A task attempt's *start* is recorded, and acknowledged, before the task runs: that write is
+fenced by the lease epoch, so a worker whose lease is gone (an assignment delivered late, a
+lease that expired unseen) learns it before running anything, and a task whose result is
+committed never runs again. ``record_start_after`` > 0 trades that for one write less per
+task: the start is recorded only if the attempt is still running that long, so a short
+task costs one write, its outcome. Then a short attempt from a stale lease may run (its
+result is refused): tasks become at-least-once, the usual guarantee of activity-style
+engines. A crash re-runs the interrupted attempt under the same attempt number either way.
 
 Replay identity: each step has a *position*, its place in the workflow's call sequence
 ("0", "1", ...; the i-th branch of a ``run.gather`` at position "2" numbers its own steps
@@ -49,8 +51,8 @@ from aiki.store.records import FINAL_STEP_STATES, Lease, StepKind, StepRecord
 log = logging.getLogger("aiki.run")
 T = TypeVar("T")
 WRITE_ATTEMPTS = 8  # about 20 s of backoff before giving the run back to its lease
-# A task attempt still running after this long has its start recorded (see the module doc).
-DEFAULT_RECORD_START_AFTER = 0.05
+# 0: every task attempt's start is recorded before it runs (see the module doc).
+DEFAULT_RECORD_START_AFTER = 0.0
 
 
 class TaskDefinition(Protocol):

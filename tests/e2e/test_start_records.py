@@ -1,7 +1,8 @@
-"""A task attempt's start is recorded only once it outlives ``record_start_after``.
+"""Task starts: recorded before the task runs by default; with ``record_start_after``, only
+once an attempt outlives it.
 
-A short task costs one write, its outcome; a long one shows as running while it runs; a
-start record that finds the lease gone stops the attempt and writes nothing more.
+Deferred, a short task costs one write, its outcome; a long one shows as running while it
+runs; a start record that finds the lease gone stops the attempt and writes nothing more.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ async def short_and_long(run: aiki.WorkflowRun, x: int) -> int:
     return await long.run(run, await quick.run(run, x))
 
 
-async def test_a_quick_task_is_written_once_and_a_long_one_shows_as_running(
+async def test_deferred_a_quick_task_is_written_once_and_a_long_one_shows_as_running(
     autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
 ) -> None:
     global long_started
     long_started = trio.Event()
     async with aiki.embedded(engine_store, sources=sources) as client:
-        async with aiki.worker(client, workflows=[short_and_long]):
+        async with aiki.worker(client, workflows=[short_and_long], record_start_after=0.05):
             handle = await short_and_long.enqueue(client, 1)
             await long_started.wait()
             await trio.sleep(1)
@@ -59,11 +60,11 @@ async def test_a_quick_task_is_written_once_and_a_long_one_shows_as_running(
     ]
 
 
-async def test_with_zero_every_start_is_recorded_before_the_task_runs(
+async def test_by_default_every_start_is_recorded_before_the_task_runs(
     autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
 ) -> None:
     async with aiki.embedded(engine_store, sources=sources) as client:
-        async with aiki.worker(client, workflows=[short_and_long], record_start_after=0):
+        async with aiki.worker(client, workflows=[short_and_long]):
             handle = await short_and_long.enqueue(client, 1)
             assert await handle.wait_for_completion(timeout=60) == 4
             history = await handle.history()

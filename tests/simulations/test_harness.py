@@ -6,6 +6,7 @@ catch it within a bounded number of seeds and say what went wrong.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from aiki.store import memory
 from simulations.cli import run_one
@@ -132,6 +134,39 @@ def replay_reexecutes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(run.RunState, "replayed", replayed)
 
 
+def unfenced_task_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiki.actors import run
+
+    real = run.RunState._call
+
+    async def call(self: run.RunState, task: Any, step: Any) -> Any:
+        # Defer every start record, on workers the harness believes record it first.
+        self.record_start_after = max(self.record_start_after, 0.05)
+        return await real(self, task, step)
+
+    monkeypatch.setattr(run.RunState, "_call", call)
+
+
+def release_without_drain(monkeypatch: pytest.MonkeyPatch) -> None:
+    from functools import partial
+
+    from aiki.actors import worker
+
+    async def release_all(self: worker.Worker) -> None:
+        # Give the runs back without first telling the server that this worker is going.
+        held = list(self.held.values())
+        self.held.clear()
+        for h in held:
+            h.scope.cancel()
+        if self.link is not None:
+            with trio.CancelScope(shield=True):
+                for h in held:
+                    with contextlib.suppress(Exception):
+                        await self.link.request(partial(worker._release, lease=h.lease))
+
+    monkeypatch.setattr(worker.Worker, "release_all", release_all)
+
+
 @pytest.mark.parametrize(
     ("bad_change", "expected"),
     [
@@ -141,8 +176,13 @@ def replay_reexecutes(monkeypatch: pytest.MonkeyPatch) -> None:
         # The store refuses to restart a final step, so a replay that forgets its history
         # cannot re-run the task: the run loops on its lease and never finishes instead.
         (replay_reexecutes, ("after its result was committed", "after the liveness phase")),
+        # A late Assign runs tasks that another worker already completed.
+        (unfenced_task_starts, ("after its result was committed",)),
+        # The server hands a released run straight back to the worker that is leaving.
+        (release_without_drain, ("which had given it back",)),
     ],
-    ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes"],
+    ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
+         "unfenced-task-starts", "release-without-drain"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],
