@@ -33,7 +33,7 @@ import trio
 
 from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
-from aiki.errors import StoreUnavailable
+from aiki.errors import AikiError, StoreUnavailable
 from aiki.protocol import Assign, WorkerInfo, WorkflowRef
 from aiki.sources import Sources
 from aiki.store.ops import Claim, ExpireLeases, ReleaseRun
@@ -127,7 +127,8 @@ class Dispatcher:
         task_status.started()
         next_expiry = next_poll = trio.current_time()
         while True:
-            with trio.move_on_after(self.poll_interval):
+            # Wake for a message, the next poll or the next expiry sweep, whichever is first.
+            with trio.move_on_at(min(next_poll, next_expiry)):
                 self._handle(await self.mailbox.receive())
             while True:
                 try:
@@ -216,10 +217,14 @@ class Dispatcher:
                          "queue", run.id, seat.worker_id,
                          "it drains" if seat.draining else "its connection is backed up")
                 seat.may_have_work = True
-                await self.writer.write(ReleaseRun(
-                    Lease(run.id, run.lease_epoch, run.lease_owner), self.sources.clock.now(),
-                    reason=f"the server could not deliver it to worker {seat.worker_id!r}",
-                ))
+                try:
+                    await self.writer.write(ReleaseRun(
+                        Lease(run.id, run.lease_epoch, run.lease_owner),
+                        self.sources.clock.now(),
+                        reason=f"the server could not deliver it to worker {seat.worker_id!r}",
+                    ))
+                except (AikiError, AskTimeout) as exc:  # then its lease expires instead
+                    log.warning("dispatcher: could not give run %s back: %s", run.id, exc)
 
     # -- for sessions --------------------------------------------------------------------
     def tell(self, msg: Joined | Left | Ended | Alive | Draining | Poke) -> None:

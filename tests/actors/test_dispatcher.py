@@ -3,10 +3,13 @@ takes, and a run it cannot deliver goes back to the queue at once, not after its
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
 from aiki.actors.dispatcher import Dispatcher, Joined, Seat
 from aiki.actors.store_writer import StoreWriter
+from aiki.errors import StoreUnavailable
 from aiki.protocol import Assign
 from aiki.sources import Sources
 from aiki.store import MemoryStore, execute
@@ -55,4 +58,44 @@ async def test_claims_follow_the_outbox_room_and_an_undeliverable_run_is_requeue
         await trio.sleep(1)
         assert delivered[:3] == ["r0", "r1", "r2"]
         assert len(delivered) == 8  # every slot filled, without waiting for any lease
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_give_back_leaves_the_run_to_its_lease_and_the_dispatcher_running(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    class NoReleases(MemoryStore):
+        async def apply(self, ops: Any) -> list[Any]:
+            if any(isinstance(op, o.ReleaseRun) for op in ops):
+                raise StoreUnavailable("database is unreachable: connection refused")
+            return await super().apply(ops)
+
+    store = NoReleases()
+    for i in range(4):
+        await execute(store, o.Enqueue(f"r{i}", "wf", "1", "null", None, 1.0))
+    writer = StoreWriter(store)
+    dispatcher = Dispatcher(writer, Sources.seeded(1), lease_ttl=30.0, poll_interval=3600)
+    delivered: list[str] = []
+    full = {"now": True}
+
+    def push(assign: Assign) -> bool:
+        if full["now"]:
+            return False
+        delivered.append(assign.run.id)
+        return True
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await nursery.start(dispatcher.run)
+        dispatcher.tell(Joined(Seat(1, "w1", (WF,), slots=1, push=push)))
+        await trio.sleep(1)
+        stuck = await store.get_run("r0")
+        assert stuck is not None and stuck.state == "running"  # until its lease expires
+        full["now"] = False
+        dispatcher.poke()
+        await trio.sleep(1)
+        assert delivered == ["r1"]  # the Dispatcher went on
+        await trio.sleep(60)  # r0's lease expires and the run is queued again
+        again = await store.get_run("r0")
+        assert again is not None and again.state == "queued"  # the one slot holds r1
         nursery.cancel_scope.cancel()
