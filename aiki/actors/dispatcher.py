@@ -169,8 +169,7 @@ class Dispatcher:
                          old.worker_id, old.session)
                 del self.seats[old.session]
             self.seats[msg.seat.session] = msg.seat
-            for name, version in msg.seat.workflows:
-                self.versions.setdefault(name, set()).add(version)
+            self.note_workflows(msg.seat.workflows)
         elif isinstance(msg, Left):
             self.seats.pop(msg.session, None)
         elif isinstance(msg, Alive):
@@ -238,6 +237,11 @@ class Dispatcher:
         """The connected workers as the Dispatcher sees them now (a snapshot)."""
         return tuple(seat.info() for seat in sorted(self.seats.values(),
                                                      key=lambda s: s.worker_id))
+
+    def note_workflows(self, workflows: tuple[tuple[str, str], ...]) -> None:
+        """Versions a worker registered: known at once, for enqueues by name that follow."""
+        for name, version in workflows:
+            self.versions.setdefault(name, set()).add(version)
 
     def poke(self) -> None:
         self.mailbox.address.tell_nowait(Poke())

@@ -151,6 +151,9 @@ class Session:
         if ctx.shutting_down.is_set():
             raise Closing(SHUTTING_DOWN)
         self.hello = first
+        if first.role == "worker":
+            # Before the welcome: once a worker is running, enqueues by name find its versions.
+            ctx.dispatcher.note_workflows(tuple((w.name, w.version) for w in first.workflows))
         await self.conn.send(p.Welcome(first.req, ctx.server_id, ctx.lease_ttl,
                                        ctx.heartbeat_interval))
         ended: list[BaseException] = []
