@@ -81,10 +81,13 @@ class Worker:
             self._registry[key] = wf
 
     def _hello(self, req: int) -> p.Hello:
+        # A draining worker that reconnects offers no slots: the new session must not hand it
+        # runs it would only give back.
+        slots = 0 if self.draining.is_set() else self.max_concurrent_runs
         return p.Hello(
             req, "worker", self.id,
             tuple(p.WorkflowRef(name, version) for name, version in self._registry),
-            self.max_concurrent_runs, tuple(h.lease for h in self.held.values()), self.token,
+            slots, tuple(h.lease for h in self.held.values()), self.token,
         )
 
     def _on_push(self, msg: Any) -> None:

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import trio
 
 import aiki
+from aiki import protocol as p
 from aiki.actors.run import Abandon, RunState
+from aiki.actors.worker import Worker
 from aiki.errors import StaleLease
 from aiki.retry import Retry
+from aiki.sources import Sources
 from aiki.store import Store
 from aiki.store.records import Lease, StepRecord
+from aiki.transport.memory import MemoryTransport
 
 long_started = trio.Event()
 
@@ -113,3 +118,59 @@ async def test_a_start_record_refused_as_stale_stops_the_attempt_and_writes_noth
         raise AssertionError("the attempt went on after its lease was refused")
     assert task.cancelled
     assert sent == ["StartStep"]
+
+
+ran: list[int] = []
+
+
+@aiki.task(name="effect")
+async def effect(x: int) -> int:
+    ran.append(x)
+    return x
+
+
+@aiki.workflow(name="one-effect", version="1")
+async def one_effect(run: aiki.WorkflowRun, x: int) -> int:
+    return await effect.run(run, x)
+
+
+async def _late_assign_after_completion(
+    engine_store: Store, sources: aiki.Sources, record_start_after: float,
+) -> list[int]:
+    """A run completes; then the assignment of its first lease, held up in the network
+    until now, reaches a worker. What does that worker run?"""
+    ran.clear()
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[one_effect], id="first"):
+            handle = await one_effect.enqueue(client, 5)
+            assert await handle.wait_for_completion(timeout=60) == 5
+        done = await engine_store.get_run(handle.id)
+        assert done is not None and done.state == "completed"
+        late = attrs.evolve(done, state="running", lease_owner="late", finished_at=None)
+        async with aiki.worker(client, workflows=[one_effect], id="late",
+                               record_start_after=record_start_after) as w:
+            w._on_push(p.Assign(late, ()))  # the stale lease: epoch 1, long replaced
+            await trio.sleep(5)
+        assert (await engine_store.get_run(handle.id)) == done  # nothing stored changed
+    return ran
+
+
+async def test_a_late_assignment_runs_nothing_when_starts_are_fenced(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    assert await _late_assign_after_completion(engine_store, sources, 0) == [5]  # first only
+
+
+async def test_deferred_starts_trade_that_for_at_least_once(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    # The documented trade: the late worker runs the task again; its result is refused.
+    assert await _late_assign_after_completion(engine_store, sources, 0.05) == [5, 5]
+
+
+async def test_a_draining_worker_offers_no_slots_when_it_reconnects() -> None:
+    worker = Worker(MemoryTransport(), "srv", [], "w", Sources.seeded(1),
+                    max_concurrent_runs=4)
+    assert worker._hello(1).slots == 4
+    worker.draining.set()
+    assert worker._hello(2).slots == 0
