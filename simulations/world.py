@@ -265,6 +265,15 @@ class World:
                 self.note(f"pause {node}")
                 await trio.sleep(LEASE_TTL * r.uniform(1.2, 3.0))
                 self.net.heal()
+            elif kind == "partition" and r.random() < 0.15:
+                # A long hold: one server -> worker link keeps what it is sent for longer than
+                # a lease, then delivers it all (a stalled TCP path that recovers). What
+                # arrives then, assignments included, is stale.
+                link = ("server", r.choice(self.worker_names))
+                self.stats["long hold"] += 1
+                self.net.clog(link)
+                await trio.sleep(r.uniform(LEASE_TTL * 1.5, LEASE_TTL * 4))
+                self.net.unclog(link)
             elif kind == "partition" and r.random() < 0.3:
                 # Swizzle-clog: clog links one by one, then unclog them in another order.
                 links = [(a, b) for a in nodes for b in nodes if a != b]

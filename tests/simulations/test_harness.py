@@ -134,6 +134,19 @@ def replay_reexecutes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(run.RunState, "replayed", replayed)
 
 
+def unfenced_task_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiki.actors import run
+
+    real = run.RunState._call
+
+    async def call(self: run.RunState, task: Any, step: Any) -> Any:
+        # Defer every start record, on workers the harness believes record it first.
+        self.record_start_after = max(self.record_start_after, 0.05)
+        return await real(self, task, step)
+
+    monkeypatch.setattr(run.RunState, "_call", call)
+
+
 def release_without_drain(monkeypatch: pytest.MonkeyPatch) -> None:
     from functools import partial
 
@@ -163,11 +176,13 @@ def release_without_drain(monkeypatch: pytest.MonkeyPatch) -> None:
         # The store refuses to restart a final step, so a replay that forgets its history
         # cannot re-run the task: the run loops on its lease and never finishes instead.
         (replay_reexecutes, ("after its result was committed", "after the liveness phase")),
+        # An assignment held up past the run's end runs tasks another worker completed.
+        (unfenced_task_starts, ("after its result was committed",)),
         # The server hands a released run straight back to the worker that is leaving.
         (release_without_drain, ("which had given it back",)),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
-         "release-without-drain"],
+         "unfenced-task-starts", "release-without-drain"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],
