@@ -6,6 +6,8 @@ import trio
 
 import aiki
 from aiki.sources import Sources
+from aiki.store import execute
+from aiki.store import ops as o
 from aiki.store.postgres import PostgresStore
 from tests.conftest import TestPostgres
 
@@ -33,3 +35,25 @@ async def test_a_run_enqueued_on_one_server_wakes_the_dispatcher_of_another(
                     assert await client_b.handle(handle.id).wait_for_completion() == 42
             history = await client_b.handle(handle.id).history()
     assert [e.worker_id for e in history if e.event == "run.running"] == ["on-b"]
+
+
+async def test_a_store_is_woken_by_other_servers_commits_not_by_its_own(
+    postgres: TestPostgres,
+) -> None:
+    # Its own enqueues are poked by the session that made them: a notification on top would
+    # only cost the Dispatcher one more (empty) claim.
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema) as mine, \
+            PostgresStore.open(postgres.dsn, schema=schema) as other:
+        woken: list[float] = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mine.watch, lambda: woken.append(trio.current_time()))
+            for i in range(3):
+                await execute(mine, o.Enqueue(f"mine-{i}", "wf", "1", "null", None, 1.0))
+            await trio.sleep(1.0)  # a notification would have arrived by now
+            assert woken == []
+            await execute(other, o.Enqueue("theirs", "wf", "1", "null", None, 1.0))
+            with trio.fail_after(30):
+                while not woken:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()

@@ -49,6 +49,10 @@ class ConnectionPool:
     def idle(self) -> int:
         return len(self._idle)
 
+    def server_pids(self) -> set[int]:
+        """The server process ids of the open connections (no two live backends share one)."""
+        return {conn.get_server_pid() for conn in [*self._idle, *self._busy]}
+
     async def acquire(self) -> Connection:
         if self._closed:
             raise PoolClosed("the connection pool is closed")

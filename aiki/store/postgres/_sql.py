@@ -518,19 +518,23 @@ class Listener:
     """A dedicated connection LISTENing on the work channel (not from the pool: a pooled
     connection is handed around, a listening one must stay put)."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, ignore: Callable[[int], bool]) -> None:
         self._conn = conn
+        self._ignore = ignore
         self._heard = asyncio.Event()
         self._lost: BaseException | None = None
 
     @classmethod
-    async def open(cls, dsn: str, schema: str, connect_timeout: float) -> Listener:
+    async def open(cls, dsn: str, schema: str, connect_timeout: float,
+                   ignore: Callable[[int], bool] = lambda pid: False) -> Listener:
+        """``ignore(pid)``: a notification from that server process is not worth a wake-up
+        (one of this store's own connections: its server pokes its Dispatcher itself)."""
         try:
             conn = await connector(dsn, timeout=connect_timeout,
                                    server_settings={"application_name": "aiki-listen"})()
         except CONNECT_FAILURES as exc:
             raise NotCommitted(exc) from exc
-        listener = cls(conn)
+        listener = cls(conn, ignore)
         conn.add_termination_listener(listener._on_termination)
         try:
             await conn.add_listener(work_channel(schema), listener._on_notification)
@@ -541,8 +545,9 @@ class Listener:
             raise
         return listener
 
-    def _on_notification(self, *args: Any) -> None:
-        self._heard.set()
+    def _on_notification(self, conn: Any, pid: int, *args: Any) -> None:
+        if not self._ignore(pid):
+            self._heard.set()
 
     def _on_termination(self, *args: Any) -> None:
         self._lost = ConnectionResetError("the listening connection was closed")

@@ -184,7 +184,8 @@ class PostgresStore:
         self, on_work: Callable[[], None], *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Call ``on_work()`` whenever a run in this schema becomes queued, from any server.
+        """Call ``on_work()`` whenever a run in this schema becomes queued by another server
+        (this store's own commits are left out: whoever made them pokes its Dispatcher).
 
         PostgreSQL's LISTEN/NOTIFY (a trigger notifies when the transaction commits), on a
         connection of its own. Runs until cancelled: start it in a nursery (``await
@@ -197,7 +198,8 @@ class PostgresStore:
         while True:
             try:
                 listener = await self._bridge.run(
-                    _sql.Listener.open, self._dsn, self.schema, self._connect_timeout
+                    _sql.Listener.open, self._dsn, self.schema, self._connect_timeout,
+                    self._own_backend,
                 )
             except _sql.NotCommitted as exc:
                 delay = BACKOFF[min(tries, len(BACKOFF) - 1)]
@@ -221,6 +223,9 @@ class PostgresStore:
                 tries = 1
             finally:
                 listener.close()
+
+    def _own_backend(self, pid: int) -> bool:
+        return pid in self._pool.server_pids()
 
     async def _call(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         if self._closed:
