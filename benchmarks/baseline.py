@@ -3,8 +3,8 @@
 One durable checkpoint cannot cost less than one commit, so each Aiki throughput row also
 shows its per-task cost as a multiple of one commit measured here, in the same run.
 
-- SQLite: a file in WAL mode with ``synchronous = FULL`` and ``foreign_keys = ON``, exactly
-  the pragmas ``aiki/store/sqlite.py`` opens its store with; each commit is one
+- SQLite: a file opened by the store's own ``_connect`` (WAL, ``synchronous = FULL``,
+  ``foreign_keys = ON``, so the pragmas cannot drift from the store's); each commit is one
   auto-committed ``INSERT`` through Python's ``sqlite3``.
 - PostgreSQL: the bench run's server (``fsync``, ``synchronous_commit`` and
   ``full_page_writes`` on), one asyncpg connection on plain asyncio (no trio-asyncio bridge:
@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import sys
 import tempfile
 import time
 
+from aiki.store import sqlite as sqlite_store
 from benchmarks.suite import Options, Row, Suite
 
 PAYLOAD = '{"x": 41, "output": 42, "note": "a checkpoint-sized row of about a hundred bytes"}'
@@ -33,11 +33,9 @@ def commits(options: Options) -> int:
 
 def sqlite_commit_rate(path: str, count: int) -> float:
     """Commits per second: ``count`` single-row INSERTs, each its own transaction."""
-    db = sqlite3.connect(path, isolation_level=None)
+    # Opened the way the store opens its file (its pragmas, and its schema beside the table).
+    db = sqlite_store._connect(path, "FULL", busy_timeout=5.0)
     try:
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
-        db.execute("PRAGMA foreign_keys = ON")
         db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
         for _ in range(20):  # warm-up
             db.execute("INSERT INTO t (v) VALUES (?)", (PAYLOAD,))

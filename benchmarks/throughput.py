@@ -21,23 +21,21 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import attrs
 import trio
 
+from benchmarks import procs
 from benchmarks.suite import Options, Row, Suite
 from benchmarks.workload import TASKS_PER_RUN
 
-REPO = Path(__file__).resolve().parents[1]
 APP = "benchmarks.workload:workflows"
 WARMUP = 10
 WAIT_TIMEOUT = 600.0
@@ -134,63 +132,27 @@ async def _remote(url: str, workers: int, concurrency: int, runs: int, warmup: i
     import aiki
 
     async with aiki.connect(url, request_timeout=WAIT_TIMEOUT) as client:
-        with trio.fail_after(60):
-            while len(await client.list_workers()) < workers:
-                await trio.sleep(0.05)
+        await procs.wait_for_workers(client, *(worker_id(n) for n in range(workers)))
         if warmup:
             await drive(client, min(concurrency, warmup), warmup, first=-warmup)
         return await drive(client, concurrency, runs)
 
 
 # -- processes for the loopback deployments -----------------------------------------------
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.pop("AIKI_TOKEN", None)
-    return env
+def worker_id(n: int) -> str:
+    return f"bench-w{n}"
 
 
 @contextmanager
 def cluster(store_url: str, workers: int, slots: int, logs: Path) -> Iterator[str]:
-    """An ``aiki server`` and ``workers`` ``aiki worker`` processes; yields the server URL."""
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        with open(logs / "server.log", "wb") as err:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "aiki", "server", "--listen", "127.0.0.1:0", "--store",
-                 store_url, "--log-level", "warning"],
-                stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, cwd=str(REPO),
-                env=_env(),
-            )
-        procs.append(server)
-        assert server.stdout is not None
-        line = server.stdout.readline().decode().strip()  # the server prints it at once
-        if not line.startswith("aiki server listening on "):
-            server.wait(timeout=10)
-            raise RuntimeError(f"aiki server did not start ({line!r}): "
-                               f"{(logs / 'server.log').read_text()[-2000:]}")
-        url = line.rsplit(" ", 1)[1]
+    """An ``aiki server`` and ``workers`` ``aiki worker`` processes; yields the server URL.
+    Leaving stops the workers first, then the server."""
+    with ExitStack() as stack:
+        _, url = stack.enter_context(procs.server(store_url, logs))
         for n in range(workers):
-            with open(logs / f"worker{n}.log", "wb") as err:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "aiki", "worker", "--server", url, "--app", APP,
-                     "--id", f"bench-w{n}", "--concurrency", str(slots),
-                     "--log-level", "warning"],
-                    stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
-                    cwd=str(REPO), env=_env(),
-                ))
+            stack.enter_context(procs.worker(url, logs, worker_id(n), app=APP,
+                                             concurrency=slots))
         yield url
-    finally:
-        for proc in reversed(procs):  # workers first, then the server
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
 
 
 # -- one repetition, one row --------------------------------------------------------------
