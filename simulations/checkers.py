@@ -16,7 +16,10 @@ TASK_TRANSITIONS = {
     (None, "running"), ("running", "completed"), ("running", "failed"),
     ("running", "retrying"), ("retrying", "running"),
     ("running", "running"),  # a crash during an attempt: the attempt runs again
-    # An attempt that ends before record_start_after has only its outcome recorded.
+}
+# Only from a worker that defers start records: an attempt that ended before
+# record_start_after has its outcome recorded and nothing else.
+UNSTARTED_TRANSITIONS = {
     (None, "completed"), (None, "failed"), (None, "retrying"),
     ("retrying", "completed"), ("retrying", "failed"), ("retrying", "retrying"),
 }
@@ -52,7 +55,7 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
 
     for run in runs.values():
         history = store._history[run.id]
-        v += _transitions(run.id, history)
+        v += _transitions(run.id, history, ledger.deferred_starts)
         for event in history:
             if event.event == "task.running" and event.name in workload.RETRIES:
                 limit = workload.RETRIES[event.name].max_attempts
@@ -101,7 +104,7 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     return v
 
 
-def _transitions(run_id: str, history: list[Any]) -> list[str]:
+def _transitions(run_id: str, history: list[Any], deferred_starts: set[str]) -> list[str]:
     out = []
     state: str | None = None
     released_by: set[str] = set()
@@ -122,7 +125,8 @@ def _transitions(run_id: str, history: list[Any]) -> list[str]:
                            f"{e.worker_id}, which had given it back")
         elif kind == "task":
             old = tasks.get(e.position or "")
-            if (old, new) not in TASK_TRANSITIONS:
+            if (old, new) not in TASK_TRANSITIONS and not (
+                    (old, new) in UNSTARTED_TRANSITIONS and e.worker_id in deferred_starts):
                 out.append(f"run {run_id}: task at step {e.position} went {old} -> {new}")
             # After `retrying` comes the next attempt; otherwise the same one goes on.
             expected = attempts.get(e.position or "", 0) + (old in (None, "retrying"))

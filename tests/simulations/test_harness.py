@@ -177,8 +177,9 @@ def release_without_drain(monkeypatch: pytest.MonkeyPatch) -> None:
         # The store refuses to restart a final step, so a replay that forgets its history
         # cannot re-run the task: the run loops on its lease and never finishes instead.
         (replay_reexecutes, ("after its result was committed", "after the liveness phase")),
-        # An assignment held up past the run's end runs tasks another worker completed.
-        (unfenced_task_starts, ("after its result was committed",)),
+        # A task outcome with no start before it, from a worker meant to fence its starts;
+        # and an assignment held up past the run's end runs tasks another worker completed.
+        (unfenced_task_starts, ("went None ->", "after its result was committed")),
         # The server hands a released run straight back to the worker that is leaving.
         (release_without_drain, ("which had given it back",)),
     ],
