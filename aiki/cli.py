@@ -199,22 +199,21 @@ def _transport_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = _seconds_or_zero(text)
-    except argparse.ArgumentTypeError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
-    return value
+    return _number_of_seconds(text, zero=False)
 
 
 def _seconds_or_zero(text: str) -> float:
+    return _number_of_seconds(text, zero=True)
+
+
+def _number_of_seconds(text: str, *, zero: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds, 0 or more")
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):
+        wanted = "a number of seconds, 0 or more" if zero else "a positive number of seconds"
+        raise argparse.ArgumentTypeError(f"{text!r}: give {wanted}")
     return value
 
 

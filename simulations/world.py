@@ -74,6 +74,15 @@ class NodeClock:
 
 
 @attrs.define(eq=False)
+class StopOrder:
+    """A graceful stop, once ``given``: drain for ``grace`` seconds (0: hand every run back
+    at once), then exit."""
+
+    given: trio.Event = attrs.field(factory=trio.Event)
+    grace: float = 0.0
+
+
+@attrs.define(eq=False)
 class World:
     cfg: Config
     ledger: Ledger = attrs.field(factory=Ledger)
@@ -84,8 +93,8 @@ class World:
     down_until: dict[str, float] = attrs.field(factory=dict)
     clocks: dict[str, NodeClock] = attrs.field(factory=dict)
     workers: dict[str, Worker] = attrs.field(factory=dict)
-    # Set to stop a worker gracefully: it drains within the grace period, then exits.
-    stopping: dict[str, tuple[trio.Event, float]] = attrs.field(factory=dict)
+    # How to stop each worker's current incarnation gracefully.
+    stopping: dict[str, StopOrder] = attrs.field(factory=dict)
     servers: list[Server] = attrs.field(factory=list)
     net: SimNetwork = attrs.field(init=False)
     store: SimStore = attrs.field(init=False)
@@ -174,14 +183,13 @@ class World:
             if record_start_after > 0:
                 self.ledger.deferred_starts.add(worker_id)
             workload.NODE.set(worker_id)
-            stop = trio.Event()
-            self.stopping[name] = (stop, 0.0)
+            order = self.stopping[name] = StopOrder()
             with trio.CancelScope() as scope:
                 self.scopes[name] = scope
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._exit_when_link_dies, worker, nursery)
-                        nursery.start_soon(self._stop_when_told, name, worker, stop, nursery)
+                        nursery.start_soon(self._stop_when_told, worker, order, nursery)
                         await worker.run()
                 except Exception as exc:
                     self.note(f"{worker_id} exited: {type(exc).__name__}")
@@ -189,16 +197,15 @@ class World:
             self.net.poison(name)
             await trio.sleep(r.uniform(0.5, 2.0))  # the process manager restarts it
 
-    async def _stop_when_told(self, name: str, worker: Worker, stop: trio.Event,
+    async def _stop_when_told(self, worker: Worker, order: StopOrder,
                               nursery: trio.Nursery) -> None:
         # SIGTERM: drain (tasks in flight finish, runs go back at step boundaries), then exit;
         # with no grace, what leaving `aiki.worker` does: stop every run, give it back.
-        await stop.wait()
+        await order.given.wait()
         if worker.held:
             self.ledger.sometimes["graceful stop with runs held"] += 1
-        grace = self.stopping[name][1]
-        if grace > 0:
-            await worker.drain(grace)
+        if order.grace > 0:
+            await worker.drain(order.grace)
         else:
             await worker.release_all()
         nursery.cancel_scope.cancel()
@@ -316,14 +323,14 @@ class World:
         scope.cancel()
 
     def stop(self, node: str, grace: float, downtime: float) -> None:
-        entry = self.stopping.get(node)
-        if entry is None or entry[0].is_set():
+        order = self.stopping.get(node)
+        if order is None or order.given.is_set():
             return
         self.stats["graceful stop"] += 1
         self.note(f"stop {node} grace {grace} down {downtime}")
         self.down_until[node] = trio.current_time() + downtime
-        self.stopping[node] = (entry[0], grace)
-        entry[0].set()
+        order.grace = grace
+        order.given.set()
 
     def all_faults_off(self) -> None:
         self.faults_on = False

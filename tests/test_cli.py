@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import aiki
+from aiki import cli
 from aiki.cli import UsageError, load_app, main, read_token, table
 from aiki.server import ServerConfig
 from tests.remote import app
@@ -142,3 +143,14 @@ def test_output_piped_into_a_reader_that_stops_exits_quietly() -> None:
     assert reader.wait(timeout=30) == 141
     assert reader.stderr.read() == b""
     reader.stderr.close()
+
+
+def test_record_start_after_takes_zero_but_not_less(capsys: pytest.CaptureFixture[str]) -> None:
+    args = cli._parser().parse_args(["worker", "--app", "m:a", "--record-start-after", "0"])
+    assert args.record_start_after == 0.0
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["worker", "--app", "m:a", "--record-start-after", "-0.5"])
+    assert "'-0.5': give a number of seconds, 0 or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["server", "--lease-ttl", "0"])
+    assert "'0': give a positive number of seconds" in capsys.readouterr().err

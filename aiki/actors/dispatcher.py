@@ -168,8 +168,7 @@ class Dispatcher:
                 log.info("dispatcher: worker %r reconnected; dropping its older session %d",
                          old.worker_id, old.session)
                 del self.seats[old.session]
-            self.seats[msg.seat.session] = msg.seat
-            self.note_workflows(msg.seat.workflows)
+            self.seats[msg.seat.session] = msg.seat  # its versions: noted by the session
         elif isinstance(msg, Left):
             self.seats.pop(msg.session, None)
         elif isinstance(msg, Alive):
@@ -210,12 +209,13 @@ class Dispatcher:
                     self.assigned += 1
                 else:
                     undelivered.append(c.run)
+            if undelivered:
+                seat.may_have_work = True  # they are queued again
             for run in undelivered:
                 assert run.lease_owner is not None
                 log.info("dispatcher: cannot deliver run %s to worker %r (%s); back to the "
                          "queue", run.id, seat.worker_id,
                          "it drains" if seat.draining else "its connection is backed up")
-                seat.may_have_work = True
                 try:
                     await self.writer.write(ReleaseRun(
                         Lease(run.id, run.lease_epoch, run.lease_owner),

@@ -132,7 +132,7 @@ class RunState:
     persist: Persist
     sources: Sources
     inline_retry_max: float
-    record_start_after: float = 0.0
+    record_start_after: float = DEFAULT_RECORD_START_AFTER
     # Set when the worker drains: no new task attempt starts; the run is given back.
     draining: trio.Event = attrs.field(factory=trio.Event)
     steps: dict[str, StepRecord] = attrs.field(init=False)
@@ -426,7 +426,7 @@ class WorkflowRun:
 async def run_workflow(
     workflow: WorkflowDefinition, assign: p.Assign, persist: Persist, sources: Sources,
     *, inline_retry_max: float = 10.0, draining: trio.Event | None = None,
-    record_start_after: float = 0.0,
+    record_start_after: float = DEFAULT_RECORD_START_AFTER,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
     drains: ``draining`` is set) or abandoned."""

@@ -3,6 +3,8 @@ takes, and a run it cannot deliver goes back to the queue at once, not after its
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -18,14 +20,25 @@ from aiki.store import ops as o
 WF = ("wf", "1")
 
 
+@asynccontextmanager
+async def dispatching(store: MemoryStore, queued: int) -> AsyncIterator[Dispatcher]:
+    """``queued`` runs r0, r1, ... waiting, and a Dispatcher (with its StoreWriter) running
+    on ``store``, polling only once an hour."""
+    for i in range(queued):
+        await execute(store, o.Enqueue(f"r{i}", "wf", "1", "null", None, 1.0))
+    writer = StoreWriter(store)
+    dispatcher = Dispatcher(writer, Sources.seeded(1), lease_ttl=30.0, poll_interval=3600)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await nursery.start(dispatcher.run)
+        yield dispatcher
+        nursery.cancel_scope.cancel()
+
+
 async def test_claims_follow_the_outbox_room_and_an_undeliverable_run_is_requeued(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     store = MemoryStore()
-    for i in range(10):
-        await execute(store, o.Enqueue(f"r{i}", "wf", "1", "null", None, 1.0))
-    writer = StoreWriter(store)
-    dispatcher = Dispatcher(writer, Sources.seeded(1), lease_ttl=30.0, poll_interval=3600)
     delivered: list[str] = []
     room = {"n": 6}
     accept = {"n": 2}
@@ -38,9 +51,7 @@ async def test_claims_follow_the_outbox_room_and_an_undeliverable_run_is_requeue
         return True
 
     seat = Seat(1, "w1", (WF,), slots=8, push=push, room=lambda: room["n"])
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
-        await nursery.start(dispatcher.run)
+    async with dispatching(store, 10) as dispatcher:
         dispatcher.tell(Joined(seat))
         await trio.sleep(1)
         # Room for 6: it claimed 3 (half, leaving the rest for replies), delivered 2.
@@ -58,7 +69,6 @@ async def test_claims_follow_the_outbox_room_and_an_undeliverable_run_is_requeue
         await trio.sleep(1)
         assert delivered[:3] == ["r0", "r1", "r2"]
         assert len(delivered) == 8  # every slot filled, without waiting for any lease
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_failed_give_back_leaves_the_run_to_its_lease_and_the_dispatcher_running(
@@ -71,10 +81,6 @@ async def test_a_failed_give_back_leaves_the_run_to_its_lease_and_the_dispatcher
             return await super().apply(ops)
 
     store = NoReleases()
-    for i in range(4):
-        await execute(store, o.Enqueue(f"r{i}", "wf", "1", "null", None, 1.0))
-    writer = StoreWriter(store)
-    dispatcher = Dispatcher(writer, Sources.seeded(1), lease_ttl=30.0, poll_interval=3600)
     delivered: list[str] = []
     full = {"now": True}
 
@@ -84,9 +90,7 @@ async def test_a_failed_give_back_leaves_the_run_to_its_lease_and_the_dispatcher
         delivered.append(assign.run.id)
         return True
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(writer.run)
-        await nursery.start(dispatcher.run)
+    async with dispatching(store, 4) as dispatcher:
         dispatcher.tell(Joined(Seat(1, "w1", (WF,), slots=1, push=push)))
         await trio.sleep(1)
         stuck = await store.get_run("r0")
@@ -98,4 +102,3 @@ async def test_a_failed_give_back_leaves_the_run_to_its_lease_and_the_dispatcher
         await trio.sleep(60)  # r0's lease expires and the run is queued again
         again = await store.get_run("r0")
         assert again is not None and again.state == "queued"  # the one slot holds r1
-        nursery.cancel_scope.cancel()
