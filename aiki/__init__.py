@@ -20,13 +20,13 @@ from aiki.errors import (
     WorkflowFailed,
 )
 from aiki.protocol import WorkerInfo
+from aiki.records import HistoryEvent
 from aiki.retry import Retry
 from aiki.sdk.client import Client, RunHandle, RunStatus, RunSummary, TaskStatus
 from aiki.sdk.definitions import Task, Workflow, task, workflow
 from aiki.sdk.embedded import embedded, worker
 from aiki.sdk.remote import connect
 from aiki.sources import Sources
-from aiki.store.records import HistoryEvent
 
 __all__ = [
     "AikiError", "AuthenticationFailed", "Client", "ConfigError", "ConnectionLost",

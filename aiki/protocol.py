@@ -27,7 +27,7 @@ import cattrs
 from cattrs.errors import IterableValidationNote
 
 from aiki.errors import PayloadError, ProtocolError
-from aiki.store.records import HistoryEvent, Lease, RunRecord, StepRecord
+from aiki.records import HistoryEvent, Lease, RunRecord, StepRecord
 
 PROTOCOL_VERSION = 1
 

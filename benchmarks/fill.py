@@ -32,8 +32,8 @@ from typing import Any
 import attrs
 
 from aiki.protocol import content_hash
+from aiki.records import HistoryEvent, RunRecord, StepRecord
 from aiki.sources import Sources
-from aiki.store.records import HistoryEvent, RunRecord, StepRecord
 
 WORKFLOWS: tuple[str, ...] = ("orders", "emails", "billing", "reports", "sync")
 VERSION = "1"

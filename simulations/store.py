@@ -18,9 +18,9 @@ import attrs
 import trio
 
 from aiki.errors import AikiError, StoreUnavailable
+from aiki.records import FINAL_STEP_STATES, HistoryEvent, RunRecord, StepRecord
 from aiki.store import ops as o
 from aiki.store.memory import MemoryStore
-from aiki.store.records import FINAL_STEP_STATES, HistoryEvent, RunRecord, StepRecord
 
 
 @attrs.define

@@ -35,9 +35,9 @@ from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.errors import AikiError, StoreUnavailable
 from aiki.protocol import Assign, WorkerInfo, WorkflowRef
+from aiki.records import Lease
 from aiki.sources import Sources
 from aiki.store.ops import Claim, ExpireLeases, ReleaseRun
-from aiki.store.records import Lease
 
 log = logging.getLogger("aiki.dispatcher")
 

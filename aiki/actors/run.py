@@ -44,9 +44,9 @@ from aiki.errors import (
     StoreUnavailable,
     TaskFailed,
 )
+from aiki.records import FINAL_STEP_STATES, Lease, StepKind, StepRecord
 from aiki.retry import Retry
 from aiki.sources import Sources
-from aiki.store.records import FINAL_STEP_STATES, Lease, StepKind, StepRecord
 
 log = logging.getLogger("aiki.run")
 T = TypeVar("T")

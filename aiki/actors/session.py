@@ -41,10 +41,10 @@ from aiki.errors import (
     StepConflict,
     UnknownWorkflow,
 )
+from aiki.records import TERMINAL_RUN_STATES, Lease, RunRecord, RunState
 from aiki.sources import Sources
 from aiki.store import ops
 from aiki.store.base import Store
-from aiki.store.records import TERMINAL_RUN_STATES, Lease, RunRecord, RunState
 from aiki.transport.base import Connection
 
 log = logging.getLogger("aiki.session")

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import attrs
 
-from aiki.store.records import TERMINAL_RUN_STATES, RunRecord
+from aiki.records import TERMINAL_RUN_STATES, RunRecord
 
 Notify = Callable[[RunRecord], None]
 

@@ -33,8 +33,8 @@ from aiki.actors.run import (
     run_workflow,
 )
 from aiki.errors import AikiError
+from aiki.records import Lease
 from aiki.sources import Sources
-from aiki.store.records import Lease
 from aiki.transport.base import Transport
 
 log = logging.getLogger("aiki.worker")

@@ -14,8 +14,8 @@ import attrs
 from aiki import protocol as p
 from aiki.actors.link import Backoff, Link
 from aiki.errors import WorkflowFailed
+from aiki.records import HistoryEvent, RunRecord, RunState, StepRecord
 from aiki.sources import Sources
-from aiki.store.records import HistoryEvent, RunRecord, RunState, StepRecord
 from aiki.transport.base import Transport
 
 R = TypeVar("R")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from aiki.records import ClaimedRun, HistoryEvent, Lease, RunRecord, StepRecord
 from aiki.store.base import Store, execute
 from aiki.store.memory import MemoryStore
-from aiki.store.records import ClaimedRun, HistoryEvent, Lease, RunRecord, StepRecord
 from aiki.store.sqlite import SqliteStore
 
 __all__ = [

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
 from aiki.errors import AikiError
+from aiki.records import HistoryEvent, RunRecord, StepRecord
 from aiki.store.ops import Op
-from aiki.store.records import HistoryEvent, RunRecord, StepRecord
 
 T = TypeVar("T")
 

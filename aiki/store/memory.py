@@ -13,8 +13,7 @@ import attrs
 import trio
 
 from aiki.errors import AikiError, StaleLease, StepConflict
-from aiki.store import ops as o
-from aiki.store.records import (
+from aiki.records import (
     FINAL_STEP_STATES,
     ClaimedRun,
     HistoryEvent,
@@ -22,6 +21,7 @@ from aiki.store.records import (
     RunRecord,
     StepRecord,
 )
+from aiki.store import ops as o
 
 
 def stale_lease_error(lease: Lease, run: RunRecord | None) -> StaleLease:

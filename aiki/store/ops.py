@@ -12,7 +12,7 @@ from typing import Generic, TypeVar
 
 import attrs
 
-from aiki.store.records import ClaimedRun, Lease, RunRecord, StepRecord
+from aiki.records import ClaimedRun, Lease, RunRecord, StepRecord
 
 T = TypeVar("T")
 

@@ -35,19 +35,19 @@ import attrs
 import trio
 
 from aiki.errors import AikiError, StaleLease, StoreUnavailable
+from aiki.records import (
+    ClaimedRun,
+    HistoryEvent,
+    Lease,
+    RunRecord,
+    StepRecord,
+)
 from aiki.store import ops as o
 from aiki.store.memory import (
     history_event_for_step,
     key_conflict_error,
     stale_lease_error,
     step_write_changes,
-)
-from aiki.store.records import (
-    ClaimedRun,
-    HistoryEvent,
-    Lease,
-    RunRecord,
-    StepRecord,
 )
 
 T = TypeVar("T")

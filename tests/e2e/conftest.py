@@ -11,10 +11,10 @@ import pytest
 import trio
 import trio.testing
 
+from aiki.records import HistoryEvent, RunRecord, StepRecord
 from aiki.sources import Sources
 from aiki.store import MemoryStore, SqliteStore, Store
 from aiki.store import ops as o
-from aiki.store.records import HistoryEvent, RunRecord, StepRecord
 
 T = TypeVar("T")
 

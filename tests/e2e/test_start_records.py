@@ -17,10 +17,10 @@ from aiki import protocol as p
 from aiki.actors.run import Abandon, RunState
 from aiki.actors.worker import Worker
 from aiki.errors import StaleLease
+from aiki.records import Lease, StepRecord
 from aiki.retry import Retry
 from aiki.sources import Sources
 from aiki.store import Store
-from aiki.store.records import Lease, StepRecord
 from aiki.transport.memory import MemoryTransport
 
 long_started = trio.Event()

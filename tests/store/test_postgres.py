@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 
 import aiki
 from aiki.errors import StaleLease, StoreUnavailable
+from aiki.records import RunRecord
 from aiki.store import Lease, Store, execute, open_store
 from aiki.store import ops as o
 from aiki.store.postgres import PostgresStore, _sql
 from aiki.store.postgres._bridge import AsyncioBridge
 from aiki.store.postgres._schema import MIGRATIONS
-from aiki.store.records import RunRecord
 from tests.conftest import TestPostgres
 
 WF = (("wf", "1"),)

@@ -15,9 +15,9 @@ import trio
 import trio.testing
 
 from aiki.errors import StoreUnavailable
+from aiki.records import Lease, StepRecord
 from aiki.store import MemoryStore, SqliteStore, execute, open_store
 from aiki.store import ops as o
-from aiki.store.records import Lease, StepRecord
 from aiki.store.sqlite import MIGRATIONS, migrate
 
 

@@ -10,7 +10,7 @@ import trio.testing
 
 from aiki import protocol
 from aiki.errors import ConnectionLost, ProtocolError
-from aiki.store.records import Lease
+from aiki.records import Lease
 from aiki.transport.base import Connection
 from aiki.transport.memory import MemoryTransport, connection_pair
 

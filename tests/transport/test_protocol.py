@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from aiki import protocol
 from aiki.errors import PayloadError, ProtocolError
-from aiki.store.records import HistoryEvent, Lease, RunRecord, StepRecord
+from aiki.records import HistoryEvent, Lease, RunRecord, StepRecord
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -30,6 +30,13 @@ import attrs
 from asyncpg.transaction import Transaction
 
 from aiki.errors import AikiError, StoreUnavailable
+from aiki.records import (
+    ClaimedRun,
+    HistoryEvent,
+    Lease,
+    RunRecord,
+    StepRecord,
+)
 from aiki.store import ops as o
 from aiki.store.memory import (
     history_event_for_step,
@@ -39,13 +46,6 @@ from aiki.store.memory import (
 )
 from aiki.store.postgres._pool import Connection, ConnectionPool, PoolClosed, connector
 from aiki.store.postgres._schema import migrate
-from aiki.store.records import (
-    ClaimedRun,
-    HistoryEvent,
-    Lease,
-    RunRecord,
-    StepRecord,
-)
 
 T = TypeVar("T")
 Conn: TypeAlias = Connection

@@ -14,11 +14,11 @@ import asyncpg
 import trio
 
 from aiki.errors import StoreUnavailable
+from aiki.records import HistoryEvent, RunRecord, StepRecord
 from aiki.store import ops as o
 from aiki.store import redact_url as redact
 from aiki.store.postgres import _sql
 from aiki.store.postgres._bridge import AsyncioBridge
-from aiki.store.records import HistoryEvent, RunRecord, StepRecord
 
 T = TypeVar("T")
 log = logging.getLogger("aiki.store.postgres")
