@@ -10,28 +10,32 @@ from aiki.errors import (
     AuthenticationFailed,
     ConfigError,
     ConnectionLost,
+    EventTimeout,
     NonDeterminismError,
     NonRetryableError,
     PayloadError,
+    RunFinished,
     RunNotFound,
     StaleLease,
     TaskFailed,
+    UnknownEvent,
     UnknownWorkflow,
     WorkflowFailed,
 )
 from aiki.protocol import WorkerInfo
 from aiki.records import HistoryEvent
 from aiki.retry import Retry
-from aiki.sdk.client import Client, RunHandle, RunStatus, RunSummary, TaskStatus
-from aiki.sdk.definitions import Task, Workflow, task, workflow
+from aiki.sdk.client import Client, RunHandle, RunStatus, RunSummary, TaskStatus, WaitStatus
+from aiki.sdk.definitions import Event, Task, Workflow, event, task, workflow
 from aiki.sdk.embedded import embedded, worker
 from aiki.sdk.remote import connect
 from aiki.sources import Sources
 
 __all__ = [
-    "AikiError", "AuthenticationFailed", "Client", "ConfigError", "ConnectionLost",
-    "HistoryEvent", "NonDeterminismError", "NonRetryableError", "PayloadError", "Retry",
-    "RunHandle", "RunNotFound", "RunStatus", "RunSummary", "Sources", "StaleLease", "Task",
-    "TaskFailed", "TaskStatus", "UnknownWorkflow", "WorkerInfo", "Workflow", "WorkflowFailed",
-    "WorkflowRun", "connect", "embedded", "task", "worker", "workflow",
+    "AikiError", "AuthenticationFailed", "Client", "ConfigError", "ConnectionLost", "Event",
+    "EventTimeout", "HistoryEvent", "NonDeterminismError", "NonRetryableError", "PayloadError",
+    "Retry", "RunFinished", "RunHandle", "RunNotFound", "RunStatus", "RunSummary", "Sources",
+    "StaleLease", "Task", "TaskFailed", "TaskStatus", "UnknownEvent", "UnknownWorkflow",
+    "WaitStatus", "WorkerInfo", "Workflow", "WorkflowFailed", "WorkflowRun", "connect",
+    "embedded", "event", "task", "worker", "workflow",
 ]

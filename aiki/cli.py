@@ -107,8 +107,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="seconds a worker holds a run without heartbeating (default 30)")
     server.add_argument("--heartbeat-interval", type=_seconds, metavar="S",
                         help="how often workers heartbeat (default: a third of --lease-ttl)")
-    server.add_argument("--poll-interval", type=_seconds, default=1.0, metavar="S",
-                        help="how often the dispatcher looks for work it was not told of")
+    server.add_argument("--poll-interval", type=_seconds, default=None, metavar="S",
+                        help="with a store shared by several servers (PostgreSQL): how often "
+                             "to look for work no notification told of (default 30)")
     server.add_argument("--shutdown-grace", type=_seconds, default=10.0, metavar="S",
                         help="seconds to finish requests in flight on SIGTERM (default 10)")
     server.add_argument("--hello-timeout", type=_seconds, default=10.0, metavar="S",

@@ -79,6 +79,21 @@ class RunNotFound(AikiError):
     """No run with this id exists in the store."""
 
 
+class RunFinished(AikiError):
+    """The run has ended (completed, failed or cancelled): it takes no more events."""
+
+
+class UnknownEvent(AikiError):
+    """An event that the run's workflow version does not declare (``events=[...]``)."""
+
+
+class EventTimeout(AikiError):
+    """Raised in workflow code by ``event.wait(run, timeout=...)`` when no event came in time.
+
+    A send that arrives later goes to the next wait for that event.
+    """
+
+
 class ConnectionLost(AikiError):
     """The connection to the server (or peer) closed."""
 

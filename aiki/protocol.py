@@ -6,7 +6,7 @@ and every reply echoes it. User payloads travel as JSON text produced by
 :func:`encode_value` with the same converter, so a payload is encoded exactly once, at the
 call site, and a value that cannot be encoded is refused there.
 
-Version 1 of the protocol. Adding an optional field is compatible; anything else bumps
+Version 2 of the protocol. Adding an optional field is compatible; anything else bumps
 ``PROTOCOL_VERSION``.
 """
 
@@ -27,9 +27,9 @@ import cattrs
 from cattrs.errors import IterableValidationNote
 
 from aiki.errors import PayloadError, ProtocolError
-from aiki.records import HistoryEvent, Lease, RunRecord, StepRecord
+from aiki.records import HistoryEvent, Lease, RunRecord, StepRecord, WaitFor, WaitRecord
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: waits (sleeps, events) replace suspend_run
 
 converter = cattrs.Converter(forbid_extra_keys=True)
 converter.register_unstructure_hook(datetime.datetime, lambda d: d.isoformat())
@@ -125,6 +125,7 @@ def message(tag: str) -> Callable[[type[M]], type[M]]:
 class WorkflowRef:
     name: str
     version: str
+    events: tuple[str, ...] = ()  # the events the version declares (sends are checked)
 
 
 # -- session opening -----------------------------------------------------------------------
@@ -209,6 +210,7 @@ class RunInfo:
     req: int
     run: RunRecord
     steps: tuple[StepRecord, ...]
+    waits: tuple[WaitRecord, ...] = ()
 
 
 @message("get_history")
@@ -300,13 +302,43 @@ class FailRun:
     error_message: str
 
 
-@message("suspend_run")
+@message("await_step")
 @attrs.frozen
-class SuspendRun:
+class AwaitStep:
+    """A sleep or event wait reached (fenced); answered by ``StepResult``: the step as
+    stored, final if it ended (now or before), else waiting."""
+
     req: int
     lease: Lease
-    wake_at: float
+    step: StepRecord
+
+
+@message("step_result")
+@attrs.frozen
+class StepResult:
+    req: int
+    step: StepRecord
+
+
+@message("wait_run")
+@attrs.frozen
+class WaitRun:
+    """Give the run back until one of ``conditions`` holds (a sleep or retry delay comes
+    due, an event arrives, an event wait times out)."""
+
+    req: int
+    lease: Lease
+    conditions: tuple[WaitFor, ...]
     reason: str
+
+
+@message("nudge")
+@attrs.frozen
+class Nudge:
+    """Server → worker: a wait of this run you hold ended (a wakeup, a delivered event);
+    ask again where it stands."""
+
+    run_id: str
 
 
 @message("release_run")
@@ -322,6 +354,43 @@ class Drain:
     """Worker → server: this worker is shutting down; assign it no more runs."""
 
     req: int
+
+
+# -- run controls from clients ------------------------------------------------------------
+@message("send_event")
+@attrs.frozen
+class SendEvent:
+    """Send event ``event`` (``payload``: JSON text) to a run; answered by ``EventSent``."""
+
+    req: int
+    run_id: str
+    event: str
+    payload: str
+    idempotency_key: str | None = None
+
+
+@message("event_sent")
+@attrs.frozen
+class EventSent:
+    req: int
+    delivered: bool  # to a waiting wait at once (else buffered for the next one)
+    duplicate: bool  # the idempotency key was used already: nothing was stored
+
+
+@message("wakeup")
+@attrs.frozen
+class Wakeup:
+    """End a run's current sleep early; answered by ``WokenUp``."""
+
+    req: int
+    run_id: str
+
+
+@message("woken_up")
+@attrs.frozen
+class WokenUp:
+    req: int
+    woken: bool  # False: the run was not sleeping, and nothing changed
 
 
 # -- listings ------------------------------------------------------------------------------

@@ -6,9 +6,10 @@ from typing import Literal
 
 import attrs
 
-RunState = Literal["queued", "running", "sleeping", "completed", "failed", "cancelled"]
+RunState = Literal["queued", "running", "waiting", "completed", "failed", "cancelled"]
 StepState = Literal["running", "retrying", "completed", "failed"]
-StepKind = Literal["task", "now", "random", "uuid"]
+StepKind = Literal["task", "now", "random", "uuid", "sleep", "event"]
+WaitKind = Literal["sleep", "event", "retry"]
 
 TERMINAL_RUN_STATES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 FINAL_STEP_STATES: frozenset[str] = frozenset({"completed", "failed"})
@@ -32,7 +33,6 @@ class RunRecord:
     lease_epoch: int
     lease_owner: str | None
     lease_expires_at: float | None
-    wake_at: float | None
     result: str | None
     error_type: str | None
     error_message: str | None
@@ -47,6 +47,12 @@ class StepRecord:
 
     ``input`` and ``output`` are JSON text. A step in state ``completed`` or ``failed`` is
     final: its outcome is what every replay sees, and it never changes.
+
+    A wait step (``sleep``, ``event``) is ``running`` while it waits, with its due time in
+    ``next_attempt_at`` (None: an event waited for without a timeout). A finished sleep is
+    ``completed`` with output ``true`` (it slept its whole duration) or ``false`` (woken
+    early); an event wait is ``completed`` with the delivered payload, or ``failed`` with
+    ``error_type`` ``EventTimeout``.
     """
 
     position: str
@@ -81,6 +87,44 @@ class HistoryEvent:
     position: str | None = None
     name: str | None = None
     detail: str | None = None
+
+
+@attrs.frozen
+class WaitFor:
+    """One condition a waiting run wakes on: a wait step's due time or event, or the delay
+    before a task's next attempt (``retry``). A run waiting on several wakes on the first."""
+
+    position: str
+    kind: WaitKind
+    name: str | None = None  # the event's name, or the task's
+    due_at: float | None = None
+
+
+@attrs.frozen
+class WaitRecord:
+    """A condition of a ``waiting`` run, as stored: kept while the run waits, gone once it
+    is queued again. ``since``: when the run began waiting."""
+
+    run_id: str
+    position: str
+    kind: WaitKind
+    name: str | None
+    due_at: float | None
+    since: float
+
+
+@attrs.frozen
+class EventRecord:
+    """One event sent to a run. Buffered (``position`` None) until a wait takes it; then
+    ``position`` names the wait step it was delivered to. ``seq`` orders the sends."""
+
+    seq: int
+    run_id: str
+    name: str
+    payload: str
+    idempotency_key: str | None
+    sent_at: float
+    position: str | None = None
 
 
 @attrs.frozen

@@ -12,12 +12,12 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import attrs
 import trio
 
-from aiki.actors.dispatcher import Dispatcher
+from aiki.actors.dispatcher import Dispatcher, Expired
 from aiki.actors.session import ServerContext, Session
 from aiki.actors.store_writer import StoreWriter
 from aiki.actors.supervisor import ChildSpec, Supervisor
@@ -37,6 +37,7 @@ from aiki.transport.websocket import (
 )
 
 log = logging.getLogger("aiki.server")
+SHARED_STORE_POLL = 30.0
 
 
 @attrs.define(eq=False)
@@ -55,7 +56,10 @@ class Server:
     lease_ttl: float = 30.0
     heartbeat_interval: float | None = None
     token: str | None = None
-    poll_interval: float = 1.0
+    # The fallback poll (Dispatcher claims, Timer re-reads) for a store shared by several
+    # servers, whose notifications are hints that can be lost. None: 30 s for a shared store;
+    # a store of one server's own is never polled.
+    poll_interval: float | None = None
     supervisor: Supervisor = attrs.field(
         factory=lambda: Supervisor("server", max_restarts=5, within=10.0)
     )
@@ -65,9 +69,13 @@ class Server:
 
     def __attrs_post_init__(self) -> None:
         writer = StoreWriter(self.store)
-        dispatcher = Dispatcher(writer, self.sources, self.lease_ttl, self.poll_interval)
+        poll = self.poll_interval
+        if poll is None and getattr(self.store, "watch", None) is not None:
+            poll = SHARED_STORE_POLL
+        dispatcher = Dispatcher(writer, self.sources, self.lease_ttl, poll)
         timer = Timer(self.store, writer, self.sources, dispatcher.poke,
-                      poll_interval=max(self.poll_interval, 1.0))
+                      lambda ids: dispatcher.tell(Expired(ids)), reconcile_interval=poll)
+        dispatcher.on_leased = timer.hint
         self.ctx = ServerContext(
             store=self.store, writer=writer, dispatcher=dispatcher, timer=timer,
             watchers=RunWatchers(), sources=self.sources, server_id=self.sources.new_id(),
@@ -75,6 +83,31 @@ class Server:
             heartbeat_interval=self.heartbeat_interval or self.lease_ttl / 3,
             token=self.token, hello_timeout=self.hello_timeout,
         )
+
+    def _notices(self, nursery: trio.Nursery) -> Callable[[str], None]:
+        """What to do with another server's notice (see ``PostgresStore.watch``)."""
+        ctx = self.ctx
+
+        async def ended(run_ids: list[str]) -> None:
+            for run_id in run_ids:
+                run = await ctx.store.get_run(run_id)
+                if run is not None:
+                    ctx.watchers.ended(run)
+
+        def on_notice(notice: str) -> None:
+            if notice == "":
+                ctx.dispatcher.poke()
+            elif notice == "due":
+                ctx.timer.hint(None)
+            elif notice.startswith("ended:"):
+                if ctx.watchers.watched(notice[len("ended:"):]):
+                    nursery.start_soon(ended, [notice[len("ended:"):]])
+            else:  # "resync": notices were lost; recover what they carried from the store
+                ctx.dispatcher.poke()
+                ctx.timer.hint(None)
+                nursery.start_soon(ended, ctx.watchers.watched_runs())
+
+        return on_notice
 
     def stop(self) -> None:
         """Begin a graceful shutdown (see the class docstring); ``serve`` returns when done."""
@@ -104,14 +137,15 @@ class Server:
         ]
         watch = getattr(self.store, "watch", None)
         if watch is not None:
-            # A store shared by several servers (PostgreSQL) tells every Dispatcher when a
-            # run becomes queued anywhere; the poll interval stays as the slow fallback.
-            dispatcher = self.ctx.dispatcher
-
+            # A store shared by several servers (PostgreSQL) tells every server what the
+            # others commit: runs queued, runs ended, waits begun; the poll interval stays as
+            # the slow fallback.
             async def watch_store(
                 *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
             ) -> None:
-                await watch(dispatcher.poke, task_status=task_status)
+                async with trio.open_nursery() as nursery:
+                    notices = self._notices(nursery)
+                    await watch(notices, task_status=task_status)
 
             children.append(ChildSpec("store-watch", watch_store))
         async with trio.open_nursery() as nursery:
@@ -145,7 +179,7 @@ class ServerConfig:
     keyfile: str | None = None
     lease_ttl: float = 30.0
     heartbeat_interval: float | None = None
-    poll_interval: float = 1.0
+    poll_interval: float | None = None
     hello_timeout: float = 10.0
     shutdown_grace: float = 10.0
     max_frame_bytes: int = _WS.max_frame_bytes
@@ -170,7 +204,7 @@ class ServerConfig:
         if endpoint.path != "/":
             raise ConfigError(f"a listen address has no path, got {self.listen!r}")
         for name in ("lease_ttl", "poll_interval", "hello_timeout", "shutdown_grace"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, "
                                   f"got {getattr(self, name)!r}")
         return endpoint

@@ -6,7 +6,7 @@ with one change: the store ``run_server`` opens is wrapped to count what the ser
 it, and the driver below it counts the SQL it sends:
 
 - ``store calls``: every ``apply`` (one transaction; its ops are counted by type) and every
-  read (``get_run``, ``next_wake_at``, ...); ``watch`` (PostgreSQL's LISTEN) passes through.
+  read (``get_run``, ``next_due``, ...); ``watch`` (PostgreSQL's LISTEN) passes through.
 - ``sql``: statements executed. SQLite: ``sqlite3``'s trace callback on the store's
   connection (every statement, ``BEGIN``/``COMMIT`` included). PostgreSQL: asyncpg's query
   logger on every connection the store opens (every statement sent, ``BEGIN``/``COMMIT``
@@ -37,7 +37,8 @@ class CountingStore:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._inner, name)
-        if name in ("get_run", "get_steps", "get_history", "list_runs", "next_wake_at"):
+        if name in ("get_run", "get_steps", "get_history", "list_runs", "next_due",
+                    "get_waits", "get_events"):
             async def read(*args: Any, **kwargs: Any) -> Any:
                 COUNTS["store_calls"] += 1
                 COUNTS[f"read:{name}"] += 1

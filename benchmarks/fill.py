@@ -106,7 +106,7 @@ def generate(start: int, count: int, seed: int = 6, *, base_time: float | None =
         record = RunRecord(
             id=run_id, workflow=workflow, version=VERSION, payload=payload, state="completed",
             idempotency_key=key, attempts=1, lease_epoch=1, lease_owner=None,
-            lease_expires_at=None, wake_at=None, result=str(total), error_type=None,
+            lease_expires_at=None, result=str(total), error_type=None,
             error_message=None, created_at=created, updated_at=finished, finished_at=finished,
         )
         runs.append(attrs.astuple(record))

@@ -5,32 +5,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from aiki.store.machine import RUN_TRANSITIONS, STEP_TRANSITIONS, UNSTARTED_TASK_TRANSITIONS
 from simulations import workload
 from simulations.world import Outcome
-
-RUN_TRANSITIONS = {
-    (None, "queued"), ("queued", "running"), ("running", "completed"), ("running", "failed"),
-    ("running", "sleeping"), ("running", "queued"), ("sleeping", "queued"),
-}
-TASK_TRANSITIONS = {
-    (None, "running"), ("running", "completed"), ("running", "failed"),
-    ("running", "retrying"), ("retrying", "running"),
-    ("running", "running"),  # a crash during an attempt: the attempt runs again
-}
-# Only from a worker that defers start records: an attempt that ended before
-# record_start_after has its outcome recorded and nothing else.
-UNSTARTED_TRANSITIONS = {
-    (None, "completed"), (None, "failed"), (None, "retrying"),
-    ("retrying", "completed"), ("retrying", "failed"), ("retrying", "retrying"),
-}
 
 
 def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     """Every violation found, each a sentence naming the run and what went wrong."""
     v = list(outcome.violations)
-    store = outcome.store.inner
+    contents = outcome.store.inner.contents()
     ledger = outcome.ledger
-    runs = store._runs
+    runs = contents.runs
     planned = {i.item: i for i in workload.plan(outcome.seed, outcome.runs_planned, 1.0)}
 
     # Acknowledged enqueues are never lost; nothing exists that no client asked for.
@@ -54,7 +39,7 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
             v.append(f"idempotency key {key!r} has {len(ids)} runs: {sorted(ids)}")
 
     for run in runs.values():
-        history = store._history[run.id]
+        history = contents.history[run.id]
         v += _transitions(run.id, history, ledger.deferred_starts)
         for event in history:
             if event.event == "task.running" and event.name in workload.RETRIES:
@@ -62,9 +47,9 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
                 if event.attempt > limit:
                     v.append(f"run {run.id}: task {event.name} ran attempt {event.attempt} "
                              f"of a policy allowing {limit}")
-        steps = store._steps[run.id]
+        steps = contents.steps[run.id]
         if run.state == "completed":
-            for step in steps.values():
+            for step in steps:
                 if step.state not in ("completed", "failed"):
                     v.append(f"run {run.id} completed with step {step.position} "
                              f"({step.name}) still {step.state}: a result it used was "
@@ -123,10 +108,10 @@ def _transitions(run_id: str, history: list[Any], deferred_starts: set[str]) -> 
             elif new == "running" and e.worker_id in released_by:
                 out.append(f"run {run_id}: leased again at seq {e.seq} to worker "
                            f"{e.worker_id}, which had given it back")
-        elif kind == "task":
+        elif kind in STEP_TRANSITIONS and e.position is not None:  # (not an event's send)
             old = tasks.get(e.position or "")
-            if (old, new) not in TASK_TRANSITIONS and not (
-                    (old, new) in UNSTARTED_TRANSITIONS and e.worker_id in deferred_starts):
+            if (old, new) not in STEP_TRANSITIONS[kind] and not (kind == "task" and (
+                    (old, new) in UNSTARTED_TASK_TRANSITIONS and e.worker_id in deferred_starts)):
                 out.append(f"run {run_id}: task at step {e.position} went {old} -> {new}")
             # After `retrying` comes the next attempt; otherwise the same one goes on.
             expected = attempts.get(e.position or "", 0) + (old in (None, "retrying"))

@@ -18,7 +18,14 @@ import attrs
 import trio
 
 from aiki.errors import AikiError, StoreUnavailable
-from aiki.records import FINAL_STEP_STATES, HistoryEvent, RunRecord, StepRecord
+from aiki.records import (
+    FINAL_STEP_STATES,
+    EventRecord,
+    HistoryEvent,
+    RunRecord,
+    StepRecord,
+    WaitRecord,
+)
 from aiki.store import ops as o
 from aiki.store.memory import MemoryStore
 
@@ -105,7 +112,7 @@ class SimStore:
             return
         if isinstance(op, o.ExpireLeases):
             for run_id in outcome:
-                history = self.inner._history[run_id]
+                history = self.inner.contents().history[run_id]
                 owner = next((e.worker_id for e in reversed(history)
                               if e.event == "run.queued"), None)
                 if owner in led.live_workers:
@@ -139,8 +146,14 @@ class SimStore:
                         limit: int = 100) -> tuple[RunRecord, ...]:
         return await self.inner.list_runs(workflow=workflow, state=state, limit=limit)
 
-    async def next_wake_at(self) -> float | None:
-        return await self.inner.next_wake_at()
+    async def get_waits(self, run_id: str) -> tuple[WaitRecord, ...]:
+        return await self.inner.get_waits(run_id)
+
+    async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
+        return await self.inner.get_events(run_id)
+
+    async def next_due(self) -> float | None:
+        return await self.inner.next_due()
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

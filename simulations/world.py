@@ -216,7 +216,7 @@ class World:
         while True:
             await trio.sleep(1.0)
             link = worker.link
-            if link is not None and link._lost is not None:
+            if link is not None and link.ended is not None:
                 nursery.cancel_scope.cancel()
                 return
 
@@ -314,7 +314,7 @@ class World:
         if scope is None:
             return
         worker = self.workers.get(node)
-        if worker is not None and worker.link is not None and worker.link._waiting:
+        if worker is not None and worker.link is not None and worker.link.in_flight:
             self.ledger.sometimes["crash with a write in flight"] += 1
         self.stats["crash"] += 1
         self.note(f"crash {node} down {downtime}")
@@ -363,7 +363,7 @@ class World:
             await trio.sleep(5.0)
             if len(self.ledger.acked) < len(planned):
                 continue
-            runs = self.store.inner._runs
+            runs = self.store.inner.contents().runs
             if all(r.state in ("completed", "failed") or r.version == workload.UNSERVED_VERSION
                    for r in runs.values()):
                 return
@@ -407,7 +407,8 @@ def run_seed(cfg: Config) -> Outcome:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         engine_log.setLevel(level)
-    runs = {r.id: (r.state, r.payload, r.result) for r in world.store.inner._runs.values()}
+    runs = {r.id: (r.state, r.payload, r.result)
+            for r in world.store.inner.contents().runs.values()}
     for run_id in sorted(runs):
         world.trace.append(f"end {run_id} {runs[run_id][0]} {runs[run_id][2]}")
     digest = hashlib.sha256("\n".join(world.trace).encode()).hexdigest()

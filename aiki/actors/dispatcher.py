@@ -1,4 +1,4 @@
-"""Dispatcher: hands queued runs to workers with free slots, and expires lost leases.
+"""Dispatcher: hands queued runs to workers with free slots (the Timer expires lost leases).
 
 Messages: :class:`Joined`, :class:`Left`, :class:`Ended` (a worker's run stopped holding a
 slot), :class:`Alive` (a worker heartbeated), :class:`Draining` (a worker shuts down: no new
@@ -9,8 +9,10 @@ are hints rebuilt from the sessions; the store is the truth (who holds which lea
 crash of the Dispatcher loses no run: after a restart sessions re-join on their next message
 and leases that nobody renews expire.
 
-Nobody waits on the Dispatcher: senders use ``tell_nowait`` and a dropped Poke is harmless
-(the poll interval catches up). It pushes ``Assign`` messages with the seat's non-blocking
+Nobody waits on the Dispatcher: senders use ``tell_nowait``. It does not poll: it claims when
+told there may be work (an enqueue, a run given back or woken, a lease expired, another
+server's notification); a store shared with other servers may add a slow fallback poll.
+It pushes ``Assign`` messages with the seat's non-blocking
 ``push``, and claims no more runs for a seat than half the room in its connection's outbox
 (the rest is for replies). An ``Assign`` that still finds the outbox full, or a seat that
 started draining while the claim committed, gets the run released to the queue at once
@@ -18,13 +20,14 @@ rather than left to its lease.
 
 A seat is claimed for only while there may be work for it: after a Poke, an expiry or a
 poll, or while its last claim came back full. A claim that came back short found its queue
-empty, so a slot freed after it claims nothing until something new arrives; between polls
-an idle server writes only to expire leases.
+empty, so a slot freed after it claims nothing until something new arrives: an idle server
+does not touch the store.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +40,7 @@ from aiki.errors import AikiError, StoreUnavailable
 from aiki.protocol import Assign, WorkerInfo, WorkflowRef
 from aiki.records import Lease
 from aiki.sources import Sources
-from aiki.store.ops import Claim, ExpireLeases, ReleaseRun
+from aiki.store.ops import Claim, ReleaseRun
 
 log = logging.getLogger("aiki.dispatcher")
 
@@ -50,7 +53,7 @@ class Seat:
     worker_id: str
     workflows: tuple[tuple[str, str], ...]
     slots: int
-    push: Callable[[Assign], bool]
+    push: Callable[[Any], bool]  # Assign, or a Nudge about a run it holds
     active: set[str] = attrs.field(factory=set)
     # How many more messages its connection's outbox takes now.
     room: Callable[[], int] = attrs.field(default=lambda: 1 << 30)
@@ -107,6 +110,13 @@ class Draining:
 
 
 @attrs.frozen
+class Expired:
+    """The Timer put these runs back in the queue: their leases expired."""
+
+    run_ids: tuple[str, ...]
+
+
+@attrs.frozen
 class Poke:
     pass
 
@@ -116,38 +126,34 @@ class Dispatcher:
     writer: StoreWriter
     sources: Sources
     lease_ttl: float
-    poll_interval: float = 1.0
+    # A fallback claim round every this many seconds, for a store shared with other servers
+    # whose notifications may be lost; None: claim only when told there may be work.
+    poll_interval: float | None = None
+    # Told the expiry of each lease it grants (the Timer's alarm).
+    on_leased: Callable[[float], None] = lambda expires_at: None
     mailbox: Mailbox[Any] = attrs.field(factory=lambda: Mailbox[Any](1024, "dispatcher"))
     seats: dict[int, Seat] = attrs.field(factory=dict)
     versions: dict[str, set[str]] = attrs.field(factory=dict)
+    events: dict[tuple[str, str], set[str]] = attrs.field(factory=dict)
     assigned: int = 0
     stopped: bool = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        next_expiry = next_poll = trio.current_time()
+        next_poll = trio.current_time()
         while True:
-            # Wake for a message, the next poll or the next expiry sweep, whichever is first.
-            with trio.move_on_at(min(next_poll, next_expiry)):
+            # Wake for a message, or for the next fallback poll if there is one.
+            with trio.move_on_at(math.inf if self.poll_interval is None else next_poll):
                 self._handle(await self.mailbox.receive())
             while True:
                 try:
                     self._handle(self.mailbox.receive_nowait())
                 except trio.WouldBlock:
                     break
-            if trio.current_time() >= next_poll:  # the fallback for a poke that never came
+            if self.poll_interval is not None and trio.current_time() >= next_poll:
                 next_poll = trio.current_time() + self.poll_interval
                 self._work_may_have_arrived()
             try:
-                if trio.current_time() >= next_expiry:
-                    next_expiry = trio.current_time() + max(self.lease_ttl / 4, 0.01)
-                    expired = await self.writer.write(ExpireLeases(self.sources.clock.now()))
-                    if expired:
-                        self._work_may_have_arrived()
-                    for seat in self.seats.values():
-                        if seat.active.intersection(expired):
-                            seat.suspect = True
-                            seat.active.difference_update(expired)
                 await self._assign()
             except (StoreUnavailable, AskTimeout) as exc:
                 # The store is the truth and it is away: try again on the next tick, rather
@@ -186,6 +192,12 @@ class Dispatcher:
             seat = self.seats.get(msg.session)
             if seat is not None:
                 seat.active.difference_update(msg.run_ids)
+        elif isinstance(msg, Expired):
+            self._work_may_have_arrived()
+            for seat in self.seats.values():
+                if seat.active.intersection(msg.run_ids):
+                    seat.suspect = True
+                    seat.active.difference_update(msg.run_ids)
 
     async def _assign(self) -> None:
         if self.stopped:
@@ -202,6 +214,8 @@ class Dispatcher:
                       self.lease_ttl)
             )
             seat.may_have_work = len(claimed) >= wanted
+            if claimed:
+                self.on_leased(claimed[0].run.lease_expires_at or 0.0)
             undelivered = []
             for c in claimed:
                 if not seat.draining and seat.push(Assign(c.run, c.steps)):
@@ -226,8 +240,20 @@ class Dispatcher:
                     log.warning("dispatcher: could not give run %s back: %s", run.id, exc)
 
     # -- for sessions --------------------------------------------------------------------
-    def tell(self, msg: Joined | Left | Ended | Alive | Draining | Poke) -> None:
+    def tell(self, msg: Joined | Left | Ended | Alive | Draining | Expired | Poke) -> None:
         self.mailbox.address.tell_nowait(msg)
+
+    def push_to_holder(self, run_id: str, msg: Any) -> bool:
+        """Push ``msg`` to the worker that holds ``run_id`` here, if one does (a hint)."""
+        for seat in self.seats.values():
+            if run_id in seat.active:
+                return seat.push(msg)
+        return False
+
+    def declares(self, workflow: str, version: str, event: str) -> bool | None:
+        """Whether that workflow version declares ``event``; None if no worker told us."""
+        known = self.events.get((workflow, version))
+        return None if known is None else event in known
 
     def stop_assigning(self) -> None:
         """The server shuts down: claim no more runs (those claimed would go nowhere)."""
@@ -238,10 +264,12 @@ class Dispatcher:
         return tuple(seat.info() for seat in sorted(self.seats.values(),
                                                      key=lambda s: s.worker_id))
 
-    def note_workflows(self, workflows: tuple[tuple[str, str], ...]) -> None:
-        """Versions a worker registered: known at once, for enqueues by name that follow."""
-        for name, version in workflows:
-            self.versions.setdefault(name, set()).add(version)
+    def note_workflows(self, workflows: tuple[WorkflowRef, ...]) -> None:
+        """Versions a worker registered (and the events each declares): known at once, for
+        enqueues by name and sends that follow."""
+        for ref in workflows:
+            self.versions.setdefault(ref.name, set()).add(ref.version)
+            self.events[(ref.name, ref.version)] = set(ref.events)
 
     def poke(self) -> None:
         self.mailbox.address.tell_nowait(Poke())

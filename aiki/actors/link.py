@@ -41,7 +41,8 @@ _REFUSALS: dict[str, type[errors.AikiError]] = {
     for cls in (
         errors.StaleLease, errors.StepConflict, errors.RunNotFound, errors.UnknownWorkflow,
         errors.ProtocolError, errors.StoreUnavailable, errors.PayloadError,
-        errors.AuthenticationFailed, errors.ConnectionLost,
+        errors.AuthenticationFailed, errors.ConnectionLost, errors.RunFinished,
+        errors.UnknownEvent,
     )
 }
 # Refusals of a hello that no reconnection can fix.
@@ -134,10 +135,9 @@ class Link:
         return self._final
 
     @property
-    def _lost(self) -> BaseException | None:
-        # Read by simulations/world.py from before the Link reconnected by itself; remove
-        # once it reads ``ended`` (or drops its restart-on-lost-link workaround).
-        return self._final
+    def in_flight(self) -> int:
+        """Requests sent and not yet answered."""
+        return len(self._waiting)
 
     def next_req(self) -> int:
         self._req += 1

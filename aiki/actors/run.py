@@ -26,7 +26,9 @@ it is dropped; the next lease rebuilds it from the store.
 from __future__ import annotations
 
 import contextvars
+import datetime
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -44,7 +46,7 @@ from aiki.errors import (
     StoreUnavailable,
     TaskFailed,
 )
-from aiki.records import FINAL_STEP_STATES, Lease, StepKind, StepRecord
+from aiki.records import FINAL_STEP_STATES, Lease, StepKind, StepRecord, WaitFor
 from aiki.retry import Retry
 from aiki.sources import Sources
 
@@ -93,12 +95,27 @@ class Abandon(BaseException):
 
 
 class Suspend(BaseException):
-    """The run waits longer than it is worth holding a slot: give it back until ``wake_at``."""
+    """The run waits longer than it is worth holding a slot: give it back until one of
+    ``conditions`` holds."""
 
-    def __init__(self, wake_at: float, reason: str) -> None:
+    def __init__(self, conditions: tuple[WaitFor, ...], reason: str) -> None:
         super().__init__(reason)
-        self.wake_at = wake_at
+        self.conditions = conditions
         self.reason = reason
+
+
+@attrs.define(eq=False)
+class Nudges:
+    """The server's hints that a wait of this run ended (a wakeup, an event delivered)."""
+
+    event: trio.Event = attrs.field(factory=trio.Event)
+
+    def nudge(self) -> None:
+        self.event.set()
+
+    async def wait(self) -> None:
+        await self.event.wait()
+        self.event = trio.Event()
 
 
 class Release(BaseException):
@@ -135,6 +152,7 @@ class RunState:
     record_start_after: float = DEFAULT_RECORD_START_AFTER
     # Set when the worker drains: no new task attempt starts; the run is given back.
     draining: trio.Event = attrs.field(factory=trio.Event)
+    nudges: Nudges = attrs.field(factory=Nudges)
     steps: dict[str, StepRecord] = attrs.field(init=False)
     consumed: set[str] = attrs.field(factory=set)
     root: _Branch = attrs.field(factory=lambda: _Branch(""))
@@ -149,7 +167,7 @@ class RunState:
             return self.root.next()
         return branch[1].next()
 
-    async def write(self, make: Callable[[int], Any]) -> None:
+    async def write(self, make: Callable[[int], Any]) -> Any:
         """Persist one write, retrying while the store is away or the reply is lost.
 
         Every write of a run is safe to repeat: starting a step again, saving the same final
@@ -160,8 +178,7 @@ class RunState:
         delay = 0.1
         for _ in range(WRITE_ATTEMPTS):
             try:
-                await self.persist(make)
-                return
+                return await self.persist(make)
             except (StaleLease, ConnectionLost, StepConflict) as exc:
                 # StepConflict: another actor wrote this step, so this one's view is stale.
                 log.info("run %s: abandoning: %s", self.lease.run_id, exc)
@@ -254,13 +271,14 @@ class RunState:
         while True:
             if not_before is not None:
                 wait = not_before - clock.now()
+                retry = (WaitFor(position, "retry", task.name, not_before),)
                 if wait > self.inline_retry_max:
-                    raise Suspend(not_before, f"task {task.name!r} retries at attempt {attempt}")
+                    raise Suspend(retry, f"task {task.name!r} retries at attempt {attempt}")
                 if wait > 0:
                     with trio.move_on_after(wait):
                         await self.draining.wait()
                     if self.draining.is_set():
-                        raise Suspend(not_before, f"task {task.name!r} retries at attempt "
+                        raise Suspend(retry, f"task {task.name!r} retries at attempt "
                                       f"{attempt}; the worker is draining")
             if self.draining.is_set():
                 raise Release()
@@ -325,6 +343,62 @@ class RunState:
             raise failure
         return value
 
+    async def await_step(self, step: StepRecord) -> StepRecord:
+        """Ask the store where a wait step stands (it ends it if it can)."""
+        reply = await self.write(lambda req: p.AwaitStep(req, self.lease, step))
+        stored: StepRecord = reply.step
+        self.steps[step.position] = stored
+        return stored
+
+    async def sleep(self, seconds: float) -> bool:
+        """A durable sleep: True if it lasted ``seconds``, False if woken early."""
+        position = self.next_position()
+        input_json = p.encode_value({"seconds": seconds})
+        recorded = self.replayed(position, "sleep", "sleep", input_json, "", None)
+        due = self.sources.clock.now() + seconds
+        if recorded is not None:
+            if recorded.state in FINAL_STEP_STATES:
+                return recorded.output == "true"
+            # Started before: count from when it began, whatever the code sleeps now.
+            before = seconds_recorded(recorded)
+            if recorded.next_attempt_at is not None and before is not None:
+                due = recorded.next_attempt_at - before + seconds
+        step = StepRecord(position, "sleep", "sleep", "", input_json, None, "running", 1,
+                          next_attempt_at=due)
+        while True:
+            step = await self.await_step(step)
+            if step.state in FINAL_STEP_STATES:
+                return step.output == "true"
+            wait = due - self.sources.clock.now()
+            reason = f"sleeps at step {position} until {due}"
+            if wait > self.inline_retry_max or self.draining.is_set():
+                raise Suspend((WaitFor(position, "sleep", "sleep", due),), reason)
+            with trio.move_on_after(max(wait, 0.0)):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_set_when, self.draining.wait, nursery.cancel_scope)
+                    nursery.start_soon(_set_when, self.nudges.wait, nursery.cancel_scope)
+
+    async def wait_event(self, name: str, timeout: float | None) -> StepRecord:
+        """Wait for event ``name``: the final step (completed with its payload, or failed as
+        timed out)."""
+        position = self.next_position()
+        input_json = p.encode_value({"seconds": timeout})
+        recorded = self.replayed(position, "event", name, input_json, "", None)
+        due = None if timeout is None else self.sources.clock.now() + timeout
+        if recorded is not None:
+            if recorded.state in FINAL_STEP_STATES:
+                return recorded
+            before = seconds_recorded(recorded)
+            if recorded.next_attempt_at is not None and before is not None:
+                due = None if timeout is None else recorded.next_attempt_at - before + timeout
+        step = StepRecord(position, "event", name, "", input_json, None, "running", 1,
+                          next_attempt_at=due)
+        step = await self.await_step(step)
+        if step.state in FINAL_STEP_STATES:
+            return step
+        raise Suspend((WaitFor(position, "event", name, due),),
+                      f"waits for event {name!r} at step {position}")
+
     async def helper(self, kind: StepKind, produce: Callable[[], Any]) -> Any:
         """``run.now()`` and friends: a value recorded once, then replayed."""
         position = self.next_position()
@@ -337,6 +411,16 @@ class RunState:
         return p.decode_value(output)
 
 
+def seconds_recorded(step: StepRecord) -> float | None:
+    value = p.decode_value(step.input).get("seconds")
+    return None if value is None else float(value)
+
+
+async def _set_when(wait: Callable[[], Awaitable[Any]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
+
+
 def _outcome(step: StepRecord, result_type: Any) -> Any:
     if step.state == "failed":
         raise TaskFailed(step.name, step.error_type or "Error", step.error_message or "",
@@ -346,6 +430,10 @@ def _outcome(step: StepRecord, result_type: Any) -> Any:
 
 
 def _describe(kind: str, name: str, input_json: str, key: str | None) -> str:
+    if kind == "sleep":
+        return "run.sleep()"
+    if kind == "event":
+        return f"a wait for event {name!r}"
     if kind != "task":
         return f"run.{kind}()"
     shown = input_json if len(input_json) <= 200 else input_json[:200] + "..."
@@ -398,6 +486,7 @@ class WorkflowRun:
         results: list[Any] = [None] * len(awaitables)
         failure: list[BaseException] = []
         released: list[Release] = []
+        suspended: list[Suspend] = []
 
         async def branch(i: int, aw: Awaitable[Any], cancel: trio.CancelScope) -> None:
             _BRANCH.set((state, _Branch(f"{base}.{i}.")))
@@ -405,7 +494,9 @@ class WorkflowRun:
                 results[i] = await aw
             except Release as exc:
                 released.append(exc)  # the other branches finish their tasks in flight
-            except (Exception, Abandon, Suspend) as exc:
+            except Suspend as exc:
+                suspended.append(exc)  # the others go on until they end or wait too
+            except (Exception, Abandon) as exc:
                 if not failure:
                     failure.append(exc)
                 cancel.cancel()
@@ -417,16 +508,55 @@ class WorkflowRun:
             raise failure[0]
         if released:
             raise released[0]
+        if suspended:  # every branch ended or waits: the run waits for the first to wake
+            raise Suspend(tuple(c for s in suspended for c in s.conditions),
+                          "; ".join(s.reason for s in suspended))
         return results
+
+    async def sleep(self, duration: float | datetime.timedelta) -> bool:
+        """Sleep durably for ``duration`` (seconds, or a ``timedelta``).
+
+        True if the whole duration passed, False if ``handle.wakeup()`` ended it early. A
+        sleep longer than the worker's inline wait limit gives the worker's slot back; the
+        server's timer wakes the run. On replay a finished sleep returns at once; one begun
+        before counts from when it began (if the code now sleeps longer, it sleeps only the
+        difference). Raises ValueError for a negative, NaN, infinite or over-10-year
+        duration, and records nothing.
+        """
+        return await self._state.sleep(check_duration(duration, "run.sleep()"))
 
     async def _execute_task(self, task: TaskDefinition, payload: Any, key: str | None) -> Any:
         return await self._state.task(task, payload, key)
+
+    async def _wait_event(self, name: str, timeout: float | None) -> StepRecord:
+        return await self._state.wait_event(name, timeout)
+
+
+MAX_DURATION = 10 * 365.25 * 86400.0
+
+
+def check_duration(duration: float | datetime.timedelta, what: str) -> float:
+    """``duration`` in seconds, or ValueError naming ``what`` and what is wrong with it."""
+    if isinstance(duration, datetime.timedelta):
+        seconds = duration.total_seconds()
+    elif isinstance(duration, (int, float)) and not isinstance(duration, bool):
+        seconds = float(duration)
+    else:
+        raise TypeError(f"{what} takes seconds (int or float) or a datetime.timedelta, "
+                        f"not {type(duration).__name__}")
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError(f"{what}: the duration must be a finite number, got {seconds}")
+    if seconds < 0:
+        raise ValueError(f"{what}: the duration must not be negative, got {seconds} s")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{what}: the duration must be at most 10 years, got {seconds} s")
+    return seconds
 
 
 async def run_workflow(
     workflow: WorkflowDefinition, assign: p.Assign, persist: Persist, sources: Sources,
     *, inline_retry_max: float = 10.0, draining: trio.Event | None = None,
-    record_start_after: float = DEFAULT_RECORD_START_AFTER,
+    record_start_after: float = DEFAULT_RECORD_START_AFTER, nudges: Nudges | None = None,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
     drains: ``draining`` is set) or abandoned."""
@@ -435,7 +565,7 @@ async def run_workflow(
     lease = Lease(run.id, run.lease_epoch, run.lease_owner)
     state = RunState(lease, {s.position: s for s in assign.steps}, persist, sources,
                      inline_retry_max, record_start_after,
-                     trio.Event() if draining is None else draining)
+                     trio.Event() if draining is None else draining, nudges or Nudges())
     _BRANCH.set((state, state.root))
     handle = WorkflowRun(state, run.id, run.workflow, run.version, run.attempts)
     try:
@@ -446,8 +576,8 @@ async def run_workflow(
         result = p.encode_value(value, workflow.result_type,
                                 what=f"result of workflow {workflow.name!r}")
     except Suspend as suspend:
-        wake_at, reason = suspend.wake_at, suspend.reason
-        await state.write(lambda req: p.SuspendRun(req, lease, wake_at, reason))
+        conditions, reason = suspend.conditions, suspend.reason
+        await state.write(lambda req: p.WaitRun(req, lease, conditions, reason))
         return
     except Release:
         log.info("run %s: given back at a step boundary (the worker drains)", run.id)
@@ -471,4 +601,4 @@ async def _fail(state: RunState, error_type: str, message: str) -> None:
         pass
 
 
-__all__ = ["DEFAULT_RECORD_START_AFTER", "WorkflowRun", "run_workflow"]
+__all__ = ["DEFAULT_RECORD_START_AFTER", "Nudges", "WorkflowRun", "run_workflow"]

@@ -39,6 +39,7 @@ from aiki.errors import (
     RunNotFound,
     StaleLease,
     StepConflict,
+    UnknownEvent,
     UnknownWorkflow,
 )
 from aiki.records import TERMINAL_RUN_STATES, Lease, RunRecord, RunState
@@ -153,7 +154,7 @@ class Session:
         self.hello = first
         if first.role == "worker":
             # Before the welcome: once a worker is running, enqueues by name find its versions.
-            ctx.dispatcher.note_workflows(tuple((w.name, w.version) for w in first.workflows))
+            ctx.dispatcher.note_workflows(first.workflows)
         await self.conn.send(p.Welcome(first.req, ctx.server_id, ctx.lease_ttl,
                                        ctx.heartbeat_interval))
         ended: list[BaseException] = []
@@ -268,7 +269,15 @@ class Session:
             return p.Enqueued(msg.req, out.run_id, version, out.created)
         if isinstance(msg, p.GetRun):
             run = await self._run(msg.run_id)
-            return p.RunInfo(msg.req, run, await ctx.store.get_steps(run.id))
+            waits = await ctx.store.get_waits(run.id) if run.state == "waiting" else ()
+            return p.RunInfo(msg.req, run, await ctx.store.get_steps(run.id), waits)
+        if isinstance(msg, p.SendEvent):
+            return await self._send_event(msg, now)
+        if isinstance(msg, p.Wakeup):
+            woken = await ctx.writer.write(ops.Wakeup(msg.run_id, now))
+            if woken:
+                self._woke(msg.run_id)
+            return p.WokenUp(msg.req, woken)
         if isinstance(msg, p.GetHistory):
             run = await self._run(msg.run_id)
             return p.History(msg.req, await ctx.store.get_history(run.id))
@@ -327,9 +336,13 @@ class Session:
                 ctx.dispatcher.tell(Ended(self.id, (msg.lease.run_id,)))
             ctx.watchers.ended(run)  # the run as committed: no read on the way back
             return p.Ok(msg.req)
+        if isinstance(msg, p.AwaitStep):
+            self._check_owner(msg.lease)
+            step = await ctx.writer.write(ops.AwaitStep(msg.lease, msg.step, now))
+            return p.StepResult(msg.req, step)
         op: ops.Op[None]
-        if isinstance(msg, p.SuspendRun):
-            op = ops.SuspendRun(msg.lease, msg.wake_at, msg.reason, now)
+        if isinstance(msg, p.WaitRun):
+            op = ops.WaitRun(msg.lease, msg.conditions, msg.reason, now)
         elif isinstance(msg, p.ReleaseRun):
             op = ops.ReleaseRun(msg.lease, now)
         else:
@@ -339,11 +352,31 @@ class Session:
             await ctx.writer.write(op)
         finally:
             ctx.dispatcher.tell(Ended(self.id, (msg.lease.run_id,)))
-        if isinstance(msg, p.SuspendRun):
-            ctx.timer.hint(msg.wake_at)
-        else:
-            ctx.dispatcher.poke()
+        if isinstance(msg, p.WaitRun):
+            dues = [c.due_at for c in msg.conditions if c.due_at is not None]
+            if dues:
+                ctx.timer.hint(min(dues))
+        ctx.dispatcher.poke()  # a run given back, or one whose wait held already, is queued
         return p.Ok(msg.req)
+
+    async def _send_event(self, msg: p.SendEvent, now: float) -> Any:
+        ctx = self.ctx
+        run = await self._run(msg.run_id)
+        if ctx.dispatcher.declares(run.workflow, run.version, msg.event) is False:
+            raise UnknownEvent(
+                f"workflow {run.workflow!r} version {run.version} does not declare event "
+                f"{msg.event!r} (run {run.id}); nothing was stored")
+        sent = await ctx.writer.write(ops.SendEvent(msg.run_id, msg.event, msg.payload,
+                                                    msg.idempotency_key, now))
+        if sent.delivered:
+            self._woke(msg.run_id)
+        return p.EventSent(msg.req, sent.delivered, sent.duplicate)
+
+    def _woke(self, run_id: str) -> None:
+        """A wait of ``run_id`` ended: a waiting run is queued (poke the Dispatcher); a held
+        one's worker is told to look again."""
+        self.ctx.dispatcher.poke()
+        self.ctx.dispatcher.push_to_holder(run_id, p.Nudge(run_id))
 
     def _check_owner(self, *leases: Lease) -> None:
         assert self.hello is not None

@@ -1,12 +1,21 @@
-"""Timer: wakes runs whose time has come (retry delays now; durable sleeps and schedules next).
+"""Timer: the server's clock for the store's due times. It wakes waiting runs whose time has
+come (a sleep, an event wait's timeout, a long retry delay) and expires leases that nobody
+renewed.
 
-Messages: a float, the wall time of a new wake-up (a hint; it re-reads the store anyway).
-It owns no state: the next wake-up always comes from the store, so a restart loses nothing.
+It sleeps until the earliest due time it knows, and nothing polls on a fixed beat: an idle
+server with thousands of waiting runs makes no store query before the next one is due.
+Messages are hints: a float is a new due time written by this server (a wait begun, a lease
+granted), which only moves the alarm earlier, with no store read; ``None`` says something
+changed that it cannot see (another server's commit, a reconnection), and it reads the
+store's next due time again. It owns no state that matters: the due times live in the
+store, so a restart loses nothing. ``reconcile_interval`` (for a store shared by several
+servers) bounds how long it trusts what it knows without a read.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import attrs
@@ -17,7 +26,7 @@ from aiki.actors.store_writer import StoreWriter
 from aiki.errors import StoreUnavailable
 from aiki.sources import Sources
 from aiki.store.base import Store
-from aiki.store.ops import WakeDue
+from aiki.store.ops import ExpireLeases, WakeDue
 
 log = logging.getLogger("aiki.timer")
 
@@ -27,27 +36,64 @@ class Timer:
     store: Store
     writer: StoreWriter
     sources: Sources
-    on_wake: Callable[[], None]
-    poll_interval: float = 5.0
-    mailbox: Mailbox[float] = attrs.field(factory=lambda: Mailbox[float](64, "timer"))
+    on_wake: Callable[[], None]  # runs were queued again: the Dispatcher has work
+    on_expired: Callable[[tuple[str, ...]], None] = lambda ids: None
+    reconcile_interval: float | None = None
+    mailbox: Mailbox[float | None] = attrs.field(
+        factory=lambda: Mailbox[float | None](256, "timer"))
+    reads: int = 0  # store reads of the next due time (the idle benchmark counts them)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        next_at: float | None = None
+        stale = True  # next_at must be read from the store
         while True:
             try:
-                next_at = await self.store.next_wake_at()
+                if stale:
+                    self.reads += 1
+                    next_at = await self.store.next_due()
+                    stale = False
                 now = self.sources.clock.now()
                 if next_at is not None and next_at <= now:
-                    if await self.writer.write(WakeDue(now)):
-                        self.on_wake()
+                    if not await self._fire(now):
+                        await trio.sleep(0.01)  # (a due time of another server's clock)
+                    stale = True
                     continue
             except (StoreUnavailable, AskTimeout) as exc:
                 log.warning("timer: store unavailable, retrying: %s", exc)
-                await trio.sleep(min(self.poll_interval, 1.0))
+                await trio.sleep(1.0)
+                stale = True
                 continue
-            wait = self.poll_interval if next_at is None else min(next_at - now, self.poll_interval)
-            with trio.move_on_after(wait):
-                await self.mailbox.receive()
+            wait = math.inf if next_at is None else next_at - now
+            if self.reconcile_interval is not None:
+                wait = min(wait, self.reconcile_interval)
+            with trio.move_on_after(wait) as waited:
+                hints = [await self.mailbox.receive()]
+                while True:
+                    try:
+                        hints.append(self.mailbox.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+            if waited.cancelled_caught:
+                # The due time (or the reconcile interval): read the store again unless it
+                # is the due time we know of, which the next round fires.
+                stale = next_at is None or next_at > self.sources.clock.now()
+                continue
+            for hint in hints:
+                if hint is None:
+                    stale = True
+                elif next_at is None or hint < next_at:
+                    next_at = hint
 
-    def hint(self, wake_at: float) -> None:
-        self.mailbox.address.tell_nowait(wake_at)
+    async def _fire(self, now: float) -> bool:
+        woke = await self.writer.write(WakeDue(now))
+        expired = await self.writer.write(ExpireLeases(now))
+        if expired:
+            self.on_expired(expired)
+        if woke or expired:
+            self.on_wake()
+        return bool(woke or expired)
+
+    def hint(self, due: float | None = None) -> None:
+        """A due time this server wrote (``due``), or None: something changed, re-read."""
+        self.mailbox.address.tell_nowait(due)

@@ -37,6 +37,12 @@ class RunWatchers:
 
         return unwatch
 
+    def watched(self, run_id: str) -> bool:
+        return run_id in self._watchers
+
+    def watched_runs(self) -> list[str]:
+        return list(self._watchers)
+
     def ended(self, run: RunRecord) -> None:
         if run.state not in TERMINAL_RUN_STATES:
             return

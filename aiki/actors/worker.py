@@ -29,6 +29,7 @@ from aiki.actors.link import Backoff, Link
 from aiki.actors.run import (
     DEFAULT_RECORD_START_AFTER,
     Abandon,
+    Nudges,
     WorkflowDefinition,
     run_workflow,
 )
@@ -44,6 +45,7 @@ log = logging.getLogger("aiki.worker")
 class Held:
     lease: Lease
     scope: trio.CancelScope
+    nudges: Nudges = attrs.field(factory=Nudges)
 
 
 @attrs.define(eq=False)
@@ -86,12 +88,17 @@ class Worker:
         slots = 0 if self.draining.is_set() else self.max_concurrent_runs
         return p.Hello(
             req, "worker", self.id,
-            tuple(p.WorkflowRef(name, version) for name, version in self._registry),
+            tuple(p.WorkflowRef(name, version, tuple(getattr(wf, "events", ())))
+                  for (name, version), wf in self._registry.items()),
             slots, tuple(h.lease for h in self.held.values()), self.token,
         )
 
     def _on_push(self, msg: Any) -> None:
-        if isinstance(msg, p.Assign):
+        if isinstance(msg, p.Nudge):
+            held = self.held.get(msg.run_id)
+            if held is not None:
+                held.nudges.nudge()
+        elif isinstance(msg, p.Assign):
             try:
                 self._assignments[0].send_nowait(msg)
             except trio.WouldBlock:
@@ -123,8 +130,8 @@ class Worker:
                             continue  # a duplicated (or late) assignment: already running
                         held.scope.cancel()  # a newer lease replaces the old actor
                     scope = trio.CancelScope()
-                    self.held[lease.run_id] = Held(lease, scope)
-                    nursery.start_soon(self._run_one, link, assign, scope)
+                    self.held[lease.run_id] = held = Held(lease, scope)
+                    nursery.start_soon(self._run_one, link, assign, held)
 
     async def _give_back(self, link: Link, lease: Lease) -> None:
         try:
@@ -132,8 +139,8 @@ class Worker:
         except (AikiError, TimeoutError) as exc:
             log.info("worker %s: could not give back run %s: %s", self.id, lease.run_id, exc)
 
-    async def _run_one(self, link: Link, assign: p.Assign, scope: trio.CancelScope) -> None:
-        run = assign.run
+    async def _run_one(self, link: Link, assign: p.Assign, mine: Held) -> None:
+        run, scope = assign.run, mine.scope
         self.runs_started += 1
         try:
             with scope:
@@ -145,7 +152,7 @@ class Worker:
                 await run_workflow(workflow, assign, link.request, self.sources,
                                    inline_retry_max=self.inline_retry_max,
                                    record_start_after=self.record_start_after,
-                                   draining=self.draining)
+                                   draining=self.draining, nudges=mine.nudges)
         except Abandon:
             pass
         finally:

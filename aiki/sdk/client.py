@@ -7,16 +7,19 @@ import random
 import typing
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import attrs
 
 from aiki import protocol as p
 from aiki.actors.link import Backoff, Link
 from aiki.errors import WorkflowFailed
-from aiki.records import HistoryEvent, RunRecord, RunState, StepRecord
+from aiki.records import HistoryEvent, RunRecord, RunState, StepRecord, WaitRecord
 from aiki.sources import Sources
 from aiki.transport.base import Transport
+
+if TYPE_CHECKING:
+    from aiki.sdk.definitions import Event
 
 R = TypeVar("R")
 RUN_STATES: tuple[str, ...] = typing.get_args(RunState)
@@ -33,8 +36,21 @@ class TaskStatus:
 
 
 @attrs.frozen
+class WaitStatus:
+    """What a run waits for: a sleep, an event or a task's retry delay at step ``position``,
+    since ``since``, until ``due_at`` (epoch seconds; None: no time limit)."""
+
+    position: str
+    kind: str
+    name: str | None
+    since: float | None
+    due_at: float | None
+
+
+@attrs.frozen
 class RunStatus:
-    """A run as stored now: its state, attempts, timestamps (epoch seconds) and tasks."""
+    """A run as stored now: its state, attempts, timestamps (epoch seconds), tasks, and
+    what it waits for (``waits``: while ``waiting``, or sleeping inline on its worker)."""
 
     id: str
     workflow: str
@@ -47,15 +63,22 @@ class RunStatus:
     error_type: str | None
     error_message: str | None
     tasks: tuple[TaskStatus, ...]
+    waits: tuple[WaitStatus, ...] = ()
 
     @classmethod
-    def of(cls, run: RunRecord, steps: tuple[StepRecord, ...]) -> RunStatus:
+    def of(cls, run: RunRecord, steps: tuple[StepRecord, ...],
+           waits: tuple[WaitRecord, ...] = ()) -> RunStatus:
         tasks = tuple(
             TaskStatus(s.position, s.name, s.state, s.attempts, s.error_type, s.error_message)
             for s in steps if s.kind == "task"
         )
+        shown = [WaitStatus(w.position, w.kind, w.name, w.since, w.due_at) for w in waits]
+        if run.state == "running":  # a wait held on its worker (a short sleep)
+            shown += [WaitStatus(s.position, s.kind, s.name, None, s.next_attempt_at)
+                      for s in steps if s.kind in ("sleep", "event") and s.state == "running"]
         return cls(run.id, run.workflow, run.version, run.state, run.attempts, run.created_at,
-                   run.updated_at, run.finished_at, run.error_type, run.error_message, tasks)
+                   run.updated_at, run.finished_at, run.error_type, run.error_message, tasks,
+                   tuple(shown))
 
 
 @attrs.frozen
@@ -93,7 +116,32 @@ class RunHandle(Generic[R]):
 
     async def status(self) -> RunStatus:
         info = await self.client.link.request(lambda req: p.GetRun(req, self.id))
-        return RunStatus.of(info.run, info.steps)
+        return RunStatus.of(info.run, info.steps, info.waits)
+
+    async def send(self, event: Event[Any] | str, value: Any = None, *,
+                   idempotency_key: str | None = None) -> bool:
+        """Send ``event`` (an ``aiki.event`` definition, or its name) to this run.
+
+        It goes to the run's current wait for it, or is buffered for its next one; True if
+        it was delivered at once. A second send with the same ``idempotency_key`` (for this
+        run and event) returns normally and stores nothing. Refused, with nothing stored:
+        a finished run (``aiki.RunFinished``), an event its workflow version does not
+        declare (``aiki.UnknownEvent``), a value of the wrong type (``aiki.PayloadError``),
+        an unknown run (``aiki.RunNotFound``).
+        """
+        if isinstance(event, str):
+            name, payload = event, p.encode_value(value, what=f"event {event!r}")
+        else:
+            name, payload = event.name, event.encode(value)
+        reply = await self.client.link.request(
+            lambda req: p.SendEvent(req, self.id, name, payload, idempotency_key))
+        return bool(reply.delivered)
+
+    async def wakeup(self) -> bool:
+        """End the run's current ``run.sleep()`` early (it returns False in the workflow).
+        False, changing nothing, if the run is not sleeping."""
+        reply = await self.client.link.request(lambda req: p.Wakeup(req, self.id))
+        return bool(reply.woken)
 
     async def history(self) -> tuple[HistoryEvent, ...]:
         reply = await self.client.link.request(lambda req: p.GetHistory(req, self.id))
@@ -146,7 +194,7 @@ class Client:
     async def list_runs(self, *, workflow: str | None = None, state: str | None = None,
                         limit: int = 100) -> list[RunSummary]:
         """The newest ``limit`` runs (at most 1000), optionally of one ``workflow`` and/or
-        in one ``state`` (queued, running, sleeping, completed, failed, cancelled)."""
+        in one ``state`` (queued, running, waiting, completed, failed, cancelled)."""
         if state is not None and state not in RUN_STATES:
             raise ValueError(f"unknown run state {state!r}; the states are "
                              f"{', '.join(RUN_STATES)}")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import typing
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import attrs
 
-from aiki.actors.run import WorkflowRun
-from aiki.protocol import encode_value
+from aiki.actors.run import WorkflowRun, check_duration
+from aiki.errors import EventTimeout
+from aiki.protocol import decode_value, encode_value
 from aiki.retry import Retry
 
 if TYPE_CHECKING:
@@ -77,6 +79,7 @@ class Workflow(Generic[P, R]):
     fn: Callable[[WorkflowRun, P], Awaitable[R]]
     payload_type: Any
     result_type: Any
+    events: tuple[str, ...] = ()  # the names of the events it declares
 
     async def enqueue(
         self, client: Client, payload: P, *, idempotency_key: str | None = None
@@ -111,12 +114,61 @@ def task(
 
 
 def workflow(
-    *, name: str | None = None, version: str = "1"
+    *, name: str | None = None, version: str = "1", events: Sequence[Event[Any]] = (),
 ) -> Callable[[Callable[[WorkflowRun, P], Awaitable[R]]], Workflow[P, R]]:
-    """Make a workflow of ``async def f(run: aiki.WorkflowRun, payload) -> result``."""
+    """Make a workflow of ``async def f(run: aiki.WorkflowRun, payload) -> result``.
+    ``events``: the ``aiki.event`` definitions its runs may be sent (others are refused)."""
+    names = tuple(e.name for e in events)
+    if len(set(names)) != len(names):
+        raise ValueError(f"workflow {name!r}: an event is declared twice in {list(names)}")
 
     def make(fn: Callable[[WorkflowRun, P], Awaitable[R]]) -> Workflow[P, R]:
         payload_type, result_type = _types(fn, 1, "workflow")
-        return Workflow(name or fn.__name__, str(version), fn, payload_type, result_type)
+        return Workflow(name or fn.__name__, str(version), fn, payload_type, result_type,
+                        names)
 
     return make
+
+
+@attrs.frozen
+class Event(Generic[P]):
+    """A named, typed event a workflow can wait for: make one with ``aiki.event(name, T)``,
+    declare it on the workflow (``@aiki.workflow(..., events=[approval])``), wait for it in
+    workflow code with ``await approval.wait(run, timeout=...)``, and send it with
+    ``await handle.send(approval, value)``."""
+
+    name: str
+    payload_type: Any = Any
+
+    async def wait(self, run: WorkflowRun, *,
+                   timeout: float | datetime.timedelta | None = None) -> P:
+        """The next event of this name sent to the run, decoded into its type.
+
+        Sends are buffered: one sent before the wait is delivered to it at once. Each send
+        goes to exactly one wait, in send order. Waiting frees the worker's slot. With a
+        ``timeout`` (seconds or a ``timedelta``), raises ``aiki.EventTimeout`` if none came
+        in time; a send after that goes to the next wait. Replay returns the value recorded.
+        """
+        if not isinstance(run, WorkflowRun):
+            raise TypeError(f"event {self.name!r}: the first argument of .wait() must be the "
+                            f"workflow's aiki.WorkflowRun, got {type(run).__name__}")
+        seconds = None if timeout is None else check_duration(
+            timeout, f"event {self.name!r} .wait(timeout=...)")
+        step = await run._wait_event(self.name, seconds)
+        if step.state == "failed":
+            raise EventTimeout(step.error_message or f"no {self.name!r} event in time")
+        assert step.output is not None
+        return decode_value(step.output, self.payload_type,  # type: ignore[no-any-return]
+                            what=f"event {self.name!r}")
+
+    def encode(self, value: Any) -> str:
+        """``value`` as this event's payload, or PayloadError (TypeError) if it is not one."""
+        return encode_value(value, self.payload_type, what=f"event {self.name!r}")
+
+
+def event(name: str, payload_type: Any = Any) -> Event[Any]:
+    """A typed event definition: ``approval = aiki.event("approval", Approval)``."""
+    if not isinstance(name, str) or not name or len(name) > 200:
+        raise ValueError(f"an event name must be a non-empty string of at most 200 "
+                         f"characters, got {name!r}")
+    return Event(name, payload_type)

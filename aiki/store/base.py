@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
 from aiki.errors import AikiError
-from aiki.records import HistoryEvent, RunRecord, StepRecord
+from aiki.records import EventRecord, HistoryEvent, RunRecord, StepRecord, WaitRecord
 from aiki.store.ops import Op
 
 T = TypeVar("T")
@@ -29,14 +29,22 @@ class Store(Protocol):
 
     async def get_history(self, run_id: str) -> tuple[HistoryEvent, ...]: ...
 
+    async def get_waits(self, run_id: str) -> tuple[WaitRecord, ...]:
+        """What a waiting run waits for (empty unless it is ``waiting``)."""
+        ...
+
+    async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
+        """Every event sent to the run, in send order, delivered or buffered."""
+        ...
+
     async def list_runs(
         self, *, workflow: str | None = None, state: str | None = None, limit: int = 100
     ) -> tuple[RunRecord, ...]:
         """Newest first."""
         ...
 
-    async def next_wake_at(self) -> float | None:
-        """The earliest ``wake_at`` of a sleeping run, if any."""
+    async def next_due(self) -> float | None:
+        """The earliest time the timer has work: a wait's due time or a lease's expiry."""
         ...
 
     async def aclose(self) -> None: ...

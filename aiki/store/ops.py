@@ -12,7 +12,7 @@ from typing import Generic, TypeVar
 
 import attrs
 
-from aiki.records import ClaimedRun, Lease, RunRecord, StepRecord
+from aiki.records import ClaimedRun, Lease, RunRecord, StepRecord, WaitFor
 
 T = TypeVar("T")
 
@@ -109,11 +109,23 @@ class FailRun(Op[RunRecord]):
 
 
 @attrs.frozen
-class SuspendRun(Op[None]):
-    """Give up the lease until ``wake_at`` (a retry delay or a durable sleep)."""
+class AwaitStep(Op[StepRecord]):
+    """A sleep or event wait at ``step.position`` (fenced): ended now if it can be (a sleep
+    come due, a buffered event, an event wait timed out), else recorded as waiting until
+    ``step.next_attempt_at``. The outcome is the step as stored: final on replay."""
 
     lease: Lease
-    wake_at: float
+    step: StepRecord
+    now: float
+
+
+@attrs.frozen
+class WaitRun(Op[None]):
+    """Give up the lease until one of ``conditions`` holds (fenced): the run is ``waiting``.
+    If one holds already, the run is queued at once."""
+
+    lease: Lease
+    conditions: tuple[WaitFor, ...]
     reason: str
     now: float
 
@@ -130,6 +142,33 @@ class ReleaseRun(Op[None]):
 
 @attrs.frozen
 class WakeDue(Op[tuple[str, ...]]):
-    """Queue again every sleeping run whose ``wake_at`` has come."""
+    """Queue again every waiting run with a condition due at ``now`` (its due sleeps end,
+    its due event waits time out); the outcome is their ids."""
 
+    now: float
+
+
+@attrs.frozen
+class Wakeup(Op[bool]):
+    """End the run's current sleeps early (``handle.wakeup()``); False if it has none."""
+
+    run_id: str
+    now: float
+
+
+@attrs.frozen
+class SendOutcome:
+    delivered: bool  # to a wait step at once (else buffered for the next wait)
+    duplicate: bool  # an event with this idempotency key was already sent: nothing stored
+
+
+@attrs.frozen
+class SendEvent(Op[SendOutcome]):
+    """Send event ``name`` with ``payload`` (JSON text) to a run: delivered to its oldest
+    waiting wait for it, else buffered. Refused for a finished or unknown run."""
+
+    run_id: str
+    name: str
+    payload: str
+    idempotency_key: str | None
     now: float

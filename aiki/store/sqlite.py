@@ -34,21 +34,17 @@ from typing import Any, Literal, TypeVar
 import attrs
 import trio
 
-from aiki.errors import AikiError, StaleLease, StoreUnavailable
+from aiki.errors import AikiError, StoreUnavailable
 from aiki.records import (
     ClaimedRun,
+    EventRecord,
     HistoryEvent,
-    Lease,
     RunRecord,
     StepRecord,
+    WaitRecord,
 )
+from aiki.store import machine as m
 from aiki.store import ops as o
-from aiki.store.memory import (
-    history_event_for_step,
-    key_conflict_error,
-    stale_lease_error,
-    step_write_changes,
-)
 
 T = TypeVar("T")
 
@@ -85,12 +81,46 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             worker_id TEXT, position TEXT, name TEXT, detail TEXT)""",
         "CREATE INDEX history_run ON history (run_id, seq)",
     ),
+    # Waiting is one state with its conditions in one table (``waits``), and events sent to
+    # runs are kept in ``events``. A run that was ``sleeping`` (a long retry delay, the only
+    # kind of sleep before) waits for its wake-up time instead.
+    (
+        """CREATE TABLE waits (
+            run_id TEXT NOT NULL REFERENCES runs (id), position TEXT NOT NULL,
+            kind TEXT NOT NULL, name TEXT, due_at REAL, since REAL NOT NULL,
+            PRIMARY KEY (run_id, position))""",
+        "CREATE INDEX waits_due ON waits (due_at) WHERE due_at IS NOT NULL",
+        """CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL REFERENCES runs (id),
+            name TEXT NOT NULL, payload TEXT NOT NULL, idempotency_key TEXT,
+            sent_at REAL NOT NULL, position TEXT)""",
+        """CREATE UNIQUE INDEX events_idempotency ON events (run_id, name, idempotency_key)
+            WHERE idempotency_key IS NOT NULL""",
+        "CREATE INDEX events_of_run ON events (run_id, name, seq)",
+        """INSERT INTO waits (run_id, position, kind, name, due_at, since)
+            SELECT id, '', 'retry', NULL, coalesce(wake_at, updated_at), updated_at
+            FROM runs WHERE state = 'sleeping'""",
+        "UPDATE runs SET state = 'waiting' WHERE state = 'sleeping'",
+        "DROP INDEX runs_wake",
+        "ALTER TABLE runs DROP COLUMN wake_at",
+    ),
 )
 
 RUN_COLUMNS = ", ".join(f.name for f in attrs.fields(RunRecord))
 STEP_COLUMNS = ", ".join(f.name for f in attrs.fields(StepRecord))
 HISTORY_COLUMNS = ", ".join(f.name for f in attrs.fields(HistoryEvent))
-NO_LEASE: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
+WAIT_COLUMNS = ", ".join(f.name for f in attrs.fields(WaitRecord))
+EVENT_COLUMNS = ", ".join(f.name for f in attrs.fields(EventRecord))
+RUN_UPDATE = ", ".join(f"{f.name} = ?" for f in attrs.fields(RunRecord) if f.name != "id")
+RUN_INSERT = (f"INSERT INTO runs ({RUN_COLUMNS}) VALUES"
+              f" ({', '.join('?' for _ in attrs.fields(RunRecord))}) ON CONFLICT DO NOTHING")
+STEP_UPSERT = (
+    f"INSERT INTO steps (run_id, seq, {STEP_COLUMNS}) VALUES (?,"
+    " (SELECT coalesce(max(seq), 0) + 1 FROM steps WHERE run_id = ?),"
+    f" {', '.join('?' for _ in attrs.fields(StepRecord))})"
+    " ON CONFLICT (run_id, position) DO UPDATE SET "
+    + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(StepRecord))
+)
 
 Db = sqlite3.Connection
 
@@ -176,43 +206,50 @@ def _get_step(db: Db, run_id: str, position: str) -> StepRecord | None:
     return None if row is None else StepRecord(*row)
 
 
-def _update_run(db: Db, run: RunRecord, now: float, **changes: Any) -> RunRecord:
-    """Write ``changes`` (column names chosen by this module, never by callers' data)."""
-    changes["updated_at"] = now
-    assignments = ", ".join(f"{column} = ?" for column in changes)
-    db.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*changes.values(), run.id))
-    return attrs.evolve(run, **changes)
+def _write(db: Db, run_id: str, change: m.Change) -> None:
+    """Write what the state machine decided (see :class:`aiki.store.machine.Change`)."""
+    run = change.run
+    if run is not None:
+        values = attrs.astuple(run)
+        db.execute(f"UPDATE runs SET {RUN_UPDATE} WHERE id = ?", (*values[1:], run.id))
+    for step in change.steps:
+        db.execute(STEP_UPSERT, (run_id, run_id, *attrs.astuple(step)))
+    if change.waits is not None:
+        db.execute("DELETE FROM waits WHERE run_id = ?", (run_id,))
+        db.executemany(f"INSERT INTO waits ({WAIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                       [attrs.astuple(w) for w in change.waits])
+    for seq, position in change.consumed:
+        db.execute("UPDATE events SET position = ? WHERE seq = ?", (position, seq))
+    sent = change.sent
+    if sent is not None:
+        db.execute("INSERT INTO events (run_id, name, payload, idempotency_key, sent_at,"
+                   " position) VALUES (?, ?, ?, ?, ?, ?)",
+                   (run_id, sent.name, sent.payload, sent.idempotency_key, sent.sent_at,
+                    sent.position))
+    if change.history:
+        db.executemany(
+            "INSERT INTO history (run_id, at, event, attempt, worker_id, position, name,"
+            " detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(run_id, e.at, e.event, e.attempt, e.worker_id, e.position, e.name, e.detail)
+             for e in change.history])
 
 
-def _log(
-    db: Db, run_id: str, now: float, event: str, attempt: int, worker_id: str | None, *,
-    position: str | None = None, name: str | None = None, detail: str | None = None,
-) -> None:
-    db.execute(
-        "INSERT INTO history (run_id, at, event, attempt, worker_id, position, name, detail)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (run_id, now, event, attempt, worker_id, position, name, detail),
-    )
+def _get_waits(db: Db, run_id: str) -> tuple[WaitRecord, ...]:
+    sql = f"SELECT {WAIT_COLUMNS} FROM waits WHERE run_id = ? ORDER BY position"
+    return tuple(WaitRecord(*row) for row in db.execute(sql, (run_id,)))
 
 
-def _fenced(db: Db, lease: Lease) -> RunRecord:
-    run = _get_run(db, lease.run_id)
-    if (run is None or run.state != "running" or run.lease_epoch != lease.epoch
-            or run.lease_owner != lease.worker_id):
-        raise stale_lease_error(lease, run)
-    return run
+def _buffered(db: Db, run_id: str, name: str) -> EventRecord | None:
+    row = db.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? AND name = ?"
+                     " AND position IS NULL ORDER BY seq LIMIT 1", (run_id, name)).fetchone()
+    return None if row is None else EventRecord(*row)
 
 
-# -- operations: each checks everything before its first write -----------------------------
+# -- operations: the state machine decides, this writes ------------------------------------
 def _enqueue(db: Db, op: o.Enqueue) -> o.EnqueueOutcome:
-    inserted = db.execute(
-        "INSERT INTO runs (id, workflow, version, payload, state, idempotency_key, attempts,"
-        " lease_epoch, created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, 0, 0, ?, ?)"
-        " ON CONFLICT DO NOTHING",
-        (op.run_id, op.workflow, op.version, op.payload, op.idempotency_key, op.now, op.now),
-    ).rowcount
-    if inserted:
-        _log(db, op.run_id, op.now, "run.queued", 0, None, detail=f"version {op.version}")
+    run, entry = m.enqueue(op)
+    if db.execute(RUN_INSERT, attrs.astuple(run)).rowcount:
+        _write(db, run.id, m.Change(history=(entry,)))
         return o.EnqueueOutcome(op.run_id, created=True)
     if op.idempotency_key is not None:
         row = db.execute(
@@ -233,26 +270,22 @@ def _claim(db: Db, op: o.Claim) -> tuple[ClaimedRun, ...]:
                          "ORDER BY seq LIMIT ?")
     claimed = []
     for run in queued:
-        run = _update_run(
-            db, run, op.now, state="running", attempts=run.attempts + 1,
-            lease_epoch=run.lease_epoch + 1, lease_owner=op.worker_id,
-            lease_expires_at=op.now + op.lease_ttl,
-        )
-        _log(db, run.id, op.now, "run.running", run.attempts, op.worker_id,
-             detail=f"lease epoch {run.lease_epoch}")
-        claimed.append(ClaimedRun(run, _get_steps(db, run.id)))
+        change = m.claim(run, op.worker_id, op.now, op.lease_ttl)
+        _write(db, run.id, change)
+        assert change.run is not None
+        claimed.append(ClaimedRun(change.run, _get_steps(db, run.id)))
     return tuple(claimed)
 
 
 def _renew(db: Db, op: o.Renew) -> tuple[str, ...]:
     lost = []
     for lease in op.leases:
-        try:
-            run = _fenced(db, lease)
-        except StaleLease:
+        run = m.renew(_get_run(db, lease.run_id), lease, op.now, op.lease_ttl)
+        if run is None:
             lost.append(lease.run_id)
-            continue
-        _update_run(db, run, op.now, lease_expires_at=op.now + op.lease_ttl)
+        else:
+            db.execute("UPDATE runs SET lease_expires_at = ?, updated_at = ? WHERE id = ?",
+                       (run.lease_expires_at, run.updated_at, run.id))
     return tuple(lost)
 
 
@@ -262,79 +295,82 @@ def _expire(db: Db, op: o.ExpireLeases) -> tuple[str, ...]:
         (op.now,), "ORDER BY seq",
     )
     for run in expired:
-        owner = run.lease_owner
-        _update_run(db, run, op.now, state="queued", **NO_LEASE)
-        _log(db, run.id, op.now, "run.queued", run.attempts, owner,
-             detail=f"lease epoch {run.lease_epoch} of worker {owner!r} expired")
+        _write(db, run.id, m.expire(run, op.now))
     return tuple(run.id for run in expired)
 
 
 def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> None:
-    run = _fenced(db, op.lease)
-    new = op.step
-    old = _get_step(db, run.id, new.position)
-    if not step_write_changes(run.id, old, new, save=isinstance(op, o.SaveStep)):
-        return None
+    run_id, new = op.lease.run_id, op.step
+    keyed = None
     if new.idempotency_key is not None:
-        other = db.execute(
+        row = db.execute(
             "SELECT position FROM steps WHERE run_id = ? AND name = ? AND idempotency_key = ?"
             " AND position != ? ORDER BY seq LIMIT 1",
-            (run.id, new.name, new.idempotency_key, new.position),
+            (run_id, new.name, new.idempotency_key, new.position),
         ).fetchone()
-        if other is not None:
-            raise key_conflict_error(run.id, new, other[0])
-    if isinstance(op, o.StartStep):
-        new = attrs.evolve(new, state="running")
-        event, detail = "task.running", None
+        keyed = None if row is None else row[0]
+    _write(db, run_id, m.save_step(_get_run(db, run_id), op.lease,
+                                   _get_step(db, run_id, new.position), keyed, new, op.now,
+                                   start=isinstance(op, o.StartStep)))
+
+
+def _finish(db: Db, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
+    run = _get_run(db, op.lease.run_id)
+    if isinstance(op, o.CompleteRun):
+        change = m.finish(run, op.lease, op.now, result=op.result)
     else:
-        event, detail = history_event_for_step(new)
-    values = attrs.astuple(new)
-    db.execute(
-        f"INSERT INTO steps (run_id, seq, {STEP_COLUMNS}) VALUES (?,"
-        " (SELECT coalesce(max(seq), 0) + 1 FROM steps WHERE run_id = ?),"
-        f" {', '.join('?' for _ in values)})"
-        " ON CONFLICT (run_id, position) DO UPDATE SET "
-        + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(StepRecord)),
-        (run.id, run.id, *values),
-    )
-    _update_run(db, run, op.now)
-    _log(db, run.id, op.now, event, new.attempts, op.lease.worker_id,
-         position=new.position, name=new.name, detail=detail)
-    return None
+        change = m.finish(run, op.lease, op.now, error=(op.error_type, op.error_message))
+    _write(db, op.lease.run_id, change)
+    return change.run
 
 
-def _finish(db: Db, lease: Lease, now: float, state: str, result: str | None = None,
-            error: tuple[str, str] | None = None) -> RunRecord:
-    run = _fenced(db, lease)
-    error_type, error_message = error if error else (None, None)
-    run = _update_run(db, run, now, state=state, result=result, error_type=error_type,
-                      error_message=error_message, finished_at=now, **NO_LEASE)
-    _log(db, run.id, now, f"run.{state}", run.attempts, lease.worker_id,
-         detail=None if error is None else f"{error_type}: {error_message}")
-    return run
+def _await_step(db: Db, op: o.AwaitStep) -> StepRecord:
+    run_id = op.lease.run_id
+    change, step = m.await_step(_get_run(db, run_id), op.lease,
+                                _get_step(db, run_id, op.step.position),
+                                _buffered(db, run_id, op.step.name), op.step, op.now)
+    _write(db, run_id, change)
+    return step
 
 
-def _suspend(db: Db, op: o.SuspendRun) -> None:
-    run = _fenced(db, op.lease)
-    _update_run(db, run, op.now, state="sleeping", wake_at=op.wake_at, **NO_LEASE)
-    _log(db, run.id, op.now, "run.sleeping", run.attempts, op.lease.worker_id,
-         detail=f"{op.reason}; wakes at {op.wake_at}")
-
-
-def _release(db: Db, op: o.ReleaseRun) -> None:
-    run = _fenced(db, op.lease)
-    _update_run(db, run, op.now, state="queued", **NO_LEASE)
-    _log(db, run.id, op.now, "run.queued", run.attempts, op.lease.worker_id,
-         detail=op.reason)
+def _wait(db: Db, op: o.WaitRun) -> None:
+    run_id = op.lease.run_id
+    steps = {c.position: step for c in op.conditions
+             if (step := _get_step(db, run_id, c.position)) is not None}
+    buffered = {row[0] for row in db.execute(
+        "SELECT DISTINCT name FROM events WHERE run_id = ? AND position IS NULL", (run_id,))}
+    _write(db, run_id, m.wait(_get_run(db, run_id), op.lease, op.conditions, steps, buffered,
+                              op.now, op.reason))
 
 
 def _wake_due(db: Db, op: o.WakeDue) -> tuple[str, ...]:
-    due = _runs_where(db, "state = 'sleeping' AND wake_at IS NOT NULL AND wake_at <= ?",
-                      (op.now,), "ORDER BY seq")
+    due = _runs_where(db, "state = 'waiting' AND id IN (SELECT run_id FROM waits"
+                      " WHERE due_at IS NOT NULL AND due_at <= ?)", (op.now,), "ORDER BY seq")
     for run in due:
-        _update_run(db, run, op.now, state="queued", wake_at=None)
-        _log(db, run.id, op.now, "run.queued", run.attempts, None, detail="woke up")
+        steps = {s.position: s for s in _get_steps(db, run.id)}
+        _write(db, run.id, m.wake_due(run, _get_waits(db, run.id), steps, op.now))
     return tuple(run.id for run in due)
+
+
+def _wakeup(db: Db, op: o.Wakeup) -> bool:
+    sleeping = [s for s in _get_steps(db, op.run_id)
+                if s.kind == "sleep" and s.state == "running"]
+    change, woken = m.wakeup(_get_run(db, op.run_id), op.run_id, sleeping, op.now)
+    _write(db, op.run_id, change)
+    return woken
+
+
+def _send(db: Db, op: o.SendEvent) -> o.SendOutcome:
+    duplicate = op.idempotency_key is not None and db.execute(
+        "SELECT 1 FROM events WHERE run_id = ? AND name = ? AND idempotency_key = ?",
+        (op.run_id, op.name, op.idempotency_key)).fetchone() is not None
+    row = db.execute(
+        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? AND kind = 'event' AND name = ?"
+        " AND state = 'running' ORDER BY seq LIMIT 1", (op.run_id, op.name)).fetchone()
+    change, outcome = m.send(_get_run(db, op.run_id), op, duplicate,
+                             None if row is None else StepRecord(*row))
+    _write(db, op.run_id, change)
+    return outcome
 
 
 def _apply_one(db: Db, op: o.Op[Any]) -> Any:
@@ -348,16 +384,21 @@ def _apply_one(db: Db, op: o.Op[Any]) -> Any:
         return _expire(db, op)
     if isinstance(op, (o.StartStep, o.SaveStep)):
         return _save_step(db, op)
-    if isinstance(op, o.CompleteRun):
-        return _finish(db, op.lease, op.now, "completed", result=op.result)
-    if isinstance(op, o.FailRun):
-        return _finish(db, op.lease, op.now, "failed", error=(op.error_type, op.error_message))
-    if isinstance(op, o.SuspendRun):
-        return _suspend(db, op)
+    if isinstance(op, (o.CompleteRun, o.FailRun)):
+        return _finish(db, op)
     if isinstance(op, o.ReleaseRun):
-        return _release(db, op)
+        run = _get_run(db, op.lease.run_id)
+        return _write(db, op.lease.run_id, m.release(run, op.lease, op.now, op.reason))
+    if isinstance(op, o.AwaitStep):
+        return _await_step(db, op)
+    if isinstance(op, o.WaitRun):
+        return _wait(db, op)
     if isinstance(op, o.WakeDue):
         return _wake_due(db, op)
+    if isinstance(op, o.Wakeup):
+        return _wakeup(db, op)
+    if isinstance(op, o.SendEvent):
+        return _send(db, op)
     raise TypeError(f"unknown store operation {type(op).__name__}")
 
 
@@ -433,10 +474,19 @@ class SqliteStore:
             lambda db: tuple(_runs_where(db, where, params, "ORDER BY seq DESC LIMIT :limit"))
         )
 
-    async def next_wake_at(self) -> float | None:
-        sql = "SELECT min(wake_at) FROM runs WHERE state = 'sleeping' AND wake_at IS NOT NULL"
-        wake_at: float | None = await self._run(lambda db: db.execute(sql).fetchone()[0])
-        return wake_at
+    async def get_waits(self, run_id: str) -> tuple[WaitRecord, ...]:
+        return await self._run(lambda db: _get_waits(db, run_id))
+
+    async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
+        sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? ORDER BY seq"
+        return await self._run(
+            lambda db: tuple(EventRecord(*row) for row in db.execute(sql, (run_id,))))
+
+    async def next_due(self) -> float | None:
+        sql = ("SELECT min(t) FROM (SELECT min(due_at) AS t FROM waits UNION ALL"
+               " SELECT min(lease_expires_at) FROM runs WHERE state = 'running')")
+        due: float | None = await self._run(lambda db: db.execute(sql).fetchone()[0])
+        return due
 
     # -- writes -------------------------------------------------------------------------
     async def apply(self, ops: Sequence[o.Op[Any]]) -> list[Any]:

@@ -9,8 +9,9 @@ from typing import Any
 
 import trio
 
-from aiki.actors.dispatcher import Dispatcher, Joined, Seat
+from aiki.actors.dispatcher import Dispatcher, Expired, Joined, Seat
 from aiki.actors.store_writer import StoreWriter
+from aiki.actors.timer import Timer
 from aiki.errors import StoreUnavailable
 from aiki.protocol import Assign
 from aiki.sources import Sources
@@ -22,14 +23,19 @@ WF = ("wf", "1")
 
 @asynccontextmanager
 async def dispatching(store: MemoryStore, queued: int) -> AsyncIterator[Dispatcher]:
-    """``queued`` runs r0, r1, ... waiting, and a Dispatcher (with its StoreWriter) running
-    on ``store``, polling only once an hour."""
+    """``queued`` runs r0, r1, ... waiting, and a Dispatcher (with its StoreWriter, and the
+    Timer that expires its leases) running on ``store``, polling only once an hour."""
     for i in range(queued):
         await execute(store, o.Enqueue(f"r{i}", "wf", "1", "null", None, 1.0))
     writer = StoreWriter(store)
-    dispatcher = Dispatcher(writer, Sources.seeded(1), lease_ttl=30.0, poll_interval=3600)
+    sources = Sources.seeded(1)
+    dispatcher = Dispatcher(writer, sources, lease_ttl=30.0, poll_interval=3600)
+    timer = Timer(store, writer, sources, dispatcher.poke,
+                  lambda ids: dispatcher.tell(Expired(ids)))
+    dispatcher.on_leased = timer.hint
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
+        await nursery.start(timer.run)
         await nursery.start(dispatcher.run)
         yield dispatcher
         nursery.cancel_scope.cancel()

@@ -327,7 +327,9 @@ async def test_a_run_waiting_to_retry_is_suspended_until_its_retry_time_by_a_dra
             await trio.sleep(1)
             await w1.drain(30)
             run = await server.store.get_run(handle.id)
-            assert run is not None and run.state == "sleeping" and run.wake_at is not None
+            assert run is not None and run.state == "waiting"
+            [wait] = await server.store.get_waits(handle.id)
+            assert (wait.kind, wait.name) == ("retry", "flaky")
         async with running(worker(transport, [retrying], "w2")):
             assert await handle.wait_for_completion(timeout=60) == 3
         assert flaky_calls["n"] == 2

@@ -58,7 +58,7 @@ async def test_a_filled_sqlite_store_reads_back_and_still_works(tmp_path: Path) 
         [claimed] = await store.apply([Claim("w", pairs, 10, 1e10, 30.0)])
         assert [c.run.id for c in claimed] == ["fresh"]
         assert claimed[0].steps == () and claimed[0].run.lease_epoch == 1
-        assert await store.next_wake_at() is None
+        assert await store.next_due() == 1e10 + 30.0  # its lease's expiry: nothing waits
     finally:
         await store.aclose()
 

@@ -68,8 +68,14 @@ class ClockHonestStore:
             lambda: self.store.list_runs(workflow=workflow, state=state, limit=limit)
         )
 
-    async def next_wake_at(self) -> float | None:
-        return await self._hold(self.store.next_wake_at)
+    async def next_due(self) -> float | None:
+        return await self._hold(self.store.next_due)
+
+    async def get_waits(self, run_id: str) -> Any:
+        return await self._hold(lambda: self.store.get_waits(run_id))
+
+    async def get_events(self, run_id: str) -> Any:
+        return await self._hold(lambda: self.store.get_events(run_id))
 
     async def aclose(self) -> None:
         await self._hold(self.store.aclose)

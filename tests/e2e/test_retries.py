@@ -159,11 +159,11 @@ async def test_a_long_retry_delay_frees_the_worker_and_the_timer_wakes_the_run(
             with trio.move_on_after(600):
                 await handle.wait_for_completion()
             status = await handle.status()
-            assert status.state == "sleeping"
+            assert status.state == "waiting"
             assert await handle.wait_for_completion(timeout=7200) == 2
             history = [e.event for e in await handle.history()]
     assert gaps() == [3600.0]
-    assert "run.sleeping" in history
+    assert "run.waiting" in history
     assert history.count("run.running") == 2
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 
-from aiki.store import memory
+from aiki.store import machine
 from simulations.cli import run_one
 from simulations.world import Config, run_seed
 
@@ -71,10 +71,10 @@ def first_caught(seeds: range) -> tuple[int, list[str]] | None:
 
 
 def no_fencing(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fenced(self: memory.MemoryStore, lease: Any) -> Any:
-        return self._runs[lease.run_id]
+    def fenced(lease: Any, run: Any) -> Any:
+        return run  # whatever lease the write carries
 
-    monkeypatch.setattr(memory.MemoryStore, "_fenced", fenced)
+    monkeypatch.setattr(machine, "fenced", fenced)
 
 
 def ack_before_commit(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,7 @@ nothing sleeps.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aiki.errors import AikiError, StaleLease, StepConflict
+from aiki.records import WaitFor, WaitRecord
 from aiki.store import (
     ClaimedRun,
     HistoryEvent,
@@ -53,6 +55,11 @@ async def claim_one(store: Store, run_id: str, **kwargs: Any) -> Lease:
     [claimed] = await claim(store, **kwargs)
     assert claimed.run.id == run_id
     return claimed.lease
+
+
+def suspend(lease: Lease, due: float, reason: str, now: float) -> o.WaitRun:
+    """Wait for the retry of a task (the simplest condition: a time)."""
+    return o.WaitRun(lease, (WaitFor("0", "retry", "charge", due),), reason, now)
 
 
 def step(
@@ -94,7 +101,7 @@ async def test_enqueue_creates_a_queued_run(store: Store) -> None:
     assert run == RunRecord(
         id="r1", workflow="wf", version="1", payload='{"n": 1}', state="queued",
         idempotency_key=None, attempts=0, lease_epoch=0, lease_owner=None,
-        lease_expires_at=None, wake_at=None, result=None, error_type=None, error_message=None,
+        lease_expires_at=None, result=None, error_type=None, error_message=None,
         created_at=1.5, updated_at=1.5, finished_at=None,
     )
     assert await store.get_steps("r1") == ()
@@ -107,7 +114,7 @@ async def test_unknown_run_reads_are_empty(store: Store) -> None:
     assert await store.get_steps("nope") == ()
     assert await store.get_history("nope") == ()
     assert await store.list_runs() == ()
-    assert await store.next_wake_at() is None
+    assert await store.next_due() is None
 
 
 async def test_idempotent_enqueue_returns_the_same_run(store: Store) -> None:
@@ -251,7 +258,7 @@ async def test_expire_requeues_expired_runs_only(store: Store) -> None:
     await execute(store, enqueue("r2"))
     [second] = await claim(store, now=5.0, ttl=10.0)
     sleeper = await claim_one(store, "r3", now=5.0, ttl=1.0)
-    await execute(store, o.SuspendRun(sleeper, 6.0, "sleep", 5.5))
+    await execute(store, suspend(sleeper, 6.0, "sleep", 5.5))
     assert await execute(store, o.ExpireLeases(9.5)) == ()
     assert await execute(store, o.ExpireLeases(10.0)) == ("r1",)  # expires_at <= now
     run = await store.get_run("r1")
@@ -261,7 +268,7 @@ async def test_expire_requeues_expired_runs_only(store: Store) -> None:
     assert (await events(store, "r1"))[-1] == (
         10.0, "run.queued", 1, "w1", None, None, "lease epoch 1 of worker 'w1' expired")
     assert (await store.get_run("r2")).state == "running"  # type: ignore[union-attr]
-    assert (await store.get_run("r3")).state == "sleeping"  # type: ignore[union-attr]
+    assert (await store.get_run("r3")).state == "waiting"  # type: ignore[union-attr]
     assert await execute(store, o.ExpireLeases(100.0)) == ("r2",)
     assert await execute(store, o.ExpireLeases(100.0)) == ()
     again = await claim(store, now=101.0)
@@ -282,7 +289,7 @@ FENCED_OPS: dict[str, Callable[[Lease], o.Op[None]]] = {
     "save_step": lambda lease: o.SaveStep(lease, step("1", "ship"), 50.0),
     "complete": lambda lease: o.CompleteRun(lease, '"done"', 50.0),
     "fail": lambda lease: o.FailRun(lease, "ValueError", "boom", 50.0),
-    "suspend": lambda lease: o.SuspendRun(lease, 60.0, "sleep", 50.0),
+    "suspend": lambda lease: suspend(lease, 60.0, "sleep", 50.0),
     "release": lambda lease: o.ReleaseRun(lease, 50.0),
 }
 STALE_LEASES = {
@@ -504,28 +511,33 @@ async def test_steps_keep_the_order_they_were_first_recorded(store: Store) -> No
 async def test_suspend_then_wake_due_runs_only(store: Store) -> None:
     await store.apply([enqueue("r1"), enqueue("r2"), enqueue("r3")])
     a, b, _ = (c.lease for c in await claim(store, now=10.0))
-    assert await store.next_wake_at() is None
-    await execute(store, o.SuspendRun(a, 200.0, "sleep cooling-off", 11.0))
-    await execute(store, o.SuspendRun(b, 100.0, "retry charge", 12.0))
+    assert await store.next_due() == 40.0  # the leases' expiry
+    await execute(store, suspend(a, 200.0, "sleep cooling-off", 11.0))
+    await execute(store, suspend(b, 100.0, "retry charge", 12.0))
     run = await store.get_run("r1")
     assert run is not None
-    assert (run.state, run.wake_at, run.lease_owner, run.lease_expires_at) == (
-        "sleeping", 200.0, None, None)
+    assert (run.state, run.lease_owner, run.lease_expires_at) == ("waiting", None, None)
+    assert await store.get_waits("r1") == (
+        WaitRecord("r1", "0", "retry", "charge", 200.0, 11.0),)
     assert (run.lease_epoch, run.attempts, run.updated_at) == (1, 1, 11.0)
     assert (await events(store, "r1"))[-1] == (
-        11.0, "run.sleeping", 1, "w1", None, None, "sleep cooling-off; wakes at 200.0")
-    assert await store.next_wake_at() == 100.0
+        11.0, "run.waiting", 1, "w1", None, None,
+        "sleep cooling-off; waits for the retry of task 'charge' at step 0 until 200.0")
+    assert await store.next_due() == 40.0
     assert await execute(store, o.WakeDue(99.5)) == ()
-    assert await execute(store, o.ExpireLeases(150.0)) == ("r3",)  # sleepers hold no lease
+    assert await execute(store, o.ExpireLeases(150.0)) == ("r3",)  # waiters hold no lease
+    assert await store.next_due() == 100.0
     assert await execute(store, o.WakeDue(100.0)) == ("r2",)
     woken = await store.get_run("r2")
     assert woken is not None
-    assert (woken.state, woken.wake_at, woken.updated_at) == ("queued", None, 100.0)
-    assert (await events(store, "r2"))[-1] == (100.0, "run.queued", 1, None, None, None,
-                                                "woke up")
-    assert await store.next_wake_at() == 200.0
+    assert (woken.state, woken.updated_at) == ("queued", 100.0)
+    assert await store.get_waits("r2") == ()
+    assert (await events(store, "r2"))[-1] == (
+        100.0, "run.queued", 1, None, None, None,
+        "woke up: the retry of task 'charge' at step 0 until 100.0 came due")
+    assert await store.next_due() == 200.0
     assert await execute(store, o.WakeDue(500.0)) == ("r1",)
-    assert await store.next_wake_at() is None
+    assert await store.next_due() is None
     assert await execute(store, o.WakeDue(500.0)) == ()
     assert [c.run.id for c in await claim(store, now=501.0)] == ["r1", "r2", "r3"]
 
@@ -533,15 +545,15 @@ async def test_suspend_then_wake_due_runs_only(store: Store) -> None:
 async def test_wake_several_runs_in_enqueue_order(store: Store) -> None:
     await store.apply([enqueue(f"r{i}") for i in range(3)])
     leases = [c.lease for c in await claim(store, now=10.0)]
-    await store.apply([o.SuspendRun(lease, 20.0 - i, "sleep", 11.0)
+    await store.apply([suspend(lease, 20.0 - i, "sleep", 11.0)
                        for i, lease in enumerate(reversed(leases))])
     assert await execute(store, o.WakeDue(20.0)) == ("r0", "r1", "r2")
 
 
-async def test_next_wake_at_counts_a_wake_at_of_zero(store: Store) -> None:
+async def test_next_due_counts_a_due_time_of_zero(store: Store) -> None:
     lease = await claim_one(store, "r1", now=0.0)
-    await execute(store, o.SuspendRun(lease, 0.0, "retry", 0.0))
-    assert await store.next_wake_at() == 0.0
+    await execute(store, suspend(lease, 0.0, "retry", -1.0))
+    assert await store.next_due() == 0.0
 
 
 async def test_release_puts_the_run_back_in_the_queue(store: Store) -> None:
@@ -606,7 +618,7 @@ async def test_list_runs_filters_and_orders_newest_first(store: Store) -> None:
     assert ids(await store.list_runs(workflow="alpha", limit=1)) == ["a3"]
     assert await store.list_runs(limit=0) == ()
     assert await store.list_runs(workflow="gamma") == ()
-    assert await store.list_runs(state="sleeping") == ()
+    assert await store.list_runs(state="waiting") == ()
     assert (await store.list_runs(workflow="alpha", state="running"))[0] == \
         await store.get_run("a1")
 
@@ -618,14 +630,14 @@ async def test_history_is_in_order_with_increasing_seq(store: Store) -> None:
         o.StartStep(l1, step("0", state="running"), 11.0),
         o.SaveStep(l2, step("0"), 11.0),
         o.SaveStep(l1, step("0"), 12.0),
-        o.SuspendRun(l1, 30.0, "sleep", 13.0),
+        suspend(l1, 30.0, "sleep", 13.0),
     ])
     await execute(store, o.WakeDue(30.0))
     [again] = await claim(store, now=31.0)
     await execute(store, o.CompleteRun(again.lease, "null", 32.0))
     history = await store.get_history("r1")
     assert [e.event for e in history] == [
-        "run.queued", "run.running", "task.running", "task.completed", "run.sleeping",
+        "run.queued", "run.running", "task.running", "task.completed", "run.waiting",
         "run.queued", "run.running", "run.completed",
     ]
     assert [e.attempt for e in history] == [0, 1, 1, 1, 1, 1, 2, 2]
@@ -689,6 +701,16 @@ command = st.one_of(  # repeated alternatives are weights: keep runs running and
     st.tuples(st.just("wake")),
     st.tuples(st.just("suspend"), target, lease_mode, st.sampled_from([0.0, 1.0, 3.5])),
     st.tuples(st.sampled_from(["complete", "fail", "release"]), target, lease_mode),
+    # Waits: a sleep or event wait reached, the run waiting on them, sends and wake-ups.
+    st.tuples(st.just("await"), target, lease_mode, st.sampled_from(["5", "6", "7"]),
+              st.sampled_from(["sleep", "event", "event"]), st.sampled_from(["go", "stop"]),
+              st.sampled_from([None, 0.0, 1.0, 4.0])),
+    st.tuples(st.just("wait_on"), target, lease_mode, st.sampled_from(["5", "6", "7"]),
+              st.sampled_from(["sleep", "event", "retry"]), st.sampled_from(["go", "stop"]),
+              st.sampled_from([None, 1.0, 4.0])),
+    st.tuples(st.just("send"), st.integers(0, 7), st.sampled_from(["go", "go", "stop"]),
+              st.sampled_from([None, None, "m1", "m2"])),
+    st.tuples(st.just("wakeup"), st.integers(0, 7)),
 )
 PRELUDE: list[tuple[float, list[tuple[Any, ...]]]] = [
     (0.0, [("enqueue", 0, None, None), ("enqueue", 1, "k1", None), ("enqueue", 2, None, None)]),
@@ -743,7 +765,25 @@ class World:
             return o.ExpireLeases(now)
         if kind == "wake":
             return o.WakeDue(now)
+        if kind == "send":
+            _, index, name, key = cmd
+            return o.SendEvent(self.run_id(index), name, f'{{"sent": {now}}}', key, now)
+        if kind == "wakeup":
+            return o.Wakeup(self.run_id(cmd[1]), now)
         lease = await self.lease(cmd[1], cmd[2])
+        if kind == "await":
+            _, _, _, position, step_kind, name, delay = cmd
+            seconds = 1.0 if delay is None and step_kind == "sleep" else delay
+            due = None if seconds is None else now + seconds
+            record = StepRecord(position, step_kind, "sleep" if step_kind == "sleep" else name,
+                                "", f'{{"seconds": {json.dumps(seconds)}}}', None, "running",
+                                1, next_attempt_at=due)
+            return o.AwaitStep(lease, record, now)
+        if kind == "wait_on":
+            _, _, _, position, wait_kind, name, delay = cmd
+            condition = WaitFor(position, wait_kind, "sleep" if wait_kind == "sleep" else name,
+                                None if delay is None else now + delay)
+            return o.WaitRun(lease, (condition,), "waits", now)
         if kind in ("start_step", "save_step"):
             _, _, _, position, name, key, state, output, step_kind, attempts = cmd
             record = step(
@@ -768,7 +808,7 @@ class World:
         if kind == "release":
             return o.ReleaseRun(lease, now)
         assert kind == "suspend"
-        return o.SuspendRun(lease, now + cmd[3], "sleep", now)
+        return suspend(lease, now + cmd[3], "sleep", now)
 
 
 def comparable(outcome: Any) -> Any:
@@ -788,7 +828,8 @@ async def observe(store: Store, run_ids: list[str]) -> Any:
         await store.list_runs(), await store.list_runs(limit=2),
         await store.list_runs(workflow="wf"), await store.list_runs(state="running"),
         await store.list_runs(workflow="other", state="queued"),
-        await store.next_wake_at(),
+        await store.next_due(),
+        [(await store.get_waits(r), await store.get_events(r)) for r in run_ids],
     )
 
 
@@ -837,3 +878,117 @@ async def test_a_late_duplicate_of_an_earlier_attempt_changes_nothing(store: Sto
     await execute(store, o.StartStep(lease, step(state="running", attempts=2), 16.0))
     assert await snapshot(store, "r1") == before
     assert (await store.get_steps("r1"))[0].attempts == 2
+
+
+# -- waits: sleeps, events, wake-ups --------------------------------------------------------
+def wait_step(position: str, kind: str, name: str, seconds: float | None,
+              due: float | None) -> StepRecord:
+    return StepRecord(position, kind, name, "", json.dumps({"seconds": seconds}),  # type: ignore[arg-type]
+                      None, "running", 1, next_attempt_at=due)
+
+
+async def test_a_sleep_waits_then_ends_when_due(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    sleep = wait_step("0", "sleep", "sleep", 5.0, 16.0)
+    waiting = await execute(store, o.AwaitStep(lease, sleep, 11.0))
+    assert (waiting.state, waiting.next_attempt_at) == ("running", 16.0)
+    assert await execute(store, o.AwaitStep(lease, sleep, 12.0)) == waiting  # nothing new
+    await execute(store, o.WaitRun(lease, (WaitFor("0", "sleep", "sleep", 16.0),), "sleeps",
+                                   12.0))
+    assert (await store.get_run("r1")).state == "waiting"  # type: ignore[union-attr]
+    assert await store.next_due() == 16.0
+    assert await execute(store, o.WakeDue(16.0)) == ("r1",)
+    [done] = await store.get_steps("r1")
+    assert (done.state, done.output) == ("completed", "true")
+    assert [e[1:] for e in await events(store, "r1")][-4:] == [
+        ("sleep.waiting", 1, "w1", "0", "sleep", "until 16.0"),
+        ("run.waiting", 1, "w1", None, None, "sleeps; waits for a sleep at step 0 until 16.0"),
+        ("sleep.completed", 1, None, "0", "sleep", "slept"),
+        ("run.queued", 1, None, None, None, "woke up: a sleep at step 0 until 16.0 came due"),
+    ]
+    [again] = await claim(store, now=17.0)
+    assert await execute(store, o.AwaitStep(again.lease, sleep, 17.0)) == done  # replay
+
+
+async def test_wakeup_ends_a_sleep_early_and_is_false_otherwise(store: Store) -> None:
+    await execute(store, enqueue("idle", workflow="other"))
+    assert await execute(store, o.Wakeup("idle", 10.0)) is False
+    with pytest.raises(AikiError, match="no run with id 'ghost'"):
+        await execute(store, o.Wakeup("ghost", 10.0))
+    lease = await claim_one(store, "r1")
+    await execute(store, o.AwaitStep(lease, wait_step("0", "sleep", "sleep", 99.0, 110.0),
+                                     11.0))
+    await execute(store, o.WaitRun(lease, (WaitFor("0", "sleep", "sleep", 110.0),), "zz",
+                                   11.0))
+    before = await snapshot(store, "idle")
+    assert await execute(store, o.Wakeup("r1", 20.0)) is True
+    assert await snapshot(store, "idle") == before
+    run = await store.get_run("r1")
+    assert run is not None and run.state == "queued"
+    assert [(s.state, s.output) for s in await store.get_steps("r1")] == [("completed", "false")]
+    assert await execute(store, o.Wakeup("r1", 21.0)) is False  # not sleeping any more
+    assert await store.get_waits("r1") == ()
+
+
+async def test_events_are_buffered_delivered_in_order_and_keyed(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    first = await execute(store, o.SendEvent("r1", "ok", '"one"', "k1", 11.0))
+    assert first == o.SendOutcome(delivered=False, duplicate=False)
+    assert await execute(store, o.SendEvent("r1", "ok", '"again"', "k1", 11.5)) == \
+        o.SendOutcome(delivered=False, duplicate=True)
+    await execute(store, o.SendEvent("r1", "ok", '"two"', None, 12.0))
+    got = await execute(store, o.AwaitStep(lease, wait_step("0", "event", "ok", None, None),
+                                           13.0))
+    assert (got.state, got.output) == ("completed", '"one"')
+    got = await execute(store, o.AwaitStep(lease, wait_step("1", "event", "ok", 5.0, 18.0),
+                                           13.0))
+    assert (got.state, got.output) == ("completed", '"two"')
+    waiting = await execute(store, o.AwaitStep(lease, wait_step("2", "event", "ok", 5.0, 18.0),
+                                               13.0))
+    assert waiting.state == "running"
+    await execute(store, o.WaitRun(lease, (WaitFor("2", "event", "ok", 18.0),), "waits", 13.0))
+    delivered = await execute(store, o.SendEvent("r1", "ok", '"three"', None, 14.0))
+    assert delivered == o.SendOutcome(delivered=True, duplicate=False)
+    assert (await store.get_run("r1")).state == "queued"  # type: ignore[union-attr]
+    assert [(e.payload, e.position) for e in await store.get_events("r1")] == [
+        ('"one"', "0"), ('"two"', "1"), ('"three"', "2")]
+    assert await execute(store, o.WakeDue(100.0)) == ()  # its wait was cleared
+
+
+async def test_an_event_wait_times_out_and_a_later_send_goes_to_the_next(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.AwaitStep(lease, wait_step("0", "event", "ok", 5.0, 16.0), 11.0))
+    await execute(store, o.WaitRun(lease, (WaitFor("0", "event", "ok", 16.0),), "waits", 11.0))
+    assert await execute(store, o.WakeDue(16.0)) == ("r1",)
+    [timed_out] = await store.get_steps("r1")
+    assert (timed_out.state, timed_out.error_type) == ("failed", "EventTimeout")
+    assert await execute(store, o.SendEvent("r1", "ok", '"late"', None, 17.0)) == \
+        o.SendOutcome(delivered=False, duplicate=False)
+    [again] = await claim(store, now=18.0)
+    got = await execute(store, o.AwaitStep(again.lease, wait_step("1", "event", "ok", 5.0,
+                                                                   23.0), 18.0))
+    assert (got.state, got.output) == ("completed", '"late"')
+
+
+async def test_a_run_whose_event_is_buffered_does_not_wait(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.AwaitStep(lease, wait_step("0", "event", "ok", None, None), 11.0))
+    await execute(store, o.SendEvent("r1", "other", "1", None, 11.5))
+    assert (await store.get_steps("r1"))[0].state == "running"
+    await execute(store, o.SendEvent("r1", "ok", "2", None, 12.0))  # delivered while held
+    await execute(store, o.WaitRun(lease, (WaitFor("0", "event", "ok", None),), "waits", 13.0))
+    run = await store.get_run("r1")
+    assert run is not None and run.state == "queued"
+    assert (await events(store, "r1"))[-1][-1] == (
+        "waits; woke at once: event at step 0 ended while the run was held")
+
+
+async def test_sends_to_finished_or_unknown_runs_are_refused(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.CompleteRun(lease, "null", 11.0))
+    before = await snapshot(store, "r1")
+    outcomes = await store.apply([o.SendEvent("r1", "ok", "1", None, 12.0),
+                                  o.SendEvent("ghost", "ok", "1", None, 12.0)])
+    assert [type(x).__name__ for x in outcomes] == ["RunFinished", "RunNotFound"]
+    assert await snapshot(store, "r1") == before
+    assert await store.get_events("r1") == ()

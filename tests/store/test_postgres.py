@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import aiki
 from aiki.errors import StaleLease, StoreUnavailable
-from aiki.records import RunRecord
+from aiki.records import RunRecord, WaitFor
 from aiki.store import Lease, Store, execute, open_store
 from aiki.store import ops as o
 from aiki.store.postgres import PostgresStore, _sql
@@ -153,7 +153,7 @@ async def test_the_indexes_that_keep_claims_and_status_fast_exist(postgres: Test
             "SELECT array_agg(indexname::text ORDER BY indexname) FROM pg_indexes"
             " WHERE schemaname = $1", schema,
         )
-    assert {"runs_idempotency", "runs_claim", "runs_lease", "runs_wake", "runs_by_state",
+    assert {"runs_idempotency", "runs_claim", "runs_lease", "waits_due", "runs_by_state",
             "runs_by_workflow", "steps_idempotency", "history_run"} <= set(indexes)
 
 
@@ -319,32 +319,43 @@ async def test_watch_hears_runs_queued_by_another_store_and_comes_back_after_a_r
     postgres = restartable_postgres
     schema = postgres.fresh_schema()
     heard = trio.Event()
+    notices: list[str] = []
 
-    def on_work() -> None:
+    def on_notice(notice: str) -> None:
+        notices.append(notice)
         heard.set()
 
-    async def hear() -> None:
+    async def hear(expected: str) -> None:
         nonlocal heard
         with trio.fail_after(15):
             await heard.wait()
         heard = trio.Event()
+        assert notices == [expected]
+        notices.clear()
 
     async with PostgresStore.open(postgres.dsn, schema=schema) as watcher, \
             PostgresStore.open(postgres.dsn, schema=schema) as other, \
             trio.open_nursery() as nursery:
-        await nursery.start(watcher.watch, on_work)
+        await nursery.start(watcher.watch, on_notice)
         await execute(other, enqueue("r1"))
-        await hear()
-        await execute(other, o.Claim("w1", WF, 1, 10.0, 1.0))  # running: nothing to hear
-        await trio.sleep(0.2)
+        await hear("")  # a run queued
+        [claimed] = await execute(other, o.Claim("w1", WF, 1, 10.0, 1.0))
+        await trio.sleep(0.2)  # running: nothing to hear
         assert not heard.is_set()
         assert await execute(other, o.ExpireLeases(20.0)) == ("r1",)  # queued again
-        await hear()
+        await hear("")
+        [claimed] = await execute(other, o.Claim("w1", WF, 1, 21.0, 30.0))
+        await execute(other, o.WaitRun(claimed.lease, (WaitFor("0", "retry", "t", 99.0),),
+                                       "retry", 22.0))
+        await hear("due")  # a wait with a due time: other servers' timers look again
         await trio.to_thread.run_sync(postgres.stop)
         await trio.to_thread.run_sync(postgres.start)
-        await hear()  # back: told once, for whatever it may have missed
+        await hear("resync")  # back: told once, for whatever it may have missed
         await execute(other, enqueue("r2"))
-        await hear()
+        await hear("")
+        [claimed] = await execute(other, o.Claim("w1", WF, 1, 30.0, 30.0))
+        await execute(other, o.CompleteRun(claimed.lease, "null", 31.0))
+        await hear(f"ended:{claimed.run.id}")  # for the watchers on every server
         nursery.cancel_scope.cancel()
 
 

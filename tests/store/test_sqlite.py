@@ -70,7 +70,7 @@ async def test_the_schema_and_pragmas(tmp_path: Path) -> None:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
         assert {"runs", "steps", "history", "runs_idempotency", "steps_idempotency",
-                "runs_claim", "runs_wake"} <= names
+                "runs_claim", "waits", "waits_due", "events"} <= names
         assert migrate(db) == len(MIGRATIONS)  # a no-op on an up-to-date database
         with pytest.raises(sqlite3.IntegrityError):  # the constraint is in the schema
             db.execute("INSERT INTO runs (id, workflow, version, payload, state,"
@@ -299,3 +299,38 @@ async def test_the_default_syncs_every_commit(tmp_path: Path) -> None:
         assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     finally:
         await store.aclose()
+
+
+async def test_a_database_of_the_first_schema_is_migrated_and_its_runs_finish(
+    tmp_path: Path,
+) -> None:
+    """A file written by the release before waits (schema 1, a run ``sleeping`` until its
+    retry) opens, is migrated, and its runs go on: the sleeper waits, wakes, completes."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path, isolation_level=None) as db:
+        for statement in MIGRATIONS[0]:
+            db.execute(statement)
+        db.execute("PRAGMA user_version = 1")
+        for run_id, state, wake_at in (("sleeper", "sleeping", 50.0), ("queued", "queued", None)):
+            db.execute(
+                "INSERT INTO runs (id, workflow, version, payload, state, attempts, lease_epoch,"
+                " wake_at, created_at, updated_at) VALUES (?, 'wf', '1', 'null', ?, ?, ?, ?, 1.0,"
+                " 2.0)", (run_id, state, int(state == "sleeping"), int(state == "sleeping"),
+                          wake_at))
+    store = await SqliteStore.open(str(path), offload=False)
+    try:
+        sleeper = await store.get_run("sleeper")
+        assert sleeper is not None and sleeper.state == "waiting"
+        [wait] = await store.get_waits("sleeper")
+        assert (wait.kind, wait.due_at) == ("retry", 50.0)
+        assert await store.next_due() == 50.0
+        assert await execute(store, o.WakeDue(50.0)) == ("sleeper",)
+        claimed = await execute(store, o.Claim("w", (("wf", "1"),), 10, 51.0, 30.0))
+        assert sorted(c.run.id for c in claimed) == ["queued", "sleeper"]
+        for c in claimed:
+            await execute(store, o.CompleteRun(c.lease, '"done"', 52.0))
+        assert {r.state for r in await store.list_runs()} == {"completed"}
+    finally:
+        await store.aclose()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from aiki import protocol
 from aiki.errors import PayloadError, ProtocolError
-from aiki.records import HistoryEvent, Lease, RunRecord, StepRecord
+from aiki.records import HistoryEvent, Lease, RunRecord, StepRecord, WaitFor
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -317,8 +317,8 @@ _COERCION_BUG = (
             id="string-for-bool",
         ),
         pytest.param(
-            f'{{"type": "suspend_run", "req": 1, "lease": {_LEASE}, "wake_at": NaN,'
-            ' "reason": "r"}',
+            f'{{"type": "wait_run", "req": 1, "lease": {_LEASE}, "conditions": [{{"position":'
+            ' "0", "kind": "retry", "name": null, "due_at": NaN}], "reason": "r"}',
             id="nan-float",
         ),
     ],
@@ -358,7 +358,8 @@ def test_encode_non_message_raises_protocol_error(value: Any, name: str) -> None
 
 
 def test_encode_message_with_nan_raises_protocol_error() -> None:
-    msg = protocol.SuspendRun(1, Lease("r", 1, "w"), float("nan"), "r")
+    msg = protocol.WaitRun(1, Lease("r", 1, "w"), (WaitFor("0", "retry", None, float("nan")),),
+                           "r")
     with pytest.raises(ProtocolError):
         protocol.encode(msg)
 

@@ -15,7 +15,7 @@ from aiki.errors import StoreUnavailable
 # run's steps in the order they were first recorded (an upsert keeps it); ``history.seq`` is
 # the global order of events. Times are epoch seconds as float8, like the records.
 #
-# Indexes: claims, lease expiry, wake-ups and next_wake_at read only rows in one live state,
+# Indexes: claims, lease expiry and wake-ups read only rows in one live state,
 # so their indexes are partial: they stay as small as the live work however many finished
 # runs pile up. Listing by state or workflow, newest first, has its own two.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -92,6 +92,56 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         $$""",
         """CREATE TRIGGER runs_queued AFTER INSERT OR UPDATE OF state ON runs
             FOR EACH ROW WHEN (NEW.state = 'queued') EXECUTE FUNCTION notify_work()""",
+    ),
+    # Waiting is one state with its conditions in one table (``waits``); events sent to runs
+    # live in ``events``. A ``sleeping`` run (a long retry delay) waits for its wake-up time.
+    # The same channel also says when a run ended (payload 'ended:<id>', for the watchers of
+    # every server) and when a wait with a due time began (payload 'due', for their timers).
+    (
+        """CREATE TABLE waits (
+            run_id TEXT NOT NULL REFERENCES runs (id),
+            position TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            name TEXT,
+            due_at DOUBLE PRECISION,
+            since DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (run_id, position)
+        )""",
+        "CREATE INDEX waits_due ON waits (due_at) WHERE due_at IS NOT NULL",
+        """CREATE TABLE events (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            run_id TEXT NOT NULL REFERENCES runs (id),
+            name TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            idempotency_key TEXT,
+            sent_at DOUBLE PRECISION NOT NULL,
+            position TEXT
+        )""",
+        """CREATE UNIQUE INDEX events_idempotency ON events (run_id, name, idempotency_key)
+            WHERE idempotency_key IS NOT NULL""",
+        "CREATE INDEX events_of_run ON events (run_id, name, seq)",
+        """INSERT INTO waits (run_id, position, kind, name, due_at, since)
+            SELECT id, '', 'retry', NULL, coalesce(wake_at, updated_at), updated_at
+            FROM runs WHERE state = 'sleeping'""",
+        "UPDATE runs SET state = 'waiting' WHERE state = 'sleeping'",
+        "ALTER TABLE runs DROP COLUMN wake_at",
+        """CREATE FUNCTION notify_ended() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_notify('aiki_work:' || TG_TABLE_SCHEMA, 'ended:' || NEW.id);
+                RETURN NULL;
+            END
+        $$""",
+        """CREATE TRIGGER runs_ended AFTER UPDATE OF state ON runs FOR EACH ROW
+            WHEN (NEW.state IN ('completed', 'failed', 'cancelled'))
+            EXECUTE FUNCTION notify_ended()""",
+        """CREATE FUNCTION notify_due() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_notify('aiki_work:' || TG_TABLE_SCHEMA, 'due');
+                RETURN NULL;
+            END
+        $$""",
+        """CREATE TRIGGER waits_due AFTER INSERT ON waits FOR EACH ROW
+            WHEN (NEW.due_at IS NOT NULL) EXECUTE FUNCTION notify_due()""",
     ),
 )
 

@@ -32,18 +32,14 @@ from asyncpg.transaction import Transaction
 from aiki.errors import AikiError, StoreUnavailable
 from aiki.records import (
     ClaimedRun,
+    EventRecord,
     HistoryEvent,
-    Lease,
     RunRecord,
     StepRecord,
+    WaitRecord,
 )
+from aiki.store import machine as m
 from aiki.store import ops as o
-from aiki.store.memory import (
-    history_event_for_step,
-    key_conflict_error,
-    stale_lease_error,
-    step_write_changes,
-)
 from aiki.store.postgres._pool import Connection, ConnectionPool, PoolClosed, connector
 from aiki.store.postgres._schema import migrate
 
@@ -54,7 +50,15 @@ Pool: TypeAlias = ConnectionPool
 RUN_COLUMNS = ", ".join(f.name for f in attrs.fields(RunRecord))
 STEP_COLUMNS = ", ".join(f.name for f in attrs.fields(StepRecord))
 HISTORY_COLUMNS = ", ".join(f.name for f in attrs.fields(HistoryEvent))
-NO_LEASE: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
+WAIT_COLUMNS = ", ".join(f.name for f in attrs.fields(WaitRecord))
+EVENT_COLUMNS = ", ".join(f.name for f in attrs.fields(EventRecord))
+_RUN_FIELDS = [f.name for f in attrs.fields(RunRecord) if f.name != "id"]
+STEP_UPSERT = (
+    f"INSERT INTO steps (run_id, {STEP_COLUMNS}) VALUES"
+    f" ({', '.join(f'${i}' for i in range(1, len(attrs.fields(StepRecord)) + 2))})"
+    " ON CONFLICT (run_id, position) DO UPDATE SET "
+    + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(StepRecord))
+)
 HISTORY_INSERT = (
     "INSERT INTO history (run_id, at, event, attempt, worker_id, position, name, detail)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
@@ -183,26 +187,24 @@ async def list_runs(
     return tuple(_run(row) for row in rows)
 
 
-async def next_wake_at(conn: Conn) -> float | None:
-    wake_at: float | None = await conn.fetchval(
-        "SELECT min(wake_at) FROM runs WHERE state = 'sleeping'"
+async def next_due(conn: Conn) -> float | None:
+    due: float | None = await conn.fetchval(
+        "SELECT least((SELECT min(due_at) FROM waits),"
+        " (SELECT min(lease_expires_at) FROM runs WHERE state = 'running'))"
     )
-    return wake_at
+    return due
 
 
-async def _update_run(
-    conn: Conn, run: RunRecord, now: float, event: History, **changes: Any
-) -> RunRecord:
-    """Write ``changes`` to the run and append ``event`` to its history, in one statement
-    (one round trip), and return the run as written. Column names come from this module,
-    never from callers' data."""
-    changes["updated_at"] = now
-    assignments = ", ".join(f"{column} = ${i}" for i, column in enumerate(changes, start=10))
-    await conn.execute(
-        f"WITH changed AS (UPDATE runs SET {assignments} WHERE id = $9) "
-        + HISTORY_INSERT, *event, run.id, *changes.values(),
-    )
-    return attrs.evolve(run, **changes)
+async def get_waits(conn: Conn, run_id: str) -> tuple[WaitRecord, ...]:
+    rows = await conn.fetch(
+        f"SELECT {WAIT_COLUMNS} FROM waits WHERE run_id = $1 ORDER BY position", run_id)
+    return tuple(WaitRecord(*row) for row in rows)
+
+
+async def get_events(conn: Conn, run_id: str) -> tuple[EventRecord, ...]:
+    rows = await conn.fetch(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = $1 ORDER BY seq", run_id)
+    return tuple(EventRecord(*row) for row in rows)
 
 
 def _event(
@@ -219,12 +221,46 @@ async def _log(conn: Conn, *events: History) -> None:
         await conn.executemany(HISTORY_INSERT, events)  # in order: seq follows it
 
 
-async def _fenced(conn: Conn, lease: Lease) -> RunRecord:
-    run = await get_run(conn, lease.run_id, lock=True)
-    if (run is None or run.state != "running" or run.lease_epoch != lease.epoch
-            or run.lease_owner != lease.worker_id):
-        raise stale_lease_error(lease, run)
-    return run
+async def _write(conn: Conn, run_id: str, change: m.Change) -> None:
+    """Write what the state machine decided; the run row and its first history event in one
+    statement (one round trip), the rest after it."""
+    history = [(run_id, e.at, e.event, e.attempt, e.worker_id, e.position, e.name, e.detail)
+               for e in change.history]
+    for step in change.steps:
+        await conn.execute(STEP_UPSERT, run_id, *attrs.astuple(step))
+    if change.waits is not None:
+        await conn.execute("DELETE FROM waits WHERE run_id = $1", run_id)
+        if change.waits:
+            await conn.executemany(
+                f"INSERT INTO waits ({WAIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",
+                [attrs.astuple(w) for w in change.waits])
+    for seq, position in change.consumed:
+        await conn.execute("UPDATE events SET position = $1 WHERE seq = $2", position, seq)
+    sent = change.sent
+    if sent is not None:
+        await conn.execute(
+            "INSERT INTO events (run_id, name, payload, idempotency_key, sent_at, position)"
+            " VALUES ($1, $2, $3, $4, $5, $6)", run_id, sent.name, sent.payload,
+            sent.idempotency_key, sent.sent_at, sent.position)
+    run = change.run
+    if run is not None and history:
+        values = attrs.astuple(run)[1:]
+        assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(_RUN_FIELDS, start=10))
+        await conn.execute(f"WITH changed AS (UPDATE runs SET {assignments} WHERE id = $9) "
+                           + HISTORY_INSERT, *history[0], run.id, *values)
+        history = history[1:]
+    elif run is not None:
+        assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(_RUN_FIELDS, start=2))
+        await conn.execute(f"UPDATE runs SET {assignments} WHERE id = $1", run.id,
+                           *attrs.astuple(run)[1:])
+    await _log(conn, *history)
+
+
+async def _get_step(conn: Conn, run_id: str, position: str) -> StepRecord | None:
+    row = await conn.fetchrow(
+        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 AND position = $2",
+        run_id, position)
+    return None if row is None else _step(row)
 
 
 # -- operations: each checks everything before its first write --------------------------------
@@ -327,77 +363,95 @@ async def _expire(conn: Conn, op: o.ExpireLeases) -> tuple[str, ...]:
 
 
 async def _wake_due(conn: Conn, op: o.WakeDue) -> tuple[str, ...]:
-    return await _requeue_due(
-        conn, "state = 'sleeping' AND wake_at <= $1", op.now, "wake_at = NULL",
-        lambda row: _event(row["id"], op.now, "run.queued", row["attempts"], None,
-                           detail="woke up"),
-    )
+    """The waiting runs with a condition due, locked (skipping rows others hold), each
+    decided by the state machine."""
+    rows = await conn.fetch(
+        f"SELECT {RUN_COLUMNS} FROM runs WHERE state = 'waiting' AND id IN (SELECT run_id"
+        " FROM waits WHERE due_at <= $1) ORDER BY seq FOR UPDATE SKIP LOCKED", op.now)
+    for row in rows:
+        run = _run(row)
+        steps = {s.position: s for s in await get_steps(conn, run.id)}
+        await _write(conn, run.id,
+                     m.wake_due(run, await get_waits(conn, run.id), steps, op.now))
+    return tuple(row["id"] for row in rows)
 
 
 async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> None:
-    run = await _fenced(conn, op.lease)
+    run = await get_run(conn, op.lease.run_id, lock=True)
     new = op.step
-    row = await conn.fetchrow(
-        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 AND position = $2",
-        run.id, new.position,
-    )
-    old = None if row is None else _step(row)
-    if not step_write_changes(run.id, old, new, save=isinstance(op, o.SaveStep)):
-        return None
+    keyed = None
     if new.idempotency_key is not None:
-        other = await conn.fetchval(
+        keyed = await conn.fetchval(
             "SELECT position FROM steps WHERE run_id = $1 AND name = $2"
             " AND idempotency_key = $3 AND position <> $4 ORDER BY seq LIMIT 1",
-            run.id, new.name, new.idempotency_key, new.position,
+            op.lease.run_id, new.name, new.idempotency_key, new.position,
         )
-        if other is not None:
-            raise key_conflict_error(run.id, new, other)
-    if isinstance(op, o.StartStep):
-        new = attrs.evolve(new, state="running")
-        event, detail = "task.running", None
+    old = None if run is None else await _get_step(conn, run.id, new.position)
+    await _write(conn, op.lease.run_id, m.save_step(
+        run, op.lease, old, keyed, new, op.now, start=isinstance(op, o.StartStep)))
+
+
+async def _finish(conn: Conn, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
+    run = await get_run(conn, op.lease.run_id, lock=True)
+    if isinstance(op, o.CompleteRun):
+        change = m.finish(run, op.lease, op.now, result=op.result)
     else:
-        event, detail = history_event_for_step(new)
-    fields = attrs.fields(StepRecord)
-    await conn.execute(
-        f"INSERT INTO steps (run_id, {STEP_COLUMNS}) VALUES"
-        f" ({', '.join(f'${i}' for i in range(1, len(fields) + 2))})"
-        " ON CONFLICT (run_id, position) DO UPDATE SET "
-        + ", ".join(f"{f.name} = excluded.{f.name}" for f in fields),
-        run.id, *attrs.astuple(new),
-    )
-    await _update_run(conn, run, op.now, _event(run.id, op.now, event, new.attempts,
-                                                op.lease.worker_id, position=new.position,
-                                                name=new.name, detail=detail))
-    return None
+        change = m.finish(run, op.lease, op.now, error=(op.error_type, op.error_message))
+    await _write(conn, op.lease.run_id, change)
+    return change.run
 
 
-async def _finish(conn: Conn, lease: Lease, now: float, state: str, result: str | None = None,
-                  error: tuple[str, str] | None = None) -> RunRecord:
-    run = await _fenced(conn, lease)
-    error_type, error_message = error if error else (None, None)
-    return await _update_run(
-        conn, run, now,
-        _event(run.id, now, f"run.{state}", run.attempts, lease.worker_id,
-               detail=None if error is None else f"{error_type}: {error_message}"),
-        state=state, result=result, error_type=error_type, error_message=error_message,
-        finished_at=now, **NO_LEASE,
-    )
+async def _await_step(conn: Conn, op: o.AwaitStep) -> StepRecord:
+    run_id = op.lease.run_id
+    run = await get_run(conn, run_id, lock=True)
+    row = await conn.fetchrow(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = $1 AND name = $2"
+        " AND position IS NULL ORDER BY seq LIMIT 1", run_id, op.step.name)
+    change, step = m.await_step(run, op.lease, await _get_step(conn, run_id, op.step.position),
+                                None if row is None else EventRecord(*row), op.step, op.now)
+    await _write(conn, run_id, change)
+    return step
 
 
-async def _suspend(conn: Conn, op: o.SuspendRun) -> None:
-    run = await _fenced(conn, op.lease)
-    await _update_run(conn, run, op.now,
-                      _event(run.id, op.now, "run.sleeping", run.attempts, op.lease.worker_id,
-                             detail=f"{op.reason}; wakes at {op.wake_at}"),
-                      state="sleeping", wake_at=op.wake_at, **NO_LEASE)
+async def _wait(conn: Conn, op: o.WaitRun) -> None:
+    run_id = op.lease.run_id
+    run = await get_run(conn, run_id, lock=True)
+    steps = {}
+    for c in op.conditions:
+        step = await _get_step(conn, run_id, c.position)
+        if step is not None:
+            steps[c.position] = step
+    buffered = {r["name"] for r in await conn.fetch(
+        "SELECT DISTINCT name FROM events WHERE run_id = $1 AND position IS NULL", run_id)}
+    await _write(conn, run_id, m.wait(run, op.lease, op.conditions, steps, buffered, op.now,
+                                      op.reason))
+
+
+async def _wakeup(conn: Conn, op: o.Wakeup) -> bool:
+    run = await get_run(conn, op.run_id, lock=True)
+    sleeping = [s for s in await get_steps(conn, op.run_id)
+                if s.kind == "sleep" and s.state == "running"]
+    change, woken = m.wakeup(run, op.run_id, sleeping, op.now)
+    await _write(conn, op.run_id, change)
+    return woken
+
+
+async def _send(conn: Conn, op: o.SendEvent) -> o.SendOutcome:
+    run = await get_run(conn, op.run_id, lock=True)  # sends to one run take turns
+    duplicate = op.idempotency_key is not None and await conn.fetchval(
+        "SELECT true FROM events WHERE run_id = $1 AND name = $2 AND idempotency_key = $3",
+        op.run_id, op.name, op.idempotency_key) is not None
+    row = await conn.fetchrow(
+        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 AND kind = 'event' AND name = $2"
+        " AND state = 'running' ORDER BY seq LIMIT 1", op.run_id, op.name)
+    change, outcome = m.send(run, op, duplicate, None if row is None else _step(row))
+    await _write(conn, op.run_id, change)
+    return outcome
 
 
 async def _release(conn: Conn, op: o.ReleaseRun) -> None:
-    run = await _fenced(conn, op.lease)
-    await _update_run(conn, run, op.now,
-                      _event(run.id, op.now, "run.queued", run.attempts, op.lease.worker_id,
-                             detail=op.reason),
-                      state="queued", **NO_LEASE)
+    run = await get_run(conn, op.lease.run_id, lock=True)
+    await _write(conn, op.lease.run_id, m.release(run, op.lease, op.now, op.reason))
 
 
 async def _apply_one(conn: Conn, op: o.Op[Any]) -> Any:
@@ -411,17 +465,20 @@ async def _apply_one(conn: Conn, op: o.Op[Any]) -> Any:
         return await _expire(conn, op)
     if isinstance(op, (o.StartStep, o.SaveStep)):
         return await _save_step(conn, op)
-    if isinstance(op, o.CompleteRun):
-        return await _finish(conn, op.lease, op.now, "completed", result=op.result)
-    if isinstance(op, o.FailRun):
-        return await _finish(conn, op.lease, op.now, "failed",
-                             error=(op.error_type, op.error_message))
-    if isinstance(op, o.SuspendRun):
-        return await _suspend(conn, op)
+    if isinstance(op, (o.CompleteRun, o.FailRun)):
+        return await _finish(conn, op)
     if isinstance(op, o.ReleaseRun):
         return await _release(conn, op)
+    if isinstance(op, o.AwaitStep):
+        return await _await_step(conn, op)
+    if isinstance(op, o.WaitRun):
+        return await _wait(conn, op)
     if isinstance(op, o.WakeDue):
         return await _wake_due(conn, op)
+    if isinstance(op, o.Wakeup):
+        return await _wakeup(conn, op)
+    if isinstance(op, o.SendEvent):
+        return await _send(conn, op)
     raise TypeError(f"unknown store operation {type(op).__name__}")
 
 
@@ -510,7 +567,8 @@ async def close_pool(pool: Pool, timeout: float) -> None:
 
 # -- wake-ups: LISTEN on a connection of its own ------------------------------------------------
 def work_channel(schema: str) -> str:
-    """The channel ``notify_work`` (migration 2) notifies when a run in ``schema`` is queued."""
+    """The channel the triggers notify (migrations 2 and 3): payload '' when a run in
+    ``schema`` is queued, 'ended:<run id>' when one ends, 'due' when a timed wait begins."""
     return f"aiki_work:{schema}"
 
 
@@ -522,6 +580,7 @@ class Listener:
         self._conn = conn
         self._ignore = ignore
         self._heard = asyncio.Event()
+        self._notices: list[str] = []
         self._lost: BaseException | None = None
 
     @classmethod
@@ -545,20 +604,24 @@ class Listener:
             raise
         return listener
 
-    def _on_notification(self, conn: Any, pid: int, *args: Any) -> None:
+    def _on_notification(self, conn: Any, pid: int, channel: str, payload: object) -> None:
         if not self._ignore(pid):
+            self._notices.append(str(payload))
             self._heard.set()
 
     def _on_termination(self, *args: Any) -> None:
         self._lost = ConnectionResetError("the listening connection was closed")
         self._heard.set()
 
-    async def wait(self) -> None:
-        """Return once a notification arrived (all that arrived meanwhile count as one)."""
+    async def wait(self) -> list[str]:
+        """The payloads of the notifications that arrived since the last call, once there is
+        one; repeats are folded into one."""
         await self._heard.wait()
         self._heard.clear()
         if self._lost is not None:
             raise NotCommitted(self._lost)
+        notices, self._notices = self._notices, []
+        return list(dict.fromkeys(notices))
 
     def close(self) -> None:
         self._conn.terminate()

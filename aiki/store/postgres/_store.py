@@ -14,7 +14,7 @@ import asyncpg
 import trio
 
 from aiki.errors import StoreUnavailable
-from aiki.records import HistoryEvent, RunRecord, StepRecord
+from aiki.records import EventRecord, HistoryEvent, RunRecord, StepRecord, WaitRecord
 from aiki.store import ops as o
 from aiki.store import redact_url as redact
 from aiki.store.postgres import _sql
@@ -26,6 +26,7 @@ log = logging.getLogger("aiki.store.postgres")
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)  # then 1.0 s between attempts
 CLOSE_TIMEOUT = 5.0
+RESYNC = "resync"
 
 
 class PostgresStore:
@@ -138,8 +139,14 @@ class PostgresStore:
             "list_runs", lambda conn: _sql.list_runs(conn, workflow, state, limit)
         )
 
-    async def next_wake_at(self) -> float | None:
-        return await self._read("next_wake_at", _sql.next_wake_at)
+    async def get_waits(self, run_id: str) -> tuple[WaitRecord, ...]:
+        return await self._read("get_waits", lambda conn: _sql.get_waits(conn, run_id))
+
+    async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
+        return await self._read("get_events", lambda conn: _sql.get_events(conn, run_id))
+
+    async def next_due(self) -> float | None:
+        return await self._read("next_due", _sql.next_due)
 
     # -- writes -----------------------------------------------------------------------------
     async def apply(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
@@ -181,18 +188,19 @@ class PostgresStore:
 
     # -- wake-ups ---------------------------------------------------------------------------
     async def watch(
-        self, on_work: Callable[[], None], *,
+        self, on_notice: Callable[[str], None], *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Call ``on_work()`` whenever a run in this schema becomes queued by another server
-        (this store's own commits are left out: whoever made them pokes its Dispatcher).
+        """Call ``on_notice(payload)`` for what other servers commit in this schema: ``""``
+        when a run becomes queued, ``"ended:<run id>"`` when a run ends, ``"due"`` when a
+        timed wait begins (this store's own commits are left out: whoever made them tells
+        its actors itself).
 
-        PostgreSQL's LISTEN/NOTIFY (a trigger notifies when the transaction commits), on a
-        connection of its own. Runs until cancelled: start it in a nursery (``await
-        nursery.start(store.watch, dispatcher.poke)``); it is ready once it listens. While
-        the database is away it reconnects with backoff, and calls ``on_work()`` once each
-        time it is back, for what it may have missed. Notifications are hints: keep a slow
-        poll as the fallback.
+        PostgreSQL's LISTEN/NOTIFY (triggers notify when the transaction commits), on a
+        connection of its own. Runs until cancelled: start it in a nursery; it is ready once
+        it listens. While the database is away it reconnects with backoff, and calls
+        ``on_notice("resync")`` each time it is back: whatever was notified meanwhile is
+        lost, so the caller recovers it from the store. Notifications are hints.
         """
         tries = 0
         while True:
@@ -213,11 +221,11 @@ class PostgresStore:
                     task_status.started()
                     task_status = trio.TASK_STATUS_IGNORED
                 if tries:
-                    on_work()  # back after an outage: whatever was notified meanwhile is lost
+                    on_notice(RESYNC)  # back after an outage: what was notified is lost
                 tries = 0
                 while True:
-                    await self._bridge.run(listener.wait)
-                    on_work()
+                    for notice in await self._bridge.run(listener.wait):
+                        on_notice(notice)
             except _sql.NotCommitted as exc:
                 log.warning("listening for work on %s: connection lost (%s)", self.dsn, exc)
                 tries = 1
