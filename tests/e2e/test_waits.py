@@ -1,0 +1,200 @@
+"""Durable sleeps and events end to end, on every store, in virtual time."""
+
+from __future__ import annotations
+
+import datetime
+
+import attrs
+import pytest
+import trio
+
+import aiki
+from aiki.store import Store
+
+calls: list[tuple[str, float]] = []
+
+
+@aiki.task(name="note")
+async def note(what: str) -> str:
+    calls.append((what, trio.current_time()))
+    return what
+
+
+@aiki.workflow(name="napper", version="1")
+async def napper(run: aiki.WorkflowRun, seconds: float) -> list[bool]:
+    await note.run(run, "before")
+    slept = await run.sleep(seconds)
+    await note.run(run, "after")
+    return [slept, await run.sleep(datetime.timedelta(seconds=0))]
+
+
+async def test_a_long_sleep_frees_the_slot_and_wakes_on_time(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    calls.clear()
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[napper]) as worker:
+            handle = await napper.enqueue(client, 3600.0)
+            with trio.fail_after(60):
+                while (await handle.status()).state != "waiting":
+                    await trio.sleep(0.5)
+            assert not worker.held  # the slot is free while it sleeps
+            status = await handle.status()
+            [wait] = status.waits
+            assert (wait.kind, wait.position) == ("sleep", "1")
+            assert wait.due_at is not None and wait.since is not None
+            assert wait.due_at - wait.since == pytest.approx(3600.0, abs=0.1)
+            assert await handle.wait_for_completion(timeout=7200) == [True, True]
+            events = [e.event for e in await handle.history()]
+    (_, before), (_, after) = calls
+    assert after - before == pytest.approx(3600.0, abs=0.5)  # on time, not a poll late
+    assert "sleep.waiting" in events and "sleep.completed" in events
+    assert "run.waiting" in events
+
+
+async def test_a_short_sleep_is_held_inline_and_wakeup_ends_it_early(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    calls.clear()
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[napper]) as worker:
+            handle = await napper.enqueue(client, 5.0)
+            with trio.fail_after(3):
+                while not calls:
+                    await trio.sleep(0.1)
+            await trio.sleep(1.0)
+            assert worker.held  # under the inline limit: the worker holds it
+            assert (await handle.status()).state == "running"
+            [wait] = (await handle.status()).waits
+            assert wait.kind == "sleep"
+            assert await handle.wakeup() is True  # pushed to the worker at once
+            assert await handle.wait_for_completion(timeout=3) == [False, True]
+            assert await handle.wakeup() is False  # not sleeping: nothing changes
+    (_, before), (_, after) = calls
+    assert after - before < 2.0
+
+
+async def test_wakeup_of_a_waiting_run_queues_it(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[napper]):
+            handle = await napper.enqueue(client, 86400.0 * 30)
+            with trio.fail_after(60):
+                while (await handle.status()).state != "waiting":
+                    await trio.sleep(0.5)
+            assert await handle.wakeup() is True
+            with trio.fail_after(5):
+                assert await handle.wait_for_completion() == [False, True]
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf", str(86400 * 366 * 11)])
+async def test_a_bad_duration_raises_at_the_call_and_records_nothing(
+    autojump_clock: trio.abc.Clock, sources: aiki.Sources, bad: str,
+) -> None:
+    @aiki.workflow(name="bad-sleep", version="1")
+    async def bad_sleep(run: aiki.WorkflowRun, seconds: str) -> str:
+        try:
+            await run.sleep(float(seconds))
+        except ValueError as exc:
+            return f"refused: {exc}"
+        return "slept"
+
+    async with aiki.embedded("memory", sources=sources) as client:
+        async with aiki.worker(client, workflows=[bad_sleep]):
+            handle = await bad_sleep.enqueue(client, bad)
+            result = await handle.wait_for_completion(timeout=10)
+            assert (await handle.status()).waits == ()
+            history = await handle.history()
+    assert result.startswith("refused: run.sleep(): the duration must")
+    assert not [e for e in history if e.event.startswith("sleep.")]
+
+
+# -- events ------------------------------------------------------------------------------------
+@attrs.frozen
+class Approval:
+    approved: bool
+    by: str
+
+
+approval = aiki.event("approval", Approval)
+nudge_event = aiki.event("nudge", int)
+
+
+@aiki.workflow(name="expense", version="1", events=[approval, nudge_event])
+async def expense(run: aiki.WorkflowRun, amount: int) -> list[str]:
+    seen = []
+    for _ in range(2):
+        try:
+            decision = await approval.wait(run, timeout=datetime.timedelta(hours=1))
+        except aiki.EventTimeout:
+            seen.append("timed out")
+        else:
+            seen.append(f"{decision.approved} by {decision.by}")
+    return seen
+
+
+async def wait_state(handle: aiki.RunHandle[object], state: str) -> None:
+    with trio.fail_after(60):
+        while (await handle.status()).state != state:
+            await trio.sleep(0.5)
+
+
+async def test_sends_are_buffered_delivered_in_order_and_keys_deduplicate(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[expense]):
+            handle = await expense.enqueue(client, 10)
+            assert await handle.send(approval, Approval(True, "ann"), idempotency_key="m1") \
+                in (True, False)
+            await handle.send(approval, Approval(False, "bob"), idempotency_key="m1")  # dup
+            await handle.send(approval, Approval(False, "cy"))
+            assert await handle.wait_for_completion(timeout=60) == ["True by ann",
+                                                                     "False by cy"]
+    stored = [e for e in await engine_store.get_events(handle.id)]
+    assert [e.idempotency_key for e in stored] == ["m1", None]
+
+
+async def test_a_send_wakes_a_waiting_run_by_push_and_a_timeout_passes_to_the_next(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[expense]) as worker:
+            handle = await expense.enqueue(client, 10)
+            await wait_state(handle, "waiting")
+            assert not worker.held
+            [wait] = (await handle.status()).waits
+            assert (wait.kind, wait.name) == ("event", "approval")
+            await trio.sleep(3600)  # the first wait times out
+            await wait_state(handle, "waiting")
+            start = trio.current_time()
+            assert await handle.send(approval, Approval(True, "dee")) is True
+            assert await handle.wait_for_completion(timeout=60) == ["timed out", "True by dee"]
+            assert trio.current_time() - start < 0.5  # pushed, not polled
+            history = [e.event for e in await handle.history()]
+    assert history.count("event.timed_out") == 1 and history.count("event.received") == 1
+
+
+async def test_bad_sends_are_refused_with_nothing_stored(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[expense, napper]):
+            handle = await expense.enqueue(client, 10)
+            with pytest.raises(aiki.UnknownEvent, match="does not declare event 'nope'"):
+                await handle.send("nope", 1)
+            with pytest.raises(aiki.PayloadError, match="expected Approval"):
+                await handle.send(approval, "yes")
+            with pytest.raises(TypeError, match="cannot encode"):
+                await handle.send("approval", object())
+            with pytest.raises(aiki.RunNotFound):
+                await client.handle("ghost").send(approval, Approval(True, "x"))
+            assert await engine_store.get_events(handle.id) == ()
+            done = await expense.enqueue(client, 20)
+            for by in ("a", "b"):
+                await done.send(approval, Approval(True, by))
+            await done.wait_for_completion(timeout=60)
+            with pytest.raises(aiki.RunFinished, match="completed"):
+                await done.send("approval", {"approved": True, "by": "x"})
+            assert len(await engine_store.get_events(done.id)) == 2  # the two before it
