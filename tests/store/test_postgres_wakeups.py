@@ -47,7 +47,7 @@ async def test_a_store_is_woken_by_other_servers_commits_not_by_its_own(
             PostgresStore.open(postgres.dsn, schema=schema) as other:
         woken: list[float] = []
         async with trio.open_nursery() as nursery:
-            await nursery.start(mine.watch, lambda: woken.append(trio.current_time()))
+            await nursery.start(mine.watch, lambda notice: woken.append(trio.current_time()))
             for i in range(3):
                 await execute(mine, o.Enqueue(f"mine-{i}", "wf", "1", "null", None, 1.0))
             await trio.sleep(1.0)  # a notification would have arrived by now
@@ -57,3 +57,42 @@ async def test_a_store_is_woken_by_other_servers_commits_not_by_its_own(
                 while not woken:
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
+
+
+approval = aiki.event("approval", str)
+pauses: list[float] = []
+
+
+@aiki.workflow(name="approve-later", version="1", events=[approval])
+async def approve_later(run: aiki.WorkflowRun, x: int) -> str:
+    slept = await run.sleep(1.5)  # over the worker's inline limit: the run waits
+    decision = await approval.wait(run)
+    return f"{x} {slept} {decision}"
+
+
+async def test_a_client_a_worker_and_a_sender_each_on_another_server(
+    postgres: TestPostgres,
+) -> None:
+    """Three servers on one database: the client enqueues and waits through A, the only
+    worker is on B, the event is sent through C. The wake-up, the delivered event and the
+    run's end each reach the server that has to act, by notification."""
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store_a, \
+            PostgresStore.open(postgres.dsn, schema=schema) as store_b, \
+            PostgresStore.open(postgres.dsn, schema=schema) as store_c:
+        # Polls every 1000 s: within the bounds below only notifications can do it.
+        async with aiki.embedded(store_a, poll_interval=1000.0, sources=Sources.real()) as a, \
+                aiki.embedded(store_b, poll_interval=1000.0, sources=Sources.real()) as b, \
+                aiki.embedded(store_c, poll_interval=1000.0, sources=Sources.real()) as c:
+            async with aiki.worker(b, workflows=[approve_later], inline_retry_max=0.5):
+                handle = await approve_later.enqueue(a, 7)
+                with trio.fail_after(30):
+                    while not any(e.event == "event.waiting" for e in await handle.history()):
+                        await trio.sleep(0.1)
+                assert await c.handle(handle.id).send(approval, "yes") is True
+                with trio.fail_after(30):
+                    assert await handle.wait_for_completion() == "7 True yes"
+            history = await handle.history()
+    assert [e.event for e in history].count("run.waiting") == 2  # the sleep, then the event
+    woke = [e for e in history if e.event == "sleep.completed"]
+    assert len(woke) == 1 and woke[0].detail == "slept"

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from aiki import protocol
 from aiki.errors import PayloadError, ProtocolError
-from aiki.records import HistoryEvent, Lease, RunRecord, StepRecord, WaitFor
+from aiki.records import HistoryEvent, Lease, RunRecord, StepRecord, WaitFor, WaitRecord
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -28,6 +28,8 @@ RECORD_TYPES: tuple[type[Any], ...] = (
     StepRecord,
     HistoryEvent,
     Lease,
+    WaitFor,
+    WaitRecord,
     protocol.WorkflowRef,
     protocol.WorkerInfo,
 )
