@@ -198,3 +198,78 @@ async def test_bad_sends_are_refused_with_nothing_stored(
             with pytest.raises(aiki.RunFinished, match="completed"):
                 await done.send("approval", {"approved": True, "by": "x"})
             assert len(await engine_store.get_events(done.id)) == 2  # the two before it
+
+
+# -- replay ------------------------------------------------------------------------------------
+variant = {"v": "sleep 5"}
+
+
+@aiki.workflow(name="changing-sleep", version="1")
+async def changing_sleep(run: aiki.WorkflowRun, x: int) -> str:
+    await note.run(run, "start")
+    if variant["v"] == "task":
+        await note.run(run, "instead")
+    else:
+        await run.sleep(float(variant["v"].split()[1]))
+    await note.run(run, "end")
+    return variant["v"]
+
+
+async def crash_mid_sleep_then_replay(engine_store: Store, sources: aiki.Sources,
+                                      new: str) -> tuple[aiki.RunHandle[str], float]:
+    """A worker holds a 5 s sleep inline and dies 2 s into it; the code changes to ``new``;
+    another worker replays the run once the lease expires."""
+    calls.clear()
+    variant["v"] = "sleep 5"
+    async with aiki.embedded(engine_store, lease_ttl=1.5, sources=sources) as client:
+        handle = await changing_sleep.enqueue(client, 1)
+        with trio.CancelScope() as crash:
+            async with aiki.worker(client, workflows=[changing_sleep], id="first"):
+                with trio.fail_after(5):
+                    while not calls:
+                        await trio.sleep(0.1)
+                await trio.sleep(2.0)
+                crash.cancel()
+        variant["v"] = new
+        async with aiki.worker(client, workflows=[changing_sleep], id="second"):
+            with trio.move_on_after(60), pytest.raises(aiki.WorkflowFailed) if new == "task" \
+                    else _nothing():
+                await handle.wait_for_completion()
+            history = await handle.history()
+    started = next(e.at for e in history if e.event == "sleep.waiting")
+    return handle, started
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("new", "slept"), [("sleep 9", 9.0), ("sleep 1", None)])
+async def test_a_replayed_sleep_counts_from_when_it_began(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources, new: str,
+    slept: float | None,
+) -> None:
+    await crash_mid_sleep_then_replay(engine_store, sources, new)
+    (_, start), (_, end) = calls[0], calls[-1]
+    assert calls[-1][0] == "end"
+    if slept is not None:  # longer now: it sleeps only the difference
+        assert end - start == pytest.approx(slept, abs=0.2)
+    else:  # shorter: over already, so it ends once the run is replayed (the lease expired
+        # about 3.5 s in), not at the 5 s the history recorded
+        assert end - start < 4.5
+
+
+async def test_a_sleep_where_history_has_a_task_is_non_determinism(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    handle, _ = await crash_mid_sleep_then_replay(engine_store, sources, "task")
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        status = await client.handle(handle.id).status()
+    assert status.state == "failed" and status.error_type == "NonDeterminismError"
+    assert status.error_message is not None
+    assert "the history has run.sleep()" in status.error_message
+    assert "the code now calls task 'note'" in status.error_message
