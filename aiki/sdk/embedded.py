@@ -9,6 +9,7 @@ from typing import Any
 import trio
 
 from aiki.actors.run import DEFAULT_RECORD_START_AFTER
+from aiki.actors.scopes import serving_nursery
 from aiki.actors.worker import Worker
 from aiki.sdk.client import Client
 from aiki.sdk.definitions import Workflow
@@ -38,17 +39,10 @@ async def embedded(
     try:
         transport = MemoryTransport()
         server = Server(opened, sources, lease_ttl=lease_ttl, poll_interval=poll_interval)
-        failure: BaseException | None = None
-        async with trio.open_nursery() as nursery:
+        async with serving_nursery() as nursery:
             address = await nursery.start(server.serve, transport, "embedded")
-            try:
-                async with Client.open(transport, address, sources) as client:
-                    yield client
-            except BaseException as exc:
-                failure = exc  # re-raised as itself, not wrapped in the nursery's group
-            nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
+            async with Client.open(transport, address, sources) as client:
+                yield client
     finally:
         if owned:
             with trio.CancelScope(shield=True):
@@ -76,18 +70,10 @@ async def worker(
         record_start_after=record_start_after,
         token=client.token,
     )
-    failure: BaseException | None = None
-    async with trio.open_nursery() as nursery:
+    async with serving_nursery() as nursery:
         await nursery.start(w.run)
-        try:
-            yield w
-            # A block whose scope was cancelled ends "normally" without a checkpoint; that
-            # is still a crash, not a graceful stop.
-            await trio.lowlevel.checkpoint_if_cancelled()
-        except BaseException as exc:
-            failure = exc  # a crash: say nothing more, and re-raise it unwrapped below
-        else:
-            await w.release_all()
-        nursery.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
+        yield w  # an exception here is a crash: nothing more is said to the server
+        # A block whose scope was cancelled ends "normally" without a checkpoint; that is
+        # still a crash, not a graceful stop.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await w.release_all()
