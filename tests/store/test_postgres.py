@@ -144,6 +144,39 @@ async def test_migrations_run_once_under_concurrent_starts(postgres: TestPostgre
         await PostgresStore.open(postgres.dsn, schema=schema)
 
 
+async def test_a_schema_of_the_release_before_waits_is_migrated_and_its_runs_finish(
+    postgres: TestPostgres,
+) -> None:
+    """A schema written by the release before waits (migrations 1 and 2, a run ``sleeping``
+    until its retry) is migrated at open, and its runs go on."""
+    schema = postgres.fresh_schema()
+    async with raw_connection(postgres, schema) as raw:
+        await raw.execute(f'CREATE SCHEMA "{schema}"')
+        await raw.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+                          " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        for number, statements in enumerate(MIGRATIONS[:2], start=1):
+            for statement in statements:
+                await raw.execute(statement)
+            await raw.execute("INSERT INTO schema_migrations (version) VALUES ($1)", number)
+        for run_id, state, wake_at in (("sleeper", "sleeping", 50.0), ("queued", "queued", None)):
+            await raw.execute(
+                "INSERT INTO runs (id, workflow, version, payload, state, attempts, lease_epoch,"
+                " wake_at, created_at, updated_at) VALUES ($1, 'wf', '1', 'null', $2, 1, 1,"
+                " $3, 1.0, 2.0)", run_id, state, wake_at)
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store:
+        sleeper = await store.get_run("sleeper")
+        assert sleeper is not None and sleeper.state == "waiting"
+        [wait] = await store.get_waits("sleeper")
+        assert (wait.kind, wait.due_at) == ("retry", 50.0)
+        assert await store.next_due() == 50.0
+        assert await execute(store, o.WakeDue(50.0)) == ("sleeper",)
+        claimed = await execute(store, o.Claim("w", WF, 10, 51.0, 30.0))
+        assert sorted(c.run.id for c in claimed) == ["queued", "sleeper"]
+        for c in claimed:
+            await execute(store, o.CompleteRun(c.lease, '"done"', 52.0))
+        assert {r.state for r in await store.list_runs()} == {"completed"}
+
+
 async def test_the_indexes_that_keep_claims_and_status_fast_exist(postgres: TestPostgres) -> None:
     schema = postgres.fresh_schema()
     async with PostgresStore.open(postgres.dsn, schema=schema):
