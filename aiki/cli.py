@@ -143,13 +143,25 @@ def _parser() -> argparse.ArgumentParser:
     _client_options(runs_list)
     runs_list.add_argument("--workflow", help="only runs of this workflow")
     runs_list.add_argument("--state", help="only runs in this state (queued, running, "
-                                           "sleeping, completed, failed, cancelled)")
+                                           "waiting, completed, failed, cancelled)")
     runs_list.add_argument("--limit", type=_positive_int, default=50, metavar="N",
                            help="at most N runs, newest first (default 50, at most 1000)")
     runs_show = command("show", "a run: state, result, tasks and history", _runs_show,
                         parent=runs_commands)
     _client_options(runs_show)
     runs_show.add_argument("run_id", metavar="ID")
+    runs_wakeup = command("wakeup", "end a run's current sleep early", _runs_wakeup,
+                          parent=runs_commands)
+    _client_options(runs_wakeup)
+    runs_wakeup.add_argument("run_id", metavar="ID")
+    runs_send = command("send", "send an event to a run", _runs_send, parent=runs_commands)
+    _client_options(runs_send)
+    runs_send.add_argument("run_id", metavar="ID")
+    runs_send.add_argument("event", metavar="EVENT", help="the event's name")
+    runs_send.add_argument("--payload", default="null", metavar="JSON",
+                           help="the event's value as JSON (default: null)")
+    runs_send.add_argument("--key", metavar="KEY",
+                           help="an idempotency key: a second send with KEY stores nothing")
 
     workers = command("workers", "the connected workers", _workers)
     _client_options(workers)
@@ -421,8 +433,11 @@ def _runs_show(args: argparse.Namespace) -> int:
     if run.state == "running":
         fields.append(("worker", f"{run.lease_owner} (lease epoch {run.lease_epoch}, "
                                  f"expires {_time(run.lease_expires_at)})"))
-    if run.state == "sleeping":
-        fields.append(("wakes", _time(run.wake_at)))
+    for w in info.waits:
+        what = {"sleep": "a sleep", "event": f"event {w.name!r}",
+                "retry": f"the retry of task {w.name!r}"}.get(w.kind, w.kind)
+        fields.append(("waits for", f"{what} at step {w.position}, since {_time(w.since)}, "
+                                    f"until {_time(w.due_at) if w.due_at else 'it comes'}"))
     fields += [("payload", run.payload), ("result", run.result),
                ("error", f"{run.error_type}: {run.error_message}" if run.error_type else None)]
     width = max(len(name) for name, _ in fields)
@@ -443,6 +458,31 @@ def _runs_show(args: argparse.Namespace) -> int:
     print(table(["AT", "+S", "EVENT", "NAME", "ATTEMPT", "WORKER", "DETAIL"],
                 [[_time(e.at), f"{e.at - start:.3f}", e.event, e.name or "", e.attempt,
                   e.worker_id or "server", _short(e.detail)] for e in events]))
+    return 0
+
+
+def _runs_wakeup(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> bool:
+        return bool(await client.handle(args.run_id).wakeup())
+
+    woken = _client_call(args, body)
+    print(f"run {args.run_id}: " + ("woken up" if woken else "not sleeping; nothing changed"))
+    return 0
+
+
+def _runs_send(args: argparse.Namespace) -> int:
+    try:
+        value = json.loads(args.payload)
+    except ValueError as exc:
+        raise UsageError(f"--payload is not valid JSON: {exc}") from None
+
+    async def body(client: Any) -> bool:
+        return bool(await client.handle(args.run_id).send(args.event, value,
+                                                          idempotency_key=args.key))
+
+    delivered = _client_call(args, body)
+    print(f"run {args.run_id}: event {args.event!r} "
+          + ("delivered to its wait" if delivered else "sent (buffered for its next wait)"))
     return 0
 
 

@@ -16,6 +16,7 @@ before deciding anything, so a refused operation changes nothing.
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -145,6 +146,14 @@ def _move(run: RunRecord, now: float, state: RunState, **changes: Any) -> RunRec
 _NO_LEASE: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
 
 
+def when(at: float | None) -> str:
+    """A time in a history detail, as people read it: ISO 8601 in UTC, to the millisecond."""
+    if at is None:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(at, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 # -- runs ------------------------------------------------------------------------------------
 def enqueue(op: o.Enqueue) -> tuple[RunRecord, Entry]:
     """The new run and its first event (the store decides whether it is new)."""
@@ -231,7 +240,8 @@ def history_event_for_step(step: StepRecord) -> tuple[str, str | None]:
     if step.kind in ("now", "random", "uuid"):
         return "step.recorded", step.kind
     if step.state == "retrying":
-        detail = f"{step.error_type}: {step.error_message}; next attempt at {step.next_attempt_at}"
+        detail = (f"{step.error_type}: {step.error_message}; "
+                  f"next attempt at {when(step.next_attempt_at)}")
         return "task.retrying", detail
     if step.state == "failed":
         return "task.failed", f"{step.error_type}: {step.error_message}"
@@ -278,16 +288,16 @@ def _receive(step: StepRecord, event: EventRecord, now: float, who: str | None) 
     done = attrs.evolve(step, state="completed", output=event.payload)
     return Change(steps=(done,), consumed=((event.seq, step.position),), history=(Entry(
         now, "event.received", step.attempts, who, step.position, step.name,
-        f"sent at {event.sent_at}" + (f", key {event.idempotency_key!r}"
+        f"sent at {when(event.sent_at)}" + (f", key {event.idempotency_key!r}"
                                        if event.idempotency_key else "")),))
 
 
 def _time_out(step: StepRecord, now: float, who: str | None) -> Change:
     done = attrs.evolve(step, state="failed", error_type=EVENT_TIMEOUT,
-                        error_message=f"no {step.name!r} event by {step.next_attempt_at}")
+                        error_message=f"no {step.name!r} event by {when(step.next_attempt_at)}")
     return Change(steps=(done,), history=(Entry(
         now, "event.timed_out", step.attempts, who, step.position, step.name,
-        f"due at {step.next_attempt_at}"),))
+        f"due at {when(step.next_attempt_at)}"),))
 
 
 def await_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
@@ -318,7 +328,7 @@ def await_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
     elif old is not None and old == waiting:
         return NOTHING, old
     else:
-        until = "for ever" if due is None else f"until {due}"
+        until = "for ever" if due is None else f"until {when(due)}"
         change = Change(steps=(waiting,), history=(Entry(
             now, f"{step.kind}.waiting", step.attempts, who, step.position, step.name,
             until),))
@@ -329,7 +339,7 @@ def _satisfied(cond: WaitFor, step: StepRecord | None, buffered: set[str],
                now: float) -> str | None:
     """Why ``cond`` holds already (the run need not wait for it), or None."""
     if cond.due_at is not None and cond.due_at <= now:
-        return f"{cond.kind} at step {cond.position} was due at {cond.due_at}"
+        return f"{cond.kind} at step {cond.position} was due at {when(cond.due_at)}"
     if cond.kind in ("sleep", "event") and step is not None and step.state in FINAL_STEP_STATES:
         return f"{cond.kind} at step {cond.position} ended while the run was held"
     if cond.kind == "event" and cond.name in buffered:
@@ -365,7 +375,7 @@ def describe_waits(waits: Iterable[WaitRecord | WaitFor]) -> str:
     for w in waits:
         what = {"sleep": "a sleep", "event": f"event {w.name!r}",
                 "retry": f"the retry of task {w.name!r}"}[w.kind]
-        until = "" if w.due_at is None else f" until {w.due_at}"
+        until = "" if w.due_at is None else f" until {when(w.due_at)}"
         parts.append(f"{what} at step {w.position}{until}")
     return " or ".join(parts)
 

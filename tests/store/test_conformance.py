@@ -480,7 +480,7 @@ async def test_retrying_steps_can_be_retried_then_completed(store: Store) -> Non
     assert (await events(store, "r1"))[-4:] == [
         (11.0, "task.running", 1, "w1", "0", "charge", None),
         (11.5, "task.retrying", 1, "w1", "0", "charge",
-         "IOError: timeout; next attempt at 12.5"),
+         "IOError: timeout; next attempt at 1970-01-01T00:00:12.500Z"),
         (12.5, "task.running", 2, "w1", "0", "charge", None),
         (13.0, "task.completed", 2, "w1", "0", "charge", None),
     ]
@@ -522,7 +522,8 @@ async def test_suspend_then_wake_due_runs_only(store: Store) -> None:
     assert (run.lease_epoch, run.attempts, run.updated_at) == (1, 1, 11.0)
     assert (await events(store, "r1"))[-1] == (
         11.0, "run.waiting", 1, "w1", None, None,
-        "sleep cooling-off; waits for the retry of task 'charge' at step 0 until 200.0")
+        "sleep cooling-off; waits for the retry of task 'charge' at step 0"
+        " until 1970-01-01T00:03:20.000Z")
     assert await store.next_due() == 40.0
     assert await execute(store, o.WakeDue(99.5)) == ()
     assert await execute(store, o.ExpireLeases(150.0)) == ("r3",)  # waiters hold no lease
@@ -534,7 +535,8 @@ async def test_suspend_then_wake_due_runs_only(store: Store) -> None:
     assert await store.get_waits("r2") == ()
     assert (await events(store, "r2"))[-1] == (
         100.0, "run.queued", 1, None, None, None,
-        "woke up: the retry of task 'charge' at step 0 until 100.0 came due")
+        "woke up: the retry of task 'charge' at step 0 until 1970-01-01T00:01:40.000Z"
+        " came due")
     assert await store.next_due() == 200.0
     assert await execute(store, o.WakeDue(500.0)) == ("r1",)
     assert await store.next_due() is None
@@ -901,10 +903,12 @@ async def test_a_sleep_waits_then_ends_when_due(store: Store) -> None:
     [done] = await store.get_steps("r1")
     assert (done.state, done.output) == ("completed", "true")
     assert [e[1:] for e in await events(store, "r1")][-4:] == [
-        ("sleep.waiting", 1, "w1", "0", "sleep", "until 16.0"),
-        ("run.waiting", 1, "w1", None, None, "sleeps; waits for a sleep at step 0 until 16.0"),
+        ("sleep.waiting", 1, "w1", "0", "sleep", "until 1970-01-01T00:00:16.000Z"),
+        ("run.waiting", 1, "w1", None, None,
+         "sleeps; waits for a sleep at step 0 until 1970-01-01T00:00:16.000Z"),
         ("sleep.completed", 1, None, "0", "sleep", "slept"),
-        ("run.queued", 1, None, None, None, "woke up: a sleep at step 0 until 16.0 came due"),
+        ("run.queued", 1, None, None, None,
+         "woke up: a sleep at step 0 until 1970-01-01T00:00:16.000Z came due"),
     ]
     [again] = await claim(store, now=17.0)
     assert await execute(store, o.AwaitStep(again.lease, sleep, 17.0)) == done  # replay
