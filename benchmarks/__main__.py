@@ -35,9 +35,15 @@ SUITES: dict[str, str] = {
     "latency": "benchmarks.latency",
     "scale": "benchmarks.scale",
     "idle": "benchmarks.idle",
+    "wakeups": "benchmarks.wakeups",
 }
 
 NOTES: dict[str, str] = {
+    "wakeups": "Durable sleeps, embedded, one worker that gives every sleep back (inline wait "
+               "limit 0.1 s). N runs asleep for a day; then the store calls of 20 s with "
+               "nothing due (goal: 0); then probes sleeping 2-4 s beside them: lateness of "
+               "the server's wake-up (the sleep.completed commit) and of the next task's "
+               "start, against the due time the store recorded. Goal: wake-up p99 <= 10 ms.",
     "baseline": "Single-row INSERT + COMMIT, 1 client, one transaction per row: the floor one "
                 "durable checkpoint costs.",
     "throughput": "Workflows of 3 trivial tasks (x + 1 each). Mode = runs in flight at any time "

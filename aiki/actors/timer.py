@@ -47,12 +47,13 @@ class Timer:
         task_status.started()
         next_at: float | None = None
         stale = True  # next_at must be read from the store
+        from_store = False  # next_at came from the store, not from a hint
         while True:
             try:
                 if stale:
                     self.reads += 1
                     next_at = await self.store.next_due()
-                    stale = False
+                    stale, from_store = False, True
                 now = self.sources.clock.now()
                 if next_at is not None and next_at <= now:
                     if not await self._fire(now):
@@ -75,15 +76,16 @@ class Timer:
                     except trio.WouldBlock:
                         break
             if waited.cancelled_caught:
-                # The due time (or the reconcile interval): read the store again unless it
-                # is the due time we know of, which the next round fires.
-                stale = next_at is None or next_at > self.sources.clock.now()
+                # The due time (or the reconcile interval). A due time the store gave is
+                # fired next round; one only hinted (a lease granted, since renewed or
+                # ended) is checked with one read first.
+                stale = not from_store or next_at is None or next_at > self.sources.clock.now()
                 continue
             for hint in hints:
                 if hint is None:
                     stale = True
                 elif next_at is None or hint < next_at:
-                    next_at = hint
+                    next_at, from_store = hint, False
 
     async def _fire(self, now: float) -> bool:
         woke = await self.writer.write(WakeDue(now))

@@ -1,0 +1,69 @@
+"""The Timer: no store query while nothing is due, and a wake-up on time."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+import aiki
+from aiki.store import MemoryStore
+
+
+class Counting(MemoryStore):
+    calls: collections.Counter[str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = collections.Counter()
+
+    async def apply(self, ops: Sequence[Any]) -> list[Any]:
+        self.calls.update(type(op).__name__ for op in ops)
+        return await super().apply(ops)
+
+    async def next_due(self) -> float | None:
+        self.calls["next_due"] += 1
+        return await super().next_due()
+
+    async def list_runs(self, **kwargs: Any) -> Any:
+        self.calls["list_runs"] += 1
+        return await super().list_runs(**kwargs)
+
+
+woke: list[float] = []
+
+
+@aiki.task(name="mark")
+async def mark(x: int) -> int:
+    woke.append(trio.current_time())
+    return x
+
+
+@aiki.workflow(name="long-nap", version="1")
+async def long_nap(run: aiki.WorkflowRun, seconds: float) -> int:
+    await run.sleep(seconds)
+    return await mark.run(run, 1)
+
+
+async def test_an_idle_server_with_sleeping_runs_asks_nothing_of_its_store(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = Counting()
+    async with aiki.embedded(store, sources=aiki.Sources.seeded(3)) as client:
+        async with aiki.worker(client, workflows=[long_nap]):
+            handles = [await long_nap.enqueue(client, 86400.0 * (i + 1)) for i in range(50)]
+            with trio.fail_after(60):
+                while len(await store.list_runs(state="waiting")) < 50:
+                    await trio.sleep(1)
+            await trio.sleep(31)  # the last lease granted would have expired by now
+            store.calls.clear()
+            await trio.sleep(86400 - 120)  # nearly a day: nothing is due
+            assert store.calls == collections.Counter()
+            woke.clear()
+            start = trio.current_time()
+            assert await handles[0].wait_for_completion(timeout=3600) == 1
+            # On time: the Timer slept until the due time (no poll beat to wait for).
+            assert woke[0] - start < 121.0
+            assert store.calls["WakeDue"] == 1
