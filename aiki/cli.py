@@ -454,11 +454,25 @@ def _runs_show(args: argparse.Namespace) -> int:
     else:
         print("no steps yet")
     print()
+    for s in steps:
+        if s.error_traceback and s.state in ("failed", "retrying"):
+            print(f"step {s.position} ({s.name}), attempt {s.attempts}, failed with "
+                  "(traceback from the worker):")
+            print(_indented(s.error_traceback))
+            print()
+    if run.error_traceback:
+        print("the run failed with (traceback from the worker):")
+        print(_indented(run.error_traceback))
+        print()
     start = events[0].at if events else 0.0
     print(table(["AT", "+S", "EVENT", "NAME", "ATTEMPT", "WORKER", "DETAIL"],
                 [[_time(e.at), f"{e.at - start:.3f}", e.event, e.name or "", e.attempt,
                   e.worker_id or "server", _short(e.detail)] for e in events]))
     return 0
+
+
+def _indented(text: str) -> str:
+    return "\n".join("    " + line for line in text.rstrip().splitlines())
 
 
 def _runs_wakeup(args: argparse.Namespace) -> int:

@@ -55,7 +55,8 @@ class TaskFailed(AikiError):
     Workflow code may catch it; if it does not, the run fails with the task's error.
     """
 
-    def __init__(self, task_name: str, error_type: str, message: str, attempts: int) -> None:
+    def __init__(self, task_name: str, error_type: str, message: str, attempts: int,
+                 remote_traceback: str | None = None) -> None:
         super().__init__(
             f"task {task_name!r} failed after {attempts} attempt(s): {error_type}: {message}"
         )
@@ -63,16 +64,19 @@ class TaskFailed(AikiError):
         self.error_type = error_type
         self.message = message
         self.attempts = attempts
+        self.remote_traceback = remote_traceback  # the last attempt's, as the worker saw it
 
 
 class WorkflowFailed(AikiError):
     """The run ended in ``failed`` (or ``cancelled``); carries the remote error type and message."""
 
-    def __init__(self, run_id: str, error_type: str, message: str) -> None:
+    def __init__(self, run_id: str, error_type: str, message: str,
+                 remote_traceback: str | None = None) -> None:
         super().__init__(f"run {run_id} failed: {error_type}: {message}")
         self.run_id = run_id
         self.error_type = error_type
         self.message = message
+        self.remote_traceback = remote_traceback  # where it failed, as the worker saw it
 
 
 class RunNotFound(AikiError):

@@ -300,6 +300,7 @@ class FailRun:
     lease: Lease
     error_type: str
     error_message: str
+    traceback: str | None = None
 
 
 @message("await_step")

@@ -39,6 +39,7 @@ class RunRecord:
     created_at: float
     updated_at: float
     finished_at: float | None
+    error_traceback: str | None = None  # the failure's Python traceback, from the worker
 
 
 @attrs.frozen
@@ -67,6 +68,7 @@ class StepRecord:
     error_type: str | None = None
     error_message: str | None = None
     next_attempt_at: float | None = None
+    error_traceback: str | None = None  # the failed attempt's Python traceback
 
 
 @attrs.frozen

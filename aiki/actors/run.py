@@ -29,6 +29,7 @@ import contextvars
 import datetime
 import logging
 import math
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -153,6 +154,7 @@ class RunState:
     # Set when the worker drains: no new task attempt starts; the run is given back.
     draining: trio.Event = attrs.field(factory=trio.Event)
     nudges: Nudges = attrs.field(factory=Nudges)
+    workflow: str = "?"  # its name, for the logs
     steps: dict[str, StepRecord] = attrs.field(init=False)
     consumed: set[str] = attrs.field(factory=set)
     root: _Branch = attrs.field(factory=lambda: _Branch(""))
@@ -291,11 +293,17 @@ class RunState:
             except Exception as exc:
                 retryable = not isinstance(exc, (NonRetryableError, PayloadError))
                 delay = task.retry.delay_after(attempt, self.sources.rng) if retryable else None
+                trace = format_traceback(exc)
                 failed = attrs.evolve(step, error_type=type(exc).__name__,
-                                      error_message=str(exc))
+                                      error_message=str(exc), error_traceback=trace)
+                log.warning("run %s (%s): task %r attempt %d failed%s: %s: %s\n%s",
+                            self.lease.run_id, self.workflow, task.name, attempt,
+                            "" if delay is None else f", retrying in {delay:g} s",
+                            type(exc).__name__, exc, trace)
                 if delay is None:
                     await self.save(attrs.evolve(failed, state="failed"))
-                    raise TaskFailed(task.name, type(exc).__name__, str(exc), attempt) from exc
+                    raise TaskFailed(task.name, type(exc).__name__, str(exc), attempt,
+                                     trace) from exc
                 not_before = clock.now() + delay
                 await self.save(attrs.evolve(failed, state="retrying",
                                              next_attempt_at=not_before))
@@ -424,7 +432,7 @@ async def _set_when(wait: Callable[[], Awaitable[Any]], scope: trio.CancelScope)
 def _outcome(step: StepRecord, result_type: Any) -> Any:
     if step.state == "failed":
         raise TaskFailed(step.name, step.error_type or "Error", step.error_message or "",
-                         step.attempts)
+                         step.attempts, step.error_traceback)
     assert step.output is not None
     return p.decode_value(step.output, result_type, what=f"result of task {step.name!r}")
 
@@ -565,7 +573,8 @@ async def run_workflow(
     lease = Lease(run.id, run.lease_epoch, run.lease_owner)
     state = RunState(lease, {s.position: s for s in assign.steps}, persist, sources,
                      inline_retry_max, record_start_after,
-                     trio.Event() if draining is None else draining, nudges or Nudges())
+                     trio.Event() if draining is None else draining, nudges or Nudges(),
+                     workflow.name)
     _BRANCH.set((state, state.root))
     handle = WorkflowRun(state, run.id, run.workflow, run.version, run.attempts)
     try:
@@ -586,19 +595,34 @@ async def run_workflow(
     except Abandon:
         return
     except TaskFailed as exc:
-        await _fail(state, exc.error_type, str(exc))
+        trace = format_traceback(exc)
+        if exc.__cause__ is None and exc.remote_traceback:  # replayed: the task's own first
+            trace = f"{exc.remote_traceback}\nThen, in the workflow:\n{trace}"
+        await _fail(state, workflow.name, exc.error_type, str(exc), trace)
         return
     except Exception as exc:
-        await _fail(state, type(exc).__name__, str(exc))
+        await _fail(state, workflow.name, type(exc).__name__, str(exc), format_traceback(exc))
         return
     await state.write(lambda req: p.CompleteRun(req, lease, result))
 
 
-async def _fail(state: RunState, error_type: str, message: str) -> None:
+async def _fail(state: RunState, workflow: str, error_type: str, message: str,
+                trace: str) -> None:
+    log.warning("run %s (%s): failed: %s: %s\n%s", state.lease.run_id, workflow, error_type,
+                message, trace)
     try:
-        await state.write(lambda req: p.FailRun(req, state.lease, error_type, message))
+        await state.write(lambda req: p.FailRun(req, state.lease, error_type, message, trace))
     except Abandon:
         pass
+
+
+MAX_TRACEBACK = 16 * 1024
+
+
+def format_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback (with its causes), its last 16 KiB: where it failed."""
+    text = "".join(traceback.format_exception(exc))
+    return text if len(text) <= MAX_TRACEBACK else "... (cut)\n" + text[-MAX_TRACEBACK:]
 
 
 __all__ = ["DEFAULT_RECORD_START_AFTER", "Nudges", "WorkflowRun", "run_workflow"]

@@ -328,7 +328,8 @@ class Session:
         if isinstance(msg, (p.CompleteRun, p.FailRun)):
             finish: ops.Op[RunRecord] = (
                 ops.CompleteRun(msg.lease, msg.result, now) if isinstance(msg, p.CompleteRun)
-                else ops.FailRun(msg.lease, msg.error_type, msg.error_message, now))
+                else ops.FailRun(msg.lease, msg.error_type, msg.error_message, now,
+                                 _bounded(msg.traceback)))
             self._check_owner(msg.lease)
             try:
                 run = await ctx.writer.write(finish)
@@ -414,6 +415,16 @@ class Session:
         if run.state in TERMINAL_RUN_STATES:
             notify(run)
         return None
+
+
+MAX_TRACEBACK = 16 * 1024
+
+
+def _bounded(traceback: str | None) -> str | None:
+    """A traceback cut to its last 16 KiB (where it failed), marked as cut."""
+    if traceback is None or len(traceback) <= MAX_TRACEBACK:
+        return traceback
+    return "... (cut)\n" + traceback[-MAX_TRACEBACK:]
 
 
 def _tag(msg: Any) -> str:

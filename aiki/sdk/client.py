@@ -64,6 +64,7 @@ class RunStatus:
     error_message: str | None
     tasks: tuple[TaskStatus, ...]
     waits: tuple[WaitStatus, ...] = ()
+    error_traceback: str | None = None  # the worker's, when the run failed
 
     @classmethod
     def of(cls, run: RunRecord, steps: tuple[StepRecord, ...],
@@ -78,7 +79,7 @@ class RunStatus:
                       for s in steps if s.kind in ("sleep", "event") and s.state == "running"]
         return cls(run.id, run.workflow, run.version, run.state, run.attempts, run.created_at,
                    run.updated_at, run.finished_at, run.error_type, run.error_message, tasks,
-                   tuple(shown))
+                   tuple(shown), run.error_traceback)
 
 
 @attrs.frozen
@@ -161,7 +162,8 @@ class RunHandle(Generic[R]):
             raise TimeoutError(f"run {self.id} did not finish within {timeout} s") from None
         run: RunRecord = ended.run
         if run.state != "completed":
-            raise WorkflowFailed(run.id, run.error_type or run.state, run.error_message or "")
+            raise WorkflowFailed(run.id, run.error_type or run.state, run.error_message or "",
+                                 run.error_traceback)
         assert run.result is not None
         return p.decode_value(run.result, self.result_type,  # type: ignore[no-any-return]
                               what=f"result of run {run.id}")

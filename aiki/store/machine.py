@@ -196,12 +196,13 @@ def expire(run: RunRecord, now: float) -> Change:
 
 
 def finish(run: RunRecord | None, lease: Lease, now: float, *, result: str | None = None,
-           error: tuple[str, str] | None = None) -> Change:
+           error: tuple[str, str] | None = None, traceback: str | None = None) -> Change:
     run = fenced(lease, run)
     state: RunState = "completed" if error is None else "failed"
     error_type, error_message = error if error else (None, None)
     run = _move(run, now, state, result=result, error_type=error_type,
-                error_message=error_message, finished_at=now, **_NO_LEASE)
+                error_message=error_message, finished_at=now, error_traceback=traceback,
+                **_NO_LEASE)
     return Change(run, waits=(), history=(Entry(
         now, f"run.{state}", run.attempts, lease.worker_id,
         detail=None if error is None else f"{error_type}: {error_message}"),))

@@ -153,7 +153,7 @@ class MemoryStore:
             return change.run
         if isinstance(op, o.FailRun):
             change = m.finish(runs.get(op.lease.run_id), op.lease, op.now,
-                              error=(op.error_type, op.error_message))
+                              error=(op.error_type, op.error_message), traceback=op.traceback)
             self._write(op.lease.run_id, change)
             return change.run
         if isinstance(op, o.ReleaseRun):

@@ -106,6 +106,7 @@ class FailRun(Op[RunRecord]):
     error_type: str
     error_message: str
     now: float
+    traceback: str | None = None
 
 
 @attrs.frozen

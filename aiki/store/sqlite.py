@@ -104,6 +104,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP INDEX runs_wake",
         "ALTER TABLE runs DROP COLUMN wake_at",
     ),
+    # Failures carry the worker's Python traceback (at most 16 KiB, cut by the server).
+    (
+        "ALTER TABLE runs ADD COLUMN error_traceback TEXT",
+        "ALTER TABLE steps ADD COLUMN error_traceback TEXT",
+    ),
 )
 
 RUN_COLUMNS = ", ".join(f.name for f in attrs.fields(RunRecord))
@@ -319,7 +324,8 @@ def _finish(db: Db, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
     if isinstance(op, o.CompleteRun):
         change = m.finish(run, op.lease, op.now, result=op.result)
     else:
-        change = m.finish(run, op.lease, op.now, error=(op.error_type, op.error_message))
+        change = m.finish(run, op.lease, op.now, error=(op.error_type, op.error_message),
+                          traceback=op.traceback)
     _write(db, op.lease.run_id, change)
     return change.run
 

@@ -143,6 +143,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TRIGGER waits_due AFTER INSERT ON waits FOR EACH ROW
             WHEN (NEW.due_at IS NOT NULL) EXECUTE FUNCTION notify_due()""",
     ),
+    # Failures carry the worker's Python traceback (at most 16 KiB, cut by the server).
+    (
+        "ALTER TABLE runs ADD COLUMN error_traceback TEXT",
+        "ALTER TABLE steps ADD COLUMN error_traceback TEXT",
+    ),
 )
 
 # The oldest server this store is written for: pg_current_xact_id_if_assigned and

@@ -396,7 +396,8 @@ async def _finish(conn: Conn, op: o.CompleteRun | o.FailRun) -> RunRecord | None
     if isinstance(op, o.CompleteRun):
         change = m.finish(run, op.lease, op.now, result=op.result)
     else:
-        change = m.finish(run, op.lease, op.now, error=(op.error_type, op.error_message))
+        change = m.finish(run, op.lease, op.now, error=(op.error_type, op.error_message),
+                          traceback=op.traceback)
     await _write(conn, op.lease.run_id, change)
     return change.run
 
