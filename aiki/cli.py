@@ -110,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--poll-interval", type=_seconds, default=None, metavar="S",
                         help="with a store shared by several servers (PostgreSQL): how often "
                              "to look for work no notification told of (default 30)")
+    server.add_argument("--retention", type=_seconds, default=None, metavar="S",
+                        help="delete finished runs (and their history) this long after they "
+                             "finished, in small batches (default: keep them for ever)")
     server.add_argument("--shutdown-grace", type=_seconds, default=10.0, metavar="S",
                         help="seconds to finish requests in flight on SIGTERM (default 10)")
     server.add_argument("--hello-timeout", type=_seconds, default=10.0, metavar="S",
@@ -150,6 +153,12 @@ def _parser() -> argparse.ArgumentParser:
                         parent=runs_commands)
     _client_options(runs_show)
     runs_show.add_argument("run_id", metavar="ID")
+    runs_purge = command("purge", "delete runs that finished before a date", _runs_purge,
+                         parent=runs_commands)
+    _client_options(runs_purge)
+    runs_purge.add_argument("--before", required=True, type=_moment, metavar="DATE",
+                            help="ISO 8601 date or time (local time unless it says its zone),"
+                                 " e.g. 2026-11-01 or 2026-11-01T12:00+01:00")
     runs_wakeup = command("wakeup", "end a run's current sleep early", _runs_wakeup,
                           parent=runs_commands)
     _client_options(runs_wakeup)
@@ -230,6 +239,16 @@ def _number_of_seconds(text: str, *, zero: bool) -> float:
     return value
 
 
+def _moment(text: str) -> datetime.datetime:
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 date or time (e.g. 2026-11-01 or "
+            "2026-11-01T12:00:00+01:00)") from None
+    return moment if moment.tzinfo is not None else moment.astimezone()
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -279,6 +298,7 @@ def _server(args: argparse.Namespace) -> int:
         certfile=args.cert, keyfile=args.key, lease_ttl=args.lease_ttl,
         heartbeat_interval=args.heartbeat_interval, poll_interval=args.poll_interval,
         shutdown_grace=args.shutdown_grace, hello_timeout=args.hello_timeout,
+        retention=args.retention,
         max_frame_bytes=args.max_frame_bytes,
         ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
     )
@@ -473,6 +493,15 @@ def _runs_show(args: argparse.Namespace) -> int:
 
 def _indented(text: str) -> str:
     return "\n".join("    " + line for line in text.rstrip().splitlines())
+
+
+def _runs_purge(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> int:
+        return int(await client.purge_runs(before=args.before))
+
+    count = _client_call(args, body)
+    print(f"deleted {count} run(s) that finished before {args.before.isoformat()}")
+    return 0
 
 
 def _runs_wakeup(args: argparse.Namespace) -> int:

@@ -394,6 +394,24 @@ class WokenUp:
     woken: bool  # False: the run was not sleeping, and nothing changed
 
 
+@message("purge_runs")
+@attrs.frozen
+class PurgeRuns:
+    """Delete up to ``limit`` runs that finished before ``before`` (epoch seconds), oldest
+    first; answered by ``Purged``."""
+
+    req: int
+    before: float
+    limit: int = 500
+
+
+@message("purged")
+@attrs.frozen
+class Purged:
+    req: int
+    count: int
+
+
 # -- listings ------------------------------------------------------------------------------
 @message("list_runs")
 @attrs.frozen

@@ -18,6 +18,7 @@ import attrs
 import trio
 
 from aiki.actors.dispatcher import Dispatcher, Expired
+from aiki.actors.retention import Retention
 from aiki.actors.session import ServerContext, Session
 from aiki.actors.store_writer import StoreWriter
 from aiki.actors.supervisor import ChildSpec, Supervisor
@@ -65,6 +66,7 @@ class Server:
     )
     hello_timeout: float = 10.0
     shutdown_grace: float = 10.0
+    retention: float | None = None  # seconds finished runs are kept; None: for ever
     ctx: ServerContext = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -135,6 +137,10 @@ class Server:
             ChildSpec("timer", self.ctx.timer.run),
             ChildSpec("listener", listen),
         ]
+        if self.retention is not None:
+            retention = Retention(self.ctx.writer, self.sources, self.retention,
+                                  interval=min(max(self.retention / 10, 1.0), 600.0))
+            children.append(ChildSpec("retention", retention.run))
         watch = getattr(self.store, "watch", None)
         if watch is not None:
             # A store shared by several servers (PostgreSQL) tells every server what the
@@ -182,6 +188,7 @@ class ServerConfig:
     poll_interval: float | None = None
     hello_timeout: float = 10.0
     shutdown_grace: float = 10.0
+    retention: float | None = None
     max_frame_bytes: int = _WS.max_frame_bytes
     ping_interval: float = _WS.ping_interval
     ping_timeout: float = _WS.ping_timeout
@@ -203,7 +210,8 @@ class ServerConfig:
             )
         if endpoint.path != "/":
             raise ConfigError(f"a listen address has no path, got {self.listen!r}")
-        for name in ("lease_ttl", "poll_interval", "hello_timeout", "shutdown_grace"):
+        for name in ("lease_ttl", "poll_interval", "hello_timeout", "shutdown_grace",
+                     "retention"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, "
                                   f"got {getattr(self, name)!r}")
@@ -243,7 +251,7 @@ async def run_server(
                 store, sources or Sources.real(), lease_ttl=config.lease_ttl,
                 heartbeat_interval=config.heartbeat_interval, token=config.token,
                 poll_interval=config.poll_interval, hello_timeout=config.hello_timeout,
-                shutdown_grace=config.shutdown_grace,
+                shutdown_grace=config.shutdown_grace, retention=config.retention,
             )
             host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
             async with trio.open_nursery() as nursery:

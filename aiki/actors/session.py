@@ -273,6 +273,11 @@ class Session:
             return p.RunInfo(msg.req, run, await ctx.store.get_steps(run.id), waits)
         if isinstance(msg, p.SendEvent):
             return await self._send_event(msg, now)
+        if isinstance(msg, p.PurgeRuns):
+            if not 1 <= msg.limit <= MAX_LIST_LIMIT:
+                raise ProtocolError(f"limit must be 1 to {MAX_LIST_LIMIT}, got {msg.limit}")
+            purged = await ctx.writer.write(ops.PurgeRuns(msg.before, msg.limit))
+            return p.Purged(msg.req, len(purged))
         if isinstance(msg, p.Wakeup):
             woken = await ctx.writer.write(ops.Wakeup(msg.run_id, now))
             if woken:

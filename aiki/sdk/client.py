@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import random
 import typing
@@ -226,6 +227,23 @@ class Client:
             lambda req: p.Enqueue(req, workflow, payload, version, idempotency_key, run_id)
         )
         return RunHandle(self, reply.run_id, result_type, reply.created)
+
+    async def purge_runs(self, *, before: float | datetime.datetime) -> int:
+        """Delete every run that finished (completed, failed or cancelled) before ``before``
+        (epoch seconds, or a timezone-aware datetime), with its steps, history and events,
+        in batches; how many were deleted. Unfinished runs are never touched."""
+        if isinstance(before, datetime.datetime):
+            if before.tzinfo is None:
+                raise ValueError("before= must be a timezone-aware datetime (or epoch "
+                                 "seconds)")
+            before = before.timestamp()
+        total = 0
+        while True:
+            reply = await self.link.request(lambda req: p.PurgeRuns(req, float(before), 500))
+            count: int = reply.count
+            total += count
+            if count < 500:
+                return total
 
     def handle(self, run_id: str, result_type: Any = Any) -> RunHandle[Any]:
         """The handle of an existing run (also one started before a restart)."""

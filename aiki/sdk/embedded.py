@@ -25,12 +25,13 @@ DEFAULT_STORE = "sqlite:///aiki.db"
 @asynccontextmanager
 async def embedded(
     store: str | Store = DEFAULT_STORE, *, lease_ttl: float = 30.0,
-    poll_interval: float | None = None, sources: Sources | None = None,
+    poll_interval: float | None = None, retention: float | None = None, sources: Sources | None = None,
 ) -> AsyncIterator[Client]:
     """Run an Aiki server inside this nursery and yield a client of it.
 
     ``store``: ``"sqlite:///path.db"`` (the default, ``./aiki.db``), ``"memory"``, or a
-    Store object. The server's actors talk to workers and clients over the memory transport,
+    Store object. ``retention``: seconds a finished run is kept before it is deleted (None:
+    for ever). The server's actors talk to workers and clients over the memory transport,
     through the same codec as the network.
     """
     sources = sources or Sources.real()
@@ -38,7 +39,8 @@ async def embedded(
     opened: Store = await open_store(store) if isinstance(store, str) else store
     try:
         transport = MemoryTransport()
-        server = Server(opened, sources, lease_ttl=lease_ttl, poll_interval=poll_interval)
+        server = Server(opened, sources, lease_ttl=lease_ttl, poll_interval=poll_interval,
+                        retention=retention)
         async with serving_nursery() as nursery:
             address = await nursery.start(server.serve, transport, "embedded")
             async with Client.open(transport, address, sources) as client:

@@ -208,6 +208,12 @@ def finish(run: RunRecord | None, lease: Lease, now: float, *, result: str | Non
         detail=None if error is None else f"{error_type}: {error_message}"),))
 
 
+def purgeable(run: RunRecord, before: float) -> bool:
+    """Whether retention may delete ``run``: it finished, before ``before``."""
+    return (run.state in TERMINAL_RUN_STATES and run.finished_at is not None
+            and run.finished_at < before)
+
+
 def release(run: RunRecord | None, lease: Lease, now: float, reason: str) -> Change:
     run = fenced(lease, run)
     return Change(_move(run, now, "queued", **_NO_LEASE), history=(Entry(

@@ -51,6 +51,7 @@ class MemoryStore:
     _events: dict[str, list[EventRecord]] = attrs.field(factory=dict)
     _seq: int = 0
     _event_seq: int = 0
+    _enqueued: int = 0
     closed: bool = False
 
     def contents(self) -> Contents:
@@ -185,6 +186,17 @@ class MemoryStore:
                     self._write(run.id, m.wake_due(run, waits, self._steps[run.id], op.now))
                     woke.append(run.id)
             return tuple(woke)
+        if isinstance(op, o.PurgeRuns):
+            old = sorted((r for r in runs.values() if m.purgeable(r, op.before)),
+                         key=lambda r: (r.finished_at, self._order[r.id]))[: max(op.limit, 0)]
+            for run in old:
+                del runs[run.id]
+                for table in (self._order, self._steps, self._history, self._waits,
+                              self._events):
+                    table.pop(run.id, None)
+                if run.idempotency_key is not None:
+                    self._keys.pop((run.workflow, run.idempotency_key), None)
+            return tuple(r.id for r in old)
         if isinstance(op, o.Wakeup):
             sleeping = [s for s in self._steps.get(op.run_id, {}).values()
                         if s.kind == "sleep" and s.state == "running"]
@@ -220,7 +232,8 @@ class MemoryStore:
         if op.idempotency_key is not None:
             self._keys[(op.workflow, op.idempotency_key)] = op.run_id
         run, entry = m.enqueue(op)
-        self._order[run.id] = len(self._order)
+        self._enqueued += 1
+        self._order[run.id] = self._enqueued
         self._steps[run.id] = {}
         self._history[run.id] = []
         self._write(run.id, m.Change(run, history=(entry,)))

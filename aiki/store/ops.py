@@ -150,6 +150,16 @@ class WakeDue(Op[tuple[str, ...]]):
 
 
 @attrs.frozen
+class PurgeRuns(Op[tuple[str, ...]]):
+    """Delete up to ``limit`` finished runs that finished before ``before`` (oldest first),
+    with their steps, history, waits and events; the outcome is their ids. Their idempotency
+    keys are free again."""
+
+    before: float
+    limit: int
+
+
+@attrs.frozen
 class Wakeup(Op[bool]):
     """End the run's current sleeps early (``handle.wakeup()``); False if it has none."""
 

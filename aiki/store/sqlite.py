@@ -108,6 +108,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE runs ADD COLUMN error_traceback TEXT",
         "ALTER TABLE steps ADD COLUMN error_traceback TEXT",
+        # Retention deletes finished runs oldest first.
+        "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
     ),
 )
 
@@ -358,6 +360,17 @@ def _wake_due(db: Db, op: o.WakeDue) -> tuple[str, ...]:
     return tuple(run.id for run in due)
 
 
+def _purge(db: Db, op: o.PurgeRuns) -> tuple[str, ...]:
+    ids = [row[0] for row in db.execute(
+        "SELECT id FROM runs WHERE state IN ('completed', 'failed', 'cancelled')"
+        " AND finished_at < ? ORDER BY finished_at, seq LIMIT ?",
+        (op.before, max(op.limit, 0)))]
+    for table in ("events", "waits", "history", "steps"):
+        db.executemany(f"DELETE FROM {table} WHERE run_id = ?", [(i,) for i in ids])
+    db.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in ids])
+    return tuple(ids)
+
+
 def _wakeup(db: Db, op: o.Wakeup) -> bool:
     sleeping = [s for s in _get_steps(db, op.run_id)
                 if s.kind == "sleep" and s.state == "running"]
@@ -401,6 +414,8 @@ def _apply_one(db: Db, op: o.Op[Any]) -> Any:
         return _wait(db, op)
     if isinstance(op, o.WakeDue):
         return _wake_due(db, op)
+    if isinstance(op, o.PurgeRuns):
+        return _purge(db, op)
     if isinstance(op, o.Wakeup):
         return _wakeup(db, op)
     if isinstance(op, o.SendEvent):

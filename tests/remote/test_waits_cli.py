@@ -61,3 +61,28 @@ async def test_the_expense_example_runs() -> None:
     lines = result.stdout.decode().splitlines()
     assert lines[:2] == ["e-1: approved by ann", "e-2: escalated"]
     assert "  to finance: expense e-2: no decision in 3 days" in lines
+
+
+async def test_runs_purge_from_the_cli(cluster: Cluster, tmp_path: Path) -> None:
+    server, url = await cluster.server(tmp_path / "aiki.db", "--retention", "86400")
+    worker = await cluster.spawn("worker", "worker", "--server", url, "--app",
+                                 "examples.quickstart:workflows", "--id", "purger")
+
+    async def connected() -> bool:
+        return "purger" in await aiki_cli(cluster, url, "workers")
+
+    await eventually(connected, 30, "the worker to connect", worker, server)
+    await aiki_cli(cluster, url, "enqueue", "checkout", "--payload",
+                   '{"id": "o-1", "amount_cents": 1}', "--wait")
+    out = await aiki_cli(cluster, url, "runs", "purge", "--before", "2000-01-01")
+    assert out.startswith("deleted 0 run(s) that finished before 2000-01-01T00:00:00")
+    out = await aiki_cli(cluster, url, "runs", "purge", "--before", "2999-01-01T00:00+00:00")
+    assert out.strip() == "deleted 1 run(s) that finished before 2999-01-01T00:00:00+00:00"
+    assert "no runs" in await aiki_cli(cluster, url, "runs", "list")
+    bad = await trio.run_process(
+        [sys.executable, "-m", "aiki", "runs", "purge", "--before", "yesterday",
+         "--server", url], cwd=str(REPO), capture_stdout=True, capture_stderr=True,
+        check=False, env=cluster.env(),
+    )
+    assert bad.returncode == 2
+    assert "'yesterday' is not an ISO 8601 date or time" in bad.stderr.decode()

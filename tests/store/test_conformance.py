@@ -713,6 +713,7 @@ command = st.one_of(  # repeated alternatives are weights: keep runs running and
     st.tuples(st.just("send"), st.integers(0, 7), st.sampled_from(["go", "go", "stop"]),
               st.sampled_from([None, None, "m1", "m2"])),
     st.tuples(st.just("wakeup"), st.integers(0, 7)),
+    st.tuples(st.just("purge"), st.sampled_from([0.0, 2.0, 100.0]), st.integers(0, 2)),
 )
 PRELUDE: list[tuple[float, list[tuple[Any, ...]]]] = [
     (0.0, [("enqueue", 0, None, None), ("enqueue", 1, "k1", None), ("enqueue", 2, None, None)]),
@@ -772,6 +773,8 @@ class World:
             return o.SendEvent(self.run_id(index), name, f'{{"sent": {now}}}', key, now)
         if kind == "wakeup":
             return o.Wakeup(self.run_id(cmd[1]), now)
+        if kind == "purge":
+            return o.PurgeRuns(now - cmd[1], cmd[2])
         lease = await self.lease(cmd[1], cmd[2])
         if kind == "await":
             _, _, _, position, step_kind, name, delay = cmd
@@ -996,3 +999,32 @@ async def test_sends_to_finished_or_unknown_runs_are_refused(store: Store) -> No
     assert [type(x).__name__ for x in outcomes] == ["RunFinished", "RunNotFound"]
     assert await snapshot(store, "r1") == before
     assert await store.get_events("r1") == ()
+
+
+# -- retention ------------------------------------------------------------------------------
+async def test_purge_deletes_finished_runs_oldest_first_with_everything_they_had(
+    store: Store,
+) -> None:
+    for i, key in enumerate(["k0", None, "k2", None]):
+        await execute(store, enqueue(f"r{i}", key=key))
+    leases = [c.lease for c in await claim(store, now=10.0)]
+    await execute(store, o.SaveStep(leases[0], step("0"), 11.0))
+    await execute(store, o.SendEvent("r0", "ok", "1", "m", 11.5))
+    await execute(store, o.FailRun(leases[0], "E", "boom", 30.0))
+    await execute(store, o.CompleteRun(leases[1], "null", 20.0))
+    await execute(store, o.CompleteRun(leases[2], "null", 40.0))
+    await execute(store, suspend(leases[3], 500.0, "retry", 12.0))  # unfinished: kept
+    assert await execute(store, o.PurgeRuns(20.0, 10)) == ()  # finished_at < before
+    assert await execute(store, o.PurgeRuns(35.0, 1)) == ("r1",)  # oldest first, limited
+    assert await execute(store, o.PurgeRuns(1000.0, 10)) == ("r0", "r2")
+    for run_id in ("r0", "r1", "r2"):
+        assert await snapshot(store, run_id) == [(None, (), ())]
+        assert await store.get_events(run_id) == ()
+    assert [r.id for r in await store.list_runs()] == ["r3"]
+    assert await store.get_waits("r3") != ()
+    # The keys are free again: the same key makes a new run.
+    assert await execute(store, enqueue("r9", key="k0", now=1001.0)) == \
+        o.EnqueueOutcome("r9", created=True)
+    # FIFO order survives the purge.
+    await execute(store, enqueue("r10", now=1002.0))
+    assert [c.run.id for c in await claim(store, now=1003.0)] == ["r9", "r10"]

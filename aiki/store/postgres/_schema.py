@@ -147,6 +147,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE runs ADD COLUMN error_traceback TEXT",
         "ALTER TABLE steps ADD COLUMN error_traceback TEXT",
+        # Retention deletes finished runs oldest first.
+        "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
     ),
 )
 

@@ -428,6 +428,19 @@ async def _wait(conn: Conn, op: o.WaitRun) -> None:
                                       op.reason))
 
 
+async def _purge(conn: Conn, op: o.PurgeRuns) -> tuple[str, ...]:
+    rows = await conn.fetch(
+        "SELECT id FROM runs WHERE state IN ('completed', 'failed', 'cancelled')"
+        " AND finished_at < $1 ORDER BY finished_at, seq LIMIT $2 FOR UPDATE SKIP LOCKED",
+        op.before, max(op.limit, 0))
+    ids = [row["id"] for row in rows]
+    if ids:
+        for table in ("events", "waits", "history", "steps", "runs"):
+            column = "id" if table == "runs" else "run_id"
+            await conn.execute(f"DELETE FROM {table} WHERE {column} = ANY($1::text[])", ids)
+    return tuple(ids)
+
+
 async def _wakeup(conn: Conn, op: o.Wakeup) -> bool:
     run = await get_run(conn, op.run_id, lock=True)
     sleeping = [s for s in await get_steps(conn, op.run_id)
@@ -476,6 +489,8 @@ async def _apply_one(conn: Conn, op: o.Op[Any]) -> Any:
         return await _wait(conn, op)
     if isinstance(op, o.WakeDue):
         return await _wake_due(conn, op)
+    if isinstance(op, o.PurgeRuns):
+        return await _purge(conn, op)
     if isinstance(op, o.Wakeup):
         return await _wakeup(conn, op)
     if isinstance(op, o.SendEvent):
