@@ -25,7 +25,8 @@ DEFAULT_STORE = "sqlite:///aiki.db"
 @asynccontextmanager
 async def embedded(
     store: str | Store = DEFAULT_STORE, *, lease_ttl: float = 30.0,
-    poll_interval: float | None = None, retention: float | None = None, sources: Sources | None = None,
+    poll_interval: float | None = None, retention: float | None = None,
+    sources: Sources | None = None,
 ) -> AsyncIterator[Client]:
     """Run an Aiki server inside this nursery and yield a client of it.
 
