@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+pytest_plugins = ["pytester"]  # aiki.testing's own tests run pytest on sample files
+
 DSN_VARIABLE = "AIKI_TEST_POSTGRES_DSN"
 
 

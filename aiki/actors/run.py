@@ -125,6 +125,12 @@ class Release(BaseException):
 
 
 Persist = Callable[[Callable[[int], Any]], Awaitable[Any]]
+# How a task attempt's body is called: ``task.call(payload)``, or a test's stand-in.
+TaskRunner = Callable[[TaskDefinition, Any], Awaitable[Any]]
+
+
+async def call_task(task: TaskDefinition, payload: Any) -> Any:
+    return await task.call(payload)
 
 
 @attrs.define(eq=False)
@@ -155,6 +161,7 @@ class RunState:
     draining: trio.Event = attrs.field(factory=trio.Event)
     nudges: Nudges = attrs.field(factory=Nudges)
     workflow: str = "?"  # its name, for the logs
+    run_task: TaskRunner = call_task
     steps: dict[str, StepRecord] = attrs.field(init=False)
     consumed: set[str] = attrs.field(factory=set)
     root: _Branch = attrs.field(factory=lambda: _Branch(""))
@@ -318,7 +325,7 @@ class RunState:
         payload = p.decode_value(step.input, task.payload_type)
         if self.record_start_after <= 0:
             await self.save(step, start=True)
-            return await task.call(payload)
+            return await self.run_task(task, payload)
         writing = False
         lost: list[Abandon] = []
 
@@ -337,7 +344,7 @@ class RunState:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(record_start, nursery.cancel_scope)
             try:
-                value = await task.call(payload)
+                value = await self.run_task(task, payload)
             except Exception as exc:  # raised below as itself, not in the nursery's group
                 failure = exc
             finally:
@@ -565,6 +572,7 @@ async def run_workflow(
     workflow: WorkflowDefinition, assign: p.Assign, persist: Persist, sources: Sources,
     *, inline_retry_max: float = 10.0, draining: trio.Event | None = None,
     record_start_after: float = DEFAULT_RECORD_START_AFTER, nudges: Nudges | None = None,
+    run_task: TaskRunner = call_task,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
     drains: ``draining`` is set) or abandoned."""
@@ -574,7 +582,7 @@ async def run_workflow(
     state = RunState(lease, {s.position: s for s in assign.steps}, persist, sources,
                      inline_retry_max, record_start_after,
                      trio.Event() if draining is None else draining, nudges or Nudges(),
-                     workflow.name)
+                     workflow.name, run_task)
     _BRANCH.set((state, state.root))
     handle = WorkflowRun(state, run.id, run.workflow, run.version, run.attempts)
     try:

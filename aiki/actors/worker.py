@@ -30,7 +30,9 @@ from aiki.actors.run import (
     DEFAULT_RECORD_START_AFTER,
     Abandon,
     Nudges,
+    TaskRunner,
     WorkflowDefinition,
+    call_task,
     run_workflow,
 )
 from aiki.errors import AikiError
@@ -61,6 +63,7 @@ class Worker:
     token: str | None = None
     reconnect: Backoff | None = attrs.field(factory=Backoff)
     request_timeout: float = 30.0
+    run_task: TaskRunner = call_task  # how task bodies are called (a test may stand in)
     held: dict[str, Held] = attrs.field(factory=dict)
     link: Link | None = None
     runs_started: int = 0
@@ -152,7 +155,8 @@ class Worker:
                 await run_workflow(workflow, assign, link.request, self.sources,
                                    inline_retry_max=self.inline_retry_max,
                                    record_start_after=self.record_start_after,
-                                   draining=self.draining, nudges=mine.nudges)
+                                   draining=self.draining, nudges=mine.nudges,
+                                   run_task=self.run_task)
         except Abandon:
             pass
         finally:
