@@ -32,40 +32,13 @@ import trio
 
 from aiki import errors
 from aiki import protocol as p
+from aiki.client.core import FATAL, Backoff, refusal_error
 from aiki.transport.base import Connection, Transport
 
 log = logging.getLogger("aiki.link")
 
-_REFUSALS: dict[str, type[errors.AikiError]] = {
-    cls.__name__: cls
-    for cls in (
-        errors.StaleLease, errors.StepConflict, errors.RunNotFound, errors.UnknownWorkflow,
-        errors.ProtocolError, errors.StoreUnavailable, errors.PayloadError,
-        errors.AuthenticationFailed, errors.ConnectionLost, errors.RunFinished,
-        errors.UnknownEvent,
-    )
-}
 # Refusals of a hello that no reconnection can fix.
-_FATAL = (errors.AuthenticationFailed, errors.ProtocolError)
-
-
-def refusal_error(error_type: str, message: str) -> errors.AikiError:
-    """The local exception for a server's refusal (``Refused`` or ``Goodbye``)."""
-    cls = _REFUSALS.get(error_type, errors.AikiError)
-    return cls(message) if cls is not errors.AikiError else cls(f"{error_type}: {message}")
-
-
-@attrs.frozen
-class Backoff:
-    """Delays between reconnection attempts: doubling from ``initial`` up to ``maximum``,
-    each drawn uniformly from its upper half (jitter, so workers do not reconnect in step)."""
-
-    initial: float = 0.1
-    maximum: float = 5.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        ceiling = min(self.maximum, self.initial * 2.0 ** min(attempt, 30))
-        return ceiling / 2 + rng.random() * ceiling / 2
+_FATAL = FATAL
 
 
 @attrs.define(eq=False)
@@ -328,3 +301,6 @@ class Link:
                         f"lost the connection to {self.address}")
                     waiter.done.set()
 
+
+
+__all__ = ["Backoff", "Link", "refusal_error"]

@@ -6,7 +6,7 @@ import datetime
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import attrs
 
@@ -16,6 +16,10 @@ from aiki.protocol import decode_value, encode_value
 from aiki.retry import Retry
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+    from aiki import asyncio as aio
+    from aiki import sync
     from aiki.sdk.client import Client, RunHandle
 
 P = TypeVar("P")
@@ -81,18 +85,26 @@ class Workflow(Generic[P, R]):
     result_type: Any
     events: tuple[str, ...] = ()  # the names of the events it declares
 
-    async def enqueue(
-        self, client: Client, payload: P, *, idempotency_key: str | None = None
-    ) -> RunHandle[R]:
-        """Start a run (or find the one with this idempotency key) and return its handle.
+    @overload
+    def enqueue(self, client: sync.Client, payload: P, *,
+                idempotency_key: str | None = None) -> sync.RunHandle[R]: ...
 
-        An unencodable payload raises TypeError here and stores nothing.
+    @overload
+    def enqueue(self, client: Client | aio.Client, payload: P, *,
+                idempotency_key: str | None = None) -> Coroutine[Any, Any, RunHandle[R]]: ...
+
+    def enqueue(self, client: Any, payload: P, *, idempotency_key: str | None = None) -> Any:
+        """Start a run (or find the one with this idempotency key) and return its handle:
+        ``await wf.enqueue(client, payload)`` with the Trio (``aiki.connect``,
+        ``aiki.embedded``) or asyncio (``aiki.asyncio.connect``) client,
+        ``wf.enqueue(client, payload)`` with the blocking one (``aiki.sync.connect``).
+
+        An unencodable payload raises TypeError here, at the call, and stores nothing.
         """
         encoded = encode_value(payload, self.payload_type,
                                what=f"payload of workflow {self.name!r}")
-        return await client._enqueue(self.name, encoded, version=self.version,
-                                     idempotency_key=idempotency_key,
-                                     result_type=self.result_type)
+        return client._enqueue(self.name, encoded, version=self.version,
+                               idempotency_key=idempotency_key, result_type=self.result_type)
 
     async def call(self, run: WorkflowRun, payload: Any) -> Any:
         return await self.fn(run, payload)
