@@ -25,6 +25,16 @@ from tests.remote.processes import Cluster
 Runner = Callable[[Coroutine[Any, Any, Any]], Any]
 
 
+def asyncio_run(main: Coroutine[Any, Any, Any]) -> Any:
+    """``asyncio.run(main)`` on the standard event loop. Named explicitly: once trio-asyncio
+    is imported into a process (the PostgreSQL store's and the asyncio-task tests import it
+    into this one), its event loop policy makes a bare ``asyncio.run`` run a trio-asyncio
+    loop. examples/fastapi_app.py runs under a bare ``asyncio.run`` in a process of its
+    own (tests/remote/test_client_examples.py)."""
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        return runner.run(main)
+
+
 def uvloop_run(main: Coroutine[Any, Any, Any]) -> Any:
     uvloop = pytest.importorskip("uvloop")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -36,13 +46,14 @@ def run_loop(request: pytest.FixtureRequest) -> Runner:
     if request.param == "uvloop":
         pytest.importorskip("uvloop")
         return uvloop_run
-    return asyncio.run
+    return asyncio_run
 
 
 def no_trio_here() -> None:
-    """The client runs with no Trio loop in this thread."""
+    """The client runs on the loop it was given, with no Trio loop in this thread."""
     import trio.lowlevel
 
+    assert "trio_asyncio" not in type(asyncio.get_running_loop()).__module__
     with pytest.raises(RuntimeError):
         trio.lowlevel.current_root_task()
 

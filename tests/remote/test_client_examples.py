@@ -77,7 +77,9 @@ async def test_the_fastapi_endpoint_enqueues_and_waits_through_httpx(
                 out["missing"] = (await http.get("/runs/no-such-run")).status_code
         return out
 
-    out = await trio.to_thread.run_sync(asyncio.run, main())
+    from tests.remote.test_asyncio_client import asyncio_run
+
+    out = await trio.to_thread.run_sync(asyncio_run, main())
     assert out["codes"] == {200}
     assert out["results"] == sorted(f"emailed receipt for o-{n % 9}" for n in range(10))
     assert out["twice"], "the same order id is the same run (idempotency key)"

@@ -5,11 +5,8 @@ checkpoints in each, and a worker killed mid-task resumes on another in each."""
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import trio
@@ -22,46 +19,18 @@ STYLES = ["trio", "thread", "asyncio"]
 executed: Counter[str] = Counter()
 
 
-class ThreadHonestClock:
-    """Holds virtual time still while a task body computes in a thread.
-
-    Under ``MockClock(autojump_threshold=0)`` Trio, idle while a thread works in real time,
-    would jump from deadline to deadline (heartbeats, then a test's own timeout) before the
-    thread is done. A thread body wraps its work in ``held()``, which turns autojump off
-    (public ``MockClock.autojump_threshold``) until the last such body is done, as
-    tests/e2e/conftest.py's ClockHonestStore does for PostgreSQL queries.
-    """
-
-    clock: trio.testing.MockClock | None = None
-    busy = 0
-
-    def _enter(self) -> None:
-        self.busy += 1
-        if self.clock is not None:
-            self.clock.autojump_threshold = math.inf
-
-    def _exit(self) -> None:
-        self.busy -= 1
-        if self.clock is not None and self.busy == 0:
-            self.clock.autojump_threshold = 0
-
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        trio.from_thread.run_sync(self._enter)
-        try:
-            yield
-        finally:
-            trio.from_thread.run_sync(self._exit)
-
-
-honest = ThreadHonestClock()
+@pytest.fixture(params=STYLES)
+def style(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
-def thread_honest_clock(autojump_clock: trio.testing.MockClock) -> Iterator[trio.abc.Clock]:
-    honest.clock, honest.busy = autojump_clock, 0
-    yield autojump_clock
-    honest.clock = None
+def clock(style: str) -> trio.abc.Clock | None:
+    """Virtual time (autojump) for Trio and asyncio task bodies; the real clock for thread
+    bodies. A thread works in real time while Trio sits idle, and an autojumping clock
+    would meanwhile jump from deadline to deadline (heartbeats, polls, then the test's own
+    timeout) before the thread is done."""
+    return None if style == "thread" else trio.testing.MockClock(autojump_threshold=0)
 
 
 def _flaky_body(key: str, n: int) -> int:
@@ -73,7 +42,7 @@ def _flaky_body(key: str, n: int) -> int:
 
 def make_tasks(style: str) -> tuple[aiki.Task[int, int], aiki.Task[int, int]]:
     """A task that fails twice then succeeds, and one counted by its idempotency key."""
-    retry = aiki.Retry.fixed(max_attempts=3, delay=0.5)
+    retry = aiki.Retry.fixed(max_attempts=3, delay=0.05)
     if style == "trio":
         @aiki.task(name="flaky-trio", retry=retry)
         async def flaky(n: int) -> int:
@@ -88,14 +57,12 @@ def make_tasks(style: str) -> tuple[aiki.Task[int, int], aiki.Task[int, int]]:
         @aiki.task(name="flaky-thread", retry=retry)
         def flaky(n: int) -> int:
             assert threading.current_thread() is not threading.main_thread()
-            with honest.held():
-                return _flaky_body("flaky-thread", n)
+            return _flaky_body("flaky-thread", n)
 
         @aiki.task(name="keyed-thread")
         def keyed(n: int) -> int:
-            with honest.held():
-                executed["keyed-thread"] += 1
-                return n + 1
+            executed["keyed-thread"] += 1
+            return n + 1
     else:
         @aiki.task(name="flaky-asyncio", retry=retry, loop="asyncio")
         async def flaky(n: int) -> int:
@@ -125,9 +92,8 @@ def make_workflow(style: str) -> aiki.Workflow[int, list[int]]:
     return wf
 
 
-@pytest.mark.parametrize("style", STYLES)
 async def test_retries_idempotency_and_checkpoints_are_the_same_in_every_style(
-    thread_honest_clock: trio.abc.Clock, style: str
+    clock: trio.abc.Clock | None, style: str
 ) -> None:
     executed.clear()
     wf = make_workflow(style)
@@ -182,8 +148,7 @@ def make_step(style: str, i: int) -> aiki.Task[int, int]:
     elif style == "thread":
         @aiki.task(name=f"{style}-{i}")
         def step(n: int) -> int:
-            with honest.held():
-                value = _step(style, i, n)
+            value = _step(style, i, n)
             if hangs and executed[f"{style}-2"] == 1:
                 trio.from_thread.run_sync(reached[style].set)
                 release.wait(30)  # abandoned by the crash; finishes after it, unheard
@@ -211,15 +176,15 @@ def make_chain(style: str) -> aiki.Workflow[int, int]:
     return chain
 
 
-@pytest.mark.parametrize("style", STYLES)
 async def test_a_worker_killed_mid_task_resumes_elsewhere_in_every_style(
-    thread_honest_clock: trio.abc.Clock, style: str
+    clock: trio.abc.Clock | None, style: str
 ) -> None:
     executed.clear()
     release.clear()
     reached[style] = trio.Event()
     chain = make_chain(style)
-    async with aiki.embedded(MemoryStore(), lease_ttl=10,
+    # A short lease: for the thread style it runs out in real time.
+    async with aiki.embedded(MemoryStore(), lease_ttl=2, poll_interval=0.1,
                              sources=aiki.Sources.seeded(4)) as client:
         handle = await chain.enqueue(client, 0)
         with trio.CancelScope() as crash:
