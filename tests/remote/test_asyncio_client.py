@@ -8,6 +8,8 @@ no Trio loop runs where the client does; the Trio side only starts and restarts 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Coroutine
@@ -143,6 +145,14 @@ async def test_the_asyncio_client_token_and_refusals(cluster: Cluster, tmp_path:
             with pytest.raises(TypeError):
                 remote_sum.enqueue(client, object())  # type: ignore[arg-type]
             assert await client.list_workers() == []
+        async with aiki.asyncio.connect(url, token="s3cret", request_timeout=0.5) as client:
+            os.kill(server.process.pid, signal.SIGSTOP)  # up, but it stops answering
+            try:
+                with pytest.raises(TimeoutError, match="no reply from the server within 0.5"):
+                    await client.list_runs()
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert await client.list_runs() == []
         with pytest.raises(aiki.ConnectionLost, match="cannot connect"):
             async with aiki.asyncio.connect("ws://127.0.0.1:9"):
                 pass  # pragma: no cover

@@ -7,6 +7,8 @@ kills and restarts processes.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -157,6 +159,16 @@ async def test_blocking_client_errors_token_and_timeouts(
             assert events[0] == "run.queued" and events[-1] == "run.completed"
             status = handle.status()
             assert [t.state for t in status.tasks] == ["completed"] * 3
+        # A server that stops answering (SIGSTOP: the connection stays up): the request
+        # times out; once it answers again, the same client goes on.
+        with aiki.sync.connect(url, token="s3cret", request_timeout=0.5) as client:
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(TimeoutError, match="no reply from the server within 0.5 s"):
+                    client.list_workers()
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert "tok" in workers(client)
 
     async def connected() -> bool:
         def check() -> bool:
