@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import attrs
@@ -81,6 +82,7 @@ class Client:
         self._reading = False  # a thread is reading the connection for everyone
         self._connecting = False  # a thread is (re)connecting
         self._retry_at = 0.0  # time.monotonic() before which no new connection is tried
+        self._closed = threading.Event()  # wakes a thread waiting out a backoff delay
         self._waiting: set[int] = set()
         self._done: dict[int, Replied | Failed] = {}
 
@@ -161,7 +163,7 @@ class Client:
                         break
                     if self._ws is not None and not self._reading:
                         self._reading = True
-                        role = self._read
+                        role = partial(self._read, self._ws)
                         break
                     self._changed.wait(left)
             role(left)
@@ -172,8 +174,8 @@ class Client:
         try:
             pause = self._retry_at - time.monotonic()
             if pause > 0:
-                time.sleep(pause if left is None else min(pause, left))
-                if left is not None and pause > left:
+                self._closed.wait(pause if left is None else min(pause, left))
+                if self._closed.is_set() or (left is not None and pause > left):
                     return
             opening = self.settings.open_timeout if left is None else min(
                 self.settings.open_timeout, left)
@@ -198,10 +200,8 @@ class Client:
                 self._connecting = False
                 self._changed.notify_all()
 
-    def _read(self, left: float | None) -> None:
-        """This thread's turn to read: one frame (or none before ``left`` seconds pass)."""
-        ws = self._ws
-        assert ws is not None
+    def _read(self, ws: ClientConnection, left: float | None) -> None:
+        """This thread's turn to read ``ws``: one frame (or none before ``left`` seconds)."""
         try:
             try:
                 frame = ws.recv(timeout=left)
@@ -260,6 +260,7 @@ class Client:
 
     def close(self) -> None:
         """Close the connection; calls still waiting raise :class:`aiki.ConnectionLost`."""
+        self._closed.set()
         with self._lock:
             self._deliver(self._core.end(ConnectionLost("the client is closed")))
             ws, self._ws = self._ws, None
