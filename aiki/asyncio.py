@@ -19,6 +19,7 @@ any number of asyncio tasks of its event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ from aiki.sdk.client import RunHandle
 from aiki.sources import Sources
 
 T = TypeVar("T")
+log = logging.getLogger("aiki.asyncio")
 
 
 class Client:
@@ -112,17 +114,22 @@ class Client:
     async def _maintain(self) -> None:
         """Connect, serve, reconnect, until the client closes or is refused for good."""
         url = self.settings.url
-        while self._core.ended is None:
-            try:
-                ws = await ws_connect(url, **self.settings.connect_options())
-            except Exception as exc:  # OSError, TimeoutError, a refused handshake, ...
-                self._deliver(self._core.lost(connect_failure(url, exc)))
-            else:
-                self._deliver(self._core.lost(await self._serve(ws)))
-            if self._core.ended is not None:
-                break
-            await asyncio.sleep(self._core.next_delay())
-        self._first.set()
+        try:
+            while self._core.ended is None:
+                try:
+                    ws = await ws_connect(url, **self.settings.connect_options())
+                except Exception as exc:  # OSError, TimeoutError, a refused handshake, ...
+                    self._deliver(self._core.lost(connect_failure(url, exc)))
+                else:
+                    self._deliver(self._core.lost(await self._serve(ws)))
+                if self._core.ended is not None:
+                    break
+                await asyncio.sleep(self._core.next_delay())
+        except Exception as exc:  # a bug here: every call fails with it, none hangs
+            log.exception("the connection to %s failed", url)
+            self._deliver(self._core.end(exc))
+        finally:
+            self._first.set()
 
     async def _serve(self, ws: ClientConnection) -> BaseException:
         """One connection, from hello to loss; returns why it ended."""
