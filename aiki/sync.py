@@ -62,6 +62,14 @@ class RunHandle(Generic[R]):
     def history(self) -> tuple[HistoryEvent, ...]:
         return self.client.call(core.get_history(self.id))
 
+    def send(self, event: Any, value: Any = None, *, idempotency_key: str | None = None) -> bool:
+        """Send ``event`` to this run (see ``aiki.RunHandle.send``)."""
+        return self.client.call(core.send_event(self.id, event, value, idempotency_key))
+
+    def wakeup(self) -> bool:
+        """End the run's current ``run.sleep()`` early (see ``aiki.RunHandle.wakeup``)."""
+        return self.client.call(core.wakeup(self.id))
+
     def wait_for_completion(self, timeout: float | None = None) -> R:
         """The run's result once it completed (see ``aiki.RunHandle.wait_for_completion``)."""
         call = core.wait_for_completion(self.id, self.result_type, timeout)
