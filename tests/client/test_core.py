@@ -40,8 +40,11 @@ def reqs(frame: str | None) -> list[Any]:
 
 def run_record(state: Any, result: str | None = None, error_type: str | None = None,
                error_message: str | None = None) -> RunRecord:
-    return RunRecord("r1", "wf", "1", "null", state, None, 1, 1, None, None, None, result,
-                     error_type, error_message, 1.0, 2.0, 2.0)
+    return RunRecord(id="r1", workflow="wf", version="1", payload="null", state=state,
+                     idempotency_key=None, attempts=1, lease_epoch=1, lease_owner=None,
+                     lease_expires_at=None, result=result, error_type=error_type,
+                     error_message=error_message, created_at=1.0, updated_at=2.0,
+                     finished_at=2.0)
 
 
 def test_requests_wait_for_the_welcome_then_go_out_in_one_frame() -> None:
