@@ -37,6 +37,7 @@ SUITES: dict[str, str] = {
     "idle": "benchmarks.idle",
     "wakeups": "benchmarks.wakeups",
     "clients": "benchmarks.clients",
+    "task_styles": "benchmarks.task_styles",
 }
 
 NOTES: dict[str, str] = {

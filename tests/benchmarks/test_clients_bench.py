@@ -14,3 +14,13 @@ def test_every_client_kind_is_measured_with_its_ratio_to_trio() -> None:
     for kind, values in samples.items():
         assert len(values) == 1 and all(math.isfinite(v) and v > 0 for v in values), kind
     assert clients._split(7, 3) == [3, 2, 2]
+
+
+def test_every_task_style_is_measured_with_its_ratio_to_trio() -> None:
+    from benchmarks import task_styles
+    from benchmarks.suite import Options
+
+    rows = task_styles.run(Options(quick=True, reps=1))
+    assert [r.extra["style"] for r in rows] == ["trio", "thread", "asyncio"]
+    assert all(len(r.samples) == 1 and math.isfinite(r.median) and r.median > 0 for r in rows)
+    assert rows[0].extra["over_trio"] == 1.0
