@@ -39,12 +39,13 @@ def reqs(frame: str | None) -> list[Any]:
 
 
 def run_record(state: Any, result: str | None = None, error_type: str | None = None,
-               error_message: str | None = None) -> RunRecord:
+               error_message: str | None = None, error_traceback: str | None = None
+               ) -> RunRecord:
     return RunRecord(id="r1", workflow="wf", version="1", payload="null", state=state,
                      idempotency_key=None, attempts=1, lease_epoch=1, lease_owner=None,
                      lease_expires_at=None, result=result, error_type=error_type,
                      error_message=error_message, created_at=1.0, updated_at=2.0,
-                     finished_at=2.0)
+                     finished_at=2.0, error_traceback=error_traceback)
 
 
 def test_requests_wait_for_the_welcome_then_go_out_in_one_frame() -> None:
@@ -102,10 +103,12 @@ def test_wait_for_completion_decodes_the_result_or_raises_workflow_failed() -> N
     [done] = proto.receive(p.encode(p.RunEnded(req, run_record("completed", "42"))))
     assert done == Replied(req, 42)
     req, _ = proto.request(core.wait_for_completion("r1", int, timeout=5))
-    failed = run_record("failed", error_type="ValueError", error_message="bad")
+    failed = run_record("failed", error_type="ValueError", error_message="bad",
+                        error_traceback="Traceback (most recent call last): ...")
     [event] = proto.receive(p.encode(p.RunEnded(req, failed)))
     assert isinstance(event, Failed) and isinstance(event.error, aiki.WorkflowFailed)
     assert (event.error.error_type, event.error.message) == ("ValueError", "bad")
+    assert event.error.remote_traceback == "Traceback (most recent call last): ..."
 
 
 def test_timeouts_are_data() -> None:
