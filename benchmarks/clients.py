@@ -37,7 +37,8 @@ WARMUP = 10
 TIMEOUT = 60.0
 
 
-def _split(runs: int, concurrency: int) -> list[int]:
+def split_evenly(runs: int, concurrency: int) -> list[int]:
+    """``runs`` shared out among ``concurrency`` loops, as evenly as whole numbers go."""
     return [runs // concurrency + (i < runs % concurrency) for i in range(concurrency)]
 
 
@@ -54,7 +55,7 @@ def trio_client(url: str, runs: int, concurrency: int) -> float:
 
             began = time.perf_counter()
             async with trio.open_nursery() as nursery:
-                for count in _split(runs, concurrency):
+                for count in split_evenly(runs, concurrency):
                     nursery.start_soon(loop, count)
             return time.perf_counter() - began
 
@@ -72,7 +73,7 @@ def asyncio_client(url: str, runs: int, concurrency: int) -> float:
                     await (await probe_latency.enqueue(client, n)).wait_for_completion(TIMEOUT)
 
             began = time.perf_counter()
-            await asyncio.gather(*(loop(count) for count in _split(runs, concurrency)))
+            await asyncio.gather(*(loop(count) for count in split_evenly(runs, concurrency)))
             return time.perf_counter() - began
 
     return asyncio.run(main())
@@ -93,7 +94,7 @@ def sync_client(url: str, runs: int, concurrency: int) -> float:
             return time.perf_counter() - began
         with ThreadPoolExecutor(concurrency) as pool:
             began = time.perf_counter()
-            list(pool.map(loop, _split(runs, concurrency)))
+            list(pool.map(loop, split_evenly(runs, concurrency)))
             return time.perf_counter() - began
 
 

@@ -13,7 +13,7 @@ def test_every_client_kind_is_measured_with_its_ratio_to_trio() -> None:
     assert set(samples) == {"trio", "asyncio", "sync"}
     for kind, values in samples.items():
         assert len(values) == 1 and all(math.isfinite(v) and v > 0 for v in values), kind
-    assert clients._split(7, 3) == [3, 2, 2]
+    assert clients.split_evenly(7, 3) == [3, 2, 2]
 
 
 def test_every_task_style_is_measured_with_its_ratio_to_trio() -> None:
