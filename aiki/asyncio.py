@@ -19,6 +19,7 @@ any number of asyncio tasks of its event loop.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -34,7 +35,7 @@ from aiki.client.core import Call, Closing, Event, Failed, Replied, Welcomed
 from aiki.client.views import RunSummary
 from aiki.client.websocket import Settings, connect_failure, lost_reason
 from aiki.errors import ConnectionLost
-from aiki.sdk.client import RunHandle
+from aiki.sdk.client import RunHandle, purge_runs
 from aiki.sources import Sources
 
 T = TypeVar("T")
@@ -99,6 +100,10 @@ class Client:
                                              idempotency_key=idempotency_key,
                                              run_id=self.sources.new_id()))
         return RunHandle(self, reply.run_id, result_type, reply.created)
+
+    async def purge_runs(self, *, before: float | datetime.datetime) -> int:
+        """Delete the runs that finished before ``before`` (see ``aiki.Client.purge_runs``)."""
+        return await purge_runs(self, before)
 
     def handle(self, run_id: str, result_type: Any = Any) -> RunHandle[Any]:
         """The handle of an existing run."""

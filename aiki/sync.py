@@ -22,6 +22,7 @@ pings and buffers frames.)
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -146,6 +147,15 @@ class Client:
                                        idempotency_key=idempotency_key,
                                        run_id=self.sources.new_id()))
         return RunHandle(self, reply.run_id, result_type, reply.created)
+
+    def purge_runs(self, *, before: float | datetime.datetime) -> int:
+        """Delete the runs that finished before ``before`` (see ``aiki.Client.purge_runs``)."""
+        cutoff, total = core.purge_cutoff(before), 0
+        while True:
+            count = self.call(core.purge_batch(cutoff))
+            total += count
+            if count < core.PURGE_BATCH:
+                return total
 
     def handle(self, run_id: str, result_type: Any = Any) -> RunHandle[Any]:
         """The handle of an existing run."""

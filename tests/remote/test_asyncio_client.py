@@ -8,6 +8,7 @@ no Trio loop runs where the client does; the Trio side only starts and restarts 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import signal
 import sys
@@ -104,6 +105,10 @@ async def test_the_asyncio_client_does_everything_and_survives_a_server_restart(
             out["after"] = await (await remote_sum.enqueue(client, 8)).wait_for_completion(
                 timeout=60)
             out["connections"] = client.connections
+            # Retention by hand: every finished run goes, the parked one stays.
+            out["purged"] = await client.purge_runs(
+                before=datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=1))
+            out["left"] = [r.id for r in await client.list_runs()] == [parked.id]
         return out
 
     async with trio.open_nursery() as nursery:
@@ -126,6 +131,7 @@ async def test_the_asyncio_client_does_everything_and_survives_a_server_restart(
     assert out["many"] == [30 * n + 3 for n in range(100)]
     assert (out["during"], out["after"]) == (213, 243)
     assert out["connections"] >= 2
+    assert out["purged"] == 104 and out["left"]
     assert worker.alive and second.alive
 
 

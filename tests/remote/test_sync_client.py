@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -159,6 +160,11 @@ async def test_blocking_client_errors_token_and_timeouts(
             assert events[0] == "run.queued" and events[-1] == "run.completed"
             status = handle.status()
             assert [t.state for t in status.tasks] == ["completed"] * 3
+            # Retention by hand: finished runs go, the queued one stays.
+            assert client.purge_runs(before=time.time() + 60) == 1
+            with pytest.raises(aiki.RunNotFound):
+                handle.status()
+            assert [r.id for r in client.list_runs()] == [parked.id]
         # A server that stops answering (SIGSTOP: the connection stays up): the request
         # times out; once it answers again, the same client goes on.
         with aiki.sync.connect(url, token="s3cret", request_timeout=0.5) as client:
