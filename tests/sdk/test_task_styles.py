@@ -259,3 +259,35 @@ async def test_an_asyncio_task_keeps_one_loop_per_worker(autojump_clock: trio.ab
         async with aiki.worker(client, workflows=[two]):
             assert await (await two.enqueue(client, 1)).wait_for_completion(timeout=30) == 3
     assert len(loops) == 2 and len(set(loops)) == 1
+
+
+async def test_a_thread_task_past_its_timeout_is_abandoned_and_retried() -> None:
+    # Real time: the thread blocks in real time (see ``clock`` above).
+    executed.clear()
+    gate = threading.Event()
+
+    @aiki.task(name="slow-thread", timeout=0.2, retry=aiki.Retry.fixed(max_attempts=2,
+                                                                      delay=0.01))
+    def slow(n: int) -> int:
+        executed["slow"] += 1
+        if executed["slow"] == 1:
+            gate.wait(30)  # past its timeout: the worker stops waiting for this thread
+            return -1  # ...and throws this result away when it comes
+        return n
+
+    @aiki.workflow(name="times-out")
+    async def times_out(run: aiki.WorkflowRun, n: int) -> int:
+        return await slow.run(run, n)
+
+    try:
+        async with aiki.embedded(MemoryStore(), sources=aiki.Sources.seeded(8)) as client:
+            async with aiki.worker(client, workflows=[times_out]):
+                handle = await times_out.enqueue(client, 7)
+                assert await handle.wait_for_completion(timeout=30) == 7
+            status = await handle.status()
+            history = await handle.history()
+    finally:
+        gate.set()
+    assert [(t.state, t.attempts) for t in status.tasks] == [("completed", 2)]
+    retried = [e for e in history if e.event == "task.retrying"]
+    assert len(retried) == 1 and "TooSlowError" in (retried[0].detail or "")
