@@ -32,7 +32,7 @@ import trio
 
 from aiki import errors
 from aiki import protocol as p
-from aiki.client.core import FATAL, Backoff, refusal_error
+from aiki.client.core import FATAL, Backoff, goodbye_error, refusal_error, welcome_of
 from aiki.transport.base import Connection, Transport
 
 log = logging.getLogger("aiki.link")
@@ -246,14 +246,9 @@ class Link:
             self._waiting.pop(req, None)
         if waiter.error is not None:
             raise waiter.error
-        if isinstance(waiter.value, p.Welcome):
-            return waiter.value
-        if isinstance(waiter.value, p.Refused):
-            raise refusal_error(waiter.value.error_type, waiter.value.message)
-        if lost:
+        if lost and not isinstance(waiter.value, (p.Welcome, p.Refused)):
             raise lost[0]
-        raise errors.ProtocolError(f"expected 'welcome' from {self.address}, "
-                                   f"got {waiter.value!r}")
+        return welcome_of(waiter.value, self.address)
 
     def _end(self, exc: BaseException) -> None:
         """No more connections: fail everything waiting now and later with ``exc``."""
@@ -274,11 +269,7 @@ class Link:
                     log.warning("undecodable message from %s: %s", self.address, exc)
                     continue
                 if isinstance(msg, p.Goodbye):
-                    if msg.error_type is not None:
-                        lost.append(refusal_error(msg.error_type, msg.reason))
-                    else:
-                        lost.append(errors.ConnectionLost(
-                            f"the server closed the connection: {msg.reason}"))
+                    lost.append(goodbye_error(msg))
                     break
                 req = getattr(msg, "req", None)
                 waiter = self._waiting.get(req) if req is not None else None

@@ -65,6 +65,23 @@ def refusal_error(error_type: str, message: str) -> errors.AikiError:
     return cls(message) if cls is not errors.AikiError else cls(f"{error_type}: {message}")
 
 
+def goodbye_error(msg: p.Goodbye) -> errors.AikiError:
+    """Why the server closed a connection: a refusal no reconnection fixes (its
+    ``error_type``), or a close after which a client may simply connect again."""
+    if msg.error_type is not None:
+        return refusal_error(msg.error_type, msg.reason)
+    return errors.ConnectionLost(f"the server closed the connection: {msg.reason}")
+
+
+def welcome_of(msg: Any, address: str) -> p.Welcome:
+    """The server's answer to a hello: its ``Welcome``, or raised, the error it means."""
+    if isinstance(msg, p.Welcome):
+        return msg
+    if isinstance(msg, p.Refused):
+        raise refusal_error(msg.error_type, msg.message)
+    raise errors.ProtocolError(f"expected 'welcome' from {address}, got {msg!r}")
+
+
 @attrs.frozen
 class Backoff:
     """Delays between reconnection attempts: doubling from ``initial`` up to ``maximum``,
@@ -313,10 +330,7 @@ class ClientProtocol:
             if isinstance(msg, errors.ProtocolError):
                 log.warning("undecodable message from %s: %s", self.address, msg)
             elif isinstance(msg, p.Goodbye):
-                error: errors.AikiError = (
-                    refusal_error(msg.error_type, msg.reason) if msg.error_type is not None
-                    else errors.ConnectionLost(f"the server closed the connection: {msg.reason}"))
-                events.append(Closing(error))
+                events.append(Closing(goodbye_error(msg)))
             elif getattr(msg, "req", None) == self._hello_req and self._hello_req is not None:
                 events.append(self._welcomed(msg))
             else:
@@ -325,17 +339,15 @@ class ClientProtocol:
 
     def _welcomed(self, msg: Any) -> Event:
         self._hello_req = None
-        if isinstance(msg, p.Refused):
-            return Closing(refusal_error(msg.error_type, msg.message))
-        if not isinstance(msg, p.Welcome):
-            return Closing(errors.ProtocolError(
-                f"expected 'welcome' from {self.address}, got {type(msg).__name__}"))
-        self.welcome = msg
+        try:
+            self.welcome = welcome_of(msg, self.address)
+        except errors.AikiError as exc:
+            return Closing(exc)
         self.connections += 1
         self._open = True
         self._attempt = 0
         waiting = [p.encode(call.make(req)) for req, call in self._calls.items()]
-        return Welcomed(msg, p.encode_frame(waiting) if waiting else None)
+        return Welcomed(self.welcome, p.encode_frame(waiting) if waiting else None)
 
     def _reply(self, msg: Any) -> list[Event]:
         req = getattr(msg, "req", None)

@@ -178,6 +178,10 @@ def test_goodbyes_and_refused_hellos_close_the_connection_with_their_reason() ->
     hello = p.decode(frame)
     [event] = proto.receive(p.encode(p.Refused(hello.req, "AuthenticationFailed", "no")))
     assert isinstance(event, Closing) and isinstance(event.error, aiki.AuthenticationFailed)
+    hello = p.decode(proto.opened())
+    [odd] = proto.receive(p.encode(p.Ok(hello.req)))  # not a welcome
+    assert isinstance(odd, Closing) and isinstance(odd.error, aiki.errors.ProtocolError)
+    assert "expected 'welcome' from ws://test" in str(odd.error)
     welcome(proto, proto.opened())
     [bye] = proto.receive(p.encode(p.Goodbye("server shutting down")))
     assert isinstance(bye, Closing) and type(bye.error) is aiki.ConnectionLost
