@@ -4,6 +4,9 @@ A workflow is async Python calling tasks; every task result is checkpointed, so 
 survives crashes and restarts and resumes where it stopped.
 """
 
+import importlib
+from typing import Any
+
 from aiki.actors.run import WorkflowRun
 from aiki.errors import (
     AikiError,
@@ -30,6 +33,15 @@ from aiki.sdk.definitions import Event, Task, Workflow, event, task, workflow
 from aiki.sdk.embedded import embedded, worker
 from aiki.sdk.remote import connect
 from aiki.sources import Sources
+
+
+def __getattr__(name: str) -> Any:
+    # ``aiki.asyncio`` and ``aiki.sync`` (the asyncio and blocking clients) are imported on
+    # first use, so that ``import aiki`` does not load a WebSocket library it may not need.
+    if name in ("asyncio", "sync"):
+        return importlib.import_module(f"aiki.{name}")
+    raise AttributeError(f"module 'aiki' has no attribute {name!r}")
+
 
 __all__ = [
     "AikiError", "AuthenticationFailed", "Client", "ConfigError", "ConnectionLost", "Event",

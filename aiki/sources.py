@@ -45,6 +45,15 @@ class TrioWallClock:
 
 
 @attrs.define
+class SystemWallClock:
+    """The system's wall clock (``time.time``): for code that never runs inside Trio, such as
+    the asyncio and blocking clients."""
+
+    def now(self) -> float:
+        return time.time()
+
+
+@attrs.define
 class Sources:
     """Clock, id generator and random source handed to every component that needs one."""
 
@@ -77,6 +86,11 @@ class Sources:
     def real(cls) -> Sources:
         """Real sources: wall clock via Trio, ids and randomness from the OS."""
         return cls(clock=TrioWallClock(), rng=random.Random(uuid.uuid4().int))
+
+    @classmethod
+    def system(cls) -> Sources:
+        """Real sources that need no Trio: the system clock, randomness from the OS."""
+        return cls(clock=SystemWallClock(), rng=random.Random(uuid.uuid4().int))
 
     @classmethod
     def seeded(cls, seed: int, clock: WallClock | None = None) -> Sources:

@@ -36,6 +36,8 @@ SUITES: dict[str, str] = {
     "scale": "benchmarks.scale",
     "idle": "benchmarks.idle",
     "wakeups": "benchmarks.wakeups",
+    "clients": "benchmarks.clients",
+    "task_styles": "benchmarks.task_styles",
 }
 
 NOTES: dict[str, str] = {
@@ -61,6 +63,13 @@ NOTES: dict[str, str] = {
             "concurrent: C client threads each DBOS.start_workflow(...) and wait on the "
             "handle's get_result(). DBOS defaults otherwise (pool of 20 connections).",
 }
+
+NOTES["clients"] = (
+    "Enqueue-and-wait round trips of a one-task workflow over loopback WebSocket (SQLite "
+    "server, one worker process), from the Trio client (aiki.connect), the asyncio client "
+    "(aiki.asyncio, asyncio.run) and the blocking client (aiki.sync; threads for 16 at "
+    "once), each on a fresh connection in the same processes; × Trio client = median over "
+    "the Trio client's median in the same mode and run.")
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 

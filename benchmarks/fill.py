@@ -94,8 +94,8 @@ def generate(start: int, count: int, seed: int = 6, *, base_time: float | None =
         for position in range(STEPS_PER_RUN):
             input_json, input_hash, output = _step_io(i, position)
             total += int(output)
-            step = (str(position), "task", STEP_NAME, input_hash, input_json, None, "completed",
-                    1, output, None, None, None)
+            step = attrs.astuple(StepRecord(str(position), "task", STEP_NAME, input_hash,
+                                            input_json, None, "completed", 1, output=output))
             steps.append((run_id, position + 1, *step) if with_step_seq else (run_id, *step))
             t = at + 0.004 * position
             history.append((run_id, t, "task.running", 1, worker, str(position), STEP_NAME, None))

@@ -32,40 +32,13 @@ import trio
 
 from aiki import errors
 from aiki import protocol as p
+from aiki.client.core import FATAL, Backoff, goodbye_error, refusal_error, welcome_of
 from aiki.transport.base import Connection, Transport
 
 log = logging.getLogger("aiki.link")
 
-_REFUSALS: dict[str, type[errors.AikiError]] = {
-    cls.__name__: cls
-    for cls in (
-        errors.StaleLease, errors.StepConflict, errors.RunNotFound, errors.UnknownWorkflow,
-        errors.ProtocolError, errors.StoreUnavailable, errors.PayloadError,
-        errors.AuthenticationFailed, errors.ConnectionLost, errors.RunFinished,
-        errors.UnknownEvent,
-    )
-}
 # Refusals of a hello that no reconnection can fix.
-_FATAL = (errors.AuthenticationFailed, errors.ProtocolError)
-
-
-def refusal_error(error_type: str, message: str) -> errors.AikiError:
-    """The local exception for a server's refusal (``Refused`` or ``Goodbye``)."""
-    cls = _REFUSALS.get(error_type, errors.AikiError)
-    return cls(message) if cls is not errors.AikiError else cls(f"{error_type}: {message}")
-
-
-@attrs.frozen
-class Backoff:
-    """Delays between reconnection attempts: doubling from ``initial`` up to ``maximum``,
-    each drawn uniformly from its upper half (jitter, so workers do not reconnect in step)."""
-
-    initial: float = 0.1
-    maximum: float = 5.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        ceiling = min(self.maximum, self.initial * 2.0 ** min(attempt, 30))
-        return ceiling / 2 + rng.random() * ceiling / 2
+_FATAL = FATAL
 
 
 @attrs.define(eq=False)
@@ -273,14 +246,9 @@ class Link:
             self._waiting.pop(req, None)
         if waiter.error is not None:
             raise waiter.error
-        if isinstance(waiter.value, p.Welcome):
-            return waiter.value
-        if isinstance(waiter.value, p.Refused):
-            raise refusal_error(waiter.value.error_type, waiter.value.message)
-        if lost:
+        if lost and not isinstance(waiter.value, (p.Welcome, p.Refused)):
             raise lost[0]
-        raise errors.ProtocolError(f"expected 'welcome' from {self.address}, "
-                                   f"got {waiter.value!r}")
+        return welcome_of(waiter.value, self.address)
 
     def _end(self, exc: BaseException) -> None:
         """No more connections: fail everything waiting now and later with ``exc``."""
@@ -301,11 +269,7 @@ class Link:
                     log.warning("undecodable message from %s: %s", self.address, exc)
                     continue
                 if isinstance(msg, p.Goodbye):
-                    if msg.error_type is not None:
-                        lost.append(refusal_error(msg.error_type, msg.reason))
-                    else:
-                        lost.append(errors.ConnectionLost(
-                            f"the server closed the connection: {msg.reason}"))
+                    lost.append(goodbye_error(msg))
                     break
                 req = getattr(msg, "req", None)
                 waiter = self._waiting.get(req) if req is not None else None
@@ -328,3 +292,6 @@ class Link:
                         f"lost the connection to {self.address}")
                     waiter.done.set()
 
+
+
+__all__ = ["Backoff", "Link", "refusal_error"]

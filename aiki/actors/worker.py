@@ -38,6 +38,7 @@ from aiki.actors.run import (
 from aiki.errors import AikiError
 from aiki.records import Lease
 from aiki.sources import Sources
+from aiki.task_styles import DEFAULT_TASK_THREADS, task_runtime
 from aiki.transport.base import Transport
 
 log = logging.getLogger("aiki.worker")
@@ -61,6 +62,8 @@ class Worker:
     inline_retry_max: float = 10.0
     record_start_after: float = DEFAULT_RECORD_START_AFTER
     token: str | None = None
+    # Plain-``def`` tasks of this worker's runs that may run at once (each in a thread).
+    task_threads: int = DEFAULT_TASK_THREADS
     reconnect: Backoff | None = attrs.field(factory=Backoff)
     request_timeout: float = 30.0
     run_task: TaskRunner = call_task  # how task bodies are called (a test may stand in)
@@ -112,7 +115,7 @@ class Worker:
             self._beat_now.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with Link.open(
+        async with task_runtime(self.task_threads), Link.open(
             self.transport, self.address, self._hello, self._on_push, self.request_timeout,
             reconnect=self.reconnect, rng=random.Random(f"aiki-link:{self.id}"),
             on_welcome=self._on_welcome,

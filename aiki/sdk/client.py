@@ -1,21 +1,25 @@
-"""The client: start runs and watch them. The same API in embedded mode and over a network."""
+"""The Trio client: start runs and watch them. The same API in embedded mode and over a network.
+
+Each operation is a :class:`aiki.client.core.Call` (what to send, what the reply means), sent
+through a :class:`Link`; ``aiki.asyncio`` and ``aiki.sync`` send the same Calls.
+"""
 
 from __future__ import annotations
 
 import datetime
-import math
 import random
-import typing
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import attrs
 
 from aiki import protocol as p
-from aiki.actors.link import Backoff, Link
-from aiki.errors import WorkflowFailed
-from aiki.records import HistoryEvent, RunRecord, RunState, StepRecord, WaitRecord
+from aiki.actors.link import Link
+from aiki.client import core
+from aiki.client.core import Backoff, Call
+from aiki.client.views import RunStatus, RunSummary, TaskStatus, WaitStatus
+from aiki.records import HistoryEvent
 from aiki.sources import Sources
 from aiki.transport.base import Transport
 
@@ -23,102 +27,27 @@ if TYPE_CHECKING:
     from aiki.sdk.definitions import Event
 
 R = TypeVar("R")
-RUN_STATES: tuple[str, ...] = typing.get_args(RunState)
+T = TypeVar("T")
 
 
-@attrs.frozen
-class TaskStatus:
-    position: str
-    name: str
-    state: str
-    attempts: int
-    error_type: str | None
-    error_message: str | None
+class Caller(Protocol):
+    """What a run handle needs of its client: a way to send a Call (Trio or asyncio)."""
 
-
-@attrs.frozen
-class WaitStatus:
-    """What a run waits for: a sleep, an event or a task's retry delay at step ``position``,
-    since ``since``, until ``due_at`` (epoch seconds; None: no time limit)."""
-
-    position: str
-    kind: str
-    name: str | None
-    since: float | None
-    due_at: float | None
-
-
-@attrs.frozen
-class RunStatus:
-    """A run as stored now: its state, attempts, timestamps (epoch seconds), tasks, and
-    what it waits for (``waits``: while ``waiting``, or sleeping inline on its worker)."""
-
-    id: str
-    workflow: str
-    version: str
-    state: str
-    attempts: int
-    created_at: float
-    updated_at: float
-    finished_at: float | None
-    error_type: str | None
-    error_message: str | None
-    tasks: tuple[TaskStatus, ...]
-    waits: tuple[WaitStatus, ...] = ()
-    error_traceback: str | None = None  # the worker's, when the run failed
-
-    @classmethod
-    def of(cls, run: RunRecord, steps: tuple[StepRecord, ...],
-           waits: tuple[WaitRecord, ...] = ()) -> RunStatus:
-        tasks = tuple(
-            TaskStatus(s.position, s.name, s.state, s.attempts, s.error_type, s.error_message)
-            for s in steps if s.kind == "task"
-        )
-        shown = [WaitStatus(w.position, w.kind, w.name, w.since, w.due_at) for w in waits]
-        if run.state == "running":  # a wait held on its worker (a short sleep)
-            shown += [WaitStatus(s.position, s.kind, s.name, None, s.next_attempt_at)
-                      for s in steps if s.kind in ("sleep", "event") and s.state == "running"]
-        return cls(run.id, run.workflow, run.version, run.state, run.attempts, run.created_at,
-                   run.updated_at, run.finished_at, run.error_type, run.error_message, tasks,
-                   tuple(shown), run.error_traceback)
-
-
-@attrs.frozen
-class RunSummary:
-    """One line of ``list_runs``: a run's state and timestamps (epoch seconds), no steps."""
-
-    id: str
-    workflow: str
-    version: str
-    state: str
-    attempts: int
-    worker: str | None
-    created_at: float
-    updated_at: float
-    finished_at: float | None
-    error_type: str | None
-    error_message: str | None
-
-    @classmethod
-    def of(cls, run: RunRecord) -> RunSummary:
-        worker = run.lease_owner if run.state == "running" else None
-        return cls(run.id, run.workflow, run.version, run.state, run.attempts, worker,
-                   run.created_at, run.updated_at, run.finished_at, run.error_type,
-                   run.error_message)
+    async def call(self, call: Call[T]) -> T: ...
 
 
 @attrs.frozen
 class RunHandle(Generic[R]):
-    """A handle on one run: its id, status, history and (eventual) result."""
+    """A handle on one run: its id, status, history and (eventual) result. The Trio and the
+    asyncio clients both give these."""
 
-    client: Client
+    client: Caller
     id: str
     result_type: Any = Any
     created: bool = True
 
     async def status(self) -> RunStatus:
-        info = await self.client.link.request(lambda req: p.GetRun(req, self.id))
-        return RunStatus.of(info.run, info.steps, info.waits)
+        return await self.client.call(core.get_status(self.id))
 
     async def send(self, event: Event[Any] | str, value: Any = None, *,
                    idempotency_key: str | None = None) -> bool:
@@ -131,23 +60,15 @@ class RunHandle(Generic[R]):
         declare (``aiki.UnknownEvent``), a value of the wrong type (``aiki.PayloadError``),
         an unknown run (``aiki.RunNotFound``).
         """
-        if isinstance(event, str):
-            name, payload = event, p.encode_value(value, what=f"event {event!r}")
-        else:
-            name, payload = event.name, event.encode(value)
-        reply = await self.client.link.request(
-            lambda req: p.SendEvent(req, self.id, name, payload, idempotency_key))
-        return bool(reply.delivered)
+        return await self.client.call(core.send_event(self.id, event, value, idempotency_key))
 
     async def wakeup(self) -> bool:
         """End the run's current ``run.sleep()`` early (it returns False in the workflow).
         False, changing nothing, if the run is not sleeping."""
-        reply = await self.client.link.request(lambda req: p.Wakeup(req, self.id))
-        return bool(reply.woken)
+        return await self.client.call(core.wakeup(self.id))
 
     async def history(self) -> tuple[HistoryEvent, ...]:
-        reply = await self.client.link.request(lambda req: p.GetHistory(req, self.id))
-        return reply.events  # type: ignore[no-any-return]
+        return await self.client.call(core.get_history(self.id))
 
     async def wait_for_completion(self, timeout: float | None = None) -> R:
         """The run's result, decoded into the workflow's return type, once it completed.
@@ -155,19 +76,8 @@ class RunHandle(Generic[R]):
         Raises ``aiki.WorkflowFailed`` (with the remote error type and message) if it failed,
         ``TimeoutError`` after ``timeout`` seconds. The server pushes the end; nobody polls.
         """
-        limit = math.inf if timeout is None else timeout
-        try:
-            ended = await self.client.link.request(lambda req: p.WatchRun(req, self.id),
-                                                   timeout=limit)
-        except TimeoutError:
-            raise TimeoutError(f"run {self.id} did not finish within {timeout} s") from None
-        run: RunRecord = ended.run
-        if run.state != "completed":
-            raise WorkflowFailed(run.id, run.error_type or run.state, run.error_message or "",
-                                 run.error_traceback)
-        assert run.result is not None
-        return p.decode_value(run.result, self.result_type,  # type: ignore[no-any-return]
-                              what=f"result of run {run.id}")
+        return await self.client.call(
+            core.wait_for_completion(self.id, self.result_type, timeout))
 
 
 @attrs.define(eq=False)
@@ -188,63 +98,64 @@ class Client:
         """Connect (raising what went wrong) and stay connected, reconnecting after a loss,
         until the block ends."""
         node = f"client-{sources.short_id()}"
-        async with Link.open(transport, address,
-                             lambda req: p.Hello(req, "client", node, token=token),
+        async with Link.open(transport, address, core.client_hello(node, token),
                              request_timeout=request_timeout, reconnect=reconnect,
                              rng=random.Random(f"aiki-link:{node}")) as link:
             yield cls(transport, address, sources, link, token)
+
+    async def call(self, call: Call[T]) -> T:
+        """Send one :class:`~aiki.client.core.Call` and return what its reply means."""
+        try:
+            reply = await self.link.request(call.make, timeout=call.timeout)
+        except TimeoutError:
+            raise call.timed_out(self.link.request_timeout) from None
+        return call.outcome(reply)
 
     async def list_runs(self, *, workflow: str | None = None, state: str | None = None,
                         limit: int = 100) -> list[RunSummary]:
         """The newest ``limit`` runs (at most 1000), optionally of one ``workflow`` and/or
         in one ``state`` (queued, running, waiting, completed, failed, cancelled)."""
-        if state is not None and state not in RUN_STATES:
-            raise ValueError(f"unknown run state {state!r}; the states are "
-                             f"{', '.join(RUN_STATES)}")
-        if not isinstance(limit, int) or not 1 <= limit <= 1000:
-            raise ValueError(f"limit must be an int from 1 to 1000, got {limit!r}")
-        reply = await self.link.request(lambda req: p.ListRuns(req, workflow, state, limit))
-        return [RunSummary.of(run) for run in reply.runs]
+        return await self.call(core.list_runs(workflow=workflow, state=state, limit=limit))
 
     async def list_workers(self) -> list[p.WorkerInfo]:
         """The workers connected now: id, workflow versions, slots, slots in use, when they
         connected and last heartbeated (epoch seconds), and whether they are draining."""
-        reply = await self.link.request(p.ListWorkers)
-        return list(reply.workers)
+        return await self.call(core.list_workers())
 
     async def enqueue(self, workflow: str, payload: Any = None, *, version: str | None = None,
                       idempotency_key: str | None = None) -> RunHandle[Any]:
         """Start a run by workflow name (untyped: the result comes back as plain JSON).
         Without ``version``, the newest version a worker registered."""
-        encoded = p.encode_value(payload, what=f"payload of workflow {workflow!r}")
-        return await self._enqueue(workflow, encoded, version=version,
-                                   idempotency_key=idempotency_key, result_type=Any)
+        return await self._enqueue(workflow, core.encode_payload(workflow, payload),
+                                   version=version, idempotency_key=idempotency_key,
+                                   result_type=Any)
 
     async def _enqueue(self, workflow: str, payload: str, *, version: str | None,
                        idempotency_key: str | None, result_type: Any) -> RunHandle[Any]:
-        run_id = self.sources.new_id()
-        reply = await self.link.request(
-            lambda req: p.Enqueue(req, workflow, payload, version, idempotency_key, run_id)
-        )
+        reply = await self.call(core.enqueue(workflow, payload, version=version,
+                                             idempotency_key=idempotency_key,
+                                             run_id=self.sources.new_id()))
         return RunHandle(self, reply.run_id, result_type, reply.created)
 
     async def purge_runs(self, *, before: float | datetime.datetime) -> int:
         """Delete every run that finished (completed, failed or cancelled) before ``before``
         (epoch seconds, or a timezone-aware datetime), with its steps, history and events,
         in batches; how many were deleted. Unfinished runs are never touched."""
-        if isinstance(before, datetime.datetime):
-            if before.tzinfo is None:
-                raise ValueError("before= must be a timezone-aware datetime (or epoch "
-                                 "seconds)")
-            before = before.timestamp()
-        total = 0
-        while True:
-            reply = await self.link.request(lambda req: p.PurgeRuns(req, float(before), 500))
-            count: int = reply.count
-            total += count
-            if count < 500:
-                return total
+        return await purge_runs(self, before)
 
     def handle(self, run_id: str, result_type: Any = Any) -> RunHandle[Any]:
         """The handle of an existing run (also one started before a restart)."""
         return RunHandle(self, run_id, result_type, created=False)
+
+
+async def purge_runs(client: Caller, before: float | datetime.datetime) -> int:
+    """``purge_runs`` of the Trio and asyncio clients: batches until one comes back short."""
+    cutoff, total = core.purge_cutoff(before), 0
+    while True:
+        count = await client.call(core.purge_batch(cutoff))
+        total += count
+        if count < core.PURGE_BATCH:
+            return total
+
+
+__all__ = ["Client", "RunHandle", "RunStatus", "RunSummary", "TaskStatus", "WaitStatus"]

@@ -6,7 +6,7 @@ import datetime
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, overload
 
 import attrs
 
@@ -14,8 +14,13 @@ from aiki.actors.run import WorkflowRun, check_duration
 from aiki.errors import EventTimeout
 from aiki.protocol import decode_value, encode_value
 from aiki.retry import Retry
+from aiki.task_styles import Style, run_body
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+    from aiki import asyncio as aio
+    from aiki import sync
     from aiki.sdk.client import Client, RunHandle
 
 P = TypeVar("P")
@@ -23,8 +28,6 @@ R = TypeVar("R")
 
 
 def _types(fn: Callable[..., Any], payload_index: int, kind: str) -> tuple[Any, Any]:
-    if not inspect.iscoroutinefunction(fn):
-        raise TypeError(f"@aiki.{kind} needs an 'async def' function, got {fn!r}")
     params = list(inspect.signature(fn).parameters.values())
     if len(params) != payload_index + 1:
         expected = "(payload)" if kind == "task" else "(run, payload)"
@@ -45,11 +48,13 @@ class Task(Generic[P, R]):
     ``await my_task.run(run, payload)``."""
 
     name: str
-    fn: Callable[[P], Awaitable[R]]
+    fn: Callable[[P], Awaitable[R]] | Callable[[P], R]
     retry: Retry
     timeout: float | None
     payload_type: Any
     result_type: Any
+    #: "trio" (``async def``), "thread" (a plain ``def``) or "asyncio"; see aiki.task_styles.
+    style: Style = "trio"
 
     async def run(self, run: WorkflowRun, payload: P, *, idempotency_key: str | None = None) -> R:
         """Execute durably: the recorded result on replay, else run it (with retries),
@@ -62,12 +67,13 @@ class Task(Generic[P, R]):
         return await run._execute_task(self, payload, idempotency_key)  # type: ignore[no-any-return]
 
     async def call(self, payload: Any) -> Any:
+        """One attempt of the body, in its style, within ``timeout``."""
         if self.timeout is None:
-            return await self.fn(payload)
+            return await run_body(self.style, self.fn, payload)
         import trio
 
         with trio.fail_after(self.timeout):
-            return await self.fn(payload)
+            return await run_body(self.style, self.fn, payload)
 
 
 @attrs.frozen
@@ -81,34 +87,72 @@ class Workflow(Generic[P, R]):
     result_type: Any
     events: tuple[str, ...] = ()  # the names of the events it declares
 
-    async def enqueue(
-        self, client: Client, payload: P, *, idempotency_key: str | None = None
-    ) -> RunHandle[R]:
-        """Start a run (or find the one with this idempotency key) and return its handle.
+    @overload
+    def enqueue(self, client: sync.Client, payload: P, *,
+                idempotency_key: str | None = None) -> sync.RunHandle[R]: ...
 
-        An unencodable payload raises TypeError here and stores nothing.
+    @overload
+    def enqueue(self, client: Client | aio.Client, payload: P, *,
+                idempotency_key: str | None = None) -> Coroutine[Any, Any, RunHandle[R]]: ...
+
+    def enqueue(self, client: Any, payload: P, *, idempotency_key: str | None = None) -> Any:
+        """Start a run (or find the one with this idempotency key) and return its handle:
+        ``await wf.enqueue(client, payload)`` with the Trio (``aiki.connect``,
+        ``aiki.embedded``) or asyncio (``aiki.asyncio.connect``) client,
+        ``wf.enqueue(client, payload)`` with the blocking one (``aiki.sync.connect``).
+
+        An unencodable payload raises TypeError here, at the call, and stores nothing.
         """
         encoded = encode_value(payload, self.payload_type,
                                what=f"payload of workflow {self.name!r}")
-        return await client._enqueue(self.name, encoded, version=self.version,
-                                     idempotency_key=idempotency_key,
-                                     result_type=self.result_type)
+        return client._enqueue(self.name, encoded, version=self.version,
+                               idempotency_key=idempotency_key, result_type=self.result_type)
 
     async def call(self, run: WorkflowRun, payload: Any) -> Any:
         return await self.fn(run, payload)
 
 
+class TaskDecorator(Protocol):
+    """What ``@aiki.task(...)`` returns: it makes a Task of a coroutine function or a plain
+    function."""
+
+    @overload
+    def __call__(self, fn: Callable[[P], Awaitable[R]]) -> Task[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[[P], R]) -> Task[P, R]: ...
+
+
 def task(
     *, name: str | None = None, retry: Retry | Mapping[str, Any] | None = None,
-    timeout: float | None = None,
-) -> Callable[[Callable[[P], Awaitable[R]]], Task[P, R]]:
-    """Make a task of ``async def f(payload) -> result``. ``retry``: an ``aiki.Retry`` or the
-    dict form ``{"type": "exponential", "maxAttempts": 3, "baseDelayMs": 1000}``."""
-    policy = Retry.coerce(retry)
+    timeout: float | None = None, loop: Literal["trio", "asyncio"] = "trio",
+) -> TaskDecorator:
+    """Make a task of ``f(payload) -> result``, in one of three styles:
 
-    def make(fn: Callable[[P], Awaitable[R]]) -> Task[P, R]:
+    - ``async def`` (the default, ``loop="trio"``): a Trio coroutine; the fastest.
+    - a plain ``def``: runs in a worker thread (at most ``task_threads`` at once per worker);
+      cancelling the run abandons the thread and throws its result away (see
+      :mod:`aiki.task_styles`).
+    - ``async def`` with ``loop="asyncio"``: an asyncio coroutine, run on the worker's
+      asyncio loop through trio-asyncio, so asyncio-only libraries work in it.
+
+    ``retry``: an ``aiki.Retry`` or the dict form ``{"type": "exponential", "maxAttempts":
+    3, "baseDelayMs": 1000}``. Retries, idempotency and checkpoints are the same in every
+    style.
+    """
+    policy = Retry.coerce(retry)
+    if loop not in ("trio", "asyncio"):
+        raise ValueError(f"@aiki.task loop must be 'trio' or 'asyncio', got {loop!r}")
+
+    def make(fn: Callable[[P], Any]) -> Task[P, Any]:
+        is_async = inspect.iscoroutinefunction(fn)
+        if loop == "asyncio" and not is_async:
+            raise TypeError(f"@aiki.task(loop='asyncio') needs an 'async def' function, "
+                            f"got {fn!r}")
+        if not is_async and not callable(fn):
+            raise TypeError(f"@aiki.task needs a function, got {fn!r}")
+        style: Style = loop if is_async else "thread"
         payload_type, result_type = _types(fn, 0, "task")
-        return Task(name or fn.__name__, fn, policy, timeout, payload_type, result_type)
+        return Task(name or fn.__name__, fn, policy, timeout, payload_type, result_type, style)
 
     return make
 
@@ -123,6 +167,9 @@ def workflow(
         raise ValueError(f"workflow {name!r}: an event is declared twice in {list(names)}")
 
     def make(fn: Callable[[WorkflowRun, P], Awaitable[R]]) -> Workflow[P, R]:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"@aiki.workflow needs an 'async def' function (workflows run on "
+                            f"the worker's Trio loop), got {fn!r}")
         payload_type, result_type = _types(fn, 1, "workflow")
         return Workflow(name or fn.__name__, str(version), fn, payload_type, result_type,
                         names)

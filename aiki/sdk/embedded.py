@@ -17,6 +17,7 @@ from aiki.server import Server
 from aiki.sources import Sources
 from aiki.store import open_store
 from aiki.store.base import Store
+from aiki.task_styles import DEFAULT_TASK_THREADS
 from aiki.transport.memory import MemoryTransport
 
 DEFAULT_STORE = "sqlite:///aiki.db"
@@ -57,8 +58,10 @@ async def worker(
     client: Client, *, workflows: Sequence[Workflow[Any, Any]], id: str | None = None,
     max_concurrent_runs: int = 10, inline_retry_max: float = 10.0,
     record_start_after: float = DEFAULT_RECORD_START_AFTER,
+    task_threads: int = DEFAULT_TASK_THREADS,
 ) -> AsyncIterator[Worker]:
-    """Run a worker for ``workflows`` while the block runs.
+    """Run a worker for ``workflows`` while the block runs. ``task_threads``: how many
+    plain-``def`` tasks may run at once, each in a worker thread.
 
     Leaving the block normally releases the runs it still holds. Cancelling it behaves like
     a crash: its runs move to another worker once their leases expire.
@@ -71,7 +74,7 @@ async def worker(
         id or f"worker-{client.sources.short_id()}", client.sources,
         max_concurrent_runs=max_concurrent_runs, inline_retry_max=inline_retry_max,
         record_start_after=record_start_after,
-        token=client.token,
+        token=client.token, task_threads=task_threads,
     )
     async with serving_nursery() as nursery:
         await nursery.start(w.run)

@@ -162,8 +162,11 @@ async def test_a_task_result_that_cannot_be_encoded_fails_the_task_without_retry
 
 
 def test_definitions_refuse_the_wrong_shape() -> None:
+    # A plain function is a task run in a thread (tests/sdk/test_task_styles.py), but not
+    # an asyncio one.
+    assert aiki.task(name="sync")(lambda x: x).style == "thread"
     with pytest.raises(TypeError, match="async def"):
-        aiki.task(name="sync")(lambda x: x)  # type: ignore[arg-type, return-value]
+        aiki.task(name="sync", loop="asyncio")(lambda x: x)
 
     async def two(a: int, b: int) -> int:
         return a + b

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 import aiki
+import aiki.asyncio
 from aiki.server import ServerConfig, run_server
 from tests.remote.app import remote_sum
 
@@ -58,3 +59,39 @@ def test_wss_needs_both_a_certificate_and_a_key(tmp_path: Path) -> None:
     with pytest.raises(aiki.ConfigError, match="cannot load the TLS certificate"):
         ServerConfig(certfile=str(tmp_path / "none.pem"),
                      keyfile=str(tmp_path / "none.key")).transport_settings()
+
+
+async def test_wss_from_the_asyncio_and_blocking_clients(
+    tmp_path: Path, certificate: tuple[Path, Path],
+) -> None:
+    import aiki.sync
+    from tests.remote.test_asyncio_client import asyncio_run
+
+    cert, key = certificate
+    config = ServerConfig(listen="127.0.0.1:0", store="memory", certfile=str(cert),
+                          keyfile=str(key), lease_ttl=2)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(partial(run_server, config, handle_signals=False))
+        async with aiki.connect(url, cafile=str(cert)) as client:
+            async with aiki.worker(client, workflows=[remote_sum], id="tls-worker"):
+
+                def blocking() -> int:
+                    with aiki.sync.connect(url, cafile=str(cert)) as sync_client:
+                        handle = remote_sum.enqueue(sync_client, 3)
+                        return handle.wait_for_completion(timeout=30)
+
+                async def in_asyncio() -> int:
+                    async with aiki.asyncio.connect(url, cafile=str(cert)) as aio_client:
+                        handle = await remote_sum.enqueue(aio_client, 4)
+                        return await handle.wait_for_completion(timeout=30)
+
+                assert await trio.to_thread.run_sync(blocking) == 93
+                assert await trio.to_thread.run_sync(asyncio_run, in_asyncio()) == 123
+
+        def untrusted() -> None:
+            with pytest.raises(aiki.ConnectionLost, match="CERTIFICATE_VERIFY_FAILED"):
+                with aiki.sync.connect(url):  # the system's CAs do not know it
+                    pass  # pragma: no cover
+
+        await trio.to_thread.run_sync(untrusted)
+        nursery.cancel_scope.cancel()

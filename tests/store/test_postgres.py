@@ -20,12 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aiki
+from aiki.asyncio_bridge import AsyncioBridge
 from aiki.errors import StaleLease, StoreUnavailable
 from aiki.records import RunRecord, WaitFor
 from aiki.store import Lease, Store, execute, open_store
 from aiki.store import ops as o
 from aiki.store.postgres import PostgresStore, _sql
-from aiki.store.postgres._bridge import AsyncioBridge
 from aiki.store.postgres._schema import MIGRATIONS
 from tests.conftest import TestPostgres
 

@@ -7,8 +7,8 @@ number of servers may use one database at once.
 Install it with ``pip install 'aiki[postgres]'``; it needs PostgreSQL 14 or newer.
 
 How it is built
-    ``_bridge``: the asyncio event loop (trio-asyncio), opened once per store for its whole
-    life; the only module that touches trio-asyncio. ``_sql``: the asyncio side, one
+    ``aiki.asyncio_bridge``: the asyncio event loop (trio-asyncio), opened once per store
+    for its whole life; the only module that touches trio-asyncio. ``_sql``: the asyncio side, one
     coroutine per store call with the whole transaction inside, so a call crosses from Trio
     to asyncio once. ``_schema``: numbered migrations, applied at open under a
     transaction-scoped advisory lock so concurrent starts apply each exactly once.

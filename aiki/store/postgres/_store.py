@@ -13,12 +13,12 @@ from typing import Any, TypeVar
 import asyncpg
 import trio
 
+from aiki.asyncio_bridge import AsyncioBridge
 from aiki.errors import StoreUnavailable
 from aiki.records import EventRecord, HistoryEvent, RunRecord, StepRecord, WaitRecord
 from aiki.store import ops as o
 from aiki.store import redact_url as redact
 from aiki.store.postgres import _sql
-from aiki.store.postgres._bridge import AsyncioBridge
 
 T = TypeVar("T")
 log = logging.getLogger("aiki.store.postgres")

@@ -1,10 +1,12 @@
 """The one place where Trio meets asyncio: every use of trio-asyncio in Aiki is in this module.
 
-asyncpg is an asyncio library; Aiki runs on Trio. :class:`AsyncioBridge` opens one
+asyncpg is an asyncio library, and a task may be an asyncio coroutine function
+(``@aiki.task(loop="asyncio")``); Aiki runs on Trio. :class:`AsyncioBridge` opens one
 trio-asyncio event loop (``trio_asyncio.open_loop()``) for the lifetime of whatever owns it (a
-store), inside the owner's Trio task, and runs asyncio coroutines on it with :meth:`run`.
-Everything else in ``aiki.store.postgres`` is either plain asyncio code (what runs on the
-loop) or plain Trio code (what calls :meth:`run`), so replacing trio-asyncio (for example by an
+PostgreSQL store, or a worker that ran an asyncio task), and runs asyncio coroutines on it
+with :meth:`run`. Everything else in ``aiki.store.postgres`` and :mod:`aiki.task_styles` is
+either plain asyncio code (what runs on the loop) or plain Trio code (what calls
+:meth:`run`), so replacing trio-asyncio (for example by an
 asyncio loop in a thread, once trio-asyncio stops supporting a Python version: 0.16 subclasses
 ``asyncio.AbstractChildWatcher``, which Python 3.14 removes) means rewriting this module only.
 
