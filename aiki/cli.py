@@ -172,6 +172,23 @@ def _parser() -> argparse.ArgumentParser:
     runs_send.add_argument("--key", metavar="KEY",
                            help="an idempotency key: a second send with KEY stores nothing")
 
+    runs_export = command("export", "a run's history as JSON (format aiki.run/1), for "
+                                    "aiki.testing.replay", _runs_export, parent=runs_commands)
+    _client_options(runs_export)
+    runs_export.add_argument("run_id", metavar="ID")
+
+    replay = command("replay", "the deploy gate: replay the server's runs against new code, "
+                               "running no task; exits 1 if any diverges", _replay)
+    _client_options(replay)
+    replay.add_argument("--app", required=True, metavar="MODULE:ATTR",
+                        help="the new code's workflows, as for aiki worker")
+    replay.add_argument("--limit", type=_positive_int, default=200, metavar="N",
+                        help="at most N runs per workflow, newest first (default 200, at "
+                             "most 1000); every unfinished one among them")
+    replay.add_argument("--since", type=_seconds, default=7 * 86400.0, metavar="S",
+                        help="finished runs only if they finished within S seconds "
+                             "(default 7 days)")
+
     workers = command("workers", "the connected workers", _workers)
     _client_options(workers)
 
@@ -502,6 +519,66 @@ def _runs_purge(args: argparse.Namespace) -> int:
     count = _client_call(args, body)
     print(f"deleted {count} run(s) that finished before {args.before.isoformat()}")
     return 0
+
+
+def _runs_export(args: argparse.Namespace) -> int:
+    from aiki import protocol as p
+    from aiki.testing.replay import export
+
+    async def body(client: Any) -> Any:
+        info = await client.link.request(lambda req: p.GetRun(req, args.run_id))
+        history = await client.link.request(lambda req: p.GetHistory(req, args.run_id))
+        return export(info.run, info.steps, history.events)
+
+    print(json.dumps(_client_call(args, body), indent=1, sort_keys=True))
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from aiki import protocol as p
+    from aiki.errors import NonDeterminismError
+    from aiki.sources import Sources
+    from aiki.testing.replay import export, replay
+
+    from aiki.actors.dispatcher import version_key
+
+    definitions = {(wf.name, wf.version): wf for wf in load_app(args.app)}
+    names = sorted({name for name, _ in definitions})
+    newest = {name: max((wf for (n, _), wf in definitions.items() if n == name),
+                        key=lambda wf: version_key(wf.version)) for name in names}
+
+    async def body(client: Any) -> list[list[str]]:
+        now = Sources.real().clock.now()
+        rows = []
+        for name in names:
+            reply = await client.link.request(
+                lambda req, name=name: p.ListRuns(req, name, None, min(args.limit, 1000)))
+            for run in reply.runs:
+                if run.finished_at is not None and run.finished_at < now - args.since:
+                    continue
+                # The same version if the app has it, else its newest of that name (a
+                # deploy that moves the runs on, as `aiki runs retry --version` will).
+                definition = definitions.get((run.workflow, run.version)) or newest[name]
+                info = await client.link.request(lambda req, run=run: p.GetRun(req, run.id))
+                try:
+                    result = await replay(definition, export(info.run, info.steps, ()))
+                except NonDeterminismError as exc:
+                    rows.append([run.id, run.workflow, run.version, run.state, "DIVERGES",
+                                 f"as version {definition.version}: {exc}"])
+                else:
+                    rows.append([run.id, run.workflow, run.version, run.state, "passes",
+                                 f"as version {definition.version}: {result.steps} step(s) "
+                                 "replayed" + (f"; {result.detail}" if result.detail else "")])
+        return rows
+
+    rows = _client_call(args, body)
+    if not rows:
+        print(f"no runs of {', '.join(names)} to replay")
+        return 0
+    print(table(["RUN", "WORKFLOW", "VERSION", "STATE", "REPLAY", "DETAIL"], rows))
+    diverged = sum(row[4] == "DIVERGES" for row in rows)
+    print(f"\n{len(rows) - diverged} pass, {diverged} diverge")
+    return 1 if diverged else 0
 
 
 def _runs_wakeup(args: argparse.Namespace) -> int:

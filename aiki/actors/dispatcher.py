@@ -277,13 +277,13 @@ class Dispatcher:
     def latest_version(self, workflow: str) -> str | None:
         """The newest version of ``workflow`` any worker registered since the server started."""
         known = self.versions.get(workflow)
-        return max(known, key=_version_key) if known else None
+        return max(known, key=version_key) if known else None
 
     def known_workflows(self) -> list[str]:
         return sorted(self.versions)
 
 
-def _version_key(version: str) -> tuple[tuple[int, Any], ...]:
+def version_key(version: str) -> tuple[tuple[int, Any], ...]:
     parts = []
     for piece in version.replace("-", ".").split("."):
         parts.append((0, int(piece)) if piece.isdigit() else (1, piece))

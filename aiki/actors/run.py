@@ -225,7 +225,7 @@ class RunState:
         return recorded
 
     def check_all_consumed(self) -> None:
-        left = sorted(set(self.recorded) - self.consumed, key=_position_key)
+        left = sorted(set(self.recorded) - self.consumed, key=position_key)
         if left:
             shown = "; ".join(
                 f"step {pos}: {_describe_step(self.recorded[pos])}" for pos in left[:5]
@@ -459,7 +459,7 @@ def _describe_step(step: StepRecord) -> str:
     return _describe(step.kind, step.name, step.input, step.idempotency_key)
 
 
-def _position_key(position: str) -> tuple[int, ...]:
+def position_key(position: str) -> tuple[int, ...]:
     return tuple(int(x) for x in position.split("."))
 
 
@@ -572,7 +572,7 @@ async def run_workflow(
     workflow: WorkflowDefinition, assign: p.Assign, persist: Persist, sources: Sources,
     *, inline_retry_max: float = 10.0, draining: trio.Event | None = None,
     record_start_after: float = DEFAULT_RECORD_START_AFTER, nudges: Nudges | None = None,
-    run_task: TaskRunner = call_task,
+    run_task: TaskRunner = call_task, on_state: Callable[[RunState], None] | None = None,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
     drains: ``draining`` is set) or abandoned."""
@@ -583,6 +583,8 @@ async def run_workflow(
                      inline_retry_max, record_start_after,
                      trio.Event() if draining is None else draining, nudges or Nudges(),
                      workflow.name, run_task)
+    if on_state is not None:  # (a replay looks at what the code consumed)
+        on_state(state)
     _BRANCH.set((state, state.root))
     handle = WorkflowRun(state, run.id, run.workflow, run.version, run.attempts)
     try:

@@ -45,8 +45,10 @@ from aiki.sdk.definitions import Task, Workflow
 from aiki.sdk.embedded import embedded
 from aiki.sources import Sources
 from aiki.store import MemoryStore, Store
+from aiki.testing.replay import ReplayResult, export, load, replay
 
-__all__ = ["TestEnvironment", "clock", "environment"]
+__all__ = ["ReplayResult", "TestEnvironment", "clock", "environment", "export", "load",
+           "replay"]
 
 _UNSET: Any = object()
 # Long enough that an idle test worker costs next to nothing in virtual time (it heartbeats
