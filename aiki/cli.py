@@ -536,11 +536,10 @@ def _runs_export(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace) -> int:
     from aiki import protocol as p
+    from aiki.actors.dispatcher import version_key
     from aiki.errors import NonDeterminismError
     from aiki.sources import Sources
     from aiki.testing.replay import export, replay
-
-    from aiki.actors.dispatcher import version_key
 
     definitions = {(wf.name, wf.version): wf for wf in load_app(args.app)}
     names = sorted({name for name, _ in definitions})
