@@ -160,3 +160,17 @@ async def test_advance_needs_the_mock_clock() -> None:
     async with aiki.testing.environment([weekly]) as env:
         with pytest.raises(RuntimeError, match="MockClock"):
             await env.advance(1)
+
+
+async def test_the_readme_example(aiki_env: Factory, autojump_clock: trio.abc.Clock) -> None:
+    from examples.expense import Claim as ExpenseClaim
+    from examples.expense import Message, expense
+    from examples.expense import notify as expense_notify
+
+    env = await aiki_env(workflows=[expense])
+    env.mock_task(expense_notify, returns="sent")
+    handle = await expense.enqueue(env.client, ExpenseClaim("e-1", "bob", "ann", 4200))
+    await env.advance(timedelta(days=3))
+    assert await handle.wait_for_completion() == "escalated"
+    assert env.task_calls(expense_notify)[-1] == Message(
+        "finance", "expense e-1: no decision in 3 days")
