@@ -392,35 +392,24 @@ def _send(db: Db, op: o.SendEvent) -> o.SendOutcome:
     return outcome
 
 
+def _release(db: Db, op: o.ReleaseRun) -> None:
+    run = _get_run(db, op.lease.run_id)
+    _write(db, op.lease.run_id, m.release(run, op.lease, op.now, op.reason))
+
+
+_OPS: dict[type[Any], Callable[[Db, Any], Any]] = {
+    o.Enqueue: _enqueue, o.Claim: _claim, o.Renew: _renew, o.ExpireLeases: _expire,
+    o.StartStep: _save_step, o.SaveStep: _save_step, o.CompleteRun: _finish,
+    o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
+    o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
+}
+
+
 def _apply_one(db: Db, op: o.Op[Any]) -> Any:
-    if isinstance(op, o.Enqueue):
-        return _enqueue(db, op)
-    if isinstance(op, o.Claim):
-        return _claim(db, op)
-    if isinstance(op, o.Renew):
-        return _renew(db, op)
-    if isinstance(op, o.ExpireLeases):
-        return _expire(db, op)
-    if isinstance(op, (o.StartStep, o.SaveStep)):
-        return _save_step(db, op)
-    if isinstance(op, (o.CompleteRun, o.FailRun)):
-        return _finish(db, op)
-    if isinstance(op, o.ReleaseRun):
-        run = _get_run(db, op.lease.run_id)
-        return _write(db, op.lease.run_id, m.release(run, op.lease, op.now, op.reason))
-    if isinstance(op, o.AwaitStep):
-        return _await_step(db, op)
-    if isinstance(op, o.WaitRun):
-        return _wait(db, op)
-    if isinstance(op, o.WakeDue):
-        return _wake_due(db, op)
-    if isinstance(op, o.PurgeRuns):
-        return _purge(db, op)
-    if isinstance(op, o.Wakeup):
-        return _wakeup(db, op)
-    if isinstance(op, o.SendEvent):
-        return _send(db, op)
-    raise TypeError(f"unknown store operation {type(op).__name__}")
+    apply = _OPS.get(type(op))
+    if apply is None:
+        raise TypeError(f"unknown store operation {type(op).__name__}")
+    return apply(db, op)
 
 
 def _apply_batch(db: Db, ops: Sequence[o.Op[Any]]) -> list[Any]:

@@ -468,34 +468,19 @@ async def _release(conn: Conn, op: o.ReleaseRun) -> None:
     await _write(conn, op.lease.run_id, m.release(run, op.lease, op.now, op.reason))
 
 
+_OPS: dict[type[Any], Callable[[Conn, Any], Awaitable[Any]]] = {
+    o.Enqueue: _enqueue, o.Claim: _claim, o.Renew: _renew, o.ExpireLeases: _expire,
+    o.StartStep: _save_step, o.SaveStep: _save_step, o.CompleteRun: _finish,
+    o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
+    o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
+}
+
+
 async def _apply_one(conn: Conn, op: o.Op[Any]) -> Any:
-    if isinstance(op, o.Enqueue):
-        return await _enqueue(conn, op)
-    if isinstance(op, o.Claim):
-        return await _claim(conn, op)
-    if isinstance(op, o.Renew):
-        return await _renew(conn, op)
-    if isinstance(op, o.ExpireLeases):
-        return await _expire(conn, op)
-    if isinstance(op, (o.StartStep, o.SaveStep)):
-        return await _save_step(conn, op)
-    if isinstance(op, (o.CompleteRun, o.FailRun)):
-        return await _finish(conn, op)
-    if isinstance(op, o.ReleaseRun):
-        return await _release(conn, op)
-    if isinstance(op, o.AwaitStep):
-        return await _await_step(conn, op)
-    if isinstance(op, o.WaitRun):
-        return await _wait(conn, op)
-    if isinstance(op, o.WakeDue):
-        return await _wake_due(conn, op)
-    if isinstance(op, o.PurgeRuns):
-        return await _purge(conn, op)
-    if isinstance(op, o.Wakeup):
-        return await _wakeup(conn, op)
-    if isinstance(op, o.SendEvent):
-        return await _send(conn, op)
-    raise TypeError(f"unknown store operation {type(op).__name__}")
+    apply = _OPS.get(type(op))
+    if apply is None:
+        raise TypeError(f"unknown store operation {type(op).__name__}")
+    return await apply(conn, op)
 
 
 # -- one crossing per call ---------------------------------------------------------------------
