@@ -78,10 +78,16 @@ class Client:
             self._core.abandon(req)
 
     async def list_runs(self, *, workflow: str | None = None, state: str | None = None,
-                        limit: int = 100) -> list[RunSummary]:
+                        limit: int = 100, stranded: bool = False) -> list[RunSummary]:
         """The newest ``limit`` runs (at most 1000), optionally of one ``workflow`` and/or
         in one ``state``."""
-        return await self.call(core.list_runs(workflow=workflow, state=state, limit=limit))
+        return await self.call(core.list_runs(workflow=workflow, state=state, limit=limit,
+                                               stranded=stranded))
+
+    async def stranded_versions(self) -> list[p.StrandedVersion]:
+        """Workflow versions whose queued runs no connected worker can take (for longer
+        than the server's threshold, 60 s), with how many and since when."""
+        return await self.call(core.stranded_versions())
 
     async def list_workers(self) -> list[p.WorkerInfo]:
         """The workers connected now."""

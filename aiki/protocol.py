@@ -422,6 +422,9 @@ class ListRuns:
     workflow: str | None = None
     state: str | None = None
     limit: int = 100
+    # Only queued runs stranded: of a version no connected worker has registered, queued
+    # longer than the server's threshold.
+    stranded: bool = False
 
 
 @message("run_list")
@@ -455,6 +458,18 @@ class ListWorkers:
 class WorkerList:
     req: int
     workers: tuple[WorkerInfo, ...]
+    stranded: tuple[StrandedVersion, ...] = ()
+
+
+@attrs.frozen
+class StrandedVersion:
+    """Queued runs of a workflow version that no connected worker has registered, the
+    oldest queued since ``since`` (epoch seconds)."""
+
+    workflow: str
+    version: str
+    runs: int
+    since: float
 
 
 @message("goodbye")

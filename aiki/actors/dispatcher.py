@@ -137,14 +137,29 @@ class Dispatcher:
     events: dict[tuple[str, str], set[str]] = attrs.field(factory=dict)
     assigned: int = 0
     stopped: bool = False
+    # Stranded runs: queued for a version no connected worker has registered. A run counts
+    # once it has waited ``stranded_after`` seconds with the version unserved (and the
+    # server up that long); the server warns once per version, until a worker has it again.
+    stranded_after: float = 60.0
+    started_at: float | None = None
+    unserved_since: dict[tuple[str, str], float] = attrs.field(factory=dict)
+    warn_at: dict[tuple[str, str], float] = attrs.field(factory=dict)
+    warned: set[tuple[str, str]] = attrs.field(factory=set)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        self.started_at = self.sources.clock.now()
         next_poll = trio.current_time()
         while True:
-            # Wake for a message, or for the next fallback poll if there is one.
-            with trio.move_on_at(math.inf if self.poll_interval is None else next_poll):
+            # Wake for a message, the next fallback poll if there is one, or the next
+            # stranding warning that may be due.
+            wake = math.inf if self.poll_interval is None else next_poll
+            if self.warn_at:
+                wake = min(wake, trio.current_time()
+                           + min(self.warn_at.values()) - self.sources.clock.now())
+            with trio.move_on_at(wake):
                 self._handle(await self.mailbox.receive())
+            self._warn_stranded()
             while True:
                 try:
                     self._handle(self.mailbox.receive_nowait())
@@ -175,8 +190,16 @@ class Dispatcher:
                          old.worker_id, old.session)
                 del self.seats[old.session]
             self.seats[msg.seat.session] = msg.seat  # its versions: noted by the session
+            for version in msg.seat.workflows:
+                self.warned.discard(version)
+                self.warn_at.pop(version, None)
+                self.unserved_since.pop(version, None)
         elif isinstance(msg, Left):
-            self.seats.pop(msg.session, None)
+            seat = self.seats.pop(msg.session, None)
+            now = self.sources.clock.now()
+            for version in seat.workflows if seat is not None else ():
+                if not self._served(version):
+                    self.unserved_since.setdefault(version, now)
         elif isinstance(msg, Alive):
             seat = self.seats.get(msg.session)
             if seat is not None and msg.at is not None:
@@ -242,6 +265,37 @@ class Dispatcher:
     # -- for sessions --------------------------------------------------------------------
     def tell(self, msg: Joined | Left | Ended | Alive | Draining | Expired | Poke) -> None:
         self.mailbox.address.tell_nowait(msg)
+
+    def _served(self, version: tuple[str, str]) -> bool:
+        return any(version in seat.workflows for seat in self.seats.values())
+
+    def queued_for(self, version: tuple[str, str], now: float) -> None:
+        """A run of ``version`` was enqueued: if no worker has it, warn once it waited."""
+        if not self._served(version) and version not in self.warned:
+            self.unserved_since.setdefault(version, now)
+            self.warn_at.setdefault(version, now + self.stranded_after)
+            self.poke()  # (the loop learns of the new warning time)
+
+    def _warn_stranded(self) -> None:
+        now = self.sources.clock.now()
+        for version, at in list(self.warn_at.items()):
+            if self._served(version):
+                del self.warn_at[version]
+            elif at <= now:
+                del self.warn_at[version]
+                self.warned.add(version)
+                log.warning(
+                    "runs of workflow %r version %s have waited %.0f s in the queue and no "
+                    "connected worker has registered that version: they are stranded until "
+                    "a worker with it connects (aiki runs list --stranded)", version[0],
+                    version[1], now - self.unserved_since.get(version, now))
+
+    def stranded(self, version: tuple[str, str], queued_since: float, now: float) -> bool:
+        """Whether a run of ``version`` queued since ``queued_since`` is stranded now."""
+        if self._served(version):
+            return False
+        since = max(queued_since, self.started_at or now, self.unserved_since.get(version, 0))
+        return now - since >= self.stranded_after
 
     def push_to_holder(self, run_id: str, msg: Any) -> bool:
         """Push ``msg`` to the worker that holds ``run_id`` here, if one does (a hint)."""

@@ -266,6 +266,7 @@ class Session:
             ))
             if out.created:
                 ctx.dispatcher.poke()
+                ctx.dispatcher.queued_for((msg.workflow, version), now)
             return p.Enqueued(msg.req, out.run_id, version, out.created)
         if isinstance(msg, p.GetRun):
             run = await self._run(msg.run_id)
@@ -294,11 +295,20 @@ class Session:
                                     f"{', '.join(RUN_STATES)}")
             if not 1 <= msg.limit <= MAX_LIST_LIMIT:
                 raise ProtocolError(f"limit must be 1 to {MAX_LIST_LIMIT}, got {msg.limit}")
+            if msg.stranded:
+                stranded = await self._stranded_runs(msg.workflow)
+                return p.RunList(msg.req, stranded[: msg.limit])
             runs = await ctx.store.list_runs(workflow=msg.workflow, state=msg.state,
                                              limit=msg.limit)
             return p.RunList(msg.req, runs)
         if isinstance(msg, p.ListWorkers):
-            return p.WorkerList(msg.req, ctx.dispatcher.workers())
+            by_version: dict[tuple[str, str], list[RunRecord]] = {}
+            for run in await self._stranded_runs(None):
+                by_version.setdefault((run.workflow, run.version), []).append(run)
+            versions = tuple(
+                p.StrandedVersion(w, v, len(runs), min(r.updated_at for r in runs))
+                for (w, v), runs in sorted(by_version.items()))
+            return p.WorkerList(msg.req, ctx.dispatcher.workers(), versions)
         if isinstance(msg, p.Hello):
             raise ProtocolError("'hello' was already received on this connection")
         return await self._answer_worker(msg, now)
@@ -383,6 +393,16 @@ class Session:
         one's worker is told to look again."""
         self.ctx.dispatcher.poke()
         self.ctx.dispatcher.push_to_holder(run_id, p.Nudge(run_id))
+
+    async def _stranded_runs(self, workflow: str | None) -> tuple[RunRecord, ...]:
+        """Queued runs (the newest 1000) that no connected worker can take, queued longer
+        than the stranding threshold."""
+        ctx = self.ctx
+        queued = await ctx.store.list_runs(workflow=workflow, state="queued",
+                                           limit=MAX_LIST_LIMIT)
+        return tuple(r for r in queued
+                     if ctx.dispatcher.stranded((r.workflow, r.version), r.updated_at,
+                                                ctx.sources.clock.now()))
 
     def _check_owner(self, *leases: Lease) -> None:
         assert self.hello is not None

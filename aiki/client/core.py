@@ -189,14 +189,17 @@ def wait_for_completion(run_id: str, result_type: Any, timeout: float | None) ->
                 late=f"run {run_id} did not finish within {timeout} s")
 
 
-def list_runs(*, workflow: str | None, state: str | None, limit: int) -> Call[list[RunSummary]]:
-    """The newest ``limit`` runs (1 to 1000), optionally of one workflow and/or in one state.
-    Raises ValueError for a state or limit the server would refuse."""
+def list_runs(*, workflow: str | None, state: str | None, limit: int,
+              stranded: bool = False) -> Call[list[RunSummary]]:
+    """The newest ``limit`` runs (1 to 1000), optionally of one workflow and/or in one state,
+    or only the stranded ones (queued for a version no connected worker has registered,
+    longer than the server's threshold). Raises ValueError for a state or limit the server
+    would refuse."""
     if state is not None and state not in RUN_STATES:
         raise ValueError(f"unknown run state {state!r}; the states are {', '.join(RUN_STATES)}")
     if not isinstance(limit, int) or not 1 <= limit <= 1000:
         raise ValueError(f"limit must be an int from 1 to 1000, got {limit!r}")
-    return Call(lambda req: p.ListRuns(req, workflow, state, limit), p.RunList,
+    return Call(lambda req: p.ListRuns(req, workflow, state, limit, stranded), p.RunList,
                 lambda reply: [RunSummary.of(run) for run in reply.runs])
 
 
@@ -221,6 +224,11 @@ def purge_batch(before: float) -> Call[int]:
 
 def list_workers() -> Call[list[p.WorkerInfo]]:
     return Call(p.ListWorkers, p.WorkerList, lambda reply: list(reply.workers))
+
+
+def stranded_versions() -> Call[list[p.StrandedVersion]]:
+    """The workflow versions with stranded runs: queued, and no connected worker has them."""
+    return Call(p.ListWorkers, p.WorkerList, lambda reply: list(reply.stranded))
 
 
 def client_hello(node_id: str, token: str | None) -> Callable[[int], p.Hello]:

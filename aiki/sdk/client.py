@@ -7,15 +7,18 @@ through a :class:`Link`; ``aiki.asyncio`` and ``aiki.sync`` send the same Calls.
 from __future__ import annotations
 
 import datetime
+import logging
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import attrs
+import trio
 
 from aiki import protocol as p
 from aiki.actors.link import Link
+from aiki.actors.scopes import serving_nursery
 from aiki.client import core
 from aiki.client.core import Backoff, Call
 from aiki.client.views import RunStatus, RunSummary, TaskStatus, WaitStatus
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
     from aiki.sdk.definitions import Event
 
 R = TypeVar("R")
+log = logging.getLogger("aiki.client")
+STRANDED_CHECK = 60.0  # seconds between looks while waiting on a run
 T = TypeVar("T")
 
 
@@ -75,9 +80,29 @@ class RunHandle(Generic[R]):
 
         Raises ``aiki.WorkflowFailed`` (with the remote error type and message) if it failed,
         ``TimeoutError`` after ``timeout`` seconds. The server pushes the end; nobody polls.
+        A run left queued with no connected worker for its version is logged (once, at
+        WARNING, on ``aiki.client``) while this waits, rather than waited on in silence.
         """
-        return await self.client.call(
-            core.wait_for_completion(self.id, self.result_type, timeout))
+        wait = core.wait_for_completion(self.id, self.result_type, timeout)
+        if not isinstance(self.client, Client):  # (the asyncio client's handles)
+            return await self.client.call(wait)
+        async with serving_nursery() as nursery:
+            nursery.start_soon(self._say_if_stranded, self.client)
+            return await self.client.call(wait)
+
+    async def _say_if_stranded(self, client: Client) -> None:
+        delay = STRANDED_CHECK
+        while True:  # a look after 1 minute, 2, 4, ... then hourly: a long wait costs little
+            await trio.sleep(delay)
+            delay = min(delay * 2, 3600.0)
+            stranded = await client.list_runs(stranded=True, limit=1000)
+            for run in stranded:
+                if run.id == self.id:
+                    log.warning(
+                        "run %s is still queued and no connected worker has registered "
+                        "workflow %r version %s: start a worker that has it (the run waits "
+                        "in the queue until one does)", run.id, run.workflow, run.version)
+                    return
 
 
 @attrs.define(eq=False)
@@ -112,10 +137,16 @@ class Client:
         return call.outcome(reply)
 
     async def list_runs(self, *, workflow: str | None = None, state: str | None = None,
-                        limit: int = 100) -> list[RunSummary]:
+                        limit: int = 100, stranded: bool = False) -> list[RunSummary]:
         """The newest ``limit`` runs (at most 1000), optionally of one ``workflow`` and/or
         in one ``state`` (queued, running, waiting, completed, failed, cancelled)."""
-        return await self.call(core.list_runs(workflow=workflow, state=state, limit=limit))
+        return await self.call(core.list_runs(workflow=workflow, state=state, limit=limit,
+                                               stranded=stranded))
+
+    async def stranded_versions(self) -> list[p.StrandedVersion]:
+        """Workflow versions whose queued runs no connected worker can take (for longer
+        than the server's threshold, 60 s), with how many and since when."""
+        return await self.call(core.stranded_versions())
 
     async def list_workers(self) -> list[p.WorkerInfo]:
         """The workers connected now: id, workflow versions, slots, slots in use, when they

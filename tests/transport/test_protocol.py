@@ -32,6 +32,7 @@ RECORD_TYPES: tuple[type[Any], ...] = (
     WaitRecord,
     protocol.WorkflowRef,
     protocol.WorkerInfo,
+    protocol.StrandedVersion,
 )
 _LEAF_TYPES: frozenset[Any] = frozenset({int, str, bool, float, type(None)})
 
