@@ -17,7 +17,6 @@ before deciding anything, so a refused operation changes nothing.
 from __future__ import annotations
 
 import datetime
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -278,12 +277,6 @@ def save_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
 
 
 # -- waits -----------------------------------------------------------------------------------
-def seconds_of(step: StepRecord) -> float | None:
-    """The duration a wait step asked for: a sleep's seconds, an event wait's timeout."""
-    value = json.loads(step.input).get("seconds")
-    return None if value is None else float(value)
-
-
 def _end_sleep(step: StepRecord, now: float, woken: bool, who: str | None) -> Change:
     done = attrs.evolve(step, state="completed", output="false" if woken else "true")
     detail = "woken early" if woken else "slept"
