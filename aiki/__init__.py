@@ -19,6 +19,7 @@ from aiki.errors import (
     PayloadError,
     RunFinished,
     RunNotFound,
+    RunNotRetryable,
     StaleLease,
     TaskFailed,
     UnknownEvent,
@@ -46,8 +47,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AikiError", "AuthenticationFailed", "Client", "ConfigError", "ConnectionLost", "Event",
     "EventTimeout", "HistoryEvent", "NonDeterminismError", "NonRetryableError", "PayloadError",
-    "Retry", "RunFinished", "RunHandle", "RunNotFound", "RunStatus", "RunSummary", "Sources",
-    "StaleLease", "Task", "TaskFailed", "TaskStatus", "UnknownEvent", "UnknownWorkflow",
+    "Retry", "RunFinished", "RunHandle", "RunNotFound", "RunNotRetryable", "RunStatus",
+    "RunSummary", "Sources", "StaleLease", "Task", "TaskFailed", "TaskStatus", "UnknownEvent",
+    "UnknownWorkflow",
     "WaitStatus", "WorkerInfo", "Workflow", "WorkflowFailed", "WorkflowRun", "connect",
     "embedded", "event", "task", "worker", "workflow",
 ]

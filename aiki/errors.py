@@ -83,6 +83,10 @@ class RunNotFound(AikiError):
     """No run with this id exists in the store."""
 
 
+class RunNotRetryable(AikiError):
+    """A retry of a run that has not failed (it is queued, running, waiting or completed)."""
+
+
 class RunFinished(AikiError):
     """The run has ended (completed, failed or cancelled): it takes no more events."""
 

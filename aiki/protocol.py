@@ -378,6 +378,23 @@ class EventSent:
     duplicate: bool  # the idempotency key was used already: nothing was stored
 
 
+@message("retry_run")
+@attrs.frozen
+class RetryRun:
+    """Queue a failed run again, re-pinned to ``version`` if given; answered by ``Retried``."""
+
+    req: int
+    run_id: str
+    version: str | None = None
+
+
+@message("retried")
+@attrs.frozen
+class Retried:
+    req: int
+    run: RunRecord
+
+
 @message("wakeup")
 @attrs.frozen
 class Wakeup:

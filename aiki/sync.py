@@ -71,6 +71,10 @@ class RunHandle(Generic[R]):
         """End the run's current ``run.sleep()`` early (see ``aiki.RunHandle.wakeup``)."""
         return self.client.call(core.wakeup(self.id))
 
+    def retry(self, version: str | None = None) -> None:
+        """Queue this failed run again (see ``aiki.RunHandle.retry``)."""
+        self.client.call(core.retry(self.id, version))
+
     def wait_for_completion(self, timeout: float | None = None) -> R:
         """The run's result once it completed (see ``aiki.RunHandle.wait_for_completion``)."""
         call = core.wait_for_completion(self.id, self.result_type, timeout)

@@ -274,6 +274,12 @@ class Session:
             return p.RunInfo(msg.req, run, await ctx.store.get_steps(run.id), waits)
         if isinstance(msg, p.SendEvent):
             return await self._send_event(msg, now)
+        if isinstance(msg, p.RetryRun):
+            assert self.hello is not None
+            run = await ctx.writer.write(ops.RetryRun(msg.run_id, msg.version,
+                                                      self.hello.node_id, now))
+            ctx.dispatcher.poke()
+            return p.Retried(msg.req, run)
         if isinstance(msg, p.PurgeRuns):
             if not 1 <= msg.limit <= MAX_LIST_LIMIT:
                 raise ProtocolError(f"limit must be 1 to {MAX_LIST_LIMIT}, got {msg.limit}")

@@ -52,7 +52,7 @@ _REFUSALS: dict[str, type[errors.AikiError]] = {
         errors.StaleLease, errors.StepConflict, errors.RunNotFound, errors.UnknownWorkflow,
         errors.ProtocolError, errors.StoreUnavailable, errors.PayloadError,
         errors.AuthenticationFailed, errors.ConnectionLost, errors.RunFinished,
-        errors.UnknownEvent,
+        errors.UnknownEvent, errors.RunNotRetryable,
     )
 }
 #: Refusals of a connection that no reconnection can fix.
@@ -165,6 +165,11 @@ def send_event(run_id: str, event: Any, value: Any, idempotency_key: str | None)
 def wakeup(run_id: str) -> Call[bool]:
     """End a run's current ``run.sleep()`` early; False if it was not sleeping."""
     return Call(lambda req: p.Wakeup(req, run_id), p.WokenUp, lambda reply: bool(reply.woken))
+
+
+def retry(run_id: str, version: str | None) -> Call[None]:
+    """Queue a failed run again (``aiki.RunNotRetryable`` for one that has not failed)."""
+    return Call(lambda req: p.RetryRun(req, run_id, version), p.Retried, lambda reply: None)
 
 
 def get_history(run_id: str) -> Call[tuple[HistoryEvent, ...]]:

@@ -72,6 +72,13 @@ class RunHandle(Generic[R]):
         False, changing nothing, if the run is not sleeping."""
         return await self.client.call(core.wakeup(self.id))
 
+    async def retry(self, version: str | None = None) -> None:
+        """Queue this failed run again, after a fix: its completed steps are kept (replay
+        returns them) and its failed or unfinished ones run again. ``version`` re-pins it
+        to another version of its workflow (a fix deployed as a new version), whose code
+        must still replay the kept steps. ``aiki.RunNotRetryable`` if it has not failed."""
+        await self.client.call(core.retry(self.id, version))
+
     async def history(self) -> tuple[HistoryEvent, ...]:
         return await self.client.call(core.get_history(self.id))
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from aiki.errors import RunFinished, RunNotFound, StaleLease, StepConflict
+from aiki.errors import RunFinished, RunNotFound, RunNotRetryable, StaleLease, StepConflict
 from aiki.records import (
     FINAL_STEP_STATES,
     TERMINAL_RUN_STATES,
@@ -39,6 +39,7 @@ from aiki.store import ops as o
 RUN_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
     (None, "queued"), ("queued", "running"), ("running", "completed"), ("running", "failed"),
     ("running", "waiting"), ("running", "queued"), ("waiting", "queued"),
+    ("failed", "queued"),  # retried by a client, after a fix
 })
 # Task steps. ``running -> running``: a crash during an attempt runs that attempt again.
 TASK_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
@@ -84,6 +85,7 @@ class Change:
 
     run: RunRecord | None = None
     steps: tuple[StepRecord, ...] = ()
+    dropped: tuple[str, ...] = ()  # positions of steps deleted (a retry runs them again)
     waits: tuple[WaitRecord, ...] | None = None
     consumed: tuple[tuple[int, str], ...] = ()
     sent: EventRecord | None = None
@@ -94,6 +96,7 @@ class Change:
         return Change(
             other.run if other.run is not None else self.run,
             self.steps + other.steps,
+            self.dropped + other.dropped,
             other.waits if other.waits is not None else self.waits,
             self.consumed + other.consumed,
             other.sent or self.sent,
@@ -205,6 +208,28 @@ def finish(run: RunRecord | None, lease: Lease, now: float, *, result: str | Non
     return Change(run, waits=(), history=(Entry(
         now, f"run.{state}", run.attempts, lease.worker_id,
         detail=None if error is None else f"{error_type}: {error_message}"),))
+
+
+def retry(run: RunRecord | None, run_id: str, steps: Sequence[StepRecord],
+          version: str | None, who: str, now: float) -> Change:
+    """``handle.retry()``: queue a failed run again, its attempts counted on. Completed steps
+    are kept (replay returns them); failed and unfinished ones are dropped, so they run
+    again. ``version`` re-pins the run (a fix deployed as a new version)."""
+    if run is None:
+        raise RunNotFound(f"no run with id {run_id!r}")
+    if run.state != "failed":
+        raise RunNotRetryable(f"run {run.id} is {run.state}: only a failed run can be "
+                              "retried; nothing changed")
+    dropped = tuple(s.position for s in steps if s.state != "completed")
+    moved = f", re-pinned from version {run.version} to {version}" if (
+        version is not None and version != run.version) else ""
+    again = _move(run, now, "queued", version=version or run.version, result=None,
+                  error_type=None, error_message=None, error_traceback=None,
+                  finished_at=None)
+    return Change(again, dropped=dropped, history=(Entry(
+        now, "run.queued", run.attempts, who,
+        detail=f"retried by {who}{moved}; {len(dropped)} step(s) to run again, "
+               f"{len(steps) - len(dropped)} kept"),))
 
 
 def purgeable(run: RunRecord, before: float) -> bool:

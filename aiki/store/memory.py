@@ -186,6 +186,12 @@ class MemoryStore:
                     self._write(run.id, m.wake_due(run, waits, self._steps[run.id], op.now))
                     woke.append(run.id)
             return tuple(woke)
+        if isinstance(op, o.RetryRun):
+            change = m.retry(runs.get(op.run_id), op.run_id,
+                             tuple(self._steps.get(op.run_id, {}).values()), op.version, op.who,
+                             op.now)
+            self._write(op.run_id, change)
+            return change.run
         if isinstance(op, o.PurgeRuns):
             old = sorted((r for r in runs.values() if m.purgeable(r, op.before)),
                          key=lambda r: (r.finished_at, self._order[r.id]))[: max(op.limit, 0)]
@@ -255,6 +261,8 @@ class MemoryStore:
         if change.run is not None:
             self._runs[run_id] = change.run
         steps = self._steps.setdefault(run_id, {})
+        for position in change.dropped:
+            steps.pop(position, None)
         for step in change.steps:
             steps[step.position] = step
         if change.waits is not None:

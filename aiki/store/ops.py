@@ -150,6 +150,16 @@ class WakeDue(Op[tuple[str, ...]]):
 
 
 @attrs.frozen
+class RetryRun(Op[RunRecord]):
+    """Queue a failed run again (see :func:`aiki.store.machine.retry`); ``who`` asked."""
+
+    run_id: str
+    version: str | None
+    who: str
+    now: float
+
+
+@attrs.frozen
 class PurgeRuns(Op[tuple[str, ...]]):
     """Delete up to ``limit`` finished runs that finished before ``before`` (oldest first),
     with their steps, history, waits and events; the outcome is their ids. Their idempotency

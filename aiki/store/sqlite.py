@@ -219,6 +219,8 @@ def _write(db: Db, run_id: str, change: m.Change) -> None:
     if run is not None:
         values = attrs.astuple(run)
         db.execute(f"UPDATE runs SET {RUN_UPDATE} WHERE id = ?", (*values[1:], run.id))
+    db.executemany("DELETE FROM steps WHERE run_id = ? AND position = ?",
+                   [(run_id, position) for position in change.dropped])
     for step in change.steps:
         db.execute(STEP_UPSERT, (run_id, run_id, *attrs.astuple(step)))
     if change.waits is not None:
@@ -392,6 +394,13 @@ def _send(db: Db, op: o.SendEvent) -> o.SendOutcome:
     return outcome
 
 
+def _retry(db: Db, op: o.RetryRun) -> RunRecord | None:
+    change = m.retry(_get_run(db, op.run_id), op.run_id, _get_steps(db, op.run_id),
+                     op.version, op.who, op.now)
+    _write(db, op.run_id, change)
+    return change.run
+
+
 def _release(db: Db, op: o.ReleaseRun) -> None:
     run = _get_run(db, op.lease.run_id)
     _write(db, op.lease.run_id, m.release(run, op.lease, op.now, op.reason))
@@ -402,6 +411,7 @@ _OPS: dict[type[Any], Callable[[Db, Any], Any]] = {
     o.StartStep: _save_step, o.SaveStep: _save_step, o.CompleteRun: _finish,
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
+    o.RetryRun: _retry,
 }
 
 

@@ -714,6 +714,7 @@ command = st.one_of(  # repeated alternatives are weights: keep runs running and
               st.sampled_from([None, None, "m1", "m2"])),
     st.tuples(st.just("wakeup"), st.integers(0, 7)),
     st.tuples(st.just("purge"), st.sampled_from([0.0, 2.0, 100.0]), st.integers(0, 2)),
+    st.tuples(st.just("retry"), st.integers(0, 7), st.sampled_from([None, "2"])),
 )
 PRELUDE: list[tuple[float, list[tuple[Any, ...]]]] = [
     (0.0, [("enqueue", 0, None, None), ("enqueue", 1, "k1", None), ("enqueue", 2, None, None)]),
@@ -775,6 +776,8 @@ class World:
             return o.Wakeup(self.run_id(cmd[1]), now)
         if kind == "purge":
             return o.PurgeRuns(now - cmd[1], cmd[2])
+        if kind == "retry":
+            return o.RetryRun(self.run_id(cmd[1]), cmd[2], "c", now)
         lease = await self.lease(cmd[1], cmd[2])
         if kind == "await":
             _, _, _, position, step_kind, name, delay = cmd
@@ -1028,3 +1031,36 @@ async def test_purge_deletes_finished_runs_oldest_first_with_everything_they_had
     # FIFO order survives the purge.
     await execute(store, enqueue("r10", now=1002.0))
     assert [c.run.id for c in await claim(store, now=1003.0)] == ["r9", "r10"]
+
+
+# -- retry ----------------------------------------------------------------------------------
+async def test_retry_requeues_a_failed_run_keeping_its_completed_steps(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.SaveStep(lease, step("0", "charge"), 11.0))
+    await execute(store, o.SaveStep(lease, step("1", "ship", "failed", error=("E", "boom")),
+                                    12.0))
+    await execute(store, o.StartStep(lease, step("2", "mail", "running"), 12.5))
+    await execute(store, o.FailRun(lease, "E", "boom", 13.0, "Traceback ..."))
+    run = await execute(store, o.RetryRun("r1", "2", "client-9", 20.0))
+    assert (run.state, run.version, run.attempts, run.finished_at, run.error_type,
+            run.error_traceback) == ("queued", "2", 1, None, None, None)
+    assert [s.position for s in await store.get_steps("r1")] == ["0"]
+    assert (await events(store, "r1"))[-1] == (
+        20.0, "run.queued", 1, "client-9", None, None,
+        "retried by client-9, re-pinned from version 1 to 2; 2 step(s) to run again, 1 kept")
+    [again] = await claim(store, workflows=(("wf", "2"),), now=21.0)
+    assert (again.run.attempts, again.run.lease_epoch) == (2, 2)
+    assert [s.position for s in again.steps] == ["0"]
+
+
+async def test_only_a_failed_run_can_be_retried(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    before = await snapshot(store, "r1")
+    outcomes = await store.apply([o.RetryRun("r1", None, "c", 12.0),
+                                  o.RetryRun("ghost", None, "c", 12.0)])
+    assert [type(x).__name__ for x in outcomes] == ["RunNotRetryable", "RunNotFound"]
+    assert "run r1 is running: only a failed run can be retried" in str(outcomes[0])
+    assert await snapshot(store, "r1") == before
+    await execute(store, o.CompleteRun(lease, "null", 13.0))
+    with pytest.raises(AikiError, match="is completed"):
+        await execute(store, o.RetryRun("r1", None, "c", 14.0))

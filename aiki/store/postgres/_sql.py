@@ -226,6 +226,9 @@ async def _write(conn: Conn, run_id: str, change: m.Change) -> None:
     statement (one round trip), the rest after it."""
     history = [(run_id, e.at, e.event, e.attempt, e.worker_id, e.position, e.name, e.detail)
                for e in change.history]
+    if change.dropped:
+        await conn.execute("DELETE FROM steps WHERE run_id = $1 AND position = ANY($2::text[])",
+                           run_id, list(change.dropped))
     for step in change.steps:
         await conn.execute(STEP_UPSERT, run_id, *attrs.astuple(step))
     if change.waits is not None:
@@ -463,6 +466,14 @@ async def _send(conn: Conn, op: o.SendEvent) -> o.SendOutcome:
     return outcome
 
 
+async def _retry(conn: Conn, op: o.RetryRun) -> RunRecord | None:
+    run = await get_run(conn, op.run_id, lock=True)
+    change = m.retry(run, op.run_id, await get_steps(conn, op.run_id), op.version, op.who,
+                     op.now)
+    await _write(conn, op.run_id, change)
+    return change.run
+
+
 async def _release(conn: Conn, op: o.ReleaseRun) -> None:
     run = await get_run(conn, op.lease.run_id, lock=True)
     await _write(conn, op.lease.run_id, m.release(run, op.lease, op.now, op.reason))
@@ -473,6 +484,7 @@ _OPS: dict[type[Any], Callable[[Conn, Any], Awaitable[Any]]] = {
     o.StartStep: _save_step, o.SaveStep: _save_step, o.CompleteRun: _finish,
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
+    o.RetryRun: _retry,
 }
 
 
