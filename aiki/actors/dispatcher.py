@@ -66,6 +66,7 @@ class Seat:
     # Queued runs for it may exist: set by pokes, expiries and polls; cleared by a claim that
     # came back short (its queue was empty then).
     may_have_work: bool = True
+    assigned_at: dict[str, float] = attrs.field(factory=dict)  # run id -> when pushed
 
     @property
     def free(self) -> int:
@@ -96,10 +97,12 @@ class Ended:
 
 @attrs.frozen
 class Alive:
-    """The worker of this session heartbeated (at wall time ``at``)."""
+    """The worker of this session heartbeated (at wall time ``at``), renewing the leases of
+    the runs ``held`` (None: not known)."""
 
     session: int
     at: float | None = None
+    held: tuple[str, ...] | None = None
 
 
 @attrs.frozen
@@ -204,6 +207,8 @@ class Dispatcher:
             seat = self.seats.get(msg.session)
             if seat is not None and msg.at is not None:
                 seat.last_heartbeat = msg.at
+            if seat is not None and msg.held is not None:
+                self._forget_unheld(seat, set(msg.held))
             if seat is not None and seat.suspect:
                 seat.suspect = False
                 self.poke()
@@ -215,12 +220,30 @@ class Dispatcher:
             seat = self.seats.get(msg.session)
             if seat is not None:
                 seat.active.difference_update(msg.run_ids)
+                for run_id in msg.run_ids:
+                    seat.assigned_at.pop(run_id, None)
         elif isinstance(msg, Expired):
             self._work_may_have_arrived()
             for seat in self.seats.values():
                 if seat.active.intersection(msg.run_ids):
                     seat.suspect = True
                     seat.active.difference_update(msg.run_ids)
+                    for run_id in msg.run_ids:
+                        seat.assigned_at.pop(run_id, None)
+
+    def _forget_unheld(self, seat: Seat, held: set[str]) -> None:
+        """A run assigned to the seat over a lease ago that its worker's heartbeat does not
+        renew is not the worker's any more: its lease expired, maybe by another server's
+        Timer (whose Expired never reaches this Dispatcher), or the assignment was lost.
+        Its slot is free again."""
+        now = trio.current_time()
+        gone = {run_id for run_id in seat.active - held
+                if now - seat.assigned_at.get(run_id, -math.inf) > self.lease_ttl}
+        if gone:
+            seat.active -= gone
+            for run_id in gone:
+                seat.assigned_at.pop(run_id, None)
+            seat.may_have_work = True
 
     async def _assign(self) -> None:
         if self.stopped:
@@ -243,6 +266,7 @@ class Dispatcher:
             for c in claimed:
                 if not seat.draining and seat.push(Assign(c.run, c.steps)):
                     seat.active.add(c.run.id)
+                    seat.assigned_at[c.run.id] = trio.current_time()
                     self.assigned += 1
                 else:
                     undelivered.append(c.run)

@@ -330,7 +330,7 @@ class Session:
                 lost = await ctx.writer.write(ops.Renew(msg.leases, now, ctx.lease_ttl))
             if lost:
                 ctx.dispatcher.tell(Ended(self.id, lost))
-            ctx.dispatcher.tell(Alive(self.id, now))
+            ctx.dispatcher.tell(Alive(self.id, now, tuple(lease.run_id for lease in msg.leases)))
             return p.HeartbeatAck(msg.req, lost)
         if isinstance(msg, p.Drain):
             log.info("session %d (%s): worker %r drains", self.id, self.conn.peer,

@@ -108,3 +108,37 @@ async def test_a_failed_give_back_leaves_the_run_to_its_lease_and_the_dispatcher
         await trio.sleep(60)  # r0's lease expires and the run is queued again
         again = await store.get_run("r0")
         assert again is not None and again.state == "queued"  # the one slot holds r1
+
+
+async def test_a_lease_another_server_expired_frees_the_slot_at_the_next_heartbeat(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Several servers on one store: whichever Timer comes first expires a lease, so the
+    # Dispatcher that assigned the run may never get its Expired. The worker's heartbeats
+    # (which do not renew the run) free the slot once a lease has passed since the assignment.
+    from aiki.actors.dispatcher import Alive
+
+    store = MemoryStore()
+    delivered: list[str] = []
+
+    def push(assign: Assign) -> bool:
+        delivered.append(assign.run.id)
+        return True
+
+    seat = Seat(1, "w1", (WF,), slots=1, push=push)
+    async with dispatching(store, 2) as dispatcher:
+        dispatcher.tell(Joined(seat))
+        await trio.sleep(1)
+        assert delivered == ["r0"]  # (its Assign lost on the way: the worker never has it)
+        run = await store.get_run("r0")
+        assert run is not None and run.lease_expires_at is not None
+        assert await execute(store, o.ExpireLeases(run.lease_expires_at)) == ("r0",)
+        dispatcher.tell(Alive(1, None, ()))  # within a lease of the assignment: kept
+        await trio.sleep(1)
+        assert seat.active == {"r0"}
+        await trio.sleep(30)
+        dispatcher.tell(Alive(1, None, ()))
+        dispatcher.poke()
+        await trio.sleep(1)
+        assert delivered == ["r0", "r0"]  # the slot was free again: the run is back
+        assert seat.active == {"r0"}
