@@ -199,8 +199,10 @@ class Session:
             msg = await self._receive()
             if msg is None:
                 continue
-            await limiter.acquire_on_behalf_of(msg)
-            requests.start_soon(self._serve_one, msg, limiter)
+            # A borrower of its own: two equal messages (one delivered twice) are two requests.
+            borrower = object()
+            await limiter.acquire_on_behalf_of(borrower)
+            requests.start_soon(self._serve_one, msg, limiter, borrower)
 
     async def _receive(self) -> Any:
         try:
@@ -229,7 +231,7 @@ class Session:
     def _push(self, msg: Any) -> bool:
         return self.outbox.address.tell_nowait(msg)
 
-    async def _serve_one(self, msg: Any, limiter: trio.CapacityLimiter) -> None:
+    async def _serve_one(self, msg: Any, limiter: trio.CapacityLimiter, borrower: object) -> None:
         try:
             reply = await self._answer(msg)
         except AikiError as exc:
@@ -242,7 +244,7 @@ class Session:
             reply = p.Refused(getattr(msg, "req", -1), "InternalError",
                               f"the server failed to answer {_tag(msg)!r}: {exc!r}")
         finally:
-            limiter.release_on_behalf_of(msg)
+            limiter.release_on_behalf_of(borrower)
         if reply is not None:
             await self.outbox.address.tell(reply)
 

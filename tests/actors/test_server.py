@@ -135,3 +135,26 @@ async def test_a_crashing_store_writer_is_restarted_by_the_supervisor(
         assert isinstance(enqueued, p.Enqueued) and enqueued.created
         assert server.supervisor.restarts == 1
         assert isinstance(server.supervisor.first_failure, RuntimeError)
+
+
+class SlowStore(MemoryStore):
+    async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        await trio.sleep(1.0)
+        return await super().apply(ops)
+
+
+async def test_a_message_delivered_twice_is_answered_twice_and_the_listener_keeps_serving(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Two equal messages in flight at once were one borrower of the session's request
+    # limiter: the second crashed the listener, and every connection of the server with it.
+    async with running_server(SlowStore()) as (server, transport):
+        conn = await transport.connect("srv")
+        assert isinstance(conn, MemoryConnection)
+        await hello(conn)
+        twice = p.Enqueue(2, "wf", "null", "1", None, "run-1")
+        await conn.send(twice)
+        await conn.send(twice)
+        replies = [await conn.receive(), await conn.receive()]
+        assert [type(r) for r in replies] == [p.Enqueued, p.Enqueued]
+        assert server.supervisor.restarts == 0
