@@ -77,15 +77,182 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
             v.append(f"task {task} of {rk} step {label} executed at t={at:.3f}, after its "
                      f"result was committed at t={done:.3f}")
 
-    # Results equal the fault-free run's, run by run.
-    if reference is not None:
-        for run_id, (state, payload, result) in outcome.runs.items():
-            ref = reference.runs.get(run_id)
-            if ref is None or ref[1] != payload or state not in ("completed", "failed"):
+    v += _sends(contents, ledger)
+    v += _waits(contents, ledger)
+    for run_id in sorted(ledger.watching):
+        run = runs.get(run_id)
+        heard = ledger.heard_end.get(run_id)
+        if run is not None and run.state in ("completed", "failed") and heard is None:
+            v.append(f"run {run_id} {run.state}, but the client watching it never heard")
+        elif heard is not None and (run is None or heard[1] != run.state):
+            v.append(f"a client heard run {run_id} end {heard[1]} at t={heard[0]:.3f}; it is "
+                     f"stored {run.state if run else 'nowhere'}")
+
+    # Results equal the fault-free run's, run by run; a sleep's marker may differ where a
+    # wake-up ended it early in either run, and must say what the store recorded.
+    ref_steps = reference.store.inner.contents().steps if reference is not None else {}
+    for run_id, (state, payload, result) in outcome.runs.items():
+        if state != "completed" or result is None:
+            continue
+        mine = _sleep_markers(contents.steps[run_id], payload)
+        got = json.loads(result)
+        for j, marker in mine.items():
+            if j < len(got) and got[j] != marker:
+                v.append(f"run {run_id}: its sleep at step {j} returned {got[j]}, but the "
+                         f"store recorded {'slept' if marker else 'woken early'}")
+        if reference is None:
+            continue
+        ref = reference.runs.get(run_id)
+        if ref is None or ref[1] != payload:
+            continue
+        if state != ref[0] or ref[2] is None:
+            v.append(f"run {run_id} ended {state} with {result}; without faults it ended "
+                     f"{ref[0]} with {ref[2]}")
+            continue
+        theirs = _sleep_markers(ref_steps.get(run_id, ()), payload)
+        woken = {j for j in mine.keys() | theirs.keys()
+                 if mine.get(j) == 0 or theirs.get(j) == 0}
+        masked = [None if j in woken else x for j, x in enumerate(got)]
+        expected = [None if j in woken else x for j, x in enumerate(json.loads(ref[2]))]
+        if masked != expected:
+            v.append(f"run {run_id} ended {state} with {result}; without faults it ended "
+                     f"{ref[0]} with {ref[2]}")
+    for run_id, (state, payload, _) in outcome.runs.items():
+        ref = reference.runs.get(run_id) if reference is not None else None
+        if ref is not None and ref[1] == payload and state == "failed" and ref[0] != state:
+            v.append(f"run {run_id} ended failed; without faults it ended {ref[0]} "
+                     f"with {ref[2]}")
+    return v
+
+
+def _sleep_markers(steps: Any, payload: str) -> dict[int, int]:
+    """Step index -> the marker a sleep there returns (1 slept, 0 woken early), as stored."""
+    program = json.loads(payload)
+    stored = {s.position: s for s in steps}
+    out = {}
+    for j, step in enumerate(program["steps"]):
+        if "sleep" in step and str(j) in stored and stored[str(j)].state == "completed":
+            out[j] = 1 if stored[str(j)].output == "true" else 0
+    return out
+
+
+def _position_key(position: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in position.split("."))
+
+
+def _sends(contents: Any, ledger: Any) -> list[str]:
+    """Acknowledged sends are stored once, duplicates and refused sends not at all; each is
+    delivered to at most one wait, and a run's waits for one event take its sends in order."""
+    v = []
+    stored: dict[str, list[Any]] = {}
+    keyed: dict[tuple[str, str, str], int] = {}
+    for run_id, events in contents.events.items():
+        for e in events:
+            stored.setdefault(e.payload, []).append(e)
+            if e.idempotency_key is not None:
+                k = (run_id, e.name, e.idempotency_key)
+                keyed[k] = keyed.get(k, 0) + 1
+    for k, n in sorted(keyed.items()):
+        if n > 1:
+            v.append(f"run {k[0]}: {n} {k[1]!r} events stored under one key {k[2]!r}")
+    for send_id, log in sorted(ledger.sends.items()):
+        copies = len(stored.get(log.payload, ()))
+        if log.key is None and copies > 1:
+            continue  # without a key, a send the network delivered twice is stored twice
+        if log.outcome in ("delivered", "buffered") and copies != 1:
+            v.append(f"send {send_id} to run {log.run_id} was acknowledged ({log.outcome}) at "
+                     f"t={log.at:.3f} and is stored {copies} times")
+        elif log.outcome == "duplicate" and (
+                copies > 1 or keyed.get((log.run_id, log.name, log.key or ""), 0) != 1):
+            v.append(f"send {send_id} to run {log.run_id} was answered as a duplicate of key "
+                     f"{log.key!r}, which is not stored once")
+        elif log.outcome == "RunFinished" and copies and not _sent_before_the_end(
+                contents.history.get(log.run_id, ()), log):
+            # (A keyed send is tried again after a lost reply: an attempt before the run
+            # ended may have stored it.)
+            v.append(f"send {send_id} to run {log.run_id} was refused (the run had finished) "
+                     "and stored all the same")
+        elif copies > 1:
+            v.append(f"send {send_id} to run {log.run_id} is stored {copies} times")
+    for run_id, events in contents.events.items():
+        steps = {s.position: s for s in contents.steps.get(run_id, ())}
+        taken: dict[str, int] = {}
+        for e in events:
+            if e.position is None:
                 continue
-            if (state, result) != (ref[0], ref[2]):
-                v.append(f"run {run_id} ended {state} with {result}; without faults it ended "
-                         f"{ref[0]} with {ref[2]}")
+            if e.position in taken:
+                v.append(f"run {run_id}: events {taken[e.position]} and {e.seq} were both "
+                         f"delivered to the wait at step {e.position}")
+            taken[e.position] = e.seq
+            step = steps.get(e.position)
+            if step is None or (step.kind, step.name) != ("event", e.name):
+                v.append(f"run {run_id}: event {e.seq} ({e.name!r}) was delivered to step "
+                         f"{e.position}, which is no wait for it")
+            elif step.state == "failed":
+                v.append(f"run {run_id}: the wait at step {e.position} timed out and also "
+                         f"received event {e.seq} (sent at {e.sent_at:.3f})")
+            elif step.output != e.payload:
+                v.append(f"run {run_id}: the wait at step {e.position} returned "
+                         f"{step.output}, but event {e.seq} ({e.payload}) was delivered to it")
+        for step in steps.values():
+            if step.kind == "event" and step.state == "completed" and (
+                    step.position not in taken):
+                v.append(f"run {run_id}: the wait at step {step.position} completed with "
+                         f"{step.output}, which no stored send was delivered to")
+        for name in {e.name for e in events}:
+            mine = [e for e in events if e.name == name]  # in send order (seq)
+            delivered = [e for e in mine if e.position is not None]
+            order = [_position_key(e.position or "") for e in delivered]
+            if order != sorted(order):
+                v.append(f"run {run_id}: {name!r} events were delivered out of send order: "
+                         f"{[(e.seq, e.position) for e in delivered]}")
+            if delivered and any(e.position is None and e.seq < delivered[-1].seq
+                                 for e in mine):
+                v.append(f"run {run_id}: a later {name!r} event was delivered while an earlier "
+                         "one stayed buffered")
+    return v
+
+
+def _sent_before_the_end(history: Any, log: Any) -> bool:
+    if log.key is None:
+        return False  # sent once: that attempt was refused
+    sent = end = None
+    for e in history:
+        if e.event == "event.sent" and e.name == log.name and e.detail == f"key {log.key!r}":
+            sent = e.seq
+        elif e.event in ("run.completed", "run.failed"):
+            end = e.seq
+    return sent is not None and end is not None and sent < end
+
+
+def _waits(contents: Any, ledger: Any) -> list[str]:
+    """No sleep ends as slept, and no event wait times out, before its due time on the clock
+    of the server that ended it (a clock set back shortly before is let off)."""
+    v = []
+    for run_id, history in contents.history.items():
+        steps = {s.position: s for s in contents.steps.get(run_id, ())}
+        ends: dict[str, list[str]] = {}
+        for e in history:
+            if e.event in ("event.received", "event.timed_out") and e.position:
+                ends.setdefault(e.position, []).append(e.event)
+            if not ((e.event == "sleep.completed" and e.detail == "slept")
+                    or e.event == "event.timed_out"):
+                continue
+            step = steps.get(e.position or "")
+            due = step.next_attempt_at if step is not None else None
+            at, server, wall = ledger.committed.get(e.seq, (None, "", 0.0))
+            if due is None or at is None:
+                continue
+            set_back = any(node == server and at - 60.0 <= when <= at
+                           for when, node in ledger.clock_set_back)
+            if wall < due - 1e-3 and not set_back:
+                v.append(f"run {run_id}: the {step.kind if step else '?'} at step {e.position} "
+                         f"ended ({e.event} {e.detail}) at t={at:.3f} when the clock of {server}"
+                         f" said {wall:.3f}, before its due time {due:.3f}")
+        for position, seen in ends.items():
+            if len(seen) > 1:
+                v.append(f"run {run_id}: the wait at step {position} ended {len(seen)} times: "
+                         f"{seen}")
     return v
 
 

@@ -17,7 +17,10 @@ from simulations.world import FAULT_CLASSES, Config, run_seed
 
 REGRESSIONS = Path(__file__).with_name("regressions.txt")
 SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a write in flight",
-             "duplicate delivery", "supervisor restart", "graceful stop with runs held")
+             "duplicate delivery", "supervisor restart", "graceful stop with runs held",
+             "sleep woken early", "event buffered before its wait",
+             "event delivered to a waiting run", "event wait timed out",
+             "send refused for a finished run", "run woken on another server")
 
 
 @attrs.frozen
@@ -101,11 +104,11 @@ def sweep(seeds: list[int], faults: tuple[str, ...], jobs: int, safety: float,
     print(f"virtual h/CPU-minute {hours / max(cpu / 60, 1e-9):.2f}")
     print("faults injected:")
     for kind, n in sorted(faults_total.items()):
-        print(f"  {kind:<28}{n:>8}")
+        print(f"  {kind:<34}{n:>8}")
     print("situations reached (each must happen at least once):")
     missing = [s for s in SOMETIMES if not sometimes[s]]
     for s in SOMETIMES:
-        print(f"  {s:<28}{sometimes[s]:>8}")
+        print(f"  {s:<34}{sometimes[s]:>8}")
     print(f"violations           {sum(len(r.violations) for r in reports)} "
           f"in {len(failing)} seed(s)")
     for r in failing[:10]:

@@ -5,13 +5,19 @@ errors before commit, errors after commit with the reply lost (an ambiguous comm
 unavailable windows, slow calls and driver bugs (a plain exception, which crashes the
 StoreWriter so its supervisor restarts it). Every committed outcome is checked against the
 ledger as it happens, so a violation is caught at the moment it is made.
+
+Several servers share the database, each through a :class:`ServerStore` of its own, and
+hear each other through a :class:`NoticeChannel`: PostgreSQL's LISTEN/NOTIFY as the
+engine's triggers use it (a run queued, a run ended, a wait with a due time begun; sent when
+the transaction commits, never to the committing server). The channel delays notices and
+loses them while a server's listening connection is down, then says ``resync``.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -39,6 +45,21 @@ class StoreFaults:
     unavailable_until: float = -1.0  # trio time
 
 
+@attrs.define
+class SendLog:
+    """A client's send and its answer: ``delivered`` or ``buffered`` (EventSent), ``duplicate``
+    (EventSent: the key was used, nothing stored), a refusal's error type, or ``unknown``
+    (no answer: a send without a key is not sent again)."""
+
+    run_id: str
+    name: str
+    key: str | None
+    payload: str
+    outcome: str
+    at: float
+    late: bool = False  # sent after a watcher heard the run end
+
+
 @attrs.define(eq=False)
 class Ledger:
     """What really happened, kept outside every node so it survives their crashes."""
@@ -55,6 +76,21 @@ class Ledger:
     deferred_starts: set[str] = attrs.field(factory=set)
     sometimes: Counter[str] = attrs.field(factory=Counter)
     live_workers: set[str] = attrs.field(factory=set)
+    # History seq -> (virtual time of its commit, the server that committed it, that
+    # server's clock then).
+    committed: dict[int, tuple[float, str, float]] = attrs.field(factory=dict)
+    clock_set_back: list[tuple[float, str]] = attrs.field(factory=list)  # (when, node)
+    last_seq: int = 0
+    # Run id -> the server through which it began to wait (while it waits).
+    waiting_via: dict[str, str] = attrs.field(factory=dict)
+    # (run id, position) -> the due time a wait step was first recorded with (the clients
+    # that race a send against an event wait's timeout aim at it).
+    wait_due: dict[tuple[str, str], float | None] = attrs.field(factory=dict)
+    ended: set[str] = attrs.field(factory=set)  # runs seen completed or failed
+    sends: dict[str, SendLog] = attrs.field(factory=dict)  # send id -> what became of it
+    watching: set[str] = attrs.field(factory=set)  # runs some client waits to see end
+    heard_end: dict[str, tuple[float, str]] = attrs.field(factory=dict)  # (when, state)
+    wakeups: list[tuple[float, str, bool]] = attrs.field(factory=list)  # (when, run, woken)
 
     def violation(self, text: str) -> None:
         try:
@@ -72,8 +108,13 @@ class SimStore:
     trace: list[str]
     faults: StoreFaults = attrs.field(factory=StoreFaults)
     stats: Counter[str] = attrs.field(factory=Counter)
+    notices: NoticeChannel | None = None  # to the servers sharing this database
+    wall: Callable[[str], float] = lambda server: 0.0  # a server's clock
 
-    async def apply(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
+    def for_server(self, server: str) -> ServerStore:
+        return ServerStore(self, server)
+
+    async def apply(self, ops: Sequence[o.Op[Any]], server: str = "s1") -> list[Any]:
         f, r = self.faults, self.rng
         if r.random() < f.slow:
             self.stats["slow"] += 1
@@ -94,12 +135,60 @@ class SimStore:
         for op, outcome in zip(ops, outcomes, strict=True):
             if not isinstance(outcome, AikiError):
                 self._check(op, outcome, now)
-        self.trace.append(f"{now:.6f} store {','.join(type(op).__name__ for op in ops)}")
+        self._committed(ops, outcomes, now, server)
+        self.trace.append(f"{now:.6f} store {server} "
+                          f"{','.join(type(op).__name__ for op in ops)}")
         if r.random() < f.after_commit:
             self.stats["after_commit"] += 1
             self.ledger.sometimes["ambiguous commit"] += 1
             raise StoreUnavailable("simulated: connection lost after commit")
         return outcomes
+
+    def _committed(self, ops: Sequence[o.Op[Any]], outcomes: list[Any], now: float,
+                   server: str) -> None:
+        """Note what the transaction wrote (its history, by whom, when), and notify the other
+        servers as the PostgreSQL triggers do."""
+        if all(isinstance(op, o.Renew) or (isinstance(op, (o.Claim, o.ExpireLeases, o.WakeDue))
+                                            and not out) or isinstance(out, AikiError)
+               for op, out in zip(ops, outcomes, strict=True)):
+            return  # no history written, nothing to notify
+        led = self.ledger
+        contents = self.inner.contents()
+        new: list[HistoryEvent] = []
+        for history in contents.history.values():
+            for e in reversed(history):
+                if e.seq <= led.last_seq:
+                    break
+                new.append(e)
+        new.sort(key=lambda e: e.seq)
+        notices: list[str] = []
+        wall = self.wall(server)
+        for e in new:
+            run_id = e.run_id
+            led.committed[e.seq] = (now, server, wall)
+            led.last_seq = e.seq
+            notice = None
+            if e.event == "run.queued":
+                notice = ""
+                via = led.waiting_via.pop(run_id, None)
+                if via is not None and via != server:
+                    led.sometimes["run woken on another server"] += 1
+            elif e.event in ("run.completed", "run.failed"):
+                notice = f"ended:{run_id}"
+                led.ended.add(run_id)
+            elif e.event == "run.waiting":
+                led.waiting_via[run_id] = server
+                if any(w.due_at is not None for w in contents.waits.get(run_id, ())):
+                    notice = "due"
+            elif e.event in ("sleep.waiting", "event.waiting"):
+                key = (run_id, e.position or "")
+                if key not in led.wait_due:
+                    step = next(s for s in contents.steps[run_id] if s.position == e.position)
+                    led.wait_due[key] = step.next_attempt_at
+            if notice is not None and notice not in notices:
+                notices.append(notice)
+        if self.notices is not None:
+            self.notices.publish(server, notices)
 
     def _check(self, op: o.Op[Any], outcome: Any, now: float) -> None:
         led = self.ledger
@@ -157,3 +246,128 @@ class SimStore:
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
+
+
+@attrs.define(eq=False)
+class ServerStore:
+    """One server's connection to the shared simulated database."""
+
+    db: SimStore
+    server: str
+
+    async def apply(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
+        return await self.db.apply(ops, self.server)
+
+    async def watch(self, on_notice: Callable[[str], None], *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """What ``PostgresStore.watch`` does: the other servers' notices, ``resync`` after
+        some were lost."""
+        await self.db.notices.listen(self.server, on_notice, task_status=task_status)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        return await self.db.get_run(run_id)
+
+    async def get_steps(self, run_id: str) -> tuple[StepRecord, ...]:
+        return await self.db.get_steps(run_id)
+
+    async def get_history(self, run_id: str) -> tuple[HistoryEvent, ...]:
+        return await self.db.get_history(run_id)
+
+    async def list_runs(self, *, workflow: str | None = None, state: str | None = None,
+                        limit: int = 100) -> tuple[RunRecord, ...]:
+        return await self.db.list_runs(workflow=workflow, state=state, limit=limit)
+
+    async def get_waits(self, run_id: str) -> tuple[WaitRecord, ...]:
+        return await self.db.get_waits(run_id)
+
+    async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
+        return await self.db.get_events(run_id)
+
+    async def next_due(self) -> float | None:
+        return await self.db.next_due()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+@attrs.define
+class NoticeFaults:
+    delay: float = 0.0  # chance that a notice (and those behind it) is held up
+    max_delay: float = 5.0
+    latency: float = 0.002
+
+
+@attrs.define(eq=False)
+class _Listener:
+    server: str
+    inbox: trio.MemorySendChannel[str]
+    lost: bool = False  # its connection is down: notices to it are lost
+    ready_at: float = 0.0  # one connection: notices arrive in commit order
+
+
+@attrs.define(eq=False)
+class NoticeChannel:
+    """The database's notification channel between servers (LISTEN/NOTIFY)."""
+
+    rng: random.Random
+    trace: list[str]
+    faults: NoticeFaults = attrs.field(factory=NoticeFaults)
+    nursery: trio.Nursery | None = None
+    listeners: dict[str, _Listener] = attrs.field(factory=dict)
+    stats: Counter[str] = attrs.field(factory=Counter)
+
+    async def listen(self, server: str, on_notice: Callable[[str], None], *,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        send, receive = trio.open_memory_channel[str](float("inf"))
+        listener = self.listeners[server] = _Listener(server, send)
+        try:
+            task_status.started()
+            async for notice in receive:
+                on_notice(notice)
+        finally:
+            if self.listeners.get(server) is listener:
+                del self.listeners[server]
+
+    def publish(self, origin: str, notices: list[str]) -> None:
+        if not notices or self.nursery is None:
+            return
+        now = trio.current_time()
+        for listener in list(self.listeners.values()):
+            if listener.server == origin:
+                continue
+            if listener.lost:
+                self.stats["notice lost"] += len(notices)
+                continue
+            delay = self.faults.latency
+            if self.rng.random() < self.faults.delay:
+                delay += self.rng.uniform(0.0, self.faults.max_delay)
+                self.stats["notice delayed"] += 1
+            listener.ready_at = max(listener.ready_at, now + delay)
+            self.nursery.start_soon(self._deliver, listener, listener.ready_at, list(notices))
+
+    async def _deliver(self, listener: _Listener, at: float, notices: list[str]) -> None:
+        await trio.sleep_until(at)
+        if listener.lost or self.listeners.get(listener.server) is not listener:
+            return
+        for notice in notices:
+            listener.inbox.send_nowait(notice)
+
+    def cut(self, server: str, duration: float) -> None:
+        """``server``'s listening connection drops for ``duration``: what is notified meanwhile
+        is lost; once it is back, the server hears ``resync``."""
+        listener = self.listeners.get(server)
+        if listener is None or listener.lost or self.nursery is None:
+            return
+        listener.lost = True
+        self.stats["notice channel cut"] += 1
+        self.trace.append(f"{trio.current_time():.6f} notices cut {server} {duration:.3f}")
+        self.nursery.start_soon(self._restore, listener, duration)
+
+    async def _restore(self, listener: _Listener, duration: float) -> None:
+        await trio.sleep(duration)
+        listener.lost = False
+        if self.listeners.get(listener.server) is listener:
+            listener.inbox.send_nowait("resync")
+
+    def heal(self) -> None:
+        self.faults = NoticeFaults()

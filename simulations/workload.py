@@ -1,10 +1,21 @@
 """Random workflows from a seeded grammar, interpreted by one generic workflow definition.
 
 A *program* (part of the run's payload) is a list of steps; each step calls one task or a
-``run.gather`` of several. Tasks differ by retry policy; a step may fail transiently (fewer
+``run.gather`` of several, sleeps (short: held on the worker; long: the slot is given back),
+or waits for an event. Tasks differ by retry policy; a step may fail transiently (fewer
 times than its policy allows, so the fault-free run succeeds too), fail permanently, reuse an
 idempotency key, or catch the failure. Each task execution is recorded by the simulated
 service in the ledger, so the checkers can see every external effect.
+
+What a run's result depends on is kept deterministic, so the fault-free run of the same seed
+gives a comparable one: an ``ev`` wait folds in the value of the k-th ``ev`` send, and its
+sender sends them one after another, each retried under its key until acknowledged; a
+``race`` wait (a timeout raced by a send aimed at its due time) and a sleep (which a client's
+wake-up may end early) add only a marker, which the checkers read against the store.
+
+Each run also has *client actions*, made by clients attached to any server: its ``ev``
+sends (sometimes a duplicate under a used key), a send aimed at a ``race`` wait's timeout,
+wake-ups at random moments, a watch for its end, and then a send to the finished run.
 """
 
 from __future__ import annotations
@@ -61,6 +72,12 @@ def _make_task(name: str, retry: aiki.Retry) -> aiki.Task[dict[str, Any], int]:
 
 
 TASKS = {name: _make_task(name, retry) for name, retry in RETRIES.items()}
+# ``ev``: every wait gets a value that its result folds in; ``race``: waits with a timeout
+# that a send is aimed at. Payloads are {"id": send id, "v": value}: each send unique.
+EV = aiki.event("ev", dict)
+RACE = aiki.event("race", dict)
+SHORT_SLEEPS = (0.5, 2.0, 6.0)  # under the workers' inline limit (10 s): held on the worker
+LONG_SLEEPS = (15.0, 40.0, 90.0)  # the run waits, the worker's slot is free
 
 
 async def _interpret(run: aiki.WorkflowRun, program: dict[str, Any]) -> list[int]:
@@ -74,6 +91,19 @@ async def _interpret(run: aiki.WorkflowRun, program: dict[str, Any]) -> list[int
                 for s in step["gather"]
             ])
             acc = sum(values) % 1_000_003
+            out.append(acc)
+        elif "sleep" in step:
+            out.append(1 if await run.sleep(step["sleep"]) else 0)  # acc: unchanged
+        elif "event" in step:
+            got = await EV.wait(run, timeout=step["timeout"])
+            acc = (acc * 7 + int(got["v"])) % 1_000_003
+            out.append(acc)
+        elif "race" in step:
+            try:
+                await RACE.wait(run, timeout=step["race"])
+            except aiki.EventTimeout:
+                pass
+            out.append(0)  # which won the race is the checkers' business, not the result's
         else:
             s = step["call"]
             try:
@@ -83,7 +113,7 @@ async def _interpret(run: aiki.WorkflowRun, program: dict[str, Any]) -> list[int
                 if not s.get("catch"):
                     raise
                 acc = -1
-        out.append(acc)
+            out.append(acc)
     return out
 
 
@@ -91,7 +121,7 @@ def _workflow(version: str) -> aiki.Workflow[dict[str, Any], list[int]]:
     async def sim_workflow(run: aiki.WorkflowRun, program: dict[str, Any]) -> list[int]:
         return await _interpret(run, program)
 
-    return aiki.workflow(name="sim", version=version)(sim_workflow)
+    return aiki.workflow(name="sim", version=version, events=[EV, RACE])(sim_workflow)
 
 
 WORKFLOWS = {v: _workflow(v) for v in ("1", "2")}
@@ -99,8 +129,30 @@ UNSERVED_VERSION = "3"  # enqueued sometimes; no worker has it: the run must sta
 
 
 @attrs.frozen
+class Send:
+    """One event a client sends to a run, ``at`` seconds after its enqueue was acknowledged
+    (a ``race`` send: once it sees the wait at ``position``, ``delta`` seconds after its due
+    time; a ``late`` send: once its watcher heard that the run ended)."""
+
+    id: str  # unique: carried in the payload, so each stored event names its send
+    at: float
+    name: str
+    key: str | None  # keyed sends are retried until answered; others are sent once
+    value: int
+    server: int  # which server the sender attaches to (modulo their number)
+    position: str | None = None
+    delta: float = 0.0
+    late: bool = False
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return {"id": self.id, "v": self.value}
+
+
+@attrs.frozen
 class PlannedRun:
-    """One logical enqueue a client makes (retried until acknowledged)."""
+    """One logical enqueue a client makes (retried until acknowledged), and what clients do
+    to the run afterwards."""
 
     item: str  # unique per enqueue
     run_id: str  # chosen by the client once, reused on every retry
@@ -108,6 +160,12 @@ class PlannedRun:
     version: str
     key: str | None
     program: dict[str, Any]
+    server: int = 0  # the enqueuing client's server (modulo their number)
+    sends: tuple[Send, ...] = ()  # the ``ev`` sends, made one after another in this order
+    races: tuple[Send, ...] = ()  # each aimed at a ``race`` wait's timeout
+    wakeups: tuple[tuple[float, int], ...] = ()  # (seconds after the ack, server)
+    watch: int | None = None  # a watcher's server; once it hears the end, ``late`` is sent
+    late: Send | None = None
 
 
 def _task_spec(r: random.Random, label: str, keys: list[str]) -> dict[str, Any]:
@@ -134,6 +192,7 @@ def _task_spec(r: random.Random, label: str, keys: list[str]) -> dict[str, Any]:
 
 def plan(seed: int, n_runs: int, duration: float) -> list[PlannedRun]:
     r = random.Random(f"{seed}:workload")
+    w = random.Random(f"{seed}:waits")
     planned: list[PlannedRun] = []
     run_keys: list[str] = []
     for i in range(n_runs):
@@ -157,6 +216,50 @@ def plan(seed: int, n_runs: int, duration: float) -> list[PlannedRun]:
             run_keys.append(key)
         run_id = f"run-{seed}-{i}-{r.getrandbits(32):08x}"
         program = {"rk": rk, "x": r.randint(0, 1000), "steps": steps}
-        planned.append(PlannedRun(f"e{i}", run_id, r.uniform(0, duration * 0.7), version, key,
-                                  program))
+        at = r.uniform(0, duration * 0.7)
+        planned.append(_with_waits(w, PlannedRun(f"e{i}", run_id, at, version, key, program)))
     return planned
+
+
+def _with_waits(r: random.Random, item: PlannedRun) -> PlannedRun:
+    """Sleeps and event waits among the run's steps, and the client actions that go with
+    them (from a stream of their own: the task steps are drawn as before)."""
+    rk = item.program["rk"]
+    steps = list(item.program["steps"])
+    for _ in range(r.choice([0, 1, 1, 2, 3])):
+        roll = r.random()
+        if roll < 0.4:
+            step: dict[str, Any] = {"sleep": r.choice(SHORT_SLEEPS if r.random() < 0.5
+                                                      else LONG_SLEEPS)}
+        elif roll < 0.75:
+            # No timeout, or one that never comes in a seed: the value must arrive.
+            step = {"event": "ev", "timeout": r.choice([None, 7200.0])}
+        else:
+            step = {"race": r.choice([2.0, 8.0, 20.0, 45.0])}
+        steps.insert(r.randint(0, len(steps)), step)
+    program = {**item.program, "steps": steps}
+    n = len(steps)
+    server = r.randrange(3)
+    sends: list[Send] = []
+    for k in range(sum(1 for s in steps if "event" in s)):
+        sends.append(Send(f"{rk}.ev{k}", 0.0, "ev", f"{rk}-ev{k}", r.randint(0, 999),
+                          r.randrange(3)))
+        if r.random() < 0.25:  # the same key again, another value: must store nothing
+            old = r.choice(sends)
+            sends.append(Send(f"{rk}.dup{k}", 0.0, "ev", old.key, r.randint(0, 999),
+                              r.randrange(3)))
+    # Some before the run reaches its wait (buffered), some while it waits.
+    times = sorted(r.uniform(0, 60.0 * max(n, 1)) for _ in sends)
+    sends = [attrs.evolve(s, at=t) for s, t in zip(sends, times, strict=True)]
+    races = tuple(
+        Send(f"{rk}.race{j}", 0.0, "race", f"{rk}-race{j}" if r.random() < 0.7 else None,
+             r.randint(0, 999), r.randrange(3), position=str(j), delta=r.uniform(-0.5, 0.5))
+        for j, s in enumerate(steps) if "race" in s)
+    wakeups = tuple((r.uniform(0, 40.0 * max(n, 1)), r.randrange(3))
+                    for _ in range(r.choice([0, 0, 1, 2]))
+                    if any("sleep" in s for s in steps))
+    watch = r.randrange(3) if r.random() < 0.6 else None
+    late = None if watch is None else Send(f"{rk}.late", 0.0, "ev", f"{rk}-late",
+                                           r.randint(0, 999), r.randrange(3), late=True)
+    return attrs.evolve(item, program=program, server=server, sends=tuple(sends), races=races,
+                        wakeups=wakeups, watch=watch, late=late)

@@ -1,4 +1,5 @@
-"""One seed's world: a server, workers and clients in one ``trio.run`` under faults.
+"""One seed's world: one to three servers on one store, workers and clients in one
+``trio.run`` under faults.
 
 Per seed: a *safety* phase with swarm-drawn fault probabilities, then a *liveness* phase
 (every fault off, partitions healed, nodes restarted) in which every acknowledged run must
@@ -23,16 +24,37 @@ import trio.testing
 from aiki import protocol as p
 from aiki.actors.link import Link
 from aiki.actors.worker import Worker
-from aiki.errors import AikiError, ConnectionLost
+from aiki.errors import (
+    AikiError,
+    PayloadError,
+    RunFinished,
+    RunNotFound,
+    UnknownEvent,
+)
 from aiki.server import Server
 from aiki.sources import Sources
 from aiki.store.memory import MemoryStore
 from simulations import workload
 from simulations.network import NetworkFaults, SimNetwork
-from simulations.store import Ledger, SimStore, StoreFaults
+from simulations.store import (
+    Ledger,
+    NoticeChannel,
+    NoticeFaults,
+    SendLog,
+    SimStore,
+    StoreFaults,
+)
 
-FAULT_CLASSES = ("crash", "pause", "partition", "network", "store", "clock")
+FAULT_CLASSES = ("crash", "pause", "partition", "network", "store", "clock", "notice")
 LEASE_TTL = 10.0
+# The servers' fallback poll for a shared store (Dispatcher claims, Timer re-reads): what
+# recovers a lost notice between two resyncs.
+POLL_INTERVAL = 5.0
+# How long a waiting run may stay waiting past its due time, counting only the time when a
+# server is up, its clock says the time has come, and the store is available: one fallback
+# poll (the notice that would have told the server was lost), plus a timer's retries after
+# store errors and slow calls.
+OVERDUE_BOUND = POLL_INTERVAL + 10.0
 
 
 @attrs.define
@@ -42,6 +64,7 @@ class Config:
     safety: float = 600.0  # virtual seconds with faults on
     liveness: float = 900.0  # virtual seconds allowed to converge afterwards
     workers: int = 3
+    servers: int | None = None  # None: one to three, drawn from the seed
     runs: int = 24
     trace: bool = False
 
@@ -96,6 +119,9 @@ class World:
     # How to stop each worker's current incarnation gracefully.
     stopping: dict[str, StopOrder] = attrs.field(factory=dict)
     servers: list[Server] = attrs.field(factory=list)
+    server_names: list[str] = attrs.field(factory=list)
+    up: set[str] = attrs.field(factory=set)  # servers serving now
+    pending: int = 0  # client actions not yet done
     net: SimNetwork = attrs.field(init=False)
     store: SimStore = attrs.field(init=False)
     swarm: dict[str, float] = attrs.field(factory=dict)
@@ -119,8 +145,16 @@ class World:
                                        driver_bug=0.001 * k, slow=0.01 * k)
         self.store = SimStore(MemoryStore(), random.Random(f"{seed}:store"), self.ledger,
                               self.trace, store_faults)
+        notice_faults = NoticeFaults()
+        if self.swarm["notice"]:
+            notice_faults = NoticeFaults(delay=0.05 * self.swarm["notice"])
+        self.store.notices = NoticeChannel(random.Random(f"{seed}:notices"), self.trace,
+                                           notice_faults)
+        n = self.cfg.servers or random.Random(f"{seed}:topology").choice([1, 2, 2, 3])
+        self.server_names = [f"s{i}" for i in range(1, n + 1)]
+        self.store.wall = lambda server: self.clocks[server].now()
         clock_rng = random.Random(f"{seed}:clocks")
-        for node in ["server", *self.worker_names, "client"]:
+        for node in [*self.server_names, *self.worker_names, "client"]:
             skewed = bool(self.swarm["clock"])
             self.clocks[node] = NodeClock(clock_rng.uniform(-2, 2) if skewed else 0.0,
                                           clock_rng.uniform(-1e-3, 1e-3) if skewed else 0.0)
@@ -128,6 +162,13 @@ class World:
     @property
     def worker_names(self) -> list[str]:
         return [f"w{i}" for i in range(1, self.cfg.workers + 1)]
+
+    def address(self, home: int) -> str:
+        """Where a worker or client attached to server ``home`` connects: that server, or
+        failing it the next one that listens."""
+        names = self.server_names
+        i = home % len(names)
+        return ",".join(names[i:] + names[:i])
 
     def note(self, text: str) -> None:
         self.trace.append(f"{trio.current_time():.6f} {text}")
@@ -141,23 +182,27 @@ class World:
             await trio.sleep(0.5)
 
     # -- nodes --------------------------------------------------------------------------
-    async def server_node(self) -> None:
+    async def server_node(self, name: str) -> None:
         incarnation = 0
         while True:
-            await self.wait_up("server")
+            await self.wait_up(name)
             incarnation += 1
-            self.note(f"server up #{incarnation}")
-            server = Server(self.store, self.sources("server", incarnation),  # type: ignore[arg-type]
-                            lease_ttl=LEASE_TTL, poll_interval=1.0)
+            self.note(f"{name} up #{incarnation}")
+            server = Server(self.store.for_server(name),  # type: ignore[arg-type]
+                            self.sources(name, incarnation), lease_ttl=LEASE_TTL,
+                            poll_interval=POLL_INTERVAL)
             self.servers.append(server)
             with trio.CancelScope() as scope:
-                self.scopes["server"] = scope
+                self.scopes[name] = scope
+                self.up.add(name)
                 try:
-                    await server.serve(self.net.transport("server"), "server")
+                    await server.serve(self.net.transport(name), name)
                 except Exception as exc:  # the supervisor escalated: the process dies
-                    self.note(f"server died: {type(exc).__name__}")
+                    self.note(f"{name} died: {type(exc).__name__}")
                     self.stats["server escalation"] += 1
-            self.net.poison("server")
+                finally:
+                    self.up.discard(name)
+            self.net.poison(name)
             await trio.sleep(0.1)
 
     async def worker_node(self, name: str) -> None:
@@ -168,13 +213,14 @@ class World:
         # Task starts recorded before each attempt (the default), or only once an attempt runs
         # a while (the at-least-once trade, checked for everything but running again).
         record_start_after = r.choice([0.0, 0.0, 0.05, 1.0])
+        address = self.address(r.randrange(3))
         incarnation = 0
         while True:
             await self.wait_up(name)
             incarnation += 1
             worker_id = f"{name}.{incarnation}"
             worker = Worker(
-                self.net.transport(name), "server", [workload.WORKFLOWS[v] for v in versions],
+                self.net.transport(name), address, [workload.WORKFLOWS[v] for v in versions],
                 worker_id, self.sources(name, incarnation), max_concurrent_runs=slots,
                 inline_retry_max=10.0, record_start_after=record_start_after,
             )
@@ -223,32 +269,135 @@ class World:
     async def client_node(self, planned: list[workload.PlannedRun]) -> None:
         async with trio.open_nursery() as nursery:
             for item in sorted(planned, key=lambda i: i.at):
-                nursery.start_soon(self._enqueue, item)
+                self.pending += 1
+                nursery.start_soon(self._client_of, item, nursery)
 
-    async def _enqueue(self, item: workload.PlannedRun) -> None:
+    async def _client_of(self, item: workload.PlannedRun, nursery: trio.Nursery) -> None:
+        """Enqueue ``item``, then start what clients do to the run."""
         await trio.sleep(item.at)
         self.ledger.issued.add(item.run_id)
         payload = p.encode_value(item.program)
+        reply = await self._ask(item.server, lambda req: p.Enqueue(
+            req, "sim", payload, item.version, item.key, item.run_id))
+        self.ledger.acked[item.item] = reply.run_id
+        self.note(f"acked {item.item} -> {reply.run_id}")
+        if reply.run_id == item.run_id:  # (else a run of another enqueue has the key)
+            acked = trio.current_time()
+            served = item.version != workload.UNSERVED_VERSION
+            actions: list[Any] = [(self._sender, item, acked)]
+            actions += [(self._waker, item, acked + at, server) for at, server in item.wakeups]
+            if served:
+                actions += [(self._racer, item, race) for race in item.races]
+            if served and item.watch is not None:
+                actions.append((self._watcher, item))
+            for fn, *args in actions:
+                self.pending += 1
+                nursery.start_soon(self._action, fn, *args)
+        self.pending -= 1
+
+    async def _action(self, fn: Any, *args: Any) -> None:
+        await fn(*args)
+        self.pending -= 1
+
+    async def _ask(self, server: int, make: Any, *, retry: bool = True,
+                   timeout: float = 10.0, node: str = "client") -> Any:
+        """One request from a client attached to ``server``: retried (a new connection
+        each time) until answered, unless ``retry`` is False; a refusal is raised."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                with trio.fail_after(30):
-                    async with Link.open(self.net.transport("client"), "server",
-                                         lambda req: p.Hello(req, "client", item.item),
-                                         request_timeout=10) as link:
-                        reply = await link.request(lambda req: p.Enqueue(
-                            req, "sim", payload, item.version, item.key, item.run_id))
-                self.ledger.acked[item.item] = reply.run_id
-                self.note(f"acked {item.item} -> {reply.run_id}")
-                return
-            except (AikiError, ConnectionLost, TimeoutError, trio.TooSlowError):
-                await trio.sleep(min(2.0 ** attempt, 20.0))
+                with trio.fail_after(timeout + 20):
+                    async with Link.open(self.net.transport(node), self.address(server),
+                                         lambda req: p.Hello(req, "client", "client"),
+                                         request_timeout=10.0) as link:
+                        return await link.request(make, timeout, retry=retry)
+            except (RunFinished, RunNotFound, UnknownEvent, PayloadError):
+                raise  # an answer
+            except (AikiError, TimeoutError, trio.TooSlowError):
+                # The store or the connection failed, a StoreWriter crashed, or a duplicated
+                # hello's refusal overtook the welcome: again, on a new connection.
+                if not retry:
+                    raise
+            await trio.sleep(min(2.0 ** attempt, 20.0))
+
+    async def _send(self, item: workload.PlannedRun, send: workload.Send) -> None:
+        payload = p.encode_value(send.payload)
+        log = self.ledger.sends[send.id] = SendLog(item.run_id, send.name, send.key, payload,
+                                                   "unknown", trio.current_time(), send.late)
+        try:
+            reply = await self._ask(send.server, lambda req: p.SendEvent(
+                req, item.run_id, send.name, payload, send.key), retry=send.key is not None)
+        except RunFinished:
+            log.outcome = "RunFinished"
+            self.ledger.sometimes["send refused for a finished run"] += 1
+            return
+        except (AikiError, TimeoutError, trio.TooSlowError):
+            return  # a send without a key: not sent again, it may or may not be stored
+        log.outcome = ("duplicate" if reply.duplicate else
+                       "delivered" if reply.delivered else "buffered")
+        if send.late:
+            self.ledger.violation(f"send {send.id} to run {item.run_id} was accepted "
+                                  f"({log.outcome}) after a client heard the run end")
+
+    async def _sender(self, item: workload.PlannedRun, acked: float) -> None:
+        for send in item.sends:  # one after another: their order is the send order
+            await trio.sleep_until(acked + send.at)
+            await self._send(item, send)
+
+    async def _racer(self, item: workload.PlannedRun, race: workload.Send) -> None:
+        # Aim at the wait's timeout: the ledger says when the wait began and its due time.
+        key = (item.run_id, race.position or "")
+        while key not in self.ledger.wait_due and item.run_id not in self.ledger.ended:
+            await trio.sleep(0.5)
+        due = self.ledger.wait_due.get(key)
+        if due is not None:
+            await trio.sleep(max(0.0, due + race.delta - self.clocks["client"].now()))
+        await self._send(item, race)
+
+    async def _waker(self, item: workload.PlannedRun, at: float, server: int) -> None:
+        await trio.sleep_until(at)
+        reply = await self._ask(server, lambda req: p.Wakeup(req, item.run_id))
+        self.ledger.wakeups.append((trio.current_time(), item.run_id, reply.woken))
+
+    async def _watcher(self, item: workload.PlannedRun) -> None:
+        assert item.watch is not None
+        self.ledger.watching.add(item.run_id)
+        reply = await self._ask(item.watch, lambda req: p.WatchRun(req, item.run_id),
+                                timeout=100_000.0, node="watcher")
+        self.ledger.heard_end[item.run_id] = (trio.current_time(), reply.run.state)
+        if item.late is not None:
+            await self._send(item, item.late)
+
+    async def overdue_monitor(self) -> None:
+        """No waiting run stays waiting longer than OVERDUE_BOUND past its due time, counted
+        while a server is up whose clock says it is due, and the store is available."""
+        overdue: dict[tuple[str, float], float] = {}
+        while True:
+            await trio.sleep(1.0)
+            up = [s for s in self.server_names if s in self.up]
+            if not up or trio.current_time() < self.store.faults.unavailable_until:
+                continue
+            contents = self.store.inner.contents()
+            for run_id, waits in contents.waits.items():
+                dues = [w.due_at for w in waits if w.due_at is not None]
+                if not dues or contents.runs[run_id].state != "waiting":
+                    continue
+                due = min(dues)
+                if not any(self.clocks[s].now() >= due for s in up):
+                    continue
+                key = (run_id, waits[0].since)
+                overdue[key] = overdue.get(key, 0.0) + 1.0
+                if overdue[key] == OVERDUE_BOUND:
+                    self.ledger.violation(
+                        f"run {run_id} still waits {OVERDUE_BOUND:.0f} s past its due time "
+                        f"{due:.3f} ({', '.join(f'{w.kind} at step {w.position}' for w in waits)})"
+                        f" while servers {up} were up and the store available")
 
     # -- faults -------------------------------------------------------------------------
     async def injector(self) -> None:
         r = random.Random(f"{self.cfg.seed}:faults")
-        kinds = [k for k in ("crash", "pause", "partition", "store", "clock")
+        kinds = [k for k in ("crash", "pause", "partition", "store", "clock", "notice")
                  if self.swarm[k]]
         if not kinds:
             return
@@ -256,7 +405,7 @@ class World:
         while True:
             await trio.sleep(r.expovariate(rate))
             kind = r.choice(kinds)
-            nodes = ["server", *self.worker_names]
+            nodes = [*self.server_names, *self.worker_names]
             now = trio.current_time()
             if kind == "crash" and r.random() < 0.25:
                 node = r.choice(self.worker_names)
@@ -276,7 +425,7 @@ class World:
                 # A long hold: one server -> worker link keeps what it is sent for longer than
                 # a lease, then delivers it all (a stalled TCP path that recovers). What
                 # arrives then, assignments included, is stale.
-                link = ("server", r.choice(self.worker_names))
+                link = (r.choice(self.server_names), r.choice(self.worker_names))
                 self.stats["long hold"] += 1
                 self.net.clog(link)
                 await trio.sleep(r.uniform(LEASE_TTL * 1.5, LEASE_TTL * 4))
@@ -303,9 +452,16 @@ class World:
                 self.store.faults.unavailable_until = now + r.uniform(0.5, 20.0)
                 self.stats["store unavailable"] += 1
                 self.note("store unavailable")
+            elif kind == "notice":
+                # A server's listening connection drops: the notices meanwhile are lost.
+                assert self.store.notices is not None
+                self.store.notices.cut(r.choice(self.server_names), r.uniform(0.5, 30.0))
             elif kind == "clock":
                 node = r.choice(nodes)
-                self.clocks[node].offset += r.uniform(-5.0, 5.0)
+                jump = r.uniform(-5.0, 5.0)
+                self.clocks[node].offset += jump
+                if jump < 0:
+                    self.ledger.clock_set_back.append((now, node))
                 self.stats["clock jump"] += 1
                 self.note(f"clock jump {node}")
 
@@ -337,6 +493,8 @@ class World:
         self.net.faults = NetworkFaults()
         self.net.heal()
         self.store.faults = StoreFaults()
+        assert self.store.notices is not None
+        self.store.notices.heal()
 
     # -- the run ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -344,7 +502,11 @@ class World:
         workload.bind(self.ledger)
         async with trio.open_nursery() as nursery:
             self.net.nursery = nursery
-            nursery.start_soon(self.server_node)
+            assert self.store.notices is not None
+            self.store.notices.nursery = nursery
+            for name in self.server_names:
+                nursery.start_soon(self.server_node, name)
+            nursery.start_soon(self.overdue_monitor)
             for name in self.worker_names:
                 nursery.start_soon(self.worker_node, name)
             nursery.start_soon(self.client_node, planned)
@@ -361,7 +523,7 @@ class World:
     async def _converged(self, planned: list[workload.PlannedRun]) -> None:
         while True:
             await trio.sleep(5.0)
-            if len(self.ledger.acked) < len(planned):
+            if len(self.ledger.acked) < len(planned) or self.pending:
                 continue
             runs = self.store.inner.contents().runs
             if all(r.state in ("completed", "failed") or r.version == workload.UNSERVED_VERSION
@@ -370,6 +532,17 @@ class World:
 
 
 REAL_TIME_LIMIT = 120.0
+# History events that are situations a batch must reach: (event, first word of its detail,
+# written under a worker's lease).
+SITUATIONS = {
+    ("sleep.completed", "woken", False): "sleep woken early",
+    # An event taken from the buffer when the wait is reached: sent before its wait.
+    ("event.received", "sent", True): "event buffered before its wait",
+    # A send that queues a waiting run (its slot was given back).
+    ("run.queued", "event", False): "event delivered to a waiting run",
+    ("event.timed_out", "due", False): "event wait timed out",
+    ("event.timed_out", "due", True): "event wait timed out",
+}
 
 
 class RealTimeExceeded(BaseException):
@@ -423,6 +596,15 @@ def run_seed(cfg: Config) -> Outcome:
         world.ledger.sometimes["supervisor restart"] += restarts
     if world.net.stats["duplicate"]:
         world.ledger.sometimes["duplicate delivery"] += world.net.stats["duplicate"]
+    assert world.store.notices is not None
+    for k, v in world.store.notices.stats.items():
+        faults[k] += v
+    for history in world.store.inner.contents().history.values():
+        for e in history:
+            situation = SITUATIONS.get((e.event, (e.detail or "").split(" ")[0],
+                                        e.worker_id is not None))
+            if situation is not None:
+                world.ledger.sometimes[situation] += 1
     return Outcome(cfg.seed, digest, clock.current_time(), faults, world.ledger.sometimes,
                    list(world.ledger.violations), runs, world.trace if cfg.trace else [],
                    world.store, world.ledger, cfg.runs)
