@@ -168,6 +168,64 @@ def release_without_drain(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(worker.Worker, "release_all", release_all)
 
 
+def timer_forgets_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiki.actors.timer import Timer
+
+    real = Timer.run
+
+    class Forgetful:
+        """The store, but its due times are never read: only hints are known."""
+
+        def __init__(self, store: Any) -> None:
+            self.store = store
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.store, name)
+
+        async def next_due(self) -> None:
+            await trio.lowlevel.checkpoint()
+
+    async def run(self: Timer, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.store = Forgetful(self.store)  # type: ignore[assignment]
+        await real(self, task_status=task_status)
+
+    monkeypatch.setattr(Timer, "run", run)
+
+
+def send_ack_before_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiki import protocol as p
+    from aiki.actors.session import Session
+
+    real = Session._send_event
+
+    async def send_event(self: Session, msg: Any, now: float) -> Any:
+        self.outbox.address.tell_nowait(p.EventSent(msg.req, False, False))  # sent...
+        try:
+            await real(self, msg, now)  # ...committed (or refused) afterwards
+        except Exception:
+            pass
+        return None
+
+    monkeypatch.setattr(Session, "_send_event", send_event)
+
+
+def ended_notices_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiki.server import Server
+
+    real = Server._notices
+
+    def notices(self: Server, nursery: trio.Nursery) -> Any:
+        on_notice = real(self, nursery)
+
+        def heard(notice: str) -> None:
+            if not notice.startswith("ended:"):  # another server's runs that end: unheard
+                on_notice(notice)
+
+        return heard
+
+    monkeypatch.setattr(Server, "_notices", notices)
+
+
 @pytest.mark.parametrize(
     ("bad_change", "expected"),
     [
@@ -182,9 +240,17 @@ def release_without_drain(monkeypatch: pytest.MonkeyPatch) -> None:
         (unfenced_task_starts, ("went None ->", "after its result was committed")),
         # The server hands a released run straight back to the worker that is leaving.
         (release_without_drain, ("which had given it back",)),
+        # Waits begun before a server restarted, or through another server, are not woken.
+        (timer_forgets_the_store, ("past its due time", "after the liveness phase")),
+        # A send the store then refuses or loses was acknowledged all the same.
+        (send_ack_before_commit, ("was acknowledged", "after a client heard the run end",
+                                  "without faults it ended")),
+        # A client watching through one server never hears of a run ended through another.
+        (ended_notices_dropped, ("never heard",)),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
-         "unfenced-task-starts", "release-without-drain"],
+         "unfenced-task-starts", "release-without-drain", "timer-forgets-the-store",
+         "send-ack-before-commit", "ended-notices-dropped"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],
