@@ -356,6 +356,12 @@ class Session:
             self._check_owner(msg.lease)
             try:
                 run = await ctx.writer.write(finish)
+            except AikiError:
+                # The reply of a commit lost (or the retry of one, refused as stale): the run
+                # may have ended all the same, and no notice of this server's own commit
+                # comes back to tell its watchers.
+                await self._tell_watchers(msg.lease.run_id)
+                raise
             finally:
                 ctx.dispatcher.tell(Ended(self.id, (msg.lease.run_id,)))
             ctx.watchers.ended(run)  # the run as committed: no read on the way back
@@ -395,6 +401,16 @@ class Session:
         if sent.delivered:
             self._woke(msg.run_id)
         return p.EventSent(msg.req, sent.delivered, sent.duplicate)
+
+    async def _tell_watchers(self, run_id: str) -> None:
+        """If ``run_id`` has ended, its watchers here hear it (a read: best effort)."""
+        if self.ctx.watchers.watched(run_id):
+            try:
+                run = await self.ctx.store.get_run(run_id)
+            except AikiError:
+                return
+            if run is not None:
+                self.ctx.watchers.ended(run)
 
     def _woke(self, run_id: str) -> None:
         """A wait of ``run_id`` ended: a waiting run is queued (poke the Dispatcher); a held

@@ -15,7 +15,7 @@ from aiki.errors import StoreUnavailable
 from aiki.server import Server
 from aiki.sources import Sources
 from aiki.store import MemoryStore
-from aiki.store.ops import Op
+from aiki.store.ops import CompleteRun, Op
 from aiki.transport.memory import MemoryConnection, MemoryTransport
 
 
@@ -158,3 +158,29 @@ async def test_a_message_delivered_twice_is_answered_twice_and_the_listener_keep
         replies = [await conn.receive(), await conn.receive()]
         assert [type(r) for r in replies] == [p.Enqueued, p.Enqueued]
         assert server.supervisor.restarts == 0
+
+
+class ReplyLostStore(MemoryStore):
+    """Commits a run's completion, then loses the reply (once)."""
+
+    lose_completion: bool = True
+
+    async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        outcomes = await super().apply(ops)
+        if self.lose_completion and any(isinstance(op, CompleteRun) for op in ops):
+            self.lose_completion = False
+            raise StoreUnavailable("connection lost after COMMIT")
+        return outcomes
+
+
+async def test_a_completion_whose_reply_was_lost_still_reaches_the_watchers(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The worker's retry is refused as stale (the run has ended), and no notice of a server's
+    # own commit comes back to it: the watchers heard nothing, for ever.
+    store = ReplyLostStore()
+    async with aiki.embedded(store, sources=Sources.seeded(2)) as client:
+        async with aiki.worker(client, workflows=[noop]):
+            handle = await noop.enqueue(client, 7)
+            assert await handle.wait_for_completion(timeout=60) == 7
+    assert not store.lose_completion
