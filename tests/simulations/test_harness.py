@@ -230,7 +230,8 @@ def ended_notices_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     ("bad_change", "expected"),
     [
         (no_fencing, ("accepted from epoch", "illegal transition")),
-        (ack_before_commit, ("never committed", "without faults it ended")),
+        # (A start acknowledged and lost: the step's outcome comes with no start before it.)
+        (ack_before_commit, ("never committed", "without faults it ended", "went None ->")),
         (read_then_insert_idempotency, ("idempotency key",)),
         # The store refuses to restart a final step, so a replay that forgets its history
         # cannot re-run the task: the run loops on its lease and never finishes instead.
