@@ -158,6 +158,11 @@ class World:
             skewed = bool(self.swarm["clock"])
             self.clocks[node] = NodeClock(clock_rng.uniform(-2, 2) if skewed else 0.0,
                                           clock_rng.uniform(-1e-3, 1e-3) if skewed else 0.0)
+        # The servers sharing a store keep one time (one NTP source): each judges the leases
+        # and due times the others wrote, so their disagreement would shorten every lease.
+        # (Workers and clients keep clocks of their own.) A jump moves them all.
+        for name in self.server_names[1:]:
+            self.clocks[name] = self.clocks[self.server_names[0]]
 
     @property
     def worker_names(self) -> list[str]:
