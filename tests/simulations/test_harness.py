@@ -230,8 +230,9 @@ def ended_notices_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     ("bad_change", "expected"),
     [
         (no_fencing, ("accepted from epoch", "illegal transition")),
-        # (A start acknowledged and lost: the step's outcome comes with no start before it.)
-        (ack_before_commit, ("never committed", "without faults it ended", "went None ->")),
+        # (A start or a retry acknowledged and lost: the history skips it.)
+        (ack_before_commit, ("never committed", "without faults it ended", "went None ->",
+                             "expected attempt")),
         (read_then_insert_idempotency, ("idempotency key",)),
         # The store refuses to restart a final step, so a replay that forgets its history
         # cannot re-run the task: the run loops on its lease and never finishes instead.
