@@ -162,6 +162,9 @@ class RunState:
     nudges: Nudges = attrs.field(factory=Nudges)
     workflow: str = "?"  # its name, for the logs
     run_task: TaskRunner = call_task
+    # Whether the lease can still be current, as far as the worker knows (its renewals):
+    # a start acknowledged after that is no licence to run the task.
+    lease_live: Callable[[], bool] = lambda: True
     steps: dict[str, StepRecord] = attrs.field(init=False)
     consumed: set[str] = attrs.field(factory=set)
     root: _Branch = attrs.field(factory=lambda: _Branch(""))
@@ -325,6 +328,11 @@ class RunState:
         payload = p.decode_value(step.input, task.payload_type)
         if self.record_start_after <= 0:
             await self.save(step, start=True)
+            if not self.lease_live():
+                # The start was accepted under the lease, but its reply came so late that
+                # the lease may have expired since, and the task run by another worker.
+                raise Abandon(f"task {task.name!r}: its start was acknowledged after the "
+                              "lease may have expired")
             return await self.run_task(task, payload)
         writing = False
         lost: list[Abandon] = []
@@ -573,6 +581,7 @@ async def run_workflow(
     *, inline_retry_max: float = 10.0, draining: trio.Event | None = None,
     record_start_after: float = DEFAULT_RECORD_START_AFTER, nudges: Nudges | None = None,
     run_task: TaskRunner = call_task, on_state: Callable[[RunState], None] | None = None,
+    lease_live: Callable[[], bool] = lambda: True,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
     drains: ``draining`` is set) or abandoned."""
@@ -582,7 +591,7 @@ async def run_workflow(
     state = RunState(lease, {s.position: s for s in assign.steps}, persist, sources,
                      inline_retry_max, record_start_after,
                      trio.Event() if draining is None else draining, nudges or Nudges(),
-                     workflow.name, run_task)
+                     workflow.name, run_task, lease_live)
     if on_state is not None:  # (a replay looks at what the code consumed)
         on_state(state)
     _BRANCH.set((state, state.root))

@@ -16,6 +16,7 @@ releases whatever is left.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Sequence
 from functools import partial
@@ -49,6 +50,10 @@ class Held:
     lease: Lease
     scope: trio.CancelScope
     nudges: Nudges = attrs.field(factory=Nudges)
+    # When the lease was last known renewed (this process's clock): the assignment's
+    # arrival, then the sending of each heartbeat whose reply kept it. A lease lasts no
+    # longer than the server's lease TTL from then.
+    renewed: float = attrs.field(factory=trio.current_time)
 
 
 @attrs.define(eq=False)
@@ -159,7 +164,8 @@ class Worker:
                                    inline_retry_max=self.inline_retry_max,
                                    record_start_after=self.record_start_after,
                                    draining=self.draining, nudges=mine.nudges,
-                                   run_task=self.run_task)
+                                   run_task=self.run_task,
+                                   lease_live=partial(self._lease_live, link, mine))
         except Abandon:
             pass
         finally:
@@ -167,6 +173,10 @@ class Worker:
             if held is not None and held.scope is scope:
                 del self.held[run.id]
             self._held_changed.set()
+
+    def _lease_live(self, link: Link, held: Held) -> bool:
+        ttl = link.welcome.lease_ttl if link.welcome is not None else math.inf
+        return trio.current_time() < held.renewed + ttl
 
     async def _heartbeat(self, link: Link) -> None:
         while True:
@@ -177,12 +187,17 @@ class Worker:
             self._beat_now = trio.Event()
             # Sent when idle too: it tells the server this worker is alive and reachable.
             leases = tuple(h.lease for h in self.held.values())
+            sent = trio.current_time()
             try:
                 ack = await link.request(partial(p.Heartbeat, leases=leases),
                                          timeout=interval * 2)
             except (AikiError, TimeoutError) as exc:
                 log.warning("worker %s: heartbeat failed: %s", self.id, exc)
                 continue
+            for lease in leases:
+                held = self.held.get(lease.run_id)
+                if held is not None and held.lease == lease and lease.run_id not in ack.lost:
+                    held.renewed = max(held.renewed, sent)
             for run_id in ack.lost:
                 held = self.held.pop(run_id, None)
                 if held is not None:
