@@ -65,7 +65,8 @@ class RunHandle(Generic[R]):
 
     def send(self, event: Any, value: Any = None, *, idempotency_key: str | None = None) -> bool:
         """Send ``event`` to this run (see ``aiki.RunHandle.send``)."""
-        return self.client.call(core.send_event(self.id, event, value, idempotency_key))
+        return self.client.call(core.send_event(self.id, event, value, idempotency_key,
+                                                self.client.sources.uuid4()))
 
     def wakeup(self) -> bool:
         """End the run's current ``run.sleep()`` early (see ``aiki.RunHandle.wakeup``)."""

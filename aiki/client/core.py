@@ -150,10 +150,15 @@ def get_status(run_id: str) -> Call[RunStatus]:
                 lambda info: RunStatus.of(info.run, info.steps, info.waits))
 
 
-def send_event(run_id: str, event: Any, value: Any, idempotency_key: str | None) -> Call[bool]:
+def send_event(run_id: str, event: Any, value: Any, idempotency_key: str | None,
+               send_id: str) -> Call[bool]:
     """Send ``event`` (an ``aiki.event`` definition, which encodes ``value`` into its type,
     or an event name, with a JSON-able ``value``) to a run: True if delivered at once.
-    The value is encoded here, so a bad one raises at the call site."""
+    The value is encoded here, so a bad one raises at the call site. Without an
+    ``idempotency_key``, ``send_id`` (chosen by the client, new for each call) is the key,
+    so a request sent again after a lost connection, or delivered twice, stores one event."""
+    if idempotency_key is None:
+        idempotency_key = f"send:{send_id}"
     if isinstance(event, str):
         name, payload = event, p.encode_value(value, what=f"event {event!r}")
     else:

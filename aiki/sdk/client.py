@@ -36,7 +36,10 @@ T = TypeVar("T")
 
 
 class Caller(Protocol):
-    """What a run handle needs of its client: a way to send a Call (Trio or asyncio)."""
+    """What a run handle needs of its client: a way to send a Call (Trio or asyncio), and
+    its sources (for the ids it chooses)."""
+
+    sources: Sources
 
     async def call(self, call: Call[T]) -> T: ...
 
@@ -65,7 +68,8 @@ class RunHandle(Generic[R]):
         declare (``aiki.UnknownEvent``), a value of the wrong type (``aiki.PayloadError``),
         an unknown run (``aiki.RunNotFound``).
         """
-        return await self.client.call(core.send_event(self.id, event, value, idempotency_key))
+        return await self.client.call(core.send_event(self.id, event, value, idempotency_key,
+                                                      self.client.sources.uuid4()))
 
     async def wakeup(self) -> bool:
         """End the run's current ``run.sleep()`` early (it returns False in the workflow).

@@ -153,7 +153,8 @@ async def test_sends_are_buffered_delivered_in_order_and_keys_deduplicate(
             assert await handle.wait_for_completion(timeout=60) == ["True by ann",
                                                                      "False by cy"]
     stored = [e for e in await engine_store.get_events(handle.id)]
-    assert [e.idempotency_key for e in stored] == ["m1", None]
+    keys = [e.idempotency_key for e in stored]
+    assert keys[0] == "m1" and keys[1] is not None and keys[1].startswith("send:")
 
 
 async def test_a_send_wakes_a_waiting_run_by_push_and_a_timeout_passes_to_the_next(
@@ -273,3 +274,21 @@ async def test_a_sleep_where_history_has_a_task_is_non_determinism(
     assert status.error_message is not None
     assert "the history has run.sleep()" in status.error_message
     assert "the code now calls task 'note'" in status.error_message
+
+
+async def test_an_unkeyed_send_sent_twice_stores_one_event(
+    autojump_clock: trio.abc.Clock, sources: aiki.Sources,
+) -> None:
+    from aiki.client import core
+    from aiki.store import MemoryStore
+
+    store = MemoryStore()
+    async with aiki.embedded(store, sources=sources) as client:
+        handle = await expense.enqueue(client, 1)
+        call = core.send_event(handle.id, approval, Approval(True, "x"), None, "fixed-id")
+        await client.call(call)
+        await client.call(call)  # the same request again: a resend after a lost reply
+        await handle.send(approval, Approval(True, "y"))  # another call: another event
+        sent = await store.get_events(handle.id)
+    assert [e.payload for e in sent] == ['{"approved":true,"by":"x"}',
+                                         '{"approved":true,"by":"y"}']
