@@ -24,6 +24,7 @@ from aiki.errors import (
     TaskFailed,
     UnknownEvent,
     UnknownWorkflow,
+    WorkerIdInUse,
     WorkflowFailed,
 )
 from aiki.protocol import WorkerInfo
@@ -49,7 +50,6 @@ __all__ = [
     "EventTimeout", "HistoryEvent", "NonDeterminismError", "NonRetryableError", "PayloadError",
     "Retry", "RunFinished", "RunHandle", "RunNotFound", "RunNotRetryable", "RunStatus",
     "RunSummary", "Sources", "StaleLease", "Task", "TaskFailed", "TaskStatus", "UnknownEvent",
-    "UnknownWorkflow",
-    "WaitStatus", "WorkerInfo", "Workflow", "WorkflowFailed", "WorkflowRun", "connect",
-    "embedded", "event", "task", "worker", "workflow",
+    "UnknownWorkflow", "WaitStatus", "WorkerIdInUse", "WorkerInfo", "Workflow", "WorkflowFailed",
+    "WorkflowRun", "connect", "embedded", "event", "task", "worker", "workflow",
 ]

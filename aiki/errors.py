@@ -111,5 +111,11 @@ class AuthenticationFailed(ConnectionLost):
     give the server's token (``--token-file``, ``AIKI_TOKEN`` or ``token=``)."""
 
 
+class WorkerIdInUse(ConnectionLost):
+    """The server refused a worker id that a live session holds (another process was given
+    the same ``--id``), or took it over from this one after it fell silent. Retrying will not
+    help: give each worker its own id."""
+
+
 class ConfigError(AikiError, ValueError):
     """A server, worker or client setting that cannot work, with what to change."""

@@ -143,6 +143,9 @@ class Hello:
     held: tuple[Lease, ...] = ()
     token: str | None = None
     protocol: int = PROTOCOL_VERSION
+    # A worker's process: random per Worker, the same across its reconnections, so the
+    # server can tell a reconnection (takes over the id) from a second process (refused).
+    incarnation: str | None = None
 
 
 @message("welcome")

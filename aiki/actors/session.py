@@ -75,6 +75,8 @@ class ServerContext:
     shutting_down: trio.Event = attrs.field(factory=trio.Event)
     open_sessions: int = 0
     no_sessions: trio.Event = attrs.field(factory=trio.Event)
+    # Worker id -> the one session that holds it (see Session._take_worker_id).
+    worker_ids: dict[str, Session] = attrs.field(factory=dict)
 
 
 class Closing(Exception):
@@ -101,6 +103,13 @@ class Session:
     protocol_errors: int = 0
     unwatch: dict[int, Callable[[], None]] = attrs.field(factory=dict)
     seat: Seat | None = None  # a worker's, shared with the Dispatcher
+    # When this peer last said anything (trio.current_time()): a worker heartbeats every
+    # heartbeat_interval, so one silent for a lease ttl is gone, whatever its socket says.
+    last_heard: float = attrs.field(factory=trio.current_time)
+    # Set, with why, when a newer session takes this one's worker id: it ends at once.
+    superseded: trio.Event = attrs.field(factory=trio.Event)
+    superseded_why: Closing | None = None
+    _watching: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
     @classmethod
     async def serve(cls, ctx: ServerContext, conn: Connection) -> None:
@@ -127,6 +136,8 @@ class Session:
                 unwatch()
             if session.hello is not None and session.hello.role == "worker":
                 ctx.dispatcher.tell(Left(session.id))
+                if ctx.worker_ids.get(session.hello.node_id) is session:
+                    del ctx.worker_ids[session.hello.node_id]
             # Close (flushing the goodbye) before counting this session as ended: a server
             # shutting down stops everything once no session is left.
             with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -151,6 +162,8 @@ class Session:
                           f"(this server speaks {p.PROTOCOL_VERSION})", "ProtocolError")
         if ctx.shutting_down.is_set():
             raise Closing(SHUTTING_DOWN)
+        if first.role == "worker":
+            self._take_worker_id(first)
         self.hello = first
         if first.role == "worker":
             # Before the welcome: once a worker is running, enqueues by name find its versions.
@@ -160,6 +173,7 @@ class Session:
         ended: list[BaseException] = []
         async with trio.open_nursery() as session:
             session.start_soon(self._until_closed, session, ended, self._send_outbox)
+            session.start_soon(self._until_closed, session, ended, self._until_superseded)
             if first.role == "worker":
                 self.seat = Seat(
                     self.id, first.node_id,
@@ -176,9 +190,57 @@ class Session:
             # Only a shutdown gets here with the connection up: the requests in flight are
             # answered; send what is queued, then say goodbye.
             self.outbox.close()
+            self._watching.cancel()
         if ended:
             raise ended[0]
         raise Closing(SHUTTING_DOWN)
+
+    def _take_worker_id(self, hello: p.Hello) -> None:
+        """Make this session the one that holds ``hello.node_id``, or refuse it.
+
+        The id is free, or its holder is this same worker process reconnecting (the same
+        incarnation: its old connection is dead though the server has not seen it close), or
+        its holder fell silent for longer than a lease: this session takes it, and the old
+        one is closed (told why, in case its process lives). Otherwise another live process
+        holds the id: refused with ``WorkerIdInUse`` naming it, so neither is orphaned.
+        """
+        ctx = self.ctx
+        holder = ctx.worker_ids.get(hello.node_id)
+        if holder is not None and holder.hello is not None:
+            silent = trio.current_time() - holder.last_heard
+            same = (hello.incarnation is not None
+                    and hello.incarnation == holder.hello.incarnation)
+            if not same and silent <= ctx.lease_ttl:
+                raise Closing(
+                    f"worker id {hello.node_id!r} is in use by a live worker (session "
+                    f"{holder.id} from {holder.conn.peer}, last heard {silent:.1f} s ago); "
+                    "give each worker its own --id", "WorkerIdInUse")
+            if same:
+                log.info("worker %r reconnected (session %d); closing its older session %d",
+                         hello.node_id, self.id, holder.id)
+                holder.supersede(Closing(f"worker {hello.node_id!r} reconnected on "
+                                         f"session {self.id}"))
+            else:
+                log.warning("worker id %r: session %d from %s takes it over from session %d "
+                            "(%s), silent for %.1f s", hello.node_id, self.id, self.conn.peer,
+                            holder.id, holder.conn.peer, silent)
+                holder.supersede(Closing(
+                    f"worker id {hello.node_id!r} was taken over by session {self.id} from "
+                    f"{self.conn.peer}: this worker was silent for {silent:.1f} s, longer "
+                    f"than the lease ttl ({ctx.lease_ttl:g} s)", "WorkerIdInUse"))
+        ctx.worker_ids[hello.node_id] = self
+
+    def supersede(self, why: Closing) -> None:
+        """End this session with ``why`` (a newer session took its worker id)."""
+        if self.superseded_why is None:
+            self.superseded_why = why
+        self.superseded.set()
+
+    async def _until_superseded(self) -> None:
+        with self._watching:  # cancelled when a shutdown has sent what was queued
+            await self.superseded.wait()
+            assert self.superseded_why is not None
+            raise self.superseded_why
 
     async def _stop_reading_at_shutdown(self, reading: trio.CancelScope) -> None:
         await self.ctx.shutting_down.wait()
@@ -206,7 +268,9 @@ class Session:
 
     async def _receive(self) -> Any:
         try:
-            return await self.conn.receive()
+            msg = await self.conn.receive()
+            self.last_heard = trio.current_time()
+            return msg
         except ProtocolError as exc:
             self.protocol_errors += 1
             log.warning("session %d (%s): %s", self.id, self.conn.peer, exc)

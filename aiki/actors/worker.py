@@ -83,8 +83,13 @@ class Worker:
     draining: trio.Event = attrs.field(factory=trio.Event)
     _held_changed: trio.Event = attrs.field(factory=trio.Event)
     _beat_now: trio.Event = attrs.field(factory=trio.Event)
+    # This worker process, the same across reconnections: the server lets a reconnection
+    # take over this worker's id, and refuses another process that claims it while we live.
+    incarnation: str = ""
 
     def __attrs_post_init__(self) -> None:
+        if not self.incarnation:
+            self.incarnation = self.sources.short_id()
         if self.max_concurrent_runs < 1:
             raise ValueError(f"max_concurrent_runs must be >= 1, got {self.max_concurrent_runs}")
         for wf in self.workflows:
@@ -102,6 +107,7 @@ class Worker:
             tuple(p.WorkflowRef(name, version, tuple(getattr(wf, "events", ())))
                   for (name, version), wf in self._registry.items()),
             slots, tuple(h.lease for h in self.held.values()), self.token,
+            incarnation=self.incarnation,
         )
 
     def _on_push(self, msg: Any) -> None:

@@ -52,11 +52,12 @@ _REFUSALS: dict[str, type[errors.AikiError]] = {
         errors.StaleLease, errors.StepConflict, errors.RunNotFound, errors.UnknownWorkflow,
         errors.ProtocolError, errors.StoreUnavailable, errors.PayloadError,
         errors.AuthenticationFailed, errors.ConnectionLost, errors.RunFinished,
-        errors.UnknownEvent, errors.RunNotRetryable,
+        errors.UnknownEvent, errors.RunNotRetryable, errors.WorkerIdInUse,
     )
 }
 #: Refusals of a connection that no reconnection can fix.
-FATAL: tuple[type[errors.AikiError], ...] = (errors.AuthenticationFailed, errors.ProtocolError)
+FATAL: tuple[type[errors.AikiError], ...] = (errors.AuthenticationFailed, errors.ProtocolError,
+                                             errors.WorkerIdInUse)
 
 
 def refusal_error(error_type: str, message: str) -> errors.AikiError:
