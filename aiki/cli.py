@@ -388,7 +388,7 @@ def _worker(args: argparse.Namespace) -> int:
                 sources, max_concurrent_runs=args.concurrency,
                 inline_retry_max=args.inline_retry_max,
                 record_start_after=args.record_start_after, token=settings.token,
-                request_timeout=args.timeout,
+                request_timeout=args.timeout, connect_timeout=args.timeout,
             )
             async with trio.open_nursery() as nursery:
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -423,7 +423,8 @@ def _client_call(args: argparse.Namespace, body: Any) -> Any:
 
     async def call() -> Any:
         async with aiki.connect(args.server, token=read_token(args.token_file),
-                                cafile=args.cafile, request_timeout=args.timeout) as client:
+                                cafile=args.cafile, request_timeout=args.timeout,
+                                timeout=args.timeout) as client:
             return await body(client)
 
     return trio.run(call)

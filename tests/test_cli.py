@@ -88,7 +88,7 @@ def test_errors_are_one_line_with_the_command(capsys: pytest.CaptureFixture[str]
     assert capsys.readouterr().err.startswith("aiki worker: --app must be MODULE:ATTR")
     assert main(["enqueue", "x", "--payload", "{bad"]) == 2
     assert "--payload is not valid JSON" in capsys.readouterr().err
-    assert main(["workers", "--server", "ws://127.0.0.1:1", "--timeout", "5"]) == 1
+    assert main(["workers", "--server", "ws://127.0.0.1:1", "--timeout", "0.5"]) == 1
     assert "cannot connect to ws://127.0.0.1:1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["server", "--lease-ttl", "-1"])

@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -36,9 +36,52 @@ from aiki.client.core import FATAL, Backoff, goodbye_error, refusal_error, welco
 from aiki.transport.base import Connection, Transport
 
 log = logging.getLogger("aiki.link")
+T = TypeVar("T")
 
 # Refusals of a hello that no reconnection can fix.
 _FATAL = FATAL
+
+
+async def open_when_reachable(
+    stack: AsyncExitStack, opener: Callable[[], AbstractAsyncContextManager[T]], address: str,
+    timeout: float, *, backoff: Backoff | None = None, rng: random.Random | None = None,
+) -> T:
+    """Enter ``opener()`` on ``stack``; while the server cannot be reached, try again with
+    backoff for up to ``timeout`` seconds, so a worker or client may start before its server
+    (docker-compose, Kubernetes). One log line says it waits.
+
+    A refusal that no retry fixes (a wrong token, a worker id in use) is raised at once; after
+    ``timeout`` the last failure is raised as :class:`ConnectionLost` saying how long it waited.
+    """
+    backoff = backoff or Backoff()
+    rng = rng or random.Random(f"aiki-wait:{address}")
+    deadline = trio.current_time() + timeout
+    attempt = 0
+    while True:
+        try:
+            value = await stack.enter_async_context(opener())
+        except Exception as exc:
+            cause = exc
+            while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+                cause = cause.exceptions[0]  # type: ignore[assignment]
+            if isinstance(cause, _FATAL) or not isinstance(
+                    cause, (errors.ConnectionLost, OSError, TimeoutError)):
+                raise
+            left = deadline - trio.current_time()
+            if left <= 0:
+                if attempt == 0:
+                    raise
+                raise errors.ConnectionLost(f"{cause} (waited {timeout:g} s for the server)"
+                                            ) from exc
+            if attempt == 0:
+                log.warning("cannot reach the server at %s (%s); trying again for up to %g s",
+                            address, cause, timeout)
+            await trio.sleep(min(backoff.delay(attempt, rng), left))
+            attempt += 1
+            continue
+        if attempt:
+            log.info("connected to %s after %d attempt(s)", address, attempt + 1)
+        return value
 
 
 @attrs.define(eq=False)

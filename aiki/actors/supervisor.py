@@ -110,8 +110,11 @@ class Supervisor:
                     try:
                         await self.start_child(spec)
                     except Exception as exc:  # any child failure is ours
-                        self._failed(spec.name, exc, trio.current_time())
-                        self._give_up(spec.name, f"child {spec.name!r} failed to start: {exc!r}")
+                        # Not logged: raised to whoever started run(), which reports it (a
+                        # port in use is one line from `aiki server`, not a traceback).
+                        self._failed(spec.name, exc, trio.current_time(), logged=False)
+                        self._give_up(spec.name, f"child {spec.name!r} failed to start: {exc!r}",
+                                      logged=False)
                         break
                 else:
                     task_status.started()
@@ -192,8 +195,9 @@ class Supervisor:
         finally:
             self._forget(spec.name, scope)
 
-    def _failed(self, child: str, exc: BaseException, now: float) -> None:
-        log.error("supervisor %r: child %r failed: %r", self.name, child, exc, exc_info=exc)
+    def _failed(self, child: str, exc: BaseException, now: float, logged: bool = True) -> None:
+        if logged:
+            log.error("supervisor %r: child %r failed: %r", self.name, child, exc, exc_info=exc)
         self.failures.append((child, exc))
         del self.failures[:-_KEPT_FAILURES]
         if self.first_failure is None or now - self._last_failure_at > self.within:
@@ -208,7 +212,7 @@ class Supervisor:
         self._window.append(now)
         return True
 
-    def _give_up(self, child: str, why: str) -> None:
+    def _give_up(self, child: str, why: str, logged: bool = True) -> None:
         first = self.first_failure
         assert first is not None, "giving up without a failure"
         if self._escalation is None:
@@ -217,7 +221,8 @@ class Supervisor:
                 f"{self._first_child!r} raised {first!r}",
                 self.name, child, first,
             )
-            log.error("%s", self._escalation)
+            if logged:
+                log.error("%s", self._escalation)
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 

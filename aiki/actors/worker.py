@@ -19,6 +19,7 @@ import logging
 import math
 import random
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
 
@@ -26,7 +27,7 @@ import attrs
 import trio
 
 from aiki import protocol as p
-from aiki.actors.link import Backoff, Link
+from aiki.actors.link import Backoff, Link, open_when_reachable
 from aiki.actors.run import (
     DEFAULT_RECORD_START_AFTER,
     Abandon,
@@ -72,6 +73,8 @@ class Worker:
     reconnect: Backoff | None = attrs.field(factory=Backoff)
     request_timeout: float = 30.0
     run_task: TaskRunner = call_task  # how task bodies are called (a test may stand in)
+    # Seconds to keep trying while the server cannot be reached at start (0: fail at once).
+    connect_timeout: float = 0.0
     held: dict[str, Held] = attrs.field(factory=dict)
     link: Link | None = None
     runs_started: int = 0
@@ -126,11 +129,12 @@ class Worker:
             self._beat_now.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with task_runtime(self.task_threads), Link.open(
-            self.transport, self.address, self._hello, self._on_push, self.request_timeout,
-            reconnect=self.reconnect, rng=random.Random(f"aiki-link:{self.id}"),
-            on_welcome=self._on_welcome,
-        ) as link:
+        async with task_runtime(self.task_threads), AsyncExitStack() as stack:
+            link = await open_when_reachable(stack, lambda: Link.open(
+                self.transport, self.address, self._hello, self._on_push, self.request_timeout,
+                reconnect=self.reconnect, rng=random.Random(f"aiki-link:{self.id}"),
+                on_welcome=self._on_welcome,
+            ), self.address, self.connect_timeout, rng=random.Random(f"aiki-wait:{self.id}"))
             self.link = link
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat, link)
