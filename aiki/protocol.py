@@ -15,10 +15,14 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import datetime
+import decimal
+import enum
 import hashlib
 import json
 import math
+import pathlib
 import typing
+import uuid
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar, cast
 
@@ -32,16 +36,14 @@ from aiki.records import HistoryEvent, Lease, RunRecord, StepRecord, WaitFor, Wa
 PROTOCOL_VERSION = 2  # 2: waits (sleeps, events) replace suspend_run
 
 converter = cattrs.Converter(forbid_extra_keys=True)
-converter.register_unstructure_hook(datetime.datetime, lambda d: d.isoformat())
-converter.register_structure_hook(
-    datetime.datetime, lambda v, _: datetime.datetime.fromisoformat(v)
-)
 
 
 # Strict primitives: JSON of the wrong type is refused, never coerced ("7" is not 7, null
 # is not "None", 1.5 is not 1, "abc" is not a tuple of characters).
 def _strict(kind: type, accept: Callable[[Any], bool]) -> Callable[[Any, Any], Any]:
-    def structure(value: Any, _: Any) -> Any:
+    def structure(value: Any, target: Any) -> Any:
+        if target is not kind and isinstance(target, type) and issubclass(target, enum.Enum):
+            return _enum_hook(target)(value, target)  # an IntEnum or StrEnum: not a plain int
         if not accept(value):
             raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
         return kind(value)
@@ -58,6 +60,73 @@ converter.register_structure_hook(
 converter.register_structure_hook(float, _strict(float, _is_number))
 converter.register_structure_hook(str, _strict(str, lambda v: isinstance(v, str)))
 converter.register_structure_hook(bool, _strict(bool, lambda v: isinstance(v, bool)))
+
+
+# Values users pass every day, as JSON strings, parsed back strictly: only a string of the
+# right form is accepted (a number is not a Decimal, a naive time is not a datetime).
+def _from_string(kind: type, parse: Callable[[str], Any]) -> Callable[[Any, Any], Any]:
+    def structure(value: Any, _: Any) -> Any:
+        if not isinstance(value, str):
+            raise TypeError(f"expected {kind.__name__} as a string, got "
+                            f"{type(value).__name__} {value!r}")
+        return parse(value)
+
+    return structure
+
+
+def _aware(d: datetime.datetime) -> datetime.datetime:
+    if d.tzinfo is None or d.utcoffset() is None:
+        raise ValueError(f"datetime {d.isoformat()!r} has no timezone: give it one, e.g. "
+                         "datetime.now(timezone.utc), so every machine reads the same instant")
+    return d
+
+
+def _date_only(d: datetime.date) -> str:
+    if isinstance(d, datetime.datetime):
+        raise TypeError(f"expected a date, got a datetime {d.isoformat()!r}")
+    return d.isoformat()
+
+
+def _decimal(text: str) -> decimal.Decimal:
+    try:
+        return decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        raise ValueError(f"{text!r} is not a decimal number") from None
+
+
+converter.register_unstructure_hook(uuid.UUID, str)
+converter.register_structure_hook(uuid.UUID, _from_string(uuid.UUID, uuid.UUID))
+converter.register_unstructure_hook(decimal.Decimal, str)
+converter.register_structure_hook(decimal.Decimal, _from_string(decimal.Decimal, _decimal))
+converter.register_unstructure_hook(datetime.datetime, lambda d: _aware(d).isoformat())
+converter.register_structure_hook(datetime.datetime, _from_string(
+    datetime.datetime, lambda v: _aware(datetime.datetime.fromisoformat(v))))
+converter.register_unstructure_hook(datetime.date, _date_only)
+converter.register_structure_hook(datetime.date, _from_string(
+    datetime.date, datetime.date.fromisoformat))
+def _enum_hook(kind: type[enum.Enum]) -> Callable[[Any, Any], Any]:
+    """An enum from its member's value, of the value's own JSON type (``"2"`` is not 2)."""
+    value_types = {type(member.value) for member in kind}
+
+    def structure(value: Any, _: Any) -> Any:
+        if type(value) not in value_types:
+            raise TypeError(f"expected a {kind.__name__} value, got {type(value).__name__} "
+                            f"{value!r}")
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a valid {kind.__name__}") from None
+
+    return structure
+
+
+converter.register_unstructure_hook(enum.Enum, lambda member: member.value)
+converter.register_structure_hook_factory(
+    lambda t: isinstance(t, type) and issubclass(t, enum.Enum), _enum_hook)
+converter.register_unstructure_hook(pathlib.PurePath, str)
+for _path in (pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.Path,
+              pathlib.PosixPath, pathlib.WindowsPath):
+    converter.register_structure_hook(_path, _from_string(_path, _path))
 
 
 def _is_collection(t: Any) -> bool:
@@ -603,25 +672,40 @@ def _describe(exc: BaseException) -> str:
 def encode_value(value: Any, annotation: Any = Any, *, what: str = "payload") -> str:
     """``value`` as canonical JSON text (sorted keys), typed by ``annotation``.
 
+    A typed value is decoded back into ``annotation`` before it is accepted, so what the
+    worker would refuse later (``"abc"`` for an ``int``) is refused here, with nothing stored.
     Raises :class:`PayloadError` (a TypeError) naming ``what`` and the offending type.
     """
-    if (isinstance(annotation, type) and (attrs.has(annotation)
-            or dataclasses.is_dataclass(annotation)) and not isinstance(value, annotation)):
+    if (isinstance(annotation, type) and annotation not in (Any, float)  # 3 is a float
+            and not typing.get_args(annotation) and not isinstance(value, annotation)):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
         raise PayloadError(
-            f"cannot encode {what}: expected {annotation.__name__}, got {type(value).__name__}"
+            f"{what} does not match its annotation {annotation.__name__}: expected "
+            f"{annotation.__name__}, got {type(value).__name__} {shown}"
         )
     try:
-        if annotation is Any or annotation is None or annotation is type(None):
-            plain = _unstructure_plain(value)
-        else:
+        typed = not (annotation is Any or annotation is None or annotation is type(None))
+        if typed:
             plain = converter.unstructure(value, unstructure_as=annotation)
-        return json.dumps(plain, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        else:
+            plain = _unstructure_plain(value)
+        text = json.dumps(plain, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise PayloadError(
             f"cannot encode {what} of type {type(value).__name__} to JSON: {exc}. "
-            "Use attrs classes, dataclasses, str, int, float, bool, None, lists and dicts "
-            "with string keys."
+            "Use attrs classes, dataclasses, str, int, float, bool, None, lists, dicts with "
+            "string keys, UUID, Decimal, timezone-aware datetime, date, enums and paths."
         ) from exc
+    if typed:
+        try:
+            converter.structure(json.loads(text), annotation)  # as the worker will
+        except (cattrs.BaseValidationError, ValueError, TypeError, KeyError,
+                AttributeError, RecursionError) as exc:
+            raise PayloadError(
+                f"{what} does not match its annotation "
+                f"{_type_name(annotation)}: {_describe(exc)}"
+            ) from exc
+    return text
 
 
 def _unstructure_plain(value: Any) -> Any:
@@ -654,9 +738,16 @@ def decode_value(text: str, annotation: Any = Any, *, what: str = "payload") -> 
         return converter.structure(plain, annotation)
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise PayloadError(
-            f"cannot decode {what} into {getattr(annotation, '__name__', annotation)}: "
+            f"cannot decode {what} into {_type_name(annotation)}: "
             f"{_describe(exc)}"
         ) from exc
+
+
+def _type_name(annotation: Any) -> str:
+    """``int``, ``Order``, ``list[int]``: an annotation as its reader wrote it."""
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
 
 
 def content_hash(name: str, encoded_input: str) -> str:
