@@ -6,7 +6,11 @@
 - ``aiki demo``: the embedded crash-and-resume demo.
 
 Client and worker commands find the server with ``--server`` (default ``$AIKI_SERVER`` or
-``ws://127.0.0.1:9090``) and the token with ``--token-file`` (default ``$AIKI_TOKEN``).
+``ws://127.0.0.1:9090``) and the token with ``--token-file`` (default ``$AIKI_TOKEN``). Every
+flag can also be set from ``AIKI_<FLAG>`` (``--lease-ttl`` from ``AIKI_LEASE_TTL``); a flag
+given on the command line wins. Seconds may be written ``30``, ``30s``, ``5m``, ``2h``, ``1d``.
+Read commands print tables (``rich``: colour on a terminal, plain text when piped) or, with
+``--output json``, JSON; times are ISO 8601 with the local timezone (``--utc`` for UTC).
 Errors are one line on stderr and exit status 1.
 """
 
@@ -15,9 +19,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import io
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -25,11 +32,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 DEFAULT_SERVER = "ws://127.0.0.1:9090"
 SERVER_VARIABLE = "AIKI_SERVER"
 TOKEN_VARIABLE = "AIKI_TOKEN"
+ENV_PREFIX = "AIKI_"
 
 log = logging.getLogger("aiki.cli")
 
@@ -78,6 +87,7 @@ def root_cause(exc: BaseException) -> BaseException:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aiki", description="Durable workflows on Trio.")
+    parser.add_argument("--version", action="version", version=f"aiki {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, run: Any, log_level: str = "warning",
@@ -149,10 +159,12 @@ def _parser() -> argparse.ArgumentParser:
                                            "waiting, completed, failed, cancelled)")
     runs_list.add_argument("--limit", type=_positive_int, default=50, metavar="N",
                            help="at most N runs, newest first (default 50, at most 1000)")
+    _read_options(runs_list)
     runs_show = command("show", "a run: state, result, tasks and history", _runs_show,
                         parent=runs_commands)
     _client_options(runs_show)
     runs_show.add_argument("run_id", metavar="ID")
+    _read_options(runs_show)
     runs_purge = command("purge", "delete runs that finished before a date", _runs_purge,
                          parent=runs_commands)
     _client_options(runs_purge)
@@ -191,6 +203,7 @@ def _parser() -> argparse.ArgumentParser:
 
     workers = command("workers", "the connected workers", _workers)
     _client_options(workers)
+    _read_options(workers)
 
     enqueue = command("enqueue", "start a run of a workflow", _enqueue)
     _client_options(enqueue)
@@ -202,8 +215,91 @@ def _parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--idempotency-key", metavar="KEY",
                          help="enqueue at most once per (workflow, KEY)")
     enqueue.add_argument("--wait", action="store_true",
-                         help="wait for the run to finish and print its result")
+                         help="wait for the run to finish and print its result; the run id "
+                              "comes first, progress goes to stderr")
+    _read_options(enqueue)
+    _from_environment(parser)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aiki")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _read_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", choices=["table", "json"], default="table",
+                        help="table (default) or json (times as epoch seconds)")
+    parser.add_argument("--utc", action="store_true",
+                        help="print times in UTC (default: the local timezone)")
+
+
+def _from_environment(parser: argparse.ArgumentParser) -> None:
+    """Every ``--flag`` of every command may be set from ``AIKI_FLAG``; ``--help`` says so.
+
+    The command line wins over the environment. A value from the environment goes through
+    the flag's own check when that command runs, and a bad one is an error naming the
+    variable (a bad ``AIKI_GRACE`` does not stop ``aiki workers``).
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                _from_environment(sub)
+            continue
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if not long or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        variable = ENV_PREFIX + long[0][2:].upper().replace("-", "_")
+        action.help = f"{action.help or ''} [env {variable}]".strip()
+        raw = os.environ.get(variable)
+        if raw is not None:
+            # A str default is converted by argparse with ``type`` only if the flag is not
+            # given, and only for the command that runs.
+            action.type = _EnvironmentType(action, variable)
+            action.default = _FromEnvironment(raw)
+            action.required = False
+
+
+class _FromEnvironment(str):
+    """A flag's default as read from its environment variable."""
+
+
+@attrs.frozen
+class _EnvironmentType:
+    """A flag's ``type``, which also checks (and names) a value from the environment."""
+
+    action: argparse.Action
+    variable: str
+    inner: Any = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "inner", self.action.type)
+
+    def __call__(self, text: str) -> Any:
+        if not isinstance(text, _FromEnvironment):
+            return self.inner(text) if callable(self.inner) else text
+        try:
+            return _environment_value(self.action, self.inner, text)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"${self.variable}: {exc}") from None
+
+
+def _environment_value(action: argparse.Action, convert: Any, raw: str) -> Any:
+    if isinstance(action, argparse._StoreTrueAction):
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("", "0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{raw!r} is not a yes/no value (1, true, yes, on, 0, false, no, "
+                         "off)")
+    value = convert(str(raw)) if callable(convert) else str(raw)
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{raw!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
 
 
 def _token_option(parser: argparse.ArgumentParser) -> None:
@@ -212,14 +308,14 @@ def _token_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=os.environ.get(SERVER_VARIABLE, DEFAULT_SERVER),
-                        metavar="URL", help=f"the server (default: ${SERVER_VARIABLE} or "
-                                            f"{DEFAULT_SERVER})")
+    parser.add_argument("--server", default=DEFAULT_SERVER, metavar="URL",
+                        help=f"the server (default: {DEFAULT_SERVER})")
     _token_option(parser)
     parser.add_argument("--cafile", metavar="PEM",
                         help="CA certificates to trust for wss:// (default: the system's)")
     parser.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
-                        help="seconds to wait for the server (default 30)")
+                        help="seconds to wait for the server to be up, and for each "
+                             "reply (default 30)")
 
 
 def _transport_options(parser: argparse.ArgumentParser) -> None:
@@ -245,11 +341,29 @@ def _seconds_or_zero(text: str) -> float:
     return _number_of_seconds(text, zero=True)
 
 
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``"30"``, ``"30s"``, ``"5m"``, ``"2h"``, ``"1d"``, ``"1h30m"`` or
+    ``"250ms"``; ValueError naming the text otherwise."""
+    compact = text.strip().lower().replace(" ", "")
+    try:
+        return float(compact)
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(compact)
+    if not compact or "".join(n + u for n, u in parts) != compact:
+        raise ValueError(f"{text!r} is not a number of seconds (e.g. 30, 30s, 5m, 2h, 1d)")
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
 def _number_of_seconds(text: str, *, zero: bool) -> float:
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if not (value >= 0 if zero else value > 0) or value == float("inf"):
         wanted = "a number of seconds, 0 or more" if zero else "a positive number of seconds"
         raise argparse.ArgumentTypeError(f"{text!r}: give {wanted}")
@@ -418,14 +532,16 @@ async def _drain_then_stop(worker: Any, grace: float, everything: trio.CancelSco
 
 
 # -- client commands ----------------------------------------------------------------------
-def _client_call(args: argparse.Namespace, body: Any) -> Any:
+def _client_call(args: argparse.Namespace, body: Any) -> tuple[Any, float]:
+    """``await body(client)`` on a connection to the server, and the wall time it ended."""
     import aiki
+    from aiki.sources import Sources
 
-    async def call() -> Any:
+    async def call() -> tuple[Any, float]:
         async with aiki.connect(args.server, token=read_token(args.token_file),
                                 cafile=args.cafile, request_timeout=args.timeout,
                                 timeout=args.timeout) as client:
-            return await body(client)
+            return await body(client), Sources.real().clock.now()
 
     return trio.run(call)
 
@@ -435,14 +551,17 @@ def _runs_list(args: argparse.Namespace) -> int:
         return await client.list_runs(workflow=args.workflow, state=args.state,
                                       limit=min(args.limit, 1000))
 
-    runs = _client_call(args, body)
+    runs, now = _client_call(args, body)
+    if args.output == "json":
+        return _print_json([_plain(r) for r in runs])
     if not runs:
         print("no runs" + _filters(args))
         return 0
-    print(table(["ID", "WORKFLOW", "VERSION", "STATE", "ATTEMPTS", "WORKER", "CREATED",
-                 "UPDATED"],
-                [[r.id, r.workflow, r.version, r.state, r.attempts, r.worker or "-",
-                  _time(r.created_at), _time(r.updated_at)] for r in runs]))
+    times = Times(now, args.utc)
+    _print_table(["ID", "WORKFLOW", "VERSION", "STATE", "ATTEMPTS", "WORKER", "CREATED",
+                  "UPDATED"],
+                 [[r.id, r.workflow, r.version, r.state, r.attempts, r.worker or "-",
+                   times.at(r.created_at), times.ago(r.updated_at)] for r in runs])
     return 0
 
 
@@ -460,22 +579,28 @@ def _runs_show(args: argparse.Namespace) -> int:
         history = await client.link.request(lambda req: p.GetHistory(req, args.run_id))
         return info, history.events
 
-    info, events = _client_call(args, body)
+    (info, events), now = _client_call(args, body)
     run = info.run
+    if args.output == "json":
+        return _print_json({"run": _plain(run), "steps": [_plain(s) for s in info.steps],
+                            "waits": [_plain(w) for w in info.waits],
+                            "history": [_plain(e) for e in events]})
+    times = Times(now, args.utc)
     fields: list[tuple[str, Any]] = [
         ("run", run.id), ("workflow", f"{run.workflow} (version {run.version})"),
         ("state", run.state), ("attempts", run.attempts),
-        ("idempotency key", run.idempotency_key), ("created", _time(run.created_at)),
-        ("updated", _time(run.updated_at)), ("finished", _time(run.finished_at)),
+        ("idempotency key", run.idempotency_key), ("created", times.at(run.created_at)),
+        ("updated", times.at(run.updated_at)),
+        ("finished", times.at(run.finished_at) if run.finished_at is not None else None),
     ]
     if run.state == "running":
         fields.append(("worker", f"{run.lease_owner} (lease epoch {run.lease_epoch}, "
-                                 f"expires {_time(run.lease_expires_at)})"))
+                                 f"expires {times.when(run.lease_expires_at)})"))
     for w in info.waits:
         what = {"sleep": "a sleep", "event": f"event {w.name!r}",
                 "retry": f"the retry of task {w.name!r}"}.get(w.kind, w.kind)
-        fields.append(("waits for", f"{what} at step {w.position}, since {_time(w.since)}, "
-                                    f"until {_time(w.due_at) if w.due_at else 'it comes'}"))
+        fields.append(("waits for", f"{what} at step {w.position}, since {times.at(w.since)}, "
+                                    f"until {times.when(w.due_at) if w.due_at else 'it comes'}"))
     fields += [("payload", run.payload), ("result", run.result),
                ("error", f"{run.error_type}: {run.error_message}" if run.error_type else None)]
     width = max(len(name) for name, _ in fields)
@@ -485,10 +610,10 @@ def _runs_show(args: argparse.Namespace) -> int:
     steps = [s for s in info.steps]
     print()
     if steps:
-        print(table(["STEP", "KIND", "NAME", "STATE", "ATTEMPTS", "OUTPUT / ERROR"],
-                    [[s.position, s.kind, s.name, s.state, s.attempts,
-                      _short(s.output if s.error_type is None
-                             else f"{s.error_type}: {s.error_message}")] for s in steps]))
+        _print_table(["STEP", "KIND", "NAME", "STATE", "ATTEMPTS", "OUTPUT / ERROR"],
+                     [[s.position, s.kind, s.name, s.state, s.attempts,
+                       _short(s.output if s.error_type is None
+                              else f"{s.error_type}: {s.error_message}")] for s in steps])
     else:
         print("no steps yet")
     print()
@@ -503,9 +628,10 @@ def _runs_show(args: argparse.Namespace) -> int:
         print(_indented(run.error_traceback))
         print()
     start = events[0].at if events else 0.0
-    print(table(["AT", "+S", "EVENT", "NAME", "ATTEMPT", "WORKER", "DETAIL"],
-                [[_time(e.at), f"{e.at - start:.3f}", e.event, e.name or "", e.attempt,
-                  e.worker_id or "server", _short(e.detail)] for e in events]))
+    _print_table(["AT", "+", "EVENT", "NAME", "ATTEMPT", "WORKER", "DETAIL"],
+                 [[times.at(e.at), f"+{e.at - start:.3f}s", e.event, e.name or "", e.attempt,
+                   e.worker_id or "server", _short(times.in_text(e.detail), 90)]
+                  for e in events])
     return 0
 
 
@@ -517,7 +643,7 @@ def _runs_purge(args: argparse.Namespace) -> int:
     async def body(client: Any) -> int:
         return int(await client.purge_runs(before=args.before))
 
-    count = _client_call(args, body)
+    count, _ = _client_call(args, body)
     print(f"deleted {count} run(s) that finished before {args.before.isoformat()}")
     return 0
 
@@ -585,7 +711,7 @@ def _runs_wakeup(args: argparse.Namespace) -> int:
     async def body(client: Any) -> bool:
         return bool(await client.handle(args.run_id).wakeup())
 
-    woken = _client_call(args, body)
+    woken, _ = _client_call(args, body)
     print(f"run {args.run_id}: " + ("woken up" if woken else "not sleeping; nothing changed"))
     return 0
 
@@ -600,29 +726,33 @@ def _runs_send(args: argparse.Namespace) -> int:
         return bool(await client.handle(args.run_id).send(args.event, value,
                                                           idempotency_key=args.key))
 
-    delivered = _client_call(args, body)
+    delivered, _ = _client_call(args, body)
     print(f"run {args.run_id}: event {args.event!r} "
           + ("delivered to its wait" if delivered else "sent (buffered for its next wait)"))
     return 0
 
 
 def _workers(args: argparse.Namespace) -> int:
-    from aiki.sources import Sources
-
     async def body(client: Any) -> Any:
-        return await client.list_workers(), Sources.real().clock.now()
+        return await client.list_workers()
 
     workers, now = _client_call(args, body)
+    if args.output == "json":
+        return _print_json([_plain(w) for w in workers])
     if not workers:
         print("no workers connected")
         return 0
-    def ago(at: float | None) -> str:
-        return "never" if at is None else f"{max(now - at, 0.0):.1f} s ago"
+    times = Times(now, args.utc)
 
-    print(table(["ID", "WORKFLOWS", "SLOTS", "IN USE", "CONNECTED", "LAST HEARTBEAT", "STATE"],
-                [[w.id, ", ".join(f"{r.name}@{r.version}" for r in w.workflows), w.slots,
-                  w.in_use, _time(w.connected_at), ago(w.last_heartbeat),
-                  "draining" if w.draining else "ready"] for w in workers]))
+    def heartbeat(at: float | None) -> str:
+        # A worker heartbeats a third of a lease after it connects: until then it is new.
+        return "just connected" if at is None else times.ago(at)
+
+    _print_table(["ID", "WORKFLOWS", "SLOTS", "IN USE", "CONNECTED", "LAST HEARTBEAT", "STATE"],
+                 [[w.id, ", ".join(f"{r.name}@{r.version}" for r in w.workflows), w.slots,
+                   w.in_use, f"{times.at(w.connected_at)} ({times.ago(w.connected_at)})",
+                   heartbeat(w.last_heartbeat), "draining" if w.draining else "ready"]
+                  for w in workers])
     return 0
 
 
@@ -631,35 +761,199 @@ def _enqueue(args: argparse.Namespace) -> int:
         payload = json.loads(args.payload)
     except ValueError as exc:
         raise UsageError(f"--payload is not valid JSON: {exc}") from None
+    as_json = args.output == "json"
 
     async def body(client: Any) -> Any:
         handle = await client.enqueue(args.workflow, payload, version=args.version,
                                       idempotency_key=args.idempotency_key)
-        result = None
-        if args.wait:
-            result = await handle.wait_for_completion(timeout=None)
-        return handle, result
+        # At once, before any wait: a wait cut short (SIGTERM, Ctrl-C) still leaves the id.
+        if as_json:
+            _print_json({"run_id": handle.id, "created": handle.created}, indent=None)
+        else:
+            print(f"{'enqueued' if handle.created else 'already enqueued'} run {handle.id}",
+                  flush=True)
+        if not args.wait:
+            return None
+        with Progress(handle.id) as progress:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_progress, client, handle.id, progress)
+                result = await handle.wait_for_completion(timeout=None)
+                nursery.cancel_scope.cancel()
+        return result
 
-    handle, result = _client_call(args, body)
-    print(f"{'enqueued' if handle.created else 'already enqueued'} run {handle.id}")
+    result, _ = _client_call(args, body)
     if args.wait:
-        print(json.dumps(result))
+        if as_json:
+            _print_json({"result": result}, indent=None)
+        else:
+            print(json.dumps(result))
     return 0
 
 
+PROGRESS_INTERVAL = 1.0  # seconds between looks at a run being waited for
+
+
+async def _watch_progress(client: Any, run_id: str, progress: Progress) -> None:
+    """Report the run's current step whenever it changes, looking every second."""
+    from aiki import protocol as p
+    from aiki.errors import AikiError
+
+    while True:
+        try:
+            info = await client.link.request(lambda req: p.GetRun(req, run_id))
+        except (AikiError, TimeoutError):
+            pass  # progress is a courtesy: the wait itself reports what matters
+        else:
+            progress.show(describe_progress(info.run, info.steps))
+        await trio.sleep(PROGRESS_INTERVAL)
+
+
+def describe_progress(run: Any, steps: Sequence[Any]) -> str:
+    """One line on where a run is: its state and its latest step."""
+    text = f"{run.state}"
+    if run.state == "running" and run.lease_owner:
+        text += f" on {run.lease_owner}"
+    if steps:
+        last = max(steps, key=lambda s: tuple(int(x) for x in s.position.split(".")))
+        attempt = f", attempt {last.attempts}" if last.attempts > 1 else ""
+        text += f"; step {last.position}: {last.kind} {last.name!r} {last.state}{attempt}"
+    else:
+        text += "; no step yet"
+    return text
+
+
+@attrs.define(eq=False)
+class Progress:
+    """Where a waited-for run is, on stderr: a spinner on a terminal, else one line for each
+    change (so a log or CI output shows each step once)."""
+
+    run_id: str
+    tty: bool = attrs.field(factory=lambda: sys.stderr.isatty())
+    last: str | None = None
+    _status: Any = None
+
+    def __enter__(self) -> Progress:
+        if self.tty:
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status(f"run {self.run_id}: waiting")
+            self._status.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._status is not None:
+            self._status.stop()
+
+    def show(self, text: str) -> None:
+        if text == self.last:
+            return
+        self.last = text
+        if self._status is not None:
+            self._status.update(f"run {self.run_id}: {text}")
+        else:
+            print(f"run {self.run_id}: {text}", file=sys.stderr, flush=True)
+
+
 # -- output --------------------------------------------------------------------------------
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table: a header line, then one line per row, columns two spaces apart."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in cells)
+_STATE_STYLES = {"completed": "green", "failed": "red", "cancelled": "magenta",
+                 "running": "cyan", "retrying": "yellow", "sleeping": "blue",
+                 "draining": "yellow", "ready": "green"}
 
 
-def _time(at: float | None) -> str:
-    if at is None:
-        return "-"
-    return datetime.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S")
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, color: bool = False,
+          width: int | None = None) -> str:
+    """A table drawn by ``rich``: with colour and a rule under the header for a terminal
+    (``color=True``); otherwise plain text, a header line then one line per row, columns two
+    spaces apart, never wrapped, for pipes and scripts."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    grid = Table(box=box.SIMPLE_HEAD if color else None, show_edge=False, pad_edge=False,
+                 header_style="bold" if color else "", padding=(0, 1))
+    for header in headers:
+        grid.add_column(str(header), no_wrap=True, overflow="ignore")
+    for row in rows:
+        grid.add_row(*[Text("" if c is None else str(c),
+                            style=_STATE_STYLES.get(str(c), "") if color else "")
+                       for c in row])
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=color, color_system="standard" if color else None,
+                      width=width or (1 << 16), highlight=False, emoji=False, markup=False)
+    console.print(grid)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    print(table(headers, rows, color=color,
+                width=shutil.get_terminal_size().columns if color else None))
+
+
+def _plain(value: Any) -> Any:
+    from aiki.protocol import converter
+
+    return converter.unstructure(value)
+
+
+def _print_json(value: Any, indent: int | None = 2) -> int:
+    print(json.dumps(value, indent=indent), flush=True)
+    return 0
+
+
+@attrs.frozen
+class Times:
+    """How the CLI shows times: ISO 8601 with a timezone (local, or UTC), and durations as
+    people say them, relative to ``now`` (epoch seconds)."""
+
+    now: float
+    utc: bool = False
+
+    def at(self, at: float) -> str:
+        moment = datetime.datetime.fromtimestamp(at, datetime.UTC)
+        if not self.utc:
+            moment = moment.astimezone()
+        return moment.isoformat(timespec="seconds")
+
+    def ago(self, at: float) -> str:
+        return relative(at - self.now)
+
+    def when(self, at: float | None) -> str:
+        """``2026-12-01T10:00:00+01:00 (in 2h 3m)``, or ``-``."""
+        return "-" if at is None else f"{self.at(at)} ({self.ago(at)})"
+
+    def in_text(self, text: str | None) -> str | None:
+        """``text`` with the epoch times the server writes in history details ("next
+        attempt at 1796132101.97") shown as times."""
+        if text is None:
+            return None
+        return _EPOCH_IN_TEXT.sub(lambda m: f"{m.group(1)} {self.when(float(m.group(2)))}",
+                                  text)
+
+
+_EPOCH_IN_TEXT = re.compile(r"\b(at) (\d{9,11}(?:\.\d+)?)\b")
+
+
+def human_duration(seconds: float) -> str:
+    """``0s``, ``45s``, ``2m 5s``, ``2h 3m``, ``3d 4h``: the two largest units."""
+    seconds = abs(seconds)
+    if seconds < 10 and seconds != int(seconds):
+        return f"{seconds:.1f}s"
+    whole = int(round(seconds))
+    parts = [(whole // 86400, "d"), (whole % 86400 // 3600, "h"), (whole % 3600 // 60, "m"),
+             (whole % 60, "s")]
+    while len(parts) > 1 and parts[0][0] == 0:
+        parts.pop(0)
+    shown = [f"{n}{unit}" for n, unit in parts[:2] if n or unit == parts[0][1]]
+    return " ".join(shown)
+
+
+def relative(delta: float) -> str:
+    """``in 2h 3m`` for a time ahead, ``5m 2s ago`` for one past, ``now`` within a second."""
+    if abs(delta) < 1:
+        return "now"
+    return f"in {human_duration(delta)}" if delta > 0 else f"{human_duration(delta)} ago"
 
 
 def _short(text: str | None, limit: int = 60) -> str:

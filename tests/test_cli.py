@@ -3,6 +3,8 @@ checks, and its one-line errors."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,142 @@ def test_record_start_after_takes_zero_but_not_less(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         cli._parser().parse_args(["server", "--lease-ttl", "0"])
     assert "'0': give a positive number of seconds" in capsys.readouterr().err
+
+
+# -- issue 16: a friendlier CLI ------------------------------------------------------------
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"aiki {cli._version()}"
+    assert cli._version() == "0.1.0"
+
+
+@pytest.mark.parametrize("text,seconds", [
+    ("30", 30.0), ("1.5", 1.5), ("30s", 30.0), ("5m", 300.0), ("2h", 7200.0),
+    ("1d", 86400.0), ("1h30m", 5400.0), ("250ms", 0.25), (" 2H ", 7200.0), (".5s", 0.5),
+])
+def test_seconds_take_units(text: str, seconds: float) -> None:
+    assert cli.parse_duration(text) == seconds
+    args = cli._parser().parse_args(["server", "--lease-ttl", text])
+    assert args.lease_ttl == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5x", "m", "1h30", "h1", "-5m", "1.2.3s"])
+def test_bad_seconds_name_the_text(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="is not a number of seconds"):
+        cli.parse_duration(text)
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["server", f"--lease-ttl={text}"])
+    assert f"{text!r} is not a number of seconds" in capsys.readouterr().err
+
+
+def test_every_flag_comes_from_the_environment_and_help_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("AIKI_APP", "tests.remote.app:workflows")
+    monkeypatch.setenv("AIKI_CONCURRENCY", "3")
+    monkeypatch.setenv("AIKI_GRACE", "2m")
+    monkeypatch.setenv("AIKI_SERVER", "ws://127.0.0.1:7777")
+    monkeypatch.setenv("AIKI_LOG_LEVEL", "debug")
+    args = cli._parser().parse_args(["worker"])  # --app is required, but set
+    assert (args.app, args.concurrency, args.grace, args.server, args.log_level) == (
+        "tests.remote.app:workflows", 3, 120.0, "ws://127.0.0.1:7777", "debug")
+    args = cli._parser().parse_args(["worker", "--concurrency", "5"])
+    assert args.concurrency == 5, "the command line wins"
+    monkeypatch.setenv("AIKI_WAIT", "yes")
+    monkeypatch.setenv("AIKI_OUTPUT", "json")
+    args = cli._parser().parse_args(["enqueue", "wf"])
+    assert args.wait is True and args.output == "json"
+    for command in (["server"], ["worker"], ["runs", "list"], ["runs", "show"], ["workers"],
+                    ["enqueue"], ["demo"]):
+        with pytest.raises(SystemExit):
+            cli._parser().parse_args([*command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        usage = text.split("options:")[0]
+        flags = set(re.findall(r"(--[a-z][a-z-]*)", usage)) - {"--help"}
+        assert flags, f"{command} has flags"
+        for flag in flags:
+            variable = "AIKI_" + flag[2:].upper().replace("-", "_")
+            assert f"[env {variable}]" in text, f"{command} --help does not list {variable}"
+
+
+def test_a_bad_environment_value_names_its_variable_only_for_its_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("AIKI_GRACE", "soon")  # a worker flag: `aiki workers` ignores it
+    monkeypatch.setenv("AIKI_WAIT", "maybe")
+    assert cli._parser().parse_args(["workers"]).command == "workers"
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["worker", "--app", "m:a"])
+    assert "argument --grace: $AIKI_GRACE: 'soon' is not a number of seconds" in (
+        capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["enqueue", "wf"])
+    assert "$AIKI_WAIT: 'maybe' is not a yes/no value" in capsys.readouterr().err
+
+
+def test_times_are_iso_8601_with_a_timezone() -> None:
+    times = cli.Times(now=1_764_600_000.0, utc=True)
+    assert times.at(1_764_600_000.0) == "2025-12-01T14:40:00+00:00"
+    local = cli.Times(now=0.0).at(1_764_600_000.0)
+    assert local[19] in "+-" and local[:4] == "2025", "local time, with its offset"
+    assert times.when(1_764_600_000.0 + 7380) == "2025-12-01T16:43:00+00:00 (in 2h 3m)"
+    assert times.ago(1_764_600_000.0 - 302) == "5m 2s ago"
+    assert times.when(None) == "-"
+
+
+@pytest.mark.parametrize("seconds,text", [
+    (0.4, "0.4s"), (45, "45s"), (60, "1m"), (125, "2m 5s"), (7380, "2h 3m"), (7200, "2h"),
+    (90061, "1d 1h"), (3 * 86400 + 59, "3d"),
+])
+def test_durations_read_as_people_say_them(seconds: float, text: str) -> None:
+    assert cli.human_duration(seconds) == text
+
+
+def test_history_details_show_times_not_epochs() -> None:
+    times = cli.Times(now=1_796_125_000.0, utc=True)
+    assert times.in_text("Flaky: boom; next attempt at 1796132101.97") == (
+        "Flaky: boom; next attempt at 2026-12-01T13:35:01+00:00 (in 1h 58m)")
+    assert times.in_text("waits; wakes at 1796125060") == (
+        "waits; wakes at 2026-12-01T11:37:40+00:00 (in 1m)")
+    assert times.in_text("retried at attempt 3") == "retried at attempt 3"
+
+
+def test_tables_have_colour_on_a_terminal_and_none_when_piped() -> None:
+    rows = [["a", "completed"], ["b", "failed"]]
+    plain = table(["ID", "STATE"], rows)
+    assert "\x1b[" not in plain and plain.splitlines()[0] == "ID  STATE"
+    coloured = table(["ID", "STATE"], rows, color=True)
+    assert "\x1b[32mcompleted" in coloured and "\x1b[31mfailed" in coloured
+    assert "\x1b[1m" in coloured, "a bold header"
+
+
+def test_workers_show_a_new_worker_as_just_connected(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    info = aiki.WorkerInfo("w1", (), 8, 0, connected_at=1_764_600_000.0, last_heartbeat=None)
+    seen = aiki.WorkerInfo("w2", (), 8, 1, connected_at=1_764_590_000.0,
+                           last_heartbeat=1_764_599_997.0)
+    monkeypatch.setattr(cli, "_client_call", lambda args, body: ([info, seen], 1_764_600_002.0))
+    assert main(["workers", "--utc"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "never" not in "\n".join(lines)
+    assert "2025-12-01T14:40:00+00:00 (2s ago)" in lines[1] and "just connected" in lines[1]
+    assert "5s ago  " in lines[2]
+    assert main(["workers", "--output", "json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(w["id"], w["last_heartbeat"]) for w in listed] == [
+        ("w1", None), ("w2", 1_764_599_997.0)]
+
+
+def test_describe_progress_names_the_current_step() -> None:
+    from types import SimpleNamespace as Record
+
+    run = Record(state="running", lease_owner="w1")
+    steps = (Record(position="0", kind="task", name="charge", state="completed", attempts=1),
+             Record(position="10", kind="task", name="ship", state="retrying", attempts=2),
+             Record(position="2", kind="task", name="email", state="completed", attempts=1))
+    assert cli.describe_progress(run, steps) == (
+        "running on w1; step 10: task 'ship' retrying, attempt 2")
+    assert cli.describe_progress(run, ()) == "running on w1; no step yet"

@@ -67,3 +67,19 @@ async def remote_who(run: aiki.WorkflowRun, n: int) -> str:
 
 
 workflows = [remote_sum, remote_who]
+
+
+@aiki.task(name="gate")
+async def gate(path: str) -> str:
+    """Waits until the file ``path`` exists: a test opens the gate when it has looked."""
+    while not os.path.exists(path):
+        await trio.sleep(0.05)
+    return "opened"
+
+
+@aiki.workflow(name="remote-gated", version="1")
+async def remote_gated(run: aiki.WorkflowRun, path: str) -> str:
+    return await gate.run(run, path)
+
+
+with_gate = [*workflows, remote_gated]

@@ -3,6 +3,8 @@ given twice, and mistakes that must read as one line."""
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import subprocess
 import sys
@@ -106,3 +108,64 @@ def test_a_bad_store_url_or_a_missing_app_module_is_one_line(args: list[str],
     assert done.returncode != 0
     [only] = done.stderr.splitlines()
     assert only.startswith(line)
+
+
+async def read_line(stream: trio.abc.ReceiveStream | None) -> str:
+    assert stream is not None
+    line = b""
+    with trio.fail_after(60):
+        while not line.endswith(b"\n"):
+            chunk = await stream.receive_some(1)
+            if not chunk:
+                break
+            line += chunk
+    return line.decode()
+
+
+async def aiki_output(*args: str) -> str:
+    done = await trio.run_process([sys.executable, "-m", "aiki", *args], cwd=str(REPO),
+                                  capture_stdout=True, capture_stderr=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    return str(done.stdout.decode())
+
+
+async def test_enqueue_wait_prints_the_id_at_once_then_progress_then_the_result(
+    cluster: Cluster, tmp_path: Path,
+) -> None:
+    server, url = await cluster.server(tmp_path / "aiki.db")
+    worker = await cluster.spawn("worker-g", "worker", "--server", url, "--id", "g",
+                                 "--app", "tests.remote.app:with_gate")
+    gate = tmp_path / "gate"
+    async with aiki.connect(url, timeout=5) as client:
+        await eventually(lambda: workers_connected(client, "g"), 60, "the worker", worker)
+        enqueue = await cluster.spawn(
+            "enqueue", "enqueue", "remote-gated", "--payload", json.dumps(str(gate)),
+            "--wait", "--server", url, stdout=subprocess.PIPE)
+        first = await read_line(enqueue.process.stdout)
+        assert first.startswith("enqueued run "), first
+        run_id = first.split()[-1]
+        # The run is still at its gate: the id came before the wait, not after it.
+        assert (await client.handle(run_id).status()).state in ("queued", "running")
+
+        async def shows_the_step() -> bool:
+            return f"run {run_id}: running on g; step 0: task 'gate' running" in (
+                enqueue.log())
+
+        await eventually(shows_the_step, 60, "progress naming the current step", enqueue)
+        gate.touch()
+        rest = await read_all(enqueue.process.stdout)
+        assert await enqueue.wait(60) == 0, enqueue.log()
+        assert rest == '"opened"\n'
+        assert "\x1b[" not in enqueue.log(), "no spinner when stderr is not a terminal"
+
+    listed = json.loads(await aiki_output("runs", "list", "--server", url, "--output", "json"))
+    assert [(r["id"], r["state"]) for r in listed] == [(run_id, "completed")]
+    shown = json.loads(await aiki_output("runs", "show", run_id, "--server", url,
+                                         "--output", "json"))
+    assert shown["run"]["result"] == '"opened"' and shown["steps"][0]["name"] == "gate"
+    assert shown["history"][-1]["event"] == "run.completed"
+    workers = json.loads(await aiki_output("workers", "--server", url, "--output", "json"))
+    assert [w["id"] for w in workers] == ["g"]
+    text = await aiki_output("runs", "show", run_id, "--server", url, "--utc")
+    assert re.search(r"created +\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", text), text
+    assert not re.search(r"\b\d{10}\.\d", text), "no raw epochs"
