@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -860,8 +859,8 @@ _STATE_STYLES = {"completed": "green", "failed": "red", "cancelled": "magenta",
                  "draining": "yellow", "ready": "green"}
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, color: bool = False,
-          width: int | None = None) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, color: bool = False
+          ) -> str:
     """A table drawn by ``rich``: with colour and a rule under the header for a terminal
     (``color=True``); otherwise plain text, a header line then one line per row, columns two
     spaces apart, never wrapped, for pipes and scripts."""
@@ -873,6 +872,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, color: bool 
     grid = Table(box=box.SIMPLE_HEAD if color else None, show_edge=False, pad_edge=False,
                  header_style="bold" if color else "", padding=(0, 1))
     for header in headers:
+        # Never cut or fold a cell (a run id must stay whole to be copied): a terminal
+        # narrower than the table wraps its lines instead.
         grid.add_column(str(header), no_wrap=True, overflow="ignore")
     for row in rows:
         grid.add_row(*[Text("" if c is None else str(c),
@@ -880,15 +881,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, color: bool 
                        for c in row])
     out = io.StringIO()
     console = Console(file=out, force_terminal=color, color_system="standard" if color else None,
-                      width=width or (1 << 16), highlight=False, emoji=False, markup=False)
+                      width=1 << 16, highlight=False, emoji=False, markup=False)
     console.print(grid)
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
 
 
 def _print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    print(table(headers, rows, color=color,
-                width=shutil.get_terminal_size().columns if color else None))
+    print(table(headers, rows, color=color))
 
 
 def _plain(value: Any) -> Any:
