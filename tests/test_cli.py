@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -295,3 +296,37 @@ def test_describe_progress_names_the_current_step() -> None:
     assert cli.describe_progress(run, steps) == (
         "running on w1; step 10: task 'ship' retrying, attempt 2")
     assert cli.describe_progress(run, ()) == "running on w1; no step yet"
+
+
+def test_enqueue_prints_the_id_first_then_the_result_as_json_lines(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--output json`: one JSON line with the id at once, one with the result at the end;
+    progress (one line per change, stderr not being a terminal) on stderr."""
+    import trio.testing
+
+    from tests.remote import app
+
+    printed_before_the_end: list[str] = []
+    progress_lines: list[str] = []
+
+    def embedded_call(args: Any, body: Any) -> tuple[Any, float]:
+        async def call() -> Any:
+            async with aiki.embedded("memory") as client:
+                async with aiki.worker(client, workflows=app.workflows):
+                    result = await body(client)
+                    so_far = capsys.readouterr()
+                    printed_before_the_end.append(so_far.out)
+                    progress_lines.extend(so_far.err.splitlines())
+                    return result, 0.0
+
+        return trio.run(call, clock=trio.testing.MockClock(autojump_threshold=0))
+
+    monkeypatch.setattr(cli, "_client_call", embedded_call)
+    assert main(["enqueue", "remote-sum", "--payload", "2", "--wait", "--output", "json"]) == 0
+    [first] = [json.loads(line) for line in printed_before_the_end[0].splitlines()]
+    assert first["created"] is True and first["run_id"]
+    assert json.loads(capsys.readouterr().out) == {"result": 63}
+    progress = progress_lines
+    assert progress and all(line.startswith(f"run {first['run_id']}: ") for line in progress)
+    assert len(progress) == len(set(progress)), "one line per change, not one per look"
