@@ -656,7 +656,8 @@ def _runs_export(args: argparse.Namespace) -> int:
         history = await client.link.request(lambda req: p.GetHistory(req, args.run_id))
         return export(info.run, info.steps, history.events)
 
-    print(json.dumps(_client_call(args, body), indent=1, sort_keys=True))
+    exported, _ = _client_call(args, body)
+    print(json.dumps(exported, indent=1, sort_keys=True))
     return 0
 
 
@@ -696,11 +697,11 @@ def _replay(args: argparse.Namespace) -> int:
                                  "replayed" + (f"; {result.detail}" if result.detail else "")])
         return rows
 
-    rows = _client_call(args, body)
+    rows, _ = _client_call(args, body)
     if not rows:
         print(f"no runs of {', '.join(names)} to replay")
         return 0
-    print(table(["RUN", "WORKFLOW", "VERSION", "STATE", "REPLAY", "DETAIL"], rows))
+    _print_table(["RUN", "WORKFLOW", "VERSION", "STATE", "REPLAY", "DETAIL"], rows)
     diverged = sum(row[4] == "DIVERGES" for row in rows)
     print(f"\n{len(rows) - diverged} pass, {diverged} diverge")
     return 1 if diverged else 0
