@@ -122,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--retention", type=_seconds, default=None, metavar="S",
                         help="delete finished runs (and their history) this long after they "
                              "finished, in small batches (default: keep them for ever)")
+    server.add_argument("--stranded-after", type=_seconds, default=60.0, metavar="S",
+                        help="a run queued this long for a version no connected worker has "
+                             "is stranded: listed and warned of (default 1m)")
     server.add_argument("--shutdown-grace", type=_seconds, default=10.0, metavar="S",
                         help="seconds to finish requests in flight on SIGTERM (default 10)")
     server.add_argument("--hello-timeout", type=_seconds, default=10.0, metavar="S",
@@ -142,6 +145,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="on SIGTERM, seconds for tasks in flight to finish (default 30)")
     worker.add_argument("--inline-retry-max", type=_seconds, default=10.0, metavar="S",
                         help="retry delays up to this are waited in the worker (default 10)")
+    worker.add_argument("--task-threads", type=_positive_int, default=16, metavar="N",
+                        help="plain-def tasks run in threads, at most N at once (default 16)")
     worker.add_argument("--record-start-after", type=_seconds_or_zero, default=0.0,
                         metavar="S",
                         help="record a task attempt's start only once it has run S seconds: "
@@ -158,6 +163,9 @@ def _parser() -> argparse.ArgumentParser:
                                            "waiting, completed, failed, cancelled)")
     runs_list.add_argument("--limit", type=_positive_int, default=50, metavar="N",
                            help="at most N runs, newest first (default 50, at most 1000)")
+    runs_list.add_argument("--stranded", action="store_true",
+                           help="only stranded runs: queued for a workflow version no "
+                                "connected worker has registered, for over a minute")
     _read_options(runs_list)
     runs_show = command("show", "a run: state, result, tasks and history", _runs_show,
                         parent=runs_commands)
@@ -183,6 +191,12 @@ def _parser() -> argparse.ArgumentParser:
     runs_send.add_argument("--key", metavar="KEY",
                            help="an idempotency key: a second send with KEY stores nothing")
 
+    runs_retry = command("retry", "queue a failed run again, its completed steps kept",
+                         _runs_retry, parent=runs_commands)
+    _client_options(runs_retry)
+    runs_retry.add_argument("run_id", metavar="ID")
+    runs_retry.add_argument("--version", help="re-pin the run to this version of its "
+                                              "workflow (a fix deployed as a new version)")
     runs_export = command("export", "a run's history as JSON (format aiki.run/1), for "
                                     "aiki.testing.replay", _runs_export, parent=runs_commands)
     _client_options(runs_export)
@@ -428,7 +442,7 @@ def _server(args: argparse.Namespace) -> int:
         certfile=args.cert, keyfile=args.key, lease_ttl=args.lease_ttl,
         heartbeat_interval=args.heartbeat_interval, poll_interval=args.poll_interval,
         shutdown_grace=args.shutdown_grace, hello_timeout=args.hello_timeout,
-        retention=args.retention,
+        retention=args.retention, stranded_after=args.stranded_after,
         max_frame_bytes=args.max_frame_bytes,
         ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
     )
@@ -502,6 +516,7 @@ def _worker(args: argparse.Namespace) -> int:
                 inline_retry_max=args.inline_retry_max,
                 record_start_after=args.record_start_after, token=settings.token,
                 request_timeout=args.timeout, connect_timeout=args.timeout,
+                task_threads=args.task_threads,
             )
             async with trio.open_nursery() as nursery:
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -509,6 +524,7 @@ def _worker(args: argparse.Namespace) -> int:
                     log.info("worker %s connected to %s: %s (%d at once)", worker.id,
                              args.server, ", ".join(f"{w.name}@{w.version}" for w in workflows),
                              args.concurrency)
+                    nursery.start_soon(_warn_missing_versions, args, workflows)
                     async for signum in signals:
                         name = signal.Signals(signum).name
                         if not worker.draining.is_set():
@@ -522,6 +538,31 @@ def _worker(args: argparse.Namespace) -> int:
 
     trio.run(work)
     return 0
+
+
+async def _warn_missing_versions(args: argparse.Namespace, workflows: list[Any]) -> None:
+    """Warn when the server holds unfinished runs of a version of these workflows that this
+    app lacks: they wait for a worker that has it (after a deploy, usually the old one)."""
+    import aiki
+    from aiki.errors import AikiError
+
+    mine = {(w.name, w.version) for w in workflows}
+    try:
+        async with aiki.connect(args.server, token=read_token(args.token_file),
+                                cafile=args.cafile, request_timeout=args.timeout) as client:
+            missing: dict[tuple[str, str], int] = {}
+            for name in sorted({w.name for w in workflows}):
+                for state in ("queued", "waiting", "running"):
+                    for run in await client.list_runs(workflow=name, state=state, limit=1000):
+                        if (run.workflow, run.version) not in mine:
+                            key = (run.workflow, run.version)
+                            missing[key] = missing.get(key, 0) + 1
+    except (AikiError, OSError, TimeoutError) as exc:
+        log.info("could not look for unfinished runs of other versions: %s", exc)
+        return
+    for (name, version), count in sorted(missing.items()):
+        log.warning("the server has %d unfinished run(s) of %s version %s, which this app "
+                    "does not have: they need a worker that does", count, name, version)
 
 
 async def _drain_then_stop(worker: Any, grace: float, everything: trio.CancelScope) -> None:
@@ -548,7 +589,7 @@ def _client_call(args: argparse.Namespace, body: Any) -> tuple[Any, float]:
 def _runs_list(args: argparse.Namespace) -> int:
     async def body(client: Any) -> Any:
         return await client.list_runs(workflow=args.workflow, state=args.state,
-                                      limit=min(args.limit, 1000))
+                                      limit=min(args.limit, 1000), stranded=args.stranded)
 
     runs, now = _client_call(args, body)
     if args.output == "json":
@@ -567,6 +608,8 @@ def _runs_list(args: argparse.Namespace) -> int:
 def _filters(args: argparse.Namespace) -> str:
     parts = [f"{name} {value}" for name, value in (("workflow", args.workflow),
                                                   ("state", args.state)) if value]
+    if getattr(args, "stranded", False):
+        parts.append("stranded")
     return f" ({', '.join(parts)})" if parts else ""
 
 
@@ -644,6 +687,16 @@ def _runs_purge(args: argparse.Namespace) -> int:
 
     count, _ = _client_call(args, body)
     print(f"deleted {count} run(s) that finished before {args.before.isoformat()}")
+    return 0
+
+
+def _runs_retry(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> None:
+        await client.handle(args.run_id).retry(version=args.version)
+
+    _client_call(args, body)
+    print(f"run {args.run_id}: queued again"
+          + (f" on version {args.version}" if args.version else ""))
     return 0
 
 
@@ -734,15 +787,20 @@ def _runs_send(args: argparse.Namespace) -> int:
 
 def _workers(args: argparse.Namespace) -> int:
     async def body(client: Any) -> Any:
-        return await client.list_workers()
+        return await client.list_workers(), await client.stranded_versions()
 
-    workers, now = _client_call(args, body)
+    (workers, stranded), now = _client_call(args, body)
     if args.output == "json":
-        return _print_json([_plain(w) for w in workers])
+        return _print_json({"workers": [_plain(w) for w in workers],
+                            "stranded": [_plain(s) for s in stranded]})
+    times = Times(now, args.utc)
+    for s in stranded:
+        print(f"stranded: {s.runs} run(s) of {s.workflow}@{s.version}, queued since "
+              f"{times.at(s.since)} ({times.ago(s.since)}); no connected worker has that "
+              "version", file=sys.stderr)
     if not workers:
         print("no workers connected")
         return 0
-    times = Times(now, args.utc)
 
     def heartbeat(at: float | None) -> str:
         # A worker heartbeats a third of a lease after it connects: until then it is new.

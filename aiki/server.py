@@ -67,6 +67,7 @@ class Server:
     hello_timeout: float = 10.0
     shutdown_grace: float = 10.0
     retention: float | None = None  # seconds finished runs are kept; None: for ever
+    stranded_after: float = 60.0  # queued this long with no worker for its version
     ctx: ServerContext = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -74,7 +75,8 @@ class Server:
         poll = self.poll_interval
         if poll is None and getattr(self.store, "watch", None) is not None:
             poll = SHARED_STORE_POLL
-        dispatcher = Dispatcher(writer, self.sources, self.lease_ttl, poll)
+        dispatcher = Dispatcher(writer, self.sources, self.lease_ttl, poll,
+                                stranded_after=self.stranded_after)
         timer = Timer(self.store, writer, self.sources, dispatcher.poke,
                       lambda ids: dispatcher.tell(Expired(ids)), reconcile_interval=poll)
         dispatcher.on_leased = timer.hint
@@ -189,6 +191,7 @@ class ServerConfig:
     hello_timeout: float = 10.0
     shutdown_grace: float = 10.0
     retention: float | None = None
+    stranded_after: float = 60.0
     max_frame_bytes: int = _WS.max_frame_bytes
     ping_interval: float = _WS.ping_interval
     ping_timeout: float = _WS.ping_timeout
@@ -211,7 +214,7 @@ class ServerConfig:
         if endpoint.path != "/":
             raise ConfigError(f"a listen address has no path, got {self.listen!r}")
         for name in ("lease_ttl", "poll_interval", "hello_timeout", "shutdown_grace",
-                     "retention"):
+                     "retention", "stranded_after"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, "
                                   f"got {getattr(self, name)!r}")
@@ -252,6 +255,7 @@ async def run_server(
                 heartbeat_interval=config.heartbeat_interval, token=config.token,
                 poll_interval=config.poll_interval, hello_timeout=config.hello_timeout,
                 shutdown_grace=config.shutdown_grace, retention=config.retention,
+                stranded_after=config.stranded_after,
             )
             host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
             async with trio.open_nursery() as nursery:
