@@ -790,9 +790,8 @@ def _workers(args: argparse.Namespace) -> int:
         return await client.list_workers(), await client.stranded_versions()
 
     (workers, stranded), now = _client_call(args, body)
-    if args.output == "json":
-        return _print_json({"workers": [_plain(w) for w in workers],
-                            "stranded": [_plain(s) for s in stranded]})
+    if args.output == "json":  # (stranded runs: aiki runs list --stranded --output json)
+        return _print_json([_plain(w) for w in workers])
     times = Times(now, args.utc)
     for s in stranded:
         print(f"stranded: {s.runs} run(s) of {s.workflow}@{s.version}, queued since "

@@ -274,7 +274,8 @@ def test_workers_show_a_new_worker_as_just_connected(
     info = aiki.WorkerInfo("w1", (), 8, 0, connected_at=1_764_600_000.0, last_heartbeat=None)
     seen = aiki.WorkerInfo("w2", (), 8, 1, connected_at=1_764_590_000.0,
                            last_heartbeat=1_764_599_997.0)
-    monkeypatch.setattr(cli, "_client_call", lambda args, body: ([info, seen], 1_764_600_002.0))
+    monkeypatch.setattr(cli, "_client_call",
+                        lambda args, body: (([info, seen], []), 1_764_600_002.0))
     assert main(["workers", "--utc"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "never" not in "\n".join(lines)

@@ -30,9 +30,14 @@ async def test_stranded_runs_from_the_cli(cluster: Cluster, tmp_path: Path) -> N
         return run_id in await aiki_cli(cluster, url, "runs", "list", "--stranded")
 
     await eventually(listed, 30, "the run to be listed as stranded", worker, server)
-    workers = json.loads(await aiki_cli(cluster, url, "workers", "--output", "json"))
-    [stranded] = workers["stranded"]
-    assert (stranded["workflow"], stranded["version"], stranded["runs"]) == ("gated", "1", 1)
+    [stranded] = json.loads(await aiki_cli(cluster, url, "runs", "list", "--stranded",
+                                           "--output", "json"))
+    assert (stranded["id"], stranded["version"], stranded["state"]) == (run_id, "1", "queued")
+    shown = await trio.run_process(
+        [sys.executable, "-m", "aiki", "workers", "--server", url], cwd=str(REPO),
+        capture_stdout=True, capture_stderr=True, check=True, env=cluster.env())
+    assert "v2" in shown.stdout.decode()
+    assert "stranded: 1 run(s) of gated@1, queued since" in shown.stderr.decode()
 
     async def server_warned() -> bool:
         return "version 1 have waited" in server.log()
