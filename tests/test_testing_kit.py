@@ -174,3 +174,19 @@ async def test_the_readme_example(aiki_env: Factory, autojump_clock: trio.abc.Cl
     assert await handle.wait_for_completion() == "escalated"
     assert env.task_calls(expense_notify)[-1] == Message(
         "finance", "expense e-1: no decision in 3 days")
+
+
+async def test_the_same_test_gives_the_same_history(autojump_clock: trio.abc.Clock) -> None:
+    async def once() -> list[tuple[object, ...]]:
+        async with aiki.testing.environment([approval]) as env:
+            env.mock_task(notify, returns="sent")
+            handle = await approval.enqueue(env.client, Claim("c9", "eve"))
+            await env.advance(timedelta(days=4))
+            assert await handle.wait_for_completion() == "escalated"
+            return [(handle.id, e.at, e.event, e.position, e.detail)
+                    for e in await handle.history()]
+
+    first = await once()
+    second = await once()
+    assert [e[2:] for e in first] == [e[2:] for e in second]
+    assert first[0][0] == second[0][0]  # the run id too: seeded sources
