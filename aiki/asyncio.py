@@ -19,7 +19,6 @@ any number of asyncio tasks of its event loop.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -29,20 +28,17 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from aiki import protocol as p
-from aiki.client import core
 from aiki.client.core import Call, Closing, Event, Failed, Replied, Welcomed
-from aiki.client.views import RunSummary
 from aiki.client.websocket import Settings, connect_failure, lost_reason
 from aiki.errors import ConnectionLost
-from aiki.sdk.client import RunHandle, purge_runs
+from aiki.sdk.client import Operations, RunHandle
 from aiki.sources import Sources
 
 T = TypeVar("T")
 log = logging.getLogger("aiki.asyncio")
 
 
-class Client:
+class Client(Operations):
     """A client of one Aiki server, for asyncio. Get one from :func:`connect`."""
 
     def __init__(self, settings: Settings, sources: Sources) -> None:
@@ -77,45 +73,6 @@ class Client:
             del self._waiting[req]
             self._core.abandon(req)
 
-    async def list_runs(self, *, workflow: str | None = None, state: str | None = None,
-                        limit: int = 100, stranded: bool = False) -> list[RunSummary]:
-        """The newest ``limit`` runs (at most 1000), optionally of one ``workflow`` and/or
-        in one ``state``."""
-        return await self.call(core.list_runs(workflow=workflow, state=state, limit=limit,
-                                               stranded=stranded))
-
-    async def stranded_versions(self) -> list[p.StrandedVersion]:
-        """Workflow versions whose queued runs no connected worker can take (for longer
-        than the server's threshold, 60 s), with how many and since when."""
-        return await self.call(core.stranded_versions())
-
-    async def list_workers(self) -> list[p.WorkerInfo]:
-        """The workers connected now."""
-        return await self.call(core.list_workers())
-
-    async def enqueue(self, workflow: str, payload: Any = None, *, version: str | None = None,
-                      idempotency_key: str | None = None) -> RunHandle[Any]:
-        """Start a run by workflow name (untyped: the result comes back as plain JSON)."""
-        return await self._enqueue(workflow, core.encode_payload(workflow, payload),
-                                   version=version, idempotency_key=idempotency_key,
-                                   result_type=Any)
-
-    async def _enqueue(self, workflow: str, payload: str, *, version: str | None,
-                       idempotency_key: str | None, result_type: Any) -> RunHandle[Any]:
-        reply = await self.call(core.enqueue(workflow, payload, version=version,
-                                             idempotency_key=idempotency_key,
-                                             run_id=self.sources.new_id()))
-        return RunHandle(self, reply.run_id, result_type, reply.created)
-
-    async def purge_runs(self, *, before: float | datetime.datetime) -> int:
-        """Delete the runs that finished before ``before`` (see ``aiki.Client.purge_runs``)."""
-        return await purge_runs(self, before)
-
-    def handle(self, run_id: str, result_type: Any = Any) -> RunHandle[Any]:
-        """The handle of an existing run."""
-        return RunHandle(self, run_id, result_type, created=False)
-
-    # -- the connection ---------------------------------------------------------------------
     async def _send(self, ws: ClientConnection, frame: str) -> None:
         try:
             await ws.send(frame)

@@ -116,36 +116,14 @@ class RunHandle(Generic[R]):
                     return
 
 
-@attrs.define(eq=False)
-class Client:
-    """Talks to one Aiki server. Get one from ``aiki.embedded()`` (or ``aiki.connect()``)."""
+class Operations:
+    """The client operations of the Trio and the asyncio clients (each sends Calls its own
+    way, through ``call``; ``sources`` picks the run ids it chooses)."""
 
-    transport: Transport
-    address: str
     sources: Sources
-    link: Link
-    token: str | None = None
-
-    @classmethod
-    @asynccontextmanager
-    async def open(cls, transport: Transport, address: str, sources: Sources,
-                   token: str | None = None, *, request_timeout: float = 30.0,
-                   reconnect: Backoff | None = Backoff()) -> AsyncIterator[Client]:
-        """Connect (raising what went wrong) and stay connected, reconnecting after a loss,
-        until the block ends."""
-        node = f"client-{sources.short_id()}"
-        async with Link.open(transport, address, core.client_hello(node, token),
-                             request_timeout=request_timeout, reconnect=reconnect,
-                             rng=random.Random(f"aiki-link:{node}")) as link:
-            yield cls(transport, address, sources, link, token)
 
     async def call(self, call: Call[T]) -> T:
-        """Send one :class:`~aiki.client.core.Call` and return what its reply means."""
-        try:
-            reply = await self.link.request(call.make, timeout=call.timeout)
-        except TimeoutError:
-            raise call.timed_out(self.link.request_timeout) from None
-        return call.outcome(reply)
+        raise NotImplementedError
 
     async def list_runs(self, *, workflow: str | None = None, state: str | None = None,
                         limit: int = 100, stranded: bool = False) -> list[RunSummary]:
@@ -190,6 +168,38 @@ class Client:
         return RunHandle(self, run_id, result_type, created=False)
 
 
+@attrs.define(eq=False)
+class Client(Operations):
+    """Talks to one Aiki server. Get one from ``aiki.embedded()`` (or ``aiki.connect()``)."""
+
+    transport: Transport
+    address: str
+    sources: Sources
+    link: Link
+    token: str | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, transport: Transport, address: str, sources: Sources,
+                   token: str | None = None, *, request_timeout: float = 30.0,
+                   reconnect: Backoff | None = Backoff()) -> AsyncIterator[Client]:
+        """Connect (raising what went wrong) and stay connected, reconnecting after a loss,
+        until the block ends."""
+        node = f"client-{sources.short_id()}"
+        async with Link.open(transport, address, core.client_hello(node, token),
+                             request_timeout=request_timeout, reconnect=reconnect,
+                             rng=random.Random(f"aiki-link:{node}")) as link:
+            yield cls(transport, address, sources, link, token)
+
+    async def call(self, call: Call[T]) -> T:
+        """Send one :class:`~aiki.client.core.Call` and return what its reply means."""
+        try:
+            reply = await self.link.request(call.make, timeout=call.timeout)
+        except TimeoutError:
+            raise call.timed_out(self.link.request_timeout) from None
+        return call.outcome(reply)
+
+
 async def purge_runs(client: Caller, before: float | datetime.datetime) -> int:
     """``purge_runs`` of the Trio and asyncio clients: batches until one comes back short."""
     cutoff, total = core.purge_cutoff(before), 0
@@ -200,4 +210,5 @@ async def purge_runs(client: Caller, before: float | datetime.datetime) -> int:
             return total
 
 
-__all__ = ["Client", "RunHandle", "RunStatus", "RunSummary", "TaskStatus", "WaitStatus"]
+__all__ = ["Client", "Operations", "RunHandle", "RunStatus", "RunSummary", "TaskStatus",
+           "WaitStatus"]
