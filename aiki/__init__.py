@@ -14,6 +14,7 @@ from aiki.errors import (
     ConfigError,
     ConnectionLost,
     EventTimeout,
+    IdempotencyConflict,
     NonDeterminismError,
     NonRetryableError,
     PayloadError,
@@ -47,9 +48,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AikiError", "AuthenticationFailed", "Client", "ConfigError", "ConnectionLost", "Event",
-    "EventTimeout", "HistoryEvent", "NonDeterminismError", "NonRetryableError", "PayloadError",
-    "Retry", "RunFinished", "RunHandle", "RunNotFound", "RunNotRetryable", "RunStatus",
-    "RunSummary", "Sources", "StaleLease", "Task", "TaskFailed", "TaskStatus", "UnknownEvent",
-    "UnknownWorkflow", "WaitStatus", "WorkerIdInUse", "WorkerInfo", "Workflow", "WorkflowFailed",
-    "WorkflowRun", "connect", "embedded", "event", "task", "worker", "workflow",
+    "EventTimeout", "HistoryEvent", "IdempotencyConflict", "NonDeterminismError",
+    "NonRetryableError", "PayloadError", "Retry", "RunFinished", "RunHandle", "RunNotFound",
+    "RunNotRetryable", "RunStatus", "RunSummary", "Sources", "StaleLease", "Task", "TaskFailed",
+    "TaskStatus", "UnknownEvent", "UnknownWorkflow", "WaitStatus", "WorkerIdInUse", "WorkerInfo",
+    "Workflow", "WorkflowFailed", "WorkflowRun", "connect", "embedded", "event", "task", "worker",
+    "workflow",
 ]

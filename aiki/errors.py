@@ -83,6 +83,14 @@ class RunNotFound(AikiError):
     """No run with this id exists in the store."""
 
 
+class IdempotencyConflict(AikiError):
+    """An enqueue with an idempotency key that names an existing run of another payload.
+
+    Nothing was stored. Pass ``on_conflict="return_existing"`` to get the existing run
+    instead (the same key with the same payload always returns it).
+    """
+
+
 class RunNotRetryable(AikiError):
     """A retry of a run that has not failed (it is queued, running, waiting or completed)."""
 

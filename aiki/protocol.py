@@ -258,6 +258,9 @@ class Enqueue:
     # Chosen by the client, so that a retried or duplicated enqueue cannot create a second
     # run: the store keeps the first run with this id.
     run_id: str | None = None
+    # The key names a run of another payload: "raise" (IdempotencyConflict) or
+    # "return_existing".
+    on_conflict: str = "raise"
 
 
 @message("enqueued")

@@ -282,8 +282,9 @@ class World:
         await trio.sleep(item.at)
         self.ledger.issued.add(item.run_id)
         payload = p.encode_value(item.program)
+        # The workload shares keys between enqueues of other programs: take the key's run.
         reply = await self._ask(item.server, lambda req: p.Enqueue(
-            req, "sim", payload, item.version, item.key, item.run_id))
+            req, "sim", payload, item.version, item.key, item.run_id, "return_existing"))
         self.ledger.acked[item.item] = reply.run_id
         self.note(f"acked {item.item} -> {reply.run_id}")
         if reply.run_id == item.run_id:  # (else a run of another enqueue has the key)

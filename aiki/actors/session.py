@@ -46,6 +46,7 @@ from aiki.records import TERMINAL_RUN_STATES, Lease, RunRecord, RunState
 from aiki.sources import Sources
 from aiki.store import ops
 from aiki.store.base import Store
+from aiki.store.machine import ON_CONFLICT
 from aiki.transport.base import Connection
 
 log = logging.getLogger("aiki.session")
@@ -326,9 +327,12 @@ class Session:
                     f"no worker has registered workflow {msg.workflow!r} (registered: {known}); "
                     "give a version to enqueue it anyway"
                 )
+            if msg.on_conflict not in ON_CONFLICT:
+                raise ProtocolError(f"on_conflict must be one of {', '.join(ON_CONFLICT)}, "
+                                    f"got {msg.on_conflict!r}")
             out = await ctx.writer.write(ops.Enqueue(
                 msg.run_id or ctx.sources.new_id(), msg.workflow, version, msg.payload,
-                msg.idempotency_key, now,
+                msg.idempotency_key, now, msg.on_conflict,
             ))
             if out.created:
                 ctx.dispatcher.poke()

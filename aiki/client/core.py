@@ -52,7 +52,8 @@ _REFUSALS: dict[str, type[errors.AikiError]] = {
         errors.StaleLease, errors.StepConflict, errors.RunNotFound, errors.UnknownWorkflow,
         errors.ProtocolError, errors.StoreUnavailable, errors.PayloadError,
         errors.AuthenticationFailed, errors.ConnectionLost, errors.RunFinished,
-        errors.UnknownEvent, errors.RunNotRetryable, errors.WorkerIdInUse,
+        errors.UnknownEvent, errors.RunNotRetryable,
+        errors.IdempotencyConflict, errors.WorkerIdInUse,
     )
 }
 #: Refusals of a connection that no reconnection can fix.
@@ -139,10 +140,16 @@ def encode_payload(workflow: str, payload: Any, annotation: Any = Any) -> str:
 
 
 def enqueue(workflow: str, payload: str, *, version: str | None, idempotency_key: str | None,
-            run_id: str) -> Call[p.Enqueued]:
+            run_id: str, on_conflict: str = "raise") -> Call[p.Enqueued]:
     """Start a run of ``workflow`` with ``payload`` (JSON text from :func:`encode_payload`).
-    ``run_id`` is chosen by the client, so a request sent again makes one run."""
-    return Call(lambda req: p.Enqueue(req, workflow, payload, version, idempotency_key, run_id),
+    ``run_id`` is chosen by the client, so a request sent again makes one run. A key that
+    names a run of another payload raises ``aiki.IdempotencyConflict``, or returns that run
+    with ``on_conflict="return_existing"``."""
+    if on_conflict not in ("raise", "return_existing"):
+        raise ValueError(f"on_conflict must be 'raise' or 'return_existing', "
+                         f"got {on_conflict!r}")
+    return Call(lambda req: p.Enqueue(req, workflow, payload, version, idempotency_key, run_id,
+                                      on_conflict),
                 p.Enqueued, lambda reply: reply)
 
 

@@ -143,18 +143,21 @@ class Operations:
         return await self.call(core.list_workers())
 
     async def enqueue(self, workflow: str, payload: Any = None, *, version: str | None = None,
-                      idempotency_key: str | None = None) -> RunHandle[Any]:
+                      idempotency_key: str | None = None,
+                      on_conflict: str = "raise") -> RunHandle[Any]:
         """Start a run by workflow name (untyped: the result comes back as plain JSON).
         Without ``version``, the newest version a worker registered."""
         return await self._enqueue(workflow, core.encode_payload(workflow, payload),
                                    version=version, idempotency_key=idempotency_key,
-                                   result_type=Any)
+                                   result_type=Any, on_conflict=on_conflict)
 
     async def _enqueue(self, workflow: str, payload: str, *, version: str | None,
-                       idempotency_key: str | None, result_type: Any) -> RunHandle[Any]:
+                       idempotency_key: str | None, result_type: Any,
+                       on_conflict: str = "raise") -> RunHandle[Any]:
         reply = await self.call(core.enqueue(workflow, payload, version=version,
                                              idempotency_key=idempotency_key,
-                                             run_id=self.sources.new_id()))
+                                             run_id=self.sources.new_id(),
+                                             on_conflict=on_conflict))
         return RunHandle(self, reply.run_id, result_type, reply.created)
 
     async def purge_runs(self, *, before: float | datetime.datetime) -> int:

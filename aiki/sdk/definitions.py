@@ -88,25 +88,30 @@ class Workflow(Generic[P, R]):
     events: tuple[str, ...] = ()  # the names of the events it declares
 
     @overload
-    def enqueue(self, client: sync.Client, payload: P, *,
-                idempotency_key: str | None = None) -> sync.RunHandle[R]: ...
+    def enqueue(self, client: sync.Client, payload: P, *, idempotency_key: str | None = None,
+                on_conflict: str = "raise") -> sync.RunHandle[R]: ...
 
     @overload
     def enqueue(self, client: Client | aio.Client, payload: P, *,
-                idempotency_key: str | None = None) -> Coroutine[Any, Any, RunHandle[R]]: ...
+                idempotency_key: str | None = None,
+                on_conflict: str = "raise") -> Coroutine[Any, Any, RunHandle[R]]: ...
 
-    def enqueue(self, client: Any, payload: P, *, idempotency_key: str | None = None) -> Any:
+    def enqueue(self, client: Any, payload: P, *, idempotency_key: str | None = None,
+                on_conflict: str = "raise") -> Any:
         """Start a run (or find the one with this idempotency key) and return its handle:
         ``await wf.enqueue(client, payload)`` with the Trio (``aiki.connect``,
         ``aiki.embedded``) or asyncio (``aiki.asyncio.connect``) client,
         ``wf.enqueue(client, payload)`` with the blocking one (``aiki.sync.connect``).
 
-        An unencodable payload raises TypeError here, at the call, and stores nothing.
+        An unencodable payload raises TypeError here, at the call, and stores nothing. A
+        key that names a run of another payload raises ``aiki.IdempotencyConflict``, or
+        returns that run with ``on_conflict="return_existing"``.
         """
         encoded = encode_value(payload, self.payload_type,
                                what=f"payload of workflow {self.name!r}")
         return client._enqueue(self.name, encoded, version=self.version,
-                               idempotency_key=idempotency_key, result_type=self.result_type)
+                               idempotency_key=idempotency_key, result_type=self.result_type,
+                               on_conflict=on_conflict)
 
     async def call(self, run: WorkflowRun, payload: Any) -> Any:
         return await self.fn(run, payload)

@@ -22,7 +22,14 @@ from typing import Any
 
 import attrs
 
-from aiki.errors import RunFinished, RunNotFound, RunNotRetryable, StaleLease, StepConflict
+from aiki.errors import (
+    IdempotencyConflict,
+    RunFinished,
+    RunNotFound,
+    RunNotRetryable,
+    StaleLease,
+    StepConflict,
+)
 from aiki.records import (
     FINAL_STEP_STATES,
     TERMINAL_RUN_STATES,
@@ -166,6 +173,19 @@ def enqueue(op: o.Enqueue) -> tuple[RunRecord, Entry]:
         error_message=None, created_at=op.now, updated_at=op.now, finished_at=None,
     )
     return run, Entry(op.now, "run.queued", 0, detail=f"version {op.version}")
+
+
+ON_CONFLICT = ("raise", "return_existing")
+
+
+def existing_for_key(op: o.Enqueue, existing_id: str, existing_payload: str) -> o.EnqueueOutcome:
+    """The outcome of an enqueue whose idempotency key names an existing run."""
+    if op.on_conflict == "raise" and existing_payload != op.payload:
+        raise IdempotencyConflict(
+            f"idempotency key {op.idempotency_key!r} of workflow {op.workflow!r} names run "
+            f"{existing_id}, enqueued with another payload; nothing was stored (pass "
+            "on_conflict='return_existing' to get that run)")
+    return o.EnqueueOutcome(existing_id, created=False)
 
 
 def claim(run: RunRecord, worker_id: str, now: float, lease_ttl: float) -> Change:

@@ -232,7 +232,7 @@ class MemoryStore:
         if op.idempotency_key is not None:
             existing = self._keys.get((op.workflow, op.idempotency_key))
             if existing is not None:
-                return o.EnqueueOutcome(existing, created=False)
+                return m.existing_for_key(op, existing, self._runs[existing].payload)
         if op.run_id in self._runs:  # a retried enqueue: never overwrite the run
             return o.EnqueueOutcome(op.run_id, created=False)
         if op.idempotency_key is not None:

@@ -39,6 +39,9 @@ class Enqueue(Op[EnqueueOutcome]):
     payload: str
     idempotency_key: str | None
     now: float
+    # An existing run under this key with another payload: refuse (IdempotencyConflict), or
+    # return it ("return_existing").
+    on_conflict: str = "raise"
 
 
 @attrs.frozen

@@ -262,11 +262,11 @@ def _enqueue(db: Db, op: o.Enqueue) -> o.EnqueueOutcome:
         return o.EnqueueOutcome(op.run_id, created=True)
     if op.idempotency_key is not None:
         row = db.execute(
-            "SELECT id FROM runs WHERE workflow = ? AND idempotency_key = ?",
+            "SELECT id, payload FROM runs WHERE workflow = ? AND idempotency_key = ?",
             (op.workflow, op.idempotency_key),
         ).fetchone()
         if row is not None:
-            return o.EnqueueOutcome(row[0], created=False)
+            return m.existing_for_key(op, row[0], row[1])
     return o.EnqueueOutcome(op.run_id, created=False)  # this run id exists: a retried enqueue
 
 

@@ -173,3 +173,20 @@ def test_definitions_refuse_the_wrong_shape() -> None:
 
     with pytest.raises(TypeError, match=r"must take \(payload\)"):
         aiki.task(name="two")(two)  # type: ignore[arg-type]
+
+
+async def test_a_key_reused_with_another_payload_is_a_conflict(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        first = await pay.enqueue(client, 10, idempotency_key="order-9")
+        same = await pay.enqueue(client, 10, idempotency_key="order-9")
+        assert (same.id, same.created) == (first.id, False)
+        with pytest.raises(aiki.IdempotencyConflict, match="names run"):
+            await pay.enqueue(client, 11, idempotency_key="order-9")
+        kept = await pay.enqueue(client, 11, idempotency_key="order-9",
+                                 on_conflict="return_existing")
+        assert (kept.id, kept.created) == (first.id, False)
+        with pytest.raises(ValueError, match="on_conflict must be"):
+            await pay.enqueue(client, 11, idempotency_key="order-9", on_conflict="merge")
+        assert len(await engine_store.list_runs()) == 1

@@ -120,8 +120,15 @@ async def test_unknown_run_reads_are_empty(store: Store) -> None:
 async def test_idempotent_enqueue_returns_the_same_run(store: Store) -> None:
     assert await execute(store, enqueue("r1", key="order-7")) == o.EnqueueOutcome("r1", True)
     before = await snapshot(store, "r1")
-    again = await execute(store, enqueue("r2", key="order-7", now=2.0, payload="{}"))
+    again = await execute(store, enqueue("r2", key="order-7", now=2.0))  # the same payload
     assert again == o.EnqueueOutcome("r1", created=False)
+    # Another payload under the key: refused (nothing stored), or the run, if asked for.
+    [conflict] = await store.apply([enqueue("r2", key="order-7", now=2.0, payload="{}")])
+    assert type(conflict).__name__ == "IdempotencyConflict"
+    assert "idempotency key 'order-7' of workflow 'wf' names run r1" in str(conflict)
+    kept = await execute(store, attrs.evolve(enqueue("r2", key="order-7", now=2.0, payload="{}"),
+                                             on_conflict="return_existing"))
+    assert kept == o.EnqueueOutcome("r1", created=False)
     assert await store.get_run("r2") is None
     assert await store.get_history("r2") == ()
     assert await snapshot(store, "r1") == before
@@ -758,7 +765,8 @@ class World:
                 run_id = f"r{len(self.run_ids)}"
                 self.run_ids.append(run_id)
             workflow, version = WORKFLOWS[wf]
-            return o.Enqueue(run_id, workflow, version, f'{{"at": {now}}}', key, now)
+            return o.Enqueue(run_id, workflow, version, f'{{"at": {now}}}', key, now,
+                             "return_existing" if key == "k2" else "raise")
         if kind == "claim":
             _, worker, wanted, limit, ttl = cmd
             return o.Claim(worker, tuple(WORKFLOWS[i] for i in wanted), limit, now, ttl)

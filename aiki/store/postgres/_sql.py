@@ -280,12 +280,12 @@ async def _enqueue(conn: Conn, op: o.Enqueue) -> o.EnqueueOutcome:
     if inserted:
         return o.EnqueueOutcome(op.run_id, created=True)
     if op.idempotency_key is not None:
-        existing = await conn.fetchval(
-            "SELECT id FROM runs WHERE workflow = $1 AND idempotency_key = $2",
+        existing = await conn.fetchrow(
+            "SELECT id, payload FROM runs WHERE workflow = $1 AND idempotency_key = $2",
             op.workflow, op.idempotency_key,
         )
         if existing is not None:
-            return o.EnqueueOutcome(existing, created=False)
+            return m.existing_for_key(op, existing["id"], existing["payload"])
     return o.EnqueueOutcome(op.run_id, created=False)  # this run id exists: a retried enqueue
 
 
