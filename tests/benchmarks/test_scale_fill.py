@@ -49,7 +49,8 @@ async def test_a_filled_sqlite_store_reads_back_and_still_works(tmp_path: Path) 
         assert (await store.get_run(listed[-2].id)).idempotency_key is None  # type: ignore[union-attr]
 
         # The unique index knows the filled keys: the same key returns the filled run.
-        [again] = await store.apply([Enqueue("new-id", first.workflow, "1", "{}", "fill-0", 1.0)])
+        [again] = await store.apply([Enqueue("new-id", first.workflow, "1", "{}", "fill-0", 1.0,
+                                             "return_existing")])
         assert again.run_id == first.id and not again.created
 
         [made] = await store.apply([Enqueue("fresh", "orders", "1", "{}", "k-new", 1e10)])
