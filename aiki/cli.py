@@ -769,11 +769,15 @@ def _runs_wakeup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runs_send(args: argparse.Namespace) -> int:
+def _json_payload(text: str) -> Any:
     try:
-        value = json.loads(args.payload)
+        return json.loads(text)
     except ValueError as exc:
         raise UsageError(f"--payload is not valid JSON: {exc}") from None
+
+
+def _runs_send(args: argparse.Namespace) -> int:
+    value = _json_payload(args.payload)
 
     async def body(client: Any) -> bool:
         return bool(await client.handle(args.run_id).send(args.event, value,
@@ -814,10 +818,7 @@ def _workers(args: argparse.Namespace) -> int:
 
 
 def _enqueue(args: argparse.Namespace) -> int:
-    try:
-        payload = json.loads(args.payload)
-    except ValueError as exc:
-        raise UsageError(f"--payload is not valid JSON: {exc}") from None
+    payload = _json_payload(args.payload)
     as_json = args.output == "json"
 
     async def body(client: Any) -> Any:

@@ -543,6 +543,7 @@ class WorkerInfo:
 @attrs.frozen
 class ListWorkers:
     req: int
+    stranded: bool = False  # also the versions with stranded runs (one store read)
 
 
 @message("worker_list")

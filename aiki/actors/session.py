@@ -378,6 +378,8 @@ class Session:
                                              limit=msg.limit)
             return p.RunList(msg.req, runs)
         if isinstance(msg, p.ListWorkers):
+            if not msg.stranded:  # (polled by scripts waiting for workers: no store read)
+                return p.WorkerList(msg.req, ctx.dispatcher.workers())
             by_version: dict[tuple[str, str], list[RunRecord]] = {}
             for run in await self._stranded_runs(None):
                 by_version.setdefault((run.workflow, run.version), []).append(run)

@@ -41,7 +41,6 @@ class Timer:
     reconcile_interval: float | None = None
     mailbox: Mailbox[float | None] = attrs.field(
         factory=lambda: Mailbox[float | None](256, "timer"))
-    reads: int = 0  # store reads of the next due time (the idle benchmark counts them)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -51,7 +50,6 @@ class Timer:
         while True:
             try:
                 if stale:
-                    self.reads += 1
                     next_at = await self.store.next_due()
                     stale, from_store = False, True
                 now = self.sources.clock.now()

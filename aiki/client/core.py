@@ -246,7 +246,8 @@ def list_workers() -> Call[list[p.WorkerInfo]]:
 
 def stranded_versions() -> Call[list[p.StrandedVersion]]:
     """The workflow versions with stranded runs: queued, and no connected worker has them."""
-    return Call(p.ListWorkers, p.WorkerList, lambda reply: list(reply.stranded))
+    return Call(lambda req: p.ListWorkers(req, stranded=True), p.WorkerList,
+                lambda reply: list(reply.stranded))
 
 
 def client_hello(node_id: str, token: str | None) -> Callable[[int], p.Hello]:
