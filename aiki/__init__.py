@@ -18,6 +18,7 @@ from aiki.errors import (
     NonDeterminismError,
     NonRetryableError,
     PayloadError,
+    RunCancelled,
     RunFinished,
     RunNotFound,
     RunNotRetryable,
@@ -26,6 +27,7 @@ from aiki.errors import (
     UnknownEvent,
     UnknownWorkflow,
     WorkerIdInUse,
+    WorkflowCancelled,
     WorkflowFailed,
 )
 from aiki.protocol import WorkerInfo
@@ -49,9 +51,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AikiError", "AuthenticationFailed", "Client", "ConfigError", "ConnectionLost", "Event",
     "EventTimeout", "HistoryEvent", "IdempotencyConflict", "NonDeterminismError",
-    "NonRetryableError", "PayloadError", "Retry", "RunFinished", "RunHandle", "RunNotFound",
+    "NonRetryableError", "PayloadError", "Retry", "RunCancelled", "RunFinished", "RunHandle", "RunNotFound",
     "RunNotRetryable", "RunStatus", "RunSummary", "Sources", "StaleLease", "Task", "TaskFailed",
     "TaskStatus", "UnknownEvent", "UnknownWorkflow", "WaitStatus", "WorkerIdInUse", "WorkerInfo",
-    "Workflow", "WorkflowFailed", "WorkflowRun", "connect", "embedded", "event", "task", "worker",
+    "Workflow", "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "connect", "embedded", "event", "task", "worker",
     "workflow",
 ]

@@ -40,6 +40,16 @@ class RunRecord:
     updated_at: float
     finished_at: float | None
     error_traceback: str | None = None  # the failure's Python traceback, from the worker
+    # A cancel asked for (``handle.cancel``): when, why, and when its grace period ends
+    # (then the run ends ``cancelled`` whatever its compensation is doing).
+    cancel_requested_at: float | None = None
+    cancel_reason: str | None = None
+    cancel_deadline: float | None = None
+
+    @property
+    def cancelling(self) -> bool:
+        """A cancel was asked for and the run has not ended yet."""
+        return self.cancel_requested_at is not None and self.state not in TERMINAL_RUN_STATES
 
 
 @attrs.frozen

@@ -9,6 +9,9 @@ checkers judge histories against the same tables (:data:`RUN_TRANSITIONS`,
 Run states: ``queued → running → completed | failed``; ``running → waiting → queued`` (a
 durable sleep, an event, a long retry delay: the conditions are :class:`WaitRecord` rows
 kept while the run waits); ``running → queued`` when a lease is given back or expires.
+A cancel ends an unfinished run ``cancelled``: at once if it never ran, or after its
+workflow has seen ``RunCancelled`` (queued again with its lease revoked), or when the
+grace period for its compensation ends.
 
 A function here raises the :class:`~aiki.errors.AikiError` that refuses its operation
 before deciding anything, so a refused operation changes nothing.
@@ -47,6 +50,8 @@ RUN_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
     (None, "queued"), ("queued", "running"), ("running", "completed"), ("running", "failed"),
     ("running", "waiting"), ("running", "queued"), ("waiting", "queued"),
     ("failed", "queued"),  # retried by a client, after a fix
+    # Cancelled (handle.cancel): at once, or when its grace period ends.
+    ("queued", "cancelled"), ("running", "cancelled"), ("waiting", "cancelled"),
 })
 # Task steps. ``running -> running``: a crash during an attempt runs that attempt again.
 TASK_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
@@ -68,6 +73,7 @@ STEP_TRANSITIONS: Mapping[str, frozenset[tuple[str | None, str]]] = {
     "task": TASK_TRANSITIONS, "sleep": WAIT_STEP_TRANSITIONS, "event": WAIT_STEP_TRANSITIONS,
 }
 EVENT_TIMEOUT = "EventTimeout"
+RUN_CANCELLED = "RunCancelled"  # the error type of a cancelled run
 
 
 @attrs.frozen
@@ -220,6 +226,9 @@ def expire(run: RunRecord, now: float) -> Change:
 def finish(run: RunRecord | None, lease: Lease, now: float, *, result: str | None = None,
            error: tuple[str, str] | None = None, traceback: str | None = None) -> Change:
     run = fenced(lease, run)
+    if run.cancel_requested_at is not None:  # whatever the workflow did after the cancel
+        return _cancelled(run, now, lease.worker_id, lease.epoch,
+                          "its workflow ended after the cancel")
     state: RunState = "completed" if error is None else "failed"
     error_type, error_message = error if error else (None, None)
     run = _move(run, now, state, result=result, error_type=error_type,
@@ -250,6 +259,63 @@ def retry(run: RunRecord | None, run_id: str, steps: Sequence[StepRecord],
         now, "run.queued", run.attempts, who,
         detail=f"retried by {who}{moved}; {len(dropped)} step(s) to run again, "
                f"{len(steps) - len(dropped)} kept"),))
+
+
+def _cancelled(run: RunRecord, now: float, who: str | None, epoch: int, why: str) -> Change:
+    """``run`` ends ``cancelled``; its lease epoch moves past ``epoch``, so no write under
+    an earlier lease is accepted afterwards."""
+    reason = run.cancel_reason
+    ended = _move(run, now, "cancelled", lease_epoch=max(run.lease_epoch, epoch + 1),
+                  result=None, error_type=RUN_CANCELLED, error_message=reason or "cancelled",
+                  error_traceback=None, finished_at=now, **_NO_LEASE)
+    return Change(ended, waits=(), history=(Entry(
+        now, "run.cancelled", run.attempts, who,
+        detail=why + (f"; reason: {reason}" if reason else "")),))
+
+
+def cancel(run: RunRecord | None, run_id: str, reason: str | None, grace: float, who: str,
+           now: float) -> tuple[Change, o.CancelOutcome]:
+    """``handle.cancel()``. See :class:`aiki.store.ops.CancelRun`. A second cancel of a run
+    being cancelled changes nothing and answers True (the first one's reason and grace
+    stand)."""
+    if run is None:
+        raise RunNotFound(f"no run with id {run_id!r}")
+    if run.state in TERMINAL_RUN_STATES:
+        return NOTHING, o.CancelOutcome(False, None, None)
+    if run.cancel_requested_at is not None:
+        return NOTHING, o.CancelOutcome(True, None, None)
+    holder = run.lease_owner if run.state == "running" else None
+    marked = attrs.evolve(run, cancel_requested_at=now, cancel_reason=reason,
+                          cancel_deadline=now + grace)
+    asked = Entry(now, "cancel.requested", run.attempts, who, detail=(
+        f"by {who}" + (f": {reason}" if reason else "")
+        + f"; grace {grace:g} s, until {when(now + grace)}"))
+    if grace <= 0 or run.attempts == 0:
+        why = "cancelled before it ever ran" if run.attempts == 0 else "cancelled with no grace"
+        change = Change(history=(asked,)).then(
+            _cancelled(marked, now, who, run.lease_epoch, why))
+    else:
+        again = _move(marked, now, "queued", lease_epoch=run.lease_epoch + 1, **_NO_LEASE)
+        revoked = [] if run.state == "queued" else [Entry(
+            now, "run.queued", run.attempts, who,
+            detail=(f"cancelled: lease epoch {run.lease_epoch} of worker {holder!r} revoked"
+                    if holder else "cancelled: its waits are dropped")
+            + "; its workflow sees RunCancelled where it stands")]
+        change = Change(again, waits=(), history=(asked, *revoked))
+    return change, o.CancelOutcome(True, change.run, holder)
+
+
+def cancel_overdue(run: RunRecord, now: float) -> bool:
+    """Whether ``run``'s cancel grace period has ended with the run still unfinished."""
+    return (run.state not in TERMINAL_RUN_STATES and run.cancel_deadline is not None
+            and run.cancel_deadline <= now)
+
+
+def end_cancel(run: RunRecord, now: float) -> Change:
+    """The timer: the grace period of ``run``'s cancel is over; it ends ``cancelled`` (a
+    worker still holding it is fenced off: the epoch moves on)."""
+    return _cancelled(run, now, None, run.lease_epoch,
+                      f"its grace period ended at {when(run.cancel_deadline)}")
 
 
 def purgeable(run: RunRecord, before: float) -> bool:

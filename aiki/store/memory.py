@@ -16,6 +16,7 @@ import trio
 
 from aiki.errors import AikiError
 from aiki.records import (
+    TERMINAL_RUN_STATES,
     ClaimedRun,
     EventRecord,
     HistoryEvent,
@@ -102,6 +103,8 @@ class MemoryStore:
                  if w.due_at is not None]
         times += [r.lease_expires_at for r in self._runs.values()
                   if r.state == "running" and r.lease_expires_at is not None]
+        times += [r.cancel_deadline for r in self._runs.values()
+                  if r.cancel_deadline is not None and r.state not in TERMINAL_RUN_STATES]
         return min(times) if times else None
 
     async def aclose(self) -> None:
@@ -181,7 +184,10 @@ class MemoryStore:
             woke = []
             for run in self._in_order():
                 waits = tuple(self._waits.get(run.id, {}).values())
-                if run.state == "waiting" and any(
+                if m.cancel_overdue(run, op.now):
+                    self._write(run.id, m.end_cancel(run, op.now))
+                    woke.append(run.id)
+                elif run.state == "waiting" and any(
                         w.due_at is not None and w.due_at <= op.now for w in waits):
                     self._write(run.id, m.wake_due(run, waits, self._steps[run.id], op.now))
                     woke.append(run.id)
@@ -209,6 +215,11 @@ class MemoryStore:
             change, woken = m.wakeup(runs.get(op.run_id), op.run_id, sleeping, op.now)
             self._write(op.run_id, change)
             return woken
+        if isinstance(op, o.CancelRun):
+            change, cancelled = m.cancel(runs.get(op.run_id), op.run_id, op.reason, op.grace,
+                                         op.who, op.now)
+            self._write(op.run_id, change)
+            return cancelled
         if isinstance(op, o.SendEvent):
             events = self._events.get(op.run_id, ())
             duplicate = op.idempotency_key is not None and any(

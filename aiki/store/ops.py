@@ -196,3 +196,26 @@ class SendEvent(Op[SendOutcome]):
     payload: str
     idempotency_key: str | None
     now: float
+
+
+@attrs.frozen
+class CancelOutcome:
+    cancelled: bool  # False: the run had ended already, and nothing changed
+    run: RunRecord | None  # the run as it is now (None: unchanged)
+    holder: str | None  # the worker whose lease the cancel revoked, if one held the run
+
+
+@attrs.frozen
+class CancelRun(Op[CancelOutcome]):
+    """Cancel a run (``handle.cancel``); ``who`` asked. An unfinished run that never ran,
+    or a cancel without ``grace``, ends ``cancelled`` at once. Otherwise its lease is
+    revoked (the epoch moves on: every later write under the old lease is refused), its
+    waits are dropped and it is queued again to raise ``RunCancelled`` in its workflow,
+    which has until ``now + grace`` to compensate; then it ends ``cancelled`` whatever it
+    does. A finished run is left as it is (``cancelled`` False)."""
+
+    run_id: str
+    reason: str | None
+    grace: float
+    who: str
+    now: float

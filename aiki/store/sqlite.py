@@ -111,6 +111,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Retention deletes finished runs oldest first.
         "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
     ),
+    # Cancellation: a cancel asked for (when, why) and the end of its grace period, which
+    # the timer enforces.
+    (
+        "ALTER TABLE runs ADD COLUMN cancel_requested_at REAL",
+        "ALTER TABLE runs ADD COLUMN cancel_reason TEXT",
+        "ALTER TABLE runs ADD COLUMN cancel_deadline REAL",
+        "CREATE INDEX runs_cancel_deadline ON runs (cancel_deadline)"
+        " WHERE cancel_deadline IS NOT NULL",
+    ),
 )
 
 RUN_COLUMNS = ", ".join(f.name for f in attrs.fields(RunRecord))
@@ -354,12 +363,27 @@ def _wait(db: Db, op: o.WaitRun) -> None:
 
 
 def _wake_due(db: Db, op: o.WakeDue) -> tuple[str, ...]:
-    due = _runs_where(db, "state = 'waiting' AND id IN (SELECT run_id FROM waits"
-                      " WHERE due_at IS NOT NULL AND due_at <= ?)", (op.now,), "ORDER BY seq")
+    due = _runs_where(db, f"(state = 'waiting' AND id IN (SELECT run_id FROM waits"
+                      " WHERE due_at IS NOT NULL AND due_at <= :now)) OR"
+                      f" ({_CANCEL_OVERDUE})", {"now": op.now}, "ORDER BY seq")
     for run in due:
+        if m.cancel_overdue(run, op.now):
+            _write(db, run.id, m.end_cancel(run, op.now))
+            continue
         steps = {s.position: s for s in _get_steps(db, run.id)}
         _write(db, run.id, m.wake_due(run, _get_waits(db, run.id), steps, op.now))
     return tuple(run.id for run in due)
+
+
+_CANCEL_OVERDUE = ("cancel_deadline IS NOT NULL AND cancel_deadline <= :now"
+                   " AND state NOT IN ('completed', 'failed', 'cancelled')")
+
+
+def _cancel(db: Db, op: o.CancelRun) -> o.CancelOutcome:
+    change, outcome = m.cancel(_get_run(db, op.run_id), op.run_id, op.reason, op.grace,
+                               op.who, op.now)
+    _write(db, op.run_id, change)
+    return outcome
 
 
 def _purge(db: Db, op: o.PurgeRuns) -> tuple[str, ...]:
@@ -411,7 +435,7 @@ _OPS: dict[type[Any], Callable[[Db, Any], Any]] = {
     o.StartStep: _save_step, o.SaveStep: _save_step, o.CompleteRun: _finish,
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
-    o.RetryRun: _retry,
+    o.RetryRun: _retry, o.CancelRun: _cancel,
 }
 
 
@@ -504,7 +528,9 @@ class SqliteStore:
 
     async def next_due(self) -> float | None:
         sql = ("SELECT min(t) FROM (SELECT min(due_at) AS t FROM waits UNION ALL"
-               " SELECT min(lease_expires_at) FROM runs WHERE state = 'running')")
+               " SELECT min(lease_expires_at) FROM runs WHERE state = 'running' UNION ALL"
+               " SELECT min(cancel_deadline) FROM runs WHERE cancel_deadline IS NOT NULL"
+               " AND state NOT IN ('completed', 'failed', 'cancelled'))")
         due: float | None = await self._run(lambda db: db.execute(sql).fetchone()[0])
         return due
 

@@ -177,6 +177,37 @@ async def test_a_schema_of_the_release_before_waits_is_migrated_and_its_runs_fin
         assert {r.state for r in await store.list_runs()} == {"completed"}
 
 
+async def test_a_schema_of_the_release_before_cancellation_opens_and_its_runs_cancel(
+    postgres: TestPostgres,
+) -> None:
+    """A schema written before cancellation (every migration before the one adding the
+    cancel columns, wherever it stands) is migrated at open, and a run of it in flight can
+    be cancelled, its grace period ended by the timer."""
+    before = next(i for i, m in enumerate(MIGRATIONS) if "cancel_requested_at" in m[0])
+    schema = postgres.fresh_schema()
+    async with raw_connection(postgres, schema) as raw:
+        await raw.execute(f'CREATE SCHEMA "{schema}"')
+        await raw.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+                          " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        for number, statements in enumerate(MIGRATIONS[:before], start=1):
+            for statement in statements:
+                await raw.execute(statement)
+            await raw.execute("INSERT INTO schema_migrations (version) VALUES ($1)", number)
+        await raw.execute(
+            "INSERT INTO runs (id, workflow, version, payload, state, attempts, lease_epoch,"
+            " lease_owner, lease_expires_at, created_at, updated_at) VALUES"
+            " ('r1', 'wf', '1', 'null', 'running', 1, 1, 'w', 99.0, 1.0, 2.0)")
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store:
+        run = await store.get_run("r1")
+        assert run is not None and (run.state, run.cancel_requested_at) == ("running", None)
+        out = await execute(store, o.CancelRun("r1", "old", 10.0, "c", 5.0))
+        assert (out.cancelled, out.holder) == (True, "w")
+        assert await store.next_due() == 15.0
+        assert await execute(store, o.WakeDue(15.0)) == ("r1",)
+        ended = await store.get_run("r1")
+        assert ended is not None and (ended.state, ended.error_message) == ("cancelled", "old")
+
+
 async def test_the_indexes_that_keep_claims_and_status_fast_exist(postgres: TestPostgres) -> None:
     schema = postgres.fresh_schema()
     async with PostgresStore.open(postgres.dsn, schema=schema):

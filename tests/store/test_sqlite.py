@@ -334,3 +334,33 @@ async def test_a_database_of_the_first_schema_is_migrated_and_its_runs_finish(
         await store.aclose()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+async def test_a_database_of_the_schema_before_cancellation_opens_and_its_runs_cancel(
+    tmp_path: Path,
+) -> None:
+    """A file written before cancellation (every migration before the one adding the cancel
+    columns, wherever it stands) opens, and a run of it in flight can be cancelled."""
+    before = next(i for i, m in enumerate(MIGRATIONS) if "cancel_requested_at" in m[0])
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path, isolation_level=None) as db:
+        for statements in MIGRATIONS[:before]:
+            for statement in statements:
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {before}")
+        db.execute(
+            "INSERT INTO runs (id, workflow, version, payload, state, attempts, lease_epoch,"
+            " lease_owner, lease_expires_at, created_at, updated_at) VALUES"
+            " ('r1', 'wf', '1', 'null', 'running', 1, 1, 'w', 99.0, 1.0, 2.0)")
+    store = await SqliteStore.open(str(path), offload=False)
+    try:
+        run = await store.get_run("r1")
+        assert run is not None and (run.state, run.cancel_requested_at) == ("running", None)
+        out = await execute(store, o.CancelRun("r1", "old", 10.0, "c", 5.0))
+        assert (out.cancelled, out.holder) == (True, "w")
+        assert await store.next_due() == 15.0
+        assert await execute(store, o.WakeDue(15.0)) == ("r1",)
+        ended = await store.get_run("r1")
+        assert ended is not None and (ended.state, ended.error_message) == ("cancelled", "old")
+    finally:
+        await store.aclose()

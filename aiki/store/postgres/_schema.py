@@ -150,6 +150,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Retention deletes finished runs oldest first.
         "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
     ),
+    # Cancellation: a cancel asked for (when, why) and the end of its grace period, which
+    # the timer enforces.
+    (
+        "ALTER TABLE runs ADD COLUMN cancel_requested_at DOUBLE PRECISION",
+        "ALTER TABLE runs ADD COLUMN cancel_reason TEXT",
+        "ALTER TABLE runs ADD COLUMN cancel_deadline DOUBLE PRECISION",
+        """CREATE INDEX runs_cancel_deadline ON runs (cancel_deadline)
+            WHERE cancel_deadline IS NOT NULL
+            AND state NOT IN ('completed', 'failed', 'cancelled')""",
+    ),
 )
 
 # The oldest server this store is written for: pg_current_xact_id_if_assigned and
