@@ -51,9 +51,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AikiError", "AuthenticationFailed", "Client", "ConfigError", "ConnectionLost", "Event",
     "EventTimeout", "HistoryEvent", "IdempotencyConflict", "NonDeterminismError",
-    "NonRetryableError", "PayloadError", "Retry", "RunCancelled", "RunFinished", "RunHandle", "RunNotFound",
-    "RunNotRetryable", "RunStatus", "RunSummary", "Sources", "StaleLease", "Task", "TaskFailed",
-    "TaskStatus", "UnknownEvent", "UnknownWorkflow", "WaitStatus", "WorkerIdInUse", "WorkerInfo",
-    "Workflow", "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "connect", "embedded", "event", "task", "worker",
-    "workflow",
+    "NonRetryableError", "PayloadError", "Retry", "RunCancelled", "RunFinished", "RunHandle",
+    "RunNotFound", "RunNotRetryable", "RunStatus", "RunSummary", "Sources", "StaleLease", "Task",
+    "TaskFailed", "TaskStatus", "UnknownEvent", "UnknownWorkflow", "WaitStatus", "WorkerIdInUse",
+    "WorkerInfo", "Workflow", "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "connect",
+    "embedded", "event", "task", "worker", "workflow",
 ]

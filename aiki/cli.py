@@ -182,6 +182,15 @@ def _parser() -> argparse.ArgumentParser:
                           parent=runs_commands)
     _client_options(runs_wakeup)
     runs_wakeup.add_argument("run_id", metavar="ID")
+    runs_cancel = command("cancel", "cancel a run (its workflow may compensate first)",
+                          _runs_cancel, parent=runs_commands)
+    _client_options(runs_cancel)
+    runs_cancel.add_argument("run_id", metavar="ID")
+    runs_cancel.add_argument("--reason", metavar="TEXT", help="why (kept with the run, and "
+                             "raised to whoever waits for it)")
+    runs_cancel.add_argument("--grace", type=_seconds_or_zero, default=60.0, metavar="S",
+                             help="how long its workflow may compensate in run.shield() "
+                                  "(e.g. 30s, 5m; default 60s; 0: none)")
     runs_send = command("send", "send an event to a run", _runs_send, parent=runs_commands)
     _client_options(runs_send)
     runs_send.add_argument("run_id", metavar="ID")
@@ -766,6 +775,16 @@ def _runs_wakeup(args: argparse.Namespace) -> int:
 
     woken, _ = _client_call(args, body)
     print(f"run {args.run_id}: " + ("woken up" if woken else "not sleeping; nothing changed"))
+    return 0
+
+
+def _runs_cancel(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> bool:
+        return bool(await client.handle(args.run_id).cancel(args.reason, grace=args.grace))
+
+    cancelled, _ = _client_call(args, body)
+    print(f"run {args.run_id}: " + ("cancelled" if cancelled
+                                     else "already finished; nothing changed"))
     return 0
 
 

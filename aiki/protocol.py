@@ -486,6 +486,35 @@ class WokenUp:
     woken: bool  # False: the run was not sleeping, and nothing changed
 
 
+@message("cancel_run")
+@attrs.frozen
+class CancelRun:
+    """Cancel a run, its workflow given ``grace`` seconds to compensate; answered by
+    ``CancelAnswer``."""
+
+    req: int
+    run_id: str
+    reason: str | None = None
+    grace: float = 60.0
+
+
+@message("cancel_answer")
+@attrs.frozen
+class CancelAnswer:
+    req: int
+    cancelled: bool  # False: the run had ended already, and nothing changed
+
+
+@message("revoke")
+@attrs.frozen
+class Revoke:
+    """Server → worker: the lease you hold on this run is revoked (it was cancelled): stop
+    its workflow and its tasks now, and write nothing more under that lease."""
+
+    run_id: str
+    reason: str | None = None
+
+
 @message("purge_runs")
 @attrs.frozen
 class PurgeRuns:

@@ -25,6 +25,7 @@ from aiki.actors.supervisor import ChildSpec, Supervisor
 from aiki.actors.timer import Timer
 from aiki.actors.watchers import RunWatchers
 from aiki.errors import ConfigError
+from aiki.records import RunRecord
 from aiki.sources import Sources
 from aiki.store import open_store, redact_url
 from aiki.store.base import Store
@@ -80,9 +81,17 @@ class Server:
         timer = Timer(self.store, writer, self.sources, dispatcher.poke,
                       lambda ids: dispatcher.tell(Expired(ids)), reconcile_interval=poll)
         dispatcher.on_leased = timer.hint
+        watchers = RunWatchers()
+
+        def cancelled(runs: tuple[RunRecord, ...]) -> None:  # their grace periods ended
+            for run in runs:
+                dispatcher.revoke(run.id, run.cancel_reason)
+                watchers.ended(run)
+
+        timer.on_cancelled = cancelled
         self.ctx = ServerContext(
             store=self.store, writer=writer, dispatcher=dispatcher, timer=timer,
-            watchers=RunWatchers(), sources=self.sources, server_id=self.sources.new_id(),
+            watchers=watchers, sources=self.sources, server_id=self.sources.new_id(),
             lease_ttl=self.lease_ttl,
             heartbeat_interval=self.heartbeat_interval or self.lease_ttl / 3,
             token=self.token, hello_timeout=self.hello_timeout,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from aiki.records import TERMINAL_RUN_STATES
 from aiki.store.machine import RUN_TRANSITIONS, STEP_TRANSITIONS, UNSTARTED_TASK_TRANSITIONS
 from simulations import workload
 from simulations.world import Outcome
@@ -56,10 +57,10 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
                              "never committed")
         # Quiescence: after the liveness phase everything servable has finished.
         if run.version != workload.UNSERVED_VERSION and run.state not in (
-                "completed", "failed"):
+                "completed", "failed", "cancelled"):
             v.append(f"run {run.id} is still {run.state} after the liveness phase")
-        if run.version == workload.UNSERVED_VERSION and (run.state, run.attempts) != (
-                "queued", 0):
+        if run.version == workload.UNSERVED_VERSION and (
+                run.attempts != 0 or run.state not in ("queued", "cancelled")):
             v.append(f"run {run.id} of an unregistered version became {run.state}")
         if run.lease_owner is not None:
             v.append(f"run {run.id} still holds a lease of {run.lease_owner} at the end")
@@ -82,17 +83,21 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     for run_id in sorted(ledger.watching):
         run = runs.get(run_id)
         heard = ledger.heard_end.get(run_id)
-        if run is not None and run.state in ("completed", "failed") and heard is None:
+        if run is not None and run.state in TERMINAL_RUN_STATES and heard is None:
             v.append(f"run {run_id} {run.state}, but the client watching it never heard")
         elif heard is not None and (run is None or heard[1] != run.state):
             v.append(f"a client heard run {run_id} end {heard[1]} at t={heard[0]:.3f}; it is "
                      f"stored {run.state if run else 'nowhere'}")
 
+    v += _cancels(contents, ledger)
+    # A run a client cancelled may end otherwise in the fault-free run (the cancel came
+    # before or after its end there): its results are not compared.
+    cancelled = {item.run_id for item in planned.values() if item.cancels}
     # Results equal the fault-free run's, run by run; a sleep's marker may differ where a
     # wake-up ended it early in either run, and must say what the store recorded.
     ref_steps = reference.store.inner.contents().steps if reference is not None else {}
     for run_id, (state, payload, result) in outcome.runs.items():
-        if state != "completed" or result is None:
+        if state != "completed" or result is None or run_id in cancelled:
             continue
         mine = _sleep_markers(contents.steps[run_id], payload)
         got = json.loads(result)
@@ -119,7 +124,8 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
                      f"{ref[0]} with {ref[2]}")
     for run_id, (state, payload, _) in outcome.runs.items():
         ref = reference.runs.get(run_id) if reference is not None else None
-        if ref is not None and ref[1] == payload and state == "failed" and ref[0] != state:
+        if (ref is not None and ref[1] == payload and state == "failed" and ref[0] != state
+                and run_id not in cancelled):
             v.append(f"run {run_id} ended failed; without faults it ended {ref[0]} "
                      f"with {ref[2]}")
     return v
@@ -253,6 +259,34 @@ def _waits(contents: Any, ledger: Any) -> list[str]:
             if len(seen) > 1:
                 v.append(f"run {run_id}: the wait at step {position} ended {len(seen)} times: "
                          f"{seen}")
+    return v
+
+
+def _cancels(contents: Any, ledger: Any) -> list[str]:
+    """A cancel that answered True ends its run ``cancelled``; a run ends ``cancelled`` only
+    once a cancel was committed; no task but the compensation (``run.shield()``) starts, or
+    records anything, in a run after its cancel was committed; compensation runs only then."""
+    v = []
+    answered = {run_id for _, run_id, yes in ledger.cancels if yes}
+    for run_id in sorted(answered):
+        run = contents.runs.get(run_id)
+        if run is not None and run.state != "cancelled":
+            v.append(f"run {run_id}: a cancel was answered True, but it ended {run.state}")
+    for run in contents.runs.values():
+        history = contents.history[run.id]
+        asked = next((e.seq for e in history if e.event == "cancel.requested"), None)
+        if run.state == "cancelled" and asked is None:
+            v.append(f"run {run.id} ended cancelled with no cancel asked for")
+        for e in history:
+            if not e.event.startswith("task."):
+                continue
+            comp = e.name == workload.COMPENSATION
+            if asked is not None and e.seq > asked and not comp:
+                v.append(f"run {run.id}: task {e.name} at step {e.position} went {e.event} "
+                         f"at seq {e.seq}, after its cancel was committed at seq {asked}")
+            elif comp and (asked is None or e.seq < asked):
+                v.append(f"run {run.id}: compensation {e.event} at seq {e.seq} before any "
+                         "cancel")
     return v
 
 

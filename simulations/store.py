@@ -91,6 +91,7 @@ class Ledger:
     watching: set[str] = attrs.field(factory=set)  # runs some client waits to see end
     heard_end: dict[str, tuple[float, str]] = attrs.field(factory=dict)  # (when, state)
     wakeups: list[tuple[float, str, bool]] = attrs.field(factory=list)  # (when, run, woken)
+    cancels: list[tuple[float, str, bool]] = attrs.field(factory=list)  # (asked, run, answer)
 
     def violation(self, text: str) -> None:
         try:
@@ -173,7 +174,7 @@ class SimStore:
                 via = led.waiting_via.pop(run_id, None)
                 if via is not None and via != server:
                     led.sometimes["run woken on another server"] += 1
-            elif e.event in ("run.completed", "run.failed"):
+            elif e.event in ("run.completed", "run.failed", "run.cancelled"):
                 notice = f"ended:{run_id}"
                 led.ended.add(run_id)
             elif e.event == "run.waiting":

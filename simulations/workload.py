@@ -72,6 +72,10 @@ def _make_task(name: str, retry: aiki.Retry) -> aiki.Task[dict[str, Any], int]:
 
 
 TASKS = {name: _make_task(name, retry) for name, retry in RETRIES.items()}
+# The compensation a cancelled run calls inside ``run.shield()`` (apart from RETRIES, whose
+# draws the task steps make: adding it there would change every seed's workload).
+COMPENSATION = "t-comp"
+TASKS[COMPENSATION] = _make_task(COMPENSATION, aiki.Retry.fixed(3, 0.2))
 # ``ev``: every wait gets a value that its result folds in; ``race``: waits with a timeout
 # that a send is aimed at. Payloads are {"id": send id, "v": value}: each send unique.
 EV = aiki.event("ev", dict)
@@ -119,7 +123,15 @@ async def _interpret(run: aiki.WorkflowRun, program: dict[str, Any]) -> list[int
 
 def _workflow(version: str) -> aiki.Workflow[dict[str, Any], list[int]]:
     async def sim_workflow(run: aiki.WorkflowRun, program: dict[str, Any]) -> list[int]:
-        return await _interpret(run, program)
+        try:
+            return await _interpret(run, program)
+        except aiki.RunCancelled:
+            if program.get("comp"):  # a refund, say: it runs though the run is cancelled
+                with run.shield():
+                    spec = {"task": COMPENSATION, "label": f"{program['rk']}.comp",
+                            "fail": 0, "work": 0.5, "x": 1, "rk": program["rk"]}
+                    await TASKS[COMPENSATION].run(run, spec)
+            raise
 
     return aiki.workflow(name="sim", version=version, events=[EV, RACE])(sim_workflow)
 
@@ -166,6 +178,8 @@ class PlannedRun:
     wakeups: tuple[tuple[float, int], ...] = ()  # (seconds after the ack, server)
     watch: int | None = None  # a watcher's server; once it hears the end, ``late`` is sent
     late: Send | None = None
+    # (seconds after the ack, server, grace): a client cancels the run then.
+    cancels: tuple[tuple[float, int, float], ...] = ()
 
 
 def _task_spec(r: random.Random, label: str, keys: list[str]) -> dict[str, Any]:
@@ -218,7 +232,20 @@ def plan(seed: int, n_runs: int, duration: float) -> list[PlannedRun]:
         program = {"rk": rk, "x": r.randint(0, 1000), "steps": steps}
         at = r.uniform(0, duration * 0.7)
         planned.append(_with_waits(w, PlannedRun(f"e{i}", run_id, at, version, key, program)))
-    return planned
+    c = random.Random(f"{seed}:cancels")  # a stream of its own: the rest stays as it was
+    return [_with_cancels(c, item) for item in planned]
+
+
+def _with_cancels(r: random.Random, item: PlannedRun) -> PlannedRun:
+    """Some runs are cancelled at a random moment (before they run, mid-task, while they
+    wait, after they end), with or without a grace period; some compensate."""
+    if r.random() >= 0.25:
+        return item
+    n = len(item.program["steps"])
+    cancels = tuple((r.uniform(0, 25.0 * n), r.randrange(3), r.choice([0.0, 10.0, 60.0]))
+                    for _ in range(r.choice([1, 1, 2])))
+    program = {**item.program, "comp": r.random() < 0.6}
+    return attrs.evolve(item, program=program, cancels=cancels)
 
 
 def _with_waits(r: random.Random, item: PlannedRun) -> PlannedRun:

@@ -31,6 +31,7 @@ from aiki.errors import (
     RunNotFound,
     UnknownEvent,
 )
+from aiki.records import TERMINAL_RUN_STATES
 from aiki.server import Server
 from aiki.sources import Sources
 from aiki.store.memory import MemoryStore
@@ -292,6 +293,8 @@ class World:
             served = item.version != workload.UNSERVED_VERSION
             actions: list[Any] = [(self._sender, item, acked)]
             actions += [(self._waker, item, acked + at, server) for at, server in item.wakeups]
+            actions += [(self._canceller, item, acked + at, server, grace)
+                        for at, server, grace in item.cancels]
             if served:
                 actions += [(self._racer, item, race) for race in item.races]
             if served and item.watch is not None:
@@ -365,6 +368,16 @@ class World:
         await trio.sleep_until(at)
         reply = await self._ask(server, lambda req: p.Wakeup(req, item.run_id))
         self.ledger.wakeups.append((trio.current_time(), item.run_id, reply.woken))
+
+    async def _canceller(self, item: workload.PlannedRun, at: float, server: int,
+                         grace: float) -> None:
+        await trio.sleep_until(at)
+        asked = trio.current_time()
+        reply = await self._ask(server, lambda req: p.CancelRun(req, item.run_id, "sim",
+                                                                grace))
+        self.ledger.cancels.append((asked, item.run_id, reply.cancelled))
+        self.ledger.sometimes["run cancelled" if reply.cancelled
+                              else "cancel of a finished run"] += 1
 
     async def _watcher(self, item: workload.PlannedRun) -> None:
         assert item.watch is not None
@@ -532,7 +545,7 @@ class World:
             if len(self.ledger.acked) < len(planned) or self.pending:
                 continue
             runs = self.store.inner.contents().runs
-            if all(r.state in ("completed", "failed") or r.version == workload.UNSERVED_VERSION
+            if all(r.state in TERMINAL_RUN_STATES or r.version == workload.UNSERVED_VERSION
                    for r in runs.values()):
                 return
 

@@ -25,12 +25,13 @@ it is dropped; the next lease rebuilds it from the store.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime
 import logging
 import math
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
 import attrs
@@ -42,6 +43,7 @@ from aiki.errors import (
     NonDeterminismError,
     NonRetryableError,
     PayloadError,
+    RunCancelled,
     StaleLease,
     StepConflict,
     StoreUnavailable,
@@ -145,6 +147,8 @@ class _Branch:
 
 
 _BRANCH: contextvars.ContextVar[tuple[RunState, _Branch]] = contextvars.ContextVar("aiki_branch")
+# Inside ``with run.shield():`` (and the branches it starts): a cancel does not interrupt.
+_SHIELDED: contextvars.ContextVar[bool] = contextvars.ContextVar("aiki_shielded", default=False)
 
 
 @attrs.define(eq=False)
@@ -165,6 +169,9 @@ class RunState:
     # Whether the lease can still be current, as far as the worker knows (its renewals):
     # a start acknowledged after that is no licence to run the task.
     lease_live: Callable[[], bool] = lambda: True
+    # The run is being cancelled (its reason): new steps outside a shield raise RunCancelled.
+    cancelling: bool = False
+    cancel_reason: str | None = None
     steps: dict[str, StepRecord] = attrs.field(init=False)
     consumed: set[str] = attrs.field(factory=set)
     root: _Branch = attrs.field(factory=lambda: _Branch(""))
@@ -178,6 +185,11 @@ class RunState:
         if branch is None or branch[0] is not self:
             return self.root.next()
         return branch[1].next()
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`RunCancelled` where the workflow stands, unless shielded."""
+        if self.cancelling and not _SHIELDED.get():
+            raise RunCancelled(self.lease.run_id, self.cancel_reason)
 
     async def write(self, make: Callable[[int], Any]) -> Any:
         """Persist one write, retrying while the store is away or the reply is lost.
@@ -248,6 +260,7 @@ class RunState:
         if recorded is not None:
             if recorded.state in FINAL_STEP_STATES:
                 return _outcome(recorded, task.result_type)
+            self.check_cancelled()  # (never started again after a cancel)
             # A crash during an attempt re-runs that attempt; a retrying step runs the next.
             attempt = recorded.attempts + (recorded.state == "retrying")
             not_before = recorded.next_attempt_at
@@ -255,7 +268,10 @@ class RunState:
             found = await self._keyed_outcome(task.name, key)
             if found is not None:
                 return _outcome(found, task.result_type)
+            self.check_cancelled()
             self._keyed[(task.name, key)] = trio.Event()
+        else:
+            self.check_cancelled()
         try:
             return await self._attempts(task, position, input_json, input_hash, key,
                                         attempt, not_before)
@@ -382,6 +398,8 @@ class RunState:
         if recorded is not None:
             if recorded.state in FINAL_STEP_STATES:
                 return recorded.output == "true"
+        self.check_cancelled()
+        if recorded is not None:
             # Started before: count from when it began, whatever the code sleeps now.
             before = seconds_recorded(recorded)
             if recorded.next_attempt_at is not None and before is not None:
@@ -408,9 +426,10 @@ class RunState:
         input_json = p.encode_value({"seconds": timeout})
         recorded = self.replayed(position, "event", name, input_json, "", None)
         due = None if timeout is None else self.sources.clock.now() + timeout
+        if recorded is not None and recorded.state in FINAL_STEP_STATES:
+            return recorded
+        self.check_cancelled()
         if recorded is not None:
-            if recorded.state in FINAL_STEP_STATES:
-                return recorded
             before = seconds_recorded(recorded)
             if recorded.next_attempt_at is not None and before is not None:
                 due = None if timeout is None else recorded.next_attempt_at - before + timeout
@@ -428,6 +447,7 @@ class RunState:
         recorded = self.replayed(position, kind, kind, "null", "", None)
         if recorded is not None and recorded.output is not None:
             return p.decode_value(recorded.output)
+        self.check_cancelled()
         output = p.encode_value(produce())
         await self.save(StepRecord(position, kind, kind, "", "null", None, "completed", 1,
                                    output=output))
@@ -486,6 +506,29 @@ class WorkflowRun:
         self.workflow = workflow
         self.version = version
         self.attempt = attempt
+
+    @property
+    def cancelling(self) -> bool:
+        """Whether this run is being cancelled (its awaits raise ``aiki.RunCancelled``
+        outside ``run.shield()``)."""
+        return self._state.cancelling
+
+    @property
+    def cancel_reason(self) -> str | None:
+        """The reason given to ``handle.cancel``, while the run is being cancelled."""
+        return self._state.cancel_reason
+
+    @contextlib.contextmanager
+    def shield(self) -> Iterator[None]:
+        """Awaits inside run normally after a cancel (``aiki.RunCancelled`` is not raised):
+        compensation, e.g. a refund. They must end within the cancel's grace period (60 s
+        by default); then the run ends ``cancelled`` whatever they are doing. Branches of a
+        ``run.gather`` begun inside are shielded too."""
+        token = _SHIELDED.set(True)
+        try:
+            yield
+        finally:
+            _SHIELDED.reset(token)
 
     async def now(self) -> float:
         """Wall-clock seconds since the epoch, recorded once."""
@@ -591,7 +634,9 @@ async def run_workflow(
     state = RunState(lease, {s.position: s for s in assign.steps}, persist, sources,
                      inline_retry_max, record_start_after,
                      trio.Event() if draining is None else draining, nudges or Nudges(),
-                     workflow.name, run_task, lease_live)
+                     workflow.name, run_task, lease_live,
+                     cancelling=run.cancel_requested_at is not None,
+                     cancel_reason=run.cancel_reason)
     if on_state is not None:  # (a replay looks at what the code consumed)
         on_state(state)
     _BRANCH.set((state, state.root))
@@ -612,6 +657,15 @@ async def run_workflow(
         await state.write(lambda req: p.ReleaseRun(req, lease))
         return
     except Abandon:
+        return
+    except RunCancelled as exc:
+        log.info("run %s (%s): cancelled%s", run.id, workflow.name,
+                 f": {exc.reason}" if exc.reason else "")
+        message = str(exc)
+        try:  # ends it cancelled (a cancelling run ends so whatever it reports)
+            await state.write(lambda req: p.FailRun(req, lease, "RunCancelled", message))
+        except Abandon:
+            pass
         return
     except TaskFailed as exc:
         trace = format_traceback(exc)

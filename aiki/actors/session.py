@@ -19,6 +19,7 @@ before it counts itself ended (``open_sessions``); a cancellation instead stops 
 from __future__ import annotations
 
 import logging
+import math
 import typing
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -92,6 +93,8 @@ class Closing(Exception):
 SHUTTING_DOWN = "the server is shutting down"
 MAX_RUN_ID = 128
 MAX_LIST_LIMIT = 1000
+MAX_GRACE = 10 * 365.25 * 86400.0
+MAX_REASON = 4096
 
 
 @attrs.define(eq=False)
@@ -360,6 +363,8 @@ class Session:
             if woken:
                 self._woke(msg.run_id)
             return p.WokenUp(msg.req, woken)
+        if isinstance(msg, p.CancelRun):
+            return await self._cancel(msg, now)
         if isinstance(msg, p.GetHistory):
             run = await self._run(msg.run_id)
             return p.History(msg.req, await ctx.store.get_history(run.id))
@@ -471,6 +476,29 @@ class Session:
         if sent.delivered:
             self._woke(msg.run_id)
         return p.EventSent(msg.req, sent.delivered, sent.duplicate)
+
+    async def _cancel(self, msg: p.CancelRun, now: float) -> p.CancelAnswer:
+        ctx = self.ctx
+        if not (math.isfinite(msg.grace) and 0 <= msg.grace <= MAX_GRACE):
+            raise ProtocolError(f"a cancel's grace must be 0 to {MAX_GRACE:g} seconds, "
+                                f"got {msg.grace}")
+        if msg.reason is not None and len(msg.reason) > MAX_REASON:
+            raise ProtocolError(f"a cancel's reason must have at most {MAX_REASON} "
+                                f"characters, got {len(msg.reason)}")
+        assert self.hello is not None
+        out = await ctx.writer.write(ops.CancelRun(msg.run_id, msg.reason, msg.grace,
+                                                   self.hello.node_id, now))
+        run = out.run
+        if run is not None:
+            if out.holder is not None:  # told now, not at its next heartbeat
+                ctx.dispatcher.revoke(run.id, msg.reason)
+            if run.state in TERMINAL_RUN_STATES:
+                ctx.watchers.ended(run)
+            else:  # queued again, to see RunCancelled and compensate
+                ctx.dispatcher.poke()
+                if run.cancel_deadline is not None:
+                    ctx.timer.hint(run.cancel_deadline)
+        return p.CancelAnswer(msg.req, out.cancelled)
 
     async def _tell_watchers(self, run_id: str) -> None:
         """If ``run_id`` has ended, its watchers here hear it (a read: best effort)."""

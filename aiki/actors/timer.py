@@ -1,6 +1,6 @@
 """Timer: the server's clock for the store's due times. It wakes waiting runs whose time has
-come (a sleep, an event wait's timeout, a long retry delay) and expires leases that nobody
-renewed.
+come (a sleep, an event wait's timeout, a long retry delay), expires leases that nobody
+renewed, and ends the cancelled runs whose grace period is over.
 
 It sleeps until the earliest due time it knows, and nothing polls on a fixed beat: an idle
 server with thousands of waiting runs makes no store query before the next one is due.
@@ -24,9 +24,10 @@ import trio
 from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.errors import StoreUnavailable
+from aiki.records import RunRecord
 from aiki.sources import Sources
 from aiki.store.base import Store
-from aiki.store.ops import ExpireLeases, WakeDue
+from aiki.store.ops import EndCancels, ExpireLeases, WakeDue
 
 log = logging.getLogger("aiki.timer")
 
@@ -38,6 +39,8 @@ class Timer:
     sources: Sources
     on_wake: Callable[[], None]  # runs were queued again: the Dispatcher has work
     on_expired: Callable[[tuple[str, ...]], None] = lambda ids: None
+    # Runs it ended ``cancelled`` (their cancel's grace period was over).
+    on_cancelled: Callable[[tuple[RunRecord, ...]], None] = lambda runs: None
     reconcile_interval: float | None = None
     mailbox: Mailbox[float | None] = attrs.field(
         factory=lambda: Mailbox[float | None](256, "timer"))
@@ -88,11 +91,14 @@ class Timer:
     async def _fire(self, now: float) -> bool:
         woke = await self.writer.write(WakeDue(now))
         expired = await self.writer.write(ExpireLeases(now))
+        cancelled = await self.writer.write(EndCancels(now))
         if expired:
             self.on_expired(expired)
+        if cancelled:
+            self.on_cancelled(cancelled)
         if woke or expired:
             self.on_wake()
-        return bool(woke or expired)
+        return bool(woke or expired or cancelled)
 
     def hint(self, due: float | None = None) -> None:
         """A due time this server wrote (``due``), or None: something changed, re-read."""

@@ -118,6 +118,16 @@ class Worker:
             held = self.held.get(msg.run_id)
             if held is not None:
                 held.nudges.nudge()
+        elif isinstance(msg, p.Revoke):
+            # A cancel revoked the lease: its task bodies in flight are cancelled by Trio at
+            # their next checkpoint, and nothing more is written under it (the store would
+            # refuse it anyway). The run comes back under a new lease, to compensate.
+            held = self.held.pop(msg.run_id, None)
+            if held is not None:
+                log.info("worker %s: run %s was cancelled%s; stopping it", self.id,
+                         msg.run_id, f" ({msg.reason})" if msg.reason else "")
+                held.scope.cancel()
+                self._held_changed.set()
         elif isinstance(msg, p.Assign):
             try:
                 self._assignments[0].send_nowait(msg)

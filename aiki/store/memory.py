@@ -184,10 +184,7 @@ class MemoryStore:
             woke = []
             for run in self._in_order():
                 waits = tuple(self._waits.get(run.id, {}).values())
-                if m.cancel_overdue(run, op.now):
-                    self._write(run.id, m.end_cancel(run, op.now))
-                    woke.append(run.id)
-                elif run.state == "waiting" and any(
+                if run.state == "waiting" and any(
                         w.due_at is not None and w.due_at <= op.now for w in waits):
                     self._write(run.id, m.wake_due(run, waits, self._steps[run.id], op.now))
                     woke.append(run.id)
@@ -215,6 +212,15 @@ class MemoryStore:
             change, woken = m.wakeup(runs.get(op.run_id), op.run_id, sleeping, op.now)
             self._write(op.run_id, change)
             return woken
+        if isinstance(op, o.EndCancels):
+            ended = []
+            for run in self._in_order():
+                if m.cancel_overdue(run, op.now):
+                    change = m.end_cancel(run, op.now)
+                    self._write(run.id, change)
+                    assert change.run is not None
+                    ended.append(change.run)
+            return tuple(ended)
         if isinstance(op, o.CancelRun):
             change, cancelled = m.cancel(runs.get(op.run_id), op.run_id, op.reason, op.grace,
                                          op.who, op.now)

@@ -219,3 +219,11 @@ class CancelRun(Op[CancelOutcome]):
     grace: float
     who: str
     now: float
+
+
+@attrs.frozen
+class EndCancels(Op[tuple[RunRecord, ...]]):
+    """End ``cancelled`` every unfinished run whose cancel grace period is over at ``now``
+    (a worker still holding one is fenced off); the outcome is those runs as they ended."""
+
+    now: float

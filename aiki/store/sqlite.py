@@ -363,20 +363,25 @@ def _wait(db: Db, op: o.WaitRun) -> None:
 
 
 def _wake_due(db: Db, op: o.WakeDue) -> tuple[str, ...]:
-    due = _runs_where(db, f"(state = 'waiting' AND id IN (SELECT run_id FROM waits"
-                      " WHERE due_at IS NOT NULL AND due_at <= :now)) OR"
-                      f" ({_CANCEL_OVERDUE})", {"now": op.now}, "ORDER BY seq")
+    due = _runs_where(db, "state = 'waiting' AND id IN (SELECT run_id FROM waits"
+                      " WHERE due_at IS NOT NULL AND due_at <= ?)", (op.now,), "ORDER BY seq")
     for run in due:
-        if m.cancel_overdue(run, op.now):
-            _write(db, run.id, m.end_cancel(run, op.now))
-            continue
         steps = {s.position: s for s in _get_steps(db, run.id)}
         _write(db, run.id, m.wake_due(run, _get_waits(db, run.id), steps, op.now))
     return tuple(run.id for run in due)
 
 
-_CANCEL_OVERDUE = ("cancel_deadline IS NOT NULL AND cancel_deadline <= :now"
-                   " AND state NOT IN ('completed', 'failed', 'cancelled')")
+def _end_cancels(db: Db, op: o.EndCancels) -> tuple[RunRecord, ...]:
+    overdue = _runs_where(db, "cancel_deadline IS NOT NULL AND cancel_deadline <= ?"
+                          " AND state NOT IN ('completed', 'failed', 'cancelled')", (op.now,),
+                          "ORDER BY seq")
+    ended = []
+    for run in overdue:
+        change = m.end_cancel(run, op.now)
+        _write(db, run.id, change)
+        assert change.run is not None
+        ended.append(change.run)
+    return tuple(ended)
 
 
 def _cancel(db: Db, op: o.CancelRun) -> o.CancelOutcome:
@@ -435,7 +440,7 @@ _OPS: dict[type[Any], Callable[[Db, Any], Any]] = {
     o.StartStep: _save_step, o.SaveStep: _save_step, o.CompleteRun: _finish,
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
-    o.RetryRun: _retry, o.CancelRun: _cancel,
+    o.RetryRun: _retry, o.CancelRun: _cancel, o.EndCancels: _end_cancels,
 }
 
 

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
 from aiki.store import machine
+from aiki.store import ops as o
 from simulations.cli import run_one
 from simulations.world import Config, run_seed
 
@@ -226,6 +228,23 @@ def ended_notices_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Server, "_notices", notices)
 
 
+def cancel_keeps_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel of a running run that marks it but leaves its lease valid: the worker that
+    holds it goes on as if nothing happened."""
+    real = machine.cancel
+
+    def cancel(run: Any, run_id: str, reason: Any, grace: float, who: str,
+               now: float) -> Any:
+        if run is None or run.state != "running" or run.cancel_requested_at is not None:
+            return real(run, run_id, reason, grace, who, now)
+        marked = attrs.evolve(run, cancel_requested_at=now, cancel_reason=reason,
+                              cancel_deadline=now + grace)
+        asked = machine.Entry(now, "cancel.requested", run.attempts, who)
+        return machine.Change(marked, history=(asked,)), o.CancelOutcome(True, marked, None)
+
+    monkeypatch.setattr(machine, "cancel", cancel)
+
+
 @pytest.mark.parametrize(
     ("bad_change", "expected"),
     [
@@ -249,10 +268,12 @@ def ended_notices_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
                                   "without faults it ended")),
         # A client watching through one server never hears of a run ended through another.
         (ended_notices_dropped, ("never heard",)),
+        # The worker holding a cancelled run goes on starting tasks.
+        (cancel_keeps_the_lease, ("after its cancel was committed",)),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "release-without-drain", "timer-forgets-the-store",
-         "send-ack-before-commit", "ended-notices-dropped"],
+         "send-ack-before-commit", "ended-notices-dropped", "cancel-keeps-the-lease"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],

@@ -708,6 +708,7 @@ command = st.one_of(  # repeated alternatives are weights: keep runs running and
               st.sampled_from([5.0, 50.0])),
     st.tuples(st.just("expire")),
     st.tuples(st.just("wake")),
+    st.tuples(st.just("end_cancels")),
     st.tuples(st.just("suspend"), target, lease_mode, st.sampled_from([0.0, 1.0, 3.5])),
     st.tuples(st.sampled_from(["complete", "fail", "release"]), target, lease_mode),
     # Waits: a sleep or event wait reached, the run waiting on them, sends and wake-ups.
@@ -780,6 +781,8 @@ class World:
             return o.ExpireLeases(now)
         if kind == "wake":
             return o.WakeDue(now)
+        if kind == "end_cancels":
+            return o.EndCancels(now)
         if kind == "send":
             _, index, name, key = cmd
             return o.SendEvent(self.run_id(index), name, f'{{"sent": {now}}}', key, now)
@@ -1168,10 +1171,11 @@ async def test_the_timer_ends_a_cancel_whose_grace_period_is_over(store: Store) 
     lease = await claim_one(store, "r1")
     await execute(store, o.CancelRun("r1", "late", 5.0, "c", 12.0))
     [again] = await claim(store, now=13.0)
-    assert await execute(store, o.WakeDue(16.0)) == ()
+    assert await execute(store, o.EndCancels(16.0)) == ()
     assert await store.next_due() == 17.0
-    assert await execute(store, o.WakeDue(17.0)) == ("r1",)
+    [ended] = await execute(store, o.EndCancels(17.0))
     run = await store.get_run("r1")
+    assert ended == run
     assert run is not None and (run.state, run.error_message, run.lease_owner) == (
         "cancelled", "late", None)
     assert (await events(store, "r1"))[-1][1:] == (

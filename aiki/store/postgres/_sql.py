@@ -371,15 +371,10 @@ async def _wake_due(conn: Conn, op: o.WakeDue) -> tuple[str, ...]:
     """The waiting runs with a condition due, locked (skipping rows others hold), each
     decided by the state machine."""
     rows = await conn.fetch(
-        f"SELECT {RUN_COLUMNS} FROM runs WHERE (state = 'waiting' AND id IN (SELECT run_id"
-        " FROM waits WHERE due_at <= $1)) OR (cancel_deadline IS NOT NULL AND"
-        " cancel_deadline <= $1 AND state NOT IN ('completed', 'failed', 'cancelled'))"
-        " ORDER BY seq FOR UPDATE SKIP LOCKED", op.now)
+        f"SELECT {RUN_COLUMNS} FROM runs WHERE state = 'waiting' AND id IN (SELECT run_id"
+        " FROM waits WHERE due_at <= $1) ORDER BY seq FOR UPDATE SKIP LOCKED", op.now)
     for row in rows:
         run = _run(row)
-        if m.cancel_overdue(run, op.now):
-            await _write(conn, run.id, m.end_cancel(run, op.now))
-            continue
         steps = {s.position: s for s in await get_steps(conn, run.id)}
         await _write(conn, run.id,
                      m.wake_due(run, await get_waits(conn, run.id), steps, op.now))
@@ -481,6 +476,20 @@ async def _retry(conn: Conn, op: o.RetryRun) -> RunRecord | None:
     return change.run
 
 
+async def _end_cancels(conn: Conn, op: o.EndCancels) -> tuple[RunRecord, ...]:
+    rows = await conn.fetch(
+        f"SELECT {RUN_COLUMNS} FROM runs WHERE cancel_deadline IS NOT NULL AND"
+        " cancel_deadline <= $1 AND state NOT IN ('completed', 'failed', 'cancelled')"
+        " ORDER BY seq FOR UPDATE SKIP LOCKED", op.now)
+    ended = []
+    for row in rows:
+        change = m.end_cancel(_run(row), op.now)
+        await _write(conn, row["id"], change)
+        assert change.run is not None
+        ended.append(change.run)
+    return tuple(ended)
+
+
 async def _cancel(conn: Conn, op: o.CancelRun) -> o.CancelOutcome:
     run = await get_run(conn, op.run_id, lock=True)
     change, outcome = m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now)
@@ -498,7 +507,7 @@ _OPS: dict[type[Any], Callable[[Conn, Any], Awaitable[Any]]] = {
     o.StartStep: _save_step, o.SaveStep: _save_step, o.CompleteRun: _finish,
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
-    o.RetryRun: _retry, o.CancelRun: _cancel,
+    o.RetryRun: _retry, o.CancelRun: _cancel, o.EndCancels: _end_cancels,
 }
 
 
