@@ -52,6 +52,7 @@ RUN_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
     ("failed", "queued"),  # retried by a client, after a fix
     # Cancelled (handle.cancel): at once, or when its grace period ends.
     ("queued", "cancelled"), ("running", "cancelled"), ("waiting", "cancelled"),
+    ("paused", "cancelled"),  # (a paused run, once pause/resume exists, is cancellable too)
 })
 # Task steps. ``running -> running``: a crash during an attempt runs that attempt again.
 TASK_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
@@ -284,7 +285,7 @@ def cancel(run: RunRecord | None, run_id: str, reason: str | None, grace: float,
         return NOTHING, o.CancelOutcome(False, None, None)
     if run.cancel_requested_at is not None:
         return NOTHING, o.CancelOutcome(True, None, None)
-    holder = run.lease_owner if run.state == "running" else None
+    holder = run.lease_owner  # (only a run that is held has an owner)
     marked = attrs.evolve(run, cancel_requested_at=now, cancel_reason=reason,
                           cancel_deadline=now + grace)
     asked = Entry(now, "cancel.requested", run.attempts, who, detail=(
