@@ -8,9 +8,12 @@ import importlib
 from typing import Any
 
 from aiki.actors.run import WorkflowRun
+from aiki.client.views import ChildStatus
 from aiki.errors import (
     AikiError,
     AuthenticationFailed,
+    ChildCancelled,
+    ChildFailed,
     ConfigError,
     ConnectionLost,
     EventTimeout,
@@ -34,7 +37,7 @@ from aiki.protocol import WorkerInfo
 from aiki.records import HistoryEvent
 from aiki.retry import Retry
 from aiki.sdk.client import Client, RunHandle, RunStatus, RunSummary, TaskStatus, WaitStatus
-from aiki.sdk.definitions import Event, Task, Workflow, event, task, workflow
+from aiki.sdk.definitions import ChildRun, Event, Task, Workflow, event, task, workflow
 from aiki.sdk.embedded import embedded, worker
 from aiki.sdk.remote import connect
 from aiki.sources import Sources
@@ -49,11 +52,12 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AikiError", "AuthenticationFailed", "Client", "ConfigError", "ConnectionLost", "Event",
-    "EventTimeout", "HistoryEvent", "IdempotencyConflict", "NonDeterminismError",
-    "NonRetryableError", "PayloadError", "Retry", "RunCancelled", "RunFinished", "RunHandle",
-    "RunNotFound", "RunNotRetryable", "RunStatus", "RunSummary", "Sources", "StaleLease", "Task",
-    "TaskFailed", "TaskStatus", "UnknownEvent", "UnknownWorkflow", "WaitStatus", "WorkerIdInUse",
-    "WorkerInfo", "Workflow", "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "connect",
-    "embedded", "event", "task", "worker", "workflow",
+    "AikiError", "AuthenticationFailed", "ChildCancelled", "ChildFailed", "ChildRun",
+    "ChildStatus", "Client", "ConfigError", "ConnectionLost", "Event", "EventTimeout",
+    "HistoryEvent", "IdempotencyConflict", "NonDeterminismError", "NonRetryableError",
+    "PayloadError", "Retry", "RunCancelled", "RunFinished", "RunHandle", "RunNotFound",
+    "RunNotRetryable", "RunStatus", "RunSummary", "Sources", "StaleLease", "Task", "TaskFailed",
+    "TaskStatus", "UnknownEvent", "UnknownWorkflow", "WaitStatus", "WorkerIdInUse", "WorkerInfo",
+    "Workflow", "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "connect", "embedded",
+    "event", "task", "worker", "workflow",
 ]

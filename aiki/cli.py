@@ -628,9 +628,10 @@ def _runs_show(args: argparse.Namespace) -> int:
     async def body(client: Any) -> Any:
         info = await client.link.request(lambda req: p.GetRun(req, args.run_id))
         history = await client.link.request(lambda req: p.GetHistory(req, args.run_id))
-        return info, history.events
+        tree = await _tree(client, info, 0, [MAX_TREE])
+        return info, history.events, tree
 
-    (info, events), now = _client_call(args, body)
+    (info, events, tree), now = _client_call(args, body)
     run = info.run
     if args.output == "json":
         return _print_json({"run": _plain(run), "steps": [_plain(s) for s in info.steps],
@@ -643,6 +644,13 @@ def _runs_show(args: argparse.Namespace) -> int:
         ("idempotency key", run.idempotency_key), ("created", times.at(run.created_at)),
         ("updated", times.at(run.updated_at)),
         ("finished", times.at(run.finished_at) if run.finished_at is not None else None),
+        ("parent", run.parent_id),
+        ("cancel", None if run.cancel_requested_at is None else (
+            f"asked {times.at(run.cancel_requested_at)}"
+            + (f": {run.cancel_reason}" if run.cancel_reason else "")
+            + (f"; grace until {times.when(run.cancel_deadline)}"
+               if run.cancel_deadline is not None and run.state not in
+               ("completed", "failed", "cancelled") else ""))),
     ]
     if run.state == "running":
         fields.append(("worker", f"{run.lease_owner} (lease epoch {run.lease_epoch}, "
@@ -668,6 +676,11 @@ def _runs_show(args: argparse.Namespace) -> int:
     else:
         print("no steps yet")
     print()
+    if tree:
+        print("children:")
+        for line in tree:
+            print(line)
+        print()
     for s in steps:
         if s.error_traceback and s.state in ("failed", "retrying"):
             print(f"step {s.position} ({s.name}), attempt {s.attempts}, failed with "
@@ -684,6 +697,28 @@ def _runs_show(args: argparse.Namespace) -> int:
                    e.worker_id or "server", _short(times.in_text(e.detail), 90)]
                   for e in events])
     return 0
+
+
+MAX_TREE = 200  # runs shown under a run by `aiki runs show`
+
+
+async def _tree(client: Any, info: Any, depth: int, budget: list[int]) -> list[str]:
+    """The lines of a run's tree of children: each child's id, workflow, state, and theirs
+    beneath it (at most MAX_TREE runs)."""
+    from aiki import protocol as p
+
+    lines = []
+    for child in info.children:
+        if budget[0] <= 0:
+            lines.append("  " * (depth + 1) + "...")
+            break
+        budget[0] -= 1
+        detached = ", detached" if child.detached else ""
+        lines.append(f"{'  ' * (depth + 1)}{child.id}  {child.workflow} (version "
+                     f"{child.version}{detached})  {child.state}")
+        sub = await client.link.request(lambda req, c=child.id: p.GetRun(req, c))
+        lines += await _tree(client, sub, depth + 1, budget)
+    return lines
 
 
 def _indented(text: str) -> str:

@@ -111,6 +111,28 @@ class RunCancelled(AikiError):
         self.reason = reason
 
 
+class ChildFailed(AikiError):
+    """Raised in a parent workflow by ``await child.result()`` when the child run failed:
+    its id, error type and message."""
+
+    def __init__(self, child_id: str, error_type: str, message: str) -> None:
+        super().__init__(f"child run {child_id} failed: {error_type}: {message}")
+        self.child_id = child_id
+        self.error_type = error_type
+        self.message = message
+
+
+class ChildCancelled(AikiError):
+    """Raised in a parent workflow by ``await child.result()`` when the child run was
+    cancelled, with the cancel's reason."""
+
+    def __init__(self, child_id: str, reason: str | None) -> None:
+        super().__init__(f"child run {child_id} was cancelled"
+                         + (f": {reason}" if reason else ""))
+        self.child_id = child_id
+        self.reason = reason
+
+
 class RunNotFound(AikiError):
     """No run with this id exists in the store."""
 

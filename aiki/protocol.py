@@ -286,6 +286,7 @@ class RunInfo:
     run: RunRecord
     steps: tuple[StepRecord, ...]
     waits: tuple[WaitRecord, ...] = ()
+    children: tuple[RunRecord, ...] = ()  # the child runs it started
 
 
 @message("get_history")
@@ -387,6 +388,22 @@ class AwaitStep:
     req: int
     lease: Lease
     step: StepRecord
+
+
+@message("start_child")
+@attrs.frozen
+class StartChild:
+    """A parent's ``start_child`` step (fenced by its lease): the child run ``child_id`` is
+    queued with the step recorded; answered by ``StepResult`` (the step as stored)."""
+
+    req: int
+    lease: Lease
+    step: StepRecord
+    child_id: str
+    workflow: str
+    version: str
+    payload: str
+    detached: bool = False
 
 
 @message("step_result")

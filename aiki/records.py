@@ -8,8 +8,10 @@ import attrs
 
 RunState = Literal["queued", "running", "waiting", "completed", "failed", "cancelled"]
 StepState = Literal["running", "retrying", "completed", "failed"]
-StepKind = Literal["task", "now", "random", "uuid", "sleep", "event"]
-WaitKind = Literal["sleep", "event", "retry"]
+StepKind = Literal["task", "now", "random", "uuid", "sleep", "event", "child", "join"]
+# ``join``: a child run's end; ``children``: the end of every child it did not detach (a run
+# whose function has ended waits so, its own end decided, before it ends).
+WaitKind = Literal["sleep", "event", "retry", "join", "children"]
 
 TERMINAL_RUN_STATES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 FINAL_STEP_STATES: frozenset[str] = frozenset({"completed", "failed"})
@@ -45,6 +47,10 @@ class RunRecord:
     cancel_requested_at: float | None = None
     cancel_reason: str | None = None
     cancel_deadline: float | None = None
+    # A child run (``wf.start_child``): its parent, and whether it was detached (it then
+    # outlives its parent, and a cancel of the parent does not reach it).
+    parent_id: str | None = None
+    detached: bool = False
 
     @property
     def cancelling(self) -> bool:

@@ -25,6 +25,7 @@ from aiki.actors.supervisor import ChildSpec, Supervisor
 from aiki.actors.timer import Timer
 from aiki.actors.watchers import RunWatchers
 from aiki.errors import ConfigError
+from aiki.protocol import Nudge
 from aiki.records import RunRecord
 from aiki.sources import Sources
 from aiki.store import open_store, redact_url
@@ -87,6 +88,9 @@ class Server:
             for run in runs:
                 dispatcher.revoke(run.id, run.cancel_reason)
                 watchers.ended(run)
+                if run.parent_id is not None:  # its wait for this child ended
+                    dispatcher.push_to_holder(run.parent_id, Nudge(run.parent_id))
+            dispatcher.poke()
 
         timer.on_cancelled = cancelled
         self.ctx = ServerContext(

@@ -23,9 +23,11 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     for item, run_id in ledger.acked.items():
         if run_id not in runs:
             v.append(f"enqueue {item} was acknowledged as run {run_id}, which is not stored")
-    for run_id in runs:
-        if run_id not in ledger.issued:
-            v.append(f"phantom run {run_id}: no client enqueued it")
+    for run_id, run in runs.items():
+        if run_id not in ledger.issued and not (run.parent_id in runs and any(
+                e.event == "child.started" and e.detail and e.detail.startswith(f"run {run_id} ")
+                for e in contents.history[run.parent_id])):
+            v.append(f"phantom run {run_id}: no client enqueued it, no parent started it")
     # One run per idempotency key.
     by_key: dict[str, set[str]] = {}
     for run in runs.values():
@@ -90,9 +92,17 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
                      f"stored {run.state if run else 'nowhere'}")
 
     v += _cancels(contents, ledger)
+    v += _children(contents)
     # A run a client cancelled may end otherwise in the fault-free run (the cancel came
-    # before or after its end there): its results are not compared.
+    # before or after its end there): its results are not compared; nor are a child's whose
+    # parent did not complete (a failing parent cancels the children still running).
     cancelled = {item.run_id for item in planned.values() if item.cancels}
+    for run in runs.values():
+        parent = run
+        while parent.parent_id is not None and parent.parent_id in runs:
+            parent = runs[parent.parent_id]
+            if parent.state != "completed" or parent.id in cancelled:
+                cancelled.add(run.id)
     # Results equal the fault-free run's, run by run; a sleep's marker may differ where a
     # wake-up ended it early in either run, and must say what the store recorded.
     ref_steps = reference.store.inner.contents().steps if reference is not None else {}
@@ -136,9 +146,12 @@ def _sleep_markers(steps: Any, payload: str) -> dict[int, int]:
     program = json.loads(payload)
     stored = {s.position: s for s in steps}
     out = {}
+    position = 0  # a joined child takes two: its start, then its join
     for j, step in enumerate(program["steps"]):
-        if "sleep" in step and str(j) in stored and stored[str(j)].state == "completed":
-            out[j] = 1 if stored[str(j)].output == "true" else 0
+        at = str(position)
+        if "sleep" in step and at in stored and stored[at].state == "completed":
+            out[j] = 1 if stored[at].output == "true" else 0
+        position += 2 if "child" in step and step.get("join") else 1
     return out
 
 
@@ -287,6 +300,41 @@ def _cancels(contents: Any, ledger: Any) -> list[str]:
             elif comp and (asked is None or e.seq < asked):
                 v.append(f"run {run.id}: compensation {e.event} at seq {e.seq} before any "
                          "cancel")
+    return v
+
+
+def _children(contents: Any) -> list[str]:
+    """No run ends before the children it did not detach; a cancel reaches every such
+    descendant (each one that had not ended gets its own cancel); a parent's wait for a
+    child ends whatever the child's end (completed, failed, cancelled)."""
+    v = []
+    runs = contents.runs
+    history = contents.history
+    end = {r: next((e.seq for e in history[r] if e.event in (
+        "run.completed", "run.failed", "run.cancelled")), None) for r in runs}
+    asked = {r: next((e.seq for e in history[r] if e.event == "cancel.requested"), None)
+             for r in runs}
+    for run in runs.values():
+        parent_id = run.parent_id
+        if parent_id is None or parent_id not in runs:
+            continue
+        if not run.detached:
+            if end[parent_id] is not None and (end[run.id] is None
+                                               or end[run.id] > end[parent_id]):
+                v.append(f"run {parent_id} ended (seq {end[parent_id]}) before its child "
+                         f"{run.id} (seq {end[run.id]})")
+            cancel_at = asked[parent_id]
+            born = history[run.id][0].seq
+            if cancel_at is not None and born < cancel_at and asked[run.id] is None and (
+                    end[run.id] is None or end[run.id] > cancel_at):
+                v.append(f"run {parent_id}'s cancel (seq {cancel_at}) never reached its "
+                         f"child {run.id}")
+        parent = runs[parent_id]
+        if run.state in ("completed", "failed", "cancelled") and parent.state != "cancelled":
+            for step in contents.steps[parent_id]:
+                if step.kind == "join" and step.name == run.id and step.state == "running":
+                    v.append(f"run {parent_id} still waits at step {step.position} for its "
+                             f"child {run.id}, which ended {run.state}")
     return v
 
 

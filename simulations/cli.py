@@ -21,7 +21,9 @@ SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a 
              "sleep woken early", "event buffered before its wait",
              "event delivered to a waiting run", "event wait timed out",
              "send refused for a finished run", "run woken on another server",
-             "run cancelled", "cancel of a finished run")
+             "run cancelled", "cancel of a finished run", "parent woken by a child completed",
+             "parent woken by a child failed", "parent woken by a child cancelled",
+             "run waited for its children", "cancel reached a descendant")
 
 
 @attrs.frozen

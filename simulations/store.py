@@ -242,6 +242,9 @@ class SimStore:
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
         return await self.inner.get_events(run_id)
 
+    async def get_children(self, run_id: str) -> tuple[RunRecord, ...]:
+        return await self.inner.get_children(run_id)
+
     async def next_due(self) -> float | None:
         return await self.inner.next_due()
 
@@ -283,6 +286,9 @@ class ServerStore:
 
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
         return await self.db.get_events(run_id)
+
+    async def get_children(self, run_id: str) -> tuple[RunRecord, ...]:
+        return await self.db.get_children(run_id)
 
     async def next_due(self) -> float | None:
         return await self.db.next_due()

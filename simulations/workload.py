@@ -96,6 +96,9 @@ async def _interpret(run: aiki.WorkflowRun, program: dict[str, Any]) -> list[int
             ])
             acc = sum(values) % 1_000_003
             out.append(acc)
+        elif "child" in step or "children" in step:
+            acc = await _children(run, step, acc)
+            out.append(acc)
         elif "sleep" in step:
             out.append(1 if await run.sleep(step["sleep"]) else 0)  # acc: unchanged
         elif "event" in step:
@@ -119,6 +122,24 @@ async def _interpret(run: aiki.WorkflowRun, program: dict[str, Any]) -> list[int
                 acc = -1
             out.append(acc)
     return out
+
+
+async def _children(run: aiki.WorkflowRun, step: dict[str, Any], acc: int) -> int:
+    """A child run (detached, started and left, or joined), or a fan-out of joined ones; a
+    joined child's result folds into ``acc``."""
+    wf = WORKFLOWS[run.version]
+    try:
+        if "children" in step:
+            results = await run.gather(*(wf.call(run, sub) for sub in step["children"]))
+            return (acc + sum(sum(r) for r in results)) % 1_000_003
+        child = await wf.start_child(run, step["child"], detached=step.get("detached", False))
+        if not step.get("join"):
+            return acc
+        return (acc + sum(await child.result())) % 1_000_003
+    except (aiki.ChildFailed, aiki.ChildCancelled):
+        if not step.get("catch"):
+            raise
+        return -1
 
 
 def _workflow(version: str) -> aiki.Workflow[dict[str, Any], list[int]]:
@@ -232,8 +253,53 @@ def plan(seed: int, n_runs: int, duration: float) -> list[PlannedRun]:
         program = {"rk": rk, "x": r.randint(0, 1000), "steps": steps}
         at = r.uniform(0, duration * 0.7)
         planned.append(_with_waits(w, PlannedRun(f"e{i}", run_id, at, version, key, program)))
-    c = random.Random(f"{seed}:cancels")  # a stream of its own: the rest stays as it was
+    k = random.Random(f"{seed}:children")  # streams of their own: the rest stays as it was
+    planned = [_with_children(k, item) for item in planned]
+    c = random.Random(f"{seed}:cancels")
     return [_with_cancels(c, item) for item in planned]
+
+
+MAX_DEPTH = 3  # a run, its children, theirs
+MAX_FAN_OUT = 5
+
+
+def _sub_program(r: random.Random, rk: str, depth: int) -> dict[str, Any]:
+    """A child's program: a task or two, and below MAX_DEPTH sometimes children of its own."""
+    steps: list[dict[str, Any]] = []
+    for j in range(r.randint(1, 2)):
+        spec = _task_spec(r, f"{rk}.{j}", [])
+        spec.pop("key", None)
+        spec["work"] = r.choice([0.0, 0.5, 3.0, 20.0])  # some long: cancels find them running
+        steps.append({"call": spec})
+    if depth + 1 < MAX_DEPTH and r.random() < 0.5:
+        steps.insert(r.randint(0, len(steps)), _child_step(r, f"{rk}.k", depth + 1))
+    return {"rk": rk, "x": r.randint(0, 1000), "steps": steps}
+
+
+def _child_step(r: random.Random, rk: str, depth: int) -> dict[str, Any]:
+    roll = r.random()
+    if roll < 0.4:
+        width = r.randint(2, MAX_FAN_OUT)
+        return {"children": [_sub_program(r, f"{rk}{b}", depth) for b in range(width)]}
+    step: dict[str, Any] = {"child": _sub_program(r, f"{rk}0", depth)}
+    if roll < 0.55:
+        step["detached"] = True
+    else:
+        step["join"] = roll < 0.9  # else started and left: the parent's end waits for it
+    if step.get("join") and r.random() < 0.3:
+        step["catch"] = True
+    return step
+
+
+def _with_children(r: random.Random, item: PlannedRun) -> PlannedRun:
+    """Some runs start children: trees up to MAX_DEPTH deep, fan-outs up to MAX_FAN_OUT
+    wide, detached children, children started and never joined."""
+    if r.random() >= 0.3 or item.version == UNSERVED_VERSION:
+        return item
+    steps = list(item.program["steps"])
+    rk = item.program["rk"]
+    steps.insert(r.randint(0, len(steps)), _child_step(r, f"{rk}.k", 1))
+    return attrs.evolve(item, program={**item.program, "steps": steps})
 
 
 def _with_cancels(r: random.Random, item: PlannedRun) -> PlannedRun:

@@ -624,6 +624,12 @@ def run_seed(cfg: Config) -> Outcome:
                                         e.worker_id is not None))
             if situation is not None:
                 world.ledger.sometimes[situation] += 1
+            if e.event == "join.ended" and e.detail:
+                world.ledger.sometimes[f"parent woken by a child {e.detail.split()[-1]}"] += 1
+            elif e.event == "run.waiting" and (e.detail or "").startswith("its function"):
+                world.ledger.sometimes["run waited for its children"] += 1
+            elif e.event == "cancel.requested" and ", through run " in (e.detail or ""):
+                world.ledger.sometimes["cancel reached a descendant"] += 1
     return Outcome(cfg.seed, digest, clock.current_time(), faults, world.ledger.sometimes,
                    list(world.ledger.violations), runs, world.trace if cfg.trace else [],
                    world.store, world.ledger, cfg.runs)

@@ -39,6 +39,8 @@ import trio
 
 from aiki import protocol as p
 from aiki.errors import (
+    ChildCancelled,
+    ChildFailed,
     ConnectionLost,
     NonDeterminismError,
     NonRetryableError,
@@ -87,7 +89,7 @@ class WorkflowDefinition(Protocol):
     @property
     def result_type(self) -> Any: ...
 
-    async def call(self, run: WorkflowRun, payload: Any) -> Any: ...
+    async def execute(self, run: WorkflowRun, payload: Any) -> Any: ...
 
 
 class Abandon(BaseException):
@@ -441,6 +443,46 @@ class RunState:
         raise Suspend((WaitFor(position, "event", name, due),),
                       f"waits for event {name!r} at step {position}")
 
+    async def start_child(self, workflow: str, version: str, payload: str,
+                          key: str | None, detached: bool) -> str:
+        """A child run started as a step: its id (the same one on every replay). Its
+        address is the workflow, its version, and the idempotency key or the input's hash."""
+        position = self.next_position()
+        name = f"{workflow}@{version}"
+        input_hash = p.content_hash(name, payload)
+        recorded = self.replayed(position, "child", name, payload, input_hash, key)
+        if recorded is not None and recorded.state in FINAL_STEP_STATES:
+            return str(p.decode_value(recorded.output or "null"))
+        self.check_cancelled()
+        child_id = f"{self.lease.run_id}/{position}"
+        step = StepRecord(position, "child", name, input_hash, payload, key, "running", 1)
+        reply = await self.write(lambda req: p.StartChild(
+            req, self.lease, step, child_id, workflow, version, payload, detached))
+        stored: StepRecord = reply.step
+        self.steps[position] = stored
+        return str(p.decode_value(stored.output or "null"))
+
+    async def join(self, child_id: str, result_type: Any) -> Any:
+        """Wait for the child run ``child_id`` to end, the slot given back meanwhile: its
+        result, or ChildFailed / ChildCancelled."""
+        position = self.next_position()
+        input_json = p.encode_value({"child": child_id})
+        recorded = self.replayed(position, "join", child_id, input_json, "", None)
+        if recorded is None or recorded.state not in FINAL_STEP_STATES:
+            self.check_cancelled()
+            step = StepRecord(position, "join", child_id, "", input_json, None, "running", 1)
+            recorded = await self.await_step(step)
+            if recorded.state not in FINAL_STEP_STATES:
+                raise Suspend((WaitFor(position, "join", child_id),),
+                              f"waits for child run {child_id} at step {position}")
+        if recorded.state == "completed":
+            return p.decode_value(recorded.output or "null", result_type,
+                                  what=f"result of child run {child_id}")
+        if recorded.error_type == "ChildCancelled":
+            raise ChildCancelled(child_id, recorded.error_message or None)
+        error_type, _, message = (recorded.error_message or "").partition(": ")
+        raise ChildFailed(child_id, error_type, message)
+
     async def helper(self, kind: StepKind, produce: Callable[[], Any]) -> Any:
         """``run.now()`` and friends: a value recorded once, then replayed."""
         position = self.next_position()
@@ -594,6 +636,13 @@ class WorkflowRun:
     async def _execute_task(self, task: TaskDefinition, payload: Any, key: str | None) -> Any:
         return await self._state.task(task, payload, key)
 
+    async def _start_child(self, workflow: str, version: str, payload: str, key: str | None,
+                           detached: bool) -> str:
+        return await self._state.start_child(workflow, version, payload, key, detached)
+
+    async def _join(self, child_id: str, result_type: Any) -> Any:
+        return await self._state.join(child_id, result_type)
+
     async def _wait_event(self, name: str, timeout: float | None) -> StepRecord:
         return await self._state.wait_event(name, timeout)
 
@@ -644,7 +693,7 @@ async def run_workflow(
     try:
         payload = p.decode_value(run.payload, workflow.payload_type,
                                  what=f"payload of workflow {workflow.name!r}")
-        value = await workflow.call(handle, payload)
+        value = await workflow.execute(handle, payload)
         state.check_all_consumed()
         result = p.encode_value(value, workflow.result_type,
                                 what=f"result of workflow {workflow.name!r}")

@@ -95,6 +95,7 @@ MAX_RUN_ID = 128
 MAX_LIST_LIMIT = 1000
 MAX_GRACE = 10 * 365.25 * 86400.0
 MAX_REASON = 4096
+MAX_CHILD_ID = 1024
 
 
 @attrs.define(eq=False)
@@ -344,7 +345,10 @@ class Session:
         if isinstance(msg, p.GetRun):
             run = await self._run(msg.run_id)
             waits = await ctx.store.get_waits(run.id) if run.state == "waiting" else ()
-            return p.RunInfo(msg.req, run, await ctx.store.get_steps(run.id), waits)
+            steps = await ctx.store.get_steps(run.id)
+            children = (await ctx.store.get_children(run.id)
+                        if any(s.kind == "child" for s in steps) else ())
+            return p.RunInfo(msg.req, run, steps, waits, children)
         if isinstance(msg, p.SendEvent):
             return await self._send_event(msg, now)
         if isinstance(msg, p.RetryRun):
@@ -439,11 +443,25 @@ class Session:
                 raise
             finally:
                 ctx.dispatcher.tell(Ended(self.id, (msg.lease.run_id,)))
-            ctx.watchers.ended(run)  # the run as committed: no read on the way back
+            if run.state in TERMINAL_RUN_STATES:
+                ctx.watchers.ended(run)  # the run as committed: no read on the way back
+                await self._tell_parents(run)
+            else:  # its function ended; it waits for its children (cancelled if it failed)
+                await self._revoke_tree(run.id)
             return p.Ok(msg.req)
         if isinstance(msg, p.AwaitStep):
             self._check_owner(msg.lease)
             step = await ctx.writer.write(ops.AwaitStep(msg.lease, msg.step, now))
+            return p.StepResult(msg.req, step)
+        if isinstance(msg, p.StartChild):
+            self._check_owner(msg.lease)
+            if not 0 < len(msg.child_id) <= MAX_CHILD_ID:
+                raise ProtocolError(f"a child run id must have 1 to {MAX_CHILD_ID} "
+                                    f"characters, got {len(msg.child_id)}")
+            step = await ctx.writer.write(ops.StartChild(
+                msg.lease, msg.step, msg.child_id, msg.workflow, msg.version, msg.payload,
+                msg.detached, now))
+            ctx.dispatcher.poke()  # the child is queued
             return p.StepResult(msg.req, step)
         op: ops.Op[None]
         if isinstance(msg, p.WaitRun):
@@ -492,13 +510,61 @@ class Session:
         if run is not None:
             if out.holder is not None:  # told now, not at its next heartbeat
                 ctx.dispatcher.revoke(run.id, msg.reason)
-            if run.state in TERMINAL_RUN_STATES:
-                ctx.watchers.ended(run)
-            else:  # queued again, to see RunCancelled and compensate
-                ctx.dispatcher.poke()
-                if run.cancel_deadline is not None:
-                    ctx.timer.hint(run.cancel_deadline)
+            for descendant in out.revoked:
+                ctx.dispatcher.revoke(descendant, msg.reason)
+            ctx.dispatcher.poke()  # queued again, to see RunCancelled and compensate
+            if run.cancel_deadline is not None:
+                ctx.timer.hint(run.cancel_deadline)
+            await self._tell_tree(run)
         return p.CancelAnswer(msg.req, out.cancelled)
+
+    async def _tell_tree(self, run: RunRecord) -> None:
+        """After a cancel: the watchers of every run of ``run``'s tree that ended hear it,
+        and so do its parents (reads: best effort)."""
+        ctx = self.ctx
+        try:
+            todo = [run]
+            while todo:
+                r = todo.pop()
+                if r.state in TERMINAL_RUN_STATES:
+                    ctx.watchers.ended(r)
+                todo.extend(await ctx.store.get_children(r.id))
+        except AikiError:
+            return
+        await self._tell_parents(run)
+
+    async def _tell_parents(self, run: RunRecord) -> None:
+        """``run`` ended: its parent's wait for it ended (the parent is queued, or its worker
+        told to look again); a parent that then ended too is told up the tree (reads: best
+        effort)."""
+        ctx = self.ctx
+        while run.parent_id is not None:
+            ctx.dispatcher.poke()
+            ctx.dispatcher.push_to_holder(run.parent_id, p.Nudge(run.parent_id))
+            try:
+                parent = await ctx.store.get_run(run.parent_id)
+            except AikiError:
+                return
+            if parent is None or parent.state not in TERMINAL_RUN_STATES:
+                return
+            ctx.watchers.ended(parent)
+            run = parent
+
+    async def _revoke_tree(self, run_id: str) -> None:
+        """The workers holding runs of this tree that a cancel reached are told now."""
+        ctx = self.ctx
+        try:
+            todo = list(await ctx.store.get_children(run_id))
+            while todo:
+                r = todo.pop()
+                if r.cancel_requested_at is not None and r.lease_owner is None:
+                    ctx.dispatcher.revoke(r.id, r.cancel_reason)  # (its lease was revoked)
+                    if r.state in TERMINAL_RUN_STATES:
+                        ctx.watchers.ended(r)
+                todo.extend(await ctx.store.get_children(r.id))
+        except AikiError:
+            return
+        ctx.dispatcher.poke()
 
     async def _tell_watchers(self, run_id: str) -> None:
         """If ``run_id`` has ended, its watchers here hear it (a read: best effort)."""

@@ -155,7 +155,7 @@ def enqueue(workflow: str, payload: str, *, version: str | None, idempotency_key
 
 def get_status(run_id: str) -> Call[RunStatus]:
     return Call(lambda req: p.GetRun(req, run_id), p.RunInfo,
-                lambda info: RunStatus.of(info.run, info.steps, info.waits))
+                lambda info: RunStatus.of(info.run, info.steps, info.waits, info.children))
 
 
 def send_event(run_id: str, event: Any, value: Any, idempotency_key: str | None,

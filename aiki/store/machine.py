@@ -20,6 +20,7 @@ before deciding anything, so a refused operation changes nothing.
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -53,6 +54,8 @@ RUN_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
     # Cancelled (handle.cancel): at once, or when its grace period ends.
     ("queued", "cancelled"), ("running", "cancelled"), ("waiting", "cancelled"),
     ("paused", "cancelled"),  # (a paused run, once pause/resume exists, is cancellable too)
+    # A run whose function ended waits for its children, then ends as decided.
+    ("waiting", "completed"), ("waiting", "failed"),
 })
 # Task steps. ``running -> running``: a crash during an attempt runs that attempt again.
 TASK_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
@@ -75,6 +78,8 @@ STEP_TRANSITIONS: Mapping[str, frozenset[tuple[str | None, str]]] = {
 }
 EVENT_TIMEOUT = "EventTimeout"
 RUN_CANCELLED = "RunCancelled"  # the error type of a cancelled run
+# How long the children of a failed run have to compensate before they end cancelled.
+CASCADE_GRACE = 60.0
 
 
 @attrs.frozen
@@ -225,8 +230,14 @@ def expire(run: RunRecord, now: float) -> Change:
 
 
 def finish(run: RunRecord | None, lease: Lease, now: float, *, result: str | None = None,
-           error: tuple[str, str] | None = None, traceback: str | None = None) -> Change:
+           error: tuple[str, str] | None = None, traceback: str | None = None,
+           children: int = 0) -> Change:
+    """The run's function ended (``result``, or ``error``). ``children``: how many of the
+    children it did not detach are unfinished; then its end is decided and recorded, and it
+    waits for them (structured concurrency: a run ends after its children)."""
     run = fenced(lease, run)
+    if children:
+        return _await_children(run, lease, now, result, error, traceback, children)
     if run.cancel_requested_at is not None:  # whatever the workflow did after the cancel
         return _cancelled(run, now, lease.worker_id, lease.epoch,
                           "its workflow ended after the cancel")
@@ -274,24 +285,64 @@ def _cancelled(run: RunRecord, now: float, who: str | None, epoch: int, why: str
         detail=why + (f"; reason: {reason}" if reason else "")),))
 
 
+def _await_children(run: RunRecord, lease: Lease, now: float, result: str | None,
+                    error: tuple[str, str] | None, traceback: str | None,
+                    children: int) -> Change:
+    if run.cancel_requested_at is not None:
+        result, error, traceback = None, (RUN_CANCELLED, run.cancel_reason or "cancelled"), None
+    error_type, error_message = error if error else (None, None)
+    held = _move(run, now, "waiting", result=result, error_type=error_type,
+                 error_message=error_message, error_traceback=traceback, **_NO_LEASE)
+    how = "returned" if error is None else f"ended with {error_type}"
+    return Change(held, waits=(WaitRecord(run.id, "", "children", None, None, now),),
+                  history=(Entry(now, "run.waiting", run.attempts, lease.worker_id, detail=(
+                      f"its function {how}; waits for {children} child run(s) to end")),))
+
+
+def awaits_children(run: RunRecord, waits: Iterable[WaitRecord]) -> bool:
+    """Whether ``run``'s function has ended and it waits for its children."""
+    return run.state == "waiting" and any(w.kind == "children" for w in waits)
+
+
+def _settle(run: RunRecord, now: float) -> Change:
+    """A run whose function had ended: its last child ended, it ends as decided then."""
+    state: RunState = ("cancelled" if run.cancel_requested_at is not None
+                       else "failed" if run.error_type is not None else "completed")
+    ended = _move(run, now, state, finished_at=now, **_NO_LEASE)
+    return Change(ended, waits=(), history=(Entry(
+        now, f"run.{state}", run.attempts, detail="its child runs have ended"
+        + (f"; {run.error_type}: {run.error_message}" if state == "failed" else "")),))
+
+
 def cancel(run: RunRecord | None, run_id: str, reason: str | None, grace: float, who: str,
-           now: float) -> tuple[Change, o.CancelOutcome]:
+           now: float, *, awaiting_children: bool = False,
+           cascade: str | None = None) -> tuple[Change, o.CancelOutcome]:
     """``handle.cancel()``. See :class:`aiki.store.ops.CancelRun`. A second cancel of a run
     being cancelled changes nothing and answers True (the first one's reason and grace
-    stand)."""
+    stand). ``awaiting_children``: its function has ended and it waits for its children
+    (it keeps waiting; they are cancelled). ``cascade``: the ancestor whose cancel reaches
+    this run (the store cancels a run's unfinished, not detached descendants first, the
+    deepest first, in the same transaction)."""
     if run is None:
         raise RunNotFound(f"no run with id {run_id!r}")
     if run.state in TERMINAL_RUN_STATES:
         return NOTHING, o.CancelOutcome(False, None, None)
     if run.cancel_requested_at is not None:
         return NOTHING, o.CancelOutcome(True, None, None)
+    if cascade is not None:
+        who = f"{who}, through run {cascade}"
     holder = run.lease_owner  # (only a run that is held has an owner)
     marked = attrs.evolve(run, cancel_requested_at=now, cancel_reason=reason,
                           cancel_deadline=now + grace)
     asked = Entry(now, "cancel.requested", run.attempts, who, detail=(
         f"by {who}" + (f": {reason}" if reason else "")
         + f"; grace {grace:g} s, until {when(now + grace)}"))
-    if grace <= 0 or run.attempts == 0:
+    if awaiting_children:  # its end waits for its children, which are cancelled
+        change = Change(attrs.evolve(marked, updated_at=now, result=None,
+                                     error_type=RUN_CANCELLED,
+                                     error_message=reason or "cancelled", error_traceback=None),
+                        history=(asked,))
+    elif grace <= 0 or run.attempts == 0:
         why = "cancelled before it ever ran" if run.attempts == 0 else "cancelled with no grace"
         change = Change(history=(asked,)).then(
             _cancelled(marked, now, who, run.lease_epoch, why))
@@ -312,11 +363,86 @@ def cancel_overdue(run: RunRecord, now: float) -> bool:
             and run.cancel_deadline <= now)
 
 
-def end_cancel(run: RunRecord, now: float) -> Change:
-    """The timer: the grace period of ``run``'s cancel is over; it ends ``cancelled`` (a
-    worker still holding it is fenced off: the epoch moves on)."""
+def end_cancel(run: RunRecord, now: float, ancestor: str | None = None) -> Change:
+    """The timer: the grace period of ``run``'s cancel (or of its ``ancestor``'s, whose end
+    waits for it) is over; it ends ``cancelled`` (a worker still holding it is fenced off:
+    the epoch moves on)."""
+    if ancestor is not None:
+        if run.cancel_requested_at is None:
+            run = attrs.evolve(run, cancel_requested_at=now,
+                               cancel_reason=f"run {ancestor} was cancelled")
+        return _cancelled(run, now, None, run.lease_epoch,
+                          f"the grace period of run {ancestor}'s cancel ended")
     return _cancelled(run, now, None, run.lease_epoch,
                       f"its grace period ended at {when(run.cancel_deadline)}")
+
+
+# -- children --------------------------------------------------------------------------------
+def start_child(parent: RunRecord | None, lease: Lease, old: StepRecord | None,
+                step: StepRecord, op: o.StartChild) -> tuple[Change, RunRecord | None, Entry]:
+    """``wf.start_child()`` reaches ``step``: the child run (None when the step is recorded
+    already: a replay or a retried write), its first event, and the parent's change."""
+    parent = fenced(lease, parent)
+    if step.kind != "child":
+        raise StepConflict(f"run {parent.id}: step {step.position} is a {step.kind} step, "
+                           "not a child's start")
+    first = Entry(op.now, "run.queued", 0, lease.worker_id, detail=(
+        f"version {op.version}; child of run {parent.id} at step {step.position}"
+        + (", detached" if op.detached else "")))
+    if old is not None:
+        if (old.kind, old.name, old.input_hash, old.idempotency_key) != (
+                step.kind, step.name, step.input_hash, step.idempotency_key):
+            raise step_conflict_error(parent.id, old, step)
+        return NOTHING, None, first
+    child = RunRecord(
+        id=op.child_id, workflow=op.workflow, version=op.version, payload=op.payload,
+        state="queued", idempotency_key=None, attempts=0, lease_epoch=0, lease_owner=None,
+        lease_expires_at=None, result=None, error_type=None, error_message=None,
+        created_at=op.now, updated_at=op.now, finished_at=None, parent_id=parent.id,
+        detached=op.detached)
+    done = attrs.evolve(step, state="completed", output=json.dumps(op.child_id), attempts=1)
+    return Change(attrs.evolve(parent, updated_at=op.now), (done,), history=(Entry(
+        op.now, "child.started", 1, lease.worker_id, step.position, step.name,
+        f"run {op.child_id} (version {op.version})"
+        + (", detached" if op.detached else "")),)), child, first
+
+
+def _joined(step: StepRecord, child: RunRecord, now: float, who: str | None) -> Change:
+    """A wait for ``child`` (a ``join`` step) ends: with its result, or failed with
+    ``ChildFailed`` (its error) or ``ChildCancelled`` (its reason)."""
+    if child.state == "completed":
+        done = attrs.evolve(step, state="completed", output=child.result)
+    elif child.state == "cancelled":
+        done = attrs.evolve(step, state="failed", error_type="ChildCancelled",
+                            error_message=child.cancel_reason or "")
+    else:
+        done = attrs.evolve(step, state="failed", error_type="ChildFailed",
+                            error_message=f"{child.error_type}: {child.error_message}")
+    return Change(steps=(done,), history=(Entry(
+        now, "join.ended", step.attempts, who, step.position, step.name,
+        f"child run {child.id} {child.state}"),))
+
+
+def child_ended(parent: RunRecord, joins: Sequence[StepRecord], waits: Sequence[WaitRecord],
+                child: RunRecord, unfinished: int, now: float) -> Change:
+    """``child`` (of ``parent``) has ended. ``joins``: the parent's ``join`` steps still
+    waiting for it; ``unfinished``: the parent's children it did not detach still
+    unfinished. Those waits end (whatever the child's end: completed, failed or
+    cancelled); a parent waiting on them wakes; one whose function had ended and waits for
+    its children ends once the last one has."""
+    change = NOTHING
+    for step in joins:
+        change = change.then(_joined(step, child, now, None))
+    if parent.state != "waiting":
+        return change if change is NOTHING else change.then(
+            Change(attrs.evolve(parent, updated_at=now)))
+    if awaits_children(parent, waits):
+        if unfinished == 0:
+            return change.then(_settle(parent, now))
+        return change
+    if any(w.kind == "join" and w.name == child.id for w in waits):
+        return change.then(_wake(parent, now, f"child run {child.id} ended {child.state}"))
+    return change
 
 
 def purgeable(run: RunRecord, before: float) -> bool:
@@ -372,7 +498,7 @@ def save_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
     """StartStep (``start``) or SaveStep. ``keyed_elsewhere``: the position of another step
     of this run with the same task name and idempotency key, if any."""
     run = fenced(lease, run)
-    if step.kind in ("sleep", "event"):
+    if step.kind in ("sleep", "event", "child", "join"):
         raise StepConflict(f"run {run.id}: step {step.position} is a {step.kind} step; "
                            "wait steps are recorded by AwaitStep")
     if not step_write_changes(run.id, old, step, save=not start):
@@ -414,12 +540,12 @@ def _time_out(step: StepRecord, now: float, who: str | None) -> Change:
 
 def await_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
                buffered: EventRecord | None, step: StepRecord,
-               now: float) -> tuple[Change, StepRecord]:
+               now: float, child: RunRecord | None = None) -> tuple[Change, StepRecord]:
     """A sleep or event wait reaches ``step.position``: end it now if it can, else record it
     as waiting until ``step.next_attempt_at``. ``buffered``: the oldest undelivered event of
     that name. The outcome is the step as stored afterwards."""
     run = fenced(lease, run)
-    if step.kind not in ("sleep", "event"):
+    if step.kind not in ("sleep", "event", "join"):
         raise StepConflict(f"run {run.id}: step {step.position} is a {step.kind} step, "
                            "not a wait")
     if old is not None:
@@ -437,6 +563,8 @@ def await_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
         change = _receive(waiting, buffered, now, who)
     elif step.kind == "event" and due is not None and due <= now:
         change = _time_out(waiting, now, who)
+    elif step.kind == "join" and child is not None and child.state in TERMINAL_RUN_STATES:
+        change = _joined(waiting, child, now, who)
     elif old is not None and old == waiting:
         return NOTHING, old
     else:
@@ -452,7 +580,8 @@ def _satisfied(cond: WaitFor, step: StepRecord | None, buffered: set[str],
     """Why ``cond`` holds already (the run need not wait for it), or None."""
     if cond.due_at is not None and cond.due_at <= now:
         return f"{cond.kind} at step {cond.position} was due at {when(cond.due_at)}"
-    if cond.kind in ("sleep", "event") and step is not None and step.state in FINAL_STEP_STATES:
+    if cond.kind in ("sleep", "event", "join") and step is not None and (
+            step.state in FINAL_STEP_STATES):
         return f"{cond.kind} at step {cond.position} ended while the run was held"
     if cond.kind == "event" and cond.name in buffered:
         return f"event {cond.name!r} is waiting to be delivered"
@@ -486,9 +615,12 @@ def describe_waits(waits: Iterable[WaitRecord | WaitFor]) -> str:
     parts = []
     for w in waits:
         what = {"sleep": "a sleep", "event": f"event {w.name!r}",
-                "retry": f"the retry of task {w.name!r}"}[w.kind]
+                "retry": f"the retry of task {w.name!r}",
+                "join": f"the end of child run {w.name}",
+                "children": "the end of its child runs"}[w.kind]
         until = "" if w.due_at is None else f" until {when(w.due_at)}"
-        parts.append(f"{what} at step {w.position}{until}")
+        at = "" if w.kind == "children" else f" at step {w.position}"
+        parts.append(f"{what}{at}{until}")
     return " or ".join(parts)
 
 

@@ -203,6 +203,8 @@ class CancelOutcome:
     cancelled: bool  # False: the run had ended already, and nothing changed
     run: RunRecord | None  # the run as it is now (None: unchanged)
     holder: str | None  # the worker whose lease the cancel revoked, if one held the run
+    # The descendants whose leases the cancel revoked (their workers are told too).
+    revoked: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -226,4 +228,21 @@ class EndCancels(Op[tuple[RunRecord, ...]]):
     """End ``cancelled`` every unfinished run whose cancel grace period is over at ``now``
     (a worker still holding one is fenced off); the outcome is those runs as they ended."""
 
+    now: float
+
+
+@attrs.frozen
+class StartChild(Op[StepRecord]):
+    """Start a child run from the parent's step ``step`` (fenced by the parent's lease): the
+    child ``child_id`` is queued and the step recorded completed with the child's id, in one
+    transaction. The outcome is the step as stored: on a replay, or a retried write, the
+    first child's."""
+
+    lease: Lease
+    step: StepRecord
+    child_id: str
+    workflow: str
+    version: str
+    payload: str
+    detached: bool
     now: float

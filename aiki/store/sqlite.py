@@ -36,6 +36,7 @@ import trio
 
 from aiki.errors import AikiError, StoreUnavailable
 from aiki.records import (
+    TERMINAL_RUN_STATES,
     ClaimedRun,
     EventRecord,
     HistoryEvent,
@@ -120,6 +121,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX runs_cancel_deadline ON runs (cancel_deadline)"
         " WHERE cancel_deadline IS NOT NULL",
     ),
+    # Child runs: each knows its parent (a run's children are found by it), and whether it
+    # was detached.
+    (
+        "ALTER TABLE runs ADD COLUMN parent_id TEXT",
+        "ALTER TABLE runs ADD COLUMN detached INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX runs_parent ON runs (parent_id, seq) WHERE parent_id IS NOT NULL",
+    ),
 )
 
 RUN_COLUMNS = ", ".join(f.name for f in attrs.fields(RunRecord))
@@ -199,16 +207,21 @@ def _rollback(db: Db) -> None:
 
 
 # -- rows ---------------------------------------------------------------------------------
+def _record(row: Sequence[Any]) -> RunRecord:
+    run = RunRecord(*row)
+    return attrs.evolve(run, detached=bool(run.detached))
+
+
 def _get_run(db: Db, run_id: str) -> RunRecord | None:
     row = db.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
-    return None if row is None else RunRecord(*row)
+    return None if row is None else _record(row)
 
 
 def _runs_where(
     db: Db, where: str, params: Sequence[Any] | dict[str, Any], tail: str = ""
 ) -> list[RunRecord]:
     sql = f"SELECT {RUN_COLUMNS} FROM runs WHERE {where} {tail}"
-    return [RunRecord(*row) for row in db.execute(sql, params)]
+    return [_record(row) for row in db.execute(sql, params)]
 
 
 def _get_steps(db: Db, run_id: str) -> tuple[StepRecord, ...]:
@@ -332,22 +345,101 @@ def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> None:
                                    start=isinstance(op, o.StartStep)))
 
 
+# -- children and cancels: the machine decides each run's change; these walk the tree -------
+_UNFINISHED = "state NOT IN ('completed', 'failed', 'cancelled')"
+
+
+def _descendants(db: Db, run_id: str) -> list[RunRecord]:
+    """The unfinished children it did not detach, theirs, and so on, in enqueue order."""
+    rows = db.execute(
+        f"WITH RECURSIVE tree (id) AS (SELECT id FROM runs WHERE parent_id = ? AND NOT detached"
+        f" AND {_UNFINISHED} UNION ALL SELECT r.id FROM runs r JOIN tree ON r.parent_id ="
+        f" tree.id WHERE NOT r.detached AND r.{_UNFINISHED})"
+        f" SELECT {RUN_COLUMNS} FROM runs WHERE id IN (SELECT id FROM tree) ORDER BY seq",
+        (run_id,))
+    return [_record(row) for row in rows]
+
+
+def _unfinished(db: Db, run_id: str) -> int:
+    count: int = db.execute(f"SELECT count(*) FROM runs WHERE parent_id = ? AND NOT detached"
+                            f" AND {_UNFINISHED}", (run_id,)).fetchone()[0]
+    return count
+
+
+def _awaits_children(db: Db, run: RunRecord) -> bool:
+    return m.awaits_children(run, _get_waits(db, run.id))
+
+
+def _ended(db: Db, run: RunRecord, now: float, ended: list[RunRecord]) -> None:
+    """``run`` has ended: note it, and tell its parent (recursively up the tree)."""
+    ended.append(run)
+    parent = _get_run(db, run.parent_id) if run.parent_id is not None else None
+    if parent is None or parent.state in TERMINAL_RUN_STATES:
+        return
+    joins = [StepRecord(*row) for row in db.execute(
+        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? AND kind = 'join' AND name = ?"
+        " AND state = 'running' ORDER BY seq", (parent.id, run.id))]
+    change = m.child_ended(parent, joins, _get_waits(db, parent.id), run,
+                           _unfinished(db, parent.id), now)
+    _write(db, parent.id, change)
+    if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+        _ended(db, change.run, now, ended)
+
+
+def _cascade(db: Db, run_id: str, reason: str | None, grace: float, who: str, now: float,
+             revoked: list[str], ended: list[RunRecord]) -> None:
+    """Cancel ``run_id``'s unfinished, not detached descendants, the deepest first."""
+    for d in reversed(_descendants(db, run_id)):
+        run = _get_run(db, d.id)
+        assert run is not None
+        change, out = m.cancel(run, run.id, reason, grace, who, now,
+                               awaiting_children=_awaits_children(db, run), cascade=run_id)
+        _write(db, run.id, change)
+        if out.holder is not None:
+            revoked.append(run.id)
+        if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+            _ended(db, change.run, now, ended)
+
+
 def _finish(db: Db, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
-    run = _get_run(db, op.lease.run_id)
+    run_id = op.lease.run_id
+    run = m.fenced(op.lease, _get_run(db, run_id))
+    ended: list[RunRecord] = []
+    if isinstance(op, o.FailRun) and run.cancel_requested_at is None:
+        _cascade(db, run_id, f"its parent run {run_id} failed", m.CASCADE_GRACE, "the engine",
+                 op.now, [], ended)
+    now_run = _get_run(db, run_id)
+    children = _unfinished(db, run_id)
     if isinstance(op, o.CompleteRun):
-        change = m.finish(run, op.lease, op.now, result=op.result)
+        change = m.finish(now_run, op.lease, op.now, result=op.result, children=children)
     else:
-        change = m.finish(run, op.lease, op.now, error=(op.error_type, op.error_message),
-                          traceback=op.traceback)
-    _write(db, op.lease.run_id, change)
-    return change.run
+        change = m.finish(now_run, op.lease, op.now, error=(op.error_type, op.error_message),
+                          traceback=op.traceback, children=children)
+    _write(db, run_id, change)
+    if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+        _ended(db, change.run, op.now, ended)
+    return _get_run(db, run_id)
+
+
+def _start_child(db: Db, op: o.StartChild) -> StepRecord:
+    run_id = op.lease.run_id
+    change, child, first = m.start_child(_get_run(db, run_id), op.lease,
+                                         _get_step(db, run_id, op.step.position), op.step, op)
+    _write(db, run_id, change)
+    if child is not None:
+        db.execute(RUN_INSERT, attrs.astuple(child))
+        _write(db, child.id, m.Change(history=(first,)))
+    step = _get_step(db, run_id, op.step.position)
+    assert step is not None
+    return step
 
 
 def _await_step(db: Db, op: o.AwaitStep) -> StepRecord:
     run_id = op.lease.run_id
     change, step = m.await_step(_get_run(db, run_id), op.lease,
                                 _get_step(db, run_id, op.step.position),
-                                _buffered(db, run_id, op.step.name), op.step, op.now)
+                                _buffered(db, run_id, op.step.name), op.step, op.now,
+                                _get_run(db, op.step.name) if op.step.kind == "join" else None)
     _write(db, run_id, change)
     return step
 
@@ -372,23 +464,49 @@ def _wake_due(db: Db, op: o.WakeDue) -> tuple[str, ...]:
 
 
 def _end_cancels(db: Db, op: o.EndCancels) -> tuple[RunRecord, ...]:
+    """Overdue cancels end, and with each the descendants its end waits for."""
     overdue = _runs_where(db, "cancel_deadline IS NOT NULL AND cancel_deadline <= ?"
                           " AND state NOT IN ('completed', 'failed', 'cancelled')", (op.now,),
                           "ORDER BY seq")
-    ended = []
-    for run in overdue:
-        change = m.end_cancel(run, op.now)
-        _write(db, run.id, change)
+    ancestor: dict[str, str | None] = {r.id: None for r in overdue}
+    for r in overdue:
+        for d in _descendants(db, r.id):
+            ancestor.setdefault(d.id, r.id)
+    seqs = dict(db.execute(f"SELECT id, seq FROM runs WHERE id IN"
+                           f" ({', '.join('?' for _ in ancestor)})", list(ancestor))
+                ) if ancestor else {}
+    ended: list[RunRecord] = []
+    for run_id in sorted(ancestor, key=lambda r: seqs[r], reverse=True):
+        run = _get_run(db, run_id)
+        if run is None or run.state in TERMINAL_RUN_STATES:
+            continue
+        change = m.end_cancel(run, op.now, ancestor[run_id])
+        _write(db, run_id, change)
         assert change.run is not None
-        ended.append(change.run)
+        _ended(db, change.run, op.now, ended)
     return tuple(ended)
 
 
 def _cancel(db: Db, op: o.CancelRun) -> o.CancelOutcome:
-    change, outcome = m.cancel(_get_run(db, op.run_id), op.run_id, op.reason, op.grace,
+    run = _get_run(db, op.run_id)
+    if run is None or run.state in TERMINAL_RUN_STATES or run.cancel_requested_at:
+        return m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now)[1]
+    revoked: list[str] = []
+    ended: list[RunRecord] = []
+    first = _awaits_children(db, run)  # marked first, so its children's ends wait on it
+    out = o.CancelOutcome(True, None, None)
+    if first:
+        change, out = m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now,
+                               awaiting_children=True)
+        _write(db, op.run_id, change)
+    _cascade(db, op.run_id, op.reason, op.grace, op.who, op.now, revoked, ended)
+    if not first:
+        change, out = m.cancel(_get_run(db, op.run_id), op.run_id, op.reason, op.grace,
                                op.who, op.now)
-    _write(db, op.run_id, change)
-    return outcome
+        _write(db, op.run_id, change)
+        if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+            _ended(db, change.run, op.now, ended)
+    return o.CancelOutcome(True, _get_run(db, op.run_id), out.holder, tuple(revoked))
 
 
 def _purge(db: Db, op: o.PurgeRuns) -> tuple[str, ...]:
@@ -441,6 +559,7 @@ _OPS: dict[type[Any], Callable[[Db, Any], Any]] = {
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
     o.RetryRun: _retry, o.CancelRun: _cancel, o.EndCancels: _end_cancels,
+    o.StartChild: _start_child,
 }
 
 
@@ -522,6 +641,10 @@ class SqliteStore:
         return await self._run(
             lambda db: tuple(_runs_where(db, where, params, "ORDER BY seq DESC LIMIT :limit"))
         )
+
+    async def get_children(self, run_id: str) -> tuple[RunRecord, ...]:
+        return await self._run(lambda db: tuple(_runs_where(
+            db, "parent_id = ?", (run_id,), "ORDER BY seq")))
 
     async def get_waits(self, run_id: str) -> tuple[WaitRecord, ...]:
         return await self._run(lambda db: _get_waits(db, run_id))

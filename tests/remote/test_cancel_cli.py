@@ -62,3 +62,44 @@ async def test_the_blocking_client_cancels_and_waits(cluster: Cluster, tmp_path:
 
     await trio.to_thread.run_sync(blocking)
     del server
+
+
+async def test_the_parcels_example_runs() -> None:
+    import sys
+
+    from tests.remote.processes import REPO
+
+    result = await trio.run_process(
+        [sys.executable, "examples/parcels.py"], cwd=str(REPO), capture_stdout=True,
+        capture_stderr=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "o-1: ['tracking-book', 'tracking-lamp']"
+    assert lines[2].endswith("was cancelled: customer changed their mind")
+    assert sorted(lines[3].removeprefix("o-2 children: ").split(", ")) == [
+        "ship cancelled", "ship completed"]
+    assert lines[-1] == "  refunded o-2: 9900 cents"
+    assert "  picked up bulky-sofa" not in lines
+
+
+async def test_runs_show_prints_the_tree_of_children(cluster: Cluster, tmp_path: Path) -> None:
+    server, url = await cluster.server(tmp_path / "aiki.db")
+    worker = await cluster.spawn("worker", "worker", "--server", url, "--app",
+                                 "examples.parcels:workflows", "--id", "shipper")
+
+    async def connected() -> bool:
+        return "shipper" in await aiki_cli(cluster, url, "workers")
+
+    await eventually(connected, 30, "the worker to connect", worker, server)
+    out = await aiki_cli(cluster, url, "enqueue", "order", "--payload",
+                         '{"id": "o-7", "amount_cents": 5, "parcels": ["a", "b"]}', "--wait")
+    run_id = out.split()[2]
+    shown = await aiki_cli(cluster, url, "runs", "show", run_id)
+    assert "children:" in shown
+    after = shown.split("children:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    tree = [line for line in after if line.startswith(f"  {run_id}/")]
+    assert len(tree) == 2 and all(line.rstrip().endswith("completed") for line in tree)
+    child_id = tree[0].split()[0]
+    child = await aiki_cli(cluster, url, "runs", "show", child_id)
+    assert "parent" in child and run_id in child

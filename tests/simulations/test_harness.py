@@ -245,6 +245,34 @@ def cancel_keeps_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(machine, "cancel", cancel)
 
 
+def parent_woken_only_when_child_completes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Upstream's behaviour: a waiting parent wakes only when its child reaches the state
+    it asked for (completed); a failed or cancelled child leaves it waiting for ever."""
+    real = machine.child_ended
+
+    def child_ended(parent: Any, joins: Any, waits: Any, child: Any, unfinished: int,
+                    now: float) -> Any:
+        if child.state != "completed":
+            joins = ()
+            if not machine.awaits_children(parent, waits):
+                return machine.NOTHING
+        return real(parent, joins, waits, child, unfinished, now)
+
+    monkeypatch.setattr(machine, "child_ended", child_ended)
+
+
+def cascade_forgets_grandchildren(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel (or a failure) reaches a run's children, not theirs."""
+    from aiki.store.memory import MemoryStore
+
+    def children_only(self: MemoryStore, run_id: str) -> list[str]:
+        return [c for c in self._children.get(run_id, ())
+                if not self._runs[c].detached
+                and self._runs[c].state not in ("completed", "failed", "cancelled")]
+
+    monkeypatch.setattr(MemoryStore, "_descendants", children_only)
+
+
 @pytest.mark.parametrize(
     ("bad_change", "expected"),
     [
@@ -270,10 +298,16 @@ def cancel_keeps_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
         (ended_notices_dropped, ("never heard",)),
         # The worker holding a cancelled run goes on starting tasks.
         (cancel_keeps_the_lease, ("after its cancel was committed",)),
+        # A parent waiting for a child that failed or was cancelled never wakes.
+        (parent_woken_only_when_child_completes, ("still waits at step",
+                                                  "after the liveness phase")),
+        # A cancel stops a run's children, but their children go on.
+        (cascade_forgets_grandchildren, ("never reached its child",)),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "release-without-drain", "timer-forgets-the-store",
-         "send-ack-before-commit", "ended-notices-dropped", "cancel-keeps-the-lease"],
+         "send-ack-before-commit", "ended-notices-dropped", "cancel-keeps-the-lease",
+         "parent-woken-only-when-child-completes", "cascade-forgets-grandchildren"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],

@@ -709,6 +709,11 @@ command = st.one_of(  # repeated alternatives are weights: keep runs running and
     st.tuples(st.just("expire")),
     st.tuples(st.just("wake")),
     st.tuples(st.just("end_cancels")),
+    # Children: started from a step (detached or not), joined, waited on.
+    st.tuples(st.just("start_child"), target, lease_mode, st.sampled_from(["8", "9"]),
+              st.sampled_from([False, False, True])),
+    st.tuples(st.just("join"), target, lease_mode, st.sampled_from(["10", "11"]),
+              st.integers(0, 7)),
     st.tuples(st.just("suspend"), target, lease_mode, st.sampled_from([0.0, 1.0, 3.5])),
     st.tuples(st.sampled_from(["complete", "fail", "release"]), target, lease_mode),
     # Waits: a sleep or event wait reached, the run waiting on them, sends and wake-ups.
@@ -795,6 +800,20 @@ class World:
         if kind == "cancel":
             return o.CancelRun(self.run_id(cmd[1]), cmd[2], cmd[3], "c", now)
         lease = await self.lease(cmd[1], cmd[2])
+        if kind == "start_child":
+            _, _, _, position, detached = cmd
+            child_id = f"{lease.run_id}/{position}"
+            if child_id not in self.run_ids and lease.run_id in self.run_ids:
+                self.run_ids.append(child_id)
+            record = StepRecord(position, "child", "wf", "h", '{"c": 1}', None, "running", 1)
+            return o.StartChild(lease, record, child_id, "wf", "1", '{"c": 1}', detached, now)
+        if kind == "join":
+            _, _, _, position, index = cmd
+            child_id = self.run_id(index)
+            if cmd[1][0]:  # half the time, a wait on the join too
+                return o.WaitRun(lease, (WaitFor(position, "join", child_id),), "joins", now)
+            record = StepRecord(position, "join", child_id, "", "{}", None, "running", 1)
+            return o.AwaitStep(lease, record, now)
         if kind == "await":
             _, _, _, position, step_kind, name, delay = cmd
             seconds = 1.0 if delay is None and step_kind == "sleep" else delay
@@ -853,6 +872,7 @@ async def observe(store: Store, run_ids: list[str]) -> Any:
         await store.list_runs(workflow="wf"), await store.list_runs(state="running"),
         await store.list_runs(workflow="other", state="queued"),
         await store.next_due(),
+        [await store.get_children(r) for r in run_ids],
         [(await store.get_waits(r), await store.get_events(r)) for r in run_ids],
     )
 

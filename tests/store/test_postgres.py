@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import aiki
 from aiki.asyncio_bridge import AsyncioBridge
 from aiki.errors import StaleLease, StoreUnavailable
-from aiki.records import RunRecord, WaitFor
+from aiki.records import RunRecord, StepRecord, WaitFor
 from aiki.store import Lease, Store, execute, open_store
 from aiki.store import ops as o
 from aiki.store.postgres import PostgresStore, _sql
@@ -205,6 +205,35 @@ async def test_a_schema_of_the_release_before_cancellation_opens_and_its_runs_ca
         assert await store.next_due() == 15.0
         [ended] = await execute(store, o.EndCancels(15.0))
         assert ended is not None and (ended.state, ended.error_message) == ("cancelled", "old")
+
+
+async def test_a_schema_of_the_release_before_children_opens_and_starts_children(
+    postgres: TestPostgres,
+) -> None:
+    """A schema written before child runs (every migration before the one adding
+    ``parent_id``, wherever it stands) is migrated at open; its runs start children."""
+    before = next(i for i, m in enumerate(MIGRATIONS) if "parent_id" in m[0])
+    schema = postgres.fresh_schema()
+    async with raw_connection(postgres, schema) as raw:
+        await raw.execute(f'CREATE SCHEMA "{schema}"')
+        await raw.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+                          " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        for number, statements in enumerate(MIGRATIONS[:before], start=1):
+            for statement in statements:
+                await raw.execute(statement)
+            await raw.execute("INSERT INTO schema_migrations (version) VALUES ($1)", number)
+        await raw.execute(
+            "INSERT INTO runs (id, workflow, version, payload, state, attempts, lease_epoch,"
+            " lease_owner, lease_expires_at, created_at, updated_at) VALUES"
+            " ('r1', 'wf', '1', 'null', 'running', 1, 1, 'w', 99.0, 1.0, 2.0)")
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store:
+        run = await store.get_run("r1")
+        assert run is not None and (run.parent_id, run.detached) == (None, False)
+        step = StepRecord("0", "child", "wf@1", "h", "{}", None, "running", 1)
+        await execute(store, o.StartChild(Lease("r1", 1, "w"), step, "r1/0", "wf", "1", "{}",
+                                          False, 5.0))
+        [child] = await store.get_children("r1")
+        assert (child.id, child.parent_id, child.detached) == ("r1/0", "r1", False)
 
 
 async def test_the_indexes_that_keep_claims_and_status_fast_exist(postgres: TestPostgres) -> None:

@@ -160,6 +160,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             WHERE cancel_deadline IS NOT NULL
             AND state NOT IN ('completed', 'failed', 'cancelled')""",
     ),
+    # Child runs: each knows its parent (a run's children are found by it), and whether it
+    # was detached.
+    (
+        "ALTER TABLE runs ADD COLUMN parent_id TEXT",
+        "ALTER TABLE runs ADD COLUMN detached BOOLEAN NOT NULL DEFAULT false",
+        "CREATE INDEX runs_parent ON runs (parent_id, seq) WHERE parent_id IS NOT NULL",
+    ),
 )
 
 # The oldest server this store is written for: pg_current_xact_id_if_assigned and

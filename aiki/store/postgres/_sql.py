@@ -31,6 +31,7 @@ from asyncpg.transaction import Transaction
 
 from aiki.errors import AikiError, StoreUnavailable
 from aiki.records import (
+    TERMINAL_RUN_STATES,
     ClaimedRun,
     EventRecord,
     HistoryEvent,
@@ -195,6 +196,12 @@ async def next_due(conn: Conn) -> float | None:
         " AND state NOT IN ('completed', 'failed', 'cancelled')))"
     )
     return due
+
+
+async def get_children(conn: Conn, run_id: str) -> tuple[RunRecord, ...]:
+    rows = await conn.fetch(
+        f"SELECT {RUN_COLUMNS} FROM runs WHERE parent_id = $1 ORDER BY seq", run_id)
+    return tuple(_run(row) for row in rows)
 
 
 async def get_waits(conn: Conn, run_id: str) -> tuple[WaitRecord, ...]:
@@ -396,15 +403,103 @@ async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> None:
         run, op.lease, old, keyed, new, op.now, start=isinstance(op, o.StartStep)))
 
 
+# -- children and cancels: the machine decides each run's change; these walk the tree -------
+# Rows are locked as they are read (FOR UPDATE): a parent, then its children, top down.
+_UNFINISHED = "state NOT IN ('completed', 'failed', 'cancelled')"
+
+
+async def _descendants(conn: Conn, run_id: str) -> list[RunRecord]:
+    """The unfinished children it did not detach, theirs, and so on, in enqueue order."""
+    rows = await conn.fetch(
+        f"WITH RECURSIVE tree (id) AS (SELECT id FROM runs WHERE parent_id = $1 AND NOT detached"
+        f" AND {_UNFINISHED} UNION ALL SELECT r.id FROM runs r JOIN tree ON r.parent_id ="
+        f" tree.id WHERE NOT r.detached AND r.{_UNFINISHED})"
+        f" SELECT {RUN_COLUMNS} FROM runs WHERE id IN (SELECT id FROM tree) ORDER BY seq"
+        " FOR UPDATE", run_id)
+    return [_run(row) for row in rows]
+
+
+async def _unfinished(conn: Conn, run_id: str) -> int:
+    count: int = await conn.fetchval(
+        f"SELECT count(*) FROM runs WHERE parent_id = $1 AND NOT detached AND {_UNFINISHED}",
+        run_id)
+    return count
+
+
+async def _awaits_children(conn: Conn, run: RunRecord) -> bool:
+    return m.awaits_children(run, await get_waits(conn, run.id))
+
+
+async def _ended(conn: Conn, run: RunRecord, now: float, ended: list[RunRecord]) -> None:
+    """``run`` has ended: note it, and tell its parent (recursively up the tree)."""
+    ended.append(run)
+    parent = (await get_run(conn, run.parent_id, lock=True)
+              if run.parent_id is not None else None)
+    if parent is None or parent.state in TERMINAL_RUN_STATES:
+        return
+    joins = [_step(row) for row in await conn.fetch(
+        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 AND kind = 'join' AND name = $2"
+        " AND state = 'running' ORDER BY seq", parent.id, run.id)]
+    change = m.child_ended(parent, joins, await get_waits(conn, parent.id), run,
+                           await _unfinished(conn, parent.id), now)
+    await _write(conn, parent.id, change)
+    if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+        await _ended(conn, change.run, now, ended)
+
+
+async def _cascade(conn: Conn, run_id: str, reason: str | None, grace: float, who: str,
+                   now: float, revoked: list[str], ended: list[RunRecord]) -> None:
+    """Cancel ``run_id``'s unfinished, not detached descendants, the deepest first."""
+    for d in reversed(await _descendants(conn, run_id)):
+        run = await get_run(conn, d.id, lock=True)
+        assert run is not None
+        change, out = m.cancel(run, run.id, reason, grace, who, now,
+                               awaiting_children=await _awaits_children(conn, run),
+                               cascade=run_id)
+        await _write(conn, run.id, change)
+        if out.holder is not None:
+            revoked.append(run.id)
+        if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+            await _ended(conn, change.run, now, ended)
+
+
 async def _finish(conn: Conn, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
-    run = await get_run(conn, op.lease.run_id, lock=True)
+    run_id = op.lease.run_id
+    run = m.fenced(op.lease, await get_run(conn, run_id, lock=True))
+    ended: list[RunRecord] = []
+    if isinstance(op, o.FailRun) and run.cancel_requested_at is None:
+        await _cascade(conn, run_id, f"its parent run {run_id} failed", m.CASCADE_GRACE,
+                       "the engine", op.now, [], ended)
+    now_run = await get_run(conn, run_id)
+    children = await _unfinished(conn, run_id)
     if isinstance(op, o.CompleteRun):
-        change = m.finish(run, op.lease, op.now, result=op.result)
+        change = m.finish(now_run, op.lease, op.now, result=op.result, children=children)
     else:
-        change = m.finish(run, op.lease, op.now, error=(op.error_type, op.error_message),
-                          traceback=op.traceback)
-    await _write(conn, op.lease.run_id, change)
-    return change.run
+        change = m.finish(now_run, op.lease, op.now, error=(op.error_type, op.error_message),
+                          traceback=op.traceback, children=children)
+    await _write(conn, run_id, change)
+    if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+        await _ended(conn, change.run, op.now, ended)
+    return await get_run(conn, run_id)
+
+
+async def _start_child(conn: Conn, op: o.StartChild) -> StepRecord:
+    run_id = op.lease.run_id
+    run = await get_run(conn, run_id, lock=True)
+    change, child, first = m.start_child(run, op.lease, await _get_step(conn, run_id,
+                                                                        op.step.position),
+                                         op.step, op)
+    await _write(conn, run_id, change)
+    if child is not None:
+        await conn.execute(
+            f"INSERT INTO runs ({RUN_COLUMNS}) VALUES"
+            f" ({', '.join(f'${i}' for i in range(1, len(attrs.fields(RunRecord)) + 1))})",
+            *attrs.astuple(child))
+        await _log(conn, (child.id, first.at, first.event, first.attempt, first.worker_id,
+                          first.position, first.name, first.detail))
+    step = await _get_step(conn, run_id, op.step.position)
+    assert step is not None
+    return step
 
 
 async def _await_step(conn: Conn, op: o.AwaitStep) -> StepRecord:
@@ -413,8 +508,10 @@ async def _await_step(conn: Conn, op: o.AwaitStep) -> StepRecord:
     row = await conn.fetchrow(
         f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = $1 AND name = $2"
         " AND position IS NULL ORDER BY seq LIMIT 1", run_id, op.step.name)
+    child = await get_run(conn, op.step.name) if op.step.kind == "join" else None
     change, step = m.await_step(run, op.lease, await _get_step(conn, run_id, op.step.position),
-                                None if row is None else EventRecord(*row), op.step, op.now)
+                                None if row is None else EventRecord(*row), op.step, op.now,
+                                child)
     await _write(conn, run_id, change)
     return step
 
@@ -477,24 +574,49 @@ async def _retry(conn: Conn, op: o.RetryRun) -> RunRecord | None:
 
 
 async def _end_cancels(conn: Conn, op: o.EndCancels) -> tuple[RunRecord, ...]:
-    rows = await conn.fetch(
+    """Overdue cancels end, and with each the descendants its end waits for."""
+    overdue = [_run(row) for row in await conn.fetch(
         f"SELECT {RUN_COLUMNS} FROM runs WHERE cancel_deadline IS NOT NULL AND"
         " cancel_deadline <= $1 AND state NOT IN ('completed', 'failed', 'cancelled')"
-        " ORDER BY seq FOR UPDATE SKIP LOCKED", op.now)
-    ended = []
-    for row in rows:
-        change = m.end_cancel(_run(row), op.now)
-        await _write(conn, row["id"], change)
+        " ORDER BY seq FOR UPDATE SKIP LOCKED", op.now)]
+    ancestor: dict[str, str | None] = {r.id: None for r in overdue}
+    for r in overdue:
+        for d in await _descendants(conn, r.id):
+            ancestor.setdefault(d.id, r.id)
+    seqs = {row["id"]: row["seq"] for row in await conn.fetch(
+        "SELECT id, seq FROM runs WHERE id = ANY($1::text[])", list(ancestor))}
+    ended: list[RunRecord] = []
+    for run_id in sorted(ancestor, key=lambda r: seqs[r], reverse=True):
+        run = await get_run(conn, run_id, lock=True)
+        if run is None or run.state in TERMINAL_RUN_STATES:
+            continue
+        change = m.end_cancel(run, op.now, ancestor[run_id])
+        await _write(conn, run_id, change)
         assert change.run is not None
-        ended.append(change.run)
+        await _ended(conn, change.run, op.now, ended)
     return tuple(ended)
 
 
 async def _cancel(conn: Conn, op: o.CancelRun) -> o.CancelOutcome:
     run = await get_run(conn, op.run_id, lock=True)
-    change, outcome = m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now)
-    await _write(conn, op.run_id, change)
-    return outcome
+    if run is None or run.state in TERMINAL_RUN_STATES or run.cancel_requested_at:
+        return m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now)[1]
+    revoked: list[str] = []
+    ended: list[RunRecord] = []
+    first = await _awaits_children(conn, run)  # marked first: its children's ends wait on it
+    out = o.CancelOutcome(True, None, None)
+    if first:
+        change, out = m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now,
+                               awaiting_children=True)
+        await _write(conn, op.run_id, change)
+    await _cascade(conn, op.run_id, op.reason, op.grace, op.who, op.now, revoked, ended)
+    if not first:
+        change, out = m.cancel(await get_run(conn, op.run_id), op.run_id, op.reason,
+                               op.grace, op.who, op.now)
+        await _write(conn, op.run_id, change)
+        if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+            await _ended(conn, change.run, op.now, ended)
+    return o.CancelOutcome(True, await get_run(conn, op.run_id), out.holder, tuple(revoked))
 
 
 async def _release(conn: Conn, op: o.ReleaseRun) -> None:
@@ -508,6 +630,7 @@ _OPS: dict[type[Any], Callable[[Conn, Any], Awaitable[Any]]] = {
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
     o.RetryRun: _retry, o.CancelRun: _cancel, o.EndCancels: _end_cancels,
+    o.StartChild: _start_child,
 }
 
 

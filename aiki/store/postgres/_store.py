@@ -142,6 +142,9 @@ class PostgresStore:
     async def get_waits(self, run_id: str) -> tuple[WaitRecord, ...]:
         return await self._read("get_waits", lambda conn: _sql.get_waits(conn, run_id))
 
+    async def get_children(self, run_id: str) -> tuple[RunRecord, ...]:
+        return await self._read("get_children", lambda conn: _sql.get_children(conn, run_id))
+
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
         return await self._read("get_events", lambda conn: _sql.get_events(conn, run_id))
 
