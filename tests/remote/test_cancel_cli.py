@@ -103,3 +103,42 @@ async def test_runs_show_prints_the_tree_of_children(cluster: Cluster, tmp_path:
     child_id = tree[0].split()[0]
     child = await aiki_cli(cluster, url, "runs", "show", child_id)
     assert "parent" in child and run_id in child
+
+
+async def test_a_three_level_tree_cancelled_mid_flight_on_two_workers(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """The issue's "done when": a tree of seven runs (a root, two children, four leaves whose
+    tasks are running) spread over two worker processes is cancelled; every run ends
+    cancelled, and no task starts after the cancel."""
+    import aiki
+    from tests.remote.processes import workers_connected
+
+    server, url = await cluster.server(tmp_path / "aiki.db")
+    workers = [await cluster.worker(url, name, "--app", "tests.remote.app:with_tree",
+                                    task_seconds=600.0, concurrency=2) for name in "ab"]
+    async with aiki.connect(url) as client:
+        await eventually(lambda: workers_connected(client, "a", "b"), 30,
+                         "both workers to connect", server, *workers)
+        handle = await client.enqueue("remote-tree", 2, version="1")
+
+        async def leaves_running() -> bool:
+            return sum(e == "start" for _, e, _ in cluster.executions()) >= 4
+
+        await eventually(leaves_running, 60, "the four leaves' tasks to start", server,
+                         *workers)
+        assert await handle.cancel("abandoned") is True
+        started = cluster.executions()
+        with pytest.raises(aiki.WorkflowCancelled, match="abandoned"):
+            await handle.wait_for_completion(timeout=60)
+        runs, todo = [], [handle.id]
+        while todo:
+            status = await client.handle(todo.pop()).status()
+            runs.append(status)
+            todo += [c.id for c in status.children]
+        await trio.sleep(1.0)  # a task started late would show in the log by now
+        after = cluster.executions()
+    assert len(runs) == 7
+    assert [r.state for r in runs] == ["cancelled"] * 7
+    assert {w for w, e, _ in started if e == "start"} == {"a", "b"}  # mid-flight on both
+    assert after == started  # no task started after the cancel, none ran to its end
+    assert all(worker.alive for worker in workers)
