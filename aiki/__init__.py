@@ -7,7 +7,7 @@ survives crashes and restarts and resumes where it stopped.
 import importlib
 from typing import Any
 
-from aiki.actors.run import WorkflowRun
+from aiki.actors.run import DeadlineScope, WorkflowRun
 from aiki.client.views import ChildStatus
 from aiki.errors import (
     AikiError,
@@ -16,6 +16,7 @@ from aiki.errors import (
     ChildFailed,
     ConfigError,
     ConnectionLost,
+    DeadlineExceeded,
     EventTimeout,
     IdempotencyConflict,
     NonDeterminismError,
@@ -53,11 +54,11 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AikiError", "AuthenticationFailed", "ChildCancelled", "ChildFailed", "ChildRun",
-    "ChildStatus", "Client", "ConfigError", "ConnectionLost", "Event", "EventTimeout",
-    "HistoryEvent", "IdempotencyConflict", "NonDeterminismError", "NonRetryableError",
-    "PayloadError", "Retry", "RunCancelled", "RunFinished", "RunHandle", "RunNotFound",
-    "RunNotRetryable", "RunStatus", "RunSummary", "Sources", "StaleLease", "Task", "TaskFailed",
-    "TaskStatus", "UnknownEvent", "UnknownWorkflow", "WaitStatus", "WorkerIdInUse", "WorkerInfo",
-    "Workflow", "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "connect", "embedded",
-    "event", "task", "worker", "workflow",
+    "ChildStatus", "Client", "ConfigError", "ConnectionLost", "DeadlineExceeded", "DeadlineScope",
+    "Event", "EventTimeout", "HistoryEvent", "IdempotencyConflict", "NonDeterminismError",
+    "NonRetryableError", "PayloadError", "Retry", "RunCancelled", "RunFinished", "RunHandle",
+    "RunNotFound", "RunNotRetryable", "RunStatus", "RunSummary", "Sources", "StaleLease", "Task",
+    "TaskFailed", "TaskStatus", "UnknownEvent", "UnknownWorkflow", "WaitStatus", "WorkerIdInUse",
+    "WorkerInfo", "Workflow", "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "connect",
+    "embedded", "event", "task", "worker", "workflow",
 ]

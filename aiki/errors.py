@@ -133,6 +133,10 @@ class ChildCancelled(AikiError):
         self.reason = reason
 
 
+class DeadlineExceeded(AikiError):
+    """Raised at the end of ``with run.fail_after(...)`` when its deadline passed first."""
+
+
 class RunNotFound(AikiError):
     """No run with this id exists in the store."""
 

@@ -406,6 +406,18 @@ class StartChild:
     detached: bool = False
 
 
+@message("abandon_steps")
+@attrs.frozen
+class AbandonSteps:
+    """The deadline scope these steps stood in expired (fenced): the ones not final end
+    failed with ``DeadlineExceeded``; answered by ``Ok``."""
+
+    req: int
+    lease: Lease
+    positions: tuple[str, ...]
+    scope: str
+
+
 @message("step_result")
 @attrs.frozen
 class StepResult:

@@ -8,10 +8,12 @@ import attrs
 
 RunState = Literal["queued", "running", "waiting", "completed", "failed", "cancelled"]
 StepState = Literal["running", "retrying", "completed", "failed"]
-StepKind = Literal["task", "now", "random", "uuid", "sleep", "event", "child", "join"]
+StepKind = Literal["task", "now", "random", "uuid", "sleep", "event", "child", "join",
+                   "deadline"]
 # ``join``: a child run's end; ``children``: the end of every child it did not detach (a run
 # whose function has ended waits so, its own end decided, before it ends).
-WaitKind = Literal["sleep", "event", "retry", "join", "children"]
+# ``deadline``: a durable deadline (``run.move_on_after``) of the scope the run waits in.
+WaitKind = Literal["sleep", "event", "retry", "join", "children", "deadline"]
 
 TERMINAL_RUN_STATES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 FINAL_STEP_STATES: frozenset[str] = frozenset({"completed", "failed"})

@@ -3,8 +3,10 @@
 Run it: ``python examples/parcels.py`` (virtual time: the days pass in a second or two).
 
 - ``order`` charges the customer, then starts a ``ship`` child run per parcel and waits for
-  all of them (``run.gather`` of ``ship.call``): the parcels ship in parallel, on any worker,
-  each a run of its own with its own retries and history.
+  all of them (``run.gather`` of ``ship.call``) under a durable deadline of three days: the
+  parcels ship in parallel, on any worker, each a run of its own with its own retries and
+  history. Past the deadline the parcels still in flight are cancelled and the order says
+  so (``scope.cancelled_caught``).
 - The second order is cancelled while its parcels wait in the warehouse. The cancel reaches
   every child (their pickups are cancelled), and the order's workflow sees
   ``aiki.RunCancelled`` where it stands; inside ``run.shield()`` it refunds the customer
@@ -48,6 +50,8 @@ async def refund(order: Order) -> str:
 async def pick_up(parcel: str) -> str:
     if parcel.startswith("bulky"):
         await trio.sleep(timedelta(days=2).total_seconds())  # the courier takes its time
+    if parcel.startswith("lost"):
+        await trio.sleep(timedelta(days=30).total_seconds())  # it never comes
     ledger.append(f"picked up {parcel}")
     return f"tracking-{parcel}"
 
@@ -61,8 +65,12 @@ async def ship(run: aiki.WorkflowRun, parcel: str) -> str:
 async def order(run: aiki.WorkflowRun, o: Order) -> list[str]:
     await charge.run(run, o)
     try:
-        # One child run per parcel; the order waits for all of them, its slot given back.
-        return await run.gather(*(ship.call(run, parcel) for parcel in o.parcels))
+        # A durable deadline: recorded once, it survives crashes and restarts.
+        with run.move_on_after(timedelta(days=3)) as scope:
+            # One child run per parcel; the order waits for all of them, its slot given back.
+            return await run.gather(*(ship.call(run, parcel) for parcel in o.parcels))
+        assert scope.cancelled_caught  # the parcels still in flight were cancelled
+        return ["late: shipping took more than 3 days"]
     except aiki.RunCancelled:
         with run.shield():  # compensation runs to completion within the cancel's grace
             await refund.run(run, o)
@@ -91,6 +99,11 @@ async def main() -> None:
             status = await slow.status()
             print("o-2 children:", ", ".join(f"{c.workflow} {c.state}"
                                                for c in status.children))
+            lost = await order.enqueue(client, Order("o-3", 100, ["pen", "lost-parcel"]))
+            print("o-3:", await lost.wait_for_completion())
+            status = await lost.status()
+            print("o-3 children:", ", ".join(sorted(f"{c.workflow} {c.state}"
+                                                      for c in status.children)))
             for line in ledger:
                 print(" ", line)
 

@@ -23,7 +23,9 @@ SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a 
              "send refused for a finished run", "run woken on another server",
              "run cancelled", "cancel of a finished run", "parent woken by a child completed",
              "parent woken by a child failed", "parent woken by a child cancelled",
-             "run waited for its children", "cancel reached a descendant")
+             "run waited for its children", "cancel reached a descendant",
+             "deadline scope expired", "run woken at its deadline",
+             "step abandoned at a deadline")
 
 
 @attrs.frozen

@@ -92,6 +92,11 @@ class Ledger:
     heard_end: dict[str, tuple[float, str]] = attrs.field(factory=dict)  # (when, state)
     wakeups: list[tuple[float, str, bool]] = attrs.field(factory=list)  # (when, run, woken)
     cancels: list[tuple[float, str, bool]] = attrs.field(factory=list)  # (asked, run, answer)
+    # Deadline scopes as workflow code left them: (virtual time, run, node, deadline,
+    # expired, the node's clock then, the scope's seconds).
+    deadlines: list[tuple[float, str, str, float, bool, float, float]] = attrs.field(
+        factory=list)
+    clock_jumps: Counter[str] = attrs.field(factory=Counter)  # node -> |jumps| in seconds
 
     def violation(self, text: str) -> None:
         try:

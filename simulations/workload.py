@@ -45,9 +45,14 @@ RETRIES: dict[str, aiki.Retry] = {
 }
 
 
-def bind(ledger: Ledger) -> None:
+_CLOCKS: dict[str, Any] = {}  # node -> its wall clock (``now()``), for the deadline checks
+
+
+def bind(ledger: Ledger, clocks: dict[str, Any] | None = None) -> None:
     _LEDGER[:] = [ledger]
     _CALLS.clear()
+    _CLOCKS.clear()
+    _CLOCKS.update(clocks or {})
 
 
 def _make_task(name: str, retry: aiki.Retry) -> aiki.Task[dict[str, Any], int]:
@@ -96,6 +101,9 @@ async def _interpret(run: aiki.WorkflowRun, program: dict[str, Any]) -> list[int
             ])
             acc = sum(values) % 1_000_003
             out.append(acc)
+        elif "deadline" in step:
+            await _deadline(run, program, step)
+            out.append(0)  # whether it expired is the checkers' business, not the result's
         elif "child" in step or "children" in step:
             acc = await _children(run, step, acc)
             out.append(acc)
@@ -122,6 +130,32 @@ async def _interpret(run: aiki.WorkflowRun, program: dict[str, Any]) -> list[int
                 acc = -1
             out.append(acc)
     return out
+
+
+async def _deadline(run: aiki.WorkflowRun, program: dict[str, Any],
+                    step: dict[str, Any]) -> None:
+    """A deadline scope (``move_on_after``, or ``fail_after`` caught) over tasks, sleeps and
+    nested scopes whose values are dropped: when it expires depends on timing. Each exit is
+    noted with the node's clock, for the checkers."""
+    make = run.fail_after if step.get("fail") else run.move_on_after
+    scope = make(step["deadline"])
+    try:
+        with scope:
+            for inner in step["steps"]:
+                if "deadline" in inner:
+                    await _deadline(run, program, inner)
+                elif "sleep" in inner:
+                    await run.sleep(inner["sleep"])
+                else:
+                    spec = inner["call"]
+                    await TASKS[spec["task"]].run(run, {**spec, "x": 0, "rk": program["rk"]})
+    except aiki.DeadlineExceeded:
+        pass
+    node = NODE.get()
+    clock = _CLOCKS.get(node)
+    if _LEDGER and clock is not None and scope.deadline is not None:
+        _LEDGER[0].deadlines.append((trio.current_time(), run.id, node, scope.deadline,
+                                     scope.cancelled_caught, clock.now(), step["deadline"]))
 
 
 async def _children(run: aiki.WorkflowRun, step: dict[str, Any], acc: int) -> int:
@@ -255,8 +289,38 @@ def plan(seed: int, n_runs: int, duration: float) -> list[PlannedRun]:
         planned.append(_with_waits(w, PlannedRun(f"e{i}", run_id, at, version, key, program)))
     k = random.Random(f"{seed}:children")  # streams of their own: the rest stays as it was
     planned = [_with_children(k, item) for item in planned]
+    d = random.Random(f"{seed}:deadlines")
+    planned = [_with_deadlines(d, item) for item in planned]
     c = random.Random(f"{seed}:cancels")
     return [_with_cancels(c, item) for item in planned]
+
+
+def _deadline_step(r: random.Random, rk: str, depth: int) -> dict[str, Any]:
+    inner: list[dict[str, Any]] = []
+    for j in range(r.randint(1, 3)):
+        roll = r.random()
+        if roll < 0.5:
+            spec = _task_spec(r, f"{rk}.d{depth}.{j}", [])
+            spec.update(fail=0, work=r.choice([0.0, 0.5, 3.0, 20.0, 60.0]))
+            spec.pop("key", None)
+            spec.pop("catch", None)
+            inner.append({"call": spec})
+        elif roll < 0.8 or depth >= 1:
+            inner.append({"sleep": r.choice([*SHORT_SLEEPS, *LONG_SLEEPS])})
+        else:
+            inner.append(_deadline_step(r, f"{rk}.n{j}", depth + 1))
+    return {"deadline": r.choice([1.0, 5.0, 12.0, 30.0, 120.0]), "fail": r.random() < 0.4,
+            "steps": inner}
+
+
+def _with_deadlines(r: random.Random, item: PlannedRun) -> PlannedRun:
+    """Some runs have a deadline scope, sometimes nested, over tasks and sleeps."""
+    if r.random() >= 0.3:
+        return item
+    steps = list(item.program["steps"])
+    rk = item.program["rk"]
+    steps.insert(r.randint(0, len(steps)), _deadline_step(r, f"{rk}.dl", 0))
+    return attrs.evolve(item, program={**item.program, "steps": steps})
 
 
 MAX_DEPTH = 3  # a run, its children, theirs

@@ -479,6 +479,7 @@ class World:
                 node = r.choice(nodes)
                 jump = r.uniform(-5.0, 5.0)
                 self.clocks[node].offset += jump
+                self.ledger.clock_jumps[node] += abs(jump)
                 if jump < 0:
                     self.ledger.clock_set_back.append((now, node))
                 self.stats["clock jump"] += 1
@@ -518,7 +519,7 @@ class World:
     # -- the run ------------------------------------------------------------------------
     async def run(self) -> None:
         planned = workload.plan(self.cfg.seed, self.cfg.runs, self.cfg.safety)
-        workload.bind(self.ledger)
+        workload.bind(self.ledger, self.clocks)
         async with trio.open_nursery() as nursery:
             self.net.nursery = nursery
             assert self.store.notices is not None
@@ -618,6 +619,8 @@ def run_seed(cfg: Config) -> Outcome:
     assert world.store.notices is not None
     for k, v in world.store.notices.stats.items():
         faults[k] += v
+    world.ledger.sometimes["deadline scope expired"] += sum(
+        1 for d in world.ledger.deadlines if d[4])
     for history in world.store.inner.contents().history.values():
         for e in history:
             situation = SITUATIONS.get((e.event, (e.detail or "").split(" ")[0],
@@ -630,6 +633,10 @@ def run_seed(cfg: Config) -> Outcome:
                 world.ledger.sometimes["run waited for its children"] += 1
             elif e.event == "cancel.requested" and ", through run " in (e.detail or ""):
                 world.ledger.sometimes["cancel reached a descendant"] += 1
+            elif e.event == "run.queued" and "the deadline of the scope" in (e.detail or ""):
+                world.ledger.sometimes["run woken at its deadline"] += 1
+            elif (e.detail or "").startswith("DeadlineExceeded: its deadline scope"):
+                world.ledger.sometimes["step abandoned at a deadline"] += 1
     return Outcome(cfg.seed, digest, clock.current_time(), faults, world.ledger.sometimes,
                    list(world.ledger.violations), runs, world.trace if cfg.trace else [],
                    world.store, world.ledger, cfg.runs)

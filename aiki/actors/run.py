@@ -32,6 +32,7 @@ import logging
 import math
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import attrs
@@ -42,6 +43,7 @@ from aiki.errors import (
     ChildCancelled,
     ChildFailed,
     ConnectionLost,
+    DeadlineExceeded,
     NonDeterminismError,
     NonRetryableError,
     PayloadError,
@@ -60,6 +62,8 @@ T = TypeVar("T")
 WRITE_ATTEMPTS = 8  # about 20 s of backoff before giving the run back to its lease
 # 0: every task attempt's start is recorded before it runs (see the module doc).
 DEFAULT_RECORD_START_AFTER = 0.0
+DEADLINE_EXCEEDED = "DeadlineExceeded"  # the error of a step its deadline scope abandoned
+CHILD_CANCEL_GRACE = 60.0  # how long a child cancelled by an expired deadline may compensate
 
 
 class TaskDefinition(Protocol):
@@ -154,6 +158,24 @@ _SHIELDED: contextvars.ContextVar[bool] = contextvars.ContextVar("aiki_shielded"
 
 
 @attrs.define(eq=False)
+class _Deadline:
+    """An open deadline scope: its position (where its deadline is recorded), its Trio
+    cancel scope, the deadline once recorded (epoch seconds), and the children started in
+    it (cancelled when it expires)."""
+
+    position: str
+    seconds: float
+    cancel: trio.CancelScope
+    at: float | None = None
+    children: list[str] = attrs.field(factory=list)
+    steps: list[str] = attrs.field(factory=list)  # positions of the steps begun inside
+
+
+_DEADLINES: contextvars.ContextVar[tuple[_Deadline, ...]] = contextvars.ContextVar(
+    "aiki_deadlines", default=())
+
+
+@attrs.define(eq=False)
 class RunState:
     """The engine's view of one leased run while it executes."""
 
@@ -174,6 +196,10 @@ class RunState:
     # The run is being cancelled (its reason): new steps outside a shield raise RunCancelled.
     cancelling: bool = False
     cancel_reason: str | None = None
+    # Children whose deadline scope expired: cancelled at the next write; and the steps
+    # that stood in it, recorded abandoned.
+    pending_cancels: list[tuple[str, str]] = attrs.field(factory=list)
+    pending_abandons: list[tuple[str, tuple[str, ...]]] = attrs.field(factory=list)
     steps: dict[str, StepRecord] = attrs.field(init=False)
     consumed: set[str] = attrs.field(factory=set)
     root: _Branch = attrs.field(factory=lambda: _Branch(""))
@@ -192,6 +218,74 @@ class RunState:
         """Raise :class:`RunCancelled` where the workflow stands, unless shielded."""
         if self.cancelling and not _SHIELDED.get():
             raise RunCancelled(self.lease.run_id, self.cancel_reason)
+
+    def check_inside(self, what: str) -> None:
+        """RuntimeError unless called from this run's workflow code."""
+        branch = _BRANCH.get(None)
+        if branch is None or branch[0] is not self:
+            raise RuntimeError(f"{what} is used outside the workflow code of run "
+                               f"{self.lease.run_id}: call it from the workflow function")
+
+    async def arm(self) -> None:
+        """Before a step: the deadlines of the scopes it stands in are recorded (once; a
+        replay reads them back); the children of scopes that expired are cancelled, and
+        their steps recorded abandoned. The deadlines take effect once the code does new
+        work (:meth:`activate`): a replay of recorded steps is not cut short by a deadline
+        that had not passed when they were recorded."""
+        for d in _DEADLINES.get():
+            if d.at is not None:
+                continue
+            recorded = self.replayed(d.position, "deadline", "deadline", "null", "", None)
+            if recorded is not None and recorded.output is not None:
+                at = float(p.decode_value(recorded.output))
+            else:
+                at = self.sources.clock.now() + d.seconds
+                output = p.encode_value(at)
+                await self.save(StepRecord(d.position, "deadline", "deadline", "", "null",
+                                           None, "completed", 1, output=output))
+            d.at = at
+        await self.flush_cancels()
+
+    def activate(self) -> None:
+        """New work begins (not a replayed step): the deadlines of the scopes it stands in
+        take effect. Of those that have passed (a replay after them), only the earliest is
+        cancelled now (the outermost of equal ones), as it was the first to expire; the
+        others' turn comes at the next step, if the code reaches one inside them."""
+        now = self.sources.clock.now()
+        scopes = [d for d in _DEADLINES.get() if d.at is not None]
+        passed = [d for d in scopes if d.at is not None and d.at <= now]
+        if passed:
+            min(passed, key=lambda d: d.at or 0.0).cancel.cancel()
+        for d in scopes:
+            if d not in passed and d.at is not None:
+                d.cancel.deadline = trio.current_time() + (d.at - now)
+
+    def in_scopes(self, position: str) -> None:
+        """A step begins at ``position``: the deadline scopes it stands in note it."""
+        for d in _DEADLINES.get():
+            d.steps.append(position)
+
+    async def cancelled_on_replay(self, step: StepRecord) -> None:
+        """A recorded step that its deadline scope abandoned: that scope is cancelled here
+        again, as it was the first time."""
+        if step.error_type != DEADLINE_EXCEEDED or step.output is None:
+            return
+        scope = p.decode_value(step.output)
+        for d in _DEADLINES.get():
+            if d.position == scope:
+                d.cancel.cancel()
+                await trio.lowlevel.checkpoint()
+
+    async def flush_cancels(self) -> None:
+        # Taken before the write: concurrent branches flush too (a failed write abandons
+        # the run, whose next lease records them again).
+        while self.pending_abandons:
+            scope, positions = self.pending_abandons.pop(0)
+            await self.write(partial(_abandon_steps, lease=self.lease, positions=positions,
+                                     scope=scope))
+        while self.pending_cancels:
+            child_id, reason = self.pending_cancels.pop(0)
+            await self.write(partial(_cancel_run, run_id=child_id, reason=reason))
 
     async def write(self, make: Callable[[int], Any]) -> Any:
         """Persist one write, retrying while the store is away or the reply is lost.
@@ -253,6 +347,7 @@ class RunState:
             )
 
     async def task(self, task: TaskDefinition, payload: Any, key: str | None) -> Any:
+        await self.arm()
         position = self.next_position()
         what = f"input of task {task.name!r}"
         input_json = p.encode_value(payload, task.payload_type, what=what)
@@ -261,6 +356,7 @@ class RunState:
         attempt, not_before = 1, None
         if recorded is not None:
             if recorded.state in FINAL_STEP_STATES:
+                await self.cancelled_on_replay(recorded)
                 return _outcome(recorded, task.result_type)
             self.check_cancelled()  # (never started again after a cancel)
             # A crash during an attempt re-runs that attempt; a retrying step runs the next.
@@ -274,6 +370,8 @@ class RunState:
             self._keyed[(task.name, key)] = trio.Event()
         else:
             self.check_cancelled()
+        self.in_scopes(position)
+        self.activate()
         try:
             return await self._attempts(task, position, input_json, input_hash, key,
                                         attempt, not_before)
@@ -393,14 +491,18 @@ class RunState:
 
     async def sleep(self, seconds: float) -> bool:
         """A durable sleep: True if it lasted ``seconds``, False if woken early."""
+        await self.arm()
         position = self.next_position()
         input_json = p.encode_value({"seconds": seconds})
         recorded = self.replayed(position, "sleep", "sleep", input_json, "", None)
         due = self.sources.clock.now() + seconds
         if recorded is not None:
             if recorded.state in FINAL_STEP_STATES:
+                await self.cancelled_on_replay(recorded)
                 return recorded.output == "true"
         self.check_cancelled()
+        self.in_scopes(position)
+        self.activate()
         if recorded is not None:
             # Started before: count from when it began, whatever the code sleeps now.
             before = seconds_recorded(recorded)
@@ -424,13 +526,17 @@ class RunState:
     async def wait_event(self, name: str, timeout: float | None) -> StepRecord:
         """Wait for event ``name``: the final step (completed with its payload, or failed as
         timed out)."""
+        await self.arm()
         position = self.next_position()
         input_json = p.encode_value({"seconds": timeout})
         recorded = self.replayed(position, "event", name, input_json, "", None)
         due = None if timeout is None else self.sources.clock.now() + timeout
         if recorded is not None and recorded.state in FINAL_STEP_STATES:
+            await self.cancelled_on_replay(recorded)
             return recorded
         self.check_cancelled()
+        self.in_scopes(position)
+        self.activate()
         if recorded is not None:
             before = seconds_recorded(recorded)
             if recorded.next_attempt_at is not None and before is not None:
@@ -447,14 +553,20 @@ class RunState:
                           key: str | None, detached: bool) -> str:
         """A child run started as a step: its id (the same one on every replay). Its
         address is the workflow, its version, and the idempotency key or the input's hash."""
+        self.check_inside("start_child()")
+        await self.arm()
         position = self.next_position()
         name = f"{workflow}@{version}"
         input_hash = p.content_hash(name, payload)
         recorded = self.replayed(position, "child", name, payload, input_hash, key)
         if recorded is not None and recorded.state in FINAL_STEP_STATES:
-            return str(p.decode_value(recorded.output or "null"))
+            child_id = str(p.decode_value(recorded.output or "null"))
+            self._in_scopes(child_id, detached)
+            return child_id
         self.check_cancelled()
+        self.activate()
         child_id = f"{self.lease.run_id}/{position}"
+        self._in_scopes(child_id, detached)
         step = StepRecord(position, "child", name, input_hash, payload, key, "running", 1)
         reply = await self.write(lambda req: p.StartChild(
             req, self.lease, step, child_id, workflow, version, payload, detached))
@@ -462,14 +574,24 @@ class RunState:
         self.steps[position] = stored
         return str(p.decode_value(stored.output or "null"))
 
+    def _in_scopes(self, child_id: str, detached: bool) -> None:
+        if not detached:
+            for d in _DEADLINES.get():
+                d.children.append(child_id)
+
     async def join(self, child_id: str, result_type: Any) -> Any:
         """Wait for the child run ``child_id`` to end, the slot given back meanwhile: its
         result, or ChildFailed / ChildCancelled."""
+        await self.arm()
         position = self.next_position()
         input_json = p.encode_value({"child": child_id})
         recorded = self.replayed(position, "join", child_id, input_json, "", None)
-        if recorded is None or recorded.state not in FINAL_STEP_STATES:
+        if recorded is not None and recorded.state in FINAL_STEP_STATES:
+            await self.cancelled_on_replay(recorded)
+        else:
             self.check_cancelled()
+            self.in_scopes(position)
+            self.activate()
             step = StepRecord(position, "join", child_id, "", input_json, None, "running", 1)
             recorded = await self.await_step(step)
             if recorded.state not in FINAL_STEP_STATES:
@@ -485,15 +607,26 @@ class RunState:
 
     async def helper(self, kind: StepKind, produce: Callable[[], Any]) -> Any:
         """``run.now()`` and friends: a value recorded once, then replayed."""
+        await self.arm()
         position = self.next_position()
         recorded = self.replayed(position, kind, kind, "null", "", None)
         if recorded is not None and recorded.output is not None:
             return p.decode_value(recorded.output)
         self.check_cancelled()
+        self.activate()
         output = p.encode_value(produce())
         await self.save(StepRecord(position, kind, kind, "", "null", None, "completed", 1,
                                    output=output))
         return p.decode_value(output)
+
+
+def _abandon_steps(req: int, *, lease: Lease, positions: tuple[str, ...],
+                   scope: str) -> p.AbandonSteps:
+    return p.AbandonSteps(req, lease, positions, scope)
+
+
+def _cancel_run(req: int, *, run_id: str, reason: str) -> p.CancelRun:
+    return p.CancelRun(req, run_id, reason, CHILD_CANCEL_GRACE)
 
 
 def seconds_recorded(step: StepRecord) -> float | None:
@@ -533,6 +666,61 @@ def position_key(position: str) -> tuple[int, ...]:
     return tuple(int(x) for x in position.split("."))
 
 
+class DeadlineScope:
+    """``with run.move_on_after(d) as scope:`` (or ``run.fail_after(d)``): a durable
+    deadline over every await inside. ``cancelled_caught`` says whether it expired there;
+    ``deadline`` is when (epoch seconds), once recorded (at the first await inside)."""
+
+    def __init__(self, state: RunState, seconds: float, fail: bool, what: str) -> None:
+        self._state = state
+        self._seconds = seconds
+        self._fail = fail
+        self._what = what
+        self._scope: _Deadline | None = None
+        self._token: contextvars.Token[tuple[_Deadline, ...]] | None = None
+        self.cancelled_caught = False
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self._scope is None else self._scope.at
+
+    def __enter__(self) -> DeadlineScope:
+        self._state.check_inside(self._what)
+        if self._scope is not None:
+            raise RuntimeError(f"{self._what}: a deadline scope is entered once")
+        self._scope = _Deadline(self._state.next_position(), self._seconds,
+                                trio.CancelScope())
+        self._scope.cancel.__enter__()
+        self._token = _DEADLINES.set((*_DEADLINES.get(), self._scope))
+        return self
+
+    def __exit__(self, etype: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> bool:
+        scope = self._scope
+        assert scope is not None and self._token is not None
+        _DEADLINES.reset(self._token)
+        if isinstance(exc, Suspend) and scope.at is not None:
+            # The run gives its slot back: the server's timer wakes it at the deadline.
+            exc.conditions = (*exc.conditions,
+                              WaitFor(scope.position, "deadline", "deadline", scope.at))
+        handled = bool(scope.cancel.__exit__(etype, exc, tb))
+        self.cancelled_caught = scope.cancel.cancelled_caught
+        if self.cancelled_caught:
+            why = (f"the deadline of run {self._state.lease.run_id} at step "
+                   f"{scope.position} passed")
+            self._state.pending_cancels += [(c, why) for c in scope.children]
+            unfinished = tuple(q for q in scope.steps
+                               if (step := self._state.steps.get(q)) is None
+                               or step.state not in FINAL_STEP_STATES)
+            if unfinished:
+                self._state.pending_abandons.append((scope.position, unfinished))
+            if self._fail:
+                raise DeadlineExceeded(
+                    f"run {self._state.lease.run_id}: the deadline of {self._seconds:g} s "
+                    f"set at step {scope.position} passed")
+        return handled
+
+
 class WorkflowRun:
     """Handed to workflow code: the run's identity and its deterministic helpers.
 
@@ -559,6 +747,23 @@ class WorkflowRun:
     def cancel_reason(self) -> str | None:
         """The reason given to ``handle.cancel``, while the run is being cancelled."""
         return self._state.cancel_reason
+
+    def move_on_after(self, duration: float | datetime.timedelta) -> DeadlineScope:
+        """A durable deadline: ``with run.move_on_after(timedelta(days=3)) as scope:``.
+        Every await inside is cancelled once it passes (task attempts, sleeps and waits;
+        children started inside are cancelled); the code goes on after the block, with
+        ``scope.cancelled_caught`` True. The deadline is recorded at the first await inside,
+        so a replay sees the same one, and a run waiting past it is woken by the server's
+        timer. Nested scopes behave as Trio's: the earliest deadline wins, and each catches
+        only its own expiry. A negative, NaN or infinite duration raises ValueError."""
+        seconds = check_duration(duration, "run.move_on_after()")
+        return DeadlineScope(self._state, seconds, False, "run.move_on_after()")
+
+    def fail_after(self, duration: float | datetime.timedelta) -> DeadlineScope:
+        """As :meth:`move_on_after`, but an expired scope raises ``aiki.DeadlineExceeded``
+        at its end."""
+        seconds = check_duration(duration, "run.fail_after()")
+        return DeadlineScope(self._state, seconds, True, "run.fail_after()")
 
     @contextlib.contextmanager
     def shield(self) -> Iterator[None]:
@@ -694,11 +899,16 @@ async def run_workflow(
         payload = p.decode_value(run.payload, workflow.payload_type,
                                  what=f"payload of workflow {workflow.name!r}")
         value = await workflow.execute(handle, payload)
+        await state.flush_cancels()
         state.check_all_consumed()
         result = p.encode_value(value, workflow.result_type,
                                 what=f"result of workflow {workflow.name!r}")
     except Suspend as suspend:
         conditions, reason = suspend.conditions, suspend.reason
+        try:
+            await state.flush_cancels()
+        except Abandon:
+            return
         await state.write(lambda req: p.WaitRun(req, lease, conditions, reason))
         return
     except Release:

@@ -453,6 +453,10 @@ class Session:
             self._check_owner(msg.lease)
             step = await ctx.writer.write(ops.AwaitStep(msg.lease, msg.step, now))
             return p.StepResult(msg.req, step)
+        if isinstance(msg, p.AbandonSteps):
+            self._check_owner(msg.lease)
+            await ctx.writer.write(ops.AbandonSteps(msg.lease, msg.positions, msg.scope, now))
+            return p.Ok(msg.req)
         if isinstance(msg, p.StartChild):
             self._check_owner(msg.lease)
             if not 0 < len(msg.child_id) <= MAX_CHILD_ID:

@@ -70,6 +70,7 @@ UNSTARTED_TASK_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
 })
 # Wait steps (sleep, event), in history terms: they begin waiting, or end at once.
 WAIT_STEP_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
+    ("waiting", "abandoned"),  # its deadline scope expired
     (None, "waiting"), ("waiting", "waiting"), (None, "completed"), ("waiting", "completed"),
     (None, "received"), ("waiting", "received"), (None, "timed_out"), ("waiting", "timed_out"),
 })
@@ -481,7 +482,7 @@ def step_write_changes(run_id: str, old: StepRecord | None, new: StepRecord, *,
 
 def history_event_for_step(step: StepRecord) -> tuple[str, str | None]:
     """The history event name and detail that saving ``step`` appends."""
-    if step.kind in ("now", "random", "uuid"):
+    if step.kind in ("now", "random", "uuid", "deadline"):
         return "step.recorded", step.kind
     if step.state == "retrying":
         detail = (f"{step.error_type}: {step.error_message}; "
@@ -512,6 +513,32 @@ def save_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
         event, detail = history_event_for_step(step)
     return Change(attrs.evolve(run, updated_at=now), (step,), history=(Entry(
         now, event, step.attempts, lease.worker_id, step.position, step.name, detail),))
+
+
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+
+
+def abandon(run: RunRecord | None, lease: Lease, steps: Sequence[StepRecord], scope: str,
+            now: float) -> Change:
+    """``steps`` (those of the op's positions that exist) stood in the deadline scope at
+    ``scope``, which expired: the ones not final end failed with ``DeadlineExceeded``, their
+    output the scope's position."""
+    run = fenced(lease, run)
+    change = NOTHING
+    for step in steps:
+        if step.state in FINAL_STEP_STATES or step.kind not in (
+                "task", "sleep", "event", "join"):
+            continue
+        done = attrs.evolve(step, state="failed", error_type=DEADLINE_EXCEEDED,
+                            output=json.dumps(scope),
+                            error_message=f"its deadline scope at step {scope} expired")
+        event = "task.failed" if step.kind == "task" else f"{step.kind}.abandoned"
+        change = change.then(Change(steps=(done,), history=(Entry(
+            now, event, step.attempts, lease.worker_id, step.position, step.name,
+            f"{DEADLINE_EXCEEDED}: its deadline scope at step {scope} expired"),)))
+    if change is NOTHING:
+        return NOTHING
+    return change.then(Change(attrs.evolve(run, updated_at=now)))
 
 
 # -- waits -----------------------------------------------------------------------------------
@@ -617,6 +644,7 @@ def describe_waits(waits: Iterable[WaitRecord | WaitFor]) -> str:
         what = {"sleep": "a sleep", "event": f"event {w.name!r}",
                 "retry": f"the retry of task {w.name!r}",
                 "join": f"the end of child run {w.name}",
+                "deadline": "the deadline of the scope",
                 "children": "the end of its child runs"}[w.kind]
         until = "" if w.due_at is None else f" until {when(w.due_at)}"
         at = "" if w.kind == "children" else f" at step {w.position}"

@@ -158,6 +158,13 @@ class MemoryStore:
             return None
         if isinstance(op, (o.CompleteRun, o.FailRun)):
             return self._finish(op)
+        if isinstance(op, o.AbandonSteps):
+            run_id = op.lease.run_id
+            mine = self._steps.get(run_id, {})
+            self._write(run_id, m.abandon(runs.get(run_id), op.lease,
+                                          [mine[q] for q in op.positions if q in mine], op.scope,
+                                          op.now))
+            return None
         if isinstance(op, o.StartChild):
             run_id = op.lease.run_id
             change, child, first = m.start_child(

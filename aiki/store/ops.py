@@ -246,3 +246,16 @@ class StartChild(Op[StepRecord]):
     payload: str
     detached: bool
     now: float
+
+
+@attrs.frozen
+class AbandonSteps(Op[None]):
+    """The deadline scope at ``scope`` these steps stood in expired (fenced): each one not
+    final (a task attempt in flight, a sleep or a wait) is recorded failed with
+    ``DeadlineExceeded`` (its output names the scope), so it takes no event, no wake-up, and
+    a replay cancels that scope there, as it was the first time."""
+
+    lease: Lease
+    positions: tuple[str, ...]
+    scope: str  # the position of the deadline scope that expired
+    now: float

@@ -421,6 +421,12 @@ def _finish(db: Db, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
     return _get_run(db, run_id)
 
 
+def _abandon(db: Db, op: o.AbandonSteps) -> None:
+    run_id = op.lease.run_id
+    steps = [s for q in op.positions if (s := _get_step(db, run_id, q)) is not None]
+    _write(db, run_id, m.abandon(_get_run(db, run_id), op.lease, steps, op.scope, op.now))
+
+
 def _start_child(db: Db, op: o.StartChild) -> StepRecord:
     run_id = op.lease.run_id
     change, child, first = m.start_child(_get_run(db, run_id), op.lease,
@@ -559,7 +565,7 @@ _OPS: dict[type[Any], Callable[[Db, Any], Any]] = {
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
     o.RetryRun: _retry, o.CancelRun: _cancel, o.EndCancels: _end_cancels,
-    o.StartChild: _start_child,
+    o.StartChild: _start_child, o.AbandonSteps: _abandon,
 }
 
 

@@ -79,8 +79,11 @@ async def test_the_parcels_example_runs() -> None:
     assert lines[2].endswith("was cancelled: customer changed their mind")
     assert sorted(lines[3].removeprefix("o-2 children: ").split(", ")) == [
         "ship cancelled", "ship completed"]
-    assert lines[-1] == "  refunded o-2: 9900 cents"
+    assert "  refunded o-2: 9900 cents" in lines
     assert "  picked up bulky-sofa" not in lines
+    assert lines[4] == "o-3: ['late: shipping took more than 3 days']"
+    assert lines[5] == "o-3 children: ship cancelled, ship completed"
+    assert "  picked up lost-parcel" not in lines
 
 
 async def test_runs_show_prints_the_tree_of_children(cluster: Cluster, tmp_path: Path) -> None:

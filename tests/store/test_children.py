@@ -172,3 +172,23 @@ async def test_a_cancel_with_grace_lets_the_tree_compensate_then_the_timer_ends_
     [*ended] = await execute(store, o.EndCancels(24.0))
     assert [r.id for r in ended] == ["p/0", "p"]
     assert all(r.state == "cancelled" for r in ended)
+
+
+async def test_steps_of_an_expired_deadline_scope_are_abandoned(store: Store) -> None:
+    from tests.store.test_conformance import wait_step
+
+    lease = await claim_one(store, "p")
+    await execute(store, o.SaveStep(lease, step("0"), 11.0))
+    await execute(store, o.StartStep(lease, step("1", "ship", "running"), 11.0))
+    await execute(store, o.AwaitStep(lease, wait_step("2", "event", "go", None, None), 11.0))
+    await execute(store, o.AbandonSteps(lease, ("0", "1", "2", "9"), "3", 12.0))
+    done, task, wait = await store.get_steps("p")
+    assert done == step("0")  # final already: kept
+    for s in (task, wait):
+        assert (s.state, s.error_type, s.output) == ("failed", "DeadlineExceeded", '"3"')
+    assert [e[1] for e in await events(store, "p")][-2:] == ["task.failed", "event.abandoned"]
+    # The abandoned wait takes no event: it is buffered for the next wait.
+    sent = await execute(store, o.SendEvent("p", "go", '"x"', None, 13.0))
+    assert sent.delivered is False
+    with pytest.raises(StaleLease):
+        await execute(store, o.AbandonSteps(Lease("p", 0, "w1"), ("1",), "3", 14.0))

@@ -714,6 +714,9 @@ command = st.one_of(  # repeated alternatives are weights: keep runs running and
               st.sampled_from([False, False, True])),
     st.tuples(st.just("join"), target, lease_mode, st.sampled_from(["10", "11"]),
               st.integers(0, 7)),
+    # A deadline scope expired over some steps: those not final are abandoned.
+    st.tuples(st.just("abandon"), target, lease_mode,
+              st.lists(st.sampled_from(["0", "1", "2", "5", "6", "10"]), max_size=3)),
     st.tuples(st.just("suspend"), target, lease_mode, st.sampled_from([0.0, 1.0, 3.5])),
     st.tuples(st.sampled_from(["complete", "fail", "release"]), target, lease_mode),
     # Waits: a sleep or event wait reached, the run waiting on them, sends and wake-ups.
@@ -721,7 +724,8 @@ command = st.one_of(  # repeated alternatives are weights: keep runs running and
               st.sampled_from(["sleep", "event", "event"]), st.sampled_from(["go", "stop"]),
               st.sampled_from([None, 0.0, 1.0, 4.0])),
     st.tuples(st.just("wait_on"), target, lease_mode, st.sampled_from(["5", "6", "7"]),
-              st.sampled_from(["sleep", "event", "retry"]), st.sampled_from(["go", "stop"]),
+              st.sampled_from(["sleep", "event", "retry", "deadline"]),
+              st.sampled_from(["go", "stop"]),
               st.sampled_from([None, 1.0, 4.0])),
     st.tuples(st.just("send"), st.integers(0, 7), st.sampled_from(["go", "go", "stop"]),
               st.sampled_from([None, None, "m1", "m2"])),
@@ -807,6 +811,8 @@ class World:
                 self.run_ids.append(child_id)
             record = StepRecord(position, "child", "wf", "h", '{"c": 1}', None, "running", 1)
             return o.StartChild(lease, record, child_id, "wf", "1", '{"c": 1}', detached, now)
+        if kind == "abandon":
+            return o.AbandonSteps(lease, tuple(cmd[3]), "4", now)
         if kind == "join":
             _, _, _, position, index = cmd
             child_id = self.run_id(index)
@@ -824,7 +830,8 @@ class World:
             return o.AwaitStep(lease, record, now)
         if kind == "wait_on":
             _, _, _, position, wait_kind, name, delay = cmd
-            condition = WaitFor(position, wait_kind, "sleep" if wait_kind == "sleep" else name,
+            condition = WaitFor(position, wait_kind, name if wait_kind in ("event", "retry")
+                                else wait_kind,
                                 None if delay is None else now + delay)
             return o.WaitRun(lease, (condition,), "waits", now)
         if kind in ("start_step", "save_step"):

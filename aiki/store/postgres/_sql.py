@@ -483,6 +483,13 @@ async def _finish(conn: Conn, op: o.CompleteRun | o.FailRun) -> RunRecord | None
     return await get_run(conn, run_id)
 
 
+async def _abandon(conn: Conn, op: o.AbandonSteps) -> None:
+    run_id = op.lease.run_id
+    run = await get_run(conn, run_id, lock=True)
+    steps = [s for q in op.positions if (s := await _get_step(conn, run_id, q)) is not None]
+    await _write(conn, run_id, m.abandon(run, op.lease, steps, op.scope, op.now))
+
+
 async def _start_child(conn: Conn, op: o.StartChild) -> StepRecord:
     run_id = op.lease.run_id
     run = await get_run(conn, run_id, lock=True)
@@ -630,7 +637,7 @@ _OPS: dict[type[Any], Callable[[Conn, Any], Awaitable[Any]]] = {
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
     o.RetryRun: _retry, o.CancelRun: _cancel, o.EndCancels: _end_cancels,
-    o.StartChild: _start_child,
+    o.StartChild: _start_child, o.AbandonSteps: _abandon,
 }
 
 
