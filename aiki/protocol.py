@@ -351,6 +351,8 @@ class StartStep:
     req: int
     lease: Lease
     step: StepRecord
+    # Completed task outcomes of the same run, committed first in the same transaction.
+    saved: tuple[StepRecord, ...] = ()
 
 
 @message("save_step")
@@ -359,6 +361,8 @@ class SaveStep:
     req: int
     lease: Lease
     step: StepRecord
+    # Completed task outcomes of the same run, committed first in the same transaction.
+    saved: tuple[StepRecord, ...] = ()
 
 
 @message("complete_run")
@@ -367,6 +371,8 @@ class CompleteRun:
     req: int
     lease: Lease
     result: str
+    # Completed task outcomes of the same run, committed first in the same transaction.
+    saved: tuple[StepRecord, ...] = ()
 
 
 @message("fail_run")
