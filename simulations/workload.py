@@ -151,7 +151,7 @@ async def _deadline(run: aiki.WorkflowRun, program: dict[str, Any],
                     await TASKS[spec["task"]].run(run, {**spec, "x": 0, "rk": program["rk"]})
     except aiki.DeadlineExceeded:
         pass
-    node = NODE.get()
+    node = NODE.get().split(".")[0]  # (the worker's name, without its incarnation)
     clock = _CLOCKS.get(node)
     if _LEDGER and clock is not None and scope.deadline is not None:
         _LEDGER[0].deadlines.append((trio.current_time(), run.id, node, scope.deadline,

@@ -280,6 +280,22 @@ def cascade_forgets_grandchildren(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(MemoryStore, "_descendants", children_only)
 
 
+def deadline_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deadline armed against the wrong clock reading: it fires at half its time."""
+    from aiki.actors import run as run_module
+
+    real = run_module.RunState.activate
+
+    def activate(self: Any) -> None:
+        real(self)
+        for d in run_module._DEADLINES.get():
+            if d.at is not None and d.cancel.deadline != float("inf"):
+                left = d.cancel.deadline - trio.current_time()
+                d.cancel.deadline = trio.current_time() + left / 2
+
+    monkeypatch.setattr(run_module.RunState, "activate", activate)
+
+
 @pytest.mark.parametrize(
     ("bad_change", "expected"),
     [
@@ -312,12 +328,14 @@ def cascade_forgets_grandchildren(monkeypatch: pytest.MonkeyPatch) -> None:
                                                   "after the liveness phase")),
         # A cancel stops a run's children, but their children go on.
         (cascade_forgets_grandchildren, ("never reached its child",)),
+        # A durable deadline that expires before its time.
+        (deadline_early, ("before its deadline",)),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "server-ignores-drains", "timer-forgets-the-store",
          "send-ack-before-commit", "ended-notices-dropped", "outcomes-overtaken",
          "cancel-keeps-the-lease", "parent-woken-only-when-child-completes",
-         "cascade-forgets-grandchildren"],
+         "cascade-forgets-grandchildren", "deadline-early"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],
