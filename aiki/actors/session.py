@@ -519,8 +519,16 @@ class Session:
             raise ProtocolError(f"a cancel's reason must have at most {MAX_REASON} "
                                 f"characters, got {len(msg.reason)}")
         assert self.hello is not None
-        out = await ctx.writer.write(ops.CancelRun(msg.run_id, msg.reason, msg.grace,
-                                                   self.hello.node_id, now))
+        try:
+            out = await ctx.writer.write(ops.CancelRun(msg.run_id, msg.reason, msg.grace,
+                                                       self.hello.node_id, now))
+        except AikiError:
+            # A commit whose reply was lost (its retry then finds the run ended, and
+            # answers False): the watchers of what it ended must hear all the same.
+            await self._tell_tree_of(msg.run_id)
+            raise
+        if not out.cancelled:
+            await self._tell_tree_of(msg.run_id)
         run = out.run
         if run is not None:
             if out.holder is not None:  # told now, not at its next heartbeat
@@ -532,6 +540,14 @@ class Session:
                 ctx.timer.hint(run.cancel_deadline)
             await self._tell_tree(run)
         return p.CancelAnswer(msg.req, out.cancelled)
+
+    async def _tell_tree_of(self, run_id: str) -> None:
+        try:
+            run = await self.ctx.store.get_run(run_id)
+        except AikiError:
+            return
+        if run is not None:
+            await self._tell_tree(run)
 
     async def _tell_tree(self, run: RunRecord) -> None:
         """After a cancel: the watchers of every run of ``run``'s tree that ended hear it,
