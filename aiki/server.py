@@ -25,7 +25,6 @@ from aiki.actors.supervisor import ChildSpec, Supervisor
 from aiki.actors.timer import Timer
 from aiki.actors.watchers import RunWatchers
 from aiki.errors import ConfigError
-from aiki.protocol import Nudge
 from aiki.records import RunRecord
 from aiki.sources import Sources
 from aiki.store import open_store, redact_url
@@ -84,15 +83,12 @@ class Server:
         dispatcher.on_leased = timer.hint
         watchers = RunWatchers()
 
-        def cancelled(runs: tuple[RunRecord, ...]) -> None:  # their grace periods ended
+        def ended(runs: tuple[RunRecord, ...]) -> None:  # a cancel's grace period over
             for run in runs:
-                dispatcher.revoke(run.id, run.cancel_reason)
+                dispatcher.revoke(run.id, run.cancel_reason)  # (a worker may still hold it)
                 watchers.ended(run)
-                if run.parent_id is not None:  # its wait for this child ended
-                    dispatcher.push_to_holder(run.parent_id, Nudge(run.parent_id))
-            dispatcher.poke()
 
-        timer.on_cancelled = cancelled
+        timer.on_ended = ended
         self.ctx = ServerContext(
             store=self.store, writer=writer, dispatcher=dispatcher, timer=timer,
             watchers=watchers, sources=self.sources, server_id=self.sources.new_id(),

@@ -173,6 +173,7 @@ class _Deadline:
     at: float | None = None
     children: list[str] = attrs.field(factory=list)
     steps: list[str] = attrs.field(factory=list)  # positions of the steps begun inside
+    replayed: bool = False  # cancelled where the history says it expired
 
 
 _DEADLINES: contextvars.ContextVar[tuple[_Deadline, ...]] = contextvars.ContextVar(
@@ -282,6 +283,7 @@ class RunState:
         scope = p.decode_value(step.output)
         for d in _DEADLINES.get():
             if d.position == scope:
+                d.replayed = True
                 d.cancel.cancel()
                 await trio.lowlevel.checkpoint()
 
@@ -735,6 +737,12 @@ class DeadlineScope:
     @property
     def deadline(self) -> float | None:
         return None if self._scope is None else self._scope.at
+
+    @property
+    def replayed(self) -> bool:
+        """Whether it expired in a replay, where the history says it did (maybe on another
+        worker's clock), rather than by this worker's clock now."""
+        return self._scope is not None and self._scope.replayed
 
     def __enter__(self) -> DeadlineScope:
         self._state.check_inside(self._what)

@@ -27,7 +27,7 @@ from aiki.errors import StoreUnavailable
 from aiki.records import RunRecord
 from aiki.sources import Sources
 from aiki.store.base import Store
-from aiki.store.ops import EndCancels, ExpireLeases, WakeDue
+from aiki.store.ops import ExpireLeases, WakeDue
 
 log = logging.getLogger("aiki.timer")
 
@@ -39,8 +39,8 @@ class Timer:
     sources: Sources
     on_wake: Callable[[], None]  # runs were queued again: the Dispatcher has work
     on_expired: Callable[[tuple[str, ...]], None] = lambda ids: None
-    # Runs it ended ``cancelled`` (their cancel's grace period was over).
-    on_cancelled: Callable[[tuple[RunRecord, ...]], None] = lambda runs: None
+    # The runs its WakeDue ended (a cancel's grace period over).
+    on_ended: Callable[[tuple[RunRecord, ...]], None] = lambda runs: None
     reconcile_interval: float | None = None
     mailbox: Mailbox[float | None] = attrs.field(
         factory=lambda: Mailbox[float | None](256, "timer"))
@@ -91,14 +91,14 @@ class Timer:
     async def _fire(self, now: float) -> bool:
         woke = await self.writer.write(WakeDue(now))
         expired = await self.writer.write(ExpireLeases(now))
-        cancelled = await self.writer.write(EndCancels(now))
         if expired:
             self.on_expired(expired)
-        if cancelled:
-            self.on_cancelled(cancelled)
+        ended: tuple[RunRecord, ...] = getattr(woke, "ended", ())
+        if ended:
+            self.on_ended(ended)
         if woke or expired:
             self.on_wake()
-        return bool(woke or expired or cancelled)
+        return bool(woke or expired)
 
     def hint(self, due: float | None = None) -> None:
         """A due time this server wrote (``due``), or None: something changed, re-read."""

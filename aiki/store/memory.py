@@ -204,7 +204,8 @@ class MemoryStore:
                         w.due_at is not None and w.due_at <= op.now for w in waits):
                     self._write(run.id, m.wake_due(run, waits, self._steps[run.id], op.now))
                     woke.append(run.id)
-            return tuple(woke)
+            # Cancels whose grace period is over end too (their ids follow).
+            return o.WakeOutcome(tuple(woke), self._end_cancels(op.now))
         if isinstance(op, o.RetryRun):
             change = m.retry(runs.get(op.run_id), op.run_id,
                              tuple(self._steps.get(op.run_id, {}).values()), op.version, op.who,

@@ -144,10 +144,24 @@ class ReleaseRun(Op[None]):
     reason: str = "released by its worker"
 
 
+class WakeOutcome(tuple[str, ...]):
+    """What :class:`WakeDue` did: the ids of the runs it woke, then of those it ended (a
+    tuple of them, as before cancels existed), and the ended runs themselves (``ended``)."""
+
+    ended: tuple[RunRecord, ...]
+
+    def __new__(cls, woken: tuple[str, ...],
+                ended: tuple[RunRecord, ...] = ()) -> WakeOutcome:
+        out = super().__new__(cls, (*woken, *(r.id for r in ended if r.id not in woken)))
+        out.ended = ended
+        return out
+
+
 @attrs.frozen
 class WakeDue(Op[tuple[str, ...]]):
     """Queue again every waiting run with a condition due at ``now`` (its due sleeps end,
-    its due event waits time out); the outcome is their ids."""
+    its due event waits time out), and end the cancels whose grace period is over (as
+    :class:`EndCancels`); the outcome is their ids, the woken first."""
 
     now: float
 

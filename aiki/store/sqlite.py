@@ -466,7 +466,9 @@ def _wake_due(db: Db, op: o.WakeDue) -> tuple[str, ...]:
     for run in due:
         steps = {s.position: s for s in _get_steps(db, run.id)}
         _write(db, run.id, m.wake_due(run, _get_waits(db, run.id), steps, op.now))
-    return tuple(run.id for run in due)
+    woke = tuple(run.id for run in due)
+    # Cancels whose grace period is over end too (their ids follow).
+    return o.WakeOutcome(woke, _end_cancels(db, o.EndCancels(op.now)))
 
 
 def _end_cancels(db: Db, op: o.EndCancels) -> tuple[RunRecord, ...]:

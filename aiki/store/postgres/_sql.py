@@ -385,7 +385,9 @@ async def _wake_due(conn: Conn, op: o.WakeDue) -> tuple[str, ...]:
         steps = {s.position: s for s in await get_steps(conn, run.id)}
         await _write(conn, run.id,
                      m.wake_due(run, await get_waits(conn, run.id), steps, op.now))
-    return tuple(row["id"] for row in rows)
+    woke = tuple(row["id"] for row in rows)
+    # Cancels whose grace period is over end too (their ids follow).
+    return o.WakeOutcome(woke, await _end_cancels(conn, o.EndCancels(op.now)))
 
 
 async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> None:
