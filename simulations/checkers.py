@@ -77,6 +77,7 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
             v.append(f"task {task} of {rk} step {label} executed at t={at:.3f}, after its "
                      f"result was committed at t={done:.3f}")
 
+    v += _lease_writes(ledger)
     v += _sends(contents, ledger)
     v += _waits(contents, ledger)
     for run_id in sorted(ledger.watching):
@@ -210,6 +211,23 @@ def _sends(contents: Any, ledger: Any) -> list[str]:
                                  for e in mine):
                 v.append(f"run {run_id}: a later {name!r} event was delivered while an earlier "
                          "one stayed buffered")
+    return v
+
+
+def _lease_writes(ledger: Any) -> list[str]:
+    """Every write accepted under a lease (renewals included) was made while that lease was
+    the run's: granted to that worker before, not ended (expired, given back, the run ended
+    or leased again) before."""
+    v = []
+    for commit, at, what, run_id, epoch, worker in ledger.lease_writes:
+        granted = ledger.leases.get((run_id, epoch))
+        ended = ledger.lease_ended.get((run_id, epoch))
+        if granted is None or granted[0] > commit or granted[1] != worker:
+            v.append(f"{what} for run {run_id} accepted at t={at:.3f} under epoch {epoch} of "
+                     f"{worker}, a lease never granted to it (granted: {granted})")
+        elif ended is not None and ended < commit:
+            v.append(f"{what} for run {run_id} accepted at t={at:.3f} under epoch {epoch} of "
+                     f"{worker}, a lease that had ended (commit {ended} < {commit})")
     return v
 
 

@@ -42,6 +42,7 @@ class Freezer:
     paused: set[str] = attrs.field(factory=set)
     held: dict[str, list[Any]] = attrs.field(factory=dict)  # process -> its frozen tasks
     pauses: int = 0
+    count: dict[str, int] = attrs.field(factory=dict)  # process -> pauses so far
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Freezer]:
@@ -67,6 +68,7 @@ class Freezer:
         if node in self.paused:
             return
         self.pauses += 1
+        self.count[node] = self.count.get(node, 0) + 1
         self.paused.add(node)
         held = self.held.setdefault(node, [])
         runq = _run.GLOBAL_RUN_CONTEXT.runner.runq
@@ -84,6 +86,9 @@ class Freezer:
     def resume_all(self) -> None:
         for node in sorted(self.paused):
             self.resume(node)
+
+    def pauses_of(self, node: str | None) -> int:
+        return self.count.get(node, 0) if node is not None else 0
 
     def is_paused(self, node: str) -> bool:
         return node in self.paused
