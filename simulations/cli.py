@@ -107,11 +107,11 @@ def sweep(seeds: list[int], faults: tuple[str, ...], jobs: int, safety: float,
     print(f"virtual h/CPU-minute {hours / max(cpu / 60, 1e-9):.2f}")
     print("faults injected:")
     for kind, n in sorted(faults_total.items()):
-        print(f"  {kind:<34}{n:>8}")
+        print(f"  {kind:<50}{n:>8}")
     print("situations reached (each must happen at least once):")
     missing = [s for s in SOMETIMES if not sometimes[s]]
     for s in SOMETIMES:
-        print(f"  {s:<34}{sometimes[s]:>8}")
+        print(f"  {s:<50}{sometimes[s]:>8}")
     print(f"violations           {sum(len(r.violations) for r in reports)} "
           f"in {len(failing)} seed(s)")
     for r in failing[:10]:
@@ -140,9 +140,13 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"comma-separated subset of {','.join(FAULT_CLASSES)}, or none")
         p.add_argument("--safety", type=float, default=600.0,
                        help="virtual seconds of the faulty phase (default 600)")
+        p.add_argument("--minutes", type=float, default=None,
+                       help="the faulty phase in virtual minutes (overrides --safety)")
         p.add_argument("--runs", type=int, default=24, help="runs enqueued per seed")
     one.add_argument("--trace", action="store_true", help="print the seed's trace")
     args = parser.parse_args(argv)
+    if args.minutes is not None:
+        args.safety = args.minutes * 60.0
     faults = tuple(f for f in args.faults.split(",") if f and f != "none")
     unknown = set(faults) - set(FAULT_CLASSES)
     if unknown:

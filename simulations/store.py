@@ -88,10 +88,18 @@ class Ledger:
     # (run id, position) -> the due time a wait step was first recorded with (the clients
     # that race a send against an event wait's timeout aim at it).
     wait_due: dict[tuple[str, str], float | None] = attrs.field(factory=dict)
+    # (run id, event or "sleep") -> positions of its waits, in the order they began
+    wait_order: dict[tuple[str, str], list[str]] = attrs.field(factory=dict)
     ended: set[str] = attrs.field(factory=set)  # runs seen completed or failed
     sends: dict[str, SendLog] = attrs.field(factory=dict)  # send id -> what became of it
     watching: set[str] = attrs.field(factory=set)  # runs some client waits to see end
-    heard_end: dict[str, tuple[float, str]] = attrs.field(factory=dict)  # (when, state)
+    # Run id -> (when, state, result) a client waiting for the run's end was told.
+    heard_end: dict[str, tuple[float, str, str | None]] = attrs.field(factory=dict)
+    # (run id, sent, answered, state, result) of each status read a client made
+    status_reads: list[tuple[str, float, float, str, str | None]] = attrs.field(factory=list)
+    # (run id, sent, answered, ((seq, event, position, attempt), ...)) of each history read
+    history_reads: list[tuple[str, float, float, tuple[Any, ...]]] = attrs.field(
+        factory=list)
     wakeups: list[tuple[float, str, bool]] = attrs.field(factory=list)  # (when, run, woken)
     commits: int = 0  # transactions committed so far: the order of what follows
     # (run id, epoch) -> (the commit that granted it, to whom)
@@ -174,7 +182,7 @@ class SimStore:
         for op, got, expected in zip(ops, outcomes, model, strict=True):
             if _differs(got, expected):
                 self.ledger.violation(f"the SQLite store answered {type(op).__name__} with "
-                                      f"{got!r}; the memory model with {expected!r}")
+                                      f"{_first_difference(got, expected)}")
         return outcomes
 
     async def _read(self, name: str, *args: Any, **kwargs: Any) -> Any:
@@ -186,8 +194,8 @@ class SimStore:
                 got = await getattr(self.db, name)(*args, **kwargs)
                 expected = await getattr(self.inner, name)(*args, **kwargs)
         if _differs(got, expected):
-            self.ledger.violation(f"the SQLite store read {name}{args} as {got!r}; the memory "
-                                  f"model as {expected!r}")
+            self.ledger.violation(f"the SQLite store read {name}{args} differently from the "
+                                  f"memory model: {_first_difference(got, expected)}")
         return got
 
     def _refused(self, op: o.Op[Any], error: AikiError, server: str) -> None:
@@ -197,14 +205,15 @@ class SimStore:
             return
         lease = getattr(op, "lease", None)
         if lease is not None:
-            self._stale_while_live(lease.run_id, lease.epoch, server)
+            self._stale_while_live(lease.run_id, lease.epoch, server, type(op).__name__)
 
-    def _stale_while_live(self, run_id: str, epoch: int, server: str) -> None:
+    def _stale_while_live(self, run_id: str, epoch: int, server: str, what: str) -> None:
         run = self.inner.contents().runs.get(run_id)
         if (run is not None and run.state == "running" and run.lease_epoch != epoch
                 and run.lease_expires_at is not None
                 and run.lease_expires_at > self.wall(server)):
             self.ledger.sometimes["stale worker write while another lease is live"] += 1
+            self.stats[f"stale {what} refused, another lease live"] += 1
 
     def _leases_ended(self, ops: Sequence[o.Op[Any]], outcomes: list[Any], now: float
                       ) -> None:
@@ -268,6 +277,7 @@ class SimStore:
                 if key not in led.wait_due:
                     step = next(s for s in contents.steps[run_id] if s.position == e.position)
                     led.wait_due[key] = step.next_attempt_at
+                    led.wait_order.setdefault((run_id, e.name or ""), []).append(key[1])
             if notice is not None and notice not in notices:
                 notices.append(notice)
         if self.notices is not None:
@@ -292,7 +302,7 @@ class SimStore:
                 if lease.run_id not in outcome:
                     self._under_lease("Renew", lease, now)
                 else:
-                    self._stale_while_live(lease.run_id, lease.epoch, "s1")
+                    self._stale_while_live(lease.run_id, lease.epoch, "s1", "Renew")
             return
         if isinstance(op, o.ExpireLeases):
             for run_id in outcome:
@@ -478,6 +488,16 @@ class NoticeChannel:
 
     def heal(self) -> None:
         self.faults = NoticeFaults()
+
+
+def _first_difference(got: Any, expected: Any) -> str:
+    """Where two answers first differ, briefly."""
+    if (isinstance(got, (list, tuple)) and isinstance(expected, (list, tuple))
+            and len(got) == len(expected)):
+        for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+            if _differs(a, b):
+                return f"at [{i}]: {_first_difference(a, b)}"
+    return f"{got!r:.400} where the memory model has {expected!r:.400}"
 
 
 def _differs(got: Any, expected: Any) -> bool:

@@ -143,6 +143,10 @@ class World:
     # Workers to pause (for how long) the moment one of their task starts is acknowledged:
     # between the start record and the task body, where a pause escapes the fencing.
     armed: dict[str, float] = attrs.field(factory=dict)
+    # Workers whose outbound links stall (for how long) when they next send a write that
+    # ends their lease (a completion, a failure, a wait, a release): what then reaches the
+    # server is stale, maybe while the run is leased again (to them or to another worker).
+    hold_armed: dict[str, float] = attrs.field(factory=dict)
     pause_ids: dict[str, int] = attrs.field(factory=dict)
     nursery: trio.Nursery | None = None
     _pauses: trio.MemorySendChannel[tuple[str, int, float]] = attrs.field(init=False)
@@ -329,6 +333,7 @@ class World:
                 actions += [(self._racer, item, race) for race in item.races]
             if served and item.watch is not None:
                 actions.append((self._watcher, item))
+            actions += [(self._reader, item, acked + at, server) for at, server in item.reads]
             for fn, *args in actions:
                 self.pending += 1
                 nursery.start_soon(self._action, fn, *args)
@@ -386,13 +391,29 @@ class World:
 
     async def _racer(self, item: workload.PlannedRun, race: workload.Send) -> None:
         # Aim at the wait's timeout: the ledger says when the wait began and its due time.
-        key = (item.run_id, race.position or "")
-        while key not in self.ledger.wait_due and item.run_id not in self.ledger.ended:
+        k = int(race.position or 0)
+        seen = self.ledger.wait_order.setdefault((item.run_id, "race"), [])
+        while len(seen) <= k and item.run_id not in self.ledger.ended:
             await trio.sleep(0.5)
-        due = self.ledger.wait_due.get(key)
+        due = self.ledger.wait_due.get((item.run_id, seen[k])) if len(seen) > k else None
         if due is not None:
             await trio.sleep(max(0.0, due + race.delta - self.clocks["client"].now()))
         await self._send(item, race)
+
+    async def _reader(self, item: workload.PlannedRun, at: float, server: int) -> None:
+        """What a client asks of a run: its status, then its history (checked against the
+        ledger: each a state the run was in while the request was out, each history a
+        prefix of the final one that misses nothing committed before it was asked)."""
+        await trio.sleep_until(at)
+        sent = trio.current_time()
+        info = await self._ask(server, lambda req: p.GetRun(req, item.run_id))
+        self.ledger.status_reads.append((item.run_id, sent, trio.current_time(),
+                                         info.run.state, info.run.result))
+        sent = trio.current_time()
+        history = await self._ask(server, lambda req: p.GetHistory(req, item.run_id))
+        self.ledger.history_reads.append((item.run_id, sent, trio.current_time(),
+                                          tuple((e.seq, e.event, e.position, e.attempt)
+                                                for e in history.events)))
 
     async def _waker(self, item: workload.PlannedRun, at: float, server: int) -> None:
         await trio.sleep_until(at)
@@ -404,7 +425,8 @@ class World:
         self.ledger.watching.add(item.run_id)
         reply = await self._ask(item.watch, lambda req: p.WatchRun(req, item.run_id),
                                 timeout=100_000.0, node="watcher")
-        self.ledger.heard_end[item.run_id] = (trio.current_time(), reply.run.state)
+        self.ledger.heard_end[item.run_id] = (trio.current_time(), reply.run.state,
+                                              reply.run.result)
         if item.late is not None:
             await self._send(item, item.late)
 
@@ -464,6 +486,10 @@ class World:
                 else:
                     self.pause(node, length)
                     await trio.sleep(length)
+            elif kind == "partition" and r.random() < 0.15:
+                node = r.choice(self.worker_names)
+                self.hold_armed[node] = LEASE_TTL * r.uniform(1.5, 4.0)
+                self.stats["long hold up armed"] += 1
             elif kind == "partition" and r.random() < 0.1:
                 # A node cut off from every other, both ways, for one to three leases.
                 node = r.choice(self.worker_names)
@@ -530,8 +556,26 @@ class World:
         self._pauses.send_nowait((node, pause_id, length))
 
     async def pauser(self) -> None:
+        assert self.nursery is not None
         async for node, pause_id, length in self._pauses_out:
-            self.nursery.start_soon(self._resume_after, node, pause_id, length)  # type: ignore[union-attr]
+            if pause_id < 0:
+                self.nursery.start_soon(self._unclog_after, node, length)
+            else:
+                self.nursery.start_soon(self._resume_after, node, pause_id, length)
+
+    def hold_outbound(self, node: str, length: float) -> None:
+        """``node``'s links to every server keep what it sends for ``length`` seconds."""
+        links = [(node, server) for server in self.server_names]
+        self.stats["long hold up"] += 1
+        for link in links:
+            self.net.clog(link)
+        self._pauses.send_nowait((node, -1, length))
+
+    async def _unclog_after(self, node: str, length: float) -> None:
+        await trio.sleep(length)
+        for server in self.server_names:
+            if (node, server) in self.net.clogged:
+                self.net.unclog((node, server))
 
     async def _resume_after(self, node: str, pause_id: int, length: float) -> None:
         await trio.sleep(length)
@@ -568,6 +612,7 @@ class World:
     def all_faults_off(self) -> None:
         self.faults_on = False
         self.armed.clear()
+        self.hold_armed.clear()
         self.freezer.resume_all()
         self.net.faults = NetworkFaults()
         self.net.up_faults = NetworkFaults()
@@ -640,6 +685,9 @@ def replies_checked(world: World) -> Iterator[None]:
 
         node = PROCESS.get()
         pauses = world.freezer.pauses_of(node)
+        if node is not None and node in world.hold_armed and type(make(0)).__name__ in (
+                "CompleteRun", "FailRun", "WaitRun", "ReleaseRun"):
+            world.hold_outbound(node, world.hold_armed.pop(node))
         reply = await real(self, tracked, timeout, retry=retry)
         what = sent[-1][1] if sent else "?"
         if reply is None or getattr(reply, "req", None) not in {req for req, _ in sent}:
@@ -733,6 +781,11 @@ def run_seed(cfg: Config) -> Outcome:
     assert world.store.notices is not None
     for k, v in world.store.notices.stats.items():
         faults[k] += v
+    for steps in world.store.inner.contents().steps.values():
+        addresses = Counter((s.name, s.input_hash) for s in steps
+                            if s.kind == "task" and s.idempotency_key is None)
+        if any(n > 1 for n in addresses.values()):
+            world.ledger.sometimes["duplicate content address in one run"] += 1
     for history in world.store.inner.contents().history.values():
         for e in history:
             situation = SITUATIONS.get((e.event, (e.detail or "").split(" ")[0],

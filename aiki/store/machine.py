@@ -435,7 +435,9 @@ def wake_due(run: RunRecord, waits: Sequence[WaitRecord], steps: Mapping[str, St
     """The timer: ``run`` is waiting and some of its ``waits`` are due. Due sleeps end, due
     event waits time out, and the run is queued again."""
     change = NOTHING
-    due = [w for w in waits if w.due_at is not None and w.due_at <= now]
+    # In position order whatever order the store read them in: the history says the same.
+    due = sorted((w for w in waits if w.due_at is not None and w.due_at <= now),
+                 key=lambda w: w.position)
     for w in due:
         step = steps.get(w.position)
         if step is None or step.state in FINAL_STEP_STATES:

@@ -268,7 +268,9 @@ class MemoryStore:
         if change.waits is not None:
             self._waits.pop(run_id, None)
             if change.waits:
-                self._waits[run_id] = {w.position: w for w in change.waits}
+                # In position order, as SQLite and PostgreSQL read them (ORDER BY position).
+                self._waits[run_id] = {w.position: w for w in sorted(
+                    change.waits, key=lambda w: w.position)}
         events = self._events.setdefault(run_id, [])
         for seq, position in change.consumed:
             events[:] = [attrs.evolve(e, position=position) if e.seq == seq else e
