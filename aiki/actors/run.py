@@ -167,6 +167,9 @@ class RunState:
     # The local time (``trio.current_time()``) after which the lease may have expired, as far
     # as the worker knows (its renewals), less a margin: no task body starts after it.
     lease_deadline: Callable[[], float] = lambda: math.inf
+    # Told the local time a start record was first sent once the server accepted it: the
+    # server renewed the lease then (at the latest), so it holds a TTL from that time.
+    lease_renewed: Callable[[float], None] = lambda sent: None
     steps: dict[str, StepRecord] = attrs.field(init=False)
     consumed: set[str] = attrs.field(factory=set)
     root: _Branch = attrs.field(factory=lambda: _Branch(""))
@@ -349,7 +352,9 @@ class RunState:
         """One attempt of ``task``, its start recorded first or, if it runs long, meanwhile."""
         payload = p.decode_value(step.input, task.payload_type)
         if self.record_start_after <= 0:
+            sent = trio.current_time()
             await self.save(step, start=True)
+            self.lease_renewed(sent)
             return await self._run_body(task, payload)
         writing = False
         lost: list[Abandon] = []
@@ -599,6 +604,7 @@ async def run_workflow(
     record_start_after: float = DEFAULT_RECORD_START_AFTER, nudges: Nudges | None = None,
     run_task: TaskRunner = call_task, on_state: Callable[[RunState], None] | None = None,
     lease_deadline: Callable[[], float] = lambda: math.inf,
+    lease_renewed: Callable[[float], None] = lambda sent: None,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
     drains: ``draining`` is set) or abandoned."""
@@ -608,7 +614,7 @@ async def run_workflow(
     state = RunState(lease, {s.position: s for s in assign.steps}, persist, sources,
                      inline_retry_max, record_start_after,
                      trio.Event() if draining is None else draining, nudges or Nudges(),
-                     workflow.name, run_task, lease_deadline)
+                     workflow.name, run_task, lease_deadline, lease_renewed)
     if on_state is not None:  # (a replay looks at what the code consumed)
         on_state(state)
     _BRANCH.set((state, state.root))

@@ -415,8 +415,12 @@ class Session:
             return p.Ok(msg.req)
         if isinstance(msg, (p.StartStep, p.SaveStep)):
             self._check_owner(msg.lease)
-            op_cls = ops.StartStep if isinstance(msg, p.StartStep) else ops.SaveStep
-            await ctx.writer.write(op_cls(msg.lease, msg.step, now))
+            if isinstance(msg, p.StartStep):
+                # The start renews the lease: the worker checks, before the task body, that
+                # the lease still holds from when it sent the start (see RunState._may_start).
+                await ctx.writer.write(ops.StartStep(msg.lease, msg.step, now, ctx.lease_ttl))
+            else:
+                await ctx.writer.write(ops.SaveStep(msg.lease, msg.step, now))
             return p.Ok(msg.req)
         if isinstance(msg, (p.CompleteRun, p.FailRun)):
             finish: ops.Op[RunRecord] = (

@@ -177,7 +177,8 @@ class Worker:
                                    record_start_after=self.record_start_after,
                                    draining=self.draining, nudges=mine.nudges,
                                    run_task=self.run_task,
-                                   lease_deadline=partial(self._lease_deadline, link, mine))
+                                   lease_deadline=partial(self._lease_deadline, link, mine),
+                                   lease_renewed=partial(_renewed, mine))
         except Abandon:
             pass
         finally:
@@ -272,6 +273,10 @@ class Worker:
                     await link.request(partial(_release, lease=h.lease))
                 except (AikiError, TimeoutError):
                     pass
+
+
+def _renewed(held: Held, sent: float) -> None:
+    held.renewed = max(held.renewed, sent)
 
 
 def _release(req: int, *, lease: Lease) -> p.ReleaseRun:

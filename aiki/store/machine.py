@@ -301,15 +301,18 @@ def history_event_for_step(step: StepRecord) -> tuple[str, str | None]:
 
 def save_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
               keyed_elsewhere: str | None, step: StepRecord, now: float, *,
-              start: bool) -> Change:
+              start: bool, lease_ttl: float | None = None) -> Change:
     """StartStep (``start``) or SaveStep. ``keyed_elsewhere``: the position of another step
-    of this run with the same task name and idempotency key, if any."""
+    of this run with the same task name and idempotency key, if any. A start with
+    ``lease_ttl`` renews the lease, even when the step was started before (a retry)."""
     run = fenced(lease, run)
     if step.kind in ("sleep", "event"):
         raise StepConflict(f"run {run.id}: step {step.position} is a {step.kind} step; "
                            "wait steps are recorded by AwaitStep")
+    if start and lease_ttl is not None:
+        run = attrs.evolve(run, lease_expires_at=now + lease_ttl, updated_at=now)
     if not step_write_changes(run.id, old, step, save=not start):
-        return NOTHING
+        return NOTHING if not (start and lease_ttl is not None) else Change(run)
     if step.idempotency_key is not None and keyed_elsewhere is not None:
         raise key_conflict_error(run.id, step, keyed_elsewhere)
     if start:

@@ -146,7 +146,8 @@ class MemoryStore:
                           and s.idempotency_key == op.step.idempotency_key), None)
             self._write(op.lease.run_id, m.save_step(
                 runs.get(op.lease.run_id), op.lease, steps.get(op.step.position), keyed,
-                op.step, op.now, start=isinstance(op, o.StartStep)))
+                op.step, op.now, start=isinstance(op, o.StartStep),
+                lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None))
             return None
         if isinstance(op, o.CompleteRun):
             change = m.finish(runs.get(op.lease.run_id), op.lease, op.now, result=op.result)

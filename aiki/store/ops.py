@@ -76,11 +76,14 @@ class ExpireLeases(Op[tuple[str, ...]]):
 
 @attrs.frozen
 class StartStep(Op[None]):
-    """Mark a task step as running at ``attempt`` (fenced)."""
+    """Mark a task step as running at ``attempt`` (fenced). With ``lease_ttl``, the lease is
+    renewed too, as by a heartbeat: a worker that hears the start accepted knows its lease
+    lasts ``lease_ttl`` from when it sent it, whenever its assignment arrived."""
 
     lease: Lease
     step: StepRecord
     now: float
+    lease_ttl: float | None = None
 
 
 @attrs.frozen

@@ -320,7 +320,9 @@ def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> None:
         keyed = None if row is None else row[0]
     _write(db, run_id, m.save_step(_get_run(db, run_id), op.lease,
                                    _get_step(db, run_id, new.position), keyed, new, op.now,
-                                   start=isinstance(op, o.StartStep)))
+                                   start=isinstance(op, o.StartStep),
+                                   lease_ttl=op.lease_ttl if isinstance(op, o.StartStep)
+                                   else None))
 
 
 def _finish(db: Db, op: o.CompleteRun | o.FailRun) -> RunRecord | None:

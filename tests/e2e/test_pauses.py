@@ -13,6 +13,7 @@ from typing import Any
 import trio
 
 import aiki
+from aiki import protocol as p
 from aiki.actors.run import call_task
 from aiki.actors.worker import Worker
 from aiki.sources import Sources
@@ -92,3 +93,72 @@ async def test_a_short_pause_within_the_lease_lets_the_body_run(
     result, ran, _ = await _paused_once(0.2 * TTL)
     assert result == 42
     assert ran == ["w1"]
+
+
+class _LateAssigns:
+    """A worker's transport whose connections deliver each assignment ``delay`` s late (a
+    stalled link that recovers)."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+
+    async def connect(self, address: str) -> Any:
+        return _LateConnection(await self.inner.connect(address), self.delay)
+
+
+class _LateConnection:
+    def __init__(self, conn: Any, delay: float) -> None:
+        self.conn, self.delay = conn, delay
+
+    async def receive(self) -> Any:
+        msg = await self.conn.receive()
+        if isinstance(msg, p.Assign):
+            await trio.sleep(self.delay)
+        return msg
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+async def test_a_late_assignment_whose_start_is_accepted_runs_its_task_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # w1 hears of its lease 0.95 TTL after it was granted; its start record is accepted just
+    # in time, and renews the lease. Then w1 freezes for 0.2 TTL before the body: its lease
+    # holds (the start renewed it), so w2 never takes the run and the task runs once, on w1.
+    # (Before, the lease expired during the freeze; w2 ran the task; and w1, whose local
+    # deadline counted from the assignment's arrival, ran it again.)
+    executions.clear()
+    freezer = Freezer()
+    sources = Sources.seeded(8)
+
+    async def freeze_then_call(task: Any, payload: Any) -> Any:
+        if PROCESS.get() == "w1":
+            await freeze_here(freezer, "w1")
+        return await call_task(task, payload)
+
+    async def process(name: str, transport: Any, *,
+                      task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        PROCESS.set(name)
+        w = Worker(transport, client.address, [pay], name, sources, max_concurrent_runs=1,
+                   run_task=freeze_then_call)
+        await w.run(task_status=task_status)
+
+    async def resume_later() -> None:
+        while not freezer.is_paused("w1"):
+            await trio.sleep(0.01)
+        await trio.sleep(0.2 * TTL)
+        freezer.resume("w1")
+
+    with freezer.installed():
+        async with aiki.embedded(MemoryStore(), lease_ttl=TTL, sources=sources) as client:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(process, "w1", _LateAssigns(client.transport, 0.95 * TTL))
+                nursery.start_soon(resume_later)
+                handle = await pay.enqueue(client, 21)
+                await trio.sleep(1.0)  # the run is w1's (its assignment on the way)
+                await nursery.start(process, "w2", client.transport)
+                assert await handle.wait_for_completion(timeout=120) == 42
+                await trio.sleep(3 * TTL)
+                nursery.cancel_scope.cancel()
+    assert executions == ["w1"]

@@ -928,6 +928,23 @@ async def test_a_sleep_waits_then_ends_when_due(store: Store) -> None:
     assert await execute(store, o.AwaitStep(again.lease, sleep, 17.0)) == done  # replay
 
 
+async def test_a_start_with_a_ttl_renews_the_lease_even_when_sent_again(store: Store) -> None:
+    lease = await claim_one(store, "r1", now=10.0, ttl=30.0)
+    running = step("0", state="running", output=None)
+    await execute(store, o.StartStep(lease, running, 12.0))  # without a TTL: no renewal
+    assert (await store.get_run("r1")).lease_expires_at == 40.0  # type: ignore[union-attr]
+    await execute(store, o.StartStep(lease, running, 20.0, 30.0))  # the same start, again
+    assert (await store.get_run("r1")).lease_expires_at == 50.0  # type: ignore[union-attr]
+    await execute(store, o.StartStep(lease, step("1", state="running", output=None), 25.0,
+                                     30.0))
+    assert (await store.get_run("r1")).lease_expires_at == 55.0  # type: ignore[union-attr]
+    assert [e[1] for e in await events(store, "r1")].count("task.running") == 3
+    stale = attrs.evolve(lease, epoch=lease.epoch + 1)
+    with pytest.raises(StaleLease):
+        await execute(store, o.StartStep(stale, running, 26.0, 30.0))
+    assert (await store.get_run("r1")).lease_expires_at == 55.0  # type: ignore[union-attr]
+
+
 async def test_waits_are_kept_and_woken_in_position_order_whatever_order_they_came_in(
     store: Store,
 ) -> None:

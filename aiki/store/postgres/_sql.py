@@ -391,7 +391,8 @@ async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> None:
         )
     old = None if run is None else await _get_step(conn, run.id, new.position)
     await _write(conn, op.lease.run_id, m.save_step(
-        run, op.lease, old, keyed, new, op.now, start=isinstance(op, o.StartStep)))
+        run, op.lease, old, keyed, new, op.now, start=isinstance(op, o.StartStep),
+        lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None))
 
 
 async def _finish(conn: Conn, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
