@@ -37,8 +37,10 @@ class SeedReport:
     cpu_seconds: float
 
 
-def replay_command(seed: int, faults: tuple[str, ...]) -> str:
+def replay_command(seed: int, faults: tuple[str, ...], safety: float = 600.0) -> str:
     extra = "" if set(faults) == set(FAULT_CLASSES) else f" --faults {','.join(faults)}"
+    if safety != 600.0:
+        extra += f" --minutes {safety / 60:g}"
     return f"python -m simulations run --seed {seed}{extra}"
 
 
@@ -118,7 +120,7 @@ def sweep(seeds: list[int], faults: tuple[str, ...], jobs: int, safety: float,
         print(f"\nseed {r.seed} FAILED: {r.violations[0]}")
         for more in r.violations[1:4]:
             print(f"    also: {more}")
-        print(f"  replay: {replay_command(r.seed, faults)}")
+        print(f"  replay: {replay_command(r.seed, faults, safety)}")
     if missing and len(reports) >= 20 and set(faults) == set(FAULT_CLASSES):
         print(f"\nFAILED: never happened in this batch: {', '.join(missing)}")
         return 1
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in report.violations:
             print(f"VIOLATION {v}")
         print("ok" if not report.violations else
-              f"FAILED: replay with {replay_command(args.seed, faults)}")
+              f"FAILED: replay with {replay_command(args.seed, faults, args.safety)}")
         return 1 if report.violations else 0
     seeds = parse_seeds(args.seeds)
     if args.regressions:
