@@ -195,7 +195,7 @@ class SimNetwork:
                 self.stats["reorder"] += 1
                 self.stats[f"reorder {direction}"] += 1
             else:
-                delay = max(delay, src.ready_at - now + 1e-6)  # strictly after: in order
+                delay = max(delay, src.ready_at - now)  # not before those sent earlier
                 src.ready_at = now + delay
             self.later(delay, lambda: self._arrive(src, dst, text))
 

@@ -419,7 +419,7 @@ def no_deadline_check_before_the_body(monkeypatch: pytest.MonkeyPatch) -> None:
         (unfenced_completions, ("accepted from epoch", "a lease that had ended")),
         (sqlite_unfenced, ("the SQLite store answered",)),
         # (The run fails diverged from its history; its fault-free twin completes.)
-        (replay_by_address, ("diverged", "without faults it ended")),
+        (replay_by_address, ("diverged", "without faults it ended", "expected attempt")),
         (reply_none_on_lost_connection, ("must get its reply or raise",)),
         (no_deadline_check_before_the_body, ("after its result was committed",)),
     ],
