@@ -16,8 +16,8 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiki.errors import AikiError, StaleLease, StepConflict
 from aiki import schedules as sch
+from aiki.errors import AikiError, StaleLease, StepConflict
 from aiki.records import ScheduleRecord, WaitFor, WaitRecord
 from aiki.store import (
     ClaimedRun,
