@@ -29,11 +29,17 @@ from aiki.records import (
     EventRecord,
     HistoryEvent,
     RunRecord,
+    ScheduleFiring,
+    ScheduleRecord,
     StepRecord,
     WaitRecord,
 )
 from aiki.store import ops as o
 from aiki.store.memory import MemoryStore
+
+
+SCHEDULE_OPS = (o.DefineSchedule, o.PauseSchedule, o.FireSchedules, o.TriggerSchedule,
+                o.BackfillSchedule, o.DeleteSchedule)
 
 
 @attrs.define
@@ -91,6 +97,8 @@ class Ledger:
     watching: set[str] = attrs.field(factory=set)  # runs some client waits to see end
     heard_end: dict[str, tuple[float, str]] = attrs.field(factory=dict)  # (when, state)
     wakeups: list[tuple[float, str, bool]] = attrs.field(factory=list)  # (when, run, woken)
+    schedules: dict[str, str] = attrs.field(factory=dict)  # defined: id -> overlap policy
+    schedules_paused: bool = False  # the clients paused them all (late in liveness)
 
     def violation(self, text: str) -> None:
         try:
@@ -130,8 +138,14 @@ class SimStore:
         if r.random() < f.before_commit:
             self.stats["before_commit"] += 1
             raise StoreUnavailable("simulated: error before commit")
+        scheduling = any(isinstance(op, SCHEDULE_OPS) for op in ops)
+        before = self.inner.contents().schedules if scheduling else None
         outcomes = await self.inner.apply(ops)
         now = trio.current_time()
+        if before is not None and self.notices is not None \
+                and self.inner.contents().schedules != before:
+            # As PostgreSQL's trigger on schedules: every timer reads the next occurrence.
+            self.notices.publish(server, ["due"])
         for op, outcome in zip(ops, outcomes, strict=True):
             if not isinstance(outcome, AikiError):
                 self._check(op, outcome, now)
@@ -244,6 +258,15 @@ class SimStore:
     async def next_due(self) -> float | None:
         return await self.inner.next_due()
 
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        return await self.inner.get_schedule(schedule_id)
+
+    async def list_schedules(self) -> tuple[ScheduleRecord, ...]:
+        return await self.inner.list_schedules()
+
+    async def get_firings(self, schedule_id: str, limit: int = 20) -> tuple[ScheduleFiring, ...]:
+        return await self.inner.get_firings(schedule_id, limit)
+
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
 
@@ -285,6 +308,15 @@ class ServerStore:
 
     async def next_due(self) -> float | None:
         return await self.db.next_due()
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        return await self.db.get_schedule(schedule_id)
+
+    async def list_schedules(self) -> tuple[ScheduleRecord, ...]:
+        return await self.db.list_schedules()
+
+    async def get_firings(self, schedule_id: str, limit: int = 20) -> tuple[ScheduleFiring, ...]:
+        return await self.db.get_firings(schedule_id, limit)
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

@@ -226,6 +226,69 @@ def ended_notices_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Server, "_notices", notices)
 
 
+def schedule_next_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import attrs
+
+    from aiki import schedules as sch
+    from aiki.server import Server
+
+    memory: dict[str, float] = {}  # the servers' memory: lost whenever one starts
+    real_fire, real_serve = machine.fire, Server.serve
+
+    def fire(s: Any, last_run: Any, now: float) -> Any:
+        # The next occurrence as this server remembers it; a server that just started
+        # remembers nothing and starts from now. The store only mirrors it.
+        remembered = memory.get(s.id)
+        if remembered is None:
+            remembered = sch.next_after(s.cron, s.timezone, s.every, now)
+        if remembered > now:
+            memory[s.id] = remembered
+            return machine.ScheduleChange(attrs.evolve(s, next_fire_at=remembered))
+        change = real_fire(attrs.evolve(s, next_fire_at=remembered), last_run, now)
+        memory[s.id] = change.schedule.next_fire_at
+        return change
+
+    async def serve(self: Server, *args: Any, **kwargs: Any) -> Any:
+        memory.clear()
+        return await real_serve(self, *args, **kwargs)
+
+    monkeypatch.setattr(machine, "fire", fire)
+    monkeypatch.setattr(Server, "serve", serve)
+
+
+def servers_each_fire_one_occurrence(monkeypatch: pytest.MonkeyPatch) -> None:
+    import attrs
+
+    from aiki import schedules as sch
+    from aiki.actors.timer import Timer
+    from aiki.store import ops
+
+    real_fire, real_timer_fire = machine.fire, Timer._fire
+    started: dict[tuple[str, str], str] = {}  # (schedule, occurrence) -> the run a timer made
+
+    def fire(s: Any, last_run: Any, now: float) -> Any:
+        change = real_fire(s, last_run, now)  # the records and the next occurrence only
+        firings = tuple(attrs.evolve(f, run_id=started.get((s.id, f.key), f.run_id))
+                        for f in change.firings)
+        return attrs.evolve(change, enqueues=(), firings=firings)
+
+    async def timer_fire(self: Timer, now: float) -> bool:
+        # Read which schedules are due, start their runs, then move them on: a check and a
+        # write in two steps, with no key derived from the occurrence.
+        for s in await self.store.list_schedules():
+            if not s.paused and s.next_fire_at <= now:
+                key = sch.iso(s.next_fire_at)
+                run_id = self.sources.new_id()
+                await self.writer.write(ops.Enqueue(
+                    run_id, s.workflow, s.version, s.payload, None, now,
+                    origin=machine.origin_of(s.id, key)))
+                started[(s.id, key)] = run_id
+        return await real_timer_fire(self, now)
+
+    monkeypatch.setattr(machine, "fire", fire)
+    monkeypatch.setattr(Timer, "_fire", timer_fire)
+
+
 @pytest.mark.parametrize(
     ("bad_change", "expected"),
     [
@@ -249,10 +312,15 @@ def ended_notices_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
                                   "without faults it ended")),
         # A client watching through one server never hears of a run ended through another.
         (ended_notices_dropped, ("never heard",)),
+        # A restarted server forgets the occurrences that came while it was down.
+        (schedule_next_in_memory, ("was decided 0 times",)),
+        # Two servers (or one, again after a crash) start a run for one occurrence.
+        (servers_each_fire_one_occurrence, ("started 2 runs", "started 3 runs")),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "release-without-drain", "timer-forgets-the-store",
-         "send-ack-before-commit", "ended-notices-dropped"],
+         "send-ack-before-commit", "ended-notices-dropped", "schedule-next-in-memory",
+         "servers-each-fire-one-occurrence"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],
