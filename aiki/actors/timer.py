@@ -28,7 +28,7 @@ from aiki.actors.store_writer import StoreWriter
 from aiki.errors import StoreUnavailable
 from aiki.sources import Sources
 from aiki.store.base import Store
-from aiki.store.ops import ExpireLeases, FireSchedules, WakeDue
+from aiki.store.ops import ExpireLeases, FireSchedules, Op, WakeDue
 
 log = logging.getLogger("aiki.timer")
 
@@ -88,13 +88,29 @@ class Timer:
                     next_at, from_store = hint, False
 
     async def _fire(self, now: float) -> bool:
-        woke = await self.writer.write(WakeDue(now))
-        expired = await self.writer.write(ExpireLeases(now))
+        # The three ops at once, so the StoreWriter commits them together (one transaction,
+        # not three in a row); each is decided on its own.
+        ops: tuple[Op[tuple[str, ...]], ...] = (WakeDue(now), ExpireLeases(now),
+                                                 FireSchedules(now))
+        done: list[tuple[str, ...]] = [(), (), ()]
+        failed: list[BaseException] = []
+
+        async def write(i: int) -> None:
+            try:
+                done[i] = await self.writer.write(ops[i])
+            except (StoreUnavailable, AskTimeout) as exc:
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(ops)):
+                nursery.start_soon(write, i)
+        woke, expired, started = done
         if expired:
             self.on_expired(expired)
-        started = await self.writer.write(FireSchedules(now))
         if woke or expired or started:
             self.on_wake()
+        if failed:
+            raise failed[0]
         return bool(woke or expired or started)
 
     def hint(self, due: float | None = None) -> None:

@@ -156,6 +156,9 @@ class Worker:
 
     async def _give_back(self, link: Link, lease: Lease) -> None:
         try:
+            # Say it drains first, again: this connection's seat may not know (the drain
+            # went through a connection since replaced), and would be handed the run back.
+            await link.request(p.Drain)
             await link.request(partial(_release, lease=lease))
         except (AikiError, TimeoutError) as exc:
             log.info("worker %s: could not give back run %s: %s", self.id, lease.run_id, exc)
