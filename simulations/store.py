@@ -37,7 +37,6 @@ from aiki.records import (
 from aiki.store import ops as o
 from aiki.store.memory import MemoryStore
 
-
 SCHEDULE_OPS = (o.DefineSchedule, o.PauseSchedule, o.FireSchedules, o.TriggerSchedule,
                 o.BackfillSchedule, o.DeleteSchedule)
 
