@@ -526,6 +526,12 @@ def run_key(schedule_id: str, key: str) -> str:
     return f"schedule:{schedule_id}:{key}"
 
 
+def started_by_a_schedule(run: RunRecord | None) -> bool:
+    """Whether ``run`` may be a schedule's last run (so its end may release a buffered
+    occurrence): a schedule's runs carry its idempotency keys."""
+    return run is not None and (run.idempotency_key or "").startswith("schedule:")
+
+
 def run_id_for(schedule_id: str, key: str) -> str:
     return f"{schedule_id}@{key}"
 

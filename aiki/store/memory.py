@@ -296,7 +296,7 @@ class MemoryStore:
 
     def _ended(self, run: RunRecord | None, now: float) -> None:
         """A run ended: an occurrence buffered behind it starts (``buffer_one``)."""
-        if run is None:
+        if run is None or not m.started_by_a_schedule(run):
             return
         for s in list(self._schedules.values()):
             if s.last_run_id == run.id and s.buffered_at is not None:

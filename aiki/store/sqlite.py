@@ -522,7 +522,7 @@ def _fire_schedules(db: Db, op: o.FireSchedules) -> tuple[str, ...]:
 
 def _ended(db: Db, run: RunRecord | None, now: float) -> None:
     """A run ended: an occurrence buffered behind it starts (``buffer_one``)."""
-    if run is None:
+    if run is None or not m.started_by_a_schedule(run):
         return
     rows = db.execute(f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE last_run_id = ?"
                       " AND buffered_at IS NOT NULL ORDER BY id", (run.id,)).fetchall()

@@ -590,7 +590,7 @@ async def _fire_schedules(conn: Conn, op: o.FireSchedules) -> tuple[str, ...]:
 async def _ended(conn: Conn, run: RunRecord | None, now: float) -> None:
     """A run ended: an occurrence buffered behind it starts (``buffer_one``). The schedule
     row is locked whatever it holds: a firing that buffers concurrently is waited for."""
-    if run is None:
+    if run is None or not m.started_by_a_schedule(run):
         return
     rows = await conn.fetch(f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE last_run_id = $1"
                             " ORDER BY id FOR UPDATE", run.id)
