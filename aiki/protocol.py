@@ -359,6 +359,8 @@ class StartStep:
     req: int
     lease: Lease
     step: StepRecord
+    # Completed task outcomes of the same run, committed first in the same transaction.
+    saved: tuple[StepRecord, ...] = ()
 
 
 @message("save_step")
@@ -367,6 +369,8 @@ class SaveStep:
     req: int
     lease: Lease
     step: StepRecord
+    # Completed task outcomes of the same run, committed first in the same transaction.
+    saved: tuple[StepRecord, ...] = ()
 
 
 @message("complete_run")
@@ -375,6 +379,8 @@ class CompleteRun:
     req: int
     lease: Lease
     result: str
+    # Completed task outcomes of the same run, committed first in the same transaction.
+    saved: tuple[StepRecord, ...] = ()
 
 
 @message("fail_run")
