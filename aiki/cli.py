@@ -231,6 +231,65 @@ def _parser() -> argparse.ArgumentParser:
                          help="wait for the run to finish and print its result; the run id "
                               "comes first, progress goes to stderr")
     _read_options(enqueue)
+
+    schedules = commands.add_parser("schedules", help="cron and interval schedules",
+                                    description="schedules")
+    sched_commands = schedules.add_subparsers(dest="schedules_command", required=True,
+                                              metavar="COMMAND")
+    sched_list = command("list", "every schedule, its spec and next fire time",
+                         _schedules_list, parent=sched_commands)
+    _client_options(sched_list)
+    _read_options(sched_list)
+    sched_show = command("show", "a schedule: its definition, next five fire times and what "
+                                 "became of its latest occurrences", _schedules_show,
+                         parent=sched_commands)
+    _client_options(sched_show)
+    sched_show.add_argument("schedule_id", metavar="ID")
+    sched_show.add_argument("--last", type=_positive_int, default=10, metavar="N",
+                            help="show the N latest occurrences (default 10, at most 1000)")
+    _read_options(sched_show)
+    sched_create = command("create", "define a schedule (the same definition again changes "
+                                     "nothing)", _schedules_create, parent=sched_commands)
+    _client_options(sched_create)
+    sched_create.add_argument("schedule_id", metavar="ID")
+    sched_create.add_argument("workflow", metavar="WORKFLOW")
+    when = sched_create.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", metavar="EXPR", help="five cron fields, e.g. '0 3 * * *'")
+    when.add_argument("--every", type=_seconds, metavar="S",
+                      help="an interval, e.g. 15m (fires at its multiples since the epoch)")
+    sched_create.add_argument("--timezone", default="UTC", metavar="TZ",
+                              help="the cron's IANA time zone, e.g. Europe/Paris "
+                                   "(default UTC)")
+    sched_create.add_argument("--payload", default="null", metavar="JSON",
+                              help="each run's input as JSON (default: null)")
+    sched_create.add_argument("--version", help="workflow version (default: the newest a "
+                                                "connected worker registered)")
+    sched_create.add_argument("--overlap", default="skip",
+                              choices=["skip", "buffer_one", "allow", "cancel_previous"],
+                              help="an occurrence while the previous run is unfinished: skip "
+                                   "it (default), buffer one, or allow it alongside")
+    sched_create.add_argument("--catchup-window", type=_seconds_or_zero, default=60.0,
+                              metavar="S", help="occurrences missed while no server was up "
+                                                "fire if this recent (default 1m)")
+    sched_create.add_argument("--update", action="store_true",
+                              help="replace the definition of an existing schedule")
+    for name, help, run in (("pause", "stop firing until resumed", _schedules_pause),
+                            ("resume", "fire again, from the next occurrence",
+                             _schedules_resume),
+                            ("trigger", "fire once now, under the overlap policy",
+                             _schedules_trigger),
+                            ("delete", "delete a schedule (its runs stay)", _schedules_delete)):
+        sub = command(name, help, run, parent=sched_commands)
+        _client_options(sub)
+        sub.add_argument("schedule_id", metavar="ID")
+    backfill = command("backfill", "start every occurrence in a past range never handled",
+                       _schedules_backfill, parent=sched_commands)
+    _client_options(backfill)
+    backfill.add_argument("schedule_id", metavar="ID")
+    backfill.add_argument("--start", required=True, type=_moment, metavar="DATE",
+                          help="ISO 8601 (local time unless it says its zone)")
+    backfill.add_argument("--end", required=True, type=_moment, metavar="DATE",
+                          help="ISO 8601 (local time unless it says its zone)")
     _from_environment(parser)
     return parser
 
@@ -814,6 +873,139 @@ def _workers(args: argparse.Namespace) -> int:
                    w.in_use, f"{times.at(w.connected_at)} ({times.ago(w.connected_at)})",
                    heartbeat(w.last_heartbeat), "draining" if w.draining else "ready"]
                   for w in workers])
+    return 0
+
+
+def _schedules_list(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> Any:
+        return await client.list_schedules()
+
+    schedules, now = _client_call(args, body)
+    if args.output == "json":
+        return _print_json([_plain(s) for s in schedules])
+    if not schedules:
+        print("no schedules")
+        return 0
+    times = Times(now, args.utc)
+    _print_table(["ID", "WORKFLOW", "VERSION", "SPEC", "OVERLAP", "STATE", "NEXT"],
+                 [[s.id, s.workflow, s.version, s.spec, s.overlap,
+                   "paused" if s.paused else "active",
+                   "-" if s.paused else times.when(s.next_fire_at)] for s in schedules])
+    return 0
+
+
+def _schedules_show(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> Any:
+        return await client.schedule_handle(args.schedule_id).describe(
+            firings=min(args.last, 1000))
+
+    d, now = _client_call(args, body)
+    if args.output == "json":
+        return _print_json(_plain(d))
+    times = Times(now, args.utc)
+    fields: list[tuple[str, Any]] = [
+        ("schedule", d.id), ("workflow", f"{d.workflow} (version {d.version})"),
+        ("spec", d.spec), ("overlap", d.overlap),
+        ("catch-up window", human_duration(d.catchup_window)),
+        ("state", "paused" if d.paused else "active"), ("payload", d.payload),
+        ("created", times.at(d.created_at)), ("updated", times.at(d.updated_at)),
+    ]
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        print(f"{name:<{width}}  {value}")
+    print()
+    print("next fire times" + (" (if resumed)" if d.paused else "") + ":")
+    for at in d.next_fire_times:
+        print(f"  {times.when(at)}")
+    print()
+    if not d.recent:
+        print("no occurrences yet")
+        return 0
+    _print_table(["OCCURRENCE", "OUTCOME", "REASON", "RUN", "RUN STATE", "DETAIL"],
+                 [[times.at(o.occurrence) if not o.key.startswith("trigger:")
+                   else f"{times.at(o.occurrence)} (trigger)", o.outcome, o.reason,
+                   o.run_id or "-", o.run_state or "-", _short(o.detail, 90)]
+                  for o in d.recent])
+    return 0
+
+
+def _schedules_create(args: argparse.Namespace) -> int:
+    import warnings
+
+    payload = _json_payload(args.payload)
+
+    async def body(client: Any) -> Any:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sched = await client.schedule(
+                args.workflow, payload, id=args.schedule_id, version=args.version,
+                cron=args.cron, timezone=args.timezone, every=args.every,
+                overlap=args.overlap, catchup_window=args.catchup_window, update=args.update)
+        for warning in caught:
+            print(f"aiki schedules create: warning: {warning.message}", file=sys.stderr)
+        return sched, await sched.describe(firings=0)
+
+    (sched, d), now = _client_call(args, body)
+    what = "created" if sched.created else "updated" if sched.updated else \
+        "exists with this definition (unchanged)"
+    print(f"schedule {d.id}: {what}; {d.spec}, next at "
+          f"{Times(now, False).when(d.next_fire_times[0])}")
+    return 0
+
+
+def _schedules_change(args: argparse.Namespace, action: str) -> int:
+    async def body(client: Any) -> Any:
+        return await getattr(client.schedule_handle(args.schedule_id), action)()
+
+    _client_call(args, body)
+    print(f"schedule {args.schedule_id}: {action}d")
+    return 0
+
+
+def _schedules_pause(args: argparse.Namespace) -> int:
+    return _schedules_change(args, "pause")
+
+
+def _schedules_resume(args: argparse.Namespace) -> int:
+    return _schedules_change(args, "resume")
+
+
+def _schedules_delete(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> bool:
+        return bool(await client.schedule_handle(args.schedule_id).delete())
+
+    existed, _ = _client_call(args, body)
+    if not existed:
+        print(f"aiki schedules delete: error: no schedule with id {args.schedule_id!r}",
+              file=sys.stderr)
+        return 1
+    print(f"schedule {args.schedule_id}: deleted (its runs stay)")
+    return 0
+
+
+def _schedules_trigger(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> Any:
+        return await client.schedule_handle(args.schedule_id).trigger()
+
+    fired, _ = _client_call(args, body)
+    if fired.outcome == "fired":
+        print(f"schedule {args.schedule_id}: started run {fired.run_id}")
+    else:
+        print(f"schedule {args.schedule_id}: {fired.outcome}: {fired.detail}")
+    return 0
+
+
+def _schedules_backfill(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> Any:
+        return await client.schedule_handle(args.schedule_id).backfill(args.start, args.end)
+
+    done, now = _client_call(args, body)
+    times = Times(now, False)
+    fired = [o for o in done if o.outcome == "fired"]
+    print(f"schedule {args.schedule_id}: {len(fired)} run(s) started, "
+          f"{len(done) - len(fired)} occurrence(s) not (by the overlap policy)")
+    for o in done:
+        print(f"  {times.at(o.occurrence)}  {o.outcome}  {o.run_id or o.detail or ''}")
     return 0
 
 

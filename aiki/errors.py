@@ -127,3 +127,22 @@ class WorkerIdInUse(ConnectionLost):
 
 class ConfigError(AikiError, ValueError):
     """A server, worker or client setting that cannot work, with what to change."""
+
+
+class ScheduleInvalid(AikiError, ValueError):
+    """A schedule definition that cannot work (a bad cron field, an unknown time zone, an
+    interval not above zero, ...): refused at definition, with nothing stored."""
+
+
+class ScheduleConflict(AikiError):
+    """A schedule id that exists with another definition. Nothing was changed: pass
+    ``update=True`` to replace the definition, or pick another id."""
+
+
+class ScheduleNotFound(AikiError):
+    """No schedule with this id exists."""
+
+
+class UnservedVersionWarning(UserWarning):
+    """A schedule (or run) names a workflow version that no connected worker has registered:
+    its runs will wait in the queue until a worker that has it connects."""

@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from aiki.store.machine import RUN_TRANSITIONS, STEP_TRANSITIONS, UNSTARTED_TASK_TRANSITIONS
+from aiki import schedules as sch
+from aiki.store.machine import (
+    RUN_TRANSITIONS,
+    STEP_TRANSITIONS,
+    UNSTARTED_TASK_TRANSITIONS,
+    scheduled_by,
+)
 from simulations import workload
 from simulations.world import Outcome
 
@@ -22,9 +28,15 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     for item, run_id in ledger.acked.items():
         if run_id not in runs:
             v.append(f"enqueue {item} was acknowledged as run {run_id}, which is not stored")
+    started_by = {run_id: scheduled_by(h[0].detail if h else None)
+                  for run_id, h in contents.history.items()}
     for run_id in runs:
-        if run_id not in ledger.issued:
-            v.append(f"phantom run {run_id}: no client enqueued it")
+        if run_id not in ledger.issued and started_by.get(run_id) is None:
+            v.append(f"phantom run {run_id}: no client enqueued it, no schedule started it")
+        elif started_by.get(run_id) is not None and started_by[run_id][0] not in (
+                ledger.schedules):
+            v.append(f"phantom run {run_id}: started by schedule {started_by[run_id][0]}, "
+                     "which no client defined")
     # One run per idempotency key.
     by_key: dict[str, set[str]] = {}
     for run in runs.values():
@@ -84,6 +96,7 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     v += _helpers(contents)
     v += _sends(contents, ledger)
     v += _waits(contents, ledger)
+    v += _schedules(contents, ledger, started_by)
     for run_id in sorted(ledger.watching):
         run = runs.get(run_id)
         heard = ledger.heard_end.get(run_id)
@@ -370,3 +383,65 @@ def _transitions(run_id: str, history: list[Any], deferred_starts: set[str]) -> 
             tasks[e.position or ""] = new
             attempts[e.position or ""] = e.attempt
     return out
+
+
+def _schedules(contents: Any, ledger: Any,
+               started_by: dict[str, tuple[str, str] | None]) -> list[str]:
+    """No occurrence starts two runs; under ``skip`` and ``buffer_one`` no two runs of a
+    schedule overlap; every occurrence up to the schedule's next one was decided exactly
+    once (fired, buffered, or skipped: by its policy, past the catch-up window, or while
+    paused). That one within the window is decided while a server is up is the world's
+    overdue monitor's."""
+    v = []
+    by_occurrence: dict[tuple[str, str], list[str]] = {}
+    for run_id, origin in started_by.items():
+        if origin is not None:
+            by_occurrence.setdefault(origin, []).append(run_id)
+    for (schedule_id, key), run_ids in sorted(by_occurrence.items()):
+        if len(run_ids) > 1:
+            v.append(f"schedule {schedule_id}: occurrence {key} started {len(run_ids)} runs: "
+                     f"{sorted(run_ids)}")
+    runs = contents.runs
+    for schedule_id, firings in contents.firings.items():
+        for f in firings:
+            if f.outcome == "fired" and (f.run_id not in runs or started_by.get(f.run_id) != (
+                    schedule_id, f.key)):
+                v.append(f"schedule {schedule_id}: occurrence {f.key} was recorded fired as "
+                         f"run {f.run_id}, which is not stored as its run")
+    for schedule_id, overlap in sorted(ledger.schedules.items()):
+        if overlap not in ("skip", "buffer_one"):
+            continue
+        spans = []
+        for run_id, origin in started_by.items():
+            if origin is None or origin[0] != schedule_id:
+                continue
+            history = contents.history[run_id]
+            start = ledger.committed.get(history[0].seq, (None,))[0]
+            end = next((ledger.committed.get(e.seq, (None,))[0] for e in history
+                        if e.event in ("run.completed", "run.failed")), float("inf"))
+            if start is not None:
+                spans.append((start, end if end is not None else float("inf"), run_id))
+        spans.sort()
+        for (_, end, before), (start, _, after) in zip(spans, spans[1:], strict=False):
+            if start < end:
+                v.append(f"schedule {schedule_id} ({overlap}): run {after} started at "
+                         f"t={start:.3f}, before run {before} ended (t={end:.3f})")
+    for s in contents.schedules.values():
+        firings = contents.firings.get(s.id, ())
+        covered: dict[float, int] = {}
+        ranges = []
+        for f in firings:
+            if f.key.startswith("trigger:"):
+                continue
+            if f.key.startswith("skipped:"):
+                ranges.append((f.occurrence, f.last if f.last is not None else f.occurrence))
+            else:
+                covered[f.occurrence] = covered.get(f.occurrence, 0) + 1
+        occ = sch.next_after(s.cron, s.timezone, s.every, s.created_at)
+        while occ < s.next_fire_at:
+            n = covered.get(occ, 0) + sum(1 for a, b in ranges if a <= occ <= b)
+            if n != 1:
+                v.append(f"schedule {s.id}: occurrence {sch.iso(occ)} was decided {n} times "
+                         f"(it comes before the next one, {sch.iso(s.next_fire_at)})")
+            occ = sch.next_after(s.cron, s.timezone, s.every, occ)
+    return v

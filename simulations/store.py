@@ -29,6 +29,8 @@ from aiki.records import (
     EventRecord,
     HistoryEvent,
     RunRecord,
+    ScheduleFiring,
+    ScheduleRecord,
     StepRecord,
     WaitRecord,
 )
@@ -36,6 +38,9 @@ from aiki.store import Store
 from aiki.store import ops as o
 from aiki.store.memory import MemoryStore
 from simulations.pause import PROCESS
+
+SCHEDULE_OPS = (o.DefineSchedule, o.PauseSchedule, o.FireSchedules, o.TriggerSchedule,
+                o.BackfillSchedule, o.DeleteSchedule)
 
 
 @attrs.define
@@ -109,6 +114,8 @@ class Ledger:
     # Every write accepted under a lease, renewals included:
     # (commit, time, op, run id, epoch, worker id)
     lease_writes: list[tuple[int, float, str, str, int, str]] = attrs.field(factory=list)
+    schedules: dict[str, str] = attrs.field(factory=dict)  # defined: id -> overlap policy
+    schedules_paused: bool = False  # the clients paused them all (late in liveness)
 
     def violation(self, text: str) -> None:
         try:
@@ -152,9 +159,15 @@ class SimStore:
         if r.random() < f.before_commit:
             self.stats["before_commit"] += 1
             raise StoreUnavailable("simulated: error before commit")
+        scheduling = any(isinstance(op, SCHEDULE_OPS) for op in ops)
+        before = self.inner.contents().schedules if scheduling else None
         outcomes = await self._apply_both(ops)
         now = trio.current_time()
         self.ledger.commits += 1
+        if before is not None and self.notices is not None \
+                and self.inner.contents().schedules != before:
+            # As PostgreSQL's trigger on schedules: every timer reads the next occurrence.
+            self.notices.publish(server, ["due"])
         for op, outcome in zip(ops, outcomes, strict=True):
             if not isinstance(outcome, AikiError):
                 self._check(op, outcome, now)
@@ -359,6 +372,15 @@ class SimStore:
     async def next_due(self) -> float | None:
         return await self._read("next_due")  # type: ignore[no-any-return]
 
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        return await self._read("get_schedule", schedule_id)  # type: ignore[no-any-return]
+
+    async def list_schedules(self) -> tuple[ScheduleRecord, ...]:
+        return await self._read("list_schedules")  # type: ignore[no-any-return]
+
+    async def get_firings(self, schedule_id: str, limit: int = 20) -> tuple[ScheduleFiring, ...]:
+        return await self._read("get_firings", schedule_id, limit)  # type: ignore[no-any-return]
+
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
 
@@ -400,6 +422,15 @@ class ServerStore:
 
     async def next_due(self) -> float | None:
         return await self.db.next_due()
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        return await self.db.get_schedule(schedule_id)
+
+    async def list_schedules(self) -> tuple[ScheduleRecord, ...]:
+        return await self.db.list_schedules()
+
+    async def get_firings(self, schedule_id: str, limit: int = 20) -> tuple[ScheduleFiring, ...]:
+        return await self.db.get_firings(schedule_id, limit)
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

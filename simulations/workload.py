@@ -201,7 +201,9 @@ async def _race_step(ctx: Ctx, step: dict[str, Any]) -> None:
 
 
 async def _interpret(run: aiki.WorkflowRun, program: dict[str, Any]) -> list[int]:
-    ctx = Ctx(run, program["rk"], int(program["x"]))
+    # A schedule's runs share one program: each keys its executions by its own run id.
+    rk = f"{program['rk']}:{run.id}" if program.get("per_run") else program["rk"]
+    ctx = Ctx(run, rk, int(program["x"]))
     for step in program["steps"]:
         kind = next(k for k in step if k in STEP_KINDS)
         await STEP_KINDS[kind](ctx, step)
@@ -389,3 +391,48 @@ def _with_waits(r: random.Random, item: PlannedRun) -> PlannedRun:
                                            r.randint(0, 999), r.randrange(3), late=True)
     return attrs.evolve(item, program=program, server=server, sends=tuple(sends), races=races,
                         wakeups=wakeups, watch=watch, late=late)
+
+
+# -- schedules -------------------------------------------------------------------------------
+OVERLAPS = ("skip", "buffer_one", "allow")
+
+
+@attrs.frozen
+class PlannedSchedule:
+    """A schedule a client defines at ``at`` through server ``server``, and the triggers
+    clients send it (seconds after its definition was acknowledged, server, trigger id)."""
+
+    id: str
+    at: float
+    every: float | None
+    cron: str | None
+    overlap: str
+    window: float
+    program: dict[str, Any]
+    server: int
+    triggers: tuple[tuple[float, int, str], ...] = ()
+
+
+def plan_schedules(seed: int, duration: float) -> list[PlannedSchedule]:
+    """One to three schedules, each overlap policy among them, from a stream of their own
+    (the runs and faults of a seed stay what they were without schedules). Their runs take
+    from a fraction of their interval to several intervals, so occurrences overlap."""
+    r = random.Random(f"{seed}:schedules")
+    first = r.randrange(len(OVERLAPS))
+    out = []
+    for i in range(r.choice([1, 2, 2, 3])):
+        every = r.choice([20.0, 30.0, 45.0, 60.0, None])
+        cron = "* * * * *" if every is None else None
+        steps: list[dict[str, Any]] = [{"call": {
+            "task": r.choice(["t-none", "t-exp"]), "label": f"sch{i}.0", "fail": 0,
+            "work": r.choice([0.01, 0.5, 3.0])}}]
+        if r.random() < 0.7:
+            steps.append({"sleep": r.choice([5.0, 15.0, 40.0, 90.0])})
+        program = {"rk": f"sch{i}", "x": r.randint(0, 1000), "steps": steps, "per_run": True}
+        triggers = tuple((r.uniform(0, duration), r.randrange(3), f"sch{i}-t{k}")
+                         for k in range(r.choice([0, 0, 1, 2])))
+        out.append(PlannedSchedule(
+            f"sch{i}", r.uniform(0, duration * 0.3), every, cron,
+            OVERLAPS[(first + i) % len(OVERLAPS)], r.choice([30.0, 60.0, 120.0]), program,
+            r.randrange(3), triggers))
+    return out

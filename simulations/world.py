@@ -61,6 +61,9 @@ POLL_INTERVAL = 5.0
 # poll (the notice that would have told the server was lost), plus a timer's retries after
 # store errors and slow calls.
 OVERDUE_BOUND = POLL_INTERVAL + 10.0
+# Schedules go on firing this long into the liveness phase, then clients pause them so the
+# cluster can come to rest.
+SCHEDULES_RUN_ON = 120.0
 
 
 @attrs.define
@@ -308,11 +311,45 @@ class World:
                 nursery.cancel_scope.cancel()
                 return
 
-    async def client_node(self, planned: list[workload.PlannedRun]) -> None:
+    async def client_node(self, planned: list[workload.PlannedRun],
+                          schedules: list[workload.PlannedSchedule]) -> None:
         async with trio.open_nursery() as nursery:
             for item in sorted(planned, key=lambda i: i.at):
                 self.pending += 1
                 nursery.start_soon(self._client_of, item, nursery)
+            for sched in schedules:
+                self.pending += 1
+                nursery.start_soon(self._scheduler, sched, nursery)
+
+    async def _scheduler(self, sched: workload.PlannedSchedule, nursery: trio.Nursery) -> None:
+        """Define ``sched`` (retried until acknowledged: the same definition again returns
+        it), then send its triggers."""
+        await trio.sleep(sched.at)
+        payload = p.encode_value(sched.program)
+        await self._ask(sched.server, lambda req: p.DefineSchedule(
+            req, sched.id, "sim", payload, "1", sched.cron, "UTC", sched.every,
+            sched.overlap, sched.window))
+        self.ledger.schedules[sched.id] = sched.overlap
+        self.note(f"defined {sched.id}")
+        acked = trio.current_time()
+        for at, server, trigger_id in sched.triggers:
+            self.pending += 1
+            nursery.start_soon(self._action, self._trigger, sched, acked + at, server,
+                               trigger_id)
+        self.pending -= 1
+
+    async def _trigger(self, sched: workload.PlannedSchedule, at: float, server: int,
+                       trigger_id: str) -> None:
+        await trio.sleep_until(at)
+        if self.faults_on:  # (not once clients pause the schedules)
+            await self._ask(server, lambda req: p.TriggerSchedule(req, sched.id, trigger_id))
+
+    async def pause_schedules(self) -> None:
+        """Late in the liveness phase: clients pause every schedule, so runs stop coming."""
+        await trio.sleep(SCHEDULES_RUN_ON)
+        for schedule_id in sorted(self.ledger.schedules):
+            await self._ask(0, lambda req, sid=schedule_id: p.ChangeSchedule(req, sid, "pause"))
+        self.ledger.schedules_paused = True
 
     async def _client_of(self, item: workload.PlannedRun, nursery: trio.Nursery) -> None:
         """Enqueue ``item``, then start what clients do to the run."""
@@ -441,6 +478,18 @@ class World:
             if not up or trio.current_time() < self.store.faults.unavailable_until:
                 continue
             contents = self.store.inner.contents()
+            # A schedule's next occurrence is decided within the bound once it is due.
+            for sched in contents.schedules.values():
+                if sched.paused or not any(self.clocks[s].now() >= sched.next_fire_at
+                                           for s in up):
+                    continue
+                key = (sched.id, sched.next_fire_at)
+                overdue[key] = overdue.get(key, 0.0) + 1.0
+                if overdue[key] == OVERDUE_BOUND:
+                    self.ledger.violation(
+                        f"schedule {sched.id}: its occurrence at {sched.next_fire_at:.3f} is "
+                        f"still undecided {OVERDUE_BOUND:.0f} s after it came due while "
+                        f"servers {up} were up and the store available")
             for run_id, waits in contents.waits.items():
                 dues = [w.due_at for w in waits if w.due_at is not None]
                 if not dues or contents.runs[run_id].state != "waiting":
@@ -628,6 +677,7 @@ class World:
     # -- the run ------------------------------------------------------------------------
     async def run(self) -> None:
         planned = workload.plan(self.cfg.seed, self.cfg.runs, self.cfg.safety)
+        schedules = workload.plan_schedules(self.cfg.seed, self.cfg.safety)
         workload.bind(self.ledger)
         if self.cfg.store_kind == "sqlite":
             self.store.db = await SqliteStore.open(":memory:", offload=False)
@@ -642,13 +692,15 @@ class World:
             nursery.start_soon(self.overdue_monitor)
             for name in self.worker_names:
                 nursery.start_soon(self.worker_node, name)
-            nursery.start_soon(self.client_node, planned)
+            nursery.start_soon(self.client_node, planned, schedules)
             with trio.move_on_after(self.cfg.safety):
                 await self.injector()
                 await trio.sleep_forever()
             self.note("liveness phase")
             self.all_faults_off()
             with trio.move_on_after(self.cfg.liveness):
+                self.pending += 1
+                nursery.start_soon(self._action, self.pause_schedules)
                 await self._converged(planned)
             await trio.sleep(1.0)
             self.freezer.resume_all()
@@ -730,6 +782,17 @@ SITUATIONS = {
 }
 
 
+# What became of schedule occurrences: (outcome, reason, skipped by 'skip').
+SCHEDULE_SITUATIONS = {
+    ("fired", "scheduled", False): "schedule fired on time",
+    ("fired", "catch-up", False): "schedule caught up after downtime",
+    ("fired", "buffered", False): "schedule occurrence buffered then fired",
+    ("skipped", "scheduled", True): "schedule occurrence skipped by overlap",
+    ("skipped", "catch-up", False): "schedule occurrences past the catch-up window",
+    ("fired", "trigger", False): "schedule triggered",
+}
+
+
 class RealTimeExceeded(BaseException):
     pass
 
@@ -790,6 +853,12 @@ def run_seed(cfg: Config) -> Outcome:
                             if s.kind == "task" and s.idempotency_key is None)
         if any(n > 1 for n in addresses.values()):
             world.ledger.sometimes["duplicate content address in one run"] += 1
+    for firings in world.store.inner.contents().firings.values():
+        for f in firings:
+            situation = SCHEDULE_SITUATIONS.get((f.outcome, f.reason, f.detail is not None and
+                                                 "(overlap 'skip')" in f.detail))
+            if situation is not None:
+                world.ledger.sometimes[situation] += f.count
     for history in world.store.inner.contents().history.values():
         for e in history:
             situation = SITUATIONS.get((e.event, (e.detail or "").split(" ")[0],

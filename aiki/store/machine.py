@@ -22,11 +22,15 @@ from typing import Any
 
 import attrs
 
+from aiki import schedules as sch
 from aiki.errors import (
     IdempotencyConflict,
     RunFinished,
     RunNotFound,
     RunNotRetryable,
+    ScheduleConflict,
+    ScheduleInvalid,
+    ScheduleNotFound,
     StaleLease,
     StepConflict,
 )
@@ -37,6 +41,8 @@ from aiki.records import (
     Lease,
     RunRecord,
     RunState,
+    ScheduleFiring,
+    ScheduleRecord,
     StepRecord,
     WaitFor,
     WaitRecord,
@@ -172,7 +178,12 @@ def enqueue(op: o.Enqueue) -> tuple[RunRecord, Entry]:
         lease_owner=None, lease_expires_at=None, result=None, error_type=None,
         error_message=None, created_at=op.now, updated_at=op.now, finished_at=None,
     )
-    return run, Entry(op.now, "run.queued", 0, detail=f"version {op.version}")
+    return run, Entry(op.now, "run.queued", 0, detail=enqueue_detail(op))
+
+
+def enqueue_detail(op: o.Enqueue) -> str:
+    """The detail of a new run's first history event: its version, and who started it."""
+    return f"version {op.version}" + (f"; {op.origin}" if op.origin else "")
 
 
 ON_CONFLICT = ("raise", "return_existing")
@@ -494,3 +505,244 @@ def send(run: RunRecord | None, op: o.SendEvent, duplicate: bool,
     if run.state == "waiting":
         change = change.then(_wake(run, op.now, f"event {op.name!r} arrived"))
     return change, o.SendOutcome(delivered=True, duplicate=False)
+
+
+# -- schedules ---------------------------------------------------------------------------------
+SCHEDULED = "started by schedule"  # the first words of a scheduled run's origin
+MAX_BACKFILL = 1000  # occurrences one backfill may hold
+MAX_COUNTED = 100_000  # occurrences counted one by one in a skipped range
+
+
+@attrs.frozen
+class ScheduleChange:
+    """What a schedule op writes: the schedule row as it must be (None: unchanged), firing
+    records to upsert (by key), and runs to enqueue in the same transaction (each with the
+    idempotency key of its occurrence). ``deleted``: the schedule and its firings go."""
+
+    schedule: ScheduleRecord | None = None
+    firings: tuple[ScheduleFiring, ...] = ()
+    enqueues: tuple[o.Enqueue, ...] = ()
+    deleted: bool = False
+
+
+def run_key(schedule_id: str, key: str) -> str:
+    """The idempotency key of the run an occurrence starts: one run per (schedule,
+    occurrence), across restarts and servers, whatever else happens."""
+    return f"schedule:{schedule_id}:{key}"
+
+
+def started_by_a_schedule(run: RunRecord | None) -> bool:
+    """Whether ``run`` may be a schedule's last run (so its end may release a buffered
+    occurrence): a schedule's runs carry its idempotency keys."""
+    return run is not None and (run.idempotency_key or "").startswith("schedule:")
+
+
+def run_id_for(schedule_id: str, key: str) -> str:
+    return f"{schedule_id}@{key}"
+
+
+def origin_of(schedule_id: str, key: str) -> str:
+    return f"{SCHEDULED} {schedule_id} for {key}"
+
+
+def scheduled_by(detail: str | None) -> tuple[str, str] | None:
+    """(schedule id, occurrence key) from a run's first history detail, if a schedule
+    started it."""
+    marker = f"; {SCHEDULED} "
+    if detail is None or marker not in detail:
+        return None
+    schedule_id, _, key = detail.split(marker, 1)[1].rpartition(" for ")
+    return schedule_id, key
+
+
+def _need(schedule: ScheduleRecord | None, schedule_id: str) -> ScheduleRecord:
+    if schedule is None:
+        raise ScheduleNotFound(f"no schedule with id {schedule_id!r}")
+    return schedule
+
+
+def define_schedule(old: ScheduleRecord | None,
+                    op: o.DefineSchedule) -> tuple[ScheduleChange, o.DefineOutcome]:
+    new = op.schedule
+    if old is None:
+        return ScheduleChange(new), o.DefineOutcome(new, created=True, updated=False)
+    if old.definition() == new.definition():
+        return ScheduleChange(), o.DefineOutcome(old, created=False, updated=False)
+    if not op.update:
+        names = ("workflow", "version", "payload", "cron", "timezone", "every", "overlap",
+                 "catchup_window")
+        differ = [f"{n} {a!r} (asked: {b!r})" for n, a, b in
+                  zip(names, old.definition(), new.definition(), strict=True) if a != b]
+        raise ScheduleConflict(
+            f"schedule {old.id!r} exists with another definition: {'; '.join(differ)}; "
+            "nothing was changed: pass update=True to replace it, or choose another id")
+    # The new definition, from the next occurrence after now; what the schedule did so
+    # far (its last run, a buffered occurrence, paused or not) carries over.
+    updated = attrs.evolve(new, paused=old.paused, last_run_id=old.last_run_id,
+                           buffered_at=old.buffered_at, created_at=old.created_at,
+                           updated_at=op.now)
+    return ScheduleChange(updated), o.DefineOutcome(updated, created=False, updated=True)
+
+
+def describe_schedule(s: ScheduleRecord) -> str:
+    return sch.describe(s.cron, s.timezone, s.every)
+
+
+def pause_schedule(old: ScheduleRecord | None,
+                   op: o.PauseSchedule) -> tuple[ScheduleChange, ScheduleRecord]:
+    s = _need(old, op.schedule_id)
+    if s.paused == op.paused:
+        return ScheduleChange(), s
+    if op.paused:
+        paused = attrs.evolve(s, paused=True, updated_at=op.now)
+        return ScheduleChange(paused), paused
+    # Resumed: from the first occurrence after now; those that passed meanwhile are skipped.
+    resumed = attrs.evolve(s, paused=False, updated_at=op.now,
+                           next_fire_at=sch.next_after(s.cron, s.timezone, s.every, op.now))
+    firings: tuple[ScheduleFiring, ...] = ()
+    if s.next_fire_at <= op.now:
+        firings = (_skipped_range(s, s.next_fire_at, op.now, op.now, "resumed",
+                                  "passed while the schedule was paused"),)
+    return ScheduleChange(resumed, firings), resumed
+
+
+def _skipped_range(s: ScheduleRecord, first: float, until: float, now: float, reason: str,
+                   why: str) -> ScheduleFiring:
+    """One record for the occurrences from ``first`` up to ``until`` (inclusive)."""
+    last, count = first, 1
+    for t in sch.occurrences(s.cron, s.timezone, s.every, first):
+        if t > until or count >= MAX_COUNTED:
+            break
+        last, count = t, count + 1
+    what = (f"{sch.iso(first)}" if count == 1
+            else f"{count} occurrences from {sch.iso(first)} to {sch.iso(last)}")
+    return ScheduleFiring(s.id, f"skipped:{sch.iso(first)}", first, "skipped", reason, None,
+                          now, f"{what}: {why}", last, count)
+
+
+@attrs.define
+class _Firing:
+    """A schedule's state while one op decides its occurrences."""
+
+    schedule: ScheduleRecord
+    running: bool  # its last run is unfinished
+    now: float
+    firings: list[ScheduleFiring] = attrs.field(factory=list)
+    enqueues: list[o.Enqueue] = attrs.field(factory=list)
+
+    def occurrence(self, occ: float, key: str, reason: str) -> ScheduleFiring:
+        """Decide one occurrence by the overlap policy."""
+        s = self.schedule
+        if self.running and s.overlap != "allow":
+            previous = f"the previous run {s.last_run_id} is unfinished"
+            if s.overlap == "buffer_one" and s.buffered_at is None:
+                self.schedule = attrs.evolve(s, buffered_at=occ, buffered_key=key,
+                                             updated_at=self.now)
+                return self._record(ScheduleFiring(s.id, key, occ, "buffered", reason, None,
+                                                   self.now, f"{previous}: starts when it ends"))
+            why = (f"{previous} and one occurrence already waits for it"
+                   if s.overlap == "buffer_one" else f"{previous} (overlap 'skip')")
+            return self._record(ScheduleFiring(s.id, key, occ, "skipped", reason, None,
+                                               self.now, why))
+        return self._start(occ, key, reason)
+
+    def _start(self, occ: float, key: str, reason: str) -> ScheduleFiring:
+        s = self.schedule
+        run_id = run_id_for(s.id, key)
+        self.enqueues.append(o.Enqueue(run_id, s.workflow, s.version, s.payload,
+                                       run_key(s.id, key), self.now, "return_existing",
+                                       origin_of(s.id, key)))
+        self.schedule = attrs.evolve(s, last_run_id=run_id, updated_at=self.now)
+        self.running = True
+        return self._record(ScheduleFiring(s.id, key, occ, "fired", reason, run_id, self.now))
+
+    def release_buffered(self) -> None:
+        s = self.schedule
+        if s.buffered_at is not None and not self.running:
+            occ, key = s.buffered_at, s.buffered_key or sch.iso(s.buffered_at)
+            self.schedule = attrs.evolve(s, buffered_at=None, buffered_key=None)
+            self._start(occ, key, "buffered")
+
+    def _record(self, firing: ScheduleFiring) -> ScheduleFiring:
+        self.firings.append(firing)
+        return firing
+
+    def change(self) -> ScheduleChange:
+        return ScheduleChange(self.schedule, tuple(self.firings), tuple(self.enqueues))
+
+
+def _unfinished(run: RunRecord | None) -> bool:
+    return run is not None and run.state not in TERMINAL_RUN_STATES
+
+
+def fire(s: ScheduleRecord, last_run: RunRecord | None, now: float) -> ScheduleChange:
+    """The Timer: ``s`` is due (unpaused, ``next_fire_at <= now``). Occurrences older than
+    the catch-up window are recorded as skipped (one record for the lot); the others are
+    decided by the overlap policy; the next occurrence moves past ``now``."""
+    state = _Firing(s, _unfinished(last_run), now)
+    state.release_buffered()
+    horizon = now - s.catchup_window
+    occ = s.next_fire_at
+    if occ < horizon:  # missed while no server was up, too long ago
+        first_kept = sch.next_after(s.cron, s.timezone, s.every, horizon - 1e-6)
+        state.firings.append(_skipped_range(
+            s, occ, min(first_kept, now + 1) - 1e-6, now, "catch-up",
+            f"older than the catch-up window of {s.catchup_window:g} s when a server "
+            f"looked at {sch.iso(now)}"))
+        occ = first_kept
+    while occ <= now:
+        key = sch.iso(occ)
+        state.occurrence(occ, key, "scheduled" if now - occ < 1.0 else "catch-up")
+        occ = sch.next_after(s.cron, s.timezone, s.every, occ)
+    state.schedule = attrs.evolve(state.schedule, next_fire_at=occ, updated_at=now)
+    return state.change()
+
+
+def release_buffered(s: ScheduleRecord, ended: RunRecord, now: float) -> ScheduleChange:
+    """Run ``ended`` (the schedule's last run) has ended: an occurrence buffered behind it
+    (``buffer_one``) starts now, in the same transaction."""
+    if s.last_run_id != ended.id or s.buffered_at is None or _unfinished(ended):
+        return ScheduleChange()
+    state = _Firing(s, False, now)
+    state.release_buffered()
+    return state.change()
+
+
+def trigger(s: ScheduleRecord | None, op: o.TriggerSchedule, last_run: RunRecord | None,
+            existing: ScheduleFiring | None) -> tuple[ScheduleChange, ScheduleFiring]:
+    """Fire once now, under the overlap policy; the same ``trigger_id`` again returns what
+    the first request did."""
+    s = _need(s, op.schedule_id)
+    if existing is not None:
+        return ScheduleChange(), existing
+    state = _Firing(s, _unfinished(last_run), op.now)
+    firing = state.occurrence(op.now, f"trigger:{op.trigger_id}", "trigger")
+    return state.change(), firing
+
+
+def backfill(s: ScheduleRecord | None, op: o.BackfillSchedule, last_run: RunRecord | None,
+             handled: set[str]) -> tuple[ScheduleChange, tuple[ScheduleFiring, ...]]:
+    """Every occurrence in ``[op.start, op.end]`` whose key is not in ``handled`` (the keys of
+    the schedule's firing records), under the overlap policy, oldest first."""
+    s = _need(s, op.schedule_id)
+    if not op.start <= op.end:
+        raise ScheduleInvalid(f"backfill start {when(op.start)} is after its end "
+                              f"{when(op.end)}; nothing was started")
+    if op.end > op.now:
+        raise ScheduleInvalid(f"backfill end {when(op.end)} is in the future (now is "
+                              f"{when(op.now)}): the schedule itself fires those; nothing "
+                              "was started")
+    todo: list[float] = []
+    for occ in sch.occurrences(s.cron, s.timezone, s.every, op.start - 1e-6):
+        if occ > op.end:
+            break
+        if len(todo) >= MAX_BACKFILL:
+            raise ScheduleInvalid(
+                f"backfill from {when(op.start)} to {when(op.end)} holds more than "
+                f"{MAX_BACKFILL} occurrences; split it into smaller ranges (nothing was "
+                "started)")
+        todo.append(occ)
+    state = _Firing(s, _unfinished(last_run), op.now)
+    out = [state.occurrence(occ, sch.iso(occ), "backfill")
+           for occ in todo if sch.iso(occ) not in handled]
+    return state.change(), tuple(out)

@@ -16,8 +16,9 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aiki import schedules as sch
 from aiki.errors import AikiError, StaleLease, StepConflict
-from aiki.records import WaitFor, WaitRecord
+from aiki.records import ScheduleRecord, WaitFor, WaitRecord
 from aiki.store import (
     ClaimedRun,
     HistoryEvent,
@@ -722,6 +723,16 @@ command = st.one_of(  # repeated alternatives are weights: keep runs running and
     st.tuples(st.just("wakeup"), st.integers(0, 7)),
     st.tuples(st.just("purge"), st.sampled_from([0.0, 2.0, 100.0]), st.integers(0, 2)),
     st.tuples(st.just("retry"), st.integers(0, 7), st.sampled_from([None, "2"])),
+    # Schedules: defined (or redefined), fired by the timer, paused, triggered, backfilled.
+    st.tuples(st.just("define"), st.sampled_from(["s0", "s1"]),
+              st.sampled_from([2.0, 5.0, None]), st.sampled_from(["skip", "buffer_one", "allow"]),
+              st.sampled_from([0.0, 3.0, 100.0]), st.booleans()),
+    st.tuples(st.just("fire")), st.tuples(st.just("fire")),
+    st.tuples(st.just("pause"), st.sampled_from(["s0", "s1", "s9"]), st.booleans()),
+    st.tuples(st.just("trigger"), st.sampled_from(["s0", "s1"]), st.sampled_from(["t1", "t2"])),
+    st.tuples(st.just("backfill"), st.sampled_from(["s0", "s1"]), st.sampled_from([0.0, 6.0]),
+              st.sampled_from([0.0, 4.0, 30.0])),
+    st.tuples(st.just("delete_schedule"), st.sampled_from(["s0", "s1"])),
 )
 PRELUDE: list[tuple[float, list[tuple[Any, ...]]]] = [
     (0.0, [("enqueue", 0, None, None), ("enqueue", 1, "k1", None), ("enqueue", 2, None, None)]),
@@ -786,6 +797,25 @@ class World:
             return o.PurgeRuns(now - cmd[1], cmd[2])
         if kind == "retry":
             return o.RetryRun(self.run_id(cmd[1]), cmd[2], "c", now)
+        if kind == "define":
+            _, sid, every, overlap, window, update = cmd
+            cron = "* * * * *" if every is None else None
+            record = ScheduleRecord(sid, "wf", "1", f'{{"s": "{sid}"}}', cron, "UTC", every,
+                                    overlap, window, False,
+                                    sch.next_after(cron, "UTC", every, now), None, None, now,
+                                    now)
+            return o.DefineSchedule(record, update, now)
+        if kind == "fire":
+            return o.FireSchedules(now)
+        if kind == "pause":
+            return o.PauseSchedule(cmd[1], cmd[2], now)
+        if kind == "trigger":
+            return o.TriggerSchedule(cmd[1], cmd[2], now)
+        if kind == "backfill":
+            return o.BackfillSchedule(cmd[1], max(now - cmd[2] - cmd[3], 0.0),
+                                      max(now - cmd[3], 0.0), now)
+        if kind == "delete_schedule":
+            return o.DeleteSchedule(cmd[1])
         lease = await self.lease(cmd[1], cmd[2])
         if kind == "await":
             _, _, _, position, step_kind, name, delay = cmd
@@ -835,7 +865,8 @@ def comparable(outcome: Any) -> Any:
 
 async def observe(store: Store, run_ids: list[str]) -> Any:
     """Everything the store's reads show; history ``seq`` replaced by its global rank."""
-    per_run = [await snapshot(store, r) for r in [*run_ids, "ghost"]]
+    scheduled = [r.id for r in await store.list_runs(limit=1000) if "@" in r.id]
+    per_run = [await snapshot(store, r) for r in [*run_ids, *sorted(scheduled), "ghost"]]
     seqs = sorted(e.seq for [(_, _, history)] in per_run for e in history)
     rank = {seq: i for i, seq in enumerate(seqs)}
     return (
@@ -846,6 +877,8 @@ async def observe(store: Store, run_ids: list[str]) -> Any:
         await store.list_runs(workflow="other", state="queued"),
         await store.next_due(),
         [(await store.get_waits(r), await store.get_events(r)) for r in run_ids],
+        await store.list_schedules(),
+        [await store.get_firings(sid, 1000) for sid in ("s0", "s1")],
     )
 
 
