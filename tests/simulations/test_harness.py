@@ -206,21 +206,20 @@ def server_ignores_drains(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Session, "_draining", draining)
 
 
-def outcomes_overtaken(monkeypatch: pytest.MonkeyPatch) -> None:
+def completion_drops_outcomes(monkeypatch: pytest.MonkeyPatch) -> None:
     from aiki.actors import run
 
+    real = run.RunState.carry
+
     async def carry(self: run.RunState, make: Any) -> Any:
-        # Carries the outcomes waiting for a ride, but not those riding with another write
-        # in flight, which this one may overtake (the run may complete before they land).
-        taken = tuple(self.pending)
-        self.pending.clear()
-        self.riding.extend(taken)
-        if self.flusher is not None:
-            self.flusher.done(self)
-        try:
-            return await self._write(lambda req: make(req, taken))
-        finally:
-            self.riding = [s for s in self.riding if all(s is not x for x in taken)]
+        # The run's completion carries none of the task outcomes not yet acknowledged.
+        # (The subtler variant, a completion that carries the outcomes waiting but not those
+        # riding with another write in flight, is tests/actors/test_outcomes.py's: the
+        # simulation caught it at seeds 52, 90 and 113 once, but not in every world since.)
+        if make(0, ()).__class__.__name__ == "CompleteRun":
+            self.pending.clear()
+            self.riding.clear()
+        return await real(self, make)
 
     monkeypatch.setattr(run.RunState, "carry", carry)
 
@@ -478,8 +477,8 @@ def servers_each_fire_one_occurrence(monkeypatch: pytest.MonkeyPatch) -> None:
                                   "without faults it ended")),
         # A client watching through one server never hears of a run ended through another.
         (ended_notices_dropped, ("never heard",)),
-        # A task outcome riding with a write in flight is overtaken by the run's end.
-        (outcomes_overtaken, ("never committed",)),
+        # The run's end leaves behind the task outcomes still on their way.
+        (completion_drops_outcomes, ("never committed",)),
         # Issue 18's blind spots.
         (renew_any_lease, ("Renew for run", "a lease that had ended")),
         (unfenced_completions, ("accepted from epoch", "a lease that had ended")),
@@ -495,7 +494,7 @@ def servers_each_fire_one_occurrence(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "server-ignores-drains", "timer-forgets-the-store",
-         "send-ack-before-commit", "ended-notices-dropped", "outcomes-overtaken",
+         "send-ack-before-commit", "ended-notices-dropped", "completion-drops-outcomes",
          "renew-any-lease", "unfenced-completions", "sqlite-unfenced", "replay-by-address",
          "reply-none-on-lost-connection", "no-deadline-check-before-the-body",
          "schedule-next-in-memory", "servers-each-fire-one-occurrence"],
