@@ -52,7 +52,8 @@ _REFUSALS: dict[str, type[errors.AikiError]] = {
         errors.StaleLease, errors.StepConflict, errors.RunNotFound, errors.UnknownWorkflow,
         errors.ProtocolError, errors.StoreUnavailable, errors.PayloadError,
         errors.AuthenticationFailed, errors.ConnectionLost, errors.RunFinished,
-        errors.UnknownEvent, errors.RunNotRetryable,
+        errors.UnknownEvent, errors.RunNotRetryable, errors.RunNotPausable,
+        errors.RunNotPaused, errors.InvalidFork, errors.RunPaused, errors.ControlRefused,
         errors.IdempotencyConflict, errors.WorkerIdInUse,
     )
 }

@@ -111,6 +111,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Retention deletes finished runs oldest first.
         "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
     ),
+    # Run controls: a fork records the run it was copied from and how many steps it got.
+    # (A ``paused`` run needs no column: the state is text, its waits stay in ``waits``.)
+    (
+        "ALTER TABLE runs ADD COLUMN forked_from TEXT",
+        "ALTER TABLE runs ADD COLUMN forked_steps INTEGER",
+    ),
 )
 
 RUN_COLUMNS = ", ".join(f.name for f in attrs.fields(RunRecord))
@@ -300,7 +306,8 @@ def _renew(db: Db, op: o.Renew) -> tuple[str, ...]:
 
 def _expire(db: Db, op: o.ExpireLeases) -> tuple[str, ...]:
     expired = _runs_where(
-        db, "state = 'running' AND lease_expires_at IS NOT NULL AND lease_expires_at <= ?",
+        db, "state IN ('running', 'paused') AND lease_owner IS NOT NULL"
+        " AND lease_expires_at IS NOT NULL AND lease_expires_at <= ?",
         (op.now,), "ORDER BY seq",
     )
     for run in expired:
@@ -401,6 +408,33 @@ def _retry(db: Db, op: o.RetryRun) -> RunRecord | None:
     return change.run
 
 
+def _pause(db: Db, op: o.PauseRun) -> RunRecord | None:
+    change = m.pause(_get_run(db, op.run_id), op.run_id, op.who, op.now)
+    _write(db, op.run_id, change)
+    return change.run
+
+
+def _resume(db: Db, op: o.ResumeRun) -> RunRecord | None:
+    steps = {s.position: s for s in _get_steps(db, op.run_id)}
+    buffered = {row[0] for row in db.execute(
+        "SELECT DISTINCT name FROM events WHERE run_id = ? AND position IS NULL", (op.run_id,))}
+    change = m.resume(_get_run(db, op.run_id), op.run_id, _get_waits(db, op.run_id), steps,
+                      buffered, op.who, op.now)
+    _write(db, op.run_id, change)
+    return change.run
+
+
+def _fork(db: Db, op: o.ForkRun) -> RunRecord:
+    existing = _get_run(db, op.new_run_id)
+    if existing is not None:
+        return m.fork_again(existing, op)
+    new, made, noted = m.fork(_get_run(db, op.run_id), op, _get_steps(db, op.run_id))
+    db.execute(RUN_INSERT, attrs.astuple(new))
+    _write(db, new.id, attrs.evolve(made, run=None))
+    _write(db, op.run_id, noted)
+    return new
+
+
 def _release(db: Db, op: o.ReleaseRun) -> None:
     run = _get_run(db, op.lease.run_id)
     _write(db, op.lease.run_id, m.release(run, op.lease, op.now, op.reason))
@@ -411,7 +445,7 @@ _OPS: dict[type[Any], Callable[[Db, Any], Any]] = {
     o.StartStep: _save_step, o.SaveStep: _save_step, o.CompleteRun: _finish,
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
-    o.RetryRun: _retry,
+    o.RetryRun: _retry, o.PauseRun: _pause, o.ResumeRun: _resume, o.ForkRun: _fork,
 }
 
 
@@ -503,8 +537,10 @@ class SqliteStore:
             lambda db: tuple(EventRecord(*row) for row in db.execute(sql, (run_id,))))
 
     async def next_due(self) -> float | None:
-        sql = ("SELECT min(t) FROM (SELECT min(due_at) AS t FROM waits UNION ALL"
-               " SELECT min(lease_expires_at) FROM runs WHERE state = 'running')")
+        sql = ("SELECT min(t) FROM (SELECT min(due_at) AS t FROM waits WHERE run_id IN"
+               " (SELECT id FROM runs WHERE state = 'waiting') UNION ALL"
+               " SELECT min(lease_expires_at) FROM runs WHERE state IN ('running', 'paused')"
+               " AND lease_owner IS NOT NULL)")
         due: float | None = await self._run(lambda db: db.execute(sql).fetchone()[0])
         return due
 

@@ -150,6 +150,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Retention deletes finished runs oldest first.
         "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
     ),
+    # Run controls: a fork records the run it was copied from and how many steps it got. A
+    # paused run that its worker has not given back yet still has a lease that may expire.
+    (
+        "ALTER TABLE runs ADD COLUMN forked_from TEXT",
+        "ALTER TABLE runs ADD COLUMN forked_steps INTEGER",
+        """CREATE INDEX runs_paused_lease ON runs (lease_expires_at)
+            WHERE state = 'paused' AND lease_owner IS NOT NULL""",
+    ),
 )
 
 # The oldest server this store is written for: pg_current_xact_id_if_assigned and

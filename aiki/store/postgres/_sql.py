@@ -189,8 +189,11 @@ async def list_runs(
 
 async def next_due(conn: Conn) -> float | None:
     due: float | None = await conn.fetchval(
-        "SELECT least((SELECT min(due_at) FROM waits),"
-        " (SELECT min(lease_expires_at) FROM runs WHERE state = 'running'))"
+        "SELECT least((SELECT min(due_at) FROM waits JOIN runs ON runs.id = waits.run_id"
+        " WHERE runs.state = 'waiting'),"
+        " (SELECT min(lease_expires_at) FROM runs WHERE state = 'running'),"
+        " (SELECT min(lease_expires_at) FROM runs WHERE state = 'paused'"
+        " AND lease_owner IS NOT NULL))"
     )
     return due
 
@@ -326,7 +329,7 @@ async def _renew(conn: Conn, op: o.Renew) -> tuple[str, ...]:
         for row in await conn.fetch(
             "UPDATE runs SET lease_expires_at = $4, updated_at = $5"
             " FROM unnest($1::text[], $2::bigint[], $3::text[]) AS lease (id, epoch, owner)"
-            " WHERE runs.id = lease.id AND runs.state = 'running'"
+            " WHERE runs.id = lease.id AND runs.state IN ('running', 'paused')"
             " AND runs.lease_epoch = lease.epoch AND runs.lease_owner = lease.owner"
             " RETURNING runs.id, runs.lease_epoch, runs.lease_owner",
             [lease.run_id for lease in op.leases], [lease.epoch for lease in op.leases],
@@ -355,7 +358,15 @@ async def _requeue_due(
 
 
 async def _expire(conn: Conn, op: o.ExpireLeases) -> tuple[str, ...]:
-    return await _requeue_due(
+    # A paused run whose worker vanished stays paused: the state machine decides, row by row
+    # (few rows: only runs paused while running whose worker never gave them back).
+    paused = await conn.fetch(
+        f"SELECT {RUN_COLUMNS} FROM runs WHERE state = 'paused' AND lease_owner IS NOT NULL"
+        " AND lease_expires_at <= $1 ORDER BY seq FOR UPDATE SKIP LOCKED", op.now)
+    for row in paused:
+        run = _run(row)
+        await _write(conn, run.id, m.expire(run, op.now))
+    return tuple(_run(row).id for row in paused) + await _requeue_due(
         conn, "state = 'running' AND lease_expires_at <= $1", op.now,
         "lease_owner = NULL, lease_expires_at = NULL",
         lambda row: _event(
@@ -474,6 +485,44 @@ async def _retry(conn: Conn, op: o.RetryRun) -> RunRecord | None:
     return change.run
 
 
+async def _pause(conn: Conn, op: o.PauseRun) -> RunRecord | None:
+    change = m.pause(await get_run(conn, op.run_id, lock=True), op.run_id, op.who, op.now)
+    await _write(conn, op.run_id, change)
+    return change.run
+
+
+async def _resume(conn: Conn, op: o.ResumeRun) -> RunRecord | None:
+    run = await get_run(conn, op.run_id, lock=True)
+    steps = {s.position: s for s in await get_steps(conn, op.run_id)}
+    buffered = {r["name"] for r in await conn.fetch(
+        "SELECT DISTINCT name FROM events WHERE run_id = $1 AND position IS NULL", op.run_id)}
+    change = m.resume(run, op.run_id, await get_waits(conn, op.run_id), steps, buffered,
+                      op.who, op.now)
+    await _write(conn, op.run_id, change)
+    return change.run
+
+
+async def _fork(conn: Conn, op: o.ForkRun) -> RunRecord:
+    existing = await get_run(conn, op.new_run_id)
+    if existing is not None:
+        return m.fork_again(existing, op)
+    # Locked: its writers lock its row first, so its steps cannot change under the copy.
+    original = await get_run(conn, op.run_id, lock=True)
+    new, made, noted = m.fork(original, op, await get_steps(conn, op.run_id))
+    columns = [f.name for f in attrs.fields(RunRecord)]
+    inserted = await conn.fetchval(
+        f"INSERT INTO runs ({', '.join(columns)}) VALUES"
+        f" ({', '.join(f'${i}' for i in range(1, len(columns) + 1))})"
+        " ON CONFLICT DO NOTHING RETURNING true", *attrs.astuple(new))
+    if not inserted:  # a concurrent retry of this fork committed first
+        existing = await get_run(conn, op.new_run_id)
+        assert existing is not None
+        return m.fork_again(existing, op)
+    await _write(conn, new.id, attrs.evolve(made, run=None))
+    await _write(conn, op.run_id, noted)
+    return new
+
+
 async def _release(conn: Conn, op: o.ReleaseRun) -> None:
     run = await get_run(conn, op.lease.run_id, lock=True)
     await _write(conn, op.lease.run_id, m.release(run, op.lease, op.now, op.reason))
@@ -484,7 +533,7 @@ _OPS: dict[type[Any], Callable[[Conn, Any], Awaitable[Any]]] = {
     o.StartStep: _save_step, o.SaveStep: _save_step, o.CompleteRun: _finish,
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
-    o.RetryRun: _retry,
+    o.RetryRun: _retry, o.PauseRun: _pause, o.ResumeRun: _resume, o.ForkRun: _fork,
 }
 
 
