@@ -53,11 +53,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AikiError", "AuthenticationFailed", "Client", "ConfigError", "ConnectionLost",
-    "ControlRefused", "Event", "EventTimeout", "HistoryEvent", "IdempotencyConflict",
-    "InvalidFork", "NonDeterminismError",
-    "NonRetryableError", "PayloadError", "Retry", "RunFinished", "RunHandle", "RunNotFound",
-    "RunNotPausable", "RunNotPaused", "RunNotRetryable", "RunPaused", "RunStatus", "RunSummary", "Sources", "StaleLease", "Task", "TaskFailed",
-    "TaskStatus", "UnknownEvent", "UnknownWorkflow", "WaitStatus", "WorkerIdInUse", "WorkerInfo",
-    "Workflow", "WorkflowFailed", "WorkflowRun", "connect", "embedded", "event", "task", "worker",
-    "workflow",
+    "ControlRefused", "Event", "EventTimeout", "HistoryEvent", "IdempotencyConflict", "InvalidFork",
+    "NonDeterminismError", "NonRetryableError", "PayloadError", "Retry", "RunFinished", "RunHandle",
+    "RunNotFound", "RunNotPausable", "RunNotPaused", "RunNotRetryable", "RunPaused", "RunStatus",
+    "RunSummary", "Sources", "StaleLease", "Task", "TaskFailed", "TaskStatus", "UnknownEvent",
+    "UnknownWorkflow", "WaitStatus", "WorkerIdInUse", "WorkerInfo", "Workflow", "WorkflowFailed",
+    "WorkflowRun", "connect", "embedded", "event", "task", "worker", "workflow",
 ]

@@ -470,6 +470,60 @@ class Retried:
     run: RunRecord
 
 
+@message("pause_run")
+@attrs.frozen
+class PauseRun:
+    """Pause a run at its next step boundary; answered by ``Controlled``."""
+
+    req: int
+    run_id: str
+
+
+@message("resume_run")
+@attrs.frozen
+class ResumeRun:
+    """Resume a paused run; answered by ``Controlled``."""
+
+    req: int
+    run_id: str
+
+
+@message("fork_run")
+@attrs.frozen
+class ForkRun:
+    """A new run ``new_run_id`` (chosen by the client, so a retried request makes one run)
+    whose first ``from_step`` steps are copied from run ``run_id``; answered by
+    ``Controlled`` with the new run."""
+
+    req: int
+    run_id: str
+    from_step: int
+    new_run_id: str
+    version: str | None = None
+
+
+@message("controlled")
+@attrs.frozen
+class Controlled:
+    """The run as a control left it (paused, resumed, or the new run of a fork)."""
+
+    req: int
+    run: RunRecord
+
+
+@message("run_control")
+@attrs.frozen
+class RunControl:
+    """Server → worker: a client controlled a run you hold under lease ``epoch``. ``pause``:
+    no new step starts; let the task in flight finish and record it, then give the run back
+    (``ReleaseRun``, or ``WaitRun`` if it waits). A hint: the store refuses the next step of
+    a paused run all the same (``RunPaused``)."""
+
+    run_id: str
+    epoch: int
+    action: Literal["pause"] = "pause"
+
+
 @message("wakeup")
 @attrs.frozen
 class Wakeup:

@@ -76,6 +76,14 @@ class RunHandle(Generic[R]):
         """Queue this failed run again (see ``aiki.RunHandle.retry``)."""
         self.client.call(core.retry(self.id, version))
 
+    def pause(self) -> None:
+        """Pause this run at its next step boundary (see ``aiki.RunHandle.pause``)."""
+        self.client.call(core.pause(self.id))
+
+    def resume(self) -> None:
+        """Resume this paused run (see ``aiki.RunHandle.resume``)."""
+        self.client.call(core.resume(self.id))
+
     def wait_for_completion(self, timeout: float | None = None) -> R:
         """The run's result once it completed (see ``aiki.RunHandle.wait_for_completion``)."""
         call = core.wait_for_completion(self.id, self.result_type, timeout)
@@ -175,6 +183,13 @@ class Client:
     def handle(self, run_id: str, result_type: Any = Any) -> RunHandle[Any]:
         """The handle of an existing run."""
         return RunHandle(self, run_id, result_type, created=False)
+
+    def fork(self, run_id: str, *, from_step: int,
+             version: str | None = None) -> RunHandle[Any]:
+        """A new run whose first ``from_step`` steps are copied from run ``run_id``'s (see
+        ``aiki.Client.fork``)."""
+        new_id = self.call(core.fork(run_id, from_step, version, self.sources.new_id()))
+        return RunHandle(self, new_id, Any)
 
     # -- taking turns at the connection -----------------------------------------------------
     def _serve_until(self, done: Callable[[], bool], deadline: float | None) -> bool:

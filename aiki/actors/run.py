@@ -42,6 +42,7 @@ from aiki.errors import (
     NonDeterminismError,
     NonRetryableError,
     PayloadError,
+    RunPaused,
     StaleLease,
     StepConflict,
     StoreUnavailable,
@@ -191,6 +192,12 @@ class RunState:
         for _ in range(WRITE_ATTEMPTS):
             try:
                 return await self.persist(make)
+            except RunPaused as exc:
+                # A client paused the run (its worker may have missed the server's word):
+                # give it back at this step boundary, as a draining worker does.
+                log.info("run %s: %s", self.lease.run_id, exc)
+                self.draining.set()
+                raise Release() from exc
             except (StaleLease, ConnectionLost, StepConflict) as exc:
                 # StepConflict: another actor wrote this step, so this one's view is stale.
                 log.info("run %s: abandoning: %s", self.lease.run_id, exc)
@@ -346,6 +353,8 @@ class RunState:
             except Abandon as exc:  # the lease is gone: stop the attempt, write nothing more
                 lost.append(exc)
                 cancel.cancel()
+            except Release:  # paused while the attempt runs: it is in flight, let it end
+                pass
 
         value: Any = None
         failure: Exception | None = None
@@ -608,8 +617,7 @@ async def run_workflow(
         await state.write(lambda req: p.WaitRun(req, lease, conditions, reason))
         return
     except Release:
-        log.info("run %s: given back at a step boundary (the worker drains)", run.id)
-        await state.write(lambda req: p.ReleaseRun(req, lease))
+        await _give_back(state)
         return
     except Abandon:
         return
@@ -622,7 +630,20 @@ async def run_workflow(
     except Exception as exc:
         await _fail(state, workflow.name, type(exc).__name__, str(exc), format_traceback(exc))
         return
-    await state.write(lambda req: p.CompleteRun(req, lease, result))
+    try:
+        await state.write(lambda req: p.CompleteRun(req, lease, result))
+    except Release:  # paused: it completes once resumed (its steps replay)
+        await _give_back(state)
+
+
+async def _give_back(state: RunState) -> None:
+    """Give the run back at a step boundary: the worker drains, or the run was paused."""
+    log.info("run %s: given back at a step boundary (the worker drains or the run was "
+             "paused)", state.lease.run_id)
+    try:
+        await state.write(lambda req: p.ReleaseRun(req, state.lease))
+    except (Abandon, Release):
+        pass
 
 
 async def _fail(state: RunState, workflow: str, error_type: str, message: str,
@@ -631,6 +652,8 @@ async def _fail(state: RunState, workflow: str, error_type: str, message: str,
                 message, trace)
     try:
         await state.write(lambda req: p.FailRun(req, state.lease, error_type, message, trace))
+    except Release:  # paused: it fails again once resumed, if it still does
+        await _give_back(state)
     except Abandon:
         pass
 

@@ -186,6 +186,34 @@ def retry(run_id: str, version: str | None) -> Call[None]:
     return Call(lambda req: p.RetryRun(req, run_id, version), p.Retried, lambda reply: None)
 
 
+def pause(run_id: str) -> Call[None]:
+    """Pause a run at its next step boundary (``aiki.RunNotPausable`` for a finished or
+    paused one)."""
+    return Call(lambda req: p.PauseRun(req, run_id), p.Controlled, lambda reply: None)
+
+
+def resume(run_id: str) -> Call[None]:
+    """Resume a paused run (``aiki.RunNotPaused`` for one that is not paused)."""
+    return Call(lambda req: p.ResumeRun(req, run_id), p.Controlled, lambda reply: None)
+
+
+def fork(run_id: str, from_step: int, version: str | None, new_run_id: str) -> Call[str]:
+    """A new run whose first ``from_step`` steps are copied from ``run_id``'s; its id.
+    ``new_run_id`` is chosen here, so the request sent again after a lost connection makes
+    one run. A ``from_step`` that is not a whole number >= 0 raises here; one past the end of
+    the run's history is :class:`aiki.InvalidFork` from the server."""
+    if isinstance(from_step, bool) or not isinstance(from_step, int):
+        raise TypeError(f"from_step must be an int (a number of steps), not "
+                        f"{type(from_step).__name__}")
+    if from_step < 0:
+        raise errors.InvalidFork(f"from_step must be 0 or more, got {from_step}; nothing was "
+                                 "stored")
+    if version is not None and not (isinstance(version, str) and version):
+        raise ValueError(f"version must be a non-empty string or None, got {version!r}")
+    return Call(lambda req: p.ForkRun(req, run_id, from_step, new_run_id, version),
+                p.Controlled, lambda reply: str(reply.run.id))
+
+
 def get_history(run_id: str) -> Call[tuple[HistoryEvent, ...]]:
     return Call(lambda req: p.GetHistory(req, run_id), p.History, lambda reply: reply.events)
 

@@ -24,6 +24,7 @@ before deciding anything, so a refused operation changes nothing.
 from __future__ import annotations
 
 import datetime
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -308,11 +309,13 @@ def pause(run: RunRecord | None, run_id: str, who: str, now: float) -> Change:
 
 
 def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
-           steps: Mapping[str, StepRecord], buffered: Iterable[str], who: str,
+           steps: Mapping[str, StepRecord], buffered: Mapping[str, float], who: str,
            now: float) -> Change:
     """``handle.resume()``: a paused run goes back to waiting if its waits still wait, or to
-    the queue (its due sleeps end, its due event waits time out, as a wake-up would). A lease
-    its worker had not given back yet is fenced off (the epoch moves on)."""
+    the queue, as if the pause had only held it: its due sleeps end, and its due event
+    waits time out unless their event was sent (and buffered) before they came due.
+    ``buffered``: the names of its undelivered events, each with when the first was sent.
+    A lease its worker had not given back yet is fenced off (the epoch moves on)."""
     if run is None:
         raise RunNotFound(f"no run with id {run_id!r}")
     if run.state != "paused":
@@ -326,9 +329,10 @@ def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
         detail += f"; the lease of worker {run.lease_owner!r} is fenced off"
     if waits:
         names = set(buffered)
-        why = next((w for c in waits
-                    if (w := _satisfied(WaitFor(c.position, c.kind, c.name, c.due_at),
-                                        steps.get(c.position), names, now)) is not None), None)
+        why = next((held_why for c in waits
+                    if (held_why := _satisfied(WaitFor(c.position, c.kind, c.name, c.due_at),
+                                               steps.get(c.position), names, now)) is not None),
+                   None)
         if why is None:
             return Change(_move(run, now, "waiting", **fence), history=(Entry(
                 now, "run.waiting", run.attempts, who,
@@ -341,7 +345,7 @@ def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
                 continue
             if w.kind == "sleep":
                 change = change.then(_end_sleep(step, now, False, None))
-            elif w.kind == "event":
+            elif w.kind == "event" and not buffered.get(w.name or "", math.inf) <= w.due_at:
                 change = change.then(_time_out(step, now, None))
         detail += f"; woke at once: {why}"
         return change.then(Change(_move(run, now, "queued", **fence), waits=(), history=(
@@ -357,6 +361,15 @@ def fork_again(existing: RunRecord, op: o.ForkRun) -> RunRecord:
         raise InvalidFork(f"run id {op.new_run_id!r} is taken by another run; nothing was "
                           "stored")
     return existing
+
+
+def first_sent(events: Iterable[EventRecord]) -> dict[str, float]:
+    """The names of undelivered ``events``, each with when its first one was sent."""
+    first: dict[str, float] = {}
+    for e in events:
+        if e.position is None:
+            first[e.name] = min(first.get(e.name, math.inf), e.sent_at)
+    return first
 
 
 def position_key(position: str) -> tuple[int, ...]:

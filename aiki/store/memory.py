@@ -201,7 +201,7 @@ class MemoryStore:
             steps = self._steps.get(op.run_id, {})
             change = m.resume(
                 runs.get(op.run_id), op.run_id, tuple(self._waits.get(op.run_id, {}).values()),
-                steps, {e.name for e in self._events.get(op.run_id, ()) if e.position is None},
+                steps, m.first_sent(self._events.get(op.run_id, ())),
                 op.who, op.now)
             self._write(op.run_id, change)
             return change.run

@@ -416,8 +416,9 @@ def _pause(db: Db, op: o.PauseRun) -> RunRecord | None:
 
 def _resume(db: Db, op: o.ResumeRun) -> RunRecord | None:
     steps = {s.position: s for s in _get_steps(db, op.run_id)}
-    buffered = {row[0] for row in db.execute(
-        "SELECT DISTINCT name FROM events WHERE run_id = ? AND position IS NULL", (op.run_id,))}
+    buffered = dict(db.execute(
+        "SELECT name, min(sent_at) FROM events WHERE run_id = ? AND position IS NULL"
+        " GROUP BY name", (op.run_id,)).fetchall())
     change = m.resume(_get_run(db, op.run_id), op.run_id, _get_waits(db, op.run_id), steps,
                       buffered, op.who, op.now)
     _write(db, op.run_id, change)

@@ -494,8 +494,9 @@ async def _pause(conn: Conn, op: o.PauseRun) -> RunRecord | None:
 async def _resume(conn: Conn, op: o.ResumeRun) -> RunRecord | None:
     run = await get_run(conn, op.run_id, lock=True)
     steps = {s.position: s for s in await get_steps(conn, op.run_id)}
-    buffered = {r["name"] for r in await conn.fetch(
-        "SELECT DISTINCT name FROM events WHERE run_id = $1 AND position IS NULL", op.run_id)}
+    buffered = {r["name"]: r["sent_at"] for r in await conn.fetch(
+        "SELECT name, min(sent_at) AS sent_at FROM events WHERE run_id = $1"
+        " AND position IS NULL GROUP BY name", op.run_id)}
     change = m.resume(run, op.run_id, await get_waits(conn, op.run_id), steps, buffered,
                       op.who, op.now)
     await _write(conn, op.run_id, change)
