@@ -461,6 +461,9 @@ class RetryRun:
     req: int
     run_id: str
     version: str | None = None
+    # The client's id of this call: the same request sent again (its reply lost) is answered
+    # as done instead of refused.
+    control_id: str | None = None
 
 
 @message("retried")
@@ -473,19 +476,22 @@ class Retried:
 @message("pause_run")
 @attrs.frozen
 class PauseRun:
-    """Pause a run at its next step boundary; answered by ``Controlled``."""
+    """Pause a run at its next step boundary; answered by ``Controlled``. ``control_id``:
+    see ``RetryRun``."""
 
     req: int
     run_id: str
+    control_id: str | None = None
 
 
 @message("resume_run")
 @attrs.frozen
 class ResumeRun:
-    """Resume a paused run; answered by ``Controlled``."""
+    """Resume a paused run; answered by ``Controlled``. ``control_id``: see ``RetryRun``."""
 
     req: int
     run_id: str
+    control_id: str | None = None
 
 
 @message("fork_run")

@@ -48,6 +48,10 @@ class RunRecord:
     # (in position order) it was given.
     forked_from: str | None = None
     forked_steps: int | None = None
+    # The last control applied (``pause:<id>``, ``resume:<id>``, ``retry:<id>``; the id is
+    # the client's, one per call): the same request sent again after its reply was lost is
+    # answered as done, not refused.
+    control_id: str | None = None
 
 
 @attrs.frozen

@@ -74,15 +74,15 @@ class RunHandle(Generic[R]):
 
     def retry(self, version: str | None = None) -> None:
         """Queue this failed run again (see ``aiki.RunHandle.retry``)."""
-        self.client.call(core.retry(self.id, version))
+        self.client.call(core.retry(self.id, version, self.client.sources.uuid4()))
 
     def pause(self) -> None:
         """Pause this run at its next step boundary (see ``aiki.RunHandle.pause``)."""
-        self.client.call(core.pause(self.id))
+        self.client.call(core.pause(self.id, self.client.sources.uuid4()))
 
     def resume(self) -> None:
         """Resume this paused run (see ``aiki.RunHandle.resume``)."""
-        self.client.call(core.resume(self.id))
+        self.client.call(core.resume(self.id, self.client.sources.uuid4()))
 
     def wait_for_completion(self, timeout: float | None = None) -> R:
         """The run's result once it completed (see ``aiki.RunHandle.wait_for_completion``)."""

@@ -20,7 +20,10 @@ SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a 
              "duplicate delivery", "supervisor restart", "graceful stop with runs held",
              "sleep woken early", "event buffered before its wait",
              "event delivered to a waiting run", "event wait timed out",
-             "send refused for a finished run", "run woken on another server")
+             "send refused for a finished run", "run woken on another server",
+             "run paused while running", "task in flight recorded while paused",
+             "run paused while waiting", "resumed to wait again", "failed run retried",
+             "run forked", "fork past the end refused")
 
 
 @attrs.frozen

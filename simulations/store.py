@@ -91,6 +91,9 @@ class Ledger:
     watching: set[str] = attrs.field(factory=set)  # runs some client waits to see end
     heard_end: dict[str, tuple[float, str]] = attrs.field(factory=dict)  # (when, state)
     wakeups: list[tuple[float, str, bool]] = attrs.field(factory=list)  # (when, run, woken)
+    # A fork's id -> (the original's id, the original's steps it was to copy, as they were
+    # when the fork committed).
+    forks: dict[str, tuple[str, tuple[StepRecord, ...]]] = attrs.field(factory=dict)
 
     def violation(self, text: str) -> None:
         try:
@@ -110,6 +113,7 @@ class SimStore:
     stats: Counter[str] = attrs.field(factory=Counter)
     notices: NoticeChannel | None = None  # to the servers sharing this database
     wall: Callable[[str], float] = lambda server: 0.0  # a server's clock
+    _fork_sources: dict[str, tuple[StepRecord, ...]] = attrs.field(factory=dict)
 
     def for_server(self, server: str) -> ServerStore:
         return ServerStore(self, server)
@@ -130,7 +134,13 @@ class SimStore:
         if r.random() < f.before_commit:
             self.stats["before_commit"] += 1
             raise StoreUnavailable("simulated: error before commit")
-        outcomes = await self.inner.apply(ops)
+        await trio.lowlevel.checkpoint()
+        outcomes = []
+        for op in ops:  # one transaction: nothing else runs in between
+            if isinstance(op, o.ForkRun):  # what the fork is to copy, as it is now
+                self._fork_sources[op.new_run_id] = self.inner.contents().steps.get(
+                    op.run_id, ())
+            outcomes += self.inner.apply_now([op])
         now = trio.current_time()
         for op, outcome in zip(ops, outcomes, strict=True):
             if not isinstance(outcome, AikiError):
@@ -206,6 +216,17 @@ class SimStore:
                               if e.event == "run.queued"), None)
                 if owner in led.live_workers:
                     led.sometimes["lease expiry on a live worker"] += 1
+            return
+        if isinstance(op, o.RetryRun):
+            # Its failed and unfinished steps run again: their results may be written anew.
+            for key in [k for k, (step, _) in led.final_steps.items()
+                        if k[0] == op.run_id and step.state != "completed"]:
+                del led.final_steps[key]
+            return
+        if isinstance(op, o.ForkRun) and op.new_run_id not in led.forks:
+            ordered = sorted(self._fork_sources.get(op.new_run_id, ()),
+                             key=lambda s: tuple(int(x) for x in s.position.split(".")))
+            led.forks[op.new_run_id] = (op.run_id, tuple(ordered[: op.from_step]))
             return
         lease = getattr(op, "lease", None)
         if lease is not None and lease.epoch != led.max_epoch.get(lease.run_id):

@@ -348,7 +348,7 @@ class Session:
         if isinstance(msg, p.RetryRun):
             assert self.hello is not None
             run = await ctx.writer.write(ops.RetryRun(msg.run_id, msg.version,
-                                                      self.hello.node_id, now))
+                                                      self.hello.node_id, now, msg.control_id))
             ctx.dispatcher.poke()
             return p.Retried(msg.req, run)
         if isinstance(msg, (p.PauseRun, p.ResumeRun, p.ForkRun)):
@@ -468,12 +468,12 @@ class Session:
         assert self.hello is not None
         who = self.hello.node_id
         if isinstance(msg, p.PauseRun):
-            run = await ctx.writer.write(ops.PauseRun(msg.run_id, who, now))
+            run = await ctx.writer.write(ops.PauseRun(msg.run_id, who, now, msg.control_id))
             if run.lease_owner is not None:  # its worker hears now, not at its next step
                 ctx.dispatcher.push_to_holder(run.id, p.RunControl(run.id, run.lease_epoch))
             return p.Controlled(msg.req, run)
         if isinstance(msg, p.ResumeRun):
-            run = await ctx.writer.write(ops.ResumeRun(msg.run_id, who, now))
+            run = await ctx.writer.write(ops.ResumeRun(msg.run_id, who, now, msg.control_id))
             if run.state == "queued":
                 ctx.dispatcher.poke()
             else:

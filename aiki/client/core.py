@@ -181,20 +181,26 @@ def wakeup(run_id: str) -> Call[bool]:
     return Call(lambda req: p.Wakeup(req, run_id), p.WokenUp, lambda reply: bool(reply.woken))
 
 
-def retry(run_id: str, version: str | None) -> Call[None]:
-    """Queue a failed run again (``aiki.RunNotRetryable`` for one that has not failed)."""
-    return Call(lambda req: p.RetryRun(req, run_id, version), p.Retried, lambda reply: None)
+def retry(run_id: str, version: str | None, control_id: str | None = None) -> Call[None]:
+    """Queue a failed run again (``aiki.RunNotRetryable`` for one that has not failed).
+    ``control_id`` (new for each call) makes the request safe to send again: a retry whose
+    reply was lost is answered as done."""
+    return Call(lambda req: p.RetryRun(req, run_id, version, control_id), p.Retried,
+                lambda reply: None)
 
 
-def pause(run_id: str) -> Call[None]:
+def pause(run_id: str, control_id: str | None = None) -> Call[None]:
     """Pause a run at its next step boundary (``aiki.RunNotPausable`` for a finished or
-    paused one)."""
-    return Call(lambda req: p.PauseRun(req, run_id), p.Controlled, lambda reply: None)
+    paused one). ``control_id``: see :func:`retry`."""
+    return Call(lambda req: p.PauseRun(req, run_id, control_id), p.Controlled,
+                lambda reply: None)
 
 
-def resume(run_id: str) -> Call[None]:
-    """Resume a paused run (``aiki.RunNotPaused`` for one that is not paused)."""
-    return Call(lambda req: p.ResumeRun(req, run_id), p.Controlled, lambda reply: None)
+def resume(run_id: str, control_id: str | None = None) -> Call[None]:
+    """Resume a paused run (``aiki.RunNotPaused`` for one that is not paused).
+    ``control_id``: see :func:`retry`."""
+    return Call(lambda req: p.ResumeRun(req, run_id, control_id), p.Controlled,
+                lambda reply: None)
 
 
 def fork(run_id: str, from_step: int, version: str | None, new_run_id: str) -> Call[str]:

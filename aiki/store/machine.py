@@ -267,13 +267,26 @@ def finish(run: RunRecord | None, lease: Lease, now: float, *, result: str | Non
         detail=None if error is None else f"{error_type}: {error_message}"),))
 
 
+def repeated(run: RunRecord | None, kind: str, control_id: str | None) -> bool:
+    """Whether ``run``'s last control is this very request (sent again, its reply lost)."""
+    return (run is not None and control_id is not None
+            and run.control_id == f"{kind}:{control_id}")
+
+
+def _marked(kind: str, control_id: str | None) -> dict[str, Any]:
+    return {"control_id": None if control_id is None else f"{kind}:{control_id}"}
+
+
 def retry(run: RunRecord | None, run_id: str, steps: Sequence[StepRecord],
-          version: str | None, who: str, now: float) -> Change:
+          version: str | None, who: str, now: float, control_id: str | None = None) -> Change:
     """``handle.retry()``: queue a failed run again, its attempts counted on. Completed steps
     are kept (replay returns them); failed and unfinished ones are dropped, so they run
-    again. ``version`` re-pins the run (a fix deployed as a new version)."""
+    again. ``version`` re-pins the run (a fix deployed as a new version). The same request
+    again (``control_id``) is answered with the run as it is."""
     if run is None:
         raise RunNotFound(f"no run with id {run_id!r}")
+    if repeated(run, "retry", control_id):
+        return Change(run)
     if run.state != "failed":
         raise RunNotRetryable(f"run {run.id} is {run.state}: only a failed run can be "
                               "retried; nothing changed")
@@ -282,19 +295,22 @@ def retry(run: RunRecord | None, run_id: str, steps: Sequence[StepRecord],
         version is not None and version != run.version) else ""
     again = _move(run, now, "queued", version=version or run.version, result=None,
                   error_type=None, error_message=None, error_traceback=None,
-                  finished_at=None)
+                  finished_at=None, **_marked("retry", control_id))
     return Change(again, dropped=dropped, history=(Entry(
         now, "run.queued", run.attempts, who,
         detail=f"retried by {who}{moved}; {len(dropped)} step(s) to run again, "
                f"{len(steps) - len(dropped)} kept"),))
 
 
-def pause(run: RunRecord | None, run_id: str, who: str, now: float) -> Change:
+def pause(run: RunRecord | None, run_id: str, who: str, now: float,
+          control_id: str | None = None) -> Change:
     """``handle.pause()``: the run stops at its next step boundary. A queued run is simply
     not claimed; a waiting one keeps its waits (it does not wake); a running one keeps its
     lease until its worker, told or refused, gives it back."""
     if run is None:
         raise RunNotFound(f"no run with id {run_id!r}")
+    if repeated(run, "pause", control_id):
+        return Change(run)
     if run.state not in CONTROLLABLE_STATES:
         raise RunNotPausable(f"run {run.id} is {run.state}: only a queued, running or waiting "
                              "run can be paused; nothing changed")
@@ -304,13 +320,13 @@ def pause(run: RunRecord | None, run_id: str, who: str, now: float) -> Change:
                    "back, no new step starts")
     elif run.state == "waiting":
         detail += "; it keeps its waits, and does not wake until resumed"
-    return Change(_move(run, now, "paused"), history=(Entry(
+    return Change(_move(run, now, "paused", **_marked("pause", control_id)), history=(Entry(
         now, "run.paused", run.attempts, who, detail=detail),))
 
 
 def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
            steps: Mapping[str, StepRecord], buffered: Mapping[str, float], who: str,
-           now: float) -> Change:
+           now: float, control_id: str | None = None) -> Change:
     """``handle.resume()``: a paused run goes back to waiting if its waits still wait, or to
     the queue, as if the pause had only held it: its due sleeps end, and its due event
     waits time out unless their event was sent (and buffered) before they came due.
@@ -318,10 +334,12 @@ def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
     A lease its worker had not given back yet is fenced off (the epoch moves on)."""
     if run is None:
         raise RunNotFound(f"no run with id {run_id!r}")
+    if repeated(run, "resume", control_id):
+        return Change(run)
     if run.state != "paused":
         raise RunNotPaused(f"run {run.id} is {run.state}, not paused: there is nothing to "
                            "resume; nothing changed")
-    fence: dict[str, Any] = dict(_NO_LEASE)
+    fence: dict[str, Any] = {**_NO_LEASE, **_marked("resume", control_id)}
     if run.lease_owner is not None:
         fence["lease_epoch"] = run.lease_epoch + 1
     detail = f"resumed by {who}"
@@ -348,8 +366,10 @@ def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
             elif w.kind == "event" and not buffered.get(w.name or "", math.inf) <= w.due_at:
                 change = change.then(_time_out(step, now, None))
         detail += f"; woke at once: {why}"
-        return change.then(Change(_move(run, now, "queued", **fence), waits=(), history=(
-            Entry(now, "run.queued", run.attempts, who, detail=detail),)))
+        resumed = Entry(now, "run.queued", run.attempts, who, detail=detail)
+        # (The resume first, then what it ended: nothing ends while the run is paused.)
+        return Change(_move(run, now, "queued", **fence), change.steps, waits=(),
+                      history=(resumed, *change.history))
     return Change(_move(run, now, "queued", **fence), waits=(), history=(Entry(
         now, "run.queued", run.attempts, who, detail=detail),))
 

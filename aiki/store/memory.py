@@ -112,6 +112,11 @@ class MemoryStore:
     # -- writes -------------------------------------------------------------------------
     async def apply(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
         await trio.lowlevel.checkpoint()
+        return self.apply_now(ops)
+
+    def apply_now(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
+        """``apply``, synchronously: no other task runs before it returns (the simulation
+        looks at the store between the ops of one batch)."""
         outcomes: list[Any] = []
         for op in ops:
             try:
@@ -190,11 +195,11 @@ class MemoryStore:
         if isinstance(op, o.RetryRun):
             change = m.retry(runs.get(op.run_id), op.run_id,
                              tuple(self._steps.get(op.run_id, {}).values()), op.version, op.who,
-                             op.now)
+                             op.now, op.control_id)
             self._write(op.run_id, change)
             return change.run
         if isinstance(op, o.PauseRun):
-            change = m.pause(runs.get(op.run_id), op.run_id, op.who, op.now)
+            change = m.pause(runs.get(op.run_id), op.run_id, op.who, op.now, op.control_id)
             self._write(op.run_id, change)
             return change.run
         if isinstance(op, o.ResumeRun):
@@ -202,7 +207,7 @@ class MemoryStore:
             change = m.resume(
                 runs.get(op.run_id), op.run_id, tuple(self._waits.get(op.run_id, {}).values()),
                 steps, m.first_sent(self._events.get(op.run_id, ())),
-                op.who, op.now)
+                op.who, op.now, op.control_id)
             self._write(op.run_id, change)
             return change.run
         if isinstance(op, o.ForkRun):

@@ -160,6 +160,7 @@ class RetryRun(Op[RunRecord]):
     version: str | None
     who: str
     now: float
+    control_id: str | None = None  # the client's id of this request (see RunRecord)
 
 
 @attrs.frozen
@@ -206,6 +207,7 @@ class PauseRun(Op[RunRecord]):
     run_id: str
     who: str
     now: float
+    control_id: str | None = None  # the client's id of this request (see RunRecord)
 
 
 @attrs.frozen
@@ -215,6 +217,7 @@ class ResumeRun(Op[RunRecord]):
     run_id: str
     who: str
     now: float
+    control_id: str | None = None  # the client's id of this request (see RunRecord)
 
 
 @attrs.frozen

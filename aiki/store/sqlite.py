@@ -111,11 +111,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Retention deletes finished runs oldest first.
         "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
     ),
-    # Run controls: a fork records the run it was copied from and how many steps it got.
+    # Run controls: a fork records the run it was copied from and how many steps it got; a
+    # run, the last control applied to it (a repeated request is answered as done).
     # (A ``paused`` run needs no column: the state is text, its waits stay in ``waits``.)
     (
         "ALTER TABLE runs ADD COLUMN forked_from TEXT",
         "ALTER TABLE runs ADD COLUMN forked_steps INTEGER",
+        "ALTER TABLE runs ADD COLUMN control_id TEXT",
     ),
 )
 
@@ -403,13 +405,13 @@ def _send(db: Db, op: o.SendEvent) -> o.SendOutcome:
 
 def _retry(db: Db, op: o.RetryRun) -> RunRecord | None:
     change = m.retry(_get_run(db, op.run_id), op.run_id, _get_steps(db, op.run_id),
-                     op.version, op.who, op.now)
+                     op.version, op.who, op.now, op.control_id)
     _write(db, op.run_id, change)
     return change.run
 
 
 def _pause(db: Db, op: o.PauseRun) -> RunRecord | None:
-    change = m.pause(_get_run(db, op.run_id), op.run_id, op.who, op.now)
+    change = m.pause(_get_run(db, op.run_id), op.run_id, op.who, op.now, op.control_id)
     _write(db, op.run_id, change)
     return change.run
 
@@ -420,7 +422,7 @@ def _resume(db: Db, op: o.ResumeRun) -> RunRecord | None:
         "SELECT name, min(sent_at) FROM events WHERE run_id = ? AND position IS NULL"
         " GROUP BY name", (op.run_id,)).fetchall())
     change = m.resume(_get_run(db, op.run_id), op.run_id, _get_waits(db, op.run_id), steps,
-                      buffered, op.who, op.now)
+                      buffered, op.who, op.now, op.control_id)
     _write(db, op.run_id, change)
     return change.run
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -226,6 +227,44 @@ def ended_notices_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Server, "_notices", notices)
 
 
+def pause_lets_the_next_step_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiki import protocol as p
+    from aiki.actors import worker
+
+    def unpaused(real: Any) -> Any:
+        def decide(run: Any, *args: Any, **kwargs: Any) -> Any:
+            # The store lets a paused run's worker go on as if it were running...
+            if run is None or run.state != "paused":
+                return real(run, *args, **kwargs)
+            outcome = real(attrs.evolve(run, state="running"), *args, **kwargs)
+            change = outcome[0] if isinstance(outcome, tuple) else outcome
+            if change.run is not None:
+                change = attrs.evolve(change, run=attrs.evolve(change.run, state="paused"))
+            return (change, *outcome[1:]) if isinstance(outcome, tuple) else change
+
+        return decide
+
+    monkeypatch.setattr(machine, "save_step", unpaused(machine.save_step))
+    monkeypatch.setattr(machine, "await_step", unpaused(machine.await_step))
+    real_push = worker.Worker._on_push
+
+    def on_push(self: worker.Worker, msg: Any) -> None:
+        if not isinstance(msg, p.RunControl):  # ...and its worker does not listen
+            real_push(self, msg)
+
+    monkeypatch.setattr(worker.Worker, "_on_push", on_push)
+
+
+def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = machine.retry
+
+    def retry(run: Any, run_id: str, steps: Any, *args: Any) -> Any:
+        change = real(run, run_id, steps, *args)
+        return attrs.evolve(change, dropped=tuple(s.position for s in steps))  # all of them
+
+    monkeypatch.setattr(machine, "retry", retry)
+
+
 @pytest.mark.parametrize(
     ("bad_change", "expected"),
     [
@@ -249,10 +288,15 @@ def ended_notices_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
                                   "without faults it ended")),
         # A client watching through one server never hears of a run ended through another.
         (ended_notices_dropped, ("never heard",)),
+        # A paused run's next step starts all the same.
+        (pause_lets_the_next_step_start, ("while the run was paused",)),
+        # A retry forgets the run's completed steps: they run again.
+        (retry_drops_completed_steps, ("which had completed before it",)),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "release-without-drain", "timer-forgets-the-store",
-         "send-ack-before-commit", "ended-notices-dropped"],
+         "send-ack-before-commit", "ended-notices-dropped", "pause-lets-the-next-step-start",
+         "retry-drops-completed-steps"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],

@@ -1310,3 +1310,43 @@ async def test_a_fork_past_the_history_or_of_an_unfinished_step_is_refused(
                                 "most step 1; nothing was stored")
     assert await snapshot(store, "r1", "r2", "f1") == before
     assert (await execute(store, o.ForkRun("r2", "f1", 1, None, "c", 20.0))).state == "queued"
+
+
+async def test_a_control_sent_again_is_answered_as_done(store: Store) -> None:
+    """The same request (its ``control_id``) again, its reply lost: the run as it is, no
+    refusal and no second history event; another request is refused as usual."""
+    await execute(store, enqueue("r1"))
+    paused = await execute(store, o.PauseRun("r1", "c", 5.0, "id-1"))
+    assert paused.control_id == "pause:id-1"
+    assert await execute(store, o.PauseRun("r1", "c", 6.0, "id-1")) == paused
+    with pytest.raises(AikiError, match="is paused"):
+        await execute(store, o.PauseRun("r1", "c", 6.0, "id-2"))
+    resumed = await execute(store, o.ResumeRun("r1", "c", 7.0, "id-3"))
+    assert await execute(store, o.ResumeRun("r1", "c", 8.0, "id-3")) == resumed
+    assert [e[1] for e in await events(store, "r1")] == ["run.queued", "run.paused",
+                                                           "run.queued"]
+    [claimed] = await claim(store, now=9.0)
+    await execute(store, o.FailRun(claimed.lease, "E", "boom", 10.0))
+    retried = await execute(store, o.RetryRun("r1", None, "c", 11.0, "id-4"))
+    assert retried.control_id == "retry:id-4"
+    assert await execute(store, o.RetryRun("r1", None, "c", 12.0, "id-4")) == retried
+    with pytest.raises(AikiError, match="only a failed run can be retried"):
+        await execute(store, o.RetryRun("r1", None, "c", 12.0, "id-5"))
+
+
+async def test_resume_delivers_an_event_sent_before_its_wait_came_due(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    for position, due in (("0", 20.0), ("1", 20.0)):
+        await execute(store, o.AwaitStep(lease, wait_step(position, "event", f"e{position}",
+                                                          9.0, due), 11.0))
+    await execute(store, o.WaitRun(lease, (WaitFor("0", "event", "e0", 20.0),
+                                           WaitFor("1", "event", "e1", 20.0)), "waits", 11.0))
+    await execute(store, o.PauseRun("r1", "c", 12.0))
+    await execute(store, o.SendEvent("r1", "e0", '"early"', None, 15.0))  # before its due
+    await execute(store, o.SendEvent("r1", "e1", '"late"', None, 25.0))  # after its due
+    await execute(store, o.ResumeRun("r1", "c", 30.0))
+    steps = {s.position: s for s in await store.get_steps("r1")}
+    assert steps["0"].state == "running"  # its event is delivered when the run gets there
+    assert (steps["1"].state, steps["1"].error_type) == ("failed", "EventTimeout")
+    history = [e[1] for e in await events(store, "r1")]
+    assert history[-2:] == ["run.queued", "event.timed_out"]  # the resume comes first

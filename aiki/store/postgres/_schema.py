@@ -150,11 +150,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Retention deletes finished runs oldest first.
         "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
     ),
-    # Run controls: a fork records the run it was copied from and how many steps it got. A
+    # Run controls: a fork records the run it was copied from and how many steps it got, a
+    # run the last control applied to it (a repeated request is answered as done). A
     # paused run that its worker has not given back yet still has a lease that may expire.
     (
         "ALTER TABLE runs ADD COLUMN forked_from TEXT",
         "ALTER TABLE runs ADD COLUMN forked_steps INTEGER",
+        "ALTER TABLE runs ADD COLUMN control_id TEXT",
         """CREATE INDEX runs_paused_lease ON runs (lease_expires_at)
             WHERE state = 'paused' AND lease_owner IS NOT NULL""",
     ),

@@ -480,13 +480,14 @@ async def _send(conn: Conn, op: o.SendEvent) -> o.SendOutcome:
 async def _retry(conn: Conn, op: o.RetryRun) -> RunRecord | None:
     run = await get_run(conn, op.run_id, lock=True)
     change = m.retry(run, op.run_id, await get_steps(conn, op.run_id), op.version, op.who,
-                     op.now)
+                     op.now, op.control_id)
     await _write(conn, op.run_id, change)
     return change.run
 
 
 async def _pause(conn: Conn, op: o.PauseRun) -> RunRecord | None:
-    change = m.pause(await get_run(conn, op.run_id, lock=True), op.run_id, op.who, op.now)
+    change = m.pause(await get_run(conn, op.run_id, lock=True), op.run_id, op.who, op.now,
+                     op.control_id)
     await _write(conn, op.run_id, change)
     return change.run
 
@@ -498,7 +499,7 @@ async def _resume(conn: Conn, op: o.ResumeRun) -> RunRecord | None:
         "SELECT name, min(sent_at) AS sent_at FROM events WHERE run_id = $1"
         " AND position IS NULL GROUP BY name", op.run_id)}
     change = m.resume(run, op.run_id, await get_waits(conn, op.run_id), steps, buffered,
-                      op.who, op.now)
+                      op.who, op.now, op.control_id)
     await _write(conn, op.run_id, change)
     return change.run
 
