@@ -6,6 +6,8 @@ import pytest
 import trio
 
 import aiki
+from aiki import protocol as p
+from aiki.actors.worker import Worker
 from aiki.store import Store
 
 started: list[str] = []
@@ -54,9 +56,15 @@ def _fresh() -> None:
     gates.clear()
 
 
+@pytest.mark.parametrize("told", [True, False], ids=["told", "missed-the-push"])
 async def test_pause_lets_the_task_in_flight_finish_and_starts_nothing_until_resumed(
-    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources, told: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if not told:  # the worker never hears of the pause: the store's refusal stops it
+        real = Worker._on_push
+        monkeypatch.setattr(Worker, "_on_push", lambda self, msg: None if isinstance(
+            msg, p.RunControl) else real(self, msg))
     gates["p-a"] = trio.Event()
     async with aiki.embedded(engine_store, sources=sources) as client:
         async with aiki.worker(client, workflows=[pausable]) as worker:
@@ -93,6 +101,9 @@ async def test_pause_lets_the_task_in_flight_finish_and_starts_nothing_until_res
     resumed = next(e for e in history if e.detail and e.detail.startswith("resumed by"))
     assert resumed.event == "run.queued" and resumed.at >= paused.at
     assert [e.event for e in history].count("lease.released") == 1
+    refused = [e for e in history if e.event == "task.running" and e.at > paused.at
+               and e.at < resumed.at]
+    assert refused == []  # refused or never asked: no step started while paused
 
 
 async def test_a_run_paused_while_waiting_keeps_its_wait_and_buffers_events(
