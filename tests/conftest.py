@@ -24,6 +24,10 @@ pytest_plugins = ["pytester"]  # aiki.testing's own tests run pytest on sample f
 
 DSN_VARIABLE = "AIKI_TEST_POSTGRES_DSN"
 
+# Every message the memory transport carries goes through the wire codec in the tests, so
+# they prove that what the engine sends survives the network (embedded mode skips it).
+os.environ.setdefault("AIKI_CHECK_WIRE", "1")
+
 
 class TestPostgres:
     """A PostgreSQL server for tests: its DSN, fresh schemas, and (embedded only) stop/start."""

@@ -34,7 +34,8 @@ async def embedded(
     ``store``: ``"sqlite:///path.db"`` (the default, ``./aiki.db``), ``"memory"``, or a
     Store object. ``retention``: seconds a finished run is kept before it is deleted (None:
     for ever). The server's actors talk to workers and clients over the memory transport,
-    through the same codec as the network.
+    which hands messages over as objects (``AIKI_CHECK_WIRE=1`` sends them through the
+    network's codec too, as the test suite does).
     """
     sources = sources or Sources.real()
     owned = isinstance(store, str)

@@ -311,3 +311,32 @@ async def test_connection_accepted_during_shutdown_is_not_left_hanging(
         await conn.send(protocol.GetRun(1, "r"))  # the server end is closed: this or
         await conn.receive()  # the receive raises, instead of waiting forever
     assert not timeout.cancelled_caught, "receive() still blocked 60 s after serve stopped"
+
+
+@pytest.mark.parametrize("check_wire", [False, True])
+async def test_unchecked_mode_hands_objects_over_checked_mode_round_trips(
+    check_wire: bool, autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Embedded mode passes message objects as they are; the checked mode (the tests'
+    default, AIKI_CHECK_WIRE=1) decodes a fresh equal copy. Both refuse what the codec would
+    refuse, and both decode raw text as a network peer's."""
+    a, b = connection_pair("a", "b", check_wire=check_wire)
+    msg = protocol.GetRun(1, "run-1")
+    await a.send(msg)
+    got = await b.receive()
+    assert got == msg
+    assert (got is msg) is (not check_wire)
+    for bad in (object(), protocol.WorkflowRef("w", "1")):
+        with pytest.raises(ProtocolError, match="not a protocol message"):
+            await a.send(bad)
+    await a.send_raw('{"type": "ok", "req": 2}')
+    assert await b.receive() == protocol.Ok(2)
+
+
+def test_check_wire_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIKI_CHECK_WIRE", "1")
+    assert MemoryTransport().check_wire
+    monkeypatch.setenv("AIKI_CHECK_WIRE", "0")
+    assert not MemoryTransport().check_wire
+    monkeypatch.delenv("AIKI_CHECK_WIRE")
+    assert not MemoryTransport().check_wire
