@@ -217,9 +217,12 @@ def _sends(contents: Any, ledger: Any) -> list[str]:
                     step.position not in taken) and step.position not in copied:
                 v.append(f"run {run_id}: the wait at step {step.position} completed with "
                          f"{step.output}, which no stored send was delivered to")
+        # A wait that timed out and ran again after a retry takes what is buffered then:
+        # the order of the waits is not the order of the sends any more.
+        rerun = _rerun_after_retry(contents.history.get(run_id, ()))
         for name in {e.name for e in events}:
             mine = [e for e in events if e.name == name]  # in send order (seq)
-            delivered = [e for e in mine if e.position is not None]
+            delivered = [e for e in mine if e.position is not None and e.position not in rerun]
             order = [_position_key(e.position or "") for e in delivered]
             if order != sorted(order):
                 v.append(f"run {run_id}: {name!r} events were delivered out of send order: "
@@ -329,6 +332,18 @@ _NOT_WHILE_PAUSED = frozenset({
     "task.running", "sleep.waiting", "event.waiting", "event.received", "event.timed_out",
     "step.recorded", "run.completed", "run.failed", "run.running",
 })
+
+
+def _rerun_after_retry(history: Any) -> set[str]:
+    """Positions of waits that timed out before a retry (which runs them again)."""
+    out: set[str] = set()
+    timed_out: set[str] = set()
+    for e in history:
+        if e.event == "event.timed_out" and e.position is not None:
+            timed_out.add(e.position)
+        elif _is_retry(e):
+            out |= timed_out
+    return out
 
 
 def _is_retry(e: Any) -> bool:
