@@ -350,6 +350,8 @@ class StartStep:
     req: int
     lease: Lease
     step: StepRecord
+    # Completed task outcomes of the same run, committed first in the same transaction.
+    saved: tuple[StepRecord, ...] = ()
 
 
 @message("save_step")
@@ -358,6 +360,8 @@ class SaveStep:
     req: int
     lease: Lease
     step: StepRecord
+    # Completed task outcomes of the same run, committed first in the same transaction.
+    saved: tuple[StepRecord, ...] = ()
 
 
 @message("complete_run")
@@ -366,6 +370,8 @@ class CompleteRun:
     req: int
     lease: Lease
     result: str
+    # Completed task outcomes of the same run, committed first in the same transaction.
+    saved: tuple[StepRecord, ...] = ()
 
 
 @message("fail_run")
@@ -420,8 +426,12 @@ class Nudge:
 @message("release_run")
 @attrs.frozen
 class ReleaseRun:
+    """Give the run back. ``paused``: because a client paused it (else the worker drains,
+    and the server sends it no more runs)."""
+
     req: int
     lease: Lease
+    paused: bool = False
 
 
 @message("drain")

@@ -26,8 +26,15 @@ T = TypeVar("T")
 
 @attrs.frozen
 class Write:
-    op: Op[Any]
+    """One op, or several (a tuple) applied in order in the same transaction; the reply is
+    the first refusal among them, or the last one's outcome."""
+
+    op: Op[Any] | tuple[Op[Any], ...]
     reply: Reply[Any]
+
+    @property
+    def ops(self) -> tuple[Op[Any], ...]:
+        return self.op if isinstance(self.op, tuple) else (self.op,)
 
 
 @attrs.define(eq=False)
@@ -49,7 +56,7 @@ class StoreWriter:
                 except trio.WouldBlock:
                     break
             try:
-                outcomes = await self.store.apply([w.op for w in batch])
+                outcomes = await self.store.apply([op for w in batch for op in w.ops])
             except StoreUnavailable as exc:
                 for w in batch:
                     w.reply.fail(exc)
@@ -59,13 +66,19 @@ class StoreWriter:
                     w.reply.fail(StoreUnavailable(f"store write failed: {exc!r}"))
                 raise
             self.commits += 1
-            self.writes += len(batch)
-            for w, outcome in zip(batch, outcomes, strict=True):
-                w.reply.send(outcome)
+            self.writes += len(outcomes)
+            answers = iter(outcomes)
+            for w in batch:
+                mine = [next(answers) for _ in w.ops]
+                refused = [o for o in mine if isinstance(o, AikiError)]
+                w.reply.send(refused[0] if refused else mine[-1])
 
-    async def write(self, op: Op[T]) -> T:
-        """Apply ``op`` (batched with others) and return its outcome; raise it if refused."""
-        outcome: Any = await self.mailbox.address.ask(lambda r: Write(op, r), self.timeout)
+    async def write(self, op: Op[T], *before: Op[Any]) -> T:
+        """Apply ``op`` (batched with others) and return its outcome; raise it if refused.
+        Ops in ``before`` are applied first, in the same transaction; the first refusal
+        among them all is raised."""
+        chain: Op[Any] | tuple[Op[Any], ...] = (*before, op) if before else op
+        outcome: Any = await self.mailbox.address.ask(lambda r: Write(chain, r), self.timeout)
         if isinstance(outcome, AikiError):
             raise outcome
         return outcome  # type: ignore[no-any-return]

@@ -28,6 +28,7 @@ import trio
 
 from aiki import protocol as p
 from aiki.actors.link import Backoff, Link, open_when_reachable
+from aiki.actors.outcomes import Flusher
 from aiki.actors.run import (
     DEFAULT_RECORD_START_AFTER,
     Abandon,
@@ -54,6 +55,7 @@ class Held:
     # Set when the run is to be given back at its next step boundary: the worker drains,
     # or a client paused the run.
     stop: trio.Event = attrs.field(factory=trio.Event)
+    paused: bool = False  # why ``stop`` is set: a client paused the run (else a drain)
     # When the lease was last known renewed (this process's clock): the assignment's
     # arrival, then the sending of each heartbeat whose reply kept it. A lease lasts no
     # longer than the server's lease TTL from then.
@@ -92,6 +94,8 @@ class Worker:
     # This worker process, the same across reconnections: the server lets a reconnection
     # take over this worker's id, and refuses another process that claims it while we live.
     incarnation: str = ""
+    # Completed task outcomes ride with their run's next write; this sends the strays.
+    flusher: Flusher = attrs.field(factory=Flusher)
 
     def __attrs_post_init__(self) -> None:
         if not self.incarnation:
@@ -126,6 +130,7 @@ class Worker:
             if held is not None and held.lease.epoch == msg.epoch and msg.action == "pause":
                 log.info("worker %s: run %s was paused; giving it back at its next step "
                          "boundary", self.id, msg.run_id)
+                held.paused = True
                 held.stop.set()
         elif isinstance(msg, p.Assign):
             try:
@@ -147,6 +152,7 @@ class Worker:
             self.link = link
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat, link)
+                await nursery.start(self.flusher.serve)
                 task_status.started()
                 async for assign in self._assignments[1]:
                     lease = Lease(assign.run.id, assign.run.lease_epoch, self.id)
@@ -184,7 +190,9 @@ class Worker:
                                    record_start_after=self.record_start_after,
                                    draining=mine.stop, nudges=mine.nudges,
                                    run_task=self.run_task,
-                                   lease_live=partial(self._lease_live, link, mine))
+                                   lease_live=partial(self._lease_live, link, mine),
+                                   flusher=self.flusher,
+                                   paused=lambda: mine.paused)
         except Abandon:
             pass
         finally:
