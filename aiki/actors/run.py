@@ -224,6 +224,8 @@ class RunState:
                 await self.carry(lambda req, saved: _save_all(req, self.lease, saved))
             except Abandon as exc:  # the run's next write raises it: nothing may follow
                 self.lost = exc
+            except Release:  # paused: the run's next write is refused too, and gives it back
+                pass
 
     async def _write(self, make: Callable[[int], Any]) -> Any:
         """Persist one write, retrying while the store is away or the reply is lost.

@@ -358,15 +358,21 @@ async def _requeue_due(
 
 
 async def _expire(conn: Conn, op: o.ExpireLeases) -> tuple[str, ...]:
-    # A paused run whose worker vanished stays paused: the state machine decides, row by row
-    # (few rows: only runs paused while running whose worker never gave them back).
-    paused = await conn.fetch(
-        f"SELECT {RUN_COLUMNS} FROM runs WHERE state = 'paused' AND lease_owner IS NOT NULL"
-        " AND lease_expires_at <= $1 ORDER BY seq FOR UPDATE SKIP LOCKED", op.now)
-    for row in paused:
-        run = _run(row)
-        await _write(conn, run.id, m.expire(run, op.now))
-    return tuple(_run(row).id for row in paused) + await _requeue_due(
+    # A paused run whose worker vanished stays paused. Rare (a run paused while running
+    # whose worker never gave it back): when there is one, every expired lease is decided
+    # by the state machine row by row, in enqueue order, as the other stores do.
+    if await conn.fetchval(
+            "SELECT true FROM runs WHERE state = 'paused' AND lease_owner IS NOT NULL"
+            " AND lease_expires_at <= $1 LIMIT 1", op.now):
+        rows = await conn.fetch(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE lease_owner IS NOT NULL"
+            " AND lease_expires_at <= $1 AND state IN ('running', 'paused')"
+            " ORDER BY seq FOR UPDATE SKIP LOCKED", op.now)
+        for row in rows:
+            run = _run(row)
+            await _write(conn, run.id, m.expire(run, op.now))
+        return tuple(row["id"] for row in rows)
+    return await _requeue_due(
         conn, "state = 'running' AND lease_expires_at <= $1", op.now,
         "lease_owner = NULL, lease_expires_at = NULL",
         lambda row: _event(
