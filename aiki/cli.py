@@ -160,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     _client_options(runs_list)
     runs_list.add_argument("--workflow", help="only runs of this workflow")
     runs_list.add_argument("--state", help="only runs in this state (queued, running, "
-                                           "waiting, completed, failed, cancelled)")
+                                           "waiting, paused, completed, failed, cancelled)")
     runs_list.add_argument("--limit", type=_positive_int, default=50, metavar="N",
                            help="at most N runs, newest first (default 50, at most 1000)")
     runs_list.add_argument("--stranded", action="store_true",
@@ -197,6 +197,24 @@ def _parser() -> argparse.ArgumentParser:
     runs_retry.add_argument("run_id", metavar="ID")
     runs_retry.add_argument("--version", help="re-pin the run to this version of its "
                                               "workflow (a fix deployed as a new version)")
+    runs_pause = command("pause", "pause a run at its next step boundary (a task in flight "
+                                  "finishes; a waiting run keeps its waits)", _runs_pause,
+                         parent=runs_commands)
+    _client_options(runs_pause)
+    runs_pause.add_argument("run_id", metavar="ID")
+    runs_resume = command("resume", "resume a paused run", _runs_resume,
+                          parent=runs_commands)
+    _client_options(runs_resume)
+    runs_resume.add_argument("run_id", metavar="ID")
+    runs_fork = command("fork", "a new run whose first N steps are copied from a run; the "
+                                "rest run fresh", _runs_fork, parent=runs_commands)
+    _client_options(runs_fork)
+    runs_fork.add_argument("run_id", metavar="ID")
+    runs_fork.add_argument("--from-step", required=True, type=_whole, metavar="N",
+                           help="how many of the run's steps to copy, in step order (as "
+                                "`aiki runs show` lists them)")
+    runs_fork.add_argument("--version", help="run the fork on this version of the workflow")
+    _read_options(runs_fork)
     runs_export = command("export", "a run's history as JSON (format aiki.run/1), for "
                                     "aiki.testing.replay", _runs_export, parent=runs_commands)
     _client_options(runs_export)
@@ -452,6 +470,16 @@ def _moment(text: str) -> datetime.datetime:
     return moment if moment.tzinfo is not None else moment.astimezone()
 
 
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of at least 0")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -694,9 +722,13 @@ def _runs_show(args: argparse.Namespace) -> int:
         ("updated", times.at(run.updated_at)),
         ("finished", times.at(run.finished_at) if run.finished_at is not None else None),
     ]
-    if run.state == "running":
+    if run.forked_from is not None:
+        fields.append(("forked from", f"run {run.forked_from}, its first {run.forked_steps} "
+                                      "step(s) copied"))
+    if run.lease_owner is not None and run.state in ("running", "paused"):
         fields.append(("worker", f"{run.lease_owner} (lease epoch {run.lease_epoch}, "
-                                 f"expires {times.when(run.lease_expires_at)})"))
+                                 f"expires {times.when(run.lease_expires_at)})"
+                       + (", giving it back" if run.state == "paused" else "")))
     for w in info.waits:
         what = {"sleep": "a sleep", "event": f"event {w.name!r}",
                 "retry": f"the retry of task {w.name!r}"}.get(w.kind, w.kind)
@@ -755,6 +787,41 @@ def _runs_retry(args: argparse.Namespace) -> int:
 
     _client_call(args, body)
     print(f"run {args.run_id}: queued again"
+          + (f" on version {args.version}" if args.version else ""))
+    return 0
+
+
+def _runs_pause(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> None:
+        await client.handle(args.run_id).pause()
+
+    _client_call(args, body)
+    print(f"run {args.run_id}: paused (a task in flight finishes; no new step starts until "
+          f"`aiki runs resume {args.run_id}`)")
+    return 0
+
+
+def _runs_resume(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> str:
+        handle = client.handle(args.run_id)
+        await handle.resume()
+        return str((await handle.status()).state)
+
+    state, _ = _client_call(args, body)
+    print(f"run {args.run_id}: resumed ({state})")
+    return 0
+
+
+def _runs_fork(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> str:
+        fork = await client.fork(args.run_id, from_step=args.from_step, version=args.version)
+        return str(fork.id)
+
+    new_id, _ = _client_call(args, body)
+    if args.output == "json":
+        return _print_json({"run_id": new_id, "forked_from": args.run_id,
+                            "from_step": args.from_step})
+    print(f"run {new_id}: forked from run {args.run_id} at step {args.from_step}"
           + (f" on version {args.version}" if args.version else ""))
     return 0
 
@@ -1106,6 +1173,7 @@ class Progress:
 
 # -- output --------------------------------------------------------------------------------
 _STATE_STYLES = {"completed": "green", "failed": "red", "cancelled": "magenta",
+                 "paused": "yellow",
                  "running": "cyan", "retrying": "yellow", "sleeping": "blue",
                  "draining": "yellow", "ready": "green"}
 

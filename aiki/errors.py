@@ -91,8 +91,31 @@ class IdempotencyConflict(AikiError):
     """
 
 
-class RunNotRetryable(AikiError):
+class ControlRefused(AikiError):
+    """A run control (pause, resume, retry, fork) asked of a run in a state where it makes no
+    sense. Nothing changed."""
+
+
+class RunNotRetryable(ControlRefused):
     """A retry of a run that has not failed (it is queued, running, waiting or completed)."""
+
+
+class RunNotPausable(ControlRefused):
+    """A pause of a run that has finished, or is paused already."""
+
+
+class RunNotPaused(ControlRefused):
+    """A resume of a run that is not paused."""
+
+
+class InvalidFork(ControlRefused, ValueError):
+    """A fork whose ``from_step`` is negative, past the end of the run's history, or takes
+    in a step that has not finished. Nothing was stored."""
+
+
+class RunPaused(StaleLease):
+    """A worker's write refused because its run is paused: no new step starts (and the run
+    does not end) until it is resumed. The worker gives the run back at this step boundary."""
 
 
 class RunFinished(AikiError):

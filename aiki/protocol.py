@@ -435,8 +435,12 @@ class Nudge:
 @message("release_run")
 @attrs.frozen
 class ReleaseRun:
+    """Give the run back. ``paused``: because a client paused it (else the worker drains,
+    and the server sends it no more runs)."""
+
     req: int
     lease: Lease
+    paused: bool = False
 
 
 @message("drain")
@@ -476,6 +480,9 @@ class RetryRun:
     req: int
     run_id: str
     version: str | None = None
+    # The client's id of this call: the same request sent again (its reply lost) is answered
+    # as done instead of refused.
+    control_id: str | None = None
 
 
 @message("retried")
@@ -483,6 +490,63 @@ class RetryRun:
 class Retried:
     req: int
     run: RunRecord
+
+
+@message("pause_run")
+@attrs.frozen
+class PauseRun:
+    """Pause a run at its next step boundary; answered by ``Controlled``. ``control_id``:
+    see ``RetryRun``."""
+
+    req: int
+    run_id: str
+    control_id: str | None = None
+
+
+@message("resume_run")
+@attrs.frozen
+class ResumeRun:
+    """Resume a paused run; answered by ``Controlled``. ``control_id``: see ``RetryRun``."""
+
+    req: int
+    run_id: str
+    control_id: str | None = None
+
+
+@message("fork_run")
+@attrs.frozen
+class ForkRun:
+    """A new run ``new_run_id`` (chosen by the client, so a retried request makes one run)
+    whose first ``from_step`` steps are copied from run ``run_id``; answered by
+    ``Controlled`` with the new run."""
+
+    req: int
+    run_id: str
+    from_step: int
+    new_run_id: str
+    version: str | None = None
+
+
+@message("controlled")
+@attrs.frozen
+class Controlled:
+    """The run as a control left it (paused, resumed, or the new run of a fork)."""
+
+    req: int
+    run: RunRecord
+
+
+@message("run_control")
+@attrs.frozen
+class RunControl:
+    """Server → worker: a client controlled a run you hold under lease ``epoch``. ``pause``:
+    no new step starts; let the task in flight finish and record it, then give the run back
+    (``ReleaseRun``, or ``WaitRun`` if it waits). A hint: the store refuses the next step of
+    a paused run all the same (``RunPaused``)."""
+
+    run_id: str
+    epoch: int
+    action: Literal["pause"] = "pause"
 
 
 @message("wakeup")

@@ -6,7 +6,8 @@ from typing import Literal
 
 import attrs
 
-RunState = Literal["queued", "running", "waiting", "completed", "failed", "cancelled"]
+RunState = Literal["queued", "running", "waiting", "paused", "completed", "failed",
+                   "cancelled"]
 StepState = Literal["running", "retrying", "completed", "failed"]
 StepKind = Literal["task", "now", "random", "uuid", "sleep", "event"]
 WaitKind = Literal["sleep", "event", "retry"]
@@ -21,6 +22,9 @@ class RunRecord:
 
     ``attempts`` counts the leases granted (one per claim); ``lease_epoch`` is the fencing
     token of the current (or last) lease.
+
+    A ``paused`` run may still have a lease (``lease_owner``): its worker is finishing the
+    task in flight and has not given it back yet. Its waits, if it was waiting, are kept.
     """
 
     id: str
@@ -40,6 +44,14 @@ class RunRecord:
     updated_at: float
     finished_at: float | None
     error_traceback: str | None = None  # the failure's Python traceback, from the worker
+    # A fork (``client.fork``): the run it was copied from, and how many of that run's steps
+    # (in position order) it was given.
+    forked_from: str | None = None
+    forked_steps: int | None = None
+    # The last control applied (``pause:<id>``, ``resume:<id>``, ``retry:<id>``; the id is
+    # the client's, one per call): the same request sent again after its reply was lost is
+    # answered as done, not refused.
+    control_id: str | None = None
 
 
 @attrs.frozen

@@ -80,7 +80,15 @@ class RunHandle(Generic[R]):
 
     def retry(self, version: str | None = None) -> None:
         """Queue this failed run again (see ``aiki.RunHandle.retry``)."""
-        self.client.call(core.retry(self.id, version))
+        self.client.call(core.retry(self.id, version, self.client.sources.uuid4()))
+
+    def pause(self) -> None:
+        """Pause this run at its next step boundary (see ``aiki.RunHandle.pause``)."""
+        self.client.call(core.pause(self.id, self.client.sources.uuid4()))
+
+    def resume(self) -> None:
+        """Resume this paused run (see ``aiki.RunHandle.resume``)."""
+        self.client.call(core.resume(self.id, self.client.sources.uuid4()))
 
     def wait_for_completion(self, timeout: float | None = None) -> R:
         """The run's result once it completed (see ``aiki.RunHandle.wait_for_completion``)."""
@@ -235,6 +243,13 @@ class Client:
 
     def schedule_handle(self, schedule_id: str) -> Schedule:
         return Schedule(self, schedule_id)
+
+    def fork(self, run_id: str, *, from_step: int,
+             version: str | None = None) -> RunHandle[Any]:
+        """A new run whose first ``from_step`` steps are copied from run ``run_id``'s (see
+        ``aiki.Client.fork``)."""
+        new_id = self.call(core.fork(run_id, from_step, version, self.sources.new_id()))
+        return RunHandle(self, new_id, Any)
 
     # -- taking turns at the connection -----------------------------------------------------
     def _serve_until(self, done: Callable[[], bool], deadline: float | None) -> bool:

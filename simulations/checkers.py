@@ -53,6 +53,8 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     for run in runs.values():
         history = contents.history[run.id]
         v += _transitions(run.id, history, ledger.deferred_starts)
+        v += _paused(run.id, history, ledger.deferred_starts)
+        v += _retried(run.id, history)
         for event in history:
             if event.event == "task.running" and event.name in workload.RETRIES:
                 limit = workload.RETRIES[event.name].max_attempts
@@ -80,6 +82,9 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     # records each start before the task runs (the default).
     # (Repeated identical calls share one address: an execution after all of its calls'
     # results were committed is one too many.)
+    # (A fork runs the same program, its task inputs and all: its fresh steps run tasks
+    # the original ran; the fork checker below looks at what it copied.)
+    forked = {json.loads(runs[r].payload)["rk"] for r in ledger.forks if r in runs}
     committed_at: dict[tuple[str, str], float] = {}
     for step, at in ledger.final_steps.values():
         if step.kind == "task":
@@ -87,13 +92,24 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
             key = (spec["rk"], workload.label_of(spec))
             committed_at[key] = max(at, committed_at.get(key, at))
     for at, rk, label, task, worker in ledger.executions:
-        done = committed_at.get((rk, label))
+        done = None if rk in forked else committed_at.get((rk, label))
         if done is not None and at > done and worker not in ledger.deferred_starts:
             v.append(f"task {task} of {rk} step {label} executed at t={at:.3f}, after its "
                      f"result was committed at t={done:.3f}")
 
     v += _lease_writes(ledger)
     v += _helpers(contents)
+    # A fork's copied steps are the original's, as they were when it was forked.
+    for fork_id, (original, copied) in sorted(ledger.forks.items()):
+        mine = {st.position: st for st in contents.steps.get(fork_id, ())}
+        for step in copied:
+            if mine.get(step.position) != step:
+                v.append(f"fork {fork_id} of run {original}: its copied step {step.position} "
+                         f"is {mine.get(step.position)}, the original's was {step}")
+        if runs.get(fork_id) is not None and runs[fork_id].forked_steps != len(copied):
+            v.append(f"fork {fork_id} of run {original} says it copied "
+                     f"{runs[fork_id].forked_steps} steps; {len(copied)} were to be copied")
+
     v += _sends(contents, ledger)
     v += _waits(contents, ledger)
     v += _schedules(contents, ledger, started_by)
@@ -218,14 +234,19 @@ def _sends(contents: Any, ledger: Any) -> list[str]:
             elif step.output != e.payload:
                 v.append(f"run {run_id}: the wait at step {e.position} returned "
                          f"{step.output}, but event {e.seq} ({e.payload}) was delivered to it")
+        # (A fork's copied waits received their events in the original.)
+        copied = {s.position for s in ledger.forks.get(run_id, ("", ()))[1]}
         for step in steps.values():
             if step.kind == "event" and step.state == "completed" and (
-                    step.position not in taken):
+                    step.position not in taken) and step.position not in copied:
                 v.append(f"run {run_id}: the wait at step {step.position} completed with "
                          f"{step.output}, which no stored send was delivered to")
+        # A wait that timed out and ran again after a retry takes what is buffered then:
+        # the order of the waits is not the order of the sends any more.
+        rerun = _rerun_after_retry(contents.history.get(run_id, ()))
         for name in {e.name for e in events}:
             mine = [e for e in events if e.name == name]  # in send order (seq)
-            delivered = [e for e in mine if e.position is not None]
+            delivered = [e for e in mine if e.position is not None and e.position not in rerun]
             order = [_position_key(e.position or "") for e in delivered]
             if order != sorted(order):
                 v.append(f"run {run_id}: {name!r} events were delivered out of send order: "
@@ -327,7 +348,17 @@ def _waits(contents: Any, ledger: Any) -> list[str]:
     for run_id, history in contents.history.items():
         steps = {s.position: s for s in contents.steps.get(run_id, ())}
         ends: dict[str, list[str]] = {}
+        # A wait that timed out before a retry runs again, with a due time of its own: the
+        # step stored now is the new one.
+        rerun = {e.position for e in history if e.event == "event.timed_out" and any(
+            _is_retry(r) and r.seq > e.seq for r in history)}
         for e in history:
+            if _is_retry(e):
+                ends = {k: seen for k, seen in ends.items() if seen[-1] != "event.timed_out"}
+            if e.event == "event.timed_out" and e.position in rerun and any(
+                    _is_retry(r) and r.seq > e.seq for r in history):
+                ends.setdefault(e.position or "", []).append(e.event)
+                continue
             if e.event in ("event.received", "event.timed_out") and e.position:
                 ends.setdefault(e.position, []).append(e.event)
             if not ((e.event == "sleep.completed" and e.detail == "slept")
@@ -359,6 +390,10 @@ def _transitions(run_id: str, history: list[Any], deferred_starts: set[str]) -> 
     attempts: dict[str, int] = {}
     for e in history:
         kind, _, new = e.event.partition(".")
+        if _is_retry(e):  # its steps that did not complete are dropped: they start afresh
+            for position in [p for p, st in tasks.items() if st not in _DONE]:
+                del tasks[position]
+                attempts.pop(position, None)
         if kind == "run":
             if (state, new) not in RUN_TRANSITIONS:
                 out.append(f"run {run_id}: illegal transition {state} -> {new} at seq {e.seq}")
@@ -445,3 +480,83 @@ def _schedules(contents: Any, ledger: Any,
                          f"(it comes before the next one, {sch.iso(s.next_fire_at)})")
             occ = sch.next_after(s.cron, s.timezone, s.every, occ)
     return v
+
+
+_DONE = ("completed", "received")  # a step's last history state when it completed
+# While a run is paused, nothing starts, waits, ends or is delivered (an outcome of a task in
+# flight, a wake-up's end of a sleep, a send buffered and a lease given back may happen).
+_NOT_WHILE_PAUSED = frozenset({
+    "task.running", "sleep.waiting", "event.waiting", "event.received", "event.timed_out",
+    "step.recorded", "run.completed", "run.failed", "run.running",
+})
+
+
+def _rerun_after_retry(history: Any) -> set[str]:
+    """Positions of waits that timed out before a retry (which runs them again)."""
+    out: set[str] = set()
+    timed_out: set[str] = set()
+    for e in history:
+        if e.event == "event.timed_out" and e.position is not None:
+            timed_out.add(e.position)
+        elif _is_retry(e):
+            out |= timed_out
+    return out
+
+
+def _is_retry(e: Any) -> bool:
+    return e.event == "run.queued" and (e.detail or "").startswith("retried by")
+
+
+def _is_resume(e: Any) -> bool:
+    return e.event in ("run.queued", "run.waiting") and (e.detail or "").startswith(
+        "resumed by")
+
+
+def _paused(run_id: str, history: list[Any], deferred_starts: set[str]) -> list[str]:
+    """No step starts while a run is paused, from the moment the pause committed: only the
+    outcome of a task attempt in flight is recorded (one whose start was recorded, or, from
+    a worker that defers its start records, one not recorded at all)."""
+    out = []
+    paused = False
+    steps: dict[str, tuple[str, int]] = {}  # position -> (last state, attempt)
+    for e in history:
+        kind, _, new = e.event.partition(".")
+        if e.event == "run.paused":
+            paused = True
+        elif _is_resume(e):
+            paused = False
+        elif _is_retry(e):
+            steps = {p: st for p, st in steps.items() if st[0] in _DONE}
+        elif paused and e.event in _NOT_WHILE_PAUSED:
+            out.append(f"run {run_id}: {e.event} at step {e.position} (seq {e.seq}) while the "
+                       "run was paused")
+        elif paused and kind == "task" and e.position is not None:
+            before = steps.get(e.position)
+            in_flight = (before is not None and before[0] == "running"
+                         and before[1] == e.attempt) or (
+                before is None and e.worker_id in deferred_starts)
+            if not in_flight:
+                out.append(f"run {run_id}: task {e.name} at step {e.position} went {before} -> "
+                           f"{new} at attempt {e.attempt} (seq {e.seq}) while the run was "
+                           "paused: a step started after the pause")
+        if e.position is not None and kind in ("task", "sleep", "event"):
+            steps[e.position] = (new, e.attempt)
+    return out
+
+
+def _retried(run_id: str, history: list[Any]) -> list[str]:
+    """A retried run never runs a step again that had completed before the retry."""
+    out = []
+    last: dict[str, str] = {}
+    kept: set[str] = set()
+    for e in history:
+        kind, _, new = e.event.partition(".")
+        if _is_retry(e):
+            kept |= {p for p, st in last.items() if st in _DONE}
+        elif e.position is not None and kind == "task":
+            if e.position in kept and new in ("running", "completed", "failed", "retrying"):
+                out.append(f"run {run_id}: a retry ran step {e.position} ({e.name}) again "
+                           f"(task.{new} at seq {e.seq}), which had completed before it")
+        if e.position is not None and kind in ("task", "sleep", "event"):
+            last[e.position] = new
+    return out

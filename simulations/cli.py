@@ -26,7 +26,10 @@ SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a 
              "duplicate content address in one run",
              "schedule fired on time", "schedule caught up after downtime",
              "schedule occurrence skipped by overlap",
-             "schedule occurrence buffered then fired")
+             "schedule occurrence buffered then fired",
+             "run paused while running", "task in flight recorded while paused",
+             "run paused while waiting", "resumed to wait again", "failed run retried",
+             "run forked", "fork past the end refused")
 
 
 @attrs.frozen

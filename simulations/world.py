@@ -30,6 +30,7 @@ from aiki.actors.worker import Worker
 from aiki.errors import (
     AikiError,
     ConnectionLost,
+    ControlRefused,
     PayloadError,
     RunFinished,
     RunNotFound,
@@ -371,6 +372,12 @@ class World:
             if served and item.watch is not None:
                 actions.append((self._watcher, item))
             actions += [(self._reader, item, acked + at, server) for at, server in item.reads]
+            for n, control in enumerate(item.controls):
+                control_id = f"{item.run_id}-c{n}"  # the same on each resend
+                if control.kind == "pause":
+                    actions.append((self._pauser, item, acked, control, control_id))
+                elif served:
+                    actions.append((self._after_end, item, control, control_id))
             for fn, *args in actions:
                 self.pending += 1
                 nursery.start_soon(self._action, fn, *args)
@@ -393,7 +400,7 @@ class World:
                                          lambda req: p.Hello(req, "client", "client"),
                                          request_timeout=10.0) as link:
                         return await link.request(make, timeout, retry=retry)
-            except (RunFinished, RunNotFound, UnknownEvent, PayloadError):
+            except (RunFinished, RunNotFound, UnknownEvent, PayloadError, ControlRefused):
                 raise  # an answer
             except (AikiError, TimeoutError, trio.TooSlowError):
                 # The store or the connection failed, a StoreWriter crashed, or a duplicated
@@ -456,6 +463,49 @@ class World:
         await trio.sleep_until(at)
         reply = await self._ask(server, lambda req: p.Wakeup(req, item.run_id))
         self.ledger.wakeups.append((trio.current_time(), item.run_id, reply.woken))
+
+    async def _pauser(self, item: workload.PlannedRun, acked: float,
+                      control: workload.Control, control_id: str) -> None:
+        """Pause the run at a random moment; resume it ``hold`` seconds later."""
+        await trio.sleep_until(acked + control.at)
+        try:
+            reply = await self._ask(control.server, lambda req: p.PauseRun(
+                req, item.run_id, control_id))
+        except ControlRefused:
+            return  # it ended, or another control paused it (and resumes it)
+        self.ledger.sometimes["run paused" + (" while running" if reply.run.lease_owner
+                                              else "")] += 1
+        await trio.sleep(control.hold)
+        try:
+            reply = await self._ask(control.server, lambda req: p.ResumeRun(
+                req, item.run_id, control_id))
+        except ControlRefused:  # another control's resume, sent again, got there first
+            self.ledger.sometimes["resume raced by another"] += 1
+            return
+        if reply.run.state == "waiting":
+            self.ledger.sometimes["resumed to wait again"] += 1
+
+    async def _after_end(self, item: workload.PlannedRun, control: workload.Control,
+                         control_id: str) -> None:
+        """Once the run ended: retry it (if it failed) or fork it."""
+        while item.run_id not in self.ledger.ended:
+            await trio.sleep(1.0)
+        if control.kind == "retry":
+            try:
+                await self._ask(control.server, lambda req: p.RetryRun(
+                    req, item.run_id, control.version, control_id))
+            except ControlRefused:
+                return  # it completed
+            self.ledger.sometimes["failed run retried"] += 1
+            return
+        self.ledger.issued.add(control.new_id)
+        try:
+            await self._ask(control.server, lambda req: p.ForkRun(
+                req, item.run_id, control.from_step, control.new_id, control.version))
+        except ControlRefused:
+            self.ledger.sometimes["fork past the end refused"] += 1
+            return
+        self.ledger.sometimes["run forked"] += 1
 
     async def _watcher(self, item: workload.PlannedRun) -> None:
         assert item.watch is not None
@@ -860,11 +910,20 @@ def run_seed(cfg: Config) -> Outcome:
             if situation is not None:
                 world.ledger.sometimes[situation] += f.count
     for history in world.store.inner.contents().history.values():
+        paused = False
         for e in history:
             situation = SITUATIONS.get((e.event, (e.detail or "").split(" ")[0],
                                         e.worker_id is not None))
             if situation is not None:
                 world.ledger.sometimes[situation] += 1
+            if e.event == "run.paused":
+                paused = True
+                if "keeps its waits" in (e.detail or ""):
+                    world.ledger.sometimes["run paused while waiting"] += 1
+            elif (e.detail or "").startswith("resumed by"):
+                paused = False
+            elif paused and e.event in ("task.completed", "task.failed", "task.retrying"):
+                world.ledger.sometimes["task in flight recorded while paused"] += 1
     return Outcome(cfg.seed, digest, clock.current_time(), faults, world.ledger.sometimes,
                    list(world.ledger.violations), runs, world.trace if cfg.trace else [],
                    world.store, world.ledger, cfg.runs)

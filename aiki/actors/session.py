@@ -354,16 +354,19 @@ class Session:
             return p.Enqueued(msg.req, out.run_id, version, out.created)
         if isinstance(msg, p.GetRun):
             run = await self._run(msg.run_id)
-            waits = await ctx.store.get_waits(run.id) if run.state == "waiting" else ()
+            waits = (await ctx.store.get_waits(run.id) if run.state in ("waiting", "paused")
+                     else ())
             return p.RunInfo(msg.req, run, await ctx.store.get_steps(run.id), waits)
         if isinstance(msg, p.SendEvent):
             return await self._send_event(msg, now)
         if isinstance(msg, p.RetryRun):
             assert self.hello is not None
             run = await ctx.writer.write(ops.RetryRun(msg.run_id, msg.version,
-                                                      self.hello.node_id, now))
+                                                      self.hello.node_id, now, msg.control_id))
             ctx.dispatcher.poke()
             return p.Retried(msg.req, run)
+        if isinstance(msg, (p.PauseRun, p.ResumeRun, p.ForkRun)):
+            return await self._control(msg, now)
         if isinstance(msg, p.PurgeRuns):
             if not 1 <= msg.limit <= MAX_LIST_LIMIT:
                 raise ProtocolError(f"limit must be 1 to {MAX_LIST_LIMIT}, got {msg.limit}")
@@ -561,10 +564,13 @@ class Session:
         if isinstance(msg, p.WaitRun):
             op = ops.WaitRun(msg.lease, msg.conditions, msg.reason, now)
         elif isinstance(msg, p.ReleaseRun):
-            # A worker gives runs back only while it drains, and its Drain may be late or
-            # lost: without this, the run would be pushed straight back to it.
-            self._draining()
-            op = ops.ReleaseRun(msg.lease, now)
+            # A worker gives runs back only while it drains (or because they were paused),
+            # and its Drain may be late or lost: without this, the run would be pushed
+            # straight back to it.
+            if not msg.paused:
+                self._draining()
+            op = ops.ReleaseRun(msg.lease, now, "given back paused" if msg.paused
+                                else "released by its worker")
         else:
             raise ProtocolError(f"unexpected message {_tag(msg)!r} from a worker")
         self._check_owner(msg.lease)
@@ -578,6 +584,35 @@ class Session:
                 ctx.timer.hint(min(dues))
         ctx.dispatcher.poke()  # a run given back, or one whose wait held already, is queued
         return p.Ok(msg.req)
+
+    async def _control(self, msg: p.PauseRun | p.ResumeRun | p.ForkRun, now: float) -> Any:
+        """Pause, resume or fork, in the name of this peer (the history says who)."""
+        ctx = self.ctx
+        assert self.hello is not None
+        who = self.hello.node_id
+        if isinstance(msg, p.PauseRun):
+            run = await ctx.writer.write(ops.PauseRun(msg.run_id, who, now, msg.control_id))
+            if run.lease_owner is not None:  # its worker hears now, not at its next step
+                ctx.dispatcher.push_to_holder(run.id, p.RunControl(run.id, run.lease_epoch))
+            return p.Controlled(msg.req, run)
+        if isinstance(msg, p.ResumeRun):
+            run = await ctx.writer.write(ops.ResumeRun(msg.run_id, who, now, msg.control_id))
+            if run.state == "queued":
+                ctx.dispatcher.poke()
+            else:
+                dues = [w.due_at for w in await ctx.store.get_waits(run.id)
+                        if w.due_at is not None]
+                if dues:
+                    ctx.timer.hint(min(dues))
+            return p.Controlled(msg.req, run)
+        if not 0 < len(msg.new_run_id) <= MAX_RUN_ID:
+            raise ProtocolError(f"a run id must have 1 to {MAX_RUN_ID} characters, "
+                                f"got {len(msg.new_run_id)}")
+        run = await ctx.writer.write(ops.ForkRun(msg.run_id, msg.new_run_id, msg.from_step,
+                                                 msg.version, who, now))
+        ctx.dispatcher.poke()
+        ctx.dispatcher.queued_for((run.workflow, run.version), now)
+        return p.Controlled(msg.req, run)
 
     def _draining(self) -> None:
         """This worker drains. At once, not when the Dispatcher reads its mailbox: once the

@@ -60,7 +60,8 @@ _REFUSALS: dict[str, type[errors.AikiError]] = {
         errors.StaleLease, errors.StepConflict, errors.RunNotFound, errors.UnknownWorkflow,
         errors.ProtocolError, errors.StoreUnavailable, errors.PayloadError,
         errors.AuthenticationFailed, errors.ConnectionLost, errors.RunFinished,
-        errors.UnknownEvent, errors.RunNotRetryable,
+        errors.UnknownEvent, errors.RunNotRetryable, errors.RunNotPausable,
+        errors.RunNotPaused, errors.InvalidFork, errors.RunPaused, errors.ControlRefused,
         errors.IdempotencyConflict, errors.WorkerIdInUse, errors.ScheduleInvalid,
         errors.ScheduleConflict, errors.ScheduleNotFound,
     )
@@ -189,9 +190,43 @@ def wakeup(run_id: str) -> Call[bool]:
     return Call(lambda req: p.Wakeup(req, run_id), p.WokenUp, lambda reply: bool(reply.woken))
 
 
-def retry(run_id: str, version: str | None) -> Call[None]:
-    """Queue a failed run again (``aiki.RunNotRetryable`` for one that has not failed)."""
-    return Call(lambda req: p.RetryRun(req, run_id, version), p.Retried, lambda reply: None)
+def retry(run_id: str, version: str | None, control_id: str | None = None) -> Call[None]:
+    """Queue a failed run again (``aiki.RunNotRetryable`` for one that has not failed).
+    ``control_id`` (new for each call) makes the request safe to send again: a retry whose
+    reply was lost is answered as done."""
+    return Call(lambda req: p.RetryRun(req, run_id, version, control_id), p.Retried,
+                lambda reply: None)
+
+
+def pause(run_id: str, control_id: str | None = None) -> Call[None]:
+    """Pause a run at its next step boundary (``aiki.RunNotPausable`` for a finished or
+    paused one). ``control_id``: see :func:`retry`."""
+    return Call(lambda req: p.PauseRun(req, run_id, control_id), p.Controlled,
+                lambda reply: None)
+
+
+def resume(run_id: str, control_id: str | None = None) -> Call[None]:
+    """Resume a paused run (``aiki.RunNotPaused`` for one that is not paused).
+    ``control_id``: see :func:`retry`."""
+    return Call(lambda req: p.ResumeRun(req, run_id, control_id), p.Controlled,
+                lambda reply: None)
+
+
+def fork(run_id: str, from_step: int, version: str | None, new_run_id: str) -> Call[str]:
+    """A new run whose first ``from_step`` steps are copied from ``run_id``'s; its id.
+    ``new_run_id`` is chosen here, so the request sent again after a lost connection makes
+    one run. A ``from_step`` that is not a whole number >= 0 raises here; one past the end of
+    the run's history is :class:`aiki.InvalidFork` from the server."""
+    if isinstance(from_step, bool) or not isinstance(from_step, int):
+        raise TypeError(f"from_step must be an int (a number of steps), not "
+                        f"{type(from_step).__name__}")
+    if from_step < 0:
+        raise errors.InvalidFork(f"from_step must be 0 or more, got {from_step}; nothing was "
+                                 "stored")
+    if version is not None and not (isinstance(version, str) and version):
+        raise ValueError(f"version must be a non-empty string or None, got {version!r}")
+    return Call(lambda req: p.ForkRun(req, run_id, from_step, new_run_id, version),
+                p.Controlled, lambda reply: str(reply.run.id))
 
 
 def get_history(run_id: str) -> Call[tuple[HistoryEvent, ...]]:

@@ -33,7 +33,8 @@ class WaitStatus:
 @attrs.frozen
 class RunStatus:
     """A run as stored now: its state, attempts, timestamps (epoch seconds), tasks, and
-    what it waits for (``waits``: while ``waiting``, or sleeping inline on its worker)."""
+    what it waits for (``waits``: while ``waiting``, or sleeping inline on its worker, or
+    kept while ``paused``); a fork says where it came from."""
 
     id: str
     workflow: str
@@ -48,6 +49,9 @@ class RunStatus:
     tasks: tuple[TaskStatus, ...]
     waits: tuple[WaitStatus, ...] = ()
     error_traceback: str | None = None  # the worker's, when the run failed
+    # A fork's origin: the run it was copied from, and how many of its steps it was given.
+    forked_from: str | None = None
+    forked_steps: int | None = None
 
     @classmethod
     def of(cls, run: RunRecord, steps: tuple[StepRecord, ...],
@@ -62,7 +66,7 @@ class RunStatus:
                       for s in steps if s.kind in ("sleep", "event") and s.state == "running"]
         return cls(run.id, run.workflow, run.version, run.state, run.attempts, run.created_at,
                    run.updated_at, run.finished_at, run.error_type, run.error_message, tasks,
-                   tuple(shown), run.error_traceback)
+                   tuple(shown), run.error_traceback, run.forked_from, run.forked_steps)
 
 
 @attrs.frozen

@@ -89,7 +89,19 @@ class RunHandle(Generic[R]):
         returns them) and its failed or unfinished ones run again. ``version`` re-pins it
         to another version of its workflow (a fix deployed as a new version), whose code
         must still replay the kept steps. ``aiki.RunNotRetryable`` if it has not failed."""
-        await self.client.call(core.retry(self.id, version))
+        await self.client.call(core.retry(self.id, version, self.client.sources.uuid4()))
+
+    async def pause(self) -> None:
+        """Pause this run at its next step boundary: a task in flight finishes and its
+        result is recorded, no new step starts, and its worker gives the run back (its slot
+        is free). A waiting run keeps its waits and does not wake; events sent meanwhile are
+        buffered. ``aiki.RunNotPausable`` if it has finished or is paused already."""
+        await self.client.call(core.pause(self.id, self.client.sources.uuid4()))
+
+    async def resume(self) -> None:
+        """Resume this paused run: it waits again if its waits still wait, or is queued.
+        ``aiki.RunNotPaused`` if it is not paused."""
+        await self.client.call(core.resume(self.id, self.client.sources.uuid4()))
 
     async def history(self) -> tuple[HistoryEvent, ...]:
         return await self.client.call(core.get_history(self.id))
@@ -250,6 +262,16 @@ class Operations:
     def schedule_handle(self, schedule_id: str) -> Schedule:
         """The handle of an existing schedule."""
         return Schedule(self, schedule_id)
+
+    async def fork(self, run_id: str, *, from_step: int,
+                   version: str | None = None) -> RunHandle[Any]:
+        """A new run of the same workflow and payload whose first ``from_step`` steps (in
+        step order, as ``status().tasks`` lists them) are copied from run ``run_id``; the
+        rest run fresh. ``version`` pins it to another version of the workflow. The new run
+        records its origin (``status().forked_from``). ``aiki.InvalidFork`` if
+        ``from_step`` is past the end of the run's history or takes in an unfinished step."""
+        new_id = await self.call(core.fork(run_id, from_step, version, self.sources.new_id()))
+        return RunHandle(self, new_id, Any)
 
 
 @attrs.define(eq=False)

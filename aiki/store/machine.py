@@ -10,6 +10,13 @@ Run states: ``queued → running → completed | failed``; ``running → waiting
 durable sleep, an event, a long retry delay: the conditions are :class:`WaitRecord` rows
 kept while the run waits); ``running → queued`` when a lease is given back or expires.
 
+Controls (a client asks; the history names it and when): ``failed → queued`` (retry),
+``queued | running | waiting → paused`` (pause), ``paused → queued | waiting`` (resume). A
+run paused while running keeps its lease until its worker gives it back: the task in flight
+may record its outcome, but no step starts and the run does not end while it is paused
+(:class:`~aiki.errors.RunPaused`). A run paused while waiting keeps its waits and does not
+wake; events sent meanwhile are buffered. A fork copies a run's first steps into a new run.
+
 A function here raises the :class:`~aiki.errors.AikiError` that refuses its operation
 before deciding anything, so a refused operation changes nothing.
 """
@@ -17,6 +24,7 @@ before deciding anything, so a refused operation changes nothing.
 from __future__ import annotations
 
 import datetime
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,9 +33,13 @@ import attrs
 from aiki import schedules as sch
 from aiki.errors import (
     IdempotencyConflict,
+    InvalidFork,
     RunFinished,
     RunNotFound,
+    RunNotPausable,
+    RunNotPaused,
     RunNotRetryable,
+    RunPaused,
     ScheduleConflict,
     ScheduleInvalid,
     ScheduleNotFound,
@@ -53,7 +65,10 @@ RUN_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
     (None, "queued"), ("queued", "running"), ("running", "completed"), ("running", "failed"),
     ("running", "waiting"), ("running", "queued"), ("waiting", "queued"),
     ("failed", "queued"),  # retried by a client, after a fix
+    ("queued", "paused"), ("running", "paused"), ("waiting", "paused"),  # paused by a client
+    ("paused", "queued"), ("paused", "waiting"),  # resumed by a client
 })
+CONTROLLABLE_STATES = frozenset({"queued", "running", "waiting"})  # that a pause may stop
 # Task steps. ``running -> running``: a crash during an attempt runs that attempt again.
 TASK_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
     (None, "running"), ("running", "completed"), ("running", "failed"),
@@ -152,6 +167,20 @@ def fenced(lease: Lease, run: RunRecord | None) -> RunRecord:
     return run
 
 
+def held(lease: Lease, run: RunRecord | None) -> RunRecord:
+    """``run`` if ``lease`` is its current lease, the run running or paused (its worker not
+    having given it back yet); else :class:`StaleLease`."""
+    if (run is None or run.state not in ("running", "paused") or run.lease_epoch != lease.epoch
+            or run.lease_owner != lease.worker_id):
+        raise stale_lease_error(lease, run)
+    return run
+
+
+def paused_error(run: RunRecord, what: str) -> RunPaused:
+    return RunPaused(f"run {run.id} is paused: {what} is refused until it is resumed; give "
+                     "the run back")
+
+
 def _move(run: RunRecord, now: float, state: RunState, **changes: Any) -> RunRecord:
     if (run.state, state) not in RUN_TRANSITIONS and run.state != state:
         raise AssertionError(f"illegal run transition {run.state} -> {state} for {run.id}")
@@ -210,19 +239,24 @@ def claim(run: RunRecord, worker_id: str, now: float, lease_ttl: float) -> Chang
 def renew(run: RunRecord | None, lease: Lease, now: float, lease_ttl: float) -> RunRecord | None:
     """The run with its lease extended, or None if ``lease`` is not its current one."""
     try:
-        run = fenced(lease, run)
+        run = held(lease, run)
     except StaleLease:
         return None
     return attrs.evolve(run, lease_expires_at=now + lease_ttl, updated_at=now)
 
 
 def lease_expired(run: RunRecord, now: float) -> bool:
-    return (run.state == "running" and run.lease_expires_at is not None
-            and run.lease_expires_at <= now)
+    return (run.state in ("running", "paused") and run.lease_owner is not None
+            and run.lease_expires_at is not None and run.lease_expires_at <= now)
 
 
 def expire(run: RunRecord, now: float) -> Change:
     owner = run.lease_owner
+    if run.state == "paused":  # its worker is gone: the run stays paused, with no lease
+        return Change(attrs.evolve(run, updated_at=now, **_NO_LEASE), history=(Entry(
+            now, "lease.expired", run.attempts, owner,
+            detail=f"lease epoch {run.lease_epoch} of worker {owner!r} expired; the run "
+                   "stays paused"),))
     return Change(_move(run, now, "queued", **_NO_LEASE), history=(Entry(
         now, "run.queued", run.attempts, owner,
         detail=f"lease epoch {run.lease_epoch} of worker {owner!r} expired"),))
@@ -230,6 +264,9 @@ def expire(run: RunRecord, now: float) -> Change:
 
 def finish(run: RunRecord | None, lease: Lease, now: float, *, result: str | None = None,
            error: tuple[str, str] | None = None, traceback: str | None = None) -> Change:
+    if run is not None and run.state == "paused":
+        held(lease, run)
+        raise paused_error(run, "ending it")
     run = fenced(lease, run)
     state: RunState = "completed" if error is None else "failed"
     error_type, error_message = error if error else (None, None)
@@ -241,13 +278,26 @@ def finish(run: RunRecord | None, lease: Lease, now: float, *, result: str | Non
         detail=None if error is None else f"{error_type}: {error_message}"),))
 
 
+def repeated(run: RunRecord | None, kind: str, control_id: str | None) -> bool:
+    """Whether ``run``'s last control is this very request (sent again, its reply lost)."""
+    return (run is not None and control_id is not None
+            and run.control_id == f"{kind}:{control_id}")
+
+
+def _marked(kind: str, control_id: str | None) -> dict[str, Any]:
+    return {"control_id": None if control_id is None else f"{kind}:{control_id}"}
+
+
 def retry(run: RunRecord | None, run_id: str, steps: Sequence[StepRecord],
-          version: str | None, who: str, now: float) -> Change:
+          version: str | None, who: str, now: float, control_id: str | None = None) -> Change:
     """``handle.retry()``: queue a failed run again, its attempts counted on. Completed steps
     are kept (replay returns them); failed and unfinished ones are dropped, so they run
-    again. ``version`` re-pins the run (a fix deployed as a new version)."""
+    again. ``version`` re-pins the run (a fix deployed as a new version). The same request
+    again (``control_id``) is answered with the run as it is."""
     if run is None:
         raise RunNotFound(f"no run with id {run_id!r}")
+    if repeated(run, "retry", control_id):
+        return Change(run)
     if run.state != "failed":
         raise RunNotRetryable(f"run {run.id} is {run.state}: only a failed run can be "
                               "retried; nothing changed")
@@ -256,11 +306,142 @@ def retry(run: RunRecord | None, run_id: str, steps: Sequence[StepRecord],
         version is not None and version != run.version) else ""
     again = _move(run, now, "queued", version=version or run.version, result=None,
                   error_type=None, error_message=None, error_traceback=None,
-                  finished_at=None)
+                  finished_at=None, **_marked("retry", control_id))
     return Change(again, dropped=dropped, history=(Entry(
         now, "run.queued", run.attempts, who,
         detail=f"retried by {who}{moved}; {len(dropped)} step(s) to run again, "
                f"{len(steps) - len(dropped)} kept"),))
+
+
+def pause(run: RunRecord | None, run_id: str, who: str, now: float,
+          control_id: str | None = None) -> Change:
+    """``handle.pause()``: the run stops at its next step boundary. A queued run is simply
+    not claimed; a waiting one keeps its waits (it does not wake); a running one keeps its
+    lease until its worker, told or refused, gives it back."""
+    if run is None:
+        raise RunNotFound(f"no run with id {run_id!r}")
+    if repeated(run, "pause", control_id):
+        return Change(run)
+    if run.state not in CONTROLLABLE_STATES:
+        raise RunNotPausable(f"run {run.id} is {run.state}: only a queued, running or waiting "
+                             "run can be paused; nothing changed")
+    detail = f"paused by {who}"
+    if run.state == "running":
+        detail += (f"; worker {run.lease_owner!r} finishes the task in flight and gives it "
+                   "back, no new step starts")
+    elif run.state == "waiting":
+        detail += "; it keeps its waits, and does not wake until resumed"
+    return Change(_move(run, now, "paused", **_marked("pause", control_id)), history=(Entry(
+        now, "run.paused", run.attempts, who, detail=detail),))
+
+
+def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
+           steps: Mapping[str, StepRecord], buffered: Mapping[str, float], who: str,
+           now: float, control_id: str | None = None) -> Change:
+    """``handle.resume()``: a paused run goes back to waiting if its waits still wait, or to
+    the queue, as if the pause had only held it: its due sleeps end, and its due event
+    waits time out unless their event was sent (and buffered) before they came due.
+    ``buffered``: the names of its undelivered events, each with when the first was sent.
+    A lease its worker had not given back yet is fenced off (the epoch moves on)."""
+    if run is None:
+        raise RunNotFound(f"no run with id {run_id!r}")
+    if repeated(run, "resume", control_id):
+        return Change(run)
+    if run.state != "paused":
+        raise RunNotPaused(f"run {run.id} is {run.state}, not paused: there is nothing to "
+                           "resume; nothing changed")
+    fence: dict[str, Any] = {**_NO_LEASE, **_marked("resume", control_id)}
+    if run.lease_owner is not None:
+        fence["lease_epoch"] = run.lease_epoch + 1
+    detail = f"resumed by {who}"
+    if run.lease_owner is not None:
+        detail += f"; the lease of worker {run.lease_owner!r} is fenced off"
+    if waits:
+        names = set(buffered)
+        why = next((held_why for c in waits
+                    if (held_why := _satisfied(WaitFor(c.position, c.kind, c.name, c.due_at),
+                                               steps.get(c.position), names, now)) is not None),
+                   None)
+        if why is None:
+            return Change(_move(run, now, "waiting", **fence), history=(Entry(
+                now, "run.waiting", run.attempts, who,
+                detail=f"{detail}; waits for {describe_waits(waits)}"),))
+        change = NOTHING
+        for w in waits:
+            step = steps.get(w.position)
+            if w.due_at is None or w.due_at > now or step is None or (
+                    step.state in FINAL_STEP_STATES):
+                continue
+            if w.kind == "sleep":
+                change = change.then(_end_sleep(step, now, False, None))
+            elif w.kind == "event" and not buffered.get(w.name or "", math.inf) <= w.due_at:
+                change = change.then(_time_out(step, now, None))
+        detail += f"; woke at once: {why}"
+        resumed = Entry(now, "run.queued", run.attempts, who, detail=detail)
+        # (The resume first, then what it ended: nothing ends while the run is paused.)
+        return Change(_move(run, now, "queued", **fence), change.steps, waits=(),
+                      history=(resumed, *change.history))
+    return Change(_move(run, now, "queued", **fence), waits=(), history=(Entry(
+        now, "run.queued", run.attempts, who, detail=detail),))
+
+
+def fork_again(existing: RunRecord, op: o.ForkRun) -> RunRecord:
+    """A fork whose new run id exists already: the same fork sent again (its reply lost)
+    gets that run; any other run under that id is a refusal."""
+    if existing.forked_from != op.run_id or existing.forked_steps != op.from_step:
+        raise InvalidFork(f"run id {op.new_run_id!r} is taken by another run; nothing was "
+                          "stored")
+    return existing
+
+
+def first_sent(events: Iterable[EventRecord]) -> dict[str, float]:
+    """The names of undelivered ``events``, each with when its first one was sent."""
+    first: dict[str, float] = {}
+    for e in events:
+        if e.position is None:
+            first[e.name] = min(first.get(e.name, math.inf), e.sent_at)
+    return first
+
+
+def position_key(position: str) -> tuple[int, ...]:
+    """The order of steps in a run: ``"2"`` before ``"2.0.0"`` before ``"2.1.0"`` before
+    ``"3"``."""
+    return tuple(int(x) if x.isdigit() else -1 for x in position.split("."))
+
+
+def fork(original: RunRecord | None, op: o.ForkRun,
+         steps: Sequence[StepRecord]) -> tuple[RunRecord, Change, Change]:
+    """``client.fork()``: a new run of the same workflow and payload whose first
+    ``op.from_step`` steps (in position order) are copies of ``original``'s; the rest run
+    fresh. The new run, its change (steps and first event) and the original's (an event)."""
+    if original is None:
+        raise RunNotFound(f"no run with id {op.run_id!r}")
+    ordered = sorted(steps, key=lambda s: position_key(s.position))
+    if not 0 <= op.from_step <= len(ordered):
+        raise InvalidFork(f"run {original.id} has {len(ordered)} step(s): from_step must be "
+                          f"0 to {len(ordered)}, got {op.from_step}; nothing was stored")
+    copied = tuple(ordered[: op.from_step])
+    unfinished = next((s for s in copied if s.state not in FINAL_STEP_STATES), None)
+    if unfinished is not None:
+        at = ordered.index(unfinished)
+        raise InvalidFork(f"run {original.id}: step {unfinished.position} ({unfinished.name}) "
+                          f"is {unfinished.state}, not finished: fork from at most step {at}; "
+                          "nothing was stored")
+    version = op.version or original.version
+    run = RunRecord(
+        id=op.new_run_id, workflow=original.workflow, version=version,
+        payload=original.payload, state="queued", idempotency_key=None, attempts=0,
+        lease_epoch=0, lease_owner=None, lease_expires_at=None, result=None, error_type=None,
+        error_message=None, created_at=op.now, updated_at=op.now, finished_at=None,
+        forked_from=original.id, forked_steps=op.from_step)
+    made = Change(run, copied, history=(Entry(
+        op.now, "run.queued", 0, op.who,
+        detail=f"forked by {op.who} from run {original.id} at step {op.from_step} (version "
+               f"{version}); {len(copied)} step(s) copied"),))
+    noted = Change(history=(Entry(
+        op.now, "fork.created", original.attempts, op.who,
+        detail=f"forked by {op.who} at step {op.from_step} into run {op.new_run_id}"),))
+    return run, made, noted
 
 
 def purgeable(run: RunRecord, before: float) -> bool:
@@ -270,7 +451,11 @@ def purgeable(run: RunRecord, before: float) -> bool:
 
 
 def release(run: RunRecord | None, lease: Lease, now: float, reason: str) -> Change:
-    run = fenced(lease, run)
+    run = held(lease, run)
+    if run.state == "paused":
+        return Change(attrs.evolve(run, updated_at=now, **_NO_LEASE), history=(Entry(
+            now, "lease.released", run.attempts, lease.worker_id,
+            detail=f"{reason}; the run stays paused"),))
     return Change(_move(run, now, "queued", **_NO_LEASE), history=(Entry(
         now, "run.queued", run.attempts, lease.worker_id, detail=reason),))
 
@@ -315,8 +500,20 @@ def save_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
               start: bool, lease_ttl: float | None = None) -> Change:
     """StartStep (``start``) or SaveStep. ``keyed_elsewhere``: the position of another step
     of this run with the same task name and idempotency key, if any. A start with
-    ``lease_ttl`` renews the lease, even when the step was started before (a retry)."""
-    run = fenced(lease, run)
+    ``lease_ttl`` renews the lease, even when the step was started before (a retry).
+
+    On a paused run only the outcome of a task attempt in flight is taken: one whose start
+    was recorded, or not recorded at all (a worker that defers its start records); a start,
+    the next attempt of a retrying task or a new ``run.now()`` is refused (RunPaused)."""
+    run = held(lease, run)
+    if run.state == "paused" and not (not start and old == step):
+        in_flight = (not start and step.kind == "task" and step.state != "running"
+                     and (old is None or (old.state == "running"
+                                          and old.attempts == step.attempts)))
+        if not in_flight:
+            raise paused_error(run, f"step {step.position} ({step.name})"
+                               if start or old is None or step.kind != "task"
+                               else f"attempt {step.attempts} of step {step.position}")
     if step.kind in ("sleep", "event"):
         raise StepConflict(f"run {run.id}: step {step.position} is a {step.kind} step; "
                            "wait steps are recorded by AwaitStep")
@@ -365,7 +562,9 @@ def await_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
     """A sleep or event wait reaches ``step.position``: end it now if it can, else record it
     as waiting until ``step.next_attempt_at``. ``buffered``: the oldest undelivered event of
     that name. The outcome is the step as stored afterwards."""
-    run = fenced(lease, run)
+    run = held(lease, run)
+    if run.state == "paused" and (old is None or old.state not in FINAL_STEP_STATES):
+        raise paused_error(run, f"the wait at step {step.position}")
     if step.kind not in ("sleep", "event"):
         raise StepConflict(f"run {run.id}: step {step.position} is a {step.kind} step, "
                            "not a wait")
@@ -411,10 +610,18 @@ def wait(run: RunRecord | None, lease: Lease, conditions: Sequence[WaitFor],
          reason: str) -> Change:
     """The worker gives the run back until one of ``conditions`` holds. ``steps``: the run's
     steps at the conditions' positions; ``buffered``: names of its undelivered events. If one
-    holds already, the run is queued at once instead."""
-    run = fenced(lease, run)
+    holds already, the run is queued at once instead. A paused run keeps the conditions and
+    stays paused (resuming it decides)."""
+    run = held(lease, run)
     if not conditions:
         raise StepConflict(f"run {run.id}: a run cannot wait on nothing")
+    if run.state == "paused":
+        waits = tuple(WaitRecord(run.id, c.position, c.kind, c.name, c.due_at, now)
+                      for c in conditions)
+        return Change(attrs.evolve(run, updated_at=now, **_NO_LEASE), waits=waits,
+                      history=(Entry(now, "lease.released", run.attempts, lease.worker_id,
+                                     detail=f"{reason}; the run stays paused, and will wait "
+                                            f"for {describe_waits(waits)}"),))
     names = set(buffered)
     for cond in conditions:
         why = _satisfied(cond, steps.get(cond.position), names, now)
@@ -497,7 +704,7 @@ def send(run: RunRecord | None, op: o.SendEvent, duplicate: bool,
     sent = Entry(op.now, "event.sent", run.attempts, name=op.name, detail=(
         f"key {op.idempotency_key!r}" if op.idempotency_key else None))
     change = Change(attrs.evolve(run, updated_at=op.now), sent=event, history=(sent,))
-    if waiting is None:
+    if waiting is None or run.state == "paused":  # a paused run takes it when resumed
         return change, o.SendOutcome(delivered=False, duplicate=False)
     delivered = _receive(waiting, event, op.now, None)  # not buffered: no seq to consume
     change = attrs.evolve(change.then(attrs.evolve(delivered, consumed=())),

@@ -123,11 +123,12 @@ class MemoryStore:
 
     async def next_due(self) -> float | None:
         await trio.lowlevel.checkpoint()
-        times = [w.due_at for waits in self._waits.values() for w in waits.values()
-                 if w.due_at is not None]
+        times = [w.due_at for run_id, waits in self._waits.items() for w in waits.values()
+                 if w.due_at is not None and self._runs[run_id].state == "waiting"]
         times += [s.next_fire_at for s in self._schedules.values() if not s.paused]
         times += [r.lease_expires_at for r in self._runs.values()
-                  if r.state == "running" and r.lease_expires_at is not None]
+                  if r.lease_owner is not None and r.lease_expires_at is not None
+                  and r.state in ("running", "paused")]
         return min(times) if times else None
 
     async def aclose(self) -> None:
@@ -137,6 +138,11 @@ class MemoryStore:
     # -- writes -------------------------------------------------------------------------
     async def apply(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
         await trio.lowlevel.checkpoint()
+        return self.apply_now(ops)
+
+    def apply_now(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
+        """``apply``, synchronously: no other task runs before it returns (the simulation
+        looks at the store between the ops of one batch)."""
         outcomes: list[Any] = []
         for op in ops:
             try:
@@ -221,9 +227,34 @@ class MemoryStore:
         if isinstance(op, o.RetryRun):
             change = m.retry(runs.get(op.run_id), op.run_id,
                              tuple(self._steps.get(op.run_id, {}).values()), op.version, op.who,
-                             op.now)
+                             op.now, op.control_id)
             self._write(op.run_id, change)
             return change.run
+        if isinstance(op, o.PauseRun):
+            change = m.pause(runs.get(op.run_id), op.run_id, op.who, op.now, op.control_id)
+            self._write(op.run_id, change)
+            return change.run
+        if isinstance(op, o.ResumeRun):
+            steps = self._steps.get(op.run_id, {})
+            change = m.resume(
+                runs.get(op.run_id), op.run_id, tuple(self._waits.get(op.run_id, {}).values()),
+                steps, m.first_sent(self._events.get(op.run_id, ())),
+                op.who, op.now, op.control_id)
+            self._write(op.run_id, change)
+            return change.run
+        if isinstance(op, o.ForkRun):
+            existing = runs.get(op.new_run_id)
+            if existing is not None:
+                return m.fork_again(existing, op)
+            new, made, noted = m.fork(runs.get(op.run_id), op,
+                                      tuple(self._steps.get(op.run_id, {}).values()))
+            self._enqueued += 1
+            self._order[new.id] = self._enqueued
+            self._steps[new.id] = {}
+            self._history[new.id] = []
+            self._write(new.id, made)
+            self._write(op.run_id, noted)
+            return new
         if isinstance(op, o.PurgeRuns):
             old = sorted((r for r in runs.values() if m.purgeable(r, op.before)),
                          key=lambda r: (r.finished_at, self._order[r.id]))[: max(op.limit, 0)]

@@ -173,6 +173,7 @@ class RetryRun(Op[RunRecord]):
     version: str | None
     who: str
     now: float
+    control_id: str | None = None  # the client's id of this request (see RunRecord)
 
 
 @attrs.frozen
@@ -276,3 +277,37 @@ class FireSchedules(Op[tuple[str, ...]]):
 
     now: float
     limit: int = 100  # schedules per op
+
+@attrs.frozen
+class PauseRun(Op[RunRecord]):
+    """Pause a queued, running or waiting run (see :func:`aiki.store.machine.pause`); the
+    outcome is the run as paused (a ``lease_owner`` still set: its worker is to be told)."""
+
+    run_id: str
+    who: str
+    now: float
+    control_id: str | None = None  # the client's id of this request (see RunRecord)
+
+
+@attrs.frozen
+class ResumeRun(Op[RunRecord]):
+    """Resume a paused run: waiting again, or queued (see :func:`aiki.store.machine.resume`)."""
+
+    run_id: str
+    who: str
+    now: float
+    control_id: str | None = None  # the client's id of this request (see RunRecord)
+
+
+@attrs.frozen
+class ForkRun(Op[RunRecord]):
+    """A new run ``new_run_id`` whose first ``from_step`` steps are copies of run
+    ``run_id``'s (see :func:`aiki.store.machine.fork`); the outcome is the new run. A retried
+    fork (the new id exists already) returns that run."""
+
+    run_id: str
+    new_run_id: str
+    from_step: int
+    version: str | None
+    who: str
+    now: float

@@ -131,6 +131,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             count INTEGER NOT NULL, UNIQUE (schedule_id, key))""",
         "CREATE INDEX schedule_firings_at ON schedule_firings (schedule_id, at, seq)",
     ),
+    # Run controls: a fork records the run it was copied from and how many steps it got; a
+    # run, the last control applied to it (a repeated request is answered as done).
+    # (A ``paused`` run needs no column: the state is text, its waits stay in ``waits``.)
+    (
+        "ALTER TABLE runs ADD COLUMN forked_from TEXT",
+        "ALTER TABLE runs ADD COLUMN forked_steps INTEGER",
+        "ALTER TABLE runs ADD COLUMN control_id TEXT",
+    ),
 )
 
 RUN_COLUMNS = ", ".join(f.name for f in attrs.fields(RunRecord))
@@ -333,7 +341,8 @@ def _renew(db: Db, op: o.Renew) -> tuple[str, ...]:
 
 def _expire(db: Db, op: o.ExpireLeases) -> tuple[str, ...]:
     expired = _runs_where(
-        db, "state = 'running' AND lease_expires_at IS NOT NULL AND lease_expires_at <= ?",
+        db, "state IN ('running', 'paused') AND lease_owner IS NOT NULL"
+        " AND lease_expires_at IS NOT NULL AND lease_expires_at <= ?",
         (op.now,), "ORDER BY seq",
     )
     for run in expired:
@@ -432,7 +441,7 @@ def _send(db: Db, op: o.SendEvent) -> o.SendOutcome:
 
 def _retry(db: Db, op: o.RetryRun) -> RunRecord | None:
     change = m.retry(_get_run(db, op.run_id), op.run_id, _get_steps(db, op.run_id),
-                     op.version, op.who, op.now)
+                     op.version, op.who, op.now, op.control_id)
     _write(db, op.run_id, change)
     return change.run
 
@@ -532,6 +541,34 @@ def _ended(db: Db, run: RunRecord | None, now: float) -> None:
         _write_schedule(db, m.release_buffered(_schedule(row), run, now))
 
 
+def _pause(db: Db, op: o.PauseRun) -> RunRecord | None:
+    change = m.pause(_get_run(db, op.run_id), op.run_id, op.who, op.now, op.control_id)
+    _write(db, op.run_id, change)
+    return change.run
+
+
+def _resume(db: Db, op: o.ResumeRun) -> RunRecord | None:
+    steps = {s.position: s for s in _get_steps(db, op.run_id)}
+    buffered = dict(db.execute(
+        "SELECT name, min(sent_at) FROM events WHERE run_id = ? AND position IS NULL"
+        " GROUP BY name", (op.run_id,)).fetchall())
+    change = m.resume(_get_run(db, op.run_id), op.run_id, _get_waits(db, op.run_id), steps,
+                      buffered, op.who, op.now, op.control_id)
+    _write(db, op.run_id, change)
+    return change.run
+
+
+def _fork(db: Db, op: o.ForkRun) -> RunRecord:
+    existing = _get_run(db, op.new_run_id)
+    if existing is not None:
+        return m.fork_again(existing, op)
+    new, made, noted = m.fork(_get_run(db, op.run_id), op, _get_steps(db, op.run_id))
+    db.execute(RUN_INSERT, attrs.astuple(new))
+    _write(db, new.id, attrs.evolve(made, run=None))
+    _write(db, op.run_id, noted)
+    return new
+
+
 def _release(db: Db, op: o.ReleaseRun) -> None:
     run = _get_run(db, op.lease.run_id)
     _write(db, op.lease.run_id, m.release(run, op.lease, op.now, op.reason))
@@ -545,6 +582,7 @@ _OPS: dict[type[Any], Callable[[Db, Any], Any]] = {
     o.RetryRun: _retry, o.DefineSchedule: _define_schedule, o.PauseSchedule: _pause_schedule,
     o.TriggerSchedule: _trigger_schedule, o.BackfillSchedule: _backfill_schedule,
     o.DeleteSchedule: _delete_schedule, o.FireSchedules: _fire_schedules,
+    o.PauseRun: _pause, o.ResumeRun: _resume, o.ForkRun: _fork,
 }
 
 
@@ -646,8 +684,10 @@ class SqliteStore:
         return await self._run(lambda db: _get_firings(db, schedule_id, limit))
 
     async def next_due(self) -> float | None:
-        sql = ("SELECT min(t) FROM (SELECT min(due_at) AS t FROM waits UNION ALL"
-               " SELECT min(lease_expires_at) FROM runs WHERE state = 'running' UNION ALL"
+        sql = ("SELECT min(t) FROM (SELECT min(due_at) AS t FROM waits WHERE run_id IN"
+               " (SELECT id FROM runs WHERE state = 'waiting') UNION ALL"
+               " SELECT min(lease_expires_at) FROM runs WHERE state IN ('running', 'paused')"
+               " AND lease_owner IS NOT NULL UNION ALL"
                " SELECT min(next_fire_at) FROM schedules WHERE paused = 0)")
         due: float | None = await self._run(lambda db: db.execute(sql).fetchone()[0])
         return due

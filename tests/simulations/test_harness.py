@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -454,13 +455,51 @@ def servers_each_fire_one_occurrence(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Timer, "_fire", timer_fire)
 
 
+def pause_lets_the_next_step_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiki import protocol as p
+    from aiki.actors import worker
+
+    def unpaused(real: Any) -> Any:
+        def decide(run: Any, *args: Any, **kwargs: Any) -> Any:
+            # The store lets a paused run's worker go on as if it were running...
+            if run is None or run.state != "paused":
+                return real(run, *args, **kwargs)
+            outcome = real(attrs.evolve(run, state="running"), *args, **kwargs)
+            change = outcome[0] if isinstance(outcome, tuple) else outcome
+            if change.run is not None:
+                change = attrs.evolve(change, run=attrs.evolve(change.run, state="paused"))
+            return (change, *outcome[1:]) if isinstance(outcome, tuple) else change
+
+        return decide
+
+    monkeypatch.setattr(machine, "save_step", unpaused(machine.save_step))
+    monkeypatch.setattr(machine, "await_step", unpaused(machine.await_step))
+    real_push = worker.Worker._on_push
+
+    def on_push(self: worker.Worker, msg: Any) -> None:
+        if not isinstance(msg, p.RunControl):  # ...and its worker does not listen
+            real_push(self, msg)
+
+    monkeypatch.setattr(worker.Worker, "_on_push", on_push)
+
+
+def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = machine.retry
+
+    def retry(run: Any, run_id: str, steps: Any, *args: Any) -> Any:
+        change = real(run, run_id, steps, *args)
+        return attrs.evolve(change, dropped=tuple(s.position for s in steps))  # all of them
+
+    monkeypatch.setattr(machine, "retry", retry)
+
+
 @pytest.mark.parametrize(
     ("bad_change", "expected"),
     [
         (no_fencing, ("accepted from epoch", "illegal transition")),
         # (A start or a retry acknowledged and lost: the history skips it.)
         (ack_before_commit, ("never committed", "without faults it ended", "went None ->",
-                             "expected attempt")),
+                             "went retrying ->", "expected attempt")),
         (read_then_insert_idempotency, ("idempotency key",)),
         # The store refuses to restart a final step, so a replay that forgets its history
         # cannot re-run the task: the run loops on its lease and never finishes instead.
@@ -491,13 +530,18 @@ def servers_each_fire_one_occurrence(monkeypatch: pytest.MonkeyPatch) -> None:
         (schedule_next_in_memory, ("was decided 0 times",)),
         # Two servers (or one, again after a crash) start a run for one occurrence.
         (servers_each_fire_one_occurrence, ("started 2 runs", "started 3 runs")),
+        # A paused run's next step starts all the same.
+        (pause_lets_the_next_step_start, ("while the run was paused",)),
+        # A retry forgets the run's completed steps: they run again.
+        (retry_drops_completed_steps, ("which had completed before it",)),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "server-ignores-drains", "timer-forgets-the-store",
          "send-ack-before-commit", "ended-notices-dropped", "completion-drops-outcomes",
          "renew-any-lease", "unfenced-completions", "sqlite-unfenced", "replay-by-address",
          "reply-none-on-lost-connection", "no-deadline-check-before-the-body",
-         "schedule-next-in-memory", "servers-each-fire-one-occurrence"],
+         "schedule-next-in-memory", "servers-each-fire-one-occurrence",
+         "pause-lets-the-next-step-start", "retry-drops-completed-steps"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],

@@ -177,6 +177,42 @@ async def test_a_schema_of_the_release_before_waits_is_migrated_and_its_runs_fin
         assert {r.state for r in await store.list_runs()} == {"completed"}
 
 
+async def test_a_schema_of_the_release_before_run_controls_is_migrated_and_takes_them(
+    postgres: TestPostgres,
+) -> None:
+    """A schema of the release before run controls (every migration but the last) opens, is
+    migrated, and its runs can be paused, resumed and forked."""
+    schema = postgres.fresh_schema()
+    async with raw_connection(postgres, schema) as raw:
+        await raw.execute(f'CREATE SCHEMA "{schema}"')
+        await raw.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+                          " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        for number, statements in enumerate(MIGRATIONS[:-1], start=1):
+            for statement in statements:
+                await raw.execute(statement)
+            await raw.execute("INSERT INTO schema_migrations (version) VALUES ($1)", number)
+        await raw.execute(
+            "INSERT INTO runs (id, workflow, version, payload, state, attempts, lease_epoch,"
+            " created_at, updated_at, finished_at) VALUES ('old', 'wf', '1', 'null',"
+            " 'completed', 1, 1, 1.0, 2.0, 2.0)")
+        await raw.execute(
+            "INSERT INTO steps (run_id, position, kind, name, input_hash, input, state,"
+            " attempts, output) VALUES ('old', '0', 'task', 't', 'h', '1', 'completed', 1,"
+            " '2')")
+        await raw.execute(
+            "INSERT INTO runs (id, workflow, version, payload, state, attempts, lease_epoch,"
+            " created_at, updated_at) VALUES ('queued', 'wf', '1', 'null', 'queued', 0, 0,"
+            " 1.0, 1.0)")
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store:
+        old = await store.get_run("old")
+        assert old is not None and (old.forked_from, old.control_id) == (None, None)
+        fork = await execute(store, o.ForkRun("old", "new", 1, None, "c", 3.0))
+        assert (fork.forked_from, fork.forked_steps) == ("old", 1)
+        assert [s.output for s in await store.get_steps("new")] == ["2"]
+        assert (await execute(store, o.PauseRun("queued", "c", 4.0))).state == "paused"
+        assert (await execute(store, o.ResumeRun("queued", "c", 5.0))).state == "queued"
+
+
 async def test_the_indexes_that_keep_claims_and_status_fast_exist(postgres: TestPostgres) -> None:
     schema = postgres.fresh_schema()
     async with PostgresStore.open(postgres.dsn, schema=schema):

@@ -192,6 +192,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TRIGGER schedules_due AFTER INSERT OR UPDATE OF next_fire_at, paused
             ON schedules FOR EACH ROW WHEN (NOT NEW.paused) EXECUTE FUNCTION notify_due()""",
     ),
+    # Run controls: a fork records the run it was copied from and how many steps it got, a
+    # run the last control applied to it (a repeated request is answered as done). A
+    # paused run that its worker has not given back yet still has a lease that may expire.
+    (
+        "ALTER TABLE runs ADD COLUMN forked_from TEXT",
+        "ALTER TABLE runs ADD COLUMN forked_steps INTEGER",
+        "ALTER TABLE runs ADD COLUMN control_id TEXT",
+        """CREATE INDEX runs_paused_lease ON runs (lease_expires_at)
+            WHERE state = 'paused' AND lease_owner IS NOT NULL""",
+    ),
 )
 
 # The oldest server this store is written for: pg_current_xact_id_if_assigned and

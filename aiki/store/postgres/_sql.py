@@ -205,8 +205,11 @@ async def list_runs(
 
 async def next_due(conn: Conn) -> float | None:
     due: float | None = await conn.fetchval(
-        "SELECT least((SELECT min(due_at) FROM waits),"
+        "SELECT least((SELECT min(due_at) FROM waits JOIN runs ON runs.id = waits.run_id"
+        " WHERE runs.state = 'waiting'),"
         " (SELECT min(lease_expires_at) FROM runs WHERE state = 'running'),"
+        " (SELECT min(lease_expires_at) FROM runs WHERE state = 'paused'"
+        " AND lease_owner IS NOT NULL),"
         " (SELECT min(next_fire_at) FROM schedules WHERE NOT paused))"
     )
     return due
@@ -362,7 +365,7 @@ async def _renew(conn: Conn, op: o.Renew) -> tuple[str, ...]:
         for row in await conn.fetch(
             "UPDATE runs SET lease_expires_at = $4, updated_at = $5"
             " FROM unnest($1::text[], $2::bigint[], $3::text[]) AS lease (id, epoch, owner)"
-            " WHERE runs.id = lease.id AND runs.state = 'running'"
+            " WHERE runs.id = lease.id AND runs.state IN ('running', 'paused')"
             " AND runs.lease_epoch = lease.epoch AND runs.lease_owner = lease.owner"
             " RETURNING runs.id, runs.lease_epoch, runs.lease_owner",
             [lease.run_id for lease in op.leases], [lease.epoch for lease in op.leases],
@@ -391,6 +394,20 @@ async def _requeue_due(
 
 
 async def _expire(conn: Conn, op: o.ExpireLeases) -> tuple[str, ...]:
+    # A paused run whose worker vanished stays paused. Rare (a run paused while running
+    # whose worker never gave it back): when there is one, every expired lease is decided
+    # by the state machine row by row, in enqueue order, as the other stores do.
+    if await conn.fetchval(
+            "SELECT true FROM runs WHERE state = 'paused' AND lease_owner IS NOT NULL"
+            " AND lease_expires_at <= $1 LIMIT 1", op.now):
+        rows = await conn.fetch(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE lease_owner IS NOT NULL"
+            " AND lease_expires_at <= $1 AND state IN ('running', 'paused')"
+            " ORDER BY seq FOR UPDATE SKIP LOCKED", op.now)
+        for row in rows:
+            run = _run(row)
+            await _write(conn, run.id, m.expire(run, op.now))
+        return tuple(row["id"] for row in rows)
     return await _requeue_due(
         conn, "state = 'running' AND lease_expires_at <= $1", op.now,
         "lease_owner = NULL, lease_expires_at = NULL",
@@ -507,7 +524,7 @@ async def _send(conn: Conn, op: o.SendEvent) -> o.SendOutcome:
 async def _retry(conn: Conn, op: o.RetryRun) -> RunRecord | None:
     run = await get_run(conn, op.run_id, lock=True)
     change = m.retry(run, op.run_id, await get_steps(conn, op.run_id), op.version, op.who,
-                     op.now)
+                     op.now, op.control_id)
     await _write(conn, op.run_id, change)
     return change.run
 
@@ -599,6 +616,46 @@ async def _ended(conn: Conn, run: RunRecord | None, now: float) -> None:
         await _write_schedule(conn, m.release_buffered(ScheduleRecord(*row), run, now))
 
 
+async def _pause(conn: Conn, op: o.PauseRun) -> RunRecord | None:
+    change = m.pause(await get_run(conn, op.run_id, lock=True), op.run_id, op.who, op.now,
+                     op.control_id)
+    await _write(conn, op.run_id, change)
+    return change.run
+
+
+async def _resume(conn: Conn, op: o.ResumeRun) -> RunRecord | None:
+    run = await get_run(conn, op.run_id, lock=True)
+    steps = {s.position: s for s in await get_steps(conn, op.run_id)}
+    buffered = {r["name"]: r["sent_at"] for r in await conn.fetch(
+        "SELECT name, min(sent_at) AS sent_at FROM events WHERE run_id = $1"
+        " AND position IS NULL GROUP BY name", op.run_id)}
+    change = m.resume(run, op.run_id, await get_waits(conn, op.run_id), steps, buffered,
+                      op.who, op.now, op.control_id)
+    await _write(conn, op.run_id, change)
+    return change.run
+
+
+async def _fork(conn: Conn, op: o.ForkRun) -> RunRecord:
+    existing = await get_run(conn, op.new_run_id)
+    if existing is not None:
+        return m.fork_again(existing, op)
+    # Locked: its writers lock its row first, so its steps cannot change under the copy.
+    original = await get_run(conn, op.run_id, lock=True)
+    new, made, noted = m.fork(original, op, await get_steps(conn, op.run_id))
+    columns = [f.name for f in attrs.fields(RunRecord)]
+    inserted = await conn.fetchval(
+        f"INSERT INTO runs ({', '.join(columns)}) VALUES"
+        f" ({', '.join(f'${i}' for i in range(1, len(columns) + 1))})"
+        " ON CONFLICT DO NOTHING RETURNING true", *attrs.astuple(new))
+    if not inserted:  # a concurrent retry of this fork committed first
+        existing = await get_run(conn, op.new_run_id)
+        assert existing is not None
+        return m.fork_again(existing, op)
+    await _write(conn, new.id, attrs.evolve(made, run=None))
+    await _write(conn, op.run_id, noted)
+    return new
+
+
 async def _release(conn: Conn, op: o.ReleaseRun) -> None:
     run = await get_run(conn, op.lease.run_id, lock=True)
     await _write(conn, op.lease.run_id, m.release(run, op.lease, op.now, op.reason))
@@ -612,6 +669,7 @@ _OPS: dict[type[Any], Callable[[Conn, Any], Awaitable[Any]]] = {
     o.RetryRun: _retry, o.DefineSchedule: _define_schedule, o.PauseSchedule: _pause_schedule,
     o.TriggerSchedule: _trigger_schedule, o.BackfillSchedule: _backfill_schedule,
     o.DeleteSchedule: _delete_schedule, o.FireSchedules: _fire_schedules,
+    o.PauseRun: _pause, o.ResumeRun: _resume, o.ForkRun: _fork,
 }
 
 
