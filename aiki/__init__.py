@@ -16,20 +16,29 @@ from aiki.errors import (
     ChildFailed,
     ConfigError,
     ConnectionLost,
+    ControlRefused,
     DeadlineExceeded,
     EventTimeout,
     IdempotencyConflict,
+    InvalidFork,
     NonDeterminismError,
     NonRetryableError,
     PayloadError,
     RunCancelled,
     RunFinished,
     RunNotFound,
+    RunNotPausable,
+    RunNotPaused,
     RunNotRetryable,
+    RunPaused,
+    ScheduleConflict,
+    ScheduleInvalid,
+    ScheduleNotFound,
     StaleLease,
     TaskFailed,
     UnknownEvent,
     UnknownWorkflow,
+    UnservedVersionWarning,
     WorkerIdInUse,
     WorkflowCancelled,
     WorkflowFailed,
@@ -37,7 +46,18 @@ from aiki.errors import (
 from aiki.protocol import WorkerInfo
 from aiki.records import HistoryEvent
 from aiki.retry import Retry
-from aiki.sdk.client import Client, RunHandle, RunStatus, RunSummary, TaskStatus, WaitStatus
+from aiki.sdk.client import (
+    Client,
+    RunHandle,
+    RunStatus,
+    RunSummary,
+    Schedule,
+    ScheduleDescription,
+    ScheduleOccurrence,
+    ScheduleSummary,
+    TaskStatus,
+    WaitStatus,
+)
 from aiki.sdk.definitions import ChildRun, Event, Task, Workflow, event, task, workflow
 from aiki.sdk.embedded import embedded, worker
 from aiki.sdk.remote import connect
@@ -54,11 +74,15 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AikiError", "AuthenticationFailed", "ChildCancelled", "ChildFailed", "ChildRun",
-    "ChildStatus", "Client", "ConfigError", "ConnectionLost", "DeadlineExceeded", "DeadlineScope",
-    "Event", "EventTimeout", "HistoryEvent", "IdempotencyConflict", "NonDeterminismError",
-    "NonRetryableError", "PayloadError", "Retry", "RunCancelled", "RunFinished", "RunHandle",
-    "RunNotFound", "RunNotRetryable", "RunStatus", "RunSummary", "Sources", "StaleLease", "Task",
-    "TaskFailed", "TaskStatus", "UnknownEvent", "UnknownWorkflow", "WaitStatus", "WorkerIdInUse",
-    "WorkerInfo", "Workflow", "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "connect",
-    "embedded", "event", "task", "worker", "workflow",
+    "ChildStatus", "Client", "ConfigError", "ConnectionLost", "ControlRefused",
+    "DeadlineExceeded", "DeadlineScope", "Event", "EventTimeout", "HistoryEvent",
+    "IdempotencyConflict", "InvalidFork", "NonDeterminismError", "NonRetryableError",
+    "PayloadError", "Retry", "RunCancelled", "RunFinished", "RunHandle", "RunNotFound",
+    "RunNotPausable", "RunNotPaused", "RunNotRetryable", "RunPaused", "RunStatus",
+    "RunSummary", "Schedule", "ScheduleConflict", "ScheduleDescription", "ScheduleInvalid",
+    "ScheduleNotFound", "ScheduleOccurrence", "ScheduleSummary", "Sources", "StaleLease",
+    "Task", "TaskFailed", "TaskStatus", "UnknownEvent", "UnknownWorkflow",
+    "UnservedVersionWarning", "WaitStatus", "WorkerIdInUse", "WorkerInfo", "Workflow",
+    "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "connect", "embedded", "event",
+    "task", "worker", "workflow",
 ]

@@ -10,11 +10,14 @@ off leaves the rest of the seed's world unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
 import random
 import signal
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -26,6 +29,8 @@ from aiki.actors.link import Link
 from aiki.actors.worker import Worker
 from aiki.errors import (
     AikiError,
+    ConnectionLost,
+    ControlRefused,
     PayloadError,
     RunFinished,
     RunNotFound,
@@ -35,8 +40,10 @@ from aiki.records import TERMINAL_RUN_STATES
 from aiki.server import Server
 from aiki.sources import Sources
 from aiki.store.memory import MemoryStore
+from aiki.store.sqlite import SqliteStore
 from simulations import workload
 from simulations.network import NetworkFaults, SimNetwork
+from simulations.pause import PROCESS, Freezer
 from simulations.store import (
     Ledger,
     NoticeChannel,
@@ -56,6 +63,9 @@ POLL_INTERVAL = 5.0
 # poll (the notice that would have told the server was lost), plus a timer's retries after
 # store errors and slow calls.
 OVERDUE_BOUND = POLL_INTERVAL + 10.0
+# Schedules go on firing this long into the liveness phase, then clients pause them so the
+# cluster can come to rest.
+SCHEDULES_RUN_ON = 120.0
 
 
 @attrs.define
@@ -68,6 +78,14 @@ class Config:
     servers: int | None = None  # None: one to three, drawn from the seed
     runs: int = 24
     trace: bool = False
+    # "memory", or "sqlite": an in-memory SQLite database is the store, the memory model
+    # beside it answers every operation too and must agree. None: SQLite on every third
+    # seed (those with seed % 3 == 2), so every sweep covers both.
+    store: str | None = None
+
+    @property
+    def store_kind(self) -> str:
+        return self.store or ("sqlite" if self.seed % 3 == 2 else "memory")
 
 
 @attrs.define
@@ -126,19 +144,39 @@ class World:
     net: SimNetwork = attrs.field(init=False)
     store: SimStore = attrs.field(init=False)
     swarm: dict[str, float] = attrs.field(factory=dict)
+    freezer: Freezer = attrs.field(factory=Freezer)
+    # Workers to pause (for how long) the moment one of their task starts is acknowledged:
+    # between the start record and the task body, where a pause escapes the fencing.
+    armed: dict[str, float] = attrs.field(factory=dict)
+    # Workers whose outbound links stall (for how long) when they next send a write that
+    # ends their lease (a completion, a failure, a wait, a release): what then reaches the
+    # server is stale, maybe while the run is leased again (to them or to another worker).
+    hold_armed: dict[str, float] = attrs.field(factory=dict)
+    pause_ids: dict[str, int] = attrs.field(factory=dict)
+    nursery: trio.Nursery | None = None
+    _pauses: trio.MemorySendChannel[tuple[str, int, float]] = attrs.field(init=False)
+    _pauses_out: trio.MemoryReceiveChannel[tuple[str, int, float]] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._pauses, self._pauses_out = trio.open_memory_channel[tuple[str, int, float]](
+            math.inf)
         seed, on = self.cfg.seed, set(self.cfg.faults)
         swarm = random.Random(f"{seed}:swarm")
         # Swarm testing: each class gets its own intensity, or none at all, from the seed.
         self.swarm = {c: (swarm.choice([0.3, 1.0, 3.0]) if c in on else 0.0)
                       for c in FAULT_CLASSES}
-        net_faults = NetworkFaults()
-        if self.swarm["network"]:
-            k = self.swarm["network"]
-            net_faults = NetworkFaults(drop=0.002 * k, duplicate=0.01 * k, reorder=0.02 * k,
-                                       reset=0.001 * k)
-        self.net = SimNetwork(random.Random(f"{seed}:network"), self.trace, net_faults)
+        # Each direction (server -> worker or client: down; to a server: up) its own mix.
+        directions = random.Random(f"{seed}:swarm-net")
+        faults = {}
+        for direction in ("down", "up"):
+            faults[direction] = NetworkFaults()
+            if self.swarm["network"]:
+                k = self.swarm["network"] * directions.choice([0.3, 1.0, 1.0, 3.0])
+                faults[direction] = NetworkFaults(
+                    drop=0.002 * k, duplicate=0.01 * k, reorder=0.02 * k, reset=0.001 * k,
+                    delay=0.005 * k)
+        self.net = SimNetwork(random.Random(f"{seed}:network"), self.trace, faults["down"],
+                              faults["up"])
         store_faults = StoreFaults()
         if self.swarm["store"]:
             k = self.swarm["store"]
@@ -153,6 +191,7 @@ class World:
                                            notice_faults)
         n = self.cfg.servers or random.Random(f"{seed}:topology").choice([1, 2, 2, 3])
         self.server_names = [f"s{i}" for i in range(1, n + 1)]
+        self.net.servers = set(self.server_names)
         self.store.wall = lambda server: self.clocks[server].now()
         clock_rng = random.Random(f"{seed}:clocks")
         for node in [*self.server_names, *self.worker_names, "client"]:
@@ -189,6 +228,7 @@ class World:
 
     # -- nodes --------------------------------------------------------------------------
     async def server_node(self, name: str) -> None:
+        PROCESS.set(name)
         incarnation = 0
         while True:
             await self.wait_up(name)
@@ -212,6 +252,7 @@ class World:
             await trio.sleep(0.1)
 
     async def worker_node(self, name: str) -> None:
+        PROCESS.set(name)  # every task of this process (a pause freezes them all)
         r = random.Random(f"{self.cfg.seed}:node:{name}")
         # w1 serves every version (so each servable run has a worker); the others a subset.
         versions = ["1", "2"] if name == "w1" or r.random() < 0.5 else [r.choice(["1", "2"])]
@@ -272,11 +313,45 @@ class World:
                 nursery.cancel_scope.cancel()
                 return
 
-    async def client_node(self, planned: list[workload.PlannedRun]) -> None:
+    async def client_node(self, planned: list[workload.PlannedRun],
+                          schedules: list[workload.PlannedSchedule]) -> None:
         async with trio.open_nursery() as nursery:
             for item in sorted(planned, key=lambda i: i.at):
                 self.pending += 1
                 nursery.start_soon(self._client_of, item, nursery)
+            for sched in schedules:
+                self.pending += 1
+                nursery.start_soon(self._scheduler, sched, nursery)
+
+    async def _scheduler(self, sched: workload.PlannedSchedule, nursery: trio.Nursery) -> None:
+        """Define ``sched`` (retried until acknowledged: the same definition again returns
+        it), then send its triggers."""
+        await trio.sleep(sched.at)
+        payload = p.encode_value(sched.program)
+        await self._ask(sched.server, lambda req: p.DefineSchedule(
+            req, sched.id, "sim", payload, "1", sched.cron, "UTC", sched.every,
+            sched.overlap, sched.window))
+        self.ledger.schedules[sched.id] = sched.overlap
+        self.note(f"defined {sched.id}")
+        acked = trio.current_time()
+        for at, server, trigger_id in sched.triggers:
+            self.pending += 1
+            nursery.start_soon(self._action, self._trigger, sched, acked + at, server,
+                               trigger_id)
+        self.pending -= 1
+
+    async def _trigger(self, sched: workload.PlannedSchedule, at: float, server: int,
+                       trigger_id: str) -> None:
+        await trio.sleep_until(at)
+        if self.faults_on:  # (not once clients pause the schedules)
+            await self._ask(server, lambda req: p.TriggerSchedule(req, sched.id, trigger_id))
+
+    async def pause_schedules(self) -> None:
+        """Late in the liveness phase: clients pause every schedule, so runs stop coming."""
+        await trio.sleep(SCHEDULES_RUN_ON)
+        for schedule_id in sorted(self.ledger.schedules):
+            await self._ask(0, lambda req, sid=schedule_id: p.ChangeSchedule(req, sid, "pause"))
+        self.ledger.schedules_paused = True
 
     async def _client_of(self, item: workload.PlannedRun, nursery: trio.Nursery) -> None:
         """Enqueue ``item``, then start what clients do to the run."""
@@ -299,6 +374,13 @@ class World:
                 actions += [(self._racer, item, race) for race in item.races]
             if served and item.watch is not None:
                 actions.append((self._watcher, item))
+            actions += [(self._reader, item, acked + at, server) for at, server in item.reads]
+            for n, control in enumerate(item.controls):
+                control_id = f"{item.run_id}-c{n}"  # the same on each resend
+                if control.kind == "pause":
+                    actions.append((self._pauser, item, acked, control, control_id))
+                elif served:
+                    actions.append((self._after_end, item, control, control_id))
             for fn, *args in actions:
                 self.pending += 1
                 nursery.start_soon(self._action, fn, *args)
@@ -321,7 +403,7 @@ class World:
                                          lambda req: p.Hello(req, "client", "client"),
                                          request_timeout=10.0) as link:
                         return await link.request(make, timeout, retry=retry)
-            except (RunFinished, RunNotFound, UnknownEvent, PayloadError):
+            except (RunFinished, RunNotFound, UnknownEvent, PayloadError, ControlRefused):
                 raise  # an answer
             except (AikiError, TimeoutError, trio.TooSlowError):
                 # The store or the connection failed, a StoreWriter crashed, or a duplicated
@@ -356,13 +438,29 @@ class World:
 
     async def _racer(self, item: workload.PlannedRun, race: workload.Send) -> None:
         # Aim at the wait's timeout: the ledger says when the wait began and its due time.
-        key = (item.run_id, race.position or "")
-        while key not in self.ledger.wait_due and item.run_id not in self.ledger.ended:
+        k = int(race.position or 0)
+        seen = self.ledger.wait_order.setdefault((item.run_id, "race"), [])
+        while len(seen) <= k and item.run_id not in self.ledger.ended:
             await trio.sleep(0.5)
-        due = self.ledger.wait_due.get(key)
+        due = self.ledger.wait_due.get((item.run_id, seen[k])) if len(seen) > k else None
         if due is not None:
             await trio.sleep(max(0.0, due + race.delta - self.clocks["client"].now()))
         await self._send(item, race)
+
+    async def _reader(self, item: workload.PlannedRun, at: float, server: int) -> None:
+        """What a client asks of a run: its status, then its history (checked against the
+        ledger: each a state the run was in while the request was out, each history a
+        prefix of the final one that misses nothing committed before it was asked)."""
+        await trio.sleep_until(at)
+        sent = trio.current_time()
+        info = await self._ask(server, lambda req: p.GetRun(req, item.run_id))
+        self.ledger.status_reads.append((item.run_id, sent, trio.current_time(),
+                                         info.run.state, info.run.result))
+        sent = trio.current_time()
+        history = await self._ask(server, lambda req: p.GetHistory(req, item.run_id))
+        self.ledger.history_reads.append((item.run_id, sent, trio.current_time(),
+                                          tuple((e.seq, e.event, e.position, e.attempt)
+                                                for e in history.events)))
 
     async def _waker(self, item: workload.PlannedRun, at: float, server: int) -> None:
         await trio.sleep_until(at)
@@ -379,12 +477,56 @@ class World:
         self.ledger.sometimes["run cancelled" if reply.cancelled
                               else "cancel of a finished run"] += 1
 
+    async def _pauser(self, item: workload.PlannedRun, acked: float,
+                      control: workload.Control, control_id: str) -> None:
+        """Pause the run at a random moment; resume it ``hold`` seconds later."""
+        await trio.sleep_until(acked + control.at)
+        try:
+            reply = await self._ask(control.server, lambda req: p.PauseRun(
+                req, item.run_id, control_id))
+        except ControlRefused:
+            return  # it ended, or another control paused it (and resumes it)
+        self.ledger.sometimes["run paused" + (" while running" if reply.run.lease_owner
+                                              else "")] += 1
+        await trio.sleep(control.hold)
+        try:
+            reply = await self._ask(control.server, lambda req: p.ResumeRun(
+                req, item.run_id, control_id))
+        except ControlRefused:  # another control's resume, sent again, got there first
+            self.ledger.sometimes["resume raced by another"] += 1
+            return
+        if reply.run.state == "waiting":
+            self.ledger.sometimes["resumed to wait again"] += 1
+
+    async def _after_end(self, item: workload.PlannedRun, control: workload.Control,
+                         control_id: str) -> None:
+        """Once the run ended: retry it (if it failed) or fork it."""
+        while item.run_id not in self.ledger.ended:
+            await trio.sleep(1.0)
+        if control.kind == "retry":
+            try:
+                await self._ask(control.server, lambda req: p.RetryRun(
+                    req, item.run_id, control.version, control_id))
+            except ControlRefused:
+                return  # it completed
+            self.ledger.sometimes["failed run retried"] += 1
+            return
+        self.ledger.issued.add(control.new_id)
+        try:
+            await self._ask(control.server, lambda req: p.ForkRun(
+                req, item.run_id, control.from_step, control.new_id, control.version))
+        except ControlRefused:
+            self.ledger.sometimes["fork past the end refused"] += 1
+            return
+        self.ledger.sometimes["run forked"] += 1
+
     async def _watcher(self, item: workload.PlannedRun) -> None:
         assert item.watch is not None
         self.ledger.watching.add(item.run_id)
         reply = await self._ask(item.watch, lambda req: p.WatchRun(req, item.run_id),
                                 timeout=100_000.0, node="watcher")
-        self.ledger.heard_end[item.run_id] = (trio.current_time(), reply.run.state)
+        self.ledger.heard_end[item.run_id] = (trio.current_time(), reply.run.state,
+                                              reply.run.result)
         if item.late is not None:
             await self._send(item, item.late)
 
@@ -394,10 +536,23 @@ class World:
         overdue: dict[tuple[str, float], float] = {}
         while True:
             await trio.sleep(1.0)
-            up = [s for s in self.server_names if s in self.up]
+            up = [s for s in self.server_names
+                  if s in self.up and not self.freezer.is_paused(s)]
             if not up or trio.current_time() < self.store.faults.unavailable_until:
                 continue
             contents = self.store.inner.contents()
+            # A schedule's next occurrence is decided within the bound once it is due.
+            for sched in contents.schedules.values():
+                if sched.paused or not any(self.clocks[s].now() >= sched.next_fire_at
+                                           for s in up):
+                    continue
+                key = (sched.id, sched.next_fire_at)
+                overdue[key] = overdue.get(key, 0.0) + 1.0
+                if overdue[key] == OVERDUE_BOUND:
+                    self.ledger.violation(
+                        f"schedule {sched.id}: its occurrence at {sched.next_fire_at:.3f} is "
+                        f"still undecided {OVERDUE_BOUND:.0f} s after it came due while "
+                        f"servers {up} were up and the store available")
             for run_id, waits in contents.waits.items():
                 dues = [w.due_at for w in waits if w.due_at is not None]
                 if not dues or contents.runs[run_id].state != "waiting":
@@ -434,18 +589,40 @@ class World:
                 node = r.choice(nodes)
                 self.crash(node, downtime=r.choice([0.0, 1.0, 5.0, 30.0]))
             elif kind == "pause":
+                # A process pause (GC, SIGSTOP, a VM migration): the whole worker freezes for
+                # 0.5 to 4 lease TTLs, its clock going on, then continues where it stood.
+                # A server too, a third of the time (not on SQLite seeds: the database lock
+                # beside the model would be held through the pause).
+                server = r.random() < 0.33 and self.cfg.store_kind == "memory"
+                node = r.choice(self.server_names if server else self.worker_names)
+                length = LEASE_TTL * r.uniform(0.5, 4.0)
+                if not server and r.random() < 0.5:
+                    self.armed[node] = length  # at its next task start's acknowledgement
+                    self.stats["pause armed"] += 1
+                else:
+                    self.pause(node, length)
+                    await trio.sleep(length)
+            elif kind == "partition" and r.random() < 0.15:
+                node = r.choice(self.worker_names)
+                self.hold_armed[node] = LEASE_TTL * r.uniform(1.5, 4.0)
+                self.stats["long hold up armed"] += 1
+            elif kind == "partition" and r.random() < 0.1:
+                # A node cut off from every other, both ways, for one to three leases.
                 node = r.choice(self.worker_names)
                 self.net.isolate(node, nodes)
-                self.stats["pause"] += 1
-                self.note(f"pause {node}")
+                self.stats["isolate"] += 1
+                self.note(f"isolate {node}")
                 await trio.sleep(LEASE_TTL * r.uniform(1.2, 3.0))
                 self.net.heal()
-            elif kind == "partition" and r.random() < 0.15:
-                # A long hold: one server -> worker link keeps what it is sent for longer than
-                # a lease, then delivers it all (a stalled TCP path that recovers). What
-                # arrives then, assignments included, is stale.
-                link = (r.choice(self.server_names), r.choice(self.worker_names))
-                self.stats["long hold"] += 1
+            elif kind == "partition" and r.random() < 0.2:
+                # A long hold: one link between a server and a worker keeps what it is sent,
+                # in one direction, for longer than a lease, then delivers it all (a stalled
+                # TCP path that recovers). What arrives then is stale: assignments and
+                # replies one way, completions, failures and heartbeats the other.
+                server, worker = r.choice(self.server_names), r.choice(self.worker_names)
+                down = r.random() < 0.5
+                link = (server, worker) if down else (worker, server)
+                self.stats[f"long hold {'down' if down else 'up'}"] += 1
                 self.net.clog(link)
                 await trio.sleep(r.uniform(LEASE_TTL * 1.5, LEASE_TTL * 4))
                 self.net.unclog(link)
@@ -485,10 +662,51 @@ class World:
                 self.stats["clock jump"] += 1
                 self.note(f"clock jump {node}")
 
+    def pause(self, node: str, length: float) -> None:
+        """Freeze ``node`` now; a task of the world resumes it after ``length`` seconds."""
+        if self.freezer.is_paused(node) or self.nursery is None:
+            return
+        self.pause_ids[node] = pause_id = self.pause_ids.get(node, 0) + 1
+        self.freezer.pause(node)
+        self.stats["pause server" if node in self.server_names else "pause worker"] += 1
+        self.note(f"pause {node} for {length:.3f}")
+        self._pauses.send_nowait((node, pause_id, length))
+
+    async def pauser(self) -> None:
+        assert self.nursery is not None
+        async for node, pause_id, length in self._pauses_out:
+            if pause_id < 0:
+                self.nursery.start_soon(self._unclog_after, node, length)
+            else:
+                self.nursery.start_soon(self._resume_after, node, pause_id, length)
+
+    def hold_outbound(self, node: str, length: float) -> None:
+        """``node``'s links to every server keep what it sends for ``length`` seconds."""
+        links = [(node, server) for server in self.server_names]
+        self.stats["long hold up"] += 1
+        for link in links:
+            self.net.clog(link)
+        self._pauses.send_nowait((node, -1, length))
+
+    async def _unclog_after(self, node: str, length: float) -> None:
+        await trio.sleep(length)
+        for server in self.server_names:
+            if (node, server) in self.net.clogged:
+                self.net.unclog((node, server))
+
+    async def _resume_after(self, node: str, pause_id: int, length: float) -> None:
+        await trio.sleep(length)
+        if self.pause_ids.get(node) == pause_id and self.freezer.is_paused(node):
+            self.note(f"resume {node}")
+            self.freezer.resume(node)
+
     def crash(self, node: str, downtime: float) -> None:
         scope = self.scopes.get(node)
         if scope is None:
             return
+        self.armed.pop(node, None)
+        if self.freezer.is_paused(node):  # a paused process is killed: it dies as it stands
+            self.freezer.resume(node)
         worker = self.workers.get(node)
         if worker is not None and worker.link is not None and worker.link.in_flight:
             self.ledger.sometimes["crash with a write in flight"] += 1
@@ -510,7 +728,11 @@ class World:
 
     def all_faults_off(self) -> None:
         self.faults_on = False
+        self.armed.clear()
+        self.hold_armed.clear()
+        self.freezer.resume_all()
         self.net.faults = NetworkFaults()
+        self.net.up_faults = NetworkFaults()
         self.net.heal()
         self.store.faults = StoreFaults()
         assert self.store.notices is not None
@@ -519,8 +741,13 @@ class World:
     # -- the run ------------------------------------------------------------------------
     async def run(self) -> None:
         planned = workload.plan(self.cfg.seed, self.cfg.runs, self.cfg.safety)
+        schedules = workload.plan_schedules(self.cfg.seed, self.cfg.safety)
         workload.bind(self.ledger, self.clocks)
+        if self.cfg.store_kind == "sqlite":
+            self.store.db = await SqliteStore.open(":memory:", offload=False)
         async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self.pauser)
             self.net.nursery = nursery
             assert self.store.notices is not None
             self.store.notices.nursery = nursery
@@ -529,16 +756,21 @@ class World:
             nursery.start_soon(self.overdue_monitor)
             for name in self.worker_names:
                 nursery.start_soon(self.worker_node, name)
-            nursery.start_soon(self.client_node, planned)
+            nursery.start_soon(self.client_node, planned, schedules)
             with trio.move_on_after(self.cfg.safety):
                 await self.injector()
                 await trio.sleep_forever()
             self.note("liveness phase")
             self.all_faults_off()
             with trio.move_on_after(self.cfg.liveness):
+                self.pending += 1
+                nursery.start_soon(self._action, self.pause_schedules)
                 await self._converged(planned)
             await trio.sleep(1.0)
+            self.freezer.resume_all()
             nursery.cancel_scope.cancel()
+        if self.store.db is not None:
+            await self.store.db.aclose()
 
     async def _converged(self, planned: list[workload.PlannedRun]) -> None:
         while True:
@@ -549,6 +781,55 @@ class World:
             if all(r.state in TERMINAL_RUN_STATES or r.version == workload.UNSERVED_VERSION
                    for r in runs.values()):
                 return
+
+
+@contextlib.contextmanager
+def replies_checked(world: World) -> Iterator[None]:
+    """Every request a Link makes, by a worker or a client, gets its reply or raises.
+
+    A reply is a message answering one of the request's own attempts (its ``req``); a
+    request that resolves with anything else (``None`` from a connection that dropped, say)
+    is a violation, and raised to its caller as a lost connection so the world goes on.
+    Here too a worker armed for a pause freezes the moment a task start is acknowledged.
+    """
+    real = Link.request
+
+    async def request(self: Link, make: Any, timeout: float | None = None, *,
+                      retry: bool = True) -> Any:
+        sent: list[tuple[int, str]] = []
+
+        def tracked(req: int) -> Any:
+            msg = make(req)
+            sent.append((req, type(msg).__name__))
+            return msg
+
+        node = PROCESS.get()
+        pauses = world.freezer.pauses_of(node)
+        if node is not None and node in world.hold_armed and type(make(0)).__name__ in (
+                "CompleteRun", "FailRun", "WaitRun", "ReleaseRun"):
+            world.hold_outbound(node, world.hold_armed.pop(node))
+        reply = await real(self, tracked, timeout, retry=retry)
+        what = sent[-1][1] if sent else "?"
+        if reply is None or getattr(reply, "req", None) not in {req for req, _ in sent}:
+            world.ledger.violation(
+                f"a {what} request of {node or 'a client'} resolved as {reply!r}, not a "
+                f"reply to it (attempts {[req for req, _ in sent]}): a request must get its "
+                "reply or raise")
+            raise ConnectionLost("the harness refused a request resolved without its reply")
+        if what == "StartStep" and node is not None:
+            length = world.armed.pop(node, None)
+            if length is not None:
+                world.pause(node, length)
+                await trio.lowlevel.checkpoint()  # frozen here, the start acknowledged
+            if world.freezer.pauses_of(node) != pauses:
+                world.ledger.sometimes["task start after a pause"] += 1
+        return reply
+
+    Link.request = request  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Link.request = real  # type: ignore[method-assign]
 
 
 REAL_TIME_LIMIT = 120.0
@@ -562,6 +843,17 @@ SITUATIONS = {
     ("run.queued", "event", False): "event delivered to a waiting run",
     ("event.timed_out", "due", False): "event wait timed out",
     ("event.timed_out", "due", True): "event wait timed out",
+}
+
+
+# What became of schedule occurrences: (outcome, reason, skipped by 'skip').
+SCHEDULE_SITUATIONS = {
+    ("fired", "scheduled", False): "schedule fired on time",
+    ("fired", "catch-up", False): "schedule caught up after downtime",
+    ("fired", "buffered", False): "schedule occurrence buffered then fired",
+    ("skipped", "scheduled", True): "schedule occurrence skipped by overlap",
+    ("skipped", "catch-up", False): "schedule occurrences past the catch-up window",
+    ("fired", "trigger", False): "schedule triggered",
 }
 
 
@@ -587,7 +879,8 @@ def run_seed(cfg: Config) -> Outcome:
     previous = signal.signal(signal.SIGALRM, _watchdog_fired)
     signal.setitimer(signal.ITIMER_REAL, REAL_TIME_LIMIT)
     try:
-        trio.run(world.run, clock=clock)
+        with world.freezer.installed(), replies_checked(world):
+            trio.run(world.run, clock=clock)
     except (RealTimeExceeded, trio.TrioInternalError) as exc:
         if not isinstance(exc, RealTimeExceeded) and not isinstance(
                 exc.__cause__, RealTimeExceeded):
@@ -606,9 +899,9 @@ def run_seed(cfg: Config) -> Outcome:
         world.trace.append(f"end {run_id} {runs[run_id][0]} {runs[run_id][2]}")
     digest = hashlib.sha256("\n".join(world.trace).encode()).hexdigest()
     faults = Counter({k: v for k, v in world.stats.items()})
-    for k in ("drop", "duplicate", "reorder", "reset", "partitioned"):
-        if world.net.stats[k]:
-            faults[f"net {k}"] += world.net.stats[k]
+    for k, n in world.net.stats.items():
+        if k not in ("messages", "clog", "partition", "overflow") and n:
+            faults[f"net {k}"] += n
     for k, v in world.store.stats.items():
         faults[f"store {k}"] += v
     restarts = sum(s.supervisor.restarts for s in world.servers)
@@ -621,7 +914,19 @@ def run_seed(cfg: Config) -> Outcome:
         faults[k] += v
     world.ledger.sometimes["deadline scope expired"] += sum(
         1 for d in world.ledger.deadlines if d[4])
+    for steps in world.store.inner.contents().steps.values():
+        addresses = Counter((s.name, s.input_hash) for s in steps
+                            if s.kind == "task" and s.idempotency_key is None)
+        if any(n > 1 for n in addresses.values()):
+            world.ledger.sometimes["duplicate content address in one run"] += 1
+    for firings in world.store.inner.contents().firings.values():
+        for f in firings:
+            situation = SCHEDULE_SITUATIONS.get((f.outcome, f.reason, f.detail is not None and
+                                                 "(overlap 'skip')" in f.detail))
+            if situation is not None:
+                world.ledger.sometimes[situation] += f.count
     for history in world.store.inner.contents().history.values():
+        paused = False
         for e in history:
             situation = SITUATIONS.get((e.event, (e.detail or "").split(" ")[0],
                                         e.worker_id is not None))
@@ -637,6 +942,14 @@ def run_seed(cfg: Config) -> Outcome:
                 world.ledger.sometimes["run woken at its deadline"] += 1
             elif (e.detail or "").startswith("DeadlineExceeded: its deadline scope"):
                 world.ledger.sometimes["step abandoned at a deadline"] += 1
+            if e.event == "run.paused":
+                paused = True
+                if "keeps its waits" in (e.detail or ""):
+                    world.ledger.sometimes["run paused while waiting"] += 1
+            elif (e.detail or "").startswith("resumed by"):
+                paused = False
+            elif paused and e.event in ("task.completed", "task.failed", "task.retrying"):
+                world.ledger.sometimes["task in flight recorded while paused"] += 1
     return Outcome(cfg.seed, digest, clock.current_time(), faults, world.ledger.sometimes,
                    list(world.ledger.violations), runs, world.trace if cfg.trace else [],
                    world.store, world.ledger, cfg.runs)

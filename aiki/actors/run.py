@@ -52,6 +52,7 @@ from aiki.errors import (
     NonRetryableError,
     PayloadError,
     RunCancelled,
+    RunPaused,
     StaleLease,
     StepConflict,
     StoreUnavailable,
@@ -60,6 +61,7 @@ from aiki.errors import (
 from aiki.records import FINAL_STEP_STATES, Lease, StepKind, StepRecord, WaitFor
 from aiki.retry import Retry
 from aiki.sources import Sources
+from aiki.task_styles import BODY_GATE
 
 log = logging.getLogger("aiki.run")
 T = TypeVar("T")
@@ -195,9 +197,12 @@ class RunState:
     nudges: Nudges = attrs.field(factory=Nudges)
     workflow: str = "?"  # its name, for the logs
     run_task: TaskRunner = call_task
-    # Whether the lease can still be current, as far as the worker knows (its renewals):
-    # a start acknowledged after that is no licence to run the task.
-    lease_live: Callable[[], bool] = lambda: True
+    # The local time (``trio.current_time()``) after which the lease may have expired, as far
+    # as the worker knows (its renewals), less a margin: no task body starts after it.
+    lease_deadline: Callable[[], float] = lambda: math.inf
+    # Told the local time a start record was first sent once the server accepted it: the
+    # server renewed the lease then (at the latest), so it holds a TTL from that time.
+    lease_renewed: Callable[[float], None] = lambda sent: None
     # With a flusher, completed task outcomes wait in ``pending`` for the run's next write.
     flusher: Flusher | None = None
     pending: list[StepRecord] = attrs.field(factory=list)
@@ -210,6 +215,10 @@ class RunState:
     # that stood in it, recorded abandoned.
     pending_cancels: list[tuple[str, str]] = attrs.field(factory=list)
     pending_abandons: list[tuple[str, tuple[str, ...]]] = attrs.field(factory=list)
+    # Whether a client paused the run (the worker was told, or the store refused a step as
+    # paused): it is given back as paused, not as a drain.
+    paused: Callable[[], bool] = lambda: False
+    paused_seen: bool = False
     steps: dict[str, StepRecord] = attrs.field(init=False)
     consumed: set[str] = attrs.field(factory=set)
     root: _Branch = attrs.field(factory=lambda: _Branch(""))
@@ -329,6 +338,8 @@ class RunState:
                 await self.carry(lambda req, saved: _save_all(req, self.lease, saved))
             except Abandon as exc:  # the run's next write raises it: nothing may follow
                 self.lost = exc
+            except Release:  # paused: the run's next write is refused too, and gives it back
+                pass
 
     async def _write(self, make: Callable[[int], Any]) -> Any:
         """Persist one write, retrying while the store is away or the reply is lost.
@@ -344,6 +355,13 @@ class RunState:
         for _ in range(WRITE_ATTEMPTS):
             try:
                 return await self.persist(make)
+            except RunPaused as exc:
+                # A client paused the run (its worker may have missed the server's word):
+                # give it back at this step boundary, as a draining worker does.
+                log.info("run %s: %s", self.lease.run_id, exc)
+                self.paused_seen = True
+                self.draining.set()
+                raise Release() from exc
             except (StaleLease, ConnectionLost, StepConflict) as exc:
                 # StepConflict: another actor wrote this step, so this one's view is stale.
                 log.info("run %s: abandoning: %s", self.lease.run_id, exc)
@@ -489,17 +507,34 @@ class RunState:
             await self.save(final)
             return p.decode_value(output, task.result_type, what=f"result of task {task.name!r}")
 
+    def _may_start(self, task: TaskDefinition) -> None:
+        """Raise :class:`Abandon` if the lease's local deadline has passed: a start record
+        acknowledged late (a stalled link), or a worker paused between its start record and
+        the body (a GC pause, SIGSTOP, a VM migration), is no licence to run the task, whose
+        result another worker may have committed meanwhile."""
+        deadline = self.lease_deadline()
+        if trio.current_time() >= deadline:
+            raise Abandon(f"run {self.lease.run_id}: task {task.name!r} not started: its "
+                          f"lease's local deadline passed {trio.current_time() - deadline:.3f}"
+                          " s ago (a late reply, or a pause)")
+
+    async def _run_body(self, task: TaskDefinition, payload: Any) -> Any:
+        """The task body, its lease checked immediately before it starts."""
+        token = BODY_GATE.set(partial(self._may_start, task))
+        try:
+            self._may_start(task)
+            return await self.run_task(task, payload)
+        finally:
+            BODY_GATE.reset(token)
+
     async def _call(self, task: TaskDefinition, step: StepRecord) -> Any:
         """One attempt of ``task``, its start recorded first or, if it runs long, meanwhile."""
         payload = p.decode_value(step.input, task.payload_type)
         if self.record_start_after <= 0:
+            sent = trio.current_time()
             await self.save(step, start=True)
-            if not self.lease_live():
-                # The start was accepted under the lease, but its reply came so late that
-                # the lease may have expired since, and the task run by another worker.
-                raise Abandon(f"task {task.name!r}: its start was acknowledged after the "
-                              "lease may have expired")
-            return await self.run_task(task, payload)
+            self.lease_renewed(sent)
+            return await self._run_body(task, payload)
         writing = False
         lost: list[Abandon] = []
 
@@ -512,14 +547,16 @@ class RunState:
             except Abandon as exc:  # the lease is gone: stop the attempt, write nothing more
                 lost.append(exc)
                 cancel.cancel()
+            except Release:  # paused while the attempt runs: it is in flight, let it end
+                pass
 
         value: Any = None
-        failure: Exception | None = None
+        failure: BaseException | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(record_start, nursery.cancel_scope)
             try:
-                value = await self.run_task(task, payload)
-            except Exception as exc:  # raised below as itself, not in the nursery's group
+                value = await self._run_body(task, payload)
+            except (Exception, Abandon) as exc:  # raised below as itself, not in a group
                 failure = exc
             finally:
                 # A start record in flight is let through, so that it lands before the
@@ -938,20 +975,23 @@ async def run_workflow(
     *, inline_retry_max: float = 10.0, draining: trio.Event | None = None,
     record_start_after: float = DEFAULT_RECORD_START_AFTER, nudges: Nudges | None = None,
     run_task: TaskRunner = call_task, on_state: Callable[[RunState], None] | None = None,
-    lease_live: Callable[[], bool] = lambda: True, flusher: Flusher | None = None,
+    lease_deadline: Callable[[], float] = lambda: math.inf,
+    lease_renewed: Callable[[float], None] = lambda sent: None, flusher: Flusher | None = None,
+    paused: Callable[[], bool] = lambda: False,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
-    drains: ``draining`` is set) or abandoned. ``flusher``: let completed task outcomes ride
-    with the run's next write (:mod:`aiki.actors.outcomes`)."""
+    drains, or the run was paused: ``draining`` is set, ``paused()`` says which) or
+    abandoned. ``flusher``: let completed task outcomes ride with the run's next write
+    (:mod:`aiki.actors.outcomes`)."""
     run = assign.run
     assert run.lease_owner is not None
     lease = Lease(run.id, run.lease_epoch, run.lease_owner)
     state = RunState(lease, {s.position: s for s in assign.steps}, persist, sources,
                      inline_retry_max, record_start_after,
                      trio.Event() if draining is None else draining, nudges or Nudges(),
-                     workflow.name, run_task, lease_live, flusher,
+                     workflow.name, run_task, lease_deadline, lease_renewed, flusher,
                      cancelling=run.cancel_requested_at is not None,
-                     cancel_reason=run.cancel_reason)
+                     cancel_reason=run.cancel_reason, paused=paused)
     if on_state is not None:  # (a replay looks at what the code consumed)
         on_state(state)
     _BRANCH.set((state, state.root))
@@ -973,8 +1013,7 @@ async def run_workflow(
         await state.write(lambda req: p.WaitRun(req, lease, conditions, reason))
         return
     except Release:
-        log.info("run %s: given back at a step boundary (the worker drains)", run.id)
-        await state.write(lambda req: p.ReleaseRun(req, lease))
+        await _give_back(state)
         return
     except Abandon:
         return
@@ -984,6 +1023,8 @@ async def run_workflow(
         message = str(exc)
         try:  # ends it cancelled (a cancelling run ends so whatever it reports)
             await state.write(lambda req: p.FailRun(req, lease, "RunCancelled", message))
+        except Release:  # paused: it ends cancelled once resumed
+            await _give_back(state)
         except Abandon:
             pass
         return
@@ -996,7 +1037,21 @@ async def run_workflow(
     except Exception as exc:
         await _fail(state, workflow.name, type(exc).__name__, str(exc), format_traceback(exc))
         return
-    await state.carry(lambda req, saved: p.CompleteRun(req, lease, result, saved))
+    try:
+        await state.carry(lambda req, saved: p.CompleteRun(req, lease, result, saved))
+    except Release:  # paused: it completes once resumed (its steps replay)
+        await _give_back(state)
+
+
+async def _give_back(state: RunState) -> None:
+    """Give the run back at a step boundary: the worker drains, or the run was paused."""
+    log.info("run %s: given back at a step boundary (the worker drains or the run was "
+             "paused)", state.lease.run_id)
+    paused = state.paused_seen or state.paused()
+    try:
+        await state.write(lambda req: p.ReleaseRun(req, state.lease, paused))
+    except (Abandon, Release):
+        pass
 
 
 async def _fail(state: RunState, workflow: str, error_type: str, message: str,
@@ -1005,6 +1060,8 @@ async def _fail(state: RunState, workflow: str, error_type: str, message: str,
                 message, trace)
     try:
         await state.write(lambda req: p.FailRun(req, state.lease, error_type, message, trace))
+    except Release:  # paused: it fails again once resumed, if it still does
+        await _give_back(state)
     except Abandon:
         pass
 

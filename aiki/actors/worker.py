@@ -45,6 +45,8 @@ from aiki.task_styles import DEFAULT_TASK_THREADS, task_runtime
 from aiki.transport.base import Transport
 
 log = logging.getLogger("aiki.worker")
+# The share of a lease's TTL kept as a safety margin before its local deadline.
+LEASE_MARGIN = 0.1
 
 
 @attrs.define(eq=False)
@@ -52,6 +54,10 @@ class Held:
     lease: Lease
     scope: trio.CancelScope
     nudges: Nudges = attrs.field(factory=Nudges)
+    # Set when the run is to be given back at its next step boundary: the worker drains,
+    # or a client paused the run.
+    stop: trio.Event = attrs.field(factory=trio.Event)
+    paused: bool = False  # why ``stop`` is set: a client paused the run (else a drain)
     # When the lease was last known renewed (this process's clock): the assignment's
     # arrival, then the sending of each heartbeat whose reply kept it. A lease lasts no
     # longer than the server's lease TTL from then.
@@ -131,6 +137,13 @@ class Worker:
                          msg.run_id, f" ({msg.reason})" if msg.reason else "")
                 held.scope.cancel()
                 self._held_changed.set()
+        elif isinstance(msg, p.RunControl):
+            held = self.held.get(msg.run_id)
+            if held is not None and held.lease.epoch == msg.epoch and msg.action == "pause":
+                log.info("worker %s: run %s was paused; giving it back at its next step "
+                         "boundary", self.id, msg.run_id)
+                held.paused = True
+                held.stop.set()
         elif isinstance(msg, p.Assign):
             try:
                 self._assignments[0].send_nowait(msg)
@@ -187,10 +200,12 @@ class Worker:
                 await run_workflow(workflow, assign, link.request, self.sources,
                                    inline_retry_max=self.inline_retry_max,
                                    record_start_after=self.record_start_after,
-                                   draining=self.draining, nudges=mine.nudges,
+                                   draining=mine.stop, nudges=mine.nudges,
                                    run_task=self.run_task,
-                                   lease_live=partial(self._lease_live, link, mine),
-                                   flusher=self.flusher)
+                                   lease_deadline=partial(self._lease_deadline, link, mine),
+                                   lease_renewed=partial(_renewed, mine),
+                                   flusher=self.flusher,
+                                   paused=lambda: mine.paused)
         except Abandon:
             pass
         finally:
@@ -199,9 +214,12 @@ class Worker:
                 del self.held[run.id]
             self._held_changed.set()
 
-    def _lease_live(self, link: Link, held: Held) -> bool:
+    def _lease_deadline(self, link: Link, held: Held) -> float:
+        """When, on this process's clock, the lease may have expired at the server, less a
+        margin (LEASE_MARGIN of the TTL: the time from this check to the body's first effect,
+        and the clocks' drift): no task body starts after it."""
         ttl = link.welcome.lease_ttl if link.welcome is not None else math.inf
-        return trio.current_time() < held.renewed + ttl
+        return held.renewed + ttl * (1.0 - LEASE_MARGIN)
 
     async def _heartbeat(self, link: Link) -> None:
         while True:
@@ -239,6 +257,8 @@ class Worker:
         released (its task in flight will run again elsewhere).
         """
         self.draining.set()
+        for held in self.held.values():
+            held.stop.set()
         log.info("worker %s: draining (%d runs held, grace %.1f s)", self.id, len(self.held),
                  grace)
         with trio.move_on_after(grace):
@@ -282,6 +302,10 @@ class Worker:
                     await link.request(partial(_release, lease=h.lease))
                 except (AikiError, TimeoutError):
                     pass
+
+
+def _renewed(held: Held, sent: float) -> None:
+    held.renewed = max(held.renewed, sent)
 
 
 def _release(req: int, *, lease: Lease) -> p.ReleaseRun:

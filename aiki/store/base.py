@@ -6,7 +6,15 @@ from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
 from aiki.errors import AikiError
-from aiki.records import EventRecord, HistoryEvent, RunRecord, StepRecord, WaitRecord
+from aiki.records import (
+    EventRecord,
+    HistoryEvent,
+    RunRecord,
+    ScheduleFiring,
+    ScheduleRecord,
+    StepRecord,
+    WaitRecord,
+)
 from aiki.store.ops import Op
 
 T = TypeVar("T")
@@ -47,8 +55,19 @@ class Store(Protocol):
         """Newest first."""
         ...
 
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None: ...
+
+    async def list_schedules(self) -> tuple[ScheduleRecord, ...]:
+        """Every schedule, by id."""
+        ...
+
+    async def get_firings(self, schedule_id: str, limit: int = 20) -> tuple[ScheduleFiring, ...]:
+        """What became of a schedule's occurrences, the newest first."""
+        ...
+
     async def next_due(self) -> float | None:
-        """The earliest time the timer has work: a wait's due time or a lease's expiry."""
+        """The earliest time the timer has work: a wait's due time, a lease's expiry, or an
+        unpaused schedule's next occurrence."""
         ...
 
     async def aclose(self) -> None: ...

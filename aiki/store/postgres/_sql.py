@@ -36,6 +36,8 @@ from aiki.records import (
     EventRecord,
     HistoryEvent,
     RunRecord,
+    ScheduleFiring,
+    ScheduleRecord,
     StepRecord,
     WaitRecord,
 )
@@ -53,6 +55,20 @@ STEP_COLUMNS = ", ".join(f.name for f in attrs.fields(StepRecord))
 HISTORY_COLUMNS = ", ".join(f.name for f in attrs.fields(HistoryEvent))
 WAIT_COLUMNS = ", ".join(f.name for f in attrs.fields(WaitRecord))
 EVENT_COLUMNS = ", ".join(f.name for f in attrs.fields(EventRecord))
+SCHEDULE_COLUMNS = ", ".join(f.name for f in attrs.fields(ScheduleRecord))
+FIRING_COLUMNS = ", ".join(f.name for f in attrs.fields(ScheduleFiring))
+SCHEDULE_UPSERT = (
+    f"INSERT INTO schedules ({SCHEDULE_COLUMNS}) VALUES"
+    f" ({', '.join(f'${i}' for i in range(1, len(attrs.fields(ScheduleRecord)) + 1))})"
+    " ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(ScheduleRecord)
+                if f.name != "id"))
+FIRING_UPSERT = (
+    f"INSERT INTO schedule_firings ({FIRING_COLUMNS}) VALUES"
+    f" ({', '.join(f'${i}' for i in range(1, len(attrs.fields(ScheduleFiring)) + 1))})"
+    " ON CONFLICT (schedule_id, key) DO UPDATE SET "
+    + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(ScheduleFiring)
+                if f.name not in ("schedule_id", "key")))
 _RUN_FIELDS = [f.name for f in attrs.fields(RunRecord) if f.name != "id"]
 STEP_UPSERT = (
     f"INSERT INTO steps (run_id, {STEP_COLUMNS}) VALUES"
@@ -190,8 +206,12 @@ async def list_runs(
 
 async def next_due(conn: Conn) -> float | None:
     due: float | None = await conn.fetchval(
-        "SELECT least((SELECT min(due_at) FROM waits),"
+        "SELECT least((SELECT min(due_at) FROM waits JOIN runs ON runs.id = waits.run_id"
+        " WHERE runs.state = 'waiting'),"
         " (SELECT min(lease_expires_at) FROM runs WHERE state = 'running'),"
+        " (SELECT min(lease_expires_at) FROM runs WHERE state = 'paused'"
+        " AND lease_owner IS NOT NULL),"
+        " (SELECT min(next_fire_at) FROM schedules WHERE NOT paused),"
         " (SELECT min(cancel_deadline) FROM runs WHERE cancel_deadline IS NOT NULL"
         " AND state NOT IN ('completed', 'failed', 'cancelled')))"
     )
@@ -202,6 +222,25 @@ async def get_children(conn: Conn, run_id: str) -> tuple[RunRecord, ...]:
     rows = await conn.fetch(
         f"SELECT {RUN_COLUMNS} FROM runs WHERE parent_id = $1 ORDER BY seq", run_id)
     return tuple(_run(row) for row in rows)
+
+
+async def get_schedule(conn: Conn, schedule_id: str, *,
+                       lock: bool = False) -> ScheduleRecord | None:
+    sql = f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE id = $1"
+    row = await conn.fetchrow(sql + " FOR UPDATE" if lock else sql, schedule_id)
+    return None if row is None else ScheduleRecord(*row)
+
+
+async def list_schedules(conn: Conn) -> tuple[ScheduleRecord, ...]:
+    rows = await conn.fetch(f"SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY id")
+    return tuple(ScheduleRecord(*row) for row in rows)
+
+
+async def get_firings(conn: Conn, schedule_id: str, limit: int) -> tuple[ScheduleFiring, ...]:
+    rows = await conn.fetch(
+        f"SELECT {FIRING_COLUMNS} FROM schedule_firings WHERE schedule_id = $1"
+        " ORDER BY at DESC, seq DESC LIMIT $2", schedule_id, max(limit, 0))
+    return tuple(ScheduleFiring(*row) for row in rows)
 
 
 async def get_waits(conn: Conn, run_id: str) -> tuple[WaitRecord, ...]:
@@ -284,7 +323,7 @@ async def _enqueue(conn: Conn, op: o.Enqueue) -> o.EnqueueOutcome:
         " RETURNING id) INSERT INTO history (run_id, at, event, attempt, detail)"
         " SELECT id, $6, 'run.queued', 0, $7 FROM new RETURNING true",
         op.run_id, op.workflow, op.version, op.payload, op.idempotency_key, op.now,
-        f"version {op.version}",
+        m.enqueue_detail(op),
     )
     if inserted:
         return o.EnqueueOutcome(op.run_id, created=True)
@@ -335,7 +374,7 @@ async def _renew(conn: Conn, op: o.Renew) -> tuple[str, ...]:
         for row in await conn.fetch(
             "UPDATE runs SET lease_expires_at = $4, updated_at = $5"
             " FROM unnest($1::text[], $2::bigint[], $3::text[]) AS lease (id, epoch, owner)"
-            " WHERE runs.id = lease.id AND runs.state = 'running'"
+            " WHERE runs.id = lease.id AND runs.state IN ('running', 'paused')"
             " AND runs.lease_epoch = lease.epoch AND runs.lease_owner = lease.owner"
             " RETURNING runs.id, runs.lease_epoch, runs.lease_owner",
             [lease.run_id for lease in op.leases], [lease.epoch for lease in op.leases],
@@ -364,6 +403,20 @@ async def _requeue_due(
 
 
 async def _expire(conn: Conn, op: o.ExpireLeases) -> tuple[str, ...]:
+    # A paused run whose worker vanished stays paused. Rare (a run paused while running
+    # whose worker never gave it back): when there is one, every expired lease is decided
+    # by the state machine row by row, in enqueue order, as the other stores do.
+    if await conn.fetchval(
+            "SELECT true FROM runs WHERE state = 'paused' AND lease_owner IS NOT NULL"
+            " AND lease_expires_at <= $1 LIMIT 1", op.now):
+        rows = await conn.fetch(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE lease_owner IS NOT NULL"
+            " AND lease_expires_at <= $1 AND state IN ('running', 'paused')"
+            " ORDER BY seq FOR UPDATE SKIP LOCKED", op.now)
+        for row in rows:
+            run = _run(row)
+            await _write(conn, run.id, m.expire(run, op.now))
+        return tuple(row["id"] for row in rows)
     return await _requeue_due(
         conn, "state = 'running' AND lease_expires_at <= $1", op.now,
         "lease_owner = NULL, lease_expires_at = NULL",
@@ -402,7 +455,8 @@ async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> None:
         )
     old = None if run is None else await _get_step(conn, run.id, new.position)
     await _write(conn, op.lease.run_id, m.save_step(
-        run, op.lease, old, keyed, new, op.now, start=isinstance(op, o.StartStep)))
+        run, op.lease, old, keyed, new, op.now, start=isinstance(op, o.StartStep),
+        lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None))
 
 
 # -- children and cancels: the machine decides each run's change; these walk the tree -------
@@ -433,8 +487,10 @@ async def _awaits_children(conn: Conn, run: RunRecord) -> bool:
 
 
 async def _ended(conn: Conn, run: RunRecord, now: float, ended: list[RunRecord]) -> None:
-    """``run`` has ended: note it, and tell its parent (recursively up the tree)."""
+    """``run`` has ended: note it, start an occurrence buffered behind it, and tell its
+    parent (recursively up the tree)."""
     ended.append(run)
+    await _release_buffered(conn, run, now)
     parent = (await get_run(conn, run.parent_id, lock=True)
               if run.parent_id is not None else None)
     if parent is None or parent.state in TERMINAL_RUN_STATES:
@@ -467,7 +523,7 @@ async def _cascade(conn: Conn, run_id: str, reason: str | None, grace: float, wh
 
 async def _finish(conn: Conn, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
     run_id = op.lease.run_id
-    run = m.fenced(op.lease, await get_run(conn, run_id, lock=True))
+    run = m.fenced(op.lease, m.unpaused(op.lease, await get_run(conn, run_id, lock=True)))
     ended: list[RunRecord] = []
     if isinstance(op, o.FailRun) and run.cancel_requested_at is None:
         await _cascade(conn, run_id, f"its parent run {run_id} failed", m.CASCADE_GRACE,
@@ -577,7 +633,7 @@ async def _send(conn: Conn, op: o.SendEvent) -> o.SendOutcome:
 async def _retry(conn: Conn, op: o.RetryRun) -> RunRecord | None:
     run = await get_run(conn, op.run_id, lock=True)
     change = m.retry(run, op.run_id, await get_steps(conn, op.run_id), op.version, op.who,
-                     op.now)
+                     op.now, op.control_id)
     await _write(conn, op.run_id, change)
     return change.run
 
@@ -628,6 +684,133 @@ async def _cancel(conn: Conn, op: o.CancelRun) -> o.CancelOutcome:
     return o.CancelOutcome(True, await get_run(conn, op.run_id), out.holder, tuple(revoked))
 
 
+# -- schedules: the schedule row is locked first, so two servers never decide one occurrence ---
+async def _write_schedule(conn: Conn, change: m.ScheduleChange) -> list[str]:
+    started = []
+    for enqueue in change.enqueues:
+        outcome = await _enqueue(conn, enqueue)
+        if outcome.created:
+            started.append(outcome.run_id)
+    if change.schedule is not None:
+        await conn.execute(SCHEDULE_UPSERT, *attrs.astuple(change.schedule))
+    if change.firings:
+        await conn.executemany(FIRING_UPSERT, [attrs.astuple(f) for f in change.firings])
+    return started
+
+
+async def _last_run(conn: Conn, s: ScheduleRecord | None) -> RunRecord | None:
+    # Read after the schedule row is locked: a run's end that releases a buffered occurrence
+    # locks the same row, so this sees it or comes after it.
+    return None if s is None or s.last_run_id is None else await get_run(conn, s.last_run_id)
+
+
+async def _define_schedule(conn: Conn, op: o.DefineSchedule) -> o.DefineOutcome:
+    # Two definitions of a new id at once: the second waits on the first's row.
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('aiki.schedule.' || $1))",
+                       op.schedule.id)
+    change, outcome = m.define_schedule(await get_schedule(conn, op.schedule.id, lock=True), op)
+    await _write_schedule(conn, change)
+    return outcome
+
+
+async def _pause_schedule(conn: Conn, op: o.PauseSchedule) -> ScheduleRecord:
+    change, record = m.pause_schedule(await get_schedule(conn, op.schedule_id, lock=True), op)
+    await _write_schedule(conn, change)
+    return record
+
+
+async def _trigger_schedule(conn: Conn, op: o.TriggerSchedule) -> ScheduleFiring:
+    s = await get_schedule(conn, op.schedule_id, lock=True)
+    row = await conn.fetchrow(
+        f"SELECT {FIRING_COLUMNS} FROM schedule_firings WHERE schedule_id = $1 AND key = $2",
+        op.schedule_id, f"trigger:{op.trigger_id}")
+    change, firing = m.trigger(s, op, await _last_run(conn, s),
+                               None if row is None else ScheduleFiring(*row))
+    await _write_schedule(conn, change)
+    return firing
+
+
+async def _backfill_schedule(conn: Conn, op: o.BackfillSchedule) -> tuple[ScheduleFiring, ...]:
+    s = await get_schedule(conn, op.schedule_id, lock=True)
+    handled = {row["key"] for row in await conn.fetch(
+        "SELECT key FROM schedule_firings WHERE schedule_id = $1", op.schedule_id)}
+    change, firings = m.backfill(s, op, await _last_run(conn, s), handled)
+    await _write_schedule(conn, change)
+    return firings
+
+
+async def _delete_schedule(conn: Conn, op: o.DeleteSchedule) -> bool:
+    await conn.execute("DELETE FROM schedule_firings WHERE schedule_id = $1", op.schedule_id)
+    deleted = await conn.fetchval("DELETE FROM schedules WHERE id = $1 RETURNING true",
+                                  op.schedule_id)
+    return bool(deleted)
+
+
+async def _fire_schedules(conn: Conn, op: o.FireSchedules) -> tuple[str, ...]:
+    """The due schedules, locked (skipping those another server is firing), each decided by
+    the state machine: its runs, its firing records and its next occurrence in this one
+    transaction."""
+    rows = await conn.fetch(
+        f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE NOT paused AND next_fire_at <= $1"
+        " ORDER BY next_fire_at, id LIMIT $2 FOR UPDATE SKIP LOCKED", op.now, max(op.limit, 0))
+    started: list[str] = []
+    for row in rows:
+        s = ScheduleRecord(*row)
+        started += await _write_schedule(conn, m.fire(s, await _last_run(conn, s), op.now))
+    return tuple(started)
+
+
+async def _release_buffered(conn: Conn, run: RunRecord | None, now: float) -> None:
+    """A run ended: an occurrence buffered behind it starts (``buffer_one``). The schedule
+    row is locked whatever it holds: a firing that buffers concurrently is waited for."""
+    if run is None or not m.started_by_a_schedule(run):
+        return
+    rows = await conn.fetch(f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE last_run_id = $1"
+                            " ORDER BY id FOR UPDATE", run.id)
+    for row in rows:
+        await _write_schedule(conn, m.release_buffered(ScheduleRecord(*row), run, now))
+
+
+async def _pause(conn: Conn, op: o.PauseRun) -> RunRecord | None:
+    change = m.pause(await get_run(conn, op.run_id, lock=True), op.run_id, op.who, op.now,
+                     op.control_id)
+    await _write(conn, op.run_id, change)
+    return change.run
+
+
+async def _resume(conn: Conn, op: o.ResumeRun) -> RunRecord | None:
+    run = await get_run(conn, op.run_id, lock=True)
+    steps = {s.position: s for s in await get_steps(conn, op.run_id)}
+    buffered = {r["name"]: r["sent_at"] for r in await conn.fetch(
+        "SELECT name, min(sent_at) AS sent_at FROM events WHERE run_id = $1"
+        " AND position IS NULL GROUP BY name", op.run_id)}
+    change = m.resume(run, op.run_id, await get_waits(conn, op.run_id), steps, buffered,
+                      op.who, op.now, op.control_id)
+    await _write(conn, op.run_id, change)
+    return change.run
+
+
+async def _fork(conn: Conn, op: o.ForkRun) -> RunRecord:
+    existing = await get_run(conn, op.new_run_id)
+    if existing is not None:
+        return m.fork_again(existing, op)
+    # Locked: its writers lock its row first, so its steps cannot change under the copy.
+    original = await get_run(conn, op.run_id, lock=True)
+    new, made, noted = m.fork(original, op, await get_steps(conn, op.run_id))
+    columns = [f.name for f in attrs.fields(RunRecord)]
+    inserted = await conn.fetchval(
+        f"INSERT INTO runs ({', '.join(columns)}) VALUES"
+        f" ({', '.join(f'${i}' for i in range(1, len(columns) + 1))})"
+        " ON CONFLICT DO NOTHING RETURNING true", *attrs.astuple(new))
+    if not inserted:  # a concurrent retry of this fork committed first
+        existing = await get_run(conn, op.new_run_id)
+        assert existing is not None
+        return m.fork_again(existing, op)
+    await _write(conn, new.id, attrs.evolve(made, run=None))
+    await _write(conn, op.run_id, noted)
+    return new
+
+
 async def _release(conn: Conn, op: o.ReleaseRun) -> None:
     run = await get_run(conn, op.lease.run_id, lock=True)
     await _write(conn, op.lease.run_id, m.release(run, op.lease, op.now, op.reason))
@@ -639,7 +822,10 @@ _OPS: dict[type[Any], Callable[[Conn, Any], Awaitable[Any]]] = {
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
     o.RetryRun: _retry, o.CancelRun: _cancel, o.EndCancels: _end_cancels,
-    o.StartChild: _start_child, o.AbandonSteps: _abandon,
+    o.StartChild: _start_child, o.AbandonSteps: _abandon, o.DefineSchedule: _define_schedule,
+    o.PauseSchedule: _pause_schedule, o.TriggerSchedule: _trigger_schedule,
+    o.BackfillSchedule: _backfill_schedule, o.DeleteSchedule: _delete_schedule,
+    o.FireSchedules: _fire_schedules, o.PauseRun: _pause, o.ResumeRun: _resume, o.ForkRun: _fork,
 }
 
 
