@@ -117,6 +117,8 @@ class Suspend(BaseException):
         super().__init__(reason)
         self.conditions = conditions
         self.reason = reason
+        # The deadline scopes it was shielded from (``run.shield()``): they do not wake it.
+        self.shielded: set[int] = set()
 
 
 @attrs.define(eq=False)
@@ -180,6 +182,15 @@ class _Deadline:
 
 _DEADLINES: contextvars.ContextVar[tuple[_Deadline, ...]] = contextvars.ContextVar(
     "aiki_deadlines", default=())
+# How many of ``_DEADLINES`` the innermost ``run.shield()`` shields the code from (those
+# opened before it): as Trio's shield, an enclosing deadline does not cancel the awaits
+# inside; it takes effect when the shield exits.
+_SHIELD_AT: contextvars.ContextVar[int] = contextvars.ContextVar("aiki_shield_at", default=0)
+
+
+def _open_deadlines() -> tuple[_Deadline, ...]:
+    """The deadline scopes whose expiry reaches the code here (not shielded from it)."""
+    return _DEADLINES.get()[_SHIELD_AT.get():]
 
 
 @attrs.define(eq=False)
@@ -271,7 +282,7 @@ class RunState:
         cancelled now (the outermost of equal ones), as it was the first to expire; the
         others' turn comes at the next step, if the code reaches one inside them."""
         now = self.sources.clock.now()
-        scopes = [d for d in _DEADLINES.get() if d.at is not None]
+        scopes = [d for d in _open_deadlines() if d.at is not None]
         passed = [d for d in scopes if d.at is not None and d.at <= now]
         if passed:
             min(passed, key=lambda d: d.at or 0.0).cancel.cancel()
@@ -281,7 +292,7 @@ class RunState:
 
     def in_scopes(self, position: str) -> None:
         """A step begins at ``position``: the deadline scopes it stands in note it."""
-        for d in _DEADLINES.get():
+        for d in _open_deadlines():
             d.steps.append(position)
 
     async def cancelled_on_replay(self, step: StepRecord) -> None:
@@ -290,7 +301,7 @@ class RunState:
         if step.error_type != DEADLINE_EXCEEDED or step.output is None:
             return
         scope = p.decode_value(step.output)
-        for d in _DEADLINES.get():
+        for d in _open_deadlines():
             if d.position == scope:
                 d.replayed = True
                 d.cancel.cancel()
@@ -663,7 +674,7 @@ class RunState:
 
     def _in_scopes(self, child_id: str, detached: bool) -> None:
         if not detached:
-            for d in _DEADLINES.get():
+            for d in _open_deadlines():
                 d.children.append(child_id)
 
     async def join(self, child_id: str, result_type: Any) -> Any:
@@ -796,7 +807,7 @@ class DeadlineScope:
         scope = self._scope
         assert scope is not None and self._token is not None
         _DEADLINES.reset(self._token)
-        if isinstance(exc, Suspend) and scope.at is not None:
+        if isinstance(exc, Suspend) and scope.at is not None and id(scope) not in exc.shielded:
             # The run gives its slot back: the server's timer wakes it at the deadline.
             exc.conditions = (*exc.conditions,
                               WaitFor(scope.position, "deadline", "deadline", scope.at))
@@ -867,12 +878,30 @@ class WorkflowRun:
         """Awaits inside run normally after a cancel (``aiki.RunCancelled`` is not raised):
         compensation, e.g. a refund. They must end within the cancel's grace period (60 s
         by default); then the run ends ``cancelled`` whatever they are doing. Branches of a
-        ``run.gather`` begun inside are shielded too."""
+        ``run.gather`` begun inside are shielded too.
+
+        As Trio's shield, it shields from the durable deadlines of the scopes around it
+        (``run.move_on_after`` / ``run.fail_after``): their expiry does not cut the awaits
+        inside short (nor wake a run waiting inside), and takes effect when the shield
+        exits. (A scope that had expired already when the shield was entered, e.g. in a
+        ``finally`` while it unwinds, stays expired: compensate after the scope, on
+        ``scope.cancelled_caught``.) Scopes opened inside it expire as usual."""
+        outer = _open_deadlines()
+        armed = [(d, d.cancel.deadline) for d in outer]
+        for d in outer:
+            d.cancel.deadline = math.inf
         token = _SHIELDED.set(True)
+        at = _SHIELD_AT.set(len(_DEADLINES.get()))
         try:
             yield
+        except Suspend as exc:
+            exc.shielded.update(id(d) for d in outer)
+            raise
         finally:
+            _SHIELD_AT.reset(at)
             _SHIELDED.reset(token)
+            for d, deadline in armed:  # (one that passed meanwhile cancels at once)
+                d.cancel.deadline = deadline
 
     async def now(self) -> float:
         """Wall-clock seconds since the epoch, recorded once."""

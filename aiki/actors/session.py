@@ -624,7 +624,10 @@ class Session:
             return p.Controlled(msg.req, run)
         if isinstance(msg, p.ResumeRun):
             run = await ctx.writer.write(ops.ResumeRun(msg.run_id, who, now, msg.control_id))
-            if run.state == "queued":
+            if run.state in TERMINAL_RUN_STATES:  # its last child ended while it was paused
+                ctx.watchers.ended(run)
+                await self._tell_parents(run)
+            elif run.state == "queued":
                 ctx.dispatcher.poke()
             else:
                 dues = [w.due_at for w in await ctx.store.get_waits(run.id)

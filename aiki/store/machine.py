@@ -370,12 +370,14 @@ def _await_children(run: RunRecord, lease: Lease, now: float, result: str | None
 
 
 def awaits_children(run: RunRecord, waits: Iterable[WaitRecord]) -> bool:
-    """Whether ``run``'s function has ended and it waits for its children."""
-    return run.state == "waiting" and any(w.kind == "children" for w in waits)
+    """Whether ``run``'s function has ended and it waits for its children (it may have been
+    paused meanwhile: it keeps that wait)."""
+    return run.state in ("waiting", "paused") and any(w.kind == "children" for w in waits)
 
 
 def _settle(run: RunRecord, now: float) -> Change:
-    """A run whose function had ended: its last child ended, it ends as decided then."""
+    """A run whose function had ended: its last child ended, it ends as decided then (a
+    paused one only if it was cancelled: a pause holds the end of a run, a cancel does not)."""
     state: RunState = ("cancelled" if run.cancel_requested_at is not None
                        else "failed" if run.error_type is not None else "completed")
     ended = _move(run, now, state, finished_at=now, **_NO_LEASE)
@@ -385,14 +387,22 @@ def _settle(run: RunRecord, now: float) -> Change:
 
 
 def cancel(run: RunRecord | None, run_id: str, reason: str | None, grace: float, who: str,
-           now: float, *, awaiting_children: bool = False,
-           cascade: str | None = None) -> tuple[Change, o.CancelOutcome]:
+           now: float, *, awaiting_children: bool = False, cascade: str | None = None,
+           children: int = 0) -> tuple[Change, o.CancelOutcome]:
     """``handle.cancel()``. See :class:`aiki.store.ops.CancelRun`. A second cancel of a run
     being cancelled changes nothing and answers True (the first one's reason and grace
     stand). ``awaiting_children``: its function has ended and it waits for its children
-    (it keeps waiting; they are cancelled). ``cascade``: the ancestor whose cancel reaches
-    this run (the store cancels a run's unfinished, not detached descendants first, the
-    deepest first, in the same transaction)."""
+    (it keeps waiting; they are cancelled; with none left it ends at once). ``cascade``:
+    the ancestor whose cancel reaches this run (the store cancels a run's unfinished, not
+    detached descendants first, the deepest first, in the same transaction). ``children``:
+    how many of its children it did not detach are still unfinished (after that cascade).
+
+    A paused run that no worker holds ends ``cancelled`` at once (nothing of it runs: it
+    cannot compensate), or, when children it waits for are still unfinished (in their own
+    grace period), as soon as the last one has ended. A paused run whose worker had not
+    given it back yet has that lease revoked and stays paused: resumed within the grace
+    period, its workflow sees RunCancelled and compensates; when the period ends it ends
+    ``cancelled`` all the same."""
     if run is None:
         raise RunNotFound(f"no run with id {run_id!r}")
     if run.state in TERMINAL_RUN_STATES:
@@ -412,11 +422,27 @@ def cancel(run: RunRecord | None, run_id: str, reason: str | None, grace: float,
                                      error_type=RUN_CANCELLED,
                                      error_message=reason or "cancelled", error_traceback=None),
                         history=(asked,))
+        if children == 0:  # (its last child ended while it was paused)
+            assert change.run is not None
+            change = change.then(_settle(change.run, now))
     elif grace <= 0 or run.attempts == 0:
         why = "cancelled before it ever ran" if run.attempts == 0 else "cancelled with no grace"
         change = Change(history=(asked,)).then(
             _cancelled(marked, now, who, run.lease_epoch, why))
-    elif run.state == "paused":  # it stays paused: it compensates once resumed
+    elif run.state == "paused" and run.lease_owner is None and children == 0:
+        change = Change(history=(asked,)).then(
+            _cancelled(marked, now, who, run.lease_epoch,
+                       "cancelled while paused, with no worker holding it"))
+    elif run.state == "paused" and run.lease_owner is None:
+        # Its function is given up; it ends once the children it waits for have ended.
+        held_back = _move(marked, now, "waiting", result=None, error_type=RUN_CANCELLED,
+                          error_message=reason or "cancelled", error_traceback=None)
+        change = Change(held_back, waits=(WaitRecord(run.id, "", "children", None, None, now),),
+                        history=(asked, Entry(
+                            now, "run.waiting", run.attempts, who,
+                            detail=f"cancelled while paused; waits for {children} child "
+                                   "run(s) to end")))
+    elif run.state == "paused":  # held: it stays paused, and compensates once resumed
         bump = 1 if run.lease_owner is not None else 0  # (its worker had not given it back)
         held_back = attrs.evolve(marked, updated_at=now, lease_epoch=run.lease_epoch + bump,
                                  **_NO_LEASE)
@@ -513,13 +539,14 @@ def child_ended(parent: RunRecord, joins: Sequence[StepRecord], waits: Sequence[
     change = NOTHING
     for step in joins:
         change = change.then(_joined(step, child, now, None))
+    if awaits_children(parent, waits):
+        if unfinished == 0 and (parent.state == "waiting"
+                                or parent.cancel_requested_at is not None):
+            return change.then(_settle(parent, now))
+        return change  # (a paused one settles when it is resumed)
     if parent.state != "waiting":
         return change if change is NOTHING else change.then(
             Change(attrs.evolve(parent, updated_at=now)))
-    if awaits_children(parent, waits):
-        if unfinished == 0:
-            return change.then(_settle(parent, now))
-        return change
     if any(w.kind == "join" and w.name == child.id for w in waits):
         return change.then(_wake(parent, now, f"child run {child.id} ended {child.state}"))
     return change
@@ -549,12 +576,15 @@ def pause(run: RunRecord | None, run_id: str, who: str, now: float,
 
 def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
            steps: Mapping[str, StepRecord], buffered: Mapping[str, float], who: str,
-           now: float, control_id: str | None = None) -> Change:
+           now: float, control_id: str | None = None, *, children: int = 0) -> Change:
     """``handle.resume()``: a paused run goes back to waiting if its waits still wait, or to
     the queue, as if the pause had only held it: its due sleeps end, and its due event
     waits time out unless their event was sent (and buffered) before they came due.
     ``buffered``: the names of its undelivered events, each with when the first was sent.
-    A lease its worker had not given back yet is fenced off (the epoch moves on)."""
+    A lease its worker had not given back yet is fenced off (the epoch moves on).
+    ``children``: how many of its children it did not detach are unfinished; a run whose
+    function had ended, waiting for them, ends as decided then if none is left (its last
+    child ended while it was paused)."""
     if run is None:
         raise RunNotFound(f"no run with id {run_id!r}")
     if repeated(run, "resume", control_id):
@@ -568,6 +598,12 @@ def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
     detail = f"resumed by {who}"
     if run.lease_owner is not None:
         detail += f"; the lease of worker {run.lease_owner!r} is fenced off"
+    if any(w.kind == "children" for w in waits) and children == 0:
+        back = _move(run, now, "waiting", **fence)
+        return Change(back, history=(Entry(
+            now, "run.waiting", run.attempts, who,
+            detail=f"{detail}; its child runs ended while it was paused"),)).then(
+            _settle(back, now))
     if waits:
         names = set(buffered)
         why = next((held_why for c in waits

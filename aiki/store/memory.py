@@ -257,8 +257,10 @@ class MemoryStore:
             change = m.resume(
                 runs.get(op.run_id), op.run_id, tuple(self._waits.get(op.run_id, {}).values()),
                 steps, m.first_sent(self._events.get(op.run_id, ())),
-                op.who, op.now, op.control_id)
+                op.who, op.now, op.control_id, children=self._unfinished(op.run_id))
             self._write(op.run_id, change)
+            if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+                self._ended(change.run, op.now, [])
             return change.run
         if isinstance(op, o.ForkRun):
             existing = runs.get(op.new_run_id)
@@ -351,7 +353,7 @@ class MemoryStore:
             run = self._runs[d]
             change, out = m.cancel(run, d, reason, grace, who, now,
                                    awaiting_children=self._awaits_children(run),
-                                   cascade=run_id)
+                                   cascade=run_id, children=self._unfinished(d))
             self._write(d, change)
             if out.holder is not None:
                 revoked.append(d)
@@ -368,12 +370,15 @@ class MemoryStore:
         out = o.CancelOutcome(True, None, None)
         if first:
             change, out = m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now,
-                                   awaiting_children=True)
+                                   awaiting_children=True,
+                                   children=self._unfinished(op.run_id))
             self._write(op.run_id, change)
+            if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+                self._ended(change.run, op.now, ended)
         self._cascade(op.run_id, op.reason, op.grace, op.who, op.now, revoked, ended)
         if not first:
             change, out = m.cancel(self._runs[op.run_id], op.run_id, op.reason, op.grace,
-                                   op.who, op.now)
+                                   op.who, op.now, children=self._unfinished(op.run_id))
             self._write(op.run_id, change)
             if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
                 self._ended(change.run, op.now, ended)

@@ -439,7 +439,8 @@ def _cascade(db: Db, run_id: str, reason: str | None, grace: float, who: str, no
         run = _get_run(db, d.id)
         assert run is not None
         change, out = m.cancel(run, run.id, reason, grace, who, now,
-                               awaiting_children=_awaits_children(db, run), cascade=run_id)
+                               awaiting_children=_awaits_children(db, run), cascade=run_id,
+                               children=_unfinished(db, run.id))
         _write(db, run.id, change)
         if out.holder is not None:
             revoked.append(run.id)
@@ -551,12 +552,14 @@ def _cancel(db: Db, op: o.CancelRun) -> o.CancelOutcome:
     out = o.CancelOutcome(True, None, None)
     if first:
         change, out = m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now,
-                               awaiting_children=True)
+                               awaiting_children=True, children=_unfinished(db, op.run_id))
         _write(db, op.run_id, change)
+        if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+            _ended(db, change.run, op.now, ended)
     _cascade(db, op.run_id, op.reason, op.grace, op.who, op.now, revoked, ended)
     if not first:
         change, out = m.cancel(_get_run(db, op.run_id), op.run_id, op.reason, op.grace,
-                               op.who, op.now)
+                               op.who, op.now, children=_unfinished(db, op.run_id))
         _write(db, op.run_id, change)
         if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
             _ended(db, change.run, op.now, ended)
@@ -709,8 +712,11 @@ def _resume(db: Db, op: o.ResumeRun) -> RunRecord | None:
         "SELECT name, min(sent_at) FROM events WHERE run_id = ? AND position IS NULL"
         " GROUP BY name", (op.run_id,)).fetchall())
     change = m.resume(_get_run(db, op.run_id), op.run_id, _get_waits(db, op.run_id), steps,
-                      buffered, op.who, op.now, op.control_id)
+                      buffered, op.who, op.now, op.control_id,
+                      children=_unfinished(db, op.run_id))
     _write(db, op.run_id, change)
+    if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+        _ended(db, change.run, op.now, [])
     return change.run
 
 

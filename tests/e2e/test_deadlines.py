@@ -164,3 +164,48 @@ async def test_bad_durations_are_refused(bad: Any) -> None:
     for make in (run.move_on_after, run.fail_after):
         with pytest.raises(ValueError, match="run.(move_on|fail)_after\\(\\)"):
             make(bad)
+
+
+@aiki.workflow(name="shielded-in-a-deadline", version="1")
+async def shielded_in_a_deadline(run: aiki.WorkflowRun, durable: bool) -> list[Any]:
+    start = await run.now()
+    done = None
+    with run.move_on_after(10) as scope:
+        with run.shield():  # the deadline passes in here: what is inside goes on
+            if durable:
+                await run.sleep(30)  # the slot is given back; not woken at the deadline
+                done = "slept"
+            else:
+                done = await slow.run(run, 30.0)
+            shielded_end = round(await run.now() - start)
+        await slow.run(run, 1.0)  # the deadline takes effect now: never completes
+        done = "not cancelled"
+    return [done, scope.cancelled_caught, shielded_end, round(await run.now() - start)]
+
+
+@aiki.workflow(name="deadline-in-a-shield", version="1")
+async def deadline_in_a_shield(run: aiki.WorkflowRun, _: None) -> list[Any]:
+    with run.move_on_after(100) as outer:
+        with run.shield():
+            with run.move_on_after(5) as inner:  # opened inside: it expires as usual
+                await slow.run(run, 50.0)
+            await slow.run(run, 1.0)
+    return [outer.cancelled_caught, inner.cancelled_caught]
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["task", "durable-sleep"])
+async def test_a_shield_holds_off_an_enclosing_deadline_until_it_exits(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+    durable: bool,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[shielded_in_a_deadline,
+                                                  deadline_in_a_shield]):
+            handle = await shielded_in_a_deadline.enqueue(client, durable)
+            done = "slept" if durable else "slept 30.0"
+            assert await handle.wait_for_completion(timeout=600) == [done, True, 30, 30]
+            if durable:  # the sleep's wait alone: the deadline does not wake it
+                steps = await engine_store.get_steps(handle.id)
+                assert [s.kind for s in steps].count("sleep") == 1
+            inside = await deadline_in_a_shield.enqueue(client, None)
+            assert await inside.wait_for_completion(timeout=600) == [False, True]

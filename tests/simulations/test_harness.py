@@ -290,14 +290,14 @@ def ended_notices_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def cancel_keeps_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A cancel of a running run that marks it but leaves its lease valid: the worker that
-    holds it goes on as if nothing happened."""
+    """A cancel of a running run (asked for it, or reached by a cascade) that marks it but
+    leaves its lease valid: the worker that holds it goes on as if nothing happened."""
     real = machine.cancel
 
     def cancel(run: Any, run_id: str, reason: Any, grace: float, who: str,
-               now: float) -> Any:
+               now: float, **kwargs: Any) -> Any:
         if run is None or run.state != "running" or run.cancel_requested_at is not None:
-            return real(run, run_id, reason, grace, who, now)
+            return real(run, run_id, reason, grace, who, now, **kwargs)
         marked = attrs.evolve(run, cancel_requested_at=now, cancel_reason=reason,
                               cancel_deadline=now + grace)
         asked = machine.Entry(now, "cancel.requested", run.attempts, who)

@@ -192,3 +192,115 @@ async def test_steps_of_an_expired_deadline_scope_are_abandoned(store: Store) ->
     assert sent.delivered is False
     with pytest.raises(StaleLease):
         await execute(store, o.AbandonSteps(Lease("p", 0, "w1"), ("1",), "3", 14.0))
+
+
+# -- a paused tree: the pause holds a run's end, a cancel does not ----------------------------
+async def test_a_parent_paused_while_awaiting_its_last_child_ends_when_resumed(
+        store: Store) -> None:
+    """Its function returned, it waits for its child; paused; the child ends while it is
+    paused: it stays paused (a pause holds its end), and ends at once when resumed (no
+    child is left to wake it)."""
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await execute(store, o.CompleteRun(lease, '"sent"', 12.0))
+    await execute(store, o.PauseRun("p", "ops", 13.0))
+    child = await lease_of(store, "p/0", 14.0)
+    await execute(store, o.CompleteRun(child, "1", 15.0))
+    run = await store.get_run("p")
+    assert run is not None and run.state == "paused"
+    resumed = await execute(store, o.ResumeRun("p", "ops", 16.0))
+    assert (resumed.state, resumed.result, resumed.finished_at) == ("completed", '"sent"', 16.0)
+    assert [e[1] for e in await events(store, "p")][-3:] == [
+        "run.paused", "run.waiting", "run.completed"]
+
+
+async def test_a_parent_paused_while_awaiting_children_still_waits_for_them_when_resumed(
+        store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await execute(store, start(lease, "1"))
+    await claim(store, now=11.5)  # the children run
+    await execute(store, o.FailRun(lease, "E", "boom", 12.0))  # they are cancelled, with grace
+    await execute(store, o.PauseRun("p", "ops", 13.0))
+    claimed = {c.run.id: c.lease for c in await claim(store, now=14.0)}
+    await execute(store, o.FailRun(claimed["p/0"], "RunCancelled", "x", 15.0))
+    resumed = await execute(store, o.ResumeRun("p", "ops", 16.0))
+    assert resumed.state == "waiting"  # p/1 is still unfinished
+    await execute(store, o.FailRun(claimed["p/1"], "RunCancelled", "x", 17.0))
+    run = await store.get_run("p")
+    assert run is not None and (run.state, run.error_type) == ("failed", "E")
+
+
+async def test_a_paused_run_nobody_holds_is_cancelled_at_once_with_its_children(
+        store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await execute(store, o.WaitRun(lease, (WaitFor("1", "sleep", None, 99.0),), "sleeps", 12.0))
+    await execute(store, o.PauseRun("p", "ops", 13.0))
+    out = await execute(store, o.CancelRun("p", "gone", 30.0, "c", 14.0))
+    assert (out.cancelled, out.holder, out.revoked) == (True, None, ())
+    run = await store.get_run("p")
+    assert run is not None and (run.state, run.error_message, run.finished_at) == (
+        "cancelled", "gone", 14.0)
+    assert await store.get_waits("p") == ()
+    child = await store.get_run("p/0")
+    assert child is not None and child.state == "cancelled"  # never ran: at once too
+
+
+async def test_a_paused_run_whose_child_is_held_ends_cancelled_after_that_child(
+        store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await execute(store, o.WaitRun(lease, (WaitFor("1", "join", "p/0"),), "joins", 12.0))
+    child = await lease_of(store, "p/0", 13.0)
+    await execute(store, o.PauseRun("p", "ops", 13.0))
+    out = await execute(store, o.CancelRun("p", "gone", 30.0, "c", 14.0))
+    assert (out.cancelled, out.holder, out.revoked) == (True, None, ("p/0",))
+    run = await store.get_run("p")
+    assert run is not None and run.state == "waiting"  # for its child's grace period
+    assert [w.kind for w in await store.get_waits("p")] == ["children"]
+    again = await lease_of(store, "p/0", 15.0)
+    with pytest.raises(StaleLease):
+        await execute(store, o.CompleteRun(child, "1", 15.0))
+    await execute(store, o.FailRun(again, "RunCancelled", "gone", 16.0))
+    run = await store.get_run("p")
+    assert run is not None and (run.state, run.error_message, run.finished_at) == (
+        "cancelled", "gone", 16.0)
+
+
+async def test_a_paused_run_awaiting_children_is_cancelled_with_them(store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await execute(store, o.CompleteRun(lease, '"sent"', 12.0))
+    await execute(store, o.PauseRun("p", "ops", 13.0))
+    out = await execute(store, o.CancelRun("p", "gone", 30.0, "c", 14.0))
+    assert out.cancelled
+    for run_id in ("p/0", "p"):  # the child never ran: both end at once
+        run = await store.get_run(run_id)
+        assert run is not None and run.state == "cancelled", run_id
+
+
+async def test_a_paused_run_awaiting_children_that_ended_is_cancelled_at_once(
+        store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await execute(store, o.CompleteRun(lease, '"sent"', 12.0))
+    await execute(store, o.PauseRun("p", "ops", 13.0))
+    child = await lease_of(store, "p/0", 14.0)
+    await execute(store, o.CompleteRun(child, "1", 15.0))
+    await execute(store, o.CancelRun("p", "gone", 30.0, "c", 16.0))
+    run = await store.get_run("p")
+    assert run is not None and (run.state, run.finished_at) == ("cancelled", 16.0)
+
+
+async def test_a_held_paused_run_cancelled_cascades_and_ends_at_its_grace(store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await lease_of(store, "p/0", 12.0)
+    await execute(store, o.PauseRun("p", "ops", 12.0))  # its worker still holds it
+    out = await execute(store, o.CancelRun("p", "gone", 5.0, "c", 13.0))
+    assert (out.holder, out.revoked) == ("w1", ("p/0",))
+    run = await store.get_run("p")
+    assert run is not None and run.state == "paused"
+    [*ended] = await execute(store, o.EndCancels(18.0))
+    assert [(r.id, r.state) for r in ended] == [("p/0", "cancelled"), ("p", "cancelled")]

@@ -513,7 +513,7 @@ async def _cascade(conn: Conn, run_id: str, reason: str | None, grace: float, wh
         assert run is not None
         change, out = m.cancel(run, run.id, reason, grace, who, now,
                                awaiting_children=await _awaits_children(conn, run),
-                               cascade=run_id)
+                               cascade=run_id, children=await _unfinished(conn, run.id))
         await _write(conn, run.id, change)
         if out.holder is not None:
             revoked.append(run.id)
@@ -672,12 +672,16 @@ async def _cancel(conn: Conn, op: o.CancelRun) -> o.CancelOutcome:
     out = o.CancelOutcome(True, None, None)
     if first:
         change, out = m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now,
-                               awaiting_children=True)
+                               awaiting_children=True,
+                               children=await _unfinished(conn, op.run_id))
         await _write(conn, op.run_id, change)
+        if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+            await _ended(conn, change.run, op.now, ended)
     await _cascade(conn, op.run_id, op.reason, op.grace, op.who, op.now, revoked, ended)
     if not first:
         change, out = m.cancel(await get_run(conn, op.run_id), op.run_id, op.reason,
-                               op.grace, op.who, op.now)
+                               op.grace, op.who, op.now,
+                               children=await _unfinished(conn, op.run_id))
         await _write(conn, op.run_id, change)
         if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
             await _ended(conn, change.run, op.now, ended)
@@ -785,8 +789,11 @@ async def _resume(conn: Conn, op: o.ResumeRun) -> RunRecord | None:
         "SELECT name, min(sent_at) AS sent_at FROM events WHERE run_id = $1"
         " AND position IS NULL GROUP BY name", op.run_id)}
     change = m.resume(run, op.run_id, await get_waits(conn, op.run_id), steps, buffered,
-                      op.who, op.now, op.control_id)
+                      op.who, op.now, op.control_id,
+                      children=await _unfinished(conn, op.run_id))
     await _write(conn, op.run_id, change)
+    if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+        await _ended(conn, change.run, op.now, [])
     return change.run
 
 
