@@ -838,12 +838,24 @@ class WorkflowRun:
     """
 
     def __init__(self, state: RunState, run_id: str, workflow: str, version: str,
-                 attempt: int) -> None:
+                 attempt: int, client: Any = None) -> None:
         self._state = state
+        self._client = client
         self.id = run_id
         self.workflow = workflow
         self.version = version
         self.attempt = attempt
+
+    @property
+    def client(self) -> Any:
+        """The client the worker running this run was started from (``aiki.worker(client,
+        ...)``); RuntimeError for a worker made without one."""
+        if self._client is None:
+            raise RuntimeError(f"run {self.id}: its worker was not started from a client "
+                               "(aiki.worker(client, ...)), so there is none to make a "
+                               "handle with; use client.handle(child.id) outside the "
+                               "workflow")
+        return self._client
 
     @property
     def cancelling(self) -> bool:
@@ -1006,7 +1018,7 @@ async def run_workflow(
     run_task: TaskRunner = call_task, on_state: Callable[[RunState], None] | None = None,
     lease_deadline: Callable[[], float] = lambda: math.inf,
     lease_renewed: Callable[[float], None] = lambda sent: None, flusher: Flusher | None = None,
-    paused: Callable[[], bool] = lambda: False,
+    paused: Callable[[], bool] = lambda: False, client: Any = None,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
     drains, or the run was paused: ``draining`` is set, ``paused()`` says which) or
@@ -1024,7 +1036,7 @@ async def run_workflow(
     if on_state is not None:  # (a replay looks at what the code consumed)
         on_state(state)
     _BRANCH.set((state, state.root))
-    handle = WorkflowRun(state, run.id, run.workflow, run.version, run.attempts)
+    handle = WorkflowRun(state, run.id, run.workflow, run.version, run.attempts, client)
     try:
         payload = p.decode_value(run.payload, workflow.payload_type,
                                  what=f"payload of workflow {workflow.name!r}")

@@ -80,6 +80,9 @@ class Worker:
     reconnect: Backoff | None = attrs.field(factory=Backoff)
     request_timeout: float = 30.0
     run_task: TaskRunner = call_task  # how task bodies are called (a test may stand in)
+    # The client the worker was started from (``aiki.worker(client, ...)``): the handles of
+    # child runs (``child.handle``) go through it.
+    client: Any = None
     # Seconds to keep trying while the server cannot be reached at start (0: fail at once).
     connect_timeout: float = 0.0
     held: dict[str, Held] = attrs.field(factory=dict)
@@ -205,7 +208,7 @@ class Worker:
                                    lease_deadline=partial(self._lease_deadline, link, mine),
                                    lease_renewed=partial(_renewed, mine),
                                    flusher=self.flusher,
-                                   paused=lambda: mine.paused)
+                                   paused=lambda: mine.paused, client=self.client)
         except Abandon:
             pass
         finally:

@@ -205,10 +205,14 @@ class ChildRun(Generic[R]):
         same outcome."""
         return await self.run._join(self.id, self.result_type)  # type: ignore[no-any-return]
 
-    def handle(self, client: Any) -> Any:
-        """A handle on the child run through ``client`` (for a caller outside the workflow:
-        its status, history, cancel...)."""
-        return client.handle(self.id, self.result_type)
+    @property
+    def handle(self) -> Any:
+        """A handle on the child run (``aiki.RunHandle``: its status, history, cancel...),
+        through the client the worker running the parent was started from. Its calls are
+        not steps of the parent: they are not recorded, and a replay makes them again. To
+        wait for the child, use :meth:`result` (recorded); from outside the workflow,
+        ``client.handle(child.id)``."""
+        return self.run.client.handle(self.id, self.result_type)
 
 
 class TaskDecorator(Protocol):

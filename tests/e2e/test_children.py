@@ -53,6 +53,21 @@ async def fire_and_forget(run: aiki.WorkflowRun, parcels: list[str]) -> str:
     return "sent"
 
 
+@aiki.workflow(name="impatient-order", version="1")
+async def impatient_order(run: aiki.WorkflowRun, parcel: str) -> list[str]:
+    """Cancels its child through ``child.handle`` (not a step: the cancel of a child that
+    has ended already answers False on a replay) and reads its end."""
+    child = await ship.start_child(run, parcel)
+    assert child.handle.id == child.id
+    cancelled = await child.handle.cancel("not needed")
+    try:
+        got = await child.result()
+    except aiki.ChildCancelled as exc:
+        got = f"cancelled: {exc.reason}"
+    state = (await child.handle.status()).state
+    return [got, state, str(cancelled)]
+
+
 @aiki.workflow(name="tree", version="1")
 async def tree(run: aiki.WorkflowRun, depth: int) -> str:
     if depth == 0:
@@ -142,3 +157,22 @@ async def test_cancelling_a_three_level_tree_cancels_every_run(
     assert len(runs) == 7
     assert all(r is not None and r.state == "cancelled" for r in runs)
     assert len(started) == cancelled_at  # no task started after the cancel
+
+
+async def test_child_handle_is_a_handle_through_the_workers_client(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[impatient_order, ship]):
+            handle = await impatient_order.enqueue(client, "slow-9")
+            got, state, _ = await handle.wait_for_completion(timeout=60)
+    assert (got, state) == ("cancelled: not needed", "cancelled")
+
+
+def test_child_handle_of_a_worker_made_without_a_client_is_a_clear_error() -> None:
+    from aiki.actors.run import WorkflowRun
+    from aiki.sdk.definitions import ChildRun
+
+    run = WorkflowRun(None, "r", "wf", "1", 1)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match=r"client.handle\(child.id\)"):
+        _ = ChildRun(run, "r/0", str).handle

@@ -306,6 +306,17 @@ def cancel_keeps_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(machine, "cancel", cancel)
 
 
+def resume_forgets_ended_children(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parent paused while it waited for its children, whose last child ended meanwhile:
+    resumed, it waits for them again, and nothing is left to wake it."""
+    real = machine.resume
+
+    def resume(*args: Any, **kwargs: Any) -> Any:
+        return real(*args, **{**kwargs, "children": max(1, kwargs.get("children", 0))})
+
+    monkeypatch.setattr(machine, "resume", resume)
+
+
 def parent_woken_only_when_child_completes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Upstream's behaviour: a waiting parent wakes only when its child reaches the state
     it asked for (completed); a failed or cancelled child leaves it waiting for ever."""
