@@ -139,6 +139,19 @@ class Lease:
 
 
 @attrs.frozen
+class RunCount:
+    """How many unfinished runs of one (workflow, version) are in one state, and since when
+    the longest-standing of them has been in it (its ``updated_at``: for a queued run, when it
+    was queued)."""
+
+    workflow: str
+    version: str
+    state: str
+    count: int
+    oldest: float
+
+
+@attrs.frozen
 class ClaimedRun:
     """A run handed to a worker: its record (with the new lease) and every step so far."""
 

@@ -15,6 +15,8 @@ from typing import Protocol
 import attrs
 import trio
 
+from aiki.metrics import Metrics
+
 
 class WallClock(Protocol):
     """Seconds since the Unix epoch, as a float."""
@@ -55,10 +57,13 @@ class SystemWallClock:
 
 @attrs.define
 class Sources:
-    """Clock, id generator and random source handed to every component that needs one."""
+    """Clock, id generator, random source and metrics sink handed to every component that
+    needs one. ``metrics`` is the one sink of the process (or of one simulated node): every
+    actor counts into it, and the server's ``/metrics`` reads it."""
 
     clock: WallClock
     rng: random.Random
+    metrics: Metrics = attrs.field(factory=Metrics)
 
     def new_id(self) -> str:
         """A time-ordered id for a stored record: a UUIDv7 string (RFC 9562), 48 bits of

@@ -28,6 +28,7 @@ from aiki.records import (
     FINAL_STEP_STATES,
     EventRecord,
     HistoryEvent,
+    RunCount,
     RunRecord,
     StepRecord,
     WaitRecord,
@@ -241,6 +242,9 @@ class SimStore:
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
         return await self.inner.get_events(run_id)
 
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        return await self.inner.run_counts()
+
     async def next_due(self) -> float | None:
         return await self.inner.next_due()
 
@@ -282,6 +286,9 @@ class ServerStore:
 
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
         return await self.db.get_events(run_id)
+
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        return await self.db.run_counts()
 
     async def next_due(self) -> float | None:
         return await self.db.next_due()

@@ -37,6 +37,7 @@ import trio
 from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.errors import AikiError, StoreUnavailable
+from aiki.logs import run_fields
 from aiki.protocol import Assign, WorkerInfo, WorkflowRef
 from aiki.records import Lease
 from aiki.sources import Sources
@@ -134,7 +135,8 @@ class Dispatcher:
     poll_interval: float | None = None
     # Told the expiry of each lease it grants (the Timer's alarm).
     on_leased: Callable[[float], None] = lambda expires_at: None
-    mailbox: Mailbox[Any] = attrs.field(factory=lambda: Mailbox[Any](1024, "dispatcher"))
+    mailbox: Mailbox[Any] = attrs.field(default=attrs.Factory(
+        lambda self: Mailbox[Any](1024, "dispatcher", self.sources.metrics), takes_self=True))
     seats: dict[int, Seat] = attrs.field(factory=dict)
     versions: dict[str, set[str]] = attrs.field(factory=dict)
     events: dict[tuple[str, str], set[str]] = attrs.field(factory=dict)
@@ -276,7 +278,9 @@ class Dispatcher:
                 assert run.lease_owner is not None
                 log.info("dispatcher: cannot deliver run %s to worker %r (%s); back to the "
                          "queue", run.id, seat.worker_id,
-                         "it drains" if seat.draining else "its connection is backed up")
+                         "it drains" if seat.draining else "its connection is backed up",
+                         extra=run_fields(run.id, run.workflow, run.version, run.attempts,
+                                          run.lease_owner))
                 try:
                     await self.writer.write(ReleaseRun(
                         Lease(run.id, run.lease_epoch, run.lease_owner),
@@ -284,7 +288,9 @@ class Dispatcher:
                         reason=f"the server could not deliver it to worker {seat.worker_id!r}",
                     ))
                 except (AikiError, AskTimeout) as exc:  # then its lease expires instead
-                    log.warning("dispatcher: could not give run %s back: %s", run.id, exc)
+                    log.warning("dispatcher: could not give run %s back: %s", run.id, exc,
+                                extra=run_fields(run.id, run.workflow, run.version,
+                                                 run.attempts, run.lease_owner))
 
     # -- for sessions --------------------------------------------------------------------
     def tell(self, msg: Joined | Left | Ended | Alive | Draining | Expired | Poke) -> None:

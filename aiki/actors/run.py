@@ -47,6 +47,8 @@ from aiki.errors import (
     StoreUnavailable,
     TaskFailed,
 )
+from aiki.logs import bind_run
+from aiki.metrics import TASK_DURATION
 from aiki.records import FINAL_STEP_STATES, Lease, StepKind, StepRecord, WaitFor
 from aiki.retry import Retry
 from aiki.sources import Sources
@@ -333,7 +335,7 @@ class RunState:
                 # the lease may have expired since, and the task run by another worker.
                 raise Abandon(f"task {task.name!r}: its start was acknowledged after the "
                               "lease may have expired")
-            return await self.run_task(task, payload)
+            return await self._timed(task, payload)
         writing = False
         lost: list[Abandon] = []
 
@@ -352,7 +354,7 @@ class RunState:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(record_start, nursery.cancel_scope)
             try:
-                value = await self.run_task(task, payload)
+                value = await self._timed(task, payload)
             except Exception as exc:  # raised below as itself, not in the nursery's group
                 failure = exc
             finally:
@@ -365,6 +367,21 @@ class RunState:
         if failure is not None:
             raise failure
         return value
+
+    async def _timed(self, task: TaskDefinition, payload: Any) -> Any:
+        """Run the task's body, its duration counted by outcome (on Trio's clock)."""
+        started = trio.current_time()
+        outcome = "cancelled"
+        try:
+            value = await self.run_task(task, payload)
+            outcome = "completed"
+            return value
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            self.sources.metrics.observe(TASK_DURATION, trio.current_time() - started,
+                                         (task.name, outcome))
 
     async def await_step(self, step: StepRecord) -> StepRecord:
         """Ask the store where a wait step stands (it ends it if it can)."""
@@ -595,6 +612,7 @@ async def run_workflow(
     if on_state is not None:  # (a replay looks at what the code consumed)
         on_state(state)
     _BRANCH.set((state, state.root))
+    bind_run(run.id, run.workflow, run.version, run.attempts, run.lease_owner)
     handle = WorkflowRun(state, run.id, run.workflow, run.version, run.attempts)
     try:
         payload = p.decode_value(run.payload, workflow.payload_type,

@@ -100,7 +100,9 @@ class Session:
     conn: Connection
     id: int
     hello: p.Hello | None = None
-    outbox: Mailbox[Any] = attrs.field(factory=lambda: Mailbox[Any](1024, "session-outbox"))
+    outbox: Mailbox[Any] = attrs.field(default=attrs.Factory(
+        lambda self: Mailbox[Any](1024, "session-outbox", self.ctx.sources.metrics),
+        takes_self=True))
     protocol_errors: int = 0
     unwatch: dict[int, Callable[[], None]] = attrs.field(factory=dict)
     seat: Seat | None = None  # a worker's, shared with the Dispatcher
@@ -112,6 +114,13 @@ class Session:
     superseded_why: Closing | None = None
     _watching: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
+    @property
+    def _routine(self) -> int:
+        """The level of this session's comings and goings: INFO for a worker, DEBUG for a
+        client's requests."""
+        worker = self.hello is not None and self.hello.role == "worker"
+        return logging.INFO if worker else logging.DEBUG
+
     @classmethod
     async def serve(cls, ctx: ServerContext, conn: Connection) -> None:
         ctx.sessions += 1
@@ -120,10 +129,12 @@ class Session:
         try:
             await session._serve()
         except ConnectionLost as exc:
-            log.info("session %d (%s) ended: %s", session.id, conn.peer, exc)
+            # A worker's session is news; a client's (every CLI call) is routine.
+            log.log(session._routine, "session %d (%s) ended: %s", session.id, conn.peer, exc)
         except Closing as reason:
             if reason.error_type is None:
-                log.info("closing session %d (%s): %s", session.id, conn.peer, reason)
+                log.log(session._routine, "closing session %d (%s): %s", session.id,
+                        conn.peer, reason)
             else:
                 log.warning("closing session %d (%s): %s", session.id, conn.peer, reason)
             with trio.move_on_after(1) as scope:

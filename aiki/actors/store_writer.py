@@ -7,6 +7,10 @@ time out and may retry (every op is safe to retry: see :mod:`aiki.store.ops`).
 Group commit: it takes the first write, then whatever else is already waiting (up to
 ``max_batch``), and applies them all in one store transaction. Under load one commit carries
 many runs' checkpoints; when idle a lone write is committed at once.
+
+Being the one writer, it is where the server's metrics of runs, tasks and the store are
+counted (:func:`count_outcome`): from each committed op and its outcome, so what is counted
+is what the store holds, never a write that was refused or rolled back.
 """
 
 from __future__ import annotations
@@ -17,9 +21,23 @@ import attrs
 import trio
 
 from aiki.actors.mailbox import Mailbox, Reply
-from aiki.errors import AikiError, StoreUnavailable
+from aiki.errors import AikiError, StaleLease, StoreUnavailable
+from aiki.metrics import (
+    DISPATCH_LATENCY,
+    LEASES_EXPIRED,
+    RUNS,
+    STALE_WRITES,
+    STORE_COMMIT_SECONDS,
+    STORE_ERRORS,
+    STORE_OPS,
+    STORE_OPS_PER_COMMIT,
+    STORE_TRANSACTIONS,
+    TASK_ATTEMPTS,
+    Metrics,
+)
+from aiki.records import RunRecord
 from aiki.store.base import Store
-from aiki.store.ops import Op
+from aiki.store.ops import Claim, Enqueue, ExpireLeases, Op, RetryRun, SaveStep
 
 T = TypeVar("T")
 
@@ -33,11 +51,11 @@ class Write:
 @attrs.define(eq=False)
 class StoreWriter:
     store: Store
+    metrics: Metrics = attrs.field(factory=Metrics)
     max_batch: int = 256
     timeout: float = 30.0
-    mailbox: Mailbox[Write] = attrs.field(factory=lambda: Mailbox[Write](4096, "store-writer"))
-    commits: int = 0
-    writes: int = 0
+    mailbox: Mailbox[Write] = attrs.field(default=attrs.Factory(
+        lambda self: Mailbox[Write](4096, "store-writer", self.metrics), takes_self=True))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -48,18 +66,27 @@ class StoreWriter:
                     batch.append(self.mailbox.receive_nowait())
                 except trio.WouldBlock:
                     break
+            metrics = self.metrics
+            started = trio.current_time()
             try:
                 outcomes = await self.store.apply([w.op for w in batch])
-            except StoreUnavailable as exc:
-                for w in batch:
-                    w.reply.fail(exc)
-                continue
             except Exception as exc:
+                metrics.observe(STORE_COMMIT_SECONDS, trio.current_time() - started)
+                metrics.inc(STORE_TRANSACTIONS, ("failed",))
+                metrics.inc(STORE_ERRORS, (type(exc).__name__,))
+                if isinstance(exc, StoreUnavailable):
+                    for w in batch:
+                        w.reply.fail(exc)
+                    continue
                 for w in batch:
                     w.reply.fail(StoreUnavailable(f"store write failed: {exc!r}"))
                 raise
-            self.commits += 1
-            self.writes += len(batch)
+            if metrics.enabled:
+                metrics.observe(STORE_COMMIT_SECONDS, trio.current_time() - started)
+                metrics.inc(STORE_TRANSACTIONS, ("committed",))
+                metrics.observe(STORE_OPS_PER_COMMIT, len(batch))
+                for w, outcome in zip(batch, outcomes, strict=True):
+                    count_outcome(metrics, w.op, outcome)
             for w, outcome in zip(batch, outcomes, strict=True):
                 w.reply.send(outcome)
 
@@ -69,3 +96,39 @@ class StoreWriter:
         if isinstance(outcome, AikiError):
             raise outcome
         return outcome  # type: ignore[no-any-return]
+
+
+# What an op whose outcome is a run record did to it, when it is not the run's new state.
+_RUN_EVENT: dict[type[Op[Any]], str] = {RetryRun: "retried"}
+
+
+def count_outcome(metrics: Metrics, op: Op[Any], outcome: Any) -> None:
+    """Count one committed op: every op by name and outcome; then what it did to runs and
+    tasks. An op that returns the run it moved (completing, failing, retrying, cancelling,
+    ...) counts as that run's new state, so a new op of that shape needs no code here."""
+    name = type(op).__name__
+    if isinstance(outcome, AikiError):
+        metrics.inc(STORE_OPS, (name, type(outcome).__name__))
+        if isinstance(outcome, StaleLease):
+            metrics.inc(STALE_WRITES, (name,))
+        return
+    metrics.inc(STORE_OPS, (name, "ok"))
+    if isinstance(outcome, RunRecord):
+        event = _RUN_EVENT.get(type(op), outcome.state)
+        metrics.inc(RUNS, (outcome.workflow, outcome.version, event))
+    elif isinstance(op, Enqueue):
+        if outcome.created:
+            metrics.inc(RUNS, (op.workflow, op.version, "enqueued"))
+    elif isinstance(op, Claim):
+        for claimed in outcome:
+            run = claimed.run
+            labels = (run.workflow, run.version)
+            metrics.inc(RUNS, (*labels, "started"))
+            if run.attempts == 1:  # its first claim: enqueue -> claim
+                metrics.observe(DISPATCH_LATENCY, max(op.now - run.created_at, 0.0), labels)
+    elif isinstance(op, SaveStep):
+        if op.step.kind == "task" and op.step.state != "running":
+            metrics.inc(TASK_ATTEMPTS, (op.step.name, op.step.state))
+    elif isinstance(op, ExpireLeases):
+        if outcome:
+            metrics.inc(LEASES_EXPIRED, by=len(outcome))

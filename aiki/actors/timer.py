@@ -39,8 +39,8 @@ class Timer:
     on_wake: Callable[[], None]  # runs were queued again: the Dispatcher has work
     on_expired: Callable[[tuple[str, ...]], None] = lambda ids: None
     reconcile_interval: float | None = None
-    mailbox: Mailbox[float | None] = attrs.field(
-        factory=lambda: Mailbox[float | None](256, "timer"))
+    mailbox: Mailbox[float | None] = attrs.field(default=attrs.Factory(
+        lambda self: Mailbox[float | None](256, "timer", self.sources.metrics), takes_self=True))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

@@ -6,7 +6,14 @@ from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
 from aiki.errors import AikiError
-from aiki.records import EventRecord, HistoryEvent, RunRecord, StepRecord, WaitRecord
+from aiki.records import (
+    EventRecord,
+    HistoryEvent,
+    RunCount,
+    RunRecord,
+    StepRecord,
+    WaitRecord,
+)
 from aiki.store.ops import Op
 
 T = TypeVar("T")
@@ -41,6 +48,11 @@ class Store(Protocol):
         self, *, workflow: str | None = None, state: str | None = None, limit: int = 100
     ) -> tuple[RunRecord, ...]:
         """Newest first."""
+        ...
+
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        """Unfinished runs (every state but the terminal ones) counted by workflow, version
+        and state, sorted by those: what the ``aiki_runs`` gauges and readiness read."""
         ...
 
     async def next_due(self) -> float | None:

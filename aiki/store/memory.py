@@ -16,9 +16,11 @@ import trio
 
 from aiki.errors import AikiError
 from aiki.records import (
+    TERMINAL_RUN_STATES,
     ClaimedRun,
     EventRecord,
     HistoryEvent,
+    RunCount,
     RunRecord,
     StepRecord,
     WaitRecord,
@@ -95,6 +97,16 @@ class MemoryStore:
         ]
         runs.sort(key=lambda r: self._order[r.id], reverse=True)
         return tuple(runs[: max(limit, 0)])
+
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        await trio.lowlevel.checkpoint()
+        groups: dict[tuple[str, str, str], tuple[int, float]] = {}
+        for r in self._runs.values():
+            if r.state not in TERMINAL_RUN_STATES:
+                key = (r.workflow, r.version, r.state)
+                n, oldest = groups.get(key, (0, r.updated_at))
+                groups[key] = (n + 1, min(oldest, r.updated_at))
+        return tuple(RunCount(*key, n, oldest) for key, (n, oldest) in sorted(groups.items()))
 
     async def next_due(self) -> float | None:
         await trio.lowlevel.checkpoint()

@@ -36,9 +36,11 @@ import trio
 
 from aiki.errors import AikiError, StoreUnavailable
 from aiki.records import (
+    TERMINAL_RUN_STATES,
     ClaimedRun,
     EventRecord,
     HistoryEvent,
+    RunCount,
     RunRecord,
     StepRecord,
     WaitRecord,
@@ -51,6 +53,9 @@ T = TypeVar("T")
 # Each migration is a list of statements, applied in one transaction; never edit one that has
 # shipped, append a new one. ``runs.seq`` is the enqueue order (FIFO claims, newest-first
 # listing); ``steps.seq`` keeps a run's steps in the order they were first recorded.
+# The terminal run states, as an SQL list (``aiki_runs`` counts every other state).
+_TERMINAL = ", ".join(f"'{state}'" for state in sorted(TERMINAL_RUN_STATES))
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE runs (
@@ -501,6 +506,12 @@ class SqliteStore:
         sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? ORDER BY seq"
         return await self._run(
             lambda db: tuple(EventRecord(*row) for row in db.execute(sql, (run_id,))))
+
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        sql = ("SELECT workflow, version, state, count(*), min(updated_at) FROM runs"
+               f" WHERE state NOT IN ({_TERMINAL}) GROUP BY workflow, version, state"
+               " ORDER BY workflow, version, state")
+        return await self._run(lambda db: tuple(RunCount(*row) for row in db.execute(sql)))
 
     async def next_due(self) -> float | None:
         sql = ("SELECT min(t) FROM (SELECT min(due_at) AS t FROM waits UNION ALL"

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aiki.errors import AikiError, StaleLease, StepConflict
-from aiki.records import WaitFor, WaitRecord
+from aiki.records import RunCount, WaitFor, WaitRecord
 from aiki.store import (
     ClaimedRun,
     HistoryEvent,
@@ -115,6 +115,29 @@ async def test_unknown_run_reads_are_empty(store: Store) -> None:
     assert await store.get_history("nope") == ()
     assert await store.list_runs() == ()
     assert await store.next_due() is None
+
+
+async def test_run_counts_group_unfinished_runs_by_version_and_state(store: Store) -> None:
+    assert await store.run_counts() == ()
+    await execute(store, enqueue("r1", now=1.0))
+    await execute(store, enqueue("r2", now=2.0))
+    await execute(store, enqueue("r3", version="2", now=3.0))
+    await execute(store, enqueue("r4", workflow="other", now=4.0))
+    [claimed] = await claim(store, now=10.0, limit=1)  # r1
+    assert await store.run_counts() == (
+        RunCount("other", "1", "queued", 1, 4.0),
+        RunCount("wf", "1", "queued", 1, 2.0),
+        RunCount("wf", "1", "running", 1, 10.0),
+        RunCount("wf", "2", "queued", 1, 3.0),
+    )
+    await execute(store, o.CompleteRun(claimed.lease, '"done"', 11.0))
+    [claimed] = await claim(store, now=12.0, limit=1)  # r2
+    await execute(store, suspend(claimed.lease, 99.0, "retry later", 13.0))
+    assert await store.run_counts() == (  # a finished run is not counted
+        RunCount("other", "1", "queued", 1, 4.0),
+        RunCount("wf", "1", "waiting", 1, 13.0),
+        RunCount("wf", "2", "queued", 1, 3.0),
+    )
 
 
 async def test_idempotent_enqueue_returns_the_same_run(store: Store) -> None:

@@ -31,9 +31,11 @@ from asyncpg.transaction import Transaction
 
 from aiki.errors import AikiError, StoreUnavailable
 from aiki.records import (
+    TERMINAL_RUN_STATES,
     ClaimedRun,
     EventRecord,
     HistoryEvent,
+    RunCount,
     RunRecord,
     StepRecord,
     WaitRecord,
@@ -185,6 +187,14 @@ async def list_runs(
         workflow, state, max(limit, 0),
     )
     return tuple(_run(row) for row in rows)
+
+
+async def run_counts(conn: Conn) -> tuple[RunCount, ...]:
+    rows = await conn.fetch(
+        "SELECT workflow, version, state, count(*), min(updated_at) FROM runs"
+        " WHERE state <> ALL($1::text[]) GROUP BY workflow, version, state"
+        " ORDER BY workflow, version, state", sorted(TERMINAL_RUN_STATES))
+    return tuple(RunCount(*row) for row in rows)
 
 
 async def next_due(conn: Conn) -> float | None:

@@ -15,7 +15,14 @@ import trio
 
 from aiki.asyncio_bridge import AsyncioBridge
 from aiki.errors import StoreUnavailable
-from aiki.records import EventRecord, HistoryEvent, RunRecord, StepRecord, WaitRecord
+from aiki.records import (
+    EventRecord,
+    HistoryEvent,
+    RunCount,
+    RunRecord,
+    StepRecord,
+    WaitRecord,
+)
 from aiki.store import ops as o
 from aiki.store import redact_url as redact
 from aiki.store.postgres import _sql
@@ -144,6 +151,9 @@ class PostgresStore:
 
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
         return await self._read("get_events", lambda conn: _sql.get_events(conn, run_id))
+
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        return await self._read("run_counts", _sql.run_counts)
 
     async def next_due(self) -> float | None:
         return await self._read("next_due", _sql.next_due)
