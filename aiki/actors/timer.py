@@ -24,6 +24,7 @@ import trio
 from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.errors import StoreUnavailable
+from aiki.metrics import SCHEDULE_LATENESS
 from aiki.sources import Sources
 from aiki.store.base import Store
 from aiki.store.ops import ExpireLeases, WakeDue
@@ -54,7 +55,7 @@ class Timer:
                     stale, from_store = False, True
                 now = self.sources.clock.now()
                 if next_at is not None and next_at <= now:
-                    if not await self._fire(now):
+                    if not await self._fire(now, next_at):
                         await trio.sleep(0.01)  # (a due time of another server's clock)
                     stale = True
                     continue
@@ -85,8 +86,10 @@ class Timer:
                 elif next_at is None or hint < next_at:
                     next_at, from_store = hint, False
 
-    async def _fire(self, now: float) -> bool:
+    async def _fire(self, now: float, due: float) -> bool:
         woke = await self.writer.write(WakeDue(now))
+        if woke:  # how late the earliest of them was woken
+            self.sources.metrics.observe(SCHEDULE_LATENESS, max(now - due, 0.0), ("wait",))
         expired = await self.writer.write(ExpireLeases(now))
         if expired:
             self.on_expired(expired)
