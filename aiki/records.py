@@ -40,6 +40,9 @@ class RunRecord:
     updated_at: float
     finished_at: float | None
     error_traceback: str | None = None  # the failure's Python traceback, from the worker
+    # The W3C trace context (JSON: {"traceparent": ...}) of the span that enqueued it, so
+    # every attempt's spans join one trace; None without OpenTelemetry.
+    trace_context: str | None = None
 
 
 @attrs.frozen

@@ -34,12 +34,13 @@ from typing import Any
 import attrs
 import trio
 
+from aiki import tracing
 from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.errors import AikiError, StoreUnavailable
 from aiki.logs import run_fields
 from aiki.protocol import Assign, WorkerInfo, WorkflowRef
-from aiki.records import Lease
+from aiki.records import Lease, RunRecord
 from aiki.sources import Sources
 from aiki.store.ops import Claim, ReleaseRun
 
@@ -266,6 +267,8 @@ class Dispatcher:
                 self.on_leased(claimed[0].run.lease_expires_at or 0.0)
             undelivered = []
             for c in claimed:
+                if c.run.trace_context is not None:
+                    _claim_span(c.run)
                 if not seat.draining and seat.push(Assign(c.run, c.steps)):
                     seat.active.add(c.run.id)
                     seat.assigned_at[c.run.id] = trio.current_time()
@@ -365,6 +368,14 @@ class Dispatcher:
 
     def known_workflows(self) -> list[str]:
         return sorted(self.versions)
+
+
+def _claim_span(run: RunRecord) -> None:
+    """The claim, in the run's trace (a moment: the time queued is the dispatch latency)."""
+    with tracing.span(f"aiki.claim {run.workflow}", tracing.run_attributes(
+            run.id, run.workflow, run.version, run.attempts, run.lease_owner),
+            parent=run.trace_context):
+        pass
 
 
 def version_key(version: str) -> tuple[tuple[int, Any], ...]:

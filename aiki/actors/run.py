@@ -37,6 +37,7 @@ import attrs
 import trio
 
 from aiki import protocol as p
+from aiki import tracing
 from aiki.errors import (
     ConnectionLost,
     NonDeterminismError,
@@ -299,7 +300,10 @@ class RunState:
             step = StepRecord(position, "task", task.name, input_hash, input_json, key,
                               "running", attempt)
             try:
-                value = await self._call(task, step)
+                with tracing.span(f"aiki.task {task.name}", {
+                        "aiki.task": task.name, "aiki.task.attempt": attempt,
+                        "aiki.task.position": position}):
+                    value = await self._call(task, step)
                 output = p.encode_value(value, task.result_type,
                                         what=f"result of task {task.name!r}")
             except Exception as exc:
@@ -614,43 +618,51 @@ async def run_workflow(
     _BRANCH.set((state, state.root))
     bind_run(run.id, run.workflow, run.version, run.attempts, run.lease_owner)
     handle = WorkflowRun(state, run.id, run.workflow, run.version, run.attempts)
-    try:
-        payload = p.decode_value(run.payload, workflow.payload_type,
-                                 what=f"payload of workflow {workflow.name!r}")
-        value = await workflow.call(handle, payload)
-        state.check_all_consumed()
-        result = p.encode_value(value, workflow.result_type,
-                                what=f"result of workflow {workflow.name!r}")
-    except Suspend as suspend:
-        conditions, reason = suspend.conditions, suspend.reason
-        await state.write(lambda req: p.WaitRun(req, lease, conditions, reason))
-        return
-    except Release:
-        log.info("run %s: given back at a step boundary (the worker drains)", run.id)
-        await state.write(lambda req: p.ReleaseRun(req, lease))
-        return
-    except Abandon:
-        return
-    except TaskFailed as exc:
-        trace = format_traceback(exc)
-        if exc.__cause__ is None and exc.remote_traceback:  # replayed: the task's own first
-            trace = f"{exc.remote_traceback}\nThen, in the workflow:\n{trace}"
-        await _fail(state, workflow.name, exc.error_type, str(exc), trace)
-        return
-    except Exception as exc:
-        await _fail(state, workflow.name, type(exc).__name__, str(exc), format_traceback(exc))
-        return
-    await state.write(lambda req: p.CompleteRun(req, lease, result))
+    attributes = tracing.run_attributes(run.id, run.workflow, run.version, run.attempts,
+                                        run.lease_owner)
+    with tracing.span(f"aiki.run {workflow.name}", attributes, parent=run.trace_context,
+                      kind="CONSUMER"):
+        try:
+            payload = p.decode_value(run.payload, workflow.payload_type,
+                                     what=f"payload of workflow {workflow.name!r}")
+            value = await workflow.call(handle, payload)
+            state.check_all_consumed()
+            result = p.encode_value(value, workflow.result_type,
+                                    what=f"result of workflow {workflow.name!r}")
+        except Suspend as suspend:
+            conditions, reason = suspend.conditions, suspend.reason
+            await state.write(lambda req: p.WaitRun(req, lease, conditions, reason))
+            return
+        except Release:
+            log.info("run %s: given back at a step boundary (the worker drains)", run.id)
+            await state.write(lambda req: p.ReleaseRun(req, lease))
+            return
+        except Abandon:
+            return
+        except TaskFailed as exc:
+            trace = format_traceback(exc)
+            if exc.__cause__ is None and exc.remote_traceback:  # replayed: the task's own first
+                trace = f"{exc.remote_traceback}\nThen, in the workflow:\n{trace}"
+            await _fail(state, workflow.name, exc.error_type, str(exc), trace)
+            return
+        except Exception as exc:
+            await _fail(state, workflow.name, type(exc).__name__, str(exc), format_traceback(exc))
+            return
+        with tracing.span(f"aiki.complete {workflow.name}", {}):
+            await state.write(lambda req: p.CompleteRun(req, lease, result))
 
 
 async def _fail(state: RunState, workflow: str, error_type: str, message: str,
                 trace: str) -> None:
     log.warning("run %s (%s): failed: %s: %s\n%s", state.lease.run_id, workflow, error_type,
                 message, trace)
-    try:
-        await state.write(lambda req: p.FailRun(req, state.lease, error_type, message, trace))
-    except Abandon:
-        pass
+    with tracing.span(f"aiki.fail {workflow}", {"aiki.error_type": error_type}) as span:
+        tracing.fail(span, f"{error_type}: {message}")
+        try:
+            await state.write(lambda req: p.FailRun(req, state.lease, error_type, message,
+                                                    trace))
+        except Abandon:
+            pass
 
 
 MAX_TRACEBACK = 16 * 1024

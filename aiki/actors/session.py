@@ -27,6 +27,7 @@ import attrs
 import trio
 
 from aiki import protocol as p
+from aiki import tracing
 from aiki.actors.dispatcher import Alive, Dispatcher, Draining, Ended, Joined, Left, Seat
 from aiki.actors.mailbox import Mailbox
 from aiki.actors.store_writer import StoreWriter
@@ -341,10 +342,14 @@ class Session:
             if msg.on_conflict not in ON_CONFLICT:
                 raise ProtocolError(f"on_conflict must be one of {', '.join(ON_CONFLICT)}, "
                                     f"got {msg.on_conflict!r}")
-            out = await ctx.writer.write(ops.Enqueue(
-                msg.run_id or ctx.sources.new_id(), msg.workflow, version, msg.payload,
-                msg.idempotency_key, now, msg.on_conflict,
-            ))
+            run_id = msg.run_id or ctx.sources.new_id()
+            with tracing.span(f"aiki.enqueue {msg.workflow}", tracing.run_attributes(
+                    run_id, msg.workflow, version, 0, None), parent=msg.trace_context,
+                    kind="SERVER") as span:
+                out = await ctx.writer.write(ops.Enqueue(
+                    run_id, msg.workflow, version, msg.payload, msg.idempotency_key, now,
+                    msg.on_conflict, tracing.stored_context(span, msg.trace_context),
+                ))
             if out.created:
                 ctx.dispatcher.poke()
                 ctx.dispatcher.queued_for((msg.workflow, version), now)

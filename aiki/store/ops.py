@@ -42,6 +42,7 @@ class Enqueue(Op[EnqueueOutcome]):
     # An existing run under this key with another payload: refuse (IdempotencyConflict), or
     # return it ("return_existing").
     on_conflict: str = "raise"
+    trace_context: str | None = None  # see RunRecord.trace_context
 
 
 @attrs.frozen

@@ -116,6 +116,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Retention deletes finished runs oldest first.
         "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
     ),
+    # OpenTelemetry: the trace context of the span that enqueued the run (issue 17).
+    (
+        "ALTER TABLE runs ADD COLUMN trace_context TEXT",
+    ),
 )
 
 RUN_COLUMNS = ", ".join(f.name for f in attrs.fields(RunRecord))

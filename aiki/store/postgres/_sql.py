@@ -280,12 +280,12 @@ async def _get_step(conn: Conn, run_id: str, position: str) -> StepRecord | None
 async def _enqueue(conn: Conn, op: o.Enqueue) -> o.EnqueueOutcome:
     inserted = await conn.fetchval(  # the run and its first event in one round trip
         "WITH new AS (INSERT INTO runs (id, workflow, version, payload, state, idempotency_key,"
-        " attempts, lease_epoch, created_at, updated_at)"
-        " VALUES ($1, $2, $3, $4, 'queued', $5, 0, 0, $6, $6) ON CONFLICT DO NOTHING"
+        " attempts, lease_epoch, created_at, updated_at, trace_context)"
+        " VALUES ($1, $2, $3, $4, 'queued', $5, 0, 0, $6, $6, $8) ON CONFLICT DO NOTHING"
         " RETURNING id) INSERT INTO history (run_id, at, event, attempt, detail)"
         " SELECT id, $6, 'run.queued', 0, $7 FROM new RETURNING true",
         op.run_id, op.workflow, op.version, op.payload, op.idempotency_key, op.now,
-        f"version {op.version}",
+        f"version {op.version}", op.trace_context,
     )
     if inserted:
         return o.EnqueueOutcome(op.run_id, created=True)
