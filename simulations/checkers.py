@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from aiki.metrics import RUNS
 from aiki.store.machine import RUN_TRANSITIONS, STEP_TRANSITIONS, UNSTARTED_TASK_TRANSITIONS
 from simulations import workload
 from simulations.world import Outcome
@@ -79,6 +80,9 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
 
     v += _sends(contents, ledger)
     v += _waits(contents, ledger)
+    v += _metrics(outcome, exact=False)
+    if reference is not None:
+        v += [f"without faults, {m}" for m in _metrics(reference, exact=True)]
     for run_id in sorted(ledger.watching):
         run = runs.get(run_id)
         heard = ledger.heard_end.get(run_id)
@@ -123,6 +127,30 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
             v.append(f"run {run_id} ended failed; without faults it ended {ref[0]} "
                      f"with {ref[2]}")
     return v
+
+
+# Run events the servers count (aiki_runs_total), and the history event of each.
+COUNTED_EVENTS = (("started", "run.running"), ("completed", "run.completed"),
+                  ("failed", "run.failed"))
+
+
+def _metrics(outcome: Outcome, exact: bool) -> list[str]:
+    """The servers' run counters against the store: a counter never counts what the store
+    did not commit (a refused or lost write), so it is at most the history's count; without
+    faults (``exact``), where no reply is lost, it is exactly that."""
+    contents = outcome.store.inner.contents()
+    stored = {name: 0 for _, name in COUNTED_EVENTS}
+    for history in contents.history.values():
+        for e in history:
+            if e.event in stored:
+                stored[e.event] += 1
+    counts = [(event, sum(m.total(RUNS, event=event) for m in outcome.metrics), stored[name])
+              for event, name in COUNTED_EVENTS]
+    counts.append(("enqueued", sum(m.total(RUNS, event="enqueued") for m in outcome.metrics),
+                   len(contents.runs)))
+    return [f"the servers counted {counted:g} runs {event} (aiki_runs_total), the store "
+            f"holds {held}" for event, counted, held in counts
+            if counted > held or (exact and counted != held)]
 
 
 def _sleep_markers(steps: Any, payload: str) -> dict[int, int]:

@@ -226,6 +226,26 @@ def ended_notices_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Server, "_notices", notices)
 
 
+def metrics_count_what_was_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs counted completed or failed when a worker asks, even when the store refuses the
+    write (a stale lease, a repeat after a lost reply)."""
+    from aiki.actors import store_writer
+    from aiki.errors import AikiError
+    from aiki.metrics import RUNS
+    from aiki.store import ops
+
+    counted = store_writer.count_outcome
+
+    def count(metrics: Any, op: Any, outcome: Any) -> None:
+        if isinstance(outcome, AikiError) and isinstance(op, (ops.CompleteRun, ops.FailRun)):
+            event = "completed" if isinstance(op, ops.CompleteRun) else "failed"
+            metrics.inc(RUNS, ("?", "?", event))
+            return
+        counted(metrics, op, outcome)
+
+    monkeypatch.setattr(store_writer, "count_outcome", count)
+
+
 @pytest.mark.parametrize(
     ("bad_change", "expected"),
     [
@@ -249,10 +269,12 @@ def ended_notices_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
                                   "without faults it ended")),
         # A client watching through one server never hears of a run ended through another.
         (ended_notices_dropped, ("never heard",)),
+        # A metric counts a write the store refused.
+        (metrics_count_what_was_asked, ("(aiki_runs_total), the store holds",)),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "release-without-drain", "timer-forgets-the-store",
-         "send-ack-before-commit", "ended-notices-dropped"],
+         "send-ack-before-commit", "ended-notices-dropped", "metrics-count-what-was-asked"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],
