@@ -29,10 +29,11 @@ SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 COUNTS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
 
 
-@attrs.frozen
+@attrs.frozen(eq=False)
 class Metric:
     """One metric's declaration. ``side``: which process serves it (``server`` or ``worker``;
-    an embedded process serves both)."""
+    an embedded process serves both). Compared and hashed by identity: each is declared once,
+    and the sink looks one up on every count."""
 
     name: str
     kind: Kind

@@ -7,6 +7,7 @@ simulation can run a whole cluster from one seed and get the same trace every ti
 
 from __future__ import annotations
 
+import os
 import random
 import time
 import uuid
@@ -15,7 +16,7 @@ from typing import Protocol
 import attrs
 import trio
 
-from aiki.metrics import Metrics
+from aiki.metrics import Metrics, NoMetrics
 
 
 class WallClock(Protocol):
@@ -89,8 +90,11 @@ class Sources:
 
     @classmethod
     def real(cls) -> Sources:
-        """Real sources: wall clock via Trio, ids and randomness from the OS."""
-        return cls(clock=TrioWallClock(), rng=random.Random(uuid.uuid4().int))
+        """Real sources: wall clock via Trio, ids and randomness from the OS; a metrics sink,
+        or none that counts when ``$AIKI_METRICS`` is ``off`` (to measure what counting
+        costs)."""
+        metrics = NoMetrics() if os.environ.get("AIKI_METRICS") == "off" else Metrics()
+        return cls(clock=TrioWallClock(), rng=random.Random(uuid.uuid4().int), metrics=metrics)
 
     @classmethod
     def system(cls) -> Sources:

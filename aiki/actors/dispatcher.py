@@ -141,7 +141,6 @@ class Dispatcher:
     seats: dict[int, Seat] = attrs.field(factory=dict)
     versions: dict[str, set[str]] = attrs.field(factory=dict)
     events: dict[tuple[str, str], set[str]] = attrs.field(factory=dict)
-    assigned: int = 0
     stopped: bool = False
     # Stranded runs: queued for a version no connected worker has registered. A run counts
     # once it has waited ``stranded_after`` seconds with the version unserved (and the
@@ -272,7 +271,6 @@ class Dispatcher:
                 if not seat.draining and seat.push(Assign(c.run, c.steps)):
                     seat.active.add(c.run.id)
                     seat.assigned_at[c.run.id] = trio.current_time()
-                    self.assigned += 1
                 else:
                     undelivered.append(c.run)
             if undelivered:

@@ -313,8 +313,11 @@ class Session:
             reply = await self._answer(msg)
         except AikiError as exc:
             if isinstance(exc, (StaleLease, StepConflict)):  # fencing at work: worth a line
+                lease = getattr(msg, "lease", None)
+                about = {} if lease is None else {"run_id": lease.run_id,
+                                                  "worker_id": lease.worker_id}
                 log.info("session %d (%s): refused %s: %s", self.id, self.conn.peer,
-                         _tag(msg), exc)
+                         _tag(msg), exc, extra=about)
             reply = p.Refused(getattr(msg, "req", -1), type(exc).__name__, str(exc))
         except Exception as exc:  # a bug or a store driver error: this request only
             log.exception("session %d (%s): %s failed", self.id, self.conn.peer, _tag(msg))
