@@ -417,12 +417,10 @@ def _observability_options(parser: argparse.ArgumentParser, default_port: int) -
                         help="serve /metrics (Prometheus), /health and /ready over plain HTTP "
                              f"there, e.g. 0.0.0.0:{default_port} (no token: bind it where "
                              "only your Prometheus reaches)")
-    default = os.environ.get("AIKI_LOG_FORMAT", "auto")
-    parser.add_argument("--log-format", choices=["text", "json", "auto"], default=default,
+    parser.add_argument("--log-format", choices=["text", "json", "auto"], default="auto",
                         help="log lines as text, or as one JSON object each with run_id, "
                              "workflow, version, attempt and worker_id on lines about a run "
-                             f"(default {default}: $AIKI_LOG_FORMAT, else text on a "
-                             "terminal and JSON otherwise)")
+                             "(default auto: text on a terminal, JSON lines otherwise)")
 
 
 def read_token(path: str | None) -> str | None:
