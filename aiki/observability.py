@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from http import HTTPStatus
 from typing import Any
 
 import attrs
@@ -151,7 +152,8 @@ async def respond(stream: trio.abc.Stream, conn: h11.Connection, request: HttpRe
         conn = h11.Connection(h11.SERVER)
         conn.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         conn.next_event()
-    data = conn.send(h11.Response(status_code=response.status, headers=headers))
+    reason = HTTPStatus(response.status).phrase.encode()
+    data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
     if request is None or request.method != "HEAD":
         data += conn.send(h11.Data(data=response.body))
     data += conn.send(h11.EndOfMessage())

@@ -117,10 +117,10 @@ class Session:
 
     @property
     def _routine(self) -> int:
-        """The level of this session's comings and goings: INFO for a worker, DEBUG for a
-        client's requests."""
-        worker = self.hello is not None and self.hello.role == "worker"
-        return logging.INFO if worker else logging.DEBUG
+        """The level of this session's comings and goings: DEBUG for a client that said
+        hello (every CLI call is one), INFO for a worker or a peer that never said hello."""
+        client = self.hello is not None and self.hello.role != "worker"
+        return logging.DEBUG if client else logging.INFO
 
     @classmethod
     async def serve(cls, ctx: ServerContext, conn: Connection) -> None:

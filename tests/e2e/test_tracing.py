@@ -140,3 +140,20 @@ async def test_without_a_configured_provider_nothing_is_traced(
                 await handle.wait_for_completion(timeout=60)
     run = await engine_store.get_run(handle.id)
     assert run is not None and run.trace_context is None
+
+
+def test_every_client_sends_the_callers_trace_context(exporter: InMemorySpanExporter) -> None:
+    """The sans-IO core (under the Trio, asyncio and blocking clients) puts the current
+    span's W3C context in the Enqueue, so an HTTP request span (FastAPI's, say) parents the
+    run; outside any span it sends none."""
+    from aiki.client import core
+
+    tracer = tracing._PROVIDER.get().get_tracer("web")
+    outside = core.enqueue("wf", "1", version=None, idempotency_key=None, run_id="r")
+    assert outside.make(1).trace_context is None
+    with tracer.start_as_current_span("GET /checkout") as request:
+        call = core.enqueue("wf", "1", version=None, idempotency_key=None, run_id="r")
+    sent = call.make(2).trace_context
+    context = request.get_span_context()
+    assert sent is not None and list(sent) == ["traceparent"]
+    assert sent["traceparent"].startswith(f"00-{context.trace_id:032x}-{context.span_id:016x}-")

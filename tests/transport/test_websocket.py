@@ -417,7 +417,7 @@ async def test_plain_http_gets_a_clear_answer_not_an_empty_400(
 
     bare = WebSocketTransport(WebSocketSettings())  # no app: what this port is, and 426
     answer = await http_get(bare, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert answer.startswith(b"HTTP/1.1 426 ")
+    assert answer.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
     assert b"upgrade: websocket" in answer.lower() and b"This is an Aiki server" in answer
     served = WebSocketTransport(WebSocketSettings(), http=app)
     answer = await http_get(served, b"GET /health?probe=1 HTTP/1.1\r\nHost: x\r\n\r\n")
