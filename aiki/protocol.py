@@ -353,6 +353,8 @@ class StartStep:
     req: int
     lease: Lease
     step: StepRecord
+    # Completed task outcomes of the same run, committed first in the same transaction.
+    saved: tuple[StepRecord, ...] = ()
 
 
 @message("save_step")
@@ -361,6 +363,8 @@ class SaveStep:
     req: int
     lease: Lease
     step: StepRecord
+    # Completed task outcomes of the same run, committed first in the same transaction.
+    saved: tuple[StepRecord, ...] = ()
 
 
 @message("complete_run")
@@ -369,6 +373,8 @@ class CompleteRun:
     req: int
     lease: Lease
     result: str
+    # Completed task outcomes of the same run, committed first in the same transaction.
+    saved: tuple[StepRecord, ...] = ()
 
 
 @message("fail_run")

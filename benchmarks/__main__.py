@@ -65,8 +65,9 @@ NOTES: dict[str, str] = {
                   "median commit time, same store; Aiki/DBOS = median runs/s over the DBOS row "
                   "with the same store and mode (> 1: Aiki faster).",
     "dbos": "DBOS Transact, the same 3-step workflow, in a subprocess per repetition, same "
-            "PostgreSQL server (own database) or its SQLite system database (DBOS's default "
-            "rollback journal). One at a time: the workflow function called directly; "
+            "PostgreSQL server (own database) or its SQLite system database, put in WAL "
+            "mode first like Aiki's (DBOS sets no PRAGMA: synchronous is SQLite's default "
+            "FULL, as Aiki's). One at a time: the workflow function called directly; "
             "concurrent: C client threads each DBOS.start_workflow(...) and wait on the "
             "handle's get_result(). DBOS defaults otherwise (pool of 20 connections).",
 }
@@ -198,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         if suite_rows:
             print()
             print(report.table(suite_rows))
+    lines = report.target_lines(rows, args.quick)
+    if lines:
+        print("\n### targets (issue 10)\n")
+        for line in lines:
+            print(line)
     failures = report.errors(rows)
     if failures:
         print("\nErrors:")

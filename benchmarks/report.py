@@ -132,3 +132,63 @@ def _keys(dicts: Iterable[dict[str, Any]]) -> list[str]:
 
 def errors(rows: Sequence[Row]) -> list[str]:
     return [f"{r.label}: {e}" for r in rows for e in r.extra.get("errors", [])]
+
+
+# -- issue 10's targets: one line each, from the rows of this run --------------------------
+# (name, what it compares, goal, "min" (at least) or "max" (at most))
+TARGETS: tuple[tuple[str, str, float, str], ...] = (
+    ("sqlite-100-vs-dbos", "SQLite, embedded, 100 concurrent: Aiki/DBOS", 10.0, "min"),
+    ("sqlite-100-ws-vs-dbos", "SQLite, ws 1 worker, 100 concurrent: Aiki/DBOS", 10.0, "min"),
+    ("postgres-100-vs-dbos", "PostgreSQL, embedded, 100 concurrent: Aiki/DBOS", 10.0, "min"),
+    ("postgres-100-ws-vs-dbos", "PostgreSQL, ws 1 worker, 100 concurrent: Aiki/DBOS", 10.0,
+     "min"),
+    ("sqlite-1-vs-dbos", "SQLite, embedded, one at a time: Aiki/DBOS", 2.0, "min"),
+    ("postgres-1-vs-dbos", "PostgreSQL, embedded, one at a time: Aiki/DBOS", 2.0, "min"),
+    ("sqlite-1-task-vs-commit", "SQLite, embedded, one at a time: ms/task over one commit",
+     2.5, "max"),
+    ("postgres-1-task-vs-commit",
+     "PostgreSQL, embedded, one at a time: ms/task over one commit", 3.0, "max"),
+    ("sqlite-dispatch-p50", "SQLite, ws: enqueue -> first task start p50 (ms)", 3.0, "max"),
+    ("sqlite-dispatch-p99", "SQLite, ws: enqueue -> first task start p99 (ms)", 10.0, "max"),
+    ("postgres-dispatch-p50", "PostgreSQL, ws: enqueue -> first task start p50 (ms)", 5.0,
+     "max"),
+)
+
+
+def _target_values(rows: Sequence[Row]) -> dict[str, float]:
+    """Each target's measured value, for the targets this run has rows for."""
+    values: dict[str, float] = {}
+    deployments = {"embedded": "", "ws1": "-ws"}
+    for row in rows:
+        extra = row.extra
+        if row.suite == "throughput" and extra.get("system") == "aiki":
+            store, concurrency = extra.get("store"), extra.get("concurrency")
+            tag = deployments.get(str(extra.get("deployment")))
+            if tag is None:
+                continue
+            if "aiki_over_dbos" in extra:
+                values[f"{store}-{concurrency}{tag}-vs-dbos"] = extra["aiki_over_dbos"]
+            if "commit_multiple" in extra and tag == "" and concurrency == 1:
+                values[f"{store}-1-task-vs-commit"] = extra["commit_multiple"]
+        elif row.suite == "latency" and row.samples and row.metric in (
+                "dispatch p50", "dispatch p99"):
+            store = row.label.split(",")[0]
+            values[f"{store}-dispatch-{row.metric.split()[-1]}"] = _median(row.samples)
+    return values
+
+
+def target_lines(rows: Sequence[Row], quick: bool) -> list[str]:
+    """``target NAME: VALUE (goal >= G) met|missed`` for every target this run measured."""
+    values = _target_values(rows)
+    lines = []
+    for name, what, goal, kind in TARGETS:
+        value = values.get(name)
+        if value is None or not math.isfinite(value):
+            continue
+        met = value >= goal if kind == "min" else value <= goal
+        unit = " ms" if "dispatch" in name else "x"
+        lines.append(f"target {name}: {value:.2f}{unit} (goal {'>=' if kind == 'min' else '<='} "
+                     f"{goal:g}{unit}) {'met' if met else 'missed'}"
+                     f"{' [--quick: a smoke run, not a measurement]' if quick else ''}"
+                     f"  -- {what}")
+    return lines

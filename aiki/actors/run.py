@@ -1,7 +1,10 @@
 """The Run actor (one per assigned run, on a worker) and ``WorkflowRun``, what workflow code sees.
 
 The Run actor replays the run's checkpoints and drives the workflow coroutine; every new step
-is persisted (and acknowledged by the server) before workflow code sees its result.
+is persisted (and acknowledged by the server) before workflow code sees its result, except a
+completed task's outcome under a worker's :class:`~aiki.actors.outcomes.Flusher`: that one
+rides with the run's next write, in the same transaction, and is committed before anything
+that follows it (see :mod:`aiki.actors.outcomes`).
 
 A task attempt's *start* is recorded, and acknowledged, before the task runs: that write is
 fenced by the lease epoch, so a worker whose lease is gone (an assignment delivered late, a
@@ -38,6 +41,7 @@ import trio
 
 from aiki import protocol as p
 from aiki import tracing
+from aiki.actors.outcomes import Flusher
 from aiki.errors import (
     ConnectionLost,
     NonDeterminismError,
@@ -168,6 +172,11 @@ class RunState:
     # Whether the lease can still be current, as far as the worker knows (its renewals):
     # a start acknowledged after that is no licence to run the task.
     lease_live: Callable[[], bool] = lambda: True
+    # With a flusher, completed task outcomes wait in ``pending`` for the run's next write.
+    flusher: Flusher | None = None
+    pending: list[StepRecord] = attrs.field(factory=list)
+    riding: list[StepRecord] = attrs.field(factory=list)  # carried by a write in flight
+    lost: Abandon | None = None  # why the Flusher could not send this run's outcomes
     steps: dict[str, StepRecord] = attrs.field(init=False)
     consumed: set[str] = attrs.field(factory=set)
     root: _Branch = attrs.field(factory=lambda: _Branch(""))
@@ -183,6 +192,38 @@ class RunState:
         return branch[1].next()
 
     async def write(self, make: Callable[[int], Any]) -> Any:
+        """Persist one write, after the outcomes waiting for a ride or riding with another
+        write in flight (sent first, alone: nothing may commit before them)."""
+        if self.pending or self.riding:
+            await self.carry(lambda req, saved: _save_all(req, self.lease, saved))
+        return await self._write(make)
+
+    async def carry(self, make: Callable[[int, tuple[StepRecord, ...]], Any]) -> Any:
+        """Persist one write whose message carries the outcomes not yet acknowledged
+        (``make(req, saved)``): the server commits them first, in the same transaction.
+        Those already riding with another write in flight ride again (a repeated save
+        changes nothing): this write may overtake that one."""
+        taken = tuple(self.pending)
+        saved = (*self.riding, *taken)
+        self.pending.clear()
+        self.riding.extend(taken)
+        if self.flusher is not None:
+            self.flusher.done(self)
+        try:
+            return await self._write(lambda req: make(req, saved))
+        finally:
+            self.riding = [s for s in self.riding if all(s is not x for x in taken)]
+
+    async def flush(self) -> None:
+        """Send the outcomes waiting for a ride on their own (the Flusher calls this when no
+        ride came in time). A lost lease is left for the run's own next write to find."""
+        if self.pending:
+            try:
+                await self.carry(lambda req, saved: _save_all(req, self.lease, saved))
+            except Abandon as exc:  # the run's next write raises it: nothing may follow
+                self.lost = exc
+
+    async def _write(self, make: Callable[[int], Any]) -> Any:
         """Persist one write, retrying while the store is away or the reply is lost.
 
         Every write of a run is safe to repeat: starting a step again, saving the same final
@@ -190,6 +231,8 @@ class RunState:
         An infrastructure error never reaches workflow code: if it lasts, the run is
         abandoned to its lease, and resumes from its checkpoints.
         """
+        if self.lost is not None:
+            raise self.lost
         delay = 0.1
         for _ in range(WRITE_ATTEMPTS):
             try:
@@ -207,8 +250,13 @@ class RunState:
         raise Abandon(f"the store stayed unavailable: {last}")
 
     async def save(self, step: StepRecord, *, start: bool = False) -> None:
-        msg = p.StartStep if start else p.SaveStep
-        await self.write(lambda req: msg(req, self.lease, step))
+        if (self.flusher is not None and not start and step.kind == "task"
+                and step.state == "completed"):
+            self.pending.append(step)  # rides with the next write (see aiki.actors.outcomes)
+            self.flusher.waiting(self)
+        else:
+            msg = p.StartStep if start else p.SaveStep
+            await self.carry(lambda req, saved: msg(req, self.lease, step, saved))
         self.steps[step.position] = step
 
     def replayed(self, position: str, kind: StepKind, name: str, input_json: str,
@@ -455,6 +503,10 @@ class RunState:
         return p.decode_value(output)
 
 
+def _save_all(req: int, lease: Lease, steps: tuple[StepRecord, ...]) -> p.SaveStep:
+    return p.SaveStep(req, lease, steps[-1], steps[:-1])
+
+
 def seconds_recorded(step: StepRecord) -> float | None:
     value = p.decode_value(step.input).get("seconds")
     return None if value is None else float(value)
@@ -602,17 +654,18 @@ async def run_workflow(
     *, inline_retry_max: float = 10.0, draining: trio.Event | None = None,
     record_start_after: float = DEFAULT_RECORD_START_AFTER, nudges: Nudges | None = None,
     run_task: TaskRunner = call_task, on_state: Callable[[RunState], None] | None = None,
-    lease_live: Callable[[], bool] = lambda: True,
+    lease_live: Callable[[], bool] = lambda: True, flusher: Flusher | None = None,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
-    drains: ``draining`` is set) or abandoned."""
+    drains: ``draining`` is set) or abandoned. ``flusher``: let completed task outcomes ride
+    with the run's next write (:mod:`aiki.actors.outcomes`)."""
     run = assign.run
     assert run.lease_owner is not None
     lease = Lease(run.id, run.lease_epoch, run.lease_owner)
     state = RunState(lease, {s.position: s for s in assign.steps}, persist, sources,
                      inline_retry_max, record_start_after,
                      trio.Event() if draining is None else draining, nudges or Nudges(),
-                     workflow.name, run_task, lease_live)
+                     workflow.name, run_task, lease_live, flusher)
     if on_state is not None:  # (a replay looks at what the code consumed)
         on_state(state)
     _BRANCH.set((state, state.root))
@@ -649,7 +702,7 @@ async def run_workflow(
             await _fail(state, workflow.name, type(exc).__name__, str(exc), format_traceback(exc))
             return
         with tracing.span(f"aiki.complete {workflow.name}", {}):
-            await state.write(lambda req: p.CompleteRun(req, lease, result))
+            await state.carry(lambda req, saved: p.CompleteRun(req, lease, result, saved))
 
 
 async def _fail(state: RunState, workflow: str, error_type: str, message: str,

@@ -43,7 +43,7 @@ from aiki.errors import (
     UnknownEvent,
     UnknownWorkflow,
 )
-from aiki.records import TERMINAL_RUN_STATES, Lease, RunRecord, RunState
+from aiki.records import TERMINAL_RUN_STATES, Lease, RunRecord, RunState, StepRecord
 from aiki.sources import Sources
 from aiki.store import ops
 from aiki.store.base import Store
@@ -114,6 +114,7 @@ class Session:
     superseded: trio.Event = attrs.field(factory=trio.Event)
     superseded_why: Closing | None = None
     _watching: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _drain_told: bool = False  # the Dispatcher was told this worker drains
 
     @property
     def _routine(self) -> int:
@@ -426,16 +427,13 @@ class Session:
         if isinstance(msg, p.Drain):
             log.info("session %d (%s): worker %r drains", self.id, self.conn.peer,
                      self.hello.node_id)
-            if self.seat is not None:
-                # At once, not when the Dispatcher reads its mailbox: once the worker has its
-                # answer, no run is pushed to it (a claim in flight goes back to the queue).
-                self.seat.draining = True
-            ctx.dispatcher.tell(Draining(self.id))
+            self._draining()
             return p.Ok(msg.req)
         if isinstance(msg, (p.StartStep, p.SaveStep)):
             self._check_owner(msg.lease)
             op_cls = ops.StartStep if isinstance(msg, p.StartStep) else ops.SaveStep
-            await ctx.writer.write(op_cls(msg.lease, msg.step, now))
+            await ctx.writer.write(op_cls(msg.lease, msg.step, now),
+                                   *_saved(msg.lease, msg.saved, now))
             return p.Ok(msg.req)
         if isinstance(msg, (p.CompleteRun, p.FailRun)):
             finish: ops.Op[RunRecord] = (
@@ -443,8 +441,9 @@ class Session:
                 else ops.FailRun(msg.lease, msg.error_type, msg.error_message, now,
                                  _bounded(msg.traceback)))
             self._check_owner(msg.lease)
+            saved = _saved(msg.lease, msg.saved, now) if isinstance(msg, p.CompleteRun) else ()
             try:
-                run = await ctx.writer.write(finish)
+                run = await ctx.writer.write(finish, *saved)
             except AikiError:
                 # The reply of a commit lost (or the retry of one, refused as stale): the run
                 # may have ended all the same, and no notice of this server's own commit
@@ -463,6 +462,9 @@ class Session:
         if isinstance(msg, p.WaitRun):
             op = ops.WaitRun(msg.lease, msg.conditions, msg.reason, now)
         elif isinstance(msg, p.ReleaseRun):
+            # A worker gives runs back only while it drains, and its Drain may be late or
+            # lost: without this, the run would be pushed straight back to it.
+            self._draining()
             op = ops.ReleaseRun(msg.lease, now)
         else:
             raise ProtocolError(f"unexpected message {_tag(msg)!r} from a worker")
@@ -477,6 +479,15 @@ class Session:
                 ctx.timer.hint(min(dues))
         ctx.dispatcher.poke()  # a run given back, or one whose wait held already, is queued
         return p.Ok(msg.req)
+
+    def _draining(self) -> None:
+        """This worker drains. At once, not when the Dispatcher reads its mailbox: once the
+        worker has its answer, no run is pushed to it (a claim in flight goes back)."""
+        if self.seat is not None:
+            self.seat.draining = True
+        if not self._drain_told:
+            self._drain_told = True
+            self.ctx.dispatcher.tell(Draining(self.id))
 
     async def _send_event(self, msg: p.SendEvent, now: float) -> Any:
         ctx = self.ctx
@@ -567,3 +578,8 @@ def _bounded(traceback: str | None) -> str | None:
 
 def _tag(msg: Any) -> str:
     return str(getattr(type(msg), "TAG", type(msg).__name__))
+
+
+def _saved(lease: Lease, steps: tuple[StepRecord, ...], now: float) -> tuple[ops.SaveStep, ...]:
+    """The completed task outcomes a worker's write carries, to commit before it."""
+    return tuple(ops.SaveStep(lease, step, now) for step in steps)

@@ -44,8 +44,15 @@ T = TypeVar("T")
 
 @attrs.frozen
 class Write:
-    op: Op[Any]
+    """One op, or several (a tuple) applied in order in the same transaction; the reply is
+    the first refusal among them, or the last one's outcome."""
+
+    op: Op[Any] | tuple[Op[Any], ...]
     reply: Reply[Any]
+
+    @property
+    def ops(self) -> tuple[Op[Any], ...]:
+        return self.op if isinstance(self.op, tuple) else (self.op,)
 
 
 @attrs.define(eq=False)
@@ -69,7 +76,7 @@ class StoreWriter:
             metrics = self.metrics
             started = trio.current_time()
             try:
-                outcomes = await self.store.apply([w.op for w in batch])
+                outcomes = await self.store.apply([op for w in batch for op in w.ops])
             except Exception as exc:
                 metrics.observe(STORE_COMMIT_SECONDS, trio.current_time() - started)
                 metrics.inc(STORE_TRANSACTIONS, ("failed",))
@@ -84,15 +91,22 @@ class StoreWriter:
             if metrics.enabled:
                 metrics.observe(STORE_COMMIT_SECONDS, trio.current_time() - started)
                 metrics.inc(STORE_TRANSACTIONS, ("committed",))
-                metrics.observe(STORE_OPS_PER_COMMIT, len(batch))
-                for w, outcome in zip(batch, outcomes, strict=True):
-                    count_outcome(metrics, w.op, outcome)
-            for w, outcome in zip(batch, outcomes, strict=True):
-                w.reply.send(outcome)
+                metrics.observe(STORE_OPS_PER_COMMIT, len(outcomes))
+                for op, outcome in zip((op for w in batch for op in w.ops), outcomes,
+                                       strict=True):
+                    count_outcome(metrics, op, outcome)
+            answers = iter(outcomes)
+            for w in batch:
+                mine = [next(answers) for _ in w.ops]
+                refused = [o for o in mine if isinstance(o, AikiError)]
+                w.reply.send(refused[0] if refused else mine[-1])
 
-    async def write(self, op: Op[T]) -> T:
-        """Apply ``op`` (batched with others) and return its outcome; raise it if refused."""
-        outcome: Any = await self.mailbox.address.ask(lambda r: Write(op, r), self.timeout)
+    async def write(self, op: Op[T], *before: Op[Any]) -> T:
+        """Apply ``op`` (batched with others) and return its outcome; raise it if refused.
+        Ops in ``before`` are applied first, in the same transaction; the first refusal
+        among them all is raised."""
+        chain: Op[Any] | tuple[Op[Any], ...] = (*before, op) if before else op
+        outcome: Any = await self.mailbox.address.ask(lambda r: Write(chain, r), self.timeout)
         if isinstance(outcome, AikiError):
             raise outcome
         return outcome  # type: ignore[no-any-return]

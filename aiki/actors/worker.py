@@ -28,6 +28,7 @@ import trio
 
 from aiki import protocol as p
 from aiki.actors.link import Backoff, Link, open_when_reachable
+from aiki.actors.outcomes import Flusher
 from aiki.actors.run import (
     DEFAULT_RECORD_START_AFTER,
     Abandon,
@@ -91,6 +92,8 @@ class Worker:
     # This worker process, the same across reconnections: the server lets a reconnection
     # take over this worker's id, and refuses another process that claims it while we live.
     incarnation: str = ""
+    # Completed task outcomes ride with their run's next write; this sends the strays.
+    flusher: Flusher = attrs.field(factory=Flusher)
 
     def __attrs_post_init__(self) -> None:
         if not self.incarnation:
@@ -164,6 +167,7 @@ class Worker:
             self._count_slots()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat, link)
+                await nursery.start(self.flusher.serve)
                 task_status.started()
                 async for assign in self._assignments[1]:
                     lease = Lease(assign.run.id, assign.run.lease_epoch, self.id)
@@ -202,7 +206,8 @@ class Worker:
                                    record_start_after=self.record_start_after,
                                    draining=self.draining, nudges=mine.nudges,
                                    run_task=self.run_task,
-                                   lease_live=partial(self._lease_live, link, mine))
+                                   lease_live=partial(self._lease_live, link, mine),
+                                   flusher=self.flusher)
         except Abandon:
             pass
         finally:

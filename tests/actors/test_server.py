@@ -184,3 +184,32 @@ async def test_a_completion_whose_reply_was_lost_still_reaches_the_watchers(
             handle = await noop.enqueue(client, 7)
             assert await handle.wait_for_completion(timeout=60) == 7
     assert not store.lose_completion
+
+
+async def test_a_worker_that_gives_a_run_back_gets_no_more_runs_even_if_its_drain_was_lost(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # A worker gives runs back only when it drains. Its Drain request may be delayed or
+    # lost on the way; the server used to hand the run straight back to it, again and
+    # again (simulation seed 148), instead of waiting for another worker.
+    store = MemoryStore()
+    async with running_server(store) as (_, transport):
+        worker = await transport.connect("srv")
+        assert isinstance(worker, MemoryConnection)
+        await worker.send(p.Hello(1, "worker", "w1", (p.WorkflowRef("wf", "1"),), slots=1))
+        assert isinstance(await worker.receive(), p.Welcome)
+        client = await transport.connect("srv")
+        assert isinstance(client, MemoryConnection)
+        await hello(client)
+        await client.send(p.Enqueue(2, "wf", "null", "1", None, "run-1"))
+        assert isinstance(await client.receive(), p.Enqueued)
+        assign = await worker.receive()
+        assert isinstance(assign, p.Assign)
+        lease = aiki.records.Lease("run-1", assign.run.lease_epoch, "w1")
+        await worker.send(p.ReleaseRun(2, lease))  # no Drain before it
+        assert await worker.receive() == p.Ok(2)
+        with trio.move_on_after(60):
+            pushed = await worker.receive()
+            pytest.fail(f"the server pushed {pushed!r} to a worker that gave a run back")
+        run = await store.get_run("run-1")
+        assert run is not None and (run.state, run.lease_owner) == ("queued", None)

@@ -1,0 +1,166 @@
+"""Task outcomes that ride with the run's next write (aiki.actors.outcomes)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import trio
+
+import aiki
+from aiki import protocol as p
+from aiki.actors.outcomes import DEFAULT_BOUND, Flusher
+from aiki.actors.run import Abandon, run_workflow
+from aiki.errors import StaleLease
+from aiki.records import RunRecord
+from aiki.sources import Sources
+from aiki.store import MemoryStore
+from aiki.store.ops import Op
+
+
+@aiki.task(name="inc")
+async def inc(x: int) -> int:
+    return x + 1
+
+
+@aiki.workflow(name="three", version="1")
+async def three(run: aiki.WorkflowRun, x: int) -> int:
+    for _ in range(3):
+        x = await inc.run(run, x)
+    return x
+
+
+@aiki.workflow(name="then-think", version="1")
+async def then_think(run: aiki.WorkflowRun, x: int) -> int:
+    x = await inc.run(run, x)
+    await trio.sleep(5.0)  # a long stretch of workflow code: no next write comes soon
+    return x
+
+
+@aiki.workflow(name="then-sleep", version="1")
+async def then_sleep(run: aiki.WorkflowRun, x: int) -> int:
+    x = await inc.run(run, x)
+    await run.sleep(3600)
+    return x
+
+
+def leased(workflow: str) -> RunRecord:
+    return RunRecord("r1", workflow, "1", "0", "running", None, 1, 1, "w1", 1e9, None, None,
+                     None, 0.0, 0.0, None)
+
+
+def shown(msg: Any) -> str:
+    """A written message as the test reads it: its type, its step, what it carries."""
+    step = getattr(msg, "step", None)
+    head = type(msg).__name__ + (f" {step.position} {step.state}" if step else "")
+    saved = getattr(msg, "saved", ())
+    return head + (f" +{[f'{s.position} {s.state}' for s in saved]}" if saved else "")
+
+
+async def drive(workflow: Any, persist: Any) -> None:
+    flusher = Flusher()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(flusher.serve)
+        try:
+            await run_workflow(workflow, p.Assign(leased(workflow.name), ()), persist,
+                               Sources.seeded(1), flusher=flusher)
+        except Abandon:  # as the Worker does: the run is left to its lease
+            pass
+        nursery.cancel_scope.cancel()
+
+
+async def test_each_outcome_rides_with_the_next_write(autojump_clock: trio.abc.Clock) -> None:
+    written: list[str] = []
+
+    async def persist(make: Any) -> Any:
+        written.append(shown(make(1)))
+        return p.Ok(1)
+
+    await drive(three, persist)
+    assert written == [
+        "StartStep 0 running",
+        "StartStep 1 running +['0 completed']",
+        "StartStep 2 running +['1 completed']",
+        "CompleteRun +['2 completed']",
+    ]
+
+
+async def test_an_outcome_with_no_ride_is_sent_alone_within_the_bound(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    written: list[tuple[float, str]] = []
+
+    async def persist(make: Any) -> Any:
+        written.append((trio.current_time(), shown(make(1))))
+        return p.Ok(1)
+
+    start = trio.current_time()
+    await drive(then_think, persist)
+    assert [w for _, w in written] == [
+        "StartStep 0 running", "SaveStep 0 completed", "CompleteRun"]
+    assert written[1][0] - start == pytest.approx(DEFAULT_BOUND)
+
+
+async def test_a_write_that_cannot_carry_outcomes_sends_them_first(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    written: list[str] = []
+
+    async def persist(make: Any) -> Any:
+        msg = make(1)
+        written.append(shown(msg))
+        if isinstance(msg, p.AwaitStep):
+            return p.StepResult(1, msg.step)
+        return p.Ok(1)
+
+    await drive(then_sleep, persist)
+    assert written[:3] == ["StartStep 0 running", "SaveStep 0 completed",
+                           "AwaitStep 1 running"]
+
+
+async def test_an_outcome_the_flusher_could_not_send_stops_the_run(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The lease is gone when the lone outcome goes: nothing may be written after it.
+    written: list[str] = []
+
+    async def persist(make: Any) -> Any:
+        msg = make(1)
+        written.append(shown(msg))
+        if isinstance(msg, p.SaveStep):
+            raise StaleLease("run r1: lease epoch 1 of worker 'w1' is stale")
+        return p.Ok(1)
+
+    await drive(then_think, persist)
+    assert written == ["StartStep 0 running", "SaveStep 0 completed"]
+
+
+class Batches(MemoryStore):
+    """A memory store that remembers the ops of each transaction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[str]] = []
+
+    async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        self.batches.append([type(op).__name__ for op in ops])
+        return await super().apply(ops)
+
+
+async def test_a_run_of_three_tasks_costs_six_transactions(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = Batches()
+    async with aiki.embedded(store, sources=Sources.seeded(3)) as client:
+        async with aiki.worker(client, workflows=[three]):
+            handle = await three.enqueue(client, 0)
+            assert await handle.wait_for_completion(timeout=60) == 3
+    run_batches = store.batches[store.batches.index(["Enqueue"]):]  # (a claim finds nothing)
+    assert run_batches == [
+        ["Enqueue"], ["Claim"], ["StartStep"], ["SaveStep", "StartStep"],
+        ["SaveStep", "StartStep"], ["SaveStep", "CompleteRun"],
+    ]
+    steps = await store.get_steps(handle.id)
+    assert [(s.position, s.state, s.output) for s in steps] == [
+        ("0", "completed", "1"), ("1", "completed", "2"), ("2", "completed", "3")]
