@@ -141,7 +141,7 @@ def count_outcome(metrics: Metrics, op: Op[Any], outcome: Any) -> None:
             if run.attempts == 1:  # its first claim: enqueue -> claim
                 metrics.observe(DISPATCH_LATENCY, max(op.now - run.created_at, 0.0), labels)
     elif isinstance(op, SaveStep):
-        if op.step.kind == "task" and op.step.state != "running":
+        if outcome and op.step.kind == "task" and op.step.state != "running":
             metrics.inc(TASK_ATTEMPTS, (op.step.name, op.step.state))
     elif isinstance(op, ExpireLeases):
         if outcome:

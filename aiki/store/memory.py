@@ -156,10 +156,11 @@ class MemoryStore:
             keyed = next((s.position for s in steps.values()
                           if s.position != op.step.position and s.name == op.step.name
                           and s.idempotency_key == op.step.idempotency_key), None)
-            self._write(op.lease.run_id, m.save_step(
+            change = m.save_step(
                 runs.get(op.lease.run_id), op.lease, steps.get(op.step.position), keyed,
-                op.step, op.now, start=isinstance(op, o.StartStep)))
-            return None
+                op.step, op.now, start=isinstance(op, o.StartStep))
+            self._write(op.lease.run_id, change)
+            return bool(change.history)
         if isinstance(op, o.CompleteRun):
             change = m.finish(runs.get(op.lease.run_id), op.lease, op.now, result=op.result)
             self._write(op.lease.run_id, change)

@@ -76,8 +76,9 @@ class ExpireLeases(Op[tuple[str, ...]]):
 
 
 @attrs.frozen
-class StartStep(Op[None]):
-    """Mark a task step as running at ``attempt`` (fenced)."""
+class StartStep(Op[bool]):
+    """Mark a task step as running at ``attempt`` (fenced). The outcome: whether it wrote
+    anything (False: a repeat, or a late duplicate behind the stored step)."""
 
     lease: Lease
     step: StepRecord
@@ -85,11 +86,12 @@ class StartStep(Op[None]):
 
 
 @attrs.frozen
-class SaveStep(Op[None]):
+class SaveStep(Op[bool]):
     """Record the outcome of a step: completed, failed, retrying (fenced).
 
-    Re-saving an identical final step is accepted (a retried write); a different outcome for
-    a final step is a ``StepConflict``.
+    Re-saving an identical final step is accepted (a retried write) and writes nothing; a
+    different outcome for a final step is a ``StepConflict``. The outcome: whether it wrote
+    anything, so a repeat is not counted twice (``aiki_task_attempts_total``).
     """
 
     lease: Lease

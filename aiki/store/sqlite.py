@@ -317,7 +317,7 @@ def _expire(db: Db, op: o.ExpireLeases) -> tuple[str, ...]:
     return tuple(run.id for run in expired)
 
 
-def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> None:
+def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> bool:
     run_id, new = op.lease.run_id, op.step
     keyed = None
     if new.idempotency_key is not None:
@@ -327,9 +327,10 @@ def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> None:
             (run_id, new.name, new.idempotency_key, new.position),
         ).fetchone()
         keyed = None if row is None else row[0]
-    _write(db, run_id, m.save_step(_get_run(db, run_id), op.lease,
-                                   _get_step(db, run_id, new.position), keyed, new, op.now,
-                                   start=isinstance(op, o.StartStep)))
+    change = m.save_step(_get_run(db, run_id), op.lease, _get_step(db, run_id, new.position),
+                         keyed, new, op.now, start=isinstance(op, o.StartStep))
+    _write(db, run_id, change)
+    return bool(change.history)
 
 
 def _finish(db: Db, op: o.CompleteRun | o.FailRun) -> RunRecord | None:

@@ -200,3 +200,36 @@ def test_a_mailbox_drop_is_counted_in_the_sink_it_was_given() -> None:
     box = Mailbox[int](1, "dispatcher", metrics)
     assert box.address.tell_nowait(1) and not box.address.tell_nowait(2)
     assert metrics.series(MAILBOX_DROPPED) == {("dispatcher", "full"): 1}
+
+
+async def test_a_write_repeated_after_a_lost_reply_counts_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The StoreWriter counts what the store committed: a SaveStep sent again (its first reply
+    lost) writes nothing and is not counted again; a write refused as stale is counted as
+    refused, not as its run's event."""
+    from aiki.actors.store_writer import StoreWriter
+    from aiki.errors import StaleLease
+    from aiki.metrics import STALE_WRITES, STORE_OPS, TASK_ATTEMPTS
+    from aiki.records import StepRecord
+    from aiki.store import ops
+
+    metrics = Metrics()
+    store = MemoryStore()
+    writer = StoreWriter(store, metrics)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await writer.write(ops.Enqueue("r1", "wf", "1", "0", None, 1.0))
+        [claimed] = await writer.write(ops.Claim("w1", (("wf", "1"),), 1, 2.0, 30.0))
+        done = StepRecord("0", "task", "charge", "h", "1", None, "completed", 1, "2")
+        assert await writer.write(ops.SaveStep(claimed.lease, done, 3.0)) is True
+        assert await writer.write(ops.SaveStep(claimed.lease, done, 4.0)) is False
+        await writer.write(ops.CompleteRun(claimed.lease, "2", 5.0))
+        with pytest.raises(StaleLease):
+            await writer.write(ops.CompleteRun(claimed.lease, "2", 6.0))  # sent again
+        nursery.cancel_scope.cancel()
+    assert metrics.series(TASK_ATTEMPTS) == {("charge", "completed"): 1}
+    assert metrics.series(RUNS) == {("wf", "1", "enqueued"): 1, ("wf", "1", "started"): 1,
+                                    ("wf", "1", "completed"): 1}
+    assert metrics.series(STALE_WRITES) == {("CompleteRun",): 1}
+    assert metrics.value(STORE_OPS, ("SaveStep", "ok")) == 2

@@ -389,7 +389,7 @@ async def _wake_due(conn: Conn, op: o.WakeDue) -> tuple[str, ...]:
     return tuple(row["id"] for row in rows)
 
 
-async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> None:
+async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> bool:
     run = await get_run(conn, op.lease.run_id, lock=True)
     new = op.step
     keyed = None
@@ -400,8 +400,10 @@ async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> None:
             op.lease.run_id, new.name, new.idempotency_key, new.position,
         )
     old = None if run is None else await _get_step(conn, run.id, new.position)
-    await _write(conn, op.lease.run_id, m.save_step(
-        run, op.lease, old, keyed, new, op.now, start=isinstance(op, o.StartStep)))
+    change = m.save_step(run, op.lease, old, keyed, new, op.now,
+                         start=isinstance(op, o.StartStep))
+    await _write(conn, op.lease.run_id, change)
+    return bool(change.history)
 
 
 async def _finish(conn: Conn, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
