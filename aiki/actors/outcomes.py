@@ -16,7 +16,6 @@ on their own after ``bound`` seconds, by one :class:`Flusher` per worker.
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 import attrs
@@ -56,10 +55,13 @@ class Flusher:
         task_status.started()
         async with trio.open_nursery() as nursery:
             while True:
-                first = min(self._since.values(), default=math.inf)
-                with trio.move_on_at(first + self.bound):
+                if not self._since:  # idle: woken by the first outcome that waits
+                    self._changed = trio.Event()
                     await self._changed.wait()
-                self._changed = trio.Event()
+                    continue
+                # Busy, it wakes at most once per ``bound``, however many outcomes come
+                # and go meanwhile (most ride before they are due).
+                await trio.sleep_until(min(self._since.values()) + self.bound)
                 now = trio.current_time()
                 for run, since in list(self._since.items()):
                     if since + self.bound <= now:

@@ -94,8 +94,10 @@ async def test_a_partitioned_worker_cannot_overwrite_the_run_that_replaced_it(
 
             async def refused() -> bool:
                 # Its first late write: the task's start record (held in the proxy when the
-                # task outlived record_start_after) or its result.
-                return any(("refused save_step" in line or "refused start_step" in line)
+                # task outlived record_start_after), or its result, which rides with the
+                # run's completion.
+                return any(any(f"refused {tag}" in line
+                               for tag in ("save_step", "start_step", "complete_run"))
                            and "'cut-off' is stale" in line
                            for line in server.log().splitlines())
 
