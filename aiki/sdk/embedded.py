@@ -27,21 +27,23 @@ DEFAULT_STORE = "sqlite:///aiki.db"
 async def embedded(
     store: str | Store = DEFAULT_STORE, *, lease_ttl: float = 30.0,
     poll_interval: float | None = None, retention: float | None = None,
-    sources: Sources | None = None,
+    sources: Sources | None = None, check_wire: bool | None = None,
 ) -> AsyncIterator[Client]:
     """Run an Aiki server inside this nursery and yield a client of it.
 
     ``store``: ``"sqlite:///path.db"`` (the default, ``./aiki.db``), ``"memory"``, or a
     Store object. ``retention``: seconds a finished run is kept before it is deleted (None:
     for ever). The server's actors talk to workers and clients over the memory transport,
-    which hands messages over as objects (``AIKI_CHECK_WIRE=1`` sends them through the
-    network's codec too, as the test suite does).
+    which hands messages over as objects; ``check_wire=True`` (default: the
+    ``AIKI_CHECK_WIRE`` environment variable) sends each through the network's codec too, as
+    ``aiki.testing`` does.
     """
     sources = sources or Sources.real()
     owned = isinstance(store, str)
     opened: Store = await open_store(store) if isinstance(store, str) else store
     try:
-        transport = MemoryTransport()
+        transport = (MemoryTransport() if check_wire is None
+                     else MemoryTransport(check_wire=check_wire))
         server = Server(opened, sources, lease_ttl=lease_ttl, poll_interval=poll_interval,
                         retention=retention)
         async with serving_nursery() as nursery:

@@ -177,8 +177,10 @@ async def environment(
         if not isinstance(wf, Workflow):
             raise TypeError(f"workflows must be @aiki.workflow definitions, got {wf!r}")
     store = store if store is not None else MemoryStore()
-    async with embedded(store, lease_ttl=lease_ttl,
-                        sources=sources or Sources.seeded(0)) as client:
+    # Every message through the wire codec, as over a network: a test proves what a
+    # deployment would accept, not only what a process talking to itself would.
+    async with embedded(store, lease_ttl=lease_ttl, sources=sources or Sources.seeded(0),
+                        check_wire=True) as client:
         async with serving_nursery() as nursery:
             env = TestEnvironment(client, store, list(workflows), nursery)
             await env._start_worker()

@@ -340,3 +340,21 @@ def test_check_wire_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert not MemoryTransport().check_wire
     monkeypatch.delenv("AIKI_CHECK_WIRE")
     assert not MemoryTransport().check_wire
+
+
+async def test_embedded_mode_skips_the_codec_and_the_testing_kit_keeps_it(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock,
+) -> None:
+    import aiki
+    import aiki.testing
+
+    monkeypatch.delenv("AIKI_CHECK_WIRE")
+    async with aiki.embedded("memory") as client:
+        assert isinstance(client.transport, MemoryTransport)
+        assert not client.transport.check_wire
+    async with aiki.embedded("memory", check_wire=True) as client:
+        assert isinstance(client.transport, MemoryTransport)
+        assert client.transport.check_wire
+    async with aiki.testing.environment([]) as env:
+        assert isinstance(env.client.transport, MemoryTransport)
+        assert env.client.transport.check_wire
