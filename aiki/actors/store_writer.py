@@ -15,6 +15,7 @@ is what the store holds, never a write that was refused or rolled back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import attrs
@@ -75,8 +76,9 @@ class StoreWriter:
                     break
             metrics = self.metrics
             started = trio.current_time()
+            flat = [op for w in batch for op in w.ops]
             try:
-                outcomes = await self.store.apply([op for w in batch for op in w.ops])
+                outcomes = await self.store.apply(flat)
             except Exception as exc:
                 metrics.observe(STORE_COMMIT_SECONDS, trio.current_time() - started)
                 metrics.inc(STORE_TRANSACTIONS, ("failed",))
@@ -92,8 +94,7 @@ class StoreWriter:
                 metrics.observe(STORE_COMMIT_SECONDS, trio.current_time() - started)
                 metrics.inc(STORE_TRANSACTIONS, ("committed",))
                 metrics.observe(STORE_OPS_PER_COMMIT, len(outcomes))
-                for op, outcome in zip((op for w in batch for op in w.ops), outcomes,
-                                       strict=True):
+                for op, outcome in zip(flat, outcomes, strict=True):
                     count_outcome(metrics, op, outcome)
             answers = iter(outcomes)
             for w in batch:
@@ -114,35 +115,56 @@ class StoreWriter:
 
 # What an op whose outcome is a run record did to it, when it is not the run's new state.
 _RUN_EVENT: dict[type[Op[Any]], str] = {RetryRun: "retried"}
+_OK: dict[type[Op[Any]], tuple[str, str]] = {}  # the labels of an op applied: (name, "ok")
+
+
+def _count_enqueue(metrics: Metrics, op: Any, outcome: Any) -> None:
+    if outcome.created:
+        metrics.inc(RUNS, (op.workflow, op.version, "enqueued"))
+
+
+def _count_claim(metrics: Metrics, op: Any, outcome: Any) -> None:
+    for claimed in outcome:
+        run = claimed.run
+        labels = (run.workflow, run.version)
+        metrics.inc(RUNS, (*labels, "started"))
+        if run.attempts == 1:  # its first claim: enqueue -> claim
+            metrics.observe(DISPATCH_LATENCY, max(op.now - run.created_at, 0.0), labels)
+
+
+def _count_save(metrics: Metrics, op: Any, outcome: Any) -> None:
+    if outcome and op.step.kind == "task" and op.step.state != "running":
+        metrics.inc(TASK_ATTEMPTS, (op.step.name, op.step.state))
+
+
+def _count_expired(metrics: Metrics, op: Any, outcome: Any) -> None:
+    if outcome:
+        metrics.inc(LEASES_EXPIRED, by=len(outcome))
+
+
+_COUNT: dict[type[Op[Any]], Callable[[Metrics, Any, Any], None]] = {
+    Enqueue: _count_enqueue, Claim: _count_claim, SaveStep: _count_save,
+    ExpireLeases: _count_expired,
+}
 
 
 def count_outcome(metrics: Metrics, op: Op[Any], outcome: Any) -> None:
     """Count one committed op: every op by name and outcome; then what it did to runs and
     tasks. An op that returns the run it moved (completing, failing, retrying, cancelling,
     ...) counts as that run's new state, so a new op of that shape needs no code here."""
-    name = type(op).__name__
+    cls = type(op)
     if isinstance(outcome, AikiError):
-        metrics.inc(STORE_OPS, (name, type(outcome).__name__))
+        metrics.inc(STORE_OPS, (cls.__name__, type(outcome).__name__))
         if isinstance(outcome, StaleLease):
-            metrics.inc(STALE_WRITES, (name,))
+            metrics.inc(STALE_WRITES, (cls.__name__,))
         return
-    metrics.inc(STORE_OPS, (name, "ok"))
-    if isinstance(outcome, RunRecord):
-        event = _RUN_EVENT.get(type(op), outcome.state)
+    ok = _OK.get(cls)
+    if ok is None:
+        ok = _OK[cls] = (cls.__name__, "ok")
+    metrics.inc(STORE_OPS, ok)
+    counter = _COUNT.get(cls)
+    if counter is not None:
+        counter(metrics, op, outcome)
+    elif isinstance(outcome, RunRecord):
+        event = _RUN_EVENT.get(cls, outcome.state)
         metrics.inc(RUNS, (outcome.workflow, outcome.version, event))
-    elif isinstance(op, Enqueue):
-        if outcome.created:
-            metrics.inc(RUNS, (op.workflow, op.version, "enqueued"))
-    elif isinstance(op, Claim):
-        for claimed in outcome:
-            run = claimed.run
-            labels = (run.workflow, run.version)
-            metrics.inc(RUNS, (*labels, "started"))
-            if run.attempts == 1:  # its first claim: enqueue -> claim
-                metrics.observe(DISPATCH_LATENCY, max(op.now - run.created_at, 0.0), labels)
-    elif isinstance(op, SaveStep):
-        if outcome and op.step.kind == "task" and op.step.state != "running":
-            metrics.inc(TASK_ATTEMPTS, (op.step.name, op.step.state))
-    elif isinstance(op, ExpireLeases):
-        if outcome:
-            metrics.inc(LEASES_EXPIRED, by=len(outcome))
