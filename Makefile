@@ -22,11 +22,14 @@ test: $(VENV)/.installed
 	$(PY) -m mypy --strict aiki
 	$(PY) -m ruff check aiki tests simulations benchmarks
 
-# The deterministic simulation: 200 seeds x 10 virtual minutes, every fault class, plus
-# every seed in simulations/regressions.txt. Replay one seed: python -m simulations run --seed N
+# The deterministic simulation: 200 seeds x 10 virtual minutes of faults, every fault class,
+# plus every seed in simulations/regressions.txt (CI's budget: 10 minutes on 2 cores).
+# Nightly size: make sim SEEDS=0-999 MINUTES=30. Replay one seed: python -m simulations run --seed N
 SEEDS ?= 0-199
+MINUTES ?= 10
+JOBS ?= 2
 sim: $(VENV)/.installed
-	$(PY) -m simulations sweep --seeds $(SEEDS) --regressions --jobs 2
+	$(PY) -m simulations sweep --seeds $(SEEDS) --minutes $(MINUTES) --regressions --jobs $(JOBS)
 
 # Benchmarks (issue 6): Aiki's throughput beside DBOS Transact on SQLite and PostgreSQL, the
 # single-commit baseline, latency, scale and idle; prints the tables, writes

@@ -60,6 +60,18 @@ class TaskRuntime:
 
 _RUNTIME: contextvars.ContextVar[TaskRuntime | None] = contextvars.ContextVar(
     "aiki_task_runtime", default=None)
+# Checked immediately before a task body starts (the engine sets it for each attempt): it
+# raises if the attempt must not start any more, e.g. because its lease's local deadline
+# passed while the worker was paused (a GC pause, SIGSTOP, a VM migration) after the start
+# record was acknowledged.
+BODY_GATE: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "aiki_body_gate", default=None)
+
+
+def _pass_gate() -> None:
+    gate = BODY_GATE.get()
+    if gate is not None:
+        gate()
 
 
 @asynccontextmanager
@@ -81,18 +93,32 @@ async def task_runtime(threads: int = DEFAULT_TASK_THREADS) -> AsyncIterator[Tas
 
 
 async def run_body(style: Style, fn: Callable[[Any], Any], payload: Any) -> Any:
-    """Run one task body in its style and return its result (or raise its exception)."""
+    """Run one task body in its style and return its result (or raise its exception).
+
+    The :data:`BODY_GATE` is passed with no await between it and the body's start (a thread
+    body asks it from its thread, once it has a thread), so a pause anywhere before is seen.
+    """
     if style == "trio":
+        _pass_gate()
         return await fn(payload)
     runtime = _RUNTIME.get()
     if style == "thread":
+        gate = BODY_GATE.get()
+
+        def in_thread(payload: Any) -> Any:
+            if gate is not None:
+                trio.from_thread.run_sync(gate)
+            return fn(payload)
+
         return await trio.to_thread.run_sync(
-            fn, payload, abandon_on_cancel=True,
+            in_thread, payload, abandon_on_cancel=True,
             limiter=runtime.threads if runtime is not None else None)
     if runtime is not None:
         bridge = await runtime.asyncio_bridge()
+        _pass_gate()
         return await bridge.run(fn, payload)
     from aiki.asyncio_bridge import AsyncioBridge
 
     async with AsyncioBridge.open() as own:  # outside a worker: a loop for this call only
+        _pass_gate()
         return await own.run(fn, payload)

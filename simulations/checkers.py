@@ -67,17 +67,22 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
 
     # A committed task result is never executed again (replay returns it), by a worker that
     # records each start before the task runs (the default).
+    # (Repeated identical calls share one address: an execution after all of its calls'
+    # results were committed is one too many.)
     committed_at: dict[tuple[str, str], float] = {}
     for step, at in ledger.final_steps.values():
         if step.kind == "task":
             spec = json.loads(step.input)
-            committed_at[(spec["rk"], spec["label"])] = at
+            key = (spec["rk"], workload.label_of(spec))
+            committed_at[key] = max(at, committed_at.get(key, at))
     for at, rk, label, task, worker in ledger.executions:
         done = committed_at.get((rk, label))
         if done is not None and at > done and worker not in ledger.deferred_starts:
             v.append(f"task {task} of {rk} step {label} executed at t={at:.3f}, after its "
                      f"result was committed at t={done:.3f}")
 
+    v += _lease_writes(ledger)
+    v += _helpers(contents)
     v += _sends(contents, ledger)
     v += _waits(contents, ledger)
     v += _metrics(outcome, exact=False)
@@ -88,9 +93,11 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
         heard = ledger.heard_end.get(run_id)
         if run is not None and run.state in ("completed", "failed") and heard is None:
             v.append(f"run {run_id} {run.state}, but the client watching it never heard")
-        elif heard is not None and (run is None or heard[1] != run.state):
-            v.append(f"a client heard run {run_id} end {heard[1]} at t={heard[0]:.3f}; it is "
-                     f"stored {run.state if run else 'nowhere'}")
+        elif heard is not None and (run is None or heard[1:] != (run.state, run.result)):
+            v.append(f"a client heard run {run_id} end {heard[1]} with {heard[2]} at "
+                     f"t={heard[0]:.3f}; it is stored {run.state if run else 'nowhere'} with "
+                     f"{run.result if run else None}")
+    v += _reads(contents, ledger)
 
     # Results equal the fault-free run's, run by run; a sleep's marker may differ where a
     # wake-up ended it early in either run, and must say what the store recorded.
@@ -156,11 +163,15 @@ def _metrics(outcome: Outcome, exact: bool) -> list[str]:
 def _sleep_markers(steps: Any, payload: str) -> dict[int, int]:
     """Step index -> the marker a sleep there returns (1 slept, 0 woken early), as stored."""
     program = json.loads(payload)
-    stored = {s.position: s for s in steps}
+    # Sleeps are top-level steps: the k-th sleep of the program is the k-th stored, by
+    # position (a step's position counts the task calls before it, not the program's steps).
+    stored = sorted((s for s in steps if s.kind == "sleep"),
+                    key=lambda s: _position_key(s.position))
+    indexes = [j for j, step in enumerate(program["steps"]) if "sleep" in step]
     out = {}
-    for j, step in enumerate(program["steps"]):
-        if "sleep" in step and str(j) in stored and stored[str(j)].state == "completed":
-            out[j] = 1 if stored[str(j)].output == "true" else 0
+    for j, step in zip(indexes, stored, strict=False):
+        if step.state == "completed":
+            out[j] = 1 if step.output == "true" else 0
     return out
 
 
@@ -238,6 +249,77 @@ def _sends(contents: Any, ledger: Any) -> list[str]:
                                  for e in mine):
                 v.append(f"run {run_id}: a later {name!r} event was delivered while an earlier "
                          "one stayed buffered")
+    return v
+
+
+def _reads(contents: Any, ledger: Any) -> list[str]:
+    """What clients read is what the ledger says was committed: a status is a state the run
+    was in at some moment while the request was out (and a final one carries the final
+    result); a history is a prefix of the run's final history, holding at least everything
+    committed before the request was sent."""
+    v = []
+    for run_id, sent, answered, state, result in ledger.status_reads:
+        timeline = [(ledger.committed.get(e.seq, (None,))[0], e.event.partition(".")[2])
+                    for e in contents.history.get(run_id, ()) if e.event.startswith("run.")]
+        ok = any(state == s and (t is None or t <= answered) and (
+            i + 1 == len(timeline) or timeline[i + 1][0] is None
+            or timeline[i + 1][0] >= sent)
+            for i, (t, s) in enumerate(timeline))
+        if not ok:
+            v.append(f"a client read run {run_id} as {state} (asked at t={sent:.3f}, answered "
+                     f"at t={answered:.3f}); the run was never {state} then: "
+                     f"{[(None if t is None else round(t, 3), s) for t, s in timeline]}")
+        run = contents.runs.get(run_id)
+        if state in ("completed", "failed") and run is not None and result != run.result:
+            v.append(f"a client read run {run_id} {state} with {result}; it is stored with "
+                     f"{run.result}")
+    for run_id, sent, answered, events in ledger.history_reads:
+        final = tuple((e.seq, e.event, e.position, e.attempt)
+                      for e in contents.history.get(run_id, ()))
+        before = sum(1 for e in contents.history.get(run_id, ())
+                     if ledger.committed.get(e.seq, (answered,))[0] < sent)
+        if final[:len(events)] != events:
+            v.append(f"a client read run {run_id}'s history at t={answered:.3f} as "
+                     f"{len(events)} events that are not the start of its stored history")
+        elif len(events) < before:
+            v.append(f"a client read run {run_id}'s history (asked at t={sent:.3f}) with "
+                     f"{len(events)} events; {before} were committed before it asked")
+    return v
+
+
+def _helpers(contents: Any) -> list[str]:
+    """A value of run.now(), run.random() or run.uuid4() is recorded once and the same
+    on every replay: the task call after it (whose input carries it) saw what was recorded."""
+    v = []
+    for run_id, steps in contents.steps.items():
+        by_position = {s.position: s for s in steps}
+        for step in steps:
+            if step.kind not in ("now", "random", "uuid") or "." in step.position:
+                continue
+            after = by_position.get(str(int(step.position) + 1))
+            if after is None or after.kind != "task" or step.output is None:
+                continue
+            seen = json.loads(after.input).get("h")
+            if seen != json.loads(step.output):
+                v.append(f"run {run_id}: run.{step.kind}() at step {step.position} recorded "
+                         f"{step.output}, but the task after it was called with {seen!r}")
+    return v
+
+
+def _lease_writes(ledger: Any) -> list[str]:
+    """Every write accepted under a lease (renewals included) was made while that lease was
+    the run's: granted to that worker before, not ended (expired, given back, the run ended
+    or leased again) before."""
+    v = []
+    for commit, at, what, run_id, epoch, worker in ledger.lease_writes:
+        granted = ledger.leases.get((run_id, epoch))
+        ended = ledger.lease_ended.get((run_id, epoch))
+        if granted is None or granted[0] > commit or granted[1] != worker:
+            v.append(f"{what} for run {run_id} accepted at t={at:.3f} under epoch {epoch} of "
+                     f"{worker}, a lease never granted to it (granted: {granted})")
+        elif ended is not None and ended < commit:
+            v.append(f"{what} for run {run_id} accepted at t={at:.3f} under epoch {epoch} of "
+                     f"{worker}, a lease that had ended (commit {ended} < {commit})")
     return v
 
 

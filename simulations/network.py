@@ -1,6 +1,9 @@
 """The simulated network: a Transport whose links delay, drop, duplicate, reorder and reset
 messages, and that can be partitioned (both ways or one way) and clogged.
 
+Each direction has faults of its own: *up* (worker or client to server) and *down* (server
+to worker or client), so a stale write from a worker is as likely as a stale assignment.
+
 Every message goes through the real wire codec. Delivery happens in tasks of the network's
 own nursery after a latency drawn from the network's random stream, so the whole schedule
 follows the seed.
@@ -19,6 +22,7 @@ import trio
 from aiki import protocol
 from aiki.errors import ConnectionLost
 from aiki.transport.base import Handler
+from simulations.pause import PROCESS
 
 # Nodes whose messages are never dropped on a live connection (as over TCP): a client
 # watching a run sends one request and waits as long as it takes, and cannot tell a lost
@@ -32,6 +36,9 @@ class NetworkFaults:
     duplicate: float = 0.0
     reorder: float = 0.0  # chance a message gets extra delay (and so overtakes/is overtaken)
     reset: float = 0.0  # chance a message resets its connection instead of arriving
+    # Chance a message is held up (0.1 to 5 s), and those behind it on its connection with
+    # it (a retransmission: the order is kept).
+    delay: float = 0.0
     latency: float = 0.005
 
 
@@ -44,6 +51,7 @@ class SimConnection:
     _inbox_send: trio.MemorySendChannel[str]
     other: SimConnection | None = None
     closed: bool = False
+    ready_at: float = 0.0  # in-order delivery: nothing on this direction arrives before it
 
     async def send(self, msg: Any) -> None:
         text = protocol.encode(msg)
@@ -86,7 +94,9 @@ class SimConnection:
 class SimNetwork:
     rng: random.Random
     trace: list[str]
-    faults: NetworkFaults = attrs.field(factory=NetworkFaults)
+    faults: NetworkFaults = attrs.field(factory=NetworkFaults)  # down: from a server
+    up_faults: NetworkFaults = attrs.field(factory=NetworkFaults)  # up: to a server
+    servers: set[str] = attrs.field(factory=set)
     nursery: trio.Nursery | None = None
     blocked: set[tuple[str, str]] = attrs.field(factory=set)  # (from, to) directions cut
     # Clogged directions hold their messages (in order) until unclogged: swizzle-clog.
@@ -140,13 +150,16 @@ class SimNetwork:
         assert self.nursery is not None
 
         async def run() -> None:
+            PROCESS.set(None)  # the wire, not the sending process: a pause does not hold it
             await trio.sleep(delay)
             fn()
 
         self.nursery.start_soon(run)
 
     def transmit(self, src: SimConnection, dst: SimConnection, text: str) -> None:
-        f = self.faults
+        up = dst.node in self.servers
+        f = self.up_faults if up else self.faults
+        direction = "up" if up else "down"
         r = self.rng
         self.stats["messages"] += 1
         if (src.node, dst.node) in self.blocked:
@@ -155,9 +168,11 @@ class SimNetwork:
         held = self.clogged.get((src.node, dst.node))
         if held is not None:
             held.append((src, dst, text))
+            self.stats[f"held {direction}"] += 1
             return
         if r.random() < f.drop and src.node not in LOSSLESS and dst.node not in LOSSLESS:
             self.stats["drop"] += 1
+            self.stats[f"drop {direction}"] += 1
             return
         if r.random() < f.reset:
             self.stats["reset"] += 1
@@ -167,11 +182,21 @@ class SimNetwork:
         copies = 2 if r.random() < f.duplicate else 1
         if copies == 2:
             self.stats["duplicate"] += 1
+            self.stats[f"duplicate {direction}"] += 1
+        now = trio.current_time()
         for _ in range(copies):
             delay = f.latency
-            if r.random() < f.reorder:
+            if r.random() < f.delay:
+                delay += r.uniform(0.1, 5.0)
+                self.stats["delay"] += 1
+                self.stats[f"delay {direction}"] += 1
+            if r.random() < f.reorder:  # overtakes, or is overtaken: outside the order
                 delay += r.uniform(0, 20 * f.latency)
                 self.stats["reorder"] += 1
+                self.stats[f"reorder {direction}"] += 1
+            else:
+                delay = max(delay, src.ready_at - now)  # not before those sent earlier
+                src.ready_at = now + delay
             self.later(delay, lambda: self._arrive(src, dst, text))
 
     def _arrive(self, src: SimConnection, dst: SimConnection, text: str) -> None:

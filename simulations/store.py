@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 import trio
 
-from aiki.errors import AikiError, StoreUnavailable
+from aiki.errors import AikiError, StaleLease, StoreUnavailable
 from aiki.records import (
     FINAL_STEP_STATES,
     EventRecord,
@@ -33,8 +33,10 @@ from aiki.records import (
     StepRecord,
     WaitRecord,
 )
+from aiki.store import Store
 from aiki.store import ops as o
 from aiki.store.memory import MemoryStore
+from simulations.pause import PROCESS
 
 
 @attrs.define
@@ -87,11 +89,27 @@ class Ledger:
     # (run id, position) -> the due time a wait step was first recorded with (the clients
     # that race a send against an event wait's timeout aim at it).
     wait_due: dict[tuple[str, str], float | None] = attrs.field(factory=dict)
+    # (run id, event or "sleep") -> positions of its waits, in the order they began
+    wait_order: dict[tuple[str, str], list[str]] = attrs.field(factory=dict)
     ended: set[str] = attrs.field(factory=set)  # runs seen completed or failed
     sends: dict[str, SendLog] = attrs.field(factory=dict)  # send id -> what became of it
     watching: set[str] = attrs.field(factory=set)  # runs some client waits to see end
-    heard_end: dict[str, tuple[float, str]] = attrs.field(factory=dict)  # (when, state)
+    # Run id -> (when, state, result) a client waiting for the run's end was told.
+    heard_end: dict[str, tuple[float, str, str | None]] = attrs.field(factory=dict)
+    # (run id, sent, answered, state, result) of each status read a client made
+    status_reads: list[tuple[str, float, float, str, str | None]] = attrs.field(factory=list)
+    # (run id, sent, answered, ((seq, event, position, attempt), ...)) of each history read
+    history_reads: list[tuple[str, float, float, tuple[Any, ...]]] = attrs.field(
+        factory=list)
     wakeups: list[tuple[float, str, bool]] = attrs.field(factory=list)  # (when, run, woken)
+    commits: int = 0  # transactions committed so far: the order of what follows
+    # (run id, epoch) -> (the commit that granted it, to whom)
+    leases: dict[tuple[str, int], tuple[int, str]] = attrs.field(factory=dict)
+    # (run id, epoch) -> the commit after which it was no longer the run's lease
+    lease_ended: dict[tuple[str, int], int] = attrs.field(factory=dict)
+    # Every write accepted under a lease, renewals included:
+    # (commit, time, op, run id, epoch, worker id)
+    lease_writes: list[tuple[int, float, str, str, int, str]] = attrs.field(factory=list)
 
     def violation(self, text: str) -> None:
         try:
@@ -111,6 +129,10 @@ class SimStore:
     stats: Counter[str] = attrs.field(factory=Counter)
     notices: NoticeChannel | None = None  # to the servers sharing this database
     wall: Callable[[str], float] = lambda server: 0.0  # a server's clock
+    # The SQLite store, when it is the database: ``inner`` (the memory model) answers every
+    # operation beside it, and the two must agree (what the checkers read is the model's).
+    db: Store | None = None
+    _lock: trio.Lock = attrs.field(factory=trio.Lock)
 
     def for_server(self, server: str) -> ServerStore:
         return ServerStore(self, server)
@@ -131,11 +153,15 @@ class SimStore:
         if r.random() < f.before_commit:
             self.stats["before_commit"] += 1
             raise StoreUnavailable("simulated: error before commit")
-        outcomes = await self.inner.apply(ops)
+        outcomes = await self._apply_both(ops)
         now = trio.current_time()
+        self.ledger.commits += 1
         for op, outcome in zip(ops, outcomes, strict=True):
             if not isinstance(outcome, AikiError):
                 self._check(op, outcome, now)
+            else:
+                self._refused(op, outcome, server)
+        self._leases_ended(ops, outcomes, now)
         self._committed(ops, outcomes, now, server)
         self.trace.append(f"{now:.6f} store {server} "
                           f"{','.join(type(op).__name__ for op in ops)}")
@@ -144,6 +170,72 @@ class SimStore:
             self.ledger.sometimes["ambiguous commit"] += 1
             raise StoreUnavailable("simulated: connection lost after commit")
         return outcomes
+
+    async def _apply_both(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
+        """The database applies ``ops``; with SQLite, the model applies them too, in the
+        same order (one at a time, never cancelled between the two), and must agree."""
+        if self.db is None:
+            return await self.inner.apply(ops)
+        async with self._lock:
+            with trio.CancelScope(shield=True):  # (no waiting inside: both are inline)
+                outcomes = await self.db.apply(ops)
+                model = await self.inner.apply(ops)
+        for op, got, expected in zip(ops, outcomes, model, strict=True):
+            if _differs(got, expected):
+                self.ledger.violation(f"the SQLite store answered {type(op).__name__} with "
+                                      f"{_first_difference(got, expected)}")
+        return outcomes
+
+    async def _read(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """A read from the database; with SQLite, checked against the model's."""
+        if self.db is None:
+            return await getattr(self.inner, name)(*args, **kwargs)
+        async with self._lock:
+            with trio.CancelScope(shield=True):
+                got = await getattr(self.db, name)(*args, **kwargs)
+                expected = await getattr(self.inner, name)(*args, **kwargs)
+        if _differs(got, expected):
+            self.ledger.violation(f"the SQLite store read {name}{args} differently from the "
+                                  f"memory model: {_first_difference(got, expected)}")
+        return got
+
+    def _refused(self, op: o.Op[Any], error: AikiError, server: str) -> None:
+        """A write refused as stale while another lease of its run is live: the fencing at
+        work on a worker's late message (a sometimes-situation)."""
+        if not isinstance(error, StaleLease):
+            return
+        lease = getattr(op, "lease", None)
+        if lease is not None:
+            self._stale_while_live(lease.run_id, lease.epoch, server, type(op).__name__)
+
+    def _stale_while_live(self, run_id: str, epoch: int, server: str, what: str) -> None:
+        run = self.inner.contents().runs.get(run_id)
+        if (run is not None and run.state == "running" and run.lease_epoch != epoch
+                and run.lease_expires_at is not None
+                and run.lease_expires_at > self.wall(server)):
+            self.ledger.sometimes["stale worker write while another lease is live"] += 1
+            self.stats[f"stale {what} refused, another lease live"] += 1
+
+    def _leases_ended(self, ops: Sequence[o.Op[Any]], outcomes: list[Any], now: float
+                      ) -> None:
+        """Note when each lease the transaction touched ended (the run left ``running``, or
+        was leased again)."""
+        led = self.ledger
+        runs = self.inner.contents().runs
+        touched: set[str] = set()
+        for op, outcome in zip(ops, outcomes, strict=True):
+            lease = getattr(op, "lease", None)
+            if lease is not None:
+                touched.add(lease.run_id)
+            if isinstance(op, (o.ExpireLeases, o.Renew)) and not isinstance(outcome, AikiError):
+                touched.update(outcome)
+        for run_id in touched:
+            epoch = led.max_epoch.get(run_id)
+            run = runs.get(run_id)
+            if epoch is None or (run_id, epoch) in led.lease_ended:
+                continue
+            if run is None or run.state != "running" or run.lease_epoch != epoch:
+                led.lease_ended[(run_id, epoch)] = led.commits
 
     def _committed(self, ops: Sequence[o.Op[Any]], outcomes: list[Any], now: float,
                    server: str) -> None:
@@ -186,6 +278,7 @@ class SimStore:
                 if key not in led.wait_due:
                     step = next(s for s in contents.steps[run_id] if s.position == e.position)
                     led.wait_due[key] = step.next_attempt_at
+                    led.wait_order.setdefault((run_id, e.name or ""), []).append(key[1])
             if notice is not None and notice not in notices:
                 notices.append(notice)
         if self.notices is not None:
@@ -196,9 +289,21 @@ class SimStore:
         if isinstance(op, o.Claim):
             for claimed in outcome:
                 run = claimed.run
-                if run.lease_epoch <= led.max_epoch.get(run.id, 0):
+                previous = led.max_epoch.get(run.id, 0)
+                if run.lease_epoch <= previous:
                     led.violation(f"run {run.id} leased again at epoch {run.lease_epoch}")
+                led.lease_ended.setdefault((run.id, previous), led.commits)
                 led.max_epoch[run.id] = run.lease_epoch
+                led.leases[(run.id, run.lease_epoch)] = (led.commits, run.lease_owner or "?")
+            return
+        if isinstance(op, o.Renew):
+            # Renewals are writes under a lease too: a heartbeat that renews a lease its
+            # worker no longer holds keeps a zombie believing it may go on.
+            for lease in op.leases:
+                if lease.run_id not in outcome:
+                    self._under_lease("Renew", lease, now)
+                else:
+                    self._stale_while_live(lease.run_id, lease.epoch, "s1", "Renew")
             return
         if isinstance(op, o.ExpireLeases):
             for run_id in outcome:
@@ -209,10 +314,8 @@ class SimStore:
                     led.sometimes["lease expiry on a live worker"] += 1
             return
         lease = getattr(op, "lease", None)
-        if lease is not None and lease.epoch != led.max_epoch.get(lease.run_id):
-            led.violation(
-                f"{type(op).__name__} for run {lease.run_id} accepted from epoch {lease.epoch}; "
-                f"the current lease is epoch {led.max_epoch.get(lease.run_id)}")
+        if lease is not None:
+            self._under_lease(type(op).__name__, lease, now)
         if isinstance(op, o.SaveStep) and op.step.state in FINAL_STEP_STATES:
             key = (lease.run_id, op.step.position)
             known = led.final_steps.get(key)
@@ -222,31 +325,43 @@ class SimStore:
                 led.violation(f"run {key[0]} step {key[1]}: committed result {known[0].output!r}"
                               f" was changed to {op.step.output!r}")
 
-    # -- reads pass through -------------------------------------------------------------
+    def _under_lease(self, what: str, lease: Any, now: float) -> None:
+        """A write accepted under ``lease``: it must be the run's current lease (the model),
+        and it is logged for the checker that holds it to the lease's whole life."""
+        led = self.ledger
+        if lease.epoch != led.max_epoch.get(lease.run_id):
+            led.violation(
+                f"{what} for run {lease.run_id} accepted from epoch {lease.epoch}; "
+                f"the current lease is epoch {led.max_epoch.get(lease.run_id)}")
+        led.lease_writes.append((led.commits, now, what, lease.run_id, lease.epoch,
+                                 lease.worker_id))
+
+    # -- reads: from the database -------------------------------------------------------
     async def get_run(self, run_id: str) -> RunRecord | None:
-        return await self.inner.get_run(run_id)
+        return await self._read("get_run", run_id)  # type: ignore[no-any-return]
 
     async def get_steps(self, run_id: str) -> tuple[StepRecord, ...]:
-        return await self.inner.get_steps(run_id)
+        return await self._read("get_steps", run_id)  # type: ignore[no-any-return]
 
     async def get_history(self, run_id: str) -> tuple[HistoryEvent, ...]:
-        return await self.inner.get_history(run_id)
+        return await self._read("get_history", run_id)  # type: ignore[no-any-return]
 
     async def list_runs(self, *, workflow: str | None = None, state: str | None = None,
                         limit: int = 100) -> tuple[RunRecord, ...]:
-        return await self.inner.list_runs(workflow=workflow, state=state, limit=limit)
+        return await self._read(  # type: ignore[no-any-return]
+            "list_runs", workflow=workflow, state=state, limit=limit)
 
     async def get_waits(self, run_id: str) -> tuple[WaitRecord, ...]:
-        return await self.inner.get_waits(run_id)
+        return await self._read("get_waits", run_id)  # type: ignore[no-any-return]
 
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
-        return await self.inner.get_events(run_id)
+        return await self._read("get_events", run_id)  # type: ignore[no-any-return]
 
     async def run_counts(self) -> tuple[RunCount, ...]:
         return await self.inner.run_counts()
 
     async def next_due(self) -> float | None:
-        return await self.inner.next_due()
+        return await self._read("next_due")  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -353,6 +468,7 @@ class NoticeChannel:
             self.nursery.start_soon(self._deliver, listener, listener.ready_at, list(notices))
 
     async def _deliver(self, listener: _Listener, at: float, notices: list[str]) -> None:
+        PROCESS.set(None)  # the database's, not the committing server's
         await trio.sleep_until(at)
         if listener.lost or self.listeners.get(listener.server) is not listener:
             return
@@ -371,6 +487,7 @@ class NoticeChannel:
         self.nursery.start_soon(self._restore, listener, duration)
 
     async def _restore(self, listener: _Listener, duration: float) -> None:
+        PROCESS.set(None)
         await trio.sleep(duration)
         listener.lost = False
         if self.listeners.get(listener.server) is listener:
@@ -378,3 +495,23 @@ class NoticeChannel:
 
     def heal(self) -> None:
         self.faults = NoticeFaults()
+
+
+def _first_difference(got: Any, expected: Any) -> str:
+    """Where two answers first differ, briefly."""
+    if (isinstance(got, (list, tuple)) and isinstance(expected, (list, tuple))
+            and len(got) == len(expected)):
+        for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+            if _differs(a, b):
+                return f"at [{i}]: {_first_difference(a, b)}"
+    return f"{got!r:.400} where the memory model has {expected!r:.400}"
+
+
+def _differs(got: Any, expected: Any) -> bool:
+    """Whether two stores' answers differ (errors by type and message)."""
+    if isinstance(got, BaseException) or isinstance(expected, BaseException):
+        return (type(got), str(got)) != (type(expected), str(expected))
+    if isinstance(got, (list, tuple)) and isinstance(expected, (list, tuple)):
+        return len(got) != len(expected) or any(
+            _differs(a, b) for a, b in zip(got, expected, strict=True))
+    return bool(got != expected)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextvars
 import random
 import zlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -50,13 +51,18 @@ def bind(ledger: Ledger) -> None:
     _CALLS.clear()
 
 
+def label_of(spec: dict[str, Any]) -> str:
+    """A call's label, and its iteration in a loop: what tells its executions apart."""
+    return spec["label"] if "i" not in spec else f"{spec['label']}#{spec['i']}"
+
+
 def _make_task(name: str, retry: aiki.Retry) -> aiki.Task[dict[str, Any], int]:
     async def body(spec: dict[str, Any]) -> int:
         key = (spec["rk"], spec["label"])
         _CALLS[key] = _CALLS.get(key, 0) + 1
         if _LEDGER:
             _LEDGER[0].executions.append(
-                (trio.current_time(), spec["rk"], spec["label"], name, NODE.get()))
+                (trio.current_time(), spec["rk"], label_of(spec), name, NODE.get()))
         await trio.sleep(spec["work"])
         fail = spec["fail"]
         if fail == -1:
@@ -80,41 +86,126 @@ SHORT_SLEEPS = (0.5, 2.0, 6.0)  # under the workers' inline limit (10 s): held o
 LONG_SLEEPS = (15.0, 40.0, 90.0)  # the run waits, the worker's slot is free
 
 
+@attrs.define(eq=False)
+class Ctx:
+    """What a program's steps share while it runs: the run, the accumulator that each task
+    result feeds (so later steps depend on earlier results), and the output list."""
+
+    run: aiki.WorkflowRun
+    rk: str
+    acc: int
+    out: list[int] = attrs.field(factory=list)
+
+    async def call(self, s: dict[str, Any], **extra: Any) -> int:
+        """Call the task ``s`` names with the current accumulator (and ``extra``) as input;
+        a caught failure gives -1."""
+        try:
+            return await TASKS[s["task"]].run(self.run, {**s, "x": self.acc, "rk": self.rk,
+                                                         **extra},
+                                              idempotency_key=s.get("key"))
+        except aiki.TaskFailed:
+            if not s.get("catch"):
+                raise
+            return -1
+
+
+# The grammar: a step is a dict whose kind is its first key found here. A new kind (children,
+# cancellation, controls, schedules) is one function registered under its key.
+StepFn = Callable[[Ctx, dict[str, Any]], Awaitable[None]]
+STEP_KINDS: dict[str, StepFn] = {}
+
+
+def step_kind(key: str) -> Callable[[StepFn], StepFn]:
+    def register(fn: StepFn) -> StepFn:
+        STEP_KINDS[key] = fn
+        return fn
+
+    return register
+
+
+@step_kind("call")
+async def _call_step(ctx: Ctx, step: dict[str, Any]) -> None:
+    ctx.acc = await ctx.call(step["call"])
+    ctx.out.append(ctx.acc)
+
+
+@step_kind("gather")
+async def _gather_step(ctx: Ctx, step: dict[str, Any]) -> None:
+    values = await ctx.run.gather(*[
+        TASKS[s["task"]].run(ctx.run, {**s, "x": ctx.acc, "rk": ctx.rk},
+                             idempotency_key=s.get("key"))
+        for s in step["gather"]
+    ])
+    ctx.acc = sum(values) % 1_000_003
+    ctx.out.append(ctx.acc)
+
+
+@step_kind("repeat")
+async def _repeat_step(ctx: Ctx, step: dict[str, Any]) -> None:
+    # The same task with the same input, several times in a row (polling a status, sending
+    # the same notice twice): one content address at several positions of the run.
+    values = [await ctx.call(step["repeat"]) for _ in range(step["times"])]
+    ctx.acc = sum(values) % 1_000_003
+    ctx.out.append(ctx.acc)  # (one output per step: the checkers find a sleep's by index)
+
+
+@step_kind("loop")
+async def _loop_step(ctx: Ctx, step: dict[str, Any]) -> None:
+    # Iterations until a result says stop (divisible by ``until``), at most ``max``.
+    loop = step["loop"]
+    for i in range(loop["max"]):
+        ctx.acc = await ctx.call(loop["call"], i=i)
+        if ctx.acc % loop["until"] == 0:
+            break
+    ctx.out.append(ctx.acc)
+
+
+@step_kind("branch")
+async def _branch_step(ctx: Ctx, step: dict[str, Any]) -> None:
+    # Which task runs depends on the result so far.
+    cases = step["branch"]
+    ctx.acc = await ctx.call(cases[ctx.acc % len(cases)])
+    ctx.out.append(ctx.acc)
+
+
+@step_kind("helper")
+async def _helper_step(ctx: Ctx, step: dict[str, Any]) -> None:
+    # run.now() / run.random() / run.uuid4(), recorded once; the next task's input carries
+    # it (so a replay that returned another value would diverge), its result does not.
+    kind = step["helper"]
+    value: Any = (await ctx.run.now() if kind == "now" else
+                  await ctx.run.random() if kind == "random" else await ctx.run.uuid4())
+    ctx.acc = await ctx.call(step["then"], h=value)
+    ctx.out.append(ctx.acc)
+
+
+@step_kind("sleep")
+async def _sleep_step(ctx: Ctx, step: dict[str, Any]) -> None:
+    ctx.out.append(1 if await ctx.run.sleep(step["sleep"]) else 0)  # acc: unchanged
+
+
+@step_kind("event")
+async def _event_step(ctx: Ctx, step: dict[str, Any]) -> None:
+    got = await EV.wait(ctx.run, timeout=step["timeout"])
+    ctx.acc = (ctx.acc * 7 + int(got["v"])) % 1_000_003
+    ctx.out.append(ctx.acc)
+
+
+@step_kind("race")
+async def _race_step(ctx: Ctx, step: dict[str, Any]) -> None:
+    try:
+        await RACE.wait(ctx.run, timeout=step["race"])
+    except aiki.EventTimeout:
+        pass
+    ctx.out.append(0)  # which won the race is the checkers' business, not the result's
+
+
 async def _interpret(run: aiki.WorkflowRun, program: dict[str, Any]) -> list[int]:
-    acc = int(program["x"])
-    out: list[int] = []
+    ctx = Ctx(run, program["rk"], int(program["x"]))
     for step in program["steps"]:
-        if "gather" in step:
-            values = await run.gather(*[
-                TASKS[s["task"]].run(run, {**s, "x": acc, "rk": program["rk"]},
-                                     idempotency_key=s.get("key"))
-                for s in step["gather"]
-            ])
-            acc = sum(values) % 1_000_003
-            out.append(acc)
-        elif "sleep" in step:
-            out.append(1 if await run.sleep(step["sleep"]) else 0)  # acc: unchanged
-        elif "event" in step:
-            got = await EV.wait(run, timeout=step["timeout"])
-            acc = (acc * 7 + int(got["v"])) % 1_000_003
-            out.append(acc)
-        elif "race" in step:
-            try:
-                await RACE.wait(run, timeout=step["race"])
-            except aiki.EventTimeout:
-                pass
-            out.append(0)  # which won the race is the checkers' business, not the result's
-        else:
-            s = step["call"]
-            try:
-                acc = await TASKS[s["task"]].run(run, {**s, "x": acc, "rk": program["rk"]},
-                                                 idempotency_key=s.get("key"))
-            except aiki.TaskFailed:
-                if not s.get("catch"):
-                    raise
-                acc = -1
-            out.append(acc)
-    return out
+        kind = next(k for k in step if k in STEP_KINDS)
+        await STEP_KINDS[kind](ctx, step)
+    return ctx.out
 
 
 def _workflow(version: str) -> aiki.Workflow[dict[str, Any], list[int]]:
@@ -131,7 +222,8 @@ UNSERVED_VERSION = "3"  # enqueued sometimes; no worker has it: the run must sta
 @attrs.frozen
 class Send:
     """One event a client sends to a run, ``at`` seconds after its enqueue was acknowledged
-    (a ``race`` send: once it sees the wait at ``position``, ``delta`` seconds after its due
+    (a ``race`` send: once it sees the run's ``position``-th race wait (0, 1, ...), ``delta``
+    seconds after its due
     time; a ``late`` send: once its watcher heard that the run ended)."""
 
     id: str  # unique: carried in the payload, so each stored event names its send
@@ -166,6 +258,8 @@ class PlannedRun:
     wakeups: tuple[tuple[float, int], ...] = ()  # (seconds after the ack, server)
     watch: int | None = None  # a watcher's server; once it hears the end, ``late`` is sent
     late: Send | None = None
+    # Status and history reads: (seconds after the ack, server), checked against the ledger.
+    reads: tuple[tuple[float, int], ...] = ()
 
 
 def _task_spec(r: random.Random, label: str, keys: list[str]) -> dict[str, Any]:
@@ -193,6 +287,8 @@ def _task_spec(r: random.Random, label: str, keys: list[str]) -> dict[str, Any]:
 def plan(seed: int, n_runs: int, duration: float) -> list[PlannedRun]:
     r = random.Random(f"{seed}:workload")
     w = random.Random(f"{seed}:waits")
+    g = random.Random(f"{seed}:grammar")
+    reads = random.Random(f"{seed}:reads")
     planned: list[PlannedRun] = []
     run_keys: list[str] = []
     for i in range(n_runs):
@@ -217,8 +313,38 @@ def plan(seed: int, n_runs: int, duration: float) -> list[PlannedRun]:
         run_id = f"run-{seed}-{i}-{r.getrandbits(32):08x}"
         program = {"rk": rk, "x": r.randint(0, 1000), "steps": steps}
         at = r.uniform(0, duration * 0.7)
-        planned.append(_with_waits(w, PlannedRun(f"e{i}", run_id, at, version, key, program)))
+        program = _with_grammar(g, program)
+        item = _with_waits(w, PlannedRun(f"e{i}", run_id, at, version, key, program))
+        planned.append(attrs.evolve(item, reads=tuple(
+            (reads.expovariate(1 / 60.0), reads.randrange(3))
+            for _ in range(reads.choice([0, 1, 2, 3])))))
     return planned
+
+
+def _with_grammar(r: random.Random, program: dict[str, Any]) -> dict[str, Any]:
+    """Repeated identical calls, loops, branches on earlier results, keys shared between
+    calls, and the deterministic helpers, among the program's steps (a stream of their own)."""
+    rk = program["rk"]
+    steps = list(program["steps"])
+    keys: list[str] = []
+    for n in range(r.choice([0, 1, 1, 2, 3])):
+        label = f"{rk}.g{n}"
+        roll = r.random()
+        spec = _task_spec(r, label, keys)
+        if roll < 0.35:
+            spec["fail"] = max(spec["fail"], 0)  # (a refusal would end the repeats early)
+            step: dict[str, Any] = {"repeat": spec, "times": r.randint(2, 3)}
+        elif roll < 0.55:
+            spec["fail"] = max(spec["fail"], 0)
+            step = {"loop": {"call": spec, "until": r.choice([2, 3, 5]),
+                             "max": r.randint(2, 4)}}
+        elif roll < 0.75:
+            other = _task_spec(r, f"{label}b", keys)
+            step = {"branch": [spec, other]}
+        else:
+            step = {"helper": r.choice(["now", "random", "uuid"]), "then": spec}
+        steps.insert(r.randint(0, len(steps)), step)
+    return {**program, "steps": steps}
 
 
 def _with_waits(r: random.Random, item: PlannedRun) -> PlannedRun:
@@ -253,8 +379,8 @@ def _with_waits(r: random.Random, item: PlannedRun) -> PlannedRun:
     sends = [attrs.evolve(s, at=t) for s, t in zip(sends, times, strict=True)]
     races = tuple(
         Send(f"{rk}.race{j}", 0.0, "race", f"{rk}-race{j}" if r.random() < 0.7 else None,
-             r.randint(0, 999), r.randrange(3), position=str(j), delta=r.uniform(-0.5, 0.5))
-        for j, s in enumerate(steps) if "race" in s)
+             r.randint(0, 999), r.randrange(3), position=str(k), delta=r.uniform(-0.5, 0.5))
+        for k, j in enumerate(j for j, s in enumerate(steps) if "race" in s))
     wakeups = tuple((r.uniform(0, 40.0 * max(n, 1)), r.randrange(3))
                     for _ in range(r.choice([0, 0, 1, 2]))
                     if any("sleep" in s for s in steps))

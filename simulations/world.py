@@ -10,11 +10,14 @@ off leaves the rest of the seed's world unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
 import random
 import signal
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -26,6 +29,7 @@ from aiki.actors.link import Link
 from aiki.actors.worker import Worker
 from aiki.errors import (
     AikiError,
+    ConnectionLost,
     PayloadError,
     RunFinished,
     RunNotFound,
@@ -35,8 +39,10 @@ from aiki.metrics import Metrics
 from aiki.server import Server
 from aiki.sources import Sources
 from aiki.store.memory import MemoryStore
+from aiki.store.sqlite import SqliteStore
 from simulations import workload
 from simulations.network import NetworkFaults, SimNetwork
+from simulations.pause import PROCESS, Freezer
 from simulations.store import (
     Ledger,
     NoticeChannel,
@@ -68,6 +74,14 @@ class Config:
     servers: int | None = None  # None: one to three, drawn from the seed
     runs: int = 24
     trace: bool = False
+    # "memory", or "sqlite": an in-memory SQLite database is the store, the memory model
+    # beside it answers every operation too and must agree. None: SQLite on every third
+    # seed (those with seed % 3 == 2), so every sweep covers both.
+    store: str | None = None
+
+    @property
+    def store_kind(self) -> str:
+        return self.store or ("sqlite" if self.seed % 3 == 2 else "memory")
 
 
 @attrs.define
@@ -128,19 +142,39 @@ class World:
     net: SimNetwork = attrs.field(init=False)
     store: SimStore = attrs.field(init=False)
     swarm: dict[str, float] = attrs.field(factory=dict)
+    freezer: Freezer = attrs.field(factory=Freezer)
+    # Workers to pause (for how long) the moment one of their task starts is acknowledged:
+    # between the start record and the task body, where a pause escapes the fencing.
+    armed: dict[str, float] = attrs.field(factory=dict)
+    # Workers whose outbound links stall (for how long) when they next send a write that
+    # ends their lease (a completion, a failure, a wait, a release): what then reaches the
+    # server is stale, maybe while the run is leased again (to them or to another worker).
+    hold_armed: dict[str, float] = attrs.field(factory=dict)
+    pause_ids: dict[str, int] = attrs.field(factory=dict)
+    nursery: trio.Nursery | None = None
+    _pauses: trio.MemorySendChannel[tuple[str, int, float]] = attrs.field(init=False)
+    _pauses_out: trio.MemoryReceiveChannel[tuple[str, int, float]] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._pauses, self._pauses_out = trio.open_memory_channel[tuple[str, int, float]](
+            math.inf)
         seed, on = self.cfg.seed, set(self.cfg.faults)
         swarm = random.Random(f"{seed}:swarm")
         # Swarm testing: each class gets its own intensity, or none at all, from the seed.
         self.swarm = {c: (swarm.choice([0.3, 1.0, 3.0]) if c in on else 0.0)
                       for c in FAULT_CLASSES}
-        net_faults = NetworkFaults()
-        if self.swarm["network"]:
-            k = self.swarm["network"]
-            net_faults = NetworkFaults(drop=0.002 * k, duplicate=0.01 * k, reorder=0.02 * k,
-                                       reset=0.001 * k)
-        self.net = SimNetwork(random.Random(f"{seed}:network"), self.trace, net_faults)
+        # Each direction (server -> worker or client: down; to a server: up) its own mix.
+        directions = random.Random(f"{seed}:swarm-net")
+        faults = {}
+        for direction in ("down", "up"):
+            faults[direction] = NetworkFaults()
+            if self.swarm["network"]:
+                k = self.swarm["network"] * directions.choice([0.3, 1.0, 1.0, 3.0])
+                faults[direction] = NetworkFaults(
+                    drop=0.002 * k, duplicate=0.01 * k, reorder=0.02 * k, reset=0.001 * k,
+                    delay=0.005 * k)
+        self.net = SimNetwork(random.Random(f"{seed}:network"), self.trace, faults["down"],
+                              faults["up"])
         store_faults = StoreFaults()
         if self.swarm["store"]:
             k = self.swarm["store"]
@@ -155,6 +189,7 @@ class World:
                                            notice_faults)
         n = self.cfg.servers or random.Random(f"{seed}:topology").choice([1, 2, 2, 3])
         self.server_names = [f"s{i}" for i in range(1, n + 1)]
+        self.net.servers = set(self.server_names)
         self.store.wall = lambda server: self.clocks[server].now()
         clock_rng = random.Random(f"{seed}:clocks")
         for node in [*self.server_names, *self.worker_names, "client"]:
@@ -191,6 +226,7 @@ class World:
 
     # -- nodes --------------------------------------------------------------------------
     async def server_node(self, name: str) -> None:
+        PROCESS.set(name)
         incarnation = 0
         while True:
             await self.wait_up(name)
@@ -214,6 +250,7 @@ class World:
             await trio.sleep(0.1)
 
     async def worker_node(self, name: str) -> None:
+        PROCESS.set(name)  # every task of this process (a pause freezes them all)
         r = random.Random(f"{self.cfg.seed}:node:{name}")
         # w1 serves every version (so each servable run has a worker); the others a subset.
         versions = ["1", "2"] if name == "w1" or r.random() < 0.5 else [r.choice(["1", "2"])]
@@ -299,6 +336,7 @@ class World:
                 actions += [(self._racer, item, race) for race in item.races]
             if served and item.watch is not None:
                 actions.append((self._watcher, item))
+            actions += [(self._reader, item, acked + at, server) for at, server in item.reads]
             for fn, *args in actions:
                 self.pending += 1
                 nursery.start_soon(self._action, fn, *args)
@@ -356,13 +394,29 @@ class World:
 
     async def _racer(self, item: workload.PlannedRun, race: workload.Send) -> None:
         # Aim at the wait's timeout: the ledger says when the wait began and its due time.
-        key = (item.run_id, race.position or "")
-        while key not in self.ledger.wait_due and item.run_id not in self.ledger.ended:
+        k = int(race.position or 0)
+        seen = self.ledger.wait_order.setdefault((item.run_id, "race"), [])
+        while len(seen) <= k and item.run_id not in self.ledger.ended:
             await trio.sleep(0.5)
-        due = self.ledger.wait_due.get(key)
+        due = self.ledger.wait_due.get((item.run_id, seen[k])) if len(seen) > k else None
         if due is not None:
             await trio.sleep(max(0.0, due + race.delta - self.clocks["client"].now()))
         await self._send(item, race)
+
+    async def _reader(self, item: workload.PlannedRun, at: float, server: int) -> None:
+        """What a client asks of a run: its status, then its history (checked against the
+        ledger: each a state the run was in while the request was out, each history a
+        prefix of the final one that misses nothing committed before it was asked)."""
+        await trio.sleep_until(at)
+        sent = trio.current_time()
+        info = await self._ask(server, lambda req: p.GetRun(req, item.run_id))
+        self.ledger.status_reads.append((item.run_id, sent, trio.current_time(),
+                                         info.run.state, info.run.result))
+        sent = trio.current_time()
+        history = await self._ask(server, lambda req: p.GetHistory(req, item.run_id))
+        self.ledger.history_reads.append((item.run_id, sent, trio.current_time(),
+                                          tuple((e.seq, e.event, e.position, e.attempt)
+                                                for e in history.events)))
 
     async def _waker(self, item: workload.PlannedRun, at: float, server: int) -> None:
         await trio.sleep_until(at)
@@ -374,7 +428,8 @@ class World:
         self.ledger.watching.add(item.run_id)
         reply = await self._ask(item.watch, lambda req: p.WatchRun(req, item.run_id),
                                 timeout=100_000.0, node="watcher")
-        self.ledger.heard_end[item.run_id] = (trio.current_time(), reply.run.state)
+        self.ledger.heard_end[item.run_id] = (trio.current_time(), reply.run.state,
+                                              reply.run.result)
         if item.late is not None:
             await self._send(item, item.late)
 
@@ -384,7 +439,8 @@ class World:
         overdue: dict[tuple[str, float], float] = {}
         while True:
             await trio.sleep(1.0)
-            up = [s for s in self.server_names if s in self.up]
+            up = [s for s in self.server_names
+                  if s in self.up and not self.freezer.is_paused(s)]
             if not up or trio.current_time() < self.store.faults.unavailable_until:
                 continue
             contents = self.store.inner.contents()
@@ -424,18 +480,40 @@ class World:
                 node = r.choice(nodes)
                 self.crash(node, downtime=r.choice([0.0, 1.0, 5.0, 30.0]))
             elif kind == "pause":
+                # A process pause (GC, SIGSTOP, a VM migration): the whole worker freezes for
+                # 0.5 to 4 lease TTLs, its clock going on, then continues where it stood.
+                # A server too, a third of the time (not on SQLite seeds: the database lock
+                # beside the model would be held through the pause).
+                server = r.random() < 0.33 and self.cfg.store_kind == "memory"
+                node = r.choice(self.server_names if server else self.worker_names)
+                length = LEASE_TTL * r.uniform(0.5, 4.0)
+                if not server and r.random() < 0.5:
+                    self.armed[node] = length  # at its next task start's acknowledgement
+                    self.stats["pause armed"] += 1
+                else:
+                    self.pause(node, length)
+                    await trio.sleep(length)
+            elif kind == "partition" and r.random() < 0.15:
+                node = r.choice(self.worker_names)
+                self.hold_armed[node] = LEASE_TTL * r.uniform(1.5, 4.0)
+                self.stats["long hold up armed"] += 1
+            elif kind == "partition" and r.random() < 0.1:
+                # A node cut off from every other, both ways, for one to three leases.
                 node = r.choice(self.worker_names)
                 self.net.isolate(node, nodes)
-                self.stats["pause"] += 1
-                self.note(f"pause {node}")
+                self.stats["isolate"] += 1
+                self.note(f"isolate {node}")
                 await trio.sleep(LEASE_TTL * r.uniform(1.2, 3.0))
                 self.net.heal()
-            elif kind == "partition" and r.random() < 0.15:
-                # A long hold: one server -> worker link keeps what it is sent for longer than
-                # a lease, then delivers it all (a stalled TCP path that recovers). What
-                # arrives then, assignments included, is stale.
-                link = (r.choice(self.server_names), r.choice(self.worker_names))
-                self.stats["long hold"] += 1
+            elif kind == "partition" and r.random() < 0.2:
+                # A long hold: one link between a server and a worker keeps what it is sent,
+                # in one direction, for longer than a lease, then delivers it all (a stalled
+                # TCP path that recovers). What arrives then is stale: assignments and
+                # replies one way, completions, failures and heartbeats the other.
+                server, worker = r.choice(self.server_names), r.choice(self.worker_names)
+                down = r.random() < 0.5
+                link = (server, worker) if down else (worker, server)
+                self.stats[f"long hold {'down' if down else 'up'}"] += 1
                 self.net.clog(link)
                 await trio.sleep(r.uniform(LEASE_TTL * 1.5, LEASE_TTL * 4))
                 self.net.unclog(link)
@@ -474,10 +552,51 @@ class World:
                 self.stats["clock jump"] += 1
                 self.note(f"clock jump {node}")
 
+    def pause(self, node: str, length: float) -> None:
+        """Freeze ``node`` now; a task of the world resumes it after ``length`` seconds."""
+        if self.freezer.is_paused(node) or self.nursery is None:
+            return
+        self.pause_ids[node] = pause_id = self.pause_ids.get(node, 0) + 1
+        self.freezer.pause(node)
+        self.stats["pause server" if node in self.server_names else "pause worker"] += 1
+        self.note(f"pause {node} for {length:.3f}")
+        self._pauses.send_nowait((node, pause_id, length))
+
+    async def pauser(self) -> None:
+        assert self.nursery is not None
+        async for node, pause_id, length in self._pauses_out:
+            if pause_id < 0:
+                self.nursery.start_soon(self._unclog_after, node, length)
+            else:
+                self.nursery.start_soon(self._resume_after, node, pause_id, length)
+
+    def hold_outbound(self, node: str, length: float) -> None:
+        """``node``'s links to every server keep what it sends for ``length`` seconds."""
+        links = [(node, server) for server in self.server_names]
+        self.stats["long hold up"] += 1
+        for link in links:
+            self.net.clog(link)
+        self._pauses.send_nowait((node, -1, length))
+
+    async def _unclog_after(self, node: str, length: float) -> None:
+        await trio.sleep(length)
+        for server in self.server_names:
+            if (node, server) in self.net.clogged:
+                self.net.unclog((node, server))
+
+    async def _resume_after(self, node: str, pause_id: int, length: float) -> None:
+        await trio.sleep(length)
+        if self.pause_ids.get(node) == pause_id and self.freezer.is_paused(node):
+            self.note(f"resume {node}")
+            self.freezer.resume(node)
+
     def crash(self, node: str, downtime: float) -> None:
         scope = self.scopes.get(node)
         if scope is None:
             return
+        self.armed.pop(node, None)
+        if self.freezer.is_paused(node):  # a paused process is killed: it dies as it stands
+            self.freezer.resume(node)
         worker = self.workers.get(node)
         if worker is not None and worker.link is not None and worker.link.in_flight:
             self.ledger.sometimes["crash with a write in flight"] += 1
@@ -499,7 +618,11 @@ class World:
 
     def all_faults_off(self) -> None:
         self.faults_on = False
+        self.armed.clear()
+        self.hold_armed.clear()
+        self.freezer.resume_all()
         self.net.faults = NetworkFaults()
+        self.net.up_faults = NetworkFaults()
         self.net.heal()
         self.store.faults = StoreFaults()
         assert self.store.notices is not None
@@ -509,7 +632,11 @@ class World:
     async def run(self) -> None:
         planned = workload.plan(self.cfg.seed, self.cfg.runs, self.cfg.safety)
         workload.bind(self.ledger)
+        if self.cfg.store_kind == "sqlite":
+            self.store.db = await SqliteStore.open(":memory:", offload=False)
         async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self.pauser)
             self.net.nursery = nursery
             assert self.store.notices is not None
             self.store.notices.nursery = nursery
@@ -527,7 +654,10 @@ class World:
             with trio.move_on_after(self.cfg.liveness):
                 await self._converged(planned)
             await trio.sleep(1.0)
+            self.freezer.resume_all()
             nursery.cancel_scope.cancel()
+        if self.store.db is not None:
+            await self.store.db.aclose()
 
     async def _converged(self, planned: list[workload.PlannedRun]) -> None:
         while True:
@@ -538,6 +668,55 @@ class World:
             if all(r.state in ("completed", "failed") or r.version == workload.UNSERVED_VERSION
                    for r in runs.values()):
                 return
+
+
+@contextlib.contextmanager
+def replies_checked(world: World) -> Iterator[None]:
+    """Every request a Link makes, by a worker or a client, gets its reply or raises.
+
+    A reply is a message answering one of the request's own attempts (its ``req``); a
+    request that resolves with anything else (``None`` from a connection that dropped, say)
+    is a violation, and raised to its caller as a lost connection so the world goes on.
+    Here too a worker armed for a pause freezes the moment a task start is acknowledged.
+    """
+    real = Link.request
+
+    async def request(self: Link, make: Any, timeout: float | None = None, *,
+                      retry: bool = True) -> Any:
+        sent: list[tuple[int, str]] = []
+
+        def tracked(req: int) -> Any:
+            msg = make(req)
+            sent.append((req, type(msg).__name__))
+            return msg
+
+        node = PROCESS.get()
+        pauses = world.freezer.pauses_of(node)
+        if node is not None and node in world.hold_armed and type(make(0)).__name__ in (
+                "CompleteRun", "FailRun", "WaitRun", "ReleaseRun"):
+            world.hold_outbound(node, world.hold_armed.pop(node))
+        reply = await real(self, tracked, timeout, retry=retry)
+        what = sent[-1][1] if sent else "?"
+        if reply is None or getattr(reply, "req", None) not in {req for req, _ in sent}:
+            world.ledger.violation(
+                f"a {what} request of {node or 'a client'} resolved as {reply!r}, not a "
+                f"reply to it (attempts {[req for req, _ in sent]}): a request must get its "
+                "reply or raise")
+            raise ConnectionLost("the harness refused a request resolved without its reply")
+        if what == "StartStep" and node is not None:
+            length = world.armed.pop(node, None)
+            if length is not None:
+                world.pause(node, length)
+                await trio.lowlevel.checkpoint()  # frozen here, the start acknowledged
+            if world.freezer.pauses_of(node) != pauses:
+                world.ledger.sometimes["task start after a pause"] += 1
+        return reply
+
+    Link.request = request  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Link.request = real  # type: ignore[method-assign]
 
 
 REAL_TIME_LIMIT = 120.0
@@ -576,7 +755,8 @@ def run_seed(cfg: Config) -> Outcome:
     previous = signal.signal(signal.SIGALRM, _watchdog_fired)
     signal.setitimer(signal.ITIMER_REAL, REAL_TIME_LIMIT)
     try:
-        trio.run(world.run, clock=clock)
+        with world.freezer.installed(), replies_checked(world):
+            trio.run(world.run, clock=clock)
     except (RealTimeExceeded, trio.TrioInternalError) as exc:
         if not isinstance(exc, RealTimeExceeded) and not isinstance(
                 exc.__cause__, RealTimeExceeded):
@@ -595,9 +775,9 @@ def run_seed(cfg: Config) -> Outcome:
         world.trace.append(f"end {run_id} {runs[run_id][0]} {runs[run_id][2]}")
     digest = hashlib.sha256("\n".join(world.trace).encode()).hexdigest()
     faults = Counter({k: v for k, v in world.stats.items()})
-    for k in ("drop", "duplicate", "reorder", "reset", "partitioned"):
-        if world.net.stats[k]:
-            faults[f"net {k}"] += world.net.stats[k]
+    for k, n in world.net.stats.items():
+        if k not in ("messages", "clog", "partition", "overflow") and n:
+            faults[f"net {k}"] += n
     for k, v in world.store.stats.items():
         faults[f"store {k}"] += v
     restarts = sum(s.supervisor.restarts for s in world.servers)
@@ -608,6 +788,11 @@ def run_seed(cfg: Config) -> Outcome:
     assert world.store.notices is not None
     for k, v in world.store.notices.stats.items():
         faults[k] += v
+    for steps in world.store.inner.contents().steps.values():
+        addresses = Counter((s.name, s.input_hash) for s in steps
+                            if s.kind == "task" and s.idempotency_key is None)
+        if any(n > 1 for n in addresses.values()):
+            world.ledger.sometimes["duplicate content address in one run"] += 1
     for history in world.store.inner.contents().history.values():
         for e in history:
             situation = SITUATIONS.get((e.event, (e.detail or "").split(" ")[0],

@@ -34,6 +34,7 @@ import logging
 import math
 import traceback
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import attrs
@@ -57,6 +58,7 @@ from aiki.metrics import TASK_DURATION
 from aiki.records import FINAL_STEP_STATES, Lease, StepKind, StepRecord, WaitFor
 from aiki.retry import Retry
 from aiki.sources import Sources
+from aiki.task_styles import BODY_GATE
 
 log = logging.getLogger("aiki.run")
 T = TypeVar("T")
@@ -169,9 +171,12 @@ class RunState:
     nudges: Nudges = attrs.field(factory=Nudges)
     workflow: str = "?"  # its name, for the logs
     run_task: TaskRunner = call_task
-    # Whether the lease can still be current, as far as the worker knows (its renewals):
-    # a start acknowledged after that is no licence to run the task.
-    lease_live: Callable[[], bool] = lambda: True
+    # The local time (``trio.current_time()``) after which the lease may have expired, as far
+    # as the worker knows (its renewals), less a margin: no task body starts after it.
+    lease_deadline: Callable[[], float] = lambda: math.inf
+    # Told the local time a start record was first sent once the server accepted it: the
+    # server renewed the lease then (at the latest), so it holds a TTL from that time.
+    lease_renewed: Callable[[float], None] = lambda sent: None
     # With a flusher, completed task outcomes wait in ``pending`` for the run's next write.
     flusher: Flusher | None = None
     pending: list[StepRecord] = attrs.field(factory=list)
@@ -377,17 +382,34 @@ class RunState:
             await self.save(final)
             return p.decode_value(output, task.result_type, what=f"result of task {task.name!r}")
 
+    def _may_start(self, task: TaskDefinition) -> None:
+        """Raise :class:`Abandon` if the lease's local deadline has passed: a start record
+        acknowledged late (a stalled link), or a worker paused between its start record and
+        the body (a GC pause, SIGSTOP, a VM migration), is no licence to run the task, whose
+        result another worker may have committed meanwhile."""
+        deadline = self.lease_deadline()
+        if trio.current_time() >= deadline:
+            raise Abandon(f"run {self.lease.run_id}: task {task.name!r} not started: its "
+                          f"lease's local deadline passed {trio.current_time() - deadline:.3f}"
+                          " s ago (a late reply, or a pause)")
+
+    async def _run_body(self, task: TaskDefinition, payload: Any) -> Any:
+        """The task body, its lease checked immediately before it starts."""
+        token = BODY_GATE.set(partial(self._may_start, task))
+        try:
+            self._may_start(task)
+            return await self._timed(task, payload)
+        finally:
+            BODY_GATE.reset(token)
+
     async def _call(self, task: TaskDefinition, step: StepRecord) -> Any:
         """One attempt of ``task``, its start recorded first or, if it runs long, meanwhile."""
         payload = p.decode_value(step.input, task.payload_type)
         if self.record_start_after <= 0:
+            sent = trio.current_time()
             await self.save(step, start=True)
-            if not self.lease_live():
-                # The start was accepted under the lease, but its reply came so late that
-                # the lease may have expired since, and the task run by another worker.
-                raise Abandon(f"task {task.name!r}: its start was acknowledged after the "
-                              "lease may have expired")
-            return await self._timed(task, payload)
+            self.lease_renewed(sent)
+            return await self._run_body(task, payload)
         writing = False
         lost: list[Abandon] = []
 
@@ -402,12 +424,12 @@ class RunState:
                 cancel.cancel()
 
         value: Any = None
-        failure: Exception | None = None
+        failure: BaseException | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(record_start, nursery.cancel_scope)
             try:
-                value = await self._timed(task, payload)
-            except Exception as exc:  # raised below as itself, not in the nursery's group
+                value = await self._run_body(task, payload)
+            except (Exception, Abandon) as exc:  # raised below as itself, not in a group
                 failure = exc
             finally:
                 # A start record in flight is let through, so that it lands before the
@@ -654,7 +676,8 @@ async def run_workflow(
     *, inline_retry_max: float = 10.0, draining: trio.Event | None = None,
     record_start_after: float = DEFAULT_RECORD_START_AFTER, nudges: Nudges | None = None,
     run_task: TaskRunner = call_task, on_state: Callable[[RunState], None] | None = None,
-    lease_live: Callable[[], bool] = lambda: True, flusher: Flusher | None = None,
+    lease_deadline: Callable[[], float] = lambda: math.inf,
+    lease_renewed: Callable[[float], None] = lambda sent: None, flusher: Flusher | None = None,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
     drains: ``draining`` is set) or abandoned. ``flusher``: let completed task outcomes ride
@@ -665,7 +688,7 @@ async def run_workflow(
     state = RunState(lease, {s.position: s for s in assign.steps}, persist, sources,
                      inline_retry_max, record_start_after,
                      trio.Event() if draining is None else draining, nudges or Nudges(),
-                     workflow.name, run_task, lease_live, flusher)
+                     workflow.name, run_task, lease_deadline, lease_renewed, flusher)
     if on_state is not None:  # (a replay looks at what the code consumed)
         on_state(state)
     _BRANCH.set((state, state.root))

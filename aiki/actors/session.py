@@ -431,9 +431,12 @@ class Session:
             return p.Ok(msg.req)
         if isinstance(msg, (p.StartStep, p.SaveStep)):
             self._check_owner(msg.lease)
-            op_cls = ops.StartStep if isinstance(msg, p.StartStep) else ops.SaveStep
-            await ctx.writer.write(op_cls(msg.lease, msg.step, now),
-                                   *_saved(msg.lease, msg.saved, now))
+            # A start renews the lease: the worker checks, before the task body, that the
+            # lease still holds from when it sent the start (see RunState._may_start).
+            step_op: ops.Op[bool] = (ops.StartStep(msg.lease, msg.step, now, ctx.lease_ttl)
+                                     if isinstance(msg, p.StartStep)
+                                     else ops.SaveStep(msg.lease, msg.step, now))
+            await ctx.writer.write(step_op, *_saved(msg.lease, msg.saved, now))
             return p.Ok(msg.req)
         if isinstance(msg, (p.CompleteRun, p.FailRun)):
             finish: ops.Op[RunRecord] = (

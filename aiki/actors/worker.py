@@ -47,6 +47,8 @@ from aiki.task_styles import DEFAULT_TASK_THREADS, task_runtime
 from aiki.transport.base import Transport
 
 log = logging.getLogger("aiki.worker")
+# The share of a lease's TTL kept as a safety margin before its local deadline.
+LEASE_MARGIN = 0.1
 
 
 @attrs.define(eq=False)
@@ -206,7 +208,8 @@ class Worker:
                                    record_start_after=self.record_start_after,
                                    draining=self.draining, nudges=mine.nudges,
                                    run_task=self.run_task,
-                                   lease_live=partial(self._lease_live, link, mine),
+                                   lease_deadline=partial(self._lease_deadline, link, mine),
+                                   lease_renewed=partial(_renewed, mine),
                                    flusher=self.flusher)
         except Abandon:
             pass
@@ -217,9 +220,12 @@ class Worker:
                 self._count_slots()
             self._held_changed.set()
 
-    def _lease_live(self, link: Link, held: Held) -> bool:
+    def _lease_deadline(self, link: Link, held: Held) -> float:
+        """When, on this process's clock, the lease may have expired at the server, less a
+        margin (LEASE_MARGIN of the TTL: the time from this check to the body's first effect,
+        and the clocks' drift): no task body starts after it."""
         ttl = link.welcome.lease_ttl if link.welcome is not None else math.inf
-        return trio.current_time() < held.renewed + ttl
+        return held.renewed + ttl * (1.0 - LEASE_MARGIN)
 
     async def _heartbeat(self, link: Link) -> None:
         while True:
@@ -301,6 +307,10 @@ class Worker:
                     await link.request(partial(_release, lease=h.lease))
                 except (AikiError, TimeoutError):
                     pass
+
+
+def _renewed(held: Held, sent: float) -> None:
+    held.renewed = max(held.renewed, sent)
 
 
 def _release(req: int, *, lease: Lease) -> p.ReleaseRun:

@@ -302,15 +302,18 @@ def history_event_for_step(step: StepRecord) -> tuple[str, str | None]:
 
 def save_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
               keyed_elsewhere: str | None, step: StepRecord, now: float, *,
-              start: bool) -> Change:
+              start: bool, lease_ttl: float | None = None) -> Change:
     """StartStep (``start``) or SaveStep. ``keyed_elsewhere``: the position of another step
-    of this run with the same task name and idempotency key, if any."""
+    of this run with the same task name and idempotency key, if any. A start with
+    ``lease_ttl`` renews the lease, even when the step was started before (a retry)."""
     run = fenced(lease, run)
     if step.kind in ("sleep", "event"):
         raise StepConflict(f"run {run.id}: step {step.position} is a {step.kind} step; "
                            "wait steps are recorded by AwaitStep")
+    if start and lease_ttl is not None:
+        run = attrs.evolve(run, lease_expires_at=now + lease_ttl, updated_at=now)
     if not step_write_changes(run.id, old, step, save=not start):
-        return NOTHING
+        return NOTHING if not (start and lease_ttl is not None) else Change(run)
     if step.idempotency_key is not None and keyed_elsewhere is not None:
         raise key_conflict_error(run.id, step, keyed_elsewhere)
     if start:
@@ -436,7 +439,9 @@ def wake_due(run: RunRecord, waits: Sequence[WaitRecord], steps: Mapping[str, St
     """The timer: ``run`` is waiting and some of its ``waits`` are due. Due sleeps end, due
     event waits time out, and the run is queued again."""
     change = NOTHING
-    due = [w for w in waits if w.due_at is not None and w.due_at <= now]
+    # In position order whatever order the store read them in: the history says the same.
+    due = sorted((w for w in waits if w.due_at is not None and w.due_at <= now),
+                 key=lambda w: w.position)
     for w in due:
         step = steps.get(w.position)
         if step is None or step.state in FINAL_STEP_STATES:

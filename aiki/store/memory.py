@@ -158,7 +158,8 @@ class MemoryStore:
                           and s.idempotency_key == op.step.idempotency_key), None)
             change = m.save_step(
                 runs.get(op.lease.run_id), op.lease, steps.get(op.step.position), keyed,
-                op.step, op.now, start=isinstance(op, o.StartStep))
+                op.step, op.now, start=isinstance(op, o.StartStep),
+                lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
             self._write(op.lease.run_id, change)
             return bool(change.history)
         if isinstance(op, o.CompleteRun):
@@ -281,7 +282,9 @@ class MemoryStore:
         if change.waits is not None:
             self._waits.pop(run_id, None)
             if change.waits:
-                self._waits[run_id] = {w.position: w for w in change.waits}
+                # In position order, as SQLite and PostgreSQL read them (ORDER BY position).
+                self._waits[run_id] = {w.position: w for w in sorted(
+                    change.waits, key=lambda w: w.position)}
         events = self._events.setdefault(run_id, [])
         for seq, position in change.consumed:
             events[:] = [attrs.evolve(e, position=position) if e.seq == seq else e

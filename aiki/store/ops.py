@@ -77,12 +77,15 @@ class ExpireLeases(Op[tuple[str, ...]]):
 
 @attrs.frozen
 class StartStep(Op[bool]):
-    """Mark a task step as running at ``attempt`` (fenced). The outcome: whether it wrote
-    anything (False: a repeat, or a late duplicate behind the stored step)."""
+    """Mark a task step as running at ``attempt`` (fenced). With ``lease_ttl``, the lease is
+    renewed too, as by a heartbeat: a worker that hears the start accepted knows its lease
+    lasts ``lease_ttl`` from when it sent it, whenever its assignment arrived. The outcome:
+    whether it wrote a step (False: a late duplicate behind the stored step)."""
 
     lease: Lease
     step: StepRecord
     now: float
+    lease_ttl: float | None = None
 
 
 @attrs.frozen

@@ -328,7 +328,8 @@ def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> bool:
         ).fetchone()
         keyed = None if row is None else row[0]
     change = m.save_step(_get_run(db, run_id), op.lease, _get_step(db, run_id, new.position),
-                         keyed, new, op.now, start=isinstance(op, o.StartStep))
+                         keyed, new, op.now, start=isinstance(op, o.StartStep),
+                         lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
     _write(db, run_id, change)
     return bool(change.history)
 

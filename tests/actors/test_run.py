@@ -47,7 +47,7 @@ async def test_a_start_acknowledged_after_the_lease_may_have_expired_runs_nothin
         return p.Ok(1)
 
     await run_workflow(pay, p.Assign(leased_run(), ()), persist, Sources.seeded(1),
-                       lease_live=lambda: trio.current_time() < 10.0)
+                       lease_deadline=lambda: 10.0)
     assert ran == []
     assert written == ["StartStep"]  # abandoned: nothing more is written under that lease
 
@@ -61,5 +61,5 @@ async def test_a_start_acknowledged_within_the_lease_runs_the_task(
         return p.Ok(1)
 
     await run_workflow(pay, p.Assign(leased_run(), ()), persist, Sources.seeded(1),
-                       lease_live=lambda: trio.current_time() < 10.0)
+                       lease_deadline=lambda: 10.0)
     assert len(ran) == 1

@@ -34,6 +34,43 @@ def test_the_deterministic_scheduling_hook_still_exists() -> None:
     assert hasattr(run, "_r") and hasattr(run._r, "shuffle")
 
 
+def test_the_process_pause_hooks_still_exist() -> None:
+    # Canary: simulations.pause freezes a process through these private names of Trio.
+    from trio._core import _run
+
+    assert callable(_run.Runner.reschedule)
+    assert hasattr(_run, "_NO_SEND") and hasattr(_run, "GLOBAL_RUN_CONTEXT")
+    assert "runq" in {a.name for a in _run.Runner.__attrs_attrs__}
+
+
+async def test_a_paused_process_runs_nothing_until_resumed_and_its_clock_goes_on(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from simulations.pause import PROCESS, Freezer
+
+    freezer = Freezer()
+    ticks: dict[str, list[float]] = {"a": [], "b": []}
+
+    async def process(name: str) -> None:
+        PROCESS.set(name)
+        for _ in range(6):
+            await trio.sleep(1.0)
+            ticks[name].append(trio.current_time())
+
+    with freezer.installed():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(process, "a")
+            nursery.start_soon(process, "b")
+            await trio.sleep(2.5)
+            freezer.pause("a")
+            await trio.sleep(10.0)  # "a" misses these seconds; "b" does not
+            assert ticks["a"] == [1.0, 2.0]
+            freezer.resume("a")
+    # Resumed where it stood: its overdue sleep ends at once, then it goes on.
+    assert ticks["a"] == [1.0, 2.0, 12.5, 13.5, 14.5, 15.5]
+    assert ticks["b"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
 def test_a_seed_gives_the_same_trace_twice_in_one_process() -> None:
     a = run_seed(Config(7, safety=SHORT))
     b = run_seed(Config(7, safety=SHORT))
@@ -56,9 +93,19 @@ def test_a_seed_gives_the_same_trace_in_processes_with_different_hash_seeds() ->
 
 def test_turning_a_fault_class_off_keeps_the_rest_of_the_world() -> None:
     # Independent random streams: the workload does not depend on which faults are on.
+    # (Which of two enqueues sharing an idempotency key is stored depends on the faults'
+    # timing; what each would store does not.)
+    import json
+
+    from simulations import workload
+
     a = run_seed(Config(11, safety=SHORT))
     b = run_seed(Config(11, faults=("crash",), safety=SHORT))
-    assert {k: v[1] for k, v in a.runs.items()} == {k: v[1] for k, v in b.runs.items()}
+    planned = {i.run_id: i.program for i in workload.plan(11, 24, SHORT)}
+    for outcome in (a, b):
+        assert {k: json.loads(v[1]) for k, v in outcome.runs.items()} == {
+            k: planned[k] for k in outcome.runs}
+    assert len(set(a.runs) & set(b.runs)) >= len(planned) - 4
 
 
 def first_caught(seeds: range) -> tuple[int, list[str]] | None:
@@ -253,6 +300,115 @@ def metrics_count_what_was_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_writer, "count_outcome", count)
 
 
+def renew_any_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A heartbeat renews whatever runs it names, held or not: a zombie's lease lives on.
+    import attrs
+
+    def renew(run: Any, lease: Any, now: float, lease_ttl: float) -> Any:
+        if run is None or run.state != "running":
+            return None
+        return attrs.evolve(run, lease_expires_at=now + lease_ttl, updated_at=now)
+
+    monkeypatch.setattr(machine, "renew", renew)
+
+
+def _current_lease(run: Any, lease: Any) -> Any:
+    """The run's own lease in place of the one a write claims (fencing against itself)."""
+    from aiki.records import Lease
+
+    if run is not None and run.state == "running" and run.lease_owner is not None:
+        return Lease(run.id, run.lease_epoch, run.lease_owner)
+    return lease
+
+
+def unfenced_completions(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The writes that end a lease (complete, fail, wait, release) check only that the run
+    # runs, not under whose lease.
+    for name in ("finish", "wait", "release"):
+        real = getattr(machine, name)
+
+        def unfenced(run: Any, lease: Any, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            return _real(run, _current_lease(run, lease), *args, **kwargs)
+
+        monkeypatch.setattr(machine, name, unfenced)
+
+
+def sqlite_unfenced(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The SQLite store alone takes each write's lease from the run's row, not from the
+    # write: every lease it is handed looks current. (The memory model still fences.)
+    import types
+
+    from aiki.store import sqlite
+
+    proxy = types.SimpleNamespace(**{k: getattr(machine, k) for k in dir(machine)
+                                     if not k.startswith("__")})
+    proxy.finish = lambda run, lease, *a, **k: machine.finish(run, _current_lease(run, lease),
+                                                              *a, **k)
+    proxy.save_step = lambda run, lease, *a, **k: machine.save_step(
+        run, _current_lease(run, lease), *a, **k)
+    proxy.renew = lambda run, lease, *a, **k: machine.renew(run, _current_lease(run, lease),
+                                                            *a, **k)
+    monkeypatch.setattr(sqlite, "m", proxy)
+
+
+def replay_by_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Replay finds a task's recorded result by its content address alone: the first result
+    # recorded for that address, whichever call it belonged to.
+    from aiki.actors import run
+
+    real = run.RunState.replayed
+
+    def replayed(self: run.RunState, position: str, kind: Any, name: str, input_json: str,
+                 input_hash: str, key: str | None) -> Any:
+        if kind == "task":
+            for pos in sorted(self.recorded, key=run.position_key):
+                rec = self.recorded[pos]
+                if (rec.kind, rec.name, rec.input_hash, rec.idempotency_key) == (
+                        kind, name, input_hash, key):
+                    position = pos
+                    break
+        return real(self, position, kind, name, input_json, input_hash, key)
+
+    monkeypatch.setattr(run.RunState, "replayed", replayed)
+
+
+def reply_none_on_lost_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A request in flight when its connection drops is woken with no reply and no error:
+    # its caller takes None for an answer.
+    from aiki import errors
+    from aiki.actors.link import Link
+
+    async def read(self: Link, conn: Any, done: trio.Event, lost: list[BaseException]) -> None:
+        try:
+            while True:
+                msg = await conn.receive()
+                req = getattr(msg, "req", None)
+                waiter = self._waiting.get(req) if req is not None else None
+                if waiter is not None:
+                    waiter.value = msg
+                    waiter.done.set()
+                else:
+                    self.on_push(msg)
+        except errors.ConnectionLost as exc:
+            lost.append(exc)
+        finally:
+            self._drop(conn)
+            done.set()
+            for waiter in list(self._waiting.values()):
+                if waiter.conn is conn and not waiter.done.is_set():
+                    waiter.done.set()  # no error: the request "succeeds"
+
+    monkeypatch.setattr(Link, "_read", read)
+
+
+def no_deadline_check_before_the_body(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The task body starts whatever the lease's local deadline says (a pause after the
+    # start record goes unnoticed).
+    from aiki.actors import run
+
+    monkeypatch.setattr(run.RunState, "_may_start", lambda self, task: None)
+
+
 @pytest.mark.parametrize(
     ("bad_change", "expected"),
     [
@@ -278,12 +434,22 @@ def metrics_count_what_was_asked(monkeypatch: pytest.MonkeyPatch) -> None:
         (ended_notices_dropped, ("never heard",)),
         # A task outcome riding with a write in flight is overtaken by the run's end.
         (outcomes_overtaken, ("never committed",)),
+        # Issue 18's blind spots.
+        (renew_any_lease, ("Renew for run", "a lease that had ended")),
+        (unfenced_completions, ("accepted from epoch", "a lease that had ended")),
+        (sqlite_unfenced, ("the SQLite store answered",)),
+        # (The run fails diverged from its history; its fault-free twin completes.)
+        (replay_by_address, ("diverged", "without faults it ended", "expected attempt")),
+        (reply_none_on_lost_connection, ("must get its reply or raise",)),
+        (no_deadline_check_before_the_body, ("after its result was committed",)),
         # A metric counts a write the store refused.
         (metrics_count_what_was_asked, ("(aiki_runs_total), the store holds",)),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "server-ignores-drains", "timer-forgets-the-store",
          "send-ack-before-commit", "ended-notices-dropped", "outcomes-overtaken",
+         "renew-any-lease", "unfenced-completions", "sqlite-unfenced", "replay-by-address",
+         "reply-none-on-lost-connection", "no-deadline-check-before-the-body",
          "metrics-count-what-was-asked"],
 )
 def test_the_harness_catches_a_known_bad_change(

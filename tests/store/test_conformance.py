@@ -951,6 +951,44 @@ async def test_a_sleep_waits_then_ends_when_due(store: Store) -> None:
     assert await execute(store, o.AwaitStep(again.lease, sleep, 17.0)) == done  # replay
 
 
+async def test_a_start_with_a_ttl_renews_the_lease_even_when_sent_again(store: Store) -> None:
+    lease = await claim_one(store, "r1", now=10.0, ttl=30.0)
+    running = step("0", state="running", output=None)
+    await execute(store, o.StartStep(lease, running, 12.0))  # without a TTL: no renewal
+    assert (await store.get_run("r1")).lease_expires_at == 40.0  # type: ignore[union-attr]
+    await execute(store, o.StartStep(lease, running, 20.0, 30.0))  # the same start, again
+    assert (await store.get_run("r1")).lease_expires_at == 50.0  # type: ignore[union-attr]
+    await execute(store, o.StartStep(lease, step("1", state="running", output=None), 25.0,
+                                     30.0))
+    assert (await store.get_run("r1")).lease_expires_at == 55.0  # type: ignore[union-attr]
+    assert [e[1] for e in await events(store, "r1")].count("task.running") == 3
+    stale = attrs.evolve(lease, epoch=lease.epoch + 1)
+    with pytest.raises(StaleLease):
+        await execute(store, o.StartStep(stale, running, 26.0, 30.0))
+    assert (await store.get_run("r1")).lease_expires_at == 55.0  # type: ignore[union-attr]
+
+
+async def test_waits_are_kept_and_woken_in_position_order_whatever_order_they_came_in(
+    store: Store,
+) -> None:
+    # Two retries of a run.gather's branches, given back in the order the branches got
+    # there ("5.3.0" first): every store reads and describes them in position order (the
+    # memory store kept the given order, so its history said otherwise than SQLite's).
+    lease = await claim_one(store, "r1")
+    for position in ("5.1.0", "5.3.0"):
+        await execute(store, o.SaveStep(lease, step(position, state="retrying",
+                                                    next_attempt_at=40.0), 11.0))
+    conditions = (WaitFor("5.3.0", "retry", "charge", 40.0),
+                  WaitFor("5.1.0", "retry", "charge", 40.0))
+    await execute(store, o.WaitRun(lease, conditions, "retries", 12.0))
+    assert [w.position for w in await store.get_waits("r1")] == ["5.1.0", "5.3.0"]
+    assert await execute(store, o.WakeDue(40.0)) == ("r1",)
+    woke = (await events(store, "r1"))[-1]
+    assert woke[-1] == ("woke up: the retry of task 'charge' at step 5.1.0 until "
+                        "1970-01-01T00:00:40.000Z or the retry of task 'charge' at step 5.3.0 "
+                        "until 1970-01-01T00:00:40.000Z came due")
+
+
 async def test_wakeup_ends_a_sleep_early_and_is_false_otherwise(store: Store) -> None:
     await execute(store, enqueue("idle", workflow="other"))
     assert await execute(store, o.Wakeup("idle", 10.0)) is False

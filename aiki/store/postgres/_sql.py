@@ -401,7 +401,8 @@ async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> bool:
         )
     old = None if run is None else await _get_step(conn, run.id, new.position)
     change = m.save_step(run, op.lease, old, keyed, new, op.now,
-                         start=isinstance(op, o.StartStep))
+                         start=isinstance(op, o.StartStep),
+                         lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
     await _write(conn, op.lease.run_id, change)
     return bool(change.history)
 
