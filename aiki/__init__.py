@@ -13,25 +13,45 @@ from aiki.errors import (
     AuthenticationFailed,
     ConfigError,
     ConnectionLost,
+    ControlRefused,
     EventTimeout,
     IdempotencyConflict,
+    InvalidFork,
     NonDeterminismError,
     NonRetryableError,
     PayloadError,
     RunFinished,
     RunNotFound,
+    RunNotPausable,
+    RunNotPaused,
     RunNotRetryable,
+    RunPaused,
+    ScheduleConflict,
+    ScheduleInvalid,
+    ScheduleNotFound,
     StaleLease,
     TaskFailed,
     UnknownEvent,
     UnknownWorkflow,
+    UnservedVersionWarning,
     WorkerIdInUse,
     WorkflowFailed,
 )
 from aiki.protocol import WorkerInfo
 from aiki.records import HistoryEvent
 from aiki.retry import Retry
-from aiki.sdk.client import Client, RunHandle, RunStatus, RunSummary, TaskStatus, WaitStatus
+from aiki.sdk.client import (
+    Client,
+    RunHandle,
+    RunStatus,
+    RunSummary,
+    Schedule,
+    ScheduleDescription,
+    ScheduleOccurrence,
+    ScheduleSummary,
+    TaskStatus,
+    WaitStatus,
+)
 from aiki.sdk.definitions import Event, Task, Workflow, event, task, workflow
 from aiki.sdk.embedded import embedded, worker
 from aiki.sdk.remote import connect
@@ -47,11 +67,14 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AikiError", "AuthenticationFailed", "Client", "ConfigError", "ConnectionLost", "Event",
-    "EventTimeout", "HistoryEvent", "IdempotencyConflict", "NonDeterminismError",
-    "NonRetryableError", "PayloadError", "Retry", "RunFinished", "RunHandle", "RunNotFound",
-    "RunNotRetryable", "RunStatus", "RunSummary", "Sources", "StaleLease", "Task", "TaskFailed",
-    "TaskStatus", "UnknownEvent", "UnknownWorkflow", "WaitStatus", "WorkerIdInUse", "WorkerInfo",
-    "Workflow", "WorkflowFailed", "WorkflowRun", "connect", "embedded", "event", "task", "worker",
-    "workflow",
+    "AikiError", "AuthenticationFailed", "Client", "ConfigError", "ConnectionLost",
+    "ControlRefused", "Event", "EventTimeout", "HistoryEvent", "IdempotencyConflict",
+    "InvalidFork", "NonDeterminismError", "NonRetryableError", "PayloadError", "Retry",
+    "RunFinished", "RunHandle", "RunNotFound", "RunNotPausable", "RunNotPaused",
+    "RunNotRetryable", "RunPaused", "RunStatus", "RunSummary", "Schedule", "ScheduleConflict",
+    "ScheduleDescription", "ScheduleInvalid", "ScheduleNotFound", "ScheduleOccurrence",
+    "ScheduleSummary", "Sources", "StaleLease", "Task", "TaskFailed", "TaskStatus",
+    "UnknownEvent", "UnknownWorkflow", "UnservedVersionWarning", "WaitStatus",
+    "WorkerIdInUse", "WorkerInfo", "Workflow", "WorkflowFailed", "WorkflowRun", "connect",
+    "embedded", "event", "task", "worker", "workflow",
 ]

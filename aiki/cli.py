@@ -162,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     _client_options(runs_list)
     runs_list.add_argument("--workflow", help="only runs of this workflow")
     runs_list.add_argument("--state", help="only runs in this state (queued, running, "
-                                           "waiting, completed, failed, cancelled)")
+                                           "waiting, paused, completed, failed, cancelled)")
     runs_list.add_argument("--limit", type=_positive_int, default=50, metavar="N",
                            help="at most N runs, newest first (default 50, at most 1000)")
     runs_list.add_argument("--stranded", action="store_true",
@@ -199,6 +199,24 @@ def _parser() -> argparse.ArgumentParser:
     runs_retry.add_argument("run_id", metavar="ID")
     runs_retry.add_argument("--version", help="re-pin the run to this version of its "
                                               "workflow (a fix deployed as a new version)")
+    runs_pause = command("pause", "pause a run at its next step boundary (a task in flight "
+                                  "finishes; a waiting run keeps its waits)", _runs_pause,
+                         parent=runs_commands)
+    _client_options(runs_pause)
+    runs_pause.add_argument("run_id", metavar="ID")
+    runs_resume = command("resume", "resume a paused run", _runs_resume,
+                          parent=runs_commands)
+    _client_options(runs_resume)
+    runs_resume.add_argument("run_id", metavar="ID")
+    runs_fork = command("fork", "a new run whose first N steps are copied from a run; the "
+                                "rest run fresh", _runs_fork, parent=runs_commands)
+    _client_options(runs_fork)
+    runs_fork.add_argument("run_id", metavar="ID")
+    runs_fork.add_argument("--from-step", required=True, type=_whole, metavar="N",
+                           help="how many of the run's steps to copy, in step order (as "
+                                "`aiki runs show` lists them)")
+    runs_fork.add_argument("--version", help="run the fork on this version of the workflow")
+    _read_options(runs_fork)
     runs_export = command("export", "a run's history as JSON (format aiki.run/1), for "
                                     "aiki.testing.replay", _runs_export, parent=runs_commands)
     _client_options(runs_export)
@@ -233,6 +251,65 @@ def _parser() -> argparse.ArgumentParser:
                          help="wait for the run to finish and print its result; the run id "
                               "comes first, progress goes to stderr")
     _read_options(enqueue)
+
+    schedules = commands.add_parser("schedules", help="cron and interval schedules",
+                                    description="schedules")
+    sched_commands = schedules.add_subparsers(dest="schedules_command", required=True,
+                                              metavar="COMMAND")
+    sched_list = command("list", "every schedule, its spec and next fire time",
+                         _schedules_list, parent=sched_commands)
+    _client_options(sched_list)
+    _read_options(sched_list)
+    sched_show = command("show", "a schedule: its definition, next five fire times and what "
+                                 "became of its latest occurrences", _schedules_show,
+                         parent=sched_commands)
+    _client_options(sched_show)
+    sched_show.add_argument("schedule_id", metavar="ID")
+    sched_show.add_argument("--last", type=_positive_int, default=10, metavar="N",
+                            help="show the N latest occurrences (default 10, at most 1000)")
+    _read_options(sched_show)
+    sched_create = command("create", "define a schedule (the same definition again changes "
+                                     "nothing)", _schedules_create, parent=sched_commands)
+    _client_options(sched_create)
+    sched_create.add_argument("schedule_id", metavar="ID")
+    sched_create.add_argument("workflow", metavar="WORKFLOW")
+    when = sched_create.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", metavar="EXPR", help="five cron fields, e.g. '0 3 * * *'")
+    when.add_argument("--every", type=_seconds, metavar="S",
+                      help="an interval, e.g. 15m (fires at its multiples since the epoch)")
+    sched_create.add_argument("--timezone", default="UTC", metavar="TZ",
+                              help="the cron's IANA time zone, e.g. Europe/Paris "
+                                   "(default UTC)")
+    sched_create.add_argument("--payload", default="null", metavar="JSON",
+                              help="each run's input as JSON (default: null)")
+    sched_create.add_argument("--version", help="workflow version (default: the newest a "
+                                                "connected worker registered)")
+    sched_create.add_argument("--overlap", default="skip",
+                              choices=["skip", "buffer_one", "allow", "cancel_previous"],
+                              help="an occurrence while the previous run is unfinished: skip "
+                                   "it (default), buffer one, or allow it alongside")
+    sched_create.add_argument("--catchup-window", type=_seconds_or_zero, default=60.0,
+                              metavar="S", help="occurrences missed while no server was up "
+                                                "fire if this recent (default 1m)")
+    sched_create.add_argument("--update", action="store_true",
+                              help="replace the definition of an existing schedule")
+    for name, help, run in (("pause", "stop firing until resumed", _schedules_pause),
+                            ("resume", "fire again, from the next occurrence",
+                             _schedules_resume),
+                            ("trigger", "fire once now, under the overlap policy",
+                             _schedules_trigger),
+                            ("delete", "delete a schedule (its runs stay)", _schedules_delete)):
+        sub = command(name, help, run, parent=sched_commands)
+        _client_options(sub)
+        sub.add_argument("schedule_id", metavar="ID")
+    backfill = command("backfill", "start every occurrence in a past range never handled",
+                       _schedules_backfill, parent=sched_commands)
+    _client_options(backfill)
+    backfill.add_argument("schedule_id", metavar="ID")
+    backfill.add_argument("--start", required=True, type=_moment, metavar="DATE",
+                          help="ISO 8601 (local time unless it says its zone)")
+    backfill.add_argument("--end", required=True, type=_moment, metavar="DATE",
+                          help="ISO 8601 (local time unless it says its zone)")
     _from_environment(parser)
     return parser
 
@@ -393,6 +470,16 @@ def _moment(text: str) -> datetime.datetime:
             f"{text!r} is not an ISO 8601 date or time (e.g. 2026-11-01 or "
             "2026-11-01T12:00:00+01:00)") from None
     return moment if moment.tzinfo is not None else moment.astimezone()
+
+
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of at least 0")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -653,9 +740,13 @@ def _runs_show(args: argparse.Namespace) -> int:
         ("updated", times.at(run.updated_at)),
         ("finished", times.at(run.finished_at) if run.finished_at is not None else None),
     ]
-    if run.state == "running":
+    if run.forked_from is not None:
+        fields.append(("forked from", f"run {run.forked_from}, its first {run.forked_steps} "
+                                      "step(s) copied"))
+    if run.lease_owner is not None and run.state in ("running", "paused"):
         fields.append(("worker", f"{run.lease_owner} (lease epoch {run.lease_epoch}, "
-                                 f"expires {times.when(run.lease_expires_at)})"))
+                                 f"expires {times.when(run.lease_expires_at)})"
+                       + (", giving it back" if run.state == "paused" else "")))
     for w in info.waits:
         what = {"sleep": "a sleep", "event": f"event {w.name!r}",
                 "retry": f"the retry of task {w.name!r}"}.get(w.kind, w.kind)
@@ -714,6 +805,41 @@ def _runs_retry(args: argparse.Namespace) -> int:
 
     _client_call(args, body)
     print(f"run {args.run_id}: queued again"
+          + (f" on version {args.version}" if args.version else ""))
+    return 0
+
+
+def _runs_pause(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> None:
+        await client.handle(args.run_id).pause()
+
+    _client_call(args, body)
+    print(f"run {args.run_id}: paused (a task in flight finishes; no new step starts until "
+          f"`aiki runs resume {args.run_id}`)")
+    return 0
+
+
+def _runs_resume(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> str:
+        handle = client.handle(args.run_id)
+        await handle.resume()
+        return str((await handle.status()).state)
+
+    state, _ = _client_call(args, body)
+    print(f"run {args.run_id}: resumed ({state})")
+    return 0
+
+
+def _runs_fork(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> str:
+        fork = await client.fork(args.run_id, from_step=args.from_step, version=args.version)
+        return str(fork.id)
+
+    new_id, _ = _client_call(args, body)
+    if args.output == "json":
+        return _print_json({"run_id": new_id, "forked_from": args.run_id,
+                            "from_step": args.from_step})
+    print(f"run {new_id}: forked from run {args.run_id} at step {args.from_step}"
           + (f" on version {args.version}" if args.version else ""))
     return 0
 
@@ -835,6 +961,139 @@ def _workers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedules_list(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> Any:
+        return await client.list_schedules()
+
+    schedules, now = _client_call(args, body)
+    if args.output == "json":
+        return _print_json([_plain(s) for s in schedules])
+    if not schedules:
+        print("no schedules")
+        return 0
+    times = Times(now, args.utc)
+    _print_table(["ID", "WORKFLOW", "VERSION", "SPEC", "OVERLAP", "STATE", "NEXT"],
+                 [[s.id, s.workflow, s.version, s.spec, s.overlap,
+                   "paused" if s.paused else "active",
+                   "-" if s.paused else times.when(s.next_fire_at)] for s in schedules])
+    return 0
+
+
+def _schedules_show(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> Any:
+        return await client.schedule_handle(args.schedule_id).describe(
+            firings=min(args.last, 1000))
+
+    d, now = _client_call(args, body)
+    if args.output == "json":
+        return _print_json(_plain(d))
+    times = Times(now, args.utc)
+    fields: list[tuple[str, Any]] = [
+        ("schedule", d.id), ("workflow", f"{d.workflow} (version {d.version})"),
+        ("spec", d.spec), ("overlap", d.overlap),
+        ("catch-up window", human_duration(d.catchup_window)),
+        ("state", "paused" if d.paused else "active"), ("payload", d.payload),
+        ("created", times.at(d.created_at)), ("updated", times.at(d.updated_at)),
+    ]
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        print(f"{name:<{width}}  {value}")
+    print()
+    print("next fire times" + (" (if resumed)" if d.paused else "") + ":")
+    for at in d.next_fire_times:
+        print(f"  {times.when(at)}")
+    print()
+    if not d.recent:
+        print("no occurrences yet")
+        return 0
+    _print_table(["OCCURRENCE", "OUTCOME", "REASON", "RUN", "RUN STATE", "DETAIL"],
+                 [[times.at(o.occurrence) if not o.key.startswith("trigger:")
+                   else f"{times.at(o.occurrence)} (trigger)", o.outcome, o.reason,
+                   o.run_id or "-", o.run_state or "-", _short(o.detail, 90)]
+                  for o in d.recent])
+    return 0
+
+
+def _schedules_create(args: argparse.Namespace) -> int:
+    import warnings
+
+    payload = _json_payload(args.payload)
+
+    async def body(client: Any) -> Any:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sched = await client.schedule(
+                args.workflow, payload, id=args.schedule_id, version=args.version,
+                cron=args.cron, timezone=args.timezone, every=args.every,
+                overlap=args.overlap, catchup_window=args.catchup_window, update=args.update)
+        for warning in caught:
+            print(f"aiki schedules create: warning: {warning.message}", file=sys.stderr)
+        return sched, await sched.describe(firings=0)
+
+    (sched, d), now = _client_call(args, body)
+    what = "created" if sched.created else "updated" if sched.updated else \
+        "exists with this definition (unchanged)"
+    print(f"schedule {d.id}: {what}; {d.spec}, next at "
+          f"{Times(now, False).when(d.next_fire_times[0])}")
+    return 0
+
+
+def _schedules_change(args: argparse.Namespace, action: str) -> int:
+    async def body(client: Any) -> Any:
+        return await getattr(client.schedule_handle(args.schedule_id), action)()
+
+    _client_call(args, body)
+    print(f"schedule {args.schedule_id}: {action}d")
+    return 0
+
+
+def _schedules_pause(args: argparse.Namespace) -> int:
+    return _schedules_change(args, "pause")
+
+
+def _schedules_resume(args: argparse.Namespace) -> int:
+    return _schedules_change(args, "resume")
+
+
+def _schedules_delete(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> bool:
+        return bool(await client.schedule_handle(args.schedule_id).delete())
+
+    existed, _ = _client_call(args, body)
+    if not existed:
+        print(f"aiki schedules delete: error: no schedule with id {args.schedule_id!r}",
+              file=sys.stderr)
+        return 1
+    print(f"schedule {args.schedule_id}: deleted (its runs stay)")
+    return 0
+
+
+def _schedules_trigger(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> Any:
+        return await client.schedule_handle(args.schedule_id).trigger()
+
+    fired, _ = _client_call(args, body)
+    if fired.outcome == "fired":
+        print(f"schedule {args.schedule_id}: started run {fired.run_id}")
+    else:
+        print(f"schedule {args.schedule_id}: {fired.outcome}: {fired.detail}")
+    return 0
+
+
+def _schedules_backfill(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> Any:
+        return await client.schedule_handle(args.schedule_id).backfill(args.start, args.end)
+
+    done, now = _client_call(args, body)
+    times = Times(now, False)
+    fired = [o for o in done if o.outcome == "fired"]
+    print(f"schedule {args.schedule_id}: {len(fired)} run(s) started, "
+          f"{len(done) - len(fired)} occurrence(s) not (by the overlap policy)")
+    for o in done:
+        print(f"  {times.at(o.occurrence)}  {o.outcome}  {o.run_id or o.detail or ''}")
+    return 0
+
+
 def _enqueue(args: argparse.Namespace) -> int:
     payload = _json_payload(args.payload)
     as_json = args.output == "json"
@@ -932,6 +1191,7 @@ class Progress:
 
 # -- output --------------------------------------------------------------------------------
 _STATE_STYLES = {"completed": "green", "failed": "red", "cancelled": "magenta",
+                 "paused": "yellow",
                  "running": "cyan", "retrying": "yellow", "sleeping": "blue",
                  "draining": "yellow", "ready": "green"}
 

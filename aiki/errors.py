@@ -91,8 +91,31 @@ class IdempotencyConflict(AikiError):
     """
 
 
-class RunNotRetryable(AikiError):
+class ControlRefused(AikiError):
+    """A run control (pause, resume, retry, fork) asked of a run in a state where it makes no
+    sense. Nothing changed."""
+
+
+class RunNotRetryable(ControlRefused):
     """A retry of a run that has not failed (it is queued, running, waiting or completed)."""
+
+
+class RunNotPausable(ControlRefused):
+    """A pause of a run that has finished, or is paused already."""
+
+
+class RunNotPaused(ControlRefused):
+    """A resume of a run that is not paused."""
+
+
+class InvalidFork(ControlRefused, ValueError):
+    """A fork whose ``from_step`` is negative, past the end of the run's history, or takes
+    in a step that has not finished. Nothing was stored."""
+
+
+class RunPaused(StaleLease):
+    """A worker's write refused because its run is paused: no new step starts (and the run
+    does not end) until it is resumed. The worker gives the run back at this step boundary."""
 
 
 class RunFinished(AikiError):
@@ -127,3 +150,22 @@ class WorkerIdInUse(ConnectionLost):
 
 class ConfigError(AikiError, ValueError):
     """A server, worker or client setting that cannot work, with what to change."""
+
+
+class ScheduleInvalid(AikiError, ValueError):
+    """A schedule definition that cannot work (a bad cron field, an unknown time zone, an
+    interval not above zero, ...): refused at definition, with nothing stored."""
+
+
+class ScheduleConflict(AikiError):
+    """A schedule id that exists with another definition. Nothing was changed: pass
+    ``update=True`` to replace the definition, or pick another id."""
+
+
+class ScheduleNotFound(AikiError):
+    """No schedule with this id exists."""
+
+
+class UnservedVersionWarning(UserWarning):
+    """A schedule (or run) names a workflow version that no connected worker has registered:
+    its runs will wait in the queue until a worker that has it connects."""

@@ -46,9 +46,10 @@ class Metric:
 # -- the server --------------------------------------------------------------------------------
 RUNS = Metric(
     "aiki_runs_total", "counter",
-    "Run lifecycle events committed by this server: enqueued, started (claimed by a worker), "
-    "completed, failed, retried, cancelled, and whatever state a newer operation moves a run "
-    "to.", ("workflow", "version", "event"))
+    "Run lifecycle events committed by this server: enqueued (by a client; a schedule's "
+    "runs are not), forked, started (claimed by a worker), completed, failed, retried, "
+    "paused, resumed, cancelled, and whatever state a newer operation moves a run to.",
+    ("workflow", "version", "event"))
 RUNS_NOW = Metric(
     "aiki_runs_in_state", "gauge",
     "Runs not finished, by state (queued, running, waiting, ...), read from the store when "
@@ -63,8 +64,9 @@ DISPATCH_LATENCY = Metric(
     "From enqueue to the first claim by a worker.", ("workflow", "version"), SECONDS)
 SCHEDULE_LATENESS = Metric(
     "aiki_schedule_lateness_seconds", "histogram",
-    "How late the timer woke runs whose time had come (a sleep, an event timeout, a retry "
-    "delay), after their due time.", ("kind",), SECONDS)
+    "How late the timer woke runs whose time had come (kind wait: a sleep, an event timeout, "
+    "a retry delay) or started schedules' occurrences (kind schedule), after their due time.",
+    ("kind",), SECONDS)
 TASK_ATTEMPTS = Metric(
     "aiki_task_attempts_total", "counter",
     "Task attempts whose outcome was committed: completed, retrying (failed, will run again) "

@@ -31,7 +31,16 @@ import cattrs
 from cattrs.errors import IterableValidationNote
 
 from aiki.errors import PayloadError, ProtocolError
-from aiki.records import HistoryEvent, Lease, RunRecord, StepRecord, WaitFor, WaitRecord
+from aiki.records import (
+    HistoryEvent,
+    Lease,
+    RunRecord,
+    ScheduleFiring,
+    ScheduleRecord,
+    StepRecord,
+    WaitFor,
+    WaitRecord,
+)
 
 PROTOCOL_VERSION = 2  # 2: waits (sleeps, events) replace suspend_run
 
@@ -429,8 +438,12 @@ class Nudge:
 @message("release_run")
 @attrs.frozen
 class ReleaseRun:
+    """Give the run back. ``paused``: because a client paused it (else the worker drains,
+    and the server sends it no more runs)."""
+
     req: int
     lease: Lease
+    paused: bool = False
 
 
 @message("drain")
@@ -470,6 +483,9 @@ class RetryRun:
     req: int
     run_id: str
     version: str | None = None
+    # The client's id of this call: the same request sent again (its reply lost) is answered
+    # as done instead of refused.
+    control_id: str | None = None
 
 
 @message("retried")
@@ -477,6 +493,63 @@ class RetryRun:
 class Retried:
     req: int
     run: RunRecord
+
+
+@message("pause_run")
+@attrs.frozen
+class PauseRun:
+    """Pause a run at its next step boundary; answered by ``Controlled``. ``control_id``:
+    see ``RetryRun``."""
+
+    req: int
+    run_id: str
+    control_id: str | None = None
+
+
+@message("resume_run")
+@attrs.frozen
+class ResumeRun:
+    """Resume a paused run; answered by ``Controlled``. ``control_id``: see ``RetryRun``."""
+
+    req: int
+    run_id: str
+    control_id: str | None = None
+
+
+@message("fork_run")
+@attrs.frozen
+class ForkRun:
+    """A new run ``new_run_id`` (chosen by the client, so a retried request makes one run)
+    whose first ``from_step`` steps are copied from run ``run_id``; answered by
+    ``Controlled`` with the new run."""
+
+    req: int
+    run_id: str
+    from_step: int
+    new_run_id: str
+    version: str | None = None
+
+
+@message("controlled")
+@attrs.frozen
+class Controlled:
+    """The run as a control left it (paused, resumed, or the new run of a fork)."""
+
+    req: int
+    run: RunRecord
+
+
+@message("run_control")
+@attrs.frozen
+class RunControl:
+    """Server → worker: a client controlled a run you hold under lease ``epoch``. ``pause``:
+    no new step starts; let the task in flight finish and record it, then give the run back
+    (``ReleaseRun``, or ``WaitRun`` if it waits). A hint: the store refuses the next step of
+    a paused run all the same (``RunPaused``)."""
+
+    run_id: str
+    epoch: int
+    action: Literal["pause"] = "pause"
 
 
 @message("wakeup")
@@ -572,6 +645,120 @@ class StrandedVersion:
     version: str
     runs: int
     since: float
+
+
+# -- schedules -----------------------------------------------------------------------------
+@message("define_schedule")
+@attrs.frozen
+class DefineSchedule:
+    """Create (or find, or with ``update`` replace) the schedule ``id``: start ``workflow``
+    (``version``: None, the newest a worker registered) with ``payload`` (JSON text) on
+    ``cron`` in ``timezone``, or ``every`` seconds. Answered by ``ScheduleDefined``."""
+
+    req: int
+    id: str
+    workflow: str
+    payload: str
+    version: str | None = None
+    cron: str | None = None
+    timezone: str = "UTC"
+    every: float | None = None
+    overlap: str = "skip"
+    catchup_window: float = 60.0
+    update: bool = False
+
+
+@message("schedule_defined")
+@attrs.frozen
+class ScheduleDefined:
+    req: int
+    schedule: ScheduleRecord
+    created: bool
+    updated: bool
+    warning: str | None = None  # e.g. no worker has registered its version (yet)
+
+
+@message("get_schedule")
+@attrs.frozen
+class GetSchedule:
+    """A schedule, its next ``upcoming`` fire times and its newest ``firings``; answered by
+    ``ScheduleInfo``."""
+
+    req: int
+    id: str
+    firings: int = 10
+    upcoming: int = 5
+
+
+@message("schedule_info")
+@attrs.frozen
+class ScheduleInfo:
+    req: int
+    schedule: ScheduleRecord
+    next_fire_times: tuple[float, ...]
+    firings: tuple[ScheduleFiring, ...]
+    runs: tuple[RunRecord, ...]  # the runs the firings started, where they still exist
+
+
+@message("change_schedule")
+@attrs.frozen
+class ChangeSchedule:
+    """``pause``, ``resume`` or ``delete`` a schedule; answered by ``ScheduleChanged``."""
+
+    req: int
+    id: str
+    action: str
+
+
+@message("schedule_changed")
+@attrs.frozen
+class ScheduleChanged:
+    req: int
+    schedule: ScheduleRecord | None  # None once deleted
+    existed: bool = True
+
+
+@message("trigger_schedule")
+@attrs.frozen
+class TriggerSchedule:
+    """Fire a schedule once now (``trigger_id``, chosen by the client: a request sent again
+    fires once); answered by ``ScheduleFired``."""
+
+    req: int
+    id: str
+    trigger_id: str
+
+
+@message("backfill_schedule")
+@attrs.frozen
+class BackfillSchedule:
+    """Every occurrence of a schedule in ``[start, end]`` (epoch seconds) never handled, by
+    its overlap policy; answered by ``ScheduleFired``."""
+
+    req: int
+    id: str
+    start: float
+    end: float
+
+
+@message("schedule_fired")
+@attrs.frozen
+class ScheduleFired:
+    req: int
+    firings: tuple[ScheduleFiring, ...]
+
+
+@message("list_schedules")
+@attrs.frozen
+class ListSchedules:
+    req: int
+
+
+@message("schedule_list")
+@attrs.frozen
+class ScheduleList:
+    req: int
+    schedules: tuple[ScheduleRecord, ...]
 
 
 @message("goodbye")

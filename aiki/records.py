@@ -6,7 +6,8 @@ from typing import Literal
 
 import attrs
 
-RunState = Literal["queued", "running", "waiting", "completed", "failed", "cancelled"]
+RunState = Literal["queued", "running", "waiting", "paused", "completed", "failed",
+                   "cancelled"]
 StepState = Literal["running", "retrying", "completed", "failed"]
 StepKind = Literal["task", "now", "random", "uuid", "sleep", "event"]
 WaitKind = Literal["sleep", "event", "retry"]
@@ -21,6 +22,9 @@ class RunRecord:
 
     ``attempts`` counts the leases granted (one per claim); ``lease_epoch`` is the fencing
     token of the current (or last) lease.
+
+    A ``paused`` run may still have a lease (``lease_owner``): its worker is finishing the
+    task in flight and has not given it back yet. Its waits, if it was waiting, are kept.
     """
 
     id: str
@@ -40,6 +44,14 @@ class RunRecord:
     updated_at: float
     finished_at: float | None
     error_traceback: str | None = None  # the failure's Python traceback, from the worker
+    # A fork (``client.fork``): the run it was copied from, and how many of that run's steps
+    # (in position order) it was given.
+    forked_from: str | None = None
+    forked_steps: int | None = None
+    # The last control applied (``pause:<id>``, ``resume:<id>``, ``retry:<id>``; the id is
+    # the client's, one per call): the same request sent again after its reply was lost is
+    # answered as done, not refused.
+    control_id: str | None = None
     # The W3C trace context (JSON: {"traceparent": ...}) of the span that enqueued it, so
     # every attempt's spans join one trace; None without OpenTelemetry.
     trace_context: str | None = None
@@ -165,3 +177,55 @@ class ClaimedRun:
     def lease(self) -> Lease:
         assert self.run.lease_owner is not None
         return Lease(self.run.id, self.run.lease_epoch, self.run.lease_owner)
+
+
+@attrs.frozen
+class ScheduleRecord:
+    """A schedule: a workflow version and payload to start on a cron expression (in
+    ``timezone``) or every ``every`` seconds. ``next_fire_at``: the next occurrence not yet
+    handled (the Timer wakes for the earliest of an unpaused schedule's). ``last_run_id``:
+    the run started last (what ``skip`` and ``buffer_one`` look at); ``buffered_at`` (and
+    ``buffered_key``): under ``buffer_one``, an occurrence waiting for that run to end."""
+
+    id: str
+    workflow: str
+    version: str
+    payload: str
+    cron: str | None
+    timezone: str
+    every: float | None
+    overlap: str
+    catchup_window: float
+    paused: bool
+    next_fire_at: float
+    last_run_id: str | None
+    buffered_at: float | None
+    created_at: float
+    updated_at: float
+    buffered_key: str | None = None  # the firing record of the buffered occurrence
+
+    def definition(self) -> tuple[object, ...]:
+        """What makes two definitions of a schedule the same (not its state)."""
+        return (self.workflow, self.version, self.payload, self.cron, self.timezone,
+                self.every, self.overlap, self.catchup_window)
+
+
+@attrs.frozen
+class ScheduleFiring:
+    """What became of one occurrence of a schedule (or of a range of them skipped together):
+    ``fired`` (``run_id`` started), ``buffered`` (waits for the previous run, under
+    ``buffer_one``) or ``skipped`` (``detail`` says why). ``key`` is unique per schedule: the
+    occurrence's time (``2026-12-01T03:00:00Z``), ``trigger:<id>`` or
+    ``skipped:<first occurrence>``. ``last`` and ``count``: the range of occurrences a
+    ``skipped`` record covers (``last == occurrence``, ``count == 1`` for one)."""
+
+    schedule_id: str
+    key: str
+    occurrence: float
+    outcome: str
+    reason: str  # scheduled, catch-up, trigger, backfill, resumed
+    run_id: str | None
+    at: float
+    detail: str | None = None
+    last: float | None = None
+    count: int = 1

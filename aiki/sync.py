@@ -38,7 +38,13 @@ from websockets.sync.client import connect as ws_connect
 from aiki import protocol as p
 from aiki.client import core
 from aiki.client.core import Call, Closing, Event, Failed, Replied, Welcomed
-from aiki.client.views import RunStatus, RunSummary
+from aiki.client.views import (
+    RunStatus,
+    RunSummary,
+    ScheduleDescription,
+    ScheduleOccurrence,
+    ScheduleSummary,
+)
 from aiki.client.websocket import Settings, connect_failure, lost_reason
 from aiki.errors import ConnectionLost
 from aiki.records import HistoryEvent
@@ -74,12 +80,49 @@ class RunHandle(Generic[R]):
 
     def retry(self, version: str | None = None) -> None:
         """Queue this failed run again (see ``aiki.RunHandle.retry``)."""
-        self.client.call(core.retry(self.id, version))
+        self.client.call(core.retry(self.id, version, self.client.sources.uuid4()))
+
+    def pause(self) -> None:
+        """Pause this run at its next step boundary (see ``aiki.RunHandle.pause``)."""
+        self.client.call(core.pause(self.id, self.client.sources.uuid4()))
+
+    def resume(self) -> None:
+        """Resume this paused run (see ``aiki.RunHandle.resume``)."""
+        self.client.call(core.resume(self.id, self.client.sources.uuid4()))
 
     def wait_for_completion(self, timeout: float | None = None) -> R:
         """The run's result once it completed (see ``aiki.RunHandle.wait_for_completion``)."""
         call = core.wait_for_completion(self.id, self.result_type, timeout)
         return self.client.call(call)  # type: ignore[no-any-return]
+
+
+@attrs.frozen
+class Schedule:
+    """A handle on one schedule; blocking calls (see ``aiki.Schedule``)."""
+
+    client: Client
+    id: str
+    created: bool = False
+    updated: bool = False
+
+    def pause(self) -> None:
+        self.client.call(core.change_schedule(self.id, "pause"))
+
+    def resume(self) -> None:
+        self.client.call(core.change_schedule(self.id, "resume"))
+
+    def trigger(self) -> ScheduleOccurrence:
+        return self.client.call(core.trigger_schedule(self.id, self.client.sources.uuid4()))
+
+    def backfill(self, start: float | datetime.datetime,
+                 end: float | datetime.datetime) -> list[ScheduleOccurrence]:
+        return self.client.call(core.backfill_schedule(self.id, start, end))
+
+    def describe(self, *, firings: int = 10) -> ScheduleDescription:
+        return self.client.call(core.describe_schedule(self.id, firings=firings))
+
+    def delete(self) -> bool:
+        return self.client.call(core.delete_schedule(self.id))
 
 
 class Client:
@@ -175,6 +218,38 @@ class Client:
     def handle(self, run_id: str, result_type: Any = Any) -> RunHandle[Any]:
         """The handle of an existing run."""
         return RunHandle(self, run_id, result_type, created=False)
+
+    def schedule(self, workflow: str, payload: Any = None, *, id: str,
+                 version: str | None = None, cron: str | None = None, timezone: str = "UTC",
+                 every: float | datetime.timedelta | None = None, overlap: str = "skip",
+                 catchup_window: float | datetime.timedelta = 60.0,
+                 update: bool = False) -> Schedule:
+        """Schedule a workflow by name (see ``aiki.Workflow.schedule``)."""
+        return self._schedule(workflow, core.encode_payload(workflow, payload), id=id,
+                              version=version, cron=cron, timezone=timezone, every=every,
+                              overlap=overlap, catchup_window=catchup_window, update=update)
+
+    def _schedule(self, workflow: str, payload: str, *, id: str, version: str | None,
+                  cron: str | None, timezone: str, every: float | datetime.timedelta | None,
+                  overlap: str, catchup_window: float | datetime.timedelta,
+                  update: bool) -> Schedule:
+        reply = self.call(core.define_schedule(
+            id, workflow, payload, version=version, cron=cron, timezone=timezone, every=every,
+            overlap=overlap, catchup_window=catchup_window, update=update))
+        return Schedule(self, reply.schedule.id, reply.created, reply.updated)
+
+    def list_schedules(self) -> list[ScheduleSummary]:
+        return self.call(core.list_schedules())
+
+    def schedule_handle(self, schedule_id: str) -> Schedule:
+        return Schedule(self, schedule_id)
+
+    def fork(self, run_id: str, *, from_step: int,
+             version: str | None = None) -> RunHandle[Any]:
+        """A new run whose first ``from_step`` steps are copied from run ``run_id``'s (see
+        ``aiki.Client.fork``)."""
+        new_id = self.call(core.fork(run_id, from_step, version, self.sources.new_id()))
+        return RunHandle(self, new_id, Any)
 
     # -- taking turns at the connection -----------------------------------------------------
     def _serve_until(self, done: Callable[[], bool], deadline: float | None) -> bool:
@@ -329,4 +404,4 @@ def connect(
     return _open(settings, sources or Sources.system())
 
 
-__all__ = ["Client", "RunHandle", "connect"]
+__all__ = ["Client", "RunHandle", "Schedule", "connect"]

@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from aiki import schedules as sch
 from aiki.metrics import RUNS
-from aiki.store.machine import RUN_TRANSITIONS, STEP_TRANSITIONS, UNSTARTED_TASK_TRANSITIONS
+from aiki.store.machine import (
+    RUN_TRANSITIONS,
+    STEP_TRANSITIONS,
+    UNSTARTED_TASK_TRANSITIONS,
+    scheduled_by,
+)
 from simulations import workload
 from simulations.world import Outcome
 
@@ -23,9 +29,15 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     for item, run_id in ledger.acked.items():
         if run_id not in runs:
             v.append(f"enqueue {item} was acknowledged as run {run_id}, which is not stored")
+    started_by = {run_id: scheduled_by(h[0].detail if h else None)
+                  for run_id, h in contents.history.items()}
     for run_id in runs:
-        if run_id not in ledger.issued:
-            v.append(f"phantom run {run_id}: no client enqueued it")
+        if run_id not in ledger.issued and started_by.get(run_id) is None:
+            v.append(f"phantom run {run_id}: no client enqueued it, no schedule started it")
+        elif started_by.get(run_id) is not None and started_by[run_id][0] not in (
+                ledger.schedules):
+            v.append(f"phantom run {run_id}: started by schedule {started_by[run_id][0]}, "
+                     "which no client defined")
     # One run per idempotency key.
     by_key: dict[str, set[str]] = {}
     for run in runs.values():
@@ -42,6 +54,8 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     for run in runs.values():
         history = contents.history[run.id]
         v += _transitions(run.id, history, ledger.deferred_starts)
+        v += _paused(run.id, history, ledger.deferred_starts)
+        v += _retried(run.id, history)
         for event in history:
             if event.event == "task.running" and event.name in workload.RETRIES:
                 limit = workload.RETRIES[event.name].max_attempts
@@ -69,6 +83,9 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     # records each start before the task runs (the default).
     # (Repeated identical calls share one address: an execution after all of its calls'
     # results were committed is one too many.)
+    # (A fork runs the same program, its task inputs and all: its fresh steps run tasks
+    # the original ran; the fork checker below looks at what it copied.)
+    forked = {json.loads(runs[r].payload)["rk"] for r in ledger.forks if r in runs}
     committed_at: dict[tuple[str, str], float] = {}
     for step, at in ledger.final_steps.values():
         if step.kind == "task":
@@ -76,18 +93,30 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
             key = (spec["rk"], workload.label_of(spec))
             committed_at[key] = max(at, committed_at.get(key, at))
     for at, rk, label, task, worker in ledger.executions:
-        done = committed_at.get((rk, label))
+        done = None if rk in forked else committed_at.get((rk, label))
         if done is not None and at > done and worker not in ledger.deferred_starts:
             v.append(f"task {task} of {rk} step {label} executed at t={at:.3f}, after its "
                      f"result was committed at t={done:.3f}")
 
     v += _lease_writes(ledger)
     v += _helpers(contents)
+    # A fork's copied steps are the original's, as they were when it was forked.
+    for fork_id, (original, copied) in sorted(ledger.forks.items()):
+        mine = {st.position: st for st in contents.steps.get(fork_id, ())}
+        for step in copied:
+            if mine.get(step.position) != step:
+                v.append(f"fork {fork_id} of run {original}: its copied step {step.position} "
+                         f"is {mine.get(step.position)}, the original's was {step}")
+        if runs.get(fork_id) is not None and runs[fork_id].forked_steps != len(copied):
+            v.append(f"fork {fork_id} of run {original} says it copied "
+                     f"{runs[fork_id].forked_steps} steps; {len(copied)} were to be copied")
+
     v += _sends(contents, ledger)
     v += _waits(contents, ledger)
     v += _metrics(outcome, exact=False)
     if reference is not None:
         v += [f"without faults, {m}" for m in _metrics(reference, exact=True)]
+    v += _schedules(contents, ledger, started_by)
     for run_id in sorted(ledger.watching):
         run = runs.get(run_id)
         heard = ledger.heard_end.get(run_id)
@@ -153,8 +182,13 @@ def _metrics(outcome: Outcome, exact: bool) -> list[str]:
                 stored[e.event] += 1
     counts = [(event, sum(m.total(RUNS, event=event) for m in outcome.metrics), stored[name])
               for event, name in COUNTED_EVENTS]
-    counts.append(("enqueued", sum(m.total(RUNS, event="enqueued") for m in outcome.metrics),
-                   len(contents.runs)))
+    # A client's enqueues: not a fork, not a schedule's occurrence.
+    forked = sum(1 for r in contents.runs.values() if r.forked_from is not None)
+    scheduled = sum(1 for run_id, h in contents.history.items()
+                    if h and scheduled_by(h[0].detail) is not None)
+    for event, held in (("enqueued", len(contents.runs) - forked - scheduled),
+                        ("forked", forked)):
+        counts.append((event, sum(m.total(RUNS, event=event) for m in outcome.metrics), held))
     return [f"the servers counted {counted:g} runs {event} (aiki_runs_total), the store "
             f"holds {held}" for event, counted, held in counts
             if counted > held or (exact and counted != held)]
@@ -233,14 +267,19 @@ def _sends(contents: Any, ledger: Any) -> list[str]:
             elif step.output != e.payload:
                 v.append(f"run {run_id}: the wait at step {e.position} returned "
                          f"{step.output}, but event {e.seq} ({e.payload}) was delivered to it")
+        # (A fork's copied waits received their events in the original.)
+        copied = {s.position for s in ledger.forks.get(run_id, ("", ()))[1]}
         for step in steps.values():
             if step.kind == "event" and step.state == "completed" and (
-                    step.position not in taken):
+                    step.position not in taken) and step.position not in copied:
                 v.append(f"run {run_id}: the wait at step {step.position} completed with "
                          f"{step.output}, which no stored send was delivered to")
+        # A wait that timed out and ran again after a retry takes what is buffered then:
+        # the order of the waits is not the order of the sends any more.
+        rerun = _rerun_after_retry(contents.history.get(run_id, ()))
         for name in {e.name for e in events}:
             mine = [e for e in events if e.name == name]  # in send order (seq)
-            delivered = [e for e in mine if e.position is not None]
+            delivered = [e for e in mine if e.position is not None and e.position not in rerun]
             order = [_position_key(e.position or "") for e in delivered]
             if order != sorted(order):
                 v.append(f"run {run_id}: {name!r} events were delivered out of send order: "
@@ -342,7 +381,17 @@ def _waits(contents: Any, ledger: Any) -> list[str]:
     for run_id, history in contents.history.items():
         steps = {s.position: s for s in contents.steps.get(run_id, ())}
         ends: dict[str, list[str]] = {}
+        # A wait that timed out before a retry runs again, with a due time of its own: the
+        # step stored now is the new one.
+        rerun = {e.position for e in history if e.event == "event.timed_out" and any(
+            _is_retry(r) and r.seq > e.seq for r in history)}
         for e in history:
+            if _is_retry(e):
+                ends = {k: seen for k, seen in ends.items() if seen[-1] != "event.timed_out"}
+            if e.event == "event.timed_out" and e.position in rerun and any(
+                    _is_retry(r) and r.seq > e.seq for r in history):
+                ends.setdefault(e.position or "", []).append(e.event)
+                continue
             if e.event in ("event.received", "event.timed_out") and e.position:
                 ends.setdefault(e.position, []).append(e.event)
             if not ((e.event == "sleep.completed" and e.detail == "slept")
@@ -374,6 +423,10 @@ def _transitions(run_id: str, history: list[Any], deferred_starts: set[str]) -> 
     attempts: dict[str, int] = {}
     for e in history:
         kind, _, new = e.event.partition(".")
+        if _is_retry(e):  # its steps that did not complete are dropped: they start afresh
+            for position in [p for p, st in tasks.items() if st not in _DONE]:
+                del tasks[position]
+                attempts.pop(position, None)
         if kind == "run":
             if (state, new) not in RUN_TRANSITIONS:
                 out.append(f"run {run_id}: illegal transition {state} -> {new} at seq {e.seq}")
@@ -397,4 +450,146 @@ def _transitions(run_id: str, history: list[Any], deferred_starts: set[str]) -> 
                            f"at attempt {e.attempt}, expected attempt {expected}")
             tasks[e.position or ""] = new
             attempts[e.position or ""] = e.attempt
+    return out
+
+
+def _schedules(contents: Any, ledger: Any,
+               started_by: dict[str, tuple[str, str] | None]) -> list[str]:
+    """No occurrence starts two runs; under ``skip`` and ``buffer_one`` no two runs of a
+    schedule overlap; every occurrence up to the schedule's next one was decided exactly
+    once (fired, buffered, or skipped: by its policy, past the catch-up window, or while
+    paused). That one within the window is decided while a server is up is the world's
+    overdue monitor's."""
+    v = []
+    by_occurrence: dict[tuple[str, str], list[str]] = {}
+    for run_id, origin in started_by.items():
+        if origin is not None:
+            by_occurrence.setdefault(origin, []).append(run_id)
+    for (schedule_id, key), run_ids in sorted(by_occurrence.items()):
+        if len(run_ids) > 1:
+            v.append(f"schedule {schedule_id}: occurrence {key} started {len(run_ids)} runs: "
+                     f"{sorted(run_ids)}")
+    runs = contents.runs
+    for schedule_id, firings in contents.firings.items():
+        for f in firings:
+            if f.outcome == "fired" and (f.run_id not in runs or started_by.get(f.run_id) != (
+                    schedule_id, f.key)):
+                v.append(f"schedule {schedule_id}: occurrence {f.key} was recorded fired as "
+                         f"run {f.run_id}, which is not stored as its run")
+    for schedule_id, overlap in sorted(ledger.schedules.items()):
+        if overlap not in ("skip", "buffer_one"):
+            continue
+        spans = []
+        for run_id, origin in started_by.items():
+            if origin is None or origin[0] != schedule_id:
+                continue
+            history = contents.history[run_id]
+            start = ledger.committed.get(history[0].seq, (None,))[0]
+            end = next((ledger.committed.get(e.seq, (None,))[0] for e in history
+                        if e.event in ("run.completed", "run.failed")), float("inf"))
+            if start is not None:
+                spans.append((start, end if end is not None else float("inf"), run_id))
+        spans.sort()
+        for (_, end, before), (start, _, after) in zip(spans, spans[1:], strict=False):
+            if start < end:
+                v.append(f"schedule {schedule_id} ({overlap}): run {after} started at "
+                         f"t={start:.3f}, before run {before} ended (t={end:.3f})")
+    for s in contents.schedules.values():
+        firings = contents.firings.get(s.id, ())
+        covered: dict[float, int] = {}
+        ranges = []
+        for f in firings:
+            if f.key.startswith("trigger:"):
+                continue
+            if f.key.startswith("skipped:"):
+                ranges.append((f.occurrence, f.last if f.last is not None else f.occurrence))
+            else:
+                covered[f.occurrence] = covered.get(f.occurrence, 0) + 1
+        occ = sch.next_after(s.cron, s.timezone, s.every, s.created_at)
+        while occ < s.next_fire_at:
+            n = covered.get(occ, 0) + sum(1 for a, b in ranges if a <= occ <= b)
+            if n != 1:
+                v.append(f"schedule {s.id}: occurrence {sch.iso(occ)} was decided {n} times "
+                         f"(it comes before the next one, {sch.iso(s.next_fire_at)})")
+            occ = sch.next_after(s.cron, s.timezone, s.every, occ)
+    return v
+
+
+_DONE = ("completed", "received")  # a step's last history state when it completed
+# While a run is paused, nothing starts, waits, ends or is delivered (an outcome of a task in
+# flight, a wake-up's end of a sleep, a send buffered and a lease given back may happen).
+_NOT_WHILE_PAUSED = frozenset({
+    "task.running", "sleep.waiting", "event.waiting", "event.received", "event.timed_out",
+    "step.recorded", "run.completed", "run.failed", "run.running",
+})
+
+
+def _rerun_after_retry(history: Any) -> set[str]:
+    """Positions of waits that timed out before a retry (which runs them again)."""
+    out: set[str] = set()
+    timed_out: set[str] = set()
+    for e in history:
+        if e.event == "event.timed_out" and e.position is not None:
+            timed_out.add(e.position)
+        elif _is_retry(e):
+            out |= timed_out
+    return out
+
+
+def _is_retry(e: Any) -> bool:
+    return e.event == "run.queued" and (e.detail or "").startswith("retried by")
+
+
+def _is_resume(e: Any) -> bool:
+    return e.event in ("run.queued", "run.waiting") and (e.detail or "").startswith(
+        "resumed by")
+
+
+def _paused(run_id: str, history: list[Any], deferred_starts: set[str]) -> list[str]:
+    """No step starts while a run is paused, from the moment the pause committed: only the
+    outcome of a task attempt in flight is recorded (one whose start was recorded, or, from
+    a worker that defers its start records, one not recorded at all)."""
+    out = []
+    paused = False
+    steps: dict[str, tuple[str, int]] = {}  # position -> (last state, attempt)
+    for e in history:
+        kind, _, new = e.event.partition(".")
+        if e.event == "run.paused":
+            paused = True
+        elif _is_resume(e):
+            paused = False
+        elif _is_retry(e):
+            steps = {p: st for p, st in steps.items() if st[0] in _DONE}
+        elif paused and e.event in _NOT_WHILE_PAUSED:
+            out.append(f"run {run_id}: {e.event} at step {e.position} (seq {e.seq}) while the "
+                       "run was paused")
+        elif paused and kind == "task" and e.position is not None:
+            before = steps.get(e.position)
+            in_flight = (before is not None and before[0] == "running"
+                         and before[1] == e.attempt) or (
+                before is None and e.worker_id in deferred_starts)
+            if not in_flight:
+                out.append(f"run {run_id}: task {e.name} at step {e.position} went {before} -> "
+                           f"{new} at attempt {e.attempt} (seq {e.seq}) while the run was "
+                           "paused: a step started after the pause")
+        if e.position is not None and kind in ("task", "sleep", "event"):
+            steps[e.position] = (new, e.attempt)
+    return out
+
+
+def _retried(run_id: str, history: list[Any]) -> list[str]:
+    """A retried run never runs a step again that had completed before the retry."""
+    out = []
+    last: dict[str, str] = {}
+    kept: set[str] = set()
+    for e in history:
+        kind, _, new = e.event.partition(".")
+        if _is_retry(e):
+            kept |= {p for p, st in last.items() if st in _DONE}
+        elif e.position is not None and kind == "task":
+            if e.position in kept and new in ("running", "completed", "failed", "retrying"):
+                out.append(f"run {run_id}: a retry ran step {e.position} ({e.name}) again "
+                           f"(task.{new} at seq {e.seq}), which had completed before it")
+        if e.position is not None and kind in ("task", "sleep", "event"):
+            last[e.position] = new
     return out

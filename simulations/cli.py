@@ -23,7 +23,13 @@ SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a 
              "send refused for a finished run", "run woken on another server",
              # Issue 18's blind spots: each batch must reach them.
              "stale worker write while another lease is live", "task start after a pause",
-             "duplicate content address in one run")
+             "duplicate content address in one run",
+             "schedule fired on time", "schedule caught up after downtime",
+             "schedule occurrence skipped by overlap",
+             "schedule occurrence buffered then fired",
+             "run paused while running", "task in flight recorded while paused",
+             "run paused while waiting", "resumed to wait again", "failed run retried",
+             "run forked", "fork past the end refused")
 
 
 @attrs.frozen

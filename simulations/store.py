@@ -30,6 +30,8 @@ from aiki.records import (
     HistoryEvent,
     RunCount,
     RunRecord,
+    ScheduleFiring,
+    ScheduleRecord,
     StepRecord,
     WaitRecord,
 )
@@ -37,6 +39,9 @@ from aiki.store import Store
 from aiki.store import ops as o
 from aiki.store.memory import MemoryStore
 from simulations.pause import PROCESS
+
+SCHEDULE_OPS = (o.DefineSchedule, o.PauseSchedule, o.FireSchedules, o.TriggerSchedule,
+                o.BackfillSchedule, o.DeleteSchedule)
 
 
 @attrs.define
@@ -110,6 +115,11 @@ class Ledger:
     # Every write accepted under a lease, renewals included:
     # (commit, time, op, run id, epoch, worker id)
     lease_writes: list[tuple[int, float, str, str, int, str]] = attrs.field(factory=list)
+    schedules: dict[str, str] = attrs.field(factory=dict)  # defined: id -> overlap policy
+    schedules_paused: bool = False  # the clients paused them all (late in liveness)
+    # A fork's id -> (the original's id, the original's steps it was to copy, as they were
+    # when the fork committed).
+    forks: dict[str, tuple[str, tuple[StepRecord, ...]]] = attrs.field(factory=dict)
 
     def violation(self, text: str) -> None:
         try:
@@ -133,6 +143,7 @@ class SimStore:
     # operation beside it, and the two must agree (what the checkers read is the model's).
     db: Store | None = None
     _lock: trio.Lock = attrs.field(factory=trio.Lock)
+    _fork_sources: dict[str, tuple[StepRecord, ...]] = attrs.field(factory=dict)
 
     def for_server(self, server: str) -> ServerStore:
         return ServerStore(self, server)
@@ -153,9 +164,15 @@ class SimStore:
         if r.random() < f.before_commit:
             self.stats["before_commit"] += 1
             raise StoreUnavailable("simulated: error before commit")
+        scheduling = any(isinstance(op, SCHEDULE_OPS) for op in ops)
+        before = self.inner.contents().schedules if scheduling else None
         outcomes = await self._apply_both(ops)
         now = trio.current_time()
         self.ledger.commits += 1
+        if before is not None and self.notices is not None \
+                and self.inner.contents().schedules != before:
+            # As PostgreSQL's trigger on schedules: every timer reads the next occurrence.
+            self.notices.publish(server, ["due"])
         for op, outcome in zip(ops, outcomes, strict=True):
             if not isinstance(outcome, AikiError):
                 self._check(op, outcome, now)
@@ -175,15 +192,27 @@ class SimStore:
         """The database applies ``ops``; with SQLite, the model applies them too, in the
         same order (one at a time, never cancelled between the two), and must agree."""
         if self.db is None:
-            return await self.inner.apply(ops)
+            return await self._apply_model(ops)
         async with self._lock:
             with trio.CancelScope(shield=True):  # (no waiting inside: both are inline)
                 outcomes = await self.db.apply(ops)
-                model = await self.inner.apply(ops)
+                model = await self._apply_model(ops)
         for op, got, expected in zip(ops, outcomes, model, strict=True):
             if _differs(got, expected):
                 self.ledger.violation(f"the SQLite store answered {type(op).__name__} with "
                                       f"{_first_difference(got, expected)}")
+        return outcomes
+
+    async def _apply_model(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
+        """The memory model applies ``ops`` as one transaction (nothing else runs in between),
+        noting what each fork is to copy as it is at that op."""
+        await trio.lowlevel.checkpoint()
+        outcomes: list[Any] = []
+        for op in ops:
+            if isinstance(op, o.ForkRun):  # what the fork is to copy, as it is now
+                self._fork_sources[op.new_run_id] = self.inner.contents().steps.get(
+                    op.run_id, ())
+            outcomes += self.inner.apply_now([op])
         return outcomes
 
     async def _read(self, name: str, *args: Any, **kwargs: Any) -> Any:
@@ -219,7 +248,8 @@ class SimStore:
     def _leases_ended(self, ops: Sequence[o.Op[Any]], outcomes: list[Any], now: float
                       ) -> None:
         """Note when each lease the transaction touched ended (the run left ``running``, or
-        was leased again)."""
+        was leased again; a paused run's lease lives on while its worker holds it, for the
+        outcome of its task in flight)."""
         led = self.ledger
         runs = self.inner.contents().runs
         touched: set[str] = set()
@@ -227,6 +257,9 @@ class SimStore:
             lease = getattr(op, "lease", None)
             if lease is not None:
                 touched.add(lease.run_id)
+            run_id = getattr(op, "run_id", None)  # controls: a pause, a resume, a retry...
+            if isinstance(run_id, str):
+                touched.add(run_id)
             if isinstance(op, (o.ExpireLeases, o.Renew)) and not isinstance(outcome, AikiError):
                 touched.update(outcome)
         for run_id in touched:
@@ -234,7 +267,8 @@ class SimStore:
             run = runs.get(run_id)
             if epoch is None or (run_id, epoch) in led.lease_ended:
                 continue
-            if run is None or run.state != "running" or run.lease_epoch != epoch:
+            if (run is None or run.state not in ("running", "paused")
+                    or run.lease_owner is None or run.lease_epoch != epoch):
                 led.lease_ended[(run_id, epoch)] = led.commits
 
     def _committed(self, ops: Sequence[o.Op[Any]], outcomes: list[Any], now: float,
@@ -313,6 +347,17 @@ class SimStore:
                 if owner in led.live_workers:
                     led.sometimes["lease expiry on a live worker"] += 1
             return
+        if isinstance(op, o.RetryRun):
+            # Its failed and unfinished steps run again: their results may be written anew.
+            for key in [k for k, (step, _) in led.final_steps.items()
+                        if k[0] == op.run_id and step.state != "completed"]:
+                del led.final_steps[key]
+            return
+        if isinstance(op, o.ForkRun) and op.new_run_id not in led.forks:
+            ordered = sorted(self._fork_sources.get(op.new_run_id, ()),
+                             key=lambda s: tuple(int(x) for x in s.position.split(".")))
+            led.forks[op.new_run_id] = (op.run_id, tuple(ordered[: op.from_step]))
+            return
         lease = getattr(op, "lease", None)
         if lease is not None:
             self._under_lease(type(op).__name__, lease, now)
@@ -363,6 +408,15 @@ class SimStore:
     async def next_due(self) -> float | None:
         return await self._read("next_due")  # type: ignore[no-any-return]
 
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        return await self._read("get_schedule", schedule_id)  # type: ignore[no-any-return]
+
+    async def list_schedules(self) -> tuple[ScheduleRecord, ...]:
+        return await self._read("list_schedules")  # type: ignore[no-any-return]
+
+    async def get_firings(self, schedule_id: str, limit: int = 20) -> tuple[ScheduleFiring, ...]:
+        return await self._read("get_firings", schedule_id, limit)  # type: ignore[no-any-return]
+
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
 
@@ -407,6 +461,15 @@ class ServerStore:
 
     async def next_due(self) -> float | None:
         return await self.db.next_due()
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        return await self.db.get_schedule(schedule_id)
+
+    async def list_schedules(self) -> tuple[ScheduleRecord, ...]:
+        return await self.db.list_schedules()
+
+    async def get_firings(self, schedule_id: str, limit: int = 20) -> tuple[ScheduleFiring, ...]:
+        return await self.db.get_firings(schedule_id, limit)
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

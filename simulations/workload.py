@@ -15,7 +15,9 @@ wake-up may end early) add only a marker, which the checkers read against the st
 
 Each run also has *client actions*, made by clients attached to any server: its ``ev``
 sends (sometimes a duplicate under a used key), a send aimed at a ``race`` wait's timeout,
-wake-ups at random moments, a watch for its end, and then a send to the finished run.
+wake-ups at random moments, a watch for its end, and then a send to the finished run; and
+*controls* (drawn from a stream of their own): pauses at random moments, each resumed a
+while later, a retry once the run has failed, a fork from a random step once it has ended.
 """
 
 from __future__ import annotations
@@ -201,7 +203,9 @@ async def _race_step(ctx: Ctx, step: dict[str, Any]) -> None:
 
 
 async def _interpret(run: aiki.WorkflowRun, program: dict[str, Any]) -> list[int]:
-    ctx = Ctx(run, program["rk"], int(program["x"]))
+    # A schedule's runs share one program: each keys its executions by its own run id.
+    rk = f"{program['rk']}:{run.id}" if program.get("per_run") else program["rk"]
+    ctx = Ctx(run, rk, int(program["x"]))
     for step in program["steps"]:
         kind = next(k for k in step if k in STEP_KINDS)
         await STEP_KINDS[kind](ctx, step)
@@ -260,6 +264,22 @@ class PlannedRun:
     late: Send | None = None
     # Status and history reads: (seconds after the ack, server), checked against the ledger.
     reads: tuple[tuple[float, int], ...] = ()
+    controls: tuple[Control, ...] = ()
+
+
+@attrs.frozen
+class Control:
+    """A control a client makes: ``pause`` at ``at`` seconds after the ack, resumed ``hold``
+    seconds later; ``retry`` once the run failed (re-pinned to ``version`` if given);
+    ``fork`` once the run ended, from step ``from_step``, as run ``new_id``."""
+
+    kind: str
+    at: float
+    server: int
+    hold: float = 0.0
+    version: str | None = None
+    from_step: int = 0
+    new_id: str = ""
 
 
 def _task_spec(r: random.Random, label: str, keys: list[str]) -> dict[str, Any]:
@@ -315,9 +335,10 @@ def plan(seed: int, n_runs: int, duration: float) -> list[PlannedRun]:
         at = r.uniform(0, duration * 0.7)
         program = _with_grammar(g, program)
         item = _with_waits(w, PlannedRun(f"e{i}", run_id, at, version, key, program))
-        planned.append(attrs.evolve(item, reads=tuple(
+        item = attrs.evolve(item, reads=tuple(
             (reads.expovariate(1 / 60.0), reads.randrange(3))
-            for _ in range(reads.choice([0, 1, 2, 3])))))
+            for _ in range(reads.choice([0, 1, 2, 3]))))
+        planned.append(_with_controls(random.Random(f"{seed}:controls:{i}"), item))
     return planned
 
 
@@ -345,6 +366,27 @@ def _with_grammar(r: random.Random, program: dict[str, Any]) -> dict[str, Any]:
             step = {"helper": r.choice(["now", "random", "uuid"]), "then": spec}
         steps.insert(r.randint(0, len(steps)), step)
     return {**program, "steps": steps}
+
+
+def _with_controls(r: random.Random, item: PlannedRun) -> PlannedRun:
+    """Pauses, a retry and a fork, from a stream of their own (the rest is drawn as before)."""
+    n = len(item.program["steps"])
+    controls: list[Control] = []
+    for _ in range(r.choice([0, 0, 1, 1, 2])):
+        controls.append(Control("pause", r.uniform(0, 30.0 * max(n, 1)), r.randrange(3),
+                                hold=r.choice([0.5, 5.0, 30.0, 120.0])))
+    if r.random() < 0.3:
+        controls.append(Control("retry", 0.0, r.randrange(3),
+                                version=r.choice([None, None, "1", "2"])))
+    # A fork has no sends of its own: only of a program that waits for none.
+    if r.random() < 0.25 and not any("event" in s for s in item.program["steps"]):
+        controls.append(Control("fork", 0.0, r.randrange(3), from_step=r.randint(0, n + 2),
+                                version=r.choice([None, "1", "2"]),
+                                new_id=f"{item.run_id}-fork"))
+    if any(c.kind == "retry" for c in controls):
+        # A retried run ends again: a send after its first end is not late.
+        item = attrs.evolve(item, late=None)
+    return attrs.evolve(item, controls=tuple(controls))
 
 
 def _with_waits(r: random.Random, item: PlannedRun) -> PlannedRun:
@@ -389,3 +431,48 @@ def _with_waits(r: random.Random, item: PlannedRun) -> PlannedRun:
                                            r.randint(0, 999), r.randrange(3), late=True)
     return attrs.evolve(item, program=program, server=server, sends=tuple(sends), races=races,
                         wakeups=wakeups, watch=watch, late=late)
+
+
+# -- schedules -------------------------------------------------------------------------------
+OVERLAPS = ("skip", "buffer_one", "allow")
+
+
+@attrs.frozen
+class PlannedSchedule:
+    """A schedule a client defines at ``at`` through server ``server``, and the triggers
+    clients send it (seconds after its definition was acknowledged, server, trigger id)."""
+
+    id: str
+    at: float
+    every: float | None
+    cron: str | None
+    overlap: str
+    window: float
+    program: dict[str, Any]
+    server: int
+    triggers: tuple[tuple[float, int, str], ...] = ()
+
+
+def plan_schedules(seed: int, duration: float) -> list[PlannedSchedule]:
+    """One to three schedules, each overlap policy among them, from a stream of their own
+    (the runs and faults of a seed stay what they were without schedules). Their runs take
+    from a fraction of their interval to several intervals, so occurrences overlap."""
+    r = random.Random(f"{seed}:schedules")
+    first = r.randrange(len(OVERLAPS))
+    out = []
+    for i in range(r.choice([1, 2, 2, 3])):
+        every = r.choice([20.0, 30.0, 45.0, 60.0, None])
+        cron = "* * * * *" if every is None else None
+        steps: list[dict[str, Any]] = [{"call": {
+            "task": r.choice(["t-none", "t-exp"]), "label": f"sch{i}.0", "fail": 0,
+            "work": r.choice([0.01, 0.5, 3.0])}}]
+        if r.random() < 0.7:
+            steps.append({"sleep": r.choice([5.0, 15.0, 40.0, 90.0])})
+        program = {"rk": f"sch{i}", "x": r.randint(0, 1000), "steps": steps, "per_run": True}
+        triggers = tuple((r.uniform(0, duration), r.randrange(3), f"sch{i}-t{k}")
+                         for k in range(r.choice([0, 0, 1, 2])))
+        out.append(PlannedSchedule(
+            f"sch{i}", r.uniform(0, duration * 0.3), every, cron,
+            OVERLAPS[(first + i) % len(OVERLAPS)], r.choice([30.0, 60.0, 120.0]), program,
+            r.randrange(3), triggers))
+    return out

@@ -30,6 +30,7 @@ from aiki.actors.worker import Worker
 from aiki.errors import (
     AikiError,
     ConnectionLost,
+    ControlRefused,
     PayloadError,
     RunFinished,
     RunNotFound,
@@ -62,6 +63,9 @@ POLL_INTERVAL = 5.0
 # poll (the notice that would have told the server was lost), plus a timer's retries after
 # store errors and slow calls.
 OVERDUE_BOUND = POLL_INTERVAL + 10.0
+# Schedules go on firing this long into the liveness phase, then clients pause them so the
+# cluster can come to rest.
+SCHEDULES_RUN_ON = 120.0
 
 
 @attrs.define
@@ -311,11 +315,45 @@ class World:
                 nursery.cancel_scope.cancel()
                 return
 
-    async def client_node(self, planned: list[workload.PlannedRun]) -> None:
+    async def client_node(self, planned: list[workload.PlannedRun],
+                          schedules: list[workload.PlannedSchedule]) -> None:
         async with trio.open_nursery() as nursery:
             for item in sorted(planned, key=lambda i: i.at):
                 self.pending += 1
                 nursery.start_soon(self._client_of, item, nursery)
+            for sched in schedules:
+                self.pending += 1
+                nursery.start_soon(self._scheduler, sched, nursery)
+
+    async def _scheduler(self, sched: workload.PlannedSchedule, nursery: trio.Nursery) -> None:
+        """Define ``sched`` (retried until acknowledged: the same definition again returns
+        it), then send its triggers."""
+        await trio.sleep(sched.at)
+        payload = p.encode_value(sched.program)
+        await self._ask(sched.server, lambda req: p.DefineSchedule(
+            req, sched.id, "sim", payload, "1", sched.cron, "UTC", sched.every,
+            sched.overlap, sched.window))
+        self.ledger.schedules[sched.id] = sched.overlap
+        self.note(f"defined {sched.id}")
+        acked = trio.current_time()
+        for at, server, trigger_id in sched.triggers:
+            self.pending += 1
+            nursery.start_soon(self._action, self._trigger, sched, acked + at, server,
+                               trigger_id)
+        self.pending -= 1
+
+    async def _trigger(self, sched: workload.PlannedSchedule, at: float, server: int,
+                       trigger_id: str) -> None:
+        await trio.sleep_until(at)
+        if self.faults_on:  # (not once clients pause the schedules)
+            await self._ask(server, lambda req: p.TriggerSchedule(req, sched.id, trigger_id))
+
+    async def pause_schedules(self) -> None:
+        """Late in the liveness phase: clients pause every schedule, so runs stop coming."""
+        await trio.sleep(SCHEDULES_RUN_ON)
+        for schedule_id in sorted(self.ledger.schedules):
+            await self._ask(0, lambda req, sid=schedule_id: p.ChangeSchedule(req, sid, "pause"))
+        self.ledger.schedules_paused = True
 
     async def _client_of(self, item: workload.PlannedRun, nursery: trio.Nursery) -> None:
         """Enqueue ``item``, then start what clients do to the run."""
@@ -337,6 +375,12 @@ class World:
             if served and item.watch is not None:
                 actions.append((self._watcher, item))
             actions += [(self._reader, item, acked + at, server) for at, server in item.reads]
+            for n, control in enumerate(item.controls):
+                control_id = f"{item.run_id}-c{n}"  # the same on each resend
+                if control.kind == "pause":
+                    actions.append((self._pauser, item, acked, control, control_id))
+                elif served:
+                    actions.append((self._after_end, item, control, control_id))
             for fn, *args in actions:
                 self.pending += 1
                 nursery.start_soon(self._action, fn, *args)
@@ -359,7 +403,7 @@ class World:
                                          lambda req: p.Hello(req, "client", "client"),
                                          request_timeout=10.0) as link:
                         return await link.request(make, timeout, retry=retry)
-            except (RunFinished, RunNotFound, UnknownEvent, PayloadError):
+            except (RunFinished, RunNotFound, UnknownEvent, PayloadError, ControlRefused):
                 raise  # an answer
             except (AikiError, TimeoutError, trio.TooSlowError):
                 # The store or the connection failed, a StoreWriter crashed, or a duplicated
@@ -423,6 +467,49 @@ class World:
         reply = await self._ask(server, lambda req: p.Wakeup(req, item.run_id))
         self.ledger.wakeups.append((trio.current_time(), item.run_id, reply.woken))
 
+    async def _pauser(self, item: workload.PlannedRun, acked: float,
+                      control: workload.Control, control_id: str) -> None:
+        """Pause the run at a random moment; resume it ``hold`` seconds later."""
+        await trio.sleep_until(acked + control.at)
+        try:
+            reply = await self._ask(control.server, lambda req: p.PauseRun(
+                req, item.run_id, control_id))
+        except ControlRefused:
+            return  # it ended, or another control paused it (and resumes it)
+        self.ledger.sometimes["run paused" + (" while running" if reply.run.lease_owner
+                                              else "")] += 1
+        await trio.sleep(control.hold)
+        try:
+            reply = await self._ask(control.server, lambda req: p.ResumeRun(
+                req, item.run_id, control_id))
+        except ControlRefused:  # another control's resume, sent again, got there first
+            self.ledger.sometimes["resume raced by another"] += 1
+            return
+        if reply.run.state == "waiting":
+            self.ledger.sometimes["resumed to wait again"] += 1
+
+    async def _after_end(self, item: workload.PlannedRun, control: workload.Control,
+                         control_id: str) -> None:
+        """Once the run ended: retry it (if it failed) or fork it."""
+        while item.run_id not in self.ledger.ended:
+            await trio.sleep(1.0)
+        if control.kind == "retry":
+            try:
+                await self._ask(control.server, lambda req: p.RetryRun(
+                    req, item.run_id, control.version, control_id))
+            except ControlRefused:
+                return  # it completed
+            self.ledger.sometimes["failed run retried"] += 1
+            return
+        self.ledger.issued.add(control.new_id)
+        try:
+            await self._ask(control.server, lambda req: p.ForkRun(
+                req, item.run_id, control.from_step, control.new_id, control.version))
+        except ControlRefused:
+            self.ledger.sometimes["fork past the end refused"] += 1
+            return
+        self.ledger.sometimes["run forked"] += 1
+
     async def _watcher(self, item: workload.PlannedRun) -> None:
         assert item.watch is not None
         self.ledger.watching.add(item.run_id)
@@ -444,6 +531,18 @@ class World:
             if not up or trio.current_time() < self.store.faults.unavailable_until:
                 continue
             contents = self.store.inner.contents()
+            # A schedule's next occurrence is decided within the bound once it is due.
+            for sched in contents.schedules.values():
+                if sched.paused or not any(self.clocks[s].now() >= sched.next_fire_at
+                                           for s in up):
+                    continue
+                key = (sched.id, sched.next_fire_at)
+                overdue[key] = overdue.get(key, 0.0) + 1.0
+                if overdue[key] == OVERDUE_BOUND:
+                    self.ledger.violation(
+                        f"schedule {sched.id}: its occurrence at {sched.next_fire_at:.3f} is "
+                        f"still undecided {OVERDUE_BOUND:.0f} s after it came due while "
+                        f"servers {up} were up and the store available")
             for run_id, waits in contents.waits.items():
                 dues = [w.due_at for w in waits if w.due_at is not None]
                 if not dues or contents.runs[run_id].state != "waiting":
@@ -631,6 +730,7 @@ class World:
     # -- the run ------------------------------------------------------------------------
     async def run(self) -> None:
         planned = workload.plan(self.cfg.seed, self.cfg.runs, self.cfg.safety)
+        schedules = workload.plan_schedules(self.cfg.seed, self.cfg.safety)
         workload.bind(self.ledger)
         if self.cfg.store_kind == "sqlite":
             self.store.db = await SqliteStore.open(":memory:", offload=False)
@@ -645,13 +745,15 @@ class World:
             nursery.start_soon(self.overdue_monitor)
             for name in self.worker_names:
                 nursery.start_soon(self.worker_node, name)
-            nursery.start_soon(self.client_node, planned)
+            nursery.start_soon(self.client_node, planned, schedules)
             with trio.move_on_after(self.cfg.safety):
                 await self.injector()
                 await trio.sleep_forever()
             self.note("liveness phase")
             self.all_faults_off()
             with trio.move_on_after(self.cfg.liveness):
+                self.pending += 1
+                nursery.start_soon(self._action, self.pause_schedules)
                 await self._converged(planned)
             await trio.sleep(1.0)
             self.freezer.resume_all()
@@ -733,6 +835,17 @@ SITUATIONS = {
 }
 
 
+# What became of schedule occurrences: (outcome, reason, skipped by 'skip').
+SCHEDULE_SITUATIONS = {
+    ("fired", "scheduled", False): "schedule fired on time",
+    ("fired", "catch-up", False): "schedule caught up after downtime",
+    ("fired", "buffered", False): "schedule occurrence buffered then fired",
+    ("skipped", "scheduled", True): "schedule occurrence skipped by overlap",
+    ("skipped", "catch-up", False): "schedule occurrences past the catch-up window",
+    ("fired", "trigger", False): "schedule triggered",
+}
+
+
 class RealTimeExceeded(BaseException):
     pass
 
@@ -793,12 +906,27 @@ def run_seed(cfg: Config) -> Outcome:
                             if s.kind == "task" and s.idempotency_key is None)
         if any(n > 1 for n in addresses.values()):
             world.ledger.sometimes["duplicate content address in one run"] += 1
+    for firings in world.store.inner.contents().firings.values():
+        for f in firings:
+            situation = SCHEDULE_SITUATIONS.get((f.outcome, f.reason, f.detail is not None and
+                                                 "(overlap 'skip')" in f.detail))
+            if situation is not None:
+                world.ledger.sometimes[situation] += f.count
     for history in world.store.inner.contents().history.values():
+        paused = False
         for e in history:
             situation = SITUATIONS.get((e.event, (e.detail or "").split(" ")[0],
                                         e.worker_id is not None))
             if situation is not None:
                 world.ledger.sometimes[situation] += 1
+            if e.event == "run.paused":
+                paused = True
+                if "keeps its waits" in (e.detail or ""):
+                    world.ledger.sometimes["run paused while waiting"] += 1
+            elif (e.detail or "").startswith("resumed by"):
+                paused = False
+            elif paused and e.event in ("task.completed", "task.failed", "task.retrying"):
+                world.ledger.sometimes["task in flight recorded while paused"] += 1
     return Outcome(cfg.seed, digest, clock.current_time(), faults, world.ledger.sometimes,
                    list(world.ledger.violations), runs, world.trace if cfg.trace else [],
                    world.store, world.ledger, cfg.runs,

@@ -175,6 +175,21 @@ def test_record_start_after_takes_zero_but_not_less(capsys: pytest.CaptureFixtur
     assert "'0': give a positive number of seconds" in capsys.readouterr().err
 
 
+def test_fork_takes_a_whole_number_of_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    args = cli._parser().parse_args(["runs", "fork", "r1", "--from-step", "0", "--version", "2"])
+    assert (args.run_id, args.from_step, args.version) == ("r1", 0, "2")
+    for bad, said in (("-1", "'-1': give a number of at least 0"),
+                      ("two", "'two' is not a whole number")):
+        with pytest.raises(SystemExit):
+            cli._parser().parse_args(["runs", "fork", "r1", "--from-step", bad])
+        assert said in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # how many steps to copy is not optional
+        cli._parser().parse_args(["runs", "fork", "r1"])
+    assert "--from-step" in capsys.readouterr().err
+    assert cli._parser().parse_args(["runs", "pause", "r1"]).run_id == "r1"
+    assert cli._parser().parse_args(["runs", "resume", "r1"]).run_id == "r1"
+
+
 # -- issue 16: a friendlier CLI ------------------------------------------------------------
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:

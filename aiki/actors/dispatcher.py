@@ -300,6 +300,10 @@ class Dispatcher:
     def _served(self, version: tuple[str, str]) -> bool:
         return any(version in seat.workflows for seat in self.seats.values())
 
+    def serves(self, workflow: str, version: str) -> bool:
+        """Whether a connected worker has registered ``workflow`` ``version``."""
+        return self._served((workflow, version))
+
     def queued_for(self, version: tuple[str, str], now: float) -> None:
         """A run of ``version`` was enqueued: if no worker has it, warn once it waited."""
         if not self._served(version) and version not in self.warned:

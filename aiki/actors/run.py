@@ -48,6 +48,7 @@ from aiki.errors import (
     NonDeterminismError,
     NonRetryableError,
     PayloadError,
+    RunPaused,
     StaleLease,
     StepConflict,
     StoreUnavailable,
@@ -182,6 +183,10 @@ class RunState:
     pending: list[StepRecord] = attrs.field(factory=list)
     riding: list[StepRecord] = attrs.field(factory=list)  # carried by a write in flight
     lost: Abandon | None = None  # why the Flusher could not send this run's outcomes
+    # Whether a client paused the run (the worker was told, or the store refused a step as
+    # paused): it is given back as paused, not as a drain.
+    paused: Callable[[], bool] = lambda: False
+    paused_seen: bool = False
     steps: dict[str, StepRecord] = attrs.field(init=False)
     consumed: set[str] = attrs.field(factory=set)
     root: _Branch = attrs.field(factory=lambda: _Branch(""))
@@ -227,6 +232,8 @@ class RunState:
                 await self.carry(lambda req, saved: _save_all(req, self.lease, saved))
             except Abandon as exc:  # the run's next write raises it: nothing may follow
                 self.lost = exc
+            except Release:  # paused: the run's next write is refused too, and gives it back
+                pass
 
     async def _write(self, make: Callable[[int], Any]) -> Any:
         """Persist one write, retrying while the store is away or the reply is lost.
@@ -242,6 +249,13 @@ class RunState:
         for _ in range(WRITE_ATTEMPTS):
             try:
                 return await self.persist(make)
+            except RunPaused as exc:
+                # A client paused the run (its worker may have missed the server's word):
+                # give it back at this step boundary, as a draining worker does.
+                log.info("run %s: %s", self.lease.run_id, exc)
+                self.paused_seen = True
+                self.draining.set()
+                raise Release() from exc
             except (StaleLease, ConnectionLost, StepConflict) as exc:
                 # StepConflict: another actor wrote this step, so this one's view is stale.
                 log.info("run %s: abandoning: %s", self.lease.run_id, exc)
@@ -422,6 +436,8 @@ class RunState:
             except Abandon as exc:  # the lease is gone: stop the attempt, write nothing more
                 lost.append(exc)
                 cancel.cancel()
+            except Release:  # paused while the attempt runs: it is in flight, let it end
+                pass
 
         value: Any = None
         failure: BaseException | None = None
@@ -678,17 +694,20 @@ async def run_workflow(
     run_task: TaskRunner = call_task, on_state: Callable[[RunState], None] | None = None,
     lease_deadline: Callable[[], float] = lambda: math.inf,
     lease_renewed: Callable[[float], None] = lambda sent: None, flusher: Flusher | None = None,
+    paused: Callable[[], bool] = lambda: False,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
-    drains: ``draining`` is set) or abandoned. ``flusher``: let completed task outcomes ride
-    with the run's next write (:mod:`aiki.actors.outcomes`)."""
+    drains, or the run was paused: ``draining`` is set, ``paused()`` says which) or
+    abandoned. ``flusher``: let completed task outcomes ride with the run's next write
+    (:mod:`aiki.actors.outcomes`)."""
     run = assign.run
     assert run.lease_owner is not None
     lease = Lease(run.id, run.lease_epoch, run.lease_owner)
     state = RunState(lease, {s.position: s for s in assign.steps}, persist, sources,
                      inline_retry_max, record_start_after,
                      trio.Event() if draining is None else draining, nudges or Nudges(),
-                     workflow.name, run_task, lease_deadline, lease_renewed, flusher)
+                     workflow.name, run_task, lease_deadline, lease_renewed, flusher,
+                     paused=paused)
     if on_state is not None:  # (a replay looks at what the code consumed)
         on_state(state)
     _BRANCH.set((state, state.root))
@@ -710,8 +729,7 @@ async def run_workflow(
             await state.write(lambda req: p.WaitRun(req, lease, conditions, reason))
             return
         except Release:
-            log.info("run %s: given back at a step boundary (the worker drains)", run.id)
-            await state.write(lambda req: p.ReleaseRun(req, lease))
+            await _give_back(state)
             return
         except Abandon:
             return
@@ -725,7 +743,21 @@ async def run_workflow(
             await _fail(state, workflow.name, type(exc).__name__, str(exc), format_traceback(exc))
             return
         with tracing.span(f"aiki.complete {workflow.name}", {}):
-            await state.carry(lambda req, saved: p.CompleteRun(req, lease, result, saved))
+            try:
+                await state.carry(lambda req, saved: p.CompleteRun(req, lease, result, saved))
+            except Release:  # paused: it completes once resumed (its steps replay)
+                await _give_back(state)
+
+
+async def _give_back(state: RunState) -> None:
+    """Give the run back at a step boundary: the worker drains, or the run was paused."""
+    log.info("run %s: given back at a step boundary (the worker drains or the run was "
+             "paused)", state.lease.run_id)
+    paused = state.paused_seen or state.paused()
+    try:
+        await state.write(lambda req: p.ReleaseRun(req, state.lease, paused))
+    except (Abandon, Release):
+        pass
 
 
 async def _fail(state: RunState, workflow: str, error_type: str, message: str,
@@ -737,6 +769,8 @@ async def _fail(state: RunState, workflow: str, error_type: str, message: str,
         try:
             await state.write(lambda req: p.FailRun(req, state.lease, error_type, message,
                                                     trace))
+        except Release:  # paused: it fails again once resumed, if it still does
+            await _give_back(state)
         except Abandon:
             pass
 

@@ -27,6 +27,7 @@ import attrs
 import trio
 
 from aiki import protocol as p
+from aiki import schedules as sch
 from aiki import tracing
 from aiki.actors.dispatcher import Alive, Dispatcher, Draining, Ended, Joined, Left, Seat
 from aiki.actors.mailbox import Mailbox
@@ -36,14 +37,24 @@ from aiki.actors.watchers import RunWatchers
 from aiki.errors import (
     AikiError,
     ConnectionLost,
+    PayloadError,
     ProtocolError,
     RunNotFound,
+    ScheduleInvalid,
+    ScheduleNotFound,
     StaleLease,
     StepConflict,
     UnknownEvent,
     UnknownWorkflow,
 )
-from aiki.records import TERMINAL_RUN_STATES, Lease, RunRecord, RunState, StepRecord
+from aiki.records import (
+    TERMINAL_RUN_STATES,
+    Lease,
+    RunRecord,
+    RunState,
+    ScheduleRecord,
+    StepRecord,
+)
 from aiki.sources import Sources
 from aiki.store import ops
 from aiki.store.base import Store
@@ -91,6 +102,8 @@ class Closing(Exception):
 
 
 SHUTTING_DOWN = "the server is shutting down"
+SCHEDULE_MESSAGES = (p.DefineSchedule, p.GetSchedule, p.ChangeSchedule, p.TriggerSchedule,
+                     p.BackfillSchedule, p.ListSchedules)
 MAX_RUN_ID = 128
 MAX_LIST_LIMIT = 1000
 
@@ -352,7 +365,8 @@ class Session:
                     kind="SERVER") as span:
                 out = await ctx.writer.write(ops.Enqueue(
                     run_id, msg.workflow, version, msg.payload, msg.idempotency_key, now,
-                    msg.on_conflict, tracing.stored_context(span, msg.trace_context),
+                    msg.on_conflict,
+                    trace_context=tracing.stored_context(span, msg.trace_context),
                 ))
             if out.created:
                 ctx.dispatcher.poke()
@@ -360,16 +374,19 @@ class Session:
             return p.Enqueued(msg.req, out.run_id, version, out.created)
         if isinstance(msg, p.GetRun):
             run = await self._run(msg.run_id)
-            waits = await ctx.store.get_waits(run.id) if run.state == "waiting" else ()
+            waits = (await ctx.store.get_waits(run.id) if run.state in ("waiting", "paused")
+                     else ())
             return p.RunInfo(msg.req, run, await ctx.store.get_steps(run.id), waits)
         if isinstance(msg, p.SendEvent):
             return await self._send_event(msg, now)
         if isinstance(msg, p.RetryRun):
             assert self.hello is not None
             run = await ctx.writer.write(ops.RetryRun(msg.run_id, msg.version,
-                                                      self.hello.node_id, now))
+                                                      self.hello.node_id, now, msg.control_id))
             ctx.dispatcher.poke()
             return p.Retried(msg.req, run)
+        if isinstance(msg, (p.PauseRun, p.ResumeRun, p.ForkRun)):
+            return await self._control(msg, now)
         if isinstance(msg, p.PurgeRuns):
             if not 1 <= msg.limit <= MAX_LIST_LIMIT:
                 raise ProtocolError(f"limit must be 1 to {MAX_LIST_LIMIT}, got {msg.limit}")
@@ -407,9 +424,109 @@ class Session:
                 p.StrandedVersion(w, v, len(runs), min(r.updated_at for r in runs))
                 for (w, v), runs in sorted(by_version.items()))
             return p.WorkerList(msg.req, ctx.dispatcher.workers(), versions)
+        if isinstance(msg, SCHEDULE_MESSAGES):
+            return await self._answer_schedule(msg, now)
         if isinstance(msg, p.Hello):
             raise ProtocolError("'hello' was already received on this connection")
         return await self._answer_worker(msg, now)
+
+    async def _answer_schedule(self, msg: Any, now: float) -> Any:
+        ctx = self.ctx
+        if isinstance(msg, p.DefineSchedule):
+            record, warning = self._schedule_of(msg, now)
+            defined = await ctx.writer.write(ops.DefineSchedule(record, msg.update, now))
+            if defined.created or defined.updated:
+                ctx.timer.hint(defined.schedule.next_fire_at)
+            if warning is not None:
+                log.warning("schedule %r: %s", record.id, warning)
+            return p.ScheduleDefined(msg.req, defined.schedule, defined.created,
+                                     defined.updated, warning)
+        if isinstance(msg, p.ListSchedules):
+            return p.ScheduleList(msg.req, await ctx.store.list_schedules())
+        if isinstance(msg, p.GetSchedule):
+            if not 0 <= msg.firings <= MAX_LIST_LIMIT or not 0 <= msg.upcoming <= 100:
+                raise ProtocolError(f"firings must be 0 to {MAX_LIST_LIMIT} and upcoming 0 to "
+                                    f"100, got {msg.firings} and {msg.upcoming}")
+            s = await self._schedule(msg.id)
+            times: list[float] = []
+            t = s.next_fire_at if not s.paused else sch.next_after(s.cron, s.timezone,
+                                                                     s.every, now)
+            while len(times) < msg.upcoming:
+                times.append(t)
+                t = sch.next_after(s.cron, s.timezone, s.every, t)
+            firings = await ctx.store.get_firings(s.id, msg.firings)
+            runs = []
+            for firing in firings:
+                if firing.run_id is not None:
+                    run = await ctx.store.get_run(firing.run_id)
+                    if run is not None:
+                        runs.append(run)
+            return p.ScheduleInfo(msg.req, s, tuple(times), firings, tuple(runs))
+        if isinstance(msg, p.ChangeSchedule):
+            if msg.action == "delete":
+                existed = await ctx.writer.write(ops.DeleteSchedule(sch.check_id(msg.id)))
+                return p.ScheduleChanged(msg.req, None, existed)
+            if msg.action not in ("pause", "resume"):
+                raise ProtocolError(f"a schedule's action is pause, resume or delete, got "
+                                    f"{msg.action!r}")
+            changed = await ctx.writer.write(ops.PauseSchedule(msg.id, msg.action == "pause",
+                                                               now))
+            if not changed.paused:
+                ctx.timer.hint(changed.next_fire_at)
+            return p.ScheduleChanged(msg.req, changed)
+        if isinstance(msg, p.TriggerSchedule):
+            if not 0 < len(msg.trigger_id) <= MAX_RUN_ID:
+                raise ProtocolError(f"a trigger id must have 1 to {MAX_RUN_ID} characters")
+            firing = await ctx.writer.write(ops.TriggerSchedule(msg.id, msg.trigger_id, now))
+            if firing.outcome == "fired":
+                ctx.dispatcher.poke()
+            return p.ScheduleFired(msg.req, (firing,))
+        assert isinstance(msg, p.BackfillSchedule)
+        firings = await ctx.writer.write(ops.BackfillSchedule(msg.id, msg.start, msg.end, now))
+        if any(f.outcome == "fired" for f in firings):
+            ctx.dispatcher.poke()
+        return p.ScheduleFired(msg.req, firings)
+
+    def _schedule_of(self, msg: p.DefineSchedule, now: float) -> tuple[ScheduleRecord,
+                                                                          str | None]:
+        """The schedule ``msg`` defines, checked (ScheduleInvalid names what is wrong, and
+        nothing is stored), and a warning if no connected worker has its version."""
+        ctx = self.ctx
+        sch.check_id(msg.id)
+        if not msg.workflow:
+            raise ScheduleInvalid("a schedule needs a workflow name; nothing was stored")
+        if (msg.cron is None) == (msg.every is None):
+            raise ScheduleInvalid(f"schedule {msg.id!r}: give either cron= or every= (one of "
+                                  "them); nothing was stored")
+        tz = sch.check_timezone(msg.timezone).key
+        cron = None if msg.cron is None else sch.check_cron(msg.cron, tz)
+        every = None if msg.every is None else sch.check_interval(msg.every)
+        overlap = sch.check_overlap(msg.overlap)
+        window = sch.check_catchup(msg.catchup_window)
+        try:
+            p.decode_value(msg.payload)
+        except PayloadError as exc:
+            raise PayloadError(f"schedule {msg.id!r}: {exc}; nothing was stored") from None
+        version = msg.version or ctx.dispatcher.latest_version(msg.workflow)
+        if version is None:
+            known = ", ".join(ctx.dispatcher.known_workflows()) or "none"
+            raise UnknownWorkflow(
+                f"no worker has registered workflow {msg.workflow!r} (registered: {known}); "
+                "give a version to schedule it anyway; nothing was stored")
+        warning = None
+        if not ctx.dispatcher.serves(msg.workflow, version):
+            warning = (f"no connected worker has registered workflow {msg.workflow!r} "
+                       f"version {version}: its runs will wait in the queue until one does")
+        next_at = sch.next_after(cron, tz, every, now)
+        return ScheduleRecord(msg.id, msg.workflow, version, msg.payload, cron, tz, every,
+                              overlap, window, False, next_at, None, None, now,
+                              now), warning
+
+    async def _schedule(self, schedule_id: str) -> ScheduleRecord:
+        s = await self.ctx.store.get_schedule(schedule_id)
+        if s is None:
+            raise ScheduleNotFound(f"no schedule with id {schedule_id!r}")
+        return s
 
     async def _answer_worker(self, msg: Any, now: float) -> Any:
         ctx = self.ctx
@@ -456,6 +573,8 @@ class Session:
             finally:
                 ctx.dispatcher.tell(Ended(self.id, (msg.lease.run_id,)))
             ctx.watchers.ended(run)  # the run as committed: no read on the way back
+            if (run.idempotency_key or "").startswith("schedule:"):
+                ctx.dispatcher.poke()  # its end may have started a buffered occurrence
             return p.Ok(msg.req)
         if isinstance(msg, p.AwaitStep):
             self._check_owner(msg.lease)
@@ -465,10 +584,13 @@ class Session:
         if isinstance(msg, p.WaitRun):
             op = ops.WaitRun(msg.lease, msg.conditions, msg.reason, now)
         elif isinstance(msg, p.ReleaseRun):
-            # A worker gives runs back only while it drains, and its Drain may be late or
-            # lost: without this, the run would be pushed straight back to it.
-            self._draining()
-            op = ops.ReleaseRun(msg.lease, now)
+            # A worker gives runs back only while it drains (or because they were paused),
+            # and its Drain may be late or lost: without this, the run would be pushed
+            # straight back to it.
+            if not msg.paused:
+                self._draining()
+            op = ops.ReleaseRun(msg.lease, now, "given back paused" if msg.paused
+                                else "released by its worker")
         else:
             raise ProtocolError(f"unexpected message {_tag(msg)!r} from a worker")
         self._check_owner(msg.lease)
@@ -482,6 +604,35 @@ class Session:
                 ctx.timer.hint(min(dues))
         ctx.dispatcher.poke()  # a run given back, or one whose wait held already, is queued
         return p.Ok(msg.req)
+
+    async def _control(self, msg: p.PauseRun | p.ResumeRun | p.ForkRun, now: float) -> Any:
+        """Pause, resume or fork, in the name of this peer (the history says who)."""
+        ctx = self.ctx
+        assert self.hello is not None
+        who = self.hello.node_id
+        if isinstance(msg, p.PauseRun):
+            run = await ctx.writer.write(ops.PauseRun(msg.run_id, who, now, msg.control_id))
+            if run.lease_owner is not None:  # its worker hears now, not at its next step
+                ctx.dispatcher.push_to_holder(run.id, p.RunControl(run.id, run.lease_epoch))
+            return p.Controlled(msg.req, run)
+        if isinstance(msg, p.ResumeRun):
+            run = await ctx.writer.write(ops.ResumeRun(msg.run_id, who, now, msg.control_id))
+            if run.state == "queued":
+                ctx.dispatcher.poke()
+            else:
+                dues = [w.due_at for w in await ctx.store.get_waits(run.id)
+                        if w.due_at is not None]
+                if dues:
+                    ctx.timer.hint(min(dues))
+            return p.Controlled(msg.req, run)
+        if not 0 < len(msg.new_run_id) <= MAX_RUN_ID:
+            raise ProtocolError(f"a run id must have 1 to {MAX_RUN_ID} characters, "
+                                f"got {len(msg.new_run_id)}")
+        run = await ctx.writer.write(ops.ForkRun(msg.run_id, msg.new_run_id, msg.from_step,
+                                                 msg.version, who, now))
+        ctx.dispatcher.poke()
+        ctx.dispatcher.queued_for((run.workflow, run.version), now)
+        return p.Controlled(msg.req, run)
 
     def _draining(self) -> None:
         """This worker drains. At once, not when the Dispatcher reads its mailbox: once the

@@ -38,7 +38,16 @@ from aiki.metrics import (
 )
 from aiki.records import RunRecord
 from aiki.store.base import Store
-from aiki.store.ops import Claim, Enqueue, ExpireLeases, Op, RetryRun, SaveStep
+from aiki.store.ops import (
+    Claim,
+    Enqueue,
+    ExpireLeases,
+    ForkRun,
+    Op,
+    ResumeRun,
+    RetryRun,
+    SaveStep,
+)
 
 T = TypeVar("T")
 
@@ -114,13 +123,18 @@ class StoreWriter:
 
 
 # What an op whose outcome is a run record did to it, when it is not the run's new state.
-_RUN_EVENT: dict[type[Op[Any]], str] = {RetryRun: "retried"}
+_RUN_EVENT: dict[type[Op[Any]], str] = {RetryRun: "retried", ResumeRun: "resumed"}
 _OK: dict[type[Op[Any]], tuple[str, str]] = {}  # the labels of an op applied: (name, "ok")
 
 
 def _count_enqueue(metrics: Metrics, op: Any, outcome: Any) -> None:
     if outcome.created:
         metrics.inc(RUNS, (op.workflow, op.version, "enqueued"))
+
+
+def _count_fork(metrics: Metrics, op: Any, outcome: Any) -> None:
+    if outcome.created_at == op.now:  # not the same fork sent again (it returns the first)
+        metrics.inc(RUNS, (outcome.workflow, outcome.version, "forked"))
 
 
 def _count_claim(metrics: Metrics, op: Any, outcome: Any) -> None:
@@ -144,7 +158,7 @@ def _count_expired(metrics: Metrics, op: Any, outcome: Any) -> None:
 
 _COUNT: dict[type[Op[Any]], Callable[[Metrics, Any, Any], None]] = {
     Enqueue: _count_enqueue, Claim: _count_claim, SaveStep: _count_save,
-    ExpireLeases: _count_expired,
+    ExpireLeases: _count_expired, ForkRun: _count_fork,
 }
 
 

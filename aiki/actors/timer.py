@@ -1,6 +1,8 @@
 """Timer: the server's clock for the store's due times. It wakes waiting runs whose time has
-come (a sleep, an event wait's timeout, a long retry delay) and expires leases that nobody
-renewed.
+come (a sleep, an event wait's timeout, a long retry delay), expires leases that nobody
+renewed, and fires schedules whose next occurrence has come (``FireSchedules``: the runs,
+the record of the occurrence and the next occurrence in one transaction, so a crash or
+another server can neither lose nor repeat one).
 
 It sleeps until the earliest due time it knows, and nothing polls on a fixed beat: an idle
 server with thousands of waiting runs makes no store query before the next one is due.
@@ -27,7 +29,7 @@ from aiki.errors import StoreUnavailable
 from aiki.metrics import SCHEDULE_LATENESS
 from aiki.sources import Sources
 from aiki.store.base import Store
-from aiki.store.ops import ExpireLeases, WakeDue
+from aiki.store.ops import ExpireLeases, FireSchedules, Op, WakeDue
 
 log = logging.getLogger("aiki.timer")
 
@@ -87,15 +89,35 @@ class Timer:
                     next_at, from_store = hint, False
 
     async def _fire(self, now: float, due: float) -> bool:
-        woke = await self.writer.write(WakeDue(now))
-        if woke:  # how late the earliest of them was woken
+        # The three ops at once, so the StoreWriter commits them together (one transaction,
+        # not three in a row); each is decided on its own.
+        ops: tuple[Op[tuple[str, ...]], ...] = (WakeDue(now), ExpireLeases(now),
+                                                 FireSchedules(now))
+        done: list[tuple[str, ...]] = [(), (), ()]
+        failed: list[BaseException] = []
+
+        async def write(i: int) -> None:
+            try:
+                done[i] = await self.writer.write(ops[i])
+            except (StoreUnavailable, AskTimeout) as exc:
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(ops)):
+                nursery.start_soon(write, i)
+        woke, expired, started = done
+        # How late the earliest of them was woken or started (``due``: the earliest due time).
+        if woke:
             self.sources.metrics.observe(SCHEDULE_LATENESS, max(now - due, 0.0), ("wait",))
-        expired = await self.writer.write(ExpireLeases(now))
+        if started:
+            self.sources.metrics.observe(SCHEDULE_LATENESS, max(now - due, 0.0), ("schedule",))
         if expired:
             self.on_expired(expired)
-        if woke or expired:
+        if woke or expired or started:
             self.on_wake()
-        return bool(woke or expired)
+        if failed:
+            raise failed[0]
+        return bool(woke or expired or started)
 
     def hint(self, due: float | None = None) -> None:
         """A due time this server wrote (``due``), or None: something changed, re-read."""

@@ -56,6 +56,10 @@ class Held:
     lease: Lease
     scope: trio.CancelScope
     nudges: Nudges = attrs.field(factory=Nudges)
+    # Set when the run is to be given back at its next step boundary: the worker drains,
+    # or a client paused the run.
+    stop: trio.Event = attrs.field(factory=trio.Event)
+    paused: bool = False  # why ``stop`` is set: a client paused the run (else a drain)
     # When the lease was last known renewed (this process's clock): the assignment's
     # arrival, then the sending of each heartbeat whose reply kept it. A lease lasts no
     # longer than the server's lease TTL from then.
@@ -125,6 +129,13 @@ class Worker:
             held = self.held.get(msg.run_id)
             if held is not None:
                 held.nudges.nudge()
+        elif isinstance(msg, p.RunControl):
+            held = self.held.get(msg.run_id)
+            if held is not None and held.lease.epoch == msg.epoch and msg.action == "pause":
+                log.info("worker %s: run %s was paused; giving it back at its next step "
+                         "boundary", self.id, msg.run_id)
+                held.paused = True
+                held.stop.set()
         elif isinstance(msg, p.Assign):
             try:
                 self._assignments[0].send_nowait(msg)
@@ -206,11 +217,12 @@ class Worker:
                 await run_workflow(workflow, assign, link.request, self.sources,
                                    inline_retry_max=self.inline_retry_max,
                                    record_start_after=self.record_start_after,
-                                   draining=self.draining, nudges=mine.nudges,
+                                   draining=mine.stop, nudges=mine.nudges,
                                    run_task=self.run_task,
                                    lease_deadline=partial(self._lease_deadline, link, mine),
                                    lease_renewed=partial(_renewed, mine),
-                                   flusher=self.flusher)
+                                   flusher=self.flusher,
+                                   paused=lambda: mine.paused)
         except Abandon:
             pass
         finally:
@@ -264,6 +276,8 @@ class Worker:
         released (its task in flight will run again elsewhere).
         """
         self.draining.set()
+        for held in self.held.values():
+            held.stop.set()
         log.info("worker %s: draining (%d runs held, grace %.1f s)", self.id, len(self.held),
                  grace)
         with trio.move_on_after(grace):

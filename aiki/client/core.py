@@ -29,6 +29,7 @@ import logging
 import math
 import random
 import typing
+import warnings
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -36,8 +37,15 @@ import attrs
 
 from aiki import errors, tracing
 from aiki import protocol as p
-from aiki.client.views import RunStatus, RunSummary
-from aiki.records import HistoryEvent, RunRecord, RunState
+from aiki import schedules as sch
+from aiki.client.views import (
+    RunStatus,
+    RunSummary,
+    ScheduleDescription,
+    ScheduleOccurrence,
+    ScheduleSummary,
+)
+from aiki.records import HistoryEvent, RunRecord, RunState, ScheduleRecord
 
 log = logging.getLogger("aiki.client")
 T = TypeVar("T")
@@ -52,8 +60,10 @@ _REFUSALS: dict[str, type[errors.AikiError]] = {
         errors.StaleLease, errors.StepConflict, errors.RunNotFound, errors.UnknownWorkflow,
         errors.ProtocolError, errors.StoreUnavailable, errors.PayloadError,
         errors.AuthenticationFailed, errors.ConnectionLost, errors.RunFinished,
-        errors.UnknownEvent, errors.RunNotRetryable,
-        errors.IdempotencyConflict, errors.WorkerIdInUse,
+        errors.UnknownEvent, errors.RunNotRetryable, errors.RunNotPausable,
+        errors.RunNotPaused, errors.InvalidFork, errors.RunPaused, errors.ControlRefused,
+        errors.IdempotencyConflict, errors.WorkerIdInUse, errors.ScheduleInvalid,
+        errors.ScheduleConflict, errors.ScheduleNotFound,
     )
 }
 #: Refusals of a connection that no reconnection can fix.
@@ -181,9 +191,43 @@ def wakeup(run_id: str) -> Call[bool]:
     return Call(lambda req: p.Wakeup(req, run_id), p.WokenUp, lambda reply: bool(reply.woken))
 
 
-def retry(run_id: str, version: str | None) -> Call[None]:
-    """Queue a failed run again (``aiki.RunNotRetryable`` for one that has not failed)."""
-    return Call(lambda req: p.RetryRun(req, run_id, version), p.Retried, lambda reply: None)
+def retry(run_id: str, version: str | None, control_id: str | None = None) -> Call[None]:
+    """Queue a failed run again (``aiki.RunNotRetryable`` for one that has not failed).
+    ``control_id`` (new for each call) makes the request safe to send again: a retry whose
+    reply was lost is answered as done."""
+    return Call(lambda req: p.RetryRun(req, run_id, version, control_id), p.Retried,
+                lambda reply: None)
+
+
+def pause(run_id: str, control_id: str | None = None) -> Call[None]:
+    """Pause a run at its next step boundary (``aiki.RunNotPausable`` for a finished or
+    paused one). ``control_id``: see :func:`retry`."""
+    return Call(lambda req: p.PauseRun(req, run_id, control_id), p.Controlled,
+                lambda reply: None)
+
+
+def resume(run_id: str, control_id: str | None = None) -> Call[None]:
+    """Resume a paused run (``aiki.RunNotPaused`` for one that is not paused).
+    ``control_id``: see :func:`retry`."""
+    return Call(lambda req: p.ResumeRun(req, run_id, control_id), p.Controlled,
+                lambda reply: None)
+
+
+def fork(run_id: str, from_step: int, version: str | None, new_run_id: str) -> Call[str]:
+    """A new run whose first ``from_step`` steps are copied from ``run_id``'s; its id.
+    ``new_run_id`` is chosen here, so the request sent again after a lost connection makes
+    one run. A ``from_step`` that is not a whole number >= 0 raises here; one past the end of
+    the run's history is :class:`aiki.InvalidFork` from the server."""
+    if isinstance(from_step, bool) or not isinstance(from_step, int):
+        raise TypeError(f"from_step must be an int (a number of steps), not "
+                        f"{type(from_step).__name__}")
+    if from_step < 0:
+        raise errors.InvalidFork(f"from_step must be 0 or more, got {from_step}; nothing was "
+                                 "stored")
+    if version is not None and not (isinstance(version, str) and version):
+        raise ValueError(f"version must be a non-empty string or None, got {version!r}")
+    return Call(lambda req: p.ForkRun(req, run_id, from_step, new_run_id, version),
+                p.Controlled, lambda reply: str(reply.run.id))
 
 
 def get_history(run_id: str) -> Call[tuple[HistoryEvent, ...]]:
@@ -249,6 +293,106 @@ def stranded_versions() -> Call[list[p.StrandedVersion]]:
     """The workflow versions with stranded runs: queued, and no connected worker has them."""
     return Call(lambda req: p.ListWorkers(req, stranded=True), p.WorkerList,
                 lambda reply: list(reply.stranded))
+
+
+# -- schedules ----------------------------------------------------------------------------------
+def seconds_of(value: float | datetime.timedelta, what: str) -> float:
+    """A duration given as seconds or a ``timedelta``, as seconds."""
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise errors.ScheduleInvalid(f"{what} must be seconds or a timedelta, got {value!r}; "
+                                 "nothing was stored")
+
+
+def instant_of(value: float | datetime.datetime, what: str) -> float:
+    """An instant given as epoch seconds or a timezone-aware datetime, as epoch seconds."""
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise errors.ScheduleInvalid(f"{what} must be a timezone-aware datetime (or "
+                                         f"epoch seconds), got {value.isoformat()!r}")
+        return value.timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    raise errors.ScheduleInvalid(f"{what} must be a datetime or epoch seconds, got {value!r}")
+
+
+def define_schedule(
+    schedule_id: str, workflow: str, payload: str, *, version: str | None,
+    cron: str | None = None, timezone: str = "UTC",
+    every: float | datetime.timedelta | None = None, overlap: str = "skip",
+    catchup_window: float | datetime.timedelta = 60.0, update: bool = False,
+) -> Call[p.ScheduleDefined]:
+    """Define the schedule ``schedule_id`` (see ``aiki.Workflow.schedule``). Everything the
+    server would refuse is refused here first, with :class:`aiki.ScheduleInvalid` naming
+    it; a warning (:class:`aiki.UnservedVersionWarning`) says when no worker has the
+    version yet."""
+    sch.check_id(schedule_id)
+    if (cron is None) == (every is None):
+        raise errors.ScheduleInvalid(f"schedule {schedule_id!r}: give either cron= or every= "
+                                     "(one of them); nothing was stored")
+    tz = sch.check_timezone(timezone).key
+    if cron is not None:
+        cron = sch.check_cron(cron, tz)
+    interval = None if every is None else sch.check_interval(seconds_of(every, "every"))
+    sch.check_overlap(overlap)
+    window = sch.check_catchup(seconds_of(catchup_window, "catchup_window"))
+
+    def read(reply: p.ScheduleDefined) -> p.ScheduleDefined:
+        if reply.warning is not None:
+            warnings.warn(f"schedule {schedule_id!r}: {reply.warning}",
+                          errors.UnservedVersionWarning, stacklevel=2)
+        return reply
+
+    return Call(lambda req: p.DefineSchedule(req, schedule_id, workflow, payload, version,
+                                             cron, tz, interval, overlap, window, update),
+                p.ScheduleDefined, read)
+
+
+def describe_schedule(schedule_id: str, *, firings: int = 10) -> Call[ScheduleDescription]:
+    """The schedule's definition, next five fire times and its ``firings`` latest
+    occurrences (with the state of the runs they started)."""
+    if not isinstance(firings, int) or not 0 <= firings <= 1000:
+        raise ValueError(f"firings must be an int from 0 to 1000, got {firings!r}")
+    return Call(lambda req: p.GetSchedule(req, schedule_id, firings), p.ScheduleInfo,
+                lambda info: ScheduleDescription.of(info.schedule, info.next_fire_times,
+                                                    info.firings, info.runs))
+
+
+def change_schedule(schedule_id: str, action: str) -> Call[ScheduleRecord | None]:
+    """``pause`` or ``resume`` a schedule (its record after), or ``delete`` it (None)."""
+    return Call(lambda req: p.ChangeSchedule(req, schedule_id, action), p.ScheduleChanged,
+                lambda reply: reply.schedule)
+
+
+def delete_schedule(schedule_id: str) -> Call[bool]:
+    """Delete a schedule (its runs stay); False if there was none."""
+    return Call(lambda req: p.ChangeSchedule(req, schedule_id, "delete"), p.ScheduleChanged,
+                lambda reply: bool(reply.existed))
+
+
+def trigger_schedule(schedule_id: str, trigger_id: str) -> Call[ScheduleOccurrence]:
+    """Fire once now, under the overlap policy. ``trigger_id`` (new per call, chosen by the
+    client) makes a request sent again fire once."""
+    return Call(lambda req: p.TriggerSchedule(req, schedule_id, trigger_id), p.ScheduleFired,
+                lambda reply: ScheduleOccurrence.of(reply.firings[0]))
+
+
+def backfill_schedule(schedule_id: str, start: float | datetime.datetime,
+                      end: float | datetime.datetime) -> Call[list[ScheduleOccurrence]]:
+    """Every occurrence from ``start`` to ``end`` never handled, under the overlap policy."""
+    first, last = instant_of(start, "start"), instant_of(end, "end")
+    if first > last:
+        raise errors.ScheduleInvalid(f"backfill start {start!r} is after its end {end!r}")
+    return Call(lambda req: p.BackfillSchedule(req, schedule_id, first, last),
+                p.ScheduleFired,
+                lambda reply: [ScheduleOccurrence.of(f) for f in reply.firings])
+
+
+def list_schedules() -> Call[list[ScheduleSummary]]:
+    return Call(p.ListSchedules, p.ScheduleList,
+                lambda reply: [ScheduleSummary.of(s) for s in reply.schedules])
 
 
 def client_hello(node_id: str, token: str | None) -> Callable[[int], p.Hello]:

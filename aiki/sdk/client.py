@@ -21,7 +21,15 @@ from aiki.actors.link import Link
 from aiki.actors.scopes import serving_nursery
 from aiki.client import core
 from aiki.client.core import Backoff, Call
-from aiki.client.views import RunStatus, RunSummary, TaskStatus, WaitStatus
+from aiki.client.views import (
+    RunStatus,
+    RunSummary,
+    ScheduleDescription,
+    ScheduleOccurrence,
+    ScheduleSummary,
+    TaskStatus,
+    WaitStatus,
+)
 from aiki.records import HistoryEvent
 from aiki.sources import Sources
 from aiki.transport.base import Transport
@@ -81,7 +89,19 @@ class RunHandle(Generic[R]):
         returns them) and its failed or unfinished ones run again. ``version`` re-pins it
         to another version of its workflow (a fix deployed as a new version), whose code
         must still replay the kept steps. ``aiki.RunNotRetryable`` if it has not failed."""
-        await self.client.call(core.retry(self.id, version))
+        await self.client.call(core.retry(self.id, version, self.client.sources.uuid4()))
+
+    async def pause(self) -> None:
+        """Pause this run at its next step boundary: a task in flight finishes and its
+        result is recorded, no new step starts, and its worker gives the run back (its slot
+        is free). A waiting run keeps its waits and does not wake; events sent meanwhile are
+        buffered. ``aiki.RunNotPausable`` if it has finished or is paused already."""
+        await self.client.call(core.pause(self.id, self.client.sources.uuid4()))
+
+    async def resume(self) -> None:
+        """Resume this paused run: it waits again if its waits still wait, or is queued.
+        ``aiki.RunNotPaused`` if it is not paused."""
+        await self.client.call(core.resume(self.id, self.client.sources.uuid4()))
 
     async def history(self) -> tuple[HistoryEvent, ...]:
         return await self.client.call(core.get_history(self.id))
@@ -114,6 +134,48 @@ class RunHandle(Generic[R]):
                         "workflow %r version %s: start a worker that has it (the run waits "
                         "in the queue until one does)", run.id, run.workflow, run.version)
                     return
+
+
+@attrs.frozen
+class Schedule:
+    """A handle on one schedule (from ``wf.schedule(...)`` or ``client.schedule_handle(id)``).
+    The Trio and the asyncio clients both give these. ``created``: this call created it;
+    ``updated``: this call replaced its definition (``update=True``)."""
+
+    client: Caller
+    id: str
+    created: bool = False
+    updated: bool = False
+
+    async def pause(self) -> None:
+        """Stop firing until :meth:`resume`; occurrences meanwhile are skipped."""
+        await self.client.call(core.change_schedule(self.id, "pause"))
+
+    async def resume(self) -> None:
+        """Fire again, from the next occurrence after now."""
+        await self.client.call(core.change_schedule(self.id, "resume"))
+
+    async def trigger(self) -> ScheduleOccurrence:
+        """Fire once now, under the overlap policy (``skip`` skips it while the previous
+        run is unfinished); what became of it."""
+        return await self.client.call(core.trigger_schedule(self.id,
+                                                            self.client.sources.uuid4()))
+
+    async def backfill(self, start: float | datetime.datetime,
+                       end: float | datetime.datetime) -> list[ScheduleOccurrence]:
+        """Every occurrence from ``start`` to ``end`` (aware datetimes or epoch seconds, at
+        most 1000 occurrences, none in the future) that was never handled, oldest first,
+        under the overlap policy (the catch-up window does not apply)."""
+        return await self.client.call(core.backfill_schedule(self.id, start, end))
+
+    async def describe(self, *, firings: int = 10) -> ScheduleDescription:
+        """The definition, paused or not, the next five fire times, and what became of the
+        latest ``firings`` occurrences (with their runs' states)."""
+        return await self.client.call(core.describe_schedule(self.id, firings=firings))
+
+    async def delete(self) -> bool:
+        """Delete the schedule (the runs it started stay); False if it did not exist."""
+        return await self.client.call(core.delete_schedule(self.id))
 
 
 class Operations:
@@ -170,6 +232,47 @@ class Operations:
         """The handle of an existing run (also one started before a restart)."""
         return RunHandle(self, run_id, result_type, created=False)
 
+    async def schedule(self, workflow: str, payload: Any = None, *, id: str,
+                       version: str | None = None, cron: str | None = None,
+                       timezone: str = "UTC",
+                       every: float | datetime.timedelta | None = None, overlap: str = "skip",
+                       catchup_window: float | datetime.timedelta = 60.0,
+                       update: bool = False) -> Schedule:
+        """Schedule a workflow by name (untyped payload); see ``aiki.Workflow.schedule``.
+        Without ``version``, the newest version a worker registered."""
+        return await self._schedule(workflow, core.encode_payload(workflow, payload), id=id,
+                                    version=version, cron=cron, timezone=timezone,
+                                    every=every, overlap=overlap,
+                                    catchup_window=catchup_window, update=update)
+
+    async def _schedule(self, workflow: str, payload: str, *, id: str, version: str | None,
+                        cron: str | None, timezone: str,
+                        every: float | datetime.timedelta | None, overlap: str,
+                        catchup_window: float | datetime.timedelta,
+                        update: bool) -> Schedule:
+        reply = await self.call(core.define_schedule(
+            id, workflow, payload, version=version, cron=cron, timezone=timezone, every=every,
+            overlap=overlap, catchup_window=catchup_window, update=update))
+        return Schedule(self, reply.schedule.id, reply.created, reply.updated)
+
+    async def list_schedules(self) -> list[ScheduleSummary]:
+        """Every schedule, by id: its workflow, spec, policy, paused or not, next fire time."""
+        return await self.call(core.list_schedules())
+
+    def schedule_handle(self, schedule_id: str) -> Schedule:
+        """The handle of an existing schedule."""
+        return Schedule(self, schedule_id)
+
+    async def fork(self, run_id: str, *, from_step: int,
+                   version: str | None = None) -> RunHandle[Any]:
+        """A new run of the same workflow and payload whose first ``from_step`` steps (in
+        step order, as ``status().tasks`` lists them) are copied from run ``run_id``; the
+        rest run fresh. ``version`` pins it to another version of the workflow. The new run
+        records its origin (``status().forked_from``). ``aiki.InvalidFork`` if
+        ``from_step`` is past the end of the run's history or takes in an unfinished step."""
+        new_id = await self.call(core.fork(run_id, from_step, version, self.sources.new_id()))
+        return RunHandle(self, new_id, Any)
+
 
 @attrs.define(eq=False)
 class Client(Operations):
@@ -213,5 +316,6 @@ async def purge_runs(client: Caller, before: float | datetime.datetime) -> int:
             return total
 
 
-__all__ = ["Client", "Operations", "RunHandle", "RunStatus", "RunSummary", "TaskStatus",
+__all__ = ["Client", "Operations", "RunHandle", "RunStatus", "RunSummary", "Schedule",
+           "ScheduleDescription", "ScheduleOccurrence", "ScheduleSummary", "TaskStatus",
            "WaitStatus"]

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from aiki import asyncio as aio
     from aiki import sync
-    from aiki.sdk.client import Client, RunHandle
+    from aiki.sdk.client import Client, RunHandle, Schedule
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -112,6 +112,50 @@ class Workflow(Generic[P, R]):
         return client._enqueue(self.name, encoded, version=self.version,
                                idempotency_key=idempotency_key, result_type=self.result_type,
                                on_conflict=on_conflict)
+
+    @overload
+    def schedule(self, client: sync.Client, payload: P, *, id: str, cron: str | None = None,
+                 timezone: str = "UTC", every: float | datetime.timedelta | None = None,
+                 overlap: str = "skip",
+                 catchup_window: float | datetime.timedelta = datetime.timedelta(minutes=1),
+                 update: bool = False) -> sync.Schedule: ...
+
+    @overload
+    def schedule(self, client: Client | aio.Client, payload: P, *, id: str,
+                 cron: str | None = None, timezone: str = "UTC",
+                 every: float | datetime.timedelta | None = None, overlap: str = "skip",
+                 catchup_window: float | datetime.timedelta = datetime.timedelta(minutes=1),
+                 update: bool = False) -> Coroutine[Any, Any, Schedule]: ...
+
+    def schedule(self, client: Any, payload: P, *, id: str, cron: str | None = None,
+                 timezone: str = "UTC", every: float | datetime.timedelta | None = None,
+                 overlap: str = "skip",
+                 catchup_window: float | datetime.timedelta = datetime.timedelta(minutes=1),
+                 update: bool = False) -> Any:
+        """Start a run of this version with ``payload`` on a schedule, and return its
+        handle (``await`` it with the Trio and asyncio clients).
+
+        ``cron`` (five fields, in ``timezone``, an IANA name) or ``every`` (seconds or a
+        ``timedelta``; occurrences at multiples of it since the Unix epoch). ``overlap``, for
+        an occurrence that comes while the previous run is unfinished: ``"skip"`` it (the
+        default), ``"buffer_one"`` (it starts when the previous one ends; at most one
+        waits), ``"allow"`` (it starts alongside). Occurrences missed while no server was up
+        fire on start-up if they are within ``catchup_window``; older ones are recorded as
+        skipped. Each occurrence starts at most one run, whatever restarts or servers: its
+        idempotency key is the schedule id and the occurrence's time.
+
+        The same ``id`` with the same definition returns the existing schedule; another
+        definition raises ``aiki.ScheduleConflict`` unless ``update=True``. Refused here,
+        with nothing stored (``aiki.ScheduleInvalid``, a ValueError): an invalid cron
+        expression (naming the bad field), an unknown time zone, an interval not above
+        zero; an unencodable payload raises ``aiki.PayloadError`` (a TypeError). A version
+        no connected worker has registered only warns (``aiki.UnservedVersionWarning``).
+        """
+        encoded = encode_value(payload, self.payload_type,
+                               what=f"payload of workflow {self.name!r}")
+        return client._schedule(self.name, encoded, id=id, version=self.version, cron=cron,
+                                timezone=timezone, every=every, overlap=overlap,
+                                catchup_window=catchup_window, update=update)
 
     async def call(self, run: WorkflowRun, payload: Any) -> Any:
         return await self.fn(run, payload)

@@ -11,6 +11,8 @@ from aiki.records import (
     HistoryEvent,
     RunCount,
     RunRecord,
+    ScheduleFiring,
+    ScheduleRecord,
     StepRecord,
     WaitRecord,
 )
@@ -55,8 +57,19 @@ class Store(Protocol):
         and state, sorted by those: what the ``aiki_runs`` gauges and readiness read."""
         ...
 
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None: ...
+
+    async def list_schedules(self) -> tuple[ScheduleRecord, ...]:
+        """Every schedule, by id."""
+        ...
+
+    async def get_firings(self, schedule_id: str, limit: int = 20) -> tuple[ScheduleFiring, ...]:
+        """What became of a schedule's occurrences, the newest first."""
+        ...
+
     async def next_due(self) -> float | None:
-        """The earliest time the timer has work: a wait's due time or a lease's expiry."""
+        """The earliest time the timer has work: a wait's due time, a lease's expiry, or an
+        unpaused schedule's next occurrence."""
         ...
 
     async def aclose(self) -> None: ...

@@ -10,6 +10,13 @@ Run states: ``queued → running → completed | failed``; ``running → waiting
 durable sleep, an event, a long retry delay: the conditions are :class:`WaitRecord` rows
 kept while the run waits); ``running → queued`` when a lease is given back or expires.
 
+Controls (a client asks; the history names it and when): ``failed → queued`` (retry),
+``queued | running | waiting → paused`` (pause), ``paused → queued | waiting`` (resume). A
+run paused while running keeps its lease until its worker gives it back: the task in flight
+may record its outcome, but no step starts and the run does not end while it is paused
+(:class:`~aiki.errors.RunPaused`). A run paused while waiting keeps its waits and does not
+wake; events sent meanwhile are buffered. A fork copies a run's first steps into a new run.
+
 A function here raises the :class:`~aiki.errors.AikiError` that refuses its operation
 before deciding anything, so a refused operation changes nothing.
 """
@@ -17,16 +24,25 @@ before deciding anything, so a refused operation changes nothing.
 from __future__ import annotations
 
 import datetime
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
+from aiki import schedules as sch
 from aiki.errors import (
     IdempotencyConflict,
+    InvalidFork,
     RunFinished,
     RunNotFound,
+    RunNotPausable,
+    RunNotPaused,
     RunNotRetryable,
+    RunPaused,
+    ScheduleConflict,
+    ScheduleInvalid,
+    ScheduleNotFound,
     StaleLease,
     StepConflict,
 )
@@ -37,6 +53,8 @@ from aiki.records import (
     Lease,
     RunRecord,
     RunState,
+    ScheduleFiring,
+    ScheduleRecord,
     StepRecord,
     WaitFor,
     WaitRecord,
@@ -47,7 +65,10 @@ RUN_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
     (None, "queued"), ("queued", "running"), ("running", "completed"), ("running", "failed"),
     ("running", "waiting"), ("running", "queued"), ("waiting", "queued"),
     ("failed", "queued"),  # retried by a client, after a fix
+    ("queued", "paused"), ("running", "paused"), ("waiting", "paused"),  # paused by a client
+    ("paused", "queued"), ("paused", "waiting"),  # resumed by a client
 })
+CONTROLLABLE_STATES = frozenset({"queued", "running", "waiting"})  # that a pause may stop
 # Task steps. ``running -> running``: a crash during an attempt runs that attempt again.
 TASK_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
     (None, "running"), ("running", "completed"), ("running", "failed"),
@@ -146,6 +167,20 @@ def fenced(lease: Lease, run: RunRecord | None) -> RunRecord:
     return run
 
 
+def held(lease: Lease, run: RunRecord | None) -> RunRecord:
+    """``run`` if ``lease`` is its current lease, the run running or paused (its worker not
+    having given it back yet); else :class:`StaleLease`."""
+    if (run is None or run.state not in ("running", "paused") or run.lease_epoch != lease.epoch
+            or run.lease_owner != lease.worker_id):
+        raise stale_lease_error(lease, run)
+    return run
+
+
+def paused_error(run: RunRecord, what: str) -> RunPaused:
+    return RunPaused(f"run {run.id} is paused: {what} is refused until it is resumed; give "
+                     "the run back")
+
+
 def _move(run: RunRecord, now: float, state: RunState, **changes: Any) -> RunRecord:
     if (run.state, state) not in RUN_TRANSITIONS and run.state != state:
         raise AssertionError(f"illegal run transition {run.state} -> {state} for {run.id}")
@@ -173,7 +208,12 @@ def enqueue(op: o.Enqueue) -> tuple[RunRecord, Entry]:
         error_message=None, created_at=op.now, updated_at=op.now, finished_at=None,
         trace_context=op.trace_context,
     )
-    return run, Entry(op.now, "run.queued", 0, detail=f"version {op.version}")
+    return run, Entry(op.now, "run.queued", 0, detail=enqueue_detail(op))
+
+
+def enqueue_detail(op: o.Enqueue) -> str:
+    """The detail of a new run's first history event: its version, and who started it."""
+    return f"version {op.version}" + (f"; {op.origin}" if op.origin else "")
 
 
 ON_CONFLICT = ("raise", "return_existing")
@@ -200,19 +240,24 @@ def claim(run: RunRecord, worker_id: str, now: float, lease_ttl: float) -> Chang
 def renew(run: RunRecord | None, lease: Lease, now: float, lease_ttl: float) -> RunRecord | None:
     """The run with its lease extended, or None if ``lease`` is not its current one."""
     try:
-        run = fenced(lease, run)
+        run = held(lease, run)
     except StaleLease:
         return None
     return attrs.evolve(run, lease_expires_at=now + lease_ttl, updated_at=now)
 
 
 def lease_expired(run: RunRecord, now: float) -> bool:
-    return (run.state == "running" and run.lease_expires_at is not None
-            and run.lease_expires_at <= now)
+    return (run.state in ("running", "paused") and run.lease_owner is not None
+            and run.lease_expires_at is not None and run.lease_expires_at <= now)
 
 
 def expire(run: RunRecord, now: float) -> Change:
     owner = run.lease_owner
+    if run.state == "paused":  # its worker is gone: the run stays paused, with no lease
+        return Change(attrs.evolve(run, updated_at=now, **_NO_LEASE), history=(Entry(
+            now, "lease.expired", run.attempts, owner,
+            detail=f"lease epoch {run.lease_epoch} of worker {owner!r} expired; the run "
+                   "stays paused"),))
     return Change(_move(run, now, "queued", **_NO_LEASE), history=(Entry(
         now, "run.queued", run.attempts, owner,
         detail=f"lease epoch {run.lease_epoch} of worker {owner!r} expired"),))
@@ -220,6 +265,9 @@ def expire(run: RunRecord, now: float) -> Change:
 
 def finish(run: RunRecord | None, lease: Lease, now: float, *, result: str | None = None,
            error: tuple[str, str] | None = None, traceback: str | None = None) -> Change:
+    if run is not None and run.state == "paused":
+        held(lease, run)
+        raise paused_error(run, "ending it")
     run = fenced(lease, run)
     state: RunState = "completed" if error is None else "failed"
     error_type, error_message = error if error else (None, None)
@@ -231,13 +279,26 @@ def finish(run: RunRecord | None, lease: Lease, now: float, *, result: str | Non
         detail=None if error is None else f"{error_type}: {error_message}"),))
 
 
+def repeated(run: RunRecord | None, kind: str, control_id: str | None) -> bool:
+    """Whether ``run``'s last control is this very request (sent again, its reply lost)."""
+    return (run is not None and control_id is not None
+            and run.control_id == f"{kind}:{control_id}")
+
+
+def _marked(kind: str, control_id: str | None) -> dict[str, Any]:
+    return {"control_id": None if control_id is None else f"{kind}:{control_id}"}
+
+
 def retry(run: RunRecord | None, run_id: str, steps: Sequence[StepRecord],
-          version: str | None, who: str, now: float) -> Change:
+          version: str | None, who: str, now: float, control_id: str | None = None) -> Change:
     """``handle.retry()``: queue a failed run again, its attempts counted on. Completed steps
     are kept (replay returns them); failed and unfinished ones are dropped, so they run
-    again. ``version`` re-pins the run (a fix deployed as a new version)."""
+    again. ``version`` re-pins the run (a fix deployed as a new version). The same request
+    again (``control_id``) is answered with the run as it is."""
     if run is None:
         raise RunNotFound(f"no run with id {run_id!r}")
+    if repeated(run, "retry", control_id):
+        return Change(run)
     if run.state != "failed":
         raise RunNotRetryable(f"run {run.id} is {run.state}: only a failed run can be "
                               "retried; nothing changed")
@@ -246,11 +307,142 @@ def retry(run: RunRecord | None, run_id: str, steps: Sequence[StepRecord],
         version is not None and version != run.version) else ""
     again = _move(run, now, "queued", version=version or run.version, result=None,
                   error_type=None, error_message=None, error_traceback=None,
-                  finished_at=None)
+                  finished_at=None, **_marked("retry", control_id))
     return Change(again, dropped=dropped, history=(Entry(
         now, "run.queued", run.attempts, who,
         detail=f"retried by {who}{moved}; {len(dropped)} step(s) to run again, "
                f"{len(steps) - len(dropped)} kept"),))
+
+
+def pause(run: RunRecord | None, run_id: str, who: str, now: float,
+          control_id: str | None = None) -> Change:
+    """``handle.pause()``: the run stops at its next step boundary. A queued run is simply
+    not claimed; a waiting one keeps its waits (it does not wake); a running one keeps its
+    lease until its worker, told or refused, gives it back."""
+    if run is None:
+        raise RunNotFound(f"no run with id {run_id!r}")
+    if repeated(run, "pause", control_id):
+        return Change(run)
+    if run.state not in CONTROLLABLE_STATES:
+        raise RunNotPausable(f"run {run.id} is {run.state}: only a queued, running or waiting "
+                             "run can be paused; nothing changed")
+    detail = f"paused by {who}"
+    if run.state == "running":
+        detail += (f"; worker {run.lease_owner!r} finishes the task in flight and gives it "
+                   "back, no new step starts")
+    elif run.state == "waiting":
+        detail += "; it keeps its waits, and does not wake until resumed"
+    return Change(_move(run, now, "paused", **_marked("pause", control_id)), history=(Entry(
+        now, "run.paused", run.attempts, who, detail=detail),))
+
+
+def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
+           steps: Mapping[str, StepRecord], buffered: Mapping[str, float], who: str,
+           now: float, control_id: str | None = None) -> Change:
+    """``handle.resume()``: a paused run goes back to waiting if its waits still wait, or to
+    the queue, as if the pause had only held it: its due sleeps end, and its due event
+    waits time out unless their event was sent (and buffered) before they came due.
+    ``buffered``: the names of its undelivered events, each with when the first was sent.
+    A lease its worker had not given back yet is fenced off (the epoch moves on)."""
+    if run is None:
+        raise RunNotFound(f"no run with id {run_id!r}")
+    if repeated(run, "resume", control_id):
+        return Change(run)
+    if run.state != "paused":
+        raise RunNotPaused(f"run {run.id} is {run.state}, not paused: there is nothing to "
+                           "resume; nothing changed")
+    fence: dict[str, Any] = {**_NO_LEASE, **_marked("resume", control_id)}
+    if run.lease_owner is not None:
+        fence["lease_epoch"] = run.lease_epoch + 1
+    detail = f"resumed by {who}"
+    if run.lease_owner is not None:
+        detail += f"; the lease of worker {run.lease_owner!r} is fenced off"
+    if waits:
+        names = set(buffered)
+        why = next((held_why for c in waits
+                    if (held_why := _satisfied(WaitFor(c.position, c.kind, c.name, c.due_at),
+                                               steps.get(c.position), names, now)) is not None),
+                   None)
+        if why is None:
+            return Change(_move(run, now, "waiting", **fence), history=(Entry(
+                now, "run.waiting", run.attempts, who,
+                detail=f"{detail}; waits for {describe_waits(waits)}"),))
+        change = NOTHING
+        for w in waits:
+            step = steps.get(w.position)
+            if w.due_at is None or w.due_at > now or step is None or (
+                    step.state in FINAL_STEP_STATES):
+                continue
+            if w.kind == "sleep":
+                change = change.then(_end_sleep(step, now, False, None))
+            elif w.kind == "event" and not buffered.get(w.name or "", math.inf) <= w.due_at:
+                change = change.then(_time_out(step, now, None))
+        detail += f"; woke at once: {why}"
+        resumed = Entry(now, "run.queued", run.attempts, who, detail=detail)
+        # (The resume first, then what it ended: nothing ends while the run is paused.)
+        return Change(_move(run, now, "queued", **fence), change.steps, waits=(),
+                      history=(resumed, *change.history))
+    return Change(_move(run, now, "queued", **fence), waits=(), history=(Entry(
+        now, "run.queued", run.attempts, who, detail=detail),))
+
+
+def fork_again(existing: RunRecord, op: o.ForkRun) -> RunRecord:
+    """A fork whose new run id exists already: the same fork sent again (its reply lost)
+    gets that run; any other run under that id is a refusal."""
+    if existing.forked_from != op.run_id or existing.forked_steps != op.from_step:
+        raise InvalidFork(f"run id {op.new_run_id!r} is taken by another run; nothing was "
+                          "stored")
+    return existing
+
+
+def first_sent(events: Iterable[EventRecord]) -> dict[str, float]:
+    """The names of undelivered ``events``, each with when its first one was sent."""
+    first: dict[str, float] = {}
+    for e in events:
+        if e.position is None:
+            first[e.name] = min(first.get(e.name, math.inf), e.sent_at)
+    return first
+
+
+def position_key(position: str) -> tuple[int, ...]:
+    """The order of steps in a run: ``"2"`` before ``"2.0.0"`` before ``"2.1.0"`` before
+    ``"3"``."""
+    return tuple(int(x) if x.isdigit() else -1 for x in position.split("."))
+
+
+def fork(original: RunRecord | None, op: o.ForkRun,
+         steps: Sequence[StepRecord]) -> tuple[RunRecord, Change, Change]:
+    """``client.fork()``: a new run of the same workflow and payload whose first
+    ``op.from_step`` steps (in position order) are copies of ``original``'s; the rest run
+    fresh. The new run, its change (steps and first event) and the original's (an event)."""
+    if original is None:
+        raise RunNotFound(f"no run with id {op.run_id!r}")
+    ordered = sorted(steps, key=lambda s: position_key(s.position))
+    if not 0 <= op.from_step <= len(ordered):
+        raise InvalidFork(f"run {original.id} has {len(ordered)} step(s): from_step must be "
+                          f"0 to {len(ordered)}, got {op.from_step}; nothing was stored")
+    copied = tuple(ordered[: op.from_step])
+    unfinished = next((s for s in copied if s.state not in FINAL_STEP_STATES), None)
+    if unfinished is not None:
+        at = ordered.index(unfinished)
+        raise InvalidFork(f"run {original.id}: step {unfinished.position} ({unfinished.name}) "
+                          f"is {unfinished.state}, not finished: fork from at most step {at}; "
+                          "nothing was stored")
+    version = op.version or original.version
+    run = RunRecord(
+        id=op.new_run_id, workflow=original.workflow, version=version,
+        payload=original.payload, state="queued", idempotency_key=None, attempts=0,
+        lease_epoch=0, lease_owner=None, lease_expires_at=None, result=None, error_type=None,
+        error_message=None, created_at=op.now, updated_at=op.now, finished_at=None,
+        forked_from=original.id, forked_steps=op.from_step)
+    made = Change(run, copied, history=(Entry(
+        op.now, "run.queued", 0, op.who,
+        detail=f"forked by {op.who} from run {original.id} at step {op.from_step} (version "
+               f"{version}); {len(copied)} step(s) copied"),))
+    noted = Change(history=(Entry(
+        op.now, "fork.created", original.attempts, op.who,
+        detail=f"forked by {op.who} at step {op.from_step} into run {op.new_run_id}"),))
+    return run, made, noted
 
 
 def purgeable(run: RunRecord, before: float) -> bool:
@@ -260,7 +452,11 @@ def purgeable(run: RunRecord, before: float) -> bool:
 
 
 def release(run: RunRecord | None, lease: Lease, now: float, reason: str) -> Change:
-    run = fenced(lease, run)
+    run = held(lease, run)
+    if run.state == "paused":
+        return Change(attrs.evolve(run, updated_at=now, **_NO_LEASE), history=(Entry(
+            now, "lease.released", run.attempts, lease.worker_id,
+            detail=f"{reason}; the run stays paused"),))
     return Change(_move(run, now, "queued", **_NO_LEASE), history=(Entry(
         now, "run.queued", run.attempts, lease.worker_id, detail=reason),))
 
@@ -305,8 +501,20 @@ def save_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
               start: bool, lease_ttl: float | None = None) -> Change:
     """StartStep (``start``) or SaveStep. ``keyed_elsewhere``: the position of another step
     of this run with the same task name and idempotency key, if any. A start with
-    ``lease_ttl`` renews the lease, even when the step was started before (a retry)."""
-    run = fenced(lease, run)
+    ``lease_ttl`` renews the lease, even when the step was started before (a retry).
+
+    On a paused run only the outcome of a task attempt in flight is taken: one whose start
+    was recorded, or not recorded at all (a worker that defers its start records); a start,
+    the next attempt of a retrying task or a new ``run.now()`` is refused (RunPaused)."""
+    run = held(lease, run)
+    if run.state == "paused" and not (not start and old == step):
+        in_flight = (not start and step.kind == "task" and step.state != "running"
+                     and (old is None or (old.state == "running"
+                                          and old.attempts == step.attempts)))
+        if not in_flight:
+            raise paused_error(run, f"step {step.position} ({step.name})"
+                               if start or old is None or step.kind != "task"
+                               else f"attempt {step.attempts} of step {step.position}")
     if step.kind in ("sleep", "event"):
         raise StepConflict(f"run {run.id}: step {step.position} is a {step.kind} step; "
                            "wait steps are recorded by AwaitStep")
@@ -355,7 +563,9 @@ def await_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
     """A sleep or event wait reaches ``step.position``: end it now if it can, else record it
     as waiting until ``step.next_attempt_at``. ``buffered``: the oldest undelivered event of
     that name. The outcome is the step as stored afterwards."""
-    run = fenced(lease, run)
+    run = held(lease, run)
+    if run.state == "paused" and (old is None or old.state not in FINAL_STEP_STATES):
+        raise paused_error(run, f"the wait at step {step.position}")
     if step.kind not in ("sleep", "event"):
         raise StepConflict(f"run {run.id}: step {step.position} is a {step.kind} step, "
                            "not a wait")
@@ -401,10 +611,18 @@ def wait(run: RunRecord | None, lease: Lease, conditions: Sequence[WaitFor],
          reason: str) -> Change:
     """The worker gives the run back until one of ``conditions`` holds. ``steps``: the run's
     steps at the conditions' positions; ``buffered``: names of its undelivered events. If one
-    holds already, the run is queued at once instead."""
-    run = fenced(lease, run)
+    holds already, the run is queued at once instead. A paused run keeps the conditions and
+    stays paused (resuming it decides)."""
+    run = held(lease, run)
     if not conditions:
         raise StepConflict(f"run {run.id}: a run cannot wait on nothing")
+    if run.state == "paused":
+        waits = tuple(WaitRecord(run.id, c.position, c.kind, c.name, c.due_at, now)
+                      for c in conditions)
+        return Change(attrs.evolve(run, updated_at=now, **_NO_LEASE), waits=waits,
+                      history=(Entry(now, "lease.released", run.attempts, lease.worker_id,
+                                     detail=f"{reason}; the run stays paused, and will wait "
+                                            f"for {describe_waits(waits)}"),))
     names = set(buffered)
     for cond in conditions:
         why = _satisfied(cond, steps.get(cond.position), names, now)
@@ -487,7 +705,7 @@ def send(run: RunRecord | None, op: o.SendEvent, duplicate: bool,
     sent = Entry(op.now, "event.sent", run.attempts, name=op.name, detail=(
         f"key {op.idempotency_key!r}" if op.idempotency_key else None))
     change = Change(attrs.evolve(run, updated_at=op.now), sent=event, history=(sent,))
-    if waiting is None:
+    if waiting is None or run.state == "paused":  # a paused run takes it when resumed
         return change, o.SendOutcome(delivered=False, duplicate=False)
     delivered = _receive(waiting, event, op.now, None)  # not buffered: no seq to consume
     change = attrs.evolve(change.then(attrs.evolve(delivered, consumed=())),
@@ -495,3 +713,244 @@ def send(run: RunRecord | None, op: o.SendEvent, duplicate: bool,
     if run.state == "waiting":
         change = change.then(_wake(run, op.now, f"event {op.name!r} arrived"))
     return change, o.SendOutcome(delivered=True, duplicate=False)
+
+
+# -- schedules ---------------------------------------------------------------------------------
+SCHEDULED = "started by schedule"  # the first words of a scheduled run's origin
+MAX_BACKFILL = 1000  # occurrences one backfill may hold
+MAX_COUNTED = 100_000  # occurrences counted one by one in a skipped range
+
+
+@attrs.frozen
+class ScheduleChange:
+    """What a schedule op writes: the schedule row as it must be (None: unchanged), firing
+    records to upsert (by key), and runs to enqueue in the same transaction (each with the
+    idempotency key of its occurrence). ``deleted``: the schedule and its firings go."""
+
+    schedule: ScheduleRecord | None = None
+    firings: tuple[ScheduleFiring, ...] = ()
+    enqueues: tuple[o.Enqueue, ...] = ()
+    deleted: bool = False
+
+
+def run_key(schedule_id: str, key: str) -> str:
+    """The idempotency key of the run an occurrence starts: one run per (schedule,
+    occurrence), across restarts and servers, whatever else happens."""
+    return f"schedule:{schedule_id}:{key}"
+
+
+def started_by_a_schedule(run: RunRecord | None) -> bool:
+    """Whether ``run`` may be a schedule's last run (so its end may release a buffered
+    occurrence): a schedule's runs carry its idempotency keys."""
+    return run is not None and (run.idempotency_key or "").startswith("schedule:")
+
+
+def run_id_for(schedule_id: str, key: str) -> str:
+    return f"{schedule_id}@{key}"
+
+
+def origin_of(schedule_id: str, key: str) -> str:
+    return f"{SCHEDULED} {schedule_id} for {key}"
+
+
+def scheduled_by(detail: str | None) -> tuple[str, str] | None:
+    """(schedule id, occurrence key) from a run's first history detail, if a schedule
+    started it."""
+    marker = f"; {SCHEDULED} "
+    if detail is None or marker not in detail:
+        return None
+    schedule_id, _, key = detail.split(marker, 1)[1].rpartition(" for ")
+    return schedule_id, key
+
+
+def _need(schedule: ScheduleRecord | None, schedule_id: str) -> ScheduleRecord:
+    if schedule is None:
+        raise ScheduleNotFound(f"no schedule with id {schedule_id!r}")
+    return schedule
+
+
+def define_schedule(old: ScheduleRecord | None,
+                    op: o.DefineSchedule) -> tuple[ScheduleChange, o.DefineOutcome]:
+    new = op.schedule
+    if old is None:
+        return ScheduleChange(new), o.DefineOutcome(new, created=True, updated=False)
+    if old.definition() == new.definition():
+        return ScheduleChange(), o.DefineOutcome(old, created=False, updated=False)
+    if not op.update:
+        names = ("workflow", "version", "payload", "cron", "timezone", "every", "overlap",
+                 "catchup_window")
+        differ = [f"{n} {a!r} (asked: {b!r})" for n, a, b in
+                  zip(names, old.definition(), new.definition(), strict=True) if a != b]
+        raise ScheduleConflict(
+            f"schedule {old.id!r} exists with another definition: {'; '.join(differ)}; "
+            "nothing was changed: pass update=True to replace it, or choose another id")
+    # The new definition, from the next occurrence after now; what the schedule did so
+    # far (its last run, a buffered occurrence, paused or not) carries over.
+    updated = attrs.evolve(new, paused=old.paused, last_run_id=old.last_run_id,
+                           buffered_at=old.buffered_at, created_at=old.created_at,
+                           updated_at=op.now)
+    return ScheduleChange(updated), o.DefineOutcome(updated, created=False, updated=True)
+
+
+def describe_schedule(s: ScheduleRecord) -> str:
+    return sch.describe(s.cron, s.timezone, s.every)
+
+
+def pause_schedule(old: ScheduleRecord | None,
+                   op: o.PauseSchedule) -> tuple[ScheduleChange, ScheduleRecord]:
+    s = _need(old, op.schedule_id)
+    if s.paused == op.paused:
+        return ScheduleChange(), s
+    if op.paused:
+        paused = attrs.evolve(s, paused=True, updated_at=op.now)
+        return ScheduleChange(paused), paused
+    # Resumed: from the first occurrence after now; those that passed meanwhile are skipped.
+    resumed = attrs.evolve(s, paused=False, updated_at=op.now,
+                           next_fire_at=sch.next_after(s.cron, s.timezone, s.every, op.now))
+    firings: tuple[ScheduleFiring, ...] = ()
+    if s.next_fire_at <= op.now:
+        firings = (_skipped_range(s, s.next_fire_at, op.now, op.now, "resumed",
+                                  "passed while the schedule was paused"),)
+    return ScheduleChange(resumed, firings), resumed
+
+
+def _skipped_range(s: ScheduleRecord, first: float, until: float, now: float, reason: str,
+                   why: str) -> ScheduleFiring:
+    """One record for the occurrences from ``first`` up to ``until`` (inclusive)."""
+    last, count = first, 1
+    for t in sch.occurrences(s.cron, s.timezone, s.every, first):
+        if t > until or count >= MAX_COUNTED:
+            break
+        last, count = t, count + 1
+    what = (f"{sch.iso(first)}" if count == 1
+            else f"{count} occurrences from {sch.iso(first)} to {sch.iso(last)}")
+    return ScheduleFiring(s.id, f"skipped:{sch.iso(first)}", first, "skipped", reason, None,
+                          now, f"{what}: {why}", last, count)
+
+
+@attrs.define
+class _Firing:
+    """A schedule's state while one op decides its occurrences."""
+
+    schedule: ScheduleRecord
+    running: bool  # its last run is unfinished
+    now: float
+    firings: list[ScheduleFiring] = attrs.field(factory=list)
+    enqueues: list[o.Enqueue] = attrs.field(factory=list)
+
+    def occurrence(self, occ: float, key: str, reason: str) -> ScheduleFiring:
+        """Decide one occurrence by the overlap policy."""
+        s = self.schedule
+        if self.running and s.overlap != "allow":
+            previous = f"the previous run {s.last_run_id} is unfinished"
+            if s.overlap == "buffer_one" and s.buffered_at is None:
+                self.schedule = attrs.evolve(s, buffered_at=occ, buffered_key=key,
+                                             updated_at=self.now)
+                return self._record(ScheduleFiring(s.id, key, occ, "buffered", reason, None,
+                                                   self.now, f"{previous}: starts when it ends"))
+            why = (f"{previous} and one occurrence already waits for it"
+                   if s.overlap == "buffer_one" else f"{previous} (overlap 'skip')")
+            return self._record(ScheduleFiring(s.id, key, occ, "skipped", reason, None,
+                                               self.now, why))
+        return self._start(occ, key, reason)
+
+    def _start(self, occ: float, key: str, reason: str) -> ScheduleFiring:
+        s = self.schedule
+        run_id = run_id_for(s.id, key)
+        self.enqueues.append(o.Enqueue(run_id, s.workflow, s.version, s.payload,
+                                       run_key(s.id, key), self.now, "return_existing",
+                                       origin_of(s.id, key)))
+        self.schedule = attrs.evolve(s, last_run_id=run_id, updated_at=self.now)
+        self.running = True
+        return self._record(ScheduleFiring(s.id, key, occ, "fired", reason, run_id, self.now))
+
+    def release_buffered(self) -> None:
+        s = self.schedule
+        if s.buffered_at is not None and not self.running:
+            occ, key = s.buffered_at, s.buffered_key or sch.iso(s.buffered_at)
+            self.schedule = attrs.evolve(s, buffered_at=None, buffered_key=None)
+            self._start(occ, key, "buffered")
+
+    def _record(self, firing: ScheduleFiring) -> ScheduleFiring:
+        self.firings.append(firing)
+        return firing
+
+    def change(self) -> ScheduleChange:
+        return ScheduleChange(self.schedule, tuple(self.firings), tuple(self.enqueues))
+
+
+def _unfinished(run: RunRecord | None) -> bool:
+    return run is not None and run.state not in TERMINAL_RUN_STATES
+
+
+def fire(s: ScheduleRecord, last_run: RunRecord | None, now: float) -> ScheduleChange:
+    """The Timer: ``s`` is due (unpaused, ``next_fire_at <= now``). Occurrences older than
+    the catch-up window are recorded as skipped (one record for the lot); the others are
+    decided by the overlap policy; the next occurrence moves past ``now``."""
+    state = _Firing(s, _unfinished(last_run), now)
+    state.release_buffered()
+    horizon = now - s.catchup_window
+    occ = s.next_fire_at
+    if occ < horizon:  # missed while no server was up, too long ago
+        first_kept = sch.next_after(s.cron, s.timezone, s.every, horizon - 1e-6)
+        state.firings.append(_skipped_range(
+            s, occ, min(first_kept, now + 1) - 1e-6, now, "catch-up",
+            f"older than the catch-up window of {s.catchup_window:g} s when a server "
+            f"looked at {sch.iso(now)}"))
+        occ = first_kept
+    while occ <= now:
+        key = sch.iso(occ)
+        state.occurrence(occ, key, "scheduled" if now - occ < 1.0 else "catch-up")
+        occ = sch.next_after(s.cron, s.timezone, s.every, occ)
+    state.schedule = attrs.evolve(state.schedule, next_fire_at=occ, updated_at=now)
+    return state.change()
+
+
+def release_buffered(s: ScheduleRecord, ended: RunRecord, now: float) -> ScheduleChange:
+    """Run ``ended`` (the schedule's last run) has ended: an occurrence buffered behind it
+    (``buffer_one``) starts now, in the same transaction."""
+    if s.last_run_id != ended.id or s.buffered_at is None or _unfinished(ended):
+        return ScheduleChange()
+    state = _Firing(s, False, now)
+    state.release_buffered()
+    return state.change()
+
+
+def trigger(s: ScheduleRecord | None, op: o.TriggerSchedule, last_run: RunRecord | None,
+            existing: ScheduleFiring | None) -> tuple[ScheduleChange, ScheduleFiring]:
+    """Fire once now, under the overlap policy; the same ``trigger_id`` again returns what
+    the first request did."""
+    s = _need(s, op.schedule_id)
+    if existing is not None:
+        return ScheduleChange(), existing
+    state = _Firing(s, _unfinished(last_run), op.now)
+    firing = state.occurrence(op.now, f"trigger:{op.trigger_id}", "trigger")
+    return state.change(), firing
+
+
+def backfill(s: ScheduleRecord | None, op: o.BackfillSchedule, last_run: RunRecord | None,
+             handled: set[str]) -> tuple[ScheduleChange, tuple[ScheduleFiring, ...]]:
+    """Every occurrence in ``[op.start, op.end]`` whose key is not in ``handled`` (the keys of
+    the schedule's firing records), under the overlap policy, oldest first."""
+    s = _need(s, op.schedule_id)
+    if not op.start <= op.end:
+        raise ScheduleInvalid(f"backfill start {when(op.start)} is after its end "
+                              f"{when(op.end)}; nothing was started")
+    if op.end > op.now:
+        raise ScheduleInvalid(f"backfill end {when(op.end)} is in the future (now is "
+                              f"{when(op.now)}): the schedule itself fires those; nothing "
+                              "was started")
+    todo: list[float] = []
+    for occ in sch.occurrences(s.cron, s.timezone, s.every, op.start - 1e-6):
+        if occ > op.end:
+            break
+        if len(todo) >= MAX_BACKFILL:
+            raise ScheduleInvalid(
+                f"backfill from {when(op.start)} to {when(op.end)} holds more than "
+                f"{MAX_BACKFILL} occurrences; split it into smaller ranges (nothing was "
+                "started)")
+        todo.append(occ)
+    state = _Firing(s, _unfinished(last_run), op.now)
+    out = [state.occurrence(occ, sch.iso(occ), "backfill")
+           for occ in todo if sch.iso(occ) not in handled]
+    return state.change(), tuple(out)

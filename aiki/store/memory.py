@@ -22,6 +22,8 @@ from aiki.records import (
     HistoryEvent,
     RunCount,
     RunRecord,
+    ScheduleFiring,
+    ScheduleRecord,
     StepRecord,
     WaitRecord,
 )
@@ -38,6 +40,8 @@ class Contents:
     history: dict[str, tuple[HistoryEvent, ...]]
     waits: dict[str, tuple[WaitRecord, ...]]
     events: dict[str, tuple[EventRecord, ...]]
+    schedules: dict[str, ScheduleRecord] = attrs.field(factory=dict)
+    firings: dict[str, tuple[ScheduleFiring, ...]] = attrs.field(factory=dict)
 
 
 @attrs.define
@@ -51,6 +55,10 @@ class MemoryStore:
     _history: dict[str, list[HistoryEvent]] = attrs.field(factory=dict)
     _waits: dict[str, dict[str, WaitRecord]] = attrs.field(factory=dict)
     _events: dict[str, list[EventRecord]] = attrs.field(factory=dict)
+    _schedules: dict[str, ScheduleRecord] = attrs.field(factory=dict)
+    # Schedule id -> key -> (order of first write, the firing record).
+    _firings: dict[str, dict[str, tuple[int, ScheduleFiring]]] = attrs.field(factory=dict)
+    _firing_seq: int = 0
     _seq: int = 0
     _event_seq: int = 0
     _enqueued: int = 0
@@ -63,6 +71,9 @@ class MemoryStore:
             {r: tuple(h) for r, h in self._history.items()},
             {r: tuple(w.values()) for r, w in self._waits.items()},
             {r: tuple(e) for r, e in self._events.items()},
+            dict(self._schedules),
+            {i: tuple(f for _, f in sorted(fs.values(), key=lambda x: x[0]))
+             for i, fs in self._firings.items()},
         )
 
     # -- reads --------------------------------------------------------------------------
@@ -107,13 +118,28 @@ class MemoryStore:
                 n, oldest = groups.get(key, (0, r.updated_at))
                 groups[key] = (n + 1, min(oldest, r.updated_at))
         return tuple(RunCount(*key, n, oldest) for key, (n, oldest) in sorted(groups.items()))
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        await trio.lowlevel.checkpoint()
+        return self._schedules.get(schedule_id)
+
+    async def list_schedules(self) -> tuple[ScheduleRecord, ...]:
+        await trio.lowlevel.checkpoint()
+        return tuple(sorted(self._schedules.values(), key=lambda s: s.id))
+
+    async def get_firings(self, schedule_id: str, limit: int = 20) -> tuple[ScheduleFiring, ...]:
+        await trio.lowlevel.checkpoint()
+        firings = sorted(self._firings.get(schedule_id, {}).values(),
+                         key=lambda x: (x[1].at, x[0]), reverse=True)
+        return tuple(f for _, f in firings[: max(limit, 0)])
 
     async def next_due(self) -> float | None:
         await trio.lowlevel.checkpoint()
-        times = [w.due_at for waits in self._waits.values() for w in waits.values()
-                 if w.due_at is not None]
+        times = [w.due_at for run_id, waits in self._waits.items() for w in waits.values()
+                 if w.due_at is not None and self._runs[run_id].state == "waiting"]
+        times += [s.next_fire_at for s in self._schedules.values() if not s.paused]
         times += [r.lease_expires_at for r in self._runs.values()
-                  if r.state == "running" and r.lease_expires_at is not None]
+                  if r.lease_owner is not None and r.lease_expires_at is not None
+                  and r.state in ("running", "paused")]
         return min(times) if times else None
 
     async def aclose(self) -> None:
@@ -123,6 +149,11 @@ class MemoryStore:
     # -- writes -------------------------------------------------------------------------
     async def apply(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
         await trio.lowlevel.checkpoint()
+        return self.apply_now(ops)
+
+    def apply_now(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
+        """``apply``, synchronously: no other task runs before it returns (the simulation
+        looks at the store between the ops of one batch)."""
         outcomes: list[Any] = []
         for op in ops:
             try:
@@ -165,12 +196,17 @@ class MemoryStore:
         if isinstance(op, o.CompleteRun):
             change = m.finish(runs.get(op.lease.run_id), op.lease, op.now, result=op.result)
             self._write(op.lease.run_id, change)
+            self._ended(change.run, op.now)
             return change.run
         if isinstance(op, o.FailRun):
             change = m.finish(runs.get(op.lease.run_id), op.lease, op.now,
                               error=(op.error_type, op.error_message), traceback=op.traceback)
             self._write(op.lease.run_id, change)
+            self._ended(change.run, op.now)
             return change.run
+        if isinstance(op, (o.DefineSchedule, o.PauseSchedule, o.TriggerSchedule,
+                           o.BackfillSchedule, o.DeleteSchedule, o.FireSchedules)):
+            return self._schedule_op(op)
         if isinstance(op, o.ReleaseRun):
             self._write(op.lease.run_id, m.release(runs.get(op.lease.run_id), op.lease, op.now,
                                                     op.reason))
@@ -203,9 +239,34 @@ class MemoryStore:
         if isinstance(op, o.RetryRun):
             change = m.retry(runs.get(op.run_id), op.run_id,
                              tuple(self._steps.get(op.run_id, {}).values()), op.version, op.who,
-                             op.now)
+                             op.now, op.control_id)
             self._write(op.run_id, change)
             return change.run
+        if isinstance(op, o.PauseRun):
+            change = m.pause(runs.get(op.run_id), op.run_id, op.who, op.now, op.control_id)
+            self._write(op.run_id, change)
+            return change.run
+        if isinstance(op, o.ResumeRun):
+            steps = self._steps.get(op.run_id, {})
+            change = m.resume(
+                runs.get(op.run_id), op.run_id, tuple(self._waits.get(op.run_id, {}).values()),
+                steps, m.first_sent(self._events.get(op.run_id, ())),
+                op.who, op.now, op.control_id)
+            self._write(op.run_id, change)
+            return change.run
+        if isinstance(op, o.ForkRun):
+            existing = runs.get(op.new_run_id)
+            if existing is not None:
+                return m.fork_again(existing, op)
+            new, made, noted = m.fork(runs.get(op.run_id), op,
+                                      tuple(self._steps.get(op.run_id, {}).values()))
+            self._enqueued += 1
+            self._order[new.id] = self._enqueued
+            self._steps[new.id] = {}
+            self._history[new.id] = []
+            self._write(new.id, made)
+            self._write(op.run_id, noted)
+            return new
         if isinstance(op, o.PurgeRuns):
             old = sorted((r for r in runs.values() if m.purgeable(r, op.before)),
                          key=lambda r: (r.finished_at, self._order[r.id]))[: max(op.limit, 0)]
@@ -234,6 +295,73 @@ class MemoryStore:
             self._write(op.run_id, change)
             return outcome
         raise TypeError(f"unknown store operation {type(op).__name__}")
+
+    def _schedule_op(self, op: o.Op[Any]) -> Any:
+        schedules = self._schedules
+        if isinstance(op, o.DefineSchedule):
+            change, defined = m.define_schedule(schedules.get(op.schedule.id), op)
+            self._write_schedule(change)
+            return defined
+        if isinstance(op, o.PauseSchedule):
+            change, record = m.pause_schedule(schedules.get(op.schedule_id), op)
+            self._write_schedule(change)
+            return record
+        if isinstance(op, o.DeleteSchedule):
+            existed = op.schedule_id in schedules
+            schedules.pop(op.schedule_id, None)
+            self._firings.pop(op.schedule_id, None)
+            return existed
+        if isinstance(op, o.FireSchedules):
+            due = sorted((s for s in schedules.values()
+                          if not s.paused and s.next_fire_at <= op.now),
+                         key=lambda s: (s.next_fire_at, s.id))[: max(op.limit, 0)]
+            started: list[str] = []
+            for s in due:
+                change = m.fire(s, self._last_run(s), op.now)
+                started += self._write_schedule(change)
+            return tuple(started)
+        assert isinstance(op, (o.TriggerSchedule, o.BackfillSchedule))
+        found = schedules.get(op.schedule_id)
+        last = None if found is None else self._last_run(found)
+        if isinstance(op, o.TriggerSchedule):
+            existing = self._firings.get(op.schedule_id, {}).get(f"trigger:{op.trigger_id}")
+            change, firing = m.trigger(found, op, last, existing and existing[1])
+            self._write_schedule(change)
+            return firing
+        if isinstance(op, o.BackfillSchedule):
+            change, firings = m.backfill(found, op, last,
+                                         set(self._firings.get(op.schedule_id, {})))
+            self._write_schedule(change)
+            return firings
+        raise TypeError(f"unknown store operation {type(op).__name__}")
+
+    def _last_run(self, s: ScheduleRecord) -> RunRecord | None:
+        return None if s.last_run_id is None else self._runs.get(s.last_run_id)
+
+    def _ended(self, run: RunRecord | None, now: float) -> None:
+        """A run ended: an occurrence buffered behind it starts (``buffer_one``)."""
+        if run is None or not m.started_by_a_schedule(run):
+            return
+        for s in list(self._schedules.values()):
+            if s.last_run_id == run.id and s.buffered_at is not None:
+                self._write_schedule(m.release_buffered(s, run, now))
+
+    def _write_schedule(self, change: m.ScheduleChange) -> list[str]:
+        """Write a schedule op's change; the ids of the runs it started."""
+        started = []
+        for enqueue in change.enqueues:
+            outcome = self._enqueue(enqueue)
+            if outcome.created:
+                started.append(outcome.run_id)
+        if change.schedule is not None:
+            self._schedules[change.schedule.id] = change.schedule
+        for firing in change.firings:
+            mine = self._firings.setdefault(firing.schedule_id, {})
+            old = mine.get(firing.key)
+            if old is None:
+                self._firing_seq += 1
+            mine[firing.key] = (old[0] if old else self._firing_seq, firing)
+        return started
 
     def _in_order(self) -> list[RunRecord]:
         return sorted(self._runs.values(), key=lambda r: self._order[r.id])

@@ -12,7 +12,15 @@ from typing import Generic, TypeVar
 
 import attrs
 
-from aiki.records import ClaimedRun, Lease, RunRecord, StepRecord, WaitFor
+from aiki.records import (
+    ClaimedRun,
+    Lease,
+    RunRecord,
+    ScheduleFiring,
+    ScheduleRecord,
+    StepRecord,
+    WaitFor,
+)
 
 T = TypeVar("T")
 
@@ -42,6 +50,8 @@ class Enqueue(Op[EnqueueOutcome]):
     # An existing run under this key with another payload: refuse (IdempotencyConflict), or
     # return it ("return_existing").
     on_conflict: str = "raise"
+    # Who started it, for its first history event (a schedule's occurrence).
+    origin: str | None = None
     trace_context: str | None = None  # see RunRecord.trace_context
 
 
@@ -166,6 +176,7 @@ class RetryRun(Op[RunRecord]):
     version: str | None
     who: str
     now: float
+    control_id: str | None = None  # the client's id of this request (see RunRecord)
 
 
 @attrs.frozen
@@ -201,4 +212,105 @@ class SendEvent(Op[SendOutcome]):
     name: str
     payload: str
     idempotency_key: str | None
+    now: float
+
+
+# -- schedules ---------------------------------------------------------------------------------
+@attrs.frozen
+class DefineOutcome:
+    schedule: ScheduleRecord  # as stored afterwards
+    created: bool
+    updated: bool  # an existing schedule's definition was replaced (update=True)
+
+
+@attrs.frozen
+class DefineSchedule(Op[DefineOutcome]):
+    """Create a schedule, or return the one with this id if its definition is the same; a
+    different definition is ``ScheduleConflict`` unless ``update``. ``schedule.next_fire_at``
+    is the first occurrence after ``now`` (the caller computes it)."""
+
+    schedule: ScheduleRecord
+    update: bool
+    now: float
+
+
+@attrs.frozen
+class PauseSchedule(Op[ScheduleRecord]):
+    """Pause (``paused``) or resume a schedule. Resuming starts from the first occurrence
+    after ``now``; those that passed while paused are recorded as skipped."""
+
+    schedule_id: str
+    paused: bool
+    now: float
+
+
+@attrs.frozen
+class TriggerSchedule(Op[ScheduleFiring]):
+    """Fire a schedule once now, under its overlap policy. ``trigger_id`` (chosen by the
+    client) makes a repeated request fire once."""
+
+    schedule_id: str
+    trigger_id: str
+    now: float
+
+
+@attrs.frozen
+class BackfillSchedule(Op[tuple[ScheduleFiring, ...]]):
+    """Every occurrence in ``[start, end]`` that was never handled, under the overlap policy
+    (the catch-up window does not apply); the outcome is what became of each."""
+
+    schedule_id: str
+    start: float
+    end: float
+    now: float
+
+
+@attrs.frozen
+class DeleteSchedule(Op[bool]):
+    """Delete a schedule and its record of firings (its runs stay); False if there was none."""
+
+    schedule_id: str
+
+
+@attrs.frozen
+class FireSchedules(Op[tuple[str, ...]]):
+    """The Timer: every unpaused schedule whose next occurrence is due at ``now`` fires it
+    (and any other due ones), under its policy and catch-up window, and moves its next
+    occurrence on, in this one transaction; the outcome is the ids of the runs started."""
+
+    now: float
+    limit: int = 100  # schedules per op
+
+@attrs.frozen
+class PauseRun(Op[RunRecord]):
+    """Pause a queued, running or waiting run (see :func:`aiki.store.machine.pause`); the
+    outcome is the run as paused (a ``lease_owner`` still set: its worker is to be told)."""
+
+    run_id: str
+    who: str
+    now: float
+    control_id: str | None = None  # the client's id of this request (see RunRecord)
+
+
+@attrs.frozen
+class ResumeRun(Op[RunRecord]):
+    """Resume a paused run: waiting again, or queued (see :func:`aiki.store.machine.resume`)."""
+
+    run_id: str
+    who: str
+    now: float
+    control_id: str | None = None  # the client's id of this request (see RunRecord)
+
+
+@attrs.frozen
+class ForkRun(Op[RunRecord]):
+    """A new run ``new_run_id`` whose first ``from_step`` steps are copies of run
+    ``run_id``'s (see :func:`aiki.store.machine.fork`); the outcome is the new run. A retried
+    fork (the new id exists already) returns that run."""
+
+    run_id: str
+    new_run_id: str
+    from_step: int
+    version: str | None
+    who: str
     now: float

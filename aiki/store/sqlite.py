@@ -42,6 +42,8 @@ from aiki.records import (
     HistoryEvent,
     RunCount,
     RunRecord,
+    ScheduleFiring,
+    ScheduleRecord,
     StepRecord,
     WaitRecord,
 )
@@ -116,6 +118,32 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Retention deletes finished runs oldest first.
         "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
     ),
+    # Schedules (cron or interval) and what became of each occurrence. A firing's key is
+    # unique per schedule: an occurrence is decided once.
+    (
+        """CREATE TABLE schedules (
+            id TEXT PRIMARY KEY, workflow TEXT NOT NULL, version TEXT NOT NULL,
+            payload TEXT NOT NULL, cron TEXT, timezone TEXT NOT NULL, every REAL,
+            overlap TEXT NOT NULL, catchup_window REAL NOT NULL, paused INTEGER NOT NULL,
+            next_fire_at REAL NOT NULL, last_run_id TEXT, buffered_at REAL,
+            created_at REAL NOT NULL, updated_at REAL NOT NULL, buffered_key TEXT)""",
+        "CREATE INDEX schedules_due ON schedules (next_fire_at) WHERE paused = 0",
+        "CREATE INDEX schedules_last_run ON schedules (last_run_id)",
+        """CREATE TABLE schedule_firings (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, schedule_id TEXT NOT NULL,
+            key TEXT NOT NULL, occurrence REAL NOT NULL, outcome TEXT NOT NULL,
+            reason TEXT NOT NULL, run_id TEXT, at REAL NOT NULL, detail TEXT, last REAL,
+            count INTEGER NOT NULL, UNIQUE (schedule_id, key))""",
+        "CREATE INDEX schedule_firings_at ON schedule_firings (schedule_id, at, seq)",
+    ),
+    # Run controls: a fork records the run it was copied from and how many steps it got; a
+    # run, the last control applied to it (a repeated request is answered as done).
+    # (A ``paused`` run needs no column: the state is text, its waits stay in ``waits``.)
+    (
+        "ALTER TABLE runs ADD COLUMN forked_from TEXT",
+        "ALTER TABLE runs ADD COLUMN forked_steps INTEGER",
+        "ALTER TABLE runs ADD COLUMN control_id TEXT",
+    ),
     # OpenTelemetry: the trace context of the span that enqueued the run (issue 17).
     (
         "ALTER TABLE runs ADD COLUMN trace_context TEXT",
@@ -127,6 +155,19 @@ STEP_COLUMNS = ", ".join(f.name for f in attrs.fields(StepRecord))
 HISTORY_COLUMNS = ", ".join(f.name for f in attrs.fields(HistoryEvent))
 WAIT_COLUMNS = ", ".join(f.name for f in attrs.fields(WaitRecord))
 EVENT_COLUMNS = ", ".join(f.name for f in attrs.fields(EventRecord))
+SCHEDULE_COLUMNS = ", ".join(f.name for f in attrs.fields(ScheduleRecord))
+FIRING_COLUMNS = ", ".join(f.name for f in attrs.fields(ScheduleFiring))
+SCHEDULE_UPSERT = (
+    f"INSERT INTO schedules ({SCHEDULE_COLUMNS}) VALUES"
+    f" ({', '.join('?' for _ in attrs.fields(ScheduleRecord))}) ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(ScheduleRecord)
+                if f.name != "id"))
+FIRING_UPSERT = (
+    f"INSERT INTO schedule_firings ({FIRING_COLUMNS}) VALUES"
+    f" ({', '.join('?' for _ in attrs.fields(ScheduleFiring))})"
+    " ON CONFLICT (schedule_id, key) DO UPDATE SET "
+    + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(ScheduleFiring)
+                if f.name not in ("schedule_id", "key")))
 RUN_UPDATE = ", ".join(f"{f.name} = ?" for f in attrs.fields(RunRecord) if f.name != "id")
 RUN_INSERT = (f"INSERT INTO runs ({RUN_COLUMNS}) VALUES"
               f" ({', '.join('?' for _ in attrs.fields(RunRecord))}) ON CONFLICT DO NOTHING")
@@ -309,7 +350,8 @@ def _renew(db: Db, op: o.Renew) -> tuple[str, ...]:
 
 def _expire(db: Db, op: o.ExpireLeases) -> tuple[str, ...]:
     expired = _runs_where(
-        db, "state = 'running' AND lease_expires_at IS NOT NULL AND lease_expires_at <= ?",
+        db, "state IN ('running', 'paused') AND lease_owner IS NOT NULL"
+        " AND lease_expires_at IS NOT NULL AND lease_expires_at <= ?",
         (op.now,), "ORDER BY seq",
     )
     for run in expired:
@@ -342,6 +384,7 @@ def _finish(db: Db, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
         change = m.finish(run, op.lease, op.now, error=(op.error_type, op.error_message),
                           traceback=op.traceback)
     _write(db, op.lease.run_id, change)
+    _ended(db, change.run, op.now)
     return change.run
 
 
@@ -407,9 +450,132 @@ def _send(db: Db, op: o.SendEvent) -> o.SendOutcome:
 
 def _retry(db: Db, op: o.RetryRun) -> RunRecord | None:
     change = m.retry(_get_run(db, op.run_id), op.run_id, _get_steps(db, op.run_id),
-                     op.version, op.who, op.now)
+                     op.version, op.who, op.now, op.control_id)
     _write(db, op.run_id, change)
     return change.run
+
+
+# -- schedules ----------------------------------------------------------------------------
+def _schedule(row: Sequence[Any]) -> ScheduleRecord:
+    values = list(row)
+    values[9] = bool(values[9])  # paused
+    return ScheduleRecord(*values)
+
+
+def _get_schedule(db: Db, schedule_id: str) -> ScheduleRecord | None:
+    row = db.execute(f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE id = ?",
+                     (schedule_id,)).fetchone()
+    return None if row is None else _schedule(row)
+
+
+def _get_firings(db: Db, schedule_id: str, limit: int) -> tuple[ScheduleFiring, ...]:
+    sql = (f"SELECT {FIRING_COLUMNS} FROM schedule_firings WHERE schedule_id = ?"
+           " ORDER BY at DESC, seq DESC LIMIT ?")
+    return tuple(ScheduleFiring(*row) for row in db.execute(sql, (schedule_id, max(limit, 0))))
+
+
+def _write_schedule(db: Db, change: m.ScheduleChange) -> list[str]:
+    started = []
+    for enqueue in change.enqueues:
+        outcome = _enqueue(db, enqueue)
+        if outcome.created:
+            started.append(outcome.run_id)
+    if change.schedule is not None:
+        values = list(attrs.astuple(change.schedule))
+        values[9] = int(values[9])
+        db.execute(SCHEDULE_UPSERT, values)
+    for firing in change.firings:
+        db.execute(FIRING_UPSERT, attrs.astuple(firing))
+    return started
+
+
+def _last_run(db: Db, s: ScheduleRecord | None) -> RunRecord | None:
+    return None if s is None or s.last_run_id is None else _get_run(db, s.last_run_id)
+
+
+def _define_schedule(db: Db, op: o.DefineSchedule) -> o.DefineOutcome:
+    change, outcome = m.define_schedule(_get_schedule(db, op.schedule.id), op)
+    _write_schedule(db, change)
+    return outcome
+
+
+def _pause_schedule(db: Db, op: o.PauseSchedule) -> ScheduleRecord:
+    change, record = m.pause_schedule(_get_schedule(db, op.schedule_id), op)
+    _write_schedule(db, change)
+    return record
+
+
+def _trigger_schedule(db: Db, op: o.TriggerSchedule) -> ScheduleFiring:
+    s = _get_schedule(db, op.schedule_id)
+    row = db.execute(f"SELECT {FIRING_COLUMNS} FROM schedule_firings WHERE schedule_id = ?"
+                     " AND key = ?", (op.schedule_id, f"trigger:{op.trigger_id}")).fetchone()
+    change, firing = m.trigger(s, op, _last_run(db, s),
+                               None if row is None else ScheduleFiring(*row))
+    _write_schedule(db, change)
+    return firing
+
+
+def _backfill_schedule(db: Db, op: o.BackfillSchedule) -> tuple[ScheduleFiring, ...]:
+    s = _get_schedule(db, op.schedule_id)
+    handled = {row[0] for row in db.execute(
+        "SELECT key FROM schedule_firings WHERE schedule_id = ?", (op.schedule_id,))}
+    change, firings = m.backfill(s, op, _last_run(db, s), handled)
+    _write_schedule(db, change)
+    return firings
+
+
+def _delete_schedule(db: Db, op: o.DeleteSchedule) -> bool:
+    db.execute("DELETE FROM schedule_firings WHERE schedule_id = ?", (op.schedule_id,))
+    return bool(db.execute("DELETE FROM schedules WHERE id = ?", (op.schedule_id,)).rowcount)
+
+
+def _fire_schedules(db: Db, op: o.FireSchedules) -> tuple[str, ...]:
+    rows = db.execute(f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE paused = 0"
+                      " AND next_fire_at <= ? ORDER BY next_fire_at, id LIMIT ?",
+                      (op.now, max(op.limit, 0))).fetchall()
+    started: list[str] = []
+    for row in rows:
+        s = _schedule(row)
+        started += _write_schedule(db, m.fire(s, _last_run(db, s), op.now))
+    return tuple(started)
+
+
+def _ended(db: Db, run: RunRecord | None, now: float) -> None:
+    """A run ended: an occurrence buffered behind it starts (``buffer_one``)."""
+    if run is None or not m.started_by_a_schedule(run):
+        return
+    rows = db.execute(f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE last_run_id = ?"
+                      " AND buffered_at IS NOT NULL ORDER BY id", (run.id,)).fetchall()
+    for row in rows:
+        _write_schedule(db, m.release_buffered(_schedule(row), run, now))
+
+
+def _pause(db: Db, op: o.PauseRun) -> RunRecord | None:
+    change = m.pause(_get_run(db, op.run_id), op.run_id, op.who, op.now, op.control_id)
+    _write(db, op.run_id, change)
+    return change.run
+
+
+def _resume(db: Db, op: o.ResumeRun) -> RunRecord | None:
+    steps = {s.position: s for s in _get_steps(db, op.run_id)}
+    buffered = dict(db.execute(
+        "SELECT name, min(sent_at) FROM events WHERE run_id = ? AND position IS NULL"
+        " GROUP BY name", (op.run_id,)).fetchall())
+    change = m.resume(_get_run(db, op.run_id), op.run_id, _get_waits(db, op.run_id), steps,
+                      buffered, op.who, op.now, op.control_id)
+    _write(db, op.run_id, change)
+    return change.run
+
+
+def _fork(db: Db, op: o.ForkRun) -> RunRecord:
+    existing = _get_run(db, op.new_run_id)
+    if existing is not None:
+        return m.fork_again(existing, op)
+    new, made, noted = m.fork(_get_run(db, op.run_id), op, _get_steps(db, op.run_id))
+    db.execute(RUN_INSERT, attrs.astuple(new))
+    _write(db, new.id, attrs.evolve(made, run=None))
+    _write(db, op.run_id, noted)
+    return new
 
 
 def _release(db: Db, op: o.ReleaseRun) -> None:
@@ -422,7 +588,10 @@ _OPS: dict[type[Any], Callable[[Db, Any], Any]] = {
     o.StartStep: _save_step, o.SaveStep: _save_step, o.CompleteRun: _finish,
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
-    o.RetryRun: _retry,
+    o.RetryRun: _retry, o.DefineSchedule: _define_schedule, o.PauseSchedule: _pause_schedule,
+    o.TriggerSchedule: _trigger_schedule, o.BackfillSchedule: _backfill_schedule,
+    o.DeleteSchedule: _delete_schedule, o.FireSchedules: _fire_schedules,
+    o.PauseRun: _pause, o.ResumeRun: _resume, o.ForkRun: _fork,
 }
 
 
@@ -518,10 +687,22 @@ class SqliteStore:
                f" WHERE state NOT IN ({_TERMINAL}) GROUP BY workflow, version, state"
                " ORDER BY workflow, version, state")
         return await self._run(lambda db: tuple(RunCount(*row) for row in db.execute(sql)))
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        return await self._run(lambda db: _get_schedule(db, schedule_id))
+
+    async def list_schedules(self) -> tuple[ScheduleRecord, ...]:
+        sql = f"SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY id"
+        return await self._run(lambda db: tuple(_schedule(row) for row in db.execute(sql)))
+
+    async def get_firings(self, schedule_id: str, limit: int = 20) -> tuple[ScheduleFiring, ...]:
+        return await self._run(lambda db: _get_firings(db, schedule_id, limit))
 
     async def next_due(self) -> float | None:
-        sql = ("SELECT min(t) FROM (SELECT min(due_at) AS t FROM waits UNION ALL"
-               " SELECT min(lease_expires_at) FROM runs WHERE state = 'running')")
+        sql = ("SELECT min(t) FROM (SELECT min(due_at) AS t FROM waits WHERE run_id IN"
+               " (SELECT id FROM runs WHERE state = 'waiting') UNION ALL"
+               " SELECT min(lease_expires_at) FROM runs WHERE state IN ('running', 'paused')"
+               " AND lease_owner IS NOT NULL UNION ALL"
+               " SELECT min(next_fire_at) FROM schedules WHERE paused = 0)")
         due: float | None = await self._run(lambda db: db.execute(sql).fetchone()[0])
         return due
 

@@ -164,3 +164,23 @@ async def test_a_run_of_three_tasks_costs_six_transactions(
     steps = await store.get_steps(handle.id)
     assert [(s.position, s.state, s.output) for s in steps] == [
         ("0", "completed", "1"), ("1", "completed", "2"), ("2", "completed", "3")]
+
+
+async def test_an_outcome_riding_with_a_slow_lone_write_rides_again_with_the_end(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The Flusher sends the outcome alone (no next step came in time) and that write is slow;
+    # the run ends meanwhile. Its completion must carry the outcome too, or it may commit
+    # first and leave the step running under a completed run (simulation seeds 52, 90, 113).
+    written: list[str] = []
+
+    async def persist(make: Any) -> Any:
+        msg = make(1)
+        written.append(shown(msg))
+        if isinstance(msg, p.SaveStep):
+            await trio.sleep(30.0)  # held up in the network
+        return p.Ok(1)
+
+    await drive(then_think, persist)
+    assert written == ["StartStep 0 running", "SaveStep 0 completed",
+                       "CompleteRun +['0 completed']"]

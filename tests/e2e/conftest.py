@@ -80,6 +80,15 @@ class ClockHonestStore:
     async def get_events(self, run_id: str) -> Any:
         return await self._hold(lambda: self.store.get_events(run_id))
 
+    async def get_schedule(self, schedule_id: str) -> Any:
+        return await self._hold(lambda: self.store.get_schedule(schedule_id))
+
+    async def list_schedules(self) -> Any:
+        return await self._hold(self.store.list_schedules)
+
+    async def get_firings(self, schedule_id: str, limit: int = 20) -> Any:
+        return await self._hold(lambda: self.store.get_firings(schedule_id, limit))
+
     async def aclose(self) -> None:
         await self._hold(self.store.aclose)
 

@@ -233,3 +233,27 @@ async def test_a_write_repeated_after_a_lost_reply_counts_once(
                                     ("wf", "1", "completed"): 1}
     assert metrics.series(STALE_WRITES) == {("CompleteRun",): 1}
     assert metrics.value(STORE_OPS, ("SaveStep", "ok")) == 2
+
+
+async def test_pause_resume_and_fork_count_as_their_events(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The run controls need no code of their own: a pause counts as the run's new state
+    (paused), a resume as resumed, a fork as forked, once (the same fork sent again returns
+    the run it made and counts nothing)."""
+    from aiki.actors.store_writer import StoreWriter
+    from aiki.store import ops
+
+    metrics = Metrics()
+    writer = StoreWriter(MemoryStore(), metrics)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await writer.write(ops.Enqueue("r1", "wf", "1", "0", None, 1.0))
+        paused = await writer.write(ops.PauseRun("r1", "ops", 2.0))
+        assert paused.state == "paused"
+        await writer.write(ops.ResumeRun("r1", "ops", 3.0))
+        await writer.write(ops.ForkRun("r1", "r2", 0, None, "ops", 4.0))
+        await writer.write(ops.ForkRun("r1", "r2", 0, None, "ops", 5.0))  # sent again
+        nursery.cancel_scope.cancel()
+    assert metrics.series(RUNS) == {("wf", "1", "enqueued"): 1, ("wf", "1", "paused"): 1,
+                                    ("wf", "1", "resumed"): 1, ("wf", "1", "forked"): 1}

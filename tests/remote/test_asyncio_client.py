@@ -151,6 +151,18 @@ async def test_the_asyncio_client_token_and_refusals(cluster: Cluster, tmp_path:
             with pytest.raises(TypeError):
                 remote_sum.enqueue(client, object())  # type: ignore[arg-type]
             assert await client.list_workers() == []
+            parked = await client.enqueue("remote-sum", 2, version="1")  # no worker: queued
+            await parked.pause()
+            assert (await parked.status()).state == "paused"
+            with pytest.raises(aiki.RunNotPausable):
+                await parked.pause()
+            await parked.resume()
+            with pytest.raises(aiki.RunNotPaused):
+                await parked.resume()
+            fork = await client.fork(parked.id, from_step=0)
+            assert (await fork.status()).forked_from == parked.id
+            with pytest.raises(aiki.InvalidFork, match="has 0 step"):
+                await client.fork(parked.id, from_step=1)
         async with aiki.asyncio.connect(url, token="s3cret", request_timeout=0.5) as client:
             os.kill(server.process.pid, signal.SIGSTOP)  # up, but it stops answering
             try:
@@ -158,7 +170,7 @@ async def test_the_asyncio_client_token_and_refusals(cluster: Cluster, tmp_path:
                     await client.list_runs()
             finally:
                 os.kill(server.process.pid, signal.SIGCONT)
-            assert await client.list_runs() == []
+            assert len(await client.list_runs()) == 2  # the parked run and its fork
         with pytest.raises(aiki.ConnectionLost, match="cannot connect"):
             async with aiki.asyncio.connect("ws://127.0.0.1:9"):
                 pass  # pragma: no cover

@@ -152,6 +152,14 @@ async def test_blocking_client_errors_token_and_timeouts(
             with pytest.raises(TimeoutError, match=f"run {parked.id} did not finish within 0.3"):
                 parked.wait_for_completion(timeout=0.3)
             assert parked.status().state == "queued"
+            parked.pause()
+            assert parked.status().state == "paused"
+            with pytest.raises(aiki.RunNotPausable, match="is paused"):
+                parked.pause()
+            parked.resume()
+            with pytest.raises(aiki.RunNotPaused, match="is queued, not paused"):
+                parked.resume()
+            assert parked.status().state == "queued"
             handle = client.enqueue("remote-sum", 4, version="1", idempotency_key="k")
             assert handle.wait_for_completion(timeout=60) == 123
             again = client.enqueue("remote-sum", 4, version="1", idempotency_key="k")
@@ -160,8 +168,14 @@ async def test_blocking_client_errors_token_and_timeouts(
             assert events[0] == "run.queued" and events[-1] == "run.completed"
             status = handle.status()
             assert [t.state for t in status.tasks] == ["completed"] * 3
+            # A fork of the whole history replays it: the same result, no task run.
+            fork = client.fork(handle.id, from_step=3)
+            assert fork.wait_for_completion(timeout=60) == 123
+            assert (fork.status().forked_from, fork.status().forked_steps) == (handle.id, 3)
+            with pytest.raises(aiki.InvalidFork, match="from_step must be 0 to 3, got 4"):
+                client.fork(handle.id, from_step=4)
             # Retention by hand: finished runs go, the queued one stays.
-            assert client.purge_runs(before=time.time() + 60) == 1
+            assert client.purge_runs(before=time.time() + 60) == 2
             with pytest.raises(aiki.RunNotFound):
                 handle.status()
             assert [r.id for r in client.list_runs()] == [parked.id]

@@ -16,8 +16,9 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aiki import schedules as sch
 from aiki.errors import AikiError, StaleLease, StepConflict
-from aiki.records import RunCount, WaitFor, WaitRecord
+from aiki.records import RunCount, ScheduleRecord, WaitFor, WaitRecord
 from aiki.store import (
     ClaimedRun,
     HistoryEvent,
@@ -745,6 +746,22 @@ command = st.one_of(  # repeated alternatives are weights: keep runs running and
     st.tuples(st.just("wakeup"), st.integers(0, 7)),
     st.tuples(st.just("purge"), st.sampled_from([0.0, 2.0, 100.0]), st.integers(0, 2)),
     st.tuples(st.just("retry"), st.integers(0, 7), st.sampled_from([None, "2"])),
+    # Schedules: defined (or redefined), fired by the timer, paused, triggered, backfilled.
+    st.tuples(st.just("define"), st.sampled_from(["s0", "s1"]),
+              st.sampled_from([2.0, 5.0, None]), st.sampled_from(["skip", "buffer_one", "allow"]),
+              st.sampled_from([0.0, 3.0, 100.0]), st.booleans()),
+    st.tuples(st.just("fire")), st.tuples(st.just("fire")),
+    st.tuples(st.just("pause_schedule"), st.sampled_from(["s0", "s1", "s9"]), st.booleans()),
+    st.tuples(st.just("trigger"), st.sampled_from(["s0", "s1"]), st.sampled_from(["t1", "t2"])),
+    st.tuples(st.just("backfill"), st.sampled_from(["s0", "s1"]), st.sampled_from([0.0, 6.0]),
+              st.sampled_from([0.0, 4.0, 30.0])),
+    st.tuples(st.just("delete_schedule"), st.sampled_from(["s0", "s1"])),
+    # Controls: pause and resume any run (held ones too), fork one from a step.
+    st.tuples(st.just("pause"), st.integers(0, 7)),
+    st.tuples(st.just("pause"), st.integers(0, 7)),
+    st.tuples(st.just("resume"), st.integers(0, 7)),
+    st.tuples(st.just("fork"), st.integers(0, 7), st.integers(-1, 4), st.sampled_from([None, "2"]),
+              st.booleans()),
 )
 PRELUDE: list[tuple[float, list[tuple[Any, ...]]]] = [
     (0.0, [("enqueue", 0, None, None), ("enqueue", 1, "k1", None), ("enqueue", 2, None, None)]),
@@ -770,7 +787,8 @@ class World:
 
     async def lease(self, target: tuple[bool, int], mode: str) -> Lease:
         prefer_running, index = target
-        running = [r.id for r in await self.reference.list_runs(state="running", limit=1000)]
+        running = [r.id for r in await self.reference.list_runs(limit=1000)
+                   if r.lease_owner is not None]  # running, or paused and not given back
         run_id = running[index % len(running)] if prefer_running and running else self.run_id(index)
         run = await self.reference.get_run(run_id)
         epoch, owner = (run.lease_epoch, run.lease_owner or "w1") if run else (1, "w1")
@@ -809,6 +827,37 @@ class World:
             return o.PurgeRuns(now - cmd[1], cmd[2])
         if kind == "retry":
             return o.RetryRun(self.run_id(cmd[1]), cmd[2], "c", now)
+        if kind == "define":
+            _, sid, every, overlap, window, update = cmd
+            cron = "* * * * *" if every is None else None
+            record = ScheduleRecord(sid, "wf", "1", f'{{"s": "{sid}"}}', cron, "UTC", every,
+                                    overlap, window, False,
+                                    sch.next_after(cron, "UTC", every, now), None, None, now,
+                                    now)
+            return o.DefineSchedule(record, update, now)
+        if kind == "fire":
+            return o.FireSchedules(now)
+        if kind == "pause_schedule":
+            return o.PauseSchedule(cmd[1], cmd[2], now)
+        if kind == "trigger":
+            return o.TriggerSchedule(cmd[1], cmd[2], now)
+        if kind == "backfill":
+            return o.BackfillSchedule(cmd[1], max(now - cmd[2] - cmd[3], 0.0),
+                                      max(now - cmd[3], 0.0), now)
+        if kind == "delete_schedule":
+            return o.DeleteSchedule(cmd[1])
+        if kind == "pause":
+            return o.PauseRun(self.run_id(cmd[1]), "c", now)
+        if kind == "resume":
+            return o.ResumeRun(self.run_id(cmd[1]), "c", now)
+        if kind == "fork":
+            _, index, from_step, version, again = cmd
+            if again and any(r.startswith("f") for r in self.run_ids):  # a fork sent again
+                new_id = next(r for r in reversed(self.run_ids) if r.startswith("f"))
+            else:
+                new_id = f"f{len(self.run_ids)}"
+                self.run_ids.append(new_id)
+            return o.ForkRun(self.run_id(index), new_id, from_step, version, "c", now)
         lease = await self.lease(cmd[1], cmd[2])
         if kind == "await":
             _, _, _, position, step_kind, name, delay = cmd
@@ -858,7 +907,8 @@ def comparable(outcome: Any) -> Any:
 
 async def observe(store: Store, run_ids: list[str]) -> Any:
     """Everything the store's reads show; history ``seq`` replaced by its global rank."""
-    per_run = [await snapshot(store, r) for r in [*run_ids, "ghost"]]
+    scheduled = [r.id for r in await store.list_runs(limit=1000) if "@" in r.id]
+    per_run = [await snapshot(store, r) for r in [*run_ids, *sorted(scheduled), "ghost"]]
     seqs = sorted(e.seq for [(_, _, history)] in per_run for e in history)
     rank = {seq: i for i, seq in enumerate(seqs)}
     return (
@@ -869,6 +919,8 @@ async def observe(store: Store, run_ids: list[str]) -> Any:
         await store.list_runs(workflow="other", state="queued"),
         await store.next_due(),
         [(await store.get_waits(r), await store.get_events(r)) for r in run_ids],
+        await store.list_schedules(),
+        [await store.get_firings(sid, 1000) for sid in ("s0", "s1")],
     )
 
 
@@ -1133,3 +1185,262 @@ async def test_only_a_failed_run_can_be_retried(store: Store) -> None:
     await execute(store, o.CompleteRun(lease, "null", 13.0))
     with pytest.raises(AikiError, match="is completed"):
         await execute(store, o.RetryRun("r1", None, "c", 14.0))
+
+
+# -- pause, resume, fork ---------------------------------------------------------------------
+async def test_a_queued_run_paused_is_not_claimed_until_resumed(store: Store) -> None:
+    await execute(store, enqueue("r1"))
+    paused = await execute(store, o.PauseRun("r1", "client-7", 5.0))
+    assert (paused.state, paused.lease_owner) == ("paused", None)
+    assert await claim(store, now=6.0) == ()
+    resumed = await execute(store, o.ResumeRun("r1", "client-8", 7.0))
+    assert (resumed.state, resumed.lease_epoch) == ("queued", 0)
+    assert [c.run.id for c in await claim(store, now=8.0)] == ["r1"]
+    assert (await events(store, "r1"))[1:3] == [
+        (5.0, "run.paused", 0, "client-7", None, None, "paused by client-7"),
+        (7.0, "run.queued", 0, "client-8", None, None, "resumed by client-8"),
+    ]
+
+
+async def test_a_running_run_paused_records_its_task_in_flight_and_starts_nothing(
+    store: Store,
+) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.StartStep(lease, step("0", "charge", "running"), 11.0))
+    paused = await execute(store, o.PauseRun("r1", "ops", 12.0))
+    assert (paused.state, paused.lease_owner, paused.lease_epoch) == ("paused", "w1", 1)
+    # The task in flight, and one whose start was never recorded, finish and are kept.
+    await execute(store, o.SaveStep(lease, step("0", "charge"), 13.0))
+    await execute(store, o.SaveStep(lease, step("1", "ship"), 13.5))
+    assert await execute(store, o.Renew((lease,), 14.0, 30.0)) == ()  # still its lease
+    before = await snapshot(store, "r1")
+    refused = await store.apply([
+        o.StartStep(lease, step("2", "mail", "running"), 14.0),
+        o.SaveStep(lease, step("2", "now", kind="now"), 14.0),
+        o.AwaitStep(lease, wait_step("2", "sleep", "sleep", 5.0, 19.0), 14.0),
+        o.CompleteRun(lease, '"done"', 14.0),
+        o.FailRun(lease, "E", "boom", 14.0),
+    ])
+    assert {type(x).__name__ for x in refused} == {"RunPaused"}
+    assert all(isinstance(x, StaleLease) for x in refused)  # a worker stops writing
+    assert "run r1 is paused: step 2 (mail) is refused until it is resumed" in str(refused[0])
+    assert await snapshot(store, "r1") == before
+    await execute(store, o.ReleaseRun(lease, 15.0, "paused"))
+    run = await store.get_run("r1")
+    assert run is not None and (run.state, run.lease_owner) == ("paused", None)
+    assert await claim(store, now=16.0) == ()
+    with pytest.raises(StaleLease):  # given back: its lease is no more
+        await execute(store, o.SaveStep(lease, step("2", "mail"), 16.5))
+    await execute(store, o.ResumeRun("r1", "ops", 17.0))
+    [again] = await claim(store, now=18.0)
+    assert [s.position for s in again.steps] == ["0", "1"]
+    assert (again.run.attempts, again.run.lease_epoch) == (2, 2)
+    assert [e[1] for e in await events(store, "r1")][-5:] == [
+        "task.completed", "task.completed", "lease.released", "run.queued", "run.running"]
+
+
+async def test_a_retrying_task_of_a_paused_run_does_not_start_its_next_attempt(
+    store: Store,
+) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.StartStep(lease, step("0", "charge", "running"), 11.0))
+    await execute(store, o.PauseRun("r1", "ops", 12.0))
+    retrying = step("0", "charge", "retrying", error=("E", "x"), next_attempt_at=13.0)
+    await execute(store, o.SaveStep(lease, retrying, 12.5))
+    await execute(store, o.SaveStep(lease, retrying, 12.6))  # the same write again: accepted
+    with pytest.raises(StaleLease, match="attempt 2 of step 0 is refused"):
+        await execute(store, o.SaveStep(lease, step("0", "charge", attempts=2), 14.0))
+
+
+async def test_resuming_a_run_whose_worker_never_gave_it_back_fences_that_worker(
+    store: Store,
+) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.PauseRun("r1", "ops", 11.0))
+    resumed = await execute(store, o.ResumeRun("r1", "ops", 12.0))
+    assert (resumed.state, resumed.lease_owner, resumed.lease_epoch) == ("queued", None, 2)
+    with pytest.raises(StaleLease):
+        await execute(store, o.SaveStep(lease, step("0", "charge"), 13.0))
+    [again] = await claim(store, now=14.0)
+    assert again.run.lease_epoch == 3
+    assert (await events(store, "r1"))[-2][-1] == (
+        "resumed by ops; the lease of worker 'w1' is fenced off")
+
+
+async def test_the_lease_of_a_paused_run_expires_and_the_run_stays_paused(store: Store) -> None:
+    await claim_one(store, "r1", ttl=5.0)
+    await execute(store, o.PauseRun("r1", "ops", 11.0))
+    assert await store.next_due() == 15.0
+    assert await execute(store, o.ExpireLeases(15.0)) == ("r1",)
+    run = await store.get_run("r1")
+    assert run is not None and (run.state, run.lease_owner) == ("paused", None)
+    assert await store.next_due() is None
+    assert (await events(store, "r1"))[-1][1:] == (
+        "lease.expired", 1, "w1", None, None,
+        "lease epoch 1 of worker 'w1' expired; the run stays paused")
+
+
+async def test_a_run_paused_while_waiting_keeps_its_waits_and_does_not_wake(
+    store: Store,
+) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.AwaitStep(lease, wait_step("0", "event", "ok", 10.0, 21.0), 11.0))
+    await execute(store, o.WaitRun(lease, (WaitFor("0", "event", "ok", 21.0),), "waits", 11.0))
+    await execute(store, o.PauseRun("r1", "ops", 12.0))
+    assert [w.position for w in await store.get_waits("r1")] == ["0"]
+    assert await store.next_due() is None  # its timeout does not fire while paused
+    assert await execute(store, o.WakeDue(30.0)) == ()
+    # Resumed before anything came: it waits again, for the same wait.
+    waiting = await execute(store, o.ResumeRun("r1", "ops", 13.0))
+    assert waiting.state == "waiting"
+    assert await store.next_due() == 21.0
+    await execute(store, o.PauseRun("r1", "ops", 14.0))
+    sent = await execute(store, o.SendEvent("r1", "ok", '"yes"', None, 15.0))
+    assert sent == o.SendOutcome(delivered=False, duplicate=False)  # buffered
+    assert (await store.get_run("r1")).state == "paused"  # type: ignore[union-attr]
+    queued = await execute(store, o.ResumeRun("r1", "ops", 16.0))
+    assert queued.state == "queued" and await store.get_waits("r1") == ()
+    assert (await events(store, "r1"))[-1][-1] == (
+        "resumed by ops; woke at once: event 'ok' is waiting to be delivered")
+    [again] = await claim(store, now=17.0)
+    got = await execute(store, o.AwaitStep(again.lease, wait_step("0", "event", "ok", 10.0,
+                                                                   21.0), 17.0))
+    assert (got.state, got.output) == ("completed", '"yes"')
+
+
+async def test_a_wait_that_came_due_while_paused_ends_on_resume(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.AwaitStep(lease, wait_step("0", "sleep", "sleep", 5.0, 16.0), 11.0))
+    await execute(store, o.PauseRun("r1", "ops", 11.5))  # held: its worker gives it back
+    await execute(store, o.WaitRun(lease, (WaitFor("0", "sleep", "sleep", 16.0),), "sleeps",
+                                   12.0))
+    run = await store.get_run("r1")
+    assert run is not None and (run.state, run.lease_owner) == ("paused", None)
+    assert [w.due_at for w in await store.get_waits("r1")] == [16.0]
+    assert await execute(store, o.Wakeup("r1", 13.0)) is True  # ends the sleep, no waking
+    assert (await store.get_run("r1")).state == "paused"  # type: ignore[union-attr]
+    queued = await execute(store, o.ResumeRun("r1", "ops", 20.0))
+    assert queued.state == "queued"
+    assert [(s.state, s.output) for s in await store.get_steps("r1")] == [("completed", "false")]
+
+
+async def test_pause_and_resume_refuse_runs_where_they_make_no_sense(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, enqueue("r2"))
+    before = await snapshot(store, "r1", "r2")
+    outcomes = await store.apply([
+        o.ResumeRun("r1", "c", 11.0), o.PauseRun("ghost", "c", 11.0),
+        o.ResumeRun("ghost", "c", 11.0)])
+    assert [type(x).__name__ for x in outcomes] == ["RunNotPaused", "RunNotFound", "RunNotFound"]
+    assert str(outcomes[0]) == ("run r1 is running, not paused: there is nothing to resume; "
+                                "nothing changed")
+    assert await snapshot(store, "r1", "r2") == before
+    await execute(store, o.PauseRun("r2", "c", 12.0))
+    with pytest.raises(AikiError, match="run r2 is paused: only a queued, running or waiting"):
+        await execute(store, o.PauseRun("r2", "c", 13.0))
+    await execute(store, o.CompleteRun(lease, "null", 14.0))
+    before = await snapshot(store, "r1")
+    with pytest.raises(AikiError, match="run r1 is completed: only a queued"):
+        await execute(store, o.PauseRun("r1", "c", 15.0))
+    assert await snapshot(store, "r1") == before
+
+
+async def fork_setup(store: Store) -> None:
+    """r1 failed after steps 0, 1, 2.0.0 and 2.1.0 completed and step 3 failed."""
+    lease = await claim_one(store, "r1")
+    for position in ("0", "1", "2.1.0", "2.0.0"):
+        await execute(store, o.SaveStep(lease, step(position, f"t{position}"), 11.0))
+    await execute(store, o.SaveStep(lease, step("3", "t3", "failed", error=("E", "bug")), 12.0))
+    await execute(store, o.FailRun(lease, "E", "bug", 13.0))
+
+
+async def test_fork_copies_the_first_steps_into_a_new_run(store: Store) -> None:
+    await fork_setup(store)
+    forked = await execute(store, o.ForkRun("r1", "f1", 3, "2", "client-3", 20.0))
+    assert (forked.id, forked.state, forked.version, forked.payload, forked.forked_from,
+            forked.forked_steps, forked.idempotency_key) == (
+        "f1", "queued", "2", '{"n": 1}', "r1", 3, None)
+    original = {s.position: s for s in await store.get_steps("r1")}
+    copied = await store.get_steps("f1")
+    assert [s.position for s in copied] == ["0", "1", "2.0.0"]
+    assert all(s == original[s.position] for s in copied)
+    assert await events(store, "f1") == [(
+        20.0, "run.queued", 0, "client-3", None, None,
+        "forked by client-3 from run r1 at step 3 (version 2); 3 step(s) copied")]
+    assert (await events(store, "r1"))[-1] == (
+        20.0, "fork.created", 1, "client-3", None, None,
+        "forked by client-3 at step 3 into run f1")
+    assert (await store.get_run("r1")).state == "failed"  # type: ignore[union-attr]
+    # The same fork sent again (its reply lost) is that run; another under its id is not.
+    assert await execute(store, o.ForkRun("r1", "f1", 3, "2", "client-3", 21.0)) == forked
+    with pytest.raises(AikiError, match="run id 'f1' is taken by another run"):
+        await execute(store, o.ForkRun("r1", "f1", 2, None, "client-3", 21.0))
+    [claimed] = await claim(store, workflows=(("wf", "2"),), now=22.0)
+    assert [s.position for s in claimed.steps] == ["0", "1", "2.0.0"]
+    whole = await execute(store, o.ForkRun("r1", "f2", 5, None, "c", 23.0))
+    assert (whole.version, len(await store.get_steps("f2"))) == ("1", 5)
+    fresh = await execute(store, o.ForkRun("r1", "f3", 0, None, "c", 23.0))
+    assert await store.get_steps("f3") == ()
+    assert fresh.forked_steps == 0
+    assert [r.id for r in await store.list_runs()] == ["f3", "f2", "f1", "r1"]
+
+
+async def test_a_fork_past_the_history_or_of_an_unfinished_step_is_refused(
+    store: Store,
+) -> None:
+    await fork_setup(store)
+    lease = await claim_one(store, "r2")
+    await execute(store, o.SaveStep(lease, step("0", "a"), 11.0))
+    await execute(store, o.StartStep(lease, step("1", "b", "running"), 11.0))
+    before = await snapshot(store, "r1", "r2", "f1")
+    outcomes = await store.apply([
+        o.ForkRun("r1", "f1", 6, None, "c", 20.0), o.ForkRun("r1", "f1", -1, None, "c", 20.0),
+        o.ForkRun("r2", "f1", 2, None, "c", 20.0), o.ForkRun("ghost", "f1", 0, None, "c", 20.0)])
+    assert [type(x).__name__ for x in outcomes] == [
+        "InvalidFork", "InvalidFork", "InvalidFork", "RunNotFound"]
+    assert str(outcomes[0]) == ("run r1 has 5 step(s): from_step must be 0 to 5, got 6; "
+                                "nothing was stored")
+    assert str(outcomes[2]) == ("run r2: step 1 (b) is running, not finished: fork from at "
+                                "most step 1; nothing was stored")
+    assert await snapshot(store, "r1", "r2", "f1") == before
+    assert (await execute(store, o.ForkRun("r2", "f1", 1, None, "c", 20.0))).state == "queued"
+
+
+async def test_a_control_sent_again_is_answered_as_done(store: Store) -> None:
+    """The same request (its ``control_id``) again, its reply lost: the run as it is, no
+    refusal and no second history event; another request is refused as usual."""
+    await execute(store, enqueue("r1"))
+    paused = await execute(store, o.PauseRun("r1", "c", 5.0, "id-1"))
+    assert paused.control_id == "pause:id-1"
+    assert await execute(store, o.PauseRun("r1", "c", 6.0, "id-1")) == paused
+    with pytest.raises(AikiError, match="is paused"):
+        await execute(store, o.PauseRun("r1", "c", 6.0, "id-2"))
+    resumed = await execute(store, o.ResumeRun("r1", "c", 7.0, "id-3"))
+    assert await execute(store, o.ResumeRun("r1", "c", 8.0, "id-3")) == resumed
+    assert [e[1] for e in await events(store, "r1")] == ["run.queued", "run.paused",
+                                                           "run.queued"]
+    [claimed] = await claim(store, now=9.0)
+    await execute(store, o.FailRun(claimed.lease, "E", "boom", 10.0))
+    retried = await execute(store, o.RetryRun("r1", None, "c", 11.0, "id-4"))
+    assert retried.control_id == "retry:id-4"
+    assert await execute(store, o.RetryRun("r1", None, "c", 12.0, "id-4")) == retried
+    with pytest.raises(AikiError, match="only a failed run can be retried"):
+        await execute(store, o.RetryRun("r1", None, "c", 12.0, "id-5"))
+
+
+async def test_resume_delivers_an_event_sent_before_its_wait_came_due(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    for position, due in (("0", 20.0), ("1", 20.0)):
+        await execute(store, o.AwaitStep(lease, wait_step(position, "event", f"e{position}",
+                                                          9.0, due), 11.0))
+    await execute(store, o.WaitRun(lease, (WaitFor("0", "event", "e0", 20.0),
+                                           WaitFor("1", "event", "e1", 20.0)), "waits", 11.0))
+    await execute(store, o.PauseRun("r1", "c", 12.0))
+    await execute(store, o.SendEvent("r1", "e0", '"early"', None, 15.0))  # before its due
+    await execute(store, o.SendEvent("r1", "e1", '"late"', None, 25.0))  # after its due
+    await execute(store, o.ResumeRun("r1", "c", 30.0))
+    steps = {s.position: s for s in await store.get_steps("r1")}
+    assert steps["0"].state == "running"  # its event is delivered when the run gets there
+    assert (steps["1"].state, steps["1"].error_type) == ("failed", "EventTimeout")
+    history = [e[1] for e in await events(store, "r1")]
+    assert history[-2:] == ["run.queued", "event.timed_out"]  # the resume comes first

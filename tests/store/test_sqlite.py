@@ -334,3 +334,36 @@ async def test_a_database_of_the_first_schema_is_migrated_and_its_runs_finish(
         await store.aclose()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+async def test_a_database_of_the_schema_before_run_controls_opens_and_its_runs_take_them(
+    tmp_path: Path,
+) -> None:
+    """A file of the release before run controls (every migration but the last) opens, is
+    migrated, and its runs can be paused, resumed and forked."""
+    path = tmp_path / "before-controls.db"
+    with sqlite3.connect(path, isolation_level=None) as db:
+        for statements in MIGRATIONS[:-1]:
+            for statement in statements:
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+        db.execute("INSERT INTO runs (id, workflow, version, payload, state, attempts,"
+                   " lease_epoch, created_at, updated_at, finished_at) VALUES ('old', 'wf',"
+                   " '1', 'null', 'completed', 1, 1, 1.0, 2.0, 2.0)")
+        db.execute("INSERT INTO steps (run_id, position, seq, kind, name, input_hash, input,"
+                   " state, attempts, output) VALUES ('old', '0', 1, 'task', 't', 'h', '1',"
+                   " 'completed', 1, '2')")
+        db.execute("INSERT INTO runs (id, workflow, version, payload, state, attempts,"
+                   " lease_epoch, created_at, updated_at) VALUES ('queued', 'wf', '1', 'null',"
+                   " 'queued', 0, 0, 1.0, 1.0)")
+    store = await SqliteStore.open(str(path), offload=False)
+    try:
+        old = await store.get_run("old")
+        assert old is not None and (old.forked_from, old.control_id) == (None, None)
+        fork = await execute(store, o.ForkRun("old", "new", 1, None, "c", 3.0))
+        assert (fork.forked_from, fork.forked_steps) == ("old", 1)
+        assert [s.output for s in await store.get_steps("new")] == ["2"]
+        assert (await execute(store, o.PauseRun("queued", "c", 4.0))).state == "paused"
+        assert (await execute(store, o.ResumeRun("queued", "c", 5.0))).state == "queued"
+    finally:
+        await store.aclose()

@@ -15,7 +15,16 @@ from hypothesis import strategies as st
 
 from aiki import protocol
 from aiki.errors import PayloadError, ProtocolError
-from aiki.records import HistoryEvent, Lease, RunRecord, StepRecord, WaitFor, WaitRecord
+from aiki.records import (
+    HistoryEvent,
+    Lease,
+    RunRecord,
+    ScheduleFiring,
+    ScheduleRecord,
+    StepRecord,
+    WaitFor,
+    WaitRecord,
+)
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -33,6 +42,8 @@ RECORD_TYPES: tuple[type[Any], ...] = (
     protocol.WorkflowRef,
     protocol.WorkerInfo,
     protocol.StrandedVersion,
+    ScheduleRecord,
+    ScheduleFiring,
 )
 _LEAF_TYPES: frozenset[Any] = frozenset({int, str, bool, float, type(None)})
 
@@ -47,6 +58,9 @@ def field_strategy(tp: Any) -> st.SearchStrategy[Any]:
         return finite_floats
     if _is_union(tp):
         return st.one_of(*[field_strategy(arg) for arg in typing.get_args(tp)])
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return st.lists(field_strategy(args[0]), max_size=5).map(tuple)
     return st.from_type(tp)
 
 

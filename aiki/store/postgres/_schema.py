@@ -150,6 +150,58 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Retention deletes finished runs oldest first.
         "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
     ),
+    # Schedules (cron or interval) and what became of each occurrence (a firing's key is
+    # unique per schedule: an occurrence is decided once). A schedule defined, resumed or
+    # moved on notifies 'due', so every server's timer reads the next occurrence again.
+    (
+        """CREATE TABLE schedules (
+            id TEXT PRIMARY KEY,
+            workflow TEXT NOT NULL,
+            version TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            cron TEXT,
+            timezone TEXT NOT NULL,
+            every DOUBLE PRECISION,
+            overlap TEXT NOT NULL,
+            catchup_window DOUBLE PRECISION NOT NULL,
+            paused BOOLEAN NOT NULL,
+            next_fire_at DOUBLE PRECISION NOT NULL,
+            last_run_id TEXT,
+            buffered_at DOUBLE PRECISION,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            buffered_key TEXT
+        )""",
+        "CREATE INDEX schedules_due ON schedules (next_fire_at) WHERE NOT paused",
+        "CREATE INDEX schedules_last_run ON schedules (last_run_id)",
+        """CREATE TABLE schedule_firings (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            schedule_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            occurrence DOUBLE PRECISION NOT NULL,
+            outcome TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            run_id TEXT,
+            at DOUBLE PRECISION NOT NULL,
+            detail TEXT,
+            last DOUBLE PRECISION,
+            count INTEGER NOT NULL,
+            UNIQUE (schedule_id, key)
+        )""",
+        "CREATE INDEX schedule_firings_at ON schedule_firings (schedule_id, at, seq)",
+        """CREATE TRIGGER schedules_due AFTER INSERT OR UPDATE OF next_fire_at, paused
+            ON schedules FOR EACH ROW WHEN (NOT NEW.paused) EXECUTE FUNCTION notify_due()""",
+    ),
+    # Run controls: a fork records the run it was copied from and how many steps it got, a
+    # run the last control applied to it (a repeated request is answered as done). A
+    # paused run that its worker has not given back yet still has a lease that may expire.
+    (
+        "ALTER TABLE runs ADD COLUMN forked_from TEXT",
+        "ALTER TABLE runs ADD COLUMN forked_steps INTEGER",
+        "ALTER TABLE runs ADD COLUMN control_id TEXT",
+        """CREATE INDEX runs_paused_lease ON runs (lease_expires_at)
+            WHERE state = 'paused' AND lease_owner IS NOT NULL""",
+    ),
     # OpenTelemetry: the trace context of the span that enqueued the run (issue 17).
     (
         "ALTER TABLE runs ADD COLUMN trace_context TEXT",

@@ -37,6 +37,8 @@ from aiki.records import (
     HistoryEvent,
     RunCount,
     RunRecord,
+    ScheduleFiring,
+    ScheduleRecord,
     StepRecord,
     WaitRecord,
 )
@@ -54,6 +56,20 @@ STEP_COLUMNS = ", ".join(f.name for f in attrs.fields(StepRecord))
 HISTORY_COLUMNS = ", ".join(f.name for f in attrs.fields(HistoryEvent))
 WAIT_COLUMNS = ", ".join(f.name for f in attrs.fields(WaitRecord))
 EVENT_COLUMNS = ", ".join(f.name for f in attrs.fields(EventRecord))
+SCHEDULE_COLUMNS = ", ".join(f.name for f in attrs.fields(ScheduleRecord))
+FIRING_COLUMNS = ", ".join(f.name for f in attrs.fields(ScheduleFiring))
+SCHEDULE_UPSERT = (
+    f"INSERT INTO schedules ({SCHEDULE_COLUMNS}) VALUES"
+    f" ({', '.join(f'${i}' for i in range(1, len(attrs.fields(ScheduleRecord)) + 1))})"
+    " ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(ScheduleRecord)
+                if f.name != "id"))
+FIRING_UPSERT = (
+    f"INSERT INTO schedule_firings ({FIRING_COLUMNS}) VALUES"
+    f" ({', '.join(f'${i}' for i in range(1, len(attrs.fields(ScheduleFiring)) + 1))})"
+    " ON CONFLICT (schedule_id, key) DO UPDATE SET "
+    + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(ScheduleFiring)
+                if f.name not in ("schedule_id", "key")))
 _RUN_FIELDS = [f.name for f in attrs.fields(RunRecord) if f.name != "id"]
 STEP_UPSERT = (
     f"INSERT INTO steps (run_id, {STEP_COLUMNS}) VALUES"
@@ -199,10 +215,33 @@ async def run_counts(conn: Conn) -> tuple[RunCount, ...]:
 
 async def next_due(conn: Conn) -> float | None:
     due: float | None = await conn.fetchval(
-        "SELECT least((SELECT min(due_at) FROM waits),"
-        " (SELECT min(lease_expires_at) FROM runs WHERE state = 'running'))"
+        "SELECT least((SELECT min(due_at) FROM waits JOIN runs ON runs.id = waits.run_id"
+        " WHERE runs.state = 'waiting'),"
+        " (SELECT min(lease_expires_at) FROM runs WHERE state = 'running'),"
+        " (SELECT min(lease_expires_at) FROM runs WHERE state = 'paused'"
+        " AND lease_owner IS NOT NULL),"
+        " (SELECT min(next_fire_at) FROM schedules WHERE NOT paused))"
     )
     return due
+
+
+async def get_schedule(conn: Conn, schedule_id: str, *,
+                       lock: bool = False) -> ScheduleRecord | None:
+    sql = f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE id = $1"
+    row = await conn.fetchrow(sql + " FOR UPDATE" if lock else sql, schedule_id)
+    return None if row is None else ScheduleRecord(*row)
+
+
+async def list_schedules(conn: Conn) -> tuple[ScheduleRecord, ...]:
+    rows = await conn.fetch(f"SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY id")
+    return tuple(ScheduleRecord(*row) for row in rows)
+
+
+async def get_firings(conn: Conn, schedule_id: str, limit: int) -> tuple[ScheduleFiring, ...]:
+    rows = await conn.fetch(
+        f"SELECT {FIRING_COLUMNS} FROM schedule_firings WHERE schedule_id = $1"
+        " ORDER BY at DESC, seq DESC LIMIT $2", schedule_id, max(limit, 0))
+    return tuple(ScheduleFiring(*row) for row in rows)
 
 
 async def get_waits(conn: Conn, run_id: str) -> tuple[WaitRecord, ...]:
@@ -285,7 +324,7 @@ async def _enqueue(conn: Conn, op: o.Enqueue) -> o.EnqueueOutcome:
         " RETURNING id) INSERT INTO history (run_id, at, event, attempt, detail)"
         " SELECT id, $6, 'run.queued', 0, $7 FROM new RETURNING true",
         op.run_id, op.workflow, op.version, op.payload, op.idempotency_key, op.now,
-        f"version {op.version}", op.trace_context,
+        m.enqueue_detail(op), op.trace_context,
     )
     if inserted:
         return o.EnqueueOutcome(op.run_id, created=True)
@@ -336,7 +375,7 @@ async def _renew(conn: Conn, op: o.Renew) -> tuple[str, ...]:
         for row in await conn.fetch(
             "UPDATE runs SET lease_expires_at = $4, updated_at = $5"
             " FROM unnest($1::text[], $2::bigint[], $3::text[]) AS lease (id, epoch, owner)"
-            " WHERE runs.id = lease.id AND runs.state = 'running'"
+            " WHERE runs.id = lease.id AND runs.state IN ('running', 'paused')"
             " AND runs.lease_epoch = lease.epoch AND runs.lease_owner = lease.owner"
             " RETURNING runs.id, runs.lease_epoch, runs.lease_owner",
             [lease.run_id for lease in op.leases], [lease.epoch for lease in op.leases],
@@ -365,6 +404,20 @@ async def _requeue_due(
 
 
 async def _expire(conn: Conn, op: o.ExpireLeases) -> tuple[str, ...]:
+    # A paused run whose worker vanished stays paused. Rare (a run paused while running
+    # whose worker never gave it back): when there is one, every expired lease is decided
+    # by the state machine row by row, in enqueue order, as the other stores do.
+    if await conn.fetchval(
+            "SELECT true FROM runs WHERE state = 'paused' AND lease_owner IS NOT NULL"
+            " AND lease_expires_at <= $1 LIMIT 1", op.now):
+        rows = await conn.fetch(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE lease_owner IS NOT NULL"
+            " AND lease_expires_at <= $1 AND state IN ('running', 'paused')"
+            " ORDER BY seq FOR UPDATE SKIP LOCKED", op.now)
+        for row in rows:
+            run = _run(row)
+            await _write(conn, run.id, m.expire(run, op.now))
+        return tuple(row["id"] for row in rows)
     return await _requeue_due(
         conn, "state = 'running' AND lease_expires_at <= $1", op.now,
         "lease_owner = NULL, lease_expires_at = NULL",
@@ -415,6 +468,7 @@ async def _finish(conn: Conn, op: o.CompleteRun | o.FailRun) -> RunRecord | None
         change = m.finish(run, op.lease, op.now, error=(op.error_type, op.error_message),
                           traceback=op.traceback)
     await _write(conn, op.lease.run_id, change)
+    await _ended(conn, change.run, op.now)
     return change.run
 
 
@@ -482,9 +536,136 @@ async def _send(conn: Conn, op: o.SendEvent) -> o.SendOutcome:
 async def _retry(conn: Conn, op: o.RetryRun) -> RunRecord | None:
     run = await get_run(conn, op.run_id, lock=True)
     change = m.retry(run, op.run_id, await get_steps(conn, op.run_id), op.version, op.who,
-                     op.now)
+                     op.now, op.control_id)
     await _write(conn, op.run_id, change)
     return change.run
+
+
+# -- schedules: the schedule row is locked first, so two servers never decide one occurrence ---
+async def _write_schedule(conn: Conn, change: m.ScheduleChange) -> list[str]:
+    started = []
+    for enqueue in change.enqueues:
+        outcome = await _enqueue(conn, enqueue)
+        if outcome.created:
+            started.append(outcome.run_id)
+    if change.schedule is not None:
+        await conn.execute(SCHEDULE_UPSERT, *attrs.astuple(change.schedule))
+    if change.firings:
+        await conn.executemany(FIRING_UPSERT, [attrs.astuple(f) for f in change.firings])
+    return started
+
+
+async def _last_run(conn: Conn, s: ScheduleRecord | None) -> RunRecord | None:
+    # Read after the schedule row is locked: a run's end that releases a buffered occurrence
+    # locks the same row, so this sees it or comes after it.
+    return None if s is None or s.last_run_id is None else await get_run(conn, s.last_run_id)
+
+
+async def _define_schedule(conn: Conn, op: o.DefineSchedule) -> o.DefineOutcome:
+    # Two definitions of a new id at once: the second waits on the first's row.
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('aiki.schedule.' || $1))",
+                       op.schedule.id)
+    change, outcome = m.define_schedule(await get_schedule(conn, op.schedule.id, lock=True), op)
+    await _write_schedule(conn, change)
+    return outcome
+
+
+async def _pause_schedule(conn: Conn, op: o.PauseSchedule) -> ScheduleRecord:
+    change, record = m.pause_schedule(await get_schedule(conn, op.schedule_id, lock=True), op)
+    await _write_schedule(conn, change)
+    return record
+
+
+async def _trigger_schedule(conn: Conn, op: o.TriggerSchedule) -> ScheduleFiring:
+    s = await get_schedule(conn, op.schedule_id, lock=True)
+    row = await conn.fetchrow(
+        f"SELECT {FIRING_COLUMNS} FROM schedule_firings WHERE schedule_id = $1 AND key = $2",
+        op.schedule_id, f"trigger:{op.trigger_id}")
+    change, firing = m.trigger(s, op, await _last_run(conn, s),
+                               None if row is None else ScheduleFiring(*row))
+    await _write_schedule(conn, change)
+    return firing
+
+
+async def _backfill_schedule(conn: Conn, op: o.BackfillSchedule) -> tuple[ScheduleFiring, ...]:
+    s = await get_schedule(conn, op.schedule_id, lock=True)
+    handled = {row["key"] for row in await conn.fetch(
+        "SELECT key FROM schedule_firings WHERE schedule_id = $1", op.schedule_id)}
+    change, firings = m.backfill(s, op, await _last_run(conn, s), handled)
+    await _write_schedule(conn, change)
+    return firings
+
+
+async def _delete_schedule(conn: Conn, op: o.DeleteSchedule) -> bool:
+    await conn.execute("DELETE FROM schedule_firings WHERE schedule_id = $1", op.schedule_id)
+    deleted = await conn.fetchval("DELETE FROM schedules WHERE id = $1 RETURNING true",
+                                  op.schedule_id)
+    return bool(deleted)
+
+
+async def _fire_schedules(conn: Conn, op: o.FireSchedules) -> tuple[str, ...]:
+    """The due schedules, locked (skipping those another server is firing), each decided by
+    the state machine: its runs, its firing records and its next occurrence in this one
+    transaction."""
+    rows = await conn.fetch(
+        f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE NOT paused AND next_fire_at <= $1"
+        " ORDER BY next_fire_at, id LIMIT $2 FOR UPDATE SKIP LOCKED", op.now, max(op.limit, 0))
+    started: list[str] = []
+    for row in rows:
+        s = ScheduleRecord(*row)
+        started += await _write_schedule(conn, m.fire(s, await _last_run(conn, s), op.now))
+    return tuple(started)
+
+
+async def _ended(conn: Conn, run: RunRecord | None, now: float) -> None:
+    """A run ended: an occurrence buffered behind it starts (``buffer_one``). The schedule
+    row is locked whatever it holds: a firing that buffers concurrently is waited for."""
+    if run is None or not m.started_by_a_schedule(run):
+        return
+    rows = await conn.fetch(f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE last_run_id = $1"
+                            " ORDER BY id FOR UPDATE", run.id)
+    for row in rows:
+        await _write_schedule(conn, m.release_buffered(ScheduleRecord(*row), run, now))
+
+
+async def _pause(conn: Conn, op: o.PauseRun) -> RunRecord | None:
+    change = m.pause(await get_run(conn, op.run_id, lock=True), op.run_id, op.who, op.now,
+                     op.control_id)
+    await _write(conn, op.run_id, change)
+    return change.run
+
+
+async def _resume(conn: Conn, op: o.ResumeRun) -> RunRecord | None:
+    run = await get_run(conn, op.run_id, lock=True)
+    steps = {s.position: s for s in await get_steps(conn, op.run_id)}
+    buffered = {r["name"]: r["sent_at"] for r in await conn.fetch(
+        "SELECT name, min(sent_at) AS sent_at FROM events WHERE run_id = $1"
+        " AND position IS NULL GROUP BY name", op.run_id)}
+    change = m.resume(run, op.run_id, await get_waits(conn, op.run_id), steps, buffered,
+                      op.who, op.now, op.control_id)
+    await _write(conn, op.run_id, change)
+    return change.run
+
+
+async def _fork(conn: Conn, op: o.ForkRun) -> RunRecord:
+    existing = await get_run(conn, op.new_run_id)
+    if existing is not None:
+        return m.fork_again(existing, op)
+    # Locked: its writers lock its row first, so its steps cannot change under the copy.
+    original = await get_run(conn, op.run_id, lock=True)
+    new, made, noted = m.fork(original, op, await get_steps(conn, op.run_id))
+    columns = [f.name for f in attrs.fields(RunRecord)]
+    inserted = await conn.fetchval(
+        f"INSERT INTO runs ({', '.join(columns)}) VALUES"
+        f" ({', '.join(f'${i}' for i in range(1, len(columns) + 1))})"
+        " ON CONFLICT DO NOTHING RETURNING true", *attrs.astuple(new))
+    if not inserted:  # a concurrent retry of this fork committed first
+        existing = await get_run(conn, op.new_run_id)
+        assert existing is not None
+        return m.fork_again(existing, op)
+    await _write(conn, new.id, attrs.evolve(made, run=None))
+    await _write(conn, op.run_id, noted)
+    return new
 
 
 async def _release(conn: Conn, op: o.ReleaseRun) -> None:
@@ -497,7 +678,10 @@ _OPS: dict[type[Any], Callable[[Conn, Any], Awaitable[Any]]] = {
     o.StartStep: _save_step, o.SaveStep: _save_step, o.CompleteRun: _finish,
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
-    o.RetryRun: _retry,
+    o.RetryRun: _retry, o.DefineSchedule: _define_schedule, o.PauseSchedule: _pause_schedule,
+    o.TriggerSchedule: _trigger_schedule, o.BackfillSchedule: _backfill_schedule,
+    o.DeleteSchedule: _delete_schedule, o.FireSchedules: _fire_schedules,
+    o.PauseRun: _pause, o.ResumeRun: _resume, o.ForkRun: _fork,
 }
 
 

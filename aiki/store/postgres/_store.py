@@ -20,6 +20,8 @@ from aiki.records import (
     HistoryEvent,
     RunCount,
     RunRecord,
+    ScheduleFiring,
+    ScheduleRecord,
     StepRecord,
     WaitRecord,
 )
@@ -157,6 +159,17 @@ class PostgresStore:
 
     async def next_due(self) -> float | None:
         return await self._read("next_due", _sql.next_due)
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        return await self._read("get_schedule",
+                                lambda conn: _sql.get_schedule(conn, schedule_id))
+
+    async def list_schedules(self) -> tuple[ScheduleRecord, ...]:
+        return await self._read("list_schedules", _sql.list_schedules)
+
+    async def get_firings(self, schedule_id: str, limit: int = 20) -> tuple[ScheduleFiring, ...]:
+        return await self._read("get_firings",
+                                lambda conn: _sql.get_firings(conn, schedule_id, limit))
 
     # -- writes -----------------------------------------------------------------------------
     async def apply(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
