@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from aiki import schedules as sch
+from aiki.metrics import RUNS
 from aiki.store.machine import (
     RUN_TRANSITIONS,
     STEP_TRANSITIONS,
@@ -112,6 +113,9 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
 
     v += _sends(contents, ledger)
     v += _waits(contents, ledger)
+    v += _metrics(outcome, exact=False)
+    if reference is not None:
+        v += [f"without faults, {m}" for m in _metrics(reference, exact=True)]
     v += _schedules(contents, ledger, started_by)
     for run_id in sorted(ledger.watching):
         run = runs.get(run_id)
@@ -159,6 +163,35 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
             v.append(f"run {run_id} ended failed; without faults it ended {ref[0]} "
                      f"with {ref[2]}")
     return v
+
+
+# Run events the servers count (aiki_runs_total), and the history event of each.
+COUNTED_EVENTS = (("started", "run.running"), ("completed", "run.completed"),
+                  ("failed", "run.failed"))
+
+
+def _metrics(outcome: Outcome, exact: bool) -> list[str]:
+    """The servers' run counters against the store: a counter never counts what the store
+    did not commit (a refused or lost write), so it is at most the history's count; without
+    faults (``exact``), where no reply is lost, it is exactly that."""
+    contents = outcome.store.inner.contents()
+    stored = {name: 0 for _, name in COUNTED_EVENTS}
+    for history in contents.history.values():
+        for e in history:
+            if e.event in stored:
+                stored[e.event] += 1
+    counts = [(event, sum(m.total(RUNS, event=event) for m in outcome.metrics), stored[name])
+              for event, name in COUNTED_EVENTS]
+    # A client's enqueues: not a fork, not a schedule's occurrence.
+    forked = sum(1 for r in contents.runs.values() if r.forked_from is not None)
+    scheduled = sum(1 for run_id, h in contents.history.items()
+                    if h and scheduled_by(h[0].detail) is not None)
+    for event, held in (("enqueued", len(contents.runs) - forked - scheduled),
+                        ("forked", forked)):
+        counts.append((event, sum(m.total(RUNS, event=event) for m in outcome.metrics), held))
+    return [f"the servers counted {counted:g} runs {event} (aiki_runs_total), the store "
+            f"holds {held}" for event, counted, held in counts
+            if counted > held or (exact and counted != held)]
 
 
 def _sleep_markers(steps: Any, payload: str) -> dict[int, int]:

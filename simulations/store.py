@@ -28,6 +28,7 @@ from aiki.records import (
     FINAL_STEP_STATES,
     EventRecord,
     HistoryEvent,
+    RunCount,
     RunRecord,
     ScheduleFiring,
     ScheduleRecord,
@@ -401,6 +402,9 @@ class SimStore:
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
         return await self._read("get_events", run_id)  # type: ignore[no-any-return]
 
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        return await self.inner.run_counts()
+
     async def next_due(self) -> float | None:
         return await self._read("next_due")  # type: ignore[no-any-return]
 
@@ -451,6 +455,9 @@ class ServerStore:
 
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
         return await self.db.get_events(run_id)
+
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        return await self.db.run_counts()
 
     async def next_due(self) -> float | None:
         return await self.db.next_due()

@@ -36,6 +36,7 @@ from aiki.errors import (
     RunNotFound,
     UnknownEvent,
 )
+from aiki.metrics import Metrics
 from aiki.server import Server
 from aiki.sources import Sources
 from aiki.store.memory import MemoryStore
@@ -100,6 +101,8 @@ class Outcome:
     store: SimStore
     ledger: Ledger
     runs_planned: int
+    # Every server incarnation's metrics sink (a crashed one's too: the ledger survives).
+    metrics: list[Metrics] = attrs.field(factory=list)
 
 
 @attrs.define(eq=False)
@@ -926,7 +929,8 @@ def run_seed(cfg: Config) -> Outcome:
                 world.ledger.sometimes["task in flight recorded while paused"] += 1
     return Outcome(cfg.seed, digest, clock.current_time(), faults, world.ledger.sometimes,
                    list(world.ledger.violations), runs, world.trace if cfg.trace else [],
-                   world.store, world.ledger, cfg.runs)
+                   world.store, world.ledger, cfg.runs,
+                   [server.sources.metrics for server in world.servers])
 
 
 __all__ = ["Config", "Outcome", "run_seed", "Any"]

@@ -26,6 +26,7 @@ import trio
 from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.errors import StoreUnavailable
+from aiki.metrics import SCHEDULE_LATENESS
 from aiki.sources import Sources
 from aiki.store.base import Store
 from aiki.store.ops import ExpireLeases, FireSchedules, Op, WakeDue
@@ -41,8 +42,8 @@ class Timer:
     on_wake: Callable[[], None]  # runs were queued again: the Dispatcher has work
     on_expired: Callable[[tuple[str, ...]], None] = lambda ids: None
     reconcile_interval: float | None = None
-    mailbox: Mailbox[float | None] = attrs.field(
-        factory=lambda: Mailbox[float | None](256, "timer"))
+    mailbox: Mailbox[float | None] = attrs.field(default=attrs.Factory(
+        lambda self: Mailbox[float | None](256, "timer", self.sources.metrics), takes_self=True))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -56,7 +57,7 @@ class Timer:
                     stale, from_store = False, True
                 now = self.sources.clock.now()
                 if next_at is not None and next_at <= now:
-                    if not await self._fire(now):
+                    if not await self._fire(now, next_at):
                         await trio.sleep(0.01)  # (a due time of another server's clock)
                     stale = True
                     continue
@@ -87,7 +88,7 @@ class Timer:
                 elif next_at is None or hint < next_at:
                     next_at, from_store = hint, False
 
-    async def _fire(self, now: float) -> bool:
+    async def _fire(self, now: float, due: float) -> bool:
         # The three ops at once, so the StoreWriter commits them together (one transaction,
         # not three in a row); each is decided on its own.
         ops: tuple[Op[tuple[str, ...]], ...] = (WakeDue(now), ExpireLeases(now),
@@ -105,6 +106,11 @@ class Timer:
             for i in range(len(ops)):
                 nursery.start_soon(write, i)
         woke, expired, started = done
+        # How late the earliest of them was woken or started (``due``: the earliest due time).
+        if woke:
+            self.sources.metrics.observe(SCHEDULE_LATENESS, max(now - due, 0.0), ("wait",))
+        if started:
+            self.sources.metrics.observe(SCHEDULE_LATENESS, max(now - due, 0.0), ("schedule",))
         if expired:
             self.on_expired(expired)
         if woke or expired or started:

@@ -206,6 +206,7 @@ def enqueue(op: o.Enqueue) -> tuple[RunRecord, Entry]:
         state="queued", idempotency_key=op.idempotency_key, attempts=0, lease_epoch=0,
         lease_owner=None, lease_expires_at=None, result=None, error_type=None,
         error_message=None, created_at=op.now, updated_at=op.now, finished_at=None,
+        trace_context=op.trace_context,
     )
     return run, Entry(op.now, "run.queued", 0, detail=enqueue_detail(op))
 

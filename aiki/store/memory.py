@@ -16,9 +16,11 @@ import trio
 
 from aiki.errors import AikiError
 from aiki.records import (
+    TERMINAL_RUN_STATES,
     ClaimedRun,
     EventRecord,
     HistoryEvent,
+    RunCount,
     RunRecord,
     ScheduleFiring,
     ScheduleRecord,
@@ -107,6 +109,15 @@ class MemoryStore:
         runs.sort(key=lambda r: self._order[r.id], reverse=True)
         return tuple(runs[: max(limit, 0)])
 
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        await trio.lowlevel.checkpoint()
+        groups: dict[tuple[str, str, str], tuple[int, float]] = {}
+        for r in self._runs.values():
+            if r.state not in TERMINAL_RUN_STATES:
+                key = (r.workflow, r.version, r.state)
+                n, oldest = groups.get(key, (0, r.updated_at))
+                groups[key] = (n + 1, min(oldest, r.updated_at))
+        return tuple(RunCount(*key, n, oldest) for key, (n, oldest) in sorted(groups.items()))
     async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
         await trio.lowlevel.checkpoint()
         return self._schedules.get(schedule_id)
@@ -176,11 +187,12 @@ class MemoryStore:
             keyed = next((s.position for s in steps.values()
                           if s.position != op.step.position and s.name == op.step.name
                           and s.idempotency_key == op.step.idempotency_key), None)
-            self._write(op.lease.run_id, m.save_step(
+            change = m.save_step(
                 runs.get(op.lease.run_id), op.lease, steps.get(op.step.position), keyed,
                 op.step, op.now, start=isinstance(op, o.StartStep),
-                lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None))
-            return None
+                lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
+            self._write(op.lease.run_id, change)
+            return bool(change.history)
         if isinstance(op, o.CompleteRun):
             change = m.finish(runs.get(op.lease.run_id), op.lease, op.now, result=op.result)
             self._write(op.lease.run_id, change)

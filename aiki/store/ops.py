@@ -52,6 +52,7 @@ class Enqueue(Op[EnqueueOutcome]):
     on_conflict: str = "raise"
     # Who started it, for its first history event (a schedule's occurrence).
     origin: str | None = None
+    trace_context: str | None = None  # see RunRecord.trace_context
 
 
 @attrs.frozen
@@ -85,10 +86,11 @@ class ExpireLeases(Op[tuple[str, ...]]):
 
 
 @attrs.frozen
-class StartStep(Op[None]):
+class StartStep(Op[bool]):
     """Mark a task step as running at ``attempt`` (fenced). With ``lease_ttl``, the lease is
     renewed too, as by a heartbeat: a worker that hears the start accepted knows its lease
-    lasts ``lease_ttl`` from when it sent it, whenever its assignment arrived."""
+    lasts ``lease_ttl`` from when it sent it, whenever its assignment arrived. The outcome:
+    whether it wrote a step (False: a late duplicate behind the stored step)."""
 
     lease: Lease
     step: StepRecord
@@ -97,11 +99,12 @@ class StartStep(Op[None]):
 
 
 @attrs.frozen
-class SaveStep(Op[None]):
+class SaveStep(Op[bool]):
     """Record the outcome of a step: completed, failed, retrying (fenced).
 
-    Re-saving an identical final step is accepted (a retried write); a different outcome for
-    a final step is a ``StepConflict``.
+    Re-saving an identical final step is accepted (a retried write) and writes nothing; a
+    different outcome for a final step is a ``StepConflict``. The outcome: whether it wrote
+    anything, so a repeat is not counted twice (``aiki_task_attempts_total``).
     """
 
     lease: Lease

@@ -36,9 +36,11 @@ import trio
 
 from aiki.errors import AikiError, StoreUnavailable
 from aiki.records import (
+    TERMINAL_RUN_STATES,
     ClaimedRun,
     EventRecord,
     HistoryEvent,
+    RunCount,
     RunRecord,
     ScheduleFiring,
     ScheduleRecord,
@@ -53,6 +55,9 @@ T = TypeVar("T")
 # Each migration is a list of statements, applied in one transaction; never edit one that has
 # shipped, append a new one. ``runs.seq`` is the enqueue order (FIFO claims, newest-first
 # listing); ``steps.seq`` keeps a run's steps in the order they were first recorded.
+# The terminal run states, as an SQL list (``aiki_runs`` counts every other state).
+_TERMINAL = ", ".join(f"'{state}'" for state in sorted(TERMINAL_RUN_STATES))
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE runs (
@@ -138,6 +143,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE runs ADD COLUMN forked_from TEXT",
         "ALTER TABLE runs ADD COLUMN forked_steps INTEGER",
         "ALTER TABLE runs ADD COLUMN control_id TEXT",
+    ),
+    # OpenTelemetry: the trace context of the span that enqueued the run (issue 17).
+    (
+        "ALTER TABLE runs ADD COLUMN trace_context TEXT",
     ),
 )
 
@@ -350,7 +359,7 @@ def _expire(db: Db, op: o.ExpireLeases) -> tuple[str, ...]:
     return tuple(run.id for run in expired)
 
 
-def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> None:
+def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> bool:
     run_id, new = op.lease.run_id, op.step
     keyed = None
     if new.idempotency_key is not None:
@@ -360,11 +369,11 @@ def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> None:
             (run_id, new.name, new.idempotency_key, new.position),
         ).fetchone()
         keyed = None if row is None else row[0]
-    _write(db, run_id, m.save_step(_get_run(db, run_id), op.lease,
-                                   _get_step(db, run_id, new.position), keyed, new, op.now,
-                                   start=isinstance(op, o.StartStep),
-                                   lease_ttl=op.lease_ttl if isinstance(op, o.StartStep)
-                                   else None))
+    change = m.save_step(_get_run(db, run_id), op.lease, _get_step(db, run_id, new.position),
+                         keyed, new, op.now, start=isinstance(op, o.StartStep),
+                         lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
+    _write(db, run_id, change)
+    return bool(change.history)
 
 
 def _finish(db: Db, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
@@ -673,6 +682,11 @@ class SqliteStore:
         return await self._run(
             lambda db: tuple(EventRecord(*row) for row in db.execute(sql, (run_id,))))
 
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        sql = ("SELECT workflow, version, state, count(*), min(updated_at) FROM runs"
+               f" WHERE state NOT IN ({_TERMINAL}) GROUP BY workflow, version, state"
+               " ORDER BY workflow, version, state")
+        return await self._run(lambda db: tuple(RunCount(*row) for row in db.execute(sql)))
     async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
         return await self._run(lambda db: _get_schedule(db, schedule_id))
 

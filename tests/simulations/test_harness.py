@@ -287,6 +287,26 @@ def ended_notices_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Server, "_notices", notices)
 
 
+def metrics_count_what_was_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs counted completed or failed when a worker asks, even when the store refuses the
+    write (a stale lease, a repeat after a lost reply)."""
+    from aiki.actors import store_writer
+    from aiki.errors import AikiError
+    from aiki.metrics import RUNS
+    from aiki.store import ops
+
+    counted = store_writer.count_outcome
+
+    def count(metrics: Any, op: Any, outcome: Any) -> None:
+        if isinstance(outcome, AikiError) and isinstance(op, (ops.CompleteRun, ops.FailRun)):
+            event = "completed" if isinstance(op, ops.CompleteRun) else "failed"
+            metrics.inc(RUNS, ("?", "?", event))
+            return
+        counted(metrics, op, outcome)
+
+    monkeypatch.setattr(store_writer, "count_outcome", count)
+
+
 def renew_any_lease(monkeypatch: pytest.MonkeyPatch) -> None:
     # A heartbeat renews whatever runs it names, held or not: a zombie's lease lives on.
     import attrs
@@ -442,7 +462,7 @@ def servers_each_fire_one_occurrence(monkeypatch: pytest.MonkeyPatch) -> None:
                         for f in change.firings)
         return attrs.evolve(change, enqueues=(), firings=firings)
 
-    async def timer_fire(self: Timer, now: float) -> bool:
+    async def timer_fire(self: Timer, now: float, due: float) -> bool:
         # Read which schedules are due, start their runs, then move them on: a check and a
         # write in two steps, with no key derived from the occurrence.
         for s in await self.store.list_schedules():
@@ -453,7 +473,7 @@ def servers_each_fire_one_occurrence(monkeypatch: pytest.MonkeyPatch) -> None:
                     run_id, s.workflow, s.version, s.payload, None, now,
                     origin=machine.origin_of(s.id, key)))
                 started[(s.id, key)] = run_id
-        return await real_timer_fire(self, now)
+        return await real_timer_fire(self, now, due)
 
     monkeypatch.setattr(machine, "fire", fire)
     monkeypatch.setattr(Timer, "_fire", timer_fire)
@@ -530,6 +550,8 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
         (replay_by_address, ("diverged", "without faults it ended", "expected attempt")),
         (reply_none_on_lost_connection, ("must get its reply or raise",)),
         (no_deadline_check_before_the_body, ("after its result was committed",)),
+        # A metric counts a write the store refused.
+        (metrics_count_what_was_asked, ("(aiki_runs_total), the store holds",)),
         # A restarted server forgets the occurrences that came while it was down.
         (schedule_next_in_memory, ("was decided 0 times",)),
         # Two servers (or one, again after a crash) start a run for one occurrence.
@@ -544,6 +566,7 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
          "send-ack-before-commit", "ended-notices-dropped", "completion-drops-outcomes",
          "renew-any-lease", "unfenced-completions", "sqlite-unfenced", "replay-by-address",
          "reply-none-on-lost-connection", "no-deadline-check-before-the-body",
+         "metrics-count-what-was-asked",
          "schedule-next-in-memory", "servers-each-fire-one-occurrence",
          "pause-lets-the-next-step-start", "retry-drops-completed-steps"],
 )

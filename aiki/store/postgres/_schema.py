@@ -202,6 +202,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE INDEX runs_paused_lease ON runs (lease_expires_at)
             WHERE state = 'paused' AND lease_owner IS NOT NULL""",
     ),
+    # OpenTelemetry: the trace context of the span that enqueued the run (issue 17).
+    (
+        "ALTER TABLE runs ADD COLUMN trace_context TEXT",
+    ),
 )
 
 # The oldest server this store is written for: pg_current_xact_id_if_assigned and

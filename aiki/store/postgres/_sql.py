@@ -31,9 +31,11 @@ from asyncpg.transaction import Transaction
 
 from aiki.errors import AikiError, StoreUnavailable
 from aiki.records import (
+    TERMINAL_RUN_STATES,
     ClaimedRun,
     EventRecord,
     HistoryEvent,
+    RunCount,
     RunRecord,
     ScheduleFiring,
     ScheduleRecord,
@@ -203,6 +205,14 @@ async def list_runs(
     return tuple(_run(row) for row in rows)
 
 
+async def run_counts(conn: Conn) -> tuple[RunCount, ...]:
+    rows = await conn.fetch(
+        "SELECT workflow, version, state, count(*), min(updated_at) FROM runs"
+        " WHERE state <> ALL($1::text[]) GROUP BY workflow, version, state"
+        " ORDER BY workflow, version, state", sorted(TERMINAL_RUN_STATES))
+    return tuple(RunCount(*row) for row in rows)
+
+
 async def next_due(conn: Conn) -> float | None:
     due: float | None = await conn.fetchval(
         "SELECT least((SELECT min(due_at) FROM waits JOIN runs ON runs.id = waits.run_id"
@@ -309,12 +319,12 @@ async def _get_step(conn: Conn, run_id: str, position: str) -> StepRecord | None
 async def _enqueue(conn: Conn, op: o.Enqueue) -> o.EnqueueOutcome:
     inserted = await conn.fetchval(  # the run and its first event in one round trip
         "WITH new AS (INSERT INTO runs (id, workflow, version, payload, state, idempotency_key,"
-        " attempts, lease_epoch, created_at, updated_at)"
-        " VALUES ($1, $2, $3, $4, 'queued', $5, 0, 0, $6, $6) ON CONFLICT DO NOTHING"
+        " attempts, lease_epoch, created_at, updated_at, trace_context)"
+        " VALUES ($1, $2, $3, $4, 'queued', $5, 0, 0, $6, $6, $8) ON CONFLICT DO NOTHING"
         " RETURNING id) INSERT INTO history (run_id, at, event, attempt, detail)"
         " SELECT id, $6, 'run.queued', 0, $7 FROM new RETURNING true",
         op.run_id, op.workflow, op.version, op.payload, op.idempotency_key, op.now,
-        m.enqueue_detail(op),
+        m.enqueue_detail(op), op.trace_context,
     )
     if inserted:
         return o.EnqueueOutcome(op.run_id, created=True)
@@ -432,7 +442,7 @@ async def _wake_due(conn: Conn, op: o.WakeDue) -> tuple[str, ...]:
     return tuple(row["id"] for row in rows)
 
 
-async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> None:
+async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> bool:
     run = await get_run(conn, op.lease.run_id, lock=True)
     new = op.step
     keyed = None
@@ -443,9 +453,11 @@ async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> None:
             op.lease.run_id, new.name, new.idempotency_key, new.position,
         )
     old = None if run is None else await _get_step(conn, run.id, new.position)
-    await _write(conn, op.lease.run_id, m.save_step(
-        run, op.lease, old, keyed, new, op.now, start=isinstance(op, o.StartStep),
-        lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None))
+    change = m.save_step(run, op.lease, old, keyed, new, op.now,
+                         start=isinstance(op, o.StartStep),
+                         lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
+    await _write(conn, op.lease.run_id, change)
+    return bool(change.history)
 
 
 async def _finish(conn: Conn, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
