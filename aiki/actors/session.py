@@ -628,8 +628,8 @@ class Session:
         if not 0 < len(msg.new_run_id) <= MAX_RUN_ID:
             raise ProtocolError(f"a run id must have 1 to {MAX_RUN_ID} characters, "
                                 f"got {len(msg.new_run_id)}")
-        run = await ctx.writer.write(ops.ForkRun(msg.run_id, msg.new_run_id, msg.from_step,
-                                                 msg.version, who, now))
+        run = (await ctx.writer.write(ops.ForkRun(msg.run_id, msg.new_run_id, msg.from_step,
+                                                  msg.version, who, now))).run
         ctx.dispatcher.poke()
         ctx.dispatcher.queued_for((run.workflow, run.version), now)
         return p.Controlled(msg.req, run)

@@ -133,8 +133,8 @@ def _count_enqueue(metrics: Metrics, op: Any, outcome: Any) -> None:
 
 
 def _count_fork(metrics: Metrics, op: Any, outcome: Any) -> None:
-    if outcome.created_at == op.now:  # not the same fork sent again (it returns the first)
-        metrics.inc(RUNS, (outcome.workflow, outcome.version, "forked"))
+    if outcome.created:  # not the same fork sent again (answered with the run it made)
+        metrics.inc(RUNS, (outcome.run.workflow, outcome.run.version, "forked"))
 
 
 def _count_claim(metrics: Metrics, op: Any, outcome: Any) -> None:

@@ -386,13 +386,13 @@ def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
         now, "run.queued", run.attempts, who, detail=detail),))
 
 
-def fork_again(existing: RunRecord, op: o.ForkRun) -> RunRecord:
+def fork_again(existing: RunRecord, op: o.ForkRun) -> o.ForkOutcome:
     """A fork whose new run id exists already: the same fork sent again (its reply lost)
     gets that run; any other run under that id is a refusal."""
     if existing.forked_from != op.run_id or existing.forked_steps != op.from_step:
         raise InvalidFork(f"run id {op.new_run_id!r} is taken by another run; nothing was "
                           "stored")
-    return existing
+    return o.ForkOutcome(existing, created=False)
 
 
 def first_sent(events: Iterable[EventRecord]) -> dict[str, float]:

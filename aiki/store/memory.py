@@ -266,7 +266,7 @@ class MemoryStore:
             self._history[new.id] = []
             self._write(new.id, made)
             self._write(op.run_id, noted)
-            return new
+            return o.ForkOutcome(new, created=True)
         if isinstance(op, o.PurgeRuns):
             old = sorted((r for r in runs.values() if m.purgeable(r, op.before)),
                          key=lambda r: (r.finished_at, self._order[r.id]))[: max(op.limit, 0)]

@@ -303,10 +303,16 @@ class ResumeRun(Op[RunRecord]):
 
 
 @attrs.frozen
-class ForkRun(Op[RunRecord]):
+class ForkOutcome:
+    run: RunRecord  # the new run, as stored
+    created: bool  # False: the same fork sent again, answered with the run it made
+
+
+@attrs.frozen
+class ForkRun(Op[ForkOutcome]):
     """A new run ``new_run_id`` whose first ``from_step`` steps are copies of run
     ``run_id``'s (see :func:`aiki.store.machine.fork`); the outcome is the new run. A retried
-    fork (the new id exists already) returns that run."""
+    fork (the new id exists already) returns that run, not created."""
 
     run_id: str
     new_run_id: str

@@ -567,7 +567,7 @@ def _resume(db: Db, op: o.ResumeRun) -> RunRecord | None:
     return change.run
 
 
-def _fork(db: Db, op: o.ForkRun) -> RunRecord:
+def _fork(db: Db, op: o.ForkRun) -> o.ForkOutcome:
     existing = _get_run(db, op.new_run_id)
     if existing is not None:
         return m.fork_again(existing, op)
@@ -575,7 +575,7 @@ def _fork(db: Db, op: o.ForkRun) -> RunRecord:
     db.execute(RUN_INSERT, attrs.astuple(new))
     _write(db, new.id, attrs.evolve(made, run=None))
     _write(db, op.run_id, noted)
-    return new
+    return o.ForkOutcome(new, created=True)
 
 
 def _release(db: Db, op: o.ReleaseRun) -> None:

@@ -254,6 +254,10 @@ async def test_pause_resume_and_fork_count_as_their_events(
         await writer.write(ops.ResumeRun("r1", "ops", 3.0))
         await writer.write(ops.ForkRun("r1", "r2", 0, None, "ops", 4.0))
         await writer.write(ops.ForkRun("r1", "r2", 0, None, "ops", 5.0))  # sent again
+        # A duplicated request: the same fork twice at one time, one transaction or two.
+        await writer.write(ops.ForkRun("r1", "r3", 0, None, "ops", 6.0),
+                           ops.ForkRun("r1", "r3", 0, None, "ops", 6.0))
+        await writer.write(ops.ForkRun("r1", "r3", 0, None, "ops", 6.0))
         nursery.cancel_scope.cancel()
     assert metrics.series(RUNS) == {("wf", "1", "enqueued"): 1, ("wf", "1", "paused"): 1,
-                                    ("wf", "1", "resumed"): 1, ("wf", "1", "forked"): 1}
+                                    ("wf", "1", "resumed"): 1, ("wf", "1", "forked"): 2}

@@ -1356,7 +1356,9 @@ async def fork_setup(store: Store) -> None:
 
 async def test_fork_copies_the_first_steps_into_a_new_run(store: Store) -> None:
     await fork_setup(store)
-    forked = await execute(store, o.ForkRun("r1", "f1", 3, "2", "client-3", 20.0))
+    made = await execute(store, o.ForkRun("r1", "f1", 3, "2", "client-3", 20.0))
+    forked = made.run
+    assert made.created
     assert (forked.id, forked.state, forked.version, forked.payload, forked.forked_from,
             forked.forked_steps, forked.idempotency_key) == (
         "f1", "queued", "2", '{"n": 1}', "r1", 3, None)
@@ -1372,17 +1374,21 @@ async def test_fork_copies_the_first_steps_into_a_new_run(store: Store) -> None:
         "forked by client-3 at step 3 into run f1")
     assert (await store.get_run("r1")).state == "failed"  # type: ignore[union-attr]
     # The same fork sent again (its reply lost) is that run; another under its id is not.
-    assert await execute(store, o.ForkRun("r1", "f1", 3, "2", "client-3", 21.0)) == forked
+    again = await execute(store, o.ForkRun("r1", "f1", 3, "2", "client-3", 21.0))
+    assert (again.run, again.created) == (forked, False)
+    # ... also when it comes twice in one transaction, at one time (a duplicated request).
+    twice = await store.apply([o.ForkRun("r1", "f4", 1, None, "c", 22.0)] * 2)
+    assert [(x.run.id, x.created) for x in twice] == [("f4", True), ("f4", False)]
     with pytest.raises(AikiError, match="run id 'f1' is taken by another run"):
         await execute(store, o.ForkRun("r1", "f1", 2, None, "client-3", 21.0))
     [claimed] = await claim(store, workflows=(("wf", "2"),), now=22.0)
     assert [s.position for s in claimed.steps] == ["0", "1", "2.0.0"]
-    whole = await execute(store, o.ForkRun("r1", "f2", 5, None, "c", 23.0))
+    whole = (await execute(store, o.ForkRun("r1", "f2", 5, None, "c", 23.0))).run
     assert (whole.version, len(await store.get_steps("f2"))) == ("1", 5)
-    fresh = await execute(store, o.ForkRun("r1", "f3", 0, None, "c", 23.0))
+    fresh = (await execute(store, o.ForkRun("r1", "f3", 0, None, "c", 23.0))).run
     assert await store.get_steps("f3") == ()
     assert fresh.forked_steps == 0
-    assert [r.id for r in await store.list_runs()] == ["f3", "f2", "f1", "r1"]
+    assert [r.id for r in await store.list_runs()] == ["f3", "f2", "f4", "f1", "r1"]
 
 
 async def test_a_fork_past_the_history_or_of_an_unfinished_step_is_refused(
@@ -1403,7 +1409,7 @@ async def test_a_fork_past_the_history_or_of_an_unfinished_step_is_refused(
     assert str(outcomes[2]) == ("run r2: step 1 (b) is running, not finished: fork from at "
                                 "most step 1; nothing was stored")
     assert await snapshot(store, "r1", "r2", "f1") == before
-    assert (await execute(store, o.ForkRun("r2", "f1", 1, None, "c", 20.0))).state == "queued"
+    assert (await execute(store, o.ForkRun("r2", "f1", 1, None, "c", 20.0))).run.state == "queued"
 
 
 async def test_a_control_sent_again_is_answered_as_done(store: Store) -> None:

@@ -647,7 +647,7 @@ async def _resume(conn: Conn, op: o.ResumeRun) -> RunRecord | None:
     return change.run
 
 
-async def _fork(conn: Conn, op: o.ForkRun) -> RunRecord:
+async def _fork(conn: Conn, op: o.ForkRun) -> o.ForkOutcome:
     existing = await get_run(conn, op.new_run_id)
     if existing is not None:
         return m.fork_again(existing, op)
@@ -665,7 +665,7 @@ async def _fork(conn: Conn, op: o.ForkRun) -> RunRecord:
         return m.fork_again(existing, op)
     await _write(conn, new.id, attrs.evolve(made, run=None))
     await _write(conn, op.run_id, noted)
-    return new
+    return o.ForkOutcome(new, created=True)
 
 
 async def _release(conn: Conn, op: o.ReleaseRun) -> None:
