@@ -49,7 +49,7 @@ class UsageError(Exception):
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, getattr(args, "log_format", "text"))
     name = " ".join(filter(None, [args.command, getattr(args, "runs_command", None)]))
     from aiki.errors import AikiError
 
@@ -130,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--hello-timeout", type=_seconds, default=10.0, metavar="S",
                         help="drop a connection that has not handshaken and said hello "
                              "within S seconds (default 10)")
+    _observability_options(server, 9464)
     _transport_options(server)
 
     worker = command("worker", "run a worker for the workflows of an app", _worker, "info")
@@ -152,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="record a task attempt's start only once it has run S seconds: "
                              "one write less per short task, but a short task may run again "
                              "from a stale lease (default 0: every start recorded first)")
+    _observability_options(worker, 9465)
     _transport_options(worker)
 
     runs = commands.add_parser("runs", help="list runs or show one", description="runs")
@@ -294,7 +296,8 @@ def _parser() -> argparse.ArgumentParser:
     sched_create.add_argument("--overlap", default="skip",
                               choices=["skip", "buffer_one", "allow", "cancel_previous"],
                               help="an occurrence while the previous run is unfinished: skip "
-                                   "it (default), buffer one, or allow it alongside")
+                                   "it (default), buffer one, allow it alongside, or cancel "
+                                   "the previous run (and its children) and start it")
     sched_create.add_argument("--catchup-window", type=_seconds_or_zero, default=60.0,
                               metavar="S", help="occurrences missed while no server was up "
                                                 "fire if this recent (default 1m)")
@@ -499,13 +502,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()), stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
-    if level != "debug":
-        logging.getLogger("trio-websocket").setLevel(logging.WARNING)
+def _setup_logging(level: str, fmt: str) -> None:
+    from aiki import logs
+
+    logs.setup(level, fmt)
+
+
+def _observability_options(parser: argparse.ArgumentParser, default_port: int) -> None:
+    """``--metrics-listen`` and ``--log-format``, for the long-running commands."""
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help="serve /metrics (Prometheus), /health and /ready over plain HTTP "
+                             f"there, e.g. 0.0.0.0:{default_port} (no token: bind it where "
+                             "only your Prometheus reaches)")
+    parser.add_argument("--log-format", choices=["text", "json", "auto"], default="auto",
+                        help="log lines as text, or as one JSON object each with run_id, "
+                             "workflow, version, attempt and worker_id on lines about a run "
+                             "(default auto: text on a terminal, JSON lines otherwise)")
 
 
 def read_token(path: str | None) -> str | None:
@@ -541,6 +553,7 @@ def _server(args: argparse.Namespace) -> int:
         retention=args.retention, stranded_after=args.stranded_after,
         max_frame_bytes=args.max_frame_bytes,
         ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
+        metrics_listen=args.metrics_listen,
     )
     config.endpoint()  # refuse a bad configuration before opening anything
 
@@ -586,6 +599,7 @@ def load_app(spec: str) -> list[Any]:
 
 def _worker(args: argparse.Namespace) -> int:
     from aiki.actors.worker import Worker
+    from aiki.server import parse_http_listen, serve_metrics
     from aiki.sources import Sources
     from aiki.transport.websocket import (
         WebSocketSettings,
@@ -596,6 +610,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     workflows = load_app(args.app)
     parse_address(args.server)  # a bad URL is a usage error now, not a reconnect loop later
+    if args.metrics_listen is not None:
+        parse_http_listen(args.metrics_listen)
     settings = WebSocketSettings(
         token=read_token(args.token_file),
         ssl_context=client_ssl_context(args.cafile) if args.cafile else None,
@@ -616,6 +632,9 @@ def _worker(args: argparse.Namespace) -> int:
             )
             async with trio.open_nursery() as nursery:
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    if args.metrics_listen is not None:
+                        await nursery.start(serve_metrics, worker.http_app(),
+                                            args.metrics_listen)
                     await nursery.start(worker.run)
                     log.info("worker %s connected to %s: %s (%d at once)", worker.id,
                              args.server, ", ".join(f"{w.name}@{w.version}" for w in workflows),

@@ -270,6 +270,9 @@ class Enqueue:
     # The key names a run of another payload: "raise" (IdempotencyConflict) or
     # "return_existing".
     on_conflict: str = "raise"
+    # The enqueuing code's W3C trace context ({"traceparent": ..., "tracestate": ...}), so
+    # the run's spans join its trace (aiki.tracing); None without OpenTelemetry.
+    trace_context: dict[str, str] | None = None
 
 
 @message("enqueued")

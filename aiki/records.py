@@ -56,6 +56,9 @@ class RunRecord:
     # the client's, one per call): the same request sent again after its reply was lost is
     # answered as done, not refused.
     control_id: str | None = None
+    # The W3C trace context (JSON: {"traceparent": ...}) of the span that enqueued it, so
+    # every attempt's spans join one trace; None without OpenTelemetry.
+    trace_context: str | None = None
     # A cancel asked for (``handle.cancel``): when, why, and when its grace period ends
     # (then the run ends ``cancelled`` whatever its compensation is doing).
     cancel_requested_at: float | None = None
@@ -166,6 +169,19 @@ class Lease:
     run_id: str
     epoch: int
     worker_id: str
+
+
+@attrs.frozen
+class RunCount:
+    """How many unfinished runs of one (workflow, version) are in one state, and since when
+    the longest-standing of them has been in it (its ``updated_at``: for a queued run, when it
+    was queued)."""
+
+    workflow: str
+    version: str
+    state: str
+    count: int
+    oldest: float
 
 
 @attrs.frozen

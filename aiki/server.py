@@ -9,6 +9,7 @@ store it names, the WebSocket transport, and SIGINT / SIGTERM handling.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import signal
 import threading
@@ -25,12 +26,22 @@ from aiki.actors.supervisor import ChildSpec, Supervisor
 from aiki.actors.timer import Timer
 from aiki.actors.watchers import RunWatchers
 from aiki.errors import ConfigError
+from aiki.metrics import OLDEST_QUEUED, RUNS_NOW, SESSIONS, SLOTS, WORKERS
+from aiki.observability import (
+    HttpApp,
+    HttpRequest,
+    HttpResponse,
+    metrics_page,
+    routes,
+    serve_http,
+)
 from aiki.records import RunRecord
 from aiki.sources import Sources
 from aiki.store import open_store, redact_url
 from aiki.store.base import Store
 from aiki.transport.base import Connection, Transport
 from aiki.transport.websocket import (
+    UPGRADE_REQUIRED,
     Endpoint,
     WebSocketSettings,
     WebSocketTransport,
@@ -72,7 +83,7 @@ class Server:
     ctx: ServerContext = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        writer = StoreWriter(self.store)
+        writer = StoreWriter(self.store, self.sources.metrics)
         poll = self.poll_interval
         if poll is None and getattr(self.store, "watch", None) is not None:
             poll = SHARED_STORE_POLL
@@ -121,6 +132,75 @@ class Server:
                 nursery.start_soon(ended, ctx.watchers.watched_runs())
 
         return on_notice
+
+    # -- what operators read: /metrics, /health, /ready -----------------------------------
+    async def refresh_metrics(self) -> None:
+        """Set the gauges that are read on demand: runs by state and the oldest queued run's
+        age from the store (every server of a shared store reports the same), workers and
+        slots from the Dispatcher's seats. A store that does not answer leaves the store
+        gauges at their last values (and ``/ready`` says so)."""
+        ctx, metrics = self.ctx, self.sources.metrics
+        seats = list(ctx.dispatcher.seats.values())
+        metrics.set(WORKERS, len(seats))
+        busy = sum(len(seat.active) for seat in seats)
+        metrics.replace(SLOTS, {("busy",): busy, ("free",): sum(max(s.free, 0) for s in seats)})
+        metrics.set(SESSIONS, ctx.open_sessions)
+        try:
+            with trio.fail_after(5):
+                counts = await ctx.store.run_counts()
+        except Exception as exc:
+            log.warning("metrics: the store did not answer: %r", exc)
+            return
+        now = self.sources.clock.now()
+        metrics.replace(RUNS_NOW, {(c.workflow, c.version, c.state): c.count for c in counts})
+        metrics.replace(OLDEST_QUEUED, {(c.workflow, c.version): max(now - c.oldest, 0.0)
+                                        for c in counts if c.state == "queued"})
+
+    async def live(self) -> tuple[bool, str]:
+        """``/health``: the process serves (its supervision tree is up)."""
+        await trio.lowlevel.checkpoint()
+        return True, "serving"
+
+    async def ready(self) -> tuple[bool, str]:
+        """``/ready``: not shutting down, and the store answers a read of the runs table (the
+        store was opened with its migrations applied, so the table is the current one)."""
+        if self.ctx.shutting_down.is_set():
+            return False, "shutting down"
+        try:
+            with trio.fail_after(5):
+                await self.ctx.store.run_counts()
+        except trio.TooSlowError:
+            return False, "the store did not answer within 5 s"
+        except Exception as exc:
+            return False, f"the store is unavailable: {exc}"
+        return True, "the store answers"
+
+    def http_app(self, *, protocol_port: bool = False, token: str | None = None) -> HttpApp:
+        """What the server answers over plain HTTP: /metrics, /health, /ready. On the
+        protocol's own port (``protocol_port``) any other path gets 426 (this port speaks
+        WebSocket), and with a ``token`` /metrics asks for it, as the WebSocket does, since
+        workflow names need not be public; /health and /ready never do, so probes need no
+        secret. ``--metrics-listen`` serves it without a token: bind it where only your
+        Prometheus reaches."""
+        inner = routes(metrics_page(self.sources.metrics, sides=("server",),
+                                    refresh=self.refresh_metrics), self.live, self.ready)
+        if not protocol_port:
+            return inner
+        expected = f"Bearer {token}".encode()
+
+        async def on_protocol_port(request: HttpRequest) -> HttpResponse:
+            if request.path not in ("/metrics", "/health", "/ready"):
+                return HttpResponse(426, UPGRADE_REQUIRED.encode(),
+                                    headers=(("upgrade", "websocket"),))
+            given = (request.header("authorization") or "").encode()
+            if (request.path == "/metrics" and token is not None
+                    and not hmac.compare_digest(given, expected)):
+                return HttpResponse(401, b"/metrics on this port needs 'Authorization: Bearer "
+                                         b"<token>' (or serve it with --metrics-listen)\n",
+                                    headers=(("www-authenticate", "Bearer"),))
+            return await inner(request)
+
+        return on_protocol_port
 
     def stop(self) -> None:
         """Begin a graceful shutdown (see the class docstring); ``serve`` returns when done."""
@@ -182,6 +262,28 @@ class Server:
 
 
 # -- the `aiki server` process ----------------------------------------------------------------
+def parse_http_listen(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) of a plain HTTP listener; ConfigError names
+    what is wrong."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"--metrics-listen wants HOST:PORT (e.g. 0.0.0.0:9464), "
+                          f"got {address!r}")
+    return host, int(port)
+
+
+async def serve_metrics(app: HttpApp, address: str, *,
+                        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """``--metrics-listen``: serve ``app`` on ``address``; ``task_status`` gets the port."""
+    host, port = parse_http_listen(address)
+    try:
+        await serve_http(app, host, port, task_status=task_status)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {address} for metrics: {exc}") from exc
+
+
+
 _WS = WebSocketSettings()  # the transport's defaults
 
 
@@ -204,6 +306,10 @@ class ServerConfig:
     max_frame_bytes: int = _WS.max_frame_bytes
     ping_interval: float = _WS.ping_interval
     ping_timeout: float = _WS.ping_timeout
+    metrics_listen: str | None = None  # HOST:PORT for /metrics, /health and /ready
+
+    def metrics_endpoint(self) -> tuple[str, int] | None:
+        return None if self.metrics_listen is None else parse_http_listen(self.metrics_listen)
 
     def endpoint(self) -> Endpoint:
         """Where to listen; raises :class:`ConfigError` for a setting that cannot work,
@@ -227,6 +333,7 @@ class ServerConfig:
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, "
                                   f"got {getattr(self, name)!r}")
+        self.metrics_endpoint()
         return endpoint
 
     def transport_settings(self) -> WebSocketSettings:
@@ -272,11 +379,16 @@ async def run_server(
                     nursery.start_soon(_stop_on_signals, signals, server, nursery.cancel_scope)
 
                 async def serve(*, task_status: trio.TaskStatus[str]) -> None:
-                    await server.serve(WebSocketTransport(settings), f"{host}:{endpoint.port}",
+                    transport = WebSocketTransport(
+                        settings, http=server.http_app(protocol_port=True, token=config.token))
+                    await server.serve(transport, f"{host}:{endpoint.port}",
                                        task_status=task_status)
                     nursery.cancel_scope.cancel()  # stopped: end the signal watcher too
 
                 url = await nursery.start(serve)
+                if config.metrics_listen is not None:
+                    await nursery.start(serve_metrics, server.http_app(),
+                                        config.metrics_listen)
                 log.info("listening on %s (store %s, lease ttl %.1f s%s)", url,
                          redact_url(config.store),
                          config.lease_ttl, ", token required" if config.token else "")

@@ -7,6 +7,7 @@ simulation can run a whole cluster from one seed and get the same trace every ti
 
 from __future__ import annotations
 
+import os
 import random
 import time
 import uuid
@@ -14,6 +15,8 @@ from typing import Protocol
 
 import attrs
 import trio
+
+from aiki.metrics import Metrics, NoMetrics
 
 
 class WallClock(Protocol):
@@ -55,10 +58,13 @@ class SystemWallClock:
 
 @attrs.define
 class Sources:
-    """Clock, id generator and random source handed to every component that needs one."""
+    """Clock, id generator, random source and metrics sink handed to every component that
+    needs one. ``metrics`` is the one sink of the process (or of one simulated node): every
+    actor counts into it, and the server's ``/metrics`` reads it."""
 
     clock: WallClock
     rng: random.Random
+    metrics: Metrics = attrs.field(factory=Metrics)
 
     def new_id(self) -> str:
         """A time-ordered id for a stored record: a UUIDv7 string (RFC 9562), 48 bits of
@@ -84,8 +90,11 @@ class Sources:
 
     @classmethod
     def real(cls) -> Sources:
-        """Real sources: wall clock via Trio, ids and randomness from the OS."""
-        return cls(clock=TrioWallClock(), rng=random.Random(uuid.uuid4().int))
+        """Real sources: wall clock via Trio, ids and randomness from the OS; a metrics sink,
+        or none that counts when ``$AIKI_METRICS`` is ``off`` (to measure what counting
+        costs)."""
+        metrics = NoMetrics() if os.environ.get("AIKI_METRICS") == "off" else Metrics()
+        return cls(clock=TrioWallClock(), rng=random.Random(uuid.uuid4().int), metrics=metrics)
 
     @classmethod
     def system(cls) -> Sources:

@@ -38,9 +38,16 @@ SUITES: dict[str, str] = {
     "wakeups": "benchmarks.wakeups",
     "clients": "benchmarks.clients",
     "task_styles": "benchmarks.task_styles",
+    "metrics_overhead": "benchmarks.metrics_overhead",
 }
 
+# Run only when named: a check of one change's cost, not a figure of the engine.
+ON_REQUEST = {"metrics_overhead"}
+
 NOTES: dict[str, str] = {
+    "metrics_overhead": "Throughput rows (SQLite) with the metrics sink on and off "
+                        "(AIKI_METRICS=off), alternating in one run; ratio = median on / "
+                        "median off, goal >= 0.97.",
     "wakeups": "Durable sleeps, embedded, one worker that gives every sleep back (inline wait "
                "limit 0.1 s). N runs asleep for a day; then the store calls of 20 s with "
                "nothing due (goal: 0); then probes sleeping 2-4 s beside them: lateness of "
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown suite(s) {', '.join(unknown)}; known: {', '.join(SUITES)}")
     if args.reps < 1:
         parser.error("--reps must be at least 1")
-    names = args.suites or list(SUITES)
+    names = args.suites or [name for name in SUITES if name not in ON_REQUEST]
     reps = 1 if args.quick else args.reps
 
     info = machine()

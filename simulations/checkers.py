@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from aiki import schedules as sch
+from aiki.metrics import RUNS
 from aiki.records import TERMINAL_RUN_STATES
 from aiki.store.machine import (
     RUN_TRANSITIONS,
@@ -117,6 +118,9 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
 
     v += _sends(contents, ledger)
     v += _waits(contents, ledger)
+    v += _metrics(outcome, exact=False)
+    if reference is not None:
+        v += [f"without faults, {m}" for m in _metrics(reference, exact=True)]
     v += _schedules(contents, ledger, started_by)
     for run_id in sorted(ledger.watching):
         run = runs.get(run_id)
@@ -178,6 +182,37 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
             v.append(f"run {run_id} ended failed; without faults it ended {ref[0]} "
                      f"with {ref[2]}")
     return v
+
+
+# Run events the servers count (aiki_runs_total), and the history event of each.
+COUNTED_EVENTS = (("started", "run.running"), ("completed", "run.completed"),
+                  ("failed", "run.failed"), ("cancelled", "run.cancelled"))
+
+
+def _metrics(outcome: Outcome, exact: bool) -> list[str]:
+    """The servers' run counters against the store: a counter never counts what the store
+    did not commit (a refused or lost write), so it is at most the history's count; without
+    faults (``exact``), where no reply is lost, it is exactly that."""
+    contents = outcome.store.inner.contents()
+    stored = {name: 0 for _, name in COUNTED_EVENTS}
+    for history in contents.history.values():
+        for e in history:
+            if e.event in stored:
+                stored[e.event] += 1
+    counts = [(event, sum(m.total(RUNS, event=event) for m in outcome.metrics), stored[name])
+              for event, name in COUNTED_EVENTS]
+    # A client's enqueues: not a fork, not a schedule's occurrence, not a child run (a
+    # step of its parent).
+    forked = sum(1 for r in contents.runs.values() if r.forked_from is not None)
+    scheduled = sum(1 for run_id, h in contents.history.items()
+                    if h and scheduled_by(h[0].detail) is not None)
+    children = sum(1 for r in contents.runs.values() if r.parent_id is not None)
+    for event, held in (("enqueued", len(contents.runs) - forked - scheduled - children),
+                        ("forked", forked)):
+        counts.append((event, sum(m.total(RUNS, event=event) for m in outcome.metrics), held))
+    return [f"the servers counted {counted:g} runs {event} (aiki_runs_total), the store "
+            f"holds {held}" for event, counted, held in counts
+            if counted > held or (exact and counted != held)]
 
 
 def _sleep_markers(steps: Any, payload: str) -> dict[int, int]:
@@ -523,6 +558,33 @@ def _transitions(run_id: str, history: list[Any], deferred_starts: set[str]) -> 
     return out
 
 
+def _replaced(schedule_id: str, contents: Any, ledger: Any,
+              started_by: dict[str, tuple[str, str] | None]) -> list[str]:
+    """Under ``cancel_previous``, after every firing at most one run of the schedule is
+    unfinished and not being cancelled: each run is live from its start until its cancel
+    was asked for (or it ended), and no two such spans overlap (a run started in the
+    transaction that cancels its predecessor starts as that one's span ends)."""
+    spans = []
+    for run_id, origin in started_by.items():
+        if origin is None or origin[0] != schedule_id:
+            continue
+        history = contents.history[run_id]
+        start = ledger.committed.get(history[0].seq, (None,))[0]
+        end = next((ledger.committed.get(e.seq, (None,))[0] for e in history
+                    if e.event in ("cancel.requested", "run.completed", "run.failed",
+                                   "run.cancelled")), float("inf"))
+        if start is not None:
+            spans.append((start, end if end is not None else float("inf"), run_id))
+    spans.sort()
+    out = []
+    for (_, end, before), (start, _, after) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            out.append(f"schedule {schedule_id} (cancel_previous): run {after} started at "
+                       f"t={start:.3f} while run {before} was unfinished and not being "
+                       f"cancelled (until t={end:.3f})")
+    return out
+
+
 def _schedules(contents: Any, ledger: Any,
                started_by: dict[str, tuple[str, str] | None]) -> list[str]:
     """No occurrence starts two runs; under ``skip`` and ``buffer_one`` no two runs of a
@@ -547,6 +609,8 @@ def _schedules(contents: Any, ledger: Any,
                 v.append(f"schedule {schedule_id}: occurrence {f.key} was recorded fired as "
                          f"run {f.run_id}, which is not stored as its run")
     for schedule_id, overlap in sorted(ledger.schedules.items()):
+        if overlap == "cancel_previous":
+            v += _replaced(schedule_id, contents, ledger, started_by)
         if overlap not in ("skip", "buffer_one"):
             continue
         spans = []

@@ -27,6 +27,7 @@ SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a 
              "schedule fired on time", "schedule caught up after downtime",
              "schedule occurrence skipped by overlap",
              "schedule occurrence buffered then fired",
+             "schedule occurrence cancelled its previous run",
              "run paused while running", "task in flight recorded while paused",
              "run paused while waiting", "resumed to wait again", "failed run retried",
              "run forked", "fork past the end refused",

@@ -28,6 +28,7 @@ from aiki.records import (
     FINAL_STEP_STATES,
     EventRecord,
     HistoryEvent,
+    RunCount,
     RunRecord,
     ScheduleFiring,
     ScheduleRecord,
@@ -213,12 +214,15 @@ class SimStore:
         noting what each fork is to copy as it is at that op."""
         await trio.lowlevel.checkpoint()
         outcomes: list[Any] = []
+        ended: list[Any] = []
         for op in ops:
             if isinstance(op, o.ForkRun):  # what the fork is to copy, as it is now
                 self._fork_sources[op.new_run_id] = self.inner.contents().steps.get(
                     op.run_id, ())
-            outcomes += self.inner.apply_now([op])
-        return outcomes
+            got = self.inner.apply_now([op])
+            outcomes += got
+            ended += getattr(got, "ended", ())
+        return o.outcomes_of(outcomes, ended)
 
     async def _read(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """A read from the database; with SQLite, checked against the model's."""
@@ -413,6 +417,9 @@ class SimStore:
     async def get_children(self, run_id: str) -> tuple[RunRecord, ...]:
         return await self.inner.get_children(run_id)
 
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        return await self.inner.run_counts()
+
     async def next_due(self) -> float | None:
         return await self._read("next_due")  # type: ignore[no-any-return]
 
@@ -466,6 +473,9 @@ class ServerStore:
 
     async def get_children(self, run_id: str) -> tuple[RunRecord, ...]:
         return await self.db.get_children(run_id)
+
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        return await self.db.run_counts()
 
     async def next_due(self) -> float | None:
         return await self.db.next_due()

@@ -603,7 +603,7 @@ def _with_waits(r: random.Random, item: PlannedRun) -> PlannedRun:
 
 
 # -- schedules -------------------------------------------------------------------------------
-OVERLAPS = ("skip", "buffer_one", "allow")
+OVERLAPS = ("skip", "buffer_one", "allow", "cancel_previous")
 
 
 @attrs.frozen

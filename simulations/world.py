@@ -36,6 +36,7 @@ from aiki.errors import (
     RunNotFound,
     UnknownEvent,
 )
+from aiki.metrics import Metrics
 from aiki.records import TERMINAL_RUN_STATES
 from aiki.server import Server
 from aiki.sources import Sources
@@ -101,6 +102,8 @@ class Outcome:
     store: SimStore
     ledger: Ledger
     runs_planned: int
+    # Every server incarnation's metrics sink (a crashed one's too: the ledger survives).
+    metrics: list[Metrics] = attrs.field(factory=list)
 
 
 @attrs.define(eq=False)
@@ -925,6 +928,8 @@ def run_seed(cfg: Config) -> Outcome:
                                                  "(overlap 'skip')" in f.detail))
             if situation is not None:
                 world.ledger.sometimes[situation] += f.count
+            if f.detail is not None and "is cancelled (overlap 'cancel_previous')" in f.detail:
+                world.ledger.sometimes["schedule occurrence cancelled its previous run"] += 1
     for history in world.store.inner.contents().history.values():
         paused = False
         for e in history:
@@ -952,7 +957,8 @@ def run_seed(cfg: Config) -> Outcome:
                 world.ledger.sometimes["task in flight recorded while paused"] += 1
     return Outcome(cfg.seed, digest, clock.current_time(), faults, world.ledger.sometimes,
                    list(world.ledger.violations), runs, world.trace if cfg.trace else [],
-                   world.store, world.ledger, cfg.runs)
+                   world.store, world.ledger, cfg.runs,
+                   [server.sources.metrics for server in world.servers])
 
 
 __all__ = ["Config", "Outcome", "run_seed", "Any"]

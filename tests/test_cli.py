@@ -80,6 +80,22 @@ def test_server_settings_are_checked() -> None:
         ServerConfig(listen="ws://127.0.0.1:1/x").endpoint()
 
 
+@pytest.mark.parametrize("address", ["nonsense", "127.0.0.1", ":9464", "127.0.0.1:99999",
+                                     "127.0.0.1:http"])
+def test_a_bad_metrics_address_is_refused_before_anything_starts(
+    address: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(aiki.ConfigError, match="--metrics-listen wants HOST:PORT"):
+        ServerConfig(metrics_listen=address).endpoint()
+    assert main(["server", "--store", "memory", "--metrics-listen", address]) == 1
+    assert main(["worker", "--app", "examples.quickstart:workflows",
+                 "--metrics-listen", address]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in err] == ["aiki server", "aiki worker"]
+    assert all(f"got {address!r}" in line for line in err)
+    assert ServerConfig(metrics_listen="[::1]:9464").metrics_endpoint() == ("::1", 9464)
+
+
 def test_errors_are_one_line_with_the_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["server", "--listen", "0.0.0.0:9090"]) == 1
     err = capsys.readouterr().err

@@ -34,11 +34,13 @@ from typing import Any
 import attrs
 import trio
 
+from aiki import tracing
 from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.errors import AikiError, StoreUnavailable
+from aiki.logs import run_fields
 from aiki.protocol import Assign, Revoke, WorkerInfo, WorkflowRef
-from aiki.records import Lease
+from aiki.records import Lease, RunRecord
 from aiki.sources import Sources
 from aiki.store.ops import Claim, ReleaseRun
 
@@ -141,11 +143,11 @@ class Dispatcher:
     poll_interval: float | None = None
     # Told the expiry of each lease it grants (the Timer's alarm).
     on_leased: Callable[[float], None] = lambda expires_at: None
-    mailbox: Mailbox[Any] = attrs.field(factory=lambda: Mailbox[Any](1024, "dispatcher"))
+    mailbox: Mailbox[Any] = attrs.field(default=attrs.Factory(
+        lambda self: Mailbox[Any](1024, "dispatcher", self.sources.metrics), takes_self=True))
     seats: dict[int, Seat] = attrs.field(factory=dict)
     versions: dict[str, set[str]] = attrs.field(factory=dict)
     events: dict[tuple[str, str], set[str]] = attrs.field(factory=dict)
-    assigned: int = 0
     stopped: bool = False
     # Stranded runs: queued for a version no connected worker has registered. A run counts
     # once it has waited ``stranded_after`` seconds with the version unserved (and the
@@ -277,10 +279,11 @@ class Dispatcher:
                 self.on_leased(claimed[0].run.lease_expires_at or 0.0)
             undelivered = []
             for c in claimed:
+                if c.run.trace_context is not None:
+                    _claim_span(c.run)
                 if not seat.draining and seat.push(Assign(c.run, c.steps)):
                     seat.active.add(c.run.id)
                     seat.assigned_at[c.run.id] = trio.current_time()
-                    self.assigned += 1
                 else:
                     undelivered.append(c.run)
             if undelivered:
@@ -289,7 +292,9 @@ class Dispatcher:
                 assert run.lease_owner is not None
                 log.info("dispatcher: cannot deliver run %s to worker %r (%s); back to the "
                          "queue", run.id, seat.worker_id,
-                         "it drains" if seat.draining else "its connection is backed up")
+                         "it drains" if seat.draining else "its connection is backed up",
+                         extra=run_fields(run.id, run.workflow, run.version, run.attempts,
+                                          run.lease_owner))
                 try:
                     await self.writer.write(ReleaseRun(
                         Lease(run.id, run.lease_epoch, run.lease_owner),
@@ -297,7 +302,9 @@ class Dispatcher:
                         reason=f"the server could not deliver it to worker {seat.worker_id!r}",
                     ))
                 except (AikiError, AskTimeout) as exc:  # then its lease expires instead
-                    log.warning("dispatcher: could not give run %s back: %s", run.id, exc)
+                    log.warning("dispatcher: could not give run %s back: %s", run.id, exc,
+                                extra=run_fields(run.id, run.workflow, run.version,
+                                                 run.attempts, run.lease_owner))
 
     # -- for sessions --------------------------------------------------------------------
     def tell(self, msg: Joined | Left | Ended | Alive | Draining | Expired | Revoked | Poke
@@ -383,6 +390,14 @@ class Dispatcher:
 
     def known_workflows(self) -> list[str]:
         return sorted(self.versions)
+
+
+def _claim_span(run: RunRecord) -> None:
+    """The claim, in the run's trace (a moment: the time queued is the dispatch latency)."""
+    with tracing.span(f"aiki.claim {run.workflow}", tracing.run_attributes(
+            run.id, run.workflow, run.version, run.attempts, run.lease_owner),
+            parent=run.trace_context):
+        pass
 
 
 def version_key(version: str) -> tuple[tuple[int, Any], ...]:

@@ -3,6 +3,10 @@
 An actor owns one :class:`Mailbox` and reads it; everybody else holds only its
 :class:`Address`. Messages are hints (the store is the truth), so a full mailbox drops rather
 than blocks, except on the parent → child path where :meth:`Address.tell` may wait.
+
+Every message a mailbox refuses (full or closed) is counted in the ``metrics`` sink it was
+given (``aiki_mailbox_dropped_total{mailbox, reason}``), so an operator sees an actor fall
+behind; without one it counts into a sink of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Generic, TypeVar, cast
 import trio
 
 from aiki.errors import AikiError
+from aiki.metrics import MAILBOX_DROPPED, Metrics
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -68,13 +73,18 @@ class Reply(Generic[R]):
 
 
 class Address(Generic[T]):
-    """Where to send messages to one mailbox. Cheap to share; every holder sees the same
-    ``dropped`` count (messages refused because the mailbox was full or closed)."""
+    """Where to send messages to one mailbox. Cheap to share. A message refused because the
+    mailbox was full or closed is counted in ``metrics`` under the mailbox's name."""
 
-    def __init__(self, send: trio.MemorySendChannel[T], name: str) -> None:
+    def __init__(self, send: trio.MemorySendChannel[T], name: str, metrics: Metrics) -> None:
         self._send = send
         self.name = name
-        self.dropped = 0
+        self.metrics = metrics
+        self._full = (name, "full")
+        self._closed = (name, "closed")
+
+    def _dropped(self, closed: bool) -> None:
+        self.metrics.inc(MAILBOX_DROPPED, self._closed if closed else self._full)
 
     async def tell(self, msg: T) -> None:
         """Send ``msg``, waiting while the mailbox is full; raise :class:`MailboxClosed`.
@@ -99,8 +109,11 @@ class Address(Generic[T]):
         """Send ``msg`` if there is room; return False (and count a drop) if full or closed."""
         try:
             self._send.send_nowait(msg)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            self.dropped += 1
+        except trio.WouldBlock:
+            self._dropped(False)
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._dropped(True)
             return False
         return True
 
@@ -116,10 +129,10 @@ class Address(Generic[T]):
         try:
             self._send.send_nowait(make(reply))
         except trio.WouldBlock:
-            self.dropped += 1
+            self._dropped(False)
             raise MailboxFull(self.name) from None
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            self.dropped += 1
+            self._dropped(True)
             raise MailboxClosed(self.name) from None
         try:
             with trio.fail_after(timeout):
@@ -136,12 +149,12 @@ class Mailbox(Generic[T]):
     those already queued are still delivered, then iteration ends.
     """
 
-    def __init__(self, capacity: int, name: str) -> None:
+    def __init__(self, capacity: int, name: str, metrics: Metrics | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"mailbox {name!r}: capacity must be at least 1, got {capacity}")
         self.name = name
         send, self._receive = trio.open_memory_channel[T](capacity)
-        self._address = Address(send, name)
+        self._address = Address(send, name, metrics if metrics is not None else Metrics())
 
     @property
     def address(self) -> Address[T]:

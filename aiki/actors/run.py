@@ -42,6 +42,7 @@ import attrs
 import trio
 
 from aiki import protocol as p
+from aiki import tracing
 from aiki.actors.outcomes import Flusher
 from aiki.errors import (
     ChildCancelled,
@@ -58,6 +59,8 @@ from aiki.errors import (
     StoreUnavailable,
     TaskFailed,
 )
+from aiki.logs import bind_run
+from aiki.metrics import TASK_DURATION
 from aiki.records import FINAL_STEP_STATES, Lease, StepKind, StepRecord, WaitFor
 from aiki.retry import Retry
 from aiki.sources import Sources
@@ -492,7 +495,10 @@ class RunState:
             step = StepRecord(position, "task", task.name, input_hash, input_json, key,
                               "running", attempt)
             try:
-                value = await self._call(task, step)
+                with tracing.span(f"aiki.task {task.name}", {
+                        "aiki.task": task.name, "aiki.task.attempt": attempt,
+                        "aiki.task.position": position}):
+                    value = await self._call(task, step)
                 output = p.encode_value(value, task.result_type,
                                         what=f"result of task {task.name!r}")
             except Exception as exc:
@@ -534,7 +540,7 @@ class RunState:
         token = BODY_GATE.set(partial(self._may_start, task))
         try:
             self._may_start(task)
-            return await self.run_task(task, payload)
+            return await self._timed(task, payload)
         finally:
             BODY_GATE.reset(token)
 
@@ -579,6 +585,21 @@ class RunState:
         if failure is not None:
             raise failure
         return value
+
+    async def _timed(self, task: TaskDefinition, payload: Any) -> Any:
+        """Run the task's body, its duration counted by outcome (on Trio's clock)."""
+        started = trio.current_time()
+        outcome = "cancelled"
+        try:
+            value = await self.run_task(task, payload)
+            outcome = "completed"
+            return value
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            self.sources.metrics.observe(TASK_DURATION, trio.current_time() - started,
+                                         (task.name, outcome))
 
     async def await_step(self, step: StepRecord) -> StepRecord:
         """Ask the store where a wait step stands (it ends it if it can)."""
@@ -1036,52 +1057,58 @@ async def run_workflow(
     if on_state is not None:  # (a replay looks at what the code consumed)
         on_state(state)
     _BRANCH.set((state, state.root))
+    bind_run(run.id, run.workflow, run.version, run.attempts, run.lease_owner)
     handle = WorkflowRun(state, run.id, run.workflow, run.version, run.attempts, client)
-    try:
-        payload = p.decode_value(run.payload, workflow.payload_type,
-                                 what=f"payload of workflow {workflow.name!r}")
-        value = await workflow.execute(handle, payload)
-        await state.flush_cancels()
-        state.check_all_consumed()
-        result = p.encode_value(value, workflow.result_type,
-                                what=f"result of workflow {workflow.name!r}")
-    except Suspend as suspend:
-        conditions, reason = suspend.conditions, suspend.reason
+    attributes = tracing.run_attributes(run.id, run.workflow, run.version, run.attempts,
+                                        run.lease_owner)
+    with tracing.span(f"aiki.run {workflow.name}", attributes, parent=run.trace_context,
+                      kind="CONSUMER"):
         try:
+            payload = p.decode_value(run.payload, workflow.payload_type,
+                                     what=f"payload of workflow {workflow.name!r}")
+            value = await workflow.execute(handle, payload)
             await state.flush_cancels()
+            state.check_all_consumed()
+            result = p.encode_value(value, workflow.result_type,
+                                    what=f"result of workflow {workflow.name!r}")
+        except Suspend as suspend:
+            conditions, reason = suspend.conditions, suspend.reason
+            try:
+                await state.flush_cancels()
+            except Abandon:
+                return
+            await state.write(lambda req: p.WaitRun(req, lease, conditions, reason))
+            return
+        except Release:
+            await _give_back(state)
+            return
         except Abandon:
             return
-        await state.write(lambda req: p.WaitRun(req, lease, conditions, reason))
-        return
-    except Release:
-        await _give_back(state)
-        return
-    except Abandon:
-        return
-    except RunCancelled as exc:
-        log.info("run %s (%s): cancelled%s", run.id, workflow.name,
-                 f": {exc.reason}" if exc.reason else "")
-        message = str(exc)
-        try:  # ends it cancelled (a cancelling run ends so whatever it reports)
-            await state.write(lambda req: p.FailRun(req, lease, "RunCancelled", message))
-        except Release:  # paused: it ends cancelled once resumed
-            await _give_back(state)
-        except Abandon:
-            pass
-        return
-    except TaskFailed as exc:
-        trace = format_traceback(exc)
-        if exc.__cause__ is None and exc.remote_traceback:  # replayed: the task's own first
-            trace = f"{exc.remote_traceback}\nThen, in the workflow:\n{trace}"
-        await _fail(state, workflow.name, exc.error_type, str(exc), trace)
-        return
-    except Exception as exc:
-        await _fail(state, workflow.name, type(exc).__name__, str(exc), format_traceback(exc))
-        return
-    try:
-        await state.carry(lambda req, saved: p.CompleteRun(req, lease, result, saved))
-    except Release:  # paused: it completes once resumed (its steps replay)
-        await _give_back(state)
+        except RunCancelled as exc:
+            log.info("run %s (%s): cancelled%s", run.id, workflow.name,
+                     f": {exc.reason}" if exc.reason else "")
+            message = str(exc)
+            try:  # ends it cancelled (a cancelling run ends so whatever it reports)
+                await state.write(lambda req: p.FailRun(req, lease, "RunCancelled", message))
+            except Release:  # paused: it ends cancelled once resumed
+                await _give_back(state)
+            except Abandon:
+                pass
+            return
+        except TaskFailed as exc:
+            trace = format_traceback(exc)
+            if exc.__cause__ is None and exc.remote_traceback:  # replayed: the task's own first
+                trace = f"{exc.remote_traceback}\nThen, in the workflow:\n{trace}"
+            await _fail(state, workflow.name, exc.error_type, str(exc), trace)
+            return
+        except Exception as exc:
+            await _fail(state, workflow.name, type(exc).__name__, str(exc), format_traceback(exc))
+            return
+        with tracing.span(f"aiki.complete {workflow.name}", {}):
+            try:
+                await state.carry(lambda req, saved: p.CompleteRun(req, lease, result, saved))
+            except Release:  # paused: it completes once resumed (its steps replay)
+                await _give_back(state)
 
 
 async def _give_back(state: RunState) -> None:
@@ -1099,12 +1126,15 @@ async def _fail(state: RunState, workflow: str, error_type: str, message: str,
                 trace: str) -> None:
     log.warning("run %s (%s): failed: %s: %s\n%s", state.lease.run_id, workflow, error_type,
                 message, trace)
-    try:
-        await state.write(lambda req: p.FailRun(req, state.lease, error_type, message, trace))
-    except Release:  # paused: it fails again once resumed, if it still does
-        await _give_back(state)
-    except Abandon:
-        pass
+    with tracing.span(f"aiki.fail {workflow}", {"aiki.error_type": error_type}) as span:
+        tracing.fail(span, f"{error_type}: {message}")
+        try:
+            await state.write(lambda req: p.FailRun(req, state.lease, error_type, message,
+                                                    trace))
+        except Release:  # paused: it fails again once resumed, if it still does
+            await _give_back(state)
+        except Abandon:
+            pass
 
 
 MAX_TRACEBACK = 16 * 1024

@@ -29,6 +29,7 @@ import trio
 
 from aiki import protocol as p
 from aiki import schedules as sch
+from aiki import tracing
 from aiki.actors.dispatcher import Alive, Dispatcher, Draining, Ended, Joined, Left, Seat
 from aiki.actors.mailbox import Mailbox
 from aiki.actors.store_writer import StoreWriter
@@ -117,7 +118,9 @@ class Session:
     conn: Connection
     id: int
     hello: p.Hello | None = None
-    outbox: Mailbox[Any] = attrs.field(factory=lambda: Mailbox[Any](1024, "session-outbox"))
+    outbox: Mailbox[Any] = attrs.field(default=attrs.Factory(
+        lambda self: Mailbox[Any](1024, "session-outbox", self.ctx.sources.metrics),
+        takes_self=True))
     protocol_errors: int = 0
     unwatch: dict[int, Callable[[], None]] = attrs.field(factory=dict)
     seat: Seat | None = None  # a worker's, shared with the Dispatcher
@@ -130,6 +133,13 @@ class Session:
     _watching: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _drain_told: bool = False  # the Dispatcher was told this worker drains
 
+    @property
+    def _routine(self) -> int:
+        """The level of this session's comings and goings: DEBUG for a client that said
+        hello (every CLI call is one), INFO for a worker or a peer that never said hello."""
+        client = self.hello is not None and self.hello.role != "worker"
+        return logging.DEBUG if client else logging.INFO
+
     @classmethod
     async def serve(cls, ctx: ServerContext, conn: Connection) -> None:
         ctx.sessions += 1
@@ -138,10 +148,12 @@ class Session:
         try:
             await session._serve()
         except ConnectionLost as exc:
-            log.info("session %d (%s) ended: %s", session.id, conn.peer, exc)
+            # A worker's session is news; a client's (every CLI call) is routine.
+            log.log(session._routine, "session %d (%s) ended: %s", session.id, conn.peer, exc)
         except Closing as reason:
             if reason.error_type is None:
-                log.info("closing session %d (%s): %s", session.id, conn.peer, reason)
+                log.log(session._routine, "closing session %d (%s): %s", session.id,
+                        conn.peer, reason)
             else:
                 log.warning("closing session %d (%s): %s", session.id, conn.peer, reason)
             with trio.move_on_after(1) as scope:
@@ -319,8 +331,11 @@ class Session:
             reply = await self._answer(msg)
         except AikiError as exc:
             if isinstance(exc, (StaleLease, StepConflict)):  # fencing at work: worth a line
+                lease = getattr(msg, "lease", None)
+                about = {} if lease is None else {"run_id": lease.run_id,
+                                                  "worker_id": lease.worker_id}
                 log.info("session %d (%s): refused %s: %s", self.id, self.conn.peer,
-                         _tag(msg), exc)
+                         _tag(msg), exc, extra=about)
             reply = p.Refused(getattr(msg, "req", -1), type(exc).__name__, str(exc))
         except Exception as exc:  # a bug or a store driver error: this request only
             log.exception("session %d (%s): %s failed", self.id, self.conn.peer, _tag(msg))
@@ -348,10 +363,15 @@ class Session:
             if msg.on_conflict not in ON_CONFLICT:
                 raise ProtocolError(f"on_conflict must be one of {', '.join(ON_CONFLICT)}, "
                                     f"got {msg.on_conflict!r}")
-            out = await ctx.writer.write(ops.Enqueue(
-                msg.run_id or ctx.sources.new_id(), msg.workflow, version, msg.payload,
-                msg.idempotency_key, now, msg.on_conflict,
-            ))
+            run_id = msg.run_id or ctx.sources.new_id()
+            with tracing.span(f"aiki.enqueue {msg.workflow}", tracing.run_attributes(
+                    run_id, msg.workflow, version, 0, None), parent=msg.trace_context,
+                    kind="SERVER") as span:
+                out = await ctx.writer.write(ops.Enqueue(
+                    run_id, msg.workflow, version, msg.payload, msg.idempotency_key, now,
+                    msg.on_conflict,
+                    trace_context=tracing.stored_context(span, msg.trace_context),
+                ))
             if out.created:
                 ctx.dispatcher.poke()
                 ctx.dispatcher.queued_for((msg.workflow, version), now)
@@ -539,7 +559,7 @@ class Session:
             self._check_owner(msg.lease)
             # A start renews the lease: the worker checks, before the task body, that the
             # lease still holds from when it sent the start (see RunState._may_start).
-            step_op: ops.Op[None] = (ops.StartStep(msg.lease, msg.step, now, ctx.lease_ttl)
+            step_op: ops.Op[bool] = (ops.StartStep(msg.lease, msg.step, now, ctx.lease_ttl)
                                      if isinstance(msg, p.StartStep)
                                      else ops.SaveStep(msg.lease, msg.step, now))
             await ctx.writer.write(step_op, *_saved(msg.lease, msg.saved, now))
@@ -638,8 +658,8 @@ class Session:
         if not 0 < len(msg.new_run_id) <= MAX_RUN_ID:
             raise ProtocolError(f"a run id must have 1 to {MAX_RUN_ID} characters, "
                                 f"got {len(msg.new_run_id)}")
-        run = await ctx.writer.write(ops.ForkRun(msg.run_id, msg.new_run_id, msg.from_step,
-                                                 msg.version, who, now))
+        run = (await ctx.writer.write(ops.ForkRun(msg.run_id, msg.new_run_id, msg.from_step,
+                                                  msg.version, who, now))).run
         ctx.dispatcher.poke()
         ctx.dispatcher.queued_for((run.workflow, run.version), now)
         return p.Controlled(msg.req, run)

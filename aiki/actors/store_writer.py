@@ -7,19 +7,47 @@ time out and may retry (every op is safe to retry: see :mod:`aiki.store.ops`).
 Group commit: it takes the first write, then whatever else is already waiting (up to
 ``max_batch``), and applies them all in one store transaction. Under load one commit carries
 many runs' checkpoints; when idle a lone write is committed at once.
+
+Being the one writer, it is where the server's metrics of runs, tasks and the store are
+counted (:func:`count_outcome`): from each committed op and its outcome, so what is counted
+is what the store holds, never a write that was refused or rolled back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import attrs
 import trio
 
 from aiki.actors.mailbox import Mailbox, Reply
-from aiki.errors import AikiError, StoreUnavailable
+from aiki.errors import AikiError, StaleLease, StoreUnavailable
+from aiki.metrics import (
+    DISPATCH_LATENCY,
+    LEASES_EXPIRED,
+    RUNS,
+    STALE_WRITES,
+    STORE_COMMIT_SECONDS,
+    STORE_ERRORS,
+    STORE_OPS,
+    STORE_OPS_PER_COMMIT,
+    STORE_TRANSACTIONS,
+    TASK_ATTEMPTS,
+    Metrics,
+)
+from aiki.records import TERMINAL_RUN_STATES, RunRecord
 from aiki.store.base import Store
-from aiki.store.ops import Op
+from aiki.store.ops import (
+    Claim,
+    Enqueue,
+    ExpireLeases,
+    ForkRun,
+    Op,
+    ResumeRun,
+    RetryRun,
+    SaveStep,
+)
 
 T = TypeVar("T")
 
@@ -40,11 +68,11 @@ class Write:
 @attrs.define(eq=False)
 class StoreWriter:
     store: Store
+    metrics: Metrics = attrs.field(factory=Metrics)
     max_batch: int = 256
     timeout: float = 30.0
-    mailbox: Mailbox[Write] = attrs.field(factory=lambda: Mailbox[Write](4096, "store-writer"))
-    commits: int = 0
-    writes: int = 0
+    mailbox: Mailbox[Write] = attrs.field(default=attrs.Factory(
+        lambda self: Mailbox[Write](4096, "store-writer", self.metrics), takes_self=True))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -55,18 +83,29 @@ class StoreWriter:
                     batch.append(self.mailbox.receive_nowait())
                 except trio.WouldBlock:
                     break
+            metrics = self.metrics
+            started = trio.current_time()
+            flat = [op for w in batch for op in w.ops]
             try:
-                outcomes = await self.store.apply([op for w in batch for op in w.ops])
-            except StoreUnavailable as exc:
-                for w in batch:
-                    w.reply.fail(exc)
-                continue
+                outcomes = await self.store.apply(flat)
             except Exception as exc:
+                metrics.observe(STORE_COMMIT_SECONDS, trio.current_time() - started)
+                metrics.inc(STORE_TRANSACTIONS, ("failed",))
+                metrics.inc(STORE_ERRORS, (type(exc).__name__,))
+                if isinstance(exc, StoreUnavailable):
+                    for w in batch:
+                        w.reply.fail(exc)
+                    continue
                 for w in batch:
                     w.reply.fail(StoreUnavailable(f"store write failed: {exc!r}"))
                 raise
-            self.commits += 1
-            self.writes += len(outcomes)
+            if metrics.enabled:
+                metrics.observe(STORE_COMMIT_SECONDS, trio.current_time() - started)
+                metrics.inc(STORE_TRANSACTIONS, ("committed",))
+                metrics.observe(STORE_OPS_PER_COMMIT, len(outcomes))
+                for op, outcome in zip(flat, outcomes, strict=True):
+                    count_outcome(metrics, op, outcome)
+                count_ends(metrics, getattr(outcomes, "ended", ()))
             answers = iter(outcomes)
             for w in batch:
                 mine = [next(answers) for _ in w.ops]
@@ -82,3 +121,74 @@ class StoreWriter:
         if isinstance(outcome, AikiError):
             raise outcome
         return outcome  # type: ignore[no-any-return]
+
+
+# What an op whose outcome is a run record did to it, when it is not the run's new state.
+_RUN_EVENT: dict[type[Op[Any]], str] = {RetryRun: "retried", ResumeRun: "resumed"}
+_OK: dict[type[Op[Any]], tuple[str, str]] = {}  # the labels of an op applied: (name, "ok")
+
+
+def _count_enqueue(metrics: Metrics, op: Any, outcome: Any) -> None:
+    if outcome.created:
+        metrics.inc(RUNS, (op.workflow, op.version, "enqueued"))
+
+
+def _count_fork(metrics: Metrics, op: Any, outcome: Any) -> None:
+    if outcome.created:  # not the same fork sent again (answered with the run it made)
+        metrics.inc(RUNS, (outcome.run.workflow, outcome.run.version, "forked"))
+
+
+def _count_claim(metrics: Metrics, op: Any, outcome: Any) -> None:
+    for claimed in outcome:
+        run = claimed.run
+        labels = (run.workflow, run.version)
+        metrics.inc(RUNS, (*labels, "started"))
+        if run.attempts == 1:  # its first claim: enqueue -> claim
+            metrics.observe(DISPATCH_LATENCY, max(op.now - run.created_at, 0.0), labels)
+
+
+def _count_save(metrics: Metrics, op: Any, outcome: Any) -> None:
+    if outcome and op.step.kind == "task" and op.step.state != "running":
+        metrics.inc(TASK_ATTEMPTS, (op.step.name, op.step.state))
+
+
+def _count_expired(metrics: Metrics, op: Any, outcome: Any) -> None:
+    if outcome:
+        metrics.inc(LEASES_EXPIRED, by=len(outcome))
+
+
+_COUNT: dict[type[Op[Any]], Callable[[Metrics, Any, Any], None]] = {
+    Enqueue: _count_enqueue, Claim: _count_claim, SaveStep: _count_save,
+    ExpireLeases: _count_expired, ForkRun: _count_fork,
+}
+
+
+def count_outcome(metrics: Metrics, op: Op[Any], outcome: Any) -> None:
+    """Count one committed op: every op by name and outcome; then what it did to runs and
+    tasks. An op that returns the run it moved (completing, failing, retrying, cancelling,
+    ...) counts as that run's new state, so a new op of that shape needs no code here."""
+    cls = type(op)
+    if isinstance(outcome, AikiError):
+        metrics.inc(STORE_OPS, (cls.__name__, type(outcome).__name__))
+        if isinstance(outcome, StaleLease):
+            metrics.inc(STALE_WRITES, (cls.__name__,))
+        return
+    ok = _OK.get(cls)
+    if ok is None:
+        ok = _OK[cls] = (cls.__name__, "ok")
+    metrics.inc(STORE_OPS, ok)
+    counter = _COUNT.get(cls)
+    if counter is not None:
+        counter(metrics, op, outcome)
+    elif isinstance(outcome, RunRecord):
+        event = _RUN_EVENT.get(cls, outcome.state)
+        if event not in TERMINAL_RUN_STATES:  # (ends are counted from what the batch ended)
+            metrics.inc(RUNS, (outcome.workflow, outcome.version, event))
+
+
+def count_ends(metrics: Metrics, ended: Iterable[RunRecord]) -> None:
+    """Count the runs a committed batch ended (completed, failed, cancelled): those its ops
+    ended, and those that ended with them (a parent settled, a tree cancelled); a repeated
+    op that finds its run ended already ends nothing, and counts nothing."""
+    for run in ended:
+        metrics.inc(RUNS, (run.workflow, run.version, run.state))

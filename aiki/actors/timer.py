@@ -26,6 +26,7 @@ import trio
 from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.errors import StoreUnavailable
+from aiki.metrics import SCHEDULE_LATENESS
 from aiki.records import RunRecord
 from aiki.sources import Sources
 from aiki.store.base import Store
@@ -44,8 +45,8 @@ class Timer:
     # The runs its WakeDue ended (a cancel's grace period over).
     on_ended: Callable[[tuple[RunRecord, ...]], None] = lambda runs: None
     reconcile_interval: float | None = None
-    mailbox: Mailbox[float | None] = attrs.field(
-        factory=lambda: Mailbox[float | None](256, "timer"))
+    mailbox: Mailbox[float | None] = attrs.field(default=attrs.Factory(
+        lambda self: Mailbox[float | None](256, "timer", self.sources.metrics), takes_self=True))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -59,7 +60,7 @@ class Timer:
                     stale, from_store = False, True
                 now = self.sources.clock.now()
                 if next_at is not None and next_at <= now:
-                    if not await self._fire(now):
+                    if not await self._fire(now, next_at):
                         await trio.sleep(0.01)  # (a due time of another server's clock)
                     stale = True
                     continue
@@ -90,7 +91,7 @@ class Timer:
                 elif next_at is None or hint < next_at:
                     next_at, from_store = hint, False
 
-    async def _fire(self, now: float) -> bool:
+    async def _fire(self, now: float, due: float) -> bool:
         # The three ops at once, so the StoreWriter commits them together (one transaction,
         # not three in a row); each is decided on its own.
         ops: tuple[Op[tuple[str, ...]], ...] = (WakeDue(now), ExpireLeases(now),
@@ -108,6 +109,11 @@ class Timer:
             for i in range(len(ops)):
                 nursery.start_soon(write, i)
         woke, expired, started = done
+        # How late the earliest of them was woken or started (``due``: the earliest due time).
+        if woke:
+            self.sources.metrics.observe(SCHEDULE_LATENESS, max(now - due, 0.0), ("wait",))
+        if started:
+            self.sources.metrics.observe(SCHEDULE_LATENESS, max(now - due, 0.0), ("schedule",))
         if expired:
             self.on_expired(expired)
         ended: tuple[RunRecord, ...] = getattr(woke, "ended", ())

@@ -39,6 +39,8 @@ from aiki.actors.run import (
     run_workflow,
 )
 from aiki.errors import AikiError
+from aiki.metrics import RECONNECTS, WORKER_SLOTS_MAX, WORKER_SLOTS_USED
+from aiki.observability import HttpApp, metrics_page, routes
 from aiki.records import Lease
 from aiki.sources import Sources
 from aiki.task_styles import DEFAULT_TASK_THREADS, task_runtime
@@ -155,7 +157,29 @@ class Worker:
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
         if self.link is not None:  # a reconnection: renew the re-announced leases now
+            self.sources.metrics.inc(RECONNECTS, (self.id,))
             self._beat_now.set()
+
+    def _count_slots(self) -> None:
+        self.sources.metrics.set(WORKER_SLOTS_USED, len(self.held), (self.id,))
+
+    # -- what operators read (``aiki worker --metrics-listen``) ----------------------------
+    async def live(self) -> tuple[bool, str]:
+        await trio.lowlevel.checkpoint()
+        return True, "running"
+
+    async def ready(self) -> tuple[bool, str]:
+        """Connected to the server, and not draining."""
+        await trio.lowlevel.checkpoint()
+        if self.draining.is_set():
+            return False, "draining"
+        if self.link is None or not self.link.connected:
+            return False, f"not connected to {self.address}"
+        return True, f"connected to {self.address}"
+
+    def http_app(self) -> HttpApp:
+        return routes(metrics_page(self.sources.metrics, sides=("worker",)), self.live,
+                      self.ready)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with task_runtime(self.task_threads), AsyncExitStack() as stack:
@@ -165,6 +189,8 @@ class Worker:
                 on_welcome=self._on_welcome,
             ), self.address, self.connect_timeout, rng=random.Random(f"aiki-wait:{self.id}"))
             self.link = link
+            self.sources.metrics.set(WORKER_SLOTS_MAX, self.max_concurrent_runs, (self.id,))
+            self._count_slots()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat, link)
                 await nursery.start(self.flusher.serve)
@@ -182,6 +208,7 @@ class Worker:
                         held.scope.cancel()  # a newer lease replaces the old actor
                     scope = trio.CancelScope()
                     self.held[lease.run_id] = held = Held(lease, scope)
+                    self._count_slots()
                     nursery.start_soon(self._run_one, link, assign, held)
 
     async def _give_back(self, link: Link, lease: Lease) -> None:
@@ -215,6 +242,7 @@ class Worker:
             held = self.held.get(run.id)
             if held is not None and held.scope is scope:
                 del self.held[run.id]
+                self._count_slots()
             self._held_changed.set()
 
     def _lease_deadline(self, link: Link, held: Held) -> float:
@@ -249,6 +277,7 @@ class Worker:
                 if held is not None:
                     log.info("worker %s: lost the lease of run %s", self.id, run_id)
                     held.scope.cancel()
+                    self._count_slots()
                     self._held_changed.set()
 
     async def drain(self, grace: float) -> None:

@@ -35,7 +35,7 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
-from aiki import errors
+from aiki import errors, tracing
 from aiki import protocol as p
 from aiki import schedules as sch
 from aiki.client.views import (
@@ -158,8 +158,9 @@ def enqueue(workflow: str, payload: str, *, version: str | None, idempotency_key
     if on_conflict not in ("raise", "return_existing"):
         raise ValueError(f"on_conflict must be 'raise' or 'return_existing', "
                          f"got {on_conflict!r}")
+    trace_context = tracing.current_context()  # the caller's span parents the run's spans
     return Call(lambda req: p.Enqueue(req, workflow, payload, version, idempotency_key, run_id,
-                                      on_conflict),
+                                      on_conflict, trace_context),
                 p.Enqueued, lambda reply: reply)
 
 

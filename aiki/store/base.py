@@ -9,6 +9,7 @@ from aiki.errors import AikiError
 from aiki.records import (
     EventRecord,
     HistoryEvent,
+    RunCount,
     RunRecord,
     ScheduleFiring,
     ScheduleRecord,
@@ -53,6 +54,11 @@ class Store(Protocol):
         self, *, workflow: str | None = None, state: str | None = None, limit: int = 100
     ) -> tuple[RunRecord, ...]:
         """Newest first."""
+        ...
+
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        """Unfinished runs (every state but the terminal ones) counted by workflow, version
+        and state, sorted by those: what the ``aiki_runs`` gauges and readiness read."""
         ...
 
     async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None: ...

@@ -227,6 +227,7 @@ def enqueue(op: o.Enqueue) -> tuple[RunRecord, Entry]:
         state="queued", idempotency_key=op.idempotency_key, attempts=0, lease_epoch=0,
         lease_owner=None, lease_expires_at=None, result=None, error_type=None,
         error_message=None, created_at=op.now, updated_at=op.now, finished_at=None,
+        trace_context=op.trace_context,
     )
     return run, Entry(op.now, "run.queued", 0, detail=enqueue_detail(op))
 
@@ -633,13 +634,13 @@ def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
         now, "run.queued", run.attempts, who, detail=detail),))
 
 
-def fork_again(existing: RunRecord, op: o.ForkRun) -> RunRecord:
+def fork_again(existing: RunRecord, op: o.ForkRun) -> o.ForkOutcome:
     """A fork whose new run id exists already: the same fork sent again (its reply lost)
     gets that run; any other run under that id is a refusal."""
     if existing.forked_from != op.run_id or existing.forked_steps != op.from_step:
         raise InvalidFork(f"run id {op.new_run_id!r} is taken by another run; nothing was "
                           "stored")
-    return existing
+    return o.ForkOutcome(existing, created=False)
 
 
 def first_sent(events: Iterable[EventRecord]) -> dict[str, float]:
@@ -1013,6 +1014,9 @@ class ScheduleChange:
     firings: tuple[ScheduleFiring, ...] = ()
     enqueues: tuple[o.Enqueue, ...] = ()
     deleted: bool = False
+    # ``cancel_previous``: the schedule's unfinished previous run is cancelled (as
+    # :func:`cancel` decides, with its tree), before the new one is enqueued.
+    cancel: o.CancelRun | None = None
 
 
 def run_key(schedule_id: str, key: str) -> str:
@@ -1119,10 +1123,13 @@ class _Firing:
     now: float
     firings: list[ScheduleFiring] = attrs.field(factory=list)
     enqueues: list[o.Enqueue] = attrs.field(factory=list)
+    cancel: o.CancelRun | None = None
 
     def occurrence(self, occ: float, key: str, reason: str) -> ScheduleFiring:
         """Decide one occurrence by the overlap policy."""
         s = self.schedule
+        if self.running and s.overlap == "cancel_previous":
+            return self._replace(occ, key, reason)
         if self.running and s.overlap != "allow":
             previous = f"the previous run {s.last_run_id} is unfinished"
             if s.overlap == "buffer_one" and s.buffered_at is None:
@@ -1136,7 +1143,31 @@ class _Firing:
                                                self.now, why))
         return self._start(occ, key, reason)
 
-    def _start(self, occ: float, key: str, reason: str) -> ScheduleFiring:
+    def _replace(self, occ: float, key: str, reason: str) -> ScheduleFiring:
+        """``cancel_previous``: the unfinished previous run is cancelled (a cancel it is
+        already under stands), and this occurrence starts. A previous run this same
+        decision was to start (occurrences caught up together) never starts: its
+        occurrence is recorded skipped, replaced by this one."""
+        s = self.schedule
+        previous = s.last_run_id
+        assert previous is not None
+        why = f"replaced by occurrence {key} (overlap 'cancel_previous')"
+        mine = next((i for i, e in enumerate(self.enqueues) if e.run_id == previous), None)
+        if mine is not None:
+            del self.enqueues[mine]
+            self.firings = [attrs.evolve(f, outcome="skipped", run_id=None,
+                                         detail=f"{why} before it started")
+                            if f.run_id == previous else f for f in self.firings]
+            return self._start(occ, key, reason)
+        if self.cancel is None:
+            self.cancel = o.CancelRun(previous, f"schedule {s.id}: {why}", CASCADE_GRACE,
+                                      f"schedule {s.id}", self.now)
+        return self._start(occ, key, reason,
+                           f"the previous run {previous} is cancelled (overlap "
+                           "'cancel_previous')")
+
+    def _start(self, occ: float, key: str, reason: str,
+               detail: str | None = None) -> ScheduleFiring:
         s = self.schedule
         run_id = run_id_for(s.id, key)
         self.enqueues.append(o.Enqueue(run_id, s.workflow, s.version, s.payload,
@@ -1144,7 +1175,8 @@ class _Firing:
                                        origin_of(s.id, key)))
         self.schedule = attrs.evolve(s, last_run_id=run_id, updated_at=self.now)
         self.running = True
-        return self._record(ScheduleFiring(s.id, key, occ, "fired", reason, run_id, self.now))
+        return self._record(ScheduleFiring(s.id, key, occ, "fired", reason, run_id, self.now,
+                                           detail))
 
     def release_buffered(self) -> None:
         s = self.schedule
@@ -1158,7 +1190,8 @@ class _Firing:
         return firing
 
     def change(self) -> ScheduleChange:
-        return ScheduleChange(self.schedule, tuple(self.firings), tuple(self.enqueues))
+        return ScheduleChange(self.schedule, tuple(self.firings), tuple(self.enqueues),
+                              cancel=self.cancel)
 
 
 def _unfinished(run: RunRecord | None) -> bool:

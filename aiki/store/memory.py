@@ -20,6 +20,7 @@ from aiki.records import (
     ClaimedRun,
     EventRecord,
     HistoryEvent,
+    RunCount,
     RunRecord,
     ScheduleFiring,
     ScheduleRecord,
@@ -113,6 +114,16 @@ class MemoryStore:
         runs.sort(key=lambda r: self._order[r.id], reverse=True)
         return tuple(runs[: max(limit, 0)])
 
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        await trio.lowlevel.checkpoint()
+        groups: dict[tuple[str, str, str], tuple[int, float]] = {}
+        for r in self._runs.values():
+            if r.state not in TERMINAL_RUN_STATES:
+                key = (r.workflow, r.version, r.state)
+                n, oldest = groups.get(key, (0, r.updated_at))
+                groups[key] = (n + 1, min(oldest, r.updated_at))
+        return tuple(RunCount(*key, n, oldest) for key, (n, oldest) in sorted(groups.items()))
+
     async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
         await trio.lowlevel.checkpoint()
         return self._schedules.get(schedule_id)
@@ -152,12 +163,13 @@ class MemoryStore:
         """``apply``, synchronously: no other task runs before it returns (the simulation
         looks at the store between the ops of one batch)."""
         outcomes: list[Any] = []
-        for op in ops:
-            try:
-                outcomes.append(self._apply_one(op))
-            except AikiError as exc:
-                outcomes.append(exc)
-        return outcomes
+        with o.noting_ends() as ended:
+            for op in ops:
+                try:
+                    outcomes.append(self._apply_one(op))
+                except AikiError as exc:
+                    outcomes.append(exc)
+        return o.outcomes_of(outcomes, ended)
 
     def _apply_one(self, op: o.Op[Any]) -> Any:
         runs = self._runs
@@ -184,11 +196,12 @@ class MemoryStore:
             keyed = next((s.position for s in steps.values()
                           if s.position != op.step.position and s.name == op.step.name
                           and s.idempotency_key == op.step.idempotency_key), None)
-            self._write(op.lease.run_id, m.save_step(
+            change = m.save_step(
                 runs.get(op.lease.run_id), op.lease, steps.get(op.step.position), keyed,
                 op.step, op.now, start=isinstance(op, o.StartStep),
-                lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None))
-            return None
+                lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
+            self._write(op.lease.run_id, change)
+            return bool(change.history)
         if isinstance(op, (o.CompleteRun, o.FailRun)):
             return self._finish(op)
         if isinstance(op, o.AbandonSteps):
@@ -274,7 +287,7 @@ class MemoryStore:
             self._history[new.id] = []
             self._write(new.id, made)
             self._write(op.run_id, noted)
-            return new
+            return o.ForkOutcome(new, created=True)
         if isinstance(op, o.PurgeRuns):
             old = sorted((r for r in runs.values() if m.purgeable(r, op.before)),
                          key=lambda r: (r.finished_at, self._order[r.id]))[: max(op.limit, 0)]
@@ -334,6 +347,7 @@ class MemoryStore:
         """``run`` has ended: note it, start an occurrence buffered behind it, and tell its
         parent (recursively up the tree)."""
         ended.append(run)
+        o.note_ended(run)
         self._release_buffered(run, now)
         parent = self._runs.get(run.parent_id) if run.parent_id is not None else None
         if parent is None or parent.state in TERMINAL_RUN_STATES:
@@ -480,6 +494,8 @@ class MemoryStore:
 
     def _write_schedule(self, change: m.ScheduleChange) -> list[str]:
         """Write a schedule op's change; the ids of the runs it started."""
+        if change.cancel is not None:  # (cancel_previous: the previous run first)
+            self._cancel(change.cancel)
         started = []
         for enqueue in change.enqueues:
             outcome = self._enqueue(enqueue)

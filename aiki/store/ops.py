@@ -8,7 +8,10 @@ the batch. This is what lets ``StoreWriter`` group-commit many runs' writes.
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
 
 import attrs
 
@@ -52,6 +55,7 @@ class Enqueue(Op[EnqueueOutcome]):
     on_conflict: str = "raise"
     # Who started it, for its first history event (a schedule's occurrence).
     origin: str | None = None
+    trace_context: str | None = None  # see RunRecord.trace_context
 
 
 @attrs.frozen
@@ -85,10 +89,11 @@ class ExpireLeases(Op[tuple[str, ...]]):
 
 
 @attrs.frozen
-class StartStep(Op[None]):
+class StartStep(Op[bool]):
     """Mark a task step as running at ``attempt`` (fenced). With ``lease_ttl``, the lease is
     renewed too, as by a heartbeat: a worker that hears the start accepted knows its lease
-    lasts ``lease_ttl`` from when it sent it, whenever its assignment arrived."""
+    lasts ``lease_ttl`` from when it sent it, whenever its assignment arrived. The outcome:
+    whether it wrote a step (False: a late duplicate behind the stored step)."""
 
     lease: Lease
     step: StepRecord
@@ -97,11 +102,12 @@ class StartStep(Op[None]):
 
 
 @attrs.frozen
-class SaveStep(Op[None]):
+class SaveStep(Op[bool]):
     """Record the outcome of a step: completed, failed, retrying (fenced).
 
-    Re-saving an identical final step is accepted (a retried write); a different outcome for
-    a final step is a ``StepConflict``.
+    Re-saving an identical final step is accepted (a retried write) and writes nothing; a
+    different outcome for a final step is a ``StepConflict``. The outcome: whether it wrote
+    anything, so a repeat is not counted twice (``aiki_task_attempts_total``).
     """
 
     lease: Lease
@@ -377,10 +383,16 @@ class ResumeRun(Op[RunRecord]):
 
 
 @attrs.frozen
-class ForkRun(Op[RunRecord]):
+class ForkOutcome:
+    run: RunRecord  # the new run, as stored
+    created: bool  # False: the same fork sent again, answered with the run it made
+
+
+@attrs.frozen
+class ForkRun(Op[ForkOutcome]):
     """A new run ``new_run_id`` whose first ``from_step`` steps are copies of run
     ``run_id``'s (see :func:`aiki.store.machine.fork`); the outcome is the new run. A retried
-    fork (the new id exists already) returns that run."""
+    fork (the new id exists already) returns that run, not created."""
 
     run_id: str
     new_run_id: str
@@ -388,3 +400,41 @@ class ForkRun(Op[RunRecord]):
     version: str | None
     who: str
     now: float
+
+
+# -- what a batch ended --------------------------------------------------------------------
+class Outcomes(list[Any]):
+    """A batch's outcomes, one per op, and ``ended``: every run the batch ended, by an op
+    itself or as its consequence (a parent that settled when its last child ended, a tree a
+    cancel reached, a grace period over), in the order they ended. The server counts the
+    runs' ends from it (``aiki_runs_total``)."""
+
+    ended: tuple[RunRecord, ...] = ()
+
+
+_ENDED: contextvars.ContextVar[list[RunRecord] | None] = contextvars.ContextVar(
+    "aiki_ended", default=None)
+
+
+def note_ended(run: RunRecord) -> None:
+    """A store ended ``run`` in the batch it is applying."""
+    ended = _ENDED.get()
+    if ended is not None:
+        ended.append(run)
+
+
+@contextlib.contextmanager
+def noting_ends() -> Iterator[list[RunRecord]]:
+    """While a store applies a batch: the runs it ends are noted in the list."""
+    ended: list[RunRecord] = []
+    token = _ENDED.set(ended)
+    try:
+        yield ended
+    finally:
+        _ENDED.reset(token)
+
+
+def outcomes_of(outcomes: list[Any], ended: list[RunRecord]) -> Outcomes:
+    out = outcomes if isinstance(outcomes, Outcomes) else Outcomes(outcomes)
+    out.ended = tuple(ended)
+    return out

@@ -40,6 +40,7 @@ from aiki.records import (
     ClaimedRun,
     EventRecord,
     HistoryEvent,
+    RunCount,
     RunRecord,
     ScheduleFiring,
     ScheduleRecord,
@@ -54,6 +55,9 @@ T = TypeVar("T")
 # Each migration is a list of statements, applied in one transaction; never edit one that has
 # shipped, append a new one. ``runs.seq`` is the enqueue order (FIFO claims, newest-first
 # listing); ``steps.seq`` keeps a run's steps in the order they were first recorded.
+# The terminal run states, as an SQL list (``aiki_runs`` counts every other state).
+_TERMINAL = ", ".join(f"'{state}'" for state in sorted(TERMINAL_RUN_STATES))
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE runs (
@@ -139,6 +143,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE runs ADD COLUMN forked_from TEXT",
         "ALTER TABLE runs ADD COLUMN forked_steps INTEGER",
         "ALTER TABLE runs ADD COLUMN control_id TEXT",
+    ),
+    # OpenTelemetry: the trace context of the span that enqueued the run (issue 17).
+    (
+        "ALTER TABLE runs ADD COLUMN trace_context TEXT",
     ),
     # Cancellation: a cancel asked for (when, why) and the end of its grace period, which
     # the timer enforces.
@@ -372,7 +380,7 @@ def _expire(db: Db, op: o.ExpireLeases) -> tuple[str, ...]:
     return tuple(run.id for run in expired)
 
 
-def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> None:
+def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> bool:
     run_id, new = op.lease.run_id, op.step
     keyed = None
     if new.idempotency_key is not None:
@@ -382,11 +390,11 @@ def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> None:
             (run_id, new.name, new.idempotency_key, new.position),
         ).fetchone()
         keyed = None if row is None else row[0]
-    _write(db, run_id, m.save_step(_get_run(db, run_id), op.lease,
-                                   _get_step(db, run_id, new.position), keyed, new, op.now,
-                                   start=isinstance(op, o.StartStep),
-                                   lease_ttl=op.lease_ttl if isinstance(op, o.StartStep)
-                                   else None))
+    change = m.save_step(_get_run(db, run_id), op.lease, _get_step(db, run_id, new.position),
+                         keyed, new, op.now, start=isinstance(op, o.StartStep),
+                         lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
+    _write(db, run_id, change)
+    return bool(change.history)
 
 
 # -- children and cancels: the machine decides each run's change; these walk the tree -------
@@ -418,6 +426,7 @@ def _ended(db: Db, run: RunRecord, now: float, ended: list[RunRecord]) -> None:
     """``run`` has ended: note it, start an occurrence buffered behind it, and tell its
     parent (recursively up the tree)."""
     ended.append(run)
+    o.note_ended(run)
     _release_buffered(db, run, now)
     parent = _get_run(db, run.parent_id) if run.parent_id is not None else None
     if parent is None or parent.state in TERMINAL_RUN_STATES:
@@ -625,6 +634,8 @@ def _get_firings(db: Db, schedule_id: str, limit: int) -> tuple[ScheduleFiring, 
 
 
 def _write_schedule(db: Db, change: m.ScheduleChange) -> list[str]:
+    if change.cancel is not None:  # (cancel_previous: the previous run first)
+        _cancel(db, change.cancel)
     started = []
     for enqueue in change.enqueues:
         outcome = _enqueue(db, enqueue)
@@ -720,7 +731,7 @@ def _resume(db: Db, op: o.ResumeRun) -> RunRecord | None:
     return change.run
 
 
-def _fork(db: Db, op: o.ForkRun) -> RunRecord:
+def _fork(db: Db, op: o.ForkRun) -> o.ForkOutcome:
     existing = _get_run(db, op.new_run_id)
     if existing is not None:
         return m.fork_again(existing, op)
@@ -728,7 +739,7 @@ def _fork(db: Db, op: o.ForkRun) -> RunRecord:
     db.execute(RUN_INSERT, attrs.astuple(new))
     _write(db, new.id, attrs.evolve(made, run=None))
     _write(db, op.run_id, noted)
-    return new
+    return o.ForkOutcome(new, created=True)
 
 
 def _release(db: Db, op: o.ReleaseRun) -> None:
@@ -760,16 +771,17 @@ def _apply_batch(db: Db, ops: Sequence[o.Op[Any]]) -> list[Any]:
     db.execute("BEGIN IMMEDIATE")
     try:
         outcomes: list[Any] = []
-        for op in ops:
-            try:
-                outcomes.append(_apply_one(db, op))
-            except AikiError as exc:  # refused on purpose; it wrote nothing
-                outcomes.append(exc)
+        with o.noting_ends() as ended:
+            for op in ops:
+                try:
+                    outcomes.append(_apply_one(db, op))
+                except AikiError as exc:  # refused on purpose; it wrote nothing
+                    outcomes.append(exc)
         db.execute("COMMIT")
     except BaseException:
         _rollback(db)
         raise
-    return outcomes
+    return o.outcomes_of(outcomes, ended)
 
 
 # -- the store ----------------------------------------------------------------------------
@@ -840,6 +852,11 @@ class SqliteStore:
         return await self._run(
             lambda db: tuple(EventRecord(*row) for row in db.execute(sql, (run_id,))))
 
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        sql = ("SELECT workflow, version, state, count(*), min(updated_at) FROM runs"
+               f" WHERE state NOT IN ({_TERMINAL}) GROUP BY workflow, version, state"
+               " ORDER BY workflow, version, state")
+        return await self._run(lambda db: tuple(RunCount(*row) for row in db.execute(sql)))
     async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
         return await self._run(lambda db: _get_schedule(db, schedule_id))
 

@@ -19,6 +19,10 @@ Per connection:
   when no message is due.
 - **Handshake deadline.** A TCP client that does not finish the WebSocket handshake within
   ``handshake_timeout`` is disconnected (and logged).
+- **Plain HTTP on the same port.** A request without ``Upgrade: websocket`` (``curl``, a
+  Kubernetes probe, a Prometheus scrape) is answered by the server's ``http`` app
+  (``/health``, ``/ready``, ``/metrics``), or with 426 and what this port is; it never
+  reaches trio-websocket, which would refuse it with a bare 400.
 - ``wss://``: the server gets an ``ssl.SSLContext`` with its certificate and key
   (:func:`server_ssl_context`); the client one that trusts it (:func:`client_ssl_context`).
 
@@ -46,6 +50,15 @@ import trio_websocket as tw
 
 from aiki import protocol
 from aiki.errors import AuthenticationFailed, ConfigError, ConnectionLost, ProtocolError
+from aiki.observability import (
+    HttpApp,
+    HttpRequest,
+    HttpResponse,
+    ReplayStream,
+    answer,
+    is_websocket_upgrade,
+    read_request,
+)
 from aiki.transport.base import Connection, Handler
 
 log = logging.getLogger("aiki.transport.websocket")
@@ -325,6 +338,8 @@ class WebSocketTransport:
 
     settings: WebSocketSettings = attrs.field(factory=WebSocketSettings)
     open_stream: OpenStream = open_tcp
+    # What a server answers to plain HTTP requests on its port (None: 426 to every one).
+    http: HttpApp | None = None
     connections: int = 0
     _nursery: trio.Nursery | None = None
     _nursery_cm: Any = None
@@ -493,8 +508,19 @@ class WebSocketTransport:
                 log.warning("closing connection from %s: no TLS handshake within %s s",
                             name, settings.handshake_timeout)
                 return
+        deadline = trio.current_time() + settings.handshake_timeout
+        with trio.move_on_at(deadline) as waited:
+            http_conn, head, raw = await read_request(stream)
+            if head is None or not is_websocket_upgrade(head):
+                await answer(stream, http_conn, head, self.http or _upgrade_required)
+                return
+        if waited.cancelled_caught:
+            log.warning("closing connection from %s: no WebSocket handshake within %s s",
+                        name, settings.handshake_timeout)
+            return
+        stream = ReplayStream(stream, raw)
         async with trio.open_nursery() as nursery:
-            with trio.move_on_after(settings.handshake_timeout) as waited:
+            with trio.move_on_at(deadline) as waited:
                 request = await tw.wrap_server_stream(
                     nursery, stream, max_message_size=settings.max_frame_bytes)
             if waited.cancelled_caught:
@@ -534,6 +560,15 @@ class WebSocketTransport:
         return None
 
 
+UPGRADE_REQUIRED = (
+    "This is an Aiki server: it speaks WebSocket here (connect with aiki.connect(), or "
+    "`aiki runs --server ...`). Plain HTTP: /health, /ready, /metrics.\n")
+
+
+async def _upgrade_required(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(426, UPGRADE_REQUIRED.encode(), headers=(("upgrade", "websocket"),))
+
+
 def _reason(exc: BaseException) -> str:
     """Why a connect failed: trio says "all attempts to connect failed" and keeps each
     attempt's error in a group as the cause."""
@@ -571,6 +606,6 @@ def _peer_name(stream: trio.abc.Stream) -> str:
 
 
 __all__ = [
-    "Endpoint", "WebSocketConnection", "WebSocketSettings", "WebSocketTransport",
-    "client_ssl_context", "parse_address", "server_ssl_context",
+    "UPGRADE_REQUIRED", "Endpoint", "WebSocketConnection", "WebSocketSettings",
+    "WebSocketTransport", "client_ssl_context", "parse_address", "server_ssl_context",
 ]

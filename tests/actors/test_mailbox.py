@@ -15,6 +15,7 @@ from aiki.actors.mailbox import (
     Reply,
 )
 from aiki.errors import AikiError
+from aiki.metrics import MAILBOX_DROPPED, Metrics
 
 
 async def test_tell_delivers_in_order_and_iteration_ends_after_close() -> None:
@@ -39,12 +40,13 @@ def test_capacity_must_be_positive() -> None:
 
 
 async def test_tell_nowait_returns_false_when_full_and_counts_drops() -> None:
-    box = Mailbox[str](2, "box")
+    metrics = Metrics()
+    box = Mailbox[str](2, "box", metrics)
     a, b = box.address, box.address
     assert a.tell_nowait("x") and b.tell_nowait("y")
     assert not a.tell_nowait("z")
     assert not b.tell_nowait("w")
-    assert a.dropped == b.dropped == 2
+    assert metrics.series(MAILBOX_DROPPED) == {("box", "full"): 2}
     assert box.receive_nowait() == "x"
     assert a.tell_nowait("v")
     assert [box.receive_nowait(), box.receive_nowait()] == ["y", "v"]
@@ -53,15 +55,16 @@ async def test_tell_nowait_returns_false_when_full_and_counts_drops() -> None:
 
 
 async def test_closed_mailbox_refuses_messages() -> None:
-    box = Mailbox[int](2, "box")
+    metrics = Metrics()
+    box = Mailbox[int](2, "box", metrics)
     box.close()
     assert not box.address.tell_nowait(1)
-    assert box.address.dropped == 1
+    assert metrics.value(MAILBOX_DROPPED, ("box", "closed")) == 1
     with pytest.raises(MailboxClosed):
         await box.address.tell(1)
     with pytest.raises(MailboxClosed):
         await box.address.ask(lambda r: 1, timeout=1)
-    assert box.address.dropped == 2
+    assert metrics.series(MAILBOX_DROPPED) == {("box", "closed"): 2}
     with pytest.raises(MailboxClosed):
         box.receive_nowait()
 
@@ -141,7 +144,7 @@ async def test_ask_a_full_mailbox_raises_at_once() -> None:
     with pytest.raises(MailboxFull, match="'doubler' is full") as info:
         await box.address.ask(lambda r: (2, r), timeout=1)
     assert info.value.name == "doubler"
-    assert box.address.dropped == 1
+    assert box.address.metrics.series(MAILBOX_DROPPED) == {("doubler", "full"): 1}
 
 
 async def test_late_reply_to_a_gone_asker_is_harmless(

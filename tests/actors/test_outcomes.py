@@ -58,6 +58,20 @@ def shown(msg: Any) -> str:
     return head + (f" +{[f'{s.position} {s.state}' for s in saved]}" if saved else "")
 
 
+def recorder(react: Any = None) -> tuple[list[str], Any]:
+    """A persist function that writes down each message it is given (``shown``) and answers
+    Ok, or what ``react(msg)`` returns (it may also wait, or raise)."""
+    written: list[str] = []
+
+    async def persist(make: Any) -> Any:
+        msg = make(1)
+        written.append(shown(msg))
+        answer = None if react is None else await react(msg)
+        return p.Ok(1) if answer is None else answer
+
+    return written, persist
+
+
 async def drive(workflow: Any, persist: Any) -> None:
     flusher = Flusher()
     async with trio.open_nursery() as nursery:
@@ -71,12 +85,7 @@ async def drive(workflow: Any, persist: Any) -> None:
 
 
 async def test_each_outcome_rides_with_the_next_write(autojump_clock: trio.abc.Clock) -> None:
-    written: list[str] = []
-
-    async def persist(make: Any) -> Any:
-        written.append(shown(make(1)))
-        return p.Ok(1)
-
+    written, persist = recorder()
     await drive(three, persist)
     assert written == [
         "StartStep 0 running",
@@ -105,15 +114,10 @@ async def test_an_outcome_with_no_ride_is_sent_alone_within_the_bound(
 async def test_a_write_that_cannot_carry_outcomes_sends_them_first(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    written: list[str] = []
+    async def react(msg: Any) -> Any:
+        return p.StepResult(1, msg.step) if isinstance(msg, p.AwaitStep) else None
 
-    async def persist(make: Any) -> Any:
-        msg = make(1)
-        written.append(shown(msg))
-        if isinstance(msg, p.AwaitStep):
-            return p.StepResult(1, msg.step)
-        return p.Ok(1)
-
+    written, persist = recorder(react)
     await drive(then_sleep, persist)
     assert written[:3] == ["StartStep 0 running", "SaveStep 0 completed",
                            "AwaitStep 1 running"]
@@ -123,15 +127,11 @@ async def test_an_outcome_the_flusher_could_not_send_stops_the_run(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     # The lease is gone when the lone outcome goes: nothing may be written after it.
-    written: list[str] = []
-
-    async def persist(make: Any) -> Any:
-        msg = make(1)
-        written.append(shown(msg))
+    async def react(msg: Any) -> None:
         if isinstance(msg, p.SaveStep):
             raise StaleLease("run r1: lease epoch 1 of worker 'w1' is stale")
-        return p.Ok(1)
 
+    written, persist = recorder(react)
     await drive(then_think, persist)
     assert written == ["StartStep 0 running", "SaveStep 0 completed"]
 
@@ -172,15 +172,11 @@ async def test_an_outcome_riding_with_a_slow_lone_write_rides_again_with_the_end
     # The Flusher sends the outcome alone (no next step came in time) and that write is slow;
     # the run ends meanwhile. Its completion must carry the outcome too, or it may commit
     # first and leave the step running under a completed run (simulation seeds 52, 90, 113).
-    written: list[str] = []
-
-    async def persist(make: Any) -> Any:
-        msg = make(1)
-        written.append(shown(msg))
+    async def react(msg: Any) -> None:
         if isinstance(msg, p.SaveStep):
             await trio.sleep(30.0)  # held up in the network
-        return p.Ok(1)
 
+    written, persist = recorder(react)
     await drive(then_think, persist)
     assert written == ["StartStep 0 running", "SaveStep 0 completed",
                        "CompleteRun +['0 completed']"]

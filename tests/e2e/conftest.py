@@ -71,6 +71,9 @@ class ClockHonestStore:
     async def next_due(self) -> float | None:
         return await self._hold(self.store.next_due)
 
+    async def run_counts(self) -> Any:
+        return await self._hold(self.store.run_counts)
+
     async def get_waits(self, run_id: str) -> Any:
         return await self._hold(lambda: self.store.get_waits(run_id))
 

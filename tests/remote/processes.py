@@ -63,6 +63,7 @@ class Cluster:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         env["AIKI_TEST_LOG"] = str(self.executions_log)
         env.pop("AIKI_TOKEN", None)
+        env["AIKI_LOG_FORMAT"] = "text"  # these tests read the logs as a person would
         env.update(extra)
         return env
 

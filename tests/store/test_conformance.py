@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from aiki import schedules as sch
 from aiki.errors import AikiError, StaleLease, StepConflict
-from aiki.records import ScheduleRecord, WaitFor, WaitRecord
+from aiki.records import RunCount, ScheduleRecord, WaitFor, WaitRecord
 from aiki.store import (
     ClaimedRun,
     HistoryEvent,
@@ -116,6 +116,29 @@ async def test_unknown_run_reads_are_empty(store: Store) -> None:
     assert await store.get_history("nope") == ()
     assert await store.list_runs() == ()
     assert await store.next_due() is None
+
+
+async def test_run_counts_group_unfinished_runs_by_version_and_state(store: Store) -> None:
+    assert await store.run_counts() == ()
+    await execute(store, enqueue("r1", now=1.0))
+    await execute(store, enqueue("r2", now=2.0))
+    await execute(store, enqueue("r3", version="2", now=3.0))
+    await execute(store, enqueue("r4", workflow="other", now=4.0))
+    [claimed] = await claim(store, now=10.0, limit=1)  # r1
+    assert await store.run_counts() == (
+        RunCount("other", "1", "queued", 1, 4.0),
+        RunCount("wf", "1", "queued", 1, 2.0),
+        RunCount("wf", "1", "running", 1, 10.0),
+        RunCount("wf", "2", "queued", 1, 3.0),
+    )
+    await execute(store, o.CompleteRun(claimed.lease, '"done"', 11.0))
+    [claimed] = await claim(store, now=12.0, limit=1)  # r2
+    await execute(store, suspend(claimed.lease, 99.0, "retry later", 13.0))
+    assert await store.run_counts() == (  # a finished run is not counted
+        RunCount("other", "1", "queued", 1, 4.0),
+        RunCount("wf", "1", "waiting", 1, 13.0),
+        RunCount("wf", "2", "queued", 1, 3.0),
+    )
 
 
 async def test_idempotent_enqueue_returns_the_same_run(store: Store) -> None:
@@ -366,7 +389,7 @@ async def test_a_batch_applies_its_good_ops_and_refuses_the_stale_one(store: Sto
         o.CompleteRun(stale, '"nope"', 22.0),
     ])
     assert isinstance(outcomes[0], StaleLease) and isinstance(outcomes[2], StaleLease)
-    assert outcomes[1] is None
+    assert outcomes[1] is True
     steps = await store.get_steps("r1")
     assert [(s.position, s.name) for s in steps] == [("0", "charge"), ("1", "ship")]
     run = await store.get_run("r1")
@@ -382,7 +405,7 @@ async def test_ops_in_a_batch_see_the_earlier_ones(store: Store) -> None:
     ])
     assert outcomes[:2] == [o.EnqueueOutcome("r1", True), o.EnqueueOutcome("r2", True)]
     assert [c.run.id for c in outcomes[2]] == ["r1", "r2"]
-    assert outcomes[3] is None
+    assert outcomes[3] is True
     assert outcomes[4] == await store.get_run("r2")
     assert outcomes[4].state == "completed"
 
@@ -391,10 +414,10 @@ async def test_ops_in_a_batch_see_the_earlier_ones(store: Store) -> None:
 async def test_start_step_then_save_it_completed(store: Store) -> None:
     lease = await claim_one(store, "r1")
     started = step("0", "charge", "running", output=None, key="pay-1")
-    assert await execute(store, o.StartStep(lease, started, 11.0)) is None
+    assert await execute(store, o.StartStep(lease, started, 11.0)) is True
     assert await store.get_steps("r1") == (started,)
     done = step("0", "charge", "completed", output='{"receipt": 9}', key="pay-1")
-    assert await execute(store, o.SaveStep(lease, done, 12.0)) is None
+    assert await execute(store, o.SaveStep(lease, done, 12.0)) is True
     assert await store.get_steps("r1") == (done,)
     assert (await store.get_run("r1")).updated_at == 12.0  # type: ignore[union-attr]
     assert (await events(store, "r1"))[-2:] == [
@@ -416,7 +439,7 @@ async def test_resaving_an_identical_final_step_is_accepted_silently(store: Stor
     for final in (step("0"), step("1", state="failed", error=("ValueError", "bad"))):
         await execute(store, o.SaveStep(lease, final, 11.0))
         before = await snapshot(store, "r1")
-        assert await execute(store, o.SaveStep(lease, final, 12.0)) is None
+        assert await execute(store, o.SaveStep(lease, final, 12.0)) is False  # wrote nothing
         assert await snapshot(store, "r1") == before
 
 
@@ -460,9 +483,9 @@ async def test_task_idempotency_key_is_unique_per_run_and_name(store: Store) -> 
         o.SaveStep(lease, step("2", "pay", key="k2"), 12.0),
         o.SaveStep(lease, step("3", "pay"), 12.0),
         o.SaveStep(lease, step("4", "pay"), 12.0),
-    ]) == [None] * 4
+    ]) == [True] * 4
     other = await claim_one(store, "r2", now=13.0)
-    assert await execute(store, o.SaveStep(other, step("0", "pay", key="k1"), 14.0)) is None
+    assert await execute(store, o.SaveStep(other, step("0", "pay", key="k1"), 14.0)) is True
 
 
 async def test_a_non_final_step_can_move_to_another_key(store: Store) -> None:
@@ -664,7 +687,7 @@ async def test_history_is_in_order_with_increasing_seq(store: Store) -> None:
 
 async def test_execute_raises_refused_outcomes(store: Store) -> None:
     lease = await claim_one(store, "r1")
-    assert await execute(store, o.SaveStep(lease, step("0"), 11.0)) is None
+    assert await execute(store, o.SaveStep(lease, step("0"), 11.0)) is True
     with pytest.raises(StepConflict, match="already final"):
         await execute(store, o.SaveStep(lease, step("0", output='"other"'), 12.0))
     with pytest.raises(StaleLease, match="is stale"):
@@ -1493,7 +1516,9 @@ async def fork_setup(store: Store) -> None:
 
 async def test_fork_copies_the_first_steps_into_a_new_run(store: Store) -> None:
     await fork_setup(store)
-    forked = await execute(store, o.ForkRun("r1", "f1", 3, "2", "client-3", 20.0))
+    made = await execute(store, o.ForkRun("r1", "f1", 3, "2", "client-3", 20.0))
+    forked = made.run
+    assert made.created
     assert (forked.id, forked.state, forked.version, forked.payload, forked.forked_from,
             forked.forked_steps, forked.idempotency_key) == (
         "f1", "queued", "2", '{"n": 1}', "r1", 3, None)
@@ -1509,17 +1534,21 @@ async def test_fork_copies_the_first_steps_into_a_new_run(store: Store) -> None:
         "forked by client-3 at step 3 into run f1")
     assert (await store.get_run("r1")).state == "failed"  # type: ignore[union-attr]
     # The same fork sent again (its reply lost) is that run; another under its id is not.
-    assert await execute(store, o.ForkRun("r1", "f1", 3, "2", "client-3", 21.0)) == forked
+    again = await execute(store, o.ForkRun("r1", "f1", 3, "2", "client-3", 21.0))
+    assert (again.run, again.created) == (forked, False)
+    # ... also when it comes twice in one transaction, at one time (a duplicated request).
+    twice = await store.apply([o.ForkRun("r1", "f4", 1, None, "c", 22.0)] * 2)
+    assert [(x.run.id, x.created) for x in twice] == [("f4", True), ("f4", False)]
     with pytest.raises(AikiError, match="run id 'f1' is taken by another run"):
         await execute(store, o.ForkRun("r1", "f1", 2, None, "client-3", 21.0))
     [claimed] = await claim(store, workflows=(("wf", "2"),), now=22.0)
     assert [s.position for s in claimed.steps] == ["0", "1", "2.0.0"]
-    whole = await execute(store, o.ForkRun("r1", "f2", 5, None, "c", 23.0))
+    whole = (await execute(store, o.ForkRun("r1", "f2", 5, None, "c", 23.0))).run
     assert (whole.version, len(await store.get_steps("f2"))) == ("1", 5)
-    fresh = await execute(store, o.ForkRun("r1", "f3", 0, None, "c", 23.0))
+    fresh = (await execute(store, o.ForkRun("r1", "f3", 0, None, "c", 23.0))).run
     assert await store.get_steps("f3") == ()
     assert fresh.forked_steps == 0
-    assert [r.id for r in await store.list_runs()] == ["f3", "f2", "f1", "r1"]
+    assert [r.id for r in await store.list_runs()] == ["f3", "f2", "f4", "f1", "r1"]
 
 
 async def test_a_fork_past_the_history_or_of_an_unfinished_step_is_refused(
@@ -1540,7 +1569,7 @@ async def test_a_fork_past_the_history_or_of_an_unfinished_step_is_refused(
     assert str(outcomes[2]) == ("run r2: step 1 (b) is running, not finished: fork from at "
                                 "most step 1; nothing was stored")
     assert await snapshot(store, "r1", "r2", "f1") == before
-    assert (await execute(store, o.ForkRun("r2", "f1", 1, None, "c", 20.0))).state == "queued"
+    assert (await execute(store, o.ForkRun("r2", "f1", 1, None, "c", 20.0))).run.state == "queued"
 
 
 async def test_a_control_sent_again_is_answered_as_done(store: Store) -> None:

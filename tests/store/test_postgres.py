@@ -267,7 +267,7 @@ async def test_a_schema_of_the_release_before_run_controls_is_migrated_and_takes
     async with PostgresStore.open(postgres.dsn, schema=schema) as store:
         old = await store.get_run("old")
         assert old is not None and (old.forked_from, old.control_id) == (None, None)
-        fork = await execute(store, o.ForkRun("old", "new", 1, None, "c", 3.0))
+        fork = (await execute(store, o.ForkRun("old", "new", 1, None, "c", 3.0))).run
         assert (fork.forked_from, fork.forked_steps) == ("old", 1)
         assert [s.output for s in await store.get_steps("new")] == ["2"]
         assert (await execute(store, o.PauseRun("queued", "c", 4.0))).state == "paused"

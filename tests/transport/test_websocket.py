@@ -389,3 +389,62 @@ async def test_a_shutdown_goodbye_reaches_the_peer_before_the_server_stops(
             server.ctx.no_sessions = StopWhenNoSession()  # type: ignore[assignment]
             server.stop()
             assert await conn.receive() == p.Goodbye("the server is shutting down")
+
+
+# -- plain HTTP on the WebSocket port ------------------------------------------------------
+async def http_get(transport: WebSocketTransport, request: bytes) -> bytes:
+    """Send ``request`` as a plain HTTP client would, to a served stream; all it gets back."""
+    client_end, server_end = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(transport.serve_stream, server_end, echo, "curl")
+        await client_end.send_all(request)
+        got = b""
+        while chunk := await client_end.receive_some():
+            got += chunk
+    return got
+
+
+async def test_plain_http_gets_a_clear_answer_not_an_empty_400(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from aiki.observability import HttpRequest, HttpResponse
+
+    seen: list[HttpRequest] = []
+
+    async def app(request: HttpRequest) -> HttpResponse:
+        seen.append(request)
+        return HttpResponse(200, b"ok\n")
+
+    bare = WebSocketTransport(WebSocketSettings())  # no app: what this port is, and 426
+    answer = await http_get(bare, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+    assert b"upgrade: websocket" in answer.lower() and b"This is an Aiki server" in answer
+    served = WebSocketTransport(WebSocketSettings(), http=app)
+    answer = await http_get(served, b"GET /health?probe=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nok\n")
+    assert [(r.method, r.path) for r in seen] == [("GET", "/health")]
+    head = await http_get(served, b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")  # no body
+    post = await http_get(served, b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0"
+                                  b"\r\n\r\n")
+    assert post.startswith(b"HTTP/1.1 405 ") and b"use GET" in post
+    garbage = await http_get(served, b"\x16\x03\x01 not http at all\r\n\r\n")
+    assert garbage.startswith(b"HTTP/1.1 400 ") and b"not an HTTP request" in garbage
+    assert len(seen) == 2
+
+
+async def test_a_websocket_upgrade_still_works_beside_plain_http(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The bytes read to tell HTTP from an upgrade are replayed to the WebSocket handshake."""
+    from aiki.observability import HttpRequest, HttpResponse
+
+    async def app(request: HttpRequest) -> HttpResponse:
+        raise AssertionError("an upgrade never reaches the HTTP app")
+
+    async with wire(echo) as w:
+        w.server.http = app
+        conn = await w.client.connect(URL)
+        await conn.send(p.GetRun(1, "r"))
+        assert await conn.receive() == p.Ok(1)
+        await conn.aclose()

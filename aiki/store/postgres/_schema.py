@@ -202,6 +202,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE INDEX runs_paused_lease ON runs (lease_expires_at)
             WHERE state = 'paused' AND lease_owner IS NOT NULL""",
     ),
+    # OpenTelemetry: the trace context of the span that enqueued the run (issue 17).
+    (
+        "ALTER TABLE runs ADD COLUMN trace_context TEXT",
+    ),
     # Cancellation: a cancel asked for (when, why) and the end of its grace period, which
     # the timer enforces.
     (

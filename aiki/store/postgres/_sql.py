@@ -35,6 +35,7 @@ from aiki.records import (
     ClaimedRun,
     EventRecord,
     HistoryEvent,
+    RunCount,
     RunRecord,
     ScheduleFiring,
     ScheduleRecord,
@@ -204,6 +205,14 @@ async def list_runs(
     return tuple(_run(row) for row in rows)
 
 
+async def run_counts(conn: Conn) -> tuple[RunCount, ...]:
+    rows = await conn.fetch(
+        "SELECT workflow, version, state, count(*), min(updated_at) FROM runs"
+        " WHERE state <> ALL($1::text[]) GROUP BY workflow, version, state"
+        " ORDER BY workflow, version, state", sorted(TERMINAL_RUN_STATES))
+    return tuple(RunCount(*row) for row in rows)
+
+
 async def next_due(conn: Conn) -> float | None:
     due: float | None = await conn.fetchval(
         "SELECT least((SELECT min(due_at) FROM waits JOIN runs ON runs.id = waits.run_id"
@@ -318,12 +327,12 @@ async def _get_step(conn: Conn, run_id: str, position: str) -> StepRecord | None
 async def _enqueue(conn: Conn, op: o.Enqueue) -> o.EnqueueOutcome:
     inserted = await conn.fetchval(  # the run and its first event in one round trip
         "WITH new AS (INSERT INTO runs (id, workflow, version, payload, state, idempotency_key,"
-        " attempts, lease_epoch, created_at, updated_at)"
-        " VALUES ($1, $2, $3, $4, 'queued', $5, 0, 0, $6, $6) ON CONFLICT DO NOTHING"
+        " attempts, lease_epoch, created_at, updated_at, trace_context)"
+        " VALUES ($1, $2, $3, $4, 'queued', $5, 0, 0, $6, $6, $8) ON CONFLICT DO NOTHING"
         " RETURNING id) INSERT INTO history (run_id, at, event, attempt, detail)"
         " SELECT id, $6, 'run.queued', 0, $7 FROM new RETURNING true",
         op.run_id, op.workflow, op.version, op.payload, op.idempotency_key, op.now,
-        m.enqueue_detail(op),
+        m.enqueue_detail(op), op.trace_context,
     )
     if inserted:
         return o.EnqueueOutcome(op.run_id, created=True)
@@ -443,7 +452,7 @@ async def _wake_due(conn: Conn, op: o.WakeDue) -> tuple[str, ...]:
     return o.WakeOutcome(woke, await _end_cancels(conn, o.EndCancels(op.now)))
 
 
-async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> None:
+async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> bool:
     run = await get_run(conn, op.lease.run_id, lock=True)
     new = op.step
     keyed = None
@@ -454,9 +463,11 @@ async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> None:
             op.lease.run_id, new.name, new.idempotency_key, new.position,
         )
     old = None if run is None else await _get_step(conn, run.id, new.position)
-    await _write(conn, op.lease.run_id, m.save_step(
-        run, op.lease, old, keyed, new, op.now, start=isinstance(op, o.StartStep),
-        lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None))
+    change = m.save_step(run, op.lease, old, keyed, new, op.now,
+                         start=isinstance(op, o.StartStep),
+                         lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
+    await _write(conn, op.lease.run_id, change)
+    return bool(change.history)
 
 
 # -- children and cancels: the machine decides each run's change; these walk the tree -------
@@ -490,6 +501,7 @@ async def _ended(conn: Conn, run: RunRecord, now: float, ended: list[RunRecord])
     """``run`` has ended: note it, start an occurrence buffered behind it, and tell its
     parent (recursively up the tree)."""
     ended.append(run)
+    o.note_ended(run)
     await _release_buffered(conn, run, now)
     parent = (await get_run(conn, run.parent_id, lock=True)
               if run.parent_id is not None else None)
@@ -690,6 +702,8 @@ async def _cancel(conn: Conn, op: o.CancelRun) -> o.CancelOutcome:
 
 # -- schedules: the schedule row is locked first, so two servers never decide one occurrence ---
 async def _write_schedule(conn: Conn, change: m.ScheduleChange) -> list[str]:
+    if change.cancel is not None:  # (cancel_previous: the previous run first)
+        await _cancel(conn, change.cancel)
     started = []
     for enqueue in change.enqueues:
         outcome = await _enqueue(conn, enqueue)
@@ -797,7 +811,7 @@ async def _resume(conn: Conn, op: o.ResumeRun) -> RunRecord | None:
     return change.run
 
 
-async def _fork(conn: Conn, op: o.ForkRun) -> RunRecord:
+async def _fork(conn: Conn, op: o.ForkRun) -> o.ForkOutcome:
     existing = await get_run(conn, op.new_run_id)
     if existing is not None:
         return m.fork_again(existing, op)
@@ -815,7 +829,7 @@ async def _fork(conn: Conn, op: o.ForkRun) -> RunRecord:
         return m.fork_again(existing, op)
     await _write(conn, new.id, attrs.evolve(made, run=None))
     await _write(conn, op.run_id, noted)
-    return new
+    return o.ForkOutcome(new, created=True)
 
 
 async def _release(conn: Conn, op: o.ReleaseRun) -> None:
@@ -858,11 +872,13 @@ async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]]) -> list[Any]:
         await transaction.start()
         try:
             outcomes: list[Any] = []
-            for op in ops:
-                try:
-                    outcomes.append(await _apply_one(conn, op))
-                except AikiError as exc:  # refused on purpose; it wrote nothing
-                    outcomes.append(exc)
+            with o.noting_ends() as ended:
+                for op in ops:
+                    try:
+                        outcomes.append(await _apply_one(conn, op))
+                    except AikiError as exc:  # refused on purpose; it wrote nothing
+                        outcomes.append(exc)
+            outcomes = o.outcomes_of(outcomes, ended)
             # A transaction that wrote nothing has no id and nothing to lose.
             xid: str | None = await conn.fetchval("SELECT pg_current_xact_id_if_assigned()::text")
         except Exception as exc:

@@ -18,6 +18,7 @@ from aiki.errors import StoreUnavailable
 from aiki.records import (
     EventRecord,
     HistoryEvent,
+    RunCount,
     RunRecord,
     ScheduleFiring,
     ScheduleRecord,
@@ -155,6 +156,9 @@ class PostgresStore:
 
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
         return await self._read("get_events", lambda conn: _sql.get_events(conn, run_id))
+
+    async def run_counts(self) -> tuple[RunCount, ...]:
+        return await self._read("run_counts", _sql.run_counts)
 
     async def next_due(self) -> float | None:
         return await self._read("next_due", _sql.next_due)
