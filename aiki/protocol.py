@@ -620,10 +620,13 @@ class CancelAnswer:
 @attrs.frozen
 class Revoke:
     """Server → worker: the lease you hold on this run is revoked (it was cancelled): stop
-    its workflow and its tasks now, and write nothing more under that lease."""
+    its workflow and its tasks now, and write nothing more under that lease. ``epoch``: the
+    lease epoch revoked, when known (relayed from another server): a newer lease of the run
+    (its compensation) is not touched."""
 
     run_id: str
     reason: str | None = None
+    epoch: int | None = None
 
 
 @message("purge_runs")

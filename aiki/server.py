@@ -123,6 +123,9 @@ class Server:
                 ctx.dispatcher.poke()
             elif notice == "due":
                 ctx.timer.hint(None)
+            elif notice.startswith("revoked:"):  # a cancel through another server
+                epoch, _, run_id = notice[len("revoked:"):].partition(":")
+                ctx.dispatcher.revoke(run_id, None, int(epoch))
             elif notice.startswith("ended:"):
                 if ctx.watchers.watched(notice[len("ended:"):]):
                     nursery.start_soon(ended, [notice[len("ended:"):]])

@@ -346,11 +346,12 @@ class Dispatcher:
         since = max(queued_since, self.started_at or now, self.unserved_since.get(version, 0))
         return now - since >= self.stranded_after
 
-    def revoke(self, run_id: str, reason: str | None) -> None:
-        """A cancel revoked ``run_id``'s lease: tell its worker now (not at its next
-        heartbeat) and free its slot."""
-        self.push_to_holder(run_id, Revoke(run_id, reason))
-        self.tell(Revoked((run_id,)))
+    def revoke(self, run_id: str, reason: str | None, epoch: int | None = None) -> None:
+        """A cancel revoked ``run_id``'s lease (of ``epoch``, when known): tell its worker
+        now (not at its next heartbeat) and free its slot. Relayed from another server
+        (``epoch`` known), only if a worker here holds the run."""
+        if self.push_to_holder(run_id, Revoke(run_id, reason, epoch)) or epoch is None:
+            self.tell(Revoked((run_id,)))
 
     def push_to_holder(self, run_id: str, msg: Any) -> bool:
         """Push ``msg`` to the worker that holds ``run_id`` here, if one does (a hint)."""

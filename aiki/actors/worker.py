@@ -136,8 +136,9 @@ class Worker:
             # A cancel revoked the lease: its task bodies in flight are cancelled by Trio at
             # their next checkpoint, and nothing more is written under it (the store would
             # refuse it anyway). The run comes back under a new lease, to compensate.
-            held = self.held.pop(msg.run_id, None)
-            if held is not None:
+            held = self.held.get(msg.run_id)
+            if held is not None and (msg.epoch is None or held.lease.epoch <= msg.epoch):
+                del self.held[msg.run_id]
                 log.info("worker %s: run %s was cancelled%s; stopping it", self.id,
                          msg.run_id, f" ({msg.reason})" if msg.reason else "")
                 held.scope.cancel()

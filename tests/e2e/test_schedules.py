@@ -155,6 +155,31 @@ async def test_allow_runs_occurrences_alongside(
                                                             strict=False))
 
 
+async def test_cancel_previous_cancels_the_unfinished_run_and_starts_the_next(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[report]):
+            sched = await report.schedule(client, {"kind": "slow", "takes": 150},
+                                          id="latest", every=MINUTE,
+                                          overlap="cancel_previous")
+            await trio.sleep(5 * 60 + 1)
+            runs = await statuses(client)
+            described = await sched.describe(firings=100)
+    runs.sort(key=lambda r: r.created_at)
+    assert len(runs) == 5
+    # Each run but the newest was cancelled as the next one started (in that transaction;
+    # it then ended as soon as its workflow saw RunCancelled).
+    for before, after in zip(runs, runs[1:], strict=False):
+        assert before.state == "cancelled" and before.finished_at is not None
+        assert 0 <= before.finished_at - after.created_at < 1.0
+        assert before.cancel_reason is not None and "cancel_previous" in before.cancel_reason
+    assert runs[-1].state == "waiting"  # its sleep: nothing replaced it yet
+    replaced = [o for o in described.recent if o.outcome == "fired"
+                and "is cancelled (overlap 'cancel_previous')" in (o.detail or "")]
+    assert len(replaced) == 4
+
+
 @pytest.mark.filterwarnings("ignore::aiki.UnservedVersionWarning")  # (defined workerless)
 async def test_a_restart_catches_up_within_the_window_and_records_older_ones_skipped(
     autojump_clock: trio.abc.Clock, tmp_path: Path, sources: aiki.Sources,

@@ -219,7 +219,8 @@ class PostgresStore:
     ) -> None:
         """Call ``on_notice(payload)`` for what other servers commit in this schema: ``""``
         when a run becomes queued, ``"ended:<run id>"`` when a run ends, ``"due"`` when a
-        timed wait begins (this store's own commits are left out: whoever made them tells
+        timed wait begins, ``"revoked:<epoch>:<run id>"`` when a cancel revokes the lease
+        of that epoch (this store's own commits are left out: whoever made them tells
         its actors itself).
 
         PostgreSQL's LISTEN/NOTIFY (triggers notify when the transaction commits), on a
