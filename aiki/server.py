@@ -100,6 +100,12 @@ class Server:
                 watchers.ended(run)
 
         timer.on_ended = ended
+
+        def revoked(leases: tuple[tuple[str, int | None], ...]) -> None:  # a schedule's cancel
+            for run_id, epoch in leases:
+                dispatcher.revoke(run_id, None, epoch)
+
+        writer.on_revoked = revoked
         self.ctx = ServerContext(
             store=self.store, writer=writer, dispatcher=dispatcher, timer=timer,
             watchers=watchers, sources=self.sources, server_id=self.sources.new_id(),

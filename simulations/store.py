@@ -214,15 +214,16 @@ class SimStore:
         noting what each fork is to copy as it is at that op."""
         await trio.lowlevel.checkpoint()
         outcomes: list[Any] = []
-        ended: list[Any] = []
+        noted = o.Noted()
         for op in ops:
             if isinstance(op, o.ForkRun):  # what the fork is to copy, as it is now
                 self._fork_sources[op.new_run_id] = self.inner.contents().steps.get(
                     op.run_id, ())
             got = self.inner.apply_now([op])
             outcomes += got
-            ended += getattr(got, "ended", ())
-        return o.outcomes_of(outcomes, ended)
+            noted.ended += getattr(got, "ended", ())
+            noted.revoked += getattr(got, "revoked", ())
+        return o.outcomes_of(outcomes, noted)
 
     async def _read(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """A read from the database; with SQLite, checked against the model's."""

@@ -69,6 +69,9 @@ class Write:
 class StoreWriter:
     store: Store
     metrics: Metrics = attrs.field(factory=Metrics)
+    # Told the leases a committed batch revoked on no client's request (``Outcomes.revoked``:
+    # a schedule's ``cancel_previous``), so their workers hear of it now.
+    on_revoked: Callable[[tuple[tuple[str, int | None], ...]], None] = lambda revoked: None
     max_batch: int = 256
     timeout: float = 30.0
     mailbox: Mailbox[Write] = attrs.field(default=attrs.Factory(
@@ -106,6 +109,9 @@ class StoreWriter:
                 for op, outcome in zip(flat, outcomes, strict=True):
                     count_outcome(metrics, op, outcome)
                 count_ends(metrics, getattr(outcomes, "ended", ()))
+            revoked = getattr(outcomes, "revoked", ())
+            if revoked:
+                self.on_revoked(revoked)
             answers = iter(outcomes)
             for w in batch:
                 mine = [next(answers) for _ in w.ops]

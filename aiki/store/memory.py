@@ -495,7 +495,7 @@ class MemoryStore:
     def _write_schedule(self, change: m.ScheduleChange) -> list[str]:
         """Write a schedule op's change; the ids of the runs it started."""
         if change.cancel is not None:  # (cancel_previous: the previous run first)
-            self._cancel(change.cancel)
+            o.note_cancel(self._cancel(change.cancel))
         started = []
         for enqueue in change.enqueues:
             outcome = self._enqueue(enqueue)

@@ -407,34 +407,61 @@ class Outcomes(list[Any]):
     """A batch's outcomes, one per op, and ``ended``: every run the batch ended, by an op
     itself or as its consequence (a parent that settled when its last child ended, a tree a
     cancel reached, a grace period over), in the order they ended. The server counts the
-    runs' ends from it (``aiki_runs_total``)."""
+    runs' ends from it (``aiki_runs_total``). ``revoked``: the leases (run id, epoch, None
+    when not known) that a cancel the server did not ask for itself revoked (a schedule's
+    ``cancel_previous``): the server tells their workers."""
 
     ended: tuple[RunRecord, ...] = ()
+    revoked: tuple[tuple[str, int | None], ...] = ()
 
 
-_ENDED: contextvars.ContextVar[list[RunRecord] | None] = contextvars.ContextVar(
-    "aiki_ended", default=None)
+@attrs.define
+class Noted:
+    """What a store notes while it applies a batch (see :class:`Outcomes`)."""
+
+    ended: list[RunRecord] = attrs.field(factory=list)
+    revoked: list[tuple[str, int | None]] = attrs.field(factory=list)
+
+
+_NOTED: contextvars.ContextVar[Noted | None] = contextvars.ContextVar("aiki_noted", default=None)
 
 
 def note_ended(run: RunRecord) -> None:
     """A store ended ``run`` in the batch it is applying."""
-    ended = _ENDED.get()
-    if ended is not None:
-        ended.append(run)
+    noted = _NOTED.get()
+    if noted is not None:
+        noted.ended.append(run)
+
+
+def note_revoked(run_id: str, epoch: int | None) -> None:
+    """A cancel no client asked for (a schedule's) revoked the lease ``epoch`` of ``run_id``."""
+    noted = _NOTED.get()
+    if noted is not None:
+        noted.revoked.append((run_id, epoch))
 
 
 @contextlib.contextmanager
-def noting_ends() -> Iterator[list[RunRecord]]:
-    """While a store applies a batch: the runs it ends are noted in the list."""
-    ended: list[RunRecord] = []
-    token = _ENDED.set(ended)
+def noting_ends() -> Iterator[Noted]:
+    """While a store applies a batch: what it ends and revokes is noted."""
+    noted = Noted()
+    token = _NOTED.set(noted)
     try:
-        yield ended
+        yield noted
     finally:
-        _ENDED.reset(token)
+        _NOTED.reset(token)
 
 
-def outcomes_of(outcomes: list[Any], ended: list[RunRecord]) -> Outcomes:
+def outcomes_of(outcomes: list[Any], noted: Noted) -> Outcomes:
     out = outcomes if isinstance(outcomes, Outcomes) else Outcomes(outcomes)
-    out.ended = tuple(ended)
+    out.ended = tuple(noted.ended)
+    out.revoked = tuple(noted.revoked)
     return out
+
+
+def note_cancel(out: CancelOutcome) -> None:
+    """A cancel no client asked for: the leases it revoked are noted (the run's: the epoch
+    before the cancel moved it on; its descendants': not known)."""
+    if out.run is not None and out.holder is not None:
+        note_revoked(out.run.id, out.run.lease_epoch - 1)
+    for run_id in out.revoked:
+        note_revoked(run_id, None)

@@ -635,7 +635,7 @@ def _get_firings(db: Db, schedule_id: str, limit: int) -> tuple[ScheduleFiring, 
 
 def _write_schedule(db: Db, change: m.ScheduleChange) -> list[str]:
     if change.cancel is not None:  # (cancel_previous: the previous run first)
-        _cancel(db, change.cancel)
+        o.note_cancel(_cancel(db, change.cancel))
     started = []
     for enqueue in change.enqueues:
         outcome = _enqueue(db, enqueue)

@@ -180,6 +180,48 @@ async def test_cancel_previous_cancels_the_unfinished_run_and_starts_the_next(
     assert len(replaced) == 4
 
 
+stopped: list[float] = []
+
+
+@aiki.task(name="hold-on")
+async def hold_on(kind: str) -> str:
+    try:
+        await trio.sleep(100_000)
+    except trio.Cancelled:
+        stopped.append(trio.current_time())
+        raise
+    return kind
+
+
+@aiki.workflow(name="holds", version="1")
+async def holds(run: aiki.WorkflowRun, kind: str) -> str:
+    return await hold_on.run(run, kind)
+
+
+async def test_cancel_previous_tells_the_worker_holding_the_previous_run_at_once(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    stopped.clear()
+    async with aiki.embedded(engine_store, sources=sources, lease_ttl=3000.0) as client:
+        # Heartbeats every 1000 s, one slot: only the push stops the task in flight in time
+        # (a newer lease of the run assigned to the worker would stop it too).
+        async with aiki.worker(client, workflows=[holds], max_concurrent_runs=1):
+            sched = await holds.schedule(client, "x", id="held", every=MINUTE,
+                                         overlap="cancel_previous")
+            await trio.sleep(2 * 60 + 1)
+            seen = list(stopped)  # (leaving the block stops the second one's task too)
+            described = await sched.describe(firings=10)
+            runs = sorted([await client.handle(r.id).status()
+                           for r in await client.list_runs(workflow="holds")],
+                          key=lambda r: r.created_at)
+    fired = sorted(o.occurrence for o in described.recent if o.outcome == "fired")
+    assert len(fired) == 2 and len(runs) == 2
+    assert [r.state for r in runs] == ["cancelled", "running"]
+    # The first run's task was stopped as the second occurrence fired, not a heartbeat later.
+    assert len(seen) == 1
+    assert runs[0].finished_at is not None and runs[0].finished_at - fired[1] < 1.0
+
+
 @pytest.mark.filterwarnings("ignore::aiki.UnservedVersionWarning")  # (defined workerless)
 async def test_a_restart_catches_up_within_the_window_and_records_older_ones_skipped(
     autojump_clock: trio.abc.Clock, tmp_path: Path, sources: aiki.Sources,

@@ -703,7 +703,7 @@ async def _cancel(conn: Conn, op: o.CancelRun) -> o.CancelOutcome:
 # -- schedules: the schedule row is locked first, so two servers never decide one occurrence ---
 async def _write_schedule(conn: Conn, change: m.ScheduleChange) -> list[str]:
     if change.cancel is not None:  # (cancel_previous: the previous run first)
-        await _cancel(conn, change.cancel)
+        o.note_cancel(await _cancel(conn, change.cancel))
     started = []
     for enqueue in change.enqueues:
         outcome = await _enqueue(conn, enqueue)
