@@ -167,7 +167,7 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
 
 # Run events the servers count (aiki_runs_total), and the history event of each.
 COUNTED_EVENTS = (("started", "run.running"), ("completed", "run.completed"),
-                  ("failed", "run.failed"))
+                  ("failed", "run.failed"), ("paused", "run.paused"))
 
 
 def _metrics(outcome: Outcome, exact: bool) -> list[str]:

@@ -209,8 +209,8 @@ async def test_a_schema_of_the_release_before_run_controls_is_migrated_and_takes
         fork = (await execute(store, o.ForkRun("old", "new", 1, None, "c", 3.0))).run
         assert (fork.forked_from, fork.forked_steps) == ("old", 1)
         assert [s.output for s in await store.get_steps("new")] == ["2"]
-        assert (await execute(store, o.PauseRun("queued", "c", 4.0))).state == "paused"
-        assert (await execute(store, o.ResumeRun("queued", "c", 5.0))).state == "queued"
+        assert (await execute(store, o.PauseRun("queued", "c", 4.0))).run.state == "paused"
+        assert (await execute(store, o.ResumeRun("queued", "c", 5.0))).run.state == "queued"
 
 
 async def test_the_indexes_that_keep_claims_and_status_fast_exist(postgres: TestPostgres) -> None:

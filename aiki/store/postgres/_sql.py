@@ -533,12 +533,12 @@ async def _send(conn: Conn, op: o.SendEvent) -> o.SendOutcome:
     return outcome
 
 
-async def _retry(conn: Conn, op: o.RetryRun) -> RunRecord | None:
+async def _retry(conn: Conn, op: o.RetryRun) -> o.ControlOutcome:
     run = await get_run(conn, op.run_id, lock=True)
     change = m.retry(run, op.run_id, await get_steps(conn, op.run_id), op.version, op.who,
                      op.now, op.control_id)
     await _write(conn, op.run_id, change)
-    return change.run
+    return m.controlled(change)
 
 
 # -- schedules: the schedule row is locked first, so two servers never decide one occurrence ---
@@ -628,14 +628,14 @@ async def _ended(conn: Conn, run: RunRecord | None, now: float) -> None:
         await _write_schedule(conn, m.release_buffered(ScheduleRecord(*row), run, now))
 
 
-async def _pause(conn: Conn, op: o.PauseRun) -> RunRecord | None:
+async def _pause(conn: Conn, op: o.PauseRun) -> o.ControlOutcome:
     change = m.pause(await get_run(conn, op.run_id, lock=True), op.run_id, op.who, op.now,
                      op.control_id)
     await _write(conn, op.run_id, change)
-    return change.run
+    return m.controlled(change)
 
 
-async def _resume(conn: Conn, op: o.ResumeRun) -> RunRecord | None:
+async def _resume(conn: Conn, op: o.ResumeRun) -> o.ControlOutcome:
     run = await get_run(conn, op.run_id, lock=True)
     steps = {s.position: s for s in await get_steps(conn, op.run_id)}
     buffered = {r["name"]: r["sent_at"] for r in await conn.fetch(
@@ -644,10 +644,10 @@ async def _resume(conn: Conn, op: o.ResumeRun) -> RunRecord | None:
     change = m.resume(run, op.run_id, await get_waits(conn, op.run_id), steps, buffered,
                       op.who, op.now, op.control_id)
     await _write(conn, op.run_id, change)
-    return change.run
+    return m.controlled(change)
 
 
-async def _fork(conn: Conn, op: o.ForkRun) -> o.ForkOutcome:
+async def _fork(conn: Conn, op: o.ForkRun) -> o.ControlOutcome:
     existing = await get_run(conn, op.new_run_id)
     if existing is not None:
         return m.fork_again(existing, op)
@@ -665,7 +665,7 @@ async def _fork(conn: Conn, op: o.ForkRun) -> o.ForkOutcome:
         return m.fork_again(existing, op)
     await _write(conn, new.id, attrs.evolve(made, run=None))
     await _write(conn, op.run_id, noted)
-    return o.ForkOutcome(new, created=True)
+    return o.ControlOutcome(new, applied=True)
 
 
 async def _release(conn: Conn, op: o.ReleaseRun) -> None:
