@@ -186,7 +186,8 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
 
 # Run events the servers count (aiki_runs_total), and the history event of each.
 COUNTED_EVENTS = (("started", "run.running"), ("completed", "run.completed"),
-                  ("failed", "run.failed"), ("cancelled", "run.cancelled"))
+                  ("failed", "run.failed"), ("cancelled", "run.cancelled"),
+                  ("paused", "run.paused"))
 
 
 def _metrics(outcome: Outcome, exact: bool) -> list[str]:

@@ -388,8 +388,8 @@ class Session:
             return await self._send_event(msg, now)
         if isinstance(msg, p.RetryRun):
             assert self.hello is not None
-            run = await ctx.writer.write(ops.RetryRun(msg.run_id, msg.version,
-                                                      self.hello.node_id, now, msg.control_id))
+            run = (await ctx.writer.write(ops.RetryRun(
+                msg.run_id, msg.version, self.hello.node_id, now, msg.control_id))).run
             ctx.dispatcher.poke()
             return p.Retried(msg.req, run)
         if isinstance(msg, (p.PauseRun, p.ResumeRun, p.ForkRun)):
@@ -638,12 +638,14 @@ class Session:
         assert self.hello is not None
         who = self.hello.node_id
         if isinstance(msg, p.PauseRun):
-            run = await ctx.writer.write(ops.PauseRun(msg.run_id, who, now, msg.control_id))
+            run = (await ctx.writer.write(
+                ops.PauseRun(msg.run_id, who, now, msg.control_id))).run
             if run.lease_owner is not None:  # its worker hears now, not at its next step
                 ctx.dispatcher.push_to_holder(run.id, p.RunControl(run.id, run.lease_epoch))
             return p.Controlled(msg.req, run)
         if isinstance(msg, p.ResumeRun):
-            run = await ctx.writer.write(ops.ResumeRun(msg.run_id, who, now, msg.control_id))
+            run = (await ctx.writer.write(
+                ops.ResumeRun(msg.run_id, who, now, msg.control_id))).run
             if run.state in TERMINAL_RUN_STATES:  # its last child ended while it was paused
                 ctx.watchers.ended(run)
                 await self._tell_parents(run)

@@ -40,10 +40,12 @@ from aiki.records import TERMINAL_RUN_STATES, RunRecord
 from aiki.store.base import Store
 from aiki.store.ops import (
     Claim,
+    ControlOutcome,
     Enqueue,
     ExpireLeases,
     ForkRun,
     Op,
+    PauseRun,
     ResumeRun,
     RetryRun,
     SaveStep,
@@ -139,9 +141,11 @@ def _count_enqueue(metrics: Metrics, op: Any, outcome: Any) -> None:
         metrics.inc(RUNS, (op.workflow, op.version, "enqueued"))
 
 
-def _count_fork(metrics: Metrics, op: Any, outcome: Any) -> None:
-    if outcome.created:  # not the same fork sent again (answered with the run it made)
-        metrics.inc(RUNS, (outcome.run.workflow, outcome.run.version, "forked"))
+def _count_control(metrics: Metrics, op: Any, outcome: ControlOutcome) -> None:
+    if outcome.applied:  # not the same request sent again (answered as done)
+        run = outcome.run
+        event = "forked" if isinstance(op, ForkRun) else _RUN_EVENT.get(type(op), run.state)
+        metrics.inc(RUNS, (run.workflow, run.version, event))
 
 
 def _count_claim(metrics: Metrics, op: Any, outcome: Any) -> None:
@@ -165,7 +169,8 @@ def _count_expired(metrics: Metrics, op: Any, outcome: Any) -> None:
 
 _COUNT: dict[type[Op[Any]], Callable[[Metrics, Any, Any], None]] = {
     Enqueue: _count_enqueue, Claim: _count_claim, SaveStep: _count_save,
-    ExpireLeases: _count_expired, ForkRun: _count_fork,
+    ExpireLeases: _count_expired, ForkRun: _count_control, RetryRun: _count_control,
+    PauseRun: _count_control, ResumeRun: _count_control,
 }
 
 

@@ -315,6 +315,13 @@ def repeated(run: RunRecord | None, kind: str, control_id: str | None) -> bool:
             and run.control_id == f"{kind}:{control_id}")
 
 
+def controlled(change: Change) -> o.ControlOutcome:
+    """The outcome of a retry, pause or resume whose ``change`` is written: applied, unless
+    it is the same request again (:func:`repeated`), which writes no history."""
+    assert change.run is not None
+    return o.ControlOutcome(change.run, applied=bool(change.history))
+
+
 def _marked(kind: str, control_id: str | None) -> dict[str, Any]:
     return {"control_id": None if control_id is None else f"{kind}:{control_id}"}
 
@@ -634,13 +641,13 @@ def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
         now, "run.queued", run.attempts, who, detail=detail),))
 
 
-def fork_again(existing: RunRecord, op: o.ForkRun) -> o.ForkOutcome:
+def fork_again(existing: RunRecord, op: o.ForkRun) -> o.ControlOutcome:
     """A fork whose new run id exists already: the same fork sent again (its reply lost)
     gets that run; any other run under that id is a refusal."""
     if existing.forked_from != op.run_id or existing.forked_steps != op.from_step:
         raise InvalidFork(f"run id {op.new_run_id!r} is taken by another run; nothing was "
                           "stored")
-    return o.ForkOutcome(existing, created=False)
+    return o.ControlOutcome(existing, applied=False)
 
 
 def first_sent(events: Iterable[EventRecord]) -> dict[str, float]:

@@ -260,11 +260,11 @@ class MemoryStore:
                              tuple(self._steps.get(op.run_id, {}).values()), op.version, op.who,
                              op.now, op.control_id)
             self._write(op.run_id, change)
-            return change.run
+            return m.controlled(change)
         if isinstance(op, o.PauseRun):
             change = m.pause(runs.get(op.run_id), op.run_id, op.who, op.now, op.control_id)
             self._write(op.run_id, change)
-            return change.run
+            return m.controlled(change)
         if isinstance(op, o.ResumeRun):
             steps = self._steps.get(op.run_id, {})
             change = m.resume(
@@ -274,7 +274,7 @@ class MemoryStore:
             self._write(op.run_id, change)
             if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
                 self._ended(change.run, op.now, [])
-            return change.run
+            return m.controlled(change)
         if isinstance(op, o.ForkRun):
             existing = runs.get(op.new_run_id)
             if existing is not None:
@@ -287,7 +287,7 @@ class MemoryStore:
             self._history[new.id] = []
             self._write(new.id, made)
             self._write(op.run_id, noted)
-            return o.ForkOutcome(new, created=True)
+            return o.ControlOutcome(new, applied=True)
         if isinstance(op, o.PurgeRuns):
             old = sorted((r for r in runs.values() if m.purgeable(r, op.before)),
                          key=lambda r: (r.finished_at, self._order[r.id]))[: max(op.limit, 0)]

@@ -186,7 +186,17 @@ class WakeDue(Op[tuple[str, ...]]):
 
 
 @attrs.frozen
-class RetryRun(Op[RunRecord]):
+class ControlOutcome:
+    """What a client's control of a run (retry, pause, resume, fork) did: ``run`` as it is
+    afterwards (for a fork, the new run); ``applied`` is False when it is the same request
+    sent again (its reply lost) and so changed nothing."""
+
+    run: RunRecord
+    applied: bool
+
+
+@attrs.frozen
+class RetryRun(Op[ControlOutcome]):
     """Queue a failed run again (see :func:`aiki.store.machine.retry`); ``who`` asked."""
 
     run_id: str
@@ -362,7 +372,7 @@ class FireSchedules(Op[tuple[str, ...]]):
     limit: int = 100  # schedules per op
 
 @attrs.frozen
-class PauseRun(Op[RunRecord]):
+class PauseRun(Op[ControlOutcome]):
     """Pause a queued, running or waiting run (see :func:`aiki.store.machine.pause`); the
     outcome is the run as paused (a ``lease_owner`` still set: its worker is to be told)."""
 
@@ -373,7 +383,7 @@ class PauseRun(Op[RunRecord]):
 
 
 @attrs.frozen
-class ResumeRun(Op[RunRecord]):
+class ResumeRun(Op[ControlOutcome]):
     """Resume a paused run: waiting again, or queued (see :func:`aiki.store.machine.resume`)."""
 
     run_id: str
@@ -383,16 +393,10 @@ class ResumeRun(Op[RunRecord]):
 
 
 @attrs.frozen
-class ForkOutcome:
-    run: RunRecord  # the new run, as stored
-    created: bool  # False: the same fork sent again, answered with the run it made
-
-
-@attrs.frozen
-class ForkRun(Op[ForkOutcome]):
+class ForkRun(Op[ControlOutcome]):
     """A new run ``new_run_id`` whose first ``from_step`` steps are copies of run
     ``run_id``'s (see :func:`aiki.store.machine.fork`); the outcome is the new run. A retried
-    fork (the new id exists already) returns that run, not created."""
+    fork (the new id exists already) returns that run, not applied."""
 
     run_id: str
     new_run_id: str

@@ -607,11 +607,11 @@ def _send(db: Db, op: o.SendEvent) -> o.SendOutcome:
     return outcome
 
 
-def _retry(db: Db, op: o.RetryRun) -> RunRecord | None:
+def _retry(db: Db, op: o.RetryRun) -> o.ControlOutcome:
     change = m.retry(_get_run(db, op.run_id), op.run_id, _get_steps(db, op.run_id),
                      op.version, op.who, op.now, op.control_id)
     _write(db, op.run_id, change)
-    return change.run
+    return m.controlled(change)
 
 
 # -- schedules ----------------------------------------------------------------------------
@@ -711,13 +711,13 @@ def _release_buffered(db: Db, run: RunRecord | None, now: float) -> None:
         _write_schedule(db, m.release_buffered(_schedule(row), run, now))
 
 
-def _pause(db: Db, op: o.PauseRun) -> RunRecord | None:
+def _pause(db: Db, op: o.PauseRun) -> o.ControlOutcome:
     change = m.pause(_get_run(db, op.run_id), op.run_id, op.who, op.now, op.control_id)
     _write(db, op.run_id, change)
-    return change.run
+    return m.controlled(change)
 
 
-def _resume(db: Db, op: o.ResumeRun) -> RunRecord | None:
+def _resume(db: Db, op: o.ResumeRun) -> o.ControlOutcome:
     steps = {s.position: s for s in _get_steps(db, op.run_id)}
     buffered = dict(db.execute(
         "SELECT name, min(sent_at) FROM events WHERE run_id = ? AND position IS NULL"
@@ -728,10 +728,10 @@ def _resume(db: Db, op: o.ResumeRun) -> RunRecord | None:
     _write(db, op.run_id, change)
     if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
         _ended(db, change.run, op.now, [])
-    return change.run
+    return m.controlled(change)
 
 
-def _fork(db: Db, op: o.ForkRun) -> o.ForkOutcome:
+def _fork(db: Db, op: o.ForkRun) -> o.ControlOutcome:
     existing = _get_run(db, op.new_run_id)
     if existing is not None:
         return m.fork_again(existing, op)
@@ -739,7 +739,7 @@ def _fork(db: Db, op: o.ForkRun) -> o.ForkOutcome:
     db.execute(RUN_INSERT, attrs.astuple(new))
     _write(db, new.id, attrs.evolve(made, run=None))
     _write(db, op.run_id, noted)
-    return o.ForkOutcome(new, created=True)
+    return o.ControlOutcome(new, applied=True)
 
 
 def _release(db: Db, op: o.ReleaseRun) -> None:

@@ -239,8 +239,8 @@ async def test_pause_resume_and_fork_count_as_their_events(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     """The run controls need no code of their own: a pause counts as the run's new state
-    (paused), a resume as resumed, a fork as forked, once (the same fork sent again returns
-    the run it made and counts nothing)."""
+    (paused), a resume as resumed, a fork as forked, once each: the same request sent again
+    is answered with the run as it is and counts nothing."""
     from aiki.actors.store_writer import StoreWriter
     from aiki.store import ops
 
@@ -250,8 +250,13 @@ async def test_pause_resume_and_fork_count_as_their_events(
         await nursery.start(writer.run)
         await writer.write(ops.Enqueue("r1", "wf", "1", "0", None, 1.0))
         paused = await writer.write(ops.PauseRun("r1", "ops", 2.0))
-        assert paused.state == "paused"
+        assert paused.run.state == "paused"
         await writer.write(ops.ResumeRun("r1", "ops", 3.0))
+        # A control sent again (its control id) is answered as done, and counted once.
+        await writer.write(ops.PauseRun("r1", "ops", 3.5, "id-1"),
+                           ops.PauseRun("r1", "ops", 3.5, "id-1"))
+        await writer.write(ops.PauseRun("r1", "ops", 3.5, "id-1"))
+        await writer.write(ops.ResumeRun("r1", "ops", 3.6))
         await writer.write(ops.ForkRun("r1", "r2", 0, None, "ops", 4.0))
         await writer.write(ops.ForkRun("r1", "r2", 0, None, "ops", 5.0))  # sent again
         # A duplicated request: the same fork twice at one time, one transaction or two.
@@ -259,5 +264,5 @@ async def test_pause_resume_and_fork_count_as_their_events(
                            ops.ForkRun("r1", "r3", 0, None, "ops", 6.0))
         await writer.write(ops.ForkRun("r1", "r3", 0, None, "ops", 6.0))
         nursery.cancel_scope.cancel()
-    assert metrics.series(RUNS) == {("wf", "1", "enqueued"): 1, ("wf", "1", "paused"): 1,
-                                    ("wf", "1", "resumed"): 1, ("wf", "1", "forked"): 2}
+    assert metrics.series(RUNS) == {("wf", "1", "enqueued"): 1, ("wf", "1", "paused"): 2,
+                                    ("wf", "1", "resumed"): 2, ("wf", "1", "forked"): 2}

@@ -1197,7 +1197,7 @@ async def test_retry_requeues_a_failed_run_keeping_its_completed_steps(store: St
                                     12.0))
     await execute(store, o.StartStep(lease, step("2", "mail", "running"), 12.5))
     await execute(store, o.FailRun(lease, "E", "boom", 13.0, "Traceback ..."))
-    run = await execute(store, o.RetryRun("r1", "2", "client-9", 20.0))
+    run = (await execute(store, o.RetryRun("r1", "2", "client-9", 20.0))).run
     assert (run.state, run.version, run.attempts, run.finished_at, run.error_type,
             run.error_traceback) == ("queued", "2", 1, None, None, None)
     assert [s.position for s in await store.get_steps("r1")] == ["0"]
@@ -1350,10 +1350,10 @@ async def test_the_timer_ends_a_cancel_whose_grace_period_is_over(store: Store) 
 # -- pause, resume, fork ---------------------------------------------------------------------
 async def test_a_queued_run_paused_is_not_claimed_until_resumed(store: Store) -> None:
     await execute(store, enqueue("r1"))
-    paused = await execute(store, o.PauseRun("r1", "client-7", 5.0))
+    paused = (await execute(store, o.PauseRun("r1", "client-7", 5.0))).run
     assert (paused.state, paused.lease_owner) == ("paused", None)
     assert await claim(store, now=6.0) == ()
-    resumed = await execute(store, o.ResumeRun("r1", "client-8", 7.0))
+    resumed = (await execute(store, o.ResumeRun("r1", "client-8", 7.0))).run
     assert (resumed.state, resumed.lease_epoch) == ("queued", 0)
     assert [c.run.id for c in await claim(store, now=8.0)] == ["r1"]
     assert (await events(store, "r1"))[1:3] == [
@@ -1367,7 +1367,7 @@ async def test_a_running_run_paused_records_its_task_in_flight_and_starts_nothin
 ) -> None:
     lease = await claim_one(store, "r1")
     await execute(store, o.StartStep(lease, step("0", "charge", "running"), 11.0))
-    paused = await execute(store, o.PauseRun("r1", "ops", 12.0))
+    paused = (await execute(store, o.PauseRun("r1", "ops", 12.0))).run
     assert (paused.state, paused.lease_owner, paused.lease_epoch) == ("paused", "w1", 1)
     # The task in flight, and one whose start was never recorded, finish and are kept.
     await execute(store, o.SaveStep(lease, step("0", "charge"), 13.0))
@@ -1417,7 +1417,7 @@ async def test_resuming_a_run_whose_worker_never_gave_it_back_fences_that_worker
 ) -> None:
     lease = await claim_one(store, "r1")
     await execute(store, o.PauseRun("r1", "ops", 11.0))
-    resumed = await execute(store, o.ResumeRun("r1", "ops", 12.0))
+    resumed = (await execute(store, o.ResumeRun("r1", "ops", 12.0))).run
     assert (resumed.state, resumed.lease_owner, resumed.lease_epoch) == ("queued", None, 2)
     with pytest.raises(StaleLease):
         await execute(store, o.SaveStep(lease, step("0", "charge"), 13.0))
@@ -1451,14 +1451,14 @@ async def test_a_run_paused_while_waiting_keeps_its_waits_and_does_not_wake(
     assert await store.next_due() is None  # its timeout does not fire while paused
     assert await execute(store, o.WakeDue(30.0)) == ()
     # Resumed before anything came: it waits again, for the same wait.
-    waiting = await execute(store, o.ResumeRun("r1", "ops", 13.0))
+    waiting = (await execute(store, o.ResumeRun("r1", "ops", 13.0))).run
     assert waiting.state == "waiting"
     assert await store.next_due() == 21.0
     await execute(store, o.PauseRun("r1", "ops", 14.0))
     sent = await execute(store, o.SendEvent("r1", "ok", '"yes"', None, 15.0))
     assert sent == o.SendOutcome(delivered=False, duplicate=False)  # buffered
     assert (await store.get_run("r1")).state == "paused"  # type: ignore[union-attr]
-    queued = await execute(store, o.ResumeRun("r1", "ops", 16.0))
+    queued = (await execute(store, o.ResumeRun("r1", "ops", 16.0))).run
     assert queued.state == "queued" and await store.get_waits("r1") == ()
     assert (await events(store, "r1"))[-1][-1] == (
         "resumed by ops; woke at once: event 'ok' is waiting to be delivered")
@@ -1479,7 +1479,7 @@ async def test_a_wait_that_came_due_while_paused_ends_on_resume(store: Store) ->
     assert [w.due_at for w in await store.get_waits("r1")] == [16.0]
     assert await execute(store, o.Wakeup("r1", 13.0)) is True  # ends the sleep, no waking
     assert (await store.get_run("r1")).state == "paused"  # type: ignore[union-attr]
-    queued = await execute(store, o.ResumeRun("r1", "ops", 20.0))
+    queued = (await execute(store, o.ResumeRun("r1", "ops", 20.0))).run
     assert queued.state == "queued"
     assert [(s.state, s.output) for s in await store.get_steps("r1")] == [("completed", "false")]
 
@@ -1518,7 +1518,7 @@ async def test_fork_copies_the_first_steps_into_a_new_run(store: Store) -> None:
     await fork_setup(store)
     made = await execute(store, o.ForkRun("r1", "f1", 3, "2", "client-3", 20.0))
     forked = made.run
-    assert made.created
+    assert made.applied
     assert (forked.id, forked.state, forked.version, forked.payload, forked.forked_from,
             forked.forked_steps, forked.idempotency_key) == (
         "f1", "queued", "2", '{"n": 1}', "r1", 3, None)
@@ -1535,10 +1535,10 @@ async def test_fork_copies_the_first_steps_into_a_new_run(store: Store) -> None:
     assert (await store.get_run("r1")).state == "failed"  # type: ignore[union-attr]
     # The same fork sent again (its reply lost) is that run; another under its id is not.
     again = await execute(store, o.ForkRun("r1", "f1", 3, "2", "client-3", 21.0))
-    assert (again.run, again.created) == (forked, False)
+    assert (again.run, again.applied) == (forked, False)
     # ... also when it comes twice in one transaction, at one time (a duplicated request).
     twice = await store.apply([o.ForkRun("r1", "f4", 1, None, "c", 22.0)] * 2)
-    assert [(x.run.id, x.created) for x in twice] == [("f4", True), ("f4", False)]
+    assert [(x.run.id, x.applied) for x in twice] == [("f4", True), ("f4", False)]
     with pytest.raises(AikiError, match="run id 'f1' is taken by another run"):
         await execute(store, o.ForkRun("r1", "f1", 2, None, "client-3", 21.0))
     [claimed] = await claim(store, workflows=(("wf", "2"),), now=22.0)
@@ -1577,19 +1577,26 @@ async def test_a_control_sent_again_is_answered_as_done(store: Store) -> None:
     refusal and no second history event; another request is refused as usual."""
     await execute(store, enqueue("r1"))
     paused = await execute(store, o.PauseRun("r1", "c", 5.0, "id-1"))
-    assert paused.control_id == "pause:id-1"
-    assert await execute(store, o.PauseRun("r1", "c", 6.0, "id-1")) == paused
+    assert (paused.run.control_id, paused.applied) == ("pause:id-1", True)
+    again = await execute(store, o.PauseRun("r1", "c", 6.0, "id-1"))
+    assert (again.run, again.applied) == (paused.run, False)
     with pytest.raises(AikiError, match="is paused"):
         await execute(store, o.PauseRun("r1", "c", 6.0, "id-2"))
     resumed = await execute(store, o.ResumeRun("r1", "c", 7.0, "id-3"))
-    assert await execute(store, o.ResumeRun("r1", "c", 8.0, "id-3")) == resumed
-    assert [e[1] for e in await events(store, "r1")] == ["run.queued", "run.paused",
-                                                           "run.queued"]
+    again = await execute(store, o.ResumeRun("r1", "c", 8.0, "id-3"))
+    assert (resumed.applied, again.run, again.applied) == (True, resumed.run, False)
+    # Twice in one transaction, at one time (a duplicated request): applied once.
+    twice = await store.apply([o.PauseRun("r1", "c", 8.5, "id-6")] * 2)
+    assert [x.applied for x in twice] == [True, False]
+    await execute(store, o.ResumeRun("r1", "c", 8.5, "id-7"))
+    assert [e[1] for e in await events(store, "r1")] == [
+        "run.queued", "run.paused", "run.queued", "run.paused", "run.queued"]
     [claimed] = await claim(store, now=9.0)
     await execute(store, o.FailRun(claimed.lease, "E", "boom", 10.0))
     retried = await execute(store, o.RetryRun("r1", None, "c", 11.0, "id-4"))
-    assert retried.control_id == "retry:id-4"
-    assert await execute(store, o.RetryRun("r1", None, "c", 12.0, "id-4")) == retried
+    assert (retried.run.control_id, retried.applied) == ("retry:id-4", True)
+    again = await execute(store, o.RetryRun("r1", None, "c", 12.0, "id-4"))
+    assert (again.run, again.applied) == (retried.run, False)
     with pytest.raises(AikiError, match="only a failed run can be retried"):
         await execute(store, o.RetryRun("r1", None, "c", 12.0, "id-5"))
 

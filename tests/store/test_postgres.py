@@ -121,6 +121,46 @@ async def test_embedded_takes_a_postgresql_url(postgres: TestPostgres) -> None:
         assert (await client.handle(handle.id).status()).state == "completed"
 
 
+async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hot path's statements, counted (each is a round trip to the server): a task's
+    outcome riding with the next task's start is BEGIN, per op one locking read of the run
+    with its step and one write of step, run and history, the transaction id, COMMIT."""
+    from tests.store.test_conformance import step
+
+    statements: list[str] = []
+    for name in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
+        original = getattr(asyncpg.Connection, name)
+
+        def counting(self: Any, query: str, *args: Any, _original: Any = original,
+                     **kwargs: Any) -> Any:
+            statements.append(query.split()[0].rstrip(";"))
+            return _original(self, query, *args, **kwargs)
+
+        monkeypatch.setattr(asyncpg.Connection, name, counting)
+    async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
+        await execute(store, enqueue("r1"))
+        [claimed] = await execute(store, o.Claim("w1", WF, 1, 2.0, 30.0))
+        lease = claimed.lease
+        await execute(store, o.StartStep(lease, step("0", state="running"), 3.0, 30.0))
+        statements.clear()
+        outcomes = await store.apply([o.SaveStep(lease, step("0"), 4.0),
+                                      o.StartStep(lease, step("1", state="running"), 4.0, 30.0)])
+        assert outcomes == [True, True]
+        assert statements == ["BEGIN", "SELECT", "WITH", "SELECT", "WITH", "SELECT", "COMMIT"]
+        statements.clear()
+        outcomes = await store.apply([o.SaveStep(lease, step("1"), 5.0),
+                                      o.CompleteRun(lease, '"done"', 5.0)])
+        assert [getattr(x, "state", x) for x in outcomes] == [True, "completed"]
+        assert len(statements) == 7, statements
+        assert [(s.position, s.state) for s in await store.get_steps("r1")] == [
+            ("0", "completed"), ("1", "completed")]
+        assert [e.event for e in await store.get_history("r1")] == [
+            "run.queued", "run.running", "task.running", "task.completed", "task.running",
+            "task.completed", "run.completed"]
+
+
 async def test_migrations_run_once_under_concurrent_starts(postgres: TestPostgres) -> None:
     schema = postgres.fresh_schema()
 
@@ -270,8 +310,8 @@ async def test_a_schema_of_the_release_before_run_controls_is_migrated_and_takes
         fork = (await execute(store, o.ForkRun("old", "new", 1, None, "c", 3.0))).run
         assert (fork.forked_from, fork.forked_steps) == ("old", 1)
         assert [s.output for s in await store.get_steps("new")] == ["2"]
-        assert (await execute(store, o.PauseRun("queued", "c", 4.0))).state == "paused"
-        assert (await execute(store, o.ResumeRun("queued", "c", 5.0))).state == "queued"
+        assert (await execute(store, o.PauseRun("queued", "c", 4.0))).run.state == "paused"
+        assert (await execute(store, o.ResumeRun("queued", "c", 5.0))).run.state == "queued"
 
 
 async def test_the_indexes_that_keep_claims_and_status_fast_exist(postgres: TestPostgres) -> None:

@@ -423,7 +423,7 @@ async def test_a_database_of_the_schema_before_run_controls_opens_and_its_runs_t
         fork = (await execute(store, o.ForkRun("old", "new", 1, None, "c", 3.0))).run
         assert (fork.forked_from, fork.forked_steps) == ("old", 1)
         assert [s.output for s in await store.get_steps("new")] == ["2"]
-        assert (await execute(store, o.PauseRun("queued", "c", 4.0))).state == "paused"
-        assert (await execute(store, o.ResumeRun("queued", "c", 5.0))).state == "queued"
+        assert (await execute(store, o.PauseRun("queued", "c", 4.0))).run.state == "paused"
+        assert (await execute(store, o.ResumeRun("queued", "c", 5.0))).run.state == "queued"
     finally:
         await store.aclose()

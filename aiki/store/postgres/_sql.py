@@ -22,6 +22,7 @@ caller reports as it is.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
@@ -71,12 +72,39 @@ FIRING_UPSERT = (
     + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(ScheduleFiring)
                 if f.name not in ("schedule_id", "key")))
 _RUN_FIELDS = [f.name for f in attrs.fields(RunRecord) if f.name != "id"]
-STEP_UPSERT = (
-    f"INSERT INTO steps (run_id, {STEP_COLUMNS}) VALUES"
-    f" ({', '.join(f'${i}' for i in range(1, len(attrs.fields(StepRecord)) + 2))})"
-    " ON CONFLICT (run_id, position) DO UPDATE SET "
-    + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(StepRecord))
-)
+
+
+def _step_upsert(first: int) -> str:
+    """Insert or replace a step: its run id and its fields, numbered from ``$first``."""
+    places = range(first, first + len(attrs.fields(StepRecord)) + 1)
+    return (f"INSERT INTO steps (run_id, {STEP_COLUMNS}) VALUES"
+            f" ({', '.join(f'${i}' for i in places)})"
+            " ON CONFLICT (run_id, position) DO UPDATE SET "
+            + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(StepRecord)))
+
+
+STEP_UPSERT = _step_upsert(1)
+
+
+@functools.cache
+def _run_and_history(step: bool, clear_waits: bool) -> str:
+    """The usual change in one statement (one round trip): the run row and its first history
+    event (the insert's $1-$8, the run's id $9 and fields from $10), with its step (after
+    them) and its waits cleared, if it has them."""
+    sql = ("WITH changed AS (UPDATE runs SET "
+           + ", ".join(f"{c} = ${i}" for i, c in enumerate(_RUN_FIELDS, start=10))
+           + " WHERE id = $9)")
+    if step:
+        sql += f", upserted AS ({_step_upsert(10 + len(_RUN_FIELDS))})"
+    if clear_waits:
+        sql += ", cleared AS (DELETE FROM waits WHERE run_id = $9)"
+    return sql + " " + HISTORY_INSERT
+_N_RUN = len(attrs.fields(RunRecord))
+_RUN_AND_STEP = (
+    "SELECT " + ", ".join(f"r.{f.name}" for f in attrs.fields(RunRecord)) + ", "
+    + ", ".join(f"s.{f.name}" for f in attrs.fields(StepRecord))
+    + " FROM runs r LEFT JOIN steps s ON s.run_id = r.id AND s.position = $2"
+    " WHERE r.id = $1 FOR UPDATE OF r")
 HISTORY_INSERT = (
     "INSERT INTO history (run_id, at, event, attempt, worker_id, position, name, detail)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
@@ -286,9 +314,16 @@ async def _write(conn: Conn, run_id: str, change: m.Change) -> None:
     if change.dropped:
         await conn.execute("DELETE FROM steps WHERE run_id = $1 AND position = ANY($2::text[])",
                            run_id, list(change.dropped))
-    for step in change.steps:
+    run = change.run
+    steps = change.steps
+    # The usual change (a step, the run, its events, its waits ended) goes in one round
+    # trip, below.
+    single = run is not None and bool(history)
+    last = steps[-1] if steps and single else None
+    clear_waits = single and change.waits == ()
+    for step in steps[:-1] if last is not None else steps:
         await conn.execute(STEP_UPSERT, run_id, *attrs.astuple(step))
-    if change.waits is not None:
+    if change.waits is not None and not clear_waits:
         await conn.execute("DELETE FROM waits WHERE run_id = $1", run_id)
         if change.waits:
             await conn.executemany(
@@ -302,12 +337,11 @@ async def _write(conn: Conn, run_id: str, change: m.Change) -> None:
             "INSERT INTO events (run_id, name, payload, idempotency_key, sent_at, position)"
             " VALUES ($1, $2, $3, $4, $5, $6)", run_id, sent.name, sent.payload,
             sent.idempotency_key, sent.sent_at, sent.position)
-    run = change.run
     if run is not None and history:
         values = attrs.astuple(run)[1:]
-        assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(_RUN_FIELDS, start=10))
-        await conn.execute(f"WITH changed AS (UPDATE runs SET {assignments} WHERE id = $9) "
-                           + HISTORY_INSERT, *history[0], run.id, *values)
+        upserted = () if last is None else (run_id, *attrs.astuple(last))
+        await conn.execute(_run_and_history(last is not None, clear_waits), *history[0],
+                           run.id, *values, *upserted)
         history = history[1:]
     elif run is not None:
         assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(_RUN_FIELDS, start=2))
@@ -452,9 +486,21 @@ async def _wake_due(conn: Conn, op: o.WakeDue) -> tuple[str, ...]:
     return o.WakeOutcome(woke, await _end_cancels(conn, o.EndCancels(op.now)))
 
 
+async def _locked_run_and_step(conn: Conn, run_id: str,
+                               position: str) -> tuple[RunRecord | None, StepRecord | None]:
+    """The run, locked, and its step at ``position``, in one round trip."""
+    row = await conn.fetchrow(_RUN_AND_STEP, run_id, position)
+    if row is None:
+        return None, None
+    values = tuple(row)
+    run = RunRecord(*values[:_N_RUN])
+    step = values[_N_RUN:]
+    return run, None if step[0] is None else StepRecord(*step)
+
+
 async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> bool:
-    run = await get_run(conn, op.lease.run_id, lock=True)
     new = op.step
+    run, old = await _locked_run_and_step(conn, op.lease.run_id, new.position)
     keyed = None
     if new.idempotency_key is not None:
         keyed = await conn.fetchval(
@@ -462,7 +508,6 @@ async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> bool:
             " AND idempotency_key = $3 AND position <> $4 ORDER BY seq LIMIT 1",
             op.lease.run_id, new.name, new.idempotency_key, new.position,
         )
-    old = None if run is None else await _get_step(conn, run.id, new.position)
     change = m.save_step(run, op.lease, old, keyed, new, op.now,
                          start=isinstance(op, o.StartStep),
                          lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
@@ -642,12 +687,12 @@ async def _send(conn: Conn, op: o.SendEvent) -> o.SendOutcome:
     return outcome
 
 
-async def _retry(conn: Conn, op: o.RetryRun) -> RunRecord | None:
+async def _retry(conn: Conn, op: o.RetryRun) -> o.ControlOutcome:
     run = await get_run(conn, op.run_id, lock=True)
     change = m.retry(run, op.run_id, await get_steps(conn, op.run_id), op.version, op.who,
                      op.now, op.control_id)
     await _write(conn, op.run_id, change)
-    return change.run
+    return m.controlled(change)
 
 
 async def _end_cancels(conn: Conn, op: o.EndCancels) -> tuple[RunRecord, ...]:
@@ -789,14 +834,14 @@ async def _release_buffered(conn: Conn, run: RunRecord | None, now: float) -> No
         await _write_schedule(conn, m.release_buffered(ScheduleRecord(*row), run, now))
 
 
-async def _pause(conn: Conn, op: o.PauseRun) -> RunRecord | None:
+async def _pause(conn: Conn, op: o.PauseRun) -> o.ControlOutcome:
     change = m.pause(await get_run(conn, op.run_id, lock=True), op.run_id, op.who, op.now,
                      op.control_id)
     await _write(conn, op.run_id, change)
-    return change.run
+    return m.controlled(change)
 
 
-async def _resume(conn: Conn, op: o.ResumeRun) -> RunRecord | None:
+async def _resume(conn: Conn, op: o.ResumeRun) -> o.ControlOutcome:
     run = await get_run(conn, op.run_id, lock=True)
     steps = {s.position: s for s in await get_steps(conn, op.run_id)}
     buffered = {r["name"]: r["sent_at"] for r in await conn.fetch(
@@ -808,10 +853,10 @@ async def _resume(conn: Conn, op: o.ResumeRun) -> RunRecord | None:
     await _write(conn, op.run_id, change)
     if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
         await _ended(conn, change.run, op.now, [])
-    return change.run
+    return m.controlled(change)
 
 
-async def _fork(conn: Conn, op: o.ForkRun) -> o.ForkOutcome:
+async def _fork(conn: Conn, op: o.ForkRun) -> o.ControlOutcome:
     existing = await get_run(conn, op.new_run_id)
     if existing is not None:
         return m.fork_again(existing, op)
@@ -829,7 +874,7 @@ async def _fork(conn: Conn, op: o.ForkRun) -> o.ForkOutcome:
         return m.fork_again(existing, op)
     await _write(conn, new.id, attrs.evolve(made, run=None))
     await _write(conn, op.run_id, noted)
-    return o.ForkOutcome(new, created=True)
+    return o.ControlOutcome(new, applied=True)
 
 
 async def _release(conn: Conn, op: o.ReleaseRun) -> None:
