@@ -981,8 +981,12 @@ class WorkflowRun:
         if released:
             raise released[0]
         if suspended:  # every branch ended or waits: the run waits for the first to wake
-            raise Suspend(tuple(c for s in suspended for c in s.conditions),
-                          "; ".join(s.reason for s in suspended))
+            combined = Suspend(tuple(c for s in suspended for c in s.conditions),
+                               "; ".join(s.reason for s in suspended))
+            # A deadline around the gather wakes the run unless every waiting branch was
+            # shielded from it.
+            combined.shielded = set.intersection(*(s.shielded for s in suspended))
+            raise combined
         return results
 
     async def sleep(self, duration: float | datetime.timedelta) -> bool:

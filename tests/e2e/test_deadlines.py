@@ -209,3 +209,30 @@ async def test_a_shield_holds_off_an_enclosing_deadline_until_it_exits(
                 assert [s.kind for s in steps].count("sleep") == 1
             inside = await deadline_in_a_shield.enqueue(client, None)
             assert await inside.wait_for_completion(timeout=600) == [False, True]
+
+
+@aiki.workflow(name="shielded-branch", version="1")
+async def shielded_branch(run: aiki.WorkflowRun, _: None) -> list[Any]:
+    start = await run.now()
+
+    async def branch() -> str:
+        with run.shield():
+            await run.sleep(30)  # waits past the deadline: the run is not woken for it
+        return "slept"
+
+    with run.move_on_after(10) as scope:
+        got = await run.gather(branch(), branch())
+    return [got, scope.cancelled_caught, round(await run.now() - start)]
+
+
+async def test_a_shield_in_a_gather_branch_holds_off_the_deadline_around_the_gather(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[shielded_branch]):
+            handle = await shielded_branch.enqueue(client, None)
+            # (The deadline takes effect when the scope's code next awaits: after it, none.)
+            assert await handle.wait_for_completion(timeout=600) == [
+                ["slept", "slept"], False, 30]
+            claims = [e for e in await handle.history() if e.event == "run.running"]
+    assert len(claims) == 2  # the first attempt, then woken by the sleeps' end only

@@ -654,9 +654,6 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
         # A parent waiting for a child that failed or was cancelled never wakes.
         (parent_woken_only_when_child_completes, ("still waits at step",
                                                   "after the liveness phase")),
-        # A parent paused while its last child ended: resumed, it waits for ever.
-        (resume_forgets_ended_children, ("without faults it ended waiting",
-                                         "after the liveness phase")),
         # A schedule's new occurrence leaves the run it should replace going.
         (cancel_previous_forgets_to_cancel, ("unfinished and not being cancelled",)),
         # A cancel stops a run's children, but their children go on.
@@ -673,7 +670,7 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
          "schedule-next-in-memory", "servers-each-fire-one-occurrence",
          "pause-lets-the-next-step-start", "retry-drops-completed-steps",
          "cancel-keeps-the-lease", "parent-woken-only-when-child-completes",
-         "resume-forgets-ended-children", "cancel-previous-forgets-to-cancel",
+         "cancel-previous-forgets-to-cancel",
          "cascade-forgets-grandchildren", "deadline-early"],
 )
 def test_the_harness_catches_a_known_bad_change(
@@ -685,6 +682,20 @@ def test_the_harness_catches_a_known_bad_change(
     assert caught is not None, "200 seeds ran and none caught the bad change"
     seed, violations = caught
     assert any(e in v for v in violations for e in expected), (seed, violations[:5])
+
+
+def test_a_parent_resumed_after_its_children_ended_is_not_stranded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A parent paused while it waited for its children, whose last child ended meanwhile,
+    is rare in the workload: the first seed of 0-199 that has one is 96 (found by scanning
+    them with this change), so the test runs that seed alone. Resumed, the parent must end;
+    with the change it waits for ever."""
+    assert run_one(96, safety=SHORT, runs=16).violations == []
+    resume_forgets_ended_children(monkeypatch)
+    violations = run_one(96, safety=SHORT, runs=16).violations
+    assert any("without faults it ended waiting" in v or "after the liveness phase" in v
+               for v in violations), violations[:5]
 
 
 SPIN = """

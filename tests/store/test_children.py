@@ -208,7 +208,7 @@ async def test_a_parent_paused_while_awaiting_its_last_child_ends_when_resumed(
     await execute(store, o.CompleteRun(child, "1", 15.0))
     run = await store.get_run("p")
     assert run is not None and run.state == "paused"
-    resumed = await execute(store, o.ResumeRun("p", "ops", 16.0))
+    resumed = (await execute(store, o.ResumeRun("p", "ops", 16.0))).run
     assert (resumed.state, resumed.result, resumed.finished_at) == ("completed", '"sent"', 16.0)
     assert [e[1] for e in await events(store, "p")][-3:] == [
         "run.paused", "run.waiting", "run.completed"]
@@ -224,7 +224,7 @@ async def test_a_parent_paused_while_awaiting_children_still_waits_for_them_when
     await execute(store, o.PauseRun("p", "ops", 13.0))
     claimed = {c.run.id: c.lease for c in await claim(store, now=14.0)}
     await execute(store, o.FailRun(claimed["p/0"], "RunCancelled", "x", 15.0))
-    resumed = await execute(store, o.ResumeRun("p", "ops", 16.0))
+    resumed = (await execute(store, o.ResumeRun("p", "ops", 16.0))).run
     assert resumed.state == "waiting"  # p/1 is still unfinished
     await execute(store, o.FailRun(claimed["p/1"], "RunCancelled", "x", 17.0))
     run = await store.get_run("p")

@@ -1320,7 +1320,7 @@ async def test_a_paused_run_cancelled_stays_paused_until_resumed_or_its_grace_en
     with pytest.raises(StaleLease):
         await execute(store, o.SaveStep(lease, step("0"), 13.0))
     # Resumed: it is queued to compensate; not resumed, the timer ends it at the grace's end.
-    resumed = await execute(store, o.ResumeRun("r1", "ops", 14.0))
+    resumed = (await execute(store, o.ResumeRun("r1", "ops", 14.0))).run
     assert (resumed.state, resumed.cancel_reason) == ("queued", "gone")
     await execute(store, o.PauseRun("r1", "ops", 15.0))
     [ended] = await execute(store, o.EndCancels(17.0))
