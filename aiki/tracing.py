@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import functools
 import json
+import os
 from collections.abc import Iterator, Mapping
 from types import ModuleType
 from typing import Any
@@ -52,6 +53,12 @@ def provider(tracer_provider: Any) -> Iterator[None]:
         _PROVIDER.reset(token)
 
 
+@functools.cache
+def _provider_named() -> bool:
+    """Whether the environment names a provider for the API to load on first use."""
+    return "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+
+
 def _tracing() -> tuple[ModuleType, ModuleType] | None:
     """The API modules if a real tracer provider is set (not the default proxy/no-op)."""
     api = _api()
@@ -59,6 +66,8 @@ def _tracing() -> tuple[ModuleType, ModuleType] | None:
         return None
     if _PROVIDER.get() is not None:
         return api
+    if getattr(api[0], "_TRACER_PROVIDER", True) is None and not _provider_named():
+        return None  # none set yet: the API's proxy, known without its read of os.environ
     current = api[0].get_tracer_provider()
     if type(current).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
         return None

@@ -538,6 +538,38 @@ async def test_steps_keep_the_order_they_were_first_recorded(store: Store) -> No
     assert [s.position for s in await store.get_steps("r1")] == ["10", "2", "1", "b", "a"]
 
 
+async def test_starts_and_outcomes_of_several_runs_in_one_batch(store: Store) -> None:
+    """The busy batch (PostgreSQL applies it as one read and one write): runs interleaved,
+    one step started and finished in the same batch, a stale write refused in the middle
+    (it changes nothing), a step of a run not there, and a start that renews the lease."""
+    await store.apply([enqueue("r1"), enqueue("r2"), enqueue("r3")])
+    a, b, c = (x.lease for x in await claim(store, now=10.0))
+    await execute(store, o.StartStep(b, step("0", state="running"), 10.5))
+    outcomes = await store.apply([
+        o.StartStep(a, step("0", state="running"), 11.0, 60.0),
+        o.SaveStep(b, step("0"), 11.0),
+        o.SaveStep(a, step("0", output='"a0"'), 11.0),
+        o.SaveStep(Lease("r3", c.epoch - 1, "w1"), step("0"), 11.0),
+        o.StartStep(a, step("1", "ship", state="running"), 11.0, 60.0),
+        o.StartStep(Lease("ghost", 1, "w1"), step("0", state="running"), 11.0),
+        o.StartStep(b, step("1", "ship", state="running"), 11.0),
+        o.SaveStep(a, step("0", output='"a0"'), 11.0),  # the same outcome again
+    ])
+    assert [type(x).__name__ if isinstance(x, AikiError) else x for x in outcomes] == [
+        True, True, True, "StaleLease", True, "StaleLease", True, False]
+    assert [(s.position, s.state, s.output) for s in await store.get_steps("r1")] == [
+        ("0", "completed", '"a0"'), ("1", "running", None)]
+    assert [(s.position, s.state) for s in await store.get_steps("r2")] == [
+        ("0", "completed"), ("1", "running")]
+    assert await store.get_steps("r3") == ()
+    r1 = await store.get_run("r1")
+    assert r1 is not None and (r1.updated_at, r1.lease_expires_at) == (11.0, 71.0)
+    assert [(e[1], e[4]) for e in await events(store, "r1")] == [
+        ("run.queued", None), ("run.running", None), ("task.running", "0"),
+        ("task.completed", "0"), ("task.running", "1")]
+    assert [e[1] for e in await events(store, "r3")] == ["run.queued", "run.running"]
+
+
 # -- suspend, wake, release, finish -------------------------------------------------------
 async def test_suspend_then_wake_due_runs_only(store: Store) -> None:
     await store.apply([enqueue("r1"), enqueue("r2"), enqueue("r3")])

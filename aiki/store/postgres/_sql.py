@@ -907,6 +907,112 @@ _OPS: dict[type[Any], Callable[[Conn, Any], Awaitable[Any]]] = {
 }
 
 
+# -- a batch's task starts and outcomes, together --------------------------------------------
+def _array_type(python_type: str) -> str:
+    return "float8" if "float" in python_type else "int8" if python_type.startswith("int") else (
+        "text")
+
+
+def _unnest(first: int, types: Sequence[str]) -> str:
+    return "unnest(" + ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types)) + ")"
+
+
+_STEP_TYPES = ["text", *(_array_type(str(f.type)) for f in attrs.fields(StepRecord))]
+_RUN_TYPES = [_array_type(str(f.type)) for f in attrs.fields(RunRecord)]
+_HISTORY_TYPES = ["text", "float8", "text", "int8", "text", "text", "text", "text"]
+_RUNS_AND_STEPS = (  # the runs, locked in the order of their ids, each with the step asked for
+    "SELECT " + ", ".join(f"r.{f.name}" for f in attrs.fields(RunRecord)) + ", "
+    + ", ".join(f"s.{f.name}" for f in attrs.fields(StepRecord))
+    + " FROM unnest($1::text[], $2::text[]) AS q(run_id, position)"
+    " JOIN runs r ON r.id = q.run_id"
+    " LEFT JOIN steps s ON s.run_id = q.run_id AND s.position = q.position"
+    " ORDER BY r.id FOR UPDATE OF r")
+_SAVE_ALL = (  # steps, runs and history events, each a column of arrays, in one statement
+    f"WITH upserted AS (INSERT INTO steps (run_id, {STEP_COLUMNS})"
+    f" SELECT * FROM {_unnest(1, _STEP_TYPES)}"
+    " ON CONFLICT (run_id, position) DO UPDATE SET "
+    + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(StepRecord)) + "),"
+    " changed AS (UPDATE runs SET " + ", ".join(f"{c} = v.{c}" for c in _RUN_FIELDS)
+    + f" FROM {_unnest(1 + len(_STEP_TYPES), _RUN_TYPES)} AS v({RUN_COLUMNS})"
+    " WHERE runs.id = v.id)"
+    " INSERT INTO history (run_id, at, event, attempt, worker_id, position, name, detail)"
+    f" SELECT * FROM {_unnest(1 + len(_STEP_TYPES) + len(_RUN_TYPES), _HISTORY_TYPES)}")
+
+
+def _steady(op: o.Op[Any]) -> bool:
+    """A task start or outcome that needs no look at other steps (no idempotency key)."""
+    return isinstance(op, (o.StartStep, o.SaveStep)) and op.step.idempotency_key is None
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
+
+
+async def _save_steps(conn: Conn, ops: Sequence[o.StartStep | o.SaveStep]) -> list[Any]:
+    """Several task starts and outcomes (of one run or many) in two round trips, where one
+    at a time takes two each: one read of every run (locked) with the step asked for, the
+    state machine's decisions in order (each op sees the ones before it), then one write."""
+    keys = list(dict.fromkeys((op.lease.run_id, op.step.position) for op in ops))
+    rows = await conn.fetch(_RUNS_AND_STEPS, [k[0] for k in keys], [k[1] for k in keys])
+    runs: dict[str, RunRecord] = {}
+    steps: dict[tuple[str, str], StepRecord | None] = dict.fromkeys(keys)
+    for row in rows:
+        values = tuple(row)
+        run = runs[values[0]] = RunRecord(*values[:_N_RUN])
+        if values[_N_RUN] is not None:
+            steps[run.id, values[_N_RUN]] = StepRecord(*values[_N_RUN:])
+    outcomes: list[Any] = []
+    changed_runs: dict[str, RunRecord] = {}
+    changed_steps: dict[tuple[str, str], StepRecord] = {}  # in the order first written
+    history: list[History] = []
+    for op in ops:
+        run_id, new = op.lease.run_id, op.step
+        try:
+            change = m.save_step(
+                runs.get(run_id), op.lease, steps[run_id, new.position], None, new, op.now,
+                start=isinstance(op, o.StartStep),
+                lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
+        except AikiError as exc:  # refused on purpose; it wrote nothing
+            outcomes.append(exc)
+            continue
+        if change.run is not None:
+            runs[run_id] = changed_runs[run_id] = change.run
+        for step in change.steps:
+            steps[run_id, step.position] = changed_steps[run_id, step.position] = step
+        history += [(run_id, e.at, e.event, e.attempt, e.worker_id, e.position, e.name,
+                     e.detail) for e in change.history]
+        outcomes.append(bool(change.history))
+    if changed_runs or changed_steps:
+        await conn.execute(
+            _SAVE_ALL,
+            *_columns([(k[0], *attrs.astuple(s)) for k, s in changed_steps.items()],
+                      len(_STEP_TYPES)),
+            *_columns([attrs.astuple(r) for r in changed_runs.values()], len(_RUN_TYPES)),
+            *_columns(history, len(_HISTORY_TYPES)))
+    return outcomes
+
+
+async def _apply_all(conn: Conn, ops: Sequence[o.Op[Any]]) -> list[Any]:
+    """One outcome per op, in order (refusals are outcomes). Consecutive task starts and
+    outcomes, the bulk of a busy batch, go together (:func:`_save_steps`)."""
+    outcomes: list[Any] = []
+    i = 0
+    while i < len(ops):
+        j = i
+        while j < len(ops) and _steady(ops[j]):
+            j += 1
+        if j - i >= 2:
+            outcomes += await _save_steps(conn, ops[i:j])  # type: ignore[arg-type]
+            i = j
+            continue
+        try:
+            outcomes.append(await _apply_one(conn, ops[i]))
+        except AikiError as exc:  # refused on purpose; it wrote nothing
+            outcomes.append(exc)
+        i += 1
+    return outcomes
+
+
 async def _apply_one(conn: Conn, op: o.Op[Any]) -> Any:
     apply = _OPS.get(type(op))
     if apply is None:
@@ -928,14 +1034,9 @@ async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]]) -> list[Any]:
         transaction = conn.transaction()
         await transaction.start()
         try:
-            outcomes: list[Any] = []
-            with o.noting_ends() as ended:
-                for op in ops:
-                    try:
-                        outcomes.append(await _apply_one(conn, op))
-                    except AikiError as exc:  # refused on purpose; it wrote nothing
-                        outcomes.append(exc)
-            outcomes = o.outcomes_of(outcomes, ended)
+            with o.noting_ends() as noted:
+                outcomes = await _apply_all(conn, ops)
+            outcomes = o.outcomes_of(outcomes, noted)
             # A transaction that wrote nothing has no id and nothing to lose.
             xid: str | None = await conn.fetchval("SELECT pg_current_xact_id_if_assigned()::text")
         except Exception as exc:
