@@ -910,7 +910,7 @@ _OPS: dict[type[Any], Callable[[Conn, Any], Awaitable[Any]]] = {
 # -- a batch's task starts and outcomes, together --------------------------------------------
 def _array_type(python_type: str) -> str:
     return "float8" if "float" in python_type else "int8" if python_type.startswith("int") else (
-        "text")
+        "bool" if python_type.startswith("bool") else "text")
 
 
 def _unnest(first: int, types: Sequence[str]) -> str:
