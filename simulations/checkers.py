@@ -98,7 +98,9 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
             key = (spec["rk"], workload.label_of(spec))
             committed_at[key] = max(at, committed_at.get(key, at))
     for at, rk, label, task, worker in ledger.executions:
-        done = None if rk in forked else committed_at.get((rk, label))
+        # (A fork's children, started afresh, run its original's children's programs.)
+        of_a_fork = any(rk == f or rk.startswith(f + ".") for f in forked)
+        done = None if of_a_fork else committed_at.get((rk, label))
         if done is not None and at > done and worker not in ledger.deferred_starts:
             v.append(f"task {task} of {rk} step {label} executed at t={at:.3f}, after its "
                      f"result was committed at t={done:.3f}")
@@ -140,6 +142,10 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     # before or after its end there): its results are not compared; nor are a child's whose
     # parent did not complete (a failing parent cancels the children still running).
     cancelled = {item.run_id for item in planned.values() if item.cancels}
+    # (A cancel_previous schedule's run is cancelled or not as the next occurrence finds it.)
+    replacing = {s for s, overlap in ledger.schedules.items() if overlap == "cancel_previous"}
+    cancelled |= {run_id for run_id, origin in started_by.items()
+                  if origin is not None and origin[0] in replacing}
     for run in runs.values():
         parent = run
         while parent.parent_id is not None and parent.parent_id in runs:

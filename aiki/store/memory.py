@@ -272,7 +272,8 @@ class MemoryStore:
                 steps, m.first_sent(self._events.get(op.run_id, ())),
                 op.who, op.now, op.control_id, children=self._unfinished(op.run_id))
             self._write(op.run_id, change)
-            if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+            if change.history and change.run is not None and (  # (not a repeat)
+                    change.run.state in TERMINAL_RUN_STATES):
                 self._ended(change.run, op.now, [])
             return m.controlled(change)
         if isinstance(op, o.ForkRun):

@@ -726,7 +726,8 @@ def _resume(db: Db, op: o.ResumeRun) -> o.ControlOutcome:
                       buffered, op.who, op.now, op.control_id,
                       children=_unfinished(db, op.run_id))
     _write(db, op.run_id, change)
-    if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+    if change.history and change.run is not None and (  # (not a repeat)
+            change.run.state in TERMINAL_RUN_STATES):
         _ended(db, change.run, op.now, [])
     return m.controlled(change)
 

@@ -208,10 +208,15 @@ async def test_a_parent_paused_while_awaiting_its_last_child_ends_when_resumed(
     await execute(store, o.CompleteRun(child, "1", 15.0))
     run = await store.get_run("p")
     assert run is not None and run.state == "paused"
-    resumed = (await execute(store, o.ResumeRun("p", "ops", 16.0))).run
+    first = await store.apply([o.ResumeRun("p", "ops", 16.0, "id-9")])
+    assert [r.id for r in getattr(first, "ended", ())] == ["p"]
+    resumed = first[0].run
     assert (resumed.state, resumed.result, resumed.finished_at) == ("completed", '"sent"', 16.0)
     assert [e[1] for e in await events(store, "p")][-3:] == [
         "run.paused", "run.waiting", "run.completed"]
+    # The same resume sent again (its reply lost) ends nothing more: nothing is counted twice.
+    again = await store.apply([o.ResumeRun("p", "ops", 17.0, "id-9")])
+    assert getattr(again, "ended", None) == ()
 
 
 async def test_a_parent_paused_while_awaiting_children_still_waits_for_them_when_resumed(

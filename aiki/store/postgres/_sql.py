@@ -863,7 +863,8 @@ async def _resume(conn: Conn, op: o.ResumeRun) -> o.ControlOutcome:
                       op.who, op.now, op.control_id,
                       children=await _unfinished(conn, op.run_id))
     await _write(conn, op.run_id, change)
-    if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+    if change.history and change.run is not None and (  # (not a repeat)
+            change.run.state in TERMINAL_RUN_STATES):
         await _ended(conn, change.run, op.now, [])
     return m.controlled(change)
 
