@@ -129,7 +129,11 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
         heard = ledger.heard_end.get(run_id)
         if run is not None and run.state in TERMINAL_RUN_STATES and heard is None:
             v.append(f"run {run_id} {run.state}, but the client watching it never heard")
-        elif heard is not None and (run is None or heard[1:] != (run.state, run.result)):
+        elif heard is not None and (run is None or heard[1:] != (run.state, run.result)) and not (
+                # (a failed run a client retried afterwards: it ended failed first)
+                run is not None and heard[1] == "failed" and any(
+                    e.event == "run.queued" and (e.detail or "").startswith("retried by")
+                    for e in contents.history.get(run_id, ()))):
             v.append(f"a client heard run {run_id} end {heard[1]} with {heard[2]} at "
                      f"t={heard[0]:.3f}; it is stored {run.state if run else 'nowhere'} with "
                      f"{run.result if run else None}")
