@@ -146,6 +146,11 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     # before or after its end there): its results are not compared; nor are a child's whose
     # parent did not complete (a failing parent cancels the children still running).
     cancelled = {item.run_id for item in planned.values() if item.cancels}
+    # (A fork of a run with children copies its child steps, which name the original's
+    # children: it joins them, so its end depends on how far they were when it was forked.)
+    parents = {r.parent_id for r in runs.values() if r.parent_id is not None}
+    cancelled |= {fork_id for fork_id, (original, _) in ledger.forks.items()
+                  if original in parents}
     # (A cancel_previous schedule's run is cancelled or not as the next occurrence finds it.)
     replacing = {s for s, overlap in ledger.schedules.items() if overlap == "cancel_previous"}
     cancelled |= {run_id for run_id, origin in started_by.items()
