@@ -15,25 +15,39 @@ Rows: store (SQLite file, PostgreSQL) x deployment x mode.
   (``max_concurrent_runs`` / ``--concurrency``).
 
 Samples are runs/s; ``extra["per_task_ms"]`` is the wall time per task (elapsed / (runs x 3)).
+
+Beside DBOS (issue 10's targets are Aiki/DBOS ratios): when the ``dbos`` package is installed,
+the ``embedded`` and ``ws, 1 worker`` rows are measured interleaved with the same store and
+mode on DBOS (:func:`benchmarks.dbos_side.measure_once`, a subprocess on a fresh SQLite file
+or PostgreSQL database): Aiki rep 1, DBOS rep 1, DBOS rep 2, Aiki rep 2, Aiki rep 3, ... (the
+side that goes first alternates), so a drift of the shared machine's load over minutes hits
+both sides of a pair alike. Each pair gives one ratio (Aiki runs/s over DBOS runs/s); the row
+keeps them in ``extra["pair_ratios"]`` (every pair in ``extra["pairs"]``), and
+:func:`benchmarks.report.annotate` reports their median, min and max as ``aiki_over_dbos``.
+The suite then adds one DBOS row per store and mode (suite ``dbos``; pooling the repetitions
+measured beside both deployments), with DBOS's configuration (journal mode, synchronous, pool
+size). ``ws, 2 workers`` rows are measured alone; their ratio is of medians, and unpaired.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
 
-from benchmarks import procs
-from benchmarks.suite import Options, Row, Suite
+from benchmarks import dbos_side, procs
+from benchmarks.suite import Options, Row, Suite, selected
 from benchmarks.workload import TASKS_PER_RUN
 
 APP = "benchmarks.workload:workflows"
@@ -198,6 +212,11 @@ def measure_row(config: Config, options: Options, warmup: int = WARMUP) -> Row:
             except Exception as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 traceback.print_exc(file=sys.stderr)
+    return aiki_row(config, samples, errors, warmup)
+
+
+def aiki_row(config: Config, samples: list[Sample], errors: list[str], warmup: int = WARMUP,
+             pairs: list[Pair] | None = None) -> Row:
     extra: dict[str, object] = {
         "system": "aiki", "store": config.store, "deployment": config.deployment,
         "concurrency": config.concurrency, "runs": config.runs, "warmup_runs": warmup,
@@ -207,6 +226,9 @@ def measure_row(config: Config, options: Options, warmup: int = WARMUP) -> Row:
         "completed": [s.completed for s in samples],
         "columns": {"runs": str(config.runs)},
     }
+    if pairs is not None:
+        extra["pairs"] = [p.to_json() for p in pairs]
+        extra["pair_ratios"] = [p.ratio for p in pairs if p.ratio is not None]
     if errors:
         extra["errors"] = errors
     return Row("throughput", config.label, "runs/s", "1/s",
@@ -214,30 +236,127 @@ def measure_row(config: Config, options: Options, warmup: int = WARMUP) -> Row:
                extra=extra)
 
 
+# -- Aiki beside DBOS: interleaved repetitions, one ratio per pair -------------------------
+# The deployments whose rows get a DBOS counterpart measured beside them (the ones issue 10's
+# targets read). DBOS has no deployments: its rows are the same for both.
+PAIRED_DEPLOYMENTS = ("embedded", "ws1")
+
+
+@attrs.frozen
+class Pair:
+    """One repetition of each side, one right after the other."""
+
+    rep: int
+    first: str  # "aiki" | "dbos": which side ran first
+    aiki: Sample | None  # None: that side failed (its error is in the row)
+    dbos: dict[str, Any] | None  # measure_once's answer
+
+    @property
+    def dbos_runs_per_second(self) -> float | None:
+        return self.dbos["runs"] / self.dbos["elapsed"] if self.dbos else None
+
+    @property
+    def ratio(self) -> float | None:
+        dbos = self.dbos_runs_per_second
+        if self.aiki is None or not dbos:
+            return None
+        ratio = self.aiki.runs_per_second / dbos
+        return ratio if math.isfinite(ratio) else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rep": self.rep, "first": self.first,
+                "aiki_runs_per_s": self.aiki.runs_per_second if self.aiki else None,
+                "dbos_runs_per_s": self.dbos_runs_per_second, "ratio": self.ratio}
+
+
+def alternate(reps: int, aiki: Callable[[int], Sample], dbos: Callable[[int], dict[str, Any]],
+              errors: dict[str, list[str]]) -> list[Pair]:
+    """``reps`` pairs: Aiki then DBOS in even repetitions, DBOS then Aiki in odd ones, so a
+    drift in the machine's load hits both sides of a pair alike and neither side is always
+    first. A side that fails leaves its error in ``errors[side]`` and its pair no ratio."""
+    pairs = []
+    for rep in range(reps):
+        order = ("aiki", "dbos") if rep % 2 == 0 else ("dbos", "aiki")
+        got: dict[str, Any] = {}
+        for side in order:
+            try:
+                got[side] = aiki(rep) if side == "aiki" else dbos(rep)
+            except Exception as exc:
+                errors[side].append(f"{type(exc).__name__}: {exc}")
+                traceback.print_exc(file=sys.stderr)
+        pairs.append(Pair(rep, order[0], got.get("aiki"), got.get("dbos")))
+    return pairs
+
+
+def measure_paired(config: Config, options: Options, warmup: int = WARMUP
+                   ) -> tuple[Row, list[dict[str, Any]], list[str]]:
+    """``options.reps`` pairs of ``config`` and its DBOS counterpart, each repetition on a
+    fresh store; the Aiki row (with every pair's ratio), DBOS's answers and errors."""
+    errors: dict[str, list[str]] = {"aiki": [], "dbos": []}
+    with tempfile.TemporaryDirectory(prefix="aiki-bench-") as directory:
+        def aiki_once(rep: int) -> Sample:
+            with fresh_store(config.store, options, directory, f"rep{rep}") as url:
+                return measure(config, url, warmup)
+
+        def dbos_once(rep: int) -> dict[str, Any]:
+            return dbos_side.measure_fresh(config.store, config.concurrency, config.runs,
+                                           options, directory, f"dbos-rep{rep}")
+
+        pairs = alternate(options.reps, aiki_once, dbos_once, errors)
+    samples = [p.aiki for p in pairs if p.aiki is not None]
+    row = aiki_row(config, samples, errors["aiki"], warmup, pairs)
+    return row, [p.dbos for p in pairs if p.dbos is not None], errors["dbos"]
+
+
 def configs(options: Options) -> list[Config]:
     counts = run_counts(options.quick)
     stores = ["sqlite"] + (["postgres"] if options.postgres is not None else [])
     return [Config(store, deployment, concurrency, counts[concurrency])
-            for store in stores for deployment in DEPLOYMENTS for concurrency in counts]
+            for store in stores for deployment in DEPLOYMENTS for concurrency in counts
+            if selected(options.only, store=store, deployment=deployment,
+                        concurrency=concurrency)]
 
 
 def run(options: Options) -> list[Row]:
     if options.postgres is None:
         print("throughput: no PostgreSQL server, PostgreSQL rows skipped", file=sys.stderr)
+    with_dbos = dbos_side.available()
+    if not with_dbos:
+        print("throughput: the dbos package is not installed: no DBOS rows, no Aiki/DBOS "
+              "ratios (pip install -e '.[bench]')", file=sys.stderr)
     rows = []
+    # (store, concurrency) -> runs, DBOS's answers, errors, the deployment of each answer
+    beside: dict[tuple[str, int], tuple[int, list[dict[str, Any]], list[str], list[str]]] = {}
     for config in configs(options):
         start = time.perf_counter()
-        row = measure_row(config, options)
+        if with_dbos and config.deployment in PAIRED_DEPLOYMENTS:
+            row, answers, errors = measure_paired(config, options)
+            _, pooled, pooled_errors, paired_with = beside.setdefault(
+                (config.store, config.concurrency), (config.runs, [], [], []))
+            pooled.extend(answers)
+            pooled_errors.extend(errors)
+            paired_with.extend([config.deployment] * len(answers))
+        else:
+            row = measure_row(config, options)
         rows.append(row)
         print(f"  throughput: {config.label}: {_brief(row)} "
               f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    for (store, concurrency), (runs, answers, errors, paired_with) in beside.items():
+        rows.append(dbos_side.row(store, concurrency, runs, answers, errors, paired_with))
     return rows
 
 
 def _brief(row: Row) -> str:
     if not row.samples:
         return "FAILED " + "; ".join(row.extra.get("errors", []))
-    return f"median {row.median:.1f} runs/s over {len(row.samples)} rep(s)"
+    text = f"median {row.median:.1f} runs/s over {len(row.samples)} rep(s)"
+    ratios = row.extra.get("pair_ratios")
+    if ratios:
+        text += (f"; Aiki/DBOS per pair {', '.join(f'{r:.2f}' for r in ratios)}"
+                 f" (median {statistics.median(ratios):.2f})")
+    elif "pairs" in row.extra:
+        text += "; no Aiki/DBOS pair completed"
+    return text
 
 
 SUITE = Suite(name="throughput", run=run)
