@@ -324,10 +324,16 @@ def run(options: Options) -> list[Row]:
     if not with_dbos:
         print("throughput: the dbos package is not installed: no DBOS rows, no Aiki/DBOS "
               "ratios (pip install -e '.[bench]')", file=sys.stderr)
-    rows = []
+    measured: dict[Config, Row] = {}
     # (store, concurrency) -> runs, DBOS's answers, errors, the deployment of each answer
     beside: dict[tuple[str, int], tuple[int, list[dict[str, Any]], list[str], list[str]]] = {}
-    for config in configs(options):
+    # Every embedded row before any loopback one. Workaround for an Aiki hang seen here
+    # (2026-12-01, at ea23d56): in a process that has run a workflow through aiki.connect, the
+    # first embedded PostgreSQL store's first task outcome is never written (the run's lease
+    # expires every 40 s and its first task starts again, for ever). The table keeps its
+    # order (store, deployment, mode).
+    ordered = sorted(configs(options), key=lambda config: config.deployment != "embedded")
+    for config in ordered:
         start = time.perf_counter()
         if with_dbos and config.deployment in PAIRED_DEPLOYMENTS:
             row, answers, errors = measure_paired(config, options)
@@ -338,10 +344,11 @@ def run(options: Options) -> list[Row]:
             paired_with.extend([config.deployment] * len(answers))
         else:
             row = measure_row(config, options)
-        rows.append(row)
+        measured[config] = row
         print(f"  throughput: {config.label}: {_brief(row)} "
               f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    for (store, concurrency), (runs, answers, errors, paired_with) in beside.items():
+    rows = [measured[config] for config in configs(options)]
+    for (store, concurrency), (runs, answers, errors, paired_with) in sorted(beside.items()):
         rows.append(dbos_side.row(store, concurrency, runs, answers, errors, paired_with))
     return rows
 
