@@ -348,7 +348,8 @@ def run(options: Options) -> list[Row]:
         print(f"  throughput: {config.label}: {_brief(row)} "
               f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     rows = [measured[config] for config in configs(options)]
-    for (store, concurrency), (runs, answers, errors, paired_with) in sorted(beside.items()):
+    for (store, concurrency), (runs, answers, errors, paired_with) in sorted(
+            beside.items(), key=lambda item: (list(STORES).index(item[0][0]), item[0][1])):
         rows.append(dbos_side.row(store, concurrency, runs, answers, errors, paired_with))
     return rows
 

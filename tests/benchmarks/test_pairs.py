@@ -150,3 +150,42 @@ def test_an_unknown_only_word_is_refused_by_name_before_anything_runs(
         main(["throughput", "--only", "sqlite,mysql"])
     assert exited.value.code == 2
     assert "unknown --only word(s) mysql" in capsys.readouterr().err
+
+
+def test_the_suite_pairs_embedded_and_ws1_rows_measures_embedded_first_and_pools_dbos(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import dbos_side
+    from benchmarks.suite import Options
+
+    measured: list[str] = []
+
+    def fake_paired(config: throughput.Config, options: Options
+                    ) -> tuple[Row, list[dict[str, Any]], list[str]]:
+        measured.append(f"{config.store} {config.deployment} paired")
+        pairs = [throughput.Pair(0, "aiki", _sample(200.0), _dbos(100.0))]
+        return (throughput.aiki_row(config, [_sample(200.0)], [], pairs=pairs),
+                [_dbos(100.0)], [])
+
+    def fake_row(config: throughput.Config, options: Options) -> Row:
+        measured.append(f"{config.store} {config.deployment} alone")
+        return throughput.aiki_row(config, [_sample(200.0)], [])
+
+    monkeypatch.setattr(throughput, "measure_paired", fake_paired)
+    monkeypatch.setattr(throughput, "measure_row", fake_row)
+    monkeypatch.setattr(dbos_side, "available", lambda: True)
+    server: Any = object()  # stands for the PostgreSQL server: nothing here connects to it
+    rows = throughput.run(Options(quick=True, reps=1, postgres=server, only=("100",)))
+
+    # Every embedded row first (an Aiki hang follows aiki.connect otherwise); ws2 unpaired.
+    assert measured == ["sqlite embedded paired", "postgres embedded paired",
+                        "sqlite ws1 paired", "sqlite ws2 alone",
+                        "postgres ws1 paired", "postgres ws2 alone"]
+    # The table keeps its order; one DBOS row per store and mode, pooling both pairings.
+    assert [r.label for r in rows] == [
+        "SQLite · embedded · 100 concurrent", "SQLite · ws, 1 worker · 100 concurrent",
+        "SQLite · ws, 2 workers · 100 concurrent", "PostgreSQL · embedded · 100 concurrent",
+        "PostgreSQL · ws, 1 worker · 100 concurrent",
+        "PostgreSQL · ws, 2 workers · 100 concurrent",
+        "DBOS 9.9 · SQLite · 100 concurrent", "DBOS 9.9 · PostgreSQL · 100 concurrent"]
+    assert all(r.suite == "dbos" and r.extra["paired_with"] == ["embedded", "ws1"]
+               and len(r.samples) == 2 for r in rows[-2:])
