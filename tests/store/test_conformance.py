@@ -570,6 +570,26 @@ async def test_starts_and_outcomes_of_several_runs_in_one_batch(store: Store) ->
     assert [e[1] for e in await events(store, "r3")] == ["run.queued", "run.running"]
 
 
+async def test_last_outcomes_and_completions_of_several_runs_in_one_batch(store: Store) -> None:
+    """Each run's last task outcome riding with its completion, several runs in one batch
+    (PostgreSQL applies the outcomes together first): each answer in its place."""
+    await store.apply([enqueue("r1"), enqueue("r2")])
+    a, b = (x.lease for x in await claim(store, now=10.0))
+    await store.apply([o.StartStep(a, step("0", state="running"), 10.5),
+                       o.StartStep(b, step("0", state="running"), 10.5)])
+    outcomes = await store.apply([
+        o.SaveStep(a, step("0"), 11.0), o.CompleteRun(a, '"a"', 11.0),
+        o.SaveStep(b, step("0"), 11.0), o.FailRun(b, "E", "boom", 11.0),
+        o.SaveStep(b, step("1"), 11.0),  # after its run failed: refused
+    ])
+    assert [type(x).__name__ if isinstance(x, AikiError) else getattr(x, "state", x)
+            for x in outcomes] == [True, "completed", True, "failed", "StaleLease"]
+    for run_id, state in (("r1", "completed"), ("r2", "failed")):
+        assert [s.state for s in await store.get_steps(run_id)] == ["completed"]
+        assert [e[1] for e in await events(store, run_id)][-2:] == ["task.completed",
+                                                                    f"run.{state}"]
+
+
 # -- suspend, wake, release, finish -------------------------------------------------------
 async def test_suspend_then_wake_due_runs_only(store: Store) -> None:
     await store.apply([enqueue("r1"), enqueue("r2"), enqueue("r3")])

@@ -162,6 +162,37 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
             "task.completed", "run.completed"]
 
 
+def test_a_batch_is_applied_in_an_order_that_keeps_each_runs_ops_in_turn() -> None:
+    """Task starts and outcomes move forward to go together, but never past an earlier op
+    of their run nor across an op that may touch several runs."""
+    from tests.store.test_conformance import step
+
+    def start(run: str) -> o.Op[Any]:
+        return o.StartStep(Lease(run, 1, "w"), step("0", state="running"), 1.0)
+
+    def complete(run: str) -> o.Op[Any]:
+        return o.CompleteRun(Lease(run, 1, "w"), "1", 1.0)
+
+    keyed = o.SaveStep(Lease("a", 1, "w"), step("1", key="k"), 1.0)
+    ops = [start("a"), complete("a"), start("b"), complete("b"), start("a"), start("c"),
+           o.ExpireLeases(1.0), complete("c"), start("d"), keyed, start("a")]
+    assert _sql._order(ops) == [0, 2, 5, 1, 3, 4, 6, 8, 7, 9, 10]
+
+    @given(st.lists(st.tuples(st.sampled_from(["start", "complete", "keyed", "expire"]),
+                              st.sampled_from("abc")), max_size=12))
+    def check(drawn: list[tuple[str, str]]) -> None:
+        made = {"start": start, "complete": complete, "expire": lambda run: o.ExpireLeases(1.0),
+                "keyed": lambda run: attrs.evolve(keyed, lease=Lease(run, 1, "w"))}
+        ops = [made[kind](run) for kind, run in drawn]
+        order = _sql._order(ops)
+        assert sorted(order) == list(range(len(ops)))
+        for run in "abc":
+            mine = [k for k in order if _sql._run_of(ops[k]) in (run, None)]
+            assert mine == sorted(mine)  # its ops in turn, and none across a barrier
+
+    check()
+
+
 async def test_migrations_run_once_under_concurrent_starts(postgres: TestPostgres) -> None:
     schema = postgres.fresh_schema()
 

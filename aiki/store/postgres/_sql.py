@@ -815,23 +815,62 @@ async def _save_steps(conn: Conn, ops: Sequence[o.StartStep | o.SaveStep]) -> li
     return outcomes
 
 
+_ONE_RUN_OPS = (o.StartStep, o.SaveStep, o.CompleteRun, o.FailRun, o.ReleaseRun,
+                o.WaitRun, o.AwaitStep)
+
+
+def _run_of(op: o.Op[Any]) -> str | None:
+    """The one run ``op`` reads and writes; None for an op that may touch several."""
+    if isinstance(op, _ONE_RUN_OPS):
+        return op.lease.run_id
+    return op.run_id if isinstance(op, o.Enqueue) else None
+
+
+def _order(ops: Sequence[o.Op[Any]]) -> list[int]:
+    """The order to apply ``ops`` in: task starts and outcomes first, so they go together,
+    unless an earlier op of the same run stays before them. A batch's ops come from
+    requests in flight at once (only one request's chain is ordered, and it is about one
+    run), so any order that keeps each run's ops in turn is an order they could have come
+    in; an op that may touch several runs (a claim, an expiry sweep, ...) moves nothing
+    across it."""
+    order: list[int] = []
+    first: list[int] = []
+    rest: list[int] = []
+    held: set[str | None] = set()
+    for k, op in enumerate(ops):
+        run = _run_of(op)
+        if run is None:
+            order += first + rest + [k]
+            first, rest, held = [], [], set()
+        elif _steady(op) and run not in held:
+            first.append(k)
+        else:
+            rest.append(k)
+            held.add(run)
+    return order + first + rest
+
+
 async def _apply_all(conn: Conn, ops: Sequence[o.Op[Any]]) -> list[Any]:
-    """One outcome per op, in order (refusals are outcomes). Consecutive task starts and
-    outcomes, the bulk of a busy batch, go together (:func:`_save_steps`)."""
-    outcomes: list[Any] = []
+    """One outcome per op, in the order of ``ops`` (refusals are outcomes), applied in the
+    order of :func:`_order`: task starts and outcomes, the bulk of a busy batch, go together
+    (:func:`_save_steps`)."""
+    order = _order(ops)
+    outcomes: list[Any] = [None] * len(ops)
     i = 0
-    while i < len(ops):
+    while i < len(order):
         j = i
-        while j < len(ops) and _steady(ops[j]):
+        while j < len(order) and _steady(ops[order[j]]):
             j += 1
         if j - i >= 2:
-            outcomes += await _save_steps(conn, ops[i:j])  # type: ignore[arg-type]
+            together = await _save_steps(conn, [ops[k] for k in order[i:j]])  # type: ignore[misc]
+            for k, outcome in zip(order[i:j], together, strict=True):
+                outcomes[k] = outcome
             i = j
             continue
         try:
-            outcomes.append(await _apply_one(conn, ops[i]))
+            outcomes[order[i]] = await _apply_one(conn, ops[order[i]])
         except AikiError as exc:  # refused on purpose; it wrote nothing
-            outcomes.append(exc)
+            outcomes[order[i]] = exc
         i += 1
     return outcomes
 
