@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nAiki benchmarks: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
           f"SQLite {info['sqlite']}, PostgreSQL {info.get('postgresql', '(none)')}, "
           f"aiki {info['aiki_commit']}; {'--quick, ' if args.quick else ''}{reps} rep(s); "
+          f"{'only ' + ','.join(only) + '; ' if only else ''}"
           f"{results['seconds']:.0f} s")
     # The throughput suite makes the dbos table's rows: show it when they are there.
     shown = [*names, *(name for name in SUITES if name not in names
