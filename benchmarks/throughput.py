@@ -27,6 +27,9 @@ keeps them in ``extra["pair_ratios"]`` (every pair in ``extra["pairs"]``), and
 The suite then adds one DBOS row per store and mode (suite ``dbos``; pooling the repetitions
 measured beside both deployments), with DBOS's configuration (journal mode, synchronous, pool
 size). ``ws, 2 workers`` rows are measured alone; their ratio is of medians, and unpaired.
+The embedded one-at-a-time rows also measure one single-row commit (the ``baseline`` suite's
+floor) next to each Aiki repetition: their cost per task over one commit is a median of
+per-pair multiples too (``extra["pair_commit_multiples"]``).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from typing import Any
 import attrs
 import trio
 
-from benchmarks import dbos_side, procs
+from benchmarks import baseline, dbos_side, procs
 from benchmarks.suite import Options, Row, Suite, selected
 from benchmarks.workload import TASKS_PER_RUN
 
@@ -229,6 +232,9 @@ def aiki_row(config: Config, samples: list[Sample], errors: list[str], warmup: i
     if pairs is not None:
         extra["pairs"] = [p.to_json() for p in pairs]
         extra["pair_ratios"] = [p.ratio for p in pairs if p.ratio is not None]
+        multiples = [p.task_over_commit for p in pairs if p.task_over_commit is not None]
+        if multiples:
+            extra["pair_commit_multiples"] = multiples
     if errors:
         extra["errors"] = errors
     return Row("throughput", config.label, "runs/s", "1/s",
@@ -250,6 +256,14 @@ class Pair:
     first: str  # "aiki" | "dbos": which side ran first
     aiki: Sample | None  # None: that side failed (its error is in the row)
     dbos: dict[str, Any] | None  # measure_once's answer
+    commit_ms: float | None = None  # one single-row commit, measured next to the Aiki side
+
+    @property
+    def task_over_commit(self) -> float | None:
+        if self.aiki is None or not self.commit_ms:
+            return None
+        multiple = self.aiki.per_task_ms / self.commit_ms
+        return multiple if math.isfinite(multiple) else None
 
     @property
     def dbos_runs_per_second(self) -> float | None:
@@ -266,25 +280,33 @@ class Pair:
     def to_json(self) -> dict[str, Any]:
         return {"rep": self.rep, "first": self.first,
                 "aiki_runs_per_s": self.aiki.runs_per_second if self.aiki else None,
-                "dbos_runs_per_s": self.dbos_runs_per_second, "ratio": self.ratio}
+                "dbos_runs_per_s": self.dbos_runs_per_second, "ratio": self.ratio,
+                "commit_ms": self.commit_ms, "task_over_commit": self.task_over_commit}
 
 
 def alternate(reps: int, aiki: Callable[[int], Sample], dbos: Callable[[int], dict[str, Any]],
-              errors: dict[str, list[str]]) -> list[Pair]:
+              errors: dict[str, list[str]], commit: Callable[[int], float] | None = None
+              ) -> list[Pair]:
     """``reps`` pairs: Aiki then DBOS in even repetitions, DBOS then Aiki in odd ones, so a
     drift in the machine's load hits both sides of a pair alike and neither side is always
-    first. A side that fails leaves its error in ``errors[side]`` and its pair no ratio."""
+    first. ``commit`` (one single-row commit's ms, for the cost-per-task targets) runs between
+    them, next to Aiki either way. A side that fails leaves its error in ``errors[side]`` and
+    its pair no ratio."""
+    sides: dict[str, Callable[[int], Any]] = {"aiki": aiki}
+    if commit is not None:
+        sides["commit"] = commit
+    sides["dbos"] = dbos
     pairs = []
     for rep in range(reps):
-        order = ("aiki", "dbos") if rep % 2 == 0 else ("dbos", "aiki")
+        order = list(sides) if rep % 2 == 0 else list(reversed(sides))
         got: dict[str, Any] = {}
         for side in order:
             try:
-                got[side] = aiki(rep) if side == "aiki" else dbos(rep)
+                got[side] = sides[side](rep)
             except Exception as exc:
-                errors[side].append(f"{type(exc).__name__}: {exc}")
+                errors.setdefault(side, []).append(f"{type(exc).__name__}: {exc}")
                 traceback.print_exc(file=sys.stderr)
-        pairs.append(Pair(rep, order[0], got.get("aiki"), got.get("dbos")))
+        pairs.append(Pair(rep, order[0], got.get("aiki"), got.get("dbos"), got.get("commit")))
     return pairs
 
 
@@ -302,10 +324,33 @@ def measure_paired(config: Config, options: Options, warmup: int = WARMUP
             return dbos_side.measure_fresh(config.store, config.concurrency, config.runs,
                                            options, directory, f"dbos-rep{rep}")
 
-        pairs = alternate(options.reps, aiki_once, dbos_once, errors)
+        def commit_once(rep: int) -> float:
+            return commit_ms(config.store, options, directory, f"commit-rep{rep}")
+
+        # The cost-per-task targets (embedded, one at a time) are over one commit: measured
+        # next to each Aiki repetition too, for the same reason.
+        beside_commit = config.deployment == "embedded" and config.concurrency == 1
+        pairs = alternate(options.reps, aiki_once, dbos_once, errors,
+                          commit_once if beside_commit else None)
     samples = [p.aiki for p in pairs if p.aiki is not None]
-    row = aiki_row(config, samples, errors["aiki"], warmup, pairs)
+    row = aiki_row(config, samples, errors["aiki"] + [f"single-row commit: {e}"
+                                                      for e in errors.get("commit", [])],
+                   warmup, pairs)
     return row, [p.dbos for p in pairs if p.dbos is not None], errors["dbos"]
+
+
+def commit_ms(store: str, options: Options, directory: str, tag: str) -> float:
+    """One single-row commit's time (ms), the baseline suite's way, on a fresh file or
+    database."""
+    count = baseline.commits(options)
+    if store == "sqlite":
+        return 1000.0 / baseline.sqlite_commit_rate(os.path.join(directory, tag + ".db"), count)
+    assert options.postgres is not None
+    url = options.postgres.fresh_database("baseline")
+    try:
+        return 1000.0 / baseline.postgres_commit_rate(url, count)
+    finally:
+        options.postgres.drop_database(url)
 
 
 def configs(options: Options) -> list[Config]:

@@ -189,3 +189,41 @@ def test_the_suite_pairs_embedded_and_ws1_rows_measures_embedded_first_and_pools
         "DBOS 9.9 · SQLite · 100 concurrent", "DBOS 9.9 · PostgreSQL · 100 concurrent"]
     assert all(r.suite == "dbos" and r.extra["paired_with"] == ["embedded", "ws1"]
                and len(r.samples) == 2 for r in rows[-2:])
+
+
+def test_one_commit_beside_each_aiki_repetition_gives_the_cost_per_task_target() -> None:
+    calls: list[str] = []
+
+    def aiki_once(rep: int) -> throughput.Sample:
+        calls.append(f"aiki{rep}")
+        return _sample(100.0, runs=50)  # 10 ms per run: 3.33 ms per task
+
+    def commit_once(rep: int) -> float:
+        calls.append(f"commit{rep}")
+        return [2.0, 4.0, 1.0][rep]
+
+    def dbos_once(rep: int) -> dict[str, Any]:
+        calls.append(f"dbos{rep}")
+        return _dbos(50.0, runs=50)
+
+    errors: dict[str, list[str]] = {"aiki": [], "dbos": []}
+    pairs = throughput.alternate(3, aiki_once, dbos_once, errors, commit_once)
+    # The commit is next to Aiki whichever side goes first.
+    assert calls == ["aiki0", "commit0", "dbos0", "dbos1", "commit1", "aiki1",
+                     "aiki2", "commit2", "dbos2"]
+    assert [p.task_over_commit for p in pairs] == pytest.approx(
+        [10 / 3 / 2.0, 10 / 3 / 4.0, 10 / 3 / 1.0])
+
+    config = throughput.Config("sqlite", "embedded", 1, 50)
+    aiki = throughput.aiki_row(config, [p.aiki for p in pairs if p.aiki], [], pairs=pairs)
+    # A baseline suite row measured at another time is not what the target reads.
+    baseline = Row("baseline", "SQLite", "commits/s", "1/s", [10.0], extra={"store": "sqlite"})
+    report.annotate([baseline, aiki])
+    assert aiki.extra["commit_multiple"] == pytest.approx(10 / 3 / 2.0)
+    assert aiki.extra["ratios"]["× one commit"] == "1.67 (3 pairs)"
+    lines = report.target_lines([baseline, aiki], quick=False)
+    assert lines == [
+        "target sqlite-1-vs-dbos: 2.00x (goal >= 2x) met  -- SQLite, embedded, one at a time: "
+        "Aiki/DBOS (median of 3 interleaved pairs, 2.00-2.00)",
+        "target sqlite-1-task-vs-commit: 1.67x (goal <= 2.5x) met  -- SQLite, embedded, one "
+        "at a time: ms/task over one commit (median of 3 interleaved pairs)"]
