@@ -1,10 +1,21 @@
-"""``python -m benchmarks [suite ...] [--quick] [--reps N] [--json PATH] [--no-postgres]``.
+"""``python -m benchmarks [suite ...] [--quick] [--reps N] [--json PATH] [--no-postgres]
+[--only WORDS]``.
 
 Runs the named suites (all of them by default, in the order of ``SUITES``) with one embedded
 PostgreSQL server for the whole run, prints one table per suite at the end and writes every
 row to JSON (``benchmarks/results/latest.json`` by default; rewritten after each suite, so a
 run stopped half-way keeps what it measured). A suite whose module or optional dependency is
 missing, or that fails, is reported and skipped; the others still run.
+
+Aiki beside DBOS: the ``throughput`` suite measures each of its embedded and ``ws, 1 worker``
+rows interleaved with the same workload on DBOS (Aiki, DBOS, DBOS, Aiki, ... one fresh store
+each), and makes the DBOS rows, shown in the ``dbos`` table; the Aiki/DBOS ratio is the
+median of the ratios of adjacent repetitions, and only those ratios feed the target lines.
+The ``dbos`` suite alone (without ``throughput``) measures the DBOS rows one after another.
+
+``--only sqlite,embedded,100`` keeps the throughput and DBOS rows of those stores,
+deployments and concurrencies (comma-separated or repeated; words of one kind are
+alternatives); the other suites ignore it.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report
-from benchmarks.suite import Options, Row, Suite
+from benchmarks.suite import ONLY_WORDS, Options, Row, Suite, unknown_only_words
 
 # Name -> module; each module exposes SUITE. Imported only when the suite runs.
 SUITES: dict[str, str] = {
@@ -62,14 +73,25 @@ NOTES: dict[str, str] = {
                   "completion. `ws` = an `aiki server` process on loopback WebSocket with "
                   "`aiki worker` processes (max(C, 10) slots each), this process as client. "
                   "ms/task = elapsed / (runs × 3); × one commit = that over the baseline's "
-                  "median commit time, same store; Aiki/DBOS = median runs/s over the DBOS row "
-                  "with the same store and mode (> 1: Aiki faster).",
+                  "median commit time, same store (embedded, one at a time: over a single-row "
+                  "commit measured right beside each repetition, the median of those per-pair "
+                  "multiples). Aiki/DBOS (> 1: Aiki faster): the embedded "
+                  "and `ws, 1 worker` rows are measured interleaved with DBOS on the same store "
+                  "and mode, repetition by repetition (Aiki then DBOS, then DBOS then Aiki, "
+                  "...; a fresh store each), so the machine's drift hits both alike; the ratio "
+                  "is the median of the ratios of adjacent repetitions (their range and count "
+                  "in brackets), and only these feed the target lines. `ws, 2 workers` rows "
+                  "are not paired: their ratio is of medians, marked unpaired.",
     "dbos": "DBOS Transact, the same 3-step workflow, in a subprocess per repetition, same "
             "PostgreSQL server (own database) or its SQLite system database, put in WAL "
             "mode first like Aiki's (DBOS sets no PRAGMA: synchronous is SQLite's default "
             "FULL, as Aiki's). One at a time: the workflow function called directly; "
             "concurrent: C client threads each DBOS.start_workflow(...) and wait on the "
-            "handle's get_result(). DBOS defaults otherwise (pool of 20 connections).",
+            "handle's get_result(). DBOS defaults otherwise (pool of 20 connections). "
+            "With the throughput suite in the same run, every DBOS repetition is measured "
+            "beside an Aiki one (interleaved; `measured beside` names the Aiki deployments), "
+            "and a row pools the repetitions of both pairings; alone, the rows are measured "
+            "one after another.",
 }
 
 NOTES["clients"] = (
@@ -123,12 +145,21 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"where to write the results (default {DEFAULT_JSON})")
     parser.add_argument("--no-postgres", action="store_true",
                         help="skip every PostgreSQL row (no server is started)")
+    parser.add_argument("--only", action="append", default=[], metavar="WORDS",
+                        help="throughput and DBOS rows only of these stores, deployments and "
+                             "concurrencies, comma-separated or repeated: "
+                             + "; ".join(", ".join(words) for words in ONLY_WORDS.values()))
     args = parser.parse_args(argv)
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         parser.error(f"unknown suite(s) {', '.join(unknown)}; known: {', '.join(SUITES)}")
     if args.reps < 1:
         parser.error("--reps must be at least 1")
+    only = tuple(word.strip() for words in args.only for word in words.split(",")
+                 if word.strip())
+    if unknown_only_words(only):
+        parser.error(f"unknown --only word(s) {', '.join(unknown_only_words(only))}; known: "
+                     + "; ".join(", ".join(words) for words in ONLY_WORDS.values()))
     names = args.suites or [name for name in SUITES if name not in ON_REQUEST]
     reps = 1 if args.quick else args.reps
 
@@ -136,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "command": " ".join(["python -m benchmarks", *(argv or sys.argv[1:])]),
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": info, "quick": args.quick, "reps": reps, "suites": {}, "rows": [],
+        "machine": info, "quick": args.quick, "reps": reps, "only": list(only), "suites": {},
+        "rows": [],
     }
     rows: list[Row] = []
     began = time.perf_counter()
@@ -153,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "full_page_writes", "max_connections")}
             except Exception as exc:
                 print(f"PostgreSQL rows skipped: {exc}", file=sys.stderr)
-        options = Options(quick=args.quick, reps=reps, postgres=pg)
+        options = Options(quick=args.quick, reps=reps, postgres=pg, suites=tuple(names),
+                          only=only)
         for name in names:
             start = time.perf_counter()
             print(f"== {name} ==", file=sys.stderr, flush=True)
@@ -189,10 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nAiki benchmarks: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
           f"SQLite {info['sqlite']}, PostgreSQL {info.get('postgresql', '(none)')}, "
           f"aiki {info['aiki_commit']}; {'--quick, ' if args.quick else ''}{reps} rep(s); "
+          f"{'only ' + ','.join(only) + '; ' if only else ''}"
           f"{results['seconds']:.0f} s")
-    for name in names:
+    # The throughput suite makes the dbos table's rows: show it when they are there.
+    shown = [*names, *(name for name in SUITES if name not in names
+                       and any(r.suite == name for r in rows))]
+    for name in shown:
         suite_rows = [r for r in rows if r.suite == name]
-        status = results["suites"].get(name, {}).get("status", "not run")
+        status = results["suites"].get(name, {}).get(
+            "status", "ok" if suite_rows else "not run")
         print(f"\n### {name}" + ("" if status == "ok" else f" ({status})"))
         if name in NOTES:
             print(f"\n{NOTES[name]}")

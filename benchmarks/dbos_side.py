@@ -20,6 +20,11 @@ mode before DBOS opens it, as Aiki's is (``--journal-mode``; DBOS's default roll
 made it 1.5-1.9x slower). DBOS sets no PRAGMA, so its ``synchronous`` is SQLite's default,
 ``FULL``, the same as Aiki's default. The JSON line reports the journal mode read back from
 the file after the run.
+
+The parent side: with the ``throughput`` suite in the same bench run, that suite measures
+every DBOS repetition interleaved with an Aiki one (:func:`measure_fresh`, :func:`row`) and
+this suite adds nothing; alone (``python -m benchmarks dbos``), it measures the DBOS rows one
+after another.
 """
 
 from __future__ import annotations
@@ -188,15 +193,73 @@ def _repo() -> Any:
     return Path(__file__).resolve().parents[1]
 
 
-def run(options: Any) -> list[Any]:
+def available() -> bool:
     import importlib.util
-    import os
-    import tempfile
 
+    return importlib.util.find_spec("dbos") is not None
+
+
+def measure_fresh(store: str, concurrency: int, runs: int, options: Any, directory: str,
+                  tag: str) -> dict[str, Any]:
+    """One repetition on a store nobody has used: a new SQLite file in ``directory`` (named
+    after ``tag``), or a new PostgreSQL database on ``options.postgres``, dropped after."""
+    import os
+
+    if store == "sqlite":
+        return measure_once(f"sqlite:///{os.path.join(directory, tag + '.sqlite')}",
+                            concurrency, runs)
+    url = options.postgres.fresh_database("dbos")
+    try:
+        return measure_once(url, concurrency, runs)
+    finally:
+        options.postgres.drop_database(url)
+
+
+def row(store: str, concurrency: int, runs: int, results: list[dict[str, Any]],
+        errors: list[str], paired_with: list[str] | None = None) -> Any:
+    """The DBOS row of ``results`` (one per repetition), stating DBOS's configuration.
+
+    ``paired_with``: for the rows the throughput suite measures interleaved with its own, the
+    Aiki deployment each repetition was paired with (the row pools them)."""
     from benchmarks.suite import Row
 
-    if importlib.util.find_spec("dbos") is None:
+    version = next((r["dbos_version"] for r in results), "?")
+    journal = next((r["journal_mode"] for r in results if r.get("journal_mode")), "?")
+    mode = MODES.get(concurrency, f"{concurrency} concurrent")
+    how = "direct call" if concurrency == 1 else "start_workflow + handles"
+    config = (f"journal {journal.upper()}, synchronous FULL" if store == "sqlite"
+              else "pool 20")
+    columns = {"runs": str(runs), "started with": how, "DBOS settings": config}
+    extra: dict[str, Any] = {
+        "system": "dbos", "store": store, "concurrency": concurrency, "runs": runs,
+        "warmup_runs": WARMUP, "dbos_version": version, "started_with": how,
+        "configuration": config,
+        "per_task_ms": [r["elapsed"] / (runs * TASKS_PER_RUN) * 1000.0 for r in results],
+    }
+    if paired_with is not None:
+        extra["paired_with"] = paired_with
+        columns["measured beside"] = ", ".join(sorted(set(paired_with), key=paired_with.index))
+    extra["columns"] = columns
+    if errors:
+        extra["errors"] = errors
+    label = f"DBOS {version} · {STORES[store]} · {mode}"
+    return Row("dbos", label, "runs/s", "1/s", [runs / r["elapsed"] for r in results],
+               extra=extra)
+
+
+def run(options: Any) -> list[Any]:
+    """DBOS rows on their own, one after another, when the ``throughput`` suite does not run
+    in the same bench run (it measures them, interleaved with its own rows)."""
+    import tempfile
+
+    from benchmarks.suite import selected
+
+    if not available():
         raise ImportError("the DBOS rows need the dbos package: pip install -e '.[bench]'")
+    if "throughput" in options.suites:
+        print("dbos: measured by the throughput suite, interleaved with the Aiki rows",
+              file=sys.stderr)
+        return []
     counts = run_counts(options.quick)
     stores = ["sqlite"] + (["postgres"] if options.postgres is not None else [])
     if options.postgres is None:
@@ -204,46 +267,22 @@ def run(options: Any) -> list[Any]:
     rows = []
     for store in stores:
         for concurrency, runs in counts.items():
-            mode = MODES.get(concurrency, f"{concurrency} concurrent")
-            samples: list[float] = []
-            per_task: list[float] = []
+            if not selected(options.only, store=store, concurrency=concurrency):
+                continue
+            results: list[dict[str, Any]] = []
             errors: list[str] = []
-            version = "?"
-            journal = "?"
             started = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="aiki-bench-dbos-") as directory:
                 for rep in range(options.reps):
-                    if store == "sqlite":
-                        url = f"sqlite:///{os.path.join(directory, f'rep{rep}.sqlite')}"
-                    else:
-                        url = options.postgres.fresh_database("dbos")
                     try:
-                        result = measure_once(url, concurrency, runs)
-                        version = result["dbos_version"]
-                        journal = result.get("journal_mode") or journal
-                        samples.append(runs / result["elapsed"])
-                        per_task.append(result["elapsed"] / (runs * TASKS_PER_RUN) * 1000.0)
+                        results.append(measure_fresh(store, concurrency, runs, options,
+                                                     directory, f"rep{rep}"))
                     except Exception as exc:
                         errors.append(f"{type(exc).__name__}: {exc}")
                         print(f"  dbos: {exc}", file=sys.stderr)
-                    finally:
-                        if store == "postgres":
-                            options.postgres.drop_database(url)
-            how = "direct call" if concurrency == 1 else "start_workflow + handles"
-            config = (f"journal {journal.upper()}, synchronous FULL" if store == "sqlite"
-                      else "pool 20")
-            extra: dict[str, Any] = {
-                "system": "dbos", "store": store, "concurrency": concurrency, "runs": runs,
-                "warmup_runs": WARMUP, "per_task_ms": per_task, "dbos_version": version,
-                "started_with": how, "configuration": config,
-                "columns": {"runs": str(runs), "started with": how, "DBOS settings": config},
-            }
-            if errors:
-                extra["errors"] = errors
-            label = f"DBOS {version} · {STORES[store]} · {mode}"
-            rows.append(Row("dbos", label, "runs/s", "1/s", samples, extra=extra))
-            print(f"  dbos: {label}: "
-                  f"{f'median {rows[-1].median:.1f} runs/s' if samples else 'FAILED'} "
+            rows.append(row(store, concurrency, runs, results, errors))
+            print(f"  dbos: {rows[-1].label}: "
+                  f"{f'median {rows[-1].median:.1f} runs/s' if results else 'FAILED'} "
                   f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     return rows
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -27,12 +27,42 @@ class Options:
     ``quick``: a smoke run (1 repetition, small counts). ``reps``: repetitions per row
     (``--reps``; already 1 when ``quick``). ``postgres``: one server for the whole bench run,
     or None when PostgreSQL rows are not wanted or it could not start (skip those rows, and
-    say so in a row's ``extra`` or on stderr).
+    say so in a row's ``extra`` or on stderr). ``suites``: the suites this run runs (the
+    ``dbos`` suite measures nothing when ``throughput`` runs too: that suite measures the DBOS
+    rows, interleaved with its own). ``only``: ``--only`` words that select throughput and
+    DBOS rows (see :func:`selected`); other suites ignore them.
     """
 
     quick: bool = False
     reps: int = 3
     postgres: PostgresServer | None = None
+    suites: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()
+
+
+# ``--only`` words, by what they select. Words of one kind are alternatives (``sqlite,postgres``),
+# kinds combine (``sqlite,embedded,100``: SQLite rows, embedded, 100 concurrent).
+ONLY_WORDS: dict[str, tuple[str, ...]] = {
+    "store": ("sqlite", "postgres"),
+    "deployment": ("embedded", "ws1", "ws2"),
+    "concurrency": ("1", "100", "1000"),
+}
+
+
+def unknown_only_words(only: Sequence[str]) -> list[str]:
+    known = {word for words in ONLY_WORDS.values() for word in words}
+    return [word for word in only if word not in known]
+
+
+def selected(only: Sequence[str], **tags: object) -> bool:
+    """Whether a row with these tags (``store=``, ``deployment=``, ``concurrency=``) is wanted
+    by the ``--only`` words: for every kind with words given, the row's tag is one of them. A
+    kind the row has no tag for does not count (DBOS rows have no deployment)."""
+    for kind, words in ONLY_WORDS.items():
+        asked = [word for word in only if word in words]
+        if asked and kind in tags and str(tags[kind]) not in asked:
+            return False
+    return True
 
 
 @attrs.frozen

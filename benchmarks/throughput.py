@@ -15,25 +15,42 @@ Rows: store (SQLite file, PostgreSQL) x deployment x mode.
   (``max_concurrent_runs`` / ``--concurrency``).
 
 Samples are runs/s; ``extra["per_task_ms"]`` is the wall time per task (elapsed / (runs x 3)).
+
+Beside DBOS (issue 10's targets are Aiki/DBOS ratios): when the ``dbos`` package is installed,
+the ``embedded`` and ``ws, 1 worker`` rows are measured interleaved with the same store and
+mode on DBOS (:func:`benchmarks.dbos_side.measure_once`, a subprocess on a fresh SQLite file
+or PostgreSQL database): Aiki rep 1, DBOS rep 1, DBOS rep 2, Aiki rep 2, Aiki rep 3, ... (the
+side that goes first alternates), so a drift of the shared machine's load over minutes hits
+both sides of a pair alike. Each pair gives one ratio (Aiki runs/s over DBOS runs/s); the row
+keeps them in ``extra["pair_ratios"]`` (every pair in ``extra["pairs"]``), and
+:func:`benchmarks.report.annotate` reports their median, min and max as ``aiki_over_dbos``.
+The suite then adds one DBOS row per store and mode (suite ``dbos``; pooling the repetitions
+measured beside both deployments), with DBOS's configuration (journal mode, synchronous, pool
+size). ``ws, 2 workers`` rows are measured alone; their ratio is of medians, and unpaired.
+The embedded one-at-a-time rows also measure one single-row commit (the ``baseline`` suite's
+floor) next to each Aiki repetition: their cost per task over one commit is a median of
+per-pair multiples too (``extra["pair_commit_multiples"]``).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
 
-from benchmarks import procs
-from benchmarks.suite import Options, Row, Suite
+from benchmarks import baseline, dbos_side, procs
+from benchmarks.suite import Options, Row, Suite, selected
 from benchmarks.workload import TASKS_PER_RUN
 
 APP = "benchmarks.workload:workflows"
@@ -198,6 +215,11 @@ def measure_row(config: Config, options: Options, warmup: int = WARMUP) -> Row:
             except Exception as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 traceback.print_exc(file=sys.stderr)
+    return aiki_row(config, samples, errors, warmup)
+
+
+def aiki_row(config: Config, samples: list[Sample], errors: list[str], warmup: int = WARMUP,
+             pairs: list[Pair] | None = None) -> Row:
     extra: dict[str, object] = {
         "system": "aiki", "store": config.store, "deployment": config.deployment,
         "concurrency": config.concurrency, "runs": config.runs, "warmup_runs": warmup,
@@ -207,6 +229,12 @@ def measure_row(config: Config, options: Options, warmup: int = WARMUP) -> Row:
         "completed": [s.completed for s in samples],
         "columns": {"runs": str(config.runs)},
     }
+    if pairs is not None:
+        extra["pairs"] = [p.to_json() for p in pairs]
+        extra["pair_ratios"] = [p.ratio for p in pairs if p.ratio is not None]
+        multiples = [p.task_over_commit for p in pairs if p.task_over_commit is not None]
+        if multiples:
+            extra["pair_commit_multiples"] = multiples
     if errors:
         extra["errors"] = errors
     return Row("throughput", config.label, "runs/s", "1/s",
@@ -214,30 +242,174 @@ def measure_row(config: Config, options: Options, warmup: int = WARMUP) -> Row:
                extra=extra)
 
 
+# -- Aiki beside DBOS: interleaved repetitions, one ratio per pair -------------------------
+# The deployments whose rows get a DBOS counterpart measured beside them (the ones issue 10's
+# targets read). DBOS has no deployments: its rows are the same for both.
+PAIRED_DEPLOYMENTS = ("embedded", "ws1")
+
+
+@attrs.frozen
+class Pair:
+    """One repetition of each side, one right after the other."""
+
+    rep: int
+    first: str  # "aiki" | "dbos": which side ran first
+    aiki: Sample | None  # None: that side failed (its error is in the row)
+    dbos: dict[str, Any] | None  # measure_once's answer
+    commit_ms: float | None = None  # one single-row commit, measured next to the Aiki side
+
+    @property
+    def task_over_commit(self) -> float | None:
+        if self.aiki is None or not self.commit_ms:
+            return None
+        multiple = self.aiki.per_task_ms / self.commit_ms
+        return multiple if math.isfinite(multiple) else None
+
+    @property
+    def dbos_runs_per_second(self) -> float | None:
+        return self.dbos["runs"] / self.dbos["elapsed"] if self.dbos else None
+
+    @property
+    def ratio(self) -> float | None:
+        dbos = self.dbos_runs_per_second
+        if self.aiki is None or not dbos:
+            return None
+        ratio = self.aiki.runs_per_second / dbos
+        return ratio if math.isfinite(ratio) else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rep": self.rep, "first": self.first,
+                "aiki_runs_per_s": self.aiki.runs_per_second if self.aiki else None,
+                "dbos_runs_per_s": self.dbos_runs_per_second, "ratio": self.ratio,
+                "commit_ms": self.commit_ms, "task_over_commit": self.task_over_commit}
+
+
+def alternate(reps: int, aiki: Callable[[int], Sample], dbos: Callable[[int], dict[str, Any]],
+              errors: dict[str, list[str]], commit: Callable[[int], float] | None = None
+              ) -> list[Pair]:
+    """``reps`` pairs: Aiki then DBOS in even repetitions, DBOS then Aiki in odd ones, so a
+    drift in the machine's load hits both sides of a pair alike and neither side is always
+    first. ``commit`` (one single-row commit's ms, for the cost-per-task targets) runs between
+    them, next to Aiki either way. A side that fails leaves its error in ``errors[side]`` and
+    its pair no ratio."""
+    sides: dict[str, Callable[[int], Any]] = {"aiki": aiki}
+    if commit is not None:
+        sides["commit"] = commit
+    sides["dbos"] = dbos
+    pairs = []
+    for rep in range(reps):
+        order = list(sides) if rep % 2 == 0 else list(reversed(sides))
+        got: dict[str, Any] = {}
+        for side in order:
+            try:
+                got[side] = sides[side](rep)
+            except Exception as exc:
+                errors.setdefault(side, []).append(f"{type(exc).__name__}: {exc}")
+                traceback.print_exc(file=sys.stderr)
+        pairs.append(Pair(rep, order[0], got.get("aiki"), got.get("dbos"), got.get("commit")))
+    return pairs
+
+
+def measure_paired(config: Config, options: Options, warmup: int = WARMUP
+                   ) -> tuple[Row, list[dict[str, Any]], list[str]]:
+    """``options.reps`` pairs of ``config`` and its DBOS counterpart, each repetition on a
+    fresh store; the Aiki row (with every pair's ratio), DBOS's answers and errors."""
+    errors: dict[str, list[str]] = {"aiki": [], "dbos": []}
+    with tempfile.TemporaryDirectory(prefix="aiki-bench-") as directory:
+        def aiki_once(rep: int) -> Sample:
+            with fresh_store(config.store, options, directory, f"rep{rep}") as url:
+                return measure(config, url, warmup)
+
+        def dbos_once(rep: int) -> dict[str, Any]:
+            return dbos_side.measure_fresh(config.store, config.concurrency, config.runs,
+                                           options, directory, f"dbos-rep{rep}")
+
+        def commit_once(rep: int) -> float:
+            return commit_ms(config.store, options, directory, f"commit-rep{rep}")
+
+        # The cost-per-task targets (embedded, one at a time) are over one commit: measured
+        # next to each Aiki repetition too, for the same reason.
+        beside_commit = config.deployment == "embedded" and config.concurrency == 1
+        pairs = alternate(options.reps, aiki_once, dbos_once, errors,
+                          commit_once if beside_commit else None)
+    samples = [p.aiki for p in pairs if p.aiki is not None]
+    row = aiki_row(config, samples, errors["aiki"] + [f"single-row commit: {e}"
+                                                      for e in errors.get("commit", [])],
+                   warmup, pairs)
+    return row, [p.dbos for p in pairs if p.dbos is not None], errors["dbos"]
+
+
+def commit_ms(store: str, options: Options, directory: str, tag: str) -> float:
+    """One single-row commit's time (ms), the baseline suite's way, on a fresh file or
+    database."""
+    count = baseline.commits(options)
+    if store == "sqlite":
+        return 1000.0 / baseline.sqlite_commit_rate(os.path.join(directory, tag + ".db"), count)
+    assert options.postgres is not None
+    url = options.postgres.fresh_database("baseline")
+    try:
+        return 1000.0 / baseline.postgres_commit_rate(url, count)
+    finally:
+        options.postgres.drop_database(url)
+
+
 def configs(options: Options) -> list[Config]:
     counts = run_counts(options.quick)
     stores = ["sqlite"] + (["postgres"] if options.postgres is not None else [])
     return [Config(store, deployment, concurrency, counts[concurrency])
-            for store in stores for deployment in DEPLOYMENTS for concurrency in counts]
+            for store in stores for deployment in DEPLOYMENTS for concurrency in counts
+            if selected(options.only, store=store, deployment=deployment,
+                        concurrency=concurrency)]
 
 
 def run(options: Options) -> list[Row]:
     if options.postgres is None:
         print("throughput: no PostgreSQL server, PostgreSQL rows skipped", file=sys.stderr)
-    rows = []
-    for config in configs(options):
+    with_dbos = dbos_side.available()
+    if not with_dbos:
+        print("throughput: the dbos package is not installed: no DBOS rows, no Aiki/DBOS "
+              "ratios (pip install -e '.[bench]')", file=sys.stderr)
+    measured: dict[Config, Row] = {}
+    # (store, concurrency) -> runs, DBOS's answers, errors, the deployment of each answer
+    beside: dict[tuple[str, int], tuple[int, list[dict[str, Any]], list[str], list[str]]] = {}
+    # Every embedded row before any loopback one. Workaround for an Aiki hang seen here
+    # (2026-12-01, at ea23d56): in a process that has run a workflow through aiki.connect, the
+    # first embedded PostgreSQL store's first task outcome is never written (the run's lease
+    # expires every 40 s and its first task starts again, for ever). The table keeps its
+    # order (store, deployment, mode).
+    ordered = sorted(configs(options), key=lambda config: config.deployment != "embedded")
+    for config in ordered:
         start = time.perf_counter()
-        row = measure_row(config, options)
-        rows.append(row)
+        if with_dbos and config.deployment in PAIRED_DEPLOYMENTS:
+            row, answers, errors = measure_paired(config, options)
+            _, pooled, pooled_errors, paired_with = beside.setdefault(
+                (config.store, config.concurrency), (config.runs, [], [], []))
+            pooled.extend(answers)
+            pooled_errors.extend(errors)
+            paired_with.extend([config.deployment] * len(answers))
+        else:
+            row = measure_row(config, options)
+        measured[config] = row
         print(f"  throughput: {config.label}: {_brief(row)} "
               f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    rows = [measured[config] for config in configs(options)]
+    for (store, concurrency), (runs, answers, errors, paired_with) in sorted(
+            beside.items(), key=lambda item: (list(STORES).index(item[0][0]), item[0][1])):
+        rows.append(dbos_side.row(store, concurrency, runs, answers, errors, paired_with))
     return rows
 
 
 def _brief(row: Row) -> str:
     if not row.samples:
         return "FAILED " + "; ".join(row.extra.get("errors", []))
-    return f"median {row.median:.1f} runs/s over {len(row.samples)} rep(s)"
+    text = f"median {row.median:.1f} runs/s over {len(row.samples)} rep(s)"
+    ratios = row.extra.get("pair_ratios")
+    if ratios:
+        text += (f"; Aiki/DBOS per pair {', '.join(f'{r:.2f}' for r in ratios)}"
+                 f" (median {statistics.median(ratios):.2f})")
+    elif "pairs" in row.extra:
+        text += "; no Aiki/DBOS pair completed"
+    return text
 
 
 SUITE = Suite(name="throughput", run=run)

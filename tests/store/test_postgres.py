@@ -162,6 +162,33 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
             "task.completed", "run.completed"]
 
 
+async def test_the_batched_writes_array_types_are_the_tables_column_types(
+    postgres: TestPostgres,
+) -> None:
+    """The arrays a batch of task starts and outcomes is written from match the columns,
+    also once something (cattrs) has resolved the records' type hints: read from the text
+    of the annotations, an int field became text once they were classes, and every batched
+    write failed."""
+    import aiki.records
+
+    attrs.resolve_types(aiki.records.RunRecord)
+    attrs.resolve_types(aiki.records.StepRecord)
+    assert _sql._RUN_TYPES == _sql._array_types(aiki.records.RunRecord)
+    wanted = {"text": "text", "integer": "int8", "bigint": "int8",
+              "double precision": "float8", "boolean": "bool"}
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema):
+        pass
+    async with raw_connection(postgres, schema) as raw:
+        for table, record, types in (("runs", aiki.records.RunRecord, _sql._RUN_TYPES),
+                                     ("steps", aiki.records.StepRecord, _sql._STEP_TYPES[1:])):
+            rows = await raw.bridge.run(raw.conn.fetch, (
+                "SELECT column_name, data_type FROM information_schema.columns"
+                " WHERE table_schema = $1 AND table_name = $2"), schema, table)
+            columns = {r["column_name"]: wanted[r["data_type"]] for r in rows}
+            assert types == [columns[f.name] for f in attrs.fields(record)]
+
+
 def test_a_batch_is_applied_in_an_order_that_keeps_each_runs_ops_in_turn() -> None:
     """Task starts and outcomes move forward to go together, but never past an earlier op
     of their run nor across an op that may touch several runs."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
@@ -909,17 +910,25 @@ _OPS: dict[type[Any], Callable[[Conn, Any], Awaitable[Any]]] = {
 
 
 # -- a batch's task starts and outcomes, together --------------------------------------------
-def _array_type(python_type: str) -> str:
-    return "float8" if "float" in python_type else "int8" if python_type.startswith("int") else (
-        "bool" if python_type.startswith("bool") else "text")
+def _array_types(record: type[Any]) -> list[str]:
+    """The PostgreSQL array type of each field of ``record``, from its resolved type hint
+    (``float | None`` is float8): never from the text of an annotation, which is a string
+    or a class depending on whether something (cattrs) resolved the hints first."""
+    hints = typing.get_type_hints(record)
+    types = []
+    for field in attrs.fields(record):
+        args = typing.get_args(hints[field.name]) or (hints[field.name],)
+        types.append("float8" if float in args else "bool" if bool in args
+                     else "int8" if int in args else "text")
+    return types
 
 
 def _unnest(first: int, types: Sequence[str]) -> str:
     return "unnest(" + ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types)) + ")"
 
 
-_STEP_TYPES = ["text", *(_array_type(str(f.type)) for f in attrs.fields(StepRecord))]
-_RUN_TYPES = [_array_type(str(f.type)) for f in attrs.fields(RunRecord)]
+_STEP_TYPES = ["text", *_array_types(StepRecord)]
+_RUN_TYPES = _array_types(RunRecord)
 _HISTORY_TYPES = ["text", "float8", "text", "int8", "text", "text", "text", "text"]
 _RUNS_AND_STEPS = (  # the runs, locked in the order of their ids, each with the step asked for
     "SELECT " + ", ".join(f"r.{f.name}" for f in attrs.fields(RunRecord)) + ", "
