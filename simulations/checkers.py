@@ -90,17 +90,30 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     # results were committed is one too many.)
     # (A fork runs the same program, its task inputs and all: its fresh steps run tasks
     # the original ran; the fork checker below looks at what it copied.)
+    # (A call whose run ended before its result, cancelled between two identical calls, is
+    # one of them still: its step was recorded, its result never was.)
     forked = {json.loads(runs[r].payload)["rk"] for r in ledger.forks if r in runs}
     committed_at: dict[tuple[str, str], float] = {}
-    for step, at in ledger.final_steps.values():
+    calls: dict[tuple[str, str], set[tuple[str, str]]] = {}  # -> (run id, position) of each
+    results: dict[tuple[str, str], int] = {}
+    for (run_id, position), (step, at) in ledger.final_steps.items():
         if step.kind == "task":
             spec = json.loads(step.input)
             key = (spec["rk"], workload.label_of(spec))
             committed_at[key] = max(at, committed_at.get(key, at))
+            calls.setdefault(key, set()).add((run_id, position))
+            results[key] = results.get(key, 0) + 1
+    for run_id, recorded in contents.steps.items():
+        for step in recorded:
+            if step.kind == "task":
+                spec = json.loads(step.input)
+                calls.setdefault((spec["rk"], workload.label_of(spec)), set()).add(
+                    (run_id, step.position))
     for at, rk, label, task, worker in ledger.executions:
         # (A fork's children, started afresh, run its original's children's programs.)
         of_a_fork = any(rk == f or rk.startswith(f + ".") for f in forked)
-        done = None if of_a_fork else committed_at.get((rk, label))
+        done = None if of_a_fork or results.get((rk, label), 0) < len(
+            calls.get((rk, label), ())) else committed_at.get((rk, label))
         if done is not None and at > done and worker not in ledger.deferred_starts:
             v.append(f"task {task} of {rk} step {label} executed at t={at:.3f}, after its "
                      f"result was committed at t={done:.3f}")
