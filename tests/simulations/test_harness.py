@@ -612,7 +612,8 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
         (no_fencing, ("accepted from epoch", "illegal transition")),
         # (A start or a retry acknowledged and lost: the history skips it.)
         (ack_before_commit, ("never committed", "without faults it ended", "went None ->",
-                             "went retrying ->", "expected attempt")),
+                             "went retrying ->", "expected attempt",
+                             "after its result was committed")),
         (read_then_insert_idempotency, ("idempotency key",)),
         # The store refuses to restart a final step, so a replay that forgets its history
         # cannot re-run the task: the run loops on its lease and never finishes instead.
