@@ -992,13 +992,14 @@ def comparable(outcome: Any) -> Any:
 
 
 async def observe(store: Store, run_ids: list[str]) -> Any:
-    """Everything the store's reads show; history ``seq`` replaced by its global rank."""
+    """Everything the store's reads show; history ``seq`` replaced by its rank in its run's
+    history. (The order of different runs' events is no contract: a batch's requests are in
+    flight at once, and PostgreSQL applies its task starts and outcomes together, ahead of
+    other runs' ops; each run's own order is kept.)"""
     scheduled = [r.id for r in await store.list_runs(limit=1000) if "@" in r.id]
     per_run = [await snapshot(store, r) for r in [*run_ids, *sorted(scheduled), "ghost"]]
-    seqs = sorted(e.seq for [(_, _, history)] in per_run for e in history)
-    rank = {seq: i for i, seq in enumerate(seqs)}
     return (
-        [(run, steps, [attrs.evolve(e, seq=rank[e.seq]) for e in history])
+        [(run, steps, [attrs.evolve(e, seq=i) for i, e in enumerate(history)])
          for [(run, steps, history)] in per_run],
         await store.list_runs(), await store.list_runs(limit=2),
         await store.list_runs(workflow="wf"), await store.list_runs(state="running"),
