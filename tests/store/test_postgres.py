@@ -197,18 +197,24 @@ def test_a_batch_is_applied_in_an_order_that_keeps_each_runs_ops_in_turn() -> No
     def start(run: str) -> o.Op[Any]:
         return o.StartStep(Lease(run, 1, "w"), step("0", state="running"), 1.0)
 
-    def complete(run: str) -> o.Op[Any]:
+    def release(run: str) -> o.Op[Any]:
+        return o.ReleaseRun(Lease(run, 1, "w"), 1.0, "drains")
+
+    def complete(run: str) -> o.Op[Any]:  # (it may also write its parent and children)
         return o.CompleteRun(Lease(run, 1, "w"), "1", 1.0)
 
     keyed = o.SaveStep(Lease("a", 1, "w"), step("1", key="k"), 1.0)
-    ops = [start("a"), complete("a"), start("b"), complete("b"), start("a"), start("c"),
-           o.ExpireLeases(1.0), complete("c"), start("d"), keyed, start("a")]
-    assert _sql._order(ops) == [0, 2, 5, 1, 3, 4, 6, 8, 7, 9, 10]
+    ops = [start("a"), release("a"), start("b"), release("b"), start("a"), start("c"),
+           o.ExpireLeases(1.0), release("c"), start("d"), keyed, start("a"), complete("b"),
+           start("b")]
+    assert _sql._order(ops) == [0, 2, 5, 1, 3, 4, 6, 8, 7, 9, 10, 11, 12]
 
-    @given(st.lists(st.tuples(st.sampled_from(["start", "complete", "keyed", "expire"]),
+    @given(st.lists(st.tuples(st.sampled_from(["start", "release", "complete", "keyed",
+                                                "expire"]),
                               st.sampled_from("abc")), max_size=12))
     def check(drawn: list[tuple[str, str]]) -> None:
-        made = {"start": start, "complete": complete, "expire": lambda run: o.ExpireLeases(1.0),
+        made = {"start": start, "release": release, "complete": complete,
+                "expire": lambda run: o.ExpireLeases(1.0),
                 "keyed": lambda run: attrs.evolve(keyed, lease=Lease(run, 1, "w"))}
         ops = [made[kind](run) for kind, run in drawn]
         order = _sql._order(ops)

@@ -1002,8 +1002,9 @@ async def _save_steps(conn: Conn, ops: Sequence[o.StartStep | o.SaveStep]) -> li
     return outcomes
 
 
-_ONE_RUN_OPS = (o.StartStep, o.SaveStep, o.CompleteRun, o.FailRun, o.ReleaseRun,
-                o.WaitRun, o.AwaitStep)
+# (A run's end also writes its parent, woken, and its children, cancelled: it may touch
+# several runs, and a task start of its parent must not move ahead of it.)
+_ONE_RUN_OPS = (o.StartStep, o.SaveStep, o.ReleaseRun, o.WaitRun, o.AwaitStep)
 
 
 def _run_of(op: o.Op[Any]) -> str | None:
