@@ -7,19 +7,24 @@ survives crashes and restarts and resumes where it stopped.
 import importlib
 from typing import Any
 
-from aiki.actors.run import WorkflowRun
+from aiki.actors.run import DeadlineScope, WorkflowRun
+from aiki.client.views import ChildStatus
 from aiki.errors import (
     AikiError,
     AuthenticationFailed,
+    ChildCancelled,
+    ChildFailed,
     ConfigError,
     ConnectionLost,
     ControlRefused,
+    DeadlineExceeded,
     EventTimeout,
     IdempotencyConflict,
     InvalidFork,
     NonDeterminismError,
     NonRetryableError,
     PayloadError,
+    RunCancelled,
     RunFinished,
     RunNotFound,
     RunNotPausable,
@@ -35,6 +40,7 @@ from aiki.errors import (
     UnknownWorkflow,
     UnservedVersionWarning,
     WorkerIdInUse,
+    WorkflowCancelled,
     WorkflowFailed,
 )
 from aiki.protocol import WorkerInfo
@@ -52,7 +58,7 @@ from aiki.sdk.client import (
     TaskStatus,
     WaitStatus,
 )
-from aiki.sdk.definitions import Event, Task, Workflow, event, task, workflow
+from aiki.sdk.definitions import ChildRun, Event, Task, Workflow, event, task, workflow
 from aiki.sdk.embedded import embedded, worker
 from aiki.sdk.remote import connect
 from aiki.sources import Sources
@@ -67,14 +73,16 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AikiError", "AuthenticationFailed", "Client", "ConfigError", "ConnectionLost",
-    "ControlRefused", "Event", "EventTimeout", "HistoryEvent", "IdempotencyConflict",
-    "InvalidFork", "NonDeterminismError", "NonRetryableError", "PayloadError", "Retry",
-    "RunFinished", "RunHandle", "RunNotFound", "RunNotPausable", "RunNotPaused",
-    "RunNotRetryable", "RunPaused", "RunStatus", "RunSummary", "Schedule", "ScheduleConflict",
-    "ScheduleDescription", "ScheduleInvalid", "ScheduleNotFound", "ScheduleOccurrence",
-    "ScheduleSummary", "Sources", "StaleLease", "Task", "TaskFailed", "TaskStatus",
-    "UnknownEvent", "UnknownWorkflow", "UnservedVersionWarning", "WaitStatus",
-    "WorkerIdInUse", "WorkerInfo", "Workflow", "WorkflowFailed", "WorkflowRun", "connect",
-    "embedded", "event", "task", "worker", "workflow",
+    "AikiError", "AuthenticationFailed", "ChildCancelled", "ChildFailed", "ChildRun",
+    "ChildStatus", "Client", "ConfigError", "ConnectionLost", "ControlRefused",
+    "DeadlineExceeded", "DeadlineScope", "Event", "EventTimeout", "HistoryEvent",
+    "IdempotencyConflict", "InvalidFork", "NonDeterminismError", "NonRetryableError",
+    "PayloadError", "Retry", "RunCancelled", "RunFinished", "RunHandle", "RunNotFound",
+    "RunNotPausable", "RunNotPaused", "RunNotRetryable", "RunPaused", "RunStatus",
+    "RunSummary", "Schedule", "ScheduleConflict", "ScheduleDescription", "ScheduleInvalid",
+    "ScheduleNotFound", "ScheduleOccurrence", "ScheduleSummary", "Sources", "StaleLease",
+    "Task", "TaskFailed", "TaskStatus", "UnknownEvent", "UnknownWorkflow",
+    "UnservedVersionWarning", "WaitStatus", "WorkerIdInUse", "WorkerInfo", "Workflow",
+    "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "connect", "embedded", "event",
+    "task", "worker", "workflow",
 ]

@@ -184,6 +184,15 @@ def _parser() -> argparse.ArgumentParser:
                           parent=runs_commands)
     _client_options(runs_wakeup)
     runs_wakeup.add_argument("run_id", metavar="ID")
+    runs_cancel = command("cancel", "cancel a run (its workflow may compensate first)",
+                          _runs_cancel, parent=runs_commands)
+    _client_options(runs_cancel)
+    runs_cancel.add_argument("run_id", metavar="ID")
+    runs_cancel.add_argument("--reason", metavar="TEXT", help="why (kept with the run, and "
+                             "raised to whoever waits for it)")
+    runs_cancel.add_argument("--grace", type=_seconds_or_zero, default=60.0, metavar="S",
+                             help="how long its workflow may compensate in run.shield() "
+                                  "(e.g. 30s, 5m; default 60s; 0: none)")
     runs_send = command("send", "send an event to a run", _runs_send, parent=runs_commands)
     _client_options(runs_send)
     runs_send.add_argument("run_id", metavar="ID")
@@ -287,7 +296,8 @@ def _parser() -> argparse.ArgumentParser:
     sched_create.add_argument("--overlap", default="skip",
                               choices=["skip", "buffer_one", "allow", "cancel_previous"],
                               help="an occurrence while the previous run is unfinished: skip "
-                                   "it (default), buffer one, or allow it alongside")
+                                   "it (default), buffer one, allow it alongside, or cancel "
+                                   "the previous run (and its children) and start it")
     sched_create.add_argument("--catchup-window", type=_seconds_or_zero, default=60.0,
                               metavar="S", help="occurrences missed while no server was up "
                                                 "fire if this recent (default 1m)")
@@ -724,9 +734,10 @@ def _runs_show(args: argparse.Namespace) -> int:
     async def body(client: Any) -> Any:
         info = await client.link.request(lambda req: p.GetRun(req, args.run_id))
         history = await client.link.request(lambda req: p.GetHistory(req, args.run_id))
-        return info, history.events
+        tree = await _tree(client, info, 0, [MAX_TREE])
+        return info, history.events, tree
 
-    (info, events), now = _client_call(args, body)
+    (info, events, tree), now = _client_call(args, body)
     run = info.run
     if args.output == "json":
         return _print_json({"run": _plain(run), "steps": [_plain(s) for s in info.steps],
@@ -739,6 +750,13 @@ def _runs_show(args: argparse.Namespace) -> int:
         ("idempotency key", run.idempotency_key), ("created", times.at(run.created_at)),
         ("updated", times.at(run.updated_at)),
         ("finished", times.at(run.finished_at) if run.finished_at is not None else None),
+        ("parent", run.parent_id),
+        ("cancel", None if run.cancel_requested_at is None else (
+            f"asked {times.at(run.cancel_requested_at)}"
+            + (f": {run.cancel_reason}" if run.cancel_reason else "")
+            + (f"; grace until {times.when(run.cancel_deadline)}"
+               if run.cancel_deadline is not None and run.state not in
+               ("completed", "failed", "cancelled") else ""))),
     ]
     if run.forked_from is not None:
         fields.append(("forked from", f"run {run.forked_from}, its first {run.forked_steps} "
@@ -768,6 +786,11 @@ def _runs_show(args: argparse.Namespace) -> int:
     else:
         print("no steps yet")
     print()
+    if tree:
+        print("children:")
+        for line in tree:
+            print(line)
+        print()
     for s in steps:
         if s.error_traceback and s.state in ("failed", "retrying"):
             print(f"step {s.position} ({s.name}), attempt {s.attempts}, failed with "
@@ -784,6 +807,28 @@ def _runs_show(args: argparse.Namespace) -> int:
                    e.worker_id or "server", _short(times.in_text(e.detail), 90)]
                   for e in events])
     return 0
+
+
+MAX_TREE = 200  # runs shown under a run by `aiki runs show`
+
+
+async def _tree(client: Any, info: Any, depth: int, budget: list[int]) -> list[str]:
+    """The lines of a run's tree of children: each child's id, workflow, state, and theirs
+    beneath it (at most MAX_TREE runs)."""
+    from aiki import protocol as p
+
+    lines = []
+    for child in info.children:
+        if budget[0] <= 0:
+            lines.append("  " * (depth + 1) + "...")
+            break
+        budget[0] -= 1
+        detached = ", detached" if child.detached else ""
+        lines.append(f"{'  ' * (depth + 1)}{child.id}  {child.workflow} (version "
+                     f"{child.version}{detached})  {child.state}")
+        sub = await client.link.request(lambda req, c=child.id: p.GetRun(req, c))
+        lines += await _tree(client, sub, depth + 1, budget)
+    return lines
 
 
 def _indented(text: str) -> str:
@@ -910,6 +955,16 @@ def _runs_wakeup(args: argparse.Namespace) -> int:
 
     woken, _ = _client_call(args, body)
     print(f"run {args.run_id}: " + ("woken up" if woken else "not sleeping; nothing changed"))
+    return 0
+
+
+def _runs_cancel(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> bool:
+        return bool(await client.handle(args.run_id).cancel(args.reason, grace=args.grace))
+
+    cancelled, _ = _client_call(args, body)
+    print(f"run {args.run_id}: " + ("cancelled" if cancelled
+                                     else "already finished; nothing changed"))
     return 0
 
 

@@ -79,6 +79,64 @@ class WorkflowFailed(AikiError):
         self.remote_traceback = remote_traceback  # where it failed, as the worker saw it
 
 
+class WorkflowCancelled(WorkflowFailed):
+    """The run ended ``cancelled`` (``handle.cancel``); ``reason`` is the one given, if any.
+
+    A :class:`WorkflowFailed` too, so ``except aiki.WorkflowFailed`` still sees every run
+    that did not complete.
+    """
+
+    def __init__(self, run_id: str, reason: str | None) -> None:
+        AikiError.__init__(self, f"run {run_id} was cancelled"
+                           + (f": {reason}" if reason else ""))
+        self.run_id = run_id
+        self.error_type = "RunCancelled"
+        self.message = reason or ""
+        self.reason = reason
+        self.remote_traceback = None
+
+
+class RunCancelled(AikiError):
+    """Raised in workflow code, at the await where it stands, once its run is cancelled.
+
+    Like Trio's cancellation it is level-triggered: caught and ignored, it is raised again
+    at the next await. Inside ``with run.shield():`` awaits run normally, so that workflow
+    code can call compensation tasks; they must end within the cancel's grace period, then
+    the run ends ``cancelled`` whatever the code does.
+    """
+
+    def __init__(self, run_id: str, reason: str | None) -> None:
+        super().__init__(f"run {run_id} was cancelled" + (f": {reason}" if reason else ""))
+        self.run_id = run_id
+        self.reason = reason
+
+
+class ChildFailed(AikiError):
+    """Raised in a parent workflow by ``await child.result()`` when the child run failed:
+    its id, error type and message."""
+
+    def __init__(self, child_id: str, error_type: str, message: str) -> None:
+        super().__init__(f"child run {child_id} failed: {error_type}: {message}")
+        self.child_id = child_id
+        self.error_type = error_type
+        self.message = message
+
+
+class ChildCancelled(AikiError):
+    """Raised in a parent workflow by ``await child.result()`` when the child run was
+    cancelled, with the cancel's reason."""
+
+    def __init__(self, child_id: str, reason: str | None) -> None:
+        super().__init__(f"child run {child_id} was cancelled"
+                         + (f": {reason}" if reason else ""))
+        self.child_id = child_id
+        self.reason = reason
+
+
+class DeadlineExceeded(AikiError):
+    """Raised at the end of ``with run.fail_after(...)`` when its deadline passed first."""
+
+
 class RunNotFound(AikiError):
     """No run with this id exists in the store."""
 

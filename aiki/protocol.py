@@ -298,6 +298,7 @@ class RunInfo:
     run: RunRecord
     steps: tuple[StepRecord, ...]
     waits: tuple[WaitRecord, ...] = ()
+    children: tuple[RunRecord, ...] = ()  # the child runs it started
 
 
 @message("get_history")
@@ -405,6 +406,34 @@ class AwaitStep:
     req: int
     lease: Lease
     step: StepRecord
+
+
+@message("start_child")
+@attrs.frozen
+class StartChild:
+    """A parent's ``start_child`` step (fenced by its lease): the child run ``child_id`` is
+    queued with the step recorded; answered by ``StepResult`` (the step as stored)."""
+
+    req: int
+    lease: Lease
+    step: StepRecord
+    child_id: str
+    workflow: str
+    version: str
+    payload: str
+    detached: bool = False
+
+
+@message("abandon_steps")
+@attrs.frozen
+class AbandonSteps:
+    """The deadline scope these steps stood in expired (fenced): the ones not final end
+    failed with ``DeadlineExceeded``; answered by ``Ok``."""
+
+    req: int
+    lease: Lease
+    positions: tuple[str, ...]
+    scope: str
 
 
 @message("step_result")
@@ -566,6 +595,38 @@ class Wakeup:
 class WokenUp:
     req: int
     woken: bool  # False: the run was not sleeping, and nothing changed
+
+
+@message("cancel_run")
+@attrs.frozen
+class CancelRun:
+    """Cancel a run, its workflow given ``grace`` seconds to compensate; answered by
+    ``CancelAnswer``."""
+
+    req: int
+    run_id: str
+    reason: str | None = None
+    grace: float = 60.0
+
+
+@message("cancel_answer")
+@attrs.frozen
+class CancelAnswer:
+    req: int
+    cancelled: bool  # False: the run had ended already, and nothing changed
+
+
+@message("revoke")
+@attrs.frozen
+class Revoke:
+    """Server → worker: the lease you hold on this run is revoked (it was cancelled): stop
+    its workflow and its tasks now, and write nothing more under that lease. ``epoch``: the
+    lease epoch revoked, when known (relayed from another server): a newer lease of the run
+    (its compensation) is not touched."""
+
+    run_id: str
+    reason: str | None = None
+    epoch: int | None = None
 
 
 @message("purge_runs")

@@ -9,8 +9,12 @@ import attrs
 RunState = Literal["queued", "running", "waiting", "paused", "completed", "failed",
                    "cancelled"]
 StepState = Literal["running", "retrying", "completed", "failed"]
-StepKind = Literal["task", "now", "random", "uuid", "sleep", "event"]
-WaitKind = Literal["sleep", "event", "retry"]
+StepKind = Literal["task", "now", "random", "uuid", "sleep", "event", "child", "join",
+                   "deadline"]
+# ``join``: a child run's end; ``children``: the end of every child it did not detach (a run
+# whose function has ended waits so, its own end decided, before it ends).
+# ``deadline``: a durable deadline (``run.move_on_after``) of the scope the run waits in.
+WaitKind = Literal["sleep", "event", "retry", "join", "children", "deadline"]
 
 TERMINAL_RUN_STATES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 FINAL_STEP_STATES: frozenset[str] = frozenset({"completed", "failed"})
@@ -55,6 +59,20 @@ class RunRecord:
     # The W3C trace context (JSON: {"traceparent": ...}) of the span that enqueued it, so
     # every attempt's spans join one trace; None without OpenTelemetry.
     trace_context: str | None = None
+    # A cancel asked for (``handle.cancel``): when, why, and when its grace period ends
+    # (then the run ends ``cancelled`` whatever its compensation is doing).
+    cancel_requested_at: float | None = None
+    cancel_reason: str | None = None
+    cancel_deadline: float | None = None
+    # A child run (``wf.start_child``): its parent, and whether it was detached (it then
+    # outlives its parent, and a cancel of the parent does not reach it).
+    parent_id: str | None = None
+    detached: bool = False
+
+    @property
+    def cancelling(self) -> bool:
+        """A cancel was asked for and the run has not ended yet."""
+        return self.cancel_requested_at is not None and self.state not in TERMINAL_RUN_STATES
 
 
 @attrs.frozen

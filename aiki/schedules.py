@@ -31,10 +31,7 @@ from aiki.errors import ScheduleInvalid
 Overlap = Literal["skip", "buffer_one", "allow", "cancel_previous"]
 OVERLAPS: tuple[str, ...] = ("skip", "buffer_one", "allow", "cancel_previous")
 #: What cannot be used yet, and why (refused at definition, nothing stored).
-UNSUPPORTED_OVERLAPS = {
-    "cancel_previous": "overlap='cancel_previous' needs run cancellation, which this version "
-                       "of Aiki does not have yet; use 'skip', 'buffer_one' or 'allow'",
-}
+UNSUPPORTED_OVERLAPS: dict[str, str] = {}
 SCHEDULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 MAX_INTERVAL = 10 * 366 * 86400.0  # ten years, as durable sleeps
 MAX_CATCHUP = 366 * 86400.0

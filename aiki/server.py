@@ -35,6 +35,7 @@ from aiki.observability import (
     routes,
     serve_http,
 )
+from aiki.records import RunRecord
 from aiki.sources import Sources
 from aiki.store import open_store, redact_url
 from aiki.store.base import Store
@@ -91,9 +92,23 @@ class Server:
         timer = Timer(self.store, writer, self.sources, dispatcher.poke,
                       lambda ids: dispatcher.tell(Expired(ids)), reconcile_interval=poll)
         dispatcher.on_leased = timer.hint
+        watchers = RunWatchers()
+
+        def ended(runs: tuple[RunRecord, ...]) -> None:  # a cancel's grace period over
+            for run in runs:
+                dispatcher.revoke(run.id, run.cancel_reason)  # (a worker may still hold it)
+                watchers.ended(run)
+
+        timer.on_ended = ended
+
+        def revoked(leases: tuple[tuple[str, int | None], ...]) -> None:  # a schedule's cancel
+            for run_id, epoch in leases:
+                dispatcher.revoke(run_id, None, epoch)
+
+        writer.on_revoked = revoked
         self.ctx = ServerContext(
             store=self.store, writer=writer, dispatcher=dispatcher, timer=timer,
-            watchers=RunWatchers(), sources=self.sources, server_id=self.sources.new_id(),
+            watchers=watchers, sources=self.sources, server_id=self.sources.new_id(),
             lease_ttl=self.lease_ttl,
             heartbeat_interval=self.heartbeat_interval or self.lease_ttl / 3,
             token=self.token, hello_timeout=self.hello_timeout,
@@ -114,6 +129,9 @@ class Server:
                 ctx.dispatcher.poke()
             elif notice == "due":
                 ctx.timer.hint(None)
+            elif notice.startswith("revoked:"):  # a cancel through another server
+                epoch, _, run_id = notice[len("revoked:"):].partition(":")
+                ctx.dispatcher.revoke(run_id, None, int(epoch))
             elif notice.startswith("ended:"):
                 if ctx.watchers.watched(notice[len("ended:"):]):
                     nursery.start_soon(ended, [notice[len("ended:"):]])

@@ -78,6 +78,11 @@ class RunHandle(Generic[R]):
         """End the run's current ``run.sleep()`` early (see ``aiki.RunHandle.wakeup``)."""
         return self.client.call(core.wakeup(self.id))
 
+    def cancel(self, reason: str | None = None, *,
+               grace: float | datetime.timedelta = core.DEFAULT_GRACE) -> bool:
+        """Cancel this run (see ``aiki.RunHandle.cancel``); False if it had ended."""
+        return self.client.call(core.cancel(self.id, reason, grace))
+
     def retry(self, version: str | None = None) -> None:
         """Queue this failed run again (see ``aiki.RunHandle.retry``)."""
         self.client.call(core.retry(self.id, version, self.client.sources.uuid4()))

@@ -7,6 +7,7 @@ from typing import Any
 
 from aiki import schedules as sch
 from aiki.metrics import RUNS
+from aiki.records import TERMINAL_RUN_STATES
 from aiki.store.machine import (
     RUN_TRANSITIONS,
     STEP_TRANSITIONS,
@@ -31,9 +32,13 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
             v.append(f"enqueue {item} was acknowledged as run {run_id}, which is not stored")
     started_by = {run_id: scheduled_by(h[0].detail if h else None)
                   for run_id, h in contents.history.items()}
-    for run_id in runs:
-        if run_id not in ledger.issued and started_by.get(run_id) is None:
-            v.append(f"phantom run {run_id}: no client enqueued it, no schedule started it")
+    for run_id, run in runs.items():
+        by_parent = run.parent_id in runs and any(
+            e.event == "child.started" and e.detail and e.detail.startswith(f"run {run_id} ")
+            for e in contents.history[run.parent_id])
+        if run_id not in ledger.issued and started_by.get(run_id) is None and not by_parent:
+            v.append(f"phantom run {run_id}: no client enqueued it, no schedule or parent "
+                     "started it")
         elif started_by.get(run_id) is not None and started_by[run_id][0] not in (
                 ledger.schedules):
             v.append(f"phantom run {run_id}: started by schedule {started_by[run_id][0]}, "
@@ -71,10 +76,10 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
                              "never committed")
         # Quiescence: after the liveness phase everything servable has finished.
         if run.version != workload.UNSERVED_VERSION and run.state not in (
-                "completed", "failed"):
+                "completed", "failed", "cancelled"):
             v.append(f"run {run.id} is still {run.state} after the liveness phase")
-        if run.version == workload.UNSERVED_VERSION and (run.state, run.attempts) != (
-                "queued", 0):
+        if run.version == workload.UNSERVED_VERSION and (
+                run.attempts != 0 or run.state not in ("queued", "cancelled")):
             v.append(f"run {run.id} of an unregistered version became {run.state}")
         if run.lease_owner is not None:
             v.append(f"run {run.id} still holds a lease of {run.lease_owner} at the end")
@@ -85,15 +90,30 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     # results were committed is one too many.)
     # (A fork runs the same program, its task inputs and all: its fresh steps run tasks
     # the original ran; the fork checker below looks at what it copied.)
+    # (A call whose run ended before its result, cancelled between two identical calls, is
+    # one of them still: its step was recorded, its result never was.)
     forked = {json.loads(runs[r].payload)["rk"] for r in ledger.forks if r in runs}
     committed_at: dict[tuple[str, str], float] = {}
-    for step, at in ledger.final_steps.values():
+    calls: dict[tuple[str, str], set[tuple[str, str]]] = {}  # -> (run id, position) of each
+    results: dict[tuple[str, str], int] = {}
+    for (run_id, position), (step, at) in ledger.final_steps.items():
         if step.kind == "task":
             spec = json.loads(step.input)
             key = (spec["rk"], workload.label_of(spec))
             committed_at[key] = max(at, committed_at.get(key, at))
+            calls.setdefault(key, set()).add((run_id, position))
+            results[key] = results.get(key, 0) + 1
+    for run_id, recorded in contents.steps.items():
+        for step in recorded:
+            if step.kind == "task":
+                spec = json.loads(step.input)
+                calls.setdefault((spec["rk"], workload.label_of(spec)), set()).add(
+                    (run_id, step.position))
     for at, rk, label, task, worker in ledger.executions:
-        done = None if rk in forked else committed_at.get((rk, label))
+        # (A fork's children, started afresh, run its original's children's programs.)
+        of_a_fork = any(rk == f or rk.startswith(f + ".") for f in forked)
+        done = None if of_a_fork or results.get((rk, label), 0) < len(
+            calls.get((rk, label), ())) else committed_at.get((rk, label))
         if done is not None and at > done and worker not in ledger.deferred_starts:
             v.append(f"task {task} of {rk} step {label} executed at t={at:.3f}, after its "
                      f"result was committed at t={done:.3f}")
@@ -120,24 +140,50 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     for run_id in sorted(ledger.watching):
         run = runs.get(run_id)
         heard = ledger.heard_end.get(run_id)
-        if run is not None and run.state in ("completed", "failed") and heard is None:
+        if run is not None and run.state in TERMINAL_RUN_STATES and heard is None:
             v.append(f"run {run_id} {run.state}, but the client watching it never heard")
-        elif heard is not None and (run is None or heard[1:] != (run.state, run.result)):
+        elif heard is not None and (run is None or heard[1:] != (run.state, run.result)) and not (
+                # (a failed run a client retried afterwards: it ended failed first)
+                run is not None and heard[1] == "failed" and any(
+                    e.event == "run.queued" and (e.detail or "").startswith("retried by")
+                    for e in contents.history.get(run_id, ()))):
             v.append(f"a client heard run {run_id} end {heard[1]} with {heard[2]} at "
                      f"t={heard[0]:.3f}; it is stored {run.state if run else 'nowhere'} with "
                      f"{run.result if run else None}")
     v += _reads(contents, ledger)
 
+    v += _cancels(contents, ledger)
+    v += _children(contents)
+    v += _deadlines(ledger)
+    # A run a client cancelled may end otherwise in the fault-free run (the cancel came
+    # before or after its end there): its results are not compared; nor are a child's whose
+    # parent did not complete (a failing parent cancels the children still running).
+    cancelled = {item.run_id for item in planned.values() if item.cancels}
+    # (A fork of a run with children copies its child steps, which name the original's
+    # children: it joins them, so its end depends on how far they were when it was forked.)
+    parents = {r.parent_id for r in runs.values() if r.parent_id is not None}
+    cancelled |= {fork_id for fork_id, (original, _) in ledger.forks.items()
+                  if original in parents}
+    # (A cancel_previous schedule's run is cancelled or not as the next occurrence finds it.)
+    replacing = {s for s, overlap in ledger.schedules.items() if overlap == "cancel_previous"}
+    cancelled |= {run_id for run_id, origin in started_by.items()
+                  if origin is not None and origin[0] in replacing}
+    for run in runs.values():
+        parent = run
+        while parent.parent_id is not None and parent.parent_id in runs:
+            parent = runs[parent.parent_id]
+            if parent.state != "completed" or parent.id in cancelled:
+                cancelled.add(run.id)
     # Results equal the fault-free run's, run by run; a sleep's marker may differ where a
     # wake-up ended it early in either run, and must say what the store recorded.
     ref_steps = reference.store.inner.contents().steps if reference is not None else {}
     for run_id, (state, payload, result) in outcome.runs.items():
-        if state != "completed" or result is None:
+        if state != "completed" or result is None or run_id in cancelled:
             continue
         mine = _sleep_markers(contents.steps[run_id], payload)
         got = json.loads(result)
         for j, marker in mine.items():
-            if j < len(got) and got[j] != marker:
+            if j < len(got) and got[j] != marker and marker != -1:
                 v.append(f"run {run_id}: its sleep at step {j} returned {got[j]}, but the "
                          f"store recorded {'slept' if marker else 'woken early'}")
         if reference is None:
@@ -151,7 +197,7 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
             continue
         theirs = _sleep_markers(ref_steps.get(run_id, ()), payload)
         woken = {j for j in mine.keys() | theirs.keys()
-                 if mine.get(j) == 0 or theirs.get(j) == 0}
+                 if mine.get(j) in (0, -1) or theirs.get(j) in (0, -1)}
         masked = [None if j in woken else x for j, x in enumerate(got)]
         expected = [None if j in woken else x for j, x in enumerate(json.loads(ref[2]))]
         if masked != expected:
@@ -159,7 +205,8 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
                      f"{ref[0]} with {ref[2]}")
     for run_id, (state, payload, _) in outcome.runs.items():
         ref = reference.runs.get(run_id) if reference is not None else None
-        if ref is not None and ref[1] == payload and state == "failed" and ref[0] != state:
+        if (ref is not None and ref[1] == payload and state == "failed" and ref[0] != state
+                and run_id not in cancelled):
             v.append(f"run {run_id} ended failed; without faults it ended {ref[0]} "
                      f"with {ref[2]}")
     return v
@@ -167,7 +214,8 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
 
 # Run events the servers count (aiki_runs_total), and the history event of each.
 COUNTED_EVENTS = (("started", "run.running"), ("completed", "run.completed"),
-                  ("failed", "run.failed"), ("paused", "run.paused"))
+                  ("failed", "run.failed"), ("cancelled", "run.cancelled"),
+                  ("paused", "run.paused"))
 
 
 def _metrics(outcome: Outcome, exact: bool) -> list[str]:
@@ -182,11 +230,13 @@ def _metrics(outcome: Outcome, exact: bool) -> list[str]:
                 stored[e.event] += 1
     counts = [(event, sum(m.total(RUNS, event=event) for m in outcome.metrics), stored[name])
               for event, name in COUNTED_EVENTS]
-    # A client's enqueues: not a fork, not a schedule's occurrence.
+    # A client's enqueues: not a fork, not a schedule's occurrence, not a child run (a
+    # step of its parent).
     forked = sum(1 for r in contents.runs.values() if r.forked_from is not None)
     scheduled = sum(1 for run_id, h in contents.history.items()
                     if h and scheduled_by(h[0].detail) is not None)
-    for event, held in (("enqueued", len(contents.runs) - forked - scheduled),
+    children = sum(1 for r in contents.runs.values() if r.parent_id is not None)
+    for event, held in (("enqueued", len(contents.runs) - forked - scheduled - children),
                         ("forked", forked)):
         counts.append((event, sum(m.total(RUNS, event=event) for m in outcome.metrics), held))
     return [f"the servers counted {counted:g} runs {event} (aiki_runs_total), the store "
@@ -203,9 +253,16 @@ def _sleep_markers(steps: Any, payload: str) -> dict[int, int]:
                     key=lambda s: _position_key(s.position))
     indexes = [j for j, step in enumerate(program["steps"]) if "sleep" in step]
     out = {}
+    # The steps a deadline scope reaches depend on when it expires: the sleeps after it
+    # are not known, and their markers may be either.
+    scope = next((j for j, step in enumerate(program["steps"]) if "deadline" in step), None)
     for j, step in zip(indexes, stored, strict=False):
+        if scope is not None and j > scope:
+            break
         if step.state == "completed":
             out[j] = 1 if step.output == "true" else 0
+    if scope is not None:
+        out.update({k: -1 for k in indexes if k > scope})
     return out
 
 
@@ -415,6 +472,83 @@ def _waits(contents: Any, ledger: Any) -> list[str]:
     return v
 
 
+def _cancels(contents: Any, ledger: Any) -> list[str]:
+    """A cancel that answered True ends its run ``cancelled``; a run ends ``cancelled`` only
+    once a cancel was committed; no task but the compensation (``run.shield()``) starts, or
+    records anything, in a run after its cancel was committed; compensation runs only then."""
+    v = []
+    answered = {run_id for _, run_id, yes in ledger.cancels if yes}
+    for run_id in sorted(answered):
+        run = contents.runs.get(run_id)
+        if run is not None and run.state != "cancelled":
+            v.append(f"run {run_id}: a cancel was answered True, but it ended {run.state}")
+    for run in contents.runs.values():
+        history = contents.history[run.id]
+        asked = next((e.seq for e in history if e.event == "cancel.requested"), None)
+        if run.state == "cancelled" and asked is None:
+            v.append(f"run {run.id} ended cancelled with no cancel asked for")
+        for e in history:
+            if not e.event.startswith("task."):
+                continue
+            comp = e.name == workload.COMPENSATION
+            if asked is not None and e.seq > asked and not comp:
+                v.append(f"run {run.id}: task {e.name} at step {e.position} went {e.event} "
+                         f"at seq {e.seq}, after its cancel was committed at seq {asked}")
+            elif comp and (asked is None or e.seq < asked):
+                v.append(f"run {run.id}: compensation {e.event} at seq {e.seq} before any "
+                         "cancel")
+    return v
+
+
+def _deadlines(ledger: Any) -> list[str]:
+    """No deadline scope expires early on the clock of the node that sees it expire (a clock
+    jump of that node is let off, and its drift); how late one may be while a server is up
+    is the overdue monitor's (a run waiting past its deadline is woken by the timer)."""
+    v = []
+    for at, run_id, node, deadline, expired, clock, seconds in ledger.deadlines:
+        slack = ledger.clock_jumps[node] + 0.05 + 2e-3 * seconds
+        if expired and clock < deadline - slack:
+            v.append(f"run {run_id}: a deadline scope of {seconds:g} s expired at t={at:.3f} "
+                     f"on {node}, whose clock said {clock:.3f}, before its deadline "
+                     f"{deadline:.3f}")
+    return v
+
+
+def _children(contents: Any) -> list[str]:
+    """No run ends before the children it did not detach; a cancel reaches every such
+    descendant (each one that had not ended gets its own cancel); a parent's wait for a
+    child ends whatever the child's end (completed, failed, cancelled)."""
+    v = []
+    runs = contents.runs
+    history = contents.history
+    end = {r: next((e.seq for e in history[r] if e.event in (
+        "run.completed", "run.failed", "run.cancelled")), None) for r in runs}
+    asked = {r: next((e.seq for e in history[r] if e.event == "cancel.requested"), None)
+             for r in runs}
+    for run in runs.values():
+        parent_id = run.parent_id
+        if parent_id is None or parent_id not in runs:
+            continue
+        if not run.detached:
+            if end[parent_id] is not None and (end[run.id] is None
+                                               or end[run.id] > end[parent_id]):
+                v.append(f"run {parent_id} ended (seq {end[parent_id]}) before its child "
+                         f"{run.id} (seq {end[run.id]})")
+            cancel_at = asked[parent_id]
+            born = history[run.id][0].seq
+            if cancel_at is not None and born < cancel_at and asked[run.id] is None and (
+                    end[run.id] is None or end[run.id] > cancel_at):
+                v.append(f"run {parent_id}'s cancel (seq {cancel_at}) never reached its "
+                         f"child {run.id}")
+        parent = runs[parent_id]
+        if run.state in ("completed", "failed", "cancelled") and parent.state != "cancelled":
+            for step in contents.steps[parent_id]:
+                if step.kind == "join" and step.name == run.id and step.state == "running":
+                    v.append(f"run {parent_id} still waits at step {step.position} for its "
+                             f"child {run.id}, which ended {run.state}")
+    return v
+
+
 def _transitions(run_id: str, history: list[Any], deferred_starts: set[str]) -> list[str]:
     out = []
     state: str | None = None
@@ -453,6 +587,33 @@ def _transitions(run_id: str, history: list[Any], deferred_starts: set[str]) -> 
     return out
 
 
+def _replaced(schedule_id: str, contents: Any, ledger: Any,
+              started_by: dict[str, tuple[str, str] | None]) -> list[str]:
+    """Under ``cancel_previous``, after every firing at most one run of the schedule is
+    unfinished and not being cancelled: each run is live from its start until its cancel
+    was asked for (or it ended), and no two such spans overlap (a run started in the
+    transaction that cancels its predecessor starts as that one's span ends)."""
+    spans = []
+    for run_id, origin in started_by.items():
+        if origin is None or origin[0] != schedule_id:
+            continue
+        history = contents.history[run_id]
+        start = ledger.committed.get(history[0].seq, (None,))[0]
+        end = next((ledger.committed.get(e.seq, (None,))[0] for e in history
+                    if e.event in ("cancel.requested", "run.completed", "run.failed",
+                                   "run.cancelled")), float("inf"))
+        if start is not None:
+            spans.append((start, end if end is not None else float("inf"), run_id))
+    spans.sort()
+    out = []
+    for (_, end, before), (start, _, after) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            out.append(f"schedule {schedule_id} (cancel_previous): run {after} started at "
+                       f"t={start:.3f} while run {before} was unfinished and not being "
+                       f"cancelled (until t={end:.3f})")
+    return out
+
+
 def _schedules(contents: Any, ledger: Any,
                started_by: dict[str, tuple[str, str] | None]) -> list[str]:
     """No occurrence starts two runs; under ``skip`` and ``buffer_one`` no two runs of a
@@ -477,6 +638,8 @@ def _schedules(contents: Any, ledger: Any,
                 v.append(f"schedule {schedule_id}: occurrence {f.key} was recorded fired as "
                          f"run {f.run_id}, which is not stored as its run")
     for schedule_id, overlap in sorted(ledger.schedules.items()):
+        if overlap == "cancel_previous":
+            v += _replaced(schedule_id, contents, ledger, started_by)
         if overlap not in ("skip", "buffer_one"):
             continue
         spans = []

@@ -27,9 +27,15 @@ SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a 
              "schedule fired on time", "schedule caught up after downtime",
              "schedule occurrence skipped by overlap",
              "schedule occurrence buffered then fired",
+             "schedule occurrence cancelled its previous run",
              "run paused while running", "task in flight recorded while paused",
              "run paused while waiting", "resumed to wait again", "failed run retried",
-             "run forked", "fork past the end refused")
+             "run forked", "fork past the end refused",
+             "run cancelled", "cancel of a finished run", "parent woken by a child completed",
+             "parent woken by a child failed", "parent woken by a child cancelled",
+             "run waited for its children", "cancel reached a descendant",
+             "deadline scope expired", "run woken at its deadline",
+             "step abandoned at a deadline")
 
 
 @attrs.frozen

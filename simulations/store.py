@@ -107,6 +107,12 @@ class Ledger:
     history_reads: list[tuple[str, float, float, tuple[Any, ...]]] = attrs.field(
         factory=list)
     wakeups: list[tuple[float, str, bool]] = attrs.field(factory=list)  # (when, run, woken)
+    cancels: list[tuple[float, str, bool]] = attrs.field(factory=list)  # (asked, run, answer)
+    # Deadline scopes as workflow code left them: (virtual time, run, node, deadline,
+    # expired, the node's clock then, the scope's seconds).
+    deadlines: list[tuple[float, str, str, float, bool, float, float]] = attrs.field(
+        factory=list)
+    clock_jumps: Counter[str] = attrs.field(factory=Counter)  # node -> |jumps| in seconds
     commits: int = 0  # transactions committed so far: the order of what follows
     # (run id, epoch) -> (the commit that granted it, to whom)
     leases: dict[tuple[str, int], tuple[int, str]] = attrs.field(factory=dict)
@@ -208,12 +214,16 @@ class SimStore:
         noting what each fork is to copy as it is at that op."""
         await trio.lowlevel.checkpoint()
         outcomes: list[Any] = []
+        noted = o.Noted()
         for op in ops:
             if isinstance(op, o.ForkRun):  # what the fork is to copy, as it is now
                 self._fork_sources[op.new_run_id] = self.inner.contents().steps.get(
                     op.run_id, ())
-            outcomes += self.inner.apply_now([op])
-        return outcomes
+            got = self.inner.apply_now([op])
+            outcomes += got
+            noted.ended += getattr(got, "ended", ())
+            noted.revoked += getattr(got, "revoked", ())
+        return o.outcomes_of(outcomes, noted)
 
     async def _read(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """A read from the database; with SQLite, checked against the model's."""
@@ -262,6 +272,9 @@ class SimStore:
                 touched.add(run_id)
             if isinstance(op, (o.ExpireLeases, o.Renew)) and not isinstance(outcome, AikiError):
                 touched.update(outcome)
+        # A cancel (its own, a parent's failure, an overdue one) revokes the leases of runs
+        # the ops do not name: the descendants it reaches.
+        touched.update(r for r, e in led.max_epoch.items() if (r, e) not in led.lease_ended)
         for run_id in touched:
             epoch = led.max_epoch.get(run_id)
             run = runs.get(run_id)
@@ -300,7 +313,7 @@ class SimStore:
                 via = led.waiting_via.pop(run_id, None)
                 if via is not None and via != server:
                     led.sometimes["run woken on another server"] += 1
-            elif e.event in ("run.completed", "run.failed"):
+            elif e.event in ("run.completed", "run.failed", "run.cancelled"):
                 notice = f"ended:{run_id}"
                 led.ended.add(run_id)
             elif e.event == "run.waiting":
@@ -402,6 +415,9 @@ class SimStore:
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
         return await self._read("get_events", run_id)  # type: ignore[no-any-return]
 
+    async def get_children(self, run_id: str) -> tuple[RunRecord, ...]:
+        return await self.inner.get_children(run_id)
+
     async def run_counts(self) -> tuple[RunCount, ...]:
         return await self.inner.run_counts()
 
@@ -455,6 +471,9 @@ class ServerStore:
 
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
         return await self.db.get_events(run_id)
+
+    async def get_children(self, run_id: str) -> tuple[RunRecord, ...]:
+        return await self.db.get_children(run_id)
 
     async def run_counts(self) -> tuple[RunCount, ...]:
         return await self.db.run_counts()

@@ -48,9 +48,14 @@ RETRIES: dict[str, aiki.Retry] = {
 }
 
 
-def bind(ledger: Ledger) -> None:
+_CLOCKS: dict[str, Any] = {}  # node -> its wall clock (``now()``), for the deadline checks
+
+
+def bind(ledger: Ledger, clocks: dict[str, Any] | None = None) -> None:
     _LEDGER[:] = [ledger]
     _CALLS.clear()
+    _CLOCKS.clear()
+    _CLOCKS.update(clocks or {})
 
 
 def label_of(spec: dict[str, Any]) -> str:
@@ -80,6 +85,10 @@ def _make_task(name: str, retry: aiki.Retry) -> aiki.Task[dict[str, Any], int]:
 
 
 TASKS = {name: _make_task(name, retry) for name, retry in RETRIES.items()}
+# The compensation a cancelled run calls inside ``run.shield()`` (apart from RETRIES, whose
+# draws the task steps make: adding it there would change every seed's workload).
+COMPENSATION = "t-comp"
+TASKS[COMPENSATION] = _make_task(COMPENSATION, aiki.Retry.fixed(3, 0.2))
 # ``ev``: every wait gets a value that its result folds in; ``race``: waits with a timeout
 # that a send is aimed at. Payloads are {"id": send id, "v": value}: each send unique.
 EV = aiki.event("ev", dict)
@@ -212,9 +221,75 @@ async def _interpret(run: aiki.WorkflowRun, program: dict[str, Any]) -> list[int
     return ctx.out
 
 
+@step_kind("deadline")
+async def _deadline_kind(ctx: Ctx, step: dict[str, Any]) -> None:
+    await _deadline(ctx.run, ctx.rk, step)
+    ctx.out.append(0)  # whether it expired is the checkers' business, not the result's
+
+
+@step_kind("child")
+async def _child_kind(ctx: Ctx, step: dict[str, Any]) -> None:
+    ctx.acc = await _children(ctx.run, step, ctx.acc)
+    ctx.out.append(ctx.acc)
+
+
+STEP_KINDS["children"] = _child_kind  # a fan-out of joined children
+
+
+async def _deadline(run: aiki.WorkflowRun, rk: str, step: dict[str, Any]) -> None:
+    """A deadline scope (``move_on_after``, or ``fail_after`` caught) over tasks, sleeps and
+    nested scopes whose values are dropped: when it expires depends on timing. Each exit is
+    noted with the node's clock, for the checkers."""
+    make = run.fail_after if step.get("fail") else run.move_on_after
+    scope = make(step["deadline"])
+    try:
+        with scope:
+            for inner in step["steps"]:
+                if "deadline" in inner:
+                    await _deadline(run, rk, inner)
+                elif "sleep" in inner:
+                    await run.sleep(inner["sleep"])
+                else:
+                    spec = inner["call"]
+                    await TASKS[spec["task"]].run(run, {**spec, "x": 0, "rk": rk})
+    except aiki.DeadlineExceeded:
+        pass
+    node = NODE.get().split(".")[0]  # (the worker's name, without its incarnation)
+    clock = _CLOCKS.get(node)
+    if _LEDGER and clock is not None and scope.deadline is not None and not scope.replayed:
+        _LEDGER[0].deadlines.append((trio.current_time(), run.id, node, scope.deadline,
+                                     scope.cancelled_caught, clock.now(), step["deadline"]))
+
+
+async def _children(run: aiki.WorkflowRun, step: dict[str, Any], acc: int) -> int:
+    """A child run (detached, started and left, or joined), or a fan-out of joined ones; a
+    joined child's result folds into ``acc``."""
+    wf = WORKFLOWS[run.version]
+    try:
+        if "children" in step:
+            results = await run.gather(*(wf.call(run, sub) for sub in step["children"]))
+            return (acc + sum(sum(r) for r in results)) % 1_000_003
+        child = await wf.start_child(run, step["child"], detached=step.get("detached", False))
+        if not step.get("join"):
+            return acc
+        return (acc + sum(await child.result())) % 1_000_003
+    except (aiki.ChildFailed, aiki.ChildCancelled):
+        if not step.get("catch"):
+            raise
+        return -1
+
+
 def _workflow(version: str) -> aiki.Workflow[dict[str, Any], list[int]]:
     async def sim_workflow(run: aiki.WorkflowRun, program: dict[str, Any]) -> list[int]:
-        return await _interpret(run, program)
+        try:
+            return await _interpret(run, program)
+        except aiki.RunCancelled:
+            if program.get("comp"):  # a refund, say: it runs though the run is cancelled
+                with run.shield():
+                    spec = {"task": COMPENSATION, "label": f"{program['rk']}.comp",
+                            "fail": 0, "work": 0.5, "x": 1, "rk": program["rk"]}
+                    await TASKS[COMPENSATION].run(run, spec)
+            raise
 
     return aiki.workflow(name="sim", version=version, events=[EV, RACE])(sim_workflow)
 
@@ -265,6 +340,8 @@ class PlannedRun:
     # Status and history reads: (seconds after the ack, server), checked against the ledger.
     reads: tuple[tuple[float, int], ...] = ()
     controls: tuple[Control, ...] = ()
+    # (seconds after the ack, server, grace): a client cancels the run then.
+    cancels: tuple[tuple[float, int, float], ...] = ()
 
 
 @attrs.frozen
@@ -339,7 +416,99 @@ def plan(seed: int, n_runs: int, duration: float) -> list[PlannedRun]:
             (reads.expovariate(1 / 60.0), reads.randrange(3))
             for _ in range(reads.choice([0, 1, 2, 3]))))
         planned.append(_with_controls(random.Random(f"{seed}:controls:{i}"), item))
-    return planned
+    # Swarm testing: child runs, deadlines and cancels are in 60% of the seeds (drawn from a
+    # stream of its own), so the other 40% keep the world as it was without them.
+    if random.Random(f"{seed}:structure").random() < 0.4:
+        return planned
+    k = random.Random(f"{seed}:children")  # streams of their own: the rest stays as it was
+    planned = [_with_children(k, item) for item in planned]
+    d = random.Random(f"{seed}:deadlines")
+    planned = [_with_deadlines(d, item) for item in planned]
+    c = random.Random(f"{seed}:cancels")
+    return [_with_cancels(c, item) for item in planned]
+
+
+def _deadline_step(r: random.Random, rk: str, depth: int) -> dict[str, Any]:
+    inner: list[dict[str, Any]] = []
+    for j in range(r.randint(1, 3)):
+        roll = r.random()
+        if roll < 0.5:
+            spec = _task_spec(r, f"{rk}.d{depth}.{j}", [])
+            spec.update(fail=0, work=r.choice([0.0, 0.5, 3.0, 20.0, 60.0]))
+            spec.pop("key", None)
+            spec.pop("catch", None)
+            inner.append({"call": spec})
+        elif roll < 0.8 or depth >= 1:
+            inner.append({"sleep": r.choice([*SHORT_SLEEPS, *LONG_SLEEPS])})
+        else:
+            inner.append(_deadline_step(r, f"{rk}.n{j}", depth + 1))
+    return {"deadline": r.choice([1.0, 5.0, 12.0, 30.0, 120.0]), "fail": r.random() < 0.4,
+            "steps": inner}
+
+
+def _with_deadlines(r: random.Random, item: PlannedRun) -> PlannedRun:
+    """Some runs have a deadline scope, sometimes nested, over tasks and sleeps."""
+    if r.random() >= 0.3:
+        return item
+    steps = list(item.program["steps"])
+    rk = item.program["rk"]
+    steps.insert(r.randint(0, len(steps)), _deadline_step(r, f"{rk}.dl", 0))
+    return attrs.evolve(item, program={**item.program, "steps": steps})
+
+
+MAX_DEPTH = 3  # a run, its children, theirs
+MAX_FAN_OUT = 5
+
+
+def _sub_program(r: random.Random, rk: str, depth: int) -> dict[str, Any]:
+    """A child's program: a task or two, and below MAX_DEPTH sometimes children of its own."""
+    steps: list[dict[str, Any]] = []
+    for j in range(r.randint(1, 2)):
+        spec = _task_spec(r, f"{rk}.{j}", [])
+        spec.pop("key", None)
+        spec["work"] = r.choice([0.0, 0.5, 3.0, 20.0])  # some long: cancels find them running
+        steps.append({"call": spec})
+    if depth + 1 < MAX_DEPTH and r.random() < 0.5:
+        steps.insert(r.randint(0, len(steps)), _child_step(r, f"{rk}.k", depth + 1))
+    return {"rk": rk, "x": r.randint(0, 1000), "steps": steps}
+
+
+def _child_step(r: random.Random, rk: str, depth: int) -> dict[str, Any]:
+    roll = r.random()
+    if roll < 0.4:
+        width = r.randint(2, MAX_FAN_OUT)
+        return {"children": [_sub_program(r, f"{rk}{b}", depth) for b in range(width)]}
+    step: dict[str, Any] = {"child": _sub_program(r, f"{rk}0", depth)}
+    if roll < 0.55:
+        step["detached"] = True
+    else:
+        step["join"] = roll < 0.9  # else started and left: the parent's end waits for it
+    if step.get("join") and r.random() < 0.3:
+        step["catch"] = True
+    return step
+
+
+def _with_children(r: random.Random, item: PlannedRun) -> PlannedRun:
+    """Some runs start children: trees up to MAX_DEPTH deep, fan-outs up to MAX_FAN_OUT
+    wide, detached children, children started and never joined."""
+    if r.random() >= 0.3 or item.version == UNSERVED_VERSION:
+        return item
+    steps = list(item.program["steps"])
+    rk = item.program["rk"]
+    steps.insert(r.randint(0, len(steps)), _child_step(r, f"{rk}.k", 1))
+    return attrs.evolve(item, program={**item.program, "steps": steps})
+
+
+def _with_cancels(r: random.Random, item: PlannedRun) -> PlannedRun:
+    """Some runs are cancelled at a random moment (before they run, mid-task, while they
+    wait, after they end), with or without a grace period; some compensate."""
+    if r.random() >= 0.25:
+        return item
+    n = len(item.program["steps"])
+    cancels = tuple((r.uniform(0, 25.0 * n), r.randrange(3), r.choice([0.0, 10.0, 60.0]))
+                    for _ in range(r.choice([1, 1, 2])))
+    program = {**item.program, "comp": r.random() < 0.6}
+    return attrs.evolve(item, program=program, cancels=cancels)
 
 
 def _with_grammar(r: random.Random, program: dict[str, Any]) -> dict[str, Any]:
@@ -434,7 +603,7 @@ def _with_waits(r: random.Random, item: PlannedRun) -> PlannedRun:
 
 
 # -- schedules -------------------------------------------------------------------------------
-OVERLAPS = ("skip", "buffer_one", "allow")
+OVERLAPS = ("skip", "buffer_one", "allow", "cancel_previous")
 
 
 @attrs.frozen

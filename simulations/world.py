@@ -37,6 +37,7 @@ from aiki.errors import (
     UnknownEvent,
 )
 from aiki.metrics import Metrics
+from aiki.records import TERMINAL_RUN_STATES
 from aiki.server import Server
 from aiki.sources import Sources
 from aiki.store.memory import MemoryStore
@@ -370,6 +371,8 @@ class World:
             served = item.version != workload.UNSERVED_VERSION
             actions: list[Any] = [(self._sender, item, acked)]
             actions += [(self._waker, item, acked + at, server) for at, server in item.wakeups]
+            actions += [(self._canceller, item, acked + at, server, grace)
+                        for at, server, grace in item.cancels]
             if served:
                 actions += [(self._racer, item, race) for race in item.races]
             if served and item.watch is not None:
@@ -466,6 +469,16 @@ class World:
         await trio.sleep_until(at)
         reply = await self._ask(server, lambda req: p.Wakeup(req, item.run_id))
         self.ledger.wakeups.append((trio.current_time(), item.run_id, reply.woken))
+
+    async def _canceller(self, item: workload.PlannedRun, at: float, server: int,
+                         grace: float) -> None:
+        await trio.sleep_until(at)
+        asked = trio.current_time()
+        reply = await self._ask(server, lambda req: p.CancelRun(req, item.run_id, "sim",
+                                                                grace))
+        self.ledger.cancels.append((asked, item.run_id, reply.cancelled))
+        self.ledger.sometimes["run cancelled" if reply.cancelled
+                              else "cancel of a finished run"] += 1
 
     async def _pauser(self, item: workload.PlannedRun, acked: float,
                       control: workload.Control, control_id: str) -> None:
@@ -646,6 +659,7 @@ class World:
                 node = r.choice(nodes)
                 jump = r.uniform(-5.0, 5.0)
                 self.clocks[node].offset += jump
+                self.ledger.clock_jumps[node] += abs(jump)
                 if jump < 0:
                     self.ledger.clock_set_back.append((now, node))
                 self.stats["clock jump"] += 1
@@ -731,7 +745,7 @@ class World:
     async def run(self) -> None:
         planned = workload.plan(self.cfg.seed, self.cfg.runs, self.cfg.safety)
         schedules = workload.plan_schedules(self.cfg.seed, self.cfg.safety)
-        workload.bind(self.ledger)
+        workload.bind(self.ledger, self.clocks)
         if self.cfg.store_kind == "sqlite":
             self.store.db = await SqliteStore.open(":memory:", offload=False)
         async with trio.open_nursery() as nursery:
@@ -767,7 +781,7 @@ class World:
             if len(self.ledger.acked) < len(planned) or self.pending:
                 continue
             runs = self.store.inner.contents().runs
-            if all(r.state in ("completed", "failed") or r.version == workload.UNSERVED_VERSION
+            if all(r.state in TERMINAL_RUN_STATES or r.version == workload.UNSERVED_VERSION
                    for r in runs.values()):
                 return
 
@@ -901,6 +915,8 @@ def run_seed(cfg: Config) -> Outcome:
     assert world.store.notices is not None
     for k, v in world.store.notices.stats.items():
         faults[k] += v
+    world.ledger.sometimes["deadline scope expired"] += sum(
+        1 for d in world.ledger.deadlines if d[4])
     for steps in world.store.inner.contents().steps.values():
         addresses = Counter((s.name, s.input_hash) for s in steps
                             if s.kind == "task" and s.idempotency_key is None)
@@ -912,6 +928,8 @@ def run_seed(cfg: Config) -> Outcome:
                                                  "(overlap 'skip')" in f.detail))
             if situation is not None:
                 world.ledger.sometimes[situation] += f.count
+            if f.detail is not None and "is cancelled (overlap 'cancel_previous')" in f.detail:
+                world.ledger.sometimes["schedule occurrence cancelled its previous run"] += 1
     for history in world.store.inner.contents().history.values():
         paused = False
         for e in history:
@@ -919,6 +937,16 @@ def run_seed(cfg: Config) -> Outcome:
                                         e.worker_id is not None))
             if situation is not None:
                 world.ledger.sometimes[situation] += 1
+            if e.event == "join.ended" and e.detail:
+                world.ledger.sometimes[f"parent woken by a child {e.detail.split()[-1]}"] += 1
+            elif e.event == "run.waiting" and (e.detail or "").startswith("its function"):
+                world.ledger.sometimes["run waited for its children"] += 1
+            elif e.event == "cancel.requested" and ", through run " in (e.detail or ""):
+                world.ledger.sometimes["cancel reached a descendant"] += 1
+            elif e.event == "run.queued" and "the deadline of the scope" in (e.detail or ""):
+                world.ledger.sometimes["run woken at its deadline"] += 1
+            elif (e.detail or "").startswith("DeadlineExceeded: its deadline scope"):
+                world.ledger.sometimes["step abandoned at a deadline"] += 1
             if e.event == "run.paused":
                 paused = True
                 if "keeps its waits" in (e.detail or ""):

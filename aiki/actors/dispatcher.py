@@ -39,7 +39,7 @@ from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.errors import AikiError, StoreUnavailable
 from aiki.logs import run_fields
-from aiki.protocol import Assign, WorkerInfo, WorkflowRef
+from aiki.protocol import Assign, Revoke, WorkerInfo, WorkflowRef
 from aiki.records import ClaimedRun, Lease, RunRecord
 from aiki.sources import Sources
 from aiki.store.ops import Claim, ReleaseRun
@@ -114,6 +114,13 @@ class Draining:
     """The worker of this session is shutting down: no more runs for it."""
 
     session: int
+
+
+@attrs.frozen
+class Revoked:
+    """These runs' leases were revoked (a cancel): whoever held them has the slots free."""
+
+    run_ids: tuple[str, ...]
 
 
 @attrs.frozen
@@ -228,6 +235,12 @@ class Dispatcher:
                 seat.active.difference_update(msg.run_ids)
                 for run_id in msg.run_ids:
                     seat.assigned_at.pop(run_id, None)
+        elif isinstance(msg, Revoked):
+            for seat in self.seats.values():
+                seat.active.difference_update(msg.run_ids)
+                for run_id in msg.run_ids:
+                    seat.assigned_at.pop(run_id, None)
+            self._work_may_have_arrived()
         elif isinstance(msg, Expired):
             self._work_may_have_arrived()
             for seat in self.seats.values():
@@ -330,7 +343,8 @@ class Dispatcher:
             self.poke()
 
     # -- for sessions --------------------------------------------------------------------
-    def tell(self, msg: Joined | Left | Ended | Alive | Draining | Expired | Poke) -> None:
+    def tell(self, msg: Joined | Left | Ended | Alive | Draining | Expired | Revoked | Poke
+             ) -> None:
         self.mailbox.address.tell_nowait(msg)
 
     def _served(self, version: tuple[str, str]) -> bool:
@@ -367,6 +381,13 @@ class Dispatcher:
             return False
         since = max(queued_since, self.started_at or now, self.unserved_since.get(version, 0))
         return now - since >= self.stranded_after
+
+    def revoke(self, run_id: str, reason: str | None, epoch: int | None = None) -> None:
+        """A cancel revoked ``run_id``'s lease (of ``epoch``, when known): tell its worker
+        now (not at its next heartbeat) and free its slot. Relayed from another server
+        (``epoch`` known), only if a worker here holds the run."""
+        if self.push_to_holder(run_id, Revoke(run_id, reason, epoch)) or epoch is None:
+            self.tell(Revoked((run_id,)))
 
     def push_to_holder(self, run_id: str, msg: Any) -> bool:
         """Push ``msg`` to the worker that holds ``run_id`` here, if one does (a hint)."""

@@ -28,12 +28,13 @@ it is dropped; the next lease rebuilds it from the store.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime
 import logging
 import math
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
@@ -44,10 +45,14 @@ from aiki import protocol as p
 from aiki import tracing
 from aiki.actors.outcomes import Flusher
 from aiki.errors import (
+    ChildCancelled,
+    ChildFailed,
     ConnectionLost,
+    DeadlineExceeded,
     NonDeterminismError,
     NonRetryableError,
     PayloadError,
+    RunCancelled,
     RunPaused,
     StaleLease,
     StepConflict,
@@ -66,6 +71,8 @@ T = TypeVar("T")
 WRITE_ATTEMPTS = 8  # about 20 s of backoff before giving the run back to its lease
 # 0: every task attempt's start is recorded before it runs (see the module doc).
 DEFAULT_RECORD_START_AFTER = 0.0
+DEADLINE_EXCEEDED = "DeadlineExceeded"  # the error of a step its deadline scope abandoned
+CHILD_CANCEL_GRACE = 60.0  # how long a child cancelled by an expired deadline may compensate
 
 
 class TaskDefinition(Protocol):
@@ -95,7 +102,7 @@ class WorkflowDefinition(Protocol):
     @property
     def result_type(self) -> Any: ...
 
-    async def call(self, run: WorkflowRun, payload: Any) -> Any: ...
+    async def execute(self, run: WorkflowRun, payload: Any) -> Any: ...
 
 
 class Abandon(BaseException):
@@ -113,6 +120,8 @@ class Suspend(BaseException):
         super().__init__(reason)
         self.conditions = conditions
         self.reason = reason
+        # The deadline scopes it was shielded from (``run.shield()``): they do not wake it.
+        self.shielded: set[int] = set()
 
 
 @attrs.define(eq=False)
@@ -155,6 +164,36 @@ class _Branch:
 
 
 _BRANCH: contextvars.ContextVar[tuple[RunState, _Branch]] = contextvars.ContextVar("aiki_branch")
+# Inside ``with run.shield():`` (and the branches it starts): a cancel does not interrupt.
+_SHIELDED: contextvars.ContextVar[bool] = contextvars.ContextVar("aiki_shielded", default=False)
+
+
+@attrs.define(eq=False)
+class _Deadline:
+    """An open deadline scope: its position (where its deadline is recorded), its Trio
+    cancel scope, the deadline once recorded (epoch seconds), and the children started in
+    it (cancelled when it expires)."""
+
+    position: str
+    seconds: float
+    cancel: trio.CancelScope
+    at: float | None = None
+    children: list[str] = attrs.field(factory=list)
+    steps: list[str] = attrs.field(factory=list)  # positions of the steps begun inside
+    replayed: bool = False  # cancelled where the history says it expired
+
+
+_DEADLINES: contextvars.ContextVar[tuple[_Deadline, ...]] = contextvars.ContextVar(
+    "aiki_deadlines", default=())
+# How many of ``_DEADLINES`` the innermost ``run.shield()`` shields the code from (those
+# opened before it): as Trio's shield, an enclosing deadline does not cancel the awaits
+# inside; it takes effect when the shield exits.
+_SHIELD_AT: contextvars.ContextVar[int] = contextvars.ContextVar("aiki_shield_at", default=0)
+
+
+def _open_deadlines() -> tuple[_Deadline, ...]:
+    """The deadline scopes whose expiry reaches the code here (not shielded from it)."""
+    return _DEADLINES.get()[_SHIELD_AT.get():]
 
 
 @attrs.define(eq=False)
@@ -183,6 +222,13 @@ class RunState:
     pending: list[StepRecord] = attrs.field(factory=list)
     riding: list[StepRecord] = attrs.field(factory=list)  # carried by a write in flight
     lost: Abandon | None = None  # why the Flusher could not send this run's outcomes
+    # The run is being cancelled (its reason): new steps outside a shield raise RunCancelled.
+    cancelling: bool = False
+    cancel_reason: str | None = None
+    # Children whose deadline scope expired: cancelled at the next write; and the steps
+    # that stood in it, recorded abandoned.
+    pending_cancels: list[tuple[str, str]] = attrs.field(factory=list)
+    pending_abandons: list[tuple[str, tuple[str, ...]]] = attrs.field(factory=list)
     # Whether a client paused the run (the worker was told, or the store refused a step as
     # paused): it is given back as paused, not as a drain.
     paused: Callable[[], bool] = lambda: False
@@ -200,6 +246,80 @@ class RunState:
         if branch is None or branch[0] is not self:
             return self.root.next()
         return branch[1].next()
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`RunCancelled` where the workflow stands, unless shielded."""
+        if self.cancelling and not _SHIELDED.get():
+            raise RunCancelled(self.lease.run_id, self.cancel_reason)
+
+    def check_inside(self, what: str) -> None:
+        """RuntimeError unless called from this run's workflow code."""
+        branch = _BRANCH.get(None)
+        if branch is None or branch[0] is not self:
+            raise RuntimeError(f"{what} is used outside the workflow code of run "
+                               f"{self.lease.run_id}: call it from the workflow function")
+
+    async def arm(self) -> None:
+        """Before a step: the deadlines of the scopes it stands in are recorded (once; a
+        replay reads them back); the children of scopes that expired are cancelled, and
+        their steps recorded abandoned. The deadlines take effect once the code does new
+        work (:meth:`activate`): a replay of recorded steps is not cut short by a deadline
+        that had not passed when they were recorded."""
+        for d in _DEADLINES.get():
+            if d.at is not None:
+                continue
+            recorded = self.replayed(d.position, "deadline", "deadline", "null", "", None)
+            if recorded is not None and recorded.output is not None:
+                at = float(p.decode_value(recorded.output))
+            else:
+                at = self.sources.clock.now() + d.seconds
+                output = p.encode_value(at)
+                await self.save(StepRecord(d.position, "deadline", "deadline", "", "null",
+                                           None, "completed", 1, output=output))
+            d.at = at
+        await self.flush_cancels()
+
+    def activate(self) -> None:
+        """New work begins (not a replayed step): the deadlines of the scopes it stands in
+        take effect. Of those that have passed (a replay after them), only the earliest is
+        cancelled now (the outermost of equal ones), as it was the first to expire; the
+        others' turn comes at the next step, if the code reaches one inside them."""
+        now = self.sources.clock.now()
+        scopes = [d for d in _open_deadlines() if d.at is not None]
+        passed = [d for d in scopes if d.at is not None and d.at <= now]
+        if passed:
+            min(passed, key=lambda d: d.at or 0.0).cancel.cancel()
+        for d in scopes:
+            if d not in passed and d.at is not None:
+                d.cancel.deadline = trio.current_time() + (d.at - now)
+
+    def in_scopes(self, position: str) -> None:
+        """A step begins at ``position``: the deadline scopes it stands in note it."""
+        for d in _open_deadlines():
+            d.steps.append(position)
+
+    async def cancelled_on_replay(self, step: StepRecord) -> None:
+        """A recorded step that its deadline scope abandoned: that scope is cancelled here
+        again, as it was the first time."""
+        if step.error_type != DEADLINE_EXCEEDED or step.output is None:
+            return
+        scope = p.decode_value(step.output)
+        for d in _open_deadlines():
+            if d.position == scope:
+                d.replayed = True
+                d.cancel.cancel()
+                await trio.lowlevel.checkpoint()
+
+    async def flush_cancels(self) -> None:
+        # Taken before the write: concurrent branches flush too (a failed write abandons
+        # the run, whose next lease records them again).
+        while self.pending_abandons:
+            scope, positions = self.pending_abandons.pop(0)
+            await self.write(partial(_abandon_steps, lease=self.lease, positions=positions,
+                                     scope=scope))
+        while self.pending_cancels:
+            child_id, reason = self.pending_cancels.pop(0)
+            await self.write(partial(_cancel_run, run_id=child_id, reason=reason))
 
     async def write(self, make: Callable[[int], Any]) -> Any:
         """Persist one write, after the outcomes waiting for a ride or riding with another
@@ -309,6 +429,7 @@ class RunState:
             )
 
     async def task(self, task: TaskDefinition, payload: Any, key: str | None) -> Any:
+        await self.arm()
         position = self.next_position()
         what = f"input of task {task.name!r}"
         input_json = p.encode_value(payload, task.payload_type, what=what)
@@ -317,7 +438,9 @@ class RunState:
         attempt, not_before = 1, None
         if recorded is not None:
             if recorded.state in FINAL_STEP_STATES:
+                await self.cancelled_on_replay(recorded)
                 return _outcome(recorded, task.result_type)
+            self.check_cancelled()  # (never started again after a cancel)
             # A crash during an attempt re-runs that attempt; a retrying step runs the next.
             attempt = recorded.attempts + (recorded.state == "retrying")
             not_before = recorded.next_attempt_at
@@ -325,7 +448,12 @@ class RunState:
             found = await self._keyed_outcome(task.name, key)
             if found is not None:
                 return _outcome(found, task.result_type)
+            self.check_cancelled()
             self._keyed[(task.name, key)] = trio.Event()
+        else:
+            self.check_cancelled()
+        self.in_scopes(position)
+        self.activate()
         try:
             return await self._attempts(task, position, input_json, input_hash, key,
                                         attempt, not_before)
@@ -482,13 +610,19 @@ class RunState:
 
     async def sleep(self, seconds: float) -> bool:
         """A durable sleep: True if it lasted ``seconds``, False if woken early."""
+        await self.arm()
         position = self.next_position()
         input_json = p.encode_value({"seconds": seconds})
         recorded = self.replayed(position, "sleep", "sleep", input_json, "", None)
         due = self.sources.clock.now() + seconds
         if recorded is not None:
             if recorded.state in FINAL_STEP_STATES:
+                await self.cancelled_on_replay(recorded)
                 return recorded.output == "true"
+        self.check_cancelled()
+        self.in_scopes(position)
+        self.activate()
+        if recorded is not None:
             # Started before: count from when it began, whatever the code sleeps now.
             before = seconds_recorded(recorded)
             if recorded.next_attempt_at is not None and before is not None:
@@ -511,13 +645,18 @@ class RunState:
     async def wait_event(self, name: str, timeout: float | None) -> StepRecord:
         """Wait for event ``name``: the final step (completed with its payload, or failed as
         timed out)."""
+        await self.arm()
         position = self.next_position()
         input_json = p.encode_value({"seconds": timeout})
         recorded = self.replayed(position, "event", name, input_json, "", None)
         due = None if timeout is None else self.sources.clock.now() + timeout
+        if recorded is not None and recorded.state in FINAL_STEP_STATES:
+            await self.cancelled_on_replay(recorded)
+            return recorded
+        self.check_cancelled()
+        self.in_scopes(position)
+        self.activate()
         if recorded is not None:
-            if recorded.state in FINAL_STEP_STATES:
-                return recorded
             before = seconds_recorded(recorded)
             if recorded.next_attempt_at is not None and before is not None:
                 due = None if timeout is None else recorded.next_attempt_at - before + timeout
@@ -529,16 +668,84 @@ class RunState:
         raise Suspend((WaitFor(position, "event", name, due),),
                       f"waits for event {name!r} at step {position}")
 
+    async def start_child(self, workflow: str, version: str, payload: str,
+                          key: str | None, detached: bool) -> str:
+        """A child run started as a step: its id (the same one on every replay). Its
+        address is the workflow, its version, and the idempotency key or the input's hash."""
+        self.check_inside("start_child()")
+        await self.arm()
+        position = self.next_position()
+        name = f"{workflow}@{version}"
+        input_hash = p.content_hash(name, payload)
+        recorded = self.replayed(position, "child", name, payload, input_hash, key)
+        if recorded is not None and recorded.state in FINAL_STEP_STATES:
+            child_id = str(p.decode_value(recorded.output or "null"))
+            self._in_scopes(child_id, detached)
+            return child_id
+        self.check_cancelled()
+        self.activate()
+        child_id = f"{self.lease.run_id}/{position}"
+        self._in_scopes(child_id, detached)
+        step = StepRecord(position, "child", name, input_hash, payload, key, "running", 1)
+        reply = await self.write(lambda req: p.StartChild(
+            req, self.lease, step, child_id, workflow, version, payload, detached))
+        stored: StepRecord = reply.step
+        self.steps[position] = stored
+        return str(p.decode_value(stored.output or "null"))
+
+    def _in_scopes(self, child_id: str, detached: bool) -> None:
+        if not detached:
+            for d in _open_deadlines():
+                d.children.append(child_id)
+
+    async def join(self, child_id: str, result_type: Any) -> Any:
+        """Wait for the child run ``child_id`` to end, the slot given back meanwhile: its
+        result, or ChildFailed / ChildCancelled."""
+        await self.arm()
+        position = self.next_position()
+        input_json = p.encode_value({"child": child_id})
+        recorded = self.replayed(position, "join", child_id, input_json, "", None)
+        if recorded is not None and recorded.state in FINAL_STEP_STATES:
+            await self.cancelled_on_replay(recorded)
+        else:
+            self.check_cancelled()
+            self.in_scopes(position)
+            self.activate()
+            step = StepRecord(position, "join", child_id, "", input_json, None, "running", 1)
+            recorded = await self.await_step(step)
+            if recorded.state not in FINAL_STEP_STATES:
+                raise Suspend((WaitFor(position, "join", child_id),),
+                              f"waits for child run {child_id} at step {position}")
+        if recorded.state == "completed":
+            return p.decode_value(recorded.output or "null", result_type,
+                                  what=f"result of child run {child_id}")
+        if recorded.error_type == "ChildCancelled":
+            raise ChildCancelled(child_id, recorded.error_message or None)
+        error_type, _, message = (recorded.error_message or "").partition(": ")
+        raise ChildFailed(child_id, error_type, message)
+
     async def helper(self, kind: StepKind, produce: Callable[[], Any]) -> Any:
         """``run.now()`` and friends: a value recorded once, then replayed."""
+        await self.arm()
         position = self.next_position()
         recorded = self.replayed(position, kind, kind, "null", "", None)
         if recorded is not None and recorded.output is not None:
             return p.decode_value(recorded.output)
+        self.check_cancelled()
+        self.activate()
         output = p.encode_value(produce())
         await self.save(StepRecord(position, kind, kind, "", "null", None, "completed", 1,
                                    output=output))
         return p.decode_value(output)
+
+
+def _abandon_steps(req: int, *, lease: Lease, positions: tuple[str, ...],
+                   scope: str) -> p.AbandonSteps:
+    return p.AbandonSteps(req, lease, positions, scope)
+
+
+def _cancel_run(req: int, *, run_id: str, reason: str) -> p.CancelRun:
+    return p.CancelRun(req, run_id, reason, CHILD_CANCEL_GRACE)
 
 
 def _save_all(req: int, lease: Lease, steps: tuple[StepRecord, ...]) -> p.SaveStep:
@@ -582,6 +789,67 @@ def position_key(position: str) -> tuple[int, ...]:
     return tuple(int(x) for x in position.split("."))
 
 
+class DeadlineScope:
+    """``with run.move_on_after(d) as scope:`` (or ``run.fail_after(d)``): a durable
+    deadline over every await inside. ``cancelled_caught`` says whether it expired there;
+    ``deadline`` is when (epoch seconds), once recorded (at the first await inside)."""
+
+    def __init__(self, state: RunState, seconds: float, fail: bool, what: str) -> None:
+        self._state = state
+        self._seconds = seconds
+        self._fail = fail
+        self._what = what
+        self._scope: _Deadline | None = None
+        self._token: contextvars.Token[tuple[_Deadline, ...]] | None = None
+        self.cancelled_caught = False
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self._scope is None else self._scope.at
+
+    @property
+    def replayed(self) -> bool:
+        """Whether it expired in a replay, where the history says it did (maybe on another
+        worker's clock), rather than by this worker's clock now."""
+        return self._scope is not None and self._scope.replayed
+
+    def __enter__(self) -> DeadlineScope:
+        self._state.check_inside(self._what)
+        if self._scope is not None:
+            raise RuntimeError(f"{self._what}: a deadline scope is entered once")
+        self._scope = _Deadline(self._state.next_position(), self._seconds,
+                                trio.CancelScope())
+        self._scope.cancel.__enter__()
+        self._token = _DEADLINES.set((*_DEADLINES.get(), self._scope))
+        return self
+
+    def __exit__(self, etype: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> bool:
+        scope = self._scope
+        assert scope is not None and self._token is not None
+        _DEADLINES.reset(self._token)
+        if isinstance(exc, Suspend) and scope.at is not None and id(scope) not in exc.shielded:
+            # The run gives its slot back: the server's timer wakes it at the deadline.
+            exc.conditions = (*exc.conditions,
+                              WaitFor(scope.position, "deadline", "deadline", scope.at))
+        handled = bool(scope.cancel.__exit__(etype, exc, tb))
+        self.cancelled_caught = scope.cancel.cancelled_caught
+        if self.cancelled_caught:
+            why = (f"the deadline of run {self._state.lease.run_id} at step "
+                   f"{scope.position} passed")
+            self._state.pending_cancels += [(c, why) for c in scope.children]
+            unfinished = tuple(q for q in scope.steps
+                               if (step := self._state.steps.get(q)) is None
+                               or step.state not in FINAL_STEP_STATES)
+            if unfinished:
+                self._state.pending_abandons.append((scope.position, unfinished))
+            if self._fail:
+                raise DeadlineExceeded(
+                    f"run {self._state.lease.run_id}: the deadline of {self._seconds:g} s "
+                    f"set at step {scope.position} passed")
+        return handled
+
+
 class WorkflowRun:
     """Handed to workflow code: the run's identity and its deterministic helpers.
 
@@ -591,12 +859,82 @@ class WorkflowRun:
     """
 
     def __init__(self, state: RunState, run_id: str, workflow: str, version: str,
-                 attempt: int) -> None:
+                 attempt: int, client: Any = None) -> None:
         self._state = state
+        self._client = client
         self.id = run_id
         self.workflow = workflow
         self.version = version
         self.attempt = attempt
+
+    @property
+    def client(self) -> Any:
+        """The client the worker running this run was started from (``aiki.worker(client,
+        ...)``); RuntimeError for a worker made without one."""
+        if self._client is None:
+            raise RuntimeError(f"run {self.id}: its worker was not started from a client "
+                               "(aiki.worker(client, ...)), so there is none to make a "
+                               "handle with; use client.handle(child.id) outside the "
+                               "workflow")
+        return self._client
+
+    @property
+    def cancelling(self) -> bool:
+        """Whether this run is being cancelled (its awaits raise ``aiki.RunCancelled``
+        outside ``run.shield()``)."""
+        return self._state.cancelling
+
+    @property
+    def cancel_reason(self) -> str | None:
+        """The reason given to ``handle.cancel``, while the run is being cancelled."""
+        return self._state.cancel_reason
+
+    def move_on_after(self, duration: float | datetime.timedelta) -> DeadlineScope:
+        """A durable deadline: ``with run.move_on_after(timedelta(days=3)) as scope:``.
+        Every await inside is cancelled once it passes (task attempts, sleeps and waits;
+        children started inside are cancelled); the code goes on after the block, with
+        ``scope.cancelled_caught`` True. The deadline is recorded at the first await inside,
+        so a replay sees the same one, and a run waiting past it is woken by the server's
+        timer. Nested scopes behave as Trio's: the earliest deadline wins, and each catches
+        only its own expiry. A negative, NaN or infinite duration raises ValueError."""
+        seconds = check_duration(duration, "run.move_on_after()")
+        return DeadlineScope(self._state, seconds, False, "run.move_on_after()")
+
+    def fail_after(self, duration: float | datetime.timedelta) -> DeadlineScope:
+        """As :meth:`move_on_after`, but an expired scope raises ``aiki.DeadlineExceeded``
+        at its end."""
+        seconds = check_duration(duration, "run.fail_after()")
+        return DeadlineScope(self._state, seconds, True, "run.fail_after()")
+
+    @contextlib.contextmanager
+    def shield(self) -> Iterator[None]:
+        """Awaits inside run normally after a cancel (``aiki.RunCancelled`` is not raised):
+        compensation, e.g. a refund. They must end within the cancel's grace period (60 s
+        by default); then the run ends ``cancelled`` whatever they are doing. Branches of a
+        ``run.gather`` begun inside are shielded too.
+
+        As Trio's shield, it shields from the durable deadlines of the scopes around it
+        (``run.move_on_after`` / ``run.fail_after``): their expiry does not cut the awaits
+        inside short (nor wake a run waiting inside), and takes effect when the shield
+        exits. (A scope that had expired already when the shield was entered, e.g. in a
+        ``finally`` while it unwinds, stays expired: compensate after the scope, on
+        ``scope.cancelled_caught``.) Scopes opened inside it expire as usual."""
+        outer = _open_deadlines()
+        armed = [(d, d.cancel.deadline) for d in outer]
+        for d in outer:
+            d.cancel.deadline = math.inf
+        token = _SHIELDED.set(True)
+        at = _SHIELD_AT.set(len(_DEADLINES.get()))
+        try:
+            yield
+        except Suspend as exc:
+            exc.shielded.update(id(d) for d in outer)
+            raise
+        finally:
+            _SHIELD_AT.reset(at)
+            _SHIELDED.reset(token)
+            for d, deadline in armed:  # (one that passed meanwhile cancels at once)
+                d.cancel.deadline = deadline
 
     async def now(self) -> float:
         """Wall-clock seconds since the epoch, recorded once."""
@@ -643,8 +981,12 @@ class WorkflowRun:
         if released:
             raise released[0]
         if suspended:  # every branch ended or waits: the run waits for the first to wake
-            raise Suspend(tuple(c for s in suspended for c in s.conditions),
-                          "; ".join(s.reason for s in suspended))
+            combined = Suspend(tuple(c for s in suspended for c in s.conditions),
+                               "; ".join(s.reason for s in suspended))
+            # A deadline around the gather wakes the run unless every waiting branch was
+            # shielded from it.
+            combined.shielded = set.intersection(*(s.shielded for s in suspended))
+            raise combined
         return results
 
     async def sleep(self, duration: float | datetime.timedelta) -> bool:
@@ -661,6 +1003,13 @@ class WorkflowRun:
 
     async def _execute_task(self, task: TaskDefinition, payload: Any, key: str | None) -> Any:
         return await self._state.task(task, payload, key)
+
+    async def _start_child(self, workflow: str, version: str, payload: str, key: str | None,
+                           detached: bool) -> str:
+        return await self._state.start_child(workflow, version, payload, key, detached)
+
+    async def _join(self, child_id: str, result_type: Any) -> Any:
+        return await self._state.join(child_id, result_type)
 
     async def _wait_event(self, name: str, timeout: float | None) -> StepRecord:
         return await self._state.wait_event(name, timeout)
@@ -694,7 +1043,7 @@ async def run_workflow(
     run_task: TaskRunner = call_task, on_state: Callable[[RunState], None] | None = None,
     lease_deadline: Callable[[], float] = lambda: math.inf,
     lease_renewed: Callable[[float], None] = lambda sent: None, flusher: Flusher | None = None,
-    paused: Callable[[], bool] = lambda: False,
+    paused: Callable[[], bool] = lambda: False, client: Any = None,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
     drains, or the run was paused: ``draining`` is set, ``paused()`` says which) or
@@ -707,12 +1056,13 @@ async def run_workflow(
                      inline_retry_max, record_start_after,
                      trio.Event() if draining is None else draining, nudges or Nudges(),
                      workflow.name, run_task, lease_deadline, lease_renewed, flusher,
-                     paused=paused)
+                     cancelling=run.cancel_requested_at is not None,
+                     cancel_reason=run.cancel_reason, paused=paused)
     if on_state is not None:  # (a replay looks at what the code consumed)
         on_state(state)
     _BRANCH.set((state, state.root))
     bind_run(run.id, run.workflow, run.version, run.attempts, run.lease_owner)
-    handle = WorkflowRun(state, run.id, run.workflow, run.version, run.attempts)
+    handle = WorkflowRun(state, run.id, run.workflow, run.version, run.attempts, client)
     attributes = tracing.run_attributes(run.id, run.workflow, run.version, run.attempts,
                                         run.lease_owner)
     with tracing.span(f"aiki.run {workflow.name}", attributes, parent=run.trace_context,
@@ -720,18 +1070,34 @@ async def run_workflow(
         try:
             payload = p.decode_value(run.payload, workflow.payload_type,
                                      what=f"payload of workflow {workflow.name!r}")
-            value = await workflow.call(handle, payload)
+            value = await workflow.execute(handle, payload)
+            await state.flush_cancels()
             state.check_all_consumed()
             result = p.encode_value(value, workflow.result_type,
                                     what=f"result of workflow {workflow.name!r}")
         except Suspend as suspend:
             conditions, reason = suspend.conditions, suspend.reason
+            try:
+                await state.flush_cancels()
+            except Abandon:
+                return
             await state.write(lambda req: p.WaitRun(req, lease, conditions, reason))
             return
         except Release:
             await _give_back(state)
             return
         except Abandon:
+            return
+        except RunCancelled as exc:
+            log.info("run %s (%s): cancelled%s", run.id, workflow.name,
+                     f": {exc.reason}" if exc.reason else "")
+            message = str(exc)
+            try:  # ends it cancelled (a cancelling run ends so whatever it reports)
+                await state.write(lambda req: p.FailRun(req, lease, "RunCancelled", message))
+            except Release:  # paused: it ends cancelled once resumed
+                await _give_back(state)
+            except Abandon:
+                pass
             return
         except TaskFailed as exc:
             trace = format_traceback(exc)

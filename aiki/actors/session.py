@@ -19,6 +19,7 @@ before it counts itself ended (``open_sessions``); a cancellation instead stops 
 from __future__ import annotations
 
 import logging
+import math
 import typing
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -107,6 +108,9 @@ SCHEDULE_MESSAGES = (p.DefineSchedule, p.GetSchedule, p.ChangeSchedule, p.Trigge
                      p.BackfillSchedule, p.ListSchedules)
 MAX_RUN_ID = 128
 MAX_LIST_LIMIT = 1000
+MAX_GRACE = 10 * 365.25 * 86400.0
+MAX_REASON = 4096
+MAX_CHILD_ID = 1024
 
 
 @attrs.define(eq=False)
@@ -377,7 +381,10 @@ class Session:
             run = await self._run(msg.run_id)
             waits = (await ctx.store.get_waits(run.id) if run.state in ("waiting", "paused")
                      else ())
-            return p.RunInfo(msg.req, run, await ctx.store.get_steps(run.id), waits)
+            steps = await ctx.store.get_steps(run.id)
+            children = (await ctx.store.get_children(run.id)
+                        if any(s.kind == "child" for s in steps) else ())
+            return p.RunInfo(msg.req, run, steps, waits, children)
         if isinstance(msg, p.SendEvent):
             return await self._send_event(msg, now)
         if isinstance(msg, p.RetryRun):
@@ -398,6 +405,8 @@ class Session:
             if woken:
                 self._woke(msg.run_id)
             return p.WokenUp(msg.req, woken)
+        if isinstance(msg, p.CancelRun):
+            return await self._cancel(msg, now)
         if isinstance(msg, p.GetHistory):
             run = await self._run(msg.run_id)
             return p.History(msg.req, await ctx.store.get_history(run.id))
@@ -573,13 +582,31 @@ class Session:
                 raise
             finally:
                 ctx.dispatcher.tell(Ended(self.id, (msg.lease.run_id,)))
-            ctx.watchers.ended(run)  # the run as committed: no read on the way back
-            if (run.idempotency_key or "").startswith("schedule:"):
-                ctx.dispatcher.poke()  # its end may have started a buffered occurrence
+            if run.state in TERMINAL_RUN_STATES:
+                ctx.watchers.ended(run)  # the run as committed: no read on the way back
+                await self._tell_parents(run)
+                if (run.idempotency_key or "").startswith("schedule:"):
+                    ctx.dispatcher.poke()  # its end may have started a buffered occurrence
+            else:  # its function ended; it waits for its children (cancelled if it failed)
+                await self._revoke_tree(run.id)
             return p.Ok(msg.req)
         if isinstance(msg, p.AwaitStep):
             self._check_owner(msg.lease)
             step = await ctx.writer.write(ops.AwaitStep(msg.lease, msg.step, now))
+            return p.StepResult(msg.req, step)
+        if isinstance(msg, p.AbandonSteps):
+            self._check_owner(msg.lease)
+            await ctx.writer.write(ops.AbandonSteps(msg.lease, msg.positions, msg.scope, now))
+            return p.Ok(msg.req)
+        if isinstance(msg, p.StartChild):
+            self._check_owner(msg.lease)
+            if not 0 < len(msg.child_id) <= MAX_CHILD_ID:
+                raise ProtocolError(f"a child run id must have 1 to {MAX_CHILD_ID} "
+                                    f"characters, got {len(msg.child_id)}")
+            step = await ctx.writer.write(ops.StartChild(
+                msg.lease, msg.step, msg.child_id, msg.workflow, msg.version, msg.payload,
+                msg.detached, now))
+            ctx.dispatcher.poke()  # the child is queued
             return p.StepResult(msg.req, step)
         op: ops.Op[None]
         if isinstance(msg, p.WaitRun):
@@ -641,7 +668,10 @@ class Session:
         if isinstance(msg, p.ResumeRun):
             run = (await ctx.writer.write(
                 ops.ResumeRun(msg.run_id, who, now, msg.control_id))).run
-            if run.state == "queued":
+            if run.state in TERMINAL_RUN_STATES:  # its last child ended while it was paused
+                ctx.watchers.ended(run)
+                await self._tell_parents(run)
+            elif run.state == "queued":
                 ctx.dispatcher.poke()
             else:
                 dues = [w.due_at for w in await ctx.store.get_waits(run.id)
@@ -679,6 +709,93 @@ class Session:
         if sent.delivered:
             self._woke(msg.run_id)
         return p.EventSent(msg.req, sent.delivered, sent.duplicate)
+
+    async def _cancel(self, msg: p.CancelRun, now: float) -> p.CancelAnswer:
+        ctx = self.ctx
+        if not (math.isfinite(msg.grace) and 0 <= msg.grace <= MAX_GRACE):
+            raise ProtocolError(f"a cancel's grace must be 0 to {MAX_GRACE:g} seconds, "
+                                f"got {msg.grace}")
+        if msg.reason is not None and len(msg.reason) > MAX_REASON:
+            raise ProtocolError(f"a cancel's reason must have at most {MAX_REASON} "
+                                f"characters, got {len(msg.reason)}")
+        assert self.hello is not None
+        try:
+            out = await ctx.writer.write(ops.CancelRun(msg.run_id, msg.reason, msg.grace,
+                                                       self.hello.node_id, now))
+        except AikiError:
+            # A commit whose reply was lost (its retry then finds the run ended, and
+            # answers False): the watchers of what it ended must hear all the same.
+            await self._tell_tree_of(msg.run_id)
+            raise
+        if not out.cancelled:
+            await self._tell_tree_of(msg.run_id)
+        run = out.run
+        if run is not None:
+            if out.holder is not None:  # told now, not at its next heartbeat
+                ctx.dispatcher.revoke(run.id, msg.reason)
+            for descendant in out.revoked:
+                ctx.dispatcher.revoke(descendant, msg.reason)
+            ctx.dispatcher.poke()  # queued again, to see RunCancelled and compensate
+            if run.cancel_deadline is not None:
+                ctx.timer.hint(run.cancel_deadline)
+            await self._tell_tree(run)
+        return p.CancelAnswer(msg.req, out.cancelled)
+
+    async def _tell_tree_of(self, run_id: str) -> None:
+        try:
+            run = await self.ctx.store.get_run(run_id)
+        except AikiError:
+            return
+        if run is not None:
+            await self._tell_tree(run)
+
+    async def _tell_tree(self, run: RunRecord) -> None:
+        """After a cancel: the watchers of every run of ``run``'s tree that ended hear it,
+        and so do its parents (reads: best effort)."""
+        ctx = self.ctx
+        try:
+            todo = [run]
+            while todo:
+                r = todo.pop()
+                if r.state in TERMINAL_RUN_STATES:
+                    ctx.watchers.ended(r)
+                todo.extend(await ctx.store.get_children(r.id))
+        except AikiError:
+            return
+        await self._tell_parents(run)
+
+    async def _tell_parents(self, run: RunRecord) -> None:
+        """``run`` ended: its parent's wait for it ended (the parent is queued, or its worker
+        told to look again); a parent that then ended too is told up the tree (reads: best
+        effort)."""
+        ctx = self.ctx
+        while run.parent_id is not None:
+            ctx.dispatcher.poke()
+            ctx.dispatcher.push_to_holder(run.parent_id, p.Nudge(run.parent_id))
+            try:
+                parent = await ctx.store.get_run(run.parent_id)
+            except AikiError:
+                return
+            if parent is None or parent.state not in TERMINAL_RUN_STATES:
+                return
+            ctx.watchers.ended(parent)
+            run = parent
+
+    async def _revoke_tree(self, run_id: str) -> None:
+        """The workers holding runs of this tree that a cancel reached are told now."""
+        ctx = self.ctx
+        try:
+            todo = list(await ctx.store.get_children(run_id))
+            while todo:
+                r = todo.pop()
+                if r.cancel_requested_at is not None and r.lease_owner is None:
+                    ctx.dispatcher.revoke(r.id, r.cancel_reason)  # (its lease was revoked)
+                    if r.state in TERMINAL_RUN_STATES:
+                        ctx.watchers.ended(r)
+                todo.extend(await ctx.store.get_children(r.id))
+        except AikiError:
+            return
+        ctx.dispatcher.poke()
 
     async def _tell_watchers(self, run_id: str) -> None:
         """If ``run_id`` has ended, its watchers here hear it (a read: best effort)."""

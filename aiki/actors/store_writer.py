@@ -15,7 +15,7 @@ is what the store holds, never a write that was refused or rolled back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import attrs
@@ -36,7 +36,7 @@ from aiki.metrics import (
     TASK_ATTEMPTS,
     Metrics,
 )
-from aiki.records import RunRecord
+from aiki.records import TERMINAL_RUN_STATES, RunRecord
 from aiki.store.base import Store
 from aiki.store.ops import (
     Claim,
@@ -72,6 +72,9 @@ class Write:
 class StoreWriter:
     store: Store
     metrics: Metrics = attrs.field(factory=Metrics)
+    # Told the leases a committed batch revoked on no client's request (``Outcomes.revoked``:
+    # a schedule's ``cancel_previous``), so their workers hear of it now.
+    on_revoked: Callable[[tuple[tuple[str, int | None], ...]], None] = lambda revoked: None
     max_batch: int = 256
     timeout: float = 30.0
     mailbox: Mailbox[Write] = attrs.field(default=attrs.Factory(
@@ -108,6 +111,10 @@ class StoreWriter:
                 metrics.observe(STORE_OPS_PER_COMMIT, len(outcomes))
                 for op, outcome in zip(flat, outcomes, strict=True):
                     count_outcome(metrics, op, outcome)
+                count_ends(metrics, getattr(outcomes, "ended", ()))
+            revoked = getattr(outcomes, "revoked", ())
+            if revoked:
+                self.on_revoked(revoked)
             answers = iter(outcomes)
             for w in batch:
                 mine = [next(answers) for _ in w.ops]
@@ -195,4 +202,13 @@ def count_outcome(metrics: Metrics, op: Op[Any], outcome: Any) -> None:
         counter(metrics, op, outcome)
     elif isinstance(outcome, RunRecord):
         event = _RUN_EVENT.get(cls, outcome.state)
-        metrics.inc(RUNS, (outcome.workflow, outcome.version, event))
+        if event not in TERMINAL_RUN_STATES:  # (ends are counted from what the batch ended)
+            metrics.inc(RUNS, (outcome.workflow, outcome.version, event))
+
+
+def count_ends(metrics: Metrics, ended: Iterable[RunRecord]) -> None:
+    """Count the runs a committed batch ended (completed, failed, cancelled): those its ops
+    ended, and those that ended with them (a parent settled, a tree cancelled); a repeated
+    op that finds its run ended already ends nothing, and counts nothing."""
+    for run in ended:
+        metrics.inc(RUNS, (run.workflow, run.version, run.state))

@@ -1,8 +1,8 @@
 """Timer: the server's clock for the store's due times. It wakes waiting runs whose time has
 come (a sleep, an event wait's timeout, a long retry delay), expires leases that nobody
-renewed, and fires schedules whose next occurrence has come (``FireSchedules``: the runs,
-the record of the occurrence and the next occurrence in one transaction, so a crash or
-another server can neither lose nor repeat one).
+renewed, ends the cancelled runs whose grace period is over, and fires schedules whose next
+occurrence has come (``FireSchedules``: the runs, the record of the occurrence and the next
+occurrence in one transaction, so a crash or another server can neither lose nor repeat one).
 
 It sleeps until the earliest due time it knows, and nothing polls on a fixed beat: an idle
 server with thousands of waiting runs makes no store query before the next one is due.
@@ -27,6 +27,7 @@ from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.errors import StoreUnavailable
 from aiki.metrics import SCHEDULE_LATENESS
+from aiki.records import RunRecord
 from aiki.sources import Sources
 from aiki.store.base import Store
 from aiki.store.ops import ExpireLeases, FireSchedules, Op, WakeDue
@@ -41,6 +42,8 @@ class Timer:
     sources: Sources
     on_wake: Callable[[], None]  # runs were queued again: the Dispatcher has work
     on_expired: Callable[[tuple[str, ...]], None] = lambda ids: None
+    # The runs its WakeDue ended (a cancel's grace period over).
+    on_ended: Callable[[tuple[RunRecord, ...]], None] = lambda runs: None
     reconcile_interval: float | None = None
     mailbox: Mailbox[float | None] = attrs.field(default=attrs.Factory(
         lambda self: Mailbox[float | None](256, "timer", self.sources.metrics), takes_self=True))
@@ -113,6 +116,9 @@ class Timer:
             self.sources.metrics.observe(SCHEDULE_LATENESS, max(now - due, 0.0), ("schedule",))
         if expired:
             self.on_expired(expired)
+        ended: tuple[RunRecord, ...] = getattr(woke, "ended", ())
+        if ended:
+            self.on_ended(ended)
         if woke or expired or started:
             self.on_wake()
         if failed:

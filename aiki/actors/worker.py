@@ -82,6 +82,9 @@ class Worker:
     reconnect: Backoff | None = attrs.field(factory=Backoff)
     request_timeout: float = 30.0
     run_task: TaskRunner = call_task  # how task bodies are called (a test may stand in)
+    # The client the worker was started from (``aiki.worker(client, ...)``): the handles of
+    # child runs (``child.handle``) go through it.
+    client: Any = None
     # Seconds to keep trying while the server cannot be reached at start (0: fail at once).
     connect_timeout: float = 0.0
     held: dict[str, Held] = attrs.field(factory=dict)
@@ -129,6 +132,17 @@ class Worker:
             held = self.held.get(msg.run_id)
             if held is not None:
                 held.nudges.nudge()
+        elif isinstance(msg, p.Revoke):
+            # A cancel revoked the lease: its task bodies in flight are cancelled by Trio at
+            # their next checkpoint, and nothing more is written under it (the store would
+            # refuse it anyway). The run comes back under a new lease, to compensate.
+            held = self.held.get(msg.run_id)
+            if held is not None and (msg.epoch is None or held.lease.epoch <= msg.epoch):
+                del self.held[msg.run_id]
+                log.info("worker %s: run %s was cancelled%s; stopping it", self.id,
+                         msg.run_id, f" ({msg.reason})" if msg.reason else "")
+                held.scope.cancel()
+                self._held_changed.set()
         elif isinstance(msg, p.RunControl):
             held = self.held.get(msg.run_id)
             if held is not None and held.lease.epoch == msg.epoch and msg.action == "pause":
@@ -222,7 +236,7 @@ class Worker:
                                    lease_deadline=partial(self._lease_deadline, link, mine),
                                    lease_renewed=partial(_renewed, mine),
                                    flusher=self.flusher,
-                                   paused=lambda: mine.paused)
+                                   paused=lambda: mine.paused, client=self.client)
         except Abandon:
             pass
         finally:

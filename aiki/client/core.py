@@ -166,7 +166,7 @@ def enqueue(workflow: str, payload: str, *, version: str | None, idempotency_key
 
 def get_status(run_id: str) -> Call[RunStatus]:
     return Call(lambda req: p.GetRun(req, run_id), p.RunInfo,
-                lambda info: RunStatus.of(info.run, info.steps, info.waits))
+                lambda info: RunStatus.of(info.run, info.steps, info.waits, info.children))
 
 
 def send_event(run_id: str, event: Any, value: Any, idempotency_key: str | None,
@@ -189,6 +189,35 @@ def send_event(run_id: str, event: Any, value: Any, idempotency_key: str | None,
 def wakeup(run_id: str) -> Call[bool]:
     """End a run's current ``run.sleep()`` early; False if it was not sleeping."""
     return Call(lambda req: p.Wakeup(req, run_id), p.WokenUp, lambda reply: bool(reply.woken))
+
+
+DEFAULT_GRACE = 60.0
+
+
+def cancel(run_id: str, reason: str | None, grace: float | datetime.timedelta) -> Call[bool]:
+    """Cancel a run: False, changing nothing, if it had ended already. ``grace`` (seconds or
+    a timedelta) is how long its workflow may compensate inside ``run.shield()``; a bad one
+    raises ValueError here, with nothing sent."""
+    seconds = check_grace(grace)
+    if reason is not None and not isinstance(reason, str):
+        raise TypeError(f"cancel: reason must be a str or None, not {type(reason).__name__}")
+    return Call(lambda req: p.CancelRun(req, run_id, reason, seconds), p.CancelAnswer,
+                lambda reply: bool(reply.cancelled))
+
+
+def check_grace(grace: float | datetime.timedelta) -> float:
+    if isinstance(grace, datetime.timedelta):
+        seconds = grace.total_seconds()
+    elif isinstance(grace, (int, float)) and not isinstance(grace, bool):
+        seconds = float(grace)
+    else:
+        raise TypeError(f"cancel: grace takes seconds or a datetime.timedelta, "
+                        f"not {type(grace).__name__}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"cancel: grace must be a finite number of seconds, 0 or more; "
+                         f"got {seconds}")
+    return seconds
+
 
 
 def retry(run_id: str, version: str | None, control_id: str | None = None) -> Call[None]:
@@ -236,11 +265,14 @@ def get_history(run_id: str) -> Call[tuple[HistoryEvent, ...]]:
 
 def wait_for_completion(run_id: str, result_type: Any, timeout: float | None) -> Call[Any]:
     """The run's result, decoded into ``result_type``, once it completed; the server pushes
-    the end (``RunEnded``), nobody polls. A failed or cancelled run raises
-    :class:`aiki.WorkflowFailed`; ``timeout`` None waits as long as it takes."""
+    the end (``RunEnded``), nobody polls. A failed run raises :class:`aiki.WorkflowFailed`,
+    a cancelled one :class:`aiki.WorkflowCancelled` (with the reason); ``timeout`` None
+    waits as long as it takes."""
 
     def read(ended: p.RunEnded) -> Any:
         run: RunRecord = ended.run
+        if run.state == "cancelled":
+            raise errors.WorkflowCancelled(run.id, run.cancel_reason)
         if run.state != "completed":
             raise errors.WorkflowFailed(run.id, run.error_type or run.state,
                                         run.error_message or "", run.error_traceback)

@@ -49,13 +49,17 @@ class RunStatus:
     tasks: tuple[TaskStatus, ...]
     waits: tuple[WaitStatus, ...] = ()
     error_traceback: str | None = None  # the worker's, when the run failed
+    parent_id: str | None = None  # the run that started it as a child
+    children: tuple[ChildStatus, ...] = ()  # the child runs it started, in order
+    cancel_reason: str | None = None  # when a cancel was asked for
     # A fork's origin: the run it was copied from, and how many of its steps it was given.
     forked_from: str | None = None
     forked_steps: int | None = None
 
     @classmethod
     def of(cls, run: RunRecord, steps: tuple[StepRecord, ...],
-           waits: tuple[WaitRecord, ...] = ()) -> RunStatus:
+           waits: tuple[WaitRecord, ...] = (),
+           children: tuple[RunRecord, ...] = ()) -> RunStatus:
         tasks = tuple(
             TaskStatus(s.position, s.name, s.state, s.attempts, s.error_type, s.error_message)
             for s in steps if s.kind == "task"
@@ -66,7 +70,21 @@ class RunStatus:
                       for s in steps if s.kind in ("sleep", "event") and s.state == "running"]
         return cls(run.id, run.workflow, run.version, run.state, run.attempts, run.created_at,
                    run.updated_at, run.finished_at, run.error_type, run.error_message, tasks,
-                   tuple(shown), run.error_traceback, run.forked_from, run.forked_steps)
+                   tuple(shown), run.error_traceback, run.parent_id,
+                   tuple(ChildStatus(c.id, c.workflow, c.version, c.state, c.detached)
+                         for c in children), run.cancel_reason, run.forked_from,
+                   run.forked_steps)
+
+
+@attrs.frozen
+class ChildStatus:
+    """A child run as its parent's status shows it."""
+
+    id: str
+    workflow: str
+    version: str
+    state: str
+    detached: bool
 
 
 @attrs.frozen

@@ -84,6 +84,15 @@ class RunHandle(Generic[R]):
         False, changing nothing, if the run is not sleeping."""
         return await self.client.call(core.wakeup(self.id))
 
+    async def cancel(self, reason: str | None = None, *,
+                     grace: float | datetime.timedelta = core.DEFAULT_GRACE) -> bool:
+        """Cancel this run: it ends ``cancelled``. Its worker is told at once; its task
+        bodies in flight are cancelled, and nothing more is written under its lease. Its
+        workflow sees ``aiki.RunCancelled`` at the await where it stands, and has ``grace``
+        (seconds or a timedelta, 60 s by default; 0: none) to compensate inside
+        ``run.shield()``. False, changing nothing, if the run had ended already."""
+        return await self.client.call(core.cancel(self.id, reason, grace))
+
     async def retry(self, version: str | None = None) -> None:
         """Queue this failed run again, after a fix: its completed steps are kept (replay
         returns them) and its failed or unfinished ones run again. ``version`` re-pins it
@@ -110,6 +119,7 @@ class RunHandle(Generic[R]):
         """The run's result, decoded into the workflow's return type, once it completed.
 
         Raises ``aiki.WorkflowFailed`` (with the remote error type and message) if it failed,
+        ``aiki.WorkflowCancelled`` (with the reason) if it was cancelled,
         ``TimeoutError`` after ``timeout`` seconds. The server pushes the end; nobody polls.
         A run left queued with no connected worker for its version is logged (once, at
         WARNING, on ``aiki.client``) while this waits, rather than waited on in silence.

@@ -157,8 +157,62 @@ class Workflow(Generic[P, R]):
                                 timezone=timezone, every=every, overlap=overlap,
                                 catchup_window=catchup_window, update=update)
 
-    async def call(self, run: WorkflowRun, payload: Any) -> Any:
+    async def execute(self, run: WorkflowRun, payload: Any) -> Any:
+        """Run the workflow's function (the engine calls it, on replay too)."""
         return await self.fn(run, payload)
+
+    async def start_child(self, run: WorkflowRun, payload: P, *,
+                          idempotency_key: str | None = None,
+                          detached: bool = False) -> ChildRun[R]:
+        """Start a run of this workflow as a child of ``run``, a step of it: a replay gets
+        the same child. Its address is this workflow, its version, and ``idempotency_key``
+        (or the payload's hash). The child runs on any worker with its version. Unless
+        ``detached``, ``run`` does not end before the child does: when its function
+        returns it waits for the child, and when it fails or is cancelled it cancels the
+        child (and the child's children) first. A bad payload raises TypeError here."""
+        if not isinstance(run, WorkflowRun):
+            raise TypeError(f"workflow {self.name!r}: start_child() takes the parent's "
+                            f"aiki.WorkflowRun first, got {type(run).__name__}; a child is "
+                            "started from inside a workflow")
+        encoded = encode_value(payload, self.payload_type,
+                               what=f"payload of child workflow {self.name!r}")
+        child_id = await run._start_child(self.name, self.version, encoded, idempotency_key,
+                                          detached)
+        return ChildRun(run, child_id, self.result_type, detached)
+
+    async def call(self, run: WorkflowRun, payload: P, *,
+                   idempotency_key: str | None = None) -> R:
+        """Start a child run of this workflow and wait for its result (``start_child``
+        then ``result()``); ``aiki.ChildFailed`` or ``aiki.ChildCancelled`` if it did not
+        complete."""
+        child = await self.start_child(run, payload, idempotency_key=idempotency_key)
+        return await child.result()
+
+
+@attrs.frozen
+class ChildRun(Generic[R]):
+    """A child run started by ``wf.start_child(run, payload)``: its ``id`` is known at once."""
+
+    run: WorkflowRun
+    id: str
+    result_type: Any
+    detached: bool = False
+
+    async def result(self) -> R:
+        """Wait for the child to end, the worker's slot given back meanwhile: its result
+        when it completed; ``aiki.ChildFailed`` (its id, error type and message) when it
+        failed; ``aiki.ChildCancelled`` when it was cancelled. Recorded: a replay gets the
+        same outcome."""
+        return await self.run._join(self.id, self.result_type)  # type: ignore[no-any-return]
+
+    @property
+    def handle(self) -> Any:
+        """A handle on the child run (``aiki.RunHandle``: its status, history, cancel...),
+        through the client the worker running the parent was started from. Its calls are
+        not steps of the parent: they are not recorded, and a replay makes them again. To
+        wait for the child, use :meth:`result` (recorded); from outside the workflow,
+        ``client.handle(child.id)``."""
+        return self.run.client.handle(self.id, self.result_type)
 
 
 class TaskDecorator(Protocol):

@@ -77,7 +77,7 @@ async def worker(
         id or f"worker-{client.sources.short_id()}", client.sources,
         max_concurrent_runs=max_concurrent_runs, inline_retry_max=inline_retry_max,
         record_start_after=record_start_after,
-        token=client.token, task_threads=task_threads,
+        token=client.token, task_threads=task_threads, client=client,
     )
     async with serving_nursery() as nursery:
         await nursery.start(w.run)

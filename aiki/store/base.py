@@ -42,6 +42,10 @@ class Store(Protocol):
         """What a waiting run waits for (empty unless it is ``waiting``)."""
         ...
 
+    async def get_children(self, run_id: str) -> tuple[RunRecord, ...]:
+        """The child runs it started (``wf.start_child``), in the order it started them."""
+        ...
+
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
         """Every event sent to the run, in send order, delivered or buffered."""
         ...

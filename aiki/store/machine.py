@@ -9,6 +9,9 @@ checkers judge histories against the same tables (:data:`RUN_TRANSITIONS`,
 Run states: ``queued → running → completed | failed``; ``running → waiting → queued`` (a
 durable sleep, an event, a long retry delay: the conditions are :class:`WaitRecord` rows
 kept while the run waits); ``running → queued`` when a lease is given back or expires.
+A cancel ends an unfinished run ``cancelled``: at once if it never ran, or after its
+workflow has seen ``RunCancelled`` (queued again with its lease revoked), or when the
+grace period for its compensation ends.
 
 Controls (a client asks; the history names it and when): ``failed → queued`` (retry),
 ``queued | running | waiting → paused`` (pause), ``paused → queued | waiting`` (resume). A
@@ -24,6 +27,7 @@ before deciding anything, so a refused operation changes nothing.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -65,6 +69,11 @@ RUN_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
     (None, "queued"), ("queued", "running"), ("running", "completed"), ("running", "failed"),
     ("running", "waiting"), ("running", "queued"), ("waiting", "queued"),
     ("failed", "queued"),  # retried by a client, after a fix
+    # Cancelled (handle.cancel): at once, or when its grace period ends.
+    ("queued", "cancelled"), ("running", "cancelled"), ("waiting", "cancelled"),
+    ("paused", "cancelled"),  # (a paused run, once pause/resume exists, is cancellable too)
+    # A run whose function ended waits for its children, then ends as decided.
+    ("waiting", "completed"), ("waiting", "failed"),
     ("queued", "paused"), ("running", "paused"), ("waiting", "paused"),  # paused by a client
     ("paused", "queued"), ("paused", "waiting"),  # resumed by a client
 })
@@ -82,6 +91,7 @@ UNSTARTED_TASK_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
 })
 # Wait steps (sleep, event), in history terms: they begin waiting, or end at once.
 WAIT_STEP_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
+    ("waiting", "abandoned"),  # its deadline scope expired
     (None, "waiting"), ("waiting", "waiting"), (None, "completed"), ("waiting", "completed"),
     (None, "received"), ("waiting", "received"), (None, "timed_out"), ("waiting", "timed_out"),
 })
@@ -89,6 +99,9 @@ STEP_TRANSITIONS: Mapping[str, frozenset[tuple[str | None, str]]] = {
     "task": TASK_TRANSITIONS, "sleep": WAIT_STEP_TRANSITIONS, "event": WAIT_STEP_TRANSITIONS,
 }
 EVENT_TIMEOUT = "EventTimeout"
+RUN_CANCELLED = "RunCancelled"  # the error type of a cancelled run
+# How long the children of a failed run have to compensate before they end cancelled.
+CASCADE_GRACE = 60.0
 
 
 @attrs.frozen
@@ -173,6 +186,14 @@ def held(lease: Lease, run: RunRecord | None) -> RunRecord:
     if (run is None or run.state not in ("running", "paused") or run.lease_epoch != lease.epoch
             or run.lease_owner != lease.worker_id):
         raise stale_lease_error(lease, run)
+    return run
+
+
+def unpaused(lease: Lease, run: RunRecord | None, what: str = "ending it") -> RunRecord | None:
+    """``run``, unless it is paused: then RunPaused if ``lease`` holds it, else StaleLease."""
+    if run is not None and run.state == "paused":
+        held(lease, run)
+        raise paused_error(run, what)
     return run
 
 
@@ -264,11 +285,20 @@ def expire(run: RunRecord, now: float) -> Change:
 
 
 def finish(run: RunRecord | None, lease: Lease, now: float, *, result: str | None = None,
-           error: tuple[str, str] | None = None, traceback: str | None = None) -> Change:
+           error: tuple[str, str] | None = None, traceback: str | None = None,
+           children: int = 0) -> Change:
+    """The run's function ended (``result``, or ``error``). ``children``: how many of the
+    children it did not detach are unfinished; then its end is decided and recorded, and it
+    waits for them (structured concurrency: a run ends after its children)."""
     if run is not None and run.state == "paused":
         held(lease, run)
         raise paused_error(run, "ending it")
     run = fenced(lease, run)
+    if children:
+        return _await_children(run, lease, now, result, error, traceback, children)
+    if run.cancel_requested_at is not None:  # whatever the workflow did after the cancel
+        return _cancelled(run, now, lease.worker_id, lease.epoch,
+                          "its workflow ended after the cancel")
     state: RunState = "completed" if error is None else "failed"
     error_type, error_message = error if error else (None, None)
     run = _move(run, now, state, result=result, error_type=error_type,
@@ -321,6 +351,215 @@ def retry(run: RunRecord | None, run_id: str, steps: Sequence[StepRecord],
                f"{len(steps) - len(dropped)} kept"),))
 
 
+def _cancelled(run: RunRecord, now: float, who: str | None, epoch: int, why: str) -> Change:
+    """``run`` ends ``cancelled``; its lease epoch moves past ``epoch``, so no write under
+    an earlier lease is accepted afterwards."""
+    reason = run.cancel_reason
+    ended = _move(run, now, "cancelled", lease_epoch=max(run.lease_epoch, epoch + 1),
+                  result=None, error_type=RUN_CANCELLED, error_message=reason or "cancelled",
+                  error_traceback=None, finished_at=now, **_NO_LEASE)
+    return Change(ended, waits=(), history=(Entry(
+        now, "run.cancelled", run.attempts, who,
+        detail=why + (f"; reason: {reason}" if reason else "")),))
+
+
+def _await_children(run: RunRecord, lease: Lease, now: float, result: str | None,
+                    error: tuple[str, str] | None, traceback: str | None,
+                    children: int) -> Change:
+    if run.cancel_requested_at is not None:
+        result, error, traceback = None, (RUN_CANCELLED, run.cancel_reason or "cancelled"), None
+    error_type, error_message = error if error else (None, None)
+    held = _move(run, now, "waiting", result=result, error_type=error_type,
+                 error_message=error_message, error_traceback=traceback, **_NO_LEASE)
+    how = "returned" if error is None else f"ended with {error_type}"
+    return Change(held, waits=(WaitRecord(run.id, "", "children", None, None, now),),
+                  history=(Entry(now, "run.waiting", run.attempts, lease.worker_id, detail=(
+                      f"its function {how}; waits for {children} child run(s) to end")),))
+
+
+def awaits_children(run: RunRecord, waits: Iterable[WaitRecord]) -> bool:
+    """Whether ``run``'s function has ended and it waits for its children (it may have been
+    paused meanwhile: it keeps that wait)."""
+    return run.state in ("waiting", "paused") and any(w.kind == "children" for w in waits)
+
+
+def _settle(run: RunRecord, now: float) -> Change:
+    """A run whose function had ended: its last child ended, it ends as decided then (a
+    paused one only if it was cancelled: a pause holds the end of a run, a cancel does not)."""
+    state: RunState = ("cancelled" if run.cancel_requested_at is not None
+                       else "failed" if run.error_type is not None else "completed")
+    ended = _move(run, now, state, finished_at=now, **_NO_LEASE)
+    return Change(ended, waits=(), history=(Entry(
+        now, f"run.{state}", run.attempts, detail="its child runs have ended"
+        + (f"; {run.error_type}: {run.error_message}" if state == "failed" else "")),))
+
+
+def cancel(run: RunRecord | None, run_id: str, reason: str | None, grace: float, who: str,
+           now: float, *, awaiting_children: bool = False, cascade: str | None = None,
+           children: int = 0) -> tuple[Change, o.CancelOutcome]:
+    """``handle.cancel()``. See :class:`aiki.store.ops.CancelRun`. A second cancel of a run
+    being cancelled changes nothing and answers True (the first one's reason and grace
+    stand). ``awaiting_children``: its function has ended and it waits for its children
+    (it keeps waiting; they are cancelled; with none left it ends at once). ``cascade``:
+    the ancestor whose cancel reaches this run (the store cancels a run's unfinished, not
+    detached descendants first, the deepest first, in the same transaction). ``children``:
+    how many of its children it did not detach are still unfinished (after that cascade).
+
+    A paused run that no worker holds ends ``cancelled`` at once (nothing of it runs: it
+    cannot compensate), or, when children it waits for are still unfinished (in their own
+    grace period), as soon as the last one has ended. A paused run whose worker had not
+    given it back yet has that lease revoked and stays paused: resumed within the grace
+    period, its workflow sees RunCancelled and compensates; when the period ends it ends
+    ``cancelled`` all the same."""
+    if run is None:
+        raise RunNotFound(f"no run with id {run_id!r}")
+    if run.state in TERMINAL_RUN_STATES:
+        return NOTHING, o.CancelOutcome(False, None, None)
+    if run.cancel_requested_at is not None:
+        return NOTHING, o.CancelOutcome(True, None, None)
+    if cascade is not None:
+        who = f"{who}, through run {cascade}"
+    holder = run.lease_owner  # (only a run that is held has an owner)
+    marked = attrs.evolve(run, cancel_requested_at=now, cancel_reason=reason,
+                          cancel_deadline=now + grace)
+    asked = Entry(now, "cancel.requested", run.attempts, who, detail=(
+        f"by {who}" + (f": {reason}" if reason else "")
+        + f"; grace {grace:g} s, until {when(now + grace)}"))
+    if awaiting_children:  # its end waits for its children, which are cancelled
+        change = Change(attrs.evolve(marked, updated_at=now, result=None,
+                                     error_type=RUN_CANCELLED,
+                                     error_message=reason or "cancelled", error_traceback=None),
+                        history=(asked,))
+        if children == 0:  # (its last child ended while it was paused)
+            assert change.run is not None
+            change = change.then(_settle(change.run, now))
+    elif grace <= 0 or run.attempts == 0:
+        why = "cancelled before it ever ran" if run.attempts == 0 else "cancelled with no grace"
+        change = Change(history=(asked,)).then(
+            _cancelled(marked, now, who, run.lease_epoch, why))
+    elif run.state == "paused" and run.lease_owner is None and children == 0:
+        change = Change(history=(asked,)).then(
+            _cancelled(marked, now, who, run.lease_epoch,
+                       "cancelled while paused, with no worker holding it"))
+    elif run.state == "paused" and run.lease_owner is None:
+        # Its function is given up; it ends once the children it waits for have ended.
+        held_back = _move(marked, now, "waiting", result=None, error_type=RUN_CANCELLED,
+                          error_message=reason or "cancelled", error_traceback=None)
+        change = Change(held_back, waits=(WaitRecord(run.id, "", "children", None, None, now),),
+                        history=(asked, Entry(
+                            now, "run.waiting", run.attempts, who,
+                            detail=f"cancelled while paused; waits for {children} child "
+                                   "run(s) to end")))
+    elif run.state == "paused":  # held: it stays paused, and compensates once resumed
+        bump = 1 if run.lease_owner is not None else 0  # (its worker had not given it back)
+        held_back = attrs.evolve(marked, updated_at=now, lease_epoch=run.lease_epoch + bump,
+                                 **_NO_LEASE)
+        asked = attrs.evolve(asked, detail=(asked.detail or "") + (
+            "; it stays paused: once resumed its workflow sees RunCancelled, and when the "
+            "grace period ends it ends cancelled all the same"))
+        change = Change(held_back, waits=(), history=(asked,))
+    else:
+        again = _move(marked, now, "queued", lease_epoch=run.lease_epoch + 1, **_NO_LEASE)
+        revoked = [] if run.state == "queued" else [Entry(
+            now, "run.queued", run.attempts, who,
+            detail=(f"cancelled: lease epoch {run.lease_epoch} of worker {holder!r} revoked"
+                    if holder else "cancelled: its waits are dropped")
+            + "; its workflow sees RunCancelled where it stands")]
+        change = Change(again, waits=(), history=(asked, *revoked))
+    return change, o.CancelOutcome(True, change.run, holder)
+
+
+def cancel_overdue(run: RunRecord, now: float) -> bool:
+    """Whether ``run``'s cancel grace period has ended with the run still unfinished."""
+    return (run.state not in TERMINAL_RUN_STATES and run.cancel_deadline is not None
+            and run.cancel_deadline <= now)
+
+
+def end_cancel(run: RunRecord, now: float, ancestor: str | None = None) -> Change:
+    """The timer: the grace period of ``run``'s cancel (or of its ``ancestor``'s, whose end
+    waits for it) is over; it ends ``cancelled`` (a worker still holding it is fenced off:
+    the epoch moves on)."""
+    if ancestor is not None:
+        if run.cancel_requested_at is None:
+            run = attrs.evolve(run, cancel_requested_at=now,
+                               cancel_reason=f"run {ancestor} was cancelled")
+        return _cancelled(run, now, None, run.lease_epoch,
+                          f"the grace period of run {ancestor}'s cancel ended")
+    return _cancelled(run, now, None, run.lease_epoch,
+                      f"its grace period ended at {when(run.cancel_deadline)}")
+
+
+# -- children --------------------------------------------------------------------------------
+def start_child(parent: RunRecord | None, lease: Lease, old: StepRecord | None,
+                step: StepRecord, op: o.StartChild) -> tuple[Change, RunRecord | None, Entry]:
+    """``wf.start_child()`` reaches ``step``: the child run (None when the step is recorded
+    already: a replay or a retried write), its first event, and the parent's change."""
+    parent = held(lease, parent)
+    if parent.state == "paused":
+        raise paused_error(parent, f"starting a child run at step {step.position}")
+    if step.kind != "child":
+        raise StepConflict(f"run {parent.id}: step {step.position} is a {step.kind} step, "
+                           "not a child's start")
+    first = Entry(op.now, "run.queued", 0, lease.worker_id, detail=(
+        f"version {op.version}; child of run {parent.id} at step {step.position}"
+        + (", detached" if op.detached else "")))
+    if old is not None:
+        if (old.kind, old.name, old.input_hash, old.idempotency_key) != (
+                step.kind, step.name, step.input_hash, step.idempotency_key):
+            raise step_conflict_error(parent.id, old, step)
+        return NOTHING, None, first
+    child = RunRecord(
+        id=op.child_id, workflow=op.workflow, version=op.version, payload=op.payload,
+        state="queued", idempotency_key=None, attempts=0, lease_epoch=0, lease_owner=None,
+        lease_expires_at=None, result=None, error_type=None, error_message=None,
+        created_at=op.now, updated_at=op.now, finished_at=None, parent_id=parent.id,
+        detached=op.detached)
+    done = attrs.evolve(step, state="completed", output=json.dumps(op.child_id), attempts=1)
+    return Change(attrs.evolve(parent, updated_at=op.now), (done,), history=(Entry(
+        op.now, "child.started", 1, lease.worker_id, step.position, step.name,
+        f"run {op.child_id} (version {op.version})"
+        + (", detached" if op.detached else "")),)), child, first
+
+
+def _joined(step: StepRecord, child: RunRecord, now: float, who: str | None) -> Change:
+    """A wait for ``child`` (a ``join`` step) ends: with its result, or failed with
+    ``ChildFailed`` (its error) or ``ChildCancelled`` (its reason)."""
+    if child.state == "completed":
+        done = attrs.evolve(step, state="completed", output=child.result)
+    elif child.state == "cancelled":
+        done = attrs.evolve(step, state="failed", error_type="ChildCancelled",
+                            error_message=child.cancel_reason or "")
+    else:
+        done = attrs.evolve(step, state="failed", error_type="ChildFailed",
+                            error_message=f"{child.error_type}: {child.error_message}")
+    return Change(steps=(done,), history=(Entry(
+        now, "join.ended", step.attempts, who, step.position, step.name,
+        f"child run {child.id} {child.state}"),))
+
+
+def child_ended(parent: RunRecord, joins: Sequence[StepRecord], waits: Sequence[WaitRecord],
+                child: RunRecord, unfinished: int, now: float) -> Change:
+    """``child`` (of ``parent``) has ended. ``joins``: the parent's ``join`` steps still
+    waiting for it; ``unfinished``: the parent's children it did not detach still
+    unfinished. Those waits end (whatever the child's end: completed, failed or
+    cancelled); a parent waiting on them wakes; one whose function had ended and waits for
+    its children ends once the last one has."""
+    change = NOTHING
+    for step in joins:
+        change = change.then(_joined(step, child, now, None))
+    if awaits_children(parent, waits):
+        if unfinished == 0 and (parent.state == "waiting"
+                                or parent.cancel_requested_at is not None):
+            return change.then(_settle(parent, now))
+        return change  # (a paused one settles when it is resumed)
+    if parent.state != "waiting":
+        return change if change is NOTHING else change.then(
+            Change(attrs.evolve(parent, updated_at=now)))
+    if any(w.kind == "join" and w.name == child.id for w in waits):
+        return change.then(_wake(parent, now, f"child run {child.id} ended {child.state}"))
+    return change
+
+
 def pause(run: RunRecord | None, run_id: str, who: str, now: float,
           control_id: str | None = None) -> Change:
     """``handle.pause()``: the run stops at its next step boundary. A queued run is simply
@@ -345,12 +584,15 @@ def pause(run: RunRecord | None, run_id: str, who: str, now: float,
 
 def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
            steps: Mapping[str, StepRecord], buffered: Mapping[str, float], who: str,
-           now: float, control_id: str | None = None) -> Change:
+           now: float, control_id: str | None = None, *, children: int = 0) -> Change:
     """``handle.resume()``: a paused run goes back to waiting if its waits still wait, or to
     the queue, as if the pause had only held it: its due sleeps end, and its due event
     waits time out unless their event was sent (and buffered) before they came due.
     ``buffered``: the names of its undelivered events, each with when the first was sent.
-    A lease its worker had not given back yet is fenced off (the epoch moves on)."""
+    A lease its worker had not given back yet is fenced off (the epoch moves on).
+    ``children``: how many of its children it did not detach are unfinished; a run whose
+    function had ended, waiting for them, ends as decided then if none is left (its last
+    child ended while it was paused)."""
     if run is None:
         raise RunNotFound(f"no run with id {run_id!r}")
     if repeated(run, "resume", control_id):
@@ -364,6 +606,12 @@ def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
     detail = f"resumed by {who}"
     if run.lease_owner is not None:
         detail += f"; the lease of worker {run.lease_owner!r} is fenced off"
+    if any(w.kind == "children" for w in waits) and children == 0:
+        back = _move(run, now, "waiting", **fence)
+        return Change(back, history=(Entry(
+            now, "run.waiting", run.attempts, who,
+            detail=f"{detail}; its child runs ended while it was paused"),)).then(
+            _settle(back, now))
     if waits:
         names = set(buffered)
         why = next((held_why for c in waits
@@ -492,7 +740,7 @@ def step_write_changes(run_id: str, old: StepRecord | None, new: StepRecord, *,
 
 def history_event_for_step(step: StepRecord) -> tuple[str, str | None]:
     """The history event name and detail that saving ``step`` appends."""
-    if step.kind in ("now", "random", "uuid"):
+    if step.kind in ("now", "random", "uuid", "deadline"):
         return "step.recorded", step.kind
     if step.state == "retrying":
         detail = (f"{step.error_type}: {step.error_message}; "
@@ -522,7 +770,7 @@ def save_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
             raise paused_error(run, f"step {step.position} ({step.name})"
                                if start or old is None or step.kind != "task"
                                else f"attempt {step.attempts} of step {step.position}")
-    if step.kind in ("sleep", "event"):
+    if step.kind in ("sleep", "event", "child", "join"):
         raise StepConflict(f"run {run.id}: step {step.position} is a {step.kind} step; "
                            "wait steps are recorded by AwaitStep")
     if start and lease_ttl is not None:
@@ -538,6 +786,34 @@ def save_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
         event, detail = history_event_for_step(step)
     return Change(attrs.evolve(run, updated_at=now), (step,), history=(Entry(
         now, event, step.attempts, lease.worker_id, step.position, step.name, detail),))
+
+
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+
+
+def abandon(run: RunRecord | None, lease: Lease, steps: Sequence[StepRecord], scope: str,
+            now: float) -> Change:
+    """``steps`` (those of the op's positions that exist) stood in the deadline scope at
+    ``scope``, which expired: the ones not final end failed with ``DeadlineExceeded``, their
+    output the scope's position."""
+    run = held(lease, run)
+    if run.state == "paused":
+        raise paused_error(run, f"the expiry of the deadline scope at step {scope}")
+    change = NOTHING
+    for step in steps:
+        if step.state in FINAL_STEP_STATES or step.kind not in (
+                "task", "sleep", "event", "join"):
+            continue
+        done = attrs.evolve(step, state="failed", error_type=DEADLINE_EXCEEDED,
+                            output=json.dumps(scope),
+                            error_message=f"its deadline scope at step {scope} expired")
+        event = "task.failed" if step.kind == "task" else f"{step.kind}.abandoned"
+        change = change.then(Change(steps=(done,), history=(Entry(
+            now, event, step.attempts, lease.worker_id, step.position, step.name,
+            f"{DEADLINE_EXCEEDED}: its deadline scope at step {scope} expired"),)))
+    if change is NOTHING:
+        return NOTHING
+    return change.then(Change(attrs.evolve(run, updated_at=now)))
 
 
 # -- waits -----------------------------------------------------------------------------------
@@ -566,14 +842,14 @@ def _time_out(step: StepRecord, now: float, who: str | None) -> Change:
 
 def await_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
                buffered: EventRecord | None, step: StepRecord,
-               now: float) -> tuple[Change, StepRecord]:
+               now: float, child: RunRecord | None = None) -> tuple[Change, StepRecord]:
     """A sleep or event wait reaches ``step.position``: end it now if it can, else record it
     as waiting until ``step.next_attempt_at``. ``buffered``: the oldest undelivered event of
     that name. The outcome is the step as stored afterwards."""
     run = held(lease, run)
     if run.state == "paused" and (old is None or old.state not in FINAL_STEP_STATES):
         raise paused_error(run, f"the wait at step {step.position}")
-    if step.kind not in ("sleep", "event"):
+    if step.kind not in ("sleep", "event", "join"):
         raise StepConflict(f"run {run.id}: step {step.position} is a {step.kind} step, "
                            "not a wait")
     if old is not None:
@@ -591,6 +867,8 @@ def await_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
         change = _receive(waiting, buffered, now, who)
     elif step.kind == "event" and due is not None and due <= now:
         change = _time_out(waiting, now, who)
+    elif step.kind == "join" and child is not None and child.state in TERMINAL_RUN_STATES:
+        change = _joined(waiting, child, now, who)
     elif old is not None and old == waiting:
         return NOTHING, old
     else:
@@ -606,7 +884,8 @@ def _satisfied(cond: WaitFor, step: StepRecord | None, buffered: set[str],
     """Why ``cond`` holds already (the run need not wait for it), or None."""
     if cond.due_at is not None and cond.due_at <= now:
         return f"{cond.kind} at step {cond.position} was due at {when(cond.due_at)}"
-    if cond.kind in ("sleep", "event") and step is not None and step.state in FINAL_STEP_STATES:
+    if cond.kind in ("sleep", "event", "join") and step is not None and (
+            step.state in FINAL_STEP_STATES):
         return f"{cond.kind} at step {cond.position} ended while the run was held"
     if cond.kind == "event" and cond.name in buffered:
         return f"event {cond.name!r} is waiting to be delivered"
@@ -648,9 +927,13 @@ def describe_waits(waits: Iterable[WaitRecord | WaitFor]) -> str:
     parts = []
     for w in waits:
         what = {"sleep": "a sleep", "event": f"event {w.name!r}",
-                "retry": f"the retry of task {w.name!r}"}[w.kind]
+                "retry": f"the retry of task {w.name!r}",
+                "join": f"the end of child run {w.name}",
+                "deadline": "the deadline of the scope",
+                "children": "the end of its child runs"}[w.kind]
         until = "" if w.due_at is None else f" until {when(w.due_at)}"
-        parts.append(f"{what} at step {w.position}{until}")
+        at = "" if w.kind == "children" else f" at step {w.position}"
+        parts.append(f"{what}{at}{until}")
     return " or ".join(parts)
 
 
@@ -738,6 +1021,9 @@ class ScheduleChange:
     firings: tuple[ScheduleFiring, ...] = ()
     enqueues: tuple[o.Enqueue, ...] = ()
     deleted: bool = False
+    # ``cancel_previous``: the schedule's unfinished previous run is cancelled (as
+    # :func:`cancel` decides, with its tree), before the new one is enqueued.
+    cancel: o.CancelRun | None = None
 
 
 def run_key(schedule_id: str, key: str) -> str:
@@ -844,10 +1130,13 @@ class _Firing:
     now: float
     firings: list[ScheduleFiring] = attrs.field(factory=list)
     enqueues: list[o.Enqueue] = attrs.field(factory=list)
+    cancel: o.CancelRun | None = None
 
     def occurrence(self, occ: float, key: str, reason: str) -> ScheduleFiring:
         """Decide one occurrence by the overlap policy."""
         s = self.schedule
+        if self.running and s.overlap == "cancel_previous":
+            return self._replace(occ, key, reason)
         if self.running and s.overlap != "allow":
             previous = f"the previous run {s.last_run_id} is unfinished"
             if s.overlap == "buffer_one" and s.buffered_at is None:
@@ -861,7 +1150,31 @@ class _Firing:
                                                self.now, why))
         return self._start(occ, key, reason)
 
-    def _start(self, occ: float, key: str, reason: str) -> ScheduleFiring:
+    def _replace(self, occ: float, key: str, reason: str) -> ScheduleFiring:
+        """``cancel_previous``: the unfinished previous run is cancelled (a cancel it is
+        already under stands), and this occurrence starts. A previous run this same
+        decision was to start (occurrences caught up together) never starts: its
+        occurrence is recorded skipped, replaced by this one."""
+        s = self.schedule
+        previous = s.last_run_id
+        assert previous is not None
+        why = f"replaced by occurrence {key} (overlap 'cancel_previous')"
+        mine = next((i for i, e in enumerate(self.enqueues) if e.run_id == previous), None)
+        if mine is not None:
+            del self.enqueues[mine]
+            self.firings = [attrs.evolve(f, outcome="skipped", run_id=None,
+                                         detail=f"{why} before it started")
+                            if f.run_id == previous else f for f in self.firings]
+            return self._start(occ, key, reason)
+        if self.cancel is None:
+            self.cancel = o.CancelRun(previous, f"schedule {s.id}: {why}", CASCADE_GRACE,
+                                      f"schedule {s.id}", self.now)
+        return self._start(occ, key, reason,
+                           f"the previous run {previous} is cancelled (overlap "
+                           "'cancel_previous')")
+
+    def _start(self, occ: float, key: str, reason: str,
+               detail: str | None = None) -> ScheduleFiring:
         s = self.schedule
         run_id = run_id_for(s.id, key)
         self.enqueues.append(o.Enqueue(run_id, s.workflow, s.version, s.payload,
@@ -869,7 +1182,8 @@ class _Firing:
                                        origin_of(s.id, key)))
         self.schedule = attrs.evolve(s, last_run_id=run_id, updated_at=self.now)
         self.running = True
-        return self._record(ScheduleFiring(s.id, key, occ, "fired", reason, run_id, self.now))
+        return self._record(ScheduleFiring(s.id, key, occ, "fired", reason, run_id, self.now,
+                                           detail))
 
     def release_buffered(self) -> None:
         s = self.schedule
@@ -883,7 +1197,8 @@ class _Firing:
         return firing
 
     def change(self) -> ScheduleChange:
-        return ScheduleChange(self.schedule, tuple(self.firings), tuple(self.enqueues))
+        return ScheduleChange(self.schedule, tuple(self.firings), tuple(self.enqueues),
+                              cancel=self.cancel)
 
 
 def _unfinished(run: RunRecord | None) -> bool:

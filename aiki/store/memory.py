@@ -55,6 +55,7 @@ class MemoryStore:
     _history: dict[str, list[HistoryEvent]] = attrs.field(factory=dict)
     _waits: dict[str, dict[str, WaitRecord]] = attrs.field(factory=dict)
     _events: dict[str, list[EventRecord]] = attrs.field(factory=dict)
+    _children: dict[str, list[str]] = attrs.field(factory=dict)  # parent -> child ids
     _schedules: dict[str, ScheduleRecord] = attrs.field(factory=dict)
     # Schedule id -> key -> (order of first write, the firing record).
     _firings: dict[str, dict[str, tuple[int, ScheduleFiring]]] = attrs.field(factory=dict)
@@ -93,6 +94,10 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         return tuple(self._waits.get(run_id, {}).values())
 
+    async def get_children(self, run_id: str) -> tuple[RunRecord, ...]:
+        await trio.lowlevel.checkpoint()
+        return tuple(self._runs[c] for c in self._children.get(run_id, ()) if c in self._runs)
+
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
         await trio.lowlevel.checkpoint()
         return tuple(self._events.get(run_id, ()))
@@ -118,6 +123,7 @@ class MemoryStore:
                 n, oldest = groups.get(key, (0, r.updated_at))
                 groups[key] = (n + 1, min(oldest, r.updated_at))
         return tuple(RunCount(*key, n, oldest) for key, (n, oldest) in sorted(groups.items()))
+
     async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
         await trio.lowlevel.checkpoint()
         return self._schedules.get(schedule_id)
@@ -140,6 +146,8 @@ class MemoryStore:
         times += [r.lease_expires_at for r in self._runs.values()
                   if r.lease_owner is not None and r.lease_expires_at is not None
                   and r.state in ("running", "paused")]
+        times += [r.cancel_deadline for r in self._runs.values()
+                  if r.cancel_deadline is not None and r.state not in TERMINAL_RUN_STATES]
         return min(times) if times else None
 
     async def aclose(self) -> None:
@@ -155,12 +163,13 @@ class MemoryStore:
         """``apply``, synchronously: no other task runs before it returns (the simulation
         looks at the store between the ops of one batch)."""
         outcomes: list[Any] = []
-        for op in ops:
-            try:
-                outcomes.append(self._apply_one(op))
-            except AikiError as exc:
-                outcomes.append(exc)
-        return outcomes
+        with o.noting_ends() as ended:
+            for op in ops:
+                try:
+                    outcomes.append(self._apply_one(op))
+                except AikiError as exc:
+                    outcomes.append(exc)
+        return o.outcomes_of(outcomes, ended)
 
     def _apply_one(self, op: o.Op[Any]) -> Any:
         runs = self._runs
@@ -193,17 +202,25 @@ class MemoryStore:
                 lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
             self._write(op.lease.run_id, change)
             return bool(change.history)
-        if isinstance(op, o.CompleteRun):
-            change = m.finish(runs.get(op.lease.run_id), op.lease, op.now, result=op.result)
-            self._write(op.lease.run_id, change)
-            self._ended(change.run, op.now)
-            return change.run
-        if isinstance(op, o.FailRun):
-            change = m.finish(runs.get(op.lease.run_id), op.lease, op.now,
-                              error=(op.error_type, op.error_message), traceback=op.traceback)
-            self._write(op.lease.run_id, change)
-            self._ended(change.run, op.now)
-            return change.run
+        if isinstance(op, (o.CompleteRun, o.FailRun)):
+            return self._finish(op)
+        if isinstance(op, o.AbandonSteps):
+            run_id = op.lease.run_id
+            mine = self._steps.get(run_id, {})
+            self._write(run_id, m.abandon(runs.get(run_id), op.lease,
+                                          [mine[q] for q in op.positions if q in mine], op.scope,
+                                          op.now))
+            return None
+        if isinstance(op, o.StartChild):
+            run_id = op.lease.run_id
+            change, child, first = m.start_child(
+                runs.get(run_id), op.lease, self._steps.get(run_id, {}).get(op.step.position),
+                op.step, op)
+            self._write(run_id, change)
+            if child is not None:
+                self._insert(child, first)
+                self._children.setdefault(run_id, []).append(child.id)
+            return self._steps[run_id][op.step.position]
         if isinstance(op, (o.DefineSchedule, o.PauseSchedule, o.TriggerSchedule,
                            o.BackfillSchedule, o.DeleteSchedule, o.FireSchedules)):
             return self._schedule_op(op)
@@ -215,7 +232,8 @@ class MemoryStore:
             run_id = op.lease.run_id
             change, step = m.await_step(
                 runs.get(run_id), op.lease, self._steps.get(run_id, {}).get(op.step.position),
-                self._buffered(run_id, op.step.name), op.step, op.now)
+                self._buffered(run_id, op.step.name), op.step, op.now,
+                runs.get(op.step.name) if op.step.kind == "join" else None)
             self._write(run_id, change)
             return step
         if isinstance(op, o.WaitRun):
@@ -235,7 +253,8 @@ class MemoryStore:
                         w.due_at is not None and w.due_at <= op.now for w in waits):
                     self._write(run.id, m.wake_due(run, waits, self._steps[run.id], op.now))
                     woke.append(run.id)
-            return tuple(woke)
+            # Cancels whose grace period is over end too (their ids follow).
+            return o.WakeOutcome(tuple(woke), self._end_cancels(op.now))
         if isinstance(op, o.RetryRun):
             change = m.retry(runs.get(op.run_id), op.run_id,
                              tuple(self._steps.get(op.run_id, {}).values()), op.version, op.who,
@@ -251,8 +270,11 @@ class MemoryStore:
             change = m.resume(
                 runs.get(op.run_id), op.run_id, tuple(self._waits.get(op.run_id, {}).values()),
                 steps, m.first_sent(self._events.get(op.run_id, ())),
-                op.who, op.now, op.control_id)
+                op.who, op.now, op.control_id, children=self._unfinished(op.run_id))
             self._write(op.run_id, change)
+            if change.history and change.run is not None and (  # (not a repeat)
+                    change.run.state in TERMINAL_RUN_STATES):
+                self._ended(change.run, op.now, [])
             return m.controlled(change)
         if isinstance(op, o.ForkRun):
             existing = runs.get(op.new_run_id)
@@ -284,6 +306,10 @@ class MemoryStore:
             change, woken = m.wakeup(runs.get(op.run_id), op.run_id, sleeping, op.now)
             self._write(op.run_id, change)
             return woken
+        if isinstance(op, o.EndCancels):
+            return self._end_cancels(op.now)
+        if isinstance(op, o.CancelRun):
+            return self._cancel(op)
         if isinstance(op, o.SendEvent):
             events = self._events.get(op.run_id, ())
             duplicate = op.idempotency_key is not None and any(
@@ -295,6 +321,127 @@ class MemoryStore:
             self._write(op.run_id, change)
             return outcome
         raise TypeError(f"unknown store operation {type(op).__name__}")
+
+    # -- children and cancels: the machine decides each run's change; these walk the tree --
+    def _descendants(self, run_id: str) -> list[str]:
+        """The unfinished children it did not detach, theirs, and so on, in enqueue order
+        (a child comes after its parent)."""
+        out, todo = [], [run_id]
+        while todo:
+            for child_id in self._children.get(todo.pop(), ()):
+                child = self._runs.get(child_id)
+                if child is not None and not child.detached and (
+                        child.state not in TERMINAL_RUN_STATES):
+                    out.append(child_id)
+                    todo.append(child_id)
+        return sorted(out, key=lambda r: self._order[r])
+
+    def _unfinished(self, run_id: str) -> int:
+        return sum(1 for c in self._children.get(run_id, ())
+                   if (r := self._runs.get(c)) is not None and not r.detached
+                   and r.state not in TERMINAL_RUN_STATES)
+
+    def _awaits_children(self, run: RunRecord) -> bool:
+        return m.awaits_children(run, self._waits.get(run.id, {}).values())
+
+    def _ended(self, run: RunRecord, now: float, ended: list[RunRecord]) -> None:
+        """``run`` has ended: note it, start an occurrence buffered behind it, and tell its
+        parent (recursively up the tree)."""
+        ended.append(run)
+        o.note_ended(run)
+        self._release_buffered(run, now)
+        parent = self._runs.get(run.parent_id) if run.parent_id is not None else None
+        if parent is None or parent.state in TERMINAL_RUN_STATES:
+            return
+        joins = [s for s in self._steps.get(parent.id, {}).values()
+                 if s.kind == "join" and s.name == run.id and s.state == "running"]
+        change = m.child_ended(parent, joins, tuple(self._waits.get(parent.id, {}).values()),
+                               run, self._unfinished(parent.id), now)
+        self._write(parent.id, change)
+        if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+            self._ended(change.run, now, ended)
+
+    def _cascade(self, run_id: str, reason: str | None, grace: float, who: str, now: float,
+                 revoked: list[str], ended: list[RunRecord]) -> None:
+        """Cancel ``run_id``'s unfinished, not detached descendants, the deepest first."""
+        for d in reversed(self._descendants(run_id)):
+            run = self._runs[d]
+            change, out = m.cancel(run, d, reason, grace, who, now,
+                                   awaiting_children=self._awaits_children(run),
+                                   cascade=run_id, children=self._unfinished(d))
+            self._write(d, change)
+            if out.holder is not None:
+                revoked.append(d)
+            if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+                self._ended(change.run, now, ended)
+
+    def _cancel(self, op: o.CancelRun) -> o.CancelOutcome:
+        run = self._runs.get(op.run_id)
+        if run is None or run.state in TERMINAL_RUN_STATES or run.cancel_requested_at:
+            return m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now)[1]
+        revoked: list[str] = []
+        ended: list[RunRecord] = []
+        first = self._awaits_children(run)  # marked first, so its children's ends wait on it
+        out = o.CancelOutcome(True, None, None)
+        if first:
+            change, out = m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now,
+                                   awaiting_children=True,
+                                   children=self._unfinished(op.run_id))
+            self._write(op.run_id, change)
+            if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+                self._ended(change.run, op.now, ended)
+        self._cascade(op.run_id, op.reason, op.grace, op.who, op.now, revoked, ended)
+        if not first:
+            change, out = m.cancel(self._runs[op.run_id], op.run_id, op.reason, op.grace,
+                                   op.who, op.now, children=self._unfinished(op.run_id))
+            self._write(op.run_id, change)
+            if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+                self._ended(change.run, op.now, ended)
+        return o.CancelOutcome(True, self._runs[op.run_id], out.holder, tuple(revoked))
+
+    def _finish(self, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
+        run_id = op.lease.run_id
+        run = m.fenced(op.lease, m.unpaused(op.lease, self._runs.get(run_id)))
+        ended: list[RunRecord] = []
+        if isinstance(op, o.FailRun) and run.cancel_requested_at is None:
+            self._cascade(run_id, f"its parent run {run_id} failed", m.CASCADE_GRACE,
+                          "the engine", op.now, [], ended)
+        if isinstance(op, o.CompleteRun):
+            change = m.finish(self._runs[run_id], op.lease, op.now, result=op.result,
+                              children=self._unfinished(run_id))
+        else:
+            change = m.finish(self._runs[run_id], op.lease, op.now,
+                              error=(op.error_type, op.error_message), traceback=op.traceback,
+                              children=self._unfinished(run_id))
+        self._write(run_id, change)
+        if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+            self._ended(change.run, op.now, ended)
+        return self._runs[run_id]
+
+    def _end_cancels(self, now: float) -> tuple[RunRecord, ...]:
+        """Overdue cancels end, and with each the descendants its end waits for."""
+        overdue = [r.id for r in self._in_order() if m.cancel_overdue(r, now)]
+        ancestor: dict[str, str | None] = {r: None for r in overdue}
+        for r in overdue:
+            for d in self._descendants(r):
+                ancestor.setdefault(d, r)
+        ended: list[RunRecord] = []
+        for run_id in sorted(ancestor, key=lambda r: self._order[r], reverse=True):
+            run = self._runs[run_id]
+            if run.state in TERMINAL_RUN_STATES:
+                continue
+            change = m.end_cancel(run, now, ancestor[run_id])
+            self._write(run_id, change)
+            assert change.run is not None
+            self._ended(change.run, now, ended)
+        return tuple(ended)
+
+    def _insert(self, run: RunRecord, first: m.Entry) -> None:
+        self._enqueued += 1
+        self._order[run.id] = self._enqueued
+        self._steps[run.id] = {}
+        self._history[run.id] = []
+        self._write(run.id, m.Change(run, history=(first,)))
 
     def _schedule_op(self, op: o.Op[Any]) -> Any:
         schedules = self._schedules
@@ -338,7 +485,7 @@ class MemoryStore:
     def _last_run(self, s: ScheduleRecord) -> RunRecord | None:
         return None if s.last_run_id is None else self._runs.get(s.last_run_id)
 
-    def _ended(self, run: RunRecord | None, now: float) -> None:
+    def _release_buffered(self, run: RunRecord | None, now: float) -> None:
         """A run ended: an occurrence buffered behind it starts (``buffer_one``)."""
         if run is None or not m.started_by_a_schedule(run):
             return
@@ -348,6 +495,8 @@ class MemoryStore:
 
     def _write_schedule(self, change: m.ScheduleChange) -> list[str]:
         """Write a schedule op's change; the ids of the runs it started."""
+        if change.cancel is not None:  # (cancel_previous: the previous run first)
+            o.note_cancel(self._cancel(change.cancel))
         started = []
         for enqueue in change.enqueues:
             outcome = self._enqueue(enqueue)
@@ -380,11 +529,7 @@ class MemoryStore:
         if op.idempotency_key is not None:
             self._keys[(op.workflow, op.idempotency_key)] = op.run_id
         run, entry = m.enqueue(op)
-        self._enqueued += 1
-        self._order[run.id] = self._enqueued
-        self._steps[run.id] = {}
-        self._history[run.id] = []
-        self._write(run.id, m.Change(run, history=(entry,)))
+        self._insert(run, entry)
         return o.EnqueueOutcome(run.id, created=True)
 
     def _claim(self, op: o.Claim) -> tuple[ClaimedRun, ...]:

@@ -8,7 +8,10 @@ the batch. This is what lets ``StoreWriter`` group-commit many runs' writes.
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
 
 import attrs
 
@@ -160,10 +163,24 @@ class ReleaseRun(Op[None]):
     reason: str = "released by its worker"
 
 
+class WakeOutcome(tuple[str, ...]):
+    """What :class:`WakeDue` did: the ids of the runs it woke, then of those it ended (a
+    tuple of them, as before cancels existed), and the ended runs themselves (``ended``)."""
+
+    ended: tuple[RunRecord, ...]
+
+    def __new__(cls, woken: tuple[str, ...],
+                ended: tuple[RunRecord, ...] = ()) -> WakeOutcome:
+        out = super().__new__(cls, (*woken, *(r.id for r in ended if r.id not in woken)))
+        out.ended = ended
+        return out
+
+
 @attrs.frozen
 class WakeDue(Op[tuple[str, ...]]):
     """Queue again every waiting run with a condition due at ``now`` (its due sleeps end,
-    its due event waits time out); the outcome is their ids."""
+    its due event waits time out), and end the cancels whose grace period is over (as
+    :class:`EndCancels`); the outcome is their ids, the woken first."""
 
     now: float
 
@@ -222,6 +239,69 @@ class SendEvent(Op[SendOutcome]):
     name: str
     payload: str
     idempotency_key: str | None
+    now: float
+
+
+@attrs.frozen
+class CancelOutcome:
+    cancelled: bool  # False: the run had ended already, and nothing changed
+    run: RunRecord | None  # the run as it is now (None: unchanged)
+    holder: str | None  # the worker whose lease the cancel revoked, if one held the run
+    # The descendants whose leases the cancel revoked (their workers are told too).
+    revoked: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class CancelRun(Op[CancelOutcome]):
+    """Cancel a run (``handle.cancel``); ``who`` asked. An unfinished run that never ran,
+    or a cancel without ``grace``, ends ``cancelled`` at once. Otherwise its lease is
+    revoked (the epoch moves on: every later write under the old lease is refused), its
+    waits are dropped and it is queued again to raise ``RunCancelled`` in its workflow,
+    which has until ``now + grace`` to compensate; then it ends ``cancelled`` whatever it
+    does. A finished run is left as it is (``cancelled`` False)."""
+
+    run_id: str
+    reason: str | None
+    grace: float
+    who: str
+    now: float
+
+
+@attrs.frozen
+class EndCancels(Op[tuple[RunRecord, ...]]):
+    """End ``cancelled`` every unfinished run whose cancel grace period is over at ``now``
+    (a worker still holding one is fenced off); the outcome is those runs as they ended."""
+
+    now: float
+
+
+@attrs.frozen
+class StartChild(Op[StepRecord]):
+    """Start a child run from the parent's step ``step`` (fenced by the parent's lease): the
+    child ``child_id`` is queued and the step recorded completed with the child's id, in one
+    transaction. The outcome is the step as stored: on a replay, or a retried write, the
+    first child's."""
+
+    lease: Lease
+    step: StepRecord
+    child_id: str
+    workflow: str
+    version: str
+    payload: str
+    detached: bool
+    now: float
+
+
+@attrs.frozen
+class AbandonSteps(Op[None]):
+    """The deadline scope at ``scope`` these steps stood in expired (fenced): each one not
+    final (a task attempt in flight, a sleep or a wait) is recorded failed with
+    ``DeadlineExceeded`` (its output names the scope), so it takes no event, no wake-up, and
+    a replay cancels that scope there, as it was the first time."""
+
+    lease: Lease
+    positions: tuple[str, ...]
+    scope: str  # the position of the deadline scope that expired
     now: float
 
 
@@ -324,3 +404,68 @@ class ForkRun(Op[ControlOutcome]):
     version: str | None
     who: str
     now: float
+
+
+# -- what a batch ended --------------------------------------------------------------------
+class Outcomes(list[Any]):
+    """A batch's outcomes, one per op, and ``ended``: every run the batch ended, by an op
+    itself or as its consequence (a parent that settled when its last child ended, a tree a
+    cancel reached, a grace period over), in the order they ended. The server counts the
+    runs' ends from it (``aiki_runs_total``). ``revoked``: the leases (run id, epoch, None
+    when not known) that a cancel the server did not ask for itself revoked (a schedule's
+    ``cancel_previous``): the server tells their workers."""
+
+    ended: tuple[RunRecord, ...] = ()
+    revoked: tuple[tuple[str, int | None], ...] = ()
+
+
+@attrs.define
+class Noted:
+    """What a store notes while it applies a batch (see :class:`Outcomes`)."""
+
+    ended: list[RunRecord] = attrs.field(factory=list)
+    revoked: list[tuple[str, int | None]] = attrs.field(factory=list)
+
+
+_NOTED: contextvars.ContextVar[Noted | None] = contextvars.ContextVar("aiki_noted", default=None)
+
+
+def note_ended(run: RunRecord) -> None:
+    """A store ended ``run`` in the batch it is applying."""
+    noted = _NOTED.get()
+    if noted is not None:
+        noted.ended.append(run)
+
+
+def note_revoked(run_id: str, epoch: int | None) -> None:
+    """A cancel no client asked for (a schedule's) revoked the lease ``epoch`` of ``run_id``."""
+    noted = _NOTED.get()
+    if noted is not None:
+        noted.revoked.append((run_id, epoch))
+
+
+@contextlib.contextmanager
+def noting_ends() -> Iterator[Noted]:
+    """While a store applies a batch: what it ends and revokes is noted."""
+    noted = Noted()
+    token = _NOTED.set(noted)
+    try:
+        yield noted
+    finally:
+        _NOTED.reset(token)
+
+
+def outcomes_of(outcomes: list[Any], noted: Noted) -> Outcomes:
+    out = outcomes if isinstance(outcomes, Outcomes) else Outcomes(outcomes)
+    out.ended = tuple(noted.ended)
+    out.revoked = tuple(noted.revoked)
+    return out
+
+
+def note_cancel(out: CancelOutcome) -> None:
+    """A cancel no client asked for: the leases it revoked are noted (the run's: the epoch
+    before the cancel moved it on; its descendants': not known)."""
+    if out.run is not None and out.holder is not None:
+        note_revoked(out.run.id, out.run.lease_epoch - 1)
+    for run_id in out.revoked:
+        note_revoked(run_id, None)

@@ -148,6 +148,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE runs ADD COLUMN trace_context TEXT",
     ),
+    # Cancellation: a cancel asked for (when, why) and the end of its grace period, which
+    # the timer enforces.
+    (
+        "ALTER TABLE runs ADD COLUMN cancel_requested_at REAL",
+        "ALTER TABLE runs ADD COLUMN cancel_reason TEXT",
+        "ALTER TABLE runs ADD COLUMN cancel_deadline REAL",
+        "CREATE INDEX runs_cancel_deadline ON runs (cancel_deadline)"
+        " WHERE cancel_deadline IS NOT NULL",
+    ),
+    # Child runs: each knows its parent (a run's children are found by it), and whether it
+    # was detached.
+    (
+        "ALTER TABLE runs ADD COLUMN parent_id TEXT",
+        "ALTER TABLE runs ADD COLUMN detached INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX runs_parent ON runs (parent_id, seq) WHERE parent_id IS NOT NULL",
+    ),
 )
 
 RUN_COLUMNS = ", ".join(f.name for f in attrs.fields(RunRecord))
@@ -240,16 +256,21 @@ def _rollback(db: Db) -> None:
 
 
 # -- rows ---------------------------------------------------------------------------------
+def _record(row: Sequence[Any]) -> RunRecord:
+    run = RunRecord(*row)
+    return attrs.evolve(run, detached=bool(run.detached))
+
+
 def _get_run(db: Db, run_id: str) -> RunRecord | None:
     row = db.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
-    return None if row is None else RunRecord(*row)
+    return None if row is None else _record(row)
 
 
 def _runs_where(
     db: Db, where: str, params: Sequence[Any] | dict[str, Any], tail: str = ""
 ) -> list[RunRecord]:
     sql = f"SELECT {RUN_COLUMNS} FROM runs WHERE {where} {tail}"
-    return [RunRecord(*row) for row in db.execute(sql, params)]
+    return [_record(row) for row in db.execute(sql, params)]
 
 
 def _get_steps(db: Db, run_id: str) -> tuple[StepRecord, ...]:
@@ -376,23 +397,111 @@ def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> bool:
     return bool(change.history)
 
 
+# -- children and cancels: the machine decides each run's change; these walk the tree -------
+_UNFINISHED = "state NOT IN ('completed', 'failed', 'cancelled')"
+
+
+def _descendants(db: Db, run_id: str) -> list[RunRecord]:
+    """The unfinished children it did not detach, theirs, and so on, in enqueue order."""
+    rows = db.execute(
+        f"WITH RECURSIVE tree (id) AS (SELECT id FROM runs WHERE parent_id = ? AND NOT detached"
+        f" AND {_UNFINISHED} UNION ALL SELECT r.id FROM runs r JOIN tree ON r.parent_id ="
+        f" tree.id WHERE NOT r.detached AND r.{_UNFINISHED})"
+        f" SELECT {RUN_COLUMNS} FROM runs WHERE id IN (SELECT id FROM tree) ORDER BY seq",
+        (run_id,))
+    return [_record(row) for row in rows]
+
+
+def _unfinished(db: Db, run_id: str) -> int:
+    count: int = db.execute(f"SELECT count(*) FROM runs WHERE parent_id = ? AND NOT detached"
+                            f" AND {_UNFINISHED}", (run_id,)).fetchone()[0]
+    return count
+
+
+def _awaits_children(db: Db, run: RunRecord) -> bool:
+    return m.awaits_children(run, _get_waits(db, run.id))
+
+
+def _ended(db: Db, run: RunRecord, now: float, ended: list[RunRecord]) -> None:
+    """``run`` has ended: note it, start an occurrence buffered behind it, and tell its
+    parent (recursively up the tree)."""
+    ended.append(run)
+    o.note_ended(run)
+    _release_buffered(db, run, now)
+    parent = _get_run(db, run.parent_id) if run.parent_id is not None else None
+    if parent is None or parent.state in TERMINAL_RUN_STATES:
+        return
+    joins = [StepRecord(*row) for row in db.execute(
+        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? AND kind = 'join' AND name = ?"
+        " AND state = 'running' ORDER BY seq", (parent.id, run.id))]
+    change = m.child_ended(parent, joins, _get_waits(db, parent.id), run,
+                           _unfinished(db, parent.id), now)
+    _write(db, parent.id, change)
+    if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+        _ended(db, change.run, now, ended)
+
+
+def _cascade(db: Db, run_id: str, reason: str | None, grace: float, who: str, now: float,
+             revoked: list[str], ended: list[RunRecord]) -> None:
+    """Cancel ``run_id``'s unfinished, not detached descendants, the deepest first."""
+    for d in reversed(_descendants(db, run_id)):
+        run = _get_run(db, d.id)
+        assert run is not None
+        change, out = m.cancel(run, run.id, reason, grace, who, now,
+                               awaiting_children=_awaits_children(db, run), cascade=run_id,
+                               children=_unfinished(db, run.id))
+        _write(db, run.id, change)
+        if out.holder is not None:
+            revoked.append(run.id)
+        if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+            _ended(db, change.run, now, ended)
+
+
 def _finish(db: Db, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
-    run = _get_run(db, op.lease.run_id)
+    run_id = op.lease.run_id
+    run = m.fenced(op.lease, m.unpaused(op.lease, _get_run(db, run_id)))
+    ended: list[RunRecord] = []
+    if isinstance(op, o.FailRun) and run.cancel_requested_at is None:
+        _cascade(db, run_id, f"its parent run {run_id} failed", m.CASCADE_GRACE, "the engine",
+                 op.now, [], ended)
+    now_run = _get_run(db, run_id)
+    children = _unfinished(db, run_id)
     if isinstance(op, o.CompleteRun):
-        change = m.finish(run, op.lease, op.now, result=op.result)
+        change = m.finish(now_run, op.lease, op.now, result=op.result, children=children)
     else:
-        change = m.finish(run, op.lease, op.now, error=(op.error_type, op.error_message),
-                          traceback=op.traceback)
-    _write(db, op.lease.run_id, change)
-    _ended(db, change.run, op.now)
-    return change.run
+        change = m.finish(now_run, op.lease, op.now, error=(op.error_type, op.error_message),
+                          traceback=op.traceback, children=children)
+    _write(db, run_id, change)
+    if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+        _ended(db, change.run, op.now, ended)
+    return _get_run(db, run_id)
+
+
+def _abandon(db: Db, op: o.AbandonSteps) -> None:
+    run_id = op.lease.run_id
+    steps = [s for q in op.positions if (s := _get_step(db, run_id, q)) is not None]
+    _write(db, run_id, m.abandon(_get_run(db, run_id), op.lease, steps, op.scope, op.now))
+
+
+def _start_child(db: Db, op: o.StartChild) -> StepRecord:
+    run_id = op.lease.run_id
+    change, child, first = m.start_child(_get_run(db, run_id), op.lease,
+                                         _get_step(db, run_id, op.step.position), op.step, op)
+    _write(db, run_id, change)
+    if child is not None:
+        db.execute(RUN_INSERT, attrs.astuple(child))
+        _write(db, child.id, m.Change(history=(first,)))
+    step = _get_step(db, run_id, op.step.position)
+    assert step is not None
+    return step
 
 
 def _await_step(db: Db, op: o.AwaitStep) -> StepRecord:
     run_id = op.lease.run_id
     change, step = m.await_step(_get_run(db, run_id), op.lease,
                                 _get_step(db, run_id, op.step.position),
-                                _buffered(db, run_id, op.step.name), op.step, op.now)
+                                _buffered(db, run_id, op.step.name), op.step, op.now,
+                                _get_run(db, op.step.name) if op.step.kind == "join" else None)
     _write(db, run_id, change)
     return step
 
@@ -413,7 +522,57 @@ def _wake_due(db: Db, op: o.WakeDue) -> tuple[str, ...]:
     for run in due:
         steps = {s.position: s for s in _get_steps(db, run.id)}
         _write(db, run.id, m.wake_due(run, _get_waits(db, run.id), steps, op.now))
-    return tuple(run.id for run in due)
+    woke = tuple(run.id for run in due)
+    # Cancels whose grace period is over end too (their ids follow).
+    return o.WakeOutcome(woke, _end_cancels(db, o.EndCancels(op.now)))
+
+
+def _end_cancels(db: Db, op: o.EndCancels) -> tuple[RunRecord, ...]:
+    """Overdue cancels end, and with each the descendants its end waits for."""
+    overdue = _runs_where(db, "cancel_deadline IS NOT NULL AND cancel_deadline <= ?"
+                          " AND state NOT IN ('completed', 'failed', 'cancelled')", (op.now,),
+                          "ORDER BY seq")
+    ancestor: dict[str, str | None] = {r.id: None for r in overdue}
+    for r in overdue:
+        for d in _descendants(db, r.id):
+            ancestor.setdefault(d.id, r.id)
+    seqs = dict(db.execute(f"SELECT id, seq FROM runs WHERE id IN"
+                           f" ({', '.join('?' for _ in ancestor)})", list(ancestor))
+                ) if ancestor else {}
+    ended: list[RunRecord] = []
+    for run_id in sorted(ancestor, key=lambda r: seqs[r], reverse=True):
+        run = _get_run(db, run_id)
+        if run is None or run.state in TERMINAL_RUN_STATES:
+            continue
+        change = m.end_cancel(run, op.now, ancestor[run_id])
+        _write(db, run_id, change)
+        assert change.run is not None
+        _ended(db, change.run, op.now, ended)
+    return tuple(ended)
+
+
+def _cancel(db: Db, op: o.CancelRun) -> o.CancelOutcome:
+    run = _get_run(db, op.run_id)
+    if run is None or run.state in TERMINAL_RUN_STATES or run.cancel_requested_at:
+        return m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now)[1]
+    revoked: list[str] = []
+    ended: list[RunRecord] = []
+    first = _awaits_children(db, run)  # marked first, so its children's ends wait on it
+    out = o.CancelOutcome(True, None, None)
+    if first:
+        change, out = m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now,
+                               awaiting_children=True, children=_unfinished(db, op.run_id))
+        _write(db, op.run_id, change)
+        if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+            _ended(db, change.run, op.now, ended)
+    _cascade(db, op.run_id, op.reason, op.grace, op.who, op.now, revoked, ended)
+    if not first:
+        change, out = m.cancel(_get_run(db, op.run_id), op.run_id, op.reason, op.grace,
+                               op.who, op.now, children=_unfinished(db, op.run_id))
+        _write(db, op.run_id, change)
+        if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+            _ended(db, change.run, op.now, ended)
+    return o.CancelOutcome(True, _get_run(db, op.run_id), out.holder, tuple(revoked))
 
 
 def _purge(db: Db, op: o.PurgeRuns) -> tuple[str, ...]:
@@ -475,6 +634,8 @@ def _get_firings(db: Db, schedule_id: str, limit: int) -> tuple[ScheduleFiring, 
 
 
 def _write_schedule(db: Db, change: m.ScheduleChange) -> list[str]:
+    if change.cancel is not None:  # (cancel_previous: the previous run first)
+        o.note_cancel(_cancel(db, change.cancel))
     started = []
     for enqueue in change.enqueues:
         outcome = _enqueue(db, enqueue)
@@ -540,7 +701,7 @@ def _fire_schedules(db: Db, op: o.FireSchedules) -> tuple[str, ...]:
     return tuple(started)
 
 
-def _ended(db: Db, run: RunRecord | None, now: float) -> None:
+def _release_buffered(db: Db, run: RunRecord | None, now: float) -> None:
     """A run ended: an occurrence buffered behind it starts (``buffer_one``)."""
     if run is None or not m.started_by_a_schedule(run):
         return
@@ -562,8 +723,12 @@ def _resume(db: Db, op: o.ResumeRun) -> o.ControlOutcome:
         "SELECT name, min(sent_at) FROM events WHERE run_id = ? AND position IS NULL"
         " GROUP BY name", (op.run_id,)).fetchall())
     change = m.resume(_get_run(db, op.run_id), op.run_id, _get_waits(db, op.run_id), steps,
-                      buffered, op.who, op.now, op.control_id)
+                      buffered, op.who, op.now, op.control_id,
+                      children=_unfinished(db, op.run_id))
     _write(db, op.run_id, change)
+    if change.history and change.run is not None and (  # (not a repeat)
+            change.run.state in TERMINAL_RUN_STATES):
+        _ended(db, change.run, op.now, [])
     return m.controlled(change)
 
 
@@ -588,10 +753,11 @@ _OPS: dict[type[Any], Callable[[Db, Any], Any]] = {
     o.StartStep: _save_step, o.SaveStep: _save_step, o.CompleteRun: _finish,
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
-    o.RetryRun: _retry, o.DefineSchedule: _define_schedule, o.PauseSchedule: _pause_schedule,
-    o.TriggerSchedule: _trigger_schedule, o.BackfillSchedule: _backfill_schedule,
-    o.DeleteSchedule: _delete_schedule, o.FireSchedules: _fire_schedules,
-    o.PauseRun: _pause, o.ResumeRun: _resume, o.ForkRun: _fork,
+    o.RetryRun: _retry, o.CancelRun: _cancel, o.EndCancels: _end_cancels,
+    o.StartChild: _start_child, o.AbandonSteps: _abandon, o.DefineSchedule: _define_schedule,
+    o.PauseSchedule: _pause_schedule, o.TriggerSchedule: _trigger_schedule,
+    o.BackfillSchedule: _backfill_schedule, o.DeleteSchedule: _delete_schedule,
+    o.FireSchedules: _fire_schedules, o.PauseRun: _pause, o.ResumeRun: _resume, o.ForkRun: _fork,
 }
 
 
@@ -606,16 +772,17 @@ def _apply_batch(db: Db, ops: Sequence[o.Op[Any]]) -> list[Any]:
     db.execute("BEGIN IMMEDIATE")
     try:
         outcomes: list[Any] = []
-        for op in ops:
-            try:
-                outcomes.append(_apply_one(db, op))
-            except AikiError as exc:  # refused on purpose; it wrote nothing
-                outcomes.append(exc)
+        with o.noting_ends() as ended:
+            for op in ops:
+                try:
+                    outcomes.append(_apply_one(db, op))
+                except AikiError as exc:  # refused on purpose; it wrote nothing
+                    outcomes.append(exc)
         db.execute("COMMIT")
     except BaseException:
         _rollback(db)
         raise
-    return outcomes
+    return o.outcomes_of(outcomes, ended)
 
 
 # -- the store ----------------------------------------------------------------------------
@@ -674,6 +841,10 @@ class SqliteStore:
             lambda db: tuple(_runs_where(db, where, params, "ORDER BY seq DESC LIMIT :limit"))
         )
 
+    async def get_children(self, run_id: str) -> tuple[RunRecord, ...]:
+        return await self._run(lambda db: tuple(_runs_where(
+            db, "parent_id = ?", (run_id,), "ORDER BY seq")))
+
     async def get_waits(self, run_id: str) -> tuple[WaitRecord, ...]:
         return await self._run(lambda db: _get_waits(db, run_id))
 
@@ -702,7 +873,9 @@ class SqliteStore:
                " (SELECT id FROM runs WHERE state = 'waiting') UNION ALL"
                " SELECT min(lease_expires_at) FROM runs WHERE state IN ('running', 'paused')"
                " AND lease_owner IS NOT NULL UNION ALL"
-               " SELECT min(next_fire_at) FROM schedules WHERE paused = 0)")
+               " SELECT min(next_fire_at) FROM schedules WHERE paused = 0 UNION ALL"
+               " SELECT min(cancel_deadline) FROM runs WHERE cancel_deadline IS NOT NULL"
+               " AND state NOT IN ('completed', 'failed', 'cancelled'))")
         due: float | None = await self._run(lambda db: db.execute(sql).fetchone()[0])
         return due
 

@@ -77,6 +77,9 @@ class ClockHonestStore:
     async def get_waits(self, run_id: str) -> Any:
         return await self._hold(lambda: self.store.get_waits(run_id))
 
+    async def get_children(self, run_id: str) -> tuple[RunRecord, ...]:
+        return await self._hold(lambda: self.store.get_children(run_id))
+
     async def get_events(self, run_id: str) -> Any:
         return await self._hold(lambda: self.store.get_events(run_id))
 

@@ -155,6 +155,73 @@ async def test_allow_runs_occurrences_alongside(
                                                             strict=False))
 
 
+async def test_cancel_previous_cancels_the_unfinished_run_and_starts_the_next(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[report]):
+            sched = await report.schedule(client, {"kind": "slow", "takes": 150},
+                                          id="latest", every=MINUTE,
+                                          overlap="cancel_previous")
+            await trio.sleep(5 * 60 + 1)
+            runs = await statuses(client)
+            described = await sched.describe(firings=100)
+    runs.sort(key=lambda r: r.created_at)
+    assert len(runs) == 5
+    # Each run but the newest was cancelled as the next one started (in that transaction;
+    # it then ended as soon as its workflow saw RunCancelled).
+    for before, after in zip(runs, runs[1:], strict=False):
+        assert before.state == "cancelled" and before.finished_at is not None
+        assert 0 <= before.finished_at - after.created_at < 1.0
+        assert before.cancel_reason is not None and "cancel_previous" in before.cancel_reason
+    assert runs[-1].state == "waiting"  # its sleep: nothing replaced it yet
+    replaced = [o for o in described.recent if o.outcome == "fired"
+                and "is cancelled (overlap 'cancel_previous')" in (o.detail or "")]
+    assert len(replaced) == 4
+
+
+stopped: list[float] = []
+
+
+@aiki.task(name="hold-on")
+async def hold_on(kind: str) -> str:
+    try:
+        await trio.sleep(100_000)
+    except trio.Cancelled:
+        stopped.append(trio.current_time())
+        raise
+    return kind
+
+
+@aiki.workflow(name="holds", version="1")
+async def holds(run: aiki.WorkflowRun, kind: str) -> str:
+    return await hold_on.run(run, kind)
+
+
+async def test_cancel_previous_tells_the_worker_holding_the_previous_run_at_once(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    stopped.clear()
+    async with aiki.embedded(engine_store, sources=sources, lease_ttl=3000.0) as client:
+        # Heartbeats every 1000 s, one slot: only the push stops the task in flight in time
+        # (a newer lease of the run assigned to the worker would stop it too).
+        async with aiki.worker(client, workflows=[holds], max_concurrent_runs=1):
+            sched = await holds.schedule(client, "x", id="held", every=MINUTE,
+                                         overlap="cancel_previous")
+            await trio.sleep(2 * 60 + 1)
+            seen = list(stopped)  # (leaving the block stops the second one's task too)
+            described = await sched.describe(firings=10)
+            runs = sorted([await client.handle(r.id).status()
+                           for r in await client.list_runs(workflow="holds")],
+                          key=lambda r: r.created_at)
+    fired = sorted(o.occurrence for o in described.recent if o.outcome == "fired")
+    assert len(fired) == 2 and len(runs) == 2
+    assert [r.state for r in runs] == ["cancelled", "running"]
+    # The first run's task was stopped as the second occurrence fired, not a heartbeat later.
+    assert len(seen) == 1
+    assert runs[0].finished_at is not None and runs[0].finished_at - fired[1] < 1.0
+
+
 @pytest.mark.filterwarnings("ignore::aiki.UnservedVersionWarning")  # (defined workerless)
 async def test_a_restart_catches_up_within_the_window_and_records_older_ones_skipped(
     autojump_clock: trio.abc.Clock, tmp_path: Path, sources: aiki.Sources,
@@ -218,8 +285,8 @@ async def test_definitions_return_conflict_or_update(
     ({"every": datetime.timedelta(seconds=-1)}, aiki.ScheduleInvalid, "above zero"),
     ({}, aiki.ScheduleInvalid, "give either cron= or every="),
     ({"cron": "* * * * *", "every": 60}, aiki.ScheduleInvalid, "give either cron= or every="),
-    ({"every": 60, "overlap": "cancel_previous"}, aiki.ScheduleInvalid,
-     "needs run cancellation"),
+    ({"every": 60, "overlap": "cancel_if_you_can"}, aiki.ScheduleInvalid,
+     "overlap must be one of"),
     ({"every": 60, "catchup_window": -1}, aiki.ScheduleInvalid, "catchup_window"),
     ({"every": 60, "payload": object()}, aiki.PayloadError, "cannot encode"),
     ({"every": 60, "payload": {"kind": 3}}, aiki.PayloadError, "does not match"),
@@ -256,7 +323,7 @@ async def test_the_server_refuses_what_a_careless_client_sends(
             ({"cron": "0 3 * * 9"}, "day-of-week field '9'"),
             ({"every": -1.0}, "above zero"),
             ({"every": 60.0, "timezone": "Nowhere/Town"}, "unknown timezone"),
-            ({"every": 60.0, "overlap": "cancel_previous"}, "needs run cancellation"),
+            ({"every": 60.0, "overlap": "cancel_if_you_can"}, "overlap must be one of"),
             ({"every": 60.0, "payload": "{not json"}, "not valid JSON"),
         ]:
             body = {"id": "raw", "workflow": "report", "payload": "{}", "version": "1",

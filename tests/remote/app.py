@@ -83,3 +83,15 @@ async def remote_gated(run: aiki.WorkflowRun, path: str) -> str:
 
 
 with_gate = [*workflows, remote_gated]
+
+
+@aiki.workflow(name="remote-tree", version="1")
+async def remote_tree(run: aiki.WorkflowRun, depth: int) -> int:
+    """A tree of child runs ``depth`` levels below this one, two children each; each leaf
+    runs one ``work`` task."""
+    if depth == 0:
+        return await work.run(run, Part(0, 0))
+    return sum(await run.gather(*(remote_tree.call(run, depth - 1) for _ in range(2))))
+
+
+with_tree = [*workflows, remote_tree]

@@ -97,6 +97,10 @@ async def test_the_asyncio_client_does_everything_and_survives_a_server_restart(
             parked = await client.enqueue("remote-sum", 1, version="9")
             with pytest.raises(TimeoutError, match="did not finish within 0.2 s"):
                 await parked.wait_for_completion(timeout=0.2)
+            dropped = await client.enqueue("remote-sum", 2, version="9")
+            out["cancel"] = (await dropped.cancel("not needed"), await dropped.cancel())
+            with pytest.raises(aiki.WorkflowCancelled, match="not needed"):
+                await dropped.wait_for_completion(timeout=5)
             # Restart the server under the client; requests meanwhile wait and go on.
             trio.from_thread.run_sync(go_on.set, trio_token=token)
             during = asyncio.ensure_future(remote_sum.enqueue(client, 7))
@@ -131,7 +135,8 @@ async def test_the_asyncio_client_does_everything_and_survives_a_server_restart(
     assert out["many"] == [30 * n + 3 for n in range(100)]
     assert (out["during"], out["after"]) == (213, 243)
     assert out["connections"] >= 2
-    assert out["purged"] == 104 and out["left"]
+    assert out["cancel"] == (True, False)
+    assert out["purged"] == 105 and out["left"]
     assert worker.alive and second.alive
 
 

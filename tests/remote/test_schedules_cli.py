@@ -61,6 +61,15 @@ async def test_schedules_from_the_cli_and_every_client(cluster: Cluster,
                          start.isoformat(), "--end", end.isoformat())
     assert out.startswith("schedule sales-report: ")
 
+    # An occurrence that replaces the previous run (cancelled, with its children).
+    out = await aiki_cli(cluster, url, "schedules", "create", "latest-report", "report",
+                         "--every", "1h", "--payload", '{"kind": "hr"}', "--overlap",
+                         "cancel_previous")
+    assert out.startswith("schedule latest-report: created; every 1h, next at ")
+    shown = await aiki_cli(cluster, url, "schedules", "show", "latest-report")
+    assert "cancel_previous" in shown
+    await aiki_cli(cluster, url, "schedules", "delete", "latest-report")
+
     # Refused from the shell with the field named, nothing stored.
     bad = await trio.run_process(
         [sys.executable, "-m", "aiki", "schedules", "create", "bad", "report", "--cron",

@@ -784,6 +784,15 @@ command = st.one_of(  # repeated alternatives are weights: keep runs running and
               st.sampled_from([5.0, 50.0])),
     st.tuples(st.just("expire")),
     st.tuples(st.just("wake")),
+    st.tuples(st.just("end_cancels")),
+    # Children: started from a step (detached or not), joined, waited on.
+    st.tuples(st.just("start_child"), target, lease_mode, st.sampled_from(["8", "9"]),
+              st.sampled_from([False, False, True])),
+    st.tuples(st.just("join"), target, lease_mode, st.sampled_from(["10", "11"]),
+              st.integers(0, 7)),
+    # A deadline scope expired over some steps: those not final are abandoned.
+    st.tuples(st.just("abandon"), target, lease_mode,
+              st.lists(st.sampled_from(["0", "1", "2", "5", "6", "10"]), max_size=3)),
     st.tuples(st.just("suspend"), target, lease_mode, st.sampled_from([0.0, 1.0, 3.5])),
     st.tuples(st.sampled_from(["complete", "fail", "release"]), target, lease_mode),
     # Waits: a sleep or event wait reached, the run waiting on them, sends and wake-ups.
@@ -791,13 +800,17 @@ command = st.one_of(  # repeated alternatives are weights: keep runs running and
               st.sampled_from(["sleep", "event", "event"]), st.sampled_from(["go", "stop"]),
               st.sampled_from([None, 0.0, 1.0, 4.0])),
     st.tuples(st.just("wait_on"), target, lease_mode, st.sampled_from(["5", "6", "7"]),
-              st.sampled_from(["sleep", "event", "retry"]), st.sampled_from(["go", "stop"]),
+              st.sampled_from(["sleep", "event", "retry", "deadline"]),
+              st.sampled_from(["go", "stop"]),
               st.sampled_from([None, 1.0, 4.0])),
     st.tuples(st.just("send"), st.integers(0, 7), st.sampled_from(["go", "go", "stop"]),
               st.sampled_from([None, None, "m1", "m2"])),
     st.tuples(st.just("wakeup"), st.integers(0, 7)),
     st.tuples(st.just("purge"), st.sampled_from([0.0, 2.0, 100.0]), st.integers(0, 2)),
     st.tuples(st.just("retry"), st.integers(0, 7), st.sampled_from([None, "2"])),
+    # Cancels: at once (no grace), or with a grace period the timer (wake) may end.
+    st.tuples(st.just("cancel"), st.integers(0, 7), st.sampled_from([None, "why"]),
+              st.sampled_from([0.0, 3.0, 60.0])),
     # Schedules: defined (or redefined), fired by the timer, paused, triggered, backfilled.
     st.tuples(st.just("define"), st.sampled_from(["s0", "s1"]),
               st.sampled_from([2.0, 5.0, None]), st.sampled_from(["skip", "buffer_one", "allow"]),
@@ -870,6 +883,8 @@ class World:
             return o.ExpireLeases(now)
         if kind == "wake":
             return o.WakeDue(now)
+        if kind == "end_cancels":
+            return o.EndCancels(now)
         if kind == "send":
             _, index, name, key = cmd
             return o.SendEvent(self.run_id(index), name, f'{{"sent": {now}}}', key, now)
@@ -879,6 +894,8 @@ class World:
             return o.PurgeRuns(now - cmd[1], cmd[2])
         if kind == "retry":
             return o.RetryRun(self.run_id(cmd[1]), cmd[2], "c", now)
+        if kind == "cancel":
+            return o.CancelRun(self.run_id(cmd[1]), cmd[2], cmd[3], "c", now)
         if kind == "define":
             _, sid, every, overlap, window, update = cmd
             cron = "* * * * *" if every is None else None
@@ -911,6 +928,22 @@ class World:
                 self.run_ids.append(new_id)
             return o.ForkRun(self.run_id(index), new_id, from_step, version, "c", now)
         lease = await self.lease(cmd[1], cmd[2])
+        if kind == "start_child":
+            _, _, _, position, detached = cmd
+            child_id = f"{lease.run_id}/{position}"
+            if child_id not in self.run_ids and lease.run_id in self.run_ids:
+                self.run_ids.append(child_id)
+            record = StepRecord(position, "child", "wf", "h", '{"c": 1}', None, "running", 1)
+            return o.StartChild(lease, record, child_id, "wf", "1", '{"c": 1}', detached, now)
+        if kind == "abandon":
+            return o.AbandonSteps(lease, tuple(cmd[3]), "4", now)
+        if kind == "join":
+            _, _, _, position, index = cmd
+            child_id = self.run_id(index)
+            if cmd[1][0]:  # half the time, a wait on the join too
+                return o.WaitRun(lease, (WaitFor(position, "join", child_id),), "joins", now)
+            record = StepRecord(position, "join", child_id, "", "{}", None, "running", 1)
+            return o.AwaitStep(lease, record, now)
         if kind == "await":
             _, _, _, position, step_kind, name, delay = cmd
             seconds = 1.0 if delay is None and step_kind == "sleep" else delay
@@ -921,7 +954,8 @@ class World:
             return o.AwaitStep(lease, record, now)
         if kind == "wait_on":
             _, _, _, position, wait_kind, name, delay = cmd
-            condition = WaitFor(position, wait_kind, "sleep" if wait_kind == "sleep" else name,
+            condition = WaitFor(position, wait_kind, name if wait_kind in ("event", "retry")
+                                else wait_kind,
                                 None if delay is None else now + delay)
             return o.WaitRun(lease, (condition,), "waits", now)
         if kind in ("start_step", "save_step"):
@@ -971,6 +1005,7 @@ async def observe(store: Store, run_ids: list[str]) -> Any:
         await store.list_runs(workflow="wf"), await store.list_runs(state="running"),
         await store.list_runs(workflow="other", state="queued"),
         await store.next_due(),
+        [await store.get_children(r) for r in run_ids],
         [(await store.get_waits(r), await store.get_events(r)) for r in run_ids],
         await store.list_schedules(),
         [await store.get_firings(sid, 1000) for sid in ("s0", "s1")],
@@ -1238,6 +1273,131 @@ async def test_only_a_failed_run_can_be_retried(store: Store) -> None:
     await execute(store, o.CompleteRun(lease, "null", 13.0))
     with pytest.raises(AikiError, match="is completed"):
         await execute(store, o.RetryRun("r1", None, "c", 14.0))
+
+
+# -- cancel ---------------------------------------------------------------------------------
+async def test_cancelling_a_run_that_never_ran_ends_it_at_once(store: Store) -> None:
+    await execute(store, enqueue("r1"))
+    out = await execute(store, o.CancelRun("r1", "customer left", 60.0, "client-1", 5.0))
+    assert out.cancelled and out.holder is None
+    run = await store.get_run("r1")
+    assert run is not None and out.run == run
+    assert (run.state, run.error_type, run.error_message, run.finished_at,
+            run.cancel_reason, run.cancel_requested_at) == (
+        "cancelled", "RunCancelled", "customer left", 5.0, "customer left", 5.0)
+    assert [e[1] for e in await events(store, "r1")] == [
+        "run.queued", "cancel.requested", "run.cancelled"]
+    assert await claim(store, now=6.0) == ()
+
+
+async def test_cancelling_a_finished_run_changes_nothing_and_is_false(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.CompleteRun(lease, '"ok"', 11.0))
+    before = await snapshot(store, "r1")
+    assert await execute(store, o.CancelRun("r1", None, 60.0, "c", 12.0)) == \
+        o.CancelOutcome(False, None, None)
+    assert await snapshot(store, "r1") == before
+    with pytest.raises(AikiError, match="no run with id 'ghost'"):
+        await execute(store, o.CancelRun("ghost", None, 60.0, "c", 12.0))
+
+
+async def test_a_cancel_revokes_the_lease_and_requeues_the_run_to_compensate(
+        store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.SaveStep(lease, step("0", "charge"), 11.0))
+    await execute(store, o.StartStep(lease, step("1", "ship", "running"), 12.0))
+    out = await execute(store, o.CancelRun("r1", "abandoned", 60.0, "client-1", 13.0))
+    assert (out.cancelled, out.holder) == (True, "w1")
+    run = await store.get_run("r1")
+    assert run is not None and out.run == run
+    assert (run.state, run.lease_owner, run.lease_epoch, run.cancel_deadline) == (
+        "queued", None, lease.epoch + 1, 73.0)
+    # Every later write under the old lease is refused.
+    outcomes = await store.apply([
+        o.SaveStep(lease, step("1", "ship"), 14.0), o.StartStep(lease, step("2"), 14.0),
+        o.CompleteRun(lease, "null", 14.0), o.Renew((lease,), 14.0, 30.0)])
+    assert [type(x).__name__ for x in outcomes[:3]] == ["StaleLease"] * 3
+    assert outcomes[3] == ("r1",)
+    # A second cancel keeps the first one's reason and grace.
+    assert await execute(store, o.CancelRun("r1", "other", 1.0, "c", 15.0)) == \
+        o.CancelOutcome(True, None, None)
+    [again] = await claim(store, now=16.0)
+    assert again.run.cancel_reason == "abandoned" and again.run.lease_epoch == lease.epoch + 2
+    # The compensation runs under the new lease; whatever the workflow ends with, the run
+    # ends cancelled.
+    await execute(store, o.SaveStep(again.lease, step("2", "refund"), 17.0))
+    ended = await execute(store, o.CompleteRun(again.lease, '"returned anyway"', 18.0))
+    assert (ended.state, ended.result, ended.error_type, ended.error_message) == (
+        "cancelled", None, "RunCancelled", "abandoned")
+    assert [e[1:4] for e in await events(store, "r1")][-5:] == [
+        ("cancel.requested", 1, "client-1"), ("run.queued", 1, "client-1"),
+        ("run.running", 2, "w1"), ("task.completed", 1, "w1"), ("run.cancelled", 2, "w1")]
+    assert await store.next_due() is None
+
+
+async def test_a_cancel_drops_a_waiting_runs_waits(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.AwaitStep(lease, wait_step("0", "sleep", "sleep", 99.0, 110.0),
+                                     11.0))
+    await execute(store, o.WaitRun(lease, (WaitFor("0", "sleep", "sleep", 110.0),), "zz",
+                                   11.0))
+    out = await execute(store, o.CancelRun("r1", None, 30.0, "c", 20.0))
+    assert (out.cancelled, out.holder) == (True, None)
+    run = await store.get_run("r1")
+    assert run is not None and run.state == "queued"
+    assert await store.get_waits("r1") == ()
+    assert await store.next_due() == 50.0  # the grace period's end
+
+
+async def test_a_cancel_with_no_grace_ends_a_running_run_at_once(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    out = await execute(store, o.CancelRun("r1", "now", 0.0, "c", 12.0))
+    assert (out.cancelled, out.holder) == (True, "w1")
+    run = await store.get_run("r1")
+    assert run is not None and (run.state, run.lease_owner) == ("cancelled", None)
+    assert run.lease_epoch > lease.epoch
+    with pytest.raises(StaleLease):
+        await execute(store, o.CompleteRun(lease, "null", 13.0))
+
+
+async def test_a_paused_run_cancelled_stays_paused_until_resumed_or_its_grace_ends(
+        store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.PauseRun("r1", "ops", 11.0))
+    out = await execute(store, o.CancelRun("r1", "gone", 5.0, "c", 12.0))
+    assert (out.cancelled, out.holder) == (True, "w1")  # its worker is told
+    run = await store.get_run("r1")
+    assert run is not None and (run.state, run.lease_owner, run.lease_epoch) == (
+        "paused", None, lease.epoch + 1)
+    assert await claim(store, now=13.0) == ()
+    with pytest.raises(StaleLease):
+        await execute(store, o.SaveStep(lease, step("0"), 13.0))
+    # Resumed: it is queued to compensate; not resumed, the timer ends it at the grace's end.
+    resumed = (await execute(store, o.ResumeRun("r1", "ops", 14.0))).run
+    assert (resumed.state, resumed.cancel_reason) == ("queued", "gone")
+    await execute(store, o.PauseRun("r1", "ops", 15.0))
+    [ended] = await execute(store, o.EndCancels(17.0))
+    assert (ended.state, ended.error_message) == ("cancelled", "gone")
+
+
+async def test_the_timer_ends_a_cancel_whose_grace_period_is_over(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.CancelRun("r1", "late", 5.0, "c", 12.0))
+    [again] = await claim(store, now=13.0)
+    assert await execute(store, o.EndCancels(16.0)) == ()
+    assert await store.next_due() == 17.0
+    [ended] = await execute(store, o.EndCancels(17.0))
+    run = await store.get_run("r1")
+    assert ended == run
+    assert run is not None and (run.state, run.error_message, run.lease_owner) == (
+        "cancelled", "late", None)
+    assert (await events(store, "r1"))[-1][1:] == (
+        "run.cancelled", 2, None, None, None,
+        "its grace period ended at 1970-01-01T00:00:17.000Z; reason: late")
+    for old in (lease, again.lease):
+        with pytest.raises(StaleLease):
+            await execute(store, o.SaveStep(old, step("0"), 18.0))
+    assert await store.next_due() is None
 
 
 # -- pause, resume, fork ---------------------------------------------------------------------

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import aiki
 from aiki.asyncio_bridge import AsyncioBridge
 from aiki.errors import StaleLease, StoreUnavailable
-from aiki.records import RunRecord, WaitFor
+from aiki.records import RunRecord, StepRecord, WaitFor
 from aiki.store import Lease, Store, execute, open_store
 from aiki.store import ops as o
 from aiki.store.postgres import PostgresStore, _sql
@@ -197,18 +197,24 @@ def test_a_batch_is_applied_in_an_order_that_keeps_each_runs_ops_in_turn() -> No
     def start(run: str) -> o.Op[Any]:
         return o.StartStep(Lease(run, 1, "w"), step("0", state="running"), 1.0)
 
-    def complete(run: str) -> o.Op[Any]:
+    def release(run: str) -> o.Op[Any]:
+        return o.ReleaseRun(Lease(run, 1, "w"), 1.0, "drains")
+
+    def complete(run: str) -> o.Op[Any]:  # (it may also write its parent and children)
         return o.CompleteRun(Lease(run, 1, "w"), "1", 1.0)
 
     keyed = o.SaveStep(Lease("a", 1, "w"), step("1", key="k"), 1.0)
-    ops = [start("a"), complete("a"), start("b"), complete("b"), start("a"), start("c"),
-           o.ExpireLeases(1.0), complete("c"), start("d"), keyed, start("a")]
-    assert _sql._order(ops) == [0, 2, 5, 1, 3, 4, 6, 8, 7, 9, 10]
+    ops = [start("a"), release("a"), start("b"), release("b"), start("a"), start("c"),
+           o.ExpireLeases(1.0), release("c"), start("d"), keyed, start("a"), complete("b"),
+           start("b")]
+    assert _sql._order(ops) == [0, 2, 5, 1, 3, 4, 6, 8, 7, 9, 10, 11, 12]
 
-    @given(st.lists(st.tuples(st.sampled_from(["start", "complete", "keyed", "expire"]),
+    @given(st.lists(st.tuples(st.sampled_from(["start", "release", "complete", "keyed",
+                                                "expire"]),
                               st.sampled_from("abc")), max_size=12))
     def check(drawn: list[tuple[str, str]]) -> None:
-        made = {"start": start, "complete": complete, "expire": lambda run: o.ExpireLeases(1.0),
+        made = {"start": start, "release": release, "complete": complete,
+                "expire": lambda run: o.ExpireLeases(1.0),
                 "keyed": lambda run: attrs.evolve(keyed, lease=Lease(run, 1, "w"))}
         ops = [made[kind](run) for kind, run in drawn]
         order = _sql._order(ops)
@@ -276,17 +282,78 @@ async def test_a_schema_of_the_release_before_waits_is_migrated_and_its_runs_fin
         assert {r.state for r in await store.list_runs()} == {"completed"}
 
 
-async def test_a_schema_of_the_release_before_run_controls_is_migrated_and_takes_them(
+async def test_a_schema_of_the_release_before_cancellation_opens_and_its_runs_cancel(
     postgres: TestPostgres,
 ) -> None:
-    """A schema of the release before run controls (every migration but the last) opens, is
-    migrated, and its runs can be paused, resumed and forked."""
+    """A schema written before cancellation (every migration before the one adding the
+    cancel columns, wherever it stands) is migrated at open, and a run of it in flight can
+    be cancelled, its grace period ended by the timer."""
+    before = next(i for i, m in enumerate(MIGRATIONS) if "cancel_requested_at" in m[0])
     schema = postgres.fresh_schema()
     async with raw_connection(postgres, schema) as raw:
         await raw.execute(f'CREATE SCHEMA "{schema}"')
         await raw.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
                           " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
-        for number, statements in enumerate(MIGRATIONS[:-1], start=1):
+        for number, statements in enumerate(MIGRATIONS[:before], start=1):
+            for statement in statements:
+                await raw.execute(statement)
+            await raw.execute("INSERT INTO schema_migrations (version) VALUES ($1)", number)
+        await raw.execute(
+            "INSERT INTO runs (id, workflow, version, payload, state, attempts, lease_epoch,"
+            " lease_owner, lease_expires_at, created_at, updated_at) VALUES"
+            " ('r1', 'wf', '1', 'null', 'running', 1, 1, 'w', 99.0, 1.0, 2.0)")
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store:
+        run = await store.get_run("r1")
+        assert run is not None and (run.state, run.cancel_requested_at) == ("running", None)
+        out = await execute(store, o.CancelRun("r1", "old", 10.0, "c", 5.0))
+        assert (out.cancelled, out.holder) == (True, "w")
+        assert await store.next_due() == 15.0
+        [ended] = await execute(store, o.EndCancels(15.0))
+        assert ended is not None and (ended.state, ended.error_message) == ("cancelled", "old")
+
+
+async def test_a_schema_of_the_release_before_children_opens_and_starts_children(
+    postgres: TestPostgres,
+) -> None:
+    """A schema written before child runs (every migration before the one adding
+    ``parent_id``, wherever it stands) is migrated at open; its runs start children."""
+    before = next(i for i, m in enumerate(MIGRATIONS) if "parent_id" in m[0])
+    schema = postgres.fresh_schema()
+    async with raw_connection(postgres, schema) as raw:
+        await raw.execute(f'CREATE SCHEMA "{schema}"')
+        await raw.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+                          " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        for number, statements in enumerate(MIGRATIONS[:before], start=1):
+            for statement in statements:
+                await raw.execute(statement)
+            await raw.execute("INSERT INTO schema_migrations (version) VALUES ($1)", number)
+        await raw.execute(
+            "INSERT INTO runs (id, workflow, version, payload, state, attempts, lease_epoch,"
+            " lease_owner, lease_expires_at, created_at, updated_at) VALUES"
+            " ('r1', 'wf', '1', 'null', 'running', 1, 1, 'w', 99.0, 1.0, 2.0)")
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store:
+        run = await store.get_run("r1")
+        assert run is not None and (run.parent_id, run.detached) == (None, False)
+        step = StepRecord("0", "child", "wf@1", "h", "{}", None, "running", 1)
+        await execute(store, o.StartChild(Lease("r1", 1, "w"), step, "r1/0", "wf", "1", "{}",
+                                          False, 5.0))
+        [child] = await store.get_children("r1")
+        assert (child.id, child.parent_id, child.detached) == ("r1/0", "r1", False)
+
+
+async def test_a_schema_of_the_release_before_run_controls_is_migrated_and_takes_them(
+    postgres: TestPostgres,
+) -> None:
+    """A schema of the release before run controls (every migration before the one adding
+    ``forked_from``, wherever it stands) opens, is migrated, and its runs can be paused,
+    resumed and forked."""
+    before = next(i for i, m in enumerate(MIGRATIONS) if "forked_from" in m[0])
+    schema = postgres.fresh_schema()
+    async with raw_connection(postgres, schema) as raw:
+        await raw.execute(f'CREATE SCHEMA "{schema}"')
+        await raw.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+                          " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        for number, statements in enumerate(MIGRATIONS[:before], start=1):
             for statement in statements:
                 await raw.execute(statement)
             await raw.execute("INSERT INTO schema_migrations (version) VALUES ($1)", number)

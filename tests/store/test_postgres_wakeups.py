@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 import aiki
@@ -96,3 +97,53 @@ async def test_a_client_a_worker_and_a_sender_each_on_another_server(
     assert [e.event for e in history].count("run.waiting") == 2  # the sleep, then the event
     woke = [e for e in history if e.event == "sleep.completed"]
     assert len(woke) == 1 and woke[0].detail == "slept"
+
+
+hanging: list[str] = []
+
+
+@aiki.task(name="hang")
+async def hang(x: int) -> int:
+    hanging.append("started")
+    try:
+        await trio.sleep(1000)
+    except trio.Cancelled:
+        hanging.append("cancelled")
+        raise
+    return x
+
+
+@aiki.workflow(name="hangs", version="1")
+async def hangs(run: aiki.WorkflowRun, x: int) -> int:
+    return await hang.run(run, x)
+
+
+async def test_a_cancel_through_one_server_reaches_the_worker_on_another_at_once(
+    postgres: TestPostgres,
+) -> None:
+    """The worker is on A and heartbeats every 1000 s; the cancel goes through B. Only the
+    relayed revoke (B's commit notifies 'revoked:<epoch>:<id>', A pushes it to its worker)
+    stops the task in flight within the bound, and frees the worker's one slot for the run's
+    compensation, so the run ends cancelled."""
+    hanging.clear()
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store_a, \
+            PostgresStore.open(postgres.dsn, schema=schema) as store_b:
+        async with aiki.embedded(store_a, poll_interval=1000.0, lease_ttl=3000.0,
+                                 sources=Sources.real()) as a, \
+                aiki.embedded(store_b, poll_interval=1000.0, lease_ttl=3000.0,
+                              sources=Sources.real()) as b:
+            async with aiki.worker(a, workflows=[hangs], max_concurrent_runs=1):
+                handle = await hangs.enqueue(a, 7)
+                with trio.fail_after(30):
+                    while hanging != ["started"]:
+                        await trio.sleep(0.05)
+                assert await b.handle(handle.id).cancel("not needed", grace=30) is True
+                with trio.fail_after(30):
+                    while "cancelled" not in hanging:
+                        await trio.sleep(0.05)
+                with trio.fail_after(30), pytest.raises(aiki.WorkflowCancelled):
+                    await handle.wait_for_completion()
+            history = await handle.history()
+    assert hanging == ["started", "cancelled"]
+    assert [e.event for e in history][-1] == "run.cancelled"

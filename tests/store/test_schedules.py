@@ -127,6 +127,57 @@ async def test_buffer_one_starts_the_waiting_occurrence_when_the_previous_run_en
     assert fired[sch.iso(T0 + 60)] == ("fired", "buffered")
 
 
+async def test_cancel_previous_cancels_the_unfinished_run_and_its_tree_and_starts_the_next(
+        store: Store) -> None:
+    from tests.store.test_children import start
+
+    await define(store, schedule(overlap="cancel_previous"))
+    [first] = await execute(store, o.FireSchedules(T0))
+    lease = await lease_of(store, first, T0 + 10)
+    await execute(store, start(lease, "0", now=T0 + 11))  # a child, queued
+    second = f"s@{sch.iso(T0 + 60)}"
+    assert await execute(store, o.FireSchedules(T0 + 60)) == (second,)
+    old = await store.get_run(first)
+    assert old is not None and old.state == "queued"  # it compensates, with the grace
+    assert old.lease_epoch == lease.epoch + 1  # its worker's lease is revoked
+    assert (old.cancel_reason, old.cancel_deadline) == (
+        f"schedule s: replaced by occurrence {sch.iso(T0 + 60)} (overlap 'cancel_previous')",
+        T0 + 60 + m.CASCADE_GRACE)
+    child = await store.get_run(f"{first}/0")
+    assert child is not None and child.state == "cancelled"  # it never ran: at once
+    new = await store.get_run(second)
+    assert new is not None and new.state == "queued"
+    newest = (await store.get_firings("s"))[0]
+    assert (newest.outcome, newest.run_id) == ("fired", second)
+    assert f"previous run {first} is cancelled" in (newest.detail or "")
+    assert (await store.get_schedule("s")).last_run_id == second  # type: ignore[union-attr]
+    # The next occurrence replaces the second one, which never ran: it ends at once.
+    third = f"s@{sch.iso(T0 + 120)}"
+    assert await execute(store, o.FireSchedules(T0 + 120)) == (third,)
+    replaced = await store.get_run(second)
+    assert replaced is not None and replaced.state == "cancelled"
+    unfinished = [r.id for r in await store.list_runs() if r.state not in (
+        "completed", "failed", "cancelled") and r.cancel_requested_at is None]
+    assert unfinished == [third]
+
+
+async def test_cancel_previous_catching_up_starts_only_the_last_occurrence(
+        store: Store) -> None:
+    await define(store, schedule(overlap="cancel_previous", window=150.0))
+    started = await execute(store, o.FireSchedules(T0 + 130))
+    assert started == (f"s@{sch.iso(T0 + 120)}",)
+    outcomes = {f.key: (f.outcome, f.run_id) for f in await store.get_firings("s")}
+    assert outcomes == {sch.iso(T0): ("skipped", None), sch.iso(T0 + 60): ("skipped", None),
+                        sch.iso(T0 + 120): ("fired", f"s@{sch.iso(T0 + 120)}")}
+    assert len(await store.list_runs()) == 1
+    # A finished previous run is not cancelled: the next occurrence simply starts.
+    lease = await lease_of(store, f"s@{sch.iso(T0 + 120)}", T0 + 140)
+    await execute(store, o.CompleteRun(lease, '"ok"', T0 + 150))
+    assert await execute(store, o.TriggerSchedule("s", "t1", T0 + 160)) is not None
+    done = await store.get_run(f"s@{sch.iso(T0 + 120)}")
+    assert done is not None and done.state == "completed"
+
+
 async def test_trigger_fires_now_once_per_trigger_id_under_the_policy(store: Store) -> None:
     await define(store, schedule(overlap="skip"))
     fired = await execute(store, o.TriggerSchedule("s", "t1", T0 - 10))

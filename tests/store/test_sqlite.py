@@ -336,17 +336,77 @@ async def test_a_database_of_the_first_schema_is_migrated_and_its_runs_finish(
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
+async def test_a_database_of_the_schema_before_cancellation_opens_and_its_runs_cancel(
+    tmp_path: Path,
+) -> None:
+    """A file written before cancellation (every migration before the one adding the cancel
+    columns, wherever it stands) opens, and a run of it in flight can be cancelled."""
+    before = next(i for i, m in enumerate(MIGRATIONS) if "cancel_requested_at" in m[0])
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path, isolation_level=None) as db:
+        for statements in MIGRATIONS[:before]:
+            for statement in statements:
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {before}")
+        db.execute(
+            "INSERT INTO runs (id, workflow, version, payload, state, attempts, lease_epoch,"
+            " lease_owner, lease_expires_at, created_at, updated_at) VALUES"
+            " ('r1', 'wf', '1', 'null', 'running', 1, 1, 'w', 99.0, 1.0, 2.0)")
+    store = await SqliteStore.open(str(path), offload=False)
+    try:
+        run = await store.get_run("r1")
+        assert run is not None and (run.state, run.cancel_requested_at) == ("running", None)
+        out = await execute(store, o.CancelRun("r1", "old", 10.0, "c", 5.0))
+        assert (out.cancelled, out.holder) == (True, "w")
+        assert await store.next_due() == 15.0
+        [ended] = await execute(store, o.EndCancels(15.0))
+        assert ended is not None and (ended.state, ended.error_message) == ("cancelled", "old")
+    finally:
+        await store.aclose()
+
+
+async def test_a_database_of_the_schema_before_children_opens_and_starts_children(
+    tmp_path: Path,
+) -> None:
+    """A file written before child runs (every migration before the one adding
+    ``parent_id``, wherever it stands) opens; its runs have no parent and start children."""
+    before = next(i for i, m in enumerate(MIGRATIONS) if "parent_id" in m[0])
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path, isolation_level=None) as db:
+        for statements in MIGRATIONS[:before]:
+            for statement in statements:
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {before}")
+        db.execute(
+            "INSERT INTO runs (id, workflow, version, payload, state, attempts, lease_epoch,"
+            " lease_owner, lease_expires_at, created_at, updated_at) VALUES"
+            " ('r1', 'wf', '1', 'null', 'running', 1, 1, 'w', 99.0, 1.0, 2.0)")
+    store = await SqliteStore.open(str(path), offload=False)
+    try:
+        run = await store.get_run("r1")
+        assert run is not None and (run.parent_id, run.detached) == (None, False)
+        step = StepRecord("0", "child", "wf@1", "h", "{}", None, "running", 1)
+        await execute(store, o.StartChild(Lease("r1", 1, "w"), step, "r1/0", "wf", "1", "{}",
+                                          False, 5.0))
+        [child] = await store.get_children("r1")
+        assert (child.id, child.parent_id, child.detached) == ("r1/0", "r1", False)
+    finally:
+        await store.aclose()
+
+
 async def test_a_database_of_the_schema_before_run_controls_opens_and_its_runs_take_them(
     tmp_path: Path,
 ) -> None:
-    """A file of the release before run controls (every migration but the last) opens, is
-    migrated, and its runs can be paused, resumed and forked."""
+    """A file of the release before run controls (every migration before the one adding
+    ``forked_from``, wherever it stands) opens, is migrated, and its runs can be paused,
+    resumed and forked."""
+    before = next(i for i, m in enumerate(MIGRATIONS) if "forked_from" in m[0])
     path = tmp_path / "before-controls.db"
     with sqlite3.connect(path, isolation_level=None) as db:
-        for statements in MIGRATIONS[:-1]:
+        for statements in MIGRATIONS[:before]:
             for statement in statements:
                 db.execute(statement)
-        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+        db.execute(f"PRAGMA user_version = {before}")
         db.execute("INSERT INTO runs (id, workflow, version, payload, state, attempts,"
                    " lease_epoch, created_at, updated_at, finished_at) VALUES ('old', 'wf',"
                    " '1', 'null', 'completed', 1, 1, 1.0, 2.0, 2.0)")

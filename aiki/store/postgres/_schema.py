@@ -206,6 +206,36 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE runs ADD COLUMN trace_context TEXT",
     ),
+    # Cancellation: a cancel asked for (when, why) and the end of its grace period, which
+    # the timer enforces.
+    (
+        "ALTER TABLE runs ADD COLUMN cancel_requested_at DOUBLE PRECISION",
+        "ALTER TABLE runs ADD COLUMN cancel_reason TEXT",
+        "ALTER TABLE runs ADD COLUMN cancel_deadline DOUBLE PRECISION",
+        """CREATE INDEX runs_cancel_deadline ON runs (cancel_deadline)
+            WHERE cancel_deadline IS NOT NULL
+            AND state NOT IN ('completed', 'failed', 'cancelled')""",
+        # A cancel that revokes a held lease tells every server ('revoked:<epoch>:<id>',
+        # the epoch revoked): the one its worker is connected to pushes it the news.
+        """CREATE FUNCTION notify_revoked() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_notify('aiki_work:' || TG_TABLE_SCHEMA,
+                                  'revoked:' || OLD.lease_epoch || ':' || NEW.id);
+                RETURN NULL;
+            END
+        $$""",
+        """CREATE TRIGGER runs_revoked AFTER UPDATE OF lease_epoch ON runs FOR EACH ROW
+            WHEN (NEW.cancel_requested_at IS NOT NULL AND OLD.lease_owner IS NOT NULL
+                  AND NEW.lease_epoch > OLD.lease_epoch)
+            EXECUTE FUNCTION notify_revoked()""",
+    ),
+    # Child runs: each knows its parent (a run's children are found by it), and whether it
+    # was detached.
+    (
+        "ALTER TABLE runs ADD COLUMN parent_id TEXT",
+        "ALTER TABLE runs ADD COLUMN detached BOOLEAN NOT NULL DEFAULT false",
+        "CREATE INDEX runs_parent ON runs (parent_id, seq) WHERE parent_id IS NOT NULL",
+    ),
 )
 
 # The oldest server this store is written for: pg_current_xact_id_if_assigned and

@@ -249,9 +249,17 @@ async def next_due(conn: Conn) -> float | None:
         " (SELECT min(lease_expires_at) FROM runs WHERE state = 'running'),"
         " (SELECT min(lease_expires_at) FROM runs WHERE state = 'paused'"
         " AND lease_owner IS NOT NULL),"
-        " (SELECT min(next_fire_at) FROM schedules WHERE NOT paused))"
+        " (SELECT min(next_fire_at) FROM schedules WHERE NOT paused),"
+        " (SELECT min(cancel_deadline) FROM runs WHERE cancel_deadline IS NOT NULL"
+        " AND state NOT IN ('completed', 'failed', 'cancelled')))"
     )
     return due
+
+
+async def get_children(conn: Conn, run_id: str) -> tuple[RunRecord, ...]:
+    rows = await conn.fetch(
+        f"SELECT {RUN_COLUMNS} FROM runs WHERE parent_id = $1 ORDER BY seq", run_id)
+    return tuple(_run(row) for row in rows)
 
 
 async def get_schedule(conn: Conn, schedule_id: str, *,
@@ -474,7 +482,9 @@ async def _wake_due(conn: Conn, op: o.WakeDue) -> tuple[str, ...]:
         steps = {s.position: s for s in await get_steps(conn, run.id)}
         await _write(conn, run.id,
                      m.wake_due(run, await get_waits(conn, run.id), steps, op.now))
-    return tuple(row["id"] for row in rows)
+    woke = tuple(row["id"] for row in rows)
+    # Cancels whose grace period is over end too (their ids follow).
+    return o.WakeOutcome(woke, await _end_cancels(conn, o.EndCancels(op.now)))
 
 
 async def _locked_run_and_step(conn: Conn, run_id: str,
@@ -506,16 +516,125 @@ async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> bool:
     return bool(change.history)
 
 
+# -- children and cancels: the machine decides each run's change; these walk the tree -------
+# Rows are locked as they are read (FOR UPDATE): a parent, then its children, top down.
+_UNFINISHED = "state NOT IN ('completed', 'failed', 'cancelled')"
+
+
+async def _descendants(conn: Conn, run_id: str) -> list[RunRecord]:
+    """The unfinished children it did not detach, theirs, and so on, in enqueue order."""
+    rows = await conn.fetch(
+        f"WITH RECURSIVE tree (id) AS (SELECT id FROM runs WHERE parent_id = $1 AND NOT detached"
+        f" AND {_UNFINISHED} UNION ALL SELECT r.id FROM runs r JOIN tree ON r.parent_id ="
+        f" tree.id WHERE NOT r.detached AND r.{_UNFINISHED})"
+        f" SELECT {RUN_COLUMNS} FROM runs WHERE id IN (SELECT id FROM tree) ORDER BY seq"
+        " FOR UPDATE", run_id)
+    return [_run(row) for row in rows]
+
+
+async def _unfinished(conn: Conn, run_id: str) -> int:
+    count: int = await conn.fetchval(
+        f"SELECT count(*) FROM runs WHERE parent_id = $1 AND NOT detached AND {_UNFINISHED}",
+        run_id)
+    return count
+
+
+async def _awaits_children(conn: Conn, run: RunRecord) -> bool:
+    return m.awaits_children(run, await get_waits(conn, run.id))
+
+
+async def _ended(conn: Conn, run: RunRecord, now: float, ended: list[RunRecord]) -> None:
+    """``run`` has ended: note it, start an occurrence buffered behind it, and tell its
+    parent (recursively up the tree)."""
+    ended.append(run)
+    o.note_ended(run)
+    await _release_buffered(conn, run, now)
+    parent = (await get_run(conn, run.parent_id, lock=True)
+              if run.parent_id is not None else None)
+    if parent is None or parent.state in TERMINAL_RUN_STATES:
+        return
+    joins = [_step(row) for row in await conn.fetch(
+        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 AND kind = 'join' AND name = $2"
+        " AND state = 'running' ORDER BY seq", parent.id, run.id)]
+    change = m.child_ended(parent, joins, await get_waits(conn, parent.id), run,
+                           await _unfinished(conn, parent.id), now)
+    await _write(conn, parent.id, change)
+    if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+        await _ended(conn, change.run, now, ended)
+
+
+async def _cascade(conn: Conn, run_id: str, reason: str | None, grace: float, who: str,
+                   now: float, revoked: list[str], ended: list[RunRecord]) -> None:
+    """Cancel ``run_id``'s unfinished, not detached descendants, the deepest first."""
+    for d in reversed(await _descendants(conn, run_id)):
+        run = await get_run(conn, d.id, lock=True)
+        assert run is not None
+        change, out = m.cancel(run, run.id, reason, grace, who, now,
+                               awaiting_children=await _awaits_children(conn, run),
+                               cascade=run_id, children=await _unfinished(conn, run.id))
+        await _write(conn, run.id, change)
+        if out.holder is not None:
+            revoked.append(run.id)
+        if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+            await _ended(conn, change.run, now, ended)
+
+
+_RUN_AND_CHILDREN = (
+    f"SELECT {', '.join(f'r.{f.name}' for f in attrs.fields(RunRecord))},"
+    f" (SELECT count(*) FROM runs c WHERE c.parent_id = r.id AND NOT c.detached"
+    f" AND c.{_UNFINISHED}) FROM runs r WHERE r.id = $1 FOR UPDATE OF r")
+
+
 async def _finish(conn: Conn, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
-    run = await get_run(conn, op.lease.run_id, lock=True)
+    run_id = op.lease.run_id
+    # The run, locked, and how many of its children it did not detach are unfinished: one
+    # round trip (the hot path: a run with no children ends in this read and one write).
+    row = await conn.fetchrow(_RUN_AND_CHILDREN, run_id)
+    run = m.fenced(op.lease, m.unpaused(op.lease, None if row is None else RunRecord(
+        *tuple(row)[:_N_RUN])))
+    children: int = 0 if row is None else row[_N_RUN]
+    ended: list[RunRecord] = []
+    now_run: RunRecord | None = run
+    if isinstance(op, o.FailRun) and run.cancel_requested_at is None and children:
+        await _cascade(conn, run_id, f"its parent run {run_id} failed", m.CASCADE_GRACE,
+                       "the engine", op.now, [], ended)
+        now_run = await get_run(conn, run_id)
+        children = await _unfinished(conn, run_id)
     if isinstance(op, o.CompleteRun):
-        change = m.finish(run, op.lease, op.now, result=op.result)
+        change = m.finish(now_run, op.lease, op.now, result=op.result, children=children)
     else:
-        change = m.finish(run, op.lease, op.now, error=(op.error_type, op.error_message),
-                          traceback=op.traceback)
-    await _write(conn, op.lease.run_id, change)
-    await _ended(conn, change.run, op.now)
+        change = m.finish(now_run, op.lease, op.now, error=(op.error_type, op.error_message),
+                          traceback=op.traceback, children=children)
+    await _write(conn, run_id, change)
+    if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+        await _ended(conn, change.run, op.now, ended)
     return change.run
+
+
+async def _abandon(conn: Conn, op: o.AbandonSteps) -> None:
+    run_id = op.lease.run_id
+    run = await get_run(conn, run_id, lock=True)
+    steps = [s for q in op.positions if (s := await _get_step(conn, run_id, q)) is not None]
+    await _write(conn, run_id, m.abandon(run, op.lease, steps, op.scope, op.now))
+
+
+async def _start_child(conn: Conn, op: o.StartChild) -> StepRecord:
+    run_id = op.lease.run_id
+    run = await get_run(conn, run_id, lock=True)
+    change, child, first = m.start_child(run, op.lease, await _get_step(conn, run_id,
+                                                                        op.step.position),
+                                         op.step, op)
+    await _write(conn, run_id, change)
+    if child is not None:
+        await conn.execute(
+            f"INSERT INTO runs ({RUN_COLUMNS}) VALUES"
+            f" ({', '.join(f'${i}' for i in range(1, len(attrs.fields(RunRecord)) + 1))})",
+            *attrs.astuple(child))
+        await _log(conn, (child.id, first.at, first.event, first.attempt, first.worker_id,
+                          first.position, first.name, first.detail))
+    step = await _get_step(conn, run_id, op.step.position)
+    assert step is not None
+    return step
 
 
 async def _await_step(conn: Conn, op: o.AwaitStep) -> StepRecord:
@@ -524,8 +643,10 @@ async def _await_step(conn: Conn, op: o.AwaitStep) -> StepRecord:
     row = await conn.fetchrow(
         f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = $1 AND name = $2"
         " AND position IS NULL ORDER BY seq LIMIT 1", run_id, op.step.name)
+    child = await get_run(conn, op.step.name) if op.step.kind == "join" else None
     change, step = m.await_step(run, op.lease, await _get_step(conn, run_id, op.step.position),
-                                None if row is None else EventRecord(*row), op.step, op.now)
+                                None if row is None else EventRecord(*row), op.step, op.now,
+                                child)
     await _write(conn, run_id, change)
     return step
 
@@ -587,8 +708,60 @@ async def _retry(conn: Conn, op: o.RetryRun) -> o.ControlOutcome:
     return m.controlled(change)
 
 
+async def _end_cancels(conn: Conn, op: o.EndCancels) -> tuple[RunRecord, ...]:
+    """Overdue cancels end, and with each the descendants its end waits for."""
+    overdue = [_run(row) for row in await conn.fetch(
+        f"SELECT {RUN_COLUMNS} FROM runs WHERE cancel_deadline IS NOT NULL AND"
+        " cancel_deadline <= $1 AND state NOT IN ('completed', 'failed', 'cancelled')"
+        " ORDER BY seq FOR UPDATE SKIP LOCKED", op.now)]
+    ancestor: dict[str, str | None] = {r.id: None for r in overdue}
+    for r in overdue:
+        for d in await _descendants(conn, r.id):
+            ancestor.setdefault(d.id, r.id)
+    seqs = {row["id"]: row["seq"] for row in await conn.fetch(
+        "SELECT id, seq FROM runs WHERE id = ANY($1::text[])", list(ancestor))}
+    ended: list[RunRecord] = []
+    for run_id in sorted(ancestor, key=lambda r: seqs[r], reverse=True):
+        run = await get_run(conn, run_id, lock=True)
+        if run is None or run.state in TERMINAL_RUN_STATES:
+            continue
+        change = m.end_cancel(run, op.now, ancestor[run_id])
+        await _write(conn, run_id, change)
+        assert change.run is not None
+        await _ended(conn, change.run, op.now, ended)
+    return tuple(ended)
+
+
+async def _cancel(conn: Conn, op: o.CancelRun) -> o.CancelOutcome:
+    run = await get_run(conn, op.run_id, lock=True)
+    if run is None or run.state in TERMINAL_RUN_STATES or run.cancel_requested_at:
+        return m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now)[1]
+    revoked: list[str] = []
+    ended: list[RunRecord] = []
+    first = await _awaits_children(conn, run)  # marked first: its children's ends wait on it
+    out = o.CancelOutcome(True, None, None)
+    if first:
+        change, out = m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now,
+                               awaiting_children=True,
+                               children=await _unfinished(conn, op.run_id))
+        await _write(conn, op.run_id, change)
+        if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+            await _ended(conn, change.run, op.now, ended)
+    await _cascade(conn, op.run_id, op.reason, op.grace, op.who, op.now, revoked, ended)
+    if not first:
+        change, out = m.cancel(await get_run(conn, op.run_id), op.run_id, op.reason,
+                               op.grace, op.who, op.now,
+                               children=await _unfinished(conn, op.run_id))
+        await _write(conn, op.run_id, change)
+        if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+            await _ended(conn, change.run, op.now, ended)
+    return o.CancelOutcome(True, await get_run(conn, op.run_id), out.holder, tuple(revoked))
+
+
 # -- schedules: the schedule row is locked first, so two servers never decide one occurrence ---
 async def _write_schedule(conn: Conn, change: m.ScheduleChange) -> list[str]:
+    if change.cancel is not None:  # (cancel_previous: the previous run first)
+        o.note_cancel(await _cancel(conn, change.cancel))
     started = []
     for enqueue in change.enqueues:
         outcome = await _enqueue(conn, enqueue)
@@ -663,7 +836,7 @@ async def _fire_schedules(conn: Conn, op: o.FireSchedules) -> tuple[str, ...]:
     return tuple(started)
 
 
-async def _ended(conn: Conn, run: RunRecord | None, now: float) -> None:
+async def _release_buffered(conn: Conn, run: RunRecord | None, now: float) -> None:
     """A run ended: an occurrence buffered behind it starts (``buffer_one``). The schedule
     row is locked whatever it holds: a firing that buffers concurrently is waited for."""
     if run is None or not m.started_by_a_schedule(run):
@@ -688,8 +861,12 @@ async def _resume(conn: Conn, op: o.ResumeRun) -> o.ControlOutcome:
         "SELECT name, min(sent_at) AS sent_at FROM events WHERE run_id = $1"
         " AND position IS NULL GROUP BY name", op.run_id)}
     change = m.resume(run, op.run_id, await get_waits(conn, op.run_id), steps, buffered,
-                      op.who, op.now, op.control_id)
+                      op.who, op.now, op.control_id,
+                      children=await _unfinished(conn, op.run_id))
     await _write(conn, op.run_id, change)
+    if change.history and change.run is not None and (  # (not a repeat)
+            change.run.state in TERMINAL_RUN_STATES):
+        await _ended(conn, change.run, op.now, [])
     return m.controlled(change)
 
 
@@ -724,10 +901,11 @@ _OPS: dict[type[Any], Callable[[Conn, Any], Awaitable[Any]]] = {
     o.StartStep: _save_step, o.SaveStep: _save_step, o.CompleteRun: _finish,
     o.FailRun: _finish, o.ReleaseRun: _release, o.AwaitStep: _await_step, o.WaitRun: _wait,
     o.WakeDue: _wake_due, o.PurgeRuns: _purge, o.Wakeup: _wakeup, o.SendEvent: _send,
-    o.RetryRun: _retry, o.DefineSchedule: _define_schedule, o.PauseSchedule: _pause_schedule,
-    o.TriggerSchedule: _trigger_schedule, o.BackfillSchedule: _backfill_schedule,
-    o.DeleteSchedule: _delete_schedule, o.FireSchedules: _fire_schedules,
-    o.PauseRun: _pause, o.ResumeRun: _resume, o.ForkRun: _fork,
+    o.RetryRun: _retry, o.CancelRun: _cancel, o.EndCancels: _end_cancels,
+    o.StartChild: _start_child, o.AbandonSteps: _abandon, o.DefineSchedule: _define_schedule,
+    o.PauseSchedule: _pause_schedule, o.TriggerSchedule: _trigger_schedule,
+    o.BackfillSchedule: _backfill_schedule, o.DeleteSchedule: _delete_schedule,
+    o.FireSchedules: _fire_schedules, o.PauseRun: _pause, o.ResumeRun: _resume, o.ForkRun: _fork,
 }
 
 
@@ -824,8 +1002,9 @@ async def _save_steps(conn: Conn, ops: Sequence[o.StartStep | o.SaveStep]) -> li
     return outcomes
 
 
-_ONE_RUN_OPS = (o.StartStep, o.SaveStep, o.CompleteRun, o.FailRun, o.ReleaseRun,
-                o.WaitRun, o.AwaitStep)
+# (A run's end also writes its parent, woken, and its children, cancelled: it may touch
+# several runs, and a task start of its parent must not move ahead of it.)
+_ONE_RUN_OPS = (o.StartStep, o.SaveStep, o.ReleaseRun, o.WaitRun, o.AwaitStep)
 
 
 def _run_of(op: o.Op[Any]) -> str | None:
@@ -905,7 +1084,9 @@ async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]]) -> list[Any]:
         transaction = conn.transaction()
         await transaction.start()
         try:
-            outcomes = await _apply_all(conn, ops)
+            with o.noting_ends() as noted:
+                outcomes = await _apply_all(conn, ops)
+            outcomes = o.outcomes_of(outcomes, noted)
             # A transaction that wrote nothing has no id and nothing to lose.
             xid: str | None = await conn.fetchval("SELECT pg_current_xact_id_if_assigned()::text")
         except Exception as exc:

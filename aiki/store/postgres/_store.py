@@ -151,6 +151,9 @@ class PostgresStore:
     async def get_waits(self, run_id: str) -> tuple[WaitRecord, ...]:
         return await self._read("get_waits", lambda conn: _sql.get_waits(conn, run_id))
 
+    async def get_children(self, run_id: str) -> tuple[RunRecord, ...]:
+        return await self._read("get_children", lambda conn: _sql.get_children(conn, run_id))
+
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
         return await self._read("get_events", lambda conn: _sql.get_events(conn, run_id))
 
@@ -216,7 +219,8 @@ class PostgresStore:
     ) -> None:
         """Call ``on_notice(payload)`` for what other servers commit in this schema: ``""``
         when a run becomes queued, ``"ended:<run id>"`` when a run ends, ``"due"`` when a
-        timed wait begins (this store's own commits are left out: whoever made them tells
+        timed wait begins, ``"revoked:<epoch>:<run id>"`` when a cancel revokes the lease
+        of that epoch (this store's own commits are left out: whoever made them tells
         its actors itself).
 
         PostgreSQL's LISTEN/NOTIFY (triggers notify when the transaction commits), on a

@@ -1,0 +1,238 @@
+"""Durable deadlines end to end, on every store, in virtual time: ``run.move_on_after`` and
+``run.fail_after`` over task attempts, durable sleeps (the timer wakes the run at its
+deadline), children, nested scopes; bad durations and use outside a workflow."""
+
+from __future__ import annotations
+
+import datetime
+import math
+from typing import Any
+
+import pytest
+import trio
+
+import aiki
+from aiki.store import Store
+
+kept: list[Any] = []
+
+
+@aiki.task(name="slow")
+async def slow(seconds: float) -> str:
+    await trio.sleep(seconds)
+    return f"slept {seconds}"
+
+
+@aiki.workflow(name="impatient", version="1")
+async def impatient(run: aiki.WorkflowRun, seconds: float) -> list[Any]:
+    start = await run.now()
+    with run.move_on_after(datetime.timedelta(seconds=10)) as scope:
+        got = await slow.run(run, seconds)
+    after = await run.now()
+    return [None if scope.cancelled_caught else got, scope.cancelled_caught,
+            round(after - start), scope.deadline is not None]
+
+
+@aiki.workflow(name="strict", version="1")
+async def strict(run: aiki.WorkflowRun, catch: bool) -> str:
+    try:
+        with run.fail_after(5):
+            await slow.run(run, 100.0)
+    except aiki.DeadlineExceeded:
+        if not catch:
+            raise
+        return "caught"
+    return "in time"
+
+
+@aiki.workflow(name="patient", version="1")
+async def patient(run: aiki.WorkflowRun, _: None) -> list[Any]:
+    kept.append(run)
+    start = await run.now()
+    with run.move_on_after(3600) as scope:
+        await run.sleep(86400)  # a durable sleep: the slot is given back
+    return [scope.cancelled_caught, round(await run.now() - start)]
+
+
+@aiki.workflow(name="nested", version="1")
+async def nested(run: aiki.WorkflowRun, inner_first: bool) -> list[bool]:
+    with run.move_on_after(100 if inner_first else 10) as outer:
+        with run.move_on_after(10 if inner_first else 100) as inner:
+            await slow.run(run, 1000.0)
+        await slow.run(run, 1000.0 if not inner_first else 0.0)
+    return [outer.cancelled_caught, inner.cancelled_caught]
+
+
+@aiki.workflow(name="leaf", version="1")
+async def leaf(run: aiki.WorkflowRun, seconds: float) -> str:
+    return await slow.run(run, seconds)
+
+
+@aiki.workflow(name="waits-for-a-child", version="1")
+async def waits_for_a_child(run: aiki.WorkflowRun, seconds: float) -> str:
+    with run.move_on_after(30) as scope:
+        child = await leaf.start_child(run, seconds)
+        kept.append(child.id)
+        return await child.result()
+    assert scope.cancelled_caught
+    return "gave up"
+
+
+async def test_a_deadline_cancels_a_task_attempt_and_moves_on(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[impatient]):
+            late = await impatient.enqueue(client, 1000.0)
+            quick = await impatient.enqueue(client, 1.0)
+            assert await late.wait_for_completion(timeout=60) == [None, True, 10, True]
+            assert await quick.wait_for_completion(timeout=60) == ["slept 1.0", False, 1,
+                                                                   True]
+            events = [e.event for e in await late.history()]
+    assert events.count("step.recorded") == 3  # now, the deadline, now
+
+
+async def test_fail_after_raises_deadline_exceeded(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[strict]):
+            caught = await strict.enqueue(client, True)
+            failed = await strict.enqueue(client, False)
+            assert await caught.wait_for_completion(timeout=60) == "caught"
+            with pytest.raises(aiki.WorkflowFailed) as err:
+                await failed.wait_for_completion(timeout=60)
+    assert err.value.error_type == "DeadlineExceeded"
+
+
+async def test_a_waiting_run_is_woken_by_the_timer_at_its_deadline(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    kept.clear()
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[patient]) as worker:
+            handle = await patient.enqueue(client, None)
+            with trio.fail_after(60):
+                while (await handle.status()).state != "waiting":
+                    await trio.sleep(0.5)
+            assert not worker.held
+            kinds = sorted(w.kind for w in (await handle.status()).waits)
+            assert kinds == ["deadline", "sleep"]
+            assert await handle.wait_for_completion(timeout=7200) == [True, 3600]
+            steps = await engine_store.get_steps(handle.id)
+    [deadline] = [s for s in steps if s.kind == "deadline"]  # recorded once, replayed
+    assert deadline.output is not None
+    with pytest.raises(RuntimeError, match="outside the workflow code"):
+        kept[0].move_on_after(5).__enter__()
+    with pytest.raises(RuntimeError, match="outside the workflow code"):
+        await leaf.start_child(kept[0], 1.0)
+
+
+async def test_nested_deadlines_behave_as_trios(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[nested]):
+            inner_first = await nested.enqueue(client, True)
+            outer_first = await nested.enqueue(client, False)
+            # The inner one expires first: it alone catches it, the outer goes on.
+            assert await inner_first.wait_for_completion(timeout=600) == [False, True]
+            # The outer one expires first: the inner scope does not catch it.
+            assert await outer_first.wait_for_completion(timeout=600) == [True, False]
+
+
+async def test_a_deadline_cancels_the_children_started_in_its_scope(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    kept.clear()
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[waits_for_a_child, leaf]):
+            quick = await waits_for_a_child.enqueue(client, 1.0)
+            assert await quick.wait_for_completion(timeout=60) == "slept 1.0"
+            handle = await waits_for_a_child.enqueue(client, 1000.0)
+            assert await handle.wait_for_completion(timeout=600) == "gave up"
+            child = await client.handle(kept[-1]).status()
+    assert child.state == "cancelled"
+    assert child.cancel_reason is not None and "deadline" in child.cancel_reason
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf, datetime.timedelta(seconds=-5)])
+async def test_bad_durations_are_refused(bad: Any) -> None:
+    from aiki.actors.run import WorkflowRun
+
+    run = WorkflowRun.__new__(WorkflowRun)
+    for make in (run.move_on_after, run.fail_after):
+        with pytest.raises(ValueError, match="run.(move_on|fail)_after\\(\\)"):
+            make(bad)
+
+
+@aiki.workflow(name="shielded-in-a-deadline", version="1")
+async def shielded_in_a_deadline(run: aiki.WorkflowRun, durable: bool) -> list[Any]:
+    start = await run.now()
+    done = None
+    with run.move_on_after(10) as scope:
+        with run.shield():  # the deadline passes in here: what is inside goes on
+            if durable:
+                await run.sleep(30)  # the slot is given back; not woken at the deadline
+                done = "slept"
+            else:
+                done = await slow.run(run, 30.0)
+            shielded_end = round(await run.now() - start)
+        await slow.run(run, 1.0)  # the deadline takes effect now: never completes
+        done = "not cancelled"
+    return [done, scope.cancelled_caught, shielded_end, round(await run.now() - start)]
+
+
+@aiki.workflow(name="deadline-in-a-shield", version="1")
+async def deadline_in_a_shield(run: aiki.WorkflowRun, _: None) -> list[Any]:
+    with run.move_on_after(100) as outer:
+        with run.shield():
+            with run.move_on_after(5) as inner:  # opened inside: it expires as usual
+                await slow.run(run, 50.0)
+            await slow.run(run, 1.0)
+    return [outer.cancelled_caught, inner.cancelled_caught]
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["task", "durable-sleep"])
+async def test_a_shield_holds_off_an_enclosing_deadline_until_it_exits(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+    durable: bool,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[shielded_in_a_deadline,
+                                                  deadline_in_a_shield]):
+            handle = await shielded_in_a_deadline.enqueue(client, durable)
+            done = "slept" if durable else "slept 30.0"
+            assert await handle.wait_for_completion(timeout=600) == [done, True, 30, 30]
+            if durable:  # the sleep's wait alone: the deadline does not wake it
+                steps = await engine_store.get_steps(handle.id)
+                assert [s.kind for s in steps].count("sleep") == 1
+            inside = await deadline_in_a_shield.enqueue(client, None)
+            assert await inside.wait_for_completion(timeout=600) == [False, True]
+
+
+@aiki.workflow(name="shielded-branch", version="1")
+async def shielded_branch(run: aiki.WorkflowRun, _: None) -> list[Any]:
+    start = await run.now()
+
+    async def branch() -> str:
+        with run.shield():
+            await run.sleep(30)  # waits past the deadline: the run is not woken for it
+        return "slept"
+
+    with run.move_on_after(10) as scope:
+        got = await run.gather(branch(), branch())
+    return [got, scope.cancelled_caught, round(await run.now() - start)]
+
+
+async def test_a_shield_in_a_gather_branch_holds_off_the_deadline_around_the_gather(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[shielded_branch]):
+            handle = await shielded_branch.enqueue(client, None)
+            # (The deadline takes effect when the scope's code next awaits: after it, none.)
+            assert await handle.wait_for_completion(timeout=600) == [
+                ["slept", "slept"], False, 30]
+            claims = [e for e in await handle.history() if e.event == "run.running"]
+    assert len(claims) == 2  # the first attempt, then woken by the sleeps' end only

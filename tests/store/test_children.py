@@ -1,0 +1,311 @@
+"""Child runs in the store, on every store: started as a step, joined on any end, structured
+(a run ends after the children it did not detach), cancelled down the tree."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aiki.errors import StaleLease, StepConflict
+from aiki.records import StepRecord, WaitFor
+from aiki.store import Lease, Store, execute
+from aiki.store import ops as o
+from tests.store.test_conformance import claim, claim_one, events, step
+
+
+def child_step(position: str, name: str = "ship", payload: str = '{"p": 1}') -> StepRecord:
+    return StepRecord(position, "child", name, "h-" + payload, payload, None, "running", 1)
+
+
+def start(lease: Lease, position: str, *, detached: bool = False, now: float = 11.0,
+          workflow: str = "wf") -> o.StartChild:
+    return o.StartChild(lease, child_step(position), f"{lease.run_id}/{position}", workflow,
+                        "1", '{"p": 1}', detached, now)
+
+
+def join_step(position: str, child_id: str) -> StepRecord:
+    return StepRecord(position, "join", child_id, "", json.dumps({"child": child_id}), None,
+                      "running", 1)
+
+
+async def lease_of(store: Store, run_id: str, now: float = 12.0) -> Lease:
+    claimed = {c.run.id: c for c in await claim(store, now=now)}
+    return claimed[run_id].lease
+
+
+async def test_a_child_is_started_once_as_a_step_and_listed(store: Store) -> None:
+    lease = await claim_one(store, "p")
+    first = await execute(store, start(lease, "0"))
+    assert (first.state, json.loads(first.output or "null")) == ("completed", "p/0")
+    assert await execute(store, start(lease, "0", now=12.0)) == first  # retried: same child
+    [child] = await store.get_children("p")
+    assert (child.id, child.parent_id, child.detached, child.state) == ("p/0", "p", False,
+                                                                       "queued")
+    assert [e[1:] for e in await events(store, "p/0")] == [
+        ("run.queued", 0, "w1", None, None, "version 1; child of run p at step 0")]
+    assert (await events(store, "p"))[-1][1:] == (
+        "child.started", 1, "w1", "0", "ship", "run p/0 (version 1)")
+    other = child_step("0", "other")
+    with pytest.raises(StepConflict):
+        await execute(store, o.StartChild(lease, other, "p/0", "wf", "1", "{}", False, 13.0))
+    with pytest.raises(StaleLease):
+        await execute(store, start(Lease("p", lease.epoch - 1, "w1"), "1"))
+    assert len(await store.get_children("p")) == 1
+
+
+@pytest.mark.parametrize("end", ["completed", "failed", "cancelled"])
+async def test_a_waiting_parent_wakes_on_every_end_of_its_child(store: Store, end: str) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    waiting = await execute(store, o.AwaitStep(lease, join_step("1", "p/0"), 12.0))
+    assert waiting.state == "running"
+    await execute(store, o.WaitRun(lease, (WaitFor("1", "join", "p/0"),), "joins", 12.0))
+    parent = await store.get_run("p")
+    assert parent is not None and parent.state == "waiting"
+    child = await lease_of(store, "p/0", 13.0)
+    if end == "completed":
+        await execute(store, o.CompleteRun(child, '"parcel shipped"', 14.0))
+    elif end == "failed":
+        await execute(store, o.FailRun(child, "ValueError", "no address", 14.0))
+    else:
+        await execute(store, o.CancelRun("p/0", "lost", 0.0, "c", 14.0))
+    parent = await store.get_run("p")
+    assert parent is not None and parent.state == "queued"
+    [_, joined] = await store.get_steps("p")
+    assert (joined.state, joined.output, joined.error_type, joined.error_message) == {
+        "completed": ("completed", '"parcel shipped"', None, None),
+        "failed": ("failed", None, "ChildFailed", "ValueError: no address"),
+        "cancelled": ("failed", None, "ChildCancelled", "lost"),
+    }[end]
+    again = await lease_of(store, "p", 15.0)
+    assert await execute(store, o.AwaitStep(again, join_step("1", "p/0"), 15.0)) == joined
+
+
+async def test_a_join_of_a_finished_child_ends_at_once(store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    child = await lease_of(store, "p/0")
+    await execute(store, o.CompleteRun(child, "7", 13.0))
+    got = await execute(store, o.AwaitStep(lease, join_step("1", "p/0"), 14.0))
+    assert (got.state, got.output) == ("completed", "7")
+
+
+async def test_a_run_whose_function_returned_waits_for_its_children(store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await execute(store, start(lease, "1", detached=True))
+    run = await execute(store, o.CompleteRun(lease, '"all sent"', 12.0))
+    assert (run.state, run.result, run.finished_at) == ("waiting", '"all sent"', None)
+    [wait] = await store.get_waits("p")
+    assert wait.kind == "children"
+    child = await lease_of(store, "p/0", 13.0)
+    await execute(store, o.CompleteRun(child, "1", 14.0))
+    run = await store.get_run("p")
+    assert run is not None and (run.state, run.result, run.finished_at) == (
+        "completed", '"all sent"', 14.0)
+    detached = await store.get_run("p/1")
+    assert detached is not None and detached.state == "running"  # it outlives its parent
+    ends = {e.run_id: e.seq for r in ("p", "p/0") for e in await store.get_history(r)
+            if e.event in ("run.completed",)}
+    assert ends["p/0"] < ends["p"]
+
+
+async def test_a_failed_run_cancels_its_tree_and_ends_after_it(store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await execute(store, start(lease, "1", detached=True))
+    child = await lease_of(store, "p/0")
+    await execute(store, start(child, "0"))  # a grandchild, never run
+    run = await execute(store, o.FailRun(lease, "E", "boom", 13.0))
+    assert run.state == "waiting"
+    grandchild = await store.get_run("p/0/0")
+    assert grandchild is not None and grandchild.state == "cancelled"
+    middle = await store.get_run("p/0")
+    assert middle is not None and (middle.state, middle.cancel_reason) == (
+        "queued", "its parent run p failed")
+    with pytest.raises(StaleLease):  # the child's old lease is revoked
+        await execute(store, o.SaveStep(child, step("1"), 14.0))
+    again = await lease_of(store, "p/0", 15.0)
+    await execute(store, o.FailRun(again, "RunCancelled", "cancelled", 16.0))
+    run = await store.get_run("p")
+    assert run is not None and (run.state, run.error_type, run.error_message) == (
+        "failed", "E", "boom")
+    detached = await store.get_run("p/1")
+    assert detached is not None and detached.state == "running"  # untouched
+    assert detached.cancel_requested_at is None
+
+
+async def test_a_cancel_reaches_every_descendant_the_deepest_ending_first(
+        store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await execute(store, start(lease, "1"))
+    await execute(store, start(lease, "2", detached=True))
+    child = await lease_of(store, "p/0")
+    await execute(store, start(child, "0"))
+    out = await execute(store, o.CancelRun("p", "stop", 0.0, "c", 14.0))
+    assert out.cancelled and out.holder == "w1" and out.revoked == ("p/1", "p/0")
+    states = {r: (await store.get_run(r)).state  # type: ignore[union-attr]
+              for r in ("p", "p/0", "p/1", "p/0/0", "p/2")}
+    assert states == {"p": "cancelled", "p/0": "cancelled", "p/1": "cancelled",
+                      "p/0/0": "cancelled", "p/2": "running"}
+    ended = {r: e.seq for r in states for e in await store.get_history(r)
+             if e.event == "run.cancelled"}
+    assert ended["p/0/0"] < ended["p/0"] < ended["p"] and ended["p/1"] < ended["p"]
+
+
+async def test_a_cancel_with_grace_lets_the_tree_compensate_then_the_timer_ends_it(
+        store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await lease_of(store, "p/0")
+    out = await execute(store, o.CancelRun("p", "stop", 10.0, "c", 14.0))
+    assert out.revoked == ("p/0",)
+    for run_id in ("p", "p/0"):
+        run = await store.get_run(run_id)
+        assert run is not None and (run.state, run.cancel_deadline) == ("queued", 24.0)
+    claimed = {c.run.id: c.lease for c in await claim(store, now=15.0)}
+    # The parent's function ends first: it waits for its child to end.
+    assert (await execute(store, o.FailRun(claimed["p"], "RunCancelled", "stop", 16.0))
+            ).state == "waiting"
+    [*ended] = await execute(store, o.EndCancels(24.0))
+    assert [r.id for r in ended] == ["p/0", "p"]
+    assert all(r.state == "cancelled" for r in ended)
+
+
+async def test_steps_of_an_expired_deadline_scope_are_abandoned(store: Store) -> None:
+    from tests.store.test_conformance import wait_step
+
+    lease = await claim_one(store, "p")
+    await execute(store, o.SaveStep(lease, step("0"), 11.0))
+    await execute(store, o.StartStep(lease, step("1", "ship", "running"), 11.0))
+    await execute(store, o.AwaitStep(lease, wait_step("2", "event", "go", None, None), 11.0))
+    await execute(store, o.AbandonSteps(lease, ("0", "1", "2", "9"), "3", 12.0))
+    done, task, wait = await store.get_steps("p")
+    assert done == step("0")  # final already: kept
+    for s in (task, wait):
+        assert (s.state, s.error_type, s.output) == ("failed", "DeadlineExceeded", '"3"')
+    assert [e[1] for e in await events(store, "p")][-2:] == ["task.failed", "event.abandoned"]
+    # The abandoned wait takes no event: it is buffered for the next wait.
+    sent = await execute(store, o.SendEvent("p", "go", '"x"', None, 13.0))
+    assert sent.delivered is False
+    with pytest.raises(StaleLease):
+        await execute(store, o.AbandonSteps(Lease("p", 0, "w1"), ("1",), "3", 14.0))
+
+
+# -- a paused tree: the pause holds a run's end, a cancel does not ----------------------------
+async def test_a_parent_paused_while_awaiting_its_last_child_ends_when_resumed(
+        store: Store) -> None:
+    """Its function returned, it waits for its child; paused; the child ends while it is
+    paused: it stays paused (a pause holds its end), and ends at once when resumed (no
+    child is left to wake it)."""
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await execute(store, o.CompleteRun(lease, '"sent"', 12.0))
+    await execute(store, o.PauseRun("p", "ops", 13.0))
+    child = await lease_of(store, "p/0", 14.0)
+    await execute(store, o.CompleteRun(child, "1", 15.0))
+    run = await store.get_run("p")
+    assert run is not None and run.state == "paused"
+    first = await store.apply([o.ResumeRun("p", "ops", 16.0, "id-9")])
+    assert [r.id for r in getattr(first, "ended", ())] == ["p"]
+    resumed = first[0].run
+    assert (resumed.state, resumed.result, resumed.finished_at) == ("completed", '"sent"', 16.0)
+    assert [e[1] for e in await events(store, "p")][-3:] == [
+        "run.paused", "run.waiting", "run.completed"]
+    # The same resume sent again (its reply lost) ends nothing more: nothing is counted twice.
+    again = await store.apply([o.ResumeRun("p", "ops", 17.0, "id-9")])
+    assert getattr(again, "ended", None) == ()
+
+
+async def test_a_parent_paused_while_awaiting_children_still_waits_for_them_when_resumed(
+        store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await execute(store, start(lease, "1"))
+    await claim(store, now=11.5)  # the children run
+    await execute(store, o.FailRun(lease, "E", "boom", 12.0))  # they are cancelled, with grace
+    await execute(store, o.PauseRun("p", "ops", 13.0))
+    claimed = {c.run.id: c.lease for c in await claim(store, now=14.0)}
+    await execute(store, o.FailRun(claimed["p/0"], "RunCancelled", "x", 15.0))
+    resumed = (await execute(store, o.ResumeRun("p", "ops", 16.0))).run
+    assert resumed.state == "waiting"  # p/1 is still unfinished
+    await execute(store, o.FailRun(claimed["p/1"], "RunCancelled", "x", 17.0))
+    run = await store.get_run("p")
+    assert run is not None and (run.state, run.error_type) == ("failed", "E")
+
+
+async def test_a_paused_run_nobody_holds_is_cancelled_at_once_with_its_children(
+        store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await execute(store, o.WaitRun(lease, (WaitFor("1", "sleep", None, 99.0),), "sleeps", 12.0))
+    await execute(store, o.PauseRun("p", "ops", 13.0))
+    out = await execute(store, o.CancelRun("p", "gone", 30.0, "c", 14.0))
+    assert (out.cancelled, out.holder, out.revoked) == (True, None, ())
+    run = await store.get_run("p")
+    assert run is not None and (run.state, run.error_message, run.finished_at) == (
+        "cancelled", "gone", 14.0)
+    assert await store.get_waits("p") == ()
+    child = await store.get_run("p/0")
+    assert child is not None and child.state == "cancelled"  # never ran: at once too
+
+
+async def test_a_paused_run_whose_child_is_held_ends_cancelled_after_that_child(
+        store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await execute(store, o.WaitRun(lease, (WaitFor("1", "join", "p/0"),), "joins", 12.0))
+    child = await lease_of(store, "p/0", 13.0)
+    await execute(store, o.PauseRun("p", "ops", 13.0))
+    out = await execute(store, o.CancelRun("p", "gone", 30.0, "c", 14.0))
+    assert (out.cancelled, out.holder, out.revoked) == (True, None, ("p/0",))
+    run = await store.get_run("p")
+    assert run is not None and run.state == "waiting"  # for its child's grace period
+    assert [w.kind for w in await store.get_waits("p")] == ["children"]
+    again = await lease_of(store, "p/0", 15.0)
+    with pytest.raises(StaleLease):
+        await execute(store, o.CompleteRun(child, "1", 15.0))
+    await execute(store, o.FailRun(again, "RunCancelled", "gone", 16.0))
+    run = await store.get_run("p")
+    assert run is not None and (run.state, run.error_message, run.finished_at) == (
+        "cancelled", "gone", 16.0)
+
+
+async def test_a_paused_run_awaiting_children_is_cancelled_with_them(store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await execute(store, o.CompleteRun(lease, '"sent"', 12.0))
+    await execute(store, o.PauseRun("p", "ops", 13.0))
+    out = await execute(store, o.CancelRun("p", "gone", 30.0, "c", 14.0))
+    assert out.cancelled
+    for run_id in ("p/0", "p"):  # the child never ran: both end at once
+        run = await store.get_run(run_id)
+        assert run is not None and run.state == "cancelled", run_id
+
+
+async def test_a_paused_run_awaiting_children_that_ended_is_cancelled_at_once(
+        store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await execute(store, o.CompleteRun(lease, '"sent"', 12.0))
+    await execute(store, o.PauseRun("p", "ops", 13.0))
+    child = await lease_of(store, "p/0", 14.0)
+    await execute(store, o.CompleteRun(child, "1", 15.0))
+    await execute(store, o.CancelRun("p", "gone", 30.0, "c", 16.0))
+    run = await store.get_run("p")
+    assert run is not None and (run.state, run.finished_at) == ("cancelled", 16.0)
+
+
+async def test_a_held_paused_run_cancelled_cascades_and_ends_at_its_grace(store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    await lease_of(store, "p/0", 12.0)
+    await execute(store, o.PauseRun("p", "ops", 12.0))  # its worker still holds it
+    out = await execute(store, o.CancelRun("p", "gone", 5.0, "c", 13.0))
+    assert (out.holder, out.revoked) == ("w1", ("p/0",))
+    run = await store.get_run("p")
+    assert run is not None and run.state == "paused"
+    [*ended] = await execute(store, o.EndCancels(18.0))
+    assert [(r.id, r.state) for r in ended] == [("p/0", "cancelled"), ("p", "cancelled")]
