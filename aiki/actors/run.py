@@ -341,6 +341,16 @@ class RunState:
             self.flusher.done(self)
         try:
             return await self._write(lambda req: make(req, saved))
+        except trio.Cancelled:
+            # Cut by a deadline scope the run goes on past (or by its end): not known to be
+            # committed, so what it carried waits for the run's next write again (a repeated
+            # save changes nothing). Else the run could end on a result never committed.
+            back = [s for s in taken if all(s is not x for x in self.pending)]
+            if back:
+                self.pending[:0] = back
+                if self.flusher is not None:
+                    self.flusher.waiting(self)
+            raise
         finally:
             self.riding = [s for s in self.riding if all(s is not x for x in taken)]
 

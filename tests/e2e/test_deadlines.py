@@ -236,3 +236,27 @@ async def test_a_shield_in_a_gather_branch_holds_off_the_deadline_around_the_gat
                 ["slept", "slept"], False, 30]
             claims = [e for e in await handle.history() if e.event == "run.running"]
     assert len(claims) == 2  # the first attempt, then woken by the sleeps' end only
+
+
+@aiki.workflow(name="shielded-then-cut", version="1")
+async def shielded_then_cut(run: aiki.WorkflowRun, _: None) -> list[Any]:
+    with run.move_on_after(10) as scope:
+        with run.shield():
+            got = await slow.run(run, 30.0)  # its outcome waits to ride with the next write
+        await slow.run(run, 1.0)  # that write (its start) is cut by the expired deadline
+    return [got, scope.cancelled_caught]
+
+
+async def test_an_outcome_riding_with_a_write_the_deadline_cuts_rides_again(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    """The run goes on past its deadline scope: the outcome the cut write carried is not
+    known to be committed, so the run's next write carries it again, and the run never ends
+    on a result the store does not hold (found by review: it completed with step 1 still
+    running)."""
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[shielded_then_cut]):
+            handle = await shielded_then_cut.enqueue(client, None)
+            assert await handle.wait_for_completion(timeout=600) == ["slept 30.0", True]
+    slow_steps = [s for s in await engine_store.get_steps(handle.id) if s.name == "slow"]
+    assert [(s.state, s.output) for s in slow_steps] == [("completed", '"slept 30.0"')]
