@@ -1091,7 +1091,10 @@ async def run_workflow(
                 await state.flush_cancels()
             except Abandon:
                 return
-            await state.write(lambda req: p.WaitRun(req, lease, conditions, reason))
+            try:
+                await state.write(lambda req: p.WaitRun(req, lease, conditions, reason))
+            except Release:  # paused: it waits again once resumed (its steps replay)
+                await _give_back(state)
             return
         except Release:
             await _give_back(state)
