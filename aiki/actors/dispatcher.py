@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -40,7 +40,7 @@ from aiki.actors.store_writer import StoreWriter
 from aiki.errors import AikiError, StoreUnavailable
 from aiki.logs import run_fields
 from aiki.protocol import Assign, WorkerInfo, WorkflowRef
-from aiki.records import ClaimedRun, Lease, RunRecord
+from aiki.records import Lease, RunRecord
 from aiki.sources import Sources
 from aiki.store.ops import Claim, ReleaseRun
 
@@ -69,12 +69,10 @@ class Seat:
     # came back short (its queue was empty then).
     may_have_work: bool = True
     assigned_at: dict[str, float] = attrs.field(factory=dict)  # run id -> when pushed
-    # Slots promised to claims committing with an enqueue (see Dispatcher.reserve).
-    reserved: int = 0
 
     @property
     def free(self) -> int:
-        return 0 if self.draining else self.slots - len(self.active) - self.reserved
+        return 0 if self.draining else self.slots - len(self.active)
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(
@@ -144,8 +142,6 @@ class Dispatcher:
     versions: dict[str, set[str]] = attrs.field(factory=dict)
     events: dict[tuple[str, str], set[str]] = attrs.field(factory=dict)
     stopped: bool = False
-    # Runs claimed with an enqueue that their seat could not take: given back by the loop.
-    undelivered: list[tuple[Seat, RunRecord]] = attrs.field(factory=list)
     # Stranded runs: queued for a version no connected worker has registered. A run counts
     # once it has waited ``stranded_after`` seconds with the version unserved (and the
     # server up that long); the server warns once per version, until a worker has it again.
@@ -266,68 +262,36 @@ class Dispatcher:
                       self.lease_ttl)
             )
             seat.may_have_work = len(claimed) >= wanted
-            for run in self._place(seat, claimed):
-                await self._give_back(seat, run)
-        while self.undelivered:
-            await self._give_back(*self.undelivered.pop())
-
-    def _place(self, seat: Seat, claimed: Sequence[ClaimedRun]) -> list[RunRecord]:
-        """Push the runs claimed for ``seat`` to its worker; those it cannot take now."""
-        if claimed:
-            self.on_leased(claimed[0].run.lease_expires_at or 0.0)
-        undelivered = []
-        for c in claimed:
-            if c.run.trace_context is not None:
-                _claim_span(c.run)
-            if not seat.draining and seat.push(Assign(c.run, c.steps)):
-                seat.active.add(c.run.id)
-                seat.assigned_at[c.run.id] = trio.current_time()
-            else:
-                undelivered.append(c.run)
-        if undelivered:
-            seat.may_have_work = True  # they are queued again
-        return undelivered
-
-    async def _give_back(self, seat: Seat, run: RunRecord) -> None:
-        assert run.lease_owner is not None
-        log.info("dispatcher: cannot deliver run %s to worker %r (%s); back to the "
-                 "queue", run.id, seat.worker_id,
-                 "it drains" if seat.draining else "its connection is backed up",
-                 extra=run_fields(run.id, run.workflow, run.version, run.attempts,
-                                  run.lease_owner))
-        try:
-            await self.writer.write(ReleaseRun(
-                Lease(run.id, run.lease_epoch, run.lease_owner),
-                self.sources.clock.now(),
-                reason=f"the server could not deliver it to worker {seat.worker_id!r}",
-            ))
-        except (AikiError, AskTimeout) as exc:  # then its lease expires instead
-            log.warning("dispatcher: could not give run %s back: %s", run.id, exc,
-                        extra=run_fields(run.id, run.workflow, run.version,
-                                         run.attempts, run.lease_owner))
-
-    # -- claims that commit with an enqueue ------------------------------------------------
-    def reserve(self, version: tuple[str, str], now: float) -> tuple[Seat, Claim] | None:
-        """A slot of a worker that has ``version`` and is free now, held for a claim of one
-        run that commits in the same transaction as an enqueue (one commit, not two, from
-        enqueue to lease); the claim to write. Give it back with :meth:`claimed`."""
-        if self.stopped:
-            return None
-        for seat in self.seats.values():
-            if (version in seat.workflows and seat.free > 0 and not seat.suspect
-                    and seat.room() // 2 > 0):
-                seat.reserved += 1
-                return seat, Claim(seat.worker_id, (version,), 1, now, self.lease_ttl)
-        return None
-
-    def claimed(self, seat: Seat, claimed: Sequence[ClaimedRun]) -> None:
-        """What the reserved claim got (nothing, if it was not committed): pushed to the
-        seat's worker now; a run it cannot take is given back by the loop."""
-        seat.reserved -= 1
-        undelivered = self._place(seat, claimed)
-        if undelivered:
-            self.undelivered += [(seat, run) for run in undelivered]
-            self.poke()
+            if claimed:
+                self.on_leased(claimed[0].run.lease_expires_at or 0.0)
+            undelivered = []
+            for c in claimed:
+                if c.run.trace_context is not None:
+                    _claim_span(c.run)
+                if not seat.draining and seat.push(Assign(c.run, c.steps)):
+                    seat.active.add(c.run.id)
+                    seat.assigned_at[c.run.id] = trio.current_time()
+                else:
+                    undelivered.append(c.run)
+            if undelivered:
+                seat.may_have_work = True  # they are queued again
+            for run in undelivered:
+                assert run.lease_owner is not None
+                log.info("dispatcher: cannot deliver run %s to worker %r (%s); back to the "
+                         "queue", run.id, seat.worker_id,
+                         "it drains" if seat.draining else "its connection is backed up",
+                         extra=run_fields(run.id, run.workflow, run.version, run.attempts,
+                                          run.lease_owner))
+                try:
+                    await self.writer.write(ReleaseRun(
+                        Lease(run.id, run.lease_epoch, run.lease_owner),
+                        self.sources.clock.now(),
+                        reason=f"the server could not deliver it to worker {seat.worker_id!r}",
+                    ))
+                except (AikiError, AskTimeout) as exc:  # then its lease expires instead
+                    log.warning("dispatcher: could not give run %s back: %s", run.id, exc,
+                                extra=run_fields(run.id, run.workflow, run.version,
+                                                 run.attempts, run.lease_owner))
 
     # -- for sessions --------------------------------------------------------------------
     def tell(self, msg: Joined | Left | Ended | Alive | Draining | Expired | Poke) -> None:
