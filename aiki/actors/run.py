@@ -726,7 +726,10 @@ async def run_workflow(
                                     what=f"result of workflow {workflow.name!r}")
         except Suspend as suspend:
             conditions, reason = suspend.conditions, suspend.reason
-            await state.write(lambda req: p.WaitRun(req, lease, conditions, reason))
+            try:
+                await state.write(lambda req: p.WaitRun(req, lease, conditions, reason))
+            except Release:  # paused: it waits again once resumed (its steps replay)
+                await _give_back(state)
             return
         except Release:
             await _give_back(state)

@@ -12,7 +12,7 @@ import aiki
 from aiki import protocol as p
 from aiki.actors.outcomes import DEFAULT_BOUND, Flusher
 from aiki.actors.run import Abandon, run_workflow
-from aiki.errors import StaleLease
+from aiki.errors import RunPaused, StaleLease
 from aiki.records import RunRecord
 from aiki.sources import Sources
 from aiki.store import MemoryStore
@@ -180,3 +180,22 @@ async def test_an_outcome_riding_with_a_slow_lone_write_rides_again_with_the_end
     await drive(then_think, persist)
     assert written == ["StartStep 0 running", "SaveStep 0 completed",
                        "CompleteRun +['0 completed']"]
+
+
+async def test_a_wait_refused_as_paused_gives_the_run_back(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Paused between the wait's step and the wait itself (its worker missed the word): the
+    # wait's write is refused, and the run is given back at that boundary, as a refused
+    # completion is. The refusal escaped and took the worker down (simulation seed 12 with
+    # issue 11's workload).
+    async def react(msg: Any) -> Any:
+        if isinstance(msg, p.AwaitStep):
+            return p.StepResult(msg.req, msg.step)  # recorded, waiting
+        if isinstance(msg, p.WaitRun):
+            raise RunPaused("run r1 is paused: waiting is refused until it is resumed")
+        return None
+
+    written, persist = recorder(react)
+    await drive(then_sleep, persist)
+    assert written[-2:] == ["WaitRun", "ReleaseRun"]
