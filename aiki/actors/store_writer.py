@@ -131,7 +131,6 @@ class StoreWriter:
         return outcome  # type: ignore[no-any-return]
 
 
-
 # What an op whose outcome is a run record did to it, when it is not the run's new state.
 _RUN_EVENT: dict[type[Op[Any]], str] = {RetryRun: "retried", ResumeRun: "resumed"}
 _OK: dict[type[Op[Any]], tuple[str, str]] = {}  # the labels of an op applied: (name, "ok")

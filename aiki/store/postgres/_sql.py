@@ -100,12 +100,8 @@ def _run_and_history(step: bool, clear_waits: bool) -> str:
     if clear_waits:
         sql += ", cleared AS (DELETE FROM waits WHERE run_id = $9)"
     return sql + " " + HISTORY_INSERT
-_N_RUN = len(attrs.fields(RunRecord))
-_RUN_AND_STEP = (
-    "SELECT " + ", ".join(f"r.{f.name}" for f in attrs.fields(RunRecord)) + ", "
-    + ", ".join(f"s.{f.name}" for f in attrs.fields(StepRecord))
-    + " FROM runs r LEFT JOIN steps s ON s.run_id = r.id AND s.position = $2"
-    " WHERE r.id = $1 FOR UPDATE OF r")
+
+
 HISTORY_INSERT = (
     "INSERT INTO history (run_id, at, event, attempt, worker_id, position, name, detail)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
@@ -487,21 +483,10 @@ async def _wake_due(conn: Conn, op: o.WakeDue) -> tuple[str, ...]:
     return o.WakeOutcome(woke, await _end_cancels(conn, o.EndCancels(op.now)))
 
 
-async def _locked_run_and_step(conn: Conn, run_id: str,
-                               position: str) -> tuple[RunRecord | None, StepRecord | None]:
-    """The run, locked, and its step at ``position``, in one round trip."""
-    row = await conn.fetchrow(_RUN_AND_STEP, run_id, position)
-    if row is None:
-        return None, None
-    values = tuple(row)
-    run = RunRecord(*values[:_N_RUN])
-    step = values[_N_RUN:]
-    return run, None if step[0] is None else StepRecord(*step)
-
-
 async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> bool:
     new = op.step
-    run, old = await _locked_run_and_step(conn, op.lease.run_id, new.position)
+    key = (op.lease.run_id, new.position)
+    runs, steps = await _locked_runs_and_steps(conn, [key])
     keyed = None
     if new.idempotency_key is not None:
         keyed = await conn.fetchval(
@@ -509,9 +494,7 @@ async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> bool:
             " AND idempotency_key = $3 AND position <> $4 ORDER BY seq LIMIT 1",
             op.lease.run_id, new.name, new.idempotency_key, new.position,
         )
-    change = m.save_step(run, op.lease, old, keyed, new, op.now,
-                         start=isinstance(op, o.StartStep),
-                         lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
+    change = _decide(op, runs.get(key[0]), steps[key], keyed)
     await _write(conn, op.lease.run_id, change)
     return bool(change.history)
 
@@ -930,6 +913,7 @@ def _unnest(first: int, types: Sequence[str]) -> str:
 _STEP_TYPES = ["text", *_array_types(StepRecord)]
 _RUN_TYPES = _array_types(RunRecord)
 _HISTORY_TYPES = ["text", "float8", "text", "int8", "text", "text", "text", "text"]
+_N_RUN = len(attrs.fields(RunRecord))
 _RUNS_AND_STEPS = (  # the runs, locked in the order of their ids, each with the step asked for
     "SELECT " + ", ".join(f"r.{f.name}" for f in attrs.fields(RunRecord)) + ", "
     + ", ".join(f"s.{f.name}" for f in attrs.fields(StepRecord))
@@ -958,11 +942,11 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
 
 
-async def _save_steps(conn: Conn, ops: Sequence[o.StartStep | o.SaveStep]) -> list[Any]:
-    """Several task starts and outcomes (of one run or many) in two round trips, where one
-    at a time takes two each: one read of every run (locked) with the step asked for, the
-    state machine's decisions in order (each op sees the ones before it), then one write."""
-    keys = list(dict.fromkeys((op.lease.run_id, op.step.position) for op in ops))
+async def _locked_runs_and_steps(
+    conn: Conn, keys: Sequence[tuple[str, str]],
+) -> tuple[dict[str, RunRecord], dict[tuple[str, str], StepRecord | None]]:
+    """The runs of ``keys`` (run id, position), locked, each with the step at that position
+    (None: not recorded), in one round trip."""
     rows = await conn.fetch(_RUNS_AND_STEPS, [k[0] for k in keys], [k[1] for k in keys])
     runs: dict[str, RunRecord] = {}
     steps: dict[tuple[str, str], StepRecord | None] = dict.fromkeys(keys)
@@ -971,6 +955,23 @@ async def _save_steps(conn: Conn, ops: Sequence[o.StartStep | o.SaveStep]) -> li
         run = runs[values[0]] = RunRecord(*values[:_N_RUN])
         if values[_N_RUN] is not None:
             steps[run.id, values[_N_RUN]] = StepRecord(*values[_N_RUN:])
+    return runs, steps
+
+
+def _decide(op: o.StartStep | o.SaveStep, run: RunRecord | None, old: StepRecord | None,
+            keyed: str | None) -> m.Change:
+    """The state machine's decision on one task start or outcome, given what it reads."""
+    return m.save_step(run, op.lease, old, keyed, op.step, op.now,
+                       start=isinstance(op, o.StartStep),
+                       lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
+
+
+async def _save_steps(conn: Conn, ops: Sequence[o.StartStep | o.SaveStep]) -> list[Any]:
+    """Several task starts and outcomes (of one run or many) in two round trips, where one
+    at a time takes two each: one read of every run (locked) with the step asked for, the
+    state machine's decisions in order (each op sees the ones before it), then one write."""
+    keys = list(dict.fromkeys((op.lease.run_id, op.step.position) for op in ops))
+    runs, steps = await _locked_runs_and_steps(conn, keys)
     outcomes: list[Any] = []
     changed_runs: dict[str, RunRecord] = {}
     changed_steps: dict[tuple[str, str], StepRecord] = {}  # in the order first written
@@ -978,10 +979,7 @@ async def _save_steps(conn: Conn, ops: Sequence[o.StartStep | o.SaveStep]) -> li
     for op in ops:
         run_id, new = op.lease.run_id, op.step
         try:
-            change = m.save_step(
-                runs.get(run_id), op.lease, steps[run_id, new.position], None, new, op.now,
-                start=isinstance(op, o.StartStep),
-                lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
+            change = _decide(op, runs.get(run_id), steps[run_id, new.position], None)
         except AikiError as exc:  # refused on purpose; it wrote nothing
             outcomes.append(exc)
             continue
