@@ -44,6 +44,7 @@ import trio
 from aiki import protocol as p
 from aiki import tracing
 from aiki.actors.outcomes import Flusher
+from aiki.actors.scopes import serving_nursery
 from aiki.errors import (
     ChildCancelled,
     ChildFailed,
@@ -73,6 +74,7 @@ WRITE_ATTEMPTS = 8  # about 20 s of backoff before giving the run back to its le
 DEFAULT_RECORD_START_AFTER = 0.0
 DEADLINE_EXCEEDED = "DeadlineExceeded"  # the error of a step its deadline scope abandoned
 CHILD_CANCEL_GRACE = 60.0  # how long a child cancelled by an expired deadline may compensate
+CANCEL_GRACE = 60.0  # a cancel's grace period when none is known (the default of ``cancel``)
 
 
 class TaskDefinition(Protocol):
@@ -225,6 +227,10 @@ class RunState:
     # The run is being cancelled (its reason): new steps outside a shield raise RunCancelled.
     cancelling: bool = False
     cancel_reason: str | None = None
+    cancel_deadline: float | None = None  # the end of its grace period (epoch seconds)
+    # The Trio scopes of the open ``run.shield()`` blocks, and whether the run was stopped.
+    shields: set[trio.CancelScope] = attrs.field(factory=set)
+    stopped: bool = False
     # Children whose deadline scope expired: cancelled at the next write; and the steps
     # that stood in it, recorded abandoned.
     pending_cancels: list[tuple[str, str]] = attrs.field(factory=list)
@@ -246,6 +252,28 @@ class RunState:
         if branch is None or branch[0] is not self:
             return self.root.next()
         return branch[1].next()
+
+    def open_shield(self) -> trio.CancelScope:
+        """The Trio scope of a ``run.shield()`` block: shielded from the run's deadline
+        scopes and gathers, bounded by the cancel's grace period when the run is being
+        cancelled, and cancelled when the run is stopped on this worker (:meth:`stop`)."""
+        scope = trio.CancelScope(shield=True)
+        if self.cancelling:
+            end = self.cancel_deadline
+            left = CANCEL_GRACE if end is None else end - self.sources.clock.now()
+            scope.deadline = trio.current_time() + max(left, 0.0)
+        if self.stopped:
+            scope.cancel()
+        self.shields.add(scope)
+        return scope
+
+    def stop(self) -> None:
+        """The run is stopped on this worker (its actor's scope is cancelled: a lease lost or
+        revoked, a crash, the worker stopping): its ``run.shield()`` blocks stop too, since
+        Trio's shield holds off every cancellation from outside it."""
+        self.stopped = True
+        for scope in self.shields:
+            scope.cancel()
 
     def check_cancelled(self) -> None:
         """Raise :class:`RunCancelled` where the workflow stands, unless shielded."""
@@ -920,31 +948,40 @@ class WorkflowRun:
     def shield(self) -> Iterator[None]:
         """Awaits inside run normally after a cancel (``aiki.RunCancelled`` is not raised):
         compensation, e.g. a refund. They must end within the cancel's grace period (60 s
-        by default); then the run ends ``cancelled`` whatever they are doing. Branches of a
-        ``run.gather`` begun inside are shielded too.
+        by default): when it ends they are cancelled and ``aiki.RunCancelled`` is raised at
+        the end of the block (the server ends the run ``cancelled`` then, whatever it does).
+        Branches of a ``run.gather`` begun inside are shielded too, and a shielded branch
+        runs to its end when a sibling fails (or sees ``RunCancelled``) and cancels the
+        others, as in Trio.
 
-        As Trio's shield, it shields from the durable deadlines of the scopes around it
-        (``run.move_on_after`` / ``run.fail_after``): their expiry does not cut the awaits
-        inside short (nor wake a run waiting inside), and takes effect when the shield
-        exits. (A scope that had expired already when the shield was entered, e.g. in a
-        ``finally`` while it unwinds, stays expired: compensate after the scope, on
-        ``scope.cancelled_caught``.) Scopes opened inside it expire as usual."""
+        As Trio's shield (it opens one: ``trio.CancelScope(shield=True)``), it shields from
+        the durable deadlines of the scopes around it (``run.move_on_after`` /
+        ``run.fail_after``): their expiry does not cut the awaits inside short (nor wake a
+        run waiting inside), and takes effect when the shield exits. Only the code inside
+        is shielded: the sibling branches of a ``run.gather`` are cut at the deadline as
+        usual. Scopes opened inside it expire as usual. A shield does not hold the run on a
+        worker that stops it (its lease lost or revoked, the worker stopped): then the
+        awaits inside are cancelled too, and the run resumes from its checkpoints on its
+        next lease."""
+        state = self._state
         outer = _open_deadlines()
-        armed = [(d, d.cancel.deadline) for d in outer]
-        for d in outer:
-            d.cancel.deadline = math.inf
+        scope = state.open_shield()
         token = _SHIELDED.set(True)
         at = _SHIELD_AT.set(len(_DEADLINES.get()))
         try:
-            yield
+            with scope:
+                yield
         except Suspend as exc:
             exc.shielded.update(id(d) for d in outer)
             raise
         finally:
             _SHIELD_AT.reset(at)
             _SHIELDED.reset(token)
-            for d, deadline in armed:  # (one that passed meanwhile cancels at once)
-                d.cancel.deadline = deadline
+            state.shields.discard(scope)
+        if scope.cancelled_caught:
+            if state.stopped:  # (the run's own scope is cancelled too: nothing more runs)
+                raise Abandon(f"run {self.id}: stopped on this worker inside run.shield()")
+            raise RunCancelled(self.id, state.cancel_reason)  # the grace period is over
 
     async def now(self) -> float:
         """Wall-clock seconds since the epoch, recorded once."""
@@ -1067,7 +1104,8 @@ async def run_workflow(
                      trio.Event() if draining is None else draining, nudges or Nudges(),
                      workflow.name, run_task, lease_deadline, lease_renewed, flusher,
                      cancelling=run.cancel_requested_at is not None,
-                     cancel_reason=run.cancel_reason, paused=paused)
+                     cancel_reason=run.cancel_reason, cancel_deadline=run.cancel_deadline,
+                     paused=paused)
     if on_state is not None:  # (a replay looks at what the code consumed)
         on_state(state)
     _BRANCH.set((state, state.root))
@@ -1080,7 +1118,9 @@ async def run_workflow(
         try:
             payload = p.decode_value(run.payload, workflow.payload_type,
                                      what=f"payload of workflow {workflow.name!r}")
-            value = await workflow.execute(handle, payload)
+            async with serving_nursery() as nursery:
+                nursery.start_soon(_stop_when_cancelled, state)
+                value = await workflow.execute(handle, payload)
             await state.flush_cancels()
             state.check_all_consumed()
             result = p.encode_value(value, workflow.result_type,
@@ -1126,6 +1166,16 @@ async def run_workflow(
                 await state.carry(lambda req, saved: p.CompleteRun(req, lease, result, saved))
             except Release:  # paused: it completes once resumed (its steps replay)
                 await _give_back(state)
+
+
+async def _stop_when_cancelled(state: RunState) -> None:
+    """Beside the workflow's code: when the run's scope is cancelled from outside (the
+    worker stops it, or crashes), its ``run.shield()`` blocks are cancelled too. (Cancelled
+    when the code ends as well: no shield is open then.)"""
+    try:
+        await trio.sleep_forever()
+    finally:
+        state.stop()
 
 
 async def _give_back(state: RunState) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import trio
 
 import aiki
@@ -63,3 +64,53 @@ async def test_a_start_acknowledged_within_the_lease_runs_the_task(
     await run_workflow(pay, p.Assign(leased_run(), ()), persist, Sources.seeded(1),
                        lease_deadline=lambda: 10.0)
     assert len(ran) == 1
+
+
+cut: list[float] = []
+
+
+@aiki.task(name="endless")
+async def endless(x: int) -> int:
+    try:
+        await trio.sleep(10_000)
+    except trio.Cancelled:
+        cut.append(trio.current_time())
+        raise
+    return x
+
+
+@aiki.workflow(name="compensate", version="1")
+async def compensate(run: aiki.WorkflowRun, x: int) -> int:
+    try:
+        return await charge.run(run, x)
+    except aiki.RunCancelled:
+        with run.shield():
+            await endless.run(run, x)
+        return -1  # never: the shield raises RunCancelled when the grace period ends
+
+
+async def test_a_shield_ends_with_the_cancels_grace_period_even_if_no_word_comes(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A run being cancelled compensates inside ``run.shield()`` until its grace period
+    ends (here 50 s after the assignment), on its own clock: the worker may never hear
+    that the server ended the run. Then RunCancelled is raised at the shield's end, and
+    the run reports it."""
+    cut.clear()
+    sources = Sources.seeded(1)
+    written: list[Any] = []
+
+    async def persist(make: Any) -> Any:
+        msg = make(1)
+        written.append(msg)
+        return p.Ok(1)
+
+    now = sources.clock.now()
+    run = attrs.evolve(leased_run(), workflow="compensate", cancel_requested_at=now - 10,
+                       cancel_reason="bye", cancel_deadline=now + 50)
+    start = trio.current_time()
+    await run_workflow(compensate, p.Assign(run, ()), persist, sources)
+    assert [c - start for c in cut] == [50]
+    assert [type(m).__name__ for m in written] == ["StartStep", "FailRun"]
+    assert (written[-1].error_type, written[-1].error_message) == (
+        "RunCancelled", "run r1 was cancelled: bye")

@@ -260,3 +260,40 @@ async def test_an_outcome_riding_with_a_write_the_deadline_cuts_rides_again(
             assert await handle.wait_for_completion(timeout=600) == ["slept 30.0", True]
     slow_steps = [s for s in await engine_store.get_steps(handle.id) if s.name == "slow"]
     assert [(s.state, s.output) for s in slow_steps] == [("completed", '"slept 30.0"')]
+
+
+@aiki.workflow(name="shield-beside-a-plain-branch", version="1")
+async def shield_beside_a_plain_branch(run: aiki.WorkflowRun, _: None) -> list[Any]:
+    async def compensating() -> str:
+        with run.shield():
+            return await slow.run(run, 30.0)
+
+    async def plain() -> str:
+        for i in range(20):  # each step re-arms the deadline scope around the gather
+            await slow.run(run, 1.0 + i / 1000)
+        return "plain done"
+
+    start = await run.now()
+    got = None
+    with run.move_on_after(10) as scope:
+        got = await run.gather(compensating(), plain())
+    return [got, scope.cancelled_caught, round(await run.now() - start)]
+
+
+async def test_a_shielded_gather_branch_is_not_cut_by_a_sibling_rearming_the_deadline(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    """Found by review: ``shield()`` lifted the deadline of the scope the gather's branches
+    share, and the unshielded sibling's next step set it back, so the shielded task was cut
+    at the deadline and left ``running``. The shielded branch runs to its end (30 s); the
+    sibling is cut at 10 s; the gather, cut, is caught by its scope."""
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[shield_beside_a_plain_branch]):
+            handle = await shield_beside_a_plain_branch.enqueue(client, None)
+            assert await handle.wait_for_completion(timeout=600) == [None, True, 30]
+    steps = {s.position: s for s in await engine_store.get_steps(handle.id)}
+    shielded = steps["2.0.0"]
+    assert (shielded.name, shielded.state, shielded.output) == (
+        "slow", "completed", '"slept 30.0"')
+    # The sibling's step in flight at the deadline is recorded abandoned, not left running.
+    assert all(s.state in ("completed", "failed") for s in steps.values()), steps
