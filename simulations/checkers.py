@@ -155,6 +155,7 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     v += _cancels(contents, ledger)
     v += _children(contents)
     v += _deadlines(ledger)
+    v += _shields(contents)
     # A run a client cancelled may end otherwise in the fault-free run (the cancel came
     # before or after its end there): its results are not compared; nor are a child's whose
     # parent did not complete (a failing parent cancels the children still running).
@@ -491,12 +492,34 @@ def _cancels(contents: Any, ledger: Any) -> list[str]:
             if not e.event.startswith("task."):
                 continue
             comp = e.name == workload.COMPENSATION
-            if asked is not None and e.seq > asked and not comp:
+            # (Shielded work goes on after a cancel, as a compensation does.)
+            if asked is not None and e.seq > asked and not comp and (
+                    e.name != workload.SHIELDED):
                 v.append(f"run {run.id}: task {e.name} at step {e.position} went {e.event} "
                          f"at seq {e.seq}, after its cancel was committed at seq {asked}")
             elif comp and (asked is None or e.seq < asked):
                 v.append(f"run {run.id}: compensation {e.event} at seq {e.seq} before any "
                          "cancel")
+    return v
+
+
+def _shields(contents: Any) -> list[str]:
+    """A task inside ``run.shield()`` is never cut by a deadline scope around the shield:
+    in a run that was not cancelled (whose grace period may end a shield), it completes,
+    however long past the deadline, whatever its siblings in a ``run.gather`` do."""
+    v = []
+    for run in contents.runs.values():
+        if run.state not in ("completed", "failed") or any(
+                e.event == "cancel.requested" for e in contents.history[run.id]):
+            continue
+        for step in contents.steps[run.id]:
+            if step.kind == "task" and step.name == workload.SHIELDED and (
+                    step.state != "completed"):
+                v.append(f"run {run.id} ended {run.state} with its shielded task at step "
+                         f"{step.position} {step.state}"
+                         + (f" ({step.error_type})" if step.error_type else "")
+                         + ": a shielded task runs to its end, its outcome committed, "
+                         "whatever the deadline around the shield or its siblings do")
     return v
 
 
