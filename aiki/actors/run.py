@@ -339,15 +339,21 @@ class RunState:
                 await trio.lowlevel.checkpoint()
 
     async def flush_cancels(self) -> None:
-        # Taken before the write: concurrent branches flush too (a failed write abandons
-        # the run, whose next lease records them again).
+        """Record the steps of expired deadline scopes abandoned, and cancel their children.
+        Each is taken off its list only once its write is acknowledged: a write cut short
+        (a deadline or the run's end cancels it) leaves it for the next flush. A concurrent
+        branch may send one again meanwhile: both writes are idempotent."""
         while self.pending_abandons:
-            scope, positions = self.pending_abandons.pop(0)
+            abandon = self.pending_abandons[0]
+            scope, positions = abandon
             await self.write(partial(_abandon_steps, lease=self.lease, positions=positions,
                                      scope=scope))
+            _drop(self.pending_abandons, abandon)
         while self.pending_cancels:
-            child_id, reason = self.pending_cancels.pop(0)
+            cancel = self.pending_cancels[0]
+            child_id, reason = cancel
             await self.write(partial(_cancel_run, run_id=child_id, reason=reason))
+            _drop(self.pending_cancels, cancel)
 
     async def write(self, make: Callable[[int], Any]) -> Any:
         """Persist one write, after the outcomes waiting for a ride or riding with another
@@ -777,6 +783,14 @@ class RunState:
         return p.decode_value(output)
 
 
+def _drop(items: list[Any], item: Any) -> None:
+    """Take ``item`` (that very object) off ``items``, if a concurrent flush has not."""
+    for i, x in enumerate(items):
+        if x is item:
+            del items[i]
+            return
+
+
 def _abandon_steps(req: int, *, lease: Lease, positions: tuple[str, ...],
                    scope: str) -> p.AbandonSteps:
     return p.AbandonSteps(req, lease, positions, scope)
@@ -870,22 +884,30 @@ class DeadlineScope:
             # The run gives its slot back: the server's timer wakes it at the deadline.
             exc.conditions = (*exc.conditions,
                               WaitFor(scope.position, "deadline", "deadline", scope.at))
-        handled = bool(scope.cancel.__exit__(etype, exc, tb))
-        self.cancelled_caught = scope.cancel.cancelled_caught
-        if self.cancelled_caught:
-            why = (f"the deadline of run {self._state.lease.run_id} at step "
-                   f"{scope.position} passed")
-            self._state.pending_cancels += [(c, why) for c in scope.children]
-            unfinished = tuple(q for q in scope.steps
-                               if (step := self._state.steps.get(q)) is None
-                               or step.state not in FINAL_STEP_STATES)
-            if unfinished:
-                self._state.pending_abandons.append((scope.position, unfinished))
-            if self._fail:
-                raise DeadlineExceeded(
-                    f"run {self._state.lease.run_id}: the deadline of {self._seconds:g} s "
-                    f"set at step {scope.position} passed")
+        try:
+            # (Raises what is left of an exception group once its Cancelled are taken out:
+            # the scope expired all the same, and its children and steps are seen to.)
+            handled = bool(scope.cancel.__exit__(etype, exc, tb))
+        finally:
+            self.cancelled_caught = scope.cancel.cancelled_caught
+            if self.cancelled_caught:
+                self._expired(scope)
+        if self.cancelled_caught and self._fail:
+            raise DeadlineExceeded(
+                f"run {self._state.lease.run_id}: the deadline of {self._seconds:g} s "
+                f"set at step {scope.position} passed")
         return handled
+
+    def _expired(self, scope: _Deadline) -> None:
+        """The scope expired: its children are cancelled and its unfinished steps recorded
+        abandoned, at the run's next write."""
+        why = f"the deadline of run {self._state.lease.run_id} at step {scope.position} passed"
+        self._state.pending_cancels += [(c, why) for c in scope.children]
+        unfinished = tuple(q for q in scope.steps
+                           if (step := self._state.steps.get(q)) is None
+                           or step.state not in FINAL_STEP_STATES)
+        if unfinished:
+            self._state.pending_abandons.append((scope.position, unfinished))
 
 
 class WorkflowRun:

@@ -297,3 +297,40 @@ async def test_a_shielded_gather_branch_is_not_cut_by_a_sibling_rearming_the_dea
         "slow", "completed", '"slept 30.0"')
     # The sibling's step in flight at the deadline is recorded abandoned, not left running.
     assert all(s.state in ("completed", "failed") for s in steps.values()), steps
+
+
+@aiki.workflow(name="error-group-in-a-deadline", version="1")
+async def error_group_in_a_deadline(run: aiki.WorkflowRun, _: None) -> list[Any]:
+    async def cleanup_fails() -> None:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            raise ValueError("cleanup failed") from None
+
+    child_id = None
+    scope = run.move_on_after(10)
+    try:
+        with scope:
+            child = await leaf.start_child(run, 1000.0)
+            child_id = child.id
+            async with trio.open_nursery() as nursery:  # the deadline cuts both
+                nursery.start_soon(cleanup_fails)
+                nursery.start_soon(trio.sleep_forever)
+    except* ValueError:
+        pass
+    return [scope.cancelled_caught, child_id]
+
+
+async def test_a_deadline_cut_that_leaves_an_error_group_still_cancels_its_children(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    """Trio's scope takes the Cancelled out of an exception group and raises the rest: the
+    scope expired all the same, and the child started in it is cancelled (found by review:
+    the bookkeeping after the Trio scope's exit was skipped, and the child ran its course)."""
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[error_group_in_a_deadline, leaf]):
+            handle = await error_group_in_a_deadline.enqueue(client, None)
+            expired, child_id = await handle.wait_for_completion(timeout=600)
+            child = await client.handle(child_id).status()
+    assert expired is True
+    assert child.state == "cancelled"
