@@ -38,6 +38,7 @@ from aiki.errors import (
     TaskFailed,
     UnknownEvent,
     UnknownWorkflow,
+    WorkflowUsageError,
     UnservedVersionWarning,
     WorkerIdInUse,
     WorkflowCancelled,
@@ -83,6 +84,6 @@ __all__ = [
     "ScheduleNotFound", "ScheduleOccurrence", "ScheduleSummary", "Sources", "StaleLease",
     "Task", "TaskFailed", "TaskStatus", "UnknownEvent", "UnknownWorkflow",
     "UnservedVersionWarning", "WaitStatus", "WorkerIdInUse", "WorkerInfo", "Workflow",
-    "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "connect", "embedded", "event",
+    "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "WorkflowUsageError", "connect", "embedded", "event",
     "task", "worker", "workflow",
 ]

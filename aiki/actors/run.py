@@ -59,6 +59,7 @@ from aiki.errors import (
     StepConflict,
     StoreUnavailable,
     TaskFailed,
+    WorkflowUsageError,
 )
 from aiki.logs import bind_run
 from aiki.metrics import TASK_DURATION
@@ -281,11 +282,13 @@ class RunState:
             raise RunCancelled(self.lease.run_id, self.cancel_reason)
 
     def check_inside(self, what: str) -> None:
-        """RuntimeError unless called from this run's workflow code."""
+        """WorkflowUsageError unless called from this run's workflow code."""
         branch = _BRANCH.get(None)
         if branch is None or branch[0] is not self:
-            raise RuntimeError(f"{what} is used outside the workflow code of run "
-                               f"{self.lease.run_id}: call it from the workflow function")
+            raise WorkflowUsageError(
+                f"{what} is used outside the workflow code of run {self.lease.run_id}: call "
+                "it from the workflow function (or a run.gather branch of it), while the run "
+                "executes")
 
     async def arm(self) -> None:
         """Before a step: the deadlines of the scopes it stands in are recorded (once; a
@@ -868,7 +871,8 @@ class DeadlineScope:
     def __enter__(self) -> DeadlineScope:
         self._state.check_inside(self._what)
         if self._scope is not None:
-            raise RuntimeError(f"{self._what}: a deadline scope is entered once")
+            raise WorkflowUsageError(f"{self._what}: a deadline scope is entered once; make "
+                                     "a new one for each block")
         self._scope = _Deadline(self._state.next_position(), self._seconds,
                                 trio.CancelScope())
         self._scope.cancel.__enter__()
@@ -930,9 +934,9 @@ class WorkflowRun:
     @property
     def client(self) -> Any:
         """The client the worker running this run was started from (``aiki.worker(client,
-        ...)``); RuntimeError for a worker made without one."""
+        ...)``); WorkflowUsageError for a worker made without one."""
         if self._client is None:
-            raise RuntimeError(f"run {self.id}: its worker was not started from a client "
+            raise WorkflowUsageError(f"run {self.id}: its worker was not started from a client "
                                "(aiki.worker(client, ...)), so there is none to make a "
                                "handle with; use client.handle(child.id) outside the "
                                "workflow")
@@ -986,6 +990,7 @@ class WorkflowRun:
         awaits inside are cancelled too, and the run resumes from its checkpoints on its
         next lease."""
         state = self._state
+        state.check_inside("run.shield()")
         outer = _open_deadlines()
         scope = state.open_shield()
         token = _SHIELDED.set(True)

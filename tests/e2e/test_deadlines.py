@@ -122,10 +122,15 @@ async def test_a_waiting_run_is_woken_by_the_timer_at_its_deadline(
             steps = await engine_store.get_steps(handle.id)
     [deadline] = [s for s in steps if s.kind == "deadline"]  # recorded once, replayed
     assert deadline.output is not None
-    with pytest.raises(RuntimeError, match="outside the workflow code"):
+    with pytest.raises(aiki.WorkflowUsageError, match="outside the workflow code"):
         kept[0].move_on_after(5).__enter__()
-    with pytest.raises(RuntimeError, match="outside the workflow code"):
+    with pytest.raises(aiki.WorkflowUsageError, match="outside the workflow code"):
         await leaf.start_child(kept[0], 1.0)
+    with pytest.raises(aiki.WorkflowUsageError, match=r"run.shield\(\) is used outside"):
+        with kept[0].shield():
+            pass
+    with pytest.raises(RuntimeError):  # (as before: a RuntimeError too)
+        kept[0].fail_after(5).__enter__()
 
 
 async def test_nested_deadlines_behave_as_trios(
