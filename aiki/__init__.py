@@ -38,11 +38,11 @@ from aiki.errors import (
     TaskFailed,
     UnknownEvent,
     UnknownWorkflow,
-    WorkflowUsageError,
     UnservedVersionWarning,
     WorkerIdInUse,
     WorkflowCancelled,
     WorkflowFailed,
+    WorkflowUsageError,
 )
 from aiki.protocol import WorkerInfo
 from aiki.records import HistoryEvent
