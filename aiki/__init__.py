@@ -84,6 +84,6 @@ __all__ = [
     "ScheduleNotFound", "ScheduleOccurrence", "ScheduleSummary", "Sources", "StaleLease",
     "Task", "TaskFailed", "TaskStatus", "UnknownEvent", "UnknownWorkflow",
     "UnservedVersionWarning", "WaitStatus", "WorkerIdInUse", "WorkerInfo", "Workflow",
-    "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "WorkflowUsageError", "connect", "embedded", "event",
-    "task", "worker", "workflow",
+    "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "WorkflowUsageError", "connect",
+    "embedded", "event", "task", "worker", "workflow",
 ]
