@@ -524,16 +524,19 @@ def _shields(contents: Any) -> list[str]:
 
 
 def _deadlines(ledger: Any) -> list[str]:
-    """No deadline scope expires early on the clock of the node that sees it expire (a clock
-    jump of that node is let off, and its drift); how late one may be while a server is up
-    is the overdue monitor's (a run waiting past its deadline is woken by the timer)."""
+    """No deadline scope expires early on the servers' clock, which deadlines are kept on,
+    whichever worker recorded it and whichever sees it expire (the workers' own clocks are
+    skewed; a jump of the servers' clock is let off, and drift); how late one may be while
+    a server is up is the overdue monitor's (a run waiting past its deadline is woken by
+    the timer)."""
     v = []
+    jumps = sum(n for node, n in ledger.clock_jumps.items() if node.startswith("s"))
     for at, run_id, node, deadline, expired, clock, seconds in ledger.deadlines:
-        slack = ledger.clock_jumps[node] + 0.05 + 2e-3 * seconds
+        slack = jumps + 0.05 + 2e-3 * seconds
         if expired and clock < deadline - slack:
             v.append(f"run {run_id}: a deadline scope of {seconds:g} s expired at t={at:.3f} "
-                     f"on {node}, whose clock said {clock:.3f}, before its deadline "
-                     f"{deadline:.3f}")
+                     f"on {node}, when the servers' clock said {clock:.3f}, before its "
+                     f"deadline {deadline:.3f}")
     return v
 
 

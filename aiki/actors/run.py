@@ -240,6 +240,9 @@ class RunState:
     # paused): it is given back as paused, not as a drain.
     paused: Callable[[], bool] = lambda: False
     paused_seen: bool = False
+    # The server's wall clock now, (at least, at most): the clock deadlines are kept on
+    # (aiki.actors.server_time); None: this worker's own wall clock stands in.
+    server_time: Callable[[], tuple[float, float]] | None = None
     steps: dict[str, StepRecord] = attrs.field(init=False)
     consumed: set[str] = attrs.field(factory=set)
     root: _Branch = attrs.field(factory=lambda: _Branch(""))
@@ -247,6 +250,13 @@ class RunState:
 
     def __attrs_post_init__(self) -> None:
         self.steps = dict(self.recorded)
+
+    def server_now(self) -> tuple[float, float]:
+        """The server's clock now: (at least, at most)."""
+        if self.server_time is None:
+            now = self.sources.clock.now()
+            return now, now
+        return self.server_time()
 
     def next_position(self) -> str:
         branch = _BRANCH.get(None)
@@ -261,7 +271,7 @@ class RunState:
         scope = trio.CancelScope(shield=True)
         if self.cancelling:
             end = self.cancel_deadline
-            left = CANCEL_GRACE if end is None else end - self.sources.clock.now()
+            left = CANCEL_GRACE if end is None else end - self.server_now()[0]
             scope.deadline = trio.current_time() + max(left, 0.0)
         if self.stopped:
             scope.cancel()
@@ -302,8 +312,8 @@ class RunState:
             recorded = self.replayed(d.position, "deadline", "deadline", "null", "", None)
             if recorded is not None and recorded.output is not None:
                 at = float(p.decode_value(recorded.output))
-            else:
-                at = self.sources.clock.now() + d.seconds
+            else:  # on the server's clock, from its latest reading: never early on it
+                at = self.server_now()[1] + d.seconds
                 output = p.encode_value(at)
                 await self.save(StepRecord(d.position, "deadline", "deadline", "", "null",
                                            None, "completed", 1, output=output))
@@ -314,8 +324,10 @@ class RunState:
         """New work begins (not a replayed step): the deadlines of the scopes it stands in
         take effect. Of those that have passed (a replay after them), only the earliest is
         cancelled now (the outermost of equal ones), as it was the first to expire; the
-        others' turn comes at the next step, if the code reaches one inside them."""
-        now = self.sources.clock.now()
+        others' turn comes at the next step, if the code reaches one inside them. They are
+        judged on the server's clock, at the earliest it may read now (whichever worker
+        recorded them)."""
+        now = self.server_now()[0]
         scopes = [d for d in _open_deadlines() if d.at is not None]
         passed = [d for d in scopes if d.at is not None and d.at <= now]
         if passed:
@@ -530,6 +542,8 @@ class RunState:
                 wait = not_before - clock.now()
                 retry = (WaitFor(position, "retry", task.name, not_before),)
                 if wait > self.inline_retry_max:
+                    if await self.hold_for_deadline():
+                        continue
                     raise Suspend(retry, f"task {task.name!r} retries at attempt {attempt}")
                 if wait > 0:
                     with trio.move_on_after(wait):
@@ -648,6 +662,26 @@ class RunState:
             self.sources.metrics.observe(TASK_DURATION, trio.current_time() - started,
                                          (task.name, outcome))
 
+    async def hold_for_deadline(self) -> bool:
+        """Before the run gives its slot back to wait: if a deadline scope around the code
+        is due within the inline limit (on the server's clock, at the earliest it may read
+        now), wait here a while instead (its Trio scope cuts in when it is due, or a nudge
+        ends the wait early) and say so: the caller looks again. Else False: suspend. (A
+        run the server's timer woke at a deadline may find it not quite due yet by this
+        worker's bound of the server's clock: given back at once, it would be woken at once
+        again, for ever.)"""
+        if self.draining.is_set():
+            return False
+        earliest = self.server_now()[0]
+        if not any(d.at is not None and d.at - earliest <= self.inline_retry_max
+                   for d in _open_deadlines()):
+            return False
+        with trio.move_on_after(self.inline_retry_max):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_set_when, self.draining.wait, nursery.cancel_scope)
+                nursery.start_soon(_set_when, self.nudges.wait, nursery.cancel_scope)
+        return True
+
     async def await_step(self, step: StepRecord) -> StepRecord:
         """Ask the store where a wait step stands (it ends it if it can)."""
         reply = await self.write(lambda req: p.AwaitStep(req, self.lease, step))
@@ -683,6 +717,8 @@ class RunState:
             wait = due - self.sources.clock.now()
             reason = f"sleeps at step {position} until {due}"
             if wait > self.inline_retry_max or self.draining.is_set():
+                if await self.hold_for_deadline():
+                    continue
                 raise Suspend((WaitFor(position, "sleep", "sleep", due),), reason)
             with trio.move_on_after(max(wait, 0.0)):
                 async with trio.open_nursery() as nursery:
@@ -710,6 +746,8 @@ class RunState:
         step = StepRecord(position, "event", name, "", input_json, None, "running", 1,
                           next_attempt_at=due)
         step = await self.await_step(step)
+        while step.state not in FINAL_STEP_STATES and await self.hold_for_deadline():
+            step = await self.await_step(step)
         if step.state in FINAL_STEP_STATES:
             return step
         raise Suspend((WaitFor(position, "event", name, due),),
@@ -760,6 +798,8 @@ class RunState:
             self.activate()
             step = StepRecord(position, "join", child_id, "", input_json, None, "running", 1)
             recorded = await self.await_step(step)
+            while recorded.state not in FINAL_STEP_STATES and await self.hold_for_deadline():
+                recorded = await self.await_step(step)
             if recorded.state not in FINAL_STEP_STATES:
                 raise Suspend((WaitFor(position, "join", child_id),),
                               f"waits for child run {child_id} at step {position}")
@@ -847,7 +887,8 @@ def position_key(position: str) -> tuple[int, ...]:
 class DeadlineScope:
     """``with run.move_on_after(d) as scope:`` (or ``run.fail_after(d)``): a durable
     deadline over every await inside. ``cancelled_caught`` says whether it expired there;
-    ``deadline`` is when (epoch seconds), once recorded (at the first await inside)."""
+    ``deadline`` is when (epoch seconds, on the server's clock: see
+    :mod:`aiki.actors.server_time`), once recorded (at the first await inside)."""
 
     def __init__(self, state: RunState, seconds: float, fail: bool, what: str) -> None:
         self._state = state
@@ -1118,6 +1159,7 @@ async def run_workflow(
     lease_deadline: Callable[[], float] = lambda: math.inf,
     lease_renewed: Callable[[float], None] = lambda sent: None, flusher: Flusher | None = None,
     paused: Callable[[], bool] = lambda: False, client: Any = None,
+    server_time: Callable[[], tuple[float, float]] | None = None,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
     drains, or the run was paused: ``draining`` is set, ``paused()`` says which) or
@@ -1132,7 +1174,7 @@ async def run_workflow(
                      workflow.name, run_task, lease_deadline, lease_renewed, flusher,
                      cancelling=run.cancel_requested_at is not None,
                      cancel_reason=run.cancel_reason, cancel_deadline=run.cancel_deadline,
-                     paused=paused)
+                     paused=paused, server_time=server_time)
     if on_state is not None:  # (a replay looks at what the code consumed)
         on_state(state)
     _BRANCH.set((state, state.root))

@@ -200,7 +200,7 @@ class Session:
             # Before the welcome: once a worker is running, enqueues by name find its versions.
             ctx.dispatcher.note_workflows(first.workflows)
         await self.conn.send(p.Welcome(first.req, ctx.server_id, ctx.lease_ttl,
-                                       ctx.heartbeat_interval))
+                                       ctx.heartbeat_interval, ctx.sources.clock.now()))
         ended: list[BaseException] = []
         async with trio.open_nursery() as session:
             session.start_soon(self._until_closed, session, ended, self._send_outbox)
@@ -549,7 +549,7 @@ class Session:
             if lost:
                 ctx.dispatcher.tell(Ended(self.id, lost))
             ctx.dispatcher.tell(Alive(self.id, now, tuple(lease.run_id for lease in msg.leases)))
-            return p.HeartbeatAck(msg.req, lost)
+            return p.HeartbeatAck(msg.req, lost, ctx.sources.clock.now())
         if isinstance(msg, p.Drain):
             log.info("session %d (%s): worker %r drains", self.id, self.conn.peer,
                      self.hello.node_id)

@@ -339,3 +339,55 @@ async def test_a_deadline_cut_that_leaves_an_error_group_still_cancels_its_child
             child = await client.handle(child_id).status()
     assert expired is True
     assert child.state == "cancelled"
+
+
+marks: list[tuple[str, float]] = []
+
+
+@aiki.workflow(name="skewed-deadline", version="1")
+async def skewed_deadline(run: aiki.WorkflowRun, _: None) -> bool:
+    with run.move_on_after(100) as scope:
+        marks.append(("entered", trio.current_time()))
+        await run.sleep(1000)  # the run waits; the server's timer wakes it at the deadline
+    marks.append(("left", trio.current_time()))
+    return scope.cancelled_caught
+
+
+def skewed_worker(client: aiki.Client, name: str, offset: float) -> Any:
+    import random
+
+    from aiki.actors.worker import Worker
+    from aiki.sources import TrioWallClock
+
+    clock = TrioWallClock(anchor_wall=1_700_000_000.0 + offset)
+    return Worker(client.transport, client.address, [skewed_deadline], name,
+                  aiki.Sources(clock, random.Random(name)), client=client)
+
+
+async def test_a_deadline_recorded_on_one_worker_does_not_fire_early_on_another(
+    autojump_clock: trio.abc.Clock, engine_store: Store,
+) -> None:
+    """The deadline is kept on the server's clock, which workers learn from its replies: a
+    worker whose own clock is 50 s behind records it, one 50 s ahead replays the run when
+    the server's timer wakes it; it expires 100 s after it was set (found by review: on the
+    workers' own clocks it fired 50 s early, and the timer woke the run 50 s early)."""
+    marks.clear()
+    sources = aiki.Sources.seeded(3, aiki.sources.TrioWallClock(anchor_wall=1_700_000_000.0))
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        handle = None
+        async with trio.open_nursery() as nursery:
+            behind = skewed_worker(client, "behind", -50.0)
+            await nursery.start(behind.run)
+            handle = await skewed_deadline.enqueue(client, None)
+            with trio.fail_after(60):
+                while (await handle.status()).state != "waiting":
+                    await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            ahead = skewed_worker(client, "ahead", 50.0)
+            await nursery.start(ahead.run)
+            assert await handle.wait_for_completion(timeout=600) is True
+            nursery.cancel_scope.cancel()
+    entered = min(t for what, t in marks if what == "entered")
+    left = max(t for what, t in marks if what == "left")
+    assert 100 <= left - entered < 105, marks

@@ -422,6 +422,19 @@ def cut_write_drops_its_riders(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(r.RunState, "carry", carry)
 
 
+def deadline_on_the_workers_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review suspicion 4: a deadline recorded and judged on each worker's own wall clock;
+    one recorded on a worker behind the others fires early on another, or when the server's
+    timer wakes the run."""
+    from aiki.actors import run as r
+
+    def server_now(self: r.RunState) -> tuple[float, float]:
+        now = self.sources.clock.now()
+        return now, now
+
+    monkeypatch.setattr(r.RunState, "server_now", server_now)
+
+
 def metrics_count_what_was_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs counted completed or failed when a worker asks, even when the store refuses the
     write (a stale lease, a repeat after a lost reply)."""
@@ -720,6 +733,8 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
                                             "never committed")),
         # A write a deadline cuts loses the outcome riding with it.
         (cut_write_drops_its_riders, ("never committed", "a shielded task runs to its end")),
+        # A deadline kept on the workers' skewed clocks.
+        (deadline_on_the_workers_clock, ("before its deadline",)),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "server-ignores-drains", "timer-forgets-the-store",
@@ -732,7 +747,8 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
          "cancel-keeps-the-lease", "parent-woken-only-when-child-completes",
          "cancel-previous-forgets-to-cancel",
          "cascade-forgets-grandchildren", "deadline-early",
-         "shield-lifts-the-shared-deadline", "cut-write-drops-its-riders"],
+         "shield-lifts-the-shared-deadline", "cut-write-drops-its-riders",
+         "deadline-on-the-workers-clock"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],
