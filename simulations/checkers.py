@@ -531,12 +531,21 @@ def _deadlines(ledger: Any) -> list[str]:
     the timer)."""
     v = []
     jumps = sum(n for node, n in ledger.clock_jumps.items() if node.startswith("s"))
-    for at, run_id, node, deadline, expired, clock, seconds in ledger.deadlines:
+    for at, run_id, node, deadline, expired, clock, seconds, rk, position in ledger.deadlines:
         slack = jumps + 0.05 + 2e-3 * seconds
-        if expired and clock < deadline - slack:
+        if not expired:
+            continue
+        if clock < deadline - slack:
             v.append(f"run {run_id}: a deadline scope of {seconds:g} s expired at t={at:.3f} "
                      f"on {node}, when the servers' clock said {clock:.3f}, before its "
                      f"deadline {deadline:.3f}")
+        # On the simulated clock itself: not before its seconds since the code first
+        # entered the scope (its deadline was recorded then or later).
+        entered = ledger.scopes_entered.get((rk, position))
+        if entered is not None and at - entered < seconds - slack:
+            v.append(f"run {run_id}: a deadline scope of {seconds:g} s at step {position} "
+                     f"expired at t={at:.3f} on {node}, {at - entered:.3f} s after its code "
+                     f"first entered it (t={entered:.3f})")
     return v
 
 

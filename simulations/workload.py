@@ -246,8 +246,12 @@ async def _deadline(run: aiki.WorkflowRun, rk: str, step: dict[str, Any]) -> Non
     noted with the node's clock, for the checkers."""
     make = run.fail_after if step.get("fail") else run.move_on_after
     scope = make(step["deadline"])
+    position = ""
     try:
         with scope:
+            position = scope._scope.position if scope._scope is not None else ""
+            if _LEDGER:
+                _LEDGER[0].scopes_entered.setdefault((rk, position), trio.current_time())
             for inner in step["steps"]:
                 await _in_scope(run, rk, inner, scope)
     except aiki.DeadlineExceeded:
@@ -257,7 +261,8 @@ async def _deadline(run: aiki.WorkflowRun, rk: str, step: dict[str, Any]) -> Non
     clock = _CLOCKS.get("s1")
     if _LEDGER and clock is not None and scope.deadline is not None and not scope.replayed:
         _LEDGER[0].deadlines.append((trio.current_time(), run.id, node, scope.deadline,
-                                     scope.cancelled_caught, clock.now(), step["deadline"]))
+                                     scope.cancelled_caught, clock.now(), step["deadline"],
+                                     rk, position))
 
 
 async def _in_scope(run: aiki.WorkflowRun, rk: str, inner: dict[str, Any],
