@@ -826,6 +826,23 @@ class RunState:
         return p.decode_value(output)
 
 
+def _combined(suspended: list[Suspend]) -> Suspend:
+    """The waits of a gather's branches, as one: the run waits for the first to wake."""
+    combined = Suspend(tuple(c for s in suspended for c in s.conditions),
+                       "; ".join(s.reason for s in suspended))
+    # A deadline around the gather wakes the run unless every waiting branch was shielded
+    # from it.
+    combined.shielded = set.intersection(*(s.shielded for s in suspended))
+    return combined
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` is Trio's Cancelled, or a group of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
 def _drop(items: list[Any], item: Any) -> None:
     """Take ``item`` (that very object) off ``items``, if a concurrent flush has not."""
     for i, x in enumerate(items):
@@ -1088,20 +1105,23 @@ class WorkflowRun:
                     failure.append(exc)
                 cancel.cancel()
 
-        async with trio.open_nursery() as nursery:
-            for i, aw in enumerate(awaitables):
-                nursery.start_soon(branch, i, aw, nursery.cancel_scope)
+        try:
+            async with trio.open_nursery() as nursery:
+                for i, aw in enumerate(awaitables):
+                    nursery.start_soon(branch, i, aw, nursery.cancel_scope)
+        except BaseException as exc:
+            # Branches cut by a deadline (Cancelled) while others wait durably: the gather
+            # does not end here, leaving those waits behind. The run waits for them (it
+            # gives its slot back); its replay cuts the others at the same place again.
+            if suspended and not failure and not released and _only_cancelled(exc):
+                raise _combined(suspended) from None
+            raise
         if failure:
             raise failure[0]
         if released:
             raise released[0]
         if suspended:  # every branch ended or waits: the run waits for the first to wake
-            combined = Suspend(tuple(c for s in suspended for c in s.conditions),
-                               "; ".join(s.reason for s in suspended))
-            # A deadline around the gather wakes the run unless every waiting branch was
-            # shielded from it.
-            combined.shielded = set.intersection(*(s.shielded for s in suspended))
-            raise combined
+            raise _combined(suspended)
         return results
 
     async def sleep(self, duration: float | datetime.timedelta) -> bool:

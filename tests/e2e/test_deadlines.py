@@ -391,3 +391,37 @@ async def test_a_deadline_recorded_on_one_worker_does_not_fire_early_on_another(
     entered = min(t for what, t in marks if what == "entered")
     left = max(t for what, t in marks if what == "left")
     assert 100 <= left - entered < 105, marks
+
+
+@aiki.workflow(name="shielded-wait-beside-a-plain-branch", version="1")
+async def shielded_wait_beside_a_plain_branch(run: aiki.WorkflowRun, _: None) -> list[Any]:
+    async def waits() -> str:
+        with run.shield():
+            await run.sleep(1000)  # a durable wait: this branch gives its slot back
+        return "slept"
+
+    async def plain() -> str:
+        for i in range(20):
+            await slow.run(run, 1.0 + i / 1000)
+        return "plain done"
+
+    start = await run.now()
+    with run.move_on_after(10) as scope:
+        await run.gather(waits(), plain())
+    return [scope.cancelled_caught, round(await run.now() - start)]
+
+
+async def test_a_shielded_durable_wait_in_a_gather_outlives_its_sibling_cut_by_the_deadline(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    """The shielded branch waits durably (the run is to give its slot back once every
+    branch ended or waits); its sibling is cut by the deadline meanwhile. The gather does
+    not end there, leaving the shielded wait behind: the run waits for it, and the scope is
+    left after it (found by review: the run went on past the scope at 10 s with the sleep
+    still running)."""
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[shielded_wait_beside_a_plain_branch]):
+            handle = await shielded_wait_beside_a_plain_branch.enqueue(client, None)
+            assert await handle.wait_for_completion(timeout=3600) == [True, 1000]
+    steps = await engine_store.get_steps(handle.id)
+    assert [s.state for s in steps if s.kind == "sleep"] == ["completed"]
