@@ -518,7 +518,10 @@ def _with_shields(r: random.Random, item: PlannedRun) -> PlannedRun:
             {"shield": [_shielded_call(r, f"{label}.s{j}") for j in range(r.randint(1, 2))]},
             *(plain(j) for j in range(r.randint(1, 2)))]
     else:
-        shielded = [{"shield": [_shielded_call(r, f"{label}.b{b}")]}
+        # (A shielded durable sleep: that branch gives its slot back while its siblings
+        # step on, until the deadline cuts them.)
+        shielded = [{"shield": [{"sleep": r.choice(LONG_SLEEPS)} if r.random() < 0.3
+                                else _shielded_call(r, f"{label}.b{b}")]}
                     for b in range(r.randint(1, 2))]
         plains = [[plain(b * 10 + j) for j in range(r.randint(3, 8))]
                   for b in range(r.randint(1, 2))]

@@ -402,6 +402,14 @@ def shield_lifts_the_shared_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(r.WorkflowRun, "shield", shield)
 
 
+def gather_ends_on_its_cut_branches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gather whose unshielded branches a deadline cuts while a shielded one waits
+    durably ends there, leaving the shielded wait behind (the run goes on past the scope)."""
+    from aiki.actors import run as r
+
+    monkeypatch.setattr(r, "_only_cancelled", lambda exc: False)
+
+
 def cut_write_drops_its_riders(monkeypatch: pytest.MonkeyPatch) -> None:
     """Review finding F1: a write cut by a deadline scope (or a cancel) loses the task
     outcomes that rode with it, though it is not known to have committed them."""
@@ -731,6 +739,9 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
         # A shielded gather branch cut by the deadline its unshielded sibling re-arms.
         (shield_lifts_the_shared_deadline, ("a shielded task runs to its end",
                                             "never committed")),
+        # A gather cut by a deadline leaves its shielded branch's durable wait behind.
+        (gather_ends_on_its_cut_branches, ("never committed", "still running",
+                                           "diverged")),
         # A write a deadline cuts loses the outcome riding with it.
         (cut_write_drops_its_riders, ("never committed", "a shielded task runs to its end")),
         # A deadline kept on the workers' skewed clocks.
@@ -751,7 +762,7 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
          "cancel-previous-forgets-to-cancel",
          "cascade-forgets-grandchildren", "deadline-early",
          "shield-lifts-the-shared-deadline", "cut-write-drops-its-riders",
-         "deadline-on-the-workers-clock"],
+         "deadline-on-the-workers-clock", "gather-ends-on-its-cut-branches"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],
