@@ -229,7 +229,7 @@ async def test_the_queue_holds_the_asks_in_flight_not_every_ask_of_the_timeout(
         nursery.start_soon(_replier, box)
         await trio.sleep(0)
         for i in range(1, 1000):  # one after another, well inside the 30 s timeout
-            assert await box.address.ask(lambda r: (i, r), timeout=30.0) == 2 * i
+            assert await box.address.ask(lambda r, i=i: (i, r), timeout=30.0) == 2 * i
             longest = max(longest, len(queue))
             await trio.sleep(0.001)
         box.close()
