@@ -892,6 +892,8 @@ def encode_value(value: Any, annotation: Any = Any, *, what: str = "payload") ->
     worker would refuse later (``"abc"`` for an ``int``) is refused here, with nothing stored.
     Raises :class:`PayloadError` (a TypeError) naming ``what`` and the offending type.
     """
+    if annotation in _PLAIN and type(value) is annotation:  # (the converter is the identity)
+        return _CANONICAL.encode(value)
     if (isinstance(annotation, type) and annotation not in (Any, float)  # 3 is a float
             and not typing.get_args(annotation) and not isinstance(value, annotation)):
         shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
@@ -922,6 +924,9 @@ def encode_value(value: Any, annotation: Any = Any, *, what: str = "payload") ->
                 f"{_type_name(annotation)}: {_describe(exc)}"
             ) from exc
     return text
+
+
+_PLAIN = (str, int, bool)  # (not float: its NaN and infinities need the converter's refusal)
 
 
 def _unstructure_plain(value: Any) -> Any:
