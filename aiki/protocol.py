@@ -870,22 +870,38 @@ def from_wire(obj: Any) -> Any:
         raise ProtocolError(f"malformed {tag!r} message: {_describe(exc)}") from exc
 
 
-def encode(msg: Any) -> str:
-    """One message as compact JSON text."""
-    try:
-        return json.dumps(to_wire(msg), separators=(",", ":"), allow_nan=False)
-    except ValueError as exc:  # NaN or infinity in a float field
-        raise ProtocolError(f"cannot encode {type(msg).__name__}: {exc}") from exc
+# The codec's JSON encoders and decoder, made once: json.dumps and json.loads with any
+# option build a new encoder or decoder per call, a few microseconds each on the hot path.
+_COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_STRICT = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def _loads(text: str | bytes) -> Any:
+    """``json.loads(text, parse_constant=_refuse_constant)``, with the decoder made once."""
+    if isinstance(text, str) and not text.startswith("\ufeff"):
+        return _STRICT.decode(text)
+    return json.loads(text, parse_constant=_refuse_constant)  # bytes, or a BOM to refuse
+
+
+def encode(msg: Any) -> str:
+    """One message as compact JSON text."""
+    try:
+        return _COMPACT.encode(to_wire(msg))
+    except ValueError as exc:  # NaN or infinity in a float field
+        raise ProtocolError(f"cannot encode {type(msg).__name__}: {exc}") from exc
+
+
 def decode(text: str | bytes) -> Any:
     """A message from JSON text; :class:`ProtocolError` names what is wrong with it."""
     try:
-        obj = json.loads(text, parse_constant=_refuse_constant)
+        obj = _loads(text)
     except RecursionError:
         raise ProtocolError("message is nested too deeply to decode") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -900,7 +916,7 @@ def decode_frame(text: str | bytes) -> list[Any]:
     item does not decode; one bad item does not spoil the others of its batch.
     """
     try:
-        obj = json.loads(text, parse_constant=_refuse_constant)
+        obj = _loads(text)
     except RecursionError:
         return [ProtocolError("frame is nested too deeply to decode")]
     except (ValueError, UnicodeDecodeError) as exc:
@@ -941,6 +957,8 @@ def encode_value(value: Any, annotation: Any = Any, *, what: str = "payload") ->
     worker would refuse later (``"abc"`` for an ``int``) is refused here, with nothing stored.
     Raises :class:`PayloadError` (a TypeError) naming ``what`` and the offending type.
     """
+    if annotation in _PLAIN and type(value) is annotation:  # (the converter is the identity)
+        return _CANONICAL.encode(value)
     if (isinstance(annotation, type) and annotation not in (Any, float)  # 3 is a float
             and not typing.get_args(annotation) and not isinstance(value, annotation)):
         shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
@@ -954,7 +972,7 @@ def encode_value(value: Any, annotation: Any = Any, *, what: str = "payload") ->
             plain = converter.unstructure(value, unstructure_as=annotation)
         else:
             plain = _unstructure_plain(value)
-        text = json.dumps(plain, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        text = _CANONICAL.encode(plain)
     except (TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise PayloadError(
             f"cannot encode {what} of type {type(value).__name__} to JSON: {exc}. "
@@ -971,6 +989,9 @@ def encode_value(value: Any, annotation: Any = Any, *, what: str = "payload") ->
                 f"{_type_name(annotation)}: {_describe(exc)}"
             ) from exc
     return text
+
+
+_PLAIN = (str, int, bool)  # (not float: its NaN and infinities need the converter's refusal)
 
 
 def _unstructure_plain(value: Any) -> Any:
@@ -992,7 +1013,7 @@ def _key(k: Any) -> str:
 def decode_value(text: str, annotation: Any = Any, *, what: str = "payload") -> Any:
     """JSON text back into ``annotation`` (an attrs class, dataclass, primitive, list, dict)."""
     try:
-        plain = json.loads(text, parse_constant=_refuse_constant)
+        plain = _loads(text)
     except RecursionError:
         raise PayloadError(f"{what} is nested too deeply to decode") from None
     except ValueError as exc:

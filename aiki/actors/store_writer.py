@@ -22,6 +22,7 @@ import attrs
 import trio
 
 from aiki.actors.mailbox import Mailbox, Reply
+from aiki.actors.scopes import serving_nursery
 from aiki.errors import AikiError, StaleLease, StoreUnavailable
 from aiki.metrics import (
     DISPATCH_LATENCY,
@@ -80,7 +81,12 @@ class StoreWriter:
         lambda self: Mailbox[Write](4096, "store-writer", self.metrics), takes_self=True))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        async with serving_nursery() as nursery:  # (a crash propagates as itself)
+            nursery.start_soon(self.mailbox.expire_asks)  # the writes' timeouts, all at once
+            task_status.started()
+            await self._write_batches()
+
+    async def _write_batches(self) -> None:
         while True:
             batch = [await self.mailbox.receive()]
             while len(batch) < self.max_batch:

@@ -57,7 +57,7 @@ async def _open_postgres(url: str) -> Store:
         from aiki.store.postgres import PostgresStore
     except ImportError as exc:
         raise ImportError(
-            f"the PostgreSQL store needs asyncpg and trio-asyncio ({exc}); install them with "
+            f"the PostgreSQL store needs asyncpg ({exc}); install them with "
             "pip install 'aiki[postgres]'"
         ) from exc
     parts = urlsplit(url)

@@ -16,6 +16,12 @@ it to that): same outcomes, same records, same history events.
   ``trio.to_thread.run_sync``, one at a time (a ``CapacityLimiter(1)`` guards the one
   connection). ``offload=False`` runs them inline, for tests under ``MockClock`` and the
   simulation, where real threads are not welcome.
+- Except point reads (a run, its steps, its waits, a schedule by id): in a file, with the
+  writer in a thread, they run inline on a second, query-only connection. WAL readers never
+  wait for the writer, and a lookup by key takes a few microseconds, where the hop to a
+  thread and back costs the Trio thread tens and queued them behind a whole write batch
+  (its fsync included). That connection never waits (``busy_timeout`` 0): in the rare case
+  it is refused (the WAL being recovered), the read takes the thread like any other.
 
 ``synchronous``: ``FULL`` (the default) syncs the WAL at every commit, so an acknowledged
 enqueue or checkpoint survives an OS crash or power loss too (durability rule 1), for one
@@ -214,6 +220,17 @@ def _connect(path: str, synchronous: str, busy_timeout: float) -> Db:
         db.execute(f"PRAGMA synchronous = {synchronous}")
         db.execute("PRAGMA foreign_keys = ON")
         migrate(db)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _connect_reader(path: str) -> Db:
+    """The query-only connection of inline point reads: it never waits for a lock."""
+    db = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA query_only = ON")
     except BaseException:
         db.close()
         raise
@@ -794,6 +811,10 @@ class SqliteStore:
         self._db: Db | None = db
         self._offload = offload
         self._limiter = trio.CapacityLimiter(1)
+        # Point reads inline (see the module's docstring): only for a file, and only when
+        # the writer is in a thread (inline, reads go to the one connection anyway).
+        self._inline_reads = offload and path != ":memory:" and not path.startswith("file:")
+        self._reader: Db | None = None
 
     @classmethod
     async def open(
@@ -819,12 +840,25 @@ class SqliteStore:
 
         return await _call(self._offload, self._limiter, self.path, with_db)
 
+    async def _lookup(self, fn: Callable[[Db], T]) -> T:
+        """A point read: inline on the query-only connection if there is one, and it is not
+        refused; in the writer's thread otherwise."""
+        if self._inline_reads and self._db is not None:
+            await trio.lowlevel.checkpoint()
+            try:
+                if self._reader is None:
+                    self._reader = _connect_reader(self.path)
+                return fn(self._reader)
+            except sqlite3.Error:
+                pass  # busy, or worse: the writer's connection answers, or names the fault
+        return await self._run(fn)
+
     # -- reads --------------------------------------------------------------------------
     async def get_run(self, run_id: str) -> RunRecord | None:
-        return await self._run(lambda db: _get_run(db, run_id))
+        return await self._lookup(lambda db: _get_run(db, run_id))
 
     async def get_steps(self, run_id: str) -> tuple[StepRecord, ...]:
-        return await self._run(lambda db: _get_steps(db, run_id))
+        return await self._lookup(lambda db: _get_steps(db, run_id))
 
     async def get_history(self, run_id: str) -> tuple[HistoryEvent, ...]:
         sql = f"SELECT {HISTORY_COLUMNS} FROM history WHERE run_id = ? ORDER BY seq"
@@ -846,7 +880,7 @@ class SqliteStore:
             db, "parent_id = ?", (run_id,), "ORDER BY seq")))
 
     async def get_waits(self, run_id: str) -> tuple[WaitRecord, ...]:
-        return await self._run(lambda db: _get_waits(db, run_id))
+        return await self._lookup(lambda db: _get_waits(db, run_id))
 
     async def get_events(self, run_id: str) -> tuple[EventRecord, ...]:
         sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? ORDER BY seq"
@@ -859,7 +893,7 @@ class SqliteStore:
                " ORDER BY workflow, version, state")
         return await self._run(lambda db: tuple(RunCount(*row) for row in db.execute(sql)))
     async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
-        return await self._run(lambda db: _get_schedule(db, schedule_id))
+        return await self._lookup(lambda db: _get_schedule(db, schedule_id))
 
     async def list_schedules(self) -> tuple[ScheduleRecord, ...]:
         sql = f"SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY id"
@@ -889,6 +923,10 @@ class SqliteStore:
             db, self._db = self._db, None
             if db is not None:
                 db.close()
+
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
 
         await _call(self._offload, self._limiter, self.path, close)
 

@@ -175,3 +175,63 @@ async def test_reply_is_one_shot() -> None:
 def test_errors_belong_to_the_hierarchy() -> None:
     for error in (MailboxFull, MailboxClosed, AskTimeout):
         assert issubclass(error, AikiError)
+
+
+# -- one task expires the asks (Mailbox.expire_asks) -------------------------------------------
+async def test_expired_asks_fail_at_their_deadline_and_answered_ones_leave_the_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    box = Mailbox[tuple[int, Reply[int]]](64, "doubler")
+    queue = box.address._deadlines.queue
+    timed_out: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.expire_asks)
+        nursery.start_soon(_replier, box)
+        await trio.sleep(0)  # the sweeper is on
+
+        async def ask(n: int, timeout: float) -> None:
+            try:
+                assert await box.address.ask(lambda r: (n, r), timeout=timeout) == 2 * n
+            except AskTimeout as exc:
+                assert f"'doubler' within {timeout} s" in str(exc)
+                timed_out.append(trio.current_time())
+
+        async with trio.open_nursery() as asks:
+            for i in range(1, 30):
+                asks.start_soon(ask, i, 5.0)
+            asks.start_soon(ask, 0, 2.5)  # never answered; earlier than the others' 5 s
+            asks.start_soon(ask, 0, 7.0)  # never answered
+        assert timed_out == [pytest.approx(2.5), pytest.approx(7.0)]
+        assert not queue  # nothing left behind
+        # A cancelled asker leaves nothing behind either.
+        with trio.move_on_after(1):
+            await box.address.ask(lambda r: (0, r), timeout=10.0)
+        assert not queue
+        with pytest.raises(RuntimeError, match="already running"):
+            await box.expire_asks()
+        box.close()
+        nursery.cancel_scope.cancel()
+    # Without the sweeper an ask keeps a deadline of its own.
+    other = Mailbox[tuple[int, Reply[int]]](4, "unswept")
+    with pytest.raises(AskTimeout):
+        await other.address.ask(lambda r: (0, r), timeout=1.0)
+    assert not other.address._deadlines.queue
+
+
+async def test_the_queue_holds_the_asks_in_flight_not_every_ask_of_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    box = Mailbox[tuple[int, Reply[int]]](64, "doubler")
+    queue = box.address._deadlines.queue
+    longest = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.expire_asks)
+        nursery.start_soon(_replier, box)
+        await trio.sleep(0)
+        for i in range(1, 1000):  # one after another, well inside the 30 s timeout
+            assert await box.address.ask(lambda r, i=i: (i, r), timeout=30.0) == 2 * i
+            longest = max(longest, len(queue))
+            await trio.sleep(0.001)
+        box.close()
+        nursery.cancel_scope.cancel()
+    assert longest <= 1 and not queue

@@ -1,5 +1,5 @@
 """What only the PostgreSQL store has to prove: URLs, migrations, outages, unknown commits,
-cancellation across the trio-asyncio bridge, and several stores sharing one database.
+cancellation across the bridge to the asyncio thread, and several stores sharing one database.
 
 The conformance suite (``test_conformance.py``) already holds it to the memory model; these
 run against the session's real server (``postgres`` in ``tests/conftest.py``).
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aiki
-from aiki.asyncio_bridge import AsyncioBridge
+from aiki.asyncio_bridge import AsyncioThread
 from aiki.errors import StaleLease, StoreUnavailable
 from aiki.records import RunRecord, StepRecord, WaitFor
 from aiki.store import Lease, Store, execute, open_store
@@ -44,7 +44,7 @@ def with_schema(url: str, schema: str) -> str:
 class Raw:
     """A plain asyncpg connection beside the store, for holding locks and peeking."""
 
-    bridge: AsyncioBridge
+    bridge: AsyncioThread
     conn: Any
 
     async def execute(self, sql: str, *args: Any) -> str:
@@ -57,13 +57,13 @@ class Raw:
 
 @asynccontextmanager
 async def raw_connection(postgres: TestPostgres, schema: str) -> AsyncIterator[Raw]:
-    async with AsyncioBridge.open() as bridge:
+    async with AsyncioThread.open() as bridge:
         conn = await bridge.run(asyncpg.connect, postgres.dsn,
                                 server_settings={"search_path": schema})
         try:
             yield Raw(bridge, conn)
         finally:
-            conn.terminate()
+            bridge.call_soon(conn.terminate)
 
 
 # -- opening ----------------------------------------------------------------------------------

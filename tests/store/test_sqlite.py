@@ -427,3 +427,56 @@ async def test_a_database_of_the_schema_before_run_controls_opens_and_its_runs_t
         assert (await execute(store, o.ResumeRun("queued", "c", 5.0))).run.state == "queued"
     finally:
         await store.aclose()
+
+
+# -- point reads inline, on a query-only connection ------------------------------------------
+async def test_a_point_read_does_not_wait_behind_a_write_in_progress(tmp_path: Path) -> None:
+    path = tmp_path / "aiki.db"
+    store = await SqliteStore.open(str(path))
+    try:
+        await execute(store, enqueue("r1"))
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock...
+        other.execute("UPDATE runs SET payload = 'uncommitted' WHERE id = 'r1'")
+        async with trio.open_nursery() as nursery:
+            # ... so the store's own batch waits for it in the writer's thread (its
+            # busy_timeout is 5 s), and reads through that thread would queue behind it.
+            nursery.start_soon(store.apply, [enqueue("r2")])
+            await trio.sleep(0.2)
+            with trio.fail_after(2):
+                run = await store.get_run("r1")
+                steps = await store.get_steps("r1")
+                waits = await store.get_waits("r1")
+            assert run is not None and run.payload == "{}" and run.state == "queued"
+            assert (steps, waits) == ((), ())
+            other.execute("COMMIT")
+        other.close()
+        run = await store.get_run("r1")  # the other's commit is seen at once
+        assert run is not None and run.payload == "uncommitted"
+        assert await store.get_run("r2") is not None  # and so is the store's own
+    finally:
+        await store.aclose()
+
+
+async def test_a_point_read_the_query_only_connection_refuses_takes_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import aiki.store.sqlite as sqlite_store
+
+    class Refusing:
+        def execute(self, *args: object) -> None:
+            raise sqlite3.OperationalError("database is locked")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(sqlite_store, "_connect_reader", lambda path: Refusing())
+    store = await SqliteStore.open(str(tmp_path / "aiki.db"))
+    try:
+        await execute(store, enqueue("r1"))
+        run = await store.get_run("r1")
+        assert run is not None and run.id == "r1"
+    finally:
+        await store.aclose()
+    with pytest.raises(StoreUnavailable, match="closed"):  # not answered by the reader
+        await store.get_run("r1")

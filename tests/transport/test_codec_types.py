@@ -184,3 +184,14 @@ async def test_everyday_types_cross_a_whole_run(autojump_clock: trio.abc.Clock) 
             handle = await bill.enqueue(client, invoice)
             assert await handle.wait_for_completion(timeout=30) == Receipt(
                 uuid.UUID(int=7), datetime.date(2026, 12, 31))
+
+
+@given(st.one_of(st.text(), st.integers(), st.booleans()))
+def test_plain_values_of_their_own_type_encode_as_the_converter_would(value: Any) -> None:
+    import json
+
+    annotation = type(value)  # the shortcut for str, int and bool
+    general = json.dumps(protocol.converter.unstructure(value, unstructure_as=annotation),
+                         sort_keys=True, separators=(",", ":"), allow_nan=False)
+    assert protocol.encode_value(value, annotation) == general
+    assert protocol.decode_value(general, annotation) == value

@@ -1,4 +1,4 @@
-"""The PostgreSQL store: asyncpg driven from Trio through trio-asyncio.
+"""The PostgreSQL store: asyncpg on an asyncio loop in a thread, driven from Trio.
 
 It behaves exactly like :class:`~aiki.store.memory.MemoryStore` (the conformance suite holds
 it to that): same outcomes, same records, same history events. What it adds is sharing: any
@@ -7,11 +7,12 @@ number of servers may use one database at once.
 Install it with ``pip install 'aiki[postgres]'``; it needs PostgreSQL 14 or newer.
 
 How it is built
-    ``aiki.asyncio_bridge``: the asyncio event loop (trio-asyncio), opened once per store
-    for its whole life; the only module that touches trio-asyncio. ``_sql``: the asyncio side, one
-    coroutine per store call with the whole transaction inside, so a call crosses from Trio
-    to asyncio once. ``_schema``: numbered migrations, applied at open under a
-    transaction-scoped advisory lock so concurrent starts apply each exactly once.
+    ``aiki.asyncio_bridge.AsyncioThread``: an asyncio event loop (uvloop's when installed)
+    in a thread of its own, opened once per store for its whole life. ``_sql``: the asyncio
+    side, one coroutine per store call with the whole transaction inside, so a call crosses
+    from Trio to the loop's thread once; nothing there touches Trio. ``_schema``: numbered
+    migrations, applied at open under a transaction-scoped advisory lock so concurrent
+    starts apply each exactly once.
     ``_store``: :class:`PostgresStore`, the Trio side.
 
 Concurrency between servers

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import asyncpg
 import trio
 
-from aiki.asyncio_bridge import AsyncioBridge
+from aiki.asyncio_bridge import AsyncioThread
 from aiki.errors import StoreUnavailable
 from aiki.records import (
     EventRecord,
@@ -45,7 +45,7 @@ class PostgresStore:
     PostgresStore.open(dsn)`` then ``await store.aclose()``; see :meth:`open`.
     """
 
-    def __init__(self, *, bridge: AsyncioBridge, pool: _sql.Pool, dsn: str, schema: str,
+    def __init__(self, *, bridge: AsyncioThread, pool: _sql.Pool, dsn: str, schema: str,
                  retry_for: float, connect_timeout: float, resources: AsyncExitStack) -> None:
         self.dsn = redact(dsn)
         self.schema = schema
@@ -93,9 +93,9 @@ class PostgresStore:
             failure: Exception | None = None
             async with AsyncExitStack() as stack:
                 if in_this_task:
-                    bridge = await stack.enter_async_context(AsyncioBridge.open())
+                    bridge = await stack.enter_async_context(AsyncioThread.open())
                 else:
-                    bridge, close = await AsyncioBridge.start_detached()
+                    bridge, close = await AsyncioThread.start_detached()
                     stack.push_async_callback(close)
                 try:
                     pool = await _retrying(
@@ -257,7 +257,7 @@ class PostgresStore:
                 log.warning("listening for work on %s: connection lost (%s)", self.dsn, exc)
                 tries = 1
             finally:
-                listener.close()
+                self._bridge.call_soon(listener.close)  # (the loop's object)
 
     def _own_backend(self, pid: int) -> bool:
         return pid in self._pool.server_pids()
@@ -314,7 +314,7 @@ async def _retrying(what: str, retry_for: float, attempt: Callable[[], Awaitable
     raise AssertionError("unreachable")
 
 
-async def _close_pool(bridge: AsyncioBridge, pool: _sql.Pool) -> None:
+async def _close_pool(bridge: AsyncioThread, pool: _sql.Pool) -> None:
     # Shielded so a cancelled owner still closes its connections; bounded so it cannot hang.
     with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT + 1.0):
         try:
