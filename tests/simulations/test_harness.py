@@ -781,7 +781,11 @@ def test_a_parent_resumed_after_its_children_ended_is_not_stranded(
     """A parent paused while it waited for its children, whose last child ended meanwhile,
     is rare in the workload: the first seed of 0-199 that has one is 96 (found by scanning
     them with this change), so the test runs that seed alone. Resumed, the parent must end;
-    with the change it waits for ever."""
+    with the change it waits for ever. (Seed 96 of the world as it was before the workload
+    drew shields in deadline scopes: that stream changes its timing, so it is turned off.)"""
+    from simulations import workload
+
+    monkeypatch.setattr(workload, "_with_shields", lambda r, item: item)
     assert run_one(96, safety=SHORT, runs=16).violations == []
     resume_forgets_ended_children(monkeypatch)
     violations = run_one(96, safety=SHORT, runs=16).violations
