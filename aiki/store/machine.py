@@ -62,6 +62,7 @@ from aiki.records import (
     StepRecord,
     WaitFor,
     WaitRecord,
+    deadline_expiry,
 )
 from aiki.store import ops as o
 
@@ -792,14 +793,30 @@ DEADLINE_EXCEEDED = "DeadlineExceeded"
 
 
 def abandon(run: RunRecord | None, lease: Lease, steps: Sequence[StepRecord], scope: str,
-            now: float) -> Change:
+            now: float, deadline: StepRecord | None = None,
+            cut: Sequence[str] = ()) -> Change:
     """``steps`` (those of the op's positions that exist) stood in the deadline scope at
     ``scope``, which expired: the ones not final end failed with ``DeadlineExceeded``, their
-    output the scope's position."""
+    output the scope's position.
+
+    ``deadline``: the scope's own step, where its deadline is recorded; it records the
+    expiry too, with ``cut``, the positions the expiry cut short (all of the op's, those
+    with no step and those final already included): a replay cuts the scope at the same
+    place even where the step it cut had ended on the server meanwhile (a sleep woken, a
+    task's outcome committed while the worker's deadline passed), or was never recorded.
+    The outcome the workflow sees of that step, its deadline, does not change."""
     run = held(lease, run)
     if run.state == "paused":
         raise paused_error(run, f"the expiry of the deadline scope at step {scope}")
     change = NOTHING
+    if deadline is not None and deadline.kind == "deadline" and deadline.output is not None:
+        at, before = deadline_expiry(deadline)
+        union = tuple(dict.fromkeys((*(before or ()), *cut)))
+        if before is None or union != before:
+            expired = attrs.evolve(deadline, output=json.dumps({"at": at, "cut": union}))
+            change = Change(steps=(expired,), history=(Entry(
+                now, "deadline.expired", deadline.attempts, lease.worker_id, scope,
+                deadline.name, "cut short: " + (", ".join(union) or "no step")),))
     for step in steps:
         if step.state in FINAL_STEP_STATES or step.kind not in (
                 "task", "sleep", "event", "join"):
