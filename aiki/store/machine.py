@@ -677,7 +677,7 @@ def fork(original: RunRecord | None, op: o.ForkRun,
     if not 0 <= op.from_step <= len(ordered):
         raise InvalidFork(f"run {original.id} has {len(ordered)} step(s): from_step must be "
                           f"0 to {len(ordered)}, got {op.from_step}; nothing was stored")
-    copied = tuple(ordered[: op.from_step])
+    copied = _scopes_as_copied(ordered[: op.from_step])
     unfinished = next((s for s in copied if s.state not in FINAL_STEP_STATES), None)
     if unfinished is not None:
         at = ordered.index(unfinished)
@@ -699,6 +699,26 @@ def fork(original: RunRecord | None, op: o.ForkRun,
         op.now, "fork.created", original.attempts, op.who,
         detail=f"forked by {op.who} at step {op.from_step} into run {op.new_run_id}"),))
     return run, made, noted
+
+
+def _scopes_as_copied(copied: Sequence[StepRecord]) -> tuple[StepRecord, ...]:
+    """The steps a fork copies (a prefix in position order), each deadline scope's expiry
+    kept only where it cut within them: the steps after run afresh, and decide afresh
+    whether the scope expires over them."""
+    if not copied:
+        return ()
+    last = position_key(copied[-1].position)
+    out = []
+    for step in copied:
+        if step.kind == "deadline" and step.output is not None:
+            at, cut = deadline_expiry(step)
+            if cut is not None:
+                kept = tuple(q for q in cut if position_key(q) <= last)
+                if kept != cut:
+                    step = attrs.evolve(step, output=json.dumps(
+                        {"at": at, "cut": kept} if kept else at))
+        out.append(step)
+    return tuple(out)
 
 
 def purgeable(run: RunRecord, before: float) -> bool:

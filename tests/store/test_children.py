@@ -12,7 +12,7 @@ from aiki.errors import StaleLease, StepConflict
 from aiki.records import StepRecord, WaitFor
 from aiki.store import Lease, Store, execute
 from aiki.store import ops as o
-from tests.store.test_conformance import claim, claim_one, events, step
+from tests.store.test_conformance import claim, claim_one, enqueue, events, step
 
 
 def child_step(position: str, name: str = "ship", payload: str = '{"p": 1}') -> StepRecord:
@@ -226,8 +226,20 @@ async def test_the_expiry_of_a_deadline_scope_is_recorded_with_the_steps_it_cut(
     await execute(store, o.AbandonSteps(lease, ("3",), "0", 15.0))
     steps = {s.position: s for s in await store.get_steps("p")}
     assert deadline_expiry(steps["0"]) == (1000.5, ("1", "2", "3"))
+    # A fork keeps the expiry only where it cut within the steps it copies: after them, the
+    # steps run afresh and decide afresh whether the scope expires over them.
+    await execute(store, o.SaveStep(lease, attrs.evolve(step("4"), name="after"), 16.0))
+    await execute(store, o.ForkRun("p", "f2", 2, None, "c", 17.0))
+    await execute(store, o.ForkRun("p", "f1", 1, None, "c", 17.0))
+    await execute(store, o.ForkRun("p", "f3", 3, None, "c", 17.0))
+    copies = {f: {s.position: s for s in await store.get_steps(f)} for f in ("f1", "f2", "f3")}
+    assert deadline_expiry(copies["f1"]["0"]) == (1000.5, None)
+    assert copies["f1"]["0"].output == "1000.5"
+    assert deadline_expiry(copies["f2"]["0"]) == (1000.5, ("1",))
+    assert deadline_expiry(copies["f3"]["0"]) == (1000.5, ("1", "2", "3"))  # 0, 1 and 4
     # Nothing was in flight when it expired: the expiry is recorded all the same.
-    lease_q = await claim_one(store, "q")
+    await execute(store, enqueue("q"))
+    lease_q = await lease_of(store, "q")
     await execute(store, o.SaveStep(lease_q, attrs.evolve(deadline, output="7.0"), 11.0))
     await execute(store, o.AbandonSteps(lease_q, (), "0", 12.0))
     [only] = await store.get_steps("q")
