@@ -62,6 +62,7 @@ from aiki.records import (
     StepRecord,
     WaitFor,
     WaitRecord,
+    deadline_expiry,
 )
 from aiki.store import ops as o
 
@@ -676,7 +677,7 @@ def fork(original: RunRecord | None, op: o.ForkRun,
     if not 0 <= op.from_step <= len(ordered):
         raise InvalidFork(f"run {original.id} has {len(ordered)} step(s): from_step must be "
                           f"0 to {len(ordered)}, got {op.from_step}; nothing was stored")
-    copied = tuple(ordered[: op.from_step])
+    copied = _scopes_as_copied(ordered[: op.from_step])
     unfinished = next((s for s in copied if s.state not in FINAL_STEP_STATES), None)
     if unfinished is not None:
         at = ordered.index(unfinished)
@@ -698,6 +699,26 @@ def fork(original: RunRecord | None, op: o.ForkRun,
         op.now, "fork.created", original.attempts, op.who,
         detail=f"forked by {op.who} at step {op.from_step} into run {op.new_run_id}"),))
     return run, made, noted
+
+
+def _scopes_as_copied(copied: Sequence[StepRecord]) -> tuple[StepRecord, ...]:
+    """The steps a fork copies (a prefix in position order), each deadline scope's expiry
+    kept only where it cut within them: the steps after run afresh, and decide afresh
+    whether the scope expires over them."""
+    if not copied:
+        return ()
+    last = position_key(copied[-1].position)
+    out = []
+    for step in copied:
+        if step.kind == "deadline" and step.output is not None:
+            at, cut = deadline_expiry(step)
+            if cut is not None:
+                kept = tuple(q for q in cut if position_key(q) <= last)
+                if kept != cut:
+                    step = attrs.evolve(step, output=json.dumps(
+                        {"at": at, "cut": kept} if kept else at))
+        out.append(step)
+    return tuple(out)
 
 
 def purgeable(run: RunRecord, before: float) -> bool:
@@ -792,14 +813,30 @@ DEADLINE_EXCEEDED = "DeadlineExceeded"
 
 
 def abandon(run: RunRecord | None, lease: Lease, steps: Sequence[StepRecord], scope: str,
-            now: float) -> Change:
+            now: float, deadline: StepRecord | None = None,
+            cut: Sequence[str] = ()) -> Change:
     """``steps`` (those of the op's positions that exist) stood in the deadline scope at
     ``scope``, which expired: the ones not final end failed with ``DeadlineExceeded``, their
-    output the scope's position."""
+    output the scope's position.
+
+    ``deadline``: the scope's own step, where its deadline is recorded; it records the
+    expiry too, with ``cut``, the positions the expiry cut short (all of the op's, those
+    with no step and those final already included): a replay cuts the scope at the same
+    place even where the step it cut had ended on the server meanwhile (a sleep woken, a
+    task's outcome committed while the worker's deadline passed), or was never recorded.
+    The outcome the workflow sees of that step, its deadline, does not change."""
     run = held(lease, run)
     if run.state == "paused":
         raise paused_error(run, f"the expiry of the deadline scope at step {scope}")
     change = NOTHING
+    if deadline is not None and deadline.kind == "deadline" and deadline.output is not None:
+        at, before = deadline_expiry(deadline)
+        union = tuple(dict.fromkeys((*(before or ()), *cut)))
+        if before is None or union != before:
+            expired = attrs.evolve(deadline, output=json.dumps({"at": at, "cut": union}))
+            change = Change(steps=(expired,), history=(Entry(
+                now, "deadline.expired", deadline.attempts, lease.worker_id, scope,
+                deadline.name, "cut short: " + (", ".join(union) or "no step")),))
     for step in steps:
         if step.state in FINAL_STEP_STATES or step.kind not in (
                 "task", "sleep", "event", "join"):

@@ -598,7 +598,9 @@ async def _abandon(conn: Conn, op: o.AbandonSteps) -> None:
     run_id = op.lease.run_id
     run = await get_run(conn, run_id, lock=True)
     steps = [s for q in op.positions if (s := await _get_step(conn, run_id, q)) is not None]
-    await _write(conn, run_id, m.abandon(run, op.lease, steps, op.scope, op.now))
+    await _write(conn, run_id, m.abandon(run, op.lease, steps, op.scope, op.now,
+                                         await _get_step(conn, run_id, op.scope),
+                                         op.positions))
 
 
 async def _start_child(conn: Conn, op: o.StartChild) -> StepRecord:
