@@ -118,12 +118,20 @@ def test_turning_a_fault_class_off_keeps_the_rest_of_the_world() -> None:
         s.split("@")[0] for s in b.runs if "@" in s}
 
 
-def first_caught(seeds: range) -> tuple[int, list[str]] | None:
+def first_caught(seeds: range, expected: tuple[str, ...]
+                 ) -> tuple[int, list[str]] | None:
+    """The first seed whose violations name the bad change (one of ``expected``); else the
+    first seed that caught something else (to show), else None. A bad change may show first
+    as another checker's violation (a schedule's runs started twice are also counted twice),
+    which the seeds that follow must not hide."""
+    other: tuple[int, list[str]] | None = None
     for seed in seeds:
         report = run_one(seed, safety=SHORT, runs=16)
-        if report.violations:
+        if any(e in v for v in report.violations for e in expected):
             return seed, report.violations
-    return None
+        if report.violations and other is None:
+            other = seed, report.violations
+    return other
 
 
 def no_fencing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -682,7 +690,7 @@ def test_the_harness_catches_a_known_bad_change(
     expected: str,
 ) -> None:
     bad_change(monkeypatch)
-    caught = first_caught(range(200))
+    caught = first_caught(range(200), expected)
     assert caught is not None, "200 seeds ran and none caught the bad change"
     seed, violations = caught
     assert any(e in v for v in violations for e in expected), (seed, violations[:5])
