@@ -980,10 +980,18 @@ def wakeup(run: RunRecord | None, run_id: str, sleeping: Sequence[StepRecord],
 
 
 def send(run: RunRecord | None, op: o.SendEvent, duplicate: bool,
-         waiting: StepRecord | None) -> tuple[Change, o.SendOutcome]:
+         waiting: StepRecord | None, buffered: EventRecord | None,
+         ) -> tuple[Change, o.SendOutcome]:
     """An event sent to a run: delivered to ``waiting`` (its oldest wait step for that event
     still waiting) if there is one, else buffered for the next wait. ``duplicate``: an event
-    with the same idempotency key was already sent to this run."""
+    with the same idempotency key was already sent to this run. ``buffered``: the oldest
+    undelivered event of that name (read when there is a wait step waiting).
+
+    Events of one name go to the run's waits in send order: when an older one is buffered
+    beside a waiting wait step (a run resumed after events were sent to it while paused
+    keeps its wait step waiting, and takes them when it gets there), the wait takes the
+    older one and this one is buffered behind it (seed 196: the newer one went straight to
+    the wait, and the older one to the next)."""
     if run is None:
         raise RunNotFound(f"no run with id {op.run_id!r}")
     if run.state in TERMINAL_RUN_STATES:
@@ -997,12 +1005,15 @@ def send(run: RunRecord | None, op: o.SendEvent, duplicate: bool,
     change = Change(attrs.evolve(run, updated_at=op.now), sent=event, history=(sent,))
     if waiting is None or run.state == "paused":  # a paused run takes it when resumed
         return change, o.SendOutcome(delivered=False, duplicate=False)
-    delivered = _receive(waiting, event, op.now, None)  # not buffered: no seq to consume
-    change = attrs.evolve(change.then(attrs.evolve(delivered, consumed=())),
-                          sent=attrs.evolve(event, position=waiting.position))
+    if buffered is None:
+        delivered = _receive(waiting, event, op.now, None)  # not buffered: no seq to consume
+        change = attrs.evolve(change.then(attrs.evolve(delivered, consumed=())),
+                              sent=attrs.evolve(event, position=waiting.position))
+    else:  # the older one goes to the wait; this one is buffered behind it
+        change = change.then(_receive(waiting, buffered, op.now, None))
     if run.state == "waiting":
         change = change.then(_wake(run, op.now, f"event {op.name!r} arrived"))
-    return change, o.SendOutcome(delivered=True, duplicate=False)
+    return change, o.SendOutcome(delivered=buffered is None, duplicate=False)
 
 
 # -- schedules ---------------------------------------------------------------------------------
