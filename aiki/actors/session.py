@@ -651,7 +651,7 @@ class Session:
                 await self._tell_parents(run)
             elif run.state == "queued":
                 ctx.dispatcher.poke()
-            else:
+            elif run.state == "waiting":  # (running: its worker held it and runs on)
                 dues = [w.due_at for w in await ctx.store.get_waits(run.id)
                         if w.due_at is not None]
                 if dues:

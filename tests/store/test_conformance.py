@@ -1531,19 +1531,34 @@ async def test_a_retrying_task_of_a_paused_run_does_not_start_its_next_attempt(
         await execute(store, o.SaveStep(lease, step("0", "charge", attempts=2), 14.0))
 
 
-async def test_resuming_a_run_whose_worker_never_gave_it_back_fences_that_worker(
+async def test_resuming_a_run_whose_worker_never_gave_it_back_runs_on_under_its_lease(
     store: Store,
 ) -> None:
-    lease = await claim_one(store, "r1")
+    # Seed 129: the resume fenced the holder off and queued the run; another worker claimed
+    # it and committed a task's result, and then the holder, whose start of that task was
+    # committed before the pause and acknowledged late, ran the task (its lease still live
+    # as far as it knew). No other worker may hold the run while that lease lives.
+    lease = await claim_one(store, "r1", ttl=30.0)
+    await execute(store, o.StartStep(lease, step("0", "charge", "running"), 10.5))
     await execute(store, o.PauseRun("r1", "ops", 11.0))
     resumed = (await execute(store, o.ResumeRun("r1", "ops", 12.0))).run
-    assert (resumed.state, resumed.lease_owner, resumed.lease_epoch) == ("queued", None, 2)
-    with pytest.raises(StaleLease):
-        await execute(store, o.SaveStep(lease, step("0", "charge"), 13.0))
-    [again] = await claim(store, now=14.0)
-    assert again.run.lease_epoch == 3
-    assert (await events(store, "r1"))[-2][-1] == (
-        "resumed by ops; the lease of worker 'w1' is fenced off")
+    assert (resumed.state, resumed.lease_owner, resumed.lease_epoch) == ("running", "w1", 1)
+    assert await claim(store, "w2", now=13.0) == ()  # not another worker's
+    assert (await events(store, "r1"))[-1] == (
+        12.0, "run.running", 1, "ops", None, None,
+        "resumed by ops; worker 'w1' still holds it: it runs on under lease epoch 1")
+    await execute(store, o.SaveStep(lease, step("0", "charge"), 13.0))
+    await execute(store, o.StartStep(lease, step("1", "ship", "running"), 13.5))
+    # Given back at its next step boundary (its worker was told of the pause): queued.
+    await execute(store, o.ReleaseRun(lease, 14.0, "given back paused"))
+    [again] = await claim(store, "w2", now=15.0)
+    assert (again.run.lease_epoch, [s.position for s in again.steps]) == (2, ["0", "1"])
+    # A holder that never gives it back: its lease expires, and then another worker has it.
+    await execute(store, o.PauseRun("r1", "ops", 16.0))
+    await execute(store, o.ResumeRun("r1", "ops", 17.0))
+    assert await execute(store, o.ExpireLeases(45.0)) == ("r1",)
+    [third] = await claim(store, "w1", now=46.0)
+    assert third.run.lease_epoch == 3
 
 
 async def test_the_lease_of_a_paused_run_expires_and_the_run_stays_paused(store: Store) -> None:
