@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import typing
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -50,7 +50,6 @@ from aiki.errors import (
 )
 from aiki.records import (
     TERMINAL_RUN_STATES,
-    ClaimedRun,
     Lease,
     RunRecord,
     RunState,
@@ -368,12 +367,12 @@ class Session:
             with tracing.span(f"aiki.enqueue {msg.workflow}", tracing.run_attributes(
                     run_id, msg.workflow, version, 0, None), parent=msg.trace_context,
                     kind="SERVER") as span:
-                out, claimed = await self._enqueue(ops.Enqueue(
+                out = await ctx.writer.write(ops.Enqueue(
                     run_id, msg.workflow, version, msg.payload, msg.idempotency_key, now,
                     msg.on_conflict,
                     trace_context=tracing.stored_context(span, msg.trace_context),
                 ))
-            if out.created and run_id not in claimed:
+            if out.created:
                 ctx.dispatcher.poke()
                 ctx.dispatcher.queued_for((msg.workflow, version), now)
             return p.Enqueued(msg.req, out.run_id, version, out.created)
@@ -632,27 +631,6 @@ class Session:
                 ctx.timer.hint(min(dues))
         ctx.dispatcher.poke()  # a run given back, or one whose wait held already, is queued
         return p.Ok(msg.req)
-
-    async def _enqueue(self, op: ops.Enqueue) -> tuple[ops.EnqueueOutcome, set[str]]:
-        """Write ``op``; with a claim for a free worker slot of its version in the same
-        transaction when there is one (the run is leased in one commit, not two). The
-        outcome, and the ids of the runs that claim leased (pushed to the worker)."""
-        dispatcher = self.ctx.dispatcher
-        reserved = dispatcher.reserve((op.workflow, op.version), op.now)
-        if reserved is None:
-            return await self.ctx.writer.write(op), set()
-        seat, claim = reserved
-        got: Sequence[ClaimedRun] = ()
-        try:
-            out, claimed = await self.ctx.writer.write_all(op, claim)
-            if not isinstance(claimed, AikiError):
-                got = claimed
-        finally:  # (a write that failed or was cancelled: its claim is not known to have
-            # committed; a lease it may have granted expires)
-            dispatcher.claimed(seat, got)
-        if isinstance(out, AikiError):
-            raise out
-        return out, {c.run.id for c in got}
 
     async def _control(self, msg: p.PauseRun | p.ResumeRun | p.ForkRun, now: float) -> Any:
         """Pause, resume or fork, in the name of this peer (the history says who)."""

@@ -61,7 +61,6 @@ class Write:
 
     op: Op[Any] | tuple[Op[Any], ...]
     reply: Reply[Any]
-    every: bool = False  # reply with every op's outcome (refusals among them), in order
 
     @property
     def ops(self) -> tuple[Op[Any], ...]:
@@ -119,7 +118,7 @@ class StoreWriter:
             for w in batch:
                 mine = [next(answers) for _ in w.ops]
                 refused = [o for o in mine if isinstance(o, AikiError)]
-                w.reply.send(mine if w.every else refused[0] if refused else mine[-1])
+                w.reply.send(refused[0] if refused else mine[-1])
 
     async def write(self, op: Op[T], *before: Op[Any]) -> T:
         """Apply ``op`` (batched with others) and return its outcome; raise it if refused.
@@ -131,13 +130,6 @@ class StoreWriter:
             raise outcome
         return outcome  # type: ignore[no-any-return]
 
-    async def write_all(self, *ops: Op[Any]) -> list[Any]:
-        """Apply ``ops`` in order in one transaction (batched with others); every op's
-        outcome, a refusal among them as its outcome: one refused op does not undo the
-        others."""
-        outcomes: list[Any] = await self.mailbox.address.ask(
-            lambda r: Write(ops, r, every=True), self.timeout)
-        return outcomes
 
 # What an op whose outcome is a run record did to it, when it is not the run's new state.
 _RUN_EVENT: dict[type[Op[Any]], str] = {RetryRun: "retried", ResumeRun: "resumed"}
