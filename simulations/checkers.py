@@ -230,7 +230,7 @@ def _metrics(outcome: Outcome, exact: bool) -> list[str]:
     stored = {name: 0 for _, name in COUNTED_EVENTS}
     for history in contents.history.values():
         for e in history:
-            if e.event in stored:
+            if e.event in stored and not _is_resume(e):  # (a resume is no claim)
                 stored[e.event] += 1
     counts = [(event, sum(m.total(RUNS, event=event) for m in outcome.metrics), stored[name])
               for event, name in COUNTED_EVENTS]
@@ -715,8 +715,8 @@ def _is_retry(e: Any) -> bool:
 
 
 def _is_resume(e: Any) -> bool:
-    return e.event in ("run.queued", "run.waiting") and (e.detail or "").startswith(
-        "resumed by")
+    return e.event in ("run.queued", "run.waiting", "run.running") and (
+        e.detail or "").startswith("resumed by")
 
 
 def _paused(run_id: str, history: list[Any], deferred_starts: set[str]) -> list[str]:

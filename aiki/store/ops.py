@@ -386,7 +386,8 @@ class PauseRun(Op[ControlOutcome]):
 
 @attrs.frozen
 class ResumeRun(Op[ControlOutcome]):
-    """Resume a paused run: waiting again, or queued (see :func:`aiki.store.machine.resume`)."""
+    """Resume a paused run: waiting again, queued, or running on under the lease its worker
+    still holds (see :func:`aiki.store.machine.resume`)."""
 
     run_id: str
     who: str

@@ -620,7 +620,8 @@ def _send(db: Db, op: o.SendEvent) -> o.SendOutcome:
         f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? AND kind = 'event' AND name = ?"
         " AND state = 'running' ORDER BY seq LIMIT 1", (op.run_id, op.name)).fetchone()
     change, outcome = m.send(_get_run(db, op.run_id), op, duplicate,
-                             None if row is None else StepRecord(*row))
+                             None if row is None else StepRecord(*row),
+                             None if row is None else _buffered(db, op.run_id, op.name))
     _write(db, op.run_id, change)
     return outcome
 
