@@ -42,6 +42,7 @@ from aiki.errors import (
     WorkerIdInUse,
     WorkflowCancelled,
     WorkflowFailed,
+    WorkflowUsageError,
 )
 from aiki.protocol import WorkerInfo
 from aiki.records import HistoryEvent
@@ -83,6 +84,6 @@ __all__ = [
     "ScheduleNotFound", "ScheduleOccurrence", "ScheduleSummary", "Sources", "StaleLease",
     "Task", "TaskFailed", "TaskStatus", "UnknownEvent", "UnknownWorkflow",
     "UnservedVersionWarning", "WaitStatus", "WorkerIdInUse", "WorkerInfo", "Workflow",
-    "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "connect", "embedded", "event",
-    "task", "worker", "workflow",
+    "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "WorkflowUsageError", "connect",
+    "embedded", "event", "task", "worker", "workflow",
 ]

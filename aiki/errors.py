@@ -137,6 +137,14 @@ class DeadlineExceeded(AikiError):
     """Raised at the end of ``with run.fail_after(...)`` when its deadline passed first."""
 
 
+class WorkflowUsageError(AikiError, RuntimeError):
+    """A workflow-only API used where it cannot work: ``start_child``, a deadline scope
+    (``run.move_on_after`` / ``run.fail_after``) or ``run.shield()`` outside the workflow
+    code of its run (a ``WorkflowRun`` kept after the run, or handed to another task); a
+    deadline scope entered twice; ``run.client`` on a worker started without a client.
+    (A RuntimeError too, as these were before.)"""
+
+
 class RunNotFound(AikiError):
     """No run with this id exists in the store."""
 

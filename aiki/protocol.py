@@ -233,6 +233,9 @@ class Welcome:
     server_id: str
     lease_ttl: float
     heartbeat_interval: float
+    # The server's wall clock as it sent this (durable deadlines are kept on it: see
+    # aiki.actors.server_time); None from a server that does not say.
+    server_time: float | None = None
 
 
 # -- generic replies -----------------------------------------------------------------------
@@ -355,6 +358,7 @@ class Heartbeat:
 class HeartbeatAck:
     req: int
     lost: tuple[str, ...]
+    server_time: float | None = None  # as in Welcome
 
 
 @message("start_step")

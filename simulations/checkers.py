@@ -159,6 +159,7 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     v += _cancels(contents, ledger)
     v += _children(contents)
     v += _deadlines(ledger)
+    v += _shields(contents)
     # A run a client cancelled may end otherwise in the fault-free run (the cancel came
     # before or after its end there): its results are not compared; nor are a child's whose
     # parent did not complete (a failing parent cancels the children still running).
@@ -502,7 +503,9 @@ def _cancels(contents: Any, ledger: Any) -> list[str]:
             if not e.event.startswith("task."):
                 continue
             comp = e.name == workload.COMPENSATION
-            if asked is not None and e.seq > asked and not comp:
+            # (Shielded work goes on after a cancel, as a compensation does.)
+            if asked is not None and e.seq > asked and not comp and (
+                    e.name != workload.SHIELDED):
                 v.append(f"run {run.id}: task {e.name} at step {e.position} went {e.event} "
                          f"at seq {e.seq}, after its cancel was committed at seq {asked}")
             elif comp and (asked is None or e.seq < asked):
@@ -511,17 +514,49 @@ def _cancels(contents: Any, ledger: Any) -> list[str]:
     return v
 
 
-def _deadlines(ledger: Any) -> list[str]:
-    """No deadline scope expires early on the clock of the node that sees it expire (a clock
-    jump of that node is let off, and its drift); how late one may be while a server is up
-    is the overdue monitor's (a run waiting past its deadline is woken by the timer)."""
+def _shields(contents: Any) -> list[str]:
+    """A task inside ``run.shield()`` is never cut by a deadline scope around the shield:
+    in a run that was not cancelled (whose grace period may end a shield), it completes,
+    however long past the deadline, whatever its siblings in a ``run.gather`` do."""
     v = []
-    for at, run_id, node, deadline, expired, clock, seconds in ledger.deadlines:
-        slack = ledger.clock_jumps[node] + 0.05 + 2e-3 * seconds
-        if expired and clock < deadline - slack:
+    for run in contents.runs.values():
+        if run.state not in ("completed", "failed") or any(
+                e.event == "cancel.requested" for e in contents.history[run.id]):
+            continue
+        for step in contents.steps[run.id]:
+            if step.kind == "task" and step.name == workload.SHIELDED and (
+                    step.state != "completed"):
+                v.append(f"run {run.id} ended {run.state} with its shielded task at step "
+                         f"{step.position} {step.state}"
+                         + (f" ({step.error_type})" if step.error_type else "")
+                         + ": a shielded task runs to its end, its outcome committed, "
+                         "whatever the deadline around the shield or its siblings do")
+    return v
+
+
+def _deadlines(ledger: Any) -> list[str]:
+    """No deadline scope expires early on the servers' clock, which deadlines are kept on,
+    whichever worker recorded it and whichever sees it expire (the workers' own clocks are
+    skewed; a jump of the servers' clock is let off, and drift); how late one may be while
+    a server is up is the overdue monitor's (a run waiting past its deadline is woken by
+    the timer)."""
+    v = []
+    jumps = sum(n for node, n in ledger.clock_jumps.items() if node.startswith("s"))
+    for at, run_id, node, deadline, expired, clock, seconds, rk, position in ledger.deadlines:
+        slack = jumps + 0.05 + 2e-3 * seconds
+        if not expired:
+            continue
+        if clock < deadline - slack:
             v.append(f"run {run_id}: a deadline scope of {seconds:g} s expired at t={at:.3f} "
-                     f"on {node}, whose clock said {clock:.3f}, before its deadline "
-                     f"{deadline:.3f}")
+                     f"on {node}, when the servers' clock said {clock:.3f}, before its "
+                     f"deadline {deadline:.3f}")
+        # On the simulated clock itself: not before its seconds since the code first
+        # entered the scope (its deadline was recorded then or later).
+        entered = ledger.scopes_entered.get((rk, position))
+        if entered is not None and at - entered < seconds - slack:
+            v.append(f"run {run_id}: a deadline scope of {seconds:g} s at step {position} "
+                     f"expired at t={at:.3f} on {node}, {at - entered:.3f} s after its code "
+                     f"first entered it (t={entered:.3f})")
     return v
 
 

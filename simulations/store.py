@@ -109,9 +109,13 @@ class Ledger:
     wakeups: list[tuple[float, str, bool]] = attrs.field(factory=list)  # (when, run, woken)
     cancels: list[tuple[float, str, bool]] = attrs.field(factory=list)  # (asked, run, answer)
     # Deadline scopes as workflow code left them: (virtual time, run, node, deadline,
-    # expired, the node's clock then, the scope's seconds).
-    deadlines: list[tuple[float, str, str, float, bool, float, float]] = attrs.field(
-        factory=list)
+    # expired, the servers' clock then, the scope's seconds, the program's key, the scope's
+    # position).
+    deadlines: list[tuple[float, str, str, float, bool, float, float, str, str]] = (
+        attrs.field(factory=list))
+    # (program key, scope position) -> the virtual time workflow code first entered it (by
+    # any run of the program: a fork copies its original's deadlines).
+    scopes_entered: dict[tuple[str, str], float] = attrs.field(factory=dict)
     clock_jumps: Counter[str] = attrs.field(factory=Counter)  # node -> |jumps| in seconds
     commits: int = 0  # transactions committed so far: the order of what follows
     # (run id, epoch) -> (the commit that granted it, to whom)

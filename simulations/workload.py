@@ -89,6 +89,10 @@ TASKS = {name: _make_task(name, retry) for name, retry in RETRIES.items()}
 # draws the task steps make: adding it there would change every seed's workload).
 COMPENSATION = "t-comp"
 TASKS[COMPENSATION] = _make_task(COMPENSATION, aiki.Retry.fixed(3, 0.2))
+# Work done inside ``run.shield()`` within a deadline scope (not a compensation: it may run
+# before any cancel, and after one, since a shield holds off RunCancelled too).
+SHIELDED = "t-shield"
+TASKS[SHIELDED] = _make_task(SHIELDED, aiki.Retry.fixed(3, 0.2))
 # ``ev``: every wait gets a value that its result folds in; ``race``: waits with a timeout
 # that a send is aimed at. Payloads are {"id": send id, "v": value}: each send unique.
 EV = aiki.event("ev", dict)
@@ -242,23 +246,52 @@ async def _deadline(run: aiki.WorkflowRun, rk: str, step: dict[str, Any]) -> Non
     noted with the node's clock, for the checkers."""
     make = run.fail_after if step.get("fail") else run.move_on_after
     scope = make(step["deadline"])
+    position = ""
     try:
         with scope:
+            position = scope._scope.position if scope._scope is not None else ""
+            if _LEDGER:
+                _LEDGER[0].scopes_entered.setdefault((rk, position), trio.current_time())
             for inner in step["steps"]:
-                if "deadline" in inner:
-                    await _deadline(run, rk, inner)
-                elif "sleep" in inner:
-                    await run.sleep(inner["sleep"])
-                else:
-                    spec = inner["call"]
-                    await TASKS[spec["task"]].run(run, {**spec, "x": 0, "rk": rk})
+                await _in_scope(run, rk, inner, scope)
     except aiki.DeadlineExceeded:
         pass
     node = NODE.get().split(".")[0]  # (the worker's name, without its incarnation)
-    clock = _CLOCKS.get(node)
+    # Deadlines are kept on the servers' clock (one time, shared by the servers).
+    clock = _CLOCKS.get("s1")
     if _LEDGER and clock is not None and scope.deadline is not None and not scope.replayed:
         _LEDGER[0].deadlines.append((trio.current_time(), run.id, node, scope.deadline,
-                                     scope.cancelled_caught, clock.now(), step["deadline"]))
+                                     scope.cancelled_caught, clock.now(), step["deadline"],
+                                     rk, position))
+
+
+async def _in_scope(run: aiki.WorkflowRun, rk: str, inner: dict[str, Any],
+                   scope: Any) -> None:
+    """One step inside a deadline scope: a task, a sleep, a nested scope, a shield over
+    steps (its tasks run to their end though the deadline passes meanwhile), or branches of
+    a ``run.gather``, each a sequence of steps (some shielded, beside unshielded siblings
+    whose steps the deadline cuts)."""
+    if "deadline" in inner:
+        await _deadline(run, rk, inner)
+    elif "sleep" in inner:
+        await run.sleep(inner["sleep"])
+    elif "shield" in inner:
+        with run.shield():
+            for s in inner["shield"]:
+                await _in_scope(run, rk, s, scope)
+        clock = _CLOCKS.get(NODE.get().split(".")[0])
+        if (_LEDGER and clock is not None and scope.deadline is not None
+                and clock.now() > scope.deadline):
+            _LEDGER[0].sometimes["shielded work outlived its deadline"] += 1
+    elif "branches" in inner:
+        async def branch(steps: list[dict[str, Any]]) -> None:
+            for s in steps:
+                await _in_scope(run, rk, s, scope)
+
+        await run.gather(*(branch(b) for b in inner["branches"]))
+    else:
+        spec = inner["call"]
+        await TASKS[spec["task"]].run(run, {**spec, "x": 0, "rk": rk})
 
 
 async def _children(run: aiki.WorkflowRun, step: dict[str, Any], acc: int) -> int:
@@ -424,6 +457,8 @@ def plan(seed: int, n_runs: int, duration: float) -> list[PlannedRun]:
     planned = [_with_children(k, item) for item in planned]
     d = random.Random(f"{seed}:deadlines")
     planned = [_with_deadlines(d, item) for item in planned]
+    s = random.Random(f"{seed}:shields")
+    planned = [_with_shields(s, item) for item in planned]
     c = random.Random(f"{seed}:cancels")
     return [_with_cancels(c, item) for item in planned]
 
@@ -453,6 +488,48 @@ def _with_deadlines(r: random.Random, item: PlannedRun) -> PlannedRun:
     steps = list(item.program["steps"])
     rk = item.program["rk"]
     steps.insert(r.randint(0, len(steps)), _deadline_step(r, f"{rk}.dl", 0))
+    return attrs.evolve(item, program={**item.program, "steps": steps})
+
+
+def _shielded_call(r: random.Random, label: str) -> dict[str, Any]:
+    return {"call": {"task": SHIELDED, "label": label, "fail": r.choice([0, 0, 1]),
+                     "work": r.choice([0.5, 3.0, 20.0, 60.0])}}
+
+
+def _with_shields(r: random.Random, item: PlannedRun) -> PlannedRun:
+    """Some runs have a deadline scope with ``run.shield()`` inside: shielded tasks that
+    may outlast the deadline, then a task (whose start the expired deadline cuts, the
+    shielded task's outcome riding with it); or a ``run.gather`` whose shielded branch runs
+    beside unshielded ones that go on stepping (each step re-arms the deadline)."""
+    if r.random() >= 0.3:
+        return item
+    rk = item.program["rk"]
+    label = f"{rk}.sh"
+
+    def plain(j: int) -> dict[str, Any]:
+        spec = _task_spec(r, f"{label}.p{j}", [])
+        spec.update(fail=0, work=r.choice([0.5, 1.0, 3.0]))
+        spec.pop("key", None)
+        spec.pop("catch", None)
+        return {"call": spec}
+
+    if r.random() < 0.5:
+        inner: list[dict[str, Any]] = [
+            {"shield": [_shielded_call(r, f"{label}.s{j}") for j in range(r.randint(1, 2))]},
+            *(plain(j) for j in range(r.randint(1, 2)))]
+    else:
+        # (A shielded durable sleep: that branch gives its slot back while its siblings
+        # step on, until the deadline cuts them.)
+        shielded = [{"shield": [{"sleep": r.choice(LONG_SLEEPS)} if r.random() < 0.3
+                                else _shielded_call(r, f"{label}.b{b}")]}
+                    for b in range(r.randint(1, 2))]
+        plains = [[plain(b * 10 + j) for j in range(r.randint(3, 8))]
+                  for b in range(r.randint(1, 2))]
+        inner = [{"branches": [[s] for s in shielded] + plains}]
+    step = {"deadline": r.choice([1.0, 5.0, 12.0, 30.0]), "fail": r.random() < 0.4,
+            "steps": inner}
+    steps = list(item.program["steps"])
+    steps.insert(r.randint(0, len(steps)), step)
     return attrs.evolve(item, program={**item.program, "steps": steps})
 
 

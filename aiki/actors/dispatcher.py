@@ -69,6 +69,13 @@ class Seat:
     # came back short (its queue was empty then).
     may_have_work: bool = True
     assigned_at: dict[str, float] = attrs.field(factory=dict)  # run id -> when pushed
+    epochs: dict[str, int] = attrs.field(factory=dict)  # run id -> the lease epoch pushed
+
+    def holds(self, run_id: str, epoch: int | None) -> bool:
+        """Whether this seat's worker holds ``run_id`` under lease ``epoch`` (or an older
+        one; None: under any)."""
+        return run_id in self.active and (
+            epoch is None or self.epochs.get(run_id, -1) <= epoch)
 
     @property
     def free(self) -> int:
@@ -116,9 +123,10 @@ class Draining:
 
 @attrs.frozen
 class Revoked:
-    """These runs' leases were revoked (a cancel): whoever held them has the slots free."""
+    """These runs' leases were revoked (a cancel): whoever held them has the slots free.
+    With the epoch revoked (None: any), a seat that holds a newer lease keeps it."""
 
-    run_ids: tuple[str, ...]
+    leases: tuple[tuple[str, int | None], ...]
 
 
 @attrs.frozen
@@ -231,11 +239,14 @@ class Dispatcher:
                 seat.active.difference_update(msg.run_ids)
                 for run_id in msg.run_ids:
                     seat.assigned_at.pop(run_id, None)
+                    seat.epochs.pop(run_id, None)
         elif isinstance(msg, Revoked):
             for seat in self.seats.values():
-                seat.active.difference_update(msg.run_ids)
-                for run_id in msg.run_ids:
-                    seat.assigned_at.pop(run_id, None)
+                for run_id, epoch in msg.leases:
+                    if seat.holds(run_id, epoch):
+                        seat.active.discard(run_id)
+                        seat.assigned_at.pop(run_id, None)
+                        seat.epochs.pop(run_id, None)
             self._work_may_have_arrived()
         elif isinstance(msg, Expired):
             self._work_may_have_arrived()
@@ -245,6 +256,7 @@ class Dispatcher:
                     seat.active.difference_update(msg.run_ids)
                     for run_id in msg.run_ids:
                         seat.assigned_at.pop(run_id, None)
+                        seat.epochs.pop(run_id, None)
 
     def _forget_unheld(self, seat: Seat, held: set[str]) -> None:
         """A run assigned to the seat over a lease ago that its worker's heartbeat does not
@@ -258,6 +270,7 @@ class Dispatcher:
             seat.active -= gone
             for run_id in gone:
                 seat.assigned_at.pop(run_id, None)
+                seat.epochs.pop(run_id, None)
             seat.may_have_work = True
 
     async def _assign(self) -> None:
@@ -289,6 +302,7 @@ class Dispatcher:
             if not seat.draining and seat.push(Assign(c.run, c.steps)):
                 seat.active.add(c.run.id)
                 seat.assigned_at[c.run.id] = trio.current_time()
+                seat.epochs[c.run.id] = c.run.lease_epoch
             else:
                 undelivered.append(c.run)
         if undelivered:
@@ -354,11 +368,17 @@ class Dispatcher:
         return now - since >= self.stranded_after
 
     def revoke(self, run_id: str, reason: str | None, epoch: int | None = None) -> None:
-        """A cancel revoked ``run_id``'s lease (of ``epoch``, when known): tell its worker
-        now (not at its next heartbeat) and free its slot. Relayed from another server
-        (``epoch`` known), only if a worker here holds the run."""
-        if self.push_to_holder(run_id, Revoke(run_id, reason, epoch)) or epoch is None:
-            self.tell(Revoked((run_id,)))
+        """A cancel revoked ``run_id``'s lease of ``epoch`` (None: whatever lease holds
+        it, for a run that ended): tell its worker now (not at its next heartbeat) and free
+        its slot. A worker here that holds a newer lease of the run (claimed after the
+        cancel, to compensate) is left alone; so is its slot. With ``epoch`` known, only if
+        a worker here holds the run."""
+        held = False
+        for seat in self.seats.values():
+            if seat.holds(run_id, epoch):
+                held = seat.push(Revoke(run_id, reason, epoch)) or held
+        if held or epoch is None:
+            self.tell(Revoked(((run_id, epoch),)))
 
     def push_to_holder(self, run_id: str, msg: Any) -> bool:
         """Push ``msg`` to the worker that holds ``run_id`` here, if one does (a hint)."""

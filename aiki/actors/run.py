@@ -44,6 +44,7 @@ import trio
 from aiki import protocol as p
 from aiki import tracing
 from aiki.actors.outcomes import Flusher
+from aiki.actors.scopes import serving_nursery
 from aiki.errors import (
     ChildCancelled,
     ChildFailed,
@@ -58,6 +59,7 @@ from aiki.errors import (
     StepConflict,
     StoreUnavailable,
     TaskFailed,
+    WorkflowUsageError,
 )
 from aiki.logs import bind_run
 from aiki.metrics import TASK_DURATION
@@ -73,6 +75,7 @@ WRITE_ATTEMPTS = 8  # about 20 s of backoff before giving the run back to its le
 DEFAULT_RECORD_START_AFTER = 0.0
 DEADLINE_EXCEEDED = "DeadlineExceeded"  # the error of a step its deadline scope abandoned
 CHILD_CANCEL_GRACE = 60.0  # how long a child cancelled by an expired deadline may compensate
+CANCEL_GRACE = 60.0  # a cancel's grace period when none is known (the default of ``cancel``)
 
 
 class TaskDefinition(Protocol):
@@ -228,6 +231,10 @@ class RunState:
     # The run is being cancelled (its reason): new steps outside a shield raise RunCancelled.
     cancelling: bool = False
     cancel_reason: str | None = None
+    cancel_deadline: float | None = None  # the end of its grace period (epoch seconds)
+    # The Trio scopes of the open ``run.shield()`` blocks, and whether the run was stopped.
+    shields: set[trio.CancelScope] = attrs.field(factory=set)
+    stopped: bool = False
     # Children whose deadline scope expired: cancelled at the next write; and the steps
     # that stood in it, recorded abandoned.
     pending_cancels: list[tuple[str, str]] = attrs.field(factory=list)
@@ -236,6 +243,9 @@ class RunState:
     # paused): it is given back as paused, not as a drain.
     paused: Callable[[], bool] = lambda: False
     paused_seen: bool = False
+    # The server's wall clock now, (at least, at most): the clock deadlines are kept on
+    # (aiki.actors.server_time); None: this worker's own wall clock stands in.
+    server_time: Callable[[], tuple[float, float]] | None = None
     steps: dict[str, StepRecord] = attrs.field(init=False)
     consumed: set[str] = attrs.field(factory=set)
     root: _Branch = attrs.field(factory=lambda: _Branch(""))
@@ -244,11 +254,40 @@ class RunState:
     def __attrs_post_init__(self) -> None:
         self.steps = dict(self.recorded)
 
+    def server_now(self) -> tuple[float, float]:
+        """The server's clock now: (at least, at most)."""
+        if self.server_time is None:
+            now = self.sources.clock.now()
+            return now, now
+        return self.server_time()
+
     def next_position(self) -> str:
         branch = _BRANCH.get(None)
         if branch is None or branch[0] is not self:
             return self.root.next()
         return branch[1].next()
+
+    def open_shield(self) -> trio.CancelScope:
+        """The Trio scope of a ``run.shield()`` block: shielded from the run's deadline
+        scopes and gathers, bounded by the cancel's grace period when the run is being
+        cancelled, and cancelled when the run is stopped on this worker (:meth:`stop`)."""
+        scope = trio.CancelScope(shield=True)
+        if self.cancelling:
+            end = self.cancel_deadline
+            left = CANCEL_GRACE if end is None else end - self.server_now()[0]
+            scope.deadline = trio.current_time() + max(left, 0.0)
+        if self.stopped:
+            scope.cancel()
+        self.shields.add(scope)
+        return scope
+
+    def stop(self) -> None:
+        """The run is stopped on this worker (its actor's scope is cancelled: a lease lost or
+        revoked, a crash, the worker stopping): its ``run.shield()`` blocks stop too, since
+        Trio's shield holds off every cancellation from outside it."""
+        self.stopped = True
+        for scope in self.shields:
+            scope.cancel()
 
     def check_cancelled(self) -> None:
         """Raise :class:`RunCancelled` where the workflow stands, unless shielded."""
@@ -256,11 +295,13 @@ class RunState:
             raise RunCancelled(self.lease.run_id, self.cancel_reason)
 
     def check_inside(self, what: str) -> None:
-        """RuntimeError unless called from this run's workflow code."""
+        """WorkflowUsageError unless called from this run's workflow code."""
         branch = _BRANCH.get(None)
         if branch is None or branch[0] is not self:
-            raise RuntimeError(f"{what} is used outside the workflow code of run "
-                               f"{self.lease.run_id}: call it from the workflow function")
+            raise WorkflowUsageError(
+                f"{what} is used outside the workflow code of run {self.lease.run_id}: call "
+                "it from the workflow function (or a run.gather branch of it), while the run "
+                "executes")
 
     async def arm(self) -> None:
         """Before a step: the deadlines of the scopes it stands in are recorded (once; a
@@ -274,8 +315,8 @@ class RunState:
             recorded = self.replayed(d.position, "deadline", "deadline", "null", "", None)
             if recorded is not None and recorded.output is not None:
                 at, d.cut = deadline_expiry(recorded)
-            else:
-                at = self.sources.clock.now() + d.seconds
+            else:  # on the server's clock, from its latest reading: never early on it
+                at = self.server_now()[1] + d.seconds
                 output = p.encode_value(at)
                 await self.save(StepRecord(d.position, "deadline", "deadline", "", "null",
                                            None, "completed", 1, output=output))
@@ -286,8 +327,10 @@ class RunState:
         """New work begins (not a replayed step): the deadlines of the scopes it stands in
         take effect. Of those that have passed (a replay after them), only the earliest is
         cancelled now (the outermost of equal ones), as it was the first to expire; the
-        others' turn comes at the next step, if the code reaches one inside them."""
-        now = self.sources.clock.now()
+        others' turn comes at the next step, if the code reaches one inside them. They are
+        judged on the server's clock, at the earliest it may read now (whichever worker
+        recorded them)."""
+        now = self.server_now()[0]
         scopes = [d for d in _open_deadlines() if d.at is not None]
         expired = [d for d in scopes if d.cut is not None]
         if expired:  # the history says it expired: new work inside was cut short there
@@ -320,15 +363,21 @@ class RunState:
                 await trio.lowlevel.checkpoint()
 
     async def flush_cancels(self) -> None:
-        # Taken before the write: concurrent branches flush too (a failed write abandons
-        # the run, whose next lease records them again).
+        """Record the steps of expired deadline scopes abandoned, and cancel their children.
+        Each is taken off its list only once its write is acknowledged: a write cut short
+        (a deadline or the run's end cancels it) leaves it for the next flush. A concurrent
+        branch may send one again meanwhile: both writes are idempotent."""
         while self.pending_abandons:
-            scope, positions = self.pending_abandons.pop(0)
+            abandon = self.pending_abandons[0]
+            scope, positions = abandon
             await self.write(partial(_abandon_steps, lease=self.lease, positions=positions,
                                      scope=scope))
+            _drop(self.pending_abandons, abandon)
         while self.pending_cancels:
-            child_id, reason = self.pending_cancels.pop(0)
+            cancel = self.pending_cancels[0]
+            child_id, reason = cancel
             await self.write(partial(_cancel_run, run_id=child_id, reason=reason))
+            _drop(self.pending_cancels, cancel)
 
     async def write(self, make: Callable[[int], Any]) -> Any:
         """Persist one write, after the outcomes waiting for a ride or riding with another
@@ -502,6 +551,8 @@ class RunState:
                 wait = not_before - clock.now()
                 retry = (WaitFor(position, "retry", task.name, not_before),)
                 if wait > self.inline_retry_max:
+                    if await self.hold_for_deadline():
+                        continue
                     raise Suspend(retry, f"task {task.name!r} retries at attempt {attempt}")
                 if wait > 0:
                     with trio.move_on_after(wait):
@@ -620,6 +671,26 @@ class RunState:
             self.sources.metrics.observe(TASK_DURATION, trio.current_time() - started,
                                          (task.name, outcome))
 
+    async def hold_for_deadline(self) -> bool:
+        """Before the run gives its slot back to wait: if a deadline scope around the code
+        is due within the inline limit (on the server's clock, at the earliest it may read
+        now), wait here a while instead (its Trio scope cuts in when it is due, or a nudge
+        ends the wait early) and say so: the caller looks again. Else False: suspend. (A
+        run the server's timer woke at a deadline may find it not quite due yet by this
+        worker's bound of the server's clock: given back at once, it would be woken at once
+        again, for ever.)"""
+        if self.draining.is_set():
+            return False
+        earliest = self.server_now()[0]
+        if not any(d.at is not None and d.at - earliest <= self.inline_retry_max
+                   for d in _open_deadlines()):
+            return False
+        with trio.move_on_after(self.inline_retry_max):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_set_when, self.draining.wait, nursery.cancel_scope)
+                nursery.start_soon(_set_when, self.nudges.wait, nursery.cancel_scope)
+        return True
+
     async def await_step(self, step: StepRecord) -> StepRecord:
         """Ask the store where a wait step stands (it ends it if it can)."""
         reply = await self.write(lambda req: p.AwaitStep(req, self.lease, step))
@@ -655,6 +726,8 @@ class RunState:
             wait = due - self.sources.clock.now()
             reason = f"sleeps at step {position} until {due}"
             if wait > self.inline_retry_max or self.draining.is_set():
+                if await self.hold_for_deadline():
+                    continue
                 raise Suspend((WaitFor(position, "sleep", "sleep", due),), reason)
             with trio.move_on_after(max(wait, 0.0)):
                 async with trio.open_nursery() as nursery:
@@ -682,6 +755,8 @@ class RunState:
         step = StepRecord(position, "event", name, "", input_json, None, "running", 1,
                           next_attempt_at=due)
         step = await self.await_step(step)
+        while step.state not in FINAL_STEP_STATES and await self.hold_for_deadline():
+            step = await self.await_step(step)
         if step.state in FINAL_STEP_STATES:
             return step
         raise Suspend((WaitFor(position, "event", name, due),),
@@ -732,6 +807,8 @@ class RunState:
             self.activate()
             step = StepRecord(position, "join", child_id, "", input_json, None, "running", 1)
             recorded = await self.await_step(step)
+            while recorded.state not in FINAL_STEP_STATES and await self.hold_for_deadline():
+                recorded = await self.await_step(step)
             if recorded.state not in FINAL_STEP_STATES:
                 raise Suspend((WaitFor(position, "join", child_id),),
                               f"waits for child run {child_id} at step {position}")
@@ -756,6 +833,31 @@ class RunState:
         await self.save(StepRecord(position, kind, kind, "", "null", None, "completed", 1,
                                    output=output))
         return p.decode_value(output)
+
+
+def _combined(suspended: list[Suspend]) -> Suspend:
+    """The waits of a gather's branches, as one: the run waits for the first to wake."""
+    combined = Suspend(tuple(c for s in suspended for c in s.conditions),
+                       "; ".join(s.reason for s in suspended))
+    # A deadline around the gather wakes the run unless every waiting branch was shielded
+    # from it.
+    combined.shielded = set.intersection(*(s.shielded for s in suspended))
+    return combined
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` is Trio's Cancelled, or a group of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
+def _drop(items: list[Any], item: Any) -> None:
+    """Take ``item`` (that very object) off ``items``, if a concurrent flush has not."""
+    for i, x in enumerate(items):
+        if x is item:
+            del items[i]
+            return
 
 
 def _abandon_steps(req: int, *, lease: Lease, positions: tuple[str, ...],
@@ -811,7 +913,8 @@ def position_key(position: str) -> tuple[int, ...]:
 class DeadlineScope:
     """``with run.move_on_after(d) as scope:`` (or ``run.fail_after(d)``): a durable
     deadline over every await inside. ``cancelled_caught`` says whether it expired there;
-    ``deadline`` is when (epoch seconds), once recorded (at the first await inside)."""
+    ``deadline`` is when (epoch seconds, on the server's clock: see
+    :mod:`aiki.actors.server_time`), once recorded (at the first await inside)."""
 
     def __init__(self, state: RunState, seconds: float, fail: bool, what: str) -> None:
         self._state = state
@@ -835,7 +938,8 @@ class DeadlineScope:
     def __enter__(self) -> DeadlineScope:
         self._state.check_inside(self._what)
         if self._scope is not None:
-            raise RuntimeError(f"{self._what}: a deadline scope is entered once")
+            raise WorkflowUsageError(f"{self._what}: a deadline scope is entered once; make "
+                                     "a new one for each block")
         self._scope = _Deadline(self._state.next_position(), self._seconds,
                                 trio.CancelScope())
         self._scope.cancel.__enter__()
@@ -851,22 +955,30 @@ class DeadlineScope:
             # The run gives its slot back: the server's timer wakes it at the deadline.
             exc.conditions = (*exc.conditions,
                               WaitFor(scope.position, "deadline", "deadline", scope.at))
-        handled = bool(scope.cancel.__exit__(etype, exc, tb))
-        self.cancelled_caught = scope.cancel.cancelled_caught
-        if self.cancelled_caught:
-            why = (f"the deadline of run {self._state.lease.run_id} at step "
-                   f"{scope.position} passed")
-            self._state.pending_cancels += [(c, why) for c in scope.children]
-            unfinished = tuple(q for q in scope.steps
-                               if (step := self._state.steps.get(q)) is None
-                               or step.state not in FINAL_STEP_STATES)
-            if unfinished or scope.cut is None:  # (its expiry is recorded, cut or not)
-                self._state.pending_abandons.append((scope.position, unfinished))
-            if self._fail:
-                raise DeadlineExceeded(
-                    f"run {self._state.lease.run_id}: the deadline of {self._seconds:g} s "
-                    f"set at step {scope.position} passed")
+        try:
+            # (Raises what is left of an exception group once its Cancelled are taken out:
+            # the scope expired all the same, and its children and steps are seen to.)
+            handled = bool(scope.cancel.__exit__(etype, exc, tb))
+        finally:
+            self.cancelled_caught = scope.cancel.cancelled_caught
+            if self.cancelled_caught:
+                self._expired(scope)
+        if self.cancelled_caught and self._fail:
+            raise DeadlineExceeded(
+                f"run {self._state.lease.run_id}: the deadline of {self._seconds:g} s "
+                f"set at step {scope.position} passed")
         return handled
+
+    def _expired(self, scope: _Deadline) -> None:
+        """The scope expired: its children are cancelled and its unfinished steps recorded
+        abandoned, at the run's next write."""
+        why = f"the deadline of run {self._state.lease.run_id} at step {scope.position} passed"
+        self._state.pending_cancels += [(c, why) for c in scope.children]
+        unfinished = tuple(q for q in scope.steps
+                           if (step := self._state.steps.get(q)) is None
+                           or step.state not in FINAL_STEP_STATES)
+        if unfinished or scope.cut is None:  # (its expiry is recorded, cut or not)
+            self._state.pending_abandons.append((scope.position, unfinished))
 
 
 class WorkflowRun:
@@ -889,9 +1001,9 @@ class WorkflowRun:
     @property
     def client(self) -> Any:
         """The client the worker running this run was started from (``aiki.worker(client,
-        ...)``); RuntimeError for a worker made without one."""
+        ...)``); WorkflowUsageError for a worker made without one."""
         if self._client is None:
-            raise RuntimeError(f"run {self.id}: its worker was not started from a client "
+            raise WorkflowUsageError(f"run {self.id}: its worker was not started from a client "
                                "(aiki.worker(client, ...)), so there is none to make a "
                                "handle with; use client.handle(child.id) outside the "
                                "workflow")
@@ -929,31 +1041,41 @@ class WorkflowRun:
     def shield(self) -> Iterator[None]:
         """Awaits inside run normally after a cancel (``aiki.RunCancelled`` is not raised):
         compensation, e.g. a refund. They must end within the cancel's grace period (60 s
-        by default); then the run ends ``cancelled`` whatever they are doing. Branches of a
-        ``run.gather`` begun inside are shielded too.
+        by default): when it ends they are cancelled and ``aiki.RunCancelled`` is raised at
+        the end of the block (the server ends the run ``cancelled`` then, whatever it does).
+        Branches of a ``run.gather`` begun inside are shielded too, and a shielded branch
+        runs to its end when a sibling fails (or sees ``RunCancelled``) and cancels the
+        others, as in Trio.
 
-        As Trio's shield, it shields from the durable deadlines of the scopes around it
-        (``run.move_on_after`` / ``run.fail_after``): their expiry does not cut the awaits
-        inside short (nor wake a run waiting inside), and takes effect when the shield
-        exits. (A scope that had expired already when the shield was entered, e.g. in a
-        ``finally`` while it unwinds, stays expired: compensate after the scope, on
-        ``scope.cancelled_caught``.) Scopes opened inside it expire as usual."""
+        As Trio's shield (it opens one: ``trio.CancelScope(shield=True)``), it shields from
+        the durable deadlines of the scopes around it (``run.move_on_after`` /
+        ``run.fail_after``): their expiry does not cut the awaits inside short (nor wake a
+        run waiting inside), and takes effect when the shield exits. Only the code inside
+        is shielded: the sibling branches of a ``run.gather`` are cut at the deadline as
+        usual. Scopes opened inside it expire as usual. A shield does not hold the run on a
+        worker that stops it (its lease lost or revoked, the worker stopped): then the
+        awaits inside are cancelled too, and the run resumes from its checkpoints on its
+        next lease."""
+        state = self._state
+        state.check_inside("run.shield()")
         outer = _open_deadlines()
-        armed = [(d, d.cancel.deadline) for d in outer]
-        for d in outer:
-            d.cancel.deadline = math.inf
+        scope = state.open_shield()
         token = _SHIELDED.set(True)
         at = _SHIELD_AT.set(len(_DEADLINES.get()))
         try:
-            yield
+            with scope:
+                yield
         except Suspend as exc:
             exc.shielded.update(id(d) for d in outer)
             raise
         finally:
             _SHIELD_AT.reset(at)
             _SHIELDED.reset(token)
-            for d, deadline in armed:  # (one that passed meanwhile cancels at once)
-                d.cancel.deadline = deadline
+            state.shields.discard(scope)
+        if scope.cancelled_caught:
+            if state.stopped:  # (the run's own scope is cancelled too: nothing more runs)
+                raise Abandon(f"run {self.id}: stopped on this worker inside run.shield()")
+            raise RunCancelled(self.id, state.cancel_reason)  # the grace period is over
 
     async def now(self) -> float:
         """Wall-clock seconds since the epoch, recorded once."""
@@ -992,20 +1114,23 @@ class WorkflowRun:
                     failure.append(exc)
                 cancel.cancel()
 
-        async with trio.open_nursery() as nursery:
-            for i, aw in enumerate(awaitables):
-                nursery.start_soon(branch, i, aw, nursery.cancel_scope)
+        try:
+            async with trio.open_nursery() as nursery:
+                for i, aw in enumerate(awaitables):
+                    nursery.start_soon(branch, i, aw, nursery.cancel_scope)
+        except BaseException as exc:
+            # Branches cut by a deadline (Cancelled) while others wait durably: the gather
+            # does not end here, leaving those waits behind. The run waits for them (it
+            # gives its slot back); its replay cuts the others at the same place again.
+            if suspended and not failure and not released and _only_cancelled(exc):
+                raise _combined(suspended) from None
+            raise
         if failure:
             raise failure[0]
         if released:
             raise released[0]
         if suspended:  # every branch ended or waits: the run waits for the first to wake
-            combined = Suspend(tuple(c for s in suspended for c in s.conditions),
-                               "; ".join(s.reason for s in suspended))
-            # A deadline around the gather wakes the run unless every waiting branch was
-            # shielded from it.
-            combined.shielded = set.intersection(*(s.shielded for s in suspended))
-            raise combined
+            raise _combined(suspended)
         return results
 
     async def sleep(self, duration: float | datetime.timedelta) -> bool:
@@ -1063,6 +1188,7 @@ async def run_workflow(
     lease_deadline: Callable[[], float] = lambda: math.inf,
     lease_renewed: Callable[[float], None] = lambda sent: None, flusher: Flusher | None = None,
     paused: Callable[[], bool] = lambda: False, client: Any = None,
+    server_time: Callable[[], tuple[float, float]] | None = None,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
     drains, or the run was paused: ``draining`` is set, ``paused()`` says which) or
@@ -1076,7 +1202,8 @@ async def run_workflow(
                      trio.Event() if draining is None else draining, nudges or Nudges(),
                      workflow.name, run_task, lease_deadline, lease_renewed, flusher,
                      cancelling=run.cancel_requested_at is not None,
-                     cancel_reason=run.cancel_reason, paused=paused)
+                     cancel_reason=run.cancel_reason, cancel_deadline=run.cancel_deadline,
+                     paused=paused, server_time=server_time)
     if on_state is not None:  # (a replay looks at what the code consumed)
         on_state(state)
     _BRANCH.set((state, state.root))
@@ -1089,7 +1216,9 @@ async def run_workflow(
         try:
             payload = p.decode_value(run.payload, workflow.payload_type,
                                      what=f"payload of workflow {workflow.name!r}")
-            value = await workflow.execute(handle, payload)
+            async with serving_nursery() as nursery:
+                nursery.start_soon(_stop_when_cancelled, state)
+                value = await workflow.execute(handle, payload)
             await state.flush_cancels()
             state.check_all_consumed()
             result = p.encode_value(value, workflow.result_type,
@@ -1135,6 +1264,16 @@ async def run_workflow(
                 await state.carry(lambda req, saved: p.CompleteRun(req, lease, result, saved))
             except Release:  # paused: it completes once resumed (its steps replay)
                 await _give_back(state)
+
+
+async def _stop_when_cancelled(state: RunState) -> None:
+    """Beside the workflow's code: when the run's scope is cancelled from outside (the
+    worker stops it, or crashes), its ``run.shield()`` blocks are cancelled too. (Cancelled
+    when the code ends as well: no shield is open then.)"""
+    try:
+        await trio.sleep_forever()
+    finally:
+        state.stop()
 
 
 async def _give_back(state: RunState) -> None:

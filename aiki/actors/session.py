@@ -200,7 +200,7 @@ class Session:
             # Before the welcome: once a worker is running, enqueues by name find its versions.
             ctx.dispatcher.note_workflows(first.workflows)
         await self.conn.send(p.Welcome(first.req, ctx.server_id, ctx.lease_ttl,
-                                       ctx.heartbeat_interval))
+                                       ctx.heartbeat_interval, ctx.sources.clock.now()))
         ended: list[BaseException] = []
         async with trio.open_nursery() as session:
             session.start_soon(self._until_closed, session, ended, self._send_outbox)
@@ -549,7 +549,7 @@ class Session:
             if lost:
                 ctx.dispatcher.tell(Ended(self.id, lost))
             ctx.dispatcher.tell(Alive(self.id, now, tuple(lease.run_id for lease in msg.leases)))
-            return p.HeartbeatAck(msg.req, lost)
+            return p.HeartbeatAck(msg.req, lost, ctx.sources.clock.now())
         if isinstance(msg, p.Drain):
             log.info("session %d (%s): worker %r drains", self.id, self.conn.peer,
                      self.hello.node_id)
@@ -710,9 +710,11 @@ class Session:
         run = out.run
         if run is not None:
             if out.holder is not None:  # told now, not at its next heartbeat
-                ctx.dispatcher.revoke(run.id, msg.reason)
-            for descendant in out.revoked:
-                ctx.dispatcher.revoke(descendant, msg.reason)
+                # (the epoch the cancel moved on from: a claim of the run committed since,
+                # to compensate, is a newer lease, which its worker keeps)
+                ctx.dispatcher.revoke(run.id, msg.reason, run.lease_epoch - 1)
+            for descendant, epoch in out.revoked:
+                ctx.dispatcher.revoke(descendant, msg.reason, epoch)
             ctx.dispatcher.poke()  # queued again, to see RunCancelled and compensate
             if run.cancel_deadline is not None:
                 ctx.timer.hint(run.cancel_deadline)
@@ -767,7 +769,9 @@ class Session:
             while todo:
                 r = todo.pop()
                 if r.cancel_requested_at is not None and r.lease_owner is None:
-                    ctx.dispatcher.revoke(r.id, r.cancel_reason)  # (its lease was revoked)
+                    # (its lease was revoked: the cancel moved the epoch on by one; a claim
+                    # committed since this read holds a newer lease, which is not touched)
+                    ctx.dispatcher.revoke(r.id, r.cancel_reason, r.lease_epoch - 1)
                     if r.state in TERMINAL_RUN_STATES:
                         ctx.watchers.ended(r)
                 todo.extend(await ctx.store.get_children(r.id))

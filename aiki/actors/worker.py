@@ -38,6 +38,7 @@ from aiki.actors.run import (
     call_task,
     run_workflow,
 )
+from aiki.actors.server_time import ServerTime
 from aiki.errors import AikiError
 from aiki.metrics import RECONNECTS, WORKER_SLOTS_MAX, WORKER_SLOTS_USED
 from aiki.observability import HttpApp, metrics_page, routes
@@ -103,8 +104,12 @@ class Worker:
     incarnation: str = ""
     # Completed task outcomes ride with their run's next write; this sends the strays.
     flusher: Flusher = attrs.field(factory=Flusher)
+    # The server's clock, as its replies tell it: the clock of durable deadlines.
+    server_time: ServerTime = attrs.field(init=False)
+    _hello_sent: float = attrs.field(init=False, default=0.0)
 
     def __attrs_post_init__(self) -> None:
+        self.server_time = ServerTime(self.sources.clock)
         if not self.incarnation:
             self.incarnation = self.sources.short_id()
         if self.max_concurrent_runs < 1:
@@ -116,6 +121,7 @@ class Worker:
             self._registry[key] = wf
 
     def _hello(self, req: int) -> p.Hello:
+        self._hello_sent = trio.current_time()  # (the welcome's reading of the server's clock)
         # A draining worker that reconnects offers no slots: the new session must not hand it
         # runs it would only give back.
         slots = 0 if self.draining.is_set() else self.max_concurrent_runs
@@ -157,6 +163,7 @@ class Worker:
                 log.warning("worker %s: dropped assignment of run %s", self.id, msg.run.id)
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
+        self.server_time.heard(welcome.server_time, self._hello_sent, trio.current_time())
         if self.link is not None:  # a reconnection: renew the re-announced leases now
             self.sources.metrics.inc(RECONNECTS, (self.id,))
             self._beat_now.set()
@@ -235,7 +242,7 @@ class Worker:
                                    run_task=self.run_task,
                                    lease_deadline=partial(self._lease_deadline, link, mine),
                                    lease_renewed=partial(_renewed, mine),
-                                   flusher=self.flusher,
+                                   flusher=self.flusher, server_time=self.server_time.bounds,
                                    paused=lambda: mine.paused, client=self.client)
         except Abandon:
             pass
@@ -269,6 +276,7 @@ class Worker:
             except (AikiError, TimeoutError) as exc:
                 log.warning("worker %s: heartbeat failed: %s", self.id, exc)
                 continue
+            self.server_time.heard(ack.server_time, sent, trio.current_time())
             for lease in leases:
                 held = self.held.get(lease.run_id)
                 if held is not None and held.lease == lease and lease.run_id not in ack.lost:

@@ -363,7 +363,7 @@ class MemoryStore:
             self._ended(change.run, now, ended)
 
     def _cascade(self, run_id: str, reason: str | None, grace: float, who: str, now: float,
-                 revoked: list[str], ended: list[RunRecord]) -> None:
+                 revoked: list[tuple[str, int]], ended: list[RunRecord]) -> None:
         """Cancel ``run_id``'s unfinished, not detached descendants, the deepest first."""
         for d in reversed(self._descendants(run_id)):
             run = self._runs[d]
@@ -372,7 +372,7 @@ class MemoryStore:
                                    cascade=run_id, children=self._unfinished(d))
             self._write(d, change)
             if out.holder is not None:
-                revoked.append(d)
+                revoked.append((d, run.lease_epoch))
             if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
                 self._ended(change.run, now, ended)
 
@@ -380,7 +380,7 @@ class MemoryStore:
         run = self._runs.get(op.run_id)
         if run is None or run.state in TERMINAL_RUN_STATES or run.cancel_requested_at:
             return m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now)[1]
-        revoked: list[str] = []
+        revoked: list[tuple[str, int]] = []
         ended: list[RunRecord] = []
         first = self._awaits_children(run)  # marked first, so its children's ends wait on it
         out = o.CancelOutcome(True, None, None)

@@ -247,8 +247,9 @@ class CancelOutcome:
     cancelled: bool  # False: the run had ended already, and nothing changed
     run: RunRecord | None  # the run as it is now (None: unchanged)
     holder: str | None  # the worker whose lease the cancel revoked, if one held the run
-    # The descendants whose leases the cancel revoked (their workers are told too).
-    revoked: tuple[str, ...] = ()
+    # The descendants whose leases the cancel revoked, each with the lease epoch revoked
+    # (their workers are told too; a newer lease, a claim that came after, is not touched).
+    revoked: tuple[tuple[str, int], ...] = ()
 
 
 @attrs.frozen
@@ -467,8 +468,8 @@ def outcomes_of(outcomes: list[Any], noted: Noted) -> Outcomes:
 
 def note_cancel(out: CancelOutcome) -> None:
     """A cancel no client asked for: the leases it revoked are noted (the run's: the epoch
-    before the cancel moved it on; its descendants': not known)."""
+    before the cancel moved it on; its descendants' as the store gave them)."""
     if out.run is not None and out.holder is not None:
         note_revoked(out.run.id, out.run.lease_epoch - 1)
-    for run_id in out.revoked:
-        note_revoked(run_id, None)
+    for run_id, epoch in out.revoked:
+        note_revoked(run_id, epoch)

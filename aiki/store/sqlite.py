@@ -459,7 +459,7 @@ def _ended(db: Db, run: RunRecord, now: float, ended: list[RunRecord]) -> None:
 
 
 def _cascade(db: Db, run_id: str, reason: str | None, grace: float, who: str, now: float,
-             revoked: list[str], ended: list[RunRecord]) -> None:
+             revoked: list[tuple[str, int]], ended: list[RunRecord]) -> None:
     """Cancel ``run_id``'s unfinished, not detached descendants, the deepest first."""
     for d in reversed(_descendants(db, run_id)):
         run = _get_run(db, d.id)
@@ -469,7 +469,7 @@ def _cascade(db: Db, run_id: str, reason: str | None, grace: float, who: str, no
                                children=_unfinished(db, run.id))
         _write(db, run.id, change)
         if out.holder is not None:
-            revoked.append(run.id)
+            revoked.append((run.id, run.lease_epoch))
         if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
             _ended(db, change.run, now, ended)
 
@@ -573,7 +573,7 @@ def _cancel(db: Db, op: o.CancelRun) -> o.CancelOutcome:
     run = _get_run(db, op.run_id)
     if run is None or run.state in TERMINAL_RUN_STATES or run.cancel_requested_at:
         return m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now)[1]
-    revoked: list[str] = []
+    revoked: list[tuple[str, int]] = []
     ended: list[RunRecord] = []
     first = _awaits_children(db, run)  # marked first, so its children's ends wait on it
     out = o.CancelOutcome(True, None, None)

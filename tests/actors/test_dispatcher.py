@@ -142,3 +142,42 @@ async def test_a_lease_another_server_expired_frees_the_slot_at_the_next_heartbe
         await trio.sleep(1)
         assert delivered == ["r0", "r0"]  # the slot was free again: the run is back
         assert seat.active == {"r0"}
+
+
+async def test_a_late_revoke_leaves_the_lease_claimed_after_the_cancel_alone(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A cancel revokes a held lease and queues the run again, to compensate; a claim may
+    commit before the server tells the old holder. The revoke names the epoch it revoked:
+    the worker holding the newer lease is not told to stop, and keeps its slot (found by
+    review: the revoke carried no epoch, and the worker dropped its new lease)."""
+    from aiki.protocol import Revoke
+
+    store = MemoryStore()
+    pushed: list[Any] = []
+
+    def push(msg: Any) -> bool:
+        pushed.append(msg)
+        return True
+
+    seat = Seat(1, "w1", (WF,), slots=1, push=push)
+    async with dispatching(store, 1) as dispatcher:
+        dispatcher.tell(Joined(seat))
+        await trio.sleep(1)
+        first = [m.run.lease_epoch for m in pushed if isinstance(m, Assign)]
+        out = await execute(store, o.CancelRun("r0", "bye", 60.0, "c", 2.0))
+        assert out.run is not None and out.run.state == "queued"
+        dispatcher.tell(Expired(()))  # (anything that makes it look for work again)
+        seat.active.clear()  # the old actor ended: its slot is free (an Ended)
+        dispatcher.poke()
+        await trio.sleep(1)
+        assigns = [m.run.lease_epoch for m in pushed if isinstance(m, Assign)]
+        assert len(assigns) == 2 and assigns[1] > first[0]
+        dispatcher.revoke("r0", "bye", first[0])  # late: the epoch the cancel revoked
+        await trio.sleep(1)
+        assert [m for m in pushed if isinstance(m, Revoke)] == []
+        assert seat.active == {"r0"}
+        dispatcher.revoke("r0", "bye", assigns[1])  # that lease's own revoke stops it
+        await trio.sleep(1)
+        assert [m.epoch for m in pushed if isinstance(m, Revoke)] == [assigns[1]]
+        assert seat.active == set()

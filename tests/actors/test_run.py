@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -64,6 +65,110 @@ async def test_a_start_acknowledged_within_the_lease_runs_the_task(
     await run_workflow(pay, p.Assign(leased_run(), ()), persist, Sources.seeded(1),
                        lease_deadline=lambda: 10.0)
     assert len(ran) == 1
+
+
+cut: list[float] = []
+
+
+@aiki.task(name="endless")
+async def endless(x: int) -> int:
+    try:
+        await trio.sleep(10_000)
+    except trio.Cancelled:
+        cut.append(trio.current_time())
+        raise
+    return x
+
+
+@aiki.workflow(name="compensate", version="1")
+async def compensate(run: aiki.WorkflowRun, x: int) -> int:
+    try:
+        return await charge.run(run, x)
+    except aiki.RunCancelled:
+        with run.shield():
+            await endless.run(run, x)
+        return -1  # never: the shield raises RunCancelled when the grace period ends
+
+
+async def test_a_shield_ends_with_the_cancels_grace_period_even_if_no_word_comes(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A run being cancelled compensates inside ``run.shield()`` until its grace period
+    ends (here 50 s after the assignment), on its own clock: the worker may never hear
+    that the server ended the run. Then RunCancelled is raised at the shield's end, and
+    the run reports it."""
+    cut.clear()
+    sources = Sources.seeded(1)
+    written: list[Any] = []
+
+    async def persist(make: Any) -> Any:
+        msg = make(1)
+        written.append(msg)
+        return p.Ok(1)
+
+    now = sources.clock.now()
+    run = attrs.evolve(leased_run(), workflow="compensate", cancel_requested_at=now - 10,
+                       cancel_reason="bye", cancel_deadline=now + 50)
+    start = trio.current_time()
+    await run_workflow(compensate, p.Assign(run, ()), persist, sources)
+    assert [c - start for c in cut] == [50]
+    assert [type(m).__name__ for m in written] == ["StartStep", "FailRun"]
+    assert (written[-1].error_type, written[-1].error_message) == (
+        "RunCancelled", "run r1 was cancelled: bye")
+
+
+@aiki.task(name="takes")
+async def takes(seconds: float) -> float:
+    await trio.sleep(seconds)
+    return seconds
+
+
+@aiki.workflow(name="kid", version="1")
+async def kid(run: aiki.WorkflowRun, _: None) -> None:
+    return None
+
+
+@aiki.workflow(name="flushes", version="1")
+async def flushes(run: aiki.WorkflowRun, _: None) -> None:
+    async def starts_a_child() -> None:
+        with run.move_on_after(5):
+            await kid.start_child(run, None)
+            await takes.run(run, 1000.0)  # cut at 5 s: the child is to be cancelled
+
+    async def flushes_for_it() -> None:
+        with run.move_on_after(7):
+            await takes.run(run, 6.0)
+            await takes.run(run, 1.0)  # its step flushes the cancel, cut at 7 s
+
+    await run.gather(starts_a_child(), flushes_for_it())
+
+
+async def test_a_childs_cancel_whose_write_a_deadline_cuts_is_sent_again(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A branch's step flushes the cancels an expired scope left, its sibling's included;
+    its own deadline cuts the write: the cancel is not known to be committed, so the next
+    flush (here the run's end) sends it again (found by review: it was taken off the list
+    before its write, and lost)."""
+    sent: list[str] = []
+    done: list[str] = []
+
+    async def persist(make: Any) -> Any:
+        msg = make(1)
+        sent.append(type(msg).__name__)
+        if isinstance(msg, p.CancelRun):
+            await trio.sleep(10)  # a slow write: the scope around it expires meanwhile
+            done.append(msg.run_id)
+        if isinstance(msg, p.StartChild):
+            return p.StepResult(1, attrs.evolve(msg.step, state="completed",
+                                                output=f'"{msg.child_id}"'))
+        return p.Ok(1)
+
+    run = attrs.evolve(leased_run(), workflow="flushes", payload="null")
+    await run_workflow(flushes, p.Assign(run, ()), persist, Sources.seeded(1))
+    assert done == ["r1/0.0.1"]
+    assert sent.count("CancelRun") == 2
+    assert sent[-1] == "CompleteRun"
 
 
 @aiki.workflow(name="scoped", version="1")

@@ -94,7 +94,9 @@ async def test_a_worker_heard_from_within_the_lease_keeps_its_id(
         for req in range(2, 5):
             await trio.sleep(6)
             await holder.send(p.Heartbeat(req, ()))
-            assert await holder.receive() == p.HeartbeatAck(req, ())
+            ack = await holder.receive()
+            assert isinstance(ack, p.HeartbeatAck) and (ack.req, ack.lost) == (req, ())
+            assert ack.server_time is not None  # the server's clock, for deadlines
         second = worker(transport, [two_steps], "w1")
         assert second.incarnation != "alive"
         with pytest.raises(WorkerIdInUse, match="last heard 0.0 s ago"):

@@ -161,3 +161,123 @@ async def test_cancelling_a_queued_run_ends_it_at_once_and_bad_grace_is_refused(
             await handle.wait_for_completion(timeout=1)
         with pytest.raises(aiki.RunNotFound):
             await client.handle("ghost").cancel()
+
+
+@aiki.task(name="slow-refund")
+async def slow_refund(amount: int) -> str:
+    log.append(("refund started", trio.current_time()))
+    await trio.sleep(30)
+    log.append(("refund done", trio.current_time()))
+    return f"refunded {amount}"
+
+
+@aiki.task(name="tick")
+async def tick(i: int) -> int:
+    await trio.sleep(1)
+    return i
+
+
+@aiki.workflow(name="compensates-beside-a-sibling", version="1")
+async def compensates_beside_a_sibling(run: aiki.WorkflowRun, amount: int) -> str:
+    async def charge_then_refund() -> str:
+        try:
+            await slow_charge.run(run, amount)
+        except aiki.RunCancelled:
+            with run.shield():
+                await slow_refund.run(run, amount)
+            raise
+        return "charged"
+
+    async def ticking() -> str:
+        for i in range(100):
+            await tick.run(run, i)
+        return "ticked"
+
+    await run.gather(charge_then_refund(), ticking())
+    return "done"
+
+
+async def test_a_shielded_compensation_in_a_gather_branch_outlives_its_cancelled_sibling(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    """A sibling that sees RunCancelled fails the gather, which cancels its other branches:
+    one compensating inside ``run.shield()`` runs to its end all the same (within the
+    grace), and then the run ends cancelled."""
+    log.clear()
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[compensates_beside_a_sibling]):
+            handle = await compensates_beside_a_sibling.enqueue(client, 30)
+            await wait_for(lambda: log)
+            await trio.sleep(5)
+            assert await handle.cancel("customer left") is True
+            with pytest.raises(aiki.WorkflowCancelled, match="customer left"):
+                await handle.wait_for_completion(timeout=300)
+            status = await handle.status()
+    assert [what for what, _ in log] == [
+        "charge started", "charge cancelled", "refund started", "refund done"]
+    assert log[3][1] - log[2][1] == pytest.approx(30)
+    refund = [t for t in status.tasks if t.name == "slow-refund"]
+    assert [t.state for t in refund] == ["completed"]
+    assert status.state == "cancelled"
+
+
+@aiki.task(name="endless-refund")
+async def endless_refund(amount: int) -> str:
+    log.append(("refund started", trio.current_time()))
+    try:
+        await trio.sleep(10_000)
+    except trio.Cancelled:
+        log.append(("refund cut", trio.current_time()))
+        raise
+    return "refunded"
+
+
+@aiki.workflow(name="endless-compensation", version="1")
+async def endless_compensation(run: aiki.WorkflowRun, _: None) -> str:
+    try:
+        await slow_charge.run(run, 1)
+    except aiki.RunCancelled:
+        with run.shield():
+            await endless_refund.run(run, 1)
+        raise
+    return "never"
+
+
+async def test_a_shielded_task_is_cut_when_the_grace_period_ends(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    """The shield is bounded by the cancel's grace: the compensation's task body is
+    cancelled on the worker when it ends (not left running after the run ended)."""
+    log.clear()
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[endless_compensation]):
+            handle = await endless_compensation.enqueue(client, None)
+            await wait_for(lambda: log)
+            start = trio.current_time()
+            assert await handle.cancel("stop", grace=100) is True
+            with pytest.raises(aiki.WorkflowCancelled):
+                await handle.wait_for_completion(timeout=600)
+            await wait_for(lambda: log[-1][0] == "refund cut", limit=30)
+    assert [what for what, _ in log] == [
+        "charge started", "charge cancelled", "refund started", "refund cut"]
+    assert log[-1][1] - start == pytest.approx(100, abs=2)
+
+
+async def test_a_worker_that_stops_cuts_a_shielded_task_in_flight(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    """Trio's shield holds off every cancellation from outside: the run's own (the worker
+    stops, loses or is revoked the lease) still reaches the shielded code."""
+    log.clear()
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[endless_compensation]):
+            handle = await endless_compensation.enqueue(client, None)
+            await wait_for(lambda: log)
+            assert await handle.cancel("stop", grace=1000) is True
+            await wait_for(lambda: log[-1][0] == "refund started")
+            stopped_at = trio.current_time()
+        # (the worker's block has exited: its runs were stopped)
+        assert [what for what, _ in log] == [
+            "charge started", "charge cancelled", "refund started", "refund cut"]
+        assert log[-1][1] == pytest.approx(stopped_at, abs=0.01)
+        assert (await handle.status()).state != "cancelled"  # its grace is not over

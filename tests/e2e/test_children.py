@@ -174,5 +174,5 @@ def test_child_handle_of_a_worker_made_without_a_client_is_a_clear_error() -> No
     from aiki.sdk.definitions import ChildRun
 
     run = WorkflowRun(None, "r", "wf", "1", 1)  # type: ignore[arg-type]
-    with pytest.raises(RuntimeError, match=r"client.handle\(child.id\)"):
+    with pytest.raises(aiki.WorkflowUsageError, match=r"client.handle\(child.id\)"):
         _ = ChildRun(run, "r/0", str).handle

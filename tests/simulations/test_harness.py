@@ -379,6 +379,78 @@ def deadline_early(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(run_module.RunState, "activate", activate)
 
 
+def shield_lifts_the_shared_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run.shield()`` as it was (review finding F2): no Trio shield, the deadline of the
+    scopes around it lifted instead, though the branches of a gather share those scopes, so
+    an unshielded sibling's next step arms it again and the shielded task is cut."""
+    import contextlib
+    import math
+
+    from aiki.actors import run as r
+
+    @contextlib.contextmanager
+    def shield(self: Any) -> Any:
+        outer = r._open_deadlines()
+        armed = [(d, d.cancel.deadline) for d in outer]
+        for d in outer:
+            d.cancel.deadline = math.inf
+        token = r._SHIELDED.set(True)
+        at = r._SHIELD_AT.set(len(r._DEADLINES.get()))
+        try:
+            yield
+        except r.Suspend as exc:
+            exc.shielded.update(id(d) for d in outer)
+            raise
+        finally:
+            r._SHIELD_AT.reset(at)
+            r._SHIELDED.reset(token)
+            for d, deadline in armed:
+                d.cancel.deadline = deadline
+
+    monkeypatch.setattr(r.WorkflowRun, "shield", shield)
+
+
+def gather_ends_on_its_cut_branches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gather whose unshielded branches a deadline cuts while a shielded one waits
+    durably ends there, leaving the shielded wait behind (the run goes on past the scope)."""
+    from aiki.actors import run as r
+
+    monkeypatch.setattr(r, "_only_cancelled", lambda exc: False)
+
+
+def cut_write_drops_its_riders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding F1: a write cut by a deadline scope (or a cancel) loses the task
+    outcomes that rode with it, though it is not known to have committed them."""
+    from aiki.actors import run as r
+
+    async def carry(self: r.RunState, make: Any) -> Any:
+        taken = tuple(self.pending)
+        saved = (*self.riding, *taken)
+        self.pending.clear()
+        self.riding.extend(taken)
+        if self.flusher is not None:
+            self.flusher.done(self)
+        try:
+            return await self._write(lambda req: make(req, saved))
+        finally:
+            self.riding = [s for s in self.riding if all(s is not x for x in taken)]
+
+    monkeypatch.setattr(r.RunState, "carry", carry)
+
+
+def deadline_on_the_workers_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review suspicion 4: a deadline recorded and judged on each worker's own wall clock;
+    one recorded on a worker behind the others fires early on another, or when the server's
+    timer wakes the run."""
+    from aiki.actors import run as r
+
+    def server_now(self: r.RunState) -> tuple[float, float]:
+        now = self.sources.clock.now()
+        return now, now
+
+    monkeypatch.setattr(r.RunState, "server_now", server_now)
+
+
 def metrics_count_what_was_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs counted completed or failed when a worker asks, even when the store refuses the
     write (a stale lease, a repeat after a lost reply)."""
@@ -672,6 +744,19 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
         (cascade_forgets_grandchildren, ("never reached its child",)),
         # A durable deadline that expires before its time.
         (deadline_early, ("before its deadline",)),
+        # A shielded gather branch cut by the deadline its unshielded sibling re-arms.
+        (shield_lifts_the_shared_deadline, ("a shielded task runs to its end",
+                                            "never committed")),
+        # A gather cut by a deadline leaves its shielded branch's durable wait behind.
+        (gather_ends_on_its_cut_branches, ("never committed", "still running",
+                                           "diverged")),
+        # A write a deadline cuts loses the outcome riding with it.
+        (cut_write_drops_its_riders, ("never committed", "a shielded task runs to its end")),
+        # A deadline kept on the workers' skewed clocks.
+        # (Caught on the servers' clock at seed 1; on the simulated clock itself, early by
+        # the workers' skew since its scope was entered, at seed 31.)
+        (deadline_on_the_workers_clock, ("before its deadline",
+                                         "after its code first entered it")),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "server-ignores-drains", "timer-forgets-the-store",
@@ -683,7 +768,9 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
          "pause-lets-the-next-step-start", "retry-drops-completed-steps",
          "cancel-keeps-the-lease", "parent-woken-only-when-child-completes",
          "cancel-previous-forgets-to-cancel",
-         "cascade-forgets-grandchildren", "deadline-early"],
+         "cascade-forgets-grandchildren", "deadline-early",
+         "shield-lifts-the-shared-deadline", "cut-write-drops-its-riders",
+         "deadline-on-the-workers-clock", "gather-ends-on-its-cut-branches"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],

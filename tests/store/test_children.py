@@ -146,7 +146,7 @@ async def test_a_cancel_reaches_every_descendant_the_deepest_ending_first(
     child = await lease_of(store, "p/0")
     await execute(store, start(child, "0"))
     out = await execute(store, o.CancelRun("p", "stop", 0.0, "c", 14.0))
-    assert out.cancelled and out.holder == "w1" and out.revoked == ("p/1", "p/0")
+    assert out.cancelled and out.holder == "w1" and [r for r, _ in out.revoked] == ["p/1", "p/0"]
     states = {r: (await store.get_run(r)).state  # type: ignore[union-attr]
               for r in ("p", "p/0", "p/1", "p/0/0", "p/2")}
     assert states == {"p": "cancelled", "p/0": "cancelled", "p/1": "cancelled",
@@ -160,9 +160,9 @@ async def test_a_cancel_with_grace_lets_the_tree_compensate_then_the_timer_ends_
         store: Store) -> None:
     lease = await claim_one(store, "p")
     await execute(store, start(lease, "0"))
-    await lease_of(store, "p/0")
+    child = await lease_of(store, "p/0")
     out = await execute(store, o.CancelRun("p", "stop", 10.0, "c", 14.0))
-    assert out.revoked == ("p/0",)
+    assert out.revoked == (("p/0", child.epoch),)  # the lease revoked: its epoch
     for run_id in ("p", "p/0"):
         run = await store.get_run(run_id)
         assert run is not None and (run.state, run.cancel_deadline) == ("queued", 24.0)
@@ -314,7 +314,7 @@ async def test_a_paused_run_whose_child_is_held_ends_cancelled_after_that_child(
     child = await lease_of(store, "p/0", 13.0)
     await execute(store, o.PauseRun("p", "ops", 13.0))
     out = await execute(store, o.CancelRun("p", "gone", 30.0, "c", 14.0))
-    assert (out.cancelled, out.holder, out.revoked) == (True, None, ("p/0",))
+    assert (out.cancelled, out.holder, [r for r, _ in out.revoked]) == (True, None, ["p/0"])
     run = await store.get_run("p")
     assert run is not None and run.state == "waiting"  # for its child's grace period
     assert [w.kind for w in await store.get_waits("p")] == ["children"]
@@ -358,7 +358,7 @@ async def test_a_held_paused_run_cancelled_cascades_and_ends_at_its_grace(store:
     await lease_of(store, "p/0", 12.0)
     await execute(store, o.PauseRun("p", "ops", 12.0))  # its worker still holds it
     out = await execute(store, o.CancelRun("p", "gone", 5.0, "c", 13.0))
-    assert (out.holder, out.revoked) == ("w1", ("p/0",))
+    assert (out.holder, [r for r, _ in out.revoked]) == ("w1", ["p/0"])
     run = await store.get_run("p")
     assert run is not None and run.state == "paused"
     [*ended] = await execute(store, o.EndCancels(18.0))

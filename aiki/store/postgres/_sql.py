@@ -547,7 +547,8 @@ async def _ended(conn: Conn, run: RunRecord, now: float, ended: list[RunRecord])
 
 
 async def _cascade(conn: Conn, run_id: str, reason: str | None, grace: float, who: str,
-                   now: float, revoked: list[str], ended: list[RunRecord]) -> None:
+                   now: float, revoked: list[tuple[str, int]],
+                   ended: list[RunRecord]) -> None:
     """Cancel ``run_id``'s unfinished, not detached descendants, the deepest first."""
     for d in reversed(await _descendants(conn, run_id)):
         run = await get_run(conn, d.id, lock=True)
@@ -557,7 +558,7 @@ async def _cascade(conn: Conn, run_id: str, reason: str | None, grace: float, wh
                                cascade=run_id, children=await _unfinished(conn, run.id))
         await _write(conn, run.id, change)
         if out.holder is not None:
-            revoked.append(run.id)
+            revoked.append((run.id, run.lease_epoch))
         if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
             await _ended(conn, change.run, now, ended)
 
@@ -727,7 +728,7 @@ async def _cancel(conn: Conn, op: o.CancelRun) -> o.CancelOutcome:
     run = await get_run(conn, op.run_id, lock=True)
     if run is None or run.state in TERMINAL_RUN_STATES or run.cancel_requested_at:
         return m.cancel(run, op.run_id, op.reason, op.grace, op.who, op.now)[1]
-    revoked: list[str] = []
+    revoked: list[tuple[str, int]] = []
     ended: list[RunRecord] = []
     first = await _awaits_children(conn, run)  # marked first: its children's ends wait on it
     out = o.CancelOutcome(True, None, None)
