@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 import attrs
@@ -102,6 +103,16 @@ class StepRecord:
     error_message: str | None = None
     next_attempt_at: float | None = None
     error_traceback: str | None = None  # the failed attempt's Python traceback
+
+
+def deadline_expiry(step: StepRecord) -> tuple[float, tuple[str, ...] | None]:
+    """A ``deadline`` step's deadline (epoch seconds) and, once its scope expired, the
+    positions the expiry cut short (None while it has not). Its output is the deadline; an
+    expired scope's is ``{"at": deadline, "cut": [positions]}``."""
+    value = json.loads(step.output or "null")
+    if isinstance(value, dict):
+        return float(value["at"]), tuple(str(q) for q in value["cut"])
+    return float(value), None
 
 
 @attrs.frozen

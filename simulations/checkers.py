@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
+
 from aiki import schedules as sch
 from aiki.metrics import RUNS
-from aiki.records import TERMINAL_RUN_STATES
+from aiki.records import TERMINAL_RUN_STATES, StepRecord, deadline_expiry
 from aiki.store.machine import (
     RUN_TRANSITIONS,
     STEP_TRANSITIONS,
@@ -120,11 +122,13 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
 
     v += _lease_writes(ledger)
     v += _helpers(contents)
-    # A fork's copied steps are the original's, as they were when it was forked.
+    # A fork's copied steps are the original's, as they were when it was forked. (A deadline
+    # scope's step records its expiry, with the positions it cut: the fork keeps those it
+    # copied, and records its own.)
     for fork_id, (original, copied) in sorted(ledger.forks.items()):
         mine = {st.position: st for st in contents.steps.get(fork_id, ())}
         for step in copied:
-            if mine.get(step.position) != step:
+            if _as_copied(mine.get(step.position)) != _as_copied(step):
                 v.append(f"fork {fork_id} of run {original}: its copied step {step.position} "
                          f"is {mine.get(step.position)}, the original's was {step}")
         if runs.get(fork_id) is not None and runs[fork_id].forked_steps != len(copied):
@@ -227,7 +231,7 @@ def _metrics(outcome: Outcome, exact: bool) -> list[str]:
     stored = {name: 0 for _, name in COUNTED_EVENTS}
     for history in contents.history.values():
         for e in history:
-            if e.event in stored:
+            if e.event in stored and not _is_resume(e):  # (a resume is no claim)
                 stored[e.event] += 1
     counts = [(event, sum(m.total(RUNS, event=event) for m in outcome.metrics), stored[name])
               for event, name in COUNTED_EVENTS]
@@ -430,6 +434,13 @@ def _sent_before_the_end(history: Any, log: Any) -> bool:
         elif e.event in ("run.completed", "run.failed"):
             end = e.seq
     return sent is not None and end is not None and sent < end
+
+
+def _as_copied(step: StepRecord | None) -> StepRecord | None:
+    """``step`` without the expiry a deadline scope's step records (its deadline kept)."""
+    if step is None or step.kind != "deadline" or step.output is None:
+        return step
+    return attrs.evolve(step, output=json.dumps(deadline_expiry(step)[0]))
 
 
 def _waits(contents: Any, ledger: Any) -> list[str]:
@@ -745,8 +756,8 @@ def _is_retry(e: Any) -> bool:
 
 
 def _is_resume(e: Any) -> bool:
-    return e.event in ("run.queued", "run.waiting") and (e.detail or "").startswith(
-        "resumed by")
+    return e.event in ("run.queued", "run.waiting", "run.running") and (
+        e.detail or "").startswith("resumed by")
 
 
 def _paused(run_id: str, history: list[Any], deferred_starts: set[str]) -> list[str]:

@@ -63,7 +63,7 @@ from aiki.errors import (
 )
 from aiki.logs import bind_run
 from aiki.metrics import TASK_DURATION
-from aiki.records import FINAL_STEP_STATES, Lease, StepKind, StepRecord, WaitFor
+from aiki.records import FINAL_STEP_STATES, Lease, StepKind, StepRecord, WaitFor, deadline_expiry
 from aiki.retry import Retry
 from aiki.sources import Sources
 from aiki.task_styles import BODY_GATE
@@ -184,6 +184,9 @@ class _Deadline:
     children: list[str] = attrs.field(factory=list)
     steps: list[str] = attrs.field(factory=list)  # positions of the steps begun inside
     replayed: bool = False  # cancelled where the history says it expired
+    # Recorded expired (on replay): the positions its expiry cut short, where a replay
+    # cuts it again whatever the steps there became (see ``RunState.cancelled_on_replay``).
+    cut: tuple[str, ...] | None = None
 
 
 _DEADLINES: contextvars.ContextVar[tuple[_Deadline, ...]] = contextvars.ContextVar(
@@ -311,7 +314,7 @@ class RunState:
                 continue
             recorded = self.replayed(d.position, "deadline", "deadline", "null", "", None)
             if recorded is not None and recorded.output is not None:
-                at = float(p.decode_value(recorded.output))
+                at, d.cut = deadline_expiry(recorded)
             else:  # on the server's clock, from its latest reading: never early on it
                 at = self.server_now()[1] + d.seconds
                 output = p.encode_value(at)
@@ -329,6 +332,11 @@ class RunState:
         recorded them)."""
         now = self.server_now()[0]
         scopes = [d for d in _open_deadlines() if d.at is not None]
+        expired = [d for d in scopes if d.cut is not None]
+        if expired:  # the history says it expired: new work inside was cut short there
+            expired[0].replayed = True  # (the outermost: an inner one did not catch it)
+            expired[0].cancel.cancel()
+            return
         passed = [d for d in scopes if d.at is not None and d.at <= now]
         if passed:
             min(passed, key=lambda d: d.at or 0.0).cancel.cancel()
@@ -342,13 +350,14 @@ class RunState:
             d.steps.append(position)
 
     async def cancelled_on_replay(self, step: StepRecord) -> None:
-        """A recorded step that its deadline scope abandoned: that scope is cancelled here
-        again, as it was the first time."""
-        if step.error_type != DEADLINE_EXCEEDED or step.output is None:
-            return
-        scope = p.decode_value(step.output)
+        """A recorded step that its deadline scope abandoned, or that the scope's expiry cut
+        short though it had ended meanwhile (a sleep woken, an outcome committed as the
+        worker's deadline passed): that scope is cancelled here again, as it was the first
+        time."""
+        scope = (p.decode_value(step.output) if step.error_type == DEADLINE_EXCEEDED
+                 and step.output is not None else None)
         for d in _open_deadlines():
-            if d.position == scope:
+            if d.position == scope or (d.cut is not None and step.position in d.cut):
                 d.replayed = True
                 d.cancel.cancel()
                 await trio.lowlevel.checkpoint()
@@ -968,7 +977,7 @@ class DeadlineScope:
         unfinished = tuple(q for q in scope.steps
                            if (step := self._state.steps.get(q)) is None
                            or step.state not in FINAL_STEP_STATES)
-        if unfinished:
+        if unfinished or scope.cut is None:  # (its expiry is recorded, cut or not)
             self._state.pending_abandons.append((scope.position, unfinished))
 
 

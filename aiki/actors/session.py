@@ -651,7 +651,7 @@ class Session:
                 await self._tell_parents(run)
             elif run.state == "queued":
                 ctx.dispatcher.poke()
-            else:
+            elif run.state == "waiting":  # (running: its worker held it and runs on)
                 dues = [w.due_at for w in await ctx.store.get_waits(run.id)
                         if w.due_at is not None]
                 if dues:
@@ -780,14 +780,17 @@ class Session:
         ctx.dispatcher.poke()
 
     async def _tell_watchers(self, run_id: str) -> None:
-        """If ``run_id`` has ended, its watchers here hear it (a read: best effort)."""
-        if self.ctx.watchers.watched(run_id):
-            try:
-                run = await self.ctx.store.get_run(run_id)
-            except AikiError:
-                return
-            if run is not None:
-                self.ctx.watchers.ended(run)
+        """If ``run_id`` has ended, its watchers here hear it, and so do those of the
+        ancestors that ended with it (reads: best effort). Its end may have settled its
+        parent (whose function had returned and waited for it), and no notice of this
+        server's own commit comes back to tell that parent's watchers (seed 31)."""
+        try:
+            run = await self.ctx.store.get_run(run_id)
+        except AikiError:
+            return
+        if run is not None and run.state in TERMINAL_RUN_STATES:
+            self.ctx.watchers.ended(run)
+            await self._tell_parents(run)
 
     def _woke(self, run_id: str) -> None:
         """A wait of ``run_id`` ended: a waiting run is queued (poke the Dispatcher); a held

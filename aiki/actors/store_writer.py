@@ -143,7 +143,7 @@ _OK: dict[type[Op[Any]], tuple[str, str]] = {}  # the labels of an op applied: (
 
 
 def _count_enqueue(metrics: Metrics, op: Any, outcome: Any) -> None:
-    if outcome.created:
+    if outcome.created and op.origin is None:  # (a schedule's occurrence is not a client's)
         metrics.inc(RUNS, (op.workflow, op.version, "enqueued"))
 
 

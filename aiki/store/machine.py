@@ -14,11 +14,12 @@ workflow has seen ``RunCancelled`` (queued again with its lease revoked), or whe
 grace period for its compensation ends.
 
 Controls (a client asks; the history names it and when): ``failed → queued`` (retry),
-``queued | running | waiting → paused`` (pause), ``paused → queued | waiting`` (resume). A
-run paused while running keeps its lease until its worker gives it back: the task in flight
-may record its outcome, but no step starts and the run does not end while it is paused
-(:class:`~aiki.errors.RunPaused`). A run paused while waiting keeps its waits and does not
-wake; events sent meanwhile are buffered. A fork copies a run's first steps into a new run.
+``queued | running | waiting → paused`` (pause), ``paused → queued | waiting | running``
+(resume). A run paused while running keeps its lease until its worker gives it back: the
+task in flight may record its outcome, but no step starts and the run does not end while it
+is paused (:class:`~aiki.errors.RunPaused`); resumed before that, it runs on under that
+lease. A run paused while waiting keeps its waits and does not wake; events sent meanwhile
+are buffered. A fork copies a run's first steps into a new run.
 
 A function here raises the :class:`~aiki.errors.AikiError` that refuses its operation
 before deciding anything, so a refused operation changes nothing.
@@ -62,6 +63,7 @@ from aiki.records import (
     StepRecord,
     WaitFor,
     WaitRecord,
+    deadline_expiry,
 )
 from aiki.store import ops as o
 
@@ -76,6 +78,7 @@ RUN_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
     ("waiting", "completed"), ("waiting", "failed"),
     ("queued", "paused"), ("running", "paused"), ("waiting", "paused"),  # paused by a client
     ("paused", "queued"), ("paused", "waiting"),  # resumed by a client
+    ("paused", "running"),  # resumed before its worker gave it back: it runs on
 })
 CONTROLLABLE_STATES = frozenset({"queued", "running", "waiting"})  # that a pause may stop
 # Task steps. ``running -> running``: a crash during an attempt runs that attempt again.
@@ -589,10 +592,16 @@ def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
     the queue, as if the pause had only held it: its due sleeps end, and its due event
     waits time out unless their event was sent (and buffered) before they came due.
     ``buffered``: the names of its undelivered events, each with when the first was sent.
-    A lease its worker had not given back yet is fenced off (the epoch moves on).
     ``children``: how many of its children it did not detach are unfinished; a run whose
     function had ended, waiting for them, ends as decided then if none is left (its last
-    child ended while it was paused)."""
+    child ended while it was paused).
+
+    A run whose worker had not given it back yet runs on under that lease (``running``, the
+    same epoch); a worker told of the pause gives it back at its next step boundary all the
+    same. It is not fenced off and queued: another worker could claim it at once while the
+    holder, whose lease it still believes live (its local deadline), runs a task body whose
+    start it recorded before the pause and heard of late, after the other worker committed
+    that task's result (seed 129 with the enqueue that claims a free slot)."""
     if run is None:
         raise RunNotFound(f"no run with id {run_id!r}")
     if repeated(run, "resume", control_id):
@@ -600,14 +609,15 @@ def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
     if run.state != "paused":
         raise RunNotPaused(f"run {run.id} is {run.state}, not paused: there is nothing to "
                            "resume; nothing changed")
-    fence: dict[str, Any] = {**_NO_LEASE, **_marked("resume", control_id)}
-    if run.lease_owner is not None:
-        fence["lease_epoch"] = run.lease_epoch + 1
+    marked = _marked("resume", control_id)
     detail = f"resumed by {who}"
-    if run.lease_owner is not None:
-        detail += f"; the lease of worker {run.lease_owner!r} is fenced off"
+    if run.lease_owner is not None:  # (held: it was running, and has no waits)
+        return Change(_move(run, now, "running", **marked), history=(Entry(
+            now, "run.running", run.attempts, who,
+            detail=f"{detail}; worker {run.lease_owner!r} still holds it: it runs on under "
+                   f"lease epoch {run.lease_epoch}"),))
     if any(w.kind == "children" for w in waits) and children == 0:
-        back = _move(run, now, "waiting", **fence)
+        back = _move(run, now, "waiting", **marked)
         return Change(back, history=(Entry(
             now, "run.waiting", run.attempts, who,
             detail=f"{detail}; its child runs ended while it was paused"),)).then(
@@ -619,7 +629,7 @@ def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
                                                steps.get(c.position), names, now)) is not None),
                    None)
         if why is None:
-            return Change(_move(run, now, "waiting", **fence), history=(Entry(
+            return Change(_move(run, now, "waiting", **marked), history=(Entry(
                 now, "run.waiting", run.attempts, who,
                 detail=f"{detail}; waits for {describe_waits(waits)}"),))
         change = NOTHING
@@ -635,9 +645,9 @@ def resume(run: RunRecord | None, run_id: str, waits: Sequence[WaitRecord],
         detail += f"; woke at once: {why}"
         resumed = Entry(now, "run.queued", run.attempts, who, detail=detail)
         # (The resume first, then what it ended: nothing ends while the run is paused.)
-        return Change(_move(run, now, "queued", **fence), change.steps, waits=(),
+        return Change(_move(run, now, "queued", **marked), change.steps, waits=(),
                       history=(resumed, *change.history))
-    return Change(_move(run, now, "queued", **fence), waits=(), history=(Entry(
+    return Change(_move(run, now, "queued", **marked), waits=(), history=(Entry(
         now, "run.queued", run.attempts, who, detail=detail),))
 
 
@@ -676,7 +686,7 @@ def fork(original: RunRecord | None, op: o.ForkRun,
     if not 0 <= op.from_step <= len(ordered):
         raise InvalidFork(f"run {original.id} has {len(ordered)} step(s): from_step must be "
                           f"0 to {len(ordered)}, got {op.from_step}; nothing was stored")
-    copied = tuple(ordered[: op.from_step])
+    copied = _scopes_as_copied(ordered[: op.from_step])
     unfinished = next((s for s in copied if s.state not in FINAL_STEP_STATES), None)
     if unfinished is not None:
         at = ordered.index(unfinished)
@@ -698,6 +708,26 @@ def fork(original: RunRecord | None, op: o.ForkRun,
         op.now, "fork.created", original.attempts, op.who,
         detail=f"forked by {op.who} at step {op.from_step} into run {op.new_run_id}"),))
     return run, made, noted
+
+
+def _scopes_as_copied(copied: Sequence[StepRecord]) -> tuple[StepRecord, ...]:
+    """The steps a fork copies (a prefix in position order), each deadline scope's expiry
+    kept only where it cut within them: the steps after run afresh, and decide afresh
+    whether the scope expires over them."""
+    if not copied:
+        return ()
+    last = position_key(copied[-1].position)
+    out = []
+    for step in copied:
+        if step.kind == "deadline" and step.output is not None:
+            at, cut = deadline_expiry(step)
+            if cut is not None:
+                kept = tuple(q for q in cut if position_key(q) <= last)
+                if kept != cut:
+                    step = attrs.evolve(step, output=json.dumps(
+                        {"at": at, "cut": kept} if kept else at))
+        out.append(step)
+    return tuple(out)
 
 
 def purgeable(run: RunRecord, before: float) -> bool:
@@ -792,14 +822,30 @@ DEADLINE_EXCEEDED = "DeadlineExceeded"
 
 
 def abandon(run: RunRecord | None, lease: Lease, steps: Sequence[StepRecord], scope: str,
-            now: float) -> Change:
+            now: float, deadline: StepRecord | None = None,
+            cut: Sequence[str] = ()) -> Change:
     """``steps`` (those of the op's positions that exist) stood in the deadline scope at
     ``scope``, which expired: the ones not final end failed with ``DeadlineExceeded``, their
-    output the scope's position."""
+    output the scope's position.
+
+    ``deadline``: the scope's own step, where its deadline is recorded; it records the
+    expiry too, with ``cut``, the positions the expiry cut short (all of the op's, those
+    with no step and those final already included): a replay cuts the scope at the same
+    place even where the step it cut had ended on the server meanwhile (a sleep woken, a
+    task's outcome committed while the worker's deadline passed), or was never recorded.
+    The outcome the workflow sees of that step, its deadline, does not change."""
     run = held(lease, run)
     if run.state == "paused":
         raise paused_error(run, f"the expiry of the deadline scope at step {scope}")
     change = NOTHING
+    if deadline is not None and deadline.kind == "deadline" and deadline.output is not None:
+        at, before = deadline_expiry(deadline)
+        union = tuple(dict.fromkeys((*(before or ()), *cut)))
+        if before is None or union != before:
+            expired = attrs.evolve(deadline, output=json.dumps({"at": at, "cut": union}))
+            change = Change(steps=(expired,), history=(Entry(
+                now, "deadline.expired", deadline.attempts, lease.worker_id, scope,
+                deadline.name, "cut short: " + (", ".join(union) or "no step")),))
     for step in steps:
         if step.state in FINAL_STEP_STATES or step.kind not in (
                 "task", "sleep", "event", "join"):
@@ -980,10 +1026,18 @@ def wakeup(run: RunRecord | None, run_id: str, sleeping: Sequence[StepRecord],
 
 
 def send(run: RunRecord | None, op: o.SendEvent, duplicate: bool,
-         waiting: StepRecord | None) -> tuple[Change, o.SendOutcome]:
+         waiting: StepRecord | None, buffered: EventRecord | None,
+         ) -> tuple[Change, o.SendOutcome]:
     """An event sent to a run: delivered to ``waiting`` (its oldest wait step for that event
     still waiting) if there is one, else buffered for the next wait. ``duplicate``: an event
-    with the same idempotency key was already sent to this run."""
+    with the same idempotency key was already sent to this run. ``buffered``: the oldest
+    undelivered event of that name (read when there is a wait step waiting).
+
+    Events of one name go to the run's waits in send order: when an older one is buffered
+    beside a waiting wait step (a run resumed after events were sent to it while paused
+    keeps its wait step waiting, and takes them when it gets there), the wait takes the
+    older one and this one is buffered behind it (seed 196: the newer one went straight to
+    the wait, and the older one to the next)."""
     if run is None:
         raise RunNotFound(f"no run with id {op.run_id!r}")
     if run.state in TERMINAL_RUN_STATES:
@@ -997,12 +1051,15 @@ def send(run: RunRecord | None, op: o.SendEvent, duplicate: bool,
     change = Change(attrs.evolve(run, updated_at=op.now), sent=event, history=(sent,))
     if waiting is None or run.state == "paused":  # a paused run takes it when resumed
         return change, o.SendOutcome(delivered=False, duplicate=False)
-    delivered = _receive(waiting, event, op.now, None)  # not buffered: no seq to consume
-    change = attrs.evolve(change.then(attrs.evolve(delivered, consumed=())),
-                          sent=attrs.evolve(event, position=waiting.position))
+    if buffered is None:
+        delivered = _receive(waiting, event, op.now, None)  # not buffered: no seq to consume
+        change = attrs.evolve(change.then(attrs.evolve(delivered, consumed=())),
+                              sent=attrs.evolve(event, position=waiting.position))
+    else:  # the older one goes to the wait; this one is buffered behind it
+        change = change.then(_receive(waiting, buffered, op.now, None))
     if run.state == "waiting":
         change = change.then(_wake(run, op.now, f"event {op.name!r} arrived"))
-    return change, o.SendOutcome(delivered=True, duplicate=False)
+    return change, o.SendOutcome(delivered=buffered is None, duplicate=False)
 
 
 # -- schedules ---------------------------------------------------------------------------------

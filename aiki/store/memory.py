@@ -209,7 +209,7 @@ class MemoryStore:
             mine = self._steps.get(run_id, {})
             self._write(run_id, m.abandon(runs.get(run_id), op.lease,
                                           [mine[q] for q in op.positions if q in mine], op.scope,
-                                          op.now))
+                                          op.now, mine.get(op.scope), op.positions))
             return None
         if isinstance(op, o.StartChild):
             run_id = op.lease.run_id
@@ -317,7 +317,8 @@ class MemoryStore:
             waiting = next((s for s in self._steps.get(op.run_id, {}).values()
                             if s.kind == "event" and s.name == op.name
                             and s.state == "running"), None)
-            change, outcome = m.send(runs.get(op.run_id), op, duplicate, waiting)
+            change, outcome = m.send(runs.get(op.run_id), op, duplicate, waiting,
+                                     self._buffered(op.run_id, op.name) if waiting else None)
             self._write(op.run_id, change)
             return outcome
         raise TypeError(f"unknown store operation {type(op).__name__}")

@@ -298,7 +298,9 @@ class AbandonSteps(Op[None]):
     """The deadline scope at ``scope`` these steps stood in expired (fenced): each one not
     final (a task attempt in flight, a sleep or a wait) is recorded failed with
     ``DeadlineExceeded`` (its output names the scope), so it takes no event, no wake-up, and
-    a replay cancels that scope there, as it was the first time."""
+    a replay cancels that scope there, as it was the first time. The scope's own step
+    records the expiry and every one of ``positions`` (final or never recorded included):
+    a replay cuts the scope there too (``aiki.records.deadline_expiry``)."""
 
     lease: Lease
     positions: tuple[str, ...]
@@ -385,7 +387,8 @@ class PauseRun(Op[ControlOutcome]):
 
 @attrs.frozen
 class ResumeRun(Op[ControlOutcome]):
-    """Resume a paused run: waiting again, or queued (see :func:`aiki.store.machine.resume`)."""
+    """Resume a paused run: waiting again, queued, or running on under the lease its worker
+    still holds (see :func:`aiki.store.machine.resume`)."""
 
     run_id: str
     who: str

@@ -497,7 +497,8 @@ def _finish(db: Db, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
 def _abandon(db: Db, op: o.AbandonSteps) -> None:
     run_id = op.lease.run_id
     steps = [s for q in op.positions if (s := _get_step(db, run_id, q)) is not None]
-    _write(db, run_id, m.abandon(_get_run(db, run_id), op.lease, steps, op.scope, op.now))
+    _write(db, run_id, m.abandon(_get_run(db, run_id), op.lease, steps, op.scope, op.now,
+                                 _get_step(db, run_id, op.scope), op.positions))
 
 
 def _start_child(db: Db, op: o.StartChild) -> StepRecord:
@@ -619,7 +620,8 @@ def _send(db: Db, op: o.SendEvent) -> o.SendOutcome:
         f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? AND kind = 'event' AND name = ?"
         " AND state = 'running' ORDER BY seq LIMIT 1", (op.run_id, op.name)).fetchone()
     change, outcome = m.send(_get_run(db, op.run_id), op, duplicate,
-                             None if row is None else StepRecord(*row))
+                             None if row is None else StepRecord(*row),
+                             None if row is None else _buffered(db, op.run_id, op.name))
     _write(db, op.run_id, change)
     return outcome
 

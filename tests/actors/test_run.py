@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+import pytest
 import trio
 
 import aiki
 from aiki import protocol as p
 from aiki.actors.run import run_workflow
-from aiki.records import RunRecord
-from aiki.sources import Sources
+from aiki.records import RunRecord, StepRecord
+from aiki.sources import Sources, TrioWallClock
 
 ran: list[float] = []
 
@@ -27,8 +28,8 @@ async def pay(run: aiki.WorkflowRun, x: int) -> int:
     return await charge.run(run, x)
 
 
-def leased_run() -> RunRecord:
-    return RunRecord("r1", "pay", "1", "5", "running", None, 1, 1, "w1", 10.0, None, None,
+def leased_run(workflow: str = "pay") -> RunRecord:
+    return RunRecord("r1", workflow, "1", "5", "running", None, 1, 1, "w1", 10.0, None, None,
                      None, 0.0, 0.0, None)
 
 
@@ -168,3 +169,50 @@ async def test_a_childs_cancel_whose_write_a_deadline_cuts_is_sent_again(
     assert done == ["r1/0.0.1"]
     assert sent.count("CancelRun") == 2
     assert sent[-1] == "CompleteRun"
+
+
+@aiki.workflow(name="scoped", version="1")
+async def scoped(run: aiki.WorkflowRun, x: int) -> list[Any]:
+    with run.move_on_after(1000) as outer:
+        with run.move_on_after(2000) as inner:
+            await charge.run(run, x)  # position 2
+        got = await charge.run(run, x + 1)  # never reached: the outer scope was cut above
+    return [outer.cancelled_caught, inner.cancelled_caught, got if not outer.cancelled_caught
+            else await charge.run(run, x + 2)]
+
+
+@pytest.mark.parametrize("wall", [1_700_000_000.0, 1_700_003_000.0],
+                         ids=["before-both-deadlines", "past-both-deadlines"])
+async def test_a_replay_cuts_a_scope_recorded_expired_whatever_its_clock_says(
+    autojump_clock: trio.abc.Clock, wall: float,
+) -> None:
+    # The first execution's deadline (on its worker's clock, between the two) cut the task at
+    # step 2 before its start was committed, and the run went on past the scope. Whether
+    # this worker's clock says both deadlines are far off or both passed, the replay cuts
+    # the outer scope there (the inner one does not catch it), as the history says, and
+    # does not run the task inside.
+    ran.clear()
+    written: list[Any] = []
+
+    async def persist(make: Any) -> Any:
+        await trio.lowlevel.checkpoint()  # (a write in flight: a cancel cuts it here)
+        msg = make(1)
+        written.append(msg)
+        return p.Ok(1)
+
+    recorded = (
+        StepRecord("0", "deadline", "deadline", "", "null", None, "completed", 1,
+                   output='{"at": 1700001000.0, "cut": ["2"]}'),
+        StepRecord("1", "deadline", "deadline", "", "null", None, "completed", 1,
+                   output="1700002000.0"),
+    )
+    await run_workflow(scoped, p.Assign(leased_run("scoped"), recorded), persist,
+                       Sources.seeded(1, TrioWallClock(anchor_wall=wall)))
+    starts = [(m.step.position, m.step.input) for m in written if isinstance(m, p.StartStep)]
+    assert starts == [("3", "7")]  # not the one in the scope: the one after it
+    assert len(ran) == 1
+    [cut] = [m for m in written if isinstance(m, p.AbandonSteps)]
+    assert (cut.scope, cut.positions) == ("0", ("2",))
+    [done] = [m for m in written if isinstance(m, p.CompleteRun)]
+    assert done.result == "[true,false,7]"
+    assert not any(isinstance(m, p.SaveStep) and m.step.kind == "deadline" for m in written)

@@ -213,3 +213,38 @@ async def test_a_worker_that_gives_a_run_back_gets_no_more_runs_even_if_its_drai
             pytest.fail(f"the server pushed {pushed!r} to a worker that gave a run back")
         run = await store.get_run("run-1")
         assert run is not None and (run.state, run.lease_owner) == ("queued", None)
+
+
+@aiki.workflow(name="sends-a-child", version="1")
+async def sends_a_child(run: aiki.WorkflowRun, x: int) -> int:
+    await noop.start_child(run, x)  # not joined: the run ends once the child has
+    return x + 1
+
+
+class ChildReplyLostStore(MemoryStore):
+    """Commits the child's completion, which ends its parent too, then loses the reply."""
+
+    lose_child_completion: bool = True
+
+    async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        outcomes = await super().apply(ops)
+        if self.lose_child_completion and any(
+                isinstance(op, CompleteRun) and "/" in op.lease.run_id for op in ops):
+            self.lose_child_completion = False
+            raise StoreUnavailable("connection lost after COMMIT")
+        return outcomes
+
+
+async def test_a_parent_ended_by_a_child_whose_completion_reply_was_lost_reaches_its_watchers(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Seed 31 (with the enqueue that claims a free slot): a parent whose function had
+    # returned ended with its last child's completion, whose reply was lost. The session told
+    # the child's watchers (a read) but not the parent's, and no notice of a server's own
+    # commit comes back to it: the client waiting for the parent waited for ever.
+    store = ChildReplyLostStore()
+    async with aiki.embedded(store, sources=Sources.seeded(2)) as client:
+        async with aiki.worker(client, workflows=[sends_a_child, noop]):
+            handle = await sends_a_child.enqueue(client, 7)
+            assert await handle.wait_for_completion(timeout=60) == 8
+    assert not store.lose_child_completion

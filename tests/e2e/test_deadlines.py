@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import datetime
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 import trio
 
 import aiki
-from aiki.store import Store
+from aiki.errors import StoreUnavailable
+from aiki.store import MemoryStore, Store
+from aiki.store.ops import AwaitStep, Op
 
 kept: list[Any] = []
 
@@ -265,6 +268,58 @@ async def test_an_outcome_riding_with_a_write_the_deadline_cuts_rides_again(
             assert await handle.wait_for_completion(timeout=600) == ["slept 30.0", True]
     slow_steps = [s for s in await engine_store.get_steps(handle.id) if s.name == "slow"]
     assert [(s.state, s.output) for s in slow_steps] == [("completed", '"slept 30.0"')]
+
+
+class AwaitStepsFail(MemoryStore):
+    """A memory store whose database refuses the runs' AwaitStep writes while ``failing``."""
+
+    failing: bool = False
+
+    async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        if self.failing and any(isinstance(op, AwaitStep) for op in ops):
+            raise StoreUnavailable("simulated: the database is unavailable")
+        return await super().apply(ops)
+
+
+@aiki.workflow(name="cut-while-woken", version="1")
+async def cut_while_woken(run: aiki.WorkflowRun, _: None) -> list[Any]:
+    with run.move_on_after(8) as scope:
+        await run.sleep(5)  # inline: the worker waits, then asks the server
+        await slow.run(run, 0.0)  # never reached: the deadline cut the sleep
+    got = await slow.run(run, 1.0)
+    await run.sleep(60)  # gives the slot back: the run wakes on a new lease, and replays
+    return [scope.cancelled_caught, got]
+
+
+async def test_a_deadline_that_cut_a_wait_the_server_ended_meanwhile_cuts_it_on_replay(
+    autojump_clock: trio.abc.Clock, sources: aiki.Sources,
+) -> None:
+    """Seed 136: the scope's deadline passed on the worker while it retried its sleep's
+    AwaitStep (the database away), and meanwhile a client's wakeup ended that sleep on the
+    server. The worker went on past the scope; the abandon it sent found the sleep final and
+    recorded nothing, so the replay on the next lease saw a sleep woken early, went on in
+    the scope, and failed with NonDeterminismError. The expiry is recorded on the scope's
+    own step, with the steps it cut short: the replay cuts the scope at the same step."""
+    store = AwaitStepsFail()
+    async with aiki.embedded(store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[cut_while_woken]):
+            handle = await cut_while_woken.enqueue(client, None)
+            with trio.fail_after(60):
+                while not any(s.position == "1" and s.state == "running"
+                              for s in await store.get_steps(handle.id)):
+                    await trio.sleep(0.01)
+            store.failing = True  # the worker's next ask of its sleep is refused, retried
+            await trio.sleep(6.0)
+            assert await handle.wakeup()  # the server ends the sleep; the worker never hears
+            await trio.sleep(4.0)  # its deadline passes while it backs off
+            store.failing = False
+            assert await handle.wait_for_completion(timeout=600) == [True, "slept 1.0"]
+            history = await handle.history()
+    steps = {s.position: s for s in await store.get_steps(handle.id)}
+    assert (steps["1"].kind, steps["1"].output) == ("sleep", "false")  # woken, not abandoned
+    assert [s.input for s in steps.values() if s.name == "slow"] == ["1.0"]
+    assert [e.detail for e in history if e.event == "deadline.expired"] == ["cut short: 1"]
+    assert sum(e.event == "run.running" for e in history) == 2  # it was replayed
 
 
 @aiki.workflow(name="shield-beside-a-plain-branch", version="1")

@@ -7,7 +7,7 @@ nothing sleeps.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from aiki import schedules as sch
 from aiki.errors import AikiError, StaleLease, StepConflict
-from aiki.records import RunCount, ScheduleRecord, WaitFor, WaitRecord
+from aiki.records import EventRecord, RunCount, ScheduleRecord, WaitFor, WaitRecord
 from aiki.store import (
     ClaimedRun,
     HistoryEvent,
@@ -1029,6 +1029,17 @@ async def test_random_op_sequences_match_the_reference(
             expected = [comparable(x) for x in await reference.apply(ops)]
             assert [comparable(x) for x in await store.apply(ops)] == expected, ops
             assert await observe(store, world.run_ids) == await observe(reference, world.run_ids)
+            for run_id in world.run_ids:
+                assert_sends_taken_in_order(await reference.get_events(run_id))
+
+
+def assert_sends_taken_in_order(events: Sequence[EventRecord]) -> None:
+    """A run's waits take its events of one name in send order: none is delivered while an
+    older one stays buffered."""
+    for name in {e.name for e in events}:
+        taken = [e.position is not None for e in events if e.name == name]  # in send order
+        assert taken == sorted(taken, reverse=True), [
+            (e.seq, e.position) for e in events if e.name == name]
 
 
 # -- retried and late writes (found by the simulation) -----------------------------------
@@ -1200,6 +1211,61 @@ async def test_a_run_whose_event_is_buffered_does_not_wait(store: Store) -> None
     assert run is not None and run.state == "queued"
     assert (await events(store, "r1"))[-1][-1] == (
         "waits; woke at once: event at step 0 ended while the run was held")
+
+
+async def test_a_send_does_not_overtake_an_event_buffered_while_the_run_was_paused(
+    store: Store,
+) -> None:
+    # Seed 196 (with the enqueue that claims a free slot): a run waiting at step 0 was
+    # paused, an event sent then was buffered, and the resume queued the run with its wait
+    # step still waiting (the buffered event is delivered when the run gets there). A second
+    # send before the run got there went straight into that wait, and the first event into
+    # the next one: the run's waits took its sends out of order.
+    lease = await claim_one(store, "r1")
+    await execute(store, o.AwaitStep(lease, wait_step("0", "event", "ok", None, None), 11.0))
+    await execute(store, o.WaitRun(lease, (WaitFor("0", "event", "ok", None),), "waits", 11.0))
+    await execute(store, o.PauseRun("r1", "c", 12.0))
+    assert await execute(store, o.SendEvent("r1", "ok", '"first"', None, 13.0)) == \
+        o.SendOutcome(delivered=False, duplicate=False)
+    await execute(store, o.ResumeRun("r1", "c", 14.0))
+    assert (await store.get_steps("r1"))[0].state == "running"  # taken when it gets there
+    # The first event goes to the wait; the second is buffered for the next one.
+    assert await execute(store, o.SendEvent("r1", "ok", '"second"', None, 15.0)) == \
+        o.SendOutcome(delivered=False, duplicate=False)
+    assert [(e.payload, e.position) for e in await store.get_events("r1")] == [
+        ('"first"', "0"), ('"second"', None)]
+    assert (await events(store, "r1"))[-2:] == [
+        (15.0, "event.sent", 1, None, None, "ok", None),
+        (15.0, "event.received", 1, None, "0", "ok",
+         "sent at 1970-01-01T00:00:13.000Z")]
+    assert (await store.get_run("r1")).state == "queued"  # type: ignore[union-attr]
+    [again] = await claim(store, now=16.0)
+    got = await execute(store, o.AwaitStep(again.lease, wait_step("0", "event", "ok", None,
+                                                                   None), 16.0))
+    assert (got.state, got.output) == ("completed", '"first"')
+    got = await execute(store, o.AwaitStep(again.lease, wait_step("1", "event", "ok", None,
+                                                                   None), 16.0))
+    assert (got.state, got.output) == ("completed", '"second"')
+
+
+async def test_sends_after_a_resume_keep_the_order_of_those_buffered_while_paused(
+    store: Store,
+) -> None:
+    lease = await claim_one(store, "r1")
+    await execute(store, o.AwaitStep(lease, wait_step("0", "event", "ok", None, None), 11.0))
+    await execute(store, o.WaitRun(lease, (WaitFor("0", "event", "ok", None),), "waits", 11.0))
+    await execute(store, o.PauseRun("r1", "c", 12.0))
+    await execute(store, o.SendEvent("r1", "ok", '"first"', None, 13.0))
+    await execute(store, o.SendEvent("r1", "ok", '"second"', None, 13.5))
+    await execute(store, o.ResumeRun("r1", "c", 14.0))
+    await execute(store, o.SendEvent("r1", "ok", '"third"', "k", 15.0))
+    assert [(e.payload, e.position) for e in await store.get_events("r1")] == [
+        ('"first"', "0"), ('"second"', None), ('"third"', None)]
+    [again] = await claim(store, now=16.0)
+    got = [await execute(store, o.AwaitStep(again.lease, wait_step(p, "event", "ok", None,
+                                                                    None), 16.0))
+           for p in ("0", "1", "2")]
+    assert [s.output for s in got] == ['"first"', '"second"', '"third"']
 
 
 async def test_sends_to_finished_or_unknown_runs_are_refused(store: Store) -> None:
@@ -1465,19 +1531,34 @@ async def test_a_retrying_task_of_a_paused_run_does_not_start_its_next_attempt(
         await execute(store, o.SaveStep(lease, step("0", "charge", attempts=2), 14.0))
 
 
-async def test_resuming_a_run_whose_worker_never_gave_it_back_fences_that_worker(
+async def test_resuming_a_run_whose_worker_never_gave_it_back_runs_on_under_its_lease(
     store: Store,
 ) -> None:
-    lease = await claim_one(store, "r1")
+    # Seed 129: the resume fenced the holder off and queued the run; another worker claimed
+    # it and committed a task's result, and then the holder, whose start of that task was
+    # committed before the pause and acknowledged late, ran the task (its lease still live
+    # as far as it knew). No other worker may hold the run while that lease lives.
+    lease = await claim_one(store, "r1", ttl=30.0)
+    await execute(store, o.StartStep(lease, step("0", "charge", "running"), 10.5))
     await execute(store, o.PauseRun("r1", "ops", 11.0))
     resumed = (await execute(store, o.ResumeRun("r1", "ops", 12.0))).run
-    assert (resumed.state, resumed.lease_owner, resumed.lease_epoch) == ("queued", None, 2)
-    with pytest.raises(StaleLease):
-        await execute(store, o.SaveStep(lease, step("0", "charge"), 13.0))
-    [again] = await claim(store, now=14.0)
-    assert again.run.lease_epoch == 3
-    assert (await events(store, "r1"))[-2][-1] == (
-        "resumed by ops; the lease of worker 'w1' is fenced off")
+    assert (resumed.state, resumed.lease_owner, resumed.lease_epoch) == ("running", "w1", 1)
+    assert await claim(store, "w2", now=13.0) == ()  # not another worker's
+    assert (await events(store, "r1"))[-1] == (
+        12.0, "run.running", 1, "ops", None, None,
+        "resumed by ops; worker 'w1' still holds it: it runs on under lease epoch 1")
+    await execute(store, o.SaveStep(lease, step("0", "charge"), 13.0))
+    await execute(store, o.StartStep(lease, step("1", "ship", "running"), 13.5))
+    # Given back at its next step boundary (its worker was told of the pause): queued.
+    await execute(store, o.ReleaseRun(lease, 14.0, "given back paused"))
+    [again] = await claim(store, "w2", now=15.0)
+    assert (again.run.lease_epoch, [s.position for s in again.steps]) == (2, ["0", "1"])
+    # A holder that never gives it back: its lease expires, and then another worker has it.
+    await execute(store, o.PauseRun("r1", "ops", 16.0))
+    await execute(store, o.ResumeRun("r1", "ops", 17.0))
+    assert await execute(store, o.ExpireLeases(45.0)) == ("r1",)
+    [third] = await claim(store, "w1", now=46.0)
+    assert third.run.lease_epoch == 3
 
 
 async def test_the_lease_of_a_paused_run_expires_and_the_run_stays_paused(store: Store) -> None:

@@ -599,7 +599,9 @@ async def _abandon(conn: Conn, op: o.AbandonSteps) -> None:
     run_id = op.lease.run_id
     run = await get_run(conn, run_id, lock=True)
     steps = [s for q in op.positions if (s := await _get_step(conn, run_id, q)) is not None]
-    await _write(conn, run_id, m.abandon(run, op.lease, steps, op.scope, op.now))
+    await _write(conn, run_id, m.abandon(run, op.lease, steps, op.scope, op.now,
+                                         await _get_step(conn, run_id, op.scope),
+                                         op.positions))
 
 
 async def _start_child(conn: Conn, op: o.StartChild) -> StepRecord:
@@ -621,16 +623,21 @@ async def _start_child(conn: Conn, op: o.StartChild) -> StepRecord:
     return step
 
 
+async def _buffered(conn: Conn, run_id: str, name: str) -> EventRecord | None:
+    """The run's oldest undelivered event of that name."""
+    row = await conn.fetchrow(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = $1 AND name = $2"
+        " AND position IS NULL ORDER BY seq LIMIT 1", run_id, name)
+    return None if row is None else EventRecord(*row)
+
+
 async def _await_step(conn: Conn, op: o.AwaitStep) -> StepRecord:
     run_id = op.lease.run_id
     run = await get_run(conn, run_id, lock=True)
-    row = await conn.fetchrow(
-        f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = $1 AND name = $2"
-        " AND position IS NULL ORDER BY seq LIMIT 1", run_id, op.step.name)
+    buffered = await _buffered(conn, run_id, op.step.name)
     child = await get_run(conn, op.step.name) if op.step.kind == "join" else None
     change, step = m.await_step(run, op.lease, await _get_step(conn, run_id, op.step.position),
-                                None if row is None else EventRecord(*row), op.step, op.now,
-                                child)
+                                buffered, op.step, op.now, child)
     await _write(conn, run_id, change)
     return step
 
@@ -679,7 +686,8 @@ async def _send(conn: Conn, op: o.SendEvent) -> o.SendOutcome:
     row = await conn.fetchrow(
         f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 AND kind = 'event' AND name = $2"
         " AND state = 'running' ORDER BY seq LIMIT 1", op.run_id, op.name)
-    change, outcome = m.send(run, op, duplicate, None if row is None else _step(row))
+    change, outcome = m.send(run, op, duplicate, None if row is None else _step(row),
+                             None if row is None else await _buffered(conn, op.run_id, op.name))
     await _write(conn, op.run_id, change)
     return outcome
 
