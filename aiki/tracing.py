@@ -98,10 +98,14 @@ def _parent(api: tuple[ModuleType, ModuleType], carrier: Mapping[str, str] | str
     return api[1].extract(carrier)
 
 
-@contextlib.contextmanager
+# Without tracing, every span is this one shared no-op block (cheaper than a generator's
+# context manager: a run opens half a dozen spans).
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
 def span(name: str, attributes: Mapping[str, AttributeValue | None], *,
          parent: Mapping[str, str] | str | None = None, kind: str = "INTERNAL",
-         ) -> Iterator[Any]:
+         ) -> contextlib.AbstractContextManager[Any]:
     """A span, current inside the block, child of ``parent`` (W3C headers, or their JSON as
     stored with a run) or of the current span. An ``Exception`` leaving the block is
     recorded and sets an error status; Trio's cancellation and the engine's own control
@@ -109,8 +113,14 @@ def span(name: str, attributes: Mapping[str, AttributeValue | None], *,
     the span, or None without tracing."""
     api = _tracing()
     if api is None:
-        yield None
-        return
+        return _NO_SPAN
+    return _span(api, name, attributes, parent, kind)
+
+
+@contextlib.contextmanager
+def _span(api: tuple[ModuleType, ModuleType], name: str,
+          attributes: Mapping[str, AttributeValue | None],
+          parent: Mapping[str, str] | str | None, kind: str) -> Iterator[Any]:
     trace = api[0]
     tracer = (_PROVIDER.get() or trace.get_tracer_provider()).get_tracer("aiki")
     with tracer.start_as_current_span(

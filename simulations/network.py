@@ -60,6 +60,13 @@ class SimConnection:
         await trio.lowlevel.checkpoint()
         self.net.transmit(self, self.other, text)
 
+    def try_send(self, msg: Any) -> bool:
+        text = protocol.encode(msg)
+        if self.closed or self.other is None:
+            raise ConnectionLost(f"connection {self.node}->{self.peer} is closed")
+        self.net.transmit(self, self.other, text)
+        return True  # (a simulated link never makes its sender wait)
+
     async def receive(self) -> Any:
         if self.closed:
             raise ConnectionLost(f"connection {self.node}->{self.peer} is closed")

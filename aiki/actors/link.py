@@ -32,6 +32,7 @@ import trio
 
 from aiki import errors
 from aiki import protocol as p
+from aiki.actors.deadlines import DeadlineQueue
 from aiki.client.core import FATAL, Backoff, goodbye_error, refusal_error, welcome_of
 from aiki.transport.base import Connection, Transport
 
@@ -91,6 +92,18 @@ class _Waiter:
     value: Any = None
     error: BaseException | None = None
 
+    def is_done(self) -> bool:
+        return self.done.is_set()
+
+    def expire(self, exc: BaseException) -> None:
+        if not self.done.is_set():
+            self.error = exc
+            self.done.set()
+
+
+class _TimedOut(Exception):
+    """The sweep ended a request's wait at its deadline."""
+
 
 @attrs.define(eq=False)
 class Link:
@@ -109,6 +122,8 @@ class Link:
     _final: BaseException | None = None
     _req: int = 0
     _waiting: dict[int, _Waiter] = attrs.field(factory=dict)
+    # The deadlines of requests sent at once (see ``request``), swept by one task.
+    _deadlines: DeadlineQueue[_Waiter] = attrs.field(factory=DeadlineQueue)
 
     @classmethod
     @asynccontextmanager
@@ -126,6 +141,7 @@ class Link:
         try:
             async with trio.open_nursery() as nursery:
                 try:
+                    nursery.start_soon(link._deadlines.sweep, _TimedOut, "link")
                     await nursery.start(link._maintain)
                     yield link
                 except BaseException as exc:
@@ -165,10 +181,45 @@ class Link:
 
         Waits for a connection if there is none (while reconnecting). Raises TimeoutError
         after ``timeout`` seconds (``request_timeout`` by default) in all.
+
+        The common case, connected and the message queued at once, waits for its reply
+        without a cancel scope: the Link's sweep ends the wait at its deadline (see
+        :mod:`aiki.actors.deadlines`). Otherwise (no connection, a full send queue, a lost
+        connection to send again on, a timeout shorter than those in flight) the request
+        waits in a scope of its own, within the same deadline.
         """
         limit = self.request_timeout if timeout is None else timeout
+        deadline = trio.current_time() + limit
+        conn = self._conn
+        if conn is not None and self._deadlines.fits(deadline):
+            await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller sends nothing
+            req = self.next_req()
+            waiter = self._waiting[req] = _Waiter(conn)
+            try:
+                sent = conn.try_send(make(req))
+            except errors.ConnectionLost:
+                self._drop(conn)
+                sent = False
+            except BaseException:
+                self._waiting.pop(req, None)
+                raise
+            if not sent:
+                self._waiting.pop(req, None)
+            else:
+                self._deadlines.add(deadline, limit, waiter)
+                try:
+                    await waiter.done.wait()
+                finally:
+                    self._waiting.pop(req, None)
+                    waiter.expire(_TimedOut())  # (nothing once answered) off the queue
+                    self._deadlines.trim()
+                lost = isinstance(waiter.error, errors.ConnectionLost)
+                if not (lost and self._may_resend(retry)):
+                    return self._outcome(waiter, limit)
+                log.info("request %d: connection lost before the reply; sending it again "
+                         "once reconnected", req)
         try:
-            with trio.fail_after(limit):
+            with trio.fail_at(deadline):
                 while True:
                     conn = await self._connection()
                     req = self.next_req()
@@ -183,13 +234,22 @@ class Link:
                             await waiter.done.wait()
                     finally:
                         self._waiting.pop(req, None)
-                    if (isinstance(waiter.error, errors.ConnectionLost) and retry
-                            and self._final is None and self.reconnect is not None):
+                    if (isinstance(waiter.error, errors.ConnectionLost)
+                            and self._may_resend(retry)):
                         log.info("request %d: connection lost before the reply; sending it "
                                  "again once reconnected", req)
                         continue
                     break
         except trio.TooSlowError:
+            raise TimeoutError(f"no reply from the server within {limit} s") from None
+        return self._outcome(waiter, limit)
+
+    def _may_resend(self, retry: bool) -> bool:
+        return retry and self._final is None and self.reconnect is not None
+
+    @staticmethod
+    def _outcome(waiter: _Waiter, limit: float) -> Any:
+        if isinstance(waiter.error, _TimedOut):
             raise TimeoutError(f"no reply from the server within {limit} s") from None
         if waiter.error is not None:
             raise waiter.error

@@ -7,8 +7,7 @@ than blocks, except on the parent → child path where :meth:`Address.tell` may 
 An ``ask`` waits for its reply at most its timeout. Where the mailbox's owner runs
 :meth:`Mailbox.expire_asks` beside its loop (the StoreWriter does: every task start and
 outcome is an ask), one task fails the asks whose time is up, instead of a cancel scope per
-ask (a scope costs the Trio thread about 10 µs to enter and leave, a tenth of its time at
-100 concurrent runs).
+ask (see :mod:`aiki.actors.deadlines`).
 
 Every message a mailbox refuses (full or closed) is counted in the ``metrics`` sink it was
 given (``aiki_mailbox_dropped_total{mailbox, reason}``), so an operator sees an actor fall
@@ -17,12 +16,12 @@ behind; without one it counts into a sink of its own.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar, cast
 
 import trio
 
+from aiki.actors.deadlines import DeadlineQueue
 from aiki.errors import AikiError
 from aiki.metrics import MAILBOX_DROPPED, Metrics
 
@@ -72,39 +71,16 @@ class Reply(Generic[R]):
             self._error = exc
             self._done.set()
 
+    def is_done(self) -> bool:
+        return self._done.is_set()
+
+    expire = fail  # (for the sweep of aiki.actors.deadlines)
+
     async def _wait(self) -> R:
         await self._done.wait()
         if self._error is not None:
             raise self._error
         return cast(R, self._value)  # set together with _done
-
-
-class _Deadlines(Generic[R]):
-    """The asks in flight on one address, in deadline order, for :meth:`Mailbox.expire_asks`.
-
-    Asks with one timeout come in deadline order, so a deque does; an ask whose deadline is
-    earlier than the last one's keeps a cancel scope of its own instead. An answered ask is
-    dropped from the front as soon as every ask before it is answered too, so the queue
-    holds about the asks in flight, not every ask of the last ``timeout`` seconds.
-    """
-
-    def __init__(self) -> None:
-        self.queue: deque[tuple[float, float, Reply[R]]] = deque()
-        self.sweeping = 0  # expire_asks tasks running (0 or 1)
-        self.more = trio.Event()  # set when the queue stops being empty
-
-    def fits(self, deadline: float) -> bool:
-        return self.sweeping > 0 and (not self.queue or self.queue[-1][0] <= deadline)
-
-    def add(self, deadline: float, timeout: float, reply: Reply[R]) -> None:
-        self.queue.append((deadline, timeout, reply))
-        if len(self.queue) == 1:
-            self.more.set()
-
-    def trim(self) -> None:
-        queue = self.queue
-        while queue and queue[0][2]._done.is_set():
-            queue.popleft()
 
 
 class Address(Generic[T]):
@@ -117,7 +93,7 @@ class Address(Generic[T]):
         self.metrics = metrics
         self._full = (name, "full")
         self._closed = (name, "closed")
-        self._deadlines: _Deadlines[object] = _Deadlines()
+        self._deadlines: DeadlineQueue[Reply[object]] = DeadlineQueue()
 
     def _dropped(self, closed: bool) -> None:
         self.metrics.inc(MAILBOX_DROPPED, self._closed if closed else self._full)
@@ -227,25 +203,10 @@ class Mailbox(Generic[T]):
         keep cancel scopes of their own, and those queued before it stopped are failed late
         by the gap. Runs until cancelled; one at a time per mailbox.
         """
-        deadlines = self._address._deadlines
-        if deadlines.sweeping:
-            raise RuntimeError(f"mailbox {self.name!r}: expire_asks is already running")
-        deadlines.sweeping += 1
-        try:
-            while True:
-                deadlines.trim()
-                if not deadlines.queue:
-                    deadlines.more = trio.Event()
-                    await deadlines.more.wait()
-                    continue
-                deadline, timeout, reply = deadlines.queue[0]
-                if deadline > trio.current_time():
-                    await trio.sleep_until(deadline)
-                    continue
-                deadlines.queue.popleft()
-                reply.fail(AskTimeout(f"no reply from {self.name!r} within {timeout} s"))
-        finally:
-            deadlines.sweeping -= 1
+        name = self.name
+        await self._address._deadlines.sweep(
+            lambda timeout: AskTimeout(f"no reply from {name!r} within {timeout} s"),
+            f"mailbox {name!r}")
 
     def close(self) -> None:
         """Refuse further messages; a sender blocked in :meth:`Address.tell` gets MailboxClosed."""

@@ -1188,12 +1188,14 @@ async def run_workflow(
     lease_deadline: Callable[[], float] = lambda: math.inf,
     lease_renewed: Callable[[float], None] = lambda sent: None, flusher: Flusher | None = None,
     paused: Callable[[], bool] = lambda: False, client: Any = None,
-    server_time: Callable[[], tuple[float, float]] | None = None,
+    server_time: Callable[[], tuple[float, float]] | None = None, stops_shields: bool = True,
 ) -> None:
     """Drive one leased run to its end: completed, failed, suspended, released (the worker
     drains, or the run was paused: ``draining`` is set, ``paused()`` says which) or
     abandoned. ``flusher``: let completed task outcomes ride with the run's next write
-    (:mod:`aiki.actors.outcomes`)."""
+    (:mod:`aiki.actors.outcomes`). ``stops_shields``: a task beside the workflow's code stops
+    its ``run.shield()`` blocks when this call is cancelled from outside; False where the
+    caller does (``RunState.stop``, as the Worker does for all its runs with one task)."""
     run = assign.run
     assert run.lease_owner is not None
     lease = Lease(run.id, run.lease_epoch, run.lease_owner)
@@ -1216,8 +1218,11 @@ async def run_workflow(
         try:
             payload = p.decode_value(run.payload, workflow.payload_type,
                                      what=f"payload of workflow {workflow.name!r}")
-            async with serving_nursery() as nursery:
-                nursery.start_soon(_stop_when_cancelled, state)
+            if stops_shields:
+                async with serving_nursery() as nursery:
+                    nursery.start_soon(_stop_when_cancelled, state)
+                    value = await workflow.execute(handle, payload)
+            else:
                 value = await workflow.execute(handle, payload)
             await state.flush_cancels()
             state.check_all_consumed()

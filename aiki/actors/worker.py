@@ -33,6 +33,7 @@ from aiki.actors.run import (
     DEFAULT_RECORD_START_AFTER,
     Abandon,
     Nudges,
+    RunState,
     TaskRunner,
     WorkflowDefinition,
     call_task,
@@ -65,6 +66,20 @@ class Held:
     # arrival, then the sending of each heartbeat whose reply kept it. A lease lasts no
     # longer than the server's lease TTL from then.
     renewed: float = attrs.field(factory=trio.current_time)
+    state: RunState | None = None  # the run actor's, once it runs
+
+    def running(self, state: RunState) -> None:
+        """The run actor has its state: a stop from now on reaches its shields too."""
+        self.state = state
+        if self.scope.cancel_called:
+            state.stop()
+
+    def cancel(self) -> None:
+        """Stop the run's actor, its ``run.shield()`` blocks included (Trio's shield holds
+        off every cancellation from outside it, its actor's scope's too)."""
+        self.scope.cancel()
+        if self.state is not None:
+            self.state.stop()
 
 
 @attrs.define(eq=False)
@@ -147,7 +162,7 @@ class Worker:
                 del self.held[msg.run_id]
                 log.info("worker %s: run %s was cancelled%s; stopping it", self.id,
                          msg.run_id, f" ({msg.reason})" if msg.reason else "")
-                held.scope.cancel()
+                held.cancel()
                 self._held_changed.set()
         elif isinstance(msg, p.RunControl):
             held = self.held.get(msg.run_id)
@@ -201,6 +216,7 @@ class Worker:
             self._count_slots()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat, link)
+                nursery.start_soon(self._stop_runs_when_cancelled)
                 await nursery.start(self.flusher.serve)
                 task_status.started()
                 async for assign in self._assignments[1]:
@@ -213,7 +229,7 @@ class Worker:
                     if held is not None:
                         if held.lease.epoch >= lease.epoch:
                             continue  # a duplicated (or late) assignment: already running
-                        held.scope.cancel()  # a newer lease replaces the old actor
+                        held.cancel()  # a newer lease replaces the old actor
                     scope = trio.CancelScope()
                     self.held[lease.run_id] = held = Held(lease, scope)
                     self._count_slots()
@@ -243,7 +259,8 @@ class Worker:
                                    lease_deadline=partial(self._lease_deadline, link, mine),
                                    lease_renewed=partial(_renewed, mine),
                                    flusher=self.flusher, server_time=self.server_time.bounds,
-                                   paused=lambda: mine.paused, client=self.client)
+                                   paused=lambda: mine.paused, client=self.client,
+                                   on_state=mine.running, stops_shields=False)
         except Abandon:
             pass
         finally:
@@ -252,6 +269,16 @@ class Worker:
                 del self.held[run.id]
                 self._count_slots()
             self._held_changed.set()
+
+    async def _stop_runs_when_cancelled(self) -> None:
+        """Beside the run actors: when the worker is cancelled from outside (it stops, or
+        crashes), each run's shields are stopped with it. (One task for all runs: each
+        stop the worker makes itself goes through :meth:`Held.cancel`.)"""
+        try:
+            await trio.sleep_forever()
+        finally:
+            for held in list(self.held.values()):
+                held.cancel()
 
     def _lease_deadline(self, link: Link, held: Held) -> float:
         """When, on this process's clock, the lease may have expired at the server, less a
@@ -285,7 +312,7 @@ class Worker:
                 held = self.held.pop(run_id, None)
                 if held is not None:
                     log.info("worker %s: lost the lease of run %s", self.id, run_id)
-                    held.scope.cancel()
+                    held.cancel()
                     self._count_slots()
                     self._held_changed.set()
 
@@ -329,7 +356,7 @@ class Worker:
         held = list(self.held.values())
         self.held.clear()
         for h in held:
-            h.scope.cancel()
+            h.cancel()
         if link is None:
             return
         with trio.move_on_after(5) as scope:

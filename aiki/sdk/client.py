@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ from aiki.client.views import (
     TaskStatus,
     WaitStatus,
 )
+from aiki.errors import AikiError
 from aiki.records import HistoryEvent
 from aiki.sources import Sources
 from aiki.transport.base import Transport
@@ -125,25 +127,80 @@ class RunHandle(Generic[R]):
         WARNING, on ``aiki.client``) while this waits, rather than waited on in silence.
         """
         wait = core.wait_for_completion(self.id, self.result_type, timeout)
-        if not isinstance(self.client, Client):  # (the asyncio client's handles)
-            return await self.client.call(wait)
-        async with serving_nursery() as nursery:
-            nursery.start_soon(self._say_if_stranded, self.client)
-            return await self.client.call(wait)
+        client = self.client
+        if not isinstance(client, Client):  # (the asyncio client's handles)
+            return await client.call(wait)
+        watch = client.stranded
+        watch.add(self.id)
+        try:
+            return await client.call(wait)
+        finally:
+            watch.discard(self.id)
 
-    async def _say_if_stranded(self, client: Client) -> None:
-        delay = STRANDED_CHECK
-        while True:  # a look after 1 minute, 2, 4, ... then hourly: a long wait costs little
-            await trio.sleep(delay)
-            delay = min(delay * 2, 3600.0)
-            stranded = await client.list_runs(stranded=True, limit=1000)
-            for run in stranded:
-                if run.id == self.id:
+
+@attrs.define(eq=False)
+class _Watched:
+    at: float  # when to look next (Trio's clock)
+    delay: float  # the pause before the look after that
+    waiters: int = 1
+
+
+@attrs.define(eq=False)
+class StrandedWatch:
+    """Tells, on ``aiki.client``, of the runs a client's handles wait on that are stranded
+    (queued, and no connected worker has their version): a look after 1 minute of waiting,
+    2, 4, ... then hourly, once per run until it is told. One task per client does it for
+    all its waits (:meth:`serve`), so a wait costs a dict entry, not a task and a timer."""
+
+    _waits: dict[str, _Watched] = attrs.field(factory=dict)
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+    _wake_at: float = -math.inf  # when ``serve`` looks next, while it sleeps
+
+    def add(self, run_id: str) -> None:
+        watched = self._waits.get(run_id)
+        if watched is not None:
+            watched.waiters += 1
+            return
+        at = trio.current_time() + STRANDED_CHECK
+        self._waits[run_id] = _Watched(at, STRANDED_CHECK)
+        if at < self._wake_at:
+            self._wake.set()
+
+    def discard(self, run_id: str) -> None:
+        watched = self._waits.get(run_id)
+        if watched is not None:
+            watched.waiters -= 1
+            if watched.waiters <= 0:
+                del self._waits[run_id]
+
+    async def serve(self, client: Client) -> None:
+        while True:
+            first = min((w.at for w in self._waits.values()), default=math.inf)
+            if first > trio.current_time():
+                self._wake, self._wake_at = trio.Event(), first
+                with trio.move_on_at(first):
+                    await self._wake.wait()
+                self._wake_at = -math.inf
+                continue
+            try:
+                stranded = {r.id: r for r in await client.list_runs(stranded=True, limit=1000)}
+            except (AikiError, TimeoutError) as exc:
+                log.debug("could not list the stranded runs: %s", exc)
+                stranded = {}
+            now = trio.current_time()
+            for run_id, watched in list(self._waits.items()):
+                if watched.at > now:
+                    continue
+                run = stranded.get(run_id)
+                if run is not None:
                     log.warning(
                         "run %s is still queued and no connected worker has registered "
                         "workflow %r version %s: start a worker that has it (the run waits "
                         "in the queue until one does)", run.id, run.workflow, run.version)
-                    return
+                    watched.at = math.inf  # told once
+                else:
+                    watched.delay = min(watched.delay * 2, 3600.0)
+                    watched.at = now + watched.delay
 
 
 @attrs.frozen
@@ -293,6 +350,7 @@ class Client(Operations):
     sources: Sources
     link: Link
     token: str | None = None
+    stranded: StrandedWatch = attrs.field(factory=StrandedWatch)
 
     @classmethod
     @asynccontextmanager
@@ -305,7 +363,10 @@ class Client(Operations):
         async with Link.open(transport, address, core.client_hello(node, token),
                              request_timeout=request_timeout, reconnect=reconnect,
                              rng=random.Random(f"aiki-link:{node}")) as link:
-            yield cls(transport, address, sources, link, token)
+            client = cls(transport, address, sources, link, token)
+            async with serving_nursery() as nursery:
+                nursery.start_soon(client.stranded.serve, client)
+                yield client
 
     async def call(self, call: Call[T]) -> T:
         """Send one :class:`~aiki.client.core.Call` and return what its reply means."""

@@ -14,11 +14,15 @@ class Connection(Protocol):
     ``receive`` raises :class:`~aiki.errors.ConnectionLost` once the peer is gone and
     :class:`~aiki.errors.ProtocolError` for a message that does not decode (the connection
     stays usable). ``send`` raises ConnectionLost when the stream is closed.
+    ``try_send`` sends as ``send`` does where that needs no wait, and otherwise sends nothing
+    and returns False (a full send queue); it raises what ``send`` raises.
     """
 
     peer: str
 
     async def send(self, msg: Any) -> None: ...
+
+    def try_send(self, msg: Any) -> bool: ...
 
     async def receive(self) -> Any: ...
 

@@ -42,20 +42,31 @@ class MemoryConnection:
     check_wire: bool = False
     sent: int = 0
 
-    async def send(self, msg: Any) -> None:
+    def _item(self, msg: Any) -> Any:
         # Unchecked, a message still has to be one the protocol knows: what the network
         # would refuse as unencodable is refused here too, by type.
         if self.check_wire:
-            item: Any = protocol.encode(msg)
-        elif type(msg) in _KNOWN:
-            item = msg
-        else:
-            item = protocol.encode(msg)  # raises the codec's own error for a stranger
+            return protocol.encode(msg)
+        if type(msg) in _KNOWN:
+            return msg
+        return protocol.encode(msg)  # raises the codec's own error for a stranger
+
+    async def send(self, msg: Any) -> None:
         try:
-            await self._send.send(item)
+            await self._send.send(self._item(msg))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionLost(f"connection to {self.peer} is closed") from exc
         self.sent += 1
+
+    def try_send(self, msg: Any) -> bool:
+        try:
+            self._send.send_nowait(self._item(msg))
+        except trio.WouldBlock:
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionLost(f"connection to {self.peer} is closed") from exc
+        self.sent += 1
+        return True
 
     async def send_raw(self, text: str) -> None:
         """Send text as it is, bypassing the encoder (for tests and fault injection)."""

@@ -206,7 +206,7 @@ class WebSocketConnection:
         self._out_send, self._out_receive = trio.open_memory_channel[str](
             self._settings.send_buffer)
 
-    async def send(self, msg: Any) -> None:
+    def _frame_text(self, msg: Any) -> str:
         text = protocol.encode(msg)
         limit = self._settings.max_frame_bytes
         if len(text) > limit:
@@ -218,10 +218,24 @@ class WebSocketConnection:
             )
         if self._lost is not None:
             raise ConnectionLost(self._lost)
+        return text
+
+    async def send(self, msg: Any) -> None:
+        text = self._frame_text(msg)
         try:
             await self._out_send.send(text)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ConnectionLost(self._lost or f"connection to {self.peer} is closed") from None
+
+    def try_send(self, msg: Any) -> bool:
+        text = self._frame_text(msg)
+        try:
+            self._out_send.send_nowait(text)
+        except trio.WouldBlock:
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ConnectionLost(self._lost or f"connection to {self.peer} is closed") from None
+        return True
 
     async def receive(self) -> Any:
         while not self._incoming:

@@ -3,6 +3,7 @@ the memory transport, with connections a test can cut."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -447,3 +448,78 @@ async def test_a_worker_told_of_a_shutdown_reconnects_to_the_next_server(
                 assert await handle.wait_for_completion(timeout=60) == ["done s-a", "done s-b"]
                 assert w1.link is not None and w1.link.connections >= 2
         servers.cancel_scope.cancel()
+
+
+# -- request timeouts: one sweep per Link, a scope only where a request has to wait ----------
+@asynccontextmanager
+async def silent_server(reads: bool = True) -> AsyncIterator[Link]:
+    """A server that welcomes the Link and then answers nothing: it reads every request
+    (``reads``) or, once welcomed, stops reading, so the Link's sends fill the connection."""
+    transport = MemoryTransport()
+
+    async def handler(conn: Connection) -> None:
+        hello = await conn.receive()
+        await conn.send(p.Welcome(hello.req, "silent", 30.0, 10.0))
+        with contextlib.suppress(ConnectionLost):  # (the Link closing it)
+            while reads:
+                await conn.receive()
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(transport.serve, "srv", handler)
+        async with Link.open(transport, "srv", lambda req: p.Hello(req, "client", "c")) as link:
+            yield link
+        nursery.cancel_scope.cancel()
+
+
+async def test_requests_time_out_at_their_deadlines_through_the_links_sweep(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    timed_out: dict[str, float] = {}
+
+    async def ask(link: Link, name: str, timeout: float) -> None:
+        with pytest.raises(TimeoutError, match=f"within {timeout} s"):
+            await link.request(p.ListWorkers, timeout=timeout)
+        timed_out[name] = trio.current_time()
+
+    async with silent_server() as link:
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(ask, link, f"swept-{i}", 5.0)
+            await trio.sleep(0.5)
+            assert len(link._deadlines.queue) == 5, "waiting without scopes of their own"
+            nursery.start_soon(ask, link, "shorter", 2.0)  # before the others: a scope
+            nursery.start_soon(ask, link, "longer", 7.0)
+        assert {name: at - start for name, at in timed_out.items()} == {
+            **{f"swept-{i}": pytest.approx(5.0) for i in range(5)},
+            "shorter": pytest.approx(2.5), "longer": pytest.approx(7.5)}
+        assert not link._deadlines.queue and link.in_flight == 0
+        # A request given up by its caller leaves nothing behind either.
+        with trio.move_on_after(1):
+            await link.request(p.ListWorkers, timeout=10)
+        assert not link._deadlines.queue and link.in_flight == 0
+
+
+async def test_a_request_that_cannot_be_sent_at_once_still_ends_at_its_deadline(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The server stops reading: the connection's buffer fills, and the requests behind it
+    # wait to be sent (in a scope of their own) and still time out on time.
+    from aiki.transport.memory import CONNECTION_BUFFER
+
+    outcomes: list[tuple[float, bool]] = []
+
+    async def ask(link: Link) -> None:
+        with pytest.raises(TimeoutError, match="within 5.0 s"):
+            await link.request(p.ListWorkers, timeout=5.0)
+        outcomes.append((trio.current_time(), len(link._deadlines.queue) > 0))
+
+    async with silent_server(reads=False) as link:
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(CONNECTION_BUFFER + 10):
+                nursery.start_soon(ask, link)
+        assert all(at - start == pytest.approx(5.0) for at, _ in outcomes)
+        assert len(outcomes) == CONNECTION_BUFFER + 10
+        assert not link._deadlines.queue and link.in_flight == 0

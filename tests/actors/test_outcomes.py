@@ -157,6 +157,10 @@ async def test_a_run_of_three_tasks_costs_six_transactions(
             handle = await three.enqueue(client, 0)
             assert await handle.wait_for_completion(timeout=60) == 3
     run_batches = store.batches[store.batches.index(["Enqueue"]):]  # (a claim finds nothing)
+    # The worker's stop may give back the lease before its run actor hears that the
+    # completion committed (the client heard first): not the run's cost, and refused.
+    if run_batches[-1] == ["ReleaseRun"]:
+        run_batches.pop()
     assert run_batches == [
         ["Enqueue"], ["Claim"], ["StartStep"], ["SaveStep", "StartStep"],
         ["SaveStep", "StartStep"], ["SaveStep", "CompleteRun"],

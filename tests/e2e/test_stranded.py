@@ -4,11 +4,14 @@ so (once per version), lists them, and a client waiting on one is told."""
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
 
 import aiki
+from aiki.sdk.client import StrandedWatch
 from aiki.store import Store
 
 
@@ -48,3 +51,60 @@ async def test_stranded_runs_are_listed_logged_and_waiters_are_told(
         async with aiki.worker(client, workflows=[orphan_v2]):
             assert [await h.wait_for_completion(timeout=10) for h in handles] == [0, 10, 20]
             assert await client.list_runs(stranded=True) == []
+
+
+# -- the client's one watch over all its waits ------------------------------------------------
+class _ListsStranded:
+    """Stands in for a client: ``list_runs(stranded=True)`` answers from ``stranded``, and
+    says when it was asked."""
+
+    def __init__(self) -> None:
+        self.stranded: list[aiki.RunSummary] = []
+        self.asked: list[float] = []
+
+    async def list_runs(self, *, stranded: bool, limit: int) -> list[aiki.RunSummary]:
+        assert stranded
+        self.asked.append(trio.current_time())
+        return list(self.stranded)
+
+
+def _summary(run_id: str) -> Any:
+    return SimpleNamespace(id=run_id, workflow="orphan", version="2")
+
+
+async def test_one_watch_looks_at_all_waits_after_1_2_4_minutes_and_tells_each_once(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    watch = StrandedWatch()
+    client = _ListsStranded()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch.serve, client)
+        start = trio.current_time()
+        watch.add("a")
+        watch.add("a")  # two handles wait on it: one look serves both
+        await trio.sleep(60 + 120 + 240 + 1)
+        assert [round(t - start) for t in client.asked] == [60, 180, 420]
+        client.stranded = [_summary("a")]
+        await trio.sleep(480)
+        assert [r.getMessage() for r in caplog.records].count(
+            "run a is still queued and no connected worker has registered workflow 'orphan' "
+            "version 2: start a worker that has it (the run waits in the queue until one "
+            "does)") == 1
+        asked = len(client.asked)
+        await trio.sleep(7200)
+        assert len(client.asked) == asked, "told once: no more looks for it"
+        # A new wait, while the watch has nothing left to look at, gets its look a minute on.
+        added = trio.current_time()
+        client.stranded = [_summary("b")]
+        watch.add("b")
+        await trio.sleep(61)
+        assert round(client.asked[-1] - added) == 60
+        assert any("run b is still queued" in r.getMessage() for r in caplog.records)
+        # Waits that ended are not looked at.
+        for run_id in ("a", "a", "b"):
+            watch.discard(run_id)
+        asked = len(client.asked)
+        await trio.sleep(7200)
+        assert len(client.asked) == asked
+        nursery.cancel_scope.cancel()
