@@ -132,6 +132,9 @@ class Session:
     superseded_why: Closing | None = None
     _watching: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _drain_told: bool = False  # the Dispatcher was told this worker drains
+    # Messages queued in the outbox or being sent from it: none may be overtaken by a
+    # message sent past the outbox (``_send_at_once``).
+    _ahead: int = 0
 
     @property
     def _routine(self) -> int:
@@ -220,7 +223,7 @@ class Session:
                     await self._until_closed(session, ended, self._read_requests, requests)
             # Only a shutdown gets here with the connection up: the requests in flight are
             # answered; send what is queued, then say goodbye.
-            self.outbox.close()
+            self._close_outbox()
             self._watching.cancel()
         if ended:
             raise ended[0]
@@ -322,9 +325,44 @@ class Session:
                 if req is not None and not isinstance(msg, p.Refused):
                     await self.conn.send(p.Refused(req, "ProtocolError",
                                                    f"the reply could not be sent: {exc}"))
+            finally:
+                self._ahead -= 1
+
+    def _close_outbox(self) -> None:
+        """Send what is queued, then stop: nothing goes past the outbox any more either (a
+        shutdown's goodbye is the last message)."""
+        self.outbox.close()
+        self._ahead += 1  # (never taken back)
+
+    def _send_at_once(self, msg: Any) -> bool:
+        """Send ``msg`` past the outbox (a task switch and a queue the fewer) when nothing
+        queued there is ahead of it and the connection takes it without a wait. Else False,
+        and the outbox's way says what goes wrong (a reply over the frame limit, a closed
+        connection)."""
+        if self._ahead:
+            return False
+        try:
+            return self.conn.try_send(msg)
+        except (ProtocolError, ConnectionLost):
+            return False
 
     def _push(self, msg: Any) -> bool:
-        return self.outbox.address.tell_nowait(msg)
+        if self._send_at_once(msg):
+            return True
+        if self.outbox.address.tell_nowait(msg):
+            self._ahead += 1
+            return True
+        return False
+
+    async def _reply(self, reply: Any) -> None:
+        if self._send_at_once(reply):
+            return
+        self._ahead += 1
+        try:
+            await self.outbox.address.tell(reply)
+        except BaseException:
+            self._ahead -= 1
+            raise
 
     async def _serve_one(self, msg: Any, limiter: trio.CapacityLimiter, borrower: object) -> None:
         try:
@@ -344,7 +382,7 @@ class Session:
         finally:
             limiter.release_on_behalf_of(borrower)
         if reply is not None:
-            await self.outbox.address.tell(reply)
+            await self._reply(reply)
 
     async def _answer(self, msg: Any) -> Any:
         ctx = self.ctx

@@ -248,3 +248,29 @@ async def test_a_parent_ended_by_a_child_whose_completion_reply_was_lost_reaches
             handle = await sends_a_child.enqueue(client, 7)
             assert await handle.wait_for_completion(timeout=60) == 8
     assert not store.lose_child_completion
+
+
+# -- messages sent past the outbox keep the order ---------------------------------------------
+async def test_messages_sent_past_the_outbox_never_overtake_those_queued_in_it() -> None:
+    from types import SimpleNamespace
+
+    from aiki.actors.session import Session
+    from aiki.transport.memory import connection_pair
+
+    server_end, client_end = connection_pair("client", "server", buffer=2)
+    session = Session(SimpleNamespace(sources=Sources.seeded(0)), server_end, 1)  # type: ignore[arg-type]
+    assert session._push(p.Ok(1)) and session._push(p.Ok(2))  # straight onto the connection
+    assert session._push(p.Ok(3))  # the connection is full: queued in the outbox
+    assert (await client_end.receive()).req == 1  # room again on the connection...
+    assert session._push(p.Ok(4))  # ...but 3 is queued ahead: 4 queues behind it
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session._send_outbox)
+        got = [(await client_end.receive()).req for _ in range(3)]
+        assert got == [2, 3, 4]
+        assert session._push(p.Ok(5))  # the outbox is empty again: straight on
+        assert (await client_end.receive()).req == 5
+        # Once the outbox is closed (a shutdown: its goodbye is the last message), nothing
+        # goes past it.
+        session._close_outbox()
+        assert not session._push(p.Ok(6))
+        nursery.cancel_scope.cancel()
