@@ -273,9 +273,13 @@ def _rollback(db: Db) -> None:
 
 
 # -- rows ---------------------------------------------------------------------------------
+_DETACHED = [f.name for f in attrs.fields(RunRecord)].index("detached")
+
+
 def _record(row: Sequence[Any]) -> RunRecord:
-    run = RunRecord(*row)
-    return attrs.evolve(run, detached=bool(run.detached))
+    values = list(row)
+    values[_DETACHED] = bool(values[_DETACHED])  # (stored as 0 or 1)
+    return RunRecord(*values)
 
 
 def _get_run(db: Db, run_id: str) -> RunRecord | None:
