@@ -239,6 +239,7 @@ class RunState:
     # that stood in it, recorded abandoned.
     pending_cancels: list[tuple[str, str]] = attrs.field(factory=list)
     pending_abandons: list[tuple[str, tuple[str, ...]]] = attrs.field(factory=list)
+    cut_short: set[str] = attrs.field(factory=set)  # positions an expired scope cut
     # Whether a client paused the run (the worker was told, or the store refused a step as
     # paused): it is given back as paused, not as a drain.
     paused: Callable[[], bool] = lambda: False
@@ -974,9 +975,14 @@ class DeadlineScope:
         abandoned, at the run's next write."""
         why = f"the deadline of run {self._state.lease.run_id} at step {scope.position} passed"
         self._state.pending_cancels += [(c, why) for c in scope.children]
+        state = self._state
+        # (Not those an inner scope cut already: the code went on past them, and a replay
+        # must cut this scope where it was cut, not at the inner scope's step.)
         unfinished = tuple(q for q in scope.steps
-                           if (step := self._state.steps.get(q)) is None
-                           or step.state not in FINAL_STEP_STATES)
+                           if q not in state.cut_short and (
+                               (step := state.steps.get(q)) is None
+                               or step.state not in FINAL_STEP_STATES))
+        state.cut_short.update(unfinished)
         if unfinished or scope.cut is None:  # (its expiry is recorded, cut or not)
             self._state.pending_abandons.append((scope.position, unfinished))
 

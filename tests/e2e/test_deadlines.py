@@ -480,3 +480,28 @@ async def test_a_shielded_durable_wait_in_a_gather_outlives_its_sibling_cut_by_t
             assert await handle.wait_for_completion(timeout=3600) == [True, 1000]
     steps = await engine_store.get_steps(handle.id)
     assert [s.state for s in steps if s.kind == "sleep"] == ["completed"]
+
+
+@aiki.workflow(name="nested-cuts", version="1")
+async def nested_cuts(run: aiki.WorkflowRun, _: None) -> list[Any]:
+    with run.move_on_after(12) as outer:
+        with run.move_on_after(1) as inner:
+            await slow.run(run, 3.0)  # cut by the inner scope
+        await slow.run(run, 20.0)  # cut by the outer one
+    await run.sleep(60)  # gives the slot back: the run wakes on a new lease, and replays
+    return [inner.cancelled_caught, outer.cancelled_caught]
+
+
+async def test_an_outer_scope_records_only_the_steps_it_cut_itself(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    """Simulation seed 172: the outer scope listed among the steps it cut the one its inner
+    scope had cut already (the worker never marked it ended), so the replay cut the outer
+    scope at that step too, skipped its second task, and failed with NonDeterminismError."""
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[nested_cuts]):
+            handle = await nested_cuts.enqueue(client, None)
+            assert await handle.wait_for_completion(timeout=600) == [True, True]
+    steps = {s.position: s for s in await engine_store.get_steps(handle.id)}
+    assert aiki.protocol.decode_value(steps["0"].output)["cut"] == ["3"]
+    assert aiki.protocol.decode_value(steps["1"].output)["cut"] == ["2"]
