@@ -14,6 +14,7 @@ no sweep runs.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
@@ -42,7 +43,8 @@ class DeadlineQueue(Generic[E]):
     def __init__(self) -> None:
         self.queue: deque[tuple[float, float, E]] = deque()
         self.sweeping = False
-        self._more = trio.Event()  # set when the queue stops being empty
+        self._wake = trio.Event()  # set when a wait is due before the sweep's next look
+        self._next_look = -math.inf  # when the sleeping sweep looks next
 
     def fits(self, deadline: float) -> bool:
         """Whether a wait ending at ``deadline`` can be timed out by the sweep."""
@@ -50,8 +52,8 @@ class DeadlineQueue(Generic[E]):
 
     def add(self, deadline: float, timeout: float, wait: E) -> None:
         self.queue.append((deadline, timeout, wait))
-        if len(self.queue) == 1:
-            self._more.set()
+        if deadline < self._next_look:  # (the waits it slept for may have ended meanwhile)
+            self._wake.set()
 
     def trim(self) -> None:
         queue = self.queue
@@ -67,15 +69,14 @@ class DeadlineQueue(Generic[E]):
         try:
             while True:
                 self.trim()
-                if not self.queue:
-                    self._more = trio.Event()
-                    await self._more.wait()
+                first = self.queue[0][0] if self.queue else math.inf
+                if first > trio.current_time():
+                    self._wake, self._next_look = trio.Event(), first
+                    with trio.move_on_at(first):  # (one scope per look, not per wait)
+                        await self._wake.wait()
+                    self._next_look = -math.inf
                     continue
-                deadline, timeout, wait = self.queue[0]
-                if deadline > trio.current_time():
-                    await trio.sleep_until(deadline)
-                    continue
-                self.queue.popleft()
+                _, timeout, wait = self.queue.popleft()
                 wait.expire(error(timeout))
         finally:
             self.sweeping = False

@@ -70,6 +70,8 @@ class Seat:
     may_have_work: bool = True
     assigned_at: dict[str, float] = attrs.field(factory=dict)  # run id -> when pushed
     epochs: dict[str, int] = attrs.field(factory=dict)  # run id -> the lease epoch pushed
+    # Slots promised to claims committing with an enqueue (see Dispatcher.reserve).
+    reserved: int = 0
 
     def holds(self, run_id: str, epoch: int | None) -> bool:
         """Whether this seat's worker holds ``run_id`` under lease ``epoch`` (or an older
@@ -79,7 +81,7 @@ class Seat:
 
     @property
     def free(self) -> int:
-        return 0 if self.draining else self.slots - len(self.active)
+        return 0 if self.draining else self.slots - len(self.active) - self.reserved
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(
@@ -157,6 +159,8 @@ class Dispatcher:
     versions: dict[str, set[str]] = attrs.field(factory=dict)
     events: dict[tuple[str, str], set[str]] = attrs.field(factory=dict)
     stopped: bool = False
+    # Runs claimed with an enqueue that their seat could not take: given back by the loop.
+    undelivered: list[tuple[Seat, RunRecord]] = attrs.field(factory=list)
     # Stranded runs: queued for a version no connected worker has registered. A run counts
     # once it has waited ``stranded_after`` seconds with the version unserved (and the
     # server up that long); the server warns once per version, until a worker has it again.
@@ -290,6 +294,8 @@ class Dispatcher:
             seat.may_have_work = len(claimed) >= wanted
             for run in self._place(seat, claimed):
                 await self._give_back(seat, run)
+        while self.undelivered:
+            await self._give_back(*self.undelivered.pop())
 
     def _place(self, seat: Seat, claimed: Sequence[ClaimedRun]) -> list[RunRecord]:
         """Push the runs claimed for ``seat`` to its worker; those it cannot take now."""
@@ -326,6 +332,36 @@ class Dispatcher:
             log.warning("dispatcher: could not give run %s back: %s", run.id, exc,
                         extra=run_fields(run.id, run.workflow, run.version,
                                          run.attempts, run.lease_owner))
+
+    # -- claims that commit with an enqueue ------------------------------------------------
+    def reserve(self, version: tuple[str, str], now: float) -> tuple[Seat, Claim] | None:
+        """A slot of a worker that has ``version`` and is free now, held for a claim of one
+        run that commits in the same transaction as an enqueue (one commit, not two, from
+        enqueue to lease); the claim to write. Give it back with :meth:`claimed`.
+
+        Only for a worker with nothing to do, while the StoreWriter is idle: then the
+        enqueue is a batch of its own, and its claim saves the run a commit before it
+        starts. Under load, the writer batches the enqueues of many clients and this loop's
+        next claim takes their runs in one statement, not one claim each (measured: a claim
+        with every enqueue lost at 100 concurrent on PostgreSQL, 0.57x against 1.36x DBOS;
+        with an idle writer alone still 0.95x)."""
+        if self.stopped or not self.writer.idle:
+            return None
+        for seat in self.seats.values():
+            if (version in seat.workflows and not seat.active and not seat.reserved
+                    and seat.free > 0 and not seat.suspect and seat.room() // 2 > 0):
+                seat.reserved += 1
+                return seat, Claim(seat.worker_id, (version,), 1, now, self.lease_ttl)
+        return None
+
+    def claimed(self, seat: Seat, claimed: Sequence[ClaimedRun]) -> None:
+        """What the reserved claim got (nothing, if it was not committed): pushed to the
+        seat's worker now; a run it cannot take is given back by the loop."""
+        seat.reserved -= 1
+        undelivered = self._place(seat, claimed)
+        if undelivered:
+            self.undelivered += [(seat, run) for run in undelivered]
+            self.poke()
 
     # -- for sessions --------------------------------------------------------------------
     def tell(self, msg: Joined | Left | Ended | Alive | Draining | Expired | Revoked | Poke

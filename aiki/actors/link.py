@@ -182,16 +182,19 @@ class Link:
         Waits for a connection if there is none (while reconnecting). Raises TimeoutError
         after ``timeout`` seconds (``request_timeout`` by default) in all.
 
-        The common case, connected and the message queued at once, waits for its reply
-        without a cancel scope: the Link's sweep ends the wait at its deadline (see
-        :mod:`aiki.actors.deadlines`). Otherwise (no connection, a full send queue, a lost
-        connection to send again on, a timeout shorter than those in flight) the request
-        waits in a scope of its own, within the same deadline.
+        The common case, connected, the message queued at once and the Link's own timeout,
+        waits for its reply without a cancel scope: the Link's sweep ends the wait at its
+        deadline (see :mod:`aiki.actors.deadlines`). Otherwise (no connection, a full send
+        queue, a lost connection to send again on, another timeout) the request waits in a
+        scope of its own, within the same deadline.
         """
         limit = self.request_timeout if timeout is None else timeout
         deadline = trio.current_time() + limit
         conn = self._conn
-        if conn is not None and self._deadlines.fits(deadline):
+        # (The sweep takes the requests of the Link's own timeout: their deadlines come in
+        # order. Others, the waits for a run's end among them, keep a scope of their own.)
+        if conn is not None and limit == self.request_timeout and self._deadlines.fits(
+                deadline):
             await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller sends nothing
             req = self.next_req()
             waiter = self._waiting[req] = _Waiter(conn)
@@ -199,6 +202,9 @@ class Link:
                 sent = conn.try_send(make(req))
             except errors.ConnectionLost:
                 self._drop(conn)
+                self._waiting.pop(req, None)
+                if not self._may_resend(retry):
+                    raise
                 sent = False
             except BaseException:
                 self._waiting.pop(req, None)

@@ -188,6 +188,16 @@ class Mailbox(Generic[T]):
         except trio.EndOfChannel:
             raise MailboxClosed(self.name) from None
 
+    def queued(self) -> int:
+        """How many messages wait to be read."""
+        return self._receive.statistics().current_buffer_used
+
+    def reader_waiting(self) -> bool:
+        """Nothing is queued and the owner waits for the next message (none is on its way to
+        it): a message that goes another way now overtakes nothing sent here."""
+        stats = self._receive.statistics()
+        return stats.current_buffer_used == 0 and stats.tasks_waiting_receive > 0
+
     def receive_nowait(self) -> T:
         """The next message if one is queued, else raise ``trio.WouldBlock``."""
         try:

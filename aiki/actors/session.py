@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -50,6 +50,7 @@ from aiki.errors import (
 )
 from aiki.records import (
     TERMINAL_RUN_STATES,
+    ClaimedRun,
     Lease,
     RunRecord,
     RunState,
@@ -132,9 +133,6 @@ class Session:
     superseded_why: Closing | None = None
     _watching: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _drain_told: bool = False  # the Dispatcher was told this worker drains
-    # Messages queued in the outbox or being sent from it: none may be overtaken by a
-    # message sent past the outbox (``_send_at_once``).
-    _ahead: int = 0
 
     @property
     def _routine(self) -> int:
@@ -223,7 +221,7 @@ class Session:
                     await self._until_closed(session, ended, self._read_requests, requests)
             # Only a shutdown gets here with the connection up: the requests in flight are
             # answered; send what is queued, then say goodbye.
-            self._close_outbox()
+            self.outbox.close()
             self._watching.cancel()
         if ended:
             raise ended[0]
@@ -325,21 +323,14 @@ class Session:
                 if req is not None and not isinstance(msg, p.Refused):
                     await self.conn.send(p.Refused(req, "ProtocolError",
                                                    f"the reply could not be sent: {exc}"))
-            finally:
-                self._ahead -= 1
-
-    def _close_outbox(self) -> None:
-        """Send what is queued, then stop: nothing goes past the outbox any more either (a
-        shutdown's goodbye is the last message)."""
-        self.outbox.close()
-        self._ahead += 1  # (never taken back)
 
     def _send_at_once(self, msg: Any) -> bool:
-        """Send ``msg`` past the outbox (a task switch and a queue the fewer) when nothing
-        queued there is ahead of it and the connection takes it without a wait. Else False,
-        and the outbox's way says what goes wrong (a reply over the frame limit, a closed
-        connection)."""
-        if self._ahead:
+        """Send ``msg`` past the outbox (a task switch and a queue the fewer) when nothing is
+        queued there or on its way out (its task waits for the next message: not sending,
+        not woken with one, not ended with the session) and the connection takes it without
+        a wait. Else False, and the outbox's way says what goes wrong (a reply over the
+        frame limit, a closed connection)."""
+        if not self.outbox.reader_waiting():
             return False
         try:
             return self.conn.try_send(msg)
@@ -347,22 +338,11 @@ class Session:
             return False
 
     def _push(self, msg: Any) -> bool:
-        if self._send_at_once(msg):
-            return True
-        if self.outbox.address.tell_nowait(msg):
-            self._ahead += 1
-            return True
-        return False
+        return self._send_at_once(msg) or self.outbox.address.tell_nowait(msg)
 
     async def _reply(self, reply: Any) -> None:
-        if self._send_at_once(reply):
-            return
-        self._ahead += 1
-        try:
+        if not self._send_at_once(reply):
             await self.outbox.address.tell(reply)
-        except BaseException:
-            self._ahead -= 1
-            raise
 
     async def _serve_one(self, msg: Any, limiter: trio.CapacityLimiter, borrower: object) -> None:
         try:
@@ -405,12 +385,12 @@ class Session:
             with tracing.span(f"aiki.enqueue {msg.workflow}", tracing.run_attributes(
                     run_id, msg.workflow, version, 0, None), parent=msg.trace_context,
                     kind="SERVER") as span:
-                out = await ctx.writer.write(ops.Enqueue(
+                out, claimed = await self._enqueue(ops.Enqueue(
                     run_id, msg.workflow, version, msg.payload, msg.idempotency_key, now,
                     msg.on_conflict,
                     trace_context=tracing.stored_context(span, msg.trace_context),
                 ))
-            if out.created:
+            if out.created and run_id not in claimed:
                 ctx.dispatcher.poke()
                 ctx.dispatcher.queued_for((msg.workflow, version), now)
             return p.Enqueued(msg.req, out.run_id, version, out.created)
@@ -669,6 +649,27 @@ class Session:
                 ctx.timer.hint(min(dues))
         ctx.dispatcher.poke()  # a run given back, or one whose wait held already, is queued
         return p.Ok(msg.req)
+
+    async def _enqueue(self, op: ops.Enqueue) -> tuple[ops.EnqueueOutcome, set[str]]:
+        """Write ``op``; with a claim for a free worker slot of its version in the same
+        transaction when there is one (the run is leased in one commit, not two). The
+        outcome, and the ids of the runs that claim leased (pushed to the worker)."""
+        dispatcher = self.ctx.dispatcher
+        reserved = dispatcher.reserve((op.workflow, op.version), op.now)
+        if reserved is None:
+            return await self.ctx.writer.write(op), set()
+        seat, claim = reserved
+        got: Sequence[ClaimedRun] = ()
+        try:
+            out, claimed = await self.ctx.writer.write_all(op, claim)
+            if not isinstance(claimed, AikiError):
+                got = claimed
+        finally:  # (a write that failed or was cancelled: its claim is not known to have
+            # committed; a lease it may have granted expires)
+            dispatcher.claimed(seat, got)
+        if isinstance(out, AikiError):
+            raise out
+        return out, {c.run.id for c in got}
 
     async def _control(self, msg: p.PauseRun | p.ResumeRun | p.ForkRun, now: float) -> Any:
         """Pause, resume or fork, in the name of this peer (the history says who)."""

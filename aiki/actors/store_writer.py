@@ -62,6 +62,7 @@ class Write:
 
     op: Op[Any] | tuple[Op[Any], ...]
     reply: Reply[Any]
+    every: bool = False  # reply with every op's outcome (refusals among them), in order
 
     @property
     def ops(self) -> tuple[Op[Any], ...]:
@@ -79,6 +80,12 @@ class StoreWriter:
     timeout: float = 30.0
     mailbox: Mailbox[Write] = attrs.field(default=attrs.Factory(
         lambda self: Mailbox[Write](4096, "store-writer", self.metrics), takes_self=True))
+    _applying: bool = False  # a batch is being applied
+
+    @property
+    def idle(self) -> bool:
+        """No batch is being applied and no write waits: a write now is a batch of its own."""
+        return not self._applying and self.mailbox.queued() == 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with serving_nursery() as nursery:  # (a crash propagates as itself)
@@ -97,6 +104,7 @@ class StoreWriter:
             metrics = self.metrics
             started = trio.current_time()
             flat = [op for w in batch for op in w.ops]
+            self._applying = True
             try:
                 outcomes = await self.store.apply(flat)
             except Exception as exc:
@@ -110,6 +118,8 @@ class StoreWriter:
                 for w in batch:
                     w.reply.fail(StoreUnavailable(f"store write failed: {exc!r}"))
                 raise
+            finally:
+                self._applying = False
             if metrics.enabled:
                 metrics.observe(STORE_COMMIT_SECONDS, trio.current_time() - started)
                 metrics.inc(STORE_TRANSACTIONS, ("committed",))
@@ -124,7 +134,7 @@ class StoreWriter:
             for w in batch:
                 mine = [next(answers) for _ in w.ops]
                 refused = [o for o in mine if isinstance(o, AikiError)]
-                w.reply.send(refused[0] if refused else mine[-1])
+                w.reply.send(mine if w.every else refused[0] if refused else mine[-1])
 
     async def write(self, op: Op[T], *before: Op[Any]) -> T:
         """Apply ``op`` (batched with others) and return its outcome; raise it if refused.
@@ -136,6 +146,13 @@ class StoreWriter:
             raise outcome
         return outcome  # type: ignore[no-any-return]
 
+    async def write_all(self, *ops: Op[Any]) -> list[Any]:
+        """Apply ``ops`` in order in one transaction (batched with others); every op's
+        outcome, a refusal among them as its outcome: one refused op does not undo the
+        others."""
+        outcomes: list[Any] = await self.mailbox.address.ask(
+            lambda r: Write(ops, r, every=True), self.timeout)
+        return outcomes
 
 # What an op whose outcome is a run record did to it, when it is not the run's new state.
 _RUN_EVENT: dict[type[Op[Any]], str] = {RetryRun: "retried", ResumeRun: "resumed"}

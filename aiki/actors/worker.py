@@ -71,7 +71,9 @@ class Held:
     def running(self, state: RunState) -> None:
         """The run actor has its state: a stop from now on reaches its shields too."""
         self.state = state
-        if self.scope.cancel_called:
+        # (Stopped already: by the worker, or with it, cancelled from outside before the run
+        # was in ``held`` for its stopper to find.)
+        if self.scope.cancel_called or trio.current_effective_deadline() == -math.inf:
             state.stop()
 
     def cancel(self) -> None:

@@ -4,9 +4,11 @@ the memory transport, with connections a test can cut."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import attrs
@@ -452,7 +454,8 @@ async def test_a_worker_told_of_a_shutdown_reconnects_to_the_next_server(
 
 # -- request timeouts: one sweep per Link, a scope only where a request has to wait ----------
 @asynccontextmanager
-async def silent_server(reads: bool = True) -> AsyncIterator[Link]:
+async def silent_server(reads: bool = True, request_timeout: float = 30.0
+                        ) -> AsyncIterator[Link]:
     """A server that welcomes the Link and then answers nothing: it reads every request
     (``reads``) or, once welcomed, stops reading, so the Link's sends fill the connection."""
     transport = MemoryTransport()
@@ -467,7 +470,8 @@ async def silent_server(reads: bool = True) -> AsyncIterator[Link]:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(transport.serve, "srv", handler)
-        async with Link.open(transport, "srv", lambda req: p.Hello(req, "client", "c")) as link:
+        async with Link.open(transport, "srv", lambda req: p.Hello(req, "client", "c"),
+                             request_timeout=request_timeout) as link:
             yield link
         nursery.cancel_scope.cancel()
 
@@ -477,19 +481,19 @@ async def test_requests_time_out_at_their_deadlines_through_the_links_sweep(
 ) -> None:
     timed_out: dict[str, float] = {}
 
-    async def ask(link: Link, name: str, timeout: float) -> None:
-        with pytest.raises(TimeoutError, match=f"within {timeout} s"):
+    async def ask(link: Link, name: str, timeout: float | None) -> None:
+        with pytest.raises(TimeoutError, match=f"within {timeout or 5.0} s"):
             await link.request(p.ListWorkers, timeout=timeout)
         timed_out[name] = trio.current_time()
 
-    async with silent_server() as link:
+    async with silent_server(request_timeout=5.0) as link:
         start = trio.current_time()
         async with trio.open_nursery() as nursery:
             for i in range(5):
-                nursery.start_soon(ask, link, f"swept-{i}", 5.0)
+                nursery.start_soon(ask, link, f"swept-{i}", None)
             await trio.sleep(0.5)
             assert len(link._deadlines.queue) == 5, "waiting without scopes of their own"
-            nursery.start_soon(ask, link, "shorter", 2.0)  # before the others: a scope
+            nursery.start_soon(ask, link, "shorter", 2.0)  # other timeouts: a scope each
             nursery.start_soon(ask, link, "longer", 7.0)
         assert {name: at - start for name, at in timed_out.items()} == {
             **{f"swept-{i}": pytest.approx(5.0) for i in range(5)},
@@ -497,8 +501,52 @@ async def test_requests_time_out_at_their_deadlines_through_the_links_sweep(
         assert not link._deadlines.queue and link.in_flight == 0
         # A request given up by its caller leaves nothing behind either.
         with trio.move_on_after(1):
-            await link.request(p.ListWorkers, timeout=10)
+            await link.request(p.ListWorkers)
         assert not link._deadlines.queue and link.in_flight == 0
+
+
+async def test_a_request_after_an_answered_one_times_out_on_time_whatever_came_before(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The sweep slept until the deadline of a request answered since (or for ever, after a
+    # wait with no timeout): a new request wakes it for its own, earlier deadline.
+    async with silent_server(request_timeout=2.0) as link:
+        for first in (30.0, math.inf, 2.0):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(link.request, p.ListWorkers, timeout=first))
+                await trio.sleep(0.1)
+                ((req, waiter),) = link._waiting.items()
+                waiter.value = p.Ok(req)  # answered, as the reader does
+                waiter.done.set()
+            await trio.sleep(0.5)  # the sweep sleeps on
+            start = trio.current_time()
+            with pytest.raises(TimeoutError, match="within 2.0 s"):
+                await link.request(p.ListWorkers)
+            assert trio.current_time() - start == pytest.approx(2.0)
+
+
+async def test_a_request_not_to_be_resent_fails_at_once_on_a_closed_connection(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    transport = MemoryTransport()
+
+    async def handler(conn: Any) -> None:
+        hello = await conn.receive()
+        await conn.send(p.Welcome(hello.req, "srv", 30.0, 10.0))
+        await conn._receive.aclose()  # it stops reading: the client's sends now fail
+        with contextlib.suppress(Exception):
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(transport.serve, "srv", handler)
+        async with Link.open(transport, "srv", lambda req: p.Hello(req, "client", "c"),
+                             request_timeout=5.0) as link:
+            await trio.sleep(0.1)
+            start = trio.current_time()
+            with pytest.raises(ConnectionLost):
+                await link.request(p.ListWorkers, retry=False)
+            assert trio.current_time() == start
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_request_that_cannot_be_sent_at_once_still_ends_at_its_deadline(
@@ -512,10 +560,10 @@ async def test_a_request_that_cannot_be_sent_at_once_still_ends_at_its_deadline(
 
     async def ask(link: Link) -> None:
         with pytest.raises(TimeoutError, match="within 5.0 s"):
-            await link.request(p.ListWorkers, timeout=5.0)
+            await link.request(p.ListWorkers)
         outcomes.append((trio.current_time(), len(link._deadlines.queue) > 0))
 
-    async with silent_server(reads=False) as link:
+    async with silent_server(reads=False, request_timeout=5.0) as link:
         start = trio.current_time()
         async with trio.open_nursery() as nursery:
             for _ in range(CONNECTION_BUFFER + 10):
@@ -523,3 +571,26 @@ async def test_a_request_that_cannot_be_sent_at_once_still_ends_at_its_deadline(
         assert all(at - start == pytest.approx(5.0) for at, _ in outcomes)
         assert len(outcomes) == CONNECTION_BUFFER + 10
         assert not link._deadlines.queue and link.in_flight == 0
+
+
+def test_a_run_that_starts_as_its_worker_is_cancelled_has_its_shields_stopped() -> None:
+    # The worker's stopper stops the runs it finds held; a run whose actor got its state
+    # just after (its assignment woken in the same round as the cancellation) stops its
+    # shields itself, seeing its worker cancelled.
+    from types import SimpleNamespace
+
+    from aiki.actors.worker import Held
+    from aiki.records import Lease
+
+    async def main() -> list[str]:
+        stopped: list[str] = []
+        with trio.CancelScope() as worker:
+            worker.cancel()  # from outside: the worker stops
+            late = Held(Lease("r1", 1, "w"), trio.CancelScope())
+            late.running(SimpleNamespace(stop=lambda: stopped.append("r1")))  # type: ignore[arg-type]
+        live = Held(Lease("r2", 1, "w"), trio.CancelScope())
+        live.running(SimpleNamespace(stop=lambda: stopped.append("r2")))  # type: ignore[arg-type]
+        live.cancel()
+        return stopped
+
+    assert trio.run(main) == ["r1", "r2"]

@@ -148,26 +148,87 @@ class Batches(MemoryStore):
         return await super().apply(ops)
 
 
-async def test_a_run_of_three_tasks_costs_six_transactions(
+async def test_a_run_of_three_tasks_costs_five_transactions(
     autojump_clock: trio.abc.Clock,
 ) -> None:
+    """With a worker slot free, the enqueue and its claim are one transaction; then each
+    task's start carries the outcome before it, and the completion the last one."""
     store = Batches()
     async with aiki.embedded(store, sources=Sources.seeded(3)) as client:
         async with aiki.worker(client, workflows=[three]):
             handle = await three.enqueue(client, 0)
             assert await handle.wait_for_completion(timeout=60) == 3
-    run_batches = store.batches[store.batches.index(["Enqueue"]):]  # (a claim finds nothing)
+    run_batches = store.batches[store.batches.index(["Enqueue", "Claim"]):]
     # The worker's stop may give back the lease before its run actor hears that the
     # completion committed (the client heard first): not the run's cost, and refused.
     if run_batches[-1] == ["ReleaseRun"]:
         run_batches.pop()
     assert run_batches == [
-        ["Enqueue"], ["Claim"], ["StartStep"], ["SaveStep", "StartStep"],
+        ["Enqueue", "Claim"], ["StartStep"], ["SaveStep", "StartStep"],
         ["SaveStep", "StartStep"], ["SaveStep", "CompleteRun"],
     ]
     steps = await store.get_steps(handle.id)
     assert [(s.position, s.state, s.output) for s in steps] == [
         ("0", "completed", "1"), ("1", "completed", "2"), ("2", "completed", "3")]
+
+
+async def test_an_enqueue_with_no_slot_free_is_claimed_once_one_frees(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = Batches()
+    async with aiki.embedded(store, sources=Sources.seeded(3)) as client:
+        async with aiki.worker(client, workflows=[three, then_think], max_concurrent_runs=1):
+            busy = await then_think.enqueue(client, 0)  # holds the one slot for 5 s
+            await trio.sleep(1.0)
+            store.batches.clear()
+            handle = await three.enqueue(client, 10)
+            assert store.batches == [["Enqueue"]]  # no claim: no slot free
+            assert await handle.wait_for_completion(timeout=60) == 13
+            assert await busy.wait_for_completion(timeout=60) == 1
+    assert ["Claim"] in store.batches
+
+
+class HeldBatches(Batches):
+    """Batches whose apply waits while ``held`` is set: the StoreWriter stays busy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: trio.Event | None = None
+
+    async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        if self.held is not None:
+            await self.held.wait()
+        return await super().apply(ops)
+
+
+async def test_an_enqueue_claims_its_slot_only_while_the_writer_is_idle(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """While a batch is being applied, enqueues wait to be batched together, and the
+    Dispatcher's next claim takes their runs in one statement: no claim rides with each."""
+    store = HeldBatches()
+    async with aiki.embedded(store, sources=Sources.seeded(3)) as client:
+        async with aiki.worker(client, workflows=[three, then_think]):
+            await (await three.enqueue(client, 0)).wait_for_completion(timeout=60)
+            store.held = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(then_think.enqueue, client, 0)  # its batch is held
+                await trio.sleep(0.1)
+                store.batches.clear()
+                handles: list[Any] = []
+
+                async def enqueue(x: int) -> None:
+                    handles.append(await three.enqueue(client, x))
+
+                for x in (10, 20):
+                    nursery.start_soon(enqueue, x)
+                await trio.sleep(0.1)
+                held, store.held = store.held, None
+                held.set()
+            assert sorted([await h.wait_for_completion(timeout=60) for h in handles]) == [13, 23]
+    # (A batch is noted once applied.) The held enqueue found the writer idle and claimed
+    # its slot; the two behind it came in one batch, claimed after it by the Dispatcher.
+    assert store.batches[:3] == [["Enqueue", "Claim"], ["Enqueue", "Enqueue"], ["Claim"]]
 
 
 async def test_an_outcome_riding_with_a_slow_lone_write_rides_again_with_the_end(

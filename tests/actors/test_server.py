@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import aiki
 from aiki import protocol as p
@@ -259,18 +260,23 @@ async def test_messages_sent_past_the_outbox_never_overtake_those_queued_in_it()
 
     server_end, client_end = connection_pair("client", "server", buffer=2)
     session = Session(SimpleNamespace(sources=Sources.seeded(0)), server_end, 1)  # type: ignore[arg-type]
-    assert session._push(p.Ok(1)) and session._push(p.Ok(2))  # straight onto the connection
-    assert session._push(p.Ok(3))  # the connection is full: queued in the outbox
-    assert (await client_end.receive()).req == 1  # room again on the connection...
-    assert session._push(p.Ok(4))  # ...but 3 is queued ahead: 4 queues behind it
+    assert session._push(p.Ok(0))  # the outbox's task is not reading yet: queued
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session._send_outbox)
+        assert (await client_end.receive()).req == 0
+        assert session._push(p.Ok(1)) and session._push(p.Ok(2))  # straight on
+        assert session._push(p.Ok(3))  # the connection is full: queued, and being sent
+        await trio.testing.wait_all_tasks_blocked()
+        assert (await client_end.receive()).req == 1  # room again on the connection...
+        assert session._push(p.Ok(4))  # ...but 3 is on its way: 4 queues behind it
         got = [(await client_end.receive()).req for _ in range(3)]
         assert got == [2, 3, 4]
-        assert session._push(p.Ok(5))  # the outbox is empty again: straight on
+        await trio.testing.wait_all_tasks_blocked()
+        assert session._push(p.Ok(5))  # nothing ahead again: straight on
+        assert session.outbox.queued() == 0
         assert (await client_end.receive()).req == 5
-        # Once the outbox is closed (a shutdown: its goodbye is the last message), nothing
-        # goes past it.
-        session._close_outbox()
+        # A closed outbox (a shutdown: its goodbye is the last message) lets nothing past.
+        session.outbox.close()
+        await trio.testing.wait_all_tasks_blocked()
         assert not session._push(p.Ok(6))
         nursery.cancel_scope.cancel()
