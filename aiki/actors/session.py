@@ -651,9 +651,10 @@ class Session:
         return p.Ok(msg.req)
 
     async def _enqueue(self, op: ops.Enqueue) -> tuple[ops.EnqueueOutcome, set[str]]:
-        """Write ``op``; with a claim for a free worker slot of its version in the same
-        transaction when there is one (the run is leased in one commit, not two). The
-        outcome, and the ids of the runs that claim leased (pushed to the worker)."""
+        """Write ``op``; with a claim for the slot of an idle worker of its version in the
+        same transaction when the Dispatcher reserves one (the run is leased in one commit,
+        not two: see ``Dispatcher.reserve``). The outcome, and the ids of the runs that
+        claim leased (pushed to the worker)."""
         dispatcher = self.ctx.dispatcher
         reserved = dispatcher.reserve((op.workflow, op.version), op.now)
         if reserved is None:
