@@ -133,6 +133,8 @@ class Session:
     superseded_why: Closing | None = None
     _watching: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _drain_told: bool = False  # the Dispatcher was told this worker drains
+    _serving: int = 0  # requests being answered (at most ctx.max_in_flight)
+    _room: trio.Event = attrs.field(factory=trio.Event)  # set when one is answered
 
     @property
     def _routine(self) -> int:
@@ -288,15 +290,18 @@ class Session:
             session.cancel_scope.cancel()
 
     async def _read_requests(self, requests: trio.Nursery) -> None:
-        limiter = trio.CapacityLimiter(self.ctx.max_in_flight)
+        # At most ``max_in_flight`` requests are served at once; the reader waits for room
+        # (a count and an event: a CapacityLimiter's acquire yields to the scheduler on
+        # every request, a task switch per request for a bound that is rarely reached).
         while True:
             msg = await self._receive()
             if msg is None:
                 continue
-            # A borrower of its own: two equal messages (one delivered twice) are two requests.
-            borrower = object()
-            await limiter.acquire_on_behalf_of(borrower)
-            requests.start_soon(self._serve_one, msg, limiter, borrower)
+            while self._serving >= self.ctx.max_in_flight:
+                self._room = trio.Event()
+                await self._room.wait()
+            self._serving += 1
+            requests.start_soon(self._serve_one, msg)
 
     async def _receive(self) -> Any:
         try:
@@ -344,7 +349,7 @@ class Session:
         if not self._send_at_once(reply):
             await self.outbox.address.tell(reply)
 
-    async def _serve_one(self, msg: Any, limiter: trio.CapacityLimiter, borrower: object) -> None:
+    async def _serve_one(self, msg: Any) -> None:
         try:
             reply = await self._answer(msg)
         except AikiError as exc:
@@ -360,7 +365,8 @@ class Session:
             reply = p.Refused(getattr(msg, "req", -1), "InternalError",
                               f"the server failed to answer {_tag(msg)!r}: {exc!r}")
         finally:
-            limiter.release_on_behalf_of(borrower)
+            self._serving -= 1
+            self._room.set()
         if reply is not None:
             await self._reply(reply)
 

@@ -251,6 +251,43 @@ async def test_a_parent_ended_by_a_child_whose_completion_reply_was_lost_reaches
     assert not store.lose_child_completion
 
 
+class SlowReads(MemoryStore):
+    """Each run read takes a second; counts the reads at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = 0
+        self.most = 0
+
+    async def get_run(self, run_id: str) -> Any:
+        self.reading += 1
+        self.most = max(self.most, self.reading)
+        try:
+            await trio.sleep(1.0)
+            return await super().get_run(run_id)
+        finally:
+            self.reading -= 1
+
+
+async def test_a_session_answers_at_most_max_in_flight_requests_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = SlowReads()
+    async with running_server(store) as (server, transport):
+        server.ctx.max_in_flight = 3
+        conn = await transport.connect("srv")
+        assert isinstance(conn, MemoryConnection)
+        await hello(conn)
+        start = trio.current_time()
+        for req in range(2, 12):
+            await conn.send(p.GetRun(req, "nowhere"))
+        replies = [await conn.receive() for _ in range(10)]
+        assert sorted(r.req for r in replies) == list(range(2, 12))
+        assert all(isinstance(r, p.Refused) and r.error_type == "RunNotFound" for r in replies)
+        assert store.most == 3  # the others waited for room
+        assert trio.current_time() - start == pytest.approx(4.0)  # 3 + 3 + 3 + 1
+
+
 # -- messages sent past the outbox keep the order ---------------------------------------------
 async def test_messages_sent_past_the_outbox_never_overtake_those_queued_in_it() -> None:
     from types import SimpleNamespace
