@@ -438,6 +438,8 @@ class AbandonSteps:
     lease: Lease
     positions: tuple[str, ...]
     scope: str
+    # Task starts the scope cut while they were on their way (not known to be stored).
+    starts: tuple[StepRecord, ...] = ()
 
 
 @message("step_result")

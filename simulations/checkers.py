@@ -11,6 +11,8 @@ from aiki import schedules as sch
 from aiki.metrics import RUNS
 from aiki.records import TERMINAL_RUN_STATES, StepRecord, deadline_expiry
 from aiki.store.machine import (
+    CUT_TASK_TRANSITIONS,
+    DEADLINE_EXCEEDED,
     RUN_TRANSITIONS,
     STEP_TRANSITIONS,
     UNSTARTED_TASK_TRANSITIONS,
@@ -627,7 +629,9 @@ def _transitions(run_id: str, history: list[Any], deferred_starts: set[str]) -> 
         elif kind in STEP_TRANSITIONS and e.position is not None:  # (not an event's send)
             old = tasks.get(e.position or "")
             if (old, new) not in STEP_TRANSITIONS[kind] and not (kind == "task" and (
-                    (old, new) in UNSTARTED_TASK_TRANSITIONS and e.worker_id in deferred_starts)):
+                    (old, new) in UNSTARTED_TASK_TRANSITIONS and e.worker_id in deferred_starts
+                    or (old, new) in CUT_TASK_TRANSITIONS
+                    and (e.detail or "").startswith(DEADLINE_EXCEEDED))):
                 out.append(f"run {run_id}: task at step {e.position} went {old} -> {new}")
             # After `retrying` comes the next attempt; otherwise the same one goes on.
             expected = attempts.get(e.position or "", 0) + (old in (None, "retrying"))

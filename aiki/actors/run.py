@@ -238,7 +238,11 @@ class RunState:
     # Children whose deadline scope expired: cancelled at the next write; and the steps
     # that stood in it, recorded abandoned.
     pending_cancels: list[tuple[str, str]] = attrs.field(factory=list)
-    pending_abandons: list[tuple[str, tuple[str, ...]]] = attrs.field(factory=list)
+    pending_abandons: list[tuple[str, tuple[str, ...], tuple[StepRecord, ...]]] = attrs.field(
+        factory=list)
+    # Task starts sent and not yet acknowledged: a scope that cuts one sends it with its
+    # abandon, so that a start arriving after the abandon is refused.
+    starting: dict[str, StepRecord] = attrs.field(factory=dict)
     cut_short: set[str] = attrs.field(factory=set)  # positions an expired scope cut
     # Whether a client paused the run (the worker was told, or the store refused a step as
     # paused): it is given back as paused, not as a drain.
@@ -370,9 +374,9 @@ class RunState:
         branch may send one again meanwhile: both writes are idempotent."""
         while self.pending_abandons:
             abandon = self.pending_abandons[0]
-            scope, positions = abandon
+            scope, positions, starts = abandon
             await self.write(partial(_abandon_steps, lease=self.lease, positions=positions,
-                                     scope=scope))
+                                     scope=scope, starts=starts))
             _drop(self.pending_abandons, abandon)
         while self.pending_cancels:
             cancel = self.pending_cancels[0]
@@ -464,7 +468,11 @@ class RunState:
             self.flusher.waiting(self)
         else:
             msg = p.StartStep if start else p.SaveStep
+            if start:
+                self.starting[step.position] = step
             await self.carry(lambda req, saved: msg(req, self.lease, step, saved))
+            if start:
+                del self.starting[step.position]
         self.steps[step.position] = step
 
     def replayed(self, position: str, kind: StepKind, name: str, input_json: str,
@@ -862,8 +870,8 @@ def _drop(items: list[Any], item: Any) -> None:
 
 
 def _abandon_steps(req: int, *, lease: Lease, positions: tuple[str, ...],
-                   scope: str) -> p.AbandonSteps:
-    return p.AbandonSteps(req, lease, positions, scope)
+                   scope: str, starts: tuple[StepRecord, ...]) -> p.AbandonSteps:
+    return p.AbandonSteps(req, lease, positions, scope, starts)
 
 
 def _cancel_run(req: int, *, run_id: str, reason: str) -> p.CancelRun:
@@ -983,8 +991,9 @@ class DeadlineScope:
                                (step := state.steps.get(q)) is None
                                or step.state not in FINAL_STEP_STATES))
         state.cut_short.update(unfinished)
+        starts = tuple(state.starting[q] for q in unfinished if q in state.starting)
         if unfinished or scope.cut is None:  # (its expiry is recorded, cut or not)
-            self._state.pending_abandons.append((scope.position, unfinished))
+            state.pending_abandons.append((scope.position, unfinished, starts))
 
 
 class WorkflowRun:

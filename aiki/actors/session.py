@@ -619,7 +619,8 @@ class Session:
             return p.StepResult(msg.req, step)
         if isinstance(msg, p.AbandonSteps):
             self._check_owner(msg.lease)
-            await ctx.writer.write(ops.AbandonSteps(msg.lease, msg.positions, msg.scope, now))
+            await ctx.writer.write(ops.AbandonSteps(msg.lease, msg.positions, msg.scope, now,
+                                                     msg.starts))
             return p.Ok(msg.req)
         if isinstance(msg, p.StartChild):
             self._check_owner(msg.lease)

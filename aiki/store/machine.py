@@ -92,6 +92,9 @@ UNSTARTED_TASK_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
     (None, "completed"), (None, "failed"), (None, "retrying"),
     ("retrying", "completed"), ("retrying", "failed"), ("retrying", "retrying"),
 })
+# A task start its deadline scope cut on its way: the scope's abandon records it failed
+# (``DeadlineExceeded``), whether or not the start is ever stored (it is refused after).
+CUT_TASK_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({(None, "failed")})
 # Wait steps (sleep, event), in history terms: they begin waiting, or end at once.
 WAIT_STEP_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
     ("waiting", "abandoned"),  # its deadline scope expired
@@ -823,7 +826,7 @@ DEADLINE_EXCEEDED = "DeadlineExceeded"
 
 def abandon(run: RunRecord | None, lease: Lease, steps: Sequence[StepRecord], scope: str,
             now: float, deadline: StepRecord | None = None,
-            cut: Sequence[str] = ()) -> Change:
+            cut: Sequence[str] = (), starts: Sequence[StepRecord] = ()) -> Change:
     """``steps`` (those of the op's positions that exist) stood in the deadline scope at
     ``scope``, which expired: the ones not final end failed with ``DeadlineExceeded``, their
     output the scope's position.
@@ -833,7 +836,10 @@ def abandon(run: RunRecord | None, lease: Lease, steps: Sequence[StepRecord], sc
     with no step and those final already included): a replay cuts the scope at the same
     place even where the step it cut had ended on the server meanwhile (a sleep woken, a
     task's outcome committed while the worker's deadline passed), or was never recorded.
-    The outcome the workflow sees of that step, its deadline, does not change."""
+    The outcome the workflow sees of that step, its deadline, does not change.
+
+    ``starts``: task starts cut while on their way; one with no step stored yet is stored
+    failed, so that if it arrives later it is refused (a final step), not left running."""
     run = held(lease, run)
     if run.state == "paused":
         raise paused_error(run, f"the expiry of the deadline scope at step {scope}")
@@ -846,7 +852,8 @@ def abandon(run: RunRecord | None, lease: Lease, steps: Sequence[StepRecord], sc
             change = Change(steps=(expired,), history=(Entry(
                 now, "deadline.expired", deadline.attempts, lease.worker_id, scope,
                 deadline.name, "cut short: " + (", ".join(union) or "no step")),))
-    for step in steps:
+    stored = {s.position for s in steps}
+    for step in (*steps, *(s for s in starts if s.position not in stored)):
         if step.state in FINAL_STEP_STATES or step.kind not in (
                 "task", "sleep", "event", "join"):
             continue

@@ -209,7 +209,8 @@ class MemoryStore:
             mine = self._steps.get(run_id, {})
             self._write(run_id, m.abandon(runs.get(run_id), op.lease,
                                           [mine[q] for q in op.positions if q in mine], op.scope,
-                                          op.now, mine.get(op.scope), op.positions))
+                                          op.now, mine.get(op.scope), op.positions,
+                                          op.starts))
             return None
         if isinstance(op, o.StartChild):
             run_id = op.lease.run_id

@@ -300,12 +300,16 @@ class AbandonSteps(Op[None]):
     ``DeadlineExceeded`` (its output names the scope), so it takes no event, no wake-up, and
     a replay cancels that scope there, as it was the first time. The scope's own step
     records the expiry and every one of ``positions`` (final or never recorded included):
-    a replay cuts the scope there too (``aiki.records.deadline_expiry``)."""
+    a replay cuts the scope there too (``aiki.records.deadline_expiry``). ``starts``: task
+    starts the expiry cut while they were on their way; one not stored yet is recorded
+    failed as it is, so that if it arrives after this (a message held up, a retry) it is
+    refused rather than left running under a scope that has ended."""
 
     lease: Lease
     positions: tuple[str, ...]
     scope: str  # the position of the deadline scope that expired
     now: float
+    starts: tuple[StepRecord, ...] = ()
 
 
 # -- schedules ---------------------------------------------------------------------------------

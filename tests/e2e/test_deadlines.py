@@ -267,7 +267,10 @@ async def test_an_outcome_riding_with_a_write_the_deadline_cuts_rides_again(
             handle = await shielded_then_cut.enqueue(client, None)
             assert await handle.wait_for_completion(timeout=600) == ["slept 30.0", True]
     slow_steps = [s for s in await engine_store.get_steps(handle.id) if s.name == "slow"]
-    assert [(s.state, s.output) for s in slow_steps] == [("completed", '"slept 30.0"')]
+    # The second one's start, cut by the deadline, is recorded cut (its abandon carries it,
+    # whether or not it went out: see the held-up start below).
+    assert [(s.state, s.output, s.error_type) for s in slow_steps] == [
+        ("completed", '"slept 30.0"', None), ("failed", '"0"', "DeadlineExceeded")]
 
 
 class AwaitStepsFail(MemoryStore):
@@ -505,3 +508,73 @@ async def test_an_outer_scope_records_only_the_steps_it_cut_itself(
     steps = {s.position: s for s in await engine_store.get_steps(handle.id)}
     assert aiki.protocol.decode_value(steps["0"].output)["cut"] == ["3"]
     assert aiki.protocol.decode_value(steps["1"].output)["cut"] == ["2"]
+
+
+# -- a task start held up in the network while its deadline scope expires --------------------
+class _HeldStart:
+    """A worker's transport: the first StartStep of ``position`` reaches the server ``delay``
+    s late (held up in the network), so what the worker sends after it arrives first."""
+
+    def __init__(self, inner: Any, nursery: trio.Nursery, position: str, delay: float) -> None:
+        self.inner, self.nursery, self.position, self.delay = inner, nursery, position, delay
+        self.held = False
+
+    async def connect(self, address: str) -> Any:
+        return _HeldStartConnection(await self.inner.connect(address), self)
+
+
+class _HeldStartConnection:
+    def __init__(self, conn: Any, owner: _HeldStart) -> None:
+        self.conn, self.owner = conn, owner
+
+    def _hold(self, msg: Any) -> bool:
+        owner = self.owner
+        if (isinstance(msg, aiki.protocol.StartStep) and not owner.held
+                and msg.step.position == owner.position):
+            owner.held = True
+            owner.nursery.start_soon(self._later, msg)
+            return True
+        return False
+
+    async def _later(self, msg: Any) -> None:
+        await trio.sleep(self.owner.delay)
+        await self.conn.send(msg)
+
+    def try_send(self, msg: Any) -> bool:
+        return self._hold(msg) or self.conn.try_send(msg)
+
+    async def send(self, msg: Any) -> None:
+        if not self._hold(msg):
+            await self.conn.send(msg)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+@aiki.workflow(name="start-overtaken", version="1")
+async def start_overtaken(run: aiki.WorkflowRun, _: None) -> list[Any]:
+    with run.move_on_after(1) as scope:
+        await slow.run(run, 20.0)  # its start is held up past the deadline
+    await run.sleep(5)  # the abandon goes with this: it overtakes the start
+    return [scope.cancelled_caught]
+
+
+async def test_a_task_start_that_lands_after_its_scopes_abandon_is_not_left_running(
+    autojump_clock: trio.abc.Clock, sources: aiki.Sources,
+) -> None:
+    from aiki.actors.worker import Worker
+
+    store = MemoryStore()
+    async with aiki.embedded(store, sources=sources) as client:
+        async with trio.open_nursery() as nursery:
+            transport = _HeldStart(client.transport, nursery, "1", 3.0)
+            worker = Worker(transport, client.address, [start_overtaken], "w1", sources)
+            await nursery.start(worker.run)
+            handle = await start_overtaken.enqueue(client, None)
+            assert await handle.wait_for_completion(timeout=600) == [True]
+            await trio.sleep(10)  # the held start has landed
+            steps = {s.position: s for s in await store.get_steps(handle.id)}
+            nursery.cancel_scope.cancel()
+    # (Simulation seed 166.) The abandon carried the start it cut on its way: stored failed
+    # before the start arrived, which was then refused.
+    assert (steps["1"].state, steps["1"].error_type) == ("failed", "DeadlineExceeded")

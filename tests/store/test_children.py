@@ -195,6 +195,38 @@ async def test_steps_of_an_expired_deadline_scope_are_abandoned(store: Store) ->
         await execute(store, o.AbandonSteps(Lease("p", 0, "w1"), ("1",), "3", 14.0))
 
 
+async def test_a_task_start_its_scope_cut_on_the_way_is_refused_if_it_lands_after_the_expiry(
+        store: Store) -> None:
+    """Seed 166: the start of a task was held up; the scope's deadline passed; its abandon,
+    sent after, was applied first and found no step; then the start arrived and left the
+    step running under a scope that had ended (the run completed past it). The abandon now
+    carries the starts it cut on their way: one not stored is stored failed, and the late
+    start is refused."""
+    from aiki.records import deadline_expiry
+
+    lease = await claim_one(store, "p")
+    deadline = StepRecord("0", "deadline", "deadline", "", "null", None, "completed", 1,
+                          output="1000.5")
+    await execute(store, o.SaveStep(lease, deadline, 11.0))
+    held_up = step("1", "slow", "running", output=None)
+    await execute(store, o.AbandonSteps(lease, ("1",), "0", 13.0, (held_up,)))
+    [cut] = [s for s in await store.get_steps("p") if s.position == "1"]
+    assert (cut.name, cut.state, cut.error_type, cut.output) == (
+        "slow", "failed", "DeadlineExceeded", '"0"')
+    assert deadline_expiry({s.position: s for s in await store.get_steps("p")}["0"]) == (
+        1000.5, ("1",))
+    with pytest.raises(StepConflict):
+        await execute(store, o.StartStep(lease, held_up, 14.0))
+    [after] = [s for s in await store.get_steps("p") if s.position == "1"]
+    assert after == cut
+    # A start that had landed (stored running) is abandoned as before, not replaced.
+    running = step("2", "fast", "running", output=None)
+    await execute(store, o.StartStep(lease, running, 15.0))
+    await execute(store, o.AbandonSteps(lease, ("2",), "0", 16.0, (running,)))
+    [two] = [s for s in await store.get_steps("p") if s.position == "2"]
+    assert (two.state, two.error_type) == ("failed", "DeadlineExceeded")
+
+
 async def test_the_expiry_of_a_deadline_scope_is_recorded_with_the_steps_it_cut(
         store: Store) -> None:
     """On the scope's own step, with every position it cut short: one final already (a
