@@ -166,9 +166,12 @@ class ReplyLostStore(MemoryStore):
 
     lose_completion: bool = True
 
+    def loses(self, op: Op[Any]) -> bool:
+        return isinstance(op, CompleteRun)
+
     async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
         outcomes = await super().apply(ops)
-        if self.lose_completion and any(isinstance(op, CompleteRun) for op in ops):
+        if self.lose_completion and any(self.loses(op) for op in ops):
             self.lose_completion = False
             raise StoreUnavailable("connection lost after COMMIT")
         return outcomes
@@ -222,18 +225,12 @@ async def sends_a_child(run: aiki.WorkflowRun, x: int) -> int:
     return x + 1
 
 
-class ChildReplyLostStore(MemoryStore):
-    """Commits the child's completion, which ends its parent too, then loses the reply."""
+class ChildReplyLostStore(ReplyLostStore):
+    """Commits a child's completion (its id has a ``/``), which ends its parent too, then
+    loses the reply (once)."""
 
-    lose_child_completion: bool = True
-
-    async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
-        outcomes = await super().apply(ops)
-        if self.lose_child_completion and any(
-                isinstance(op, CompleteRun) and "/" in op.lease.run_id for op in ops):
-            self.lose_child_completion = False
-            raise StoreUnavailable("connection lost after COMMIT")
-        return outcomes
+    def loses(self, op: Op[Any]) -> bool:
+        return isinstance(op, CompleteRun) and "/" in op.lease.run_id
 
 
 async def test_a_parent_ended_by_a_child_whose_completion_reply_was_lost_reaches_its_watchers(
@@ -248,7 +245,7 @@ async def test_a_parent_ended_by_a_child_whose_completion_reply_was_lost_reaches
         async with aiki.worker(client, workflows=[sends_a_child, noop]):
             handle = await sends_a_child.enqueue(client, 7)
             assert await handle.wait_for_completion(timeout=60) == 8
-    assert not store.lose_child_completion
+    assert not store.lose_completion
 
 
 class SlowReads(MemoryStore):
