@@ -8,7 +8,7 @@ import json
 import attrs
 import pytest
 
-from aiki.errors import StaleLease, StepConflict
+from aiki.errors import AikiError, StaleLease, StepConflict
 from aiki.records import StepRecord, WaitFor
 from aiki.store import Lease, Store, execute
 from aiki.store import ops as o
@@ -110,6 +110,50 @@ async def test_a_run_whose_function_returned_waits_for_its_children(store: Store
     ends = {e.run_id: e.seq for r in ("p", "p/0") for e in await store.get_history(r)
             if e.event in ("run.completed",)}
     assert ends["p/0"] < ends["p"]
+
+
+async def test_ends_of_a_child_and_of_runs_with_no_parent_in_one_busy_batch(
+    store: Store,
+) -> None:
+    """A child's end wakes its parent in a batch whose other runs' outcomes and ends go
+    together (PostgreSQL writes those in one statement, and moves nothing across the
+    child's end), and a run that returned with a child running waits for it."""
+    await store.apply([enqueue("p"), enqueue("r2"), enqueue("r3")])
+    leases = {c.run.id: c.lease for c in await claim(store, now=10.0)}
+    p, r2, r3 = leases["p"], leases["r2"], leases["r3"]
+    await execute(store, start(p, "0"))
+    await execute(store, start(p, "1"))
+    await execute(store, o.AwaitStep(p, join_step("2", "p/0"), 11.0))
+    await execute(store, o.WaitRun(p, (WaitFor("2", "join", "p/0"),), "joins", 11.0))
+    child = await lease_of(store, "p/0")
+    await store.apply([o.StartStep(r2, step("0", state="running"), 12.0),
+                       o.StartStep(r3, step("0", state="running"), 12.0)])
+    outcomes = await store.apply([
+        o.SaveStep(r2, step("0"), 13.0),
+        o.CompleteRun(child, '"shipped"', 13.0),
+        o.StartStep(r2, step("1", state="running"), 13.0),
+        o.SaveStep(r3, step("0"), 13.0), o.CompleteRun(r3, '"r3"', 13.0),
+        o.CompleteRun(r3, '"again"', 13.0),  # its lease ended with it: refused
+    ])
+    assert [type(x).__name__ if isinstance(x, AikiError) else getattr(x, "state", x)
+            for x in outcomes] == [True, "completed", True, True, "completed", "StaleLease"]
+    parent = await store.get_run("p")
+    assert parent is not None and parent.state == "queued"
+    joined = (await store.get_steps("p"))[-1]
+    assert (joined.position, joined.state, joined.output) == ("2", "completed", '"shipped"')
+    assert await store.get_waits("p") == ()
+    r3_run = await store.get_run("r3")
+    assert r3_run is not None and (r3_run.state, r3_run.result) == ("completed", '"r3"')
+    # The parent again, and r2: the parent's function returns while p/1 runs.
+    again = await lease_of(store, "p", 14.0)
+    outcomes = await store.apply([
+        o.SaveStep(r2, step("1"), 15.0), o.CompleteRun(again, '"sent"', 15.0),
+        o.CompleteRun(r2, '"r2"', 15.0)])
+    assert [getattr(x, "state", x) for x in outcomes] == [True, "waiting", "completed"]
+    [wait] = await store.get_waits("p")
+    assert wait.kind == "children"
+    assert [e[1] for e in await events(store, "r2")][-2:] == ["task.completed",
+                                                             "run.completed"]
 
 
 async def test_a_failed_run_cancels_its_tree_and_ends_after_it(store: Store) -> None:

@@ -127,7 +127,9 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
     """The hot path's statements, counted (each is a round trip to the server): task starts
     and outcomes together are BEGIN, one locking read of their runs with their steps, one
     write of steps, runs and history, the transaction id, COMMIT, however many there are.
-    An op of another kind takes one read and one write of its own."""
+    The completion of a run that has no parent goes with them (the store saw that when it
+    enqueued or claimed the run; for a run it did not, one read more asks). An op of another
+    kind takes one read and one write of its own."""
     from tests.store.test_conformance import step
 
     statements: list[str] = []
@@ -154,12 +156,25 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
         outcomes = await store.apply([o.SaveStep(lease, step("1"), 5.0),
                                       o.CompleteRun(lease, '"done"', 5.0)])
         assert [getattr(x, "state", x) for x in outcomes] == [True, "completed"]
-        assert len(statements) == 7, statements
+        assert statements == ["BEGIN", "SELECT", "WITH", "SELECT", "COMMIT"]
         assert [(s.position, s.state) for s in await store.get_steps("r1")] == [
             ("0", "completed"), ("1", "completed")]
         assert [e.event for e in await store.get_history("r1")] == [
             "run.queued", "run.running", "task.running", "task.completed", "task.running",
             "task.completed", "run.completed"]
+    # A run this store instance neither enqueued nor claimed (another server did): one read
+    # asks whether its end writes another run.
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema) as other:
+        await execute(other, enqueue("r2"))
+        [claimed] = await execute(other, o.Claim("w1", WF, 1, 2.0, 30.0))
+        await execute(other, o.StartStep(claimed.lease, step("0", state="running"), 3.0))
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store:
+        statements.clear()
+        outcomes = await store.apply([o.SaveStep(claimed.lease, step("0"), 4.0),
+                                      o.CompleteRun(claimed.lease, '"done"', 4.0)])
+        assert [getattr(x, "state", x) for x in outcomes] == [True, "completed"]
+        assert statements == ["BEGIN", "SELECT", "SELECT", "WITH", "SELECT", "COMMIT"]
 
 
 async def test_the_batched_writes_array_types_are_the_tables_column_types(
@@ -208,22 +223,60 @@ def test_a_batch_is_applied_in_an_order_that_keeps_each_runs_ops_in_turn() -> No
            o.ExpireLeases(1.0), release("c"), start("d"), keyed, start("a"), complete("b"),
            start("b")]
     assert _sql._order(ops) == [0, 2, 5, 1, 3, 4, 6, 8, 7, 9, 10, 11, 12]
+    # The completion of a run whose end writes no other run ("alone") goes with the others.
+    assert _sql._order(ops, frozenset("b")) == [0, 2, 5, 1, 3, 4, 6, 8, 11, 12, 7, 9, 10]
+    ops = [start("a"), release("a"), complete("c"), start("b"), complete("b"), start("c")]
+    assert _sql._order(ops) == [0, 1, 2, 3, 4, 5]
+    assert _sql._order(ops, frozenset("bc")) == [0, 2, 3, 4, 5, 1]
 
     @given(st.lists(st.tuples(st.sampled_from(["start", "release", "complete", "keyed",
                                                 "expire"]),
-                              st.sampled_from("abc")), max_size=12))
-    def check(drawn: list[tuple[str, str]]) -> None:
+                              st.sampled_from("abc")), max_size=12),
+           st.frozensets(st.sampled_from("abc")))
+    def check(drawn: list[tuple[str, str]], alone: frozenset[str]) -> None:
         made = {"start": start, "release": release, "complete": complete,
                 "expire": lambda run: o.ExpireLeases(1.0),
                 "keyed": lambda run: attrs.evolve(keyed, lease=Lease(run, 1, "w"))}
         ops = [made[kind](run) for kind, run in drawn]
-        order = _sql._order(ops)
+        order = _sql._order(ops, alone)
         assert sorted(order) == list(range(len(ops)))
         for run in "abc":
-            mine = [k for k in order if _sql._run_of(ops[k]) in (run, None)]
+            mine = [k for k in order if _sql._run_of(ops[k], alone) in (run, None)]
             assert mine == sorted(mine)  # its ops in turn, and none across a barrier
 
     check()
+
+
+def test_the_store_remembers_whose_end_writes_no_other_run_and_forgets_ended_runs() -> None:
+    """What ``Parents`` learns from a batch's outcomes: a run it enqueued or claimed ends
+    alone unless it has a parent or a schedule started it; a run ended or purged is
+    forgotten; past its limit the oldest half is."""
+    from aiki.store.memory import MemoryStore
+    from tests.store.test_children import start
+    from tests.store.test_conformance import enqueue, step
+
+    memory = MemoryStore()
+    parents = _sql.Parents(limit=6)
+
+    def apply(ops: list[o.Op[Any]]) -> o.Outcomes:
+        outcomes = memory.apply_now(ops)
+        assert isinstance(outcomes, o.Outcomes)
+        parents.applied(ops, outcomes)
+        return outcomes
+
+    apply([enqueue("p"), enqueue("s@1", key="schedule:s:1"), enqueue("p")])
+    assert (parents._alone, len(parents)) == ({"p": True, "s@1": False}, 2)
+    parents.forget("p")
+    [p, s1] = apply([o.Claim("w1", WF, 5, 2.0, 30.0)])[0]
+    apply([start(p.lease, "0")])
+    [child] = apply([o.Claim("w1", WF, 5, 3.0, 30.0)])[0]
+    assert parents._alone == {"s@1": False, "p": True, "p/0": False}
+    apply([o.StartStep(child.lease, step("0", state="running"), 4.0),
+           o.CompleteRun(child.lease, "1", 4.0), o.FailRun(s1.lease, "E", "e", 4.0)])
+    assert parents._alone == {"p": True}  # (its parent runs on)
+    for n in range(7):
+        parents.learn(f"r{n}", True)
+    assert list(parents._alone) == ["r2", "r3", "r4", "r5", "r6"]  # p, r0, r1 dropped at r5
 
 
 async def test_migrations_run_once_under_concurrent_starts(postgres: TestPostgres) -> None:
@@ -432,29 +485,29 @@ async def test_a_stopped_server_fails_calls_clearly_and_the_store_recovers(
 
 
 # -- a commit whose outcome is unknown ------------------------------------------------------------
-async def lose_reply_after_commit(conn: Any, transaction: Any) -> None:
-    await transaction.commit()
+async def lose_reply_after_commit(conn: Any) -> None:
+    await conn.execute("COMMIT")
     conn.terminate()
     raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
 
 
-async def lose_connection_before_commit(conn: Any, transaction: Any) -> None:
+async def lose_connection_before_commit(conn: Any) -> None:
     conn.terminate()
-    await transaction.commit()  # fails: the connection is closed
+    await conn.execute("COMMIT")  # fails: the connection is closed
 
 
 @pytest.mark.parametrize("fault", [lose_reply_after_commit, lose_connection_before_commit])
 async def test_an_unknown_commit_is_resolved_by_rereading_never_applied_twice(
     postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-    fault: Callable[[Any, Any], Any],
+    fault: Callable[[Any], Any],
 ) -> None:
     async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
         await execute(store, enqueue("r1"))
         real_commit = _sql.commit
         faults = [fault]
 
-        async def once(conn: Any, transaction: Any) -> None:
-            await (faults.pop() if faults else real_commit)(conn, transaction)
+        async def once(conn: Any) -> None:
+            await (faults.pop() if faults else real_commit)(conn)
 
         monkeypatch.setattr(_sql, "commit", once)
         [claimed] = await execute(store, o.Claim("w1", WF, 5, 10.0, 30.0))
@@ -482,7 +535,7 @@ async def test_an_orphaned_transaction_still_in_progress_is_ended_before_it_is_j
         xid = await orphan.fetchval("SELECT pg_current_xact_id()::text")
         pid = await orphan.fetchval("SELECT pg_backend_pid()")
 
-        async def reply_lost_while_in_progress(conn: Any, transaction: Any) -> None:
+        async def reply_lost_while_in_progress(conn: Any) -> None:
             monkeypatch.setattr(_sql, "commit", real_commit)
             conn.terminate()  # this batch is gone; the orphan's transaction stands in for it
             raise _sql.CommitUnknown(ConnectionResetError("reset by peer"), [], xid, pid)

@@ -29,7 +29,6 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 import attrs
-from asyncpg.transaction import Transaction
 
 from aiki.errors import AikiError, StoreUnavailable
 from aiki.records import (
@@ -486,7 +485,7 @@ async def _wake_due(conn: Conn, op: o.WakeDue) -> tuple[str, ...]:
 async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> bool:
     new = op.step
     key = (op.lease.run_id, new.position)
-    runs, steps = await _locked_runs_and_steps(conn, [key])
+    runs, steps, _ = await _locked_runs_and_steps(conn, [key])
     keyed = None
     if new.idempotency_key is not None:
         keyed = await conn.fetchval(
@@ -924,26 +923,99 @@ _RUN_TYPES = _array_types(RunRecord)
 _HISTORY_TYPES = ["text", "float8", "text", "int8", "text", "text", "text", "text"]
 _N_RUN = len(attrs.fields(RunRecord))
 _RUNS_AND_STEPS = (  # the runs, locked in the order of their ids, each with the step asked for
+    # and, for a run about to end ($3), how many of the children it did not detach are
+    # unfinished
     "SELECT " + ", ".join(f"r.{f.name}" for f in attrs.fields(RunRecord)) + ", "
+    f"CASE WHEN q.ending THEN (SELECT count(*) FROM runs c WHERE c.parent_id = r.id"
+    f" AND NOT c.detached AND c.{_UNFINISHED}) END, "
     + ", ".join(f"s.{f.name}" for f in attrs.fields(StepRecord))
-    + " FROM unnest($1::text[], $2::text[]) AS q(run_id, position)"
+    + " FROM unnest($1::text[], $2::text[], $3::bool[]) AS q(run_id, position, ending)"
     " JOIN runs r ON r.id = q.run_id"
     " LEFT JOIN steps s ON s.run_id = q.run_id AND s.position = q.position"
     " ORDER BY r.id FOR UPDATE OF r")
-_SAVE_ALL = (  # steps, runs and history events, each a column of arrays, in one statement
+_SAVE_ALL = (  # steps, runs and history events, each a column of arrays, and the waits of
+    # the runs that ended, in one statement
     f"WITH upserted AS (INSERT INTO steps (run_id, {STEP_COLUMNS})"
     f" SELECT * FROM {_unnest(1, _STEP_TYPES)}"
     " ON CONFLICT (run_id, position) DO UPDATE SET "
     + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(StepRecord)) + "),"
     " changed AS (UPDATE runs SET " + ", ".join(f"{c} = v.{c}" for c in _RUN_FIELDS)
     + f" FROM {_unnest(1 + len(_STEP_TYPES), _RUN_TYPES)} AS v({RUN_COLUMNS})"
-    " WHERE runs.id = v.id)"
+    " WHERE runs.id = v.id),"
+    " cleared AS (DELETE FROM waits WHERE run_id = ANY("
+    f"${1 + len(_STEP_TYPES) + len(_RUN_TYPES) + len(_HISTORY_TYPES)}::text[]))"
     " INSERT INTO history (run_id, at, event, attempt, worker_id, position, name, detail)"
     f" SELECT * FROM {_unnest(1 + len(_STEP_TYPES) + len(_RUN_TYPES), _HISTORY_TYPES)}")
+# Whether a run's end writes no other run: no parent to tell, no schedule occurrence
+# buffered behind it (both fixed at enqueue). ``$1``: run ids.
+_ENDS_ALONE = ("SELECT id, parent_id IS NULL AND coalesce(idempotency_key, '') NOT LIKE"
+               " 'schedule:%' FROM runs WHERE id = ANY($1::text[])")
 
 
-def _steady(op: o.Op[Any]) -> bool:
-    """A task start or outcome that needs no look at other steps (no idempotency key)."""
+class Parents:
+    """What a store has seen of runs' parents: whether a run's end writes no other run
+    (:data:`_ENDS_ALONE`), for the runs it enqueued or claimed, so a batch's completions go
+    with its task starts and outcomes without a read to ask. Both facts are fixed when a
+    run is enqueued; a run is forgotten when it ends or is purged, and, past ``limit``
+    runs, the oldest half is (an unknown run costs one read). Touched on the asyncio loop
+    only."""
+
+    def __init__(self, limit: int = 50_000) -> None:
+        self._alone: dict[str, bool] = {}
+        self._limit = limit
+
+    def learn(self, run_id: str, alone: bool) -> None:
+        if len(self._alone) >= self._limit:
+            for old in list(self._alone)[: self._limit // 2]:
+                del self._alone[old]
+        self._alone[run_id] = alone
+
+    def forget(self, run_id: str) -> None:
+        self._alone.pop(run_id, None)
+
+    def __len__(self) -> int:
+        return len(self._alone)
+
+    async def ending_alone(self, conn: Conn, ops: Sequence[o.Op[Any]]) -> frozenset[str]:
+        """The runs whose completion is in ``ops`` and whose end writes no other run; a
+        read only for runs not known, and only for a batch in which that can move
+        something."""
+        ending = [op.lease.run_id for op in ops if isinstance(op, o.CompleteRun)]
+        if not ending or len(ops) < 2:
+            return frozenset()
+        unknown = [run_id for run_id in ending if run_id not in self._alone]
+        if unknown:
+            for run_id, alone in await conn.fetch(_ENDS_ALONE, unknown):
+                self.learn(run_id, alone)
+        return frozenset(run_id for run_id in ending if self._alone.get(run_id))
+
+    def applied(self, ops: Sequence[o.Op[Any]], outcomes: o.Outcomes) -> None:
+        """What a batch showed: the runs it enqueued and claimed, and the ones it ended or
+        purged (forgotten)."""
+        for op, outcome in zip(ops, outcomes, strict=True):
+            if isinstance(op, o.Enqueue) and isinstance(outcome, o.EnqueueOutcome) and (
+                    outcome.created):
+                self.learn(op.run_id, not (op.idempotency_key or "").startswith("schedule:"))
+            elif isinstance(op, o.Claim) and isinstance(outcome, tuple):
+                for claimed in outcome:
+                    self.learn(claimed.run.id, claimed.run.parent_id is None
+                               and not m.started_by_a_schedule(claimed.run))
+            elif isinstance(op, o.PurgeRuns) and isinstance(outcome, tuple):
+                for run_id in outcome:
+                    self.forget(run_id)
+        for run in outcomes.ended:
+            self.forget(run.id)
+
+
+Steady: TypeAlias = "o.StartStep | o.SaveStep | o.CompleteRun"
+
+
+def _steady(op: o.Op[Any], alone: frozenset[str]) -> bool:
+    """An op that goes with a batch's others (:func:`_apply_steady`): a task start or
+    outcome that needs no look at other steps (no idempotency key), or the completion of a
+    run in ``alone`` (its end writes no other run)."""
+    if isinstance(op, o.CompleteRun):
+        return op.lease.run_id in alone
     return isinstance(op, (o.StartStep, o.SaveStep)) and op.step.idempotency_key is None
 
 
@@ -952,19 +1024,25 @@ def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
 
 
 async def _locked_runs_and_steps(
-    conn: Conn, keys: Sequence[tuple[str, str]],
-) -> tuple[dict[str, RunRecord], dict[tuple[str, str], StepRecord | None]]:
+    conn: Conn, keys: Sequence[tuple[str, str | None]],
+) -> tuple[dict[str, RunRecord], dict[tuple[str, str | None], StepRecord | None],
+           dict[str, int]]:
     """The runs of ``keys`` (run id, position), locked, each with the step at that position
-    (None: not recorded), in one round trip."""
-    rows = await conn.fetch(_RUNS_AND_STEPS, [k[0] for k in keys], [k[1] for k in keys])
+    (None: not recorded), in one round trip; for a key with no position (a run about to
+    end), how many of the run's children it did not detach are unfinished."""
+    rows = await conn.fetch(_RUNS_AND_STEPS, [k[0] for k in keys], [k[1] for k in keys],
+                            [k[1] is None for k in keys])
     runs: dict[str, RunRecord] = {}
-    steps: dict[tuple[str, str], StepRecord | None] = dict.fromkeys(keys)
+    steps: dict[tuple[str, str | None], StepRecord | None] = dict.fromkeys(keys)
+    children: dict[str, int] = {}
     for row in rows:
         values = tuple(row)
         run = runs[values[0]] = RunRecord(*values[:_N_RUN])
         if values[_N_RUN] is not None:
-            steps[run.id, values[_N_RUN]] = StepRecord(*values[_N_RUN:])
-    return runs, steps
+            children[run.id] = values[_N_RUN]
+        if values[_N_RUN + 1] is not None:
+            steps[run.id, values[_N_RUN + 1]] = StepRecord(*values[_N_RUN + 1:])
+    return runs, steps, children
 
 
 def _decide(op: o.StartStep | o.SaveStep, run: RunRecord | None, old: StepRecord | None,
@@ -975,69 +1053,118 @@ def _decide(op: o.StartStep | o.SaveStep, run: RunRecord | None, old: StepRecord
                        lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
 
 
-async def _save_steps(conn: Conn, ops: Sequence[o.StartStep | o.SaveStep]) -> list[Any]:
-    """Several task starts and outcomes (of one run or many) in two round trips, where one
-    at a time takes two each: one read of every run (locked) with the step asked for, the
-    state machine's decisions in order (each op sees the ones before it), then one write."""
-    keys = list(dict.fromkeys((op.lease.run_id, op.step.position) for op in ops))
-    runs, steps = await _locked_runs_and_steps(conn, keys)
+class _Writes:
+    """The changes decided so far in a group of steady ops, written in one statement."""
+
+    def __init__(self) -> None:
+        self._empty()
+
+    def _empty(self) -> None:
+        self.runs: dict[str, RunRecord] = {}
+        self.steps: dict[tuple[str, str], StepRecord] = {}  # in the order first written
+        self.history: list[History] = []
+        self.cleared: list[str] = []  # runs whose waits end
+
+    def add(self, run_id: str, change: m.Change) -> None:
+        if change.run is not None:
+            self.runs[run_id] = change.run
+        for step in change.steps:
+            self.steps[run_id, step.position] = step
+        if change.waits == ():
+            self.cleared.append(run_id)
+        self.history += [(run_id, e.at, e.event, e.attempt, e.worker_id, e.position, e.name,
+                          e.detail) for e in change.history]
+
+    async def flush(self, conn: Conn) -> None:
+        if self.runs or self.steps or self.cleared:
+            await conn.execute(
+                _SAVE_ALL,
+                *_columns([(k[0], *attrs.astuple(s)) for k, s in self.steps.items()],
+                          len(_STEP_TYPES)),
+                *_columns([attrs.astuple(r) for r in self.runs.values()], len(_RUN_TYPES)),
+                *_columns(self.history, len(_HISTORY_TYPES)), self.cleared)
+        self._empty()
+
+
+def _simple(change: m.Change) -> bool:
+    """Whether the one statement of :class:`_Writes` can write ``change``."""
+    return (not change.dropped and not change.consumed and change.sent is None
+            and change.waits in (None, ()))
+
+
+async def _apply_steady(conn: Conn, ops: Sequence[Steady]) -> list[Any]:
+    """Several task starts and outcomes and ends of runs (of one run or many) in two round
+    trips, where one at a time takes two each: one read of every run (locked) with the step
+    asked for, the state machine's decisions in order (each op sees the ones before it),
+    then one write. (A run that ends waiting for its children writes its waits on its own.)"""
+    keys = list(dict.fromkeys(
+        (op.lease.run_id, None if isinstance(op, o.CompleteRun) else op.step.position)
+        for op in ops))
+    runs, steps, children = await _locked_runs_and_steps(conn, keys)
     outcomes: list[Any] = []
-    changed_runs: dict[str, RunRecord] = {}
-    changed_steps: dict[tuple[str, str], StepRecord] = {}  # in the order first written
-    history: list[History] = []
+    writes = _Writes()
     for op in ops:
-        run_id, new = op.lease.run_id, op.step
+        run_id = op.lease.run_id
         try:
-            change = _decide(op, runs.get(run_id), steps[run_id, new.position], None)
+            if isinstance(op, o.CompleteRun):
+                change = m.finish(runs.get(run_id), op.lease, op.now, result=op.result,
+                                  children=children.get(run_id, 0))
+            else:
+                change = _decide(op, runs.get(run_id), steps[run_id, op.step.position], None)
         except AikiError as exc:  # refused on purpose; it wrote nothing
             outcomes.append(exc)
             continue
+        if _simple(change):
+            writes.add(run_id, change)
+        else:
+            await writes.flush(conn)
+            await _write(conn, run_id, change)
         if change.run is not None:
-            runs[run_id] = changed_runs[run_id] = change.run
+            runs[run_id] = change.run
         for step in change.steps:
-            steps[run_id, step.position] = changed_steps[run_id, step.position] = step
-        history += [(run_id, e.at, e.event, e.attempt, e.worker_id, e.position, e.name,
-                     e.detail) for e in change.history]
-        outcomes.append(bool(change.history))
-    if changed_runs or changed_steps:
-        await conn.execute(
-            _SAVE_ALL,
-            *_columns([(k[0], *attrs.astuple(s)) for k, s in changed_steps.items()],
-                      len(_STEP_TYPES)),
-            *_columns([attrs.astuple(r) for r in changed_runs.values()], len(_RUN_TYPES)),
-            *_columns(history, len(_HISTORY_TYPES)))
+            steps[run_id, step.position] = step
+        if isinstance(op, o.CompleteRun):
+            if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
+                o.note_ended(change.run)  # (it has no parent to tell: see _ENDS_ALONE)
+            outcomes.append(change.run)
+        else:
+            outcomes.append(bool(change.history))
+    await writes.flush(conn)
     return outcomes
 
 
-# (A run's end also writes its parent, woken, and its children, cancelled: it may touch
-# several runs, and a task start of its parent must not move ahead of it.)
+# (A run's end may also write its parent, woken, and its children, cancelled: it may touch
+# several runs, and a task start of its parent must not move ahead of it. One that writes
+# no other run is known before the batch is ordered: :data:`_ENDS_ALONE`.)
 _ONE_RUN_OPS = (o.StartStep, o.SaveStep, o.ReleaseRun, o.WaitRun, o.AwaitStep)
 
 
-def _run_of(op: o.Op[Any]) -> str | None:
+def _run_of(op: o.Op[Any], alone: frozenset[str] = frozenset()) -> str | None:
     """The one run ``op`` reads and writes; None for an op that may touch several."""
     if isinstance(op, _ONE_RUN_OPS):
+        return op.lease.run_id
+    if isinstance(op, o.CompleteRun) and op.lease.run_id in alone:
         return op.lease.run_id
     return op.run_id if isinstance(op, o.Enqueue) else None
 
 
-def _order(ops: Sequence[o.Op[Any]]) -> list[int]:
-    """The order to apply ``ops`` in: task starts and outcomes first, so they go together,
-    unless an earlier op of the same run stays before them. A batch's ops come from
-    requests in flight at once (only one request's chain is ordered, and it is about one
-    run), so any order that keeps each run's ops in turn is an order they could have come
-    in; an op that may touch several runs (a claim, an expiry sweep, ...) moves nothing
-    across it."""
+def _order(ops: Sequence[o.Op[Any]], alone: frozenset[str] = frozenset()) -> list[int]:
+    """The order to apply ``ops`` in: steady ops first (:func:`_steady`), so they go
+    together, unless an earlier op of the same run stays before them. A batch's ops come
+    from requests in flight at once (only one request's chain is ordered, and it is about
+    one run), so any order that keeps each run's ops in turn is an order they could have
+    come in; an op that may touch several runs (a claim, an expiry sweep, the end of a run
+    with a parent, ...) moves nothing across it."""
     order: list[int] = []
     first: list[int] = []
     rest: list[int] = []
     held: set[str | None] = set()
     for k, op in enumerate(ops):
-        run = _run_of(op)
+        run = _run_of(op, alone)
         if run is None:
             order += first + rest + [k]
             first, rest, held = [], [], set()
-        elif _steady(op) and run not in held:
+        elif _steady(op, alone) and run not in held:
             first.append(k)
         else:
             rest.append(k)
@@ -1045,19 +1172,20 @@ def _order(ops: Sequence[o.Op[Any]]) -> list[int]:
     return order + first + rest
 
 
-async def _apply_all(conn: Conn, ops: Sequence[o.Op[Any]]) -> list[Any]:
+async def _apply_all(conn: Conn, ops: Sequence[o.Op[Any]], parents: Parents) -> list[Any]:
     """One outcome per op, in the order of ``ops`` (refusals are outcomes), applied in the
-    order of :func:`_order`: task starts and outcomes, the bulk of a busy batch, go together
-    (:func:`_save_steps`)."""
-    order = _order(ops)
+    order of :func:`_order`: task starts and outcomes and ends of runs, the bulk of a busy
+    batch, go together (:func:`_apply_steady`)."""
+    alone = await parents.ending_alone(conn, ops)
+    order = _order(ops, alone)
     outcomes: list[Any] = [None] * len(ops)
     i = 0
     while i < len(order):
         j = i
-        while j < len(order) and _steady(ops[order[j]]):
+        while j < len(order) and _steady(ops[order[j]], alone):
             j += 1
         if j - i >= 2:
-            together = await _save_steps(conn, [ops[k] for k in order[i:j]])  # type: ignore[misc]
+            together = await _apply_steady(conn, [ops[k] for k in order[i:j]])  # type: ignore[misc]
             for k, outcome in zip(order[i:j], together, strict=True):
                 outcomes[k] = outcome
             i = j
@@ -1078,34 +1206,42 @@ async def _apply_one(conn: Conn, op: o.Op[Any]) -> Any:
 
 
 # -- one crossing per call ---------------------------------------------------------------------
-async def commit(conn: Conn, transaction: Transaction) -> None:
+# A batch's statements are planned once and kept (a generic plan): PostgreSQL would plan
+# those that take arrays again at every call, because their plan for the arrays' actual
+# lengths looks cheaper than one for any length, and planning them costs more than running
+# them (0.2 ms against 0.07). Their plans are key lookups that do not depend on the values.
+# Reads keep the default: a filter on a rare state is planned for that state.
+BEGIN = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan"
+
+
+async def commit(conn: Conn) -> None:
     """COMMIT. A seam: the tests replace it to lose the connection around the commit."""
-    await transaction.commit()
+    await conn.execute("COMMIT")
 
 
-async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]]) -> list[Any]:
+async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]], parents: Parents) -> list[Any]:
     """Apply ``ops`` in one transaction; one outcome per op (refusals are outcomes)."""
 
     async def body(conn: Conn) -> list[Any]:
         pid = conn.get_server_pid()  # (unknown once the connection is gone)
-        transaction = conn.transaction()
-        await transaction.start()
+        await conn.execute(BEGIN)
         try:
             with o.noting_ends() as noted:
-                outcomes = await _apply_all(conn, ops)
+                outcomes = await _apply_all(conn, ops, parents)
             outcomes = o.outcomes_of(outcomes, noted)
             # A transaction that wrote nothing has no id and nothing to lose.
             xid: str | None = await conn.fetchval("SELECT pg_current_xact_id_if_assigned()::text")
         except Exception as exc:
             if not _lost(exc, conn) and not conn.is_closed():
-                await transaction.rollback()  # keeps the connection for the next call
+                await conn.execute("ROLLBACK")  # keeps the connection for the next call
             raise  # (a lost or cancelled one is terminated: the server rolls back)
         try:
-            await commit(conn, transaction)
+            await commit(conn)
         except Exception as exc:
             if xid is not None and _lost(exc, conn):
                 raise CommitUnknown(exc, outcomes, xid, pid) from exc
             raise
+        parents.applied(ops, outcomes)
         return outcomes
 
     return await with_connection(pool, body)

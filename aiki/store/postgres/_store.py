@@ -56,6 +56,7 @@ class PostgresStore:
         self._pool = pool
         self._resources = resources
         self._closed = False
+        self._parents = _sql.Parents()  # (touched on the asyncio loop only)
 
     @classmethod
     def open(
@@ -190,7 +191,7 @@ class PostgresStore:
 
         async def attempt() -> list[Any]:
             try:
-                return await self._bridge.run(_sql.run_batch, self._pool, ops)
+                return await self._bridge.run(_sql.run_batch, self._pool, ops, self._parents)
             except _sql.CommitUnknown as unknown:
                 xid, pid = unknown.xid, unknown.pid
                 status = await self._call(
