@@ -954,7 +954,7 @@ _ENDS_ALONE = ("SELECT id, parent_id IS NULL AND coalesce(idempotency_key, '') N
 
 class Parents:
     """What a store has seen of runs' parents: whether a run's end writes no other run
-    (:data:`_ENDS_ALONE`), for the runs it enqueued or claimed, so a batch's completions go
+    (:data:`_ENDS_ALONE`), for the runs it claimed, so a batch's completions go
     with its task starts and outcomes without a read to ask. Both facts are fixed when a
     run is enqueued; a run is forgotten when it ends or is purged, and, past ``limit``
     runs, the oldest half is (an unknown run costs one read). Touched on the asyncio loop
@@ -990,13 +990,11 @@ class Parents:
         return frozenset(run_id for run_id in ending if self._alone.get(run_id))
 
     def applied(self, ops: Sequence[o.Op[Any]], outcomes: o.Outcomes) -> None:
-        """What a batch showed: the runs it enqueued and claimed, and the ones it ended or
-        purged (forgotten)."""
+        """What a batch showed: the runs it claimed, and the ones it ended or purged
+        (forgotten). Runs it only queued are not kept: memory per queued run stays what
+        it was."""
         for op, outcome in zip(ops, outcomes, strict=True):
-            if isinstance(op, o.Enqueue) and isinstance(outcome, o.EnqueueOutcome) and (
-                    outcome.created):
-                self.learn(op.run_id, not (op.idempotency_key or "").startswith("schedule:"))
-            elif isinstance(op, o.Claim) and isinstance(outcome, tuple):
+            if isinstance(op, o.Claim) and isinstance(outcome, tuple):
                 for claimed in outcome:
                     self.learn(claimed.run.id, claimed.run.parent_id is None
                                and not m.started_by_a_schedule(claimed.run))
