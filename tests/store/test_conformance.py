@@ -171,6 +171,36 @@ async def test_idempotent_enqueue_in_one_batch(store: Store) -> None:
     assert [r.id for r in await store.list_runs()] == ["r1"]
 
 
+async def test_many_enqueues_in_one_batch_each_get_their_answer(store: Store) -> None:
+    """The busy batch of enqueues (PostgreSQL inserts them in one statement): new runs, a
+    run id sent again, keys that name runs already there (the same payload, another one:
+    refused, or returned), in enqueue order, each with its first event."""
+    await store.apply([enqueue("r1", key="k1"), enqueue("r2", key="k2")])
+    outcomes = await store.apply([
+        enqueue("r3", now=2.0), enqueue("r1", now=2.0),  # r1 again: its enqueue retried
+        enqueue("r4", key="k1", now=2.0),  # the same payload as r1: r1
+        enqueue("r5", key="k2", payload='{"n": 2}', now=2.0),  # another payload: refused
+        o.Enqueue("r6", "wf", "1", '{"n": 3}', "k2", 2.0, "return_existing"),
+        enqueue("r7", key="k3", now=2.0), enqueue("r8", workflow="other", key="k1", now=2.0),
+    ])
+    assert [type(x).__name__ if isinstance(x, AikiError) else (x.run_id, x.created)
+            for x in outcomes] == [
+        ("r3", True), ("r1", False), ("r1", False), "IdempotencyConflict", ("r2", False),
+        ("r7", True), ("r8", True)]
+    assert [r.id for r in await store.list_runs()] == ["r8", "r7", "r3", "r2", "r1"]
+    for run_id in ("r3", "r7", "r8"):
+        assert [(e.at, e.event) for e in await store.get_history(run_id)] == [
+            (2.0, "run.queued")]
+    assert [e.at for e in await store.get_history("r1")] == [1.0]
+    # One run id twice, one key twice: the first of each wins, as one at a time.
+    outcomes = await store.apply([enqueue("r9", now=3.0), enqueue("r9", now=3.0),
+                                  enqueue("r10", key="k4", now=3.0),
+                                  enqueue("r11", key="k4", now=3.0)])
+    assert [(x.run_id, x.created) for x in outcomes] == [
+        ("r9", True), ("r9", False), ("r10", True), ("r10", False)]
+    assert len(await store.get_history("r9")) == 1
+
+
 async def test_concurrent_enqueues_of_one_key_make_one_run(store: Store) -> None:
     outcomes: list[o.EnqueueOutcome] = []
 

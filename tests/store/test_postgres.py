@@ -129,7 +129,7 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
     write of steps, runs and history, the transaction id, COMMIT, however many there are.
     The completion of a run that has no parent goes with them (the store saw that when it
     claimed the run; for a run it did not, one read more asks). An op of another
-    kind takes one read and one write of its own."""
+    kind takes one read and one write of its own; enqueues, one statement together."""
     from tests.store.test_conformance import step
 
     statements: list[str] = []
@@ -143,7 +143,8 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
 
         monkeypatch.setattr(asyncpg.Connection, name, counting)
     async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
-        await execute(store, enqueue("r1"))
+        await store.apply([enqueue("r1"), enqueue("r0"), enqueue("r00")])
+        assert statements[-4:] == ["BEGIN", "WITH", "SELECT", "COMMIT"]  # enqueues together
         [claimed] = await execute(store, o.Claim("w1", WF, 1, 2.0, 30.0))
         lease = claimed.lease
         await execute(store, o.StartStep(lease, step("0", state="running"), 3.0, 30.0))
@@ -205,8 +206,8 @@ async def test_the_batched_writes_array_types_are_the_tables_column_types(
 
 
 def test_a_batch_is_applied_in_an_order_that_keeps_each_runs_ops_in_turn() -> None:
-    """Task starts and outcomes move forward to go together, but never past an earlier op
-    of their run nor across an op that may touch several runs."""
+    """Task starts and outcomes move forward to go together, and so do enqueues, but never
+    past an earlier op of their run nor across an op that may touch several runs."""
     from tests.store.test_conformance import step
 
     def start(run: str) -> o.Op[Any]:
@@ -214,6 +215,9 @@ def test_a_batch_is_applied_in_an_order_that_keeps_each_runs_ops_in_turn() -> No
 
     def release(run: str) -> o.Op[Any]:
         return o.ReleaseRun(Lease(run, 1, "w"), 1.0, "drains")
+
+    def enqueue(run: str) -> o.Op[Any]:
+        return o.Enqueue(run, "wf", "1", "{}", None, 1.0)
 
     def complete(run: str) -> o.Op[Any]:  # (it may also write its parent and children)
         return o.CompleteRun(Lease(run, 1, "w"), "1", 1.0)
@@ -228,14 +232,17 @@ def test_a_batch_is_applied_in_an_order_that_keeps_each_runs_ops_in_turn() -> No
     ops = [start("a"), release("a"), complete("c"), start("b"), complete("b"), start("c")]
     assert _sql._order(ops) == [0, 1, 2, 3, 4, 5]
     assert _sql._order(ops, frozenset("bc")) == [0, 2, 3, 4, 5, 1]
+    # Enqueues go together after the steady ops, unless an earlier op of their run stays.
+    ops = [enqueue("x"), start("a"), release("a"), enqueue("a"), enqueue("y"), start("x")]
+    assert _sql._order(ops) == [1, 0, 4, 2, 3, 5]
 
     @given(st.lists(st.tuples(st.sampled_from(["start", "release", "complete", "keyed",
-                                                "expire"]),
+                                                "expire", "enqueue"]),
                               st.sampled_from("abc")), max_size=12),
            st.frozensets(st.sampled_from("abc")))
     def check(drawn: list[tuple[str, str]], alone: frozenset[str]) -> None:
         made = {"start": start, "release": release, "complete": complete,
-                "expire": lambda run: o.ExpireLeases(1.0),
+                "enqueue": enqueue, "expire": lambda run: o.ExpireLeases(1.0),
                 "keyed": lambda run: attrs.evolve(keyed, lease=Lease(run, 1, "w"))}
         ops = [made[kind](run) for kind, run in drawn]
         order = _sql._order(ops, alone)

@@ -376,6 +376,47 @@ async def _enqueue(conn: Conn, op: o.Enqueue) -> o.EnqueueOutcome:
     return o.EnqueueOutcome(op.run_id, created=False)  # this run id exists: a retried enqueue
 
 
+_ENQUEUE_ALL = (  # the runs and their first events in one statement; the ids created
+    "WITH q AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],"
+    " $5::text[], $6::float8[], $7::text[], $8::text[]) WITH ORDINALITY AS q(id, workflow,"
+    " version, payload, idempotency_key, now, detail, trace_context, n)),"
+    " new AS (INSERT INTO runs (id, workflow, version, payload, state, idempotency_key,"
+    " attempts, lease_epoch, created_at, updated_at, trace_context) SELECT id, workflow,"
+    " version, payload, 'queued', idempotency_key, 0, 0, now, now, trace_context FROM q"
+    " ORDER BY n ON CONFLICT DO NOTHING RETURNING id),"
+    " logged AS (INSERT INTO history (run_id, at, event, attempt, detail) SELECT q.id, q.now,"
+    " 'run.queued', 0, q.detail FROM q JOIN new ON new.id = q.id ORDER BY q.n)"
+    " SELECT id FROM new")
+
+
+async def _enqueue_all(conn: Conn, ops: Sequence[o.Enqueue]) -> list[Any]:
+    """Several enqueues in one round trip (two if some idempotency key names a run there
+    already), in order. Two of the same run id or key in one group would each depend on
+    the other: such a group goes one at a time."""
+    keys = [(op.workflow, op.idempotency_key) for op in ops if op.idempotency_key is not None]
+    if len({op.run_id for op in ops}) < len(ops) or len(set(keys)) < len(keys):
+        return [await _one_of(conn, op) for op in ops]
+    created = {row[0] for row in await conn.fetch(_ENQUEUE_ALL, *_columns(
+        [(op.run_id, op.workflow, op.version, op.payload, op.idempotency_key, op.now,
+          m.enqueue_detail(op), op.trace_context) for op in ops], 8))}
+    named = [op for op in ops if op.run_id not in created and op.idempotency_key is not None]
+    existing = {} if not named else {(r[0], r[1]): (r[2], r[3]) for r in await conn.fetch(
+        "SELECT workflow, idempotency_key, id, payload FROM runs WHERE (workflow,"
+        " idempotency_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+        [op.workflow for op in named], [op.idempotency_key for op in named])}
+    outcomes: list[Any] = []
+    for op in ops:
+        found = existing.get((op.workflow, op.idempotency_key))
+        try:
+            outcomes.append(
+                o.EnqueueOutcome(op.run_id, created=True) if op.run_id in created
+                else m.existing_for_key(op, *found) if found is not None
+                else o.EnqueueOutcome(op.run_id, created=False))
+        except AikiError as exc:  # refused on purpose; it wrote nothing
+            outcomes.append(exc)
+    return outcomes
+
+
 async def _claim(conn: Conn, op: o.Claim) -> tuple[ClaimedRun, ...]:
     if not op.workflows or op.limit <= 0:
         return ()
@@ -1147,53 +1188,69 @@ def _run_of(op: o.Op[Any], alone: frozenset[str] = frozenset()) -> str | None:
 
 
 def _order(ops: Sequence[o.Op[Any]], alone: frozenset[str] = frozenset()) -> list[int]:
-    """The order to apply ``ops`` in: steady ops first (:func:`_steady`), so they go
-    together, unless an earlier op of the same run stays before them. A batch's ops come
-    from requests in flight at once (only one request's chain is ordered, and it is about
-    one run), so any order that keeps each run's ops in turn is an order they could have
-    come in; an op that may touch several runs (a claim, an expiry sweep, the end of a run
-    with a parent, ...) moves nothing across it."""
+    """The order to apply ``ops`` in: steady ops first (:func:`_steady`), then enqueues,
+    so each kind goes together, unless an earlier op of the same run stays before them. A
+    batch's ops come from requests in flight at once (only one request's chain is ordered,
+    and it is about one run), so any order that keeps each run's ops in turn is an order
+    they could have come in; an op that may touch several runs (a claim, an expiry sweep,
+    the end of a run with a parent, ...) moves nothing across it."""
     order: list[int] = []
     first: list[int] = []
+    new: list[int] = []  # enqueues, after the steady ops: they go together too
     rest: list[int] = []
     held: set[str | None] = set()
     for k, op in enumerate(ops):
         run = _run_of(op, alone)
         if run is None:
-            order += first + rest + [k]
-            first, rest, held = [], [], set()
-        elif _steady(op, alone) and run not in held:
+            order += first + new + rest + [k]
+            first, new, rest, held = [], [], [], set()
+        elif run in held:
+            rest.append(k)
+        elif _steady(op, alone):
             first.append(k)
         else:
-            rest.append(k)
+            (new if isinstance(op, o.Enqueue) else rest).append(k)
             held.add(run)
-    return order + first + rest
+    return order + first + new + rest
 
 
 async def _apply_all(conn: Conn, ops: Sequence[o.Op[Any]], parents: Parents) -> list[Any]:
     """One outcome per op, in the order of ``ops`` (refusals are outcomes), applied in the
     order of :func:`_order`: task starts and outcomes and ends of runs, the bulk of a busy
-    batch, go together (:func:`_apply_steady`)."""
+    batch, go together (:func:`_apply_steady`), and so do enqueues (:func:`_enqueue_all`)."""
     alone = await parents.ending_alone(conn, ops)
     order = _order(ops, alone)
     outcomes: list[Any] = [None] * len(ops)
     i = 0
     while i < len(order):
-        j = i
-        while j < len(order) and _steady(ops[order[j]], alone):
+        kind = _kind(ops[order[i]], alone)
+        j = i + 1
+        while kind is not None and j < len(order) and _kind(ops[order[j]], alone) is kind:
             j += 1
-        if j - i >= 2:
-            together = await _apply_steady(conn, [ops[k] for k in order[i:j]])  # type: ignore[misc]
+        if kind is not None and j - i >= 2:
+            together = await kind(conn, [ops[k] for k in order[i:j]])
             for k, outcome in zip(order[i:j], together, strict=True):
                 outcomes[k] = outcome
             i = j
             continue
-        try:
-            outcomes[order[i]] = await _apply_one(conn, ops[order[i]])
-        except AikiError as exc:  # refused on purpose; it wrote nothing
-            outcomes[order[i]] = exc
+        outcomes[order[i]] = await _one_of(conn, ops[order[i]])
         i += 1
     return outcomes
+
+
+def _kind(op: o.Op[Any], alone: frozenset[str]) -> Callable[..., Awaitable[list[Any]]] | None:
+    """How ``op`` goes together with the ops of its kind next to it; None: on its own."""
+    if _steady(op, alone):
+        return _apply_steady
+    return _enqueue_all if isinstance(op, o.Enqueue) else None
+
+
+async def _one_of(conn: Conn, op: o.Op[Any]) -> Any:
+    """The outcome of ``op`` applied on its own; a refusal is an outcome."""
+    try:
+        return await _apply_one(conn, op)
+    except AikiError as exc:  # refused on purpose; it wrote nothing
+        return exc
 
 
 async def _apply_one(conn: Conn, op: o.Op[Any]) -> Any:
