@@ -16,6 +16,9 @@ it to that): same outcomes, same records, same history events.
   ``trio.to_thread.run_sync``, one at a time (a ``CapacityLimiter(1)`` guards the one
   connection). ``offload=False`` runs them inline, for tests under ``MockClock`` and the
   simulation, where real threads are not welcome.
+- Except a write batch when no other task is runnable (one run at a time, a quiet server):
+  it runs inline, where the hop would cost more than the batch; never waiting for a lock
+  held elsewhere, and not after an inline batch that took long (``SqliteStore._inline_batch``).
 - Except point reads (a run, its steps, its waits, a schedule by id): in a file, with the
   writer in a thread, they run inline on a second, query-only connection. WAL readers never
   wait for the writer, and a lookup by key takes a few microseconds, where the hop to a
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -809,10 +813,16 @@ def _apply_batch(db: Db, ops: Sequence[o.Op[Any]]) -> list[Any]:
 
 
 # -- the store ----------------------------------------------------------------------------
+# An inline batch that takes longer than this sends the next 64 to the thread.
+INLINE_BUDGET = 0.005
+_BUSY = (sqlite3.SQLITE_BUSY, getattr(sqlite3, "SQLITE_BUSY_RECOVERY", 261),
+         getattr(sqlite3, "SQLITE_BUSY_SNAPSHOT", 517), sqlite3.SQLITE_LOCKED)
+
+
 class SqliteStore:
     """A store in one SQLite file (or ``":memory:"``). Open it with :meth:`open`."""
 
-    def __init__(self, path: str, db: Db, *, offload: bool) -> None:
+    def __init__(self, path: str, db: Db, *, offload: bool, busy_timeout: float = 5.0) -> None:
         self.path = path
         self._db: Db | None = db
         self._offload = offload
@@ -821,6 +831,9 @@ class SqliteStore:
         # the writer is in a thread (inline, reads go to the one connection anyway).
         self._inline_reads = offload and path != ":memory:" and not path.startswith("file:")
         self._reader: Db | None = None
+        self._busy_timeout = busy_timeout
+        self._waits = True  # the writer's connection waits busy_timeout for a lock
+        self._threaded = 0  # batches still to send to the thread after a slow inline one
 
     @classmethod
     async def open(
@@ -836,15 +849,51 @@ class SqliteStore:
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
         db = await _call(offload, trio.CapacityLimiter(1), path,
                          lambda: _connect(path, synchronous, busy_timeout))
-        return cls(path, db, offload=offload)
+        return cls(path, db, offload=offload, busy_timeout=busy_timeout)
 
     async def _run(self, fn: Callable[[Db], T]) -> T:
         def with_db() -> T:
             if self._db is None:
                 raise StoreUnavailable(f"the SQLite store {self.path!r} is closed")
+            if not self._waits:
+                self._db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+                self._waits = True
             return fn(self._db)
 
         return await _call(self._offload, self._limiter, self.path, with_db)
+
+    def _inline_batch(self, ops: list[o.Op[Any]]) -> list[Any] | None:
+        """The batch applied on the Trio thread, if that is cheaper and safe now; else None.
+
+        The hop to the writer's thread and back costs the Trio thread more than a small
+        batch does, and a wake-up of each thread on the critical path: when no other task
+        is runnable (one run at a time, a quiet server), the batch runs inline. ("Runnable"
+        as Trio counts it: the tasks queued for its next round; one later in the current
+        round waits for the batch, as long as a hop would have taken.) Never if the
+        connection is busy in the thread, never waiting for a lock (another process holds
+        it: the thread waits instead), and not for the next batches after an inline one
+        took long (a slow disk's fsync must not stall the event loop)."""
+        db = self._db
+        if (db is None or not self._inline_reads or self._threaded
+                or self._limiter.borrowed_tokens
+                or trio.lowlevel.current_statistics().tasks_runnable):
+            self._threaded = max(self._threaded - 1, 0)
+            return None
+        if self._waits:
+            db.execute("PRAGMA busy_timeout = 0")
+            self._waits = False
+        started = time.perf_counter()
+        try:
+            return _apply_batch(db, ops)
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) in _BUSY:
+                return None  # (rolled back, or never begun): the thread's turn
+            raise _unavailable(self.path, exc) from exc
+        except sqlite3.Error as exc:
+            raise _unavailable(self.path, exc) from exc
+        finally:
+            if time.perf_counter() - started > INLINE_BUDGET:
+                self._threaded = 64
 
     async def _lookup(self, fn: Callable[[Db], T]) -> T:
         """A point read: inline on the query-only connection if there is one, and it is not
@@ -922,6 +971,10 @@ class SqliteStore:
     # -- writes -------------------------------------------------------------------------
     async def apply(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
         ops = list(ops)
+        await trio.lowlevel.checkpoint()
+        done = self._inline_batch(ops)
+        if done is not None:
+            return done
         return await self._run(lambda db: _apply_batch(db, ops))
 
     async def aclose(self) -> None:
@@ -937,6 +990,12 @@ class SqliteStore:
         await _call(self._offload, self._limiter, self.path, close)
 
 
+def _unavailable(path: str, exc: sqlite3.Error) -> StoreUnavailable:
+    code = getattr(exc, "sqlite_errorname", None)
+    cause = f"{type(exc).__name__}{f' ({code})' if code else ''}: {exc}"
+    return StoreUnavailable(f"the SQLite store {path!r} failed: {cause}")
+
+
 async def _call(offload: bool, limiter: trio.CapacityLimiter, path: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` in a worker thread (or inline), turning sqlite3 errors into StoreUnavailable."""
 
@@ -944,9 +1003,7 @@ async def _call(offload: bool, limiter: trio.CapacityLimiter, path: str, fn: Cal
         try:
             return fn()
         except sqlite3.Error as exc:
-            code = getattr(exc, "sqlite_errorname", None)
-            cause = f"{type(exc).__name__}{f' ({code})' if code else ''}: {exc}"
-            raise StoreUnavailable(f"the SQLite store {path!r} failed: {cause}") from exc
+            raise _unavailable(path, exc) from exc
 
     if offload:
         return await trio.to_thread.run_sync(guarded, limiter=limiter)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
+import threading
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -18,6 +20,7 @@ from aiki.errors import StoreUnavailable
 from aiki.records import Lease, StepRecord
 from aiki.store import MemoryStore, SqliteStore, execute, open_store
 from aiki.store import ops as o
+from aiki.store import sqlite as sqlite_store
 from aiki.store.sqlite import MIGRATIONS, migrate
 
 
@@ -190,6 +193,55 @@ async def test_a_locked_database_fails_the_whole_batch_and_recovers(tmp_path: Pa
         assert [c.run.id for c in outcomes[1]] == ["r1", "r2"]
     finally:
         other.close()
+        await store.aclose()
+
+
+async def test_a_batch_runs_inline_only_when_nothing_else_could_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch skips the hop to the writer's thread when no other task is runnable; it
+    takes the thread when one is, when another process holds the write lock (the inline
+    try never waits for it), and for the next batches after an inline one that took long
+    (a slow fsync must not stall the event loop)."""
+    trio_thread = threading.get_ident()
+    inline: list[bool] = []
+    real = sqlite_store._apply_batch
+
+    def spy(db: sqlite3.Connection, ops: list[o.Op[object]]) -> list[object]:
+        inline.append(threading.get_ident() == trio_thread)
+        return real(db, ops)
+
+    monkeypatch.setattr(sqlite_store, "_apply_batch", spy)
+    path = tmp_path / "aiki.db"
+    store = await SqliteStore.open(str(path), busy_timeout=0.05)
+    try:
+        await execute(store, enqueue("r1"))
+        assert inline == [True]
+        real_statistics = trio.lowlevel.current_statistics
+
+        def busy() -> object:  # (Trio counts the tasks of its next round, not this one's)
+            return attrs.evolve(real_statistics(), tasks_runnable=1)
+
+        monkeypatch.setattr(trio.lowlevel, "current_statistics", busy)
+        await execute(store, enqueue("r2"))
+        monkeypatch.setattr(trio.lowlevel, "current_statistics", real_statistics)
+        assert inline == [True, False]
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            with pytest.raises(StoreUnavailable, match="database is locked"):
+                await store.apply([enqueue("r3")])
+            assert inline == [True, False, True, False]  # tried, then waited in the thread
+        finally:
+            other.close()
+        monkeypatch.setattr(sqlite_store, "INLINE_BUDGET", -1.0)  # every batch is "slow"
+        await execute(store, enqueue("r3"))
+        del inline[:]
+        for n in range(4, 70):
+            await execute(store, enqueue(f"r{n}"))
+        assert inline == [False] * 64 + [True, False]
+        assert len(await store.list_runs(limit=1000)) == 69  # nothing lost on the way
+    finally:
         await store.aclose()
 
 
