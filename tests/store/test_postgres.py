@@ -234,7 +234,8 @@ def test_a_batch_is_applied_in_an_order_that_keeps_each_runs_ops_in_turn() -> No
     assert _sql._order(ops, frozenset("bc")) == [0, 2, 3, 4, 5, 1]
     # Enqueues go together after the steady ops, unless an earlier op of their run stays.
     ops = [enqueue("x"), start("a"), release("a"), enqueue("a"), enqueue("y"), start("x")]
-    assert _sql._order(ops) == [1, 0, 4, 2, 3, 5]
+    assert _sql._order(ops) == [1, 0, 2, 3, 4, 5]  # y stays after a: runs' seq order
+    assert _sql._order([release("x"), enqueue("x"), enqueue("y")]) == [0, 1, 2]
 
     @given(st.lists(st.tuples(st.sampled_from(["start", "release", "complete", "keyed",
                                                 "expire", "enqueue"]),
@@ -250,8 +251,46 @@ def test_a_batch_is_applied_in_an_order_that_keeps_each_runs_ops_in_turn() -> No
         for run in "abc":
             mine = [k for k in order if _sql._run_of(ops[k], alone) in (run, None)]
             assert mine == sorted(mine)  # its ops in turn, and none across a barrier
+        enqueues = [k for k in order if isinstance(ops[k], o.Enqueue)]
+        assert enqueues == sorted(enqueues)  # runs are created in the order asked
 
     check()
+
+
+async def test_a_child_whose_id_the_store_remembers_as_a_runs_with_no_parent_tells_its_parent(
+    postgres: TestPostgres,
+) -> None:
+    """What the store remembers of a run's parent may be out of date (a run id used again
+    after a purge on another server): the locked row has the last word."""
+    from tests.store.test_children import join_step, start
+    from tests.store.test_conformance import step
+
+    async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
+        await store.apply([enqueue("p"), enqueue("r2")])
+        leases = {c.run.id: c.lease for c in await execute(store, o.Claim("w1", WF, 5, 2.0,
+                                                                          30.0))}
+        await execute(store, start(leases["p"], "0"))
+        await execute(store, o.AwaitStep(leases["p"], join_step("1", "p/0"), 11.0))
+        await execute(store, o.WaitRun(leases["p"], (WaitFor("1", "join", "p/0"),), "joins",
+                                       11.0))
+        [child] = await execute(store, o.Claim("w1", WF, 5, 12.0, 30.0))
+        await execute(store, o.StartStep(leases["r2"], step("0", state="running"), 12.0))
+        store._parents.learn("p/0", True)  # out of date
+        outcomes = await store.apply([o.SaveStep(leases["r2"], step("0"), 13.0),
+                                      o.CompleteRun(child.lease, '"shipped"', 13.0)])
+        assert [getattr(x, "state", x) for x in outcomes] == [True, "completed"]
+        parent = await store.get_run("p")
+        assert parent is not None and parent.state == "queued"  # woken: its child ended
+        assert (await store.get_steps("p"))[-1].output == '"shipped"'
+
+
+def test_only_the_hot_paths_batches_keep_generic_plans() -> None:
+    """A timer's wake-up planned for no particular time would read every waiting run."""
+    lease = Lease("r", 1, "w")
+    assert _sql._begin([o.Enqueue("r", "wf", "1", "{}", None, 1.0),
+                        o.CompleteRun(lease, "1", 1.0)]) == _sql.BEGIN_GENERIC
+    for other in (o.WakeDue(1.0), o.ExpireLeases(1.0), o.PurgeRuns(1.0, 10)):
+        assert _sql._begin([o.CompleteRun(lease, "1", 1.0), other]) == "BEGIN"
 
 
 def test_the_store_remembers_whose_end_writes_no_other_run_and_forgets_ended_runs() -> None:

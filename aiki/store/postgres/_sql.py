@@ -391,8 +391,9 @@ _ENQUEUE_ALL = (  # the runs and their first events in one statement; the ids cr
 
 async def _enqueue_all(conn: Conn, ops: Sequence[o.Enqueue]) -> list[Any]:
     """Several enqueues in one round trip (two if some idempotency key names a run there
-    already), in order. Two of the same run id or key in one group would each depend on
-    the other: such a group goes one at a time."""
+    already), in order. A group with one run id twice goes one at a time (the statement's
+    answer does not tell which of the two created the run), and, to keep this simple, one
+    with a key twice."""
     keys = [(op.workflow, op.idempotency_key) for op in ops if op.idempotency_key is not None]
     if len({op.run_id for op in ops}) < len(ops) or len(set(keys)) < len(keys):
         return [await _one_of(conn, op) for op in ops]
@@ -1153,7 +1154,13 @@ async def _apply_steady(conn: Conn, ops: Sequence[Steady]) -> list[Any]:
         except AikiError as exc:  # refused on purpose; it wrote nothing
             outcomes.append(exc)
             continue
-        if _simple(change):
+        ended = change.run if (isinstance(op, o.CompleteRun) and change.run is not None
+                               and change.run.state in TERMINAL_RUN_STATES) else None
+        # (The run's row, locked, has the last word on whether its end writes another
+        # run: a run id used again after a purge elsewhere may now name a child.)
+        alone = ended is None or (ended.parent_id is None
+                                  and not m.started_by_a_schedule(ended))
+        if _simple(change) and alone:
             writes.add(run_id, change)
         else:
             await writes.flush(conn)
@@ -1162,12 +1169,11 @@ async def _apply_steady(conn: Conn, ops: Sequence[Steady]) -> list[Any]:
             runs[run_id] = change.run
         for step in change.steps:
             steps[run_id, step.position] = step
-        if isinstance(op, o.CompleteRun):
-            if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
-                o.note_ended(change.run)  # (it has no parent to tell: see _ENDS_ALONE)
-            outcomes.append(change.run)
-        else:
-            outcomes.append(bool(change.history))
+        if ended is not None and alone:
+            o.note_ended(ended)
+        elif ended is not None:
+            await _ended(conn, ended, op.now, [])
+        outcomes.append(change.run if isinstance(op, o.CompleteRun) else bool(change.history))
     await writes.flush(conn)
     return outcomes
 
@@ -1199,19 +1205,25 @@ def _order(ops: Sequence[o.Op[Any]], alone: frozenset[str] = frozenset()) -> lis
     new: list[int] = []  # enqueues, after the steady ops: they go together too
     rest: list[int] = []
     held: set[str | None] = set()
+    behind = False  # an enqueue stayed in ``rest``: the later ones do too (runs' seq order)
     for k, op in enumerate(ops):
         run = _run_of(op, alone)
+        enqueue = isinstance(op, o.Enqueue)
         if run is None:
             order += first + new + rest + [k]
-            first, new, rest, held = [], [], [], set()
-        elif run in held:
-            rest.append(k)
-        elif _steady(op, alone):
+            first, new, rest, held, behind = [], [], [], set(), False
+        elif _steady(op, alone) and run not in held:
             first.append(k)
-        else:
-            (new if isinstance(op, o.Enqueue) else rest).append(k)
+        elif enqueue and not behind and run not in held:
+            new.append(k)
             held.add(run)
+        else:
+            rest.append(k)
+            held.add(run)
+            behind = behind or enqueue
     return order + first + new + rest
+
+
 
 
 async def _apply_all(conn: Conn, ops: Sequence[o.Op[Any]], parents: Parents) -> list[Any]:
@@ -1261,12 +1273,19 @@ async def _apply_one(conn: Conn, op: o.Op[Any]) -> Any:
 
 
 # -- one crossing per call ---------------------------------------------------------------------
-# A batch's statements are planned once and kept (a generic plan): PostgreSQL would plan
-# those that take arrays again at every call, because their plan for the arrays' actual
-# lengths looks cheaper than one for any length, and planning them costs more than running
-# them (0.2 ms against 0.07). Their plans are key lookups that do not depend on the values.
-# Reads keep the default: a filter on a rare state is planned for that state.
-BEGIN = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan"
+# A batch of the hot path's ops has its statements planned once and kept (a generic plan):
+# PostgreSQL would plan those that take arrays again at every call, because their plan for
+# the arrays' actual lengths looks cheaper than one for any length, and planning them costs
+# more than running them (0.2 ms against 0.07). Their plans are key lookups whatever the
+# values. Other batches (and reads) keep the default: a timer's wake-up, planned for no
+# particular time, would scan every waiting run (37 ms at 200,000, against 0.3).
+BEGIN = "BEGIN"
+BEGIN_GENERIC = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan"
+_GENERIC = (o.StartStep, o.SaveStep, o.CompleteRun, o.Enqueue, o.Claim, o.Renew)
+
+
+def _begin(ops: Sequence[o.Op[Any]]) -> str:
+    return BEGIN_GENERIC if all(isinstance(op, _GENERIC) for op in ops) else BEGIN
 
 
 async def commit(conn: Conn) -> None:
@@ -1279,7 +1298,7 @@ async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]], parents: Parents) -> l
 
     async def body(conn: Conn) -> list[Any]:
         pid = conn.get_server_pid()  # (unknown once the connection is gone)
-        await conn.execute(BEGIN)
+        await conn.execute(_begin(ops))
         try:
             with o.noting_ends() as noted:
                 outcomes = await _apply_all(conn, ops, parents)
