@@ -7,7 +7,9 @@ run against the session's real server (``postgres`` in ``tests/conftest.py``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -125,8 +127,9 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
     postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The hot path's statements, counted (each is a round trip to the server): task starts
-    and outcomes together are BEGIN, one locking read of their runs with their steps, one
-    write of steps, runs and history, the transaction id, COMMIT, however many there are.
+    and outcomes together are BEGIN, a lock of their runs, one read of the runs with their
+    steps, one write of steps, runs and history, the transaction id, COMMIT, however many
+    there are.
     The completion of a run that has no parent goes with them (the store saw that when it
     claimed the run; for a run it did not, one read more asks). An op of another
     kind takes one read and one write of its own; enqueues, one statement together."""
@@ -152,12 +155,12 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
         outcomes = await store.apply([o.SaveStep(lease, step("0"), 4.0),
                                       o.StartStep(lease, step("1", state="running"), 4.0, 30.0)])
         assert outcomes == [True, True]
-        assert statements == ["BEGIN", "SELECT", "WITH", "SELECT", "COMMIT"]
+        assert statements == ["BEGIN", "SELECT", "SELECT", "WITH", "SELECT", "COMMIT"]
         statements.clear()
         outcomes = await store.apply([o.SaveStep(lease, step("1"), 5.0),
                                       o.CompleteRun(lease, '"done"', 5.0)])
         assert [getattr(x, "state", x) for x in outcomes] == [True, "completed"]
-        assert statements == ["BEGIN", "SELECT", "WITH", "SELECT", "COMMIT"]
+        assert statements == ["BEGIN", "SELECT", "SELECT", "WITH", "SELECT", "COMMIT"]
         assert [(s.position, s.state) for s in await store.get_steps("r1")] == [
             ("0", "completed"), ("1", "completed")]
         assert [e.event for e in await store.get_history("r1")] == [
@@ -175,7 +178,8 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
         outcomes = await store.apply([o.SaveStep(claimed.lease, step("0"), 4.0),
                                       o.CompleteRun(claimed.lease, '"done"', 4.0)])
         assert [getattr(x, "state", x) for x in outcomes] == [True, "completed"]
-        assert statements == ["BEGIN", "SELECT", "SELECT", "WITH", "SELECT", "COMMIT"]
+        assert statements == ["BEGIN", "SELECT", "SELECT", "SELECT", "WITH", "SELECT",
+                              "COMMIT"]
 
 
 async def test_the_batched_writes_array_types_are_the_tables_column_types(
@@ -629,6 +633,97 @@ async def test_a_trio_cancel_in_the_middle_of_a_query_leaves_the_pool_healthy(
         await execute(store, o.CompleteRun(claimed.lease, '"done"', 12.0))
         run = await store.get_run("r1")
         assert run is not None and (run.state, run.result) == ("completed", '"done"')
+
+
+@pytest.mark.parametrize("together", [False, True])
+async def test_a_run_ending_as_another_server_ends_its_last_child_does_not_wait_for_it(
+    postgres: TestPostgres, together: bool,
+) -> None:
+    """Another server ends a run's last child, holding the parent's row lock (as it tells
+    the parent), while this one ends the parent and waits for that lock: the count of the
+    parent's unfinished children is taken once the lock is granted, not from before it (a
+    wait for a child that has ended would never end). ``together``: the completion goes
+    with another run's task start, as a busy batch's does."""
+    from tests.store.test_children import start
+    from tests.store.test_conformance import step
+
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store, \
+            raw_connection(postgres, schema) as holder:
+        await store.apply([enqueue("p"), enqueue("r2")])
+        leases = {c.run.id: c.lease for c in await execute(store, o.Claim("w1", WF, 5, 2.0,
+                                                                          30.0))}
+        await execute(store, start(leases["p"], "0"))
+        await execute(store, o.Claim("w1", WF, 5, 3.0, 30.0))  # the child runs
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM runs WHERE id = 'p' FOR UPDATE")
+        await holder.execute("UPDATE runs SET state = 'completed', finished_at = 4.0"
+                             " WHERE id = 'p/0'")
+        ops: list[o.Op[Any]] = [o.CompleteRun(leases["p"], '"sent"', 5.0)]
+        if together:
+            ops.append(o.StartStep(leases["r2"], step("0", state="running"), 5.0))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.apply, ops)
+            with trio.fail_after(10):  # the completion waits for the parent's lock
+                while not await holder.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                        " 'aiki' AND wait_event_type = 'Lock'"):
+                    await trio.sleep(0.02)
+            await holder.execute("COMMIT")
+        run = await store.get_run("p")
+        assert run is not None and (run.state, run.result) == ("completed", '"sent"')
+        assert await store.get_waits("p") == ()
+
+
+@pytest.mark.parametrize("together", [False, True])
+async def test_a_task_outcome_sent_again_through_another_server_is_applied_once(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch, together: bool,
+) -> None:
+    """A worker's outcome is sent again through another server while the first server's
+    transaction still holds its run (a reply lost in a partition): the second waits for the
+    lock, then reads the step as the first left it (not as of before the lock), so it
+    changes nothing and records nothing more. ``together``: with another run's task
+    outcome, as in a busy batch."""
+    from tests.store.test_conformance import step
+
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema) as first, \
+            PostgresStore.open(postgres.dsn, schema=schema) as second, \
+            raw_connection(postgres, schema) as watcher:
+        await first.apply([enqueue("r1"), enqueue("r2")])
+        leases = {c.run.id: c.lease for c in await execute(first, o.Claim("w1", WF, 5, 2.0,
+                                                                          30.0))}
+        await first.apply([o.StartStep(leases["r1"], step("0", state="running"), 3.0),
+                           o.StartStep(leases["r2"], step("0", state="running"), 3.0)])
+        done = o.SaveStep(leases["r1"], step("0"), 4.0)
+        ops: list[o.Op[Any]] = [done]
+        if together:
+            ops.append(o.SaveStep(leases["r2"], step("0"), 4.0))
+        token = trio.lowlevel.current_trio_token()
+        real_commit = _sql.commit
+        committing, go_on = trio.Event(), threading.Event()
+
+        async def held_commit(conn: Any) -> None:  # (on the asyncio loop's thread)
+            if not committing.is_set():  # the first server's: held before its COMMIT
+                trio.from_thread.run_sync(committing.set, trio_token=token)
+                while not go_on.is_set():
+                    await asyncio.sleep(0.01)
+            await real_commit(conn)
+
+        monkeypatch.setattr(_sql, "commit", held_commit)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first.apply, [done])
+            with trio.fail_after(10):
+                await committing.wait()  # its transaction holds r1
+            nursery.start_soon(second.apply, ops)
+            with trio.fail_after(10):  # the second waits for r1's lock
+                while not await watcher.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                        " 'aiki' AND wait_event_type = 'Lock'"):
+                    await trio.sleep(0.02)
+            go_on.set()
+        assert [e.event for e in await first.get_history("r1")] == [
+            "run.queued", "run.running", "task.running", "task.completed"]
 
 
 async def test_claims_skip_rows_another_transaction_holds(postgres: TestPostgres) -> None:

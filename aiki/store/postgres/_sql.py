@@ -604,6 +604,10 @@ async def _cascade(conn: Conn, run_id: str, reason: str | None, grace: float, wh
             await _ended(conn, change.run, now, ended)
 
 
+# (In READ COMMITTED, a statement that waits for a row lock sees that row as its holder
+# left it, but every other row as of the statement's start: a child another server ended
+# while holding its parent's lock still counts as unfinished. A count above zero is taken
+# again once the lock is held: a parent would otherwise wait for a child that has ended.)
 _RUN_AND_CHILDREN = (
     f"SELECT {', '.join(f'r.{f.name}' for f in attrs.fields(RunRecord))},"
     f" (SELECT count(*) FROM runs c WHERE c.parent_id = r.id AND NOT c.detached"
@@ -618,6 +622,8 @@ async def _finish(conn: Conn, op: o.CompleteRun | o.FailRun) -> RunRecord | None
     run = m.fenced(op.lease, m.unpaused(op.lease, None if row is None else RunRecord(
         *tuple(row)[:_N_RUN])))
     children: int = 0 if row is None else row[_N_RUN]
+    if children:  # counted as of before the lock: again, now that it is held
+        children = await _unfinished(conn, run_id)
     ended: list[RunRecord] = []
     now_run: RunRecord | None = run
     if isinstance(op, o.FailRun) and run.cancel_requested_at is None and children:
@@ -964,17 +970,20 @@ _STEP_TYPES = ["text", *_array_types(StepRecord)]
 _RUN_TYPES = _array_types(RunRecord)
 _HISTORY_TYPES = ["text", "float8", "text", "int8", "text", "text", "text", "text"]
 _N_RUN = len(attrs.fields(RunRecord))
-_RUNS_AND_STEPS = (  # the runs, locked in the order of their ids, each with the step asked for
-    # and, for a run about to end ($3), how many of the children it did not detach are
-    # unfinished
+# A run's row is locked first, on its own, and read with its steps after: a statement
+# that waits for a row lock reads that row as its holder left it but every other row (a
+# step the holder wrote) as of before the wait, so a task outcome sent again through
+# another server while the first one's transaction held the run was applied twice.
+_LOCK_RUNS = "SELECT 1 FROM runs WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
+_RUNS_AND_STEPS = (  # the runs, each with the step asked for and, for a run about to end
+    # ($3), how many of the children it did not detach are unfinished
     "SELECT " + ", ".join(f"r.{f.name}" for f in attrs.fields(RunRecord)) + ", "
     f"CASE WHEN q.ending THEN (SELECT count(*) FROM runs c WHERE c.parent_id = r.id"
     f" AND NOT c.detached AND c.{_UNFINISHED}) END, "
     + ", ".join(f"s.{f.name}" for f in attrs.fields(StepRecord))
     + " FROM unnest($1::text[], $2::text[], $3::bool[]) AS q(run_id, position, ending)"
     " JOIN runs r ON r.id = q.run_id"
-    " LEFT JOIN steps s ON s.run_id = q.run_id AND s.position = q.position"
-    " ORDER BY r.id FOR UPDATE OF r")
+    " LEFT JOIN steps s ON s.run_id = q.run_id AND s.position = q.position")
 _SAVE_ALL = (  # steps, runs and history events, each a column of arrays, and the waits of
     # the runs that ended, in one statement
     f"WITH upserted AS (INSERT INTO steps (run_id, {STEP_COLUMNS})"
@@ -1068,8 +1077,10 @@ async def _locked_runs_and_steps(
 ) -> tuple[dict[str, RunRecord], dict[tuple[str, str | None], StepRecord | None],
            dict[str, int]]:
     """The runs of ``keys`` (run id, position), locked, each with the step at that position
-    (None: not recorded), in one round trip; for a key with no position (a run about to
-    end), how many of the run's children it did not detach are unfinished."""
+    (None: not recorded), in two round trips (:data:`_LOCK_RUNS`); for a key with no
+    position (a run about to end), how many of the run's children it did not detach are
+    unfinished."""
+    await conn.execute(_LOCK_RUNS, list(dict.fromkeys(k[0] for k in keys)))
     rows = await conn.fetch(_RUNS_AND_STEPS, [k[0] for k in keys], [k[1] for k in keys],
                             [k[1] is None for k in keys])
     runs: dict[str, RunRecord] = {}
