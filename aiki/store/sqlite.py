@@ -879,11 +879,11 @@ class SqliteStore:
                 or trio.lowlevel.current_statistics().tasks_runnable):
             self._threaded = max(self._threaded - 1, 0)
             return None
-        if self._waits:
-            db.execute("PRAGMA busy_timeout = 0")
-            self._waits = False
         started = time.perf_counter()
         try:
+            if self._waits:
+                db.execute("PRAGMA busy_timeout = 0")
+                self._waits = False
             return _apply_batch(db, ops)
         except sqlite3.OperationalError as exc:
             if getattr(exc, "sqlite_errorcode", None) in _BUSY:

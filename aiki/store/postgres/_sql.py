@@ -1144,10 +1144,11 @@ def _simple(change: m.Change) -> bool:
 
 
 async def _apply_steady(conn: Conn, ops: Sequence[Steady]) -> list[Any]:
-    """Several task starts and outcomes and ends of runs (of one run or many) in two round
-    trips, where one at a time takes two each: one read of every run (locked) with the step
-    asked for, the state machine's decisions in order (each op sees the ones before it),
-    then one write. (A run that ends waiting for its children writes its waits on its own.)"""
+    """Several task starts and outcomes and ends of runs (of one run or many) in three round
+    trips, where one at a time takes three each: a lock of every run and one read of them
+    with the steps asked for (:func:`_locked_runs_and_steps`), the state machine's decisions
+    in order (each op sees the ones before it), then one write. (A run that ends waiting for
+    its children writes its waits on its own; one that turns out to have a parent tells it.)"""
     keys = list(dict.fromkeys(
         (op.lease.run_id, None if isinstance(op, o.CompleteRun) else op.step.position)
         for op in ops))
