@@ -1102,6 +1102,12 @@ def started_by_a_schedule(run: RunRecord | None) -> bool:
     return run is not None and (run.idempotency_key or "").startswith("schedule:")
 
 
+def ends_alone(run: RunRecord) -> bool:
+    """Whether ``run``'s end writes no other run: it has no parent to tell and no schedule
+    occurrence can be buffered behind it (both fixed when it is enqueued)."""
+    return run.parent_id is None and not started_by_a_schedule(run)
+
+
 def run_id_for(schedule_id: str, key: str) -> str:
     return f"{schedule_id}@{key}"
 

@@ -827,9 +827,9 @@ class SqliteStore:
         self._db: Db | None = db
         self._offload = offload
         self._limiter = trio.CapacityLimiter(1)
-        # Point reads inline (see the module's docstring): only for a file, and only when
-        # the writer is in a thread (inline, reads go to the one connection anyway).
-        self._inline_reads = offload and path != ":memory:" and not path.startswith("file:")
+        # Point reads and idle batches inline (see the module's docstring): only for a
+        # file, and only when the writer is in a thread (else everything runs inline).
+        self._inline = offload and path != ":memory:" and not path.startswith("file:")
         self._reader: Db | None = None
         self._busy_timeout = busy_timeout
         self._waits = True  # the writer's connection waits busy_timeout for a lock
@@ -874,7 +874,7 @@ class SqliteStore:
         it: the thread waits instead), and not for the next batches after an inline one
         took long (a slow disk's fsync must not stall the event loop)."""
         db = self._db
-        if (db is None or not self._inline_reads or self._threaded
+        if (db is None or not self._inline or self._threaded
                 or self._limiter.borrowed_tokens
                 or trio.lowlevel.current_statistics().tasks_runnable):
             self._threaded = max(self._threaded - 1, 0)
@@ -898,7 +898,7 @@ class SqliteStore:
     async def _lookup(self, fn: Callable[[Db], T]) -> T:
         """A point read: inline on the query-only connection if there is one, and it is not
         refused; in the writer's thread otherwise."""
-        if self._inline_reads and self._db is not None:
+        if self._inline and self._db is not None:
             await trio.lowlevel.checkpoint()
             try:
                 if self._reader is None:

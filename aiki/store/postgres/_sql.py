@@ -391,11 +391,10 @@ _ENQUEUE_ALL = (  # the runs and their first events in one statement; the ids cr
 
 async def _enqueue_all(conn: Conn, ops: Sequence[o.Enqueue]) -> list[Any]:
     """Several enqueues in one round trip (two if some idempotency key names a run there
-    already), in order. A group with one run id twice goes one at a time (the statement's
-    answer does not tell which of the two created the run), and, to keep this simple, one
-    with a key twice."""
-    keys = [(op.workflow, op.idempotency_key) for op in ops if op.idempotency_key is not None]
-    if len({op.run_id for op in ops}) < len(ops) or len(set(keys)) < len(keys):
+    already), in order: of two with one key, the first inserts and the second finds its run,
+    as one at a time. A group with one run id twice goes one at a time (the statement's
+    answer does not tell which of the two created the run)."""
+    if len({op.run_id for op in ops}) < len(ops):
         return [await _one_of(conn, op) for op in ops]
     created = {row[0] for row in await conn.fetch(_ENQUEUE_ALL, *_columns(
         [(op.run_id, op.workflow, op.version, op.payload, op.idempotency_key, op.now,
@@ -997,15 +996,13 @@ _SAVE_ALL = (  # steps, runs and history events, each a column of arrays, and th
     f"${1 + len(_STEP_TYPES) + len(_RUN_TYPES) + len(_HISTORY_TYPES)}::text[]))"
     " INSERT INTO history (run_id, at, event, attempt, worker_id, position, name, detail)"
     f" SELECT * FROM {_unnest(1 + len(_STEP_TYPES) + len(_RUN_TYPES), _HISTORY_TYPES)}")
-# Whether a run's end writes no other run: no parent to tell, no schedule occurrence
-# buffered behind it (both fixed at enqueue). ``$1``: run ids.
-_ENDS_ALONE = ("SELECT id, parent_id IS NULL AND coalesce(idempotency_key, '') NOT LIKE"
-               " 'schedule:%' FROM runs WHERE id = ANY($1::text[])")
+# The runs of ``$1`` (their ids), for :func:`aiki.store.machine.ends_alone`.
+_RUNS_OF = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ANY($1::text[])"
 
 
 class Parents:
     """What a store has seen of runs' parents: whether a run's end writes no other run
-    (:data:`_ENDS_ALONE`), for the runs it claimed, so a batch's completions go
+    (:func:`aiki.store.machine.ends_alone`), for the runs it claimed, so a batch's completions go
     with its task starts and outcomes without a read to ask. Both facts are fixed when a
     run is enqueued; a run is forgotten when it ends or is purged, and, past ``limit``
     runs, the oldest half is (an unknown run costs one read). Touched on the asyncio loop
@@ -1029,15 +1026,14 @@ class Parents:
 
     async def ending_alone(self, conn: Conn, ops: Sequence[o.Op[Any]]) -> frozenset[str]:
         """The runs whose completion is in ``ops`` and whose end writes no other run; a
-        read only for runs not known, and only for a batch in which that can move
-        something."""
+        read only for runs not known, and not for a batch of one op."""
         ending = [op.lease.run_id for op in ops if isinstance(op, o.CompleteRun)]
         if not ending or len(ops) < 2:
             return frozenset()
         unknown = [run_id for run_id in ending if run_id not in self._alone]
         if unknown:
-            for run_id, alone in await conn.fetch(_ENDS_ALONE, unknown):
-                self.learn(run_id, alone)
+            for row in await conn.fetch(_RUNS_OF, unknown):
+                self.learn(row[0], m.ends_alone(_run(row)))
         return frozenset(run_id for run_id in ending if self._alone.get(run_id))
 
     def applied(self, ops: Sequence[o.Op[Any]], outcomes: o.Outcomes) -> None:
@@ -1047,8 +1043,7 @@ class Parents:
         for op, outcome in zip(ops, outcomes, strict=True):
             if isinstance(op, o.Claim) and isinstance(outcome, tuple):
                 for claimed in outcome:
-                    self.learn(claimed.run.id, claimed.run.parent_id is None
-                               and not m.started_by_a_schedule(claimed.run))
+                    self.learn(claimed.run.id, m.ends_alone(claimed.run))
             elif isinstance(op, o.PurgeRuns) and isinstance(outcome, tuple):
                 for run_id in outcome:
                     self.forget(run_id)
@@ -1170,8 +1165,7 @@ async def _apply_steady(conn: Conn, ops: Sequence[Steady]) -> list[Any]:
                                and change.run.state in TERMINAL_RUN_STATES) else None
         # (The run's row, locked, has the last word on whether its end writes another
         # run: a run id used again after a purge elsewhere may now name a child.)
-        alone = ended is None or (ended.parent_id is None
-                                  and not m.started_by_a_schedule(ended))
+        alone = ended is None or m.ends_alone(ended)
         if _simple(change) and alone:
             writes.add(run_id, change)
         else:
@@ -1192,7 +1186,7 @@ async def _apply_steady(conn: Conn, ops: Sequence[Steady]) -> list[Any]:
 
 # (A run's end may also write its parent, woken, and its children, cancelled: it may touch
 # several runs, and a task start of its parent must not move ahead of it. One that writes
-# no other run is known before the batch is ordered: :data:`_ENDS_ALONE`.)
+# no other run is known before the batch is ordered: :class:`Parents`.)
 _ONE_RUN_OPS = (o.StartStep, o.SaveStep, o.ReleaseRun, o.WaitRun, o.AwaitStep)
 
 
