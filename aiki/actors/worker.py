@@ -310,9 +310,13 @@ class Worker:
                 held = self.held.get(lease.run_id)
                 if held is not None and held.lease == lease and lease.run_id not in ack.lost:
                     held.renewed = max(held.renewed, sent)
+            sent_epochs = {lease.run_id: lease.epoch for lease in leases}
             for run_id in ack.lost:
-                held = self.held.pop(run_id, None)
-                if held is not None:
+                held = self.held.get(run_id)
+                # (Only the lease the heartbeat carried: the run may be this worker's again
+                # by now, under a newer lease assigned while the heartbeat was on its way.)
+                if held is not None and held.lease.epoch == sent_epochs.get(run_id):
+                    del self.held[run_id]
                     log.info("worker %s: lost the lease of run %s", self.id, run_id)
                     held.cancel()
                     self._count_slots()

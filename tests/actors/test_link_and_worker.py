@@ -161,8 +161,10 @@ async def test_the_reconnecting_hello_reannounces_held_leases(
 async def test_a_lease_lost_while_disconnected_is_dropped_on_reconnect(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """Away longer than the lease: the run went elsewhere; the heartbeat right after the
-    reconnection says so, and the late save is refused (fenced)."""
+    """Away longer than the lease: the run was queued again; the heartbeat right after the
+    reconnection says so, and the run's actor under the old lease stops: nothing is saved
+    under it. (The run may come back to the same worker under a new lease: it is queued,
+    and the worker has room.)"""
     reset()
     async with cluster(lease_ttl=4) as (server, transport, client):
         async with running(worker(transport, [two_steps], "w1")) as w1:
@@ -175,14 +177,19 @@ async def test_a_lease_lost_while_disconnected_is_dropped_on_reconnect(
             assert run is not None and run.state == "queued"
             transport.down = False
             with trio.fail_after(30):
-                while w1.held:  # the reconnection's heartbeat reports the lease lost
+                # The reconnection's heartbeat reports the lease lost.
+                while any(h.lease.epoch == 1 for h in w1.held.values()):
                     await trio.sleep(0.01)
-        gate("l-a").set()
-        gate("l-b").set()
-        async with running(worker(transport, [two_steps], "w2")):
-            assert await handle.wait_for_completion(timeout=60) == ["done l-a", "done l-b"]
+            gate("l-a").set()
+            gate("l-b").set()
+            async with running(worker(transport, [two_steps], "w2")):
+                assert await handle.wait_for_completion(timeout=60) == ["done l-a",
+                                                                        "done l-b"]
         history = await handle.history()
-        assert not [e for e in history if e.worker_id == "w1" and e.event == "task.completed"]
+        again = next(i for i, e in enumerate(history)
+                     if e.event == "run.running" and e.detail == "lease epoch 2")
+        done = [i for i, e in enumerate(history) if e.event == "task.completed"]
+        assert len(done) == 2 and min(done) > again, "nothing completed under epoch 1"
 
 
 async def test_a_request_waits_for_the_reconnection_within_its_timeout(
@@ -594,3 +601,37 @@ def test_a_run_that_starts_as_its_worker_is_cancelled_has_its_shields_stopped() 
         return stopped
 
     assert trio.run(main) == ["r1", "r2"]
+
+
+async def test_a_lease_reported_lost_spares_the_newer_lease_of_the_same_run(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The heartbeat carried epoch 1; while it was on its way the run came back to this
+    # worker under epoch 2 (it was queued again, the worker had room). The ack's "lost"
+    # is about epoch 1: the epoch-2 actor keeps running.
+    from aiki.actors.worker import Held
+    from aiki.records import Lease
+
+    w = worker(Severable(), [two_steps], "w1")
+    old, new = Lease("r", 1, "w1"), Lease("r", 2, "w1")
+    w.held["r"] = Held(old, trio.CancelScope())
+    newer = Held(new, trio.CancelScope())
+
+    class Beating:
+        welcome = p.Welcome(1, "srv", 4.0, 1.0)
+        beats: list[tuple[Lease, ...]] = []
+
+        async def request(self, make: Any, timeout: float | None = None) -> Any:
+            beat = make(0)
+            self.beats.append(beat.leases)
+            if len(self.beats) == 1:
+                w.held["r"] = newer  # the new assignment arrives meanwhile
+            await trio.sleep(0)
+            lost = ("r",) if old in beat.leases else ()
+            return p.HeartbeatAck(0, lost, None)
+
+    link = Beating()
+    with trio.move_on_after(2.5):
+        await w._heartbeat(link)  # type: ignore[arg-type]
+    assert w.held.get("r") is newer and not newer.scope.cancel_called
+    assert link.beats[:2] == [(old,), (new,)]  # and the next beat renews the new lease
