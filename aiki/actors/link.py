@@ -35,6 +35,7 @@ from aiki import protocol as p
 from aiki.actors.deadlines import DeadlineQueue
 from aiki.client.core import FATAL, Backoff, goodbye_error, refusal_error, welcome_of
 from aiki.transport.base import Connection, Transport
+from aiki.transport.memory import Answer, MemoryConnection
 
 log = logging.getLogger("aiki.link")
 T = TypeVar("T")
@@ -101,6 +102,21 @@ class _Waiter:
             self.done.set()
 
 
+@attrs.define(eq=False)
+class _Call:
+    """A request answered in its caller's task: the sweep cancels its scope at its deadline."""
+
+    scope: trio.CancelScope
+    done: bool = False
+
+    def is_done(self) -> bool:
+        return self.done
+
+    def expire(self, exc: BaseException) -> None:
+        if not self.done:
+            self.scope.cancel()
+
+
 class _TimedOut(Exception):
     """The sweep ended a request's wait at its deadline."""
 
@@ -122,8 +138,9 @@ class Link:
     _final: BaseException | None = None
     _req: int = 0
     _waiting: dict[int, _Waiter] = attrs.field(factory=dict)
+    _calls: int = 0  # requests being answered in their callers' tasks (``_call``)
     # The deadlines of requests sent at once (see ``request``), swept by one task.
-    _deadlines: DeadlineQueue[_Waiter] = attrs.field(factory=DeadlineQueue)
+    _deadlines: DeadlineQueue[_Waiter | _Call] = attrs.field(factory=DeadlineQueue)
 
     @classmethod
     @asynccontextmanager
@@ -169,7 +186,7 @@ class Link:
     @property
     def in_flight(self) -> int:
         """Requests sent and not yet answered."""
-        return len(self._waiting)
+        return len(self._waiting) + self._calls
 
     def next_req(self) -> int:
         self._req += 1
@@ -198,8 +215,13 @@ class Link:
             await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller sends nothing
             req = self.next_req()
             waiter = self._waiting[req] = _Waiter(conn)
+            answer = conn.direct() if isinstance(conn, MemoryConnection) else None
             try:
-                sent = conn.try_send(make(req))
+                if answer is not None:
+                    await self._answer(answer, waiter, make(req), deadline, limit)
+                    sent = True
+                else:
+                    sent = conn.try_send(make(req))
             except errors.ConnectionLost:
                 self._drop(conn)
                 self._waiting.pop(req, None)
@@ -212,13 +234,11 @@ class Link:
             if not sent:
                 self._waiting.pop(req, None)
             else:
-                self._deadlines.add(deadline, limit, waiter)
                 try:
-                    await waiter.done.wait()
+                    if not waiter.is_done():
+                        await self._reply_of(waiter, deadline, limit)
                 finally:
                     self._waiting.pop(req, None)
-                    waiter.expire(_TimedOut())  # (nothing once answered) off the queue
-                    self._deadlines.trim()
                 lost = isinstance(waiter.error, errors.ConnectionLost)
                 if not (lost and self._may_resend(retry)):
                     return self._outcome(waiter, limit)
@@ -230,14 +250,19 @@ class Link:
                     conn = await self._connection()
                     req = self.next_req()
                     waiter = self._waiting[req] = _Waiter(conn)
+                    answer = conn.direct() if isinstance(conn, MemoryConnection) else None
                     try:
                         try:
-                            await conn.send(make(req))
+                            if answer is not None:
+                                await self._answer(answer, waiter, make(req), deadline, limit)
+                            else:
+                                await conn.send(make(req))
                         except errors.ConnectionLost as exc:
                             waiter.error = exc
                             self._drop(conn)
                         else:
-                            await waiter.done.wait()
+                            if not waiter.is_done():
+                                await waiter.done.wait()
                     finally:
                         self._waiting.pop(req, None)
                     if (isinstance(waiter.error, errors.ConnectionLost)
@@ -249,6 +274,52 @@ class Link:
         except trio.TooSlowError:
             raise TimeoutError(f"no reply from the server within {limit} s") from None
         return self._outcome(waiter, limit)
+
+    async def _reply_of(self, waiter: _Waiter, deadline: float, limit: float) -> None:
+        """Wait for ``waiter``'s reply, or for its deadline (timed out by the sweep, unless
+        a later deadline was queued while its request was answered directly)."""
+        if not self._deadlines.fits(deadline):
+            with trio.move_on_at(deadline):
+                await waiter.done.wait()
+            waiter.expire(_TimedOut())
+            return
+        self._deadlines.add(deadline, limit, waiter)
+        try:
+            await waiter.done.wait()
+        finally:
+            waiter.expire(_TimedOut())  # (nothing once answered) off the queue
+            self._deadlines.trim()
+
+    async def _answer(self, answer: Answer, waiter: _Waiter, msg: Any, deadline: float,
+                      limit: float) -> None:
+        """Have the server's session answer ``msg`` in this task (a connection within this
+        process; see :meth:`aiki.transport.memory.MemoryConnection.direct`): ``waiter`` is
+        done with its reply, or, where the reply comes as a message (the end of a watched
+        run), waits for it as for that of a request sent.
+
+        What the server was sent, it finishes, as it would a message that left on a
+        connection: the answer is shielded from this task's cancellation (which is seen
+        once it returns) and ends at the request's deadline (the sweep's, where it fits).
+        """
+        call = _Call(trio.CancelScope(shield=True))
+        if self._deadlines.fits(deadline):
+            self._deadlines.add(deadline, limit, call)
+        else:
+            call.scope.deadline = deadline
+        self._calls += 1
+        try:
+            with call.scope:
+                reply = await answer(msg)
+        finally:
+            self._calls -= 1
+            call.done = True
+            self._deadlines.trim()
+        if call.scope.cancelled_caught:
+            raise TimeoutError(f"no reply from the server within {limit} s")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if reply is not None:
+            waiter.value = reply
+            waiter.done.set()
 
     def _may_resend(self, retry: bool) -> bool:
         return retry and self._final is None and self.reconnect is not None

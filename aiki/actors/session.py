@@ -2,9 +2,11 @@
 
 It reads the connection, authenticates the first message (``Hello``), and serves requests,
 each in its own task (bounded by ``max_in_flight``) so one slow write does not hold up the
-others. It owns its outbox and the seat it registered with the Dispatcher, both dropped when
-the connection ends; everything durable goes through the StoreWriter, so a crashed session
-loses no state (the worker reconnects and re-announces its leases).
+others. A peer in the same process (the memory transport) has its requests answered in its
+own task instead, within the same bound: no message, no task spawned here. It owns its
+outbox and the seat it registered with the Dispatcher, both dropped when the connection ends;
+everything durable goes through the StoreWriter, so a crashed session loses no state (the
+worker reconnects and re-announces its leases).
 
 A malformed or unknown message is answered with ``Refused`` and logged; the connection stays
 up until ``max_protocol_errors`` of them, then it is closed with a reason. A refusal that a
@@ -21,7 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import typing
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -62,6 +65,7 @@ from aiki.store import ops
 from aiki.store.base import Store
 from aiki.store.machine import ON_CONFLICT
 from aiki.transport.base import Connection
+from aiki.transport.memory import MemoryConnection
 
 log = logging.getLogger("aiki.session")
 RUN_STATES: tuple[str, ...] = typing.get_args(RunState)
@@ -220,9 +224,14 @@ class Session:
             async with trio.open_nursery() as requests:
                 with trio.CancelScope() as reading:
                     session.start_soon(self._stop_reading_at_shutdown, reading)
-                    await self._until_closed(session, ended, self._read_requests, requests)
+                    with self._answering_directly():
+                        await self._until_closed(session, ended, self._read_requests,
+                                                 requests)
             # Only a shutdown gets here with the connection up: the requests in flight are
-            # answered; send what is queued, then say goodbye.
+            # answered (those answered in their peer's task too); send what is queued, then
+            # say goodbye.
+            while self._serving:
+                await self._one_answered()
             self.outbox.close()
             self._watching.cancel()
         if ended:
@@ -298,10 +307,15 @@ class Session:
             if msg is None:
                 continue
             while self._serving >= self.ctx.max_in_flight:
-                self._room = trio.Event()
-                await self._room.wait()
+                await self._one_answered()
             self._serving += 1
             requests.start_soon(self._serve_one, msg)
+
+    async def _one_answered(self) -> None:
+        """Wait until a request being answered is answered (every waiter wakes)."""
+        if self._room.is_set():
+            self._room = trio.Event()
+        await self._room.wait()
 
     async def _receive(self) -> Any:
         try:
@@ -349,7 +363,37 @@ class Session:
         if not self._send_at_once(reply):
             await self.outbox.address.tell(reply)
 
+    @contextmanager
+    def _answering_directly(self) -> Iterator[None]:
+        """While the session reads its requests, a peer in this process may have them
+        answered in its own task instead (see ``MemoryConnection.direct``): no message
+        through the connection, no task spawned here, no reply back through it."""
+        conn = self.conn
+        if not isinstance(conn, MemoryConnection):
+            yield
+            return
+        conn.answer_directly(self._answer_directly)
+        try:
+            yield
+        finally:
+            conn.answer_directly(None)
+
+    async def _answer_directly(self, msg: Any) -> Any:
+        """A request answered in the peer's task: as ``_serve_one`` would, but the reply is
+        returned. ``_serving`` counts it (a shutdown waits for it, as for the others), and
+        it waits for room as a request read from the connection does."""
+        self.last_heard = trio.current_time()
+        while self._serving >= self.ctx.max_in_flight:
+            await self._one_answered()
+        self._serving += 1
+        return await self._reply_to(msg)
+
     async def _serve_one(self, msg: Any) -> None:
+        reply = await self._reply_to(msg)
+        if reply is not None:
+            await self._reply(reply)
+
+    async def _reply_to(self, msg: Any) -> Any:
         try:
             reply = await self._answer(msg)
         except AikiError as exc:
@@ -367,8 +411,7 @@ class Session:
         finally:
             self._serving -= 1
             self._room.set()
-        if reply is not None:
-            await self._reply(reply)
+        return reply
 
     async def _answer(self, msg: Any) -> Any:
         ctx = self.ctx

@@ -8,12 +8,18 @@ variable ``AIKI_CHECK_WIRE=1``, which the test suite sets) still encodes every m
 way and decodes it on arrival, so the tests prove that everything the engine sends survives
 the network's codec. Text sent with :meth:`MemoryConnection.send_raw` is always decoded, as a
 network peer's would be.
+
+A request need not travel at all: while the server's session reads a connection, it offers
+to answer its peer's requests in the peer's own task (:meth:`MemoryConnection.direct`), so a
+request and its reply cost no message through the channels, no task woken to read them and
+none spawned to answer. Pushes (a run assigned, a control) still come as messages.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -32,6 +38,18 @@ def check_wire_default() -> bool:
     return os.environ.get(CHECK_WIRE_VARIABLE, "") not in ("", "0")
 
 
+Answer = Callable[[Any], Awaitable[Any]]
+
+
+@attrs.define(eq=False)
+class _Direct:
+    """Shared by a connection's two ends: how the serving end answers a request in the
+    requesting end's task, while it does."""
+
+    answer: Answer | None = None
+    closed: bool = False  # either end closed: what is answered after that is lost
+
+
 @attrs.define(eq=False)
 class MemoryConnection:
     """One end of an in-process connection. Bounded: a slow reader slows its writer."""
@@ -41,6 +59,32 @@ class MemoryConnection:
     _receive: trio.MemoryReceiveChannel[Any]
     check_wire: bool = False
     sent: int = 0
+    _direct: _Direct = attrs.field(factory=_Direct)
+
+    def answer_directly(self, answer: Answer | None) -> None:
+        """The serving end: from now on, a request of the peer's may be answered by
+        awaiting ``answer(request)`` in the peer's own task (None: no more)."""
+        self._direct.answer = answer
+
+    def direct(self) -> Answer | None:
+        """The requesting end: how to have the other end answer a request in this task, if
+        it answers that way now; else None (send the request as a message).
+
+        Messages are checked as ``send`` checks them (``check_wire``: through the codec,
+        both the request and its reply)."""
+        return None if self._direct.answer is None else self._call
+
+    async def _call(self, msg: Any) -> Any:
+        answer = self._direct.answer
+        if answer is None or self._direct.closed:
+            raise ConnectionLost(f"{self.peer} stopped answering requests")
+        item = self._item(msg)
+        reply = await answer(protocol.decode(item) if isinstance(item, str) else item)
+        if self._direct.closed:  # as a reply on its way when the connection closes
+            raise ConnectionLost(f"connection to {self.peer} is closed")
+        if self.check_wire and reply is not None:
+            reply = protocol.decode(protocol.encode(reply))
+        return reply
 
     def _item(self, msg: Any) -> Any:
         # Unchecked, a message still has to be one the protocol knows: what the network
@@ -83,6 +127,7 @@ class MemoryConnection:
         return protocol.decode(item) if isinstance(item, str) else item
 
     async def aclose(self) -> None:
+        self._direct.answer, self._direct.closed = None, True
         await self._send.aclose()
         await self._receive.aclose()
 
@@ -95,9 +140,10 @@ def connection_pair(
     check = check_wire_default() if check_wire is None else check_wire
     a_to_b_send, a_to_b_receive = trio.open_memory_channel[Any](buffer)
     b_to_a_send, b_to_a_receive = trio.open_memory_channel[Any](buffer)
+    direct = _Direct()
     return (
-        MemoryConnection(b, a_to_b_send, b_to_a_receive, check),
-        MemoryConnection(a, b_to_a_send, a_to_b_receive, check),
+        MemoryConnection(b, a_to_b_send, b_to_a_receive, check, direct=direct),
+        MemoryConnection(a, b_to_a_send, a_to_b_receive, check, direct=direct),
     )
 
 

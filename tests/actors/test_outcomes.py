@@ -227,8 +227,11 @@ async def test_an_enqueue_claims_its_slot_only_while_the_writer_is_idle(
                 held.set()
             assert sorted([await h.wait_for_completion(timeout=60) for h in handles]) == [13, 23]
     # (A batch is noted once applied.) The held enqueue found the writer idle and claimed
-    # its slot; the two behind it came in one batch, claimed after it by the Dispatcher.
-    assert store.batches[:3] == [["Enqueue", "Claim"], ["Enqueue", "Enqueue"], ["Claim"]]
+    # its slot; the two behind it came in one batch, claimed after it by the Dispatcher (the
+    # first run's task start may ride with that claim).
+    assert store.batches[:2] == [["Enqueue", "Claim"], ["Enqueue", "Enqueue"]]
+    assert store.batches[2].count("Claim") == 1
+    assert set(store.batches[2]) <= {"Claim", "StartStep"}
 
 
 async def test_an_outcome_riding_with_a_slow_lone_write_rides_again_with_the_end(

@@ -1,0 +1,198 @@
+"""Requests within one process, answered in the caller's task (MemoryConnection.direct).
+
+A client or worker on the memory transport has the server's session answer its requests in
+its own task: no message crosses the connection either way. What the server was sent it
+finishes, whatever happens to the caller; the request's deadline still holds; a shutdown
+waits for such answers as for any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+
+import aiki
+from aiki import protocol as p
+from aiki.server import Server
+from aiki.sources import Sources
+from aiki.store import MemoryStore
+from aiki.store.ops import Op
+from aiki.transport.memory import MemoryConnection, MemoryTransport
+
+
+@aiki.task(name="inc")
+async def inc(x: int) -> int:
+    return x + 1
+
+
+@aiki.workflow(name="three", version="1")
+async def three(run: aiki.WorkflowRun, x: int) -> int:
+    for _ in range(3):
+        x = await inc.run(run, x)
+    return x
+
+
+class HeldStore(MemoryStore):
+    """A store whose writes wait while ``held`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: trio.Event | None = None
+
+    async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        if self.held is not None:
+            await self.held.wait()
+        return await super().apply(ops)
+
+
+def sent(client: aiki.Client) -> int:
+    conn = client.link._conn
+    assert isinstance(conn, MemoryConnection)
+    return conn.sent
+
+
+@pytest.mark.parametrize("check_wire", [False, True])
+async def test_requests_in_one_process_cross_no_connection(
+    check_wire: bool, autojump_clock: trio.abc.Clock,
+) -> None:
+    async with aiki.embedded(MemoryStore(), sources=Sources.seeded(1),
+                             check_wire=check_wire) as client:
+        async with aiki.worker(client, workflows=[three], id="w") as worker:
+            assert worker.link is not None
+            before = sent(client), worker.link._conn.sent  # type: ignore[union-attr]
+            handles = [await three.enqueue(client, x) for x in range(5)]
+            assert [await h.wait_for_completion(timeout=60) for h in handles] == [3, 4, 5, 6, 7]
+            assert [await h.wait_for_completion() for h in handles] == [3, 4, 5, 6, 7]
+            assert (await handles[0].status()).state == "completed"
+            # Enqueues, watches, reads, task starts and outcomes, completions: not one message
+            # sent (a watched run's end comes as a message from the server: that is a push).
+            assert (sent(client), worker.link._conn.sent) == before  # type: ignore[union-attr]
+
+
+async def test_a_request_answered_directly_still_ends_at_its_deadline(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = HeldStore()
+    transport = MemoryTransport()
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(Server(store, Sources.seeded(2)).serve, transport, "srv")
+        async with aiki.Client.open(transport, address, Sources.seeded(3),
+                                    request_timeout=5.0) as client:
+            # The Link's own timeout (swept), and another (a scope of the answer's own):
+            for timeout in (None, 7.0):
+                store.held = trio.Event()
+                start = trio.current_time()
+                with pytest.raises(TimeoutError, match=f"within {timeout or 5.0}"):
+                    await client.link.request(partial(p.Enqueue, workflow="three",
+                                                      payload="0", version="1"),
+                                              timeout=timeout)
+                assert trio.current_time() - start == pytest.approx(timeout or 5.0)
+                assert client.link.in_flight == 0 and not client.link._deadlines.queue
+                held, store.held = store.held, None
+                held.set()
+                handle = await client.enqueue("three", 1, version="1")  # the server goes on
+                assert (await handle.status()).state == "queued"
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_server_finishes_a_request_whose_caller_was_cancelled(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # As a message that has left on a connection: the caller's cancellation is seen once
+    # the answer is in (shielded until then), and the write stands.
+    store = HeldStore()
+    async with aiki.embedded(store, sources=Sources.seeded(3)) as client:
+        store.held = trio.Event()
+        returned: list[Any] = []
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def release_later() -> None:
+                await trio.sleep(1.0)
+                scope.cancel()
+                await trio.sleep(1.0)
+                assert store.held is not None
+                store.held.set()
+
+            nursery.start_soon(release_later)
+            with scope:
+                try:
+                    returned.append(await client.enqueue("three", 0, version="1",
+                                                         idempotency_key="k-1"))
+                finally:
+                    ended_at = trio.current_time()
+        # Cancelled at 1.0; seen when the answer was in, at 2.0, and the reply dropped.
+        assert scope.cancelled_caught and returned == []
+        assert ended_at == pytest.approx(2.0)
+        store.held = None
+        assert [r.idempotency_key for r in await store.list_runs()] == ["k-1"]
+
+
+async def test_a_shutdown_waits_for_the_requests_being_answered_directly(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = HeldStore()
+    transport = MemoryTransport()
+    server = Server(store, Sources.seeded(4))
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(server.serve, transport, "srv")
+        async with aiki.Client.open(transport, address, Sources.seeded(5)) as client:
+            store.held = trio.Event()
+            got: list[Any] = []
+
+            async def enqueue() -> None:
+                got.append(await client.enqueue("three", 0, version="1", idempotency_key="k-2"))
+
+            nursery.start_soon(enqueue)
+            await trio.sleep(1.0)
+            server.stop()
+            await trio.sleep(1.0)
+            assert not server.ctx.no_sessions.is_set(), "the session waits for its answer"
+            store.held.set()
+            await server.ctx.no_sessions.wait()
+            # Answered, not lost with the connection:
+            assert [r.id for r in await store.list_runs()] == [h.id for h in got]
+        nursery.cancel_scope.cancel()
+
+
+async def test_requests_answered_directly_are_bounded_by_max_in_flight_too(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    class SlowReads(MemoryStore):
+        reading = most = 0
+
+        async def get_run(self, run_id: str) -> Any:
+            self.reading += 1
+            self.most = max(self.most, self.reading)
+            try:
+                await trio.sleep(1.0)
+                return await super().get_run(run_id)
+            finally:
+                self.reading -= 1
+
+    store = SlowReads()
+    transport = MemoryTransport()
+    server = Server(store, Sources.seeded(6))
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(server.serve, transport, "srv")
+        server.ctx.max_in_flight = 3
+        async with aiki.Client.open(transport, address, Sources.seeded(7)) as client:
+            refused: list[str] = []
+
+            async def read(run_id: str) -> None:
+                with pytest.raises(aiki.RunNotFound) as caught:
+                    await client.link.request(partial(p.GetRun, run_id=run_id))
+                refused.append(str(caught.value))
+
+            start = trio.current_time()
+            async with trio.open_nursery() as readers:
+                for i in range(10):
+                    readers.start_soon(read, f"nowhere-{i}")
+            assert len(refused) == 10 and store.most == 3  # every waiter got its turn
+            assert trio.current_time() - start == pytest.approx(4.0)  # 3 + 3 + 3 + 1
+            assert client.link._conn.sent == 1  # type: ignore[union-attr]  (the hello)
+        nursery.cancel_scope.cancel()
