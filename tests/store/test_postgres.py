@@ -127,21 +127,24 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
     postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The hot path's statements, counted (each is a round trip to the server): task starts
-    and outcomes together are BEGIN, a lock of their runs, one read of the runs with their
-    steps, one write of steps, runs and history, the transaction id, COMMIT, however many
-    there are.
+    and outcomes together are BEGIN with the lock of their runs (one simple query), one read
+    of the runs with their steps and the transaction's id, one write of steps, runs and
+    history, COMMIT, however many there are.
     The completion of a run that has no parent goes with them (the store saw that when it
-    claimed the run; for a run it did not, one read more asks). An op of another
-    kind takes one read and one write of its own; enqueues, one statement together."""
+    claimed the run; for a run it did not, one read more asks, and the lock is a statement
+    of its own). An op of another kind takes one read and one write of its own; enqueues,
+    one statement together."""
     from tests.store.test_conformance import step
 
     statements: list[str] = []
+    sent: list[str] = []
     for name in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
         original = getattr(asyncpg.Connection, name)
 
         def counting(self: Any, query: str, *args: Any, _original: Any = original,
                      **kwargs: Any) -> Any:
             statements.append(query.split()[0].rstrip(";"))
+            sent.append(query)
             return _original(self, query, *args, **kwargs)
 
         monkeypatch.setattr(asyncpg.Connection, name, counting)
@@ -152,15 +155,17 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
         lease = claimed.lease
         await execute(store, o.StartStep(lease, step("0", state="running"), 3.0, 30.0))
         statements.clear()
+        sent.clear()
         outcomes = await store.apply([o.SaveStep(lease, step("0"), 4.0),
                                       o.StartStep(lease, step("1", state="running"), 4.0, 30.0)])
         assert outcomes == [True, True]
-        assert statements == ["BEGIN", "SELECT", "SELECT", "WITH", "SELECT", "COMMIT"]
+        assert statements == ["BEGIN", "SELECT", "WITH", "COMMIT"]
+        assert sent[0].endswith("WHERE id IN (E'r1') ORDER BY id FOR UPDATE")
         statements.clear()
         outcomes = await store.apply([o.SaveStep(lease, step("1"), 5.0),
                                       o.CompleteRun(lease, '"done"', 5.0)])
         assert [getattr(x, "state", x) for x in outcomes] == [True, "completed"]
-        assert statements == ["BEGIN", "SELECT", "SELECT", "WITH", "SELECT", "COMMIT"]
+        assert statements == ["BEGIN", "SELECT", "WITH", "COMMIT"]
         assert [(s.position, s.state) for s in await store.get_steps("r1")] == [
             ("0", "completed"), ("1", "completed")]
         assert [e.event for e in await store.get_history("r1")] == [
@@ -178,8 +183,7 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
         outcomes = await store.apply([o.SaveStep(claimed.lease, step("0"), 4.0),
                                       o.CompleteRun(claimed.lease, '"done"', 4.0)])
         assert [getattr(x, "state", x) for x in outcomes] == [True, "completed"]
-        assert statements == ["BEGIN", "SELECT", "SELECT", "SELECT", "WITH", "SELECT",
-                              "COMMIT"]
+        assert statements == ["BEGIN", "SELECT", "SELECT", "SELECT", "WITH", "COMMIT"]
 
 
 async def test_the_batched_writes_array_types_are_the_tables_column_types(
@@ -570,6 +574,41 @@ async def test_an_unknown_commit_is_resolved_by_rereading_never_applied_twice(
                                                                       "run.running"]
     reread = "died after COMMIT; transaction" in caplog.text
     assert reread == (fault is lose_reply_after_commit), caplog.text
+
+
+async def test_the_transaction_id_of_a_batch_locked_with_its_begin_resolves_its_commit(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batch of task starts and outcomes learns its transaction's id from its read (the
+    lock sent with BEGIN assigned it), not from a statement of its own: the id that settles
+    a commit whose reply was lost. The run's id has the characters a literal must escape."""
+    from tests.store.test_conformance import step
+
+    run_id = "it's a \\ run \"of\" \u00e9t\u00e9'"
+    async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
+        await execute(store, enqueue(run_id))
+        [claimed] = await execute(store, o.Claim("w1", WF, 5, 2.0, 30.0))
+        lease = claimed.lease
+        assert lease.run_id == run_id
+        await execute(store, o.StartStep(lease, step("0", state="running"), 3.0, 30.0))
+        real_commit = _sql.commit
+        faults = [lose_reply_after_commit]
+
+        async def once(conn: Any) -> None:
+            await (faults.pop() if faults else real_commit)(conn)
+
+        monkeypatch.setattr(_sql, "commit", once)
+        outcomes = await store.apply([o.SaveStep(lease, step("0"), 4.0),
+                                      o.StartStep(lease, step("1", state="running"), 4.0, 30.0)])
+        assert not faults and outcomes == [True, True]
+        assert "died after COMMIT; transaction" in caplog.text  # re-read: committed
+        assert [e.event for e in await store.get_history(run_id)] == [
+            "run.queued", "run.running", "task.running", "task.completed", "task.running"]
+    async with raw_connection(postgres, "public") as raw:
+        for text in (run_id, "\\", "'", "\\'", "a\\\\'b''", "\u2603"):
+            for conforming in ("on", "off"):
+                await raw.execute(f"SET standard_conforming_strings = {conforming}")
+                assert await raw.fetchval(f"SELECT {_sql._literal(text)}") == text
 
 
 async def test_an_orphaned_transaction_still_in_progress_is_ended_before_it_is_judged(

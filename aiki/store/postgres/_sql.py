@@ -22,6 +22,7 @@ caller reports as it is.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import typing
 from collections.abc import Awaitable, Callable, Sequence
@@ -975,11 +976,13 @@ _N_RUN = len(attrs.fields(RunRecord))
 # another server while the first one's transaction held the run was applied twice.
 _LOCK_RUNS = "SELECT 1 FROM runs WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
 _RUNS_AND_STEPS = (  # the runs, each with the step asked for and, for a run about to end
-    # ($3), how many of the children it did not detach are unfinished
+    # ($3), how many of the children it did not detach are unfinished; then the transaction's
+    # id (assigned by the lock: see _Batch)
     "SELECT " + ", ".join(f"r.{f.name}" for f in attrs.fields(RunRecord)) + ", "
     f"CASE WHEN q.ending THEN (SELECT count(*) FROM runs c WHERE c.parent_id = r.id"
     f" AND NOT c.detached AND c.{_UNFINISHED}) END, "
     + ", ".join(f"s.{f.name}" for f in attrs.fields(StepRecord))
+    + ", pg_current_xact_id_if_assigned()::text"
     + " FROM unnest($1::text[], $2::text[], $3::bool[]) AS q(run_id, position, ending)"
     " JOIN runs r ON r.id = q.run_id"
     " LEFT JOIN steps s ON s.run_id = q.run_id AND s.position = q.position")
@@ -1020,6 +1023,10 @@ class Parents:
 
     def forget(self, run_id: str) -> None:
         self._alone.pop(run_id, None)
+
+    def known_alone(self, run_id: str) -> bool:
+        """Whether ``run_id`` is known to end writing no other run (False: not known)."""
+        return self._alone.get(run_id, False)
 
     def __len__(self) -> int:
         return len(self._alone)
@@ -1075,7 +1082,10 @@ async def _locked_runs_and_steps(
     (None: not recorded), in two round trips (:data:`_LOCK_RUNS`); for a key with no
     position (a run about to end), how many of the run's children it did not detach are
     unfinished."""
-    await conn.execute(_LOCK_RUNS, list(dict.fromkeys(k[0] for k in keys)))
+    ids = list(dict.fromkeys(k[0] for k in keys))
+    batch = _batch.get()
+    if batch is None or not batch.locked.issuperset(ids):
+        await conn.execute(_LOCK_RUNS, ids)
     rows = await conn.fetch(_RUNS_AND_STEPS, [k[0] for k in keys], [k[1] for k in keys],
                             [k[1] is None for k in keys])
     runs: dict[str, RunRecord] = {}
@@ -1087,7 +1097,9 @@ async def _locked_runs_and_steps(
         if values[_N_RUN] is not None:
             children[run.id] = values[_N_RUN]
         if values[_N_RUN + 1] is not None:
-            steps[run.id, values[_N_RUN + 1]] = StepRecord(*values[_N_RUN + 1:])
+            steps[run.id, values[_N_RUN + 1]] = StepRecord(*values[_N_RUN + 1:-1])
+    if batch is not None and rows:
+        batch.xid = rows[0][-1]
     return runs, steps, children
 
 
@@ -1294,6 +1306,52 @@ def _begin(ops: Sequence[o.Op[Any]]) -> str:
     return BEGIN_GENERIC if all(isinstance(op, _GENERIC) for op in ops) else BEGIN
 
 
+@attrs.define
+class _Batch:
+    """The batch a connection applies now (:func:`run_batch`), as its statements see it.
+
+    ``locked``: the runs its BEGIN locked. A batch of task starts and outcomes and ends of
+    runs locks its runs first whatever it does next (:func:`_locked_runs_and_steps`), so the
+    lock goes with BEGIN, in one round trip (a simple query: the ids as literals), and is
+    not sent again. ``xid``: the transaction's id, once a statement read it: a row lock
+    assigns one, so the read after the lock returns it, and the read before COMMIT (for the
+    fate of a commit whose reply is lost) is not sent either.
+    """
+
+    locked: frozenset[str] = frozenset()
+    xid: str | None = None
+
+
+_batch: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar(
+    "aiki_postgres_batch", default=None)
+def _locked_first(op: o.Op[Any], parents: Parents) -> str | None:
+    """The run ``op`` locks before anything else, if its batch may lock it with BEGIN."""
+    if isinstance(op, (o.StartStep, o.SaveStep)) or (
+            isinstance(op, o.CompleteRun) and parents.known_alone(op.lease.run_id)):
+        return op.lease.run_id
+    return None
+
+
+def _begin_and_lock(ops: Sequence[o.Op[Any]], parents: Parents) -> tuple[str, frozenset[str]]:
+    """BEGIN for ``ops``, with the lock of their runs where the batch would take those locks
+    first, together, anyway: every op is a task start or outcome, or the end of a run known
+    to write no other run (ordered by id, as every lock of several runs is); and the runs
+    it locks."""
+    begin = _begin(ops)
+    first = [_locked_first(op, parents) for op in ops]
+    ids = sorted({run_id for run_id in first if run_id is not None})
+    if not ids or len(ids) < len(set(first)):  # (an op that locks no run first: None)
+        return begin, frozenset()
+    literals = ", ".join(_literal(run_id) for run_id in ids)
+    return (f"{begin}; SELECT 1 FROM runs WHERE id IN ({literals}) ORDER BY id FOR UPDATE",
+            frozenset(ids))
+
+
+def _literal(text: str) -> str:
+    """``text`` as a PostgreSQL string literal, whatever standard_conforming_strings says."""
+    return "E'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 async def commit(conn: Conn) -> None:
     """COMMIT. A seam: the tests replace it to lose the connection around the commit."""
     await conn.execute("COMMIT")
@@ -1304,13 +1362,17 @@ async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]], parents: Parents) -> l
 
     async def body(conn: Conn) -> list[Any]:
         pid = conn.get_server_pid()  # (unknown once the connection is gone)
-        await conn.execute(_begin(ops))
+        begin, locked = _begin_and_lock(ops, parents)
+        batch = _Batch(locked)
+        _batch.set(batch)  # (this call's own context: the loop runs each call as a task)
         try:
+            await conn.execute(begin)
             with o.noting_ends() as noted:
                 outcomes = await _apply_all(conn, ops, parents)
             outcomes = o.outcomes_of(outcomes, noted)
             # A transaction that wrote nothing has no id and nothing to lose.
-            xid: str | None = await conn.fetchval("SELECT pg_current_xact_id_if_assigned()::text")
+            xid: str | None = batch.xid or await conn.fetchval(
+                "SELECT pg_current_xact_id_if_assigned()::text")
         except Exception as exc:
             if not _lost(exc, conn) and not conn.is_closed():
                 await conn.execute("ROLLBACK")  # keeps the connection for the next call
