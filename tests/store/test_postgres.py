@@ -151,7 +151,11 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
     async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
         await store.apply([enqueue("r1"), enqueue("r0"), enqueue("r00")])
         assert statements[-4:] == ["BEGIN", "WITH", "SELECT", "COMMIT"]  # enqueues together
+        statements.clear()
         [claimed] = await execute(store, o.Claim("w1", WF, 1, 2.0, 30.0))
+        # A claim: the lease, its history and the runs' steps in one statement, which
+        # returns the transaction's id too.
+        assert statements == ["BEGIN", "WITH", "COMMIT"]
         lease = claimed.lease
         await execute(store, o.StartStep(lease, step("0", state="running"), 3.0, 30.0))
         statements.clear()

@@ -418,33 +418,42 @@ async def _enqueue_all(conn: Conn, ops: Sequence[o.Enqueue]) -> list[Any]:
     return outcomes
 
 
+_CLAIM = (  # the runs leased, each with its steps (a row per step, or one of NULLs), and
+    # their "run.running" events logged in lease order; the transaction's id last
+    "WITH claimed AS (UPDATE runs SET state = 'running', attempts = attempts + 1,"
+    " lease_epoch = lease_epoch + 1, lease_owner = $4, lease_expires_at = $5,"
+    " updated_at = $6 WHERE id IN (SELECT id FROM runs WHERE state = 'queued'"
+    " AND (workflow, version) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
+    f" ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING seq, {RUN_COLUMNS}),"
+    " logged AS (INSERT INTO history (run_id, at, event, attempt, worker_id, detail)"
+    " SELECT id, $6, 'run.running', attempts, $4, 'lease epoch ' || lease_epoch"
+    " FROM claimed ORDER BY seq)"
+    " SELECT " + ", ".join(f"c.{f.name}" for f in attrs.fields(RunRecord)) + ", "
+    + ", ".join(f"s.{f.name}" for f in attrs.fields(StepRecord))
+    + ", pg_current_xact_id_if_assigned()::text"
+    " FROM claimed c LEFT JOIN steps s ON s.run_id = c.id ORDER BY c.seq, s.seq")
+
+
 async def _claim(conn: Conn, op: o.Claim) -> tuple[ClaimedRun, ...]:
+    """Lease the oldest queued runs of ``op``'s versions, in one round trip."""
     if not op.workflows or op.limit <= 0:
         return ()
-    rows = await conn.fetch(
-        "UPDATE runs SET state = 'running', attempts = attempts + 1,"
-        " lease_epoch = lease_epoch + 1, lease_owner = $4, lease_expires_at = $5,"
-        " updated_at = $6 WHERE id IN (SELECT id FROM runs WHERE state = 'queued'"
-        " AND (workflow, version) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
-        f" ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING seq, {RUN_COLUMNS}",
-        [w for w, _ in op.workflows], [v for _, v in op.workflows], op.limit,
-        op.worker_id, op.now + op.lease_ttl, op.now,
-    )
-    if not rows:
-        return ()
-    runs = [RunRecord(*tuple(row)[1:]) for row in sorted(rows, key=lambda row: row["seq"])]
-    await _log(conn, *(
-        _event(run.id, op.now, "run.running", run.attempts, op.worker_id,
-               detail=f"lease epoch {run.lease_epoch}")
-        for run in runs
-    ))
-    steps: dict[str, list[StepRecord]] = {run.id: [] for run in runs}
-    for row in await conn.fetch(
-        f"SELECT run_id, {STEP_COLUMNS} FROM steps WHERE run_id = ANY($1::text[]) ORDER BY seq",
-        list(steps),
-    ):
-        steps[row["run_id"]].append(StepRecord(*tuple(row)[1:]))
-    return tuple(ClaimedRun(run, tuple(steps[run.id])) for run in runs)
+    rows = await conn.fetch(_CLAIM, [w for w, _ in op.workflows], [v for _, v in op.workflows],
+                            op.limit, op.worker_id, op.now + op.lease_ttl, op.now)
+    runs: dict[str, RunRecord] = {}
+    steps: dict[str, list[StepRecord]] = {}
+    for row in rows:
+        values = tuple(row)
+        run_id = values[0]
+        if run_id not in runs:
+            runs[run_id] = RunRecord(*values[:_N_RUN])
+            steps[run_id] = []
+        if values[_N_RUN] is not None:
+            steps[run_id].append(StepRecord(*values[_N_RUN:-1]))
+    batch = _batch.get()
+    if batch is not None and rows:
+        batch.xid = rows[0][-1]
+    return tuple(ClaimedRun(run, tuple(steps[run.id])) for run in runs.values())
 
 
 async def _renew(conn: Conn, op: o.Renew) -> tuple[str, ...]:
