@@ -9,8 +9,9 @@ phase-lock with the server's poll or the worker's heartbeat.
 Clocks: the client reads ``time.time()`` just before it sends the enqueue; the task reads
 ``time.time()`` as its body starts and returns it as the run's result. Both are the wall
 clock of one machine (``CLOCK_REALTIME``), so the difference is meaningful across the two
-processes; ``perf_counter`` has no common origin between processes. Target (issue 6): p50 <
-5 ms, p99 < 25 ms.
+processes; ``perf_counter`` has no common origin between processes. Targets (issue 10, as
+``make bench``'s target lines read them): p50 <= 3 ms and p99 <= 10 ms on SQLite, p50 <= 5 ms
+on PostgreSQL (p99 there: issue 6's 25 ms).
 
 ``python -m benchmarks.latency [--quick] [--reps N] [--postgres]`` prints its rows.
 """
@@ -32,8 +33,7 @@ from benchmarks import procs
 from benchmarks.probe_app import probe_latency
 from benchmarks.suite import Options, Row, Suite
 
-P50_TARGET_MS = 5.0
-P99_TARGET_MS = 25.0
+TARGETS_MS = {"sqlite": (3.0, 10.0), "postgres": (5.0, 25.0)}  # p50, p99
 # enqueue → first task start, cut at the history events' timestamps (see _measure).
 SEGMENTS = (
     "client send → Enqueue op built",   # WebSocket + session, to the StoreWriter
@@ -85,7 +85,10 @@ def measure(store_url: str, runs: int, logdir: Path) -> dict[str, list[float]]:
         return trio.run(_measure, url, runs, "lat-w1")
 
 
-def _rows(label: str, results: list[dict[str, list[float]]], runs: int) -> list[Row]:
+def _rows(label: str, results: list[dict[str, list[float]]], runs: int,
+          store: str) -> list[Row]:
+    p50_target, p99_target = TARGETS_MS[store]
+
     def per_rep(key: str, q: float) -> list[float]:
         return [round(percentile(r[key], q), 3) for r in results]
 
@@ -94,13 +97,13 @@ def _rows(label: str, results: list[dict[str, list[float]]], runs: int) -> list[
     breakdown = {f"p50 {name}": per_rep(name, 0.5) for name in SEGMENTS}
     return [
         Row("latency", label, "dispatch p50", "ms", p50,
-            {**common, "target_ms": P50_TARGET_MS,
-             "met": statistics.median(p50) < P50_TARGET_MS,
+            {**common, "target_ms": p50_target,
+             "met": statistics.median(p50) <= p50_target,
              "enqueue_ack_p50_ms": per_rep("enqueue_ack", 0.5),
              "enqueue_to_result_p50_ms": per_rep("complete", 0.5), "breakdown_ms": breakdown}),
         Row("latency", label, "dispatch p99", "ms", p99,
-            {**common, "target_ms": P99_TARGET_MS,
-             "met": statistics.median(p99) < P99_TARGET_MS,
+            {**common, "target_ms": p99_target,
+             "met": statistics.median(p99) <= p99_target,
              "enqueue_ack_p99_ms": per_rep("enqueue_ack", 0.99),
              "enqueue_to_result_p99_ms": per_rep("complete", 0.99)}),
         Row("latency", label, "dispatch max", "ms", per_rep("dispatch", 1.0), common),
@@ -116,7 +119,7 @@ def run(options: Options) -> list[Row]:
         for rep in range(options.reps):
             db = logdir / f"latency-{rep}.db"
             results.append(measure(f"sqlite:///{db}", runs, logdir))
-        rows += _rows("sqlite, ws, 1 idle worker", results, runs)
+        rows += _rows("sqlite, ws, 1 idle worker", results, runs, "sqlite")
         if options.postgres is not None:
             results = []
             for _ in range(options.reps):
@@ -125,7 +128,7 @@ def run(options: Options) -> list[Row]:
                     results.append(measure(db_url, runs, logdir))
                 finally:
                     options.postgres.drop_database(db_url)
-            rows += _rows("postgres, ws, 1 idle worker", results, runs)
+            rows += _rows("postgres, ws, 1 idle worker", results, runs, "postgres")
     return rows
 
 

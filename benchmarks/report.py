@@ -115,7 +115,7 @@ def _targets(row: Row) -> None:
     if "linear" in extra:
         ratios["× 10× fewer tasks"] = f"{extra.get('replay_ratio_vs_10x_fewer', math.nan):.1f}"
     if "met" in extra:
-        target = extra.get("target") or (f"< {fmt(extra['target_ms'])} ms"
+        target = extra.get("target") or (f"<= {fmt(extra['target_ms'])} ms"
                                          if "target_ms" in extra else "")
         ratios["target"] = f"{'met' if extra['met'] else 'missed'} ({target})"
 

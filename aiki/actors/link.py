@@ -203,7 +203,9 @@ class Link:
         waits for its reply without a cancel scope: the Link's sweep ends the wait at its
         deadline (see :mod:`aiki.actors.deadlines`). Otherwise (no connection, a full send
         queue, a lost connection to send again on, another timeout) the request waits in a
-        scope of its own, within the same deadline.
+        scope of its own, within the same deadline. Over a connection within this process
+        (the memory transport), the server's session answers the request in this task
+        instead of it being sent (:meth:`_answer`).
         """
         limit = self.request_timeout if timeout is None else timeout
         deadline = trio.current_time() + limit
