@@ -315,8 +315,9 @@ def _write(db: Db, run_id: str, change: m.Change) -> None:
     if run is not None:
         values = attrs.astuple(run)
         db.execute(f"UPDATE runs SET {RUN_UPDATE} WHERE id = ?", (*values[1:], run.id))
-    db.executemany("DELETE FROM steps WHERE run_id = ? AND position = ?",
-                   [(run_id, position) for position in change.dropped])
+    if change.dropped:
+        db.executemany("DELETE FROM steps WHERE run_id = ? AND position = ?",
+                       [(run_id, position) for position in change.dropped])
     for step in change.steps:
         db.execute(STEP_UPSERT, (run_id, run_id, *attrs.astuple(step)))
     if change.waits is not None:
@@ -486,10 +487,11 @@ def _finish(db: Db, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
     run_id = op.lease.run_id
     run = m.fenced(op.lease, m.unpaused(op.lease, _get_run(db, run_id)))
     ended: list[RunRecord] = []
+    now_run: RunRecord | None = run
     if isinstance(op, o.FailRun) and run.cancel_requested_at is None:
         _cascade(db, run_id, f"its parent run {run_id} failed", m.CASCADE_GRACE, "the engine",
                  op.now, [], ended)
-    now_run = _get_run(db, run_id)
+        now_run = _get_run(db, run_id)  # (the cascade may have written it)
     children = _unfinished(db, run_id)
     if isinstance(op, o.CompleteRun):
         change = m.finish(now_run, op.lease, op.now, result=op.result, children=children)
@@ -498,8 +500,8 @@ def _finish(db: Db, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
                           traceback=op.traceback, children=children)
     _write(db, run_id, change)
     if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
-        _ended(db, change.run, op.now, ended)
-    return _get_run(db, run_id)
+        _ended(db, change.run, op.now, ended)  # (writes other runs, never this one)
+    return change.run if change.run is not None else _get_run(db, run_id)
 
 
 def _abandon(db: Db, op: o.AbandonSteps) -> None:
