@@ -102,21 +102,6 @@ class _Waiter:
             self.done.set()
 
 
-@attrs.define(eq=False)
-class _Call:
-    """A request answered in its caller's task: the sweep cancels its scope at its deadline."""
-
-    scope: trio.CancelScope
-    done: bool = False
-
-    def is_done(self) -> bool:
-        return self.done
-
-    def expire(self, exc: BaseException) -> None:
-        if not self.done:
-            self.scope.cancel()
-
-
 class _TimedOut(Exception):
     """The sweep ended a request's wait at its deadline."""
 
@@ -138,9 +123,8 @@ class Link:
     _final: BaseException | None = None
     _req: int = 0
     _waiting: dict[int, _Waiter] = attrs.field(factory=dict)
-    _calls: int = 0  # requests being answered in their callers' tasks (``_call``)
     # The deadlines of requests sent at once (see ``request``), swept by one task.
-    _deadlines: DeadlineQueue[_Waiter | _Call] = attrs.field(factory=DeadlineQueue)
+    _deadlines: DeadlineQueue[_Waiter] = attrs.field(factory=DeadlineQueue)
 
     @classmethod
     @asynccontextmanager
@@ -186,7 +170,7 @@ class Link:
     @property
     def in_flight(self) -> int:
         """Requests sent and not yet answered."""
-        return len(self._waiting) + self._calls
+        return len(self._waiting)
 
     def next_req(self) -> int:
         self._req += 1
@@ -279,7 +263,7 @@ class Link:
 
     async def _reply_of(self, waiter: _Waiter, deadline: float, limit: float) -> None:
         """Wait for ``waiter``'s reply, or for its deadline (timed out by the sweep, unless
-        a later deadline was queued while its request was answered directly)."""
+        a later deadline was queued while its request was being answered directly)."""
         if not self._deadlines.fits(deadline):
             with trio.move_on_at(deadline):
                 await waiter.done.wait()
@@ -300,25 +284,15 @@ class Link:
         run), waits for it as for that of a request sent.
 
         What the server was sent, it finishes, as it would a message that left on a
-        connection: the answer is shielded from this task's cancellation (which is seen
-        once it returns) and ends at the request's deadline (the sweep's, where it fits).
+        connection: neither this task's cancellation nor the request's deadline cuts the
+        answer short (the server's own timeouts bound it; the connection closing ends it).
+        A reply past the deadline is dropped with TimeoutError, as a late message is; a
+        cancellation is seen once the answer is in.
         """
-        call = _Call(trio.CancelScope(shield=True))
-        if self._deadlines.fits(deadline):
-            self._deadlines.add(deadline, limit, call)
-        else:
-            call.scope.deadline = deadline
-        self._calls += 1
-        try:
-            with call.scope:
-                reply = await answer(msg)
-        finally:
-            self._calls -= 1
-            call.done = True
-            self._deadlines.trim()
-        if call.scope.cancelled_caught:
-            raise TimeoutError(f"no reply from the server within {limit} s")
+        reply = await answer(msg)
         await trio.lowlevel.checkpoint_if_cancelled()
+        if trio.current_time() > deadline:
+            raise TimeoutError(f"no reply from the server within {limit} s")
         if reply is not None:
             waiter.value = reply
             waiter.done.set()

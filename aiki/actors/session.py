@@ -138,6 +138,7 @@ class Session:
     _watching: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _drain_told: bool = False  # the Dispatcher was told this worker drains
     _serving: int = 0  # requests being answered (at most ctx.max_in_flight)
+    _ended: bool = False  # torn down: watches and answers after this would leak
     _room: trio.Event = attrs.field(factory=trio.Event)  # set when one is answered
 
     @property
@@ -170,6 +171,7 @@ class Session:
                 except ConnectionLost:
                     pass
         finally:
+            session._ended = True  # (an answer still running in a peer's task sees it)
             for unwatch in session.unwatch.values():
                 unwatch()
             if session.hello is not None and session.hello.role == "worker":
@@ -385,6 +387,8 @@ class Session:
         self.last_heard = trio.current_time()
         while self._serving >= self.ctx.max_in_flight:
             await self._one_answered()
+        if self._ended:
+            raise ConnectionLost(f"session {self.id} has ended")
         self._serving += 1
         return await self._reply_to(msg)
 
@@ -923,12 +927,14 @@ class Session:
                 self.unwatch.pop(msg.req, lambda: None)()
                 self._push(p.RunEnded(msg.req, run))
 
+        if self._ended:  # (an answer in a peer's task: nothing would unwatch it)
+            raise ConnectionLost(f"session {self.id} has ended")
         unwatch = self.ctx.watchers.watch(msg.run_id, notify)
         self.unwatch.pop(msg.req, lambda: None)()  # the same req again replaces the watch
         self.unwatch[msg.req] = unwatch
         try:
             run = await self._run(msg.run_id)
-        except RunNotFound:
+        except BaseException:  # not found, or the session ending meanwhile
             self.unwatch.pop(msg.req, lambda: None)()
             raise
         if run.state in TERMINAL_RUN_STATES:

@@ -26,7 +26,7 @@ import attrs
 import trio
 
 from aiki import protocol
-from aiki.errors import ConnectionLost
+from aiki.errors import ConnectionLost, ProtocolError
 from aiki.transport.base import Connection, Handler
 
 CONNECTION_BUFFER = 256
@@ -48,6 +48,9 @@ class _Direct:
 
     answer: Answer | None = None
     closed: bool = False  # either end closed: what is answered after that is lost
+    # The answers running now, each in its asker's task, shielded from that task's
+    # cancellation: closing the connection cancels them, as it ends a session's requests.
+    running: set[trio.CancelScope] = attrs.field(factory=set)
 
 
 @attrs.define(eq=False)
@@ -75,15 +78,26 @@ class MemoryConnection:
         return None if self._direct.answer is None else self._call
 
     async def _call(self, msg: Any) -> Any:
-        answer = self._direct.answer
-        if answer is None or self._direct.closed:
+        direct = self._direct
+        answer = direct.answer
+        if answer is None or direct.closed:
             raise ConnectionLost(f"{self.peer} stopped answering requests")
         item = self._item(msg)
-        reply = await answer(protocol.decode(item) if isinstance(item, str) else item)
-        if self._direct.closed:  # as a reply on its way when the connection closes
+        scope = trio.CancelScope(shield=True)
+        direct.running.add(scope)
+        try:
+            with scope:
+                reply = await answer(protocol.decode(item) if isinstance(item, str) else item)
+        finally:
+            direct.running.discard(scope)
+        if direct.closed:  # as a reply on its way when the connection closes
             raise ConnectionLost(f"connection to {self.peer} is closed")
         if self.check_wire and reply is not None:
-            reply = protocol.decode(protocol.encode(reply))
+            try:
+                reply = protocol.decode(protocol.encode(reply))
+            except ProtocolError as exc:  # as the session's outbox answers one it cannot send
+                reply = protocol.Refused(getattr(msg, "req", -1), "ProtocolError",
+                                         f"the reply could not be sent: {exc}")
         return reply
 
     def _item(self, msg: Any) -> Any:
@@ -127,7 +141,10 @@ class MemoryConnection:
         return protocol.decode(item) if isinstance(item, str) else item
 
     async def aclose(self) -> None:
-        self._direct.answer, self._direct.closed = None, True
+        direct = self._direct
+        direct.answer, direct.closed = None, True
+        for scope in direct.running:
+            scope.cancel()
         await self._send.aclose()
         await self._receive.aclose()
 

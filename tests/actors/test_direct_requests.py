@@ -73,30 +73,70 @@ async def test_requests_in_one_process_cross_no_connection(
             assert (sent(client), worker.link._conn.sent) == before  # type: ignore[union-attr]
 
 
-async def test_a_request_answered_directly_still_ends_at_its_deadline(
+async def test_a_deadline_ends_the_wait_for_a_direct_answer_not_the_servers_work(
     autojump_clock: trio.abc.Clock,
 ) -> None:
+    # Client B cancels a queued run while the store's writes are held past B's timeout.
+    # Over a connection, B would time out and the server would still finish the cancel,
+    # telling A, who waits for the run's end. So here: the answer is not cut short at B's
+    # deadline (the server's own timeouts bound it); B hears TimeoutError once it is in,
+    # as a late reply is dropped; A is told the run ended.
     store = HeldStore()
     transport = MemoryTransport()
     async with trio.open_nursery() as nursery:
         address = await nursery.start(Server(store, Sources.seeded(2)).serve, transport, "srv")
-        async with aiki.Client.open(transport, address, Sources.seeded(3),
-                                    request_timeout=5.0) as client:
-            # The Link's own timeout (swept), and another (a scope of the answer's own):
-            for timeout in (None, 7.0):
-                store.held = trio.Event()
-                start = trio.current_time()
-                with pytest.raises(TimeoutError, match=f"within {timeout or 5.0}"):
-                    await client.link.request(partial(p.Enqueue, workflow="three",
-                                                      payload="0", version="1"),
-                                              timeout=timeout)
-                assert trio.current_time() - start == pytest.approx(timeout or 5.0)
-                assert client.link.in_flight == 0 and not client.link._deadlines.queue
-                held, store.held = store.held, None
-                held.set()
-                handle = await client.enqueue("three", 1, version="1")  # the server goes on
-                assert (await handle.status()).state == "queued"
+        async with aiki.Client.open(transport, address, Sources.seeded(3)) as a, \
+                aiki.Client.open(transport, address, Sources.seeded(4),
+                                 request_timeout=5.0) as b:
+            run = await b.enqueue("three", 0, version="1")
+            ended: list[Any] = []
+
+            async def watch() -> None:
+                with pytest.raises(aiki.WorkflowCancelled):
+                    await a.handle(run.id).wait_for_completion(timeout=60)
+                ended.append(trio.current_time())
+
+            nursery.start_soon(watch)
+            await trio.sleep(1.0)
+            store.held = trio.Event()
+
+            async def release_later() -> None:
+                await trio.sleep(10.0)
+                assert store.held is not None
+                store.held.set()
+                store.held = None
+
+            nursery.start_soon(release_later)
+            start = trio.current_time()
+            with pytest.raises(TimeoutError, match="within 5.0"):
+                await b.handle(run.id).cancel()
+            assert trio.current_time() - start == pytest.approx(10.0)  # once answered
+            assert b.link.in_flight == 0 and not b.link._deadlines.queue
+            with trio.fail_after(5):
+                while not ended:
+                    await trio.sleep(0.1)
+            assert (await b.handle(run.id).status()).state == "cancelled"
         nursery.cancel_scope.cancel()
+
+
+async def test_an_embedded_stack_cancelled_during_a_direct_answer_ends(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The answer is shielded from its asker's cancellation, not from the connection's
+    # end: cancelling everything while a write is held ends at once (before: for ever).
+    class Stuck(HeldStore):
+        async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
+            if self.held is not None:
+                with trio.move_on_after(1000):  # (a hang shows as the time it took)
+                    await self.held.wait()
+            return await MemoryStore.apply(self, ops)
+
+    store = Stuck()
+    with trio.move_on_after(1.0):
+        async with aiki.embedded(store, sources=Sources.seeded(5)) as client:
+            store.held = trio.Event()
+            await client.enqueue("three", 0, version="1")
+    assert trio.current_time() < 10.0
 
 
 async def test_the_server_finishes_a_request_whose_caller_was_cancelled(

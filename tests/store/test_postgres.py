@@ -611,8 +611,13 @@ async def test_the_transaction_id_of_a_batch_locked_with_its_begin_resolves_its_
     async with raw_connection(postgres, "public") as raw:
         for text in (run_id, "\\", "'", "\\'", "a\\\\'b''", "\u2603"):
             for conforming in ("on", "off"):
-                await raw.execute(f"SET standard_conforming_strings = {conforming}")
-                assert await raw.fetchval(f"SELECT {_sql._literal(text)}") == text
+                for backslash_quote in ("on", "off"):  # (off: refuses \\' for a quote)
+                    await raw.execute(f"SET standard_conforming_strings = {conforming}; "
+                                      f"SET backslash_quote = {backslash_quote}")
+                    # (A comment of its own: asyncpg would reuse the statement parsed under
+                    # the settings before.)
+                    assert await raw.fetchval(f"SELECT {_sql._literal(text)} -- "
+                                              f"{conforming} {backslash_quote}") == text
 
 
 async def test_an_orphaned_transaction_still_in_progress_is_ended_before_it_is_judged(

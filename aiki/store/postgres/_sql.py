@@ -419,7 +419,10 @@ async def _enqueue_all(conn: Conn, ops: Sequence[o.Enqueue]) -> list[Any]:
 
 
 _CLAIM = (  # the runs leased, each with its steps (a row per step, or one of NULLs), and
-    # their "run.running" events logged in lease order; the transaction's id last
+    # their "run.running" events logged in lease order; the transaction's id last. (The
+    # steps are read with the statement's snapshot, the lease after any wait for a row: no
+    # op changes a queued run's steps and leaves it queued, so none that committed
+    # meanwhile can be missed. One that does would need the steps read after the lock.)
     "WITH claimed AS (UPDATE runs SET state = 'running', attempts = attempts + 1,"
     " lease_epoch = lease_epoch + 1, lease_owner = $4, lease_expires_at = $5,"
     " updated_at = $6 WHERE id IN (SELECT id FROM runs WHERE state = 'queued'"
@@ -1357,8 +1360,10 @@ def _begin_and_lock(ops: Sequence[o.Op[Any]], parents: Parents) -> tuple[str, fr
 
 
 def _literal(text: str) -> str:
-    """``text`` as a PostgreSQL string literal, whatever standard_conforming_strings says."""
-    return "E'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """``text`` as a PostgreSQL string literal, whatever standard_conforming_strings and
+    backslash_quote say (a quote doubled, not escaped: ``\\'`` is refused under
+    ``backslash_quote = off``)."""
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 async def commit(conn: Conn) -> None:
