@@ -73,6 +73,7 @@ T = TypeVar("T")
 WRITE_ATTEMPTS = 8  # about 20 s of backoff before giving the run back to its lease
 # 0: every task attempt's start is recorded before it runs (see the module doc).
 DEFAULT_RECORD_START_AFTER = 0.0
+SLEEP_RECHECK = 0.01  # a sleep due by the worker's clock, not yet by the server's: ask after
 DEADLINE_EXCEEDED = "DeadlineExceeded"  # the error of a step its deadline scope abandoned
 CHILD_CANCEL_GRACE = 60.0  # how long a child cancelled by an expired deadline may compensate
 CANCEL_GRACE = 60.0  # a cancel's grace period when none is known (the default of ``cancel``)
@@ -728,11 +729,18 @@ class RunState:
                 due = recorded.next_attempt_at - before + seconds
         step = StepRecord(position, "sleep", "sleep", "", input_json, None, "running", 1,
                           next_attempt_at=due)
+        early = 0  # answers "still sleeping" though this worker's clock said it was due
         while True:
             step = await self.await_step(step)
             if step.state in FINAL_STEP_STATES:
                 return step.output == "true"
             wait = due - self.sources.clock.now()
+            if wait <= 0:
+                # The server's clock is behind this worker's: ask again after a while (10 ms,
+                # doubling to 1 s), not at once (a loop of requests for as long as the skew,
+                # with no time between them in process).
+                wait = min(SLEEP_RECHECK * 2 ** early, 1.0)
+                early += 1
             reason = f"sleeps at step {position} until {due}"
             if wait > self.inline_retry_max or self.draining.is_set():
                 if await self.hold_for_deadline():

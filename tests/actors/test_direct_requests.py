@@ -236,3 +236,42 @@ async def test_requests_answered_directly_are_bounded_by_max_in_flight_too(
             assert trio.current_time() - start == pytest.approx(4.0)  # 3 + 3 + 3 + 1
             assert client.link._conn.sent == 1  # type: ignore[union-attr]  (the hello)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_sleep_due_by_the_workers_clock_only_is_asked_about_again_later(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The worker's clock is 1 s ahead of the server's: for that second the server answers
+    # "still sleeping" to a sleep the worker holds due. In process no time passes between a
+    # request and its reply: asking again at once was a loop without end (found by the
+    # simulation's in-process worker, seed 18); it asks after 10 ms, doubling.
+    from aiki.actors.worker import Worker
+    from aiki.sources import TrioWallClock
+
+    @aiki.workflow(name="naps", version="1")
+    async def naps(run: aiki.WorkflowRun, x: int) -> int:
+        await run.sleep(5.0)
+        return x
+
+    class Counting(MemoryStore):
+        asked = 0
+
+        async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
+            self.asked += sum(type(op).__name__ == "AwaitStep" for op in ops)
+            if self.asked > 200:
+                raise RuntimeError("a loop of AwaitStep requests")
+            return await super().apply(ops)
+
+    store = Counting()
+    transport = MemoryTransport()
+    server = Server(store, Sources.seeded(8, TrioWallClock(anchor_wall=1_700_000_000.0)))
+    ahead = Sources.seeded(9, TrioWallClock(anchor_wall=1_700_000_001.0))
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(server.serve, transport, "srv")
+        worker = Worker(transport, address, [naps], "w", ahead)
+        await nursery.start(worker.run)
+        async with aiki.Client.open(transport, address, Sources.seeded(10)) as client:
+            handle = await client.enqueue("naps", 7, version="1")
+            assert await handle.wait_for_completion(timeout=60) == 7
+        assert store.asked <= 12  # the first ask, then about log2(1 s / 10 ms) more
+        nursery.cancel_scope.cancel()
