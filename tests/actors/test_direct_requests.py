@@ -22,31 +22,9 @@ from aiki.sources import Sources
 from aiki.store import MemoryStore
 from aiki.store.ops import Op
 from aiki.transport.memory import MemoryConnection, MemoryTransport
+from tests.actors.test_outcomes import HeldBatches, three
 
-
-@aiki.task(name="inc")
-async def inc(x: int) -> int:
-    return x + 1
-
-
-@aiki.workflow(name="three", version="1")
-async def three(run: aiki.WorkflowRun, x: int) -> int:
-    for _ in range(3):
-        x = await inc.run(run, x)
-    return x
-
-
-class HeldStore(MemoryStore):
-    """A store whose writes wait while ``held`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held: trio.Event | None = None
-
-    async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
-        if self.held is not None:
-            await self.held.wait()
-        return await super().apply(ops)
+HeldStore = HeldBatches  # a store whose writes wait while ``held`` is set
 
 
 def sent(client: aiki.Client) -> int:
@@ -202,17 +180,7 @@ async def test_a_shutdown_waits_for_the_requests_being_answered_directly(
 async def test_requests_answered_directly_are_bounded_by_max_in_flight_too(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    class SlowReads(MemoryStore):
-        reading = most = 0
-
-        async def get_run(self, run_id: str) -> Any:
-            self.reading += 1
-            self.most = max(self.most, self.reading)
-            try:
-                await trio.sleep(1.0)
-                return await super().get_run(run_id)
-            finally:
-                self.reading -= 1
+    from tests.actors.test_server import SlowReads
 
     store = SlowReads()
     transport = MemoryTransport()
