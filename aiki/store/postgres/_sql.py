@@ -453,9 +453,7 @@ async def _claim(conn: Conn, op: o.Claim) -> tuple[ClaimedRun, ...]:
             steps[run_id] = []
         if values[_N_RUN] is not None:
             steps[run_id].append(StepRecord(*values[_N_RUN:-1]))
-    batch = _batch.get()
-    if batch is not None and rows:
-        batch.xid = rows[0][-1]
+    _note_xid(rows)
     return tuple(ClaimedRun(run, tuple(steps[run.id])) for run in runs.values())
 
 
@@ -1091,9 +1089,9 @@ async def _locked_runs_and_steps(
 ) -> tuple[dict[str, RunRecord], dict[tuple[str, str | None], StepRecord | None],
            dict[str, int]]:
     """The runs of ``keys`` (run id, position), locked, each with the step at that position
-    (None: not recorded), in two round trips (:data:`_LOCK_RUNS`); for a key with no
-    position (a run about to end), how many of the run's children it did not detach are
-    unfinished."""
+    (None: not recorded), in two round trips (:data:`_LOCK_RUNS`; one where the batch's
+    BEGIN locked them: :class:`_Batch`); for a key with no position (a run about to end),
+    how many of the run's children it did not detach are unfinished."""
     ids = list(dict.fromkeys(k[0] for k in keys))
     batch = _batch.get()
     if batch is None or not batch.locked.issuperset(ids):
@@ -1110,8 +1108,7 @@ async def _locked_runs_and_steps(
             children[run.id] = values[_N_RUN]
         if values[_N_RUN + 1] is not None:
             steps[run.id, values[_N_RUN + 1]] = StepRecord(*values[_N_RUN + 1:-1])
-    if batch is not None and rows:
-        batch.xid = rows[0][-1]
+    _note_xid(rows)
     return runs, steps, children
 
 
@@ -1336,6 +1333,16 @@ class _Batch:
 
 _batch: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar(
     "aiki_postgres_batch", default=None)
+
+
+def _note_xid(rows: Sequence[Any]) -> None:
+    """The batch's transaction id, from the last column of ``rows`` (a statement's after a
+    row lock or a write: the id is assigned), so it is not read again before COMMIT."""
+    batch = _batch.get()
+    if batch is not None and rows:
+        batch.xid = rows[0][-1]
+
+
 def _locked_first(op: o.Op[Any], parents: Parents) -> str | None:
     """The run ``op`` locks before anything else, if its batch may lock it with BEGIN."""
     if isinstance(op, (o.StartStep, o.SaveStep)) or (
@@ -1350,13 +1357,17 @@ def _begin_and_lock(ops: Sequence[o.Op[Any]], parents: Parents) -> tuple[str, fr
     to write no other run (ordered by id, as every lock of several runs is); and the runs
     it locks."""
     begin = _begin(ops)
-    first = [_locked_first(op, parents) for op in ops]
-    ids = sorted({run_id for run_id in first if run_id is not None})
-    if not ids or len(ids) < len(set(first)):  # (an op that locks no run first: None)
+    locked: set[str] = set()
+    for op in ops:
+        run_id = _locked_first(op, parents)
+        if run_id is None:
+            return begin, frozenset()
+        locked.add(run_id)
+    if not locked:
         return begin, frozenset()
-    literals = ", ".join(_literal(run_id) for run_id in ids)
+    literals = ", ".join(_literal(run_id) for run_id in sorted(locked))
     return (f"{begin}; SELECT 1 FROM runs WHERE id IN ({literals}) ORDER BY id FOR UPDATE",
-            frozenset(ids))
+            frozenset(locked))
 
 
 def _literal(text: str) -> str:
