@@ -252,6 +252,8 @@ class RunState:
     # The server's wall clock now, (at least, at most): the clock deadlines are kept on
     # (aiki.actors.server_time); None: this worker's own wall clock stands in.
     server_time: Callable[[], tuple[float, float]] | None = None
+    # The server's clock when it leased the run (its claim): it reads that much at least.
+    claimed_at: float = -math.inf
     steps: dict[str, StepRecord] = attrs.field(init=False)
     consumed: set[str] = attrs.field(factory=set)
     root: _Branch = attrs.field(factory=lambda: _Branch(""))
@@ -556,9 +558,14 @@ class RunState:
                         input_hash: str, key: str | None, attempt: int,
                         not_before: float | None) -> Any:
         clock = self.sources.clock
+        # A retry recorded before this lease is due by this worker's clock, or by the
+        # server's when it leased the run: one the server woke the run for runs, even
+        # where this clock is behind (else the run waited for it again, was queued again
+        # at once, and so on, for as long as the skew).
+        floor = self.claimed_at if not_before is not None else -math.inf
         while True:
             if not_before is not None:
-                wait = not_before - clock.now()
+                wait = not_before - max(clock.now(), floor)
                 retry = (WaitFor(position, "retry", task.name, not_before),)
                 if wait > self.inline_retry_max:
                     if await self.hold_for_deadline():
@@ -595,7 +602,7 @@ class RunState:
                     await self.save(attrs.evolve(failed, state="failed"))
                     raise TaskFailed(task.name, type(exc).__name__, str(exc), attempt,
                                      trace) from exc
-                not_before = clock.now() + delay
+                not_before, floor = clock.now() + delay, -math.inf
                 await self.save(attrs.evolve(failed, state="retrying",
                                              next_attempt_at=not_before))
                 attempt += 1
@@ -1228,7 +1235,7 @@ async def run_workflow(
                      workflow.name, run_task, lease_deadline, lease_renewed, flusher,
                      cancelling=run.cancel_requested_at is not None,
                      cancel_reason=run.cancel_reason, cancel_deadline=run.cancel_deadline,
-                     paused=paused, server_time=server_time)
+                     paused=paused, server_time=server_time, claimed_at=run.updated_at)
     if on_state is not None:  # (a replay looks at what the code consumed)
         on_state(state)
     _BRANCH.set((state, state.root))

@@ -211,6 +211,21 @@ async def test_requests_answered_directly_are_bounded_by_max_in_flight_too(
             assert client.link._conn.sent == 1  # type: ignore[union-attr]  (the hello)
 
 
+class Counting(MemoryStore):
+    """A store that counts the ops of one kind it is sent, and stops a loop of them."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.asked = 0
+
+    async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        self.asked += sum(type(op).__name__ == self.kind for op in ops)
+        if self.asked > 200:
+            raise RuntimeError(f"a loop of {self.kind} requests")
+        return await super().apply(ops)
+
+
 async def test_a_sleep_due_by_the_workers_clock_only_is_asked_about_again_later(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -227,16 +242,7 @@ async def test_a_sleep_due_by_the_workers_clock_only_is_asked_about_again_later(
         await run.sleep(5.0)
         return x
 
-    class Counting(MemoryStore):
-        asked = 0
-
-        async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
-            self.asked += sum(type(op).__name__ == "AwaitStep" for op in ops)
-            if self.asked > 200:
-                raise RuntimeError("a loop of AwaitStep requests")
-            return await super().apply(ops)
-
-    store = Counting()
+    store = Counting("AwaitStep")
     behind = Sources.seeded(8, TrioWallClock(anchor_wall=1_700_000_000.0))
     ahead = Sources.seeded(9, TrioWallClock(anchor_wall=1_700_000_001.0))
     async with serving(store, behind) as (_, transport, nursery):
@@ -245,3 +251,39 @@ async def test_a_sleep_due_by_the_workers_clock_only_is_asked_about_again_later(
             handle = await client.enqueue("naps", 7, version="1")
             assert await handle.wait_for_completion(timeout=60) == 7
         assert store.asked <= 12  # the first ask, then about log2(1 s / 10 ms) more
+
+
+async def test_a_retry_due_by_the_servers_clock_runs_when_it_wakes_the_run(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The worker's clock is 30 s behind the server's. A task fails; its retry, 20 s later by
+    # the worker's clock, is due already by the server's, which queues the run again at
+    # once when it waits for it. The worker held the retry not due and waited again: a
+    # loop of claims and waits without end in process (found by the simulation with a
+    # worker in its server's process, seed 153). The claim came on the server's clock at
+    # or after the retry's time: the retry runs.
+    from aiki.actors.worker import Worker
+    from aiki.sources import TrioWallClock
+
+    failures = []
+
+    @aiki.task(name="flaky-once", retry=aiki.Retry.fixed(max_attempts=2, delay=20.0))
+    async def flaky(x: int) -> int:
+        if not failures:
+            failures.append(x)
+            raise ConnectionError("once")
+        return x
+
+    @aiki.workflow(name="retries", version="1")
+    async def retries(run: aiki.WorkflowRun, x: int) -> int:
+        return await flaky.run(run, x)
+
+    store = Counting("WaitRun")
+    server = Sources.seeded(8, TrioWallClock(anchor_wall=1_700_000_030.0))
+    behind = Sources.seeded(9, TrioWallClock(anchor_wall=1_700_000_000.0))
+    async with serving(store, server) as (_, transport, nursery):
+        await nursery.start(Worker(transport, ADDRESS, [retries], "w", behind).run)
+        async with aiki.Client.open(transport, ADDRESS, Sources.seeded(10)) as client:
+            handle = await client.enqueue("retries", 7, version="1")
+            assert await handle.wait_for_completion(timeout=60) == 7
+        assert store.asked == 1
