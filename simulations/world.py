@@ -42,8 +42,10 @@ from aiki.server import Server
 from aiki.sources import Sources
 from aiki.store.memory import MemoryStore
 from aiki.store.sqlite import SqliteStore
+from aiki.transport.base import Handler
+from aiki.transport.memory import MemoryTransport
 from simulations import workload
-from simulations.network import NetworkFaults, SimNetwork
+from simulations.network import NetworkFaults, SimNetwork, SimTransport
 from simulations.pause import PROCESS, Freezer
 from simulations.store import (
     Ledger,
@@ -156,6 +158,11 @@ class World:
     # server is stale, maybe while the run is leased again (to them or to another worker).
     hold_armed: dict[str, float] = attrs.field(factory=dict)
     pause_ids: dict[str, int] = attrs.field(factory=dict)
+    # A worker in a server's own process (``aiki.embedded`` with ``aiki.worker``): worker
+    # name -> server name. Its requests are answered in its own tasks (the memory
+    # transport's in-process answers): no network between them; it dies with its server.
+    embedded: dict[str, str] = attrs.field(factory=dict)
+    incarnations: Counter[str] = attrs.field(factory=Counter)  # of each worker
     nursery: trio.Nursery | None = None
     _pauses: trio.MemorySendChannel[tuple[str, int, float]] = attrs.field(init=False)
     _pauses_out: trio.MemoryReceiveChannel[tuple[str, int, float]] = attrs.field(init=False)
@@ -206,6 +213,9 @@ class World:
         # (Workers and clients keep clocks of their own.) A jump moves them all.
         for name in self.server_names[1:]:
             self.clocks[name] = self.clocks[self.server_names[0]]
+        # Half the seeds run the last worker inside the first server's process.
+        if self.cfg.workers >= 2 and random.Random(f"{seed}:embedded").random() < 0.5:
+            self.embedded[self.worker_names[-1]] = self.server_names[0]
 
     @property
     def worker_names(self) -> list[str]:
@@ -241,21 +251,48 @@ class World:
                             self.sources(name, incarnation), lease_ttl=LEASE_TTL,
                             poll_interval=POLL_INTERVAL)
             self.servers.append(server)
+            inside = [w for w, home in self.embedded.items() if home == name]
             with trio.CancelScope() as scope:
                 self.scopes[name] = scope
                 self.up.add(name)
                 try:
-                    await server.serve(self.net.transport(name), name)
+                    await self._process(name, server, inside)
                 except Exception as exc:  # the supervisor escalated: the process dies
                     self.note(f"{name} died: {type(exc).__name__}")
                     self.stats["server escalation"] += 1
                 finally:
                     self.up.discard(name)
+                    for worker in inside:  # (they died with it)
+                        if worker in self.workers:
+                            self.ledger.live_workers.discard(self.workers[worker].id)
             self.net.poison(name)
             await trio.sleep(0.1)
 
-    async def worker_node(self, name: str) -> None:
-        PROCESS.set(name)  # every task of this process (a pause freezes them all)
+    async def _process(self, name: str, server: Server, inside: list[str]) -> None:
+        """Server ``name``'s process: the server, and the workers it runs in-process (on
+        the memory transport, checking every message against the codec). It ends when the
+        server does."""
+        if not inside:
+            await server.serve(self.net.transport(name), name)
+            return
+        memory = MemoryTransport(check_wire=True)
+        async with trio.open_nursery() as process:
+            async def serve(*, task_status: trio.TaskStatus[None]) -> None:
+                await server.serve(_Both(self.net.transport(name), memory), name,
+                                   task_status=task_status)
+                process.cancel_scope.cancel()  # a graceful stop: the process exits
+
+            await process.start(serve)
+            for worker in inside:
+                process.start_soon(self.worker_node, worker, memory, name)
+
+    async def worker_node(self, name: str, memory: MemoryTransport | None = None,
+                          home: str | None = None) -> None:
+        """A worker's process, restarted after each exit; or (``memory``) a worker in
+        server ``home``'s process, which runs until that process ends: a crash of the
+        worker alone cancels its block, as cancelling ``aiki.worker`` does."""
+        if memory is None:
+            PROCESS.set(name)  # every task of this process (a pause freezes them all)
         r = random.Random(f"{self.cfg.seed}:node:{name}")
         # w1 serves every version (so each servable run has a worker); the others a subset.
         versions = ["1", "2"] if name == "w1" or r.random() < 0.5 else [r.choice(["1", "2"])]
@@ -263,14 +300,15 @@ class World:
         # Task starts recorded before each attempt (the default), or only once an attempt runs
         # a while (the at-least-once trade, checked for everything but running again).
         record_start_after = r.choice([0.0, 0.0, 0.05, 1.0])
-        address = self.address(r.randrange(3))
-        incarnation = 0
+        address = self.address(r.randrange(3)) if home is None else home
+        incarnation = self.incarnations.get(name, 0)
         while True:
             await self.wait_up(name)
-            incarnation += 1
+            incarnation = self.incarnations[name] = incarnation + 1
             worker_id = f"{name}.{incarnation}"
             worker = Worker(
-                self.net.transport(name), address, [workload.WORKFLOWS[v] for v in versions],
+                self.net.transport(name) if memory is None else memory, address,
+                [workload.WORKFLOWS[v] for v in versions],
                 worker_id, self.sources(name, incarnation), max_concurrent_runs=slots,
                 inline_retry_max=10.0, record_start_after=record_start_after,
             )
@@ -766,7 +804,8 @@ class World:
                 nursery.start_soon(self.server_node, name)
             nursery.start_soon(self.overdue_monitor)
             for name in self.worker_names:
-                nursery.start_soon(self.worker_node, name)
+                if name not in self.embedded:  # (those start with their server)
+                    nursery.start_soon(self.worker_node, name)
             nursery.start_soon(self.client_node, planned, schedules)
             with trio.move_on_after(self.cfg.safety):
                 await self.injector()
@@ -780,6 +819,11 @@ class World:
             await trio.sleep(1.0)
             self.freezer.resume_all()
             nursery.cancel_scope.cancel()
+        for history in self.store.inner.contents().history.values():
+            for e in history:  # (what the in-process workers did, for the sweep's count)
+                if (e.event == "task.completed" and e.worker_id is not None
+                        and e.worker_id.partition(".")[0] in self.embedded):
+                    self.ledger.sometimes["task completed by an in-process worker"] += 1
         if self.store.db is not None:
             await self.store.db.aclose()
 
@@ -792,6 +836,25 @@ class World:
             if all(r.state in TERMINAL_RUN_STATES or r.version == workload.UNSERVED_VERSION
                    for r in runs.values()):
                 return
+
+
+@attrs.define
+class _Both:
+    """A server's listeners in one process: the simulated network's and the memory
+    transport's, for the workers in that process."""
+
+    net: SimTransport
+    memory: MemoryTransport
+
+    async def connect(self, address: str) -> Any:
+        return await self.net.connect(address)
+
+    async def serve(self, address: str, handler: Handler, *,
+                    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.memory.serve, address, handler)
+            await self.net.serve(address, handler, task_status=task_status)
+            nursery.cancel_scope.cancel()
 
 
 @contextlib.contextmanager
@@ -876,6 +939,17 @@ def _watchdog_fired(signum: int, frame: Any) -> None:
     raise RealTimeExceeded
 
 
+def _stuck(exc: BaseException) -> bool:
+    """Whether the watchdog's exception is what ended the run, however Trio wrapped it: as
+    itself, as the cause of a TrioInternalError, or inside the exception groups of the
+    nurseries it crossed on its way out."""
+    if isinstance(exc, RealTimeExceeded):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_stuck(inner) for inner in exc.exceptions)
+    return exc.__cause__ is not None and _stuck(exc.__cause__)
+
+
 def run_seed(cfg: Config) -> Outcome:
     """Run one seed, deterministically, and return what happened (checked by checkers)."""
     engine_log = logging.getLogger("aiki")
@@ -892,9 +966,8 @@ def run_seed(cfg: Config) -> Outcome:
     try:
         with world.freezer.installed(), replies_checked(world):
             trio.run(world.run, clock=clock)
-    except (RealTimeExceeded, trio.TrioInternalError) as exc:
-        if not isinstance(exc, RealTimeExceeded) and not isinstance(
-                exc.__cause__, RealTimeExceeded):
+    except BaseException as exc:
+        if not _stuck(exc):
             raise
         world.ledger.violation(
             f"seed {cfg.seed} did not finish within {REAL_TIME_LIMIT:.0f} real seconds: "

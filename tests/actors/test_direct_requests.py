@@ -232,8 +232,7 @@ async def test_a_sleep_due_by_the_workers_clock_only_is_asked_about_again_later(
     # The worker's clock is 1 s ahead of the server's: for that second the server answers
     # "still sleeping" to a sleep the worker holds due. In process no time passes between a
     # request and its reply: asking again at once was a loop without end (found by the
-    # simulation with a worker in its server's process, seed 18, on branch
-    # sim-embedded-wip); it asks after 10 ms, doubling.
+    # simulation's in-process worker, seed 18); it asks after 10 ms, doubling.
     from aiki.actors.worker import Worker
     from aiki.sources import TrioWallClock
 

@@ -805,21 +805,35 @@ SPIN = """
 import json, trio
 from simulations import world
 
-async def spin(self):
+async def spin():
     while True:
         await trio.lowlevel.checkpoint()
 
-world.World.run = spin
+async def busy():
+    while True:  # no checkpoint: the watchdog's signal lands in this task, not in Trio's loop
+        pass
+
+async def nested(self):
+    async with trio.open_nursery() as outer:
+        outer.start_soon(trio.sleep_forever)
+        async with trio.open_nursery() as inner:
+            inner.start_soon(busy)
+
+world.World.run = nested if NESTED else lambda self: spin()
 world.REAL_TIME_LIMIT = 1.0
 print(json.dumps(world.run_seed(world.Config(1)).violations))
 """
 
 
-def test_a_seed_that_spins_without_advancing_virtual_time_is_reported() -> None:
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_seed_that_spins_without_advancing_virtual_time_is_reported(nested: bool) -> None:
     # In a process of its own: the trio.run the watchdog abandons leaves objects whose
-    # finalizers would complain during whichever test runs next.
+    # finalizers would complain during whichever test runs next. Nested: the spin runs in a
+    # task two nurseries down (a worker in a server's process), and the watchdog's exception
+    # reaches run_seed inside their exception groups (it crashed the sweep).
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", SPIN], env=env, cwd=ROOT, check=True,
+    script = f"NESTED = {nested}\n{SPIN}"
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=120)
     violations = json.loads(out.stdout.strip().splitlines()[-1])
     assert any("did not finish within 1 real seconds" in v for v in violations)
