@@ -44,6 +44,7 @@ from aiki.errors import (
     WorkflowFailed,
     WorkflowUsageError,
 )
+from aiki.gc_tuning import tune_gc
 from aiki.protocol import WorkerInfo
 from aiki.records import HistoryEvent
 from aiki.retry import Retry
@@ -85,5 +86,5 @@ __all__ = [
     "Task", "TaskFailed", "TaskStatus", "UnknownEvent", "UnknownWorkflow",
     "UnservedVersionWarning", "WaitStatus", "WorkerIdInUse", "WorkerInfo", "Workflow",
     "WorkflowCancelled", "WorkflowFailed", "WorkflowRun", "WorkflowUsageError", "connect",
-    "embedded", "event", "task", "worker", "workflow",
+    "embedded", "event", "task", "tune_gc", "worker", "workflow",
 ]

@@ -132,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
                              "within S seconds (default 10)")
     _observability_options(server, 9464)
     _transport_options(server)
+    _gc_option(server)
 
     worker = command("worker", "run a worker for the workflows of an app", _worker, "info")
     worker.add_argument("--app", required=True, metavar="MODULE:ATTR",
@@ -155,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
                              "from a stale lease (default 0: every start recorded first)")
     _observability_options(worker, 9465)
     _transport_options(worker)
+    _gc_option(worker)
 
     runs = commands.add_parser("runs", help="list runs or show one", description="runs")
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
@@ -502,6 +504,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _whole_or_zero(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 or more")
+    return value
+
+
+def _gc_option(parser: argparse.ArgumentParser) -> None:
+    """``--gc-threshold``, for the commands that own their process (aiki.gc_tuning)."""
+    from aiki.gc_tuning import DEFAULT_GC_THRESHOLD
+
+    parser.add_argument("--gc-threshold", type=_whole_or_zero, default=DEFAULT_GC_THRESHOLD,
+                        metavar="N",
+                        help="collect the youngest generation of garbage every N allocations "
+                             f"(default {DEFAULT_GC_THRESHOLD:,}; Python's own is 700, and 0 "
+                             "leaves it): fewer collections of the objects of runs in flight")
+
+
 def _setup_logging(level: str, fmt: str) -> None:
     from aiki import logs
 
@@ -543,6 +566,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 # -- aiki server --------------------------------------------------------------------------
 def _server(args: argparse.Namespace) -> int:
+    from aiki.gc_tuning import tune_gc
     from aiki.server import ServerConfig, run_server
 
     config = ServerConfig(
@@ -556,6 +580,7 @@ def _server(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics_listen,
     )
     config.endpoint()  # refuse a bad configuration before opening anything
+    tune_gc(args.gc_threshold)
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
@@ -599,6 +624,7 @@ def load_app(spec: str) -> list[Any]:
 
 def _worker(args: argparse.Namespace) -> int:
     from aiki.actors.worker import Worker
+    from aiki.gc_tuning import tune_gc
     from aiki.server import parse_http_listen, serve_metrics
     from aiki.sources import Sources
     from aiki.transport.websocket import (
@@ -610,6 +636,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     workflows = load_app(args.app)
     parse_address(args.server)  # a bad URL is a usage error now, not a reconnect loop later
+    tune_gc(args.gc_threshold)
     if args.metrics_listen is not None:
         parse_http_listen(args.metrics_listen)
     settings = WebSocketSettings(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 import aiki
 from aiki import cli
@@ -362,3 +363,30 @@ def test_enqueue_prints_the_id_first_then_the_result_as_json_lines(
     progress = progress_lines
     assert progress and all(line.startswith(f"run {first['run_id']}: ") for line in progress)
     assert len(progress) == len(set(progress)), "one line per change, not one per look"
+
+
+@pytest.mark.parametrize("command", [["server", "--store", "memory"],
+                                     ["worker", "--app", "examples.quickstart:workflows"]])
+@pytest.mark.parametrize(("given", "expected"), [([], 10_000), (["--gc-threshold", "2500"], 2500),
+                                                 (["--gc-threshold", "0"], 700)])
+def test_the_long_running_commands_set_their_processes_collector(
+    command: list[str], given: list[str], expected: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gc
+
+    before = gc.get_threshold()
+    monkeypatch.setattr(trio, "run", lambda *args, **kwargs: None)  # (it would serve here)
+    try:
+        gc.set_threshold(700, 10, 10)
+        assert main([*command, *given]) == 0
+        assert gc.get_threshold() == (expected, 10, 10)
+    finally:
+        gc.set_threshold(*before)
+
+
+def test_a_negative_gc_threshold_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["server", "--gc-threshold", "-1"])
+    assert "'-1': give 0 or more" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="0 .Python's own. or more, got -1"):
+        aiki.tune_gc(-1)
