@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Literal
+import operator
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 import attrs
 
@@ -16,6 +18,61 @@ StepKind = Literal["task", "now", "random", "uuid", "sleep", "event", "child", "
 # whose function has ended waits so, its own end decided, before it ends).
 # ``deadline``: a durable deadline (``run.move_on_after``) of the scope the run waits in.
 WaitKind = Literal["sleep", "event", "retry", "join", "children", "deadline"]
+
+T = TypeVar("T")
+
+
+class _Shape:
+    """How to read a record's fields in order, and where each one is (``evolve``)."""
+
+    __slots__ = ("get", "index")
+
+    def __init__(self, cls: type) -> None:
+        names = [f.name for f in attrs.fields(cls)]
+        get = operator.attrgetter(*names)
+        self.get: Callable[[Any], tuple[Any, ...]] = (
+            get if len(names) > 1 else lambda inst: (get(inst),))
+        self.index = {name: i for i, name in enumerate(names)}
+
+
+_SHAPES: dict[type, _Shape | None] = {}
+
+
+def _shape(cls: type) -> _Shape | None:
+    try:
+        return _SHAPES[cls]
+    except KeyError:
+        fields = attrs.fields(cls)  # (positional init: every field in it, in order)
+        plain = all(f.init and not f.kw_only and f.alias == f.name for f in fields)
+        shape = _SHAPES[cls] = _Shape(cls) if plain else None
+        return shape
+
+
+def row_of(inst: Any) -> tuple[Any, ...]:
+    """An attrs instance's field values in order: ``attrs.astuple(inst, recurse=False)``
+    at a fifth of the cost (a run record: 0.4 µs against 2.1). The stores write records
+    with it on every op."""
+    shape = _shape(type(inst))
+    return shape.get(inst) if shape is not None else attrs.astuple(inst, recurse=False)
+
+
+def evolve(inst: T, **changes: Any) -> T:
+    """``attrs.evolve`` at half the cost (a run record: about 2 µs against 4.8): a copy of
+    ``inst`` with ``changes``, through its ``__init__`` (so its validators run) with every
+    field passed by position. The state machine makes some twenty a run."""
+    cls = type(inst)
+    shape = _shape(cls)
+    if shape is None:
+        return attrs.evolve(inst, **changes)  # type: ignore[misc]
+    fields = list(shape.get(inst))
+    index = shape.index
+    for name, value in changes.items():
+        try:
+            fields[index[name]] = value
+        except KeyError:
+            raise TypeError(f"{cls.__name__} has no field {name!r}") from None
+    return cls(*fields)
+
 
 TERMINAL_RUN_STATES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 FINAL_STEP_STATES: frozenset[str] = frozenset({"completed", "failed"})

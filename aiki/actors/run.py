@@ -63,7 +63,15 @@ from aiki.errors import (
 )
 from aiki.logs import bind_run
 from aiki.metrics import TASK_DURATION
-from aiki.records import FINAL_STEP_STATES, Lease, StepKind, StepRecord, WaitFor, deadline_expiry
+from aiki.records import (
+    FINAL_STEP_STATES,
+    Lease,
+    StepKind,
+    StepRecord,
+    WaitFor,
+    deadline_expiry,
+    evolve,
+)
 from aiki.retry import Retry
 from aiki.sources import Sources
 from aiki.task_styles import BODY_GATE
@@ -592,22 +600,22 @@ class RunState:
                 retryable = not isinstance(exc, (NonRetryableError, PayloadError))
                 delay = task.retry.delay_after(attempt, self.sources.rng) if retryable else None
                 trace = format_traceback(exc)
-                failed = attrs.evolve(step, error_type=type(exc).__name__,
+                failed = evolve(step, error_type=type(exc).__name__,
                                       error_message=str(exc), error_traceback=trace)
                 log.warning("run %s (%s): task %r attempt %d failed%s: %s: %s\n%s",
                             self.lease.run_id, self.workflow, task.name, attempt,
                             "" if delay is None else f", retrying in {delay:g} s",
                             type(exc).__name__, exc, trace)
                 if delay is None:
-                    await self.save(attrs.evolve(failed, state="failed"))
+                    await self.save(evolve(failed, state="failed"))
                     raise TaskFailed(task.name, type(exc).__name__, str(exc), attempt,
                                      trace) from exc
                 not_before, floor = clock.now() + delay, -math.inf
-                await self.save(attrs.evolve(failed, state="retrying",
+                await self.save(evolve(failed, state="retrying",
                                              next_attempt_at=not_before))
                 attempt += 1
                 continue
-            final = attrs.evolve(step, state="completed", output=output)
+            final = evolve(step, state="completed", output=output)
             await self.save(final)
             return p.decode_value(output, task.result_type, what=f"result of task {task.name!r}")
 

@@ -64,6 +64,7 @@ from aiki.records import (
     WaitFor,
     WaitRecord,
     deadline_expiry,
+    evolve,
 )
 from aiki.store import ops as o
 
@@ -211,7 +212,7 @@ def paused_error(run: RunRecord, what: str) -> RunPaused:
 def _move(run: RunRecord, now: float, state: RunState, **changes: Any) -> RunRecord:
     if (run.state, state) not in RUN_TRANSITIONS and run.state != state:
         raise AssertionError(f"illegal run transition {run.state} -> {state} for {run.id}")
-    return attrs.evolve(run, state=state, updated_at=now, **changes)
+    return evolve(run, state=state, updated_at=now, **changes)
 
 
 _NO_LEASE: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
@@ -270,7 +271,7 @@ def renew(run: RunRecord | None, lease: Lease, now: float, lease_ttl: float) -> 
         run = held(lease, run)
     except StaleLease:
         return None
-    return attrs.evolve(run, lease_expires_at=now + lease_ttl, updated_at=now)
+    return evolve(run, lease_expires_at=now + lease_ttl, updated_at=now)
 
 
 def lease_expired(run: RunRecord, now: float) -> bool:
@@ -281,7 +282,7 @@ def lease_expired(run: RunRecord, now: float) -> bool:
 def expire(run: RunRecord, now: float) -> Change:
     owner = run.lease_owner
     if run.state == "paused":  # its worker is gone: the run stays paused, with no lease
-        return Change(attrs.evolve(run, updated_at=now, **_NO_LEASE), history=(Entry(
+        return Change(evolve(run, updated_at=now, **_NO_LEASE), history=(Entry(
             now, "lease.expired", run.attempts, owner,
             detail=f"lease epoch {run.lease_epoch} of worker {owner!r} expired; the run "
                    "stays paused"),))
@@ -426,13 +427,13 @@ def cancel(run: RunRecord | None, run_id: str, reason: str | None, grace: float,
     if cascade is not None:
         who = f"{who}, through run {cascade}"
     holder = run.lease_owner  # (only a run that is held has an owner)
-    marked = attrs.evolve(run, cancel_requested_at=now, cancel_reason=reason,
+    marked = evolve(run, cancel_requested_at=now, cancel_reason=reason,
                           cancel_deadline=now + grace)
     asked = Entry(now, "cancel.requested", run.attempts, who, detail=(
         f"by {who}" + (f": {reason}" if reason else "")
         + f"; grace {grace:g} s, until {when(now + grace)}"))
     if awaiting_children:  # its end waits for its children, which are cancelled
-        change = Change(attrs.evolve(marked, updated_at=now, result=None,
+        change = Change(evolve(marked, updated_at=now, result=None,
                                      error_type=RUN_CANCELLED,
                                      error_message=reason or "cancelled", error_traceback=None),
                         history=(asked,))
@@ -458,9 +459,9 @@ def cancel(run: RunRecord | None, run_id: str, reason: str | None, grace: float,
                                    "run(s) to end")))
     elif run.state == "paused":  # held: it stays paused, and compensates once resumed
         bump = 1 if run.lease_owner is not None else 0  # (its worker had not given it back)
-        held_back = attrs.evolve(marked, updated_at=now, lease_epoch=run.lease_epoch + bump,
+        held_back = evolve(marked, updated_at=now, lease_epoch=run.lease_epoch + bump,
                                  **_NO_LEASE)
-        asked = attrs.evolve(asked, detail=(asked.detail or "") + (
+        asked = evolve(asked, detail=(asked.detail or "") + (
             "; it stays paused: once resumed its workflow sees RunCancelled, and when the "
             "grace period ends it ends cancelled all the same"))
         change = Change(held_back, waits=(), history=(asked,))
@@ -487,7 +488,7 @@ def end_cancel(run: RunRecord, now: float, ancestor: str | None = None) -> Chang
     the epoch moves on)."""
     if ancestor is not None:
         if run.cancel_requested_at is None:
-            run = attrs.evolve(run, cancel_requested_at=now,
+            run = evolve(run, cancel_requested_at=now,
                                cancel_reason=f"run {ancestor} was cancelled")
         return _cancelled(run, now, None, run.lease_epoch,
                           f"the grace period of run {ancestor}'s cancel ended")
@@ -520,8 +521,8 @@ def start_child(parent: RunRecord | None, lease: Lease, old: StepRecord | None,
         lease_expires_at=None, result=None, error_type=None, error_message=None,
         created_at=op.now, updated_at=op.now, finished_at=None, parent_id=parent.id,
         detached=op.detached)
-    done = attrs.evolve(step, state="completed", output=json.dumps(op.child_id), attempts=1)
-    return Change(attrs.evolve(parent, updated_at=op.now), (done,), history=(Entry(
+    done = evolve(step, state="completed", output=json.dumps(op.child_id), attempts=1)
+    return Change(evolve(parent, updated_at=op.now), (done,), history=(Entry(
         op.now, "child.started", 1, lease.worker_id, step.position, step.name,
         f"run {op.child_id} (version {op.version})"
         + (", detached" if op.detached else "")),)), child, first
@@ -531,12 +532,12 @@ def _joined(step: StepRecord, child: RunRecord, now: float, who: str | None) -> 
     """A wait for ``child`` (a ``join`` step) ends: with its result, or failed with
     ``ChildFailed`` (its error) or ``ChildCancelled`` (its reason)."""
     if child.state == "completed":
-        done = attrs.evolve(step, state="completed", output=child.result)
+        done = evolve(step, state="completed", output=child.result)
     elif child.state == "cancelled":
-        done = attrs.evolve(step, state="failed", error_type="ChildCancelled",
+        done = evolve(step, state="failed", error_type="ChildCancelled",
                             error_message=child.cancel_reason or "")
     else:
-        done = attrs.evolve(step, state="failed", error_type="ChildFailed",
+        done = evolve(step, state="failed", error_type="ChildFailed",
                             error_message=f"{child.error_type}: {child.error_message}")
     return Change(steps=(done,), history=(Entry(
         now, "join.ended", step.attempts, who, step.position, step.name,
@@ -560,7 +561,7 @@ def child_ended(parent: RunRecord, joins: Sequence[StepRecord], waits: Sequence[
         return change  # (a paused one settles when it is resumed)
     if parent.state != "waiting":
         return change if change is NOTHING else change.then(
-            Change(attrs.evolve(parent, updated_at=now)))
+            Change(evolve(parent, updated_at=now)))
     if any(w.kind == "join" and w.name == child.id for w in waits):
         return change.then(_wake(parent, now, f"child run {child.id} ended {child.state}"))
     return change
@@ -727,7 +728,7 @@ def _scopes_as_copied(copied: Sequence[StepRecord]) -> tuple[StepRecord, ...]:
             if cut is not None:
                 kept = tuple(q for q in cut if position_key(q) <= last)
                 if kept != cut:
-                    step = attrs.evolve(step, output=json.dumps(
+                    step = evolve(step, output=json.dumps(
                         {"at": at, "cut": kept} if kept else at))
         out.append(step)
     return tuple(out)
@@ -742,7 +743,7 @@ def purgeable(run: RunRecord, before: float) -> bool:
 def release(run: RunRecord | None, lease: Lease, now: float, reason: str) -> Change:
     run = held(lease, run)
     if run.state == "paused":
-        return Change(attrs.evolve(run, updated_at=now, **_NO_LEASE), history=(Entry(
+        return Change(evolve(run, updated_at=now, **_NO_LEASE), history=(Entry(
             now, "lease.released", run.attempts, lease.worker_id,
             detail=f"{reason}; the run stays paused"),))
     return Change(_move(run, now, "queued", **_NO_LEASE), history=(Entry(
@@ -807,17 +808,17 @@ def save_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
         raise StepConflict(f"run {run.id}: step {step.position} is a {step.kind} step; "
                            "wait steps are recorded by AwaitStep")
     if start and lease_ttl is not None:
-        run = attrs.evolve(run, lease_expires_at=now + lease_ttl, updated_at=now)
+        run = evolve(run, lease_expires_at=now + lease_ttl, updated_at=now)
     if not step_write_changes(run.id, old, step, save=not start):
         return NOTHING if not (start and lease_ttl is not None) else Change(run)
     if step.idempotency_key is not None and keyed_elsewhere is not None:
         raise key_conflict_error(run.id, step, keyed_elsewhere)
     if start:
-        step = attrs.evolve(step, state="running")
+        step = evolve(step, state="running")
         event, detail = "task.running", None
     else:
         event, detail = history_event_for_step(step)
-    return Change(attrs.evolve(run, updated_at=now), (step,), history=(Entry(
+    return Change(evolve(run, updated_at=now), (step,), history=(Entry(
         now, event, step.attempts, lease.worker_id, step.position, step.name, detail),))
 
 
@@ -848,7 +849,7 @@ def abandon(run: RunRecord | None, lease: Lease, steps: Sequence[StepRecord], sc
         at, before = deadline_expiry(deadline)
         union = tuple(dict.fromkeys((*(before or ()), *cut)))
         if before is None or union != before:
-            expired = attrs.evolve(deadline, output=json.dumps({"at": at, "cut": union}))
+            expired = evolve(deadline, output=json.dumps({"at": at, "cut": union}))
             change = Change(steps=(expired,), history=(Entry(
                 now, "deadline.expired", deadline.attempts, lease.worker_id, scope,
                 deadline.name, "cut short: " + (", ".join(union) or "no step")),))
@@ -857,7 +858,7 @@ def abandon(run: RunRecord | None, lease: Lease, steps: Sequence[StepRecord], sc
         if step.state in FINAL_STEP_STATES or step.kind not in (
                 "task", "sleep", "event", "join"):
             continue
-        done = attrs.evolve(step, state="failed", error_type=DEADLINE_EXCEEDED,
+        done = evolve(step, state="failed", error_type=DEADLINE_EXCEEDED,
                             output=json.dumps(scope),
                             error_message=f"its deadline scope at step {scope} expired")
         event = "task.failed" if step.kind == "task" else f"{step.kind}.abandoned"
@@ -866,19 +867,19 @@ def abandon(run: RunRecord | None, lease: Lease, steps: Sequence[StepRecord], sc
             f"{DEADLINE_EXCEEDED}: its deadline scope at step {scope} expired"),)))
     if change is NOTHING:
         return NOTHING
-    return change.then(Change(attrs.evolve(run, updated_at=now)))
+    return change.then(Change(evolve(run, updated_at=now)))
 
 
 # -- waits -----------------------------------------------------------------------------------
 def _end_sleep(step: StepRecord, now: float, woken: bool, who: str | None) -> Change:
-    done = attrs.evolve(step, state="completed", output="false" if woken else "true")
+    done = evolve(step, state="completed", output="false" if woken else "true")
     detail = "woken early" if woken else "slept"
     return Change(steps=(done,), history=(Entry(
         now, "sleep.completed", step.attempts, who, step.position, step.name, detail),))
 
 
 def _receive(step: StepRecord, event: EventRecord, now: float, who: str | None) -> Change:
-    done = attrs.evolve(step, state="completed", output=event.payload)
+    done = evolve(step, state="completed", output=event.payload)
     return Change(steps=(done,), consumed=((event.seq, step.position),), history=(Entry(
         now, "event.received", step.attempts, who, step.position, step.name,
         f"sent at {when(event.sent_at)}" + (f", key {event.idempotency_key!r}"
@@ -886,7 +887,7 @@ def _receive(step: StepRecord, event: EventRecord, now: float, who: str | None) 
 
 
 def _time_out(step: StepRecord, now: float, who: str | None) -> Change:
-    done = attrs.evolve(step, state="failed", error_type=EVENT_TIMEOUT,
+    done = evolve(step, state="failed", error_type=EVENT_TIMEOUT,
                         error_message=f"no {step.name!r} event by {when(step.next_attempt_at)}")
     return Change(steps=(done,), history=(Entry(
         now, "event.timed_out", step.attempts, who, step.position, step.name,
@@ -912,7 +913,7 @@ def await_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
             return NOTHING, old
     who = lease.worker_id
     due = step.next_attempt_at
-    waiting = attrs.evolve(step, state="running", output=None, error_type=None,
+    waiting = evolve(step, state="running", output=None, error_type=None,
                            error_message=None)
     if step.kind == "sleep" and due is not None and due <= now:
         change = _end_sleep(waiting, now, False, who)
@@ -929,7 +930,7 @@ def await_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
         change = Change(steps=(waiting,), history=(Entry(
             now, f"{step.kind}.waiting", step.attempts, who, step.position, step.name,
             until),))
-    return attrs.evolve(change, run=attrs.evolve(run, updated_at=now)), change.steps[-1]
+    return evolve(change, run=evolve(run, updated_at=now)), change.steps[-1]
 
 
 def _satisfied(cond: WaitFor, step: StepRecord | None, buffered: set[str],
@@ -958,7 +959,7 @@ def wait(run: RunRecord | None, lease: Lease, conditions: Sequence[WaitFor],
     if run.state == "paused":
         waits = tuple(WaitRecord(run.id, c.position, c.kind, c.name, c.due_at, now)
                       for c in conditions)
-        return Change(attrs.evolve(run, updated_at=now, **_NO_LEASE), waits=waits,
+        return Change(evolve(run, updated_at=now, **_NO_LEASE), waits=waits,
                       history=(Entry(now, "lease.released", run.attempts, lease.worker_id,
                                      detail=f"{reason}; the run stays paused, and will wait "
                                             f"for {describe_waits(waits)}"),))
@@ -1028,7 +1029,7 @@ def wakeup(run: RunRecord | None, run_id: str, sleeping: Sequence[StepRecord],
     if run.state == "waiting":
         change = change.then(_wake(run, now, "woken up early by a client"))
     else:
-        change = attrs.evolve(change, run=attrs.evolve(run, updated_at=now))
+        change = evolve(change, run=evolve(run, updated_at=now))
     return change, True
 
 
@@ -1055,13 +1056,13 @@ def send(run: RunRecord | None, op: o.SendEvent, duplicate: bool,
     event = EventRecord(0, run.id, op.name, op.payload, op.idempotency_key, op.now)
     sent = Entry(op.now, "event.sent", run.attempts, name=op.name, detail=(
         f"key {op.idempotency_key!r}" if op.idempotency_key else None))
-    change = Change(attrs.evolve(run, updated_at=op.now), sent=event, history=(sent,))
+    change = Change(evolve(run, updated_at=op.now), sent=event, history=(sent,))
     if waiting is None or run.state == "paused":  # a paused run takes it when resumed
         return change, o.SendOutcome(delivered=False, duplicate=False)
     if buffered is None:
         delivered = _receive(waiting, event, op.now, None)  # not buffered: no seq to consume
-        change = attrs.evolve(change.then(attrs.evolve(delivered, consumed=())),
-                              sent=attrs.evolve(event, position=waiting.position))
+        change = evolve(change.then(evolve(delivered, consumed=())),
+                              sent=evolve(event, position=waiting.position))
     else:  # the older one goes to the wait; this one is buffered behind it
         change = change.then(_receive(waiting, buffered, op.now, None))
     if run.state == "waiting":
@@ -1149,7 +1150,7 @@ def define_schedule(old: ScheduleRecord | None,
             "nothing was changed: pass update=True to replace it, or choose another id")
     # The new definition, from the next occurrence after now; what the schedule did so
     # far (its last run, a buffered occurrence, paused or not) carries over.
-    updated = attrs.evolve(new, paused=old.paused, last_run_id=old.last_run_id,
+    updated = evolve(new, paused=old.paused, last_run_id=old.last_run_id,
                            buffered_at=old.buffered_at, created_at=old.created_at,
                            updated_at=op.now)
     return ScheduleChange(updated), o.DefineOutcome(updated, created=False, updated=True)
@@ -1165,10 +1166,10 @@ def pause_schedule(old: ScheduleRecord | None,
     if s.paused == op.paused:
         return ScheduleChange(), s
     if op.paused:
-        paused = attrs.evolve(s, paused=True, updated_at=op.now)
+        paused = evolve(s, paused=True, updated_at=op.now)
         return ScheduleChange(paused), paused
     # Resumed: from the first occurrence after now; those that passed meanwhile are skipped.
-    resumed = attrs.evolve(s, paused=False, updated_at=op.now,
+    resumed = evolve(s, paused=False, updated_at=op.now,
                            next_fire_at=sch.next_after(s.cron, s.timezone, s.every, op.now))
     firings: tuple[ScheduleFiring, ...] = ()
     if s.next_fire_at <= op.now:
@@ -1210,7 +1211,7 @@ class _Firing:
         if self.running and s.overlap != "allow":
             previous = f"the previous run {s.last_run_id} is unfinished"
             if s.overlap == "buffer_one" and s.buffered_at is None:
-                self.schedule = attrs.evolve(s, buffered_at=occ, buffered_key=key,
+                self.schedule = evolve(s, buffered_at=occ, buffered_key=key,
                                              updated_at=self.now)
                 return self._record(ScheduleFiring(s.id, key, occ, "buffered", reason, None,
                                                    self.now, f"{previous}: starts when it ends"))
@@ -1232,7 +1233,7 @@ class _Firing:
         mine = next((i for i, e in enumerate(self.enqueues) if e.run_id == previous), None)
         if mine is not None:
             del self.enqueues[mine]
-            self.firings = [attrs.evolve(f, outcome="skipped", run_id=None,
+            self.firings = [evolve(f, outcome="skipped", run_id=None,
                                          detail=f"{why} before it started")
                             if f.run_id == previous else f for f in self.firings]
             return self._start(occ, key, reason)
@@ -1250,7 +1251,7 @@ class _Firing:
         self.enqueues.append(o.Enqueue(run_id, s.workflow, s.version, s.payload,
                                        run_key(s.id, key), self.now, "return_existing",
                                        origin_of(s.id, key)))
-        self.schedule = attrs.evolve(s, last_run_id=run_id, updated_at=self.now)
+        self.schedule = evolve(s, last_run_id=run_id, updated_at=self.now)
         self.running = True
         return self._record(ScheduleFiring(s.id, key, occ, "fired", reason, run_id, self.now,
                                            detail))
@@ -1259,7 +1260,7 @@ class _Firing:
         s = self.schedule
         if s.buffered_at is not None and not self.running:
             occ, key = s.buffered_at, s.buffered_key or sch.iso(s.buffered_at)
-            self.schedule = attrs.evolve(s, buffered_at=None, buffered_key=None)
+            self.schedule = evolve(s, buffered_at=None, buffered_key=None)
             self._start(occ, key, "buffered")
 
     def _record(self, firing: ScheduleFiring) -> ScheduleFiring:
@@ -1294,7 +1295,7 @@ def fire(s: ScheduleRecord, last_run: RunRecord | None, now: float) -> ScheduleC
         key = sch.iso(occ)
         state.occurrence(occ, key, "scheduled" if now - occ < 1.0 else "catch-up")
         occ = sch.next_after(s.cron, s.timezone, s.every, occ)
-    state.schedule = attrs.evolve(state.schedule, next_fire_at=occ, updated_at=now)
+    state.schedule = evolve(state.schedule, next_fire_at=occ, updated_at=now)
     return state.change()
 
 

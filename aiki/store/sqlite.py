@@ -56,6 +56,7 @@ from aiki.records import (
     ScheduleRecord,
     StepRecord,
     WaitRecord,
+    row_of,
 )
 from aiki.store import machine as m
 from aiki.store import ops as o
@@ -313,17 +314,17 @@ def _write(db: Db, run_id: str, change: m.Change) -> None:
     """Write what the state machine decided (see :class:`aiki.store.machine.Change`)."""
     run = change.run
     if run is not None:
-        values = attrs.astuple(run)
-        db.execute(f"UPDATE runs SET {RUN_UPDATE} WHERE id = ?", (*values[1:], run.id))
+        row = row_of(run)
+        db.execute(f"UPDATE runs SET {RUN_UPDATE} WHERE id = ?", (*row[1:], run.id))
     if change.dropped:
         db.executemany("DELETE FROM steps WHERE run_id = ? AND position = ?",
                        [(run_id, position) for position in change.dropped])
     for step in change.steps:
-        db.execute(STEP_UPSERT, (run_id, run_id, *attrs.astuple(step)))
+        db.execute(STEP_UPSERT, (run_id, run_id, *row_of(step)))
     if change.waits is not None:
         db.execute("DELETE FROM waits WHERE run_id = ?", (run_id,))
         db.executemany(f"INSERT INTO waits ({WAIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-                       [attrs.astuple(w) for w in change.waits])
+                       [row_of(w) for w in change.waits])
     for seq, position in change.consumed:
         db.execute("UPDATE events SET position = ? WHERE seq = ?", (position, seq))
     sent = change.sent
@@ -354,7 +355,7 @@ def _buffered(db: Db, run_id: str, name: str) -> EventRecord | None:
 # -- operations: the state machine decides, this writes ------------------------------------
 def _enqueue(db: Db, op: o.Enqueue) -> o.EnqueueOutcome:
     run, entry = m.enqueue(op)
-    if db.execute(RUN_INSERT, attrs.astuple(run)).rowcount:
+    if db.execute(RUN_INSERT, row_of(run)).rowcount:
         _write(db, run.id, m.Change(history=(entry,)))
         return o.EnqueueOutcome(op.run_id, created=True)
     if op.idempotency_key is not None:
@@ -517,7 +518,7 @@ def _start_child(db: Db, op: o.StartChild) -> StepRecord:
                                          _get_step(db, run_id, op.step.position), op.step, op)
     _write(db, run_id, change)
     if child is not None:
-        db.execute(RUN_INSERT, attrs.astuple(child))
+        db.execute(RUN_INSERT, row_of(child))
         _write(db, child.id, m.Change(history=(first,)))
     step = _get_step(db, run_id, op.step.position)
     assert step is not None
@@ -766,7 +767,7 @@ def _fork(db: Db, op: o.ForkRun) -> o.ControlOutcome:
     if existing is not None:
         return m.fork_again(existing, op)
     new, made, noted = m.fork(_get_run(db, op.run_id), op, _get_steps(db, op.run_id))
-    db.execute(RUN_INSERT, attrs.astuple(new))
+    db.execute(RUN_INSERT, row_of(new))
     _write(db, new.id, attrs.evolve(made, run=None))
     _write(db, op.run_id, noted)
     return o.ControlOutcome(new, applied=True)

@@ -43,6 +43,7 @@ from aiki.records import (
     ScheduleRecord,
     StepRecord,
     WaitRecord,
+    row_of,
 )
 from aiki.store import machine as m
 from aiki.store import ops as o
@@ -319,13 +320,13 @@ async def _write(conn: Conn, run_id: str, change: m.Change) -> None:
     last = steps[-1] if steps and single else None
     clear_waits = single and change.waits == ()
     for step in steps[:-1] if last is not None else steps:
-        await conn.execute(STEP_UPSERT, run_id, *attrs.astuple(step))
+        await conn.execute(STEP_UPSERT, run_id, *row_of(step))
     if change.waits is not None and not clear_waits:
         await conn.execute("DELETE FROM waits WHERE run_id = $1", run_id)
         if change.waits:
             await conn.executemany(
                 f"INSERT INTO waits ({WAIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",
-                [attrs.astuple(w) for w in change.waits])
+                [row_of(w) for w in change.waits])
     for seq, position in change.consumed:
         await conn.execute("UPDATE events SET position = $1 WHERE seq = $2", position, seq)
     sent = change.sent
@@ -335,15 +336,15 @@ async def _write(conn: Conn, run_id: str, change: m.Change) -> None:
             " VALUES ($1, $2, $3, $4, $5, $6)", run_id, sent.name, sent.payload,
             sent.idempotency_key, sent.sent_at, sent.position)
     if run is not None and history:
-        values = attrs.astuple(run)[1:]
-        upserted = () if last is None else (run_id, *attrs.astuple(last))
+        values = row_of(run)[1:]
+        upserted = () if last is None else (run_id, *row_of(last))
         await conn.execute(_run_and_history(last is not None, clear_waits), *history[0],
                            run.id, *values, *upserted)
         history = history[1:]
     elif run is not None:
         assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(_RUN_FIELDS, start=2))
         await conn.execute(f"UPDATE runs SET {assignments} WHERE id = $1", run.id,
-                           *attrs.astuple(run)[1:])
+                           *row_of(run)[1:])
     await _log(conn, *history)
 
 
@@ -672,7 +673,7 @@ async def _start_child(conn: Conn, op: o.StartChild) -> StepRecord:
         await conn.execute(
             f"INSERT INTO runs ({RUN_COLUMNS}) VALUES"
             f" ({', '.join(f'${i}' for i in range(1, len(attrs.fields(RunRecord)) + 1))})",
-            *attrs.astuple(child))
+            *row_of(child))
         await _log(conn, (child.id, first.at, first.event, first.attempt, first.worker_id,
                           first.position, first.name, first.detail))
     step = await _get_step(conn, run_id, op.step.position)
@@ -930,7 +931,7 @@ async def _fork(conn: Conn, op: o.ForkRun) -> o.ControlOutcome:
     inserted = await conn.fetchval(
         f"INSERT INTO runs ({', '.join(columns)}) VALUES"
         f" ({', '.join(f'${i}' for i in range(1, len(columns) + 1))})"
-        " ON CONFLICT DO NOTHING RETURNING true", *attrs.astuple(new))
+        " ON CONFLICT DO NOTHING RETURNING true", *row_of(new))
     if not inserted:  # a concurrent retry of this fork committed first
         existing = await get_run(conn, op.new_run_id)
         assert existing is not None
@@ -1146,9 +1147,9 @@ class _Writes:
         if self.runs or self.steps or self.cleared:
             await conn.execute(
                 _SAVE_ALL,
-                *_columns([(k[0], *attrs.astuple(s)) for k, s in self.steps.items()],
+                *_columns([(k[0], *row_of(s)) for k, s in self.steps.items()],
                           len(_STEP_TYPES)),
-                *_columns([attrs.astuple(r) for r in self.runs.values()], len(_RUN_TYPES)),
+                *_columns([row_of(r) for r in self.runs.values()], len(_RUN_TYPES)),
                 *_columns(self.history, len(_HISTORY_TYPES)), self.cleared)
         self._empty()
 
