@@ -37,9 +37,7 @@ SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a 
              "deadline scope expired", "run woken at its deadline",
              "step abandoned at a deadline", "shielded work outlived its deadline",
              # A worker in a server's process, its requests answered in its own tasks.
-             "task completed by an in-process worker",
-             # A write the writer had nothing before, applied by its asker (SQLite inline).
-             "write applied at once by its asker")
+             "task completed by an in-process worker")
 
 
 @attrs.frozen

@@ -152,14 +152,11 @@ class SimStore:
     # The SQLite store, when it is the database: ``inner`` (the memory model) answers every
     # operation beside it, and the two must agree (what the checkers read is the model's).
     db: Store | None = None
-    # Servers' StoreWriters may have a write applied at once by its asker, as on SQLite in
-    # a thread (``StoreWriter._at_once``): the memory model's stores offer it.
-    at_once: bool = False
     _lock: trio.Lock = attrs.field(factory=trio.Lock)
     _fork_sources: dict[str, tuple[StepRecord, ...]] = attrs.field(factory=dict)
 
     def for_server(self, server: str) -> ServerStore:
-        return (AtOnceServerStore if self.at_once else ServerStore)(self, server)
+        return ServerStore(self, server)
 
     async def apply(self, ops: Sequence[o.Op[Any]], server: str = "s1") -> list[Any]:
         f, r = self.faults, self.rng
@@ -168,28 +165,6 @@ class SimStore:
             await trio.sleep(r.uniform(0.05, 2.0))
         else:
             await trio.lowlevel.checkpoint()
-        self._fail_before_commit()
-        before = self._schedules_before(ops)
-        outcomes = await self._apply_both(ops)
-        return self._after_commit(ops, outcomes, server, before)
-
-    def apply_at_once(self, ops: Sequence[o.Op[Any]], server: str = "s1") -> list[Any] | None:
-        """What SQLite's ``apply_at_once`` does: the batch applied now, in the caller's
-        task, if no other task is runnable and the database is quick this time (the
-        same draw as ``apply``'s slow fault); else None. The memory model only (the SQLite
-        store of the simulation never runs inline)."""
-        if self.db is not None or trio.lowlevel.current_statistics().tasks_runnable:
-            return None
-        if self.rng.random() < self.faults.slow:
-            return None  # (the writer's apply draws its own delay)
-        self._fail_before_commit()
-        before = self._schedules_before(ops)
-        outcomes = self._apply_model_now(ops)
-        self.ledger.sometimes["write applied at once by its asker"] += 1
-        return self._after_commit(ops, outcomes, server, before)
-
-    def _fail_before_commit(self) -> None:
-        f, r = self.faults, self.rng
         if trio.current_time() < f.unavailable_until:
             self.stats["unavailable"] += 1
             raise StoreUnavailable("simulated: the database is unavailable")
@@ -199,14 +174,9 @@ class SimStore:
         if r.random() < f.before_commit:
             self.stats["before_commit"] += 1
             raise StoreUnavailable("simulated: error before commit")
-
-    def _schedules_before(self, ops: Sequence[o.Op[Any]]) -> Any:
         scheduling = any(isinstance(op, SCHEDULE_OPS) for op in ops)
-        return self.inner.contents().schedules if scheduling else None
-
-    def _after_commit(self, ops: Sequence[o.Op[Any]], outcomes: list[Any], server: str,
-                      before: Any) -> list[Any]:
-        """Check and note a committed batch; then, sometimes, lose its reply."""
+        before = self.inner.contents().schedules if scheduling else None
+        outcomes = await self._apply_both(ops)
         now = trio.current_time()
         self.ledger.commits += 1
         if before is not None and self.notices is not None \
@@ -222,7 +192,7 @@ class SimStore:
         self._committed(ops, outcomes, now, server)
         self.trace.append(f"{now:.6f} store {server} "
                           f"{','.join(type(op).__name__ for op in ops)}")
-        if self.rng.random() < self.faults.after_commit:
+        if r.random() < f.after_commit:
             self.stats["after_commit"] += 1
             self.ledger.sometimes["ambiguous commit"] += 1
             raise StoreUnavailable("simulated: connection lost after commit")
@@ -244,12 +214,9 @@ class SimStore:
         return outcomes
 
     async def _apply_model(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
-        await trio.lowlevel.checkpoint()
-        return self._apply_model_now(ops)
-
-    def _apply_model_now(self, ops: Sequence[o.Op[Any]]) -> list[Any]:
         """The memory model applies ``ops`` as one transaction (nothing else runs in between),
         noting what each fork is to copy as it is at that op."""
+        await trio.lowlevel.checkpoint()
         outcomes: list[Any] = []
         noted = o.Noted()
         for op in ops:
@@ -634,11 +601,3 @@ def _differs(got: Any, expected: Any) -> bool:
         return len(got) != len(expected) or any(
             _differs(a, b) for a, b in zip(got, expected, strict=True))
     return bool(got != expected)
-
-
-@attrs.define(eq=False)
-class AtOnceServerStore(ServerStore):
-    """A server's connection on which a lone write may be applied by its asker."""
-
-    def apply_at_once(self, ops: list[o.Op[Any]]) -> list[Any] | None:
-        return self.db.apply_at_once(ops, self.server)

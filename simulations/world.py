@@ -194,9 +194,6 @@ class World:
                                        driver_bug=0.001 * k, slow=0.01 * k)
         self.store = SimStore(MemoryStore(), random.Random(f"{seed}:store"), self.ledger,
                               self.trace, store_faults)
-        # On half the seeds a lone write may be applied by its asker, as SQLite in a thread
-        # does when nothing else is runnable (the memory model's stores only).
-        self.store.at_once = random.Random(f"{seed}:at-once").random() < 0.5
         notice_faults = NoticeFaults()
         if self.swarm["notice"]:
             notice_faults = NoticeFaults(delay=0.05 * self.swarm["notice"])

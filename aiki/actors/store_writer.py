@@ -15,7 +15,6 @@ is what the store holds, never a write that was refused or rolled back.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -54,7 +53,6 @@ from aiki.store.ops import (
 )
 
 T = TypeVar("T")
-log = logging.getLogger("aiki.store_writer")
 
 
 @attrs.frozen
@@ -83,11 +81,6 @@ class StoreWriter:
     mailbox: Mailbox[Write] = attrs.field(default=attrs.Factory(
         lambda self: Mailbox[Write](4096, "store-writer", self.metrics), takes_self=True))
     _applying: bool = False  # a batch is being applied
-    _asked: int = 0  # writes handed to the writer and not answered yet
-    # The store's batch applied on this thread now, or None (``_at_once``).
-    _inline: Callable[[list[Op[Any]]], list[Any] | None] | None = attrs.field(
-        init=False, default=attrs.Factory(
-            lambda self: getattr(self.store, "apply_at_once", None), takes_self=True))
 
     @property
     def idle(self) -> bool:
@@ -108,93 +101,47 @@ class StoreWriter:
                     batch.append(self.mailbox.receive_nowait())
                 except trio.WouldBlock:
                     break
+            metrics = self.metrics
             started = trio.current_time()
             flat = [op for w in batch for op in w.ops]
             self._applying = True
             try:
                 outcomes = await self.store.apply(flat)
             except Exception as exc:
-                failure = self._failed(exc, started)
-                for w in batch:
-                    w.reply.fail(failure)
-                if failure is exc:
+                metrics.observe(STORE_COMMIT_SECONDS, trio.current_time() - started)
+                metrics.inc(STORE_TRANSACTIONS, ("failed",))
+                metrics.inc(STORE_ERRORS, (type(exc).__name__,))
+                if isinstance(exc, StoreUnavailable):
+                    for w in batch:
+                        w.reply.fail(exc)
                     continue
+                for w in batch:
+                    w.reply.fail(StoreUnavailable(f"store write failed: {exc!r}"))
                 raise
             finally:
                 self._applying = False
-            self._committed(flat, outcomes, started)
+            if metrics.enabled:
+                metrics.observe(STORE_COMMIT_SECONDS, trio.current_time() - started)
+                metrics.inc(STORE_TRANSACTIONS, ("committed",))
+                metrics.observe(STORE_OPS_PER_COMMIT, len(outcomes))
+                for op, outcome in zip(flat, outcomes, strict=True):
+                    count_outcome(metrics, op, outcome)
+                count_ends(metrics, getattr(outcomes, "ended", ()))
+            revoked = getattr(outcomes, "revoked", ())
+            if revoked:
+                self.on_revoked(revoked)
             answers = iter(outcomes)
             for w in batch:
                 mine = [next(answers) for _ in w.ops]
-                w.reply.send(_answer(mine, w.every))
-
-    def _committed(self, ops: list[Op[Any]], outcomes: list[Any], started: float) -> None:
-        """Count a committed batch, and tell of the leases it revoked."""
-        metrics = self.metrics
-        if metrics.enabled:
-            metrics.observe(STORE_COMMIT_SECONDS, trio.current_time() - started)
-            metrics.inc(STORE_TRANSACTIONS, ("committed",))
-            metrics.observe(STORE_OPS_PER_COMMIT, len(outcomes))
-            for op, outcome in zip(ops, outcomes, strict=True):
-                count_outcome(metrics, op, outcome)
-            count_ends(metrics, getattr(outcomes, "ended", ()))
-        revoked = getattr(outcomes, "revoked", ())
-        if revoked:
-            self.on_revoked(revoked)
-
-    def _failed(self, exc: Exception, started: float) -> StoreUnavailable:
-        """Count a batch that failed; what its writers are told (``exc`` itself if the
-        store is unavailable; anything else is a bug, and crashes the writer)."""
-        metrics = self.metrics
-        metrics.observe(STORE_COMMIT_SECONDS, trio.current_time() - started)
-        metrics.inc(STORE_TRANSACTIONS, ("failed",))
-        metrics.inc(STORE_ERRORS, (type(exc).__name__,))
-        if isinstance(exc, StoreUnavailable):
-            return exc
-        return StoreUnavailable(f"store write failed: {exc!r}")
-
-    def _at_once(self, ops: tuple[Op[Any], ...]) -> list[Any] | None:
-        """The outcomes of ``ops`` applied now, in the writer's stead, if the store can
-        apply a batch on this thread without waiting (SQLite when no other task is
-        runnable) and the writer has nothing before them: no write waits, none is being
-        applied, none was handed to it (so nothing sent earlier is applied later). The
-        batch would have been these ops alone, one scheduler round and two task switches
-        later. None: they go to the writer."""
-        inline = self._inline
-        if inline is None or self._applying or self._asked or self.mailbox.queued():
-            return None
-        started = trio.current_time()
-        flat = list(ops)
-        try:
-            outcomes = inline(flat)
-        except Exception as exc:
-            failure = self._failed(exc, started)
-            if failure is not exc:  # a bug: its asker hears what the writer would say
-                log.error("store writer: a write applied at once failed", exc_info=exc)
-                raise failure from exc
-            raise
-        if outcomes is not None:
-            self._committed(flat, outcomes, started)
-        return outcomes
-
-    async def _ask(self, ops: tuple[Op[Any], ...], every: bool) -> Any:
-        done = self._at_once(ops)
-        if done is not None:
-            await trio.lowlevel.cancel_shielded_checkpoint()  # (others run between writes)
-            return _answer(done, every)
-        self._asked += 1
-        try:
-            return await self.mailbox.address.ask(
-                lambda r: Write(ops if len(ops) > 1 else ops[0], r, every=every),
-                self.timeout)
-        finally:
-            self._asked -= 1
+                refused = [o for o in mine if isinstance(o, AikiError)]
+                w.reply.send(mine if w.every else refused[0] if refused else mine[-1])
 
     async def write(self, op: Op[T], *before: Op[Any]) -> T:
         """Apply ``op`` (batched with others) and return its outcome; raise it if refused.
         Ops in ``before`` are applied first, in the same transaction; the first refusal
         among them all is raised."""
-        outcome: Any = await self._ask((*before, op), every=False)
+        chain: Op[Any] | tuple[Op[Any], ...] = (*before, op) if before else op
+        outcome: Any = await self.mailbox.address.ask(lambda r: Write(chain, r), self.timeout)
         if isinstance(outcome, AikiError):
             raise outcome
         return outcome  # type: ignore[no-any-return]
@@ -203,19 +150,9 @@ class StoreWriter:
         """Apply ``ops`` in order in one transaction (batched with others); every op's
         outcome, a refusal among them as its outcome: one refused op does not undo the
         others."""
-        outcomes: list[Any] = await self._ask(ops, every=True)
+        outcomes: list[Any] = await self.mailbox.address.ask(
+            lambda r: Write(ops, r, every=True), self.timeout)
         return outcomes
-
-
-def _answer(outcomes: list[Any], every: bool) -> Any:
-    """A write's answer: every outcome, or the first refusal, or the last outcome."""
-    if every:
-        return outcomes
-    for outcome in outcomes:
-        if isinstance(outcome, AikiError):
-            return outcome
-    return outcomes[-1]
-
 
 # What an op whose outcome is a run record did to it, when it is not the run's new state.
 _RUN_EVENT: dict[type[Op[Any]], str] = {RetryRun: "retried", ResumeRun: "resumed"}

@@ -865,12 +865,6 @@ class SqliteStore:
 
         return await _call(self._offload, self._limiter, self.path, with_db)
 
-    def apply_at_once(self, ops: list[o.Op[Any]]) -> list[Any] | None:
-        """The batch applied now, on the caller's thread, if that is cheaper and safe
-        (as ``apply`` decides, below); None if it must be applied by ``apply``. The
-        StoreWriter's caller uses it when the writer has nothing queued."""
-        return self._inline_batch(ops)
-
     def _inline_batch(self, ops: list[o.Op[Any]]) -> list[Any] | None:
         """The batch applied on the Trio thread, if that is cheaper and safe now; else None.
 

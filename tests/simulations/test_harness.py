@@ -471,20 +471,6 @@ def metrics_count_what_was_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_writer, "count_outcome", count)
 
 
-def writes_at_once_uncounted(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A write its asker applies (the writer idle) that is not counted as the writer counts
-    its batches: runs and tasks missing from the metrics, and the leases a schedule's
-    cancel revoked in it never told to their workers."""
-    from aiki.actors.store_writer import StoreWriter
-
-    def at_once(self: StoreWriter, ops: Any) -> Any:
-        if self._inline is None or self._applying or self._asked or self.mailbox.queued():
-            return None
-        return self._inline(list(ops))
-
-    monkeypatch.setattr(StoreWriter, "_at_once", at_once)
-
-
 def renew_any_lease(monkeypatch: pytest.MonkeyPatch) -> None:
     # A heartbeat renews whatever runs it names, held or not: a zombie's lease lives on.
     import attrs
@@ -736,8 +722,6 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
         (no_deadline_check_before_the_body, ("after its result was committed",)),
         # A metric counts a write the store refused.
         (metrics_count_what_was_asked, ("(aiki_runs_total), the store holds",)),
-        # A write applied by its asker goes uncounted (caught at seed 0).
-        (writes_at_once_uncounted, ("(aiki_runs_total), the store holds",)),
         # A restarted server forgets the occurrences that came while it was down.
         (schedule_next_in_memory, ("was decided 0 times",)),
         # Two servers (or one, again after a crash) start a run for one occurrence.
@@ -779,7 +763,7 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
          "send-ack-before-commit", "ended-notices-dropped", "completion-drops-outcomes",
          "renew-any-lease", "unfenced-completions", "sqlite-unfenced", "replay-by-address",
          "reply-none-on-lost-connection", "no-deadline-check-before-the-body",
-         "metrics-count-what-was-asked", "writes-at-once-uncounted",
+         "metrics-count-what-was-asked",
          "schedule-next-in-memory", "servers-each-fire-one-occurrence",
          "pause-lets-the-next-step-start", "retry-drops-completed-steps",
          "cancel-keeps-the-lease", "parent-woken-only-when-child-completes",
