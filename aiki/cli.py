@@ -504,21 +504,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _whole_or_zero(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 0 or more")
-    return value
-
-
 def _gc_option(parser: argparse.ArgumentParser) -> None:
     """``--gc-threshold``, for the commands that own their process (aiki.gc_tuning)."""
     from aiki.gc_tuning import DEFAULT_GC_THRESHOLD
 
-    parser.add_argument("--gc-threshold", type=_whole_or_zero, default=DEFAULT_GC_THRESHOLD,
+    parser.add_argument("--gc-threshold", type=_whole, default=DEFAULT_GC_THRESHOLD,
                         metavar="N",
                         help="collect the youngest generation of garbage every N allocations "
                              f"(default {DEFAULT_GC_THRESHOLD:,}; Python's own is 700, and 0 "

@@ -387,6 +387,6 @@ def test_the_long_running_commands_set_their_processes_collector(
 def test_a_negative_gc_threshold_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["server", "--gc-threshold", "-1"])
-    assert "'-1': give 0 or more" in capsys.readouterr().err
+    assert "'-1': give a number of at least 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="0 .Python's own. or more, got -1"):
         aiki.tune_gc(-1)

@@ -601,7 +601,7 @@ class RunState:
                 delay = task.retry.delay_after(attempt, self.sources.rng) if retryable else None
                 trace = format_traceback(exc)
                 failed = evolve(step, error_type=type(exc).__name__,
-                                      error_message=str(exc), error_traceback=trace)
+                                error_message=str(exc), error_traceback=trace)
                 log.warning("run %s (%s): task %r attempt %d failed%s: %s: %s\n%s",
                             self.lease.run_id, self.workflow, task.name, attempt,
                             "" if delay is None else f", retrying in {delay:g} s",
@@ -612,7 +612,7 @@ class RunState:
                                      trace) from exc
                 not_before, floor = clock.now() + delay, -math.inf
                 await self.save(evolve(failed, state="retrying",
-                                             next_attempt_at=not_before))
+                                       next_attempt_at=not_before))
                 attempt += 1
                 continue
             final = evolve(step, state="completed", output=output)

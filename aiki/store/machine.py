@@ -428,14 +428,14 @@ def cancel(run: RunRecord | None, run_id: str, reason: str | None, grace: float,
         who = f"{who}, through run {cascade}"
     holder = run.lease_owner  # (only a run that is held has an owner)
     marked = evolve(run, cancel_requested_at=now, cancel_reason=reason,
-                          cancel_deadline=now + grace)
+                    cancel_deadline=now + grace)
     asked = Entry(now, "cancel.requested", run.attempts, who, detail=(
         f"by {who}" + (f": {reason}" if reason else "")
         + f"; grace {grace:g} s, until {when(now + grace)}"))
     if awaiting_children:  # its end waits for its children, which are cancelled
         change = Change(evolve(marked, updated_at=now, result=None,
-                                     error_type=RUN_CANCELLED,
-                                     error_message=reason or "cancelled", error_traceback=None),
+                               error_type=RUN_CANCELLED,
+                               error_message=reason or "cancelled", error_traceback=None),
                         history=(asked,))
         if children == 0:  # (its last child ended while it was paused)
             assert change.run is not None
@@ -460,7 +460,7 @@ def cancel(run: RunRecord | None, run_id: str, reason: str | None, grace: float,
     elif run.state == "paused":  # held: it stays paused, and compensates once resumed
         bump = 1 if run.lease_owner is not None else 0  # (its worker had not given it back)
         held_back = evolve(marked, updated_at=now, lease_epoch=run.lease_epoch + bump,
-                                 **_NO_LEASE)
+                           **_NO_LEASE)
         asked = evolve(asked, detail=(asked.detail or "") + (
             "; it stays paused: once resumed its workflow sees RunCancelled, and when the "
             "grace period ends it ends cancelled all the same"))
@@ -489,7 +489,7 @@ def end_cancel(run: RunRecord, now: float, ancestor: str | None = None) -> Chang
     if ancestor is not None:
         if run.cancel_requested_at is None:
             run = evolve(run, cancel_requested_at=now,
-                               cancel_reason=f"run {ancestor} was cancelled")
+                         cancel_reason=f"run {ancestor} was cancelled")
         return _cancelled(run, now, None, run.lease_epoch,
                           f"the grace period of run {ancestor}'s cancel ended")
     return _cancelled(run, now, None, run.lease_epoch,
@@ -535,10 +535,10 @@ def _joined(step: StepRecord, child: RunRecord, now: float, who: str | None) -> 
         done = evolve(step, state="completed", output=child.result)
     elif child.state == "cancelled":
         done = evolve(step, state="failed", error_type="ChildCancelled",
-                            error_message=child.cancel_reason or "")
+                      error_message=child.cancel_reason or "")
     else:
         done = evolve(step, state="failed", error_type="ChildFailed",
-                            error_message=f"{child.error_type}: {child.error_message}")
+                      error_message=f"{child.error_type}: {child.error_message}")
     return Change(steps=(done,), history=(Entry(
         now, "join.ended", step.attempts, who, step.position, step.name,
         f"child run {child.id} {child.state}"),))
@@ -859,8 +859,8 @@ def abandon(run: RunRecord | None, lease: Lease, steps: Sequence[StepRecord], sc
                 "task", "sleep", "event", "join"):
             continue
         done = evolve(step, state="failed", error_type=DEADLINE_EXCEEDED,
-                            output=json.dumps(scope),
-                            error_message=f"its deadline scope at step {scope} expired")
+                      output=json.dumps(scope),
+                      error_message=f"its deadline scope at step {scope} expired")
         event = "task.failed" if step.kind == "task" else f"{step.kind}.abandoned"
         change = change.then(Change(steps=(done,), history=(Entry(
             now, event, step.attempts, lease.worker_id, step.position, step.name,
@@ -888,7 +888,7 @@ def _receive(step: StepRecord, event: EventRecord, now: float, who: str | None) 
 
 def _time_out(step: StepRecord, now: float, who: str | None) -> Change:
     done = evolve(step, state="failed", error_type=EVENT_TIMEOUT,
-                        error_message=f"no {step.name!r} event by {when(step.next_attempt_at)}")
+                  error_message=f"no {step.name!r} event by {when(step.next_attempt_at)}")
     return Change(steps=(done,), history=(Entry(
         now, "event.timed_out", step.attempts, who, step.position, step.name,
         f"due at {when(step.next_attempt_at)}"),))
@@ -914,7 +914,7 @@ def await_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
     who = lease.worker_id
     due = step.next_attempt_at
     waiting = evolve(step, state="running", output=None, error_type=None,
-                           error_message=None)
+                     error_message=None)
     if step.kind == "sleep" and due is not None and due <= now:
         change = _end_sleep(waiting, now, False, who)
     elif step.kind == "event" and buffered is not None:
@@ -1062,7 +1062,7 @@ def send(run: RunRecord | None, op: o.SendEvent, duplicate: bool,
     if buffered is None:
         delivered = _receive(waiting, event, op.now, None)  # not buffered: no seq to consume
         change = evolve(change.then(evolve(delivered, consumed=())),
-                              sent=evolve(event, position=waiting.position))
+                        sent=evolve(event, position=waiting.position))
     else:  # the older one goes to the wait; this one is buffered behind it
         change = change.then(_receive(waiting, buffered, op.now, None))
     if run.state == "waiting":
@@ -1151,8 +1151,8 @@ def define_schedule(old: ScheduleRecord | None,
     # The new definition, from the next occurrence after now; what the schedule did so
     # far (its last run, a buffered occurrence, paused or not) carries over.
     updated = evolve(new, paused=old.paused, last_run_id=old.last_run_id,
-                           buffered_at=old.buffered_at, created_at=old.created_at,
-                           updated_at=op.now)
+                     buffered_at=old.buffered_at, created_at=old.created_at,
+                     updated_at=op.now)
     return ScheduleChange(updated), o.DefineOutcome(updated, created=False, updated=True)
 
 
@@ -1170,7 +1170,7 @@ def pause_schedule(old: ScheduleRecord | None,
         return ScheduleChange(paused), paused
     # Resumed: from the first occurrence after now; those that passed meanwhile are skipped.
     resumed = evolve(s, paused=False, updated_at=op.now,
-                           next_fire_at=sch.next_after(s.cron, s.timezone, s.every, op.now))
+                     next_fire_at=sch.next_after(s.cron, s.timezone, s.every, op.now))
     firings: tuple[ScheduleFiring, ...] = ()
     if s.next_fire_at <= op.now:
         firings = (_skipped_range(s, s.next_fire_at, op.now, op.now, "resumed",
@@ -1212,7 +1212,7 @@ class _Firing:
             previous = f"the previous run {s.last_run_id} is unfinished"
             if s.overlap == "buffer_one" and s.buffered_at is None:
                 self.schedule = evolve(s, buffered_at=occ, buffered_key=key,
-                                             updated_at=self.now)
+                                       updated_at=self.now)
                 return self._record(ScheduleFiring(s.id, key, occ, "buffered", reason, None,
                                                    self.now, f"{previous}: starts when it ends"))
             why = (f"{previous} and one occurrence already waits for it"
@@ -1234,7 +1234,7 @@ class _Firing:
         if mine is not None:
             del self.enqueues[mine]
             self.firings = [evolve(f, outcome="skipped", run_id=None,
-                                         detail=f"{why} before it started")
+                                   detail=f"{why} before it started")
                             if f.run_id == previous else f for f in self.firings]
             return self._start(occ, key, reason)
         if self.cancel is None:

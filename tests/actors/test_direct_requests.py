@@ -226,6 +226,23 @@ class Counting(MemoryStore):
         return await super().apply(ops)
 
 
+async def runs_to_its_end(workflow: Any, store: MemoryStore, *, server_wall: float,
+                          worker_wall: float) -> None:
+    """A run of ``workflow`` (payload 7, which it returns) on a server whose wall clock
+    starts at ``server_wall`` and an in-process worker whose clock starts at
+    ``worker_wall``."""
+    from aiki.actors.worker import Worker
+    from aiki.sources import TrioWallClock
+
+    server = Sources.seeded(8, TrioWallClock(anchor_wall=server_wall))
+    worker = Sources.seeded(9, TrioWallClock(anchor_wall=worker_wall))
+    async with serving(store, server) as (_, transport, nursery):
+        await nursery.start(Worker(transport, ADDRESS, [workflow], "w", worker).run)
+        async with aiki.Client.open(transport, ADDRESS, Sources.seeded(10)) as client:
+            handle = await client.enqueue(workflow.name, 7, version="1")
+            assert await handle.wait_for_completion(timeout=60) == 7
+
+
 async def test_a_sleep_due_by_the_workers_clock_only_is_asked_about_again_later(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -233,23 +250,14 @@ async def test_a_sleep_due_by_the_workers_clock_only_is_asked_about_again_later(
     # "still sleeping" to a sleep the worker holds due. In process no time passes between a
     # request and its reply: asking again at once was a loop without end (found by the
     # simulation's in-process worker, seed 18); it asks after 10 ms, doubling.
-    from aiki.actors.worker import Worker
-    from aiki.sources import TrioWallClock
-
     @aiki.workflow(name="naps", version="1")
     async def naps(run: aiki.WorkflowRun, x: int) -> int:
         await run.sleep(5.0)
         return x
 
     store = Counting("AwaitStep")
-    behind = Sources.seeded(8, TrioWallClock(anchor_wall=1_700_000_000.0))
-    ahead = Sources.seeded(9, TrioWallClock(anchor_wall=1_700_000_001.0))
-    async with serving(store, behind) as (_, transport, nursery):
-        await nursery.start(Worker(transport, ADDRESS, [naps], "w", ahead).run)
-        async with aiki.Client.open(transport, ADDRESS, Sources.seeded(10)) as client:
-            handle = await client.enqueue("naps", 7, version="1")
-            assert await handle.wait_for_completion(timeout=60) == 7
-        assert store.asked <= 12  # the first ask, then about log2(1 s / 10 ms) more
+    await runs_to_its_end(naps, store, server_wall=1_700_000_000.0, worker_wall=1_700_000_001.0)
+    assert store.asked <= 12  # the first ask, then about log2(1 s / 10 ms) more
 
 
 async def test_a_retry_due_by_the_servers_clock_runs_when_it_wakes_the_run(
@@ -261,9 +269,6 @@ async def test_a_retry_due_by_the_servers_clock_runs_when_it_wakes_the_run(
     # loop of claims and waits without end in process (found by the simulation with a
     # worker in its server's process, seed 153). The claim came on the server's clock at
     # or after the retry's time: the retry runs.
-    from aiki.actors.worker import Worker
-    from aiki.sources import TrioWallClock
-
     failures = []
 
     @aiki.task(name="flaky-once", retry=aiki.Retry.fixed(max_attempts=2, delay=20.0))
@@ -278,11 +283,6 @@ async def test_a_retry_due_by_the_servers_clock_runs_when_it_wakes_the_run(
         return await flaky.run(run, x)
 
     store = Counting("WaitRun")
-    server = Sources.seeded(8, TrioWallClock(anchor_wall=1_700_000_030.0))
-    behind = Sources.seeded(9, TrioWallClock(anchor_wall=1_700_000_000.0))
-    async with serving(store, server) as (_, transport, nursery):
-        await nursery.start(Worker(transport, ADDRESS, [retries], "w", behind).run)
-        async with aiki.Client.open(transport, ADDRESS, Sources.seeded(10)) as client:
-            handle = await client.enqueue("retries", 7, version="1")
-            assert await handle.wait_for_completion(timeout=60) == 7
-        assert store.asked == 1
+    await runs_to_its_end(retries, store, server_wall=1_700_000_030.0,
+                          worker_wall=1_700_000_000.0)
+    assert store.asked == 1
