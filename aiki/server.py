@@ -106,6 +106,12 @@ class Server:
                 dispatcher.revoke(run_id, None, epoch)
 
         writer.on_revoked = revoked
+
+        def committed_ends(runs: tuple[RunRecord, ...]) -> None:
+            for run in runs:
+                watchers.ended(run)
+
+        writer.on_ended = committed_ends
         self.ctx = ServerContext(
             store=self.store, writer=writer, dispatcher=dispatcher, timer=timer,
             watchers=watchers, sources=self.sources, server_id=self.sources.new_id(),

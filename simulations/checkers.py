@@ -433,7 +433,7 @@ def _sent_before_the_end(history: Any, log: Any) -> bool:
     for e in history:
         if e.event == "event.sent" and e.name == log.name and e.detail == f"key {log.key!r}":
             sent = e.seq
-        elif e.event in ("run.completed", "run.failed"):
+        elif e.event in ("run.completed", "run.failed", "run.cancelled"):
             end = e.seq
     return sent is not None and end is not None and sent < end
 

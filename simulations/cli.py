@@ -37,7 +37,8 @@ SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a 
              "deadline scope expired", "run woken at its deadline",
              "step abandoned at a deadline", "shielded work outlived its deadline",
              # A worker in a server's process, its requests answered in its own tasks.
-             "task completed by an in-process worker")
+             "task completed by an in-process worker",
+             "in-process worker crashed while its run ended")
 
 
 @attrs.frozen

@@ -152,6 +152,9 @@ class SimStore:
     # The SQLite store, when it is the database: ``inner`` (the memory model) answers every
     # operation beside it, and the two must agree (what the checkers read is the model's).
     db: Store | None = None
+    # Told of every batch as a server's writer begins to apply it (the world's faults that
+    # strike while a write is on its way).
+    applying: Callable[[Sequence[o.Op[Any]]], None] = lambda ops: None
     _lock: trio.Lock = attrs.field(factory=trio.Lock)
     _fork_sources: dict[str, tuple[StepRecord, ...]] = attrs.field(factory=dict)
 
@@ -159,6 +162,7 @@ class SimStore:
         return ServerStore(self, server)
 
     async def apply(self, ops: Sequence[o.Op[Any]], server: str = "s1") -> list[Any]:
+        self.applying(ops)
         f, r = self.faults, self.rng
         if r.random() < f.slow:
             self.stats["slow"] += 1

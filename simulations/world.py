@@ -17,7 +17,7 @@ import math
 import random
 import signal
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -40,6 +40,7 @@ from aiki.metrics import Metrics
 from aiki.records import TERMINAL_RUN_STATES
 from aiki.server import Server
 from aiki.sources import Sources
+from aiki.store import ops as o
 from aiki.store.memory import MemoryStore
 from aiki.store.sqlite import SqliteStore
 from aiki.transport.base import Handler
@@ -163,6 +164,8 @@ class World:
     # transport's in-process answers): no network between them; it dies with its server.
     embedded: dict[str, str] = attrs.field(factory=dict)
     incarnations: Counter[str] = attrs.field(factory=Counter)  # of each worker
+    worker_of: dict[str, str] = attrs.field(factory=dict)  # worker id -> its node's name
+    inside_rng: random.Random = attrs.field(factory=random.Random)  # (seeded below)
     nursery: trio.Nursery | None = None
     _pauses: trio.MemorySendChannel[tuple[str, int, float]] = attrs.field(init=False)
     _pauses_out: trio.MemoryReceiveChannel[tuple[str, int, float]] = attrs.field(init=False)
@@ -171,6 +174,7 @@ class World:
         self._pauses, self._pauses_out = trio.open_memory_channel[tuple[str, int, float]](
             math.inf)
         seed, on = self.cfg.seed, set(self.cfg.faults)
+        self.inside_rng = random.Random(f"{seed}:inside")
         swarm = random.Random(f"{seed}:swarm")
         # Swarm testing: each class gets its own intensity, or none at all, from the seed.
         self.swarm = {c: (swarm.choice([0.3, 1.0, 3.0]) if c in on else 0.0)
@@ -194,6 +198,7 @@ class World:
                                        driver_bug=0.001 * k, slow=0.01 * k)
         self.store = SimStore(MemoryStore(), random.Random(f"{seed}:store"), self.ledger,
                               self.trace, store_faults)
+        self.store.applying = self._crash_inside_at_its_end
         notice_faults = NoticeFaults()
         if self.swarm["notice"]:
             notice_faults = NoticeFaults(delay=0.05 * self.swarm["notice"])
@@ -306,6 +311,7 @@ class World:
             await self.wait_up(name)
             incarnation = self.incarnations[name] = incarnation + 1
             worker_id = f"{name}.{incarnation}"
+            self.worker_of[worker_id] = name
             worker = Worker(
                 self.net.transport(name) if memory is None else memory, address,
                 [workload.WORKFLOWS[v] for v in versions],
@@ -764,6 +770,21 @@ class World:
         self.down_until[node] = trio.current_time() + downtime
         self.net.poison(node)  # poisoned first: no cleanup can still talk
         scope.cancel()
+
+    def _crash_inside_at_its_end(self, ops: Sequence[Any]) -> None:
+        """Sometimes crash a worker in its server's process while the write that ends one
+        of its runs is being applied: the request is being answered in the worker's own
+        task, which the crash cancels. The server must finish what it was asked all the
+        same (tell the run's watchers and parent), as it would a message it had read."""
+        if not self.faults_on or not self.embedded:
+            return
+        for op in ops:
+            if isinstance(op, (o.CompleteRun, o.FailRun)):
+                name = self.worker_of.get(op.lease.worker_id)
+                if name in self.embedded and self.inside_rng.random() < 0.2:
+                    self.ledger.sometimes["in-process worker crashed while its run ended"] += 1
+                    self.crash(name, self.inside_rng.uniform(0.5, 5.0))
+                    return
 
     def stop(self, node: str, grace: float, downtime: float) -> None:
         order = self.stopping.get(node)

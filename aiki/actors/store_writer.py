@@ -76,6 +76,10 @@ class StoreWriter:
     # Told the leases a committed batch revoked on no client's request (``Outcomes.revoked``:
     # a schedule's ``cancel_previous``), so their workers hear of it now.
     on_revoked: Callable[[tuple[tuple[str, int | None], ...]], None] = lambda revoked: None
+    # Told the runs a committed batch ended (``Outcomes.ended``: by its ops, or with them),
+    # whoever asked for the writes and whatever became of the asker since: their watchers
+    # hear of it even when the request that ended them was cut short (its connection lost).
+    on_ended: Callable[[tuple[RunRecord, ...]], None] = lambda ended: None
     max_batch: int = 256
     timeout: float = 30.0
     mailbox: Mailbox[Write] = attrs.field(default=attrs.Factory(
@@ -120,16 +124,19 @@ class StoreWriter:
                 raise
             finally:
                 self._applying = False
+            ended = getattr(outcomes, "ended", ())
             if metrics.enabled:
                 metrics.observe(STORE_COMMIT_SECONDS, trio.current_time() - started)
                 metrics.inc(STORE_TRANSACTIONS, ("committed",))
                 metrics.observe(STORE_OPS_PER_COMMIT, len(outcomes))
                 for op, outcome in zip(flat, outcomes, strict=True):
                     count_outcome(metrics, op, outcome)
-                count_ends(metrics, getattr(outcomes, "ended", ()))
+                count_ends(metrics, ended)
             revoked = getattr(outcomes, "revoked", ())
             if revoked:
                 self.on_revoked(revoked)
+            if ended:
+                self.on_ended(ended)
             answers = iter(outcomes)
             for w in batch:
                 mine = [next(answers) for _ in w.ops]

@@ -286,3 +286,55 @@ async def test_a_retry_due_by_the_servers_clock_runs_when_it_wakes_the_run(
     await runs_to_its_end(retries, store, server_wall=1_700_000_030.0,
                           worker_wall=1_700_000_000.0)
     assert store.asked == 1
+
+
+class HeldEnds(MemoryStore):
+    """A store whose batches that end a run wait while ``held`` is set (``holding`` is set
+    once one does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: trio.Event | None = trio.Event()
+        self.holding = trio.Event()
+
+    async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        if self.held is not None and any(type(op).__name__ == "CompleteRun" for op in ops):
+            self.holding.set()
+            await self.held.wait()
+        return await super().apply(ops)
+
+
+async def test_a_run_ended_by_a_request_cut_short_is_still_told_to_its_watchers(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The worker's block is cancelled (a crash of the worker alone) while its completion
+    # waits in the StoreWriter: its connection closes, which cancels the answer running on
+    # it (as a session's end cancels its requests in flight over a network). The write
+    # commits all the same; the session never got to tell the run's watchers, and a client
+    # waiting for the run heard nothing, ever (found by the simulation's fault that crashes
+    # an in-process worker while its run's end is written). The writer tells them now.
+    from aiki.actors.worker import Worker
+
+    store = HeldEnds()
+    async with serving(store, Sources.seeded(2)) as (_, transport, nursery):
+        async with aiki.Client.open(transport, ADDRESS, Sources.seeded(3)) as client:
+            handle = await client.enqueue("three", 0, version="1")
+            heard: list[Any] = []
+
+            async def watch() -> None:
+                heard.append(await client.handle(handle.id).wait_for_completion(timeout=600))
+
+            nursery.start_soon(watch)
+            with trio.CancelScope() as crash:
+                async with trio.open_nursery() as process:
+                    await process.start(Worker(transport, ADDRESS, [three], "w",
+                                               Sources.seeded(4)).run)
+                    await store.holding.wait()
+                    crash.cancel()
+            assert store.held is not None
+            store.held.set()
+            store.held = None
+            with trio.fail_after(60):
+                while not heard:
+                    await trio.sleep(0.1)
+            assert heard == [3]

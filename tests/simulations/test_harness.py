@@ -878,3 +878,24 @@ async def test_a_jump_of_the_servers_shared_clock_is_noted_for_every_server() ->
     assert _waits(contents, world.ledger) == []
     world.ledger.clock_set_back.clear()  # (without the set-back it is a violation)
     assert any("before its due time" in v for v in _waits(contents, world.ledger))
+
+
+def test_a_keyed_send_stored_before_its_run_was_cancelled_may_be_refused_when_sent_again(
+) -> None:
+    # Seed 28 (with the fault that crashes an in-process worker as its run ends): a keyed
+    # send stored, its reply lost; the run cancelled; the send tried again and refused as
+    # finished. The checker counted only completed and failed runs as ended, and called it
+    # a refused send stored all the same.
+    import types
+
+    from aiki.records import HistoryEvent
+    from simulations.checkers import _sent_before_the_end
+
+    def event(seq: int, name: str, detail: str | None = None) -> HistoryEvent:
+        return HistoryEvent(seq, "r", float(seq), name, 1, None, None, "ev", detail)
+
+    log = types.SimpleNamespace(name="ev", key="k")
+    for end in ("run.completed", "run.failed", "run.cancelled"):
+        assert _sent_before_the_end([event(1, "event.sent", "key 'k'"), event(2, end)], log)
+    assert not _sent_before_the_end([event(1, "run.cancelled"),
+                                     event(2, "event.sent", "key 'k'")], log)
