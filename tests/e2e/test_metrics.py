@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 import aiki
@@ -93,6 +94,9 @@ async def test_metrics_count_a_known_workload_exactly(
             with pytest.raises(aiki.WorkflowFailed):
                 await bad.wait_for_completion(timeout=60)
             assert await nap.wait_for_completion(timeout=600) == 5
+            # A client hears of a run's end as its write commits; the worker's slot is given
+            # back when the request that ended it is answered, a moment later.
+            await trio.testing.wait_all_tasks_blocked()
 
             app = server.http_app(protocol_port=True)
             response = await app(HttpRequest("GET", "/metrics", ()))
