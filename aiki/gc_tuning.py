@@ -4,9 +4,10 @@ A run in flight holds some hundred tracked objects (its actor's state, frames, s
 records) that live across awaits; at 100 concurrent runs, Python's default threshold (a
 young collection every 700 allocations) collects about 640 times per 3,000 runs, and each
 collection that finds them alive moves them on to an older generation, which is traversed
-again later. Collecting every 10,000 allocations measured +5% runs/s embedded on SQLite and
-about +10% over WebSocket at 100 concurrent, nothing one at a time (where little is alive);
-garbage cycles wait a little longer to be freed, which costs at most those 10,000 objects.
+again later. Collecting every 10,000 allocations measured +5-7% runs/s embedded on SQLite
+and +5.6% over WebSocket (one worker, A/B) at 100 concurrent, nothing one at a time (where
+little is alive); garbage cycles wait a little longer to be freed, which costs at most
+those 10,000 objects.
 
 ``aiki server`` and ``aiki worker`` own their process and apply it (``--gc-threshold``;
 0 leaves Python's own). The embedded engine runs in the application's process, whose
