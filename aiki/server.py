@@ -35,10 +35,13 @@ from aiki.observability import (
     routes,
     serve_http,
 )
+from aiki.protocol import Nudge
 from aiki.records import RunRecord
 from aiki.sources import Sources
 from aiki.store import open_store, redact_url
 from aiki.store.base import Store
+from aiki.store.machine import started_by_a_schedule
+from aiki.store.ops import Outcomes
 from aiki.transport.base import Connection, Transport
 from aiki.transport.websocket import (
     UPGRADE_REQUIRED,
@@ -95,23 +98,36 @@ class Server:
         watchers = RunWatchers()
 
         def ended(runs: tuple[RunRecord, ...]) -> None:  # a cancel's grace period over
-            for run in runs:
+            for run in runs:  # (its watchers hear it from the commit, as for every end)
                 dispatcher.revoke(run.id, run.cancel_reason)  # (a worker may still hold it)
-                watchers.ended(run)
 
         timer.on_ended = ended
 
-        def revoked(leases: tuple[tuple[str, int | None], ...]) -> None:  # a schedule's cancel
-            for run_id, epoch in leases:
-                dispatcher.revoke(run_id, None, epoch)
-
-        writer.on_revoked = revoked
-
-        def committed_ends(runs: tuple[RunRecord, ...]) -> None:
-            for run in runs:
+        def committed(out: Outcomes) -> None:
+            """What a committed batch did beyond its outcomes, acted on at its commit (not by
+            the request that caused it, which its connection's loss may cut short)."""
+            poke = bool(out.revoked) or out.due is not None  # (cancelled: queued again)
+            for run_id, epoch, reason in out.revoked:  # their workers hear it now
+                dispatcher.revoke(run_id, reason, epoch)
+            if out.due is not None:
+                timer.hint(out.due)
+            for run in out.ended:
                 watchers.ended(run)
+                if run.parent_id is not None:  # its parent's wait for it ended
+                    poke = True
+                    dispatcher.push_to_holder(run.parent_id, Nudge(run.parent_id))
+                if started_by_a_schedule(run):  # it may have started a buffered occurrence
+                    poke = True
+            if poke:
+                dispatcher.poke()
 
-        writer.on_ended = committed_ends
+        writer.on_committed = committed
+
+        def orphaned() -> None:  # a write committed whose asker had gone: look again
+            dispatcher.poke()
+            timer.hint(None)
+
+        writer.on_orphaned = orphaned
         self.ctx = ServerContext(
             store=self.store, writer=writer, dispatcher=dispatcher, timer=timer,
             watchers=watchers, sources=self.sources, server_id=self.sources.new_id(),

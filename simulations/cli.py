@@ -38,7 +38,9 @@ SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a 
              "step abandoned at a deadline", "shielded work outlived its deadline",
              # A worker in a server's process, its requests answered in its own tasks.
              "task completed by an in-process worker",
-             "in-process worker crashed while its run ended")
+             "in-process worker crashed while its run ended",
+             "in-process worker crashed while its run waited",
+             "in-process worker crashed while starting a child")
 
 
 @attrs.frozen

@@ -231,6 +231,7 @@ class SimStore:
             outcomes += got
             noted.ended += getattr(got, "ended", ())
             noted.revoked += getattr(got, "revoked", ())
+            noted.note_due(getattr(got, "due", None))
         return o.outcomes_of(outcomes, noted)
 
     async def _read(self, name: str, *args: Any, **kwargs: Any) -> Any:

@@ -772,17 +772,20 @@ class World:
         scope.cancel()
 
     def _crash_inside_at_its_end(self, ops: Sequence[Any]) -> None:
-        """Sometimes crash a worker in its server's process while the write that ends one
-        of its runs is being applied: the request is being answered in the worker's own
-        task, which the crash cancels. The server must finish what it was asked all the
-        same (tell the run's watchers and parent), as it would a message it had read."""
+        """Sometimes crash a worker in its server's process while a write of one of its runs
+        that others must hear of is being applied (the run's end, a wait, a child started):
+        the request is being answered in the worker's own task, which the crash cancels.
+        The server must finish what it was asked all the same (tell the run's watchers and
+        parent, the Timer of a wait's due time, the Dispatcher of a run queued), as it
+        would a message it had read."""
         if not self.faults_on or not self.embedded:
             return
         for op in ops:
-            if isinstance(op, (o.CompleteRun, o.FailRun)):
+            what = _CUT_SHORT.get(type(op))
+            if what is not None:
                 name = self.worker_of.get(op.lease.worker_id)
                 if name in self.embedded and self.inside_rng.random() < 0.2:
-                    self.ledger.sometimes["in-process worker crashed while its run ended"] += 1
+                    self.ledger.sometimes[f"in-process worker crashed while {what}"] += 1
                     self.crash(name, self.inside_rng.uniform(0.5, 5.0))
                     return
 
@@ -928,6 +931,11 @@ def replies_checked(world: World) -> Iterator[None]:
 
 
 REAL_TIME_LIMIT = 120.0
+# The writes of an in-process worker the world may crash it during (see
+# ``_crash_inside_at_its_end``), and what each is called in the situations.
+_CUT_SHORT: dict[type, str] = {o.CompleteRun: "its run ended", o.FailRun: "its run ended",
+                               o.WaitRun: "its run waited",
+                               o.StartChild: "starting a child"}
 # History events that are situations a batch must reach: (event, first word of its detail,
 # written under a worker's lease).
 SITUATIONS = {

@@ -72,6 +72,7 @@ class Reply(Generic[R]):
             self._done.set()
 
     def is_done(self) -> bool:
+        """Answered, or its asker gone (timed out or cancelled: nobody will read it)."""
         return self._done.is_set()
 
     expire = fail  # (for the sweep of aiki.actors.deadlines)
@@ -160,6 +161,8 @@ class Address(Generic[T]):
                 return await reply._wait()
         except trio.TooSlowError:
             raise AskTimeout(f"no reply from {self.name!r} within {timeout} s") from None
+        finally:
+            reply.fail(AskTimeout("the asker is gone"))  # (no-op once answered)
 
 
 class Mailbox(Generic[T]):

@@ -643,7 +643,7 @@ class Session:
             self._check_owner(msg.lease)
             saved = _saved(msg.lease, msg.saved, now) if isinstance(msg, p.CompleteRun) else ()
             try:
-                run = await ctx.writer.write(finish, *saved)
+                await ctx.writer.write(finish, *saved)
             except AikiError:
                 # The reply of a commit lost (or the retry of one, refused as stale): the run
                 # may have ended all the same, and no notice of this server's own commit
@@ -652,13 +652,8 @@ class Session:
                 raise
             finally:
                 ctx.dispatcher.tell(Ended(self.id, (msg.lease.run_id,)))
-            if run.state in TERMINAL_RUN_STATES:
-                ctx.watchers.ended(run)  # the run as committed: no read on the way back
-                await self._tell_parents(run)
-                if (run.idempotency_key or "").startswith("schedule:"):
-                    ctx.dispatcher.poke()  # its end may have started a buffered occurrence
-            else:  # its function ended; it waits for its children (cancelled if it failed)
-                await self._revoke_tree(run.id)
+            # (What its end did beyond it, its watchers and parent told, its children's
+            # workers if it failed, is acted on at the commit: see ``Server.committed``.)
             return p.Ok(msg.req)
         if isinstance(msg, p.AwaitStep):
             self._check_owner(msg.lease)
@@ -740,10 +735,9 @@ class Session:
         if isinstance(msg, p.ResumeRun):
             run = (await ctx.writer.write(
                 ops.ResumeRun(msg.run_id, who, now, msg.control_id))).run
-            if run.state in TERMINAL_RUN_STATES:  # its last child ended while it was paused
-                ctx.watchers.ended(run)
-                await self._tell_parents(run)
-            elif run.state == "queued":
+            # (Its last child ended while it was paused: it ends now, and its watchers and
+            # parent hear it from the commit, see ``Server.committed``.)
+            if run.state == "queued":
                 ctx.dispatcher.poke()
             elif run.state == "waiting":  # (running: its worker held it and runs on)
                 dues = [w.due_at for w in await ctx.store.get_waits(run.id)
@@ -801,18 +795,8 @@ class Session:
             raise
         if not out.cancelled:
             await self._tell_tree_of(msg.run_id)
-        run = out.run
-        if run is not None:
-            if out.holder is not None:  # told now, not at its next heartbeat
-                # (the epoch the cancel moved on from: a claim of the run committed since,
-                # to compensate, is a newer lease, which its worker keeps)
-                ctx.dispatcher.revoke(run.id, msg.reason, run.lease_epoch - 1)
-            for descendant, epoch in out.revoked:
-                ctx.dispatcher.revoke(descendant, msg.reason, epoch)
-            ctx.dispatcher.poke()  # queued again, to see RunCancelled and compensate
-            if run.cancel_deadline is not None:
-                ctx.timer.hint(run.cancel_deadline)
-            await self._tell_tree(run)
+        # (The leases it revoked, the runs it queued again to compensate, what it ended and
+        # its deadline are acted on at the commit: see ``Server.committed``.)
         return p.CancelAnswer(msg.req, out.cancelled)
 
     async def _tell_tree_of(self, run_id: str) -> None:
@@ -854,24 +838,6 @@ class Session:
                 return
             ctx.watchers.ended(parent)
             run = parent
-
-    async def _revoke_tree(self, run_id: str) -> None:
-        """The workers holding runs of this tree that a cancel reached are told now."""
-        ctx = self.ctx
-        try:
-            todo = list(await ctx.store.get_children(run_id))
-            while todo:
-                r = todo.pop()
-                if r.cancel_requested_at is not None and r.lease_owner is None:
-                    # (its lease was revoked: the cancel moved the epoch on by one; a claim
-                    # committed since this read holds a newer lease, which is not touched)
-                    ctx.dispatcher.revoke(r.id, r.cancel_reason, r.lease_epoch - 1)
-                    if r.state in TERMINAL_RUN_STATES:
-                        ctx.watchers.ended(r)
-                todo.extend(await ctx.store.get_children(r.id))
-        except AikiError:
-            return
-        ctx.dispatcher.poke()
 
     async def _tell_watchers(self, run_id: str) -> None:
         """If ``run_id`` has ended, its watchers here hear it, and so do those of the

@@ -46,6 +46,7 @@ from aiki.store.ops import (
     ExpireLeases,
     ForkRun,
     Op,
+    Outcomes,
     PauseRun,
     ResumeRun,
     RetryRun,
@@ -73,13 +74,16 @@ class Write:
 class StoreWriter:
     store: Store
     metrics: Metrics = attrs.field(factory=Metrics)
-    # Told the leases a committed batch revoked on no client's request (``Outcomes.revoked``:
-    # a schedule's ``cancel_previous``), so their workers hear of it now.
-    on_revoked: Callable[[tuple[tuple[str, int | None], ...]], None] = lambda revoked: None
-    # Told the runs a committed batch ended (``Outcomes.ended``: by its ops, or with them),
-    # whoever asked for the writes and whatever became of the asker since: their watchers
-    # hear of it even when the request that ended them was cut short (its connection lost).
-    on_ended: Callable[[tuple[RunRecord, ...]], None] = lambda ended: None
+    # Told what every committed batch did beyond its outcomes (``Outcomes``: the runs it
+    # ended, the leases it revoked, a deadline it set), whoever asked for the writes and
+    # whatever became of the asker since: the server acts on it even when the request that
+    # caused it was cut short (its connection lost) between the commit and its answer.
+    on_committed: Callable[[Outcomes], None] = lambda outcomes: None
+    # Told when a committed batch held a write whose asker had gone (cancelled: its
+    # connection lost; or timed out): what the asker would have told others after the
+    # commit (the Dispatcher that a run is queued, the Timer of a wait's due time) is not
+    # known, and they look again.
+    on_orphaned: Callable[[], None] = lambda: None
     max_batch: int = 256
     timeout: float = 30.0
     mailbox: Mailbox[Write] = attrs.field(default=attrs.Factory(
@@ -132,11 +136,11 @@ class StoreWriter:
                 for op, outcome in zip(flat, outcomes, strict=True):
                     count_outcome(metrics, op, outcome)
                 count_ends(metrics, ended)
-            revoked = getattr(outcomes, "revoked", ())
-            if revoked:
-                self.on_revoked(revoked)
-            if ended:
-                self.on_ended(ended)
+            if isinstance(outcomes, Outcomes) and (ended or outcomes.revoked
+                                                   or outcomes.due is not None):
+                self.on_committed(outcomes)
+            if any(w.reply.is_done() for w in batch):
+                self.on_orphaned()
             answers = iter(outcomes)
             for w in batch:
                 mine = [next(answers) for _ in w.ops]

@@ -364,9 +364,11 @@ class MemoryStore:
             self._ended(change.run, now, ended)
 
     def _cascade(self, run_id: str, reason: str | None, grace: float, who: str, now: float,
-                 revoked: list[tuple[str, int]], ended: list[RunRecord]) -> None:
-        """Cancel ``run_id``'s unfinished, not detached descendants, the deepest first."""
-        for d in reversed(self._descendants(run_id)):
+                 revoked: list[tuple[str, int]], ended: list[RunRecord]) -> int:
+        """Cancel ``run_id``'s unfinished, not detached descendants, the deepest first; how
+        many."""
+        descendants = self._descendants(run_id)
+        for d in reversed(descendants):
             run = self._runs[d]
             change, out = m.cancel(run, d, reason, grace, who, now,
                                    awaiting_children=self._awaits_children(run),
@@ -376,6 +378,7 @@ class MemoryStore:
                 revoked.append((d, run.lease_epoch))
             if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
                 self._ended(change.run, now, ended)
+        return len(descendants)
 
     def _cancel(self, op: o.CancelRun) -> o.CancelOutcome:
         run = self._runs.get(op.run_id)
@@ -399,15 +402,21 @@ class MemoryStore:
             self._write(op.run_id, change)
             if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
                 self._ended(change.run, op.now, ended)
-        return o.CancelOutcome(True, self._runs[op.run_id], out.holder, tuple(revoked))
+        cancelled = o.CancelOutcome(True, self._runs[op.run_id], out.holder, tuple(revoked))
+        o.note_cancel(cancelled, op.reason, op.now + op.grace)
+        return cancelled
 
     def _finish(self, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
         run_id = op.lease.run_id
         run = m.fenced(op.lease, m.unpaused(op.lease, self._runs.get(run_id)))
         ended: list[RunRecord] = []
         if isinstance(op, o.FailRun) and run.cancel_requested_at is None:
-            self._cascade(run_id, f"its parent run {run_id} failed", m.CASCADE_GRACE,
-                          "the engine", op.now, [], ended)
+            why = f"its parent run {run_id} failed"
+            revoked: list[tuple[str, int]] = []
+            if self._cascade(run_id, why, m.CASCADE_GRACE, "the engine", op.now, revoked,
+                             ended):
+                o.note_cancel(o.CancelOutcome(True, None, None, tuple(revoked)), why,
+                              op.now + m.CASCADE_GRACE)
         if isinstance(op, o.CompleteRun):
             change = m.finish(self._runs[run_id], op.lease, op.now, result=op.result,
                               children=self._unfinished(run_id))
@@ -498,7 +507,7 @@ class MemoryStore:
     def _write_schedule(self, change: m.ScheduleChange) -> list[str]:
         """Write a schedule op's change; the ids of the runs it started."""
         if change.cancel is not None:  # (cancel_previous: the previous run first)
-            o.note_cancel(self._cancel(change.cancel))
+            self._cancel(change.cancel)
         started = []
         for enqueue in change.enqueues:
             outcome = self._enqueue(enqueue)

@@ -416,15 +416,22 @@ class ForkRun(Op[ControlOutcome]):
 
 # -- what a batch ended --------------------------------------------------------------------
 class Outcomes(list[Any]):
-    """A batch's outcomes, one per op, and ``ended``: every run the batch ended, by an op
-    itself or as its consequence (a parent that settled when its last child ended, a tree a
-    cancel reached, a grace period over), in the order they ended. The server counts the
-    runs' ends from it (``aiki_runs_total``). ``revoked``: the leases (run id, epoch, None
-    when not known) that a cancel the server did not ask for itself revoked (a schedule's
-    ``cancel_previous``): the server tells their workers."""
+    """A batch's outcomes, one per op, and what it did beyond them, whoever asked for it:
+    the server acts on these at the commit, so nothing is lost when the request that caused
+    them is cut short (its connection lost) between the commit and its answer.
+
+    ``ended``: every run the batch ended, by an op itself or as its consequence (a parent
+    that settled when its last child ended, a tree a cancel reached, a grace period over),
+    in the order they ended; their watchers and their parents hear of it, and the server
+    counts the runs' ends from it (``aiki_runs_total``). ``revoked``: the leases (run id,
+    epoch, None when not known; the cancel's reason) that a cancel revoked, a client's, a
+    failed parent's or a schedule's ``cancel_previous``: their workers are told now, and the
+    runs are queued again to compensate. ``due``: the earliest cancel deadline the batch
+    set, for the server's Timer."""
 
     ended: tuple[RunRecord, ...] = ()
-    revoked: tuple[tuple[str, int | None], ...] = ()
+    revoked: tuple[tuple[str, int | None, str | None], ...] = ()
+    due: float | None = None
 
 
 @attrs.define
@@ -432,7 +439,12 @@ class Noted:
     """What a store notes while it applies a batch (see :class:`Outcomes`)."""
 
     ended: list[RunRecord] = attrs.field(factory=list)
-    revoked: list[tuple[str, int | None]] = attrs.field(factory=list)
+    revoked: list[tuple[str, int | None, str | None]] = attrs.field(factory=list)
+    due: float | None = None
+
+    def note_due(self, at: float | None) -> None:
+        if at is not None and (self.due is None or at < self.due):
+            self.due = at
 
 
 _NOTED: contextvars.ContextVar[Noted | None] = contextvars.ContextVar("aiki_noted", default=None)
@@ -443,13 +455,6 @@ def note_ended(run: RunRecord) -> None:
     noted = _NOTED.get()
     if noted is not None:
         noted.ended.append(run)
-
-
-def note_revoked(run_id: str, epoch: int | None) -> None:
-    """A cancel no client asked for (a schedule's) revoked the lease ``epoch`` of ``run_id``."""
-    noted = _NOTED.get()
-    if noted is not None:
-        noted.revoked.append((run_id, epoch))
 
 
 @contextlib.contextmanager
@@ -467,13 +472,19 @@ def outcomes_of(outcomes: list[Any], noted: Noted) -> Outcomes:
     out = outcomes if isinstance(outcomes, Outcomes) else Outcomes(outcomes)
     out.ended = tuple(noted.ended)
     out.revoked = tuple(noted.revoked)
+    out.due = noted.due
     return out
 
 
-def note_cancel(out: CancelOutcome) -> None:
-    """A cancel no client asked for: the leases it revoked are noted (the run's: the epoch
-    before the cancel moved it on; its descendants' as the store gave them)."""
+def note_cancel(out: CancelOutcome, reason: str | None, deadline: float) -> None:
+    """A store cancelled a run (or a failed parent's tree, ``out.run`` None): the leases it
+    revoked are noted (the run's: the epoch before the cancel moved it on; its descendants'
+    as the store gave them), and ``deadline``, the end of its grace period."""
+    noted = _NOTED.get()
+    if noted is None or not out.cancelled:
+        return
     if out.run is not None and out.holder is not None:
-        note_revoked(out.run.id, out.run.lease_epoch - 1)
+        noted.revoked.append((out.run.id, out.run.lease_epoch - 1, reason))
     for run_id, epoch in out.revoked:
-        note_revoked(run_id, epoch)
+        noted.revoked.append((run_id, epoch, reason))
+    noted.note_due(deadline)

@@ -469,9 +469,11 @@ def _ended(db: Db, run: RunRecord, now: float, ended: list[RunRecord]) -> None:
 
 
 def _cascade(db: Db, run_id: str, reason: str | None, grace: float, who: str, now: float,
-             revoked: list[tuple[str, int]], ended: list[RunRecord]) -> None:
-    """Cancel ``run_id``'s unfinished, not detached descendants, the deepest first."""
-    for d in reversed(_descendants(db, run_id)):
+             revoked: list[tuple[str, int]], ended: list[RunRecord]) -> int:
+    """Cancel ``run_id``'s unfinished, not detached descendants, the deepest first; how
+    many."""
+    descendants = _descendants(db, run_id)
+    for d in reversed(descendants):
         run = _get_run(db, d.id)
         assert run is not None
         change, out = m.cancel(run, run.id, reason, grace, who, now,
@@ -482,6 +484,7 @@ def _cascade(db: Db, run_id: str, reason: str | None, grace: float, who: str, no
             revoked.append((run.id, run.lease_epoch))
         if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
             _ended(db, change.run, now, ended)
+    return len(descendants)
 
 
 def _finish(db: Db, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
@@ -490,8 +493,11 @@ def _finish(db: Db, op: o.CompleteRun | o.FailRun) -> RunRecord | None:
     ended: list[RunRecord] = []
     now_run: RunRecord | None = run
     if isinstance(op, o.FailRun) and run.cancel_requested_at is None:
-        _cascade(db, run_id, f"its parent run {run_id} failed", m.CASCADE_GRACE, "the engine",
-                 op.now, [], ended)
+        why = f"its parent run {run_id} failed"
+        revoked: list[tuple[str, int]] = []
+        if _cascade(db, run_id, why, m.CASCADE_GRACE, "the engine", op.now, revoked, ended):
+            o.note_cancel(o.CancelOutcome(True, None, None, tuple(revoked)), why,
+                          op.now + m.CASCADE_GRACE)
         now_run = _get_run(db, run_id)  # (the cascade may have written it)
     children = _unfinished(db, run_id)
     if isinstance(op, o.CompleteRun):
@@ -601,7 +607,9 @@ def _cancel(db: Db, op: o.CancelRun) -> o.CancelOutcome:
         _write(db, op.run_id, change)
         if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
             _ended(db, change.run, op.now, ended)
-    return o.CancelOutcome(True, _get_run(db, op.run_id), out.holder, tuple(revoked))
+    cancelled = o.CancelOutcome(True, _get_run(db, op.run_id), out.holder, tuple(revoked))
+    o.note_cancel(cancelled, op.reason, op.now + op.grace)
+    return cancelled
 
 
 def _purge(db: Db, op: o.PurgeRuns) -> tuple[str, ...]:
@@ -665,7 +673,7 @@ def _get_firings(db: Db, schedule_id: str, limit: int) -> tuple[ScheduleFiring, 
 
 def _write_schedule(db: Db, change: m.ScheduleChange) -> list[str]:
     if change.cancel is not None:  # (cancel_previous: the previous run first)
-        o.note_cancel(_cancel(db, change.cancel))
+        _cancel(db, change.cancel)
     started = []
     for enqueue in change.enqueues:
         outcome = _enqueue(db, enqueue)

@@ -30,12 +30,12 @@ ADDRESS = "srv"
 
 
 @asynccontextmanager
-async def serving(store: MemoryStore, sources: Sources
+async def serving(store: MemoryStore, sources: Sources, **settings: Any
                   ) -> AsyncIterator[tuple[Server, MemoryTransport, trio.Nursery]]:
     """A server on ``store`` at ``ADDRESS`` over a memory transport, until the block ends;
     and a nursery beside it, cancelled then too."""
     transport = MemoryTransport()
-    server = Server(store, sources)
+    server = Server(store, sources, **settings)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, transport, ADDRESS)
         yield server, transport, nursery
@@ -288,34 +288,56 @@ async def test_a_retry_due_by_the_servers_clock_runs_when_it_wakes_the_run(
     assert store.asked == 1
 
 
-class HeldEnds(MemoryStore):
-    """A store whose batches that end a run wait while ``held`` is set (``holding`` is set
-    once one does)."""
+class HeldOps(MemoryStore):
+    """A store whose batches with an op of one of ``kinds`` wait while ``held`` is set
+    (``holding`` is set once one does)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *kinds: str) -> None:
         super().__init__()
+        self.kinds = kinds
         self.held: trio.Event | None = trio.Event()
         self.holding = trio.Event()
 
     async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
-        if self.held is not None and any(type(op).__name__ == "CompleteRun" for op in ops):
+        if self.held is not None and any(type(op).__name__ in self.kinds for op in ops):
             self.holding.set()
             await self.held.wait()
         return await super().apply(ops)
+
+    def release(self) -> None:
+        assert self.held is not None
+        self.held.set()
+        self.held = None
+
+
+@asynccontextmanager
+async def crashed_while_held(store: HeldOps, transport: MemoryTransport,
+                             workflows: list[Any], worker_id: str = "w"
+                             ) -> AsyncIterator[None]:
+    """A worker runs ``workflows`` until one of its writes is held; then its block is
+    cancelled (a crash of the worker alone: its connection closes, which cancels the
+    answer running on it, as a session's end cancels its requests in flight over a
+    network). The block runs then; the write is let go after it."""
+    from aiki.actors.worker import Worker
+
+    with trio.CancelScope() as crash:
+        async with trio.open_nursery() as process:
+            await process.start(Worker(transport, ADDRESS, workflows, worker_id,
+                                       Sources.seeded(4)).run)
+            await store.holding.wait()
+            crash.cancel()
+    yield
+    store.release()
 
 
 async def test_a_run_ended_by_a_request_cut_short_is_still_told_to_its_watchers(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    # The worker's block is cancelled (a crash of the worker alone) while its completion
-    # waits in the StoreWriter: its connection closes, which cancels the answer running on
-    # it (as a session's end cancels its requests in flight over a network). The write
-    # commits all the same; the session never got to tell the run's watchers, and a client
-    # waiting for the run heard nothing, ever (found by the simulation's fault that crashes
-    # an in-process worker while its run's end is written). The writer tells them now.
-    from aiki.actors.worker import Worker
-
-    store = HeldEnds()
+    # The worker crashes while its completion waits in the StoreWriter. The write commits
+    # all the same; the session never got to tell the run's watchers, and a client waiting
+    # for the run heard nothing, ever (found by the simulation's fault that crashes an
+    # in-process worker while its run's end is written). The writer tells them now.
+    store = HeldOps("CompleteRun")
     async with serving(store, Sources.seeded(2)) as (_, transport, nursery):
         async with aiki.Client.open(transport, ADDRESS, Sources.seeded(3)) as client:
             handle = await client.enqueue("three", 0, version="1")
@@ -325,16 +347,86 @@ async def test_a_run_ended_by_a_request_cut_short_is_still_told_to_its_watchers(
                 heard.append(await client.handle(handle.id).wait_for_completion(timeout=600))
 
             nursery.start_soon(watch)
-            with trio.CancelScope() as crash:
-                async with trio.open_nursery() as process:
-                    await process.start(Worker(transport, ADDRESS, [three], "w",
-                                               Sources.seeded(4)).run)
-                    await store.holding.wait()
-                    crash.cancel()
-            assert store.held is not None
-            store.held.set()
-            store.held = None
+            async with crashed_while_held(store, transport, [three]):
+                pass
             with trio.fail_after(60):
                 while not heard:
                     await trio.sleep(0.1)
             assert heard == [3]
+
+
+@aiki.workflow(name="nap", version="1")
+async def nap(run: aiki.WorkflowRun, seconds: float) -> float:
+    await run.sleep(seconds)
+    return seconds
+
+
+async def test_a_sleep_begun_by_a_request_cut_short_still_wakes_the_run(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The worker crashes while its run's WaitRun (a sleep of 20 s) waits in the
+    # StoreWriter: the wait commits, but the Timer was never told its due time (the session
+    # hints it after the write). It woke the run only when it next read the store, at the
+    # lease's expiry (300 s here). A request cut short has the Timer and the Dispatcher
+    # look again.
+    from aiki.actors.worker import Worker
+
+    store = HeldOps("WaitRun")
+    async with serving(store, Sources.seeded(2), lease_ttl=300.0) as (_, transport, nursery):
+        async with aiki.Client.open(transport, ADDRESS, Sources.seeded(3)) as client:
+            handle = await client.enqueue("nap", 20.0, version="1")
+            async with crashed_while_held(store, transport, [nap]):
+                start = trio.current_time()
+            await trio.testing.wait_all_tasks_blocked()
+            assert (await handle.status()).state == "waiting"
+            await nursery.start(Worker(transport, ADDRESS, [nap], "w3",
+                                       Sources.seeded(7)).run)
+            assert await handle.wait_for_completion(timeout=600) == 20.0
+            assert trio.current_time() - start < 25
+
+
+broken: list[float] = []
+
+
+@aiki.task(name="long-haul")
+async def long_haul(_: None) -> None:
+    try:
+        await trio.sleep(1000)
+    finally:
+        broken.append(trio.current_time())
+
+
+@aiki.workflow(name="kid", version="1")
+async def kid(run: aiki.WorkflowRun, _: None) -> None:
+    await long_haul.run(run, None)
+
+
+@aiki.workflow(name="doomed", version="1")
+async def doomed(run: aiki.WorkflowRun, _: None) -> None:
+    await kid.start_child(run, None)
+    await run.sleep(5)
+    raise aiki.NonRetryableError("the parent gives up")
+
+
+async def test_a_failed_parent_cut_short_still_has_its_childs_worker_stop_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The parent's worker crashes while its FailRun waits in the StoreWriter: the commit
+    # cancels the child and revokes its lease, but the session that would have told the
+    # child's worker never got there, so the child's task ran on until that worker's next
+    # heartbeat learnt the lease was lost. The commit tells it now.
+    from aiki.actors.worker import Worker
+
+    broken.clear()
+    store = HeldOps("FailRun")
+    async with serving(store, Sources.seeded(2)) as (server, transport, nursery):
+        await nursery.start(Worker(transport, ADDRESS, [kid], "kids", Sources.seeded(6)).run)
+        async with aiki.Client.open(transport, ADDRESS, Sources.seeded(3)) as client:
+            await client.enqueue("doomed", None, version="1")
+            async with crashed_while_held(store, transport, [doomed]):
+                assert not broken
+                let_go = trio.current_time()
+            with trio.fail_after(server.ctx.heartbeat_interval / 2):
+                while not broken:
+                    await trio.sleep(0.01)
+            assert broken[0] - let_go < 1.0

@@ -158,6 +158,30 @@ async def test_late_reply_to_a_gone_asker_is_harmless(
     reply.fail(RuntimeError("ignored"))
 
 
+@pytest.mark.parametrize("swept", [False, True])
+async def test_a_reply_whose_asker_is_gone_says_so(
+    swept: bool, autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The replier learns that nobody will read its answer (the StoreWriter then has the
+    # server look again at what the asker would have told others), whether the ask's
+    # timeout is kept by the mailbox's sweep or by a scope of its own.
+    box = Mailbox[tuple[int, Reply[int]]](4, "slow")
+    async with trio.open_nursery() as nursery:
+        if swept:
+            nursery.start_soon(box.expire_asks)
+            await trio.testing.wait_all_tasks_blocked()
+        with trio.move_on_after(1):  # the asker cancelled
+            await box.address.ask(lambda r: (1, r), timeout=60)
+        with pytest.raises(AskTimeout):  # the asker timed out
+            await box.address.ask(lambda r: (2, r), timeout=1)
+        for _ in range(2):
+            _, reply = box.receive_nowait()
+            assert reply.is_done()
+        asked = Reply[int]()
+        assert not asked.is_done()
+        nursery.cancel_scope.cancel()
+
+
 async def test_reply_is_one_shot() -> None:
     first: Reply[int] = Reply()
     first.send(1)

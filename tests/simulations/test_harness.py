@@ -686,6 +686,20 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(machine, "retry", retry)
 
 
+def commit_effects_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server acts only on what its requests' answers say, not on what each commit did:
+    # a run's end, its children cancelled, a lease revoked (``Server.committed`` a no-op).
+    from aiki.server import Server
+
+    real = Server.__attrs_post_init__
+
+    def post_init(self: Server) -> None:
+        real(self)
+        self.ctx.writer.on_committed = lambda outcomes: None
+
+    monkeypatch.setattr(Server, "__attrs_post_init__", post_init)
+
+
 @pytest.mark.parametrize(
     ("bad_change", "expected"),
     [
@@ -757,6 +771,8 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
         # the workers' skew since its scope was entered, at seed 31.)
         (deadline_on_the_workers_clock, ("before its deadline",
                                          "after its code first entered it")),
+        # What a commit did (a run ended, a tree cancelled) goes unheard.
+        (commit_effects_dropped, ("never heard",)),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "server-ignores-drains", "timer-forgets-the-store",
@@ -770,7 +786,8 @@ def retry_drops_completed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
          "cancel-previous-forgets-to-cancel",
          "cascade-forgets-grandchildren", "deadline-early",
          "shield-lifts-the-shared-deadline", "gather-ends-on-its-cut-branches",
-         "cut-write-drops-its-riders", "deadline-on-the-workers-clock"],
+         "cut-write-drops-its-riders", "deadline-on-the-workers-clock",
+         "commit-effects-dropped"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],

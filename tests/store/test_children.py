@@ -12,6 +12,7 @@ from aiki.errors import AikiError, StaleLease, StepConflict
 from aiki.records import StepRecord, WaitFor
 from aiki.store import Lease, Store, execute
 from aiki.store import ops as o
+from aiki.store.machine import CASCADE_GRACE
 from tests.store.test_conformance import claim, claim_one, enqueue, events, step
 
 
@@ -439,3 +440,38 @@ async def test_a_held_paused_run_cancelled_cascades_and_ends_at_its_grace(store:
     assert run is not None and run.state == "paused"
     [*ended] = await execute(store, o.EndCancels(18.0))
     assert [(r.id, r.state) for r in ended] == [("p/0", "cancelled"), ("p", "cancelled")]
+
+
+async def test_a_batch_notes_the_leases_a_failed_parent_revoked_and_their_deadline(
+        store: Store) -> None:
+    # The server tells the children's workers from what the commit noted, not from the
+    # request that failed the parent (which its connection's loss may cut short).
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    child = await lease_of(store, "p/0")
+    await execute(store, start(lease, "1"))  # queued, never run: cancelled, not revoked
+    out = await store.apply([o.FailRun(lease, "E", "boom", 13.0)])
+    assert isinstance(out, o.Outcomes)
+    assert out.revoked == (("p/0", child.epoch, "its parent run p failed"),)
+    assert out.due == 13.0 + CASCADE_GRACE
+    assert [r.id for r in out.ended] == ["p/1"]  # (never ran: cancelled at once)
+
+
+async def test_a_batch_notes_the_leases_a_cancel_revoked_the_runs_own_first(
+        store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    child = await lease_of(store, "p/0")
+    out = await store.apply([o.CancelRun("p", "stop", 10.0, "c", 14.0)])
+    assert isinstance(out, o.Outcomes)
+    assert sorted(out.revoked) == [("p", lease.epoch, "stop"), ("p/0", child.epoch, "stop")]
+    assert (out.due, out.ended) == (24.0, ())
+
+
+async def test_a_batch_that_cancels_nothing_notes_nothing(store: Store) -> None:
+    lease = await claim_one(store, "p")
+    await execute(store, o.CompleteRun(lease, '"done"', 13.0))
+    out = await store.apply([o.CancelRun("p", "stop", 10.0, "c", 14.0),
+                             o.FailRun(lease, "E", "boom", 15.0)])
+    assert isinstance(out, o.Outcomes)
+    assert (out.revoked, out.due, out.ended) == ((), None, ())

@@ -600,9 +600,11 @@ async def _ended(conn: Conn, run: RunRecord, now: float, ended: list[RunRecord])
 
 async def _cascade(conn: Conn, run_id: str, reason: str | None, grace: float, who: str,
                    now: float, revoked: list[tuple[str, int]],
-                   ended: list[RunRecord]) -> None:
-    """Cancel ``run_id``'s unfinished, not detached descendants, the deepest first."""
-    for d in reversed(await _descendants(conn, run_id)):
+                   ended: list[RunRecord]) -> int:
+    """Cancel ``run_id``'s unfinished, not detached descendants, the deepest first; how
+    many."""
+    descendants = await _descendants(conn, run_id)
+    for d in reversed(descendants):
         run = await get_run(conn, d.id, lock=True)
         assert run is not None
         change, out = m.cancel(run, run.id, reason, grace, who, now,
@@ -613,6 +615,7 @@ async def _cascade(conn: Conn, run_id: str, reason: str | None, grace: float, wh
             revoked.append((run.id, run.lease_epoch))
         if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
             await _ended(conn, change.run, now, ended)
+    return len(descendants)
 
 
 # (In READ COMMITTED, a statement that waits for a row lock sees that row as its holder
@@ -638,8 +641,12 @@ async def _finish(conn: Conn, op: o.CompleteRun | o.FailRun) -> RunRecord | None
     ended: list[RunRecord] = []
     now_run: RunRecord | None = run
     if isinstance(op, o.FailRun) and run.cancel_requested_at is None and children:
-        await _cascade(conn, run_id, f"its parent run {run_id} failed", m.CASCADE_GRACE,
-                       "the engine", op.now, [], ended)
+        why = f"its parent run {run_id} failed"
+        revoked: list[tuple[str, int]] = []
+        if await _cascade(conn, run_id, why, m.CASCADE_GRACE, "the engine", op.now, revoked,
+                          ended):
+            o.note_cancel(o.CancelOutcome(True, None, None, tuple(revoked)), why,
+                          op.now + m.CASCADE_GRACE)
         now_run = await get_run(conn, run_id)
         children = await _unfinished(conn, run_id)
     if isinstance(op, o.CompleteRun):
@@ -805,13 +812,16 @@ async def _cancel(conn: Conn, op: o.CancelRun) -> o.CancelOutcome:
         await _write(conn, op.run_id, change)
         if change.run is not None and change.run.state in TERMINAL_RUN_STATES:
             await _ended(conn, change.run, op.now, ended)
-    return o.CancelOutcome(True, await get_run(conn, op.run_id), out.holder, tuple(revoked))
+    cancelled = o.CancelOutcome(True, await get_run(conn, op.run_id), out.holder,
+                                tuple(revoked))
+    o.note_cancel(cancelled, op.reason, op.now + op.grace)
+    return cancelled
 
 
 # -- schedules: the schedule row is locked first, so two servers never decide one occurrence ---
 async def _write_schedule(conn: Conn, change: m.ScheduleChange) -> list[str]:
     if change.cancel is not None:  # (cancel_previous: the previous run first)
-        o.note_cancel(await _cancel(conn, change.cancel))
+        await _cancel(conn, change.cancel)
     started = []
     for enqueue in change.enqueues:
         outcome = await _enqueue(conn, enqueue)
