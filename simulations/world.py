@@ -198,7 +198,7 @@ class World:
                                        driver_bug=0.001 * k, slow=0.01 * k)
         self.store = SimStore(MemoryStore(), random.Random(f"{seed}:store"), self.ledger,
                               self.trace, store_faults)
-        self.store.applying = self._crash_inside_at_its_end
+        self.store.applying = self._crash_inside_while_written
         notice_faults = NoticeFaults()
         if self.swarm["notice"]:
             notice_faults = NoticeFaults(delay=0.05 * self.swarm["notice"])
@@ -771,7 +771,7 @@ class World:
         self.net.poison(node)  # poisoned first: no cleanup can still talk
         scope.cancel()
 
-    def _crash_inside_at_its_end(self, ops: Sequence[Any]) -> None:
+    def _crash_inside_while_written(self, ops: Sequence[Any]) -> None:
         """Sometimes crash a worker in its server's process while a write of one of its runs
         that others must hear of is being applied (the run's end, a wait, a child started):
         the request is being answered in the worker's own task, which the crash cancels.
@@ -932,7 +932,7 @@ def replies_checked(world: World) -> Iterator[None]:
 
 REAL_TIME_LIMIT = 120.0
 # The writes of an in-process worker the world may crash it during (see
-# ``_crash_inside_at_its_end``), and what each is called in the situations.
+# ``_crash_inside_while_written``), and what each is called in the situations.
 _CUT_SHORT: dict[type, str] = {o.CompleteRun: "its run ended", o.FailRun: "its run ended",
                                o.WaitRun: "its run waited",
                                o.StartChild: "starting a child"}
