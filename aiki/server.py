@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 import attrs
 import trio
 
-from aiki.actors.dispatcher import Dispatcher, Expired
+from aiki.actors.dispatcher import Dispatcher
 from aiki.actors.retention import Retention
 from aiki.actors.session import ServerContext, Session
 from aiki.actors.store_writer import StoreWriter
@@ -93,7 +93,8 @@ class Server:
         dispatcher = Dispatcher(writer, self.sources, self.lease_ttl, poll,
                                 stranded_after=self.stranded_after)
         timer = Timer(self.store, writer, self.sources, dispatcher.poke,
-                      lambda ids: dispatcher.tell(Expired(ids)), reconcile_interval=poll)
+                      reconcile_interval=poll)
+        writer.on_expired = dispatcher.expired
         dispatcher.on_leased = timer.hint
         watchers = RunWatchers()
 

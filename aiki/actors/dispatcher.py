@@ -132,13 +132,6 @@ class Revoked:
 
 
 @attrs.frozen
-class Expired:
-    """The Timer put these runs back in the queue: their leases expired."""
-
-    run_ids: tuple[str, ...]
-
-
-@attrs.frozen
 class Poke:
     pass
 
@@ -252,20 +245,11 @@ class Dispatcher:
                         seat.assigned_at.pop(run_id, None)
                         seat.epochs.pop(run_id, None)
             self._work_may_have_arrived()
-        elif isinstance(msg, Expired):
-            self._work_may_have_arrived()
-            for seat in self.seats.values():
-                if seat.active.intersection(msg.run_ids):
-                    seat.suspect = True
-                    seat.active.difference_update(msg.run_ids)
-                    for run_id in msg.run_ids:
-                        seat.assigned_at.pop(run_id, None)
-                        seat.epochs.pop(run_id, None)
 
     def _forget_unheld(self, seat: Seat, held: set[str]) -> None:
         """A run assigned to the seat over a lease ago that its worker's heartbeat does not
         renew is not the worker's any more: its lease expired, maybe by another server's
-        Timer (whose Expired never reaches this Dispatcher), or the assignment was lost.
+        Timer (whose expiry never reaches this Dispatcher), or the assignment was lost.
         Its slot is free again."""
         now = trio.current_time()
         gone = {run_id for run_id in seat.active - held
@@ -364,8 +348,7 @@ class Dispatcher:
             self.poke()
 
     # -- for sessions --------------------------------------------------------------------
-    def tell(self, msg: Joined | Left | Ended | Alive | Draining | Expired | Revoked | Poke
-             ) -> None:
+    def tell(self, msg: Joined | Left | Ended | Alive | Draining | Revoked | Poke) -> None:
         self.mailbox.address.tell_nowait(msg)
 
     def _served(self, version: tuple[str, str]) -> bool:
@@ -415,6 +398,22 @@ class Dispatcher:
                 held = seat.push(Revoke(run_id, reason, epoch)) or held
         if held or epoch is None:
             self.tell(Revoked(((run_id, epoch),)))
+
+    def expired(self, run_ids: tuple[str, ...]) -> None:
+        """This server's commit put these runs back in the queue, their leases expired:
+        the seats that held them have the slots free, and are suspect until their workers
+        prove alive. Called at the commit (see ``StoreWriter.on_expired``), so before any
+        later claim of the runs is placed: told afterwards, as a message, it would take a
+        run from the seat that had just been given it under a new lease (that worker would
+        then hear no Revoke of it, and its slot would count as free)."""
+        self._work_may_have_arrived()
+        for seat in self.seats.values():
+            if seat.active.intersection(run_ids):
+                seat.suspect = True
+                seat.active.difference_update(run_ids)
+                for run_id in run_ids:
+                    seat.assigned_at.pop(run_id, None)
+                    seat.epochs.pop(run_id, None)
 
     def push_to_holder(self, run_id: str, msg: Any) -> bool:
         """Push ``msg`` to the worker that holds ``run_id`` here, if one does (a hint)."""

@@ -84,6 +84,9 @@ class StoreWriter:
     # commit (the Dispatcher that a run is queued, the Timer of a wait's due time) is not
     # known, and they look again.
     on_orphaned: Callable[[], None] = lambda: None
+    # Told at the commit of the runs whose leases an ExpireLeases of the batch expired, so
+    # the Dispatcher frees their seats before any later claim of them is answered.
+    on_expired: Callable[[tuple[str, ...]], None] = lambda run_ids: None
     max_batch: int = 256
     timeout: float = 30.0
     mailbox: Mailbox[Write] = attrs.field(default=attrs.Factory(
@@ -141,6 +144,11 @@ class StoreWriter:
                 self.on_committed(outcomes)
             if any(w.reply.is_done() for w in batch):
                 self.on_orphaned()
+            expired = tuple(run_id for op, out in zip(flat, outcomes, strict=True)
+                            if type(op) is ExpireLeases and not isinstance(out, AikiError)
+                            for run_id in out)
+            if expired:
+                self.on_expired(expired)
             answers = iter(outcomes)
             for w in batch:
                 mine = [next(answers) for _ in w.ops]

@@ -41,7 +41,6 @@ class Timer:
     writer: StoreWriter
     sources: Sources
     on_wake: Callable[[], None]  # runs were queued again: the Dispatcher has work
-    on_expired: Callable[[tuple[str, ...]], None] = lambda ids: None
     # The runs its WakeDue ended (a cancel's grace period over).
     on_ended: Callable[[tuple[RunRecord, ...]], None] = lambda runs: None
     reconcile_interval: float | None = None
@@ -114,8 +113,6 @@ class Timer:
             self.sources.metrics.observe(SCHEDULE_LATENESS, max(now - due, 0.0), ("wait",))
         if started:
             self.sources.metrics.observe(SCHEDULE_LATENESS, max(now - due, 0.0), ("schedule",))
-        if expired:
-            self.on_expired(expired)
         ended: tuple[RunRecord, ...] = getattr(woke, "ended", ())
         if ended:
             self.on_ended(ended)

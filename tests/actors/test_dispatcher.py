@@ -9,7 +9,7 @@ from typing import Any
 
 import trio
 
-from aiki.actors.dispatcher import Dispatcher, Expired, Joined, Seat
+from aiki.actors.dispatcher import Dispatcher, Joined, Seat
 from aiki.actors.store_writer import StoreWriter
 from aiki.actors.timer import Timer
 from aiki.errors import StoreUnavailable
@@ -30,8 +30,8 @@ async def dispatching(store: MemoryStore, queued: int) -> AsyncIterator[Dispatch
     writer = StoreWriter(store)
     sources = Sources.seeded(1)
     dispatcher = Dispatcher(writer, sources, lease_ttl=30.0, poll_interval=3600)
-    timer = Timer(store, writer, sources, dispatcher.poke,
-                  lambda ids: dispatcher.tell(Expired(ids)))
+    timer = Timer(store, writer, sources, dispatcher.poke)
+    writer.on_expired = dispatcher.expired
     dispatcher.on_leased = timer.hint
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
@@ -114,7 +114,7 @@ async def test_a_lease_another_server_expired_frees_the_slot_at_the_next_heartbe
     autojump_clock: trio.abc.Clock,
 ) -> None:
     # Several servers on one store: whichever Timer comes first expires a lease, so the
-    # Dispatcher that assigned the run may never get its Expired. The worker's heartbeats
+    # Dispatcher that assigned the run may never hear of the expiry. The worker's heartbeats
     # (which do not renew the run) free the slot once a lease has passed since the assignment.
     from aiki.actors.dispatcher import Alive
 
@@ -167,7 +167,6 @@ async def test_a_late_revoke_leaves_the_lease_claimed_after_the_cancel_alone(
         first = [m.run.lease_epoch for m in pushed if isinstance(m, Assign)]
         out = await execute(store, o.CancelRun("r0", "bye", 60.0, "c", 2.0))
         assert out.run is not None and out.run.state == "queued"
-        dispatcher.tell(Expired(()))  # (anything that makes it look for work again)
         seat.active.clear()  # the old actor ended: its slot is free (an Ended)
         dispatcher.poke()
         await trio.sleep(1)
@@ -181,3 +180,42 @@ async def test_a_late_revoke_leaves_the_lease_claimed_after_the_cancel_alone(
         await trio.sleep(1)
         assert [m.epoch for m in pushed if isinstance(m, Revoke)] == [assigns[1]]
         assert seat.active == set()
+
+
+async def test_a_lease_expired_and_claimed_again_at_once_stays_with_its_new_holder(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The Timer expires w1's lease of r0, and a claim waiting behind that commit gives r0
+    to w2 at once. The expiry is acted on at its commit: w1's seat lets r0 go, w2's keeps
+    it, and a cancel's Revoke of the new lease reaches w2 (found by the simulation's
+    promptness checker, seed 148: the Timer told the Dispatcher after its writes returned,
+    by then the claim was placed, and w2's seat forgot r0: no Revoke, its slot free)."""
+    from aiki.protocol import Revoke
+    from tests.actors.test_direct_requests import HeldOps
+
+    store = HeldOps("ExpireLeases")
+    pushed: dict[str, list[Any]] = {"w1": [], "w2": []}
+
+    def seat(session: int, worker: str) -> Seat:
+        def push(msg: Any) -> bool:
+            pushed[worker].append(msg)
+            return True
+
+        return Seat(session, worker, (WF,), slots=1, push=push)
+
+    w1, w2 = seat(1, "w1"), seat(2, "w2")
+    async with dispatching(store, 1) as dispatcher:
+        dispatcher.tell(Joined(w1))
+        await trio.sleep(1)
+        assert [m.run.id for m in pushed["w1"]] == ["r0"]
+        await store.holding.wait()  # r0's lease is over: the Timer's expiry is applied
+        dispatcher.tell(Joined(w2))  # w2's claim waits behind it
+        await trio.sleep(1)
+        store.release()
+        await trio.sleep(1)
+        assigned = [m for m in pushed["w2"] if isinstance(m, Assign)]
+        assert [m.run.id for m in assigned] == ["r0"]
+        assert "r0" not in w1.active and w1.suspect
+        assert w2.active == {"r0"} and not w2.suspect
+        dispatcher.revoke("r0", "bye", assigned[0].run.lease_epoch)
+        assert [m.run_id for m in pushed["w2"] if isinstance(m, Revoke)] == ["r0"]
