@@ -159,6 +159,7 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     v += _reads(contents, ledger)
 
     v += _cancels(contents, ledger)
+    v += _revokes_told(outcome)
     v += _children(contents)
     v += _deadlines(ledger)
     v += _shields(contents)
@@ -223,6 +224,57 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
 COUNTED_EVENTS = (("started", "run.running"), ("completed", "run.completed"),
                   ("failed", "run.failed"), ("cancelled", "run.cancelled"),
                   ("paused", "run.paused"))
+
+
+# How long after a commit revoked a lease its holder's server may take to send it the
+# Revoke (after the notice reached it, through another server): at once, not at the
+# worker's next heartbeat (a third of a lease, 3.3 s here), which would otherwise heal it.
+TOLD_WITHIN = 1.0
+
+
+def _revokes_told(outcome: Outcome) -> list[str]:
+    """A worker holding a lease that a commit revoked (a cancel, a failed parent's cascade,
+    a cancel's grace period over) is sent a Revoke within TOLD_WITHIN of the commit by a
+    server it is connected to (through another server: of the notice's arrival), so its
+    task bodies stop now. Judged where telling it is possible: a connection of the lease's
+    worker incarnation was welcomed before the commit and outlived the bound, its server
+    not paused meanwhile; the committing server saw its commit succeed (on it), or the
+    database's notice reached the other server (on that one). What happens to the Revoke on
+    the wire is the network's: a lost one is healed by the heartbeat."""
+    v = []
+    assert outcome.store.notices is not None
+    delivered = outcome.store.notices.delivered
+    for (run_id, epoch), (at, committer, ambiguous) in outcome.ledger.revoked_at.items():
+        owner = outcome.ledger.leases.get((run_id, epoch), (0, None))[1]
+        sessions = [s for s in outcome.sessions if s.worker_id == owner]
+        deadline = None
+        for s in sessions:
+            if s.welcomed_at is None or s.welcomed_at >= at or (
+                    s.closed_at is not None and s.closed_at < at):
+                continue
+            heard = (None if ambiguous else at) if s.server == committer else delivered.get(
+                (s.server, f"revoked:{epoch}:{run_id}"))
+            if heard is None:
+                continue
+            by = heard + TOLD_WITHIN
+            if (s.closed_at is not None and s.closed_at <= by) or any(
+                    a <= by and b >= at for a, b in outcome.pauses.get(s.server, ())):
+                continue
+            deadline = by if deadline is None else max(deadline, by)
+        if deadline is None:
+            continue
+        told = {s.server for s in sessions for t, r, e in s.revokes
+                if r == run_id and at <= t <= deadline and (e is None or e >= epoch)}
+        if told:
+            outcome.sometimes["revoked lease's worker told at once"] += 1
+            if told - {committer}:
+                outcome.sometimes["revoked lease's worker told through another server"] += 1
+        else:
+            v.append(f"run {run_id}: a commit revoked lease epoch {epoch} of worker {owner} "
+                     f"at t={at:.3f} (through {committer}), and no server it was connected "
+                     f"to told it within {TOLD_WITHIN:g} s: its tasks ran on until its next "
+                     "heartbeat")
+    return v
 
 
 def _metrics(outcome: Outcome, exact: bool) -> list[str]:

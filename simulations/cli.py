@@ -40,7 +40,11 @@ SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a 
              "task completed by an in-process worker",
              "in-process worker crashed while its run ended",
              "in-process worker crashed while its run waited",
-             "in-process worker crashed while starting a child")
+             "in-process worker crashed while starting a child",
+             # A revoked lease's worker told at the commit, not at its next heartbeat.
+             "revoked lease's worker told at once",
+             "revoked lease's worker told through another server",
+             "task body stopped by a revoke")
 
 
 @attrs.frozen

@@ -52,20 +52,43 @@ class SimConnection:
     other: SimConnection | None = None
     closed: bool = False
     ready_at: float = 0.0  # in-order delivery: nothing on this direction arrives before it
+    session: Session | None = None  # a worker's connection to a server: what it carried
 
     async def send(self, msg: Any) -> None:
         text = protocol.encode(msg)
         if self.closed or self.other is None:
             raise ConnectionLost(f"connection {self.node}->{self.peer} is closed")
         await trio.lowlevel.checkpoint()
+        self._sent(msg)
         self.net.transmit(self, self.other, text)
 
     def try_send(self, msg: Any) -> bool:
         text = protocol.encode(msg)
         if self.closed or self.other is None:
             raise ConnectionLost(f"connection {self.node}->{self.peer} is closed")
+        self._sent(msg)
         self.net.transmit(self, self.other, text)
         return True  # (a simulated link never makes its sender wait)
+
+    def _sent(self, msg: Any) -> None:
+        """Note what the promptness checker reads (sent, whatever the network does to it)."""
+        session = self.session
+        if session is None:
+            return
+        now = trio.current_time()
+        if isinstance(msg, protocol.Hello):
+            session.worker_id = msg.node_id
+        elif getattr(msg, "lease", None) is not None:
+            session.asked[msg.req] = msg.lease.run_id
+        elif isinstance(msg, protocol.Refused) and msg.req in session.asked and (
+                msg.error_type == "StaleLease"):  # (a write under the lease refused)
+            session.revokes.append((now, session.asked[msg.req], None))
+        elif isinstance(msg, protocol.Welcome):
+            session.welcomed_at = now
+        elif isinstance(msg, protocol.Revoke):
+            session.revokes.append((now, msg.run_id, msg.epoch))
+        elif isinstance(msg, protocol.HeartbeatAck):  # (its renewals refused tell it too)
+            session.revokes += [(now, run_id, None) for run_id in msg.lost]
 
     async def receive(self) -> Any:
         if self.closed:
@@ -82,10 +105,14 @@ class SimConnection:
             if end is not None and not end.closed:
                 end.closed = True
                 end._inbox_send.close()
+        if self.session is not None:
+            self.session.closed()
 
     async def aclose(self) -> None:
         other = self.other
         self.closed = True
+        if self.session is not None:
+            self.session.closed()
         self._inbox_send.close()
         if other is not None and not other.closed:
             # The peer learns of the close after a network latency, like a FIN.
@@ -95,6 +122,26 @@ class SimConnection:
     @property
     def peer_name(self) -> str:
         return self.peer
+
+
+@attrs.define(eq=False)
+class Session:
+    """What one worker's connection to a server carried, as the promptness checker reads
+    it: which worker incarnation said hello, when the server welcomed it, what the server
+    told it of leases it lost (when, run, epoch if known: a Revoke, a heartbeat's refused
+    renewal, a write under the lease refused as stale), and when the connection ended."""
+
+    server: str
+    worker: str
+    worker_id: str | None = None
+    welcomed_at: float | None = None
+    closed_at: float | None = None
+    revokes: list[tuple[float, str, int | None]] = attrs.field(factory=list)
+    asked: dict[int, str] = attrs.field(factory=dict)  # a write's req -> its lease's run
+
+    def closed(self) -> None:
+        if self.closed_at is None:
+            self.closed_at = trio.current_time()
 
 
 @attrs.define(eq=False)
@@ -113,6 +160,8 @@ class SimNetwork:
         factory=dict)
     connections: list[SimConnection] = attrs.field(factory=list)
     stats: Counter[str] = attrs.field(factory=Counter)
+    sessions: list[Session] = attrs.field(factory=list)  # every worker's, in order
+    workers: set[str] = attrs.field(factory=set)
 
     def transport(self, node: str) -> SimTransport:
         return SimTransport(self, node)
@@ -239,6 +288,9 @@ class SimTransport:
         client = SimConnection(net, self.node, server_node, a_recv, a_send)
         server = SimConnection(net, server_node, self.node, b_recv, b_send)
         client.other, server.other = server, client
+        if self.node in net.workers:
+            client.session = server.session = Session(server_node, self.node)
+            net.sessions.append(client.session)
         net.connections += [client, server]
         try:
             accept.send_nowait(server)

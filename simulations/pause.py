@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +44,7 @@ class Freezer:
     held: dict[str, list[Any]] = attrs.field(factory=dict)  # process -> its frozen tasks
     pauses: int = 0
     count: dict[str, int] = attrs.field(factory=dict)  # process -> pauses so far
+    spans: dict[str, list[list[float]]] = attrs.field(factory=dict)  # -> [from, to] each
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Freezer]:
@@ -67,6 +69,7 @@ class Freezer:
     def pause(self, node: str) -> None:
         if node in self.paused:
             return
+        self.spans.setdefault(node, []).append([trio.current_time(), math.inf])
         self.pauses += 1
         self.count[node] = self.count.get(node, 0) + 1
         self.paused.add(node)
@@ -81,6 +84,7 @@ class Freezer:
         if node not in self.paused:
             return
         self.paused.discard(node)
+        self.spans[node][-1][1] = trio.current_time()
         _run.GLOBAL_RUN_CONTEXT.runner.runq.extend(self.held.pop(node, []))
 
     def resume_all(self) -> None:
@@ -92,6 +96,10 @@ class Freezer:
 
     def is_paused(self, node: str) -> bool:
         return node in self.paused
+
+    def paused_within(self, node: str, start: float, end: float) -> bool:
+        """Whether ``node`` was paused at any moment from ``start`` to ``end``."""
+        return any(a <= end and b >= start for a, b in self.spans.get(node, ()))
 
 
 async def freeze_here(freezer: Freezer, node: str) -> None:

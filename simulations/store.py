@@ -131,6 +131,27 @@ class Ledger:
     # when the fork committed).
     forks: dict[str, tuple[str, tuple[StepRecord, ...]]] = attrs.field(factory=dict)
 
+    # (run id, lease epoch) -> (the virtual time a commit revoked that lease, the server that
+    # committed it, whether that server saw the commit fail): a cancel, a failed parent's
+    # cascade, a cancel's grace period over (the run's epoch moved on while it was held).
+    revoked_at: dict[tuple[str, int], tuple[float, str, bool]] = attrs.field(factory=dict)
+    # Task bodies running now: id -> (run id, lease epoch, worker, task name, began at).
+    bodies: dict[int, tuple[str, int, str, str, float]] = attrs.field(factory=dict)
+    _bodies_begun: int = 0
+
+    def body_began(self, run_id: str, epoch: int, worker: str, task: str, at: float) -> int:
+        self._bodies_begun += 1
+        self.bodies[self._bodies_begun] = (run_id, epoch, worker, task, at)
+        return self._bodies_begun
+
+    def body_ended(self, body_id: int, at: float) -> None:
+        run_id, epoch, _, _, _ = self.bodies.pop(body_id)
+        revoked = self.revoked_at.get((run_id, epoch))
+        if revoked is not None:
+            self.sometimes["task body stopped by a revoke"] += 1
+            if at - revoked[0] > 1.0:
+                self.sometimes["task body stopped over 1 s after a revoke"] += 1
+
     def violation(self, text: str) -> None:
         try:
             when = f"t={trio.current_time():.3f}"
@@ -155,6 +176,9 @@ class SimStore:
     # Told of every batch as a server's writer begins to apply it (the world's faults that
     # strike while a write is on its way).
     applying: Callable[[Sequence[o.Op[Any]]], None] = lambda ops: None
+    # Whether worker incarnation ``owner`` holds the run under that lease epoch, in its
+    # own view, now (the world's workers).
+    holding: Callable[[str | None, str, int], bool] = lambda owner, run_id, epoch: True
     _lock: trio.Lock = attrs.field(factory=trio.Lock)
     _fork_sources: dict[str, tuple[StepRecord, ...]] = attrs.field(factory=dict)
 
@@ -192,12 +216,15 @@ class SimStore:
                 self._check(op, outcome, now)
             else:
                 self._refused(op, outcome, server)
-        self._leases_ended(ops, outcomes, now)
-        self._committed(ops, outcomes, now, server)
+        revoked = self._leases_ended(ops, outcomes, now, server)
+        self._committed(ops, outcomes, now, server, revoked)
         self.trace.append(f"{now:.6f} store {server} "
                           f"{','.join(type(op).__name__ for op in ops)}")
         if r.random() < f.after_commit:
             self.stats["after_commit"] += 1
+            for key in revoked:  # (its server acts on no outcome: it saw none)
+                if key in self.ledger.revoked_at:
+                    self.ledger.revoked_at[key] = (now, server, True)
             self.ledger.sometimes["ambiguous commit"] += 1
             raise StoreUnavailable("simulated: connection lost after commit")
         return outcomes
@@ -264,11 +291,20 @@ class SimStore:
             self.ledger.sometimes["stale worker write while another lease is live"] += 1
             self.stats[f"stale {what} refused, another lease live"] += 1
 
-    def _leases_ended(self, ops: Sequence[o.Op[Any]], outcomes: list[Any], now: float
-                      ) -> None:
+    def _leases_ended(self, ops: Sequence[o.Op[Any]], outcomes: list[Any], now: float,
+                      server: str) -> list[tuple[str, int]]:
         """Note when each lease the transaction touched ended (the run left ``running``, or
         was leased again; a paused run's lease lives on while its worker holds it, for the
-        outcome of its task in flight)."""
+        outcome of its task in flight). Those whose run's epoch moved on while held, a cancel
+        asked for, are returned (not those the batch's expiry ended first), as PostgreSQL's
+        trigger notifies them; unless the holder's own write ended the run, they are noted
+        revoked."""
+        revoked: list[tuple[str, int]] = []
+        own = {(op.lease.run_id, op.lease.epoch) for op in ops
+               if getattr(op, "lease", None) is not None}
+        expired = {run_id for op, out in zip(ops, outcomes, strict=True)
+                   if isinstance(op, o.ExpireLeases) and not isinstance(out, AikiError)
+                   for run_id in out}
         led = self.ledger
         runs = self.inner.contents().runs
         touched: set[str] = set()
@@ -292,11 +328,19 @@ class SimStore:
             if (run is None or run.state not in ("running", "paused")
                     or run.lease_owner is None or run.lease_epoch != epoch):
                 led.lease_ended[(run_id, epoch)] = led.commits
+                if (run is not None and run.cancel_requested_at is not None
+                        and run.lease_epoch > epoch and run_id not in expired):
+                    revoked.append((run_id, epoch))
+                    owner = led.leases.get((run_id, epoch), (0, None))[1]
+                    # (Not its worker's own end of the run, nor a lease it had let go.)
+                    if (run_id, epoch) not in own and self.holding(owner, run_id, epoch):
+                        led.revoked_at.setdefault((run_id, epoch), (now, server, False))
+        return revoked
 
     def _committed(self, ops: Sequence[o.Op[Any]], outcomes: list[Any], now: float,
-                   server: str) -> None:
+                   server: str, revoked: list[tuple[str, int]]) -> None:
         """Note what the transaction wrote (its history, by whom, when), and notify the other
-        servers as the PostgreSQL triggers do."""
+        servers as the PostgreSQL triggers do (``revoked``: the leases a cancel revoked)."""
         if all(isinstance(op, o.Renew) or (isinstance(op, (o.Claim, o.ExpireLeases, o.WakeDue))
                                             and not out) or isinstance(out, AikiError)
                for op, out in zip(ops, outcomes, strict=True)):
@@ -337,6 +381,7 @@ class SimStore:
                     led.wait_order.setdefault((run_id, e.name or ""), []).append(key[1])
             if notice is not None and notice not in notices:
                 notices.append(notice)
+        notices += [f"revoked:{epoch}:{run_id}" for run_id, epoch in revoked]
         if self.notices is not None:
             self.notices.publish(server, notices)
 
@@ -528,6 +573,9 @@ class NoticeChannel:
     nursery: trio.Nursery | None = None
     listeners: dict[str, _Listener] = attrs.field(factory=dict)
     stats: Counter[str] = attrs.field(factory=Counter)
+    # (server, notice) -> when it reached the server's listener (None: lost), for the
+    # notices the promptness checker reads (``revoked:...``).
+    delivered: dict[tuple[str, str], float | None] = attrs.field(factory=dict)
 
     async def listen(self, server: str, on_notice: Callable[[str], None], *,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -550,6 +598,8 @@ class NoticeChannel:
                 continue
             if listener.lost:
                 self.stats["notice lost"] += len(notices)
+                for notice in notices:
+                    self.delivered.setdefault((listener.server, notice), None)
                 continue
             delay = self.faults.latency
             if self.rng.random() < self.faults.delay:
@@ -561,10 +611,11 @@ class NoticeChannel:
     async def _deliver(self, listener: _Listener, at: float, notices: list[str]) -> None:
         PROCESS.set(None)  # the database's, not the committing server's
         await trio.sleep_until(at)
-        if listener.lost or self.listeners.get(listener.server) is not listener:
-            return
+        lost = listener.lost or self.listeners.get(listener.server) is not listener
         for notice in notices:
-            listener.inbox.send_nowait(notice)
+            self.delivered.setdefault((listener.server, notice), None if lost else at)
+            if not lost:
+                listener.inbox.send_nowait(notice)
 
     def cut(self, server: str, duration: float) -> None:
         """``server``'s listening connection drops for ``duration``: what is notified meanwhile

@@ -58,6 +58,14 @@ def bind(ledger: Ledger, clocks: dict[str, Any] | None = None) -> None:
     _CLOCKS.update(clocks or {})
 
 
+def _lease() -> tuple[str, int] | None:
+    """The run and lease epoch the task body runs under (the engine's Run actor's)."""
+    from aiki.actors.run import _BRANCH
+
+    branch = _BRANCH.get(None)
+    return None if branch is None else (branch[0].lease.run_id, branch[0].lease.epoch)
+
+
 def label_of(spec: dict[str, Any]) -> str:
     """A call's label, and its iteration in a loop: what tells its executions apart."""
     return spec["label"] if "i" not in spec else f"{spec['label']}#{spec['i']}"
@@ -67,10 +75,19 @@ def _make_task(name: str, retry: aiki.Retry) -> aiki.Task[dict[str, Any], int]:
     async def body(spec: dict[str, Any]) -> int:
         key = (spec["rk"], spec["label"])
         _CALLS[key] = _CALLS.get(key, 0) + 1
+        body_id = None
         if _LEDGER:
-            _LEDGER[0].executions.append(
-                (trio.current_time(), spec["rk"], label_of(spec), name, NODE.get()))
-        await trio.sleep(spec["work"])
+            ledger = _LEDGER[0]
+            now = trio.current_time()
+            ledger.executions.append((now, spec["rk"], label_of(spec), name, NODE.get()))
+            lease = _lease()
+            if lease is not None:
+                body_id = ledger.body_began(lease[0], lease[1], NODE.get(), name, now)
+        try:
+            await trio.sleep(spec["work"])
+        finally:
+            if body_id is not None:
+                _LEDGER[0].body_ended(body_id, trio.current_time())
         fail = spec["fail"]
         if fail == -1:
             raise aiki.NonRetryableError(f"{spec['label']} is refused for good")

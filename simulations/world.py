@@ -46,7 +46,7 @@ from aiki.store.sqlite import SqliteStore
 from aiki.transport.base import Handler
 from aiki.transport.memory import MemoryTransport
 from simulations import workload
-from simulations.network import NetworkFaults, SimNetwork, SimTransport
+from simulations.network import NetworkFaults, Session, SimNetwork, SimTransport
 from simulations.pause import PROCESS, Freezer
 from simulations.store import (
     Ledger,
@@ -107,6 +107,10 @@ class Outcome:
     runs_planned: int
     # Every server incarnation's metrics sink (a crashed one's too: the ledger survives).
     metrics: list[Metrics] = attrs.field(factory=list)
+    # What each worker's connection to a server carried, and each process's pauses
+    # ([from, to]): what the promptness checker reads.
+    sessions: list[Session] = attrs.field(factory=list)
+    pauses: dict[str, list[list[float]]] = attrs.field(factory=dict)
 
 
 @attrs.define(eq=False)
@@ -199,6 +203,7 @@ class World:
         self.store = SimStore(MemoryStore(), random.Random(f"{seed}:store"), self.ledger,
                               self.trace, store_faults)
         self.store.applying = self._crash_inside_while_written
+        self.store.holding = self._holding
         notice_faults = NoticeFaults()
         if self.swarm["notice"]:
             notice_faults = NoticeFaults(delay=0.05 * self.swarm["notice"])
@@ -207,6 +212,7 @@ class World:
         n = self.cfg.servers or random.Random(f"{seed}:topology").choice([1, 2, 2, 3])
         self.server_names = [f"s{i}" for i in range(1, n + 1)]
         self.net.servers = set(self.server_names)
+        self.net.workers = set(self.worker_names)
         self.store.wall = lambda server: self.clocks[server].now()
         clock_rng = random.Random(f"{seed}:clocks")
         for node in [*self.server_names, *self.worker_names, "client"]:
@@ -221,6 +227,11 @@ class World:
         # Half the seeds run the last worker inside the first server's process.
         if self.cfg.workers >= 2 and random.Random(f"{seed}:embedded").random() < 0.5:
             self.embedded[self.worker_names[-1]] = self.server_names[0]
+
+    def _holding(self, worker_id: str | None, run_id: str, epoch: int) -> bool:
+        worker = self.workers.get(self.worker_of.get(worker_id or "", ""))
+        held = None if worker is None or worker.id != worker_id else worker.held.get(run_id)
+        return held is not None and held.lease.epoch == epoch
 
     @property
     def worker_names(self) -> list[str]:
@@ -1068,7 +1079,8 @@ def run_seed(cfg: Config) -> Outcome:
     return Outcome(cfg.seed, digest, clock.current_time(), faults, world.ledger.sometimes,
                    list(world.ledger.violations), runs, world.trace if cfg.trace else [],
                    world.store, world.ledger, cfg.runs,
-                   [server.sources.metrics for server in world.servers])
+                   [server.sources.metrics for server in world.servers],
+                   world.net.sessions, world.freezer.spans)
 
 
 __all__ = ["Config", "Outcome", "run_seed", "Any"]

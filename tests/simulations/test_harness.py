@@ -700,6 +700,32 @@ def commit_effects_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Server, "__attrs_post_init__", post_init)
 
 
+def revoke_left_to_the_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A revoked lease frees its worker's slot, but the worker is not told: its tasks run on
+    # until its next heartbeat is refused.
+    from aiki.actors.dispatcher import Dispatcher, Revoked
+
+    def revoke(self: Dispatcher, run_id: str, reason: str | None,
+               epoch: int | None = None) -> None:
+        self.tell(Revoked(((run_id, epoch),)))
+
+    monkeypatch.setattr(Dispatcher, "revoke", revoke)
+
+
+def revoked_notices_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server hears that a cancel through another server revoked a lease, and does not
+    # tell the worker connected to it (the database's ``revoked:`` notice ignored).
+    from aiki.server import Server
+
+    real = Server._notices
+
+    def notices(self: Server, nursery: Any) -> Callable[[str], None]:
+        on_notice = real(self, nursery)
+        return lambda notice: None if notice.startswith("revoked:") else on_notice(notice)
+
+    monkeypatch.setattr(Server, "_notices", notices)
+
+
 @pytest.mark.parametrize(
     ("bad_change", "expected"),
     [
@@ -773,6 +799,10 @@ def commit_effects_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
                                          "after its code first entered it")),
         # What a commit did (a run ended, a tree cancelled) goes unheard.
         (commit_effects_dropped, ("never heard",)),
+        # A revoked lease's worker learns of it only at its next heartbeat.
+        (revoke_left_to_the_heartbeat, ("no server it was connected to told it",)),
+        # ... when the cancel went through another server than the worker's.
+        (revoked_notices_ignored, ("no server it was connected to told it",)),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "server-ignores-drains", "timer-forgets-the-store",
@@ -787,7 +817,8 @@ def commit_effects_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
          "cascade-forgets-grandchildren", "deadline-early",
          "shield-lifts-the-shared-deadline", "gather-ends-on-its-cut-branches",
          "cut-write-drops-its-riders", "deadline-on-the-workers-clock",
-         "commit-effects-dropped"],
+         "commit-effects-dropped", "revoke-left-to-the-heartbeat",
+         "revoked-notices-ignored"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],
