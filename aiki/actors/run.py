@@ -1136,6 +1136,7 @@ class WorkflowRun:
         base = state.next_position()
         results: list[Any] = [None] * len(awaitables)
         failure: list[BaseException] = []
+        abandoned: list[Abandon] = []
         released: list[Release] = []
         suspended: list[Suspend] = []
 
@@ -1147,7 +1148,10 @@ class WorkflowRun:
                 released.append(exc)  # the other branches finish their tasks in flight
             except Suspend as exc:
                 suspended.append(exc)  # the others go on until they end or wait too
-            except (Exception, Abandon) as exc:
+            except Abandon as exc:
+                abandoned.append(exc)
+                cancel.cancel()
+            except Exception as exc:
                 if not failure:
                     failure.append(exc)
                 cancel.cancel()
@@ -1157,12 +1161,19 @@ class WorkflowRun:
                 for i, aw in enumerate(awaitables):
                     nursery.start_soon(branch, i, aw, nursery.cancel_scope)
         except BaseException as exc:
+            # A branch that abandoned the run (its lease may be gone) stops it here, whatever
+            # cancelled the others meanwhile: a deadline scope around the gather would catch
+            # its own cancellation, and the run would go on past work that never ran.
+            if abandoned and _only_cancelled(exc):
+                raise abandoned[0] from None
             # Branches cut by a deadline (Cancelled) while others wait durably: the gather
             # does not end here, leaving those waits behind. The run waits for them (it
             # gives its slot back); its replay cuts the others at the same place again.
             if suspended and not failure and not released and _only_cancelled(exc):
                 raise _combined(suspended) from None
             raise
+        if abandoned:
+            raise abandoned[0]
         if failure:
             raise failure[0]
         if released:

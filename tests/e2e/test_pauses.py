@@ -162,3 +162,79 @@ async def test_a_late_assignment_whose_start_is_accepted_runs_its_task_once(
                 await trio.sleep(3 * TTL)
                 nursery.cancel_scope.cancel()
     assert executions == ["w1"]
+
+
+class _NoExpiryWhile(MemoryStore):
+    """A store that refuses to expire leases while ``refusing`` (the Timer's expiry meets a
+    database that is away): a frozen worker's lease outlives its local deadline."""
+
+    refusing = True
+
+    async def apply(self, ops: Any) -> list[Any]:
+        from aiki.errors import StoreUnavailable
+        from aiki.store import ops as o
+
+        if self.refusing and any(isinstance(op, o.ExpireLeases) for op in ops):
+            raise StoreUnavailable("simulated: the database is away")
+        return await super().apply(ops)
+
+
+@aiki.task(name="pause-shielded")
+async def shielded_charge(x: int) -> int:
+    executions.append(PROCESS.get())
+    return x * 2
+
+
+@aiki.workflow(name="pause-shield", version="1")
+async def shield_in_a_deadline(run: aiki.WorkflowRun, x: int) -> int:
+    async def shielded() -> None:
+        with run.shield():
+            await shielded_charge.run(run, x)
+
+    with run.move_on_after(1.0):
+        await run.gather(shielded(), run.sleep(5.0))
+    return x
+
+
+async def test_a_shielded_task_abandoned_past_its_deadline_scope_is_not_skipped(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # A shielded task in a run.gather inside a deadline scope: w1 freezes between its start
+    # record and the body, past its lease's local deadline and the scope's. Resumed, the
+    # body's check abandons the run (its lease may be gone), while the scope's expiry
+    # cancels the other branch. The abandon stops the run here: it is run again, and the
+    # shielded task runs to its end. (Before, the gather raised the scope's cancellation
+    # instead, the scope caught it, and the run completed with the shielded task never run:
+    # found by the simulation, seed 155 once the world also ran its claim monitor.)
+    executions.clear()
+    freezer = Freezer()
+    sources = Sources.seeded(9)
+    store = _NoExpiryWhile()
+
+    async def freeze_then_call(task: Any, payload: Any) -> Any:
+        if PROCESS.get() == "w1" and not freezer.pauses:
+            await freeze_here(freezer, "w1")
+        return await call_task(task, payload)
+
+    async def process(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        PROCESS.set("w1")
+        w = Worker(client.transport, client.address, [shield_in_a_deadline], "w1", sources,
+                   max_concurrent_runs=1, run_task=freeze_then_call)
+        await w.run(task_status=task_status)
+
+    with freezer.installed():
+        async with aiki.embedded(store, lease_ttl=TTL, sources=sources) as client:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(process)
+                handle = await shield_in_a_deadline.enqueue(client, 21)
+                while not freezer.is_paused("w1"):
+                    await trio.sleep(0.01)
+                await trio.sleep(2 * TTL)
+                freezer.resume("w1")
+                await trio.sleep(1.0)
+                store.refusing = False  # the lease w1 let go of expires: the run goes on
+                assert await handle.wait_for_completion(timeout=300) == 21
+                history = [e.event for e in await handle.history()]
+                nursery.cancel_scope.cancel()
+    assert executions == ["w1"]  # once, after the replay
+    assert history.count("task.completed") == 1, history
