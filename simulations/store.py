@@ -15,6 +15,7 @@ loses them while a server's listening connection is down, then says ``resync``.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -179,8 +180,19 @@ class SimStore:
     # Whether worker incarnation ``owner`` holds the run under that lease epoch, in its
     # own view, now (the world's workers).
     holding: Callable[[str | None, str, int], bool] = lambda owner, run_id, epoch: True
+    last_fault_at: float = -math.inf  # the last fault one of its calls met
     _lock: trio.Lock = attrs.field(factory=trio.Lock)
     _fork_sources: dict[str, tuple[StepRecord, ...]] = attrs.field(factory=dict)
+
+    # Cheap looks at the model for the world's monitors, polled often (``contents`` copies
+    # everything): read in place, between two of its transactions.
+    def queued_runs(self) -> list[RunRecord]:
+        return [r for r in self.inner._runs.values() if r.state == "queued"]
+
+    def last_seq(self, run_id: str, event: str) -> int | None:
+        """The seq of ``run_id``'s last ``event`` in its history, if any."""
+        return next((e.seq for e in reversed(self.inner._history.get(run_id, ()))
+                     if e.event == event), None)
 
     def for_server(self, server: str) -> ServerStore:
         return ServerStore(self, server)
@@ -190,17 +202,21 @@ class SimStore:
         f, r = self.faults, self.rng
         if r.random() < f.slow:
             self.stats["slow"] += 1
+            self.last_fault_at = trio.current_time()
             await trio.sleep(r.uniform(0.05, 2.0))
         else:
             await trio.lowlevel.checkpoint()
         if trio.current_time() < f.unavailable_until:
             self.stats["unavailable"] += 1
+            self.last_fault_at = trio.current_time()
             raise StoreUnavailable("simulated: the database is unavailable")
         if r.random() < f.driver_bug:
             self.stats["driver_bug"] += 1
+            self.last_fault_at = trio.current_time()
             raise RuntimeError("simulated: bug in the store driver")
         if r.random() < f.before_commit:
             self.stats["before_commit"] += 1
+            self.last_fault_at = trio.current_time()
             raise StoreUnavailable("simulated: error before commit")
         scheduling = any(isinstance(op, SCHEDULE_OPS) for op in ops)
         before = self.inner.contents().schedules if scheduling else None
@@ -222,6 +238,7 @@ class SimStore:
                           f"{','.join(type(op).__name__ for op in ops)}")
         if r.random() < f.after_commit:
             self.stats["after_commit"] += 1
+            self.last_fault_at = trio.current_time()
             for key in revoked:  # (its server acts on no outcome: it saw none)
                 if key in self.ledger.revoked_at:
                     self.ledger.revoked_at[key] = (now, server, True)

@@ -67,6 +67,12 @@ POLL_INTERVAL = 5.0
 # poll (the notice that would have told the server was lost), plus a timer's retries after
 # store errors and slow calls.
 OVERDUE_BOUND = POLL_INTERVAL + 10.0
+# How long a queued run may stay queued while a worker that serves its version has a free
+# slot (in its server's Dispatcher's view: not suspect, not draining, its outbox not backed
+# up), its server up and the store answering without faults: a claim is made when work may
+# have arrived (a poke), not at the next fallback poll. Through another server (its notice
+# may be late or lost), one fallback poll more.
+CLAIMED_WITHIN = 3.0
 # Schedules go on firing this long into the liveness phase, then clients pause them so the
 # cluster can come to rest.
 SCHEDULES_RUN_ON = 120.0
@@ -148,6 +154,7 @@ class World:
     # How to stop each worker's current incarnation gracefully.
     stopping: dict[str, StopOrder] = attrs.field(factory=dict)
     servers: list[Server] = attrs.field(factory=list)
+    serving: dict[str, Server] = attrs.field(factory=dict)  # name -> its incarnation now
     server_names: list[str] = attrs.field(factory=list)
     up: set[str] = attrs.field(factory=set)  # servers serving now
     pending: int = 0  # client actions not yet done
@@ -271,6 +278,7 @@ class World:
             with trio.CancelScope() as scope:
                 self.scopes[name] = scope
                 self.up.add(name)
+                self.serving[name] = server
                 try:
                     await self._process(name, server, inside)
                 except Exception as exc:  # the supervisor escalated: the process dies
@@ -278,6 +286,7 @@ class World:
                     self.stats["server escalation"] += 1
                 finally:
                     self.up.discard(name)
+                    self.serving.pop(name, None)
                     for worker in inside:  # (they died with it)
                         if worker in self.workers:
                             self.ledger.live_workers.discard(self.workers[worker].id)
@@ -626,6 +635,47 @@ class World:
                         f"{due:.3f} ({', '.join(f'{w.kind} at step {w.position}' for w in waits)})"
                         f" while servers {up} were up and the store available")
 
+    async def claim_monitor(self) -> None:
+        """No run stays queued CLAIMED_WITHIN seconds (through another server: a fallback
+        poll more) while a seat of its server's Dispatcher could take it all along: the
+        Dispatcher claims when told work may have arrived, and every commit that queues a
+        run must tell it (a lost poke leaves the run to the next poll, or to nothing)."""
+        step = 0.5
+        since: dict[tuple[str, str, int], float] = {}  # (run, server, session) -> from when
+        reported: set[tuple[str, int | None]] = set()  # (run, the seq it was queued at)
+        while True:
+            await trio.sleep(step)
+            now = trio.current_time()
+            if now - self.store.last_fault_at < 2.0 + step or (
+                    now < self.store.faults.unavailable_until):
+                since.clear()  # (a claim refused or slowed by the store waits for a tick)
+                continue
+            runs = self.store.queued_runs()
+            live: dict[tuple[str, str, int], float] = {}
+            for name, server in self.serving.items():
+                if name not in self.up or self.freezer.is_paused(name):
+                    continue
+                for seat in server.ctx.dispatcher.seats.values():
+                    if (seat.free <= 0 or seat.suspect or seat.draining
+                            or seat.room() < 2):
+                        continue
+                    for run in runs:
+                        if (run.workflow, run.version) not in seat.workflows:
+                            continue
+                        key = (run.id, name, seat.session)
+                        live[key] = since.get(key, now)
+                        queued = self.store.last_seq(run.id, "run.queued")
+                        via = None if queued is None else self.ledger.committed.get(queued)
+                        bound = CLAIMED_WITHIN + (
+                            0.0 if via is not None and via[1] == name else POLL_INTERVAL)
+                        if now - live[key] >= bound and (run.id, queued) not in reported:
+                            reported.add((run.id, queued))
+                            self.ledger.violation(
+                                f"run {run.id} stayed queued {now - live[key]:.1f} s while "
+                                f"worker {seat.worker_id} on {name} had a free slot for its "
+                                f"version all along (server up, store answering)")
+            since = live
+
     # -- faults -------------------------------------------------------------------------
     async def injector(self) -> None:
         r = random.Random(f"{self.cfg.seed}:faults")
@@ -838,6 +888,7 @@ class World:
             for name in self.server_names:
                 nursery.start_soon(self.server_node, name)
             nursery.start_soon(self.overdue_monitor)
+            nursery.start_soon(self.claim_monitor)
             for name in self.worker_names:
                 if name not in self.embedded:  # (those start with their server)
                     nursery.start_soon(self.worker_node, name)

@@ -726,6 +726,41 @@ def revoked_notices_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Server, "_notices", notices)
 
 
+def pokes_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Dispatcher is never told that work may have arrived: it claims only at its
+    # fallback poll (5 s here), while workers' slots stand free.
+    from aiki.actors.dispatcher import Dispatcher
+
+    monkeypatch.setattr(Dispatcher, "poke", lambda self: None)
+
+
+def child_start_forgets_to_poke(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A child run is queued by its parent's StartChild, and the Dispatcher is not told: the
+    # child waits for the next poll, or for another poke, beside free slots.
+    import contextvars
+
+    from aiki import protocol as p
+    from aiki.actors.dispatcher import Dispatcher
+    from aiki.actors.session import Session
+
+    quiet = contextvars.ContextVar("quiet", default=False)
+    poke, answer = Dispatcher.poke, Session._answer_worker
+
+    def poke_unless_quiet(self: Dispatcher) -> None:
+        if not quiet.get():
+            poke(self)
+
+    async def answer_quietly(self: Session, msg: Any, now: float) -> Any:
+        token = quiet.set(isinstance(msg, p.StartChild))
+        try:
+            return await answer(self, msg, now)
+        finally:
+            quiet.reset(token)
+
+    monkeypatch.setattr(Dispatcher, "poke", poke_unless_quiet)
+    monkeypatch.setattr(Session, "_answer_worker", answer_quietly)
+
+
 @pytest.mark.parametrize(
     ("bad_change", "expected"),
     [
@@ -803,6 +838,10 @@ def revoked_notices_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
         (revoke_left_to_the_heartbeat, ("no server it was connected to told it",)),
         # ... when the cancel went through another server than the worker's.
         (revoked_notices_ignored, ("no server it was connected to told it",)),
+        # Queued runs wait for the Dispatcher's next poll beside free slots.
+        (pokes_lost, ("stayed queued",)),
+        # ... only a child's start does not tell it (seed 38).
+        (child_start_forgets_to_poke, ("stayed queued",)),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "server-ignores-drains", "timer-forgets-the-store",
@@ -818,7 +857,7 @@ def revoked_notices_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
          "shield-lifts-the-shared-deadline", "gather-ends-on-its-cut-branches",
          "cut-write-drops-its-riders", "deadline-on-the-workers-clock",
          "commit-effects-dropped", "revoke-left-to-the-heartbeat",
-         "revoked-notices-ignored"],
+         "revoked-notices-ignored", "pokes-lost", "child-start-forgets-to-poke"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],
