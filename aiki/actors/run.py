@@ -1166,10 +1166,16 @@ class WorkflowRun:
             # its own cancellation, and the run would go on past work that never ran.
             if abandoned and _only_cancelled(exc):
                 raise abandoned[0] from None
+            # A branch that failed (a shielded task failing after a deadline scope around the
+            # gather cut the others) raises its failure, as a Trio nursery raises a child's
+            # beside the cancellation: the scope catches only its own cancellation, so the
+            # failure is not lost, and a replay (where it may come first) raises it too.
+            if failure and _only_cancelled(exc):
+                raise failure[0] from None
             # Branches cut by a deadline (Cancelled) while others wait durably: the gather
             # does not end here, leaving those waits behind. The run waits for them (it
             # gives its slot back); its replay cuts the others at the same place again.
-            if suspended and not failure and not released and _only_cancelled(exc):
+            if suspended and not released and _only_cancelled(exc):
                 raise _combined(suspended) from None
             raise
         if abandoned:

@@ -246,6 +246,40 @@ async def test_a_shield_in_a_gather_branch_holds_off_the_deadline_around_the_gat
     assert len(claims) == 2  # the first attempt, then woken by the sleeps' end only
 
 
+@aiki.task(name="refund", retry=aiki.Retry.none())
+async def refund(seconds: float) -> str:
+    await trio.sleep(seconds)
+    raise aiki.NonRetryableError("the refund was refused")
+
+
+@aiki.workflow(name="shielded-branch-fails", version="1")
+async def shielded_branch_fails(run: aiki.WorkflowRun, _: None) -> str:
+    async def branch() -> None:
+        with run.shield():
+            await refund.run(run, 30.0)  # fails after the deadline cut its sibling
+
+    try:
+        with run.move_on_after(10):
+            await run.gather(branch(), run.sleep(60))
+    except aiki.TaskFailed as exc:
+        return f"heard: {exc.error_type}"
+    return "the failure was lost"
+
+
+async def test_a_shielded_branch_that_fails_after_the_deadline_raises_its_failure(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    # The deadline scope around the gather cuts the sleep at 10 s; the shielded task fails
+    # at 30 s. Its failure reaches the code, as a Trio nursery raises a child's exception
+    # beside the cancellation (the scope catches only its own). Before, the gather raised
+    # the scope's cancellation, which the scope caught: the failure was lost.
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[shielded_branch_fails]):
+            handle = await shielded_branch_fails.enqueue(client, None)
+            assert await handle.wait_for_completion(timeout=600) == (
+                "heard: NonRetryableError")
+
+
 @aiki.workflow(name="shielded-then-cut", version="1")
 async def shielded_then_cut(run: aiki.WorkflowRun, _: None) -> list[Any]:
     with run.move_on_after(10) as scope:
