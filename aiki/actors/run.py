@@ -174,6 +174,11 @@ class _Branch:
         self.counter += 1
         return position
 
+    def give_back(self, position: str) -> None:
+        """Undo the last :meth:`next`, which gave ``position``."""
+        if self.counter > 0 and position == f"{self.prefix}{self.counter - 1}":
+            self.counter -= 1
+
 
 _BRANCH: contextvars.ContextVar[tuple[RunState, _Branch]] = contextvars.ContextVar("aiki_branch")
 # Inside ``with run.shield():`` (and the branches it starts): a cancel does not interrupt.
@@ -278,10 +283,11 @@ class RunState:
         return self.server_time()
 
     def next_position(self) -> str:
+        return self._branch().next()
+
+    def _branch(self) -> _Branch:
         branch = _BRANCH.get(None)
-        if branch is None or branch[0] is not self:
-            return self.root.next()
-        return branch[1].next()
+        return self.root if branch is None or branch[0] is not self else branch[1]
 
     def open_shield(self) -> trio.CancelScope:
         """The Trio scope of a ``run.shield()`` block: shielded from the run's deadline
@@ -328,7 +334,7 @@ class RunState:
         for d in _DEADLINES.get():
             if d.at is not None:
                 continue
-            recorded = self.replayed(d.position, "deadline", "deadline", "null", "", None)
+            recorded = await self.replayed(d.position, "deadline", "deadline", "null", "", None)
             if recorded is not None and recorded.output is not None:
                 at, d.cut = deadline_expiry(recorded)
             else:  # on the server's clock, from its latest reading: never early on it
@@ -486,9 +492,14 @@ class RunState:
                 del self.starting[step.position]
         self.steps[step.position] = step
 
-    def replayed(self, position: str, kind: StepKind, name: str, input_json: str,
-                 input_hash: str, key: str | None) -> StepRecord | None:
-        """The recorded step at ``position`` if it matches this call; None if there is none."""
+    async def replayed(self, position: str, kind: StepKind, name: str, input_json: str,
+                       input_hash: str, key: str | None) -> StepRecord | None:
+        """The recorded step at ``position`` if it matches this call; None if there is none.
+
+        A call that does not match, inside a deadline scope the history says expired, was
+        never made the first time: the scope's expiry cut the code short before it (while
+        the scope's deadline was being recorded, say), and the position went to the code
+        after the scope. The scope is cut here too, and the position given back."""
         recorded = self.recorded.get(position)
         if recorded is None:
             return None
@@ -498,6 +509,13 @@ class RunState:
             and (key is not None or recorded.input_hash == input_hash)
         )
         if not same:
+            expired = [d for d in _open_deadlines() if d.cut is not None]
+            if expired:
+                self.consumed.discard(position)
+                self._branch().give_back(position)
+                expired[0].replayed = True  # (the outermost, as :meth:`activate` cuts)
+                expired[0].cancel.cancel()
+                await trio.lowlevel.checkpoint()
             raise NonDeterminismError(
                 f"run {self.lease.run_id} diverged from its history at step {position}: "
                 f"the history has {_describe_step(recorded)}, "
@@ -522,7 +540,7 @@ class RunState:
         what = f"input of task {task.name!r}"
         input_json = p.encode_value(payload, task.payload_type, what=what)
         input_hash = p.content_hash(task.name, input_json)
-        recorded = self.replayed(position, "task", task.name, input_json, input_hash, key)
+        recorded = await self.replayed(position, "task", task.name, input_json, input_hash, key)
         attempt, not_before = 1, None
         if recorded is not None:
             if recorded.state in FINAL_STEP_STATES:
@@ -728,7 +746,7 @@ class RunState:
         await self.arm()
         position = self.next_position()
         input_json = p.encode_value({"seconds": seconds})
-        recorded = self.replayed(position, "sleep", "sleep", input_json, "", None)
+        recorded = await self.replayed(position, "sleep", "sleep", input_json, "", None)
         due = self.sources.clock.now() + seconds
         if recorded is not None:
             if recorded.state in FINAL_STEP_STATES:
@@ -772,7 +790,7 @@ class RunState:
         await self.arm()
         position = self.next_position()
         input_json = p.encode_value({"seconds": timeout})
-        recorded = self.replayed(position, "event", name, input_json, "", None)
+        recorded = await self.replayed(position, "event", name, input_json, "", None)
         due = None if timeout is None else self.sources.clock.now() + timeout
         if recorded is not None and recorded.state in FINAL_STEP_STATES:
             await self.cancelled_on_replay(recorded)
@@ -803,7 +821,7 @@ class RunState:
         position = self.next_position()
         name = f"{workflow}@{version}"
         input_hash = p.content_hash(name, payload)
-        recorded = self.replayed(position, "child", name, payload, input_hash, key)
+        recorded = await self.replayed(position, "child", name, payload, input_hash, key)
         if recorded is not None and recorded.state in FINAL_STEP_STATES:
             child_id = str(p.decode_value(recorded.output or "null"))
             self._in_scopes(child_id, detached)
@@ -830,7 +848,7 @@ class RunState:
         await self.arm()
         position = self.next_position()
         input_json = p.encode_value({"child": child_id})
-        recorded = self.replayed(position, "join", child_id, input_json, "", None)
+        recorded = await self.replayed(position, "join", child_id, input_json, "", None)
         if recorded is not None and recorded.state in FINAL_STEP_STATES:
             await self.cancelled_on_replay(recorded)
         else:
@@ -856,7 +874,7 @@ class RunState:
         """``run.now()`` and friends: a value recorded once, then replayed."""
         await self.arm()
         position = self.next_position()
-        recorded = self.replayed(position, kind, kind, "null", "", None)
+        recorded = await self.replayed(position, kind, kind, "null", "", None)
         if recorded is not None and recorded.output is not None:
             return p.decode_value(recorded.output)
         self.check_cancelled()

@@ -612,3 +612,44 @@ async def test_a_task_start_that_lands_after_its_scopes_abandon_is_not_left_runn
     # (Simulation seed 166.) The abandon carried the start it cut on its way: stored failed
     # before the start arrived, which was then refused.
     assert (steps["1"].state, steps["1"].error_type) == ("failed", "DeadlineExceeded")
+
+
+class SlowNestedDeadline(MemoryStore):
+    """A memory store whose write of a deadline recorded at position ``slow`` takes 10 s."""
+
+    slow = "2"
+
+    async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        from aiki.store.ops import SaveStep
+
+        if any(isinstance(op, SaveStep) and op.step.kind == "deadline"
+               and op.step.position == self.slow for op in ops):
+            await trio.sleep(10)
+        return await super().apply(ops)
+
+
+@aiki.workflow(name="cut-while-recording", version="1")
+async def cut_while_recording(run: aiki.WorkflowRun, _: None) -> list[Any]:
+    with run.move_on_after(5) as outer:  # its deadline: step 0
+        await run.sleep(2)  # step 1
+        with run.fail_after(5):  # its deadline (step 2) is recorded at the first await inside
+            await slow.run(run, 0.0)  # never started: the outer deadline passes meanwhile
+    got = await slow.run(run, 1.0)  # step 3, the first run
+    await run.sleep(60)  # gives the slot back: the run wakes on a new lease, and replays
+    return [outer.cancelled_caught, got]
+
+
+async def test_a_scope_cut_while_recording_an_inner_deadline_is_cut_there_on_replay(
+    autojump_clock: trio.abc.Clock, sources: aiki.Sources,
+) -> None:
+    """The outer scope expired while the inner scope's deadline was being recorded (a slow
+    database): the inner task was never called, and step 3 went to the task after the
+    scope. The replay, finding the inner task's call where the history has that one, cuts
+    the outer scope there as the first run did (the simulation's seed 343: the replay
+    failed with NonDeterminismError)."""
+    async with aiki.embedded(SlowNestedDeadline(), sources=sources) as client:
+        async with aiki.worker(client, workflows=[cut_while_recording]):
+            handle = await cut_while_recording.enqueue(client, None)
+            assert await handle.wait_for_completion(timeout=600) == [True, "slept 1.0"]
+            claims = [e for e in await handle.history() if e.event == "run.running"]
+    assert len(claims) == 2  # replayed once, after the long sleep
