@@ -337,7 +337,7 @@ class SimStore:
         # A cancel (its own, a parent's failure, an overdue one) revokes the leases of runs
         # the ops do not name: the descendants it reaches.
         touched.update(r for r, e in led.max_epoch.items() if (r, e) not in led.lease_ended)
-        for run_id in touched:
+        for run_id in sorted(touched):  # (in one order: the notices follow it)
             epoch = led.max_epoch.get(run_id)
             run = runs.get(run_id)
             if epoch is None or (run_id, epoch) in led.lease_ended:

@@ -102,8 +102,12 @@ class Left:
 
 @attrs.frozen
 class Ended:
+    """The session's worker let these leases go (run id, epoch): its run ended, waits, was
+    given back, or a renewal was refused. A seat that holds a newer lease of the run (claimed
+    again meanwhile, maybe by this very worker) keeps it."""
+
     session: int
-    run_ids: tuple[str, ...]
+    leases: tuple[tuple[str, int], ...]
 
 
 @attrs.frozen
@@ -233,10 +237,11 @@ class Dispatcher:
         elif isinstance(msg, Ended):
             seat = self.seats.get(msg.session)
             if seat is not None:
-                seat.active.difference_update(msg.run_ids)
-                for run_id in msg.run_ids:
-                    seat.assigned_at.pop(run_id, None)
-                    seat.epochs.pop(run_id, None)
+                for run_id, let_go in msg.leases:
+                    if seat.holds(run_id, let_go):
+                        seat.active.discard(run_id)
+                        seat.assigned_at.pop(run_id, None)
+                        seat.epochs.pop(run_id, None)
         elif isinstance(msg, Revoked):
             for seat in self.seats.values():
                 for run_id, epoch in msg.leases:

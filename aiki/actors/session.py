@@ -618,7 +618,9 @@ class Session:
             if msg.leases:
                 lost = await ctx.writer.write(ops.Renew(msg.leases, now, ctx.lease_ttl))
             if lost:
-                ctx.dispatcher.tell(Ended(self.id, lost))
+                ctx.dispatcher.tell(Ended(self.id, tuple(
+                    (lease.run_id, lease.epoch) for lease in msg.leases
+                    if lease.run_id in lost)))
             ctx.dispatcher.tell(Alive(self.id, now, tuple(lease.run_id for lease in msg.leases)))
             return p.HeartbeatAck(msg.req, lost, ctx.sources.clock.now())
         if isinstance(msg, p.Drain):
@@ -651,7 +653,7 @@ class Session:
                 await self._tell_watchers(msg.lease.run_id)
                 raise
             finally:
-                ctx.dispatcher.tell(Ended(self.id, (msg.lease.run_id,)))
+                ctx.dispatcher.tell(Ended(self.id, ((msg.lease.run_id, msg.lease.epoch),)))
             # (What its end did beyond it, its watchers and parent told, its children's
             # workers if it failed, is acted on at the commit: see ``Server.committed``.)
             return p.Ok(msg.req)
@@ -691,7 +693,7 @@ class Session:
         try:
             await ctx.writer.write(op)
         finally:
-            ctx.dispatcher.tell(Ended(self.id, (msg.lease.run_id,)))
+            ctx.dispatcher.tell(Ended(self.id, ((msg.lease.run_id, msg.lease.epoch),)))
         if isinstance(msg, p.WaitRun):
             dues = [c.due_at for c in msg.conditions if c.due_at is not None]
             if dues:

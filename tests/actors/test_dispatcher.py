@@ -219,3 +219,33 @@ async def test_a_lease_expired_and_claimed_again_at_once_stays_with_its_new_hold
         assert w2.active == {"r0"} and not w2.suspect
         dispatcher.revoke("r0", "bye", assigned[0].run.lease_epoch)
         assert [m.run_id for m in pushed["w2"] if isinstance(m, Revoke)] == ["r0"]
+
+
+async def test_an_older_lease_let_go_leaves_the_seat_holding_the_newer_one(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A worker's write under an older lease of a run is refused (a stale heartbeat, the
+    give-back of a run paused and resumed since) after the run was leased to it again: the
+    session tells the Dispatcher that lease ended, and the seat keeps the newer one (found
+    by the simulation's promptness checker, seed 384: the seat forgot the run, so a cancel
+    of its new lease sent the worker no Revoke, and its slot counted free)."""
+    from aiki.actors.dispatcher import Ended
+
+    store = MemoryStore()
+    pushed: list[Any] = []
+
+    def push(msg: Any) -> bool:
+        pushed.append(msg)
+        return True
+
+    seat = Seat(1, "w1", (WF,), slots=1, push=push)
+    async with dispatching(store, 1) as dispatcher:
+        dispatcher.tell(Joined(seat))
+        await trio.sleep(1)
+        epoch = next(m.run.lease_epoch for m in pushed if isinstance(m, Assign))
+        dispatcher.tell(Ended(1, (("r0", epoch - 1),)))
+        await trio.sleep(1)
+        assert seat.active == {"r0"}
+        dispatcher.tell(Ended(1, (("r0", epoch),)))
+        await trio.sleep(1)
+        assert seat.active == set()
