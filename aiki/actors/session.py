@@ -220,6 +220,7 @@ class Session:
                     tuple((w.name, w.version) for w in first.workflows),
                     first.slots, self._push, {lease.run_id for lease in first.held},
                     room=self.outbox.address.room, connected_at=ctx.sources.clock.now(),
+                    epochs={lease.run_id: lease.epoch for lease in first.held},
                 )
                 ctx.dispatcher.tell(Joined(self.seat))
                 ctx.dispatcher.poke()

@@ -249,3 +249,25 @@ async def test_an_older_lease_let_go_leaves_the_seat_holding_the_newer_one(
         dispatcher.tell(Ended(1, (("r0", epoch),)))
         await trio.sleep(1)
         assert seat.active == set()
+
+
+async def test_a_run_its_worker_rejoined_with_is_kept_until_a_lease_passes_unrenewed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A worker reconnects holding r0 (its hello lists it); a heartbeat it built before the
+    hello, which does not list r0, arrives just after: the seat keeps r0 for a lease, as
+    for a run it was assigned (found by the simulation's promptness checker, seed 347: the
+    seat forgot r0 at once, and a cancel of its lease sent the worker no Revoke)."""
+    from aiki.actors.dispatcher import Alive
+
+    store = MemoryStore()
+    seat = Seat(1, "w1", (WF,), slots=2, push=lambda msg: True, active={"r0"})
+    async with dispatching(store, 0) as dispatcher:
+        dispatcher.tell(Joined(seat))
+        dispatcher.tell(Alive(1, None, ()))
+        await trio.sleep(1)
+        assert seat.active == {"r0"}
+        await trio.sleep(30)  # a lease (30 s here) with no renewal of r0
+        dispatcher.tell(Alive(1, None, ()))
+        await trio.sleep(1)
+        assert seat.active == set()
