@@ -636,12 +636,15 @@ def _children(contents: Any) -> list[str]:
         if parent_id is None or parent_id not in runs:
             continue
         if not run.detached:
-            if end[parent_id] is not None and (end[run.id] is None
-                                               or end[run.id] > end[parent_id]):
-                v.append(f"run {parent_id} ended (seq {end[parent_id]}) before its child "
+            born = history[run.id][0].seq
+            # (The parent's end after the child's birth: a retried parent ends again, and
+            # its children started since are held to that end.)
+            parent_end = next((e.seq for e in history[parent_id] if e.seq > born and e.event
+                               in ("run.completed", "run.failed", "run.cancelled")), None)
+            if parent_end is not None and (end[run.id] is None or end[run.id] > parent_end):
+                v.append(f"run {parent_id} ended (seq {parent_end}) before its child "
                          f"{run.id} (seq {end[run.id]})")
             cancel_at = asked[parent_id]
-            born = history[run.id][0].seq
             if cancel_at is not None and born < cancel_at and asked[run.id] is None and (
                     end[run.id] is None or end[run.id] > cancel_at):
                 v.append(f"run {parent_id}'s cancel (seq {cancel_at}) never reached its "

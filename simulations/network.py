@@ -89,6 +89,8 @@ class SimConnection:
             session.revokes.append((now, msg.run_id, msg.epoch))
         elif isinstance(msg, protocol.HeartbeatAck):  # (its renewals refused tell it too)
             session.revokes += [(now, run_id, None) for run_id in msg.lost]
+        elif isinstance(msg, protocol.Assign):  # (a newer lease replaces the older's actor)
+            session.revokes.append((now, msg.run.id, msg.run.lease_epoch - 1))
 
     async def receive(self) -> Any:
         if self.closed:
@@ -129,7 +131,8 @@ class Session:
     """What one worker's connection to a server carried, as the promptness checker reads
     it: which worker incarnation said hello, when the server welcomed it, what the server
     told it of leases it lost (when, run, epoch if known: a Revoke, a heartbeat's refused
-    renewal, a write under the lease refused as stale), and when the connection ended."""
+    renewal, a write under the lease refused as stale, an Assign of a newer lease), and
+    when the connection ended."""
 
     server: str
     worker: str
