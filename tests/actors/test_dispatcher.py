@@ -21,6 +21,17 @@ from aiki.store import ops as o
 WF = ("wf", "1")
 
 
+def recording_seat(session: int, worker: str) -> tuple[Seat, list[Any]]:
+    """A one-slot seat of ``worker`` for WF, and the list of what is pushed to it."""
+    pushed: list[Any] = []
+
+    def push(msg: Any) -> bool:
+        pushed.append(msg)
+        return True
+
+    return Seat(session, worker, (WF,), slots=1, push=push), pushed
+
+
 @asynccontextmanager
 async def dispatching(store: MemoryStore, queued: int) -> AsyncIterator[Dispatcher]:
     """``queued`` runs r0, r1, ... waiting, and a Dispatcher (with its StoreWriter, and the
@@ -154,13 +165,7 @@ async def test_a_late_revoke_leaves_the_lease_claimed_after_the_cancel_alone(
     from aiki.protocol import Revoke
 
     store = MemoryStore()
-    pushed: list[Any] = []
-
-    def push(msg: Any) -> bool:
-        pushed.append(msg)
-        return True
-
-    seat = Seat(1, "w1", (WF,), slots=1, push=push)
+    seat, pushed = recording_seat(1, "w1")
     async with dispatching(store, 1) as dispatcher:
         dispatcher.tell(Joined(seat))
         await trio.sleep(1)
@@ -194,16 +199,8 @@ async def test_a_lease_expired_and_claimed_again_at_once_stays_with_its_new_hold
     from tests.actors.test_direct_requests import HeldOps
 
     store = HeldOps("ExpireLeases")
-    pushed: dict[str, list[Any]] = {"w1": [], "w2": []}
-
-    def seat(session: int, worker: str) -> Seat:
-        def push(msg: Any) -> bool:
-            pushed[worker].append(msg)
-            return True
-
-        return Seat(session, worker, (WF,), slots=1, push=push)
-
-    w1, w2 = seat(1, "w1"), seat(2, "w2")
+    (w1, w1_pushed), (w2, w2_pushed) = recording_seat(1, "w1"), recording_seat(2, "w2")
+    pushed = {"w1": w1_pushed, "w2": w2_pushed}
     async with dispatching(store, 1) as dispatcher:
         dispatcher.tell(Joined(w1))
         await trio.sleep(1)
@@ -232,13 +229,7 @@ async def test_an_older_lease_let_go_leaves_the_seat_holding_the_newer_one(
     from aiki.actors.dispatcher import Ended
 
     store = MemoryStore()
-    pushed: list[Any] = []
-
-    def push(msg: Any) -> bool:
-        pushed.append(msg)
-        return True
-
-    seat = Seat(1, "w1", (WF,), slots=1, push=push)
+    seat, pushed = recording_seat(1, "w1")
     async with dispatching(store, 1) as dispatcher:
         dispatcher.tell(Joined(seat))
         await trio.sleep(1)

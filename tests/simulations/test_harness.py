@@ -193,8 +193,8 @@ def replay_reexecutes(monkeypatch: pytest.MonkeyPatch) -> None:
 
     real = run.RunState.replayed
 
-    def replayed(self: run.RunState, *args: Any) -> Any:
-        step = real(self, *args)
+    async def replayed(self: run.RunState, *args: Any) -> Any:
+        step = await real(self, *args)
         if step is not None and step.kind == "task":
             return None  # forget what was recorded: execute again
         return step
