@@ -97,10 +97,6 @@ class Freezer:
     def is_paused(self, node: str) -> bool:
         return node in self.paused
 
-    def paused_within(self, node: str, start: float, end: float) -> bool:
-        """Whether ``node`` was paused at any moment from ``start`` to ``end``."""
-        return any(a <= end and b >= start for a, b in self.spans.get(node, ()))
-
 
 async def freeze_here(freezer: Freezer, node: str) -> None:
     """Pause ``node`` from one of its own tasks: this task stops at once, with the rest."""

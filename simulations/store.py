@@ -136,17 +136,8 @@ class Ledger:
     # committed it, whether that server saw the commit fail): a cancel, a failed parent's
     # cascade, a cancel's grace period over (the run's epoch moved on while it was held).
     revoked_at: dict[tuple[str, int], tuple[float, str, bool]] = attrs.field(factory=dict)
-    # Task bodies running now: id -> (run id, lease epoch, worker, task name, began at).
-    bodies: dict[int, tuple[str, int, str, str, float]] = attrs.field(factory=dict)
-    _bodies_begun: int = 0
-
-    def body_began(self, run_id: str, epoch: int, worker: str, task: str, at: float) -> int:
-        self._bodies_begun += 1
-        self.bodies[self._bodies_begun] = (run_id, epoch, worker, task, at)
-        return self._bodies_begun
-
-    def body_ended(self, body_id: int, at: float) -> None:
-        run_id, epoch, _, _, _ = self.bodies.pop(body_id)
+    def body_ended(self, run_id: str, epoch: int, at: float) -> None:
+        """A task body under that lease ended (returned, raised or was cancelled) at ``at``."""
         revoked = self.revoked_at.get((run_id, epoch))
         if revoked is not None:
             self.sometimes["task body stopped by a revoke"] += 1

@@ -75,19 +75,16 @@ def _make_task(name: str, retry: aiki.Retry) -> aiki.Task[dict[str, Any], int]:
     async def body(spec: dict[str, Any]) -> int:
         key = (spec["rk"], spec["label"])
         _CALLS[key] = _CALLS.get(key, 0) + 1
-        body_id = None
+        lease = None
         if _LEDGER:
-            ledger = _LEDGER[0]
-            now = trio.current_time()
-            ledger.executions.append((now, spec["rk"], label_of(spec), name, NODE.get()))
+            _LEDGER[0].executions.append(
+                (trio.current_time(), spec["rk"], label_of(spec), name, NODE.get()))
             lease = _lease()
-            if lease is not None:
-                body_id = ledger.body_began(lease[0], lease[1], NODE.get(), name, now)
         try:
             await trio.sleep(spec["work"])
         finally:
-            if body_id is not None:
-                _LEDGER[0].body_ended(body_id, trio.current_time())
+            if lease is not None:
+                _LEDGER[0].body_ended(*lease, trio.current_time())
         fail = spec["fail"]
         if fail == -1:
             raise aiki.NonRetryableError(f"{spec['label']} is refused for good")

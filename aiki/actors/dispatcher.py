@@ -77,9 +77,10 @@ class Seat:
         # The runs its worker holds as it joins (a reconnection's hello) count as assigned
         # now: a heartbeat built before the hello, which does not list one, does not make
         # the seat forget it (see Dispatcher._forget_unheld).
-        now = trio.current_time()
-        for run_id in self.active:
-            self.assigned_at.setdefault(run_id, now)
+        if self.active:
+            now = trio.current_time()
+            for run_id in self.active:
+                self.assigned_at.setdefault(run_id, now)
 
     def holds(self, run_id: str, epoch: int | None) -> bool:
         """Whether this seat's worker holds ``run_id`` under lease ``epoch`` (or an older
