@@ -34,7 +34,7 @@ from aiki import protocol as p
 from aiki import schedules as sch
 from aiki import tracing
 from aiki.actors.dispatcher import Alive, Dispatcher, Draining, Ended, Joined, Left, Seat
-from aiki.actors.mailbox import Mailbox
+from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.actors.timer import Timer
 from aiki.actors.watchers import RunWatchers
@@ -48,6 +48,7 @@ from aiki.errors import (
     ScheduleNotFound,
     StaleLease,
     StepConflict,
+    StoreUnavailable,
     UnknownEvent,
     UnknownWorkflow,
 )
@@ -647,14 +648,14 @@ class Session:
             saved = _saved(msg.lease, msg.saved, now) if isinstance(msg, p.CompleteRun) else ()
             try:
                 await ctx.writer.write(finish, *saved)
-            except AikiError:
+            except AikiError as exc:
                 # The reply of a commit lost (or the retry of one, refused as stale): the run
                 # may have ended all the same, and no notice of this server's own commit
                 # comes back to tell its watchers.
                 await self._tell_watchers(msg.lease.run_id)
+                self._let_go(msg.lease, exc)
                 raise
-            finally:
-                ctx.dispatcher.tell(Ended(self.id, ((msg.lease.run_id, msg.lease.epoch),)))
+            self._let_go(msg.lease)
             # (What its end did beyond it, its watchers and parent told, its children's
             # workers if it failed, is acted on at the commit: see ``Server.committed``.)
             return p.Ok(msg.req)
@@ -693,14 +694,25 @@ class Session:
         self._check_owner(msg.lease)
         try:
             await ctx.writer.write(op)
-        finally:
-            ctx.dispatcher.tell(Ended(self.id, ((msg.lease.run_id, msg.lease.epoch),)))
+        except AikiError as exc:
+            self._let_go(msg.lease, exc)
+            raise
+        self._let_go(msg.lease)
         if isinstance(msg, p.WaitRun):
             dues = [c.due_at for c in msg.conditions if c.due_at is not None]
             if dues:
                 ctx.timer.hint(min(dues))
         ctx.dispatcher.poke()  # a run given back, or one whose wait held already, is queued
         return p.Ok(msg.req)
+
+    def _let_go(self, lease: Lease, failed: AikiError | None = None) -> None:
+        """The worker's write that ends its hold of ``lease`` (an end, a wait, a release)
+        committed, or was refused: its seat has the slot free. Not when the store did not
+        answer (``failed`` unavailable, or the write timed out): the worker still holds the
+        lease and sends the write again, and until then a cancel must reach it through this
+        seat (else it hears of it only at its next heartbeat) and its slot is not free."""
+        if not isinstance(failed, (StoreUnavailable, AskTimeout)):
+            self.ctx.dispatcher.tell(Ended(self.id, ((lease.run_id, lease.epoch),)))
 
     async def _enqueue(self, op: ops.Enqueue) -> tuple[ops.EnqueueOutcome, set[str]]:
         """Write ``op``; with a claim for the slot of an idle worker of its version in the

@@ -219,6 +219,44 @@ async def test_a_worker_that_gives_a_run_back_gets_no_more_runs_even_if_its_drai
         assert run is not None and (run.state, run.lease_owner) == ("queued", None)
 
 
+@pytest.mark.parametrize("ending", ["complete", "wait"])
+async def test_a_worker_whose_end_of_a_run_the_store_did_not_answer_still_hears_a_cancel(
+    autojump_clock: trio.abc.Clock, ending: str,
+) -> None:
+    """The store is down when a worker ends its run (or sends it to wait): the worker holds
+    the lease and sends the write again, so its seat holds the run meanwhile, and a cancel
+    committed then reaches it at once (found by the simulation's promptness checker, seed
+    783: the seat forgot the run at the failed write, so the cancel sent the worker no
+    Revoke, and its slot counted as free)."""
+    store = FlakyStore()
+    async with running_server(store) as (server, transport):
+        worker = await transport.connect("srv")
+        assert isinstance(worker, MemoryConnection)
+        await worker.send(p.Hello(1, "worker", "w1", (p.WorkflowRef("wf", "1"),), slots=1))
+        assert isinstance(await worker.receive(), p.Welcome)
+        client = await transport.connect("srv")
+        assert isinstance(client, MemoryConnection)
+        await hello(client)
+        await client.send(p.Enqueue(2, "wf", "null", "1", None, "run-1"))
+        assert isinstance(await client.receive(), p.Enqueued)
+        assign = await worker.receive()
+        assert isinstance(assign, p.Assign)
+        lease = aiki.records.Lease("run-1", assign.run.lease_epoch, "w1")
+        store.down = True
+        await worker.send(p.CompleteRun(2, lease, "1") if ending == "complete" else p.WaitRun(
+            2, lease, (aiki.records.WaitFor("0", "sleep", "nap", 1e12),), "sleeps"))
+        refused = await worker.receive()
+        assert isinstance(refused, p.Refused) and refused.error_type == "StoreUnavailable"
+        [seat] = server.ctx.dispatcher.seats.values()
+        assert seat.active == {"run-1"}  # (its slot is not free)
+        store.down = False
+        await client.send(p.CancelRun(3, "run-1", "no longer wanted"))
+        assert isinstance(await client.receive(), p.CancelAnswer)
+        with trio.fail_after(1):
+            revoke = await worker.receive()
+        assert isinstance(revoke, p.Revoke) and revoke.run_id == "run-1"
+
+
 @aiki.workflow(name="sends-a-child", version="1")
 async def sends_a_child(run: aiki.WorkflowRun, x: int) -> int:
     await noop.start_child(run, x)  # not joined: the run ends once the child has
