@@ -88,6 +88,12 @@ class Seat:
         return run_id in self.active and (
             epoch is None or self.epochs.get(run_id, -1) <= epoch)
 
+    def let_go(self, run_id: str) -> None:
+        """Its worker no longer holds ``run_id``: the slot is free."""
+        self.active.discard(run_id)
+        self.assigned_at.pop(run_id, None)
+        self.epochs.pop(run_id, None)
+
     @property
     def free(self) -> int:
         return 0 if self.draining else self.slots - len(self.active) - self.reserved
@@ -248,16 +254,12 @@ class Dispatcher:
             if seat is not None:
                 for run_id, let_go in msg.leases:
                     if seat.holds(run_id, let_go):
-                        seat.active.discard(run_id)
-                        seat.assigned_at.pop(run_id, None)
-                        seat.epochs.pop(run_id, None)
+                        seat.let_go(run_id)
         elif isinstance(msg, Revoked):
             for seat in self.seats.values():
                 for run_id, epoch in msg.leases:
                     if seat.holds(run_id, epoch):
-                        seat.active.discard(run_id)
-                        seat.assigned_at.pop(run_id, None)
-                        seat.epochs.pop(run_id, None)
+                        seat.let_go(run_id)
             self._work_may_have_arrived()
 
     def _forget_unheld(self, seat: Seat, held: set[str]) -> None:
@@ -269,10 +271,8 @@ class Dispatcher:
         gone = {run_id for run_id in seat.active - held
                 if now - seat.assigned_at.get(run_id, -math.inf) > self.lease_ttl}
         if gone:
-            seat.active -= gone
             for run_id in gone:
-                seat.assigned_at.pop(run_id, None)
-                seat.epochs.pop(run_id, None)
+                seat.let_go(run_id)
             seat.may_have_work = True
 
     async def _assign(self) -> None:
@@ -424,10 +424,21 @@ class Dispatcher:
         for seat in self.seats.values():
             if seat.active.intersection(run_ids):
                 seat.suspect = True
-                seat.active.difference_update(run_ids)
                 for run_id in run_ids:
-                    seat.assigned_at.pop(run_id, None)
-                    seat.epochs.pop(run_id, None)
+                    seat.let_go(run_id)
+
+    def ended(self, runs: Sequence[RunRecord]) -> None:
+        """This server's commit ended these runs: a seat whose worker ended one under its
+        lease (the epoch it holds is the run's last) has the slot free now, not once the
+        session that asked for the end tells (after the commit, in a task of its own): a
+        client told of its run's end at the commit may enqueue its next run at once, and
+        an idle worker's free slot is claimed in the enqueue's own commit (see
+        :meth:`reserve`). A run ended over its holder's head (a cancel's grace period
+        over) moved its epoch on: its seat keeps it until its worker is told (Revoke)."""
+        for run in runs:
+            for seat in self.seats.values():
+                if run.id in seat.active and seat.epochs.get(run.id) == run.lease_epoch:
+                    seat.let_go(run.id)
 
     def push_to_holder(self, run_id: str, msg: Any) -> bool:
         """Push ``msg`` to the worker that holds ``run_id`` here, if one does (a hint)."""

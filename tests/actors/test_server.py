@@ -257,6 +257,36 @@ async def test_a_worker_whose_end_of_a_run_the_store_did_not_answer_still_hears_
         assert isinstance(revoke, p.Revoke) and revoke.run_id == "run-1"
 
 
+async def test_a_worker_still_compensating_when_the_grace_period_ends_is_told_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The Timer ends a cancelled run whose grace period is over while its worker still
+    holds it (compensating): the worker is sent a Revoke at once. (The seat of a run that
+    ended must not let it go at the commit unless its own worker ended it under the lease it
+    holds: a known-bad change that freed every ended run's seat first was caught by the
+    simulation's promptness checker, seed 35.)"""
+    async with running_server(MemoryStore()) as (_, transport):
+        worker = await transport.connect("srv")
+        assert isinstance(worker, MemoryConnection)
+        await worker.send(p.Hello(1, "worker", "w1", (p.WorkflowRef("wf", "1"),), slots=1))
+        assert isinstance(await worker.receive(), p.Welcome)
+        client = await transport.connect("srv")
+        assert isinstance(client, MemoryConnection)
+        await hello(client)
+        await client.send(p.Enqueue(2, "wf", "null", "1", None, "run-1"))
+        assert isinstance(await client.receive(), p.Enqueued)
+        assert isinstance(await worker.receive(), p.Assign)
+        await client.send(p.CancelRun(3, "run-1", "no longer wanted", grace=5.0))
+        assert isinstance(await client.receive(), p.CancelAnswer)
+        pushed = [await worker.receive(), await worker.receive()]
+        assert [type(m) for m in pushed] == [p.Revoke, p.Assign]  # to compensate
+        compensating = pushed[1].run.lease_epoch
+        with trio.fail_after(6):  # the grace period, and no later
+            revoke = await worker.receive()
+        assert isinstance(revoke, p.Revoke) and revoke.run_id == "run-1"
+        assert revoke.epoch is None or revoke.epoch >= compensating
+
+
 @aiki.workflow(name="sends-a-child", version="1")
 async def sends_a_child(run: aiki.WorkflowRun, x: int) -> int:
     await noop.start_child(run, x)  # not joined: the run ends once the child has
