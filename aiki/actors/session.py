@@ -116,6 +116,12 @@ MAX_LIST_LIMIT = 1000
 MAX_GRACE = 10 * 365.25 * 86400.0
 MAX_REASON = 4096
 MAX_CHILD_ID = 1024
+# A worker's requests whose whole answer is one write handed to the StoreWriter: once
+# handed over it commits whatever becomes of the asker, and nothing follows it here. Asked
+# over an in-process connection, they are answered without a shield against the asker's
+# cancellation (see MemoryConnection.answer_directly): a task's start and its outcomes.
+# (Not a run's end, a wait or a release: the seat is told after the write.)
+_LEFT_AT_THE_WRITER: frozenset[type] = frozenset({p.StartStep, p.SaveStep})
 
 
 @attrs.define(eq=False)
@@ -376,7 +382,7 @@ class Session:
         if not isinstance(conn, MemoryConnection):
             yield
             return
-        conn.answer_directly(self._answer_directly)
+        conn.answer_directly(self._answer_directly, _LEFT_AT_THE_WRITER)
         try:
             yield
         finally:

@@ -51,6 +51,8 @@ class _Direct:
     # The answers running now, each in its asker's task, shielded from that task's
     # cancellation: closing the connection cancels them, as it ends a session's requests.
     running: set[trio.CancelScope] = attrs.field(factory=set)
+    # Request types answered without that shield (the serving end names them).
+    unshielded: frozenset[type] = frozenset()
 
 
 @attrs.define(eq=False)
@@ -64,10 +66,18 @@ class MemoryConnection:
     sent: int = 0
     _direct: _Direct = attrs.field(factory=_Direct)
 
-    def answer_directly(self, answer: Answer | None) -> None:
+    def answer_directly(self, answer: Answer | None,
+                        unshielded: frozenset[type] = frozenset()) -> None:
         """The serving end: from now on, a request of the peer's may be answered by
-        awaiting ``answer(request)`` in the peer's own task (None: no more)."""
+        awaiting ``answer(request)`` in the peer's own task (None: no more).
+
+        That answer is shielded from the asking task's cancellation (what the server was
+        sent, it finishes, as it would a message that left), except for the request types
+        in ``unshielded``: those the serving end can leave half-answered, because nothing
+        is left to do once the asker is gone (a write handed to the store's writer commits
+        all the same). A shield costs the answer a cancel scope."""
         self._direct.answer = answer
+        self._direct.unshielded = unshielded
 
     def direct(self) -> Answer | None:
         """The requesting end: how to have the other end answer a request in this task, if
@@ -83,13 +93,17 @@ class MemoryConnection:
         if answer is None or direct.closed:
             raise ConnectionLost(f"{self.peer} stopped answering requests")
         item = self._item(msg)
-        scope = trio.CancelScope(shield=True)
-        direct.running.add(scope)
-        try:
-            with scope:
-                reply = await answer(protocol.decode(item) if isinstance(item, str) else item)
-        finally:
-            direct.running.discard(scope)
+        request = protocol.decode(item) if isinstance(item, str) else item
+        if type(msg) in direct.unshielded:
+            reply = await answer(request)
+        else:
+            scope = trio.CancelScope(shield=True)
+            direct.running.add(scope)
+            try:
+                with scope:
+                    reply = await answer(request)
+            finally:
+                direct.running.discard(scope)
         if direct.closed:  # as a reply on its way when the connection closes
             raise ConnectionLost(f"connection to {self.peer} is closed")
         if self.check_wire and reply is not None:

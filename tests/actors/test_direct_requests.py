@@ -162,6 +162,38 @@ async def test_the_server_finishes_a_request_whose_caller_was_cancelled(
         assert [r.idempotency_key for r in await store.list_runs()] == ["k-1"]
 
 
+async def test_a_task_start_whose_asker_was_cancelled_is_left_at_the_writer_and_commits(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A worker's task start or outcome is answered without a shield (a cancel scope less
+    per request): its asker's cancellation ends its wait at once, and the write, handed to
+    the StoreWriter, commits all the same. An enqueue is still finished before its asker
+    sees the cancel (the test above)."""
+    store = HeldStore()
+    async with serving(store, Sources.seeded(4)) as (_, transport, _nursery):
+        worker = await transport.connect(ADDRESS)
+        assert isinstance(worker, MemoryConnection)
+        await worker.send(p.Hello(1, "worker", "w1", (p.WorkflowRef("three", "1"),), slots=1))
+        assert isinstance(await worker.receive(), p.Welcome)
+        async with aiki.Client.open(transport, ADDRESS, Sources.seeded(5)) as client:
+            run_id = (await client.enqueue("three", 0, version="1")).id
+        assign = await worker.receive()
+        assert isinstance(assign, p.Assign)
+        lease = aiki.records.Lease(run_id, assign.run.lease_epoch, "w1")
+        step = aiki.records.StepRecord("0", "task", "inc", "h", "0", None, "running", 1)
+        answer = worker.direct()
+        assert answer is not None
+        store.held = trio.Event()
+        with trio.move_on_after(1.0) as waited:
+            await answer(p.StartStep(2, lease, step))
+        assert waited.cancelled_caught and trio.current_time() == pytest.approx(1.0)
+        store.held.set()
+        store.held = None
+        await trio.sleep(1.0)
+        assert [(s.position, s.state) for s in await store.get_steps(run_id)] == [
+            ("0", "running")]
+
+
 async def test_a_shutdown_waits_for_the_requests_being_answered_directly(
     autojump_clock: trio.abc.Clock,
 ) -> None:
