@@ -190,6 +190,25 @@ async def test_a_completion_whose_reply_was_lost_still_reaches_the_watchers(
     assert not store.lose_completion
 
 
+async def leased_run(transport: MemoryTransport) -> tuple[
+    MemoryConnection, MemoryConnection, aiki.records.Lease
+]:
+    """A worker ``w1`` of workflow ``wf`` 1 with one slot, a client, and the lease of run
+    ``run-1`` that the client enqueued and the worker was assigned."""
+    worker = await transport.connect("srv")
+    assert isinstance(worker, MemoryConnection)
+    await worker.send(p.Hello(1, "worker", "w1", (p.WorkflowRef("wf", "1"),), slots=1))
+    assert isinstance(await worker.receive(), p.Welcome)
+    client = await transport.connect("srv")
+    assert isinstance(client, MemoryConnection)
+    await hello(client)
+    await client.send(p.Enqueue(2, "wf", "null", "1", None, "run-1"))
+    assert isinstance(await client.receive(), p.Enqueued)
+    assign = await worker.receive()
+    assert isinstance(assign, p.Assign)
+    return worker, client, aiki.records.Lease("run-1", assign.run.lease_epoch, "w1")
+
+
 async def test_a_worker_that_gives_a_run_back_gets_no_more_runs_even_if_its_drain_was_lost(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -198,18 +217,7 @@ async def test_a_worker_that_gives_a_run_back_gets_no_more_runs_even_if_its_drai
     # again (simulation seed 148), instead of waiting for another worker.
     store = MemoryStore()
     async with running_server(store) as (_, transport):
-        worker = await transport.connect("srv")
-        assert isinstance(worker, MemoryConnection)
-        await worker.send(p.Hello(1, "worker", "w1", (p.WorkflowRef("wf", "1"),), slots=1))
-        assert isinstance(await worker.receive(), p.Welcome)
-        client = await transport.connect("srv")
-        assert isinstance(client, MemoryConnection)
-        await hello(client)
-        await client.send(p.Enqueue(2, "wf", "null", "1", None, "run-1"))
-        assert isinstance(await client.receive(), p.Enqueued)
-        assign = await worker.receive()
-        assert isinstance(assign, p.Assign)
-        lease = aiki.records.Lease("run-1", assign.run.lease_epoch, "w1")
+        worker, client, lease = await leased_run(transport)
         await worker.send(p.ReleaseRun(2, lease))  # no Drain before it
         assert await worker.receive() == p.Ok(2)
         with trio.move_on_after(60):
@@ -230,18 +238,7 @@ async def test_a_worker_whose_end_of_a_run_the_store_did_not_answer_still_hears_
     Revoke, and its slot counted as free)."""
     store = FlakyStore()
     async with running_server(store) as (server, transport):
-        worker = await transport.connect("srv")
-        assert isinstance(worker, MemoryConnection)
-        await worker.send(p.Hello(1, "worker", "w1", (p.WorkflowRef("wf", "1"),), slots=1))
-        assert isinstance(await worker.receive(), p.Welcome)
-        client = await transport.connect("srv")
-        assert isinstance(client, MemoryConnection)
-        await hello(client)
-        await client.send(p.Enqueue(2, "wf", "null", "1", None, "run-1"))
-        assert isinstance(await client.receive(), p.Enqueued)
-        assign = await worker.receive()
-        assert isinstance(assign, p.Assign)
-        lease = aiki.records.Lease("run-1", assign.run.lease_epoch, "w1")
+        worker, client, lease = await leased_run(transport)
         store.down = True
         await worker.send(p.CompleteRun(2, lease, "1") if ending == "complete" else p.WaitRun(
             2, lease, (aiki.records.WaitFor("0", "sleep", "nap", 1e12),), "sleeps"))
@@ -266,16 +263,7 @@ async def test_a_worker_still_compensating_when_the_grace_period_ends_is_told_at
     holds: a known-bad change that freed every ended run's seat first was caught by the
     simulation's promptness checker, seed 35.)"""
     async with running_server(MemoryStore()) as (_, transport):
-        worker = await transport.connect("srv")
-        assert isinstance(worker, MemoryConnection)
-        await worker.send(p.Hello(1, "worker", "w1", (p.WorkflowRef("wf", "1"),), slots=1))
-        assert isinstance(await worker.receive(), p.Welcome)
-        client = await transport.connect("srv")
-        assert isinstance(client, MemoryConnection)
-        await hello(client)
-        await client.send(p.Enqueue(2, "wf", "null", "1", None, "run-1"))
-        assert isinstance(await client.receive(), p.Enqueued)
-        assert isinstance(await worker.receive(), p.Assign)
+        worker, client, _ = await leased_run(transport)
         await client.send(p.CancelRun(3, "run-1", "no longer wanted", grace=5.0))
         assert isinstance(await client.receive(), p.CancelAnswer)
         pushed = [await worker.receive(), await worker.receive()]
