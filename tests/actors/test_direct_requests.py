@@ -24,6 +24,7 @@ from aiki.store import MemoryStore
 from aiki.store.ops import Op
 from aiki.transport.memory import MemoryConnection, MemoryTransport
 from tests.actors.test_outcomes import HeldBatches, three
+from tests.actors.test_server import leased_run
 
 HeldStore = HeldBatches  # a store whose writes wait while ``held`` is set
 ADDRESS = "srv"
@@ -171,15 +172,7 @@ async def test_a_task_start_whose_asker_was_cancelled_is_left_at_the_writer_and_
     sees the cancel (the test above)."""
     store = HeldStore()
     async with serving(store, Sources.seeded(4)) as (_, transport, _nursery):
-        worker = await transport.connect(ADDRESS)
-        assert isinstance(worker, MemoryConnection)
-        await worker.send(p.Hello(1, "worker", "w1", (p.WorkflowRef("three", "1"),), slots=1))
-        assert isinstance(await worker.receive(), p.Welcome)
-        async with aiki.Client.open(transport, ADDRESS, Sources.seeded(5)) as client:
-            run_id = (await client.enqueue("three", 0, version="1")).id
-        assign = await worker.receive()
-        assert isinstance(assign, p.Assign)
-        lease = aiki.records.Lease(run_id, assign.run.lease_epoch, "w1")
+        worker, _, lease = await leased_run(transport)
         step = aiki.records.StepRecord("0", "task", "inc", "h", "0", None, "running", 1)
         answer = worker.direct()
         assert answer is not None
@@ -190,7 +183,7 @@ async def test_a_task_start_whose_asker_was_cancelled_is_left_at_the_writer_and_
         store.held.set()
         store.held = None
         await trio.sleep(1.0)
-        assert [(s.position, s.state) for s in await store.get_steps(run_id)] == [
+        assert [(s.position, s.state) for s in await store.get_steps(lease.run_id)] == [
             ("0", "running")]
 
 

@@ -258,10 +258,9 @@ async def test_a_worker_still_compensating_when_the_grace_period_ends_is_told_at
     autojump_clock: trio.abc.Clock,
 ) -> None:
     """The Timer ends a cancelled run whose grace period is over while its worker still
-    holds it (compensating): the worker is sent a Revoke at once. (The seat of a run that
-    ended must not let it go at the commit unless its own worker ended it under the lease it
-    holds: a known-bad change that freed every ended run's seat first was caught by the
-    simulation's promptness checker, seed 35.)"""
+    holds it (compensating): the worker is sent a Revoke at once. (A known-bad change that
+    freed an ended run's seat at the commit, before that Revoke was sent, fails this test;
+    the simulation's promptness checker caught it too, seed 35.)"""
     async with running_server(MemoryStore()) as (_, transport):
         worker, client, _ = await leased_run(transport)
         await client.send(p.CancelRun(3, "run-1", "no longer wanted", grace=5.0))
