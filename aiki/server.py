@@ -19,6 +19,7 @@ import attrs
 import trio
 
 from aiki.actors.dispatcher import Dispatcher
+from aiki.actors.doubts import Doubts
 from aiki.actors.retention import Retention
 from aiki.actors.session import ServerContext, Session
 from aiki.actors.store_writer import StoreWriter
@@ -84,6 +85,7 @@ class Server:
     retention: float | None = None  # seconds finished runs are kept; None: for ever
     stranded_after: float = 60.0  # queued this long with no worker for its version
     ctx: ServerContext = attrs.field(init=False)
+    doubts: Doubts = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         writer = StoreWriter(self.store, self.sources.metrics)
@@ -129,6 +131,9 @@ class Server:
             timer.hint(None)
 
         writer.on_orphaned = orphaned
+
+        self.doubts = Doubts(self.store, watchers, orphaned)  # (see its module)
+        writer.on_unknown = self.doubts.doubt
         self.ctx = ServerContext(
             store=self.store, writer=writer, dispatcher=dispatcher, timer=timer,
             watchers=watchers, sources=self.sources, server_id=self.sources.new_id(),
@@ -258,6 +263,7 @@ class Server:
             ChildSpec("store-writer", self.ctx.writer.run),
             ChildSpec("dispatcher", self.ctx.dispatcher.run),
             ChildSpec("timer", self.ctx.timer.run),
+            ChildSpec("doubts", self.doubts.run),
             ChildSpec("listener", listen),
         ]
         if self.retention is not None:

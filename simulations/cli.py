@@ -39,6 +39,7 @@ SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a 
              # A worker in a server's process, its requests answered in its own tasks.
              "task completed by an in-process worker",
              "in-process worker crashed while its run ended",
+             "in-process worker crashed while its run ended, its commit's answer lost",
              "in-process worker crashed while its run waited",
              "in-process worker crashed while starting a child",
              # A revoked lease's worker told at the commit, not at its next heartbeat.

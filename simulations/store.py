@@ -172,6 +172,8 @@ class SimStore:
     # own view, now (the world's workers).
     holding: Callable[[str | None, str, int], bool] = lambda owner, run_id, epoch: True
     last_fault_at: float = -math.inf  # the last fault one of its calls met
+    # Set by ``applying``: this batch commits and its answer is lost (an after-commit fault).
+    lose_answer: bool = False
     _lock: trio.Lock = attrs.field(factory=trio.Lock)
     _fork_sources: dict[str, tuple[StepRecord, ...]] = attrs.field(factory=dict)
 
@@ -189,6 +191,7 @@ class SimStore:
         return ServerStore(self, server)
 
     async def apply(self, ops: Sequence[o.Op[Any]], server: str = "s1") -> list[Any]:
+        self.lose_answer = False
         self.applying(ops)
         f, r = self.faults, self.rng
         if r.random() < f.slow:
@@ -227,7 +230,8 @@ class SimStore:
         self._committed(ops, outcomes, now, server, revoked)
         self.trace.append(f"{now:.6f} store {server} "
                           f"{','.join(type(op).__name__ for op in ops)}")
-        if r.random() < f.after_commit:
+        lost, self.lose_answer = self.lose_answer, False
+        if lost or r.random() < f.after_commit:
             self.stats["after_commit"] += 1
             self.last_fault_at = trio.current_time()
             for key in revoked:  # (its server acts on no outcome: it saw none)

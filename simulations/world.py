@@ -838,7 +838,9 @@ class World:
         the request is being answered in the worker's own task, which the crash cancels.
         The server must finish what it was asked all the same (tell the run's watchers and
         parent, the Timer of a wait's due time, the Dispatcher of a run queued), as it
-        would a message it had read."""
+        would a message it had read. Sometimes the commit's answer is lost too: the write
+        committed, the server saw a failure, and its asker is gone (seed 695: the run's
+        watcher never heard)."""
         if not self.faults_on or not self.embedded:
             return
         for op in ops:
@@ -847,6 +849,11 @@ class World:
                 name = self.worker_of.get(op.lease.worker_id)
                 if name in self.embedded and self.inside_rng.random() < 0.2:
                     self.ledger.sometimes[f"in-process worker crashed while {what}"] += 1
+                    if self.store.faults.after_commit and self.inside_rng.random() < 0.5:
+                        # and the commit's answer lost (with the store's faults on)
+                        self.ledger.sometimes[f"in-process worker crashed while {what}, "
+                                              "its commit's answer lost"] += 1
+                        self.store.lose_answer = True
                     self.crash(name, self.inside_rng.uniform(0.5, 5.0))
                     return
 

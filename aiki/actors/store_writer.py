@@ -84,6 +84,10 @@ class StoreWriter:
     # commit (the Dispatcher that a run is queued, the Timer of a wait's due time) is not
     # known, and they look again.
     on_orphaned: Callable[[], None] = lambda: None
+    # Told when a batch failed: it may have committed all the same (the connection lost at
+    # the COMMIT), and what it did beyond its outcomes is not known. Its askers send their
+    # writes again, if they are still there; the server looks again for the rest.
+    on_unknown: Callable[[], None] = lambda: None
     # Told at the commit of the runs whose leases an ExpireLeases of the batch expired, so
     # the Dispatcher frees their seats before any later claim of them is answered.
     on_expired: Callable[[tuple[str, ...]], None] = lambda run_ids: None
@@ -122,6 +126,7 @@ class StoreWriter:
                 metrics.observe(STORE_COMMIT_SECONDS, trio.current_time() - started)
                 metrics.inc(STORE_TRANSACTIONS, ("failed",))
                 metrics.inc(STORE_ERRORS, (type(exc).__name__,))
+                self.on_unknown()
                 if isinstance(exc, StoreUnavailable):
                     for w in batch:
                         w.reply.fail(exc)

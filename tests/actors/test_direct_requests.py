@@ -18,6 +18,7 @@ import trio
 
 import aiki
 from aiki import protocol as p
+from aiki.errors import StoreUnavailable
 from aiki.server import Server
 from aiki.sources import Sources
 from aiki.store import MemoryStore
@@ -317,16 +318,20 @@ class HeldOps(MemoryStore):
     """A store whose batches with an op of one of ``kinds`` wait while ``held`` is set
     (``holding`` is set once one does)."""
 
-    def __init__(self, *kinds: str) -> None:
+    def __init__(self, *kinds: str, answer_lost: bool = False) -> None:
         super().__init__()
         self.kinds = kinds
         self.held: trio.Event | None = trio.Event()
         self.holding = trio.Event()
+        self.answer_lost = answer_lost  # the held batch commits, and its answer is lost
 
     async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
         if self.held is not None and any(type(op).__name__ in self.kinds for op in ops):
             self.holding.set()
             await self.held.wait()
+            if self.answer_lost:
+                await super().apply(ops)
+                raise StoreUnavailable("connection lost at the COMMIT")
         return await super().apply(ops)
 
     def release(self) -> None:
@@ -355,14 +360,18 @@ async def crashed_while_held(store: HeldOps, transport: MemoryTransport,
     store.release()
 
 
+@pytest.mark.parametrize("answer_lost", [False, True], ids=["answered", "answer-lost"])
 async def test_a_run_ended_by_a_request_cut_short_is_still_told_to_its_watchers(
-    autojump_clock: trio.abc.Clock,
+    autojump_clock: trio.abc.Clock, answer_lost: bool,
 ) -> None:
     # The worker crashes while its completion waits in the StoreWriter. The write commits
     # all the same; the session never got to tell the run's watchers, and a client waiting
     # for the run heard nothing, ever (found by the simulation's fault that crashes an
     # in-process worker while its run's end is written). The writer tells them now.
-    store = HeldOps("CompleteRun")
+    # If the commit's answer is lost too, the writer saw a failure, and the worker that
+    # would have sent its end again is gone: the server reads its watched runs again
+    # after a failed batch (seed 695).
+    store = HeldOps("CompleteRun", answer_lost=answer_lost)
     async with serving(store, Sources.seeded(2)) as (_, transport, nursery):
         async with aiki.Client.open(transport, ADDRESS, Sources.seeded(3)) as client:
             handle = await client.enqueue("three", 0, version="1")
