@@ -1190,10 +1190,16 @@ class WorkflowRun:
             # failure is not lost, and a replay (where it may come first) raises it too.
             if failure and _only_cancelled(exc):
                 raise failure[0] from None
+            # A branch that gives the run back (the worker drains, or heard of a pause) does
+            # so whatever cut the others: caught as a deadline scope's cancellation, the
+            # run went on past a shielded task still retrying, and completed without its
+            # outcome (seed 11).
+            if released and _only_cancelled(exc):
+                raise released[0] from None
             # Branches cut by a deadline (Cancelled) while others wait durably: the gather
             # does not end here, leaving those waits behind. The run waits for them (it
             # gives its slot back); its replay cuts the others at the same place again.
-            if suspended and not released and _only_cancelled(exc):
+            if suspended and _only_cancelled(exc):
                 raise _combined(suspended) from None
             raise
         if abandoned:

@@ -280,6 +280,56 @@ async def test_a_shielded_branch_that_fails_after_the_deadline_raises_its_failur
                 "heard: NonRetryableError")
 
 
+refund_attempts: list[float] = []
+
+
+@aiki.task(name="refund-flaky", retry=aiki.Retry.fixed(3, 0.0))
+async def refund_flaky(seconds: float) -> str:
+    refund_attempts.append(trio.current_time())
+    await trio.sleep(seconds)
+    if len(refund_attempts) == 1:
+        raise ConnectionError("the bank hung up")
+    return "refunded"
+
+
+@aiki.workflow(name="shielded-branch-retries", version="1")
+async def shielded_branch_retries(run: aiki.WorkflowRun, _: None) -> list[Any]:
+    got: list[str] = []
+
+    async def branch() -> None:
+        with run.shield():
+            got.append(await refund_flaky.run(run, 30.0))
+
+    with run.move_on_after(10) as scope:
+        await run.gather(branch(), slow.run(run, 100.0))  # (the deadline cuts the task)
+    return [got, scope.cancelled_caught]
+
+
+async def test_a_shielded_branch_given_back_after_the_deadline_cut_its_sibling_runs_on(
+    autojump_clock: trio.abc.Clock, engine_store: Store, sources: aiki.Sources,
+) -> None:
+    # Paused and resumed while the shielded task's first attempt runs, the run is given
+    # back at its next step boundary (the worker heard the pause, not the resume): the
+    # retry's start. That Release came out of the gather as the deadline scope's own
+    # cancellation (its sibling, cut at 10 s), the scope caught it, and the run completed
+    # with the shielded task still retrying (simulation seed 11). It is given back, and
+    # the task's retry runs on its next lease.
+    refund_attempts.clear()
+    async with aiki.embedded(engine_store, sources=sources) as client:
+        async with aiki.worker(client, workflows=[shielded_branch_retries]):
+            handle = await shielded_branch_retries.enqueue(client, None)
+            with trio.fail_after(60):
+                while not refund_attempts:
+                    await trio.sleep(0.5)
+            await handle.pause()
+            await handle.resume()
+            assert await handle.wait_for_completion(timeout=600) == [["refunded"], True]
+            status = await handle.status()
+    assert sorted((t.name, t.state, t.attempts) for t in status.tasks) == [
+        ("refund-flaky", "completed", 2), ("slow", "failed", 1)]  # (slow: cut at 10 s)
+    assert len(refund_attempts) == 2
+
+
 @aiki.workflow(name="shielded-then-cut", version="1")
 async def shielded_then_cut(run: aiki.WorkflowRun, _: None) -> list[Any]:
     with run.move_on_after(10) as scope:
