@@ -114,7 +114,6 @@ class Server:
                 dispatcher.revoke(run_id, reason, epoch)
             if out.due is not None:
                 timer.hint(out.due)
-            dispatcher.ended(out.ended)  # (their slots free before their watchers hear)
             for run in out.ended:
                 watchers.ended(run)
                 if run.parent_id is not None:  # its parent's wait for it ended

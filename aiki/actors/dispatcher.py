@@ -427,19 +427,6 @@ class Dispatcher:
                 for run_id in run_ids:
                     seat.let_go(run_id)
 
-    def ended(self, runs: Sequence[RunRecord]) -> None:
-        """This server's commit ended these runs: a seat whose worker ended one under its
-        lease (the epoch it holds is the run's last) has the slot free now, not once the
-        session that asked for the end tells (after the commit, in a task of its own): a
-        client told of its run's end at the commit may enqueue its next run at once, and
-        an idle worker's free slot is claimed in the enqueue's own commit (see
-        :meth:`reserve`). A run ended over its holder's head (a cancel's grace period
-        over) moved its epoch on: its seat keeps it until its worker is told (Revoke)."""
-        for run in runs:
-            for seat in self.seats.values():
-                if run.id in seat.active and seat.epochs.get(run.id) == run.lease_epoch:
-                    seat.let_go(run.id)
-
     def push_to_holder(self, run_id: str, msg: Any) -> bool:
         """Push ``msg`` to the worker that holds ``run_id`` here, if one does (a hint)."""
         for seat in self.seats.values():
