@@ -60,10 +60,16 @@ class Reply(Generic[R]):
         self._done = trio.Event()
         self._value: R | None = None
         self._error: BaseException | None = None
+        self._if_lost: Callable[[], None] | None = None
 
-    def send(self, value: R) -> None:
+    def send(self, value: R, if_lost: Callable[[], None] | None = None) -> None:
+        """Answer ``value``. ``if_lost`` is called if the asker turns out to be gone without
+        reading it: cancelled in the same scheduling round, before it ran again, so
+        :meth:`is_done` said nothing of it at the time (a write committed whose asker will
+        not act on it)."""
         if not self._done.is_set():
             self._value = value
+            self._if_lost = if_lost
             self._done.set()
 
     def fail(self, exc: BaseException) -> None:
@@ -78,7 +84,12 @@ class Reply(Generic[R]):
     expire = fail  # (for the sweep of aiki.actors.deadlines)
 
     async def _wait(self) -> R:
-        await self._done.wait()
+        try:
+            await self._done.wait()
+        except BaseException:  # (cancelled, perhaps after it was answered)
+            if self._done.is_set() and self._if_lost is not None:
+                self._if_lost()
+            raise
         if self._error is not None:
             raise self._error
         return cast(R, self._value)  # set together with _done

@@ -80,9 +80,10 @@ class StoreWriter:
     # caused it was cut short (its connection lost) between the commit and its answer.
     on_committed: Callable[[Outcomes], None] = lambda outcomes: None
     # Told when a committed batch held a write whose asker had gone (cancelled: its
-    # connection lost; or timed out): what the asker would have told others after the
-    # commit (the Dispatcher that a run is queued, the Timer of a wait's due time) is not
-    # known, and they look again.
+    # connection lost; or timed out), or when an asker is cancelled with its answer given
+    # but not yet read (seed 294: cancelled in the same scheduling round as the commit):
+    # what the asker would have told others after the commit (the Dispatcher that a run is
+    # queued, the Timer of a wait's due time) is not known, and they look again.
     on_orphaned: Callable[[], None] = lambda: None
     # Told when a batch failed: it may have committed all the same (the connection lost at
     # the COMMIT), and what it did beyond its outcomes is not known. Its askers send their
@@ -158,7 +159,8 @@ class StoreWriter:
             for w in batch:
                 mine = [next(answers) for _ in w.ops]
                 refused = [o for o in mine if isinstance(o, AikiError)]
-                w.reply.send(mine if w.every else refused[0] if refused else mine[-1])
+                w.reply.send(mine if w.every else refused[0] if refused else mine[-1],
+                             self.on_orphaned)
 
     async def write(self, op: Op[T], *before: Op[Any]) -> T:
         """Apply ``op`` (batched with others) and return its outcome; raise it if refused.

@@ -259,3 +259,32 @@ async def test_the_queue_holds_the_asks_in_flight_not_every_ask_of_the_timeout(
         box.close()
         nursery.cancel_scope.cancel()
     assert longest <= 1 and not queue
+
+
+@pytest.mark.parametrize("cancelled_first", [True, False], ids=["cancelled-then-answered",
+                                                                 "answered-then-cancelled"])
+async def test_an_answer_its_asker_never_read_is_reported_lost(cancelled_first: bool) -> None:
+    """An asker cancelled in the same scheduling round as its answer, before it ran again:
+    ``is_done`` said nothing when the answer was sent, and the asker raises Cancelled
+    without reading it. The replier's ``if_lost`` hears of it (seed 294: a child run
+    committed, and the poke its session would have sent after the write was lost). An
+    asker answered before its cancel reads the answer: nothing is lost."""
+    box = Mailbox[Reply[int]](4, "box")
+    got: list[int] = []
+    lost: list[bool] = []
+    scope = trio.CancelScope()
+
+    async def asker() -> None:
+        with scope:
+            got.append(await box.address.ask(lambda r: r, timeout=10))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(asker)
+        reply = await box.receive()
+        assert not reply.is_done()
+        if cancelled_first:
+            scope.cancel()
+        reply.send(7, lambda: lost.append(True))
+        if not cancelled_first:
+            scope.cancel()
+    assert (got, lost) == (([], [True]) if cancelled_first else ([7], []))
