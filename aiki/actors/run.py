@@ -345,19 +345,25 @@ class RunState:
             d.at = at
         await self.flush_cancels()
 
-    def activate(self) -> None:
-        """New work begins (not a replayed step): the deadlines of the scopes it stands in
-        take effect. Of those that have passed (a replay after them), only the earliest is
-        cancelled now (the outermost of equal ones), as it was the first to expire; the
-        others' turn comes at the next step, if the code reaches one inside them. They are
-        judged on the server's clock, at the earliest it may read now (whichever worker
-        recorded them)."""
+    def activate(self, position: str) -> None:
+        """New work begins at ``position`` (not a replayed step): the deadlines of the
+        scopes it stands in take effect. Of those that have passed (a replay after them),
+        only the earliest is cancelled now (the outermost of equal ones), as it was the
+        first to expire; the others' turn comes at the next step, if the code reaches one
+        inside them. They are judged on the server's clock, at the earliest it may read now
+        (whichever worker recorded them)."""
         now = self.server_now()[0]
         scopes = [d for d in _open_deadlines() if d.at is not None]
         expired = [d for d in scopes if d.cut is not None]
         if expired:  # the history says it expired: new work inside was cut short there
-            expired[0].replayed = True  # (the outermost: an inner one did not catch it)
-            expired[0].cancel.cancel()
+            # By the scope whose expiry the history says cut this very step, if one did: a
+            # fork's copied scopes name the steps they cut in the original, past the steps
+            # it copied, and an inner scope's cut is not the outer one's (seed 236); else
+            # the outermost (an inner one did not catch it).
+            cut = next((d for d in expired if d.cut is not None and position in d.cut),
+                       expired[0])
+            cut.replayed = True
+            cut.cancel.cancel()
             return
         passed = [d for d in scopes if d.at is not None and d.at <= now]
         if passed:
@@ -559,7 +565,7 @@ class RunState:
         else:
             self.check_cancelled()
         self.in_scopes(position)
-        self.activate()
+        self.activate(position)
         try:
             return await self._attempts(task, position, input_json, input_hash, key,
                                         attempt, not_before)
@@ -754,7 +760,7 @@ class RunState:
                 return recorded.output == "true"
         self.check_cancelled()
         self.in_scopes(position)
-        self.activate()
+        self.activate(position)
         if recorded is not None:
             # Started before: count from when it began, whatever the code sleeps now.
             before = seconds_recorded(recorded)
@@ -797,7 +803,7 @@ class RunState:
             return recorded
         self.check_cancelled()
         self.in_scopes(position)
-        self.activate()
+        self.activate(position)
         if recorded is not None:
             before = seconds_recorded(recorded)
             if recorded.next_attempt_at is not None and before is not None:
@@ -827,7 +833,7 @@ class RunState:
             self._in_scopes(child_id, detached)
             return child_id
         self.check_cancelled()
-        self.activate()
+        self.activate(position)
         child_id = f"{self.lease.run_id}/{position}"
         self._in_scopes(child_id, detached)
         step = StepRecord(position, "child", name, input_hash, payload, key, "running", 1)
@@ -854,7 +860,7 @@ class RunState:
         else:
             self.check_cancelled()
             self.in_scopes(position)
-            self.activate()
+            self.activate(position)
             step = StepRecord(position, "join", child_id, "", input_json, None, "running", 1)
             recorded = await self.await_step(step)
             while recorded.state not in FINAL_STEP_STATES and await self.hold_for_deadline():
@@ -878,7 +884,7 @@ class RunState:
         if recorded is not None and recorded.output is not None:
             return p.decode_value(recorded.output)
         self.check_cancelled()
-        self.activate()
+        self.activate(position)
         output = p.encode_value(produce())
         await self.save(StepRecord(position, kind, kind, "", "null", None, "completed", 1,
                                    output=output))

@@ -216,3 +216,35 @@ async def test_a_replay_cuts_a_scope_recorded_expired_whatever_its_clock_says(
     [done] = [m for m in written if isinstance(m, p.CompleteRun)]
     assert done.result == "[true,false,7]"
     assert not any(isinstance(m, p.SaveStep) and m.step.kind == "deadline" for m in written)
+
+
+async def test_a_replay_cuts_each_new_step_by_the_scope_whose_expiry_names_it(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The inner scope's expiry cut step 2 before it started (nothing recorded for it), and
+    # the outer one's then cut step 3: both are recorded expired. The replay used to cut
+    # step 2 by the outermost expired scope, so the code skipped step 3 and went on after
+    # the outer scope, diverging from the history (simulation seed 236, a fork's second
+    # lease). Each step is cut by the scope whose record names it.
+    ran.clear()
+    written: list[Any] = []
+
+    async def persist(make: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        msg = make(1)
+        written.append(msg)
+        return p.Ok(1)
+
+    recorded = (
+        StepRecord("0", "deadline", "deadline", "", "null", None, "completed", 1,
+                   output='{"at": 1700001000.0, "cut": ["3"]}'),
+        StepRecord("1", "deadline", "deadline", "", "null", None, "completed", 1,
+                   output='{"at": 1700000500.0, "cut": ["2"]}'),
+    )
+    await run_workflow(scoped, p.Assign(leased_run("scoped"), recorded), persist,
+                       Sources.seeded(1, TrioWallClock(anchor_wall=1_700_003_000.0)))
+    starts = [(m.step.position, m.step.input) for m in written if isinstance(m, p.StartStep)]
+    assert starts == [("4", "7")]  # neither step 2 nor step 3 ran: each was cut again
+    assert ran == [ran[0]]
+    [done] = [m for m in written if isinstance(m, p.CompleteRun)]
+    assert done.result == "[true,true,7]"
