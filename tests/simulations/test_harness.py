@@ -372,8 +372,8 @@ def deadline_early(monkeypatch: pytest.MonkeyPatch) -> None:
 
     real = run_module.RunState.activate
 
-    def activate(self: Any) -> None:
-        real(self)
+    def activate(self: Any, position: str) -> None:
+        real(self, position)
         for d in run_module._DEADLINES.get():
             if d.at is not None and d.cancel.deadline != float("inf"):
                 left = d.cancel.deadline - trio.current_time()
