@@ -171,6 +171,18 @@ async def test_a_childs_cancel_whose_write_a_deadline_cuts_is_sent_again(
     assert sent[-1] == "CompleteRun"
 
 
+def recording(written: list[Any]) -> Any:
+    """A persist that acknowledges every write and keeps its message in ``written``."""
+
+    async def persist(make: Any) -> Any:
+        await trio.lowlevel.checkpoint()  # (a write in flight: a cancel cuts it here)
+        msg = make(1)
+        written.append(msg)
+        return p.Ok(1)
+
+    return persist
+
+
 @aiki.workflow(name="scoped", version="1")
 async def scoped(run: aiki.WorkflowRun, x: int) -> list[Any]:
     with run.move_on_after(1000) as outer:
@@ -193,13 +205,7 @@ async def test_a_replay_cuts_a_scope_recorded_expired_whatever_its_clock_says(
     # does not run the task inside.
     ran.clear()
     written: list[Any] = []
-
-    async def persist(make: Any) -> Any:
-        await trio.lowlevel.checkpoint()  # (a write in flight: a cancel cuts it here)
-        msg = make(1)
-        written.append(msg)
-        return p.Ok(1)
-
+    persist = recording(written)
     recorded = (
         StepRecord("0", "deadline", "deadline", "", "null", None, "completed", 1,
                    output='{"at": 1700001000.0, "cut": ["2"]}'),
@@ -228,13 +234,7 @@ async def test_a_replay_cuts_each_new_step_by_the_scope_whose_expiry_names_it(
     # lease). Each step is cut by the scope whose record names it.
     ran.clear()
     written: list[Any] = []
-
-    async def persist(make: Any) -> Any:
-        await trio.lowlevel.checkpoint()
-        msg = make(1)
-        written.append(msg)
-        return p.Ok(1)
-
+    persist = recording(written)
     recorded = (
         StepRecord("0", "deadline", "deadline", "", "null", None, "completed", 1,
                    output='{"at": 1700001000.0, "cut": ["3"]}'),
