@@ -171,18 +171,6 @@ async def test_a_childs_cancel_whose_write_a_deadline_cuts_is_sent_again(
     assert sent[-1] == "CompleteRun"
 
 
-def recording(written: list[Any]) -> Any:
-    """A persist that acknowledges every write and keeps its message in ``written``."""
-
-    async def persist(make: Any) -> Any:
-        await trio.lowlevel.checkpoint()  # (a write in flight: a cancel cuts it here)
-        msg = make(1)
-        written.append(msg)
-        return p.Ok(1)
-
-    return persist
-
-
 @aiki.workflow(name="scoped", version="1")
 async def scoped(run: aiki.WorkflowRun, x: int) -> list[Any]:
     with run.move_on_after(1000) as outer:
@@ -191,6 +179,26 @@ async def scoped(run: aiki.WorkflowRun, x: int) -> list[Any]:
         got = await charge.run(run, x + 1)  # never reached: the outer scope was cut above
     return [outer.cancelled_caught, inner.cancelled_caught, got if not outer.cancelled_caught
             else await charge.run(run, x + 2)]
+
+
+async def replay_scoped(outer: str, inner: str, wall: float) -> list[Any]:
+    """Replay ``scoped`` (payload 5) from its two deadline steps, recorded with the outputs
+    ``outer`` and ``inner``, on a worker whose wall clock reads ``wall``: every write it
+    sent (all acknowledged)."""
+    ran.clear()
+    written: list[Any] = []
+
+    async def persist(make: Any) -> Any:
+        await trio.lowlevel.checkpoint()  # (a write in flight: a cancel cuts it here)
+        written.append(make(1))
+        return p.Ok(1)
+
+    recorded = tuple(StepRecord(position, "deadline", "deadline", "", "null", None,
+                                "completed", 1, output=output)
+                     for position, output in (("0", outer), ("1", inner)))
+    await run_workflow(scoped, p.Assign(leased_run("scoped"), recorded), persist,
+                       Sources.seeded(1, TrioWallClock(anchor_wall=wall)))
+    return written
 
 
 @pytest.mark.parametrize("wall", [1_700_000_000.0, 1_700_003_000.0],
@@ -203,17 +211,7 @@ async def test_a_replay_cuts_a_scope_recorded_expired_whatever_its_clock_says(
     # this worker's clock says both deadlines are far off or both passed, the replay cuts
     # the outer scope there (the inner one does not catch it), as the history says, and
     # does not run the task inside.
-    ran.clear()
-    written: list[Any] = []
-    persist = recording(written)
-    recorded = (
-        StepRecord("0", "deadline", "deadline", "", "null", None, "completed", 1,
-                   output='{"at": 1700001000.0, "cut": ["2"]}'),
-        StepRecord("1", "deadline", "deadline", "", "null", None, "completed", 1,
-                   output="1700002000.0"),
-    )
-    await run_workflow(scoped, p.Assign(leased_run("scoped"), recorded), persist,
-                       Sources.seeded(1, TrioWallClock(anchor_wall=wall)))
+    written = await replay_scoped('{"at": 1700001000.0, "cut": ["2"]}', "1700002000.0", wall)
     starts = [(m.step.position, m.step.input) for m in written if isinstance(m, p.StartStep)]
     assert starts == [("3", "7")]  # not the one in the scope: the one after it
     assert len(ran) == 1
@@ -232,19 +230,10 @@ async def test_a_replay_cuts_each_new_step_by_the_scope_whose_expiry_names_it(
     # step 2 by the outermost expired scope, so the code skipped step 3 and went on after
     # the outer scope, diverging from the history (simulation seed 236, a fork's second
     # lease). Each step is cut by the scope whose record names it.
-    ran.clear()
-    written: list[Any] = []
-    persist = recording(written)
-    recorded = (
-        StepRecord("0", "deadline", "deadline", "", "null", None, "completed", 1,
-                   output='{"at": 1700001000.0, "cut": ["3"]}'),
-        StepRecord("1", "deadline", "deadline", "", "null", None, "completed", 1,
-                   output='{"at": 1700000500.0, "cut": ["2"]}'),
-    )
-    await run_workflow(scoped, p.Assign(leased_run("scoped"), recorded), persist,
-                       Sources.seeded(1, TrioWallClock(anchor_wall=1_700_003_000.0)))
+    written = await replay_scoped('{"at": 1700001000.0, "cut": ["3"]}',
+                                  '{"at": 1700000500.0, "cut": ["2"]}', 1_700_003_000.0)
     starts = [(m.step.position, m.step.input) for m in written if isinstance(m, p.StartStep)]
     assert starts == [("4", "7")]  # neither step 2 nor step 3 ran: each was cut again
-    assert ran == [ran[0]]
+    assert len(ran) == 1
     [done] = [m for m in written if isinstance(m, p.CompleteRun)]
     assert done.result == "[true,true,7]"
