@@ -505,9 +505,14 @@ class RunState:
         A call that does not match, inside a deadline scope the history says expired, was
         never made the first time: the scope's expiry cut the code short before it (while
         the scope's deadline was being recorded, say), and the position went to the code
-        after the scope. The scope is cut here too, and the position given back."""
+        after the scope. The scope is cut here too, and the position given back. So is a
+        call with no recorded step there that no expired scope's record names (seed 522:
+        nested scopes expired together, the inner one cut its step, the outer one then cut
+        the next call before it took a position, "cut short: no step")."""
         recorded = self.recorded.get(position)
         if recorded is None:
+            if kind != "deadline":  # (a scope's own record: its position was taken)
+                await self._cut_if_never_made(position)
             return None
         self.consumed.add(position)
         same = recorded.kind == kind and recorded.name == name and (
@@ -515,19 +520,29 @@ class RunState:
             and (key is not None or recorded.input_hash == input_hash)
         )
         if not same:
-            expired = [d for d in _open_deadlines() if d.cut is not None]
-            if expired:
+            if any(d.cut is not None for d in _open_deadlines()):
                 self.consumed.discard(position)
-                self._branch().give_back(position)
-                expired[0].replayed = True  # (the outermost, as :meth:`activate` cuts)
-                expired[0].cancel.cancel()
-                await trio.lowlevel.checkpoint()
+                await self._cut_if_never_made(position, named=False)
             raise NonDeterminismError(
                 f"run {self.lease.run_id} diverged from its history at step {position}: "
                 f"the history has {_describe_step(recorded)}, "
                 f"but the code now calls {_describe(kind, name, input_json, key)}"
             )
         return recorded
+
+    async def _cut_if_never_made(self, position: str, *, named: bool = True) -> None:
+        """A call at ``position`` inside deadline scopes the history says expired, that the
+        first time never took the position: cut here by the outermost of them (as
+        :meth:`activate` cuts), the position given back for the code after the scope. With
+        ``named``, not if an expired scope's record names the position (that call was made,
+        and cut there: see :meth:`activate`)."""
+        expired = [d for d in _open_deadlines() if d.cut is not None]
+        if not expired or (named and any(position in (d.cut or ()) for d in expired)):
+            return
+        self._branch().give_back(position)
+        expired[0].replayed = True
+        expired[0].cancel.cancel()
+        await trio.lowlevel.checkpoint()
 
     def check_all_consumed(self) -> None:
         left = sorted(set(self.recorded) - self.consumed, key=position_key)

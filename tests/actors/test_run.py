@@ -237,3 +237,23 @@ async def test_a_replay_cuts_each_new_step_by_the_scope_whose_expiry_names_it(
     assert len(ran) == 1
     [done] = [m for m in written if isinstance(m, p.CompleteRun)]
     assert done.result == "[true,true,7]"
+
+
+async def test_a_replay_gives_back_the_position_of_a_call_an_expired_scope_cut_before_it(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Both scopes expired together: the inner one cut step 2, then the outer one cut the
+    # next call before it took a position ("cut short: no step"), and the call after the
+    # outer scope took position 3. The replay made that call at position 3 and cut it
+    # there, so the code after the scope took position 4: every later step moved by one
+    # and the run diverged from its history (simulation seed 522: an event received at
+    # step 6 and a wait for it at step 7, for ever).
+    written = await replay_scoped('{"at": 1700001000.0, "cut": []}',
+                                  '{"at": 1700000500.0, "cut": ["2"]}', 1_700_003_000.0)
+    starts = [(m.step.position, m.step.input) for m in written if isinstance(m, p.StartStep)]
+    assert starts == [("3", "7")]  # the call after the outer scope, where it was
+    assert len(ran) == 1
+    [cut] = [m for m in written if isinstance(m, p.AbandonSteps)]
+    assert (cut.scope, cut.positions) == ("1", ("2",))  # the inner one's, as recorded
+    [done] = [m for m in written if isinstance(m, p.CompleteRun)]
+    assert done.result == "[true,true,7]"
