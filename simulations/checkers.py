@@ -19,6 +19,7 @@ from aiki.store.machine import (
     scheduled_by,
 )
 from simulations import workload
+from simulations.network import Session
 from simulations.world import Outcome
 
 
@@ -269,12 +270,28 @@ def _revokes_told(outcome: Outcome) -> list[str]:
             outcome.sometimes["revoked lease's worker told at once"] += 1
             if told - {committer}:
                 outcome.sometimes["revoked lease's worker told through another server"] += 1
+        elif any(_let_go(s, (run_id, epoch), at, deadline) for s in sessions):
+            outcome.sometimes["revoked lease's worker had let it go itself"] += 1
         else:
             v.append(f"run {run_id}: a commit revoked lease epoch {epoch} of worker {owner} "
                      f"at t={at:.3f} (through {committer}), and no server it was connected "
                      f"to told it within {TOLD_WITHIN:g} s: its tasks ran on until its next "
                      "heartbeat")
     return v
+
+
+def _let_go(session: Session, lease: tuple[str, int], since: float, by: float) -> bool:
+    """Whether the worker, on ``session``, said it held ``lease`` in a heartbeat and then,
+    between ``since`` and ``by``, in a heartbeat that did not renew it, that it had let it
+    go (it stopped the run itself: a cancel's grace period over by its own clock, ...):
+    nothing of it ran on for a Revoke to stop."""
+    said = False
+    for at, held in session.held:
+        if lease in held:
+            said = True
+        elif said and since <= at <= by:
+            return True
+    return False
 
 
 def _metrics(outcome: Outcome, exact: bool) -> list[str]:

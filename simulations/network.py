@@ -87,6 +87,9 @@ class SimConnection:
             session.welcomed_at = now
         elif isinstance(msg, protocol.Revoke):
             session.revokes.append((now, msg.run_id, msg.epoch))
+        elif isinstance(msg, protocol.Heartbeat):  # what the worker holds, as it says
+            session.held.append((now, frozenset(
+                (lease.run_id, lease.epoch) for lease in msg.leases)))
         elif isinstance(msg, protocol.HeartbeatAck):  # (its renewals refused tell it too)
             session.revokes += [(now, run_id, None) for run_id in msg.lost]
         elif isinstance(msg, protocol.Assign):  # (a newer lease replaces the older's actor)
@@ -131,8 +134,8 @@ class Session:
     """What one worker's connection to a server carried, as the promptness checker reads
     it: which worker incarnation said hello, when the server welcomed it, what the server
     told it of leases it lost (when, run, epoch if known: a Revoke, a heartbeat's refused
-    renewal, a write under the lease refused as stale, an Assign of a newer lease), and
-    when the connection ended."""
+    renewal, a write under the lease refused as stale, an Assign of a newer lease), the
+    leases its heartbeats renewed, and when the connection ended."""
 
     server: str
     worker: str
@@ -141,6 +144,8 @@ class Session:
     closed_at: float | None = None
     revokes: list[tuple[float, str, int | None]] = attrs.field(factory=list)
     asked: dict[int, str] = attrs.field(factory=dict)  # a write's req -> its lease's run
+    # The worker's heartbeats on it: when, and the leases (run, epoch) each renewed.
+    held: list[tuple[float, frozenset[tuple[str, int]]]] = attrs.field(factory=list)
 
     def closed(self) -> None:
         if self.closed_at is None:

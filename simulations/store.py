@@ -228,8 +228,8 @@ class SimStore:
                 self._refused(op, outcome, server)
         revoked = self._leases_ended(ops, outcomes, now, server)
         self._committed(ops, outcomes, now, server, revoked)
-        self.trace.append(f"{now:.6f} store {server} "
-                          f"{','.join(type(op).__name__ for op in ops)}")
+        traced = ",".join(_traced(op, out) for op, out in zip(ops, outcomes, strict=True))
+        self.trace.append(f"{now:.6f} store {server} {traced}")
         lost, self.lose_answer = self.lose_answer, False
         if lost or r.random() < f.after_commit:
             self.stats["after_commit"] += 1
@@ -669,3 +669,19 @@ def _differs(got: Any, expected: Any) -> bool:
         return len(got) != len(expected) or any(
             _differs(a, b) for a, b in zip(got, expected, strict=True))
     return bool(got != expected)
+
+
+def _traced(op: Any, outcome: Any) -> str:
+    """An op as the trace shows it: its kind, its run (with the lease's epoch and worker),
+    the runs a claim leased (with their epochs), and a refusal's error."""
+    lease, run_id = getattr(op, "lease", None), getattr(op, "run_id", None)
+    text = type(op).__name__
+    if lease is not None:
+        text += f"[{lease.run_id}:{lease.epoch}:{lease.worker_id}]"
+    elif isinstance(run_id, str):
+        text += f"[{run_id}]"
+    if isinstance(op, o.Claim) and isinstance(outcome, tuple) and outcome:
+        text += "->" + "/".join(f"{c.run.id}:{c.run.lease_epoch}" for c in outcome)
+    if isinstance(outcome, AikiError):
+        text += f"!{type(outcome).__name__}"
+    return text
