@@ -125,6 +125,7 @@ class Server:
                 dispatcher.poke()
 
         writer.on_committed = committed
+        writer.on_ended_by_holders = dispatcher.ended  # (before their watchers hear)
 
         def orphaned() -> None:  # a write committed whose asker had gone: look again
             dispatcher.poke()

@@ -427,6 +427,20 @@ class Dispatcher:
                 for run_id in run_ids:
                     seat.let_go(run_id)
 
+    def ended(self, leases: Sequence[Lease]) -> None:
+        """This server's commit ended runs under these leases, by their holders' own writes
+        (a completion, a failure): their seats have the slots free now, not once the
+        session that asked for the end tells (after the commit, in a task of its own): a
+        client told of its run's end at the commit may enqueue its next run at once, and
+        an idle worker's free slot is claimed in the enqueue's own commit (see
+        :meth:`reserve`). A run ended any other way (a cancel's grace period over, a parent
+        settled by its last child) keeps its seat until its worker lets go or is told."""
+        for lease in leases:
+            for seat in self.seats.values():
+                if (seat.worker_id == lease.worker_id
+                        and seat.epochs.get(lease.run_id) == lease.epoch):
+                    seat.let_go(lease.run_id)
+
     def push_to_holder(self, run_id: str, msg: Any) -> bool:
         """Push ``msg`` to the worker that holds ``run_id`` here, if one does (a hint)."""
         for seat in self.seats.values():

@@ -37,13 +37,15 @@ from aiki.metrics import (
     TASK_ATTEMPTS,
     Metrics,
 )
-from aiki.records import TERMINAL_RUN_STATES, RunRecord
+from aiki.records import TERMINAL_RUN_STATES, Lease, RunRecord
 from aiki.store.base import Store
 from aiki.store.ops import (
     Claim,
+    CompleteRun,
     ControlOutcome,
     Enqueue,
     ExpireLeases,
+    FailRun,
     ForkRun,
     Op,
     Outcomes,
@@ -92,6 +94,9 @@ class StoreWriter:
     # Told at the commit of the runs whose leases an ExpireLeases of the batch expired, so
     # the Dispatcher frees their seats before any later claim of them is answered.
     on_expired: Callable[[tuple[str, ...]], None] = lambda run_ids: None
+    # Told at the commit of the leases under which their holders ended their runs (a
+    # completion, a failure), before the runs' watchers hear of the ends.
+    on_ended_by_holders: Callable[[tuple[Lease, ...]], None] = lambda leases: None
     max_batch: int = 256
     timeout: float = 30.0
     mailbox: Mailbox[Write] = attrs.field(default=attrs.Factory(
@@ -145,6 +150,12 @@ class StoreWriter:
                 for op, outcome in zip(flat, outcomes, strict=True):
                     count_outcome(metrics, op, outcome)
                 count_ends(metrics, ended)
+            if ended:
+                by_holders = tuple(op.lease for op, out in zip(flat, outcomes, strict=True)
+                                   if isinstance(op, (CompleteRun, FailRun))
+                                   and not isinstance(out, AikiError))
+                if by_holders:
+                    self.on_ended_by_holders(by_holders)
             if isinstance(outcomes, Outcomes) and (ended or outcomes.revoked
                                                    or outcomes.due is not None):
                 self.on_committed(outcomes)
