@@ -94,8 +94,9 @@ class StoreWriter:
     # Told at the commit of the runs whose leases an ExpireLeases of the batch expired, so
     # the Dispatcher frees their seats before any later claim of them is answered.
     on_expired: Callable[[tuple[str, ...]], None] = lambda run_ids: None
-    # Told at the commit of the leases under which their holders ended their runs (a
-    # completion, a failure), before the runs' watchers hear of the ends.
+    # Told at the commit of a batch that ended runs, before their watchers hear: the leases
+    # of the batch's accepted completions and failures (each ends its holder's lease,
+    # whether its run ended or now waits for its children).
     on_ended_by_holders: Callable[[tuple[Lease, ...]], None] = lambda leases: None
     max_batch: int = 256
     timeout: float = 30.0

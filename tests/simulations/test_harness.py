@@ -989,3 +989,19 @@ def test_a_keyed_send_stored_before_its_run_was_cancelled_may_be_refused_when_se
         assert _sent_before_the_end([event(1, "event.sent", "key 'k'"), event(2, end)], log)
     assert not _sent_before_the_end([event(1, "run.cancelled"),
                                      event(2, "event.sent", "key 'k'")], log)
+
+
+def test_a_worker_that_let_a_revoked_lease_go_itself_counts_as_told() -> None:
+    # Seed 881: a cancel's grace period ended through s2; the worker, on s1, stopped the run
+    # by its own clock and its next heartbeat there no longer renewed the lease, so s1's
+    # seat let the run go; s2's notice reached s1 late and found nothing to revoke. The
+    # checker wanted a Revoke all the same.
+    from simulations.checkers import _let_go
+    from simulations.network import Session
+
+    session = Session("s1", "w2")
+    session.held = [(462.0, frozenset({("r", 5), ("q", 3)})), (472.0, frozenset({("q", 3)}))]
+    assert _let_go(session, ("r", 5), 470.7, 475.4)
+    assert not _let_go(session, ("r", 5), 472.5, 475.4)  # not after the revocation
+    assert not _let_go(session, ("q", 3), 470.7, 475.4)  # still renewed
+    assert not _let_go(session, ("r", 6), 470.7, 475.4)  # never said it held that epoch
