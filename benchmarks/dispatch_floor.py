@@ -1,0 +1,113 @@
+"""The floor under the dispatch latency target (enqueue -> first task start, idle worker).
+
+Issue 10 asks for a p50 of at most 3 ms on SQLite over loopback WebSocket. On that path a
+run needs two durable commits (the enqueue with its claim, then the first task's start,
+fenced) and three one-way messages after the enqueue's own (the Assign to the worker, its
+start to the server, the answer back): 1.5 WebSocket round trips. This measures what those
+cost on this machine with no engine at all, in the conditions of the latency suite (each
+sample after 20-60 ms idle, as the probe enqueues):
+
+- a WebSocket round trip between two processes (trio-websocket, loopback, a 200-byte text
+  message echoed by a second process);
+- a single-row commit on a SQLite file opened as the store opens it (WAL,
+  ``synchronous = FULL``), after the same idle, and one right after it.
+
+``python -m benchmarks.dispatch_floor [N]`` prints the medians and p99s and the floor they add
+up to (2 commits after idle + 2 round trips: the enqueue's message and the three after it).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import trio
+
+from aiki.store import sqlite as sqlite_store
+
+PAYLOAD = '{"t":"ping","req":1,"payload":"' + "x" * 200 + '"}'
+
+
+async def _echo(port: int) -> None:
+    from trio_websocket import WebSocketRequest, serve_websocket
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        while True:
+            await ws.send_message(await ws.get_message())
+
+    await serve_websocket(handler, "127.0.0.1", port, ssl_context=None)
+
+
+async def _round_trips(port: int, count: int, rng: random.Random) -> list[float]:
+    from trio_websocket import open_websocket_url
+
+    with trio.fail_after(30):
+        while True:  # the echo process is starting
+            try:
+                await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                break
+            except OSError:
+                await trio.sleep(0.05)
+    samples: list[float] = []
+    async with open_websocket_url(f"ws://127.0.0.1:{port}/") as ws:
+        for n in range(count + 10):
+            await trio.sleep(rng.uniform(0.02, 0.06))
+            start = time.perf_counter()
+            await ws.send_message(PAYLOAD)
+            await ws.get_message()
+            if n >= 10:  # (warm-up)
+                samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+def _commits(count: int, rng: random.Random) -> tuple[list[float], list[float]]:
+    with tempfile.TemporaryDirectory(prefix="aiki-bench-floor-") as tmp:
+        db = sqlite_store._connect(os.path.join(tmp, "floor.db"), "FULL", busy_timeout=5.0)
+        try:
+            db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+            idle, warm = [], []
+            for _ in range(count):
+                time.sleep(rng.uniform(0.02, 0.06))
+                for into in (idle, warm):
+                    start = time.perf_counter()
+                    db.execute("INSERT INTO t (v) VALUES (?)", (PAYLOAD,))
+                    into.append((time.perf_counter() - start) * 1000)
+        finally:
+            db.close()
+    return idle, warm
+
+
+def _p99(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[max(0, int(len(ordered) * 0.99) - 1)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    count = int(args[0]) if args else 300
+    port = 18765 + os.getpid() % 1000
+    echo = subprocess.Popen([sys.executable, "-c",
+                             f"import trio; from benchmarks.dispatch_floor import _echo; "
+                             f"trio.run(_echo, {port})"])
+    try:
+        rtts = trio.run(_round_trips, port, count, random.Random(6))
+    finally:
+        echo.terminate()
+        echo.wait(10)
+    idle, warm = _commits(count, random.Random(7))
+    rtt, commit = statistics.median(rtts), statistics.median(idle)
+    print(f"WebSocket round trip after idle: p50 {rtt:.3f} ms, p99 {_p99(rtts):.3f} ms")
+    print(f"SQLite commit after idle: p50 {commit:.3f} ms, p99 {_p99(idle):.3f} ms; "
+          f"right after: p50 {statistics.median(warm):.3f} ms")
+    print(f"floor of enqueue -> first task start (2 commits after idle + 2 round trips): "
+          f"p50 {2 * commit + 2 * rtt:.2f} ms (target: 3 ms)")
+
+
+if __name__ == "__main__":
+    main()
