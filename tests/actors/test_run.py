@@ -222,38 +222,30 @@ async def test_a_replay_cuts_a_scope_recorded_expired_whatever_its_clock_says(
     assert not any(isinstance(m, p.SaveStep) and m.step.kind == "deadline" for m in written)
 
 
-async def test_a_replay_cuts_each_new_step_by_the_scope_whose_expiry_names_it(
-    autojump_clock: trio.abc.Clock,
+# Two nested scopes recorded expired, replayed on a worker whose clock is past both.
+# - Seed 236 (a fork's second lease): the inner scope's expiry cut step 2 before it started
+#   (nothing recorded for it), and the outer one's then cut step 3. The replay used to cut
+#   step 2 by the outermost expired scope, so the code skipped step 3 and went on after the
+#   outer scope, diverging from the history. Each step is cut by the scope whose record
+#   names it: neither step 2 nor step 3 runs, the call after the scope takes step 4.
+# - Seed 522: both expired together; the inner one cut step 2, then the outer one cut the
+#   next call before it took a position ("cut short: no step"), and the call after the
+#   outer scope took position 3. The replay made that call at position 3 and cut it there,
+#   so the code after the scope took position 4: every later step moved by one (an event
+#   received at step 6 and a wait for it at step 7, for ever). It gives the position back.
+@pytest.mark.parametrize(("outer", "after", "abandoned"), [
+    ('{"at": 1700001000.0, "cut": ["3"]}', "4", [("1", ("2",)), ("0", ("3",))]),
+    ('{"at": 1700001000.0, "cut": []}', "3", [("1", ("2",))]),
+], ids=["seed-236-each-cut-named", "seed-522-outer-cut-no-step"])
+async def test_a_replay_cuts_nested_scopes_recorded_expired_where_they_were_cut(
+    autojump_clock: trio.abc.Clock, outer: str, after: str,
+    abandoned: list[tuple[str, tuple[str, ...]]],
 ) -> None:
-    # The inner scope's expiry cut step 2 before it started (nothing recorded for it), and
-    # the outer one's then cut step 3: both are recorded expired. The replay used to cut
-    # step 2 by the outermost expired scope, so the code skipped step 3 and went on after
-    # the outer scope, diverging from the history (simulation seed 236, a fork's second
-    # lease). Each step is cut by the scope whose record names it.
-    written = await replay_scoped('{"at": 1700001000.0, "cut": ["3"]}',
-                                  '{"at": 1700000500.0, "cut": ["2"]}', 1_700_003_000.0)
+    written = await replay_scoped(outer, '{"at": 1700000500.0, "cut": ["2"]}', 1_700_003_000.0)
     starts = [(m.step.position, m.step.input) for m in written if isinstance(m, p.StartStep)]
-    assert starts == [("4", "7")]  # neither step 2 nor step 3 ran: each was cut again
+    assert starts == [(after, "7")]  # only the call after the outer scope, where it was
     assert len(ran) == 1
-    [done] = [m for m in written if isinstance(m, p.CompleteRun)]
-    assert done.result == "[true,true,7]"
-
-
-async def test_a_replay_gives_back_the_position_of_a_call_an_expired_scope_cut_before_it(
-    autojump_clock: trio.abc.Clock,
-) -> None:
-    # Both scopes expired together: the inner one cut step 2, then the outer one cut the
-    # next call before it took a position ("cut short: no step"), and the call after the
-    # outer scope took position 3. The replay made that call at position 3 and cut it
-    # there, so the code after the scope took position 4: every later step moved by one
-    # and the run diverged from its history (simulation seed 522: an event received at
-    # step 6 and a wait for it at step 7, for ever).
-    written = await replay_scoped('{"at": 1700001000.0, "cut": []}',
-                                  '{"at": 1700000500.0, "cut": ["2"]}', 1_700_003_000.0)
-    starts = [(m.step.position, m.step.input) for m in written if isinstance(m, p.StartStep)]
-    assert starts == [("3", "7")]  # the call after the outer scope, where it was
-    assert len(ran) == 1
-    [cut] = [m for m in written if isinstance(m, p.AbandonSteps)]
-    assert (cut.scope, cut.positions) == ("1", ("2",))  # the inner one's, as recorded
+    assert [(m.scope, m.positions) for m in written
+            if isinstance(m, p.AbandonSteps)] == abandoned
     [done] = [m for m in written if isinstance(m, p.CompleteRun)]
     assert done.result == "[true,true,7]"
