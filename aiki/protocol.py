@@ -438,7 +438,8 @@ class AbandonSteps:
     lease: Lease
     positions: tuple[str, ...]
     scope: str
-    # Task starts the scope cut while they were on their way (not known to be stored).
+    # Task starts and waits' first asks (AwaitStep) the scope cut while they were on their
+    # way (not known to be stored).
     starts: tuple[StepRecord, ...] = ()
 
 

@@ -254,8 +254,9 @@ class RunState:
     pending_cancels: list[tuple[str, str]] = attrs.field(factory=list)
     pending_abandons: list[tuple[str, tuple[str, ...], tuple[StepRecord, ...]]] = attrs.field(
         factory=list)
-    # Task starts sent and not yet acknowledged: a scope that cuts one sends it with its
-    # abandon, so that a start arriving after the abandon is refused.
+    # Task starts and waits' first asks sent and not yet acknowledged: a scope that cuts
+    # one sends it with its abandon, so that a start arriving after the abandon is refused
+    # and an ask finds its wait ended.
     starting: dict[str, StepRecord] = attrs.field(factory=dict)
     cut_short: set[str] = attrs.field(factory=set)  # positions an expired scope cut
     # Whether a client paused the run (the worker was told, or the store refused a step as
@@ -756,8 +757,16 @@ class RunState:
         return True
 
     async def await_step(self, step: StepRecord) -> StepRecord:
-        """Ask the store where a wait step stands (it ends it if it can)."""
+        """Ask the store where a wait step stands (it ends it if it can). Its first ask is
+        a start on its way, as a task's is: a scope that cuts it meanwhile sends the step
+        with its abandon, so that an ask arriving after the abandon finds the step failed
+        rather than storing it waiting (seed 2073: a sleep left running in a completed run)."""
+        first = step.position not in self.steps
+        if first:
+            self.starting[step.position] = step
         reply = await self.write(lambda req: p.AwaitStep(req, self.lease, step))
+        if first:
+            del self.starting[step.position]
         stored: StepRecord = reply.step
         self.steps[step.position] = stored
         return stored

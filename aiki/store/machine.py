@@ -99,6 +99,7 @@ CUT_TASK_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({(None, "fai
 # Wait steps (sleep, event), in history terms: they begin waiting, or end at once.
 WAIT_STEP_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
     ("waiting", "abandoned"),  # its deadline scope expired
+    (None, "abandoned"),  # the scope cut its first ask on its way (an ask after finds it ended)
     (None, "waiting"), ("waiting", "waiting"), (None, "completed"), ("waiting", "completed"),
     (None, "received"), ("waiting", "received"), (None, "timed_out"), ("waiting", "timed_out"),
 })

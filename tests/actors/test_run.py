@@ -171,6 +171,40 @@ async def test_a_childs_cancel_whose_write_a_deadline_cuts_is_sent_again(
     assert sent[-1] == "CompleteRun"
 
 
+@aiki.workflow(name="naps", version="1")
+async def naps(run: aiki.WorkflowRun, _: None) -> bool:
+    with run.move_on_after(5) as scope:
+        await run.sleep(60)  # its first ask is slow: the scope expires while it is out
+    return scope.cancelled_caught
+
+
+async def test_a_wait_whose_first_ask_a_deadline_cuts_is_sent_with_the_abandon(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A sleep's first ask (AwaitStep) is on its way when its deadline scope expires: the
+    abandon carries the step, as it carries a task's start on its way, so the store records
+    it ended and an ask that arrives after the abandon (over a network that reorders or
+    duplicates) finds it so, rather than storing it waiting in a run that has completed
+    (simulation seed 2073, 20 minutes: a sleep left running after its run's end)."""
+    written: list[Any] = []
+
+    async def persist(make: Any) -> Any:
+        msg = make(1)
+        written.append(msg)
+        if isinstance(msg, p.AwaitStep):
+            await trio.sleep(10)  # a slow ask: the scope around it expires meanwhile
+            return p.StepResult(1, msg.step)
+        return p.Ok(1)
+
+    run = attrs.evolve(leased_run(), workflow="naps", payload="null")
+    await run_workflow(naps, p.Assign(run, ()), persist, Sources.seeded(1))
+    [cut] = [m for m in written if isinstance(m, p.AbandonSteps)]
+    assert cut.positions == ("1",)
+    assert [(s.position, s.kind) for s in cut.starts] == [("1", "sleep")]
+    [done] = [m for m in written if isinstance(m, p.CompleteRun)]
+    assert done.result == "true"
+
+
 @aiki.workflow(name="scoped", version="1")
 async def scoped(run: aiki.WorkflowRun, x: int) -> list[Any]:
     with run.move_on_after(1000) as outer:

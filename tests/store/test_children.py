@@ -272,6 +272,30 @@ async def test_a_task_start_its_scope_cut_on_the_way_is_refused_if_it_lands_afte
     assert (two.state, two.error_type) == ("failed", "DeadlineExceeded")
 
 
+async def test_a_waits_first_ask_its_scope_cut_on_the_way_finds_it_ended_if_it_lands_after(
+        store: Store) -> None:
+    """Seed 2073 (20 minutes): a sleep's first ask was on its way when its scope expired;
+    the abandon, applied first, found no step, and the ask then stored the sleep waiting
+    in a run that went on to complete. The abandon carries the wait's first ask as it
+    carries a task's start: stored ended, and the late ask finds it so."""
+    from tests.store.test_conformance import wait_step
+
+    lease = await claim_one(store, "p")
+    deadline = StepRecord("0", "deadline", "deadline", "", "null", None, "completed", 1,
+                          output="1000.5")
+    await execute(store, o.SaveStep(lease, deadline, 11.0))
+    held_up = wait_step("1", "sleep", "sleep", 60.0, 2000.0)
+    await execute(store, o.AbandonSteps(lease, ("1",), "0", 13.0, (held_up,)))
+    [cut] = [s for s in await store.get_steps("p") if s.position == "1"]
+    assert (cut.kind, cut.state, cut.error_type, cut.output) == (
+        "sleep", "failed", "DeadlineExceeded", '"0"')
+    late = await execute(store, o.AwaitStep(lease, held_up, 14.0))
+    assert late == cut
+    [after] = [s for s in await store.get_steps("p") if s.position == "1"]
+    assert after == cut
+    assert [e[1] for e in await events(store, "p")].count("sleep.waiting") == 0
+
+
 async def test_the_expiry_of_a_deadline_scope_is_recorded_with_the_steps_it_cut(
         store: Store) -> None:
     """On the scope's own step, with every position it cut short: one final already (a
