@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import attrs
@@ -57,6 +58,7 @@ class SeedReport:
     sometimes: dict[str, int]
     violations: list[str]
     cpu_seconds: float
+    safety: float = 600.0
 
 
 def replay_command(seed: int, faults: tuple[str, ...], safety: float = 600.0) -> str:
@@ -73,7 +75,8 @@ def run_one(seed: int, faults: tuple[str, ...] = FAULT_CLASSES, safety: float = 
     reference = run_seed(Config(seed, (), safety=safety, runs=runs))
     violations = check(outcome, reference)
     return SeedReport(seed, outcome.trace_hash, outcome.virtual_seconds, dict(outcome.faults),
-                      dict(outcome.sometimes), violations, time.process_time() - started)
+                      dict(outcome.sometimes), violations, time.process_time() - started,
+                      safety)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -84,11 +87,33 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def regression_seeds() -> list[int]:
-    if not REGRESSIONS.exists():
-        return []
-    return [int(line.split("#")[0]) for line in REGRESSIONS.read_text().splitlines()
-            if line.split("#")[0].strip()]
+def regression_seeds(text: str | None = None) -> list[tuple[int, float | None]]:
+    """The seeds of ``regressions.txt``, each with the length of its faulty phase in seconds
+    when its line names one (``2073 minutes=20  # why``), else None: the sweep's own length.
+
+    A seed that found its bug only in a longer run keeps that length here, or it would pass
+    either way and guard nothing.
+    """
+    if text is None:
+        text = REGRESSIONS.read_text() if REGRESSIONS.exists() else ""
+    seeds: list[tuple[int, float | None]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#")[0].split()
+        if not words:
+            continue
+        try:
+            seed = int(words[0])
+            minutes = None
+            for word in words[1:]:
+                key, _, value = word.partition("=")
+                if key != "minutes" or not value:
+                    raise ValueError(word)
+                minutes = float(value)
+        except ValueError:
+            raise ValueError(f"{REGRESSIONS.name} line {number}: expected 'SEED' or "
+                             f"'SEED minutes=M' before the '#', got {line!r}") from None
+        seeds.append((seed, None if minutes is None else minutes * 60.0))
+    return seeds
 
 
 def _progress(done: int, total: int, failed: int, started: float) -> None:
@@ -103,18 +128,20 @@ def _progress(done: int, total: int, failed: int, started: float) -> None:
 
 
 def sweep(seeds: list[int], faults: tuple[str, ...], jobs: int, safety: float,
-          runs: int) -> int:
+          runs: int, own_length: Iterable[tuple[int, float]] = ()) -> int:
+    """Run every seed at ``safety`` virtual seconds, and each of ``own_length`` at its own."""
     started = time.monotonic()
     reports: list[SeedReport] = []
+    jobs_to_run = sorted({(s, safety) for s in seeds} | set(own_length))
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(run_one, s, faults, safety, runs) for s in seeds]
+        futures = [pool.submit(run_one, s, faults, length, runs) for s, length in jobs_to_run]
         for future in concurrent.futures.as_completed(futures):
             reports.append(future.result())
-            _progress(len(reports), len(seeds),
+            _progress(len(reports), len(jobs_to_run),
                       sum(1 for r in reports if r.violations), started)
     if sys.stderr.isatty():
         sys.stderr.write("\n")
-    reports.sort(key=lambda r: r.seed)
+    reports.sort(key=lambda r: (r.seed, r.safety))
     wall = time.monotonic() - started
     cpu = sum(r.cpu_seconds for r in reports)
     faults_total: Counter[str] = Counter()
@@ -142,7 +169,7 @@ def sweep(seeds: list[int], faults: tuple[str, ...], jobs: int, safety: float,
         print(f"\nseed {r.seed} FAILED: {r.violations[0]}")
         for more in r.violations[1:4]:
             print(f"    also: {more}")
-        print(f"  replay: {replay_command(r.seed, faults, safety)}")
+        print(f"  replay: {replay_command(r.seed, faults, r.safety)}")
     if missing and len(reports) >= 20 and set(faults) == set(FAULT_CLASSES):
         print(f"\nFAILED: never happened in this batch: {', '.join(missing)}")
         return 1
@@ -191,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
               f"FAILED: replay with {replay_command(args.seed, faults, args.safety)}")
         return 1 if report.violations else 0
     seeds = parse_seeds(args.seeds)
+    own_length: list[tuple[int, float]] = []
     if args.regressions:
-        seeds = sorted(set(seeds) | set(regression_seeds()))
-    return sweep(seeds, faults, args.jobs, args.safety, args.runs)
+        for seed, length in regression_seeds():
+            if length is None:
+                seeds.append(seed)
+            else:
+                own_length.append((seed, length))
+    return sweep(seeds, faults, args.jobs, args.safety, args.runs, own_length)
