@@ -31,6 +31,7 @@ import cattrs
 from cattrs.errors import IterableValidationNote
 
 from aiki.errors import PayloadError, ProtocolError
+from aiki.protocol_fast import FastCodec
 from aiki.records import (
     HistoryEvent,
     Lease,
@@ -895,6 +896,9 @@ def _loads(text: str | bytes) -> Any:
 
 def encode(msg: Any) -> str:
     """One message as compact JSON text."""
+    fast = _fast().encode(msg)
+    if fast is not None:
+        return fast
     try:
         return _COMPACT.encode(to_wire(msg))
     except ValueError as exc:  # NaN or infinity in a float field
@@ -903,6 +907,15 @@ def encode(msg: Any) -> str:
 
 def decode(text: str | bytes) -> Any:
     """A message from JSON text; :class:`ProtocolError` names what is wrong with it."""
+    fast = _fast().decode(text)
+    if fast is not None:
+        return fast
+    return _decode_strictly(text)
+
+
+def _decode_strictly(text: str | bytes) -> Any:
+    """:func:`decode` through the cattrs converter alone: the judge of what the fast path
+    refuses, and the one that says what is wrong."""
     try:
         obj = _loads(text)
     except RecursionError:
@@ -918,6 +931,20 @@ def decode_frame(text: str | bytes) -> list[Any]:
     Each item of the result is a message, or the :class:`ProtocolError` that says why that
     item does not decode; one bad item does not spoil the others of its batch.
     """
+    fast = _fast().decode_frame(text)
+    if fast is None:
+        return _decode_frame_strictly(text)
+    for i, item in enumerate(fast):
+        if type(item) is bytes:  # an item the fast path refused: the converter decides
+            try:
+                fast[i] = _decode_strictly(item)
+            except ProtocolError as exc:
+                fast[i] = exc
+    return fast
+
+
+def _decode_frame_strictly(text: str | bytes) -> list[Any]:
+    """:func:`decode_frame` through the cattrs converter alone."""
     try:
         obj = _loads(text)
     except RecursionError:
@@ -943,6 +970,17 @@ def encode_frame(encoded: list[str]) -> str:
     if len(encoded) == 1:
         return encoded[0]
     return "[" + ",".join(encoded) + "]"
+
+
+_FAST: list[FastCodec] = []
+
+
+def _fast() -> FastCodec:
+    """The fast codec (:mod:`aiki.protocol_fast`), built at first use, once every message
+    class is registered."""
+    if not _FAST:
+        _FAST.append(FastCodec(_MESSAGES))
+    return _FAST[0]
 
 
 def _describe(exc: BaseException) -> str:
