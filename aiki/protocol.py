@@ -964,6 +964,13 @@ def _decode_frame_strictly(text: str | bytes) -> list[Any]:
     return out
 
 
+def frame_bytes(text: str) -> int:
+    """The bytes ``text`` from :func:`encode` takes in a text frame: the codec writes
+    non-ASCII characters as UTF-8, not as ``\\u`` escapes, so a character may take up to
+    four. Its length when it is ASCII (a check that costs nothing)."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def encode_frame(encoded: list[str]) -> str:
     """One frame of messages already encoded by :func:`encode`: the message itself when it
     is alone, else a JSON array of them."""

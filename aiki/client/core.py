@@ -508,9 +508,9 @@ class ClientProtocol:
         self._req += 1
         req = self._req
         text = p.encode(call.make(req))
-        if len(text) > self.max_frame_bytes:
+        if p.frame_bytes(text) > self.max_frame_bytes:
             raise errors.ProtocolError(
-                f"a request of {len(text)} bytes is over the frame limit of "
+                f"a request of {p.frame_bytes(text)} bytes is over the frame limit of "
                 f"{self.max_frame_bytes} bytes; nothing was sent (raise max_frame_bytes on "
                 "both sides, or send less)")
         self._calls[req] = call

@@ -209,10 +209,11 @@ class WebSocketConnection:
     def _frame_text(self, msg: Any) -> str:
         text = protocol.encode(msg)
         limit = self._settings.max_frame_bytes
-        if len(text) > limit:
+        size = protocol.frame_bytes(text)
+        if size > limit:
             tag = getattr(type(msg), "TAG", type(msg).__name__)
             raise ProtocolError(
-                f"a {tag!r} message of {len(text)} bytes is over the frame limit of "
+                f"a {tag!r} message of {size} bytes is over the frame limit of "
                 f"{limit} bytes; nothing was sent (raise max_frame_bytes on both sides, or "
                 "send less)"
             )
@@ -288,17 +289,17 @@ class WebSocketConnection:
                     first = await self._out_receive.receive()
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     return  # closed by us (aclose) or lost
-            batch, size = [first], len(first) + 2
+            batch, size = [first], protocol.frame_bytes(first) + 2
             while len(batch) < settings.max_batch:
                 try:
                     more = self._out_receive.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
-                if size + len(more) + 1 > settings.max_frame_bytes:
+                if size + protocol.frame_bytes(more) + 1 > settings.max_frame_bytes:
                     carry = more
                     break
                 batch.append(more)
-                size += len(more) + 1
+                size += protocol.frame_bytes(more) + 1
             try:
                 await self._ws.send_message(protocol.encode_frame(batch))
             except tw.ConnectionClosed as exc:

@@ -206,6 +206,10 @@ def test_a_request_over_the_frame_limit_is_refused_and_nothing_is_kept() -> None
         proto.request(core.enqueue("wf", json.dumps("x" * 2000), version=None,
                                    idempotency_key=None, run_id="id"))
     assert welcome(proto, proto.opened()).resend is None
+    # Bytes, not characters: 400 snowmen in a run id are 1,200 bytes on the wire.
+    with pytest.raises(aiki.errors.ProtocolError, match="over the frame limit of 1024"):
+        proto.request(core.enqueue("wf", "1", version=None, idempotency_key=None,
+                                   run_id="\u2603" * 400))
 
 
 def test_end_fails_whatever_still_waits() -> None:
