@@ -36,12 +36,15 @@ PAYLOAD = '{"t":"ping","req":1,"payload":"' + "x" * 200 + '"}'
 
 
 async def _echo(port: int) -> None:
-    from trio_websocket import WebSocketRequest, serve_websocket
+    from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
     async def handler(request: WebSocketRequest) -> None:
         ws = await request.accept()
-        while True:
-            await ws.send_message(await ws.get_message())
+        try:
+            while True:
+                await ws.send_message(await ws.get_message())
+        except ConnectionClosed:
+            return  # the measuring side is done
 
     await serve_websocket(handler, "127.0.0.1", port, ssl_context=None)
 
