@@ -206,34 +206,23 @@ async def test_a_frame_over_the_limit_closes_with_a_reason_and_others_are_untouc
         assert await good.receive() == p.Ok(2)
 
 
+# The codec writes non-ASCII characters as UTF-8, not as \u escapes: the limit counts bytes
+# (1,500 snowmen are 4,500 of them), for one message and for a backlog's batches.
+@pytest.mark.parametrize("big,small", [("x" * 5000, "small" * 60),
+                                       ("\u2603" * 1500, "\u2603" * 300)],
+                         ids=["ascii", "utf8-bytes-not-characters"])
 async def test_sending_a_message_over_the_limit_is_refused_at_the_call_site(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, big: str, small: str,
 ) -> None:
     settings = WebSocketSettings(max_frame_bytes=4096)
     async with wire(echo, settings, settings) as w:
         conn = await w.client.connect(URL)
         with pytest.raises(ProtocolError, match=r"'get_run' message of \d+ bytes is over the "
                                                 r"frame limit of 4096 bytes"):
-            await conn.send(p.GetRun(1, "x" * 5000))
-        await conn.send(p.GetRun(2, "small"))  # the connection is still fine
-        assert await conn.receive() == p.Ok(2)
-
-
-async def test_the_frame_limit_counts_bytes_not_characters(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    # The codec writes non-ASCII characters as UTF-8, not as \\u escapes: 1,500 snowmen
-    # are 1,500 characters and 4,500 bytes.
-    settings = WebSocketSettings(max_frame_bytes=4096)
-    async with wire(echo, settings, settings) as w:
-        conn = await w.client.connect(URL)
-        with pytest.raises(ProtocolError, match=r"'get_run' message of \d+ bytes is over the "
-                                                r"frame limit of 4096 bytes"):
-            await conn.send(p.GetRun(1, "\u2603" * 1500))
-        for req in range(12):  # a backlog of ~1 KB messages: batched, no frame over the limit
-            await conn.send(p.GetRun(req, "\u2603" * 300))
-        got = [await conn.receive() for _ in range(12)]
-        assert got == [p.Ok(req) for req in range(12)]
+            await conn.send(p.GetRun(1, big))
+        for req in range(12):  # the connection is still fine; a backlog leaves in batches
+            await conn.send(p.GetRun(req, small))
+        assert [await conn.receive() for _ in range(12)] == [p.Ok(req) for req in range(12)]
 
 
 @pytest.mark.parametrize("token,expected", [
