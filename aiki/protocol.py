@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import functools
 import hashlib
 import json
 import math
@@ -979,15 +980,11 @@ def encode_frame(encoded: list[str]) -> str:
     return "[" + ",".join(encoded) + "]"
 
 
-_FAST: list[FastCodec] = []
-
-
+@functools.cache
 def _fast() -> FastCodec:
     """The fast codec (:mod:`aiki.protocol_fast`), built at first use, once every message
     class is registered."""
-    if not _FAST:
-        _FAST.append(FastCodec(_MESSAGES))
-    return _FAST[0]
+    return FastCodec(_MESSAGES)
 
 
 def _describe(exc: BaseException) -> str:

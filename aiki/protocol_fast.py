@@ -100,11 +100,11 @@ class FastCodec:
         if known is not None:
             return known
         hints = typing.get_type_hints(cls)
-        fields: list[tuple[str, Any, Any]] = []
+        fields: list[tuple[Any, ...]] = []
         for f in attrs.fields(cls):
             kind = self._mirror_type(hints[f.name])
             if f.default is attrs.NOTHING:
-                fields.append((f.name, kind))  # type: ignore[arg-type]
+                fields.append((f.name, kind))
             elif isinstance(f.default, attrs.Factory):  # type: ignore[arg-type]
                 factory = f.default.factory
                 fields.append((f.name, kind, msgspec.field(default_factory=factory)))

@@ -58,12 +58,13 @@ json_values = st.recursive(
 
 def _containers(value: Any) -> list[Any]:
     """Every dict and list inside ``value``, itself first."""
-    found = [value] if isinstance(value, (dict, list)) else []
-    children = value.values() if isinstance(value, dict) else value if isinstance(
-        value, list) else []
-    for child in children:
-        found += _containers(child)
-    return found
+    if isinstance(value, dict):
+        value_children = list(value.values())
+    elif isinstance(value, list):
+        value_children = value
+    else:
+        return []
+    return [value, *(found for child in value_children for found in _containers(child))]
 
 
 def _mutate(wire: dict[str, Any], data: st.DataObject) -> None:
