@@ -443,6 +443,9 @@ class AbandonSteps:
     # Task starts and waits' first asks (AwaitStep) the scope cut while they were on their
     # way (not known to be stored).
     starts: tuple[StepRecord, ...] = ()
+    # The position the code after the scope was to take next, in the branch that opened it
+    # (``aiki.records.deadline_after``): None from a worker that does not say.
+    after: str | None = None
 
 
 @message("step_result")

@@ -172,6 +172,25 @@ def deadline_expiry(step: StepRecord) -> tuple[float, tuple[str, ...] | None]:
     return float(value), None
 
 
+def deadline_after(step: StepRecord) -> str | None:
+    """An expired scope's ``after``: the position the code after the scope was to take
+    next when it expired (in the branch that opened it); a call inside the scope at that
+    position or later in that branch was never made there. None if not recorded (a scope
+    not expired, or one expired before this was recorded)."""
+    value = json.loads(step.output or "null")
+    after = value.get("after") if isinstance(value, dict) else None
+    return None if after is None else str(after)
+
+
+def expired_deadline(at: float, cut: tuple[str, ...], after: str | None) -> str:
+    """The output of a deadline scope's step once it expired (see :func:`deadline_expiry`
+    and :func:`deadline_after`)."""
+    value: dict[str, Any] = {"at": at, "cut": list(cut)}
+    if after is not None:
+        value["after"] = after
+    return json.dumps(value)
+
+
 @attrs.frozen
 class HistoryEvent:
     """One state change of a run or of one of its steps.

@@ -69,6 +69,7 @@ from aiki.records import (
     StepKind,
     StepRecord,
     WaitFor,
+    deadline_after,
     deadline_expiry,
     evolve,
 )
@@ -201,6 +202,30 @@ class _Deadline:
     # Recorded expired (on replay): the positions its expiry cut short, where a replay
     # cuts it again whatever the steps there became (see ``RunState.cancelled_on_replay``).
     cut: tuple[str, ...] | None = None
+    # The branch that opened it; recorded expired, the position the code after it was to
+    # take next there (``aiki.records.deadline_after``; None in an older record).
+    branch: _Branch | None = None
+    after: str | None = None
+
+
+@attrs.frozen
+class _Abandoned:
+    """An expired scope's record, waiting for the run's next write (``AbandonSteps``): its
+    position, the steps it cut short, the starts of those on their way, and the position
+    the code after it was to take next."""
+
+    scope: str
+    positions: tuple[str, ...]
+    starts: tuple[StepRecord, ...]
+    after: str | None
+
+
+def _at_or_after(position: str, after: str) -> bool:
+    """Whether ``position`` is ``after`` or later in the same branch ("3.1.4" is after
+    "3.1.2"; "3.0.5" and "4" are not: another branch)."""
+    prefix, _, n = position.rpartition(".")
+    other, _, m = after.rpartition(".")
+    return prefix == other and n.isdigit() and m.isdigit() and int(n) >= int(m)
 
 
 _DEADLINES: contextvars.ContextVar[tuple[_Deadline, ...]] = contextvars.ContextVar(
@@ -252,8 +277,7 @@ class RunState:
     # Children whose deadline scope expired: cancelled at the next write; and the steps
     # that stood in it, recorded abandoned.
     pending_cancels: list[tuple[str, str]] = attrs.field(factory=list)
-    pending_abandons: list[tuple[str, tuple[str, ...], tuple[StepRecord, ...]]] = attrs.field(
-        factory=list)
+    pending_abandons: list[_Abandoned] = attrs.field(factory=list)
     # Task starts and waits' first asks sent and not yet acknowledged: a scope that cuts
     # one sends it with its abandon, so that a start arriving after the abandon is refused
     # and an ask finds its wait ended.
@@ -338,6 +362,7 @@ class RunState:
             recorded = await self.replayed(d.position, "deadline", "deadline", "null", "", None)
             if recorded is not None and recorded.output is not None:
                 at, d.cut = deadline_expiry(recorded)
+                d.after = deadline_after(recorded)
             else:  # on the server's clock, from its latest reading: never early on it
                 at = self.server_now()[1] + d.seconds
                 output = p.encode_value(at)
@@ -398,9 +423,7 @@ class RunState:
         branch may send one again meanwhile: both writes are idempotent."""
         while self.pending_abandons:
             abandon = self.pending_abandons[0]
-            scope, positions, starts = abandon
-            await self.write(partial(_abandon_steps, lease=self.lease, positions=positions,
-                                     scope=scope, starts=starts))
+            await self.write(partial(_abandon_steps, lease=self.lease, abandon=abandon))
             _drop(self.pending_abandons, abandon)
         while self.pending_cancels:
             cancel = self.pending_cancels[0]
@@ -515,6 +538,7 @@ class RunState:
             if kind != "deadline":  # (a scope's own record: its position was taken)
                 await self._cut_if_never_made(position)
             return None
+        await self._cut_if_taken_after(position)
         self.consumed.add(position)
         same = recorded.kind == kind and recorded.name == name and (
             recorded.idempotency_key == key
@@ -530,6 +554,22 @@ class RunState:
                 f"but the code now calls {_describe(kind, name, input_json, key)}"
             )
         return recorded
+
+    async def _cut_if_taken_after(self, position: str) -> None:
+        """A call at ``position`` inside a deadline scope the history says expired, where the
+        scope's record says the code after it took that position: whatever the step
+        recorded there, this call was never made the first time. The scope is cut here
+        (the outermost of such), the position given back. Seed 2878: the outer scope
+        expired before the first sleep inside an inner one took a position, and the code
+        after it slept at that position; the replay's sleep inside matched that record
+        (a sleep's duration is not part of its identity) and went on inside the scope."""
+        taken = [d for d in _open_deadlines()
+                 if d.after is not None and _at_or_after(position, d.after)]
+        if taken:
+            self._branch().give_back(position)
+            taken[0].replayed = True
+            taken[0].cancel.cancel()
+            await trio.lowlevel.checkpoint()
 
     async def _cut_if_never_made(self, position: str, *, named: bool = True) -> None:
         """A call at ``position`` inside deadline scopes the history says expired, that the
@@ -940,9 +980,9 @@ def _drop(items: list[Any], item: Any) -> None:
             return
 
 
-def _abandon_steps(req: int, *, lease: Lease, positions: tuple[str, ...],
-                   scope: str, starts: tuple[StepRecord, ...]) -> p.AbandonSteps:
-    return p.AbandonSteps(req, lease, positions, scope, starts)
+def _abandon_steps(req: int, *, lease: Lease, abandon: _Abandoned) -> p.AbandonSteps:
+    return p.AbandonSteps(req, lease, abandon.positions, abandon.scope, abandon.starts,
+                          abandon.after)
 
 
 def _cancel_run(req: int, *, run_id: str, reason: str) -> p.CancelRun:
@@ -1020,8 +1060,9 @@ class DeadlineScope:
         if self._scope is not None:
             raise WorkflowUsageError(f"{self._what}: a deadline scope is entered once; make "
                                      "a new one for each block")
-        self._scope = _Deadline(self._state.next_position(), self._seconds,
-                                trio.CancelScope())
+        branch = self._state._branch()
+        self._scope = _Deadline(branch.next(), self._seconds, trio.CancelScope(),
+                                branch=branch)
         self._scope.cancel.__enter__()
         self._token = _DEADLINES.set((*_DEADLINES.get(), self._scope))
         return self
@@ -1064,7 +1105,9 @@ class DeadlineScope:
         state.cut_short.update(unfinished)
         starts = tuple(state.starting[q] for q in unfinished if q in state.starting)
         if unfinished or scope.cut is None:  # (its expiry is recorded, cut or not)
-            state.pending_abandons.append((scope.position, unfinished, starts))
+            branch = scope.branch
+            after = None if branch is None else f"{branch.prefix}{branch.counter}"
+            state.pending_abandons.append(_Abandoned(scope.position, unfinished, starts, after))
 
 
 class WorkflowRun:

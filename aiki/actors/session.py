@@ -672,7 +672,7 @@ class Session:
         if isinstance(msg, p.AbandonSteps):
             self._check_owner(msg.lease)
             await ctx.writer.write(ops.AbandonSteps(msg.lease, msg.positions, msg.scope, now,
-                                                     msg.starts))
+                                                     msg.starts, msg.after))
             return p.Ok(msg.req)
         if isinstance(msg, p.StartChild):
             self._check_owner(msg.lease)

@@ -63,8 +63,10 @@ from aiki.records import (
     StepRecord,
     WaitFor,
     WaitRecord,
+    deadline_after,
     deadline_expiry,
     evolve,
+    expired_deadline,
 )
 from aiki.store import ops as o
 
@@ -729,8 +731,8 @@ def _scopes_as_copied(copied: Sequence[StepRecord]) -> tuple[StepRecord, ...]:
             if cut is not None:
                 kept = tuple(q for q in cut if position_key(q) <= last)
                 if kept != cut:
-                    step = evolve(step, output=json.dumps(
-                        {"at": at, "cut": kept} if kept else at))
+                    step = evolve(step, output=expired_deadline(
+                        at, kept, deadline_after(step)) if kept else json.dumps(at))
         out.append(step)
     return tuple(out)
 
@@ -828,7 +830,8 @@ DEADLINE_EXCEEDED = "DeadlineExceeded"
 
 def abandon(run: RunRecord | None, lease: Lease, steps: Sequence[StepRecord], scope: str,
             now: float, deadline: StepRecord | None = None,
-            cut: Sequence[str] = (), starts: Sequence[StepRecord] = ()) -> Change:
+            cut: Sequence[str] = (), starts: Sequence[StepRecord] = (),
+            after: str | None = None) -> Change:
     """``steps`` (those of the op's positions that exist) stood in the deadline scope at
     ``scope``, which expired: the ones not final end failed with ``DeadlineExceeded``, their
     output the scope's position.
@@ -838,7 +841,10 @@ def abandon(run: RunRecord | None, lease: Lease, steps: Sequence[StepRecord], sc
     with no step and those final already included): a replay cuts the scope at the same
     place even where the step it cut had ended on the server meanwhile (a sleep woken, a
     task's outcome committed while the worker's deadline passed), or was never recorded.
-    The outcome the workflow sees of that step, its deadline, does not change.
+    The outcome the workflow sees of that step, its deadline, does not change. ``after``:
+    the position the code after the scope was to take next, recorded with the first expiry
+    (kept thereafter): a replay cuts the scope at a call there that matches the step the
+    code after it recorded (seed 2878).
 
     ``starts``: task starts cut while on their way; one with no step stored yet is stored
     failed, so that if it arrives later it is refused (a final step), not left running."""
@@ -850,7 +856,8 @@ def abandon(run: RunRecord | None, lease: Lease, steps: Sequence[StepRecord], sc
         at, before = deadline_expiry(deadline)
         union = tuple(dict.fromkeys((*(before or ()), *cut)))
         if before is None or union != before:
-            expired = evolve(deadline, output=json.dumps({"at": at, "cut": union}))
+            first = after if before is None else deadline_after(deadline)
+            expired = evolve(deadline, output=expired_deadline(at, union, first))
             change = Change(steps=(expired,), history=(Entry(
                 now, "deadline.expired", deadline.attempts, lease.worker_id, scope,
                 deadline.name, "cut short: " + (", ".join(union) or "no step")),))

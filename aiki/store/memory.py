@@ -210,7 +210,7 @@ class MemoryStore:
             self._write(run_id, m.abandon(runs.get(run_id), op.lease,
                                           [mine[q] for q in op.positions if q in mine], op.scope,
                                           op.now, mine.get(op.scope), op.positions,
-                                          op.starts))
+                                          op.starts, op.after))
             return None
         if isinstance(op, o.StartChild):
             run_id = op.lease.run_id

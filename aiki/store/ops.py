@@ -303,13 +303,15 @@ class AbandonSteps(Op[None]):
     a replay cuts the scope there too (``aiki.records.deadline_expiry``). ``starts``: task
     starts the expiry cut while they were on their way; one not stored yet is recorded
     failed as it is, so that if it arrives after this (a message held up, a retry) it is
-    refused rather than left running under a scope that has ended."""
+    refused rather than left running under a scope that has ended. ``after``: the position
+    the code after the scope was to take next (``aiki.records.deadline_after``)."""
 
     lease: Lease
     positions: tuple[str, ...]
     scope: str  # the position of the deadline scope that expired
     now: float
     starts: tuple[StepRecord, ...] = ()
+    after: str | None = None
 
 
 # -- schedules ---------------------------------------------------------------------------------

@@ -515,7 +515,8 @@ def _abandon(db: Db, op: o.AbandonSteps) -> None:
     run_id = op.lease.run_id
     steps = [s for q in op.positions if (s := _get_step(db, run_id, q)) is not None]
     _write(db, run_id, m.abandon(_get_run(db, run_id), op.lease, steps, op.scope, op.now,
-                                 _get_step(db, run_id, op.scope), op.positions, op.starts))
+                                 _get_step(db, run_id, op.scope), op.positions, op.starts,
+                                 op.after))
 
 
 def _start_child(db: Db, op: o.StartChild) -> StepRecord:

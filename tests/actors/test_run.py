@@ -250,7 +250,7 @@ async def test_a_replay_cuts_a_scope_recorded_expired_whatever_its_clock_says(
     assert starts == [("3", "7")]  # not the one in the scope: the one after it
     assert len(ran) == 1
     [cut] = [m for m in written if isinstance(m, p.AbandonSteps)]
-    assert (cut.scope, cut.positions) == ("0", ("2",))
+    assert (cut.scope, cut.positions, cut.after) == ("0", ("2",), "3")
     [done] = [m for m in written if isinstance(m, p.CompleteRun)]
     assert done.result == "[true,false,7]"
     assert not any(isinstance(m, p.SaveStep) and m.step.kind == "deadline" for m in written)
@@ -283,3 +283,49 @@ async def test_a_replay_cuts_nested_scopes_recorded_expired_where_they_were_cut(
             if isinstance(m, p.AbandonSteps)] == abandoned
     [done] = [m for m in written if isinstance(m, p.CompleteRun)]
     assert done.result == "[true,true,7]"
+
+
+@aiki.workflow(name="napping-scopes", version="1")
+async def napping_scopes(run: aiki.WorkflowRun, x: int) -> list[Any]:
+    with run.move_on_after(1000) as outer:  # position 0
+        with run.fail_after(2000):  # position 1
+            await run.sleep(15)  # never made: the outer scope expired first
+    slept = await run.sleep(6)  # position 2
+    return [outer.cancelled_caught, slept, await charge.run(run, x)]  # position 3
+
+
+async def test_a_replay_cuts_a_scope_where_its_record_says_the_code_after_it_went_on(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Seed 2878 (20 minutes): the outer scope expired while the inner one's deadline was
+    being recorded, before the sleep inside took a position ("cut short: no step"); the
+    sleep after the outer scope took position 2. A replay's sleep inside matched that
+    record (a sleep's duration is not part of its identity), returned it as slept, and the
+    code after the scope then met the task's record with a sleep: NonDeterminismError. The
+    expiry records where the code after the scope went on (``after``); a call there inside
+    the scope is cut, and its position given back."""
+    ran.clear()
+    written: list[Any] = []
+
+    async def persist(make: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        written.append(make(1))
+        return p.Ok(1)
+
+    def deadline(position: str, output: str) -> StepRecord:
+        return StepRecord(position, "deadline", "deadline", "", "null", None, "completed", 1,
+                          output=output)
+
+    recorded = (
+        deadline("0", '{"at": 1700001000.0, "cut": [], "after": "2"}'),
+        deadline("1", "1700002000.0"),  # never expired: the outer scope's expiry came first
+        StepRecord("2", "sleep", "sleep", "", '{"seconds":6.0}', None, "completed", 1,
+                   output="true", next_attempt_at=1700001006.0),
+    )
+    run = attrs.evolve(leased_run(), workflow="napping-scopes")
+    await run_workflow(napping_scopes, p.Assign(run, recorded), persist,
+                       Sources.seeded(1, TrioWallClock(anchor_wall=1_700_003_000.0)))
+    assert [(type(m).__name__, getattr(m, "step", None) and m.step.position)
+            for m in written] == [("StartStep", "3"), ("SaveStep", "3"), ("CompleteRun", None)]
+    assert written[-1].result == "[true,true,5]"
+    assert len(ran) == 1

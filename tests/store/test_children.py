@@ -301,7 +301,7 @@ async def test_the_expiry_of_a_deadline_scope_is_recorded_with_the_steps_it_cut(
     """On the scope's own step, with every position it cut short: one final already (a
     sleep woken on the server while the worker's deadline passed: seed 136) and one never
     recorded (its start write cut), so a replay cuts the scope at the same place."""
-    from aiki.records import deadline_expiry
+    from aiki.records import deadline_after, deadline_expiry
     from tests.store.test_conformance import wait_step
 
     lease = await claim_one(store, "p")
@@ -311,22 +311,25 @@ async def test_the_expiry_of_a_deadline_scope_is_recorded_with_the_steps_it_cut(
     sleep = wait_step("1", "sleep", "sleep", 40.0, 51.0)
     await execute(store, o.AwaitStep(lease, sleep, 11.0))
     assert await execute(store, o.Wakeup("p", 12.0))  # the sleep ends on the server
-    await execute(store, o.AbandonSteps(lease, ("1", "2"), "0", 13.0))
+    await execute(store, o.AbandonSteps(lease, ("1", "2"), "0", 13.0, after="4"))
     steps = {s.position: s for s in await store.get_steps("p")}
     assert (steps["1"].state, steps["1"].output, steps["1"].error_type) == (
         "completed", "false", None)  # final: kept as it ended
     assert "2" not in steps
     assert deadline_expiry(steps["0"]) == (1000.5, ("1", "2"))
+    assert deadline_after(steps["0"]) == "4"  # where the code after the scope went on
     assert deadline_expiry(deadline) == (1000.5, None)
     assert (await events(store, "p"))[-1][1:] == (
         "deadline.expired", 1, "w1", "0", "deadline", "cut short: 1, 2")
-    # Sent again (its reply lost) it changes nothing; a later cut adds its positions.
+    # Sent again (its reply lost) it changes nothing; a later cut adds its positions (and
+    # keeps where the first expiry said the code after the scope went on).
     count = len(await events(store, "p"))
-    await execute(store, o.AbandonSteps(lease, ("2", "1"), "0", 14.0))
+    await execute(store, o.AbandonSteps(lease, ("2", "1"), "0", 14.0, after="4"))
     assert len(await events(store, "p")) == count
-    await execute(store, o.AbandonSteps(lease, ("3",), "0", 15.0))
+    await execute(store, o.AbandonSteps(lease, ("3",), "0", 15.0, after="9"))
     steps = {s.position: s for s in await store.get_steps("p")}
     assert deadline_expiry(steps["0"]) == (1000.5, ("1", "2", "3"))
+    assert deadline_after(steps["0"]) == "4"
     # A fork keeps the expiry only where it cut within the steps it copies: after them, the
     # steps run afresh and decide afresh whether the scope expires over them.
     await execute(store, o.SaveStep(lease, attrs.evolve(step("4"), name="after"), 16.0))
@@ -337,6 +340,7 @@ async def test_the_expiry_of_a_deadline_scope_is_recorded_with_the_steps_it_cut(
     assert deadline_expiry(copies["f1"]["0"]) == (1000.5, None)
     assert copies["f1"]["0"].output == "1000.5"
     assert deadline_expiry(copies["f2"]["0"]) == (1000.5, ("1",))
+    assert deadline_after(copies["f2"]["0"]) == "4"
     assert deadline_expiry(copies["f3"]["0"]) == (1000.5, ("1", "2", "3"))  # 0, 1 and 4
     # Nothing was in flight when it expired: the expiry is recorded all the same.
     await execute(store, enqueue("q"))
@@ -345,6 +349,7 @@ async def test_the_expiry_of_a_deadline_scope_is_recorded_with_the_steps_it_cut(
     await execute(store, o.AbandonSteps(lease_q, (), "0", 12.0))
     [only] = await store.get_steps("q")
     assert deadline_expiry(only) == (7.0, ())
+    assert deadline_after(only) is None  # (not said: a worker before it was recorded)
     with pytest.raises(StaleLease):
         await execute(store, o.AbandonSteps(Lease("q", 0, "w1"), ("1",), "0", 14.0))
 

@@ -666,7 +666,7 @@ async def _abandon(conn: Conn, op: o.AbandonSteps) -> None:
     steps = [s for q in op.positions if (s := await _get_step(conn, run_id, q)) is not None]
     await _write(conn, run_id, m.abandon(run, op.lease, steps, op.scope, op.now,
                                          await _get_step(conn, run_id, op.scope),
-                                         op.positions, op.starts))
+                                         op.positions, op.starts, op.after))
 
 
 async def _start_child(conn: Conn, op: o.StartChild) -> StepRecord:
