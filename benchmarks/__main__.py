@@ -49,6 +49,7 @@ SUITES: dict[str, str] = {
     "wakeups": "benchmarks.wakeups",
     "clients": "benchmarks.clients",
     "task_styles": "benchmarks.task_styles",
+    "memory": "benchmarks.memory",
     "metrics_overhead": "benchmarks.metrics_overhead",
 }
 
@@ -64,6 +65,10 @@ NOTES: dict[str, str] = {
                "nothing due (goal: 0); then probes sleeping 2-4 s beside them: lateness of "
                "the server's wake-up (the sleep.completed commit) and of the next task's "
                "start, against the due time the store recorded. Goal: wake-up p99 <= 10 ms.",
+    "memory": "Python memory (tracemalloc, after a full collection) an embedded server and "
+              "worker keep per run the store holds: runs asleep for a day (slots given back) "
+              "and runs queued for a workflow no worker serves, at two fills, after a "
+              "warm-up. Goal: <= 512 B a run, i.e. nothing kept per run.",
     "baseline": "Single-row INSERT + COMMIT, 1 client, one transaction per row: the floor one "
                 "durable checkpoint costs.",
     "throughput": "Workflows of 3 trivial tasks (x + 1 each). Mode = runs in flight at any time "

@@ -102,10 +102,11 @@ def annotate(rows: Sequence[Row]) -> None:
 
 
 def _targets(row: Row) -> None:
-    """Show what the latency, scale and idle suites keep in ``extra``: the target and whether
-    this run met it, the ratio to an empty store, the replay cost per task."""
+    """Show what the latency, scale, idle and memory suites keep in ``extra``: the target
+    and whether this run met it, the ratio to an empty store, the replay cost per task."""
     extra = row.extra
-    ratios = extra.setdefault("ratios", {}) if row.suite in ("latency", "scale", "idle") else None
+    ratios = extra.setdefault("ratios", {}) if row.suite in ("latency", "scale", "idle",
+                                                                "memory") else None
     if ratios is None:
         return
     if "ratio_vs_empty" in extra:

@@ -1,0 +1,141 @@
+"""Memory per waiting run and per queued run, in the engine's own process.
+
+Issue 10 trades CPU for nothing that grows with the runs a store holds: a run asleep for a
+day (its slot given back, the server's Timer to wake it) and a run queued with no worker for
+its workflow live in the store, not in the server's or the worker's memory.
+
+In this process: an embedded server on SQLite (a file in a temp dir; PostgreSQL too when the
+run has a server) and one worker whose inline wait limit is 0.1 s, so each sleep gives its
+slot back. Python's allocations are traced (``tracemalloc``, the whole process: server,
+worker, client, store driver), read after a full collection:
+
+1. warm-up: ``WARM`` runs put to sleep and ``WARM`` queued (the engine's caches, its
+   statements and its first allocations of each kind), then the baseline;
+2. ``asleep`` runs (``--quick``: a tenth) each sleep a day: all of them ``waiting``;
+3. ``queued`` runs of a workflow no worker serves: all of them ``queued``.
+
+Each row is the growth over its step divided by its runs, in bytes per run. Goal: at most
+``GOAL_BYTES`` per run, i.e. nothing kept per run (what remains is noise: a few objects the
+allocator keeps, a cache's growth). Measured at two fills (``asleep`` and four times as
+many), the per-run figure must not grow with the fill either.
+
+``python -m benchmarks.memory [--quick] [--reps N] [--postgres]`` prints its rows.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import aiki
+from aiki.store import Store, open_store
+from benchmarks.suite import Options, Row, Suite
+
+WARM = 200
+GOAL_BYTES = 512  # per run: nothing kept in the process for a run the store holds
+
+
+@aiki.workflow(name="mem-sleeper", version="1")
+async def sleeper(run: aiki.WorkflowRun, seconds: float) -> bool:
+    return await run.sleep(seconds)
+
+
+@aiki.workflow(name="mem-unserved", version="1")
+async def unserved(run: aiki.WorkflowRun, x: int) -> int:  # no worker serves it
+    return x
+
+
+def _traced() -> int:
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0]
+
+
+async def _count(store: Store, state: str, at_least: int) -> None:
+    while len(await store.list_runs(state=state, limit=at_least + 1)) < at_least:
+        await trio.sleep(0.2)
+
+
+async def _put(client: Any, workflow: Any, args: list[Any]) -> None:
+    limit = trio.CapacityLimiter(100)
+
+    async def one(x: Any) -> None:
+        async with limit:
+            await workflow.enqueue(client, x)  # (the handle is dropped: nobody watches)
+
+    async with trio.open_nursery() as nursery:
+        for x in args:
+            nursery.start_soon(one, x)
+
+
+async def measure(store_url: str, asleep: int, queued: int, settle: float = 1.0,
+                  ) -> dict[str, Any]:
+    """Bytes traced per waiting and per queued run (see the module's text); ``settle``:
+    seconds given the last runs' actors to end after their commits, before each reading."""
+    tracemalloc.start()
+    try:
+        store = await open_store(store_url)
+        try:
+            async with aiki.embedded(store, sources=aiki.Sources.real()) as client:
+                async with aiki.worker(client, workflows=[sleeper], max_concurrent_runs=100,
+                                       inline_retry_max=0.1):
+                    await _put(client, sleeper, [86400.0] * WARM)
+                    await _put(client, unserved, list(range(WARM)))
+                    await _count(store, "waiting", WARM)
+                    await trio.sleep(settle)  # (the last runs' actors end after their commit)
+                    base = _traced()
+                    t0 = time.monotonic()
+                    await _put(client, sleeper, [86400.0] * asleep)
+                    await _count(store, "waiting", WARM + asleep)
+                    await trio.sleep(settle)
+                    waiting = _traced()
+                    fill_s = time.monotonic() - t0
+                    await _put(client, unserved, list(range(queued)))
+                    await _count(store, "queued", WARM + queued)
+                    await trio.sleep(settle)
+                    after = _traced()
+        finally:
+            await store.aclose()
+    finally:
+        tracemalloc.stop()
+    return {"waiting_b": (waiting - base) / asleep, "queued_b": (after - waiting) / queued,
+            "base_mb": base / 1e6, "fill_s": fill_s}
+
+
+def run(options: Options) -> list[Row]:
+    small = 500 if options.quick else 2_000
+    reps = 1  # (bytes, not timings: a second repetition reads the same within a few bytes)
+    stores: list[tuple[str, Any]] = []
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="aiki-bench-memory-") as tmp:
+        stores.append(("sqlite", lambda tag: f"sqlite:///{Path(tmp) / f'm{tag}.db'}"))
+        pg: Any = options.postgres
+        if pg is not None:
+            stores.append(("postgres", lambda tag: pg.fresh_database(f"memory{tag}")))
+        for name, url_of in stores:
+            for runs in (small, 4 * small):
+                results = [trio.run(measure, url_of(f"{runs}x{i}"), runs, runs)
+                           for i in range(reps)]
+                for kind, key in (("waiting", "waiting_b"), ("queued", "queued_b")):
+                    samples = [round(r[key], 1) for r in results]
+                    rows.append(Row(
+                        "memory", f"{name}, {runs:,} runs {kind}", "memory per run", "B",
+                        samples,
+                        {"runs": runs, "baseline_mb": [round(r["base_mb"], 1)
+                                                       for r in results],
+                         "goal": GOAL_BYTES, "met": max(samples) <= GOAL_BYTES,
+                         "target": f"<= {GOAL_BYTES} B a run"}))
+    return rows
+
+
+SUITE = Suite(name="memory", run=run)
+
+if __name__ == "__main__":
+    from benchmarks.latency import main
+
+    main(suite=SUITE)
