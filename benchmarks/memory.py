@@ -28,14 +28,13 @@ import gc
 import tempfile
 import time
 import tracemalloc
-from pathlib import Path
 from typing import Any
 
 import trio
 
 import aiki
 from aiki.store import Store, open_store
-from benchmarks.suite import Options, Row, Suite
+from benchmarks.suite import Options, Row, Suite, store_urls
 
 WARM = 200
 GOAL_BYTES = 512  # per run: nothing kept in the process for a run the store holds
@@ -109,18 +108,12 @@ async def measure(store_url: str, asleep: int, queued: int, settle: float = 1.0,
 
 def run(options: Options) -> list[Row]:
     small = 500 if options.quick else 2_000
-    reps = 1  # (bytes, not timings: a second repetition reads the same within a few bytes)
-    stores: list[tuple[str, Any]] = []
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="aiki-bench-memory-") as tmp:
-        stores.append(("sqlite", lambda tag: f"sqlite:///{Path(tmp) / f'm{tag}.db'}"))
-        pg: Any = options.postgres
-        if pg is not None:
-            stores.append(("postgres", lambda tag: pg.fresh_database(f"memory{tag}")))
-        for name, url_of in stores:
+        for name, url_of in store_urls(options, tmp, "memory"):
             for runs in (small, 4 * small):
-                results = [trio.run(measure, url_of(f"{runs}x{i}"), runs, runs)
-                           for i in range(reps)]
+                # One repetition: bytes, not timings (a second reads the same within bytes).
+                results = [trio.run(measure, url_of(str(runs)), runs, runs)]
                 for kind, key in (("waiting", "waiting_b"), ("queued", "queued_b")):
                     samples = [round(r[key], 1) for r in results]
                     rows.append(Row(

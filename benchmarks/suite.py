@@ -109,3 +109,16 @@ def _finite(value: float) -> float | None:
 class Suite:
     name: str
     run: Callable[[Options], list[Row]]
+
+
+def store_urls(options: Options, directory: str, prefix: str,
+               ) -> list[tuple[str, Callable[[str], str]]]:
+    """The stores a suite of embedded rows measures, each with a maker of a fresh store's
+    URL from a tag: SQLite (a file in ``directory``), and PostgreSQL when the run has a
+    server (a fresh database)."""
+    stores: list[tuple[str, Callable[[str], str]]] = [
+        ("sqlite", lambda tag: f"sqlite:///{directory}/{prefix}{tag}.db")]
+    pg = options.postgres
+    if pg is not None:
+        stores.append(("postgres", lambda tag: pg.fresh_database(f"{prefix}{tag}")))
+    return stores

@@ -26,7 +26,6 @@ import collections
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -34,7 +33,7 @@ import trio
 import aiki
 from aiki.store import Store, open_store
 from benchmarks.latency import percentile
-from benchmarks.suite import Options, Row, Suite
+from benchmarks.suite import Options, Row, Suite, store_urls
 
 IDLE_S = 20.0
 SETTLE_S = 31.0  # the embedded server's lease ttl (30 s), and a second
@@ -128,15 +127,10 @@ def run(options: Options) -> list[Row]:
     asleep = 1_000 if options.quick else 10_000
     probes = 50 if options.quick else 100
     reps = max(1, options.reps if not options.quick else 1)
-    stores: list[tuple[str, Any]] = []
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="aiki-bench-wakeups-") as tmp:
-        stores.append(("sqlite", lambda i: f"sqlite:///{Path(tmp) / f'w{i}.db'}"))
-        pg: Any = options.postgres
-        if pg is not None:
-            stores.append(("postgres", lambda i: pg.fresh_database(f"wakeups{i}")))
-        for name, url_of in stores:
-            results = [trio.run(measure, url_of(i), asleep, probes) for i in range(reps)]
+        for name, url_of in store_urls(options, tmp, "wakeups"):
+            results = [trio.run(measure, url_of(str(i)), asleep, probes) for i in range(reps)]
             label = f"{name}, {asleep:,} runs asleep"
             wake_p50 = [percentile(r["wake_ms"], 0.5) for r in results]
             wake_p99 = [percentile(r["wake_ms"], 0.99) for r in results]
