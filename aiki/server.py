@@ -126,6 +126,7 @@ class Server:
 
         writer.on_committed = committed
         writer.on_ended_by_holders = dispatcher.ended  # (before their watchers hear)
+        writer.on_started = dispatcher.started
 
         def orphaned() -> None:  # a write committed whose asker had gone: look again
             dispatcher.poke()

@@ -427,6 +427,21 @@ class Dispatcher:
                 for run_id in run_ids:
                     seat.let_go(run_id)
 
+    def started(self, leases: Sequence[Lease]) -> None:
+        """This server's commit accepted task starts under these leases: their workers hold
+        those runs. A seat that had let one go learns it again, so a revoke of that lease
+        is told (seed 80 of the late watches' workload: a worker paused for half a minute
+        sent, on waking, a heartbeat built before it read the assignment that came
+        meanwhile; the seat forgot the run, the worker started its task, and a cancel's
+        revoke committed a second later found no seat holding it)."""
+        for seat in self.seats.values():
+            active = seat.active
+            for lease in leases:
+                if lease.run_id not in active and lease.worker_id == seat.worker_id:
+                    active.add(lease.run_id)
+                    seat.epochs[lease.run_id] = lease.epoch
+                    seat.assigned_at[lease.run_id] = trio.current_time()
+
     def ended(self, leases: Sequence[Lease]) -> None:
         """This server's commit ended runs under these leases, by their holders' own writes
         (a completion, a failure): their seats have the slots free now, not once the

@@ -53,6 +53,7 @@ from aiki.store.ops import (
     ResumeRun,
     RetryRun,
     SaveStep,
+    StartStep,
 )
 
 T = TypeVar("T")
@@ -98,6 +99,10 @@ class StoreWriter:
     # of the batch's accepted completions and failures (each ends its holder's lease,
     # whether its run ended or now waits for its children).
     on_ended_by_holders: Callable[[tuple[Lease, ...]], None] = lambda leases: None
+    # Told at the commit of the leases under which it accepted task starts: their workers
+    # hold those runs (a seat that let one go, its worker's heartbeat built before the
+    # assignment reached it, learns it again before any later revoke of it is told).
+    on_started: Callable[[tuple[Lease, ...]], None] = lambda leases: None
     max_batch: int = 256
     timeout: float = 30.0
     mailbox: Mailbox[Write] = attrs.field(default=attrs.Factory(
@@ -151,6 +156,10 @@ class StoreWriter:
                 for op, outcome in zip(flat, outcomes, strict=True):
                     count_outcome(metrics, op, outcome)
                 count_ends(metrics, ended)
+            started_under = tuple(op.lease for op, out in zip(flat, outcomes, strict=True)
+                                  if type(op) is StartStep and not isinstance(out, AikiError))
+            if started_under:
+                self.on_started(started_under)
             if ended:
                 by_holders = tuple(op.lease for op, out in zip(flat, outcomes, strict=True)
                                    if isinstance(op, (CompleteRun, FailRun))

@@ -262,3 +262,36 @@ async def test_a_run_its_worker_rejoined_with_is_kept_until_a_lease_passes_unren
         dispatcher.tell(Alive(1, None, ()))
         await trio.sleep(1)
         assert seat.active == set()
+
+
+async def test_a_run_its_seat_forgot_is_held_again_once_its_worker_starts_a_task(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Seed 80: a worker paused for longer than a lease wakes with an assignment waiting in
+    its inbox, and its first heartbeat, built before it reads it, lists no run: the seat
+    lets the run go. The worker then starts its task (the lease still live), and a cancel's
+    revoke a second later must still reach it, not wait for its next heartbeat."""
+    from aiki.actors.dispatcher import Alive
+    from aiki.protocol import Revoke
+    from aiki.records import Lease
+    from tests.store.test_conformance import step
+
+    store = MemoryStore()
+    seat, pushed = recording_seat(1, "w1")
+    async with dispatching(store, 1) as dispatcher:
+        dispatcher.writer.on_started = dispatcher.started
+        dispatcher.tell(Joined(seat))
+        await trio.sleep(20)
+        [epoch] = [m.run.lease_epoch for m in pushed if isinstance(m, Assign)]
+        lease = Lease("r0", epoch, "w1")
+        # (The lease lives on in the store, as a skewed clock kept it in that seed.)
+        await execute(store, o.Renew((lease,), 1_700_000_020.0, 30.0))
+        await trio.sleep(11)  # (the worker paused: over a lease since the assignment)
+        dispatcher.tell(Alive(1, None, ()))
+        await trio.sleep(0.1)
+        assert seat.active == set()  # forgotten
+        await dispatcher.writer.write(o.StartStep(lease, step("0", state="running"),
+                                                  1_700_000_031.0, 30.0))
+        assert seat.active == {"r0"}  # held again, at the commit
+        dispatcher.revoke("r0", "cancelled", epoch)
+        assert [m.epoch for m in pushed if isinstance(m, Revoke)] == [epoch]
