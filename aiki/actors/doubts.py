@@ -41,9 +41,7 @@ class Doubts:
     _wake: trio.Event | None = None
 
     def doubt(self) -> None:
-        """A batch failed: what it may have committed is acted on once the store answers
-        (and no run is known unfinished any more: it may have ended some)."""
-        self.watchers.forget()
+        """A batch failed: what it may have committed is acted on once the store answers."""
         self._doubted = True
         if self._wake is not None:
             self._wake.set()
