@@ -125,6 +125,7 @@ class Server:
                 dispatcher.poke()
 
         writer.on_committed = committed
+        writer.on_applying, writer.on_queued = watchers.applying, watchers.queued
         writer.on_ended_by_holders = dispatcher.ended  # (before their watchers hear)
         writer.on_started = dispatcher.started
 
@@ -163,9 +164,12 @@ class Server:
                 epoch, _, run_id = notice[len("revoked:"):].partition(":")
                 ctx.dispatcher.revoke(run_id, None, int(epoch))
             elif notice.startswith("ended:"):
-                if ctx.watchers.watched(notice[len("ended:"):]):
-                    nursery.start_soon(ended, [notice[len("ended:"):]])
+                run_id = notice[len("ended:"):]
+                ctx.watchers.heard_end(run_id)
+                if ctx.watchers.watched(run_id):
+                    nursery.start_soon(ended, [run_id])
             else:  # "resync": notices were lost; recover what they carried from the store
+                ctx.watchers.forget()
                 ctx.dispatcher.poke()
                 ctx.timer.hint(None)
                 nursery.start_soon(ended, ctx.watchers.watched_runs())

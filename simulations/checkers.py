@@ -144,11 +144,14 @@ def check(outcome: Outcome, reference: Outcome | None) -> list[str]:
     if reference is not None:
         v += [f"without faults, {m}" for m in _metrics(reference, exact=True)]
     v += _schedules(contents, ledger, started_by)
-    for run_id in sorted(ledger.watching):
+    watches = [(run_id, ledger.heard_end.get(run_id), "the client watching it")
+               for run_id in sorted(ledger.watching)]
+    watches += [(run_id, ledger.heard_late.get(run_id), "the client that watched it late")
+                for run_id in sorted(ledger.late_watching)]
+    for run_id, heard, who in watches:
         run = runs.get(run_id)
-        heard = ledger.heard_end.get(run_id)
         if run is not None and run.state in TERMINAL_RUN_STATES and heard is None:
-            v.append(f"run {run_id} {run.state}, but the client watching it never heard")
+            v.append(f"run {run_id} {run.state}, but {who} never heard")
         elif heard is not None and (run is None or heard[1:] != (run.state, run.result)) and not (
                 # (a failed run a client retried afterwards: it ended failed first)
                 run is not None and heard[1] == "failed" and any(

@@ -22,6 +22,7 @@ SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a 
              "sleep woken early", "event buffered before its wait",
              "event delivered to a waiting run", "event wait timed out",
              "send refused for a finished run", "run woken on another server",
+             "watch begun after its run ended",
              # Issue 18's blind spots: each batch must reach them.
              "stale worker write while another lease is live", "task start after a pause",
              "duplicate content address in one run",

@@ -102,6 +102,8 @@ class Ledger:
     watching: set[str] = attrs.field(factory=set)  # runs some client waits to see end
     # Run id -> (when, state, result) a client waiting for the run's end was told.
     heard_end: dict[str, tuple[float, str, str | None]] = attrs.field(factory=dict)
+    late_watching: set[str] = attrs.field(factory=set)  # ... and those watched late
+    heard_late: dict[str, tuple[float, str, str | None]] = attrs.field(factory=dict)
     # (run id, sent, answered, state, result) of each status read a client made
     status_reads: list[tuple[str, float, float, str, str | None]] = attrs.field(factory=list)
     # (run id, sent, answered, ((seq, event, position, attempt), ...)) of each history read

@@ -384,6 +384,9 @@ class PlannedRun:
     wakeups: tuple[tuple[float, int], ...] = ()  # (seconds after the ack, server)
     watch: int | None = None  # a watcher's server; once it hears the end, ``late`` is sent
     late: Send | None = None
+    # (seconds after the ack, server) of a watch that begins late, often after the run
+    # ended, mostly through the enqueuing client's server (which queued the run).
+    late_watch: tuple[float, int] | None = None
     # Status and history reads: (seconds after the ack, server), checked against the ledger.
     reads: tuple[tuple[float, int], ...] = ()
     controls: tuple[Control, ...] = ()
@@ -433,6 +436,7 @@ def plan(seed: int, n_runs: int, duration: float) -> list[PlannedRun]:
     w = random.Random(f"{seed}:waits")
     g = random.Random(f"{seed}:grammar")
     reads = random.Random(f"{seed}:reads")
+    late = random.Random(f"{seed}:late-watches")
     planned: list[PlannedRun] = []
     run_keys: list[str] = []
     for i in range(n_runs):
@@ -462,7 +466,8 @@ def plan(seed: int, n_runs: int, duration: float) -> list[PlannedRun]:
         item = attrs.evolve(item, reads=tuple(
             (reads.expovariate(1 / 60.0), reads.randrange(3))
             for _ in range(reads.choice([0, 1, 2, 3]))))
-        planned.append(_with_controls(random.Random(f"{seed}:controls:{i}"), item))
+        item = _with_controls(random.Random(f"{seed}:controls:{i}"), item)
+        planned.append(_with_late_watch(late, item))
     # Swarm testing: child runs, deadlines and cancels are in 60% of the seeds (drawn from a
     # stream of its own), so the other 40% keep the world as it was without them.
     if random.Random(f"{seed}:structure").random() < 0.4:
@@ -626,6 +631,17 @@ def _with_grammar(r: random.Random, program: dict[str, Any]) -> dict[str, Any]:
             step = {"helper": r.choice(["now", "random", "uuid"]), "then": spec}
         steps.insert(r.randint(0, len(steps)), step)
     return {**program, "steps": steps}
+
+
+def _with_late_watch(r: random.Random, item: PlannedRun) -> PlannedRun:
+    """A third of the runs are also watched late (from a stream of its own): the run has
+    often ended by then, through any server, and the watch asks the server that queued it,
+    which must not trust that the run still goes on."""
+    if r.random() >= 0.35:
+        return item
+    at = r.uniform(5.0, 120.0)
+    server = item.server if r.random() < 0.7 else r.randrange(3)
+    return attrs.evolve(item, late_watch=(at, server))
 
 
 def _with_controls(r: random.Random, item: PlannedRun) -> PlannedRun:

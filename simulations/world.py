@@ -441,6 +441,9 @@ class World:
                 actions += [(self._racer, item, race) for race in item.races]
             if served and item.watch is not None:
                 actions.append((self._watcher, item))
+            if served and item.late_watch is not None:
+                at, server = item.late_watch
+                actions.append((self._late_watcher, item, acked + at, server))
             actions += [(self._reader, item, acked + at, server) for at, server in item.reads]
             for n, control in enumerate(item.controls):
                 control_id = f"{item.run_id}-c{n}"  # the same on each resend
@@ -596,6 +599,17 @@ class World:
                                               reply.run.result)
         if item.late is not None:
             await self._send(item, item.late)
+
+    async def _late_watcher(self, item: workload.PlannedRun, at: float, server: int) -> None:
+        await trio.sleep_until(at)
+        run = self.store.inner.contents().runs.get(item.run_id)
+        if run is not None and run.state in TERMINAL_RUN_STATES:
+            self.ledger.sometimes["watch begun after its run ended"] += 1
+        self.ledger.late_watching.add(item.run_id)
+        reply = await self._ask(server, lambda req: p.WatchRun(req, item.run_id),
+                                timeout=100_000.0, node="watcher")
+        self.ledger.heard_late[item.run_id] = (trio.current_time(), reply.run.state,
+                                               reply.run.result)
 
     async def overdue_monitor(self) -> None:
         """No waiting run stays waiting longer than OVERDUE_BOUND past its due time, counted

@@ -430,10 +430,10 @@ class Dispatcher:
     def started(self, leases: Sequence[Lease]) -> None:
         """This server's commit accepted task starts under these leases: their workers hold
         those runs. A seat that had let one go learns it again, so a revoke of that lease
-        is told (found by a simulation workload with late watches, not landed yet: a
-        worker paused for half a minute sent, on waking, a heartbeat built before it read
-        the assignment that came meanwhile; the seat forgot the run, the worker started its
-        task, and a cancel's revoke committed a second later found no seat holding it)."""
+        is told (seed 80 of the late watches' workload: a worker paused for half a minute
+        sent, on waking, a heartbeat built before it read the assignment that came
+        meanwhile; the seat forgot the run, the worker started its task, and a cancel's
+        revoke committed a second later found no seat holding it)."""
         for seat in self.seats.values():
             active = seat.active
             for lease in leases:

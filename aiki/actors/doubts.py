@@ -41,7 +41,9 @@ class Doubts:
     _wake: trio.Event | None = None
 
     def doubt(self) -> None:
-        """A batch failed: what it may have committed is acted on once the store answers."""
+        """A batch failed: what it may have committed is acted on once the store answers
+        (and no run is known unfinished any more: it may have ended some)."""
+        self.watchers.forget()
         self._doubted = True
         if self._wake is not None:
             self._wake.set()

@@ -919,6 +919,8 @@ class Session:
         unwatch = self.ctx.watchers.watch(msg.run_id, notify)
         self.unwatch.pop(msg.req, lambda: None)()  # the same req again replaces the watch
         self.unwatch[msg.req] = unwatch
+        if self.ctx.watchers.vouch(msg.run_id):
+            return None  # (queued here lately, no end heard: the watcher will hear it)
         try:
             run = await self._run(msg.run_id)
         except BaseException:  # not found, or the session ending meanwhile

@@ -44,6 +44,7 @@ from aiki.store.ops import (
     CompleteRun,
     ControlOutcome,
     Enqueue,
+    EnqueueOutcome,
     ExpireLeases,
     FailRun,
     ForkRun,
@@ -103,6 +104,11 @@ class StoreWriter:
     # hold those runs (a seat that let one go, its worker's heartbeat built before the
     # assignment reached it, learns it again before any later revoke of it is told).
     on_started: Callable[[tuple[Lease, ...]], None] = lambda leases: None
+    # Told before each batch is applied, and at its commit (before ``on_committed``) of the
+    # runs its enqueues created: which runs have not ended, for whoever keeps count
+    # (``RunWatchers``).
+    on_applying: Callable[[], None] = lambda: None
+    on_queued: Callable[[tuple[str, ...]], None] = lambda run_ids: None
     max_batch: int = 256
     timeout: float = 30.0
     mailbox: Mailbox[Write] = attrs.field(default=attrs.Factory(
@@ -132,6 +138,7 @@ class StoreWriter:
             started = trio.current_time()
             flat = [op for w in batch for op in w.ops]
             self._applying = True
+            self.on_applying()
             try:
                 outcomes = await self.store.apply(flat)
             except Exception as exc:
@@ -156,6 +163,11 @@ class StoreWriter:
                 for op, outcome in zip(flat, outcomes, strict=True):
                     count_outcome(metrics, op, outcome)
                 count_ends(metrics, ended)
+            # (Only a store that notes its ends (``Outcomes``) may vouch that runs go on.)
+            self.on_queued(tuple(
+                out.run_id for op, out in zip(flat, outcomes, strict=True)
+                if type(op) is Enqueue and type(out) is EnqueueOutcome and out.created
+            ) if isinstance(outcomes, Outcomes) else ())
             started_under = tuple(op.lease for op, out in zip(flat, outcomes, strict=True)
                                   if type(op) is StartStep and not isinstance(out, AikiError))
             if started_under:

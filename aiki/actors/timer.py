@@ -46,6 +46,7 @@ class Timer:
     reconcile_interval: float | None = None
     mailbox: Mailbox[float | None] = attrs.field(default=attrs.Factory(
         lambda self: Mailbox[float | None](256, "timer", self.sources.metrics), takes_self=True))
+    leases: LeaseClock = attrs.field(factory=lambda: LeaseClock())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -60,7 +61,9 @@ class Timer:
                 now = self.sources.clock.now()
                 if next_at is not None and next_at <= now:
                     if not await self._fire(now, next_at):
-                        await trio.sleep(0.01)  # (a due time of another server's clock)
+                        # (A due time of another server's clock, or a lease the clock's
+                        # step forward has not let expire yet.)
+                        await trio.sleep(max(0.01, min(self.leases.lag, 1.0)))
                     stale = True
                     continue
             except (StoreUnavailable, AskTimeout) as exc:
@@ -93,7 +96,7 @@ class Timer:
     async def _fire(self, now: float, due: float) -> bool:
         # The three ops at once, so the StoreWriter commits them together (one transaction,
         # not three in a row); each is decided on its own.
-        ops: tuple[Op[tuple[str, ...]], ...] = (WakeDue(now), ExpireLeases(now),
+        ops: tuple[Op[tuple[str, ...]], ...] = (WakeDue(now), ExpireLeases(self.leases.now(now)),
                                                  FireSchedules(now))
         done: list[tuple[str, ...]] = [(), (), ()]
         failed: list[BaseException] = []
@@ -125,3 +128,35 @@ class Timer:
     def hint(self, due: float | None = None) -> None:
         """A due time this server wrote (``due``), or None: something changed, re-read."""
         self.mailbox.address.tell_nowait(due)
+
+
+# How fast the lease clock catches up with the wall clock after a step forward: slower than
+# the margin a worker keeps before its local lease deadline (10% of the TTL), so a lease
+# never expires here before its holder stops trusting it.
+CATCH_UP = 0.05
+
+
+@attrs.define
+class LeaseClock:
+    """The wall clock as lease expiry reads it: a step forward (an NTP step, a VM restored)
+    is absorbed, then caught up at ``CATCH_UP`` of real time; a step back is followed.
+
+    A worker stops starting task bodies a margin before its lease ends by its own clock
+    (``Worker._lease_deadline``); it cannot see this server's clock step forward, and a
+    lease expired by the stepped clock let another worker run a task the first one was
+    about to run (simulation: the servers' clock stepped +2.5 s while a worker paused after
+    its task start's acknowledgement; it woke inside its margin and ran the body after the
+    other worker's result was committed). Lease expiry is the one decision here that must
+    not come early by real time: sleeps and schedules follow the wall clock as before."""
+
+    lag: float = 0.0  # how far behind the wall clock it reads
+    _last: tuple[float, float] | None = None  # (wall, Trio time) at the last reading
+
+    def now(self, wall: float) -> float:
+        mono = trio.current_time()
+        if self._last is not None:
+            elapsed = mono - self._last[1]
+            stepped = (wall - self._last[0]) - elapsed
+            self.lag = max(0.0, self.lag + stepped - CATCH_UP * elapsed)
+        self._last = (wall, mono)
+        return wall - self.lag

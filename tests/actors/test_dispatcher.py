@@ -267,9 +267,9 @@ async def test_a_run_its_worker_rejoined_with_is_kept_until_a_lease_passes_unren
 async def test_a_run_its_seat_forgot_is_held_again_once_its_worker_starts_a_task(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """(Found by a simulation seed.) A worker paused for longer than a lease wakes with an
-    assignment waiting in its inbox, and its first heartbeat, built before it reads it,
-    lists no run: the seat lets the run go. The worker then starts its task (the lease still live), and a cancel's
+    """Seed 80: a worker paused for longer than a lease wakes with an assignment waiting in
+    its inbox, and its first heartbeat, built before it reads it, lists no run: the seat
+    lets the run go. The worker then starts its task (the lease still live), and a cancel's
     revoke a second later must still reach it, not wait for its next heartbeat."""
     from aiki.actors.dispatcher import Alive
     from aiki.protocol import Revoke

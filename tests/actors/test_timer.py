@@ -6,7 +6,9 @@ import collections
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 import trio
+import trio.testing
 
 import aiki
 from aiki.store import MemoryStore
@@ -67,3 +69,29 @@ async def test_an_idle_server_with_sleeping_runs_asks_nothing_of_its_store(
             # On time: the Timer slept until the due time (no poll beat to wait for).
             assert woke[0] - start < 121.0
             assert store.calls["WakeDue"] == 1
+
+
+async def test_the_lease_clock_absorbs_a_step_forward_and_catches_up_slower_than_the_margin(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A lease must not expire early by real time when the wall clock steps forward: its
+    worker cannot see the step, and stops trusting its lease only a margin (10% of the TTL)
+    before its end by its own clock."""
+    from aiki.actors.timer import CATCH_UP, LeaseClock
+
+    leases = LeaseClock()
+    wall = 1000.0
+    assert leases.now(wall) == wall
+    await trio.sleep(1.0)
+    wall += 1.0 + 5.0  # a second passes, and the clock steps 5 s forward
+    assert leases.now(wall) == pytest.approx(wall - 5.0 + CATCH_UP)
+    await trio.sleep(10.0)
+    wall += 10.0
+    # Ten seconds later it reads at most 10% more than the real time that passed.
+    assert leases.now(wall) == pytest.approx(wall - 5.0 + 11 * CATCH_UP)
+    assert CATCH_UP < 0.1
+    await trio.sleep(200.0)
+    wall += 200.0
+    assert leases.now(wall) == wall  # caught up
+    wall -= 3.0  # a step back is followed at once (leases then expire late: safe)
+    assert leases.now(wall) == wall

@@ -300,6 +300,14 @@ def ended_notices_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Server, "_notices", notices)
 
 
+def unwatched_ends_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another server's notice of an end nobody here watched yet leaves the run known
+    # unfinished: a client that watches it later through this server skips the read.
+    from aiki.actors.watchers import RunWatchers
+
+    monkeypatch.setattr(RunWatchers, "heard_end", lambda self, run_id: None)
+
+
 def cancel_keeps_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
     """A cancel of a running run (asked for it, or reached by a cascade) that marks it but
     leaves its lease valid: the worker that holds it goes on as if nothing happened."""
@@ -788,6 +796,9 @@ def child_start_forgets_to_poke(monkeypatch: pytest.MonkeyPatch) -> None:
                                   "without faults it ended")),
         # A client watching through one server never hears of a run ended through another.
         (ended_notices_dropped, ("never heard",)),
+        # ... or one heard while nobody watched is forgotten, and a later watch trusts that
+        # the run goes on.
+        (unwatched_ends_forgotten, ("never heard",)),
         # The run's end leaves behind the task outcomes still on their way.
         (completion_drops_outcomes, ("never committed",)),
         # Issue 18's blind spots.
@@ -848,7 +859,8 @@ def child_start_forgets_to_poke(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "server-ignores-drains", "timer-forgets-the-store",
-         "send-ack-before-commit", "ended-notices-dropped", "completion-drops-outcomes",
+         "send-ack-before-commit", "ended-notices-dropped", "unwatched-ends-forgotten",
+         "completion-drops-outcomes",
          "renew-any-lease", "unfenced-completions", "sqlite-unfenced", "replay-by-address",
          "reply-none-on-lost-connection", "no-deadline-check-before-the-body",
          "metrics-count-what-was-asked",
