@@ -35,6 +35,38 @@ from aiki.store.ops import ExpireLeases, FireSchedules, Op, WakeDue
 log = logging.getLogger("aiki.timer")
 
 
+# How fast the lease clock catches up with the wall clock after a step forward: slower than
+# the margin a worker keeps before its local lease deadline (10% of the TTL), so a lease
+# never expires here before its holder stops trusting it.
+CATCH_UP = 0.05
+
+
+@attrs.define
+class LeaseClock:
+    """The wall clock as lease expiry reads it: a step forward (an NTP step, a VM restored)
+    is absorbed, then caught up at ``CATCH_UP`` of real time; a step back is followed.
+
+    A worker stops starting task bodies a margin before its lease ends by its own clock
+    (``Worker._lease_deadline``); it cannot see this server's clock step forward, and a
+    lease expired by the stepped clock let another worker run a task the first one was
+    about to run (simulation: the servers' clock stepped +2.5 s while a worker paused after
+    its task start's acknowledgement; it woke inside its margin and ran the body after the
+    other worker's result was committed). Lease expiry is the one decision here that must
+    not come early by real time: sleeps and schedules follow the wall clock as before."""
+
+    lag: float = 0.0  # how far behind the wall clock it reads
+    _last: tuple[float, float] | None = None  # (wall, Trio time) at the last reading
+
+    def now(self, wall: float) -> float:
+        mono = trio.current_time()
+        if self._last is not None:
+            elapsed = mono - self._last[1]
+            stepped = (wall - self._last[0]) - elapsed
+            self.lag = max(0.0, self.lag + stepped - CATCH_UP * elapsed)
+        self._last = (wall, mono)
+        return wall - self.lag
+
+
 @attrs.define(eq=False)
 class Timer:
     store: Store
@@ -46,7 +78,7 @@ class Timer:
     reconcile_interval: float | None = None
     mailbox: Mailbox[float | None] = attrs.field(default=attrs.Factory(
         lambda self: Mailbox[float | None](256, "timer", self.sources.metrics), takes_self=True))
-    leases: LeaseClock = attrs.field(factory=lambda: LeaseClock())
+    leases: LeaseClock = attrs.field(factory=LeaseClock)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -129,34 +161,3 @@ class Timer:
         """A due time this server wrote (``due``), or None: something changed, re-read."""
         self.mailbox.address.tell_nowait(due)
 
-
-# How fast the lease clock catches up with the wall clock after a step forward: slower than
-# the margin a worker keeps before its local lease deadline (10% of the TTL), so a lease
-# never expires here before its holder stops trusting it.
-CATCH_UP = 0.05
-
-
-@attrs.define
-class LeaseClock:
-    """The wall clock as lease expiry reads it: a step forward (an NTP step, a VM restored)
-    is absorbed, then caught up at ``CATCH_UP`` of real time; a step back is followed.
-
-    A worker stops starting task bodies a margin before its lease ends by its own clock
-    (``Worker._lease_deadline``); it cannot see this server's clock step forward, and a
-    lease expired by the stepped clock let another worker run a task the first one was
-    about to run (simulation: the servers' clock stepped +2.5 s while a worker paused after
-    its task start's acknowledgement; it woke inside its margin and ran the body after the
-    other worker's result was committed). Lease expiry is the one decision here that must
-    not come early by real time: sleeps and schedules follow the wall clock as before."""
-
-    lag: float = 0.0  # how far behind the wall clock it reads
-    _last: tuple[float, float] | None = None  # (wall, Trio time) at the last reading
-
-    def now(self, wall: float) -> float:
-        mono = trio.current_time()
-        if self._last is not None:
-            elapsed = mono - self._last[1]
-            stepped = (wall - self._last[0]) - elapsed
-            self.lag = max(0.0, self.lag + stepped - CATCH_UP * elapsed)
-        self._last = (wall, mono)
-        return wall - self.lag

@@ -87,13 +87,19 @@ async def test_a_client_waiting_for_a_run_it_queued_costs_no_read_and_hears_its_
     store = CountingStore()
     async with aiki.embedded(store, sources=Sources.seeded(3)) as client:
         handle = await double.enqueue(client, 4)
+        heard: list[int] = []
+
+        async def first_watch() -> None:
+            heard.append(await handle.wait_for_completion(timeout=30))
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(handle.wait_for_completion)
+            nursery.start_soon(first_watch)
             await trio.sleep(1)
             assert store.reads == 0  # the watch read nothing: the server queued the run
             async with aiki.worker(client, workflows=[double]):
                 await trio.sleep(1)
-        # The first watch heard the end; a later one reads the run (vouched for once).
+        assert heard == [8]  # the first watch heard the end (within its timeout)
+        # A later watch reads the run (vouched for once).
         assert await handle.wait_for_completion(timeout=30) == 8
         assert store.reads == 1
 
