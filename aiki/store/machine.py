@@ -810,10 +810,11 @@ def save_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
     if step.kind in ("sleep", "event", "child", "join"):
         raise StepConflict(f"run {run.id}: step {step.position} is a {step.kind} step; "
                            "wait steps are recorded by AwaitStep")
+    renewed = start and lease_ttl is not None
     if start and lease_ttl is not None:
         run = evolve(run, lease_expires_at=now + lease_ttl, updated_at=now)
     if not step_write_changes(run.id, old, step, save=not start):
-        return NOTHING if not (start and lease_ttl is not None) else Change(run)
+        return Change(run) if renewed else NOTHING
     if step.idempotency_key is not None and keyed_elsewhere is not None:
         raise key_conflict_error(run.id, step, keyed_elsewhere)
     if start:
@@ -821,7 +822,7 @@ def save_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,
         event, detail = "task.running", None
     else:
         event, detail = history_event_for_step(step)
-    return Change(evolve(run, updated_at=now), (step,), history=(Entry(
+    return Change(run if renewed else evolve(run, updated_at=now), (step,), history=(Entry(
         now, event, step.attempts, lease.worker_id, step.position, step.name, detail),))
 
 

@@ -10,6 +10,10 @@ it to that): same outcomes, same records, same history events.
   it writes, so an op refused on purpose (``StaleLease``, ``StepConflict``) writes nothing and
   the rest of the batch goes on. Any ``sqlite3`` error rolls the whole batch back and raises
   :class:`~aiki.errors.StoreUnavailable` naming the cause.
+- A batch's task starts and outcomes, and the completions of runs whose end writes no other
+  run (the bulk of a busy batch), are decided one by one on the rows as the batch left them
+  and written together, a statement per table for them all (``_Pending``), before any other
+  op reads the store.
 - Idempotent enqueue relies on the unique index on ``runs(workflow, idempotency_key)``:
   ``INSERT ... ON CONFLICT DO NOTHING``, then a select; never a read-then-insert.
 - Blocking calls stay off the Trio thread: by default each call runs in a worker thread via
@@ -195,6 +199,8 @@ FIRING_UPSERT = (
     " ON CONFLICT (schedule_id, key) DO UPDATE SET "
     + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(ScheduleFiring)
                 if f.name not in ("schedule_id", "key")))
+HISTORY_INSERT = ("INSERT INTO history (run_id, at, event, attempt, worker_id, position, name,"
+                  " detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 RUN_UPDATE = ", ".join(f"{f.name} = ?" for f in attrs.fields(RunRecord) if f.name != "id")
 RUN_INSERT = (f"INSERT INTO runs ({RUN_COLUMNS}) VALUES"
               f" ({', '.join('?' for _ in attrs.fields(RunRecord))}) ON CONFLICT DO NOTHING")
@@ -334,11 +340,7 @@ def _write(db: Db, run_id: str, change: m.Change) -> None:
                    (run_id, sent.name, sent.payload, sent.idempotency_key, sent.sent_at,
                     sent.position))
     if change.history:
-        db.executemany(
-            "INSERT INTO history (run_id, at, event, attempt, worker_id, position, name,"
-            " detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(run_id, e.at, e.event, e.attempt, e.worker_id, e.position, e.name, e.detail)
-             for e in change.history])
+        db.executemany(HISTORY_INSERT, [(run_id, *row_of(e)) for e in change.history])
 
 
 def _get_waits(db: Db, run_id: str) -> tuple[WaitRecord, ...]:
@@ -807,16 +809,119 @@ def _apply_one(db: Db, op: o.Op[Any]) -> Any:
     return apply(db, op)
 
 
+# -- task starts and outcomes: decided one by one, written together -------------------------
+class _Pending:
+    """The writes that a batch's task starts and outcomes, and the ends of runs that write
+    no other run, decided and did not write yet: the next such ops of the batch read them
+    back (the run and the step they touch), and they are written together, a statement
+    per table for them all, before any other op reads the store, and before COMMIT.
+
+    Per op, a start or an outcome read its run and its step and wrote three rows (the run,
+    the step, a history event): five statements, each paying the sqlite3 module's own cost
+    in Python on top of SQLite's. The decisions are the state machine's, in the batch's
+    order, on exactly the rows the store would hold: nothing else reads or writes between
+    them (any other op first writes what is pending).
+
+    Measured and left out (embedded, 100 concurrent, 10 interleaved pairs each): reading
+    ahead the runs and steps of all the batch's next such ops, one statement each (0.96x
+    against this), and enqueues and claims kept pending too (a batch of 75 ops then
+    written in one go instead of four: 0.99x)."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, RunRecord] = {}
+        self.steps: dict[tuple[str, str], StepRecord] = {}  # in the order first written
+        self.history: list[tuple[Any, ...]] = []
+        self.cleared: list[str] = []  # runs whose waits end (none are written here)
+
+    def run(self, db: Db, run_id: str) -> RunRecord | None:
+        run = self.runs.get(run_id)
+        return run if run is not None else _get_run(db, run_id)
+
+    def step(self, db: Db, run_id: str, position: str) -> StepRecord | None:
+        step = self.steps.get((run_id, position))
+        return step if step is not None else _get_step(db, run_id, position)
+
+    def write(self, db: Db, run_id: str, change: m.Change) -> None:
+        """Keep ``change`` to write with the others; one they cannot hold (steps dropped,
+        events, waits begun) is written now, after them."""
+        if change.dropped or change.consumed or change.sent is not None or change.waits:
+            self.flush(db)
+            _write(db, run_id, change)
+            return
+        if change.run is not None:
+            self.runs[run_id] = change.run
+        for step in change.steps:
+            self.steps[run_id, step.position] = step
+        if change.waits is not None:
+            self.cleared.append(run_id)
+        self.history += [(run_id, *row_of(e)) for e in change.history]
+
+    def flush(self, db: Db) -> None:
+        if self.runs:
+            db.executemany(f"UPDATE runs SET {RUN_UPDATE} WHERE id = ?",
+                           [(*row_of(run)[1:], run.id) for run in self.runs.values()])
+            self.runs = {}
+        if self.cleared:
+            db.executemany("DELETE FROM waits WHERE run_id = ?", [(i,) for i in self.cleared])
+            self.cleared = []
+        if self.steps:
+            db.executemany(STEP_UPSERT, [(run_id, run_id, *row_of(step))
+                                         for (run_id, _), step in self.steps.items()])
+            self.steps = {}
+        if self.history:
+            db.executemany(HISTORY_INSERT, self.history)
+            self.history = []
+
+
+def _pending_op(db: Db, op: o.Op[Any], pending: _Pending) -> tuple[bool, Any]:
+    """``op`` decided with ``pending`` if it is a task start or outcome (with no idempotency
+    key: a key looks at the run's other steps) or the completion of a run whose end writes
+    no other run: (True, its outcome). Else (False, None): nothing read or written."""
+    if isinstance(op, (o.StartStep, o.SaveStep)):
+        new = op.step
+        if new.idempotency_key is not None:
+            return False, None
+        run_id = op.lease.run_id
+        start = isinstance(op, o.StartStep)
+        change = m.save_step(pending.run(db, run_id), op.lease,
+                             pending.step(db, run_id, new.position), None, new, op.now,
+                             start=start,
+                             lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
+        pending.write(db, run_id, change)
+        return True, bool(change.history)
+    if isinstance(op, o.CompleteRun):
+        run_id = op.lease.run_id
+        run = pending.run(db, run_id)
+        if run is None or not m.ends_alone(run):
+            return False, None
+        run = m.fenced(op.lease, m.unpaused(op.lease, run))
+        change = m.finish(run, op.lease, op.now, result=op.result,
+                          children=_unfinished(db, run_id))
+        pending.write(db, run_id, change)
+        if change.run is None:
+            return True, run
+        if change.run.state in TERMINAL_RUN_STATES:
+            o.note_ended(change.run)  # (as _ended would: it has no parent, no schedule)
+        return True, change.run
+    return False, None
+
+
 def _apply_batch(db: Db, ops: Sequence[o.Op[Any]]) -> list[Any]:
     db.execute("BEGIN IMMEDIATE")
     try:
         outcomes: list[Any] = []
+        pending = _Pending()
         with o.noting_ends() as ended:
             for op in ops:
                 try:
-                    outcomes.append(_apply_one(db, op))
+                    done, outcome = _pending_op(db, op, pending)
+                    if not done:
+                        pending.flush(db)
+                        outcome = _apply_one(db, op)
+                    outcomes.append(outcome)
                 except AikiError as exc:  # refused on purpose; it wrote nothing
                     outcomes.append(exc)
+            pending.flush(db)
         db.execute("COMMIT")
     except BaseException:
         _rollback(db)

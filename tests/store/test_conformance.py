@@ -278,6 +278,20 @@ async def test_requeued_run_keeps_its_place_in_the_queue(store: Store) -> None:
     assert [c.run.id for c in await claim(store, now=16.0)] == ["r1", "r2"]
 
 
+async def test_claims_in_one_batch_lease_each_run_once(store: Store) -> None:
+    """Enqueues and claims of one batch, each claim seeing what the ones before it leased
+    (SQLite keeps a claim's writes to write with the batch's next ones)."""
+    await execute(store, enqueue("r1"))
+    first, _, second, third = await store.apply([
+        o.Claim("w1", (WF1,), 1, 10.0, 30.0), enqueue("r2"),
+        o.Claim("w2", (WF1,), 5, 10.0, 30.0), o.Claim("w3", (WF1,), 5, 10.0, 30.0)])
+    assert [(c.run.id, c.run.lease_owner) for c in (*first, *second, *third)] == [
+        ("r1", "w1"), ("r2", "w2")]
+    assert [(r.id, r.state, r.lease_owner) for r in await store.list_runs()] == [
+        ("r2", "running", "w2"), ("r1", "running", "w1")]
+    assert [e[1] for e in await events(store, "r2")] == ["run.queued", "run.running"]
+
+
 async def test_claim_increments_attempts_and_returns_existing_steps(store: Store) -> None:
     lease = await claim_one(store, "r1", now=10.0, ttl=5.0)
     await store.apply([
@@ -618,6 +632,48 @@ async def test_last_outcomes_and_completions_of_several_runs_in_one_batch(store:
         assert [s.state for s in await store.get_steps(run_id)] == ["completed"]
         assert [e[1] for e in await events(store, run_id)][-2:] == ["task.completed",
                                                                     f"run.{state}"]
+
+
+async def test_a_start_after_its_runs_completion_in_the_same_batch_is_refused(
+        store: Store) -> None:
+    """The later ops of a run in a batch see what the earlier ones did, also where SQLite
+    decides a batch's task starts, outcomes and completions before it writes them."""
+    lease = await claim_one(store, "r1")
+    await execute(store, o.StartStep(lease, step("0", state="running"), 10.5))
+    outcomes = await store.apply([
+        o.SaveStep(lease, step("0"), 11.0), o.CompleteRun(lease, '"a"', 11.0),
+        o.StartStep(lease, step("1", state="running"), 11.5, 60.0),
+        o.SaveStep(lease, step("1"), 11.5),
+    ])
+    assert [type(x).__name__ if isinstance(x, AikiError) else getattr(x, "state", x)
+            for x in outcomes] == [True, "completed", "StaleLease", "StaleLease"]
+    assert [(s.position, s.state) for s in await store.get_steps("r1")] == [("0", "completed")]
+    run = await store.get_run("r1")
+    assert run is not None and (run.state, run.lease_expires_at, run.updated_at) == (
+        "completed", None, 11.0)
+
+
+async def test_a_runs_ops_on_both_sides_of_an_enqueue_in_a_batch(store: Store) -> None:
+    """A start that renews the lease, an enqueue, then the start's outcome: the outcome sees
+    the renewed lease (SQLite writes what it decided before the enqueue, and reads on)."""
+    lease = await claim_one(store, "r1")
+    outcomes = await store.apply([
+        o.StartStep(lease, step("0", state="running"), 11.0, 60.0), enqueue("r2"),
+        o.SaveStep(lease, step("0"), 12.0), enqueue("r3"), o.CompleteRun(lease, '"a"', 13.0),
+    ])
+    assert [getattr(x, "state", x) for x in outcomes] == [
+        True, o.EnqueueOutcome("r2", True), True, o.EnqueueOutcome("r3", True), "completed"]
+    assert [(s.position, s.state) for s in await store.get_steps("r1")] == [("0", "completed")]
+    assert [e[1] for e in await events(store, "r1")][-3:] == [
+        "task.running", "task.completed", "run.completed"]
+
+
+async def test_a_renewed_lease_is_kept_by_the_outcome_after_an_enqueue(store: Store) -> None:
+    lease = await claim_one(store, "r1")
+    await store.apply([o.StartStep(lease, step("0", state="running"), 11.0, 60.0),
+                       enqueue("r2"), o.SaveStep(lease, step("0"), 12.0)])
+    run = await store.get_run("r1")
+    assert run is not None and (run.lease_expires_at, run.updated_at) == (71.0, 12.0)
 
 
 # -- suspend, wake, release, finish -------------------------------------------------------
