@@ -7,6 +7,7 @@ nothing sleeps.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -674,6 +675,26 @@ async def test_a_renewed_lease_is_kept_by_the_outcome_after_an_enqueue(store: St
                        enqueue("r2"), o.SaveStep(lease, step("0"), 12.0)])
     run = await store.get_run("r1")
     assert run is not None and (run.lease_expires_at, run.updated_at) == (71.0, 12.0)
+
+
+async def test_a_batch_stores_text_and_floats_as_sent(store: Store) -> None:
+    """Text past ASCII, quotes and backslashes, and floats of every size, infinity among
+    them, come back as sent from a batch of several runs' starts and outcomes (which
+    PostgreSQL writes as columns of arrays, SQLite as a statement per table)."""
+    await store.apply([enqueue("r1"), enqueue("r2")])
+    a, b = (c.lease for c in await claim(store, now=10.0))
+    await store.apply([o.StartStep(a, step("0", state="running"), 11.0, math.inf),
+                       o.StartStep(b, step("0", state="running"), 11.0, 60.0)])
+    assert [(r.id, r.lease_expires_at) for r in await store.list_runs()] == [
+        ("r2", 71.0), ("r1", math.inf)]
+    retrying = attrs.evolve(step("0", "charge ☃ \u00e9", state="retrying",
+                                 error=("Flaky", 'it\'s "quoted" \\ ☃')),
+                            next_attempt_at=1.5e-7 + 20.0)
+    await store.apply([o.SaveStep(a, retrying, 1234567890.123456789),
+                       o.SaveStep(b, retrying, 12.0)])
+    assert [await store.get_steps(r) for r in ("r1", "r2")] == [(retrying,), (retrying,)]
+    assert [(r.id, r.updated_at) for r in await store.list_runs()] == [
+        ("r2", 12.0), ("r1", 1234567890.123456789)]
 
 
 # -- suspend, wake, release, finish -------------------------------------------------------
