@@ -281,7 +281,7 @@ async def test_requeued_run_keeps_its_place_in_the_queue(store: Store) -> None:
 
 async def test_claims_in_one_batch_lease_each_run_once(store: Store) -> None:
     """Enqueues and claims of one batch, each claim seeing what the ones before it leased
-    (SQLite keeps a claim's writes to write with the batch's next ones)."""
+    and the runs queued before it."""
     await execute(store, enqueue("r1"))
     first, _, second, third = await store.apply([
         o.Claim("w1", (WF1,), 1, 10.0, 30.0), enqueue("r2"),
