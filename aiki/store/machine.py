@@ -158,6 +158,14 @@ class Change:
 NOTHING = Change()
 
 
+def rows_only(change: Change) -> bool:
+    """Whether ``change`` writes no more than its run's row, steps and history events (and
+    may end the run's waits): what a store may write together with other runs' changes of
+    the same kind, a statement per table."""
+    return (not change.dropped and not change.consumed and change.sent is None
+            and change.waits in (None, ()))
+
+
 # -- errors ----------------------------------------------------------------------------------
 def stale_lease_error(lease: Lease, run: RunRecord | None) -> StaleLease:
     if run is None:
@@ -786,6 +794,14 @@ def history_event_for_step(step: StepRecord) -> tuple[str, str | None]:
     if step.state == "failed":
         return "task.failed", f"{step.error_type}: {step.error_message}"
     return f"task.{step.state}", None
+
+
+def decide_step(op: o.StartStep | o.SaveStep, run: RunRecord | None, old: StepRecord | None,
+                keyed_elsewhere: str | None) -> Change:
+    """:func:`save_step` for a store's StartStep or SaveStep op, given what it read."""
+    lease_ttl = op.lease_ttl if isinstance(op, o.StartStep) else None
+    return save_step(run, op.lease, old, keyed_elsewhere, op.step, op.now,
+                     start=isinstance(op, o.StartStep), lease_ttl=lease_ttl)
 
 
 def save_step(run: RunRecord | None, lease: Lease, old: StepRecord | None,

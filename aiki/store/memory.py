@@ -196,10 +196,8 @@ class MemoryStore:
             keyed = next((s.position for s in steps.values()
                           if s.position != op.step.position and s.name == op.step.name
                           and s.idempotency_key == op.step.idempotency_key), None)
-            change = m.save_step(
-                runs.get(op.lease.run_id), op.lease, steps.get(op.step.position), keyed,
-                op.step, op.now, start=isinstance(op, o.StartStep),
-                lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
+            change = m.decide_step(op, runs.get(op.lease.run_id),
+                                   steps.get(op.step.position), keyed)
             self._write(op.lease.run_id, change)
             return bool(change.history)
         if isinstance(op, (o.CompleteRun, o.FailRun)):

@@ -419,9 +419,8 @@ def _save_step(db: Db, op: o.StartStep | o.SaveStep) -> bool:
             (run_id, new.name, new.idempotency_key, new.position),
         ).fetchone()
         keyed = None if row is None else row[0]
-    change = m.save_step(_get_run(db, run_id), op.lease, _get_step(db, run_id, new.position),
-                         keyed, new, op.now, start=isinstance(op, o.StartStep),
-                         lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
+    change = m.decide_step(op, _get_run(db, run_id), _get_step(db, run_id, new.position),
+                           keyed)
     _write(db, run_id, change)
     return bool(change.history)
 
@@ -844,7 +843,7 @@ class _Pending:
     def write(self, db: Db, run_id: str, change: m.Change) -> None:
         """Keep ``change`` to write with the others; one they cannot hold (steps dropped,
         events, waits begun) is written now, after them."""
-        if change.dropped or change.consumed or change.sent is not None or change.waits:
+        if not m.rows_only(change):
             self.flush(db)
             _write(db, run_id, change)
             return
@@ -878,15 +877,11 @@ def _pending_op(db: Db, op: o.Op[Any], pending: _Pending) -> tuple[bool, Any]:
     key: a key looks at the run's other steps) or the completion of a run whose end writes
     no other run: (True, its outcome). Else (False, None): nothing read or written."""
     if isinstance(op, (o.StartStep, o.SaveStep)):
-        new = op.step
-        if new.idempotency_key is not None:
+        if op.step.idempotency_key is not None:
             return False, None
         run_id = op.lease.run_id
-        start = isinstance(op, o.StartStep)
-        change = m.save_step(pending.run(db, run_id), op.lease,
-                             pending.step(db, run_id, new.position), None, new, op.now,
-                             start=start,
-                             lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
+        change = m.decide_step(op, pending.run(db, run_id),
+                               pending.step(db, run_id, op.step.position), None)
         pending.write(db, run_id, change)
         return True, bool(change.history)
     if isinstance(op, o.CompleteRun):

@@ -546,7 +546,7 @@ async def _save_step(conn: Conn, op: o.StartStep | o.SaveStep) -> bool:
             " AND idempotency_key = $3 AND position <> $4 ORDER BY seq LIMIT 1",
             op.lease.run_id, new.name, new.idempotency_key, new.position,
         )
-    change = _decide(op, runs.get(key[0]), steps[key], keyed)
+    change = m.decide_step(op, runs.get(key[0]), steps[key], keyed)
     await _write(conn, op.lease.run_id, change)
     return bool(change.history)
 
@@ -1123,14 +1123,6 @@ async def _locked_runs_and_steps(
     return runs, steps, children
 
 
-def _decide(op: o.StartStep | o.SaveStep, run: RunRecord | None, old: StepRecord | None,
-            keyed: str | None) -> m.Change:
-    """The state machine's decision on one task start or outcome, given what it reads."""
-    return m.save_step(run, op.lease, old, keyed, op.step, op.now,
-                       start=isinstance(op, o.StartStep),
-                       lease_ttl=op.lease_ttl if isinstance(op, o.StartStep) else None)
-
-
 class _Writes:
     """The changes decided so far in a group of steady ops, written in one statement."""
 
@@ -1164,12 +1156,6 @@ class _Writes:
         self._empty()
 
 
-def _simple(change: m.Change) -> bool:
-    """Whether the one statement of :class:`_Writes` can write ``change``."""
-    return (not change.dropped and not change.consumed and change.sent is None
-            and change.waits in (None, ()))
-
-
 async def _apply_steady(conn: Conn, ops: Sequence[Steady]) -> list[Any]:
     """Several task starts and outcomes and ends of runs (of one run or many) in three round
     trips, where one at a time takes three each: a lock of every run and one read of them
@@ -1189,7 +1175,8 @@ async def _apply_steady(conn: Conn, ops: Sequence[Steady]) -> list[Any]:
                 change = m.finish(runs.get(run_id), op.lease, op.now, result=op.result,
                                   children=children.get(run_id, 0))
             else:
-                change = _decide(op, runs.get(run_id), steps[run_id, op.step.position], None)
+                change = m.decide_step(op, runs.get(run_id), steps[run_id, op.step.position],
+                                       None)
         except AikiError as exc:  # refused on purpose; it wrote nothing
             outcomes.append(exc)
             continue
@@ -1198,7 +1185,7 @@ async def _apply_steady(conn: Conn, ops: Sequence[Steady]) -> list[Any]:
         # (The run's row, locked, has the last word on whether its end writes another
         # run: a run id used again after a purge elsewhere may now name a child.)
         alone = ended is None or m.ends_alone(ended)
-        if _simple(change) and alone:
+        if m.rows_only(change) and alone:
             writes.add(run_id, change)
         else:
             await writes.flush(conn)
