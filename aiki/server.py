@@ -24,7 +24,7 @@ from aiki.actors.retention import Retention
 from aiki.actors.session import ServerContext, Session
 from aiki.actors.store_writer import StoreWriter
 from aiki.actors.supervisor import ChildSpec, Supervisor
-from aiki.actors.timer import Timer
+from aiki.actors.timer import LeaseClock, Timer
 from aiki.actors.watchers import RunWatchers
 from aiki.errors import ConfigError
 from aiki.metrics import OLDEST_QUEUED, RUNS_NOW, SESSIONS, SLOTS, WORKERS
@@ -95,7 +95,7 @@ class Server:
         dispatcher = Dispatcher(writer, self.sources, self.lease_ttl, poll,
                                 stranded_after=self.stranded_after)
         timer = Timer(self.store, writer, self.sources, dispatcher.poke,
-                      reconcile_interval=poll)
+                      reconcile_interval=poll, leases=LeaseClock(hold=self.lease_ttl))
         writer.on_expired = dispatcher.expired
         dispatcher.on_leased = timer.hint
         watchers = RunWatchers()

@@ -169,6 +169,10 @@ class World:
     # ends their lease (a completion, a failure, a wait, a release): what then reaches the
     # server is stale, maybe while the run is leased again (to them or to another worker).
     hold_armed: dict[str, float] = attrs.field(factory=dict)
+    # Workers armed as ``armed`` (for how long), whose pause a server's restart with the
+    # servers' clock stepped forward (which server, by how much) goes with: see
+    # ``injector``'s clock faults.
+    restart_armed: dict[str, tuple[float, str, float]] = attrs.field(factory=dict)
     pause_ids: dict[str, int] = attrs.field(factory=dict)
     # A worker in a server's own process (``aiki.embedded`` with ``aiki.worker``): worker
     # name -> server name. Its requests are answered in its own tasks (the memory
@@ -774,9 +778,36 @@ class World:
                 # A server's listening connection drops: the notices meanwhile are lost.
                 assert self.store.notices is not None
                 self.store.notices.cut(r.choice(self.server_names), r.uniform(0.5, 30.0))
+            elif kind == "clock" and r.random() < 0.3:
+                # A server restarts with the servers' clock stepped forward while it was
+                # down (a VM restored from a snapshot, NTP at boot), while a worker sleeps
+                # through most of the lease it renewed just before (armed at its next task
+                # start's acknowledgement): the restarted server's first reading of its
+                # clock comes after the step, and must not expire that lease early by
+                # real time (the worker trusts it for 90% of the TTL by its own clock).
+                # (It wakes between the lease's expiry by the stepped clock and 90% of the
+                # TTL: late enough in that window for another worker to finish the task.)
+                jump = r.uniform(3.0, 5.0)
+                length = LEASE_TTL - jump + r.uniform(0.6, 0.95) * (jump - 0.1 * LEASE_TTL)
+                remote = [w for w in self.worker_names if w not in self.embedded]
+                if remote:
+                    self.restart_armed[r.choice(remote)] = (
+                        length, r.choice(self.server_names), jump)
+                    self.stats["restart with a clock step armed"] += 1
             elif kind == "clock":
                 node = r.choice(nodes)
                 self.jump_clock(node, r.uniform(-5.0, 5.0))
+
+    async def restart_stepped(self, server: str, jump: float) -> None:
+        """Crash ``server``, step the servers' clock ``jump`` seconds forward while it is
+        down, and let it come back: its first reading of the clock is after the step."""
+        await trio.sleep(self.inside_rng.uniform(0.05, 0.3))
+        if not self.faults_on:
+            return
+        self.crash(server, downtime=0.5)
+        self.jump_clock(server, jump)
+        self.ledger.sometimes["a server restarted after a clock step, a worker asleep in "
+                              "its lease"] += 1
 
     def jump_clock(self, node: str, jump: float) -> None:
         """Move ``node``'s clock by ``jump`` seconds. The servers share one clock, so the
@@ -835,6 +866,7 @@ class World:
         if scope is None:
             return
         self.armed.pop(node, None)
+        self.restart_armed.pop(node, None)
         if self.freezer.is_paused(node):  # a paused process is killed: it dies as it stands
             self.freezer.resume(node)
         worker = self.workers.get(node)
@@ -885,6 +917,7 @@ class World:
         self.faults_on = False
         self.armed.clear()
         self.hold_armed.clear()
+        self.restart_armed.clear()
         self.freezer.resume_all()
         self.net.faults = NetworkFaults()
         self.net.up_faults = NetworkFaults()
@@ -999,6 +1032,14 @@ def replies_checked(world: World) -> Iterator[None]:
             raise ConnectionLost("the harness refused a request resolved without its reply")
         if what == "StartStep" and node is not None:
             length = world.armed.pop(node, None)
+            restart = world.restart_armed.pop(node, None)
+            if restart is not None and world.nursery is not None and length is None:
+                length, server, jump = restart
+                token = PROCESS.set(None)  # the world's task, not frozen with the worker
+                try:
+                    world.nursery.start_soon(world.restart_stepped, server, jump)
+                finally:
+                    PROCESS.reset(token)
             if length is not None:
                 world.pause(node, length)
                 await trio.lowlevel.checkpoint()  # frozen here, the start acknowledged

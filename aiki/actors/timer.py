@@ -52,19 +52,46 @@ class LeaseClock:
     about to run (simulation: the servers' clock stepped +2.5 s while a worker paused after
     its task start's acknowledgement; it woke inside its margin and ran the body after the
     other worker's result was committed). Lease expiry is the one decision here that must
-    not come early by real time: sleeps and schedules follow the wall clock as before."""
+    not come early by real time: sleeps and schedules follow the wall clock as before.
+
+    A step that came before this clock's first reading (while the server was down, or as
+    it started) cannot be told from the time that passed: a lease granted or renewed a
+    moment before a restart looks as old as the step makes it. So for ``hold`` seconds of
+    real time from :meth:`start` (the server's lease TTL) no lease expires: whoever holds a
+    lease renewed before the start stops trusting it within the TTL of real time from its
+    last renewal, by its own clock, whatever the servers' clocks did; the leases this
+    server grants last a TTL from their grant anyway. After a restart, the leases of
+    workers that died with the server are given to others up to a TTL later than their
+    expiry time says: the price of never expiring one early."""
 
     lag: float = 0.0  # how far behind the wall clock it reads
+    hold: float = 0.0  # seconds of real time after the start in which nothing expires
     _last: tuple[float, float] | None = None  # (wall, Trio time) at the last reading
+    _started: float | None = None  # Trio time of the first reading
+
+    def start(self, wall: float) -> None:
+        """The server starts (the first reading, once): the hold begins."""
+        if self._started is None:
+            self.now(wall)
 
     def now(self, wall: float) -> float:
+        """What lease expiry compares with ``lease_expires_at``: ``-inf`` while the start's
+        hold lasts (nothing expires)."""
         mono = trio.current_time()
+        if self._started is None:
+            self._started = mono
         if self._last is not None:
             elapsed = mono - self._last[1]
             stepped = (wall - self._last[0]) - elapsed
             self.lag = max(0.0, self.lag + stepped - CATCH_UP * elapsed)
         self._last = (wall, mono)
-        return wall - self.lag
+        return -math.inf if self.holding() > 0.0 else wall - self.lag
+
+    def holding(self) -> float:
+        """Seconds of real time left in the start's hold (0: over, or not started)."""
+        if self._started is None:
+            return 0.0
+        return max(0.0, self._started + self.hold - trio.current_time())
 
 
 @attrs.define(eq=False)
@@ -81,6 +108,7 @@ class Timer:
     leases: LeaseClock = attrs.field(factory=LeaseClock)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.leases.start(self.sources.clock.now())
         task_status.started()
         next_at: float | None = None
         stale = True  # next_at must be read from the store
@@ -94,8 +122,9 @@ class Timer:
                 if next_at is not None and next_at <= now:
                     if not await self._fire(now, next_at):
                         # (A due time of another server's clock, or a lease the clock's
-                        # step forward has not let expire yet.)
-                        await trio.sleep(max(0.01, min(self.leases.lag, 1.0)))
+                        # step forward, or the start's hold, has not let expire yet.)
+                        await trio.sleep(max(0.01, min(max(self.leases.lag,
+                                                           self.leases.holding()), 1.0)))
                     stale = True
                     continue
             except (StoreUnavailable, AskTimeout) as exc:

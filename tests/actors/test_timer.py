@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,3 +96,67 @@ async def test_the_lease_clock_absorbs_a_step_forward_and_catches_up_slower_than
     assert leases.now(wall) == wall  # caught up
     wall -= 3.0  # a step back is followed at once (leases then expire late: safe)
     assert leases.now(wall) == wall
+
+
+async def test_the_lease_clock_expires_nothing_for_a_ttl_of_real_time_after_its_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A step forward before the first reading (while the server was down) cannot be told
+    from time that passed: for the hold (the lease TTL) nothing expires, then the clock
+    reads the wall clock less what it absorbed since the start."""
+    from aiki.actors.timer import CATCH_UP, LeaseClock
+
+    leases = LeaseClock(hold=10.0)
+    wall = 1000.0
+    leases.start(wall)
+    assert leases.holding() == 10.0
+    await trio.sleep(9.9)
+    assert leases.now(wall + 9.9 + 500.0) == -math.inf  # and a step of 500 s meanwhile
+    await trio.sleep(0.2)
+    assert leases.holding() == 0.0
+    # (The step absorbed, caught up at CATCH_UP of the 10.1 s since.)
+    assert leases.now(wall + 10.1 + 500.0) == pytest.approx(wall + 10.1 * (1 + CATCH_UP))
+    leases.start(wall + 1e6)  # a second start (a supervisor restart) holds nothing again
+    assert leases.holding() == 0.0
+
+
+async def test_a_restarted_server_expires_no_lease_for_a_ttl_whatever_its_clock_says(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A run leased before the server (re)started, whose lease expiry has passed by the wall
+    clock at the start (a step forward while the server was down, or downtime: the server
+    cannot tell them apart), is queued again only a lease TTL of real time after the start:
+    its holder may have renewed it just before, and trusts it for up to 90% of the TTL by
+    its own clock. Then it is, and another worker finishes it."""
+    from aiki.records import RunRecord
+    from aiki.server import Server
+    from aiki.sources import Sources, TrioWallClock
+    from aiki.store import ops as o
+    from aiki.transport.memory import MemoryTransport
+
+    store = MemoryStore()
+    granted = 1_700_000_000.0
+    await store.apply([o.Enqueue("r1", "stamp", "1", "null", None, granted)])
+    claimed = (await store.apply([o.Claim("old-worker", (("stamp", "1"),), 1, granted,
+                                          10.0)]))[0]
+    assert [c.run.id for c in claimed] == ["r1"]
+    # The server starts 60 s after the grant by its wall clock (its lease TTL is 10 s).
+    sources = Sources.seeded(1, TrioWallClock(anchor_wall=granted + 60.0))
+    server = Server(store, sources, lease_ttl=10.0)
+    transport = MemoryTransport()
+
+    async def state() -> str:
+        run: RunRecord | None = await store.get_run("r1")
+        assert run is not None
+        return run.state
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, transport, "embedded")
+        start = trio.current_time()
+        await trio.sleep(9.5)
+        assert await state() == "running"  # still old-worker's
+        while await state() == "running":
+            await trio.sleep(0.1)
+        assert 10.0 <= trio.current_time() - start <= 11.5
+        assert await state() == "queued"
+        nursery.cancel_scope.cancel()

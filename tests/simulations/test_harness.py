@@ -745,6 +745,14 @@ def pokes_lost(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Dispatcher, "poke", lambda self: None)
 
 
+def restarted_server_expires_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A restarted server's lease clock holds nothing after its start: a step of the clock
+    # while it was down expires, by real time, a lease renewed just before.
+    from aiki.actors.timer import LeaseClock
+
+    monkeypatch.setattr(LeaseClock, "holding", lambda self: 0.0)
+
+
 def child_start_forgets_to_poke(monkeypatch: pytest.MonkeyPatch) -> None:
     # A child run is queued by its parent's StartChild, and the Dispatcher is not told: the
     # child waits for the next poll, or for another poke, beside free slots.
@@ -856,6 +864,8 @@ def child_start_forgets_to_poke(monkeypatch: pytest.MonkeyPatch) -> None:
         (pokes_lost, ("stayed queued",)),
         # ... only a child's start does not tell it (seed 38).
         (child_start_forgets_to_poke, ("stayed queued",)),
+        # A restarted server expires a lease early by real time after a clock step.
+        (restarted_server_expires_at_once, ("after its result was committed",)),
     ],
     ids=["no-fencing", "ack-before-commit", "read-then-insert", "replay-reexecutes",
          "unfenced-task-starts", "server-ignores-drains", "timer-forgets-the-store",
@@ -872,7 +882,8 @@ def child_start_forgets_to_poke(monkeypatch: pytest.MonkeyPatch) -> None:
          "shield-lifts-the-shared-deadline", "gather-ends-on-its-cut-branches",
          "cut-write-drops-its-riders", "deadline-on-the-workers-clock",
          "commit-effects-dropped", "revoke-left-to-the-heartbeat",
-         "revoked-notices-ignored", "pokes-lost", "child-start-forgets-to-poke"],
+         "revoked-notices-ignored", "pokes-lost", "child-start-forgets-to-poke",
+         "restarted-server-expires-at-once"],
 )
 def test_the_harness_catches_a_known_bad_change(
     monkeypatch: pytest.MonkeyPatch, bad_change: Callable[[pytest.MonkeyPatch], None],
