@@ -266,6 +266,9 @@ class Worker:
         except Abandon:
             pass
         finally:
+            # (The state refers back to ``mine`` through its callbacks: let go of it, so the
+            # run's objects are freed now, not by a full collection of the cycle collector.)
+            mine.state = None
             held = self.held.get(run.id)
             if held is not None and held.scope is scope:
                 del self.held[run.id]
