@@ -24,7 +24,7 @@ from aiki.actors.retention import Retention
 from aiki.actors.session import ServerContext, Session
 from aiki.actors.store_writer import StoreWriter
 from aiki.actors.supervisor import ChildSpec, Supervisor
-from aiki.actors.timer import LeaseClock, Timer
+from aiki.actors.timer import LeaseClock, ObservedClock, Timer
 from aiki.actors.watchers import RunWatchers
 from aiki.errors import ConfigError
 from aiki.metrics import OLDEST_QUEUED, RUNS_NOW, SESSIONS, SLOTS, WORKERS
@@ -88,6 +88,10 @@ class Server:
     doubts: Doubts = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        # (Lease expiry sees every reading of the server's clock: see LeaseClock.)
+        leases = LeaseClock(hold=self.lease_ttl)
+        self.sources = attrs.evolve(self.sources,
+                                    clock=ObservedClock(self.sources.clock, leases))
         writer = StoreWriter(self.store, self.sources.metrics)
         poll = self.poll_interval
         if poll is None and getattr(self.store, "watch", None) is not None:
@@ -95,7 +99,7 @@ class Server:
         dispatcher = Dispatcher(writer, self.sources, self.lease_ttl, poll,
                                 stranded_after=self.stranded_after)
         timer = Timer(self.store, writer, self.sources, dispatcher.poke,
-                      reconcile_interval=poll, leases=LeaseClock(hold=self.lease_ttl))
+                      reconcile_interval=poll, leases=leases)
         writer.on_expired = dispatcher.expired
         dispatcher.on_leased = timer.hint
         watchers = RunWatchers()

@@ -28,7 +28,7 @@ from aiki.actors.store_writer import StoreWriter
 from aiki.errors import StoreUnavailable
 from aiki.metrics import SCHEDULE_LATENESS
 from aiki.records import RunRecord
-from aiki.sources import Sources
+from aiki.sources import Sources, WallClock
 from aiki.store.base import Store
 from aiki.store.ops import ExpireLeases, FireSchedules, Op, WakeDue
 
@@ -70,21 +70,33 @@ class LeaseClock:
     _started: float | None = None  # Trio time of the first reading
 
     def start(self, wall: float) -> None:
-        """The server starts (the first reading, once): the hold begins."""
+        """The first reading (the Timer starts; once): the hold begins."""
         if self._started is None:
-            self.now(wall)
+            self._started = trio.current_time()
+            self._last = (wall, self._started)
+
+    def observe(self, wall: float) -> None:
+        """A reading of the wall clock, by whatever part of the server made it
+        (:class:`ObservedClock`): a step since the last reading is absorbed. Every reading
+        counts: a lease granted on a clock set back, then stepped forward again before
+        expiry looked, would expire early by the second step, which the two looks alone
+        see as no step at all (seed 180)."""
+        if self._last is None:
+            return
+        try:
+            mono = trio.current_time()
+        except RuntimeError:  # read outside the server's Trio thread: not a look it can use
+            return
+        elapsed = mono - self._last[1]
+        stepped = (wall - self._last[0]) - elapsed
+        self.lag = max(0.0, self.lag + stepped - CATCH_UP * elapsed)
+        self._last = (wall, mono)
 
     def now(self, wall: float) -> float:
         """What lease expiry compares with ``lease_expires_at``: ``-inf`` while the start's
         hold lasts (nothing expires)."""
-        mono = trio.current_time()
-        if self._started is None:
-            self._started = mono
-        if self._last is not None:
-            elapsed = mono - self._last[1]
-            stepped = (wall - self._last[0]) - elapsed
-            self.lag = max(0.0, self.lag + stepped - CATCH_UP * elapsed)
-        self._last = (wall, mono)
+        self.start(wall)
+        self.observe(wall)
         return -math.inf if self.holding() > 0.0 else wall - self.lag
 
     def holding(self) -> float:
@@ -92,6 +104,20 @@ class LeaseClock:
         if self._started is None:
             return 0.0
         return max(0.0, self._started + self.hold - trio.current_time())
+
+
+@attrs.define
+class ObservedClock:
+    """The server's wall clock: each reading is shown to its :class:`LeaseClock` too, so
+    a step is seen when it happens, not only when lease expiry next looks."""
+
+    inner: WallClock
+    leases: LeaseClock
+
+    def now(self) -> float:
+        wall = self.inner.now()
+        self.leases.observe(wall)
+        return wall
 
 
 @attrs.define(eq=False)

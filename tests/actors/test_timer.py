@@ -160,3 +160,31 @@ async def test_a_restarted_server_expires_no_lease_for_a_ttl_whatever_its_clock_
         assert 10.0 <= trio.current_time() - start <= 11.5
         assert await state() == "queued"
         nursery.cancel_scope.cancel()
+
+
+async def test_the_lease_clock_sees_every_reading_of_the_servers_clock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A step back, a lease granted on the clock set back, then a step forward as large:
+    between two looks of lease expiry the clock moved by nothing, but the lease's expiry
+    came early by the second step. The server's clock shows each reading to the lease
+    clock (the grant's reading among them), so the step forward is absorbed (seed 180)."""
+    from aiki.actors.timer import CATCH_UP, LeaseClock, ObservedClock
+    from aiki.sources import TrioWallClock
+
+    wall = TrioWallClock(anchor_wall=1000.0)
+    leases = LeaseClock()
+    blind = LeaseClock()  # shown only what lease expiry reads
+    clock = ObservedClock(wall, leases)
+    assert leases.now(clock.now()) == 1000.0  # expiry looks (the Timer starts)
+    assert blind.now(1000.0) == 1000.0
+    await trio.sleep(1.0)
+    wall.offset -= 4.0  # set back
+    granted = clock.now()  # a lease granted: its expiry is granted + TTL, on this clock
+    assert granted == 997.0
+    await trio.sleep(1.0)
+    wall.offset += 4.0  # and forward again
+    # Expiry looks: by real time one second has passed since the grant, and so it reads.
+    assert leases.now(wall.now()) == pytest.approx(granted + 1.0 + CATCH_UP)
+    # Blind to the grant's reading, the clock saw no step: the lease looks 4 s older.
+    assert blind.now(wall.now()) == pytest.approx(granted + 5.0)
