@@ -1032,9 +1032,8 @@ def replies_checked(world: World) -> Iterator[None]:
             raise ConnectionLost("the harness refused a request resolved without its reply")
         if what == "StartStep" and node is not None:
             length = world.armed.pop(node, None)
-            restart = world.restart_armed.pop(node, None)
-            if restart is not None and world.nursery is not None and length is None:
-                length, server, jump = restart
+            if length is None and node in world.restart_armed and world.nursery is not None:
+                length, server, jump = world.restart_armed.pop(node)
                 token = PROCESS.set(None)  # the world's task, not frozen with the worker
                 try:
                     world.nursery.start_soon(world.restart_stepped, server, jump)
