@@ -925,8 +925,8 @@ def test_a_lease_granted_between_two_steps_of_the_clock_is_not_expired_early(
     granted on it, the clock stepped forward again. With the lease clock shown only the
     readings lease expiry makes, the servers that stayed up saw no step between two of
     them and expired the lease early by real time: a task ran after its result was
-    committed. (Rare in short runs: none of seeds 0-199 at 240 s finds it.)"""
-    assert run_one(180, runs=24).violations == []
+    committed. (Rare in short runs: none of seeds 0-199 at 240 s finds it. That it passes
+    with the engine as it is, ``make sim`` shows: it runs every regression seed.)"""
     lease_clock_sees_only_expiry(monkeypatch)
     violations = run_one(180, runs=24).violations
     assert any("after its result was committed" in v for v in violations), violations[:5]
