@@ -27,7 +27,7 @@ from aiki.errors import StaleLease, StoreUnavailable
 from aiki.records import RunRecord, StepRecord, WaitFor
 from aiki.store import Lease, Store, execute, open_store
 from aiki.store import ops as o
-from aiki.store.postgres import PostgresStore, _sql
+from aiki.store.postgres import PostgresStore, _fast, _sql
 from aiki.store.postgres._schema import MIGRATIONS
 from tests.conftest import TestPostgres
 
@@ -130,10 +130,12 @@ async def test_embedded_takes_a_postgresql_url(postgres: TestPostgres) -> None:
 async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
     postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The hot path's statements, counted (each is a round trip to the server): task starts
-    and outcomes together are BEGIN with the lock of their runs (one simple query), one read
-    of the runs with their steps and the transaction's id, one write of steps, runs and
-    history, COMMIT, however many there are.
+    """The hot path's statements, counted (each is a round trip to the server). A batch of
+    one run this store claimed or wrote last (one at a time: a task start with the previous
+    outcome, the last outcome with the run's end) is one statement (``_fast``). Otherwise
+    task starts and outcomes together are BEGIN with the lock of their runs (one simple
+    query), one read of the runs with their steps and the transaction's id, one write of
+    steps, runs and history, COMMIT, however many there are.
     The completion of a run that has no parent goes with them (the store saw that when it
     claimed the run; for a run it did not, one read more asks, and the lock is a statement
     of its own). An op of another kind takes one read and one write of its own; enqueues,
@@ -161,26 +163,22 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
         # returns the transaction's id too.
         assert statements == ["BEGIN", "WITH", "COMMIT"]
         lease = claimed.lease
-        await execute(store, o.StartStep(lease, step("0", state="running"), 3.0, 30.0))
         statements.clear()
-        sent.clear()
+        await execute(store, o.StartStep(lease, step("0", state="running"), 3.0, 30.0))
         outcomes = await store.apply([o.SaveStep(lease, step("0"), 4.0),
                                       o.StartStep(lease, step("1", state="running"), 4.0, 30.0)])
         assert outcomes == [True, True]
-        assert statements == ["BEGIN", "SELECT", "WITH", "COMMIT"]
-        assert sent[0].endswith("WHERE id IN (E'r1') ORDER BY id FOR UPDATE")
-        statements.clear()
         outcomes = await store.apply([o.SaveStep(lease, step("1"), 5.0),
                                       o.CompleteRun(lease, '"done"', 5.0)])
         assert [getattr(x, "state", x) for x in outcomes] == [True, "completed"]
-        assert statements == ["BEGIN", "SELECT", "WITH", "COMMIT"]
+        assert statements == ["WITH", "WITH", "WITH"]  # one statement each, autocommitted
         assert [(s.position, s.state) for s in await store.get_steps("r1")] == [
             ("0", "completed"), ("1", "completed")]
         assert [e.event for e in await store.get_history("r1")] == [
             "run.queued", "run.running", "task.running", "task.completed", "task.running",
             "task.completed", "run.completed"]
-    # A run this store instance did not claim (another server did): one read
-    # asks whether its end writes another run.
+    # A run this store instance did not claim (another server did): the locked way, and
+    # one read asks whether its end writes another run.
     schema = postgres.fresh_schema()
     async with PostgresStore.open(postgres.dsn, schema=schema) as other:
         await execute(other, enqueue("r2"))
@@ -188,8 +186,16 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
         await execute(other, o.StartStep(claimed.lease, step("0", state="running"), 3.0))
     async with PostgresStore.open(postgres.dsn, schema=schema) as store:
         statements.clear()
-        outcomes = await store.apply([o.SaveStep(claimed.lease, step("0"), 4.0),
-                                      o.CompleteRun(claimed.lease, '"done"', 4.0)])
+        sent.clear()
+        outcomes = await store.apply([
+            o.SaveStep(claimed.lease, step("0"), 4.0),
+            o.StartStep(claimed.lease, step("1", state="running"), 4.0, 30.0)])
+        assert outcomes == [True, True]
+        assert statements == ["BEGIN", "SELECT", "WITH", "COMMIT"]
+        assert sent[0].endswith("WHERE id IN (E'r2') ORDER BY id FOR UPDATE")
+        statements.clear()
+        outcomes = await store.apply([o.SaveStep(claimed.lease, step("1"), 5.0),
+                                      o.CompleteRun(claimed.lease, '"done"', 5.0)])
         assert [getattr(x, "state", x) for x in outcomes] == [True, "completed"]
         assert statements == ["BEGIN", "SELECT", "SELECT", "SELECT", "WITH", "COMMIT"]
 
@@ -583,6 +589,11 @@ async def test_a_stopped_server_fails_calls_clearly_and_the_store_recovers(
 
 
 # -- a commit whose outcome is unknown ------------------------------------------------------------
+def locked_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every batch goes the locked way (a transaction), none in one statement (``_fast``)."""
+    monkeypatch.setattr(_fast, "plan", lambda ops, fresh: None)
+
+
 async def lose_reply_after_commit(conn: Any) -> None:
     await conn.execute("COMMIT")
     conn.terminate()
@@ -625,9 +636,11 @@ async def test_the_transaction_id_of_a_batch_locked_with_its_begin_resolves_its_
 ) -> None:
     """A batch of task starts and outcomes learns its transaction's id from its read (the
     lock sent with BEGIN assigned it), not from a statement of its own: the id that settles
-    a commit whose reply was lost. The run's id has the characters a literal must escape."""
+    a commit whose reply was lost. The run's id has the characters a literal must escape.
+    (The locked way: see test_postgres_fast.py for the one-statement writes.)"""
     from tests.store.test_conformance import step
 
+    locked_way(monkeypatch)
     run_id = "it's a \\ run \"of\" \u00e9t\u00e9'"
     async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
         await execute(store, enqueue(run_id))

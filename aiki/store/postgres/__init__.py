@@ -12,7 +12,8 @@ How it is built
     side, one coroutine per store call with the whole transaction inside, so a call crosses
     from Trio to the loop's thread once; nothing there touches Trio. ``_schema``: numbered
     migrations, applied at open under a transaction-scoped advisory lock so concurrent
-    starts apply each exactly once.
+    starts apply each exactly once. ``_fast``: a batch of one run this store claimed or
+    wrote last, in one autocommitted statement (below).
     ``_store``: :class:`PostgresStore`, the Trio side.
 
 Concurrency between servers
@@ -21,6 +22,16 @@ Concurrency between servers
     servers never lease one run at once and never wait on each other's rows. Idempotent
     enqueue is ``INSERT ... ON CONFLICT DO NOTHING`` on a unique index, then a select.
     Transactions run at READ COMMITTED.
+
+One statement for a run this store knows as it is
+    One at a time, each batch after a run's claim is ops of that one run (a task start with
+    the previous outcome; the last outcome with the run's end). The store keeps what it
+    claimed or last wrote of such a run, with the row's version (``xmin``); the state
+    machine decides on that, and the writes go in one autocommitted statement that locks
+    the row only if its version is unchanged, and writes nothing otherwise (then the batch
+    goes the locked way). Every write of a run's steps also writes the run's row, so the
+    version changes with anything a decision reads. One round trip where a transaction
+    takes four: a run of three tasks one at a time takes 8 statements, not 20.
 
 Wake-ups between servers
     A trigger (migration 2) notifies channel ``aiki_work:<schema>`` whenever a run becomes
@@ -46,7 +57,10 @@ When the database goes away
       has not noticed its client is gone): that process is terminated and waited for
       (``pg_terminate_backend(pid, 5000)``), and the status read again. If the database
       does not come back within ``retry_for`` to answer, or the status is still not final,
-      ``StoreUnavailable`` says the batch may or may not have been applied.
+      ``StoreUnavailable`` says the batch may or may not have been applied. A batch written
+      in one autocommitted statement has no transaction id to read in time: its first
+      history event is looked up instead, after the old server process is terminated and
+      waited for.
 
     This relies on the commit being durable where it is read back: with synchronous
     replication and a failover to a standby that had not received the commit, ``aborted``
@@ -58,7 +72,9 @@ Cancellation
     A Trio cancel in the middle of a call cancels the asyncio task; the connection it was
     using is terminated (the server rolls back) rather than given back to the pool, and the
     pool opens a new one when needed. The call returns ``trio.Cancelled`` only after that
-    cleanup, so the pool is always left healthy.
+    cleanup, so the pool is always left healthy. A cancelled autocommitted statement (which
+    may be waiting for a row's lock, and would commit when it got it: its server process
+    does not notice the client left) has its server process terminated first.
 """
 
 from __future__ import annotations

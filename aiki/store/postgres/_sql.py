@@ -103,6 +103,11 @@ def _run_and_history(step: bool, clear_waits: bool) -> str:
     return sql + " " + HISTORY_INSERT
 
 
+# A run's row changes in every transaction that writes its steps, even when nothing of the
+# row itself does: its version (``xmin``) then tells whether the run or any of its steps
+# changed since it was read, as ``_fast`` relies on.
+TOUCH = "UPDATE runs SET lease_epoch = lease_epoch WHERE id = ANY($1::text[])"
+
 HISTORY_INSERT = (
     "INSERT INTO history (run_id, at, event, attempt, worker_id, position, name, detail)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
@@ -124,12 +129,16 @@ class CommitUnknown(Exception):
     """The connection failed after COMMIT was sent: the batch may or may not be kept.
 
     ``outcomes`` are what the batch produced if it was committed; ``xid`` is its transaction
-    id (``pg_xact_status`` tells its fate), ``pid`` the server process that ran it.
+    id (``pg_xact_status`` tells its fate), ``pid`` the server process that ran it. A batch
+    written by one autocommitted statement (``_fast``) has no id it could learn in time:
+    ``receipt`` is the first history event it writes, which tells its fate instead.
     """
 
-    def __init__(self, cause: BaseException, outcomes: list[Any], xid: str, pid: int) -> None:
+    def __init__(self, cause: BaseException, outcomes: list[Any], xid: str | None, pid: int,
+                 receipt: History | None = None) -> None:
         super().__init__(describe(cause))
         self.cause, self.outcomes, self.xid, self.pid = cause, outcomes, xid, pid
+        self.receipt = receipt
 
 
 CONNECT_FAILURES = (
@@ -314,6 +323,8 @@ async def _write(conn: Conn, run_id: str, change: m.Change) -> None:
                            run_id, list(change.dropped))
     run = change.run
     steps = change.steps
+    if run is None and (steps or change.dropped):
+        await conn.execute(TOUCH, [run_id])
     # The usual change (a step, the run, its events, its waits ended) goes in one round
     # trip, below.
     single = run is not None and bool(history)
@@ -428,13 +439,13 @@ _CLAIM = (  # the runs leased, each with its steps (a row per step, or one of NU
     " lease_epoch = lease_epoch + 1, lease_owner = $4, lease_expires_at = $5,"
     " updated_at = $6 WHERE id IN (SELECT id FROM runs WHERE state = 'queued'"
     " AND (workflow, version) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
-    f" ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING seq, {RUN_COLUMNS}),"
+    f" ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING seq, xmin, ctid, {RUN_COLUMNS}),"
     " logged AS (INSERT INTO history (run_id, at, event, attempt, worker_id, detail)"
     " SELECT id, $6, 'run.running', attempts, $4, 'lease epoch ' || lease_epoch"
     " FROM claimed ORDER BY seq)"
     " SELECT " + ", ".join(f"c.{f.name}" for f in attrs.fields(RunRecord)) + ", "
     + ", ".join(f"s.{f.name}" for f in attrs.fields(StepRecord))
-    + ", pg_current_xact_id_if_assigned()::text"
+    + ", c.xmin::text, c.ctid::text, pg_current_xact_id_if_assigned()::text"
     " FROM claimed c LEFT JOIN steps s ON s.run_id = c.id ORDER BY c.seq, s.seq")
 
 
@@ -446,14 +457,17 @@ async def _claim(conn: Conn, op: o.Claim) -> tuple[ClaimedRun, ...]:
                             op.limit, op.worker_id, op.now + op.lease_ttl, op.now)
     runs: dict[str, RunRecord] = {}
     steps: dict[str, list[StepRecord]] = {}
+    batch = _batch.get()
     for row in rows:
         values = tuple(row)
         run_id = values[0]
         if run_id not in runs:
             runs[run_id] = RunRecord(*values[:_N_RUN])
             steps[run_id] = []
+            if batch is not None:
+                batch.versions[run_id] = (values[-3], values[-2])
         if values[_N_RUN] is not None:
-            steps[run_id].append(StepRecord(*values[_N_RUN:-1]))
+            steps[run_id].append(StepRecord(*values[_N_RUN:-3]))
     _note_xid(rows)
     return tuple(ClaimedRun(run, tuple(steps[run.id])) for run in runs.values())
 
@@ -1017,7 +1031,10 @@ _SAVE_ALL = (  # steps, runs and history events, each a column of arrays, and th
     + f" FROM {_unnest(1 + len(_STEP_TYPES), _RUN_TYPES)} AS v({RUN_COLUMNS})"
     " WHERE runs.id = v.id),"
     " cleared AS (DELETE FROM waits WHERE run_id = ANY("
-    f"${1 + len(_STEP_TYPES) + len(_RUN_TYPES) + len(_HISTORY_TYPES)}::text[]))"
+    f"${1 + len(_STEP_TYPES) + len(_RUN_TYPES) + len(_HISTORY_TYPES)}::text[])),"
+    # (the runs whose steps change and whose rows do not: see TOUCH)
+    " touched AS (UPDATE runs SET lease_epoch = lease_epoch WHERE id = ANY("
+    f"${2 + len(_STEP_TYPES) + len(_RUN_TYPES) + len(_HISTORY_TYPES)}::text[]))"
     " INSERT INTO history (run_id, at, event, attempt, worker_id, position, name, detail)"
     f" SELECT * FROM {_unnest(1 + len(_STEP_TYPES) + len(_RUN_TYPES), _HISTORY_TYPES)}")
 # The runs of ``$1`` (their ids), for :func:`aiki.store.machine.ends_alone`.
@@ -1147,12 +1164,13 @@ class _Writes:
 
     async def flush(self, conn: Conn) -> None:
         if self.runs or self.steps or self.cleared:
+            touched = list(dict.fromkeys(k[0] for k in self.steps if k[0] not in self.runs))
             await conn.execute(
                 _SAVE_ALL,
                 *_columns([(k[0], *row_of(s)) for k, s in self.steps.items()],
                           len(_STEP_TYPES)),
                 *_columns([row_of(r) for r in self.runs.values()], len(_RUN_TYPES)),
-                *_columns(self.history, len(_HISTORY_TYPES)), self.cleared)
+                *_columns(self.history, len(_HISTORY_TYPES)), self.cleared, touched)
         self._empty()
 
 
@@ -1322,18 +1340,20 @@ def _begin(ops: Sequence[o.Op[Any]]) -> str:
 
 @attrs.define
 class _Batch:
-    """The batch a connection applies now (:func:`run_batch`), as its statements see it.
+    """The batch a connection applies now (:func:`apply_batch`), as its statements see it.
 
     ``locked``: the runs its BEGIN locked. A batch of task starts and outcomes and ends of
     runs locks its runs first whatever it does next (:func:`_locked_runs_and_steps`), so the
     lock goes with BEGIN, in one round trip (a simple query: the ids as literals), and is
     not sent again. ``xid``: the transaction's id, once a statement read it: a row lock
     assigns one, so the read after the lock returns it, and the read before COMMIT (for the
-    fate of a commit whose reply is lost) is not sent either.
+    fate of a commit whose reply is lost) is not sent either. ``versions``: the row version
+    (``xmin``) and place (``ctid``) of each run a claim of the batch leased.
     """
 
     locked: frozenset[str] = frozenset()
     xid: str | None = None
+    versions: dict[str, tuple[str, str]] = attrs.Factory(dict)  # claimed: (xmin, ctid)
 
 
 _batch: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar(
@@ -1387,36 +1407,34 @@ async def commit(conn: Conn) -> None:
     await conn.execute("COMMIT")
 
 
-async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]], parents: Parents) -> list[Any]:
-    """Apply ``ops`` in one transaction; one outcome per op (refusals are outcomes)."""
-
-    async def body(conn: Conn) -> list[Any]:
-        pid = conn.get_server_pid()  # (unknown once the connection is gone)
-        begin, locked = _begin_and_lock(ops, parents)
-        batch = _Batch(locked)
-        _batch.set(batch)  # (this call's own context: the loop runs each call as a task)
-        try:
-            await conn.execute(begin)
-            with o.noting_ends() as noted:
-                outcomes = await _apply_all(conn, ops, parents)
-            outcomes = o.outcomes_of(outcomes, noted)
-            # A transaction that wrote nothing has no id and nothing to lose.
-            xid: str | None = batch.xid or await conn.fetchval(
-                "SELECT pg_current_xact_id_if_assigned()::text")
-        except Exception as exc:
-            if not _lost(exc, conn) and not conn.is_closed():
-                await conn.execute("ROLLBACK")  # keeps the connection for the next call
-            raise  # (a lost or cancelled one is terminated: the server rolls back)
-        try:
-            await commit(conn)
-        except Exception as exc:
-            if xid is not None and _lost(exc, conn):
-                raise CommitUnknown(exc, outcomes, xid, pid) from exc
-            raise
-        parents.applied(ops, outcomes)
-        return outcomes
-
-    return await with_connection(pool, body)
+async def apply_batch(conn: Conn, ops: Sequence[o.Op[Any]], parents: Parents,
+                      ) -> tuple[o.Outcomes, dict[str, tuple[str, str]]]:
+    """Apply ``ops`` in one transaction; one outcome per op (refusals are outcomes), and the
+    row version and place (``xmin``, ``ctid``) of each run the batch claimed."""
+    pid = conn.get_server_pid()  # (unknown once the connection is gone)
+    begin, locked = _begin_and_lock(ops, parents)
+    batch = _Batch(locked)
+    _batch.set(batch)  # (this call's own context: the loop runs each call as a task)
+    try:
+        await conn.execute(begin)
+        with o.noting_ends() as noted:
+            outcomes = await _apply_all(conn, ops, parents)
+        outcomes = o.outcomes_of(outcomes, noted)
+        # A transaction that wrote nothing has no id and nothing to lose.
+        xid: str | None = batch.xid or await conn.fetchval(
+            "SELECT pg_current_xact_id_if_assigned()::text")
+    except Exception as exc:
+        if not _lost(exc, conn) and not conn.is_closed():
+            await conn.execute("ROLLBACK")  # keeps the connection for the next call
+        raise  # (a lost or cancelled one is terminated: the server rolls back)
+    try:
+        await commit(conn)
+    except Exception as exc:
+        if xid is not None and _lost(exc, conn):
+            raise CommitUnknown(exc, outcomes, xid, pid) from exc
+        raise
+    parents.applied(ops, outcomes)
+    return outcomes, batch.versions
 
 
 async def run_read(pool: Pool, read: Callable[[Conn], Awaitable[T]]) -> T:

@@ -3,6 +3,7 @@ ridden out here (see the package docstring for the whole story)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
@@ -27,7 +28,7 @@ from aiki.records import (
 )
 from aiki.store import ops as o
 from aiki.store import redact_url as redact
-from aiki.store.postgres import _sql
+from aiki.store.postgres import _fast, _sql
 
 T = TypeVar("T")
 log = logging.getLogger("aiki.store.postgres")
@@ -57,6 +58,7 @@ class PostgresStore:
         self._resources = resources
         self._closed = False
         self._parents = _sql.Parents()  # (touched on the asyncio loop only)
+        self._fresh = _fast.Fresh()  # (likewise)
 
     @classmethod
     def open(
@@ -191,27 +193,33 @@ class PostgresStore:
 
         async def attempt() -> list[Any]:
             try:
-                return await self._bridge.run(_sql.run_batch, self._pool, ops, self._parents)
+                return await self._bridge.run(_fast.run_batch, self._pool, ops, self._parents,
+                                              self._fresh)
             except _sql.CommitUnknown as unknown:
-                xid, pid = unknown.xid, unknown.pid
-                status = await self._call(
-                    f"reading the fate of transaction {xid}",
-                    lambda: self._bridge.run(_sql.transaction_status, self._pool, xid, pid),
-                )
+                status = await self._call(f"reading the fate of {_what(unknown)}",
+                                          functools.partial(self._fate, unknown))
                 if status == "committed":
-                    log.warning("the connection to %s died after COMMIT; transaction %s was "
-                                "committed (re-read)", self.dsn, unknown.xid)
+                    log.warning("the connection to %s died after COMMIT; %s was committed "
+                                "(re-read)", self.dsn, _what(unknown))
                     return unknown.outcomes
                 if status == "aborted":
                     raise _sql.NotCommitted(unknown.cause) from unknown
                 raise StoreUnavailable(
                     f"the PostgreSQL store at {self.dsn}: the connection failed after COMMIT "
-                    f"was sent ({unknown}), and whether transaction {unknown.xid} was committed "
+                    f"was sent ({unknown}), and whether {_what(unknown)} was committed "
                     f"cannot be told (its status is {status!r}); the batch may or may not "
                     "have been applied"
                 ) from unknown
 
         return await self._call("apply", attempt)
+
+    async def _fate(self, unknown: _sql.CommitUnknown) -> str | None:
+        if unknown.xid is not None:
+            return await self._bridge.run(_sql.transaction_status, self._pool, unknown.xid,
+                                          unknown.pid)
+        assert unknown.receipt is not None
+        return await self._bridge.run(_fast.statement_fate, self._pool, unknown.receipt,
+                                      unknown.pid)
 
     # -- wake-ups ---------------------------------------------------------------------------
     async def watch(
@@ -268,6 +276,14 @@ class PostgresStore:
             raise StoreUnavailable(f"the PostgreSQL store at {self.dsn} is closed")
         return await _retrying(f"{what} on the PostgreSQL store at {self.dsn}", self.retry_for,
                                attempt)
+
+
+def _what(unknown: _sql.CommitUnknown) -> str:
+    """The write a commit of unknown fate was, as a log line names it."""
+    if unknown.xid is not None:
+        return f"transaction {unknown.xid}"
+    assert unknown.receipt is not None
+    return f"the one-statement write of run {unknown.receipt[0]} ({unknown.receipt[2]})"
 
 
 class Opening:

@@ -1,0 +1,324 @@
+"""A batch of one run, decided on what this store last wrote, in one autocommitted statement.
+
+One at a time, each batch of a run's life after its claim is a task start (with the previous
+task's outcome), or the last outcome with the run's end: ops of one run. In a transaction
+that is four round trips: BEGIN with the run's lock, the read of the run and its step, the
+write, COMMIT. But the store that claimed the run, or wrote it last, knows it as it is now,
+unless another writer changed it since (another server, a cancel, a lease expiry). The run
+row's version tells: ``xmin``, the id of the transaction that wrote that version. So:
+
+- :class:`Fresh` keeps, per run, what this store last saw of it as a whole (its row and every
+  step) and that row's version: from a claim, and from each write here;
+- :func:`plan` asks the state machine for each op's change on what is kept, as the locked
+  path would on what it read. Anything but a plain write (a refusal, a repeat, a change
+  beyond the run's row, steps and history, an end that touches another run) is left to the
+  locked path, which decides again on what it reads;
+- the writes go in one statement (:data:`WRITE`) that first locks the run's row if its
+  version is still the one kept (a compare-and-set), and writes nothing otherwise. A row
+  changed while the statement waited for its lock is checked again as committed (the
+  version compared is the new one's): the statement sees it changed and writes nothing.
+  Then the batch goes the locked way, as before.
+
+Why the row's version covers the steps too: every transaction that writes a run's steps
+also writes the run's row (``_sql.TOUCH``), so no change that the state machine's decision
+reads (the run's row and the step at the op's position) leaves the version as it was. And a
+run's end reads how many children it waits for: a run with no ``child`` step kept has none,
+since a child is started only by the step that records it.
+
+An autocommitted statement has no transaction id to ask about if its reply is lost. Its first
+history event is its receipt instead: :func:`statement_fate` waits until the server process
+that ran it is gone, then looks the event up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from aiki.errors import AikiError
+from aiki.records import TERMINAL_RUN_STATES, ClaimedRun, RunRecord, StepRecord, row_of
+from aiki.store import machine as m
+from aiki.store import ops as o
+from aiki.store.postgres import _sql
+from aiki.store.postgres._sql import (
+    _HISTORY_TYPES,
+    _RUN_FIELDS,
+    _STEP_TYPES,
+    STEP_COLUMNS,
+    CommitUnknown,
+    Conn,
+    History,
+    Pool,
+    _columns,
+    _lost,
+    _unnest,
+)
+
+
+@attrs.frozen
+class Seen:
+    """A run as this store last wrote or claimed it: the row, every step, and the row's
+    version (``xmin``) and place (``ctid``: the statement finds the row there, whatever the
+    planner thinks of the table's size)."""
+
+    version: str
+    place: str
+    run: RunRecord
+    steps: Mapping[str, StepRecord]
+
+
+class Fresh:
+    """What this store saw last of the runs it works on (:class:`Seen`), for :func:`plan`.
+
+    A run is kept from its claim and through the writes of this module, and forgotten when it
+    ends, when a batch of the locked path touches it (what that batch did is not kept), or,
+    past ``limit`` runs, with the oldest half. A run with more than ``max_steps`` steps is not
+    kept: a batch of it goes the locked way. Stale entries are harmless (the version check
+    refuses them); forgetting only saves a round trip that would find one stale. Touched on
+    the asyncio loop only."""
+
+    def __init__(self, limit: int = 4096, max_steps: int = 256) -> None:
+        self._seen: dict[str, Seen] = {}
+        self._limit = limit
+        self._max_steps = max_steps
+
+    def get(self, run_id: str) -> Seen | None:
+        return self._seen.get(run_id)
+
+    def learn(self, run_id: str, seen: Seen) -> None:
+        if len(seen.steps) > self._max_steps:
+            self._seen.pop(run_id, None)
+            return
+        if run_id not in self._seen and len(self._seen) >= self._limit:
+            for old in list(self._seen)[: self._limit // 2]:
+                del self._seen[old]
+        self._seen[run_id] = seen
+
+    def forget(self, run_id: str) -> None:
+        self._seen.pop(run_id, None)
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def after_locked(self, ops: Sequence[o.Op[Any]], outcomes: Sequence[Any],
+                     versions: Mapping[str, tuple[str, str]]) -> None:
+        """A batch went the locked way: the runs its ops name are forgotten, and the runs its
+        claims leased are kept, when nothing else in the batch could have written them after
+        the claim (every op is a claim or an enqueue: the row's version is the batch's, and
+        the row as the claim returned it is the one committed)."""
+        for op in ops:
+            run_id = _run_named(op)
+            if run_id is not None:
+                self.forget(run_id)
+        if not all(isinstance(op, (o.Claim, o.Enqueue)) for op in ops):
+            return
+        for op, outcome in zip(ops, outcomes, strict=True):
+            if isinstance(op, o.Claim) and isinstance(outcome, tuple):
+                for claimed in outcome:
+                    if isinstance(claimed, ClaimedRun) and claimed.run.id in versions:
+                        self.learn(claimed.run.id, Seen(
+                            *versions[claimed.run.id], claimed.run,
+                            {s.position: s for s in claimed.steps}))
+
+
+def _run_named(op: o.Op[Any]) -> str | None:
+    lease = getattr(op, "lease", None)
+    if lease is not None:
+        return str(lease.run_id)
+    run_id = getattr(op, "run_id", None)
+    return run_id if isinstance(run_id, str) else None
+
+
+# -- the statement ----------------------------------------------------------------------------
+_GUARDED = "EXISTS (SELECT FROM guard)"
+_FIRST_RUN = 4 + len(_STEP_TYPES)
+_FIRST_HISTORY = _FIRST_RUN + len(_RUN_FIELDS)
+WRITE = (  # $1 the run, $2 and $3 its row's version and place as kept; its steps, its row's
+    # fields, its history events. (Found by place, a TID scan: a plan kept from when the
+    # table was small may not read it in full.)
+    "WITH guard AS MATERIALIZED (SELECT id FROM runs WHERE ctid = $3::text::tid"
+    " AND xmin = $2::text::xid AND id = $1 FOR UPDATE),"
+    f" upserted AS (INSERT INTO steps (run_id, {STEP_COLUMNS})"
+    f" SELECT * FROM {_unnest(4, _STEP_TYPES)} WHERE {_GUARDED}"
+    " ON CONFLICT (run_id, position) DO UPDATE SET "
+    + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(StepRecord)) + "),"
+    " changed AS (UPDATE runs SET "
+    + ", ".join(f"{c} = ${i}" for i, c in enumerate(_RUN_FIELDS, start=_FIRST_RUN))
+    + f" WHERE ctid = $3::text::tid AND {_GUARDED} RETURNING xmin::text, ctid::text),"
+    " logged AS (INSERT INTO history (run_id, at, event, attempt, worker_id, position, name,"
+    f" detail) SELECT * FROM {_unnest(_FIRST_HISTORY, _HISTORY_TYPES)} WHERE {_GUARDED})"
+    " SELECT * FROM changed")
+
+
+@attrs.define
+class Plan:
+    """What a batch of one run writes, decided on what :class:`Fresh` kept of it."""
+
+    run_id: str
+    version: str  # the row's, as kept
+    place: str
+    run: RunRecord  # as it will be
+    steps: dict[str, StepRecord]  # every step, as they will be
+    written: dict[str, StepRecord]  # the steps written, in the order first written
+    history: list[History]
+    outcomes: o.Outcomes
+
+
+def plan(ops: Sequence[o.Op[Any]], fresh: Fresh) -> Plan | None:
+    """The writes of ``ops`` if they are task starts and outcomes without an idempotency key
+    and the end of a run that writes no other run, all of one running run :class:`Fresh`
+    keeps, and each one's change is a plain write (:func:`aiki.store.machine.rows_only`,
+    with a history event); otherwise None.
+
+    (A change may end the run's waits: a running run has none, since waits are kept only
+    while a run waits, so there is nothing to delete.)"""
+    first = ops[0] if ops else None
+    if not isinstance(first, (o.StartStep, o.SaveStep, o.CompleteRun)):
+        return None
+    run_id = first.lease.run_id
+    seen = fresh.get(run_id)
+    if seen is None or seen.run.state != "running":
+        return None
+    run, steps = seen.run, dict(seen.steps)
+    written: dict[str, StepRecord] = {}
+    history: list[History] = []
+    results: list[Any] = []
+    ended: list[RunRecord] = []
+    for op in ops:
+        if not isinstance(op, (o.StartStep, o.SaveStep, o.CompleteRun)) \
+                or op.lease.run_id != run_id or ended:
+            return None
+        try:
+            if isinstance(op, o.CompleteRun):
+                if not m.ends_alone(run) or any(s.kind == "child" for s in steps.values()):
+                    return None
+                change = m.finish(run, op.lease, op.now, result=op.result, children=0)
+            else:
+                if op.step.idempotency_key is not None:
+                    return None
+                change = m.decide_step(op, run, steps.get(op.step.position), None)
+        except AikiError:
+            return None  # a refusal: the locked path decides again, on what it reads
+        if not change.history or not m.rows_only(change):
+            return None
+        if change.run is not None:
+            run = change.run
+        for step in change.steps:
+            steps[step.position] = written[step.position] = step
+        history += [(run_id, e.at, e.event, e.attempt, e.worker_id, e.position, e.name,
+                     e.detail) for e in change.history]
+        if isinstance(op, o.CompleteRun):
+            if change.run is None or change.run.state not in TERMINAL_RUN_STATES:
+                return None
+            ended.append(change.run)
+            results.append(change.run)
+        else:
+            results.append(True)
+    outcomes = o.Outcomes(results)
+    outcomes.ended = tuple(ended)
+    return Plan(run_id, seen.version, seen.place, run, steps, written, history, outcomes)
+
+
+async def write(conn: Conn, p: Plan) -> tuple[str, str] | None:
+    """Send :data:`WRITE` for ``p``: the run row's new version and place, or None if it had
+    changed (nothing was written). A seam: the tests replace it to lose the connection
+    around it."""
+    row = await conn.fetchrow(
+        WRITE, p.run_id, p.version, p.place,
+        *_columns([(p.run_id, *row_of(s)) for s in p.written.values()], len(_STEP_TYPES)),
+        *row_of(p.run)[1:], *_columns(p.history, len(_HISTORY_TYPES)))
+    return None if row is None else (row[0], row[1])
+
+
+async def apply(conn: Conn, pool: Pool, ops: Sequence[o.Op[Any]], fresh: Fresh,
+                ) -> o.Outcomes | None:
+    """``ops`` applied by :data:`WRITE`, when :func:`plan` allows and the run is as kept;
+    None when they must go the locked way (nothing was written).
+
+    Cancelled while the statement is out (waiting for the run's lock, say), this ends the
+    server process that runs it before it lets the cancel through: a process blocked on a
+    lock does not notice that its client is gone, and an autocommitted statement would
+    commit when the lock came free, after its caller gave it up. (A transaction's does not:
+    its COMMIT is never sent.)"""
+    p = plan(ops, fresh)
+    if p is None:
+        return None
+    pid = conn.get_server_pid()
+    fresh.forget(p.run_id)  # (kept again below, once the new version is known)
+    try:
+        written = await write(conn, p)
+    except Exception as exc:
+        if _lost(exc, conn):
+            raise CommitUnknown(exc, p.outcomes, None, pid, p.history[0]) from exc
+        raise
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(end_process(pool, pid), ENDING_TIMEOUT)
+        raise
+    if written is None:
+        return None  # another writer changed the run since: the locked path reads it
+    if not p.outcomes.ended:
+        fresh.learn(p.run_id, Seen(*written, p.run, p.steps))
+    return p.outcomes
+
+
+async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]], parents: _sql.Parents,
+                    fresh: Fresh) -> o.Outcomes:
+    """Apply ``ops``: by :func:`apply` when it can, the locked way otherwise (on the same
+    connection, in one crossing of the bridge); one outcome per op."""
+
+    async def body(conn: Conn) -> o.Outcomes:
+        outcomes = await apply(conn, pool, ops, fresh)
+        if outcomes is not None:
+            parents.applied(ops, outcomes)
+            return outcomes
+        outcomes, versions = await _sql.apply_batch(conn, ops, parents)
+        fresh.after_locked(ops, outcomes, versions)
+        return outcomes
+
+    return await _sql.with_connection(pool, body)
+
+
+_RECEIPT = (
+    "SELECT EXISTS (SELECT FROM history WHERE run_id = $1 AND at = $2 AND event = $3"
+    " AND attempt = $4 AND worker_id IS NOT DISTINCT FROM $5"
+    " AND position IS NOT DISTINCT FROM $6 AND name IS NOT DISTINCT FROM $7"
+    " AND detail IS NOT DISTINCT FROM $8)")
+
+
+async def statement_fate(pool: Pool, receipt: History, pid: int) -> str | None:
+    """Whether the statement that wrote history event ``receipt`` committed: ``committed``
+    or ``aborted``; ``in progress`` if the server process ``pid`` that ran it would not end.
+
+    The process is ended first, and waited for, so the answer is final: a statement still
+    running may commit after a look that did not find its event. (The event is unique to
+    its statement: a run's event at one reading of the clock, for one attempt of one step.)"""
+
+    async def read(conn: Conn) -> str | None:
+        if not await _ended(conn, pid):
+            return "in progress"
+        return "committed" if await conn.fetchval(_RECEIPT, *receipt) else "aborted"
+
+    return await _sql.with_connection(pool, read)
+
+
+ENDING_TIMEOUT = 10.0
+_ALIVE = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1"
+
+
+async def _ended(conn: Conn, pid: int) -> bool:
+    """Terminate server process ``pid`` and wait (up to 5 s) until it is gone; whether it
+    is."""
+    if await conn.fetchval(_ALIVE, pid):
+        await conn.execute("SELECT pg_terminate_backend($1, 5000)", pid)
+        return not await conn.fetchval(_ALIVE, pid)
+    return True
+
+
+async def end_process(pool: Pool, pid: int) -> bool:
+    """:func:`_ended` on a connection of ``pool``."""
+    return await _sql.with_connection(pool, lambda conn: _ended(conn, pid))

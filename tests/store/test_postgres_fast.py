@@ -1,0 +1,200 @@
+"""The one-statement writes of a run this PostgreSQL store claimed or wrote last (``_fast``):
+refused whenever the run changed since through anything else, and settled when the reply
+is lost. (Their round trips: test_postgres.py's
+``test_a_task_outcome_and_the_next_start_cost_few_round_trips``; a cancel while one waits
+for a lock: its ``test_a_trio_cancel_in_the_middle_of_a_query_leaves_the_pool_healthy``.)"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import asyncpg
+import pytest
+import trio
+
+from aiki.errors import StaleLease, StepConflict
+from aiki.records import RunRecord, StepRecord, evolve
+from aiki.store import Lease, execute
+from aiki.store import machine as m
+from aiki.store import ops as o
+from aiki.store.postgres import PostgresStore, _fast, _sql
+from tests.conftest import TestPostgres
+from tests.store.test_conformance import step
+from tests.store.test_postgres import WF, enqueue, raw_connection
+
+
+async def claimed_and_started(store: PostgresStore, run_id: str = "r1") -> Lease:
+    """``run_id`` enqueued, claimed by ``store`` and its step 0 started (one statement)."""
+    await execute(store, enqueue(run_id))
+    [claimed] = await execute(store, o.Claim("w1", WF, 1, 2.0, 30.0))
+    assert await execute(store, o.StartStep(claimed.lease, step("0", state="running"), 3.0))
+    return claimed.lease
+
+
+async def events(store: PostgresStore, run_id: str = "r1") -> list[str]:
+    return [e.event for e in await store.get_history(run_id)]
+
+
+async def test_a_run_cancelled_through_another_server_is_decided_on_what_it_is_now(
+    postgres: TestPostgres,
+) -> None:
+    """The first store kept the run as it started step 0; another revoked the lease. The
+    outcome sent under the old lease is refused, as it is on the locked way, not written on
+    what the first store kept."""
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema) as first, \
+            PostgresStore.open(postgres.dsn, schema=schema) as second:
+        lease = await claimed_and_started(first)
+        cancelled = await execute(second, o.CancelRun("r1", "enough", 60.0, "ops", 4.0))
+        assert cancelled.cancelled
+        [outcome] = await first.apply([o.SaveStep(lease, step("0"), 5.0)])
+        assert isinstance(outcome, StaleLease)
+        assert "task.completed" not in await events(first)
+
+
+async def test_a_step_written_without_its_run_row_still_changes_the_runs_version(
+    postgres: TestPostgres,
+) -> None:
+    """Every write of a run's steps writes its row (``_sql.TOUCH``), so its version tells:
+    step 0, failed by a writer that changes nothing of the run's row, is not overwritten by
+    an outcome decided on the step as the store kept it (running)."""
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store, \
+            raw_connection(postgres, schema) as raw:
+        lease = await claimed_and_started(store)
+        version = await raw.fetchval("SELECT xmin::text FROM runs WHERE id = 'r1'")
+        failed = step("0", state="failed", error=("Boom", "it broke"))
+        entry = m.Entry(3.5, "task.failed", 1, "w2", "0", "charge", "Boom: it broke")
+        await raw.bridge.run(_sql._write, raw.conn, "r1",
+                             m.Change(steps=(failed,), history=(entry,)))
+        assert await raw.fetchval("SELECT xmin::text FROM runs WHERE id = 'r1'") != version
+        [outcome] = await store.apply([o.SaveStep(lease, step("0"), 5.0)])
+        assert isinstance(outcome, StepConflict)
+        [stored] = await store.get_steps("r1")
+        assert stored.state == "failed"
+        # A batch's write of steps alone (no run row in it) touches the row too.
+        version = await raw.fetchval("SELECT xmin::text FROM runs WHERE id = 'r1'")
+        writes = _sql._Writes()
+        writes.add("r1", m.Change(steps=(evolve(failed, error_message="again"),)))
+        await raw.bridge.run(writes.flush, raw.conn)
+        assert await raw.fetchval("SELECT xmin::text FROM runs WHERE id = 'r1'") != version
+
+
+async def test_a_write_that_waited_for_the_runs_lock_sees_what_its_holder_committed(
+    postgres: TestPostgres,
+) -> None:
+    """The statement waits for a transaction that asks for the run's cancel; when it
+    commits, the version compared is the new row's, so nothing is written on what the
+    store kept: the run ends cancelled, not completed."""
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store, \
+            raw_connection(postgres, schema) as holder, \
+            raw_connection(postgres, schema) as watcher:
+        lease = await claimed_and_started(store)
+        await holder.execute("BEGIN")
+        await holder.execute("UPDATE runs SET cancel_requested_at = 4.5,"
+                             " cancel_reason = 'held' WHERE id = 'r1'")
+        outcomes: list[Any] = []
+
+        async def finish() -> None:
+            outcomes.extend(await store.apply([o.SaveStep(lease, step("0"), 5.0),
+                                               o.CompleteRun(lease, '"done"', 5.0)]))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(finish)
+            with trio.fail_after(10):
+                while not await watcher.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                        " 'aiki' AND wait_event_type = 'Lock'"):
+                    await trio.sleep(0.02)
+            await holder.execute("COMMIT")
+        assert outcomes[0] is True
+        assert isinstance(outcomes[1], RunRecord) and outcomes[1].state == "cancelled"
+        run = await store.get_run("r1")
+        assert run is not None and run.state == "cancelled"
+
+
+async def reply_lost_after_the_write(conn: Any, p: _fast.Plan) -> tuple[str, str] | None:
+    assert await real_write(conn, p) is not None  # written and committed
+    conn.terminate()
+    raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+
+
+async def connection_lost_before_the_write(conn: Any, p: _fast.Plan,
+                                           ) -> tuple[str, str] | None:
+    conn.terminate()
+    return await real_write(conn, p)  # fails: the connection is closed
+
+
+real_write = _fast.write
+
+
+@pytest.mark.parametrize("fault", [reply_lost_after_the_write,
+                                   connection_lost_before_the_write])
+async def test_a_lost_reply_is_settled_by_the_statements_history_event(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    fault: Any,
+) -> None:
+    """Committed: found by its first history event, and its outcomes are returned as if
+    nothing had happened. Not committed: run again (the locked way). Once either way."""
+    caplog.set_level(logging.WARNING)
+    async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
+        lease = await claimed_and_started(store)
+        faults = [fault]
+
+        async def once(conn: Any, p: _fast.Plan) -> tuple[str, str] | None:
+            return await (faults.pop() if faults else real_write)(conn, p)
+
+        monkeypatch.setattr(_fast, "write", once)
+        outcomes = await store.apply([o.SaveStep(lease, step("0"), 4.0),
+                                      o.StartStep(lease, step("1", state="running"), 4.0)])
+        assert not faults and outcomes == [True, True]
+        assert await events(store) == ["run.queued", "run.running", "task.running",
+                                       "task.completed", "task.running"]
+    settled = "the one-statement write of run r1 (task.completed) was committed" in caplog.text
+    assert settled == (fault is reply_lost_after_the_write), caplog.text
+
+
+async def test_a_statement_still_running_is_ended_before_its_fate_is_read(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server process of the lost statement has not noticed its client left, and its
+    history event is written but not committed: the store ends that process first (its
+    write is rolled back), then finds no event, and runs the batch again."""
+    schema = postgres.fresh_schema()
+    orphans: list[Any] = []
+
+    async def still_running(conn: Any, p: _fast.Plan) -> tuple[str, str] | None:
+        monkeypatch.setattr(_fast, "write", real_write)
+        orphan = await asyncpg.connect(postgres.dsn, server_settings={"search_path": schema})
+        orphans.append(orphan)
+        await orphan.execute("BEGIN")
+        await orphan.execute(_sql.HISTORY_INSERT, *p.history[0])
+        conn.terminate()  # this statement is gone; the orphan's stands in for it
+        raise _sql.CommitUnknown(ConnectionResetError("reset by peer"), p.outcomes, None,
+                                 orphan.get_server_pid(), p.history[0])
+
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store:
+        lease = await claimed_and_started(store)
+        monkeypatch.setattr(_fast, "write", still_running)
+        assert await store.apply([o.SaveStep(lease, step("0"), 4.0)]) == [True]
+        assert orphans and await events(store) == [
+            "run.queued", "run.running", "task.running", "task.completed"]
+
+
+def test_fresh_keeps_a_bounded_number_of_runs_of_bounded_size() -> None:
+    run = RunRecord(
+        id="r", workflow="wf", version="1", payload="{}", state="running",
+        idempotency_key=None, attempts=1, lease_epoch=1, lease_owner="w1",
+        lease_expires_at=30.0, result=None, error_type=None, error_message=None,
+        created_at=1.0, updated_at=1.0, finished_at=None)
+    steps: dict[str, StepRecord] = {str(i): step(str(i)) for i in range(3)}
+    fresh = _fast.Fresh(limit=4, max_steps=2)
+    fresh.learn("big", _fast.Seen("1", "(0,1)", run, steps))
+    assert fresh.get("big") is None  # too many steps to keep
+    for i in range(6):
+        fresh.learn(f"r{i}", _fast.Seen("1", "(0,1)", run, {}))
+    assert len(fresh) <= 4 and fresh.get("r5") is not None and fresh.get("r0") is None
+    fresh.after_locked([o.SaveStep(Lease("r5", 1, "w1"), step("0"), 2.0)], [True], {})
+    assert fresh.get("r5") is None  # the locked way wrote it: forgotten
