@@ -159,9 +159,9 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
         assert statements[-4:] == ["BEGIN", "WITH", "SELECT", "COMMIT"]  # enqueues together
         statements.clear()
         [claimed] = await execute(store, o.Claim("w1", WF, 1, 2.0, 30.0))
-        # A claim: the lease, its history and the runs' steps in one statement, which
-        # returns the transaction's id too.
-        assert statements == ["BEGIN", "WITH", "COMMIT"]
+        # A claim: the lease and its history in one statement, which returns the
+        # transaction's id too; the runs' steps read after it (after the runs' locks).
+        assert statements == ["BEGIN", "WITH", "SELECT", "COMMIT"]
         lease = claimed.lease
         statements.clear()
         await execute(store, o.StartStep(lease, step("0", state="running"), 3.0, 30.0))

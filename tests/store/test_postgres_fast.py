@@ -115,6 +115,52 @@ async def test_a_write_that_waited_for_the_runs_lock_sees_what_its_holder_commit
         assert run is not None and run.state == "cancelled"
 
 
+async def test_a_run_that_ends_waits_for_a_child_it_has_no_step_of(
+    postgres: TestPostgres,
+) -> None:
+    """A run's end counts its unfinished children as the locked way does, even one no
+    step of it records (a run id used again after a purge, whose old child is retried):
+    the statement writes nothing, and the locked way has the run wait for the child."""
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store, \
+            raw_connection(postgres, schema) as raw:
+        lease = await claimed_and_started(store)
+        await raw.execute(
+            "INSERT INTO runs (id, workflow, version, payload, state, attempts, lease_epoch,"
+            " created_at, updated_at, parent_id, detached)"
+            " VALUES ('c1', 'wf', '1', '{}', 'queued', 0, 0, 1.0, 1.0, 'r1', false)")
+        outcomes = await store.apply([o.SaveStep(lease, step("0"), 5.0),
+                                      o.CompleteRun(lease, '"done"', 5.0)])
+        assert outcomes[0] is True
+        assert isinstance(outcomes[1], RunRecord) and outcomes[1].state == "waiting"
+
+
+async def test_a_cancelled_statement_is_ended_even_when_it_holds_the_pools_only_slot(
+    postgres: TestPostgres,
+) -> None:
+    """Cancelled while it waits for the run's lock, the statement's server process is ended
+    from a connection beside the pool (whose one slot the statement holds), so it never
+    commits, even once the lock is free."""
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema, max_size=1) as store, \
+            raw_connection(postgres, schema) as holder:
+        lease = await claimed_and_started(store)
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM runs WHERE id = 'r1' FOR UPDATE")
+        with trio.fail_after(5):  # (not the 10 s a wait for a slot would take)
+            with trio.move_on_after(0.3) as waited:
+                await store.apply([o.CompleteRun(lease, '"done"', 5.0)])
+        assert waited.cancelled_caught
+        await holder.execute("COMMIT")
+        with trio.fail_after(5):
+            while await holder.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'aiki'"
+                    " AND wait_event_type = 'Lock'"):
+                await trio.sleep(0.05)
+        run = await store.get_run("r1")
+        assert run is not None and run.state == "running"
+
+
 async def reply_lost_after_the_write(conn: Any, p: _fast.Plan) -> tuple[str, str] | None:
     assert await real_write(conn, p) is not None  # written and committed
     conn.terminate()
@@ -173,7 +219,7 @@ async def test_a_statement_still_running_is_ended_before_its_fate_is_read(
         await orphan.execute(_sql.HISTORY_INSERT, *p.history[0])
         conn.terminate()  # this statement is gone; the orphan's stands in for it
         raise _sql.CommitUnknown(ConnectionResetError("reset by peer"), p.outcomes, None,
-                                 orphan.get_server_pid(), p.history[0])
+                                 orphan.get_server_pid(), p.history)
 
     async with PostgresStore.open(postgres.dsn, schema=schema) as store:
         lease = await claimed_and_started(store)
@@ -181,6 +227,37 @@ async def test_a_statement_still_running_is_ended_before_its_fate_is_read(
         assert await store.apply([o.SaveStep(lease, step("0"), 4.0)]) == [True]
         assert orphans and await events(store) == [
             "run.queued", "run.running", "task.running", "task.completed"]
+
+
+async def test_a_lost_reply_is_not_settled_by_another_statements_equal_event(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another statement committed the batch's first event, equal to the letter (the same
+    task outcome at the same reading of the clock), and changed the run, so the batch's
+    statement wrote nothing; then its reply was lost. The events of one transaction
+    settle its fate, all of them: the batch is found not committed and runs again (its
+    task start is recorded), where the first event alone would have said committed."""
+    schema = postgres.fresh_schema()
+
+    async def another_wrote_first(conn: Any, p: _fast.Plan) -> tuple[str, str] | None:
+        monkeypatch.setattr(_fast, "write", real_write)
+        other = await asyncpg.connect(postgres.dsn, server_settings={"search_path": schema})
+        try:
+            await other.execute(_sql.HISTORY_INSERT, *p.history[0])
+            await other.execute(_sql.TOUCH, [p.run_id])
+        finally:
+            await other.close()
+        assert await real_write(conn, p) is None  # the run changed: nothing written
+        conn.terminate()
+        raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle")
+
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store:
+        lease = await claimed_and_started(store)
+        monkeypatch.setattr(_fast, "write", another_wrote_first)
+        await store.apply([o.SaveStep(lease, step("0"), 4.0),
+                           o.StartStep(lease, step("1", state="running"), 4.0)])
+        assert [(s.position, s.state) for s in await store.get_steps("r1")] == [
+            ("0", "completed"), ("1", "running")]
 
 
 def test_fresh_keeps_a_bounded_number_of_runs_of_bounded_size() -> None:

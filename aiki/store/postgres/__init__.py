@@ -31,7 +31,7 @@ One statement for a run this store knows as it is
     the row only if its version is unchanged, and writes nothing otherwise (then the batch
     goes the locked way). Every write of a run's steps also writes the run's row, so the
     version changes with anything a decision reads. One round trip where a transaction
-    takes four: a run of three tasks one at a time takes 8 statements, not 20.
+    takes four: a run of three tasks one at a time takes 9 statements, not 20.
 
 Wake-ups between servers
     A trigger (migration 2) notifies channel ``aiki_work:<schema>`` whenever a run becomes

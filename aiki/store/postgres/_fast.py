@@ -21,13 +21,15 @@ row's version tells: ``xmin``, the id of the transaction that wrote that version
 
 Why the row's version covers the steps too: every transaction that writes a run's steps
 also writes the run's row (``_sql.TOUCH``), so no change that the state machine's decision
-reads (the run's row and the step at the op's position) leaves the version as it was. And a
-run's end reads how many children it waits for: a run with no ``child`` step kept has none,
-since a child is started only by the step that records it.
+reads (the run's row and the step at the op's position) leaves the version as it was. A
+claim reads the steps it keeps after it locked the runs (``_sql._CLAIMED_STEPS``). And a
+run's end reads how many children it waits for: a run with no ``child`` step kept started
+none, and the statement itself looks for unfinished children of its id (a run id used again
+after a purge may name the parent of an older run's children).
 
-An autocommitted statement has no transaction id to ask about if its reply is lost. Its first
-history event is its receipt instead: :func:`statement_fate` waits until the server process
-that ran it is gone, then looks the event up.
+An autocommitted statement has no transaction id to ask about if its reply is lost. Its
+history events are its receipt instead: :func:`statement_fate` waits until the server
+process that ran it is gone, then looks them up.
 """
 
 from __future__ import annotations
@@ -135,15 +137,18 @@ def _run_named(op: o.Op[Any]) -> str | None:
 
 # -- the statement ----------------------------------------------------------------------------
 _GUARDED = "EXISTS (SELECT FROM guard)"
-_FIRST_RUN = 4 + len(_STEP_TYPES)
+_FIRST_RUN = 5 + len(_STEP_TYPES)
 _FIRST_HISTORY = _FIRST_RUN + len(_RUN_FIELDS)
-WRITE = (  # $1 the run, $2 and $3 its row's version and place as kept; its steps, its row's
-    # fields, its history events. (Found by place, a TID scan: a plan kept from when the
-    # table was small may not read it in full.)
+WRITE = (  # $1 the run, $2 and $3 its row's version and place as kept, $4 whether it ends;
+    # its steps, its row's fields, its history events. (Found by place, a TID scan: a plan
+    # kept from when the table was small may not read it in full.) A run that ends must have
+    # no unfinished child it did not detach, as the locked way counts them (a run id used
+    # again after a purge may name a parent whose old children are retried).
     "WITH guard AS MATERIALIZED (SELECT id FROM runs WHERE ctid = $3::text::tid"
-    " AND xmin = $2::text::xid AND id = $1 FOR UPDATE),"
+    " AND xmin = $2::text::xid AND id = $1 AND (NOT $4::bool OR NOT EXISTS (SELECT FROM runs c"
+    f" WHERE c.parent_id = $1 AND NOT c.detached AND c.{_sql._UNFINISHED})) FOR UPDATE),"
     f" upserted AS (INSERT INTO steps (run_id, {STEP_COLUMNS})"
-    f" SELECT * FROM {_unnest(4, _STEP_TYPES)} WHERE {_GUARDED}"
+    f" SELECT * FROM {_unnest(5, _STEP_TYPES)} WHERE {_GUARDED}"
     " ON CONFLICT (run_id, position) DO UPDATE SET "
     + ", ".join(f"{f.name} = excluded.{f.name}" for f in attrs.fields(StepRecord)) + "),"
     " changed AS (UPDATE runs SET "
@@ -228,7 +233,7 @@ async def write(conn: Conn, p: Plan) -> tuple[str, str] | None:
     changed (nothing was written). A seam: the tests replace it to lose the connection
     around it."""
     row = await conn.fetchrow(
-        WRITE, p.run_id, p.version, p.place,
+        WRITE, p.run_id, p.version, p.place, bool(p.outcomes.ended),
         *_columns([(p.run_id, *row_of(s)) for s in p.written.values()], len(_STEP_TYPES)),
         *row_of(p.run)[1:], *_columns(p.history, len(_HISTORY_TYPES)))
     return None if row is None else (row[0], row[1])
@@ -253,10 +258,10 @@ async def apply(conn: Conn, pool: Pool, ops: Sequence[o.Op[Any]], fresh: Fresh,
         written = await write(conn, p)
     except Exception as exc:
         if _lost(exc, conn):
-            raise CommitUnknown(exc, p.outcomes, None, pid, p.history[0]) from exc
+            raise CommitUnknown(exc, p.outcomes, None, pid, p.history) from exc
         raise
     except BaseException:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # (a store closing: its server ends them all)
             await asyncio.wait_for(end_process(pool, pid), ENDING_TIMEOUT)
         raise
     if written is None:
@@ -283,25 +288,32 @@ async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]], parents: _sql.Parents,
     return await _sql.with_connection(pool, body)
 
 
-_RECEIPT = (
-    "SELECT EXISTS (SELECT FROM history WHERE run_id = $1 AND at = $2 AND event = $3"
+_RECEIPT = (  # the transactions that wrote a history event equal to this one
+    "SELECT xmin::text FROM history WHERE run_id = $1 AND at = $2 AND event = $3"
     " AND attempt = $4 AND worker_id IS NOT DISTINCT FROM $5"
     " AND position IS NOT DISTINCT FROM $6 AND name IS NOT DISTINCT FROM $7"
-    " AND detail IS NOT DISTINCT FROM $8)")
+    " AND detail IS NOT DISTINCT FROM $8")
 
 
-async def statement_fate(pool: Pool, receipt: History, pid: int) -> str | None:
-    """Whether the statement that wrote history event ``receipt`` committed: ``committed``
-    or ``aborted``; ``in progress`` if the server process ``pid`` that ran it would not end.
+async def statement_fate(pool: Pool, receipt: Sequence[History], pid: int) -> str | None:
+    """Whether the statement that wrote the history events ``receipt`` committed:
+    ``committed`` or ``aborted``; ``in progress`` if the server process ``pid`` that ran it
+    would not end.
 
     The process is ended first, and waited for, so the answer is final: a statement still
-    running may commit after a look that did not find its event. (The event is unique to
-    its statement: a run's event at one reading of the clock, for one attempt of one step.)"""
+    running may commit after a look that did not find its events. Committed means one
+    transaction wrote events equal to all of them: each holds the server's clock reading
+    for its op, so another statement writes the same set only by applying the same ops at
+    the same readings of the clock."""
 
     async def read(conn: Conn) -> str | None:
         if not await _ended(conn, pid):
             return "in progress"
-        return "committed" if await conn.fetchval(_RECEIPT, *receipt) else "aborted"
+        writers: set[str] | None = None
+        for event in receipt:
+            found = {row[0] for row in await conn.fetch(_RECEIPT, *event)}
+            writers = found if writers is None else writers & found
+        return "committed" if writers else "aborted"
 
     return await _sql.with_connection(pool, read)
 
@@ -320,5 +332,10 @@ async def _ended(conn: Conn, pid: int) -> bool:
 
 
 async def end_process(pool: Pool, pid: int) -> bool:
-    """:func:`_ended` on a connection of ``pool``."""
-    return await _sql.with_connection(pool, lambda conn: _ended(conn, pid))
+    """:func:`_ended` on a connection of its own, beside ``pool``'s (which may all be taken,
+    one of them by the statement that process runs)."""
+    conn = await pool.connect_aside()
+    try:
+        return await _ended(conn, pid)
+    finally:
+        conn.terminate()

@@ -131,11 +131,11 @@ class CommitUnknown(Exception):
     ``outcomes`` are what the batch produced if it was committed; ``xid`` is its transaction
     id (``pg_xact_status`` tells its fate), ``pid`` the server process that ran it. A batch
     written by one autocommitted statement (``_fast``) has no id it could learn in time:
-    ``receipt`` is the first history event it writes, which tells its fate instead.
+    ``receipt`` is the history events it writes, which tell its fate instead.
     """
 
     def __init__(self, cause: BaseException, outcomes: list[Any], xid: str | None, pid: int,
-                 receipt: History | None = None) -> None:
+                 receipt: Sequence[History] = ()) -> None:
         super().__init__(describe(cause))
         self.cause, self.outcomes, self.xid, self.pid = cause, outcomes, xid, pid
         self.receipt = receipt
@@ -430,11 +430,8 @@ async def _enqueue_all(conn: Conn, ops: Sequence[o.Enqueue]) -> list[Any]:
     return outcomes
 
 
-_CLAIM = (  # the runs leased, each with its steps (a row per step, or one of NULLs), and
-    # their "run.running" events logged in lease order; the transaction's id last. (The
-    # steps are read with the statement's snapshot, the lease after any wait for a row: no
-    # op changes a queued run's steps and leaves it queued, so none that committed
-    # meanwhile can be missed. One that does would need the steps read after the lock.)
+_CLAIM = (  # the runs leased, and their "run.running" events logged, in lease order; each
+    # run's row version and place (see _fast), and the transaction's id last
     "WITH claimed AS (UPDATE runs SET state = 'running', attempts = attempts + 1,"
     " lease_epoch = lease_epoch + 1, lease_owner = $4, lease_expires_at = $5,"
     " updated_at = $6 WHERE id IN (SELECT id FROM runs WHERE state = 'queued'"
@@ -443,33 +440,36 @@ _CLAIM = (  # the runs leased, each with its steps (a row per step, or one of NU
     " logged AS (INSERT INTO history (run_id, at, event, attempt, worker_id, detail)"
     " SELECT id, $6, 'run.running', attempts, $4, 'lease epoch ' || lease_epoch"
     " FROM claimed ORDER BY seq)"
-    " SELECT " + ", ".join(f"c.{f.name}" for f in attrs.fields(RunRecord)) + ", "
-    + ", ".join(f"s.{f.name}" for f in attrs.fields(StepRecord))
+    " SELECT " + ", ".join(f"c.{f.name}" for f in attrs.fields(RunRecord))
     + ", c.xmin::text, c.ctid::text, pg_current_xact_id_if_assigned()::text"
-    " FROM claimed c LEFT JOIN steps s ON s.run_id = c.id ORDER BY c.seq, s.seq")
+    " FROM claimed c ORDER BY c.seq")
+# The claimed runs' steps, read by a statement of its own, after the claim locked the runs:
+# the claim's own snapshot may predate changes committed before it took a row's lock (a
+# run claimed, advanced and queued again by another server meanwhile; a queued run's sleep
+# woken, an event delivered), and no step of a run can change while its row is locked
+# (every write of steps writes the run's row: TOUCH).
+_CLAIMED_STEPS = (f"SELECT run_id, {STEP_COLUMNS} FROM steps WHERE run_id = ANY($1::text[])"
+                  " ORDER BY run_id, seq")
 
 
 async def _claim(conn: Conn, op: o.Claim) -> tuple[ClaimedRun, ...]:
-    """Lease the oldest queued runs of ``op``'s versions, in one round trip."""
+    """Lease the oldest queued runs of ``op``'s versions; their steps read after the lock."""
     if not op.workflows or op.limit <= 0:
         return ()
     rows = await conn.fetch(_CLAIM, [w for w, _ in op.workflows], [v for _, v in op.workflows],
                             op.limit, op.worker_id, op.now + op.lease_ttl, op.now)
-    runs: dict[str, RunRecord] = {}
-    steps: dict[str, list[StepRecord]] = {}
-    batch = _batch.get()
-    for row in rows:
-        values = tuple(row)
-        run_id = values[0]
-        if run_id not in runs:
-            runs[run_id] = RunRecord(*values[:_N_RUN])
-            steps[run_id] = []
-            if batch is not None:
-                batch.versions[run_id] = (values[-3], values[-2])
-        if values[_N_RUN] is not None:
-            steps[run_id].append(StepRecord(*values[_N_RUN:-3]))
+    if not rows:
+        return ()
     _note_xid(rows)
-    return tuple(ClaimedRun(run, tuple(steps[run.id])) for run in runs.values())
+    runs = [RunRecord(*tuple(row)[:_N_RUN]) for row in rows]
+    batch = _batch.get()
+    if batch is not None:
+        for run, row in zip(runs, rows, strict=True):
+            batch.versions[run.id] = (row[-3], row[-2])
+    steps: dict[str, list[StepRecord]] = {run.id: [] for run in runs}
+    for row in await conn.fetch(_CLAIMED_STEPS, list(steps)):
+        steps[row[0]].append(StepRecord(*tuple(row)[1:]))
+    return tuple(ClaimedRun(run, tuple(steps[run.id])) for run in runs)
 
 
 async def _renew(conn: Conn, op: o.Renew) -> tuple[str, ...]:

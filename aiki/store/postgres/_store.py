@@ -217,7 +217,6 @@ class PostgresStore:
         if unknown.xid is not None:
             return await self._bridge.run(_sql.transaction_status, self._pool, unknown.xid,
                                           unknown.pid)
-        assert unknown.receipt is not None
         return await self._bridge.run(_fast.statement_fate, self._pool, unknown.receipt,
                                       unknown.pid)
 
@@ -282,8 +281,8 @@ def _what(unknown: _sql.CommitUnknown) -> str:
     """The write a commit of unknown fate was, as a log line names it."""
     if unknown.xid is not None:
         return f"transaction {unknown.xid}"
-    assert unknown.receipt is not None
-    return f"the one-statement write of run {unknown.receipt[0]} ({unknown.receipt[2]})"
+    run_id, event = unknown.receipt[0][0], unknown.receipt[0][2]
+    return f"the one-statement write of run {run_id} ({event})"
 
 
 class Opening:
