@@ -81,12 +81,12 @@ async def test_a_step_written_without_its_run_row_still_changes_the_runs_version
         assert await raw.fetchval("SELECT xmin::text FROM runs WHERE id = 'r1'") != version
 
 
-async def test_a_write_that_waited_for_the_runs_lock_sees_what_its_holder_committed(
+async def test_a_run_held_by_another_writer_is_decided_on_what_it_commits(
     postgres: TestPostgres,
 ) -> None:
-    """The statement waits for a transaction that asks for the run's cancel; when it
-    commits, the version compared is the new row's, so nothing is written on what the
-    store kept: the run ends cancelled, not completed."""
+    """A transaction that asks for the run's cancel holds its row: the statement does not
+    wait for it (SKIP LOCKED) and writes nothing on what the store kept; the locked way
+    waits, then reads what the holder committed: the run ends cancelled, not completed."""
     schema = postgres.fresh_schema()
     async with PostgresStore.open(postgres.dsn, schema=schema) as store, \
             raw_connection(postgres, schema) as holder, \
@@ -135,27 +135,42 @@ async def test_a_run_that_ends_waits_for_a_child_it_has_no_step_of(
         assert isinstance(outcomes[1], RunRecord) and outcomes[1].state == "waiting"
 
 
-async def test_a_cancelled_statement_is_ended_even_when_it_holds_the_pools_only_slot(
+async def test_a_held_run_is_not_waited_for_in_one_statement(
     postgres: TestPostgres,
 ) -> None:
-    """Cancelled while it waits for the run's lock, the statement's server process is ended
-    from a connection beside the pool (whose one slot the statement holds), so it never
-    commits, even once the lock is free."""
+    """The run's row is held by another transaction: the statement takes it SKIP LOCKED,
+    writes nothing, and the batch goes the locked way, which waits for the lock inside a
+    transaction; cancelled there, it keeps nothing, even once the lock is free. (An
+    autocommitted statement waiting for the lock would commit when it came free, after its
+    caller was told it was cancelled: its server process does not notice the client left.)"""
     schema = postgres.fresh_schema()
     async with PostgresStore.open(postgres.dsn, schema=schema, max_size=1) as store, \
             raw_connection(postgres, schema) as holder:
         lease = await claimed_and_started(store)
         await holder.execute("BEGIN")
         await holder.execute("SELECT 1 FROM runs WHERE id = 'r1' FOR UPDATE")
-        with trio.fail_after(5):  # (not the 10 s a wait for a slot would take)
-            with trio.move_on_after(0.3) as waited:
-                await store.apply([o.CompleteRun(lease, '"done"', 5.0)])
-        assert waited.cancelled_caught
+        waiting: list[int] = []  # whoever waits for the holder
+        modes: list[str] = []  # its locks on the runs table
+        with trio.move_on_after(5) as waited:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.apply, [o.CompleteRun(lease, '"done"', 5.0)])
+                while not waiting:
+                    waiting = [row[0] for row in await holder.fetch(
+                        "SELECT pid FROM pg_stat_activity"
+                        " WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))")]
+                    await trio.sleep(0.02)
+                modes = [row[0] for row in await holder.fetch(
+                    "SELECT mode FROM pg_locks WHERE pid = ANY($1::int[]) AND granted"
+                    " AND locktype = 'relation' AND relation = 'runs'::regclass", waiting)]
+                nursery.cancel_scope.cancel()
+        assert not waited.cancelled_caught
+        # The locked way's lock (FOR UPDATE: RowShareLock on the table), not the statement
+        # that writes (RowExclusiveLock, taken before its row's lock).
+        assert modes == ["RowShareLock"], modes
         await holder.execute("COMMIT")
-        with trio.fail_after(5):
-            while await holder.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'aiki'"
-                    " AND wait_event_type = 'Lock'"):
+        with trio.fail_after(5):  # the cancelled transaction's process ends, rolled back
+            while await holder.fetchval("SELECT count(*) FROM pg_stat_activity"
+                                        " WHERE pid = ANY($1::int[])", waiting):
                 await trio.sleep(0.05)
         run = await store.get_run("r1")
         assert run is not None and run.state == "running"

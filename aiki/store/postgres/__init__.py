@@ -29,8 +29,9 @@ One statement for a run this store knows as it is
     claimed or last wrote of such a run, with the row's version (``xmin``); the state
     machine decides on that, and the writes go in one autocommitted statement that locks
     the row only if its version is unchanged, and writes nothing otherwise (then the batch
-    goes the locked way). Every write of a run's steps also writes the run's row, so the
-    version changes with anything a decision reads. One round trip where a transaction
+    goes the locked way; so it does if another transaction holds the row). Every write of a
+    run's steps also writes the run's row, so the version changes with anything a decision
+    reads. One round trip where a transaction
     takes four: a run of three tasks one at a time takes 9 statements, not 20.
 
 Wake-ups between servers
@@ -72,9 +73,10 @@ Cancellation
     A Trio cancel in the middle of a call cancels the asyncio task; the connection it was
     using is terminated (the server rolls back) rather than given back to the pool, and the
     pool opens a new one when needed. The call returns ``trio.Cancelled`` only after that
-    cleanup, so the pool is always left healthy. A cancelled autocommitted statement (which
-    may be waiting for a row's lock, and would commit when it got it: its server process
-    does not notice the client left) has its server process terminated first.
+    cleanup, so the pool is always left healthy. An autocommitted statement never waits for
+    a row's lock (it takes the row ``SKIP LOCKED`` and writes nothing if it is held): one
+    left waiting when its client went away would commit once the lock came free, its
+    server process not noticing the client had left.
 """
 
 from __future__ import annotations

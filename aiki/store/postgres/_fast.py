@@ -15,8 +15,9 @@ row's version tells: ``xmin``, the id of the transaction that wrote that version
   locked path, which decides again on what it reads;
 - the writes go in one statement (:data:`WRITE`) that first locks the run's row if its
   version is still the one kept (a compare-and-set), and writes nothing otherwise. A row
-  changed while the statement waited for its lock is checked again as committed (the
-  version compared is the new one's): the statement sees it changed and writes nothing.
+  changed and committed after the statement's snapshot is checked again as committed (the
+  version compared is the newest one's): the statement sees it changed and writes nothing.
+  A row another transaction holds is skipped, not waited for: nothing is written either.
   Then the batch goes the locked way, as before.
 
 Why the row's version covers the steps too: every transaction that writes a run's steps
@@ -34,8 +35,6 @@ process that ran it is gone, then looks them up.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -143,10 +142,14 @@ WRITE = (  # $1 the run, $2 and $3 its row's version and place as kept, $4 wheth
     # its steps, its row's fields, its history events. (Found by place, a TID scan: a plan
     # kept from when the table was small may not read it in full.) A run that ends must have
     # no unfinished child it did not detach, as the locked way counts them (a run id used
-    # again after a purge may name a parent whose old children are retried).
+    # again after a purge may name a parent whose old children are retried). A row another
+    # transaction holds is not waited for (SKIP LOCKED): the statement writes nothing and
+    # the batch goes the locked way, so this statement never waits on a lock, and a cancel
+    # never leaves it waiting to commit once the lock is free.
     "WITH guard AS MATERIALIZED (SELECT id FROM runs WHERE ctid = $3::text::tid"
     " AND xmin = $2::text::xid AND id = $1 AND (NOT $4::bool OR NOT EXISTS (SELECT FROM runs c"
-    f" WHERE c.parent_id = $1 AND NOT c.detached AND c.{_sql._UNFINISHED})) FOR UPDATE),"
+    f" WHERE c.parent_id = $1 AND NOT c.detached AND c.{_sql._UNFINISHED}))"
+    " FOR UPDATE SKIP LOCKED),"
     f" upserted AS (INSERT INTO steps (run_id, {STEP_COLUMNS})"
     f" SELECT * FROM {_unnest(5, _STEP_TYPES)} WHERE {_GUARDED}"
     " ON CONFLICT (run_id, position) DO UPDATE SET "
@@ -239,16 +242,10 @@ async def write(conn: Conn, p: Plan) -> tuple[str, str] | None:
     return None if row is None else (row[0], row[1])
 
 
-async def apply(conn: Conn, pool: Pool, ops: Sequence[o.Op[Any]], fresh: Fresh,
-                ) -> o.Outcomes | None:
-    """``ops`` applied by :data:`WRITE`, when :func:`plan` allows and the run is as kept;
-    None when they must go the locked way (nothing was written).
-
-    Cancelled while the statement is out (waiting for the run's lock, say), this ends the
-    server process that runs it before it lets the cancel through: a process blocked on a
-    lock does not notice that its client is gone, and an autocommitted statement would
-    commit when the lock came free, after its caller gave it up. (A transaction's does not:
-    its COMMIT is never sent.)"""
+async def apply(conn: Conn, ops: Sequence[o.Op[Any]], fresh: Fresh) -> o.Outcomes | None:
+    """``ops`` applied by :data:`WRITE`, when :func:`plan` allows and the run is as kept
+    (and not held by another transaction); None when they must go the locked way (nothing
+    was written)."""
     p = plan(ops, fresh)
     if p is None:
         return None
@@ -260,12 +257,8 @@ async def apply(conn: Conn, pool: Pool, ops: Sequence[o.Op[Any]], fresh: Fresh,
         if _lost(exc, conn):
             raise CommitUnknown(exc, p.outcomes, None, pid, p.history) from exc
         raise
-    except BaseException:
-        with contextlib.suppress(Exception):  # (a store closing: its server ends them all)
-            await asyncio.wait_for(end_process(pool, pid), ENDING_TIMEOUT)
-        raise
     if written is None:
-        return None  # another writer changed the run since: the locked path reads it
+        return None  # the run changed since, or is held: the locked path reads it
     if not p.outcomes.ended:
         fresh.learn(p.run_id, Seen(*written, p.run, p.steps))
     return p.outcomes
@@ -277,7 +270,7 @@ async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]], parents: _sql.Parents,
     connection, in one crossing of the bridge); one outcome per op."""
 
     async def body(conn: Conn) -> o.Outcomes:
-        outcomes = await apply(conn, pool, ops, fresh)
+        outcomes = await apply(conn, ops, fresh)
         if outcomes is not None:
             parents.applied(ops, outcomes)
             return outcomes
@@ -303,10 +296,13 @@ async def statement_fate(pool: Pool, receipt: Sequence[History], pid: int) -> st
     The process is ended first, and waited for, so the answer is final: a statement still
     running may commit after a look that did not find its events. Committed means one
     transaction wrote events equal to all of them: each holds the server's clock reading
-    for its op, so another statement writes the same set only by applying the same ops at
-    the same readings of the clock."""
+    for its op (stamped per message), so another statement writes the same set only by
+    applying the same ops at the same readings of the clock. With no event to look for, the
+    fate cannot be told (None)."""
 
     async def read(conn: Conn) -> str | None:
+        if not receipt:
+            return None
         if not await _ended(conn, pid):
             return "in progress"
         writers: set[str] | None = None
@@ -318,7 +314,6 @@ async def statement_fate(pool: Pool, receipt: Sequence[History], pid: int) -> st
     return await _sql.with_connection(pool, read)
 
 
-ENDING_TIMEOUT = 10.0
 _ALIVE = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1"
 
 
@@ -330,12 +325,3 @@ async def _ended(conn: Conn, pid: int) -> bool:
         return not await conn.fetchval(_ALIVE, pid)
     return True
 
-
-async def end_process(pool: Pool, pid: int) -> bool:
-    """:func:`_ended` on a connection of its own, beside ``pool``'s (which may all be taken,
-    one of them by the statement that process runs)."""
-    conn = await pool.connect_aside()
-    try:
-        return await _ended(conn, pid)
-    finally:
-        conn.terminate()

@@ -85,13 +85,6 @@ class ConnectionPool:
         conn.terminate()
         self._slots.release()
 
-    async def connect_aside(self) -> Connection:
-        """A new connection outside the pool's count, for the caller to terminate: for work
-        that must not wait for a slot (ending a server process of the pool's own)."""
-        if self._closed:
-            raise PoolClosed("the connection pool is closed")
-        return await self._connect()
-
     async def close(self, timeout: float) -> None:
         """Close idle connections politely (within ``timeout``) and checked-out ones at once."""
         self._closed = True

@@ -236,6 +236,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE runs ADD COLUMN detached BOOLEAN NOT NULL DEFAULT false",
         "CREATE INDEX runs_parent ON runs (parent_id, seq) WHERE parent_id IS NOT NULL",
     ),
+    # One-statement writes (``_fast``) rely on every transaction that writes a run's steps
+    # writing the run's row too; a server from before them writes some steps alone. This
+    # marks the schema, so such a server refuses to open it ("newer than this version").
+    (
+        "COMMENT ON TABLE steps IS 'Every transaction that writes a run''s steps writes"
+        " the run''s row too: its version tells one-statement writes of any change.'",
+    ),
 )
 
 # The oldest server this store is written for: pg_current_xact_id_if_assigned and

@@ -281,6 +281,8 @@ def _what(unknown: _sql.CommitUnknown) -> str:
     """The write a commit of unknown fate was, as a log line names it."""
     if unknown.xid is not None:
         return f"transaction {unknown.xid}"
+    if not unknown.receipt:
+        return "a one-statement write"
     run_id, event = unknown.receipt[0][0], unknown.receipt[0][2]
     return f"the one-statement write of run {run_id} ({event})"
 
