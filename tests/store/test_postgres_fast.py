@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from aiki.errors import StaleLease, StepConflict
-from aiki.records import RunRecord, StepRecord, evolve
+from aiki.records import RunRecord, StepRecord
 from aiki.store import Lease, execute
 from aiki.store import machine as m
 from aiki.store import ops as o
@@ -54,7 +54,7 @@ async def test_a_run_cancelled_through_another_server_is_decided_on_what_it_is_n
 
 
 async def test_a_step_written_without_its_run_row_still_changes_the_runs_version(
-    postgres: TestPostgres,
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Every write of a run's steps writes its row (``_sql.TOUCH``), so its version tells:
     step 0, failed by a writer that changes nothing of the run's row, is not overwritten by
@@ -73,12 +73,21 @@ async def test_a_step_written_without_its_run_row_still_changes_the_runs_version
         assert isinstance(outcome, StepConflict)
         [stored] = await store.get_steps("r1")
         assert stored.state == "failed"
-        # A batch's write of steps alone (no run row in it) touches the row too.
-        version = await raw.fetchval("SELECT xmin::text FROM runs WHERE id = 'r1'")
-        writes = _sql._Writes()
-        writes.add("r1", m.Change(steps=(evolve(failed, error_message="again"),)))
-        await raw.bridge.run(writes.flush, raw.conn)
-        assert await raw.fetchval("SELECT xmin::text FROM runs WHERE id = 'r1'") != version
+        # A batch of several runs' task outcomes whose change has steps and no run row
+        # (none does today) writes the row too.
+        other = await claimed_and_started(store, "r2")
+
+        def steps_alone(op: Any, *args: Any) -> m.Change:
+            return m.Change(steps=(op.step,), history=(
+                m.Entry(op.now, "task.completed", 1, "w1", op.step.position, op.step.name),))
+
+        monkeypatch.setattr(m, "decide_step", steps_alone)
+        versions = await raw.fetch("SELECT id, xmin::text FROM runs ORDER BY id")
+        assert await store.apply([o.SaveStep(lease, step("1"), 6.0),
+                                  o.SaveStep(other, step("1"), 6.0)]) == [True, True]
+        for run_id, before in versions:
+            assert await raw.fetchval("SELECT xmin::text FROM runs WHERE id = $1",
+                                      run_id) != before
 
 
 async def test_a_run_held_by_another_writer_is_decided_on_what_it_commits(

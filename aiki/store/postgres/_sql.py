@@ -1031,10 +1031,7 @@ _SAVE_ALL = (  # steps, runs and history events, each a column of arrays, and th
     + f" FROM {_unnest(1 + len(_STEP_TYPES), _RUN_TYPES)} AS v({RUN_COLUMNS})"
     " WHERE runs.id = v.id),"
     " cleared AS (DELETE FROM waits WHERE run_id = ANY("
-    f"${1 + len(_STEP_TYPES) + len(_RUN_TYPES) + len(_HISTORY_TYPES)}::text[])),"
-    # (the runs whose steps change and whose rows do not: see TOUCH)
-    " touched AS (UPDATE runs SET lease_epoch = lease_epoch WHERE id = ANY("
-    f"${2 + len(_STEP_TYPES) + len(_RUN_TYPES) + len(_HISTORY_TYPES)}::text[]))"
+    f"${1 + len(_STEP_TYPES) + len(_RUN_TYPES) + len(_HISTORY_TYPES)}::text[]))"
     " INSERT INTO history (run_id, at, event, attempt, worker_id, position, name, detail)"
     f" SELECT * FROM {_unnest(1 + len(_STEP_TYPES) + len(_RUN_TYPES), _HISTORY_TYPES)}")
 # The runs of ``$1`` (their ids), for :func:`aiki.store.machine.ends_alone`.
@@ -1164,13 +1161,12 @@ class _Writes:
 
     async def flush(self, conn: Conn) -> None:
         if self.runs or self.steps or self.cleared:
-            touched = list(dict.fromkeys(k[0] for k in self.steps if k[0] not in self.runs))
             await conn.execute(
                 _SAVE_ALL,
                 *_columns([(k[0], *row_of(s)) for k, s in self.steps.items()],
                           len(_STEP_TYPES)),
                 *_columns([row_of(r) for r in self.runs.values()], len(_RUN_TYPES)),
-                *_columns(self.history, len(_HISTORY_TYPES)), self.cleared, touched)
+                *_columns(self.history, len(_HISTORY_TYPES)), self.cleared)
         self._empty()
 
 
@@ -1203,7 +1199,8 @@ async def _apply_steady(conn: Conn, ops: Sequence[Steady]) -> list[Any]:
         # (The run's row, locked, has the last word on whether its end writes another
         # run: a run id used again after a purge elsewhere may now name a child.)
         alone = ended is None or m.ends_alone(ended)
-        if m.rows_only(change) and alone:
+        # (Steps without their run's row go on their own: ``_write`` writes the row too.)
+        if m.rows_only(change) and alone and (change.run is not None or not change.steps):
             writes.add(run_id, change)
         else:
             await writes.flush(conn)
