@@ -592,6 +592,7 @@ async def test_a_stopped_server_fails_calls_clearly_and_the_store_recovers(
 def locked_way(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every batch goes the locked way (a transaction), none in one statement (``_fast``)."""
     monkeypatch.setattr(_fast, "plan", lambda ops, fresh: None)
+    monkeypatch.setattr(_fast, "plan_new", lambda ops: None)
 
 
 async def lose_reply_after_commit(conn: Any) -> None:

@@ -284,6 +284,136 @@ async def test_a_lost_reply_is_not_settled_by_another_statements_equal_event(
             ("0", "completed"), ("1", "running")]
 
 
+# -- a run claimed as it is enqueued (NEW_CLAIMED) --------------------------------------------
+def claim(now: float = 2.0) -> o.Claim:
+    return o.Claim("w1", WF, 1, now, 30.0)
+
+
+def counting_inserts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str] | None]:
+    """What each one-statement enqueue-and-claim returned (None: nothing written)."""
+    sent: list[tuple[str, str] | None] = []
+
+    async def counted(conn: Any, p: _fast.NewClaimed) -> tuple[str, str] | None:
+        sent.append(await real_insert(conn, p))
+        return sent[-1]
+
+    monkeypatch.setattr(_fast, "insert", counted)
+    return sent
+
+
+real_insert = _fast.insert
+
+
+async def test_a_run_enqueued_with_its_claim_is_written_as_the_locked_way_writes_it(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One statement; the run, its history and the outcomes are those of the locked way
+    (the same batch in another schema, with the one-statement writes off), and the run's
+    next task start goes in one statement too: the store keeps the run it wrote."""
+    sent = counting_inserts(monkeypatch)
+    seen: list[Any] = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(_fast, "plan_new", lambda ops: None)
+        async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
+            outcomes = await store.apply([enqueue("r1"), claim()])
+            [[claimed]] = outcomes[1:]
+            assert await execute(store, o.StartStep(claimed.lease, step("0", state="running"),
+                                                    3.0))
+            history = [(e.at, e.event, e.attempt, e.worker_id, e.detail)
+                       for e in await store.get_history("r1")]
+            seen.append((outcomes, await store.get_run("r1"), history))
+            if fast:
+                assert sent and sent[0] is not None
+                assert store._fresh.get("r1") is not None  # (the start went in one statement)
+    assert len(sent) == 1 and seen[0] == seen[1]
+    outcomes, run, history = seen[0]
+    assert outcomes[0] == o.EnqueueOutcome("r1", created=True)
+    assert run.state == "running" and run.lease_owner == "w1" and run.attempts == 1
+    assert [h[1] for h in history] == ["run.queued", "run.running", "task.running"]
+
+
+async def test_a_run_queued_before_is_claimed_first(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The claim takes the oldest queued run of its version, as always: with one queued
+    already, the new run is not written as leased; the batch goes the locked way."""
+    sent = counting_inserts(monkeypatch)
+    async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
+        await execute(store, enqueue("r1"))
+        created, claimed = await store.apply([enqueue("r2"), claim()])
+        assert sent == [None]
+        assert created == o.EnqueueOutcome("r2", created=True)
+        assert [c.run.id for c in claimed] == ["r1"]
+        assert [(r.id, r.state) for r in await store.list_runs()] == [
+            ("r2", "queued"), ("r1", "running")]
+        assert await events(store, "r2") == ["run.queued"]
+
+
+async def test_a_run_queued_before_and_held_elsewhere_is_skipped_as_the_locked_way_skips_it(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another transaction holds the older queued run (claiming it): the statement sees it
+    queued and writes nothing; the locked way's claim skips it (SKIP LOCKED) and leases the
+    new run. The same outcome either way, one statement later."""
+    sent = counting_inserts(monkeypatch)
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store, \
+            raw_connection(postgres, schema) as raw:
+        await execute(store, enqueue("r1"))
+        await raw.execute("BEGIN")
+        await raw.execute("SELECT FROM runs WHERE id = 'r1' FOR UPDATE")
+        created, claimed = await store.apply([enqueue("r2"), claim()])
+        await raw.execute("ROLLBACK")
+        assert sent == [None] and created == o.EnqueueOutcome("r2", created=True)
+        assert [c.run.id for c in claimed] == ["r2"]
+        assert [(r.id, r.state) for r in await store.list_runs()] == [
+            ("r2", "running"), ("r1", "queued")]
+
+
+@pytest.mark.parametrize("again", ["run id", "idempotency key"])
+async def test_an_enqueue_of_a_run_that_exists_writes_nothing_in_one_statement(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch, again: str,
+) -> None:
+    """The run's id, or its idempotency key, names a run leased already: the statement
+    writes nothing (no history event, no second run), and the locked way answers with the
+    existing run and a claim of nothing."""
+    sent = counting_inserts(monkeypatch)
+    async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
+        await store.apply([enqueue("r1", key="k"), claim()])
+        op = enqueue("r1") if again == "run id" else enqueue("r2", key="k")
+        created, claimed = await store.apply([op, claim(4.0)])
+        assert sent[0] is not None and sent[1:] == [None]
+        assert created == o.EnqueueOutcome("r1", created=False) and claimed == ()
+        assert [r.id for r in await store.list_runs()] == ["r1"]
+        assert await events(store, "r1") == ["run.queued", "run.running"]
+
+
+async def test_a_lost_reply_of_an_enqueue_and_its_claim_is_settled_by_its_events(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Committed, then the reply lost: found by its two history events, and the claim's
+    outcome is returned once, not run again (which would find the run leased, and claim
+    nothing)."""
+    caplog.set_level(logging.WARNING)
+    lost: list[bool] = []
+
+    async def lost_after(conn: Any, p: _fast.NewClaimed) -> tuple[str, str] | None:
+        monkeypatch.setattr(_fast, "insert", real_insert)
+        assert await real_insert(conn, p) is not None
+        conn.terminate()
+        lost.append(True)
+        raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle")
+
+    monkeypatch.setattr(_fast, "insert", lost_after)
+    async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
+        created, claimed = await store.apply([enqueue("r1"), claim()])
+        assert lost and created == o.EnqueueOutcome("r1", created=True)
+        assert [c.run.id for c in claimed] == ["r1"]
+        assert await events(store) == ["run.queued", "run.running"]
+    assert "the one-statement write of run r1 (run.queued) was committed" in caplog.text
+
+
 def test_fresh_keeps_a_bounded_number_of_runs_of_bounded_size() -> None:
     run = RunRecord(
         id="r", workflow="wf", version="1", payload="{}", state="running",
@@ -299,3 +429,36 @@ def test_fresh_keeps_a_bounded_number_of_runs_of_bounded_size() -> None:
     assert len(fresh) <= 4 and fresh.get("r5") is not None and fresh.get("r0") is None
     fresh.after_locked([o.SaveStep(Lease("r5", 1, "w1"), step("0"), 2.0)], [True], {})
     assert fresh.get("r5") is None  # the locked way wrote it: forgotten
+
+
+@pytest.mark.parametrize("runs", [0, 600])
+async def test_the_one_statement_writes_read_no_table_in_full(
+    postgres: TestPostgres, runs: int,
+) -> None:
+    """An autocommitted statement cannot ``SET LOCAL enable_seqscan = off`` as the locked
+    way's BEGIN does (see test_postgres.py's
+    ``test_a_batch_reads_no_table_in_full_however_small_the_tables_are``): its generic plan
+    must find the run by its place (:data:`_fast.WRITE`) or the queued runs of a version
+    through their index (:data:`_fast.NEW_CLAIMED`) by itself: in a new store, and in a
+    small one before and after its statistics are taken. (Once statistics say a table is
+    empty, a full read of it is the plan; the next ANALYZE, when rows come, makes the plan
+    again: checked by hand, PostgreSQL 18.)"""
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema) as store:
+        if runs:
+            await store.apply([enqueue(f"r{i:03}") for i in range(runs)])
+            claimed = await execute(store, o.Claim("w1", WF, runs // 2, 2.0, 30.0))
+            await store.apply([o.StartStep(c.lease, step("0", state="running"), 3.0, 30.0)
+                               for c in claimed])
+    async with raw_connection(postgres, schema) as raw:
+        # (EXPLAIN through a function: asyncpg would send the statement's $1 as a parameter.)
+        await raw.execute(
+            "CREATE FUNCTION pg_temp.plan(q text) RETURNS SETOF text LANGUAGE plpgsql"
+            " AS $$ BEGIN RETURN QUERY EXECUTE 'EXPLAIN (GENERIC_PLAN) ' || q; END $$")
+        for analyzed in (False, True) if runs else (False,):
+            if analyzed:
+                await raw.execute("ANALYZE")
+            for name in ("WRITE", "NEW_CLAIMED"):
+                plan = "\n".join(row[0] for row in await raw.fetch(
+                    "SELECT pg_temp.plan($1)", getattr(_fast, name)))
+                assert "Seq Scan" not in plan, (name, analyzed, plan)

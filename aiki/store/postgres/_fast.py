@@ -1,4 +1,5 @@
-"""A batch of one run, decided on what this store last wrote, in one autocommitted statement.
+"""A batch of one run, decided on what this store last wrote, in one autocommitted statement;
+and a run claimed as it is enqueued, in another.
 
 One at a time, each batch of a run's life after its claim is a task start (with the previous
 task's outcome), or the last outcome with the run's end: ops of one run. In a transaction
@@ -28,6 +29,10 @@ run's end reads how many children it waits for: a run with no ``child`` step kep
 none, and the statement itself looks for unfinished children of its id (a run id used again
 after a purge may name the parent of an older run's children).
 
+The other batch of one run at a time is its enqueue with the claim of an idle worker: when
+no other run of its version is queued, the claim can lease only the new run, so the run is
+inserted as leased (:data:`NEW_CLAIMED`), and kept here for its first task start.
+
 An autocommitted statement has no transaction id to ask about if its reply is lost. Its
 history events are its receipt instead: :func:`statement_fate` waits until the server
 process that ran it is gone, then looks them up.
@@ -35,8 +40,8 @@ process that ran it is gone, then looks them up.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import attrs
 
@@ -48,7 +53,9 @@ from aiki.store.postgres import _sql
 from aiki.store.postgres._sql import (
     _HISTORY_TYPES,
     _RUN_FIELDS,
+    _RUN_TYPES,
     _STEP_TYPES,
+    RUN_COLUMNS,
     STEP_COLUMNS,
     CommitUnknown,
     Conn,
@@ -217,8 +224,7 @@ def plan(ops: Sequence[o.Op[Any]], fresh: Fresh) -> Plan | None:
             run = change.run
         for step in change.steps:
             steps[step.position] = written[step.position] = step
-        history += [(run_id, e.at, e.event, e.attempt, e.worker_id, e.position, e.name,
-                     e.detail) for e in change.history]
+        history += _entries(run_id, change.history)
         if isinstance(op, o.CompleteRun):
             if change.run is None or change.run.state not in TERMINAL_RUN_STATES:
                 return None
@@ -229,6 +235,11 @@ def plan(ops: Sequence[o.Op[Any]], fresh: Fresh) -> Plan | None:
     outcomes = o.Outcomes(results)
     outcomes.ended = tuple(ended)
     return Plan(run_id, seen.version, seen.place, run, steps, written, history, outcomes)
+
+
+def _entries(run_id: str, entries: Sequence[m.Entry]) -> list[History]:
+    return [(run_id, e.at, e.event, e.attempt, e.worker_id, e.position, e.name, e.detail)
+            for e in entries]
 
 
 async def write(conn: Conn, p: Plan) -> tuple[str, str] | None:
@@ -242,26 +253,106 @@ async def write(conn: Conn, p: Plan) -> tuple[str, str] | None:
     return None if row is None else (row[0], row[1])
 
 
+# -- a run claimed as it is enqueued -----------------------------------------------------------
+# An enqueue while a worker of its version has nothing to do comes with a claim for that
+# worker (``Dispatcher.reserve``): in a transaction, five round trips (BEGIN, the insert, the
+# claim, the claimed run's steps, COMMIT). When no other run of the version is queued, the
+# claim can only lease the new run, and the run can be written as it will be once leased, in
+# one statement. A run queued before it (or the run's id, or its idempotency key, taken
+# already) means nothing is written: the batch goes the locked way. (Unlike WRITE, this
+# statement may wait for a lock: an insert of the same run id or idempotency key by a
+# transaction still open. Cancelled while it waits, it may still commit once that lock is
+# free: a run leased to the worker its caller reserved, which never hears of it, so the
+# lease expires and the run is claimed again, as when a cancelled locked-way batch's
+# COMMIT went out (``Session._enqueue``).)
+_NEW_HISTORY = 1 + len(_RUN_TYPES)
+NEW_CLAIMED = (  # $1.. the run's fields as leased ($1 its id, $2 and $3 its workflow and
+    # version); its history events. (The queued runs of a version are found through their
+    # own index, runs_claim: the generic plan is checked by a test on a new store and on a
+    # small one. Once statistics say the table is empty, a plan made then reads it in full,
+    # until the next ANALYZE makes it again.)
+    "WITH older AS MATERIALIZED (SELECT FROM runs WHERE state = 'queued' AND workflow = $2"
+    " AND version = $3 ORDER BY seq LIMIT 1),"
+    f" new AS (INSERT INTO runs ({RUN_COLUMNS}) SELECT "
+    + ", ".join(f"${i}::{t}" for i, t in enumerate(_RUN_TYPES, start=1))
+    + " WHERE NOT EXISTS (SELECT FROM older) ON CONFLICT DO NOTHING"
+    " RETURNING xmin::text, ctid::text),"
+    " logged AS (INSERT INTO history (run_id, at, event, attempt, worker_id, position, name,"
+    f" detail) SELECT * FROM {_unnest(_NEW_HISTORY, _HISTORY_TYPES)}"
+    " WHERE EXISTS (SELECT FROM new))"
+    " SELECT * FROM new")
+
+
+_P = TypeVar("_P", "Plan", "NewClaimed")
+
+
+@attrs.frozen
+class NewClaimed:
+    """An enqueue and the claim that leases its run, decided without a read."""
+
+    run: RunRecord  # as leased
+    history: list[History]
+    outcomes: o.Outcomes
+
+
+def plan_new(ops: Sequence[o.Op[Any]]) -> NewClaimed | None:
+    """The run of an enqueue followed by a claim of its version alone, as that claim would
+    lease it if no other run of the version is queued; otherwise None."""
+    if len(ops) != 2:
+        return None
+    enqueue, claim = ops
+    if not isinstance(enqueue, o.Enqueue) or not isinstance(claim, o.Claim) \
+            or claim.workflows != ((enqueue.workflow, enqueue.version),) or claim.limit < 1:
+        return None
+    queued, entry = m.enqueue(enqueue)
+    change = m.claim(queued, claim.worker_id, claim.now, claim.lease_ttl)
+    assert change.run is not None
+    outcomes = o.Outcomes([o.EnqueueOutcome(enqueue.run_id, created=True),
+                           (ClaimedRun(change.run, ()),)])
+    return NewClaimed(change.run, _entries(enqueue.run_id, (entry, *change.history)),
+                      outcomes)
+
+
+async def insert(conn: Conn, p: NewClaimed) -> tuple[str, str] | None:
+    """Send :data:`NEW_CLAIMED` for ``p``: the new row's version and place, or None if
+    nothing was written. A seam, as :func:`write`."""
+    row = await conn.fetchrow(NEW_CLAIMED, *row_of(p.run),
+                              *_columns(p.history, len(_HISTORY_TYPES)))
+    return None if row is None else (row[0], row[1])
+
+
 async def apply(conn: Conn, ops: Sequence[o.Op[Any]], fresh: Fresh) -> o.Outcomes | None:
     """``ops`` applied by :data:`WRITE`, when :func:`plan` allows and the run is as kept
-    (and not held by another transaction); None when they must go the locked way (nothing
-    was written)."""
+    (and not held by another transaction), or by :data:`NEW_CLAIMED`, when :func:`plan_new`
+    allows and no other run of its version is queued; None when they must go the locked
+    way (nothing was written)."""
     p = plan(ops, fresh)
-    if p is None:
-        return None
-    pid = conn.get_server_pid()
-    fresh.forget(p.run_id)  # (kept again below, once the new version is known)
+    if p is not None:
+        fresh.forget(p.run_id)  # (kept again below, once the new version is known)
+        written = await _sent(conn, write, p)
+        if written is not None and not p.outcomes.ended:
+            fresh.learn(p.run_id, Seen(*written, p.run, p.steps))
+        return None if written is None else p.outcomes
+    new = plan_new(ops)
+    if new is not None:
+        written = await _sent(conn, insert, new)
+        if written is not None:
+            fresh.learn(new.run.id, Seen(*written, new.run, {}))
+        return None if written is None else new.outcomes
+    return None
+
+
+async def _sent(conn: Conn, send: Callable[[Conn, _P], Awaitable[tuple[str, str] | None]],
+                p: _P) -> tuple[str, str] | None:
+    """``send(conn, p)``; a lost reply raised as :class:`CommitUnknown`, with the history
+    events that tell whether the statement committed."""
+    pid = conn.get_server_pid()  # (unknown once the connection is gone)
     try:
-        written = await write(conn, p)
+        return await send(conn, p)
     except Exception as exc:
         if _lost(exc, conn):
             raise CommitUnknown(exc, p.outcomes, None, pid, p.history) from exc
         raise
-    if written is None:
-        return None  # the run changed since, or is held: the locked path reads it
-    if not p.outcomes.ended:
-        fresh.learn(p.run_id, Seen(*written, p.run, p.steps))
-    return p.outcomes
 
 
 async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]], parents: _sql.Parents,
