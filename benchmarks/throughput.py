@@ -69,9 +69,10 @@ def run_counts(quick: bool) -> dict[int, int]:
     per row on PostgreSQL here): a smoke run exercises every store and deployment, not every
     load.
 
-    Each side's window is a second or more: with 300 runs at 100 concurrent (a third of a
-    second for Aiki, each client three runs), the ramp up and down was a large part of it,
-    and one run's pairs read 4.99-6.02x where the next run's read 7.03-9.55x, same code.
+    Aiki's windows are about a second at 100 concurrent and half a second one at a time
+    (DBOS's longer): with 300 runs at 100 concurrent (a third of a second for Aiki, each
+    client three runs), the ramp up and down was a large part of it, and one run's pairs
+    read 4.99-6.02x where the next run's read 7.03-9.55x, same code.
     """
     return {1: 5, 100: 100} if quick else {1: 200, 100: 1000, 1000: 1000}
 
