@@ -455,14 +455,27 @@ class RunState:
             # Cut by a deadline scope the run goes on past (or by its end): not known to be
             # committed, so what it carried waits for the run's next write again (a repeated
             # save changes nothing). Else the run could end on a result never committed.
-            back = [s for s in taken if all(s is not x for x in self.pending)]
-            if back:
-                self.pending[:0] = back
-                if self.flusher is not None:
-                    self.flusher.waiting(self)
+            self._again(taken, ride_soon=True)
+            raise
+        except Release:
+            # Refused as paused: the first refusal in the chain is the answer, so some of
+            # what it carried may not be committed. They wait for the run's next write, not
+            # for the Flusher: refused too while the run stays paused (then it is given
+            # back), or accepted once it is resumed, first (seed 5156: the Flusher's write
+            # refused, the run resumed before its next write, which ended it on a result
+            # never committed).
+            self._again(taken, ride_soon=False)
             raise
         finally:
             self.riding = [s for s in self.riding if all(s is not x for x in taken)]
+
+    def _again(self, taken: tuple[StepRecord, ...], *, ride_soon: bool) -> None:
+        """Outcomes a write carried, not known to be committed: they wait again."""
+        back = [s for s in taken if all(s is not x for x in self.pending)]
+        if back:
+            self.pending[:0] = back
+            if ride_soon and self.flusher is not None:
+                self.flusher.waiting(self)
 
     async def flush(self) -> None:
         """Send the outcomes waiting for a ride on their own (the Flusher calls this when no
@@ -472,7 +485,7 @@ class RunState:
                 await self.carry(lambda req, saved: _save_all(req, self.lease, saved))
             except Abandon as exc:  # the run's next write raises it: nothing may follow
                 self.lost = exc
-            except Release:  # paused: the run's next write is refused too, and gives it back
+            except Release:  # paused: they wait for the run's next write (see carry)
                 pass
 
     async def _write(self, make: Callable[[int], Any]) -> Any:
@@ -1438,10 +1451,20 @@ async def _give_back(state: RunState) -> None:
     log.info("run %s: given back at a step boundary (the worker drains or the run was "
              "paused)", state.lease.run_id)
     paused = state.paused_seen or state.paused()
-    try:
-        await state.write(lambda req: p.ReleaseRun(req, state.lease, paused))
-    except (Abandon, Release):
-        pass
+    for _ in range(2):
+        try:
+            await state.write(lambda req: p.ReleaseRun(req, state.lease, paused))
+        except Release:
+            if not state.pending:
+                return
+            # The outcomes waiting for a ride went first, refused as paused: they are not
+            # committed, so the run's replay runs those tasks again once it is resumed.
+            # The run goes back without them.
+            state.pending.clear()
+            continue
+        except Abandon:
+            pass
+        return
 
 
 async def _fail(state: RunState, workflow: str, error_type: str, message: str,

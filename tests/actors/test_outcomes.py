@@ -288,3 +288,35 @@ async def test_a_wait_refused_as_paused_gives_the_run_back(
     written, persist = recorder(react)
     await drive(then_sleep, persist)
     assert written[-2:] == ["WaitRun", "ReleaseRun"]
+
+
+async def test_an_outcome_the_flusher_sent_while_paused_rides_with_the_end_once_resumed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The Flusher sends the outcome alone while a client has paused the run: refused. The
+    # run is resumed before its next write, which is accepted: it must carry the outcome,
+    # or the run ends on a result never committed (simulation seed 5156).
+    async def react(msg: Any) -> None:
+        if isinstance(msg, p.SaveStep):
+            raise RunPaused("run r1 is paused: attempt 1 of step 0 is refused")
+
+    written, persist = recorder(react)
+    await drive(then_think, persist)
+    assert written == ["StartStep 0 running", "SaveStep 0 completed",
+                       "CompleteRun +['0 completed']"]
+
+
+async def test_a_paused_run_is_given_back_without_the_outcomes_refused_as_paused(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Still paused at the run's next write: the outcome refused with the Flusher's write is
+    # refused again, first, and the run is given back without it (it runs again once the
+    # run is resumed and replays): the give-back itself is not lost behind it.
+    async def react(msg: Any) -> None:
+        if isinstance(msg, (p.SaveStep, p.CompleteRun)):
+            raise RunPaused("run r1 is paused")
+
+    written, persist = recorder(react)
+    await drive(then_think, persist)
+    assert written == ["StartStep 0 running", "SaveStep 0 completed",
+                       "CompleteRun +['0 completed']", "SaveStep 0 completed", "ReleaseRun"]
