@@ -1451,20 +1451,19 @@ async def _give_back(state: RunState) -> None:
     log.info("run %s: given back at a step boundary (the worker drains or the run was "
              "paused)", state.lease.run_id)
     paused = state.paused_seen or state.paused()
-    for _ in range(2):
-        try:
+    try:
+        await state.write(lambda req: p.ReleaseRun(req, state.lease, paused))
+    except Release:
+        if not state.pending:
+            return
+        # The outcomes waiting for a ride went first, refused as paused: they are not
+        # committed, so the run's replay runs those tasks again once it is resumed. The run
+        # goes back without them.
+        state.pending.clear()
+        with contextlib.suppress(Abandon, Release):
             await state.write(lambda req: p.ReleaseRun(req, state.lease, paused))
-        except Release:
-            if not state.pending:
-                return
-            # The outcomes waiting for a ride went first, refused as paused: they are not
-            # committed, so the run's replay runs those tasks again once it is resumed.
-            # The run goes back without them.
-            state.pending.clear()
-            continue
-        except Abandon:
-            pass
-        return
+    except Abandon:
+        pass
 
 
 async def _fail(state: RunState, workflow: str, error_type: str, message: str,

@@ -513,6 +513,15 @@ async def test_the_indexes_that_keep_claims_and_status_fast_exist(postgres: Test
             "runs_by_workflow", "steps_idempotency", "history_run"} <= set(indexes)
 
 
+async def generic_plan(raw: Raw, sql: str) -> str:
+    """The generic plan of ``sql`` (its parameters unknown), as EXPLAIN prints it."""
+    # (EXPLAIN through a function: asyncpg would send the statement's $1 as a parameter.)
+    await raw.execute(
+        "CREATE OR REPLACE FUNCTION pg_temp.plan(q text) RETURNS SETOF text LANGUAGE plpgsql"
+        " AS $$ BEGIN RETURN QUERY EXECUTE 'EXPLAIN (GENERIC_PLAN) ' || q; END $$")
+    return "\n".join(row[0] for row in await raw.fetch("SELECT pg_temp.plan($1)", sql))
+
+
 async def test_a_batch_reads_no_table_in_full_however_small_the_tables_are(
     postgres: TestPostgres,
 ) -> None:
@@ -531,10 +540,6 @@ async def test_a_batch_reads_no_table_in_full_however_small_the_tables_are(
     statements = {name: getattr(_sql, name) for name in (
         "_LOCK_RUNS", "_RUNS_AND_STEPS", "_SAVE_ALL", "_RUNS_OF", "_CLAIM", "_ENQUEUE_ALL")}
     async with raw_connection(postgres, schema) as raw:
-        # (EXPLAIN through a function: asyncpg would send the statement's $1 as a parameter.)
-        await raw.execute(
-            "CREATE FUNCTION pg_temp.plan(q text) RETURNS SETOF text LANGUAGE plpgsql"
-            " AS $$ BEGIN RETURN QUERY EXECUTE 'EXPLAIN (GENERIC_PLAN) ' || q; END $$")
         for analyzed in (False, True):
             if analyzed:
                 await raw.execute("ANALYZE")
@@ -542,8 +547,7 @@ async def test_a_batch_reads_no_table_in_full_however_small_the_tables_are(
                 await raw.execute(begin)
                 try:
                     for name, sql in statements.items():
-                        plan = "\n".join(row[0] for row in await raw.fetch(
-                            "SELECT pg_temp.plan($1)", sql))
+                        plan = await generic_plan(raw, sql)
                         assert "Seq Scan" not in plan, (name, begin, analyzed, plan)
                 finally:
                     await raw.execute("ROLLBACK")

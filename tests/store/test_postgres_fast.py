@@ -21,7 +21,7 @@ from aiki.store import ops as o
 from aiki.store.postgres import PostgresStore, _fast, _sql
 from tests.conftest import TestPostgres
 from tests.store.test_conformance import step
-from tests.store.test_postgres import WF, enqueue, raw_connection
+from tests.store.test_postgres import WF, enqueue, generic_plan, raw_connection
 
 
 async def claimed_and_started(store: PostgresStore, run_id: str = "r1") -> Lease:
@@ -451,14 +451,9 @@ async def test_the_one_statement_writes_read_no_table_in_full(
             await store.apply([o.StartStep(c.lease, step("0", state="running"), 3.0, 30.0)
                                for c in claimed])
     async with raw_connection(postgres, schema) as raw:
-        # (EXPLAIN through a function: asyncpg would send the statement's $1 as a parameter.)
-        await raw.execute(
-            "CREATE FUNCTION pg_temp.plan(q text) RETURNS SETOF text LANGUAGE plpgsql"
-            " AS $$ BEGIN RETURN QUERY EXECUTE 'EXPLAIN (GENERIC_PLAN) ' || q; END $$")
         for analyzed in (False, True) if runs else (False,):
             if analyzed:
                 await raw.execute("ANALYZE")
             for name in ("WRITE", "NEW_CLAIMED"):
-                plan = "\n".join(row[0] for row in await raw.fetch(
-                    "SELECT pg_temp.plan($1)", getattr(_fast, name)))
+                plan = await generic_plan(raw, getattr(_fast, name))
                 assert "Seq Scan" not in plan, (name, analyzed, plan)
