@@ -285,13 +285,22 @@ class Dispatcher:
             wanted = min(seat.free, seat.room() // 2)
             if wanted <= 0:
                 continue  # its connection is backed up: again on the next message or poll
-            claimed = await self.writer.write(
-                Claim(seat.worker_id, seat.workflows, wanted, self.sources.clock.now(),
-                      self.lease_ttl)
-            )
-            seat.may_have_work = len(claimed) >= wanted
-            for run in self._place(seat, claimed):
-                await self._give_back(seat, run)
+            while wanted > 0:
+                free = seat.free
+                claimed = await self.writer.write(
+                    Claim(seat.worker_id, seat.workflows, wanted, self.sources.clock.now(),
+                          self.lease_ttl)
+                )
+                seat.may_have_work = len(claimed) >= wanted
+                undelivered = self._place(seat, claimed)
+                for run in undelivered:
+                    await self._give_back(seat, run)
+                if undelivered or self.stopped or seat.suspect or not seat.may_have_work:
+                    break
+                # A full claim that took back runs the seat still counted as held (another
+                # server's Timer expired their leases) filled fewer slots than it claimed:
+                # claim those again now, not at the next message or poll (seed 4461).
+                wanted = min(seat.free, wanted - (free - seat.free), seat.room() // 2)
         while self.undelivered:
             await self._give_back(*self.undelivered.pop())
 

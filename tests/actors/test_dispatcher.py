@@ -295,3 +295,41 @@ async def test_a_run_its_seat_forgot_is_held_again_once_its_worker_starts_a_task
         assert seat.active == {"r0"}  # held again, at the commit
         dispatcher.revoke("r0", "cancelled", epoch)
         assert [m.epoch for m in pushed if isinstance(m, Revoke)] == [epoch]
+
+
+async def test_a_run_claimed_back_into_a_slot_it_held_leaves_the_other_slot_claiming(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Seed 4461: another server's Timer expired w1's lease of r0, so its seat here still
+    counted r0 as held. A claim for w1's one free slot took r0 back (the oldest queued run):
+    a full claim, yet the slot stayed free, as r0's slot was already counted. The next run
+    queued must be claimed at once, not at the next message or fallback poll (it waited
+    for the poll, 4 s, while w1 had a free slot)."""
+    from aiki.actors.dispatcher import Ended
+    from aiki.records import Lease
+
+    store = MemoryStore()
+    delivered: list[tuple[str, int]] = []
+
+    def push(assign: Assign) -> bool:
+        delivered.append((assign.run.id, assign.run.lease_epoch))
+        return True
+
+    seat = Seat(1, "w1", (WF,), slots=2, push=push)
+    async with dispatching(store, 2) as dispatcher:
+        dispatcher.tell(Joined(seat))
+        await trio.sleep(1)
+        assert [run_id for run_id, _ in delivered] == ["r0", "r1"]
+        # Another server expires r0's lease (this Dispatcher is not told), r2 is queued.
+        r0 = await store.get_run("r0")
+        assert r0 is not None and r0.lease_expires_at is not None
+        r1 = Lease("r1", delivered[1][1], "w1")  # (renewed: only r0's lease expires)
+        await execute(store, o.Renew((r1,), r0.lease_expires_at, 30.0))
+        assert await execute(store, o.ExpireLeases(r0.lease_expires_at)) == ("r0",)
+        await execute(store, o.Enqueue("r2", "wf", "1", "null", None, 1.0))
+        dispatcher.tell(Ended(1, (("r1", delivered[1][1]),)))  # r1 ended: one slot free
+        dispatcher.poke()
+        await trio.sleep(0.1)
+        assert [run_id for run_id, _ in delivered[2:]] == ["r0", "r2"]
+        assert seat.active == {"r0", "r2"}
+        assert not await store.list_runs(state="queued")

@@ -772,6 +772,34 @@ def restarted_server_expires_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(LeaseClock, "holding", lambda self: 0.0)
 
 
+def one_claim_a_seat_a_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Dispatcher claims once for each seat, then waits for its next message: a full
+    # claim that took back a run its seat still counted as held (another server expired
+    # the lease) leaves a slot free beside queued runs until something else happens.
+    from aiki.actors.dispatcher import Dispatcher
+    from aiki.store.ops import Claim
+
+    async def assign(self: Dispatcher) -> None:
+        if self.stopped:
+            return
+        for seat in list(self.seats.values()):
+            if seat.free <= 0 or not seat.workflows or seat.suspect or not seat.may_have_work:
+                continue
+            wanted = min(seat.free, seat.room() // 2)
+            if wanted <= 0:
+                continue
+            claimed = await self.writer.write(Claim(
+                seat.worker_id, seat.workflows, wanted, self.sources.clock.now(),
+                self.lease_ttl))
+            seat.may_have_work = len(claimed) >= wanted
+            for run in self._place(seat, claimed):
+                await self._give_back(seat, run)
+        while self.undelivered:
+            await self._give_back(*self.undelivered.pop())
+
+    monkeypatch.setattr(Dispatcher, "_assign", assign)
+
+
 def child_start_forgets_to_poke(monkeypatch: pytest.MonkeyPatch) -> None:
     # A child run is queued by its parent's StartChild, and the Dispatcher is not told: the
     # child waits for the next poll, or for another poke, beside free slots.
@@ -930,6 +958,19 @@ def test_a_lease_granted_between_two_steps_of_the_clock_is_not_expired_early(
     lease_clock_sees_only_expiry(monkeypatch)
     violations = run_one(180, runs=24).violations
     assert any("after its result was committed" in v for v in violations), violations[:5]
+
+
+def test_a_slot_a_full_claim_left_free_is_claimed_for_again_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seed 4461 (regressions.txt), at its length (20 minutes, where it was found): a seat
+    whose one free slot claimed back the run another server had expired left the slot free
+    while two runs waited, until the fallback poll. (Passing with the engine as it is:
+    ``make sim`` runs every regression seed.)"""
+    one_claim_a_seat_a_round(monkeypatch)
+    violations = run_one(4461, safety=1200.0).violations
+    assert any("had a free slot for its version all along" in v
+               for v in violations), violations[:5]
 
 
 def test_a_parent_resumed_after_its_children_ended_is_not_stranded(
