@@ -657,9 +657,12 @@ class World:
         """No run stays queued CLAIMED_WITHIN seconds (through another server: a fallback
         poll more) while a seat of its server's Dispatcher could take it all along: the
         Dispatcher claims when told work may have arrived, and every commit that queues a
-        run must tell it (a lost poke leaves the run to the next poll, or to nothing)."""
+        run must tell it (a lost poke leaves the run to the next poll, or to nothing).
+        Counted from when the run was queued last: one claimed and queued again between two
+        looks (it waited, and another server woke it) starts its count again (seed 5410)."""
         step = 0.5
-        since: dict[tuple[str, str, int], float] = {}  # (run, server, session) -> from when
+        # (run, the seq it was queued at, server, session) -> from when
+        since: dict[tuple[str, int | None, str, int], float] = {}
         reported: set[tuple[str, int | None]] = set()  # (run, the seq it was queued at)
         while True:
             await trio.sleep(step)
@@ -669,7 +672,7 @@ class World:
                 since.clear()  # (a claim refused or slowed by the store waits for a tick)
                 continue
             runs = self.store.queued_runs()
-            live: dict[tuple[str, str, int], float] = {}
+            live: dict[tuple[str, int | None, str, int], float] = {}
             for name, server in self.serving.items():
                 if name not in self.up or self.freezer.is_paused(name):
                     continue
@@ -680,9 +683,9 @@ class World:
                     for run in runs:
                         if (run.workflow, run.version) not in seat.workflows:
                             continue
-                        key = (run.id, name, seat.session)
-                        live[key] = since.get(key, now)
                         queued = self.store.last_seq(run.id, "run.queued")
+                        key = (run.id, queued, name, seat.session)
+                        live[key] = since.get(key, now)
                         via = None if queued is None else self.ledger.committed.get(queued)
                         bound = CLAIMED_WITHIN + (
                             0.0 if via is not None and via[1] == name else POLL_INTERVAL)
