@@ -127,6 +127,24 @@ async def test_embedded_takes_a_postgresql_url(postgres: TestPostgres) -> None:
         assert (await client.handle(handle.id).status()).state == "completed"
 
 
+def counting_statements(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    """Every statement sent to PostgreSQL from now on (each a round trip): its first word,
+    and its text."""
+    statements: list[str] = []
+    sent: list[str] = []
+    for name in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
+        original = getattr(asyncpg.Connection, name)
+
+        def counting(self: Any, query: str, *args: Any, _original: Any = original,
+                     **kwargs: Any) -> Any:
+            statements.append(query.split()[0].rstrip(";"))
+            sent.append(query)
+            return _original(self, query, *args, **kwargs)
+
+        monkeypatch.setattr(asyncpg.Connection, name, counting)
+    return statements, sent
+
+
 async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
     postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -142,18 +160,7 @@ async def test_a_task_outcome_and_the_next_start_cost_few_round_trips(
     one statement together."""
     from tests.store.test_conformance import step
 
-    statements: list[str] = []
-    sent: list[str] = []
-    for name in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
-        original = getattr(asyncpg.Connection, name)
-
-        def counting(self: Any, query: str, *args: Any, _original: Any = original,
-                     **kwargs: Any) -> Any:
-            statements.append(query.split()[0].rstrip(";"))
-            sent.append(query)
-            return _original(self, query, *args, **kwargs)
-
-        monkeypatch.setattr(asyncpg.Connection, name, counting)
+    statements, sent = counting_statements(monkeypatch)
     async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
         await store.apply([enqueue("r1"), enqueue("r0"), enqueue("r00")])
         assert statements[-4:] == ["BEGIN", "WITH", "SELECT", "COMMIT"]  # enqueues together

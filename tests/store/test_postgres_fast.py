@@ -21,7 +21,13 @@ from aiki.store import ops as o
 from aiki.store.postgres import PostgresStore, _fast, _sql
 from tests.conftest import TestPostgres
 from tests.store.test_conformance import step
-from tests.store.test_postgres import WF, enqueue, generic_plan, raw_connection
+from tests.store.test_postgres import (
+    WF,
+    counting_statements,
+    enqueue,
+    generic_plan,
+    raw_connection,
+)
 
 
 async def claimed_and_started(store: PostgresStore, run_id: str = "r1") -> Lease:
@@ -88,6 +94,64 @@ async def test_a_step_written_without_its_run_row_still_changes_the_runs_version
         for run_id, before in versions:
             assert await raw.fetchval("SELECT xmin::text FROM runs WHERE id = $1",
                                       run_id) != before
+
+
+async def test_a_run_renewed_here_stays_on_the_one_statement_path(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A heartbeat renews the lease of a run this store keeps: the renewal notes the row's
+    new version (the row as kept, renewed), so the run's next writes are one statement
+    each, not the locked way's four until its next claim (a run that lives longer than a
+    heartbeat interval, ten seconds by default, is most of its life on the locked way)."""
+    async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
+        lease = await claimed_and_started(store)
+        statements, _ = counting_statements(monkeypatch)
+        assert await execute(store, o.Renew((lease,), 10.0, 30.0)) == ()
+        assert statements == ["BEGIN", "UPDATE", "COMMIT"]
+        statements.clear()
+        assert await store.apply([o.SaveStep(lease, step("0"), 11.0),
+                                  o.StartStep(lease, step("1", state="running"), 11.0,
+                                              30.0)]) == [True, True]
+        assert statements == ["WITH"]
+        run = await store.get_run("r1")
+        assert run is not None and run.lease_expires_at == 41.0
+        statements.clear()
+        # Two heartbeats in one batch: the second renewal finds the row written by the
+        # first, so the row is not as the first noted it: the run's next write goes the
+        # locked way (reading the row as it is), not to a row version that is gone.
+        assert await store.apply([o.Renew((lease,), 12.0, 30.0),
+                                  o.Renew((lease,), 13.0, 30.0)]) == [(), ()]
+        statements.clear()
+        assert [getattr(x, "state", x) for x in await store.apply([
+            o.SaveStep(lease, step("1"), 14.0), o.CompleteRun(lease, '"done"', 14.0)])
+        ] == [True, "completed"]
+        assert statements[0] == "BEGIN"
+        run = await store.get_run("r1")
+        assert run is not None and run.state == "completed" and run.finished_at == 14.0
+
+
+async def test_a_run_renewed_after_another_server_changed_it_is_decided_on_what_it_is_now(
+    postgres: TestPostgres,
+) -> None:
+    """Another server paused the run (its lease stays): the renewal here renews it, but does
+    not note the row as kept renewed; the next task start is refused as paused, as on the
+    locked way, not written on the run as kept (running)."""
+    from aiki.errors import RunPaused
+
+    schema = postgres.fresh_schema()
+    async with PostgresStore.open(postgres.dsn, schema=schema) as first, \
+            PostgresStore.open(postgres.dsn, schema=schema) as second:
+        lease = await claimed_and_started(first)
+        await execute(first, o.SaveStep(lease, step("0"), 4.0))
+        paused = await execute(second, o.PauseRun("r1", "ops", 5.0))
+        assert paused.run.state == "paused"
+        assert await execute(first, o.Renew((lease,), 10.0, 30.0)) == ()
+        [outcome] = await first.apply([o.StartStep(lease, step("1", state="running"), 11.0,
+                                                   30.0)])
+        assert isinstance(outcome, RunPaused)
+        assert [s.position for s in await first.get_steps("r1")] == ["0"]
+        run = await first.get_run("r1")
+        assert run is not None and run.state == "paused" and run.lease_expires_at == 40.0
 
 
 async def test_a_run_held_by_another_writer_is_decided_on_what_it_commits(
@@ -427,7 +491,7 @@ def test_fresh_keeps_a_bounded_number_of_runs_of_bounded_size() -> None:
     for i in range(6):
         fresh.learn(f"r{i}", _fast.Seen("1", "(0,1)", run, {}))
     assert len(fresh) <= 4 and fresh.get("r5") is not None and fresh.get("r0") is None
-    fresh.after_locked([o.SaveStep(Lease("r5", 1, "w1"), step("0"), 2.0)], [True], {})
+    fresh.after_locked([o.SaveStep(Lease("r5", 1, "w1"), step("0"), 2.0)], [True], {}, {})
     assert fresh.get("r5") is None  # the locked way wrote it: forgotten
 
 

@@ -112,17 +112,29 @@ class Fresh:
     def __len__(self) -> int:
         return len(self._seen)
 
+    def kept(self, ops: Sequence[o.Op[Any]]) -> dict[str, str]:
+        """The row version kept of each run the renewals of ``ops`` name, when the batch
+        is one whose renewals :meth:`after_locked` may learn (see there)."""
+        if not all(isinstance(op, _LEARNED) for op in ops):
+            return {}
+        return {lease.run_id: seen.version for op in ops if isinstance(op, o.Renew)
+                for lease in op.leases if (seen := self._seen.get(lease.run_id)) is not None}
+
     def after_locked(self, ops: Sequence[o.Op[Any]], outcomes: Sequence[Any],
-                     versions: Mapping[str, tuple[str, str]]) -> None:
-        """A batch went the locked way: the runs its ops name are forgotten, and the runs its
-        claims leased are kept, when nothing else in the batch could have written them after
-        the claim (every op is a claim or an enqueue: the row's version is the batch's, and
-        the row as the claim returned it is the one committed)."""
+                     versions: Mapping[str, tuple[str, str]],
+                     renewed: Mapping[str, tuple[str, str]]) -> None:
+        """A batch went the locked way: the runs its ops name are forgotten; when nothing
+        else in the batch could have written them (every op is a claim, an enqueue or a
+        renewal: the row's version is the batch's, and each run is written by one op),
+        the runs its claims leased are kept as the claim returned them, and the kept runs
+        it renewed while still as kept (``renewed``: their new version and place), renewed
+        as the state machine renews them. A run running longer than a heartbeat stays on
+        the one-statement path."""
         for op in ops:
             run_id = _run_named(op)
             if run_id is not None:
                 self.forget(run_id)
-        if not all(isinstance(op, (o.Claim, o.Enqueue)) for op in ops):
+        if not all(isinstance(op, _LEARNED) for op in ops):
             return
         for op, outcome in zip(ops, outcomes, strict=True):
             if isinstance(op, o.Claim) and isinstance(outcome, tuple):
@@ -131,6 +143,20 @@ class Fresh:
                         self.learn(claimed.run.id, Seen(
                             *versions[claimed.run.id], claimed.run,
                             {s.position: s for s in claimed.steps}))
+            elif isinstance(op, o.Renew) and isinstance(outcome, tuple):
+                for lease in op.leases:
+                    seen = self._seen.get(lease.run_id)
+                    if seen is None or lease.run_id in outcome:
+                        continue  # (not kept; or its lease was stale, and kept as it was)
+                    run = m.renew(seen.run, lease, op.now, op.lease_ttl)
+                    if run is None or lease.run_id not in renewed:
+                        self.forget(lease.run_id)  # (changed since it was kept)
+                    else:
+                        self.learn(lease.run_id,
+                                   Seen(*renewed[lease.run_id], run, seen.steps))
+
+
+_LEARNED = (o.Claim, o.Enqueue, o.Renew)  # the ops of a batch after_locked learns from
 
 
 def _run_named(op: o.Op[Any]) -> str | None:
@@ -365,8 +391,8 @@ async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]], parents: _sql.Parents,
         if outcomes is not None:
             parents.applied(ops, outcomes)
             return outcomes
-        outcomes, versions = await _sql.apply_batch(conn, ops, parents)
-        fresh.after_locked(ops, outcomes, versions)
+        outcomes, batch = await _sql.apply_batch(conn, ops, parents, fresh.kept(ops))
+        fresh.after_locked(ops, outcomes, batch.versions, batch.renewed)
         return outcomes
 
     return await _sql.with_connection(pool, body)

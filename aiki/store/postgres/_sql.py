@@ -25,7 +25,7 @@ import asyncio
 import contextvars
 import functools
 import typing
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -472,21 +472,49 @@ async def _claim(conn: Conn, op: o.Claim) -> tuple[ClaimedRun, ...]:
     return tuple(ClaimedRun(run, tuple(steps[run.id])) for run in runs)
 
 
+_RENEW = (  # $1-$3 the leases (run id, epoch, owner), $4 the new expiry, $5 now; $6 the
+    # row version each must still have (NULL: any); the runs renewed, each row's new version
+    # and place, and the transaction's id
+    "UPDATE runs SET lease_expires_at = $4, updated_at = $5"
+    " FROM unnest($1::text[], $2::bigint[], $3::text[], $6::text[])"
+    " AS lease (id, epoch, owner, version)"
+    " WHERE runs.id = lease.id AND runs.state IN ('running', 'paused')"
+    " AND runs.lease_epoch = lease.epoch AND runs.lease_owner = lease.owner"
+    " AND (lease.version IS NULL OR runs.xmin::text = lease.version)"
+    " RETURNING runs.id, runs.lease_epoch, runs.lease_owner, runs.xmin::text, runs.ctid::text,"
+    " pg_current_xact_id_if_assigned()::text")
+
+
 async def _renew(conn: Conn, op: o.Renew) -> tuple[str, ...]:
+    """Renew the leases of ``op``; the runs whose lease is not current (stale).
+
+    A run whose row version the batch was given (``_Batch.kept``: this store keeps the run,
+    see ``_fast.Fresh``) is renewed first only if its row is still that version, and its new
+    version and place are noted (``_Batch.renewed``): the row is then what was kept, renewed,
+    and the run stays on the one-statement path. The others (and a kept run changed since)
+    are renewed whatever their version, in a second statement."""
     if not op.leases:
         return ()
-    renewed = {
-        (row["id"], row["lease_epoch"], row["lease_owner"])
-        for row in await conn.fetch(
-            "UPDATE runs SET lease_expires_at = $4, updated_at = $5"
-            " FROM unnest($1::text[], $2::bigint[], $3::text[]) AS lease (id, epoch, owner)"
-            " WHERE runs.id = lease.id AND runs.state IN ('running', 'paused')"
-            " AND runs.lease_epoch = lease.epoch AND runs.lease_owner = lease.owner"
-            " RETURNING runs.id, runs.lease_epoch, runs.lease_owner",
-            [lease.run_id for lease in op.leases], [lease.epoch for lease in op.leases],
-            [lease.worker_id for lease in op.leases], op.now + op.lease_ttl, op.now,
-        )
-    }
+    batch = _batch.get()
+    kept = {} if batch is None else batch.kept
+    renewed: set[tuple[str, int, str]] = set()
+    for as_kept in (True, False):
+        leases = [lease for lease in op.leases
+                  if (lease.run_id, lease.epoch, lease.worker_id) not in renewed
+                  and (lease.run_id in kept or not as_kept)]
+        if not leases:
+            continue
+        rows = await conn.fetch(
+            _RENEW, [lease.run_id for lease in leases], [lease.epoch for lease in leases],
+            [lease.worker_id for lease in leases], op.now + op.lease_ttl, op.now,
+            [kept[lease.run_id] if as_kept else None for lease in leases])
+        _note_xid(rows)
+        for row in rows:
+            renewed.add((row[0], row[1], row[2]))
+            if batch is not None and as_kept:
+                batch.renewed[row[0]] = (row[3], row[4])
+            elif batch is not None:  # (written again since: not as noted)
+                batch.renewed.pop(row[0], None)
     return tuple(
         lease.run_id for lease in op.leases
         if (lease.run_id, lease.epoch, lease.worker_id) not in renewed
@@ -1345,12 +1373,16 @@ class _Batch:
     not sent again. ``xid``: the transaction's id, once a statement read it: a row lock
     assigns one, so the read after the lock returns it, and the read before COMMIT (for the
     fate of a commit whose reply is lost) is not sent either. ``versions``: the row version
-    (``xmin``) and place (``ctid``) of each run a claim of the batch leased.
+    (``xmin``) and place (``ctid``) of each run a claim of the batch leased. ``kept``: the
+    row version this store keeps of runs a renewal of the batch names; ``renewed``: the new
+    version and place of those it renewed while still that version (:func:`_renew`).
     """
 
     locked: frozenset[str] = frozenset()
     xid: str | None = None
     versions: dict[str, tuple[str, str]] = attrs.Factory(dict)  # claimed: (xmin, ctid)
+    kept: Mapping[str, str] = attrs.Factory(dict)
+    renewed: dict[str, tuple[str, str]] = attrs.Factory(dict)
 
 
 _batch: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar(
@@ -1405,12 +1437,14 @@ async def commit(conn: Conn) -> None:
 
 
 async def apply_batch(conn: Conn, ops: Sequence[o.Op[Any]], parents: Parents,
-                      ) -> tuple[o.Outcomes, dict[str, tuple[str, str]]]:
+                      kept: Mapping[str, str] | None = None) -> tuple[o.Outcomes, _Batch]:
     """Apply ``ops`` in one transaction; one outcome per op (refusals are outcomes), and the
-    row version and place (``xmin``, ``ctid``) of each run the batch claimed."""
+    batch as its statements saw it: the row version and place (``xmin``, ``ctid``) of each
+    run it claimed, and of each run of ``kept`` (run id: the row version this store keeps)
+    it renewed while still that version."""
     pid = conn.get_server_pid()  # (unknown once the connection is gone)
     begin, locked = _begin_and_lock(ops, parents)
-    batch = _Batch(locked)
+    batch = _Batch(locked, kept=kept or {})
     _batch.set(batch)  # (this call's own context: the loop runs each call as a task)
     try:
         await conn.execute(begin)
@@ -1431,7 +1465,7 @@ async def apply_batch(conn: Conn, ops: Sequence[o.Op[Any]], parents: Parents,
             raise CommitUnknown(exc, outcomes, xid, pid) from exc
         raise
     parents.applied(ops, outcomes)
-    return outcomes, batch.versions
+    return outcomes, batch
 
 
 async def run_read(pool: Pool, read: Callable[[Conn], Awaitable[T]]) -> T:
