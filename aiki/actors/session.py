@@ -44,6 +44,7 @@ from aiki.errors import (
     PayloadError,
     ProtocolError,
     RunNotFound,
+    RunPaused,
     ScheduleInvalid,
     ScheduleNotFound,
     StaleLease,
@@ -716,8 +717,11 @@ class Session:
         committed, or was refused: its seat has the slot free. Not when the store did not
         answer (``failed`` unavailable, or the write timed out): the worker still holds the
         lease and sends the write again, and until then a cancel must reach it through this
-        seat (else it hears of it only at its next heartbeat) and its slot is not free."""
-        if not isinstance(failed, (StoreUnavailable, AskTimeout)):
+        seat (else it hears of it only at its next heartbeat) and its slot is not free.
+        Nor when it was refused because a client paused the run: the worker holds the lease
+        until it gives the run back paused, in a write of its own (seed 6536: a cancel
+        committed between the two sent the worker no Revoke)."""
+        if not isinstance(failed, (StoreUnavailable, AskTimeout, RunPaused)):
             self.ctx.dispatcher.tell(Ended(self.id, ((lease.run_id, lease.epoch),)))
 
     async def _enqueue(self, op: ops.Enqueue) -> tuple[ops.EnqueueOutcome, set[str]]:

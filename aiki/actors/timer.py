@@ -80,7 +80,14 @@ class LeaseClock:
         (:class:`ObservedClock`): a step since the last reading is absorbed. Every reading
         counts: a lease granted on a clock set back, then stepped forward again before
         expiry looked, would expire early by the second step, which the two looks alone
-        see as no step at all (seed 180)."""
+        see as no step at all (seed 180).
+
+        A step seen is taken to have come at this reading, the last moment it could have:
+        the time since the previous reading catches up only the lag there was before it.
+        Readings can be far apart (the server paused, its process stopped): a step at the
+        end of a 35 s pause, credited with the whole pause's catch-up, expired a lease
+        1.8 s early by real time, inside the margin its worker still trusted it for
+        (seed 6787)."""
         if self._last is None:
             return
         try:
@@ -89,7 +96,7 @@ class LeaseClock:
             return
         elapsed = mono - self._last[1]
         stepped = (wall - self._last[0]) - elapsed
-        self.lag = max(0.0, self.lag + stepped - CATCH_UP * elapsed)
+        self.lag = max(0.0, max(0.0, self.lag - CATCH_UP * elapsed) + stepped)
         self._last = (wall, mono)
 
     def now(self, wall: float) -> float:

@@ -254,6 +254,32 @@ async def test_a_worker_whose_end_of_a_run_the_store_did_not_answer_still_hears_
         assert isinstance(revoke, p.Revoke) and revoke.run_id == "run-1"
 
 
+async def test_a_worker_whose_end_of_a_run_was_refused_as_paused_still_hears_a_cancel(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A client pauses a run; its worker's completion is refused as paused. The worker
+    still holds the lease (it gives the run back paused, in a write of its own), so its
+    seat holds the run until then, and a cancel committed meanwhile reaches it at once
+    (found by the simulation's promptness checker, seed 6536: the seat forgot the run at
+    the refusal, so the cancel sent the worker no Revoke)."""
+    async with running_server(MemoryStore()) as (server, transport):
+        worker, client, lease = await leased_run(transport)
+        await client.send(p.PauseRun(3, "run-1"))
+        assert isinstance(await client.receive(), p.Controlled)
+        await worker.send(p.CompleteRun(2, lease, "1"))
+        while not isinstance(refused := await worker.receive(), p.Refused):
+            pass  # (the server's word of the pause)
+        assert refused.error_type == "RunPaused"
+        await trio.testing.wait_all_tasks_blocked()  # (what the session told, handled)
+        [seat] = server.ctx.dispatcher.seats.values()
+        assert seat.active == {"run-1"}  # (its slot is not free)
+        await client.send(p.CancelRun(4, "run-1", "no longer wanted"))
+        assert isinstance(await client.receive(), p.CancelAnswer)
+        with trio.fail_after(1):
+            revoke = await worker.receive()
+        assert isinstance(revoke, p.Revoke) and revoke.run_id == "run-1"
+
+
 async def test_a_worker_still_compensating_when_the_grace_period_ends_is_told_at_once(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -85,17 +85,42 @@ async def test_the_lease_clock_absorbs_a_step_forward_and_catches_up_slower_than
     assert leases.now(wall) == wall
     await trio.sleep(1.0)
     wall += 1.0 + 5.0  # a second passes, and the clock steps 5 s forward
-    assert leases.now(wall) == pytest.approx(wall - 5.0 + CATCH_UP)
+    assert leases.now(wall) == pytest.approx(wall - 5.0)
     await trio.sleep(10.0)
     wall += 10.0
     # Ten seconds later it reads at most 10% more than the real time that passed.
-    assert leases.now(wall) == pytest.approx(wall - 5.0 + 11 * CATCH_UP)
+    assert leases.now(wall) == pytest.approx(wall - 5.0 + 10 * CATCH_UP)
     assert CATCH_UP < 0.1
     await trio.sleep(200.0)
     wall += 200.0
     assert leases.now(wall) == wall  # caught up
     wall -= 3.0  # a step back is followed at once (leases then expire late: safe)
     assert leases.now(wall) == wall
+
+
+async def test_the_lease_clock_credits_no_catch_up_to_the_time_before_a_step_it_sees(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Between two sparse readings (the server paused 35 s), a step forward may have come
+    at any moment, the last among them: none of the time before the reading that saw it is
+    catch-up. Credited with that time, the clock expired a lease 1.8 s early by real time:
+    a worker woke from a pause inside its margin and ran a task another worker had
+    completed (seed 6787)."""
+    from aiki.actors.timer import CATCH_UP, LeaseClock
+
+    leases = LeaseClock()
+    wall = 1000.0
+    assert leases.now(wall) == wall
+    await trio.sleep(35.0)  # paused; at its end the servers' clock steps 4 s forward
+    wall += 35.0 + 4.0
+    assert leases.now(wall) == pytest.approx(wall - 4.0)
+    await trio.sleep(2.0)  # from here on it catches up
+    wall += 2.0
+    assert leases.now(wall) == pytest.approx(wall - 4.0 + 2.0 * CATCH_UP)
+    # A lag it had before the pause is caught up through it as through any time.
+    await trio.sleep(20.0)
+    wall += 20.0 + 1.0
+    assert leases.now(wall) == pytest.approx(wall - (4.0 - 22.0 * CATCH_UP) - 1.0)
 
 
 async def test_the_lease_clock_expires_nothing_for_a_ttl_of_real_time_after_its_start(
@@ -114,8 +139,8 @@ async def test_the_lease_clock_expires_nothing_for_a_ttl_of_real_time_after_its_
     assert leases.now(wall + 9.9 + 500.0) == -math.inf  # and a step of 500 s meanwhile
     await trio.sleep(0.2)
     assert leases.holding() == 0.0
-    # (The step absorbed, caught up at CATCH_UP of the 10.1 s since.)
-    assert leases.now(wall + 10.1 + 500.0) == pytest.approx(wall + 10.1 * (1 + CATCH_UP))
+    # (The step absorbed, caught up at CATCH_UP of the 0.2 s since it was seen.)
+    assert leases.now(wall + 10.1 + 500.0) == pytest.approx(wall + 10.1 + 0.2 * CATCH_UP)
     leases.start(wall + 1e6)  # a second start (a supervisor restart) holds nothing again
     assert leases.holding() == 0.0
 
@@ -169,7 +194,7 @@ async def test_the_lease_clock_sees_every_reading_of_the_servers_clock(
     between two looks of lease expiry the clock moved by nothing, but the lease's expiry
     came early by the second step. The server's clock shows each reading to the lease
     clock (the grant's reading among them), so the step forward is absorbed (seed 180)."""
-    from aiki.actors.timer import CATCH_UP, LeaseClock, ObservedClock
+    from aiki.actors.timer import LeaseClock, ObservedClock
     from aiki.sources import TrioWallClock
 
     wall = TrioWallClock(anchor_wall=1000.0)
@@ -185,6 +210,6 @@ async def test_the_lease_clock_sees_every_reading_of_the_servers_clock(
     await trio.sleep(1.0)
     wall.offset += 4.0  # and forward again
     # Expiry looks: by real time one second has passed since the grant, and so it reads.
-    assert leases.now(wall.now()) == pytest.approx(granted + 1.0 + CATCH_UP)
+    assert leases.now(wall.now()) == pytest.approx(granted + 1.0)
     # Blind to the grant's reading, the clock saw no step: the lease looks 4 s older.
     assert blind.now(wall.now()) == pytest.approx(granted + 5.0)

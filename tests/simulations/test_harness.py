@@ -772,6 +772,38 @@ def restarted_server_expires_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(LeaseClock, "holding", lambda self: 0.0)
 
 
+def lease_clock_credits_the_time_before_a_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The lease clock catches up a step it sees with all the time since its last reading,
+    # as though the step had come at that reading: a server that read no clock through a
+    # pause expires a lease early by up to CATCH_UP of the pause.
+    from aiki.actors import timer
+
+    def observe(self: timer.LeaseClock, wall: float) -> None:
+        if self._last is None:
+            return
+        mono = trio.current_time()
+        elapsed = mono - self._last[1]
+        stepped = (wall - self._last[0]) - elapsed
+        self.lag = max(0.0, self.lag + stepped - timer.CATCH_UP * elapsed)
+        self._last = (wall, mono)
+
+    monkeypatch.setattr(timer.LeaseClock, "observe", observe)
+
+
+def refused_as_paused_frees_the_seat(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker's end of a run refused because the run is paused frees its seat, though the
+    # worker holds the lease until it gives the run back: a cancel between the two finds no
+    # seat holding the run, and its worker hears of it only at its next heartbeat.
+    from aiki.actors import session
+    from aiki.actors.dispatcher import Ended
+
+    def let_go(self: session.Session, lease: Any, failed: Any = None) -> None:
+        if not isinstance(failed, (session.StoreUnavailable, session.AskTimeout)):
+            self.ctx.dispatcher.tell(Ended(self.id, ((lease.run_id, lease.epoch),)))
+
+    monkeypatch.setattr(session.Session, "_let_go", let_go)
+
+
 def one_claim_a_seat_a_round(monkeypatch: pytest.MonkeyPatch) -> None:
     # The Dispatcher claims once for each seat, then waits for its next message: a full
     # claim that took back a run its seat still counted as held (another server expired
@@ -966,11 +998,44 @@ def test_a_slot_a_full_claim_left_free_is_claimed_for_again_at_once(
     """Seed 4461 (regressions.txt), at its length (20 minutes, where it was found): a seat
     whose one free slot claimed back the run another server had expired left the slot free
     while two runs waited, until the fallback poll. (Passing with the engine as it is:
-    ``make sim`` runs every regression seed.)"""
+    ``make sim`` runs every regression seed.) In the world where it was found: the lease
+    clock as it was then (seed 6787's change moves every lease expiry after a pause, and
+    so every seed's timing), under which the seed passes with the Dispatcher as it is."""
+    lease_clock_credits_the_time_before_a_step(monkeypatch)
+    assert run_one(4461, safety=1200.0).violations == []
     one_claim_a_seat_a_round(monkeypatch)
     violations = run_one(4461, safety=1200.0).violations
     assert any("had a free slot for its version all along" in v
                for v in violations), violations[:5]
+
+
+def test_a_step_seen_after_a_pause_gets_no_catch_up_for_the_pause(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seed 6787 (regressions.txt), at its length (20 minutes, where it was found): a
+    server paused 35 s saw, at its first reading after, the servers' clock stepped forward
+    near the pause's end, and caught the step up with the whole pause: it expired a lease
+    1.8 s early by real time, while its worker, woken from a pause of its own inside its
+    margin, ran the task another worker had completed. (Passing with the engine as it is:
+    ``make sim`` runs every regression seed.)"""
+    lease_clock_credits_the_time_before_a_step(monkeypatch)
+    violations = run_one(6787, safety=1200.0).violations
+    assert any("after its result was committed" in v for v in violations), violations[:5]
+
+
+def test_a_worker_whose_write_was_refused_as_paused_hears_a_cancel_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seed 6536 (regressions.txt), at its length, in the world where it was found (the
+    lease clock as it was, see above): a worker's completion refused as paused freed its
+    seat, though the worker held the lease until it gave the run back; a cancel committed
+    between the two sent it no Revoke. (The dedicated test: test_server.)"""
+    lease_clock_credits_the_time_before_a_step(monkeypatch)
+    assert run_one(6536, safety=1200.0).violations == []
+    refused_as_paused_frees_the_seat(monkeypatch)
+    violations = run_one(6536, safety=1200.0).violations
+    assert any("no server it was connected to told it" in v for v in violations), (
+        violations[:5])
 
 
 def test_a_parent_resumed_after_its_children_ended_is_not_stranded(
