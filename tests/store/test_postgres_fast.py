@@ -133,6 +133,35 @@ async def test_a_run_renewed_here_stays_on_the_one_statement_path(
         assert run is not None and run.state == "completed" and run.finished_at == 14.0
 
 
+async def test_a_heartbeat_batched_with_its_runs_write_keeps_the_run_on_one_statement(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store writer merges a worker's heartbeat with its run's task start: the renewal
+    goes first, the locked way, noting the row renewed; the start is then one statement,
+    and so is the run's next write. (Together, the locked way, they took the run off the
+    one-statement path for the rest of its life.) The outcomes come back in the batch's
+    order, a renewal's after the write it followed."""
+    async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
+        lease = await claimed_and_started(store)
+        statements, _ = counting_statements(monkeypatch)
+        assert await store.apply([
+            o.SaveStep(lease, step("0"), 10.0),
+            o.Renew((lease, Lease("gone", 1, "w1")), 10.0, 30.0),
+            o.StartStep(lease, step("1", state="running"), 10.0, 30.0),
+        ]) == [True, ("gone",), True]
+        assert statements == ["BEGIN", "UPDATE", "UPDATE", "COMMIT", "WITH"]
+        statements.clear()
+        assert [getattr(x, "state", x) for x in await store.apply([
+            o.SaveStep(lease, step("1"), 11.0), o.Renew((lease,), 11.0, 30.0),
+            o.CompleteRun(lease, '"done"', 11.0)])] == [True, (), "completed"]
+        assert statements == ["BEGIN", "UPDATE", "COMMIT", "WITH"]
+        run = await store.get_run("r1")
+        assert run is not None and run.state == "completed" and run.lease_expires_at is None
+        assert await events(store) == ["run.queued", "run.running", "task.running",
+                                       "task.completed", "task.running", "task.completed",
+                                       "run.completed"]
+
+
 async def test_a_run_renewed_after_another_server_changed_it_is_decided_on_what_it_is_now(
     postgres: TestPostgres,
 ) -> None:
@@ -289,6 +318,51 @@ async def test_a_lost_reply_is_settled_by_the_statements_history_event(
         assert not faults and outcomes == [True, True]
         assert await events(store) == ["run.queued", "run.running", "task.running",
                                        "task.completed", "task.running"]
+    settled = "the one-statement write of run r1 (task.completed) was committed" in caplog.text
+    assert settled == (fault is reply_lost_after_the_write), caplog.text
+
+
+async def renewals_reply_lost(conn: Any) -> None:
+    await real_commit(conn)
+    conn.terminate()
+    raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+
+
+real_commit = _sql.commit
+
+
+@pytest.mark.parametrize("fault", ["renewals", reply_lost_after_the_write,
+                                   connection_lost_before_the_write])
+async def test_a_heartbeat_and_a_write_whose_reply_was_lost_are_applied_once(
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    fault: Any,
+) -> None:
+    """A renewal and a write of its run, sent apart (the renewal first): the renewal's
+    reply lost, the batch runs again (a renewal repeated renews as it did); the write's
+    lost, its fate settles the batch's. Either way every op is applied once, and the
+    outcomes come back in the batch's order."""
+    caplog.set_level(logging.WARNING)
+    async with PostgresStore.open(postgres.dsn, schema=postgres.fresh_schema()) as store:
+        lease = await claimed_and_started(store)
+        faults = [fault]
+        if fault == "renewals":
+            async def commit_once(conn: Any) -> None:
+                await (renewals_reply_lost if faults and faults.pop() else real_commit)(conn)
+
+            monkeypatch.setattr(_sql, "commit", commit_once)
+        else:
+            async def write_once(conn: Any, p: _fast.Plan) -> tuple[str, str] | None:
+                return await (faults.pop() if faults else real_write)(conn, p)
+
+            monkeypatch.setattr(_fast, "write", write_once)
+        outcomes = await store.apply([o.Renew((lease,), 4.0, 30.0),
+                                      o.SaveStep(lease, step("0"), 4.0),
+                                      o.StartStep(lease, step("1", state="running"), 4.0)])
+        assert not faults and outcomes == [(), True, True]
+        assert await events(store) == ["run.queued", "run.running", "task.running",
+                                       "task.completed", "task.running"]
+        run = await store.get_run("r1")
+        assert run is not None and run.lease_expires_at == 34.0
     settled = "the one-statement write of run r1 (task.completed) was committed" in caplog.text
     assert settled == (fault is reply_lost_after_the_write), caplog.text
 

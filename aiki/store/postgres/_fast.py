@@ -391,11 +391,74 @@ async def run_batch(pool: Pool, ops: Sequence[o.Op[Any]], parents: _sql.Parents,
         if outcomes is not None:
             parents.applied(ops, outcomes)
             return outcomes
-        outcomes, batch = await _sql.apply_batch(conn, ops, parents, fresh.kept(ops))
-        fresh.after_locked(ops, outcomes, batch.versions, batch.renewed)
-        return outcomes
+        if renewals_apart(ops, fresh):
+            return await _renewals_first(conn, ops, parents, fresh)
+        return await _locked(conn, ops, parents, fresh)
 
     return await _sql.with_connection(pool, body)
+
+
+async def _locked(conn: Conn, ops: Sequence[o.Op[Any]], parents: _sql.Parents,
+                  fresh: Fresh) -> o.Outcomes:
+    outcomes, batch = await _sql.apply_batch(conn, ops, parents, fresh.kept(ops))
+    fresh.after_locked(ops, outcomes, batch.versions, batch.renewed)
+    return outcomes
+
+
+def renewals_apart(ops: Sequence[o.Op[Any]], fresh: Fresh) -> bool:
+    """Whether ``ops`` are heartbeats' renewals and one run's writes that :func:`plan`
+    takes: the store writer merges a worker's heartbeat with whatever its runs write at the
+    time. Together they would go the locked way, which forgets the run for the rest of its
+    life (a run renewed every heartbeat interval meets one of its own writes in a batch
+    sooner or later)."""
+    renewals = [op for op in ops if isinstance(op, o.Renew)]
+    return 0 < len(renewals) < len(ops) and plan(
+        [op for op in ops if not isinstance(op, o.Renew)], fresh) is not None
+
+
+async def _renewals_first(conn: Conn, ops: Sequence[o.Op[Any]], parents: _sql.Parents,
+                          fresh: Fresh) -> o.Outcomes:
+    """``ops`` (see :func:`renewals_apart`) in two parts: the renewals the locked way,
+    which notes the kept runs renewed (:meth:`Fresh.after_locked`), then the run's writes
+    by :func:`apply` on the run as renewed (the locked way if it changed since). The
+    worker sent its heartbeat and its run's writes as requests of their own, each answered
+    on its own: any order of them is one it could have seen.
+
+    Two transactions, and either may be lost: repeating a renewal is harmless (at the
+    same reading of the clock it renews to the same expiry, or finds the lease gone, as it
+    is), so a renewal whose fate is unknown has the whole batch run again, and the fate of
+    the second part, once known, stands for the batch."""
+    first = [i for i, op in enumerate(ops) if isinstance(op, o.Renew)]
+    rest = [i for i, op in enumerate(ops) if not isinstance(op, o.Renew)]
+    try:
+        renewed = await _locked(conn, [ops[i] for i in first], parents, fresh)
+    except CommitUnknown as unknown:
+        raise _sql.NotCommitted(unknown.cause) from unknown
+
+    def merged(written: Sequence[Any]) -> o.Outcomes:
+        out = o.Outcomes([None] * len(ops))
+        for i, outcome in zip(first, renewed, strict=True):
+            out[i] = outcome
+        for i, outcome in zip(rest, written, strict=True):
+            out[i] = outcome
+        if isinstance(written, o.Outcomes):
+            out.ended, out.revoked = renewed.ended + written.ended, renewed.revoked + (
+                written.revoked)
+            out.due = min((d for d in (renewed.due, written.due) if d is not None),
+                          default=None)
+        return out
+
+    writes = [ops[i] for i in rest]
+    try:
+        outcomes = await apply(conn, writes, fresh)
+        if outcomes is not None:
+            parents.applied(writes, outcomes)
+        else:
+            outcomes = await _locked(conn, writes, parents, fresh)
+    except CommitUnknown as unknown:
+        raise CommitUnknown(unknown.cause, merged(unknown.outcomes), unknown.xid, unknown.pid,
+                            unknown.receipt) from unknown
+    return merged(outcomes)
 
 
 _RECEIPT = (  # the transactions that wrote a history event equal to this one
