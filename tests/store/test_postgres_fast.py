@@ -626,9 +626,13 @@ _life = st.one_of(
     st.tuples(st.just("expire")),
     st.tuples(st.just("wake")),
 )
+# A heartbeat merged with its run's next write (renewals first, then the one-statement path):
+_beat_and_proceed = st.integers(0, 7).map(lambda k: [
+    ("renew", [((True, k), "current")], 50.0), ("proceed", (True, k))])
 _lives = st.lists(  # (one op a batch: a batch of two runs' ops goes the locked way)
-    st.tuples(st.sampled_from([0.0, 0.5, 1.0, 5.0, 20.0]), st.lists(_life, min_size=1,
-                                                                    max_size=1)),
+    st.tuples(st.sampled_from([0.0, 0.5, 1.0, 5.0, 20.0]), st.one_of(
+        st.lists(_life, min_size=1, max_size=1), st.lists(_life, min_size=1, max_size=1),
+        _beat_and_proceed)),
     min_size=10, max_size=40)
 
 
@@ -664,7 +668,9 @@ async def test_two_stores_on_one_schema_match_the_reference(
     never taken for the truth once the other changed them. (The simulation runs the memory
     store; this is the one-statement paths' sweep. Measured: with the statement's version
     check dropped it failed 3 runs in 3; a renewal's check, which needs a pause, a renewal
-    and a write in turn, is left to the tests above.)"""
+    and a write in turn, is left to the tests above. About half the batches that
+    merge a heartbeat with its run's next write take the renewals-first path: some 190 in
+    60 examples.)"""
     reference = MemoryStore()
     world = Lives(reference)
     schema = postgres.fresh_schema()
