@@ -1099,10 +1099,12 @@ def comparable(outcome: Any) -> Any:
 
 
 async def observe(store: Store, run_ids: list[str]) -> Any:
-    """Everything the store's reads show; history ``seq`` replaced by its rank in its run's
-    history. (The order of different runs' events is no contract: a batch's requests are in
-    flight at once, and PostgreSQL applies its task starts and outcomes together, ahead of
-    other runs' ops; each run's own order is kept.)"""
+    """Everything the store's reads show; history and event ``seq`` replaced by its rank in
+    its run's history or events. (The order of different runs' events is no contract: a
+    batch's requests are in flight at once, and PostgreSQL applies its task starts and
+    outcomes together, ahead of other runs' ops; each run's own order is kept. Nor are
+    dense numbers: a PostgreSQL sequence number taken by a transaction that did not commit
+    is not given again.)"""
     scheduled = [r.id for r in await store.list_runs(limit=1000) if "@" in r.id]
     per_run = [await snapshot(store, r) for r in [*run_ids, *sorted(scheduled), "ghost"]]
     return (
@@ -1113,7 +1115,8 @@ async def observe(store: Store, run_ids: list[str]) -> Any:
         await store.list_runs(workflow="other", state="queued"),
         await store.next_due(),
         [await store.get_children(r) for r in run_ids],
-        [(await store.get_waits(r), await store.get_events(r)) for r in run_ids],
+        [(await store.get_waits(r), [attrs.evolve(e, seq=i) for i, e in enumerate(
+            await store.get_events(r))]) for r in run_ids],
         await store.list_schedules(),
         [await store.get_firings(sid, 1000) for sid in ("s0", "s1")],
     )

@@ -655,12 +655,42 @@ class Lives(conformance.World):
         return o.StartStep(lease, step(position, "pay", "running"), self.now, 30.0)
 
 
+class Losses:
+    """The store's seams around a commit (a transaction's COMMIT, a one-statement write, an
+    enqueue written claimed), losing the connection at the next one reached once armed:
+    ``after`` it was sent and done (the reply lost), or ``before``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.armed: str | None = None
+        monkeypatch.setattr(_sql, "commit", self.wrap(_sql.commit))
+        monkeypatch.setattr(_fast, "write", self.wrap(_fast.write))
+        monkeypatch.setattr(_fast, "insert", self.wrap(_fast.insert))
+
+    def wrap(self, real: Any) -> Any:
+        async def seam(conn: Any, *args: Any) -> Any:
+            how, self.armed = self.armed, None
+            if how == "before":
+                conn.terminate()
+                return await real(conn, *args)  # fails: the connection is closed
+            result = await real(conn, *args)
+            if how == "after":
+                conn.terminate()
+                raise asyncpg.ConnectionDoesNotExistError(
+                    "connection was closed in the middle of operation")
+            return result
+
+        return seam
+
+
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(batches=_lives, routes=st.lists(st.booleans(), min_size=1, max_size=40))
+@given(batches=_lives, routes=st.lists(st.booleans(), min_size=1, max_size=40),
+       losses=st.lists(st.sampled_from([None, None, None, None, "after", "before"]),
+                       min_size=1, max_size=40))
 async def test_two_stores_on_one_schema_match_the_reference(
-    postgres: TestPostgres, batches: list[tuple[float, list[tuple[Any, ...]]]],
-    routes: list[bool],
+    postgres: TestPostgres, monkeypatch: pytest.MonkeyPatch,
+    batches: list[tuple[float, list[tuple[Any, ...]]]], routes: list[bool],
+    losses: list[str | None],
 ) -> None:
     """Two stores on one schema (two servers), each batch applied by one or the other, do
     what one reference store does: what a store keeps of the runs it claimed, wrote or
@@ -670,9 +700,12 @@ async def test_two_stores_on_one_schema_match_the_reference(
     check dropped it failed 3 runs in 3; a renewal's check, which needs a pause, a renewal
     and a write in turn, is left to the tests above. About half the batches that
     merge a heartbeat with its run's next write take the renewals-first path: some 190 in
-    60 examples.)"""
+    60 examples.) A batch in three loses its connection at its first commit, before it or
+    with its reply: settled by reading its fate, or run again, it is applied once all the
+    same, whichever path it took."""
     reference = MemoryStore()
     world = Lives(reference)
+    lose = Losses(monkeypatch)
     schema = postgres.fresh_schema()
     async with PostgresStore.open(postgres.dsn, schema=schema) as first, \
             PostgresStore.open(postgres.dsn, schema=schema) as second:
@@ -681,7 +714,8 @@ async def test_two_stores_on_one_schema_match_the_reference(
             ops = [await world.op(cmd) for cmd in commands]
             store = first if routes[i // 5 % len(routes)] else second  # (stretches)
             expected = [conformance.comparable(x) for x in await reference.apply(ops)]
+            lose.armed = losses[i % len(losses)] if i >= len(conformance.PRELUDE) else None
             assert [conformance.comparable(x) for x in await store.apply(ops)] == expected, (
-                "first" if store is first else "second", ops)
+                "first" if store is first else "second", ops, lose.armed)
             assert (await conformance.observe(store, world.run_ids)
                     == await conformance.observe(reference, world.run_ids))
