@@ -1001,12 +1001,21 @@ def test_a_slot_a_full_claim_left_free_is_claimed_for_again_at_once(
     ``make sim`` runs every regression seed.) In the world where it was found: the lease
     clock as it was then (seed 6787's change moves every lease expiry after a pause, and
     so every seed's timing), under which the seed passes with the Dispatcher as it is."""
+    caught_before_the_lease_clock_change(monkeypatch, 4461, one_claim_a_seat_a_round,
+                                         "had a free slot for its version all along")
+
+
+def caught_before_the_lease_clock_change(
+    monkeypatch: pytest.MonkeyPatch, seed: int,
+    bad_change: Callable[[pytest.MonkeyPatch], None], expected: str,
+) -> None:
+    """``seed`` at 20 minutes, with the lease clock as it was before seed 6787's change:
+    passing with the engine as it is, failing with ``bad_change``."""
     lease_clock_credits_the_time_before_a_step(monkeypatch)
-    assert run_one(4461, safety=1200.0).violations == []
-    one_claim_a_seat_a_round(monkeypatch)
-    violations = run_one(4461, safety=1200.0).violations
-    assert any("had a free slot for its version all along" in v
-               for v in violations), violations[:5]
+    assert run_one(seed, safety=1200.0).violations == []
+    bad_change(monkeypatch)
+    violations = run_one(seed, safety=1200.0).violations
+    assert any(expected in v for v in violations), violations[:5]
 
 
 def test_a_step_seen_after_a_pause_gets_no_catch_up_for_the_pause(
@@ -1030,12 +1039,8 @@ def test_a_worker_whose_write_was_refused_as_paused_hears_a_cancel_at_once(
     lease clock as it was, see above): a worker's completion refused as paused freed its
     seat, though the worker held the lease until it gave the run back; a cancel committed
     between the two sent it no Revoke. (The dedicated test: test_server.)"""
-    lease_clock_credits_the_time_before_a_step(monkeypatch)
-    assert run_one(6536, safety=1200.0).violations == []
-    refused_as_paused_frees_the_seat(monkeypatch)
-    violations = run_one(6536, safety=1200.0).violations
-    assert any("no server it was connected to told it" in v for v in violations), (
-        violations[:5])
+    caught_before_the_lease_clock_change(monkeypatch, 6536, refused_as_paused_frees_the_seat,
+                                         "no server it was connected to told it")
 
 
 def test_a_parent_resumed_after_its_children_ended_is_not_stranded(
