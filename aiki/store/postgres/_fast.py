@@ -441,11 +441,10 @@ async def _renewals_first(conn: Conn, ops: Sequence[o.Op[Any]], parents: _sql.Pa
             out[i] = outcome
         for i, outcome in zip(rest, written, strict=True):
             out[i] = outcome
-        if isinstance(written, o.Outcomes):
-            out.ended, out.revoked = renewed.ended + written.ended, renewed.revoked + (
-                written.revoked)
-            out.due = min((d for d in (renewed.due, written.due) if d is not None),
-                          default=None)
+        out.ended = renewed.ended + getattr(written, "ended", ())
+        out.revoked = renewed.revoked + getattr(written, "revoked", ())
+        out.due = min((d for d in (renewed.due, getattr(written, "due", None))
+                       if d is not None), default=None)
         return out
 
     writes = [ops[i] for i in rest]
