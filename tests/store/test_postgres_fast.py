@@ -29,6 +29,7 @@ from tests.store.test_postgres import (
     counting_statements,
     enqueue,
     generic_plan,
+    lose_reply_after_commit,
     raw_connection,
 )
 
@@ -322,12 +323,6 @@ async def test_a_lost_reply_is_settled_by_the_statements_history_event(
     assert settled == (fault is reply_lost_after_the_write), caplog.text
 
 
-async def renewals_reply_lost(conn: Any) -> None:
-    await real_commit(conn)
-    conn.terminate()
-    raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
-
-
 real_commit = _sql.commit
 
 
@@ -347,7 +342,8 @@ async def test_a_heartbeat_and_a_write_whose_reply_was_lost_are_applied_once(
         faults = [fault]
         if fault == "renewals":
             async def commit_once(conn: Any) -> None:
-                await (renewals_reply_lost if faults and faults.pop() else real_commit)(conn)
+                await (lose_reply_after_commit if faults and faults.pop() else real_commit)(
+                    conn)
 
             monkeypatch.setattr(_sql, "commit", commit_once)
         else:
@@ -714,8 +710,9 @@ async def test_two_stores_on_one_schema_match_the_reference(
             ops = [await world.op(cmd) for cmd in commands]
             store = first if routes[i // 5 % len(routes)] else second  # (stretches)
             expected = [conformance.comparable(x) for x in await reference.apply(ops)]
-            lose.armed = losses[i % len(losses)] if i >= len(conformance.PRELUDE) else None
+            loss = losses[i % len(losses)] if i >= len(conformance.PRELUDE) else None
+            lose.armed = loss
             assert [conformance.comparable(x) for x in await store.apply(ops)] == expected, (
-                "first" if store is first else "second", ops, lose.armed)
+                "first" if store is first else "second", ops, loss)
             assert (await conformance.observe(store, world.run_ids)
                     == await conformance.observe(reference, world.run_ids))
