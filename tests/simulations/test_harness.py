@@ -988,10 +988,8 @@ def test_a_lease_granted_between_two_steps_of_the_clock_is_not_expired_early(
     seeds 0-199 at 240 s finds it. Since seed 6787's change to the lease clock, seed 180
     no longer shows it, nor any of 0-299 at 240 s; seed 213 at 20 minutes does, the first
     of 150-249, and passes with the engine as it is.)"""
-    assert run_one(213, safety=1200.0).violations == []
-    lease_clock_sees_only_expiry(monkeypatch)
-    violations = run_one(213, safety=1200.0).violations
-    assert any("after its result was committed" in v for v in violations), violations[:5]
+    caught_at_20_minutes(monkeypatch, 213, lease_clock_sees_only_expiry,
+                         "after its result was committed")
 
 
 def test_a_slot_a_full_claim_left_free_is_claimed_for_again_at_once(
@@ -1007,17 +1005,26 @@ def test_a_slot_a_full_claim_left_free_is_claimed_for_again_at_once(
                                          "had a free slot for its version all along")
 
 
-def caught_before_the_lease_clock_change(
+def caught_at_20_minutes(
     monkeypatch: pytest.MonkeyPatch, seed: int,
     bad_change: Callable[[pytest.MonkeyPatch], None], expected: str,
 ) -> None:
-    """``seed`` at 20 minutes, with the lease clock as it was before seed 6787's change:
-    passing with the engine as it is, failing with ``bad_change``."""
-    lease_clock_credits_the_time_before_a_step(monkeypatch)
+    """``seed`` at 20 minutes passes with the engine as it is, and fails with
+    ``bad_change`` with a violation that says ``expected``."""
     assert run_one(seed, safety=1200.0).violations == []
     bad_change(monkeypatch)
     violations = run_one(seed, safety=1200.0).violations
     assert any(expected in v for v in violations), violations[:5]
+
+
+def caught_before_the_lease_clock_change(
+    monkeypatch: pytest.MonkeyPatch, seed: int,
+    bad_change: Callable[[pytest.MonkeyPatch], None], expected: str,
+) -> None:
+    """:func:`caught_at_20_minutes`, with the lease clock as it was before seed 6787's
+    change."""
+    lease_clock_credits_the_time_before_a_step(monkeypatch)
+    caught_at_20_minutes(monkeypatch, seed, bad_change, expected)
 
 
 def test_a_step_seen_after_a_pause_gets_no_catch_up_for_the_pause(
@@ -1027,11 +1034,9 @@ def test_a_step_seen_after_a_pause_gets_no_catch_up_for_the_pause(
     server paused 35 s saw, at its first reading after, the servers' clock stepped forward
     near the pause's end, and caught the step up with the whole pause: it expired a lease
     1.8 s early by real time, while its worker, woken from a pause of its own inside its
-    margin, ran the task another worker had completed. (Passing with the engine as it is:
-    ``make sim`` runs every regression seed.)"""
-    lease_clock_credits_the_time_before_a_step(monkeypatch)
-    violations = run_one(6787, safety=1200.0).violations
-    assert any("after its result was committed" in v for v in violations), violations[:5]
+    margin, ran the task another worker had completed."""
+    caught_at_20_minutes(monkeypatch, 6787, lease_clock_credits_the_time_before_a_step,
+                         "after its result was committed")
 
 
 def test_a_worker_whose_write_was_refused_as_paused_hears_a_cancel_at_once(
