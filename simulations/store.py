@@ -265,10 +265,13 @@ class SimStore:
         outcomes: list[Any] = []
         noted = o.Noted()
         for op in ops:
-            if isinstance(op, o.ForkRun):  # what the fork is to copy, as it is now
-                self._fork_sources[op.new_run_id] = self.inner.contents().steps.get(
-                    op.run_id, ())
+            fork = op if isinstance(op, o.ForkRun) else None
+            source = () if fork is None else self.inner.contents().steps.get(fork.run_id, ())
             got = self.inner.apply_now([op])
+            if fork is not None and getattr(got[0], "applied", False):
+                # What the fork copied: its source as it was at the op that made it (the
+                # same fork sent again, after a retry of its source, copies nothing).
+                self._fork_sources[fork.new_run_id] = source
             outcomes += got
             noted.ended += getattr(got, "ended", ())
             noted.revoked += getattr(got, "revoked", ())

@@ -1182,3 +1182,32 @@ def test_a_worker_that_let_a_revoked_lease_go_itself_counts_as_told() -> None:
     assert not _let_go(session, ("r", 5), 472.5, 475.4)  # not after the revocation
     assert not _let_go(session, ("q", 3), 470.7, 475.4)  # still renewed
     assert not _let_go(session, ("r", 6), 470.7, 475.4)  # never said it held that epoch
+
+
+async def test_a_fork_sent_again_after_a_retry_of_its_source_is_recorded_as_first_made(
+) -> None:
+    # Seed 9178: one batch forked a run, retried it and forked it again (the same fork, its
+    # reply lost: it changes nothing). The retry dropped the source's failed steps, so the
+    # harness, which noted what the fork copied at the last ForkRun, expected a step the fork
+    # never copied, and the fork checker reported the fork's own child there.
+    import random
+
+    from aiki.store.memory import MemoryStore
+    from simulations.store import Ledger, SimStore
+    from tests.store.test_conformance import claim_one, execute, step
+
+    store = SimStore(MemoryStore(), random.Random(0), Ledger(), [])
+    lease = await claim_one(store.inner, "r1")
+    await execute(store.inner, o.SaveStep(lease, step("0", "t0"), 11.0))
+    await execute(store.inner, o.SaveStep(lease, step("1", "t1", "failed", error=("E", "x")),
+                                          11.0))
+    await execute(store.inner, o.SaveStep(lease, step("2", "t2"), 11.0))
+    await execute(store.inner, o.FailRun(lease, "E", "x", 12.0))
+    fork = o.ForkRun("r1", "f1", 2, None, "c", 20.0)
+    made, retried, again = await store.apply([fork, o.RetryRun("r1", None, "c", 20.0), fork])
+    assert (made.applied, again.applied) == (True, False)
+    assert [s.position for s in await store.inner.get_steps("r1")] == ["0", "2"]
+    copied = await store.inner.get_steps("f1")
+    assert [s.position for s in copied] == ["0", "1"]
+    assert store.ledger.forks["f1"] == ("r1", tuple(copied))
+    assert store.ledger.violations == []
