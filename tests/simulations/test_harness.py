@@ -1211,3 +1211,22 @@ async def test_a_fork_sent_again_after_a_retry_of_its_source_is_recorded_as_firs
     assert [s.position for s in copied] == ["0", "1"]
     assert store.ledger.forks["f1"] == ("r1", tuple(copied))
     assert store.ledger.violations == []
+
+
+def test_a_fork_of_a_run_a_client_cancelled_is_not_compared_with_the_fault_free_run(
+) -> None:
+    # Seed 9525: a client's cancel found the run as it began, so it recorded only its
+    # compensation (a task at step 1, its event wait at step 0 cut before it was recorded);
+    # its fork copied that step, met it where its own program calls another task, and
+    # failed as non-deterministic. Without faults the cancel came after the run's end, and
+    # the fork, copying finished steps, completed. How a fork of a cancelled run ends
+    # depends on where the cancel found the original.
+    import types
+
+    from simulations.checkers import _not_compared
+
+    planned = {0: types.SimpleNamespace(run_id="r", cancels=True),
+               1: types.SimpleNamespace(run_id="q", cancels=False)}
+    ledger = types.SimpleNamespace(forks={"r-fork": ("r", ()), "q-fork": ("q", ())},
+                                   schedules={})
+    assert _not_compared(planned, {}, ledger, {}) == {"r", "r-fork"}
