@@ -225,16 +225,14 @@ def _not_compared(planned: Any, runs: Any, ledger: Any, started_by: Any) -> set[
     before or after its end there); so may a child whose parent did not complete (a
     failing parent cancels the children still running)."""
     cancelled = {item.run_id for item in planned.values() if item.cancels}
-    # (A fork of a run a client cancelled copies what the cancel left: a cancel that came
-    # as the run began leaves only its compensation's steps, which the fork, not cancelled,
-    # meets at other positions (seed 9525); one after the run's end, its whole history.)
-    cancelled |= {fork_id for fork_id, (original, _) in ledger.forks.items()
-                  if original in cancelled}
-    # (A fork of a run with children copies its child steps, which name the original's
-    # children: it joins them, so its end depends on how far they were when it was forked.)
+    # Nor is a fork's, when its original was cancelled by a client (the fork copies what
+    # the cancel left: a cancel as the run began leaves only its compensation's steps,
+    # which the fork, not cancelled, meets at other positions, seed 9525) or had children
+    # (their child steps name the original's children: the fork joins them, so its end
+    # depends on how far they were when it was forked).
     parents = {r.parent_id for r in runs.values() if r.parent_id is not None}
     cancelled |= {fork_id for fork_id, (original, _) in ledger.forks.items()
-                  if original in parents}
+                  if original in cancelled or original in parents}
     # (A cancel_previous schedule's run is cancelled or not as the next occurrence finds it.)
     replacing = {s for s, overlap in ledger.schedules.items() if overlap == "cancel_previous"}
     cancelled |= {run_id for run_id, origin in started_by.items()

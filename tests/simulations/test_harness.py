@@ -1204,7 +1204,7 @@ async def test_a_fork_sent_again_after_a_retry_of_its_source_is_recorded_as_firs
     await execute(store.inner, o.SaveStep(lease, step("2", "t2"), 11.0))
     await execute(store.inner, o.FailRun(lease, "E", "x", 12.0))
     fork = o.ForkRun("r1", "f1", 2, None, "c", 20.0)
-    made, retried, again = await store.apply([fork, o.RetryRun("r1", None, "c", 20.0), fork])
+    made, _, again = await store.apply([fork, o.RetryRun("r1", None, "c", 20.0), fork])
     assert (made.applied, again.applied) == (True, False)
     assert [s.position for s in await store.inner.get_steps("r1")] == ["0", "2"]
     copied = await store.inner.get_steps("f1")
