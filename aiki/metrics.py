@@ -96,6 +96,11 @@ STALE_WRITES = Metric(
 LEASES_EXPIRED = Metric(
     "aiki_leases_expired_total", "counter",
     "Leases that ran out without a heartbeat; their runs went back to the queue.")
+PUSHED_BEFORE_COMMIT = Metric(
+    "aiki_runs_pushed_before_commit_total", "counter",
+    "Runs pushed to an idle worker while the enqueue's claim of its slot committed "
+    "(PostgreSQL), by what the commit said: confirmed, or revoked (the claim leased another "
+    "run, or failed, or its fate is unknown).", ("outcome",))
 WORKERS = Metric(
     "aiki_workers_connected", "gauge", "Workers connected to this server.")
 SLOTS = Metric(
@@ -128,7 +133,7 @@ RECONNECTS = Metric(
 CATALOG: tuple[Metric, ...] = (
     RUNS, RUNS_NOW, OLDEST_QUEUED, DISPATCH_LATENCY, SCHEDULE_LATENESS, TASK_ATTEMPTS,
     STORE_TRANSACTIONS, STORE_OPS_PER_COMMIT, STORE_COMMIT_SECONDS, STORE_OPS, STORE_ERRORS,
-    STALE_WRITES, LEASES_EXPIRED, WORKERS, SLOTS, SESSIONS, MAILBOX_DROPPED,
+    STALE_WRITES, LEASES_EXPIRED, PUSHED_BEFORE_COMMIT, WORKERS, SLOTS, SESSIONS, MAILBOX_DROPPED,
     TASK_DURATION, WORKER_SLOTS_USED, WORKER_SLOTS_MAX, RECONNECTS,
 )
 _BY_NAME = {m.name: m for m in CATALOG}

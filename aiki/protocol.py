@@ -6,7 +6,8 @@ and every reply echoes it. User payloads travel as JSON text produced by
 :func:`encode_value` with the same converter, so a payload is encoded exactly once, at the
 call site, and a value that cannot be encoded is refused there.
 
-Version 2 of the protocol. Adding an optional field is compatible; anything else bumps
+Version 3 of the protocol. Adding an optional field that an older peer may ignore is
+compatible (a newer reader takes an older writer's message); anything else bumps
 ``PROTOCOL_VERSION``.
 """
 
@@ -44,7 +45,10 @@ from aiki.records import (
     WaitRecord,
 )
 
-PROTOCOL_VERSION = 2  # 2: waits (sleeps, events) replace suspend_run
+# 2: waits (sleeps, events) replace suspend_run. 3: a run may be pushed to its worker
+# before its lease commits (``Assign.provisional``, ``Confirm``): a worker of version 2 would
+# run it at once, so the versions must match.
+PROTOCOL_VERSION = 3
 
 converter = cattrs.Converter(forbid_extra_keys=True)
 
@@ -340,10 +344,27 @@ class RunEnded:
 @message("assign")
 @attrs.frozen
 class Assign:
-    """Server → worker: run this run under ``run.lease_epoch``; ``steps`` are its checkpoints."""
+    """Server → worker: run this run under ``run.lease_epoch``; ``steps`` are its checkpoints.
+
+    ``provisional``: pushed while the claim that grants the lease commits (an enqueue's own
+    claim of an idle worker's slot): run the workflow's code up to its first write or task
+    body, and go no further until the server says the lease is committed (``Confirm``) or
+    not (``Revoke``). Its actor writes nothing before: a lease not committed may be granted
+    later, under the same epoch, to the same worker."""
 
     run: RunRecord
     steps: tuple[StepRecord, ...]
+    provisional: bool = False
+
+
+@message("confirm")
+@attrs.frozen
+class Confirm:
+    """Server → worker: the lease of a provisional ``Assign`` (``run_id``, ``epoch``) is
+    committed: its run goes on."""
+
+    run_id: str
+    epoch: int
 
 
 @message("heartbeat")

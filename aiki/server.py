@@ -97,7 +97,9 @@ class Server:
         if poll is None and getattr(self.store, "watch", None) is not None:
             poll = SHARED_STORE_POLL
         dispatcher = Dispatcher(writer, self.sources, self.lease_ttl, poll,
-                                stranded_after=self.stranded_after)
+                                stranded_after=self.stranded_after,
+                                push_before_commit=getattr(self.store, "commits_off_the_loop",
+                                                           False))
         timer = Timer(self.store, writer, self.sources, dispatcher.poke,
                       reconcile_interval=poll, leases=leases)
         writer.on_expired = dispatcher.expired

@@ -33,6 +33,8 @@ SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a 
              "run paused while running", "task in flight recorded while paused",
              "run paused while waiting", "resumed to wait again", "failed run retried",
              "run forked", "fork past the end refused",
+             "run pushed before its commit, then confirmed",
+             "run pushed before its commit, then revoked",
              "run cancelled", "cancel of a finished run", "parent woken by a child completed",
              "parent woken by a child failed", "parent woken by a child cancelled",
              "run waited for its children", "cancel reached a descendant",

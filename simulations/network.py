@@ -76,6 +76,8 @@ class SimConnection:
         if session is None:
             return
         now = trio.current_time()
+        if self.node == session.worker:
+            self.net.worker_says(self.node, msg)
         if isinstance(msg, protocol.Hello):
             session.worker_id = msg.node_id
         elif getattr(msg, "lease", None) is not None:
@@ -102,7 +104,10 @@ class SimConnection:
             text = await self.inbox.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError) as exc:
             raise ConnectionLost(f"connection {self.node}->{self.peer} was reset") from exc
-        return protocol.decode(text)
+        msg = protocol.decode(text)
+        if self.session is not None and self.node == self.session.worker:
+            self.net.worker_hears(self.node, msg)
+        return msg
 
     def close_now(self) -> None:
         """Both directions end at once (a reset, or the node died)."""
@@ -170,6 +175,46 @@ class SimNetwork:
     stats: Counter[str] = attrs.field(factory=Counter)
     sessions: list[Session] = attrs.field(factory=list)  # every worker's, in order
     workers: set[str] = attrs.field(factory=set)
+    # The leases each worker node was pushed provisionally (``Assign.provisional``), and
+    # those it heard were committed (a Confirm, or the lease pushed as any claimed run).
+    provisional: dict[str, set[tuple[str, int]]] = attrs.field(factory=dict)
+    confirmed: dict[str, set[tuple[str, int]]] = attrs.field(factory=dict)
+    violations: list[str] = attrs.field(factory=list)  # the protocol's, seen on the wire
+    sometimes: Counter[str] = attrs.field(factory=Counter)
+
+    def worker_hears(self, worker: str, msg: Any) -> None:
+        early = self.provisional.setdefault(worker, set())
+        confirmed = self.confirmed.setdefault(worker, set())
+        if isinstance(msg, protocol.Assign):
+            (early if msg.provisional else confirmed).add((msg.run.id, msg.run.lease_epoch))
+        elif isinstance(msg, protocol.Confirm):
+            lease = (msg.run_id, msg.epoch)
+            if lease in early and lease not in confirmed:
+                self.sometimes["run pushed before its commit, then confirmed"] += 1
+            confirmed.add(lease)
+        elif isinstance(msg, protocol.Revoke) and msg.epoch is not None and (
+                (msg.run_id, msg.epoch) in early - confirmed):
+            self.sometimes["run pushed before its commit, then revoked"] += 1
+
+    def worker_says(self, worker: str, msg: Any) -> None:
+        """A worker writes, renews or announces nothing under a lease pushed to it
+        provisionally before it hears that the lease was committed: one not committed
+        may be granted to it later under the same epoch, and its earlier actor's writes
+        would be taken as the new one's (seed 10741 of an early push without this)."""
+        early = self.provisional.get(worker)
+        if not early:
+            return
+        lease = getattr(msg, "lease", None)
+        leases = [lease] if lease is not None else [
+            *getattr(msg, "leases", ()), *getattr(msg, "held", ())]
+        confirmed = self.confirmed.get(worker, set())
+        for lease in leases:
+            key = (lease.run_id, lease.epoch)
+            if key in early and key not in confirmed:
+                self.violations.append(
+                    f"run {lease.run_id}: worker {worker} sent {type(msg).__name__} under "
+                    f"lease epoch {lease.epoch} at t={trio.current_time():.3f}, pushed to it "
+                    "provisionally, before it heard the lease was committed")
 
     def transport(self, node: str) -> SimTransport:
         return SimTransport(self, node)

@@ -512,6 +512,9 @@ class SimStore:
 class ServerStore:
     """One server's connection to the shared simulated database."""
 
+    # (As PostgreSQL's: an enqueue's run is pushed to its worker before the commit, and the
+    # store's faults strike it meanwhile.)
+    commits_off_the_loop = True
     db: SimStore
     server: str
 

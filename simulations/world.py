@@ -1191,8 +1191,10 @@ def run_seed(cfg: Config) -> Outcome:
                 paused = False
             elif paused and e.event in ("task.completed", "task.failed", "task.retrying"):
                 world.ledger.sometimes["task in flight recorded while paused"] += 1
+    world.ledger.sometimes.update(world.net.sometimes)
     return Outcome(cfg.seed, digest, clock.current_time(), faults, world.ledger.sometimes,
-                   list(world.ledger.violations), runs, world.trace if cfg.trace else [],
+                   [*world.ledger.violations, *world.net.violations], runs,
+                   world.trace if cfg.trace else [],
                    world.store, world.ledger, cfg.runs,
                    [server.sources.metrics for server in world.servers],
                    world.net.sessions, world.freezer.spans)

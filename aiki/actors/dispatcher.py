@@ -39,10 +39,12 @@ from aiki.actors.mailbox import AskTimeout, Mailbox
 from aiki.actors.store_writer import StoreWriter
 from aiki.errors import AikiError, StoreUnavailable
 from aiki.logs import run_fields
-from aiki.protocol import Assign, Revoke, WorkerInfo, WorkflowRef
+from aiki.metrics import PUSHED_BEFORE_COMMIT
+from aiki.protocol import Assign, Confirm, Revoke, WorkerInfo, WorkflowRef
 from aiki.records import ClaimedRun, Lease, RunRecord
 from aiki.sources import Sources
-from aiki.store.ops import Claim, ReleaseRun
+from aiki.store import machine as m
+from aiki.store.ops import Claim, Enqueue, ReleaseRun
 
 log = logging.getLogger("aiki.dispatcher")
 
@@ -177,6 +179,11 @@ class Dispatcher:
     # once it has waited ``stranded_after`` seconds with the version unserved (and the
     # server up that long); the server warns once per version, until a worker has it again.
     stranded_after: float = 60.0
+    # Push an enqueue's run to the idle worker its claim reserves before the commit (see
+    # assign_early): for a store whose commits run beside the Trio thread. (SQLite's idle
+    # batches run inline, when nothing else is runnable: measured, the push cost them that
+    # and gained nothing on the dispatch.)
+    push_before_commit: bool = False
     started_at: float | None = None
     unserved_since: dict[tuple[str, str], float] = attrs.field(factory=dict)
     warn_at: dict[tuple[str, str], float] = attrs.field(factory=dict)
@@ -361,10 +368,58 @@ class Dispatcher:
                 return seat, Claim(seat.worker_id, (version,), 1, now, self.lease_ttl)
         return None
 
-    def claimed(self, seat: Seat, claimed: Sequence[ClaimedRun]) -> None:
+    def assign_early(self, seat: Seat, enqueue: Enqueue, claim: Claim) -> RunRecord | None:
+        """Push the run of ``enqueue`` to the reserved ``seat``'s worker as ``claim`` will
+        lease it, provisionally, before the two commit; the run pushed, or None (a keyed
+        enqueue may name another run; a draining seat; a full outbox).
+
+        The worker builds the run's actor and runs its workflow code up to the first write
+        or task body while the commit is on its way, then waits for :meth:`claimed`'s
+        verdict: ``Confirm`` if the claim committed this very lease, else ``Revoke``. Its
+        actor writes nothing before the verdict, so a lease that was not committed (or
+        whose commit's fate is unknown) and is granted again later, under the same epoch
+        to the same worker, has no earlier writer under it (seed 10741 of the sweep, with
+        an early push whose actor wrote at once)."""
+        if (not self.push_before_commit or enqueue.idempotency_key is not None
+                or seat.draining):
+            return None
+        queued, _ = m.enqueue(enqueue)
+        run = m.claim(queued, claim.worker_id, claim.now, claim.lease_ttl).run
+        assert run is not None
+        if not seat.push(Assign(run, (), provisional=True)):
+            return None
+        seat.reserved -= 1  # (the slot is the run's now)
+        seat.active.add(run.id)
+        seat.assigned_at[run.id] = trio.current_time()
+        seat.epochs[run.id] = run.lease_epoch
+        return run
+
+    def claimed(self, seat: Seat, claimed: Sequence[ClaimedRun],
+                early: RunRecord | None = None) -> None:
         """What the reserved claim got (nothing, if it was not committed): pushed to the
-        seat's worker now; a run it cannot take is given back by the loop."""
-        seat.reserved -= 1
+        seat's worker now; a run it cannot take is given back by the loop. ``early``: the
+        run :meth:`assign_early` pushed provisionally: confirmed if the claim committed
+        that lease; else revoked (the claim leased an older queued run instead, or its
+        commit failed or its fate is unknown: a lease it granted all the same expires, and
+        the run is claimed again)."""
+        if early is None:
+            seat.reserved -= 1
+        else:
+            held = seat.holds(early.id, early.lease_epoch)
+            granted = [c for c in claimed if not c.steps and _as_run(c.run) == _as_run(early)]
+            if granted and held:
+                claimed = [c for c in claimed if c not in granted]
+                self.on_leased(granted[0].run.lease_expires_at or 0.0)
+                if early.trace_context is not None:
+                    _claim_span(granted[0].run)
+                seat.push(Confirm(early.id, early.lease_epoch))  # (else: its worker's
+                # actor gives up waiting, and the lease expires)
+                self.sources.metrics.inc(PUSHED_BEFORE_COMMIT, ("confirmed",))
+            elif held:
+                seat.push(Revoke(early.id, "its lease was not committed", early.lease_epoch))
+                seat.let_go(early.id)
+                self.sources.metrics.inc(PUSHED_BEFORE_COMMIT, ("revoked",))
+            # (Granted to a seat that let the run go meanwhile: pushed as any claimed run.)
         undelivered = self._place(seat, claimed)
         if undelivered:
             self.undelivered += [(seat, run) for run in undelivered]
@@ -503,6 +558,12 @@ class Dispatcher:
 
     def known_workflows(self) -> list[str]:
         return sorted(self.versions)
+
+
+def _as_run(run: RunRecord) -> tuple[Any, ...]:
+    """What a worker runs a run by: the lease, and the workflow's input."""
+    return (run.id, run.lease_epoch, run.lease_owner, run.attempts, run.workflow,
+            run.version, run.payload, run.trace_context)
 
 
 def _claim_span(run: RunRecord) -> None:

@@ -735,13 +735,14 @@ class Session:
             return await self.ctx.writer.write(op), set()
         seat, claim = reserved
         got: Sequence[ClaimedRun] = ()
+        early = dispatcher.assign_early(seat, op, claim)  # (before the commit)
         try:
             out, claimed = await self.ctx.writer.write_all(op, claim)
             if not isinstance(claimed, AikiError):
                 got = claimed
         finally:  # (a write that failed or was cancelled: its claim is not known to have
             # committed; a lease it may have granted expires)
-            dispatcher.claimed(seat, got)
+            dispatcher.claimed(seat, got, early)
         if isinstance(out, AikiError):
             raise out
         return out, {c.run.id for c in got}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
@@ -33,7 +33,9 @@ from aiki.actors.run import (
     DEFAULT_RECORD_START_AFTER,
     Abandon,
     Nudges,
+    Persist,
     RunState,
+    TaskDefinition,
     TaskRunner,
     WorkflowDefinition,
     call_task,
@@ -67,6 +69,10 @@ class Held:
     # longer than the server's lease TTL from then.
     renewed: float = attrs.field(factory=trio.current_time)
     state: RunState | None = None  # the run actor's, once it runs
+    # Set once the lease is known committed: from the start, but for a provisional
+    # assignment (``Assign.provisional``), whose actor writes nothing and starts no task
+    # body before.
+    confirmed: trio.Event = attrs.field(factory=lambda: _set(trio.Event()))
 
     def running(self, state: RunState) -> None:
         """The run actor has its state: a stop from now on reaches its shields too."""
@@ -82,6 +88,11 @@ class Held:
         self.scope.cancel()
         if self.state is not None:
             self.state.stop()
+
+
+# An assignment to start, with its run's ``Held`` if it is provisional (held as it arrived,
+# see Worker._take_provisional).
+_Taken = tuple[p.Assign, Held | None]
 
 
 @attrs.define(eq=False)
@@ -109,8 +120,8 @@ class Worker:
     link: Link | None = None
     runs_started: int = 0
     _registry: dict[tuple[str, str], WorkflowDefinition] = attrs.field(factory=dict)
-    _assignments: tuple[trio.MemorySendChannel[p.Assign], trio.MemoryReceiveChannel[p.Assign]] = (
-        attrs.field(factory=lambda: trio.open_memory_channel[p.Assign](1024))
+    _assignments: tuple[trio.MemorySendChannel[_Taken], trio.MemoryReceiveChannel[_Taken]] = (
+        attrs.field(factory=lambda: trio.open_memory_channel[_Taken](1024))
     )
     # Set when the worker starts draining: Run actors give their runs back at step boundaries.
     draining: trio.Event = attrs.field(factory=trio.Event)
@@ -146,7 +157,7 @@ class Worker:
             req, "worker", self.id,
             tuple(p.WorkflowRef(name, version, tuple(getattr(wf, "events", ())))
                   for (name, version), wf in self._registry.items()),
-            slots, tuple(h.lease for h in self.held.values()), self.token,
+            slots, self._committed_leases(), self.token,
             incarnation=self.incarnation,
         )
 
@@ -173,17 +184,54 @@ class Worker:
                          "boundary", self.id, msg.run_id)
                 held.paused = True
                 held.stop.set()
+        elif isinstance(msg, p.Confirm):
+            held = self.held.get(msg.run_id)
+            if held is not None and held.lease.epoch == msg.epoch:
+                held.confirmed.set()
+        elif isinstance(msg, p.Assign) and msg.provisional:
+            self._take_provisional(msg)
         elif isinstance(msg, p.Assign):
             try:
-                self._assignments[0].send_nowait(msg)
+                self._assignments[0].send_nowait((msg, None))
             except trio.WouldBlock:
                 log.warning("worker %s: dropped assignment of run %s", self.id, msg.run.id)
+
+    def _take_provisional(self, assign: p.Assign) -> None:
+        """Hold the run of a provisional ``assign`` as the push arrives (its Confirm or
+        Revoke, right behind it, finds it held), and have its actor started."""
+        lease = Lease(assign.run.id, assign.run.lease_epoch, self.id)
+        held = self.held.get(lease.run_id)
+        if held is not None:
+            if held.lease.epoch >= lease.epoch:
+                return  # a duplicated (or late) assignment
+            held.cancel()  # a newer lease replaces the old actor
+        mine = Held(lease, trio.CancelScope(), confirmed=trio.Event())
+        try:
+            self._assignments[0].send_nowait((assign, mine))
+        except trio.WouldBlock:
+            log.warning("worker %s: dropped assignment of run %s", self.id, assign.run.id)
+            return
+        self.held[lease.run_id] = mine
+        self._count_slots()
+
+    def _committed_leases(self) -> tuple[Lease, ...]:
+        """The leases held and known committed: a provisional one is not the worker's to
+        renew, announce or give back until the server confirms it."""
+        return tuple(h.lease for h in self.held.values() if h.confirmed.is_set())
 
     def _on_welcome(self, welcome: p.Welcome) -> None:
         self.server_time.heard(welcome.server_time, self._hello_sent, trio.current_time())
         if self.link is not None:  # a reconnection: renew the re-announced leases now
             self.sources.metrics.inc(RECONNECTS, (self.id,))
             self._beat_now.set()
+            # A provisional lease's verdict was lost with the connection: let it go (one
+            # the commit granted expires).
+            for run_id, held in list(self.held.items()):
+                if not held.confirmed.is_set():
+                    del self.held[run_id]
+                    held.cancel()
+                    self._count_slots()
+                    self._held_changed.set()
 
     def _count_slots(self) -> None:
         self.sources.metrics.set(WORKER_SLOTS_USED, len(self.held), (self.id,))
@@ -221,21 +269,36 @@ class Worker:
                 nursery.start_soon(self._stop_runs_when_cancelled)
                 await nursery.start(self.flusher.serve)
                 task_status.started()
-                async for assign in self._assignments[1]:
-                    lease = Lease(assign.run.id, assign.run.lease_epoch, self.id)
-                    if self.draining.is_set():
-                        # Assigned before the server heard of the drain: hand it straight back.
-                        nursery.start_soon(self._give_back, link, lease)
-                        continue
-                    held = self.held.get(lease.run_id)
-                    if held is not None:
-                        if held.lease.epoch >= lease.epoch:
-                            continue  # a duplicated (or late) assignment: already running
-                        held.cancel()  # a newer lease replaces the old actor
-                    scope = trio.CancelScope()
-                    self.held[lease.run_id] = held = Held(lease, scope)
-                    self._count_slots()
-                    nursery.start_soon(self._run_one, link, assign, held)
+                async for assign, held in self._assignments[1]:
+                    self._start(nursery, link, assign, held)
+
+    def _start(self, nursery: trio.Nursery, link: Link, assign: p.Assign,
+               held: Held | None) -> None:
+        """Start the actor of ``assign`` (``held``: its run's, if provisional), or its
+        giving back if the worker drains."""
+        if held is not None:  # provisional: held since it arrived
+            if self.held.get(held.lease.run_id) is not held:
+                return  # revoked, or replaced, meanwhile
+            if self.draining.is_set():  # (given back once committed)
+                nursery.start_soon(self._give_back_confirmed, link, held)
+            else:
+                nursery.start_soon(self._run_one, link, assign, held)
+            return
+        lease = Lease(assign.run.id, assign.run.lease_epoch, self.id)
+        if self.draining.is_set():
+            # Assigned before the server heard of the drain: hand it straight back.
+            nursery.start_soon(self._give_back, link, lease)
+            return
+        held = self.held.get(lease.run_id)
+        if held is not None:
+            if held.lease.epoch >= lease.epoch:
+                if held.lease.epoch == lease.epoch:
+                    held.confirmed.set()  # (a provisional one, pushed as any claimed run)
+                return  # a duplicated (or late) assignment: already running
+            held.cancel()  # a newer lease replaces the old actor
+        self.held[lease.run_id] = held = Held(lease, trio.CancelScope())
+        self._count_slots()
+        nursery.start_soon(self._run_one, link, assign, held)
 
     async def _give_back(self, link: Link, lease: Lease) -> None:
         try:
@@ -243,9 +306,43 @@ class Worker:
         except (AikiError, TimeoutError) as exc:
             log.info("worker %s: could not give back run %s: %s", self.id, lease.run_id, exc)
 
+    async def _give_back_confirmed(self, link: Link, mine: Held) -> None:
+        try:
+            with mine.scope:
+                await self._committed(link, mine)
+                await self._give_back(link, mine.lease)
+        except Abandon:
+            pass
+        finally:
+            self._let_go(mine)
+
+    async def _committed(self, link: Link, held: Held) -> None:
+        """Return once ``held``'s lease is known committed; raise :class:`Abandon` if the
+        server has not said so by the lease's local deadline (its Confirm was lost with the
+        connection, or could not be queued): a lease it did grant expires soon after, and
+        no task body may start after that deadline anyway."""
+        if held.confirmed.is_set():
+            return
+        with trio.move_on_at(self._lease_deadline(link, held)):
+            await held.confirmed.wait()
+            return
+        raise Abandon(f"run {held.lease.run_id}: its provisional lease of epoch "
+                      f"{held.lease.epoch} was neither confirmed nor revoked in time")
+
+    def _let_go(self, mine: Held) -> None:
+        held = self.held.get(mine.lease.run_id)
+        if held is mine:
+            del self.held[mine.lease.run_id]
+            self._count_slots()
+        self._held_changed.set()
+
     async def _run_one(self, link: Link, assign: p.Assign, mine: Held) -> None:
         run, scope = assign.run, mine.scope
         self.runs_started += 1
+        request: Persist = link.request
+        run_task = self.run_task
+        if not mine.confirmed.is_set():  # (provisional: its code runs to its first effect)
+            request, run_task = _after(self._committed, link, mine, link.request, run_task)
         try:
             with scope:
                 workflow = self._registry.get((run.workflow, run.version))
@@ -253,11 +350,11 @@ class Worker:
                     log.error("worker %s: assigned unknown workflow %s %s",
                               self.id, run.workflow, run.version)
                     return
-                await run_workflow(workflow, assign, link.request, self.sources,
+                await run_workflow(workflow, assign, request, self.sources,
                                    inline_retry_max=self.inline_retry_max,
                                    record_start_after=self.record_start_after,
                                    draining=mine.stop, nudges=mine.nudges,
-                                   run_task=self.run_task,
+                                   run_task=run_task,
                                    lease_deadline=partial(self._lease_deadline, link, mine),
                                    lease_renewed=partial(_renewed, mine),
                                    flusher=self.flusher, server_time=self.server_time.bounds,
@@ -269,11 +366,7 @@ class Worker:
             # (The state refers back to ``mine`` through its callbacks: let go of it, so the
             # run's objects are freed now, not by a full collection of the cycle collector.)
             mine.state = None
-            held = self.held.get(run.id)
-            if held is not None and held.scope is scope:
-                del self.held[run.id]
-                self._count_slots()
-            self._held_changed.set()
+            self._let_go(mine)
 
     async def _stop_runs_when_cancelled(self) -> None:
         """Beside the run actors: when the worker is cancelled from outside (it stops, or
@@ -300,7 +393,7 @@ class Worker:
                 await self._beat_now.wait()
             self._beat_now = trio.Event()
             # Sent when idle too: it tells the server this worker is alive and reachable.
-            leases = tuple(h.lease for h in self.held.values())
+            leases = self._committed_leases()
             sent = trio.current_time()
             try:
                 ack = await link.request(partial(p.Heartbeat, leases=leases),
@@ -362,10 +455,10 @@ class Worker:
         """
         self.draining.set()
         link = self.link
-        held = list(self.held.values())
-        self.held.clear()
-        for h in held:
+        held = [h for h in self.held.values() if h.confirmed.is_set()]
+        for h in self.held.values():
             h.cancel()
+        self.held.clear()
         if link is None:
             return
         with trio.move_on_after(5) as scope:
@@ -379,6 +472,28 @@ class Worker:
                     await link.request(partial(_release, lease=h.lease))
                 except (AikiError, TimeoutError):
                     pass
+
+
+def _after(committed: Callable[[Link, Held], Awaitable[None]], link: Link, held: Held,
+           request: Persist, run_task: TaskRunner) -> tuple[Persist, TaskRunner]:
+    """``request`` and ``run_task``, each waiting first for ``committed(link, held)``: a
+    provisional run's actor writes nothing and runs no task body before its lease is
+    committed."""
+
+    async def request_after(make: Callable[[int], Any]) -> Any:
+        await committed(link, held)
+        return await request(make)
+
+    async def run_task_after(task: TaskDefinition, payload: Any) -> Any:
+        await committed(link, held)
+        return await run_task(task, payload)
+
+    return request_after, run_task_after
+
+
+def _set(event: trio.Event) -> trio.Event:
+    event.set()
+    return event
 
 
 def _renewed(held: Held, sent: float) -> None:

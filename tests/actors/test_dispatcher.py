@@ -13,7 +13,8 @@ from aiki.actors.dispatcher import Dispatcher, Joined, Seat
 from aiki.actors.store_writer import StoreWriter
 from aiki.actors.timer import Timer
 from aiki.errors import StoreUnavailable
-from aiki.protocol import Assign
+from aiki.metrics import PUSHED_BEFORE_COMMIT
+from aiki.protocol import Assign, Confirm
 from aiki.sources import Sources
 from aiki.store import MemoryStore, execute
 from aiki.store import ops as o
@@ -333,3 +334,93 @@ async def test_a_run_claimed_back_into_a_slot_it_held_leaves_the_other_slot_clai
         assert [run_id for run_id, _ in delivered[2:]] == ["r0", "r2"]
         assert seat.active == {"r0", "r2"}
         assert not await store.list_runs(state="queued")
+
+
+def pushed_before_commit(dispatcher: Dispatcher) -> dict[str, float]:
+    return {outcome: dispatcher.sources.metrics.value(PUSHED_BEFORE_COMMIT, (outcome,))
+            for outcome in ("confirmed", "revoked")}
+
+
+@asynccontextmanager
+async def early_assigned(store: MemoryStore, queued: int) -> AsyncIterator[tuple[Any, ...]]:
+    """A Dispatcher over ``store`` (``queued`` runs waiting) and an idle seat that joined
+    while the queue was empty; the reserved seat's early Assign of a new run "new", the
+    enqueue, its claim and what was pushed."""
+    async with dispatching(store, 0) as dispatcher:
+        dispatcher.push_before_commit = True  # (as over PostgreSQL)
+        seat, pushed = recording_seat(1, "w1")
+        dispatcher.tell(Joined(seat))
+        await trio.sleep(1)
+        for i in range(queued):  # (enqueued by another server since: this one claimed none)
+            await execute(store, o.Enqueue(f"r{i}", "wf", "1", "null", None, 2.0))
+        enqueue = o.Enqueue("new", "wf", "1", '{"n": 1}', None, 3.0)
+        reserved = dispatcher.reserve(WF, 3.0)
+        assert reserved is not None and reserved[0] is seat
+        early = dispatcher.assign_early(seat, enqueue, reserved[1])
+        yield dispatcher, seat, pushed, enqueue, reserved[1], early
+
+
+async def test_an_enqueues_run_is_pushed_before_its_claim_commits_and_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = MemoryStore()
+    async with early_assigned(store, 0) as (dispatcher, seat, pushed, enqueue, claim, early):
+        # Pushed before anything was written, provisionally: the run as the claim will
+        # lease it.
+        assert await store.get_run("new") is None
+        assert pushed == [Assign(early, (), provisional=True)]
+        assert (early.id, early.lease_epoch, early.lease_owner, early.state) == (
+            "new", 1, "w1", "running")
+        assert seat.holds("new", 1) and seat.reserved == 0 and seat.free == 0  # (held)
+        _, claimed = await store.apply([enqueue, claim])
+        assert [c.run for c in claimed] == [early]  # what the store leased is what was pushed
+        dispatcher.claimed(seat, claimed, early)
+        assert pushed[1:] == [Confirm("new", 1)]  # confirmed, not pushed again
+        assert seat.active == {"new"} and seat.reserved == 0 and seat.free == 0
+        assert pushed_before_commit(dispatcher) == {"confirmed": 1.0, "revoked": 0.0}
+
+
+async def test_an_early_push_the_claim_did_not_grant_is_revoked(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # An older run of the version was queued (enqueued through another server): the claim
+    # leased it, not the new run. The worker is told to stop the run pushed early, under
+    # that lease, and is given the run the claim leased.
+    store = MemoryStore()
+    async with early_assigned(store, 1) as (dispatcher, seat, pushed, enqueue, claim, early):
+        _, claimed = await store.apply([enqueue, claim])
+        assert [c.run.id for c in claimed] == ["r0"]
+        dispatcher.claimed(seat, claimed, early)
+        assert [(type(m).__name__, getattr(m, "epoch", None)) for m in pushed] == [
+            ("Assign", None), ("Revoke", 1), ("Assign", None)]
+        assert pushed[1].run_id == "new" and pushed[2].run.id == "r0"
+        assert seat.active == {"r0"} and seat.reserved == 0
+        assert pushed_before_commit(dispatcher) == {"confirmed": 0.0, "revoked": 1.0}
+        new = await store.get_run("new")
+        assert new is not None and new.state == "queued"  # claimed by the next claim
+
+
+async def test_an_early_push_whose_commit_failed_is_revoked_and_its_slot_freed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = MemoryStore()
+    async with early_assigned(store, 0) as (dispatcher, seat, pushed, _, _, early):
+        dispatcher.claimed(seat, (), early)  # (the write failed, or its fate is unknown)
+        assert [type(m).__name__ for m in pushed] == ["Assign", "Revoke"]
+        assert (pushed[1].run_id, pushed[1].epoch) == ("new", 1)
+        assert seat.active == set() and seat.free == 1
+
+
+async def test_a_keyed_enqueue_is_not_pushed_early(autojump_clock: trio.abc.Clock) -> None:
+    # Its key may name another run, with another payload: only the commit tells which.
+    store = MemoryStore()
+    async with dispatching(store, 0) as dispatcher:
+        dispatcher.push_before_commit = True
+        seat, pushed = recording_seat(1, "w1")
+        dispatcher.tell(Joined(seat))
+        await trio.sleep(1)
+        reserved = dispatcher.reserve(WF, 3.0)
+        assert reserved is not None
+        keyed = o.Enqueue("new", "wf", "1", "null", "k1", 3.0)
+        assert dispatcher.assign_early(seat, keyed, reserved[1]) is None
+        assert pushed == []

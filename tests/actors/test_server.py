@@ -206,6 +206,8 @@ async def leased_run(transport: MemoryTransport) -> tuple[
     assert isinstance(await client.receive(), p.Enqueued)
     assign = await worker.receive()
     assert isinstance(assign, p.Assign)
+    if assign.provisional:  # (pushed as the enqueue's own claim committed: confirmed since)
+        assert await worker.receive() == p.Confirm("run-1", assign.run.lease_epoch)
     return worker, client, aiki.records.Lease("run-1", assign.run.lease_epoch, "w1")
 
 

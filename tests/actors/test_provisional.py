@@ -1,0 +1,296 @@
+"""A run pushed to its worker before the commit that leases it (``Assign.provisional``):
+its actor runs the workflow's code, but writes nothing and starts no task body until the
+server confirms the lease; a revoke, a lost verdict or a drain let it go with nothing
+written. In virtual time; the worker alone with a stand-in link, then with a server."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+import aiki
+from aiki import protocol as p
+from aiki.actors.worker import Worker
+from aiki.errors import StoreUnavailable
+from aiki.records import RunRecord
+from aiki.sources import Sources
+from aiki.store import MemoryStore
+from aiki.store.ops import Op
+from tests.actors.test_link_and_worker import Severable, cluster, running
+
+bodies: Counter[str] = Counter()
+
+
+@aiki.task(name="count")
+async def count(name: str) -> str:
+    bodies[name] += 1
+    return name
+
+
+@aiki.workflow(name="twice", version="1")
+async def twice(run: aiki.WorkflowRun, name: str) -> list[str]:
+    return [await count.run(run, f"{name}-a"), await count.run(run, f"{name}-b")]
+
+
+def pushed_early(epoch: int = 1) -> p.Assign:
+    """A fresh run of ``twice`` as an enqueue's claim will lease it to ``w1``."""
+    run = RunRecord("r1", "twice", "1", '"x"', "running", None, 1, epoch, "w1", 1e9, None,
+                    None, None, 0.0, 0.0, None)
+    return p.Assign(run, (), provisional=True)
+
+
+@attrs.define
+class StandInLink:
+    """What a Worker's run needs of its Link: the welcome's lease TTL, and requests,
+    written down and answered Ok."""
+
+    welcome: p.Welcome = p.Welcome(1, "srv", 10.0, 1.0)
+    sent: list[str] = attrs.field(factory=list)
+
+    async def request(self, make: Any, timeout: float | None = None) -> Any:
+        msg = make(1)
+        self.sent.append(type(msg).__name__)
+        await trio.lowlevel.checkpoint()
+        return p.Ok(1)
+
+
+def lone_worker(record_start_after: float = 0.0) -> Worker:
+    return Worker(Severable(), "srv", [twice], "w1", Sources.seeded(5),
+                  record_start_after=record_start_after)
+
+
+async def start_taken(nursery: trio.Nursery, w: Worker, link: StandInLink) -> None:
+    """Start what ``w`` took from its pushes, as its run loop does."""
+    while True:
+        try:
+            assign, held = w._assignments[1].receive_nowait()
+        except trio.WouldBlock:
+            return
+        w._start(nursery, link, assign, held)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("record_start_after", [0.0, 5.0])
+async def test_a_provisional_run_writes_nothing_and_runs_no_task_until_confirmed(
+    autojump_clock: trio.abc.Clock, record_start_after: float,
+) -> None:
+    # Fenced starts (0) and deferred ones (5 s: the body would run before its start is
+    # written): either way, nothing happens under the lease before the Confirm.
+    bodies.clear()
+    w, link = lone_worker(record_start_after), StandInLink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(w.flusher.serve)
+        w._on_push(pushed_early())
+        await start_taken(nursery, w, link)
+        await trio.sleep(1)
+        held = w.held["r1"]
+        assert held.state is not None  # its workflow's code runs, up to its first task
+        assert link.sent == [] and bodies == Counter()
+        assert w._committed_leases() == ()  # not heartbeated
+        assert w._hello(1).held == ()  # nor announced to a new connection
+        w._on_push(p.Confirm("r1", 1))
+        with trio.fail_after(60):
+            while "r1" in w.held:
+                await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert bodies == Counter({"x-a": 1, "x-b": 1})
+    if record_start_after == 0:
+        assert link.sent[0] == "StartStep"
+    assert link.sent[-1] == "CompleteRun"
+
+
+async def test_a_revoked_provisional_run_stops_with_nothing_written(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    bodies.clear()
+    w, link = lone_worker(), StandInLink()
+    async with trio.open_nursery() as nursery:
+        w._on_push(pushed_early())
+        await start_taken(nursery, w, link)
+        await trio.sleep(1)
+        w._on_push(p.Revoke("r1", "its lease was not committed", 1))
+        assert w.held == {}
+        await trio.sleep(60)
+        w._on_push(p.Confirm("r1", 1))  # (late, or for another: ignored)
+        await trio.sleep(60)
+    assert link.sent == [] and bodies == Counter()
+
+
+async def test_a_provisional_run_with_no_verdict_gives_up_at_its_lease_deadline(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Its Confirm could not be queued (a full outbox): the run's actor waits no longer
+    # than the lease it may have been granted would last unrenewed, less the margin.
+    bodies.clear()
+    w, link = lone_worker(), StandInLink()
+    async with trio.open_nursery() as nursery:
+        w._on_push(pushed_early())
+        start = trio.current_time()
+        await start_taken(nursery, w, link)
+        with trio.fail_after(60):
+            while "r1" in w.held:
+                await trio.sleep(0.5)
+        assert trio.current_time() - start == pytest.approx(9.0, abs=0.6)  # TTL 10, less 10%
+    assert link.sent == [] and bodies == Counter()
+
+
+async def test_the_same_lease_pushed_as_claimed_confirms_a_provisional_run(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The seat had let the run go by the commit, so the Dispatcher pushed the lease it
+    # claimed as any claimed run: the worker that holds it provisionally goes on.
+    w, link = lone_worker(), StandInLink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(w.flusher.serve)
+        w._on_push(pushed_early())
+        await start_taken(nursery, w, link)
+        await trio.sleep(1)
+        assert not w.held["r1"].confirmed.is_set() and link.sent == []
+        w._on_push(p.Assign(pushed_early().run, ()))
+        await start_taken(nursery, w, link)
+        assert w.held["r1"].confirmed.is_set()
+        assert w._committed_leases() == (w.held["r1"].lease,)
+        with trio.fail_after(60):
+            while "r1" in w.held:
+                await trio.sleep(1)
+        assert link.sent[0] == "StartStep" and link.sent[-1] == "CompleteRun"
+        w._on_push(pushed_early(2))  # a newer lease, provisionally
+        assert w.held["r1"].lease.epoch == 2 and not w.held["r1"].confirmed.is_set()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("verdict", ["confirm", "revoke"])
+async def test_a_draining_worker_gives_a_provisional_run_back_only_once_confirmed(
+    autojump_clock: trio.abc.Clock, verdict: str,
+) -> None:
+    w, link = lone_worker(), StandInLink()
+    w.draining.set()  # (the server had not heard of it when it pushed the run)
+    async with trio.open_nursery() as nursery:
+        w._on_push(pushed_early())
+        await start_taken(nursery, w, link)
+        await trio.sleep(1)
+        assert link.sent == [] and "r1" in w.held
+        w._on_push(p.Confirm("r1", 1) if verdict == "confirm" else p.Revoke("r1", None, 1))
+        await trio.sleep(1)
+    assert link.sent == (["ReleaseRun"] if verdict == "confirm" else [])
+    assert w.held == {}
+
+
+async def test_a_provisional_run_is_let_go_when_its_connection_drops(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Its verdict went with the connection; the reconnection's hello does not name it.
+    w = lone_worker()
+    w._on_push(pushed_early())
+    w.link = object()  # type: ignore[assignment]  # (connected before: a reconnection)
+    w._on_welcome(p.Welcome(1, "srv", 10.0, 1.0))
+    assert w.held == {}
+
+
+# -- with a server ---------------------------------------------------------------------------
+class HoldsTheEnqueuesClaim(MemoryStore):
+    """Writes down each batch as it is handed over; holds a batch of an enqueue and its
+    claim while ``hold`` is set, then fails it if ``fail`` is set. Its commits run beside
+    the Trio thread, as PostgreSQL's: an enqueue's run is pushed to its worker before."""
+
+    commits_off_the_loop = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[str]] = []
+        self.hold: trio.Event | None = None
+        self.fail = False
+        self.held_one = trio.Event()
+
+    async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
+        names = [type(op).__name__ for op in ops]
+        self.batches.append(names)
+        if names == ["Enqueue", "Claim"] and self.hold is not None:
+            self.held_one.set()
+            await self.hold.wait()
+            if self.fail:
+                self.fail = False
+                raise StoreUnavailable("simulated: the database went away before the commit")
+        return await super().apply(ops)
+
+
+async def test_a_run_pushed_before_a_commit_that_failed_is_stopped_and_its_slot_reused(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The worker, which started the workflow, is told to stop it, has written nothing
+    # under the lease the commit did not grant, and its one slot takes the next run.
+    bodies.clear()
+    store = HoldsTheEnqueuesClaim()
+    store.hold, store.fail = trio.Event(), True
+    async with aiki.embedded(store, sources=Sources.seeded(3)) as client:
+        async with aiki.worker(client, workflows=[twice], max_concurrent_runs=1) as worker:
+            async with trio.open_nursery() as nursery:
+                failed: list[BaseException] = []
+
+                async def enqueue() -> None:
+                    try:
+                        await twice.enqueue(client, "lost")
+                    except StoreUnavailable as exc:
+                        failed.append(exc)
+
+                nursery.start_soon(enqueue)
+                await store.held_one.wait()
+                await trio.sleep(1)
+                [pushed] = worker.held  # its workflow runs, up to its first task
+                assert not worker.held[pushed].confirmed.is_set()
+                store.hold.set()
+            await trio.sleep(0.5)  # (the Revoke on its way)
+            assert failed and worker.held == {}
+            assert await store.get_run(pushed) is None
+            store.hold = None
+            handle = await twice.enqueue(client, "next")
+            assert await handle.wait_for_completion(timeout=60) == ["next-a", "next-b"]
+    assert bodies == Counter({"next-a": 1, "next-b": 1})
+    # Nothing was written for the first run: no step before the second enqueue.
+    first, second = [i for i, batch in enumerate(store.batches) if "Enqueue" in batch]
+    assert store.batches[first] == store.batches[second] == ["Enqueue", "Claim"]
+    assert all(set(batch) <= {"Claim"} for batch in store.batches[first + 1:second])
+
+
+async def test_a_lease_granted_while_its_verdict_was_lost_expires_and_the_run_goes_on(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The connections drop while the enqueue's batch commits (the lease is granted): the
+    # worker hears no Confirm, lets the run go, and the lease expires; the run is claimed
+    # again and runs once, every task under the new lease.
+    bodies.clear()
+    store = HoldsTheEnqueuesClaim()
+    store.hold = trio.Event()
+    async with cluster(store, lease_ttl=4) as (server, transport, client):
+        async with running(Worker(transport, "srv", [twice], "w1", Sources.seeded(5))) as w:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(twice.enqueue, client, "cut")
+                await store.held_one.wait()
+                await trio.sleep(0.1)
+                [run_id] = w.held
+                await transport.sever()
+                store.hold.set()
+            handle = client.handle(run_id)
+            assert await handle.wait_for_completion(timeout=60) == ["cut-a", "cut-b"]
+        run = await server.store.get_run(run_id)
+        assert run is not None and run.lease_epoch == 2
+        history = await handle.history()
+    assert bodies == Counter({"cut-a": 1, "cut-b": 1})
+    again = next(i for i, e in enumerate(history)
+                 if e.event == "run.running" and e.detail == "lease epoch 2")
+    assert min(i for i, e in enumerate(history) if e.event.startswith("task.")) > again
+
+
+async def test_only_a_store_whose_commits_run_off_the_loop_has_runs_pushed_before_them(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # SQLite's idle batches run inline, when nothing else is runnable: a push before the
+    # commit would send them to the thread (measured: slower one at a time, the dispatch
+    # no faster). PostgreSQL's commits run on the store's own thread.
+    for store, early in ((MemoryStore(), False), (HoldsTheEnqueuesClaim(), True)):
+        async with cluster(store) as (server, _, _):
+            assert server.ctx.dispatcher.push_before_commit is early
