@@ -6,7 +6,8 @@ written. In virtual time; the worker alone with a stand-in link, then with a ser
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
@@ -74,18 +75,28 @@ async def start_taken(nursery: trio.Nursery, w: Worker, link: StandInLink) -> No
         w._start(nursery, link, assign, held)  # type: ignore[arg-type]
 
 
+@asynccontextmanager
+async def pushed_early_to(w: Worker) -> AsyncIterator[tuple[StandInLink, trio.Nursery]]:
+    """``w``, pushed run ``r1`` provisionally, its actor started as its run loop does;
+    the stand-in link its requests go to, and the nursery of its actors."""
+    bodies.clear()
+    link = StandInLink()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(w.flusher.serve)
+        w._on_push(pushed_early())
+        await start_taken(nursery, w, link)
+        yield link, nursery
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("record_start_after", [0.0, 5.0])
 async def test_a_provisional_run_writes_nothing_and_runs_no_task_until_confirmed(
     autojump_clock: trio.abc.Clock, record_start_after: float,
 ) -> None:
     # Fenced starts (0) and deferred ones (5 s: the body would run before its start is
     # written): either way, nothing happens under the lease before the Confirm.
-    bodies.clear()
-    w, link = lone_worker(record_start_after), StandInLink()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(w.flusher.serve)
-        w._on_push(pushed_early())
-        await start_taken(nursery, w, link)
+    w = lone_worker(record_start_after)
+    async with pushed_early_to(w) as (link, _):
         await trio.sleep(1)
         held = w.held["r1"]
         assert held.state is not None  # its workflow's code runs, up to its first task
@@ -96,7 +107,6 @@ async def test_a_provisional_run_writes_nothing_and_runs_no_task_until_confirmed
         with trio.fail_after(60):
             while "r1" in w.held:
                 await trio.sleep(1)
-        nursery.cancel_scope.cancel()
     assert bodies == Counter({"x-a": 1, "x-b": 1})
     if record_start_after == 0:
         assert link.sent[0] == "StartStep"
@@ -106,11 +116,8 @@ async def test_a_provisional_run_writes_nothing_and_runs_no_task_until_confirmed
 async def test_a_revoked_provisional_run_stops_with_nothing_written(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    bodies.clear()
-    w, link = lone_worker(), StandInLink()
-    async with trio.open_nursery() as nursery:
-        w._on_push(pushed_early())
-        await start_taken(nursery, w, link)
+    w = lone_worker()
+    async with pushed_early_to(w) as (link, _):
         await trio.sleep(1)
         w._on_push(p.Revoke("r1", "its lease was not committed", 1))
         assert w.held == {}
@@ -125,12 +132,8 @@ async def test_a_provisional_run_with_no_verdict_gives_up_at_its_lease_deadline(
 ) -> None:
     # Its Confirm could not be queued (a full outbox): the run's actor waits no longer
     # than the lease it may have been granted would last unrenewed, less the margin.
-    bodies.clear()
-    w, link = lone_worker(), StandInLink()
-    async with trio.open_nursery() as nursery:
-        w._on_push(pushed_early())
-        start = trio.current_time()
-        await start_taken(nursery, w, link)
+    w, start = lone_worker(), trio.current_time()
+    async with pushed_early_to(w) as (link, _):
         with trio.fail_after(60):
             while "r1" in w.held:
                 await trio.sleep(0.5)
@@ -143,11 +146,8 @@ async def test_the_same_lease_pushed_as_claimed_confirms_a_provisional_run(
 ) -> None:
     # The seat had let the run go by the commit, so the Dispatcher pushed the lease it
     # claimed as any claimed run: the worker that holds it provisionally goes on.
-    w, link = lone_worker(), StandInLink()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(w.flusher.serve)
-        w._on_push(pushed_early())
-        await start_taken(nursery, w, link)
+    w = lone_worker()
+    async with pushed_early_to(w) as (link, nursery):
         await trio.sleep(1)
         assert not w.held["r1"].confirmed.is_set() and link.sent == []
         w._on_push(p.Assign(pushed_early().run, ()))
@@ -160,24 +160,21 @@ async def test_the_same_lease_pushed_as_claimed_confirms_a_provisional_run(
         assert link.sent[0] == "StartStep" and link.sent[-1] == "CompleteRun"
         w._on_push(pushed_early(2))  # a newer lease, provisionally
         assert w.held["r1"].lease.epoch == 2 and not w.held["r1"].confirmed.is_set()
-        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("verdict", ["confirm", "revoke"])
 async def test_a_draining_worker_gives_a_provisional_run_back_only_once_confirmed(
     autojump_clock: trio.abc.Clock, verdict: str,
 ) -> None:
-    w, link = lone_worker(), StandInLink()
+    w = lone_worker()
     w.draining.set()  # (the server had not heard of it when it pushed the run)
-    async with trio.open_nursery() as nursery:
-        w._on_push(pushed_early())
-        await start_taken(nursery, w, link)
+    async with pushed_early_to(w) as (link, _):
         await trio.sleep(1)
         assert link.sent == [] and "r1" in w.held
         w._on_push(p.Confirm("r1", 1) if verdict == "confirm" else p.Revoke("r1", None, 1))
         await trio.sleep(1)
-    assert link.sent == (["ReleaseRun"] if verdict == "confirm" else [])
-    assert w.held == {}
+        assert link.sent == (["ReleaseRun"] if verdict == "confirm" else [])
+        assert w.held == {}
 
 
 async def test_a_provisional_run_is_let_go_when_its_connection_drops(
