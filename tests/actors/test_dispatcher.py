@@ -342,10 +342,11 @@ def pushed_before_commit(dispatcher: Dispatcher) -> dict[str, float]:
 
 
 @asynccontextmanager
-async def early_assigned(store: MemoryStore, queued: int) -> AsyncIterator[tuple[Any, ...]]:
+async def early_assigned(store: MemoryStore, queued: int, key: str | None = None
+                         ) -> AsyncIterator[tuple[Any, ...]]:
     """A Dispatcher over ``store`` (``queued`` runs waiting) and an idle seat that joined
-    while the queue was empty; the reserved seat's early Assign of a new run "new", the
-    enqueue, its claim and what was pushed."""
+    while the queue was empty; the reserved seat's early Assign of a new run "new" (its
+    enqueue's idempotency key ``key``), the enqueue, its claim and what was pushed."""
     async with dispatching(store, 0) as dispatcher:
         dispatcher.push_before_commit = True  # (as over PostgreSQL)
         seat, pushed = recording_seat(1, "w1")
@@ -353,7 +354,7 @@ async def early_assigned(store: MemoryStore, queued: int) -> AsyncIterator[tuple
         await trio.sleep(1)
         for i in range(queued):  # (enqueued by another server since: this one claimed none)
             await execute(store, o.Enqueue(f"r{i}", "wf", "1", "null", None, 2.0))
-        enqueue = o.Enqueue("new", "wf", "1", '{"n": 1}', None, 3.0)
+        enqueue = o.Enqueue("new", "wf", "1", '{"n": 1}', key, 3.0)
         reserved = dispatcher.reserve(WF, 3.0)
         assert reserved is not None and reserved[0] is seat
         early = dispatcher.assign_early(seat, enqueue, reserved[1])
@@ -413,14 +414,5 @@ async def test_an_early_push_whose_commit_failed_is_revoked_and_its_slot_freed(
 
 async def test_a_keyed_enqueue_is_not_pushed_early(autojump_clock: trio.abc.Clock) -> None:
     # Its key may name another run, with another payload: only the commit tells which.
-    store = MemoryStore()
-    async with dispatching(store, 0) as dispatcher:
-        dispatcher.push_before_commit = True
-        seat, pushed = recording_seat(1, "w1")
-        dispatcher.tell(Joined(seat))
-        await trio.sleep(1)
-        reserved = dispatcher.reserve(WF, 3.0)
-        assert reserved is not None
-        keyed = o.Enqueue("new", "wf", "1", "null", "k1", 3.0)
-        assert dispatcher.assign_early(seat, keyed, reserved[1]) is None
-        assert pushed == []
+    async with early_assigned(MemoryStore(), 0, "k1") as (_, seat, pushed, _, _, early):
+        assert early is None and pushed == [] and seat.reserved == 1
