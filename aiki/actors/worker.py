@@ -55,6 +55,12 @@ log = logging.getLogger("aiki.worker")
 LEASE_MARGIN = 0.1
 
 
+@attrs.define
+class _OnItsWay:
+    count: int = 0  # assignments of one lease queued for the run loop
+    revoked: bool = False
+
+
 @attrs.define(eq=False)
 class Held:
     lease: Lease
@@ -123,6 +129,9 @@ class Worker:
     _assignments: tuple[trio.MemorySendChannel[_Taken], trio.MemoryReceiveChannel[_Taken]] = (
         attrs.field(factory=lambda: trio.open_memory_channel[_Taken](1024))
     )
+    # The leases of assignments on their way to their actors (in ``_assignments``): how
+    # many of each, and whether a Revoke of it came meanwhile (none starts then).
+    _unstarted: dict[tuple[str, int], _OnItsWay] = attrs.field(factory=dict)
     # Set when the worker starts draining: Run actors give their runs back at step boundaries.
     draining: trio.Event = attrs.field(factory=trio.Event)
     _held_changed: trio.Event = attrs.field(factory=trio.Event)
@@ -177,6 +186,11 @@ class Worker:
                          msg.run_id, f" ({msg.reason})" if msg.reason else "")
                 held.cancel()
                 self._held_changed.set()
+            # An assignment of it still on its way to its actor is not started (its Assign
+            # and this Revoke came in one read, before the run loop took the Assign).
+            for (run_id, epoch), on_its_way in self._unstarted.items():
+                if run_id == msg.run_id and (msg.epoch is None or epoch <= msg.epoch):
+                    on_its_way.revoked = True
         elif isinstance(msg, p.RunControl):
             held = self.held.get(msg.run_id)
             if held is not None and held.lease.epoch == msg.epoch and msg.action == "pause":
@@ -195,6 +209,9 @@ class Worker:
                 self._assignments[0].send_nowait((msg, None))
             except trio.WouldBlock:
                 log.warning("worker %s: dropped assignment of run %s", self.id, msg.run.id)
+                return
+            key = (msg.run.id, msg.run.lease_epoch)
+            self._unstarted.setdefault(key, _OnItsWay()).count += 1
 
     def _take_provisional(self, assign: p.Assign) -> None:
         """Hold the run of a provisional ``assign`` as the push arrives (its Confirm or
@@ -285,6 +302,8 @@ class Worker:
                 nursery.start_soon(self._run_one, link, assign, held)
             return
         lease = Lease(assign.run.id, assign.run.lease_epoch, self.id)
+        if self._revoked_before_start(lease):
+            return
         if self.draining.is_set():
             # Assigned before the server heard of the drain: hand it straight back.
             nursery.start_soon(self._give_back, link, lease)
@@ -299,6 +318,18 @@ class Worker:
         self.held[lease.run_id] = held = Held(lease, trio.CancelScope())
         self._count_slots()
         nursery.start_soon(self._run_one, link, assign, held)
+
+    def _revoked_before_start(self, lease: Lease) -> bool:
+        """One assignment of ``lease`` leaves the way to its actor: whether a Revoke of
+        it came while it was on it."""
+        key = (lease.run_id, lease.epoch)
+        on_its_way = self._unstarted.get(key)
+        if on_its_way is None:
+            return False
+        on_its_way.count -= 1
+        if on_its_way.count <= 0:
+            del self._unstarted[key]
+        return on_its_way.revoked
 
     async def _give_back(self, link: Link, lease: Lease) -> None:
         try:

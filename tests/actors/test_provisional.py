@@ -1,7 +1,8 @@
 """A run pushed to its worker before the commit that leases it (``Assign.provisional``):
 its actor runs the workflow's code, but writes nothing and starts no task body until the
 server confirms the lease; a revoke, a lost verdict or a drain let it go with nothing
-written. In virtual time; the worker alone with a stand-in link, then with a server."""
+written. Also an ordinary assignment revoked before its actor started. In virtual time; the
+worker alone with a stand-in link, then with a server."""
 
 from __future__ import annotations
 
@@ -291,3 +292,49 @@ async def test_only_a_store_whose_commits_run_off_the_loop_has_runs_pushed_befor
     for store, early in ((MemoryStore(), False), (HoldsTheEnqueuesClaim(), True)):
         async with cluster(store) as (server, _, _):
             assert server.ctx.dispatcher.push_before_commit is early
+
+
+def assigned(epoch: int = 1) -> p.Assign:
+    """``pushed_early(epoch)``, pushed as any claimed run (after its commit)."""
+    return attrs.evolve(pushed_early(epoch), provisional=False)
+
+
+@pytest.mark.parametrize("revoked_epoch", [1, None])
+async def test_an_assignment_revoked_before_its_actor_started_never_starts(
+    autojump_clock: trio.abc.Clock, revoked_epoch: int | None,
+) -> None:
+    # An Assign and the Revoke of its lease read in one go, before the run loop took the
+    # Assign (a cancel committed right after the claim): the worker holds nothing, runs
+    # nothing, writes nothing; twice over for a duplicated Assign.
+    w = lone_worker()
+    link = StandInLink()
+    bodies.clear()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(w.flusher.serve)
+        w._on_push(assigned())
+        w._on_push(assigned())
+        w._on_push(p.Revoke("r1", "cancelled", revoked_epoch))
+        await start_taken(nursery, w, link)
+        assert w.held == {} and w._unstarted == {}
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    assert link.sent == [] and bodies == Counter()
+
+
+async def test_a_revoke_of_an_older_lease_leaves_a_newer_assignment_on_its_way(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    w = lone_worker()
+    link = StandInLink()
+    bodies.clear()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(w.flusher.serve)
+        w._on_push(assigned(epoch=2))
+        w._on_push(p.Revoke("r1", "cancelled", 1))
+        await start_taken(nursery, w, link)
+        with trio.fail_after(60):
+            while "r1" in w.held:
+                await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert link.sent[0] == "StartStep" and link.sent[-1] == "CompleteRun"
+    assert w._unstarted == {}
