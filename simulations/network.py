@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 import attrs
@@ -28,6 +28,15 @@ from simulations.pause import PROCESS
 # watching a run sends one request and waits as long as it takes, and cannot tell a lost
 # request or push from a run that has not ended. Their connections still reset.
 LOSSLESS = frozenset({"watcher"})
+
+
+# Pushes a worker takes in the context of those before them (their encoding's start).
+IGNORED_OUT_OF_ORDER = tuple(f'{{"type":"{t}"' for t in ("assign", "confirm", "revoke"))
+
+
+def pair_of(a: str, b: str) -> tuple[str, str]:
+    """Two nodes, in one order whichever way a message went between them."""
+    return (a, b) if a <= b else (b, a)
 
 
 @attrs.define
@@ -52,6 +61,9 @@ class SimConnection:
     other: SimConnection | None = None
     closed: bool = False
     ready_at: float = 0.0  # in-order delivery: nothing on this direction arrives before it
+    # Its messages on their way in order, oldest first: each delivery takes the oldest, so
+    # two due at one instant arrive as they were sent (their timers' tasks wake in any order).
+    in_order: deque[tuple[SimConnection, str]] = attrs.field(factory=deque)
     session: Session | None = None  # a worker's connection to a server: what it carried
 
     async def send(self, msg: Any) -> None:
@@ -181,6 +193,21 @@ class SimNetwork:
     confirmed: dict[str, set[tuple[str, int]]] = attrs.field(factory=dict)
     violations: list[str] = attrs.field(factory=list)  # the protocol's, seen on the wire
     sometimes: Counter[str] = attrs.field(factory=Counter)
+    # A pair of nodes (sorted) -> until when a fault of the network touched what one of its
+    # connections carried (a message held, duplicated, delayed, reordered), and when one
+    # was last lost (dropped, cut off, overflowing, arriving at a closed connection; a
+    # connection reset), or a push came out of its order or twice: what the world's slot
+    # monitor waits out before it compares a worker's view with its server's (a lost reply
+    # leaves its request waiting for its timeout).
+    touched: dict[tuple[str, str], float] = attrs.field(factory=dict)
+    lost: dict[tuple[str, str], float] = attrs.field(factory=dict)
+
+    def _touch(self, src: SimConnection, dst: SimConnection, until: float) -> None:
+        pair = pair_of(src.node, dst.node)
+        self.touched[pair] = max(self.touched.get(pair, -math.inf), until)
+
+    def _lose(self, src: SimConnection, dst: SimConnection) -> None:
+        self.lost[pair_of(src.node, dst.node)] = trio.current_time()
 
     def worker_hears(self, worker: str, msg: Any) -> None:
         early = self.provisional.setdefault(worker, set())
@@ -240,8 +267,12 @@ class SimNetwork:
     def unclog(self, link: tuple[str, str]) -> None:
         held = self.clogged.pop(link, [])
         self.trace.append(f"{trio.current_time():.6f} unclog {link[0]}->{link[1]} {len(held)}")
+        now = trio.current_time()
         for src, dst, text in held:
-            self.later(self.faults.latency, lambda s=src, d=dst, t=text: self._arrive(s, d, t))
+            delay = max(self.faults.latency, src.ready_at - now)
+            src.ready_at = now + delay
+            self._touch(src, dst, now + delay)
+            self._in_order(src, dst, text, delay)
 
     def isolate(self, node: str, nodes: list[str]) -> None:
         for other in nodes:
@@ -271,20 +302,25 @@ class SimNetwork:
         direction = "up" if up else "down"
         r = self.rng
         self.stats["messages"] += 1
+        now = trio.current_time()
         if (src.node, dst.node) in self.blocked:
             self.stats["partitioned"] += 1
+            self._lose(src, dst)
             return
         held = self.clogged.get((src.node, dst.node))
         if held is not None:
             held.append((src, dst, text))
             self.stats[f"held {direction}"] += 1
+            self._touch(src, dst, now)
             return
         if r.random() < f.drop and src.node not in LOSSLESS and dst.node not in LOSSLESS:
             self.stats["drop"] += 1
             self.stats[f"drop {direction}"] += 1
+            self._lose(src, dst)
             return
         if r.random() < f.reset:
             self.stats["reset"] += 1
+            self._lose(src, dst)
             self.trace.append(f"{trio.current_time():.6f} reset {src.node}->{dst.node}")
             self.later(f.latency, src.close_now)
             return
@@ -292,29 +328,55 @@ class SimNetwork:
         if copies == 2:
             self.stats["duplicate"] += 1
             self.stats[f"duplicate {direction}"] += 1
-        now = trio.current_time()
         for _ in range(copies):
-            delay = f.latency
+            delay, faulty = f.latency, copies == 2
             if r.random() < f.delay:
                 delay += r.uniform(0.1, 5.0)
                 self.stats["delay"] += 1
                 self.stats[f"delay {direction}"] += 1
-            if r.random() < f.reorder:  # overtakes, or is overtaken: outside the order
+                faulty = True
+            reordered = r.random() < f.reorder
+            if reordered:  # overtakes, or is overtaken: outside the order
                 delay += r.uniform(0, 20 * f.latency)
                 self.stats["reorder"] += 1
                 self.stats[f"reorder {direction}"] += 1
+                faulty = True
             else:
                 delay = max(delay, src.ready_at - now)  # not before those sent earlier
                 src.ready_at = now + delay
-            self.later(delay, lambda: self._arrive(src, dst, text))
+            if faulty:
+                self._touch(src, dst, now + delay)
+            if (reordered or copies == 2) and text.startswith(IGNORED_OUT_OF_ORDER):
+                # (A push a worker takes in the context of the ones before: out of its
+                # order, or again, it may be ignored as stale, as good as lost: a Confirm
+                # before its Assign, an Assign after its Revoke.)
+                self._lose(src, dst)
+            if reordered:
+                self.later(delay, lambda: self._arrive(src, dst, text))
+            else:
+                self._in_order(src, dst, text, delay)
+
+    def _in_order(self, src: SimConnection, dst: SimConnection, text: str,
+                  delay: float) -> None:
+        # (Not ``_arrive(src, dst, text)`` at its time: of two timers due at one instant,
+        # either task may run first, and the connection would reorder what it carries.)
+        src.in_order.append((dst, text))
+
+        def oldest() -> None:
+            to, what = src.in_order.popleft()
+            self._arrive(src, to, what)
+
+        self.later(delay, oldest)
 
     def _arrive(self, src: SimConnection, dst: SimConnection, text: str) -> None:
         if dst.closed or (src.node, dst.node) in self.blocked:
+            self._lose(src, dst)
             return
         try:
             dst._inbox_send.send_nowait(text)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             self.stats["overflow"] += 1
+            self._lose(src, dst)
 
 
 @attrs.define(eq=False)

@@ -174,6 +174,7 @@ class SimStore:
     # own view, now (the world's workers).
     holding: Callable[[str | None, str, int], bool] = lambda owner, run_id, epoch: True
     last_fault_at: float = -math.inf  # the last fault one of its calls met
+    slow_until: float = -math.inf  # when the calls slowed so far are over
     # Set by ``applying``: this batch commits and its answer is lost (an after-commit fault).
     lose_answer: bool = False
     _lock: trio.Lock = attrs.field(factory=trio.Lock)
@@ -199,7 +200,9 @@ class SimStore:
         if r.random() < f.slow:
             self.stats["slow"] += 1
             self.last_fault_at = trio.current_time()
-            await trio.sleep(r.uniform(0.05, 2.0))
+            delay = r.uniform(0.05, 2.0)
+            self.slow_until = max(self.slow_until, self.last_fault_at + delay)
+            await trio.sleep(delay)
         else:
             await trio.lowlevel.checkpoint()
         if trio.current_time() < f.unavailable_until:

@@ -48,6 +48,7 @@ from aiki.transport.memory import MemoryTransport
 from simulations import workload
 from simulations.network import NetworkFaults, Session, SimNetwork, SimTransport
 from simulations.pause import PROCESS, Freezer
+from simulations.slots import SlotMonitor
 from simulations.store import (
     Ledger,
     NoticeChannel,
@@ -664,8 +665,10 @@ class World:
         # (run, the seq it was queued at, server, session) -> from when
         since: dict[tuple[str, int | None, str, int], float] = {}
         reported: set[tuple[str, int | None]] = set()  # (run, the seq it was queued at)
+        slots = SlotMonitor(self, LEASE_TTL)
         while True:
             await trio.sleep(step)
+            slots.look()
             now = trio.current_time()
             if now - self.store.last_fault_at < 2.0 + step or (
                     now < self.store.faults.unavailable_until):
