@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import attrs
@@ -77,17 +77,23 @@ async def start_taken(nursery: trio.Nursery, w: Worker, link: StandInLink) -> No
 
 
 @asynccontextmanager
-async def pushed_early_to(w: Worker) -> AsyncIterator[tuple[StandInLink, trio.Nursery]]:
-    """``w``, pushed run ``r1`` provisionally, its actor started as its run loop does;
-    the stand-in link its requests go to, and the nursery of its actors."""
+async def pushed_to(w: Worker, *pushes: Any) -> AsyncIterator[tuple[StandInLink, trio.Nursery]]:
+    """``w``, told ``pushes`` in one go, the actors of what it took started as its run loop
+    does; the stand-in link its requests go to, and the nursery of its actors."""
     bodies.clear()
     link = StandInLink()
     async with trio.open_nursery() as nursery:
         await nursery.start(w.flusher.serve)
-        w._on_push(pushed_early())
+        for push in pushes:
+            w._on_push(push)
         await start_taken(nursery, w, link)
         yield link, nursery
         nursery.cancel_scope.cancel()
+
+
+def pushed_early_to(w: Worker) -> AbstractAsyncContextManager[tuple[StandInLink, trio.Nursery]]:
+    """``w``, pushed run ``r1`` provisionally (see :func:`pushed_to`)."""
+    return pushed_to(w, pushed_early())
 
 
 @pytest.mark.parametrize("record_start_after", [0.0, 5.0])
@@ -307,17 +313,10 @@ async def test_an_assignment_revoked_before_its_actor_started_never_starts(
     # Assign (a cancel committed right after the claim): the worker holds nothing, runs
     # nothing, writes nothing; twice over for a duplicated Assign.
     w = lone_worker()
-    link = StandInLink()
-    bodies.clear()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(w.flusher.serve)
-        w._on_push(assigned())
-        w._on_push(assigned())
-        w._on_push(p.Revoke("r1", "cancelled", revoked_epoch))
-        await start_taken(nursery, w, link)
+    revoke = p.Revoke("r1", "cancelled", revoked_epoch)
+    async with pushed_to(w, assigned(), assigned(), revoke) as (link, _):
         assert w.held == {} and w._unstarted == {}
         await trio.sleep(5)
-        nursery.cancel_scope.cancel()
     assert link.sent == [] and bodies == Counter()
 
 
@@ -325,16 +324,9 @@ async def test_a_revoke_of_an_older_lease_leaves_a_newer_assignment_on_its_way(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     w = lone_worker()
-    link = StandInLink()
-    bodies.clear()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(w.flusher.serve)
-        w._on_push(assigned(epoch=2))
-        w._on_push(p.Revoke("r1", "cancelled", 1))
-        await start_taken(nursery, w, link)
+    async with pushed_to(w, assigned(epoch=2), p.Revoke("r1", "cancelled", 1)) as (link, _):
         with trio.fail_after(60):
             while "r1" in w.held:
                 await trio.sleep(1)
-        nursery.cancel_scope.cancel()
     assert link.sent[0] == "StartStep" and link.sent[-1] == "CompleteRun"
     assert w._unstarted == {}
