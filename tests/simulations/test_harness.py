@@ -867,6 +867,15 @@ def child_start_forgets_to_poke(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Session, "_answer_worker", answer_quietly)
 
 
+# Where the search of a slow-to-catch bad change begins (the first of 0-199 to catch it at
+# the harness's timing since seed 33's change to the network), so CI does not run again
+# the seeds before it, each a couple of seconds.
+FIRST_CAUGHT_AT: dict[Callable[[pytest.MonkeyPatch], None], int] = {
+    child_start_forgets_to_poke: 109,
+    restarted_server_expires_at_once: 44,
+}
+
+
 @pytest.mark.parametrize(
     ("bad_change", "expected"),
     [
@@ -951,7 +960,7 @@ def child_start_forgets_to_poke(monkeypatch: pytest.MonkeyPatch) -> None:
         (unheld_runs_never_forgotten, ("a slot leaked",)),
         # Queued runs wait for the Dispatcher's next poll beside free slots.
         (pokes_lost, ("stayed queued",)),
-        # ... only a child's start does not tell it (seed 38).
+        # ... only a child's start does not tell it (found by seed 38; see FIRST_CAUGHT_AT).
         (child_start_forgets_to_poke, ("stayed queued",)),
         # A batch of the SQLite store reads a step it decided, not yet written, stale.
         (sqlite_batch_reads_stale_steps, ("the SQLite store answered",
@@ -983,7 +992,7 @@ def test_the_harness_catches_a_known_bad_change(
     expected: str,
 ) -> None:
     bad_change(monkeypatch)
-    caught = first_caught(range(200), expected)
+    caught = first_caught(range(FIRST_CAUGHT_AT.get(bad_change, 0), 200), expected)
     assert caught is not None, "200 seeds ran and none caught the bad change"
     seed, violations = caught
     assert any(e in v for v in violations for e in expected), (seed, violations[:5])
