@@ -84,10 +84,10 @@ class SlotMonitor:
                 continue
             server_name = world.embedded.get(name) or getattr(
                 worker.link._conn, "peer", None)
-            server = world.serving.get(server_name or "")
-            if (server is None or server_name is None or server_name not in world.up
+            if (server_name is None or server_name not in world.up
                     or world.freezer.is_paused(server_name)):
                 continue
+            server = world.serving[server_name]
             seats = [s for s in server.ctx.dispatcher.seats.values()
                      if s.worker_id == worker.id]
             if len(seats) != 1:

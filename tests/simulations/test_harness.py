@@ -992,8 +992,9 @@ def test_the_harness_catches_a_known_bad_change(
     expected: str,
 ) -> None:
     bad_change(monkeypatch)
-    caught = first_caught(range(FIRST_CAUGHT_AT.get(bad_change, 0), 200), expected)
-    assert caught is not None, "200 seeds ran and none caught the bad change"
+    seeds = range(FIRST_CAUGHT_AT.get(bad_change, 0), 200)
+    caught = first_caught(seeds, expected)
+    assert caught is not None, f"seeds {seeds.start}-199 ran and none caught the bad change"
     seed, violations = caught
     assert any(e in v for v in violations for e in expected), (seed, violations[:5])
 
