@@ -65,6 +65,9 @@ class SimConnection:
     # two due at one instant arrive as they were sent (their timers' tasks wake in any order).
     in_order: deque[tuple[SimConnection, str]] = attrs.field(factory=deque)
     session: Session | None = None  # a worker's connection to a server: what it carried
+    # Pushes coming to this end out of their order, or twice (see ``IGNORED_OUT_OF_ORDER``):
+    # read, each marks the pair's connection as having lost a message, from the reading on.
+    stale_prone: Counter[str] = attrs.field(factory=Counter)
 
     async def send(self, msg: Any) -> None:
         text = protocol.encode(msg)
@@ -116,6 +119,11 @@ class SimConnection:
             text = await self.inbox.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError) as exc:
             raise ConnectionLost(f"connection {self.node}->{self.peer} was reset") from exc
+        if self.stale_prone[text] > 0:
+            # (A push ignored as stale has its effect, a provisional run that waits for its
+            # lost Confirm, from the moment it is read: its receiver may have been paused.)
+            self.stale_prone[text] -= 1
+            self.net.lost[pair_of(self.node, self.peer)] = trio.current_time()
         msg = protocol.decode(text)
         if self.session is not None and self.node == self.session.worker:
             self.net.worker_hears(self.node, msg)
@@ -351,6 +359,7 @@ class SimNetwork:
                 # order, or again, it may be ignored as stale, as good as lost: a Confirm
                 # before its Assign, an Assign after its Revoke.)
                 self._lose(src, dst)
+                dst.stale_prone[text] += 1
             if reordered:
                 self.later(delay, lambda: self._arrive(src, dst, text))
             else:

@@ -16,7 +16,8 @@ flight, and for longer where the protocol lets a side find out late:
 Each disagreement is timed from when it began or from the last fault that could excuse it,
 whichever came later: any fault of the network on a connection between the worker and
 that server (until the message arrived; a lost one, or one out of its order or duplicated,
-which its receiver may ignore as stale, until a request waiting for its reply times out),
+which its receiver may ignore as stale, until a request waiting for its reply times out,
+and for such a push also from when it is read: a paused worker reads it late),
 the link between them cut off or stalled, a pause or clock jump of either, and
 any fault of the store (until a slowed call is over: a commit refused or slowed holds
 heartbeats back and leaves a seat's view of a write unknown). A

@@ -1383,3 +1383,37 @@ def test_what_one_connection_carries_arrives_in_the_order_it_was_sent(schedule: 
     finally:
         run._ALLOW_DETERMINISTIC_SCHEDULING = deterministic
     assert arrived == [[f"run-{i}" for i in range(12)]] * 2
+
+
+def test_a_push_out_of_its_order_counts_as_lost_from_when_it_is_read() -> None:
+    """A push out of its order (a Confirm before its Assign) may be ignored as stale: the
+    slot monitor excuses what follows for a request's timeout. A worker paused when it
+    arrived reads it later, and holds its provisional run from then until the lease's
+    deadline (seed 113 at 10 minutes, once seats counted the runs renewed: the excuse ran
+    from the sending, and ended before the worker woke)."""
+    import random
+
+    from aiki import protocol
+    from simulations.network import NetworkFaults, SimNetwork
+
+    async def main() -> tuple[float, float]:
+        net = SimNetwork(random.Random(1), [])
+        net.faults = NetworkFaults(reorder=1.0)
+        async with trio.open_nursery() as nursery:
+            net.nursery = nursery
+
+            async def handler(conn: Any) -> None:
+                await trio.sleep_forever()
+
+            await nursery.start(net.transport("s1").serve, "s1", handler)
+            conn = await net.transport("w1").connect("s1")
+            assert conn.other is not None
+            conn.other.try_send(protocol.Confirm("run-1", 1))
+            sent = net.lost[("s1", "w1")]
+            await trio.sleep(30.0)  # (the worker was paused)
+            await conn.receive()
+            nursery.cancel_scope.cancel()
+        return sent, net.lost[("s1", "w1")]
+
+    sent, read = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert read - sent >= 30.0
