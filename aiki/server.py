@@ -133,7 +133,7 @@ class Server:
         writer.on_committed = committed
         writer.on_applying, writer.on_queued = watchers.applying, watchers.queued
         writer.on_ended_by_holders = dispatcher.ended  # (before their watchers hear)
-        writer.on_started = dispatcher.started
+        writer.on_held = dispatcher.held
 
         def orphaned() -> None:  # a write committed whose asker had gone: look again
             dispatcher.poke()

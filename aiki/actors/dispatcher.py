@@ -70,7 +70,9 @@ class Seat:
     # Queued runs for it may exist: set by pokes, expiries and polls; cleared by a claim that
     # came back short (its queue was empty then).
     may_have_work: bool = True
-    assigned_at: dict[str, float] = attrs.field(factory=dict)  # run id -> when pushed
+    # run id -> when last known held: pushed, or a commit here under its lease (a renewal,
+    # a task start)
+    held_at: dict[str, float] = attrs.field(factory=dict)
     epochs: dict[str, int] = attrs.field(factory=dict)  # run id -> the lease epoch pushed
     # Slots promised to claims committing with an enqueue (see Dispatcher.reserve).
     reserved: int = 0
@@ -82,7 +84,7 @@ class Seat:
         if self.active:
             now = trio.current_time()
             for run_id in self.active:
-                self.assigned_at.setdefault(run_id, now)
+                self.held_at.setdefault(run_id, now)
 
     def holds(self, run_id: str, epoch: int | None) -> bool:
         """Whether this seat's worker holds ``run_id`` under lease ``epoch`` (or an older
@@ -93,7 +95,7 @@ class Seat:
     def let_go(self, run_id: str) -> None:
         """Its worker no longer holds ``run_id``: the slot is free."""
         self.active.discard(run_id)
-        self.assigned_at.pop(run_id, None)
+        self.held_at.pop(run_id, None)
         self.epochs.pop(run_id, None)
 
     @property
@@ -270,13 +272,13 @@ class Dispatcher:
             self._work_may_have_arrived()
 
     def _forget_unheld(self, seat: Seat, held: set[str]) -> None:
-        """A run assigned to the seat over a lease ago that its worker's heartbeat does not
-        renew is not the worker's any more: its lease expired, maybe by another server's
-        Timer (whose expiry never reaches this Dispatcher), or the assignment was lost.
-        Its slot is free again."""
+        """A run last known held over a lease ago (pushed, or renewed or started in a
+        commit here) that its worker's heartbeat does not renew is not the worker's any
+        more: its lease expired, maybe by another server's Timer (whose expiry never reaches
+        this Dispatcher), or the assignment was lost. Its slot is free again."""
         now = trio.current_time()
         gone = {run_id for run_id in seat.active - held
-                if now - seat.assigned_at.get(run_id, -math.inf) > self.lease_ttl}
+                if now - seat.held_at.get(run_id, -math.inf) > self.lease_ttl}
         if gone:
             for run_id in gone:
                 seat.let_go(run_id)
@@ -321,7 +323,7 @@ class Dispatcher:
                 _claim_span(c.run)
             if not seat.draining and seat.push(Assign(c.run, c.steps)):
                 seat.active.add(c.run.id)
-                seat.assigned_at[c.run.id] = trio.current_time()
+                seat.held_at[c.run.id] = trio.current_time()
                 seat.epochs[c.run.id] = c.run.lease_epoch
             else:
                 undelivered.append(c.run)
@@ -390,7 +392,7 @@ class Dispatcher:
             return None
         seat.reserved -= 1  # (the slot is the run's now)
         seat.active.add(run.id)
-        seat.assigned_at[run.id] = trio.current_time()
+        seat.held_at[run.id] = trio.current_time()
         seat.epochs[run.id] = run.lease_epoch
         return run
 
@@ -491,20 +493,25 @@ class Dispatcher:
                 for run_id in run_ids:
                     seat.let_go(run_id)
 
-    def started(self, leases: Sequence[Lease]) -> None:
-        """This server's commit accepted task starts under these leases: their workers hold
-        those runs. A seat that had let one go learns it again, so a revoke of that lease
-        is told (seed 80 of the late watches' workload: a worker paused for half a minute
-        sent, on waking, a heartbeat built before it read the assignment that came
-        meanwhile; the seat forgot the run, the worker started its task, and a cancel's
-        revoke committed a second later found no seat holding it)."""
+    def held(self, leases: Sequence[Lease]) -> None:
+        """This server's commit accepted task starts or renewals under these leases: their
+        workers hold those runs. A seat that had let one go learns it again, so a revoke of
+        that lease is told, and the slot is not given twice. (Seed 80 of the late watches'
+        workload: a worker paused for half a minute sent, on waking, a heartbeat built
+        before it read the assignment that came meanwhile; the seat forgot the run, the
+        worker started its task, and a cancel's revoke committed a second later found no
+        seat holding it. Found by review: a heartbeat answered late, its commit slowed, or
+        after a newer one, made the seat forget a run the worker went on renewing; nothing
+        but a task start counted it again.)"""
+        now = trio.current_time()
         for seat in self.seats.values():
             active = seat.active
             for lease in leases:
-                if lease.run_id not in active and lease.worker_id == seat.worker_id:
-                    active.add(lease.run_id)
-                    seat.epochs[lease.run_id] = lease.epoch
-                    seat.assigned_at[lease.run_id] = trio.current_time()
+                if lease.worker_id == seat.worker_id:
+                    if lease.run_id not in active:
+                        active.add(lease.run_id)
+                        seat.epochs[lease.run_id] = lease.epoch
+                    seat.held_at[lease.run_id] = now
 
     def ended(self, leases: Sequence[Lease]) -> None:
         """This server's commit ended runs under these leases, by their holders' own writes

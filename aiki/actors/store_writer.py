@@ -51,6 +51,7 @@ from aiki.store.ops import (
     Op,
     Outcomes,
     PauseRun,
+    Renew,
     ResumeRun,
     RetryRun,
     SaveStep,
@@ -100,10 +101,11 @@ class StoreWriter:
     # of the batch's accepted completions and failures (each ends its holder's lease,
     # whether its run ended or now waits for its children).
     on_ended_by_holders: Callable[[tuple[Lease, ...]], None] = lambda leases: None
-    # Told at the commit of the leases under which it accepted task starts: their workers
-    # hold those runs (a seat that let one go, its worker's heartbeat built before the
-    # assignment reached it, learns it again before any later revoke of it is told).
-    on_started: Callable[[tuple[Lease, ...]], None] = lambda leases: None
+    # Told at the commit of the leases under which it accepted task starts or renewals:
+    # their workers hold those runs (a seat that let one go, told by a heartbeat built
+    # before the assignment reached the worker, learns it again before any later revoke of
+    # it is told).
+    on_held: Callable[[tuple[Lease, ...]], None] = lambda leases: None
     # Told before each batch is applied, and at its commit (before ``on_committed``) of the
     # runs its enqueues created: which runs have not ended, for whoever keeps count
     # (``RunWatchers``).
@@ -168,10 +170,9 @@ class StoreWriter:
                 out.run_id for op, out in zip(flat, outcomes, strict=True)
                 if type(op) is Enqueue and type(out) is EnqueueOutcome and out.created
             ) if isinstance(outcomes, Outcomes) else ())
-            started_under = tuple(op.lease for op, out in zip(flat, outcomes, strict=True)
-                                  if type(op) is StartStep and not isinstance(out, AikiError))
-            if started_under:
-                self.on_started(started_under)
+            held = held_under(flat, outcomes)
+            if held:
+                self.on_held(held)
             if ended:
                 by_holders = tuple(op.lease for op, out in zip(flat, outcomes, strict=True)
                                    if isinstance(op, (CompleteRun, FailRun))
@@ -212,6 +213,20 @@ class StoreWriter:
         outcomes: list[Any] = await self.mailbox.address.ask(
             lambda r: Write(ops, r, every=True), self.timeout)
         return outcomes
+
+def held_under(ops: Iterable[Op[Any]], outcomes: Iterable[Any]) -> tuple[Lease, ...]:
+    """The leases a commit of ``ops`` proved held by their workers: those of its accepted
+    task starts, and those its renewals extended (not the ones they found lost)."""
+    held: list[Lease] = []
+    for op, out in zip(ops, outcomes, strict=True):
+        if isinstance(out, AikiError):
+            continue
+        if type(op) is StartStep:
+            held.append(op.lease)
+        elif type(op) is Renew:
+            held.extend(lease for lease in op.leases if lease.run_id not in out)
+    return tuple(held)
+
 
 # What an op whose outcome is a run record did to it, when it is not the run's new state.
 _RUN_EVENT: dict[type[Op[Any]], str] = {RetryRun: "retried", ResumeRun: "resumed"}

@@ -280,7 +280,7 @@ async def test_a_run_its_seat_forgot_is_held_again_once_its_worker_starts_a_task
     store = MemoryStore()
     seat, pushed = recording_seat(1, "w1")
     async with dispatching(store, 1) as dispatcher:
-        dispatcher.writer.on_started = dispatcher.started
+        dispatcher.writer.on_held = dispatcher.held
         dispatcher.tell(Joined(seat))
         await trio.sleep(20)
         [epoch] = [m.run.lease_epoch for m in pushed if isinstance(m, Assign)]
@@ -416,3 +416,65 @@ async def test_a_keyed_enqueue_is_not_pushed_early(autojump_clock: trio.abc.Cloc
     # Its key may name another run, with another payload: only the commit tells which.
     async with early_assigned(MemoryStore(), 0, "k1") as (_, seat, pushed, _, _, early):
         assert early is None and pushed == [] and seat.reserved == 1
+
+
+async def test_a_heartbeat_answered_late_leaves_a_run_renewed_since_on_its_seat(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A worker's heartbeat built before r0's assignment reached it is answered over a lease
+    after the assignment (its commit slowed, or answered after a newer heartbeat that
+    renewed r0). The seat keeps r0: a renewal committed here since proves the worker holds
+    it, and the one-slot worker is not given r1 beside it (found by review: the seat
+    counted from the assignment alone, forgot r0, and filled the slot twice)."""
+    from aiki.actors.dispatcher import Alive
+    from aiki.records import Lease
+
+    store = MemoryStore()
+    seat, pushed = recording_seat(1, "w1")
+    async with dispatching(store, 2) as dispatcher:
+        dispatcher.writer.on_held = dispatcher.held
+        dispatcher.tell(Joined(seat))
+        await trio.sleep(20)
+        [epoch] = [m.run.lease_epoch for m in pushed if isinstance(m, Assign)]
+        lost = await dispatcher.writer.write(
+            o.Renew((Lease("r0", epoch, "w1"),), 1_700_000_020.0, 30.0))
+        assert lost == ()
+        await trio.sleep(15)  # 35 s since the assignment, 15 s since the renewal
+        dispatcher.tell(Alive(1, None, ()))  # the late heartbeat
+        dispatcher.poke()
+        await trio.sleep(1)
+        assert seat.active == {"r0"}
+        assert [m.run.id for m in pushed if isinstance(m, Assign)] == ["r0"]
+
+
+async def test_a_run_its_seat_forgot_is_held_again_at_its_next_renewal(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The seat let r0 go at a heartbeat answered over a lease after the assignment, built
+    before the worker had r0. The worker's next heartbeat renews r0's lease: from that
+    commit the seat counts r0 again, and a cancel's revoke of the lease reaches the worker
+    (found by review: only a task start counted a forgotten run again, so a worker between
+    tasks stayed uncounted, its slot given twice)."""
+    from aiki.actors.dispatcher import Alive
+    from aiki.protocol import Revoke
+    from aiki.records import Lease
+
+    store = MemoryStore()
+    seat, pushed = recording_seat(1, "w1")
+    async with dispatching(store, 1) as dispatcher:
+        dispatcher.writer.on_held = dispatcher.held
+        dispatcher.tell(Joined(seat))
+        await trio.sleep(20)
+        [epoch] = [m.run.lease_epoch for m in pushed if isinstance(m, Assign)]
+        lease = Lease("r0", epoch, "w1")
+        # (The lease lives on in the store, unexpired: here a renewal beside the writer.)
+        await execute(store, o.Renew((lease,), 1_700_000_020.0, 30.0))
+        await trio.sleep(11)  # over a lease since the assignment
+        dispatcher.tell(Alive(1, None, ()))
+        await trio.sleep(0.1)
+        assert seat.active == set()  # forgotten
+        lost = await dispatcher.writer.write(o.Renew((lease,), 1_700_000_031.0, 30.0))
+        assert lost == ()
+        assert seat.active == {"r0"}  # held again, at the commit
+        dispatcher.revoke("r0", "cancelled", epoch)
+        assert [m.epoch for m in pushed if isinstance(m, Revoke)] == [epoch]
