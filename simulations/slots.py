@@ -10,7 +10,8 @@ flight, and for longer where the protocol lets a side find out late:
   slots; or it keeps a run no lease covers (an early push whose commit failed, not revoked).
 - the seat counts a run its worker does not hold: the worker ended or dropped it, or never
   got it. The seat forgets a run a heartbeat does not name once a lease has passed since it
-  pushed it. Longer than that, a slot leaks: runs wait while the worker idles, and the
+  last knew the run held (it pushed it, or a renewal or task start under its lease
+  committed). Longer than that, a slot leaks: runs wait while the worker idles, and the
   claim monitor (which looks at seats with free slots only) does not see it.
 
 Each disagreement is timed from when it began or from the last fault that could excuse it,
@@ -48,7 +49,10 @@ def worker_only_bound(lease_ttl: float) -> float:
 
 def seat_only_bound(lease_ttl: float) -> float:
     """A seat forgets a run its worker's heartbeat does not name once a lease has passed
-    since it pushed the run: a lease, then a heartbeat's interval, then a margin."""
+    since it last knew the run held: a lease, then a heartbeat's interval, then a margin.
+    (A renewal that commits after its worker dropped the run dates it later: one resent
+    after a lost connection, or held up by a store slower than a heartbeat's timeout,
+    each excused by its fault.)"""
     return lease_ttl + lease_ttl / 3 + 2.0
 
 

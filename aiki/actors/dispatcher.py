@@ -70,8 +70,8 @@ class Seat:
     # Queued runs for it may exist: set by pokes, expiries and polls; cleared by a claim that
     # came back short (its queue was empty then).
     may_have_work: bool = True
-    # run id -> when last known held: pushed, or a commit here under its lease (a renewal,
-    # a task start)
+    # run id -> when last known held: pushed, listed by the hello, or a commit here under
+    # its lease (a renewal, a task start)
     held_at: dict[str, float] = attrs.field(factory=dict)
     epochs: dict[str, int] = attrs.field(factory=dict)  # run id -> the lease epoch pushed
     # Slots promised to claims committing with an enqueue (see Dispatcher.reserve).
@@ -496,22 +496,23 @@ class Dispatcher:
     def held(self, leases: Sequence[Lease]) -> None:
         """This server's commit accepted task starts or renewals under these leases: their
         workers hold those runs. A seat that had let one go learns it again, so a revoke of
-        that lease is told, and the slot is not given twice. (Seed 80 of the late watches'
-        workload: a worker paused for half a minute sent, on waking, a heartbeat built
-        before it read the assignment that came meanwhile; the seat forgot the run, the
-        worker started its task, and a cancel's revoke committed a second later found no
-        seat holding it. Found by review: a heartbeat answered late, its commit slowed, or
-        after a newer one, made the seat forget a run the worker went on renewing; nothing
-        but a task start counted it again.)"""
+        that lease is told, and a slot renewed is not given again. (Seed 80 of the late
+        watches' workload: a worker paused for half a minute sent, on waking, a heartbeat
+        built before it read the assignment that came meanwhile; the seat forgot the run,
+        the worker started its task, and a cancel's revoke committed a second later found
+        no seat holding it. Found by review: a heartbeat answered late, its commit slowed,
+        or after a newer one, made the seat forget a run the worker went on renewing;
+        nothing but a task start counted it again.)"""
         now = trio.current_time()
-        for seat in self.seats.values():
-            active = seat.active
-            for lease in leases:
-                if lease.worker_id == seat.worker_id:
-                    if lease.run_id not in active:
-                        active.add(lease.run_id)
-                        seat.epochs[lease.run_id] = lease.epoch
-                    seat.held_at[lease.run_id] = now
+        seats = {seat.worker_id: seat for seat in self.seats.values()}  # (one per worker)
+        for lease in leases:
+            seat = seats.get(lease.worker_id)
+            if seat is None:
+                continue
+            run_id = lease.run_id
+            seat.active.add(run_id)
+            seat.epochs[run_id] = max(seat.epochs.get(run_id, lease.epoch), lease.epoch)
+            seat.held_at[run_id] = now
 
     def ended(self, leases: Sequence[Lease]) -> None:
         """This server's commit ended runs under these leases, by their holders' own writes

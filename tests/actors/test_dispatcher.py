@@ -478,3 +478,20 @@ async def test_a_run_its_seat_forgot_is_held_again_at_its_next_renewal(
         assert seat.active == {"r0"}  # held again, at the commit
         dispatcher.revoke("r0", "cancelled", epoch)
         assert [m.epoch for m in pushed if isinstance(m, Revoke)] == [epoch]
+
+
+def test_a_commit_proves_held_the_leases_of_its_task_starts_and_kept_renewals() -> None:
+    """What a batch's commit tells the Dispatcher its workers hold: the leases of its
+    accepted task starts, and of its renewals the leases not found lost; a refused op
+    proves nothing."""
+    from aiki.actors.store_writer import held_under
+    from aiki.errors import StaleLease
+    from aiki.records import Lease
+    from tests.store.test_conformance import step
+
+    kept, lost, started = Lease("r0", 1, "w1"), Lease("r1", 1, "w1"), Lease("r2", 2, "w2")
+    refused = Lease("r3", 1, "w2")
+    ops = [o.Renew((kept, lost), 1.0, 30.0), o.StartStep(started, step("0"), 1.0, 30.0),
+           o.StartStep(refused, step("0"), 1.0, 30.0), o.Renew((refused,), 1.0, 30.0)]
+    outcomes = [("r1",), None, StaleLease("no"), StaleLease("no")]
+    assert held_under(ops, outcomes) == (kept, started)
