@@ -1091,13 +1091,15 @@ def caught_at_20_minutes(
     """``seed`` at 20 minutes passes with the engine as it is, and fails with
     ``bad_change`` with a violation that says ``expected``. ``as_found``: in the world the
     seeds before the early push were found in (each change below moves every seed's
-    timing): no enqueue's run pushed to its worker before the commit, and the network as it
-    was before seed 33's change (:func:`network_before_in_order_ties`)."""
+    timing): no enqueue's run pushed to its worker before the commit, the network as it
+    was before seed 33's change (:func:`network_before_in_order_ties`), and seats as they
+    were before renewals counted (:func:`seats_before_renewals_counted`)."""
     if as_found:
         from simulations.store import ServerStore
 
         monkeypatch.setattr(ServerStore, "commits_off_the_loop", False)
         network_before_in_order_ties(monkeypatch)
+        seats_before_renewals_counted(monkeypatch)
     assert run_one(seed, safety=1200.0).violations == []
     bad_change(monkeypatch)
     violations = run_one(seed, safety=1200.0).violations
@@ -1120,6 +1122,33 @@ def network_before_in_order_ties(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(SimNetwork, "_in_order", in_order)
     monkeypatch.setattr(SimNetwork, "unclog", unclog)
+
+
+def seats_before_renewals_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Dispatcher before a renewal's commit counted its run on the seat: only a task
+    start held again a run its seat had let go, and a seat dated a run from its push (or
+    that task start) alone. (Which runs a seat counts moves the claims, and so every seed's
+    timing: seed 6787 no longer met its bad change after it.)"""
+    from aiki.actors import store_writer
+    from aiki.actors.dispatcher import Dispatcher
+    from aiki.errors import AikiError
+    from aiki.records import Lease
+    from aiki.store.ops import StartStep
+
+    def held_under(ops: Any, outcomes: Any) -> tuple[Lease, ...]:
+        return tuple(op.lease for op, out in zip(ops, outcomes, strict=True)
+                     if type(op) is StartStep and not isinstance(out, AikiError))
+
+    def held(self: Dispatcher, leases: Any) -> None:
+        for seat in self.seats.values():
+            for lease in leases:
+                if lease.run_id not in seat.active and lease.worker_id == seat.worker_id:
+                    seat.active.add(lease.run_id)
+                    seat.epochs[lease.run_id] = lease.epoch
+                    seat.held_at[lease.run_id] = trio.current_time()
+
+    monkeypatch.setattr(store_writer, "held_under", held_under)
+    monkeypatch.setattr(Dispatcher, "held", held)
 
 
 def caught_before_the_lease_clock_change(
