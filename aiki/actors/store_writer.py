@@ -214,6 +214,7 @@ class StoreWriter:
             lambda r: Write(ops, r, every=True), self.timeout)
         return outcomes
 
+
 def held_under(ops: Iterable[Op[Any]], outcomes: Iterable[Any]) -> tuple[Lease, ...]:
     """The leases a commit of ``ops`` proved held by their workers: those of its accepted
     task starts, and those its renewals extended (not the ones they found lost)."""
