@@ -15,6 +15,7 @@ from aiki.actors.timer import Timer
 from aiki.errors import StoreUnavailable
 from aiki.metrics import PUSHED_BEFORE_COMMIT
 from aiki.protocol import Assign, Confirm
+from aiki.records import Lease
 from aiki.sources import Sources
 from aiki.store import MemoryStore, execute
 from aiki.store import ops as o
@@ -272,25 +273,14 @@ async def test_a_run_its_seat_forgot_is_held_again_once_its_worker_starts_a_task
     its inbox, and its first heartbeat, built before it reads it, lists no run: the seat
     lets the run go. The worker then starts its task (the lease still live), and a cancel's
     revoke a second later must still reach it, not wait for its next heartbeat."""
-    from aiki.actors.dispatcher import Alive
     from aiki.protocol import Revoke
-    from aiki.records import Lease
     from tests.store.test_conformance import step
 
     store = MemoryStore()
     seat, pushed = recording_seat(1, "w1")
     async with dispatching(store, 1) as dispatcher:
-        dispatcher.writer.on_held = dispatcher.held
-        dispatcher.tell(Joined(seat))
-        await trio.sleep(20)
-        [epoch] = [m.run.lease_epoch for m in pushed if isinstance(m, Assign)]
-        lease = Lease("r0", epoch, "w1")
-        # (The lease lives on in the store, as a skewed clock kept it in that seed.)
-        await execute(store, o.Renew((lease,), 1_700_000_020.0, 30.0))
-        await trio.sleep(11)  # (the worker paused: over a lease since the assignment)
-        dispatcher.tell(Alive(1, None, ()))
-        await trio.sleep(0.1)
-        assert seat.active == set()  # forgotten
+        lease = await forgotten_by_a_late_heartbeat(store, dispatcher, seat, pushed)
+        epoch = lease.epoch
         await dispatcher.writer.write(o.StartStep(lease, step("0", state="running"),
                                                   1_700_000_031.0, 30.0))
         assert seat.active == {"r0"}  # held again, at the commit
@@ -307,7 +297,6 @@ async def test_a_run_claimed_back_into_a_slot_it_held_leaves_the_other_slot_clai
     queued must be claimed at once, not at the next message or fallback poll (it waited
     for the poll, 4 s, while w1 had a free slot)."""
     from aiki.actors.dispatcher import Ended
-    from aiki.records import Lease
 
     store = MemoryStore()
     delivered: list[tuple[str, int]] = []
@@ -427,7 +416,6 @@ async def test_a_heartbeat_answered_late_leaves_a_run_renewed_since_on_its_seat(
     it, and the one-slot worker is not given r1 beside it (found by review: the seat
     counted from the assignment alone, forgot r0, and filled the slot twice)."""
     from aiki.actors.dispatcher import Alive
-    from aiki.records import Lease
 
     store = MemoryStore()
     seat, pushed = recording_seat(1, "w1")
@@ -455,24 +443,13 @@ async def test_a_run_its_seat_forgot_is_held_again_at_its_next_renewal(
     commit the seat counts r0 again, and a cancel's revoke of the lease reaches the worker
     (found by review: only a task start counted a forgotten run again, so a worker between
     tasks stayed uncounted, its slot given twice)."""
-    from aiki.actors.dispatcher import Alive
     from aiki.protocol import Revoke
-    from aiki.records import Lease
 
     store = MemoryStore()
     seat, pushed = recording_seat(1, "w1")
     async with dispatching(store, 1) as dispatcher:
-        dispatcher.writer.on_held = dispatcher.held
-        dispatcher.tell(Joined(seat))
-        await trio.sleep(20)
-        [epoch] = [m.run.lease_epoch for m in pushed if isinstance(m, Assign)]
-        lease = Lease("r0", epoch, "w1")
-        # (The lease lives on in the store, unexpired: here a renewal beside the writer.)
-        await execute(store, o.Renew((lease,), 1_700_000_020.0, 30.0))
-        await trio.sleep(11)  # over a lease since the assignment
-        dispatcher.tell(Alive(1, None, ()))
-        await trio.sleep(0.1)
-        assert seat.active == set()  # forgotten
+        lease = await forgotten_by_a_late_heartbeat(store, dispatcher, seat, pushed)
+        epoch = lease.epoch
         lost = await dispatcher.writer.write(o.Renew((lease,), 1_700_000_031.0, 30.0))
         assert lost == ()
         assert seat.active == {"r0"}  # held again, at the commit
@@ -486,7 +463,6 @@ def test_a_commit_proves_held_the_leases_of_its_task_starts_and_kept_renewals() 
     proves nothing."""
     from aiki.actors.store_writer import held_under
     from aiki.errors import StaleLease
-    from aiki.records import Lease
     from tests.store.test_conformance import step
 
     kept, lost, started = Lease("r0", 1, "w1"), Lease("r1", 1, "w1"), Lease("r2", 2, "w2")
@@ -495,3 +471,24 @@ def test_a_commit_proves_held_the_leases_of_its_task_starts_and_kept_renewals() 
            o.StartStep(refused, step("0"), 1.0, 30.0), o.Renew((refused,), 1.0, 30.0)]
     outcomes = [("r1",), None, StaleLease("no"), StaleLease("no")]
     assert held_under(ops, outcomes) == (kept, started)
+
+
+async def forgotten_by_a_late_heartbeat(store: MemoryStore, dispatcher: Dispatcher,
+                                        seat: Seat, pushed: list[Any]) -> Lease:
+    """r0 pushed to ``seat``'s worker; over a lease later, a heartbeat built before the
+    worker read the assignment (it does not list r0) makes the seat let r0 go, while r0's
+    lease lives on in the store (a skewed clock kept it in seed 80; here a renewal beside
+    the writer). Returns that lease."""
+    from aiki.actors.dispatcher import Alive
+
+    dispatcher.writer.on_held = dispatcher.held
+    dispatcher.tell(Joined(seat))
+    await trio.sleep(20)
+    [epoch] = [m.run.lease_epoch for m in pushed if isinstance(m, Assign)]
+    lease = Lease("r0", epoch, "w1")
+    await execute(store, o.Renew((lease,), 1_700_000_020.0, 30.0))
+    await trio.sleep(11)  # over a lease since the assignment
+    dispatcher.tell(Alive(1, None, ()))
+    await trio.sleep(0.1)
+    assert seat.active == set()  # forgotten
+    return lease

@@ -1386,13 +1386,7 @@ def test_what_one_connection_carries_arrives_in_the_order_it_was_sent(schedule: 
         net = SimNetwork(random.Random(schedule), [])
         arrived: list[list[str]] = []
         async with trio.open_nursery() as nursery:
-            net.nursery = nursery
-
-            async def handler(conn: Any) -> None:
-                await trio.sleep_forever()
-
-            await nursery.start(net.transport("s1").serve, "s1", handler)
-            conn = await net.transport("w1").connect("s1")
+            conn = await worker_connected(net, nursery)
             server_end = conn.other
             assert server_end is not None
             for clogged in (False, True):
@@ -1429,13 +1423,7 @@ def test_a_push_out_of_its_order_counts_as_lost_from_when_it_is_read() -> None:
         net = SimNetwork(random.Random(1), [])
         net.faults = NetworkFaults(reorder=1.0)
         async with trio.open_nursery() as nursery:
-            net.nursery = nursery
-
-            async def handler(conn: Any) -> None:
-                await trio.sleep_forever()
-
-            await nursery.start(net.transport("s1").serve, "s1", handler)
-            conn = await net.transport("w1").connect("s1")
+            conn = await worker_connected(net, nursery)
             assert conn.other is not None
             conn.other.try_send(protocol.Confirm("run-1", 1))
             sent = net.lost[("s1", "w1")]
@@ -1446,3 +1434,15 @@ def test_a_push_out_of_its_order_counts_as_lost_from_when_it_is_read() -> None:
 
     sent, read = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert read - sent >= 30.0
+
+
+async def worker_connected(net: Any, nursery: trio.Nursery) -> Any:
+    """Worker w1's end of a connection to server s1 on ``net``, whose tasks run in
+    ``nursery`` (s1 reads nothing)."""
+
+    async def handler(conn: Any) -> None:
+        await trio.sleep_forever()
+
+    net.nursery = nursery
+    await nursery.start(net.transport("s1").serve, "s1", handler)
+    return await net.transport("w1").connect("s1")
