@@ -47,8 +47,10 @@ from aiki.records import (
 
 # 2: waits (sleeps, events) replace suspend_run. 3: a run may be pushed to its worker
 # before its lease commits (``Assign.provisional``, ``Confirm``): a worker of version 2 would
-# run it at once, so the versions must match.
-PROTOCOL_VERSION = 3
+# run it at once, so the versions must match. 4: a worker sends a task's start under such a
+# lease before it hears the verdict, naming the push (``Assign.push_id``,
+# ``StartStep.push_id``): a version 3 peer would refuse the fields.
+PROTOCOL_VERSION = 4
 
 converter = cattrs.Converter(forbid_extra_keys=True)
 
@@ -350,11 +352,13 @@ class Assign:
     claim of an idle worker's slot): run the workflow's code up to its first write or task
     body, and go no further until the server says the lease is committed (``Confirm``) or
     not (``Revoke``). Its actor writes nothing before: a lease not committed may be granted
-    later, under the same epoch, to the same worker."""
+    later, under the same epoch, to the same worker. But a task's start goes at once, naming
+    this push (``push_id``, unique in the server's process; see ``StartStep``)."""
 
     run: RunRecord
     steps: tuple[StepRecord, ...]
     provisional: bool = False
+    push_id: int = 0
 
 
 @message("confirm")
@@ -387,11 +391,20 @@ class HeartbeatAck:
 @message("start_step")
 @attrs.frozen
 class StartStep:
+    """Worker → server: record a task's start (fenced: its body runs once this commits).
+
+    ``push_id``: sent early, under the lease of the provisional push of that id
+    (``Assign.push_id``), before the worker heard whether it was committed. The server
+    holds it until its own verdict on that push, and applies it only if the claim committed
+    that very lease (it pushed ``Confirm``); else it refuses it as a stale lease, for good,
+    even should the same lease be pushed again and granted."""
+
     req: int
     lease: Lease
     step: StepRecord
     # Completed task outcomes of the same run, committed first in the same transaction.
     saved: tuple[StepRecord, ...] = ()
+    push_id: int = 0
 
 
 @message("save_step")

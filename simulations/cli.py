@@ -35,6 +35,7 @@ SOMETIMES = ("ambiguous commit", "lease expiry on a live worker", "crash with a 
              "run forked", "fork past the end refused",
              "run pushed before its commit, then confirmed",
              "run pushed before its commit, then revoked",
+             "task start sent early, accepted", "task start sent early, refused",
              "run cancelled", "cancel of a finished run", "parent woken by a child completed",
              "parent woken by a child failed", "parent woken by a child cancelled",
              "run waited for its children", "cancel reached a descendant",

@@ -93,6 +93,12 @@ class SimConnection:
         now = trio.current_time()
         if self.node == session.worker:
             self.net.worker_says(self.node, msg)
+            if isinstance(msg, protocol.StartStep) and msg.push_id:
+                lease = msg.lease
+                session.early_asked[msg.req] = session.early_sent[msg.req] = (
+                    lease.run_id, lease.epoch, msg.push_id)
+        else:
+            self._judged(session, msg)
         if isinstance(msg, protocol.Hello):
             session.worker_id = msg.node_id
         elif getattr(msg, "lease", None) is not None:
@@ -112,6 +118,30 @@ class SimConnection:
         elif isinstance(msg, protocol.Assign):  # (a newer lease replaces the older's actor)
             session.revokes.append((now, msg.run.id, msg.run.lease_epoch - 1))
 
+    def _judged(self, session: Session, msg: Any) -> None:
+        """A server's provisional pushes, its verdict on each, the first it sends of a
+        Confirm (the lease committed) and a Revoke (not) of the push's lease, and its
+        answers to task starts sent early: one it accepts must name a push it confirmed."""
+        if isinstance(msg, protocol.Assign) and msg.provisional:
+            session.latest_push[(msg.run.id, msg.run.lease_epoch)] = msg.push_id
+        elif isinstance(msg, (protocol.Confirm, protocol.Revoke)):
+            push_id = session.latest_push.get((msg.run_id, msg.epoch or 0))
+            if push_id is not None:
+                session.verdicts.setdefault(push_id, isinstance(msg, protocol.Confirm))
+        elif getattr(msg, "req", None) in session.early_asked:
+            run_id, epoch, push_id = session.early_asked.pop(msg.req)
+            refused = isinstance(msg, protocol.Refused)
+            self.net.sometimes["task start sent early, "
+                               + ("refused" if refused else "accepted")] += 1
+            verdict = session.verdicts.get(push_id)
+            if not refused and not verdict:
+                said = {True: "confirmed", False: "revoked first", None: "not judged"}
+                self.net.violations.append(
+                    f"run {run_id}: server {session.server} accepted a task start worker "
+                    f"{session.worker} sent early under push {push_id} of lease epoch "
+                    f"{epoch} at t={trio.current_time():.3f}; that push was {said[verdict]} "
+                    "on this connection")
+
     async def receive(self) -> Any:
         if self.closed:
             raise ConnectionLost(f"connection {self.node}->{self.peer} is closed")
@@ -125,7 +155,12 @@ class SimConnection:
             self.stale_prone[text] -= 1
             self.net.lost[pair_of(self.node, self.peer)] = trio.current_time()
         msg = protocol.decode(text)
-        if self.session is not None and self.node == self.session.worker:
+        session = self.session
+        if session is not None and self.node == session.worker:
+            early = session.early_sent.pop(getattr(msg, "req", None), None)
+            if early is not None and not isinstance(msg, protocol.Refused):
+                # (An early start accepted: the lease is committed, as a Confirm says.)
+                self.net.confirmed.setdefault(self.node, set()).add(early[:2])
             self.net.worker_hears(self.node, msg)
         return msg
 
@@ -169,6 +204,16 @@ class Session:
     closed_at: float | None = None
     revokes: list[tuple[float, str, int | None]] = attrs.field(factory=list)
     asked: dict[int, str] = attrs.field(factory=dict)  # a write's req -> its lease's run
+    # A task start the worker sent early (``StartStep.early``): its req -> (run, epoch);
+    # and the server's first verdict on each provisional lease (True: confirmed).
+    # A task start the worker sent early: its req -> (run, epoch, push id), until its
+    # answer is sent (``early_asked``), and read (``early_sent``). The server's last
+    # provisional push of each (run, epoch), and its first verdict on each push (True:
+    # confirmed).
+    early_asked: dict[int, tuple[str, int, int]] = attrs.field(factory=dict)
+    early_sent: dict[int, tuple[str, int, int]] = attrs.field(factory=dict)
+    latest_push: dict[tuple[str, int], int] = attrs.field(factory=dict)
+    verdicts: dict[int, bool] = attrs.field(factory=dict)
     # The worker's heartbeats on it: when, and the leases (run, epoch) each renewed.
     held: list[tuple[float, frozenset[tuple[str, int]]]] = attrs.field(factory=list)
 
@@ -233,9 +278,11 @@ class SimNetwork:
 
     def worker_says(self, worker: str, msg: Any) -> None:
         """A worker writes, renews or announces nothing under a lease pushed to it
-        provisionally before it hears that the lease was committed: one not committed
-        may be granted to it later under the same epoch, and its earlier actor's writes
-        would be taken as the new one's (seed 10741 of an early push without this)."""
+        provisionally before it hears that the lease was committed (a Confirm, the lease
+        pushed as any claimed run, or a task start sent early accepted), but a task start
+        naming the push: one not committed may be granted to it later under the same
+        epoch, and its earlier actor's writes would be taken as the new one's (seed 10741
+        of an early push without this)."""
         early = self.provisional.get(worker)
         if not early:
             return
@@ -243,6 +290,8 @@ class SimNetwork:
         leases = [lease] if lease is not None else [
             *getattr(msg, "leases", ()), *getattr(msg, "held", ())]
         confirmed = self.confirmed.get(worker, set())
+        if isinstance(msg, protocol.StartStep) and msg.push_id:
+            return  # (sent early: its server holds it for its verdict, see _judged)
         for lease in leases:
             key = (lease.run_id, lease.epoch)
             if key in early and key not in confirmed:

@@ -211,7 +211,7 @@ class World:
         if self.swarm["store"]:
             k = self.swarm["store"]
             store_faults = StoreFaults(before_commit=0.005 * k, after_commit=0.005 * k,
-                                       driver_bug=0.001 * k, slow=0.01 * k)
+                                       driver_bug=0.001 * k, slow=0.01 * k, lag=0.1 * k)
         self.store = SimStore(MemoryStore(), random.Random(f"{seed}:store"), self.ledger,
                               self.trace, store_faults)
         self.store.applying = self._crash_inside_while_written

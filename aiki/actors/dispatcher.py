@@ -50,6 +50,20 @@ log = logging.getLogger("aiki.dispatcher")
 
 
 @attrs.define(eq=False)
+class Verdict:
+    """Whether the lease of a provisional push (``Dispatcher.assign_early``) was committed,
+    as the seat's session judges the task starts its worker sends under that push before it
+    hears (``StartStep.push_id``). ``granted`` only if the claim committed that very lease
+    and its ``Confirm`` was pushed; undecided until the claim's write returns."""
+
+    run_id: str
+    epoch: int
+    at: float  # when it was pushed (this process's clock)
+    decided: trio.Event = attrs.field(factory=trio.Event)
+    granted: bool = False
+
+
+@attrs.define(eq=False)
 class Seat:
     """A connected worker as the Dispatcher sees it."""
 
@@ -76,6 +90,11 @@ class Seat:
     epochs: dict[str, int] = attrs.field(factory=dict)  # run id -> the lease epoch pushed
     # Slots promised to claims committing with an enqueue (see Dispatcher.reserve).
     reserved: int = 0
+    # Each provisional push's id -> its verdict, oldest first: kept a while after it is
+    # decided, for the task starts sent early under it still on their way. And the ids of
+    # the undecided ones by (run id, epoch).
+    verdicts: dict[int, Verdict] = attrs.field(factory=dict)
+    undecided: dict[tuple[str, int], int] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         # The runs its worker holds as it joins (a reconnection's hello) count as assigned
@@ -91,6 +110,29 @@ class Seat:
         one; None: under any)."""
         return run_id in self.active and (
             epoch is None or self.epochs.get(run_id, -1) <= epoch)
+
+    def pushed_early(self, push_id: int, run_id: str, epoch: int, keep: float) -> None:
+        """A provisional push (``push_id``) of ``run_id`` under ``epoch``: its verdict is
+        pending. The verdicts of pushes older than ``keep`` seconds are forgotten (a start
+        sent early that finds none is refused: its worker gave up on that lease by then)."""
+        now = trio.current_time()
+        verdicts = self.verdicts
+        while verdicts:
+            oldest = next(iter(verdicts))
+            if verdicts[oldest].at > now - keep:
+                break
+            gone = verdicts.pop(oldest)
+            if self.undecided.get((gone.run_id, gone.epoch)) == oldest:
+                del self.undecided[(gone.run_id, gone.epoch)]
+        verdicts[push_id] = Verdict(run_id, epoch, now)
+        self.undecided[(run_id, epoch)] = push_id
+
+    def judge(self, run_id: str, epoch: int, granted: bool) -> None:
+        """The verdict on the provisional push of ``run_id`` under ``epoch``."""
+        verdict = self.verdicts.get(self.undecided.pop((run_id, epoch), 0))
+        if verdict is not None and not verdict.decided.is_set():
+            verdict.granted = granted
+            verdict.decided.set()
 
     def let_go(self, run_id: str) -> None:
         """Its worker no longer holds ``run_id``: the slot is free."""
@@ -186,6 +228,7 @@ class Dispatcher:
     # batches run inline, when nothing else is runnable: measured, the push cost them that
     # and gained nothing on the dispatch.)
     push_before_commit: bool = False
+    early_pushes: int = 0  # the last provisional push's id (``Assign.push_id``)
     started_at: float | None = None
     unserved_since: dict[tuple[str, str], float] = attrs.field(factory=dict)
     warn_at: dict[tuple[str, str], float] = attrs.field(factory=dict)
@@ -378,18 +421,22 @@ class Dispatcher:
         The worker builds the run's actor and runs its workflow code up to the first write
         or task body while the commit is on its way, then waits for :meth:`claimed`'s
         verdict: ``Confirm`` if the claim committed this very lease, else ``Revoke``. Its
-        actor writes nothing before the verdict, so a lease that was not committed (or
-        whose commit's fate is unknown) and is granted again later, under the same epoch
-        to the same worker, has no earlier writer under it (seed 10741 of the sweep, with
-        an early push whose actor wrote at once)."""
+        actor writes nothing before the verdict but a task's start that names this push
+        (``StartStep.push_id``), which the seat's session holds until the same verdict
+        (``Seat.verdicts``) and refuses unless granted. So a lease that was not committed
+        (or whose commit's fate is unknown) and is granted again later, under the same
+        epoch to the same worker, has no earlier writer under it (seed 10741 of the sweep,
+        with an early push whose actor wrote at once)."""
         if (not self.push_before_commit or enqueue.idempotency_key is not None
                 or seat.draining):
             return None
         queued, _ = m.enqueue(enqueue)
         run = m.claim(queued, claim.worker_id, claim.now, claim.lease_ttl).run
         assert run is not None
-        if not seat.push(Assign(run, (), provisional=True)):
+        self.early_pushes += 1
+        if not seat.push(Assign(run, (), provisional=True, push_id=self.early_pushes)):
             return None
+        seat.pushed_early(self.early_pushes, run.id, run.lease_epoch, 2 * self.lease_ttl)
         seat.reserved -= 1  # (the slot is the run's now)
         seat.active.add(run.id)
         seat.held_at[run.id] = trio.current_time()
@@ -409,19 +456,23 @@ class Dispatcher:
         else:
             held = seat.holds(early.id, early.lease_epoch)
             granted = [c for c in claimed if not c.steps and _as_run(c.run) == _as_run(early)]
+            confirmed = False
             if granted and held:
                 claimed = [c for c in claimed if c not in granted]
                 self.on_leased(granted[0].run.lease_expires_at or 0.0)
                 if early.trace_context is not None:
                     _claim_span(granted[0].run)
-                seat.push(Confirm(early.id, early.lease_epoch))  # (else: its worker's
-                # actor gives up waiting, and the lease expires)
+                # (A Confirm that cannot be queued: its worker's actor gives up waiting, a
+                # start it sent early is refused, and the lease expires.)
+                confirmed = seat.push(Confirm(early.id, early.lease_epoch))
                 self.sources.metrics.inc(PUSHED_BEFORE_COMMIT, ("confirmed",))
             elif held:
                 seat.push(Revoke(early.id, "its lease was not committed", early.lease_epoch))
                 seat.let_go(early.id)
                 self.sources.metrics.inc(PUSHED_BEFORE_COMMIT, ("revoked",))
-            # (Granted to a seat that let the run go meanwhile: pushed as any claimed run.)
+            # (Granted to a seat that let the run go meanwhile: pushed as any claimed run,
+            # and a start the provisional actor sent early refused.)
+            seat.judge(early.id, early.lease_epoch, confirmed)
         undelivered = self._place(seat, claimed)
         if undelivered:
             self.undelivered += [(seat, run) for run in undelivered]

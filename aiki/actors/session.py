@@ -639,6 +639,8 @@ class Session:
             return p.Ok(msg.req)
         if isinstance(msg, (p.StartStep, p.SaveStep)):
             self._check_owner(msg.lease)
+            if isinstance(msg, p.StartStep) and msg.push_id:
+                await self._granted(msg.lease, msg.push_id)
             # A start renews the lease: the worker checks, before the task body, that the
             # lease still holds from when it sent the start (see RunState._may_start).
             step_op: ops.Op[bool] = (ops.StartStep(msg.lease, msg.step, now, ctx.lease_ttl)
@@ -711,6 +713,28 @@ class Session:
                 ctx.timer.hint(min(dues))
         ctx.dispatcher.poke()  # a run given back, or one whose wait held already, is queued
         return p.Ok(msg.req)
+
+    async def _granted(self, lease: Lease, push_id: int) -> None:
+        """A task's start its worker sent early, under the lease of the provisional push
+        ``push_id``: wait for this seat's verdict on that push (``Dispatcher.claimed``), at
+        most a lease's ttl. Refused as stale unless the claim committed that very lease and
+        its Confirm was pushed: a lease not committed may be pushed again and granted under
+        the same epoch, and this start, from the first push's actor, must not count as the
+        new holder's (refused for good, however late it comes)."""
+        seat = self.seat
+        verdict = None if seat is None else seat.verdicts.get(push_id)
+        if verdict is not None and (verdict.run_id, verdict.epoch) != (lease.run_id,
+                                                                       lease.epoch):
+            verdict = None
+        if verdict is not None and not verdict.decided.is_set():
+            with trio.move_on_after(self.ctx.lease_ttl):
+                await verdict.decided.wait()
+        if verdict is None or not verdict.granted:
+            why = ("was not committed" if verdict is not None and verdict.decided.is_set()
+                   else "has no verdict here")
+            raise StaleLease(f"run {lease.run_id}: its lease of epoch {lease.epoch}, pushed "
+                             f"to worker {lease.worker_id!r} before its commit (push "
+                             f"{push_id}), {why}")
 
     def _let_go(self, lease: Lease, failed: AikiError | None = None) -> None:
         """The worker's write that ends its hold of ``lease`` (an end, a wait, a release)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
@@ -76,9 +76,10 @@ class Held:
     renewed: float = attrs.field(factory=trio.current_time)
     state: RunState | None = None  # the run actor's, once it runs
     # Set once the lease is known committed: from the start, but for a provisional
-    # assignment (``Assign.provisional``), whose actor writes nothing and starts no task
-    # body before.
+    # assignment (``Assign.provisional``), whose actor writes nothing (but a task's start
+    # naming its push) and starts no task body before.
     confirmed: trio.Event = attrs.field(factory=lambda: _set(trio.Event()))
+    push_id: int = 0  # a provisional assignment's (``Assign.push_id``)
 
     def running(self, state: RunState) -> None:
         """The run actor has its state: a stop from now on reaches its shields too."""
@@ -222,7 +223,7 @@ class Worker:
             if held.lease.epoch >= lease.epoch:
                 return  # a duplicated (or late) assignment
             held.cancel()  # a newer lease replaces the old actor
-        mine = Held(lease, trio.CancelScope(), confirmed=trio.Event())
+        mine = Held(lease, trio.CancelScope(), confirmed=trio.Event(), push_id=assign.push_id)
         try:
             self._assignments[0].send_nowait((assign, mine))
         except trio.WouldBlock:
@@ -360,6 +361,35 @@ class Worker:
         raise Abandon(f"run {held.lease.run_id}: its provisional lease of epoch "
                       f"{held.lease.epoch} was neither confirmed nor revoked in time")
 
+    def _after_committed(self, link: Link, held: Held,
+                         run_task: TaskRunner) -> tuple[Persist, TaskRunner]:
+        """The requests and the task runner of a provisional run's actor: it writes nothing
+        and runs no task body before its lease is known committed (:meth:`_committed`).
+        But a task's start goes at once, naming the push (``StartStep.push_id``): the
+        server holds it until its verdict on that push, so the start's trip overlaps the
+        commit and the Confirm's. Accepted, it proves the lease committed; refused (not
+        committed), the actor ends as under any stale lease; unanswered by the lease's
+        local deadline, it gives up."""
+
+        async def request(make: Callable[[int], Any]) -> Any:
+            if (not held.confirmed.is_set() and held.push_id
+                    and isinstance(make(0), p.StartStep)):
+                with trio.move_on_at(self._lease_deadline(link, held)):
+                    answer = await link.request(partial(_early, make, held.push_id))
+                    held.confirmed.set()
+                    return answer
+                raise Abandon(f"run {held.lease.run_id}: the task start sent early under "
+                              f"its provisional lease of epoch {held.lease.epoch} was not "
+                              "answered in time")
+            await self._committed(link, held)
+            return await link.request(make)
+
+        async def run_task_after(task: TaskDefinition, payload: Any) -> Any:
+            await self._committed(link, held)
+            return await run_task(task, payload)
+
+        return request, run_task_after
+
     def _let_go(self, mine: Held) -> None:
         held = self.held.get(mine.lease.run_id)
         if held is mine:
@@ -373,7 +403,7 @@ class Worker:
         request: Persist = link.request
         run_task = self.run_task
         if not mine.confirmed.is_set():  # (provisional: its code runs to its first effect)
-            request, run_task = _after(self._committed, link, mine, link.request, run_task)
+            request, run_task = self._after_committed(link, mine, run_task)
         try:
             with scope:
                 workflow = self._registry.get((run.workflow, run.version))
@@ -505,23 +535,6 @@ class Worker:
                     pass
 
 
-def _after(committed: Callable[[Link, Held], Awaitable[None]], link: Link, held: Held,
-           request: Persist, run_task: TaskRunner) -> tuple[Persist, TaskRunner]:
-    """``request`` and ``run_task``, each waiting first for ``committed(link, held)``: a
-    provisional run's actor writes nothing and runs no task body before its lease is
-    committed."""
-
-    async def request_after(make: Callable[[int], Any]) -> Any:
-        await committed(link, held)
-        return await request(make)
-
-    async def run_task_after(task: TaskDefinition, payload: Any) -> Any:
-        await committed(link, held)
-        return await run_task(task, payload)
-
-    return request_after, run_task_after
-
-
 def _set(event: trio.Event) -> trio.Event:
     event.set()
     return event
@@ -529,6 +542,10 @@ def _set(event: trio.Event) -> trio.Event:
 
 def _renewed(held: Held, sent: float) -> None:
     held.renewed = max(held.renewed, sent)
+
+
+def _early(make: Callable[[int], p.StartStep], push_id: int, req: int) -> p.StartStep:
+    return attrs.evolve(make(req), push_id=push_id)
 
 
 def _release(req: int, *, lease: Lease) -> p.ReleaseRun:

@@ -358,7 +358,8 @@ async def test_an_enqueues_run_is_pushed_before_its_claim_commits_and_once(
         # Pushed before anything was written, provisionally: the run as the claim will
         # lease it.
         assert await store.get_run("new") is None
-        assert pushed == [Assign(early, (), provisional=True)]
+        assert pushed == [Assign(early, (), provisional=True, push_id=1)]
+        assert not seat.verdicts[1].decided.is_set()  # (its early task starts wait)
         assert (early.id, early.lease_epoch, early.lease_owner, early.state) == (
             "new", 1, "w1", "running")
         assert seat.holds("new", 1) and seat.reserved == 0 and seat.free == 0  # (held)
@@ -366,6 +367,7 @@ async def test_an_enqueues_run_is_pushed_before_its_claim_commits_and_once(
         assert [c.run for c in claimed] == [early]  # what the store leased is what was pushed
         dispatcher.claimed(seat, claimed, early)
         assert pushed[1:] == [Confirm("new", 1)]  # confirmed, not pushed again
+        assert seat.verdicts[1].decided.is_set() and seat.verdicts[1].granted
         assert seat.active == {"new"} and seat.reserved == 0 and seat.free == 0
         assert pushed_before_commit(dispatcher) == {"confirmed": 1.0, "revoked": 0.0}
 
@@ -384,6 +386,7 @@ async def test_an_early_push_the_claim_did_not_grant_is_revoked(
         assert [(type(m).__name__, getattr(m, "epoch", None)) for m in pushed] == [
             ("Assign", None), ("Revoke", 1), ("Assign", None)]
         assert pushed[1].run_id == "new" and pushed[2].run.id == "r0"
+        assert seat.verdicts[1].decided.is_set() and not seat.verdicts[1].granted
         assert seat.active == {"r0"} and seat.reserved == 0
         assert pushed_before_commit(dispatcher) == {"confirmed": 0.0, "revoked": 1.0}
         new = await store.get_run("new")

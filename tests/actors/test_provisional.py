@@ -1,14 +1,17 @@
 """A run pushed to its worker before the commit that leases it (``Assign.provisional``):
 its actor runs the workflow's code, but writes nothing and starts no task body until the
-server confirms the lease; a revoke, a lost verdict or a drain let it go with nothing
-written. Also an ordinary assignment revoked before its actor started. In virtual time; the
-worker alone with a stand-in link, then with a server."""
+server confirms the lease, save a task's start sent early (``StartStep.push_id``), which
+the server applies only if it confirms the lease; a revoke, a lost verdict or a drain let it go
+with nothing written. Also an ordinary assignment revoked before its actor started. In
+virtual time; the worker alone with a stand-in link, then with a server."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
@@ -17,9 +20,11 @@ import trio
 
 import aiki
 from aiki import protocol as p
+from aiki.actors.dispatcher import Seat
+from aiki.actors.session import Session
 from aiki.actors.worker import Worker
-from aiki.errors import StoreUnavailable
-from aiki.records import RunRecord
+from aiki.errors import StaleLease, StoreUnavailable
+from aiki.records import Lease, RunRecord
 from aiki.sources import Sources
 from aiki.store import MemoryStore
 from aiki.store.ops import Op
@@ -43,22 +48,34 @@ def pushed_early(epoch: int = 1) -> p.Assign:
     """A fresh run of ``twice`` as an enqueue's claim will lease it to ``w1``."""
     run = RunRecord("r1", "twice", "1", '"x"', "running", None, 1, epoch, "w1", 1e9, None,
                     None, None, 0.0, 0.0, None)
-    return p.Assign(run, (), provisional=True)
+    return p.Assign(run, (), provisional=True, push_id=7)
 
 
 @attrs.define
 class StandInLink:
     """What a Worker's run needs of its Link: the welcome's lease TTL, and requests,
-    written down and answered Ok."""
+    written down and answered Ok; a task start sent early (naming push 7) once the
+    server's verdict is given (``judge``): Ok if granted, else refused as stale."""
 
     welcome: p.Welcome = p.Welcome(1, "srv", 10.0, 1.0)
     sent: list[str] = attrs.field(factory=list)
+    verdict: trio.Event = attrs.field(factory=trio.Event)
+    granted: bool = False
 
     async def request(self, make: Any, timeout: float | None = None) -> Any:
         msg = make(1)
-        self.sent.append(type(msg).__name__)
+        early = getattr(msg, "push_id", 0) == 7
+        self.sent.append(type(msg).__name__ + (" early" if early else ""))
         await trio.lowlevel.checkpoint()
+        if early:
+            await self.verdict.wait()
+            if not self.granted:
+                raise StaleLease("its lease was not committed")
         return p.Ok(1)
+
+    def judge(self, granted: bool) -> None:
+        self.granted = granted
+        self.verdict.set()
 
 
 def lone_worker(record_start_after: float = 0.0) -> Worker:
@@ -97,27 +114,50 @@ def pushed_early_to(w: Worker) -> AbstractAsyncContextManager[tuple[StandInLink,
 
 
 @pytest.mark.parametrize("record_start_after", [0.0, 5.0])
-async def test_a_provisional_run_writes_nothing_and_runs_no_task_until_confirmed(
-    autojump_clock: trio.abc.Clock, record_start_after: float,
+@pytest.mark.parametrize("first", ["confirm", "answer"])
+async def test_a_provisional_run_sends_only_its_task_start_early_and_runs_no_task_until_confirmed(
+    autojump_clock: trio.abc.Clock, record_start_after: float, first: str,
 ) -> None:
-    # Fenced starts (0) and deferred ones (5 s: the body would run before its start is
-    # written): either way, nothing happens under the lease before the Confirm.
+    # Fenced starts (0): the first task's start goes at once, flagged; no body runs before
+    # its answer. Deferred starts (5 s: the body would run before its start is written):
+    # nothing is sent before the Confirm. Either way the lease is not heartbeated or
+    # announced before the server says it committed (its Confirm, or its answer to the
+    # early start, whichever comes first).
     w = lone_worker(record_start_after)
+    fenced = record_start_after == 0
     async with pushed_early_to(w) as (link, _):
         await trio.sleep(1)
         held = w.held["r1"]
         assert held.state is not None  # its workflow's code runs, up to its first task
-        assert link.sent == [] and bodies == Counter()
+        assert link.sent == (["StartStep early"] if fenced else []) and bodies == Counter()
         assert w._committed_leases() == ()  # not heartbeated
         assert w._hello(1).held == ()  # nor announced to a new connection
-        w._on_push(p.Confirm("r1", 1))
+        if first == "confirm" or not fenced:
+            w._on_push(p.Confirm("r1", 1))
+            await trio.sleep(1)
+            assert bodies == Counter() or not fenced  # (the early start's answer first)
+        link.judge(True)
         with trio.fail_after(60):
             while "r1" in w.held:
                 await trio.sleep(1)
     assert bodies == Counter({"x-a": 1, "x-b": 1})
-    if record_start_after == 0:
-        assert link.sent[0] == "StartStep"
+    if fenced:  # (the second start, once the lease is known committed, is not flagged)
+        assert link.sent[:2] == ["StartStep early", "StartStep"]
     assert link.sent[-1] == "CompleteRun"
+
+
+async def test_a_provisional_run_whose_early_start_is_refused_runs_nothing(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    w = lone_worker()
+    async with pushed_early_to(w) as (link, _):
+        await trio.sleep(1)
+        link.judge(False)
+        await trio.sleep(1)
+        assert w.held == {}  # (its Revoke is on its way: the actor ended already)
+        w._on_push(p.Revoke("r1", "its lease was not committed", 1))
+        await trio.sleep(60)
+    assert link.sent == ["StartStep early"] and bodies == Counter()
 
 
 async def test_a_revoked_provisional_run_stops_with_nothing_written(
@@ -130,22 +170,26 @@ async def test_a_revoked_provisional_run_stops_with_nothing_written(
         assert w.held == {}
         await trio.sleep(60)
         w._on_push(p.Confirm("r1", 1))  # (late, or for another: ignored)
+        link.judge(True)  # (a server that would grant it now: the actor asks no more)
         await trio.sleep(60)
-    assert link.sent == [] and bodies == Counter()
+    assert link.sent == ["StartStep early"] and bodies == Counter()
 
 
+@pytest.mark.parametrize("record_start_after", [0.0, 5.0])
 async def test_a_provisional_run_with_no_verdict_gives_up_at_its_lease_deadline(
-    autojump_clock: trio.abc.Clock,
+    autojump_clock: trio.abc.Clock, record_start_after: float,
 ) -> None:
-    # Its Confirm could not be queued (a full outbox): the run's actor waits no longer
-    # than the lease it may have been granted would last unrenewed, less the margin.
-    w, start = lone_worker(), trio.current_time()
+    # Its Confirm could not be queued (a full outbox), nor its early start answered: the
+    # run's actor waits no longer than the lease it may have been granted would last
+    # unrenewed, less the margin.
+    w, start = lone_worker(record_start_after), trio.current_time()
     async with pushed_early_to(w) as (link, _):
         with trio.fail_after(60):
             while "r1" in w.held:
                 await trio.sleep(0.5)
         assert trio.current_time() - start == pytest.approx(9.0, abs=0.6)  # TTL 10, less 10%
-    assert link.sent == [] and bodies == Counter()
+    # (Deferred: the start is written once the body has waited 5 s, early too.)
+    assert link.sent == ["StartStep early"] and bodies == Counter()
 
 
 async def test_the_same_lease_pushed_as_claimed_confirms_a_provisional_run(
@@ -153,7 +197,7 @@ async def test_the_same_lease_pushed_as_claimed_confirms_a_provisional_run(
 ) -> None:
     # The seat had let the run go by the commit, so the Dispatcher pushed the lease it
     # claimed as any claimed run: the worker that holds it provisionally goes on.
-    w = lone_worker()
+    w = lone_worker(record_start_after=5.0)  # (deferred starts: nothing sent early)
     async with pushed_early_to(w) as (link, nursery):
         await trio.sleep(1)
         assert not w.held["r1"].confirmed.is_set() and link.sent == []
@@ -164,7 +208,7 @@ async def test_the_same_lease_pushed_as_claimed_confirms_a_provisional_run(
         with trio.fail_after(60):
             while "r1" in w.held:
                 await trio.sleep(1)
-        assert link.sent[0] == "StartStep" and link.sent[-1] == "CompleteRun"
+        assert bodies == Counter({"x-a": 1, "x-b": 1}) and link.sent[-1] == "CompleteRun"
         w._on_push(pushed_early(2))  # a newer lease, provisionally
         assert w.held["r1"].lease.epoch == 2 and not w.held["r1"].confirmed.is_set()
 
@@ -208,6 +252,7 @@ class HoldsTheEnqueuesClaim(MemoryStore):
         self.batches: list[list[str]] = []
         self.hold: trio.Event | None = None
         self.fail = False
+        self.fail_after_commit = False
         self.held_one = trio.Event()
 
     async def apply(self, ops: Sequence[Op[Any]]) -> list[Any]:
@@ -219,7 +264,11 @@ class HoldsTheEnqueuesClaim(MemoryStore):
             if self.fail:
                 self.fail = False
                 raise StoreUnavailable("simulated: the database went away before the commit")
-        return await super().apply(ops)
+        outcomes = await super().apply(ops)
+        if names == ["Enqueue", "Claim"] and self.fail_after_commit:
+            self.fail_after_commit = False
+            raise StoreUnavailable("simulated: the database went away after the commit")
+        return outcomes
 
 
 async def test_a_run_pushed_before_a_commit_that_failed_is_stopped_and_its_slot_reused(
@@ -258,6 +307,42 @@ async def test_a_run_pushed_before_a_commit_that_failed_is_stopped_and_its_slot_
     first, second = [i for i, batch in enumerate(store.batches) if "Enqueue" in batch]
     assert store.batches[first] == store.batches[second] == ["Enqueue", "Claim"]
     assert all(set(batch) <= {"Claim"} for batch in store.batches[first + 1:second])
+
+
+async def enqueue_told_it_failed(client: Any, name: str) -> None:
+    with pytest.raises(StoreUnavailable):
+        await twice.enqueue(client, name)
+
+
+async def test_an_early_start_under_a_lease_whose_commit_went_unheard_is_refused(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The enqueue's batch commits, but the server hears it fail (the database went away
+    # after the COMMIT): it revokes the lease it pushed early, and refuses the task start
+    # the worker sent under it, though the store holds that lease. The lease expires; the
+    # run is claimed again, and its tasks start under the new lease only.
+    caplog.set_level(logging.INFO, "aiki.session")
+    bodies.clear()
+    store = HoldsTheEnqueuesClaim()
+    store.hold, store.fail_after_commit = trio.Event(), True
+    async with cluster(store, lease_ttl=4) as (server, transport, client):
+        async with running(Worker(transport, "srv", [twice], "w1", Sources.seeded(5))) as w:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(enqueue_told_it_failed, client, "unheard")
+                await store.held_one.wait()
+                await trio.sleep(0.1)  # (the early start waits at the server)
+                [run_id] = w.held
+                assert not w.held[run_id].confirmed.is_set()
+                store.hold.set()
+            handle = client.handle(run_id)
+            assert await handle.wait_for_completion(timeout=60) == ["unheard-a", "unheard-b"]
+        history = await handle.history()
+    assert bodies == Counter({"unheard-a": 1, "unheard-b": 1})
+    assert any("before its commit (push 1), was not committed" in r.getMessage()
+               for r in caplog.records)  # (the early start, refused)
+    again = next(i for i, e in enumerate(history)
+                 if e.event == "run.running" and e.detail == "lease epoch 2")
+    assert min(i for i, e in enumerate(history) if e.event.startswith("task.")) > again
 
 
 async def test_a_lease_granted_while_its_verdict_was_lost_expires_and_the_run_goes_on(
@@ -302,7 +387,7 @@ async def test_only_a_store_whose_commits_run_off_the_loop_has_runs_pushed_befor
 
 def assigned(epoch: int = 1) -> p.Assign:
     """``pushed_early(epoch)``, pushed as any claimed run (after its commit)."""
-    return attrs.evolve(pushed_early(epoch), provisional=False)
+    return attrs.evolve(pushed_early(epoch), provisional=False, push_id=0)
 
 
 @pytest.mark.parametrize("revoked_epoch", [1, None])
@@ -330,3 +415,51 @@ async def test_a_revoke_of_an_older_lease_leaves_a_newer_assignment_on_its_way(
                 await trio.sleep(1)
     assert link.sent[0] == "StartStep" and link.sent[-1] == "CompleteRun"
     assert w._unstarted == {}
+
+
+async def test_a_task_start_sent_early_is_judged_by_the_push_it_names(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # A first push of r1's lease 1 is revoked (its claim's commit failed); the client's
+    # retry pushes the same lease again and it commits. A start from the first push's
+    # actor, however late, is refused; one from the second's waits for its verdict and is
+    # accepted; one naming another run's push, or a push forgotten, is refused.
+    seat = Seat(1, "w1", (("twice", "1"),), 1, lambda msg: True)
+    session: Any = SimpleNamespace(seat=seat, ctx=SimpleNamespace(lease_ttl=10.0))
+    lease = Lease("r1", 1, "w1")
+    seat.pushed_early(1, "r1", 1, keep=20.0)
+    seat.judge("r1", 1, False)
+    seat.pushed_early(2, "r1", 1, keep=20.0)
+    accepted: list[float] = []
+
+    async def start(push_id: int) -> None:
+        await Session._granted(session, lease, push_id)
+        accepted.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(start, 2)
+        await trio.sleep(1)
+        assert accepted == []  # (undecided: it waits)
+        seat.judge("r1", 1, True)
+    assert accepted == [1.0]
+    for push_id in (1, 3):  # revoked; never made
+        with pytest.raises(StaleLease):
+            await Session._granted(session, lease, push_id)
+    with pytest.raises(StaleLease):  # (push 2 was r1's)
+        await Session._granted(session, Lease("r2", 1, "w1"), 2)
+    await trio.sleep(25)
+    seat.pushed_early(3, "r3", 1, keep=20.0)  # (forgets the verdicts older than 20 s)
+    assert list(seat.verdicts) == [3]
+    with pytest.raises(StaleLease):
+        await Session._granted(session, lease, 2)
+
+
+async def test_an_undecided_early_start_is_refused_after_a_lease(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    seat = Seat(1, "w1", (("twice", "1"),), 1, lambda msg: True)
+    session: Any = SimpleNamespace(seat=seat, ctx=SimpleNamespace(lease_ttl=10.0))
+    seat.pushed_early(1, "r1", 1, keep=20.0)
+    with pytest.raises(StaleLease, match="has no verdict"):
+        await Session._granted(session, Lease("r1", 1, "w1"), 1)
+    assert trio.current_time() == 10.0

@@ -1027,27 +1027,54 @@ def test_a_slot_a_full_claim_left_free_is_claimed_for_again_at_once(
 
 
 def provisional_run_not_held_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A run pushed to its worker before its lease's commit writes at once, as any run:
-    # the first form of the early push (seed 10741 of a sweep found two actors of one
-    # worker writing under one lease with it).
-    from aiki.actors import worker
+    # A run pushed to its worker before its lease's commit writes at once, as any run, its
+    # writes not flagged early: the first form of the early push (seed 10741 of a sweep
+    # found two actors of one worker writing under one lease with it).
+    from aiki.actors.worker import Worker
 
-    monkeypatch.setattr(worker, "_after",
-                        lambda committed, link, held, request, run_task: (request, run_task))
+    monkeypatch.setattr(Worker, "_after_committed",
+                        lambda self, link, held, run_task: (link.request, run_task))
 
 
 def test_a_run_pushed_before_its_commit_writes_nothing_until_confirmed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The network's monitor of provisional leases (``SimNetwork.worker_says``): a worker's
-    actor that does not wait for its Confirm sends its first task start before it. Seed 8
-    is the first of 0-9 at 20 minutes to catch it: a store's commit takes no virtual time
-    unless slowed, and the Confirm then comes right behind the Assign. (Before seed 33's
-    change to the network, 22 of seeds 0-29 did: a Confirm due at the Assign's instant
-    often overtook it.)"""
-    caught_at_20_minutes(monkeypatch, 8, provisional_run_not_held_back,
+    actor that does not wait for its Confirm sends its first task start before it, not
+    naming the push. Seeds 0, 1, 2, 5 and 6 of 0-9 at 20 minutes catch it, since the
+    store's lag (a batch that takes about a round trip); seed 8 did before, alone of 0-9:
+    a store's commit took no virtual time unless slowed, and the Confirm then came right
+    behind the Assign. (Before seed 33's change to the network, 22 of seeds 0-29 did: a
+    Confirm due at the Assign's instant often overtook it.)"""
+    caught_at_20_minutes(monkeypatch, 0, provisional_run_not_held_back,
                          "pushed to it provisionally, before it heard the lease was committed",
                          as_found=False)
+
+
+def early_start_applied_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A session applies a task start sent early under a provisional push at once, without
+    # waiting for its verdict on that push.
+    from aiki.actors.session import Session
+
+    async def at_once(self: Session, lease: Any, push_id: int) -> None:
+        await trio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(Session, "_granted", at_once)
+
+
+def test_a_task_start_sent_early_is_applied_only_under_a_push_confirmed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wire monitor's other half (``SimConnection._judged``): a server that applies a
+    task start sent early at once accepts one under a push it revoked. In seed 241 the
+    enqueue's first commit leased the run to w2 but its answer was lost (revoked); the
+    client sent the enqueue again, which found the run and claimed nothing, so its push of
+    the same lease was revoked too, and the three starts sent early under it went into the
+    lease the first commit granted. Seeds 231, 241 and 242 of 100-299 at 20 minutes catch
+    it, with the store's lag (a batch that takes a round trip, so that the starts arrive
+    while the claim commits); none of 0-99 at 10 minutes does."""
+    caught_at_20_minutes(monkeypatch, 241, early_start_applied_at_once,
+                         "that push was revoked first on this connection", as_found=False)
 
 
 def early_revoke_not_sent(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1074,12 +1101,13 @@ def test_a_seat_and_its_worker_agree_on_the_runs_it_holds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The slot monitor (``simulations.slots``): a worker that holds a run its seat let go,
-    with no fault to excuse it, past a heartbeat's answer. Seeds 14 and 58 of 0-59 at 20
-    minutes catch the Dispatcher that does not revoke a failed early push (the wire monitor
-    does not: the worker writes nothing under that lease); rarely, as most seeds' network
-    faults excuse much (a push out of its order excuses a request's timeout)."""
-    caught_at_20_minutes(monkeypatch, 14, early_revoke_not_sent,
-                         "after its seat on s2 let it go, with no fault to excuse it",
+    with no fault to excuse it, past a heartbeat's answer. Seeds 10, 35 and 79 of 0-99 at
+    20 minutes catch the Dispatcher that does not revoke a failed early push (the wire
+    monitor does not: the worker writes nothing under that lease, or a start refused);
+    rarely, as most seeds' network faults excuse much (a push out of its order excuses a
+    request's timeout). (Seeds 14 and 58 of 0-59 did before the store's lag.)"""
+    caught_at_20_minutes(monkeypatch, 10, early_revoke_not_sent,
+                         "after its seat on s3 let it go, with no fault to excuse it",
                          as_found=False)
 
 
@@ -1446,3 +1474,51 @@ async def worker_connected(net: Any, nursery: trio.Nursery) -> Any:
     net.nursery = nursery
     await nursery.start(net.transport("s1").serve, "s1", handler)
     return await net.transport("w1").connect("s1")
+
+
+def test_the_wire_monitor_judges_a_task_start_sent_early_by_the_push_it_names() -> None:
+    """``SimConnection._judged``: the server pushes run-1's lease 1 provisionally, revokes
+    it (its claim's commit failed), pushes the same lease again (the client's retried
+    enqueue of its run id) and confirms it. Its acceptance of a start sent early under the
+    second push is fine, and the worker may write on under the lease once it reads it; one
+    under the first push, or under a push never judged, is a violation."""
+    import random
+
+    from aiki import protocol
+    from aiki.records import Lease, RunRecord, StepRecord
+    from simulations.network import SimNetwork
+
+    run = RunRecord("run-1", "wf", "1", "null", "running", None, 1, 1, "w1", 1e9, None, None,
+                    None, 0.0, 0.0, None)
+    lease = Lease("run-1", 1, "w1")
+    step = StepRecord("0", "task", "t", "h", "null", None, "running", 1, None)
+
+    async def main() -> SimNetwork:
+        net = SimNetwork(random.Random(1), [])
+        net.workers = {"w1"}
+        async with trio.open_nursery() as nursery:
+            conn = await worker_connected(net, nursery)
+            server = conn.other
+            assert server is not None
+            server.try_send(protocol.Assign(run, (), provisional=True, push_id=1))
+            server.try_send(protocol.Revoke("run-1", "its lease was not committed", 1))
+            server.try_send(protocol.Assign(run, (), provisional=True, push_id=2))
+            for req, push_id in ((5, 1), (6, 2), (7, 3)):
+                conn.try_send(protocol.StartStep(req, lease, step, push_id=push_id))
+            server.try_send(protocol.Confirm("run-1", 1))
+            for req in (6, 5, 7):  # (the second push's first)
+                server.try_send(protocol.Ok(req))
+            for _ in range(7):
+                await conn.receive()
+            judged = list(net.violations)
+            # (The worker read push 2's start accepted: it may write on under the lease.)
+            conn.try_send(protocol.SaveStep(8, lease, step))
+            assert net.violations == judged
+            nursery.cancel_scope.cancel()
+        return net
+
+    net = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert [v.split("; ")[1] for v in net.violations] == [
+        "that push was revoked first on this connection",
+        "that push was not judged on this connection"]
+    assert net.sometimes["task start sent early, accepted"] == 3
