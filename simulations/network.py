@@ -125,11 +125,12 @@ class SimConnection:
         if isinstance(msg, protocol.Assign) and msg.provisional:
             session.latest_push[(msg.run.id, msg.run.lease_epoch)] = msg.push_id
         elif isinstance(msg, (protocol.Confirm, protocol.Revoke)):
-            push_id = session.latest_push.get((msg.run_id, msg.epoch or 0))
-            if push_id is not None:
-                session.verdicts.setdefault(push_id, isinstance(msg, protocol.Confirm))
+            for (run_id, epoch), push_id in session.latest_push.items():
+                # (A Revoke of no epoch, a cancel's: every lease of the run.)
+                if run_id == msg.run_id and msg.epoch in (epoch, None):
+                    session.verdicts.setdefault(push_id, isinstance(msg, protocol.Confirm))
         elif getattr(msg, "req", None) in session.early_asked:
-            run_id, epoch, push_id = session.early_asked.pop(msg.req)
+            run_id, epoch, push_id = session.early_asked[msg.req]
             refused = isinstance(msg, protocol.Refused)
             self.net.sometimes["task start sent early, "
                                + ("refused" if refused else "accepted")] += 1
@@ -204,12 +205,10 @@ class Session:
     closed_at: float | None = None
     revokes: list[tuple[float, str, int | None]] = attrs.field(factory=list)
     asked: dict[int, str] = attrs.field(factory=dict)  # a write's req -> its lease's run
-    # A task start the worker sent early (``StartStep.early``): its req -> (run, epoch);
-    # and the server's first verdict on each provisional lease (True: confirmed).
-    # A task start the worker sent early: its req -> (run, epoch, push id), until its
-    # answer is sent (``early_asked``), and read (``early_sent``). The server's last
-    # provisional push of each (run, epoch), and its first verdict on each push (True:
-    # confirmed).
+    # A task start the worker sent early: its req -> (run, epoch, push id), for its
+    # answers (twice, if duplicated: ``early_asked``) and until its answer is read
+    # (``early_sent``). The server's last provisional push of each (run, epoch), and its
+    # first verdict on each push (True: confirmed).
     early_asked: dict[int, tuple[str, int, int]] = attrs.field(factory=dict)
     early_sent: dict[int, tuple[str, int, int]] = attrs.field(factory=dict)
     latest_push: dict[tuple[str, int], int] = attrs.field(factory=dict)

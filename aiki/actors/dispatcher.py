@@ -471,7 +471,8 @@ class Dispatcher:
                 seat.let_go(early.id)
                 self.sources.metrics.inc(PUSHED_BEFORE_COMMIT, ("revoked",))
             # (Granted to a seat that let the run go meanwhile: pushed as any claimed run,
-            # and a start the provisional actor sent early refused.)
+            # a start the provisional actor sent early refused, and its worker replaces
+            # that actor with the Assign's.)
             seat.judge(early.id, early.lease_epoch, confirmed)
         undelivered = self._place(seat, claimed)
         if undelivered:

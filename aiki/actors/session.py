@@ -121,7 +121,8 @@ MAX_CHILD_ID = 1024
 # handed over it commits whatever becomes of the asker, and nothing follows it here. Asked
 # over an in-process connection, they are answered without a shield against the asker's
 # cancellation (see MemoryConnection.answer_directly): a task's start and its outcomes.
-# (Not a run's end, a wait or a release: the seat is told after the write.)
+# (Not a run's end, a wait or a release: the seat is told after the write. A start sent
+# early waits for its push's verdict first: cancelled then, nothing was handed over.)
 _LEFT_AT_THE_WRITER: frozenset[type] = frozenset({p.StartStep, p.SaveStep})
 
 
@@ -641,6 +642,7 @@ class Session:
             self._check_owner(msg.lease)
             if isinstance(msg, p.StartStep) and msg.push_id:
                 await self._granted(msg.lease, msg.push_id)
+                now = ctx.sources.clock.now()  # (the lease it renews runs from its write)
             # A start renews the lease: the worker checks, before the task body, that the
             # lease still holds from when it sent the start (see RunState._may_start).
             step_op: ops.Op[bool] = (ops.StartStep(msg.lease, msg.step, now, ctx.lease_ttl)
@@ -730,8 +732,9 @@ class Session:
             with trio.move_on_after(self.ctx.lease_ttl):
                 await verdict.decided.wait()
         if verdict is None or not verdict.granted:
-            why = ("was not committed" if verdict is not None and verdict.decided.is_set()
-                   else "has no verdict here")
+            why = ("has no verdict here" if verdict is None
+                   else "was not confirmed" if verdict.decided.is_set()
+                   else "was not judged in time")
             raise StaleLease(f"run {lease.run_id}: its lease of epoch {lease.epoch}, pushed "
                              f"to worker {lease.worker_id!r} before its commit (push "
                              f"{push_id}), {why}")

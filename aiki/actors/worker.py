@@ -311,11 +311,17 @@ class Worker:
             return
         held = self.held.get(lease.run_id)
         if held is not None:
-            if held.lease.epoch >= lease.epoch:
-                if held.lease.epoch == lease.epoch:
-                    held.confirmed.set()  # (a provisional one, pushed as any claimed run)
-                return  # a duplicated (or late) assignment: already running
-            held.cancel()  # a newer lease replaces the old actor
+            if held.lease.epoch > lease.epoch:
+                return  # a late assignment
+            if held.lease.epoch == lease.epoch and (held.confirmed.is_set()
+                                                    or not held.push_id):
+                held.confirmed.set()  # (a provisional one, pushed as any claimed run)
+                return  # a duplicated assignment: already running
+            # A newer lease replaces the old actor; so does the lease of a provisional push,
+            # not yet confirmed, pushed again as any claimed run: its seat had let the push
+            # go, and refuses the start its actor may have sent early (nothing else it
+            # sends, nor its task bodies, would go before the lease is confirmed).
+            held.cancel()
         self.held[lease.run_id] = held = Held(lease, trio.CancelScope())
         self._count_slots()
         nursery.start_soon(self._run_one, link, assign, held)
@@ -367,15 +373,17 @@ class Worker:
         and runs no task body before its lease is known committed (:meth:`_committed`).
         But a task's start goes at once, naming the push (``StartStep.push_id``): the
         server holds it until its verdict on that push, so the start's trip overlaps the
-        commit and the Confirm's. Accepted, it proves the lease committed; refused (not
-        committed), the actor ends as under any stale lease; unanswered by the lease's
-        local deadline, it gives up."""
+        commit and the Confirm's. Accepted, it proves the lease committed; refused (the
+        push not confirmed), the actor ends as under any stale lease; unanswered by the
+        lease's local deadline, it gives up. Never sent again on a new connection: no
+        session but the push's can grant it."""
 
         async def request(make: Callable[[int], Any]) -> Any:
             if (not held.confirmed.is_set() and held.push_id
                     and isinstance(make(0), p.StartStep)):
                 with trio.move_on_at(self._lease_deadline(link, held)):
-                    answer = await link.request(partial(_early, make, held.push_id))
+                    answer = await link.request(partial(_early, make, held.push_id),
+                                                retry=False)
                     held.confirmed.set()
                     return answer
                 raise Abandon(f"run {held.lease.run_id}: the task start sent early under "

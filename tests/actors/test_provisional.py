@@ -62,10 +62,12 @@ class StandInLink:
     verdict: trio.Event = attrs.field(factory=trio.Event)
     granted: bool = False
 
-    async def request(self, make: Any, timeout: float | None = None) -> Any:
+    async def request(self, make: Any, timeout: float | None = None, *,
+                      retry: bool = True) -> Any:
         msg = make(1)
         early = getattr(msg, "push_id", 0) == 7
         self.sent.append(type(msg).__name__ + (" early" if early else ""))
+        assert retry is not early  # (sent early: never again on a new connection)
         await trio.lowlevel.checkpoint()
         if early:
             await self.verdict.wait()
@@ -192,25 +194,37 @@ async def test_a_provisional_run_with_no_verdict_gives_up_at_its_lease_deadline(
     assert link.sent == ["StartStep early"] and bodies == Counter()
 
 
-async def test_the_same_lease_pushed_as_claimed_confirms_a_provisional_run(
-    autojump_clock: trio.abc.Clock,
+@pytest.mark.parametrize("record_start_after", [0.0, 5.0])
+async def test_the_same_lease_pushed_as_claimed_replaces_a_provisional_run(
+    autojump_clock: trio.abc.Clock, record_start_after: float,
 ) -> None:
     # The seat had let the run go by the commit, so the Dispatcher pushed the lease it
-    # claimed as any claimed run: the worker that holds it provisionally goes on.
-    w = lone_worker(record_start_after=5.0)  # (deferred starts: nothing sent early)
+    # claimed as any claimed run, and refuses what the provisional push's actor sends: the
+    # worker replaces that actor with a new one, which runs the run once.
+    w = lone_worker(record_start_after)
     async with pushed_early_to(w) as (link, nursery):
         await trio.sleep(1)
-        assert not w.held["r1"].confirmed.is_set() and link.sent == []
+        first = w.held["r1"]
+        assert not first.confirmed.is_set()
         w._on_push(p.Assign(pushed_early().run, ()))
         await start_taken(nursery, w, link)
+        assert w.held["r1"] is not first and first.scope.cancel_called
         assert w.held["r1"].confirmed.is_set()
         assert w._committed_leases() == (w.held["r1"].lease,)
         with trio.fail_after(60):
             while "r1" in w.held:
                 await trio.sleep(1)
         assert bodies == Counter({"x-a": 1, "x-b": 1}) and link.sent[-1] == "CompleteRun"
+        # (The first actor's start, sent early, was never answered: cut off.)
+        assert link.sent.count("StartStep early") == (1 if record_start_after == 0 else 0)
         w._on_push(pushed_early(2))  # a newer lease, provisionally
         assert w.held["r1"].lease.epoch == 2 and not w.held["r1"].confirmed.is_set()
+        w._on_push(assigned(2))  # (again, as any claimed run: replaced)
+        await start_taken(nursery, w, link)
+        assert w.held["r1"].confirmed.is_set()
+        w._on_push(assigned(2))  # a duplicate of that: ignored
+        await start_taken(nursery, w, link)
+        assert len(w.held) == 1
 
 
 @pytest.mark.parametrize("verdict", ["confirm", "revoke"])
@@ -338,7 +352,7 @@ async def test_an_early_start_under_a_lease_whose_commit_went_unheard_is_refused
             assert await handle.wait_for_completion(timeout=60) == ["unheard-a", "unheard-b"]
         history = await handle.history()
     assert bodies == Counter({"unheard-a": 1, "unheard-b": 1})
-    assert any("before its commit (push 1), was not committed" in r.getMessage()
+    assert any("before its commit (push 1), was not confirmed" in r.getMessage()
                for r in caplog.records)  # (the early start, refused)
     again = next(i for i, e in enumerate(history)
                  if e.event == "run.running" and e.detail == "lease epoch 2")
@@ -460,6 +474,6 @@ async def test_an_undecided_early_start_is_refused_after_a_lease(
     seat = Seat(1, "w1", (("twice", "1"),), 1, lambda msg: True)
     session: Any = SimpleNamespace(seat=seat, ctx=SimpleNamespace(lease_ttl=10.0))
     seat.pushed_early(1, "r1", 1, keep=20.0)
-    with pytest.raises(StaleLease, match="has no verdict"):
+    with pytest.raises(StaleLease, match="was not judged in time"):
         await Session._granted(session, Lease("r1", 1, "w1"), 1)
     assert trio.current_time() == 10.0
