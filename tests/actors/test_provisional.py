@@ -148,31 +148,28 @@ async def test_a_provisional_run_sends_only_its_task_start_early_and_runs_no_tas
     assert link.sent[-1] == "CompleteRun"
 
 
-async def test_a_provisional_run_whose_early_start_is_refused_runs_nothing(
-    autojump_clock: trio.abc.Clock,
+@pytest.mark.parametrize("first", ["refusal", "revoke"])
+async def test_a_provisional_run_refused_or_revoked_runs_nothing(
+    autojump_clock: trio.abc.Clock, first: str,
 ) -> None:
+    # Its early start refused, or its push revoked (both come, in either order): the actor
+    # ends having run nothing, and a late Confirm, or a server that would grant the start
+    # after all, changes nothing.
     w = lone_worker()
+    revoke = p.Revoke("r1", "its lease was not committed", 1)
     async with pushed_early_to(w) as (link, _):
         await trio.sleep(1)
-        link.judge(False)
+        if first == "refusal":
+            link.judge(False)
+        else:
+            w._on_push(revoke)
         await trio.sleep(1)
-        assert w.held == {}  # (its Revoke is on its way: the actor ended already)
-        w._on_push(p.Revoke("r1", "its lease was not committed", 1))
-        await trio.sleep(60)
-    assert link.sent == ["StartStep early"] and bodies == Counter()
-
-
-async def test_a_revoked_provisional_run_stops_with_nothing_written(
-    autojump_clock: trio.abc.Clock,
-) -> None:
-    w = lone_worker()
-    async with pushed_early_to(w) as (link, _):
-        await trio.sleep(1)
-        w._on_push(p.Revoke("r1", "its lease was not committed", 1))
         assert w.held == {}
-        await trio.sleep(60)
-        w._on_push(p.Confirm("r1", 1))  # (late, or for another: ignored)
-        link.judge(True)  # (a server that would grant it now: the actor asks no more)
+        if first == "refusal":
+            w._on_push(revoke)
+        else:
+            w._on_push(p.Confirm("r1", 1))  # (late, or for another: ignored)
+            link.judge(True)  # (the actor asks no more)
         await trio.sleep(60)
     assert link.sent == ["StartStep early"] and bodies == Counter()
 
