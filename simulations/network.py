@@ -288,9 +288,9 @@ class SimNetwork:
         lease = getattr(msg, "lease", None)
         leases = [lease] if lease is not None else [
             *getattr(msg, "leases", ()), *getattr(msg, "held", ())]
-        confirmed = self.confirmed.get(worker, set())
         if isinstance(msg, protocol.StartStep) and msg.push_id:
             return  # (sent early: its server holds it for its verdict, see _judged)
+        confirmed = self.confirmed.get(worker, set())
         for lease in leases:
             key = (lease.run_id, lease.epoch)
             if key in early and key not in confirmed:

@@ -91,10 +91,8 @@ class Seat:
     # Slots promised to claims committing with an enqueue (see Dispatcher.reserve).
     reserved: int = 0
     # Each provisional push's id -> its verdict, oldest first: kept a while after it is
-    # decided, for the task starts sent early under it still on their way. And the ids of
-    # the undecided ones by (run id, epoch).
+    # decided, for the task starts sent early under it still on their way.
     verdicts: dict[int, Verdict] = attrs.field(factory=dict)
-    undecided: dict[tuple[str, int], int] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         # The runs its worker holds as it joins (a reconnection's hello) count as assigned
@@ -121,18 +119,19 @@ class Seat:
             oldest = next(iter(verdicts))
             if verdicts[oldest].at > now - keep:
                 break
-            gone = verdicts.pop(oldest)
-            if self.undecided.get((gone.run_id, gone.epoch)) == oldest:
-                del self.undecided[(gone.run_id, gone.epoch)]
+            del verdicts[oldest]
         verdicts[push_id] = Verdict(run_id, epoch, now)
-        self.undecided[(run_id, epoch)] = push_id
 
     def judge(self, run_id: str, epoch: int, granted: bool) -> None:
-        """The verdict on the provisional push of ``run_id`` under ``epoch``."""
-        verdict = self.verdicts.get(self.undecided.pop((run_id, epoch), 0))
-        if verdict is not None and not verdict.decided.is_set():
-            verdict.granted = granted
-            verdict.decided.set()
+        """The verdict on the provisional push of ``run_id`` under ``epoch`` (at most one
+        is undecided: a seat is pushed early only with no run active and the writer idle,
+        so each claim's verdict comes before the next push)."""
+        for verdict in reversed(self.verdicts.values()):
+            if (verdict.run_id, verdict.epoch) == (run_id, epoch):
+                if not verdict.decided.is_set():
+                    verdict.granted = granted
+                    verdict.decided.set()
+                return
 
     def let_go(self, run_id: str) -> None:
         """Its worker no longer holds ``run_id``: the slot is free."""
