@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -121,10 +122,16 @@ class SimConnection:
     def _judged(self, session: Session, msg: Any) -> None:
         """A server's provisional pushes, its verdict on each, the first it sends of a
         Confirm (the lease committed) and a Revoke (not) of the push's lease, and its
-        answers to task starts sent early: one it accepts must name a push it confirmed."""
+        answers to task starts sent early: one it accepts must name a push it confirmed.
+        A Confirm, and an Assign not provisional, must name a lease the store committed
+        to this worker (the ledger's ``leases``)."""
         if isinstance(msg, protocol.Assign) and msg.provisional:
             session.latest_push[(msg.run.id, msg.run.lease_epoch)] = msg.push_id
-        elif isinstance(msg, (protocol.Confirm, protocol.Revoke)):
+        elif isinstance(msg, protocol.Assign):
+            self._committed(session, msg.run.id, msg.run.lease_epoch, "pushed")
+        if isinstance(msg, protocol.Confirm):
+            self._committed(session, msg.run_id, msg.epoch, "confirmed")
+        if isinstance(msg, (protocol.Confirm, protocol.Revoke)):
             for (run_id, epoch), push_id in session.latest_push.items():
                 # (A Revoke of no epoch, a cancel's: every lease of the run.)
                 if run_id == msg.run_id and msg.epoch in (epoch, None):
@@ -142,6 +149,20 @@ class SimConnection:
                     f"{session.worker} sent early under push {push_id} of lease epoch "
                     f"{epoch} at t={trio.current_time():.3f}; that push was {said[verdict]} "
                     "on this connection")
+
+    def _committed(self, session: Session, run_id: str, epoch: int, what: str) -> None:
+        """A server says a lease was committed to its worker: the ledger must say so too
+        (a Confirm of a claim that did not commit that lease would otherwise be caught,
+        if at all, only by what its worker then wrote)."""
+        if self.net.granted is None:
+            return
+        granted = self.net.granted(run_id, epoch)
+        if granted != session.worker_id:
+            self.net.violations.append(
+                f"run {run_id}: server {session.server} {what} lease epoch {epoch} to "
+                f"worker {session.worker_id} at t={trio.current_time():.3f}; the store "
+                + ("never committed that lease" if granted is None
+                   else f"committed it to {granted}"))
 
     async def receive(self) -> Any:
         if self.closed:
@@ -244,6 +265,9 @@ class SimNetwork:
     provisional: dict[str, set[tuple[str, int]]] = attrs.field(factory=dict)
     confirmed: dict[str, set[tuple[str, int]]] = attrs.field(factory=dict)
     violations: list[str] = attrs.field(factory=list)  # the protocol's, seen on the wire
+    # (run id, epoch) -> the worker the store committed that lease to, None if it never
+    # did: the ledger's, set by the world (unset: pushes are not checked against it).
+    granted: Callable[[str, int], str | None] | None = None
     sometimes: Counter[str] = attrs.field(factory=Counter)
     # A pair of nodes (sorted) -> until when a fault of the network touched what one of its
     # connections carried (a message held, duplicated, delayed, reordered), and when one

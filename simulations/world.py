@@ -207,6 +207,7 @@ class World:
                     delay=0.005 * k)
         self.net = SimNetwork(random.Random(f"{seed}:network"), self.trace, faults["down"],
                               faults["up"])
+        self.net.granted = self._granted
         store_faults = StoreFaults()
         if self.swarm["store"]:
             k = self.swarm["store"]
@@ -239,6 +240,11 @@ class World:
         # Half the seeds run the last worker inside the first server's process.
         if self.cfg.workers >= 2 and random.Random(f"{seed}:embedded").random() < 0.5:
             self.embedded[self.worker_names[-1]] = self.server_names[0]
+
+    def _granted(self, run_id: str, epoch: int) -> str | None:
+        """The worker the store committed lease ``epoch`` of ``run_id`` to (the ledger)."""
+        granted = self.ledger.leases.get((run_id, epoch))
+        return None if granted is None else granted[1]
 
     def _holding(self, worker_id: str | None, run_id: str, epoch: int) -> bool:
         worker = self.workers.get(self.worker_of.get(worker_id or "", ""))

@@ -1111,6 +1111,41 @@ def test_a_seat_and_its_worker_agree_on_the_runs_it_holds(
                          as_found=False)
 
 
+def every_held_push_confirmed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Dispatcher confirms a provisional push its seat still holds whatever the claim
+    # committed: a claim that leased another run, or failed, or whose fate is unknown.
+    from aiki.actors import dispatcher
+    from aiki.protocol import Confirm
+
+    claimed = dispatcher.Dispatcher.claimed
+
+    def confirming(self: Any, seat: Any, got: Any, early: Any = None) -> None:
+        if early is None or not seat.holds(early.id, early.lease_epoch) or any(
+                not c.steps and dispatcher._as_run(c.run) == dispatcher._as_run(early)
+                for c in got):
+            return claimed(self, seat, got, early)
+        seat.push(Confirm(early.id, early.lease_epoch))
+        seat.judge(early.id, early.lease_epoch, True)
+        undelivered = self._place(seat, got)
+        self.undelivered += [(seat, run) for run in undelivered]
+        self.poke()
+
+    monkeypatch.setattr(dispatcher.Dispatcher, "claimed", confirming)
+
+
+def test_a_server_confirms_only_a_lease_the_store_committed_to_that_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wire monitor checks a Confirm, and an Assign not provisional, against the
+    ledger's leases (``SimConnection._committed``). Without that check, a Dispatcher that
+    confirms every push its seat holds passed seeds 0, 2, 3 and 4 at 10 minutes: the
+    store refuses the worker's writes under a lease it never granted, and the actor gives
+    the run up. With it, those seeds catch it (seed 3 also a lease the store committed to
+    another worker), and seeds 2 and 4 at 20 minutes."""
+    caught_at_20_minutes(monkeypatch, 4, every_held_push_confirmed,
+                         "the store never committed that lease", as_found=False)
+
+
 def caught_at_20_minutes(
     monkeypatch: pytest.MonkeyPatch, seed: int,
     bad_change: Callable[[pytest.MonkeyPatch], None], expected: str, *,
@@ -1522,3 +1557,45 @@ def test_the_wire_monitor_judges_a_task_start_sent_early_by_the_push_it_names() 
         "that push was revoked first on this connection",
         "that push was not judged on this connection"]
     assert net.sometimes["task start sent early, accepted"] == 3
+
+
+def test_the_wire_monitor_checks_a_lease_said_committed_against_the_ledger() -> None:
+    """``SimConnection._committed``: a Confirm, or an Assign not provisional, must name a
+    lease the store committed to the worker the connection's Hello named. A provisional
+    Assign says nothing of a commit: it is not checked."""
+    import random
+
+    from aiki import protocol
+    from aiki.records import RunRecord
+    from simulations.network import SimNetwork
+
+    def run(run_id: str) -> RunRecord:
+        return RunRecord(run_id, "wf", "1", "null", "running", None, 1, 1, "w1.1", 1e9, None,
+                         None, None, 0.0, 0.0, None)
+
+    committed = {("run-1", 1): "w1.1", ("run-2", 1): "w9.1", ("run-4", 1): "w1.1"}
+
+    async def main() -> SimNetwork:
+        net = SimNetwork(random.Random(1), [])
+        net.workers = {"w1"}
+        net.granted = lambda run_id, epoch: committed.get((run_id, epoch))
+        async with trio.open_nursery() as nursery:
+            conn = await worker_connected(net, nursery)
+            server = conn.other
+            assert server is not None
+            conn.try_send(protocol.Hello(1, "worker", "w1.1"))
+            server.try_send(protocol.Assign(run("run-3"), (), provisional=True, push_id=1))
+            server.try_send(protocol.Confirm("run-1", 1))
+            server.try_send(protocol.Confirm("run-3", 1))
+            server.try_send(protocol.Assign(run("run-2"), ()))
+            server.try_send(protocol.Assign(run("run-4"), ()))
+            nursery.cancel_scope.cancel()
+        return net
+
+    net = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert [v.split("; ")[1] for v in net.violations] == [
+        "the store never committed that lease", "the store committed it to w9.1"]
+    assert net.violations[0].startswith(
+        "run run-3: server s1 confirmed lease epoch 1 to worker w1.1")
+    assert net.violations[1].startswith(
+        "run run-2: server s1 pushed lease epoch 1 to worker w1.1")
