@@ -81,6 +81,9 @@ RUN_TRANSITIONS: frozenset[tuple[str | None, str]] = frozenset({
     ("waiting", "completed"), ("waiting", "failed"),
     ("queued", "paused"), ("running", "paused"), ("waiting", "paused"),  # paused by a client
     ("paused", "queued"), ("paused", "waiting"),  # resumed by a client
+    # Cancelled with no grace while children it did not detach are still being cancelled:
+    # it ends after them (see ``cancel``).
+    ("queued", "waiting"),
     ("paused", "running"),  # resumed before its worker gave it back: it runs on
 })
 CONTROLLABLE_STATES = frozenset({"queued", "running", "waiting"})  # that a pause may stop
@@ -421,7 +424,8 @@ def cancel(run: RunRecord | None, run_id: str, reason: str | None, grace: float,
     (it keeps waiting; they are cancelled; with none left it ends at once). ``cascade``:
     the ancestor whose cancel reaches this run (the store cancels a run's unfinished, not
     detached descendants first, the deepest first, in the same transaction). ``children``:
-    how many of its children it did not detach are still unfinished (after that cascade).
+    how many of its children it did not detach are still unfinished (after that cascade):
+    with no grace, a run with any ends after them (see the branch below).
 
     A paused run that no worker holds ends ``cancelled`` at once (nothing of it runs: it
     cannot compensate), or, when children it waits for are still unfinished (in their own
@@ -451,10 +455,25 @@ def cancel(run: RunRecord | None, run_id: str, reason: str | None, grace: float,
         if children == 0:  # (its last child ended while it was paused)
             assert change.run is not None
             change = change.then(_settle(change.run, now))
-    elif grace <= 0 or run.attempts == 0:
+    elif run.attempts == 0 or (grace <= 0 and children == 0):
         why = "cancelled before it ever ran" if run.attempts == 0 else "cancelled with no grace"
         change = Change(history=(asked,)).then(
             _cancelled(marked, now, who, run.lease_epoch, why))
+    elif grace <= 0:
+        # Children of it still unfinished, each in the grace period of an earlier cancel
+        # (its own failure's cascade, say), which this one's cascade leaves as it was: its
+        # function is given up (its lease revoked), and it ends only after them. Its
+        # deadline is now: the timer's next pass ends them, the deepest first, then it
+        # (seed 15319: ended at once, before a child that waited for its own children).
+        held_back = _move(marked, now, "waiting", lease_epoch=run.lease_epoch + 1,
+                          result=None, error_type=RUN_CANCELLED,
+                          error_message=reason or "cancelled", error_traceback=None,
+                          **_NO_LEASE)
+        change = Change(held_back, waits=(WaitRecord(run.id, "", "children", None, None, now),),
+                        history=(asked, Entry(
+                            now, "run.waiting", run.attempts, who,
+                            detail=f"cancelled with no grace; waits for {children} child "
+                                   "run(s) to end, cancelled by its timer now")))
     elif run.state == "paused" and run.lease_owner is None and children == 0:
         change = Change(history=(asked,)).then(
             _cancelled(marked, now, who, run.lease_epoch,

@@ -201,6 +201,37 @@ async def test_a_cancel_reaches_every_descendant_the_deepest_ending_first(
     assert ended["p/0/0"] < ended["p/0"] < ended["p"] and ended["p/1"] < ended["p"]
 
 
+async def test_a_cancel_with_no_grace_ends_the_run_after_children_still_being_cancelled(
+        store: Store) -> None:
+    """Seed 15319: a child whose function failed waits for its own child, which that
+    failure's cascade gave a grace period; a cancel of the parent with no grace leaves
+    that grace as it was. The parent ended at once, before its child: it now waits for
+    it, its lease revoked, and the timer's pass at its deadline (now) ends the three, the
+    deepest first."""
+    lease = await claim_one(store, "p")
+    await execute(store, start(lease, "0"))
+    child = await lease_of(store, "p/0")
+    await execute(store, start(child, "0"))
+    await lease_of(store, "p/0/0", 13.0)  # the grandchild runs: a cancel gives it its grace
+    assert (await execute(store, o.FailRun(child, "ChildFailed", "boom", 14.0))
+            ).state == "waiting"
+    grandchild = await store.get_run("p/0/0")
+    assert grandchild is not None and grandchild.cancel_deadline == 14.0 + CASCADE_GRACE
+    out = await execute(store, o.CancelRun("p", "stop", 0.0, "c", 15.0))
+    assert out.cancelled and out.holder == "w1"
+    states = {r: (await store.get_run(r)).state  # type: ignore[union-attr]
+              for r in ("p", "p/0", "p/0/0")}
+    assert states == {"p": "waiting", "p/0": "waiting", "p/0/0": "queued"}
+    with pytest.raises(StaleLease):  # its function is given up
+        await execute(store, o.SaveStep(lease, step("1"), 15.0))
+    [*ended] = await execute(store, o.EndCancels(15.0))
+    assert [(r.id, r.state) for r in ended] == [
+        ("p/0/0", "cancelled"), ("p/0", "cancelled"), ("p", "cancelled")]
+    seqs = {r: e.seq for r in states for e in await store.get_history(r)
+            if e.event == "run.cancelled"}
+    assert seqs["p/0/0"] < seqs["p/0"] < seqs["p"]
+
+
 async def test_a_cancel_with_grace_lets_the_tree_compensate_then_the_timer_ends_it(
         store: Store) -> None:
     lease = await claim_one(store, "p")
