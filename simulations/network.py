@@ -125,13 +125,14 @@ class SimConnection:
         answers to task starts sent early: one it accepts must name a push it confirmed.
         A Confirm, and an Assign not provisional, must name a lease the store committed
         to this worker (the ledger's ``leases``)."""
-        if isinstance(msg, protocol.Assign) and msg.provisional:
-            session.latest_push[(msg.run.id, msg.run.lease_epoch)] = msg.push_id
-        elif isinstance(msg, protocol.Assign):
-            self._committed(session, msg.run.id, msg.run.lease_epoch, "pushed")
-        if isinstance(msg, protocol.Confirm):
-            self._committed(session, msg.run_id, msg.epoch, "confirmed")
-        if isinstance(msg, (protocol.Confirm, protocol.Revoke)):
+        if isinstance(msg, protocol.Assign):
+            if msg.provisional:
+                session.latest_push[(msg.run.id, msg.run.lease_epoch)] = msg.push_id
+            else:
+                self._committed(session, msg.run.id, msg.run.lease_epoch, "pushed")
+        elif isinstance(msg, (protocol.Confirm, protocol.Revoke)):
+            if isinstance(msg, protocol.Confirm):
+                self._committed(session, msg.run_id, msg.epoch, "confirmed")
             for (run_id, epoch), push_id in session.latest_push.items():
                 # (A Revoke of no epoch, a cancel's: every lease of the run.)
                 if run_id == msg.run_id and msg.epoch in (epoch, None):

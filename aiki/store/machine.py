@@ -462,31 +462,17 @@ def cancel(run: RunRecord | None, run_id: str, reason: str | None, grace: float,
     elif grace <= 0:
         # Children of it still unfinished, each in the grace period of an earlier cancel
         # (its own failure's cascade, say), which this one's cascade leaves as it was: its
-        # function is given up (its lease revoked), and it ends only after them. Its
-        # deadline is now: the timer's next pass ends them, the deepest first, then it
-        # (seed 15319: ended at once, before a child that waited for its own children).
-        held_back = _move(marked, now, "waiting", lease_epoch=run.lease_epoch + 1,
-                          result=None, error_type=RUN_CANCELLED,
-                          error_message=reason or "cancelled", error_traceback=None,
-                          **_NO_LEASE)
-        change = Change(held_back, waits=(WaitRecord(run.id, "", "children", None, None, now),),
-                        history=(asked, Entry(
-                            now, "run.waiting", run.attempts, who,
-                            detail=f"cancelled with no grace; waits for {children} child "
-                                   "run(s) to end, cancelled by its timer now")))
+        # lease is revoked, and it ends only after them. Its deadline is now: the timer's
+        # next pass ends them, the deepest first, then it (seed 15319: it ended at once,
+        # before a child that waited for its own children).
+        change = _given_up(marked, now, who, asked, children, "cancelled with no grace",
+                           lease_epoch=run.lease_epoch + 1, **_NO_LEASE)
     elif run.state == "paused" and run.lease_owner is None and children == 0:
         change = Change(history=(asked,)).then(
             _cancelled(marked, now, who, run.lease_epoch,
                        "cancelled while paused, with no worker holding it"))
     elif run.state == "paused" and run.lease_owner is None:
-        # Its function is given up; it ends once the children it waits for have ended.
-        held_back = _move(marked, now, "waiting", result=None, error_type=RUN_CANCELLED,
-                          error_message=reason or "cancelled", error_traceback=None)
-        change = Change(held_back, waits=(WaitRecord(run.id, "", "children", None, None, now),),
-                        history=(asked, Entry(
-                            now, "run.waiting", run.attempts, who,
-                            detail=f"cancelled while paused; waits for {children} child "
-                                   "run(s) to end")))
+        change = _given_up(marked, now, who, asked, children, "cancelled while paused")
     elif run.state == "paused":  # held: it stays paused, and compensates once resumed
         bump = 1 if run.lease_owner is not None else 0  # (its worker had not given it back)
         held_back = evolve(marked, updated_at=now, lease_epoch=run.lease_epoch + bump,
@@ -504,6 +490,19 @@ def cancel(run: RunRecord | None, run_id: str, reason: str | None, grace: float,
             + "; its workflow sees RunCancelled where it stands")]
         change = Change(again, waits=(), history=(asked, *revoked))
     return change, o.CancelOutcome(True, change.run, holder)
+
+
+def _given_up(marked: RunRecord, now: float, who: str, asked: Entry, children: int,
+              why: str, **changes: Any) -> Change:
+    """A cancelled run (``marked``) whose function is given up, its ``children`` still
+    unfinished: it waits for them, and ends ``cancelled`` once the last one has ended."""
+    held_back = _move(marked, now, "waiting", result=None, error_type=RUN_CANCELLED,
+                      error_message=marked.cancel_reason or "cancelled", error_traceback=None,
+                      **changes)
+    return Change(held_back, waits=(WaitRecord(marked.id, "", "children", None, None, now),),
+                  history=(asked, Entry(now, "run.waiting", marked.attempts, who,
+                                        detail=f"{why}; waits for {children} child run(s) "
+                                               "to end")))
 
 
 def cancel_overdue(run: RunRecord, now: float) -> bool:

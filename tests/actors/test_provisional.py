@@ -428,6 +428,12 @@ async def test_a_revoke_of_an_older_lease_leaves_a_newer_assignment_on_its_way(
     assert w._unstarted == {}
 
 
+def seat_and_session() -> tuple[Seat, Any]:
+    """A one-slot seat of worker w1, and what ``Session._granted`` reads of its session."""
+    seat = Seat(1, "w1", (("twice", "1"),), 1, lambda msg: True)
+    return seat, SimpleNamespace(seat=seat, ctx=SimpleNamespace(lease_ttl=10.0))
+
+
 async def test_a_task_start_sent_early_is_judged_by_the_push_it_names(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -435,8 +441,7 @@ async def test_a_task_start_sent_early_is_judged_by_the_push_it_names(
     # retry pushes the same lease again and it commits. A start from the first push's
     # actor, however late, is refused; one from the second's waits for its verdict and is
     # accepted; one naming another run's push, or a push forgotten, is refused.
-    seat = Seat(1, "w1", (("twice", "1"),), 1, lambda msg: True)
-    session: Any = SimpleNamespace(seat=seat, ctx=SimpleNamespace(lease_ttl=10.0))
+    seat, session = seat_and_session()
     lease = Lease("r1", 1, "w1")
     seat.pushed_early(1, "r1", 1, keep=20.0)
     seat.judge("r1", 1, False)
@@ -468,8 +473,7 @@ async def test_a_task_start_sent_early_is_judged_by_the_push_it_names(
 async def test_an_undecided_early_start_is_refused_after_a_lease(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    seat = Seat(1, "w1", (("twice", "1"),), 1, lambda msg: True)
-    session: Any = SimpleNamespace(seat=seat, ctx=SimpleNamespace(lease_ttl=10.0))
+    seat, session = seat_and_session()
     seat.pushed_early(1, "r1", 1, keep=20.0)
     with pytest.raises(StaleLease, match="was not judged in time"):
         await Session._granted(session, Lease("r1", 1, "w1"), 1)
